@@ -1,0 +1,48 @@
+"""pymem: inference memory for hybrid language models on ggml.
+
+The KV cache, the iSWA KV cache, recurrent (SSM) state memory and their hybrid
+compositions, with llama.cpp's placement, sequence-op results and state bytes.
+
+Importing :mod:`pymem` is cheap: ggml is bound on first use of a native feature
+(:func:`ggml_info`, :func:`devices`, :class:`TensorStore`, memories).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "ggml_info": "pymem._native",
+    "GGMLInfo": "pymem._native",
+    "devices": "pymem.backend",
+    "get_device": "pymem.backend",
+    "Device": "pymem.backend",
+    "TensorSpec": "pymem.backend",
+    "TensorStore": "pymem.backend",
+    "Tensor": "pymem.backend",
+    "GGMLType": "pymem.types",
+    "ggml_type": "pymem.types",
+    "ModelSpec": "pymem.spec",
+    "LayerSpec": "pymem.spec",
+    "RopeSpec": "pymem.spec",
+    "SWAType": "pymem.spec",
+    "MemoryStatus": "pymem.memory",
+    "StateFlags": "pymem.memory",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pymem' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))

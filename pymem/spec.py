@@ -1,0 +1,157 @@
+"""What a model's layers need from memory: a frozen description, independent of devices.
+
+A :class:`ModelSpec` lists every model layer (attention or recurrent, SWA or not, widths,
+RoPE parameters). Memories take the spec plus a layer filter and allocate exactly the
+tensors those layers need. Names follow ``llama_hparams``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from pymem.errors import ConfigError
+
+
+class SWAType(enum.IntEnum):
+    """``llama_swa_type``."""
+
+    NONE = 0
+    STANDARD = 1
+    CHUNKED = 2
+    SYMMETRIC = 3
+
+
+class RopeType(enum.IntEnum):
+    """``llama_rope_type`` (the ggml rope ``mode``)."""
+
+    NONE = -1
+    NORM = 0
+    NEOX = 2
+    MROPE = 8
+    IMROPE = 40
+    VISION = 24
+
+
+def is_masked_swa(n_swa: int, swa_type: SWAType, p0: int, p1: int) -> bool:
+    """Whether a cell at ``p0`` is outside the window of a token at ``p1`` (scalar form)."""
+    if swa_type == SWAType.NONE:
+        return False
+    if swa_type == SWAType.STANDARD:
+        return p1 - p0 >= n_swa
+    if swa_type == SWAType.CHUNKED:
+        return p0 < (p1 // n_swa) * n_swa
+    if swa_type == SWAType.SYMMETRIC:
+        return abs(p1 - p0) > n_swa // 2
+    raise ConfigError(f"swa_type: unknown value {swa_type!r}")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Per-layer RoPE parameters used by the K-shift (``ggml_rope_ext`` arguments)."""
+
+    n_rot: int
+    rope_type: RopeType = RopeType.NORM
+    freq_base: float = 10000.0
+    freq_scale: float = 1.0
+    ext_factor: float = 0.0
+    attn_factor: float = 1.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    n_ctx_orig: int = 0
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One model layer as memory sees it.
+
+    Attention layers have ``n_head_kv * n_embd_head_k`` K and ``n_head_kv * n_embd_head_v``
+    V values per cell; recurrent layers have ``n_embd_r`` conv/shift and ``n_embd_s`` SSM
+    state values per sequence.
+    """
+
+    recurrent: bool = False
+    swa: bool = False
+    n_head_kv: int = 0
+    n_embd_head_k: int = 0
+    n_embd_head_v: int = 0
+    n_embd_r: int = 0
+    n_embd_s: int = 0
+    rope: RopeSpec | None = None
+
+    @property
+    def n_embd_k_gqa(self) -> int:
+        return self.n_head_kv * self.n_embd_head_k
+
+    @property
+    def n_embd_v_gqa(self) -> int:
+        return self.n_head_kv * self.n_embd_head_v
+
+    @classmethod
+    def attention(
+        cls, n_head_kv: int, head_dim: int, *, swa: bool = False, rope: RopeSpec | None = None,
+        head_dim_v: int | None = None,
+    ) -> LayerSpec:
+        return cls(
+            n_head_kv=n_head_kv, n_embd_head_k=head_dim,
+            n_embd_head_v=head_dim if head_dim_v is None else head_dim_v,
+            swa=swa, rope=rope if rope is not None else RopeSpec(n_rot=head_dim),
+        )
+
+    @classmethod
+    def ssm(cls, n_embd_r: int, n_embd_s: int) -> LayerSpec:
+        return cls(recurrent=True, n_embd_r=n_embd_r, n_embd_s=n_embd_s)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """All layers of a model, plus the attention properties shared by every layer."""
+
+    layers: tuple[LayerSpec, ...]
+    n_swa: int = 0
+    swa_type: SWAType = SWAType.NONE
+    n_pos_per_embd: int = 1
+    causal_attn: bool = True
+    use_alibi: bool = False
+    arch: str = ""
+    extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ConfigError("layers: a model spec needs at least one layer, got 0")
+        for il, layer in enumerate(self.layers):
+            if layer.recurrent and (layer.n_embd_r < 0 or layer.n_embd_s < 0):
+                raise ConfigError(f"layers[{il}]: negative recurrent widths")
+            if not layer.recurrent and layer.n_head_kv < 0:
+                raise ConfigError(f"layers[{il}].n_head_kv: must be >= 0, got {layer.n_head_kv}")
+        if self.swa_type != SWAType.NONE and self.n_swa <= 0:
+            raise ConfigError(f"n_swa: must be > 0 when swa_type is {self.swa_type.name}, got {self.n_swa}")
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.layers)
+
+    def is_recurrent(self, il: int) -> bool:
+        return self.layers[il].recurrent
+
+    def is_swa(self, il: int) -> bool:
+        return self.layers[il].swa
+
+    def n_embd_k_gqa(self, il: int) -> int:
+        return self.layers[il].n_embd_k_gqa
+
+    def n_embd_v_gqa(self, il: int) -> int:
+        return self.layers[il].n_embd_v_gqa
+
+    def n_embd_r(self, il: int = 0) -> int:
+        """The recurrent conv-state width (the reference uses one width for all layers)."""
+        return max((lay.n_embd_r for lay in self.layers if lay.recurrent), default=0)
+
+    def n_embd_s(self, il: int = 0) -> int:
+        return max((lay.n_embd_s for lay in self.layers if lay.recurrent), default=0)
+
+    def has_swa_layers(self) -> bool:
+        return any(lay.swa for lay in self.layers if not lay.recurrent)
+
+    def has_recurrent_layers(self) -> bool:
+        return any(lay.recurrent for lay in self.layers)

@@ -1,0 +1,243 @@
+"""Binary state I/O shared by every memory type.
+
+The byte format is llama.cpp's (raw little-endian fields, no padding, no tags). Writers
+run the same serialisation code twice when the output is a ``bytes`` object: once with a
+:class:`SizeCounter` to learn the size, once into a preallocated buffer whose slices the
+tensor reads fill directly, so tensor bytes are copied exactly once. File output streams
+through a bounded scratch buffer.
+
+Readers never touch memory while parsing: tensor payloads are collected as
+:class:`PendingWrites` (zero-copy views of the blob) and committed only once every field
+has been validated, so a bad blob changes nothing.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING, BinaryIO
+
+import numpy as np
+
+from pymem.errors import StateError
+
+if TYPE_CHECKING:
+    from pymem.backend import Tensor
+
+_U32 = struct.Struct("<I")
+_I32 = struct.Struct("<i")
+_U64 = struct.Struct("<Q")
+
+FILE_CHUNK = 1 << 22  # 4 MiB scratch for streaming tensor bytes to a file
+
+
+class StateWriter:
+    """Sink for state bytes. Subclasses decide where bytes go."""
+
+    def __init__(self) -> None:
+        self.n_written = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        raise NotImplementedError
+
+    def write_u32(self, v: int) -> None:
+        self.write(_U32.pack(v))
+
+    def write_i32(self, v: int) -> None:
+        self.write(_I32.pack(v))
+
+    def write_u64(self, v: int) -> None:
+        self.write(_U64.pack(v))
+
+    def write_array(self, arr: np.ndarray) -> None:
+        """Raw bytes of a contiguous numpy array (little-endian host)."""
+        self.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+
+    def write_tensor(self, tensor: Tensor, offset: int, size: int) -> None:
+        """``size`` contiguous bytes of ``tensor`` starting at byte ``offset``."""
+        raise NotImplementedError
+
+    def write_tensor_strided(
+        self, tensor: Tensor, offset: int, chunk: int, stride: int, n_chunks: int
+    ) -> None:
+        """``n_chunks`` pieces of ``chunk`` bytes, ``stride`` bytes apart, from ``offset``."""
+        raise NotImplementedError
+
+
+class SizeCounter(StateWriter):
+    """Counts bytes without reading any tensor (the reference's dummy writer)."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.n_written += len(data)
+
+    def write_tensor(self, tensor: Tensor, offset: int, size: int) -> None:
+        self.n_written += size
+
+    def write_tensor_strided(
+        self, tensor: Tensor, offset: int, chunk: int, stride: int, n_chunks: int
+    ) -> None:
+        self.n_written += chunk * n_chunks
+
+
+class BufferWriter(StateWriter):
+    """Writes into a preallocated buffer; tensor bytes land in place (one copy)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.buffer = bytearray(size)
+        self._view = memoryview(self.buffer)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        self._view[self.n_written : self.n_written + n] = data
+        self.n_written += n
+
+    def write_tensor(self, tensor: Tensor, offset: int, size: int) -> None:
+        tensor.read_into(self._view[self.n_written : self.n_written + size], offset)
+        self.n_written += size
+
+    def write_tensor_strided(
+        self, tensor: Tensor, offset: int, chunk: int, stride: int, n_chunks: int
+    ) -> None:
+        size = chunk * n_chunks
+        out = self._view[self.n_written : self.n_written + size]
+        tensor.read_strided_into(out, offset, chunk, stride, n_chunks)
+        self.n_written += size
+
+
+class FileWriter(StateWriter):
+    """Streams to a binary file object through a bounded scratch buffer."""
+
+    def __init__(self, fileobj: BinaryIO) -> None:
+        super().__init__()
+        self.fileobj = fileobj
+        self._scratch = bytearray(0)
+
+    def _scratch_view(self, n: int) -> memoryview:
+        if len(self._scratch) < n:
+            self._scratch = bytearray(n)
+        return memoryview(self._scratch)[:n]
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.fileobj.write(data)
+        self.n_written += len(data)
+
+    def write_tensor(self, tensor: Tensor, offset: int, size: int) -> None:
+        done = 0
+        while done < size:
+            n = min(FILE_CHUNK, size - done)
+            view = self._scratch_view(n)
+            tensor.read_into(view, offset + done)
+            self.write(view)
+            done += n
+
+    def write_tensor_strided(
+        self, tensor: Tensor, offset: int, chunk: int, stride: int, n_chunks: int
+    ) -> None:
+        per = max(1, FILE_CHUNK // max(chunk, 1))
+        done = 0
+        while done < n_chunks:
+            n = min(per, n_chunks - done)
+            view = self._scratch_view(n * chunk)
+            tensor.read_strided_into(view, offset + done * stride, chunk, stride, n)
+            self.write(view)
+            done += n
+
+
+def write_state(serialise: Callable[[StateWriter], None]) -> bytes:
+    """Run ``serialise`` into a bytes object with exactly one copy of the tensor bytes."""
+    counter = SizeCounter()
+    serialise(counter)
+    writer = BufferWriter(counter.n_written)
+    serialise(writer)
+    assert writer.n_written == counter.n_written, "state size changed between passes"
+    return bytes(writer.buffer) if len(writer.buffer) < 4096 else writer.buffer  # type: ignore[return-value]
+
+
+def write_state_to(fileobj: BinaryIO, serialise: Callable[[StateWriter], None]) -> int:
+    writer = FileWriter(fileobj)
+    serialise(writer)
+    return writer.n_written
+
+
+def state_size(serialise: Callable[[StateWriter], None]) -> int:
+    counter = SizeCounter()
+    serialise(counter)
+    return counter.n_written
+
+
+class StateReader:
+    """Cursor over a blob. Every read checks the remaining length first."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._view = memoryview(data).cast("B")
+        self.offset = 0
+
+    @classmethod
+    def from_file(cls, fileobj: BinaryIO) -> StateReader:
+        """Read the remainder of a file once (the only copy held) and parse from it."""
+        return cls(fileobj.read())
+
+    @property
+    def remaining(self) -> int:
+        return len(self._view) - self.offset
+
+    def _take(self, n: int, what: str) -> memoryview:
+        if n < 0 or n > self.remaining:
+            raise StateError(
+                f"state blob truncated reading {what}: need {n} bytes at offset {self.offset}, "
+                f"{self.remaining} left"
+            )
+        view = self._view[self.offset : self.offset + n]
+        self.offset += n
+        return view
+
+    def read_u32(self, what: str) -> int:
+        return int(_U32.unpack(self._take(4, what))[0])
+
+    def read_i32(self, what: str) -> int:
+        return int(_I32.unpack(self._take(4, what))[0])
+
+    def read_u64(self, what: str) -> int:
+        return int(_U64.unpack(self._take(8, what))[0])
+
+    def read_view(self, n: int, what: str) -> memoryview:
+        """A zero-copy view of the next ``n`` bytes."""
+        return self._take(n, what)
+
+    def read_array(self, dtype: type | str, count: int, what: str) -> np.ndarray:
+        """``count`` items of ``dtype``, zero-copy (read-only) from the blob."""
+        dt = np.dtype(dtype)
+        return np.frombuffer(self._take(count * dt.itemsize, what), dtype=dt, count=count)
+
+
+def expect(cond: bool, message: str) -> None:
+    """Raise :class:`StateError` with ``message`` unless ``cond`` (input checks in readers)."""
+    if not cond:
+        raise StateError(message)
+
+
+class PendingWrites:
+    """Tensor writes collected while parsing a blob, applied only after validation."""
+
+    def __init__(self) -> None:
+        self._ops: list[tuple[str, Tensor, int, int, int, int, memoryview]] = []
+
+    def add(self, tensor: Tensor, offset: int, data: memoryview) -> None:
+        self._ops.append(("bytes", tensor, offset, 0, 0, 0, data))
+
+    def add_strided(
+        self, tensor: Tensor, offset: int, chunk: int, stride: int, n_chunks: int, data: memoryview
+    ) -> None:
+        self._ops.append(("strided", tensor, offset, chunk, stride, n_chunks, data))
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def commit(self) -> None:
+        for kind, tensor, offset, chunk, stride, n_chunks, data in self._ops:
+            if kind == "bytes":
+                tensor.write_bytes(data, offset)
+            else:
+                tensor.write_strided(data, offset, chunk, stride, n_chunks)
+        self._ops.clear()
