@@ -1,0 +1,275 @@
+#include "pymem_native.h"
+
+#include <string.h>
+
+#include "ggml-alloc.h"
+
+#define PM_ABI_VERSION 1
+
+int32_t pm_abi_version(void) { return PM_ABI_VERSION; }
+
+static int64_t pm_n_rows(const struct ggml_tensor * t) { return t->ne[1] * t->ne[2] * t->ne[3]; }
+
+static int pm_is_host(const struct ggml_tensor * t) {
+    return t->buffer != NULL && ggml_backend_buffer_is_host(t->buffer);
+}
+
+static pm_status pm_check_region(const struct ggml_tensor * t, size_t offset, size_t size) {
+    if (t == NULL || t->buffer == NULL) {
+        return PM_ERR_ARG;
+    }
+    const size_t nbytes = ggml_nbytes(t);
+    if (offset > nbytes || size > nbytes - offset) {
+        return PM_ERR_RANGE;
+    }
+    return PM_OK;
+}
+
+pm_status pm_tensor_read(const struct ggml_tensor * t, size_t offset, size_t size, void * dst) {
+    pm_status st = pm_check_region(t, offset, size);
+    if (st != PM_OK || size == 0) {
+        return st;
+    }
+    if (dst == NULL) {
+        return PM_ERR_ARG;
+    }
+    if (pm_is_host(t)) {
+        memcpy(dst, (const char *) t->data + offset, size);
+    } else {
+        ggml_backend_tensor_get(t, dst, offset, size);
+    }
+    return PM_OK;
+}
+
+pm_status pm_tensor_write(struct ggml_tensor * t, size_t offset, size_t size, const void * src) {
+    pm_status st = pm_check_region(t, offset, size);
+    if (st != PM_OK || size == 0) {
+        return st;
+    }
+    if (src == NULL) {
+        return PM_ERR_ARG;
+    }
+    if (pm_is_host(t)) {
+        memcpy((char *) t->data + offset, src, size);
+    } else {
+        ggml_backend_tensor_set(t, src, offset, size);
+    }
+    return PM_OK;
+}
+
+static pm_status pm_check_strided(const struct ggml_tensor * t, size_t offset, size_t chunk,
+                                  size_t stride, int64_t n_chunks, const void * buf) {
+    if (n_chunks < 0 || (n_chunks > 0 && buf == NULL)) {
+        return PM_ERR_ARG;
+    }
+    if (n_chunks == 0 || chunk == 0) {
+        return pm_check_region(t, offset, 0);
+    }
+    // last byte touched: offset + (n_chunks - 1) * stride + chunk
+    const size_t last = (size_t) (n_chunks - 1);
+    if (stride != 0 && last > (SIZE_MAX - chunk) / stride) {
+        return PM_ERR_RANGE;
+    }
+    return pm_check_region(t, offset, last * stride + chunk);
+}
+
+pm_status pm_tensor_read_strided(const struct ggml_tensor * t, size_t offset, size_t chunk,
+                                 size_t stride, int64_t n_chunks, void * dst) {
+    pm_status st = pm_check_strided(t, offset, chunk, stride, n_chunks, dst);
+    if (st != PM_OK || n_chunks == 0 || chunk == 0) {
+        return st;
+    }
+    char * out = (char *) dst;
+    if (pm_is_host(t)) {
+        const char * base = (const char *) t->data + offset;
+        for (int64_t i = 0; i < n_chunks; ++i) {
+            memcpy(out + (size_t) i * chunk, base + (size_t) i * stride, chunk);
+        }
+    } else if (stride == chunk) {
+        ggml_backend_tensor_get(t, out, offset, chunk * (size_t) n_chunks);
+    } else {
+        for (int64_t i = 0; i < n_chunks; ++i) {
+            ggml_backend_tensor_get(t, out + (size_t) i * chunk, offset + (size_t) i * stride, chunk);
+        }
+    }
+    return PM_OK;
+}
+
+pm_status pm_tensor_write_strided(struct ggml_tensor * t, size_t offset, size_t chunk, size_t stride,
+                                  int64_t n_chunks, const void * src) {
+    pm_status st = pm_check_strided(t, offset, chunk, stride, n_chunks, src);
+    if (st != PM_OK || n_chunks == 0 || chunk == 0) {
+        return st;
+    }
+    const char * in = (const char *) src;
+    if (pm_is_host(t)) {
+        char * base = (char *) t->data + offset;
+        for (int64_t i = 0; i < n_chunks; ++i) {
+            memcpy(base + (size_t) i * stride, in + (size_t) i * chunk, chunk);
+        }
+    } else if (stride == chunk) {
+        ggml_backend_tensor_set(t, in, offset, chunk * (size_t) n_chunks);
+    } else {
+        for (int64_t i = 0; i < n_chunks; ++i) {
+            ggml_backend_tensor_set(t, in + (size_t) i * chunk, offset + (size_t) i * stride, chunk);
+        }
+    }
+    return PM_OK;
+}
+
+static pm_status pm_check_rows(const struct ggml_tensor * t, const int64_t * rows, int64_t n_rows,
+                               const void * buf) {
+    if (t == NULL || t->buffer == NULL || n_rows < 0 || (n_rows > 0 && (rows == NULL || buf == NULL))) {
+        return PM_ERR_ARG;
+    }
+    const int64_t n = pm_n_rows(t);
+    for (int64_t i = 0; i < n_rows; ++i) {
+        if (rows[i] < 0 || rows[i] >= n) {
+            return PM_ERR_RANGE;
+        }
+    }
+    return PM_OK;
+}
+
+// length of the run of consecutive indices starting at i: rows[i], rows[i]+1, ...
+static int64_t pm_run_length(const int64_t * rows, int64_t i, int64_t n_rows) {
+    int64_t j = i + 1;
+    while (j < n_rows && rows[j] == rows[j - 1] + 1) {
+        ++j;
+    }
+    return j - i;
+}
+
+pm_status pm_rows_read(const struct ggml_tensor * t, const int64_t * rows, int64_t n_rows, void * dst) {
+    pm_status st = pm_check_rows(t, rows, n_rows, dst);
+    if (st != PM_OK) {
+        return st;
+    }
+    const size_t row = t->nb[1];
+    char * out = (char *) dst;
+    for (int64_t i = 0; i < n_rows;) {
+        const int64_t run = pm_run_length(rows, i, n_rows);
+        pm_tensor_read(t, (size_t) rows[i] * row, (size_t) run * row, out + (size_t) i * row);
+        i += run;
+    }
+    return PM_OK;
+}
+
+pm_status pm_rows_write(struct ggml_tensor * t, const int64_t * rows, int64_t n_rows, const void * src) {
+    pm_status st = pm_check_rows(t, rows, n_rows, src);
+    if (st != PM_OK) {
+        return st;
+    }
+    const size_t row = t->nb[1];
+    const char * in = (const char *) src;
+    for (int64_t i = 0; i < n_rows;) {
+        const int64_t run = pm_run_length(rows, i, n_rows);
+        pm_tensor_write(t, (size_t) rows[i] * row, (size_t) run * row, in + (size_t) i * row);
+        i += run;
+    }
+    return PM_OK;
+}
+
+pm_status pm_rows_fill(struct ggml_tensor * t, const int64_t * rows, int64_t n_rows, uint8_t value) {
+    pm_status st = pm_check_rows(t, rows, n_rows, t);
+    if (st != PM_OK) {
+        return st;
+    }
+    const size_t row = t->nb[1];
+    for (int64_t i = 0; i < n_rows;) {
+        const int64_t run = pm_run_length(rows, i, n_rows);
+        if (pm_is_host(t)) {
+            memset((char *) t->data + (size_t) rows[i] * row, value, (size_t) run * row);
+        } else {
+            ggml_backend_tensor_memset(t, value, (size_t) rows[i] * row, (size_t) run * row);
+        }
+        i += run;
+    }
+    return PM_OK;
+}
+
+// length of the run where both index arrays advance by one together
+static int64_t pm_pair_run_length(const int64_t * a, const int64_t * b, int64_t i, int64_t n) {
+    int64_t j = i + 1;
+    while (j < n && a[j] == a[j - 1] + 1 && b[j] == b[j - 1] + 1) {
+        ++j;
+    }
+    return j - i;
+}
+
+pm_status pm_rows_copy(const struct ggml_tensor * src, const int64_t * src_rows,
+                       struct ggml_tensor * dst, const int64_t * dst_rows, int64_t n_rows) {
+    pm_status st = pm_check_rows(src, src_rows, n_rows, src);
+    if (st == PM_OK) {
+        st = pm_check_rows(dst, dst_rows, n_rows, dst);
+    }
+    if (st != PM_OK) {
+        return st;
+    }
+    if (src->type != dst->type || src->nb[1] != dst->nb[1]) {
+        return PM_ERR_MISMATCH;
+    }
+    if (n_rows == 0) {
+        return PM_OK;
+    }
+    const size_t row = src->nb[1];
+    if (pm_is_host(src) && pm_is_host(dst)) {
+        for (int64_t i = 0; i < n_rows;) {
+            const int64_t run = pm_pair_run_length(src_rows, dst_rows, i, n_rows);
+            memmove((char *) dst->data + (size_t) dst_rows[i] * row,
+                    (const char *) src->data + (size_t) src_rows[i] * row, (size_t) run * row);
+            i += run;
+        }
+        return PM_OK;
+    }
+    // device buffers: one 1-D view pair per run, copied by the backend (device to device)
+    int64_t n_runs = 0;
+    for (int64_t i = 0; i < n_rows; i += pm_pair_run_length(src_rows, dst_rows, i, n_rows)) {
+        ++n_runs;
+    }
+    struct ggml_init_params params = {
+        /*.mem_size   =*/(size_t) (2 * n_runs + 2) * ggml_tensor_overhead(),
+        /*.mem_buffer =*/NULL,
+        /*.no_alloc   =*/true,
+    };
+    struct ggml_context * ctx = ggml_init(params);
+    if (ctx == NULL) {
+        return PM_ERR_ALLOC;
+    }
+    pm_status result = PM_OK;
+    for (int64_t i = 0; i < n_rows && result == PM_OK;) {
+        const int64_t run = pm_pair_run_length(src_rows, dst_rows, i, n_rows);
+        // rows are contiguous (nb[1] == row size), so `run` rows are one 1-D view
+        struct ggml_tensor * vs =
+            ggml_view_1d(ctx, (struct ggml_tensor *) src, run * src->ne[0], (size_t) src_rows[i] * row);
+        struct ggml_tensor * vd = ggml_view_1d(ctx, dst, run * dst->ne[0], (size_t) dst_rows[i] * row);
+        if (ggml_backend_view_init(vs) != GGML_STATUS_SUCCESS || ggml_backend_view_init(vd) != GGML_STATUS_SUCCESS) {
+            result = PM_ERR_BACKEND;
+        } else {
+            ggml_backend_tensor_copy(vs, vd);
+        }
+        i += run;
+    }
+    ggml_free(ctx);
+    return result;
+}
+
+typedef void (*pm_set_n_threads_fn)(ggml_backend_t backend, int n_threads);
+
+pm_status pm_backend_set_n_threads(ggml_backend_t backend, int32_t n_threads) {
+    if (backend == NULL || n_threads <= 0) {
+        return PM_ERR_ARG;
+    }
+    ggml_backend_dev_t dev = ggml_backend_get_device(backend);
+    if (dev == NULL) {
+        return PM_ERR_BACKEND;
+    }
+    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+    pm_set_n_threads_fn fn =
+        reg ? (pm_set_n_threads_fn) ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads") : NULL;
+    if (fn == NULL) {
+        return PM_ERR_BACKEND;
+    }
+    fn(backend, n_threads);
+    return PM_OK;
+}

@@ -1,0 +1,57 @@
+// pymem's C layer: batch-oriented tensor I/O over ggml backend buffers.
+//
+// No bookkeeping lives here. Every function validates its arguments (a safety net behind
+// the Python checks) and returns a pm_status; Python turns non-zero codes into exceptions
+// in one place (pymem/_native.py). One call moves a whole row set or region: callers
+// never loop per row or per cell.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ggml-backend.h"
+#include "ggml.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    PM_OK = 0,
+    PM_ERR_ARG = 1,      // a null pointer or negative count
+    PM_ERR_RANGE = 2,    // a row, offset or size outside the tensor
+    PM_ERR_MISMATCH = 3, // tensors of different type or row size
+    PM_ERR_ALLOC = 4,    // ggml could not allocate
+    PM_ERR_BACKEND = 5,  // a ggml backend call failed
+} pm_status;
+
+int32_t pm_abi_version(void);
+
+// contiguous bytes [offset, offset + size) of a tensor
+pm_status pm_tensor_read(const struct ggml_tensor * t, size_t offset, size_t size, void * dst);
+pm_status pm_tensor_write(struct ggml_tensor * t, size_t offset, size_t size, const void * src);
+
+// n_chunks pieces of chunk bytes, stride bytes apart, starting at offset; dst/src packed
+pm_status pm_tensor_read_strided(const struct ggml_tensor * t, size_t offset, size_t chunk,
+                                 size_t stride, int64_t n_chunks, void * dst);
+pm_status pm_tensor_write_strided(struct ggml_tensor * t, size_t offset, size_t chunk, size_t stride,
+                                  int64_t n_chunks, const void * src);
+
+// rows are units of nb[1] bytes over the whole tensor (all dims above 0 flattened);
+// dst/src hold n_rows packed rows in the order of the index array
+pm_status pm_rows_read(const struct ggml_tensor * t, const int64_t * rows, int64_t n_rows, void * dst);
+pm_status pm_rows_write(struct ggml_tensor * t, const int64_t * rows, int64_t n_rows, const void * src);
+pm_status pm_rows_fill(struct ggml_tensor * t, const int64_t * rows, int64_t n_rows, uint8_t value);
+
+// dst row dst_rows[i] = src row src_rows[i]; runs of consecutive indices are moved in one
+// device copy (no host round trip when both tensors live in the same device buffer type)
+pm_status pm_rows_copy(const struct ggml_tensor * src, const int64_t * src_rows,
+                       struct ggml_tensor * dst, const int64_t * dst_rows, int64_t n_rows);
+
+// look up and call the backend's "ggml_backend_set_n_threads" (CPU-like backends only);
+// returns PM_ERR_BACKEND when the backend has no such function
+pm_status pm_backend_set_n_threads(ggml_backend_t backend, int32_t n_threads);
+
+#ifdef __cplusplus
+}
+#endif

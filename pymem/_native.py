@@ -1,0 +1,191 @@
+"""Binds pymem to the process's one ggml, then loads the cffi extension.
+
+Only this module imports the cffi ``lib``. ggml is resolved in this order:
+
+1. a ggml already loaded in the process (for example by llama-cpp-python);
+2. the directory named by ``PYMEM_GGML_LIB_DIR``;
+3. the ggml built into this wheel from a source tree (``pymem/_ggml``, see vendor/ggml.cmake);
+4. the ggml of an installed llama-cpp-python (``llama_cpp/lib``), so that importing
+   ``llama_cpp`` afterwards reuses the same copy;
+5. the CPU ggml of the ``libggml-python`` wheel.
+
+The chosen libraries are made global (``RTLD_GLOBAL``) before the extension, which does
+not link ggml, is imported; its undefined ggml symbols then resolve to that copy. Loading
+a second copy under the same sonames is what breaks processes (reference/packaging.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pymem.errors import GGMLBindingError, NativeError
+
+GGML_MIN_VERSION = (0, 20, 0)
+GGML_MAX_VERSION = (1, 0, 0)  # exclusive
+_SONAMES = ("libggml-base.so.0", "libggml.so.0") if sys.platform != "darwin" else (
+    "libggml-base.0.dylib", "libggml.0.dylib")
+_RTLD_NOLOAD = getattr(os, "RTLD_NOLOAD", 4)
+
+
+@dataclass(frozen=True)
+class GGMLInfo:
+    """Which ggml pymem bound and where it came from."""
+
+    version: str
+    commit: str
+    source: str  # "process", "env", "bundled", "llama_cpp", "libggml-python"
+    path: str  # directory of libggml-base
+    backends: tuple[str, ...]
+
+
+def _loaded_ggml_dir() -> str | None:
+    """Directory of a libggml-base already mapped into this process, if any."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            for line in maps:
+                path = line.rsplit(" ", 1)[-1].strip()
+                if os.path.basename(path).startswith("libggml-base.so"):
+                    return os.path.dirname(path)
+    except OSError:
+        pass
+    for name in _SONAMES:
+        try:
+            ctypes.CDLL(name, mode=_RTLD_NOLOAD)
+            return "(already loaded)"
+        except OSError:
+            continue
+    return None
+
+
+def _spec_dir(package: str, *sub: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)), *sub)
+
+
+def _candidates() -> list[tuple[str, Path]]:
+    found: list[tuple[str, Path]] = []
+    env = os.environ.get("PYMEM_GGML_LIB_DIR")
+    if env:
+        found.append(("env", Path(env)))
+    found.append(("bundled", Path(__file__).with_name("_ggml")))
+    llama = _spec_dir("llama_cpp", "lib")
+    if llama is not None:
+        found.append(("llama_cpp", llama))
+    libggml = _spec_dir("libggml")
+    if libggml is not None:
+        found.append(("libggml-python", libggml / "lib64"))
+        found.append(("libggml-python", libggml / "lib"))
+    return found
+
+
+def _has_ggml(directory: Path) -> bool:
+    return all((directory / name).exists() for name in _SONAMES)
+
+
+def _load_global(directory: Path) -> None:
+    for name in _SONAMES:
+        ctypes.CDLL(str(directory / name), mode=ctypes.RTLD_GLOBAL)
+
+
+def _bind() -> tuple[str, str]:
+    loaded = _loaded_ggml_dir()
+    if loaded is not None:
+        for name in _SONAMES:
+            # promote the process's copy to global scope without loading another
+            try:
+                ctypes.CDLL(name if loaded.startswith("(") else os.path.join(loaded, name),
+                            mode=_RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
+            except OSError:
+                ctypes.CDLL(name, mode=_RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
+        return "process", loaded
+    env = os.environ.get("PYMEM_GGML_LIB_DIR")
+    if env and not _has_ggml(Path(env)):
+        raise GGMLBindingError(
+            f"PYMEM_GGML_LIB_DIR={env!r}: no {' and '.join(_SONAMES)} there")
+    for source, directory in _candidates():
+        if _has_ggml(directory):
+            try:
+                _load_global(directory)
+            except OSError as exc:
+                raise GGMLBindingError(f"loading ggml from {directory} ({source}) failed: {exc}") from exc
+            return source, str(directory)
+    raise GGMLBindingError(
+        "no ggml found: install libggml-python (pip install libggml-python), install "
+        "llama-cpp-python, or set PYMEM_GGML_LIB_DIR to a directory holding "
+        f"{', '.join(_SONAMES)}")
+
+
+def _parse_version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+_source, _path = _bind()
+try:
+    from pymem._pymem_cffi import ffi, lib  # type: ignore[import-not-found]
+except ImportError as exc:  # undefined ggml symbols: a ggml older than the headers
+    raise GGMLBindingError(
+        f"pymem's extension does not fit the ggml bound from {_path} ({_source}): {exc}") from exc
+
+_version = ffi.string(lib.ggml_version()).decode()
+_parsed = _parse_version(_version)
+if not (GGML_MIN_VERSION <= _parsed < GGML_MAX_VERSION):
+    raise GGMLBindingError(
+        f"ggml version {_version} from {_path} ({_source}) is outside the supported range "
+        f">= {'.'.join(map(str, GGML_MIN_VERSION))}, < {'.'.join(map(str, GGML_MAX_VERSION))}")
+
+# make dynamically loadable backends (CUDA, Metal, Vulkan builds with GGML_BACKEND_DL) visible
+if lib.ggml_backend_dev_count() == 0:
+    lib.ggml_backend_load_all()
+
+_STATUS_TEXT = {
+    lib.PM_ERR_ARG: "invalid argument",
+    lib.PM_ERR_RANGE: "out of range",
+    lib.PM_ERR_MISMATCH: "tensor type or row size mismatch",
+    lib.PM_ERR_ALLOC: "allocation failed",
+    lib.PM_ERR_BACKEND: "backend call failed",
+}
+
+
+def check(status: int, what: str) -> None:
+    """The one checker every pm_* return code passes through."""
+    if status != lib.PM_OK:
+        raise NativeError(f"{what}: {_STATUS_TEXT.get(status, f'status {status}')}")
+
+
+def ggml_info() -> GGMLInfo:
+    """Which ggml pymem is bound to: version, commit, where it came from, its backends."""
+    backends = tuple(
+        ffi.string(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i))).decode()
+        for i in range(lib.ggml_backend_reg_count())
+    )
+    return GGMLInfo(
+        version=_version,
+        commit=ffi.string(lib.ggml_commit()).decode(),
+        source=_source,
+        path=_path,
+        backends=backends,
+    )
+
+
+def cstr(ptr: Any) -> str:
+    return "" if ptr == ffi.NULL else ffi.string(ptr).decode(errors="replace")
+
+
+__all__ = ["GGMLInfo", "check", "cstr", "ffi", "ggml_info", "lib"]
