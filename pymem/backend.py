@@ -1,0 +1,415 @@
+"""Devices and tensor stores: where K/V/R/S tensors live.
+
+A :class:`TensorStore` allocates N named tensors in one backend buffer on one device,
+zero-filled, and frees them deterministically (``close()`` or ``with``; a finaliser is
+only a safety net). A :class:`Tensor` moves bytes in whole row sets and regions: one
+native call per operation, never one per row.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pymem._native import check, cstr, ffi, lib
+from pymem.errors import ClosedError, DeviceError, OutOfMemoryError, RangeError, TypeSpecError
+from pymem.types import GGMLType, ggml_type
+
+_KINDS = {
+    lib.GGML_BACKEND_DEVICE_TYPE_CPU: "cpu",
+    lib.GGML_BACKEND_DEVICE_TYPE_GPU: "gpu",
+    lib.GGML_BACKEND_DEVICE_TYPE_ACCEL: "accel",
+}
+
+
+class Device:
+    """A ggml backend device ("CPU", "CUDA0", "Metal", ...)."""
+
+    def __init__(self, handle: Any) -> None:
+        self._dev = handle
+        self.name: str = cstr(lib.ggml_backend_dev_name(handle))
+        self.description: str = cstr(lib.ggml_backend_dev_description(handle))
+        self.kind: str = _KINDS.get(lib.ggml_backend_dev_type(handle), "other")
+        self._buft = lib.ggml_backend_dev_buffer_type(handle)
+        self._backend: Any = None
+
+    @property
+    def handle(self) -> Any:
+        """The ``ggml_backend_dev_t``."""
+        return self._dev
+
+    @property
+    def buffer_type(self) -> Any:
+        return self._buft
+
+    @property
+    def is_host(self) -> bool:
+        """Whether this device's buffers are host memory (numpy views are zero-copy)."""
+        return bool(lib.ggml_backend_buft_is_host(self._buft))
+
+    def memory(self) -> tuple[int, int]:
+        """(free, total) bytes as the backend reports them."""
+        free = ffi.new("size_t *")
+        total = ffi.new("size_t *")
+        lib.ggml_backend_dev_memory(self._dev, free, total)
+        return int(free[0]), int(total[0])
+
+    @property
+    def max_buffer_size(self) -> int:
+        return int(lib.ggml_backend_buft_get_max_size(self._buft))
+
+    def backend(self) -> Any:
+        """A ``ggml_backend_t`` for this device, created once and kept for the process."""
+        if self._backend is None:
+            backend = lib.ggml_backend_dev_init(self._dev, ffi.NULL)
+            if backend == ffi.NULL:
+                raise DeviceError(f"device {self.name!r}: ggml_backend_dev_init failed")
+            self._backend = backend
+        return self._backend
+
+    def __repr__(self) -> str:
+        free, total = self.memory()
+        return (f"Device({self.name!r}, kind={self.kind!r}, description={self.description!r}, "
+                f"free={free}, total={total})")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Device) and self._dev == other._dev
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+
+_DEVICES: dict[str, Device] = {}
+
+
+def devices() -> list[Device]:
+    """Every device of the bound ggml's backend registry, in registry order."""
+    out = []
+    for i in range(lib.ggml_backend_dev_count()):
+        handle = lib.ggml_backend_dev_get(i)
+        name = cstr(lib.ggml_backend_dev_name(handle))
+        if name not in _DEVICES:
+            _DEVICES[name] = Device(handle)
+        out.append(_DEVICES[name])
+    return out
+
+
+def get_device(device: str | Device | None = None) -> Device:
+    """A device by name (case-insensitive), a Device, or None for the CPU."""
+    if isinstance(device, Device):
+        return device
+    if device is None:
+        device = "CPU"
+    if not isinstance(device, str):
+        raise DeviceError(f"device: expected a device name or Device, got {device!r}")
+    known = devices()
+    for dev in known:
+        if dev.name.lower() == device.lower():
+            return dev
+    raise DeviceError(f"device: unknown device {device!r}; available: {[d.name for d in known]}")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, ggml type and shape (ggml order: ne0 first, up to 4 dims) of one tensor."""
+
+    name: str
+    type: str | int | GGMLType
+    shape: tuple[int, ...]
+
+    def resolved(self) -> tuple[GGMLType, tuple[int, int, int, int]]:
+        """Validated (type, ne[4]); raises a typed error naming the tensor and the value."""
+        gtype = ggml_type(self.type)
+        shape = tuple(self.shape)
+        if not 1 <= len(shape) <= 4:
+            raise TypeSpecError(f"tensor {self.name!r}: shape needs 1 to 4 dims, got {shape}")
+        for axis, n in enumerate(shape):
+            if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+                raise TypeSpecError(f"tensor {self.name!r}: shape[{axis}] must be an int >= 1, got {n!r}")
+        if shape[0] % gtype.block_size:
+            raise TypeSpecError(
+                f"tensor {self.name!r}: width shape[0]={shape[0]} is not a multiple of the block "
+                f"size {gtype.block_size} of type {gtype.name}")
+        ne = tuple(int(n) for n in shape) + (1,) * (4 - len(shape))
+        return gtype, ne  # type: ignore[return-value]
+
+    def nbytes(self) -> int:
+        gtype, ne = self.resolved()
+        return gtype.row_size(ne[0]) * ne[1] * ne[2] * ne[3]
+
+
+def _as_rows(rows: Any, n_rows: int, what: str) -> np.ndarray:
+    """Validate a row-index array: int64, 1-D, every index in [0, n_rows)."""
+    arr = np.ascontiguousarray(rows, dtype=np.int64)
+    if arr.ndim != 1:
+        raise RangeError(f"{what}: row indices must be 1-D, got shape {arr.shape}")
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= n_rows:
+            bad = int(np.flatnonzero((arr < 0) | (arr >= n_rows))[0])
+            raise RangeError(f"{what}: rows[{bad}] = {int(arr[bad])} is outside [0, {n_rows})")
+    return arr
+
+
+def _as_bytes(data: Any, size: int, what: str) -> Any:
+    """A C-contiguous byte view of ``data`` of exactly ``size`` bytes (no copy if possible)."""
+    if isinstance(data, np.ndarray):
+        data = np.ascontiguousarray(data)
+        n = data.nbytes
+    else:
+        n = memoryview(data).nbytes
+    if n != size:
+        raise RangeError(f"{what}: data holds {n} bytes, expected {size}")
+    return ffi.from_buffer(data)
+
+
+class Tensor:
+    """A tensor in a store: type, shape (ne), strides (nb), and batch I/O.
+
+    Rows are units of ``nb[1]`` bytes over all dims above 0, numbered
+    ``i1 + ne1 * (i2 + ne2 * i3)``.
+    """
+
+    def __init__(self, store: TensorStore, ptr: Any, spec_type: GGMLType, name: str, ndim: int) -> None:
+        self._store = store
+        self.ndim = ndim
+        self.ptr = ptr
+        self.type = spec_type
+        self.name = name
+        self.shape: tuple[int, int, int, int] = tuple(int(v) for v in ptr.ne)  # type: ignore[assignment]
+        self.nb: tuple[int, int, int, int] = tuple(int(v) for v in ptr.nb)  # type: ignore[assignment]
+        self.nbytes = int(lib.ggml_nbytes(ptr))
+        self.row_size = self.nb[1]
+        self.n_rows = self.shape[1] * self.shape[2] * self.shape[3]
+
+    @property
+    def device(self) -> Device:
+        return self._store.device
+
+    def _live(self) -> Any:
+        if self._store.closed:
+            raise ClosedError(f"tensor {self.name!r}: its store was closed")
+        return self.ptr
+
+    def _check_region(self, offset: int, size: int, what: str) -> None:
+        if offset < 0 or size < 0 or offset + size > self.nbytes:
+            raise RangeError(
+                f"{what} on {self.name!r}: bytes [{offset}, {offset + size}) outside [0, {self.nbytes})")
+
+    # --- contiguous bytes ---------------------------------------------------------
+    def read_bytes(self, offset: int = 0, size: int | None = None) -> bytes:
+        size = self.nbytes - offset if size is None else size
+        out = bytearray(size)
+        self.read_into(out, offset)
+        return bytes(out)
+
+    def read_into(self, out: Any, offset: int = 0) -> None:
+        """Fill the writable buffer ``out`` with the tensor bytes starting at ``offset``."""
+        view = memoryview(out).cast("B")
+        self._check_region(offset, view.nbytes, "read")
+        check(lib.pm_tensor_read(self._live(), offset, view.nbytes, ffi.from_buffer(view, require_writable=True)),
+              f"read {self.name}")
+
+    def write_bytes(self, data: Any, offset: int = 0) -> None:
+        size = data.nbytes if isinstance(data, np.ndarray) else memoryview(data).nbytes
+        self._check_region(offset, size, "write")
+        check(lib.pm_tensor_write(self._live(), offset, size, _as_bytes(data, size, "write")),
+              f"write {self.name}")
+
+    # --- strided regions (transposed V) -------------------------------------------
+    def _check_strided(self, offset: int, chunk: int, stride: int, n_chunks: int, what: str) -> None:
+        if chunk < 0 or stride < 0 or n_chunks < 0:
+            raise RangeError(f"{what} on {self.name!r}: chunk={chunk}, stride={stride}, "
+                             f"n_chunks={n_chunks} must be >= 0")
+        end = offset + (n_chunks - 1) * stride + chunk if n_chunks and chunk else offset
+        if offset < 0 or end > self.nbytes:
+            raise RangeError(f"{what} on {self.name!r}: region [{offset}, {end}) outside [0, {self.nbytes})")
+
+    def read_strided_into(self, out: Any, offset: int, chunk: int, stride: int, n_chunks: int) -> None:
+        """``n_chunks`` pieces of ``chunk`` bytes, ``stride`` apart, packed into ``out``."""
+        self._check_strided(offset, chunk, stride, n_chunks, "strided read")
+        view = memoryview(out).cast("B")
+        if view.nbytes != chunk * n_chunks:
+            raise RangeError(f"strided read on {self.name!r}: out holds {view.nbytes} bytes, "
+                             f"expected {chunk * n_chunks}")
+        check(lib.pm_tensor_read_strided(self._live(), offset, chunk, stride, n_chunks,
+                                         ffi.from_buffer(view, require_writable=True)),
+              f"strided read {self.name}")
+
+    def read_strided(self, offset: int, chunk: int, stride: int, n_chunks: int) -> np.ndarray:
+        out = np.empty((n_chunks, chunk), dtype=np.uint8)
+        self.read_strided_into(out, offset, chunk, stride, n_chunks)
+        return out
+
+    def write_strided(self, data: Any, offset: int, chunk: int, stride: int, n_chunks: int) -> None:
+        self._check_strided(offset, chunk, stride, n_chunks, "strided write")
+        buf = _as_bytes(data, chunk * n_chunks, f"strided write {self.name}")
+        check(lib.pm_tensor_write_strided(self._live(), offset, chunk, stride, n_chunks, buf),
+              f"strided write {self.name}")
+
+    # --- row sets -------------------------------------------------------------------
+    def read_rows(self, rows: Any) -> np.ndarray:
+        """Rows ``rows`` as a ``uint8[n, row_size]`` array (one native call)."""
+        idx = _as_rows(rows, self.n_rows, f"read_rows {self.name}")
+        out = np.empty((idx.size, self.row_size), dtype=np.uint8)
+        check(lib.pm_rows_read(self._live(), ffi.from_buffer("int64_t[]", idx), idx.size, ffi.from_buffer(out)),
+              f"read_rows {self.name}")
+        return out
+
+    def write_rows(self, rows: Any, data: Any) -> None:
+        idx = _as_rows(rows, self.n_rows, f"write_rows {self.name}")
+        buf = _as_bytes(data, idx.size * self.row_size, f"write_rows {self.name}")
+        check(lib.pm_rows_write(self._live(), ffi.from_buffer("int64_t[]", idx), idx.size, buf),
+              f"write_rows {self.name}")
+
+    def fill_rows(self, rows: Any, value: int = 0) -> None:
+        if not 0 <= value <= 255:
+            raise RangeError(f"fill_rows {self.name}: value {value} outside [0, 255]")
+        idx = _as_rows(rows, self.n_rows, f"fill_rows {self.name}")
+        check(lib.pm_rows_fill(self._live(), ffi.from_buffer("int64_t[]", idx), idx.size, value),
+              f"fill_rows {self.name}")
+
+    def copy_rows(self, src_rows: Any, dst: Tensor, dst_rows: Any) -> None:
+        """``dst[dst_rows[i]] = self[src_rows[i]]`` on the device (overlap-safe per run)."""
+        if dst.type != self.type or dst.row_size != self.row_size:
+            raise TypeSpecError(
+                f"copy_rows {self.name} -> {dst.name}: type/row size {self.type.name}/{self.row_size} "
+                f"!= {dst.type.name}/{dst.row_size}")
+        s = _as_rows(src_rows, self.n_rows, f"copy_rows {self.name} (source)")
+        d = _as_rows(dst_rows, dst.n_rows, f"copy_rows {dst.name} (destination)")
+        if s.size != d.size:
+            raise RangeError(f"copy_rows {self.name}: {s.size} source rows but {d.size} destination rows")
+        check(lib.pm_rows_copy(self._live(), ffi.from_buffer("int64_t[]", s), dst._live(),
+                               ffi.from_buffer("int64_t[]", d), s.size),
+              f"copy_rows {self.name} -> {dst.name}")
+
+    # --- views ----------------------------------------------------------------------
+    def numpy(self) -> np.ndarray:
+        """Zero-copy numpy view (host buffers only), shape ``ne`` reversed.
+
+        Block-quantised types are viewed as ``uint8[..., row_size]``.
+        """
+        if not self.device.is_host:
+            raise DeviceError(
+                f"tensor {self.name!r} lives on {self.device.name} (not host memory); use read_bytes/read_rows")
+        raw = np.frombuffer(ffi.buffer(self._live().data, self.nbytes), dtype=np.uint8)
+        dims = [self.shape[3], self.shape[2], self.shape[1]][3 - (self.ndim - 1):]
+        dtype = self.type.numpy_dtype
+        if dtype is None:
+            return raw.reshape(*dims, self.row_size)
+        return raw.view(dtype).reshape(*dims, self.shape[0])
+
+    def __repr__(self) -> str:
+        return (f"Tensor({self.name!r}, type={self.type.name}, shape={self.shape}, nb={self.nb}, "
+                f"nbytes={self.nbytes}, device={self._store.device.name!r})")
+
+
+def _free_native(ctx: Any, buf: Any) -> None:
+    if buf != ffi.NULL:
+        lib.ggml_backend_buffer_free(buf)
+    if ctx != ffi.NULL:
+        lib.ggml_free(ctx)
+
+
+class TensorStore:
+    """N tensors in one backend buffer on one device, zero-filled at creation."""
+
+    def __init__(self, device: str | Device | None, tensors: Iterable[TensorSpec]) -> None:
+        self.device = get_device(device)
+        specs = list(tensors)
+        if not specs:
+            raise TypeSpecError("tensors: a store needs at least one tensor, got none")
+        resolved = []
+        names = set()
+        for spec in specs:
+            if not isinstance(spec, TensorSpec):
+                raise TypeSpecError(f"tensors: expected TensorSpec items, got {spec!r}")
+            if spec.name in names:
+                raise TypeSpecError(f"tensors: duplicate tensor name {spec.name!r}")
+            if len(spec.name.encode()) >= 64:
+                raise TypeSpecError(f"tensor name {spec.name!r}: longer than ggml's 63-byte limit")
+            names.add(spec.name)
+            resolved.append(spec.resolved())
+        align = int(lib.ggml_backend_buft_get_alignment(self.device.buffer_type))
+        need = sum(-(-(g.row_size(ne[0]) * ne[1] * ne[2] * ne[3]) // align) * align for g, ne in resolved)
+        free, total = self.device.memory()
+        limit = total if self.device.is_host else free
+        if limit and need > limit:
+            raise OutOfMemoryError(
+                f"TensorStore on {self.device.name}: {need} bytes requested, the device has "
+                f"{limit} bytes {'in total' if self.device.is_host else 'free'}")
+        params = ffi.new("struct ggml_init_params *")
+        params.mem_size = (len(specs) + 1) * lib.ggml_tensor_overhead()
+        params.mem_buffer = ffi.NULL
+        params.no_alloc = True
+        self._ctx = lib.ggml_init(params[0])
+        if self._ctx == ffi.NULL:
+            raise OutOfMemoryError("TensorStore: ggml_init failed for the tensor metadata context")
+        self._buf = ffi.NULL
+        self._finalizer = weakref.finalize(self, _free_native, self._ctx, ffi.NULL)
+        self._tensors: dict[str, Tensor] = {}
+        ptrs = []
+        for spec, (gtype, ne) in zip(specs, resolved):
+            ptr = lib.ggml_new_tensor_4d(self._ctx, gtype.id, *ne)
+            lib.ggml_set_name(ptr, spec.name.encode())
+            ptrs.append((spec.name, gtype, ptr, len(spec.shape)))
+        buf = lib.ggml_backend_alloc_ctx_tensors_from_buft(self._ctx, self.device.buffer_type)
+        if buf == ffi.NULL:
+            self.close()
+            raise OutOfMemoryError(f"TensorStore on {self.device.name}: allocating {need} bytes failed")
+        self._buf = buf
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _free_native, self._ctx, buf)
+        lib.ggml_backend_buffer_clear(buf, 0)
+        self.nbytes = int(lib.ggml_backend_buffer_get_size(buf))
+        for name, gtype, ptr, ndim in ptrs:
+            self._tensors[name] = Tensor(self, ptr, gtype, name, ndim)
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def close(self) -> None:
+        """Free the backend buffer now. Idempotent; tensors become unusable."""
+        self._finalizer()
+
+    def __enter__(self) -> TensorStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getitem__(self, name: str) -> Tensor:
+        if self.closed:
+            raise ClosedError("TensorStore: already closed")
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise KeyError(f"no tensor {name!r} in this store; names: {list(self._tensors)}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter(self._tensors.values())
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    @property
+    def names(self) -> Sequence[str]:
+        return list(self._tensors)
+
+    def clear(self, value: int = 0) -> None:
+        """Set every byte of the buffer to ``value``."""
+        if self.closed:
+            raise ClosedError("TensorStore: already closed")
+        lib.ggml_backend_buffer_clear(self._buf, value)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.nbytes} bytes"
+        return f"TensorStore({self.device.name!r}, {len(self._tensors)} tensors, {state})"
