@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pymem._native import check, ffi, lib
+from pymem._native import check, ffi, lib  # noqa: F401  (ffi re-exported for NULL)
 from pymem.backend import Device, get_device
 from pymem.errors import NativeError, TypeSpecError
 from pymem.types import ggml_type

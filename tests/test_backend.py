@@ -1,0 +1,216 @@
+"""The native layer: devices, tensor stores, batch I/O, device row copies, errors."""
+
+from __future__ import annotations
+
+import gc
+import resource
+
+import numpy as np
+import pytest
+
+import pymem
+from pymem.backend import TensorSpec, TensorStore
+from pymem.errors import (
+    ClosedError,
+    DeviceError,
+    OutOfMemoryError,
+    RangeError,
+    TypeSpecError,
+)
+from pymem.types import TYPES, ggml_type
+
+RNG = np.random.default_rng(1234)
+
+
+def random_bytes(n: int) -> np.ndarray:
+    return RNG.integers(0, 256, size=n, dtype=np.uint8)
+
+
+def test_ggml_info_names_a_supported_ggml() -> None:
+    info = pymem.ggml_info()
+    major, minor = (int(x) for x in info.version.split(".")[:2])
+    assert (major, minor) >= (0, 20)
+    assert info.source in {"process", "env", "bundled", "llama_cpp", "libggml-python"}
+    assert "CPU" in info.backends
+
+
+def test_devices_include_cpu_with_memory() -> None:
+    devs = pymem.devices()
+    cpu = [d for d in devs if d.name == "CPU"]
+    assert cpu and cpu[0].kind == "cpu" and cpu[0].is_host
+    free, total = cpu[0].memory()
+    assert 0 < free <= total
+    assert pymem.get_device("cpu") is cpu[0]
+
+
+def test_unknown_device_is_refused_with_the_names() -> None:
+    with pytest.raises(DeviceError, match=r"unknown device 'NoSuchGPU'.*CPU"):
+        pymem.get_device("NoSuchGPU")
+
+
+def test_type_table_covers_ggml_types() -> None:
+    assert ggml_type("f16").type_size == 2 and ggml_type("f16").block_size == 1
+    q8 = ggml_type("Q8_0")
+    assert (q8.block_size, q8.type_size, q8.is_quantized) == (32, 34, True)
+    assert q8.row_size(64) == 68
+    assert ggml_type(0).name == "f32"
+    assert {"f32", "f16", "bf16", "q4_0", "q8_0", "i32", "i64"} <= set(TYPES)
+    with pytest.raises(TypeSpecError, match="not a multiple of the block size 32"):
+        q8.row_size(33)
+    with pytest.raises(TypeSpecError, match="unknown ggml type 'f17'"):
+        ggml_type("f17")
+
+
+@pytest.mark.parametrize("type_name", ["f32", "f16", "bf16", "q8_0", "q4_0", "i32"])
+def test_allocation_shapes_and_zero_fill(device: str, type_name: str) -> None:
+    gtype = ggml_type(type_name)
+    width = 4 * gtype.block_size
+    with TensorStore(device, [TensorSpec("cache_k_l0", type_name, (width, 16, 2)),
+                              TensorSpec("cache_r_l1", "f32", (96, 4))]) as store:
+        k = store["cache_k_l0"]
+        assert k.shape == (width, 16, 2, 1)
+        assert k.type.name == type_name
+        assert k.row_size == gtype.row_size(width) == k.nb[1]
+        assert k.nb[2] == 16 * k.row_size
+        assert k.nbytes == 32 * k.row_size and k.n_rows == 32
+        assert store.nbytes >= k.nbytes + store["cache_r_l1"].nbytes
+        assert not any(k.read_bytes())
+
+
+def test_byte_round_trip(device: str) -> None:
+    with TensorStore(device, [TensorSpec("t", "f16", (64, 32))]) as store:
+        t = store["t"]
+        data = random_bytes(t.nbytes)
+        t.write_bytes(data)
+        assert t.read_bytes() == data.tobytes()
+        t.write_bytes(b"\x01\x02\x03", offset=10)
+        assert t.read_bytes(9, 5) == bytes([data[9], 1, 2, 3, data[13]])
+
+
+def test_row_round_trip_any_order(device: str) -> None:
+    with TensorStore(device, [TensorSpec("t", "q8_0", (64, 100))]) as store:
+        t = store["t"]
+        full = random_bytes(t.nbytes).reshape(100, t.row_size)
+        t.write_bytes(full)
+        rows = np.array([7, 8, 9, 3, 99, 0, 50, 51], dtype=np.int64)
+        np.testing.assert_array_equal(t.read_rows(rows), full[rows])
+        new = random_bytes(rows.size * t.row_size).reshape(rows.size, -1)
+        t.write_rows(rows, new)
+        full[rows] = new
+        np.testing.assert_array_equal(t.read_rows(np.arange(100)), full)
+        t.fill_rows([1, 2, 3], 0)
+        full[[1, 2, 3]] = 0
+        np.testing.assert_array_equal(t.read_rows(np.arange(100)), full)
+
+
+def test_strided_region_round_trip(device: str) -> None:
+    # the transposed V layout: element j of cells [a, b) sits at (a + j * kv_size) * el
+    kv_size, width, el = 32, 8, 2
+    with TensorStore(device, [TensorSpec("v", "f16", (kv_size, width))]) as store:
+        v = store["v"]
+        full = random_bytes(v.nbytes)
+        v.write_bytes(full)
+        a, b = 5, 9
+        got = v.read_strided(a * el, (b - a) * el, kv_size * el, width)
+        expect = full.reshape(width, kv_size * el)[:, a * el : b * el]
+        np.testing.assert_array_equal(got, expect)
+        new = random_bytes(got.size)
+        v.write_strided(new, a * el, (b - a) * el, kv_size * el, width)
+        full.reshape(width, kv_size * el)[:, a * el : b * el] = new.reshape(width, -1)
+        assert v.read_bytes() == full.tobytes()
+
+
+def test_device_row_copy_within_and_between_tensors(device: str) -> None:
+    with TensorStore(device, [TensorSpec("a", "f32", (16, 20)), TensorSpec("b", "f32", (16, 20)),
+                              TensorSpec("c", "f16", (16, 20))]) as store:
+        a, b = store["a"], store["b"]
+        full = RNG.standard_normal((20, 16)).astype(np.float32)
+        a.write_bytes(full)
+        a.copy_rows([0, 1, 2, 10], b, [5, 6, 7, 0])
+        got = b.read_rows([5, 6, 7, 0]).view(np.float32)
+        np.testing.assert_array_equal(got, full[[0, 1, 2, 10]])
+        a.copy_rows([0, 1], a, [1, 2])  # overlapping run within one tensor
+        np.testing.assert_array_equal(a.read_rows([1, 2]).view(np.float32), full[[0, 1]])
+        with pytest.raises(TypeSpecError, match="type/row size f32/64 != f16/32"):
+            a.copy_rows([0], store["c"], [0])
+
+
+def test_numpy_views_share_memory() -> None:
+    with TensorStore("CPU", [TensorSpec("s", "f32", (8, 4)), TensorSpec("q", "q8_0", (32, 3))]) as store:
+        view = store["s"].numpy()
+        assert view.shape == (4, 8) and view.dtype == np.float32
+        view[2, 3] = 7.5
+        assert store["s"].read_rows([2]).view(np.float32)[0, 3] == 7.5
+        store["s"].write_rows([1], np.full(8, 2.0, np.float32))
+        assert view[1].tolist() == [2.0] * 8
+        assert store["q"].numpy().shape == (3, 34)
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "message"),
+    [
+        (TensorSpec("t", "q8_0", (33, 4)), TypeSpecError, "width shape\\[0\\]=33 is not a multiple of the block size 32"),
+        (TensorSpec("t", "nope", (32, 4)), TypeSpecError, "unknown ggml type 'nope'"),
+        (TensorSpec("t", "f32", (0, 4)), TypeSpecError, "shape\\[0\\] must be an int >= 1, got 0"),
+        (TensorSpec("t", "f32", (1, 2, 3, 4, 5)), TypeSpecError, "1 to 4 dims"),
+    ],
+)
+def test_bad_specs_raise_before_ggml(spec: TensorSpec, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        TensorStore("CPU", [spec])
+
+
+def test_allocation_larger_than_the_device_is_refused(device: str) -> None:
+    free, total = pymem.get_device(device).memory()
+    width = 1 << 20
+    rows = (max(free, total) // (width * 4)) * 2 + 1
+    with pytest.raises(OutOfMemoryError, match="bytes requested, the device has"):
+        TensorStore(device, [TensorSpec("huge", "f32", (width, rows))])
+
+
+def test_io_errors_name_the_value_and_limit(device: str) -> None:
+    with TensorStore(device, [TensorSpec("t", "f32", (4, 10))]) as store:
+        t = store["t"]
+        with pytest.raises(RangeError, match=r"rows\[1\] = 10 is outside \[0, 10\)"):
+            t.read_rows([0, 10])
+        with pytest.raises(RangeError, match=r"rows\[0\] = -1"):
+            t.write_rows([-1], np.zeros(4, np.float32))
+        with pytest.raises(RangeError, match="data holds 8 bytes, expected 16"):
+            t.write_rows([0], np.zeros(2, np.float32))
+        with pytest.raises(RangeError, match=r"bytes \[150, 170\) outside \[0, 160\)"):
+            t.write_bytes(bytes(20), offset=150)
+        with pytest.raises(RangeError, match=r"region \[0, 200\) outside \[0, 160\)"):
+            t.read_strided(0, 20, 60, 4)
+        with pytest.raises(KeyError, match="no tensor 'x'"):
+            store["x"]
+
+
+def test_closed_store_refuses_io() -> None:
+    store = TensorStore("CPU", [TensorSpec("t", "f32", (4, 4))])
+    t = store["t"]
+    store.close()
+    store.close()  # idempotent
+    with pytest.raises(ClosedError):
+        t.read_bytes()
+    with pytest.raises(ClosedError):
+        store["t"]
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() // 1024
+
+
+def test_allocate_free_cycles_do_not_grow_memory() -> None:
+    def cycle(n: int) -> None:
+        for _ in range(n):
+            with TensorStore("CPU", [TensorSpec("k", "f16", (128, 256)), TensorSpec("v", "f16", (128, 256))]) as s:
+                s["k"].fill_rows([0, 1], 1)
+            TensorStore("CPU", [TensorSpec("g", "f32", (64, 64))])  # freed by the finaliser
+        gc.collect()
+
+    cycle(200)  # warm up allocator pools
+    before = _rss_kib()
+    cycle(1000)
+    growth = _rss_kib() - before
+    assert growth < 2048, f"resident memory grew by {growth} KiB over 1000 cycles"
