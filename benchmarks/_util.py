@@ -44,7 +44,11 @@ def print_table(title: str, header: list[str], rows: list[list[object]]) -> None
 def write_results(name: str, data: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"machine": platform.machine(), "python": platform.python_version(),
-               "time": time.strftime("%Y-%m-%d %H:%M:%S"), **data}
+    payload = {
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **data,
+    }
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -15,15 +15,19 @@ def _info(_: argparse.Namespace) -> int:
     print(f"backends: {', '.join(info.backends)}")
     for dev in pymem.devices():
         free, total = dev.memory()
-        print(f"device {dev.name:8s} {dev.kind:5s} {dev.description} "
-              f"({free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB)")
+        print(
+            f"device {dev.name:8s} {dev.kind:5s} {dev.description} "
+            f"({free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB)"
+        )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pymem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="which ggml pymem bound and which devices it sees").set_defaults(func=_info)
+    sub.add_parser("info", help="which ggml pymem bound and which devices it sees").set_defaults(
+        func=_info
+    )
     try:
         from pymem.demo import add_demo_parser
     except ImportError:

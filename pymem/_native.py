@@ -28,8 +28,11 @@ from pymem.errors import GGMLBindingError, NativeError
 
 GGML_MIN_VERSION = (0, 20, 0)
 GGML_MAX_VERSION = (1, 0, 0)  # exclusive
-_SONAMES = ("libggml-base.so.0", "libggml.so.0") if sys.platform != "darwin" else (
-    "libggml-base.0.dylib", "libggml.0.dylib")
+_SONAMES = (
+    ("libggml-base.so.0", "libggml.so.0")
+    if sys.platform != "darwin"
+    else ("libggml-base.0.dylib", "libggml.0.dylib")
+)
 _RTLD_NOLOAD = getattr(os, "RTLD_NOLOAD", 4)
 
 
@@ -104,26 +107,30 @@ def _bind() -> tuple[str, str]:
         for name in _SONAMES:
             # promote the process's copy to global scope without loading another
             try:
-                ctypes.CDLL(name if loaded.startswith("(") else os.path.join(loaded, name),
-                            mode=_RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
+                ctypes.CDLL(
+                    name if loaded.startswith("(") else os.path.join(loaded, name),
+                    mode=_RTLD_NOLOAD | ctypes.RTLD_GLOBAL,
+                )
             except OSError:
                 ctypes.CDLL(name, mode=_RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
         return "process", loaded
     env = os.environ.get("PYMEM_GGML_LIB_DIR")
     if env and not _has_ggml(Path(env)):
-        raise GGMLBindingError(
-            f"PYMEM_GGML_LIB_DIR={env!r}: no {' and '.join(_SONAMES)} there")
+        raise GGMLBindingError(f"PYMEM_GGML_LIB_DIR={env!r}: no {' and '.join(_SONAMES)} there")
     for source, directory in _candidates():
         if _has_ggml(directory):
             try:
                 _load_global(directory)
             except OSError as exc:
-                raise GGMLBindingError(f"loading ggml from {directory} ({source}) failed: {exc}") from exc
+                raise GGMLBindingError(
+                    f"loading ggml from {directory} ({source}) failed: {exc}"
+                ) from exc
             return source, str(directory)
     raise GGMLBindingError(
         "no ggml found: install libggml-python (pip install libggml-python), install "
         "llama-cpp-python, or set PYMEM_GGML_LIB_DIR to a directory holding "
-        f"{', '.join(_SONAMES)}")
+        f"{', '.join(_SONAMES)}"
+    )
 
 
 def _parse_version(text: str) -> tuple[int, ...]:
@@ -141,14 +148,16 @@ try:
     from pymem._pymem_cffi import ffi, lib  # type: ignore[import-not-found]
 except ImportError as exc:  # undefined ggml symbols: a ggml older than the headers
     raise GGMLBindingError(
-        f"pymem's extension does not fit the ggml bound from {_path} ({_source}): {exc}") from exc
+        f"pymem's extension does not fit the ggml bound from {_path} ({_source}): {exc}"
+    ) from exc
 
 _version = ffi.string(lib.ggml_version()).decode()
 _parsed = _parse_version(_version)
 if not (GGML_MIN_VERSION <= _parsed < GGML_MAX_VERSION):
     raise GGMLBindingError(
         f"ggml version {_version} from {_path} ({_source}) is outside the supported range "
-        f">= {'.'.join(map(str, GGML_MIN_VERSION))}, < {'.'.join(map(str, GGML_MAX_VERSION))}")
+        f">= {'.'.join(map(str, GGML_MIN_VERSION))}, < {'.'.join(map(str, GGML_MAX_VERSION))}"
+    )
 
 # make dynamically loadable backends (CUDA, Metal, Vulkan builds with GGML_BACKEND_DL) visible
 if lib.ggml_backend_dev_count() == 0:

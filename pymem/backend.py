@@ -73,8 +73,10 @@ class Device:
 
     def __repr__(self) -> str:
         free, total = self.memory()
-        return (f"Device({self.name!r}, kind={self.kind!r}, description={self.description!r}, "
-                f"free={free}, total={total})")
+        return (
+            f"Device({self.name!r}, kind={self.kind!r}, description={self.description!r}, "
+            f"free={free}, total={total})"
+        )
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Device) and self._dev == other._dev
@@ -129,11 +131,14 @@ class TensorSpec:
             raise TypeSpecError(f"tensor {self.name!r}: shape needs 1 to 4 dims, got {shape}")
         for axis, n in enumerate(shape):
             if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-                raise TypeSpecError(f"tensor {self.name!r}: shape[{axis}] must be an int >= 1, got {n!r}")
+                raise TypeSpecError(
+                    f"tensor {self.name!r}: shape[{axis}] must be an int >= 1, got {n!r}"
+                )
         if shape[0] % gtype.block_size:
             raise TypeSpecError(
                 f"tensor {self.name!r}: width shape[0]={shape[0]} is not a multiple of the block "
-                f"size {gtype.block_size} of type {gtype.name}")
+                f"size {gtype.block_size} of type {gtype.name}"
+            )
         ne = tuple(int(n) for n in shape) + (1,) * (4 - len(shape))
         return gtype, ne  # type: ignore[return-value]
 
@@ -174,7 +179,9 @@ class Tensor:
     ``i1 + ne1 * (i2 + ne2 * i3)``.
     """
 
-    def __init__(self, store: TensorStore, ptr: Any, spec_type: GGMLType, name: str, ndim: int) -> None:
+    def __init__(
+        self, store: TensorStore, ptr: Any, spec_type: GGMLType, name: str, ndim: int
+    ) -> None:
         self._store = store
         self.ndim = ndim
         self.ptr = ptr
@@ -198,7 +205,8 @@ class Tensor:
     def _check_region(self, offset: int, size: int, what: str) -> None:
         if offset < 0 or size < 0 or offset + size > self.nbytes:
             raise RangeError(
-                f"{what} on {self.name!r}: bytes [{offset}, {offset + size}) outside [0, {self.nbytes})")
+                f"{what} on {self.name!r}: bytes [{offset}, {offset + size}) outside [0, {self.nbytes})"
+            )
 
     # --- contiguous bytes ---------------------------------------------------------
     def read_bytes(self, offset: int = 0, size: int | None = None) -> bytes:
@@ -211,34 +219,58 @@ class Tensor:
         """Fill the writable buffer ``out`` with the tensor bytes starting at ``offset``."""
         view = memoryview(out).cast("B")
         self._check_region(offset, view.nbytes, "read")
-        check(lib.pm_tensor_read(self._live(), offset, view.nbytes, ffi.from_buffer(view, require_writable=True)),
-              f"read {self.name}")
+        check(
+            lib.pm_tensor_read(
+                self._live(), offset, view.nbytes, ffi.from_buffer(view, require_writable=True)
+            ),
+            f"read {self.name}",
+        )
 
     def write_bytes(self, data: Any, offset: int = 0) -> None:
         size = data.nbytes if isinstance(data, np.ndarray) else memoryview(data).nbytes
         self._check_region(offset, size, "write")
-        check(lib.pm_tensor_write(self._live(), offset, size, _as_bytes(data, size, "write")),
-              f"write {self.name}")
+        check(
+            lib.pm_tensor_write(self._live(), offset, size, _as_bytes(data, size, "write")),
+            f"write {self.name}",
+        )
 
     # --- strided regions (transposed V) -------------------------------------------
-    def _check_strided(self, offset: int, chunk: int, stride: int, n_chunks: int, what: str) -> None:
+    def _check_strided(
+        self, offset: int, chunk: int, stride: int, n_chunks: int, what: str
+    ) -> None:
         if chunk < 0 or stride < 0 or n_chunks < 0:
-            raise RangeError(f"{what} on {self.name!r}: chunk={chunk}, stride={stride}, "
-                             f"n_chunks={n_chunks} must be >= 0")
+            raise RangeError(
+                f"{what} on {self.name!r}: chunk={chunk}, stride={stride}, "
+                f"n_chunks={n_chunks} must be >= 0"
+            )
         end = offset + (n_chunks - 1) * stride + chunk if n_chunks and chunk else offset
         if offset < 0 or end > self.nbytes:
-            raise RangeError(f"{what} on {self.name!r}: region [{offset}, {end}) outside [0, {self.nbytes})")
+            raise RangeError(
+                f"{what} on {self.name!r}: region [{offset}, {end}) outside [0, {self.nbytes})"
+            )
 
-    def read_strided_into(self, out: Any, offset: int, chunk: int, stride: int, n_chunks: int) -> None:
+    def read_strided_into(
+        self, out: Any, offset: int, chunk: int, stride: int, n_chunks: int
+    ) -> None:
         """``n_chunks`` pieces of ``chunk`` bytes, ``stride`` apart, packed into ``out``."""
         self._check_strided(offset, chunk, stride, n_chunks, "strided read")
         view = memoryview(out).cast("B")
         if view.nbytes != chunk * n_chunks:
-            raise RangeError(f"strided read on {self.name!r}: out holds {view.nbytes} bytes, "
-                             f"expected {chunk * n_chunks}")
-        check(lib.pm_tensor_read_strided(self._live(), offset, chunk, stride, n_chunks,
-                                         ffi.from_buffer(view, require_writable=True)),
-              f"strided read {self.name}")
+            raise RangeError(
+                f"strided read on {self.name!r}: out holds {view.nbytes} bytes, "
+                f"expected {chunk * n_chunks}"
+            )
+        check(
+            lib.pm_tensor_read_strided(
+                self._live(),
+                offset,
+                chunk,
+                stride,
+                n_chunks,
+                ffi.from_buffer(view, require_writable=True),
+            ),
+            f"strided read {self.name}",
+        )
 
     def read_strided(self, offset: int, chunk: int, stride: int, n_chunks: int) -> np.ndarray:
         out = np.empty((n_chunks, chunk), dtype=np.uint8)
@@ -248,44 +280,64 @@ class Tensor:
     def write_strided(self, data: Any, offset: int, chunk: int, stride: int, n_chunks: int) -> None:
         self._check_strided(offset, chunk, stride, n_chunks, "strided write")
         buf = _as_bytes(data, chunk * n_chunks, f"strided write {self.name}")
-        check(lib.pm_tensor_write_strided(self._live(), offset, chunk, stride, n_chunks, buf),
-              f"strided write {self.name}")
+        check(
+            lib.pm_tensor_write_strided(self._live(), offset, chunk, stride, n_chunks, buf),
+            f"strided write {self.name}",
+        )
 
     # --- row sets -------------------------------------------------------------------
     def read_rows(self, rows: Any) -> np.ndarray:
         """Rows ``rows`` as a ``uint8[n, row_size]`` array (one native call)."""
         idx = _as_rows(rows, self.n_rows, f"read_rows {self.name}")
         out = np.empty((idx.size, self.row_size), dtype=np.uint8)
-        check(lib.pm_rows_read(self._live(), ffi.from_buffer("int64_t[]", idx), idx.size, ffi.from_buffer(out)),
-              f"read_rows {self.name}")
+        check(
+            lib.pm_rows_read(
+                self._live(), ffi.from_buffer("int64_t[]", idx), idx.size, ffi.from_buffer(out)
+            ),
+            f"read_rows {self.name}",
+        )
         return out
 
     def write_rows(self, rows: Any, data: Any) -> None:
         idx = _as_rows(rows, self.n_rows, f"write_rows {self.name}")
         buf = _as_bytes(data, idx.size * self.row_size, f"write_rows {self.name}")
-        check(lib.pm_rows_write(self._live(), ffi.from_buffer("int64_t[]", idx), idx.size, buf),
-              f"write_rows {self.name}")
+        check(
+            lib.pm_rows_write(self._live(), ffi.from_buffer("int64_t[]", idx), idx.size, buf),
+            f"write_rows {self.name}",
+        )
 
     def fill_rows(self, rows: Any, value: int = 0) -> None:
         if not 0 <= value <= 255:
             raise RangeError(f"fill_rows {self.name}: value {value} outside [0, 255]")
         idx = _as_rows(rows, self.n_rows, f"fill_rows {self.name}")
-        check(lib.pm_rows_fill(self._live(), ffi.from_buffer("int64_t[]", idx), idx.size, value),
-              f"fill_rows {self.name}")
+        check(
+            lib.pm_rows_fill(self._live(), ffi.from_buffer("int64_t[]", idx), idx.size, value),
+            f"fill_rows {self.name}",
+        )
 
     def copy_rows(self, src_rows: Any, dst: Tensor, dst_rows: Any) -> None:
         """``dst[dst_rows[i]] = self[src_rows[i]]`` on the device (overlap-safe per run)."""
         if dst.type != self.type or dst.row_size != self.row_size:
             raise TypeSpecError(
                 f"copy_rows {self.name} -> {dst.name}: type/row size {self.type.name}/{self.row_size} "
-                f"!= {dst.type.name}/{dst.row_size}")
+                f"!= {dst.type.name}/{dst.row_size}"
+            )
         s = _as_rows(src_rows, self.n_rows, f"copy_rows {self.name} (source)")
         d = _as_rows(dst_rows, dst.n_rows, f"copy_rows {dst.name} (destination)")
         if s.size != d.size:
-            raise RangeError(f"copy_rows {self.name}: {s.size} source rows but {d.size} destination rows")
-        check(lib.pm_rows_copy(self._live(), ffi.from_buffer("int64_t[]", s), dst._live(),
-                               ffi.from_buffer("int64_t[]", d), s.size),
-              f"copy_rows {self.name} -> {dst.name}")
+            raise RangeError(
+                f"copy_rows {self.name}: {s.size} source rows but {d.size} destination rows"
+            )
+        check(
+            lib.pm_rows_copy(
+                self._live(),
+                ffi.from_buffer("int64_t[]", s),
+                dst._live(),
+                ffi.from_buffer("int64_t[]", d),
+                s.size,
+            ),
+            f"copy_rows {self.name} -> {dst.name}",
+        )
 
     # --- views ----------------------------------------------------------------------
     def numpy(self) -> np.ndarray:
@@ -295,17 +347,20 @@ class Tensor:
         """
         if not self.device.is_host:
             raise DeviceError(
-                f"tensor {self.name!r} lives on {self.device.name} (not host memory); use read_bytes/read_rows")
+                f"tensor {self.name!r} lives on {self.device.name} (not host memory); use read_bytes/read_rows"
+            )
         raw = np.frombuffer(ffi.buffer(self._live().data, self.nbytes), dtype=np.uint8)
-        dims = [self.shape[3], self.shape[2], self.shape[1]][3 - (self.ndim - 1):]
+        dims = [self.shape[3], self.shape[2], self.shape[1]][3 - (self.ndim - 1) :]
         dtype = self.type.numpy_dtype
         if dtype is None:
             return raw.reshape(*dims, self.row_size)
         return raw.view(dtype).reshape(*dims, self.shape[0])
 
     def __repr__(self) -> str:
-        return (f"Tensor({self.name!r}, type={self.type.name}, shape={self.shape}, nb={self.nb}, "
-                f"nbytes={self.nbytes}, device={self._store.device.name!r})")
+        return (
+            f"Tensor({self.name!r}, type={self.type.name}, shape={self.shape}, nb={self.nb}, "
+            f"nbytes={self.nbytes}, device={self._store.device.name!r})"
+        )
 
 
 def _free_native(ctx: Any, buf: Any) -> None:
@@ -335,13 +390,16 @@ class TensorStore:
             names.add(spec.name)
             resolved.append(spec.resolved())
         align = int(lib.ggml_backend_buft_get_alignment(self.device.buffer_type))
-        need = sum(-(-(g.row_size(ne[0]) * ne[1] * ne[2] * ne[3]) // align) * align for g, ne in resolved)
+        need = sum(
+            -(-(g.row_size(ne[0]) * ne[1] * ne[2] * ne[3]) // align) * align for g, ne in resolved
+        )
         free, total = self.device.memory()
         limit = total if self.device.is_host else free
         if limit and need > limit:
             raise OutOfMemoryError(
                 f"TensorStore on {self.device.name}: {need} bytes requested, the device has "
-                f"{limit} bytes {'in total' if self.device.is_host else 'free'}")
+                f"{limit} bytes {'in total' if self.device.is_host else 'free'}"
+            )
         params = ffi.new("struct ggml_init_params *")
         params.mem_size = (len(specs) + 1) * lib.ggml_tensor_overhead()
         params.mem_buffer = ffi.NULL
@@ -360,7 +418,9 @@ class TensorStore:
         buf = lib.ggml_backend_alloc_ctx_tensors_from_buft(self._ctx, self.device.buffer_type)
         if buf == ffi.NULL:
             self.close()
-            raise OutOfMemoryError(f"TensorStore on {self.device.name}: allocating {need} bytes failed")
+            raise OutOfMemoryError(
+                f"TensorStore on {self.device.name}: allocating {need} bytes failed"
+            )
         self._buf = buf
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, _free_native, self._ctx, buf)
@@ -389,7 +449,9 @@ class TensorStore:
         try:
             return self._tensors[name]
         except KeyError:
-            raise KeyError(f"no tensor {name!r} in this store; names: {list(self._tensors)}") from None
+            raise KeyError(
+                f"no tensor {name!r} in this store; names: {list(self._tensors)}"
+            ) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._tensors

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pymem._native import check, ffi, lib  # noqa: F401  (ffi re-exported for NULL)
+from pymem._native import check, ffi, lib
 from pymem.backend import Device, get_device
 from pymem.errors import NativeError, TypeSpecError
 from pymem.types import ggml_type
@@ -32,11 +32,55 @@ DEFAULT_GRAPH_SIZE = 8192
 
 # ggml functions whose first argument is the context: exposed as Context methods
 OPS = frozenset(
-    """new_tensor_1d new_tensor_2d new_tensor_3d new_tensor_4d view_1d view_2d view_3d view_4d
-    reshape_1d reshape_2d reshape_3d reshape_4d permute transpose cont cont_2d cont_3d cpy cast
-    get_rows set_rows rope_ext mul_mat soft_max_ext flash_attn_ext ssm_conv ssm_scan rms_norm
-    norm add mul sub div scale scale_bias silu gelu sigmoid neg exp softplus sqr sqrt concat
-    sum_rows repeat clamp""".split()
+    [
+        "new_tensor_1d",
+        "new_tensor_2d",
+        "new_tensor_3d",
+        "new_tensor_4d",
+        "view_1d",
+        "view_2d",
+        "view_3d",
+        "view_4d",
+        "reshape_1d",
+        "reshape_2d",
+        "reshape_3d",
+        "reshape_4d",
+        "permute",
+        "transpose",
+        "cont",
+        "cont_2d",
+        "cont_3d",
+        "cpy",
+        "cast",
+        "get_rows",
+        "set_rows",
+        "rope_ext",
+        "mul_mat",
+        "soft_max_ext",
+        "flash_attn_ext",
+        "ssm_conv",
+        "ssm_scan",
+        "rms_norm",
+        "norm",
+        "add",
+        "mul",
+        "sub",
+        "div",
+        "scale",
+        "scale_bias",
+        "silu",
+        "gelu",
+        "sigmoid",
+        "neg",
+        "exp",
+        "softplus",
+        "sqr",
+        "sqrt",
+        "concat",
+        "sum_rows",
+        "repeat",
+        "clamp",
+    ]
 )
 
 
@@ -44,9 +88,13 @@ class Context:
     """A ggml context for graph nodes. Metadata only: data comes from the graph allocator
     (intermediates, inputs) or from pymem tensors (views)."""
 
-    def __init__(self, max_tensors: int = 4 * DEFAULT_GRAPH_SIZE, graph_size: int = DEFAULT_GRAPH_SIZE) -> None:
+    def __init__(
+        self, max_tensors: int = 4 * DEFAULT_GRAPH_SIZE, graph_size: int = DEFAULT_GRAPH_SIZE
+    ) -> None:
         params = ffi.new("struct ggml_init_params *")
-        params.mem_size = max_tensors * lib.ggml_tensor_overhead() + lib.ggml_graph_overhead_custom(graph_size, False)
+        params.mem_size = max_tensors * lib.ggml_tensor_overhead() + lib.ggml_graph_overhead_custom(
+            graph_size, False
+        )
         params.mem_buffer = ffi.NULL
         params.no_alloc = True
         self.ptr = lib.ggml_init(params[0])
@@ -75,8 +123,9 @@ class Context:
             return lambda *args: fn(ctx, *args)
         raise AttributeError(f"pymem.ggml.Context has no op {name!r}")
 
-    def new_tensor(self, type: str | int, shape: Sequence[int], name: str | None = None,
-                   input: bool = False) -> Any:
+    def new_tensor(
+        self, type: str | int, shape: Sequence[int], name: str | None = None, input: bool = False
+    ) -> Any:
         """A new tensor of ``type`` and ggml-order ``shape`` (up to 4 dims)."""
         gtype = ggml_type(type)
         ne = list(shape) + [1] * (4 - len(shape))
@@ -154,8 +203,13 @@ class GraphRunner:
     def __del__(self) -> None:
         self.close()
 
-    def run(self, ctx: Context, outputs: Sequence[Any], inputs: Mapping[Any, np.ndarray] | None = None,
-            read: Sequence[Any] | None = None) -> list[np.ndarray]:
+    def run(
+        self,
+        ctx: Context,
+        outputs: Sequence[Any],
+        inputs: Mapping[Any, np.ndarray] | None = None,
+        read: Sequence[Any] | None = None,
+    ) -> list[np.ndarray]:
         """Build, allocate and compute the graph of ``outputs``; set ``inputs`` first.
 
         Returns the values of ``read`` (default: ``outputs``) as numpy arrays. Outputs that

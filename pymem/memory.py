@@ -78,7 +78,9 @@ class Memory(ABC):
 
     # --- planning -------------------------------------------------------------------
     @abstractmethod
-    def init_batch(self, balloc: BatchAllocator, n_ubatch: int, embd_all: bool) -> MemoryContext: ...
+    def init_batch(
+        self, balloc: BatchAllocator, n_ubatch: int, embd_all: bool
+    ) -> MemoryContext: ...
 
     @abstractmethod
     def init_full(self) -> MemoryContext: ...
@@ -128,7 +130,9 @@ class Memory(ABC):
         """Stream the state into a binary file object; returns the bytes written."""
 
     @abstractmethod
-    def state_read(self, data: bytes | bytearray | memoryview, seq_id: int = -1, flags: int = 0) -> int:
+    def state_read(
+        self, data: bytes | bytearray | memoryview, seq_id: int = -1, flags: int = 0
+    ) -> int:
         """Restore from a blob; returns the bytes consumed. Nothing changes on failure."""
 
     @abstractmethod
@@ -138,7 +142,7 @@ class Memory(ABC):
     def close(self) -> None:
         """Release the device buffers now (also on ``with`` exit)."""
 
-    def __enter__(self):  # noqa: ANN204
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -89,13 +89,20 @@ class LayerSpec:
 
     @classmethod
     def attention(
-        cls, n_head_kv: int, head_dim: int, *, swa: bool = False, rope: RopeSpec | None = None,
+        cls,
+        n_head_kv: int,
+        head_dim: int,
+        *,
+        swa: bool = False,
+        rope: RopeSpec | None = None,
         head_dim_v: int | None = None,
     ) -> LayerSpec:
         return cls(
-            n_head_kv=n_head_kv, n_embd_head_k=head_dim,
+            n_head_kv=n_head_kv,
+            n_embd_head_k=head_dim,
             n_embd_head_v=head_dim if head_dim_v is None else head_dim_v,
-            swa=swa, rope=rope if rope is not None else RopeSpec(n_rot=head_dim),
+            swa=swa,
+            rope=rope if rope is not None else RopeSpec(n_rot=head_dim),
         )
 
     @classmethod
@@ -125,7 +132,9 @@ class ModelSpec:
             if not layer.recurrent and layer.n_head_kv < 0:
                 raise ConfigError(f"layers[{il}].n_head_kv: must be >= 0, got {layer.n_head_kv}")
         if self.swa_type != SWAType.NONE and self.n_swa <= 0:
-            raise ConfigError(f"n_swa: must be > 0 when swa_type is {self.swa_type.name}, got {self.n_swa}")
+            raise ConfigError(
+                f"n_swa: must be > 0 when swa_type is {self.swa_type.name}, got {self.n_swa}"
+            )
 
     @property
     def n_layer(self) -> int:

@@ -27,7 +27,8 @@ class GGMLType:
         """Bytes of a row of ``n`` elements (``ggml_row_size``); ``n`` must fill whole blocks."""
         if n % self.block_size:
             raise TypeSpecError(
-                f"width {n} is not a multiple of the block size {self.block_size} of type {self.name}")
+                f"width {n} is not a multiple of the block size {self.block_size} of type {self.name}"
+            )
         return n // self.block_size * self.type_size
 
     @property
@@ -40,8 +41,12 @@ class GGMLType:
 
 
 _NUMPY = {
-    "f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "f64": np.dtype(np.float64),
-    "i8": np.dtype(np.int8), "i16": np.dtype(np.int16), "i32": np.dtype(np.int32),
+    "f32": np.dtype(np.float32),
+    "f16": np.dtype(np.float16),
+    "f64": np.dtype(np.float64),
+    "i8": np.dtype(np.int8),
+    "i16": np.dtype(np.int16),
+    "i32": np.dtype(np.int32),
     "i64": np.dtype(np.int64),
 }
 
@@ -53,7 +58,9 @@ def _build_table() -> dict[str, GGMLType]:
         if block <= 0:  # ids of removed types (q4_2, q4_3, ...)
             continue
         name = ffi.string(lib.ggml_type_name(tid)).decode()
-        table[name] = GGMLType(tid, name, int(block), int(lib.ggml_type_size(tid)), bool(lib.ggml_is_quantized(tid)))
+        table[name] = GGMLType(
+            tid, name, int(block), int(lib.ggml_type_size(tid)), bool(lib.ggml_is_quantized(tid))
+        )
     return table
 
 
@@ -68,7 +75,9 @@ def ggml_type(value: str | int | GGMLType) -> GGMLType:
     if isinstance(value, str):
         found = TYPES.get(value.lower())
         if found is None:
-            raise TypeSpecError(f"type: unknown ggml type {value!r}; known: {', '.join(sorted(TYPES))}")
+            raise TypeSpecError(
+                f"type: unknown ggml type {value!r}; known: {', '.join(sorted(TYPES))}"
+            )
         return found
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         found = _BY_ID.get(int(value))

@@ -100,5 +100,7 @@ def seq_bitsets(seq_id: np.ndarray) -> np.ndarray:
     rows, cols = np.nonzero(seq_id >= 0)
     ids = seq_id[rows, cols].astype(np.int64)
     # np.bitwise_or.at accumulates repeated (row, word) pairs, unlike fancy assignment
-    np.bitwise_or.at(bits, (rows, ids >> 6), np.left_shift(np.uint64(1), (ids & 63).astype(np.uint64)))
+    np.bitwise_or.at(
+        bits, (rows, ids >> 6), np.left_shift(np.uint64(1), (ids & 63).astype(np.uint64))
+    )
     return bits

@@ -65,8 +65,13 @@ def test_type_table_covers_ggml_types() -> None:
 def test_allocation_shapes_and_zero_fill(device: str, type_name: str) -> None:
     gtype = ggml_type(type_name)
     width = 4 * gtype.block_size
-    with TensorStore(device, [TensorSpec("cache_k_l0", type_name, (width, 16, 2)),
-                              TensorSpec("cache_r_l1", "f32", (96, 4))]) as store:
+    with TensorStore(
+        device,
+        [
+            TensorSpec("cache_k_l0", type_name, (width, 16, 2)),
+            TensorSpec("cache_r_l1", "f32", (96, 4)),
+        ],
+    ) as store:
         k = store["cache_k_l0"]
         assert k.shape == (width, 16, 2, 1)
         assert k.type.name == type_name
@@ -121,8 +126,14 @@ def test_strided_region_round_trip(device: str) -> None:
 
 
 def test_device_row_copy_within_and_between_tensors(device: str) -> None:
-    with TensorStore(device, [TensorSpec("a", "f32", (16, 20)), TensorSpec("b", "f32", (16, 20)),
-                              TensorSpec("c", "f16", (16, 20))]) as store:
+    with TensorStore(
+        device,
+        [
+            TensorSpec("a", "f32", (16, 20)),
+            TensorSpec("b", "f32", (16, 20)),
+            TensorSpec("c", "f16", (16, 20)),
+        ],
+    ) as store:
         a, b = store["a"], store["b"]
         full = RNG.standard_normal((20, 16)).astype(np.float32)
         a.write_bytes(full)
@@ -136,7 +147,9 @@ def test_device_row_copy_within_and_between_tensors(device: str) -> None:
 
 
 def test_numpy_views_share_memory() -> None:
-    with TensorStore("CPU", [TensorSpec("s", "f32", (8, 4)), TensorSpec("q", "q8_0", (32, 3))]) as store:
+    with TensorStore(
+        "CPU", [TensorSpec("s", "f32", (8, 4)), TensorSpec("q", "q8_0", (32, 3))]
+    ) as store:
         view = store["s"].numpy()
         assert view.shape == (4, 8) and view.dtype == np.float32
         view[2, 3] = 7.5
@@ -149,7 +162,11 @@ def test_numpy_views_share_memory() -> None:
 @pytest.mark.parametrize(
     ("spec", "error", "message"),
     [
-        (TensorSpec("t", "q8_0", (33, 4)), TypeSpecError, "width shape\\[0\\]=33 is not a multiple of the block size 32"),
+        (
+            TensorSpec("t", "q8_0", (33, 4)),
+            TypeSpecError,
+            "width shape\\[0\\]=33 is not a multiple of the block size 32",
+        ),
         (TensorSpec("t", "nope", (32, 4)), TypeSpecError, "unknown ggml type 'nope'"),
         (TensorSpec("t", "f32", (0, 4)), TypeSpecError, "shape\\[0\\] must be an int >= 1, got 0"),
         (TensorSpec("t", "f32", (1, 2, 3, 4, 5)), TypeSpecError, "1 to 4 dims"),
@@ -204,7 +221,9 @@ def _rss_kib() -> int:
 def test_allocate_free_cycles_do_not_grow_memory() -> None:
     def cycle(n: int) -> None:
         for _ in range(n):
-            with TensorStore("CPU", [TensorSpec("k", "f16", (128, 256)), TensorSpec("v", "f16", (128, 256))]) as s:
+            with TensorStore(
+                "CPU", [TensorSpec("k", "f16", (128, 256)), TensorSpec("v", "f16", (128, 256))]
+            ) as s:
                 s["k"].fill_rows([0, 1], 1)
             TensorStore("CPU", [TensorSpec("g", "f32", (64, 64))])  # freed by the finaliser
         gc.collect()

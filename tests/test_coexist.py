@@ -13,7 +13,9 @@ import sys
 
 import pytest
 
-llama_cpp_spec = pytest.importorskip("llama_cpp", reason="install the coexist extra: pip install '.[coexist]'")
+llama_cpp_spec = pytest.importorskip(
+    "llama_cpp", reason="install the coexist extra: pip install '.[coexist]'"
+)
 
 PROBE = r"""
 import json, os, sys
@@ -40,7 +42,9 @@ print(json.dumps({"source": info.source, "path": info.path, "version": info.vers
 
 @pytest.mark.parametrize("order", ["llama_cpp_first", "pymem_first"])
 def test_one_ggml_in_both_import_orders(order: str) -> None:
-    proc = subprocess.run([sys.executable, "-c", PROBE, order], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, order], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(result["mapped"]) == 1, f"more than one ggml mapped: {result['mapped']}"
