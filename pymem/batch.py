@@ -1,0 +1,1194 @@
+"""Batches, the validating batch allocator and the three ubatch splitters.
+
+This is llama.cpp's ``llama_batch_allocr`` (llama-batch.cpp) with the canonicalisation
+``llama_batch_compat`` does first: the same batch in gives the same accept/reject
+decision and the same ubatches out, field by field. A refused batch raises
+:class:`pymem.errors.BatchError` (the reference's decode returns -1) and the allocator
+keeps the batch it held before.
+
+Flow, as a memory's ``init_batch`` drives it::
+
+    balloc.init(batch, memory=mem, n_seq_max=4)          # validate, fill defaults
+    balloc.split_reset(); ubatches = []
+    while (ub := balloc.split_equal(n_ubatch, True, 0)) is not None:
+        ubatches.append(ub)
+    if balloc.n_used < balloc.n_tokens: ...              # the split failed: FAILED_PREPARE
+
+Canonicalisation (``llama_batch_compat`` + ``llama_batch_ext``):
+
+* a token's sequence ids are a set: duplicates collapse, and the order in which they come
+  out (so ``seq_id[i][0]``, the token's *primary* sequence) is the iteration order of a
+  libstdc++ ``std::unordered_set<int>`` filled in the caller's order. E.g. ``[2, 3]`` ->
+  ``[3, 2]``, ``[0, 1, 13]`` -> ``[1, 13, 0]``. The primary sequence matters: it names
+  the recurrent cell a coupled token writes to and the KQ-mask row it reads. Builds of
+  the reference against libc++ (macOS) order differently; pymem follows Linux/GCC.
+* missing positions continue each token's *first given* sequence id from
+  ``memory.seq_pos_max(s) + 1``; missing output flags mean "last token only"; with
+  ``output_all`` every token is an output.
+* token batches carry one position per token, broadcast to all ``n_pos_per_embd``
+  sections in the ubatch; embedding batches carry ``n_pos_per_embd`` sections,
+  section-major (``pos[j * n_tokens + i]``).
+
+Decisions on the reference's quirks (each pinned by a test in tests/test_batch.py):
+
+* ``split_equal`` stops accepting sequence sets only after it holds *more than*
+  ``n_ubatch`` of them, so with more than ``n_ubatch`` disjoint sets pending a ubatch
+  has ``n_ubatch + 1`` tokens (one per set). This is reachable (``n_ubatch`` may be
+  smaller than ``n_seq_max``; e.g. n_ubatch 2 and four one-token sequences give
+  ubatches of 3 and 1 tokens) and pymem reproduces it exactly, because which tokens
+  share a ubatch decides cell placement. Memories must not assume
+  ``ubatch.n_tokens <= n_ubatch``.
+* The check "sequence %d belongs to incompatible sequence sets" can never fire in the
+  reference (a token's own set always contains the sequence, so the running
+  intersection is never empty). pymem keeps the reference's decision: partial subsets
+  such as tokens in {0, 1, 2}, {0, 1, 2}, {1, 2} are accepted. Enforcing the comment's
+  intent would refuse batches llama.cpp decodes.
+* ``split_simple`` / ``split_equal`` take *consecutive* entries after the first unused
+  token (as the reference does). That is only meaningful while one splitter is used per
+  planning pass, which is what every memory does; pymem refuses a different splitter
+  before ``split_reset()`` instead of silently producing a mixed plan.
+
+Checks the reference lacks (all raise BatchError before anything changes): wrong
+dtypes or shapes, an empty batch, a token with no sequence id, negative positions,
+NaN/inf embeddings, too few position sections for an M-RoPE embedding batch, and
+``n_ubatch < 1``; ``n_keep_tail >= n_ubatch`` is a ConfigError (the reference asserts).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Protocol
+
+import numpy as np
+
+from pymem.errors import BatchError, ConfigError, RangeError
+from pymem.ubatch import LLAMA_MAX_SEQ, UBatch, seq_bitsets
+
+__all__ = [
+    "GGML_MROPE_SECTIONS",
+    "LLAMA_TOKEN_NULL",
+    "Batch",
+    "BatchAllocator",
+    "SeqPosSource",
+    "unordered_set_order",
+]
+
+log = logging.getLogger(__name__)
+
+LLAMA_TOKEN_NULL = -1
+"""A token id meaning "this entry carries no token" (``LLAMA_TOKEN_NULL``)."""
+
+GGML_MROPE_SECTIONS = 4
+"""Most position sections a token can carry (``GGML_MROPE_SECTIONS``)."""
+
+_I32_MIN = -(2**31)
+_I32_MAX = 2**31 - 1
+
+
+class SeqPosSource(Protocol):
+    """What the allocator needs from a memory: per-sequence position bounds (-1 if empty)."""
+
+    def seq_pos_min(self, seq_id: int) -> int: ...
+
+    def seq_pos_max(self, seq_id: int) -> int: ...
+
+
+def _reject(rule: str, message: str, **where: int | None) -> BatchError:
+    """A BatchError whose attributes say which rule failed where (token, seq_id, value)."""
+    err = BatchError(message)
+    err.rule = rule  # type: ignore[attr-defined]
+    for key in ("token", "seq_id", "value"):
+        setattr(err, key, where.get(key))
+    return err
+
+
+# --------------------------------------------------------------------------------------
+# libstdc++ std::unordered_set<int> iteration order
+# --------------------------------------------------------------------------------------
+
+# _Prime_rehash_policy: small counts use a fast table, larger ones the prime list
+# (only the part reachable with at most LLAMA_MAX_SEQ elements is needed).
+_FAST_BKT = (2, 2, 2, 3, 5, 5, 7, 7, 11, 11, 11, 11, 13, 13)
+_PRIMES = (
+    2,
+    3,
+    5,
+    7,
+    11,
+    13,
+    17,
+    19,
+    23,
+    29,
+    31,
+    37,
+    41,
+    43,
+    47,
+    53,
+    59,
+    61,
+    67,
+    71,
+    73,
+    79,
+    83,
+    89,
+    97,
+    103,
+    109,
+    113,
+    127,
+    137,
+    139,
+    149,
+    157,
+    167,
+    179,
+    193,
+    199,
+    211,
+    227,
+    241,
+    257,
+    277,
+    293,
+    313,
+    337,
+    359,
+    383,
+    409,
+    439,
+    467,
+    503,
+    541,
+    577,
+    619,
+    661,
+    709,
+    761,
+    823,
+    887,
+    953,
+    1031,
+)
+
+
+def _next_bkt(n: int) -> int:
+    if n < len(_FAST_BKT):
+        return _FAST_BKT[n]
+    return _PRIMES[bisect.bisect_left(_PRIMES, n, 6)]
+
+
+def _bucket_insert(order: list[int], x: int, n_bkt: int) -> None:
+    # a node goes first in its bucket when the bucket has nodes (nodes of one bucket are
+    # contiguous in the list), else at the very front of the list
+    b = x % n_bkt
+    for k, y in enumerate(order):
+        if y % n_bkt == b:
+            order.insert(k, x)
+            return
+    order.insert(0, x)
+
+
+@lru_cache(maxsize=4096)
+def unordered_set_order(ids: tuple[int, ...]) -> tuple[int, ...]:
+    """Iteration order of a libstdc++ ``std::unordered_set<int>`` filled by ``insert`` in order.
+
+    This is the order in which the reference lists a token's sequence ids, so it decides
+    ``seq_id[i][0]``. Duplicates collapse. Non-negative ids only (hash = identity).
+    E.g. (2, 3) -> (3, 2); (0, 1, 13) -> (1, 13, 0); (5, 5, 1) -> (1, 5).
+    """
+    order: list[int] = []
+    n_bkt, next_resize = 1, 0
+    for x in ids:
+        if x in order:
+            continue
+        n_elt = len(order)
+        if n_elt + 1 > next_resize:
+            # the first insert sizes the table for 11 elements (13 buckets)
+            min_bkts = max(n_elt + 1, 0 if next_resize else 11)
+            if min_bkts >= n_bkt:
+                n_bkt = _next_bkt(max(min_bkts + 1, n_bkt * 2))
+                rehashed: list[int] = []
+                for y in order:
+                    _bucket_insert(rehashed, y, n_bkt)
+                order = rehashed
+            next_resize = n_bkt  # max_load_factor 1.0
+        _bucket_insert(order, x, n_bkt)
+    return tuple(order)
+
+
+# --------------------------------------------------------------------------------------
+# Batch
+# --------------------------------------------------------------------------------------
+
+
+def _int_array(name: str, value: Any, ndim: tuple[int, ...]) -> np.ndarray:
+    """An int32 C-contiguous array, zero-copy when it already is one; range-checked."""
+    arr = np.asarray(value)
+    if arr.size == 0 and arr.dtype.kind == "f":
+        arr = arr.astype(np.int32)  # np.asarray([]) is float64
+    if arr.dtype.kind not in "iu":
+        raise _reject("dtype", f"{name} must be an integer array, got dtype {arr.dtype}")
+    if arr.ndim not in ndim:
+        raise _reject(
+            "shape",
+            f"{name} must have {' or '.join(map(str, ndim))} dimensions, got shape {arr.shape}",
+        )
+    if arr.dtype != np.int32 and arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < _I32_MIN or hi > _I32_MAX:
+            bad = lo if lo < _I32_MIN else hi
+            raise _reject("range", f"{name} value {bad} does not fit in int32", value=bad)
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+class Batch:
+    """The tokens (or embeddings) of one decode call, as llama.cpp's ``llama_batch``.
+
+    Per token: a token id and/or an embedding row, a position (optional; with M-RoPE
+    ``n_pos`` sections, section-major), one or more sequence ids, an output flag
+    (optional). Arrays that already have the right dtype are kept without a copy:
+    ``token``/``pos``/``seq_id`` int32, ``embd`` float32 ``[n_tokens, n_embd]``,
+    ``output`` bool or int8.
+
+    ``seq_id`` is an int array ``[n]`` (one sequence per token), an int matrix ``[n, k]``
+    (ids after ``n_seq_id[i]``, or from the first -1, are ignored), or a list of lists.
+    ``None`` means sequence 0 for every token. Content is validated by
+    :meth:`BatchAllocator.init`; the constructor checks only dtypes and shapes.
+    """
+
+    __slots__ = ("embd", "n_seq_id", "n_tokens", "output", "pos", "seq_id", "token")
+
+    token: np.ndarray | None
+    embd: np.ndarray | None
+    pos: np.ndarray | None
+    seq_id: np.ndarray
+    n_seq_id: np.ndarray
+    output: np.ndarray | None
+    n_tokens: int
+
+    def __init__(
+        self,
+        token: Any = None,
+        *,
+        embd: Any = None,
+        pos: Any = None,
+        seq_id: Any = None,
+        n_seq_id: Any = None,
+        output: Any = None,
+    ) -> None:
+        self.token = None if token is None else _int_array("token", token, (1,))
+        self.embd = None
+        if embd is not None:
+            e = np.asarray(embd)
+            if e.dtype.kind != "f":
+                raise _reject("dtype", f"embd must be a floating array, got dtype {e.dtype}")
+            if e.ndim != 2 or e.shape[1] < 1:
+                raise _reject(
+                    "shape", f"embd must have shape [n_tokens, n_embd >= 1], got {e.shape}"
+                )
+            self.embd = np.ascontiguousarray(e, dtype=np.float32)
+        if self.token is None and self.embd is None:
+            raise _reject("content", "a batch needs token ids or embeddings (both are None)")
+        n = len(self.token) if self.token is not None else len(self.embd)  # type: ignore[arg-type]
+        if self.embd is not None and len(self.embd) != n:
+            raise _reject(
+                "shape",
+                f"embd has {len(self.embd)} rows but token has {n} entries",
+                value=len(self.embd),
+            )
+        self.n_tokens = n
+
+        self.pos = None if pos is None else _int_array("pos", pos, (1, 2)).reshape(-1)
+
+        self.seq_id, self.n_seq_id = self._seq_ids(seq_id, n_seq_id, n)
+
+        self.output = None
+        if output is not None:
+            o = np.asarray(output)
+            if o.dtype.kind not in "biu":
+                raise _reject("dtype", f"output must be a bool or integer array, got {o.dtype}")
+            if o.shape != (n,):
+                raise _reject("shape", f"output must have shape ({n},), got {o.shape}")
+            if o.dtype == np.bool_ or o.dtype == np.int8:
+                self.output = np.ascontiguousarray(o)
+            else:
+                self.output = (o != 0).view(np.int8)
+
+    @staticmethod
+    def _seq_ids(seq_id: Any, n_seq_id: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if seq_id is None:
+            return np.zeros((n, 1), dtype=np.int32), np.ones(n, dtype=np.int32)
+        if isinstance(seq_id, (list, tuple)) and seq_id and isinstance(seq_id[0], (list, tuple)):
+            lens = [len(s) for s in seq_id]
+            k = max(max(lens, default=1), 1)
+            mat = np.full((len(seq_id), k), -1, dtype=np.int64)
+            for i, s in enumerate(seq_id):
+                mat[i, : len(s)] = s
+            sid = _int_array("seq_id", mat, (2,))
+            nsid = np.asarray(lens, dtype=np.int32)
+        else:
+            sid = _int_array("seq_id", seq_id, (1, 2))
+            if sid.ndim == 1:
+                sid = sid.reshape(-1, 1)
+            if n_seq_id is None:
+                # E.g. [[0, 1], [2, -1]] -> n_seq_id [2, 1]: a -1 ends the list
+                pad = sid == -1
+                nsid = np.where(pad.any(axis=1), pad.argmax(axis=1), sid.shape[1])
+                nsid = nsid.astype(np.int32)
+            else:
+                nsid = _int_array("n_seq_id", n_seq_id, (1,))
+        if sid.shape[0] != n or nsid.shape != (n,):
+            raise _reject(
+                "shape", f"seq_id has {sid.shape[0]} rows for {n} tokens", value=sid.shape[0]
+            )
+        if n and (nsid.min() < 0 or nsid.max() > sid.shape[1]):
+            i = int(np.flatnonzero((nsid < 0) | (nsid > sid.shape[1]))[0])
+            raise _reject(
+                "shape",
+                f"n_seq_id[{i}] = {nsid[i]} is outside [0, {sid.shape[1]}]",
+                token=i,
+                value=int(nsid[i]),
+            )
+        return sid, nsid
+
+    @classmethod
+    def from_embd(
+        cls,
+        embd: Any,
+        *,
+        pos: Any = None,
+        seq_id: Any = None,
+        n_seq_id: Any = None,
+        output: Any = None,
+        token: Any = None,
+    ) -> Batch:
+        """An embedding batch (``embd`` ``[n_tokens, n_embd]``); ``token`` too for MTP-style batches."""
+        return cls(token, embd=embd, pos=pos, seq_id=seq_id, n_seq_id=n_seq_id, output=output)
+
+    @classmethod
+    def from_items(cls, items: Iterable[Sequence[Any]]) -> Batch:
+        """A token batch from ``(token, pos, [seq ids], output)`` tuples, as the recorded runs list them."""
+        items = list(items)
+        return cls(
+            np.array([it[0] for it in items], dtype=np.int32),
+            pos=np.array([it[1] for it in items], dtype=np.int32),
+            seq_id=[list(it[2]) for it in items],
+            output=np.array([bool(it[3]) for it in items], dtype=np.bool_),
+        )
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    @property
+    def n_embd(self) -> int:
+        """Width of the embedding rows, 0 for a token batch."""
+        return 0 if self.embd is None else int(self.embd.shape[1])
+
+    def __repr__(self) -> str:
+        kind = "+".join(k for k, v in (("token", self.token), ("embd", self.embd)) if v is not None)
+        return f"Batch(n_tokens={self.n_tokens}, {kind}, seq_id width={self.seq_id.shape[1]})"
+
+
+# --------------------------------------------------------------------------------------
+# BatchAllocator
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Prepared:
+    """A validated batch and the indexes the splitters use. Built whole, then swapped in."""
+
+    n_tokens: int
+    n_outputs: int
+    has_cpl: bool
+    n_seq_max: int
+    token: np.ndarray | None
+    embd: np.ndarray | None
+    pos: np.ndarray  # int32 [n] (token batch) or [n_pos * n] (embedding batch)
+    n_seq_id: np.ndarray  # int32 [n], after de-duplication
+    seq_id: np.ndarray  # int32 [n, k], canonical order, padded with -1
+    output: np.ndarray  # int8 [n], 0/1
+    seq_pos_min: np.ndarray  # int32 [LLAMA_MAX_SEQ], -1 when the seq is not in the batch
+    seq_pos_max: np.ndarray
+    seq_id_unq: np.ndarray  # int32, ascending
+    # sequence sets: the set of seq ids of each token, numbered. Without coupled tokens a
+    # set is one sequence and its number is the seq id.
+    set_id: np.ndarray  # int32 [n]
+    n_sets: int
+    set_bits: list[int] | None  # per set, the 256-bit set as a Python int (coupled only)
+    csr_tok: np.ndarray  # token indices grouped by set, batch order inside a set
+    set_start: np.ndarray  # int64 [n_sets + 1], offsets into csr_tok
+    rank: np.ndarray  # int64 [n], index of each token inside its set's list
+
+
+class BatchAllocator:
+    """Validates a batch, fills its defaults and splits it into ubatches (``llama_batch_allocr``).
+
+    ``init`` either accepts the batch (and resets the split state) or raises BatchError
+    and keeps whatever it held before. Splitters return ``None`` when nothing is left,
+    and also on the reference's split error (sequential split of coupled sequences),
+    after which ``n_used < n_tokens`` tells the memory the plan failed.
+    """
+
+    def __init__(self, n_pos_per_embd: int = 1) -> None:
+        if not 1 <= n_pos_per_embd <= GGML_MROPE_SECTIONS:
+            raise ConfigError(
+                f"n_pos_per_embd = {n_pos_per_embd} is outside [1, {GGML_MROPE_SECTIONS}]"
+            )
+        self.n_pos_per_embd = n_pos_per_embd
+        self._b: _Prepared | None = None
+        self._used = np.zeros(0, dtype=np.bool_)
+        self._n_used = 0
+        self._first_unused = 0  # a lower bound of the first unused token
+        self._out_ids: list[np.ndarray] = []
+        self._splitter: str | None = None
+
+    # ---------------------------------------------------------------- validation ----
+
+    def init(
+        self,
+        batch: Batch,
+        *,
+        memory: SeqPosSource | None = None,
+        n_seq_max: int,
+        n_vocab: int | None = None,
+        n_embd: int | None = None,
+        output_all: bool = False,
+    ) -> None:
+        """Validate ``batch`` against ``memory`` and make it the batch to split.
+
+        Checks, in the reference's order (decode, then ``llama_batch_allocr::init``):
+        empty batch; embedding width vs ``n_embd``; ``n_seq_max`` bound; content kinds;
+        token ids in ``[0, n_vocab)``; sequence ids in ``[0, n_seq_max)``; positions
+        consecutive with ``memory.seq_pos_max`` (M-RoPE: increasing / non-decreasing)
+        and without gaps; coupled sequences equal in memory; positions not decreasing
+        per sequence. Raises BatchError (attributes ``rule``, ``token``, ``seq_id``,
+        ``value``) and changes nothing on a refused batch.
+        """
+        if not isinstance(batch, Batch):
+            raise _reject("type", f"batch must be a pymem.batch.Batch, got {type(batch).__name__}")
+        n = batch.n_tokens
+        n_pos = self.n_pos_per_embd
+        if n == 0:
+            raise _reject("empty", "n_tokens == 0: the batch has no tokens", value=0)
+        if batch.embd is not None and n_embd is not None and batch.n_embd != n_embd:
+            raise _reject(
+                "embd_width",
+                f"embd row width {batch.n_embd} does not match the decoder input {n_embd}",
+                value=batch.n_embd,
+            )
+        if n_seq_max > LLAMA_MAX_SEQ or n_seq_max < 1:
+            raise _reject(
+                "n_seq_max",
+                f"n_seq_max = {n_seq_max} is outside [1, {LLAMA_MAX_SEQ}]",
+                value=n_seq_max,
+            )
+
+        # -- content kinds: an entry with token LLAMA_TOKEN_NULL carries no token id ----
+        token = batch.token
+        embd = batch.embd
+        if token is not None:
+            has_tok = token != LLAMA_TOKEN_NULL
+            if not has_tok.all():
+                if has_tok.any():
+                    i = int(np.flatnonzero(has_tok != has_tok[0])[0])
+                    raise _reject(
+                        "content",
+                        "all entries in the batch must have the same "
+                        f"content types: token[0] = {token[0]} but token[{i}] = "
+                        f"{token[i]} (LLAMA_TOKEN_NULL = -1 means no token)",
+                        token=i,
+                        value=int(token[i]),
+                    )
+                token = None  # every entry is LLAMA_TOKEN_NULL: an embedding batch, if any
+        if token is None and embd is None:
+            raise _reject(
+                "content",
+                "batch has neither token ids nor embeddings (every token id is LLAMA_TOKEN_NULL)",
+            )
+        if token is not None:
+            bad = token < 0 if n_vocab is None else (token < 0) | (token >= n_vocab)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise _reject(
+                    "token",
+                    f"invalid token[{i}] = {token[i]}: token ids must be in "
+                    f"[0, {n_vocab if n_vocab is not None else 'n_vocab'})",
+                    token=i,
+                    value=int(token[i]),
+                )
+        if embd is not None:
+            finite = np.isfinite(embd)
+            if not finite.all():
+                i, j = (int(x) for x in np.argwhere(~finite)[0])
+                raise _reject("embd", f"embd[{i}][{j}] = {embd[i, j]} is not finite", token=i)
+
+        # -- sequence ids ---------------------------------------------------------------
+        raw, raw_n = batch.seq_id, batch.n_seq_id
+        k_raw = raw.shape[1]
+        valid = np.arange(k_raw) < raw_n[:, None]  # E.g. n_seq_id [2, 1] -> [[T, T], [T, F]]
+        bad = valid & ((raw < 0) | (raw >= n_seq_max))
+        if bad.any():
+            i, j = (int(x) for x in np.argwhere(bad)[0])
+            raise _reject(
+                "seq_id",
+                f"invalid seq_id[{i}][{j}] = {raw[i, j]} >= {n_seq_max}: "
+                f"sequence ids must be in [0, n_seq_max = {n_seq_max})",
+                token=i,
+                seq_id=int(raw[i, j]),
+                value=int(raw[i, j]),
+            )
+        if (raw_n < 1).any():
+            i = int(np.flatnonzero(raw_n < 1)[0])
+            raise _reject(
+                "seq_id",
+                f"token {i} has no sequence id (n_seq_id = {raw_n[i]})",
+                token=i,
+                value=int(raw_n[i]),
+            )
+        seq_id, n_seq_id = _canonical_seq_ids(raw, raw_n)
+        has_cpl = seq_id.shape[1] > 1
+
+        # -- positions ------------------------------------------------------------------
+        emb_only = token is None
+        n_pos_total = n * n_pos if emb_only else n
+        if batch.pos is None:
+            pos = np.zeros(n_pos_total, dtype=np.int32)
+            pos[:n] = _auto_positions(raw[:, 0], memory, n_seq_max)
+        else:
+            pos = batch.pos
+            if emb_only and n_pos > 1:
+                if pos.size != n_pos_total:
+                    raise _reject(
+                        "pos",
+                        f"an M-RoPE embedding batch needs {n_pos} position "
+                        f"sections of {n} (pos of size {n_pos_total}, section-major), "
+                        f"got {pos.size}",
+                        value=pos.size,
+                    )
+            elif pos.size == n * n_pos and n_pos > 1:
+                pos = pos[:n]  # a token batch uses only section 0 (broadcast to all sections)
+            elif pos.size != n:
+                raise _reject(
+                    "pos",
+                    f"pos must have {n} entries (one per token), got {pos.size}",
+                    value=pos.size,
+                )
+        if pos.size and pos.min() < 0:
+            f = int(np.flatnonzero(pos < 0)[0])
+            raise _reject(
+                "pos",
+                f"pos[{f}] = {pos[f]} is negative (token {f % n}, section {f // n})",
+                token=f % n,
+                value=int(pos[f]),
+            )
+        pos0 = pos[:n]
+
+        # -- outputs --------------------------------------------------------------------
+        if batch.output is None:
+            output = np.zeros(n, dtype=np.int8)
+            output[-1] = 1
+        else:
+            output = (batch.output != 0).view(np.int8)
+        if output_all and not output.all():
+            log.warning(
+                "embeddings required but some input tokens were not marked as outputs -> overriding"
+            )
+            output = np.ones(n, dtype=np.int8)
+        n_outputs = int(np.count_nonzero(output))
+
+        # -- per-sequence positions of the batch -----------------------------------------
+        # (token, seq) pairs in batch order: E.g. seq_id [[3, 2], [0, -1]] -> rows [0, 0, 1],
+        # seqs [3, 2, 0]
+        if has_cpl:
+            rows, cols = np.nonzero(seq_id >= 0)
+            pair_seq = seq_id[rows, cols].astype(np.int64)
+            pair_pos = pos0[rows].astype(np.int64)
+        else:
+            rows = None
+            pair_seq = seq_id[:, 0].astype(np.int64)
+            pair_pos = pos0.astype(np.int64)
+        # sort by (seq, pos), ties in batch order. E.g. seqs [1, 0, 1], pos [5, 2, 4]
+        # -> order [1, 2, 0]
+        key = (pair_seq << 32) | pair_pos
+        order = np.argsort(key, kind="stable")
+        skey = key[order]
+        sseq = skey >> 32
+        spos = (skey & 0xFFFFFFFF).astype(np.int32)
+        starts = np.flatnonzero(np.r_[True, sseq[1:] != sseq[:-1]])
+        ends = np.r_[starts[1:], len(skey)] - 1
+        seqs_present = sseq[starts]
+        pmin = np.full(LLAMA_MAX_SEQ, -1, dtype=np.int32)
+        pmax = np.full(LLAMA_MAX_SEQ, -1, dtype=np.int32)
+        pmin[seqs_present] = spos[starts]
+        pmax[seqs_present] = spos[ends]
+        # distinct positions per sequence: E.g. seq 0 at pos [2, 2, 3] -> 2
+        distinct = np.bincount(sseq[np.r_[True, skey[1:] != skey[:-1]]], minlength=LLAMA_MAX_SEQ)
+
+        mem_max = {
+            int(s): (memory.seq_pos_max(int(s)) if memory is not None else -1) for s in seqs_present
+        }
+        self._check_positions(seqs_present, pmin, pmax, distinct, mem_max, emb_only)
+
+        if has_cpl and memory is not None:
+            _check_coupled(seq_id, n_seq_id, memory)
+
+        # -- positions must not decrease per sequence, in batch order ----------------------
+        # in (seq, pos) order the tokens of one sequence keep batch order iff no position
+        # decreases; E.g. seq 0 at pos [4, 5, 2] sorts to batch indices [2, 0, 1]
+        same = sseq[1:] == sseq[:-1]
+        if (same & (order[1:] < order[:-1])).any():
+            raise _first_decrease(pair_seq, pair_pos, rows)
+
+        # -- accepted: build the split indexes ----------------------------------------------
+        seq_id_unq = seqs_present.astype(np.int32)
+        if has_cpl:
+            bits = seq_bitsets(seq_id)
+            uniq, set_id = np.unique(
+                bits.view(np.dtype((np.void, bits.shape[1] * 8))).ravel(), return_inverse=True
+            )
+            set_id = set_id.astype(np.int32).ravel()
+            n_sets = len(uniq)
+            set_words = uniq.view(np.uint64).reshape(n_sets, -1)
+            set_bits = [sum(int(w) << (64 * q) for q, w in enumerate(row)) for row in set_words]
+        else:
+            set_id = seq_id[:, 0]
+            n_sets = n_seq_max
+            set_bits = None
+        csr_tok = np.argsort(set_id, kind="stable")
+        set_start = np.zeros(n_sets + 1, dtype=np.int64)
+        np.cumsum(np.bincount(set_id, minlength=n_sets), out=set_start[1:])
+        rank = np.empty(n, dtype=np.int64)
+        # E.g. set_id [1, 0, 1] -> csr_tok [1, 0, 2], rank [0, 0, 1]
+        rank[csr_tok] = np.arange(n) - set_start[set_id[csr_tok]]
+
+        self._b = _Prepared(
+            n_tokens=n,
+            n_outputs=n_outputs,
+            has_cpl=has_cpl,
+            n_seq_max=n_seq_max,
+            token=token,
+            embd=embd,
+            pos=pos,
+            n_seq_id=n_seq_id,
+            seq_id=seq_id,
+            output=output,
+            seq_pos_min=pmin,
+            seq_pos_max=pmax,
+            seq_id_unq=seq_id_unq,
+            set_id=set_id,
+            n_sets=n_sets,
+            set_bits=set_bits,
+            csr_tok=csr_tok,
+            set_start=set_start,
+            rank=rank,
+        )
+        self.split_reset()
+
+    def _check_positions(
+        self,
+        seqs: np.ndarray,
+        pmin: np.ndarray,
+        pmax: np.ndarray,
+        distinct: np.ndarray,
+        mem_max: dict[int, int],
+        emb_only: bool,
+    ) -> None:
+        """Rule 5: positions continue the memory (and have no gaps), first failing seq reported."""
+        x = np.array([mem_max[int(s)] for s in seqs], dtype=np.int64)
+        y = pmin[seqs].astype(np.int64)
+        if self.n_pos_per_embd > 1:
+            fail_mem = (x >= 0) & ((x > y) if emb_only else (x >= y))
+            fail_gap = np.zeros_like(fail_mem)
+        else:
+            fail_mem = (x >= 0) & (y != x + 1)
+            fail_gap = pmax[seqs].astype(np.int64) - y + 1 > distinct[seqs]
+        bad = fail_mem | fail_gap
+        if not bad.any():
+            return
+        k = int(np.flatnonzero(bad)[0])
+        s, xs, ys = int(seqs[k]), int(x[k]), int(y[k])
+        if fail_mem[k]:
+            if self.n_pos_per_embd > 1:
+                rule = "X <= Y" if emb_only else "X < Y"
+                need = f" for M-RoPE, it is required that the position satisfies: {rule}"
+            else:
+                need = " it is required that the sequence positions remain consecutive: Y = X + 1"
+            raise _reject(
+                "pos_memory",
+                f"the tokens of sequence {s} in the input batch have inconsistent sequence "
+                "positions:\n"
+                " - the last position stored in the memory module of the context (i.e. the KV "
+                f"cache) for sequence {s} is X = {xs}\n"
+                f" - the tokens for sequence {s} in the input batch have a starting position "
+                f"of Y = {ys}\n" + need,
+                seq_id=s,
+                value=ys,
+            )
+        raise _reject(
+            "pos_gap",
+            f"sequence {s} positions are not continuous: the batch covers [{ys}, {pmax[s]}] "
+            f"but holds only {distinct[s]} distinct positions",
+            seq_id=s,
+            value=int(pmax[s]),
+        )
+
+    # ---------------------------------------------------------------- accessors -----
+
+    def _prepared(self) -> _Prepared:
+        if self._b is None:
+            raise BatchError("no batch: call BatchAllocator.init(batch, ...) first")
+        return self._b
+
+    @property
+    def n_tokens(self) -> int:
+        return 0 if self._b is None else self._b.n_tokens
+
+    @property
+    def n_outputs(self) -> int:
+        return 0 if self._b is None else self._b.n_outputs
+
+    @property
+    def n_used(self) -> int:
+        """Tokens placed in ubatches since the last ``split_reset()``."""
+        return self._n_used
+
+    @property
+    def has_cpl(self) -> bool:
+        """Whether some token belongs to more than one sequence (coupled sequences)."""
+        return self._prepared().has_cpl
+
+    @property
+    def n_seq_max(self) -> int:
+        return self._prepared().n_seq_max
+
+    @property
+    def token(self) -> np.ndarray | None:
+        return self._prepared().token
+
+    @property
+    def embd(self) -> np.ndarray | None:
+        return self._prepared().embd
+
+    @property
+    def pos(self) -> np.ndarray:
+        """Positions: ``[n_tokens]`` for token batches, ``[n_pos * n_tokens]`` section-major else."""
+        return self._prepared().pos
+
+    @property
+    def n_seq_id(self) -> np.ndarray:
+        return self._prepared().n_seq_id
+
+    @property
+    def seq_id(self) -> np.ndarray:
+        """Canonical sequence ids ``[n_tokens, k]`` (reference order, padded with -1)."""
+        return self._prepared().seq_id
+
+    @property
+    def output(self) -> np.ndarray:
+        return self._prepared().output
+
+    @property
+    def seq_id_unq(self) -> np.ndarray:
+        """The batch's sequence ids, ascending."""
+        return self._prepared().seq_id_unq
+
+    @property
+    def out_ids(self) -> np.ndarray:
+        """Batch indices of the outputs in the order the ubatches emitted them."""
+        if not self._out_ids:
+            return np.zeros(0, dtype=np.int32)
+        return np.concatenate(self._out_ids)
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        """Smallest position of ``seq_id`` in the batch, -1 if it has none."""
+        return int(self._seq_pos(seq_id, self._prepared().seq_pos_min))
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        """Largest position of ``seq_id`` in the batch, -1 if it has none."""
+        return int(self._seq_pos(seq_id, self._prepared().seq_pos_max))
+
+    @staticmethod
+    def _seq_pos(seq_id: int, table: np.ndarray) -> int:
+        if not 0 <= seq_id < LLAMA_MAX_SEQ:
+            raise RangeError(f"seq_id = {seq_id} is outside [0, {LLAMA_MAX_SEQ})")
+        return int(table[seq_id])
+
+    # ---------------------------------------------------------------- splitting -----
+
+    def split_reset(self) -> None:
+        """Forget the previous plan: every token is unused again, out_ids empty."""
+        n = self.n_tokens
+        self._used = np.zeros(n, dtype=np.bool_)
+        self._n_used = 0
+        self._first_unused = 0
+        self._out_ids = []
+        self._splitter = None
+
+    def _begin(self, name: str, n_ubatch: int) -> _Prepared:
+        b = self._prepared()
+        if isinstance(n_ubatch, bool) or int(n_ubatch) != n_ubatch or n_ubatch < 1:
+            raise ConfigError(f"n_ubatch = {n_ubatch} must be an integer >= 1")
+        if self._splitter not in (None, name):
+            raise BatchError(
+                f"{name} after {self._splitter} in one planning pass: call "
+                "split_reset() before switching splitters"
+            )
+        self._splitter = name
+        return b
+
+    def _next_unused(self) -> int:
+        """Index of the first unused token, or n_tokens."""
+        used = self._used
+        k = self._first_unused
+        if k < len(used):
+            k += int(np.argmin(used[k:]))
+            if used[k]:
+                k = len(used)
+        self._first_unused = k
+        return k
+
+    def _take(self, idxs: np.ndarray) -> None:
+        self._used[idxs] = True
+        self._n_used += len(idxs)
+
+    def split_simple(self, n_ubatch: int) -> UBatch | None:
+        """The next ``n_ubatch`` tokens in batch order, whatever their sequences.
+
+        ``equal_seqs`` is False, ``n_seq_tokens`` 1, ``n_seqs == n_tokens``.
+        """
+        b = self._begin("split_simple", n_ubatch)
+        cur = self._next_unused()
+        if cur >= b.n_tokens:
+            return None
+        idxs = np.arange(cur, min(cur + n_ubatch, b.n_tokens), dtype=np.int64)
+        self._take(idxs)
+        return self._ubatch_add(idxs, len(idxs), equal_seqs=False)
+
+    def split_equal(self, n_ubatch: int, sequential: bool, n_keep_tail: int = 0) -> UBatch | None:
+        """A ubatch of disjoint sequence sets, the same number of tokens from each.
+
+        Sets are taken in the order their first unused token appears (with
+        ``sequential``, only sets whose sequence id is the previous one plus 1), up to
+        ``n_ubatch + 1`` of them (the reference's bound, see the module docstring). Each
+        set gives ``min(shortest remaining set, max(1, n_ubatch // n_sets))`` tokens.
+        With ``n_keep_tail > 0`` the last ``n_keep_tail`` tokens of a sequence never end
+        up in different ubatches: sets that would leave fewer behind are deferred.
+        Returns None when nothing is left, or when ``sequential`` meets coupled
+        sequences (the reference's error; the memory then sees ``n_used < n_tokens``).
+        Output is set-major: all tokens of set 0, then set 1, ...
+        """
+        b = self._begin("split_equal", n_ubatch)
+        if n_keep_tail < 0 or (n_keep_tail > 0 and n_ubatch <= n_keep_tail):
+            raise ConfigError(
+                f"split_equal: n_ubatch = {n_ubatch} must be greater than "
+                f"n_keep_tail = {n_keep_tail}"
+            )
+        if sequential and b.has_cpl:
+            log.error(
+                "split_equal: sequential split is not supported when there are coupled "
+                "sequences in the input batch (you may need to use the -kvu flag)"
+            )
+            return None
+        unused = np.flatnonzero(~self._used)
+        if len(unused) == 0:
+            return None
+        cap = n_ubatch + 1  # the reference stops only after exceeding n_ubatch sets
+        if sequential:
+            acc, first = self._accept_sequential(b, unused, cap)
+        else:
+            acc, first = self._accept_disjoint(b, unused, cap)
+
+        n_seqs = len(acc)
+        start = b.set_start[acc] + b.rank[first]  # csr offset of each set's first unused token
+        avail = b.set_start[acc + 1] - start  # entries from there to the end of the set
+        n_rounds = min(int(avail.min()), max(1, n_ubatch // n_seqs))
+        counts = np.full(n_seqs, n_rounds, dtype=np.int64)
+        if n_keep_tail > 0:
+            rem = avail - n_rounds
+            ok = (rem == 0) | (rem >= n_keep_tail)
+            n_keep = n_seqs if ok.all() else int(np.argmin(ok))
+            if n_keep == 0:
+                # every set would leave a short tail: finish set 0 if it fits, else leave it
+                # exactly n_keep_tail tokens, and emit it alone
+                r0 = int(rem[0])
+                counts[0] = (
+                    n_rounds + r0 if n_rounds + r0 <= n_ubatch else n_rounds + r0 - n_keep_tail
+                )
+                n_keep = 1
+            n_seqs = n_keep
+            counts, start = counts[:n_keep], start[:n_keep]
+        if n_seqs > 1:
+            # E.g. start [4, 0], 2 rounds -> csr positions [4, 5, 0, 1] (set-major)
+            flat = (start[:, None] + np.arange(n_rounds)).ravel()
+        else:
+            flat = np.arange(start[0], start[0] + counts[0])
+        idxs = b.csr_tok[flat]
+        self._take(idxs)
+        return self._ubatch_add(idxs, n_seqs, equal_seqs=True)
+
+    @staticmethod
+    def _accept_disjoint(
+        b: _Prepared, unused: np.ndarray, cap: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Sets in order of first unused token, greedily kept while disjoint, at most ``cap``."""
+        # first unused token of each pending set, in batch order. E.g. unused [2, 3, 5],
+        # set_id [1, 1, 0] -> sets [1, 0] at tokens [2, 5]
+        sets, at = np.unique(b.set_id[unused], return_index=True)
+        order = np.argsort(at, kind="stable")
+        sets, first = sets[order], unused[at[order]]
+        if b.set_bits is None:  # one sequence per set: all disjoint
+            return sets[:cap].astype(np.int64), first[:cap]
+        keep: list[int] = []
+        acc_bits = 0
+        for k, s in enumerate(sets.tolist()):
+            if b.set_bits[s] & acc_bits:
+                continue
+            acc_bits |= b.set_bits[s]
+            keep.append(k)
+            if len(keep) >= cap:
+                break
+        return sets[keep].astype(np.int64), first[keep]
+
+    @staticmethod
+    def _accept_sequential(
+        b: _Prepared, unused: np.ndarray, cap: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Sequences s, s+1, s+2, ... each at its first unused token after the previous one.
+
+        No coupled tokens here, so a set is one sequence and its number is the seq id.
+        """
+        n = b.n_tokens
+        seqs = b.set_id[unused].astype(np.int64)
+        # unused tokens keyed by (seq, index): E.g. seqs [1, 0, 1] at [0, 1, 2] (n 3)
+        # -> keys [1, 4, 6] sorted
+        keys = np.sort(seqs * (n + 1) + unused)
+        acc = [int(seqs[0])]
+        first = [int(unused[0])]
+        while len(acc) < cap:
+            last, p = acc[-1], first[-1]
+            vs = np.arange(last + 1, min(b.n_sets, last + 1 + cap - len(acc)), dtype=np.int64)
+            if len(vs) == 0:
+                break
+            # first unused token of each candidate sequence after position p
+            at = np.searchsorted(keys, vs * (n + 1) + p + 1)
+            found = keys[np.minimum(at, len(keys) - 1)]
+            nxt = np.where((at < len(keys)) & (found // (n + 1) == vs), found % (n + 1), -1)
+            n_valid = len(vs) if (nxt >= 0).all() else int(np.argmin(nxt >= 0))
+            if n_valid == 0:
+                break  # s+1 never comes after p, so nothing else is accepted
+            # a candidate found after p and after the previous one's token is also the first
+            # after that token; the chain is exact while these tokens increase
+            rising = np.r_[True, nxt[1:n_valid] > nxt[: n_valid - 1]]
+            n_ok = n_valid if rising.all() else int(np.argmin(rising))
+            acc.extend(vs[:n_ok].tolist())
+            first.extend(nxt[:n_ok].tolist())
+            if n_ok == n_valid:
+                # the cap or the last sequence was reached, or the next sequence has no
+                # unused token after p (so none after any later token either)
+                break
+        return np.asarray(acc, dtype=np.int64), np.asarray(first, dtype=np.int64)
+
+    def split_seq(self, n_ubatch: int) -> UBatch | None:
+        """One sequence set per ubatch: the first unused token, then later tokens whose set
+        is a subset of the current one (narrowing it), up to ``n_ubatch`` tokens.
+        """
+        b = self._begin("split_seq", n_ubatch)
+        cur = self._next_unused()
+        if cur >= b.n_tokens:
+            return None
+        cur_set = int(b.set_id[cur])
+        take = [np.array([cur], dtype=np.int64)]
+        n_taken = 1
+        rest = np.flatnonzero(~self._used[cur + 1 :]) + cur + 1
+        while n_taken < n_ubatch and len(rest):
+            sub = self._subsets_of(b, cur_set)  # bool per set id
+            cand = rest[sub[b.set_id[rest]]]
+            if len(cand) == 0:
+                break
+            # tokens of exactly the current set are taken in bulk; the first one of a strict
+            # subset narrows the set. E.g. sets [A, A, B⊂A, A] -> take 3, then narrow to B
+            strict = b.set_id[cand] != cur_set
+            k = int(np.argmax(strict)) if strict.any() else len(cand)
+            need = n_ubatch - n_taken
+            if k >= need:
+                take.append(cand[:need])
+                n_taken += need
+                break
+            take.append(cand[: k + 1])
+            n_taken += k + 1
+            cur_set = int(b.set_id[cand[k]])
+            rest = rest[rest > cand[k]]
+        idxs = np.concatenate(take)
+        self._take(idxs)
+        return self._ubatch_add(idxs, 1, equal_seqs=True)
+
+    @staticmethod
+    def _subsets_of(b: _Prepared, s: int) -> np.ndarray:
+        if b.set_bits is None:  # singleton sets: only s itself
+            sub = np.zeros(b.n_sets, dtype=np.bool_)
+            sub[s] = True
+            return sub
+        bits = b.set_bits[s]
+        return np.fromiter(((x & ~bits) == 0 for x in b.set_bits), dtype=np.bool_, count=b.n_sets)
+
+    def _ubatch_add(self, idxs: np.ndarray, n_seqs: int, equal_seqs: bool) -> UBatch:
+        """Gather the tokens ``idxs`` (in this order) into a UBatch, as ``ubatch_add``."""
+        b = self._prepared()
+        n_tok = len(idxs)
+        n_pos = self.n_pos_per_embd
+        assert n_tok % n_seqs == 0, (n_tok, n_seqs)
+        if b.token is not None:
+            # token positions broadcast to every section. E.g. [7, 8], 2 sections -> [7, 8, 7, 8]
+            pos = b.pos[idxs]
+            if n_pos > 1:
+                pos = np.tile(pos, n_pos)
+        else:
+            pos = b.pos.reshape(n_pos, b.n_tokens)[:, idxs].reshape(-1)
+        n_seq_id = b.n_seq_id[idxs]
+        if b.has_cpl:
+            seq_id = b.seq_id[idxs, : int(n_seq_id.max())]
+            ids = seq_id[seq_id >= 0]
+        else:
+            seq_id = b.seq_id[idxs]
+            ids = seq_id[:, 0]
+        present = np.zeros(LLAMA_MAX_SEQ, dtype=np.bool_)
+        present[ids] = True
+        seq_id_unq = np.flatnonzero(present).astype(np.int32)
+        seq_idx = np.full(LLAMA_MAX_SEQ, -1, dtype=np.int32)
+        seq_idx[seq_id_unq] = np.arange(len(seq_id_unq), dtype=np.int32)
+        output = b.output[idxs]
+        batch_idxs = idxs.astype(np.int32)
+        outs = batch_idxs[output != 0]
+        if len(outs):
+            self._out_ids.append(outs)
+        return UBatch(
+            equal_seqs=equal_seqs,
+            n_tokens=n_tok,
+            n_seq_tokens=n_tok // n_seqs,
+            n_seqs=n_seqs,
+            n_seqs_unq=len(seq_id_unq),
+            n_pos=n_pos,
+            token=None if b.token is None else b.token[idxs],
+            embd=None if b.embd is None else b.embd[idxs],
+            pos=pos,
+            n_seq_id=n_seq_id,
+            seq_id=seq_id,
+            seq_id_unq=seq_id_unq,
+            seq_idx=seq_idx,
+            output=output,
+            batch_idxs=batch_idxs,
+        )
+
+
+# --------------------------------------------------------------------------------------
+# helpers of init
+# --------------------------------------------------------------------------------------
+
+
+def _canonical_seq_ids(raw: np.ndarray, raw_n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """De-duplicate each token's sequence ids and put them in the reference's order.
+
+    Single-sequence tokens pass through untouched (a view); rows with several ids are
+    reordered once per distinct row. E.g. [[2, 3], [0, -1], [2, 3]] -> [[3, 2], [0, -1], [3, 2]].
+    """
+    n = len(raw)
+    multi = np.flatnonzero(raw_n > 1)
+    if len(multi) == 0:
+        return raw[:, :1], raw_n  # raw_n is all ones here
+    sub = raw[multi].copy()
+    sub[np.arange(sub.shape[1]) >= raw_n[multi][:, None]] = -1  # ignore ids past n_seq_id
+    rows, inverse = np.unique(sub, axis=0, return_inverse=True)
+    canon = [unordered_set_order(tuple(int(v) for v in r if v >= 0)) for r in rows]
+    width = max(len(c) for c in canon)
+    table = np.full((len(rows), width), -1, dtype=np.int32)
+    lens = np.empty(len(rows), dtype=np.int32)
+    for r, c in enumerate(canon):
+        table[r, : len(c)] = c
+        lens[r] = len(c)
+    seq_id = np.full((n, width), -1, dtype=np.int32)
+    seq_id[:, 0] = raw[:, 0]
+    inverse = inverse.ravel()
+    seq_id[multi] = table[inverse]
+    n_seq_id = np.ones(n, dtype=np.int32)
+    n_seq_id[multi] = lens[inverse]
+    if width == 1:  # every multi-id row was a duplicate of one id
+        return seq_id[:, :1], n_seq_id
+    return seq_id, n_seq_id
+
+
+def _auto_positions(
+    first_seq: np.ndarray, memory: SeqPosSource | None, n_seq_max: int
+) -> np.ndarray:
+    """Positions for a batch that gave none: each token continues its first sequence id.
+
+    E.g. first seq [0, 1, 0], memory pos_max {0: 4, 1: -1} -> [5, 0, 6].
+    """
+    seqs = np.unique(first_seq)
+    nxt = np.zeros(n_seq_max, dtype=np.int64)
+    if memory is not None:
+        for s in seqs.tolist():
+            nxt[s] = memory.seq_pos_max(s) + 1
+    # rank of each token among the earlier tokens with the same first sequence
+    order = np.argsort(first_seq, kind="stable")
+    sorted_seq = first_seq[order]
+    starts = np.flatnonzero(np.r_[True, sorted_seq[1:] != sorted_seq[:-1]])
+    group_start = np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order)) - group_start
+    return (nxt[first_seq] + rank).astype(np.int32)
+
+
+def _check_coupled(seq_id: np.ndarray, n_seq_id: np.ndarray, memory: SeqPosSource) -> None:
+    """Rule 6: a sequence coupled to another (same token) must agree with it in memory."""
+    multi = np.flatnonzero(n_seq_id > 1)
+    sub = seq_id[multi]
+    # pairs (coupled seq s1 = seq_id[i][j>0], primary s0 = seq_id[i][0]), each once,
+    # in the reference's scan order (s1 ascending, then s0)
+    s1 = sub[:, 1:]
+    s0 = np.broadcast_to(sub[:, :1], s1.shape)
+    ok = s1 >= 0
+    pairs = np.unique(np.stack([s1[ok], s0[ok]], axis=1), axis=0)
+    for a, c in pairs.tolist():
+        ma = (memory.seq_pos_min(a), memory.seq_pos_max(a))
+        mc = (memory.seq_pos_min(c), memory.seq_pos_max(c))
+        if ma != mc:
+            tok = int(multi[np.flatnonzero(((sub == a).any(axis=1)) & (sub[:, 0] == c))[0]])
+            raise _reject(
+                "coupled",
+                f"sequence {a} is coupled to {c} in the input batch, but have divereged: "
+                f"token {tok} belongs to both, but in memory sequence {a} spans "
+                f"[{ma[0]}, {ma[1]}] and sequence {c} spans [{mc[0]}, {mc[1]}]",
+                token=tok,
+                seq_id=a,
+                value=ma[1],
+            )
+
+
+def _first_decrease(
+    pair_seq: np.ndarray, pair_pos: np.ndarray, rows: np.ndarray | None
+) -> BatchError:
+    """Rule 7's error: the first (token, seq) pair, in batch order, below its predecessor."""
+    order = np.argsort(pair_seq, kind="stable")  # batch order inside each sequence
+    s, p = pair_seq[order], pair_pos[order]
+    drop = np.r_[False, (s[1:] == s[:-1]) & (p[1:] < p[:-1])]
+    k = order[drop].min()  # earliest offending pair in batch order
+    j = int(np.flatnonzero(order == k)[0])
+    tok = int(rows[k]) if rows is not None else int(k)
+    prev = int(rows[order[j - 1]]) if rows is not None else int(order[j - 1])
+    seq = int(pair_seq[k])
+    return _reject(
+        "pos_decreasing",
+        f"sequence {seq} positions are decreasing (not allowed): token {tok} has position "
+        f"{pair_pos[k]} after token {prev} at position {p[j - 1]}",
+        token=tok,
+        seq_id=seq,
+        value=int(pair_pos[k]),
+    )
