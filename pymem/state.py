@@ -63,6 +63,16 @@ class StateWriter:
         """``n_chunks`` pieces of ``chunk`` bytes, ``stride`` bytes apart, from ``offset``."""
         raise NotImplementedError
 
+    def write_fill(self, size: int, fill: Callable[[memoryview], None]) -> None:
+        """``size`` bytes that ``fill(out)`` produces straight into the destination.
+
+        Lets a memory gather tensor bytes (e.g. ``np.take`` over a host view) into the
+        output with one copy. ``fill`` must write all of ``out``.
+        """
+        buf = bytearray(size)
+        fill(memoryview(buf))
+        self.write(buf)
+
 
 class SizeCounter(StateWriter):
     """Counts bytes without reading any tensor (the reference's dummy writer)."""
@@ -77,6 +87,9 @@ class SizeCounter(StateWriter):
         self, tensor: Tensor, offset: int, chunk: int, stride: int, n_chunks: int
     ) -> None:
         self.n_written += chunk * n_chunks
+
+    def write_fill(self, size: int, fill: Callable[[memoryview], None]) -> None:
+        self.n_written += size
 
 
 class BufferWriter(StateWriter):
@@ -102,6 +115,10 @@ class BufferWriter(StateWriter):
         size = chunk * n_chunks
         out = self._view[self.n_written : self.n_written + size]
         tensor.read_strided_into(out, offset, chunk, stride, n_chunks)
+        self.n_written += size
+
+    def write_fill(self, size: int, fill: Callable[[memoryview], None]) -> None:
+        fill(self._view[self.n_written : self.n_written + size])
         self.n_written += size
 
 

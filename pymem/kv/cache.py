@@ -1,0 +1,1030 @@
+"""The attention KV cache (``llama_kv_cache``) and its context (``llama_kv_cache_context``).
+
+Layout: per cached layer one K tensor ``[n_embd_k_gqa, kv_size, n_stream]`` and one V tensor
+of the same shape (``n_embd_v_gqa_max`` wide when ``v_trans``). With ``v_trans`` each stream's
+V block is stored transposed, element ``(channel j, cell i)`` at ``j * kv_size + i``::
+
+    K, stream s:  row i = cell i                 V (v_trans), stream s:  row j = channel j
+    +-----------------------+                    +--------------------------------+
+    | k[0] k[1] ... k[E-1]  |  cell 0            | c0 c1 c2 ...        c(kv_size-1)|  channel 0
+    | k[0] k[1] ... k[E-1]  |  cell 1            | c0 c1 c2 ...                    |  channel 1
+    | ...                   |                    | ...                            |
+    +-----------------------+                    +--------------------------------+
+
+Streams: one (``unified``) or one per sequence (``seq_to_stream[s] = s``). Cell metadata
+lives in one :class:`~pymem.kv.cells.KVCells` per stream; ``v_heads[s]`` is where the next
+slot search of stream ``s`` starts.
+
+Contract (see :mod:`pymem.memory`): ``init_batch`` plans every ubatch without changing
+anything; :meth:`KVCacheContext.apply` is the only call that mutates; sequence operations
+take half-open ranges ``[p0, p1)`` where ``p0 < 0`` means 0 and ``p1 < 0`` means +infinity,
+and ``seq_rm`` accepts ``seq_id == -1`` for "every sequence".
+
+Differences from the reference, on purpose (each pinned by a test):
+
+* ``prepare`` is exactly transactional. The reference restores only the planned cells, so a
+  purge of SWA-masked cells done while planning survives even if the batch then fails.
+* ``seq_div`` records the true displacement ``new - old`` as the pending shift; the
+  reference records ``old - new`` and its K-shift rotates the wrong way.
+* A failed ``state_read`` changes nothing; the reference has already removed the
+  destination sequence (and zeroed the rows it took) when it reports the failure.
+* Caller mistakes raise typed errors where the reference asserts or aborts: partial
+  cross-stream ``seq_cp``, ``seq_add``/``seq_div`` without K-shift support, bad ids.
+* Pending stream copies are taken by the update context's ``apply()``, not by
+  ``init_update()`` (planning does not mutate).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import numpy as np
+
+from pymem.errors import BatchError, ConfigError, RangeError, UnsupportedError
+from pymem.kv.cells import KVCells
+from pymem.kv.swa import masked_swa
+from pymem.memory import Memory, MemoryContext, MemoryStatus
+from pymem.spec import ModelSpec, RopeType, SWAType
+from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
+
+if TYPE_CHECKING:
+    from pymem.backend import Tensor, TensorStore
+    from pymem.batch import BatchAllocator
+    from pymem.kv.state_io import KVStatePlan
+    from pymem.state import StateReader, StateWriter
+    from pymem.types import GGMLType
+
+_POS_MAX = np.iinfo(np.int32).max
+N_PAD_GRAPH = 256  # n_kv is padded to a multiple of this, for a stable graph shape
+
+
+class NonCausalType(enum.IntEnum):
+    """``llama_non_causal_type``: how non-causal attention treats SWA layers."""
+
+    ALL = 0  # all layers non-causal, SWA still applied
+    SWA_ONLY = 1  # SWA layers non-causal, dense layers stay causal
+    SWA_FULL = 2  # all layers non-causal, no SWA among tokens of the current ubatch
+
+
+@dataclass(frozen=True, eq=False)
+class SlotInfo:
+    """Where a ubatch goes: ``idxs[s][i]`` is the cell of token ``s * size + i`` in stream
+    ``strm[s]`` (``llama_kv_cache::slot_info``). Indices need not be contiguous."""
+
+    strm: np.ndarray  # int32 [ns]
+    idxs: np.ndarray  # int32 [ns, size]
+
+    @property
+    def s0(self) -> int:
+        return int(self.strm.min())
+
+    @property
+    def s1(self) -> int:
+        return int(self.strm.max())
+
+    @property
+    def n_stream(self) -> int:
+        return int(self.strm.shape[0])
+
+    @property
+    def size(self) -> int:
+        return int(self.idxs.shape[1])
+
+    def head(self) -> int:
+        return int(self.idxs[0, 0])
+
+    def is_contiguous(self) -> bool:
+        if self.n_stream > 1:
+            return False
+        idx = self.idxs[0]
+        return bool(idx.size == 0 or np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)))
+
+    def __repr__(self) -> str:
+        return f"SlotInfo(strm={self.strm.tolist()}, idxs={self.idxs.tolist()})"
+
+
+@dataclass(frozen=True, eq=False)
+class KVLayer:
+    """One cached layer: model layer index, its tensors and widths."""
+
+    il: int
+    k: Tensor
+    v: Tensor | None
+    n_embd_k_gqa: int
+    n_embd_v_gqa: int  # the true width (V may be padded to the widest layer)
+    device: str
+
+
+def _int_arg(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ConfigError(f"{name} = {value}: must be {bound}")
+    return value
+
+
+class KVCache(Memory):
+    """The attention KV cache of the layers ``filter`` selects (``llama_kv_cache``).
+
+    Arguments follow the reference constructor: ``type_k``/``type_v`` (ggml type names),
+    ``v_trans`` (V stored transposed, i.e. no flash attention), ``device`` (one device name
+    for every layer, or a mapping ``{il: device}``), ``unified`` (one stream, else one per
+    sequence), ``kv_size`` cells per stream, ``n_seq_max``, ``n_pad`` (``kv_size`` must be a
+    multiple), ``n_swa``/``swa_type`` (the window of *this* cache), ``filter(il) -> bool``
+    (which model layers are cached; default: every layer with attention widths) and
+    ``reuse(il) -> il_src | -1`` (layer ``il`` reads layer ``il_src``'s tensors and has none
+    of its own).
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        type_k: str | GGMLType = "f16",
+        type_v: str | GGMLType = "f16",
+        v_trans: bool = True,
+        device: str | Mapping[int, str] = "CPU",
+        unified: bool = True,
+        kv_size: int,
+        n_seq_max: int,
+        n_pad: int = 1,
+        n_swa: int = 0,
+        swa_type: SWAType = SWAType.NONE,
+        filter: Callable[[int], bool] | None = None,
+        reuse: Callable[[int], int] | None = None,
+        name_tag: str = "",
+    ) -> None:
+        from pymem.backend import TensorSpec, TensorStore, get_device
+        from pymem.types import ggml_type
+
+        if not isinstance(spec, ModelSpec):
+            raise ConfigError(f"spec: expected a pymem.spec.ModelSpec, got {type(spec).__name__}")
+        self.spec = spec
+        self.n_seq_max = _int_arg("n_seq_max", n_seq_max, 1, LLAMA_MAX_SEQ)
+        self.n_pad = _int_arg("n_pad", n_pad, 1)
+        self.kv_size = _int_arg("kv_size", kv_size, 1)
+        if self.kv_size % self.n_pad:
+            raise ConfigError(
+                f"kv_size = {self.kv_size}: must be a multiple of n_pad = {self.n_pad}"
+            )
+        self.n_swa = _int_arg("n_swa", n_swa, 0)
+        try:
+            self.swa_type = SWAType(swa_type)
+        except ValueError:
+            raise ConfigError(f"swa_type: unknown value {swa_type!r}") from None
+        if self.swa_type != SWAType.NONE and self.n_swa <= 0:
+            raise ConfigError(
+                f"n_swa = {self.n_swa}: must be > 0 when swa_type is {self.swa_type.name}"
+            )
+        if not isinstance(unified, bool):
+            raise ConfigError(f"unified: expected a bool, got {unified!r}")
+        if not isinstance(v_trans, bool):
+            raise ConfigError(f"v_trans: expected a bool, got {v_trans!r}")
+        self.unified = unified
+        self.v_trans = v_trans
+        self.n_stream = 1 if unified else self.n_seq_max
+        self.type_k = ggml_type(type_k)
+        self.type_v = ggml_type(type_v)
+        if v_trans and self.type_v.block_size != 1:
+            raise ConfigError(
+                f"type_v = {self.type_v.name}: a transposed V cache (v_trans=True) stores single "
+                f"elements and needs a non-block type (block size {self.type_v.block_size})"
+            )
+        if filter is not None and not callable(filter):
+            raise ConfigError(f"filter: expected a callable il -> bool, got {filter!r}")
+        if reuse is not None and not callable(reuse):
+            raise ConfigError(f"reuse: expected a callable il -> il_src, got {reuse!r}")
+        self.name_tag = name_tag
+        self.with_ext = spec.n_pos_per_embd > 1 or int(spec.extra.get("ple_n_heads", 0) or 0) > 0  # type: ignore[call-overload]
+        self.n_pos_per_embd = spec.n_pos_per_embd
+
+        n_layer = spec.n_layer
+        # [TAG_V_CACHE_VARIABLE] a transposed V is padded to the widest V of the whole model
+        self.n_embd_v_gqa_max = max(lay.n_embd_v_gqa for lay in spec.layers)
+
+        # which layers get tensors, which map onto another layer's tensors
+        own: list[int] = []
+        reused: dict[int, int] = {}
+        for il in range(n_layer):
+            if filter is not None and not filter(il):
+                continue
+            src = -1 if reuse is None else int(reuse(il))
+            if src >= 0:
+                reused[il] = src
+                continue
+            if filter is None and spec.layers[il].n_embd_k_gqa == 0:
+                continue  # default filter: layers without attention widths (recurrent)
+            own.append(il)
+        for il in own:
+            lay = spec.layers[il]
+            if lay.n_embd_k_gqa <= 0:
+                raise ConfigError(f"layers[{il}]: selected for the KV cache but n_embd_k_gqa = 0")
+            if lay.n_embd_k_gqa % self.type_k.block_size:
+                raise ConfigError(
+                    f"layers[{il}].n_embd_k_gqa = {lay.n_embd_k_gqa}: not a multiple of the "
+                    f"{self.type_k.name} block size {self.type_k.block_size}"
+                )
+            width_v = self.n_embd_v_gqa_max if v_trans else lay.n_embd_v_gqa
+            if width_v % self.type_v.block_size:
+                raise ConfigError(
+                    f"layers[{il}].n_embd_v_gqa = {width_v}: not a multiple of the "
+                    f"{self.type_v.name} block size {self.type_v.block_size}"
+                )
+        for il, src in reused.items():
+            if src not in own:
+                raise ConfigError(f"reuse({il}) = {src}: layer {src} has no tensors in this cache")
+
+        # devices: one store per device, created in device-name order like the reference
+        if isinstance(device, Mapping):
+            dev_of = {}
+            for il in own:
+                if il not in device:
+                    raise ConfigError(f"device: no entry for layer {il} in the per-layer mapping")
+                dev_of[il] = get_device(device[il]).name
+        else:
+            name = get_device(device).name
+            dev_of = dict.fromkeys(own, name)
+
+        specs_by_dev: dict[str, list[TensorSpec]] = {}
+        for il in own:
+            lay = spec.layers[il]
+            width_v = self.n_embd_v_gqa_max if v_trans else lay.n_embd_v_gqa
+            lst = specs_by_dev.setdefault(dev_of[il], [])
+            lst.append(
+                TensorSpec(
+                    f"cache_{name_tag}k_l{il}",
+                    self.type_k,
+                    (lay.n_embd_k_gqa, self.kv_size, self.n_stream),
+                )
+            )
+            if width_v > 0:
+                lst.append(
+                    TensorSpec(
+                        f"cache_{name_tag}v_l{il}",
+                        self.type_v,
+                        (width_v, self.kv_size, self.n_stream),
+                    )
+                )
+        self.stores: dict[str, TensorStore] = {}
+        try:
+            for dev in sorted(specs_by_dev):
+                self.stores[dev] = TensorStore(dev, specs_by_dev[dev])
+        except Exception:
+            for st in self.stores.values():
+                st.close()
+            raise
+
+        self.layers: list[KVLayer] = []
+        self.map_layer_ids: dict[int, int] = {}
+        for il in own:
+            lay = spec.layers[il]
+            store = self.stores[dev_of[il]]
+            vname = f"cache_{name_tag}v_l{il}"
+            self.map_layer_ids[il] = len(self.layers)
+            self.layers.append(
+                KVLayer(
+                    il=il,
+                    k=store[f"cache_{name_tag}k_l{il}"],
+                    v=store[vname] if vname in store else None,  # noqa: SIM401
+                    n_embd_k_gqa=lay.n_embd_k_gqa,
+                    n_embd_v_gqa=lay.n_embd_v_gqa,
+                    device=dev_of[il],
+                )
+            )
+        for il, src in reused.items():
+            self.map_layer_ids[il] = self.map_layer_ids[src]
+
+        self.v_cells = [KVCells(self.kv_size, self.with_ext) for _ in range(self.n_stream)]
+        self.v_heads = [0] * self.n_stream
+        if self.n_stream > 1:
+            self.seq_to_stream = np.arange(self.n_stream, dtype=np.int32)
+        else:
+            self.seq_to_stream = np.zeros(LLAMA_MAX_SEQ, dtype=np.int32)
+        self._pending_copies: list[tuple[int, int]] = []
+        self._version = 0  # bumped by every mutation (stale state-read plans are refused)
+        self._closed = False
+
+    # --- properties -----------------------------------------------------------------
+    def get_size(self) -> int:
+        return self.kv_size
+
+    def get_n_seq_max(self) -> int:
+        return self.n_seq_max
+
+    def get_n_stream(self) -> int:
+        return self.n_stream
+
+    def get_layer_ids(self) -> list[int]:
+        return [layer.il for layer in self.layers]
+
+    def get_has_shift(self) -> bool:
+        return any(c.has_shift for c in self.v_cells)
+
+    def has_cell_ext(self) -> bool:
+        """Whether cells carry ``(x, y, tok)`` that a state blob must hold (M-RoPE / PLE)."""
+        return self.with_ext
+
+    def get_can_shift(self) -> bool:
+        if self.spec.arch.lower() == "step35":
+            return False
+        return self.spec.n_pos_per_embd == 1
+
+    def layer(self, il: int) -> KVLayer:
+        """The cached layer that model layer ``il`` reads (after ``reuse``)."""
+        try:
+            return self.layers[self.map_layer_ids[il]]
+        except KeyError:
+            raise RangeError(
+                f"il = {il}: layer not in this cache (cached: {sorted(self.map_layer_ids)})"
+            ) from None
+
+    def get_stream(self, seq_id: int) -> int:
+        self._check_seq(seq_id, "seq_id")
+        return int(self.seq_to_stream[seq_id])
+
+    def get_cells(self, seq_id: int) -> KVCells:
+        return self.v_cells[self.get_stream(seq_id)]
+
+    def memory_breakdown(self) -> dict[str, int]:
+        return {dev: store.nbytes for dev, store in self.stores.items()}
+
+    def size_k_bytes(self) -> int:
+        return sum(layer.k.nbytes for layer in self.layers)
+
+    def size_v_bytes(self) -> int:
+        return sum(layer.v.nbytes for layer in self.layers if layer.v is not None)
+
+    def close(self) -> None:
+        for st in self.stores.values():
+            st.close()
+        self._closed = True
+
+    # --- argument checks ---------------------------------------------------------------
+    def _check_seq(self, seq_id: Any, what: str, allow_all: bool = False) -> int:
+        if isinstance(seq_id, bool) or not isinstance(seq_id, (int, np.integer)):
+            raise RangeError(f"{what}: expected an integer sequence id, got {seq_id!r}")
+        seq_id = int(seq_id)
+        if allow_all and seq_id == -1:
+            return seq_id
+        if not 0 <= seq_id < len(self.seq_to_stream):
+            extra = " or -1 (all sequences)" if allow_all else ""
+            raise RangeError(f"{what} = {seq_id}: must be in [0, {len(self.seq_to_stream)}){extra}")
+        return seq_id
+
+    @staticmethod
+    def _range(p0: int, p1: int) -> tuple[int, int]:
+        p0 = int(p0)
+        p1 = int(p1)
+        return (0 if p0 < 0 else p0), (_POS_MAX if p1 < 0 else p1)
+
+    def _cells_in(self, cells: KVCells, p0: int, p1: int) -> np.ndarray:
+        """Bool mask of the non-empty cells with ``p0 <= pos < p1``."""
+        pos = cells.pos
+        return (pos >= p0) & (pos < p1)
+
+    def _mutated(self) -> None:
+        self._version += 1
+
+    # --- sequence operations ---------------------------------------------------------
+    def clear(self, data: bool = True) -> None:
+        """Empty every stream; with ``data`` also zero the tensor buffers."""
+        for s in range(self.n_stream):
+            self.v_cells[s].reset()
+            self.v_heads[s] = 0
+        if data:
+            for store in self.stores.values():
+                store.clear(0)
+        self._mutated()
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        """Remove ``seq_id`` (or every sequence for -1) from the cells in ``[p0, p1)``.
+
+        Always True, as the reference. The head of a stream moves back to the first freed
+        cell when that is before it.
+        """
+        seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
+        p0, p1 = self._range(p0, p1)
+        self._mutated()
+        if seq_id >= 0:
+            strm = int(self.seq_to_stream[seq_id])
+            cells = self.v_cells[strm]
+            idx = np.flatnonzero(self._cells_in(cells, p0, p1) & cells.seq_mask(seq_id))
+            freed = cells.seq_rm_bit(idx, seq_id)
+            if freed.size and int(freed[0]) < self.v_heads[strm]:
+                self.v_heads[strm] = int(freed[0])
+            return True
+        for strm, cells in enumerate(self.v_cells):
+            idx = np.flatnonzero(self._cells_in(cells, p0, p1))
+            cells.rm(idx)
+            if idx.size and int(idx[0]) < self.v_heads[strm]:
+                self.v_heads[strm] = int(idx[0])
+        return True
+
+    def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
+        """Make the cells of ``seq_id_src`` in ``[p0, p1)`` also belong to ``seq_id_dst``.
+
+        Within a stream this only adds the destination id (the cells are shared). Across
+        streams it needs the whole range: the destination stream is reset, the source's
+        cells are copied at the same indices, and the tensor bytes follow at the next
+        ``init_update().apply()``.
+        """
+        seq_id_src = self._check_seq(seq_id_src, "seq_id_src")
+        seq_id_dst = self._check_seq(seq_id_dst, "seq_id_dst")
+        s0 = int(self.seq_to_stream[seq_id_src])
+        s1 = int(self.seq_to_stream[seq_id_dst])
+        if s0 == s1:
+            if seq_id_src == seq_id_dst:
+                return
+            lo, hi = self._range(p0, p1)
+            cells = self.v_cells[s0]
+            idx = np.flatnonzero(self._cells_in(cells, lo, hi) & cells.seq_mask(seq_id_src))
+            self._mutated()
+            cells.seq_add_bit(idx, seq_id_dst)
+            return
+        # the reference's test of a "full" range, kept as is: p = size - 1 still counts as full
+        size = self.kv_size
+        partial = (p0 > 0 and p0 + 1 < size) or (p1 > 0 and p1 + 1 < size)
+        if partial:
+            raise UnsupportedError(
+                f"seq_cp({seq_id_src} -> {seq_id_dst}, p0={p0}, p1={p1}): sequences in different "
+                "streams can only be copied whole (p0 < 0 and p1 < 0)"
+            )
+        self._mutated()
+        self._pending_copies.append((s0, s1))
+        src = self.v_cells[s0]
+        dst = self.v_cells[s1]
+        dst.reset()
+        dst.copy_from(src, src.seq_cells(seq_id_src), seq_id_dst)
+        self.v_heads[s1] = self.v_heads[s0]
+
+    def seq_keep(self, seq_id: int) -> None:
+        """Remove every sequence but ``seq_id`` from its stream."""
+        seq_id = self._check_seq(seq_id, "seq_id")
+        strm = int(self.seq_to_stream[seq_id])
+        self._mutated()
+        freed = self.v_cells[strm].seq_keep(seq_id)
+        if freed.size and int(freed[0]) < self.v_heads[strm]:
+            self.v_heads[strm] = int(freed[0])
+
+    def _check_shiftable(self, what: str) -> None:
+        if self.spec.n_pos_per_embd > 1:
+            raise UnsupportedError(
+                f"{what}: needs n_pos_per_embd == 1, the model has {self.spec.n_pos_per_embd} (M-RoPE)"
+            )
+        if not self.get_can_shift():
+            raise UnsupportedError(
+                f"{what}: this cache / model configuration does not support K-shift"
+            )
+
+    def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
+        """Add ``shift`` to the positions of ``seq_id`` in ``[p0, p1)`` (K rotated later).
+
+        Cells whose position becomes negative are freed. Positions belong to cells, so a
+        cell shared with another sequence moves for both.
+        """
+        seq_id = self._check_seq(seq_id, "seq_id")
+        self._check_shiftable("seq_add")
+        shift = int(shift)
+        if shift == 0:
+            return
+        strm = int(self.seq_to_stream[seq_id])
+        cells = self.v_cells[strm]
+        lo, hi = self._range(p0, p1)
+        if lo == hi:
+            return
+        idx = np.flatnonzero(self._cells_in(cells, lo, hi) & cells.seq_mask(seq_id))
+        if idx.size and int(cells.pos[idx].max()) + shift > _POS_MAX:
+            raise RangeError(f"seq_add: shift {shift} moves a position past {_POS_MAX}")
+        self._mutated()
+        freed = cells.pos_add(idx, shift)
+        self.v_heads[strm] = int(freed[0]) if freed.size else 0
+
+    def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
+        """Integer-divide the positions of ``seq_id`` in ``[p0, p1)`` by ``d`` (>= 1)."""
+        seq_id = self._check_seq(seq_id, "seq_id")
+        self._check_shiftable("seq_div")
+        d = int(d)
+        if d < 1:
+            raise RangeError(f"seq_div: d = {d} must be >= 1")
+        if d == 1:
+            return
+        cells = self.v_cells[int(self.seq_to_stream[seq_id])]
+        lo, hi = self._range(p0, p1)
+        if lo == hi:
+            return
+        idx = np.flatnonzero(self._cells_in(cells, lo, hi) & cells.seq_mask(seq_id))
+        self._mutated()
+        cells.pos_div(idx, d)
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        seq_id = self._check_seq(seq_id, "seq_id")
+        return self.v_cells[int(self.seq_to_stream[seq_id])].seq_pos_min(seq_id)
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        seq_id = self._check_seq(seq_id, "seq_id")
+        return self.v_cells[int(self.seq_to_stream[seq_id])].seq_pos_max(seq_id)
+
+    # --- planning --------------------------------------------------------------------
+    def init_batch(
+        self, balloc: BatchAllocator, n_ubatch: int, embd_all: bool = False
+    ) -> KVCacheContext:
+        """Split the allocator's batch and plan a slot for every ubatch (nothing changes).
+
+        One stream: ``split_simple``; several: ``split_equal(sequential=True)``. Any split
+        or slot failure gives a context with status FAILED_PREPARE.
+        """
+        balloc.split_reset()
+        ubatches: list[UBatch] = []
+        while True:
+            if self.n_stream == 1:
+                ub = balloc.split_simple(n_ubatch)
+            else:
+                ub = balloc.split_equal(n_ubatch, True, 0)
+            if ub is None or ub.n_tokens == 0:
+                break
+            ubatches.append(ub)
+        if balloc.n_used < balloc.n_tokens or not ubatches:
+            return KVCacheContext(self, MemoryStatus.FAILED_PREPARE)
+        sinfos = self.prepare(ubatches)
+        if sinfos is None:
+            return KVCacheContext(self, MemoryStatus.FAILED_PREPARE)
+        return KVCacheContext(self, MemoryStatus.SUCCESS, sinfos=sinfos, ubatches=ubatches)
+
+    def init_full(self) -> KVCacheContext:
+        """A context for worst-case graph reservation: ``n_kv = kv_size``, a dummy slot."""
+        sinfo = SlotInfo(
+            np.arange(self.n_stream, dtype=np.int32), np.zeros((self.n_stream, 1), dtype=np.int32)
+        )
+        ctx = KVCacheContext(self, MemoryStatus.SUCCESS, sinfos=[sinfo], ubatches=[])
+        ctx.n_kv = self.kv_size
+        ctx._full = True
+        return ctx
+
+    def init_update(self, optimize: bool = False) -> KVCacheContext:
+        """A context whose ``apply()`` runs pending stream copies and the K-shift.
+
+        Status NO_UPDATE when there is neither. ``optimize`` is ignored (defrag was
+        removed from the reference).
+        """
+        do_shift = self.get_has_shift()
+        if not do_shift and not self._pending_copies:
+            return KVCacheContext(self, MemoryStatus.NO_UPDATE)
+        ctx = KVCacheContext(self, MemoryStatus.SUCCESS)
+        ctx._update = True
+        ctx.do_shift = do_shift
+        return ctx
+
+    def begin_plan(self) -> list[int]:
+        """Start an undo journal on every stream; returns the heads to restore."""
+        for c in self.v_cells:
+            c.begin()
+        return list(self.v_heads)
+
+    def rollback_plan(self, heads: list[int]) -> None:
+        for c in self.v_cells:
+            c.rollback()
+        self.v_heads[:] = heads
+
+    def prepare(self, ubatches: list[UBatch]) -> list[SlotInfo] | None:
+        """Plan every ubatch in order, each seeing the ones before it; None on failure.
+
+        Runs ``find_slot`` and ``apply_ubatch`` under an undo journal and rolls everything
+        back, so the cache is exactly as before whatever happens.
+        """
+        res: list[SlotInfo] = []
+        version = self._version
+        heads = self.begin_plan()
+        try:
+            for ub in ubatches:
+                sinfo = self.find_slot(ub, False)
+                if sinfo is None:
+                    return None
+                res.append(sinfo)
+                self.apply_ubatch(sinfo, ub)
+        finally:
+            self.rollback_plan(heads)
+            self._version = version
+        return res
+
+    def _usable(self, cells: KVCells) -> np.ndarray:
+        """Cells a new token may take: empty, or held by exactly one sequence and outside
+        that sequence's window seen from its next position (``pos_max + 1``)."""
+        usable = cells.pos < 0
+        if self.swa_type != SWAType.NONE:
+            single = np.flatnonzero(cells.owner >= 0)
+            if single.size:
+                pmax = cells.seq_pos_max_all()
+                p1 = pmax[cells.owner[single]] + 1
+                usable[single[masked_swa(self.n_swa, self.swa_type, cells.pos[single], p1)]] = True
+        return usable
+
+    def find_slot(self, ubatch: UBatch, cont: bool = False) -> SlotInfo | None:
+        """Cells for the ubatch's tokens, per stream; None if they do not fit.
+
+        The search starts at the stream's head (or at 0 when at least ``2 * n_tokens``
+        unused cells lie before it) and wraps around once. With ``cont`` the cells must be
+        consecutive (no wrap inside a slot); otherwise the first usable cells are taken in
+        scan order, e.g. head 5, usable cells [1, 2, 6, 9], 3 tokens -> [6, 9, 1].
+        """
+        n_tokens = ubatch.n_tokens
+        n_seqs = 1
+        if self.n_stream > 1:
+            if ubatch.n_seqs_unq <= 0 or n_tokens % ubatch.n_seqs_unq:
+                raise BatchError(
+                    f"find_slot: {n_tokens} tokens do not split evenly over {ubatch.n_seqs_unq} "
+                    "sequences (one stream per sequence needs split_equal ubatches)"
+                )
+            n_seqs = ubatch.n_seqs_unq
+            n_tokens //= n_seqs
+        strm = np.empty(n_seqs, dtype=np.int32)
+        idxs = np.empty((n_seqs, n_tokens), dtype=np.int32)
+        for s in range(n_seqs):
+            seq_id = int(ubatch.seq_id_unq[s])
+            if not 0 <= seq_id < len(self.seq_to_stream):
+                raise RangeError(
+                    f"find_slot: seq_id {seq_id} outside [0, {len(self.seq_to_stream)})"
+                )
+            if self.n_stream > 1:
+                t0 = s * n_tokens
+                if ubatch.n_seq_id[t0] != 1 or ubatch.seq_id[t0, 0] != seq_id:
+                    raise BatchError(
+                        f"find_slot: token block {s} must belong to sequence {seq_id} alone "
+                        "(one stream per sequence)"
+                    )
+            st = int(self.seq_to_stream[seq_id])
+            cells = self.v_cells[st]
+            head = self.v_heads[st]
+            if head > cells.used + 2 * n_tokens:
+                head = 0
+            if n_tokens > cells.size:
+                return None
+            usable = self._usable(cells)
+            found = self._search(usable, head, n_tokens, cont)
+            if found is None:
+                return None
+            strm[s] = st
+            idxs[s] = found
+        return SlotInfo(strm, idxs)
+
+    @staticmethod
+    def _search(usable: np.ndarray, head: int, n: int, cont: bool) -> np.ndarray | None:
+        size = usable.shape[0]
+        if not cont:
+            cand = np.flatnonzero(usable)
+            if cand.size < n:
+                return None
+            # scan order: head .. size-1, then 0 .. head-1
+            # E.g. head 5, cand [1, 2, 6, 9] -> [6, 9, 1, 2]
+            k = int(np.searchsorted(cand, head))
+            if cand.size - k >= n:
+                return cand[k : k + n]
+            return np.concatenate((cand[k:], cand[: n - (cand.size - k)]))
+        # windows [s, s + n) of usable cells that do not wrap; the scan finds the first
+        # one at or after head, else the first one from 0
+        # E.g. usable [1, 1, 0, 1, 1, 1], n 2 -> run sums [2, 1, 1, 2, 2] -> starts [0, 3, 4]
+        csum = np.concatenate(([0], np.cumsum(usable, dtype=np.int64)))
+        starts = np.flatnonzero(csum[n:] - csum[: size - n + 1] == n)
+        if starts.size == 0:
+            return None
+        k = int(np.searchsorted(starts, head))
+        s = int(starts[k]) if k < starts.size else int(starts[0])
+        return np.arange(s, s + n, dtype=np.int32)
+
+    def apply_ubatch(self, sinfo: SlotInfo, ubatch: UBatch) -> None:
+        """Put the ubatch's tokens into the planned cells.
+
+        A cell being overwritten (an SWA-masked cell of one sequence) is emptied first;
+        afterwards every sequence that lost a cell is purged of all positions up to the
+        largest overwritten one, so that ``[pos_min, pos_max]`` stays fully present. The
+        head moves past the last cell of the slot.
+        """
+        n_per = sinfo.size
+        if ubatch.n_tokens != n_per * sinfo.n_stream:
+            raise BatchError(
+                f"apply_ubatch: ubatch has {ubatch.n_tokens} tokens, the slot "
+                f"{n_per * sinfo.n_stream}"
+            )
+        self._mutated()
+        max_rm = np.full(LLAMA_MAX_SEQ, -1, dtype=np.int64)
+        n_tok = ubatch.n_tokens
+        pos_all = ubatch.pos
+        for s in range(sinfo.n_stream):
+            cells = self.v_cells[int(sinfo.strm[s])]
+            idx = sinfo.idxs[s].astype(np.int64)
+            tok = slice(s * n_per, (s + 1) * n_per)
+            occupied = idx[cells.pos[idx] >= 0]
+            if occupied.size:
+                own = cells.owner[occupied]
+                assert (own >= 0).all(), (
+                    "overwriting a cell that is not held by exactly one sequence"
+                )
+                np.maximum.at(max_rm, own, cells.pos[occupied].astype(np.int64))
+                cells.rm(occupied)
+            ext = None
+            if cells.ext is not None:
+                ext = np.empty((n_per, 3), dtype=np.int32)
+                if ubatch.is_pos_2d():
+                    ext[:, 0] = pos_all[2 * n_tok :][tok]
+                    ext[:, 1] = pos_all[n_tok:][tok]
+                else:
+                    ext[:, 0:2] = 0
+                if ubatch.token is not None:
+                    ext[:, 2] = ubatch.token[tok]
+                else:
+                    ext[:, 2] = self._ple_embd_token()
+            cells.set_new(idx, pos_all[:n_tok][tok], ubatch.seq_id[tok], ext)
+        for seq in np.flatnonzero(max_rm >= 0):
+            seq = int(seq)
+            cells = self.v_cells[int(self.seq_to_stream[seq])]
+            pmin = cells.seq_pos_min(seq)
+            if pmin <= max_rm[seq]:
+                self.seq_rm(seq, pmin, int(max_rm[seq]) + 1)
+        for s in range(sinfo.n_stream):
+            self.v_heads[int(sinfo.strm[s])] = int(sinfo.idxs[s, -1]) + 1
+
+    def _ple_embd_token(self) -> int:
+        """``ext.tok`` of an embedding token in a PLE model (the reference's choice)."""
+        extra = self.spec.extra
+        if int(extra.get("ple_n_heads", 0) or 0) > 0:  # type: ignore[call-overload]
+            img = int(extra.get("ple_image_token_id", 0) or 0)  # type: ignore[call-overload]
+            return img if img != 0 else int(extra.get("ple_eos_token_id", -1))  # type: ignore[call-overload]
+        return -1
+
+    def get_n_kv(self, sinfo: SlotInfo) -> int:
+        """Cells the graph attends: ``min(size, max(P, PAD(used_max_p1, P)))`` over the
+        slot's streams, ``P = max(n_pad, 256)``. E.g. used_max_p1 300, size 4096 -> 512."""
+        pad = max(self.n_pad, N_PAD_GRAPH)
+        res = 0
+        for st in sinfo.strm:
+            cells = self.v_cells[int(st)]
+            padded = -(-cells.used_max_p1() // pad) * pad
+            res = max(res, min(cells.size, max(pad, padded)))
+        return res
+
+    # --- update (stream copies, K-shift) ------------------------------------------------
+    def update(self, do_shift: bool) -> bool:
+        """Run pending stream copies, then the K-shift if ``do_shift``. True if K changed."""
+        if do_shift and not self.get_can_shift():
+            raise UnsupportedError("K-shift: this cache / model configuration does not support it")
+        self._mutated()
+        copies, self._pending_copies = self._pending_copies, []
+        for ssrc, sdst in copies:
+            src_rows = np.arange(ssrc * self.kv_size, (ssrc + 1) * self.kv_size, dtype=np.int64)
+            dst_rows = np.arange(sdst * self.kv_size, (sdst + 1) * self.kv_size, dtype=np.int64)
+            for layer in self.layers:
+                layer.k.copy_rows(src_rows, layer.k, dst_rows)
+                if layer.v is not None:
+                    layer.v.copy_rows(src_rows, layer.v, dst_rows)
+        updated = False
+        if do_shift:
+            if any(self._has_rope(layer.il) for layer in self.layers):
+                from pymem.kv.shift import apply_k_shift
+
+                apply_k_shift(self)
+                updated = True
+            for cells in self.v_cells:
+                cells.reset_shift()
+        return updated
+
+    def _has_rope(self, il: int) -> bool:
+        rope = self.spec.layers[il].rope
+        return rope is not None and rope.rope_type != RopeType.NONE and rope.n_rot > 0
+
+    # --- graph inputs ---------------------------------------------------------------------
+    def k_idxs(self, sinfo: SlotInfo) -> np.ndarray:
+        from pymem.kv.inputs import build_k_idxs
+
+        return build_k_idxs(self, sinfo)
+
+    def v_idxs(self, sinfo: SlotInfo) -> np.ndarray:
+        from pymem.kv.inputs import build_v_idxs
+
+        return build_v_idxs(self, sinfo)
+
+    def k_shift(self) -> np.ndarray:
+        from pymem.kv.inputs import build_k_shift
+
+        return build_k_shift(self)
+
+    def kq_mask(
+        self,
+        ubatch: UBatch,
+        n_kv: int,
+        causal_attn: bool | None = None,
+        dtype: Any = np.float32,
+        non_causal_type: NonCausalType | None = None,
+    ) -> np.ndarray:
+        from pymem.kv.inputs import build_kq_mask
+
+        return build_kq_mask(self, ubatch, n_kv, causal_attn, dtype, non_causal_type)
+
+    # --- state -------------------------------------------------------------------------
+    def state_write_into(self, writer: StateWriter, seq_id: int = -1, flags: int = 0) -> None:
+        """Serialise this cache's part of a state blob into ``writer`` (format b.2)."""
+        from pymem.kv.state_io import write_kv_state
+
+        seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
+        write_kv_state(self, writer, seq_id)
+
+    def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
+        from pymem.state import write_state
+
+        seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
+        return write_state(lambda w: self.state_write_into(w, seq_id, flags))
+
+    def state_write_to(self, fileobj: BinaryIO, seq_id: int = -1, flags: int = 0) -> int:
+        from pymem.state import write_state_to
+
+        seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
+        return write_state_to(fileobj, lambda w: self.state_write_into(w, seq_id, flags))
+
+    def state_size(self, seq_id: int = -1, flags: int = 0) -> int:
+        from pymem.state import state_size
+
+        seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
+        return state_size(lambda w: self.state_write_into(w, seq_id, flags))
+
+    def state_read_parse(
+        self, reader: StateReader, seq_id: int = -1, flags: int = 0
+    ) -> KVStatePlan:
+        """Parse and validate this cache's part of a blob; change nothing.
+
+        Returns a plan whose ``commit()`` applies it. Raises StateError naming the field
+        that did not match. Nothing may change the cache between parse and commit.
+        """
+        from pymem.kv.state_io import parse_kv_state
+
+        seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
+        return parse_kv_state(self, reader, seq_id)
+
+    def state_read(
+        self, data: bytes | bytearray | memoryview, seq_id: int = -1, flags: int = 0
+    ) -> int:
+        from pymem.state import StateReader
+
+        reader = StateReader(data)
+        plan = self.state_read_parse(reader, seq_id, flags)
+        plan.commit()
+        return reader.offset
+
+    def state_read_from(self, fileobj: BinaryIO, seq_id: int = -1, flags: int = 0) -> int:
+        from pymem.state import StateReader
+
+        start = fileobj.tell() if fileobj.seekable() else None
+        reader = StateReader.from_file(fileobj)
+        plan = self.state_read_parse(reader, seq_id, flags)
+        plan.commit()
+        if start is not None:
+            fileobj.seek(start + reader.offset)
+        return reader.offset
+
+    def state_clear(self, seq_id: int = -1) -> None:
+        """Undo a restore of ``seq_id`` (-1: everything) that another part failed to complete:
+        remove the sequence and zero the rows only it held (``llama_kv_cache::state_clear``)."""
+        seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
+        if seq_id == -1:
+            self.clear(True)
+            return
+        strm = int(self.seq_to_stream[seq_id])
+        cells = self.v_cells[strm]
+        only = np.flatnonzero(cells.owner == seq_id)
+        self.seq_rm(seq_id, -1, -1)
+        self.zero_cells(strm, only)
+
+    def zero_cells(self, strm: int, idx: np.ndarray) -> None:
+        """Zero the K/V bytes of cells ``idx`` of stream ``strm`` in every layer."""
+        if idx.size == 0:
+            return
+        rows = strm * self.kv_size + np.asarray(idx, dtype=np.int64)
+        for layer in self.layers:
+            layer.k.fill_rows(rows, 0)
+            if layer.v is None:
+                continue
+            if not self.v_trans:
+                layer.v.fill_rows(rows, 0)
+            else:
+                from pymem.kv.state_io import v_trans_view
+
+                view = v_trans_view(self, layer, strm)
+                if view is not None:
+                    view[:, idx] = 0
+                else:
+                    el = self.type_v.type_size
+                    zero = bytes(el * layer.v.shape[0])
+                    base = strm * layer.v.nb[2]
+                    for i in np.asarray(idx).tolist():
+                        layer.v.write_strided(
+                            zero, base + i * el, el, self.kv_size * el, layer.v.shape[0]
+                        )
+
+
+class KVCacheContext(MemoryContext):
+    """One planned pass over a batch's ubatches, an update, or a full-size reservation."""
+
+    def __init__(
+        self,
+        kv: KVCache,
+        status: MemoryStatus,
+        sinfos: list[SlotInfo] | None = None,
+        ubatches: list[UBatch] | None = None,
+    ) -> None:
+        self.kv = kv
+        self.status = status
+        self.sinfos = sinfos or []
+        self.ubatches = ubatches or []
+        self.i_cur = 0
+        self.n_kv = 0
+        self.do_shift = False
+        self._update = False
+        self._full = False
+
+    def get_status(self) -> MemoryStatus:
+        return self.status
+
+    def _require_batch(self, what: str) -> None:
+        if self.status != MemoryStatus.SUCCESS or self._update:
+            raise BatchError(f"{what}: this context has no ubatch (status {self.status.name})")
+
+    def next(self) -> bool:
+        self._require_batch("next")
+        self.i_cur += 1
+        return self.i_cur < len(self.ubatches)
+
+    def apply(self) -> bool:
+        """Commit the current ubatch's slot (or run the update). The only mutating call."""
+        if self.status.is_fail():
+            raise BatchError(f"apply: the context failed to prepare (status {self.status.name})")
+        if self.status == MemoryStatus.NO_UPDATE:
+            return True
+        if self._update:
+            self.kv.update(self.do_shift)
+            return True
+        if self._full or not self.ubatches:
+            return True
+        if self.i_cur >= len(self.ubatches):
+            raise BatchError("apply: no ubatch left (next() returned False)")
+        sinfo = self.sinfos[self.i_cur]
+        self.kv.apply_ubatch(sinfo, self.ubatches[self.i_cur])
+        self.n_kv = self.kv.get_n_kv(sinfo)
+        return True
+
+    def get_ubatch(self) -> UBatch:
+        self._require_batch("get_ubatch")
+        if self._full or self.i_cur >= len(self.ubatches):
+            raise BatchError("get_ubatch: no current ubatch")
+        return self.ubatches[self.i_cur]
+
+    # --- graph inputs for the current ubatch ---------------------------------------------
+    def get_sinfo(self) -> SlotInfo:
+        return self.sinfos[self.i_cur]
+
+    def get_n_kv(self) -> int:
+        return self.n_kv
+
+    def get_k_idxs(self) -> np.ndarray:
+        """int64 ``[n_tokens]``: the global row (``strm * kv_size + cell``) of each token's K."""
+        return self.kv.k_idxs(self.get_sinfo())
+
+    def get_v_idxs(self) -> np.ndarray:
+        """int64: V rows as K, or with ``v_trans`` element indices ``[n_tokens * n_embd_v_gqa_max]``."""
+        return self.kv.v_idxs(self.get_sinfo())
+
+    def get_k_shift(self) -> np.ndarray:
+        return self.kv.k_shift()
+
+    def get_kq_mask(
+        self,
+        causal_attn: bool | None = None,
+        dtype: Any = np.float32,
+        non_causal_type: NonCausalType | None = None,
+    ) -> np.ndarray:
+        """The KQ mask of the current ubatch: ``[n_stream, n_tokens / n_stream, n_kv]``
+        (ggml ``[n_kv, n_tps, 1, n_stream]``), 0 where attended, -inf elsewhere (ALiBi:
+        ``-|p0 - p1|``)."""
+        return self.kv.kq_mask(self.get_ubatch(), self.n_kv, causal_attn, dtype, non_causal_type)
+
+    # --- graph helpers (pymem.ggml) -----------------------------------------------------------
+    def get_k(self, ctx: Any, il: int) -> Any:
+        from pymem.kv.graph import get_k
+
+        return get_k(self.kv, ctx, il, self.n_kv, self.get_sinfo())
+
+    def get_v(self, ctx: Any, il: int) -> Any:
+        from pymem.kv.graph import get_v
+
+        return get_v(self.kv, ctx, il, self.n_kv, self.get_sinfo())
+
+    def cpy_k(self, ctx: Any, k_cur: Any, k_idxs: Any, il: int) -> Any:
+        from pymem.kv.graph import cpy_k
+
+        return cpy_k(self.kv, ctx, k_cur, k_idxs, il)
+
+    def cpy_v(self, ctx: Any, v_cur: Any, v_idxs: Any, il: int) -> Any:
+        from pymem.kv.graph import cpy_v
+
+        return cpy_v(self.kv, ctx, v_cur, v_idxs, il)

@@ -1,0 +1,612 @@
+"""KV cache state blobs (the reference's ``llama_kv_cache::state_write/state_read``, b.2).
+
+Layout, per blob::
+
+    u32 n_stream
+    per stream s:
+      u32 cell_count                      (an empty stream stops here)
+      cell_count x { i32 pos, u32 n_seq_id, [i32 x, i32 y, i32 tok], i32 seq_id[n_seq_id] }
+      u32 v_trans, u32 n_layer
+      per layer: i32 k_type, u64 k_row, K rows of the selected cells (ascending)
+      v_trans 0: per layer with V: i32 v_type, u64 v_row, V rows
+      v_trans 1: per layer with V: i32 v_type, u32 el, u32 n_embd_v_gqa,
+                 for each channel j: the selected cells' elements of channel j
+
+Writing gathers the selected rows straight into the output (``np.take`` over a host view,
+or one native call per run of consecutive cells on other devices). Reading parses and
+validates everything first, simulating the per-sequence placement under an undo journal,
+and returns a :class:`KVStatePlan`; only ``commit()`` changes the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pymem.errors import StateError
+from pymem.kv.cells import OWNER_MULTI
+from pymem.kv.swa import masked_swa
+from pymem.spec import SWAType
+from pymem.state import expect
+from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
+
+if TYPE_CHECKING:
+    from pymem.backend import Tensor
+    from pymem.kv.cache import KVCache, KVLayer, SlotInfo
+    from pymem.state import StateReader, StateWriter
+
+_RUNS_DIRECT = 8  # up to this many runs of cells, copy each run as a slice
+
+
+def _uint_dtype(size: int) -> np.dtype:
+    return np.dtype(f"<u{size}")
+
+
+def rows_view(t: Tensor) -> np.ndarray | None:
+    """``uint8[n_rows, row_size]`` zero-copy view of a host tensor, else None."""
+    if not t.device.is_host:
+        return None
+    return t.numpy().view(np.uint8).reshape(t.n_rows, t.row_size)
+
+
+def v_trans_view(kv: KVCache, layer: KVLayer, strm: int) -> np.ndarray | None:
+    """Transposed V of one stream as ``[n_embd_v_gqa_max, kv_size]`` elements (host only)."""
+    v = layer.v
+    if v is None or not v.device.is_host:
+        return None
+    el = _uint_dtype(kv.type_v.type_size)
+    raw = v.numpy().view(np.uint8).reshape(kv.n_stream, -1)
+    return raw[strm].view(el).reshape(v.shape[0], kv.kv_size)
+
+
+def cell_runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Maximal runs of consecutive indices as ``(starts, ends)`` (ends exclusive).
+
+    E.g. [2, 3, 4, 9, 11, 12] -> ([2, 9, 11], [5, 10, 13]).
+    """
+    if idx.size == 0:
+        return idx, idx
+    brk = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = idx[np.concatenate(([0], brk))]
+    ends = idx[np.concatenate((brk - 1, [idx.size - 1]))] + 1
+    return starts, ends
+
+
+# ---------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------
+
+
+def selected_cells(kv: KVCache, strm: int, seq_id: int) -> np.ndarray:
+    """Cells of stream ``strm`` a blob holds: all non-empty ones, or (per sequence) those
+    of ``seq_id`` that are not SWA-masked relative to its largest position."""
+    cells = kv.v_cells[strm]
+    if seq_id == -1:
+        return np.flatnonzero(cells.pos >= 0)
+    idx = cells.seq_cells(seq_id)
+    if idx.size and kv.swa_type != SWAType.NONE:
+        pmax = cells.seq_pos_max(seq_id)
+        idx = idx[~masked_swa(kv.n_swa, kv.swa_type, cells.pos[idx], pmax)]
+    return idx
+
+
+def _meta_words(kv: KVCache, strm: int, idx: np.ndarray, seq_id: int) -> np.ndarray:
+    """The meta records of cells ``idx`` as one int32 array."""
+    cells = kv.v_cells[strm]
+    n = idx.size
+    n_ext = 3 if kv.with_ext else 0
+    if seq_id != -1:
+        # every record: pos, n_seq_id, [ext], seq_id (no id at all for ids >= n_seq_max)
+        has_id = seq_id < kv.n_seq_max
+        rec = 2 + n_ext + (1 if has_id else 0)
+        out = np.empty((n, rec), dtype=np.int32)
+        out[:, 0] = cells.pos[idx]
+        out[:, 1] = 1 if has_id else 0
+        if n_ext:
+            out[:, 2 : 2 + n_ext] = cells.ext[idx]  # type: ignore[index]
+        if has_id:
+            out[:, -1] = seq_id
+        return out.ravel()
+
+    # whole cache: every id below n_seq_max, ascending
+    owner = cells.owner[idx]
+    counts = np.zeros(n, dtype=np.int64)
+    single = (owner >= 0) & (owner < kv.n_seq_max)
+    counts[single] = 1
+    multi = np.flatnonzero(owner == OWNER_MULTI)
+    multi_rows = multi_ids = None
+    if multi.size:
+        bits = np.unpackbits(cells.seq[idx[multi]].view(np.uint8), axis=1, bitorder="little")
+        bits = bits[:, : kv.n_seq_max]
+        counts[multi] = bits.sum(axis=1)
+        multi_rows, multi_ids = np.nonzero(bits)  # row-major: ascending ids per cell
+    rec = 2 + n_ext + counts
+    # E.g. rec [3, 4, 3] -> starts [0, 3, 7]
+    starts = np.concatenate(([0], np.cumsum(rec)[:-1]))
+    out = np.empty(int(rec.sum()), dtype=np.int32)
+    out[starts] = cells.pos[idx]
+    out[starts + 1] = counts
+    for e in range(n_ext):
+        out[starts + 2 + e] = cells.ext[idx, e]  # type: ignore[index]
+    id0 = starts + 2 + n_ext
+    out[id0[single]] = owner[single]
+    if multi_rows is not None:
+        cell = multi[multi_rows]
+        # rank of each id within its cell: E.g. rows [0, 0, 1] -> ranks [0, 1, 0]
+        first = np.searchsorted(multi_rows, multi_rows, side="left")
+        rank = np.arange(multi_rows.size) - first
+        out[id0[cell] + rank] = multi_ids
+    return out
+
+
+def _write_rows(writer: StateWriter, t: Tensor, base_row: int, idx: np.ndarray, row: int) -> None:
+    """Rows ``base_row + idx`` of ``t`` (each ``row`` bytes used), in order."""
+    starts, ends = cell_runs(idx)
+    view = rows_view(t)
+    if view is not None and row == t.row_size:
+        if starts.size <= _RUNS_DIRECT:
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                writer.write(memoryview(view[base_row + a : base_row + b]).cast("B"))
+            return
+        rows = base_row + idx
+
+        def fill(out: memoryview) -> None:
+            np.take(
+                view, rows, axis=0, out=np.frombuffer(out, dtype=np.uint8).reshape(idx.size, row)
+            )
+
+        writer.write_fill(idx.size * row, fill)
+        return
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        writer.write_tensor(t, (base_row + a) * t.row_size, (b - a) * row)
+
+
+def _write_v_trans(
+    writer: StateWriter, kv: KVCache, layer: KVLayer, strm: int, idx: np.ndarray
+) -> None:
+    n_embd = layer.n_embd_v_gqa
+    el = kv.type_v.type_size
+    size = n_embd * idx.size * el
+    view = v_trans_view(kv, layer, strm)
+    starts, ends = cell_runs(idx)
+    if view is not None:
+        sub = view[:n_embd]
+
+        def fill(out: memoryview) -> None:
+            dst = np.frombuffer(out, dtype=view.dtype).reshape(n_embd, idx.size)
+            if starts.size == 1:
+                dst[:] = sub[:, int(starts[0]) : int(ends[0])]
+            else:
+                np.take(sub, idx, axis=1, out=dst)
+
+        writer.write_fill(size, fill)
+        return
+    v = layer.v
+    assert v is not None
+    base = strm * v.nb[2]
+    stride = kv.kv_size * el
+    if starts.size == 1:
+        writer.write_tensor_strided(v, base + int(starts[0]) * el, idx.size * el, stride, n_embd)
+        return
+
+    def fill_runs(out: memoryview) -> None:
+        dst = np.frombuffer(out, dtype=np.uint8).reshape(n_embd, idx.size * el)
+        col = 0
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            part = v.read_strided(base + a * el, (b - a) * el, stride, n_embd)
+            dst[:, col : col + (b - a) * el] = part
+            col += (b - a) * el
+
+    writer.write_fill(size, fill_runs)
+
+
+def write_kv_state(kv: KVCache, writer: StateWriter, seq_id: int) -> None:
+    """Serialise the cells of ``seq_id`` (-1: all) and their K/V bytes."""
+    writer.write_u32(kv.n_stream)
+    for strm in range(kv.n_stream):
+        idx = selected_cells(kv, strm, seq_id)
+        writer.write_u32(idx.size)
+        if idx.size == 0:
+            continue
+        writer.write_array(_meta_words(kv, strm, idx, seq_id))
+        writer.write_u32(1 if kv.v_trans else 0)
+        writer.write_u32(len(kv.layers))
+        base = strm * kv.kv_size
+        for layer in kv.layers:
+            k_row = kv.type_k.row_size(layer.n_embd_k_gqa)
+            writer.write_i32(kv.type_k.id)
+            writer.write_u64(k_row)
+            _write_rows(writer, layer.k, base, idx, k_row)
+        for layer in kv.layers:
+            if layer.v is None:
+                continue
+            writer.write_i32(kv.type_v.id)
+            if not kv.v_trans:
+                v_row = kv.type_v.row_size(layer.n_embd_v_gqa)
+                writer.write_u64(v_row)
+                _write_rows(writer, layer.v, base, idx, v_row)
+            else:
+                writer.write_u32(kv.type_v.type_size)
+                writer.write_u32(layer.n_embd_v_gqa)
+                _write_v_trans(writer, kv, layer, strm, idx)
+
+
+# ---------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------
+
+
+class KVStatePlan:
+    """A parsed and validated KV state part. ``commit()`` applies it; until then the cache
+    is untouched. Nothing may change the cache between parse and commit."""
+
+    def __init__(self, kv: KVCache, seq_id: int, version: int) -> None:
+        self.kv = kv
+        self.seq_id = seq_id
+        self.version = version
+        self.steps: list[Callable[[], None]] = []
+        self.n_cells = 0
+        self.committed = False
+
+    def commit(self) -> None:
+        kv = self.kv
+        if self.committed:
+            raise StateError("state plan: already committed")
+        if kv._version != self.version:
+            raise StateError(
+                "state plan: the cache changed after the blob was parsed; parse it again"
+            )
+        self.committed = True
+        if self.seq_id == -1:
+            kv.clear(True)
+        for step in self.steps:
+            step()
+
+
+def _parse_meta_fixed(reader: StateReader, n: int, n_ext: int, what: str) -> np.ndarray:
+    """Per-sequence meta: ``n`` records of ``3 + n_ext`` words, each with n_seq_id == 1."""
+    rec = 3 + n_ext
+    need = n * rec * 4
+    if reader.remaining >= need:
+        words = reader.read_array("<i4", n * rec, what).reshape(n, rec)
+        bad = np.flatnonzero(words[:, 1] != 1)
+        if bad.size:
+            raise StateError(
+                f"{what}: cell {int(bad[0])} has n_seq_id = {int(words[bad[0], 1]) & 0xFFFFFFFF}, "
+                "a sequence state needs exactly 1 (invalid seq_id-agnostic kv cell)"
+            )
+        return words
+    # truncated: report a bad n_seq_id first if there is one within what is there
+    avail = reader.remaining // (rec * 4)
+    words = reader.read_array("<i4", avail * rec, what).reshape(avail, rec)
+    bad = np.flatnonzero(words[:, 1] != 1)
+    if bad.size:
+        raise StateError(
+            f"{what}: cell {int(bad[0])} has n_seq_id = {int(words[bad[0], 1])}, "
+            "a sequence state needs exactly 1 (invalid seq_id-agnostic kv cell)"
+        )
+    reader.read_view(need - avail * rec * 4, what)  # raises the truncation error
+    raise AssertionError("unreachable")
+
+
+def _parse_meta_whole(
+    reader: StateReader, n: int, n_ext: int, n_seq_max: int, what: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Whole-cache meta of ``n`` variable records -> (pos, ext [n, n_ext], seq_id [n, k])."""
+    fixed = 2 + n_ext
+    max_words = n * (fixed + n_seq_max)
+    avail_words = min(max_words, reader.remaining // 4)
+    start = reader.offset
+    words = reader.read_array("<i4", avail_words, what)
+    # fast path: every record has one id. The check is sound: the first record with
+    # another count is still read at its true offset, and fails it.
+    rec = fixed + 1
+    if avail_words >= n * rec and (n == 0 or (words[1 : n * rec : rec] == 1).all()):
+        offs = np.arange(n, dtype=np.int64) * rec
+        counts = np.ones(n, dtype=np.int64)
+        end = n * rec
+    else:
+        offs, end = _chase_records(words, n, fixed, n_seq_max, what)
+        counts = words[offs + 1].astype(np.int64)
+    reader.offset = start + end * 4
+    pos = words[offs].copy()
+    ext = (
+        np.stack([words[offs + 2 + e] for e in range(n_ext)], axis=1)
+        if n_ext
+        else np.zeros((n, 0), np.int32)
+    )
+    k = max(1, int(counts.max()) if n else 1)
+    seq = np.full((n, k), -1, dtype=np.int32)
+    # E.g. counts [1, 2] -> rows [0, 1, 1], ranks [0, 0, 1]
+    rows = np.repeat(np.arange(n), counts)
+    rank = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    ids = words[np.repeat(offs + fixed, counts) + rank]
+    bad = np.flatnonzero((ids < 0) | (ids >= n_seq_max))
+    if bad.size:
+        raise StateError(
+            f"{what}: cell {int(rows[bad[0]])} has seq_id {int(ids[bad[0]])}, outside "
+            f"[0, {n_seq_max}) (invalid seq_id)"
+        )
+    seq[rows, rank] = ids
+    if k > 1:
+        srt = np.sort(seq, axis=1)
+        dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
+        if dup.any():
+            r = int(np.flatnonzero(dup.any(axis=1))[0])
+            raise StateError(f"{what}: cell {r} lists a sequence id twice")
+    bad = np.flatnonzero(pos < 0)
+    if bad.size:
+        raise StateError(f"{what}: cell {int(bad[0])} has position {int(pos[bad[0]])} < 0")
+    return pos, ext, seq
+
+
+def _chase_records(
+    words: np.ndarray, n: int, fixed: int, n_seq_max: int, what: str
+) -> tuple[np.ndarray, int]:
+    """Offsets of ``n`` variable-length records (``fixed`` words + ``n_seq_id`` ids).
+
+    Pointer doubling: ``nxt[o]`` is the record after one starting at ``o``; composing the
+    table with itself doubles the jump, so all offsets come in ``log2(n)`` vector steps.
+    E.g. counts [1, 2, 1], fixed 2 -> offsets [0, 3, 7], end 10.
+    """
+    size = words.size
+    if size < fixed:
+        raise StateError(
+            f"{what}: state blob truncated reading cell 0 (need {fixed} words, {size} left)"
+        )
+    cnt = np.zeros(size + 1, dtype=np.int64)
+    cnt[: size - 1] = words[1:].astype(np.int64) & 0xFFFFFFFF
+    nxt = np.arange(size + 1, dtype=np.int64) + fixed + np.minimum(cnt, n_seq_max + 1)
+    nxt = np.minimum(nxt, size + 1)
+    nxt[size] = size + 1  # sink: past the end
+    table = np.concatenate((nxt, [size + 1]))
+    offs = np.zeros(1, dtype=np.int64)
+    step = table
+    while offs.size < n:
+        offs = np.concatenate((offs, step[offs]))
+        step = step[step]
+    offs = offs[:n]
+    if (offs > size - fixed).any():
+        k = int(np.flatnonzero(offs > size - fixed)[0])
+        raise StateError(f"{what}: state blob truncated reading cell {k}")
+    counts = cnt[offs]
+    over = np.flatnonzero(counts > n_seq_max)
+    if over.size:
+        k = int(over[0])
+        raise StateError(
+            f"{what}: cell {k} has n_seq_id = {int(counts[k])} > n_seq_max = {n_seq_max}"
+        )
+    end = int(offs[-1] + fixed + counts[-1]) if n else 0
+    if end > size:
+        raise StateError(f"{what}: state blob truncated reading the sequence ids of cell {n - 1}")
+    return offs, end
+
+
+def _restore_ubatch(kv: KVCache, seq_id: int, pos: np.ndarray, ext: np.ndarray | None) -> UBatch:
+    """The synthetic ubatch a per-sequence restore places (``ubatch_reserve(n, 1)``)."""
+    n = pos.size
+    n_pos = kv.n_pos_per_embd
+    ub = UBatch.reserve(n, 1, n_pos)
+    ub.pos[:n] = pos
+    if ext is not None:
+        if n_pos > 1:
+            ub.pos[n : 2 * n] = ext[:, 1]
+            ub.pos[2 * n : 3 * n] = ext[:, 0]
+        assert ub.token is not None
+        ub.token[:] = ext[:, 2]
+    ub.seq_id[:, 0] = seq_id
+    ub.seq_id_unq[0] = seq_id
+    ub.seq_idx[:] = -1
+    ub.seq_idx[seq_id] = 0
+    return ub
+
+
+def _parse_data(
+    kv: KVCache, reader: StateReader, strm: int, n: int, what: str
+) -> list[tuple[KVLayer, str, memoryview]]:
+    """Validate the data section of one stream; returns ``(layer, "k"|"v", payload)``."""
+    v_trans = reader.read_u32(f"{what}.v_trans")
+    n_layer = reader.read_u32(f"{what}.n_layer")
+    expect(
+        n_layer == len(kv.layers),
+        f"{what}.n_layer: mismatched layer count ({n_layer} in the blob, {len(kv.layers)} in the cache)",
+    )
+    expect(n <= kv.kv_size, f"{what}.cell_count: {n} cells do not fit in {kv.kv_size}")
+    expect(
+        bool(v_trans) == kv.v_trans and v_trans in (0, 1),
+        f"{what}.v_trans: incompatible V transposition (blob {v_trans}, cache {int(kv.v_trans)})",
+    )
+    out: list[tuple[KVLayer, str, memoryview]] = []
+    for layer in kv.layers:
+        w = f"{what}.layer[{layer.il}]"
+        k_type = reader.read_i32(f"{w}.k_type")
+        expect(
+            k_type == kv.type_k.id,
+            f"{w}.k_type: mismatched key type ({k_type} in the blob, {kv.type_k.id} = {kv.type_k.name})",
+        )
+        k_row = reader.read_u64(f"{w}.k_size_row")
+        want = kv.type_k.row_size(layer.n_embd_k_gqa)
+        expect(
+            k_row == want, f"{w}.k_size_row: mismatched key row size ({k_row} in the blob, {want})"
+        )
+        out.append((layer, "k", reader.read_view(n * k_row, f"{w}.k_data")))
+    for layer in kv.layers:
+        if layer.v is None:
+            continue
+        w = f"{what}.layer[{layer.il}]"
+        v_type = reader.read_i32(f"{w}.v_type")
+        expect(
+            v_type == kv.type_v.id,
+            f"{w}.v_type: mismatched value type ({v_type} in the blob, {kv.type_v.id} = {kv.type_v.name})",
+        )
+        if not kv.v_trans:
+            v_row = reader.read_u64(f"{w}.v_size_row")
+            want = kv.type_v.row_size(layer.n_embd_v_gqa)
+            expect(
+                v_row == want,
+                f"{w}.v_size_row: mismatched value row size ({v_row} in the blob, {want})",
+            )
+            out.append((layer, "v", reader.read_view(n * v_row, f"{w}.v_data")))
+        else:
+            el = reader.read_u32(f"{w}.v_size_el")
+            expect(
+                el == kv.type_v.type_size,
+                f"{w}.v_size_el: mismatched value element size ({el} in the blob, {kv.type_v.type_size})",
+            )
+            n_embd = reader.read_u32(f"{w}.n_embd_v_gqa")
+            expect(
+                n_embd == layer.n_embd_v_gqa,
+                f"{w}.n_embd_v_gqa: mismatched GQA embedding size ({n_embd} in the blob, {layer.n_embd_v_gqa})",
+            )
+            out.append((layer, "v", reader.read_view(n_embd * n * el, f"{w}.v_data")))
+    return out
+
+
+def _write_payloads(
+    kv: KVCache, strm: int, idx: np.ndarray, payloads: list[tuple[KVLayer, str, memoryview]]
+) -> None:
+    """Store parsed K/V bytes into cells ``idx`` of stream ``strm``."""
+    n = idx.size
+    base = strm * kv.kv_size
+    starts, ends = cell_runs(idx)
+    contiguous = starts.size == 1
+    for layer, kind, data in payloads:
+        if kind == "k" or not kv.v_trans:
+            t = layer.k if kind == "k" else layer.v
+            assert t is not None
+            row = len(data) // n if n else 0
+            view = rows_view(t)
+            src = np.frombuffer(data, dtype=np.uint8).reshape(n, row)
+            if view is not None:
+                if contiguous:
+                    view[base + int(starts[0]) : base + int(ends[0])] = src
+                else:
+                    view[base + idx] = src
+            else:
+                t.write_rows(base + idx, src)
+            continue
+        v = layer.v
+        assert v is not None
+        n_embd = layer.n_embd_v_gqa
+        vt = v_trans_view(kv, layer, strm)
+        el = kv.type_v.type_size
+        if vt is not None:
+            src = np.frombuffer(data, dtype=vt.dtype).reshape(n_embd, n)
+            if contiguous:
+                vt[:n_embd, int(starts[0]) : int(ends[0])] = src
+            else:
+                vt[:n_embd, idx] = src
+            continue
+        src8 = np.frombuffer(data, dtype=np.uint8).reshape(n_embd, n * el)
+        col = 0
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            w = (b - a) * el
+            v.write_strided(
+                np.ascontiguousarray(src8[:, col : col + w]),
+                strm * v.nb[2] + a * el,
+                w,
+                kv.kv_size * el,
+                n_embd,
+            )
+            col += w
+
+
+def parse_kv_state(kv: KVCache, reader: StateReader, seq_id: int) -> KVStatePlan:
+    """Parse a KV part for ``seq_id`` (-1: the whole cache) into a plan; change nothing."""
+    version = kv._version
+    plan = KVStatePlan(kv, seq_id, version)
+    n_stream = reader.read_u32("kv.n_stream")
+    expect(
+        n_stream == kv.n_stream,
+        f"kv.n_stream: n_stream mismatch ({n_stream} in the blob, {kv.n_stream} in the cache)",
+    )
+    n_ext = 3 if kv.with_ext else 0
+
+    if seq_id == -1:
+        for s in range(n_stream):
+            what = f"kv.stream[{s}]"
+            n = reader.read_u32(f"{what}.cell_count")
+            if n == 0:
+                continue
+            expect(
+                n <= kv.kv_size,
+                f"{what}.cell_count: not enough cells in kv cache ({n} > {kv.kv_size})",
+            )
+            pos, ext, seq = _parse_meta_whole(reader, n, n_ext, kv.n_seq_max, f"{what}.cells")
+            payloads = _parse_data(kv, reader, s, n, what)
+            idx = np.arange(n, dtype=np.int64)
+            plan.n_cells += n
+
+            def step(
+                s: int = s,
+                idx: np.ndarray = idx,
+                pos: np.ndarray = pos,
+                seq: np.ndarray = seq,
+                ext: np.ndarray = ext,
+                payloads: list = payloads,
+            ) -> None:
+                kv.v_cells[s].set_new(idx, pos, seq, ext if n_ext else None)
+                kv.v_heads[s] = 0
+                _write_payloads(kv, s, idx, payloads)
+
+            plan.steps.append(step)
+        return plan
+
+    # per sequence: simulate seq_rm + find_slot + apply under an undo journal
+    strm = int(kv.seq_to_stream[seq_id])
+    heads = kv.begin_plan()
+    try:
+        for s in range(n_stream):
+            what = f"kv.stream[{s}]"
+            n = reader.read_u32(f"{what}.cell_count")
+            if n == 0:
+                continue
+            expect(
+                n <= kv.kv_size,
+                f"{what}.cell_count: not enough cells in kv cache ({n} > {kv.kv_size})",
+            )
+            words = _parse_meta_fixed(reader, n, n_ext, f"{what}.cells")
+            pos = words[:, 0].copy()
+            bad = np.flatnonzero(pos < 0)
+            if bad.size:
+                raise StateError(
+                    f"{what}.cells: cell {int(bad[0])} has position {int(pos[bad[0]])} < 0"
+                )
+            ext = words[:, 2 : 2 + n_ext].copy() if n_ext else None
+            kv.seq_rm(seq_id, -1, -1)
+            ub = _restore_ubatch(kv, seq_id, pos, ext)
+            sinfo = kv.find_slot(ub, False)
+            if sinfo is None:
+                raise StateError(
+                    f"{what}: failed to find {n} available cells in kv cache "
+                    f"(stream {strm} has {kv.kv_size - kv.v_cells[strm].used} free)"
+                )
+            kv.apply_ubatch(sinfo, ub)
+            if ext is not None:
+                kv.v_cells[strm].set_ext(sinfo.idxs[0].astype(np.int64), ext)
+            payloads = _parse_data(kv, reader, s, n, what)
+            plan.n_cells += n
+
+            def step(
+                ub: UBatch = ub,
+                sinfo: SlotInfo = sinfo,
+                ext: np.ndarray | None = ext,
+                payloads: list = payloads,
+            ) -> None:
+                kv.seq_rm(seq_id, -1, -1)
+                kv.apply_ubatch(sinfo, ub)
+                idx = sinfo.idxs[0].astype(np.int64)
+                if ext is not None:
+                    kv.v_cells[strm].set_ext(idx, ext)
+                _write_payloads(kv, strm, idx, payloads)
+
+            plan.steps.append(step)
+    finally:
+        kv.rollback_plan(heads)
+        kv._version = version
+    return plan
+
+
+__all__ = ["LLAMA_MAX_SEQ", "KVStatePlan", "parse_kv_state", "write_kv_state"]

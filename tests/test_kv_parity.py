@@ -1,0 +1,215 @@
+"""Replay of the recorded llama.cpp run ``llama.main.fa0.u1`` through pymem's KVCache.
+
+Every step is replayed (decodes through the BatchAllocator + init_batch + apply, sequence
+ops, restores from the recorded blobs) and compared exactly with the reference: results,
+[pos_min, pos_max] of the four sequences, blob sizes, and the per-sequence and whole-state
+blobs byte for byte.
+
+K/V bytes were computed by llama.cpp's kernels, so after each decode the rows the ubatch
+wrote are filled with the reference's bytes (taken from its whole-state blob of that step,
+whose cells are listed in ascending cell order: identical placement tells which row is
+which cell). Everything else (placement, restores, blob layout) is pymem's own.
+
+Steps whose K bytes pymem does not reproduce: the decodes right after ``seq_add`` /
+``seq_div`` apply a pending K-shift. There the K rows of the shifted cells are compared
+separately (test_kv_shift.py checks the rotation numerically) and then synced from the
+reference. The reference rotates ``seq_div`` cells the wrong way; pymem's cells record the
+true displacement, so their pending shift differs from the reference's by its sign.
+
+The failed restore (step 15, a truncated blob): pymem leaves the cache as it was, the
+reference has removed seq 3 after placing the restored cells. The replay checks that
+pymem changed nothing, then reproduces the reference's side effects with public calls.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kv_helpers import (
+    check_invariants,
+    decode,
+    fill_rows_from_part,
+    parse_kv_part,
+    strip_seq,
+    strip_whole,
+    tiny_llama_spec,
+)
+
+from pymem.errors import StateError
+from pymem.kv import KVCache
+from pymem.kv.state_io import _restore_ubatch
+from pymem.spec import LayerSpec, ModelSpec, RopeSpec, RopeType
+
+DATA = Path(__file__).parent / "data"
+RUN = DATA / "runs" / "llama.main.fa0.u1.json"
+
+
+def blob(blob_id: str) -> bytes:
+    return (DATA / "blobs" / f"{blob_id}.bin").read_bytes()
+
+
+def make_cache(run: dict, rope: bool) -> KVCache:
+    mem = run["memory"]
+    spec = tiny_llama_spec()
+    if not rope:
+        none = RopeSpec(n_rot=32, rope_type=RopeType.NONE)
+        spec = ModelSpec(layers=(LayerSpec.attention(1, 32, rope=none),) * 2, arch="llama")
+    return KVCache(
+        spec,
+        type_k=mem["type_k"],
+        type_v=mem["type_v"],
+        v_trans=mem["v_trans"],
+        unified=mem["kv_unified"],
+        kv_size=mem["n_ctx_seq"],
+        n_seq_max=mem["n_seq_max"],
+        n_pad=mem["parts"][0]["n_pad"],
+    )
+
+
+def seq_positions(kv: KVCache) -> list[list[int]]:
+    return [[kv.seq_pos_min(s), kv.seq_pos_max(s)] for s in range(4)]
+
+
+def shifted_cells(kv: KVCache) -> list[np.ndarray]:
+    return [np.flatnonzero((c.pos >= 0) & (c.shift != 0)) for c in kv.v_cells]
+
+
+def k_rows_of(part, strm: int, layer: int, ranks: np.ndarray) -> np.ndarray:
+    sp = part.streams[strm]
+    _, row, kb = sp.k[layer]
+    return np.frombuffer(kb, dtype=np.uint8).reshape(len(sp.cells), row)[ranks]
+
+
+def replay(rope: bool):
+    run = json.loads(RUN.read_text())
+    arch = run["memory"]["arch"].encode()
+    kv = make_cache(run, rope)
+    n_layer = len(kv.layers)
+    log = []
+    for step in run["steps"]:
+        op = step["op"]
+        ref_whole = strip_whole(blob(step["state"]))
+        ref_part = parse_kv_part(ref_whole, n_layer)
+        shifted = shifted_cells(kv) if op == "decode" else None
+        result = None
+        if op == "none":
+            pass
+        elif op == "decode":
+            res = decode(kv, step["items"], n_ubatch=run["memory"]["n_ubatch"])
+            result = res.code
+            if res.code == 0:
+                # fill the rows this decode wrote with the reference's bytes
+                nonempty = np.flatnonzero(kv.v_cells[0].pos >= 0)
+                assert len(ref_part.streams[0].cells) == nonempty.size
+                for sinfo, _ub in res.placed:
+                    idx = sinfo.idxs[0].astype(np.int64)
+                    fill_rows_from_part(kv, ref_part, 0, idx, np.searchsorted(nonempty, idx))
+        elif op == "seq_rm":
+            result = kv.seq_rm(step["seq"], step["p0"], step["p1"])
+        elif op == "seq_cp":
+            kv.seq_cp(step["src"], step["dst"], step["p0"], step["p1"])
+        elif op == "seq_keep":
+            kv.seq_keep(step["seq"])
+        elif op == "seq_add":
+            kv.seq_add(step["seq"], step["p0"], step["p1"], step["delta"])
+        elif op == "seq_div":
+            kv.seq_div(step["seq"], step["p0"], step["p1"], step["d"])
+        elif op == "clear":
+            kv.clear(step["data"])
+        elif op == "state_seq_set":
+            data = strip_seq(blob(step["blob"]))
+            before = kv.state_write()
+            try:
+                result = kv.state_read(data, step["seq"]) + 8
+            except StateError:
+                result = 0
+                # pymem: nothing changed
+                assert kv.state_write() == before
+                emulate_failed_seq_restore(kv, data, step["seq"])
+        elif op == "state_set":
+            result = kv.state_read(strip_whole(blob(step["blob"])), -1) + 4 + len(arch)
+        else:
+            raise AssertionError(f"unknown op {op}")
+        check_invariants(kv)
+        assert result == step["result"], (step["i"], op)
+        assert seq_positions(kv) == step["pos"], (step["i"], op)
+
+        mine = kv.state_write()
+        assert len(mine) + 4 + len(arch) == step["state_bytes"], step["i"]
+        if shifted is not None and any(a.size for a in shifted):
+            # K of cells the K-shift rotated: compare apart, then take the reference's
+            mine_part = parse_kv_part(bytes(mine), n_layer)
+            nonempty = np.flatnonzero(kv.v_cells[0].pos >= 0)
+            cells = np.intersect1d(shifted[0], nonempty)
+            ranks = np.searchsorted(nonempty, cells)
+            for li in range(n_layer):
+                log.append(
+                    (
+                        step["i"],
+                        li,
+                        cells,
+                        k_rows_of(mine_part, 0, li, ranks),
+                        k_rows_of(ref_part, 0, li, ranks),
+                    )
+                )
+            fill_rows_from_part(kv, ref_part, 0, cells, ranks)
+            mine = kv.state_write()
+        assert bytes(mine) == ref_whole, f"step {step['i']} ({op}): whole-state blob differs"
+        for s in range(4):
+            ref_seq = strip_seq(blob(step["seq_state"][s]))
+            got = kv.state_write(s)
+            assert len(got) + 8 == step["seq_state_bytes"][s]
+            assert bytes(got) == ref_seq, f"step {step['i']} ({op}): seq {s} blob differs"
+    return kv, log
+
+
+def emulate_failed_seq_restore(kv: KVCache, data: bytes, seq_id: int) -> None:
+    """The reference's side effects of a per-sequence restore that fails in the data:
+    remove the sequence, place the blob's cells, then remove them again."""
+    part_cells = []
+    n_stream, off = int.from_bytes(data[0:4], "little"), 4
+    assert n_stream == 1
+    n = int.from_bytes(data[off : off + 4], "little")
+    off += 4
+    for i in range(n):
+        part_cells.append(
+            int.from_bytes(data[off + 12 * i : off + 12 * i + 4], "little", signed=True)
+        )
+    kv.seq_rm(seq_id, -1, -1)
+    ub = _restore_ubatch(kv, seq_id, np.array(part_cells, dtype=np.int32), None)
+    sinfo = kv.find_slot(ub, False)
+    assert sinfo is not None
+    kv.apply_ubatch(sinfo, ub)
+    kv.seq_rm(seq_id, -1, -1)
+    kv.zero_cells(0, sinfo.idxs[0])
+
+
+def test_replay_metadata_and_blobs():
+    _kv, log = replay(rope=False)
+    # the two K-shift decodes: steps 9 (seq_add +5 on seq 2) and 11 (seq_div /2 on seq 3)
+    assert sorted({entry[0] for entry in log}) == [9, 11]
+    for _i, _li, cells, mine, ref in log:
+        # without RoPE the K-shift is metadata only: pymem's K rows are the unrotated ones
+        assert cells.size > 0
+        assert not np.array_equal(mine, ref)
+
+
+@pytest.mark.parametrize("seq", [0, 1, 2, 3])
+def test_restore_each_recorded_seq_blob_round_trips(seq):
+    """Every recorded per-sequence blob restores into an empty cache and writes back equal."""
+    run = json.loads(RUN.read_text())
+    seen = set()
+    for step in run["steps"]:
+        b = step["seq_state"][seq]
+        if b in seen:
+            continue
+        seen.add(b)
+        data = strip_seq(blob(b))
+        kv = make_cache(run, rope=False)
+        assert kv.state_read(data, seq) == len(data)
+        check_invariants(kv)
+        assert bytes(kv.state_write(seq)) == data
+        kv.close()
