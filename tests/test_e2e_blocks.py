@@ -13,6 +13,7 @@ import pytest
 
 from pymem.backend import TensorSpec, TensorStore
 from pymem.models import Oracle, StepInputs, TinyConfig, TinyModel
+from pymem.models.graph import CacheViews
 from pymem.models.oracle import swa_masked
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
@@ -43,7 +44,7 @@ def make_ubatch(tokens: list[list[int]], pos: list[list[int]]) -> UBatch:
     )
 
 
-class ManualKV:
+class ManualKV(CacheViews):
     """One unified stream; each token takes the next free cell; mask from (pos, seq) per cell."""
 
     def __init__(
@@ -75,6 +76,9 @@ class ManualKV:
         self.head += ub.n_tokens
         self.pos[self.cells] = ub.pos0
         self.seq[self.cells] = ub.seq_id0
+
+    def _n_head_kv(self, il: int) -> int:
+        return self.cfg.n_head_kv
 
     def k_tensor(self, il: int):
         return self.store[f"k{il}"]

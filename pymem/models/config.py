@@ -155,5 +155,9 @@ class TinyConfig:
             layers=tuple(layers),
             n_swa=self.n_swa if self.has_swa else 0,
             swa_type=self.swa_type if self.has_swa else SWAType.NONE,
-            arch="pymem-tiny-hybrid",
+            # no llama.cpp arch name: pymem.factory then classifies the memory by the
+            # layers and keeps n_rs_seq (a named arch would clamp it unless it is one of
+            # the reference's rollback archs)
+            arch="",
+            extra={"model": "pymem-tiny-hybrid"},
         )

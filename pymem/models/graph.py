@@ -47,9 +47,18 @@ class AttentionInputs(Protocol):
     s0: int  # first stream of this ubatch
     size: int  # cells per stream (kv_size)
 
-    def k_tensor(self, il: int) -> Tensor: ...
+    def get_k(self, ctx: gg.Context, il: int) -> Any:
+        """View ``[head_dim, n_head_kv, n_kv, n_stream]`` of layer ``il``'s K."""
 
-    def v_tensor(self, il: int) -> Tensor: ...
+    def get_v(self, ctx: gg.Context, il: int) -> Any:
+        """View of V: ``[head_dim, n_head_kv, n_kv, n_stream]``, or with ``v_trans``
+        ``[n_kv, n_head_kv, head_dim, n_stream]`` (``nb[1] > nb[2]``)."""
+
+    def cpy_k(self, ctx: gg.Context, k_cur: Any, k_idxs: Any, il: int) -> Any:
+        """``set_rows`` node storing ``k_cur [head_dim, n_head_kv, n_tokens]``."""
+
+    def cpy_v(self, ctx: gg.Context, v_cur: Any, v_idxs: Any, il: int) -> Any:
+        """``set_rows`` node storing ``v_cur [head_dim, n_head_kv, n_tokens]``."""
 
     def kq_mask(self, ubatch: UBatch) -> np.ndarray:
         """float32 ``[n_stream, n_tokens / n_stream, n_kv]``: 0 keep, -inf drop."""
@@ -59,6 +68,67 @@ class AttentionInputs(Protocol):
 
     def v_idxs(self, ubatch: UBatch) -> np.ndarray:
         """int64 rows: ``[n_tokens]``, or ``[n_tokens * n_embd_v_gqa]`` element rows if v_trans."""
+
+
+class CacheViews:
+    """``get_k``/``get_v``/``cpy_k``/``cpy_v`` over raw K/V tensors in the reference layout.
+
+    K is ``[n_embd_k_gqa, kv_size, n_stream]``; V the same, or with ``v_trans`` stored
+    transposed per stream (``kv_size`` consecutive values per channel). Subclasses give
+    ``k_tensor(il)``, ``v_tensor(il)``, ``v_trans``, ``n_kv``, ``n_stream``, ``s0``.
+    """
+
+    v_trans: bool
+    n_kv: int
+    n_stream: int
+    s0: int
+
+    def k_tensor(self, il: int) -> Tensor:
+        raise NotImplementedError
+
+    def v_tensor(self, il: int) -> Tensor:
+        raise NotImplementedError
+
+    def get_k(self, ctx: gg.Context, il: int) -> Any:
+        k = self.k_tensor(il).ptr
+        head_dim, n_head_kv = int(k.ne[0]) // self._n_head_kv(il), self._n_head_kv(il)
+        n_embd, size = int(k.ne[0]), int(k.ne[1])
+        return ctx.view_4d(k, head_dim, n_head_kv, self.n_kv, self.n_stream,
+                           _row(k, head_dim), _row(k, n_embd), _row(k, n_embd * size),
+                           _row(k, n_embd * size) * self.s0)  # fmt: skip
+
+    def get_v(self, ctx: gg.Context, il: int) -> Any:
+        v = self.v_tensor(il).ptr
+        n_head_kv = self._n_head_kv(il)
+        n_embd, size = int(v.ne[0]), int(v.ne[1])
+        head_dim = n_embd // n_head_kv
+        if self.v_trans:
+            return ctx.view_4d(v, self.n_kv, n_head_kv, head_dim, self.n_stream,
+                               _row(v, size * head_dim), _row(v, size), _row(v, size * n_embd),
+                               _row(v, size * n_embd) * self.s0)  # fmt: skip
+        return ctx.view_4d(v, head_dim, n_head_kv, self.n_kv, self.n_stream,
+                           _row(v, head_dim), _row(v, n_embd), _row(v, n_embd * size),
+                           _row(v, n_embd * size) * self.s0)  # fmt: skip
+
+    def cpy_k(self, ctx: gg.Context, k_cur: Any, k_idxs: Any, il: int) -> Any:
+        k = self.k_tensor(il).ptr
+        n_embd, n_tokens = int(k_cur.ne[0] * k_cur.ne[1]), int(k_cur.ne[2])
+        rows = ctx.reshape_2d(k, int(k.ne[0]), int(k.ne[1] * k.ne[2]))  # the indices are global
+        return ctx.set_rows(rows, ctx.view_2d(k_cur, n_embd, n_tokens, k_cur.nb[2], 0), k_idxs)
+
+    def cpy_v(self, ctx: gg.Context, v_cur: Any, v_idxs: Any, il: int) -> Any:
+        v = self.v_tensor(il).ptr
+        n_embd, n_tokens = int(v_cur.ne[0] * v_cur.ne[1]), int(v_cur.ne[2])
+        if not self.v_trans:
+            rows = ctx.reshape_2d(v, int(v.ne[0]), int(v.ne[1] * v.ne[2]))
+            return ctx.set_rows(rows, ctx.view_2d(v_cur, n_embd, n_tokens, v_cur.nb[2], 0), v_idxs)
+        # one row per element: v_idxs[i * n_embd + j] = stream offset + j * kv_size + cell_i
+        elems = ctx.reshape_2d(v, 1, int(gg.lib.ggml_nelements(v)))
+        cur = ctx.reshape_2d(ctx.cont_2d(v_cur, n_embd, n_tokens), 1, n_embd * n_tokens)
+        return ctx.set_rows(elems, cur, v_idxs)
+
+    def _n_head_kv(self, il: int) -> int:
+        raise NotImplementedError
 
 
 class RecurrentInputs(Protocol):
@@ -278,60 +348,13 @@ class TinyModel:
         k = rope_ext(ctx.reshape_3d(ctx.mul_mat(self._w(il, "wk"), h), hd, nkv, n_tokens))
         v = ctx.mul_mat(self._w(il, "wv"), h)  # [n_embd_v_gqa, n_tokens], contiguous
 
-        # store: K (and V by rows) through the global row indices of the whole cache
-        k_all = ai.k_tensor(il)
-        v_all = ai.v_tensor(il)
-        n_embd_k, kv_size, n_stream_all = k_all.shape[0], k_all.shape[1], k_all.shape[2]
-        k_rows = ctx.reshape_2d(k_all.ptr, n_embd_k, kv_size * n_stream_all)
-        expand.append(ctx.set_rows(k_rows, ctx.reshape_2d(k, hd * nkv, n_tokens), t_kidx))
-        n_embd_v = v_all.shape[0]
-        if ai.v_trans:
-            # one row per element: v_idxs[i * n_embd_v + j] = stream offset + j * kv_size + cell_i
-            v_elems = ctx.reshape_2d(v_all.ptr, 1, int(gg.lib.ggml_nelements(v_all.ptr)))
-            expand.append(ctx.set_rows(v_elems, ctx.reshape_2d(v, 1, hd * nkv * n_tokens), t_vidx))
-        else:
-            v_rows = ctx.reshape_2d(v_all.ptr, n_embd_v, kv_size * n_stream_all)
-            expand.append(ctx.set_rows(v_rows, v, t_vidx))
-
-        # read: views of n_kv cells of the ubatch's streams
-        ns, n_kv, s0 = ai.n_stream, ai.n_kv, ai.s0
-        kp, vp = k_all.ptr, v_all.ptr
-        k_view = ctx.view_4d(
-            kp,
-            hd,
-            nkv,
-            n_kv,
-            ns,
-            _row(kp, hd),
-            _row(kp, n_embd_k),
-            _row(kp, n_embd_k * kv_size),
-            _row(kp, n_embd_k * kv_size) * s0,
-        )
-        if ai.v_trans:
-            v_view = ctx.view_4d(
-                vp,
-                n_kv,
-                nkv,
-                hd,
-                ns,
-                _row(vp, kv_size * hd),
-                _row(vp, kv_size),
-                _row(vp, kv_size * n_embd_v),
-                _row(vp, kv_size * n_embd_v) * s0,
-            )
-        else:
-            v_view = ctx.view_4d(
-                vp,
-                hd,
-                nkv,
-                n_kv,
-                ns,
-                _row(vp, hd),
-                _row(vp, n_embd_v),
-                _row(vp, n_embd_v * kv_size),
-                _row(vp, n_embd_v * kv_size) * s0,
-            )
-
+        # store K and V at the rows the memory chose, then read the cache views (the
+        # stores come first in the graph, so the views see this ubatch's K and V)
+        expand.append(ai.cpy_k(ctx, k, t_kidx, il))
+        expand.append(ai.cpy_v(ctx, ctx.reshape_3d(v, hd, nkv, n_tokens), t_vidx, il))
+        k_view = ai.get_k(ctx, il)  # [hd, n_head_kv, n_kv, ns]
+        v_view = ai.get_v(ctx, il)  # v_trans: [n_kv, n_head_kv, hd, ns]
+        ns = int(k_view.ne[3])
         n_tps = n_tokens // ns
         q = ctx.view_4d(q, hd, nh, n_tps, ns, q.nb[1], q.nb[2], q.nb[2] * n_tps, 0)
         q = ctx.permute(q, 0, 2, 1, 3)  # [hd, n_tps, n_head, ns]
@@ -339,7 +362,7 @@ class TinyModel:
         vv = ctx.permute(v_view, 0, 2, 1, 3)
         scale = 1.0 / float(np.sqrt(hd))
         if flash_attn:
-            if ai.v_trans:
+            if v_view.nb[1] > v_view.nb[2]:  # transposed V
                 vv = ctx.transpose(vv)
             cur = ctx.flash_attn_ext(q, kk, vv, t_mask, scale, 0.0, 0.0)
             gg.lib.ggml_flash_attn_ext_set_prec(cur, gg.lib.GGML_PREC_F32)
@@ -349,7 +372,7 @@ class TinyModel:
             kq = ctx.mul_mat(kk, q)  # [n_kv, n_tps, n_head, ns]
             gg.lib.ggml_mul_mat_set_prec(kq, gg.lib.GGML_PREC_F32)
             kq = ctx.soft_max_ext(kq, t_mask, scale, 0.0)
-            if not ai.v_trans:
+            if v_view.nb[1] <= v_view.nb[2]:  # V by rows: mul_mat needs it transposed
                 vv = ctx.cont(ctx.transpose(vv))
             kqv = ctx.mul_mat(vv, kq)  # [hd, n_tps, n_head, ns]
             cur = ctx.cont_2d(ctx.permute(kqv, 0, 2, 1, 3), hd * nh, n_tokens)
