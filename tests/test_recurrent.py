@@ -664,3 +664,53 @@ def test_two_phase_read_plan() -> None:
     with pytest.raises(StateError, match="memory changed"):
         plan.commit()
     assert other.seq_pos_max(2) == -1
+
+
+# ---------------------------------------------------------------------------------------
+# ggml graph helpers
+# ---------------------------------------------------------------------------------------
+
+
+def run_build_rs(mem: RecurrentMemory, ctx_mem, il: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    import pymem.ggml as gg
+    from pymem._native import lib
+    from pymem.recurrent import build_rs, build_rs_inputs, rs_store_view
+
+    with gg.Context() as g:
+        inp = build_rs_inputs(g, ctx_mem)
+        expand: list = []
+        out = build_rs(g, inp, mem.get_r_l(il), R, expand)
+        lib.ggml_set_output(out)  # keep it readable after the run
+        # the model would compute new states from `out`; store them (+100) as the kernels do
+        new = g.scale_bias(out, 1.0, 100.0)
+        store = g.cpy(new, rs_store_view(g, inp, mem.get_r_l(il), R))
+        runner = gg.GraphRunner("CPU", n_threads=1)
+        (gathered,) = runner.run(g, [*expand, out, store], inputs=inp.feed(), read=[out])
+        runner.close()
+    return gathered[..., 0].ravel(), mem.get_r_l(il).numpy()[:, 0].copy()
+
+
+def test_build_rs_gathers_zeroes_and_copies_extra_states() -> None:
+    # the fork/swap case: cells become [seq 3, seq 0, seq 1] with src0 [0, 0, 1], rs_z 2
+    mem = make_rec()
+    place(mem, (0, 2), (1, 2), n_seq_tokens=3)
+    mem.seq_cp(0, 3)
+    fill_rows(mem)
+    ctx = decode_ubatches(mem, [ub((3, 3), (0, 3))])
+    assert ctx.s_copy().tolist() == [0, 0, 1]
+    gathered, rows = run_build_rs(mem, ctx)
+    assert gathered.tolist() == [0.0, 0.0]  # both forks start from the shared row 0
+    # rows 0, 1: new states (100 + source); row 2: seq 1's state copied from row 1
+    assert rows.tolist()[:4] == [100.0, 100.0, 1.0, 3.0]
+
+
+def test_build_rs_new_sequence_starts_from_zero_and_rollback_plane() -> None:
+    mem = make_rec(n_rs_seq=1)
+    place(mem, (0, 4))
+    fill_rows(mem)  # garbage in the cell a new sequence will take
+    mem.seq_rm(0, 4, -1)  # rollback seq 0 by one token: plane 1
+    ctx = decode_ubatches(mem, [ub((0, 4), (1, 0))])
+    assert (ctx.get_rs_z(), ctx.s_copy().tolist()) == (1, [4 + 0, 1])
+    gathered, rows = run_build_rs(mem, ctx)
+    assert gathered.tolist() == [4.0, 0.0]  # snapshot row 4; zeroed rs_z row 1
+    assert rows.tolist()[:2] == [104.0, 100.0]
