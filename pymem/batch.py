@@ -305,7 +305,10 @@ class Batch:
             )
         self.n_tokens = n
 
-        self.pos = None if pos is None else _int_array("pos", pos, (1, 2)).reshape(-1)
+        self.pos = None
+        if pos is not None:
+            p = _int_array("pos", pos, (1, 2))
+            self.pos = p if p.ndim == 1 else p.reshape(-1)  # [n_pos, n] -> section-major
 
         self.seq_id, self.n_seq_id = self._seq_ids(seq_id, n_seq_id, n)
 
@@ -425,7 +428,7 @@ class _Prepared:
     set_bits: list[int] | None  # per set, the 256-bit set as a Python int (coupled only)
     csr_tok: np.ndarray  # token indices grouped by set, batch order inside a set
     set_start: np.ndarray  # int64 [n_sets + 1], offsets into csr_tok
-    rank: np.ndarray  # int64 [n], index of each token inside its set's list
+    csr_key: np.ndarray  # int64, set * (n + 1) + token for csr_tok: sorted ascending
 
 
 class BatchAllocator:
@@ -449,6 +452,7 @@ class BatchAllocator:
         self._first_unused = 0  # a lower bound of the first unused token
         self._out_ids: list[np.ndarray] = []
         self._splitter: str | None = None
+        self._set_used = np.zeros(0, dtype=np.int64)  # tokens split_equal took from each set
 
     # ---------------------------------------------------------------- validation ----
 
@@ -665,9 +669,8 @@ class BatchAllocator:
         csr_tok = np.argsort(set_id, kind="stable")
         set_start = np.zeros(n_sets + 1, dtype=np.int64)
         np.cumsum(np.bincount(set_id, minlength=n_sets), out=set_start[1:])
-        rank = np.empty(n, dtype=np.int64)
-        # E.g. set_id [1, 0, 1] -> csr_tok [1, 0, 2], rank [0, 0, 1]
-        rank[csr_tok] = np.arange(n) - set_start[set_id[csr_tok]]
+        # E.g. set_id [1, 0, 1] (n 3) -> csr_tok [1, 0, 2], set_start [0, 1, 3], keys [1, 4, 6]
+        csr_key = set_id[csr_tok].astype(np.int64) * (n + 1) + csr_tok
 
         self._b = _Prepared(
             n_tokens=n,
@@ -688,7 +691,7 @@ class BatchAllocator:
             set_bits=set_bits,
             csr_tok=csr_tok,
             set_start=set_start,
-            rank=rank,
+            csr_key=csr_key,
         )
         self.split_reset()
 
@@ -831,6 +834,7 @@ class BatchAllocator:
         self._first_unused = 0
         self._out_ids = []
         self._splitter = None
+        self._set_used = np.zeros(0 if self._b is None else self._b.n_sets, dtype=np.int64)
 
     def _begin(self, name: str, n_ubatch: int) -> _Prepared:
         b = self._prepared()
@@ -875,15 +879,15 @@ class BatchAllocator:
     def split_equal(self, n_ubatch: int, sequential: bool, n_keep_tail: int = 0) -> UBatch | None:
         """A ubatch of disjoint sequence sets, the same number of tokens from each.
 
-        Sets are taken in the order their first unused token appears (with
-        ``sequential``, only sets whose sequence id is the previous one plus 1), up to
-        ``n_ubatch + 1`` of them (the reference's bound, see the module docstring). Each
-        set gives ``min(shortest remaining set, max(1, n_ubatch // n_sets))`` tokens.
-        With ``n_keep_tail > 0`` the last ``n_keep_tail`` tokens of a sequence never end
-        up in different ubatches: sets that would leave fewer behind are deferred.
-        Returns None when nothing is left, or when ``sequential`` meets coupled
-        sequences (the reference's error; the memory then sees ``n_used < n_tokens``).
-        Output is set-major: all tokens of set 0, then set 1, ...
+        Sets are accepted in batch order of their unused tokens (with ``sequential``,
+        only a set whose sequence id is the previous one plus 1), up to ``n_ubatch + 1``
+        of them (the reference's bound, see the module docstring). Each set then gives
+        ``min(shortest remaining set, max(1, n_ubatch // n_sets))`` tokens, starting at
+        its first unused token. With ``n_keep_tail > 0`` the last ``n_keep_tail`` tokens
+        of a sequence never land in different ubatches: sets that would leave fewer
+        behind are deferred. Returns None when nothing is left, or when ``sequential``
+        meets coupled sequences (the reference's error; the memory then sees
+        ``n_used < n_tokens``). Output is set-major: all tokens of set 0, then set 1, ...
         """
         b = self._begin("split_equal", n_ubatch)
         if n_keep_tail < 0 or (n_keep_tail > 0 and n_ubatch <= n_keep_tail):
@@ -897,104 +901,96 @@ class BatchAllocator:
                 "sequences in the input batch (you may need to use the -kvu flag)"
             )
             return None
-        unused = np.flatnonzero(~self._used)
-        if len(unused) == 0:
+        cur = self._next_unused()
+        if cur >= b.n_tokens:
             return None
         cap = n_ubatch + 1  # the reference stops only after exceeding n_ubatch sets
-        if sequential:
-            acc, first = self._accept_sequential(b, unused, cap)
-        else:
-            acc, first = self._accept_disjoint(b, unused, cap)
+        acc = self._accept_sequential(b, cur, cap) if sequential else self._accept_disjoint(b, cap)
 
+        # split_equal consumes each set's token list from the front, so the first unused
+        # token of set a is entry set_used[a] of its list
         n_seqs = len(acc)
-        start = b.set_start[acc] + b.rank[first]  # csr offset of each set's first unused token
-        avail = b.set_start[acc + 1] - start  # entries from there to the end of the set
+        start = b.set_start[acc] + self._set_used[acc]
+        avail = b.set_start[acc + 1] - start
         n_rounds = min(int(avail.min()), max(1, n_ubatch // n_seqs))
-        counts = np.full(n_seqs, n_rounds, dtype=np.int64)
+        count0 = n_rounds
         if n_keep_tail > 0:
             rem = avail - n_rounds
             ok = (rem == 0) | (rem >= n_keep_tail)
             n_keep = n_seqs if ok.all() else int(np.argmin(ok))
             if n_keep == 0:
-                # every set would leave a short tail: finish set 0 if it fits, else leave it
-                # exactly n_keep_tail tokens, and emit it alone
+                # every set would leave a short tail: finish set 0 if it fits, else leave
+                # it exactly n_keep_tail tokens; either way it goes alone
                 r0 = int(rem[0])
-                counts[0] = (
-                    n_rounds + r0 if n_rounds + r0 <= n_ubatch else n_rounds + r0 - n_keep_tail
-                )
+                fits = n_rounds + r0 <= n_ubatch
+                count0 = n_rounds + r0 if fits else n_rounds + r0 - n_keep_tail
                 n_keep = 1
             n_seqs = n_keep
-            counts, start = counts[:n_keep], start[:n_keep]
+            acc, start = acc[:n_keep], start[:n_keep]
         if n_seqs > 1:
             # E.g. start [4, 0], 2 rounds -> csr positions [4, 5, 0, 1] (set-major)
             flat = (start[:, None] + np.arange(n_rounds)).ravel()
+            self._set_used[acc] += n_rounds
         else:
-            flat = np.arange(start[0], start[0] + counts[0])
+            flat = np.arange(start[0], start[0] + count0)
+            self._set_used[acc] += count0
         idxs = b.csr_tok[flat]
         self._take(idxs)
         return self._ubatch_add(idxs, n_seqs, equal_seqs=True)
 
-    @staticmethod
-    def _accept_disjoint(
-        b: _Prepared, unused: np.ndarray, cap: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Sets in order of first unused token, greedily kept while disjoint, at most ``cap``."""
-        # first unused token of each pending set, in batch order. E.g. unused [2, 3, 5],
-        # set_id [1, 1, 0] -> sets [1, 0] at tokens [2, 5]
-        sets, at = np.unique(b.set_id[unused], return_index=True)
-        order = np.argsort(at, kind="stable")
-        sets, first = sets[order], unused[at[order]]
+    def _accept_disjoint(self, b: _Prepared, cap: int) -> np.ndarray:
+        """Sets in batch order of their first unused token, kept while disjoint, at most ``cap``."""
+        pending = np.flatnonzero(b.set_start[:-1] + self._set_used < b.set_start[1:])
+        # E.g. set 0 next at token 5, set 2 next at token 3 -> order [2, 0]
+        first = b.csr_tok[b.set_start[pending] + self._set_used[pending]]
+        sets = pending[np.argsort(first, kind="stable")]
         if b.set_bits is None:  # one sequence per set: all disjoint
-            return sets[:cap].astype(np.int64), first[:cap]
+            return sets[:cap]
         keep: list[int] = []
         acc_bits = 0
         for k, s in enumerate(sets.tolist()):
             if b.set_bits[s] & acc_bits:
-                continue
+                continue  # overlaps an accepted set (now and at its later tokens)
             acc_bits |= b.set_bits[s]
             keep.append(k)
             if len(keep) >= cap:
                 break
-        return sets[keep].astype(np.int64), first[keep]
+        return sets[keep]
 
-    @staticmethod
-    def _accept_sequential(
-        b: _Prepared, unused: np.ndarray, cap: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Sequences s, s+1, s+2, ... each at its first unused token after the previous one.
+    def _accept_sequential(self, b: _Prepared, cur: int, cap: int) -> np.ndarray:
+        """Sequences s, s+1, s+2, ..., each found at an unused token after the previous one.
 
         No coupled tokens here, so a set is one sequence and its number is the seq id.
+        E.g. seqs [0, 2, 1, 2]: 0 at token 0, 2 at 1 refused (not 0+1), 1 at 2, 2 at 3.
         """
         n = b.n_tokens
-        seqs = b.set_id[unused].astype(np.int64)
-        # unused tokens keyed by (seq, index): E.g. seqs [1, 0, 1] at [0, 1, 2] (n 3)
-        # -> keys [1, 4, 6] sorted
-        keys = np.sort(seqs * (n + 1) + unused)
-        acc = [int(seqs[0])]
-        first = [int(unused[0])]
+        acc = [int(b.set_id[cur])]
+        p = cur  # token at which the last set was accepted
         while len(acc) < cap:
-            last, p = acc[-1], first[-1]
+            last = acc[-1]
             vs = np.arange(last + 1, min(b.n_sets, last + 1 + cap - len(acc)), dtype=np.int64)
             if len(vs) == 0:
                 break
-            # first unused token of each candidate sequence after position p
-            at = np.searchsorted(keys, vs * (n + 1) + p + 1)
-            found = keys[np.minimum(at, len(keys) - 1)]
-            nxt = np.where((at < len(keys)) & (found // (n + 1) == vs), found % (n + 1), -1)
-            n_valid = len(vs) if (nxt >= 0).all() else int(np.argmin(nxt >= 0))
-            if n_valid == 0:
-                break  # s+1 never comes after p, so nothing else is accepted
-            # a candidate found after p and after the previous one's token is also the first
-            # after that token; the chain is exact while these tokens increase
-            rising = np.r_[True, nxt[1:n_valid] > nxt[: n_valid - 1]]
-            n_ok = n_valid if rising.all() else int(np.argmin(rising))
+            # first unused token of each candidate sequence after token p: csr_key is
+            # sorted by (seq, token); skip entries before p and the set's used prefix
+            q = np.searchsorted(b.csr_key, vs * (n + 1) + p + 1)
+            q = np.maximum(q, b.set_start[vs] + self._set_used[vs])
+            found = q < b.set_start[vs + 1]
+            nxt = np.where(found, b.csr_tok[np.minimum(q, n - 1)], -1)
+            n_found = len(vs) if found.all() else int(np.argmin(found))
+            if n_found == 0:
+                break  # last+1 has no unused token after p, so nothing more is accepted
+            # a candidate found after p and after the previous candidate's token is also
+            # the first after that token: the chain is exact while these tokens increase
+            rising = np.r_[True, nxt[1:n_found] > nxt[: n_found - 1]]
+            n_ok = n_found if rising.all() else int(np.argmin(rising))
             acc.extend(vs[:n_ok].tolist())
-            first.extend(nxt[:n_ok].tolist())
-            if n_ok == n_valid:
+            p = int(nxt[n_ok - 1])
+            if n_ok == n_found:
                 # the cap or the last sequence was reached, or the next sequence has no
                 # unused token after p (so none after any later token either)
                 break
-        return np.asarray(acc, dtype=np.int64), np.asarray(first, dtype=np.int64)
+        return np.asarray(acc, dtype=np.int64)
 
     def split_seq(self, n_ubatch: int) -> UBatch | None:
         """One sequence set per ubatch: the first unused token, then later tokens whose set
@@ -1021,6 +1017,10 @@ class BatchAllocator:
             if k >= need:
                 take.append(cand[:need])
                 n_taken += need
+                break
+            if k == len(cand):  # no strict subset ahead: all of them fit
+                take.append(cand)
+                n_taken += k
                 break
             take.append(cand[: k + 1])
             n_taken += k + 1
