@@ -95,14 +95,30 @@ class DecodeResult:
     error: Exception | None = None
 
 
-def decode(kv: KVCache, items: list, n_ubatch: int = 256, on_ubatch=None) -> DecodeResult:
+class RecordedPositions:
+    """Positions a recorded run reported (the batch check of a composed memory)."""
+
+    def __init__(self, pos: list) -> None:
+        self.pos = pos
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        return self.pos[seq_id][0] if seq_id < len(self.pos) else -1
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        return self.pos[seq_id][1] if seq_id < len(self.pos) else -1
+
+
+def decode(
+    kv: KVCache, items: list, n_ubatch: int = 256, on_ubatch=None, memory=None
+) -> DecodeResult:
     """Validate, update, plan and apply a batch of ``[token, pos, [seq ids], output]``.
 
-    ``on_ubatch(ctx)`` runs after each ``apply()`` (tests write K/V rows there).
+    ``on_ubatch(ctx)`` runs after each ``apply()`` (tests write K/V rows there);
+    ``memory`` answers the batch's position checks (default: the cache itself).
     """
     balloc = BatchAllocator(kv.n_pos_per_embd)
     try:
-        balloc.init(Batch.from_items(items), memory=kv, n_seq_max=kv.n_seq_max)
+        balloc.init(Batch.from_items(items), memory=memory or kv, n_seq_max=kv.n_seq_max)
     except BatchError as e:
         return DecodeResult(-1, error=e)
     upd = kv.init_update()

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from kv_helpers import (
+    RecordedPositions,
     check_invariants,
     decode,
     fill_rows_from_part,
@@ -213,3 +214,101 @@ def test_restore_each_recorded_seq_blob_round_trips(seq):
         check_invariants(kv)
         assert bytes(kv.state_write(seq)) == data
         kv.close()
+
+
+# ---------------------------------------------------------------------------------------
+# jamba.main.fa1.u0: the attention part of a hybrid, one stream per sequence, V not
+# transposed. Jamba has no RoPE, so the K-shift is metadata only and every byte of the
+# KV part is reproducible. The hybrid wraps the cache: its seq_rm tries the recurrent
+# part first (result False => the KV cache was not touched), and a restore that fails in
+# the recurrent part undoes the KV part with state_clear.
+# ---------------------------------------------------------------------------------------
+
+JAMBA = DATA / "runs" / "jamba.main.fa1.u0.json"
+
+
+def jamba_cache(run: dict) -> KVCache:
+    mem = run["memory"]
+    none = RopeSpec(n_rot=8, rope_type=RopeType.NONE)
+    ssm = LayerSpec.ssm(96, 128)
+    att = LayerSpec.attention(1, 8, rope=none)
+    spec = ModelSpec(layers=(ssm, att, ssm, att), arch="jamba")
+    part = mem["parts"][0]
+    return KVCache(
+        spec,
+        type_k=part["k_type"],
+        type_v=part["v_type"],
+        v_trans=part["v_trans"],
+        unified=mem["kv_unified"],
+        kv_size=part["kv_size"],
+        n_seq_max=part["n_seq_max"],
+        filter=lambda il: not spec.layers[il].recurrent,
+    )
+
+
+def kv_part_of(data: bytes, n_layer: int):
+    part = parse_kv_part(data, n_layer)
+    return data[: part.end], part
+
+
+def test_replay_jamba_attention_part():
+    run = json.loads(JAMBA.read_text())
+    kv = jamba_cache(run)
+    assert kv.get_layer_ids() == [1, 3] and kv.n_stream == 4 and not kv.v_trans
+    n_layer = 2
+    zeros_seen = False
+    prev_pos = None
+    for step in run["steps"]:
+        op = step["op"]
+        recorded = "state" in step  # two seq_rm steps have sizes but no blobs
+        ref_bytes, ref_part = (
+            kv_part_of(strip_whole(blob(step["state"])), n_layer) if recorded else (None, None)
+        )
+        if op == "decode":
+            res = decode(
+                kv,
+                step["items"],
+                n_ubatch=run["memory"]["n_ubatch"],
+                memory=RecordedPositions(prev_pos),
+            )
+            assert res.code == step["result"], step["i"]
+            for sinfo, _ub in res.placed:
+                for j, strm in enumerate(sinfo.strm.tolist()):
+                    nonempty = np.flatnonzero(kv.v_cells[strm].pos >= 0)
+                    idx = sinfo.idxs[j].astype(np.int64)
+                    fill_rows_from_part(kv, ref_part, strm, idx, np.searchsorted(nonempty, idx))
+        elif op == "seq_rm":
+            if step["result"]:  # the recurrent part accepted it, so the hybrid went on
+                assert kv.seq_rm(step["seq"], step["p0"], step["p1"]) is True
+        elif op == "seq_cp":
+            kv.seq_cp(step["src"], step["dst"], step["p0"], step["p1"])
+        elif op == "seq_keep":
+            kv.seq_keep(step["seq"])
+        elif op == "seq_add":
+            kv.seq_add(step["seq"], step["p0"], step["p1"], step["delta"])
+        elif op == "seq_div":
+            kv.seq_div(step["seq"], step["p0"], step["p1"], step["d"])
+        elif op == "clear":
+            kv.clear(step["data"])
+        elif op == "state_seq_set":
+            data, _ = kv_part_of(strip_seq(blob(step["blob"])), n_layer)
+            assert kv.state_read(data, step["seq"]) == len(data)
+            if step["result"] == 0:
+                kv.state_clear(step["seq"])  # the recurrent part failed: the hybrid undoes
+        elif op == "state_set":
+            data, _ = kv_part_of(strip_whole(blob(step["blob"])), n_layer)
+            assert kv.state_read(data, -1) == len(data)
+        check_invariants(kv)
+        prev_pos = step["pos"]
+        if not recorded:
+            continue
+        mine = bytes(kv.state_write())
+        assert mine == ref_bytes, f"step {step['i']} ({op}): KV part of the whole state differs"
+        if op == "seq_cp":
+            # the cross-stream copy is deferred: the destination's K rows are still zero
+            sp = ref_part.streams[step["dst"]]
+            zeros_seen |= not any(sp.k[0][2])
+        for s in range(4):
+            ref_seq, _ = kv_part_of(strip_seq(blob(step["seq_state"][s])), n_layer)
+            assert bytes(kv.state_write(s)) == ref_seq, f"step {step['i']} ({op}): seq {s}"
+    assert zeros_seen
