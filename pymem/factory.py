@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pymem.errors import ConfigError
+from pymem.iswa import swa_cache_size
 from pymem.spec import ModelSpec, SWAType
 from pymem.ubatch import LLAMA_MAX_SEQ
 
@@ -65,9 +66,6 @@ LayerFilter = Callable[[int], bool]
 
 CTX_PAD = 256
 """The reference pads ``n_ctx`` (and per-stream ``n_ctx_seq``) to a multiple of 256."""
-
-SWA_PAD = 256
-"""The SWA cache is always padded to 256 cells (llama.cpp issue 17037)."""
 
 # archs whose create_memory returns no memory at all (encoders, diffusion models)
 NO_MEMORY_ARCHS = frozenset(
@@ -219,19 +217,6 @@ def resolve_context(spec: ModelSpec, params: ContextParams) -> ContextSizes:
         rs_size=max(1, n_seq_max),
         device=params.device,
     )
-
-
-def swa_cache_size(
-    kv_size: int, n_swa: int, unified: bool, n_seq_max: int, n_ubatch: int, swa_full: bool
-) -> int:
-    """Cells of an iSWA cache's SWA part (per stream).
-
-    E.g. kv_size 4096, n_swa 128, 4 seqs unified, n_ubatch 512 -> PAD(min(4096, 1024), 256) = 1024;
-    not unified -> PAD(min(4096, 640), 256) = 768; swa_full -> 4096.
-    """
-    if swa_full:
-        return kv_size
-    return pad(min(kv_size, n_swa * (n_seq_max if unified else 1) + n_ubatch), SWA_PAD)
 
 
 # --------------------------------------------------------------------------------------
@@ -589,7 +574,7 @@ def build_recurrent(spec: ModelSpec, part: RecurrentPartPlan, device: Any = None
 
 def build_from_plan(plan: MemoryPlan) -> Memory | None:
     """Allocate the memory a :class:`MemoryPlan` describes (None for type ``"none"``)."""
-    from pymem.hybrid import HybridMemory
+    from pymem.hybrid import HybridISWAMemory, HybridMemory
     from pymem.iswa import KVCacheISWA
 
     spec, ctx = plan.spec, plan.ctx
@@ -623,7 +608,7 @@ def build_from_plan(plan: MemoryPlan) -> Memory | None:
             for p in parts:
                 p.close()
             raise
-        return HybridMemory(KVCacheISWA.from_parts(parts[0], parts[1]), parts[2])
+        return HybridISWAMemory(KVCacheISWA.from_parts(parts[0], parts[1]), parts[2])
     raise ConfigError(f"plan.type: unknown memory type {plan.type!r}")
 
 

@@ -1,0 +1,433 @@
+"""Hybrid memories: attention + recurrent state for models that mix both kinds of layer.
+
+``llama_memory_hybrid`` (a :class:`~pymem.kv.KVCache` + a
+:class:`~pymem.recurrent.RecurrentMemory`) and ``llama_memory_hybrid_iswa`` (a
+:class:`~pymem.iswa.KVCacheISWA` + a RecurrentMemory) differ only in their attention
+part, so pymem has one composition, :class:`HybridMemory`, whose attention part is either
+(:class:`HybridISWAMemory` is the same class with an iSWA attention part)::
+
+    HybridMemory
+    +-- attn: KVCache | KVCacheISWA   layers where filter_attn(il) (default: not recurrent)
+    +-- recr: RecurrentMemory         layers where filter_recr(il) (default: recurrent)
+
+The parts are driven only through their public interfaces (``prepare``, contexts, seq
+ops, two-phase state I/O); the hybrid never touches their cells.
+
+Reference behaviour kept on purpose (pinned by tests/test_hybrid.py):
+
+* ``init_batch`` splits as recurrent memory does: ``split_seq`` when ``embd_all``, else
+  ``split_equal(n_ubatch, sequential = attention not unified, n_keep_tail = n_rs_seq + 1
+  if n_rs_seq else 0)``; then the recurrent part prepares first, the attention part second.
+* ``seq_rm`` asks the recurrent part first and returns False, changing nothing, when it
+  refuses (a partial range that cuts a recurrent state; any ``seq_id < 0``).
+* ``seq_pos_min = max(attn, recr)`` and ``seq_pos_max = min(attn, recr)`` (llama.cpp
+  PR 24797 discusses why that is confusing: after ``seq_keep`` the answer can be
+  ``pos_min > pos_max``). :meth:`HybridMemory.seq_pos_ranges` reports each part's own range.
+* ``get_can_shift`` is the attention part's answer.
+* State: ``[attention][recurrent]``. Under ``PARTIAL_ONLY`` the plain hybrid leaves the
+  attention part out; the iSWA hybrid leaves only the base cache out (the SWA cache is
+  still written), exactly as the reference.
+
+Better than the reference without changing any byte or return value: a failed
+``state_read`` leaves the whole memory as it was (every part is parsed and validated
+before any is committed). The reference's plain hybrid undoes its attention part but has
+already emptied the destination; its iSWA hybrid undoes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Union
+
+from pymem.errors import BatchError, ConfigError
+from pymem.iswa import CompositeStatePlan, ISWASlots, KVCacheISWA, KVCacheISWAContext
+from pymem.memory import Memory, MemoryContext, MemoryStatus, StateFlags, status_combine
+
+if TYPE_CHECKING:
+    from pymem.batch import BatchAllocator
+    from pymem.kv import KVCache, KVCacheContext, SlotInfo
+    from pymem.recurrent import RecurrentMemory, RecurrentMemoryContext
+    from pymem.spec import ModelSpec
+    from pymem.state import StateReader, StateWriter
+    from pymem.ubatch import UBatch
+
+AttnPart = Union["KVCache", KVCacheISWA]
+AttnContext = Union["KVCacheContext", KVCacheISWAContext]
+
+
+class HybridMemory(Memory):
+    """Attention (KVCache or KVCacheISWA) + recurrent memory (``llama_memory_hybrid[_iswa]``).
+
+    Build it from two parts (``HybridMemory(attn, recr)``), from a spec with
+    :meth:`build`, or let :func:`pymem.factory.create_memory` choose.
+    """
+
+    def __init__(self, attn: AttnPart, recr: RecurrentMemory) -> None:
+        if attn.n_seq_max != recr.n_seq_max:
+            raise ConfigError(
+                f"recr: n_seq_max {recr.n_seq_max} differs from the attention part's {attn.n_seq_max}"
+            )
+        self.mem_attn = attn
+        self.mem_recr = recr
+        self.spec: ModelSpec = recr.spec
+        self.n_seq_max = recr.n_seq_max
+        self.is_iswa = isinstance(attn, KVCacheISWA)
+
+    @classmethod
+    def build(
+        cls,
+        spec: ModelSpec,
+        *,
+        type_k: Any = "f16",
+        type_v: Any = "f16",
+        v_trans: bool = True,
+        kv_size: int,
+        n_seq_max: int,
+        n_rs_seq: int = 0,
+        rs_size: int | None = None,
+        unified: bool = True,
+        swa_full: bool = False,
+        n_ubatch: int = 512,
+        n_pad: int = 1,
+        device: str | Mapping[int, str] = "CPU",
+        filter_attn: Callable[[int], bool] | None = None,
+        filter_recr: Callable[[int], bool] | None = None,
+    ) -> HybridMemory:
+        """The reference constructors: a hybrid-iSWA memory when the spec slides, else plain.
+
+        Default filters: recurrent layers -> recurrent part, the others -> attention.
+        ``rs_size`` defaults to ``max(1, n_seq_max)``.
+        """
+        from pymem.kv import KVCache
+        from pymem.recurrent import RecurrentMemory
+        from pymem.spec import SWAType
+
+        def f_attn(il: int) -> bool:
+            return filter_attn(il) if filter_attn is not None else not spec.layers[il].recurrent
+
+        def f_recr(il: int) -> bool:
+            return filter_recr(il) if filter_recr is not None else spec.layers[il].recurrent
+
+        attn: AttnPart
+        common = dict(type_k=type_k, type_v=type_v, v_trans=v_trans, device=device, unified=unified)
+        if spec.swa_type != SWAType.NONE:
+            attn = KVCacheISWA(
+                spec, swa_full=swa_full, kv_size=kv_size, n_seq_max=n_seq_max, n_ubatch=n_ubatch,
+                n_pad=n_pad, filter=f_attn, **common,
+            )  # fmt: skip
+        else:
+            attn = KVCache(
+                spec, kv_size=kv_size, n_seq_max=n_seq_max, n_pad=n_pad, n_swa=spec.n_swa,
+                swa_type=spec.swa_type, filter=f_attn, **common,
+            )  # fmt: skip
+        try:
+            recr = RecurrentMemory(
+                spec,
+                mem_size=rs_size if rs_size is not None else max(1, n_seq_max),
+                n_seq_max=n_seq_max,
+                n_rs_seq=n_rs_seq,
+                filter=f_recr,
+                device=device,
+            )
+        except Exception:
+            attn.close()
+            raise
+        return HybridISWAMemory(attn, recr) if isinstance(attn, KVCacheISWA) else cls(attn, recr)
+
+    # --- parts and properties --------------------------------------------------------
+    def get_mem_attn(self) -> AttnPart:
+        return self.mem_attn
+
+    def get_mem_recr(self) -> RecurrentMemory:
+        return self.mem_recr
+
+    def parts(self) -> dict[str, Any]:
+        """The innermost memories by name, in serialisation order.
+
+        Plain: ``attention``, ``recurrent``; iSWA: ``attention`` (base), ``swa``, ``recurrent``.
+        """
+        if isinstance(self.mem_attn, KVCacheISWA):
+            return {
+                "attention": self.mem_attn.kv_base,
+                "swa": self.mem_attn.kv_swa,
+                "recurrent": self.mem_recr,
+            }
+        return {"attention": self.mem_attn, "recurrent": self.mem_recr}
+
+    def get_can_shift(self) -> bool:
+        return self.mem_attn.get_can_shift()
+
+    @property
+    def n_pos_per_embd(self) -> int:
+        return self.spec.n_pos_per_embd
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes per device, all parts summed (as the reference)."""
+        out: dict[str, int] = {}
+        for part in (self.mem_attn, self.mem_recr):
+            for dev, n in part.memory_breakdown().items():
+                out[dev] = out.get(dev, 0) + n
+        return out
+
+    def memory_breakdown_by_part(self) -> dict[str, dict[str, int]]:
+        """Bytes per device for each part (names as :meth:`parts`)."""
+        return {name: mem.memory_breakdown() for name, mem in self.parts().items()}
+
+    def close(self) -> None:
+        self.mem_attn.close()
+        self.mem_recr.close()
+
+    # --- planning --------------------------------------------------------------------
+    def _attn_unified(self) -> bool:
+        return self.mem_attn.get_n_stream() == 1
+
+    def init_batch(
+        self, balloc: BatchAllocator, n_ubatch: int, embd_all: bool = False
+    ) -> HybridContext:
+        """Split as recurrent memory does, prepare recurrent then attention (nothing changes)."""
+        sequential = not self._attn_unified()
+        n_rs_seq = self.mem_recr.n_rs_seq
+        n_keep_tail = n_rs_seq + 1 if n_rs_seq > 0 else 0
+        balloc.split_reset()
+        ubatches: list[UBatch] = []
+        while True:
+            if embd_all:
+                ub = balloc.split_seq(n_ubatch)
+            else:
+                ub = balloc.split_equal(n_ubatch, sequential, n_keep_tail)
+            if ub is None or ub.n_tokens == 0:
+                break
+            ubatches.append(ub)
+        if balloc.n_used < balloc.n_tokens or not ubatches:
+            return HybridContext.failed(MemoryStatus.FAILED_PREPARE)
+        if not self.mem_recr.prepare(ubatches):
+            return HybridContext.failed(MemoryStatus.FAILED_PREPARE)
+        attn_plan = self.mem_attn.prepare(ubatches)
+        if attn_plan is None:
+            return HybridContext.failed(MemoryStatus.FAILED_PREPARE)
+        return HybridContext(
+            self._attn_context(attn_plan, ubatches), self._recr_context(ubatches), ubatches
+        )
+
+    def _attn_context(
+        self, plan: list[SlotInfo] | ISWASlots, ubatches: list[UBatch]
+    ) -> AttnContext:
+        if isinstance(self.mem_attn, KVCacheISWA):
+            assert isinstance(plan, ISWASlots)
+            return self.mem_attn.context_for(plan, ubatches)
+        from pymem.kv import KVCacheContext
+
+        assert isinstance(plan, list)
+        return KVCacheContext(self.mem_attn, MemoryStatus.SUCCESS, sinfos=plan, ubatches=ubatches)
+
+    def _recr_context(self, ubatches: list[UBatch]) -> RecurrentMemoryContext:
+        from pymem.recurrent import RecurrentMemoryContext
+
+        return RecurrentMemoryContext(self.mem_recr, ubatches)
+
+    def init_full(self) -> HybridContext:
+        return HybridContext(self.mem_attn.init_full(), self.mem_recr.init_full(), [])
+
+    def init_update(self, optimize: bool = False) -> HybridContext:
+        return HybridContext(
+            self.mem_attn.init_update(optimize), self.mem_recr.init_update(optimize), []
+        )
+
+    # --- sequence operations ---------------------------------------------------------
+    def clear(self, data: bool = True) -> None:
+        self.mem_attn.clear(data)
+        self.mem_recr.clear(data)
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        """Recurrent part first; when it refuses, False and nothing changed anywhere."""
+        if not self.mem_recr.seq_rm(seq_id, p0, p1):
+            return False
+        return self.mem_attn.seq_rm(seq_id, p0, p1)
+
+    def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
+        self.mem_attn.seq_cp(seq_id_src, seq_id_dst, p0, p1)
+        self.mem_recr.seq_cp(seq_id_src, seq_id_dst, p0, p1)
+
+    def seq_keep(self, seq_id: int) -> None:
+        self.mem_attn.seq_keep(seq_id)
+        self.mem_recr.seq_keep(seq_id)
+
+    def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
+        self.mem_attn.seq_add(seq_id, p0, p1, shift)
+        self.mem_recr.seq_add(seq_id, p0, p1, shift)
+
+    def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
+        self.mem_attn.seq_div(seq_id, p0, p1, d)
+        self.mem_recr.seq_div(seq_id, p0, p1, d)
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        """``max(attention, recurrent)``, as the reference (see :meth:`seq_pos_ranges`)."""
+        return max(self.mem_attn.seq_pos_min(seq_id), self.mem_recr.seq_pos_min(seq_id))
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        """``min(attention, recurrent)``, as the reference."""
+        return min(self.mem_attn.seq_pos_max(seq_id), self.mem_recr.seq_pos_max(seq_id))
+
+    def seq_pos_ranges(self, seq_id: int) -> dict[str, tuple[int, int]]:
+        """Each part's own ``(pos_min, pos_max)`` of ``seq_id``, ``(-1, -1)`` when absent.
+
+        ``"attention"``: the full-attention cache (everything still attended by full
+        layers); ``"swa"`` (iSWA hybrids only): the window the SWA layers still see;
+        ``"recurrent"``: the position folded into the recurrent state (min == max).
+        E.g. after ``seq_keep(1)`` with one stream per sequence, sequence 0 may report
+        ``seq_pos_min 0 > seq_pos_max -1``; here: ``{"attention": (0, 12), "recurrent": (-1, -1)}``.
+        """
+        out: dict[str, tuple[int, int]] = {}
+        if isinstance(self.mem_attn, KVCacheISWA):
+            out.update(self.mem_attn.seq_pos_ranges(seq_id))
+        else:
+            out["attention"] = (
+                self.mem_attn.seq_pos_min(seq_id),
+                self.mem_attn.seq_pos_max(seq_id),
+            )
+        out["recurrent"] = (self.mem_recr.seq_pos_min(seq_id), self.mem_recr.seq_pos_max(seq_id))
+        return out
+
+    # --- state -----------------------------------------------------------------------
+    def _attn_in_state(self, flags: int) -> bool:
+        """Whether the attention part takes part in a blob with these flags.
+
+        PARTIAL_ONLY drops a plain KV attention part entirely; an iSWA part handles the
+        flag itself (drops its base cache, keeps its SWA cache).
+        """
+        return self.is_iswa or not int(flags) & StateFlags.PARTIAL_ONLY
+
+    def state_write_into(self, writer: StateWriter, seq_id: int = -1, flags: int = 0) -> None:
+        if self._attn_in_state(flags):
+            self.mem_attn.state_write_into(writer, seq_id, flags)
+        self.mem_recr.state_write_into(writer, seq_id, flags)
+
+    def state_read_parse(
+        self, reader: StateReader, seq_id: int = -1, flags: int = 0
+    ) -> CompositeStatePlan:
+        """Parse and validate every part (nothing changes); ``commit()`` applies them all."""
+        parts: list[Any] = []
+        if self._attn_in_state(flags):
+            plan = self.mem_attn.state_read_parse(reader, seq_id, flags)
+            parts.extend(plan.parts if isinstance(plan, CompositeStatePlan) else [plan])
+        parts.append(self.mem_recr.state_read_parse(reader, seq_id, flags))
+        return CompositeStatePlan(parts)
+
+    def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
+        from pymem.state import write_state
+
+        return write_state(lambda w: self.state_write_into(w, seq_id, flags))
+
+    def state_write_to(self, fileobj: BinaryIO, seq_id: int = -1, flags: int = 0) -> int:
+        from pymem.state import write_state_to
+
+        return write_state_to(fileobj, lambda w: self.state_write_into(w, seq_id, flags))
+
+    def state_size(self, seq_id: int = -1, flags: int = 0) -> int:
+        from pymem.state import state_size
+
+        return state_size(lambda w: self.state_write_into(w, seq_id, flags))
+
+    def state_read(
+        self, data: bytes | bytearray | memoryview, seq_id: int = -1, flags: int = 0
+    ) -> int:
+        """Restore from a blob; returns the bytes consumed. Nothing changes on failure."""
+        from pymem.state import StateReader
+
+        reader = StateReader(data)
+        self.state_read_parse(reader, seq_id, flags).commit()
+        return reader.offset
+
+    def state_read_from(self, fileobj: BinaryIO, seq_id: int = -1, flags: int = 0) -> int:
+        from pymem.state import StateReader
+
+        start = fileobj.tell() if fileobj.seekable() else None
+        reader = StateReader.from_file(fileobj)
+        self.state_read_parse(reader, seq_id, flags).commit()
+        if start is not None:
+            fileobj.seek(start + reader.offset)
+        return reader.offset
+
+
+class HybridISWAMemory(HybridMemory):
+    """``llama_memory_hybrid_iswa``: a :class:`HybridMemory` whose attention part is a
+    :class:`~pymem.iswa.KVCacheISWA`. No behaviour of its own; the class exists so that
+    ``isinstance`` and ``repr`` say which reference type a memory is."""
+
+    def __init__(self, attn: KVCacheISWA, recr: RecurrentMemory) -> None:
+        if not isinstance(attn, KVCacheISWA):
+            raise ConfigError(
+                f"attn: a hybrid-iSWA memory needs a KVCacheISWA, got {type(attn).__name__}"
+            )
+        super().__init__(attn, recr)
+
+
+class HybridContext(MemoryContext):
+    """Attention and recurrent contexts over the same ubatches (``llama_memory_hybrid_context``).
+
+    Status is the two sub-contexts' statuses combined (:func:`pymem.memory.status_combine`).
+    ``apply()`` applies attention then recurrent. Graph inputs come from the parts:
+    :meth:`get_attn` (a KVCacheContext, or a KVCacheISWAContext with ``get_base()`` /
+    ``get_swa()``) and :meth:`get_recr` (a RecurrentMemoryContext).
+    """
+
+    def __init__(
+        self,
+        ctx_attn: AttnContext | None,
+        ctx_recr: RecurrentMemoryContext | None,
+        ubatches: Sequence[UBatch],
+        *,
+        status: MemoryStatus | None = None,
+    ) -> None:
+        self.ctx_attn = ctx_attn
+        self.ctx_recr = ctx_recr
+        self.ubatches = list(ubatches)
+        self.i_next = 0
+        if status is None:
+            assert ctx_attn is not None and ctx_recr is not None
+            status = status_combine(ctx_attn.get_status(), ctx_recr.get_status())
+        self.status = status
+
+    @classmethod
+    def failed(cls, status: MemoryStatus) -> HybridContext:
+        return cls(None, None, [], status=status)
+
+    def get_status(self) -> MemoryStatus:
+        return self.status
+
+    def _require_success(self, what: str) -> None:
+        if self.status != MemoryStatus.SUCCESS or self.ctx_attn is None or self.ctx_recr is None:
+            raise BatchError(f"{what}: context status is {self.status.name}")
+
+    def next(self) -> bool:
+        self._require_success("next")
+        assert self.ctx_attn is not None and self.ctx_recr is not None
+        self.ctx_attn.next()
+        self.ctx_recr.next()
+        self.i_next += 1
+        return self.i_next < len(self.ubatches)
+
+    def apply(self) -> bool:
+        if self.status.is_fail():
+            raise BatchError(f"apply: context status is {self.status.name}")
+        if self.ctx_attn is None or self.ctx_recr is None:
+            return True
+        res_attn = self.ctx_attn.apply()
+        res_recr = self.ctx_recr.apply()
+        return res_attn and res_recr
+
+    def get_ubatch(self) -> UBatch:
+        self._require_success("get_ubatch")
+        if self.i_next >= len(self.ubatches):
+            raise BatchError("get_ubatch: no current ubatch")
+        return self.ubatches[self.i_next]
+
+    def get_attn(self) -> AttnContext:
+        self._require_success("get_attn")
+        assert self.ctx_attn is not None
+        return self.ctx_attn
+
+    def get_recr(self) -> RecurrentMemoryContext:
+        self._require_success("get_recr")
+        assert self.ctx_recr is not None
+        return self.ctx_recr

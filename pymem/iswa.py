@@ -1,0 +1,479 @@
+"""The interleaved sliding-window KV cache (``llama_kv_cache_iswa``).
+
+Why two caches: a model that mixes full-attention layers with sliding-window (SWA) layers
+only needs the last ``n_swa`` positions of each sequence for its SWA layers. Keeping those
+layers in a second, much smaller :class:`~pymem.kv.KVCache` saves most of their memory::
+
+    KVCacheISWA
+    +-- base: KVCache(non-SWA layers, swa_type NONE, kv_size cells / stream)
+    +-- swa:  KVCache(SWA layers, the model's n_swa / swa_type,
+                      PAD(min(kv_size, n_swa * (unified ? n_seq_max : 1) + n_ubatch), 256)
+                      cells / stream, or kv_size with swa_full)
+
+Every ubatch is placed in both caches (each chooses its own cells); the SWA cache reuses
+cells whose positions fell out of the window. Sequence operations fan out to both.
+
+Contracts as :mod:`pymem.memory`. Reference behaviour kept on purpose:
+
+* ``init_batch``: with a unified cache, ``split_simple`` is tried first; if that split
+  or either cache's ``prepare`` fails, ``split_equal(n_ubatch, sequential=not unified)``
+  is tried. Both caches must prepare.
+* ``seq_pos_min`` / ``seq_pos_max`` come from the SWA cache only (the base cache is a
+  superset), so ``pos_min`` rises as the window moves. :meth:`KVCacheISWA.seq_pos_ranges`
+  reports both caches' ranges.
+* ``get_can_shift`` needs both caches shiftable *and* equal sizes (``swa_full``).
+* State: ``[base][swa]``; the base part is omitted under ``StateFlags.PARTIAL_ONLY``.
+
+Better than the reference, without changing any byte or return value: a failed
+``state_read`` changes nothing in either cache (both parts are parsed and validated
+before either is committed; the reference leaves a restored base part behind when the
+SWA part fails, so a sequence can have base cells and no SWA cells).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from pymem.errors import BatchError, ConfigError, StateError
+from pymem.memory import Memory, MemoryContext, MemoryStatus, StateFlags, status_combine
+from pymem.spec import ModelSpec, SWAType
+
+if TYPE_CHECKING:
+    from pymem.batch import BatchAllocator
+    from pymem.kv import KVCache, KVCacheContext, SlotInfo
+    from pymem.state import StateReader, StateWriter
+    from pymem.ubatch import UBatch
+
+SWA_PAD = 256
+"""The SWA cache is always padded to a multiple of 256 cells (llama.cpp issue 17037)."""
+
+
+def swa_cache_size(
+    kv_size: int, n_swa: int, unified: bool, n_seq_max: int, n_ubatch: int, swa_full: bool
+) -> int:
+    """Cells per stream of the SWA cache.
+
+    E.g. kv_size 4096, n_swa 128, 4 seqs unified, n_ubatch 512 -> PAD(min(4096, 1024), 256) = 1024;
+    not unified -> PAD(min(4096, 640), 256) = 768; swa_full -> 4096.
+    """
+    if swa_full:
+        return kv_size
+    n = min(kv_size, n_swa * (n_seq_max if unified else 1) + n_ubatch)
+    return (n + SWA_PAD - 1) // SWA_PAD * SWA_PAD
+
+
+def plan_is_current(plan: Any) -> bool:
+    """Whether a parsed state plan can still be committed (its memory has not changed).
+
+    Compositions check every part before committing any, so a stale plan is refused
+    with nothing changed.
+    """
+    fn = getattr(plan, "is_current", None)
+    if callable(fn):
+        return bool(fn())
+    mem = getattr(plan, "kv", None) or getattr(plan, "memory", None)
+    version = getattr(plan, "version", None)
+    if mem is None or version is None:
+        return True
+    return getattr(mem, "_version", version) == version
+
+
+@dataclass
+class CompositeStatePlan:
+    """Parsed, validated state parts of several memories; :meth:`commit` applies all.
+
+    Parts are committed in serialisation order only after every part was parsed and
+    checked to be current, so a bad blob (or a stale plan) changes nothing anywhere.
+    """
+
+    parts: list[Any]
+    committed: bool = False
+
+    def is_current(self) -> bool:
+        return all(plan_is_current(p) for p in self.parts)
+
+    def commit(self) -> None:
+        if self.committed:
+            raise StateError("state plan: already committed")
+        if not self.is_current():
+            raise StateError(
+                "state plan: the memory changed after the blob was parsed; parse it again"
+            )
+        self.committed = True
+        for p in self.parts:
+            p.commit()
+
+
+@dataclass(frozen=True, eq=False)
+class ISWASlots:
+    """The slot plan of an iSWA cache for a list of ubatches: one per cache."""
+
+    base: list[SlotInfo]
+    swa: list[SlotInfo]
+
+
+class KVCacheISWA(Memory):
+    """Base (full attention) + SWA KV caches over one model (``llama_kv_cache_iswa``).
+
+    Arguments follow the reference constructor; ``filter`` selects model layers first
+    (default: every layer with attention widths), then each layer goes to the SWA cache
+    if ``spec.layers[il].swa`` else to the base cache. ``n_ubatch`` sizes the SWA cache.
+    Use :meth:`from_parts` to wrap two already-built caches (the factory does).
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        type_k: Any = "f16",
+        type_v: Any = "f16",
+        v_trans: bool = True,
+        device: str | Mapping[int, str] = "CPU",
+        swa_full: bool = False,
+        unified: bool = True,
+        kv_size: int,
+        n_seq_max: int,
+        n_ubatch: int,
+        n_pad: int = 1,
+        filter: Callable[[int], bool] | None = None,
+        reuse: Callable[[int], int] | None = None,
+    ) -> None:
+        from pymem.kv import KVCache
+
+        if spec.swa_type == SWAType.NONE or spec.n_swa <= 0:
+            raise ConfigError(
+                f"spec: an iSWA cache needs a sliding window, got swa_type {spec.swa_type.name}, "
+                f"n_swa {spec.n_swa}"
+            )
+        for name, value in (("kv_size", kv_size), ("n_seq_max", n_seq_max), ("n_ubatch", n_ubatch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}: must be an int >= 1, got {value!r}")
+
+        def selected(il: int) -> bool:
+            if filter is not None:
+                return bool(filter(il))
+            return spec.layers[il].n_embd_k_gqa > 0
+
+        size_swa = swa_cache_size(kv_size, spec.n_swa, unified, n_seq_max, n_ubatch, swa_full)
+        common = dict(
+            type_k=type_k, type_v=type_v, v_trans=v_trans, device=device, unified=unified,
+            n_seq_max=n_seq_max, n_pad=n_pad, reuse=reuse,
+        )  # fmt: skip
+        base = KVCache(
+            spec,
+            kv_size=kv_size,
+            n_swa=0,
+            swa_type=SWAType.NONE,
+            filter=lambda il: selected(il) and not spec.layers[il].swa,
+            **common,
+        )
+        try:
+            swa = KVCache(
+                spec,
+                kv_size=size_swa,
+                n_swa=spec.n_swa,
+                swa_type=spec.swa_type,
+                filter=lambda il: selected(il) and spec.layers[il].swa,
+                **common,
+            )
+        except Exception:
+            base.close()
+            raise
+        self._init_parts(base, swa)
+
+    @classmethod
+    def from_parts(cls, base: KVCache, swa: KVCache) -> KVCacheISWA:
+        """Wrap a base cache (no SWA) and an SWA cache built for the same model."""
+        if base.swa_type != SWAType.NONE:
+            raise ConfigError(
+                f"base: the base cache must not slide, got swa_type {base.swa_type.name}"
+            )
+        if base.n_stream != swa.n_stream or base.n_seq_max != swa.n_seq_max:
+            raise ConfigError(
+                f"swa: streams / n_seq_max {swa.n_stream} / {swa.n_seq_max} differ from the base "
+                f"cache's {base.n_stream} / {base.n_seq_max}"
+            )
+        self = cls.__new__(cls)
+        self._init_parts(base, swa)
+        return self
+
+    def _init_parts(self, base: KVCache, swa: KVCache) -> None:
+        self.kv_base = base
+        self.kv_swa = swa
+        self.spec = base.spec
+        self.unified = base.n_stream == 1
+        self.n_seq_max = base.n_seq_max
+
+    # --- parts and properties --------------------------------------------------------
+    def get_base(self) -> KVCache:
+        return self.kv_base
+
+    def get_swa(self) -> KVCache:
+        return self.kv_swa
+
+    def get_n_stream(self) -> int:
+        """Streams of the base cache (the hybrids decide sequential splits from it)."""
+        return self.kv_base.get_n_stream()
+
+    @property
+    def n_stream(self) -> int:
+        return self.kv_base.get_n_stream()
+
+    @property
+    def n_pos_per_embd(self) -> int:
+        return self.kv_base.n_pos_per_embd
+
+    def get_can_shift(self) -> bool:
+        return (
+            self.kv_base.get_can_shift()
+            and self.kv_swa.get_can_shift()
+            and self.kv_base.get_size() == self.kv_swa.get_size()
+        )
+
+    def parts(self) -> dict[str, KVCache]:
+        """The caches by name, in serialisation order."""
+        return {"base": self.kv_base, "swa": self.kv_swa}
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes per device, both caches summed (as the reference)."""
+        out = dict(self.kv_base.memory_breakdown())
+        for dev, n in self.kv_swa.memory_breakdown().items():
+            out[dev] = out.get(dev, 0) + n
+        return out
+
+    def memory_breakdown_by_part(self) -> dict[str, dict[str, int]]:
+        """Bytes per device for each cache: ``{"base": {dev: n}, "swa": {dev: n}}``."""
+        return {name: kv.memory_breakdown() for name, kv in self.parts().items()}
+
+    def close(self) -> None:
+        self.kv_base.close()
+        self.kv_swa.close()
+
+    # --- planning --------------------------------------------------------------------
+    def prepare(self, ubatches: Sequence[UBatch]) -> ISWASlots | None:
+        """Plan the ubatches in both caches (nothing changes); None if either fails."""
+        sb = self.kv_base.prepare(list(ubatches))
+        if sb is None:
+            return None
+        ss = self.kv_swa.prepare(list(ubatches))
+        if ss is None:
+            return None
+        return ISWASlots(sb, ss)
+
+    def context_for(self, slots: ISWASlots, ubatches: Sequence[UBatch]) -> KVCacheISWAContext:
+        """A batch context from a plan made by :meth:`prepare` (no re-planning)."""
+        from pymem.kv import KVCacheContext
+
+        ubs = list(ubatches)
+        return KVCacheISWAContext(
+            KVCacheContext(self.kv_base, MemoryStatus.SUCCESS, sinfos=slots.base, ubatches=ubs),
+            KVCacheContext(self.kv_swa, MemoryStatus.SUCCESS, sinfos=slots.swa, ubatches=ubs),
+            ubs,
+        )
+
+    def init_batch(
+        self, balloc: BatchAllocator, n_ubatch: int, embd_all: bool = False
+    ) -> KVCacheISWAContext:
+        """Split and plan in both caches; FAILED_PREPARE if no split strategy fits.
+
+        ``embd_all`` is ignored, as in the reference.
+        """
+        attempts: list[Callable[[], UBatch | None]] = []
+        if self.unified:
+            attempts.append(lambda: balloc.split_simple(n_ubatch))
+        attempts.append(lambda: balloc.split_equal(n_ubatch, not self.unified, 0))
+        for split in attempts:
+            balloc.split_reset()
+            ubatches: list[UBatch] = []
+            while True:
+                ub = split()
+                if ub is None or ub.n_tokens == 0:
+                    break
+                ubatches.append(ub)
+            if balloc.n_used < balloc.n_tokens or not ubatches:
+                continue
+            slots = self.prepare(ubatches)
+            if slots is None:
+                continue
+            return self.context_for(slots, ubatches)
+        return KVCacheISWAContext.failed(MemoryStatus.FAILED_PREPARE)
+
+    def init_full(self) -> KVCacheISWAContext:
+        return KVCacheISWAContext(self.kv_base.init_full(), self.kv_swa.init_full(), [])
+
+    def init_update(self, optimize: bool = False) -> KVCacheISWAContext:
+        return KVCacheISWAContext(
+            self.kv_base.init_update(optimize), self.kv_swa.init_update(optimize), [], update=True
+        )
+
+    # --- sequence operations ---------------------------------------------------------
+    def clear(self, data: bool = True) -> None:
+        self.kv_base.clear(data)
+        self.kv_swa.clear(data)
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        # both caches validate the same arguments; the base checks them first
+        res_base = self.kv_base.seq_rm(seq_id, p0, p1)
+        res_swa = self.kv_swa.seq_rm(seq_id, p0, p1)
+        return res_base and res_swa
+
+    def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
+        self.kv_base.seq_cp(seq_id_src, seq_id_dst, p0, p1)
+        self.kv_swa.seq_cp(seq_id_src, seq_id_dst, p0, p1)
+
+    def seq_keep(self, seq_id: int) -> None:
+        self.kv_base.seq_keep(seq_id)
+        self.kv_swa.seq_keep(seq_id)
+
+    def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
+        self.kv_base.seq_add(seq_id, p0, p1, shift)
+        self.kv_swa.seq_add(seq_id, p0, p1, shift)
+
+    def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
+        self.kv_base.seq_div(seq_id, p0, p1, d)
+        self.kv_swa.seq_div(seq_id, p0, p1, d)
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        """From the SWA cache only (the reference assumes it is a subset of the base)."""
+        return self.kv_swa.seq_pos_min(seq_id)
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        return self.kv_swa.seq_pos_max(seq_id)
+
+    def seq_pos_ranges(self, seq_id: int) -> dict[str, tuple[int, int]]:
+        """Each cache's own ``(pos_min, pos_max)`` of ``seq_id`` (``(-1, -1)`` when absent).
+
+        ``"attention"`` is the full-attention (base) cache: everything the sequence still
+        has; ``"swa"`` is the window the SWA layers still see. E.g. n_swa 4 after
+        positions 0..9: ``{"attention": (0, 9), "swa": (6, 9)}`` while ``seq_pos_min``
+        alone says 6.
+        """
+        return {
+            "attention": (self.kv_base.seq_pos_min(seq_id), self.kv_base.seq_pos_max(seq_id)),
+            "swa": (self.kv_swa.seq_pos_min(seq_id), self.kv_swa.seq_pos_max(seq_id)),
+        }
+
+    # --- state -----------------------------------------------------------------------
+    def state_write_into(self, writer: StateWriter, seq_id: int = -1, flags: int = 0) -> None:
+        """``[base][swa]``; the base part is left out under ``PARTIAL_ONLY``."""
+        if not int(flags) & StateFlags.PARTIAL_ONLY:
+            self.kv_base.state_write_into(writer, seq_id, flags)
+        self.kv_swa.state_write_into(writer, seq_id, flags)
+
+    def state_read_parse(
+        self, reader: StateReader, seq_id: int = -1, flags: int = 0
+    ) -> CompositeStatePlan:
+        """Parse and validate both parts (nothing changes); ``commit()`` applies both."""
+        parts = []
+        if not int(flags) & StateFlags.PARTIAL_ONLY:
+            parts.append(self.kv_base.state_read_parse(reader, seq_id, flags))
+        parts.append(self.kv_swa.state_read_parse(reader, seq_id, flags))
+        return CompositeStatePlan(parts)
+
+    def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
+        from pymem.state import write_state
+
+        return write_state(lambda w: self.state_write_into(w, seq_id, flags))
+
+    def state_write_to(self, fileobj: BinaryIO, seq_id: int = -1, flags: int = 0) -> int:
+        from pymem.state import write_state_to
+
+        return write_state_to(fileobj, lambda w: self.state_write_into(w, seq_id, flags))
+
+    def state_size(self, seq_id: int = -1, flags: int = 0) -> int:
+        from pymem.state import state_size
+
+        return state_size(lambda w: self.state_write_into(w, seq_id, flags))
+
+    def state_read(
+        self, data: bytes | bytearray | memoryview, seq_id: int = -1, flags: int = 0
+    ) -> int:
+        """Restore from a blob; returns the bytes consumed. Nothing changes on failure."""
+        from pymem.state import StateReader
+
+        reader = StateReader(data)
+        self.state_read_parse(reader, seq_id, flags).commit()
+        return reader.offset
+
+    def state_read_from(self, fileobj: BinaryIO, seq_id: int = -1, flags: int = 0) -> int:
+        from pymem.state import StateReader
+
+        start = fileobj.tell() if fileobj.seekable() else None
+        reader = StateReader.from_file(fileobj)
+        self.state_read_parse(reader, seq_id, flags).commit()
+        if start is not None:
+            fileobj.seek(start + reader.offset)
+        return reader.offset
+
+
+class KVCacheISWAContext(MemoryContext):
+    """A base and an SWA cache context over the same ubatches (``llama_kv_cache_iswa_context``).
+
+    Graph inputs come from the part contexts: :meth:`get_base` for the full-attention
+    layers, :meth:`get_swa` for the SWA layers (each has its own slots, ``n_kv``, masks).
+    """
+
+    def __init__(
+        self,
+        ctx_base: KVCacheContext | None,
+        ctx_swa: KVCacheContext | None,
+        ubatches: Sequence[UBatch],
+        *,
+        status: MemoryStatus | None = None,
+        update: bool = False,
+    ) -> None:
+        self.ctx_base = ctx_base
+        self.ctx_swa = ctx_swa
+        self.ubatches = list(ubatches)
+        self.i_next = 0
+        self.is_update = update
+        if status is None:
+            assert ctx_base is not None and ctx_swa is not None
+            status = status_combine(ctx_base.get_status(), ctx_swa.get_status())
+        self.status = status
+
+    @classmethod
+    def failed(cls, status: MemoryStatus) -> KVCacheISWAContext:
+        return cls(None, None, [], status=status)
+
+    def get_status(self) -> MemoryStatus:
+        return self.status
+
+    def _require_success(self, what: str) -> None:
+        if self.status != MemoryStatus.SUCCESS or self.ctx_base is None or self.ctx_swa is None:
+            raise BatchError(f"{what}: context status is {self.status.name}")
+
+    def next(self) -> bool:
+        self._require_success("next")
+        assert self.ctx_base is not None and self.ctx_swa is not None
+        self.ctx_base.next()
+        self.ctx_swa.next()
+        self.i_next += 1
+        return self.i_next < len(self.ubatches)
+
+    def apply(self) -> bool:
+        if self.status.is_fail():
+            raise BatchError(f"apply: context status is {self.status.name}")
+        if self.ctx_base is None or self.ctx_swa is None:
+            return True
+        res_base = self.ctx_base.apply()
+        res_swa = self.ctx_swa.apply()
+        return res_base and res_swa
+
+    def get_ubatch(self) -> UBatch:
+        self._require_success("get_ubatch")
+        if self.i_next >= len(self.ubatches):
+            raise BatchError("get_ubatch: no current ubatch")
+        return self.ubatches[self.i_next]
+
+    def get_base(self) -> KVCacheContext:
+        self._require_success("get_base")
+        assert self.ctx_base is not None
+        return self.ctx_base
+
+    def get_swa(self) -> KVCacheContext:
+        self._require_success("get_swa")
+        assert self.ctx_swa is not None
+        return self.ctx_swa
