@@ -145,7 +145,7 @@ def _parse_version(text: str) -> tuple[int, ...]:
 
 _source, _path = _bind()
 try:
-    from pymem._pymem_cffi import ffi, lib  # type: ignore[import-not-found]
+    from pymem._pymem_cffi import ffi, lib
 except ImportError as exc:  # undefined ggml symbols: a ggml older than the headers
     raise GGMLBindingError(
         f"pymem's extension does not fit the ggml bound from {_path} ({_source}): {exc}"

@@ -51,7 +51,7 @@ class StateWriter:
 
     def write_array(self, arr: np.ndarray) -> None:
         """Raw bytes of a contiguous numpy array (little-endian host)."""
-        self.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+        self.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
 
     def write_tensor(self, tensor: Tensor, offset: int, size: int) -> None:
         """``size`` contiguous bytes of ``tensor`` starting at byte ``offset``."""

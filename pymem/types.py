@@ -40,7 +40,7 @@ class GGMLType:
         return self.name
 
 
-_NUMPY = {
+_NUMPY: dict[str, np.dtype] = {
     "f32": np.dtype(np.float32),
     "f16": np.dtype(np.float16),
     "f64": np.dtype(np.float64),
