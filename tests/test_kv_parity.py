@@ -84,7 +84,7 @@ def k_rows_of(part, strm: int, layer: int, ranks: np.ndarray) -> np.ndarray:
     return np.frombuffer(kb, dtype=np.uint8).reshape(len(sp.cells), row)[ranks]
 
 
-def replay(rope: bool):
+def replay(rope: bool, div_sign_as_reference: bool = False):
     run = json.loads(RUN.read_text())
     arch = run["memory"]["arch"].encode()
     kv = make_cache(run, rope)
@@ -117,7 +117,12 @@ def replay(rope: bool):
         elif op == "seq_add":
             kv.seq_add(step["seq"], step["p0"], step["p1"], step["delta"])
         elif op == "seq_div":
+            assert not kv.get_has_shift()
             kv.seq_div(step["seq"], step["p0"], step["p1"], step["d"])
+            if div_sign_as_reference:
+                # the reference records old - new for seq_div (pymem: new - old)
+                for cells in kv.v_cells:
+                    cells.shift[:] = -cells.shift
         elif op == "clear":
             kv.clear(step["data"])
         elif op == "state_seq_set":
@@ -196,6 +201,17 @@ def test_replay_metadata_and_blobs():
         # without RoPE the K-shift is metadata only: pymem's K rows are the unrotated ones
         assert cells.size > 0
         assert not np.array_equal(mine, ref)
+
+
+def test_replay_k_shift_bytes():
+    """pymem's K-shift graph reproduces llama.cpp's rotated K bytes exactly after seq_add;
+    after seq_div it rotates the other way (the reference's sign is wrong), and matches
+    byte for byte once the reference's sign is emulated."""
+    _kv, log = replay(rope=True)
+    same = {(i, li): np.array_equal(mine, ref) for i, li, _c, mine, ref in log}
+    assert same == {(9, 0): True, (9, 1): True, (11, 0): False, (11, 1): False}
+    _kv, log = replay(rope=True, div_sign_as_reference=True)
+    assert all(np.array_equal(mine, ref) for _i, _li, _c, mine, ref in log) and len(log) == 4
 
 
 @pytest.mark.parametrize("seq", [0, 1, 2, 3])

@@ -307,6 +307,7 @@ class KVCache(Memory):
             self.seq_to_stream = np.zeros(LLAMA_MAX_SEQ, dtype=np.int32)
         self._pending_copies: list[tuple[int, int]] = []
         self._version = 0  # bumped by every mutation (stale state-read plans are refused)
+        self._runners: dict[str, Any] = {}
         self._closed = False
 
     # --- properties -----------------------------------------------------------------
@@ -360,9 +361,21 @@ class KVCache(Memory):
         return sum(layer.v.nbytes for layer in self.layers if layer.v is not None)
 
     def close(self) -> None:
+        for runner in self._runners.values():
+            runner.close()
+        self._runners.clear()
         for st in self.stores.values():
             st.close()
         self._closed = True
+
+    def _runner(self, device: str) -> Any:
+        """The graph runner of ``device`` (K-shift), created on first use."""
+        runner = self._runners.get(device)
+        if runner is None:
+            from pymem.ggml import GraphRunner
+
+            runner = self._runners[device] = GraphRunner(device)
+        return runner
 
     # --- argument checks ---------------------------------------------------------------
     def _check_seq(self, seq_id: Any, what: str, allow_all: bool = False) -> int:
