@@ -85,6 +85,7 @@ LLAMA_TOKEN_NULL = -1
 GGML_MROPE_SECTIONS = 4
 """Most position sections a token can carry (``GGML_MROPE_SECTIONS``)."""
 
+_NO_SEQ_IDX = np.full(LLAMA_MAX_SEQ, -1, dtype=np.int32)
 _I32_MIN = -(2**31)
 _I32_MAX = 2**31 - 1
 
@@ -452,7 +453,9 @@ class BatchAllocator:
         self._first_unused = 0  # a lower bound of the first unused token
         self._out_ids: list[np.ndarray] = []
         self._splitter: str | None = None
-        self._set_used = np.zeros(0, dtype=np.int64)  # tokens split_equal took from each set
+        # tokens taken from the front of each set's list (split_equal; split_seq when no
+        # token is coupled): the first unused token of set a is csr entry set_used[a]
+        self._set_used = np.zeros(0, dtype=np.int64)
 
     # ---------------------------------------------------------------- validation ----
 
@@ -626,20 +629,26 @@ class BatchAllocator:
         skey = key[order]
         sseq = skey >> 32
         spos = (skey & 0xFFFFFFFF).astype(np.int32)
-        starts = np.flatnonzero(np.r_[True, sseq[1:] != sseq[:-1]])
-        ends = np.r_[starts[1:], len(skey)] - 1
+        new_seq = _changes(sseq)
+        starts = np.flatnonzero(new_seq)
+        ends = np.append(starts[1:], len(skey)) - 1
         seqs_present = sseq[starts]
         pmin = np.full(LLAMA_MAX_SEQ, -1, dtype=np.int32)
         pmax = np.full(LLAMA_MAX_SEQ, -1, dtype=np.int32)
         pmin[seqs_present] = spos[starts]
         pmax[seqs_present] = spos[ends]
         # distinct positions per sequence: E.g. seq 0 at pos [2, 2, 3] -> 2
-        distinct = np.bincount(sseq[np.r_[True, skey[1:] != skey[:-1]]], minlength=LLAMA_MAX_SEQ)
+        distinct = np.bincount(sseq[_changes(skey)], minlength=LLAMA_MAX_SEQ)
 
-        mem_max = {
-            int(s): (memory.seq_pos_max(int(s)) if memory is not None else -1) for s in seqs_present
-        }
-        self._check_positions(seqs_present, pmin, pmax, distinct, mem_max, emb_only)
+        # X: the last position the memory holds for each sequence of the batch
+        if memory is None:
+            mem_max = np.full(len(seqs_present), -1, dtype=np.int64)
+        else:
+            get = memory.seq_pos_max
+            mem_max = np.array([get(s) for s in seqs_present.tolist()], dtype=np.int64)
+        self._check_positions(
+            seqs_present, pmin, pmax, distinct, mem_max, emb_only, (pair_seq, pair_pos, rows)
+        )
 
         if has_cpl and memory is not None:
             _check_coupled(seq_id, n_seq_id, memory)
@@ -653,12 +662,14 @@ class BatchAllocator:
 
         # -- accepted: build the split indexes ----------------------------------------------
         seq_id_unq = seqs_present.astype(np.int32)
+        set_id: np.ndarray
         if has_cpl:
+            # number the distinct 256-bit sets (rows viewed as 32-byte scalars)
             bits = seq_bitsets(seq_id)
-            uniq, set_id = np.unique(
+            uniq, inverse = np.unique(
                 bits.view(np.dtype((np.void, bits.shape[1] * 8))).ravel(), return_inverse=True
             )
-            set_id = set_id.astype(np.int32).ravel()
+            set_id = inverse.astype(np.int32).ravel()
             n_sets = len(uniq)
             set_words = uniq.view(np.uint64).reshape(n_sets, -1)
             set_bits = [sum(int(w) << (64 * q) for q, w in enumerate(row)) for row in set_words]
@@ -701,11 +712,16 @@ class BatchAllocator:
         pmin: np.ndarray,
         pmax: np.ndarray,
         distinct: np.ndarray,
-        mem_max: dict[int, int],
+        mem_max: np.ndarray,
         emb_only: bool,
+        pairs: tuple[np.ndarray, np.ndarray, np.ndarray | None],
     ) -> None:
-        """Rule 5: positions continue the memory (and have no gaps), first failing seq reported."""
-        x = np.array([mem_max[int(s)] for s in seqs], dtype=np.int64)
+        """Rule 5: positions continue the memory (and have no gaps), first failing seq reported.
+
+        ``pairs`` = (seq, pos, token row or None for one seq per token) of every
+        (token, seq) pair, in batch order; used only to name a token in the error.
+        """
+        x = mem_max
         y = pmin[seqs].astype(np.int64)
         if self.n_pos_per_embd > 1:
             fail_mem = (x >= 0) & ((x > y) if emb_only else (x >= y))
@@ -718,12 +734,19 @@ class BatchAllocator:
             return
         k = int(np.flatnonzero(bad)[0])
         s, xs, ys = int(seqs[k]), int(x[k]), int(y[k])
+        pair_seq, pair_pos, rows = pairs
+
+        def token_at(p: int) -> int:  # first token of seq s at position p
+            j = int(np.flatnonzero((pair_seq == s) & (pair_pos == p))[0])
+            return int(rows[j]) if rows is not None else j
+
         if fail_mem[k]:
             if self.n_pos_per_embd > 1:
                 rule = "X <= Y" if emb_only else "X < Y"
                 need = f" for M-RoPE, it is required that the position satisfies: {rule}"
             else:
                 need = " it is required that the sequence positions remain consecutive: Y = X + 1"
+            tok = token_at(ys)
             raise _reject(
                 "pos_memory",
                 f"the tokens of sequence {s} in the input batch have inconsistent sequence "
@@ -731,16 +754,23 @@ class BatchAllocator:
                 " - the last position stored in the memory module of the context (i.e. the KV "
                 f"cache) for sequence {s} is X = {xs}\n"
                 f" - the tokens for sequence {s} in the input batch have a starting position "
-                f"of Y = {ys}\n" + need,
+                f"of Y = {ys} (token {tok})\n" + need,
+                token=tok,
                 seq_id=s,
                 value=ys,
             )
+        # the first hole: E.g. positions {3, 4, 7} -> 5 is missing, token at 7 named
+        held = np.unique(pair_pos[pair_seq == s])
+        after = int(held[1:][np.diff(held) > 1][0])
+        tok = token_at(after)
         raise _reject(
             "pos_gap",
-            f"sequence {s} positions are not continuous: the batch covers [{ys}, {pmax[s]}] "
-            f"but holds only {distinct[s]} distinct positions",
+            f"sequence {s} positions are not continuous: position {after} (token {tok}) "
+            f"follows {int(held[held < after].max())} in the batch; positions "
+            f"[{ys}, {pmax[s]}] must all be present",
+            token=tok,
             seq_id=s,
-            value=int(pmax[s]),
+            value=after,
         )
 
     # ---------------------------------------------------------------- accessors -----
@@ -982,8 +1012,8 @@ class BatchAllocator:
                 break  # last+1 has no unused token after p, so nothing more is accepted
             # a candidate found after p and after the previous candidate's token is also
             # the first after that token: the chain is exact while these tokens increase
-            rising = np.r_[True, nxt[1:n_found] > nxt[: n_found - 1]]
-            n_ok = n_found if rising.all() else int(np.argmin(rising))
+            rising = nxt[1:n_found] > nxt[: n_found - 1]
+            n_ok = n_found if rising.all() else int(np.argmin(rising)) + 1
             acc.extend(vs[:n_ok].tolist())
             p = int(nxt[n_ok - 1])
             if n_ok == n_found:
@@ -1001,6 +1031,14 @@ class BatchAllocator:
         if cur >= b.n_tokens:
             return None
         cur_set = int(b.set_id[cur])
+        if b.set_bits is None:
+            # one sequence per token: the ubatch is the next tokens of cur's sequence, and
+            # split_seq takes every sequence's tokens from the front of its list
+            at = b.set_start[cur_set] + self._set_used[cur_set]
+            idxs = b.csr_tok[at : min(at + n_ubatch, b.set_start[cur_set + 1])]
+            self._set_used[cur_set] += len(idxs)
+            self._take(idxs)
+            return self._ubatch_add(idxs, 1, equal_seqs=True)
         take = [np.array([cur], dtype=np.int64)]
         n_taken = 1
         rest = np.flatnonzero(~self._used[cur + 1 :]) + cur + 1
@@ -1062,13 +1100,12 @@ class BatchAllocator:
         present = np.zeros(LLAMA_MAX_SEQ, dtype=np.bool_)
         present[ids] = True
         seq_id_unq = np.flatnonzero(present).astype(np.int32)
-        seq_idx = np.full(LLAMA_MAX_SEQ, -1, dtype=np.int32)
+        seq_idx = _NO_SEQ_IDX.copy()
         seq_idx[seq_id_unq] = np.arange(len(seq_id_unq), dtype=np.int32)
         output = b.output[idxs]
         batch_idxs = idxs.astype(np.int32)
-        outs = batch_idxs[output != 0]
-        if len(outs):
-            self._out_ids.append(outs)
+        if output.any():
+            self._out_ids.append(batch_idxs[output.view(np.bool_)])
         return UBatch(
             equal_seqs=equal_seqs,
             n_tokens=n_tok,
@@ -1139,8 +1176,8 @@ def _auto_positions(
     # rank of each token among the earlier tokens with the same first sequence
     order = np.argsort(first_seq, kind="stable")
     sorted_seq = first_seq[order]
-    starts = np.flatnonzero(np.r_[True, sorted_seq[1:] != sorted_seq[:-1]])
-    group_start = np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    starts = np.flatnonzero(_changes(sorted_seq))
+    group_start = np.repeat(starts, np.diff(np.append(starts, len(order))))
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order)) - group_start
     return (nxt[first_seq] + rank).astype(np.int32)
@@ -1178,7 +1215,7 @@ def _first_decrease(
     """Rule 7's error: the first (token, seq) pair, in batch order, below its predecessor."""
     order = np.argsort(pair_seq, kind="stable")  # batch order inside each sequence
     s, p = pair_seq[order], pair_pos[order]
-    drop = np.r_[False, (s[1:] == s[:-1]) & (p[1:] < p[:-1])]
+    drop = np.concatenate(([False], (s[1:] == s[:-1]) & (p[1:] < p[:-1])))
     k = order[drop].min()  # earliest offending pair in batch order
     j = int(np.flatnonzero(order == k)[0])
     tok = int(rows[k]) if rows is not None else int(k)
@@ -1192,3 +1229,11 @@ def _first_decrease(
         seq_id=seq,
         value=int(pair_pos[k]),
     )
+
+
+def _changes(x: np.ndarray) -> np.ndarray:
+    """Where a sorted array starts a new value. E.g. [3, 3, 5, 7, 7] -> [T, F, T, T, F]."""
+    out = np.empty(len(x), dtype=np.bool_)
+    out[:1] = True
+    np.not_equal(x[1:], x[:-1], out=out[1:])
+    return out

@@ -7,6 +7,7 @@ compared with the vectorised allocator on random batches.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from pathlib import Path
@@ -104,7 +105,7 @@ def check_ubatch(ub: UBatch, balloc: BatchAllocator) -> None:
         sets = [frozenset(r[r >= 0].tolist()) for r in ub.seq_id]
         for blk in range(ub.n_seqs):
             mine = sets[blk * ub.n_seq_tokens : (blk + 1) * ub.n_seq_tokens]
-            assert all(b <= a for a, b in zip(mine, mine[1:]))
+            assert all(b <= a for a, b in itertools.pairwise(mine))
             if ub.n_seqs > 1:
                 assert len(set(mine)) == 1
     else:
@@ -446,7 +447,7 @@ def test_positions_must_continue_memory():
     mem = FakeMemory({0: (0, 9), 1: (0, 4)})
     balloc.init(tok_batch([0, 1, 2], pos=[10, 5, 0]), memory=mem, n_seq_max=4)
     e = rejected(balloc, tok_batch([0, 1], pos=[10, 6]), memory=mem, n_seq_max=4)
-    assert (e.rule, e.seq_id, e.value) == ("pos_memory", 1, 6)
+    assert (e.rule, e.seq_id, e.value, e.token) == ("pos_memory", 1, 6, 1)
     msg = str(e)
     assert "sequence 1 in the input batch have inconsistent sequence positions" in msg
     assert "X = 4" in msg and "Y = 6" in msg and "Y = X + 1" in msg
@@ -462,7 +463,8 @@ def test_positions_without_gaps_duplicates_allowed():
     balloc.init(tok_batch([0, 0, 0], pos=[0, 0, 1]), n_seq_max=1)  # duplicates are fine
     assert (balloc.seq_pos_min(0), balloc.seq_pos_max(0)) == (0, 1)
     e = rejected(balloc, tok_batch([0, 0, 1, 1], pos=[0, 1, 0, 2]), n_seq_max=2)
-    assert (e.rule, e.seq_id) == ("pos_gap", 1) and "not continuous" in str(e)
+    assert (e.rule, e.seq_id, e.token, e.value) == ("pos_gap", 1, 3, 2)
+    assert "sequence 1 positions are not continuous" in str(e)
 
 
 def test_positions_first_failing_sequence_is_reported():
@@ -866,8 +868,10 @@ def test_recorded_runs_accept_and_reject_like_the_reference(run):
             mem = FakeMemory(prev_pos)
             batch = Batch.from_items(step["items"])
             if step["result"] == -1:
-                with pytest.raises(BatchError):
+                with pytest.raises(BatchError) as e:
                     balloc.init(batch, memory=mem, n_seq_max=n_seq_max, n_vocab=64)
+                # the recorded invalid batch skips positions: seq 0 at 15 after 12
+                assert (e.value.rule, e.value.seq_id, e.value.value) == ("pos_memory", 0, 15)
                 n_rejected += 1
             else:
                 balloc.init(batch, memory=mem, n_seq_max=n_seq_max, n_vocab=64)
