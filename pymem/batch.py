@@ -50,8 +50,12 @@ Decisions on the reference's quirks (each pinned by a test in tests/test_batch.p
 
 Checks the reference lacks (all raise BatchError before anything changes): wrong
 dtypes or shapes, an empty batch, a token with no sequence id, negative positions,
-NaN/inf embeddings, too few position sections for an M-RoPE embedding batch, and
-``n_ubatch < 1``; ``n_keep_tail >= n_ubatch`` is a ConfigError (the reference asserts).
+NaN/inf embeddings, too few position sections for an M-RoPE embedding batch. Splitter
+arguments the reference never sees or asserts on (``n_ubatch < 1``,
+``n_keep_tail >= n_ubatch``) raise ConfigError.
+
+UBatch ``seq_id`` is ``[n_tokens, k]`` with ``k`` the largest ``n_seq_id`` inside that
+ubatch (1 when no token in it is coupled), padded with -1.
 """
 
 from __future__ import annotations
@@ -262,6 +266,8 @@ class Batch:
     (ids after ``n_seq_id[i]``, or from the first -1, are ignored), or a list of lists.
     ``None`` means sequence 0 for every token. Content is validated by
     :meth:`BatchAllocator.init`; the constructor checks only dtypes and shapes.
+    Arrays are referenced, not copied: leave them unchanged while the allocator holds
+    the batch (ubatches gather copies).
     """
 
     __slots__ = ("embd", "n_seq_id", "n_tokens", "output", "pos", "seq_id", "token")
@@ -381,8 +387,8 @@ class Batch:
         """A token batch from ``(token, pos, [seq ids], output)`` tuples, as the recorded runs list them."""
         items = list(items)
         return cls(
-            np.array([it[0] for it in items], dtype=np.int32),
-            pos=np.array([it[1] for it in items], dtype=np.int32),
+            [it[0] for it in items],
+            pos=[it[1] for it in items],
             seq_id=[list(it[2]) for it in items],
             output=np.array([bool(it[3]) for it in items], dtype=np.bool_),
         )
