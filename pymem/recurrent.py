@@ -121,8 +121,10 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
         return []
     # a run breaks wherever the next row is not the previous one + 1
     # E.g., [4, 5, 6, 9, 10, 2] -> breaks after index 2 and 4 -> starts [0, 3, 5]
-    starts = np.flatnonzero(np.r_[True, np.diff(rows) != 1])
-    ends = np.r_[starts[1:], rows.size]
+    brk = np.ones(rows.size, dtype=bool)
+    np.not_equal(np.diff(rows), 1, out=brk[1:])
+    starts = np.flatnonzero(brk).tolist()
+    ends = [*starts[1:], rows.size]
     return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, ends)]
 
 
@@ -137,8 +139,9 @@ class RecurrentCells:
     ``pos``, ``src``, ``src0`` are per cell; ``tail`` is per sequence id (cell ``s`` of the
     reference holds sequence ``s``'s tail); ``rs_idx`` is the per-sequence pending
     rollback plane. Scalars ``head``, ``used``, ``n``, ``rs_z`` as in the reference.
-    A plan (``prepare``, a state-read plan) runs on a :meth:`copy` and never on the live
-    object, so nothing changes until a commit swaps the copy in.
+    Sequence ops validate first and then change the live object in place. Plans
+    (``prepare``, ``find_slot``, a state-read plan) run on a :meth:`copy`, which a commit
+    swaps in only once the whole plan succeeded.
     """
 
     __slots__ = ("head", "n", "pos", "rs_idx", "rs_z", "size", "src", "src0", "tail", "used")
@@ -203,13 +206,29 @@ class _SlotRequest:
     """What ``find_slot`` needs from a ubatch: one row per sequence set.
 
     ``ids`` is ``[n_seqs, k]`` padded with -1 (``ids[s, 0]`` is the set's primary sequence),
-    ``last_pos[s]`` the position of the set's last token.
+    ``last_pos[s]`` the position of the set's last token. Extracted (and its ids checked)
+    once per ubatch: planning and applying reuse it.
     """
 
     ids: np.ndarray
     n_ids: np.ndarray
     last_pos: np.ndarray
     n_seq_tokens: int
+    all_ids: np.ndarray = field(init=False)  # every id, set by set
+    coupled: bool = field(init=False)  # some set has more than one sequence
+    error: str = field(init=False, default="")  # why no memory can place it, or ""
+
+    def __post_init__(self) -> None:
+        self.coupled = self.ids.shape[1] > 1 and bool((self.n_ids > 1).any())
+        if self.coupled:
+            # E.g., n_ids [1, 2] with k=2 -> [[True, False], [True, True]]
+            self.all_ids = self.ids[np.arange(self.ids.shape[1]) < self.n_ids[:, None]]
+        else:
+            self.all_ids = self.ids[:, 0]
+        if self.all_ids.size == 0 or int(self.all_ids.min()) < 0:
+            self.error = "a set without a valid (non-negative) sequence id"
+        elif self.all_ids.size > 1 and int(np.bincount(self.all_ids).max()) > 1:
+            self.error = "a sequence appears in more than one set of the ubatch"
 
     @classmethod
     def from_ubatch(cls, ubatch: UBatch) -> _SlotRequest:
@@ -224,11 +243,11 @@ class _SlotRequest:
                 f"ubatch: needs n_seqs >= 1 and n_seq_tokens >= 1, got {n_seqs} and {n_seq_tokens}"
             )
         # the first token of each set: E.g., n_seq_tokens 3, n_seqs 2 -> [0, 3]; last -> [2, 5]
-        first = np.arange(n_seqs) * n_seq_tokens
+        first = np.arange(0, n_seqs * n_seq_tokens, n_seq_tokens)
         return cls(
-            ids=np.asarray(ubatch.seq_id)[first].astype(np.int64),
-            n_ids=np.asarray(ubatch.n_seq_id)[first].astype(np.int64),
-            last_pos=np.asarray(ubatch.pos)[first + n_seq_tokens - 1].astype(np.int32),
+            ids=np.asarray(ubatch.seq_id)[first],
+            n_ids=np.asarray(ubatch.n_seq_id)[first],
+            last_pos=np.asarray(ubatch.pos, dtype=np.int32)[first + (n_seq_tokens - 1)],
             n_seq_tokens=n_seq_tokens,
         )
 
@@ -247,6 +266,9 @@ def _find_slot(c: RecurrentCells, req: _SlotRequest) -> bool:
     3. ``rs_z`` = the first cell in ``[min, max]`` that no cell uses as ``src`` (zeroed by
        the graph, the initial state of new sequences); every cell of the range gets
        ``src0`` (where its state comes from) and ``src = itself``.
+
+    The steady state of a decode (every sequence already owns its cell, cells in ubatch
+    order) touches only a handful of whole-array operations.
     """
     size = c.size
     ids, n_ids = req.ids, req.n_ids
@@ -256,24 +278,20 @@ def _find_slot(c: RecurrentCells, req: _SlotRequest) -> bool:
     if c.head > c.used + 2 * n_seqs:
         c.head = 0
 
-    # E.g., n_ids [1, 2] with k=2 -> [[True, False], [True, True]]
-    valid = np.arange(ids.shape[1]) < n_ids[:, None]
-    all_ids = ids[valid]
-    bad = (all_ids < 0) | (all_ids >= size)
-    if bad.any():
+    coupled_sets, all_ids = req.coupled, req.all_ids
+    if req.error:
+        log.error("find_slot: %s", req.error)
+        return False
+    if int(all_ids.max()) >= size:
         log.error(
             "find_slot: seq_id=%d >= n_seq_max=%d Try using a bigger --parallel value",
-            int(all_ids[np.flatnonzero(bad)[0]]),
-            size,
-        )
-        return False
-    if np.unique(all_ids).size != all_ids.size:
-        log.error("find_slot: a sequence appears in more than one set of the ubatch")
+            int(all_ids.max()), size,
+        )  # fmt: skip
         return False
 
     # -- coupled sequences (ids[s, j > 0]) leave their cells; they join set s's cell below
-    coupled = ids[:, 1:][valid[:, 1:]]
-    if coupled.size:
+    if coupled_sets:
+        coupled = ids[:, 1:][np.arange(1, ids.shape[1]) < n_ids[:, None]]
         old = c.tail[coupled]
         c.tail[coupled] = -1
         left = np.unique(old[old >= 0])
@@ -286,36 +304,25 @@ def _find_slot(c: RecurrentCells, req: _SlotRequest) -> bool:
     # -- 1. an owned cell for every set's primary sequence ---------------------------
     primaries = ids[:, 0]
     counts = c.seq_counts()
-    t = c.tail[primaries].astype(np.int64)
-    owned = np.zeros(n_seqs, dtype=bool)
-    shared = np.flatnonzero(t >= 0)
-    if shared.size:
-        # The reference walks the sets in order and erases each mover from its old cell,
-        # so among the ubatch's sets sharing one cell, only the last can own it, and only
-        # if every sequence of that cell is in the ubatch. Rank the sets inside each cell.
-        # E.g., cell 5 = {0, 3}, sets (seq 3, seq 0): counts[5] = 2, ranks [0, 1]
-        #       -> owned [False, True]: seq 3 moves out, seq 0 keeps cell 5.
-        tt = t[shared]
-        order = np.argsort(tt, kind="stable")
-        st = tt[order]
-        starts = np.flatnonzero(np.r_[True, st[1:] != st[:-1]])
-        # E.g., st [2, 5, 5, 7] -> starts [0, 1, 3] -> rank_sorted [0, 0, 1, 0]
-        rank_sorted = np.arange(st.size) - np.repeat(starts, np.diff(np.r_[starts, st.size]))
-        rank = np.empty_like(rank_sorted)
-        rank[order] = rank_sorted
-        owned[shared] = rank == counts[tt] - 1
-
-    need = np.flatnonzero(~owned)
-    if need.size:
+    t = c.tail[primaries]
+    # the steady state: every set already owns its cell (t >= 0 and alone in it)
+    n_need = 0
+    if int(t.min()) < 0 or not bool((counts[t] == 1).all()):
+        has = t >= 0
+        owned = np.zeros(n_seqs, dtype=bool)
+        shared = np.flatnonzero(has)
+        if shared.size:
+            owned[shared] = _last_owner(t[shared], counts)
+        need = np.flatnonzero(~owned)
+        n_need = need.size
+    if n_need:
         # empty cells in cyclic order from head: E.g., empty [0, 2, 6], head 3 -> [6, 0, 2]
         empty = np.flatnonzero(counts == 0)
         cyc = np.concatenate((empty[empty >= c.head], empty[empty < c.head]))
-        if cyc.size < need.size:
-            log.error(
-                "find_slot: %d sets need a cell, only %d cells are empty", need.size, cyc.size
-            )
+        if cyc.size < n_need:
+            log.error("find_slot: %d sets need a cell, only %d cells are empty", n_need, cyc.size)
             return False
-        new = cyc[: need.size]
+        new = cyc[:n_need]
         old_t = t[need]
         cow = old_t >= 0
         # copy on write: the new cell starts as the shared one (state copied in-graph)
@@ -327,45 +334,69 @@ def _find_slot(c: RecurrentCells, req: _SlotRequest) -> bool:
     lo, hi = int(t.min()), int(t.max())
 
     # -- 2. gather: set s must live in cell lo + s ------------------------------------
-    target = lo + np.arange(n_seqs)
+    target = np.arange(lo, lo + n_seqs)
     mism = np.flatnonzero(t != target)
     if mism.size:
         _reorder(c, t, int(mism[0]), lo, hi)
 
     last_pos = req.last_pos
     prev = c.pos[target]
-    jump = (prev >= 0) & (last_pos.astype(np.int64) != prev.astype(np.int64) + req.n_seq_tokens)
+    jump = (prev >= 0) & (last_pos - prev != req.n_seq_tokens)  # a warning only: int32 is fine
     if jump.any():
-        s = int(np.flatnonzero(jump)[0])
+        j = int(np.flatnonzero(jump)[0])
         log.warning(
             "find_slot: non-consecutive token position %d after %d for sequence %d with %d new tokens",
-            int(last_pos[s]),
-            int(prev[s]),
-            int(primaries[s]),
-            req.n_seq_tokens,
-        )
+            int(last_pos[j]), int(prev[j]), int(primaries[j]), req.n_seq_tokens,
+        )  # fmt: skip
     c.pos[target] = last_pos
-    # every id of set s (primary and coupled) now has cell lo + s as its tail
-    # E.g., ids [[1, -1], [2, 3]], lo 4 -> tail[1] = 4, tail[2] = tail[3] = 5
-    c.tail[all_ids] = np.repeat(target, n_ids)
+    if coupled_sets:
+        # every id of set s (primary and coupled) now has cell lo + s as its tail
+        # E.g., ids [[1, -1], [2, 3]], lo 4 -> tail[1] = 4, tail[2] = tail[3] = 5
+        c.tail[all_ids] = np.repeat(target, n_ids)
 
     # -- 3. zero state, sources ---------------------------------------------------------
     src = c.src
     refs = np.bincount(src[src >= 0], minlength=size)
-    rng = np.arange(lo, hi + 1)
-    free = rng[refs[lo : hi + 1] == 0]
-    c.rs_z = int(free[0]) if free.size else -1
+    free = np.flatnonzero(refs[lo : hi + 1] == 0)
+    c.rs_z = lo + int(free[0]) if free.size else -1
     src_rng = src[lo : hi + 1]
-    if c.rs_z < 0 and (src_rng < 0).any():
-        log.error("find_slot: no cell in [%d, %d] can hold the zero state", lo, hi)
-        return False
-    c.src0[lo : hi + 1] = np.where(src_rng >= 0, src_rng, c.rs_z)
-    c.src[lo : hi + 1] = rng
+    miss = src_rng < 0
+    if miss.any():
+        if c.rs_z < 0:
+            log.error("find_slot: no cell in [%d, %d] can hold the zero state", lo, hi)
+            return False
+        c.src0[lo : hi + 1] = np.where(miss, c.rs_z, src_rng)
+    else:
+        c.src0[lo : hi + 1] = src_rng
+    c.src[lo : hi + 1] = np.arange(lo, hi + 1)
 
     c.head = lo
     c.n = hi - lo + 1
-    c.used = int(np.count_nonzero(c.seq_counts()))
+    if n_need or coupled_sets:
+        counts = c.seq_counts()
+    c.used = int(np.count_nonzero(counts))  # swaps permute cells: the count is unchanged
     return c.n >= n_seqs
+
+
+def _last_owner(tt: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Which of the ubatch's sets keep the cell they share with other sequences.
+
+    The reference walks the sets in order and erases each mover from its old cell, so
+    among the sets whose sequences share one cell, only the last can own it, and only if
+    every sequence of that cell is in the ubatch. ``tt`` are the sets' cells in set order.
+    E.g., cell 5 = {0, 3}, sets (seq 3, seq 0): tt [5, 5], counts[5] = 2, ranks [0, 1]
+    -> [False, True]: seq 3 moves out, seq 0 keeps cell 5.
+    """
+    order = np.argsort(tt, kind="stable")  # sets grouped by cell, set order inside
+    st = tt[order]
+    first = np.ones(st.size, dtype=bool)
+    np.not_equal(st[1:], st[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    # rank inside the group: E.g., st [2, 5, 5, 7] -> starts [0, 1, 3] -> [0, 0, 1, 0]
+    rank_sorted = np.arange(st.size) - starts[np.cumsum(first) - 1]
+    rank = np.empty_like(rank_sorted)
+    rank[order] = rank_sorted
+    return rank == counts[tt] - 1
 
 
 def _reorder(c: RecurrentCells, t: np.ndarray, s0: int, lo: int, hi: int) -> None:
@@ -434,17 +465,6 @@ def _seq_rm(
         c.used -= 1
         c.head = min(c.head, emptied)
     return True
-
-
-def _same_cells(a: RecurrentCells, b: RecurrentCells) -> bool:
-    return (
-        a.head == b.head
-        and a.used == b.used
-        and np.array_equal(a.pos, b.pos)
-        and np.array_equal(a.tail, b.tail)
-        and np.array_equal(a.src, b.src)
-        and np.array_equal(a.rs_idx, b.rs_idx)
-    )
 
 
 # --------------------------------------------------------------------------------------
@@ -653,9 +673,10 @@ class RecurrentMemory(Memory):
                 "init_batch: the splitter used %d of %d tokens", balloc.n_used, balloc.n_tokens
             )
             return RecurrentMemoryContext.failed(MemoryStatus.FAILED_PREPARE)
-        if not self.prepare(ubatches):
+        reqs = [_SlotRequest.from_ubatch(ub) for ub in ubatches]
+        if not self._plan(reqs):
             return RecurrentMemoryContext.failed(MemoryStatus.FAILED_PREPARE)
-        return RecurrentMemoryContext(self, ubatches)
+        return RecurrentMemoryContext(self, ubatches, requests=reqs)
 
     def init_full(self) -> RecurrentMemoryContext:
         """A context covering every cell (worst-case graph reservation)."""
@@ -672,14 +693,18 @@ class RecurrentMemory(Memory):
     def prepare(self, ubatches: Sequence[UBatch]) -> bool:
         """Whether every ubatch can be placed, in order. Changes nothing (plans on a copy)."""
         self._check_open()
-        reqs = [_SlotRequest.from_ubatch(ub) for ub in ubatches]
+        return self._plan([_SlotRequest.from_ubatch(ub) for ub in ubatches])
+
+    def _plan(self, reqs: Sequence[_SlotRequest]) -> bool:
         cells = self.cells.copy()
         return all(_find_slot(cells, req) for req in reqs)
 
     def find_slot(self, ubatch: UBatch) -> bool:
         """Place ``ubatch`` now (what ``apply`` does). On False nothing changes."""
         self._check_open()
-        req = _SlotRequest.from_ubatch(ubatch)
+        return self._place(_SlotRequest.from_ubatch(ubatch))
+
+    def _place(self, req: _SlotRequest) -> bool:
         cells = self.cells.copy()
         if not _find_slot(cells, req):
             return False
@@ -690,7 +715,7 @@ class RecurrentMemory(Memory):
     def clear(self, data: bool = True) -> None:
         """Empty every cell (``src0`` is kept, as in the reference); zero R/S if ``data``."""
         self._check_open()
-        c = self.cells.copy()
+        c = self.cells
         c.pos[:] = -1
         c.src[:] = -1
         c.tail[:] = -1
@@ -700,7 +725,7 @@ class RecurrentMemory(Memory):
         if data:
             for store in self._stores:
                 store.clear(0)
-        self._commit(c)
+        self._version += 1
 
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         """Remove ``[p0, p1)`` of ``seq_id``; see the module notes for the exact results.
@@ -711,11 +736,10 @@ class RecurrentMemory(Memory):
         is False with nothing changed. ``seq_id < 0`` is always False (reference quirk).
         """
         self._check_open()
-        c = self.cells.copy()
-        ok = _seq_rm(c, self.n_seq_max, self.n_rs_seq, int(seq_id), *_clamp_range(p0, p1))
-        if not _same_cells(c, self.cells):
-            self._commit(c)
-        return ok
+        self._version += 1
+        return _seq_rm(
+            self.cells, self.n_seq_max, self.n_rs_seq, int(seq_id), *_clamp_range(p0, p1)
+        )
 
     def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
         """Make ``dst`` share ``src``'s cell (copy on write at its next ubatch).
@@ -727,17 +751,17 @@ class RecurrentMemory(Memory):
         src, dst = int(seq_id_src), int(seq_id_dst)
         if src == dst or not (0 <= src < self.size and 0 <= dst < self.size):
             return
-        c = self.cells.copy()
+        c = self.cells
         if c.tail[dst] >= 0 and c.drop_seq(dst) >= 0:
             c.used -= 1
         c.tail[dst] = c.tail[src]
-        self._commit(c)
+        self._version += 1
 
     def seq_keep(self, seq_id: int) -> None:
         """Drop every sequence but ``seq_id`` (all of them if no cell holds ``seq_id``)."""
         self._check_open()
         seq_id = int(seq_id)
-        c = self.cells.copy()
+        c = self.cells
         keep = int(c.tail[seq_id]) if 0 <= seq_id < self.size else -1
         others = np.arange(self.size) != seq_id
         c.tail[others] = -1
@@ -748,7 +772,7 @@ class RecurrentMemory(Memory):
         c.src[cleared] = -1
         if cleared.size:
             c.head = min(c.head, int(cleared[0]))
-        self._commit(c)
+        self._version += 1
 
     def _tail_in_range(self, seq_id: int, p0: int, p1: int) -> int:
         if not 0 <= seq_id < self.size:
@@ -779,9 +803,9 @@ class RecurrentMemory(Memory):
             raise RangeError(
                 f"seq_add: position {int(self.cells.pos[t])} + shift {shift} = {new} leaves int32"
             )
-        c = self.cells.copy()
+        c = self.cells
         c.pos[t] = new
-        self._commit(c)
+        self._version += 1
 
     def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
         """Divide the position of ``seq_id``'s cell by ``d`` (truncating, as C) if in range."""
@@ -797,9 +821,9 @@ class RecurrentMemory(Memory):
         t = self._tail_in_range(int(seq_id), p0, p1)
         if t < 0:
             return
-        c = self.cells.copy()
+        c = self.cells
         c.pos[t] = _c_div(int(c.pos[t]), d)
-        self._commit(c)
+        self._version += 1
 
     def seq_pos_min(self, seq_id: int) -> int:
         """The position of ``seq_id``'s state, or -1 (the same as :meth:`seq_pos_max`)."""
@@ -883,11 +907,12 @@ class RecurrentMemory(Memory):
         n = c.seq_counts()[cells]
         # cell j's header sits after 2 words per earlier cell plus their ids
         # E.g., n [1, 2, 1] -> off [0, 3, 7], ids at [2 | 5, 6 | 9]
-        off = 2 * np.arange(k) + np.r_[0, np.cumsum(n)[:-1]]
+        n_before = np.cumsum(n) - n
+        off = 2 * np.arange(k) + n_before
         out = np.empty(2 * k + int(n.sum()), dtype=np.int32)
         out[off] = c.pos[cells]
         out[off + 1] = n
-        out[np.repeat(off + 2, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))] = seqs
+        out[np.repeat(off + 2, n) + (np.arange(n.sum()) - np.repeat(n_before, n))] = seqs
         return out
 
     # -- state: write ---------------------------------------------------------------------
@@ -1187,9 +1212,12 @@ class RecurrentMemoryContext(MemoryContext):
         *,
         is_full: bool = False,
         status: MemoryStatus = MemoryStatus.SUCCESS,
+        requests: Sequence[_SlotRequest] | None = None,
     ) -> None:
         self.mem = mem
         self.ubatches: list[UBatch] = list(ubatches or [])
+        # what find_slot needs from each ubatch, extracted once at planning time
+        self._requests = list(requests) if requests is not None else None
         self.is_full = is_full
         self.status = status
         self.i_next = 0
@@ -1220,7 +1248,12 @@ class RecurrentMemoryContext(MemoryContext):
         if not self.ubatches:
             return True
         mem = self._mem()
-        if not mem.find_slot(self.ubatches[self.i_next]):
+        mem._check_open()
+        if self._requests is not None:
+            req = self._requests[self.i_next]
+        else:
+            req = _SlotRequest.from_ubatch(self.ubatches[self.i_next])
+        if not mem._place(req):
             raise BatchError(
                 "apply: the planned ubatch no longer fits (memory changed after init_batch)"
             )
