@@ -42,7 +42,8 @@ class TinyConfig:
     """Hyper-parameters of the tiny hybrid decoder (names as ``llama_hparams``).
 
     Widths default to the smallest sizes that still exercise every code path: two KV
-    heads shared by four query heads (GQA), K/V rows of 32 values (one q8_0 block), two
+    heads shared by four query heads (GQA), heads of 32 values (one q8_0 block: quantised
+    caches need head sizes that are whole blocks), two
     SSM groups of two heads each.
     """
 
@@ -51,7 +52,7 @@ class TinyConfig:
     n_embd: int = 32
     n_head: int = 4
     n_head_kv: int = 2
-    head_dim: int = 16
+    head_dim: int = 32
     n_ff: int = 64
     n_swa: int = 6
     swa_type: SWAType = SWAType.STANDARD

@@ -183,7 +183,9 @@ class TinyModel:
         self.store = TensorStore(self.device, self._specs())
         for name, arr in self._arrays():
             self.store[name].write_bytes(np.ascontiguousarray(arr, dtype=np.float32))
-        self.runner = gg.GraphRunner(self.device, n_threads=n_threads)
+        # one thread by default: the graphs are tiny, and spinning worker threads on a
+        # loaded machine cost far more than they save
+        self.runner = gg.GraphRunner(self.device, n_threads=n_threads or 1)
 
     @property
     def spec(self) -> ModelSpec:

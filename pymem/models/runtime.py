@@ -24,7 +24,7 @@ import numpy as np
 from pymem.batch import Batch, BatchAllocator
 from pymem.errors import ConfigError, PymemError
 from pymem.memory import Memory, MemoryContext, MemoryStatus
-from pymem.models.graph import CacheViews, StepInputs, TinyModel
+from pymem.models.graph import StepInputs, TinyModel
 from pymem.ubatch import UBatch
 
 
@@ -32,11 +32,12 @@ class DecodeError(PymemError, RuntimeError):
     """A decode the memory could not place (the reference's ``decode`` returning 1)."""
 
 
-class KVAttention(CacheViews):
+class KVAttention:
     """Attention inputs of one KV cache context (``llama_kv_cache_context``) for one ubatch.
 
     The numpy inputs (KQ mask, row indices) are built at construction, right after
-    ``apply()``, so their cost is timed as bookkeeping.
+    ``apply()``, so their cost is timed as bookkeeping. Graph nodes come from the
+    context's own helpers (``get_k``/``get_v``/``cpy_k``/``cpy_v``).
     """
 
     def __init__(self, kctx: Any, ubatch: UBatch, flash_attn: bool) -> None:
@@ -53,14 +54,17 @@ class KVAttention(CacheViews):
         self._k_idxs = kctx.get_k_idxs()
         self._v_idxs = kctx.get_v_idxs()
 
-    def k_tensor(self, il: int) -> Any:
-        return self.kv.layer(il).k
+    def get_k(self, ctx: Any, il: int) -> Any:
+        return self.kctx.get_k(ctx, il)
 
-    def v_tensor(self, il: int) -> Any:
-        return self.kv.layer(il).v
+    def get_v(self, ctx: Any, il: int) -> Any:
+        return self.kctx.get_v(ctx, il)
 
-    def _n_head_kv(self, il: int) -> int:
-        return self.kv.spec.layers[il].n_head_kv
+    def cpy_k(self, ctx: Any, k_cur: Any, k_idxs: Any, il: int) -> Any:
+        return self.kctx.cpy_k(ctx, k_cur, k_idxs, il)
+
+    def cpy_v(self, ctx: Any, v_cur: Any, v_idxs: Any, il: int) -> Any:
+        return self.kctx.cpy_v(ctx, v_cur, v_idxs, il)
 
     def kq_mask(self, ubatch: UBatch) -> np.ndarray:
         return self._mask
