@@ -900,3 +900,103 @@ def test_recorded_multi_sequence_step_fails_sequential_split_like_the_reference(
     )
     assert balloc.has_cpl
     assert split_all(balloc, "split_equal", 256, True, 0) == [] and balloc.n_used == 0
+
+
+# --------------------------------------------------------------------------------------
+# cross-check with the team's executable spec (tests/spec/batch.py, written separately)
+# --------------------------------------------------------------------------------------
+
+SPEC_RULES = {"position": "pos_memory", "gap": "pos_gap", "decreasing": "pos_decreasing"}
+
+
+@pytest.mark.parametrize("seed", range(120))
+def test_matches_executable_spec(seed):
+    from spec.batch import BatchIn, alloc_init, compat
+    from spec.common import SpecBatchError
+
+    rng = random.Random(5000 + seed)
+    n_seq = rng.choice([1, 2, 3, 4])
+    n = rng.randint(1, 16)
+    n_pos = rng.choice([1, 1, 3])
+    raw = random_sets(rng, n, n_seq, rng.choice([0.0, 0.3]))
+    if rng.random() < 0.5:
+        raw.sort(key=lambda s: s[0])
+    pos, mem = random_positions(rng, raw, n_seq)
+    emb = n_pos > 1 and rng.random() < 0.5
+    if emb:  # section-major, later sections arbitrary
+        pos = pos + [rng.randint(0, 50) for _ in range(n * (n_pos - 1))]
+    give_pos = rng.random() < 0.8
+    logits = [rng.random() < 0.3 for _ in range(n)] if rng.random() < 0.7 else None
+    output_all = rng.random() < 0.2
+    embd = [[float(i), 0.5] for i in range(n)] if emb else None
+    token = None if emb else [rng.randrange(64) for _ in range(n)]
+
+    spec_in = BatchIn(
+        token=token, embd=embd, pos=pos if give_pos else None, seq_id=raw, logits=logits
+    )
+    try:
+        want = alloc_init(
+            compat(spec_in, mem, n_seq, n_pos),
+            mem,
+            n_seq_max=n_seq,
+            n_vocab=64,
+            n_pos_per_embd=n_pos,
+            output_all=output_all,
+        )
+        want_rule = None
+    except SpecBatchError as e:
+        want, want_rule = None, SPEC_RULES.get(e.rule, e.rule)
+
+    batch = Batch(
+        token,
+        embd=None if embd is None else np.array(embd),
+        pos=pos if give_pos else None,
+        seq_id=raw,
+        output=None if logits is None else np.array(logits),
+    )
+    balloc = BatchAllocator(n_pos)
+    try:
+        balloc.init(batch, memory=mem, n_seq_max=n_seq, n_vocab=64, output_all=output_all)
+        got_rule = None
+    except BatchError as e:
+        got_rule = e.rule
+    assert got_rule == want_rule, (raw, pos, mem.pos)
+    if want is None:
+        return
+    assert balloc.pos.tolist() == want.pos and balloc.output.tolist() == want.output
+    assert [r[r >= 0].tolist() for r in balloc.seq_id] == want.seq_id
+    assert balloc.has_cpl == want.has_cpl and balloc.n_outputs == want.n_outputs
+    for s in range(n_seq):
+        assert balloc.seq_pos_min(s) == want.seq_pos_min(s)
+        assert balloc.seq_pos_max(s) == want.seq_pos_max(s)
+    for n_ubatch in (1, 2, 3, 7):
+        cases = [("split_simple", ()), ("split_seq", ())]
+        cases += [("split_equal", (sq, k)) for sq in (False, True) for k in (0, 2)]
+        for how, args in cases:
+            if args and args[1] and n_ubatch <= args[1]:
+                continue
+            want.split_reset()
+            ubs = split_all(balloc, how, n_ubatch, *args)
+            spec_ubs = []
+            while (u := getattr(want, how)(n_ubatch, *args)) is not None:
+                spec_ubs.append(u)
+            assert len(ubs) == len(spec_ubs) and balloc.n_used == want.n_used
+            for ub, su in zip(ubs, spec_ubs):
+                assert (ub.equal_seqs, ub.n_tokens, ub.n_seq_tokens, ub.n_seqs, ub.n_seqs_unq) == (
+                    su.equal_seqs,
+                    su.n_tokens,
+                    su.n_seq_tokens,
+                    su.n_seqs,
+                    su.n_seqs_unq,
+                )
+                assert ub.batch_idxs.tolist() == su.batch_idxs and ub.pos.tolist() == su.pos
+                assert [r[r >= 0].tolist() for r in ub.seq_id] == su.seq_id
+                assert ub.n_seq_id.tolist() == su.n_seq_id
+                assert ub.seq_id_unq.tolist() == su.seq_id_unq
+                assert {s: int(ub.seq_idx[s]) for s in su.seq_id_unq} == su.seq_idx
+                assert ub.output.tolist() == su.output
+                if su.token is not None:
+                    assert ub.token.tolist() == su.token
+                if su.embd is not None:
+                    assert ub.embd.tolist() == su.embd
+            assert balloc.out_ids.tolist() == want.out_ids
