@@ -1247,6 +1247,10 @@ class RecurrentMemoryContext(MemoryContext):
             raise BatchError(f"apply: context status is {self.status.name}")
         if not self.ubatches:
             return True
+        if self.i_next >= len(self.ubatches):
+            raise RangeError(
+                f"apply: no current ubatch (index {self.i_next} of {len(self.ubatches)})"
+            )
         mem = self._mem()
         mem._check_open()
         if self._requests is not None:
@@ -1262,8 +1266,10 @@ class RecurrentMemoryContext(MemoryContext):
 
     def get_ubatch(self) -> UBatch:
         self._require_success("get_ubatch")
-        if not self.ubatches:
-            raise RangeError("get_ubatch: this context has no ubatches")
+        if self.i_next >= len(self.ubatches):
+            raise RangeError(
+                f"get_ubatch: no current ubatch (index {self.i_next} of {len(self.ubatches)})"
+            )
         return self.ubatches[self.i_next]
 
     # -- graph inputs ---------------------------------------------------------------------

@@ -714,3 +714,20 @@ def test_build_rs_new_sequence_starts_from_zero_and_rollback_plane() -> None:
     gathered, rows = run_build_rs(mem, ctx)
     assert gathered.tolist() == [4.0, 0.0]  # snapshot row 4; zeroed rs_z row 1
     assert rows.tolist()[:2] == [104.0, 100.0]
+
+
+def test_context_past_the_end_and_failed_status() -> None:
+    from pymem.recurrent import RecurrentMemoryContext
+
+    mem = make_rec()
+    ctx = RecurrentMemoryContext(mem, [ub((0, 0))])
+    assert ctx.apply() and not ctx.next()
+    with pytest.raises(RangeError):
+        ctx.get_ubatch()
+    with pytest.raises(RangeError):
+        ctx.apply()
+    failed = RecurrentMemoryContext.failed(MemoryStatus.FAILED_PREPARE)
+    with pytest.raises(BatchError):
+        failed.apply()
+    with pytest.raises(BatchError):
+        failed.next()
