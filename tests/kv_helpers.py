@@ -68,7 +68,11 @@ def check_invariants(kv: KVCache, contiguous: tuple[int, ...] | str = ()) -> Non
             ids = cells.seq_ids_of(i)
             want = OWNER_NONE if not ids else (ids[0] if len(ids) == 1 else OWNER_MULTI)
             assert cells.owner[i] == want, f"stream {s} cell {i}: owner {cells.owner[i]} != {want}"
+        present = {q for i in range(cells.size) for q in cells.seq_ids_of(i)}
         for seq in range(LLAMA_MAX_SEQ):
+            if seq not in present:
+                assert cells.seq_pos_min(seq) == -1 and cells.seq_pos_max(seq) == -1, f"seq {seq}"
+                continue
             ps = [int(cells.pos[i]) for i in range(cells.size) if used[i] and cells.seq_has(i, seq)]
             lo, hi = (min(ps), max(ps)) if ps else (-1, -1)
             assert cells.seq_pos_min(seq) == lo, f"stream {s} seq {seq}: pos_min"
