@@ -165,6 +165,31 @@ class ContextSizes:
     device: Any = None
 
 
+def _check_cache_types(spec: ModelSpec, params: ContextParams) -> None:
+    """``llama_init_from_model``'s cache type checks.
+
+    A quantized V cache needs flash attention ("auto" turns it on, as the reference).
+    A block-quantized K (V) type must divide every attention layer's head size: the
+    reference refuses that with flash attention on, and with it off builds a cache whose
+    per-head views are broken; pymem refuses both. E.g. q8_0 (block 32) with head size 16.
+    """
+    from pymem.types import ggml_type
+
+    tk, tv = ggml_type(params.type_k), ggml_type(params.type_v)
+    if tv.is_quantized and not _flash_attn_on(params.flash_attn):
+        raise ConfigError(f"type_v: a quantized V cache ({tv.name}) requires flash_attn enabled")
+    for t, what in ((tk, "k"), (tv, "v")):
+        if t.block_size == 1:
+            continue
+        for il, lay in enumerate(spec.layers):
+            head = lay.n_embd_head_k if what == "k" else lay.n_embd_head_v
+            if lay.n_head_kv > 0 and head % t.block_size:
+                raise ConfigError(
+                    f"type_{what}: {what.upper()} cache type {t.name} with block size {t.block_size} "
+                    f"does not divide n_embd_head_{what}={head} (layer {il})"
+                )
+
+
 def resolve_context(spec: ModelSpec, params: ContextParams) -> ContextSizes:
     """Apply the reference's context sizing rules (see the module docstring).
 
@@ -200,6 +225,7 @@ def resolve_context(spec: ModelSpec, params: ContextParams) -> ContextSizes:
         n_ctx = n_ctx_seq * n_seq_max
 
     flash = _flash_attn_on(params.flash_attn)
+    _check_cache_types(spec, params)
     return ContextSizes(
         n_ctx=n_ctx,
         n_ctx_seq=n_ctx_seq,
@@ -610,6 +636,107 @@ def build_from_plan(plan: MemoryPlan) -> Memory | None:
             raise
         return HybridISWAMemory(KVCacheISWA.from_parts(parts[0], parts[1]), parts[2])
     raise ConfigError(f"plan.type: unknown memory type {plan.type!r}")
+
+
+def memory_type(mem: Memory | None) -> str:
+    """The reference type name of a built memory (as :attr:`MemoryPlan.type`)."""
+    from pymem.hybrid import HybridMemory
+    from pymem.iswa import KVCacheISWA
+    from pymem.kv import KVCache
+    from pymem.recurrent import RecurrentMemory
+
+    if mem is None:
+        return "none"
+    if isinstance(mem, HybridMemory):
+        return "hybrid_iswa" if mem.is_iswa else "hybrid"
+    if isinstance(mem, KVCacheISWA):
+        return "kv_cache_iswa"
+    if isinstance(mem, KVCache):
+        return "kv_cache"
+    if isinstance(mem, RecurrentMemory):
+        return "recurrent"
+    raise ConfigError(f"mem: not a pymem memory type: {type(mem).__name__}")
+
+
+def describe_memory(mem: Memory) -> dict[str, Any]:
+    """What a built memory actually holds, in the shape of :meth:`MemoryPlan.describe`'s
+    ``type`` / ``parts`` / ``can_shift`` (sizes and row bytes read from the live objects)."""
+    from pymem.hybrid import HybridMemory
+    from pymem.iswa import KVCacheISWA
+    from pymem.kv import KVCache
+
+    kind = memory_type(mem)
+    named: list[tuple[str, Any]]
+    if isinstance(mem, HybridMemory):
+        attn = mem.mem_attn
+        if isinstance(attn, KVCacheISWA):
+            named = [("attn_base", attn.kv_base), ("attn_swa", attn.kv_swa)]
+        else:
+            named = [("attn", attn)]
+        named.append(("recr", mem.mem_recr))
+    elif isinstance(mem, KVCacheISWA):
+        named = [("base", mem.kv_base), ("swa", mem.kv_swa)]
+    elif isinstance(mem, KVCache):
+        named = [("kv", mem)]
+    else:
+        named = [("recr", mem)]
+
+    parts: list[dict[str, Any]] = []
+    for name, part in named:
+        if isinstance(part, KVCache):
+            parts.append(
+                {
+                    "kind": "kv",
+                    "name": name,
+                    "kv_size": part.get_size(),
+                    "n_pad": part.n_pad,
+                    "n_stream": part.get_n_stream(),
+                    "n_seq_max": part.n_seq_max,
+                    "n_swa": part.n_swa,
+                    "swa_type": part.swa_type.name.lower(),
+                    "v_trans": part.v_trans,
+                    "has_cell_ext": part.has_cell_ext(),
+                    "k_type": part.type_k.name,
+                    "v_type": part.type_v.name,
+                    "layers": [
+                        {
+                            "il": lay.il,
+                            "n_embd_k_gqa": lay.n_embd_k_gqa,
+                            "n_embd_v_gqa": lay.n_embd_v_gqa,
+                            "has_v": lay.v is not None,
+                            "k_row_bytes": lay.k.row_size,
+                            "v_row_bytes": part.type_v.row_size(lay.n_embd_v_gqa),
+                        }
+                        for lay in part.layers
+                    ],
+                }
+            )
+        else:
+            parts.append(
+                {
+                    "kind": "recurrent",
+                    "name": name,
+                    "mem_size": part.size,
+                    "n_seq_max": part.n_seq_max,
+                    "n_layer_total": part.spec.n_layer,
+                    "n_rs_seq": part.n_rs_seq,
+                    "s_trans": False,
+                    "r_type": part.type_r.name,
+                    "s_type": part.type_s.name,
+                    "layers": [
+                        {
+                            "il": il,
+                            "n_embd_r": part.n_embd_r,
+                            "n_embd_s": part.n_embd_s,
+                            "r_row_bytes": part.get_r_l(il).row_size,
+                            "s_row_bytes": part.get_s_l(il).row_size,
+                            "has_ple": False,
+                        }
+                        for il in part.layers
+                    ],
+                }
+            )
+    return {"type": kind, "parts": parts, "can_shift": mem.get_can_shift()}
 
 
 def create_memory(spec: ModelSpec, params: ContextParams | None = None) -> Memory | None:
