@@ -289,9 +289,17 @@ class Session:
         self._tick(f"finish {seq_id}")
 
     def keep(self, seq_id: int) -> None:
-        """``seq_keep(seq_id)``: every other sequence is dropped."""
+        """``seq_keep(seq_id)``: every other sequence is dropped.
+
+        With one KV stream per sequence the reference clears only ``seq_id``'s own stream,
+        so the others stay: histories are kept for the sequences the memory still reports.
+        """
         self._timed(self.memory.seq_keep, seq_id)
-        self.histories = {seq_id: self.histories[seq_id]}
+        self.histories = {
+            s: h
+            for s, h in self.histories.items()
+            if s == seq_id or self.memory.seq_pos_max(s) >= 0
+        }
         self._tick(f"keep {seq_id}")
 
     def rollback(self, seq_id: int, n: int) -> bool:
