@@ -13,7 +13,8 @@ on the widths; state I/O moves exactly those bytes.
 * a reordering step: the ubatch's sets are in the reverse of the cells' order, so every
   set is swapped (the one step that walks the sets one by one).
 * sequence ops at 256 cells; state I/O of one sequence and of the whole memory against a
-  numpy copy of the same number of bytes.
+  numpy copy of the same number of bytes (into a reused buffer, and into a new one, which
+  is what producing a blob costs).
 """
 
 from __future__ import annotations
@@ -162,17 +163,21 @@ def bench_state_io(data: dict) -> None:
         src = np.frombuffer(blob, dtype=np.uint8)
         dst = np.empty_like(src)
         t_np = best_of(lambda src=src, dst=dst: np.copyto(dst, src), repeat=5)
-        gbs = [size / t / 1e9 for t in (t_w, t_r, t_np)]
+        t_np_new = best_of(lambda src=src: src.copy(), repeat=5)  # what a new blob costs
+        gbs = [size / t / 1e9 for t in (t_w, t_r, t_np, t_np_new)]
         rows.append([label, f"{size / 2**20:.2f} MiB", *(f"{g:.1f}" for g in gbs)])
         data[f"state {label}"] = {
             "bytes": size,
             "write_GBps": gbs[0],
             "read_GBps": gbs[1],
             "numpy_copy_GBps": gbs[2],
+            "numpy_copy_new_buffer_GBps": gbs[3],
         }
     mem.close()
     print_table(
-        "state I/O (GB/s)", ["blob", "size", "state_write", "state_read", "numpy copy"], rows
+        "state I/O (GB/s)",
+        ["blob", "size", "state_write", "state_read", "numpy copy", "numpy copy (new buffer)"],
+        rows,
     )
 
 
