@@ -1096,8 +1096,15 @@ class RecurrentMemory(Memory):
         return reader.offset
 
     def state_read_from(self, fileobj: BinaryIO, seq_id: int = -1, flags: int = 0) -> int:
+        """Restore from the rest of a binary file; returns the bytes consumed.
+
+        A seekable file is left just after those bytes (whatever follows stays unread).
+        """
+        start = fileobj.tell() if fileobj.seekable() else None
         reader = StateReader.from_file(fileobj)
         self.state_read_parse(reader, seq_id, flags).commit()
+        if start is not None:
+            fileobj.seek(start + reader.offset)
         return reader.offset
 
     # -- graph inputs ---------------------------------------------------------------------

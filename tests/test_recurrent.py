@@ -602,10 +602,12 @@ def test_state_file_round_trip() -> None:
     place(mem, (0, 3))
     buf = io.BytesIO()
     n = mem.state_write_to(buf, 0)
+    buf.write(b"tail")
     buf.seek(0)
     other = make_rec()
     assert other.state_read_from(buf, 0) == n
     assert other.state_write(0) == mem.state_write(0)
+    assert buf.read() == b"tail"  # left just after the state
 
 
 def corrupt(data: bytes, offset: int, fmt: str, value: int) -> bytes:
