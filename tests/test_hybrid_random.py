@@ -3,9 +3,10 @@
 Every step is a random decode (several sequences, prompts or single tokens, sometimes a
 deliberately invalid or oversized batch), a sequence op, a per-sequence or whole save /
 restore, a truncated restore, or a clear. After every step the composition rules and the
-recurrent part's invariants are checked, the KV parts' (slow, loop-based) every 10 steps; every operation that reports failure
-(decode 1 / -1, seq_rm False, a refused restore) must leave the whole state bytes as they
-were; every successful restore of a just-saved blob must reproduce that blob.
+recurrent part's invariants are checked, the KV parts' (slow, loop-based) every 10 steps.
+Every operation that reports failure (decode 1 / -1, seq_rm False, a refused restore)
+must leave the whole state bytes as they were; every successful restore of a just-saved
+blob must reproduce that blob.
 """
 
 from __future__ import annotations
