@@ -546,7 +546,10 @@ def plan_memory(spec: ModelSpec, params: ContextParams | ContextSizes) -> Memory
         raise ConfigError("spec: some layers are SWA but swa_type is NONE")
     layers = tuple(il for il in range(spec.n_layer) if filt is None or filt(il))
     return MemoryPlan(
-        "kv_cache", ctx, (_kv_part("kv", layers, ctx.n_ctx_seq, ctx, spec.n_swa, spec.swa_type),), spec
+        "kv_cache",
+        ctx,
+        (_kv_part("kv", layers, ctx.n_ctx_seq, ctx, spec.n_swa, spec.swa_type),),
+        spec,
     )
 
 
