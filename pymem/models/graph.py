@@ -310,6 +310,11 @@ class TinyModel:
                 x = ctx.add(x, ctx.mul_mat(self._w(il, "ffn_down"), ctx.mul(ctx.silu(gate), up)))
             x = ctx.mul(ctx.rms_norm(x, c.norm_eps), self.store["output_norm"].ptr)
             logits = ctx.mul_mat(self.store["output"].ptr, x)
+            if self.device.kind == "cpu":
+                # Device.backend() is one backend per device, shared by every GraphRunner
+                # (the KV cache's K-shift runner sets its own thread count on it)
+                gg.check(gg.lib.pm_backend_set_n_threads(self.device.backend(), self.runner.n_threads),
+                         "set_n_threads")  # fmt: skip
             (out,) = self.runner.run(ctx, [*expand, logits], inputs=feed, read=[logits])
         return np.array(out.reshape(n_tokens, c.n_vocab), dtype=np.float32)
 
