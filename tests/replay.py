@@ -1,0 +1,424 @@
+"""Generic replay of a run recorded from the real llama.cpp, for any memory type.
+
+A run (``runs/<name>.json`` beside ``blobs/`` and ``models/``, the layout of
+tests/data/ and of the shared test data) lists decodes, sequence ops and restores with
+the reference's results, positions and state blobs after every step. :func:`replay`
+drives pymem through the same steps and checks, after each one:
+
+* the step's result (decode return code, ``seq_rm``'s bool, bytes a restore consumed);
+* ``[seq_pos_min, seq_pos_max]`` of every sequence;
+* the sizes of every per-sequence state and of the whole state;
+* the blobs themselves, byte for byte.
+
+The memory is built by :func:`pymem.factory.create_memory` from the run's GGUF model
+when it is present (else from the per-layer widths in the run's ``memory`` section) and
+the run's context parameters, so the factory's sizing is under test as well.
+
+K/V and R/S bytes are computed by llama.cpp's kernels, which pymem does not run. After
+each successful decode the harness plays the graph's part: it checks that pymem's cells
+hold exactly the reference's cells (positions and sequence sets, stream by stream, in
+ascending cell order), then copies the reference's rows into those cells. Everything the
+blobs contain besides the kernels' numbers (selection, order, positions, sequence sets,
+headers, layouts, pending stream copies, rows restored from blobs) is pymem's own.
+
+A restore that fails is where pymem differs on purpose: pymem changes nothing (checked on
+the whole state), while the reference leaves side effects that later steps depend on.
+:func:`emulate_reference_failed_restore` re-enacts them with pymem's public operations.
+
+Point ``PYMEM_REPLAY_RUNS`` at more run directories (``os.pathsep``-separated) to replay
+other recordings with the same tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from kv_helpers import fill_rows_from_part, parse_kv_part
+
+from pymem.batch import Batch, BatchAllocator
+from pymem.errors import BatchError, StateError
+from pymem.factory import ContextParams, create_memory
+from pymem.hybrid import HybridMemory
+from pymem.iswa import KVCacheISWA
+from pymem.kv import KVCache
+from pymem.memory import Memory, MemoryStatus
+from pymem.recurrent import RecurrentMemory
+from pymem.spec import LayerSpec, ModelSpec, SWAType
+from pymem.state import StateReader
+from pymem.ubatch import UBatch
+
+DATA = Path(__file__).parent / "data"
+SEQ_MAGIC = 0xAF143CD8
+
+
+def run_files() -> list[Path]:
+    """Every recorded run: tests/data/runs plus the directories in ``PYMEM_REPLAY_RUNS``."""
+    dirs = [DATA / "runs"]
+    for extra in filter(None, os.environ.get("PYMEM_REPLAY_RUNS", "").split(os.pathsep)):
+        path = Path(extra)
+        dirs.append(path / "runs" if (path / "runs").is_dir() else path)
+    return sorted({p.resolve() for d in dirs for p in d.glob("*.json")})
+
+
+@dataclass
+class Run:
+    path: Path
+    data: dict[str, Any]
+    root: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.root = self.path.parent.parent
+
+    @classmethod
+    def load(cls, path: Path) -> Run:
+        return cls(path, json.loads(path.read_text()))
+
+    def blob(self, blob_id: str) -> bytes:
+        for base in (self.root / "blobs", DATA / "blobs"):
+            f = base / f"{blob_id}.bin"
+            if f.exists():
+                return f.read_bytes()
+        raise FileNotFoundError(f"blob {blob_id} of run {self.path.name}")
+
+    @property
+    def arch(self) -> str:
+        return str(self.data["memory"]["arch"])
+
+    @property
+    def n_seq(self) -> int:
+        return int(self.data.get("n_seq", self.data["memory"]["n_seq_max"]))
+
+    def model_path(self) -> Path | None:
+        name = self.data.get("model_file")
+        for base in (self.root / "models", DATA / "models"):
+            if name and (base / name).exists():
+                return base / name
+        return None
+
+    def spec(self) -> ModelSpec:
+        model = self.model_path()
+        if model is not None:
+            from pymem.gguf_spec import spec_from_gguf
+
+            return spec_from_gguf(model)
+        return spec_from_memory_section(self.data["memory"])
+
+
+def spec_from_memory_section(mem: dict[str, Any]) -> ModelSpec:
+    """A layer spec with the widths the run reports (one KV head per layer).
+
+    Enough for bookkeeping and state bytes; RoPE details only matter to K-shift numbers,
+    which the replay takes from the reference anyway.
+    """
+    layers = tuple(
+        LayerSpec(
+            recurrent=bool(lay["recurrent"]),
+            swa=bool(lay["swa"]),
+            n_head_kv=1 if lay["n_embd_k_gqa"] else 0,
+            n_embd_head_k=int(lay["n_embd_k_gqa"]),
+            n_embd_head_v=int(lay["n_embd_v_gqa"]),
+            n_embd_r=int(lay["n_embd_r"]),
+            n_embd_s=int(lay["n_embd_s"]),
+        )
+        for lay in mem["layers"]
+    )
+    swa_type = SWAType[str(mem.get("swa_type", "none")).upper()]
+    return ModelSpec(
+        layers=layers, n_swa=int(mem.get("n_swa", 0)), swa_type=swa_type, arch=str(mem["arch"])
+    )
+
+
+def build_memory(run: Run) -> Memory:
+    mem = create_memory(run.spec(), ContextParams.from_dict(run.data["context_params"]))
+    assert mem is not None, f"{run.path.name}: the factory built no memory"
+    return mem
+
+
+# --- the memory's parts, in serialisation order ---------------------------------------
+
+
+def parts(mem: Memory) -> list[tuple[str, Any]]:
+    """``[("kv", KVCache) | ("rs", RecurrentMemory), ...]`` as the whole state lists them."""
+    if isinstance(mem, KVCache):
+        return [("kv", mem)]
+    if isinstance(mem, KVCacheISWA):
+        return [("kv", mem.get_base()), ("kv", mem.get_swa())]
+    if isinstance(mem, RecurrentMemory):
+        return [("rs", mem)]
+    if isinstance(mem, HybridMemory):
+        return [*parts(mem.get_mem_attn()), ("rs", mem.get_mem_recr())]
+    raise TypeError(f"unknown memory type {type(mem).__name__}")
+
+
+def _parse_rs_part(data: bytes, off: int, n_layer: int, n_sections: int, row_r: int, row_s: int):
+    """A whole-state recurrent part (b.3) -> (cells [(pos, ids)], R rows, S rows, end)."""
+
+    def take(fmt: str) -> tuple:
+        nonlocal off
+        v = struct.unpack_from(fmt, data, off)
+        off += struct.calcsize(fmt)
+        return v
+
+    (count,) = take("<I")
+    cells = []
+    for _ in range(count):
+        pos, n = take("<iI")
+        cells.append((pos, list(take(f"<{n}i"))))
+    assert take("<II") == (0, n_layer)
+    planes = []
+    for row in (row_r, row_s):
+        layers = []
+        for _ in range(n_sections):
+            _, size_row = take("<iQ")
+            assert size_row == row
+            layers.append(np.frombuffer(data, np.uint8, count * row, off).reshape(count, row))
+            off += count * row
+        planes.append(layers)
+    return cells, planes[0], planes[1], off
+
+
+def _kv_cells_of_stream(kv: KVCache, strm: int) -> tuple[np.ndarray, list[tuple[int, list[int]]]]:
+    cells = kv.v_cells[strm]
+    filled = np.flatnonzero(cells.pos >= 0)
+    listed = []
+    for c in filled:
+        ids = [s for s in cells.seq_ids_of(int(c)) if s < kv.get_n_seq_max()]
+        listed.append((int(cells.pos[c]), ids))
+    return filled, listed
+
+
+def sync_tensors_from_reference(mem: Memory, ref: bytes, where: str) -> None:
+    """Check pymem's cells equal the reference's, then copy the reference's rows in."""
+    off = 0
+    for kind, part in parts(mem):
+        if kind == "kv":
+            kvp = parse_kv_part(ref, len(part.layers), part.has_cell_ext(), offset=off)
+            for strm, sp in enumerate(kvp.streams):
+                filled, listed = _kv_cells_of_stream(part, strm)
+                got = [(c[0], c[1]) for c in sp.cells] if sp is not None else []
+                assert listed == got, f"{where}: KV stream {strm} cells differ from the reference"
+                if sp is not None:
+                    fill_rows_from_part(part, kvp, strm, filled, np.arange(len(filled)))
+            off = kvp.end
+        else:
+            rec: RecurrentMemory = part
+            r0, s0 = rec.get_r_l(rec.layers[0]), rec.get_s_l(rec.layers[0])
+            cells, r_rows, s_rows, off = _parse_rs_part(
+                ref, off, rec.spec.n_layer, len(rec.layers), r0.row_size, s0.row_size
+            )
+            filled = np.flatnonzero(rec.cells.seq_counts())
+            assert [c[0] for c in cells] == rec.cells.pos[filled].tolist(), (
+                f"{where}: recurrent cells differ"
+            )
+            for k, il in enumerate(rec.layers):
+                if len(filled):
+                    rec.get_r_l(il).write_rows(filled, r_rows[k])
+                    rec.get_s_l(il).write_rows(filled, s_rows[k])
+    assert off == len(ref), f"{where}: the reference blob has {len(ref) - off} bytes past the parts"
+
+
+# --- the reference's side effects of a failed per-sequence restore ----------------------
+
+
+def _restore_ubatch(seq_id: int, pos: list[int]) -> UBatch:
+    ub = UBatch.reserve(len(pos), 1)
+    ub.seq_id[:, 0] = seq_id
+    ub.seq_id_unq[0] = seq_id
+    ub.seq_idx[:] = -1
+    ub.seq_idx[seq_id] = 0
+    ub.pos[: len(pos)] = pos
+    return ub
+
+
+def _kv_meta(data: bytes, off: int, has_ext: bool) -> tuple[int, list[int] | None]:
+    """(cell_count, positions or None when the meta is truncated) of a per-seq KV stream."""
+    if off + 4 > len(data):
+        return -1, None
+    (n,) = struct.unpack_from("<I", data, off)
+    cell = 12 + (12 if has_ext else 0)
+    if off + 4 + n * cell > len(data):
+        return n, None
+    return n, [struct.unpack_from("<i", data, off + 4 + i * cell)[0] for i in range(n)]
+
+
+def _emulate_kv_failure(kv: KVCache, data: bytes, off: int, seq_id: int) -> None:
+    """KV ``state_read`` of one sequence failing inside this part (b.2, read side)."""
+    # n_stream, then streams; a per-seq blob holds at most one non-empty stream
+    n_stream = struct.unpack_from("<I", data, off)[0] if off + 4 <= len(data) else -1
+    if n_stream != kv.get_n_stream():
+        return  # refused before anything changed
+    off += 4
+    while True:
+        n, pos = _kv_meta(data, off, kv.has_cell_ext())
+        if n == -1:
+            return
+        if n == 0:
+            off += 4
+            continue
+        if n > kv.get_size():
+            kv.seq_rm(seq_id, -1, -1)
+            return
+        kv.seq_rm(seq_id, -1, -1)
+        if pos is None:
+            return  # the meta ran out: the reader threw after the removal
+        ub = _restore_ubatch(seq_id, pos)
+        sinfo = kv.find_slot(ub, False)
+        if sinfo is not None:
+            kv.apply_ubatch(sinfo, ub)
+        kv.seq_rm(seq_id, -1, -1)
+        return
+
+
+def _emulate_rs_failure(rec: RecurrentMemory, data: bytes, off: int, seq_id: int) -> None:
+    """Recurrent ``state_read`` of one sequence failing inside this part (b.3)."""
+    rec.seq_rm(seq_id, -1, -1)
+    if off + 12 > len(data):
+        return
+    n, pos = struct.unpack_from("<Ii", data, off)
+    if n == 1:
+        ub = _restore_ubatch(seq_id, [pos])
+        if rec.find_slot(ub):
+            rec.seq_rm(seq_id, -1, -1)
+
+
+def emulate_reference_failed_restore(mem: Memory, data: bytes, seq_id: int) -> None:
+    """Re-enact what the reference leaves behind when a per-sequence restore fails.
+
+    Parts are read in order; the ones that parse completely are restored, the failing
+    one leaves its partial placement removed, and then the plain hybrid undoes its
+    attention part (iSWA and hybrid-iSWA have no undo path).
+    """
+    reader = StateReader(data)
+    restored: list[Any] = []
+    for kind, part in parts(mem):
+        start = reader.offset
+        try:
+            plan = part.state_read_parse(reader, seq_id, 0)
+        except StateError:
+            if kind == "kv":
+                _emulate_kv_failure(part, data, start, seq_id)
+            else:
+                _emulate_rs_failure(part, data, start, seq_id)
+            break
+        plan.commit()
+        restored.append(part)
+    if isinstance(mem, HybridMemory) and not isinstance(mem.get_mem_attn(), KVCacheISWA):
+        for part in restored:
+            if isinstance(part, KVCache):
+                part.state_clear(seq_id)
+
+
+# --- the replay ------------------------------------------------------------------------
+
+
+def strip_seq(data: bytes) -> bytes:
+    magic, _seq = struct.unpack_from("<Ii", data, 0)
+    assert magic == SEQ_MAGIC
+    return data[8:]
+
+
+def strip_whole(data: bytes, arch: str) -> bytes:
+    (n,) = struct.unpack_from("<I", data, 0)
+    assert data[4 : 4 + n].decode() == arch
+    return data[4 + n :]
+
+
+def decode(mem: Memory, balloc: BatchAllocator, items: list, n_seq_max: int, n_ubatch: int) -> int:
+    """``llama_context::decode``'s memory flow; returns its code (0, 1 or -1)."""
+    try:
+        balloc.init(Batch.from_items(items), memory=mem, n_seq_max=n_seq_max)
+    except BatchError:
+        return -1
+    upd = mem.init_update(False)
+    if upd.get_status() == MemoryStatus.SUCCESS:
+        upd.apply()
+    ctx = mem.init_batch(balloc, n_ubatch, embd_all=False)
+    if ctx.get_status() != MemoryStatus.SUCCESS:
+        assert ctx.get_status() == MemoryStatus.FAILED_PREPARE
+        upd = mem.init_update(True)
+        if upd.get_status() == MemoryStatus.SUCCESS:
+            upd.apply()
+        return 1
+    while True:
+        ctx.apply()
+        if not ctx.next():
+            return 0
+
+
+@dataclass
+class ReplayReport:
+    steps: int = 0
+    blobs_compared: int = 0
+    failed_restores: int = 0
+
+
+def replay(run: Run, mem: Memory) -> ReplayReport:
+    arch = run.arch
+    meta = run.data["memory"]
+    n_seq_max = int(meta["n_seq_max"])
+    n_ubatch = int(meta["n_ubatch"])
+    n_seq = run.n_seq
+    balloc = BatchAllocator(getattr(mem, "n_pos_per_embd", 1))
+    report = ReplayReport()
+    for step in run.data["steps"]:
+        op = step["op"]
+        where = f"{run.path.name} step {step['i']} ({op}: {step.get('note', '')})"
+        result: Any = None
+        if op == "decode":
+            result = decode(mem, balloc, step["items"], n_seq_max, n_ubatch)
+            if result == 0 and "state" in step:
+                sync_tensors_from_reference(mem, strip_whole(run.blob(step["state"]), arch), where)
+        elif op == "seq_rm":
+            result = mem.seq_rm(step["seq"], step["p0"], step["p1"])
+        elif op == "seq_cp":
+            mem.seq_cp(step["src"], step["dst"], step["p0"], step["p1"])
+        elif op == "seq_keep":
+            mem.seq_keep(step["seq"])
+        elif op == "seq_add":
+            mem.seq_add(step["seq"], step["p0"], step["p1"], step["delta"])
+        elif op == "seq_div":
+            mem.seq_div(step["seq"], step["p0"], step["p1"], step["d"])
+        elif op == "clear":
+            mem.clear(step.get("data", True))
+        elif op == "state_seq_set":
+            data = strip_seq(run.blob(step["blob"]))
+            before = mem.state_write()
+            try:
+                result = 8 + mem.state_read(data, step["seq"])
+            except StateError:
+                result = 0
+                report.failed_restores += 1
+                assert mem.state_write() == before, f"{where}: a failed restore changed pymem"
+                emulate_reference_failed_restore(mem, data, step["seq"])
+        elif op == "state_set":
+            data = strip_whole(run.blob(step["blob"]), arch)
+            try:
+                result = 4 + len(arch) + mem.state_read(data)
+            except StateError:
+                result = 0
+        else:
+            assert op == "none", f"{where}: unknown op"
+        report.steps += 1
+
+        assert result == step["result"], f"{where}: result {result} != reference {step['result']}"
+        pos = [[mem.seq_pos_min(s), mem.seq_pos_max(s)] for s in range(n_seq)]
+        assert pos == step["pos"], f"{where}: positions {pos} != reference {step['pos']}"
+        seq_blobs = [mem.state_write(s) for s in range(n_seq)]
+        whole = mem.state_write()
+        assert [8 + len(b) for b in seq_blobs] == step["seq_state_bytes"], f"{where}: per-seq sizes"
+        assert 4 + len(arch) + len(whole) == step["state_bytes"], f"{where}: whole-state size"
+        for s, blob_id in enumerate(step.get("seq_state", [])):
+            assert bytes(seq_blobs[s]) == strip_seq(run.blob(blob_id)), f"{where}: seq {s} blob"
+            report.blobs_compared += 1
+        if "state" in step:
+            assert bytes(whole) == strip_whole(run.blob(step["state"]), arch), (
+                f"{where}: whole blob"
+            )
+            report.blobs_compared += 1
+    return report

@@ -1,0 +1,32 @@
+"""Every recorded llama.cpp run replays through pymem with the same cells, results and bytes.
+
+The runs in tests/data/runs (and any directory named by ``PYMEM_REPLAY_RUNS``) are
+replayed generically by tests/replay.py: the memory is built by the factory from the
+run's model and context parameters, and after every step the results, positions, state
+sizes and state blobs must equal the reference's.
+"""
+
+from __future__ import annotations
+
+import pytest
+from replay import Run, build_memory, replay, run_files
+
+RUNS = run_files()
+
+
+def test_recorded_runs_are_present() -> None:
+    names = {p.stem for p in RUNS}
+    assert {"llama.main.fa0.u1", "mamba.main.u1", "jamba.main.fa1.u0"} <= names
+
+
+@pytest.mark.parametrize("path", RUNS, ids=[p.stem for p in RUNS])
+def test_replay_matches_reference(path) -> None:
+    run = Run.load(path)
+    mem = build_memory(run)
+    try:
+        report = replay(run, mem)
+    finally:
+        mem.close()
+    assert report.steps == len(run.data["steps"])
+    # most steps record every blob; a run that recorded none would prove nothing
+    assert report.blobs_compared >= report.steps
