@@ -130,9 +130,11 @@ class TensorSpec:
         if not 1 <= len(shape) <= 4:
             raise TypeSpecError(f"tensor {self.name!r}: shape needs 1 to 4 dims, got {shape}")
         for axis, n in enumerate(shape):
-            if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+            # a zero width is allowed (rows of 0 bytes, e.g. LFM2's empty SSM state); zero rows are not
+            low = 0 if axis == 0 else 1
+            if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < low:
                 raise TypeSpecError(
-                    f"tensor {self.name!r}: shape[{axis}] must be an int >= 1, got {n!r}"
+                    f"tensor {self.name!r}: shape[{axis}] must be an int >= {low}, got {n!r}"
                 )
         if shape[0] % gtype.block_size:
             raise TypeSpecError(
@@ -393,6 +395,10 @@ class TensorStore:
         need = sum(
             -(-(g.row_size(ne[0]) * ne[1] * ne[2] * ne[3]) // align) * align for g, ne in resolved
         )
+        if need == 0:
+            raise TypeSpecError(
+                f"tensors: every tensor of the store is empty ({[sp.name for sp in specs]}); nothing to allocate"
+            )
         free, total = self.device.memory()
         limit = total if self.device.is_host else free
         if limit and need > limit:

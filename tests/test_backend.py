@@ -147,6 +147,20 @@ def test_device_row_copy_within_and_between_tensors(device: str) -> None:
             a.copy_rows([0], store["c"], [0])
 
 
+def test_zero_width_tensor_beside_others(device: str) -> None:
+    # LFM2's S state is zero-wide: rows exist but hold no bytes
+    with TensorStore(
+        device, [TensorSpec("r", "f32", (8, 4)), TensorSpec("s", "f32", (0, 4))]
+    ) as store:
+        s = store["s"]
+        assert (s.row_size, s.n_rows, s.nbytes) == (0, 4, 0)
+        assert s.read_rows([0, 3]).shape == (2, 0)
+        s.write_rows([1], b"")
+        s.copy_rows([0], s, [2])
+        store["r"].fill_rows([0], 1)
+        assert store["r"].read_rows([0])[0].tolist() == [1] * 32
+
+
 def test_numpy_views_share_memory() -> None:
     with TensorStore(
         "CPU", [TensorSpec("s", "f32", (8, 4)), TensorSpec("q", "q8_0", (32, 3))]
@@ -169,7 +183,8 @@ def test_numpy_views_share_memory() -> None:
             "width shape\\[0\\]=33 is not a multiple of the block size 32",
         ),
         (TensorSpec("t", "nope", (32, 4)), TypeSpecError, "unknown ggml type 'nope'"),
-        (TensorSpec("t", "f32", (0, 4)), TypeSpecError, "shape\\[0\\] must be an int >= 1, got 0"),
+        (TensorSpec("t", "f32", (4, 0)), TypeSpecError, "shape\\[1\\] must be an int >= 1, got 0"),
+        (TensorSpec("t", "f32", (0, 4)), TypeSpecError, "every tensor of the store is empty"),
         (TensorSpec("t", "f32", (1, 2, 3, 4, 5)), TypeSpecError, "1 to 4 dims"),
     ],
 )

@@ -483,15 +483,9 @@ def _hand_hybrid_iswa() -> ModelSpec:
     )
 
 
-LFM2_S0 = pytest.mark.xfail(
-    strict=True,
-    reason="RecurrentMemory refuses n_embd_s == 0 (LFM2 short conv); asked in notes/REQUESTS.md",
-)
-
-
 @pytest.mark.parametrize(
     "which",
-    ["gemma2", "gemma2_unified", pytest.param("lfm2", marks=LFM2_S0), "mamba2", "hybrid_iswa"],
+    ["gemma2", "gemma2_unified", "lfm2", "mamba2", "hybrid_iswa"],
 )
 def test_built_memory_matches_its_plan(which: str, tmp_path: Path) -> None:
     params = ContextParams(n_ctx=2048, n_seq_max=3, n_ubatch=64, swa_full=False, flash_attn=False)
