@@ -143,6 +143,9 @@ def run(opts: DemoOptions, out: TextIO | None = None) -> DemoResult:
         f"n_seq_max {n_seq_max}, n_rs_seq {opts.n_rs_seq}, "
         f"{'unified' if opts.kv_unified else 'one stream per sequence'}", always=True)  # fmt: skip
 
+    # every sequence fits in the memory at once: unified caches share n_ctx cells
+    max_len = max(24, opts.n_ctx // n_seq_max)
+
     def seq_ids_free() -> list[int]:
         return [q for q in range(n_seq_max) if q not in s.histories]
 
@@ -275,7 +278,22 @@ def run(opts: DemoOptions, out: TextIO | None = None) -> DemoResult:
                     decode({0: [greedy(0)]}, "second memory: restored seq 0", sess=restored)
                 saved = True
                 continue
-            step_all()
+            # continuous batching: a sequence at its length budget finishes, a new one joins
+            done = [
+                q
+                for q, h in s.histories.items()
+                if h.next_pos() >= max_len and len(s.histories) > 1
+            ]
+            for q in done:
+                s.finish(q)
+                log(f"  [{s.step:3d}] seq {q} reached {max_len} positions and finishes")
+            req = {x: [greedy(x)] for x in s.histories}
+            label = "step"
+            if done and seq_ids_free():
+                q = seq_ids_free()[0]
+                req[q] = prompt(int(rng.integers(4, 13)))
+                label = f"step + seq {q} joins ({len(req[q])} tokens)"
+            decode(req, label)
         for q in sorted(s.histories)[:-1]:
             s.finish(q)
         log(f"  [{s.step:3d}] finish all but seq {sorted(s.histories)[-1]}")
@@ -327,7 +345,7 @@ def _summary(s: Any, restored: Any, mem: Any, opts: DemoOptions, device: str, to
     n_ub = sum(st.n_ubatches for st in stats.steps)
     lines.append("")
     lines.append(f"decoded: {stats.n_tokens} tokens in {len(stats.steps)} decode calls ({n_ub} ubatches), "
-                 f"{len({r.seq_id for r in s.results if r.seq_id >= 0})} sequences served")  # fmt: skip
+                 f"{s.n_started} sequences served ({s.n_started - len(s.histories)} finished)")  # fmt: skip
     lines.append(f"bookkeeping per decode call (batch checks, K-shift, slot planning, apply, graph inputs): "
                  f"mean {book.mean():.2f} ms, median {np.median(book):.2f} ms, max {book.max():.2f} ms")  # fmt: skip
     lines.append(

@@ -206,6 +206,7 @@ class Session:
         self.timeline: list[tuple[str, list[PartUsage]]] = []
         self.events: list[str] = []
         self.t_ops = 0.0  # seconds in sequence operations and state I/O
+        self.n_started = 0  # sequences started: joins, forks, restores
 
     # --- checks -----------------------------------------------------------------------
     @property
@@ -256,6 +257,8 @@ class Session:
         out: dict[int, np.ndarray] = {}
         i = 0
         for s, toks in items:
+            if s not in self.histories:
+                self.n_started += 1
             h = self.histories.setdefault(s, SeqHistory())
             h.append(toks, self.step)
             got = logits[i : i + len(toks)]
@@ -280,6 +283,7 @@ class Session:
         """``seq_cp(src, dst)``: dst continues from everything src has."""
         self._timed(self.memory.seq_cp, src, dst, -1, -1)
         self.histories[dst] = copy.deepcopy(self.histories[src])
+        self.n_started += 1
         self._tick(f"fork {src}->{dst}")
 
     def finish(self, seq_id: int) -> None:
@@ -356,5 +360,6 @@ class Session:
         else:
             n = int(self._timed(self.memory.state_read_from, source, seq_id))
         self.histories[seq_id] = copy.deepcopy(history)
+        self.n_started += 1
         self._tick(f"restore into {seq_id}")
         return n
