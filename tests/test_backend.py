@@ -252,3 +252,12 @@ def test_allocate_free_cycles_do_not_grow_memory() -> None:
     cycle(1000)
     growth = _rss_kib() - before
     assert growth < 2048, f"resident memory grew by {growth} KiB over 1000 cycles"
+
+
+def test_public_names_resolve() -> None:
+    import pymem as pm
+
+    for name in pm._LAZY:
+        assert getattr(pm, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        pm.nope  # noqa: B018
