@@ -260,20 +260,21 @@ def run(opts: DemoOptions, out: TextIO | None = None) -> DemoResult:
                     log(f"  [{s.step:3d}] state_write(seq 0) -> {path.name}: {state_bytes} bytes")
                     # a second memory, same configuration: restore as seq 0 and keep decoding
                     mem2 = create_memory(spec, params)
+                    assert mem2 is not None
                     restored = Session(model, mem2, n_seq_max=n_seq_max, n_ubatch=opts.n_ubatch,
                                        flash_attn=opts.flash_attn, tol=tol, oracle=oracle)  # fmt: skip
                     restored.restore(path, 0, s.histories[0])
                     # and into this memory under another sequence id
-                    q = seq_ids_free()[0] if seq_ids_free() else None
-                    if q is not None:
-                        s.restore(path, q, s.histories[0])
-                        last[q] = last[0]
+                    copy_id = seq_ids_free()[0] if seq_ids_free() else None
+                    if copy_id is not None:
+                        s.restore(path, copy_id, s.histories[0])
+                        last[copy_id] = last[0]
                 notes.append(f"save/restore: seq 0 -> file ({state_bytes} bytes) -> second memory as seq 0"
-                             + (f" and this memory as seq {q}" if q is not None else ""))  # fmt: skip
+                             + (f" and this memory as seq {copy_id}" if copy_id is not None else ""))  # fmt: skip
                 req = {x: [greedy(x)] for x in s.histories}
-                if q is not None:
-                    req[q] = [greedy(q, rank=2)]
-                decode(req, f"step, restored copy seq {q} diverges")
+                if copy_id is not None:
+                    req[copy_id] = [greedy(copy_id, rank=2)]
+                decode(req, f"step, restored copy seq {copy_id} diverges")
                 for _ in range(3):
                     decode({0: [greedy(0)]}, "second memory: restored seq 0", sess=restored)
                 saved = True

@@ -8,14 +8,82 @@ simplest possible rule, one sequence per row.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
-from pymem.backend import TensorSpec, TensorStore
+import pymem.ggml as gg
+from pymem.backend import Tensor, TensorSpec, TensorStore
 from pymem.models import Oracle, StepInputs, TinyConfig, TinyModel
-from pymem.models.graph import CacheViews
 from pymem.models.oracle import swa_masked
+from pymem.spec import RopeType
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
+
+
+def _row(t: Any, n: int) -> int:
+    return int(gg.lib.ggml_row_size(t.type, n))
+
+
+class CacheViews:
+    """``get_k``/``get_v``/``cpy_k``/``cpy_v`` over raw K/V tensors in the reference layout.
+
+    K is ``[n_embd_k_gqa, kv_size, n_stream]``; V the same, or with ``v_trans`` stored
+    transposed per stream (``kv_size`` consecutive values per channel). Subclasses give
+    ``k_tensor(il)``, ``v_tensor(il)``, ``v_trans``, ``n_kv``, ``n_stream``, ``s0``.
+    """
+
+    v_trans: bool
+    n_kv: int
+    n_stream: int
+    s0: int
+
+    def k_tensor(self, il: int) -> Tensor:
+        raise NotImplementedError
+
+    def v_tensor(self, il: int) -> Tensor:
+        raise NotImplementedError
+
+    def get_k(self, ctx: gg.Context, il: int) -> Any:
+        k = self.k_tensor(il).ptr
+        head_dim, n_head_kv = int(k.ne[0]) // self._n_head_kv(il), self._n_head_kv(il)
+        n_embd, size = int(k.ne[0]), int(k.ne[1])
+        return ctx.view_4d(k, head_dim, n_head_kv, self.n_kv, self.n_stream,
+                           _row(k, head_dim), _row(k, n_embd), _row(k, n_embd * size),
+                           _row(k, n_embd * size) * self.s0)  # fmt: skip
+
+    def get_v(self, ctx: gg.Context, il: int) -> Any:
+        v = self.v_tensor(il).ptr
+        n_head_kv = self._n_head_kv(il)
+        n_embd, size = int(v.ne[0]), int(v.ne[1])
+        head_dim = n_embd // n_head_kv
+        if self.v_trans:
+            return ctx.view_4d(v, self.n_kv, n_head_kv, head_dim, self.n_stream,
+                               _row(v, size * head_dim), _row(v, size), _row(v, size * n_embd),
+                               _row(v, size * n_embd) * self.s0)  # fmt: skip
+        return ctx.view_4d(v, head_dim, n_head_kv, self.n_kv, self.n_stream,
+                           _row(v, head_dim), _row(v, n_embd), _row(v, n_embd * size),
+                           _row(v, n_embd * size) * self.s0)  # fmt: skip
+
+    def cpy_k(self, ctx: gg.Context, k_cur: Any, k_idxs: Any, il: int) -> Any:
+        k = self.k_tensor(il).ptr
+        n_embd, n_tokens = int(k_cur.ne[0] * k_cur.ne[1]), int(k_cur.ne[2])
+        rows = ctx.reshape_2d(k, int(k.ne[0]), int(k.ne[1] * k.ne[2]))  # the indices are global
+        return ctx.set_rows(rows, ctx.view_2d(k_cur, n_embd, n_tokens, k_cur.nb[2], 0), k_idxs)
+
+    def cpy_v(self, ctx: gg.Context, v_cur: Any, v_idxs: Any, il: int) -> Any:
+        v = self.v_tensor(il).ptr
+        n_embd, n_tokens = int(v_cur.ne[0] * v_cur.ne[1]), int(v_cur.ne[2])
+        if not self.v_trans:
+            rows = ctx.reshape_2d(v, int(v.ne[0]), int(v.ne[1] * v.ne[2]))
+            return ctx.set_rows(rows, ctx.view_2d(v_cur, n_embd, n_tokens, v_cur.nb[2], 0), v_idxs)
+        # one row per element: v_idxs[i * n_embd + j] = stream offset + j * kv_size + cell_i
+        elems = ctx.reshape_2d(v, 1, int(gg.lib.ggml_nelements(v)))
+        cur = ctx.reshape_2d(ctx.cont_2d(v_cur, n_embd, n_tokens), 1, n_embd * n_tokens)
+        return ctx.set_rows(elems, cur, v_idxs)
+
+    def _n_head_kv(self, il: int) -> int:
+        raise NotImplementedError
 
 
 def make_ubatch(tokens: list[list[int]], pos: list[list[int]]) -> UBatch:
@@ -130,10 +198,23 @@ class ManualRecurrent:
         return np.arange(self.n_rs, dtype=np.int32)
 
 
-@pytest.mark.parametrize("layers", ["AA", "SAS", "RR", "RAR", "RSAR"])
+@pytest.mark.parametrize(
+    ("layers", "rope"),
+    [
+        ("AA", "norm"),
+        ("SAS", "norm"),
+        ("RR", "norm"),
+        ("RAR", "norm"),
+        ("RSAR", "norm"),
+        ("RSAR", "neox"),
+    ],
+)
 @pytest.mark.parametrize("path", ["softmax_vtrans", "flash_attn"])
-def test_graph_matches_oracle_prompt_then_steps(device: str, layers: str, path: str) -> None:
-    cfg = TinyConfig(layers=layers, n_swa=4)
+def test_graph_matches_oracle_prompt_then_steps(
+    device: str, layers: str, rope: str, path: str
+) -> None:
+    rope_type = RopeType.NEOX if rope == "neox" else RopeType.NORM
+    cfg = TinyConfig(layers=layers, n_swa=4, rope_type=rope_type)
     flash = path == "flash_attn"
     rng = np.random.default_rng(1)
     n_seqs, n_prompt, n_steps = 3, 5, 4

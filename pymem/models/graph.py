@@ -14,9 +14,9 @@ the way a real runtime does:
   are copied in place, and the new states (and rollback snapshots, ``K = n_rs_seq + 1``
   planes) are written back to rows ``[head, head + n_seqs)`` of each plane.
 
-The memory side is reached through two small adapters (:class:`AttentionInputs`,
-:class:`RecurrentInputs`) so the same graph runs over pymem's memories and over hand-built
-inputs in tests.
+The memory side is reached through two small protocols (:class:`AttentionInputs`,
+:class:`RecurrentInputs`): :mod:`pymem.models.runtime` adapts pymem's memory contexts to
+them, and tests/test_e2e_blocks.py hand-built inputs.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ class AttentionInputs(Protocol):
     n_kv: int  # cells per stream the graph attends over
     n_stream: int  # streams this ubatch touches (1 for a unified cache)
     s0: int  # first stream of this ubatch
-    size: int  # cells per stream (kv_size)
 
     def get_k(self, ctx: gg.Context, il: int) -> Any:
         """View ``[head_dim, n_head_kv, n_kv, n_stream]`` of layer ``il``'s K."""
@@ -68,67 +67,6 @@ class AttentionInputs(Protocol):
 
     def v_idxs(self, ubatch: UBatch) -> np.ndarray:
         """int64 rows: ``[n_tokens]``, or ``[n_tokens * n_embd_v_gqa]`` element rows if v_trans."""
-
-
-class CacheViews:
-    """``get_k``/``get_v``/``cpy_k``/``cpy_v`` over raw K/V tensors in the reference layout.
-
-    K is ``[n_embd_k_gqa, kv_size, n_stream]``; V the same, or with ``v_trans`` stored
-    transposed per stream (``kv_size`` consecutive values per channel). Subclasses give
-    ``k_tensor(il)``, ``v_tensor(il)``, ``v_trans``, ``n_kv``, ``n_stream``, ``s0``.
-    """
-
-    v_trans: bool
-    n_kv: int
-    n_stream: int
-    s0: int
-
-    def k_tensor(self, il: int) -> Tensor:
-        raise NotImplementedError
-
-    def v_tensor(self, il: int) -> Tensor:
-        raise NotImplementedError
-
-    def get_k(self, ctx: gg.Context, il: int) -> Any:
-        k = self.k_tensor(il).ptr
-        head_dim, n_head_kv = int(k.ne[0]) // self._n_head_kv(il), self._n_head_kv(il)
-        n_embd, size = int(k.ne[0]), int(k.ne[1])
-        return ctx.view_4d(k, head_dim, n_head_kv, self.n_kv, self.n_stream,
-                           _row(k, head_dim), _row(k, n_embd), _row(k, n_embd * size),
-                           _row(k, n_embd * size) * self.s0)  # fmt: skip
-
-    def get_v(self, ctx: gg.Context, il: int) -> Any:
-        v = self.v_tensor(il).ptr
-        n_head_kv = self._n_head_kv(il)
-        n_embd, size = int(v.ne[0]), int(v.ne[1])
-        head_dim = n_embd // n_head_kv
-        if self.v_trans:
-            return ctx.view_4d(v, self.n_kv, n_head_kv, head_dim, self.n_stream,
-                               _row(v, size * head_dim), _row(v, size), _row(v, size * n_embd),
-                               _row(v, size * n_embd) * self.s0)  # fmt: skip
-        return ctx.view_4d(v, head_dim, n_head_kv, self.n_kv, self.n_stream,
-                           _row(v, head_dim), _row(v, n_embd), _row(v, n_embd * size),
-                           _row(v, n_embd * size) * self.s0)  # fmt: skip
-
-    def cpy_k(self, ctx: gg.Context, k_cur: Any, k_idxs: Any, il: int) -> Any:
-        k = self.k_tensor(il).ptr
-        n_embd, n_tokens = int(k_cur.ne[0] * k_cur.ne[1]), int(k_cur.ne[2])
-        rows = ctx.reshape_2d(k, int(k.ne[0]), int(k.ne[1] * k.ne[2]))  # the indices are global
-        return ctx.set_rows(rows, ctx.view_2d(k_cur, n_embd, n_tokens, k_cur.nb[2], 0), k_idxs)
-
-    def cpy_v(self, ctx: gg.Context, v_cur: Any, v_idxs: Any, il: int) -> Any:
-        v = self.v_tensor(il).ptr
-        n_embd, n_tokens = int(v_cur.ne[0] * v_cur.ne[1]), int(v_cur.ne[2])
-        if not self.v_trans:
-            rows = ctx.reshape_2d(v, int(v.ne[0]), int(v.ne[1] * v.ne[2]))
-            return ctx.set_rows(rows, ctx.view_2d(v_cur, n_embd, n_tokens, v_cur.nb[2], 0), v_idxs)
-        # one row per element: v_idxs[i * n_embd + j] = stream offset + j * kv_size + cell_i
-        elems = ctx.reshape_2d(v, 1, int(gg.lib.ggml_nelements(v)))
-        cur = ctx.reshape_2d(ctx.cont_2d(v_cur, n_embd, n_tokens), 1, n_embd * n_tokens)
-        return ctx.set_rows(elems, cur, v_idxs)
-
-    def _n_head_kv(self, il: int) -> int:
-        raise NotImplementedError
 
 
 class RecurrentInputs(Protocol):

@@ -244,7 +244,9 @@ class Session:
         logits ``[n_new, n_vocab]`` per sequence.
         """
         items = [(s, [int(t) for t in toks]) for s, toks in requests.items()]
-        tok, pos, seq = [], [], []
+        tok: list[int] = []
+        pos: list[int] = []
+        seq: list[int] = []
         for s, toks in items:
             h = self.histories.get(s, SeqHistory())
             p = h.next_pos()
