@@ -193,9 +193,14 @@ def test_rollback_within_snapshots_and_refusal_beyond(device: str, memory_type: 
 # --- context shift ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("memory_type", MEMORY_TYPES)
-def test_context_shift_matches_oracle_on_shifted_positions(device: str, memory_type: str) -> None:
-    with session(device, memory_type) as s:
+@pytest.mark.parametrize(
+    ("memory_type", "unified"),
+    [*((m, True) for m in MEMORY_TYPES), ("kv", False), ("hybrid_iswa", False)],
+)
+def test_context_shift_matches_oracle_on_shifted_positions(
+    device: str, memory_type: str, unified: bool
+) -> None:
+    with session(device, memory_type, kv_unified=unified) as s:
         assert s.memory.get_can_shift()
         rng = np.random.default_rng(6)
         s.decode({0: tokens(rng, 12), 1: tokens(rng, 5)}, "prompts")

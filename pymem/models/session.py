@@ -332,6 +332,11 @@ class Session:
         """Drop positions ``[p0, p1)`` and shift the rest back: ``seq_rm`` then ``seq_add``.
 
         The K-shift itself runs at the next decode (``init_update``), as in the reference.
+        Positions belong to cells: in a unified cache, cells the sequence still shares with
+        a fork move for the fork too (the reference's behaviour), which the histories do
+        not model, so shift only sequences that share no cells. With SWA layers, shift
+        only ranges whose kept prefix stays outside the window: an SWA cache may already
+        have reused the cells that left it.
         """
         self._timed(self.memory.seq_rm, seq_id, p0, p1)
         self._timed(self.memory.seq_add, seq_id, p1, -1, p0 - p1)
