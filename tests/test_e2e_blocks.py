@@ -126,7 +126,7 @@ class ManualKV(CacheViews):
         v_trans: bool,
     ) -> None:
         self.cfg, self.size, self.v_trans, self.n_stream, self.s0 = cfg, size, v_trans, 1, 0
-        self.layers = [il for il, k in enumerate(cfg.layers) if k in kinds]
+        self.layers = frozenset(il for il, k in enumerate(cfg.layers) if k in kinds)
         self.swa = kinds == "S"
         ne = cfg.n_head_kv * cfg.head_dim
         specs = []

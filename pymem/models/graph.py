@@ -41,6 +41,7 @@ NULL = gg.ffi.NULL
 class AttentionInputs(Protocol):
     """What one attention memory (a KV cache, or one half of an iSWA pair) gives a graph."""
 
+    layers: frozenset[int]  # the model layers whose K/V this memory holds
     v_trans: bool
     n_kv: int  # cells per stream the graph attends over
     n_stream: int  # streams this ubatch touches (1 for a unified cache)
@@ -88,10 +89,23 @@ class RecurrentInputs(Protocol):
 
 @dataclass
 class StepInputs:
-    """The memory's side of one ubatch: attention inputs per layer kind, recurrent inputs."""
+    """The memory's side of one ubatch: attention inputs per memory part, recurrent inputs.
 
-    attn: dict[str, AttentionInputs] = field(default_factory=dict)  # "A" (base) and "S" (SWA)
+    Each attention layer reads the part holding it (``AttentionInputs.layers``), e.g. an
+    iSWA cache gives ``{"base": ..., "swa": ...}``.
+    """
+
+    attn: dict[str, AttentionInputs] = field(default_factory=dict)
     recr: RecurrentInputs | None = None
+
+    def attn_part(self, il: int) -> str:
+        """The name of the attention part holding layer ``il``."""
+        for name, ai in self.attn.items():
+            if il in ai.layers:
+                return name
+        raise ConfigError(
+            f"layer {il}: attention, but no memory part holds it (parts: {list(self.attn)})"
+        )
 
 
 def _row(t: Any, n: int) -> int:
@@ -190,25 +204,25 @@ class TinyModel:
                 inp_pos = new_input("i32", (n_tokens,), ubatch.pos0.astype(np.int32), "inp_pos")
 
             attn_in: dict[str, tuple[Any, Any, Any]] = {}
-            for kind, ai in inputs.attn.items():
+            for name, ai in inputs.attn.items():
                 mask_type = "f16" if flash_attn else "f32"
                 mask = ai.kq_mask(ubatch)
                 n_tps = n_tokens // ai.n_stream
                 if mask.shape != (ai.n_stream, n_tps, ai.n_kv):
                     raise ConfigError(
-                        f"kq_mask[{kind}]: shape {mask.shape}, expected {(ai.n_stream, n_tps, ai.n_kv)}"
+                        f"kq_mask[{name}]: shape {mask.shape}, expected {(ai.n_stream, n_tps, ai.n_kv)}"
                     )
                 t_mask = new_input(
                     mask_type,
                     (ai.n_kv, n_tps, 1, ai.n_stream),
                     mask.astype(np.float16 if flash_attn else np.float32),
-                    f"kq_mask_{kind}",
+                    f"kq_mask_{name}",
                 )
                 k_idxs = ai.k_idxs(ubatch).astype(np.int64)
                 v_idxs = ai.v_idxs(ubatch).astype(np.int64)
-                t_k = new_input("i64", (k_idxs.size,), k_idxs, f"k_idxs_{kind}")
-                t_v = new_input("i64", (v_idxs.size,), v_idxs, f"v_idxs_{kind}")
-                attn_in[kind] = (t_mask, t_k, t_v)
+                t_k = new_input("i64", (k_idxs.size,), k_idxs, f"k_idxs_{name}")
+                t_v = new_input("i64", (v_idxs.size,), v_idxs, f"v_idxs_{name}")
+                attn_in[name] = (t_mask, t_k, t_v)
 
             t_s_copy = None
             if inputs.recr is not None:
@@ -225,11 +239,7 @@ class TinyModel:
                         )
                     cur = self._mamba2(ctx, il, h, ubatch, inputs.recr, t_s_copy, expand)
                 else:
-                    part = "S" if kind == "S" else "A"
-                    if part not in inputs.attn:
-                        raise ConfigError(
-                            f"layer {il}: {kind} attention, but the memory gave no {part!r} inputs"
-                        )
+                    part = inputs.attn_part(il)
                     cur = self._attention(
                         ctx,
                         il,

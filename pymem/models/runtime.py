@@ -9,7 +9,7 @@ the graph compute) separately, because that is what pymem adds to a decode step.
 
 The memory side is read through adapters that turn each memory context into the
 :class:`~pymem.models.graph.StepInputs` the graph needs: a KV cache context gives one
-attention part, an iSWA context two (base ``"A"``, SWA ``"S"``), a recurrent context the
+attention part, an iSWA context two (``"base"``, ``"swa"``), a recurrent context the
 state-copy inputs, and a hybrid context its attention and recurrent parts.
 """
 
@@ -45,6 +45,7 @@ class KVAttention:
         sinfo = kctx.get_sinfo()
         self.kctx = kctx
         self.kv = kv
+        self.layers = frozenset(int(il) for il in kv.get_layer_ids())
         self.v_trans = bool(kv.v_trans)
         self.n_kv = int(kctx.get_n_kv())
         self.n_stream = int(sinfo.n_stream)
@@ -115,11 +116,10 @@ def _collect(mctx: Any, ubatch: UBatch, flash_attn: bool, out: StepInputs) -> No
         _collect(mctx.get_attn(), ubatch, flash_attn, out)
         _collect(mctx.get_recr(), ubatch, flash_attn, out)
     elif hasattr(mctx, "get_base") and hasattr(mctx, "get_swa"):
-        out.attn["A"] = KVAttention(mctx.get_base(), ubatch, flash_attn)
-        out.attn["S"] = KVAttention(mctx.get_swa(), ubatch, flash_attn)
+        out.attn["base"] = KVAttention(mctx.get_base(), ubatch, flash_attn)
+        out.attn["swa"] = KVAttention(mctx.get_swa(), ubatch, flash_attn)
     elif hasattr(mctx, "get_sinfo"):
-        part = "S" if getattr(mctx.kv, "n_swa", 0) > 0 else "A"
-        out.attn[part] = KVAttention(mctx, ubatch, flash_attn)
+        out.attn["kv"] = KVAttention(mctx, ubatch, flash_attn)
     elif hasattr(mctx, "s_copy"):
         out.recr = RecurrentState(mctx)
     else:
