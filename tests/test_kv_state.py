@@ -296,3 +296,20 @@ def test_failed_restore_zeroing_helper_and_state_clear():
     assert not vt[:, only_1].any()
     kv.state_clear(-1)
     assert kv.v_cells[0].used == 0 and not kv.layers[0].k.read_bytes().strip(b"\0")
+
+
+def test_whole_restore_of_cells_without_sequences():
+    # a whole-state blob may list a cell with n_seq_id 0: it is restored as a used cell
+    # that no sequence sees (the reference's pos_set without seq_add)
+    src = make_kv(8, 2)
+    decode(src, [[1, 0, [0], False], [1, 1, [0], True]])
+    blob = bytes(src.state_write())
+    i32 = lambda v: int(v).to_bytes(4, "little", signed=True)  # noqa: E731
+    assert blob[8:20] == i32(0) + i32(1) + i32(0)
+    spliced = blob[:8] + i32(0) + i32(0) + blob[20:]  # cell 0: pos 0, no ids
+    kv = make_kv(8, 2)
+    assert kv.state_read(spliced) == len(spliced)
+    check_invariants(kv)
+    assert kv.v_cells[0].used == 2 and kv.v_cells[0].owner[:2].tolist() == [-1, 0]
+    assert kv.seq_pos_min(0) == 1 and kv.seq_pos_min(1) == -1
+    assert bytes(kv.state_write()) == spliced

@@ -624,16 +624,19 @@ class KVCache(Memory):
             self._version = version
         return res
 
-    def _usable(self, cells: KVCells) -> np.ndarray:
-        """Cells a new token may take: empty, or held by exactly one sequence and outside
-        that sequence's window seen from its next position (``pos_max + 1``)."""
-        usable = cells.pos < 0
+    def _usable(self, cells: KVCells, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """Cells ``[lo, hi)`` a new token may take: empty, or held by exactly one sequence
+        and outside that sequence's window seen from its next position (``pos_max + 1``)."""
+        hi = cells.size if hi is None else hi
+        usable = cells.pos[lo:hi] < 0
         if self.swa_type != SWAType.NONE:
-            single = np.flatnonzero(cells.owner >= 0)
+            own = cells.owner[lo:hi]
+            single = np.flatnonzero(own >= 0)
             if single.size:
                 pmax = cells.seq_pos_max_all()
-                p1 = pmax[cells.owner[single]] + 1
-                usable[single[masked_swa(self.n_swa, self.swa_type, cells.pos[single], p1)]] = True
+                p1 = pmax[own[single]] + 1
+                p0 = cells.pos[lo:hi][single]
+                usable[single[masked_swa(self.n_swa, self.swa_type, p0, p1)]] = True
         return usable
 
     def find_slot(self, ubatch: UBatch, cont: bool = False) -> SlotInfo | None:
@@ -676,37 +679,46 @@ class KVCache(Memory):
                 head = 0
             if n_tokens > cells.size:
                 return None
-            usable = self._usable(cells)
-            found = self._search(usable, head, n_tokens, cont)
+            found = self._search(cells, head, n_tokens, cont)
             if found is None:
                 return None
             strm[s] = st
             idxs[s] = found
         return SlotInfo(strm, idxs)
 
-    @staticmethod
-    def _search(usable: np.ndarray, head: int, n: int, cont: bool) -> np.ndarray | None:
-        size = usable.shape[0]
+    def _search(self, cells: KVCells, head: int, n: int, cont: bool) -> np.ndarray | None:
+        size = cells.size
         if not cont:
-            cand = np.flatnonzero(usable)
-            if cand.size < n:
+            # scan order: head .. size-1, then 0 .. head-1, in chunks that double, so a
+            # cache with free cells near the head is not scanned whole
+            # E.g. head 5, usable cells [1, 2, 6, 9], n 3 -> [6, 9, 1]
+            found: list[np.ndarray] = []
+            need = n
+            chunk = max(1024, 4 * n)
+            for a, b in ((head, size), (0, head)):
+                x = a
+                while x < b and need > 0:
+                    y = min(b, x + chunk)
+                    take = np.flatnonzero(self._usable(cells, x, y))[:need]
+                    if take.size:
+                        found.append(take + x)
+                        need -= take.size
+                    x = y
+                    chunk *= 2
+            if need > 0:
                 return None
-            # scan order: head .. size-1, then 0 .. head-1
-            # E.g. head 5, cand [1, 2, 6, 9] -> [6, 9, 1, 2]
-            k = int(np.searchsorted(cand, head))
-            if cand.size - k >= n:
-                return cand[k : k + n]
-            return np.concatenate((cand[k:], cand[: n - (cand.size - k)]))
+            return np.concatenate(found) if len(found) > 1 else found[0]
         # windows [s, s + n) of usable cells that do not wrap; the scan finds the first
         # one at or after head, else the first one from 0
         # E.g. usable [1, 1, 0, 1, 1, 1], n 2 -> run sums [2, 1, 1, 2, 2] -> starts [0, 3, 4]
+        usable = self._usable(cells)
         csum = np.concatenate(([0], np.cumsum(usable, dtype=np.int64)))
         starts = np.flatnonzero(csum[n:] - csum[: size - n + 1] == n)
         if starts.size == 0:
             return None
         k = int(np.searchsorted(starts, head))
         s = int(starts[k]) if k < starts.size else int(starts[0])
-        return np.arange(s, s + n, dtype=np.int32)
+        return np.arange(s, s + n, dtype=np.int64)
 
     def apply_ubatch(self, sinfo: SlotInfo, ubatch: UBatch) -> None:
         """Put the ubatch's tokens into the planned cells.

@@ -36,6 +36,8 @@ _EMPTY_MIN = np.iinfo(np.int64).max
 EXT_DEFAULT = (0, 0, -1)  # x, y, tok (LLAMA_TOKEN_NULL)
 
 _ONE = np.uint64(1)
+_ROW = np.dtype((np.void, N_WORDS * 8))  # one cell's bitset as a single 32-byte item
+_ZERO_ROW = np.zeros(1, dtype=_ROW)[0]
 
 
 def seq_word_bit(seq_id: int) -> tuple[int, np.uint64]:
@@ -74,6 +76,7 @@ class KVCells:
             self.ext = np.empty((self.size, 3), dtype=np.int32)
             self.ext[:] = EXT_DEFAULT
         self.has_shift = False
+        self.n_multi = 0  # cells held by several sequences (owner == OWNER_MULTI)
         self._used = 0
         self._used_max_p1 = 0
         self._used_max_dirty = False
@@ -93,6 +96,7 @@ class KVCells:
             self._used_max_p1,
             self._used_max_dirty,
             self.has_shift,
+            self.n_multi,
             self._pmin.copy(),
             self._pmax.copy(),
             self._pdirty.copy(),
@@ -104,7 +108,7 @@ class KVCells:
         for idx, pos, shift, seq, owner, ext in reversed(self._journal):
             self.pos[idx] = pos
             self.shift[idx] = shift
-            self.seq[idx] = seq
+            self._rows[idx] = seq
             self.owner[idx] = owner
             if ext is not None:
                 assert self.ext is not None
@@ -114,6 +118,7 @@ class KVCells:
             self._used_max_p1,
             self._used_max_dirty,
             self.has_shift,
+            self.n_multi,
             pmin,
             pmax,
             pdirty,
@@ -136,7 +141,7 @@ class KVCells:
                     idx.copy(),
                     self.pos[idx],
                     self.shift[idx],
-                    self.seq[idx],
+                    self._rows[idx],
                     self.owner[idx],
                     None if self.ext is None else self.ext[idx],
                 )
@@ -153,6 +158,18 @@ class KVCells:
             self.has_shift,
             self.used,
             self.used_max_p1(),
+        )
+
+    @property
+    def _rows(self) -> np.ndarray:
+        """``seq`` viewed as one 32-byte item per cell (fast row gathers and stores)."""
+        return self.seq.view(_ROW).reshape(self.size)
+
+    def _set_owner(self, idx: np.ndarray, owner: np.ndarray | int) -> None:
+        old = self.owner[idx]
+        self.owner[idx] = owner
+        self.n_multi += int(np.count_nonzero(self.owner[idx] == OWNER_MULTI)) - int(
+            np.count_nonzero(old == OWNER_MULTI)
         )
 
     # --- queries --------------------------------------------------------------------
@@ -193,6 +210,8 @@ class KVCells:
         hi = self.size if hi is None else hi
         own = self.owner[lo:hi]
         mask = own == seq_id
+        if self.n_multi == 0:
+            return mask
         multi = np.flatnonzero(own == OWNER_MULTI)
         if multi.size:
             w, b = seq_word_bit(seq_id)
@@ -238,13 +257,17 @@ class KVCells:
         return np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little"))
 
     # --- primitive mutations (vectorised over index arrays) ---------------------------
-    def _dirty_from(self, bits: np.ndarray) -> None:
-        """Mark every sequence present in the bitset rows ``bits`` dirty."""
-        if bits.shape[0] == 0:
+    def _dirty_from(self, idx: np.ndarray) -> None:
+        """Mark every sequence held by the cells ``idx`` dirty (their min/max may move)."""
+        if idx.size == 0:
             return
-        words = np.bitwise_or.reduce(bits, axis=0)
-        if words.any():
-            self._pdirty |= np.unpackbits(words.view(np.uint8), bitorder="little").astype(bool)
+        own = self.owner[idx]
+        self._pdirty[own[own >= 0]] = True
+        if self.n_multi:
+            multi = idx[own == OWNER_MULTI]
+            if multi.size:
+                words = np.bitwise_or.reduce(self.seq[multi], axis=0)
+                self._pdirty |= np.unpackbits(words.view(np.uint8), bitorder="little").astype(bool)
 
     def _freed(self, idx: np.ndarray) -> None:
         """Bookkeeping for cells ``idx`` that just became empty."""
@@ -254,8 +277,8 @@ class KVCells:
 
     def reset(self) -> None:
         """Empty every cell and forget pending shifts (``llama_kv_cells::reset``)."""
-        everything = np.arange(self.size)
-        self._record(everything)
+        if self._journal is not None:
+            self._record(np.arange(self.size))
         self.pos[:] = POS_NONE
         self.shift[:] = 0
         self.seq[:] = 0
@@ -263,6 +286,7 @@ class KVCells:
         if self.ext is not None:
             self.ext[:] = EXT_DEFAULT
         self.has_shift = False
+        self.n_multi = 0
         self._used = 0
         self._used_max_p1 = 0
         self._used_max_dirty = False
@@ -280,11 +304,11 @@ class KVCells:
         if idx.size == 0:
             return
         self._record(idx)
-        self._dirty_from(self.seq[idx])
+        self._dirty_from(idx)
         self.pos[idx] = POS_NONE
         self.shift[idx] = 0
-        self.seq[idx] = 0
-        self.owner[idx] = OWNER_NONE
+        self._rows[idx] = _ZERO_ROW
+        self._set_owner(idx, OWNER_NONE)
         if self.ext is not None:
             self.ext[idx] = EXT_DEFAULT
         self._freed(idx)
@@ -301,19 +325,17 @@ class KVCells:
         self._record(idx)
         pos = np.asarray(pos, dtype=np.int32)
         self.pos[idx] = pos
-        self.seq[idx] = seq_bitsets(seq_id)
         primary = seq_id[:, 0]
-        if seq_id.shape[1] > 1:
-            n_ids = (seq_id >= 0).sum(axis=1)
-            self.owner[idx] = np.where(
-                n_ids == 1, primary, np.where(n_ids == 0, OWNER_NONE, OWNER_MULTI)
-            )
-            # a token may repeat a sequence id: fall back to the exact popcount for those rows
-            several = np.flatnonzero(n_ids > 1)
-            if several.size:
-                self.owner[idx[several]] = single_seq_ids(self.seq[idx[several]])
+        simple = seq_id.shape[1] == 1 and int(primary.min()) >= 0  # one id per cell
+        if simple:
+            # one id per token: E.g. ids [1, 65] -> words [0, 1], bits [1 << 1, 1 << 1]
+            self._rows[idx] = _ZERO_ROW
+            self.seq[idx, primary >> 6] = np.left_shift(_ONE, (primary & 63).astype(np.uint64))
+            self._set_owner(idx, primary)
         else:
-            self.owner[idx] = primary
+            self.seq[idx] = seq_bitsets(seq_id)
+            # exact popcount: a token may repeat a sequence id
+            self._set_owner(idx, single_seq_ids(self.seq[idx]))
         if ext is not None and self.ext is not None:
             self.ext[idx] = ext
         self._used += int(idx.size)
@@ -321,11 +343,18 @@ class KVCells:
         if top > self._used_max_p1:
             self._used_max_p1 = top
         # E.g. tokens (pos 7, seqs [0, 2]) and (pos 9, seqs [2, -1]) -> min/max of seq 2 see 7 and 9
-        rows, cols = np.nonzero(seq_id >= 0)
-        ids = seq_id[rows, cols]
-        p = pos[rows].astype(np.int64)
-        np.minimum.at(self._pmin, ids, p)
-        np.maximum.at(self._pmax, ids, p)
+        if simple:
+            ids, p = primary, pos
+        else:
+            rows, cols = np.nonzero(seq_id >= 0)
+            ids, p = seq_id[rows, cols], pos[rows]
+        if ids.size == 1:
+            s = int(ids[0])
+            self._pmin[s] = min(int(self._pmin[s]), int(p[0]))
+            self._pmax[s] = max(int(self._pmax[s]), int(p[0]))
+        else:
+            np.minimum.at(self._pmin, ids, p.astype(np.int64))
+            np.maximum.at(self._pmax, ids, p.astype(np.int64))
 
     def seq_rm_bit(self, idx: np.ndarray, seq_id: int) -> np.ndarray:
         """Remove ``seq_id`` from the cells ``idx`` (which all hold it).
@@ -345,11 +374,11 @@ class KVCells:
         emptied = idx[single]
         multi = idx[~single]
         if multi.size:
-            self.owner[multi] = single_seq_ids(self.seq[multi])
+            self._set_owner(multi, single_seq_ids(self.seq[multi]))
         if emptied.size:
             self.pos[emptied] = POS_NONE
             self.shift[emptied] = 0
-            self.owner[emptied] = OWNER_NONE
+            self._set_owner(emptied, OWNER_NONE)
             if self.ext is not None:
                 self.ext[emptied] = EXT_DEFAULT
             self._freed(emptied)
@@ -363,8 +392,8 @@ class KVCells:
         w, b = seq_word_bit(seq_id)
         self.seq[idx, w] |= b
         own = self.owner[idx]
-        self.owner[idx] = np.where(
-            own == OWNER_NONE, seq_id, np.where(own == seq_id, seq_id, OWNER_MULTI)
+        self._set_owner(
+            idx, np.where(own == OWNER_NONE, seq_id, np.where(own == seq_id, seq_id, OWNER_MULTI))
         )
         p = self.pos[idx].astype(np.int64)
         self._pmin[seq_id] = min(int(self._pmin[seq_id]), int(p.min()))
@@ -377,19 +406,48 @@ class KVCells:
         """
         keep = self.seq_mask(seq_id)
         used = self.pos >= 0
-        strip = np.flatnonzero(keep & (self.owner != seq_id))
         drop = np.flatnonzero(used & ~keep & (self.owner != OWNER_NONE))
+        if self._journal is None and 2 * drop.size > self.size:
+            self._keep_rebuild(seq_id, keep, used)
+            return drop
+        strip = np.flatnonzero(keep & (self.owner != seq_id))
         if strip.size:
             self._record(strip)
-            self._dirty_from(self.seq[strip])
+            self._dirty_from(strip)
             w, b = seq_word_bit(seq_id)
-            self.seq[strip] = 0
+            self._rows[strip] = _ZERO_ROW
             self.seq[strip, w] = b
-            self.owner[strip] = seq_id
+            self._set_owner(strip, seq_id)
         if drop.size:
             self.rm(drop)
         # a cell with a position but no sequence is not "freed" here (the reference keeps it)
         return drop
+
+    def _keep_rebuild(self, seq_id: int, keep: np.ndarray, used: np.ndarray) -> None:
+        """``seq_keep`` when most cells go: refill the arrays wholesale, put back the cells
+        of ``seq_id`` (with only that id) and the cells that hold no sequence at all."""
+        stay = np.flatnonzero(keep | (used & (self.owner == OWNER_NONE)))
+        mine = keep[stay]
+        pos, shift = self.pos[stay], self.shift[stay]
+        ext = None if self.ext is None else self.ext[stay]
+        pmin, pmax, dirty = (
+            int(self._pmin[seq_id]),
+            int(self._pmax[seq_id]),
+            bool(self._pdirty[seq_id]),
+        )
+        has_shift = self.has_shift
+        self.reset()
+        self.has_shift = has_shift
+        self.pos[stay] = pos
+        self.shift[stay] = shift
+        if ext is not None:
+            self.ext[stay] = ext  # type: ignore[index]
+        w, b = seq_word_bit(seq_id)
+        self.seq[stay[mine], w] = b
+        self.owner[stay[mine]] = seq_id
+        self._pmin[seq_id], self._pmax[seq_id], self._pdirty[seq_id] = pmin, pmax, dirty
+        self._used = int(stay.size)
+        self._used_max_p1 = int(stay[-1]) + 1 if stay.size else 0
 
     def pos_add(self, idx: np.ndarray, d: int) -> np.ndarray:
         """``pos += d`` and ``shift += d`` on the non-empty cells ``idx``.
@@ -400,7 +458,7 @@ class KVCells:
         if idx.size == 0:
             return idx
         self._record(idx)
-        self._dirty_from(self.seq[idx])
+        self._dirty_from(idx)
         new = self.pos[idx].astype(np.int64) + d
         self.pos[idx] = new
         self.shift[idx] += np.int32(d)
@@ -409,8 +467,8 @@ class KVCells:
         if gone.size:
             self.pos[gone] = POS_NONE
             self.shift[gone] = 0
-            self.seq[gone] = 0
-            self.owner[gone] = OWNER_NONE
+            self._rows[gone] = _ZERO_ROW
+            self._set_owner(gone, OWNER_NONE)
             self._freed(gone)
         return gone
 
@@ -423,7 +481,7 @@ class KVCells:
         if idx.size == 0:
             return
         self._record(idx)
-        self._dirty_from(self.seq[idx])
+        self._dirty_from(idx)
         old = self.pos[idx]
         new = old // np.int32(d)
         self.pos[idx] = new

@@ -12,6 +12,7 @@ import numpy as np
 from pymem.kv.cells import OWNER_MULTI
 from pymem.kv.swa import masked_swa
 from pymem.spec import SWAType
+from pymem.ubatch import LLAMA_MAX_SEQ
 
 if TYPE_CHECKING:
     from pymem.kv.cache import KVCache, NonCausalType, SlotInfo
@@ -50,18 +51,36 @@ def build_k_shift(kv: KVCache) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _seq_rows(kv: KVCache, strm: int, seqs: np.ndarray, n_kv: int) -> np.ndarray:
-    """``has[u, j]``: whether cell ``j < n_kv`` of stream ``strm`` holds ``seqs[u]``."""
+def _seq_cells(
+    kv: KVCache, strm: int, seqs: np.ndarray, n_kv: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cells ``j < n_kv`` of stream ``strm`` holding each of ``seqs``, grouped per sequence.
+
+    Returns ``(ptr, cells)`` in CSR form: the cells of ``seqs[u]`` are
+    ``cells[ptr[u]:ptr[u + 1]]``. O(n_kv): single-sequence cells are mapped through a
+    lookup table on ``owner``; only cells shared by several sequences need bit tests.
+    E.g. owner [0, 1, 0, -1], seqs [0, 1] -> ptr [0, 2, 3], cells [0, 2, 1].
+    """
     cells = kv.v_cells[strm]
     owner = cells.owner[:n_kv]
-    # E.g. owner [0, 1, -2, -1], seqs [0, 1] -> [[T, F, ?, F], [F, T, ?, F]] (? from the bits)
-    has = owner[None, :] == seqs[:, None]
+    lut = np.full(LLAMA_MAX_SEQ + 2, -1, dtype=np.int32)
+    lut[seqs + 2] = np.arange(seqs.size, dtype=np.int32)
+    u_of = lut[owner + 2]
+    single = np.flatnonzero(u_of >= 0)
+    u = u_of[single]
+    members = single
     multi = np.flatnonzero(owner == OWNER_MULTI)
     if multi.size:
         words = cells.seq[multi][:, seqs >> 6]  # [n_multi, U]
         bits = (words >> (seqs & 63).astype(np.uint64)[None, :]) & np.uint64(1)
-        has[:, multi] = bits.T.astype(bool)
-    return has
+        m_rows, m_u = np.nonzero(bits)
+        u = np.concatenate((u, m_u.astype(np.int32)))
+        members = np.concatenate((members, multi[m_rows]))
+    order = np.argsort(u.astype(np.int16), kind="stable")
+    counts = np.bincount(u, minlength=seqs.size)
+    ptr = np.zeros(seqs.size + 1, dtype=np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    return ptr, members[order]
 
 
 def build_kq_mask(
@@ -79,6 +98,10 @@ def build_kq_mask(
     (first) sequence, is not in its future (causal; with M-RoPE, equal positions are
     ordered by ``(y, x)``), and not SWA-masked. The reference reuses rows between tokens
     of a sequence; that shortcut gives the same values as this direct evaluation.
+
+    Only the (token, cell) pairs of a token's own sequence are evaluated: when they are
+    a small part of the ``n_tokens x n_kv`` matrix (many sequences, one token each) as
+    a list of pairs scattered into a ``-inf`` matrix, otherwise as dense rows.
     """
     from pymem.kv.cache import NonCausalType
 
@@ -96,44 +119,75 @@ def build_kq_mask(
     n_tokens = ubatch.n_tokens
     n_stream = 1 if kv.n_stream == 1 else ubatch.n_seqs_unq
     n_tps = n_tokens // n_stream
-    seq0 = ubatch.seq_id[:, 0].astype(np.int64)
-    p1_all = ubatch.pos[:n_tokens].astype(np.int64)
+    seq0 = ubatch.seq_id[:, 0]
+    p1_all = ubatch.pos[:n_tokens]
     is_2d = ubatch.is_pos_2d()
 
     in_span_min = None
     if swa and not causal and nct == NonCausalType.SWA_FULL:
         # the smallest ubatch position of each sequence: cells from there on are in the span
-        in_span_min = np.full(int(seq0.max()) + 1, np.iinfo(np.int64).max, dtype=np.int64)
+        in_span_min = np.full(LLAMA_MAX_SEQ, np.iinfo(np.int32).max, dtype=np.int32)
         np.minimum.at(in_span_min, seq0, p1_all)
 
     out = np.empty((n_stream, n_tps, n_kv), dtype=dt)
-    drop = dt.type(-np.inf)
-    keep_val = dt.type(0)
+    out.fill(-np.inf)
     for s in range(n_stream):
         tok = slice(s * n_tps, (s + 1) * n_tps)
         sq = seq0[tok]
-        p1 = p1_all[tok][:, None]
         strm = int(kv.seq_to_stream[int(sq[0])])
         cells = kv.v_cells[strm]
-        p0 = cells.pos[:n_kv].astype(np.int64)[None, :]
         uniq, inv = np.unique(sq, return_inverse=True)
-        keep = _seq_rows(kv, strm, uniq, n_kv)[inv.ravel()]
+        inv = inv.ravel()
+        ptr, members = _seq_cells(kv, strm, uniq, n_kv)
+        counts = (ptr[1:] - ptr[:-1])[inv]
+        n_pairs = int(counts.sum())
+        if n_pairs == 0:
+            continue
+
+        if 4 * n_pairs <= n_tps * n_kv:
+            # sparse: E.g. counts [2, 3] -> t [0, 0, 1, 1, 1], j = members[ptr[u_t] + k]
+            t = np.repeat(np.arange(n_tps), counts)
+            first = np.repeat(ptr[:-1][inv] - (np.cumsum(counts) - counts), counts)
+            j = members[first + np.arange(n_pairs)]
+            p0 = cells.pos[j]
+            p1 = p1_all[tok][t]
+        else:
+            # dense: rows of own-sequence cells, E.g. inv [0, 0, 1] repeats row 0 twice
+            has = np.zeros((uniq.size, n_kv), dtype=bool)
+            has[np.repeat(np.arange(uniq.size), ptr[1:] - ptr[:-1]), members] = True
+            keep2 = has[inv]
+            t = j = None
+            p0 = cells.pos[:n_kv][None, :]
+            p1 = p1_all[tok][:, None]
+        keep = keep2 if t is None else np.ones(n_pairs, dtype=bool)
         if causal:
             keep &= p0 <= p1
             if is_2d and cells.ext is not None:
-                p1x = ubatch.pos[2 * n_tokens :][tok].astype(np.int64)[:, None]
-                p1y = ubatch.pos[n_tokens:][tok].astype(np.int64)[:, None]
-                cx = cells.ext[:n_kv, 0].astype(np.int64)[None, :]
-                cy = cells.ext[:n_kv, 1].astype(np.int64)[None, :]
+                p1x = ubatch.pos[2 * n_tokens :][tok]
+                p1y = ubatch.pos[n_tokens:][tok]
+                if t is None:
+                    p1x, p1y = p1x[:, None], p1y[:, None]
+                    cx, cy = cells.ext[:n_kv, 0][None, :], cells.ext[:n_kv, 1][None, :]
+                else:
+                    p1x, p1y = p1x[t], p1y[t]
+                    cx, cy = cells.ext[j, 0], cells.ext[j, 1]
                 later = (cy > p1y) | ((cy == p1y) & (cx > p1x))
                 keep &= ~((p0 == p1) & later)
         if swa:
             masked = masked_swa(kv.n_swa, kv.swa_type, p0, p1)
             if in_span_min is not None:
-                masked &= ~(p0 >= in_span_min[sq][:, None])
+                row_min = in_span_min[sq]
+                masked &= ~(p0 >= (row_min[t] if t is not None else row_min[:, None]))
             keep &= ~masked
-        if alibi:
-            out[s] = np.where(keep, -np.abs(p0 - p1).astype(dt), drop)
+        if t is None:
+            if alibi:
+                np.copyto(out[s], -np.abs(p0.astype(np.int64) - p1).astype(dt), where=keep)
+            else:
+                np.copyto(out[s], dt.type(0), where=keep)
         else:
-            out[s] = np.where(keep, keep_val, drop)
+            tk, jk = t[keep], j[keep]
+            if alibi:
+                out[s, tk, jk] = -np.abs(p0[keep].astype(np.int64) - p1[keep])
+            else:
+                out[s, tk, jk] = 0
     return out
