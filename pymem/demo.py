@@ -115,12 +115,15 @@ def run(opts: DemoOptions, out: TextIO | None = None) -> DemoResult:
         kv_unified=opts.kv_unified, swa_full=opts.swa_full, type_k=opts.type_k, type_v=opts.type_v,
         n_rs_seq=opts.n_rs_seq, device=device,
     )  # fmt: skip
-    tol = tolerance_for(opts.type_k, opts.type_v) if opts.tolerance is None else opts.tolerance
+    model = TinyModel(cfg, device)
+    oracle = Oracle(model.weights)
+    if opts.tolerance is None:
+        tol = tolerance_for(opts.type_k, opts.type_v, model, opts.flash_attn)
+    else:
+        tol = opts.tolerance
     rng = np.random.default_rng(opts.seed + 1)
     recurrent = "R" in cfg.layers
 
-    model = TinyModel(cfg, device)
-    oracle = Oracle(model.weights)
     mem = create_memory(spec, params)
     assert mem is not None
     n_seq_max = opts.n_seq_max

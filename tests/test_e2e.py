@@ -62,7 +62,9 @@ def session(device: str, memory_type: str, **params: object) -> Iterator[Session
     model, oracle = _model(device, memory_type)
     mem = _memory(device, memory_type, **params)
     flash = bool(params.get("flash_attn", False))
-    tol = tolerance_for(str(params.get("type_k", "f32")), str(params.get("type_v", "f32")))
+    tol = tolerance_for(
+        str(params.get("type_k", "f32")), str(params.get("type_v", "f32")), model, flash
+    )
     try:
         yield Session(model, mem, n_seq_max=6, n_ubatch=int(params.get("n_ubatch", 512)),
                       flash_attn=flash, tol=tol, oracle=oracle)  # fmt: skip

@@ -138,6 +138,7 @@ class TinyModel:
         # one thread by default: the graphs are tiny, and spinning worker threads on a
         # loaded machine cost far more than they save
         self.runner = gg.GraphRunner(self.device, n_threads=n_threads or 1)
+        self._fa_support: dict[tuple[str, str], bool] = {}
 
     @property
     def spec(self) -> ModelSpec:
@@ -177,6 +178,22 @@ class TinyModel:
             shape = special.get(short, tuple(reversed(arr.shape)))
             specs.append(TensorSpec(name, "f32", shape))
         return specs
+
+    def flash_attn_supports(self, type_k: str, type_v: str) -> bool:
+        """Whether this device runs ``flash_attn_ext`` over K/V of these types as they are."""
+        key = (type_k, type_v)
+        if key not in self._fa_support:
+            c = self.config
+            with gg.Context(max_tensors=16, graph_size=16) as ctx:
+                q = ctx.new_tensor("f32", (c.head_dim, 1, c.n_head, 1))
+                k = ctx.new_tensor(type_k, (c.head_dim, 256, c.n_head_kv, 1))
+                v = ctx.new_tensor(type_v, (c.head_dim, 256, c.n_head_kv, 1))
+                mask = ctx.new_tensor("f16", (256, 1, 1, 1))
+                node = ctx.flash_attn_ext(q, k, v, mask, 1.0, 0.0, 0.0)
+                gg.lib.ggml_flash_attn_ext_set_prec(node, gg.lib.GGML_PREC_F32)
+                ok = bool(gg.lib.ggml_backend_dev_supports_op(self.device.handle, node))
+            self._fa_support[key] = ok
+        return self._fa_support[key]
 
     def _w(self, il: int, name: str) -> Any:
         return self.store[f"l{il}.{name}" if il >= 0 else name].ptr
@@ -319,6 +336,11 @@ class TinyModel:
         if flash_attn:
             if v_view.nb[1] > v_view.nb[2]:  # transposed V
                 vv = ctx.transpose(vv)
+            if not self.flash_attn_supports(gg.type_of(kk), gg.type_of(vv)):
+                # the reference always casts f32 K/V to f16 here; pymem casts only where the
+                # device cannot attend over them (CPU can, and keeps f32 caches exact)
+                kk = ctx.cast(kk, gg.lib.GGML_TYPE_F16)
+                vv = ctx.cast(vv, gg.lib.GGML_TYPE_F16)
             cur = ctx.flash_attn_ext(q, kk, vv, t_mask, scale, 0.0, 0.0)
             gg.lib.ggml_flash_attn_ext_set_prec(cur, gg.lib.GGML_PREC_F32)
             # the result is already permuted: [hd, n_head, n_tps, ns]

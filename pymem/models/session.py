@@ -56,14 +56,23 @@ max|block|/254 per value, and Q is quantised to q8_0 for the CPU dot products): 
 """
 
 
-def tolerance_for(type_k: str, type_v: str) -> float:
-    """The tolerance of the coarser of the two cache types (see :data:`TOLERANCES`)."""
-    try:
-        return max(TOLERANCES[str(type_k).lower()], TOLERANCES[str(type_v).lower()])
-    except KeyError as e:
+def tolerance_for(
+    type_k: str, type_v: str, model: TinyModel | None = None, flash_attn: bool = False
+) -> float:
+    """The tolerance of the coarser of the two cache types (see :data:`TOLERANCES`).
+
+    With ``flash_attn`` on a device that cannot attend over these types as stored, the
+    graph casts K/V to f16 first (as the reference does for f32), so f16's bound applies.
+    """
+    types = [str(type_k).lower(), str(type_v).lower()]
+    if flash_attn and model is not None and not model.flash_attn_supports(*types):
+        types.append("f16")
+    unknown = [t for t in types if t not in TOLERANCES]
+    if unknown:
         raise ConfigError(
-            f"cache type {e.args[0]!r}: no stated tolerance; known {sorted(TOLERANCES)}"
-        ) from None
+            f"cache type {unknown[0]!r}: no stated tolerance; known {sorted(TOLERANCES)}"
+        )
+    return max(TOLERANCES[t] for t in types)
 
 
 @dataclass
