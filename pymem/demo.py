@@ -124,7 +124,11 @@ def run(opts: DemoOptions, out: TextIO | None = None) -> DemoResult:
     rng = np.random.default_rng(opts.seed + 1)
     recurrent = "R" in cfg.layers
 
-    mem = create_memory(spec, params)
+    try:
+        mem = create_memory(spec, params)
+    except BaseException:
+        model.close()
+        raise
     assert mem is not None
     n_seq_max = opts.n_seq_max
     s = Session(model, mem, n_seq_max=n_seq_max, n_ubatch=opts.n_ubatch, flash_attn=opts.flash_attn,
