@@ -220,6 +220,9 @@ class GraphRunner:
             raise NativeError(f"graph allocation failed on {self.device.name}")
         for t, values in (inputs or {}).items():
             set_data(t, values)
+        if self.device.kind == "cpu":
+            # the backend is shared by every runner of the device: apply this runner's count
+            check(lib.pm_backend_set_n_threads(self._backend, self.n_threads), "set_n_threads")
         status = lib.ggml_backend_graph_compute(self._backend, gf)
         if status != lib.GGML_STATUS_SUCCESS:
             raise NativeError(f"graph compute failed on {self.device.name}: status {status}")
