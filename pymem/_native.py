@@ -151,13 +151,19 @@ except ImportError as exc:  # undefined ggml symbols: a ggml older than the head
         f"pymem's extension does not fit the ggml bound from {_path} ({_source}): {exc}"
     ) from exc
 
+
+def check_version(version: str, where: str) -> None:
+    """Refuse a ggml outside ``[GGML_MIN_VERSION, GGML_MAX_VERSION)`` with a clear error."""
+    parsed = _parse_version(version)
+    if not (GGML_MIN_VERSION <= parsed < GGML_MAX_VERSION):
+        raise GGMLBindingError(
+            f"ggml version {version!r} from {where} is outside the supported range "
+            f">= {'.'.join(map(str, GGML_MIN_VERSION))}, < {'.'.join(map(str, GGML_MAX_VERSION))}"
+        )
+
+
 _version = ffi.string(lib.ggml_version()).decode()
-_parsed = _parse_version(_version)
-if not (GGML_MIN_VERSION <= _parsed < GGML_MAX_VERSION):
-    raise GGMLBindingError(
-        f"ggml version {_version} from {_path} ({_source}) is outside the supported range "
-        f">= {'.'.join(map(str, GGML_MIN_VERSION))}, < {'.'.join(map(str, GGML_MAX_VERSION))}"
-    )
+check_version(_version, f"{_path} ({_source})")
 
 # make dynamically loadable backends (CUDA, Metal, Vulkan builds with GGML_BACKEND_DL) visible
 if lib.ggml_backend_dev_count() == 0:

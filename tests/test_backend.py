@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
+import json
 import os
 import resource
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -33,6 +37,25 @@ def test_ggml_info_names_a_supported_ggml() -> None:
     assert (major, minor) >= (0, 20)
     assert info.source in {"process", "env", "bundled", "llama_cpp", "libggml-python"}
     assert "CPU" in info.backends
+
+
+@pytest.mark.parametrize("version", ["0.19.9", "1.0.0", "2.3", "unknown", ""])
+def test_ggml_outside_the_supported_range_is_refused(version: str) -> None:
+    from pymem._native import check_version
+    from pymem.errors import GGMLBindingError
+
+    with pytest.raises(
+        GGMLBindingError,
+        match=f"ggml version '{version}' from /x .*outside the supported range >= 0.20.0, < 1.0.0",
+    ):
+        check_version(version, "/x (env)")
+
+
+@pytest.mark.parametrize("version", ["0.20.0", "0.20.2", "0.25.3", "0.99.1-dirty"])
+def test_ggml_inside_the_supported_range_is_accepted(version: str) -> None:
+    from pymem._native import check_version
+
+    check_version(version, "/x (env)")
 
 
 def test_devices_include_cpu_with_memory() -> None:
@@ -261,3 +284,29 @@ def test_public_names_resolve() -> None:
         assert getattr(pm, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         pm.nope  # noqa: B018
+
+
+def _probe(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    code = "import pymem, json; i = pymem.ggml_info(); print(json.dumps([i.source, i.path, i.version]))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env})  # fmt: skip
+
+
+def test_env_dir_is_bound_when_nothing_is_loaded() -> None:
+    libggml = importlib.util.find_spec("libggml")
+    assert libggml is not None and libggml.submodule_search_locations
+    lib_dir = os.path.join(next(iter(libggml.submodule_search_locations)), "lib64")
+    proc = _probe({"PYMEM_GGML_LIB_DIR": lib_dir})
+    assert proc.returncode == 0, proc.stderr
+    source, path, _version = json.loads(proc.stdout)
+    assert (source, path) == ("env", lib_dir)
+
+
+def test_env_dir_without_ggml_is_a_clear_error(tmp_path) -> None:
+    proc = _probe({"PYMEM_GGML_LIB_DIR": str(tmp_path)})
+    assert proc.returncode != 0
+    assert "GGMLBindingError" in proc.stderr
+    assert (
+        f"PYMEM_GGML_LIB_DIR='{tmp_path}': no libggml-base.so.0 and libggml.so.0 there"
+        in proc.stderr
+    )
