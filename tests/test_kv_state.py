@@ -137,17 +137,23 @@ def test_many_runs_and_native_fallbacks_give_the_same_bytes(monkeypatch):
     """Gather (np.take), per-run slices, and the non-host code paths agree."""
     for name in ("f16-trans", "f32-notrans"):
         kv = build(CFGS[name], n_cells=256, n_seq=8)
-        decode(kv, [[1, p, [s], False] for p in range(20) for s in range(8)], n_ubatch=64)
+        decode(kv, [[1, p, [s], False] for p in range(40) for s in range(6)], n_ubatch=64)
+        kv.seq_rm(4, 30, -1)
+        kv.seq_rm(5, 37, -1)
+        decode(kv, [[1, p, [7], False] for p in range(10)], n_ubatch=64)  # fills the holes
         randomize(kv, 3)
         blobs = [bytes(kv.state_write(s)) for s in range(8)] + [bytes(kv.state_write())]
-        assert len(sio.cell_runs(kv.v_cells[0].seq_cells(3))[0]) == 20  # > _RUNS_DIRECT
+        # > _RUNS_LOOP runs: seq 3 every 6th cell (strided), seq 7 irregular
+        assert len(sio.cell_runs(kv.v_cells[0].seq_cells(3))[0]) == 40
+        assert len(sio.cell_runs(kv.v_cells[0].seq_cells(5))[0]) == 37
         with monkeypatch.context() as m:
             m.setattr(sio, "rows_view", lambda t: None)
             m.setattr(sio, "v_trans_view", lambda kv, layer, strm: None)
             assert [bytes(kv.state_write(s)) for s in range(8)] + [bytes(kv.state_write())] == blobs
             other = build(CFGS[name], n_cells=256, n_seq=8)
-            other.state_read(blobs[3], 3)
-            assert bytes(other.state_write(3)) == blobs[3]
+            for q in (3, 5):
+                other.state_read(blobs[q], q)
+                assert bytes(other.state_write(q)) == blobs[q]
             other.state_read(blobs[-1])
         assert bytes(other.state_write()) == blobs[-1]
 
@@ -313,3 +319,53 @@ def test_whole_restore_of_cells_without_sequences():
     assert kv.v_cells[0].used == 2 and kv.v_cells[0].owner[:2].tolist() == [-1, 0]
     assert kv.seq_pos_min(0) == 1 and kv.seq_pos_min(1) == -1
     assert bytes(kv.state_write()) == spliced
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_gather_and_scatter_helpers_equal_fancy_indexing(seed):
+    rng = np.random.default_rng(seed)
+    k = 600
+    patterns = [
+        np.arange(3, 600, 7),  # strided single cells
+        (np.arange(0, 560, 8)[:, None] + np.arange(3)).ravel(),  # strided runs of 3
+        np.sort(rng.choice(k, 200, replace=False)),  # irregular
+        np.arange(10, 30),  # one run
+        np.sort(rng.choice(k, 20, replace=False)),  # few runs
+    ]
+    for idx in patterns:
+        src = rng.integers(0, 60000, (5, k)).astype(np.uint16)
+        out = np.empty((5, idx.size), np.uint16)
+        sio.gather_cols(src, idx, out)
+        assert np.array_equal(out, src[:, idx])
+        dst = np.zeros_like(src)
+        sio.scatter_cols(dst, idx, out)
+        want = np.zeros_like(src)
+        want[:, idx] = out
+        assert np.array_equal(dst, want)
+        rows = rng.integers(0, 255, (k, 24)).astype(np.uint8)
+        got = np.empty((idx.size, 24), np.uint8)
+        sio.gather_rows(rows, idx, got)
+        assert np.array_equal(got, rows[idx])
+        back = np.zeros_like(rows)
+        sio.scatter_rows(back, idx, got)
+        want = np.zeros_like(rows)
+        want[idx] = got
+        assert np.array_equal(back, want)
+
+
+def test_whole_restore_zeroes_the_cells_it_does_not_fill():
+    # as the reference's clear(true): free cells read as zeros after a whole restore
+    kv = build(CFGS["f16-trans"])
+    populate(kv)
+    small = build(CFGS["f16-trans"])
+    decode(small, [[1, p, [0], False] for p in range(3)])
+    randomize(small, 9)
+    blob = bytes(small.state_write())
+    kv.state_read(blob)
+    for layer in kv.layers:
+        assert not layer.k.read_rows(np.arange(3, 32)).any()
+        assert not sio.v_trans_view(kv, layer, 0)[:, 3:].any()
+        assert np.array_equal(
+            layer.k.read_rows([0, 1, 2]),
+            small.layers[0 if layer.il == 0 else 1].k.read_rows([0, 1, 2]),
+        )

@@ -763,8 +763,8 @@ class KVCache(Memory):
                 else:
                     ext[:, 2] = self._ple_embd_token()
             cells.set_new(idx, pos_all[:n_tok][tok], ubatch.seq_id[tok], ext)
-        for seq in np.flatnonzero(max_rm >= 0):
-            seq = int(seq)
+        for seq_np in np.flatnonzero(max_rm >= 0):
+            seq = int(seq_np)
             cells = self.v_cells[int(self.seq_to_stream[seq])]
             pmin = cells.seq_pos_min(seq)
             if pmin <= max_rm[seq]:
@@ -920,6 +920,33 @@ class KVCache(Memory):
         only = np.flatnonzero(cells.owner == seq_id)
         self.seq_rm(seq_id, -1, -1)
         self.zero_cells(strm, only)
+
+    def zero_range(self, strm: int, a: int, b: int) -> None:
+        """Zero the K/V bytes of cells ``[a, b)`` of stream ``strm`` in every layer."""
+        if b <= a:
+            return
+        from pymem.kv.state_io import rows_view, v_trans_view
+
+        r0, r1 = strm * self.kv_size + a, strm * self.kv_size + b
+        for layer in self.layers:
+            for t in (layer.k, layer.v):
+                if t is None or (t is layer.v and self.v_trans):
+                    continue
+                view = rows_view(t)
+                if view is not None:
+                    view[r0:r1] = 0
+                else:
+                    t.fill_rows(np.arange(r0, r1, dtype=np.int64), 0)
+            if layer.v is not None and self.v_trans:
+                vt = v_trans_view(self, layer, strm)
+                if vt is not None:
+                    vt[:, a:b] = 0
+                else:
+                    el = self.type_v.type_size
+                    n_ch = layer.v.shape[0]
+                    zero = bytes(el * (b - a) * n_ch)
+                    base = strm * layer.v.nb[2] + a * el
+                    layer.v.write_strided(zero, base, el * (b - a), self.kv_size * el, n_ch)
 
     def zero_cells(self, strm: int, idx: np.ndarray) -> None:
         """Zero the K/V bytes of cells ``idx`` of stream ``strm`` in every layer."""

@@ -5,6 +5,7 @@ All whole-array numpy; the values are exactly those of the reference's ``set_inp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,36 +52,78 @@ def build_k_shift(kv: KVCache) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _seq_cells(
+def _seq_members(
     kv: KVCache, strm: int, seqs: np.ndarray, n_kv: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Cells ``j < n_kv`` of stream ``strm`` holding each of ``seqs``, grouped per sequence.
+    """(sequence index, cell) pairs: cell ``j < n_kv`` of stream ``strm`` holds ``seqs[u]``.
 
-    Returns ``(ptr, cells)`` in CSR form: the cells of ``seqs[u]`` are
-    ``cells[ptr[u]:ptr[u + 1]]``. O(n_kv): single-sequence cells are mapped through a
-    lookup table on ``owner``; only cells shared by several sequences need bit tests.
-    E.g. owner [0, 1, 0, -1], seqs [0, 1] -> ptr [0, 2, 3], cells [0, 2, 1].
+    O(n_kv): single-sequence cells are mapped through a lookup table on ``owner``; only
+    cells shared by several sequences need bit tests. Ungrouped.
+    E.g. owner [0, 1, 0, -1], seqs [0, 1] -> u [0, 1, 0], cells [0, 1, 2].
     """
     cells = kv.v_cells[strm]
     owner = cells.owner[:n_kv]
     lut = np.full(LLAMA_MAX_SEQ + 2, -1, dtype=np.int32)
     lut[seqs + 2] = np.arange(seqs.size, dtype=np.int32)
     u_of = lut[owner + 2]
-    single = np.flatnonzero(u_of >= 0)
-    u = u_of[single]
-    members = single
-    multi = np.flatnonzero(owner == OWNER_MULTI)
-    if multi.size:
+    members = np.flatnonzero(u_of >= 0)
+    u = u_of[members]
+    if cells.n_multi:
+        multi = np.flatnonzero(owner == OWNER_MULTI)
         words = cells.seq[multi][:, seqs >> 6]  # [n_multi, U]
         bits = (words >> (seqs & 63).astype(np.uint64)[None, :]) & np.uint64(1)
         m_rows, m_u = np.nonzero(bits)
         u = np.concatenate((u, m_u.astype(np.int32)))
         members = np.concatenate((members, multi[m_rows]))
+    return u, members
+
+
+def _seq_cells(
+    kv: KVCache, strm: int, seqs: np.ndarray, n_kv: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The cells of each of ``seqs`` in CSR form ``(ptr, cells)``: the cells of
+    ``seqs[u]`` are ``cells[ptr[u]:ptr[u + 1]]``.
+    E.g. owner [0, 1, 0, -1], seqs [0, 1] -> ptr [0, 2, 3], cells [0, 2, 1].
+    """
+    u, members = _seq_members(kv, strm, seqs, n_kv)
     order = np.argsort(u.astype(np.int16), kind="stable")
     counts = np.bincount(u, minlength=seqs.size)
     ptr = np.zeros(seqs.size + 1, dtype=np.int64)
     np.cumsum(counts, out=ptr[1:])
     return ptr, members[order]
+
+
+@dataclass
+class _MaskRules:
+    """What decides a (token, cell) pair, shared by the sparse and dense evaluators."""
+
+    causal: bool
+    swa_type: SWAType
+    n_swa: int
+    alibi: bool
+    in_span_min: np.ndarray | None  # SWA_FULL: smallest ubatch position per sequence
+
+
+def _keep(
+    rules: _MaskRules,
+    p0: np.ndarray,
+    p1: np.ndarray,
+    tie: np.ndarray | None,
+    span_min: np.ndarray | None,
+    keep: np.ndarray,
+) -> np.ndarray:
+    """Apply causality (with the M-RoPE tie ``tie``: cell later in 2-D) and the window to
+    ``keep``, over broadcast-compatible ``p0`` (cells) and ``p1`` (tokens)."""
+    if rules.causal:
+        keep &= p0 <= p1
+        if tie is not None:
+            keep &= ~((p0 == p1) & tie)
+    if rules.swa_type != SWAType.NONE:
+        masked = masked_swa(rules.n_swa, rules.swa_type, p0, p1)
+        if span_min is not None:
+            masked &= ~(p0 >= span_min)
+        keep &= ~masked
+    return keep
 
 
 def build_kq_mask(
@@ -94,26 +137,24 @@ def build_kq_mask(
     """The KQ mask ``[n_stream, n_tps, n_kv]`` of a ubatch (``set_input_kq_mask``).
 
     ``n_stream`` is 1 for a unified cache, else the ubatch's number of sequences; row
-    ``(s, t)`` is token ``s * n_tps + t``. A cell is attended when it holds the token's
-    (first) sequence, is not in its future (causal; with M-RoPE, equal positions are
-    ordered by ``(y, x)``), and not SWA-masked. The reference reuses rows between tokens
-    of a sequence; that shortcut gives the same values as this direct evaluation.
+    ``(s, t)`` is token ``s * n_tps + t``. A cell is attended (0, or ``-|p0 - p1|`` with
+    ALiBi; else -inf) when it holds the token's first sequence, is not in its future
+    (causal; with M-RoPE, equal positions are ordered by ``(y, x)``), and is not outside
+    the window. The reference reuses rows between tokens of a sequence; that shortcut
+    gives the same values as this direct evaluation.
 
-    Only the (token, cell) pairs of a token's own sequence are evaluated: when they are
-    a small part of the ``n_tokens x n_kv`` matrix (many sequences, one token each) as
-    a list of pairs scattered into a ``-inf`` matrix, otherwise as dense rows.
+    Only the (token, cell) pairs of a token's own sequence are evaluated: as a list of
+    pairs scattered into a -inf matrix when they are a small part of it (many sequences,
+    one token each), otherwise as dense rows.
     """
     from pymem.kv.cache import NonCausalType
 
     spec = kv.spec
     causal = spec.causal_attn if causal_attn is None else bool(causal_attn)
-    nct = NonCausalType(
-        spec.extra.get("non_causal_type", 0) if non_causal_type is None else non_causal_type
-    )
+    raw = spec.extra.get("non_causal_type", 0) if non_causal_type is None else non_causal_type
+    nct = NonCausalType(int(raw))  # type: ignore[call-overload]
     if not causal and nct == NonCausalType.SWA_ONLY:
         causal = kv.swa_type == SWAType.NONE
-    swa = kv.swa_type != SWAType.NONE
-    alibi = spec.use_alibi
     dt = np.dtype(dtype)
 
     n_tokens = ubatch.n_tokens
@@ -123,11 +164,11 @@ def build_kq_mask(
     p1_all = ubatch.pos[:n_tokens]
     is_2d = ubatch.is_pos_2d()
 
-    in_span_min = None
-    if swa and not causal and nct == NonCausalType.SWA_FULL:
-        # the smallest ubatch position of each sequence: cells from there on are in the span
-        in_span_min = np.full(LLAMA_MAX_SEQ, np.iinfo(np.int32).max, dtype=np.int32)
-        np.minimum.at(in_span_min, seq0, p1_all)
+    span = None
+    if kv.swa_type != SWAType.NONE and not causal and nct == NonCausalType.SWA_FULL:
+        span = np.full(LLAMA_MAX_SEQ, np.iinfo(np.int32).max, dtype=np.int32)
+        np.minimum.at(span, seq0, p1_all)
+    rules = _MaskRules(causal, kv.swa_type, kv.n_swa, spec.use_alibi, span)
 
     out = np.empty((n_stream, n_tps, n_kv), dtype=dt)
     out.fill(-np.inf)
@@ -135,59 +176,115 @@ def build_kq_mask(
         tok = slice(s * n_tps, (s + 1) * n_tps)
         sq = seq0[tok]
         strm = int(kv.seq_to_stream[int(sq[0])])
-        cells = kv.v_cells[strm]
         uniq, inv = np.unique(sq, return_inverse=True)
         inv = inv.ravel()
+        p1x = ubatch.pos[2 * n_tokens :][tok] if is_2d else None
+        p1y = ubatch.pos[n_tokens:][tok] if is_2d else None
+        if uniq.size == n_tps:
+            # one token per sequence (decode): each member cell pairs with exactly one token
+            u, j = _seq_members(kv, strm, uniq, n_kv)
+            tok_of = np.empty(n_tps, dtype=np.int64)
+            tok_of[inv] = np.arange(n_tps)
+            if 4 * j.size <= n_tps * n_kv:
+                _mask_pair_list(kv, strm, rules, sq, p1_all[tok], p1x, p1y, tok_of[u], j, out[s])
+                continue
         ptr, members = _seq_cells(kv, strm, uniq, n_kv)
         counts = (ptr[1:] - ptr[:-1])[inv]
         n_pairs = int(counts.sum())
         if n_pairs == 0:
             continue
-
+        args = (kv, strm, rules, sq, p1_all[tok], p1x, p1y)
         if 4 * n_pairs <= n_tps * n_kv:
-            # sparse: E.g. counts [2, 3] -> t [0, 0, 1, 1, 1], j = members[ptr[u_t] + k]
-            t = np.repeat(np.arange(n_tps), counts)
-            first = np.repeat(ptr[:-1][inv] - (np.cumsum(counts) - counts), counts)
-            j = members[first + np.arange(n_pairs)]
-            p0 = cells.pos[j]
-            p1 = p1_all[tok][t]
+            _mask_pairs(*args, inv, ptr, members, counts, out[s])
         else:
-            # dense: rows of own-sequence cells, E.g. inv [0, 0, 1] repeats row 0 twice
-            has = np.zeros((uniq.size, n_kv), dtype=bool)
-            has[np.repeat(np.arange(uniq.size), ptr[1:] - ptr[:-1]), members] = True
-            keep2 = has[inv]
-            t = j = None
-            p0 = cells.pos[:n_kv][None, :]
-            p1 = p1_all[tok][:, None]
-        keep = keep2 if t is None else np.ones(n_pairs, dtype=bool)
-        if causal:
-            keep &= p0 <= p1
-            if is_2d and cells.ext is not None:
-                p1x = ubatch.pos[2 * n_tokens :][tok]
-                p1y = ubatch.pos[n_tokens:][tok]
-                if t is None:
-                    p1x, p1y = p1x[:, None], p1y[:, None]
-                    cx, cy = cells.ext[:n_kv, 0][None, :], cells.ext[:n_kv, 1][None, :]
-                else:
-                    p1x, p1y = p1x[t], p1y[t]
-                    cx, cy = cells.ext[j, 0], cells.ext[j, 1]
-                later = (cy > p1y) | ((cy == p1y) & (cx > p1x))
-                keep &= ~((p0 == p1) & later)
-        if swa:
-            masked = masked_swa(kv.n_swa, kv.swa_type, p0, p1)
-            if in_span_min is not None:
-                row_min = in_span_min[sq]
-                masked &= ~(p0 >= (row_min[t] if t is not None else row_min[:, None]))
-            keep &= ~masked
-        if t is None:
-            if alibi:
-                np.copyto(out[s], -np.abs(p0.astype(np.int64) - p1).astype(dt), where=keep)
-            else:
-                np.copyto(out[s], dt.type(0), where=keep)
-        else:
-            tk, jk = t[keep], j[keep]
-            if alibi:
-                out[s, tk, jk] = -np.abs(p0[keep].astype(np.int64) - p1[keep])
-            else:
-                out[s, tk, jk] = 0
+            _mask_rows(*args, inv, ptr, members, out[s])
     return out
+
+
+def _mask_pairs(
+    kv: KVCache,
+    strm: int,
+    rules: _MaskRules,
+    sq: np.ndarray,
+    p1: np.ndarray,
+    p1x: np.ndarray | None,
+    p1y: np.ndarray | None,
+    inv: np.ndarray,
+    ptr: np.ndarray,
+    members: np.ndarray,
+    counts: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """Evaluate only the own-sequence pairs and scatter the kept ones into ``out``."""
+    n_pairs = int(counts.sum())
+    # E.g. counts [2, 3] -> t [0, 0, 1, 1, 1], j = members[ptr[u_t] + k] for k < count
+    t = np.repeat(np.arange(counts.size), counts)
+    first = np.repeat(ptr[:-1][inv] - (np.cumsum(counts) - counts), counts)
+    j = members[first + np.arange(n_pairs)]
+    _mask_pair_list(kv, strm, rules, sq, p1, p1x, p1y, t, j, out)
+
+
+def _mask_pair_list(
+    kv: KVCache,
+    strm: int,
+    rules: _MaskRules,
+    sq: np.ndarray,
+    p1: np.ndarray,
+    p1x: np.ndarray | None,
+    p1y: np.ndarray | None,
+    t: np.ndarray,
+    j: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """Decide the pairs (token ``t[k]``, cell ``j[k]``) and write the kept ones."""
+    cells = kv.v_cells[strm]
+    n_pairs = t.size
+    p0 = cells.pos[j]
+    pt = p1[t]
+    tie = None
+    if p1x is not None and p1y is not None and cells.ext is not None:
+        cx, cy = cells.ext[j, 0], cells.ext[j, 1]
+        tx, ty = p1x[t], p1y[t]
+        tie = (cy > ty) | ((cy == ty) & (cx > tx))
+    span = None if rules.in_span_min is None else rules.in_span_min[sq][t]
+    keep = _keep(rules, p0, pt, tie, span, np.ones(n_pairs, dtype=bool))
+    tk, jk = t[keep], j[keep]
+    if rules.alibi:
+        out[tk, jk] = -np.abs(p0[keep].astype(np.int64) - pt[keep])
+    else:
+        out[tk, jk] = 0
+
+
+def _mask_rows(
+    kv: KVCache,
+    strm: int,
+    rules: _MaskRules,
+    sq: np.ndarray,
+    p1: np.ndarray,
+    p1x: np.ndarray | None,
+    p1y: np.ndarray | None,
+    inv: np.ndarray,
+    ptr: np.ndarray,
+    members: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """Evaluate whole rows: one own-sequence row per distinct sequence, repeated per token."""
+    cells = kv.v_cells[strm]
+    n_kv = out.shape[1]
+    n_uniq = ptr.size - 1
+    has = np.zeros((n_uniq, n_kv), dtype=bool)
+    # E.g. ptr [0, 2, 3] -> rows [0, 0, 1]
+    has[np.repeat(np.arange(n_uniq), ptr[1:] - ptr[:-1]), members] = True
+    p0 = cells.pos[:n_kv][None, :]
+    pt = p1[:, None]
+    tie = None
+    if p1x is not None and p1y is not None and cells.ext is not None:
+        cx, cy = cells.ext[:n_kv, 0][None, :], cells.ext[:n_kv, 1][None, :]
+        tx, ty = p1x[:, None], p1y[:, None]
+        tie = (cy > ty) | ((cy == ty) & (cx > tx))
+    span = None if rules.in_span_min is None else rules.in_span_min[sq][:, None]
+    keep = _keep(rules, p0, pt, tie, span, has[inv])
+    if rules.alibi:
+        np.copyto(out, -np.abs(p0.astype(np.int64) - pt).astype(out.dtype), where=keep)
+    else:
+        np.copyto(out, out.dtype.type(0), where=keep)

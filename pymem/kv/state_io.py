@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from pymem.kv.cache import KVCache, KVLayer, SlotInfo
     from pymem.state import StateReader, StateWriter
 
-_RUNS_DIRECT = 8  # up to this many runs of cells, copy each run as a slice
+_RUNS_LOOP = 32  # up to this many runs of cells, move each run as one slice
 
 
 def _uint_dtype(size: int) -> np.dtype:
@@ -72,6 +72,98 @@ def cell_runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     starts = idx[np.concatenate(([0], brk))]
     ends = idx[np.concatenate((brk - 1, [idx.size - 1]))] + 1
     return starts, ends
+
+
+def _row_items(a: np.ndarray) -> np.ndarray:
+    """A 2-D ``uint8`` array as a 1-D array of row-sized items (fast fancy row moves)."""
+    return a.view(np.dtype((np.void, a.shape[1]))).reshape(a.shape[0])
+
+
+def _strided_runs(a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
+    """A ``[rows, R, L]`` view of the columns of ``a`` (``[rows, K]``) in the runs, when
+    all ``R`` runs have one length ``L`` and start a constant stride apart; else None.
+
+    E.g. starts [2, 6, 10], ends [3, 7, 11] (every 4th cell, as sequences decoded in
+    lockstep leave them) -> view of columns 2, 6, 10 as shape [rows, 3, 1].
+    """
+    if starts.size < 2:
+        return None
+    length = ends - starts
+    gaps = np.diff(starts)
+    if (length != length[0]).any() or (gaps != gaps[0]).any():
+        return None
+    base = a[:, int(starts[0]) :]
+    return np.lib.stride_tricks.as_strided(
+        base,
+        shape=(a.shape[0], starts.size, int(length[0])),
+        strides=(a.strides[0], int(gaps[0]) * a.strides[1], a.strides[1]),
+    )
+
+
+def gather_cols(src: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
+    """``out[:, k] = src[:, idx[k]]`` for ascending ``idx`` (``src`` 2-D, ``out`` contiguous)."""
+    starts, ends = cell_runs(idx)
+    if starts.size <= _RUNS_LOOP:
+        col = 0
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            out[:, col : col + b - a] = src[:, a:b]
+            col += b - a
+        return
+    strided = _strided_runs(src, starts, ends)
+    if strided is not None:
+        out.reshape(strided.shape)[...] = strided
+    else:
+        np.take(src, idx, axis=1, out=out)
+
+
+def scatter_cols(dst: np.ndarray, idx: np.ndarray, src: np.ndarray) -> None:
+    """``dst[:, idx[k]] = src[:, k]`` for ascending ``idx``."""
+    starts, ends = cell_runs(idx)
+    if starts.size <= _RUNS_LOOP:
+        col = 0
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            dst[:, a:b] = src[:, col : col + b - a]
+            col += b - a
+        return
+    strided = _strided_runs(dst, starts, ends)
+    if strided is not None:
+        strided[...] = src.reshape(strided.shape)
+        return
+    # one flat index per element, a block of rows at a time (a flat scatter beats a 2-D one)
+    flat = dst.reshape(-1) if dst.flags.c_contiguous else None
+    if flat is None:
+        dst[:, idx] = src
+        return
+    k = dst.shape[1]
+    block = max(1, (1 << 20) // max(1, idx.size))
+    for r0 in range(0, dst.shape[0], block):
+        r1 = min(dst.shape[0], r0 + block)
+        where = (np.arange(r0, r1, dtype=np.int64)[:, None] * k + idx[None, :]).ravel()
+        flat[where] = src[r0:r1].ravel()
+
+
+def gather_rows(src: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
+    """``out[k] = src[idx[k]]`` for ascending ``idx`` (``uint8`` 2-D arrays)."""
+    starts, ends = cell_runs(idx)
+    if starts.size <= _RUNS_LOOP:
+        r = 0
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            out[r : r + b - a] = src[a:b]
+            r += b - a
+        return
+    np.take(_row_items(src), idx, out=_row_items(out))
+
+
+def scatter_rows(dst: np.ndarray, idx: np.ndarray, src: np.ndarray) -> None:
+    """``dst[idx[k]] = src[k]`` for ascending ``idx`` (``uint8`` 2-D arrays)."""
+    starts, ends = cell_runs(idx)
+    if starts.size <= _RUNS_LOOP:
+        r = 0
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            dst[a:b] = src[r : r + b - a]
+            r += b - a
+        return
+    _row_items(dst)[idx] = _row_items(np.ascontiguousarray(src))
 
 
 # ---------------------------------------------------------------------------------------
@@ -116,29 +208,28 @@ def _meta_words(kv: KVCache, strm: int, idx: np.ndarray, seq_id: int) -> np.ndar
     single = (owner >= 0) & (owner < kv.n_seq_max)
     counts[single] = 1
     multi = np.flatnonzero(owner == OWNER_MULTI)
-    multi_rows = multi_ids = None
+    bits = np.zeros((0, kv.n_seq_max), dtype=np.uint8)
     if multi.size:
-        bits = np.unpackbits(cells.seq[idx[multi]].view(np.uint8), axis=1, bitorder="little")
-        bits = bits[:, : kv.n_seq_max]
+        unpacked = np.unpackbits(cells.seq[idx[multi]].view(np.uint8), axis=1, bitorder="little")
+        bits = unpacked[:, : kv.n_seq_max]
         counts[multi] = bits.sum(axis=1)
-        multi_rows, multi_ids = np.nonzero(bits)  # row-major: ascending ids per cell
-    rec = 2 + n_ext + counts
-    # E.g. rec [3, 4, 3] -> starts [0, 3, 7]
-    starts = np.concatenate(([0], np.cumsum(rec)[:-1]))
-    out = np.empty(int(rec.sum()), dtype=np.int32)
-    out[starts] = cells.pos[idx]
-    out[starts + 1] = counts
-    for e in range(n_ext):
-        out[starts + 2 + e] = cells.ext[idx, e]  # type: ignore[index]
+    recs = 2 + n_ext + counts
+    # E.g. recs [3, 4, 3] -> starts [0, 3, 7]
+    starts = np.concatenate(([0], np.cumsum(recs)[:-1]))
+    words = np.empty(int(recs.sum()), dtype=np.int32)
+    words[starts] = cells.pos[idx]
+    words[starts + 1] = counts
+    if cells.ext is not None and n_ext:
+        for e in range(n_ext):
+            words[starts + 2 + e] = cells.ext[idx, e]
     id0 = starts + 2 + n_ext
-    out[id0[single]] = owner[single]
-    if multi_rows is not None:
-        cell = multi[multi_rows]
+    words[id0[single]] = owner[single]
+    if multi.size:
+        multi_rows, multi_ids = np.nonzero(bits)  # row-major: ascending ids per cell
         # rank of each id within its cell: E.g. rows [0, 0, 1] -> ranks [0, 1, 0]
-        first = np.searchsorted(multi_rows, multi_rows, side="left")
-        rank = np.arange(multi_rows.size) - first
-        out[id0[cell] + rank] = multi_ids
-    return out
+        rank = np.arange(multi_rows.size) - np.searchsorted(multi_rows, multi_rows, side="left")
+        words[id0[multi[multi_rows]] + rank] = multi_ids
+    return words
 
 
 def _write_rows(writer: StateWriter, t: Tensor, base_row: int, idx: np.ndarray, row: int) -> None:
@@ -146,16 +237,14 @@ def _write_rows(writer: StateWriter, t: Tensor, base_row: int, idx: np.ndarray, 
     starts, ends = cell_runs(idx)
     view = rows_view(t)
     if view is not None and row == t.row_size:
-        if starts.size <= _RUNS_DIRECT:
-            for a, b in zip(starts.tolist(), ends.tolist()):
-                writer.write(memoryview(view[base_row + a : base_row + b]).cast("B"))
+        if starts.size == 1:
+            a, b = base_row + int(starts[0]), base_row + int(ends[0])
+            writer.write(view[a:b].data.cast("B"))
             return
-        rows = base_row + idx
+        block = view[base_row:]
 
         def fill(out: memoryview) -> None:
-            np.take(
-                view, rows, axis=0, out=np.frombuffer(out, dtype=np.uint8).reshape(idx.size, row)
-            )
+            gather_rows(block, idx, np.frombuffer(out, dtype=np.uint8).reshape(idx.size, row))
 
         writer.write_fill(idx.size * row, fill)
         return
@@ -175,11 +264,7 @@ def _write_v_trans(
         sub = view[:n_embd]
 
         def fill(out: memoryview) -> None:
-            dst = np.frombuffer(out, dtype=view.dtype).reshape(n_embd, idx.size)
-            if starts.size == 1:
-                dst[:] = sub[:, int(starts[0]) : int(ends[0])]
-            else:
-                np.take(sub, idx, axis=1, out=dst)
+            gather_cols(sub, idx, np.frombuffer(out, dtype=view.dtype).reshape(n_embd, idx.size))
 
         writer.write_fill(size, fill)
         return
@@ -248,6 +333,7 @@ class KVStatePlan:
         self.version = version
         self.steps: list[Callable[[], None]] = []
         self.n_cells = 0
+        self.whole_counts: dict[int, int] = {}  # whole restore: cells per stream
         self.committed = False
 
     def commit(self) -> None:
@@ -260,7 +346,10 @@ class KVStatePlan:
             )
         self.committed = True
         if self.seq_id == -1:
-            kv.clear(True)
+            # clear(True) without zeroing the rows the blob is about to fill
+            kv.clear(False)
+            for strm in range(kv.n_stream):
+                kv.zero_range(strm, self.whole_counts.get(strm, 0), kv.kv_size)
         for step in self.steps:
             step()
 
@@ -471,7 +560,6 @@ def _write_payloads(
     n = idx.size
     base = strm * kv.kv_size
     starts, ends = cell_runs(idx)
-    contiguous = starts.size == 1
     for layer, kind, data in payloads:
         if kind == "k" or not kv.v_trans:
             t = layer.k if kind == "k" else layer.v
@@ -480,10 +568,7 @@ def _write_payloads(
             view = rows_view(t)
             src = np.frombuffer(data, dtype=np.uint8).reshape(n, row)
             if view is not None:
-                if contiguous:
-                    view[base + int(starts[0]) : base + int(ends[0])] = src
-                else:
-                    view[base + idx] = src
+                scatter_rows(view[base:], idx, src)
             else:
                 t.write_rows(base + idx, src)
             continue
@@ -493,11 +578,7 @@ def _write_payloads(
         vt = v_trans_view(kv, layer, strm)
         el = kv.type_v.type_size
         if vt is not None:
-            src = np.frombuffer(data, dtype=vt.dtype).reshape(n_embd, n)
-            if contiguous:
-                vt[:n_embd, int(starts[0]) : int(ends[0])] = src
-            else:
-                vt[:n_embd, idx] = src
+            scatter_cols(vt[:n_embd], idx, np.frombuffer(data, dtype=vt.dtype).reshape(n_embd, n))
             continue
         src8 = np.frombuffer(data, dtype=np.uint8).reshape(n_embd, n * el)
         col = 0
@@ -538,8 +619,9 @@ def parse_kv_state(kv: KVCache, reader: StateReader, seq_id: int) -> KVStatePlan
             payloads = _parse_data(kv, reader, s, n, what)
             idx = np.arange(n, dtype=np.int64)
             plan.n_cells += n
+            plan.whole_counts[s] = n
 
-            def step(
+            def whole_step(
                 s: int = s,
                 idx: np.ndarray = idx,
                 pos: np.ndarray = pos,
@@ -551,7 +633,7 @@ def parse_kv_state(kv: KVCache, reader: StateReader, seq_id: int) -> KVStatePlan
                 kv.v_heads[s] = 0
                 _write_payloads(kv, s, idx, payloads)
 
-            plan.steps.append(step)
+            plan.steps.append(whole_step)
         return plan
 
     # per sequence: simulate seq_rm + find_slot + apply under an undo journal
@@ -574,9 +656,9 @@ def parse_kv_state(kv: KVCache, reader: StateReader, seq_id: int) -> KVStatePlan
                 raise StateError(
                     f"{what}.cells: cell {int(bad[0])} has position {int(pos[bad[0]])} < 0"
                 )
-            ext = words[:, 2 : 2 + n_ext].copy() if n_ext else None
+            cell_ext = words[:, 2 : 2 + n_ext].copy() if n_ext else None
             kv.seq_rm(seq_id, -1, -1)
-            ub = _restore_ubatch(kv, seq_id, pos, ext)
+            ub = _restore_ubatch(kv, seq_id, pos, cell_ext)
             sinfo = kv.find_slot(ub, False)
             if sinfo is None:
                 raise StateError(
@@ -584,15 +666,15 @@ def parse_kv_state(kv: KVCache, reader: StateReader, seq_id: int) -> KVStatePlan
                     f"(stream {strm} has {kv.kv_size - kv.v_cells[strm].used} free)"
                 )
             kv.apply_ubatch(sinfo, ub)
-            if ext is not None:
-                kv.v_cells[strm].set_ext(sinfo.idxs[0].astype(np.int64), ext)
+            if cell_ext is not None:
+                kv.v_cells[strm].set_ext(sinfo.idxs[0].astype(np.int64), cell_ext)
             payloads = _parse_data(kv, reader, s, n, what)
             plan.n_cells += n
 
-            def step(
+            def seq_step(
                 ub: UBatch = ub,
                 sinfo: SlotInfo = sinfo,
-                ext: np.ndarray | None = ext,
+                ext: np.ndarray | None = cell_ext,
                 payloads: list = payloads,
             ) -> None:
                 kv.seq_rm(seq_id, -1, -1)
@@ -602,7 +684,7 @@ def parse_kv_state(kv: KVCache, reader: StateReader, seq_id: int) -> KVStatePlan
                     kv.v_cells[strm].set_ext(idx, ext)
                 _write_payloads(kv, strm, idx, payloads)
 
-            plan.steps.append(step)
+            plan.steps.append(seq_step)
     finally:
         kv.rollback_plan(heads)
         kv._version = version

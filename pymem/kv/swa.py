@@ -7,7 +7,9 @@ import numpy as np
 from pymem.spec import SWAType
 
 
-def masked_swa(n_swa: int, swa_type: SWAType, p0: np.ndarray, p1: np.ndarray) -> np.ndarray:
+def masked_swa(
+    n_swa: int, swa_type: SWAType, p0: np.ndarray | int, p1: np.ndarray | int
+) -> np.ndarray:
     """Whether a cell at ``p0`` is outside the window of a token at ``p1`` (broadcasting).
 
     STANDARD masks ``p1 - p0 >= n_swa``; CHUNKED masks cells before the chunk of ``p1``
