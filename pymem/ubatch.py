@@ -66,24 +66,28 @@ class UBatch:
         """A synthetic ubatch of the given shape (the reference's ``ubatch_reserve``).
 
         Used for worst-case graph reservation (``init_full``) and state restore paths.
-        All tokens are 0, positions 0, sequence 0 for every set.
+        As in the reference, sequence set ``s`` is sequence id ``s`` (``seq_id_unq =
+        [0, n_seqs)``, ``seq_idx[s] = s``); tokens are set-major, all tokens and positions
+        are 0. Restore paths overwrite ``seq_id`` / ``pos`` with the real values.
         """
         n_tokens = n_seq_tokens * n_seqs
         seq_idx = np.full(LLAMA_MAX_SEQ, -1, dtype=np.int32)
-        seq_idx[0] = 0
+        seq_idx[:n_seqs] = np.arange(n_seqs, dtype=np.int32)
+        # E.g. n_seq_tokens=2, n_seqs=3 -> seq_id column [0, 0, 1, 1, 2, 2]
+        seq_of_token = np.repeat(np.arange(n_seqs, dtype=np.int32), n_seq_tokens)
         return cls(
             equal_seqs=True,
             n_tokens=n_tokens,
             n_seq_tokens=n_seq_tokens,
             n_seqs=n_seqs,
-            n_seqs_unq=1,
+            n_seqs_unq=n_seqs,
             n_pos=n_pos,
             token=np.zeros(n_tokens, dtype=np.int32),
             embd=None,
             pos=np.zeros(n_tokens * n_pos, dtype=np.int32),
             n_seq_id=np.ones(n_tokens, dtype=np.int32),
-            seq_id=np.zeros((n_tokens, 1), dtype=np.int32),
-            seq_id_unq=np.zeros(1, dtype=np.int32),
+            seq_id=seq_of_token.reshape(n_tokens, 1),
+            seq_id_unq=np.arange(n_seqs, dtype=np.int32),
             seq_idx=seq_idx,
             output=np.zeros(n_tokens, dtype=np.int8),
             batch_idxs=np.arange(n_tokens, dtype=np.int32),
