@@ -9,6 +9,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -288,8 +289,9 @@ def test_public_names_resolve() -> None:
 
 def _probe(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     code = "import pymem, json; i = pymem.ggml_info(); print(json.dumps([i.source, i.path, i.version]))"
+    # run outside the checkout, so `import pymem` finds the installed package, not ./pymem
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **env})  # fmt: skip
+                          env={**os.environ, **env}, cwd=tempfile.gettempdir())  # fmt: skip
 
 
 def test_env_dir_is_bound_when_nothing_is_loaded() -> None:

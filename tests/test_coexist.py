@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -42,8 +43,13 @@ print(json.dumps({"source": info.source, "path": info.path, "version": info.vers
 
 @pytest.mark.parametrize("order", ["llama_cpp_first", "pymem_first"])
 def test_one_ggml_in_both_import_orders(order: str) -> None:
+    # run outside the checkout, so `import pymem` finds the installed package, not ./pymem
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE, order], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", PROBE, order],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tempfile.gettempdir(),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
