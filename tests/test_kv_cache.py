@@ -246,6 +246,9 @@ def test_seq_rm_sentinels():
     assert cells_of(kv)[:2] == [(1, 1, [2]), (2, 2, [0, 2])]
     assert kv.seq_rm(-1, 2, 5) and cells_of(kv) == [(1, 1, [2]), (4, 0, [1]), (5, 1, [1])]
     assert kv.seq_rm(100, -1, -1) is True  # an absent id of a unified cache: nothing to do
+    before = cells_of(kv)
+    assert kv.seq_rm(-1, 5, 2) is True and kv.seq_rm(1, 3, 3) is True  # empty ranges
+    assert cells_of(kv) == before
     assert kv.seq_rm(-1, -1, -1) and cells_of(kv) == [] and kv.v_heads == [0]
     check_invariants(kv)
 

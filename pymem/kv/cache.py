@@ -32,6 +32,18 @@ Differences from the reference, on purpose (each pinned by a test):
   cross-stream ``seq_cp``, ``seq_add``/``seq_div`` without K-shift support, bad ids.
 * Pending stream copies are taken by the update context's ``apply()``, not by
   ``init_update()`` (planning does not mutate).
+* ``reuse(il) >= 0`` means layer ``il`` has no tensors of its own (the reference also
+  allocates such a layer unless it has no KV, as with Gemma-3n, its only user).
+
+Reference behaviours kept (pinned by tests): ``seq_keep`` and ``seq_add``/``seq_div`` act
+on the sequence's stream only; positions belong to cells (a shared cell moves for every
+sequence); a per-sequence blob with no cells does not remove the destination's cells;
+sequence ids ``>= n_seq_max`` (allowed by a unified cache) are left out of blobs; a whole
+restore compacts each stream to cells ``[0, n)`` and zeroes the rest.
+
+Verified against recorded llama.cpp runs (tests/test_kv_parity.py): every cell, result,
+position and state byte of ``llama.main.fa0.u1``, and of the KV part of
+``jamba.main.fa1.u0``; K-shift bytes equal llama.cpp's.
 """
 
 from __future__ import annotations
@@ -396,9 +408,15 @@ class KVCache(Memory):
         return (0 if p0 < 0 else p0), (_POS_MAX if p1 < 0 else p1)
 
     def _cells_in(self, cells: KVCells, p0: int, p1: int) -> np.ndarray:
-        """Bool mask of the non-empty cells with ``p0 <= pos < p1``."""
-        pos = cells.pos
-        return (pos >= p0) & (pos < p1)
+        """Bool mask of the non-empty cells with ``p0 <= pos < p1`` (``p0 >= 0``).
+
+        One unsigned comparison: ``pos - p0`` wraps to a huge value below ``p0`` (and for
+        empty cells, pos -1). E.g. pos [-1, 2, 5, 9], [2, 6) -> [F, T, T, F].
+        """
+        if p1 <= p0:
+            return np.zeros(cells.size, dtype=bool)
+        rel = np.subtract(cells.pos, np.int32(p0), dtype=np.int32).view(np.uint32)
+        return rel < np.uint32(p1 - p0)
 
     def _mutated(self) -> None:
         self._version += 1

@@ -305,10 +305,12 @@ class KVCells:
             return
         self._record(idx)
         self._dirty_from(idx)
+        if self.n_multi:
+            self.n_multi -= int(np.count_nonzero(self.owner[idx] == OWNER_MULTI))
         self.pos[idx] = POS_NONE
         self.shift[idx] = 0
         self._rows[idx] = _ZERO_ROW
-        self._set_owner(idx, OWNER_NONE)
+        self.owner[idx] = OWNER_NONE
         if self.ext is not None:
             self.ext[idx] = EXT_DEFAULT
         self._freed(idx)

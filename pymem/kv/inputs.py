@@ -143,6 +143,9 @@ def build_kq_mask(
     the window. The reference reuses rows between tokens of a sequence; that shortcut
     gives the same values as this direct evaluation.
 
+    The reference version allocates exactly ``n_tokens / n_stream`` rows (it no longer
+    pads them to ``GGML_KQ_MASK_PAD``), and so does this.
+
     Only the (token, cell) pairs of a token's own sequence are evaluated: as a list of
     pairs scattered into a -inf matrix when they are a small part of it (many sequences,
     one token each), otherwise as dense rows.
