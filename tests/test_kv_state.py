@@ -369,3 +369,30 @@ def test_whole_restore_zeroes_the_cells_it_does_not_fill():
             layer.k.read_rows([0, 1, 2]),
             small.layers[0 if layer.il == 0 else 1].k.read_rows([0, 1, 2]),
         )
+
+
+@pytest.mark.parametrize("name", ["f16-trans", "f32-notrans"])
+def test_zeroing_paths_for_non_host_tensors(monkeypatch, name):
+    """The native (non-host) branches of the zeroing helpers give the host branches' bytes."""
+
+    def run(patch: bool) -> list[bytes]:
+        kv = build(CFGS[name])
+        populate(kv)
+        small = build(CFGS[name])
+        decode(small, [[1, p, [0], False] for p in range(3)])
+        randomize(small, 4)
+        with monkeypatch.context() as m:
+            if patch:
+                m.setattr(sio, "rows_view", lambda t: None)
+                m.setattr(sio, "v_trans_view", lambda kv, layer, strm: None)
+            kv2 = build(CFGS[name])
+            populate(kv2)
+            kv2.state_clear(1)  # zero_cells
+            kv.state_read(bytes(small.state_write()))  # zero_range
+        out = []
+        for c in (kv, kv2):
+            for layer in c.layers:
+                out += [layer.k.read_bytes(), layer.v.read_bytes()]
+        return out
+
+    assert run(True) == run(False)
