@@ -64,7 +64,7 @@ def k_values(kv: KVCache, layer: int = 0) -> np.ndarray:
     """K of every cell as float64 ``[n_stream * kv_size, n_head, head_dim]``."""
     lay = kv.layers[layer]
     spec = kv.spec.layers[lay.il]
-    if kv.type_k.is_quantized:
+    if kv.type_k.numpy_dtype is None:  # quantized or bf16: convert through ggml
         import pymem.ggml as gg
 
         with gg.Context() as ctx:
@@ -78,7 +78,7 @@ def k_values(kv: KVCache, layer: int = 0) -> np.ndarray:
 
 def set_k(kv: KVCache, values: np.ndarray, layer: int = 0) -> None:
     lay = kv.layers[layer]
-    if kv.type_k.is_quantized:
+    if kv.type_k.numpy_dtype is None:  # quantized or bf16: convert through ggml
         import pymem.ggml as gg
 
         with gg.Context() as ctx:
@@ -167,8 +167,8 @@ def test_seq_div_shift_has_the_right_sign():
     np.testing.assert_allclose(k_values(kv)[:11], rope_ref(raw, new, rope)[:11], atol=1e-5)
 
 
-@pytest.mark.parametrize(("type_k", "tol"), [("f16", 4e-3), ("q8_0", 0.06)])
-def test_shift_of_f16_and_quantised_k(type_k, tol):
+@pytest.mark.parametrize(("type_k", "tol"), [("f16", 4e-3), ("bf16", 3e-2), ("q8_0", 0.06)])
+def test_shift_of_f16_bf16_and_quantised_k(type_k, tol):
     rope = RopeSpec(n_rot=32, rope_type=RopeType.NEOX)
     kv = cache(rope, type_k=type_k, head_dim=32, n_head=1)
     before = fill(kv)

@@ -6,7 +6,7 @@ fixes them in place. One graph per device covers every layer with RoPE:
 
     K view [n_rot, n_head_kv, kv_size * n_stream]  (the first n_rot dims of each head)
       f16/f32:   rope_ext(view, shift) -> cpy back into the view
-      quantized: cast to f32 -> rope_ext -> cpy (quantize) back into the view
+      other types (quantized, bf16): cast to f32 -> rope_ext -> cpy (convert) back
 
 Per-layer parameters come from ``LayerSpec.rope`` (mode, freq base/scale, YaRN fields).
 M-RoPE and iM-RoPE are shifted as NEOX, as the reference does. Not supported: rope
@@ -62,7 +62,8 @@ def apply_k_shift(kv: KVCache) -> None:
                     0,
                 )
                 src = view
-                if kv.type_k.is_quantized:
+                if kv.type_k.name not in ("f16", "f32"):
+                    # rope reads f16/f32 only (bf16 aborts the CPU backend): go through f32
                     src = ctx.cast(view, gg.lib.GGML_TYPE_F32)
                 rot = ctx.rope_ext(
                     src,
