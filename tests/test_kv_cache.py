@@ -515,3 +515,20 @@ def test_chunked_slot_search_equals_a_full_scan(seed):
                 assert got is None
             else:
                 assert got.idxs[0].tolist() == order[:n].tolist()
+
+
+def test_quantised_k_must_fill_whole_blocks_per_head():
+    # 2 heads x 16 = 32 wide rows fill one q8_0 block, but each head holds half a block:
+    # per-head views would cut blocks, so the cache refuses it (as llama_init_from_model)
+    spec = ModelSpec(layers=(LayerSpec.attention(2, 16),))
+    with pytest.raises(
+        ConfigError, match=r"K head size 16 \(row 32\) is not a multiple of the q8_0 block size 32"
+    ):
+        KVCache(spec, type_k="q8_0", kv_size=16, n_seq_max=1)
+    with pytest.raises(
+        ConfigError, match="V head size 16 is not a multiple of the q8_0 block size 32"
+    ):
+        KVCache(spec, type_v="q8_0", v_trans=False, kv_size=16, n_seq_max=1)
+    KVCache(
+        ModelSpec(layers=(LayerSpec.attention(1, 32),)), type_k="q8_0", kv_size=16, n_seq_max=1
+    ).close()

@@ -236,10 +236,20 @@ class KVCache(Memory):
             lay = spec.layers[il]
             if lay.n_embd_k_gqa <= 0:
                 raise ConfigError(f"layers[{il}]: selected for the KV cache but n_embd_k_gqa = 0")
-            if lay.n_embd_k_gqa % self.type_k.block_size:
+            # per head, not only per row: graphs view K one head at a time
+            # (the reference refuses this in llama_init_from_model)
+            if (
+                lay.n_embd_k_gqa % self.type_k.block_size
+                or lay.n_embd_head_k % self.type_k.block_size
+            ):
                 raise ConfigError(
-                    f"layers[{il}].n_embd_k_gqa = {lay.n_embd_k_gqa}: not a multiple of the "
-                    f"{self.type_k.name} block size {self.type_k.block_size}"
+                    f"layers[{il}]: K head size {lay.n_embd_head_k} (row {lay.n_embd_k_gqa}) is not a "
+                    f"multiple of the {self.type_k.name} block size {self.type_k.block_size}"
+                )
+            if not v_trans and lay.n_embd_head_v % self.type_v.block_size:
+                raise ConfigError(
+                    f"layers[{il}]: V head size {lay.n_embd_head_v} is not a multiple of the "
+                    f"{self.type_v.name} block size {self.type_v.block_size}"
                 )
             width_v = self.n_embd_v_gqa_max if v_trans else lay.n_embd_v_gqa
             if width_v % self.type_v.block_size:
