@@ -16,6 +16,10 @@ pm_status pm_tensor_read_strided(const struct ggml_tensor * t, size_t offset, si
                                  size_t stride, int64_t n_chunks, void * dst);
 pm_status pm_tensor_write_strided(struct ggml_tensor * t, size_t offset, size_t chunk, size_t stride,
                                   int64_t n_chunks, const void * src);
+pm_status pm_tensor_read_ranges(const struct ggml_tensor * t, const uint64_t * offsets,
+                                const uint64_t * sizes, int64_t n_ranges, void * dst);
+pm_status pm_tensor_write_ranges(struct ggml_tensor * t, const uint64_t * offsets, const uint64_t * sizes,
+                                 int64_t n_ranges, const void * src);
 pm_status pm_rows_read(const struct ggml_tensor * t, const int64_t * rows, int64_t n_rows, void * dst);
 pm_status pm_rows_write(struct ggml_tensor * t, const int64_t * rows, int64_t n_rows, const void * src);
 pm_status pm_rows_fill(struct ggml_tensor * t, const int64_t * rows, int64_t n_rows, uint8_t value);

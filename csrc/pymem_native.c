@@ -117,6 +117,59 @@ pm_status pm_tensor_write_strided(struct ggml_tensor * t, size_t offset, size_t 
     return PM_OK;
 }
 
+static pm_status pm_check_ranges(const struct ggml_tensor * t, const uint64_t * offsets, const uint64_t * sizes,
+                                 int64_t n_ranges, const void * buf) {
+    if (t == NULL || t->buffer == NULL || n_ranges < 0 ||
+        (n_ranges > 0 && (offsets == NULL || sizes == NULL || buf == NULL))) {
+        return PM_ERR_ARG;
+    }
+    const uint64_t nbytes = ggml_nbytes(t);
+    for (int64_t i = 0; i < n_ranges; ++i) {
+        if (offsets[i] > nbytes || sizes[i] > nbytes - offsets[i]) {
+            return PM_ERR_RANGE;
+        }
+    }
+    return PM_OK;
+}
+
+pm_status pm_tensor_read_ranges(const struct ggml_tensor * t, const uint64_t * offsets,
+                                const uint64_t * sizes, int64_t n_ranges, void * dst) {
+    pm_status st = pm_check_ranges(t, offsets, sizes, n_ranges, dst);
+    if (st != PM_OK) {
+        return st;
+    }
+    char * out = (char *) dst;
+    const int host = pm_is_host(t);
+    for (int64_t i = 0; i < n_ranges; ++i) {
+        if (host) {
+            memcpy(out, (const char *) t->data + offsets[i], sizes[i]);
+        } else if (sizes[i] > 0) {
+            ggml_backend_tensor_get(t, out, offsets[i], sizes[i]);
+        }
+        out += sizes[i];
+    }
+    return PM_OK;
+}
+
+pm_status pm_tensor_write_ranges(struct ggml_tensor * t, const uint64_t * offsets, const uint64_t * sizes,
+                                 int64_t n_ranges, const void * src) {
+    pm_status st = pm_check_ranges(t, offsets, sizes, n_ranges, src);
+    if (st != PM_OK) {
+        return st;
+    }
+    const char * in = (const char *) src;
+    const int host = pm_is_host(t);
+    for (int64_t i = 0; i < n_ranges; ++i) {
+        if (host) {
+            memcpy((char *) t->data + offsets[i], in, sizes[i]);
+        } else if (sizes[i] > 0) {
+            ggml_backend_tensor_set(t, in, offsets[i], sizes[i]);
+        }
+        in += sizes[i];
+    }
+    return PM_OK;
+}
+
 static pm_status pm_check_rows(const struct ggml_tensor * t, const int64_t * rows, int64_t n_rows,
                                const void * buf) {
     if (t == NULL || t->buffer == NULL || n_rows < 0 || (n_rows > 0 && (rows == NULL || buf == NULL))) {

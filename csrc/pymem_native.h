@@ -37,6 +37,13 @@ pm_status pm_tensor_read_strided(const struct ggml_tensor * t, size_t offset, si
 pm_status pm_tensor_write_strided(struct ggml_tensor * t, size_t offset, size_t chunk, size_t stride,
                                   int64_t n_chunks, const void * src);
 
+// n_ranges byte ranges [offsets[i], offsets[i] + sizes[i]) packed back to back in dst/src,
+// in index order: one call for a whole fragmented state section (e.g. transposed V runs)
+pm_status pm_tensor_read_ranges(const struct ggml_tensor * t, const uint64_t * offsets,
+                                const uint64_t * sizes, int64_t n_ranges, void * dst);
+pm_status pm_tensor_write_ranges(struct ggml_tensor * t, const uint64_t * offsets, const uint64_t * sizes,
+                                 int64_t n_ranges, const void * src);
+
 // rows are units of nb[1] bytes over the whole tensor (all dims above 0 flattened);
 // dst/src hold n_rows packed rows in the order of the index array
 pm_status pm_rows_read(const struct ggml_tensor * t, const int64_t * rows, int64_t n_rows, void * dst);

@@ -287,6 +287,50 @@ class Tensor:
             f"strided write {self.name}",
         )
 
+    # --- scattered byte ranges (fragmented state sections) ----------------------------
+    def _as_ranges(self, offsets: Any, sizes: Any, what: str) -> tuple[np.ndarray, np.ndarray, int]:
+        off = np.ascontiguousarray(offsets, dtype=np.uint64)
+        size = np.ascontiguousarray(sizes, dtype=np.uint64)
+        if off.ndim != 1 or off.shape != size.shape:
+            raise RangeError(
+                f"{what} on {self.name!r}: offsets {off.shape} and sizes {size.shape} must be equal 1-D"
+            )
+        if off.size:
+            end = off + size
+            bad = np.flatnonzero((end > self.nbytes) | (end < off))
+            if bad.size:
+                i = int(bad[0])
+                raise RangeError(
+                    f"{what} on {self.name!r}: range[{i}] = [{int(off[i])}, {int(off[i]) + int(size[i])}) "
+                    f"outside [0, {self.nbytes})"
+                )
+        return off, size, int(size.sum())
+
+    def read_ranges_into(self, out: Any, offsets: Any, sizes: Any) -> None:
+        """Byte ranges ``[offsets[i], offsets[i] + sizes[i])`` packed into ``out``, one call."""
+        off, size, total = self._as_ranges(offsets, sizes, "read_ranges")
+        view = memoryview(out).cast("B")
+        if view.nbytes != total:
+            raise RangeError(
+                f"read_ranges on {self.name!r}: out holds {view.nbytes} bytes, ranges {total}"
+            )
+        check(
+            lib.pm_tensor_read_ranges(self._live(), ffi.from_buffer("uint64_t[]", off),
+                                      ffi.from_buffer("uint64_t[]", size), off.size,
+                                      ffi.from_buffer(view, require_writable=True)),
+            f"read_ranges {self.name}",
+        )  # fmt: skip
+
+    def write_ranges(self, data: Any, offsets: Any, sizes: Any) -> None:
+        """Scatter the packed bytes of ``data`` to the ranges (inverse of read_ranges_into)."""
+        off, size, total = self._as_ranges(offsets, sizes, "write_ranges")
+        buf = _as_bytes(data, total, f"write_ranges {self.name}")
+        check(
+            lib.pm_tensor_write_ranges(self._live(), ffi.from_buffer("uint64_t[]", off),
+                                       ffi.from_buffer("uint64_t[]", size), off.size, buf),
+            f"write_ranges {self.name}",
+        )  # fmt: skip
+
     # --- row sets -------------------------------------------------------------------
     def read_rows(self, rows: Any) -> np.ndarray:
         """Rows ``rows`` as a ``uint8[n, row_size]`` array (one native call)."""

@@ -150,6 +150,25 @@ def test_strided_region_round_trip(device: str) -> None:
         assert v.read_bytes() == full.tobytes()
 
 
+def test_scattered_ranges_round_trip(device: str) -> None:
+    with TensorStore(device, [TensorSpec("t", "f16", (64, 8))]) as store:
+        t = store["t"]
+        full = random_bytes(t.nbytes)
+        t.write_bytes(full)
+        offsets, sizes = [900, 3, 128, 1000], [10, 0, 64, 24]
+        out = bytearray(sum(sizes))
+        t.read_ranges_into(out, offsets, sizes)
+        expect = b"".join(full[o : o + n].tobytes() for o, n in zip(offsets, sizes))
+        assert bytes(out) == expect
+        new = random_bytes(len(out))
+        t.write_ranges(new, offsets, sizes)
+        for (o, n), chunk in zip(zip(offsets, sizes), np.split(new, np.cumsum(sizes)[:-1])):
+            full[o : o + n] = chunk
+        assert t.read_bytes() == full.tobytes()
+        with pytest.raises(RangeError, match=r"range\[1\] = \[1020, 1030\) outside \[0, 1024\)"):
+            t.read_ranges_into(bytearray(20), [0, 1020], [10, 10])
+
+
 def test_device_row_copy_within_and_between_tensors(device: str) -> None:
     with TensorStore(
         device,
