@@ -17,6 +17,8 @@ a second copy under the same sonames is what breaks processes (reference/packagi
 from __future__ import annotations
 
 import ctypes
+import importlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -76,12 +78,48 @@ def _spec_dir(package: str, *sub: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)), *sub)
 
 
+def _extension_dir() -> Path | None:
+    """Where the compiled extension lives: beside this file, else in an installed pymem.
+
+    Running ``python -m pymem`` from a source checkout after ``pip install .`` imports the
+    checkout's ``pymem/`` (the current directory comes first on ``sys.path``), which has no
+    compiled extension; the installed copy's extension is then used. None means "let the
+    import system find it" (editable installs map it from their build directory).
+    """
+    here = Path(__file__).resolve().parent
+    if any(here.glob("_pymem_cffi*")):
+        return here
+    for entry in sys.path:
+        candidate = (Path(entry) if entry else Path.cwd()).resolve() / "pymem"
+        if candidate != here and any(candidate.glob("_pymem_cffi*")):
+            return candidate
+    return None
+
+
+_EXT_DIR = _extension_dir()
+
+
+def _load_extension() -> Any:
+    """Import ``pymem._pymem_cffi`` from :data:`_EXT_DIR` (or the import system)."""
+    here = Path(__file__).resolve().parent
+    if _EXT_DIR is None or here == _EXT_DIR:
+        return importlib.import_module("pymem._pymem_cffi")
+    path = next(_EXT_DIR.glob("_pymem_cffi*"))
+    loader = importlib.machinery.ExtensionFileLoader("pymem._pymem_cffi", str(path))
+    spec = importlib.util.spec_from_file_location("pymem._pymem_cffi", path, loader=loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    sys.modules["pymem._pymem_cffi"] = module
+    return module
+
+
 def _candidates() -> list[tuple[str, Path]]:
     found: list[tuple[str, Path]] = []
     env = os.environ.get("PYMEM_GGML_LIB_DIR")
     if env:
         found.append(("env", Path(env)))
-    found.append(("bundled", Path(__file__).with_name("_ggml")))
+    found.append(("bundled", (_EXT_DIR or Path(__file__).resolve().parent) / "_ggml"))
     llama = _spec_dir("llama_cpp", "lib")
     if llama is not None:
         found.append(("llama_cpp", llama))
@@ -145,11 +183,18 @@ def _parse_version(text: str) -> tuple[int, ...]:
 
 _source, _path = _bind()
 try:
-    from pymem._pymem_cffi import ffi, lib
-except ImportError as exc:  # undefined ggml symbols: a ggml older than the headers
+    _ext = _load_extension()
+except ImportError as exc:
+    if "No module named" in str(exc):
+        raise GGMLBindingError(
+            "pymem's compiled extension is missing: install pymem (pip install .) rather than "
+            f"importing the source tree at {Path(__file__).resolve().parent}"
+        ) from exc
+    # undefined ggml symbols: a ggml older than the headers
     raise GGMLBindingError(
         f"pymem's extension does not fit the ggml bound from {_path} ({_source}): {exc}"
     ) from exc
+ffi, lib = _ext.ffi, _ext.lib
 
 
 def check_version(version: str, where: str) -> None:

@@ -331,3 +331,13 @@ def test_env_dir_without_ggml_is_a_clear_error(tmp_path) -> None:
         f"PYMEM_GGML_LIB_DIR='{tmp_path}': no libggml-base.so.0 and libggml.so.0 there"
         in proc.stderr
     )
+
+
+def test_cli_runs_from_the_source_checkout() -> None:
+    # `pip install . && python -m pymem demo` is typed in the checkout, whose pymem/ (no
+    # compiled extension) shadows the installed package: the installed extension is used
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "pymem", "info"], capture_output=True, text=True,
+                          timeout=60, cwd=repo)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("pymem ") and "device CPU" in proc.stdout
