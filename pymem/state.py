@@ -1,10 +1,11 @@
 """Binary state I/O shared by every memory type.
 
-The byte format is llama.cpp's (raw little-endian fields, no padding, no tags). Writers
-run the same serialisation code twice when the output is a ``bytes`` object: once with a
-:class:`SizeCounter` to learn the size, once into a preallocated buffer whose slices the
-tensor reads fill directly, so tensor bytes are copied exactly once. File output streams
-through a bounded scratch buffer.
+The byte format is llama.cpp's (raw little-endian fields, no padding, no tags). A
+``bytes`` result runs the serialisation code once, into a :class:`_Recorder` that packs
+the small fields and only notes each tensor read; the recorded size gives a
+preallocated buffer, and replaying the notes fills its slices straight from the
+tensors, so tensor bytes are copied exactly once and the bookkeeping (cell selection,
+meta records) runs once. File output streams through a bounded scratch buffer.
 
 Readers never touch memory while parsing: tensor payloads are collected as
 :class:`PendingWrites` (zero-copy views of the blob) and committed only once every field
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -38,6 +39,8 @@ class StateWriter:
         self.n_written = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data``. It must stay unchanged until the serialiser returns: a
+        ``bytes`` result copies large buffers only once the size is known."""
         raise NotImplementedError
 
     def write_u32(self, v: int) -> None:
@@ -67,7 +70,9 @@ class StateWriter:
         """``size`` bytes that ``fill(out)`` produces straight into the destination.
 
         Lets a memory gather tensor bytes (e.g. ``np.take`` over a host view) into the
-        output with one copy. ``fill`` must write all of ``out``.
+        output with one copy. ``fill`` must write all of ``out``; it may run after the
+        serialiser has returned (see :class:`_Recorder`), so it must not depend on
+        anything the serialiser changes later.
         """
         buf = bytearray(size)
         fill(memoryview(buf))
@@ -90,6 +95,73 @@ class SizeCounter(StateWriter):
 
     def write_fill(self, size: int, fill: Callable[[memoryview], None]) -> None:
         self.n_written += size
+
+
+_SMALL = 512  # writes up to this size are packed at once; larger ones are deferred
+
+
+class _Recorder(StateWriter):
+    """The one serialisation pass of :func:`write_state`: learns the size and notes the
+    copies without doing them, so no tensor byte is read before the output exists.
+
+    Small writes (headers, fields) are packed into one pending chunk; large buffers,
+    tensor reads and fills are kept as notes. :meth:`replay` then writes everything
+    into the real writer in order.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[Any, ...]] = []
+        self._small = bytearray()
+
+    def _flush(self) -> None:
+        if self._small:
+            self.ops.append(("write", bytes(self._small)))
+            self._small.clear()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        if n <= _SMALL:
+            self._small += data
+        else:
+            self._flush()
+            self.ops.append(("write", data))
+        self.n_written += n
+
+    def write_u32(self, v: int) -> None:
+        self._small += _U32.pack(v)
+        self.n_written += 4
+
+    def write_i32(self, v: int) -> None:
+        self._small += _I32.pack(v)
+        self.n_written += 4
+
+    def write_u64(self, v: int) -> None:
+        self._small += _U64.pack(v)
+        self.n_written += 8
+
+    def write_tensor(self, tensor: Tensor, offset: int, size: int) -> None:
+        self._flush()
+        self.ops.append(("write_tensor", tensor, offset, size))
+        self.n_written += size
+
+    def write_tensor_strided(
+        self, tensor: Tensor, offset: int, chunk: int, stride: int, n_chunks: int
+    ) -> None:
+        self._flush()
+        self.ops.append(("write_tensor_strided", tensor, offset, chunk, stride, n_chunks))
+        self.n_written += chunk * n_chunks
+
+    def write_fill(self, size: int, fill: Callable[[memoryview], None]) -> None:
+        self._flush()
+        self.ops.append(("write_fill", size, fill))
+        self.n_written += size
+
+    def replay(self, writer: StateWriter) -> None:
+        """Perform every noted write on ``writer``, in order."""
+        self._flush()
+        for name, *args in self.ops:
+            getattr(writer, name)(*args)
 
 
 def _advise_huge_pages(buf: bytearray) -> None:
@@ -206,12 +278,12 @@ class FileWriter(StateWriter):
 
 
 def write_state(serialise: Callable[[StateWriter], None]) -> bytes:
-    """Run ``serialise`` into a bytes object with exactly one copy of the tensor bytes."""
-    counter = SizeCounter()
-    serialise(counter)
-    writer = BufferWriter(counter.n_written)
-    serialise(writer)
-    assert writer.n_written == counter.n_written, "state size changed between passes"
+    """Run ``serialise`` once into a bytes object with one copy of the tensor bytes."""
+    recorder = _Recorder()
+    serialise(recorder)
+    writer = BufferWriter(recorder.n_written)
+    recorder.replay(writer)
+    assert writer.n_written == recorder.n_written, "state size changed during replay"
     return bytes(writer.buffer) if len(writer.buffer) < 4096 else writer.buffer  # type: ignore[return-value]
 
 
