@@ -129,6 +129,52 @@ class KVCells:
         self._journal = None
         self._saved = None
 
+    def redo_log(self) -> tuple:
+        """The changes since :meth:`begin` as they stand now: the touched cells, their
+        current values and the scalar state. :meth:`redo` on the state :meth:`begin` saw
+        reproduces this one without repeating the operations (a parsed state restore
+        commits this way)."""
+        assert self._journal is not None and self._saved is not None
+        # a cell touched twice appears twice, with the same current values: harmless
+        idx = np.concatenate([entry[0] for entry in self._journal] or [np.zeros(0, np.int64)])
+        return (
+            idx,
+            self.pos[idx],
+            self.shift[idx],
+            self._rows[idx],
+            self.owner[idx],
+            None if self.ext is None else self.ext[idx],
+            self._used,
+            self._used_max_p1,
+            self._used_max_dirty,
+            self.has_shift,
+            self.n_multi,
+            self._pmin.copy(),
+            self._pmax.copy(),
+            self._pdirty.copy(),
+        )
+
+    def redo(self, log: tuple) -> None:
+        """Apply a :meth:`redo_log` (the cells must be as they were at its :meth:`begin`)."""
+        idx, pos, shift, rows, owner, ext = log[:6]
+        self.pos[idx] = pos
+        self.shift[idx] = shift
+        self._rows[idx] = rows
+        self.owner[idx] = owner
+        if ext is not None:
+            assert self.ext is not None
+            self.ext[idx] = ext
+        (
+            self._used,
+            self._used_max_p1,
+            self._used_max_dirty,
+            self.has_shift,
+            self.n_multi,
+        ) = log[6:11]
+        self._pmin[:] = log[11]
+        self._pmax[:] = log[12]
+        self._pdirty[:] = log[13]
+
     def end(self) -> None:
         """Stop recording and keep the changes."""
         self._journal = None

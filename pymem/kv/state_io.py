@@ -34,7 +34,7 @@ from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
 if TYPE_CHECKING:
     from pymem.backend import Tensor
-    from pymem.kv.cache import KVCache, KVLayer, SlotInfo
+    from pymem.kv.cache import KVCache, KVLayer
     from pymem.state import StateReader, StateWriter
 
 _RUNS_LOOP = 32  # up to this many runs of cells, move each run as one slice
@@ -334,6 +334,8 @@ class KVStatePlan:
         self.steps: list[Callable[[], None]] = []
         self.n_cells = 0
         self.whole_counts: dict[int, int] = {}  # whole restore: cells per stream
+        # per sequence: the simulated placement (KVCells.redo_log per stream, heads)
+        self.redo: tuple[list[tuple], list[int]] | None = None
         self.committed = False
 
     def commit(self) -> None:
@@ -350,6 +352,12 @@ class KVStatePlan:
             kv.clear(False)
             for strm in range(kv.n_stream):
                 kv.zero_range(strm, self.whole_counts.get(strm, 0), kv.kv_size)
+        if self.redo is not None:
+            logs, heads = self.redo
+            for cells, log in zip(kv.v_cells, logs):
+                cells.redo(log)
+            kv.v_heads[:] = heads
+            kv._mutated()
         for step in self.steps:
             step()
 
@@ -671,20 +679,16 @@ def parse_kv_state(kv: KVCache, reader: StateReader, seq_id: int) -> KVStatePlan
             payloads = _parse_data(kv, reader, s, n, what)
             plan.n_cells += n
 
-            def seq_step(
-                ub: UBatch = ub,
-                sinfo: SlotInfo = sinfo,
-                ext: np.ndarray | None = cell_ext,
-                payloads: list = payloads,
-            ) -> None:
-                kv.seq_rm(seq_id, -1, -1)
-                kv.apply_ubatch(sinfo, ub)
-                idx = sinfo.idxs[0].astype(np.int64)
-                if ext is not None:
-                    kv.v_cells[strm].set_ext(idx, ext)
+            idx = sinfo.idxs[0].astype(np.int64)
+
+            def seq_step(idx: np.ndarray = idx, payloads: list = payloads) -> None:
                 _write_payloads(kv, strm, idx, payloads)
 
             plan.steps.append(seq_step)
+        # the commit puts back the simulated cells as they are now instead of placing
+        # the sequence again (the cache cannot change in between: version check)
+        if plan.steps:
+            plan.redo = ([c.redo_log() for c in kv.v_cells], list(kv.v_heads))
     finally:
         kv.rollback_plan(heads)
         kv._version = version
