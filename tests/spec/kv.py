@@ -58,6 +58,9 @@ class KVConfig:
     use_alibi: bool = False
     non_causal_type: str = "all"  # "all" | "swa_only" | "swa_full"
     rope_none: bool = True  # K-shift is metadata only (no K rotation to model)
+    # pymem's deliberate departures from the reference (off = the reference's behaviour)
+    transactional_prepare: bool = False  # prepare undoes SWA purges done while planning
+    true_div_shift: bool = False  # seq_div records new - old as the pending shift
 
     @property
     def n_stream(self) -> int:
@@ -66,6 +69,8 @@ class KVConfig:
 
 class Cells:
     """``llama_kv_cells`` of one stream."""
+
+    true_div_shift = False
 
     def __init__(self, size: int) -> None:
         self.pos = [-1] * size
@@ -76,7 +81,9 @@ class Cells:
 
     def reset(self) -> None:
         n = len(self.pos)
+        flag = self.true_div_shift
         self.__init__(n)  # type: ignore[misc]
+        self.true_div_shift = flag
 
     def size(self) -> int:
         return len(self.pos)
@@ -149,7 +156,12 @@ class Cells:
         old = self.pos[i]
         q = abs(old) // abs(d)
         self.pos[i] = q if (old >= 0) == (d >= 0) else -q
-        self.shift[i] += old - self.pos[i]
+        if self.true_div_shift:
+            self.shift[i] += self.pos[i] - old
+        else:
+            self.shift[i] += (
+                old - self.pos[i]
+            )  # the reference's sign (its K-shift rotates backwards)
         self.has_shift = True
 
     def snapshot(self, idxs: list[int]) -> list[tuple]:
@@ -181,6 +193,8 @@ class KVCache:
         self.cfg = cfg
         n_stream = cfg.n_stream
         self.cells = [Cells(cfg.kv_size) for _ in range(n_stream)]
+        for c in self.cells:
+            c.true_div_shift = cfg.true_div_shift
         self.heads = [0] * n_stream
         self.seq_to_stream = list(range(n_stream)) if n_stream > 1 else [0] * LLAMA_MAX_SEQ
         self.sc_ssrc: list[int] = []
@@ -195,8 +209,7 @@ class KVCache:
             [bytearray(cfg.kv_size * self.v_row[li]) for _ in range(n_stream)]
             for li in range(len(cfg.layers))
         ]
-        # options that model pymem's deliberate improvements over the reference
-        self.prepare_purge_leaks = True
+        self.prepare_purge_leaks = not cfg.transactional_prepare
         self.k_bytes_unmodelled = False
 
     # ------------------------------------------------------------------ basics ---

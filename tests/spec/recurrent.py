@@ -29,6 +29,10 @@ class RSConfig:
     n_rs_seq: int = 0
     type_r: str = "f32"
     type_s: str = "f32"
+    # pymem's deliberate departure: a fresh cell gathers plane 0 even with a stale rollback
+    fresh_reads_plane0: bool = False
+    # models open pymem bug R1 (tests/test_property_regressions.py): pos_max = the tail's pos
+    pos_max_from_tail: bool = False
 
 
 @dataclass
@@ -209,6 +213,8 @@ class Recurrent:
 
     def seq_pos_max(self, seq_id: int) -> int:
         ps = [c.pos for c in self.cells if seq_id in c.seq_id]
+        if self.cfg.pos_max_from_tail and ps:
+            return max(ps)
         return max([-1, *ps])
 
     # ------------------------------------------------------------------ placing ---
@@ -348,6 +354,8 @@ class Recurrent:
             if 0 <= seq < len(self.rs_idx):
                 idx = self.rs_idx[seq]
                 self.rs_idx[seq] = 0
+        if self.cfg.fresh_reads_plane0 and src0 == self.rs_z:
+            idx = 0
         return idx * self.size + src0
 
     def s_copy_inputs(self) -> list[int]:

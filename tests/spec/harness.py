@@ -1,0 +1,850 @@
+"""Drive pymem and the spec side by side and compare them after every step.
+
+This module is the test harness, not part of the spec: the spec's model modules
+(``batch``, ``kv``, ``recurrent``, ``memory``, ``decode``) never import pymem. Here a
+:class:`Pair` holds one pymem memory and the spec memory of the same configuration, runs
+each operation on both, and checks op results, error kinds, cell placement, positions,
+graph inputs (slot indices, K/V row indices, KQ masks, recurrent copy indices) and state
+bytes (tensor data included: both sides receive the same synthetic "compute" writes).
+
+Documented departures of pymem from the reference, which the spec is configured to
+model (see ``spec_for``): exactly transactional KV ``prepare``; ``seq_div`` records the
+true displacement as the pending shift; a failed restore changes nothing; a fresh
+recurrent cell gathers plane 0 even with a stale rollback index; asserts become typed
+errors; a few arguments the reference silently misuses are refused (``REFUSED``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pymem.batch import Batch, BatchAllocator
+from pymem.errors import BatchError, ConfigError, PymemError, StateError
+from pymem.hybrid import HybridISWAMemory, HybridMemory
+from pymem.iswa import KVCacheISWA
+from pymem.kv import KVCache
+from pymem.memory import MemoryStatus
+from pymem.recurrent import RecurrentMemory
+from pymem.spec import LayerSpec, ModelSpec, RopeSpec, RopeType, SWAType
+
+from . import decode as sdec
+from .batch import BatchIn, alloc_init, compat
+from .common import SpecAbort, SpecBatchError, SpecError, SpecStateError
+from .kv import KVConfig, KVLayer
+from .memory import HybridMemory as SHybrid
+from .memory import ISWAMemory as SISWA
+from .memory import KVMemory as SKV
+from .memory import RecurrentMemory as SRecurrent
+from .memory import SpecMemory
+from .recurrent import RSConfig
+
+N_VOCAB = 64
+KINDS = ("kv", "iswa", "recurrent", "hybrid", "hybrid_iswa")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One memory configuration. ``layout``: a letter per model layer, ``A`` full
+    attention, ``W`` sliding-window attention, ``R`` recurrent."""
+
+    kind: str
+    layout: str = "AA"
+    n_seq_max: int = 4
+    unified: bool = True
+    kv_size: int = 32
+    swa_size: int = 16
+    n_swa: int = 0
+    swa_type: int = 0
+    v_trans: bool = True
+    type_k: str = "f16"
+    type_v: str = "f16"
+    n_rs_seq: int = 0
+    n_ubatch: int = 8
+    head_dim: int = 8
+    v_dims: tuple[int, ...] = ()  # per attention layer V head dims (default head_dim)
+    n_embd_r: int = 6
+    n_embd_s: int = 10
+
+    def describe(self) -> str:
+        parts = [self.kind, self.layout, f"seqs={self.n_seq_max}"]
+        parts.append("unified" if self.unified else "streams")
+        if self.kind != "recurrent":
+            parts.append(f"kv={self.kv_size}")
+            parts.append(f"k={self.type_k}/v={self.type_v}{'/vT' if self.v_trans else ''}")
+        if self.swa_type:
+            parts.append(f"swa={SWAType(self.swa_type).name.lower()}:{self.n_swa}")
+            if self.kind in ("iswa", "hybrid_iswa"):
+                parts.append(f"swa_cells={self.swa_size}")
+        if self.kind in ("recurrent", "hybrid", "hybrid_iswa"):
+            parts.append(f"n_rs_seq={self.n_rs_seq}")
+        parts.append(f"n_ubatch={self.n_ubatch}")
+        return " ".join(parts)
+
+
+def _v_dim(cfg: Config, k: int) -> int:
+    return cfg.v_dims[k % len(cfg.v_dims)] if cfg.v_dims else cfg.head_dim
+
+
+def model_spec(cfg: Config) -> ModelSpec:
+    layers = []
+    k = 0
+    for ch in cfg.layout:
+        if ch == "R":
+            layers.append(LayerSpec.ssm(cfg.n_embd_r, cfg.n_embd_s))
+            continue
+        rope = RopeSpec(n_rot=cfg.head_dim, rope_type=RopeType.NONE)
+        layers.append(
+            LayerSpec.attention(
+                1, cfg.head_dim, swa=ch == "W", rope=rope, head_dim_v=_v_dim(cfg, k)
+            )
+        )
+        k += 1
+    swa = cfg.swa_type if cfg.n_swa > 0 else 0
+    return ModelSpec(
+        layers=tuple(layers), n_swa=cfg.n_swa if swa else 0, swa_type=SWAType(swa), arch="spec"
+    )
+
+
+# ---------------------------------------------------------------------------- build ---
+
+
+def build_pymem(cfg: Config) -> Any:
+    spec = model_spec(cfg)
+    common = dict(
+        type_k=cfg.type_k, type_v=cfg.type_v, v_trans=cfg.v_trans, unified=cfg.unified,
+        n_seq_max=cfg.n_seq_max,
+    )  # fmt: skip
+    attn = [il for il, ch in enumerate(cfg.layout) if ch in "AW"]
+    full = [il for il, ch in enumerate(cfg.layout) if ch == "A"]
+    slid = [il for il, ch in enumerate(cfg.layout) if ch == "W"]
+    recr = [il for il, ch in enumerate(cfg.layout) if ch == "R"]
+
+    def kv(layers: list[int], size: int, swa: bool) -> KVCache:
+        return KVCache(
+            spec, kv_size=size, filter=lambda il: il in layers,
+            n_swa=cfg.n_swa if swa else 0, swa_type=SWAType(cfg.swa_type if swa else 0), **common,
+        )  # fmt: skip
+
+    def iswa() -> KVCacheISWA:
+        return KVCacheISWA.from_parts(kv(full, cfg.kv_size, False), kv(slid, cfg.swa_size, True))
+
+    def rs(layers: list[int] | None) -> RecurrentMemory:
+        return RecurrentMemory(
+            spec, n_seq_max=cfg.n_seq_max, n_rs_seq=cfg.n_rs_seq,
+            filter=None if layers is None else (lambda il: il in layers),
+        )  # fmt: skip
+
+    if cfg.kind == "kv":
+        return kv(attn, cfg.kv_size, cfg.swa_type != 0)
+    if cfg.kind == "iswa":
+        return iswa()
+    if cfg.kind == "recurrent":
+        return rs(None)
+    if cfg.kind == "hybrid":
+        return HybridMemory(kv(attn, cfg.kv_size, cfg.swa_type != 0), rs(recr))
+    if cfg.kind == "hybrid_iswa":
+        return HybridISWAMemory(iswa(), rs(recr))
+    raise ValueError(cfg.kind)
+
+
+def spec_for(cfg: Config, emulate_known_bugs: bool = True) -> SpecMemory:
+    """The spec memory of ``cfg``, with pymem's documented departures switched on (and,
+    with ``emulate_known_bugs``, the open bugs :func:`known_bugs` detects modelled)."""
+    spec_layers = []
+    k = 0
+    v_max = 0
+    for il, ch in enumerate(cfg.layout):
+        if ch in "AW":
+            spec_layers.append((il, ch, _v_dim(cfg, k)))
+            v_max = max(v_max, _v_dim(cfg, k))
+            k += 1
+
+    def kvcfg(chars: str, size: int, swa: bool) -> KVConfig:
+        return KVConfig(
+            layers=[KVLayer(il, cfg.head_dim, vd) for il, ch, vd in spec_layers if ch in chars],
+            kv_size=size,
+            n_seq_max=cfg.n_seq_max,
+            unified=cfg.unified,
+            type_k=cfg.type_k,
+            type_v=cfg.type_v,
+            v_trans=cfg.v_trans,
+            n_swa=cfg.n_swa if swa else 0,
+            swa_type=cfg.swa_type if swa else 0,
+            n_embd_v_gqa_max=v_max,
+            transactional_prepare=True,
+            true_div_shift=True,
+        )
+
+    def rscfg(layers: list[int]) -> RSConfig:
+        return RSConfig(
+            n_layer_total=len(cfg.layout),
+            layers=layers,
+            n_embd_r=cfg.n_embd_r,
+            n_embd_s=cfg.n_embd_s,
+            mem_size=max(1, cfg.n_seq_max),
+            n_seq_max=cfg.n_seq_max,
+            n_rs_seq=cfg.n_rs_seq,
+            fresh_reads_plane0=True,
+        )
+
+    recr = [il for il, ch in enumerate(cfg.layout) if ch == "R"]
+    mem = _spec_for(cfg, kvcfg, rscfg, recr)
+    bugs = known_bugs() if emulate_known_bugs else {}
+    if bugs.get("recurrent_negative_pos") and mem.rs is not None:
+        mem.rs.cfg.pos_max_from_tail = True
+    if bugs.get("iswa_unified_from_streams"):
+        for part in (mem, getattr(mem, "attn", None)):
+            if isinstance(part, SISWA):
+                part.unified = part.base.n_stream == 1
+    return mem
+
+
+def _spec_for(cfg: Config, kvcfg, rscfg, recr: list[int]) -> SpecMemory:
+    if cfg.kind == "kv":
+        return SKV(kvcfg("AW", cfg.kv_size, cfg.swa_type != 0))
+    if cfg.kind == "iswa":
+        return SISWA(kvcfg("A", cfg.kv_size, False), kvcfg("W", cfg.swa_size, True))
+    if cfg.kind == "recurrent":
+        return SRecurrent(rscfg(list(range(len(cfg.layout)))))
+    if cfg.kind == "hybrid":
+        return SHybrid(SKV(kvcfg("AW", cfg.kv_size, cfg.swa_type != 0)), rscfg(recr))
+    if cfg.kind == "hybrid_iswa":
+        iswa = SISWA(kvcfg("A", cfg.kv_size, False), kvcfg("W", cfg.swa_size, True))
+        return SHybrid(iswa, rscfg(recr))
+    raise ValueError(cfg.kind)
+
+
+# ------------------------------------------------------------------- pymem parts ---
+
+
+def pm_kv_parts(mem: Any) -> dict[str, KVCache]:
+    if isinstance(mem, KVCache):
+        return {"kv": mem}
+    if isinstance(mem, KVCacheISWA):
+        return {"base": mem.kv_base, "swa": mem.kv_swa}
+    if isinstance(mem, HybridMemory):
+        return pm_kv_parts(mem.mem_attn)
+    return {}
+
+
+def pm_rs(mem: Any) -> RecurrentMemory | None:
+    if isinstance(mem, RecurrentMemory):
+        return mem
+    if isinstance(mem, HybridMemory):
+        return mem.mem_recr
+    return None
+
+
+def pm_ctx_parts(mem: Any, ctx: Any) -> tuple[dict[str, Any], Any]:
+    if isinstance(mem, KVCache):
+        return {"kv": ctx}, None
+    if isinstance(mem, KVCacheISWA):
+        return {"base": ctx.get_base(), "swa": ctx.get_swa()}, None
+    if isinstance(mem, RecurrentMemory):
+        return {}, ctx
+    if isinstance(mem, HybridMemory):
+        attn = ctx.get_attn()
+        if isinstance(mem.mem_attn, KVCacheISWA):
+            kv = {"base": attn.get_base(), "swa": attn.get_swa()}
+        else:
+            kv = {"kv": attn}
+        return kv, ctx.get_recr()
+    raise TypeError(type(mem))
+
+
+# ------------------------------------------------------------------ known bugs ---
+
+_KNOWN: dict[str, bool] | None = None
+
+
+def _pm_decode(mem: Any, items: list, n_seq_max: int, n_ubatch: int = 8) -> list:
+    balloc = BatchAllocator(1)
+    balloc.init(Batch.from_items(items), memory=mem, n_seq_max=n_seq_max, n_vocab=N_VOCAB)
+    ctx = mem.init_batch(balloc, n_ubatch, False)
+    ubs = []
+    while True:
+        ubs.append(ctx.get_ubatch())
+        ctx.apply()
+        if not ctx.next():
+            return ubs
+
+
+def known_bugs() -> dict[str, bool]:
+    """Probe pymem for the open bugs found so far (tests/test_property_regressions.py).
+
+    Each probe is the minimal program of one bug; True means pymem still has it. The
+    harness then steers around that bug (or models it in the spec) so that the property
+    runs keep finding new ones, and the regression test stays a strict xfail.
+    """
+    global _KNOWN
+    if _KNOWN is not None:
+        return _KNOWN
+    res = {}
+    # R1: recurrent seq_pos_max of a state at a negative position
+    mem = build_pymem(Config("recurrent", layout="R", n_seq_max=2))
+    try:
+        _pm_decode(mem, [[1, 0, [1], True]], 2)
+        mem.seq_add(1, -1, 2, -2)
+        res["recurrent_negative_pos"] = mem.seq_pos_max(1) != -1
+    finally:
+        mem.close()
+    # I1: iSWA seq_cp refused by the SWA cache after the base cache copied
+    cfg = Config(
+        "iswa", layout="AW", n_seq_max=8, unified=False, kv_size=4, swa_size=16, n_swa=3, swa_type=1
+    )
+    mem = build_pymem(cfg)
+    try:
+        _pm_decode(mem, [[1, 0, [6], False], [2, 1, [6], True]], 8)
+        before = mem.state_write()
+        try:
+            mem.seq_cp(6, 3, 0, 3)
+            res["iswa_partial_seq_cp"] = True
+        except PymemError:
+            res["iswa_partial_seq_cp"] = mem.state_write() != before
+    finally:
+        mem.close()
+    # I2: iSWA split choice from the stream count instead of the unified flag
+    cfg = Config(
+        "iswa", layout="AW", n_seq_max=1, unified=False, kv_size=16, swa_size=8, n_swa=3, swa_type=1
+    )
+    mem = build_pymem(cfg)
+    try:
+        (ub,) = _pm_decode(mem, [[1, 0, [0], False], [2, 1, [0], True]], 1)
+        res["iswa_unified_from_streams"] = not bool(ub.equal_seqs)
+    finally:
+        mem.close()
+    _KNOWN = res
+    return res
+
+
+# ------------------------------------------------------------------ operations ---
+
+
+class Mismatch(AssertionError):
+    """pymem and the spec disagree."""
+
+
+@dataclass
+class Stats:
+    steps: int = 0
+    ops: dict[str, int] = field(default_factory=dict)
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+    def count(self, op: str, outcome: str) -> None:
+        self.steps += 1
+        self.ops[op] = self.ops.get(op, 0) + 1
+        key = f"{op}:{outcome}"
+        self.outcomes[key] = self.outcomes.get(key, 0) + 1
+
+    def merge(self, other: Stats) -> None:
+        self.steps += other.steps
+        for k, v in other.ops.items():
+            self.ops[k] = self.ops.get(k, 0) + v
+        for k, v in other.outcomes.items():
+            self.outcomes[k] = self.outcomes.get(k, 0) + v
+
+
+def _mask_equal(a: np.ndarray, b: list) -> bool:
+    bb = np.array(b, dtype=np.float64)
+    aa = np.asarray(a, dtype=np.float64)
+    if aa.shape != bb.shape:
+        return False
+    return bool(np.array_equal(aa, bb))
+
+
+class Pair:
+    """One pymem memory and its spec twin, stepped together."""
+
+    def __init__(self, cfg: Config, *, check_seq_states: int | None = None) -> None:
+        self.cfg = cfg
+        self.pm = build_pymem(cfg)
+        self.sp = spec_for(cfg)
+        self.stats = Stats()
+        self.log: list[str] = []  # the program so far, as calls
+        self.blobs: list[tuple[int, int, bytes]] = []  # (seq_id, flags, blob) saved by steps
+        # how many per-sequence states to compare after each step (all when None)
+        self.check_seq_states = check_seq_states
+        self.step_no = 0
+        self.compare("init")
+
+    def close(self) -> None:
+        self.pm.close()
+
+    # ------------------------------------------------------------------ helpers ---
+
+    def fail(self, what: str) -> None:
+        prog = "\n".join(f"  {line}" for line in self.log[-40:])
+        raise Mismatch(f"{what}\nconfig: {self.cfg.describe()}\nprogram (last steps):\n{prog}")
+
+    def _run_spec(self, fn, *args):
+        """Run a spec op on a checkpoint: an abort (the reference would crash) rolls back."""
+        saved = copy.deepcopy(self.sp)
+        try:
+            return ("ok", fn(*args))
+        except SpecAbort as e:
+            self.sp = saved
+            return ("abort", str(e))
+        except SpecStateError as e:
+            self.sp = saved
+            return ("state_error", str(e))
+
+    def _run_pm(self, fn, *args):
+        try:
+            return ("ok", fn(*args))
+        except StateError as e:
+            return ("state_error", f"{type(e).__name__}: {e}")
+        except PymemError as e:
+            return ("error", f"{type(e).__name__}: {e}")
+
+    def _agree(self, op: str, s_res: tuple, p_res: tuple, refused: bool = False) -> str:
+        sk, sv = s_res
+        pk, pv = p_res
+        if sk == "ok" and pk == "ok":
+            if sv != pv:
+                self.fail(f"{op}: result {pv!r} (pymem) != {sv!r} (spec)")
+            return "ok"
+        if sk == "abort" and pk in ("error", "state_error"):
+            return "refused"
+        if sk == "state_error" and pk == "state_error":
+            return "state_error"
+        if sk == "ok" and pk == "error" and refused:
+            return "refused"
+        self.fail(f"{op}: pymem {pk} ({pv}) but spec {sk} ({sv})")
+        return ""
+
+    # --------------------------------------------------------------- comparison ---
+
+    def compare(self, where: str) -> None:
+        cfg = self.cfg
+        sp, pm = self.sp, self.pm
+        for s in range(cfg.n_seq_max):
+            a = (pm.seq_pos_min(s), pm.seq_pos_max(s))
+            b = (sp.seq_pos_min(s), sp.seq_pos_max(s))
+            if a != b:
+                self.fail(f"after {where}: seq {s} [pos_min, pos_max] pymem {a} != spec {b}")
+        # KV cells, heads and pending shifts
+        pparts = pm_kv_parts(pm)
+        for name, skv in sp.kv_parts.items():
+            pkv = pparts[name]
+            for st in range(skv.n_stream):
+                sc = skv.cells[st]
+                pc = pkv.v_cells[st]
+                ppos = pc.pos.tolist()
+                if ppos != sc.pos:
+                    self.fail(
+                        f"after {where}: {name} stream {st} cell positions\n pymem {ppos}\n spec  {sc.pos}"
+                    )
+                for i in range(sc.size()):
+                    if sc.pos[i] >= 0 and set(pc.seq_ids_of(i)) != sc.seq[i]:
+                        self.fail(
+                            f"after {where}: {name} stream {st} cell {i} sequences pymem "
+                            f"{sorted(pc.seq_ids_of(i))} != spec {sorted(sc.seq[i])}"
+                        )
+                if pc.shift.tolist() != sc.shift:
+                    self.fail(
+                        f"after {where}: {name} stream {st} shifts pymem {pc.shift.tolist()} != spec {sc.shift}"
+                    )
+                if bool(pc.has_shift) != sc.has_shift:
+                    self.fail(f"after {where}: {name} stream {st} has_shift differs")
+            if list(pkv.v_heads) != skv.heads:
+                self.fail(
+                    f"after {where}: {name} heads pymem {list(pkv.v_heads)} != spec {skv.heads}"
+                )
+        # recurrent cells
+        prs = pm_rs(pm)
+        if sp.rs is not None:
+            srs = sp.rs
+            c = prs.cells
+            got = {
+                "pos": c.pos.tolist(),
+                "src": c.src.tolist(),
+                "tail": c.tail.tolist(),
+                "head": int(c.head),
+                "used": int(c.used) % (1 << 32),
+                "rs_idx": [int(x) for x in c.rs_idx[: cfg.n_seq_max]],
+            }
+            want = {
+                "pos": [x.pos for x in srs.cells],
+                "src": [x.src for x in srs.cells],
+                "tail": [x.tail for x in srs.cells],
+                "head": srs.head,
+                "used": srs.used,
+                "rs_idx": list(srs.rs_idx),
+            }
+            for key in got:
+                if got[key] != want[key]:
+                    self.fail(
+                        f"after {where}: recurrent {key} pymem {got[key]} != spec {want[key]}"
+                    )
+            for i, cell in enumerate(srs.cells):
+                seqs = {s for s in range(srs.size) if c.tail[s] == i}
+                if seqs != cell.seq_id:
+                    self.fail(
+                        f"after {where}: recurrent cell {i} sequences pymem {seqs} != spec {cell.seq_id}"
+                    )
+        # state bytes: the whole memory, and per sequence
+        self._compare_state(-1, 0, where)
+        seqs = list(range(cfg.n_seq_max))
+        if self.check_seq_states is not None and len(seqs) > self.check_seq_states:
+            k = self.step_no % len(seqs)
+            seqs = sorted({(k + j * 7) % len(seqs) for j in range(self.check_seq_states)})
+        for s in seqs:
+            self._compare_state(s, 0, where)
+        if cfg.kind in ("iswa", "hybrid", "hybrid_iswa"):
+            self._compare_state(-1, 1, where)
+
+    def _compare_state(self, seq_id: int, flags: int, where: str) -> None:
+        s = self._run_spec(self.sp.state_write, seq_id, flags)
+        p = self._run_pm(self.pm.state_write, seq_id, flags)
+        if s[0] == "ok" and p[0] == "ok":
+            if s[1] != p[1]:
+                self.fail(
+                    f"after {where}: state_write(seq_id={seq_id}, flags={flags}) bytes differ "
+                    f"(pymem {len(p[1])} B, spec {len(s[1])} B, first difference at "
+                    f"{_first_diff(p[1], s[1])})"
+                )
+            return
+        if s[0] == "abort" and p[0] in ("error", "state_error"):
+            return
+        self.fail(f"after {where}: state_write(seq_id={seq_id}, flags={flags}): pymem {p} spec {s}")
+
+    # -------------------------------------------------------------------- steps ---
+
+    def _note(self, call: str) -> None:
+        self.step_no += 1
+        self.log.append(call)
+
+    def seq_op(self, op: str, *args: int) -> str:
+        if op == "seq_cp" and self._hits_iswa_partial_copy(*args):
+            self.stats.count(op, "skipped (known bug I1)")
+            return "skipped"
+        self._note(f"{op}{args}")
+        s = self._run_spec(getattr(self.sp, op), *args)
+        p = self._run_pm(getattr(self.pm, op), *args)
+        outcome = self._agree(op, s, p, refused=self._refused(op, args))
+        self.stats.count(op, outcome)
+        self.compare(f"{op}{args}")
+        return outcome
+
+    def _hits_iswa_partial_copy(self, a: int, b: int, p0: int, p1: int) -> bool:
+        """A cross-stream seq_cp that one iSWA cache calls full and the other partial."""
+        if not known_bugs()["iswa_partial_seq_cp"] or len(self.sp.kv_parts) < 2 or self.cfg.unified:
+            return False
+        verdicts = set()
+        for kv in self.sp.kv_parts.values():
+            if not (0 <= a < len(kv.seq_to_stream) and 0 <= b < len(kv.seq_to_stream)):
+                return False
+            if kv.seq_to_stream[a] == kv.seq_to_stream[b]:
+                return False
+            size = kv.size()
+            verdicts.add((p0 > 0 and p0 + 1 < size) or (p1 > 0 and p1 + 1 < size))
+        return len(verdicts) > 1
+
+    def _refused(self, op: str, args: tuple) -> bool:
+        """Arguments pymem refuses on purpose although the reference accepts them."""
+        # d <= 0: the reference divides by 0 or by a negative number
+        return op == "seq_div" and args[3] < 1
+
+    def clear(self, data: bool) -> str:
+        self._note(f"clear({data})")
+        self.sp.clear(data)
+        self.pm.clear(data)
+        self.stats.count("clear", "ok")
+        self.compare("clear")
+        return "ok"
+
+    def state_save(self, seq_id: int, flags: int = 0) -> str:
+        self._note(f"state_save(seq_id={seq_id}, flags={flags})")
+        s = self._run_spec(self.sp.state_write, seq_id, flags)
+        p = self._run_pm(self.pm.state_write, seq_id, flags)
+        outcome = self._agree("state_write", s, p)
+        if outcome == "ok":
+            self.blobs.append((seq_id, flags, p[1]))
+        self.stats.count("state_write", outcome)
+        return outcome
+
+    def state_load(self, blob_index: int, dest: int, flags: int | None = None) -> str:
+        src_seq, src_flags, blob = self.blobs[blob_index]
+        flags = src_flags if flags is None else flags
+        if src_seq == -1:
+            dest = -1
+        self._note(f"state_load(blob {blob_index} from seq {src_seq}, dest={dest}, flags={flags})")
+        s = self._run_spec(self.sp.state_read, blob, dest, flags)
+        p = self._run_pm(self.pm.state_read, blob, dest, flags)
+        refused = (
+            self.sp.rs is not None
+            and dest >= 0
+            and dest >= min(self.cfg.n_seq_max, self.sp.rs.size)
+        )
+        outcome = self._agree("state_read", s, p, refused=refused)
+        self.stats.count("state_read", outcome)
+        self.compare(f"state_load -> {dest}")
+        return outcome
+
+    def update(self) -> bool:
+        """``memory_update``: init_update + apply; True when something was applied.
+
+        The pending per-cell shifts (the K-shift graph input) are compared first.
+        """
+        pparts = pm_kv_parts(self.pm)
+        for name, skv in self.sp.kv_parts.items():
+            got = pparts[name].k_shift().tolist()
+            if got != skv.k_shift_input():
+                self.fail(f"update: {name} K-shift input pymem {got} != spec {skv.k_shift_input()}")
+        st = self._run_spec(self.sp.update)
+        uctx = self.pm.init_update()
+        status = uctx.get_status()
+        if st[0] == "abort":
+            if status == MemoryStatus.SUCCESS:
+                try:
+                    uctx.apply()
+                except PymemError:
+                    return False
+                self.fail(f"update: spec aborts ({st[1]}) but pymem applied it")
+            return False
+        if status not in (MemoryStatus.SUCCESS, MemoryStatus.NO_UPDATE):
+            self.fail(f"update: pymem status {status.name}")
+        did = status == MemoryStatus.SUCCESS
+        if did:
+            uctx.apply()
+        if did != st[1]:
+            self.fail(f"update: pymem applied={did}, spec={st[1]}")
+        return did
+
+    def decode(self, items: list, *, embd_all: bool = False, auto_pos: bool = False) -> int:
+        cfg = self.cfg
+        self._note(f"decode({items!r}, embd_all={embd_all}, auto_pos={auto_pos})")
+        batch_in = BatchIn.from_items(items)
+        if auto_pos:
+            batch_in.pos = None
+        # --- validation
+        try:
+            toks = compat(batch_in, self.sp, cfg.n_seq_max, 1)
+            alloc_s = alloc_init(
+                toks, self.sp, n_seq_max=cfg.n_seq_max, n_vocab=N_VOCAB, output_all=embd_all
+            )
+            s_err = None
+        except SpecBatchError as e:
+            s_err = e
+        except SpecAbort as e:
+            s_err = e
+        batch = Batch(
+            np.array([it[0] for it in items], dtype=np.int32),
+            pos=None if auto_pos else np.array([it[1] for it in items], dtype=np.int32),
+            seq_id=[list(it[2]) for it in items],
+            output=np.array([bool(it[3]) for it in items], dtype=np.bool_),
+        )
+        balloc = BatchAllocator(1)
+        try:
+            balloc.init(
+                batch, memory=self.pm, n_seq_max=cfg.n_seq_max, n_vocab=N_VOCAB, output_all=embd_all
+            )
+            p_err = None
+        except PymemError as e:
+            p_err = e
+        if s_err is None and isinstance(p_err, BatchError) and any(t.pos[0] < 0 for t in toks):
+            # pymem refuses negative positions; the reference stores them (a cell at -1
+            # then reads as empty)
+            self.stats.count("decode", "refused")
+            self.compare("decode (negative position refused)")
+            return -1
+        if (s_err is None) != (p_err is None):
+            self.fail(f"decode: batch validation pymem {p_err!r} vs spec {s_err!r}")
+        if s_err is not None:
+            if isinstance(p_err, BatchError) or isinstance(s_err, SpecAbort):
+                self.stats.count("decode", "invalid")
+                self.compare("decode (invalid batch)")
+                return -1
+            self.fail(f"decode: pymem raised {p_err!r} for an invalid batch")
+        # --- update, plan
+        self.update()
+        s_ctx = self._run_spec(self.sp.init_batch, alloc_s, cfg.n_ubatch, embd_all)
+        try:
+            p_ctx = self.pm.init_batch(balloc, cfg.n_ubatch, embd_all)
+        except PymemError as e:
+            # pymem refuses n_ubatch <= n_keep_tail up front (a ConfigError); the reference
+            # asserts only once split_equal has a sequence set to emit
+            keep_tail = cfg.n_rs_seq + 1 if cfg.n_rs_seq else 0
+            refused = isinstance(e, ConfigError) and not embd_all and 0 < cfg.n_ubatch <= keep_tail
+            if s_ctx[0] == "abort" or refused:
+                self.stats.count("decode", "refused")
+                self.compare("decode (refused)")
+                return -3
+            self.fail(f"decode: pymem init_batch raised {e!r}, spec {s_ctx}")
+        if s_ctx[0] == "abort":
+            self.fail(f"decode: spec aborts in init_batch ({s_ctx[1]}) but pymem planned it")
+        s_ok = s_ctx[1] is not None
+        p_ok = p_ctx.get_status() == MemoryStatus.SUCCESS
+        if s_ok != p_ok:
+            self.fail(
+                f"decode: init_batch pymem {p_ctx.get_status().name} vs spec {'ok' if s_ok else 'failed'}"
+            )
+        if not s_ok:
+            if self.update():
+                s_ctx = self._run_spec(self.sp.init_batch, alloc_s, cfg.n_ubatch, embd_all)
+                p_ctx = self.pm.init_batch(balloc, cfg.n_ubatch, embd_all)
+                s_ok = s_ctx[1] is not None
+                p_ok = p_ctx.get_status() == MemoryStatus.SUCCESS
+                if s_ok != p_ok:
+                    self.fail("decode: retried init_batch differs")
+            if not s_ok:
+                self.stats.count("decode", "no_slot")
+                self.compare("decode (no slot)")
+                return 1
+        # --- ubatches
+        sctx = s_ctx[1]
+        k = 0
+        while True:
+            sub = sctx.ubatch
+            pub = p_ctx.get_ubatch()
+            self._compare_ubatch(k, sub, pub)
+            self._cur_spec_ubatch = sub
+            sctx.apply()
+            p_ctx.apply()
+            s_inputs = sdec.spec_compute(self.sp, sctx)
+            self._pm_compute(p_ctx, pub, s_inputs, k)
+            more_s = sctx.next()
+            more_p = p_ctx.next()
+            if more_s != more_p:
+                self.fail(f"decode: ubatch count differs after ubatch {k}")
+            k += 1
+            if not more_s:
+                break
+        self.stats.count("decode", "ok")
+        self.compare("decode")
+        return 0
+
+    def _compare_ubatch(self, k: int, sub: Any, pub: Any) -> None:
+        got = (
+            pub.n_tokens, pub.n_seq_tokens, pub.n_seqs, pub.n_seqs_unq, bool(pub.equal_seqs),
+            pub.batch_idxs.tolist(), pub.seq_id_unq.tolist(),
+        )  # fmt: skip
+        want = (
+            sub.n_tokens, sub.n_seq_tokens, sub.n_seqs, sub.n_seqs_unq, sub.equal_seqs,
+            sub.batch_idxs, sub.seq_id_unq,
+        )  # fmt: skip
+        if got != want:
+            self.fail(f"decode: ubatch {k} pymem {got} != spec {want}")
+        pseq = [[int(x) for x in row[: pub.n_seq_id[i]]] for i, row in enumerate(pub.seq_id)]
+        if pseq != sub.seq_id or pub.pos[: pub.n_tokens].tolist() != sub.pos[: sub.n_tokens]:
+            self.fail(f"decode: ubatch {k} seq ids / positions differ")
+
+    def _pm_compute(self, p_ctx: Any, ub: Any, s_inputs: dict, k: int) -> None:
+        """Check the graph inputs against the spec's, then write the same synthetic data."""
+        kv_ctxs, rs_ctx = pm_ctx_parts(self.pm, p_ctx)
+        n = ub.n_tokens
+        toks = ub.token.tolist() if ub.token is not None else [-1] * n
+        pos = ub.pos[:n].tolist()
+        seq0 = [int(x) for x in ub.seq_id[:, 0]]
+        for name, kctx in kv_ctxs.items():
+            si = s_inputs[name]
+            sinfo = kctx.get_sinfo()
+            if sinfo.idxs.tolist() != si["idxs"] or sinfo.strm.tolist() != si["strm"]:
+                self.fail(
+                    f"decode: ubatch {k} {name} slot pymem {sinfo.strm.tolist()}:{sinfo.idxs.tolist()} "
+                    f"!= spec {si['strm']}:{si['idxs']}"
+                )
+            k_idxs = kctx.get_k_idxs()
+            if k_idxs.tolist() != si["k_idxs"] or kctx.get_v_idxs().tolist() != si["v_idxs"]:
+                self.fail(f"decode: ubatch {k} {name} k_idxs / v_idxs differ")
+            if kctx.get_n_kv() != si["n_kv"]:
+                self.fail(
+                    f"decode: ubatch {k} {name} n_kv pymem {kctx.get_n_kv()} != spec {si['n_kv']}"
+                )
+            skv = self.sp.kv_parts[name]
+            want_mask = skv.kq_mask(self._spec_ubatch_for_mask(), si["n_kv"])
+            if not _mask_equal(kctx.get_kq_mask(), want_mask):
+                self.fail(f"decode: ubatch {k} {name} KQ mask differs")
+            kv = kctx.kv
+            el = kv.type_v.type_size
+            for layer in kv.layers:
+                il = layer.il
+                krow = layer.k.row_size
+                kdata = np.frombuffer(
+                    b"".join(
+                        sdec.kv_row("k", il, pos[i], seq0[i], toks[i], krow) for i in range(n)
+                    ),
+                    dtype=np.uint8,
+                ).reshape(n, krow)
+                layer.k.write_rows(k_idxs, kdata)
+                if layer.v is None:
+                    continue
+                vrow = el * layer.n_embd_v_gqa if kv.v_trans else layer.v.row_size
+                rows = [sdec.kv_row("v", il, pos[i], seq0[i], toks[i], vrow) for i in range(n)]
+                if not kv.v_trans:
+                    layer.v.write_rows(
+                        k_idxs, np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(n, vrow)
+                    )
+                else:
+                    v_idxs = kctx.get_v_idxs()
+                    nv = kv.n_embd_v_gqa_max
+                    for i in range(n):
+                        for j in range(layer.n_embd_v_gqa):
+                            layer.v.write_bytes(
+                                rows[i][j * el : (j + 1) * el], int(v_idxs[i * nv + j]) * el
+                            )
+        if rs_ctx is not None:
+            si = s_inputs["rs"]
+            got = (
+                rs_ctx.get_head(),
+                rs_ctx.get_n_rs(),
+                rs_ctx.get_rs_z(),
+                rs_ctx.s_copy().tolist(),
+            )
+            want = (si["head"], si["n_rs"], si["rs_z"], si["s_copy"])
+            if got != want:
+                self.fail(
+                    f"decode: ubatch {k} recurrent inputs (head, n_rs, rs_z, s_copy) pymem {got} != spec {want}"
+                )
+            rs = pm_rs(self.pm)
+
+            def get_row(kind: str, il: int, row: int) -> bytes:
+                t = rs.get_r_l(il) if kind == "r" else rs.get_s_l(il)
+                return t.read_rows(np.array([row], dtype=np.int64)).tobytes()
+
+            def set_row(kind: str, il: int, row: int, b: bytes) -> None:
+                t = rs.get_r_l(il) if kind == "r" else rs.get_s_l(il)
+                t.write_rows(
+                    np.array([row], dtype=np.int64), np.frombuffer(b, dtype=np.uint8).reshape(1, -1)
+                )
+
+            sub_ub = self._spec_ubatch_for_mask()
+            sdec.recurrent_compute(
+                sub_ub,
+                got[0],
+                got[1],
+                got[2],
+                got[3],
+                rs.size,
+                rs.n_rs_seq,
+                list(rs.layers),
+                get_row,
+                set_row,
+            )
+
+    def _spec_ubatch_for_mask(self) -> Any:
+        return self._cur_spec_ubatch
+
+
+def _first_diff(a: bytes, b: bytes) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+__all__ = [
+    "KINDS",
+    "Config",
+    "Mismatch",
+    "Pair",
+    "SpecError",
+    "Stats",
+    "build_pymem",
+    "model_spec",
+    "spec_for",
+]

@@ -1,0 +1,192 @@
+"""Regression tests for the failures the stateful property tests found (tests/test_property.py).
+
+Each test is the minimal failing program, shrunk by hand from what hypothesis / the soak
+runner reported, with the reference behaviour it pins. Tests of bugs that are still open
+in pymem are strict xfails naming the request in /work/notes/REQUESTS.md: when the owner
+fixes the bug the test XPASSes, which fails the run until the marker is removed here.
+The property harness detects each open bug with the probes in tests/spec/harness.py and
+steers around it, so the random programs keep exploring everything else meanwhile.
+"""
+
+from __future__ import annotations
+
+import pytest
+from spec.harness import Config, Pair, known_bugs
+
+from pymem.batch import Batch, BatchAllocator
+from pymem.errors import PymemError
+from pymem.iswa import KVCacheISWA
+from pymem.kv import KVCache
+from pymem.recurrent import RecurrentMemory
+from pymem.spec import LayerSpec, ModelSpec, RopeSpec, RopeType, SWAType
+
+
+def _decode(mem, items, n_seq_max: int, n_ubatch: int = 8) -> list:
+    """Validate, plan and apply a batch on a pymem memory; returns the ubatches."""
+    b = Batch.from_items(items)
+    balloc = BatchAllocator()
+    balloc.init(b, memory=mem, n_seq_max=n_seq_max, n_vocab=64)
+    ctx = mem.init_batch(balloc, n_ubatch, False)
+    ubs = []
+    while True:
+        ubs.append(ctx.get_ubatch())
+        ctx.apply()
+        if not ctx.next():
+            return ubs
+
+
+# --------------------------------------------------------------------------------------
+# R1 (recurrent): a tail at a negative position. Found by the soak runner (recurrent,
+# seed "recurrent-72"): seq_add(s, -1, -1, -2) on a sequence at position 0.
+# llama_memory_recurrent::seq_pos_max starts from -1 and takes the max, so a state at
+# position -2 reports pos_max = -1 while seq_pos_min reports -2; the next batch for that
+# sequence is then unconstrained (X = -1). pymem reported (-2, -2) and refused the next
+# batch unless it started at -1.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    known_bugs()["recurrent_negative_pos"],
+    strict=True,
+    reason="REQUESTS.md: verification R1 (recurrent seq_pos_max with a negative position)",
+)
+def test_r1_recurrent_negative_position_reports_pos_max_minus_one() -> None:
+    spec = ModelSpec(layers=(LayerSpec.ssm(6, 10),), arch="spec")
+    mem = RecurrentMemory(spec, n_seq_max=2)
+    _decode(mem, [[1, 0, [1], True]], 2)
+    mem.seq_add(1, -1, 2, -2)
+    assert (mem.seq_pos_min(1), mem.seq_pos_max(1)) == (-2, -1)
+    # and, as in the reference, a batch restarting the sequence at 0 is accepted
+    _decode(mem, [[2, 0, [1], True]], 2)
+
+
+@pytest.mark.xfail(
+    known_bugs()["recurrent_negative_pos"],
+    strict=True,
+    reason="REQUESTS.md: verification R1 (hybrid inherits the recurrent pos_max)",
+)
+def test_r1_hybrid_negative_recurrent_position() -> None:
+    # hybrid (recurrent + attention, one stream per sequence): seq_add(0, 0, 3, -4) moves
+    # the recurrent state to -4 (removing the attention cells below 0): the hybrid's
+    # pos_max is min(attn, recr) = min(-1, -1) in the reference, min(-1, -4) in pymem
+    pair = Pair(Config("hybrid", layout="RA", n_seq_max=2, unified=False, kv_size=16))
+    try:
+        pair.decode([[1, 0, [0], False], [2, 1, [0], False], [3, 2, [0], True]])
+        pair.seq_op("seq_add", 0, 0, 3, -4)
+        assert pair.pm.seq_pos_max(0) == -1
+    finally:
+        pair.close()
+
+
+# --------------------------------------------------------------------------------------
+# I1 (iSWA): a cross-stream seq_cp that one cache refuses must change nothing. Found by
+# the soak runner (hybrid_iswa, seed "hybrid_iswa-29"). With one stream per sequence the
+# reference asserts for a partial-range cross-stream copy ("seq_cp() is only supported
+# for full KV buffers"), and "full" is judged against each cache's own size: [0, 3) is
+# full for a 4-cell base cache but partial for a 16-cell SWA cache. pymem's base cache
+# copied, then the SWA cache raised UnsupportedError: a typed error after a change.
+# --------------------------------------------------------------------------------------
+
+
+def _iswa(n_seq_max: int, unified: bool, base_size: int, swa_size: int) -> KVCacheISWA:
+    rope = RopeSpec(n_rot=8, rope_type=RopeType.NONE)
+    spec = ModelSpec(
+        layers=(
+            LayerSpec.attention(1, 8, rope=rope),
+            LayerSpec.attention(1, 8, swa=True, rope=rope),
+        ),
+        n_swa=3,
+        swa_type=SWAType.STANDARD,
+        arch="spec",
+    )
+    kw = dict(unified=unified, n_seq_max=n_seq_max)
+    base = KVCache(spec, kv_size=base_size, filter=lambda il: il == 0, **kw)
+    swa = KVCache(
+        spec, kv_size=swa_size, filter=lambda il: il == 1, n_swa=3, swa_type=SWAType.STANDARD, **kw
+    )
+    return KVCacheISWA.from_parts(base, swa)
+
+
+@pytest.mark.xfail(
+    known_bugs()["iswa_partial_seq_cp"],
+    strict=True,
+    reason="REQUESTS.md: verification I1 (iSWA seq_cp refused by one cache after the other changed)",
+)
+def test_i1_iswa_refused_cross_stream_copy_changes_nothing() -> None:
+    mem = _iswa(n_seq_max=8, unified=False, base_size=4, swa_size=16)
+    _decode(mem, [[1, 0, [6], False], [2, 1, [6], True]], 8)
+    before = mem.state_write()
+    with pytest.raises(PymemError):
+        mem.seq_cp(6, 3, 0, 3)
+    assert mem.state_write() == before
+    assert mem.kv_base.v_cells[3].pos.tolist() == [-1, -1, -1, -1]
+
+
+# --------------------------------------------------------------------------------------
+# I2 (iSWA): the split strategy follows the *unified flag*, not the stream count. Found by
+# the soak runner (iswa, seed "iswa-11"). llama_kv_cache_iswa::init_batch tries
+# split_simple only when constructed with unified = true; with kv_unified = false and
+# n_seq_max = 1 (llama_context_default_params!) the cache has one stream but the
+# reference splits with split_equal(sequential = true): ubatches with equal_seqs = true
+# and n_seq_tokens = n_tokens. pymem's KVCacheISWA.from_parts derives "unified" from
+# n_stream == 1 and used split_simple.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    known_bugs()["iswa_unified_from_streams"],
+    strict=True,
+    reason="REQUESTS.md: verification I2 (iSWA split choice from n_stream instead of unified)",
+)
+def test_i2_iswa_not_unified_single_sequence_uses_split_equal() -> None:
+    mem = _iswa(n_seq_max=1, unified=False, base_size=16, swa_size=8)
+    (ub,) = _decode(mem, [[1, 0, [0], False], [2, 1, [0], True]], 1)
+    assert bool(ub.equal_seqs) and ub.n_seq_tokens == 2 and ub.n_seqs == 1
+
+
+# --------------------------------------------------------------------------------------
+# Behaviours the property runs pinned on the way (all pass): kept as named programs.
+# --------------------------------------------------------------------------------------
+
+
+def test_p1_split_equal_n_ubatch_plus_one_multi_stream_kv() -> None:
+    # four one-token sequences, n_ubatch 2, one stream per sequence: the first ubatch has
+    # 3 tokens (split_equal accepts n_ubatch + 1 sets), the second 1
+    pair = Pair(Config("kv", n_seq_max=4, unified=False, kv_size=8, n_ubatch=2))
+    try:
+        assert pair.decode([[1, 0, [s], True] for s in range(4)]) == 0
+        assert [int(c.pos[0]) for c in pair.pm.v_cells] == [0, 0, 0, 0]
+    finally:
+        pair.close()
+
+
+def test_p2_swa_masked_cells_are_reused_and_purged() -> None:
+    # one 4-cell SWA cache (window 2): a sequence of 6 tokens overwrites its own masked
+    # cells and purges positions up to the largest one overwritten
+    pair = Pair(Config("kv", layout="W", n_seq_max=1, kv_size=4, n_swa=2, swa_type=1, n_ubatch=1))
+    try:
+        for p in range(6):
+            assert pair.decode([[1, p, [0], True]]) == 0
+        assert sorted(pair.pm.v_cells[0].pos.tolist()) == [2, 3, 4, 5]
+        assert pair.pm.seq_pos_min(0) == 2
+    finally:
+        pair.close()
+
+
+def test_p3_recurrent_copy_of_a_rolled_back_sequence_reads_plane_0() -> None:
+    # n_rs_seq 2: roll seq 0 back by 2 (pending rollback plane 2 of its cell), share it
+    # with seq 1 (seq_cp), then advance seq 1. Its new cell copies on write from seq 0's
+    # cell, but s_copy uses seq 1's own rollback index (0): seq 1 continues from plane 0,
+    # the state *before* the rollback, at position 3. A reference quirk pymem keeps (parity);
+    # seq 0's pending rollback stays pending.
+    pair = Pair(Config("recurrent", layout="R", n_seq_max=2, n_rs_seq=2, n_ubatch=4))
+    try:
+        assert pair.decode([[t, t, [0], t == 4] for t in range(5)]) == 0
+        assert pair.seq_op("seq_rm", 0, 3, -1) == "ok"
+        assert pair.pm.seq_pos_max(0) == 2
+        pair.seq_op("seq_cp", 0, 1, -1, -1)
+        assert pair.decode([[9, 3, [1], True]]) == 0
+        assert [int(x) for x in pair.pm.rs_idx] == [2, 0]
+        assert pair.pm.seq_pos_max(1) == 3 and pair.pm.seq_pos_max(0) == 2
+    finally:
+        pair.close()
