@@ -224,6 +224,18 @@ def sync_tensors_from_reference(mem: Memory, ref: bytes, where: str) -> None:
 
 
 # --- the reference's side effects of a failed per-sequence restore ----------------------
+#
+# The reference reads a per-sequence blob part by part (and a KV part stream by stream)
+# through an ``llama_io_read_host`` that only *queues* tensor writes; when anything throws,
+# ``llama_context::state_seq_set_data`` discards the queue. So:
+#
+# * parts and streams that parsed completely before the failure keep the cells they
+#   placed, but not the rows they read (those cells hold whatever they held before);
+# * the part that fails removes the sequence and zeroes, directly (not queued), the rows
+#   of the cells it had placed, when it got as far as placing them (a truncated cell
+#   count or cell list throws before that, and a KV part's count throws before anything);
+# * the plain hybrid then undoes its attention part (``state_clear``); iSWA and
+#   hybrid-iSWA have no undo path.
 
 
 def _restore_ubatch(seq_id: int, pos: list[int]) -> UBatch:
@@ -236,82 +248,187 @@ def _restore_ubatch(seq_id: int, pos: list[int]) -> UBatch:
     return ub
 
 
-def _kv_meta(data: bytes, off: int, has_ext: bool) -> tuple[int, list[int] | None]:
-    """(cell_count, positions or None when the meta is truncated) of a per-seq KV stream."""
-    if off + 4 > len(data):
-        return -1, None
-    (n,) = struct.unpack_from("<I", data, off)
-    cell = 12 + (12 if has_ext else 0)
-    if off + 4 + n * cell > len(data):
-        return n, None
-    return n, [struct.unpack_from("<i", data, off + 4 + i * cell)[0] for i in range(n)]
+class _Cursor:
+    """Reads little-endian values from a blob; None once the blob runs out."""
+
+    def __init__(self, data: bytes, off: int) -> None:
+        self.data, self.off = data, off
+
+    def take(self, fmt: str) -> tuple | None:
+        size = struct.calcsize("<" + fmt)
+        if self.off + size > len(self.data):
+            return None
+        v = struct.unpack_from("<" + fmt, self.data, self.off)
+        self.off += size
+        return v
+
+    def skip(self, n: int) -> bool:
+        self.off += n
+        return self.off <= len(self.data)
+
+
+def _kv_stream_meta(cur: _Cursor, n: int, has_ext: bool) -> list[int] | None:
+    """Positions of a per-sequence stream's ``n`` cells (None when the list is truncated)."""
+    pos = []
+    for _ in range(n):
+        cell = cur.take("iI")
+        if cell is None or not cur.skip((12 if has_ext else 0) + 4 * cell[1]):
+            return None
+        pos.append(cell[0])
+    return pos
+
+
+def _kv_stream_data_fits(cur: _Cursor, n: int) -> bool:
+    """Whether a stream's data section (b.2: K rows, then V rows or V columns) is complete."""
+    head = cur.take("II")
+    if head is None:
+        return False
+    v_trans, n_layer = head
+    for _ in range(n_layer):
+        k = cur.take("iQ")
+        if k is None or not cur.skip(n * k[1]):
+            return False
+    for _ in range(n_layer):
+        v = cur.take("iII") if v_trans else cur.take("iQ")
+        if v is None or not cur.skip(n * (v[1] * v[2] if v_trans else v[1])):
+            return False
+    return True
+
+
+def _tensors(part: Any) -> list[Any]:
+    if isinstance(part, KVCache):
+        return [t for lay in part.layers for t in (lay.k, lay.v) if t is not None]
+    return [t for il in part.layers for t in (part.get_r_l(il), part.get_s_l(il)) if t.nbytes]
+
+
+def _restore_cells_not_rows(part: Any, data: bytes, seq_id: int) -> None:
+    """Restore ``data`` into ``seq_id`` of ``part``, then put every row back as it was."""
+    saved = [(t, t.read_bytes()) for t in _tensors(part)]
+    part.state_read(data, seq_id)
+    for t, raw in saved:
+        t.write_bytes(raw)
 
 
 def _emulate_kv_failure(kv: KVCache, data: bytes, off: int, seq_id: int) -> None:
-    """KV ``state_read`` of one sequence failing inside this part (b.2, read side)."""
-    # n_stream, then streams; a per-seq blob holds at most one non-empty stream
-    n_stream = struct.unpack_from("<I", data, off)[0] if off + 4 <= len(data) else -1
-    if n_stream != kv.get_n_stream():
+    """``llama_kv_cache::state_read`` of one sequence failing inside this part."""
+    cur = _Cursor(data, off)
+    n_stream = cur.take("I")
+    if n_stream is None or n_stream[0] != kv.get_n_stream():
         return  # refused before anything changed
-    off += 4
-    while True:
-        n, pos = _kv_meta(data, off, kv.has_cell_ext())
-        if n == -1:
-            return
+    n_stream = n_stream[0]
+    strm = int(kv.seq_to_stream[seq_id])
+    for s in range(n_stream):
+        count = cur.take("I")
+        if count is None:
+            return  # the count read throws outside the cleanup
+        n = count[0]
         if n == 0:
-            off += 4
             continue
+        start = cur.off
         if n > kv.get_size():
-            kv.seq_rm(seq_id, -1, -1)
+            kv.seq_rm(seq_id, -1, -1)  # no cells placed, state_clear removes the sequence
             return
+        pos = _kv_stream_meta(cur, n, kv.has_cell_ext())
         kv.seq_rm(seq_id, -1, -1)
         if pos is None:
-            return  # the meta ran out: the reader threw after the removal
-        ub = _restore_ubatch(seq_id, pos)
-        sinfo = kv.find_slot(ub, False)
-        if sinfo is not None:
-            kv.apply_ubatch(sinfo, ub)
-        kv.seq_rm(seq_id, -1, -1)
-        return
+            return  # the cell list ran out: the reader threw after the removal
+        if not _kv_stream_data_fits(cur, n):
+            # placed, then the data read fails: state_clear zeroes the placement's rows
+            ub = _restore_ubatch(seq_id, pos)
+            sinfo = kv.find_slot(ub, False)
+            if sinfo is not None:
+                kv.apply_ubatch(sinfo, ub)
+                kv.seq_rm(seq_id, -1, -1)
+                kv.zero_cells(strm, np.asarray(sinfo.idxs[0], dtype=np.int64))
+            return
+        # this stream parses: its cells stay, its rows are discarded with the reader
+        counts = [struct.pack("<I", 0)] * n_stream
+        counts[s] = data[start - 4 : cur.off]
+        _restore_cells_not_rows(kv, struct.pack("<I", n_stream) + b"".join(counts), seq_id)
 
 
 def _emulate_rs_failure(rec: RecurrentMemory, data: bytes, off: int, seq_id: int) -> None:
-    """Recurrent ``state_read`` of one sequence failing inside this part (b.3)."""
+    """``llama_memory_recurrent::state_read`` of one sequence failing inside this part (b.3)."""
+    cur = _Cursor(data, off)
+    count = cur.take("I")
+    if count is None:
+        return  # the count read throws before anything changed
+    n = count[0]
     rec.seq_rm(seq_id, -1, -1)
-    if off + 12 > len(data):
-        return
-    n, pos = struct.unpack_from("<Ii", data, off)
-    if n == 1:
-        ub = _restore_ubatch(seq_id, [pos])
-        if rec.find_slot(ub):
-            rec.seq_rm(seq_id, -1, -1)
+    if n != 1:
+        return  # 0: nothing placed; > 1 is refused for a per-sequence blob
+    cell = cur.take("iI")
+    if cell is None:
+        return  # the cell list ran out: the reader threw after the removal
+    if rec.find_slot(_restore_ubatch(seq_id, [cell[0]])):
+        # placed, then the data read fails: state_clear zeroes the placement's rows
+        placed = np.array([int(rec.cells.tail[seq_id])], dtype=np.int64)
+        rec.seq_rm(seq_id, -1, -1)
+        for il in rec.layers:
+            for t in (rec.get_r_l(il), rec.get_s_l(il)):
+                if t.nbytes:
+                    t.fill_rows(placed, 0)
 
 
 def emulate_reference_failed_restore(mem: Memory, data: bytes, seq_id: int) -> None:
     """Re-enact what the reference leaves behind when a per-sequence restore fails.
 
-    Parts are read in order; the ones that parse completely are restored, the failing
-    one leaves its partial placement removed, and then the plain hybrid undoes its
-    attention part (iSWA and hybrid-iSWA have no undo path).
+    Parts are read in order; the ones that parse completely keep their cells (not their
+    rows, see above), the failing one leaves the sequence removed, and then the plain
+    hybrid undoes its attention part (iSWA and hybrid-iSWA have no undo path).
     """
     reader = StateReader(data)
     restored: list[Any] = []
     for kind, part in parts(mem):
         start = reader.offset
         try:
-            plan = part.state_read_parse(reader, seq_id, 0)
+            part.state_read_parse(reader, seq_id, 0)
         except StateError:
             if kind == "kv":
                 _emulate_kv_failure(part, data, start, seq_id)
             else:
                 _emulate_rs_failure(part, data, start, seq_id)
             break
-        plan.commit()
+        _restore_cells_not_rows(part, data[start : reader.offset], seq_id)
         restored.append(part)
     if isinstance(mem, HybridMemory) and not isinstance(mem.get_mem_attn(), KVCacheISWA):
         for part in restored:
             if isinstance(part, KVCache):
                 part.state_clear(seq_id)
+
+
+# --- rows the reference's kernels wrote that no whole-state blob shows -----------------
+
+
+def sync_rollback_plane(mem: Memory, ref: bytes, seq_id: int, plane: int, where: str) -> None:
+    """After a recurrent rollback of ``plane`` tokens, give pymem the snapshot the kernel
+    wrote into that plane at the last decode (``n_rs_seq`` > 0).
+
+    The reference's state after the rollback shows the rolled-back state as the
+    sequence's row; the row goes to plane ``plane`` of the sequence's tail cell (of the
+    cell it copies from, when a copy is pending), which is where the reference reads it
+    from. If pymem picked another plane, its blobs will not match.
+    """
+    off = 0
+    for kind, part in parts(mem):
+        if kind == "kv":
+            off = parse_kv_part(ref, len(part.layers), part.has_cell_ext(), offset=off).end
+            continue
+        rec: RecurrentMemory = part
+        r0, s0 = rec.get_r_l(rec.layers[0]), rec.get_s_l(rec.layers[0])
+        cells, r_rows, s_rows, off = _parse_rs_part(
+            ref, off, rec.spec.n_layer, len(rec.layers), r0.row_size, s0.row_size
+        )
+        tail = int(rec.cells.tail[seq_id])
+        assert tail >= 0, f"{where}: seq {seq_id} has no recurrent cell after a rollback"
+        k = int(np.searchsorted(np.flatnonzero(rec.cells.seq_counts()), tail))
+        assert seq_id in cells[k][1], f"{where}: recurrent cell {tail} is not seq {seq_id}'s"
+        src = int(rec.cells.src[tail])
+        row = np.array([plane * rec.size + (src if src >= 0 else tail)], dtype=np.int64)
+        for j, il in enumerate(rec.layers):
+            rec.get_r_l(il).write_rows(row, r_rows[j][k : k + 1])
+            if s0.nbytes:
+                rec.get_s_l(il).write_rows(row, s_rows[j][k : k + 1])
 
 
 # --- the replay ------------------------------------------------------------------------
@@ -366,6 +483,8 @@ def replay(run: Run, mem: Memory) -> ReplayReport:
     n_seq = run.n_seq
     balloc = BatchAllocator(getattr(mem, "n_pos_per_embd", 1))
     report = ReplayReport()
+    rollback = any(kind == "rs" and part.n_rs_seq > 0 for kind, part in parts(mem))
+    prev_pos: list[list[int]] = []
     for step in run.data["steps"]:
         op = step["op"]
         where = f"{run.path.name} step {step['i']} ({op}: {step.get('note', '')})"
@@ -376,6 +495,13 @@ def replay(run: Run, mem: Memory) -> ReplayReport:
                 sync_tensors_from_reference(mem, strip_whole(run.blob(step["state"]), arch), where)
         elif op == "seq_rm":
             result = mem.seq_rm(step["seq"], step["p0"], step["p1"])
+            seq = step["seq"]
+            if result and rollback and seq >= 0 and step["p0"] > 0 and "state" in step:
+                # a recurrent rollback: the reference reads a snapshot plane from now on
+                plane = prev_pos[seq][1] - step["pos"][seq][1]
+                if plane > 0:
+                    ref = strip_whole(run.blob(step["state"]), arch)
+                    sync_rollback_plane(mem, ref, seq, plane, where)
         elif op == "seq_cp":
             mem.seq_cp(step["src"], step["dst"], step["p0"], step["p1"])
         elif op == "seq_keep":
@@ -421,4 +547,5 @@ def replay(run: Run, mem: Memory) -> ReplayReport:
                 f"{where}: whole blob"
             )
             report.blobs_compared += 1
+        prev_pos = step["pos"]
     return report
