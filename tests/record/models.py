@@ -1,0 +1,206 @@
+"""Tiny random-weight GGUF models that llama.cpp (llama-cpp-python 0.3.36) loads.
+
+Why: the recorder drives the real llama.cpp, which needs a complete model file: every
+metadata key ``load_hparams`` reads for the architecture and every tensor
+``load_tensors`` creates, with the shapes it expects. The memory under test only cares
+about the layer layout (which layers attend, slide or recur, and their widths); the
+weights are random F32 so that the K/V/R/S rows in the state blobs are not trivial.
+
+Shapes below are ggml's ``{ne0, ne1}``; numpy arrays are the reverse (``(ne1, ne0)``).
+Each builder returns the GGUF bytes' path and writes nothing else. Every model shares
+the 64-token SPM vocabulary of tests/data/models/tiny-llama.gguf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+N_VOCAB = 64
+
+# the vocabulary of tiny-llama.gguf: 4 specials, 26 "▁x" words, 26 letters, punctuation
+_TOKENS = (
+    ["<unk>", "<s>", "</s>", "<0x0A>"]
+    + [f"\u2581{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+    + list("abcdefghijklmnopqrstuvwxyz")
+    + ["\u2581", ".", ",", "!", "?", "-", "'", ":"]
+)
+assert len(_TOKENS) == N_VOCAB
+
+
+def _tokenizer(w: gguf.GGUFWriter) -> None:
+    """The SPM ("llama") tokenizer keys, as tiny-llama.gguf carries them."""
+    w.add_string("tokenizer.ggml.model", "llama")
+    w.add_array("tokenizer.ggml.tokens", _TOKENS)
+    w.add_array("tokenizer.ggml.scores", [0.0] * 4 + [-float(i) for i in range(N_VOCAB - 4)])
+    w.add_array("tokenizer.ggml.token_type", [2, 3, 3, 6] + [1] * (N_VOCAB - 4))
+    w.add_uint32("tokenizer.ggml.bos_token_id", 1)
+    w.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    w.add_uint32("tokenizer.ggml.unknown_token_id", 0)
+    w.add_bool("tokenizer.ggml.add_bos_token", False)
+    w.add_bool("tokenizer.ggml.add_eos_token", False)
+
+
+class _Model:
+    """A GGUF being written: arch-prefixed keys, then tensors (random or ones)."""
+
+    def __init__(self, path: Path, arch: str, name: str, seed: int) -> None:
+        self.w = gguf.GGUFWriter(str(path), arch)
+        self.arch = arch
+        self.rng = np.random.default_rng(seed)
+        self.w.add_string("general.name", name)
+        self.w.add_uint32("general.file_type", 0)
+
+    def u32(self, key: str, v: int) -> None:
+        self.w.add_uint32(f"{self.arch}.{key}", v)
+
+    def f32(self, key: str, v: float) -> None:
+        self.w.add_float32(f"{self.arch}.{key}", v)
+
+    def arr(self, key: str, v: list[int]) -> None:
+        self.w.add_array(f"{self.arch}.{key}", v)
+
+    def weight(self, name: str, ne: tuple[int, ...], scale: float | None = None) -> None:
+        """Random N(0, 1/sqrt(ne0)) weights of ggml shape ``ne``."""
+        s = scale if scale is not None else 1.0 / np.sqrt(ne[0])
+        data = (self.rng.standard_normal(tuple(reversed(ne))) * s).astype(np.float32)
+        self.w.add_tensor(name, data)
+
+    def norm(self, name: str, n: int) -> None:
+        """A norm weight near 1 (random around 1, so that rows still differ)."""
+        data = (1.0 + 0.1 * self.rng.standard_normal(n)).astype(np.float32)
+        self.w.add_tensor(name, data)
+
+    def finish(self) -> None:
+        _tokenizer(self.w)
+        self.w.write_header_to_file()
+        self.w.write_kv_data_to_file()
+        self.w.write_tensors_to_file()
+        self.w.close()
+
+
+def _common(m: _Model, n_embd: int, n_layer: int, n_ff: int, n_head: int) -> None:
+    m.u32("vocab_size", N_VOCAB)
+    m.u32("context_length", 4096)
+    m.u32("embedding_length", n_embd)
+    m.u32("block_count", n_layer)
+    m.u32("feed_forward_length", n_ff)
+    m.u32("attention.head_count", n_head)
+    m.f32("attention.layer_norm_rms_epsilon", 1e-5)
+
+
+def _ffn(m: _Model, il: int, n_embd: int, n_ff: int) -> None:
+    m.weight(f"blk.{il}.ffn_gate.weight", (n_embd, n_ff))
+    m.weight(f"blk.{il}.ffn_up.weight", (n_embd, n_ff))
+    m.weight(f"blk.{il}.ffn_down.weight", (n_ff, n_embd))
+
+
+def _qkvo(m: _Model, il: int, n_embd: int, n_q: int, n_kv: int) -> None:
+    m.weight(f"blk.{il}.attn_q.weight", (n_embd, n_q))
+    m.weight(f"blk.{il}.attn_k.weight", (n_embd, n_kv))
+    m.weight(f"blk.{il}.attn_v.weight", (n_embd, n_kv))
+    m.weight(f"blk.{il}.attn_output.weight", (n_q, n_embd))
+
+
+def write_gemma2(path: Path, *, n_swa: int = 8, n_embd: int = 32) -> Path:
+    """gemma2: 2 layers, SWA pattern 2 (layer 0 slides with window ``n_swa``, layer 1 is full).
+
+    llama_model_gemma2::load_arch_hparams: swa_type STANDARD, n_swa from
+    ``attention.sliding_window``, pattern 2; tensors: attn and ffn with post-norms,
+    output tied to token_embd. 2 heads of n_embd / 2, 1 KV head: K/V rows of n_embd / 2
+    (16 for tiny-gemma2, 4 for the narrow model of the fill runs).
+    """
+    n_layer, n_ff, n_head, n_head_kv = 2, n_embd * 3 // 2, 2, 1
+    head = n_embd // n_head
+    name = "tiny-gemma2" if n_embd == 32 else f"tiny-gemma2-e{n_embd}"
+    m = _Model(path, "gemma2", name, seed=2 + n_embd)
+    _common(m, n_embd, n_layer, n_ff, n_head)
+    m.u32("attention.head_count_kv", n_head_kv)
+    m.u32("attention.sliding_window", n_swa)
+    m.f32("attn_logit_softcapping", 50.0)
+    m.f32("final_logit_softcapping", 30.0)
+    m.weight("token_embd.weight", (n_embd, N_VOCAB))
+    m.norm("output_norm.weight", n_embd)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", n_embd)
+        _qkvo(m, il, n_embd, n_head * head, n_head_kv * head)
+        m.norm(f"blk.{il}.post_attention_norm.weight", n_embd)
+        m.norm(f"blk.{il}.ffn_norm.weight", n_embd)
+        _ffn(m, il, n_embd, n_ff)
+        m.norm(f"blk.{il}.post_ffw_norm.weight", n_embd)
+    m.finish()
+    return path
+
+
+def write_llama(path: Path, *, n_embd: int = 8) -> Path:
+    """llama: 2 layers, 2 heads of n_embd / 2, 1 KV head (K/V rows of 4 for n_embd 8).
+
+    Narrower than the shared tiny-llama.gguf, so that runs filling hundreds of cells
+    keep their state blobs small. ``rope.dimension_count`` must equal the head size.
+    """
+    n_layer, n_ff, n_head, n_head_kv = 2, n_embd * 3 // 2, 2, 1
+    head = n_embd // n_head
+    m = _Model(path, "llama", f"tiny-llama-e{n_embd}", seed=7 + n_embd)
+    _common(m, n_embd, n_layer, n_ff, n_head)
+    m.u32("attention.head_count_kv", n_head_kv)
+    m.u32("rope.dimension_count", head)
+    m.f32("rope.freq_base", 10000.0)
+    m.weight("token_embd.weight", (n_embd, N_VOCAB))
+    m.norm("output_norm.weight", n_embd)
+    m.weight("output.weight", (n_embd, N_VOCAB))
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", n_embd)
+        _qkvo(m, il, n_embd, n_head * head, n_head_kv * head)
+        m.norm(f"blk.{il}.ffn_norm.weight", n_embd)
+        _ffn(m, il, n_embd, n_ff)
+    m.finish()
+    return path
+
+
+def write_lfm2(path: Path, *, n_swa: int = 0) -> Path:
+    """lfm2: 4 layers [short-conv, attention, short-conv, attention].
+
+    llama_model_lfm2::load_arch_hparams: a layer recurs when its ``head_count_kv`` is 0;
+    ``shortconv.l_cache`` 3 gives R rows of n_embd * 2 = 32 floats and S rows of width 0.
+    With ``attention.sliding_window`` > 0 every attention layer slides (swa STANDARD), so
+    create_memory builds llama_memory_hybrid_iswa with an empty base cache; without it,
+    llama_memory_hybrid. n_embd 16, 2 heads of 8, 1 KV head: K/V rows of 8, R rows of 32.
+    """
+    n_embd, n_layer, n_ff, n_head, head, l_cache = 16, 4, 32, 2, 8, 3
+    kv_heads = [0, 1, 0, 1]
+    name = "tiny-lfm2-swa" if n_swa else "tiny-lfm2"
+    m = _Model(path, "lfm2", name, seed=5 if n_swa else 4)
+    _common(m, n_embd, n_layer, n_ff, n_head)
+    m.arr("attention.head_count_kv", kv_heads)
+    m.u32("shortconv.l_cache", l_cache)
+    if n_swa:
+        m.u32("attention.sliding_window", n_swa)
+    m.weight("token_embd.weight", (n_embd, N_VOCAB))
+    m.norm("token_embd_norm.weight", n_embd)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.ffn_norm.weight", n_embd)
+        _ffn(m, il, n_embd, n_ff)
+        m.norm(f"blk.{il}.attn_norm.weight", n_embd)
+        if kv_heads[il]:
+            m.norm(f"blk.{il}.attn_q_norm.weight", head)
+            m.norm(f"blk.{il}.attn_k_norm.weight", head)
+            _qkvo(m, il, n_embd, n_head * head, kv_heads[il] * head)
+        else:
+            m.weight(f"blk.{il}.shortconv.conv.weight", (l_cache, n_embd), scale=0.5)
+            m.weight(f"blk.{il}.shortconv.in_proj.weight", (n_embd, 3 * n_embd))
+            m.weight(f"blk.{il}.shortconv.out_proj.weight", (n_embd, n_embd))
+    m.finish()
+    return path
+
+
+# model file name -> writer; tiny-llama / tiny-mamba / tiny-jamba come with the shared data
+MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
+    "tiny-gemma2.gguf": write_gemma2,
+    "tiny-gemma2-e8.gguf": lambda p: write_gemma2(p, n_embd=8),
+    "tiny-llama-e8.gguf": write_llama,
+    "tiny-lfm2.gguf": write_lfm2,
+    "tiny-lfm2-swa.gguf": lambda p: write_lfm2(p, n_swa=8),
+}
