@@ -3,7 +3,7 @@
 Pins: the context sizing rules of ``llama_context`` (n_ctx padded to 256, n_ctx_seq per
 stream, n_batch / n_ubatch clamps, v_trans from flash attention, swa_full default, n_rs_seq
 clamp), the memory type and layer routing of ``create_memory`` per architecture, the SWA
-cache size formula, and, for the three recorded runs, that the planned memory is exactly
+cache size formula, and, for every recorded run, that the planned memory is exactly
 the one the reference built (``memory`` section of each run, byte widths included).
 GGUF files for the architectures without a recorded model are written by the tests.
 """
@@ -35,6 +35,21 @@ RUNS = {
     "llama.main.fa0.u1": "tiny-llama.gguf",
     "mamba.main.u1": "tiny-mamba.gguf",
     "jamba.main.fa1.u0": "tiny-jamba.gguf",
+    # recorded by tests/record/record_llama_cpp.py
+    "gemma2.main.fa0.u1": "tiny-gemma2.gguf",
+    "gemma2.main.fa1.u0": "tiny-gemma2.gguf",
+    "gemma2.main-ub4.fa0.u1": "tiny-gemma2.gguf",
+    "gemma2.main-swafull.fa1.u1": "tiny-gemma2.gguf",
+    "gemma2-e8.fill.fa0.u1": "tiny-gemma2-e8.gguf",
+    "lfm2-swa.noshift.fa0.u1": "tiny-lfm2-swa.gguf",
+    "lfm2-swa.noshift.fa1.u0": "tiny-lfm2-swa.gguf",
+    "lfm2-swa.noshift-rollback.fa1.u1": "tiny-lfm2-swa.gguf",
+    "lfm2.rollback.fa1.u1": "tiny-lfm2.gguf",
+    "lfm2.rollback.fa0.u0": "tiny-lfm2.gguf",
+    "lfm2.rollback-ub4.fa1.u1": "tiny-lfm2.gguf",
+    "llama.main.fa1.u0": "tiny-llama.gguf",
+    "llama.noshift-q8_0.fa1.u1": "tiny-llama.gguf",
+    "llama-e8.fill.fa1.u1": "tiny-llama-e8.gguf",
 }
 
 

@@ -17,6 +17,16 @@ RUNS = run_files()
 def test_recorded_runs_are_present() -> None:
     names = {p.stem for p in RUNS}
     assert {"llama.main.fa0.u1", "mamba.main.u1", "jamba.main.fa1.u0"} <= names
+    # tests/record/record_llama_cpp.py: iSWA, hybrid-iSWA, streams, rollback, q8_0, full caches
+    assert {
+        "gemma2.main.fa0.u1",
+        "gemma2.main.fa1.u0",
+        "lfm2-swa.noshift.fa0.u1",
+        "lfm2.rollback.fa1.u1",
+        "llama.main.fa1.u0",
+        "llama.noshift-q8_0.fa1.u1",
+        "gemma2-e8.fill.fa0.u1",
+    } <= names
 
 
 @pytest.mark.parametrize("path", RUNS, ids=[p.stem for p in RUNS])
