@@ -302,7 +302,13 @@ def _tensors(part: Any) -> list[Any]:
 
 
 def _restore_cells_not_rows(part: Any, data: bytes, seq_id: int) -> None:
-    """Restore ``data`` into ``seq_id`` of ``part``, then put every row back as it was."""
+    """Restore ``data`` into ``seq_id`` of ``part``, then put every row back as it was.
+
+    A whole restore (``seq_id`` -1) first clears the part with its data, as the
+    reference's does directly (not queued), so its rows end up zero.
+    """
+    if seq_id == -1:
+        part.clear(True)
     saved = [(t, t.read_bytes()) for t in _tensors(part)]
     part.state_read(data, seq_id)
     for t, raw in saved:
@@ -395,6 +401,74 @@ def emulate_reference_failed_restore(mem: Memory, data: bytes, seq_id: int) -> N
         for part in restored:
             if isinstance(part, KVCache):
                 part.state_clear(seq_id)
+
+
+# A whole restore that fails: every part empties itself before reading (``clear(true)``
+# zeroes its buffers directly), so parts that parsed keep their cells with zero rows, and
+# the failing part is cleared (``state_clear(-1)``) when its data section fails. Its
+# count or cell list running out is re-enacted for a KV part's stream counts only
+# (earlier streams stay); a cell list that stops part-way leaves half-written cells in the
+# reference, which no recorded run does (NotImplementedError).
+
+
+def _emulate_kv_whole_failure(kv: KVCache, data: bytes, off: int) -> None:
+    cur = _Cursor(data, off)
+    n_stream = cur.take("I")
+    if n_stream is None or n_stream[0] != kv.get_n_stream():
+        return  # refused before the clear
+    n_stream = n_stream[0]
+    kv.clear(True)
+    done = [struct.pack("<I", 0)] * n_stream
+    for s in range(n_stream):
+        start = cur.off
+        count = cur.take("I")
+        if count is None:
+            # thrown outside the cleanup: the streams before stay (cells, zero rows)
+            blob = struct.pack("<I", n_stream) + b"".join(done)
+            _restore_cells_not_rows(kv, blob, -1)
+            return
+        n = count[0]
+        if n > kv.get_size():
+            kv.clear(True)
+            return
+        if _kv_stream_meta(cur, n, kv.has_cell_ext()) is None:
+            raise NotImplementedError("a whole KV restore whose cell list stops part-way")
+        if n and not _kv_stream_data_fits(cur, n):
+            kv.clear(True)
+            return
+        done[s] = data[start : cur.off]
+    raise AssertionError("the KV part parses completely, yet pymem refused it")
+
+
+def _emulate_rs_whole_failure(rec: RecurrentMemory, data: bytes, off: int) -> None:
+    cur = _Cursor(data, off)
+    count = cur.take("I")
+    if count is None:
+        return  # thrown before anything changed
+    n = count[0]
+    for _ in range(n if n <= rec.size else 0):
+        cell = cur.take("iI")
+        if cell is None or not cur.skip(4 * cell[1]):
+            raise NotImplementedError("a whole recurrent restore whose cell list stops part-way")
+    rec.clear(True)  # too many cells, or the data section fails: state_clear(-1)
+
+
+def emulate_reference_failed_whole_restore(mem: Memory, data: bytes) -> None:
+    """Re-enact what the reference leaves behind when a whole-state restore fails."""
+    reader = StateReader(data)
+    for kind, part in parts(mem):
+        start = reader.offset
+        try:
+            part.state_read_parse(reader, -1, 0)
+        except StateError:
+            if kind == "kv":
+                _emulate_kv_whole_failure(part, data, start)
+            else:
+                _emulate_rs_whole_failure(part, data, start)
+            break
+        _restore_cells_not_rows(part, data[start : reader.offset], -1)
+    if isinstance(mem, HybridMemory) and not isinstance(mem.get_mem_attn(), KVCacheISWA):
+        mem.get_mem_attn().state_clear(-1)
 
 
 # --- rows the reference's kernels wrote that no whole-state blob shows -----------------
@@ -524,10 +598,14 @@ def replay(run: Run, mem: Memory) -> ReplayReport:
                 emulate_reference_failed_restore(mem, data, step["seq"])
         elif op == "state_set":
             data = strip_whole(run.blob(step["blob"]), arch)
+            before = mem.state_write()
             try:
                 result = 4 + len(arch) + mem.state_read(data)
             except StateError:
                 result = 0
+                report.failed_restores += 1
+                assert mem.state_write() == before, f"{where}: a failed restore changed pymem"
+                emulate_reference_failed_whole_restore(mem, data)
         else:
             assert op == "none", f"{where}: unknown op"
         report.steps += 1
