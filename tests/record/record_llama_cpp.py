@@ -148,6 +148,11 @@ RUNS = [
         "gemma2-e8.fill.fa0.u1", "gemma2-e8", "tiny-gemma2-e8.gguf", "fill", 512, 32, False, True,
         n_batch=512, fill=True,
     ),
+    # hybrid-iSWA running out of cells: 512 base cells (no layer) / 256 SWA cells
+    RunConfig(
+        "lfm2-swa.fill-noshift.fa1.u1", "lfm2-swa", "tiny-lfm2-swa.gguf", "fill-noshift", 512, 32,
+        True, True, n_batch=512, kshift=False, fill=True,
+    ),
     # quantised K/V (q8_0 needs flash attention for V); a q8_0 K-shift crashes the
     # reference on CPU -> no K-shift
     RunConfig(
@@ -491,14 +496,15 @@ def scenario(sc: Scenario, *, kshift: bool, shared: bool, n_rs_seq: int) -> None
         sc.decode(tk(0, 1), "decode after negative shift")
 
 
-def fill_scenario(sc: Scenario, *, n_cells: int) -> None:
+def fill_scenario(sc: Scenario, *, n_cells: int, kshift: bool) -> None:
     """Run a unified cache of ``n_cells`` cells (256 or 512) out of cells, with holes.
 
     Multi-ubatch prompts fill it (an SWA cache of 256 cells wraps and reuses masked
     cells); tail and middle removals leave holes that the next batch fills without
     being contiguous; a batch that does not fit fails (decode -> 1, nothing placed); a
-    negative ``seq_add`` frees a prefix; ``seq_keep``, a whole-state round trip that
-    compacts the cells to [0, n) and a decode after it.
+    negative ``seq_add`` frees a prefix (not ``kshift``: a removal instead); ``seq_keep``,
+    a whole-state round trip that compacts the cells to [0, n), a decode after it, a
+    truncated whole state (the restore fails) and a decode after that.
     """
     tk = sc.toks
     k = n_cells // 256  # 1 or 2: token counts scale with the cache
@@ -511,18 +517,31 @@ def fill_scenario(sc: Scenario, *, n_cells: int) -> None:
     sc.op("seq_rm", "free the tail of seq 1", seq=1, p0=30 * k, p1=-1)
     sc.op("seq_rm", "free a middle range of seq 2", seq=2, p0=10 * k, p1=20 * k)
     n = 10 * k
-    sc.decode(tk(0, n) + tk(1, n) + tk(2, n) + tk(3, n), "fill the holes (not contiguous)")
-    sc.decode(tk(0, 3) + tk(1, 3) + tk(2, 3) + tk(3, 3), "no room left -> decode fails (1)")
+    sc.decode(
+        tk(0, n) + tk(1, n) + tk(2, n) + tk(3, n),
+        "refill the freed cells (not contiguous; fails if too few)",
+    )
+    sc.decode(
+        tk(0, 3) + tk(1, 3) + tk(2, 3) + tk(3, 3),
+        "12 more tokens (decode fails (1) if the cache is full)",
+    )
     sc.op("seq_rm", "drop seq 3", seq=3, p0=-1, p1=-1)
     sc.decode(tk(0, 3) + tk(1, 3) + tk(2, 3) + tk(3, 3), "the same batch fits now")
-    sc.op("seq_add", "shift out a prefix of seq 0", seq=0, p0=0, p1=20 * k, delta=-20 * k)
-    sc.decode(tk(0, 4) + tk(2, 4), "decode after the shift")
+    if kshift:
+        sc.op("seq_add", "shift out a prefix of seq 0", seq=0, p0=0, p1=20 * k, delta=-20 * k)
+        sc.decode(tk(0, 4) + tk(2, 4), "decode after the shift")
+    else:
+        sc.op("seq_rm", "free a prefix of seq 0", seq=0, p0=0, p1=20 * k)
+        sc.decode(tk(0, 4) + tk(2, 4), "decode after the removal")
     sc.op("seq_keep", "keep only seq 2", seq=2)
     sc.decode(tk(0, 8) + tk(1, 8) + tk(2, 8) + tk(3, 8), "sequences restart beside seq 2")
     saved = sc.rec.steps[-1]
     sc.op("clear", "llama_memory_clear(data=true)", data=True)
     sc.op("state_set", "whole restore: the cells are compacted to [0, n)", blob=saved["state"])
     sc.decode(tk(0, 2) + tk(1, 2) + tk(2, 2) + tk(3, 2), "decode after the whole restore")
+    truncated = sc.rec.blob(sc.rec.steps[-1]["state"])[:-7]
+    sc.op("state_set", "truncated whole state -> restore fails (0)", blob=sc.rec.put(truncated))
+    sc.decode(tk(0, 2) + tk(1, 2) + tk(2, 2) + tk(3, 2), "decode after the failed restore")
 
 
 # --------------------------------------------------------------------------------------
@@ -862,7 +881,7 @@ def record_run(cfg: RunConfig, out: Path) -> Path:
     # stream per sequence refuse them (the sequential splitter)
     shared = cfg.kv_unified and not bool(ref.L.llama_model_is_recurrent(ref.model))
     if cfg.fill:
-        fill_scenario(Scenario(rec), n_cells=cfg.n_ctx)
+        fill_scenario(Scenario(rec), n_cells=cfg.n_ctx, kshift=cfg.kshift)
     else:
         scenario(Scenario(rec), kshift=cfg.kshift, shared=shared, n_rs_seq=cfg.n_rs_seq)
     wholes = [rec.blobs[s["state"]] for s in rec.steps]
