@@ -46,7 +46,9 @@ Reference quirks kept on purpose (each pinned by a test in tests/test_recurrent.
   (``p0`` is clamped to 0), exactly as in the reference.
 * ``seq_keep`` with a seq id that no cell holds (or a negative one) empties everything.
 * ``seq_cp`` ignores ``p0``/``p1`` and shares the source's cell.
-* ``seq_pos_min == seq_pos_max`` (one state per sequence).
+* ``seq_pos_min == seq_pos_max`` (one state per sequence), except for a position that
+  ``seq_add`` / ``seq_div`` made negative: ``seq_pos_min`` reports it, ``seq_pos_max``
+  reports -1 (the reference starts its max at -1), so e.g. [-91, -1].
 * ``state_write`` always writes the data header, even for zero cells.
 
 Where the reference crashes or corrupts, pymem does better and says so:
@@ -828,15 +830,25 @@ class RecurrentMemory(Memory):
         self._version += 1
 
     def seq_pos_min(self, seq_id: int) -> int:
-        """The position of ``seq_id``'s state, or -1 (the same as :meth:`seq_pos_max`)."""
-        return self.seq_pos_max(seq_id)
+        """The position of ``seq_id``'s state, or -1 when it has none.
 
-    def seq_pos_max(self, seq_id: int) -> int:
+        A negative position (``seq_add`` / ``seq_div`` moved it below 0) is reported as
+        it is, as the reference's minimum over the cells holding the sequence.
+        """
         seq_id = int(seq_id)
         if not 0 <= seq_id < self.size:
             return -1
         t = int(self.cells.tail[seq_id])
         return int(self.cells.pos[t]) if t >= 0 else -1
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        """The position of ``seq_id``'s state, never below -1.
+
+        The reference's maximum starts at -1, so a negative position reads as -1 here while
+        :meth:`seq_pos_min` reports it: after ``seq_add(s, -1, -1, -100)`` on a state at
+        position 9 the pair is ``(-91, -1)``, and the next batch for ``s`` starts at 0.
+        """
+        return max(-1, self.seq_pos_min(seq_id))
 
     # -- accounting ---------------------------------------------------------------------
     def memory_breakdown(self) -> dict[str, int]:

@@ -440,6 +440,22 @@ def test_seq_add_div_move_position_only() -> None:
     assert mem.seq_pos_max(1) == 7
 
 
+def test_negative_position_reads_as_max_minus_one() -> None:
+    # Regression (recorded run mamba.ops.u1, step 13): seq_add(3, -1, -1, -100) on a state
+    # at position 9 leaves the cell at -91; the reference reports seq_pos_min -91 and
+    # seq_pos_max -1 (its max starts at -1), pymem reported -91 for both.
+    mem = make_rec()
+    place(mem, (0, 9), (1, 4))
+    mem.seq_add(0, -1, -1, -100)
+    assert (mem.seq_pos_min(0), mem.seq_pos_max(0)) == (-91, -1)
+    assert mem.cells.seq_ids(int(mem.cells.tail[0])) == [0]  # the state is kept
+    mem.seq_div(1, -1, -1, -2)  # C truncation: 4 / -2 == -2
+    assert (mem.seq_pos_min(1), mem.seq_pos_max(1)) == (-2, -1)
+    mem.seq_add(1, -1, -1, 5)  # p0 clamps to 0: the negative position is out of reach
+    assert (mem.seq_pos_min(1), mem.seq_pos_max(1)) == (-2, -1)
+    assert (mem.seq_pos_min(2), mem.seq_pos_max(2)) == (-1, -1)
+
+
 def test_clear() -> None:
     mem = make_rec(n_rs_seq=1)
     fill_rows(mem)
