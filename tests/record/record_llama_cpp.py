@@ -81,6 +81,7 @@ class RunConfig:
     swa_full: bool = False
     kshift: bool = True
     fill: bool = False  # play fill_scenario (cells run out) instead of scenario
+    ops: bool = False  # play ops_scenario (unusual op arguments) instead of scenario
 
     def context_params(self) -> dict[str, Any]:
         return {
@@ -153,6 +154,16 @@ RUNS = [
         "lfm2-swa.fill-noshift.fa1.u1", "lfm2-swa", "tiny-lfm2-swa.gguf", "fill-noshift", 512, 32,
         True, True, n_batch=512, kshift=False, fill=True,
     ),
+    # sequence ops with unusual arguments (unified: partial copies stay in one stream)
+    RunConfig(
+        "llama-e8.ops.fa0.u1", "llama-e8", "tiny-llama-e8.gguf", "ops", 256, 32, False, True, ops=True
+    ),
+    RunConfig(
+        "gemma2-e8.ops.fa1.u1", "gemma2-e8", "tiny-gemma2-e8.gguf", "ops", 256, 32, True, True,
+        ops=True,
+    ),
+    RunConfig("lfm2.ops.fa1.u1", "lfm2", "tiny-lfm2.gguf", "ops", 256, 32, True, True, ops=True),
+    RunConfig("mamba.ops.u1", "mamba", "tiny-mamba.gguf", "ops", 256, 32, False, True, ops=True),
     # quantised K/V (q8_0 needs flash attention for V); a q8_0 K-shift crashes the
     # reference on CPU -> no K-shift
     RunConfig(
@@ -544,6 +555,34 @@ def fill_scenario(sc: Scenario, *, n_cells: int, kshift: bool) -> None:
     sc.decode(tk(0, 2) + tk(1, 2) + tk(2, 2) + tk(3, 2), "decode after the failed restore")
 
 
+def ops_scenario(sc: Scenario) -> None:
+    """Sequence ops with unusual arguments on a unified memory (partial copies, overlapping
+    and middle-range shifts, zero deltas, divisor 1, a shift that drops a whole sequence,
+    ``seq_keep`` of an absent sequence), each followed by the state, with decodes between.
+    """
+    tk = sc.toks
+    sc.op("none", "fresh context")
+    sc.decode(tk(0, 12) + tk(1, 8), "two prompts")
+    sc.op("seq_cp", "copy positions [3, 8) of seq 0 to seq 2", src=0, dst=2, p0=3, p1=8)
+    sc.op(
+        "seq_cp", "copy positions [0, 4) of seq 1 to seq 2 (pos 3 twice)", src=1, dst=2, p0=0, p1=4
+    )
+    sc.decode(tk(2, 1), "seq 2 continues after its copies")
+    sc.op("seq_add", "shift the middle [4, 8) of seq 0 by +3", seq=0, p0=4, p1=8, delta=3)
+    sc.op("seq_div", "divide [2, inf) of seq 1 by 3", seq=1, p0=2, p1=-1, d=3)
+    sc.op("seq_rm", "remove [6, 9) of seq 0", seq=0, p0=6, p1=9)
+    sc.decode(tk(0, 2) + tk(1, 1) + tk(2, 1), "decode with shifts pending")
+    sc.op("seq_cp", "fork seq 2 -> 3", src=2, dst=3, p0=-1, p1=-1)
+    sc.op("seq_rm", "drop seq 2", seq=2, p0=-1, p1=-1)
+    sc.op("seq_add", "delta 0 changes nothing", seq=1, p0=0, p1=-1, delta=0)
+    sc.op("seq_div", "divisor 1 changes nothing", seq=0, p0=0, p1=-1, d=1)
+    sc.op("seq_add", "shift all of seq 3 below 0 (removed)", seq=3, p0=-1, p1=-1, delta=-100)
+    sc.decode(tk(0, 1) + tk(1, 1) + tk(3, 2), "decode after the removals")
+    sc.op("seq_add", "shift [5, 7) of seq 3 (beyond its cells)", seq=3, p0=5, p1=7, delta=4)
+    sc.op("seq_keep", "keep seq 2, which is absent: everything goes", seq=2)
+    sc.decode(tk(0, 3) + tk(1, 3), "fresh prompts")
+
+
 # --------------------------------------------------------------------------------------
 # what the reference built (the run's "memory" section)
 # --------------------------------------------------------------------------------------
@@ -880,7 +919,9 @@ def record_run(cfg: RunConfig, out: Path) -> Path:
     # a unified attention memory accepts multi-sequence tokens; recurrent memory and one
     # stream per sequence refuse them (the sequential splitter)
     shared = cfg.kv_unified and not bool(ref.L.llama_model_is_recurrent(ref.model))
-    if cfg.fill:
+    if cfg.ops:
+        ops_scenario(Scenario(rec))
+    elif cfg.fill:
         fill_scenario(Scenario(rec), n_cells=cfg.n_ctx, kshift=cfg.kshift)
     else:
         scenario(Scenario(rec), kshift=cfg.kshift, shared=shared, n_rs_seq=cfg.n_rs_seq)
