@@ -47,9 +47,14 @@ RUNS = {
     "lfm2.rollback.fa1.u1": "tiny-lfm2.gguf",
     "lfm2.rollback.fa0.u0": "tiny-lfm2.gguf",
     "lfm2.rollback-ub4.fa1.u1": "tiny-lfm2.gguf",
-    "llama.main.fa1.u0": "tiny-llama.gguf",
+    "llama-e8.main.fa1.u0": "tiny-llama-e8.gguf",
     "llama.noshift-q8_0.fa1.u1": "tiny-llama.gguf",
     "llama-e8.fill.fa1.u1": "tiny-llama-e8.gguf",
+    "lfm2-swa.fill-noshift.fa1.u1": "tiny-lfm2-swa.gguf",
+    "llama-e8.ops.fa0.u1": "tiny-llama-e8.gguf",
+    "gemma2-e8.ops.fa1.u1": "tiny-gemma2-e8.gguf",
+    "lfm2.ops.fa1.u1": "tiny-lfm2.gguf",
+    "mamba.ops.u1": "tiny-mamba.gguf",
 }
 
 

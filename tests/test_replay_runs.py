@@ -23,7 +23,7 @@ def test_recorded_runs_are_present() -> None:
         "gemma2.main.fa1.u0",
         "lfm2-swa.noshift.fa0.u1",
         "lfm2.rollback.fa1.u1",
-        "llama.main.fa1.u0",
+        "llama-e8.main.fa1.u0",
         "llama.noshift-q8_0.fa1.u1",
         "gemma2-e8.fill.fa0.u1",
     } <= names

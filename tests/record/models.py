@@ -105,17 +105,17 @@ def _qkvo(m: _Model, il: int, n_embd: int, n_q: int, n_kv: int) -> None:
     m.weight(f"blk.{il}.attn_output.weight", (n_q, n_embd))
 
 
-def write_gemma2(path: Path, *, n_swa: int = 8, n_embd: int = 32) -> Path:
+def write_gemma2(path: Path, *, n_swa: int = 8, n_embd: int = 16) -> Path:
     """gemma2: 2 layers, SWA pattern 2 (layer 0 slides with window ``n_swa``, layer 1 is full).
 
     llama_model_gemma2::load_arch_hparams: swa_type STANDARD, n_swa from
     ``attention.sliding_window``, pattern 2; tensors: attn and ffn with post-norms,
     output tied to token_embd. 2 heads of n_embd / 2, 1 KV head: K/V rows of n_embd / 2
-    (16 for tiny-gemma2, 4 for the narrow model of the fill runs).
+    (8 for tiny-gemma2, 4 for the narrower model of the fill and ops runs).
     """
     n_layer, n_ff, n_head, n_head_kv = 2, n_embd * 3 // 2, 2, 1
     head = n_embd // n_head
-    name = "tiny-gemma2" if n_embd == 32 else f"tiny-gemma2-e{n_embd}"
+    name = "tiny-gemma2" if n_embd == 16 else f"tiny-gemma2-e{n_embd}"
     m = _Model(path, "gemma2", name, seed=2 + n_embd)
     _common(m, n_embd, n_layer, n_ff, n_head)
     m.u32("attention.head_count_kv", n_head_kv)

@@ -99,8 +99,8 @@ class RunConfig:
 
 
 RUNS = [
-    # iSWA (gemma2: layer 0 slides with a window of 8, layer 1 is full). Unified: the
-    # base cache has 512 cells, the SWA cache PAD(min(512, 8 * 4 + 64), 256) = 256.
+    # iSWA (gemma2: layer 0 slides with a window of 8, layer 1 is full; K/V rows of 8).
+    # Unified: the base cache has 512 cells, the SWA cache PAD(min(512, 8 * 4 + 64), 256) = 256.
     RunConfig("gemma2.main.fa0.u1", "gemma2", "tiny-gemma2.gguf", "main", 512, 64, False, True),
     # one stream per sequence: 4 x 512 base cells, 4 x PAD(min(512, 8 + 64), 256) = 256
     RunConfig("gemma2.main.fa1.u0", "gemma2", "tiny-gemma2.gguf", "main", 2048, 64, True, False),
@@ -126,7 +126,9 @@ RUNS = [
         512, 64, True, True, n_rs_seq=2, kshift=False,
     ),
     # plain KV cache, one stream per sequence
-    RunConfig("llama.main.fa1.u0", "llama", "tiny-llama.gguf", "main", 1024, 256, True, False),
+    RunConfig(
+        "llama-e8.main.fa1.u0", "llama-e8", "tiny-llama-e8.gguf", "main", 1024, 256, True, False
+    ),
     # recurrent rollback: lfm2 (hybrid, llm_arch_supports_rs_rollback) with n_rs_seq 2
     RunConfig(
         "lfm2.rollback.fa1.u1", "lfm2", "tiny-lfm2.gguf", "rollback", 256, 64, True, True, n_rs_seq=2
