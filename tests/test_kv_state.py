@@ -342,15 +342,51 @@ def test_gather_and_scatter_helpers_equal_fancy_indexing(seed):
         want = np.zeros_like(src)
         want[:, idx] = out
         assert np.array_equal(dst, want)
-        rows = rng.integers(0, 255, (k, 24)).astype(np.uint8)
-        got = np.empty((idx.size, 24), np.uint8)
-        sio.gather_rows(rows, idx, got)
-        assert np.array_equal(got, rows[idx])
-        back = np.zeros_like(rows)
-        sio.scatter_rows(back, idx, got)
-        want = np.zeros_like(rows)
-        want[idx] = got
-        assert np.array_equal(back, want)
+        runs = sio.cell_runs(idx)
+        out2 = np.empty_like(out)
+        sio.gather_cols(src, idx, out2, runs)
+        assert np.array_equal(out2, out)
+        # the same moves as native byte ranges (rows, and transposed elements)
+        from pymem.backend import TensorSpec, TensorStore
+
+        with TensorStore("CPU", [TensorSpec("t", "f16", (k, 5))]) as store:
+            t = store["t"]
+            t.numpy().view(np.uint16)[...] = src
+            off, size = sio.col_ranges(0, 2 * k, 5, runs, 2)
+            got = np.empty((5, idx.size), np.uint16)
+            t.read_ranges_into(got, off, size)
+            assert np.array_equal(got, src[:, idx])
+            t.numpy()[...] = 0
+            t.write_ranges(got, off, size)
+            assert np.array_equal(t.numpy().view(np.uint16), want)
+        with TensorStore("CPU", [TensorSpec("r", "i8", (24, k))]) as store:
+            r = store["r"]
+            rows = rng.integers(0, 255, (k, 24)).astype(np.uint8)
+            r.numpy().view(np.uint8)[...] = rows
+            for used in (24, 10):  # whole rows: a range per run; a row prefix: per cell
+                off, size = sio.row_ranges(r, 0, idx, runs, used)
+                assert off.size == (runs[0].size if used == 24 else idx.size)
+                got = np.empty((idx.size, used), np.uint8)
+                r.read_ranges_into(got, off, size)
+                assert np.array_equal(got, rows[idx, :used])
+            r.numpy()[...] = 0
+            r.write_ranges(rows[idx], *sio.row_ranges(r, 0, idx, runs, 24))
+            back = np.zeros_like(rows)
+            back[idx] = rows[idx]
+            assert np.array_equal(r.numpy().view(np.uint8), back)
+
+
+def test_range_builders_give_the_documented_ranges():
+    class T:
+        row_size = 8
+
+    runs = (np.array([2, 9]), np.array([5, 10]))
+    off, size = sio.row_ranges(T(), 0, np.array([2, 3, 4, 9]), runs, 8)  # type: ignore[arg-type]
+    assert off.tolist() == [16, 72] and size.tolist() == [24, 8]
+    off, size = sio.row_ranges(T(), 1, np.array([2, 3, 4, 9]), runs, 6)  # type: ignore[arg-type]
+    assert off.tolist() == [24, 32, 40, 80] and size.tolist() == [6] * 4
+    off, size = sio.col_ranges(0, 100, 2, runs, 2)
+    assert off.tolist() == [4, 18, 104, 118] and size.tolist() == [6, 2, 6, 2]
 
 
 def test_whole_restore_zeroes_the_cells_it_does_not_fill():
