@@ -47,7 +47,7 @@ from pymem.factory import ContextParams, create_memory
 from pymem.hybrid import HybridMemory
 from pymem.iswa import KVCacheISWA
 from pymem.kv import KVCache
-from pymem.memory import Memory, MemoryStatus
+from pymem.memory import Memory, MemoryStatus, StateFlags
 from pymem.recurrent import RecurrentMemory
 from pymem.spec import LayerSpec, ModelSpec, SWAType
 from pymem.state import StateReader
@@ -143,16 +143,23 @@ def build_memory(run: Run) -> Memory:
 # --- the memory's parts, in serialisation order ---------------------------------------
 
 
-def parts(mem: Memory) -> list[tuple[str, Any]]:
-    """``[("kv", KVCache) | ("rs", RecurrentMemory), ...]`` as the whole state lists them."""
+def parts(mem: Memory, flags: int = 0) -> list[tuple[str, Any]]:
+    """``[("kv", KVCache) | ("rs", RecurrentMemory), ...]`` as a state with ``flags`` lists
+    them: ``PARTIAL_ONLY`` leaves out an iSWA base cache and a plain hybrid's attention
+    cache (a plain KV cache and recurrent memory ignore the flag)."""
+    partial = bool(flags & StateFlags.PARTIAL_ONLY)
     if isinstance(mem, KVCache):
         return [("kv", mem)]
     if isinstance(mem, KVCacheISWA):
-        return [("kv", mem.get_base()), ("kv", mem.get_swa())]
+        return (
+            [("kv", mem.get_swa())] if partial else [("kv", mem.get_base()), ("kv", mem.get_swa())]
+        )
     if isinstance(mem, RecurrentMemory):
         return [("rs", mem)]
     if isinstance(mem, HybridMemory):
-        return [*parts(mem.get_mem_attn()), ("rs", mem.get_mem_recr())]
+        attn = mem.get_mem_attn()
+        attn_parts = [] if partial and isinstance(attn, KVCache) else parts(attn, flags)
+        return [*attn_parts, ("rs", mem.get_mem_recr())]
     raise TypeError(f"unknown memory type {type(mem).__name__}")
 
 
@@ -376,16 +383,17 @@ def _emulate_rs_failure(rec: RecurrentMemory, data: bytes, off: int, seq_id: int
                     t.fill_rows(placed, 0)
 
 
-def emulate_reference_failed_restore(mem: Memory, data: bytes, seq_id: int) -> None:
+def emulate_reference_failed_restore(mem: Memory, data: bytes, seq_id: int, flags: int = 0) -> None:
     """Re-enact what the reference leaves behind when a per-sequence restore fails.
 
-    Parts are read in order; the ones that parse completely keep their cells (not their
-    rows, see above), the failing one leaves the sequence removed, and then the plain
-    hybrid undoes its attention part (iSWA and hybrid-iSWA have no undo path).
+    Parts are read in order (``flags``: the parts a ``PARTIAL_ONLY`` state holds); the
+    ones that parse completely keep their cells (not their rows, see above), the failing
+    one leaves the sequence removed, and then the plain hybrid undoes its attention part
+    (iSWA and hybrid-iSWA have no undo path).
     """
     reader = StateReader(data)
     restored: list[Any] = []
-    for kind, part in parts(mem):
+    for kind, part in parts(mem, flags):
         start = reader.offset
         try:
             part.state_read_parse(reader, seq_id, 0)
@@ -588,14 +596,15 @@ def replay(run: Run, mem: Memory) -> ReplayReport:
             mem.clear(step.get("data", True))
         elif op == "state_seq_set":
             data = strip_seq(run.blob(step["blob"]))
+            flags = int(step.get("flags", 0))
             before = mem.state_write()
             try:
-                result = 8 + mem.state_read(data, step["seq"])
+                result = 8 + mem.state_read(data, step["seq"], flags)
             except StateError:
                 result = 0
                 report.failed_restores += 1
                 assert mem.state_write() == before, f"{where}: a failed restore changed pymem"
-                emulate_reference_failed_restore(mem, data, step["seq"])
+                emulate_reference_failed_restore(mem, data, step["seq"], flags)
         elif op == "state_set":
             data = strip_whole(run.blob(step["blob"]), arch)
             before = mem.state_write()
@@ -624,6 +633,10 @@ def replay(run: Run, mem: Memory) -> ReplayReport:
             assert bytes(whole) == strip_whole(run.blob(step["state"]), arch), (
                 f"{where}: whole blob"
             )
+            report.blobs_compared += 1
+        for s, blob_id in enumerate(step.get("seq_state_partial", [])):
+            got = bytes(mem.state_write(s, StateFlags.PARTIAL_ONLY))
+            assert got == strip_seq(run.blob(blob_id)), f"{where}: seq {s} PARTIAL_ONLY blob"
             report.blobs_compared += 1
         prev_pos = step["pos"]
     return report
