@@ -45,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "data"
 N_SEQ = 4
 SEQ_MAGIC = 0xAF143CD8
+PARTIAL_ONLY = 1  # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
 
 GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8}
 GGML_TYPE_NAMES = {v: k for k, v in GGML_TYPES.items()}
@@ -82,6 +83,7 @@ class RunConfig:
     kshift: bool = True
     fill: bool = False  # play fill_scenario (cells run out) instead of scenario
     ops: bool = False  # play ops_scenario (unusual op arguments) instead of scenario
+    checkpoint: bool = False  # play checkpoint_scenario (PARTIAL_ONLY states)
 
     def context_params(self) -> dict[str, Any]:
         return {
@@ -166,6 +168,19 @@ RUNS = [
     ),
     RunConfig("lfm2.ops.fa1.u1", "lfm2", "tiny-lfm2.gguf", "ops", 256, 32, True, True, ops=True),
     RunConfig("mamba.ops.u1", "mamba", "tiny-mamba.gguf", "ops", 256, 32, False, True, ops=True),
+    # context checkpoints (PARTIAL_ONLY states): iSWA, hybrid-iSWA, hybrid
+    RunConfig(
+        "gemma2-e8.checkpoint.fa1.u1", "gemma2-e8", "tiny-gemma2-e8.gguf", "checkpoint", 256, 32,
+        True, True, checkpoint=True,
+    ),
+    RunConfig(
+        "lfm2-swa.checkpoint.fa0.u0", "lfm2-swa", "tiny-lfm2-swa.gguf", "checkpoint", 1024, 32,
+        False, False, checkpoint=True,
+    ),
+    RunConfig(
+        "lfm2.checkpoint.fa1.u1", "lfm2", "tiny-lfm2.gguf", "checkpoint", 256, 32, True, True,
+        checkpoint=True,
+    ),
     # quantised K/V (q8_0 needs flash attention for V); a q8_0 K-shift crashes the
     # reference on CPU -> no K-shift
     RunConfig(
@@ -296,9 +311,20 @@ class Reference:
         assert m == n, f"state: get_size {n} != get_data {m}"
         return bytes(buf)
 
-    def seq_state_set(self, data: bytes, seq: int) -> int:
+    def seq_state_set(self, data: bytes, seq: int, flags: int = 0) -> int:
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if flags:
+            return int(self.L.llama_state_seq_set_data_ext(self.ctx, buf, len(data), seq, flags))
         return int(self.L.llama_state_seq_set_data(self.ctx, buf, len(data), seq))
+
+    def seq_state_partial(self, seq: int) -> bytes:
+        """``llama_state_seq_get_data_ext(..., LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY)``."""
+        lc = self.L
+        n = lc.llama_state_seq_get_size_ext(self.ctx, seq, PARTIAL_ONLY)
+        buf = (ctypes.c_uint8 * n)()
+        m = lc.llama_state_seq_get_data_ext(self.ctx, buf, n, seq, PARTIAL_ONLY)
+        assert m == n, f"seq {seq}: partial get_size {n} != get_data {m}"
+        return bytes(buf)
 
     def state_set(self, data: bytes) -> int:
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
@@ -321,6 +347,7 @@ class Recorder:
     ref: Reference
     steps: list[dict[str, Any]] = field(default_factory=list)
     blobs: dict[str, bytes] = field(default_factory=dict)
+    partial: bool = False  # also record each sequence's PARTIAL_ONLY state after each step
 
     def put(self, data: bytes) -> str:
         bid = blob_id(data)
@@ -355,7 +382,7 @@ class Recorder:
         elif op == "state_seq_set":
             data = self.blob(step["blob"])
             rec["blob_bytes"] = len(data)
-            result = ref.seq_state_set(data, step["seq"])
+            result = ref.seq_state_set(data, step["seq"], step.get("flags", 0))
         elif op == "state_set":
             data = self.blob(step["blob"])
             rec["blob_bytes"] = len(data)
@@ -374,6 +401,8 @@ class Recorder:
         rec["state_bytes"] = len(whole)
         rec["seq_state"] = [self.put(b) for b in seq_blobs]
         rec["state"] = self.put(whole)
+        if self.partial:
+            rec["seq_state_partial"] = [self.put(ref.seq_state_partial(s)) for s in range(N_SEQ)]
         self.steps.append(rec)
         return rec
 
@@ -555,6 +584,38 @@ def fill_scenario(sc: Scenario, *, n_cells: int, kshift: bool) -> None:
     truncated = sc.rec.blob(sc.rec.steps[-1]["state"])[:-7]
     sc.op("state_set", "truncated whole state -> restore fails (0)", blob=sc.rec.put(truncated))
     sc.decode(tk(0, 2) + tk(1, 2) + tk(2, 2) + tk(3, 2), "decode after the failed restore")
+
+
+def checkpoint_scenario(sc: Scenario) -> None:
+    """Context checkpoints as llama-server takes them: ``PARTIAL_ONLY`` states (the SWA
+    cache of iSWA, the recurrent part of hybrids; every step records them as
+    ``seq_state_partial``), restored with the same flag, then the tail removed.
+    """
+    tk = sc.toks
+    sc.op("none", "fresh context")
+    sc.decode(tk(0, 20) + tk(1, 12), "two prompts")
+    ckpt = sc.rec.steps[-1]["seq_state_partial"][0]
+    p_ckpt = sc.pos_max(0)
+    sc.decode(tk(0, 6) + tk(1, 1), "seq 0 moves on (its window slides)")
+    sc.op("state_seq_set", "restore seq 0's checkpoint (PARTIAL_ONLY)", blob=ckpt, seq=0, flags=1)
+    p1 = p_ckpt + 1
+    sc.op("seq_rm", "drop seq 0's tokens after the checkpoint", seq=0, p0=p1, p1=-1)
+    sc.decode(tk(0, 2, start=p1), "seq 0 continues from the checkpoint")
+    sc.op("state_seq_set", "seq 0's checkpoint into empty seq 2", blob=ckpt, seq=2, flags=1)
+    truncated = sc.rec.blob(ckpt)[:-5]
+    note = "truncated checkpoint -> restore fails (0)"
+    sc.op("state_seq_set", note, blob=sc.rec.put(truncated), seq=1, flags=1)
+    sc.decode(tk(0, 1) + tk(1, 1) + tk(2, 1), "all sequences advance")
+    full = sc.rec.steps[-1]["seq_state"][1]
+    sc.op("state_seq_set", "a full state of seq 1 into seq 3", blob=full, seq=3)
+    sc.op(
+        "state_seq_set",
+        "seq 1's checkpoint over seq 3",
+        blob=sc.rec.steps[-2]["seq_state_partial"][1],
+        seq=3,
+        flags=1,
+    )
+    sc.decode(tk(3, 2), "seq 3 continues")
 
 
 def ops_scenario(sc: Scenario) -> None:
@@ -921,7 +982,10 @@ def record_run(cfg: RunConfig, out: Path) -> Path:
     # a unified attention memory accepts multi-sequence tokens; recurrent memory and one
     # stream per sequence refuse them (the sequential splitter)
     shared = cfg.kv_unified and not bool(ref.L.llama_model_is_recurrent(ref.model))
-    if cfg.ops:
+    if cfg.checkpoint:
+        rec.partial = True
+        checkpoint_scenario(Scenario(rec))
+    elif cfg.ops:
         ops_scenario(Scenario(rec))
     elif cfg.fill:
         fill_scenario(Scenario(rec), n_cells=cfg.n_ctx, kshift=cfg.kshift)
@@ -980,7 +1044,7 @@ def verify_run(path: Path) -> int:
     run = json.loads(path.read_text())
     root = path.parent.parent
     ref = Reference(root / "models" / run["model_file"], run["context_params"])
-    rec = Recorder(ref)
+    rec = Recorder(ref, partial=any("seq_state_partial" in st for st in run["steps"]))
     n_diff = 0
     for st in run["steps"]:
         step = {k: st[k] for k in st if k in _ARG_KEYS}
@@ -996,6 +1060,7 @@ def verify_run(path: Path) -> int:
             "seq_state",
             "state",
             "logits",
+            "seq_state_partial",
         ):
             if k in st and got.get(k) != st[k]:
                 n_diff += 1
@@ -1004,7 +1069,21 @@ def verify_run(path: Path) -> int:
     return n_diff
 
 
-_ARG_KEYS = ("op", "items", "seq", "src", "dst", "p0", "p1", "delta", "d", "data", "blob", "note")
+_ARG_KEYS = (
+    "op",
+    "items",
+    "seq",
+    "src",
+    "dst",
+    "p0",
+    "p1",
+    "delta",
+    "d",
+    "data",
+    "blob",
+    "flags",
+    "note",
+)
 
 
 def write_models(out: Path, names: set[str]) -> None:
