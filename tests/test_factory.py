@@ -55,6 +55,9 @@ RUNS = {
     "gemma2-e8.ops.fa1.u1": "tiny-gemma2-e8.gguf",
     "lfm2.ops.fa1.u1": "tiny-lfm2.gguf",
     "mamba.ops.u1": "tiny-mamba.gguf",
+    "gemma2-e8.checkpoint.fa1.u1": "tiny-gemma2-e8.gguf",
+    "lfm2-swa.checkpoint.fa0.u0": "tiny-lfm2-swa.gguf",
+    "lfm2.checkpoint.fa1.u1": "tiny-lfm2.gguf",
 }
 
 

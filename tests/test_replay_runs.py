@@ -26,6 +26,8 @@ def test_recorded_runs_are_present() -> None:
         "llama-e8.main.fa1.u0",
         "llama.noshift-q8_0.fa1.u1",
         "gemma2-e8.fill.fa0.u1",
+        "mamba.ops.u1",
+        "lfm2-swa.checkpoint.fa0.u0",
     } <= names
 
 
