@@ -25,7 +25,13 @@ class Writer:
 
 
 class Reader:
-    """Reads fields in order; running past the end is a SpecStateError (the reference throws)."""
+    """Reads fields in order; running past the end is a SpecStateError (the reference throws).
+
+    ``Reader.record``, when a list, receives ``(offset, size)`` of every raw (tensor) read:
+    the hostile tests use it to tell metadata bytes from tensor bytes.
+    """
+
+    record: list | None = None
 
     def __init__(self, data: bytes | bytearray | memoryview, offset: int = 0) -> None:
         self.data = bytes(data)
@@ -51,4 +57,6 @@ class Reader:
         return struct.unpack("<Q", self._take(8, what))[0]
 
     def raw(self, n: int, what: str) -> bytes:
+        if Reader.record is not None:
+            Reader.record.append((self.off, n))
         return self._take(n, what)
