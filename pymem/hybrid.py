@@ -200,13 +200,16 @@ class HybridMemory(Memory):
             ubatches.append(ub)
         if balloc.n_used < balloc.n_tokens or not ubatches:
             return HybridContext.failed(MemoryStatus.FAILED_PREPARE)
-        if not self.mem_recr.prepare(ubatches):
+        recr_plan = self.mem_recr.plan_ubatches(ubatches)
+        if recr_plan is None:
             return HybridContext.failed(MemoryStatus.FAILED_PREPARE)
         attn_plan = self.mem_attn.prepare(ubatches)
         if attn_plan is None:
             return HybridContext.failed(MemoryStatus.FAILED_PREPARE)
         return HybridContext(
-            self._attn_context(attn_plan, ubatches), self._recr_context(ubatches), ubatches
+            self._attn_context(attn_plan, ubatches),
+            self.mem_recr.context_for(recr_plan, ubatches),
+            ubatches,
         )
 
     def _attn_context(
@@ -219,11 +222,6 @@ class HybridMemory(Memory):
 
         assert isinstance(plan, list)
         return KVCacheContext(self.mem_attn, MemoryStatus.SUCCESS, sinfos=plan, ubatches=ubatches)
-
-    def _recr_context(self, ubatches: list[UBatch]) -> RecurrentMemoryContext:
-        from pymem.recurrent import RecurrentMemoryContext
-
-        return RecurrentMemoryContext(self.mem_recr, ubatches)
 
     def init_full(self) -> HybridContext:
         return HybridContext(self.mem_attn.init_full(), self.mem_recr.init_full(), [])

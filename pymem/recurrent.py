@@ -497,6 +497,22 @@ def _resolve_devices(device: Any, layers: Sequence[int]) -> dict[int, Any]:
     return dict.fromkeys(layers, device)
 
 
+@dataclass
+class RecurrentPlan:
+    """Placement of a batch's ubatches, computed without changing the memory.
+
+    ``states[i]`` are the cells after ubatch ``i``; they hold when the memory is still at
+    ``version`` with the cells object ``base`` (ubatch 0), or at the state applied for
+    ubatch ``i - 1``. Rollback indices are not part of a placement (``find_slot`` never
+    changes them): the live ones carry over.
+    """
+
+    requests: list[_SlotRequest]
+    states: list[RecurrentCells]
+    base: RecurrentCells
+    version: int
+
+
 class RecurrentMemory(Memory):
     """Recurrent (SSM) state memory: ``llama_memory_recurrent``.
 
@@ -677,10 +693,10 @@ class RecurrentMemory(Memory):
                 "init_batch: the splitter used %d of %d tokens", balloc.n_used, balloc.n_tokens
             )
             return RecurrentMemoryContext.failed(MemoryStatus.FAILED_PREPARE)
-        reqs = [_SlotRequest.from_ubatch(ub) for ub in ubatches]
-        if not self._plan(reqs):
+        plan = self.plan_ubatches(ubatches)
+        if plan is None:
             return RecurrentMemoryContext.failed(MemoryStatus.FAILED_PREPARE)
-        return RecurrentMemoryContext(self, ubatches, requests=reqs)
+        return self.context_for(plan, ubatches)
 
     def init_full(self) -> RecurrentMemoryContext:
         """A context covering every cell (worst-case graph reservation)."""
@@ -696,12 +712,30 @@ class RecurrentMemory(Memory):
 
     def prepare(self, ubatches: Sequence[UBatch]) -> bool:
         """Whether every ubatch can be placed, in order. Changes nothing (plans on a copy)."""
-        self._check_open()
-        return self._plan([_SlotRequest.from_ubatch(ub) for ub in ubatches])
+        return self.plan_ubatches(ubatches) is not None
 
-    def _plan(self, reqs: Sequence[_SlotRequest]) -> bool:
-        cells = self.cells.copy()
-        return all(_find_slot(cells, req) for req in reqs)
+    def plan_ubatches(self, ubatches: Sequence[UBatch]) -> RecurrentPlan | None:
+        """Place every ubatch in order on copies of the cells; None if one does not fit.
+
+        Changes nothing. A context made by :meth:`context_for` applies the planned cells
+        as long as the memory has not changed since, instead of placing again.
+        """
+        self._check_open()
+        reqs = [_SlotRequest.from_ubatch(ub) for ub in ubatches]
+        states: list[RecurrentCells] = []
+        cells = self.cells
+        for req in reqs:
+            cells = cells.copy()
+            if not _find_slot(cells, req):
+                return None
+            states.append(cells)
+        return RecurrentPlan(reqs, states, self.cells, self._version)
+
+    def context_for(
+        self, plan: RecurrentPlan, ubatches: Sequence[UBatch]
+    ) -> RecurrentMemoryContext:
+        """A batch context from a :meth:`plan_ubatches` of the same ubatches (no re-planning)."""
+        return RecurrentMemoryContext(self, ubatches, requests=plan.requests, plan=plan)
 
     def find_slot(self, ubatch: UBatch) -> bool:
         """Place ``ubatch`` now (what ``apply`` does). On False nothing changes."""
@@ -1234,8 +1268,10 @@ class RecurrentMemoryContext(MemoryContext):
         is_full: bool = False,
         status: MemoryStatus = MemoryStatus.SUCCESS,
         requests: Sequence[_SlotRequest] | None = None,
+        plan: RecurrentPlan | None = None,
     ) -> None:
         self.mem = mem
+        self._plan = plan
         self.ubatches: list[UBatch] = list(ubatches or [])
         # what find_slot needs from each ubatch, extracted once at planning time
         self._requests = list(requests) if requests is not None else None
@@ -1274,14 +1310,25 @@ class RecurrentMemoryContext(MemoryContext):
             )
         mem = self._mem()
         mem._check_open()
-        if self._requests is not None:
-            req = self._requests[self.i_next]
+        i, plan = self.i_next, self._plan
+        if (
+            plan is not None
+            and mem._version == plan.version + i
+            and mem.cells is (plan.states[i - 1] if i else plan.base)
+        ):
+            # nothing changed since planning: the planned cells are this placement
+            cells = plan.states[i]
+            cells.rs_idx = mem.cells.rs_idx
+            mem._commit(cells)
         else:
-            req = _SlotRequest.from_ubatch(self.ubatches[self.i_next])
-        if not mem._place(req):
-            raise BatchError(
-                "apply: the planned ubatch no longer fits (memory changed after init_batch)"
-            )
+            if self._requests is not None:
+                req = self._requests[i]
+            else:
+                req = _SlotRequest.from_ubatch(self.ubatches[i])
+            if not mem._place(req):
+                raise BatchError(
+                    "apply: the planned ubatch no longer fits (memory changed after init_batch)"
+                )
         self._s_copy = mem._s_copy(mem.head, mem.n, consume=True)
         return True
 

@@ -173,14 +173,18 @@ def test_recurrent_prepares_first_and_a_failure_changes_nothing(
 ) -> None:
     mem = make_hybrid(n_seq_max=2)
     order: list[str] = []
-    for name, part in (("recr", mem.mem_recr), ("attn", mem.mem_attn)):
-        orig = part.prepare
+    # the recurrent part plans (a prepare that keeps the placement), the attention part prepares
+    for name, part, method in (
+        ("recr", mem.mem_recr, "plan_ubatches"),
+        ("attn", mem.mem_attn, "prepare"),
+    ):
+        orig = getattr(part, method)
 
         def spy(ubatches: Any, _orig: Any = orig, _name: str = name) -> Any:
             order.append(_name)
             return _orig(ubatches)
 
-        monkeypatch.setattr(part, "prepare", spy)
+        monkeypatch.setattr(part, method, spy)
     assert decode(mem, prompt(0, 4)) == 0
     assert order == ["recr", "attn"]
 
