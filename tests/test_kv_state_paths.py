@@ -91,3 +91,27 @@ def test_fragmented_sequences_every_path_same_bytes(monkeypatch, name: str, max_
         whole = build(CFGS[name], n_cells=2048, n_seq=3)
         whole.state_read(blobs[-1])
         assert bytes(whole.state_write()) == blobs[-1]
+
+
+@pytest.mark.parametrize("name", ["f16-trans", "f32-notrans"])
+def test_zero_cells_every_path_same_bytes(monkeypatch, name: str) -> None:
+    """zero_cells of scattered single cells (staged span on a device), of long runs (native
+    ranges) and on a host view leave the same bytes: zeros exactly at those cells."""
+    cases = [np.arange(3, 900, 7), np.concatenate((np.arange(10, 200), np.arange(300, 700)))]
+    for idx in cases:
+        out = []
+        for device in (False, True):
+            kv = build(CFGS[name], n_cells=1024, n_seq=3)
+            randomize(kv, 7)
+            with monkeypatch.context() as m:
+                if device:
+                    m.setattr(sio, "rows_view", lambda t: None)
+                    m.setattr(sio, "v_trans_view", lambda kv, layer, strm: None)
+                kv.zero_cells(0, idx)
+            out.append([t.read_bytes() for layer in kv.layers for t in (layer.k, layer.v)])
+            if kv.v_trans:
+                vt = sio.v_trans_view(kv, kv.layers[0], 0)
+                assert not vt[:, idx].any()
+                rest = np.setdiff1d(np.arange(1024), idx)
+                assert np.count_nonzero(vt[:, rest]) > 0.99 * vt[:, rest].size
+        assert out[0] == out[1]

@@ -994,13 +994,9 @@ class KVCache(Memory):
                 if view is not None:
                     view[:, idx] = 0
                 else:
-                    el = self.type_v.type_size
-                    zero = bytes(el * layer.v.shape[0])
-                    base = strm * layer.v.nb[2]
-                    for i in np.asarray(idx).tolist():
-                        layer.v.write_strided(
-                            zero, base + i * el, el, self.kv_size * el, layer.v.shape[0]
-                        )
+                    from pymem.kv.state_io import zero_cols
+
+                    zero_cols(self, layer, strm, np.asarray(idx, dtype=np.int64))
 
 
 class KVCacheContext(MemoryContext):

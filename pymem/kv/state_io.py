@@ -629,6 +629,26 @@ def _parse_data(
     return out
 
 
+def zero_cols(kv: KVCache, layer: KVLayer, strm: int, idx: np.ndarray) -> None:
+    """Zero the transposed-V elements of cells ``idx`` of a non-host V, every channel:
+    one native range write, or for many short runs a zeroed span written back."""
+    v = layer.v
+    assert v is not None
+    el = kv.type_v.type_size
+    n_ch = v.shape[0]
+    base, stride = strm * v.nb[2], kv.kv_size * el
+    idx = np.sort(idx)
+    runs = cell_runs(idx)
+    if cols_method(False, runs, el, _RANGES_MIN_SCATTER) == "staged":
+        lo, span = _span(v, base, stride, n_ch, runs, el)
+        zeros = np.zeros((n_ch, idx.size), dtype=span.dtype)
+        scatter_cols(span, idx - lo, zeros, (runs[0] - lo, runs[1] - lo))
+        v.write_strided(span, base + lo * el, span.shape[1] * el, stride, n_ch)
+        return
+    offsets, sizes = col_ranges(base, stride, n_ch, runs, el)
+    v.write_ranges(bytes(int(sizes.sum())), offsets, sizes)
+
+
 def _write_payloads(
     kv: KVCache, strm: int, idx: np.ndarray, payloads: list[tuple[KVLayer, str, memoryview]]
 ) -> None:
