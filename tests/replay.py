@@ -21,6 +21,10 @@ ascending cell order), then copies the reference's rows into those cells. Everyt
 blobs contain besides the kernels' numbers (selection, order, positions, sequence sets,
 headers, layouts, pending stream copies, rows restored from blobs) is pymem's own.
 
+With a model (:class:`ReplayHooks` with a ``forward``, e.g. tests/test_gguf_llama.py
+running :mod:`pymem.models.gguf_llama`), nothing is copied: the model computes every
+ubatch over pymem's memory and the blobs then hold pymem's own K/V/R/S rows.
+
 A restore that fails is where pymem differs on purpose: pymem changes nothing (checked on
 the whole state), while the reference leaves side effects that later steps depend on.
 :func:`emulate_reference_failed_restore` re-enacts them with pymem's public operations.
@@ -34,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +52,7 @@ from pymem.factory import ContextParams, create_memory
 from pymem.hybrid import HybridMemory
 from pymem.iswa import KVCacheISWA
 from pymem.kv import KVCache
-from pymem.memory import Memory, MemoryStatus, StateFlags
+from pymem.memory import Memory, MemoryContext, MemoryStatus, StateFlags
 from pymem.recurrent import RecurrentMemory
 from pymem.spec import LayerSpec, ModelSpec, SWAType
 from pymem.state import StateReader
@@ -200,8 +205,11 @@ def _kv_cells_of_stream(kv: KVCache, strm: int) -> tuple[np.ndarray, list[tuple[
     return filled, listed
 
 
-def sync_tensors_from_reference(mem: Memory, ref: bytes, where: str) -> None:
-    """Check pymem's cells equal the reference's, then copy the reference's rows in."""
+def sync_tensors_from_reference(
+    mem: Memory, ref: bytes, where: str, copy_rows: bool = True
+) -> None:
+    """Check pymem's cells equal the reference's, then copy the reference's rows in
+    (``copy_rows=False``: only check the cells, the rows are pymem's own computation)."""
     off = 0
     for kind, part in parts(mem):
         if kind == "kv":
@@ -210,7 +218,7 @@ def sync_tensors_from_reference(mem: Memory, ref: bytes, where: str) -> None:
                 filled, listed = _kv_cells_of_stream(part, strm)
                 got = [(c[0], c[1]) for c in sp.cells] if sp is not None else []
                 assert listed == got, f"{where}: KV stream {strm} cells differ from the reference"
-                if sp is not None:
+                if sp is not None and copy_rows:
                     fill_rows_from_part(part, kvp, strm, filled, np.arange(len(filled)))
             off = kvp.end
         else:
@@ -224,7 +232,7 @@ def sync_tensors_from_reference(mem: Memory, ref: bytes, where: str) -> None:
                 f"{where}: recurrent cells differ"
             )
             for k, il in enumerate(rec.layers):
-                if len(filled):
+                if len(filled) and copy_rows:
                     rec.get_r_l(il).write_rows(filled, r_rows[k])
                     rec.get_s_l(il).write_rows(filled, s_rows[k])
     assert off == len(ref), f"{where}: the reference blob has {len(ref) - off} bytes past the parts"
@@ -528,8 +536,22 @@ def strip_whole(data: bytes, arch: str) -> bytes:
     return data[4 + n :]
 
 
-def decode(mem: Memory, balloc: BatchAllocator, items: list, n_seq_max: int, n_ubatch: int) -> int:
-    """``llama_context::decode``'s memory flow; returns its code (0, 1 or -1)."""
+Forward = Callable[[MemoryContext, UBatch], None]
+
+
+def decode(
+    mem: Memory,
+    balloc: BatchAllocator,
+    items: list,
+    n_seq_max: int,
+    n_ubatch: int,
+    forward: Forward | None = None,
+) -> int:
+    """``llama_context::decode``'s memory flow; returns its code (0, 1 or -1).
+
+    ``forward(mctx, ubatch)``, when given, is called for every ubatch right after its
+    ``apply()``, where llama.cpp builds and computes the graph.
+    """
     try:
         balloc.init(Batch.from_items(items), memory=mem, n_seq_max=n_seq_max)
     except BatchError:
@@ -546,8 +568,34 @@ def decode(mem: Memory, balloc: BatchAllocator, items: list, n_seq_max: int, n_u
         return 1
     while True:
         ctx.apply()
+        if forward is not None:
+            forward(ctx, ctx.get_ubatch())
         if not ctx.next():
             return 0
+
+
+class ReplayHooks:
+    """What a caller can change in :func:`replay` (the default changes nothing).
+
+    * :meth:`forward`: a model's forward pass per ubatch. When a subclass defines it, the
+      replay no longer copies the reference's rows after a decode (it still checks that
+      pymem's cells equal the reference's): the rows are the model's own.
+    * :meth:`before_op` / :meth:`after_op`: around each step's operation, before its
+      checks (e.g. compare the decode's logits, re-enact a reference quirk).
+    * :meth:`compare_blob`: how a state blob is compared (default: byte for byte).
+    """
+
+    forward: Forward | None = None
+
+    def before_op(self, step: dict[str, Any], mem: Memory, where: str) -> None:
+        pass
+
+    def after_op(self, step: dict[str, Any], mem: Memory, result: Any, where: str) -> None:
+        pass
+
+    def compare_blob(self, kind: str, got: bytes, want: bytes, where: str) -> None:
+        """``kind``: "seq", "whole" or "partial" (a PARTIAL_ONLY per-sequence blob)."""
+        assert got == want, f"{where}: {kind} blob differs"
 
 
 @dataclass
@@ -557,7 +605,7 @@ class ReplayReport:
     failed_restores: int = 0
 
 
-def replay(run: Run, mem: Memory) -> ReplayReport:
+def replay(run: Run, mem: Memory, hooks: ReplayHooks | None = None) -> ReplayReport:
     arch = run.arch
     meta = run.data["memory"]
     n_seq_max = int(meta["n_seq_max"])
@@ -566,20 +614,32 @@ def replay(run: Run, mem: Memory) -> ReplayReport:
     balloc = BatchAllocator(getattr(mem, "n_pos_per_embd", 1))
     report = ReplayReport()
     rollback = any(kind == "rs" and part.n_rs_seq > 0 for kind, part in parts(mem))
+    hooks = hooks or ReplayHooks()
+    forward = hooks.forward
     prev_pos: list[list[int]] = []
     for step in run.data["steps"]:
         op = step["op"]
         where = f"{run.path.name} step {step['i']} ({op}: {step.get('note', '')})"
         result: Any = None
+        hooks.before_op(step, mem, where)
         if op == "decode":
-            result = decode(mem, balloc, step["items"], n_seq_max, n_ubatch)
+            result = decode(mem, balloc, step["items"], n_seq_max, n_ubatch, forward)
             if result == 0 and "state" in step:
-                sync_tensors_from_reference(mem, strip_whole(run.blob(step["state"]), arch), where)
+                ref = strip_whole(run.blob(step["state"]), arch)
+                sync_tensors_from_reference(mem, ref, where, copy_rows=forward is None)
         elif op == "seq_rm":
             result = mem.seq_rm(step["seq"], step["p0"], step["p1"])
             seq = step["seq"]
-            if result and rollback and seq >= 0 and step["p0"] > 0 and "state" in step:
+            if (
+                result
+                and rollback
+                and forward is None
+                and seq >= 0
+                and step["p0"] > 0
+                and "state" in step
+            ):
                 # a recurrent rollback: the reference reads a snapshot plane from now on
+                # (a model's forward wrote the planes itself)
                 plane = prev_pos[seq][1] - step["pos"][seq][1]
                 if plane > 0:
                     ref = strip_whole(run.blob(step["state"]), arch)
@@ -617,6 +677,7 @@ def replay(run: Run, mem: Memory) -> ReplayReport:
                 emulate_reference_failed_whole_restore(mem, data)
         else:
             assert op == "none", f"{where}: unknown op"
+        hooks.after_op(step, mem, result, where)
         report.steps += 1
 
         assert result == step["result"], f"{where}: result {result} != reference {step['result']}"
@@ -627,16 +688,17 @@ def replay(run: Run, mem: Memory) -> ReplayReport:
         assert [8 + len(b) for b in seq_blobs] == step["seq_state_bytes"], f"{where}: per-seq sizes"
         assert 4 + len(arch) + len(whole) == step["state_bytes"], f"{where}: whole-state size"
         for s, blob_id in enumerate(step.get("seq_state", [])):
-            assert bytes(seq_blobs[s]) == strip_seq(run.blob(blob_id)), f"{where}: seq {s} blob"
+            want = strip_seq(run.blob(blob_id))
+            hooks.compare_blob("seq", bytes(seq_blobs[s]), want, f"{where}: seq {s}")
             report.blobs_compared += 1
         if "state" in step:
-            assert bytes(whole) == strip_whole(run.blob(step["state"]), arch), (
-                f"{where}: whole blob"
-            )
+            want = strip_whole(run.blob(step["state"]), arch)
+            hooks.compare_blob("whole", bytes(whole), want, where)
             report.blobs_compared += 1
         for s, blob_id in enumerate(step.get("seq_state_partial", [])):
             got = bytes(mem.state_write(s, StateFlags.PARTIAL_ONLY))
-            assert got == strip_seq(run.blob(blob_id)), f"{where}: seq {s} PARTIAL_ONLY blob"
+            want = strip_seq(run.blob(blob_id))
+            hooks.compare_blob("partial", got, want, f"{where}: seq {s} PARTIAL_ONLY")
             report.blobs_compared += 1
         prev_pos = step["pos"]
     return report

@@ -1,0 +1,593 @@
+"""Real GGUF models (llama, mamba, jamba) decoded through pymem, graph for graph as llama.cpp.
+
+Why: the recorded llama.cpp runs (tests/data/runs) carry the reference's logits and
+K/V/R/S bytes. A forward pass that builds *the same* ggml graph as llama.cpp, over the
+memory pymem planned, on the same ggml, reproduces those numbers bit for bit; any
+difference then points at pymem's memory (a wrong cell, row, mask entry, ``n_kv`` view,
+state-copy index), not at the model.
+
+"The same graph" means the reference's builders, op for op (vendor/llama.cpp/src):
+
+* ``models/llama.cpp`` with ``llm_graph_context::build_norm`` (RMS), ``build_qkv``
+  (separate Q/K/V), ``ggml_rope_ext``, ``build_attn`` / ``build_attn_mha``,
+  ``build_inp_out_ids`` (only output rows go through the last layer's tail) and
+  ``build_ffn`` (SiLU, parallel gate: ``ggml_swiglu_split``);
+* ``models/mamba.cpp`` with ``llm_build_mamba_base::build_mamba_layer`` and
+  ``build_rs`` (conv state R and SSM state S gathered through ``s_copy``);
+* ``models/jamba.cpp`` mixing both per layer over the hybrid memory.
+
+Node order matters where ggml's CPU backend fuses adjacent nodes (``RMS_NORM`` followed
+by ``MUL``) and where a store into the cache must precede the reads of it, so nodes are
+expanded in the reference's order. Attention follows ``build_attn_mha``: flash attention
+(``flash_attn_ext`` over f16 K/V rows, f16 mask, F32 precision) when the context has it,
+else ``mul_mat`` + ``soft_max_ext`` over transposed V (F32 mask).
+
+Only F32 weight tensors are loaded (the recorded models are F32); other types raise
+:class:`~pymem.errors.UnsupportedError` naming the tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import pymem.ggml as gg
+from pymem.backend import Device, TensorSpec, TensorStore, get_device
+from pymem.errors import ConfigError, UnsupportedError
+from pymem.gguf_spec import GGUFHParams, hparams_from_gguf, spec_from_gguf
+from pymem.models.graph import RecurrentInputs, StepInputs
+from pymem.spec import ModelSpec, RopeSpec
+from pymem.ubatch import UBatch
+
+NULL = gg.ffi.NULL
+F32 = 4  # bytes per float32
+
+SUPPORTED = ("llama", "mamba", "jamba")
+
+
+# --- weights -------------------------------------------------------------------------
+
+
+class GGUFWeights:
+    """Every tensor of a GGUF file in one :class:`TensorStore` (F32 only), by GGUF name."""
+
+    def __init__(self, path: str | os.PathLike[str], device: Device) -> None:
+        import gguf
+
+        reader = gguf.GGUFReader(os.fspath(path))
+        specs, arrays = [], []
+        for t in reader.tensors:
+            if t.tensor_type != gguf.GGMLQuantizationType.F32:
+                raise UnsupportedError(
+                    f"{path}: tensor {t.name!r} has type {t.tensor_type.name}; only F32 "
+                    "weights are supported"
+                )
+            # GGUF lists ggml's ne (ne0 first); the data is numpy in reversed order
+            specs.append(TensorSpec(t.name, "f32", tuple(int(n) for n in t.shape)))
+            arrays.append(np.ascontiguousarray(t.data, dtype=np.float32))
+        self.store = TensorStore(device, specs)
+        for spec, arr in zip(specs, arrays):
+            self.store[spec.name].write_bytes(arr)
+        self.names = frozenset(s.name for s in specs)
+
+    def get(self, name: str, required: bool = True) -> Any:
+        """The ``ggml_tensor *`` of ``name`` (None when optional and absent)."""
+        if name not in self.names:
+            if required:
+                raise ConfigError(f"model: tensor {name!r} not found")
+            return None
+        return self.store[name].ptr
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _gguf_f32(path: str | os.PathLike[str], key: str, default: float | None = None) -> float:
+    import gguf
+
+    field = gguf.GGUFReader(os.fspath(path)).fields.get(key)
+    if field is None:
+        if default is None:
+            raise ConfigError(f"{path}: key not found in model: {key}")
+        return default
+    return float(field.contents())
+
+
+def _gguf_bool(path: str | os.PathLike[str], key: str) -> bool:
+    import gguf
+
+    field = gguf.GGUFReader(os.fspath(path)).fields.get(key)
+    return bool(field.contents()) if field is not None else False
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32 (what a C ``float`` parameter receives)."""
+    return float(np.float32(x))
+
+
+# --- the model -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HParams:
+    """What the graphs read besides the memory spec (``llama_hparams`` / ``llama_cparams``)."""
+
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: tuple[int, ...]
+    n_head_kv: tuple[int, ...]
+    n_embd_head: int
+    f_norm_rms_eps: float
+    kq_scale: float  # 1/sqrtf(n_embd_head) in float32, as llama.cpp computes it
+    ssm_d_conv: int
+    ssm_d_inner: int
+    ssm_d_state: int
+    ssm_dt_rank: int
+    ssm_dt_b_c_rms: bool  # RMS-norm dt, B and C (Falcon-Mamba; Jamba has the norm tensors)
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike[str], hp: GGUFHParams, n_vocab: int) -> HParams:
+        head = hp.n_embd_head_v_full
+        if hp.n_embd_head_k_full != head and max(hp.n_head) > 0:
+            raise UnsupportedError(
+                f"{path}: n_embd_head_k {hp.n_embd_head_k_full} != n_embd_head_v {head}"
+            )
+        kq_scale = float(np.float32(1.0) / np.sqrt(np.float32(head))) if head else 0.0
+        return cls(
+            arch=hp.arch,
+            n_vocab=n_vocab,
+            n_embd=hp.n_embd,
+            n_layer=hp.n_layer,
+            n_head=tuple(hp.n_head),
+            n_head_kv=tuple(hp.n_head_kv),
+            n_embd_head=head,
+            f_norm_rms_eps=_gguf_f32(path, f"{hp.arch}.attention.layer_norm_rms_epsilon"),
+            kq_scale=kq_scale,
+            ssm_d_conv=hp.ssm_d_conv,
+            ssm_d_inner=hp.ssm_d_inner,
+            ssm_d_state=hp.ssm_d_state,
+            ssm_dt_rank=hp.ssm_dt_rank,
+            ssm_dt_b_c_rms=_gguf_bool(path, f"{hp.arch}.ssm.dt_b_c_rms"),
+        )
+
+
+class GGUFModel:
+    """A llama / mamba / jamba GGUF model with its weights on one device.
+
+    ``forward(ubatch, inputs, flash_attn)`` builds and computes llama.cpp's graph for one
+    ubatch after its memory context was applied (K/V/R/S are written in place) and returns
+    ``float32 [n_tokens, n_vocab]``: the logits of the ubatch's output tokens, NaN rows
+    for the others (the graph computes only output rows, as ``build_inp_out_ids`` does).
+    Drop-in for :class:`pymem.models.runtime.Decoder` (``config.n_vocab``).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        device: str | Device | None = None,
+        n_threads: int = 1,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.hp_file = hparams_from_gguf(self.path)
+        if self.hp_file.arch not in SUPPORTED:
+            raise UnsupportedError(
+                f"{self.path}: architecture {self.hp_file.arch!r}; supported: {', '.join(SUPPORTED)}"
+            )
+        self.device = get_device(device)
+        self.weights = GGUFWeights(self.path, self.device)
+        n_vocab = int(self.weights.store["token_embd.weight"].shape[1])
+        self.hp = HParams.from_gguf(self.path, self.hp_file, n_vocab)
+        self.spec: ModelSpec = spec_from_gguf(self.path)
+        # llama.cpp: a missing output.weight means tied embeddings (TENSOR_DUPLICATED)
+        self.output = self.weights.get("output.weight", required=False)
+        if self.output is None:
+            self.output = self.weights.get("token_embd.weight")
+        # one thread: the recorded runs were computed with one, and it is what keeps
+        # every kernel's reduction order identical to the recording
+        self.runner = gg.GraphRunner(self.device, n_threads=n_threads)
+
+    @property
+    def config(self) -> Any:
+        """``n_vocab`` for :class:`pymem.models.runtime.Decoder`."""
+        return self.hp
+
+    def close(self) -> None:
+        self.runner.close()
+        self.weights.close()
+
+    def __enter__(self) -> GGUFModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _w(self, il: int, name: str, required: bool = True) -> Any:
+        return self.weights.get(f"blk.{il}.{name}", required)
+
+    # --- one ubatch ---------------------------------------------------------------------
+    def forward(self, ubatch: UBatch, inputs: StepInputs, flash_attn: bool = False) -> np.ndarray:
+        """Compute one ubatch; K/V/R/S are written in place. See the class docstring."""
+        hp = self.hp
+        n_tokens = ubatch.n_tokens
+        if ubatch.token is None:
+            raise UnsupportedError("ubatch: embedding input; the GGUF models read token ids")
+        out_ids = np.flatnonzero(ubatch.output != 0).astype(np.int32)
+        n_outputs = int(out_ids.size)
+        logits = np.full((n_tokens, hp.n_vocab), np.nan, dtype=np.float32)
+        with gg.Context() as ctx:
+            g = _Graph(self, ctx, ubatch, inputs, flash_attn)
+            g.input("i32", (n_tokens,), ubatch.token.astype(np.int32), "inp_tokens")
+            inp_tokens = g.last_input
+            cur = ctx.get_rows(self.weights.get("token_embd.weight"), inp_tokens)
+            g.expand(cur)
+            t_out_ids = g.input("i32", (n_outputs,), out_ids, "inp_out_ids")
+            if hp.arch == "llama":
+                cur = g.llama(cur, t_out_ids)
+            elif hp.arch == "mamba":
+                cur = g.mamba(cur, t_out_ids)
+            else:
+                cur = g.jamba(cur, t_out_ids)
+            cur = g.norm(cur, self.weights.get("output_norm.weight"))
+            cur = ctx.mul_mat(self.output, cur)
+            g.expand(cur)
+            if n_outputs:
+                (out,) = self.runner.run(ctx, g.nodes, inputs=g.feed, read=[cur])
+                logits[out_ids] = out.reshape(n_outputs, hp.n_vocab)
+            else:
+                self.runner.run(ctx, g.nodes, inputs=g.feed, read=[])
+        return logits
+
+
+class _Graph:
+    """The nodes of one ubatch's graph, expanded in llama.cpp's order."""
+
+    def __init__(
+        self, model: GGUFModel, ctx: gg.Context, ubatch: UBatch, inputs: StepInputs, fa: bool
+    ) -> None:
+        self.m = model
+        self.hp = model.hp
+        self.ctx = ctx
+        self.ubatch = ubatch
+        self.inputs = inputs
+        self.flash_attn = fa
+        self.feed: dict[Any, np.ndarray] = {}
+        self.nodes: list[Any] = []  # ggml_build_forward_expand order
+        self.last_input: Any = None
+        self._attn_in: dict[str, tuple[Any, Any, Any]] = {}
+        self._inp_pos: Any = None
+        self._s_copy: Any = None
+
+    def expand(self, *nodes: Any) -> None:
+        self.nodes.extend(nodes)
+
+    def input(self, type_: str, shape: Sequence[int], values: np.ndarray, name: str) -> Any:
+        t = self.ctx.new_tensor(type_, shape, name=name, input=True)
+        self.feed[t] = values
+        self.last_input = t
+        return t
+
+    def norm(self, cur: Any, w: Any) -> Any:
+        """``build_norm(LLM_NORM_RMS)``: rms_norm then mul (fused by the CPU backend)."""
+        return self.ctx.mul(self.ctx.rms_norm(cur, self.hp.f_norm_rms_eps), w)
+
+    def ffn(self, il: int, cur: Any) -> Any:
+        """``build_ffn(up, gate, down, LLM_FFN_SILU, LLM_FFN_PAR)``."""
+        ctx = self.ctx
+        up = ctx.mul_mat(self.m._w(il, "ffn_up.weight"), cur)
+        gate = ctx.mul_mat(self.m._w(il, "ffn_gate.weight"), cur)
+        cur = swiglu_split(ctx, gate, up)
+        return ctx.mul_mat(self.m._w(il, "ffn_down.weight"), cur)
+
+    # --- inputs shared by the layers --------------------------------------------------
+    def inp_pos(self) -> Any:
+        if self._inp_pos is None:
+            self._inp_pos = self.input(
+                "i32", (self.ubatch.n_tokens,), self.ubatch.pos0.astype(np.int32), "inp_pos"
+            )
+        return self._inp_pos
+
+    def attn_inputs(self, part: str) -> tuple[Any, Any, Any]:
+        """(KQ mask, k_idxs, v_idxs) of one attention memory (``build_attn_inp_kv``)."""
+        if part not in self._attn_in:
+            ai = self.inputs.attn[part]
+            n_tps = self.ubatch.n_tokens // ai.n_stream
+            mask = ai.kq_mask(self.ubatch)
+            if mask.shape != (ai.n_stream, n_tps, ai.n_kv):
+                raise ConfigError(
+                    f"kq_mask[{part}]: shape {mask.shape}, expected {(ai.n_stream, n_tps, ai.n_kv)}"
+                )
+            # flash attention takes an F16 mask, soft_max_ext an F32 one
+            mask_type = "f16" if self.flash_attn else "f32"
+            dtype = np.float16 if self.flash_attn else np.float32
+            t_mask = self.input(
+                mask_type, (ai.n_kv, n_tps, 1, ai.n_stream), mask.astype(dtype), f"kq_mask_{part}"
+            )
+            k_idxs = ai.k_idxs(self.ubatch).astype(np.int64)
+            v_idxs = ai.v_idxs(self.ubatch).astype(np.int64)
+            t_k = self.input("i64", (k_idxs.size,), k_idxs, f"k_idxs_{part}")
+            t_v = self.input("i64", (v_idxs.size,), v_idxs, f"v_idxs_{part}")
+            self._attn_in[part] = (t_mask, t_k, t_v)
+        return self._attn_in[part]
+
+    def s_copy(self) -> Any:
+        if self._s_copy is None:
+            rs = self._recr()
+            s_copy = rs.s_copy().astype(np.int32)
+            self._s_copy = self.input("i32", (s_copy.size,), s_copy, "inp_s_copy")
+        return self._s_copy
+
+    def _recr(self) -> RecurrentInputs:
+        if self.inputs.recr is None:
+            raise ConfigError("recurrent layer, but the memory gave no recurrent inputs")
+        return self.inputs.recr
+
+    # --- architectures ------------------------------------------------------------------
+    def llama(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_llama::graph`` up to (not including) the output norm."""
+        ctx, hp = self.ctx, self.hp
+        inpL = inp
+        for il in range(hp.n_layer):
+            inpSA = inpL
+            cur = self.norm(inpL, self.m._w(il, "attn_norm.weight"))
+            cur = self.attention(il, cur)
+            if il == hp.n_layer - 1:
+                cur = ctx.get_rows(cur, out_ids)
+                inpSA = ctx.get_rows(inpSA, out_ids)
+            ffn_inp = ctx.add(cur, inpSA)
+            cur = self.norm(ffn_inp, self.m._w(il, "ffn_norm.weight"))
+            cur = self.ffn(il, cur)
+            inpL = ctx.add(cur, ffn_inp)
+        return inpL
+
+    def mamba(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_mamba::graph`` up to the output norm."""
+        ctx, hp = self.ctx, self.hp
+        self.s_copy()  # build_rs_inp comes before build_inp_out_ids
+        inpL = inp
+        for il in range(hp.n_layer):
+            cur = self.norm(inpL, self.m._w(il, "attn_norm.weight"))
+            cur = self.mamba_layer(il, cur)
+            if il == hp.n_layer - 1:
+                cur = ctx.get_rows(cur, out_ids)
+                inpL = ctx.get_rows(inpL, out_ids)
+            inpL = ctx.add(cur, inpL)
+        return inpL
+
+    def jamba(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_jamba::graph`` up to the output norm (dense FFN layers only)."""
+        ctx, hp = self.ctx, self.hp
+        inpL = inp
+        for il in range(hp.n_layer):
+            cur = self.norm(inpL, self.m._w(il, "attn_norm.weight"))
+            cur = self.mamba_layer(il, cur) if hp.n_head_kv[il] == 0 else self.attention(il, cur)
+            if il == hp.n_layer - 1:
+                cur = ctx.get_rows(cur, out_ids)
+                inpL = ctx.get_rows(inpL, out_ids)
+            ffn_inp = ctx.add(inpL, cur)
+            cur = self.norm(ffn_inp, self.m._w(il, "ffn_norm.weight"))
+            if self.m._w(il, "ffn_gate_inp.weight", required=False) is not None:
+                raise UnsupportedError(f"layer {il}: MoE feed-forward is not supported")
+            cur = self.ffn(il, cur)
+            inpL = ctx.add(ffn_inp, cur)
+        return inpL
+
+    # --- attention ----------------------------------------------------------------------
+    def attention(self, il: int, cur: Any) -> Any:
+        """``build_qkv`` + RoPE + ``build_attn`` (KV cache input) + ``wo``."""
+        ctx, hp = self.ctx, self.hp
+        n_tokens = self.ubatch.n_tokens
+        hd, nh, nkv = hp.n_embd_head, hp.n_head[il], hp.n_head_kv[il]
+        q = ctx.mul_mat(self.m._w(il, "attn_q.weight"), cur)
+        k = ctx.mul_mat(self.m._w(il, "attn_k.weight"), cur)
+        v = ctx.mul_mat(self.m._w(il, "attn_v.weight"), cur)
+        q = ctx.reshape_3d(q, hd, nh, n_tokens)
+        k = ctx.reshape_3d(k, hd, nkv, n_tokens)
+        v = ctx.reshape_3d(v, hd, nkv, n_tokens)
+        rope = self.m.spec.layers[il].rope
+        if rope is not None:
+            q = self.rope(q, rope)
+            k = self.rope(k, rope)
+
+        part = self.inputs.attn_part(il)
+        ai = self.inputs.attn[part]
+        t_mask, t_kidx, t_vidx = self.attn_inputs(part)
+        # build_attn: q, v, k first (kept together), then the stores, then the cache views
+        self.expand(q, v, k)
+        self.expand(ai.cpy_k(ctx, k, t_kidx, il))
+        self.expand(ai.cpy_v(ctx, v, t_vidx, il))
+        k_view = ai.get_k(ctx, il)
+        v_view = ai.get_v(ctx, il)
+        cur = self.attn_mha(q, k_view, v_view, t_mask, hp.kq_scale)
+        self.expand(cur)
+        return ctx.mul_mat(self.m._w(il, "attn_output.weight"), cur)
+
+    def rope(self, t: Any, rope: RopeSpec) -> Any:
+        return self.ctx.rope_ext(
+            t,
+            self.inp_pos(),
+            NULL,
+            rope.n_rot,
+            int(rope.rope_type),
+            rope.n_ctx_orig,
+            rope.freq_base,
+            rope.freq_scale,
+            rope.ext_factor,
+            rope.attn_factor,
+            rope.beta_fast,
+            rope.beta_slow,
+        )
+
+    def attn_mha(self, q: Any, k: Any, v: Any, kq_mask: Any, kq_scale: float) -> Any:
+        """``build_attn_mha`` without KQ bias, sinks, MLA, soft-capping or ALiBi."""
+        ctx = self.ctx
+        v_trans = int(v.nb[1]) > int(v.nb[2])
+        n_stream = int(k.ne[3])
+        n_tps = int(q.ne[2]) // n_stream
+        q = ctx.view_4d(q, q.ne[0], q.ne[1], n_tps, n_stream, q.nb[1], q.nb[2], q.nb[2] * n_tps, 0)
+        q = ctx.permute(q, 0, 2, 1, 3)
+        k = ctx.permute(k, 0, 2, 1, 3)
+        v = ctx.permute(v, 0, 2, 1, 3)
+        if self.flash_attn:
+            if v_trans:
+                v = ctx.transpose(v)
+            # the reference casts only F32 K/V (a cache is never F32 with its own types)
+            if k.type == gg.lib.GGML_TYPE_F32:
+                k = ctx.cast(k, gg.lib.GGML_TYPE_F16)
+            if v.type == gg.lib.GGML_TYPE_F32:
+                v = ctx.cast(v, gg.lib.GGML_TYPE_F16)
+            cur = ctx.flash_attn_ext(q, k, v, kq_mask, _f32(kq_scale), 0.0, 0.0)
+            gg.lib.ggml_flash_attn_ext_set_prec(cur, gg.lib.GGML_PREC_F32)
+            return ctx.reshape_2d(cur, cur.ne[0] * cur.ne[1], cur.ne[2] * cur.ne[3])
+        kq = ctx.mul_mat(k, q)
+        gg.lib.ggml_mul_mat_set_prec(kq, gg.lib.GGML_PREC_F32)
+        kq = ctx.soft_max_ext(kq, kq_mask, _f32(kq_scale), 0.0)
+        if not v_trans:
+            v = ctx.cont(ctx.transpose(v))
+        kqv = ctx.mul_mat(v, kq)
+        cur = ctx.permute(kqv, 0, 2, 1, 3)
+        return ctx.cont_2d(cur, cur.ne[0] * cur.ne[1], cur.ne[2] * cur.ne[3])
+
+    # --- mamba ----------------------------------------------------------------------------
+    def build_rs(self, s: Any, state_size: int, get_state_rows: Callable[[Any, Any], Any]) -> Any:
+        """``llm_graph_context::build_rs``: zero row ``rs_z``, read the ubatch's states
+        through ``s_copy[:n_seqs]`` (``get_state_rows``), then copy the other moved states
+        (``s_copy[n_seqs:n_rs]``) to rows ``[head + n_seqs, head + n_rs)``."""
+        ctx, rs = self.ctx, self._recr()
+        n_seqs = self.ubatch.n_seqs
+        s_copy = self.s_copy()
+        states = ctx.reshape_2d(s, state_size, int(gg.lib.ggml_nelements(s)) // state_size)
+        nb1 = int(states.nb[1])
+        if rs.rs_z >= 0:
+            # the reference scales the row by 0 in place: x * 0 (NaN stays NaN, -x gives -0)
+            zero = ctx.view_1d(states, state_size, rs.rs_z * nb1)
+            self.expand(ctx.cpy(ctx.scale(zero, 0.0), zero))
+        output_states = get_state_rows(states, ctx.view_1d(s_copy, n_seqs, 0))
+        self.expand(output_states)
+        if rs.n_rs > n_seqs:
+            extra_ids = ctx.view_1d(s_copy, rs.n_rs - n_seqs, n_seqs * int(s_copy.nb[0]))
+            dst = ctx.view_2d(s, state_size, rs.n_rs - n_seqs, nb1, (rs.head + n_seqs) * nb1)
+            self.expand(ctx.cpy(ctx.get_rows(states, extra_ids), dst))
+        return output_states
+
+    def mamba_layer(self, il: int, cur: Any) -> Any:
+        """``llm_build_mamba_base::build_mamba_layer`` (Mamba-1: one head per channel)."""
+        ctx, hp, ub = self.ctx, self.hp, self.ubatch
+        rs = self._recr()
+        w = self.m._w
+        n_seqs, n_seq_tokens = ub.n_seqs, ub.n_seq_tokens
+        if not ub.equal_seqs or n_seqs * n_seq_tokens != ub.n_tokens:
+            raise ConfigError(
+                "ubatch: Mamba layers need an equal-sequence split (split_equal or split_seq)"
+            )
+        if rs.n_rs_seq:
+            raise UnsupportedError("Mamba-1 layers: rollback snapshots (n_rs_seq > 0)")
+        d_conv, d_inner, d_state = hp.ssm_d_conv, hp.ssm_d_inner, hp.ssm_d_state
+        dt_rank, n_head, head_dim = hp.ssm_dt_rank, hp.ssm_d_inner, 1
+        head = rs.head
+        r_all, s_all = rs.r_tensor(il).ptr, rs.s_tensor(il).ptr
+        r_el, s_el = int(r_all.nb[0]), int(s_all.nb[0])
+
+        conv = self.build_rs(r_all, (d_conv - 1) * d_inner, ctx.get_rows)
+        conv = ctx.reshape_3d(conv, d_conv - 1, d_inner, n_seqs)
+
+        cur = ctx.reshape_3d(cur, cur.ne[0], n_seq_tokens, n_seqs)
+        xz = ctx.mul_mat(w(il, "ssm_in.weight"), cur)  # [2 * d_inner, n_seq_tokens, n_seqs]
+        x = ctx.view_3d(xz, d_inner, xz.ne[1], xz.ne[2], xz.nb[1], xz.nb[2], 0)
+        z = ctx.view_3d(xz, d_inner, xz.ne[1], xz.ne[2], xz.nb[1], xz.nb[2], d_inner * F32)
+
+        # conv over [d_conv - 1 state columns | the tokens]; the last d_conv - 1 columns
+        # are the new conv state, stored at rows [head, head + n_seqs)
+        conv_x = ctx.concat(conv, ctx.transpose(x), 0)
+        last_conv = ctx.view_3d(
+            conv_x, d_conv - 1, d_inner, n_seqs, conv_x.nb[1], conv_x.nb[2],
+            n_seq_tokens * int(conv_x.nb[0]),
+        )  # fmt: skip
+        n_conv = (d_conv - 1) * d_inner * n_seqs
+        dst = ctx.view_1d(r_all, n_conv, head * (d_conv - 1) * d_inner * r_el)
+        self.expand(ctx.cpy(last_conv, dst))
+        x = ctx.ssm_conv(conv_x, w(il, "ssm_conv1d.weight"))
+        x = ctx.add(x, w(il, "ssm_conv1d.bias"))
+        x = ctx.silu(x)
+
+        x_db = ctx.mul_mat(w(il, "ssm_x.weight"), x)  # [dt_rank + 2 * d_state, ...]
+        nb0, nb1, nb2 = int(x_db.nb[0]), int(x_db.nb[1]), int(x_db.nb[2])
+        dt = ctx.view_3d(x_db, dt_rank, n_seq_tokens, n_seqs, nb1, nb2, 0)
+        b = ctx.view_4d(x_db, d_state, 1, n_seq_tokens, n_seqs, d_state * nb0, nb1, nb2,
+                        F32 * dt_rank)  # fmt: skip
+        c = ctx.view_4d(x_db, d_state, 1, n_seq_tokens, n_seqs, d_state * nb0, nb1, nb2,
+                        F32 * (dt_rank + d_state))  # fmt: skip
+        norms = [w(il, f"ssm_{n}_norm.weight", required=False) for n in ("dt", "b", "c")]
+        if hp.ssm_dt_b_c_rms or all(n is not None for n in norms):
+            dt, b, c = (self.norm(t, n) for t, n in zip((dt, b, c), norms))
+        else:
+            dt = ctx.cont(dt)
+        dt = ctx.mul_mat(w(il, "ssm_dt.weight"), dt)
+        dt = ctx.add(dt, w(il, "ssm_dt.bias"))
+
+        cur = x
+        x = ctx.reshape_4d(x, head_dim, n_head, n_seq_tokens, n_seqs)
+        a = w(il, "ssm_a")
+
+        def get_ssm_rows(states: Any, ids: Any) -> Any:
+            ssm = ctx.reshape_4d(states, d_state, head_dim, n_head, rs.size)
+            return ctx.ssm_scan(ssm, x, dt, a, b, c, ids, 1)
+
+        y_ssm = self.build_rs(s_all, d_state * d_inner, get_ssm_rows)
+        # y_ssm = [y of every token | the last state of each sequence]
+        n_state = d_state * d_inner * n_seqs
+        y_bytes = int(x.nb[3]) * int(x.ne[3])
+        self.expand(
+            ctx.cpy(
+                ctx.view_1d(y_ssm, n_state, y_bytes),
+                ctx.view_1d(s_all, n_state, head * d_state * d_inner * s_el),
+            )
+        )
+        y = ctx.view_3d(y_ssm, d_inner, n_seq_tokens, n_seqs, x.nb[2], x.nb[3], 0)
+        y = ctx.add(y, ctx.mul(cur, w(il, "ssm_d")))
+        y = swiglu_split(ctx, ctx.cont(z), y)
+        cur = ctx.mul_mat(w(il, "ssm_out.weight"), y)
+        return ctx.reshape_2d(cur, cur.ne[0], n_seq_tokens * n_seqs)
+
+
+# --- ops pymem.ggml does not bind ----------------------------------------------------
+
+_EXTRA: Any = None
+
+
+def _extra_lib() -> tuple[Any, Any]:
+    """An ABI-mode cffi binding of the ggml functions missing from pymem's cdef, resolved
+    in the very ggml pymem bound (already loaded, so ``dlopen`` returns that copy)."""
+    global _EXTRA
+    if _EXTRA is None:
+        import cffi
+
+        from pymem._native import _SONAMES, ggml_info
+
+        xffi = cffi.FFI()
+        xffi.cdef(
+            "struct ggml_context; struct ggml_tensor;"
+            "struct ggml_tensor * ggml_swiglu_split(struct ggml_context * ctx,"
+            " struct ggml_tensor * a, struct ggml_tensor * b);"
+        )
+        base = os.path.join(ggml_info().path, _SONAMES[0])
+        xlib = xffi.dlopen(base if os.path.exists(base) else _SONAMES[0])
+        _EXTRA = (xffi, xlib)
+    return _EXTRA
+
+
+def _xcall(fn: Callable[..., Any], xffi: Any, *ptrs: Any) -> Any:
+    args = [xffi.cast("void *", int(gg.ffi.cast("uintptr_t", p))) for p in ptrs]
+    out = fn(*args)
+    return gg.ffi.cast("struct ggml_tensor *", int(xffi.cast("uintptr_t", out)))
+
+
+def swiglu_split(ctx: gg.Context, gate: Any, up: Any) -> Any:
+    """``ggml_swiglu_split(ctx, gate, up)``: silu(gate) * up in one node, as llama.cpp's FFN."""
+    xffi, xlib = _extra_lib()
+    return _xcall(xlib.ggml_swiglu_split, xffi, ctx.ptr, gate, up)
