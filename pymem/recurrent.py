@@ -1117,6 +1117,8 @@ class RecurrentMemory(Memory):
                 f"incompatible s transposition: blob has s_trans={s_trans}, expected 0"
             )
         writes = PendingWrites()
+        if self._parse_data_fast(reader, cell_count, head, writes):
+            return writes
         for kind, table in (("r", self._r), ("s", self._s)):
             for il in self.layers:
                 t = table[il]
@@ -1134,6 +1136,41 @@ class RecurrentMemory(Memory):
                     data = reader.read_view(cell_count * row, f"{kind} rows of layer {il}")
                     writes.add(t, head * row, data)
         return writes
+
+    def _parse_data_fast(
+        self, reader: StateReader, cell_count: int, head: int, writes: PendingWrites
+    ) -> bool:
+        """The per-layer sections when every header is the expected one, checked at once.
+
+        Each tensor's section is ``i32 type, u64 row size, cell_count rows``; all headers
+        are compared with the memory's in one vector step. False (nothing consumed) when
+        the blob is short or a header differs: the field-by-field parse then names it.
+        """
+        tensors = [self._r[il] for il in self.layers] + [self._s[il] for il in self.layers]
+        if not tensors:
+            return False
+        rows = np.array([t.row_size for t in tensors], dtype=np.int64)
+        want = np.zeros((len(tensors), 12), dtype=np.uint8)
+        want[:, :4] = (
+            np.array([t.type.id for t in tensors], dtype="<i4").view(np.uint8).reshape(-1, 4)
+        )
+        want[:, 4:] = rows.astype("<u8").view(np.uint8).reshape(-1, 8)
+        # section k starts after the earlier ones: E.g. rows [32, 48], 2 cells -> [0, 76]
+        size = 12 + cell_count * rows
+        start = np.cumsum(size) - size
+        total = int(size.sum())
+        if reader.remaining < total:
+            return False
+        offset = reader.offset
+        data = reader.read_view(total, "recurrent data")
+        got = np.frombuffer(data, dtype=np.uint8)[start[:, None] + np.arange(12)]
+        if not np.array_equal(got, want):
+            reader.offset = offset
+            return False
+        if cell_count:
+            for t, a, row in zip(tensors, start.tolist(), rows.tolist()):
+                writes.add(t, head * row, data[a + 12 : a + 12 + cell_count * row])
+        return True
 
     def state_read(
         self, data: bytes | bytearray | memoryview, seq_id: int = -1, flags: int = 0
