@@ -1,0 +1,318 @@
+"""The recorded llama.cpp runs decoded by real models over pymem: llama.cpp's logits and bytes.
+
+Every llama, mamba and jamba run in tests/data/runs (and ``PYMEM_REPLAY_RUNS``) is
+replayed by tests/replay.py with :class:`pymem.models.gguf_llama.GGUFModel` computing each
+ubatch over pymem's memory: no row is copied from the reference. After every step the
+replay checks results, positions and sizes; here, in addition, every successful decode's
+logits are compared with the recorded ones, and every recorded state blob with pymem's,
+whose K/V/R/S rows are now pymem's own computation.
+
+How exact:
+
+* With the kernels the runs were recorded with (llama-cpp-python 0.3.36's ggml 0.25.3,
+  one thread, this CPU class), everything is bit for bit: logits and every blob byte.
+  A run is checked in that mode when its first decode reproduces the recorded logits
+  exactly (a bookkeeping bug cannot produce last-bit differences; kernels can), or
+  always with ``PYMEM_GGUF_EXACT=1`` (then a first decode that is not bit-exact fails).
+* With another ggml build (e.g. libggml-python 0.20.2, whose CPU kernels round some
+  f32 results differently in the last bit, or a build for another CPU) the f32
+  arithmetic differs in the last bits, and F16 turns that into whole F16 steps now and
+  then: a K/V value, or a Q value
+  converted to F16 for its dot products with F16 K, that lies near a rounding boundary
+  lands on the neighbouring F16 (2^-11, about 4.9e-4 relative). Then:
+
+  - logits within :data:`LOGIT_RTOL` of the recorded ones, relative to each row's
+    largest magnitude. 0.20.2 measured: at most 1e-6 in most steps, 3.3e-5 once
+    (llama.main.fa0.u1 step 2, the non-flash path where Q goes through F16); a 1e-5
+    bound would hold for every run but that one, so the bound is 2e-4;
+  - cells and every header byte identical; F16 K/V values within :data:`KV_MAX_ULP`
+    units in the last place (measured 2); F32 R/S values within :data:`RS_RTOL`
+    relative to the row's scale (measured 4.1e-7); quantised (q8_0) rows identical
+    (measured identical).
+
+The reference's K-shift after ``seq_div`` rotates by old - new (the wrong sign; pymem
+rotates correctly, see /work/shared/reference/llama-cpp-memory.md). To compare bytes
+after such a shift the test re-enacts the reference's sign: right after each
+``seq_div`` it negates the shift pymem just added to the cells (``_ReferenceSeqDiv``),
+so the next decode's K-shift rotates as the reference's did. Without it, the decode
+after a ``seq_div`` differs (checked by ``test_seq_div_sign_matters``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+from kv_helpers import parse_kv_part
+from replay import (
+    ReplayHooks,
+    Run,
+    _parse_rs_part,
+    build_memory,
+    parts,
+    replay,
+    run_files,
+)
+
+from pymem.memory import Memory, MemoryContext, StateFlags
+from pymem.models.gguf_llama import SUPPORTED, GGUFModel
+from pymem.models.runtime import step_inputs
+from pymem.ubatch import UBatch
+
+# tolerances for a ggml build other than the recording's (see the module docstring)
+LOGIT_RTOL = 2e-4
+KV_MAX_ULP = 4
+RS_RTOL = 1e-5
+
+RUNS = [p for p in run_files() if Run.load(p).arch in SUPPORTED and Run.load(p).model_path()]
+IDS = [p.stem for p in RUNS]
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache: dict[str, GGUFModel] = {}
+    yield lambda path: cache.setdefault(str(path), GGUFModel(path))
+    for m in cache.values():
+        m.close()
+
+
+# --- tolerant blob comparison (another ggml build) -------------------------------------
+
+
+def _f16_ulps(a: bytes, b: bytes) -> int:
+    """Largest distance in units in the last place between two F16 arrays (0 if equal)."""
+    x = np.frombuffer(a, dtype=np.int16).astype(np.int32)
+    y = np.frombuffer(b, dtype=np.int16).astype(np.int32)
+    # map sign-magnitude to a monotonic integer line: E.g. -0.0 (0x8000) -> 0, -tiny -> -1
+    x = np.where(x < 0, -32768 - x, x)
+    y = np.where(y < 0, -32768 - y, y)
+    return int(np.abs(x - y).max(initial=0))
+
+
+def _f32_rel(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| over each row's largest magnitude (rows along the last axis)."""
+    if a.size == 0:
+        return 0.0
+    scale = np.maximum(np.abs(b).max(axis=-1, keepdims=True), 1e-30)
+    return float((np.abs(a - b) / scale).max())
+
+
+@dataclass
+class Stats:
+    exact: bool = True  # every compared logit and blob so far is bit-identical
+    logits_checked: int = 0
+    logits_max_abs: float = 0.0
+    logits_max_rel: float = 0.0
+    blobs_identical: int = 0
+    blobs_close: int = 0
+    kv_max_ulp: int = 0
+    rs_max_rel: float = 0.0
+
+
+def compare_close(mem: Memory, kind: str, got: bytes, want: bytes, where: str, st: Stats) -> None:
+    """Everything but K/V/R/S values identical; F16 values within KV_MAX_ULP, F32 within RS_RTOL."""
+    assert len(got) == len(want), f"{where}: {kind} blob size {len(got)} != {len(want)}"
+    flags = StateFlags.PARTIAL_ONLY if kind == "partial" else 0
+    off_g = off_w = 0
+    for pkind, part in parts(mem, flags):
+        if pkind == "kv":
+            g = parse_kv_part(got, len(part.layers), part.has_cell_ext(), offset=off_g)
+            w = parse_kv_part(want, len(part.layers), part.has_cell_ext(), offset=off_w)
+            assert len(g.streams) == len(w.streams), f"{where}: stream count"
+            for sg, sw in zip(g.streams, w.streams):
+                assert (sg is None) == (sw is None), f"{where}: stream presence"
+                if sg is None:
+                    continue
+                assert sg.cells == sw.cells and sg.v_trans == sw.v_trans, f"{where}: KV cells"
+                pairs = [(a[:2], b[:2], a[2], b[2]) for a, b in zip(sg.k, sw.k)]
+                pairs += [(a[:3], b[:3], a[3], b[3]) for a, b in zip(sg.v, sw.v)]
+                for head_g, head_w, data_g, data_w in pairs:
+                    assert head_g == head_w, f"{where}: K/V section header {head_g} != {head_w}"
+                    if head_g[0] == 1:  # GGML_TYPE_F16
+                        ulp = _f16_ulps(data_g, data_w)
+                        st.kv_max_ulp = max(st.kv_max_ulp, ulp)
+                        assert ulp <= KV_MAX_ULP, f"{where}: K/V differ by {ulp} ulp"
+                    else:  # quantised rows: no tolerance is meaningful per byte
+                        assert data_g == data_w, f"{where}: K/V rows of type {head_g[0]} differ"
+            off_g, off_w = g.end, w.end
+        else:
+            r0, s0 = part.get_r_l(part.layers[0]), part.get_s_l(part.layers[0])
+            args = (part.spec.n_layer, len(part.layers), r0.row_size, s0.row_size)
+            cg, rg, sg_, off_g = _parse_rs_part(got, off_g, *args)
+            cw, rw, sw_, off_w = _parse_rs_part(want, off_w, *args)
+            assert cg == cw, f"{where}: recurrent cells"
+            for a, b in [*zip(rg, rw), *zip(sg_, sw_)]:
+                rel = _f32_rel(a.view(np.float32), b.view(np.float32))
+                st.rs_max_rel = max(st.rs_max_rel, rel)
+                assert rel <= RS_RTOL, f"{where}: R/S rows differ by {rel:.3g} (relative)"
+    assert off_g == len(got) and off_w == len(want), f"{where}: bytes past the parts"
+    st.blobs_close += 1
+
+
+# --- the hooks ---------------------------------------------------------------------------
+
+
+class _ReferenceSeqDiv:
+    """Give pymem's pending K-shift the reference's sign after ``seq_div`` (see the module
+    docstring): pymem added ``new - old`` to each moved cell's shift, the reference
+    ``old - new``, so the shift becomes ``before - (after - before)``."""
+
+    def __init__(self) -> None:
+        self.before: list[list[np.ndarray]] = []
+
+    def snapshot(self, mem: Memory) -> None:
+        self.before = [[c.shift.copy() for c in kv.v_cells] for k, kv in parts(mem) if k == "kv"]
+
+    def flip(self, mem: Memory) -> None:
+        kvs = [kv for k, kv in parts(mem) if k == "kv"]
+        for kv, before in zip(kvs, self.before):
+            for cells, b in zip(kv.v_cells, before):
+                # E.g. pos 7 -> 3: before 0, pymem's after -4 -> the reference's +4
+                cells.shift[:] = b - (cells.shift - b)
+
+
+class ModelHooks(ReplayHooks):
+    def __init__(self, run: Run, model: GGUFModel, reference_seq_div: bool = True) -> None:
+        self.run = run
+        self.model = model
+        self.flash_attn = bool(run.data["memory"].get("flash_attn", False))
+        self.seq_div = _ReferenceSeqDiv() if reference_seq_div else None
+        self.rows: dict[int, np.ndarray] = {}
+        self.stats = Stats()
+        self.calibrated = False
+        self.force_exact = os.environ.get("PYMEM_GGUF_EXACT") == "1"
+        self.mem: Memory | None = None
+
+    def forward(self, mctx: MemoryContext, ubatch: UBatch) -> None:
+        inputs = step_inputs(mctx, ubatch, self.flash_attn)
+        out = self.model.forward(ubatch, inputs, self.flash_attn)
+        for i in np.flatnonzero(ubatch.output):
+            self.rows[int(ubatch.batch_idxs[i])] = out[i]
+
+    def before_op(self, step: dict[str, Any], mem: Memory, where: str) -> None:
+        self.mem = mem
+        self.rows = {}
+        if step["op"] == "seq_div" and self.seq_div is not None:
+            self.seq_div.snapshot(mem)
+
+    def after_op(self, step: dict[str, Any], mem: Memory, result: Any, where: str) -> None:
+        if step["op"] == "seq_div" and self.seq_div is not None:
+            self.seq_div.flip(mem)
+        if step["op"] != "decode" or result != 0 or "logits" not in step:
+            return
+        want = np.frombuffer(self.run.blob(step["logits"]), dtype=np.float32)
+        want = want.reshape(step["logits_shape"])
+        assert len(self.rows) == want.shape[0], f"{where}: {len(self.rows)} output rows"
+        got = np.stack([self.rows[b] for b in sorted(self.rows)])  # batch order
+        identical = bool(np.array_equal(got.view(np.uint32), want.view(np.uint32)))
+        if not self.calibrated:
+            # the first decode decides the mode: bit for bit iff the kernels are the recording's
+            self.calibrated = True
+            self.stats.exact = identical or self.force_exact
+        st = self.stats
+        st.logits_checked += 1
+        st.logits_max_abs = max(st.logits_max_abs, float(np.abs(got - want).max()))
+        st.logits_max_rel = max(st.logits_max_rel, _f32_rel(got, want))
+        if st.exact:
+            assert identical, (
+                f"{where}: logits not bit-identical (max abs {np.abs(got - want).max():.3g}) "
+                "although the first decode was (or PYMEM_GGUF_EXACT=1)"
+            )
+        else:
+            assert st.logits_max_rel <= LOGIT_RTOL, (
+                f"{where}: logits differ by {st.logits_max_rel:.3g} relative (> {LOGIT_RTOL})"
+            )
+
+    def compare_blob(self, kind: str, got: bytes, want: bytes, where: str) -> None:
+        if got == want:
+            self.stats.blobs_identical += 1
+            return
+        # before the first decode no row is a kernel's; after it, exact kernels leave
+        # no excuse for a difference
+        assert self.calibrated and not self.stats.exact, (
+            f"{where}: {kind} blob differs (bit-exact expected: "
+            f"{'the kernels reproduce the recording' if self.calibrated else 'no decode yet'})"
+        )
+        assert self.mem is not None
+        compare_close(self.mem, kind, got, want, where, self.stats)
+
+
+def replay_with_model(path, model: GGUFModel, **kw: Any) -> tuple[Any, Stats]:
+    run = Run.load(path)
+    mem = build_memory(run)
+    hooks = ModelHooks(run, model, **kw)
+    try:
+        report = replay(run, mem, hooks)
+    finally:
+        mem.close()
+    if os.environ.get("PYMEM_GGUF_STATS"):
+        print(f"\n{path.stem}: {hooks.stats}")
+    return report, hooks.stats
+
+
+# --- tests ---------------------------------------------------------------------------------
+
+
+def test_runs_present() -> None:
+    names = set(IDS)
+    assert {
+        "llama.main.fa0.u1",
+        "llama-e8.main.fa1.u0",
+        "llama-e8.fill.fa1.u1",
+        "llama-e8.ops.fa0.u1",
+        "llama.noshift-q8_0.fa1.u1",
+        "mamba.main.u1",
+        "mamba.ops.u1",
+        "jamba.main.fa1.u0",
+    } <= names
+
+
+@pytest.mark.parametrize("path", RUNS, ids=IDS)
+def test_model_replay_matches_reference(path, models) -> None:
+    run = Run.load(path)
+    report, st = replay_with_model(path, models(run.model_path()))
+    assert report.steps == len(run.data["steps"])
+    n_decodes = sum(1 for s in run.data["steps"] if s["op"] == "decode" and "logits" in s)
+    assert st.logits_checked == n_decodes > 0
+    assert report.blobs_compared == st.blobs_identical + st.blobs_close >= report.steps
+    if st.exact:
+        assert st.blobs_close == 0 and st.blobs_identical == report.blobs_compared
+
+
+def test_seq_div_sign_matters(models) -> None:
+    """Without re-enacting the reference's seq_div sign, the decode after it differs, so
+    the re-enactment is what makes the bytes match (and pymem's own sign is the other)."""
+    path = next(p for p in RUNS if p.stem == "llama.main.fa0.u1")
+    run = Run.load(path)
+    with pytest.raises(AssertionError, match=r"step 11 \(decode: decode after seq_div\)"):
+        replay_with_model(path, models(run.model_path()), reference_seq_div=False)
+
+
+def test_decoder_drives_the_model(models) -> None:
+    """The model is a drop-in for :class:`pymem.models.runtime.Decoder`: the first decode of
+    llama.main.fa0.u1 through the factory's memory gives the recorded logits."""
+    from pymem.batch import Batch
+    from pymem.factory import ContextParams, create_memory
+    from pymem.models.runtime import Decoder
+
+    path = next(p for p in RUNS if p.stem == "llama.main.fa0.u1")
+    run = Run.load(path)
+    model = models(run.model_path())
+    step = run.data["steps"][1]
+    assert step["op"] == "decode"
+    params = run.data["context_params"]
+    mem = create_memory(model.spec, ContextParams.from_dict(params))
+    assert mem is not None
+    try:
+        dec = Decoder(model, mem, n_seq_max=params["n_seq_max"], n_ubatch=params["n_ubatch"],
+                      flash_attn=params["flash_attn"])  # fmt: skip
+        logits = dec.decode(Batch.from_items(step["items"]))
+    finally:
+        mem.close()
+    outputs = [i for i, item in enumerate(step["items"]) if item[3]]
+    assert np.isnan(logits[[i for i in range(len(step["items"])) if i not in outputs]]).all()
+    want = np.frombuffer(run.blob(step["logits"]), dtype=np.float32).reshape(len(outputs), -1)
+    np.testing.assert_allclose(logits[outputs], want, rtol=0, atol=LOGIT_RTOL * np.abs(want).max())
