@@ -251,11 +251,17 @@ def _mask_pair_list(
         tie = (cy > ty) | ((cy == ty) & (cx > tx))
     span = None if rules.in_span_min is None else rules.in_span_min[sq][t]
     keep = _keep(rules, p0, pt, tie, span, np.ones(n_pairs, dtype=bool))
-    tk, jk = t[keep], j[keep]
-    if rules.alibi:
-        out[tk, jk] = -np.abs(p0[keep].astype(np.int64) - pt[keep])
+    # flat indices into the (contiguous) rows: a 1-D scatter is about twice as fast
+    # E.g. n_kv 10, t [0, 2], j [3, 7] -> [3, 27]
+    assert out.flags.c_contiguous, "the flat view must alias the mask rows"
+    where = t.astype(np.int64) * out.shape[1] + j
+    flat = out.reshape(-1)
+    if keep.all():  # the usual decode: every cell of the sequence is in the past
+        flat[where] = -np.abs(p0.astype(np.int64) - pt) if rules.alibi else 0
+    elif rules.alibi:
+        flat[where[keep]] = -np.abs(p0[keep].astype(np.int64) - pt[keep])
     else:
-        out[tk, jk] = 0
+        flat[where[keep]] = 0
 
 
 def _mask_rows(
