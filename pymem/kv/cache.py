@@ -474,8 +474,7 @@ class KVCache(Memory):
         cells are copied at the same indices, and the tensor bytes follow at the next
         ``init_update().apply()``.
         """
-        seq_id_src = self._check_seq(seq_id_src, "seq_id_src")
-        seq_id_dst = self._check_seq(seq_id_dst, "seq_id_dst")
+        self.check_seq_cp(seq_id_src, seq_id_dst, p0, p1)
         s0 = int(self.seq_to_stream[seq_id_src])
         s1 = int(self.seq_to_stream[seq_id_dst])
         if s0 == s1:
@@ -487,14 +486,6 @@ class KVCache(Memory):
             self._mutated()
             cells.seq_add_bit(idx, seq_id_dst)
             return
-        # the reference's test of a "full" range, kept as is: p = size - 1 still counts as full
-        size = self.kv_size
-        partial = (p0 > 0 and p0 + 1 < size) or (p1 > 0 and p1 + 1 < size)
-        if partial:
-            raise UnsupportedError(
-                f"seq_cp({seq_id_src} -> {seq_id_dst}, p0={p0}, p1={p1}): sequences in different "
-                "streams can only be copied whole (p0 < 0 and p1 < 0)"
-            )
         self._mutated()
         self._pending_copies.append((s0, s1))
         src = self.v_cells[s0]
@@ -521,6 +512,42 @@ class KVCache(Memory):
             raise UnsupportedError(
                 f"{what}: this cache / model configuration does not support K-shift"
             )
+
+    def check_seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
+        """Raise what :meth:`seq_cp` would refuse, changing nothing (compositions check
+        every part before mutating any)."""
+        seq_id_src = self._check_seq(seq_id_src, "seq_id_src")
+        seq_id_dst = self._check_seq(seq_id_dst, "seq_id_dst")
+        if int(self.seq_to_stream[seq_id_src]) == int(self.seq_to_stream[seq_id_dst]):
+            return
+        # the reference's test of a "full" range, kept as is: p = size - 1 still counts as full
+        size = self.kv_size
+        partial = (p0 > 0 and p0 + 1 < size) or (p1 > 0 and p1 + 1 < size)
+        if partial:
+            raise UnsupportedError(
+                f"seq_cp({seq_id_src} -> {seq_id_dst}, p0={p0}, p1={p1}): sequences in different "
+                f"streams can only be copied whole (p0 < 0 and p1 < 0; cache size {size})"
+            )
+
+    def check_seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
+        """Raise what :meth:`seq_add` would refuse, changing nothing."""
+        seq_id = self._check_seq(seq_id, "seq_id")
+        self._check_shiftable("seq_add")
+        shift = int(shift)
+        if shift <= 0:
+            return
+        cells = self.v_cells[int(self.seq_to_stream[seq_id])]
+        lo, hi = self._range(p0, p1)
+        idx = np.flatnonzero(self._cells_in(cells, lo, hi) & cells.seq_mask(seq_id))
+        if idx.size and int(cells.pos[idx].max()) + shift > _POS_MAX:
+            raise RangeError(f"seq_add: shift {shift} moves a position past {_POS_MAX}")
+
+    def check_seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
+        """Raise what :meth:`seq_div` would refuse, changing nothing."""
+        self._check_seq(seq_id, "seq_id")
+        self._check_shiftable("seq_div")
+        if int(d) < 1:
+            raise RangeError(f"seq_div: d = {int(d)} must be >= 1")
 
     def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
         """Add ``shift`` to the positions of ``seq_id`` in ``[p0, p1)`` (K rotated later).
