@@ -36,26 +36,26 @@ already emptied the destination; its iSWA hybrid undoes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, BinaryIO, Union
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Union
 
-from pymem.errors import BatchError, ConfigError
-from pymem.iswa import CompositeStatePlan, ISWASlots, KVCacheISWA, KVCacheISWAContext
-from pymem.memory import Memory, MemoryContext, MemoryStatus, StateFlags, status_combine
+from pymem.composite import CompositeMemory, MemoryPart, PairContext
+from pymem.errors import ConfigError
+from pymem.iswa import ISWASlots, KVCacheISWA, KVCacheISWAContext
+from pymem.memory import MemoryStatus, StateFlags
 
 if TYPE_CHECKING:
     from pymem.batch import BatchAllocator
     from pymem.kv import KVCache, KVCacheContext, SlotInfo
     from pymem.recurrent import RecurrentMemory, RecurrentMemoryContext
     from pymem.spec import ModelSpec
-    from pymem.state import StateReader, StateWriter
     from pymem.ubatch import UBatch
 
 AttnPart = Union["KVCache", KVCacheISWA]
 AttnContext = Union["KVCacheContext", KVCacheISWAContext]
 
 
-class HybridMemory(Memory):
+class HybridMemory(CompositeMemory):
     """Attention (KVCache or KVCacheISWA) + recurrent memory (``llama_memory_hybrid[_iswa]``).
 
     Build it from two parts (``HybridMemory(attn, recr)``), from a spec with
@@ -161,21 +161,8 @@ class HybridMemory(Memory):
     def n_pos_per_embd(self) -> int:
         return self.spec.n_pos_per_embd
 
-    def memory_breakdown(self) -> dict[str, int]:
-        """Bytes per device, all parts summed (as the reference)."""
-        out: dict[str, int] = {}
-        for part in (self.mem_attn, self.mem_recr):
-            for dev, n in part.memory_breakdown().items():
-                out[dev] = out.get(dev, 0) + n
-        return out
-
-    def memory_breakdown_by_part(self) -> dict[str, dict[str, int]]:
-        """Bytes per device for each part (names as :meth:`parts`)."""
-        return {name: mem.memory_breakdown() for name, mem in self.parts().items()}
-
-    def close(self) -> None:
-        self.mem_attn.close()
-        self.mem_recr.close()
+    def _members(self) -> tuple[AttnPart, RecurrentMemory]:
+        return (self.mem_attn, self.mem_recr)
 
     # --- planning --------------------------------------------------------------------
     def _attn_unified(self) -> bool:
@@ -232,31 +219,11 @@ class HybridMemory(Memory):
         )
 
     # --- sequence operations ---------------------------------------------------------
-    def clear(self, data: bool = True) -> None:
-        self.mem_attn.clear(data)
-        self.mem_recr.clear(data)
-
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         """Recurrent part first; when it refuses, False and nothing changed anywhere."""
         if not self.mem_recr.seq_rm(seq_id, p0, p1):
             return False
         return self.mem_attn.seq_rm(seq_id, p0, p1)
-
-    def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
-        self.mem_attn.seq_cp(seq_id_src, seq_id_dst, p0, p1)
-        self.mem_recr.seq_cp(seq_id_src, seq_id_dst, p0, p1)
-
-    def seq_keep(self, seq_id: int) -> None:
-        self.mem_attn.seq_keep(seq_id)
-        self.mem_recr.seq_keep(seq_id)
-
-    def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
-        self.mem_attn.seq_add(seq_id, p0, p1, shift)
-        self.mem_recr.seq_add(seq_id, p0, p1, shift)
-
-    def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
-        self.mem_attn.seq_div(seq_id, p0, p1, d)
-        self.mem_recr.seq_div(seq_id, p0, p1, d)
 
     def seq_pos_min(self, seq_id: int) -> int:
         """``max(attention, recurrent)``, as the reference (see :meth:`seq_pos_ranges`)."""
@@ -295,56 +262,11 @@ class HybridMemory(Memory):
         """
         return self.is_iswa or not int(flags) & StateFlags.PARTIAL_ONLY
 
-    def state_write_into(self, writer: StateWriter, seq_id: int = -1, flags: int = 0) -> None:
+    def _state_members(self, flags: int) -> tuple[MemoryPart, ...]:
+        """``[attention][recurrent]``, the attention part only when :meth:`_attn_in_state`."""
         if self._attn_in_state(flags):
-            self.mem_attn.state_write_into(writer, seq_id, flags)
-        self.mem_recr.state_write_into(writer, seq_id, flags)
-
-    def state_read_parse(
-        self, reader: StateReader, seq_id: int = -1, flags: int = 0
-    ) -> CompositeStatePlan:
-        """Parse and validate every part (nothing changes); ``commit()`` applies them all."""
-        parts: list[Any] = []
-        if self._attn_in_state(flags):
-            plan = self.mem_attn.state_read_parse(reader, seq_id, flags)
-            parts.extend(plan.parts if isinstance(plan, CompositeStatePlan) else [plan])
-        parts.append(self.mem_recr.state_read_parse(reader, seq_id, flags))
-        return CompositeStatePlan(parts)
-
-    def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
-        from pymem.state import write_state
-
-        return write_state(lambda w: self.state_write_into(w, seq_id, flags))
-
-    def state_write_to(self, fileobj: BinaryIO, seq_id: int = -1, flags: int = 0) -> int:
-        from pymem.state import write_state_to
-
-        return write_state_to(fileobj, lambda w: self.state_write_into(w, seq_id, flags))
-
-    def state_size(self, seq_id: int = -1, flags: int = 0) -> int:
-        from pymem.state import state_size
-
-        return state_size(lambda w: self.state_write_into(w, seq_id, flags))
-
-    def state_read(
-        self, data: bytes | bytearray | memoryview, seq_id: int = -1, flags: int = 0
-    ) -> int:
-        """Restore from a blob; returns the bytes consumed. Nothing changes on failure."""
-        from pymem.state import StateReader
-
-        reader = StateReader(data)
-        self.state_read_parse(reader, seq_id, flags).commit()
-        return reader.offset
-
-    def state_read_from(self, fileobj: BinaryIO, seq_id: int = -1, flags: int = 0) -> int:
-        from pymem.state import StateReader
-
-        start = fileobj.tell() if fileobj.seekable() else None
-        reader = StateReader.from_file(fileobj)
-        self.state_read_parse(reader, seq_id, flags).commit()
-        if start is not None:
-            fileobj.seek(start + reader.offset)
-        return reader.offset
+            return (self.mem_attn, self.mem_recr)
+        return (self.mem_recr,)
 
 
 class HybridISWAMemory(HybridMemory):
@@ -360,72 +282,17 @@ class HybridISWAMemory(HybridMemory):
         super().__init__(attn, recr)
 
 
-class HybridContext(MemoryContext):
+class HybridContext(PairContext[AttnContext, "RecurrentMemoryContext"]):
     """Attention and recurrent contexts over the same ubatches (``llama_memory_hybrid_context``).
 
-    Status is the two sub-contexts' statuses combined (:func:`pymem.memory.status_combine`).
-    ``apply()`` applies attention then recurrent. Graph inputs come from the parts:
+    Status, ``next`` and ``apply`` (attention, then recurrent) as
+    :class:`~pymem.composite.PairContext`. Graph inputs come from the parts:
     :meth:`get_attn` (a KVCacheContext, or a KVCacheISWAContext with ``get_base()`` /
     ``get_swa()``) and :meth:`get_recr` (a RecurrentMemoryContext).
     """
 
-    def __init__(
-        self,
-        ctx_attn: AttnContext | None,
-        ctx_recr: RecurrentMemoryContext | None,
-        ubatches: Sequence[UBatch],
-        *,
-        status: MemoryStatus | None = None,
-    ) -> None:
-        self.ctx_attn = ctx_attn
-        self.ctx_recr = ctx_recr
-        self.ubatches = list(ubatches)
-        self.i_next = 0
-        if status is None:
-            assert ctx_attn is not None and ctx_recr is not None
-            status = status_combine(ctx_attn.get_status(), ctx_recr.get_status())
-        self.status = status
-
-    @classmethod
-    def failed(cls, status: MemoryStatus) -> HybridContext:
-        return cls(None, None, [], status=status)
-
-    def get_status(self) -> MemoryStatus:
-        return self.status
-
-    def _require_success(self, what: str) -> None:
-        if self.status != MemoryStatus.SUCCESS or self.ctx_attn is None or self.ctx_recr is None:
-            raise BatchError(f"{what}: context status is {self.status.name}")
-
-    def next(self) -> bool:
-        self._require_success("next")
-        assert self.ctx_attn is not None and self.ctx_recr is not None
-        self.ctx_attn.next()
-        self.ctx_recr.next()
-        self.i_next += 1
-        return self.i_next < len(self.ubatches)
-
-    def apply(self) -> bool:
-        if self.status.is_fail():
-            raise BatchError(f"apply: context status is {self.status.name}")
-        if self.ctx_attn is None or self.ctx_recr is None:
-            return True
-        res_attn = self.ctx_attn.apply()
-        res_recr = self.ctx_recr.apply()
-        return res_attn and res_recr
-
-    def get_ubatch(self) -> UBatch:
-        self._require_success("get_ubatch")
-        if self.i_next >= len(self.ubatches):
-            raise BatchError("get_ubatch: no current ubatch")
-        return self.ubatches[self.i_next]
-
     def get_attn(self) -> AttnContext:
-        self._require_success("get_attn")
-        assert self.ctx_attn is not None
-        return self.ctx_attn
+        return self._pair("get_attn")[0]
 
     def get_recr(self) -> RecurrentMemoryContext:
-        self._require_success("get_recr")
-        assert self.ctx_recr is not None
-        return self.ctx_recr
+        return self._pair("get_recr")[1]

@@ -34,16 +34,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
-from pymem.errors import BatchError, ConfigError, StateError
-from pymem.memory import Memory, MemoryContext, MemoryStatus, StateFlags, status_combine
+from pymem.composite import CompositeMemory, PairContext
+from pymem.errors import ConfigError
+from pymem.memory import MemoryStatus, StateFlags
 from pymem.spec import ModelSpec, SWAType
 
 if TYPE_CHECKING:
     from pymem.batch import BatchAllocator
     from pymem.kv import KVCache, KVCacheContext, SlotInfo
-    from pymem.state import StateReader, StateWriter
     from pymem.ubatch import UBatch
 
 SWA_PAD = 256
@@ -64,48 +64,6 @@ def swa_cache_size(
     return (n + SWA_PAD - 1) // SWA_PAD * SWA_PAD
 
 
-def plan_is_current(plan: Any) -> bool:
-    """Whether a parsed state plan can still be committed (its memory has not changed).
-
-    Compositions check every part before committing any, so a stale plan is refused
-    with nothing changed.
-    """
-    fn = getattr(plan, "is_current", None)
-    if callable(fn):
-        return bool(fn())
-    mem = getattr(plan, "kv", None) or getattr(plan, "memory", None)
-    version = getattr(plan, "version", None)
-    if mem is None or version is None:
-        return True
-    return getattr(mem, "_version", version) == version
-
-
-@dataclass
-class CompositeStatePlan:
-    """Parsed, validated state parts of several memories; :meth:`commit` applies all.
-
-    Parts are committed in serialisation order only after every part was parsed and
-    checked to be current, so a bad blob (or a stale plan) changes nothing anywhere.
-    """
-
-    parts: list[Any]
-    committed: bool = False
-
-    def is_current(self) -> bool:
-        return all(plan_is_current(p) for p in self.parts)
-
-    def commit(self) -> None:
-        if self.committed:
-            raise StateError("state plan: already committed")
-        if not self.is_current():
-            raise StateError(
-                "state plan: the memory changed after the blob was parsed; parse it again"
-            )
-        self.committed = True
-        for p in self.parts:
-            p.commit()
-
-
 @dataclass(frozen=True, eq=False)
 class ISWASlots:
     """The slot plan of an iSWA cache for a list of ubatches: one per cache."""
@@ -114,7 +72,7 @@ class ISWASlots:
     swa: list[SlotInfo]
 
 
-class KVCacheISWA(Memory):
+class KVCacheISWA(CompositeMemory):
     """Base (full attention) + SWA KV caches over one model (``llama_kv_cache_iswa``).
 
     Arguments follow the reference constructor; ``filter`` selects model layers first
@@ -203,7 +161,9 @@ class KVCacheISWA(Memory):
         self.kv_base = base
         self.kv_swa = swa
         self.spec = base.spec
-        self.unified = base.n_stream == 1
+        # the constructor flag, not n_stream == 1: a one-sequence cache built with
+        # unified=False still splits with split_equal(sequential=True), as the reference
+        self.unified = base.unified
         self.n_seq_max = base.n_seq_max
 
     # --- parts and properties --------------------------------------------------------
@@ -236,20 +196,8 @@ class KVCacheISWA(Memory):
         """The caches by name, in serialisation order."""
         return {"base": self.kv_base, "swa": self.kv_swa}
 
-    def memory_breakdown(self) -> dict[str, int]:
-        """Bytes per device, both caches summed (as the reference)."""
-        out = dict(self.kv_base.memory_breakdown())
-        for dev, n in self.kv_swa.memory_breakdown().items():
-            out[dev] = out.get(dev, 0) + n
-        return out
-
-    def memory_breakdown_by_part(self) -> dict[str, dict[str, int]]:
-        """Bytes per device for each cache: ``{"base": {dev: n}, "swa": {dev: n}}``."""
-        return {name: kv.memory_breakdown() for name, kv in self.parts().items()}
-
-    def close(self) -> None:
-        self.kv_base.close()
-        self.kv_swa.close()
+    def _members(self) -> tuple[KVCache, KVCache]:
+        return (self.kv_base, self.kv_swa)
 
     # --- planning --------------------------------------------------------------------
     def prepare(self, ubatches: Sequence[UBatch]) -> ISWASlots | None:
@@ -309,31 +257,11 @@ class KVCacheISWA(Memory):
         )
 
     # --- sequence operations ---------------------------------------------------------
-    def clear(self, data: bool = True) -> None:
-        self.kv_base.clear(data)
-        self.kv_swa.clear(data)
-
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         # both caches validate the same arguments; the base checks them first
         res_base = self.kv_base.seq_rm(seq_id, p0, p1)
         res_swa = self.kv_swa.seq_rm(seq_id, p0, p1)
         return res_base and res_swa
-
-    def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
-        self.kv_base.seq_cp(seq_id_src, seq_id_dst, p0, p1)
-        self.kv_swa.seq_cp(seq_id_src, seq_id_dst, p0, p1)
-
-    def seq_keep(self, seq_id: int) -> None:
-        self.kv_base.seq_keep(seq_id)
-        self.kv_swa.seq_keep(seq_id)
-
-    def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
-        self.kv_base.seq_add(seq_id, p0, p1, shift)
-        self.kv_swa.seq_add(seq_id, p0, p1, shift)
-
-    def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
-        self.kv_base.seq_div(seq_id, p0, p1, d)
-        self.kv_swa.seq_div(seq_id, p0, p1, d)
 
     def seq_pos_min(self, seq_id: int) -> int:
         """From the SWA cache only (the reference assumes it is a subset of the base)."""
@@ -356,63 +284,19 @@ class KVCacheISWA(Memory):
         }
 
     # --- state -----------------------------------------------------------------------
-    def state_write_into(self, writer: StateWriter, seq_id: int = -1, flags: int = 0) -> None:
+    def _state_members(self, flags: int) -> tuple[KVCache, ...]:
         """``[base][swa]``; the base part is left out under ``PARTIAL_ONLY``."""
-        if not int(flags) & StateFlags.PARTIAL_ONLY:
-            self.kv_base.state_write_into(writer, seq_id, flags)
-        self.kv_swa.state_write_into(writer, seq_id, flags)
-
-    def state_read_parse(
-        self, reader: StateReader, seq_id: int = -1, flags: int = 0
-    ) -> CompositeStatePlan:
-        """Parse and validate both parts (nothing changes); ``commit()`` applies both."""
-        parts = []
-        if not int(flags) & StateFlags.PARTIAL_ONLY:
-            parts.append(self.kv_base.state_read_parse(reader, seq_id, flags))
-        parts.append(self.kv_swa.state_read_parse(reader, seq_id, flags))
-        return CompositeStatePlan(parts)
-
-    def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
-        from pymem.state import write_state
-
-        return write_state(lambda w: self.state_write_into(w, seq_id, flags))
-
-    def state_write_to(self, fileobj: BinaryIO, seq_id: int = -1, flags: int = 0) -> int:
-        from pymem.state import write_state_to
-
-        return write_state_to(fileobj, lambda w: self.state_write_into(w, seq_id, flags))
-
-    def state_size(self, seq_id: int = -1, flags: int = 0) -> int:
-        from pymem.state import state_size
-
-        return state_size(lambda w: self.state_write_into(w, seq_id, flags))
-
-    def state_read(
-        self, data: bytes | bytearray | memoryview, seq_id: int = -1, flags: int = 0
-    ) -> int:
-        """Restore from a blob; returns the bytes consumed. Nothing changes on failure."""
-        from pymem.state import StateReader
-
-        reader = StateReader(data)
-        self.state_read_parse(reader, seq_id, flags).commit()
-        return reader.offset
-
-    def state_read_from(self, fileobj: BinaryIO, seq_id: int = -1, flags: int = 0) -> int:
-        from pymem.state import StateReader
-
-        start = fileobj.tell() if fileobj.seekable() else None
-        reader = StateReader.from_file(fileobj)
-        self.state_read_parse(reader, seq_id, flags).commit()
-        if start is not None:
-            fileobj.seek(start + reader.offset)
-        return reader.offset
+        if int(flags) & StateFlags.PARTIAL_ONLY:
+            return (self.kv_swa,)
+        return (self.kv_base, self.kv_swa)
 
 
-class KVCacheISWAContext(MemoryContext):
+class KVCacheISWAContext(PairContext["KVCacheContext", "KVCacheContext"]):
     """A base and an SWA cache context over the same ubatches (``llama_kv_cache_iswa_context``).
 
     Graph inputs come from the part contexts: :meth:`get_base` for the full-attention
     layers, :meth:`get_swa` for the SWA layers (each has its own slots, ``n_kv``, masks).
+    Status, ``next`` and ``apply`` as :class:`~pymem.composite.PairContext`.
     """
 
     def __init__(
@@ -424,56 +308,19 @@ class KVCacheISWAContext(MemoryContext):
         status: MemoryStatus | None = None,
         update: bool = False,
     ) -> None:
-        self.ctx_base = ctx_base
-        self.ctx_swa = ctx_swa
-        self.ubatches = list(ubatches)
-        self.i_next = 0
+        super().__init__(ctx_base, ctx_swa, ubatches, status=status)
         self.is_update = update
-        if status is None:
-            assert ctx_base is not None and ctx_swa is not None
-            status = status_combine(ctx_base.get_status(), ctx_swa.get_status())
-        self.status = status
 
-    @classmethod
-    def failed(cls, status: MemoryStatus) -> KVCacheISWAContext:
-        return cls(None, None, [], status=status)
+    @property
+    def ctx_base(self) -> KVCacheContext | None:
+        return self.first
 
-    def get_status(self) -> MemoryStatus:
-        return self.status
-
-    def _require_success(self, what: str) -> None:
-        if self.status != MemoryStatus.SUCCESS or self.ctx_base is None or self.ctx_swa is None:
-            raise BatchError(f"{what}: context status is {self.status.name}")
-
-    def next(self) -> bool:
-        self._require_success("next")
-        assert self.ctx_base is not None and self.ctx_swa is not None
-        self.ctx_base.next()
-        self.ctx_swa.next()
-        self.i_next += 1
-        return self.i_next < len(self.ubatches)
-
-    def apply(self) -> bool:
-        if self.status.is_fail():
-            raise BatchError(f"apply: context status is {self.status.name}")
-        if self.ctx_base is None or self.ctx_swa is None:
-            return True
-        res_base = self.ctx_base.apply()
-        res_swa = self.ctx_swa.apply()
-        return res_base and res_swa
-
-    def get_ubatch(self) -> UBatch:
-        self._require_success("get_ubatch")
-        if self.i_next >= len(self.ubatches):
-            raise BatchError("get_ubatch: no current ubatch")
-        return self.ubatches[self.i_next]
+    @property
+    def ctx_swa(self) -> KVCacheContext | None:
+        return self.second
 
     def get_base(self) -> KVCacheContext:
-        self._require_success("get_base")
-        assert self.ctx_base is not None
-        return self.ctx_base
+        return self._pair("get_base")[0]
 
     def get_swa(self) -> KVCacheContext:
-        self._require_success("get_swa")
-        assert self.ctx_swa is not None
-        return self.ctx_swa
+        return self._pair("get_swa")[1]
