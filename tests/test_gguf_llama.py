@@ -1,8 +1,10 @@
 """The recorded llama.cpp runs decoded by real models over pymem: llama.cpp's logits and bytes.
 
-Every llama, mamba and jamba run in tests/data/runs (and ``PYMEM_REPLAY_RUNS``) is
-replayed by tests/replay.py with :class:`pymem.models.gguf_llama.GGUFModel` computing each
-ubatch over pymem's memory: no row is copied from the reference. After every step the
+Every llama, mamba, jamba, gemma2 and lfm2 run in tests/data/runs (and
+``PYMEM_REPLAY_RUNS``) is replayed by tests/replay.py with
+:class:`pymem.models.gguf_llama.GGUFModel` computing each ubatch over pymem's memory (KV
+cache, iSWA, recurrent, hybrid, hybrid-iSWA; streams; rollback planes): no row is copied
+from the reference. After every step the
 replay checks results, positions and sizes; here, in addition, every successful decode's
 logits are compared with the recorded ones, and every recorded state blob with pymem's,
 whose K/V/R/S rows are now pymem's own computation.
@@ -10,25 +12,27 @@ whose K/V/R/S rows are now pymem's own computation.
 How exact:
 
 * With the kernels the runs were recorded with (llama-cpp-python 0.3.36's ggml 0.25.3,
-  one thread, this CPU class), everything is bit for bit: logits and every blob byte.
+  one thread; recorded on an AMD EPYC, reproduced on an Intel Xeon), everything is bit
+  for bit: logits and every blob byte.
   A run is checked in that mode when its first decode reproduces the recorded logits
   exactly (a bookkeeping bug cannot produce last-bit differences; kernels can), or
   always with ``PYMEM_GGUF_EXACT=1`` (then a first decode that is not bit-exact fails).
-* With another ggml build (e.g. libggml-python 0.20.2, whose CPU kernels round some
-  f32 results differently in the last bit, or a build for another CPU) the f32
-  arithmetic differs in the last bits, and F16 turns that into whole F16 steps now and
-  then: a K/V value, or a Q value
-  converted to F16 for its dot products with F16 K, that lies near a rounding boundary
-  lands on the neighbouring F16 (2^-11, about 4.9e-4 relative). Then:
+* With another ggml build (e.g. libggml-python 0.20.2, or a build for another CPU) the
+  f32 kernels round differently in the last bits, and F16 storage turns that into whole
+  F16 steps now and then: a K/V value, or a Q value converted to F16 for its dot
+  products with F16 K, that lies near a rounding boundary lands on the neighbouring F16
+  (2^-11, about 4.9e-4 relative), and later tokens attend over it. Then, relative to the
+  largest magnitude of each logits row / each K or V section / each R or S row:
 
-  - logits within :data:`LOGIT_RTOL` of the recorded ones, relative to each row's
-    largest magnitude. 0.20.2 measured: at most 1e-6 in most steps, 3.3e-5 once
-    (llama.main.fa0.u1 step 2, the non-flash path where Q goes through F16); a 1e-5
-    bound would hold for every run but that one, so the bound is 2e-4;
-  - cells and every header byte identical; F16 K/V values within :data:`KV_MAX_ULP`
-    units in the last place (measured 2); F32 R/S values within :data:`RS_RTOL`
-    relative to the row's scale (measured 4.1e-7); quantised (q8_0) rows identical
-    (measured identical).
+  - logits within :data:`LOGIT_RTOL`, cells and every header byte identical, F16 K/V
+    within :data:`KV_RTOL`, F32 R/S within :data:`RS_RTOL`, quantised (q8_0) rows
+    identical (no per-byte tolerance is meaningful for them);
+  - measured with 0.20.2 over all 25 runs: logits <= 1.6e-4, K/V <= 7.0e-4, R/S <=
+    1.4e-4 (worst: lfm2-swa.fill-noshift, 256 cells of flash attention; gemma2's
+    GELU and soft-capping runs reach 1.3e-4 on logits); for the llama / mamba / jamba
+    runs alone: logits <= 3.3e-5, K/V <= 2.3e-4, R/S <= 4.1e-7. The bounds are about
+    six times the worst. ~1e-5 would hold for most runs but not for these: a 1e-5
+    bound cannot absorb one F16 rounding step of one K/V value.
 
 The reference's K-shift after ``seq_div`` rotates by old - new (the wrong sign; pymem
 rotates correctly, see /work/shared/reference/llama-cpp-memory.md). To compare bytes
@@ -63,9 +67,9 @@ from pymem.models.runtime import step_inputs
 from pymem.ubatch import UBatch
 
 # tolerances for a ggml build other than the recording's (see the module docstring)
-LOGIT_RTOL = 2e-4
-KV_MAX_ULP = 4
-RS_RTOL = 1e-5
+LOGIT_RTOL = 1e-3
+KV_RTOL = 4e-3
+RS_RTOL = 1e-3
 
 RUNS = [p for p in run_files() if Run.load(p).arch in SUPPORTED and Run.load(p).model_path()]
 IDS = [p.stem for p in RUNS]
@@ -82,20 +86,11 @@ def models():
 # --- tolerant blob comparison (another ggml build) -------------------------------------
 
 
-def _f16_ulps(a: bytes, b: bytes) -> int:
-    """Largest distance in units in the last place between two F16 arrays (0 if equal)."""
-    x = np.frombuffer(a, dtype=np.int16).astype(np.int32)
-    y = np.frombuffer(b, dtype=np.int16).astype(np.int32)
-    # map sign-magnitude to a monotonic integer line: E.g. -0.0 (0x8000) -> 0, -tiny -> -1
-    x = np.where(x < 0, -32768 - x, x)
-    y = np.where(y < 0, -32768 - y, y)
-    return int(np.abs(x - y).max(initial=0))
-
-
 def _f32_rel(a: np.ndarray, b: np.ndarray) -> float:
     """max |a - b| over each row's largest magnitude (rows along the last axis)."""
     if a.size == 0:
         return 0.0
+    a, b = a.astype(np.float32), b.astype(np.float32)
     scale = np.maximum(np.abs(b).max(axis=-1, keepdims=True), 1e-30)
     return float((np.abs(a - b) / scale).max())
 
@@ -108,7 +103,7 @@ class Stats:
     logits_max_rel: float = 0.0
     blobs_identical: int = 0
     blobs_close: int = 0
-    kv_max_ulp: int = 0
+    kv_max_rel: float = 0.0
     rs_max_rel: float = 0.0
 
 
@@ -131,10 +126,11 @@ def compare_close(mem: Memory, kind: str, got: bytes, want: bytes, where: str, s
                 pairs += [(a[:3], b[:3], a[3], b[3]) for a, b in zip(sg.v, sw.v)]
                 for head_g, head_w, data_g, data_w in pairs:
                     assert head_g == head_w, f"{where}: K/V section header {head_g} != {head_w}"
-                    if head_g[0] == 1:  # GGML_TYPE_F16
-                        ulp = _f16_ulps(data_g, data_w)
-                        st.kv_max_ulp = max(st.kv_max_ulp, ulp)
-                        assert ulp <= KV_MAX_ULP, f"{where}: K/V differ by {ulp} ulp"
+                    if head_g[0] == 1:  # GGML_TYPE_F16, relative to the section's scale
+                        a = np.frombuffer(data_g, dtype=np.float16)[None]
+                        rel = _f32_rel(a, np.frombuffer(data_w, dtype=np.float16)[None])
+                        st.kv_max_rel = max(st.kv_max_rel, rel)
+                        assert rel <= KV_RTOL, f"{where}: K/V differ by {rel:.3g} (relative)"
                     else:  # quantised rows: no tolerance is meaningful per byte
                         assert data_g == data_w, f"{where}: K/V rows of type {head_g[0]} differ"
             off_g, off_w = g.end, w.end
@@ -267,6 +263,11 @@ def test_runs_present() -> None:
         "mamba.main.u1",
         "mamba.ops.u1",
         "jamba.main.fa1.u0",
+        "gemma2.main.fa0.u1",
+        "gemma2.main.fa1.u0",
+        "lfm2-swa.noshift.fa0.u1",
+        "lfm2.rollback.fa1.u1",
+        "lfm2-swa.checkpoint.fa0.u0",
     } <= names
 
 

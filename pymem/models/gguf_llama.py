@@ -1,10 +1,10 @@
-"""Real GGUF models (llama, mamba, jamba) decoded through pymem, graph for graph as llama.cpp.
+"""Real GGUF models decoded through pymem, graph for graph as llama.cpp builds them.
 
 Why: the recorded llama.cpp runs (tests/data/runs) carry the reference's logits and
 K/V/R/S bytes. A forward pass that builds *the same* ggml graph as llama.cpp, over the
 memory pymem planned, on the same ggml, reproduces those numbers bit for bit; any
 difference then points at pymem's memory (a wrong cell, row, mask entry, ``n_kv`` view,
-state-copy index), not at the model.
+state-copy index, snapshot plane), not at the model.
 
 "The same graph" means the reference's builders, op for op (vendor/llama.cpp/src):
 
@@ -14,16 +14,25 @@ state-copy index), not at the model.
   ``build_ffn`` (SiLU, parallel gate: ``ggml_swiglu_split``);
 * ``models/mamba.cpp`` with ``llm_build_mamba_base::build_mamba_layer`` and
   ``build_rs`` (conv state R and SSM state S gathered through ``s_copy``);
-* ``models/jamba.cpp`` mixing both per layer over the hybrid memory.
+* ``models/jamba.cpp``: Mamba and attention layers (no RoPE) over the hybrid memory;
+* ``models/gemma2.cpp``: embedding scale, Q scale, KQ and final logit soft-capping
+  (``tanh``), post-attention / post-FFN norms, GELU FFN; SWA layers read the iSWA
+  cache's SWA half;
+* ``models/lfm2.cpp``: Q/K norms, and the short-convolution block whose conv state is
+  written for the last ``n_rs_seq + 1`` tokens (the rollback planes).
 
 Node order matters where ggml's CPU backend fuses adjacent nodes (``RMS_NORM`` followed
 by ``MUL``) and where a store into the cache must precede the reads of it, so nodes are
 expanded in the reference's order. Attention follows ``build_attn_mha``: flash attention
-(``flash_attn_ext`` over f16 K/V rows, f16 mask, F32 precision) when the context has it,
-else ``mul_mat`` + ``soft_max_ext`` over transposed V (F32 mask).
+(``flash_attn_ext`` over K/V rows, F16 mask, F32 precision) when the context has it,
+else ``mul_mat`` + ``soft_max_ext`` over transposed V (F32 mask). MoE layers, LoRA,
+control vectors, embeddings input and non-causal LFM2 are not built
+(:class:`~pymem.errors.UnsupportedError`).
 
 Only F32 weight tensors are loaded (the recorded models are F32); other types raise
-:class:`~pymem.errors.UnsupportedError` naming the tensor.
+:class:`~pymem.errors.UnsupportedError` naming the tensor. Three ops pymem.ggml does not
+bind (``ggml_swiglu_split``, ``ggml_geglu_split``, ``ggml_tanh``) are reached through a
+small ABI-mode cffi binding of the same ggml (:func:`_extra_lib`).
 """
 
 from __future__ import annotations
@@ -46,7 +55,10 @@ from pymem.ubatch import UBatch
 NULL = gg.ffi.NULL
 F32 = 4  # bytes per float32
 
-SUPPORTED = ("llama", "mamba", "jamba")
+SUPPORTED = ("llama", "mamba", "jamba", "gemma2", "lfm2")
+
+# LLM_TENSOR_OUTPUT_NORM by architecture (LFM2 names it after the embeddings)
+_OUTPUT_NORM = {"lfm2": "token_embd_norm.weight"}
 
 
 # --- weights -------------------------------------------------------------------------
@@ -104,6 +116,11 @@ def _gguf_bool(path: str | os.PathLike[str], key: str) -> bool:
     return bool(field.contents()) if field is not None else False
 
 
+def _f32_div(a: float, b: float) -> float:
+    """``a / b`` computed in float32, as C computes ``1.0f / x``."""
+    return float(np.float32(a) / np.float32(b))
+
+
 def _f32(x: float) -> float:
     """``x`` rounded to float32 (what a C ``float`` parameter receives)."""
     return float(np.float32(x))
@@ -130,6 +147,12 @@ class HParams:
     ssm_d_state: int
     ssm_dt_rank: int
     ssm_dt_b_c_rms: bool  # RMS-norm dt, B and C (Falcon-Mamba; Jamba has the norm tensors)
+    causal_attn: bool
+    n_shortconv_l_cache: int  # LFM2
+    attn_soft_cap: bool  # Gemma-2: tanh soft-capping of KQ and of the logits
+    f_attn_logit_softcapping: float
+    f_final_logit_softcapping: float
+    f_attention_scale: float  # Gemma-2 scales Q (then KQ by 1)
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str], hp: GGUFHParams, n_vocab: int) -> HParams:
@@ -154,11 +177,18 @@ class HParams:
             ssm_d_state=hp.ssm_d_state,
             ssm_dt_rank=hp.ssm_dt_rank,
             ssm_dt_b_c_rms=_gguf_bool(path, f"{hp.arch}.ssm.dt_b_c_rms"),
+            causal_attn=hp.causal_attn,
+            n_shortconv_l_cache=hp.n_shortconv_l_cache,
+            attn_soft_cap=hp.arch == "gemma2",
+            f_attn_logit_softcapping=_gguf_f32(path, f"{hp.arch}.attn_logit_softcapping", 50.0),
+            f_final_logit_softcapping=_gguf_f32(path, f"{hp.arch}.final_logit_softcapping", 30.0),
+            # Gemma-2 of unknown size: 1/sqrtf(n_embd_head_k) (the 27B variant differs)
+            f_attention_scale=kq_scale,
         )
 
 
 class GGUFModel:
-    """A llama / mamba / jamba GGUF model with its weights on one device.
+    """A llama / mamba / jamba / gemma2 / lfm2 GGUF model with its weights on one device.
 
     ``forward(ubatch, inputs, flash_attn)`` builds and computes llama.cpp's graph for one
     ubatch after its memory context was applied (K/V/R/S are written in place) and returns
@@ -227,14 +257,17 @@ class GGUFModel:
             cur = ctx.get_rows(self.weights.get("token_embd.weight"), inp_tokens)
             g.expand(cur)
             t_out_ids = g.input("i32", (n_outputs,), out_ids, "inp_out_ids")
-            if hp.arch == "llama":
-                cur = g.llama(cur, t_out_ids)
-            elif hp.arch == "mamba":
-                cur = g.mamba(cur, t_out_ids)
-            else:
-                cur = g.jamba(cur, t_out_ids)
-            cur = g.norm(cur, self.weights.get("output_norm.weight"))
+            build = {"llama": g.llama, "mamba": g.mamba, "jamba": g.jamba,
+                     "gemma2": g.gemma2, "lfm2": g.lfm2}[hp.arch]  # fmt: skip
+            cur = build(cur, t_out_ids)
+            cur = g.norm(cur, self.weights.get(_OUTPUT_NORM.get(hp.arch, "output_norm.weight")))
             cur = ctx.mul_mat(self.output, cur)
+            if hp.attn_soft_cap:
+                # final logit soft-capping: cap * tanh(logits / cap)
+                cap = hp.f_final_logit_softcapping
+                cur = ctx.scale(cur, _f32_div(1.0, cap))
+                cur = tanh(ctx, cur)
+                cur = ctx.scale(cur, cap)
             g.expand(cur)
             if n_outputs:
                 (out,) = self.runner.run(ctx, g.nodes, inputs=g.feed, read=[cur])
@@ -276,12 +309,12 @@ class _Graph:
         """``build_norm(LLM_NORM_RMS)``: rms_norm then mul (fused by the CPU backend)."""
         return self.ctx.mul(self.ctx.rms_norm(cur, self.hp.f_norm_rms_eps), w)
 
-    def ffn(self, il: int, cur: Any) -> Any:
-        """``build_ffn(up, gate, down, LLM_FFN_SILU, LLM_FFN_PAR)``."""
+    def ffn(self, il: int, cur: Any, gelu: bool = False) -> Any:
+        """``build_ffn(up, gate, down, LLM_FFN_SILU or LLM_FFN_GELU, LLM_FFN_PAR)``."""
         ctx = self.ctx
         up = ctx.mul_mat(self.m._w(il, "ffn_up.weight"), cur)
         gate = ctx.mul_mat(self.m._w(il, "ffn_gate.weight"), cur)
-        cur = swiglu_split(ctx, gate, up)
+        cur = geglu_split(ctx, gate, up) if gelu else swiglu_split(ctx, gate, up)
         return ctx.mul_mat(self.m._w(il, "ffn_down.weight"), cur)
 
     # --- inputs shared by the layers --------------------------------------------------
@@ -377,9 +410,53 @@ class _Graph:
             inpL = ctx.add(ffn_inp, cur)
         return inpL
 
+    def gemma2(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_gemma2::graph`` up to the output norm."""
+        ctx, hp, w = self.ctx, self.hp, self.m._w
+        inpL = ctx.scale(inp, float(np.sqrt(np.float32(hp.n_embd))))
+        for il in range(hp.n_layer):
+            cur = self.norm(inpL, w(il, "attn_norm.weight"))
+            cur = self.attention(il, cur, q_scale=hp.f_attention_scale, kq_scale=1.0)
+            if il == hp.n_layer - 1:
+                cur = ctx.get_rows(cur, out_ids)
+                inpL = ctx.get_rows(inpL, out_ids)
+            cur = self.norm(cur, w(il, "post_attention_norm.weight"))
+            sa_out = ctx.add(cur, inpL)
+            cur = self.norm(sa_out, w(il, "ffn_norm.weight"))
+            cur = self.ffn(il, cur, gelu=True)
+            cur = self.norm(cur, w(il, "post_ffw_norm.weight"))
+            inpL = ctx.add(cur, sa_out)
+        return inpL
+
+    def lfm2(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_lfm2::graph`` (dense FFN) up to the output norm."""
+        ctx, hp, w = self.ctx, self.hp, self.m._w
+        cur = inp
+        for il in range(hp.n_layer):
+            prev_cur = cur
+            cur = self.norm(cur, w(il, "attn_norm.weight"))
+            if self.m.spec.layers[il].recurrent:
+                cur = self.shortconv(il, cur)
+            else:
+                cur = self.attention(il, cur, qk_norm=True)
+            if il == hp.n_layer - 1:
+                cur = ctx.get_rows(cur, out_ids)
+                prev_cur = ctx.get_rows(prev_cur, out_ids)
+            cur = ctx.add(prev_cur, cur)
+            ffn_out = self.ffn(il, self.norm(cur, w(il, "ffn_norm.weight")))
+            cur = ctx.add(cur, ffn_out)
+        return cur
+
     # --- attention ----------------------------------------------------------------------
-    def attention(self, il: int, cur: Any) -> Any:
-        """``build_qkv`` + RoPE + ``build_attn`` (KV cache input) + ``wo``."""
+    def attention(
+        self,
+        il: int,
+        cur: Any,
+        qk_norm: bool = False,
+        q_scale: float | None = None,
+        kq_scale: float | None = None,
+    ) -> Any:
+        """``build_qkv`` (+ Q/K RMS norms) + RoPE (+ Q scale) + ``build_attn`` + ``wo``."""
         ctx, hp = self.ctx, self.hp
         n_tokens = self.ubatch.n_tokens
         hd, nh, nkv = hp.n_embd_head, hp.n_head[il], hp.n_head_kv[il]
@@ -389,21 +466,28 @@ class _Graph:
         q = ctx.reshape_3d(q, hd, nh, n_tokens)
         k = ctx.reshape_3d(k, hd, nkv, n_tokens)
         v = ctx.reshape_3d(v, hd, nkv, n_tokens)
+        if qk_norm:
+            q = self.norm(q, self.m._w(il, "attn_q_norm.weight"))
+            k = self.norm(k, self.m._w(il, "attn_k_norm.weight"))
         rope = self.m.spec.layers[il].rope
         if rope is not None:
             q = self.rope(q, rope)
             k = self.rope(k, rope)
+        if q_scale is not None:
+            q = ctx.scale(q, q_scale)
 
         part = self.inputs.attn_part(il)
         ai = self.inputs.attn[part]
         t_mask, t_kidx, t_vidx = self.attn_inputs(part)
-        # build_attn: q, v, k first (kept together), then the stores, then the cache views
-        self.expand(q, v, k)
+        # build_attn keeps q, k, v together (a plain KV cache expands K last, for rope
+        # fusion), then the stores, then the cache views
+        self.expand(*((q, v, k) if part == "kv" else (q, k, v)))
         self.expand(ai.cpy_k(ctx, k, t_kidx, il))
         self.expand(ai.cpy_v(ctx, v, t_vidx, il))
         k_view = ai.get_k(ctx, il)
         v_view = ai.get_v(ctx, il)
-        cur = self.attn_mha(q, k_view, v_view, t_mask, hp.kq_scale)
+        scale = hp.kq_scale if kq_scale is None else kq_scale
+        cur = self.attn_mha(q, k_view, v_view, t_mask, scale)
         self.expand(cur)
         return ctx.mul_mat(self.m._w(il, "attn_output.weight"), cur)
 
@@ -424,8 +508,9 @@ class _Graph:
         )
 
     def attn_mha(self, q: Any, k: Any, v: Any, kq_mask: Any, kq_scale: float) -> Any:
-        """``build_attn_mha`` without KQ bias, sinks, MLA, soft-capping or ALiBi."""
-        ctx = self.ctx
+        """``build_attn_mha`` without KQ bias, sinks, MLA or ALiBi."""
+        ctx, hp = self.ctx, self.hp
+        softcap = hp.f_attn_logit_softcapping if hp.attn_soft_cap else 0.0
         v_trans = int(v.nb[1]) > int(v.nb[2])
         n_stream = int(k.ne[3])
         n_tps = int(q.ne[2]) // n_stream
@@ -441,11 +526,15 @@ class _Graph:
                 k = ctx.cast(k, gg.lib.GGML_TYPE_F16)
             if v.type == gg.lib.GGML_TYPE_F32:
                 v = ctx.cast(v, gg.lib.GGML_TYPE_F16)
-            cur = ctx.flash_attn_ext(q, k, v, kq_mask, _f32(kq_scale), 0.0, 0.0)
+            cur = ctx.flash_attn_ext(q, k, v, kq_mask, _f32(kq_scale), 0.0, softcap)
             gg.lib.ggml_flash_attn_ext_set_prec(cur, gg.lib.GGML_PREC_F32)
             return ctx.reshape_2d(cur, cur.ne[0] * cur.ne[1], cur.ne[2] * cur.ne[3])
         kq = ctx.mul_mat(k, q)
         gg.lib.ggml_mul_mat_set_prec(kq, gg.lib.GGML_PREC_F32)
+        if softcap:
+            kq = ctx.scale(kq, _f32_div(1.0, softcap))
+            kq = tanh(ctx, kq)
+            kq = ctx.scale(kq, softcap)
         kq = ctx.soft_max_ext(kq, kq_mask, _f32(kq_scale), 0.0)
         if not v_trans:
             v = ctx.cont(ctx.transpose(v))
@@ -554,6 +643,55 @@ class _Graph:
         cur = ctx.mul_mat(w(il, "ssm_out.weight"), y)
         return ctx.reshape_2d(cur, cur.ne[0], n_seq_tokens * n_seqs)
 
+    # --- LFM2 short convolution -------------------------------------------------------
+    def shortconv(self, il: int, cur: Any) -> Any:
+        """LFM2's ``build_shortconv_block`` (causal): gated depthwise conv over the last
+        ``L_cache - 1`` inputs, whose state (and, with ``n_rs_seq``, the states 1..n_rs_seq
+        tokens back, planes 1..) is stored at rows ``[head, head + n_seqs)``."""
+        ctx, hp, ub = self.ctx, self.hp, self.ubatch
+        rs = self._recr()
+        w = self.m._w
+        n_seqs, n_seq_tokens = ub.n_seqs, ub.n_seq_tokens
+        if not ub.equal_seqs or n_seqs * n_seq_tokens != ub.n_tokens:
+            raise ConfigError(
+                "ubatch: short-conv layers need an equal-sequence split (split_equal or split_seq)"
+            )
+        if not hp.causal_attn:
+            raise UnsupportedError("LFM2 short convolution: non-causal (needs ggml_pad_ext)")
+        d_conv = hp.n_shortconv_l_cache - 1
+        n_embd = hp.n_embd
+
+        cur = ctx.reshape_3d(cur, cur.ne[0], n_seq_tokens, n_seqs)
+        bcx = ctx.mul_mat(w(il, "shortconv.in_proj.weight"), cur)
+        chunk = int(bcx.ne[0]) // 3
+        b, c, x = (
+            ctx.view_3d(bcx, chunk, bcx.ne[1], bcx.ne[2], bcx.nb[1], bcx.nb[2], j * chunk * F32)
+            for j in range(3)
+        )
+        bx = ctx.transpose(ctx.mul(b, x))
+
+        conv_state = rs.r_tensor(il).ptr
+        conv_rs = self.build_rs(conv_state, d_conv * n_embd, ctx.get_rows)
+        conv = ctx.reshape_3d(conv_rs, d_conv, n_embd, n_seqs)
+        bx = ctx.concat(conv, bx, 0)
+
+        # slot 0 = the final state, slot s = the state s tokens back (rollback planes)
+        big_k = rs.n_rs_seq + 1 if rs.n_rs_seq > 0 else 1
+        n_written = min(n_seq_tokens, big_k)
+        row_size = int(gg.lib.ggml_row_size(conv_state.type, d_conv * n_embd))
+        el = int(bx.nb[0])
+        for slot in range(n_written):
+            snap = ctx.view_3d(bx, d_conv, bx.ne[1], bx.ne[2], bx.nb[1], bx.nb[2],
+                               (int(bx.ne[0]) - d_conv - slot) * el)  # fmt: skip
+            dst = ctx.view_2d(conv_state, d_conv * n_embd, n_seqs, conv_state.nb[1],
+                              (slot * rs.size + rs.head) * row_size)  # fmt: skip
+            self.expand(ctx.cpy(snap, dst))
+
+        conv_out = ctx.ssm_conv(bx, w(il, "shortconv.conv.weight"))
+        y = ctx.mul(c, conv_out)
+        y = ctx.mul_mat(w(il, "shortconv.out_proj.weight"), y)
+        return ctx.reshape_2d(y, y.ne[0], n_seq_tokens * n_seqs)
+
 
 # --- ops pymem.ggml does not bind ----------------------------------------------------
 
@@ -574,6 +712,9 @@ def _extra_lib() -> tuple[Any, Any]:
             "struct ggml_context; struct ggml_tensor;"
             "struct ggml_tensor * ggml_swiglu_split(struct ggml_context * ctx,"
             " struct ggml_tensor * a, struct ggml_tensor * b);"
+            "struct ggml_tensor * ggml_geglu_split(struct ggml_context * ctx,"
+            " struct ggml_tensor * a, struct ggml_tensor * b);"
+            "struct ggml_tensor * ggml_tanh(struct ggml_context * ctx, struct ggml_tensor * a);"
         )
         base = os.path.join(ggml_info().path, _SONAMES[0])
         xlib = xffi.dlopen(base if os.path.exists(base) else _SONAMES[0])
@@ -591,3 +732,15 @@ def swiglu_split(ctx: gg.Context, gate: Any, up: Any) -> Any:
     """``ggml_swiglu_split(ctx, gate, up)``: silu(gate) * up in one node, as llama.cpp's FFN."""
     xffi, xlib = _extra_lib()
     return _xcall(xlib.ggml_swiglu_split, xffi, ctx.ptr, gate, up)
+
+
+def geglu_split(ctx: gg.Context, gate: Any, up: Any) -> Any:
+    """``ggml_geglu_split(ctx, gate, up)``: gelu(gate) * up, Gemma-2's FFN."""
+    xffi, xlib = _extra_lib()
+    return _xcall(xlib.ggml_geglu_split, xffi, ctx.ptr, gate, up)
+
+
+def tanh(ctx: gg.Context, a: Any) -> Any:
+    """``ggml_tanh(ctx, a)`` (soft-capping)."""
+    xffi, xlib = _extra_lib()
+    return _xcall(xlib.ggml_tanh, xffi, ctx.ptr, a)
