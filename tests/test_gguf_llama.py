@@ -71,7 +71,18 @@ LOGIT_RTOL = 1e-3
 KV_RTOL = 4e-3
 RS_RTOL = 1e-3
 
-RUNS = [p for p in run_files() if Run.load(p).arch in SUPPORTED and Run.load(p).model_path()]
+
+def _model_runs() -> list:
+    """Runs of a supported architecture whose model file is present."""
+    out = []
+    for p in run_files():
+        run = Run.load(p)
+        if run.arch in SUPPORTED and run.model_path() is not None:
+            out.append(p)
+    return out
+
+
+RUNS = _model_runs()
 IDS = [p.stem for p in RUNS]
 
 

@@ -67,10 +67,10 @@ _OUTPUT_NORM = {"lfm2": "token_embd_norm.weight"}
 class GGUFWeights:
     """Every tensor of a GGUF file in one :class:`TensorStore` (F32 only), by GGUF name."""
 
-    def __init__(self, path: str | os.PathLike[str], device: Device) -> None:
+    def __init__(self, path: str | os.PathLike[str], device: Device, reader: Any = None) -> None:
         import gguf
 
-        reader = gguf.GGUFReader(os.fspath(path))
+        reader = reader if reader is not None else gguf.GGUFReader(os.fspath(path))
         specs, arrays = [], []
         for t in reader.tensors:
             if t.tensor_type != gguf.GGMLQuantizationType.F32:
@@ -98,22 +98,24 @@ class GGUFWeights:
         self.store.close()
 
 
-def _gguf_f32(path: str | os.PathLike[str], key: str, default: float | None = None) -> float:
-    import gguf
+class _Keys:
+    """Scalar metadata of a GGUF file (one reader for every key)."""
 
-    field = gguf.GGUFReader(os.fspath(path)).fields.get(key)
-    if field is None:
-        if default is None:
-            raise ConfigError(f"{path}: key not found in model: {key}")
-        return default
-    return float(field.contents())
+    def __init__(self, path: str, reader: Any) -> None:
+        self.path = path
+        self.fields = reader.fields
 
+    def f32(self, key: str, default: float | None = None) -> float:
+        field = self.fields.get(key)
+        if field is None:
+            if default is None:
+                raise ConfigError(f"{self.path}: key not found in model: {key}")
+            return default
+        return float(field.contents())
 
-def _gguf_bool(path: str | os.PathLike[str], key: str) -> bool:
-    import gguf
-
-    field = gguf.GGUFReader(os.fspath(path)).fields.get(key)
-    return bool(field.contents()) if field is not None else False
+    def bool_(self, key: str) -> bool:
+        field = self.fields.get(key)
+        return bool(field.contents()) if field is not None else False
 
 
 def _f32_div(a: float, b: float) -> float:
@@ -155,7 +157,8 @@ class HParams:
     f_attention_scale: float  # Gemma-2 scales Q (then KQ by 1)
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike[str], hp: GGUFHParams, n_vocab: int) -> HParams:
+    def from_gguf(cls, keys: _Keys, hp: GGUFHParams, n_vocab: int) -> HParams:
+        path = keys.path
         head = hp.n_embd_head_v_full
         if hp.n_embd_head_k_full != head and max(hp.n_head) > 0:
             raise UnsupportedError(
@@ -170,18 +173,18 @@ class HParams:
             n_head=tuple(hp.n_head),
             n_head_kv=tuple(hp.n_head_kv),
             n_embd_head=head,
-            f_norm_rms_eps=_gguf_f32(path, f"{hp.arch}.attention.layer_norm_rms_epsilon"),
+            f_norm_rms_eps=keys.f32(f"{hp.arch}.attention.layer_norm_rms_epsilon"),
             kq_scale=kq_scale,
             ssm_d_conv=hp.ssm_d_conv,
             ssm_d_inner=hp.ssm_d_inner,
             ssm_d_state=hp.ssm_d_state,
             ssm_dt_rank=hp.ssm_dt_rank,
-            ssm_dt_b_c_rms=_gguf_bool(path, f"{hp.arch}.ssm.dt_b_c_rms"),
+            ssm_dt_b_c_rms=keys.bool_(f"{hp.arch}.ssm.dt_b_c_rms"),
             causal_attn=hp.causal_attn,
             n_shortconv_l_cache=hp.n_shortconv_l_cache,
             attn_soft_cap=hp.arch == "gemma2",
-            f_attn_logit_softcapping=_gguf_f32(path, f"{hp.arch}.attn_logit_softcapping", 50.0),
-            f_final_logit_softcapping=_gguf_f32(path, f"{hp.arch}.final_logit_softcapping", 30.0),
+            f_attn_logit_softcapping=keys.f32(f"{hp.arch}.attn_logit_softcapping", 50.0),
+            f_final_logit_softcapping=keys.f32(f"{hp.arch}.final_logit_softcapping", 30.0),
             # Gemma-2 of unknown size: 1/sqrtf(n_embd_head_k) (the 27B variant differs)
             f_attention_scale=kq_scale,
         )
@@ -210,9 +213,12 @@ class GGUFModel:
                 f"{self.path}: architecture {self.hp_file.arch!r}; supported: {', '.join(SUPPORTED)}"
             )
         self.device = get_device(device)
-        self.weights = GGUFWeights(self.path, self.device)
+        import gguf
+
+        reader = gguf.GGUFReader(self.path)
+        self.weights = GGUFWeights(self.path, self.device, reader)
         n_vocab = int(self.weights.store["token_embd.weight"].shape[1])
-        self.hp = HParams.from_gguf(self.path, self.hp_file, n_vocab)
+        self.hp = HParams.from_gguf(_Keys(self.path, reader), self.hp_file, n_vocab)
         self.spec: ModelSpec = spec_from_gguf(self.path)
         # llama.cpp: a missing output.weight means tied embeddings (TENSOR_DUPLICATED)
         self.output = self.weights.get("output.weight", required=False)
