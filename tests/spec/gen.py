@@ -94,7 +94,26 @@ def random_config(kind: str, r: Any) -> Any:
     if kind == "hybrid" and swa:
         layout = layout.replace("A", "W")
     kw["layout"] = layout
+    if kind in ("kv", "iswa", "hybrid") and r.chance(0.15):
+        kw["n_pos"] = 4  # M-RoPE: 2-D positions, cells carry ext, no K-shift
+    if kind in ("kv", "iswa") and r.chance(0.1):
+        kw["alibi"] = True
     return Config(**kw)
+
+
+def random_embd_batch(pair: Any, r: Any) -> tuple[list, list]:
+    """An M-RoPE embedding batch: image-like patches, one temporal position per sequence,
+    2-D (y, x) positions in the other sections. Returns ``(items, sections)``."""
+    cfg = pair.cfg
+    items: list[list] = []
+    sections: list[tuple[int, ...]] = []
+    for s in sorted({r.int(0, cfg.n_seq_max - 1) for _ in range(r.int(1, 2))}):
+        t = max(pair.sp.seq_pos_max(s), 0) + r.int(0, 1)  # embeddings may overlap: X <= Y
+        w = r.int(1, 3)
+        for i in range(r.int(1, 6)):
+            items.append([0, t, [s], r.chance(0.3)])
+            sections.append((t, i // w, i % w, 0))
+    return items, sections
 
 
 def random_batch(pair: Any, r: Any) -> tuple[list, bool, bool]:
@@ -109,14 +128,16 @@ def random_batch(pair: Any, r: Any) -> tuple[list, bool, bool]:
     for s in seqs:
         n = r.int(1, 6)
         start = sp.seq_pos_max(s) + 1
-        if r.chance(0.08):
+        if cfg.n_pos > 1:
+            start += r.int(0, 2)  # M-RoPE positions may jump forward
+        if r.chance(0.05):
             start = r.int(0, max(start + 2, 0))  # a restart or a jump: usually invalid
         toks = []
         p = start
         for _ in range(n):
             toks.append([r.int(0, 63), p, [s], r.chance(0.3)])
             p += 1
-            if r.chance(0.03):
+            if r.chance(0.015):
                 p += 1  # a gap
         per_seq[s] = toks
     # coupled tokens: a prefix shared by two sequences with the same memory range
@@ -179,8 +200,12 @@ def random_step(pair: Any, r: Any) -> str:
         + ["save", "save", "load", "load", "clear"]
     )
     if op == "decode":
-        items, embd_all, auto_pos = random_batch(pair, r)
-        pair.decode(items, embd_all=embd_all, auto_pos=auto_pos)
+        if cfg.n_pos > 1 and r.chance(0.3):
+            items, sections = random_embd_batch(pair, r)
+            pair.decode(items, sections=sections)
+        else:
+            items, embd_all, auto_pos = random_batch(pair, r)
+            pair.decode(items, embd_all=embd_all, auto_pos=auto_pos)
     elif op == "seq_rm":
         s = random_seq(pair, r, allow_all=True)
         pair.seq_op("seq_rm", s, *random_range(pair, s, r))

@@ -27,6 +27,7 @@ from pymem.errors import BatchError, ConfigError, PymemError, StateError
 from pymem.hybrid import HybridISWAMemory, HybridMemory
 from pymem.iswa import KVCacheISWA
 from pymem.kv import KVCache
+from pymem.kv.cache import NonCausalType
 from pymem.memory import MemoryStatus
 from pymem.recurrent import RecurrentMemory
 from pymem.spec import LayerSpec, ModelSpec, RopeSpec, RopeType, SWAType
@@ -43,6 +44,11 @@ from .memory import SpecMemory
 from .recurrent import RSConfig
 
 N_VOCAB = 64
+NON_CAUSAL = {
+    "all": NonCausalType.ALL,
+    "swa_only": NonCausalType.SWA_ONLY,
+    "swa_full": NonCausalType.SWA_FULL,
+}
 KINDS = ("kv", "iswa", "recurrent", "hybrid", "hybrid_iswa")
 
 
@@ -68,6 +74,8 @@ class Config:
     v_dims: tuple[int, ...] = ()  # per attention layer V head dims (default head_dim)
     n_embd_r: int = 6
     n_embd_s: int = 10
+    n_pos: int = 1  # positions per token (4: M-RoPE, cells carry ext)
+    alibi: bool = False
 
     def describe(self) -> str:
         parts = [self.kind, self.layout, f"seqs={self.n_seq_max}"]
@@ -82,6 +90,10 @@ class Config:
         if self.kind in ("recurrent", "hybrid", "hybrid_iswa"):
             parts.append(f"n_rs_seq={self.n_rs_seq}")
         parts.append(f"n_ubatch={self.n_ubatch}")
+        if self.n_pos > 1:
+            parts.append(f"n_pos={self.n_pos}")
+        if self.alibi:
+            parts.append("alibi")
         return " ".join(parts)
 
 
@@ -105,7 +117,12 @@ def model_spec(cfg: Config) -> ModelSpec:
         k += 1
     swa = cfg.swa_type if cfg.n_swa > 0 else 0
     return ModelSpec(
-        layers=tuple(layers), n_swa=cfg.n_swa if swa else 0, swa_type=SWAType(swa), arch="spec"
+        layers=tuple(layers),
+        n_swa=cfg.n_swa if swa else 0,
+        swa_type=SWAType(swa),
+        n_pos_per_embd=cfg.n_pos,
+        use_alibi=cfg.alibi,
+        arch="spec",
     )
 
 
@@ -175,6 +192,10 @@ def spec_for(cfg: Config, emulate_known_bugs: bool = True) -> SpecMemory:
             n_swa=cfg.n_swa if swa else 0,
             swa_type=cfg.swa_type if swa else 0,
             n_embd_v_gqa_max=v_max,
+            n_pos_per_embd=cfg.n_pos,
+            has_cell_ext=cfg.n_pos > 1,
+            can_shift=cfg.n_pos == 1,
+            use_alibi=cfg.alibi,
             transactional_prepare=True,
             true_div_shift=True,
         )
@@ -444,6 +465,13 @@ class Pair:
                             f"after {where}: {name} stream {st} cell {i} sequences pymem "
                             f"{sorted(pc.seq_ids_of(i))} != spec {sorted(sc.seq[i])}"
                         )
+                if pc.ext is not None:
+                    for i in range(sc.size()):
+                        if sc.pos[i] >= 0 and tuple(pc.ext[i].tolist()) != sc.ext[i]:
+                            self.fail(
+                                f"after {where}: {name} stream {st} cell {i} ext pymem "
+                                f"{tuple(pc.ext[i].tolist())} != spec {sc.ext[i]}"
+                            )
                 if pc.shift.tolist() != sc.shift:
                     self.fail(
                         f"after {where}: {name} stream {st} shifts pymem {pc.shift.tolist()} != spec {sc.shift}"
@@ -615,34 +643,63 @@ class Pair:
             self.fail(f"update: pymem applied={did}, spec={st[1]}")
         return did
 
-    def decode(self, items: list, *, embd_all: bool = False, auto_pos: bool = False) -> int:
+    def decode(
+        self,
+        items: list,
+        *,
+        embd_all: bool = False,
+        auto_pos: bool = False,
+        sections: list[tuple[int, ...]] | None = None,
+    ) -> int:
+        """Decode ``items`` (``[token, pos, [seq ids], output]``); with ``sections`` an
+        embedding batch whose tokens carry those ``n_pos`` positions instead."""
         cfg = self.cfg
-        self._note(f"decode({items!r}, embd_all={embd_all}, auto_pos={auto_pos})")
+        n_pos = cfg.n_pos
+        self._note(
+            f"decode({items!r}, embd_all={embd_all}, auto_pos={auto_pos}, sections={sections})"
+        )
         batch_in = BatchIn.from_items(items)
+        flat = None
+        if sections is not None:
+            n = len(items)
+            flat = [sections[i][j] for j in range(n_pos) for i in range(n)]
+            batch_in.token = None
+            batch_in.embd = [[0.25] * 4 for _ in range(n)]
+            batch_in.pos = list(flat)
         if auto_pos:
             batch_in.pos = None
         # --- validation
         try:
-            toks = compat(batch_in, self.sp, cfg.n_seq_max, 1)
+            toks = compat(batch_in, self.sp, cfg.n_seq_max, n_pos)
             alloc_s = alloc_init(
-                toks, self.sp, n_seq_max=cfg.n_seq_max, n_vocab=N_VOCAB, output_all=embd_all
-            )
+                toks, self.sp, n_seq_max=cfg.n_seq_max, n_vocab=N_VOCAB,
+                n_pos_per_embd=n_pos, output_all=embd_all,
+            )  # fmt: skip
             s_err = None
         except SpecBatchError as e:
             s_err = e
         except SpecAbort as e:
             s_err = e
-        batch = Batch(
-            np.array([it[0] for it in items], dtype=np.int32),
-            pos=None if auto_pos else np.array([it[1] for it in items], dtype=np.int32),
-            seq_id=[list(it[2]) for it in items],
-            output=np.array([bool(it[3]) for it in items], dtype=np.bool_),
-        )
-        balloc = BatchAllocator(1)
+        if sections is None:
+            batch = Batch(
+                np.array([it[0] for it in items], dtype=np.int32),
+                pos=None if auto_pos else np.array([it[1] for it in items], dtype=np.int32),
+                seq_id=[list(it[2]) for it in items],
+                output=np.array([bool(it[3]) for it in items], dtype=np.bool_),
+            )
+        else:
+            batch = Batch.from_embd(
+                np.full((len(items), 4), 0.25, dtype=np.float32),
+                pos=None if auto_pos else np.array(flat, dtype=np.int32),
+                seq_id=[list(it[2]) for it in items],
+                output=np.array([bool(it[3]) for it in items], dtype=np.bool_),
+            )
+        balloc = BatchAllocator(n_pos)
         try:
             balloc.init(
-                batch, memory=self.pm, n_seq_max=cfg.n_seq_max, n_vocab=N_VOCAB, output_all=embd_all
-            )
+                batch, memory=self.pm, n_seq_max=cfg.n_seq_max, n_vocab=N_VOCAB, n_embd=4,
+                output_all=embd_all,
+            )  # fmt: skip
             p_err = None
         except PymemError as e:
             p_err = e
@@ -730,7 +787,7 @@ class Pair:
         if got != want:
             self.fail(f"decode: ubatch {k} pymem {got} != spec {want}")
         pseq = [[int(x) for x in row[: pub.n_seq_id[i]]] for i, row in enumerate(pub.seq_id)]
-        if pseq != sub.seq_id or pub.pos[: pub.n_tokens].tolist() != sub.pos[: sub.n_tokens]:
+        if pseq != sub.seq_id or pub.pos.tolist() != sub.pos:
             self.fail(f"decode: ubatch {k} seq ids / positions differ")
 
     def _pm_compute(self, p_ctx: Any, ub: Any, s_inputs: dict, k: int) -> None:
@@ -757,8 +814,19 @@ class Pair:
                 )
             skv = self.sp.kv_parts[name]
             want_mask = skv.kq_mask(self._spec_ubatch_for_mask(), si["n_kv"])
-            if not _mask_equal(kctx.get_kq_mask(), want_mask):
+            if not _mask_equal(kctx.get_kq_mask(causal_attn=True), want_mask):
                 self.fail(f"decode: ubatch {k} {name} KQ mask differs")
+            # one of the non-causal variants, in turn
+            nct = ("all", "swa_only", "swa_full")[self.step_no % 3]
+            saved = skv.cfg.non_causal_type
+            skv.cfg.non_causal_type = nct
+            try:
+                want_nc = skv.kq_mask(self._spec_ubatch_for_mask(), si["n_kv"], causal_attn=False)
+            finally:
+                skv.cfg.non_causal_type = saved
+            got_nc = kctx.get_kq_mask(causal_attn=False, non_causal_type=NON_CAUSAL[nct])
+            if not _mask_equal(got_nc, want_nc):
+                self.fail(f"decode: ubatch {k} {name} non-causal ({nct}) KQ mask differs")
             kv = kctx.kv
             el = kv.type_v.type_size
             for layer in kv.layers:
