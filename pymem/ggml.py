@@ -80,6 +80,11 @@ OPS = frozenset(
         "sum_rows",
         "repeat",
         "clamp",
+        "pad",
+        "scale_inplace",
+        "tanh",
+        "swiglu_split",
+        "geglu_split",
     ]
 )
 

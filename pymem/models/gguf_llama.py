@@ -30,9 +30,7 @@ control vectors, embeddings input and non-causal LFM2 are not built
 (:class:`~pymem.errors.UnsupportedError`).
 
 Only F32 weight tensors are loaded (the recorded models are F32); other types raise
-:class:`~pymem.errors.UnsupportedError` naming the tensor. Three ops pymem.ggml does not
-bind (``ggml_swiglu_split``, ``ggml_geglu_split``, ``ggml_tanh``) are reached through a
-small ABI-mode cffi binding of the same ggml (:func:`_extra_lib`).
+:class:`~pymem.errors.UnsupportedError` naming the tensor.
 """
 
 from __future__ import annotations
@@ -699,54 +697,19 @@ class _Graph:
         return ctx.reshape_2d(y, y.ne[0], n_seq_tokens * n_seqs)
 
 
-# --- ops pymem.ggml does not bind ----------------------------------------------------
-
-_EXTRA: Any = None
-
-
-def _extra_lib() -> tuple[Any, Any]:
-    """An ABI-mode cffi binding of the ggml functions missing from pymem's cdef, resolved
-    in the very ggml pymem bound (already loaded, so ``dlopen`` returns that copy)."""
-    global _EXTRA
-    if _EXTRA is None:
-        import cffi
-
-        from pymem._native import _SONAMES, ggml_info
-
-        xffi = cffi.FFI()
-        xffi.cdef(
-            "struct ggml_context; struct ggml_tensor;"
-            "struct ggml_tensor * ggml_swiglu_split(struct ggml_context * ctx,"
-            " struct ggml_tensor * a, struct ggml_tensor * b);"
-            "struct ggml_tensor * ggml_geglu_split(struct ggml_context * ctx,"
-            " struct ggml_tensor * a, struct ggml_tensor * b);"
-            "struct ggml_tensor * ggml_tanh(struct ggml_context * ctx, struct ggml_tensor * a);"
-        )
-        base = os.path.join(ggml_info().path, _SONAMES[0])
-        xlib = xffi.dlopen(base if os.path.exists(base) else _SONAMES[0])
-        _EXTRA = (xffi, xlib)
-    return _EXTRA
-
-
-def _xcall(fn: Callable[..., Any], xffi: Any, *ptrs: Any) -> Any:
-    args = [xffi.cast("void *", int(gg.ffi.cast("uintptr_t", p))) for p in ptrs]
-    out = fn(*args)
-    return gg.ffi.cast("struct ggml_tensor *", int(xffi.cast("uintptr_t", out)))
+# --- fused ops, named as llama.cpp's graph uses them ----------------------------------
 
 
 def swiglu_split(ctx: gg.Context, gate: Any, up: Any) -> Any:
     """``ggml_swiglu_split(ctx, gate, up)``: silu(gate) * up in one node, as llama.cpp's FFN."""
-    xffi, xlib = _extra_lib()
-    return _xcall(xlib.ggml_swiglu_split, xffi, ctx.ptr, gate, up)
+    return ctx.swiglu_split(gate, up)
 
 
 def geglu_split(ctx: gg.Context, gate: Any, up: Any) -> Any:
     """``ggml_geglu_split(ctx, gate, up)``: gelu(gate) * up, Gemma-2's FFN."""
-    xffi, xlib = _extra_lib()
-    return _xcall(xlib.ggml_geglu_split, xffi, ctx.ptr, gate, up)
+    return ctx.geglu_split(gate, up)
 
 
 def tanh(ctx: gg.Context, a: Any) -> Any:
     """``ggml_tanh(ctx, a)`` (soft-capping)."""
-    xffi, xlib = _extra_lib()
-    return _xcall(xlib.ggml_tanh, xffi, ctx.ptr, a)
+    return ctx.tanh(a)
