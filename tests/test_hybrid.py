@@ -19,10 +19,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from kv_helpers import check_invariants as check_kv
+from hybrid_helpers import check_hybrid
 from test_factory import write_gguf
 from test_iswa import ROPE, decode, prompt, randomize
-from test_recurrent_replay import check_invariants as check_recr
 
 from pymem.errors import ConfigError, StateError
 from pymem.factory import ContextParams, create_memory, plan_memory
@@ -57,28 +56,6 @@ def make_hybrid(
     kw.setdefault("v_trans", False)
     kw.setdefault("n_ubatch", 8)
     return HybridMemory.build(hybrid_spec(pattern), kv_size=kv_size, n_seq_max=n_seq_max, **kw)
-
-
-def kv_parts(mem: HybridMemory) -> list[KVCache]:
-    return [p for p in mem.parts().values() if isinstance(p, KVCache)]
-
-
-def check_hybrid(mem: HybridMemory, n_seq: int | None = None, *, kv_loops: bool = True) -> None:
-    """Every part's invariants, and the composition's position rules over them.
-
-    ``kv_loops=False`` skips the KV parts' loop-based checker (slow: every cell x every
-    sequence id); the composition rules and the recurrent checks still run.
-    """
-    if kv_loops:
-        for kv in kv_parts(mem):
-            check_kv(kv)
-    check_recr(mem.mem_recr)
-    for s in range(n_seq if n_seq is not None else mem.n_seq_max):
-        r = mem.seq_pos_ranges(s)
-        attn = r["swa"] if mem.is_iswa else r["attention"]
-        assert mem.seq_pos_min(s) == max(attn[0], r["recurrent"][0])
-        assert mem.seq_pos_max(s) == min(attn[1], r["recurrent"][1])
-        assert r["recurrent"][0] == r["recurrent"][1]
 
 
 # --------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_hybrid import check_hybrid, make_hybrid
+from hybrid_helpers import check_hybrid
+from test_hybrid import make_hybrid
 from test_iswa import decode, randomize
 
 from pymem.errors import StateError

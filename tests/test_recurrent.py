@@ -11,6 +11,7 @@ import struct
 
 import numpy as np
 import pytest
+from recurrent_helpers import check_invariants as check
 from test_recurrent_oracle import make_ubatch
 
 from pymem.batch import Batch, BatchAllocator
@@ -46,26 +47,6 @@ def ub(*sets: tuple[list[int] | int, int], n_seq_tokens: int = 1) -> UBatch:
 def place(mem: RecurrentMemory, *sets: tuple[list[int] | int, int], n_seq_tokens: int = 1) -> None:
     assert mem.find_slot(ub(*sets, n_seq_tokens=n_seq_tokens))
     check(mem)
-
-
-def check(mem: RecurrentMemory) -> None:
-    """Invariants: every sequence is in at most one cell (its tail); a cell is empty iff no
-    tail points at it, and then has pos -1 and src -1 or itself; non-empty cells copy from
-    themselves between ubatches; used counts non-empty cells; rollback indices in range."""
-    c = mem.cells
-    assert c.tail.dtype == np.int32 and ((c.tail >= -1) & (c.tail < c.size)).all()
-    counts = c.seq_counts()
-    empty = np.flatnonzero(counts == 0)
-    full = np.flatnonzero(counts > 0)
-    assert (c.pos[empty] == -1).all()
-    assert ((c.src[empty] == -1) | (c.src[empty] == empty)).all()
-    assert (c.src[full] == full).all()
-    assert c.used == full.size
-    assert 0 <= c.head < c.size
-    assert (c.rs_idx <= mem.n_rs_seq).all()
-    for s in range(c.size):
-        expected = int(c.pos[c.tail[s]]) if c.tail[s] >= 0 else -1
-        assert mem.seq_pos_min(s) == mem.seq_pos_max(s) == expected
 
 
 def cells(mem: RecurrentMemory) -> list[tuple[int, list[int]]]:
