@@ -100,30 +100,14 @@ class DecodeResult:
     error: Exception | None = None
 
 
-class RecordedPositions:
-    """Positions a recorded run reported (the batch check of a composed memory)."""
-
-    def __init__(self, pos: list) -> None:
-        self.pos = pos
-
-    def seq_pos_min(self, seq_id: int) -> int:
-        return self.pos[seq_id][0] if seq_id < len(self.pos) else -1
-
-    def seq_pos_max(self, seq_id: int) -> int:
-        return self.pos[seq_id][1] if seq_id < len(self.pos) else -1
-
-
-def decode(
-    kv: KVCache, items: list, n_ubatch: int = 256, on_ubatch=None, memory=None
-) -> DecodeResult:
+def decode(kv: KVCache, items: list, n_ubatch: int = 256, on_ubatch=None) -> DecodeResult:
     """Validate, update, plan and apply a batch of ``[token, pos, [seq ids], output]``.
 
-    ``on_ubatch(ctx)`` runs after each ``apply()`` (tests write K/V rows there);
-    ``memory`` answers the batch's position checks (default: the cache itself).
+    ``on_ubatch(ctx)`` runs after each ``apply()`` (tests write K/V rows there).
     """
     balloc = BatchAllocator(kv.n_pos_per_embd)
     try:
-        balloc.init(Batch.from_items(items), memory=memory or kv, n_seq_max=kv.n_seq_max)
+        balloc.init(Batch.from_items(items), memory=kv, n_seq_max=kv.n_seq_max)
     except BatchError as e:
         return DecodeResult(-1, error=e)
     upd = kv.init_update()
@@ -221,18 +205,6 @@ def parse_kv_part(data: bytes, n_layer: int, has_ext: bool = False, offset: int 
                 vs.append((t, row, None, raw(n * row)))
         streams.append(StreamPart(cells, v_trans, ks, vs))
     return KVPart(streams, o)
-
-
-def strip_whole(blob: bytes) -> bytes:
-    """The memory part of a ``llama_state_get_data`` blob (drop ``u32 len + arch``)."""
-    n = struct.unpack_from("<I", blob, 0)[0]
-    return blob[4 + n :]
-
-
-def strip_seq(blob: bytes) -> bytes:
-    """The memory part of a ``llama_state_seq_get_data`` blob (drop magic + seq id)."""
-    assert struct.unpack_from("<I", blob, 0)[0] == 0xAF143CD8
-    return blob[8:]
 
 
 def fill_rows_from_part(
