@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol
@@ -871,6 +871,22 @@ class BatchAllocator:
         self._out_ids = []
         self._splitter = None
         self._set_used = np.zeros(0 if self._b is None else self._b.n_sets, dtype=np.int64)
+
+    def split_all(self, split: Callable[[], UBatch | None]) -> list[UBatch] | None:
+        """Every ubatch of the batch from one splitter, or None when that split fails.
+
+        Resets the plan, then calls ``split`` (e.g. ``lambda: balloc.split_equal(n_ubatch,
+        True)``) until it returns no ubatch (None or an empty one). None when tokens are
+        left unused or no ubatch came out: the memories then report FAILED_PREPARE (or
+        try another splitter).
+        """
+        self.split_reset()
+        ubatches: list[UBatch] = []
+        while (ub := split()) is not None and ub.n_tokens > 0:
+            ubatches.append(ub)
+        if self.n_used < self.n_tokens or not ubatches:
+            return None
+        return ubatches
 
     def _begin(self, name: str, n_ubatch: int) -> _Prepared:
         b = self._prepared()

@@ -175,17 +175,13 @@ class HybridMemory(CompositeMemory):
         sequential = not self._attn_unified()
         n_rs_seq = self.mem_recr.n_rs_seq
         n_keep_tail = n_rs_seq + 1 if n_rs_seq > 0 else 0
-        balloc.split_reset()
-        ubatches: list[UBatch] = []
-        while True:
-            if embd_all:
-                ub = balloc.split_seq(n_ubatch)
-            else:
-                ub = balloc.split_equal(n_ubatch, sequential, n_keep_tail)
-            if ub is None or ub.n_tokens == 0:
-                break
-            ubatches.append(ub)
-        if balloc.n_used < balloc.n_tokens or not ubatches:
+        if embd_all:
+            ubatches = balloc.split_all(lambda: balloc.split_seq(n_ubatch))
+        else:
+            ubatches = balloc.split_all(
+                lambda: balloc.split_equal(n_ubatch, sequential, n_keep_tail)
+            )
+        if ubatches is None:
             return HybridContext.failed(MemoryStatus.FAILED_PREPARE)
         recr_plan = self.mem_recr.plan_ubatches(ubatches)
         if recr_plan is None:

@@ -233,14 +233,8 @@ class KVCacheISWA(CompositeMemory):
             attempts.append(lambda: balloc.split_simple(n_ubatch))
         attempts.append(lambda: balloc.split_equal(n_ubatch, not self.unified, 0))
         for split in attempts:
-            balloc.split_reset()
-            ubatches: list[UBatch] = []
-            while True:
-                ub = split()
-                if ub is None or ub.n_tokens == 0:
-                    break
-                ubatches.append(ub)
-            if balloc.n_used < balloc.n_tokens or not ubatches:
+            ubatches = balloc.split_all(split)
+            if ubatches is None:
                 continue
             slots = self.prepare(ubatches)
             if slots is None:

@@ -657,6 +657,23 @@ def test_split_equal_sequential_needs_consecutive_seq_ids():
     assert ubs[0].seq_id0.tolist() == [0, 1, 2]
 
 
+def test_split_all_collects_one_splitter_or_fails():
+    # the memories' split loop: every ubatch of one splitter, after a reset
+    balloc = interleaved()
+    balloc.split_simple(4)  # a pass in progress is forgotten
+    ubs = balloc.split_all(lambda: balloc.split_equal(4, False, 0))
+    assert ubs is not None and idxs(ubs) == [[0, 1, 4], [2, 3], [5]] and balloc.n_used == 6
+    # tokens left unused: a sequential split of coupled sequences takes nothing
+    balloc = BatchAllocator()
+    balloc.init(tok_batch([[0, 1], 0, 1], pos=[0, 1, 1]), n_seq_max=2)
+    assert balloc.split_all(lambda: balloc.split_equal(4, True, 0)) is None
+    assert balloc.n_used == 0
+    # a splitter that stops before every token is used
+    balloc = interleaved()
+    calls = iter([balloc.split_simple, lambda n: None])
+    assert balloc.split_all(lambda: next(calls)(2)) is None and balloc.n_used == 2
+
+
 def test_split_equal_keep_tail():
     # seq 0: tokens 0..4, seq 1: tokens 5..7; n_ubatch 4, keep the last 2 together
     balloc = BatchAllocator()
