@@ -558,16 +558,19 @@ def plan_memory(spec: ModelSpec, params: ContextParams | ContextSizes) -> Memory
 # --------------------------------------------------------------------------------------
 
 
-def _device_kw(ctx: ContextSizes) -> dict[str, Any]:
-    return {} if ctx.device is None else {"device": ctx.device}
+def _part_kw(layers: tuple[int, ...], device: Any) -> dict[str, Any]:
+    """The constructor arguments every planned part shares: its layers, and the device."""
+    chosen = frozenset(layers)
+    kw: dict[str, Any] = {"filter": lambda il: il in chosen}
+    if device is not None:
+        kw["device"] = device
+    return kw
 
 
 def build_kv(spec: ModelSpec, part: KVPartPlan, device: Any = None) -> Any:
     """A :class:`pymem.kv.KVCache` for one planned part."""
     from pymem.kv import KVCache
 
-    layers = frozenset(part.layers)
-    kw = {} if device is None else {"device": device}
     return KVCache(
         spec,
         type_k=part.type_k,
@@ -579,16 +582,14 @@ def build_kv(spec: ModelSpec, part: KVPartPlan, device: Any = None) -> Any:
         n_pad=part.n_pad,
         n_swa=part.n_swa,
         swa_type=part.swa_type,
-        filter=lambda il: il in layers,
-        **kw,
+        **_part_kw(part.layers, device),
     )
 
 
 def build_recurrent(spec: ModelSpec, part: RecurrentPartPlan, device: Any = None) -> Any:
+    """A :class:`pymem.recurrent.RecurrentMemory` for one planned part."""
     from pymem.recurrent import RecurrentMemory
 
-    layers = frozenset(part.layers)
-    kw = {} if device is None else {"device": device}
     return RecurrentMemory(
         spec,
         type_r=part.type_r,
@@ -596,49 +597,43 @@ def build_recurrent(spec: ModelSpec, part: RecurrentPartPlan, device: Any = None
         mem_size=part.mem_size,
         n_seq_max=part.n_seq_max,
         n_rs_seq=part.n_rs_seq,
-        filter=lambda il: il in layers,
-        **kw,
+        **_part_kw(part.layers, device),
     )
 
 
 def build_from_plan(plan: MemoryPlan) -> Memory | None:
-    """Allocate the memory a :class:`MemoryPlan` describes (None for type ``"none"``)."""
+    """Allocate the memory a :class:`MemoryPlan` describes (None for type ``"none"``).
+
+    The parts are built in plan order and composed by type; if any of that fails, the
+    parts built so far are closed before the error propagates.
+    """
     from pymem.hybrid import HybridISWAMemory, HybridMemory
     from pymem.iswa import KVCacheISWA
 
-    spec, ctx = plan.spec, plan.ctx
-    dev = ctx.device
+    compose: dict[str, Callable[[list[Any]], Memory]] = {
+        "kv_cache": lambda p: p[0],
+        "recurrent": lambda p: p[0],
+        "kv_cache_iswa": lambda p: KVCacheISWA.from_parts(p[0], p[1]),
+        "hybrid": lambda p: HybridMemory(p[0], p[1]),
+        "hybrid_iswa": lambda p: HybridISWAMemory(KVCacheISWA.from_parts(p[0], p[1]), p[2]),
+    }
     if plan.type == "none":
         return None
-    if plan.type == "kv_cache":
-        return build_kv(spec, plan.parts[0], dev)  # type: ignore[arg-type]
-    if plan.type == "recurrent":
-        return build_recurrent(spec, plan.parts[0], dev)  # type: ignore[arg-type]
-    if plan.type == "kv_cache_iswa":
-        base, swa = plan.parts
-        return KVCacheISWA.from_parts(build_kv(spec, base, dev), build_kv(spec, swa, dev))  # type: ignore[arg-type]
-    if plan.type == "hybrid":
-        attn_p, rec_p = plan.parts
-        attn = build_kv(spec, attn_p, dev)  # type: ignore[arg-type]
-        try:
-            rec = build_recurrent(spec, rec_p, dev)  # type: ignore[arg-type]
-        except Exception:
-            attn.close()
-            raise
-        return HybridMemory(attn, rec)
-    if plan.type == "hybrid_iswa":
-        base_p, swa_p, rec_p = plan.parts
-        parts: list[Any] = []
-        try:
-            parts.append(build_kv(spec, base_p, dev))  # type: ignore[arg-type]
-            parts.append(build_kv(spec, swa_p, dev))  # type: ignore[arg-type]
-            parts.append(build_recurrent(spec, rec_p, dev))  # type: ignore[arg-type]
-        except Exception:
-            for p in parts:
-                p.close()
-            raise
-        return HybridISWAMemory(KVCacheISWA.from_parts(parts[0], parts[1]), parts[2])
-    raise ConfigError(f"plan.type: unknown memory type {plan.type!r}")
+    if plan.type not in compose:
+        raise ConfigError(f"plan.type: unknown memory type {plan.type!r}")
+    spec, dev = plan.spec, plan.ctx.device
+    built: list[Any] = []
+    try:
+        for part in plan.parts:
+            if isinstance(part, KVPartPlan):
+                built.append(build_kv(spec, part, dev))
+            else:
+                built.append(build_recurrent(spec, part, dev))
+        return compose[plan.type](built)
+    except Exception:
+        for mem in built:
+            mem.close()
+        raise
 
 
 def memory_type(mem: Memory | None) -> str:

@@ -545,3 +545,36 @@ def test_built_memory_matches_its_plan(which: str, tmp_path: Path) -> None:
             )
     assert sum(mem.memory_breakdown().values()) == need
     mem.close()
+
+
+@pytest.mark.parametrize("failing", ["kv_cache_iswa", "hybrid_iswa"])
+def test_a_failed_build_closes_the_parts_built_so_far(
+    failing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last part (the SWA cache, the recurrent memory) fails to build: every part
+    built before it is closed, and the error reaches the caller."""
+    import pymem.factory as factory
+
+    spec = _hand_hybrid_iswa()
+    if failing == "kv_cache_iswa":
+        spec = ModelSpec(layers=spec.layers[1:3], n_swa=16, swa_type=SWAType.STANDARD)
+    plan = plan_memory(spec, ContextParams(n_ctx=256, n_seq_max=2))
+    assert plan.type == failing
+    built: list[Any] = []
+    n_built = len(plan.parts) - 1
+
+    def build_kv(*args: Any) -> Any:
+        if len(built) == n_built:
+            raise ConfigError("injected")
+        built.append(real_kv(*args))
+        return built[-1]
+
+    def build_recurrent(*args: Any) -> Any:
+        raise ConfigError("injected")
+
+    real_kv = factory.build_kv
+    monkeypatch.setattr(factory, "build_kv", build_kv)
+    monkeypatch.setattr(factory, "build_recurrent", build_recurrent)
+    with pytest.raises(ConfigError, match="injected"):
+        factory.build_from_plan(plan)
+    assert len(built) == n_built and all(kv._closed for kv in built)
