@@ -91,7 +91,20 @@ class KVCells:
         """Start recording an undo journal (planning); :meth:`rollback` restores exactly."""
         assert self._journal is None, "nested journal"
         self._journal = []
-        self._saved = (
+        self._saved = self._summary()
+
+    def rollback(self) -> None:
+        """Undo every mutation since :meth:`begin`, newest first."""
+        assert self._journal is not None and self._saved is not None
+        for entry in reversed(self._journal):
+            self._set_cells(*entry)
+        self._set_summary(self._saved)
+        self._journal = None
+        self._saved = None
+
+    def _summary(self) -> tuple:
+        """The counters and per-sequence position caches a journal saves (copied)."""
+        return (
             self._used,
             self._used_max_p1,
             self._used_max_dirty,
@@ -102,17 +115,8 @@ class KVCells:
             self._pdirty.copy(),
         )
 
-    def rollback(self) -> None:
-        """Undo every mutation since :meth:`begin`, newest first."""
-        assert self._journal is not None and self._saved is not None
-        for idx, pos, shift, seq, owner, ext in reversed(self._journal):
-            self.pos[idx] = pos
-            self.shift[idx] = shift
-            self._rows[idx] = seq
-            self.owner[idx] = owner
-            if ext is not None:
-                assert self.ext is not None
-                self.ext[idx] = ext
+    def _set_summary(self, saved: tuple) -> None:
+        """Put back what :meth:`_summary` returned."""
         (
             self._used,
             self._used_max_p1,
@@ -122,12 +126,28 @@ class KVCells:
             pmin,
             pmax,
             pdirty,
-        ) = self._saved
+        ) = saved
         self._pmin[:] = pmin
         self._pmax[:] = pmax
         self._pdirty[:] = pdirty
-        self._journal = None
-        self._saved = None
+
+    def _set_cells(
+        self,
+        idx: np.ndarray,
+        pos: np.ndarray,
+        shift: np.ndarray,
+        rows: np.ndarray,
+        owner: np.ndarray,
+        ext: np.ndarray | None,
+    ) -> None:
+        """Write the metadata of cells ``idx`` (a journal entry, or a redo log's cells)."""
+        self.pos[idx] = pos
+        self.shift[idx] = shift
+        self._rows[idx] = rows
+        self.owner[idx] = owner
+        if ext is not None:
+            assert self.ext is not None
+            self.ext[idx] = ext
 
     def redo_log(self) -> tuple:
         """The changes since :meth:`begin` as they stand now: the touched cells, their
@@ -137,43 +157,12 @@ class KVCells:
         assert self._journal is not None and self._saved is not None
         # a cell touched twice appears twice, with the same current values: harmless
         idx = np.concatenate([entry[0] for entry in self._journal] or [np.zeros(0, np.int64)])
-        return (
-            idx,
-            self.pos[idx],
-            self.shift[idx],
-            self._rows[idx],
-            self.owner[idx],
-            None if self.ext is None else self.ext[idx],
-            self._used,
-            self._used_max_p1,
-            self._used_max_dirty,
-            self.has_shift,
-            self.n_multi,
-            self._pmin.copy(),
-            self._pmax.copy(),
-            self._pdirty.copy(),
-        )
+        return (*self._cells_at(idx), *self._summary())
 
     def redo(self, log: tuple) -> None:
         """Apply a :meth:`redo_log` (the cells must be as they were at its :meth:`begin`)."""
-        idx, pos, shift, rows, owner, ext = log[:6]
-        self.pos[idx] = pos
-        self.shift[idx] = shift
-        self._rows[idx] = rows
-        self.owner[idx] = owner
-        if ext is not None:
-            assert self.ext is not None
-            self.ext[idx] = ext
-        (
-            self._used,
-            self._used_max_p1,
-            self._used_max_dirty,
-            self.has_shift,
-            self.n_multi,
-        ) = log[6:11]
-        self._pmin[:] = log[11]
-        self._pmax[:] = log[12]
-        self._pdirty[:] = log[13]
+        self._set_cells(*log[:6])
+        self._set_summary(log[6:])
 
     def end(self) -> None:
         """Stop recording and keep the changes."""
@@ -182,16 +171,12 @@ class KVCells:
 
     def _record(self, idx: np.ndarray) -> None:
         if self._journal is not None and idx.size:
-            self._journal.append(
-                (
-                    idx.copy(),
-                    self.pos[idx],
-                    self.shift[idx],
-                    self._rows[idx],
-                    self.owner[idx],
-                    None if self.ext is None else self.ext[idx],
-                )
-            )
+            self._journal.append(self._cells_at(idx.copy()))
+
+    def _cells_at(self, idx: np.ndarray) -> tuple:
+        """Copies of the metadata of cells ``idx``, in :meth:`_set_cells` order."""
+        ext = None if self.ext is None else self.ext[idx]
+        return (idx, self.pos[idx], self.shift[idx], self._rows[idx], self.owner[idx], ext)
 
     def snapshot(self) -> tuple:
         """A full copy of the metadata (tests and debugging)."""
