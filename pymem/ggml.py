@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from pymem._native import check, ffi, lib
 from pymem.backend import Device, get_device
 from pymem.errors import NativeError, TypeSpecError
 from pymem.types import ggml_type
+
+if TYPE_CHECKING:
+    from pymem.spec import RopeSpec
 
 DEFAULT_GRAPH_SIZE = 8192
 
@@ -127,6 +130,25 @@ class Context:
             ctx = self.ptr
             return lambda *args: fn(ctx, *args)
         raise AttributeError(f"pymem.ggml.Context has no op {name!r}")
+
+    def rope(self, t: Any, pos: Any, rope: RopeSpec, mode: int | None = None) -> Any:
+        """``ggml_rope_ext`` of ``t`` at positions ``pos`` with a layer's RoPE parameters
+        (no frequency factors); ``mode`` defaults to the spec's rope type."""
+        return lib.ggml_rope_ext(
+            self.ptr,
+            t,
+            pos,
+            ffi.NULL,
+            rope.n_rot,
+            int(rope.rope_type) if mode is None else mode,
+            rope.n_ctx_orig,
+            rope.freq_base,
+            rope.freq_scale,
+            rope.ext_factor,
+            rope.attn_factor,
+            rope.beta_fast,
+            rope.beta_slow,
+        )
 
     def new_tensor(
         self, type: str | int, shape: Sequence[int], name: str | None = None, input: bool = False

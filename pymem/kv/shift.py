@@ -65,19 +65,6 @@ def apply_k_shift(kv: KVCache) -> None:
                 if kv.type_k.name not in ("f16", "f32"):
                     # rope reads f16/f32 only (bf16 aborts the CPU backend): go through f32
                     src = ctx.cast(view, gg.lib.GGML_TYPE_F32)
-                rot = ctx.rope_ext(
-                    src,
-                    pos,
-                    gg.ffi.NULL,
-                    rope.n_rot,
-                    rope_mode(rope.rope_type),
-                    rope.n_ctx_orig,
-                    rope.freq_base,
-                    rope.freq_scale,
-                    rope.ext_factor,
-                    rope.attn_factor,
-                    rope.beta_fast,
-                    rope.beta_slow,
-                )
+                rot = ctx.rope(src, pos, rope, mode=rope_mode(rope.rope_type))
                 outs.append(ctx.cpy(rot, view))
             runner.run(ctx, outs, inputs={pos: shift}, read=[])

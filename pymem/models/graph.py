@@ -35,8 +35,6 @@ from pymem.models.weights import TinyWeights
 from pymem.spec import ModelSpec
 from pymem.ubatch import UBatch
 
-NULL = gg.ffi.NULL
-
 
 class AttentionInputs(Protocol):
     """What one attention memory (a KV cache, or one half of an iSWA pair) gives a graph."""
@@ -300,24 +298,12 @@ class TinyModel:
         t_mask, t_kidx, t_vidx = tensors
         rope = c.rope()
 
-        def rope_ext(t: Any) -> Any:
-            return ctx.rope_ext(
-                t,
-                inp_pos,
-                NULL,
-                rope.n_rot,
-                int(rope.rope_type),
-                rope.n_ctx_orig,
-                rope.freq_base,
-                rope.freq_scale,
-                rope.ext_factor,
-                rope.attn_factor,
-                rope.beta_fast,
-                rope.beta_slow,
-            )
-
-        q = rope_ext(ctx.reshape_3d(ctx.mul_mat(self._w(il, "wq"), h), hd, nh, n_tokens))
-        k = rope_ext(ctx.reshape_3d(ctx.mul_mat(self._w(il, "wk"), h), hd, nkv, n_tokens))
+        q = ctx.rope(
+            ctx.reshape_3d(ctx.mul_mat(self._w(il, "wq"), h), hd, nh, n_tokens), inp_pos, rope
+        )
+        k = ctx.rope(
+            ctx.reshape_3d(ctx.mul_mat(self._w(il, "wk"), h), hd, nkv, n_tokens), inp_pos, rope
+        )
         v = ctx.mul_mat(self._w(il, "wv"), h)  # [n_embd_v_gqa, n_tokens], contiguous
 
         # store K and V at the rows the memory chose, then read the cache views (the
