@@ -342,19 +342,22 @@ def test_mamba2_widths(tmp_path: Path) -> None:
         spec_from_gguf(write_gguf(tmp_path / "m2b.gguf", "mamba2", kv))
 
 
+GRANITE_HYBRID = {
+    **BASE,
+    "block_count": 4,
+    "attention.head_count": 4,
+    "attention.head_count_kv": [0, 0, 2, 0],
+    "ssm.conv_kernel": 4,
+    "ssm.inner_size": 32,
+    "ssm.state_size": 8,
+    "ssm.time_step_rank": 2,
+    "ssm.group_count": 1,
+}
+"""A ``granitehybrid`` file: recurrent layers 0, 1 and 3, attention layer 2 (2 KV heads)."""
+
+
 def test_granitehybrid_routing_and_rope_switch(tmp_path: Path) -> None:
-    kv = {
-        **BASE,
-        "block_count": 4,
-        "attention.head_count": 4,
-        "attention.head_count_kv": [0, 0, 2, 0],
-        "ssm.conv_kernel": 4,
-        "ssm.inner_size": 32,
-        "ssm.state_size": 8,
-        "ssm.time_step_rank": 2,
-        "ssm.group_count": 1,
-    }
-    spec = spec_from_gguf(write_gguf(tmp_path / "gh.gguf", "granitehybrid", kv))
+    spec = spec_from_gguf(write_gguf(tmp_path / "gh.gguf", "granitehybrid", GRANITE_HYBRID))
     assert [lay.recurrent for lay in spec.layers] == [True, True, False, True]
     assert spec.layers[2].rope is not None and spec.layers[2].rope.rope_type == RopeType.NORM
     assert spec.n_embd_r() == 3 * (32 + 2 * 8)
@@ -364,7 +367,11 @@ def test_granitehybrid_routing_and_rope_switch(tmp_path: Path) -> None:
     assert (attn.name, attn.layers, attn.kv_size, attn.n_stream) == ("attn", (2,), 256, 2)
     assert (rec.name, rec.layers, rec.mem_size) == ("recr", (0, 1, 3), 2)
     spec = spec_from_gguf(
-        write_gguf(tmp_path / "gh2.gguf", "granitehybrid", {**kv, "rope.scaling.finetuned": False})
+        write_gguf(
+            tmp_path / "gh2.gguf",
+            "granitehybrid",
+            {**GRANITE_HYBRID, "rope.scaling.finetuned": False},
+        )
     )
     assert spec.layers[2].rope is None  # rope_finetuned=false switches RoPE (and K-shift) off
 

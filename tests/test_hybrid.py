@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 from hybrid_helpers import check_hybrid
-from test_factory import write_gguf
+from test_factory import GRANITE_HYBRID, write_gguf
 from test_iswa import ROPE, decode, prompt, randomize
 
 from pymem.errors import ConfigError, StateError
@@ -436,19 +436,7 @@ def test_failed_restore_in_recurrent_part_keeps_attention(tmp_path: Path) -> Non
 
 
 def test_factory_builds_what_it_planned(tmp_path: Path) -> None:
-    kv = {
-        "context_length": 4096,
-        "embedding_length": 64,
-        "block_count": 4,
-        "attention.head_count": 4,
-        "attention.head_count_kv": [0, 0, 2, 0],
-        "ssm.conv_kernel": 4,
-        "ssm.inner_size": 32,
-        "ssm.state_size": 8,
-        "ssm.time_step_rank": 2,
-        "ssm.group_count": 1,
-    }
-    spec = spec_from_gguf(write_gguf(tmp_path / "gh.gguf", "granitehybrid", kv))
+    spec = spec_from_gguf(write_gguf(tmp_path / "gh.gguf", "granitehybrid", GRANITE_HYBRID))
     params = ContextParams(n_ctx=1000, n_seq_max=3, flash_attn=False)
     mem = create_memory(spec, params)
     plan = plan_memory(spec, params)
