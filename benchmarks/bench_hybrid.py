@@ -18,6 +18,7 @@ Run: python benchmarks/bench_hybrid.py [--quick]   (table + results/bench_hybrid
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -141,8 +142,9 @@ def bench_state(n_seq: int) -> dict[str, float]:
     t_whole_get = best_of(lambda: mem.state_write(), repeat=7)
     t_whole_set = best_of(whole_set, repeat=7)
     assert mem.state_write() == whole
+    allocated = sum(sum(d.values()) for d in mem.memory_breakdown_by_part().values())
     mem.close()
-    return {
+    out = {
         "seq_blob_bytes": len(seq_blob),
         "whole_blob_bytes": len(whole),
         "seq_get_gbs": len(seq_blob) / t_seq_get / 1e9,
@@ -151,7 +153,24 @@ def bench_state(n_seq: int) -> dict[str, float]:
         "whole_set_gbs": len(whole) / t_whole_set / 1e9,
         "seq_get_ms": t_seq_get * 1e3,
         "seq_set_ms": t_seq_set * 1e3,
+        "whole_get_ms": t_whole_get * 1e3,
+        "whole_set_ms": t_whole_set * 1e3,
     }
+    # numpy baselines: a new copy of the blob (what a get makes), a copy into an existing
+    # buffer (what a set does), and for a whole set also zeroing every other allocated
+    # byte (a whole restore clears the memory first, as the reference's clear(true))
+    for name, blob in (("seq", seq_blob), ("whole", whole)):
+        src = np.frombuffer(blob, np.uint8)
+        dst = np.empty_like(src)
+        out[f"{name}_np_copy_ms"] = best_of(lambda src=src: np.copy(src), repeat=7) * 1e3
+        out[f"{name}_np_copyto_ms"] = (
+            best_of(lambda src=src, dst=dst: np.copyto(dst, src), repeat=7) * 1e3
+        )
+    rest = np.empty(max(0, allocated - len(whole)), np.uint8)
+    out["whole_np_copyto_and_zero_ms"] = out["whole_np_copyto_ms"] + (
+        best_of(lambda: rest.fill(0), repeat=7) * 1e3
+    )
+    return out
 
 
 def bench_bytes(n_seq: int) -> list[dict[str, object]]:
@@ -203,13 +222,18 @@ def main() -> None:
         ],
     )
     state = bench_state(8)
+    st = state
     print_table(
-        "State I/O, hybrid-iSWA RSARSARS, 8 sequences x 256 tokens",
-        ["blob", "bytes", "get", "set"],
+        "State I/O, hybrid-iSWA RSARSARS, 8 sequences x 256 tokens (numpy: np.copy of the blob "
+        "for get, np.copyto for set; whole set also zeroes the rest of the allocation)",
+        ["blob", "bytes", "get", "numpy get", "set", "numpy set"],
         [
-            ["per sequence", state["seq_blob_bytes"], f"{state['seq_get_gbs']:.2f} GB/s ({state['seq_get_ms']:.2f} ms)",
-             f"{state['seq_set_gbs']:.2f} GB/s ({state['seq_set_ms']:.2f} ms)"],
-            ["whole", state["whole_blob_bytes"], f"{state['whole_get_gbs']:.2f} GB/s", f"{state['whole_set_gbs']:.2f} GB/s"],
+            ["per sequence", st["seq_blob_bytes"], f"{st['seq_get_gbs']:.2f} GB/s ({st['seq_get_ms']:.2f} ms)",
+             f"{st['seq_np_copy_ms']:.2f} ms", f"{st['seq_set_gbs']:.2f} GB/s ({st['seq_set_ms']:.2f} ms)",
+             f"{st['seq_np_copyto_ms']:.2f} ms"],
+            ["whole", st["whole_blob_bytes"], f"{st['whole_get_gbs']:.2f} GB/s ({st['whole_get_ms']:.2f} ms)",
+             f"{st['whole_np_copy_ms']:.2f} ms", f"{st['whole_set_gbs']:.2f} GB/s ({st['whole_set_ms']:.2f} ms)",
+             f"{st['whole_np_copyto_ms']:.2f} ms (+ zeroing: {st['whole_np_copyto_and_zero_ms']:.2f} ms)"],
         ],
     )  # fmt: skip
     sizes = bench_bytes(64)
@@ -221,10 +245,13 @@ def main() -> None:
             for r in sizes
         ],
     )
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\nload average {load:.1f}, {os.cpu_count()} CPUs")
     path = write_results(
-        "bench_hybrid", {"steps": steps, "state": state, "bytes": sizes, "quick": quick}
+        "bench_hybrid",
+        {"steps": steps, "state": state, "bytes": sizes, "quick": quick, "load_average": load},
     )
-    print(f"\nwrote {path}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """KV cache bookkeeping, sequence operations and state I/O.
 
-Run: python benchmarks/bench_kv.py [--quick]   (tables on stdout, results/bench_kv.json)
+Tables on stdout, results in results/bench_kv.json.
 
 1. Decode steps: N sequences x 1 token (N = 1, 8, 64) and a 512-token prefill, at
    kv_size 4096, 32768, 262144. Each sequence holds ``ctx`` tokens when timing starts.
@@ -11,12 +11,20 @@ Run: python benchmarks/bench_kv.py [--quick]   (tables on stdout, results/bench_
 2. Sequence operations on a full 32768-cell cache (64 sequences x 512 tokens).
 3. State write/read (whole cache and one sequence) against a numpy copy of as many bytes:
    a write makes a new blob (compare with ``np.copy``), a read fills existing tensors
-   (compare with ``np.copyto``).
+   (compare with ``np.copyto``). 4 sequences of 1024 tokens in a 4096-cell cache, laid out
+   in lockstep (each sequence every 4th cell: 1024 runs of one cell) or in irregular runs
+   (decode steps of 0-24 tokens per sequence: ~90 runs). One sequence also through the
+   non-host code path (numpy views of the tensors hidden, as on a GPU; the bytes still
+   move between host buffers). With transposed V a lockstep sequence's V elements are 2
+   bytes 8 bytes apart: the copy reads every cache line of the stream's V, 4x the blob.
+
+Run: python benchmarks/bench_kv.py [--quick] [--only decode|ops|state]
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import sys
 import time
@@ -174,63 +182,104 @@ def bench_seq_ops() -> list[dict]:
     return rows
 
 
+def irregular(kv: KVCache, n_seq: int, n_tok: int, max_run: int, seed: int = 0) -> None:
+    """Decode steps of 0 to ``max_run`` tokens per sequence: irregular runs of cells."""
+    rng = np.random.default_rng(seed)
+    pos = [0] * n_seq
+    while min(pos) < n_tok:
+        items = []
+        for s in range(n_seq):
+            for _ in range(min(int(rng.integers(0, max_run + 1)), n_tok - pos[s])):
+                items.append([1, pos[s], [s], False])
+                pos[s] += 1
+        if items:
+            kv.init_batch(batch(items), 4096, False).apply()
+
+
 def bench_state(quick: bool) -> list[dict]:
+    import pymem.kv.state_io as sio
+
     rows = []
     n_layer = 4 if quick else 8
     for v_trans in (True, False):
-        kv = KVCache(spec(n_layer, 8, 128), kv_size=4096, n_seq_max=4, v_trans=v_trans)
-        # 4 sequences decoded in lockstep: each sequence's cells are every 4th cell
-        kv.init_batch(
-            batch([[1, p, [s], False] for p in range(1024) for s in range(4)]), 4096, False
-        ).apply()
-        for layer in kv.layers:
-            for t in (layer.k, layer.v):
-                t.write_bytes(
-                    np.random.default_rng(0).integers(0, 255, t.nbytes, np.uint8).tobytes()
+        for layout in ("lockstep", "irregular"):
+            kv = KVCache(spec(n_layer, 8, 128), kv_size=4096, n_seq_max=4, v_trans=v_trans)
+            if layout == "lockstep":
+                items = [[1, p, [s], False] for p in range(1024) for s in range(4)]
+                kv.init_batch(batch(items), 4096, False).apply()
+            else:
+                irregular(kv, 4, 1000, 24)
+            for layer in kv.layers:
+                for t in (layer.k, layer.v):
+                    t.write_bytes(
+                        np.random.default_rng(0).integers(0, 255, t.nbytes, np.uint8).tobytes()
+                    )
+            cases = [("one seq", 2, False), ("one seq, non-host path", 2, True)]
+            if layout == "lockstep":
+                cases.insert(0, ("whole", -1, False))
+            for what, seq, hide in cases:
+                views = (sio.rows_view, sio.v_trans_view)
+                if hide:
+                    sio.rows_view = lambda t: None  # type: ignore[assignment]
+                    sio.v_trans_view = lambda kv, layer, strm: None  # type: ignore[assignment]
+                try:
+                    blob = kv.state_write(seq)
+                    n = len(blob)
+                    runs = sio.cell_runs(sio.selected_cells(kv, 0, 2))[0].size if seq >= 0 else 1
+                    t_w = best_of(lambda kv=kv, seq=seq: kv.state_write(seq), repeat=5, number=1)
+                    t_r = best_of(
+                        lambda kv=kv, blob=blob, seq=seq: kv.state_read(blob, seq),
+                        repeat=5,
+                        number=1,
+                    )
+                finally:
+                    sio.rows_view, sio.v_trans_view = views
+                src = np.frombuffer(blob, np.uint8)
+                dst = np.empty_like(src)
+                t_np = best_of(lambda src=src, dst=dst: np.copyto(dst, src), repeat=5, number=1)
+                t_new = best_of(lambda src=src: np.copy(src), repeat=5, number=1)
+                rows.append(
+                    dict(
+                        v_trans=v_trans,
+                        layout=layout,
+                        blob=what,
+                        runs=runs,
+                        mib=n / 2**20,
+                        write_gbs=n / t_w / 1e9,
+                        read_gbs=n / t_r / 1e9,
+                        numpy_copy_gbs=n / t_np / 1e9,
+                        numpy_new_copy_gbs=n / t_new / 1e9,
+                    )
                 )
-        for what, seq in (("whole", -1), ("one seq (1024 runs)", 2)):
-            blob = kv.state_write(seq)
-            n = len(blob)
-            t_w = best_of(lambda kv=kv, seq=seq: kv.state_write(seq), repeat=5, number=1)
-            t_r = best_of(
-                lambda kv=kv, blob=blob, seq=seq: kv.state_read(blob, seq), repeat=5, number=1
-            )
-            src = np.frombuffer(blob, np.uint8)
-            dst = np.empty_like(src)
-            t_np = best_of(lambda src=src, dst=dst: np.copyto(dst, src), repeat=5, number=1)
-            t_new = best_of(lambda src=src: np.copy(src), repeat=5, number=1)
-            rows.append(
-                dict(
-                    v_trans=v_trans,
-                    blob=what,
-                    mib=n / 2**20,
-                    write_gbs=n / t_w / 1e9,
-                    read_gbs=n / t_r / 1e9,
-                    numpy_copy_gbs=n / t_np / 1e9,
-                    numpy_new_copy_gbs=n / t_new / 1e9,
-                )
-            )
-        kv.close()
+            kv.close()
     print_table(
-        "State I/O (best of 5) vs numpy copy of the same bytes",
+        "State I/O (best of 5) vs numpy copy of the same bytes (write vs np.copy, read vs np.copyto)",
         [
             "v_trans",
+            "layout",
             "blob",
+            "runs",
             "MiB",
             "write GB/s",
             "read GB/s",
             "np.copyto (into existing) GB/s",
             "np.copy (new array) GB/s",
+            "write / np.copy",
+            "read / np.copyto",
         ],
         [
             [
                 r["v_trans"],
+                r["layout"],
                 r["blob"],
+                r["runs"],
                 f"{r['mib']:.1f}",
                 f"{r['write_gbs']:.2f}",
                 f"{r['read_gbs']:.2f}",
                 f"{r['numpy_copy_gbs']:.2f}",
                 f"{r['numpy_new_copy_gbs']:.2f}",
+                f"{r['write_gbs'] / r['numpy_new_copy_gbs']:.0%}",
+                f"{r['read_gbs'] / r['numpy_copy_gbs']:.0%}",
             ]
             for r in rows
         ],
@@ -240,11 +289,20 @@ def bench_state(quick: bool) -> list[dict]:
 
 def main() -> None:
     quick = "--quick" in sys.argv
-    decode = bench_decode(quick)
-    ops = bench_seq_ops()
-    state = bench_state(quick)
-    path = write_results("bench_kv", dict(decode=decode, seq_ops=ops, state=state, quick=quick))
-    print(f"\nwrote {path}")
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
+    results: dict = dict(quick=quick)
+    if only in (None, "decode"):
+        results["decode"] = bench_decode(quick)
+    if only in (None, "ops"):
+        results["seq_ops"] = bench_seq_ops()
+    if only in (None, "state"):
+        results["state"] = bench_state(quick)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    results["load_average"] = load
+    print(f"\nload average {load:.1f}, {os.cpu_count()} CPUs")
+    if only is None:
+        path = write_results("bench_kv", results)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

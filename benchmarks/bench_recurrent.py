@@ -19,6 +19,8 @@ on the widths; state I/O moves exactly those bytes.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from _util import best_of, print_table, write_results
 
@@ -186,8 +188,10 @@ def main() -> None:
     bench_steps(data)
     bench_seq_ops(data)
     bench_state_io(data)
+    data["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\nload average {data['load_average']:.1f}, {os.cpu_count()} CPUs")
     path = write_results("bench_recurrent", data)
-    print(f"\nwrote {path}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
