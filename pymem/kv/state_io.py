@@ -174,8 +174,29 @@ def row_ranges(
     """
     starts, ends = runs
     if row == t.row_size:
-        return (base_row + starts) * row, (ends - starts) * row
-    return (base_row + idx) * t.row_size, np.full(idx.size, row, dtype=np.int64)
+        offsets, sizes = (base_row + starts) * row, (ends - starts) * row
+    else:
+        offsets, sizes = (base_row + idx) * t.row_size, np.full(idx.size, row, dtype=np.int64)
+    # the native call's type: converted once here, not on every call that reuses them
+    return offsets.astype(np.uint64), sizes.astype(np.uint64)
+
+
+_RangeMemo = dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]]
+
+
+def _row_ranges_memo(
+    memo: _RangeMemo,
+    t: Tensor,
+    base_row: int,
+    idx: np.ndarray,
+    runs: tuple[np.ndarray, np.ndarray],
+    row: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`row_ranges`, shared by the tensors of one stream with the same row sizes."""
+    key = ("rows", t.row_size, row)
+    if key not in memo:
+        memo[key] = row_ranges(t, base_row, idx, runs, row)
+    return memo[key]
 
 
 def col_ranges(
@@ -190,7 +211,7 @@ def col_ranges(
     starts, ends = runs
     chan = base + np.arange(n_embd, dtype=np.int64) * stride
     offsets = (chan[:, None] + starts[None, :] * el).ravel()
-    return offsets, np.tile((ends - starts) * el, n_embd)
+    return offsets.astype(np.uint64), np.tile((ends - starts) * el, n_embd).astype(np.uint64)
 
 
 def cols_method(
@@ -296,6 +317,7 @@ def _write_rows(
     idx: np.ndarray,
     runs: tuple[np.ndarray, np.ndarray],
     row: int,
+    memo: _RangeMemo,
 ) -> None:
     """Rows ``base_row + idx`` of ``t`` (each ``row`` bytes used), in order."""
     starts, ends = runs
@@ -307,7 +329,7 @@ def _write_rows(
         else:
             writer.write_tensor(t, a * row, (b - a) * row)
         return
-    offsets, sizes = row_ranges(t, base_row, idx, runs, row)
+    offsets, sizes = _row_ranges_memo(memo, t, base_row, idx, runs, row)
     writer.write_fill(idx.size * row, lambda out: t.read_ranges_into(out, offsets, sizes))
 
 
@@ -318,6 +340,7 @@ def _write_v_trans(
     strm: int,
     idx: np.ndarray,
     runs: tuple[np.ndarray, np.ndarray],
+    memo: _RangeMemo,
 ) -> None:
     n_embd = layer.n_embd_v_gqa
     el = kv.type_v.type_size
@@ -350,7 +373,10 @@ def _write_v_trans(
 
         writer.write_fill(size, fill_staged)
         return
-    offsets, sizes = col_ranges(base, stride, n_embd, runs, el)
+    key = ("cols", base, n_embd)  # the same for every layer of the stream this wide
+    if key not in memo:
+        memo[key] = col_ranges(base, stride, n_embd, runs, el)
+    offsets, sizes = memo[key]
     writer.write_fill(size, lambda out: v.read_ranges_into(out, offsets, sizes))
 
 
@@ -367,11 +393,12 @@ def write_kv_state(kv: KVCache, writer: StateWriter, seq_id: int) -> None:
         writer.write_u32(len(kv.layers))
         base = strm * kv.kv_size
         runs = cell_runs(idx)
+        memo: _RangeMemo = {}
         for layer in kv.layers:
             k_row = kv.type_k.row_size(layer.n_embd_k_gqa)
             writer.write_i32(kv.type_k.id)
             writer.write_u64(k_row)
-            _write_rows(writer, layer.k, base, idx, runs, k_row)
+            _write_rows(writer, layer.k, base, idx, runs, k_row, memo)
         for layer in kv.layers:
             if layer.v is None:
                 continue
@@ -379,11 +406,11 @@ def write_kv_state(kv: KVCache, writer: StateWriter, seq_id: int) -> None:
             if not kv.v_trans:
                 v_row = kv.type_v.row_size(layer.n_embd_v_gqa)
                 writer.write_u64(v_row)
-                _write_rows(writer, layer.v, base, idx, runs, v_row)
+                _write_rows(writer, layer.v, base, idx, runs, v_row, memo)
             else:
                 writer.write_u32(kv.type_v.type_size)
                 writer.write_u32(layer.n_embd_v_gqa)
-                _write_v_trans(writer, kv, layer, strm, idx, runs)
+                _write_v_trans(writer, kv, layer, strm, idx, runs, memo)
 
 
 # ---------------------------------------------------------------------------------------
@@ -658,11 +685,12 @@ def _write_payloads(
         return
     base = strm * kv.kv_size
     runs = cell_runs(idx)
+    memo: _RangeMemo = {}
     for layer, kind, data in payloads:
         if kind == "k" or not kv.v_trans:
             t = layer.k if kind == "k" else layer.v
             assert t is not None
-            offsets, sizes = row_ranges(t, base, idx, runs, len(data) // n)
+            offsets, sizes = _row_ranges_memo(memo, t, base, idx, runs, len(data) // n)
             t.write_ranges(data, offsets, sizes)
             continue
         v = layer.v
@@ -682,8 +710,10 @@ def _write_payloads(
             scatter_cols(span, idx - lo, src, (runs[0] - lo, runs[1] - lo))
             v.write_strided(span, base + lo * el, span.shape[1] * el, stride, n_embd)
             continue
-        offsets, sizes = col_ranges(base, stride, n_embd, runs, el)
-        v.write_ranges(data, offsets, sizes)
+        key = ("cols", base, n_embd)
+        if key not in memo:
+            memo[key] = col_ranges(base, stride, n_embd, runs, el)
+        v.write_ranges(data, *memo[key])
 
 
 def parse_kv_state(kv: KVCache, reader: StateReader, seq_id: int) -> KVStatePlan:
