@@ -229,7 +229,8 @@ def random_step(pair: Any, r: Any) -> str:
         if not pair.blobs:
             pair.state_save(-1 if r.chance(0.5) else r.int(0, cfg.n_seq_max - 1))
         if pair.blobs:
-            pair.state_load(r.int(0, len(pair.blobs) - 1), r.int(0, cfg.n_seq_max - 1))
+            i = r.int(0, len(pair.blobs) - 1)
+            pair.state_load(i, r.int(0, cfg.n_seq_max - 1), cross=r.chance(0.12))
     elif op == "clear":
         pair.clear(r.chance(0.5))
     return op

@@ -595,12 +595,21 @@ class Pair:
         self.stats.count("state_write", outcome)
         return outcome
 
-    def state_load(self, blob_index: int, dest: int, flags: int | None = None) -> str:
+    def state_load(
+        self, blob_index: int, dest: int, flags: int | None = None, cross: bool = False
+    ) -> str:
+        """Restore saved blob ``blob_index`` into ``dest`` (its own kind: whole blobs into
+        the whole memory). ``cross``: read it the other way round (a whole blob into one
+        sequence, a sequence's blob as the whole memory)."""
         src_seq, src_flags, blob = self.blobs[blob_index]
         flags = src_flags if flags is None else flags
-        if src_seq == -1:
+        if cross:
+            dest = dest if src_seq == -1 else -1
+        elif src_seq == -1:
             dest = -1
-        self._note(f"state_load(blob {blob_index} from seq {src_seq}, dest={dest}, flags={flags})")
+        self._note(
+            f"state_load(blob {blob_index} from seq {src_seq}, dest={dest}, flags={flags}, cross={cross})"
+        )
         s = self._run_spec(self.sp.state_read, blob, dest, flags)
         p = self._run_pm(self.pm.state_read, blob, dest, flags)
         refused = (
