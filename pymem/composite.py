@@ -11,7 +11,9 @@ memories made of other memories, driven only through the parts' public interface
 What they do alike lives here, once:
 
 * ``clear``, ``seq_cp``, ``seq_keep``, ``seq_add``, ``seq_div`` and ``close`` go to every
-  part in order; ``memory_breakdown`` sums the parts per device.
+  part in order; ``seq_cp`` / ``seq_add`` / ``seq_div`` first ask every part what it
+  would refuse (``check_<op>``), so a refused op changes no part. ``memory_breakdown``
+  sums the parts per device.
 * State is the parts' states back to back (``[part 0][part 1]``), each part written and
   parsed by itself; the subclass says which parts a state with given flags holds.
   ``state_read`` parses and validates every part before committing any
@@ -198,11 +200,36 @@ class CompositeMemory(TwoPhaseStateIO, Memory):
             part.close()
 
     # --- sequence operations that every part takes, in order ---------------------------
+    def _check_parts(self, op: str, *args: int) -> None:
+        """Every part's ``check_<op>`` (where it has one: KVCache and composites do).
+
+        Run before any part changes, so that a refusal by a later part (e.g. a partial
+        ``seq_cp`` across streams that only the smaller SWA cache counts as partial)
+        cannot leave an earlier part changed; the reference asserts there instead.
+        """
+        for part in self._members():
+            check = getattr(part, f"check_{op}", None)
+            if check is not None:
+                check(*args)
+
+    def check_seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
+        """Raise what :meth:`seq_cp` would refuse, changing nothing."""
+        self._check_parts("seq_cp", seq_id_src, seq_id_dst, p0, p1)
+
+    def check_seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
+        """Raise what :meth:`seq_add` would refuse, changing nothing."""
+        self._check_parts("seq_add", seq_id, p0, p1, shift)
+
+    def check_seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
+        """Raise what :meth:`seq_div` would refuse, changing nothing."""
+        self._check_parts("seq_div", seq_id, p0, p1, d)
+
     def clear(self, data: bool = True) -> None:
         for part in self._members():
             part.clear(data)
 
     def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
+        self.check_seq_cp(seq_id_src, seq_id_dst, p0, p1)
         for part in self._members():
             part.seq_cp(seq_id_src, seq_id_dst, p0, p1)
 
@@ -211,10 +238,12 @@ class CompositeMemory(TwoPhaseStateIO, Memory):
             part.seq_keep(seq_id)
 
     def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
+        self.check_seq_add(seq_id, p0, p1, shift)
         for part in self._members():
             part.seq_add(seq_id, p0, p1, shift)
 
     def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
+        self.check_seq_div(seq_id, p0, p1, d)
         for part in self._members():
             part.seq_div(seq_id, p0, p1, d)
 

@@ -14,7 +14,7 @@ import pytest
 from spec.harness import Config, Pair, known_bugs
 
 from pymem.batch import Batch, BatchAllocator
-from pymem.errors import PymemError
+from pymem.errors import UnsupportedError
 from pymem.iswa import KVCacheISWA
 from pymem.kv import KVCache
 from pymem.recurrent import RecurrentMemory
@@ -84,7 +84,8 @@ def test_r1_hybrid_negative_recurrent_position() -> None:
 # reference asserts for a partial-range cross-stream copy ("seq_cp() is only supported
 # for full KV buffers"), and "full" is judged against each cache's own size: [0, 3) is
 # full for a 4-cell base cache but partial for a 16-cell SWA cache. pymem's base cache
-# copied, then the SWA cache raised UnsupportedError: a typed error after a change.
+# copied, then the SWA cache raised UnsupportedError: a typed error after a change (fixed:
+# the composite asks every part's check_seq_cp before any part changes).
 # --------------------------------------------------------------------------------------
 
 
@@ -107,19 +108,34 @@ def _iswa(n_seq_max: int, unified: bool, base_size: int, swa_size: int) -> KVCac
     return KVCacheISWA.from_parts(base, swa)
 
 
-@pytest.mark.xfail(
-    known_bugs()["iswa_partial_seq_cp"],
-    strict=True,
-    reason="REQUESTS.md: verification I1 (iSWA seq_cp refused by one cache after the other changed)",
-)
 def test_i1_iswa_refused_cross_stream_copy_changes_nothing() -> None:
     mem = _iswa(n_seq_max=8, unified=False, base_size=4, swa_size=16)
     _decode(mem, [[1, 0, [6], False], [2, 1, [6], True]], 8)
     before = mem.state_write()
-    with pytest.raises(PymemError):
+    with pytest.raises(UnsupportedError):
         mem.seq_cp(6, 3, 0, 3)
     assert mem.state_write() == before
     assert mem.kv_base.v_cells[3].pos.tolist() == [-1, -1, -1, -1]
+    # the whole range is full for both caches: the copy goes through
+    mem.seq_cp(6, 3, -1, -1)
+    assert (mem.kv_base.seq_pos_max(3), mem.kv_swa.seq_pos_max(3)) == (1, 1)
+
+
+def test_i1_hybrid_iswa_refused_cross_stream_copy_changes_nothing() -> None:
+    # the same copy one level down: the hybrid asks its iSWA part, which asks both caches,
+    # before the attention or the recurrent part changes
+    from pymem.hybrid import HybridISWAMemory
+
+    iswa = _iswa(n_seq_max=8, unified=False, base_size=4, swa_size=16)
+    recr = RecurrentMemory(ModelSpec(layers=(LayerSpec.ssm(6, 10),), arch="spec"), n_seq_max=8)
+    mem = HybridISWAMemory(iswa, recr)
+    _decode(mem, [[1, 0, [6], False], [2, 1, [6], True]], 8)
+    before = mem.state_write()
+    with pytest.raises(UnsupportedError):
+        mem.seq_cp(6, 3, 0, 3)
+    assert mem.state_write() == before
+    assert recr.seq_pos_max(3) == -1 and iswa.kv_base.seq_pos_max(3) == -1
+    mem.close()
 
 
 # --------------------------------------------------------------------------------------
@@ -128,16 +144,11 @@ def test_i1_iswa_refused_cross_stream_copy_changes_nothing() -> None:
 # split_simple only when constructed with unified = true; with kv_unified = false and
 # n_seq_max = 1 (llama_context_default_params!) the cache has one stream but the
 # reference splits with split_equal(sequential = true): ubatches with equal_seqs = true
-# and n_seq_tokens = n_tokens. pymem's KVCacheISWA.from_parts derives "unified" from
-# n_stream == 1 and used split_simple.
+# and n_seq_tokens = n_tokens. pymem's KVCacheISWA.from_parts derived "unified" from
+# n_stream == 1 and used split_simple (fixed: it takes the base cache's unified flag).
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    known_bugs()["iswa_unified_from_streams"],
-    strict=True,
-    reason="REQUESTS.md: verification I2 (iSWA split choice from n_stream instead of unified)",
-)
 def test_i2_iswa_not_unified_single_sequence_uses_split_equal() -> None:
     mem = _iswa(n_seq_max=1, unified=False, base_size=16, swa_size=8)
     (ub,) = _decode(mem, [[1, 0, [0], False], [2, 1, [0], True]], 1)
