@@ -44,6 +44,8 @@ from .memory import SpecMemory
 from .recurrent import RSConfig
 
 N_VOCAB = 64
+# the spec's batch rule names -> pymem's BatchError.rule
+RULES = {"position": "pos_memory", "gap": "pos_gap", "decreasing": "pos_decreasing"}
 NON_CAUSAL = {
     "all": NonCausalType.ALL,
     "swa_only": NonCausalType.SWA_ONLY,
@@ -720,6 +722,14 @@ class Pair:
             return -1
         if (s_err is None) != (p_err is None):
             self.fail(f"decode: batch validation pymem {p_err!r} vs spec {s_err!r}")
+        if isinstance(s_err, SpecBatchError) and isinstance(p_err, BatchError):
+            # the first failing check must be the same one (the reference's order)
+            want = RULES.get(s_err.rule, s_err.rule)
+            got = getattr(p_err, "rule", None)
+            if got != want:
+                self.fail(
+                    f"decode: batch refused by rule {got!r} ({p_err}) but the spec's first failing check is {want!r} ({s_err})"
+                )
         if s_err is not None:
             if isinstance(p_err, BatchError) or isinstance(s_err, SpecAbort):
                 self.stats.count("decode", "invalid")
