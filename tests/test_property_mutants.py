@@ -1,0 +1,101 @@
+"""The property harness has teeth: small bugs injected into pymem are caught.
+
+Each mutant (a monkeypatched, deliberately wrong pymem behaviour) must make the seeded
+random programs of tests/test_property.py fail with a Mismatch within a small budget.
+A harness that compared too little would let these through.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+from spec.gen import PyRnd, random_config, random_step
+from spec.harness import Config, Mismatch, Pair
+
+import pymem.recurrent as pm_recurrent
+from pymem.hybrid import HybridMemory
+from pymem.iswa import KVCacheISWA
+from pymem.kv import KVCache
+
+
+def _finds_mismatch(
+    kind: str, programs: int, tweak: Callable[[Config], Config] | None = None
+) -> bool:
+    for seed in range(programs):
+        r = PyRnd(random.Random(f"mutant-{kind}-{seed}"))
+        cfg = random_config(kind, r)
+        if tweak is not None:
+            cfg = tweak(cfg)
+        pair = Pair(cfg, check_seq_states=4)
+        try:
+            for _ in range(40):
+                random_step(pair, r)
+        except Mismatch:
+            return True
+        finally:
+            pair.close()
+    return False
+
+
+def test_unmutated_programs_pass() -> None:
+    assert not _finds_mismatch("kv", 4)
+
+
+def test_catches_slot_search_ignoring_the_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    orig = KVCache.find_slot
+
+    def from_zero(self, ubatch, cont=False):
+        heads = list(self.v_heads)
+        self.v_heads[:] = [0] * len(heads)  # search as if every head were at 0
+        try:
+            return orig(self, ubatch, cont)
+        finally:
+            self.v_heads[:] = heads
+
+    monkeypatch.setattr(KVCache, "find_slot", from_zero)
+    assert _finds_mismatch("kv", 20)
+
+
+def test_catches_rollback_bound_off_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    orig = pm_recurrent._seq_rm
+
+    def lenient(c, n_seq_max, n_rs_seq, seq_id, p0, p1):
+        return orig(c, n_seq_max, n_rs_seq + 1 if n_rs_seq else 0, seq_id, p0, p1)
+
+    monkeypatch.setattr(pm_recurrent, "_seq_rm", lenient)
+
+    def with_rollback(cfg: Config) -> Config:
+        import dataclasses
+
+        return dataclasses.replace(cfg, n_rs_seq=2, n_ubatch=max(cfg.n_ubatch, 4))
+
+    assert _finds_mismatch("recurrent", 40, with_rollback)
+
+
+def test_catches_iswa_positions_from_the_base_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(KVCacheISWA, "seq_pos_min", lambda self, s: self.kv_base.seq_pos_min(s))
+    assert _finds_mismatch("iswa", 20)
+
+
+def test_catches_hybrid_pos_max_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        HybridMemory,
+        "seq_pos_max",
+        lambda self, s: max(self.mem_attn.seq_pos_max(s), self.mem_recr.seq_pos_max(s)),
+    )
+    assert _finds_mismatch("hybrid", 20)
+
+
+def test_catches_a_wrong_k_row_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    orig = KVCache.k_idxs
+
+    def shifted(self, sinfo):
+        out = orig(self, sinfo).copy()
+        if out.size > 1:
+            out[[0, -1]] = out[[-1, 0]]  # two tokens' rows swapped
+        return out
+
+    monkeypatch.setattr(KVCache, "k_idxs", shifted)
+    assert _finds_mismatch("kv", 10)
