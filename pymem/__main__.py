@@ -28,12 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="which ggml pymem bound and which devices it sees").set_defaults(
         func=_info
     )
-    try:
-        from pymem.demo import add_demo_parser
-    except ImportError:
-        add_demo_parser = None
-    if add_demo_parser is not None:
-        add_demo_parser(sub)
+    from pymem.demo import add_demo_parser
+
+    add_demo_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 
