@@ -13,7 +13,7 @@ Tables on stdout, results in results/bench_kv.json.
    a write makes a new blob (compare with ``np.copy``), a read fills existing tensors
    (compare with ``np.copyto``). 4 sequences of 1024 tokens in a 4096-cell cache, laid out
    in lockstep (each sequence every 4th cell: 1024 runs of one cell) or in irregular runs
-   (decode steps of 0-24 tokens per sequence: ~90 runs). One sequence also through the
+   (decode steps of 0-24 tokens per sequence: 77 runs). One sequence also through the
    non-host code path (numpy views of the tensors hidden, as on a GPU; the bytes still
    move between host buffers). With transposed V a lockstep sequence's V elements are 2
    bytes 8 bytes apart: the copy reads every cache line of the stream's V, 4x the blob.
