@@ -448,15 +448,8 @@ def test_nothing_leaks_over_1000_cycles() -> None:
     assert grown < 24 * 2**20, grown
 
 
-CLOSED_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="REQUESTS.md: verification K1 (KVCache plans and applies batches after close)",
-)
-
-
-@pytest.mark.parametrize(
-    "kind", [pytest.param(k, marks=CLOSED_XFAIL) if k in ("kv", "iswa") else k for k in KINDS]
-)
+# K1 (found here, fixed): a closed KVCache used to go on planning and applying batches
+@pytest.mark.parametrize("kind", KINDS)
 def test_operations_after_close_raise_typed_errors(kind: str) -> None:
     pair = filled_pair(SYNTH_CONFIGS[kind])
     mem = pair.pm

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
-from pymem.errors import BatchError, ConfigError, RangeError, UnsupportedError
+from pymem.errors import BatchError, ClosedError, ConfigError, RangeError, UnsupportedError
 from pymem.kv.cells import KVCells
 from pymem.kv.swa import masked_swa
 from pymem.memory import Memory, MemoryContext, MemoryStatus
@@ -374,6 +374,7 @@ class KVCache(Memory):
         return self.v_cells[self.get_stream(seq_id)]
 
     def memory_breakdown(self) -> dict[str, int]:
+        self._check_open()
         return {dev: store.nbytes for dev, store in self.stores.items()}
 
     def size_k_bytes(self) -> int:
@@ -400,7 +401,12 @@ class KVCache(Memory):
         return runner
 
     # --- argument checks ---------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("KVCache: already closed (its buffers were freed)")
+
     def _check_seq(self, seq_id: Any, what: str, allow_all: bool = False) -> int:
+        self._check_open()
         if isinstance(seq_id, bool) or not isinstance(seq_id, (int, np.integer)):
             raise RangeError(f"{what}: expected an integer sequence id, got {seq_id!r}")
         seq_id = int(seq_id)
@@ -434,6 +440,7 @@ class KVCache(Memory):
     # --- sequence operations ---------------------------------------------------------
     def clear(self, data: bool = True) -> None:
         """Empty every stream; with ``data`` also zero the tensor buffers."""
+        self._check_open()
         for s in range(self.n_stream):
             self.v_cells[s].reset()
             self.v_heads[s] = 0
@@ -448,6 +455,7 @@ class KVCache(Memory):
         Always True, as the reference. The head of a stream moves back to the first freed
         cell when that is before it.
         """
+        self._check_open()
         seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
         p0, p1 = self._range(p0, p1)
         self._mutated()
@@ -606,6 +614,7 @@ class KVCache(Memory):
         One stream: ``split_simple``; several: ``split_equal(sequential=True)``. Any split
         or slot failure gives a context with status FAILED_PREPARE.
         """
+        self._check_open()
         balloc.split_reset()
         ubatches: list[UBatch] = []
         while True:
@@ -625,6 +634,7 @@ class KVCache(Memory):
 
     def init_full(self) -> KVCacheContext:
         """A context for worst-case graph reservation: ``n_kv = kv_size``, a dummy slot."""
+        self._check_open()
         sinfo = SlotInfo(
             np.arange(self.n_stream, dtype=np.int32), np.zeros((self.n_stream, 1), dtype=np.int32)
         )
@@ -639,6 +649,7 @@ class KVCache(Memory):
         Status NO_UPDATE when there is neither. ``optimize`` is ignored (defrag was
         removed from the reference).
         """
+        self._check_open()
         do_shift = self.get_has_shift()
         if not do_shift and not self._pending_copies:
             return KVCacheContext(self, MemoryStatus.NO_UPDATE)
@@ -664,6 +675,7 @@ class KVCache(Memory):
         Runs ``find_slot`` and ``apply_ubatch`` under an undo journal and rolls everything
         back, so the cache is exactly as before whatever happens.
         """
+        self._check_open()
         res: list[SlotInfo] = []
         version = self._version
         heads = self.begin_plan()
@@ -702,6 +714,7 @@ class KVCache(Memory):
         consecutive (no wrap inside a slot); otherwise the first usable cells are taken in
         scan order, e.g. head 5, usable cells [1, 2, 6, 9], 3 tokens -> [6, 9, 1].
         """
+        self._check_open()
         n_tokens = ubatch.n_tokens
         n_seqs = 1
         if self.n_stream > 1:
@@ -783,6 +796,7 @@ class KVCache(Memory):
         largest overwritten one, so that ``[pos_min, pos_max]`` stays fully present. The
         head moves past the last cell of the slot.
         """
+        self._check_open()
         n_per = sinfo.size
         if ubatch.n_tokens != n_per * sinfo.n_stream:
             raise BatchError(
@@ -906,6 +920,7 @@ class KVCache(Memory):
     # --- state -------------------------------------------------------------------------
     def state_write_into(self, writer: StateWriter, seq_id: int = -1, flags: int = 0) -> None:
         """Serialise this cache's part of a state blob into ``writer`` (format b.2)."""
+        self._check_open()
         from pymem.kv.state_io import write_kv_state
 
         seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
@@ -937,6 +952,7 @@ class KVCache(Memory):
         Returns a plan whose ``commit()`` applies it. Raises StateError naming the field
         that did not match. Nothing may change the cache between parse and commit.
         """
+        self._check_open()
         from pymem.kv.state_io import parse_kv_state
 
         seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
