@@ -820,6 +820,27 @@ class RecurrentMemory(Memory):
             return t
         return -1
 
+    # what an op would refuse, checked without changing anything: compositions ask every
+    # part before mutating any (pymem.composite); seq_cp never refuses here
+    def check_seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
+        self._check_open()
+
+    def check_seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
+        self._check_open()
+        p0, p1 = _clamp_range(p0, p1)
+        shift = int(shift)
+        t = self._tail_in_range(int(seq_id), p0, p1) if shift and p0 != p1 else -1
+        if t >= 0 and not _I32_MIN <= int(self.cells.pos[t]) + shift <= POS_MAX:
+            raise RangeError(
+                f"seq_add: position {int(self.cells.pos[t])} + shift {shift} = "
+                f"{int(self.cells.pos[t]) + shift} leaves int32"
+            )
+
+    def check_seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
+        self._check_open()
+        if int(d) == 0:
+            raise RangeError("seq_div: d must not be 0")
+
     def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
         """Add ``shift`` to the position of ``seq_id``'s cell if it lies in ``[p0, p1)``.
 

@@ -23,7 +23,7 @@ from hybrid_helpers import check_hybrid
 from test_factory import GRANITE_HYBRID, write_gguf
 from test_iswa import ROPE, decode, prompt, randomize
 
-from pymem.errors import ConfigError, StateError
+from pymem.errors import ConfigError, RangeError, StateError
 from pymem.factory import ContextParams, create_memory, plan_memory
 from pymem.gguf_spec import spec_from_gguf
 from pymem.hybrid import HybridContext, HybridISWAMemory, HybridMemory
@@ -455,3 +455,16 @@ def test_factory_builds_what_it_planned(tmp_path: Path) -> None:
     assert decode(mem, prompt(0, 3) + prompt(2, 2)) == 0
     check_hybrid(mem)
     mem.close()
+
+
+def test_refused_seq_div_changes_neither_part() -> None:
+    # the attention part refuses d < 1 (positions cannot be divided by 0 or negatives):
+    # the composite asks every part first, so the recurrent part is not touched either
+    mem = make_hybrid()
+    assert decode(mem, prompt(0, 4)) == 0
+    before = mem.state_write()
+    with pytest.raises(RangeError):
+        mem.seq_div(0, -1, -1, 0)
+    with pytest.raises(RangeError):
+        mem.seq_div(0, -1, -1, -2)
+    assert mem.state_write() == before
