@@ -295,41 +295,41 @@ class Tensor:
             raise RangeError(
                 f"{what} on {self.name!r}: offsets {off.shape} and sizes {size.shape} must be equal 1-D"
             )
-        if off.size:
-            end = off + size
-            bad = np.flatnonzero((end > self.nbytes) | (end < off))
-            if bad.size:
-                i = int(bad[0])
-                raise RangeError(
-                    f"{what} on {self.name!r}: range[{i}] = [{int(off[i])}, {int(off[i]) + int(size[i])}) "
-                    f"outside [0, {self.nbytes})"
-                )
         return off, size, int(size.sum())
+
+    def _check_ranges_status(self, status: int, off: np.ndarray, size: np.ndarray, what: str) -> None:
+        """The C layer bounds-checks every range before copying anything (no second pass
+        here); on its refusal, name the first bad range."""
+        if status == lib.PM_ERR_RANGE:
+            end = off + size
+            i = int(np.flatnonzero((end > self.nbytes) | (end < off))[0])
+            raise RangeError(
+                f"{what} on {self.name!r}: range[{i}] = [{int(off[i])}, {int(off[i]) + int(size[i])}) "
+                f"outside [0, {self.nbytes})"
+            )
+        check(status, f"{what} {self.name}")
 
     def read_ranges_into(self, out: Any, offsets: Any, sizes: Any) -> None:
         """Byte ranges ``[offsets[i], offsets[i] + sizes[i])`` packed into ``out``, one call."""
         off, size, total = self._as_ranges(offsets, sizes, "read_ranges")
         view = memoryview(out).cast("B")
         if view.nbytes != total:
-            raise RangeError(
-                f"read_ranges on {self.name!r}: out holds {view.nbytes} bytes, ranges {total}"
-            )
-        check(
-            lib.pm_tensor_read_ranges(self._live(), ffi.from_buffer("uint64_t[]", off),
-                                      ffi.from_buffer("uint64_t[]", size), off.size,
-                                      ffi.from_buffer(view, require_writable=True)),
-            f"read_ranges {self.name}",
+            raise RangeError(f"read_ranges on {self.name!r}: out holds {view.nbytes} bytes, ranges {total}")
+        status = lib.pm_tensor_read_ranges(
+            self._live(), ffi.from_buffer("uint64_t[]", off), ffi.from_buffer("uint64_t[]", size),
+            off.size, ffi.from_buffer(view, require_writable=True),
         )  # fmt: skip
+        self._check_ranges_status(status, off, size, "read_ranges")
 
     def write_ranges(self, data: Any, offsets: Any, sizes: Any) -> None:
         """Scatter the packed bytes of ``data`` to the ranges (inverse of read_ranges_into)."""
         off, size, total = self._as_ranges(offsets, sizes, "write_ranges")
         buf = _as_bytes(data, total, f"write_ranges {self.name}")
-        check(
-            lib.pm_tensor_write_ranges(self._live(), ffi.from_buffer("uint64_t[]", off),
-                                       ffi.from_buffer("uint64_t[]", size), off.size, buf),
-            f"write_ranges {self.name}",
+        status = lib.pm_tensor_write_ranges(
+            self._live(), ffi.from_buffer("uint64_t[]", off), ffi.from_buffer("uint64_t[]", size),
+            off.size, buf,
         )  # fmt: skip
+        self._check_ranges_status(status, off, size, "write_ranges")
 
     # --- row sets -------------------------------------------------------------------
     def read_rows(self, rows: Any) -> np.ndarray:
