@@ -297,7 +297,9 @@ class Tensor:
             )
         return off, size, int(size.sum())
 
-    def _check_ranges_status(self, status: int, off: np.ndarray, size: np.ndarray, what: str) -> None:
+    def _check_ranges_status(
+        self, status: int, off: np.ndarray, size: np.ndarray, what: str
+    ) -> None:
         """The C layer bounds-checks every range before copying anything (no second pass
         here); on its refusal, name the first bad range."""
         if status == lib.PM_ERR_RANGE:
@@ -314,7 +316,9 @@ class Tensor:
         off, size, total = self._as_ranges(offsets, sizes, "read_ranges")
         view = memoryview(out).cast("B")
         if view.nbytes != total:
-            raise RangeError(f"read_ranges on {self.name!r}: out holds {view.nbytes} bytes, ranges {total}")
+            raise RangeError(
+                f"read_ranges on {self.name!r}: out holds {view.nbytes} bytes, ranges {total}"
+            )
         status = lib.pm_tensor_read_ranges(
             self._live(), ffi.from_buffer("uint64_t[]", off), ffi.from_buffer("uint64_t[]", size),
             off.size, ffi.from_buffer(view, require_writable=True),
