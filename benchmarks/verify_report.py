@@ -338,9 +338,11 @@ def main() -> None:
         out.append(f"| {fid} | {owner} | {what} | {how} | {status} | {test} |")
     out += [
         "",
-        "Notes to the owners, with the minimal failing programs: /work/notes/REQUESTS.md. While a "
-        "bug is open the harness detects it with a probe (tests/spec/harness.py `known_bugs`) and "
-        "steers around it, so the random programs keep exploring the rest.",
+        "Notes to the owners, with the minimal failing programs: /work/notes/REQUESTS.md. The "
+        "status column is measured: each bug's minimal program is probed on the pymem under test "
+        "(tests/spec/harness.py `known_bugs`). While a bug is open, `EMULATE_OPEN_BUGS` lets the "
+        "harness model it so the random programs keep exploring the rest; with every bug fixed it "
+        "is off and a regression fails the property tests and its regression test.",
         "",
         "Reference quirks the property runs pinned (pymem matches the reference): the n_ubatch + 1 "
         "ubatch of split_equal on a multi-stream KV cache, SWA purge of masked cells, and a copy "

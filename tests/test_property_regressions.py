@@ -1,17 +1,17 @@
 """Regression tests for the failures the stateful property tests found (tests/test_property.py).
 
 Each test is the minimal failing program, shrunk by hand from what hypothesis / the soak
-runner reported, with the reference behaviour it pins. Tests of bugs that are still open
-in pymem are strict xfails naming the request in /work/notes/REQUESTS.md: when the owner
-fixes the bug the test XPASSes, which fails the run until the marker is removed here.
-The property harness detects each open bug with the probes in tests/spec/harness.py and
-steers around it, so the random programs keep exploring everything else meanwhile.
+runner reported, with the reference behaviour it pins. While a bug is open its test is
+a strict xfail naming the request in /work/notes/REQUESTS.md (and the harness can model
+it, ``EMULATE_OPEN_BUGS`` in tests/spec/harness.py, so the random programs keep exploring
+the rest); once the owner fixes it the marker goes and the test guards the fix. All the
+bugs below are fixed.
 """
 
 from __future__ import annotations
 
 import pytest
-from spec.harness import Config, Pair, known_bugs
+from spec.harness import Config, Pair
 
 from pymem.batch import Batch, BatchAllocator
 from pymem.errors import UnsupportedError
@@ -41,15 +41,10 @@ def _decode(mem, items, n_seq_max: int, n_ubatch: int = 8) -> list:
 # llama_memory_recurrent::seq_pos_max starts from -1 and takes the max, so a state at
 # position -2 reports pos_max = -1 while seq_pos_min reports -2; the next batch for that
 # sequence is then unconstrained (X = -1). pymem reported (-2, -2) and refused the next
-# batch unless it started at -1.
+# batch unless it started at -1 (fixed).
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    known_bugs()["recurrent_negative_pos"],
-    strict=True,
-    reason="REQUESTS.md: verification R1 (recurrent seq_pos_max with a negative position)",
-)
 def test_r1_recurrent_negative_position_reports_pos_max_minus_one() -> None:
     spec = ModelSpec(layers=(LayerSpec.ssm(6, 10),), arch="spec")
     mem = RecurrentMemory(spec, n_seq_max=2)
@@ -60,11 +55,6 @@ def test_r1_recurrent_negative_position_reports_pos_max_minus_one() -> None:
     _decode(mem, [[2, 0, [1], True]], 2)
 
 
-@pytest.mark.xfail(
-    known_bugs()["recurrent_negative_pos"],
-    strict=True,
-    reason="REQUESTS.md: verification R1 (hybrid inherits the recurrent pos_max)",
-)
 def test_r1_hybrid_negative_recurrent_position() -> None:
     # hybrid (recurrent + attention, one stream per sequence): seq_add(0, 0, 3, -4) moves
     # the recurrent state to -4 (removing the attention cells below 0): the hybrid's

@@ -170,7 +170,7 @@ def build_pymem(cfg: Config) -> Any:
     raise ValueError(cfg.kind)
 
 
-def spec_for(cfg: Config, emulate_known_bugs: bool = True) -> SpecMemory:
+def spec_for(cfg: Config, emulate_known_bugs: bool | None = None) -> SpecMemory:
     """The spec memory of ``cfg``, with pymem's documented departures switched on (and,
     with ``emulate_known_bugs``, the open bugs :func:`known_bugs` detects modelled)."""
     spec_layers = []
@@ -216,6 +216,8 @@ def spec_for(cfg: Config, emulate_known_bugs: bool = True) -> SpecMemory:
 
     recr = [il for il, ch in enumerate(cfg.layout) if ch == "R"]
     mem = _spec_for(cfg, kvcfg, rscfg, recr)
+    if emulate_known_bugs is None:
+        emulate_known_bugs = EMULATE_OPEN_BUGS
     bugs = known_bugs() if emulate_known_bugs else {}
     if bugs.get("recurrent_negative_pos") and mem.rs is not None:
         mem.rs.cfg.pos_max_from_tail = True
@@ -282,6 +284,12 @@ def pm_ctx_parts(mem: Any, ctx: Any) -> tuple[dict[str, Any], Any]:
 # ------------------------------------------------------------------ known bugs ---
 
 _KNOWN: dict[str, bool] | None = None
+
+EMULATE_OPEN_BUGS = False
+"""While a bug found by the property runs is open (reported, pinned by a strict xfail),
+set this to True so the harness models it (probe below) and the random programs keep
+exploring everything else. Off once the bugs are fixed: a regression must fail loudly.
+All four bugs found so far (R1, I1, I2, K1) are fixed."""
 
 
 def _pm_decode(mem: Any, items: list, n_seq_max: int, n_ubatch: int = 8) -> list:
@@ -562,7 +570,9 @@ class Pair:
 
     def _hits_iswa_partial_copy(self, a: int, b: int, p0: int, p1: int) -> bool:
         """A cross-stream seq_cp that one iSWA cache calls full and the other partial."""
-        if not known_bugs()["iswa_partial_seq_cp"] or len(self.sp.kv_parts) < 2 or self.cfg.unified:
+        if not EMULATE_OPEN_BUGS or not known_bugs()["iswa_partial_seq_cp"]:
+            return False
+        if len(self.sp.kv_parts) < 2 or self.cfg.unified:
             return False
         verdicts = set()
         for kv in self.sp.kv_parts.values():
