@@ -482,3 +482,37 @@ def _plan_one(mem, n_seq_max: int) -> None:
     )
     ctx = mem.init_batch(balloc, 8, False)
     ctx.apply()
+
+
+# --------------------------------------------------------------------------------------
+# the streaming variants: state_write_to / state_read_from on file objects
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_file_streams_match_bytes_and_refuse_truncated_files(kind: str) -> None:
+    import io
+
+    pair = filled_pair(SYNTH_CONFIGS[kind])
+    try:
+        mem = pair.pm
+        for seq_id in (-1, 1):
+            f = io.BytesIO()
+            n = mem.state_write_to(f, seq_id)
+            blob = mem.state_write(seq_id)
+            assert n == len(blob) and f.getvalue() == blob
+            # a file holding the blob and more: exactly the blob is consumed
+            f = io.BytesIO(blob + b"trailing")
+            assert mem.state_read_from(f, seq_id) == len(blob)
+            assert f.tell() == len(blob)
+            before = snapshot(mem)
+            for k in range(0, len(blob), max(1, len(blob) // 97)):
+                f = io.BytesIO(blob[:k])
+                expect_refused_unchanged(
+                    mem,
+                    lambda f=f, s=seq_id: mem.state_read_from(f, s),
+                    f"file truncated at {k}",
+                    before,
+                )
+    finally:
+        pair.close()
