@@ -534,6 +534,7 @@ class Pair:
             self._compare_state(s, 0, where)
         if cfg.kind in ("iswa", "hybrid", "hybrid_iswa"):
             self._compare_state(-1, 1, where)
+            self._compare_state(seqs[self.step_no % len(seqs)], 1, where)
 
     def _compare_state(self, seq_id: int, flags: int, where: str) -> None:
         s = self._run_spec(self.sp.state_write, seq_id, flags)
