@@ -73,10 +73,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pymem.composite import TwoPhaseStateIO
 from pymem.errors import (
     BatchError,
     ClosedError,
@@ -86,7 +87,7 @@ from pymem.errors import (
     UnsupportedError,
 )
 from pymem.memory import Memory, MemoryContext, MemoryStatus, StateFlags
-from pymem.state import PendingWrites, StateReader, StateWriter, write_state, write_state_to
+from pymem.state import PendingWrites, StateReader, StateWriter
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
 if TYPE_CHECKING:
@@ -513,7 +514,7 @@ class RecurrentPlan:
     version: int
 
 
-class RecurrentMemory(Memory):
+class RecurrentMemory(TwoPhaseStateIO, Memory):
     """Recurrent (SSM) state memory: ``llama_memory_recurrent``.
 
     Parameters mirror the reference constructor:
@@ -1028,12 +1029,6 @@ class RecurrentMemory(Memory):
                 for a, b in runs:
                     writer.write_tensor(t, a * t.row_size, (b - a) * t.row_size)
 
-    def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
-        return write_state(lambda w: self.state_write_into(w, seq_id, flags))
-
-    def state_write_to(self, fileobj: BinaryIO, seq_id: int = -1, flags: int = 0) -> int:
-        return write_state_to(fileobj, lambda w: self.state_write_into(w, seq_id, flags))
-
     # -- state: read ------------------------------------------------------------------------
     def state_read_parse(
         self, reader: StateReader, seq_id: int = -1, flags: int = 0
@@ -1192,26 +1187,6 @@ class RecurrentMemory(Memory):
             for t, a, row in zip(tensors, start.tolist(), rows.tolist()):
                 writes.add(t, head * row, data[a + 12 : a + 12 + cell_count * row])
         return True
-
-    def state_read(
-        self, data: bytes | bytearray | memoryview, seq_id: int = -1, flags: int = 0
-    ) -> int:
-        """Restore from ``data``; returns the bytes consumed. Nothing changes on failure."""
-        reader = StateReader(data)
-        self.state_read_parse(reader, seq_id, flags).commit()
-        return reader.offset
-
-    def state_read_from(self, fileobj: BinaryIO, seq_id: int = -1, flags: int = 0) -> int:
-        """Restore from the rest of a binary file; returns the bytes consumed.
-
-        A seekable file is left just after those bytes (whatever follows stays unread).
-        """
-        start = fileobj.tell() if fileobj.seekable() else None
-        reader = StateReader.from_file(fileobj)
-        self.state_read_parse(reader, seq_id, flags).commit()
-        if start is not None:
-            fileobj.seek(start + reader.offset)
-        return reader.offset
 
     # -- graph inputs ---------------------------------------------------------------------
     def _s_copy(self, head: int, n_rs: int, consume: bool) -> np.ndarray:

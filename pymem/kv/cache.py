@@ -51,10 +51,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pymem.composite import TwoPhaseStateIO
 from pymem.errors import BatchError, ClosedError, ConfigError, RangeError, UnsupportedError
 from pymem.kv.cells import KVCells
 from pymem.kv.swa import masked_swa
@@ -140,7 +141,7 @@ def _int_arg(name: str, value: Any, lo: int, hi: int | None = None) -> int:
     return value
 
 
-class KVCache(Memory):
+class KVCache(TwoPhaseStateIO, Memory):
     """The attention KV cache of the layers ``filter`` selects (``llama_kv_cache``).
 
     Arguments follow the reference constructor: ``type_k``/``type_v`` (ggml type names),
@@ -926,24 +927,6 @@ class KVCache(Memory):
         seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
         write_kv_state(self, writer, seq_id)
 
-    def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
-        from pymem.state import write_state
-
-        seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
-        return write_state(lambda w: self.state_write_into(w, seq_id, flags))
-
-    def state_write_to(self, fileobj: BinaryIO, seq_id: int = -1, flags: int = 0) -> int:
-        from pymem.state import write_state_to
-
-        seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
-        return write_state_to(fileobj, lambda w: self.state_write_into(w, seq_id, flags))
-
-    def state_size(self, seq_id: int = -1, flags: int = 0) -> int:
-        from pymem.state import state_size
-
-        seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
-        return state_size(lambda w: self.state_write_into(w, seq_id, flags))
-
     def state_read_parse(
         self, reader: StateReader, seq_id: int = -1, flags: int = 0
     ) -> KVStatePlan:
@@ -957,27 +940,6 @@ class KVCache(Memory):
 
         seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
         return parse_kv_state(self, reader, seq_id)
-
-    def state_read(
-        self, data: bytes | bytearray | memoryview, seq_id: int = -1, flags: int = 0
-    ) -> int:
-        from pymem.state import StateReader
-
-        reader = StateReader(data)
-        plan = self.state_read_parse(reader, seq_id, flags)
-        plan.commit()
-        return reader.offset
-
-    def state_read_from(self, fileobj: BinaryIO, seq_id: int = -1, flags: int = 0) -> int:
-        from pymem.state import StateReader
-
-        start = fileobj.tell() if fileobj.seekable() else None
-        reader = StateReader.from_file(fileobj)
-        plan = self.state_read_parse(reader, seq_id, flags)
-        plan.commit()
-        if start is not None:
-            fileobj.seek(start + reader.offset)
-        return reader.offset
 
     def state_clear(self, seq_id: int = -1) -> None:
         """Undo a restore of ``seq_id`` (-1: everything) that another part failed to complete:
