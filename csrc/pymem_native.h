@@ -16,6 +16,8 @@
 extern "C" {
 #endif
 
+// PYMEM_CDEF_BEGIN: csrc/gen_cffi.py hands the lines up to PYMEM_CDEF_END to cffi as they
+// are, so this block stays plain declarations (no preprocessor lines)
 typedef enum {
     PM_OK = 0,
     PM_ERR_ARG = 1,      // a null pointer or negative count
@@ -58,6 +60,8 @@ pm_status pm_rows_copy(const struct ggml_tensor * src, const int64_t * src_rows,
 // look up and call the backend's "ggml_backend_set_n_threads" (CPU-like backends only);
 // returns PM_ERR_BACKEND when the backend has no such function
 pm_status pm_backend_set_n_threads(ggml_backend_t backend, int32_t n_threads);
+
+// PYMEM_CDEF_END
 
 #ifdef __cplusplus
 }
