@@ -48,7 +48,7 @@ FINDINGS = [
     ),
     (
         "I1",
-        "iswa/hybrid (pymem/iswa.py)",
+        "iswa/hybrid (pymem/kv/iswa.py)",
         "a cross-stream seq_cp that the SWA cache refuses (partial for its size) raised after the "
         "base cache had already copied: a typed error after a change",
         "soak, hybrid_iswa-29",
@@ -57,7 +57,7 @@ FINDINGS = [
     ),
     (
         "I2",
-        "iswa/hybrid (pymem/iswa.py, factory)",
+        "iswa/hybrid (pymem/kv/iswa.py, factory)",
         "the split strategy followed n_stream == 1 instead of the unified flag: with kv_unified "
         "false and n_seq_max 1 the reference uses split_equal only (ubatch shape differs)",
         "soak, iswa-11",

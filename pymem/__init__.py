@@ -31,7 +31,7 @@ _LAZY = {
     "Batch": "pymem.batch",
     "BatchAllocator": "pymem.batch",
     "KVCache": "pymem.kv",
-    "KVCacheISWA": "pymem.iswa",
+    "KVCacheISWA": "pymem.kv",
     "RecurrentMemory": "pymem.recurrent",
     "HybridMemory": "pymem.hybrid",
     "HybridISWAMemory": "pymem.hybrid",

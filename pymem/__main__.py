@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="which ggml pymem bound and which devices it sees").set_defaults(
         func=_info
     )
-    from pymem.demo import add_demo_parser
+    from pymem.runtime.demo import add_demo_parser
 
     add_demo_parser(sub)
     args = parser.parse_args(argv)

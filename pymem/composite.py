@@ -1,6 +1,6 @@
 """What the composed memories share: fan-out to their parts, a combined context, two-phase state.
 
-:class:`~pymem.iswa.KVCacheISWA` (a base and an SWA :class:`~pymem.kv.KVCache`) and
+:class:`~pymem.kv.iswa.KVCacheISWA` (a base and an SWA :class:`~pymem.kv.KVCache`) and
 :class:`~pymem.hybrid.HybridMemory` (an attention part and a recurrent part) are both
 memories made of other memories, driven only through the parts' public interfaces::
 
@@ -30,157 +30,74 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from pymem.errors import BatchError, StateError
-from pymem.memory import Memory, MemoryContext, MemoryStatus, status_combine
+import numpy as np
+
+from pymem.errors import BatchError
+from pymem.memory import GraphInputs, Memory, MemoryContext, MemoryStatus, status_combine
+from pymem.state import CompositeStatePlan, StatePlan, StateReader, StateWriter
 
 if TYPE_CHECKING:
-    from pymem.state import StateReader, StateWriter
     from pymem.ubatch import UBatch
 
 
-def plan_is_current(plan: Any) -> bool:
-    """Whether a parsed state plan can still be committed (its memory has not changed).
-
-    Compositions check every part before committing any, so a stale plan is refused
-    with nothing changed.
-    """
-    fn = getattr(plan, "is_current", None)
-    if callable(fn):
-        return bool(fn())
-    mem = getattr(plan, "kv", None) or getattr(plan, "memory", None)
-    version = getattr(plan, "version", None)
-    if mem is None or version is None:
-        return True
-    return getattr(mem, "_version", version) == version
-
-
-@dataclass
-class CompositeStatePlan:
-    """Parsed, validated state parts of several memories; :meth:`commit` applies all.
-
-    Parts are committed in serialisation order only after every part was parsed and
-    checked to be current, so a bad blob (or a stale plan) changes nothing anywhere.
-    """
-
-    parts: list[Any]
-    committed: bool = False
-
-    def is_current(self) -> bool:
-        return all(plan_is_current(p) for p in self.parts)
-
-    def commit(self) -> None:
-        if self.committed:
-            raise StateError("state plan: already committed")
-        if not self.is_current():
-            raise StateError(
-                "state plan: the memory changed after the blob was parsed; parse it again"
-            )
-        self.committed = True
-        for p in self.parts:
-            p.commit()
-
-
-class MemoryPart(Protocol):
-    """What a composite asks of each of its parts (KVCache, KVCacheISWA, RecurrentMemory)."""
-
-    def clear(self, data: bool = True) -> None: ...
-
-    def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None: ...
-
-    def seq_keep(self, seq_id: int) -> None: ...
-
-    def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None: ...
-
-    def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None: ...
-
-    def memory_breakdown(self) -> dict[str, int]: ...
-
-    def close(self) -> None: ...
-
-    def state_write_into(self, writer: StateWriter, seq_id: int = -1, flags: int = 0) -> None: ...
-
-    def state_read_parse(self, reader: StateReader, seq_id: int = -1, flags: int = 0) -> Any: ...
-
-
-class TwoPhaseStateIO:
-    """The byte-level state calls of a memory whose state I/O has two phases.
-
-    The memory provides ``state_write_into(writer, seq_id, flags)`` and
-    ``state_read_parse(reader, seq_id, flags) -> plan`` (parsing changes nothing;
-    ``plan.commit()`` applies it); this mixin turns them into ``state_write`` (bytes),
-    ``state_write_to`` (a binary file), ``state_size``, ``state_read`` and
-    ``state_read_from``. A restore that fails changes nothing.
-    """
-
-    @abstractmethod
-    def state_write_into(self, writer: StateWriter, seq_id: int = -1, flags: int = 0) -> None: ...
-
-    @abstractmethod
-    def state_read_parse(self, reader: StateReader, seq_id: int = -1, flags: int = 0) -> Any: ...
-
-    def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
-        from pymem.state import write_state
-
-        return write_state(lambda w: self.state_write_into(w, seq_id, flags))
-
-    def state_write_to(self, fileobj: BinaryIO, seq_id: int = -1, flags: int = 0) -> int:
-        """Stream the state into a binary file object; returns the bytes written."""
-        from pymem.state import write_state_to
-
-        return write_state_to(fileobj, lambda w: self.state_write_into(w, seq_id, flags))
-
-    def state_size(self, seq_id: int = -1, flags: int = 0) -> int:
-        from pymem.state import state_size
-
-        return state_size(lambda w: self.state_write_into(w, seq_id, flags))
-
-    def state_read(
-        self, data: bytes | bytearray | memoryview, seq_id: int = -1, flags: int = 0
-    ) -> int:
-        """Restore from a blob; returns the bytes consumed. Nothing changes on failure."""
-        from pymem.state import StateReader
-
-        reader = StateReader(data)
-        self.state_read_parse(reader, seq_id, flags).commit()
-        return reader.offset
-
-    def state_read_from(self, fileobj: BinaryIO, seq_id: int = -1, flags: int = 0) -> int:
-        """Restore from the rest of a binary file; returns the bytes consumed.
-
-        A seekable file is left just after those bytes (whatever follows stays unread).
-        """
-        from pymem.state import StateReader
-
-        start = fileobj.tell() if fileobj.seekable() else None
-        reader = StateReader.from_file(fileobj)
-        self.state_read_parse(reader, seq_id, flags).commit()
-        if start is not None:
-            fileobj.seek(start + reader.offset)
-        return reader.offset
-
-
-class CompositeMemory(TwoPhaseStateIO, Memory):
+class CompositeMemory(Memory[tuple[Any, ...]]):
     """A memory made of other memories (see the module docstring).
 
     Subclasses give :meth:`_members` (the parts they hold, in serialisation order),
-    :meth:`parts` (the innermost memories by name) and, when a flag leaves a part out of
-    the state, :meth:`_state_members`.
+    :meth:`parts` (the innermost memories by name), ``context_type`` (the pair context
+    their plans become) and, where they differ from the defaults, :attr:`prepare_order`
+    (which part plans first) and :meth:`_state_members` (which parts a flag leaves out).
     """
 
+    context_type: ClassVar[type[PairContext[Any, Any]]]
+    prepare_order: ClassVar[tuple[int, ...]] = (0, 1)
+    """Indices into :meth:`_members` in the order their ``prepare`` runs."""
+
     @abstractmethod
-    def _members(self) -> Sequence[MemoryPart]:
+    def _members(self) -> Sequence[Memory[Any]]:
         """The parts this memory holds directly, in serialisation order."""
 
-    def _state_members(self, flags: int) -> Sequence[MemoryPart]:
+    def _state_members(self, flags: int) -> Sequence[Memory[Any]]:
         """The parts a state written with ``flags`` holds (default: all of them)."""
         return self._members()
 
     @abstractmethod
     def parts(self) -> Mapping[str, Any]:
         """The innermost memories by name, in serialisation order."""
+
+    def check_open(self) -> None:
+        for part in self._members():
+            part.check_open()
+
+    # --- planning: the parts' plans, in prepare_order ----------------------------------
+    def prepare(self, ubatches: Sequence[UBatch]) -> tuple[Any, ...] | None:
+        """Every part's plan (in :attr:`prepare_order`); None as soon as one part fails."""
+        members = self._members()
+        plans: list[Any] = [None] * len(members)
+        for i in self.prepare_order:
+            plan = members[i].prepare(ubatches)
+            if plan is None:
+                return None
+            plans[i] = plan
+        return tuple(plans)
+
+    def context_for(self, plan: tuple[Any, ...], ubatches: Sequence[UBatch]) -> MemoryContext:
+        ubs = list(ubatches)
+        first, second = (m.context_for(p, ubs) for m, p in zip(self._members(), plan))
+        return self.context_type(first, second, ubs)
+
+    def failed_context(self, status: MemoryStatus) -> MemoryContext:
+        return self.context_type.failed(status)
+
+    def init_full(self) -> MemoryContext:
+        first, second = (m.init_full() for m in self._members())
+        return self.context_type(first, second, [])
+
+    def init_update(self, optimize: bool = False) -> MemoryContext:
+        first, second = (m.init_update(optimize) for m in self._members())
+        return self.context_type(first, second, [], update=True)
 
     # --- accounting ------------------------------------------------------------------
     def memory_breakdown(self) -> dict[str, int]:
@@ -191,6 +108,9 @@ class CompositeMemory(TwoPhaseStateIO, Memory):
                 out[dev] = out.get(dev, 0) + n
         return out
 
+    def cell_owners(self) -> np.ndarray:
+        return np.concatenate([part.cell_owners() for part in self.parts().values()])
+
     def memory_breakdown_by_part(self) -> dict[str, dict[str, int]]:
         """Bytes per device for each part (names as :meth:`parts`)."""
         return {name: mem.memory_breakdown() for name, mem in self.parts().items()}
@@ -200,29 +120,23 @@ class CompositeMemory(TwoPhaseStateIO, Memory):
             part.close()
 
     # --- sequence operations that every part takes, in order ---------------------------
-    def _check_parts(self, op: str, *args: int) -> None:
-        """Every part's ``check_<op>`` (where it has one: KVCache and composites do).
-
-        Run before any part changes, so that a refusal by a later part (e.g. a partial
-        ``seq_cp`` across streams that only the smaller SWA cache counts as partial)
-        cannot leave an earlier part changed; the reference asserts there instead.
-        """
-        for part in self._members():
-            check = getattr(part, f"check_{op}", None)
-            if check is not None:
-                check(*args)
-
+    # Every part's check_<op> runs before any part changes, so that a refusal by a later
+    # part (e.g. a partial seq_cp across streams that only the smaller SWA cache counts as
+    # partial) cannot leave an earlier part changed; the reference asserts there instead.
     def check_seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
         """Raise what :meth:`seq_cp` would refuse, changing nothing."""
-        self._check_parts("seq_cp", seq_id_src, seq_id_dst, p0, p1)
+        for part in self._members():
+            part.check_seq_cp(seq_id_src, seq_id_dst, p0, p1)
 
     def check_seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
         """Raise what :meth:`seq_add` would refuse, changing nothing."""
-        self._check_parts("seq_add", seq_id, p0, p1, shift)
+        for part in self._members():
+            part.check_seq_add(seq_id, p0, p1, shift)
 
     def check_seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
         """Raise what :meth:`seq_div` would refuse, changing nothing."""
-        self._check_parts("seq_div", seq_id, p0, p1, d)
+        for part in self._members():
+            part.check_seq_div(seq_id, p0, p1, d)
 
     def clear(self, data: bool = True) -> None:
         for part in self._members():
@@ -259,7 +173,7 @@ class CompositeMemory(TwoPhaseStateIO, Memory):
 
         A part that is itself composite contributes its own parts, so the plan is flat.
         """
-        plans: list[Any] = []
+        plans: list[StatePlan] = []
         for part in self._state_members(flags):
             plan = part.state_read_parse(reader, seq_id, flags)
             plans.extend(plan.parts if isinstance(plan, CompositeStatePlan) else [plan])
@@ -287,7 +201,9 @@ class PairContext(MemoryContext, Generic[A, B]):
         ubatches: Sequence[UBatch],
         *,
         status: MemoryStatus | None = None,
+        update: bool = False,
     ) -> None:
+        self.is_update = update
         self.first = first
         self.second = second
         self.ubatches = list(ubatches)
@@ -331,3 +247,8 @@ class PairContext(MemoryContext, Generic[A, B]):
         if self.i_next >= len(self.ubatches):
             raise BatchError("get_ubatch: no current ubatch")
         return self.ubatches[self.i_next]
+
+    def graph_inputs(self) -> GraphInputs:
+        """Both parts' inputs (see :meth:`GraphInputs.merged`)."""
+        first, second = self._pair("graph_inputs")
+        return first.graph_inputs().merged(second.graph_inputs())

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pymem.errors import ConfigError
-from pymem.iswa import swa_cache_size
+from pymem.kv.iswa import swa_cache_size
 from pymem.spec import ModelSpec, SWAType
 from pymem.ubatch import LLAMA_MAX_SEQ
 
@@ -608,7 +608,7 @@ def build_from_plan(plan: MemoryPlan) -> Memory | None:
     parts built so far are closed before the error propagates.
     """
     from pymem.hybrid import HybridISWAMemory, HybridMemory
-    from pymem.iswa import KVCacheISWA
+    from pymem.kv.iswa import KVCacheISWA
 
     compose: dict[str, Callable[[list[Any]], Memory]] = {
         "kv_cache": lambda p: p[0],
@@ -639,8 +639,8 @@ def build_from_plan(plan: MemoryPlan) -> Memory | None:
 def memory_type(mem: Memory | None) -> str:
     """The reference type name of a built memory (as :attr:`MemoryPlan.type`)."""
     from pymem.hybrid import HybridMemory
-    from pymem.iswa import KVCacheISWA
     from pymem.kv import KVCache
+    from pymem.kv.iswa import KVCacheISWA
     from pymem.recurrent import RecurrentMemory
 
     if mem is None:
@@ -660,8 +660,8 @@ def describe_memory(mem: Memory) -> dict[str, Any]:
     """What a built memory actually holds, in the shape of :meth:`MemoryPlan.describe`'s
     ``type`` / ``parts`` / ``can_shift`` (sizes and row bytes read from the live objects)."""
     from pymem.hybrid import HybridMemory
-    from pymem.iswa import KVCacheISWA
     from pymem.kv import KVCache
+    from pymem.kv.iswa import KVCacheISWA
 
     kind = memory_type(mem)
     named: list[tuple[str, Any]]
@@ -740,7 +740,7 @@ def describe_memory(mem: Memory) -> dict[str, Any]:
 def create_memory(spec: ModelSpec, params: ContextParams | None = None) -> Memory | None:
     """The memory llama.cpp builds for this model and these context parameters.
 
-    Returns a :class:`~pymem.kv.KVCache`, :class:`~pymem.iswa.KVCacheISWA`,
+    Returns a :class:`~pymem.kv.KVCache`, :class:`~pymem.kv.iswa.KVCacheISWA`,
     :class:`~pymem.recurrent.RecurrentMemory`, :class:`~pymem.hybrid.HybridMemory`
     (whose attention part is a KVCache, or a KVCacheISWA for hybrid-iSWA models), or
     None for architectures the reference gives no memory. ``memory.plan`` is set to

@@ -2,7 +2,7 @@
 
 ``llama_memory_hybrid`` (a :class:`~pymem.kv.KVCache` + a
 :class:`~pymem.recurrent.RecurrentMemory`) and ``llama_memory_hybrid_iswa`` (a
-:class:`~pymem.iswa.KVCacheISWA` + a RecurrentMemory) differ only in their attention
+:class:`~pymem.kv.iswa.KVCacheISWA` + a RecurrentMemory) differ only in their attention
 part, so pymem has one composition, :class:`HybridMemory`, whose attention part is either
 (:class:`HybridISWAMemory` is the same class with an iSWA attention part)::
 
@@ -37,22 +37,36 @@ already emptied the destination; its iSWA hybrid undoes nothing.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
-from pymem.composite import CompositeMemory, MemoryPart, PairContext
+from pymem.composite import CompositeMemory, PairContext
 from pymem.errors import ConfigError
-from pymem.iswa import ISWASlots, KVCacheISWA, KVCacheISWAContext
-from pymem.memory import MemoryStatus, StateFlags
+from pymem.kv import KVCache, KVCacheContext, KVCacheISWA, KVCacheISWAContext
+from pymem.memory import Memory, Split, StateFlags
+from pymem.recurrent import RecurrentMemory, RecurrentMemoryContext
+from pymem.spec import ModelSpec, SWAType
 
 if TYPE_CHECKING:
     from pymem.batch import BatchAllocator
-    from pymem.kv import KVCache, KVCacheContext, SlotInfo
-    from pymem.recurrent import RecurrentMemory, RecurrentMemoryContext
-    from pymem.spec import ModelSpec
-    from pymem.ubatch import UBatch
 
-AttnPart = Union["KVCache", KVCacheISWA]
-AttnContext = Union["KVCacheContext", KVCacheISWAContext]
+AttnPart = KVCache | KVCacheISWA
+AttnContext = KVCacheContext | KVCacheISWAContext
+
+
+class HybridContext(PairContext[AttnContext, RecurrentMemoryContext]):
+    """Attention and recurrent contexts over the same ubatches (``llama_memory_hybrid_context``).
+
+    Status, ``next`` and ``apply`` (attention, then recurrent) as
+    :class:`~pymem.composite.PairContext`. Graph inputs come from the parts:
+    :meth:`get_attn` (a KVCacheContext, or a KVCacheISWAContext with ``get_base()`` /
+    ``get_swa()``) and :meth:`get_recr` (a RecurrentMemoryContext).
+    """
+
+    def get_attn(self) -> AttnContext:
+        return self._pair("get_attn")[0]
+
+    def get_recr(self) -> RecurrentMemoryContext:
+        return self._pair("get_recr")[1]
 
 
 class HybridMemory(CompositeMemory):
@@ -61,6 +75,9 @@ class HybridMemory(CompositeMemory):
     Build it from two parts (``HybridMemory(attn, recr)``), from a spec with
     :meth:`build`, or let :func:`pymem.factory.create_memory` choose.
     """
+
+    context_type = HybridContext
+    prepare_order = (1, 0)  # the recurrent part plans first, as the reference
 
     def __init__(self, attn: AttnPart, recr: RecurrentMemory) -> None:
         if attn.n_seq_max != recr.n_seq_max:
@@ -98,9 +115,6 @@ class HybridMemory(CompositeMemory):
         Default filters: recurrent layers -> recurrent part, the others -> attention.
         ``rs_size`` defaults to ``max(1, n_seq_max)``.
         """
-        from pymem.kv import KVCache
-        from pymem.recurrent import RecurrentMemory
-        from pymem.spec import SWAType
 
         def f_attn(il: int) -> bool:
             return filter_attn(il) if filter_attn is not None else not spec.layers[il].recurrent
@@ -164,55 +178,17 @@ class HybridMemory(CompositeMemory):
     def _members(self) -> tuple[AttnPart, RecurrentMemory]:
         return (self.mem_attn, self.mem_recr)
 
-    # --- planning --------------------------------------------------------------------
-    def _attn_unified(self) -> bool:
-        return self.mem_attn.get_n_stream() == 1
+    # --- planning (prepare / context_for / init_* come from CompositeMemory) ----------
 
-    def init_batch(
-        self, balloc: BatchAllocator, n_ubatch: int, embd_all: bool = False
-    ) -> HybridContext:
-        """Split as recurrent memory does, prepare recurrent then attention (nothing changes)."""
-        sequential = not self._attn_unified()
+    def splits(self, balloc: BatchAllocator, n_ubatch: int, embd_all: bool) -> list[Split]:
+        """As recurrent memory: ``split_seq`` for ``embd_all``, else ``split_equal`` with
+        ``sequential`` when the attention part has streams and the rollback tail kept."""
+        if embd_all:
+            return [lambda: balloc.split_seq(n_ubatch)]
+        sequential = self.mem_attn.get_n_stream() != 1
         n_rs_seq = self.mem_recr.n_rs_seq
         n_keep_tail = n_rs_seq + 1 if n_rs_seq > 0 else 0
-        if embd_all:
-            ubatches = balloc.split_all(lambda: balloc.split_seq(n_ubatch))
-        else:
-            ubatches = balloc.split_all(
-                lambda: balloc.split_equal(n_ubatch, sequential, n_keep_tail)
-            )
-        if ubatches is None:
-            return HybridContext.failed(MemoryStatus.FAILED_PREPARE)
-        recr_plan = self.mem_recr.plan_ubatches(ubatches)
-        if recr_plan is None:
-            return HybridContext.failed(MemoryStatus.FAILED_PREPARE)
-        attn_plan = self.mem_attn.prepare(ubatches)
-        if attn_plan is None:
-            return HybridContext.failed(MemoryStatus.FAILED_PREPARE)
-        return HybridContext(
-            self._attn_context(attn_plan, ubatches),
-            self.mem_recr.context_for(recr_plan, ubatches),
-            ubatches,
-        )
-
-    def _attn_context(
-        self, plan: list[SlotInfo] | ISWASlots, ubatches: list[UBatch]
-    ) -> AttnContext:
-        if isinstance(self.mem_attn, KVCacheISWA):
-            assert isinstance(plan, ISWASlots)
-            return self.mem_attn.context_for(plan, ubatches)
-        from pymem.kv import KVCacheContext
-
-        assert isinstance(plan, list)
-        return KVCacheContext(self.mem_attn, MemoryStatus.SUCCESS, sinfos=plan, ubatches=ubatches)
-
-    def init_full(self) -> HybridContext:
-        return HybridContext(self.mem_attn.init_full(), self.mem_recr.init_full(), [])
-
-    def init_update(self, optimize: bool = False) -> HybridContext:
-        return HybridContext(
-            self.mem_attn.init_update(optimize), self.mem_recr.init_update(optimize), []
-        )
+        return [lambda: balloc.split_equal(n_ubatch, sequential, n_keep_tail)]
 
     # --- sequence operations ---------------------------------------------------------
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
@@ -258,7 +234,7 @@ class HybridMemory(CompositeMemory):
         """
         return self.is_iswa or not int(flags) & StateFlags.PARTIAL_ONLY
 
-    def _state_members(self, flags: int) -> tuple[MemoryPart, ...]:
+    def _state_members(self, flags: int) -> tuple[Memory, ...]:
         """``[attention][recurrent]``, the attention part only when :meth:`_attn_in_state`."""
         if self._attn_in_state(flags):
             return (self.mem_attn, self.mem_recr)
@@ -267,7 +243,7 @@ class HybridMemory(CompositeMemory):
 
 class HybridISWAMemory(HybridMemory):
     """``llama_memory_hybrid_iswa``: a :class:`HybridMemory` whose attention part is a
-    :class:`~pymem.iswa.KVCacheISWA`. No behaviour of its own; the class exists so that
+    :class:`~pymem.kv.iswa.KVCacheISWA`. No behaviour of its own; the class exists so that
     ``isinstance`` and ``repr`` say which reference type a memory is."""
 
     def __init__(self, attn: KVCacheISWA, recr: RecurrentMemory) -> None:
@@ -276,19 +252,3 @@ class HybridISWAMemory(HybridMemory):
                 f"attn: a hybrid-iSWA memory needs a KVCacheISWA, got {type(attn).__name__}"
             )
         super().__init__(attn, recr)
-
-
-class HybridContext(PairContext[AttnContext, "RecurrentMemoryContext"]):
-    """Attention and recurrent contexts over the same ubatches (``llama_memory_hybrid_context``).
-
-    Status, ``next`` and ``apply`` (attention, then recurrent) as
-    :class:`~pymem.composite.PairContext`. Graph inputs come from the parts:
-    :meth:`get_attn` (a KVCacheContext, or a KVCacheISWAContext with ``get_base()`` /
-    ``get_swa()``) and :meth:`get_recr` (a RecurrentMemoryContext).
-    """
-
-    def get_attn(self) -> AttnContext:
-        return self._pair("get_attn")[0]
-
-    def get_recr(self) -> RecurrentMemoryContext:
-        return self._pair("get_recr")[1]

@@ -15,8 +15,10 @@ has been validated, so a bad blob changes nothing.
 from __future__ import annotations
 
 import struct
+from abc import abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, BinaryIO
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -374,3 +376,95 @@ class PendingWrites:
             else:
                 tensor.write_strided(data, offset, chunk, stride, n_chunks)
         self._ops.clear()
+
+
+# --------------------------------------------------------------------------------------
+# two-phase restore: parse and validate everything, then commit
+# --------------------------------------------------------------------------------------
+
+
+class StatePlan(Protocol):
+    """A parsed, validated state (or state part) that nothing has applied yet.
+
+    ``is_current()`` says whether the memory it was parsed for is unchanged since;
+    ``commit()`` applies it (and refuses a stale plan with :class:`StateError`).
+    """
+
+    def is_current(self) -> bool: ...
+
+    def commit(self) -> None: ...
+
+
+@dataclass
+class CompositeStatePlan:
+    """Parsed, validated state parts of several memories; :meth:`commit` applies all.
+
+    Parts are committed in serialisation order only after every part was parsed and
+    checked to be current, so a bad blob (or a stale plan) changes nothing anywhere.
+    """
+
+    parts: list[StatePlan]
+    committed: bool = False
+
+    def is_current(self) -> bool:
+        return all(p.is_current() for p in self.parts)
+
+    def commit(self) -> None:
+        if self.committed:
+            raise StateError("state plan: already committed")
+        if not self.is_current():
+            raise StateError(
+                "state plan: the memory changed after the blob was parsed; parse it again"
+            )
+        self.committed = True
+        for p in self.parts:
+            p.commit()
+
+
+class TwoPhaseStateIO:
+    """The byte-level state calls of a memory whose state I/O has two phases.
+
+    The memory provides ``state_write_into(writer, seq_id, flags)`` and
+    ``state_read_parse(reader, seq_id, flags) -> plan`` (parsing changes nothing;
+    ``plan.commit()`` applies it); this mixin turns them into ``state_write`` (bytes),
+    ``state_write_to`` (a binary file), ``state_size``, ``state_read`` and
+    ``state_read_from``. A restore that fails changes nothing.
+    """
+
+    @abstractmethod
+    def state_write_into(self, writer: StateWriter, seq_id: int = -1, flags: int = 0) -> None: ...
+
+    @abstractmethod
+    def state_read_parse(
+        self, reader: StateReader, seq_id: int = -1, flags: int = 0
+    ) -> StatePlan: ...
+
+    def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
+        return write_state(lambda w: self.state_write_into(w, seq_id, flags))
+
+    def state_write_to(self, fileobj: BinaryIO, seq_id: int = -1, flags: int = 0) -> int:
+        """Stream the state into a binary file object; returns the bytes written."""
+        return write_state_to(fileobj, lambda w: self.state_write_into(w, seq_id, flags))
+
+    def state_size(self, seq_id: int = -1, flags: int = 0) -> int:
+        return state_size(lambda w: self.state_write_into(w, seq_id, flags))
+
+    def state_read(
+        self, data: bytes | bytearray | memoryview, seq_id: int = -1, flags: int = 0
+    ) -> int:
+        """Restore from a blob; returns the bytes consumed. Nothing changes on failure."""
+        reader = StateReader(data)
+        self.state_read_parse(reader, seq_id, flags).commit()
+        return reader.offset
+
+    def state_read_from(self, fileobj: BinaryIO, seq_id: int = -1, flags: int = 0) -> int:
+        """Restore from the rest of a binary file; returns the bytes consumed.
+
+        A seekable file is left just after those bytes (whatever follows stays unread).
+        """
+        start = fileobj.tell() if fileobj.seekable() else None
+        reader = StateReader.from_file(fileobj)
+        self.state_read_parse(reader, seq_id, flags).commit()
+        if start is not None:
+            fileobj.seek(start + reader.offset)
+        return reader.offset

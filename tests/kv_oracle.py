@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 
-from pymem.spec import SWAType, is_masked_swa
+from spec.common import is_masked_swa
+
+from pymem.spec import SWAType
 
 INT32_MAX = 2**31 - 1
 

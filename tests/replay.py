@@ -22,7 +22,7 @@ blobs contain besides the kernels' numbers (selection, order, positions, sequenc
 headers, layouts, pending stream copies, rows restored from blobs) is pymem's own.
 
 With a model (:class:`ReplayHooks` with a ``forward``, e.g. tests/test_gguf_llama.py
-running :mod:`pymem.models.gguf_llama`), nothing is copied: the model computes every
+running :mod:`pymem.runtime.gguf_llama`), nothing is copied: the model computes every
 ubatch over pymem's memory and the blobs then hold pymem's own K/V/R/S rows.
 
 A restore that fails is where pymem differs on purpose: pymem changes nothing (checked on
@@ -50,8 +50,8 @@ from pymem.batch import Batch, BatchAllocator
 from pymem.errors import BatchError, StateError
 from pymem.factory import ContextParams, create_memory
 from pymem.hybrid import HybridMemory
-from pymem.iswa import KVCacheISWA
 from pymem.kv import KVCache
+from pymem.kv.iswa import KVCacheISWA
 from pymem.memory import Memory, MemoryContext, MemoryStatus, StateFlags
 from pymem.recurrent import RecurrentMemory
 from pymem.spec import LayerSpec, ModelSpec, SWAType

@@ -9,7 +9,7 @@ K-shift) and save / restore into another memory and another sequence id.
 
 Tolerances (max abs logit error, logits are O(4)): f32 caches 2e-5 (observed ~3e-6),
 f16 1e-2 (observed ~2e-3), q8_0 0.15 (observed ~0.04); the reasons are in
-:data:`pymem.models.session.TOLERANCES`.
+:data:`pymem.runtime.session.TOLERANCES`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import pytest
 
 from pymem.factory import ContextParams, create_memory
 from pymem.memory import Memory
-from pymem.models import Oracle, TinyConfig, TinyModel
-from pymem.models.session import Session, tolerance_for, usage
+from pymem.runtime import Oracle, TinyConfig, TinyModel
+from pymem.runtime.session import Session, tolerance_for, usage
 
 MEMORY_TYPES = ["kv", "iswa", "recurrent", "hybrid", "hybrid_iswa"]
 EXPECTED_CLASS = {

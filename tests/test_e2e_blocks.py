@@ -15,9 +15,8 @@ import pytest
 
 import pymem.ggml as gg
 from pymem.backend import Tensor, TensorSpec, TensorStore
-from pymem.models import Oracle, StepInputs, TinyConfig, TinyModel
-from pymem.models.oracle import swa_masked
-from pymem.spec import RopeType
+from pymem.runtime import Oracle, StepInputs, TinyConfig, TinyModel
+from pymem.spec import RopeType, masked_swa
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
 
@@ -162,7 +161,7 @@ class ManualKV(CacheViews):
             & (self.pos[None, :] >= 0)
         )
         if self.swa:
-            keep &= ~swa_masked(self.cfg.n_swa, self.cfg.swa_type, self.pos[None, :], p1)
+            keep &= ~masked_swa(self.cfg.n_swa, self.cfg.swa_type, self.pos[None, :], p1)
         return np.where(keep, 0.0, -np.inf).astype(np.float32)[None]
 
     def k_idxs(self, ub: UBatch) -> np.ndarray:

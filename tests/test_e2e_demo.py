@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pymem.__main__ import main
-from pymem.demo import DemoOptions, run
+from pymem.runtime.demo import DemoOptions, run
 
 
 def test_demo_command_line_passes_and_prints_summary(

@@ -27,8 +27,8 @@ from pymem.errors import ConfigError, RangeError, StateError
 from pymem.factory import ContextParams, create_memory, plan_memory
 from pymem.gguf_spec import spec_from_gguf
 from pymem.hybrid import HybridContext, HybridISWAMemory, HybridMemory
-from pymem.iswa import KVCacheISWA
 from pymem.kv import KVCache
+from pymem.kv.iswa import KVCacheISWA
 from pymem.memory import MemoryStatus, StateFlags
 from pymem.spec import LayerSpec, ModelSpec, SWAType
 from pymem.state import StateReader
@@ -152,7 +152,7 @@ def test_recurrent_prepares_first_and_a_failure_changes_nothing(
     order: list[str] = []
     # the recurrent part plans (a prepare that keeps the placement), the attention part prepares
     for name, part, method in (
-        ("recr", mem.mem_recr, "plan_ubatches"),
+        ("recr", mem.mem_recr, "prepare"),
         ("attn", mem.mem_attn, "prepare"),
     ):
         orig = getattr(part, method)

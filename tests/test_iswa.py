@@ -19,7 +19,7 @@ from kv_helpers import check_invariants as check_kv
 
 from pymem.batch import Batch, BatchAllocator
 from pymem.errors import BatchError, ConfigError, StateError
-from pymem.iswa import KVCacheISWA
+from pymem.kv.iswa import KVCacheISWA
 from pymem.memory import Memory, MemoryStatus, StateFlags
 from pymem.spec import LayerSpec, ModelSpec, RopeSpec, RopeType, SWAType
 

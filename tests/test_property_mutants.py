@@ -14,10 +14,10 @@ import pytest
 from spec.gen import PyRnd, random_config, random_step
 from spec.harness import Config, Mismatch, Pair
 
-import pymem.recurrent as pm_recurrent
+import pymem.recurrent.memory as pm_recurrent
 from pymem.hybrid import HybridMemory
-from pymem.iswa import KVCacheISWA
 from pymem.kv import KVCache
+from pymem.kv.iswa import KVCacheISWA
 
 
 def _finds_mismatch(

@@ -15,8 +15,8 @@ from spec.harness import Config, Pair
 
 from pymem.batch import Batch, BatchAllocator
 from pymem.errors import UnsupportedError
-from pymem.iswa import KVCacheISWA
 from pymem.kv import KVCache
+from pymem.kv.iswa import KVCacheISWA
 from pymem.recurrent import RecurrentMemory
 from pymem.spec import LayerSpec, ModelSpec, RopeSpec, RopeType, SWAType
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from test_recurrent import balloc_for, cells, check, make_rec
 
-from pymem import recurrent as rec
+from pymem.recurrent import memory as rec
 from pymem.recurrent import RecurrentMemory, RecurrentMemoryContext
 
 

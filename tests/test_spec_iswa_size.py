@@ -12,7 +12,7 @@ import itertools
 
 from spec.memory import iswa_size_swa
 
-from pymem.iswa import KVCacheISWA, swa_cache_size
+from pymem.kv.iswa import KVCacheISWA, swa_cache_size
 from pymem.spec import LayerSpec, ModelSpec, RopeSpec, RopeType, SWAType
 
 

@@ -39,8 +39,8 @@ from replay import (
 
 from pymem.errors import StateError
 from pymem.hybrid import HybridContext
-from pymem.iswa import KVCacheISWAContext
 from pymem.kv import KVCache
+from pymem.kv.iswa import KVCacheISWAContext
 from pymem.memory import Memory, MemoryContext
 from pymem.recurrent import RecurrentMemory, RecurrentMemoryContext
 from pymem.ubatch import UBatch

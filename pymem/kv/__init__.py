@@ -1,8 +1,19 @@
-"""The attention KV cache: cells, slot search, graph inputs and state blobs."""
+"""The attention KV caches: cells, slot search, the iSWA pair, graph inputs, K-shift, state."""
 
 from __future__ import annotations
 
 from pymem.kv.cache import KVCache, KVCacheContext, KVLayer, NonCausalType, SlotInfo
 from pymem.kv.cells import KVCells
+from pymem.kv.iswa import KVCacheISWA, KVCacheISWAContext, swa_cache_size
 
-__all__ = ["KVCache", "KVCacheContext", "KVCells", "KVLayer", "NonCausalType", "SlotInfo"]
+__all__ = [
+    "KVCache",
+    "KVCacheContext",
+    "KVCacheISWA",
+    "KVCacheISWAContext",
+    "KVCells",
+    "KVLayer",
+    "NonCausalType",
+    "SlotInfo",
+    "swa_cache_size",
+]

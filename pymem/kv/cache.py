@@ -49,18 +49,25 @@ position and state byte of ``llama.main.fa0.u1``, and of the KV part of
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pymem.composite import TwoPhaseStateIO
 from pymem.errors import BatchError, ClosedError, ConfigError, RangeError, UnsupportedError
 from pymem.kv.cells import KVCells
-from pymem.kv.swa import masked_swa
-from pymem.memory import Memory, MemoryContext, MemoryStatus
-from pymem.spec import ModelSpec, RopeType, SWAType
+from pymem.memory import (
+    POS_MAX,
+    GraphInputs,
+    KVInputs,
+    Memory,
+    MemoryContext,
+    MemoryStatus,
+    Split,
+    clamp_range,
+)
+from pymem.spec import ModelSpec, RopeType, SWAType, masked_swa
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
 if TYPE_CHECKING:
@@ -70,7 +77,6 @@ if TYPE_CHECKING:
     from pymem.state import StateReader, StateWriter
     from pymem.types import GGMLType
 
-_POS_MAX = np.iinfo(np.int32).max
 N_PAD_GRAPH = 256  # n_kv is padded to a multiple of this, for a stable graph shape
 
 
@@ -141,7 +147,7 @@ def _int_arg(name: str, value: Any, lo: int, hi: int | None = None) -> int:
     return value
 
 
-class KVCache(TwoPhaseStateIO, Memory):
+class KVCache(Memory):
     """The attention KV cache of the layers ``filter`` selects (``llama_kv_cache``).
 
     Arguments follow the reference constructor: ``type_k``/``type_v`` (ggml type names),
@@ -374,8 +380,14 @@ class KVCache(TwoPhaseStateIO, Memory):
     def get_cells(self, seq_id: int) -> KVCells:
         return self.v_cells[self.get_stream(seq_id)]
 
+    def parts(self) -> dict[str, KVCache]:
+        return {"kv": self}
+
+    def cell_owners(self) -> np.ndarray:
+        return np.concatenate([np.asarray(c.owner, dtype=np.int32) for c in self.v_cells])
+
     def memory_breakdown(self) -> dict[str, int]:
-        self._check_open()
+        self.check_open()
         return {dev: store.nbytes for dev, store in self.stores.items()}
 
     def size_k_bytes(self) -> int:
@@ -402,12 +414,12 @@ class KVCache(TwoPhaseStateIO, Memory):
         return runner
 
     # --- argument checks ---------------------------------------------------------------
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
         if self._closed:
             raise ClosedError("KVCache: already closed (its buffers were freed)")
 
     def _check_seq(self, seq_id: Any, what: str, allow_all: bool = False) -> int:
-        self._check_open()
+        self.check_open()
         if isinstance(seq_id, bool) or not isinstance(seq_id, (int, np.integer)):
             raise RangeError(f"{what}: expected an integer sequence id, got {seq_id!r}")
         seq_id = int(seq_id)
@@ -417,12 +429,6 @@ class KVCache(TwoPhaseStateIO, Memory):
             extra = " or -1 (all sequences)" if allow_all else ""
             raise RangeError(f"{what} = {seq_id}: must be in [0, {len(self.seq_to_stream)}){extra}")
         return seq_id
-
-    @staticmethod
-    def _range(p0: int, p1: int) -> tuple[int, int]:
-        p0 = int(p0)
-        p1 = int(p1)
-        return (0 if p0 < 0 else p0), (_POS_MAX if p1 < 0 else p1)
 
     def _cells_in(self, cells: KVCells, p0: int, p1: int) -> np.ndarray:
         """Bool mask of the non-empty cells with ``p0 <= pos < p1`` (``p0 >= 0``).
@@ -441,7 +447,7 @@ class KVCache(TwoPhaseStateIO, Memory):
     # --- sequence operations ---------------------------------------------------------
     def clear(self, data: bool = True) -> None:
         """Empty every stream; with ``data`` also zero the tensor buffers."""
-        self._check_open()
+        self.check_open()
         for s in range(self.n_stream):
             self.v_cells[s].reset()
             self.v_heads[s] = 0
@@ -456,9 +462,9 @@ class KVCache(TwoPhaseStateIO, Memory):
         Always True, as the reference. The head of a stream moves back to the first freed
         cell when that is before it.
         """
-        self._check_open()
+        self.check_open()
         seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
-        p0, p1 = self._range(p0, p1)
+        p0, p1 = clamp_range(p0, p1)
         self._mutated()
         if seq_id >= 0:
             strm = int(self.seq_to_stream[seq_id])
@@ -489,7 +495,7 @@ class KVCache(TwoPhaseStateIO, Memory):
         if s0 == s1:
             if seq_id_src == seq_id_dst:
                 return
-            lo, hi = self._range(p0, p1)
+            lo, hi = clamp_range(p0, p1)
             cells = self.v_cells[s0]
             idx = np.flatnonzero(self._cells_in(cells, lo, hi) & cells.seq_mask(seq_id_src))
             self._mutated()
@@ -546,10 +552,10 @@ class KVCache(TwoPhaseStateIO, Memory):
         if shift <= 0:
             return
         cells = self.v_cells[int(self.seq_to_stream[seq_id])]
-        lo, hi = self._range(p0, p1)
+        lo, hi = clamp_range(p0, p1)
         idx = np.flatnonzero(self._cells_in(cells, lo, hi) & cells.seq_mask(seq_id))
-        if idx.size and int(cells.pos[idx].max()) + shift > _POS_MAX:
-            raise RangeError(f"seq_add: shift {shift} moves a position past {_POS_MAX}")
+        if idx.size and int(cells.pos[idx].max()) + shift > POS_MAX:
+            raise RangeError(f"seq_add: shift {shift} moves a position past {POS_MAX}")
 
     def check_seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
         """Raise what :meth:`seq_div` would refuse, changing nothing."""
@@ -571,12 +577,12 @@ class KVCache(TwoPhaseStateIO, Memory):
             return
         strm = int(self.seq_to_stream[seq_id])
         cells = self.v_cells[strm]
-        lo, hi = self._range(p0, p1)
+        lo, hi = clamp_range(p0, p1)
         if lo == hi:
             return
         idx = np.flatnonzero(self._cells_in(cells, lo, hi) & cells.seq_mask(seq_id))
-        if idx.size and int(cells.pos[idx].max()) + shift > _POS_MAX:
-            raise RangeError(f"seq_add: shift {shift} moves a position past {_POS_MAX}")
+        if idx.size and int(cells.pos[idx].max()) + shift > POS_MAX:
+            raise RangeError(f"seq_add: shift {shift} moves a position past {POS_MAX}")
         self._mutated()
         freed = cells.pos_add(idx, shift)
         self.v_heads[strm] = int(freed[0]) if freed.size else 0
@@ -591,7 +597,7 @@ class KVCache(TwoPhaseStateIO, Memory):
         if d == 1:
             return
         cells = self.v_cells[int(self.seq_to_stream[seq_id])]
-        lo, hi = self._range(p0, p1)
+        lo, hi = clamp_range(p0, p1)
         if lo == hi:
             return
         idx = np.flatnonzero(self._cells_in(cells, lo, hi) & cells.seq_mask(seq_id))
@@ -607,35 +613,22 @@ class KVCache(TwoPhaseStateIO, Memory):
         return self.v_cells[int(self.seq_to_stream[seq_id])].seq_pos_max(seq_id)
 
     # --- planning --------------------------------------------------------------------
-    def init_batch(
-        self, balloc: BatchAllocator, n_ubatch: int, embd_all: bool = False
-    ) -> KVCacheContext:
-        """Split the allocator's batch and plan a slot for every ubatch (nothing changes).
+    def splits(self, balloc: BatchAllocator, n_ubatch: int, embd_all: bool) -> list[Split]:
+        """One stream: ``split_simple``; several: ``split_equal(sequential=True)``."""
+        if self.n_stream == 1:
+            return [lambda: balloc.split_simple(n_ubatch)]
+        return [lambda: balloc.split_equal(n_ubatch, True, 0)]
 
-        One stream: ``split_simple``; several: ``split_equal(sequential=True)``. Any split
-        or slot failure gives a context with status FAILED_PREPARE.
-        """
-        self._check_open()
-        balloc.split_reset()
-        ubatches: list[UBatch] = []
-        while True:
-            if self.n_stream == 1:
-                ub = balloc.split_simple(n_ubatch)
-            else:
-                ub = balloc.split_equal(n_ubatch, True, 0)
-            if ub is None or ub.n_tokens == 0:
-                break
-            ubatches.append(ub)
-        if balloc.n_used < balloc.n_tokens or not ubatches:
-            return KVCacheContext(self, MemoryStatus.FAILED_PREPARE)
-        sinfos = self.prepare(ubatches)
-        if sinfos is None:
-            return KVCacheContext(self, MemoryStatus.FAILED_PREPARE)
-        return KVCacheContext(self, MemoryStatus.SUCCESS, sinfos=sinfos, ubatches=ubatches)
+    def context_for(self, plan: list[SlotInfo], ubatches: Sequence[UBatch]) -> KVCacheContext:
+        """A batch context applying the slots :meth:`prepare` planned for ``ubatches``."""
+        return KVCacheContext(self, MemoryStatus.SUCCESS, sinfos=plan, ubatches=list(ubatches))
+
+    def failed_context(self, status: MemoryStatus) -> KVCacheContext:
+        return KVCacheContext(self, status)
 
     def init_full(self) -> KVCacheContext:
         """A context for worst-case graph reservation: ``n_kv = kv_size``, a dummy slot."""
-        self._check_open()
+        self.check_open()
         sinfo = SlotInfo(
             np.arange(self.n_stream, dtype=np.int32), np.zeros((self.n_stream, 1), dtype=np.int32)
         )
@@ -650,7 +643,7 @@ class KVCache(TwoPhaseStateIO, Memory):
         Status NO_UPDATE when there is neither. ``optimize`` is ignored (defrag was
         removed from the reference).
         """
-        self._check_open()
+        self.check_open()
         do_shift = self.get_has_shift()
         if not do_shift and not self._pending_copies:
             return KVCacheContext(self, MemoryStatus.NO_UPDATE)
@@ -670,13 +663,13 @@ class KVCache(TwoPhaseStateIO, Memory):
             c.rollback()
         self.v_heads[:] = heads
 
-    def prepare(self, ubatches: list[UBatch]) -> list[SlotInfo] | None:
+    def prepare(self, ubatches: Sequence[UBatch]) -> list[SlotInfo] | None:
         """Plan every ubatch in order, each seeing the ones before it; None on failure.
 
         Runs ``find_slot`` and ``apply_ubatch`` under an undo journal and rolls everything
         back, so the cache is exactly as before whatever happens.
         """
-        self._check_open()
+        self.check_open()
         res: list[SlotInfo] = []
         version = self._version
         heads = self.begin_plan()
@@ -715,7 +708,7 @@ class KVCache(TwoPhaseStateIO, Memory):
         consecutive (no wrap inside a slot); otherwise the first usable cells are taken in
         scan order, e.g. head 5, usable cells [1, 2, 6, 9], 3 tokens -> [6, 9, 1].
         """
-        self._check_open()
+        self.check_open()
         n_tokens = ubatch.n_tokens
         n_seqs = 1
         if self.n_stream > 1:
@@ -797,7 +790,7 @@ class KVCache(TwoPhaseStateIO, Memory):
         largest overwritten one, so that ``[pos_min, pos_max]`` stays fully present. The
         head moves past the last cell of the slot.
         """
-        self._check_open()
+        self.check_open()
         n_per = sinfo.size
         if ubatch.n_tokens != n_per * sinfo.n_stream:
             raise BatchError(
@@ -921,7 +914,7 @@ class KVCache(TwoPhaseStateIO, Memory):
     # --- state -------------------------------------------------------------------------
     def state_write_into(self, writer: StateWriter, seq_id: int = -1, flags: int = 0) -> None:
         """Serialise this cache's part of a state blob into ``writer`` (format b.2)."""
-        self._check_open()
+        self.check_open()
         from pymem.kv.state_io import write_kv_state
 
         seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
@@ -935,7 +928,7 @@ class KVCache(TwoPhaseStateIO, Memory):
         Returns a plan whose ``commit()`` applies it. Raises StateError naming the field
         that did not match. Nothing may change the cache between parse and commit.
         """
-        self._check_open()
+        self.check_open()
         from pymem.kv.state_io import parse_kv_state
 
         seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
@@ -1061,6 +1054,23 @@ class KVCacheContext(MemoryContext):
         return self.ubatches[self.i_cur]
 
     # --- graph inputs for the current ubatch ---------------------------------------------
+    def graph_inputs(self) -> GraphInputs:
+        """``{"kv": KVInputs}`` for the current ubatch (row indices built now)."""
+        kv = self.kv
+        sinfo = self.get_sinfo()
+        inputs = KVInputs(
+            layers=frozenset(kv.get_layer_ids()),
+            v_trans=bool(kv.v_trans),
+            n_kv=self.n_kv,
+            n_stream=sinfo.n_stream,
+            s0=sinfo.s0,
+            size=kv.kv_size,
+            k_idxs=self.get_k_idxs(),
+            v_idxs=self.get_v_idxs(),
+            view=self,
+        )
+        return GraphInputs({"kv": inputs})
+
     def get_sinfo(self) -> SlotInfo:
         return self.sinfos[self.i_cur]
 

@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pymem.kv.cells import OWNER_MULTI
-from pymem.kv.swa import masked_swa
-from pymem.spec import SWAType
+from pymem.spec import SWAType, masked_swa
 from pymem.ubatch import LLAMA_MAX_SEQ
 
 if TYPE_CHECKING:

@@ -31,8 +31,7 @@ import numpy as np
 
 from pymem.errors import StateError
 from pymem.kv.cells import OWNER_MULTI
-from pymem.kv.swa import masked_swa
-from pymem.spec import SWAType
+from pymem.spec import SWAType, masked_swa
 from pymem.state import expect
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
@@ -433,11 +432,14 @@ class KVStatePlan:
         self.redo: tuple[list[tuple], list[int]] | None = None
         self.committed = False
 
+    def is_current(self) -> bool:
+        return self.kv._version == self.version
+
     def commit(self) -> None:
         kv = self.kv
         if self.committed:
             raise StateError("state plan: already committed")
-        if kv._version != self.version:
+        if not self.is_current():
             raise StateError(
                 "state plan: the cache changed after the blob was parsed; parse it again"
             )

@@ -25,9 +25,9 @@ import numpy as np
 from pymem.batch import Batch, BatchAllocator
 from pymem.errors import BatchError, ConfigError, PymemError, StateError
 from pymem.hybrid import HybridISWAMemory, HybridMemory
-from pymem.iswa import KVCacheISWA
 from pymem.kv import KVCache
 from pymem.kv.cache import NonCausalType
+from pymem.kv.iswa import KVCacheISWA
 from pymem.memory import MemoryStatus
 from pymem.recurrent import RecurrentMemory
 from pymem.spec import LayerSpec, ModelSpec, RopeSpec, RopeType, SWAType

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pymem.models.config import TinyConfig
+from pymem.runtime.config import TinyConfig
 
 
 @dataclass(frozen=True)

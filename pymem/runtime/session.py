@@ -5,7 +5,7 @@ requests of several sequences per step, sequences joining and finishing, forks w
 ``seq_cp``, speculative rollbacks with ``seq_rm``, ``seq_keep``, context shifts with
 ``seq_rm`` + ``seq_add``, save / restore with ``state_write`` / ``state_read``), plus a
 :class:`SeqHistory` per sequence that records what the model has seen. After each decode
-the logits of every new token are compared with :class:`~pymem.models.oracle.Oracle`
+the logits of every new token are compared with :class:`~pymem.runtime.oracle.Oracle`
 recomputing that sequence from its history, from scratch.
 
 A history is more than a token list once the past is edited. Each token keeps the
@@ -38,9 +38,9 @@ import numpy as np
 from pymem.batch import Batch
 from pymem.errors import ConfigError
 from pymem.memory import Memory
-from pymem.models.graph import TinyModel
-from pymem.models.oracle import Oracle
-from pymem.models.runtime import Decoder
+from pymem.runtime.decoder import Decoder
+from pymem.runtime.graph import TinyModel
+from pymem.runtime.oracle import Oracle
 
 INF = math.inf
 
@@ -155,24 +155,13 @@ class PartUsage:
 
 
 def memory_parts(memory: Memory) -> dict[str, Any]:
-    """The innermost memories of any pymem memory, by name (``parts()`` where composite)."""
-    parts = getattr(memory, "parts", None)
-    if callable(parts):
-        return dict(parts())
-    return {"recurrent" if hasattr(memory, "get_r_l") else "kv": memory}
+    """The innermost memories of any pymem memory, by name."""
+    return dict(memory.parts())
 
 
-def part_owners(part: Any) -> np.ndarray:
+def part_owners(part: Memory) -> np.ndarray:
     """Owner of every cell of a KV cache (streams concatenated) or recurrent memory."""
-    if hasattr(part, "v_cells"):
-        return np.concatenate([np.asarray(c.owner, dtype=np.int32) for c in part.v_cells])
-    cells = part.cells
-    owners = np.full(cells.size, -1, dtype=np.int32)
-    seqs = np.flatnonzero(cells.tail >= 0)
-    counts = cells.seq_counts()
-    owners[cells.tail[seqs]] = seqs  # E.g. tail [2, -1, 2, 0] -> owners [3, -1, 2 or 0, -1]
-    owners[counts > 1] = -2
-    return owners
+    return part.cell_owners()
 
 
 def usage(memory: Memory) -> list[PartUsage]:

@@ -1,6 +1,6 @@
 """``python -m pymem demo``: a real model decodes through pymem and matches a full recompute.
 
-The demo builds the tiny hybrid decoder of :mod:`pymem.models` (random weights from a
+The demo builds the tiny hybrid decoder of :mod:`pymem.runtime` (random weights from a
 seed, nothing downloaded) and the memory :func:`pymem.factory.create_memory` gives it
 (hybrid-iSWA by default: a full-attention KV cache, a sliding-window KV cache and a
 Mamba-2 recurrent state memory), then serves a handful of sequences the way a server
@@ -11,7 +11,7 @@ refused), a context shift (``seq_rm`` + ``seq_add`` + K-shift) and a save / rest
 through a file into a second memory and into another sequence id.
 
 Every decoded token's logits are compared with a float64 numpy recompute of its whole
-sequence from scratch (:class:`pymem.models.Oracle`). The summary gives, per memory part,
+sequence from scratch (:class:`pymem.runtime.Oracle`). The summary gives, per memory part,
 the cells in use, the bytes per device, tokens decoded, the per-step bookkeeping time
 (what pymem adds to a decode step) and the parity result; the exit code is 1 if any
 logit is off by more than the tolerance of the cache types. With matplotlib installed a
@@ -30,7 +30,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from pymem.models.config import PRESETS, TinyConfig
+from pymem.runtime.config import PRESETS, TinyConfig
 
 LAYER_NAMES = {"A": "attention", "S": "sliding-window attention", "R": "Mamba-2"}
 
@@ -101,8 +101,8 @@ class _Log:
 def run(opts: DemoOptions, out: TextIO | None = None) -> DemoResult:
     """Run the demo scenario; print the summary to ``out`` (default stdout)."""
     from pymem.factory import ContextParams, create_memory
-    from pymem.models import Oracle, TinyModel
-    from pymem.models.session import Session, tolerance_for, usage
+    from pymem.runtime import Oracle, TinyModel
+    from pymem.runtime.session import Session, tolerance_for, usage
 
     out = out if out is not None else sys.stdout
     log = _Log(out, opts.verbose)
@@ -323,7 +323,7 @@ def run(opts: DemoOptions, out: TextIO | None = None) -> DemoResult:
 
 def _fail(label: str) -> Any:
     """A failed check that is not a logit comparison (a sequence op gave the wrong answer)."""
-    from pymem.models.session import CheckResult
+    from pymem.runtime.session import CheckResult
 
     return CheckResult(label, -1, 0, float("inf"), False)
 
@@ -331,7 +331,8 @@ def _fail(label: str) -> Any:
 def _summary(s: Any, restored: Any, mem: Any, opts: DemoOptions, device: str, tol: float,
              peak_used: dict[str, int], notes: list[str], elapsed: float,
              png: str | None) -> DemoResult:  # fmt: skip
-    from pymem.models.session import memory_parts, usage
+    from pymem.recurrent import RecurrentMemory
+    from pymem.runtime.session import memory_parts, usage
 
     lines = ["", "memory parts (at the end; peak over the run):"]
     lines.append(
@@ -341,7 +342,7 @@ def _summary(s: Any, restored: Any, mem: Any, opts: DemoOptions, device: str, to
         used = int((u.owners != -1).sum())
         total = int(u.owners.size)
         extra = ""
-        if hasattr(part, "n_rs_seq") and part.n_rs_seq:
+        if isinstance(part, RecurrentMemory) and part.n_rs_seq:
             extra = f" (+{part.n_rs_seq} snapshot planes)"
         devs = ", ".join(f"{d}: {_fmt_bytes(b)}" for d, b in u.bytes_by_device.items())
         lines.append(

@@ -77,7 +77,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pymem.composite import TwoPhaseStateIO
 from pymem.errors import (
     BatchError,
     ClosedError,
@@ -86,7 +85,17 @@ from pymem.errors import (
     StateError,
     UnsupportedError,
 )
-from pymem.memory import Memory, MemoryContext, MemoryStatus, StateFlags
+from pymem.memory import (
+    POS_MAX,
+    GraphInputs,
+    Memory,
+    MemoryContext,
+    MemoryStatus,
+    RSInputs,
+    Split,
+    StateFlags,
+    clamp_range,
+)
 from pymem.state import PendingWrites, StateReader, StateWriter
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
@@ -97,13 +106,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-POS_MAX = 2**31 - 1  # std::numeric_limits<llama_pos>::max(): "p1 < 0 means +infinity"
 _I32_MIN = -(2**31)
-
-
-def _clamp_range(p0: int, p1: int) -> tuple[int, int]:
-    """``p0 < 0`` means 0 and ``p1 < 0`` means +infinity (the reference's convention)."""
-    return (0 if p0 < 0 else int(p0)), (POS_MAX if p1 < 0 else int(p1))
 
 
 def _c_div(a: int, d: int) -> int:
@@ -514,7 +517,7 @@ class RecurrentPlan:
     version: int
 
 
-class RecurrentMemory(TwoPhaseStateIO, Memory):
+class RecurrentMemory(Memory):
     """Recurrent (SSM) state memory: ``llama_memory_recurrent``.
 
     Parameters mirror the reference constructor:
@@ -650,7 +653,7 @@ class RecurrentMemory(TwoPhaseStateIO, Memory):
         return self._tensor(self._s, il, "S")
 
     def _tensor(self, table: dict[int, Tensor], il: int, what: str) -> Tensor:
-        self._check_open()
+        self.check_open()
         try:
             return table[il]
         except KeyError:
@@ -658,7 +661,7 @@ class RecurrentMemory(TwoPhaseStateIO, Memory):
                 f"il: layer {il} has no {what} tensor in this memory (layers {list(self.layers)})"
             ) from None
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
         if self._closed:
             raise ClosedError("RecurrentMemory: already closed")
 
@@ -667,41 +670,22 @@ class RecurrentMemory(TwoPhaseStateIO, Memory):
         self._version += 1
 
     # -- planning ----------------------------------------------------------------------
-    def init_batch(
-        self, balloc: BatchAllocator, n_ubatch: int, embd_all: bool
-    ) -> RecurrentMemoryContext:
-        """Split with the reference's choice and plan every ubatch (nothing changes).
-
-        ``embd_all`` -> ``split_seq``; else ``split_equal(n_ubatch, sequential=True,
+    def splits(self, balloc: BatchAllocator, n_ubatch: int, embd_all: bool) -> list[Split]:
+        """``embd_all`` -> ``split_seq``; else ``split_equal(n_ubatch, sequential=True,
         n_keep_tail = n_rs_seq + 1 if n_rs_seq > 0 else 0)`` so that the last
         ``n_rs_seq + 1`` tokens of a sequence land in one ubatch (the snapshots a later
-        rollback needs are written by that ubatch's kernels).
-        """
-        self._check_open()
+        rollback needs are written by that ubatch's kernels)."""
+        if embd_all:
+            return [lambda: balloc.split_seq(n_ubatch)]
         n_keep_tail = self.n_rs_seq + 1 if self.n_rs_seq > 0 else 0
-        balloc.split_reset()
-        ubatches: list[UBatch] = []
-        while True:
-            if embd_all:
-                ub = balloc.split_seq(n_ubatch)
-            else:
-                ub = balloc.split_equal(n_ubatch, True, n_keep_tail)
-            if ub is None or ub.n_tokens == 0:
-                break
-            ubatches.append(ub)
-        if balloc.n_used < balloc.n_tokens:
-            log.debug(
-                "init_batch: the splitter used %d of %d tokens", balloc.n_used, balloc.n_tokens
-            )
-            return RecurrentMemoryContext.failed(MemoryStatus.FAILED_PREPARE)
-        plan = self.plan_ubatches(ubatches)
-        if plan is None:
-            return RecurrentMemoryContext.failed(MemoryStatus.FAILED_PREPARE)
-        return self.context_for(plan, ubatches)
+        return [lambda: balloc.split_equal(n_ubatch, True, n_keep_tail)]
+
+    def failed_context(self, status: MemoryStatus) -> RecurrentMemoryContext:
+        return RecurrentMemoryContext.failed(status)
 
     def init_full(self) -> RecurrentMemoryContext:
         """A context covering every cell (worst-case graph reservation)."""
-        self._check_open()
+        self.check_open()
         return RecurrentMemoryContext(self, None, is_full=True)
 
     def init_update(self, optimize: bool = False) -> RecurrentMemoryContext:
@@ -711,17 +695,13 @@ class RecurrentMemory(TwoPhaseStateIO, Memory):
     def get_can_shift(self) -> bool:
         return True  # shifting a recurrent state only moves its position
 
-    def prepare(self, ubatches: Sequence[UBatch]) -> bool:
-        """Whether every ubatch can be placed, in order. Changes nothing (plans on a copy)."""
-        return self.plan_ubatches(ubatches) is not None
-
-    def plan_ubatches(self, ubatches: Sequence[UBatch]) -> RecurrentPlan | None:
+    def prepare(self, ubatches: Sequence[UBatch]) -> RecurrentPlan | None:
         """Place every ubatch in order on copies of the cells; None if one does not fit.
 
         Changes nothing. A context made by :meth:`context_for` applies the planned cells
         as long as the memory has not changed since, instead of placing again.
         """
-        self._check_open()
+        self.check_open()
         reqs = [_SlotRequest.from_ubatch(ub) for ub in ubatches]
         states: list[RecurrentCells] = []
         cells = self.cells
@@ -735,12 +715,12 @@ class RecurrentMemory(TwoPhaseStateIO, Memory):
     def context_for(
         self, plan: RecurrentPlan, ubatches: Sequence[UBatch]
     ) -> RecurrentMemoryContext:
-        """A batch context from a :meth:`plan_ubatches` of the same ubatches (no re-planning)."""
+        """A batch context from a :meth:`prepare` of the same ubatches (no re-planning)."""
         return RecurrentMemoryContext(self, ubatches, requests=plan.requests, plan=plan)
 
     def find_slot(self, ubatch: UBatch) -> bool:
         """Place ``ubatch`` now (what ``apply`` does). On False nothing changes."""
-        self._check_open()
+        self.check_open()
         return self._place(_SlotRequest.from_ubatch(ubatch))
 
     def _place(self, req: _SlotRequest) -> bool:
@@ -753,7 +733,7 @@ class RecurrentMemory(TwoPhaseStateIO, Memory):
     # -- sequence operations -----------------------------------------------------------
     def clear(self, data: bool = True) -> None:
         """Empty every cell (``src0`` is kept, as in the reference); zero R/S if ``data``."""
-        self._check_open()
+        self.check_open()
         c = self.cells
         c.pos[:] = -1
         c.src[:] = -1
@@ -774,11 +754,9 @@ class RecurrentMemory(TwoPhaseStateIO, Memory):
         pending, the sequence goes back to ``p0 - 1`` (True); any other cut of the tail
         is False with nothing changed. ``seq_id < 0`` is always False (reference quirk).
         """
-        self._check_open()
+        self.check_open()
         self._version += 1
-        return _seq_rm(
-            self.cells, self.n_seq_max, self.n_rs_seq, int(seq_id), *_clamp_range(p0, p1)
-        )
+        return _seq_rm(self.cells, self.n_seq_max, self.n_rs_seq, int(seq_id), *clamp_range(p0, p1))
 
     def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
         """Make ``dst`` share ``src``'s cell (copy on write at its next ubatch).
@@ -786,7 +764,7 @@ class RecurrentMemory(TwoPhaseStateIO, Memory):
         ``p0``/``p1`` are ignored (one state per sequence). Ids outside ``[0, mem_size)``
         make this a no-op, as in the reference.
         """
-        self._check_open()
+        self.check_open()
         src, dst = int(seq_id_src), int(seq_id_dst)
         if src == dst or not (0 <= src < self.size and 0 <= dst < self.size):
             return
@@ -798,7 +776,7 @@ class RecurrentMemory(TwoPhaseStateIO, Memory):
 
     def seq_keep(self, seq_id: int) -> None:
         """Drop every sequence but ``seq_id`` (all of them if no cell holds ``seq_id``)."""
-        self._check_open()
+        self.check_open()
         seq_id = int(seq_id)
         c = self.cells
         keep = int(c.tail[seq_id]) if 0 <= seq_id < self.size else -1
@@ -824,11 +802,11 @@ class RecurrentMemory(TwoPhaseStateIO, Memory):
     # what an op would refuse, checked without changing anything: compositions ask every
     # part before mutating any (pymem.composite); seq_cp never refuses here
     def check_seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
-        self._check_open()
+        self.check_open()
 
     def check_seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
-        self._check_open()
-        p0, p1 = _clamp_range(p0, p1)
+        self.check_open()
+        p0, p1 = clamp_range(p0, p1)
         shift = int(shift)
         t = self._tail_in_range(int(seq_id), p0, p1) if shift and p0 != p1 else -1
         if t >= 0 and not _I32_MIN <= int(self.cells.pos[t]) + shift <= POS_MAX:
@@ -838,7 +816,7 @@ class RecurrentMemory(TwoPhaseStateIO, Memory):
             )
 
     def check_seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
-        self._check_open()
+        self.check_open()
         if int(d) == 0:
             raise RangeError("seq_div: d must not be 0")
 
@@ -848,11 +826,11 @@ class RecurrentMemory(TwoPhaseStateIO, Memory):
         Only the position moves (there is nothing to rotate in a recurrent state). The
         cell is kept even when its position drops below 0, as in the reference.
         """
-        self._check_open()
+        self.check_open()
         shift = int(shift)
         if shift == 0:
             return
-        p0, p1 = _clamp_range(p0, p1)
+        p0, p1 = clamp_range(p0, p1)
         if p0 == p1:
             return
         t = self._tail_in_range(int(seq_id), p0, p1)
@@ -869,13 +847,13 @@ class RecurrentMemory(TwoPhaseStateIO, Memory):
 
     def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
         """Divide the position of ``seq_id``'s cell by ``d`` (truncating, as C) if in range."""
-        self._check_open()
+        self.check_open()
         d = int(d)
         if d == 1:
             return
         if d == 0:
             raise RangeError("seq_div: d must not be 0")
-        p0, p1 = _clamp_range(p0, p1)
+        p0, p1 = clamp_range(p0, p1)
         if p0 == p1:
             return
         t = self._tail_in_range(int(seq_id), p0, p1)
@@ -907,6 +885,17 @@ class RecurrentMemory(TwoPhaseStateIO, Memory):
         return max(-1, self.seq_pos_min(seq_id))
 
     # -- accounting ---------------------------------------------------------------------
+    def parts(self) -> dict[str, RecurrentMemory]:
+        return {"recurrent": self}
+
+    def cell_owners(self) -> np.ndarray:
+        cells = self.cells
+        owners = np.full(cells.size, -1, dtype=np.int32)
+        seqs = np.flatnonzero(cells.tail >= 0)
+        owners[cells.tail[seqs]] = seqs  # E.g. tail [2, -1, 2, 0] -> owners [3, -1, 2 or 0, -1]
+        owners[cells.seq_counts() > 1] = -2
+        return owners
+
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes allocated per device name."""
         out: dict[str, int] = {}
@@ -1011,7 +1000,7 @@ class RecurrentMemory(TwoPhaseStateIO, Memory):
         u64 row_size, rows``, then per S layer the same. ``PARTIAL_ONLY`` changes nothing
         here: recurrent state is the partial part.
         """
-        self._check_open()
+        self.check_open()
         seq_id = self._check_seq_arg(seq_id, "state_write")
         self._check_flags(flags, "state_write")
         cells, rows = self._select(seq_id)
@@ -1045,7 +1034,7 @@ class RecurrentMemory(TwoPhaseStateIO, Memory):
         its rows are read at ``head``. Restored cells get ``src = self``; rollback
         indices reset.
         """
-        self._check_open()
+        self.check_open()
         seq_id = self._check_seq_arg(seq_id, "state_read")
         self._check_flags(flags, "state_read")
         if seq_id != -1 and seq_id >= min(self.size, self.n_seq_max):
@@ -1261,12 +1250,15 @@ class RecurrentReadPlan:
     version: int
     done: bool = field(default=False)
 
+    def is_current(self) -> bool:
+        return self.memory._version == self.version
+
     def commit(self) -> None:
         mem = self.memory
-        mem._check_open()
+        mem.check_open()
         if self.done:
             raise StateError("state_read plan: already committed")
-        if mem._version != self.version:
+        if not self.is_current():
             raise StateError(
                 "state_read plan: the memory changed after the blob was parsed; parse it again"
             )
@@ -1342,7 +1334,7 @@ class RecurrentMemoryContext(MemoryContext):
                 f"apply: no current ubatch (index {self.i_next} of {len(self.ubatches)})"
             )
         mem = self._mem()
-        mem._check_open()
+        mem.check_open()
         i, plan = self.i_next, self._plan
         if (
             plan is not None
@@ -1374,6 +1366,22 @@ class RecurrentMemoryContext(MemoryContext):
         return self.ubatches[self.i_next]
 
     # -- graph inputs ---------------------------------------------------------------------
+    def graph_inputs(self) -> GraphInputs:
+        """The state-copy inputs of the current ubatch (``recr``)."""
+        self._require_success("graph_inputs")
+        return GraphInputs(
+            recr=RSInputs(
+                head=self.get_head(),
+                n_rs=self.get_n_rs(),
+                rs_z=self.get_rs_z(),
+                size=self.get_size(),
+                n_rs_seq=self._mem().n_rs_seq,
+                s_copy=np.asarray(self.s_copy(), dtype=np.int32),
+                r_l=self.get_r_l,
+                s_l=self.get_s_l,
+            )
+        )
+
     def get_n_rs(self) -> int:
         mem = self._mem()
         return mem.size if self.is_full else mem.n

@@ -46,7 +46,7 @@ import pymem.ggml as gg
 from pymem.backend import Device, TensorSpec, TensorStore, get_device
 from pymem.errors import ConfigError, UnsupportedError
 from pymem.gguf_spec import GGUFHParams, hparams_from_gguf, spec_from_gguf
-from pymem.models.graph import RecurrentInputs, StepInputs
+from pymem.runtime.graph import RecurrentInputs, StepInputs
 from pymem.spec import ModelSpec, RopeSpec
 from pymem.ubatch import UBatch
 
@@ -195,7 +195,7 @@ class GGUFModel:
     ubatch after its memory context was applied (K/V/R/S are written in place) and returns
     ``float32 [n_tokens, n_vocab]``: the logits of the ubatch's output tokens, NaN rows
     for the others (the graph computes only output rows, as ``build_inp_out_ids`` does).
-    Drop-in for :class:`pymem.models.runtime.Decoder` (``config.n_vocab``).
+    Drop-in for :class:`pymem.runtime.decoder.Decoder` (``config.n_vocab``).
     """
 
     def __init__(
@@ -228,7 +228,7 @@ class GGUFModel:
 
     @property
     def config(self) -> Any:
-        """``n_vocab`` for :class:`pymem.models.runtime.Decoder`."""
+        """``n_vocab`` for :class:`pymem.runtime.decoder.Decoder`."""
         return self.hp
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ the way a real runtime does:
   planes) are written back to rows ``[head, head + n_seqs)`` of each plane.
 
 The memory side is reached through two small protocols (:class:`AttentionInputs`,
-:class:`RecurrentInputs`): :mod:`pymem.models.runtime` adapts pymem's memory contexts to
+:class:`RecurrentInputs`): :mod:`pymem.runtime.decoder` adapts pymem's memory contexts to
 them, and tests/test_e2e_blocks.py hand-built inputs.
 """
 
@@ -30,8 +30,8 @@ import numpy as np
 import pymem.ggml as gg
 from pymem.backend import Device, Tensor, TensorSpec, TensorStore, get_device
 from pymem.errors import ConfigError
-from pymem.models.config import TinyConfig
-from pymem.models.weights import TinyWeights
+from pymem.runtime.config import TinyConfig
+from pymem.runtime.weights import TinyWeights
 from pymem.spec import ModelSpec
 from pymem.ubatch import UBatch
 

@@ -5,10 +5,10 @@ Used by the end-to-end tests and ``python -m pymem demo`` to show that a real mo
 decoding through pymem gives the same logits as a full recompute.
 """
 
-from pymem.models.config import PRESETS, TinyConfig
-from pymem.models.graph import AttentionInputs, RecurrentInputs, StepInputs, TinyModel
-from pymem.models.oracle import Oracle
-from pymem.models.weights import TinyWeights
+from pymem.runtime.config import PRESETS, TinyConfig
+from pymem.runtime.graph import AttentionInputs, RecurrentInputs, StepInputs, TinyModel
+from pymem.runtime.oracle import Oracle
+from pymem.runtime.weights import TinyWeights
 
 __all__ = [
     "PRESETS",

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from pymem.errors import ConfigError
-from pymem.models.config import TinyConfig
-from pymem.models.weights import LayerWeights, TinyWeights
-from pymem.spec import RopeType, SWAType
+from pymem.runtime.config import TinyConfig
+from pymem.runtime.weights import LayerWeights, TinyWeights
+from pymem.spec import RopeType, masked_swa
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -65,17 +65,6 @@ def rope(
     else:
         raise ConfigError(f"rope_type: the oracle supports NORM and NEOX, got {mode!r}")
     return out
-
-
-def swa_masked(n_swa: int, swa_type: SWAType, p0: np.ndarray, p1: np.ndarray) -> np.ndarray:
-    """Vectorised ``is_masked_swa``: whether a key at ``p0`` is outside the window of ``p1``."""
-    if swa_type == SWAType.STANDARD:
-        return p1 - p0 >= n_swa
-    if swa_type == SWAType.CHUNKED:
-        return p0 < (p1 // n_swa) * n_swa
-    if swa_type == SWAType.SYMMETRIC:
-        return np.abs(p1 - p0) > n_swa // 2
-    return np.zeros(np.broadcast(p0, p1).shape, dtype=bool)
 
 
 class Oracle:
@@ -140,7 +129,7 @@ class Oracle:
             else:
                 allowed = vis
                 if lw.kind == "S":
-                    allowed = vis & ~swa_masked(c.n_swa, c.swa_type, kpos, p[:, None])
+                    allowed = vis & ~masked_swa(c.n_swa, c.swa_type, kpos, p[:, None])
                 x = x + self._attention(lw, h, p, allowed, kpos)
             h = rms_norm(x, self._d(lw.ffn_norm), c.norm_eps)
             gate = h @ self._d(lw.ffn_gate).T

@@ -7,10 +7,10 @@ validate the batch (:class:`pymem.batch.BatchAllocator`), run a pending memory u
 scatter the output logits back to batch order. It times the bookkeeping (everything but
 the graph compute) separately, because that is what pymem adds to a decode step.
 
-The memory side is read through adapters that turn each memory context into the
-:class:`~pymem.models.graph.StepInputs` the graph needs: a KV cache context gives one
-attention part, an iSWA context two (``"base"``, ``"swa"``), a recurrent context the
-state-copy inputs, and a hybrid context its attention and recurrent parts.
+The memory side is read from each context's typed graph inputs
+(:meth:`pymem.memory.MemoryContext.graph_inputs`) and adapted to the
+:class:`~pymem.runtime.graph.StepInputs` the graph needs: one attention part per KV cache
+(``"kv"``, or ``"base"`` and ``"swa"`` for iSWA) and the recurrent state-copy inputs.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import numpy as np
 
 from pymem.batch import Batch, BatchAllocator
 from pymem.errors import ConfigError, PymemError
-from pymem.memory import Memory, MemoryContext, MemoryStatus
-from pymem.models.graph import StepInputs, TinyModel
+from pymem.memory import KVInputs, Memory, MemoryContext, MemoryStatus, RSInputs
+from pymem.runtime.graph import StepInputs, TinyModel
 from pymem.ubatch import UBatch
 
 
@@ -33,97 +33,83 @@ class DecodeError(PymemError, RuntimeError):
 
 
 class KVAttention:
-    """Attention inputs of one KV cache context (``llama_kv_cache_context``) for one ubatch.
+    """Attention inputs of one KV cache (:class:`pymem.memory.KVInputs`) for one ubatch.
 
-    The numpy inputs (KQ mask, row indices) are built at construction, right after
-    ``apply()``, so their cost is timed as bookkeeping. Graph nodes come from the
-    context's own helpers (``get_k``/``get_v``/``cpy_k``/``cpy_v``).
+    The KQ mask is built at construction, right after ``apply()``, so its cost is timed
+    as bookkeeping. Graph nodes come from the cache context (``get_k``/``get_v``/
+    ``cpy_k``/``cpy_v``).
     """
 
-    def __init__(self, kctx: Any, ubatch: UBatch, flash_attn: bool) -> None:
-        kv = kctx.kv
-        sinfo = kctx.get_sinfo()
-        self.kctx = kctx
-        self.kv = kv
-        self.layers = frozenset(int(il) for il in kv.get_layer_ids())
-        self.v_trans = bool(kv.v_trans)
-        self.n_kv = int(kctx.get_n_kv())
-        self.n_stream = int(sinfo.n_stream)
-        self.s0 = int(sinfo.s0)
-        self.size = int(kv.get_size())
-        self._mask = kctx.get_kq_mask(dtype=np.float16 if flash_attn else np.float32)
-        self._k_idxs = kctx.get_k_idxs()
-        self._v_idxs = kctx.get_v_idxs()
+    def __init__(self, inp: KVInputs, flash_attn: bool) -> None:
+        self.inp = inp
+        self.view = inp.view
+        self.layers = inp.layers
+        self.v_trans = inp.v_trans
+        self.n_kv = inp.n_kv
+        self.n_stream = inp.n_stream
+        self.s0 = inp.s0
+        self.size = inp.size
+        self._mask = inp.kq_mask(dtype=np.float16 if flash_attn else np.float32)
 
     def get_k(self, ctx: Any, il: int) -> Any:
-        return self.kctx.get_k(ctx, il)
+        return self.view.get_k(ctx, il)
 
     def get_v(self, ctx: Any, il: int) -> Any:
-        return self.kctx.get_v(ctx, il)
+        return self.view.get_v(ctx, il)
 
     def cpy_k(self, ctx: Any, k_cur: Any, k_idxs: Any, il: int) -> Any:
-        return self.kctx.cpy_k(ctx, k_cur, k_idxs, il)
+        return self.view.cpy_k(ctx, k_cur, k_idxs, il)
 
     def cpy_v(self, ctx: Any, v_cur: Any, v_idxs: Any, il: int) -> Any:
-        return self.kctx.cpy_v(ctx, v_cur, v_idxs, il)
+        return self.view.cpy_v(ctx, v_cur, v_idxs, il)
 
     def kq_mask(self, ubatch: UBatch) -> np.ndarray:
         return self._mask
 
     def k_idxs(self, ubatch: UBatch) -> np.ndarray:
-        return self._k_idxs
+        return self.inp.k_idxs
 
     def v_idxs(self, ubatch: UBatch) -> np.ndarray:
-        return self._v_idxs
+        return self.inp.v_idxs
 
 
 class RecurrentState:
-    """Recurrent inputs of one recurrent memory context for the current ubatch."""
+    """Recurrent inputs (:class:`pymem.memory.RSInputs`) for the current ubatch."""
 
-    def __init__(self, rctx: Any) -> None:
-        self.rctx = rctx
-        self.head = int(rctx.get_head())
-        self.n_rs = int(rctx.get_n_rs())
-        self.rs_z = int(rctx.get_rs_z())
-        self.size = int(rctx.get_size())
-        self.n_rs_seq = int(rctx.mem.n_rs_seq)
-        self._s_copy = np.asarray(rctx.s_copy(), dtype=np.int32)
+    def __init__(self, inp: RSInputs) -> None:
+        self.inp = inp
+        self.head = inp.head
+        self.n_rs = inp.n_rs
+        self.rs_z = inp.rs_z
+        self.size = inp.size
+        self.n_rs_seq = inp.n_rs_seq
 
     def r_tensor(self, il: int) -> Any:
-        return self.rctx.get_r_l(il)
+        return self.inp.r_l(il)
 
     def s_tensor(self, il: int) -> Any:
-        return self.rctx.get_s_l(il)
+        return self.inp.s_l(il)
 
     def s_copy(self) -> np.ndarray:
-        return self._s_copy
+        return self.inp.s_copy
 
 
 def step_inputs(mctx: MemoryContext, ubatch: UBatch, flash_attn: bool) -> StepInputs:
     """The graph inputs of the current ubatch of any pymem memory context.
 
-    Dispatches on what the context offers (the reference's names): ``get_attn()`` /
-    ``get_recr()`` for hybrids, ``get_base()`` / ``get_swa()`` for iSWA, ``get_sinfo()``
-    for a KV cache, ``s_copy()`` for recurrent memory.
+    Every context hands its typed inputs (:meth:`pymem.memory.MemoryContext.graph_inputs`):
+    one attention part per KV cache ("kv", or "base" and "swa" for iSWA) and the
+    recurrent inputs where the memory has a recurrent part.
     """
+    gi = mctx.graph_inputs()
     out = StepInputs()
-    _collect(mctx, ubatch, flash_attn, out)
-    return out
-
-
-def _collect(mctx: Any, ubatch: UBatch, flash_attn: bool, out: StepInputs) -> None:
-    if hasattr(mctx, "get_recr") and hasattr(mctx, "get_attn"):
-        _collect(mctx.get_attn(), ubatch, flash_attn, out)
-        _collect(mctx.get_recr(), ubatch, flash_attn, out)
-    elif hasattr(mctx, "get_base") and hasattr(mctx, "get_swa"):
-        out.attn["base"] = KVAttention(mctx.get_base(), ubatch, flash_attn)
-        out.attn["swa"] = KVAttention(mctx.get_swa(), ubatch, flash_attn)
-    elif hasattr(mctx, "get_sinfo"):
-        out.attn["kv"] = KVAttention(mctx, ubatch, flash_attn)
-    elif hasattr(mctx, "s_copy"):
-        out.recr = RecurrentState(mctx)
-    else:
+    for name, inp in gi.attn.items():
+        out.attn[name] = KVAttention(inp, flash_attn)
+    if gi.recr is not None:
+        out.recr = RecurrentState(gi.recr)
+    if not out.attn and out.recr is None:
         raise ConfigError(f"memory context {type(mctx).__name__}: no attention or recurrent inputs")
+    return out
 
 
 @dataclass

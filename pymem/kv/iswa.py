@@ -32,19 +32,17 @@ SWA part fails, so a sequence can have base cells and no SWA cells).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from pymem.composite import CompositeMemory, PairContext
 from pymem.errors import ConfigError
-from pymem.memory import MemoryStatus, StateFlags
+from pymem.kv.cache import KVCache, KVCacheContext
+from pymem.memory import GraphInputs, Split, StateFlags
 from pymem.spec import ModelSpec, SWAType
 
 if TYPE_CHECKING:
     from pymem.batch import BatchAllocator
-    from pymem.kv import KVCache, KVCacheContext, SlotInfo
-    from pymem.ubatch import UBatch
 
 SWA_PAD = 256
 """The SWA cache is always padded to a multiple of 256 cells (llama.cpp issue 17037)."""
@@ -64,12 +62,32 @@ def swa_cache_size(
     return (n + SWA_PAD - 1) // SWA_PAD * SWA_PAD
 
 
-@dataclass(frozen=True, eq=False)
-class ISWASlots:
-    """The slot plan of an iSWA cache for a list of ubatches: one per cache."""
+class KVCacheISWAContext(PairContext["KVCacheContext", "KVCacheContext"]):
+    """A base and an SWA cache context over the same ubatches (``llama_kv_cache_iswa_context``).
 
-    base: list[SlotInfo]
-    swa: list[SlotInfo]
+    Graph inputs come from the part contexts: :meth:`get_base` for the full-attention
+    layers, :meth:`get_swa` for the SWA layers (each has its own slots, ``n_kv``, masks).
+    Status, ``next`` and ``apply`` as :class:`~pymem.composite.PairContext`.
+    """
+
+    @property
+    def ctx_base(self) -> KVCacheContext | None:
+        return self.first
+
+    @property
+    def ctx_swa(self) -> KVCacheContext | None:
+        return self.second
+
+    def get_base(self) -> KVCacheContext:
+        return self._pair("get_base")[0]
+
+    def get_swa(self) -> KVCacheContext:
+        return self._pair("get_swa")[1]
+
+    def graph_inputs(self) -> GraphInputs:
+        """``{"base": ..., "swa": ...}``: each cache's inputs under its part name."""
+        base, swa = self._pair("graph_inputs")
+        return base.graph_inputs().renamed("base").merged(swa.graph_inputs().renamed("swa"))
 
 
 class KVCacheISWA(CompositeMemory):
@@ -80,6 +98,8 @@ class KVCacheISWA(CompositeMemory):
     if ``spec.layers[il].swa`` else to the base cache. ``n_ubatch`` sizes the SWA cache.
     Use :meth:`from_parts` to wrap two already-built caches (the factory does).
     """
+
+    context_type = KVCacheISWAContext
 
     def __init__(
         self,
@@ -98,8 +118,6 @@ class KVCacheISWA(CompositeMemory):
         filter: Callable[[int], bool] | None = None,
         reuse: Callable[[int], int] | None = None,
     ) -> None:
-        from pymem.kv import KVCache
-
         if spec.swa_type == SWAType.NONE or spec.n_swa <= 0:
             raise ConfigError(
                 f"spec: an iSWA cache needs a sliding window, got swa_type {spec.swa_type.name}, "
@@ -199,56 +217,15 @@ class KVCacheISWA(CompositeMemory):
     def _members(self) -> tuple[KVCache, KVCache]:
         return (self.kv_base, self.kv_swa)
 
-    # --- planning --------------------------------------------------------------------
-    def prepare(self, ubatches: Sequence[UBatch]) -> ISWASlots | None:
-        """Plan the ubatches in both caches (nothing changes); None if either fails."""
-        sb = self.kv_base.prepare(list(ubatches))
-        if sb is None:
-            return None
-        ss = self.kv_swa.prepare(list(ubatches))
-        if ss is None:
-            return None
-        return ISWASlots(sb, ss)
-
-    def context_for(self, slots: ISWASlots, ubatches: Sequence[UBatch]) -> KVCacheISWAContext:
-        """A batch context from a plan made by :meth:`prepare` (no re-planning)."""
-        from pymem.kv import KVCacheContext
-
-        ubs = list(ubatches)
-        return KVCacheISWAContext(
-            KVCacheContext(self.kv_base, MemoryStatus.SUCCESS, sinfos=slots.base, ubatches=ubs),
-            KVCacheContext(self.kv_swa, MemoryStatus.SUCCESS, sinfos=slots.swa, ubatches=ubs),
-            ubs,
-        )
-
-    def init_batch(
-        self, balloc: BatchAllocator, n_ubatch: int, embd_all: bool = False
-    ) -> KVCacheISWAContext:
-        """Split and plan in both caches; FAILED_PREPARE if no split strategy fits.
-
-        ``embd_all`` is ignored, as in the reference.
-        """
-        attempts: list[Callable[[], UBatch | None]] = []
+    # --- planning (prepare / context_for / init_* come from CompositeMemory) ----------
+    def splits(self, balloc: BatchAllocator, n_ubatch: int, embd_all: bool) -> list[Split]:
+        """Unified: ``split_simple`` first, then ``split_equal(sequential=False)``; streams:
+        ``split_equal(sequential=True)``. ``embd_all`` is ignored, as in the reference."""
+        attempts: list[Split] = []
         if self.unified:
             attempts.append(lambda: balloc.split_simple(n_ubatch))
         attempts.append(lambda: balloc.split_equal(n_ubatch, not self.unified, 0))
-        for split in attempts:
-            ubatches = balloc.split_all(split)
-            if ubatches is None:
-                continue
-            slots = self.prepare(ubatches)
-            if slots is None:
-                continue
-            return self.context_for(slots, ubatches)
-        return KVCacheISWAContext.failed(MemoryStatus.FAILED_PREPARE)
-
-    def init_full(self) -> KVCacheISWAContext:
-        return KVCacheISWAContext(self.kv_base.init_full(), self.kv_swa.init_full(), [])
-
-    def init_update(self, optimize: bool = False) -> KVCacheISWAContext:
-        return KVCacheISWAContext(
-            self.kv_base.init_update(optimize), self.kv_swa.init_update(optimize), [], update=True
-        )
+        return attempts
 
     # --- sequence operations ---------------------------------------------------------
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
@@ -283,38 +260,3 @@ class KVCacheISWA(CompositeMemory):
         if int(flags) & StateFlags.PARTIAL_ONLY:
             return (self.kv_swa,)
         return (self.kv_base, self.kv_swa)
-
-
-class KVCacheISWAContext(PairContext["KVCacheContext", "KVCacheContext"]):
-    """A base and an SWA cache context over the same ubatches (``llama_kv_cache_iswa_context``).
-
-    Graph inputs come from the part contexts: :meth:`get_base` for the full-attention
-    layers, :meth:`get_swa` for the SWA layers (each has its own slots, ``n_kv``, masks).
-    Status, ``next`` and ``apply`` as :class:`~pymem.composite.PairContext`.
-    """
-
-    def __init__(
-        self,
-        ctx_base: KVCacheContext | None,
-        ctx_swa: KVCacheContext | None,
-        ubatches: Sequence[UBatch],
-        *,
-        status: MemoryStatus | None = None,
-        update: bool = False,
-    ) -> None:
-        super().__init__(ctx_base, ctx_swa, ubatches, status=status)
-        self.is_update = update
-
-    @property
-    def ctx_base(self) -> KVCacheContext | None:
-        return self.first
-
-    @property
-    def ctx_swa(self) -> KVCacheContext | None:
-        return self.second
-
-    def get_base(self) -> KVCacheContext:
-        return self._pair("get_base")[0]
-
-    def get_swa(self) -> KVCacheContext:
-        return self._pair("get_swa")[1]
