@@ -43,7 +43,7 @@ Hybrid layer filters: recurrent layers -> recurrent part, the others -> attentio
 Falcon-H1 (every layer in both), Nemotron-H (only layers with ``n_ff == 0``) and the
 Qwen3-Next family / MiniMax-01 (trunk layers only, no NextN layers). A plain KV model with
 NextN layers keeps only its trunk layers. The architecture classification comes from
-``spec.extra`` (``is_recurrent_arch`` / ``is_hybrid_arch``, set by
+``spec.is_recurrent_arch`` / ``spec.is_hybrid_arch`` (set by
 :func:`pymem.gguf_spec.spec_from_gguf`); a hand-built spec without them is classified by
 its layers (all recurrent -> recurrent, a mix -> hybrid, none -> attention).
 """
@@ -109,7 +109,7 @@ def _flash_attn_on(value: bool | str) -> bool:
 class ContextParams:
     """The memory-related fields of ``llama_context_params``, with the reference defaults.
 
-    ``n_ctx = 0`` means the model's training context (``spec.extra["n_ctx_train"]``),
+    ``n_ctx = 0`` means the model's training context (``spec.n_ctx_train``),
     ``n_ubatch = 0`` means ``n_batch``. ``flash_attn`` is a bool or ``"auto"`` (the
     reference default, which makes V untransposed: the memory is created before "auto"
     is resolved). ``swa_full`` defaults to True as in ``llama_context_default_params``.
@@ -203,10 +203,10 @@ def resolve_context(spec: ModelSpec, params: ContextParams) -> ContextSizes:
 
     n_ctx = params.n_ctx
     if n_ctx == 0:
-        n_ctx = int(spec.extra.get("n_ctx_train", 0))  # type: ignore[call-overload]
+        n_ctx = spec.n_ctx_train
         if n_ctx <= 0:
             raise ConfigError(
-                "n_ctx: 0 means the model's training context, but spec.extra has no n_ctx_train"
+                "n_ctx: 0 means the model's training context, but spec.n_ctx_train is 0"
             )
     n_batch = min(n_ctx, params.n_batch) if spec.causal_attn else params.n_batch
     n_ubatch = min(n_batch, params.n_ubatch if params.n_ubatch else n_batch)
@@ -312,7 +312,7 @@ class MemoryPlan:
         KV: no M-RoPE. iSWA: both caches shiftable and of equal size (``swa_full``).
         Hybrids: the attention part's answer. Recurrent: always.
         """
-        kv_ok = self.spec.n_pos_per_embd == 1 and self.spec.arch != "step35"
+        kv_ok = self.spec.n_pos_per_embd == 1 and self.spec.kv_shiftable
         kv_parts = [p for p in self.parts if isinstance(p, KVPartPlan)]
         if not kv_parts:
             return True
@@ -425,8 +425,8 @@ def classify(spec: ModelSpec) -> str:
     """The reference's architecture class: ``"none"``, ``"recurrent"``, ``"hybrid"`` or ``"attention"``."""
     if spec.arch in NO_MEMORY_ARCHS:
         return "none"
-    rec = spec.extra.get("is_recurrent_arch")
-    hyb = spec.extra.get("is_hybrid_arch")
+    rec = spec.is_recurrent_arch
+    hyb = spec.is_hybrid_arch
     if rec is None and hyb is None:
         n_rec = sum(1 for lay in spec.layers if lay.recurrent)
         if n_rec == spec.n_layer:
@@ -440,14 +440,13 @@ def classify(spec: ModelSpec) -> str:
 def hybrid_filters(spec: ModelSpec) -> tuple[LayerFilter, LayerFilter]:
     """``(filter_attn, filter_recr)`` for a hybrid model, per architecture (see module doc)."""
     arch = spec.arch
-    n_layer = spec.n_layer - int(spec.extra.get("n_layer_nextn", 0))  # type: ignore[call-overload]
+    n_layer = spec.n_layer - spec.n_layer_nextn
     if arch == "falcon-h1":
         return (lambda il: True), (lambda il: True)
     if arch in _NEMOTRON_H:
-        n_ff = spec.extra.get("n_ff")
-        if n_ff is None:
-            raise ConfigError(f"spec.extra['n_ff']: the {arch} layer filters need per-layer n_ff")
-        ff: tuple[int, ...] = tuple(n_ff)  # type: ignore[arg-type]
+        ff = spec.n_ff
+        if not ff:
+            raise ConfigError(f"spec.n_ff: the {arch} layer filters need per-layer n_ff, got ()")
         return (
             lambda il: not spec.layers[il].recurrent and ff[il] == 0,
             lambda il: spec.layers[il].recurrent and ff[il] == 0,
@@ -462,7 +461,7 @@ def hybrid_filters(spec: ModelSpec) -> tuple[LayerFilter, LayerFilter]:
 
 def _kv_filter(spec: ModelSpec) -> LayerFilter | None:
     """A plain KV model with NextN layers keeps only its trunk (main context)."""
-    nextn = int(spec.extra.get("n_layer_nextn", 0))  # type: ignore[call-overload]
+    nextn = spec.n_layer_nextn
     if nextn > 0 and spec.n_layer - nextn > 0:
         n_layer = spec.n_layer - nextn
         return lambda il: il < n_layer

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pymem.errors import ConfigError, UnsupportedError
@@ -35,6 +35,8 @@ LLAMA_MAX_LAYERS = 512
 GGML_MROPE_SECTIONS = 4
 
 # llm_arch_is_recurrent / llm_arch_is_hybrid, restricted to the names pymem knows
+NO_KV_SHIFT_ARCHS = frozenset({"step35"})
+"""Architectures whose K the reference refuses to shift (``get_can_shift`` false)."""
 RECURRENT_ARCHS = frozenset({"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"})
 HYBRID_ARCHS = frozenset(
     {
@@ -226,7 +228,6 @@ class GGUFHParams:
     n_shortconv_l_cache: int = 0
     wkv_head_size: int = 0
     token_shift_count: int = 2
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def n_layer(self) -> int:
@@ -288,16 +289,7 @@ class GGUFHParams:
         )
 
     def to_model_spec(self) -> ModelSpec:
-        """The :class:`ModelSpec` for this file; ``extra`` carries what the factory needs."""
-        extra: dict[str, Any] = {
-            "n_ctx_train": self.n_ctx_train,
-            "n_embd": self.n_embd,
-            "n_layer_nextn": self.n_layer_nextn,
-            "n_ff": self.n_ff,
-            "is_recurrent_arch": self.arch in RECURRENT_ARCHS,
-            "is_hybrid_arch": self.arch in HYBRID_ARCHS,
-        }
-        extra.update(self.extra)
+        """The :class:`ModelSpec` for this file, with what the factory needs to choose."""
         return ModelSpec(
             layers=tuple(self.layer(il) for il in range(self.n_layer_all)),
             n_swa=self.n_swa,
@@ -305,8 +297,13 @@ class GGUFHParams:
             n_pos_per_embd=self.n_pos_per_embd(),
             causal_attn=self.causal_attn,
             use_alibi=self.use_alibi,
+            kv_shiftable=self.arch not in NO_KV_SHIFT_ARCHS,
             arch=self.arch,
-            extra=extra,
+            n_ctx_train=self.n_ctx_train,
+            n_layer_nextn=self.n_layer_nextn,
+            n_ff=tuple(self.n_ff) if self.n_ff else (),
+            is_recurrent_arch=self.arch in RECURRENT_ARCHS,
+            is_hybrid_arch=self.arch in HYBRID_ARCHS,
         )
 
 
@@ -531,9 +528,10 @@ def hparams_from_gguf(path: str | os.PathLike[str]) -> GGUFHParams:
 def spec_from_gguf(path: str | os.PathLike[str]) -> ModelSpec:
     """The :class:`ModelSpec` of a GGUF model file (what its memory must hold).
 
-    ``spec.extra`` carries ``n_ctx_train`` (used when ``ContextParams.n_ctx == 0``),
-    ``n_embd``, ``n_layer_nextn``, ``n_ff`` (per layer), and whether the architecture is
+    Besides the layers, the spec carries ``n_ctx_train`` (used when ``ContextParams.n_ctx
+    == 0``), ``n_layer_nextn``, ``n_ff`` (per layer), whether the architecture is
     recurrent or hybrid in the reference's classification (``is_recurrent_arch``,
-    ``is_hybrid_arch``), which decides the memory type as ``create_memory`` does.
+    ``is_hybrid_arch``), which decides the memory type as ``create_memory`` does, and
+    ``kv_shiftable``.
     """
     return hparams_from_gguf(path).to_model_spec()

@@ -8,7 +8,7 @@ tensors those layers need. Names follow ``llama_hparams``.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,6 +33,14 @@ class RopeType(enum.IntEnum):
     MROPE = 8
     IMROPE = 40
     VISION = 24
+
+
+class NonCausalType(enum.IntEnum):
+    """``llama_non_causal_type``: how non-causal attention treats SWA layers."""
+
+    ALL = 0  # all layers non-causal, SWA still applied
+    SWA_ONLY = 1  # SWA layers non-causal, dense layers stay causal
+    SWA_FULL = 2  # all layers non-causal, no SWA among tokens of the current ubatch
 
 
 def masked_swa(
@@ -134,8 +142,24 @@ class ModelSpec:
     n_pos_per_embd: int = 1
     causal_attn: bool = True
     use_alibi: bool = False
+    non_causal_type: NonCausalType = NonCausalType.ALL
+    kv_shiftable: bool = True
+    """False where the architecture's K cannot be RoPE-shifted (the model layer decides)."""
+    ple_n_heads: int = 0
+    """Per-layer-embedding heads; > 0 makes KV cells carry ``(x, y, tok)`` ext."""
+    ple_embd_token: int = -1
+    """The ``ext.tok`` an embedding input gets in a PLE model (the model layer picks it)."""
+    # what the model-to-memory layer reads (pymem.factory); memories ignore these
     arch: str = ""
-    extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
+    n_ctx_train: int = 0
+    n_layer_nextn: int = 0
+    """Trailing NextN / MTP layers outside the main context's memory."""
+    n_ff: tuple[int, ...] = ()
+    """Feed-forward width per layer, where an architecture's layer filter needs it."""
+    is_recurrent_arch: bool | None = None
+    """``llm_arch_is_recurrent``; None: decide from the layers."""
+    is_hybrid_arch: bool | None = None
+    """``llm_arch_is_hybrid``; None: decide from the layers."""
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -145,6 +169,14 @@ class ModelSpec:
                 raise ConfigError(f"layers[{il}]: negative recurrent widths")
             if not layer.recurrent and layer.n_head_kv < 0:
                 raise ConfigError(f"layers[{il}].n_head_kv: must be >= 0, got {layer.n_head_kv}")
+        if self.n_ff and len(self.n_ff) != len(self.layers):
+            raise ConfigError(
+                f"n_ff: one width per layer, got {len(self.n_ff)} for {len(self.layers)} layers"
+            )
+        if not 0 <= self.n_layer_nextn < len(self.layers):
+            raise ConfigError(
+                f"n_layer_nextn: must be in [0, {len(self.layers)}), got {self.n_layer_nextn}"
+            )
         if self.swa_type != SWAType.NONE and self.n_swa <= 0:
             raise ConfigError(
                 f"n_swa: must be > 0 when swa_type is {self.swa_type.name}, got {self.n_swa}"
@@ -175,6 +207,3 @@ class ModelSpec:
 
     def has_swa_layers(self) -> bool:
         return any(lay.swa for lay in self.layers if not lay.recurrent)
-
-    def has_recurrent_layers(self) -> bool:
-        return any(lay.recurrent for lay in self.layers)

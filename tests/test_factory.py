@@ -130,7 +130,7 @@ def test_recorded_models_specs() -> None:
         RopeType.NORM,
         10000.0,
     )
-    assert llama.extra["n_ctx_train"] == 4096
+    assert llama.n_ctx_train == 4096
 
 
 # --------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def test_n_ctx_seq(
 
 
 def test_batch_clamps_and_zero_defaults() -> None:
-    spec = _attn_spec(extra={"n_ctx_train": 2048})
+    spec = _attn_spec(n_ctx_train=2048)
     c = resolve_context(spec, ContextParams(n_ctx=0, n_batch=4096, n_ubatch=0))
     assert (c.n_ctx, c.n_batch, c.n_ubatch) == (2048, 2048, 2048)
     c = resolve_context(spec, ContextParams(n_ctx=300, n_batch=512, n_ubatch=1024))
@@ -500,7 +500,7 @@ def test_classification_of_hand_built_specs() -> None:
         plan_memory(ModelSpec(layers=(swa,)), ContextParams())
     assert plan_memory(ModelSpec(layers=(attn,), arch="bert"), ContextParams()).type == "none"
     # a KV model with NextN layers keeps only its trunk
-    mtp = ModelSpec(layers=(attn, attn, attn), extra={"n_layer_nextn": 1})
+    mtp = ModelSpec(layers=(attn, attn, attn), n_layer_nextn=1)
     assert plan_memory(mtp, ContextParams()).parts[0].layers == (0, 1)
 
 

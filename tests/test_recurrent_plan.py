@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 from test_recurrent import balloc_for, cells, check, make_rec
 
-from pymem.recurrent import memory as rec
 from pymem.recurrent import RecurrentMemory, RecurrentMemoryContext
+from pymem.recurrent import memory as rec
 
 
 def _state(mem: RecurrentMemory) -> tuple:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pymem.kv.cache import KVCache, KVCacheContext, KVLayer, NonCausalType, SlotInfo
+from pymem.kv.cache import KVCache, KVCacheContext, KVLayer, SlotInfo
 from pymem.kv.cells import KVCells
 from pymem.kv.iswa import KVCacheISWA, KVCacheISWAContext, swa_cache_size
+from pymem.spec import NonCausalType  # re-exported: the KQ mask option
 
 __all__ = [
     "KVCache",

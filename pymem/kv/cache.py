@@ -48,7 +48,6 @@ position and state byte of ``llama.main.fa0.u1``, and of the KV part of
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -67,7 +66,7 @@ from pymem.memory import (
     Split,
     clamp_range,
 )
-from pymem.spec import ModelSpec, RopeType, SWAType, masked_swa
+from pymem.spec import ModelSpec, NonCausalType, RopeType, SWAType, masked_swa
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
 if TYPE_CHECKING:
@@ -78,14 +77,6 @@ if TYPE_CHECKING:
     from pymem.types import GGMLType
 
 N_PAD_GRAPH = 256  # n_kv is padded to a multiple of this, for a stable graph shape
-
-
-class NonCausalType(enum.IntEnum):
-    """``llama_non_causal_type``: how non-causal attention treats SWA layers."""
-
-    ALL = 0  # all layers non-causal, SWA still applied
-    SWA_ONLY = 1  # SWA layers non-causal, dense layers stay causal
-    SWA_FULL = 2  # all layers non-causal, no SWA among tokens of the current ubatch
 
 
 @dataclass(frozen=True, eq=False)
@@ -219,7 +210,7 @@ class KVCache(Memory):
         if reuse is not None and not callable(reuse):
             raise ConfigError(f"reuse: expected a callable il -> il_src, got {reuse!r}")
         self.name_tag = name_tag
-        self.with_ext = spec.n_pos_per_embd > 1 or int(spec.extra.get("ple_n_heads", 0) or 0) > 0  # type: ignore[call-overload]
+        self.with_ext = spec.n_pos_per_embd > 1 or spec.ple_n_heads > 0
         self.n_pos_per_embd = spec.n_pos_per_embd
 
         n_layer = spec.n_layer
@@ -360,9 +351,7 @@ class KVCache(Memory):
         return self.with_ext
 
     def get_can_shift(self) -> bool:
-        if self.spec.arch.lower() == "step35":
-            return False
-        return self.spec.n_pos_per_embd == 1
+        return self.spec.kv_shiftable and self.spec.n_pos_per_embd == 1
 
     def layer(self, il: int) -> KVLayer:
         """The cached layer that model layer ``il`` reads (after ``reuse``)."""
@@ -837,11 +826,7 @@ class KVCache(Memory):
 
     def _ple_embd_token(self) -> int:
         """``ext.tok`` of an embedding token in a PLE model (the reference's choice)."""
-        extra = self.spec.extra
-        if int(extra.get("ple_n_heads", 0) or 0) > 0:  # type: ignore[call-overload]
-            img = int(extra.get("ple_image_token_id", 0) or 0)  # type: ignore[call-overload]
-            return img if img != 0 else int(extra.get("ple_eos_token_id", -1))  # type: ignore[call-overload]
-        return -1
+        return self.spec.ple_embd_token if self.spec.ple_n_heads > 0 else -1
 
     def get_n_kv(self, sinfo: SlotInfo) -> int:
         """Cells the graph attends: ``min(size, max(P, PAD(used_max_p1, P)))`` over the

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pymem.kv.cells import OWNER_MULTI
-from pymem.spec import SWAType, masked_swa
+from pymem.spec import NonCausalType, SWAType, masked_swa
 from pymem.ubatch import LLAMA_MAX_SEQ
 
 if TYPE_CHECKING:
-    from pymem.kv.cache import KVCache, NonCausalType, SlotInfo
+    from pymem.kv.cache import KVCache, SlotInfo
     from pymem.ubatch import UBatch
 
 
@@ -149,12 +149,9 @@ def build_kq_mask(
     pairs scattered into a -inf matrix when they are a small part of it (many sequences,
     one token each), otherwise as dense rows.
     """
-    from pymem.kv.cache import NonCausalType
-
     spec = kv.spec
     causal = spec.causal_attn if causal_attn is None else bool(causal_attn)
-    raw = spec.extra.get("non_causal_type", 0) if non_causal_type is None else non_causal_type
-    nct = NonCausalType(int(raw))  # type: ignore[call-overload]
+    nct = NonCausalType(spec.non_causal_type if non_causal_type is None else non_causal_type)
     if not causal and nct == NonCausalType.SWA_ONLY:
         causal = kv.swa_type == SWAType.NONE
     dt = np.dtype(dtype)

@@ -160,5 +160,4 @@ class TinyConfig:
             # layers and keeps n_rs_seq (a named arch would clamp it unless it is one of
             # the reference's rollback archs)
             arch="",
-            extra={"model": "pymem-tiny-hybrid"},
         )

@@ -26,11 +26,10 @@ from pymem.batch import Batch, BatchAllocator
 from pymem.errors import BatchError, ConfigError, PymemError, StateError
 from pymem.hybrid import HybridISWAMemory, HybridMemory
 from pymem.kv import KVCache
-from pymem.kv.cache import NonCausalType
 from pymem.kv.iswa import KVCacheISWA
 from pymem.memory import MemoryStatus
 from pymem.recurrent import RecurrentMemory
-from pymem.spec import LayerSpec, ModelSpec, RopeSpec, RopeType, SWAType
+from pymem.spec import LayerSpec, ModelSpec, NonCausalType, RopeSpec, RopeType, SWAType
 
 from . import decode as sdec
 from .batch import BatchIn, alloc_init, compat
