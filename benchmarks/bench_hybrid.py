@@ -30,6 +30,7 @@ from pymem.batch import Batch, BatchAllocator
 from pymem.factory import ContextParams, create_memory, plan_memory
 from pymem.hybrid import HybridMemory
 from pymem.memory import MemoryStatus
+from pymem.runtime.describe import describe_plan
 from pymem.spec import LayerSpec, ModelSpec, RopeSpec, RopeType, SWAType
 
 N_CTX = 32768
@@ -179,7 +180,7 @@ def bench_bytes(n_seq: int) -> list[dict[str, object]]:
     params = ContextParams(
         n_ctx=N_CTX, n_seq_max=n_seq, n_ubatch=512, kv_unified=True, swa_full=False
     )
-    plan = plan_memory(spec, params).describe()
+    plan = describe_plan(plan_memory(spec, params))
     mem = create_memory(spec, params)
     assert isinstance(mem, HybridMemory)
     alloc = {name: sum(d.values()) for name, d in mem.memory_breakdown_by_part().items()}

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+import pymem
+from pymem.runtime.demo import add_demo_parser
+
 
 def _info(_: argparse.Namespace) -> int:
-    import pymem
-
     info = pymem.ggml_info()
     print(f"pymem {pymem.__version__}")
     print(f"ggml {info.version} ({info.commit}) bound from {info.source}: {info.path}")
@@ -28,8 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="which ggml pymem bound and which devices it sees").set_defaults(
         func=_info
     )
-    from pymem.runtime.demo import add_demo_parser
-
     add_demo_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))

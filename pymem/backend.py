@@ -58,10 +58,6 @@ class Device:
         lib.ggml_backend_dev_memory(self._dev, free, total)
         return int(free[0]), int(total[0])
 
-    @property
-    def max_buffer_size(self) -> int:
-        return int(lib.ggml_backend_buft_get_max_size(self._buft))
-
     def backend(self) -> Any:
         """A ``ggml_backend_t`` for this device, created once and kept for the process."""
         if self._backend is None:

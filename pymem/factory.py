@@ -52,15 +52,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pymem.errors import ConfigError
-from pymem.kv.iswa import swa_cache_size
+from pymem.hybrid import HybridISWAMemory, HybridMemory
+from pymem.kv import KVCache, KVCacheISWA, swa_cache_size
+from pymem.memory import Memory
+from pymem.recurrent import RecurrentMemory
 from pymem.spec import ModelSpec, SWAType
 from pymem.ubatch import LLAMA_MAX_SEQ
-
-if TYPE_CHECKING:
-    from pymem.memory import Memory
 
 LayerFilter = Callable[[int], bool]
 
@@ -173,6 +173,7 @@ def _check_cache_types(spec: ModelSpec, params: ContextParams) -> None:
     reference refuses that with flash attention on, and with it off builds a cache whose
     per-head views are broken; pymem refuses both. E.g. q8_0 (block 32) with head size 16.
     """
+    # pymem.types binds ggml when imported: importing the factory stays free of that
     from pymem.types import ggml_type
 
     tk, tv = ggml_type(params.type_k), ggml_type(params.type_v)
@@ -319,106 +320,6 @@ class MemoryPlan:
         if len(kv_parts) == 2:
             return kv_ok and kv_parts[0].kv_size == kv_parts[1].kv_size
         return kv_ok
-
-    def describe(self) -> dict[str, Any]:
-        """The plan in the shape of a recorded run's ``memory`` section (for comparison).
-
-        Row bytes come from the bound ggml's type table.
-        """
-        from pymem.types import ggml_type
-
-        spec, ctx = self.spec, self.ctx
-        has_kv = any(isinstance(p, KVPartPlan) for p in self.parts)
-        parts: list[dict[str, Any]] = []
-        for p in self.parts:
-            if isinstance(p, KVPartPlan):
-                tk, tv = ggml_type(p.type_k), ggml_type(p.type_v)
-                parts.append(
-                    {
-                        "kind": "kv",
-                        "name": p.name,
-                        "kv_size": p.kv_size,
-                        "n_pad": p.n_pad,
-                        "n_stream": p.n_stream,
-                        "n_seq_max": p.n_seq_max,
-                        "n_swa": p.n_swa,
-                        "swa_type": p.swa_type.name.lower(),
-                        "v_trans": p.v_trans,
-                        "has_cell_ext": spec.n_pos_per_embd > 1,
-                        "k_type": tk.name,
-                        "v_type": tv.name,
-                        "layers": [
-                            {
-                                "il": il,
-                                "n_embd_k_gqa": spec.n_embd_k_gqa(il),
-                                "n_embd_v_gqa": spec.n_embd_v_gqa(il),
-                                "has_v": True,
-                                "k_row_bytes": tk.row_size(spec.n_embd_k_gqa(il)),
-                                "v_row_bytes": tv.row_size(spec.n_embd_v_gqa(il)),
-                            }
-                            for il in p.layers
-                        ],
-                    }
-                )
-            else:
-                tr, ts = ggml_type(p.type_r), ggml_type(p.type_s)
-                n_r, n_s = spec.n_embd_r(), spec.n_embd_s()
-                parts.append(
-                    {
-                        "kind": "recurrent",
-                        "name": p.name,
-                        "mem_size": p.mem_size,
-                        "n_seq_max": p.n_seq_max,
-                        "n_layer_total": spec.n_layer,
-                        "n_rs_seq": p.n_rs_seq,
-                        "s_trans": False,
-                        "r_type": tr.name,
-                        "s_type": ts.name,
-                        "layers": [
-                            {
-                                "il": il,
-                                "n_embd_r": n_r,
-                                "n_embd_s": n_s,
-                                "r_row_bytes": tr.row_size(n_r),
-                                "s_row_bytes": ts.row_size(n_s),
-                                "has_ple": False,
-                            }
-                            for il in p.layers
-                        ],
-                    }
-                )
-        return {
-            "type": self.type,
-            "arch": spec.arch,
-            "n_seq_max": ctx.n_seq_max,
-            "kv_unified": ctx.kv_unified,
-            "n_stream": ctx.n_stream if has_kv else None,
-            "flash_attn": ctx.flash_attn,
-            "v_trans": ctx.v_trans if has_kv else None,
-            "swa_full": ctx.swa_full,
-            "n_ctx": ctx.n_ctx,
-            "n_ctx_seq": ctx.n_ctx_seq,
-            "n_batch": ctx.n_batch,
-            "n_ubatch": ctx.n_ubatch,
-            "n_swa": spec.n_swa,
-            "swa_type": spec.swa_type.name.lower(),
-            "type_k": ctx.type_k,
-            "type_v": ctx.type_v,
-            "layers": [
-                {
-                    "il": il,
-                    "recurrent": lay.recurrent,
-                    "swa": lay.swa,
-                    "n_embd_k_gqa": lay.n_embd_k_gqa,
-                    "n_embd_v_gqa": lay.n_embd_v_gqa,
-                    "n_embd_r": lay.n_embd_r if lay.recurrent else 0,
-                    "n_embd_s": lay.n_embd_s if lay.recurrent else 0,
-                }
-                for il, lay in enumerate(spec.layers)
-            ],
-            "parts": parts,
-            "can_shift": self.can_shift,
-        }
 
 
 def classify(spec: ModelSpec) -> str:
@@ -568,8 +469,6 @@ def _part_kw(layers: tuple[int, ...], device: Any) -> dict[str, Any]:
 
 def build_kv(spec: ModelSpec, part: KVPartPlan, device: Any = None) -> Any:
     """A :class:`pymem.kv.KVCache` for one planned part."""
-    from pymem.kv import KVCache
-
     return KVCache(
         spec,
         type_k=part.type_k,
@@ -587,8 +486,6 @@ def build_kv(spec: ModelSpec, part: KVPartPlan, device: Any = None) -> Any:
 
 def build_recurrent(spec: ModelSpec, part: RecurrentPartPlan, device: Any = None) -> Any:
     """A :class:`pymem.recurrent.RecurrentMemory` for one planned part."""
-    from pymem.recurrent import RecurrentMemory
-
     return RecurrentMemory(
         spec,
         type_r=part.type_r,
@@ -606,9 +503,6 @@ def build_from_plan(plan: MemoryPlan) -> Memory | None:
     The parts are built in plan order and composed by type; if any of that fails, the
     parts built so far are closed before the error propagates.
     """
-    from pymem.hybrid import HybridISWAMemory, HybridMemory
-    from pymem.kv.iswa import KVCacheISWA
-
     compose: dict[str, Callable[[list[Any]], Memory]] = {
         "kv_cache": lambda p: p[0],
         "recurrent": lambda p: p[0],
@@ -637,11 +531,6 @@ def build_from_plan(plan: MemoryPlan) -> Memory | None:
 
 def memory_type(mem: Memory | None) -> str:
     """The reference type name of a built memory (as :attr:`MemoryPlan.type`)."""
-    from pymem.hybrid import HybridMemory
-    from pymem.kv import KVCache
-    from pymem.kv.iswa import KVCacheISWA
-    from pymem.recurrent import RecurrentMemory
-
     if mem is None:
         return "none"
     if isinstance(mem, HybridMemory):
@@ -653,87 +542,6 @@ def memory_type(mem: Memory | None) -> str:
     if isinstance(mem, RecurrentMemory):
         return "recurrent"
     raise ConfigError(f"mem: not a pymem memory type: {type(mem).__name__}")
-
-
-def describe_memory(mem: Memory) -> dict[str, Any]:
-    """What a built memory actually holds, in the shape of :meth:`MemoryPlan.describe`'s
-    ``type`` / ``parts`` / ``can_shift`` (sizes and row bytes read from the live objects)."""
-    from pymem.hybrid import HybridMemory
-    from pymem.kv import KVCache
-    from pymem.kv.iswa import KVCacheISWA
-
-    kind = memory_type(mem)
-    named: list[tuple[str, Any]]
-    if isinstance(mem, HybridMemory):
-        attn = mem.mem_attn
-        if isinstance(attn, KVCacheISWA):
-            named = [("attn_base", attn.kv_base), ("attn_swa", attn.kv_swa)]
-        else:
-            named = [("attn", attn)]
-        named.append(("recr", mem.mem_recr))
-    elif isinstance(mem, KVCacheISWA):
-        named = [("base", mem.kv_base), ("swa", mem.kv_swa)]
-    elif isinstance(mem, KVCache):
-        named = [("kv", mem)]
-    else:
-        named = [("recr", mem)]
-
-    parts: list[dict[str, Any]] = []
-    for name, part in named:
-        if isinstance(part, KVCache):
-            parts.append(
-                {
-                    "kind": "kv",
-                    "name": name,
-                    "kv_size": part.get_size(),
-                    "n_pad": part.n_pad,
-                    "n_stream": part.get_n_stream(),
-                    "n_seq_max": part.n_seq_max,
-                    "n_swa": part.n_swa,
-                    "swa_type": part.swa_type.name.lower(),
-                    "v_trans": part.v_trans,
-                    "has_cell_ext": part.has_cell_ext(),
-                    "k_type": part.type_k.name,
-                    "v_type": part.type_v.name,
-                    "layers": [
-                        {
-                            "il": lay.il,
-                            "n_embd_k_gqa": lay.n_embd_k_gqa,
-                            "n_embd_v_gqa": lay.n_embd_v_gqa,
-                            "has_v": lay.v is not None,
-                            "k_row_bytes": lay.k.row_size,
-                            "v_row_bytes": part.type_v.row_size(lay.n_embd_v_gqa),
-                        }
-                        for lay in part.layers
-                    ],
-                }
-            )
-        else:
-            parts.append(
-                {
-                    "kind": "recurrent",
-                    "name": name,
-                    "mem_size": part.size,
-                    "n_seq_max": part.n_seq_max,
-                    "n_layer_total": part.spec.n_layer,
-                    "n_rs_seq": part.n_rs_seq,
-                    "s_trans": False,
-                    "r_type": part.type_r.name,
-                    "s_type": part.type_s.name,
-                    "layers": [
-                        {
-                            "il": il,
-                            "n_embd_r": part.n_embd_r,
-                            "n_embd_s": part.n_embd_s,
-                            "r_row_bytes": part.get_r_l(il).row_size,
-                            "s_row_bytes": part.get_s_l(il).row_size,
-                            "has_ple": False,
-                        }
-                        for il in part.layers
-                    ],
-                }
-            )
-    return {"type": kind, "parts": parts, "can_shift": mem.get_can_shift()}
 
 
 def create_memory(spec: ModelSpec, params: ContextParams | None = None) -> Memory | None:

@@ -356,25 +356,17 @@ class PendingWrites:
     """Tensor writes collected while parsing a blob, applied only after validation."""
 
     def __init__(self) -> None:
-        self._ops: list[tuple[str, Tensor, int, int, int, int, memoryview]] = []
+        self._ops: list[tuple[Tensor, int, memoryview]] = []
 
     def add(self, tensor: Tensor, offset: int, data: memoryview) -> None:
-        self._ops.append(("bytes", tensor, offset, 0, 0, 0, data))
-
-    def add_strided(
-        self, tensor: Tensor, offset: int, chunk: int, stride: int, n_chunks: int, data: memoryview
-    ) -> None:
-        self._ops.append(("strided", tensor, offset, chunk, stride, n_chunks, data))
+        self._ops.append((tensor, offset, data))
 
     def __len__(self) -> int:
         return len(self._ops)
 
     def commit(self) -> None:
-        for kind, tensor, offset, chunk, stride, n_chunks, data in self._ops:
-            if kind == "bytes":
-                tensor.write_bytes(data, offset)
-            else:
-                tensor.write_strided(data, offset, chunk, stride, n_chunks)
+        for tensor, offset, data in self._ops:
+            tensor.write_bytes(data, offset)
         self._ops.clear()
 
 

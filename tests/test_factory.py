@@ -22,12 +22,12 @@ from pymem.errors import ConfigError, UnsupportedError
 from pymem.factory import (
     ContextParams,
     create_memory,
-    describe_memory,
     plan_memory,
     resolve_context,
     swa_cache_size,
 )
 from pymem.gguf_spec import hparams_from_gguf, spec_from_gguf
+from pymem.runtime.describe import describe_memory, describe_plan
 from pymem.spec import LayerSpec, ModelSpec, RopeType, SWAType
 
 DATA = Path(__file__).parent / "data"
@@ -103,7 +103,7 @@ def test_plan_matches_recorded_memory(run: str) -> None:
     d = json.loads((DATA / "runs" / f"{run}.json").read_text())
     spec = spec_from_gguf(DATA / "models" / RUNS[run])
     plan = plan_memory(spec, ContextParams.from_dict(d["context_params"]))
-    assert plan.describe() == d["memory"]
+    assert describe_plan(plan) == d["memory"]
 
 
 @pytest.mark.parametrize("run", sorted(RUNS))
@@ -534,7 +534,7 @@ def test_built_memory_matches_its_plan(which: str, tmp_path: Path) -> None:
     plan = plan_memory(spec, params)
     mem = create_memory(spec, params)
     assert mem is not None
-    want = plan.describe()
+    want = describe_plan(plan)
     assert describe_memory(mem) == {k: want[k] for k in ("type", "parts", "can_shift")}
     # bytes allocated == bytes the parts need (V padded to the widest V when transposed,
     # as the reference does; every width here is uniform)

@@ -30,7 +30,14 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from pymem.backend import devices, get_device
+from pymem.errors import PymemError
+from pymem.factory import ContextParams, create_memory
+from pymem.recurrent import RecurrentMemory
 from pymem.runtime.config import PRESETS, TinyConfig
+from pymem.runtime.graph import TinyModel
+from pymem.runtime.oracle import Oracle
+from pymem.runtime.session import CheckResult, Session, memory_parts, tolerance_for, usage
 
 LAYER_NAMES = {"A": "attention", "S": "sliding-window attention", "R": "Mamba-2"}
 
@@ -70,8 +77,6 @@ class DemoResult:
 
 
 def _pick_device(name: str) -> str:
-    from pymem.backend import devices, get_device
-
     if name != "auto":
         return get_device(name).name
     devs = devices()
@@ -100,10 +105,6 @@ class _Log:
 
 def run(opts: DemoOptions, out: TextIO | None = None) -> DemoResult:
     """Run the demo scenario; print the summary to ``out`` (default stdout)."""
-    from pymem.factory import ContextParams, create_memory
-    from pymem.runtime import Oracle, TinyModel
-    from pymem.runtime.session import Session, tolerance_for, usage
-
     out = out if out is not None else sys.stdout
     log = _Log(out, opts.verbose)
     t_start = time.perf_counter()
@@ -323,17 +324,12 @@ def run(opts: DemoOptions, out: TextIO | None = None) -> DemoResult:
 
 def _fail(label: str) -> Any:
     """A failed check that is not a logit comparison (a sequence op gave the wrong answer)."""
-    from pymem.runtime.session import CheckResult
-
     return CheckResult(label, -1, 0, float("inf"), False)
 
 
 def _summary(s: Any, restored: Any, mem: Any, opts: DemoOptions, device: str, tol: float,
              peak_used: dict[str, int], notes: list[str], elapsed: float,
              png: str | None) -> DemoResult:  # fmt: skip
-    from pymem.recurrent import RecurrentMemory
-    from pymem.runtime.session import memory_parts, usage
-
     lines = ["", "memory parts (at the end; peak over the run):"]
     lines.append(
         f"  {'part':10s} {'cells used':>12s} {'peak':>6s} {'total':>7s}   bytes per device"
@@ -514,7 +510,6 @@ def add_demo_parser(subparsers: Any) -> None:
 def _main(args: argparse.Namespace) -> int:
     fields = DemoOptions.__dataclass_fields__
     opts = DemoOptions(**{k: v for k, v in vars(args).items() if k in fields})
-    from pymem.errors import PymemError
 
     try:
         result = run(opts)
