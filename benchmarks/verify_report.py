@@ -11,6 +11,7 @@ the bugs found so far, then writes the Markdown report with the numbers it measu
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import platform
 import random
@@ -204,6 +205,33 @@ def programs_section(seconds: float) -> list[str]:
     return lines
 
 
+def soak_section(path: Path) -> list[str]:
+    """The last long soak (benchmarks/soak.py) from its JSON, or a line saying there is none."""
+    if not path.exists():
+        return [f"No long soak recorded yet ({path.relative_to(ROOT)} is missing)."]
+    rep = json.loads(path.read_text())
+    lines = [
+        f"Long soak (`python benchmarks/soak.py`, {rep['date']}, {rep['machine']}, "
+        f"{rep['jobs']} jobs, {rep['wall_seconds'] / 60:.0f} min wall): "
+        f"**{rep['steps_total']:,} steps** in all.",
+        "",
+        "| memory | steps | programs | steps/s | seeds | result |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k in rep["kinds"]:
+        result = "no divergence" if k["failure"] is None else f"MISMATCH at {k['failure']['seed']}"
+        lines.append(
+            f"| {k['kind']} | {k['steps']:,} | {k['programs']:,} | {k['steps_per_s']:.0f} | "
+            f"{k['kind']}-{k['seed_base'] + 1} .. {k['kind']}-{k['seed_base'] + k['programs']} "
+            f"| {result} |"
+        )
+    lines += ["", "Configurations the soak drew (programs per value):", ""]
+    for k in rep["kinds"]:
+        items = ", ".join(f"{name} x{n}" for name, n in k["configurations"].items())
+        lines.append(f"- **{k['kind']}**: {items}")
+    return lines
+
+
 def hostile_section() -> list[str]:
     lines = [
         "| family | memory | cases | refused (typed, unchanged) | accepted (= spec) |",
@@ -245,6 +273,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=20.0, help="random programs per memory type")
     ap.add_argument("--out", default=str(ROOT / "docs" / "verification.md"))
+    ap.add_argument("--soak", default=str(ROOT / "benchmarks" / "results" / "soak.json"))
     args = ap.parse_args()
     logging.disable(logging.WARNING)
 
@@ -307,7 +336,10 @@ def main() -> None:
         "",
         *programs,
         "",
-        "Longer soak runs (`pytest -m soak`, seeded, after the bugs of section 4 were found): "
+        *soak_section(Path(args.soak)),
+        "",
+        "Earlier soak runs (`pytest -m soak`, seeded, after the bugs of section 4 were found, "
+        "before the package was split into layers): "
         + "; ".join(
             f"{sec} s per type from seed {seed}: {sum(steps):,} steps without a mismatch"
             for sec, seed, steps in SOAKS
