@@ -225,7 +225,11 @@ def bench_state(quick: bool) -> list[dict]:
                 try:
                     blob = kv.state_write(seq)
                     n = len(blob)
-                    runs = sio.cell_runs(sio.selected_cells(kv, 0, 2))[0].size if seq >= 0 else 1
+                    runs = (
+                        sio.cell_runs(sio.selected_cells(kv.layout, kv.v_cells[0], 2))[0].size
+                        if seq >= 0
+                        else 1
+                    )
                     t_w = best_of(lambda kv=kv, seq=seq: kv.state_write(seq), repeat=5, number=1)
                     t_r = best_of(
                         lambda kv=kv, blob=blob, seq=seq: kv.state_read(blob, seq),

@@ -52,6 +52,7 @@ from pymem.factory import ContextParams, create_memory
 from pymem.hybrid import HybridMemory
 from pymem.kv import KVCache
 from pymem.kv.iswa import KVCacheISWA
+from pymem.kv.state_io import zero_cells
 from pymem.memory import Memory, MemoryContext, MemoryStatus, StateFlags
 from pymem.recurrent import RecurrentMemory
 from pymem.spec import LayerSpec, ModelSpec, SWAType
@@ -360,7 +361,7 @@ def _emulate_kv_failure(kv: KVCache, data: bytes, off: int, seq_id: int) -> None
             if sinfo is not None:
                 kv.apply_ubatch(sinfo, ub)
                 kv.seq_rm(seq_id, -1, -1)
-                kv.zero_cells(strm, np.asarray(sinfo.idxs[0], dtype=np.int64))
+                zero_cells(kv.layout, kv.layers, strm, np.asarray(sinfo.idxs[0], dtype=np.int64))
             return
         # this stream parses: its cells stay, its rows are discarded with the reader
         counts = [struct.pack("<I", 0)] * n_stream

@@ -13,6 +13,7 @@ from kv_helpers import check_invariants, decode, make_kv, make_spec
 from pymem.batch import Batch, BatchAllocator
 from pymem.errors import BatchError, ConfigError, RangeError, TypeSpecError, UnsupportedError
 from pymem.kv import KVCache, SlotInfo
+from pymem.kv.inputs import build_k_idxs
 from pymem.memory import MemoryStatus
 from pymem.spec import LayerSpec, ModelSpec, RopeSpec, RopeType, SWAType
 from pymem.ubatch import UBatch
@@ -350,9 +351,7 @@ def test_one_stream_per_sequence_places_each_sequence_in_its_stream():
     sinfo = res.placed[0][0]
     assert sinfo.strm.tolist() == [0, 1] and sinfo.idxs.tolist() == [[0, 1], [0, 1]]
     assert res.placed[0][1].n_seqs_unq == 2
-    from pymem.kv.inputs import build_k_idxs
-
-    assert build_k_idxs(kv, sinfo).tolist() == [0, 1, 8, 9]
+    assert build_k_idxs(kv.layout, sinfo).tolist() == [0, 1, 8, 9]
     assert kv.seq_pos_max(1) == 1 and cells_of(kv, 2) == []
     # the sequential splitter puts seq 2 (not seq 1 + 1 after seq 0) in its own ubatch
     res = decode(kv, prompt(0, 1, 2) + prompt(2, 1))

@@ -7,7 +7,7 @@ import numpy as np
 from kv_helpers import decode, make_kv, make_spec
 
 from pymem.kv import KVCache, NonCausalType, SlotInfo
-from pymem.kv.inputs import build_k_idxs, build_v_idxs
+from pymem.kv.inputs import build_k_idxs, build_kq_mask, build_v_idxs
 from pymem.spec import ModelSpec, RopeSpec, RopeType, SWAType
 from pymem.ubatch import UBatch
 
@@ -17,15 +17,15 @@ X = -np.inf
 def test_k_and_v_indices():
     kv = make_kv(8, 3, unified=False)  # n_embd_v_gqa_max = 16
     sinfo = SlotInfo(np.array([0, 2], np.int32), np.array([[3, 4], [0, 1]], np.int32))
-    assert build_k_idxs(kv, sinfo).tolist() == [3, 4, 16, 17]
-    v = build_v_idxs(kv, sinfo)
+    assert build_k_idxs(kv.layout, sinfo).tolist() == [3, 4, 16, 17]
+    v = build_v_idxs(kv.layout, sinfo)
     assert v.dtype == np.int64 and v.size == 4 * 16
     # token 0 (cell 3 of stream 0): channels j -> j * 8 + 3
     assert v[:16].tolist() == [j * 8 + 3 for j in range(16)]
     # token 2 (cell 0 of stream 2): 2 * 8 * 16 + j * 8
     assert v[32:48].tolist() == [256 + j * 8 for j in range(16)]
     fa = make_kv(8, 3, unified=False, v_trans=False)
-    assert build_v_idxs(fa, sinfo).tolist() == [3, 4, 16, 17]
+    assert build_v_idxs(fa.layout, sinfo).tolist() == [3, 4, 16, 17]
 
 
 def test_context_getters_after_apply():
@@ -147,7 +147,7 @@ def test_mrope_equal_positions_are_ordered_by_y_then_x():
         [0, 1, -1],
         [1, 1, -1],
     ]
-    m = kv.kq_mask(ub, 8)[0]
+    m = build_kq_mask(kv.layout, kv.v_cells, kv.spec, ub, 8)[0]
     keep = (m[:, :5] == 0).astype(int).tolist()
     assert keep == [
         [1, 0, 0, 0, 0],

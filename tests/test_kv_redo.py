@@ -68,7 +68,7 @@ def test_per_sequence_restore_commits_the_simulated_placement() -> None:
     n = int(words[1])
     pos = words[2 : 2 + 3 * n].reshape(n, 3)[:, 0].copy()
     kv.seq_rm(1, -1, -1)
-    ub = sio._restore_ubatch(kv, 1, pos, None)
+    ub = sio._restore_ubatch(kv.n_pos_per_embd, 1, pos, None)
     sinfo = kv.find_slot(ub, False)
     assert sinfo is not None
     kv.apply_ubatch(sinfo, ub)

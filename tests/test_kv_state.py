@@ -298,7 +298,7 @@ def test_failed_restore_zeroing_helper_and_state_clear():
     assert kv.seq_pos_max(1) == -1
     k = kv.layers[0].k
     assert k.read_rows(only_1).max() == 0 and k.read_rows(shared).any()
-    vt = sio.v_trans_view(kv, kv.layers[0], 0)
+    vt = sio.v_trans_view(kv.layout, kv.layers[0], 0)
     assert not vt[:, only_1].any()
     kv.state_clear(-1)
     assert kv.v_cells[0].used == 0 and not kv.layers[0].k.read_bytes().strip(b"\0")
@@ -400,7 +400,7 @@ def test_whole_restore_zeroes_the_cells_it_does_not_fill():
     kv.state_read(blob)
     for layer in kv.layers:
         assert not layer.k.read_rows(np.arange(3, 32)).any()
-        assert not sio.v_trans_view(kv, layer, 0)[:, 3:].any()
+        assert not sio.v_trans_view(kv.layout, layer, 0)[:, 3:].any()
         assert np.array_equal(
             layer.k.read_rows([0, 1, 2]),
             small.layers[0 if layer.il == 0 else 1].k.read_rows([0, 1, 2]),

@@ -34,7 +34,7 @@ def _expected_part(kv, seq: int) -> tuple[np.ndarray, list[bytes], list[bytes]]:
     cells = np.flatnonzero(kv.v_cells[0].seq_mask(seq))
     ks = [layer.k.read_rows(cells).tobytes() for layer in kv.layers]
     if kv.v_trans:
-        vs = [sio.v_trans_view(kv, layer, 0)[:, cells].tobytes() for layer in kv.layers]
+        vs = [sio.v_trans_view(kv.layout, layer, 0)[:, cells].tobytes() for layer in kv.layers]
     else:
         vs = [layer.v.read_rows(cells).tobytes() for layer in kv.layers]
     return cells, ks, vs
@@ -107,10 +107,10 @@ def test_zero_cells_every_path_same_bytes(monkeypatch, name: str) -> None:
                 if device:
                     m.setattr(sio, "rows_view", lambda t: None)
                     m.setattr(sio, "v_trans_view", lambda kv, layer, strm: None)
-                kv.zero_cells(0, idx)
+                sio.zero_cells(kv.layout, kv.layers, 0, idx)
             out.append([t.read_bytes() for layer in kv.layers for t in (layer.k, layer.v)])
             if kv.v_trans:
-                vt = sio.v_trans_view(kv, kv.layers[0], 0)
+                vt = sio.v_trans_view(kv.layout, kv.layers[0], 0)
                 assert not vt[:, idx].any()
                 rest = np.setdiff1d(np.arange(1024), idx)
                 assert np.count_nonzero(vt[:, rest]) > 0.99 * vt[:, rest].size

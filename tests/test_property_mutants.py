@@ -16,7 +16,7 @@ from spec.harness import Config, Mismatch, Pair
 
 import pymem.recurrent.memory as pm_recurrent
 from pymem.hybrid import HybridMemory
-from pymem.kv import KVCache
+from pymem.kv import KVCache, KVCacheContext
 from pymem.kv.iswa import KVCacheISWA
 
 
@@ -59,12 +59,13 @@ def test_catches_slot_search_ignoring_the_head(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_catches_rollback_bound_off_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    orig = pm_recurrent._seq_rm
+    # memory.seq_rm calls seq_rm_cells by the name memory.py imported: patch that name
+    orig = pm_recurrent.seq_rm_cells
 
     def lenient(c, n_seq_max, n_rs_seq, seq_id, p0, p1):
         return orig(c, n_seq_max, n_rs_seq + 1 if n_rs_seq else 0, seq_id, p0, p1)
 
-    monkeypatch.setattr(pm_recurrent, "_seq_rm", lenient)
+    monkeypatch.setattr(pm_recurrent, "seq_rm_cells", lenient)
 
     def with_rollback(cfg: Config) -> Config:
         import dataclasses
@@ -89,13 +90,13 @@ def test_catches_hybrid_pos_max_rule(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_catches_a_wrong_k_row_index(monkeypatch: pytest.MonkeyPatch) -> None:
-    orig = KVCache.k_idxs
+    orig = KVCacheContext.get_k_idxs
 
-    def shifted(self, sinfo):
-        out = orig(self, sinfo).copy()
+    def shifted(self):
+        out = orig(self).copy()
         if out.size > 1:
             out[[0, -1]] = out[[-1, 0]]  # two tokens' rows swapped
         return out
 
-    monkeypatch.setattr(KVCache, "k_idxs", shifted)
+    monkeypatch.setattr(KVCacheContext, "get_k_idxs", shifted)
     assert _finds_mismatch("kv", 10)

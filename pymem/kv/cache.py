@@ -44,18 +44,33 @@ restore compacts each stream to cells ``[0, n)`` and zeroes the rest.
 Verified against recorded llama.cpp runs (tests/test_kv_parity.py): every cell, result,
 position and state byte of ``llama.main.fa0.u1``, and of the KV part of
 ``jamba.main.fa1.u0``; K-shift bytes equal llama.cpp's.
+
+This module owns the cells, heads, slot search, sequence operations and the planning
+journal. The work on tensors and graph inputs lives in helper modules that take only a
+:class:`~pymem.kv.layout.KVLayout`, the cells and the layers, never the cache:
+:mod:`~pymem.kv.inputs` (row indices, KQ mask), :mod:`~pymem.kv.graph` (ggml views and
+``set_rows``), :mod:`~pymem.kv.shift` (the K-shift graph) and :mod:`~pymem.kv.state_io`
+(state blobs, zeroing cells).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
+from pymem.backend import TensorSpec, TensorStore, get_device
+from pymem.batch import BatchAllocator
 from pymem.errors import BatchError, ClosedError, ConfigError, RangeError, UnsupportedError
+from pymem.ggml import GraphRunner
+from pymem.kv import graph as kv_graph
+from pymem.kv import state_io
 from pymem.kv.cells import KVCells
+from pymem.kv.inputs import build_k_idxs, build_kq_mask, build_v_idxs
+from pymem.kv.layout import KVLayer, KVLayout, SlotInfo
+from pymem.kv.shift import apply_k_shift, has_rope
 from pymem.memory import (
     POS_MAX,
     GraphInputs,
@@ -66,66 +81,12 @@ from pymem.memory import (
     Split,
     clamp_range,
 )
-from pymem.spec import ModelSpec, NonCausalType, RopeType, SWAType, masked_swa
+from pymem.spec import ModelSpec, NonCausalType, SWAType, masked_swa
+from pymem.state import StateReader, StateWriter
+from pymem.types import GGMLType, ggml_type
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
-if TYPE_CHECKING:
-    from pymem.backend import Tensor, TensorStore
-    from pymem.batch import BatchAllocator
-    from pymem.kv.state_io import KVStatePlan
-    from pymem.state import StateReader, StateWriter
-    from pymem.types import GGMLType
-
 N_PAD_GRAPH = 256  # n_kv is padded to a multiple of this, for a stable graph shape
-
-
-@dataclass(frozen=True, eq=False)
-class SlotInfo:
-    """Where a ubatch goes: ``idxs[s][i]`` is the cell of token ``s * size + i`` in stream
-    ``strm[s]`` (``llama_kv_cache::slot_info``). Indices need not be contiguous."""
-
-    strm: np.ndarray  # int32 [ns]
-    idxs: np.ndarray  # int32 [ns, size]
-
-    @property
-    def s0(self) -> int:
-        return int(self.strm.min())
-
-    @property
-    def s1(self) -> int:
-        return int(self.strm.max())
-
-    @property
-    def n_stream(self) -> int:
-        return int(self.strm.shape[0])
-
-    @property
-    def size(self) -> int:
-        return int(self.idxs.shape[1])
-
-    def head(self) -> int:
-        return int(self.idxs[0, 0])
-
-    def is_contiguous(self) -> bool:
-        if self.n_stream > 1:
-            return False
-        idx = self.idxs[0]
-        return bool(idx.size == 0 or np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)))
-
-    def __repr__(self) -> str:
-        return f"SlotInfo(strm={self.strm.tolist()}, idxs={self.idxs.tolist()})"
-
-
-@dataclass(frozen=True, eq=False)
-class KVLayer:
-    """One cached layer: model layer index, its tensors and widths."""
-
-    il: int
-    k: Tensor
-    v: Tensor | None
-    n_embd_k_gqa: int
-    n_embd_v_gqa: int  # the true width (V may be padded to the widest layer)
-    device: str
 
 
 def _int_arg(name: str, value: Any, lo: int, hi: int | None = None) -> int:
@@ -169,9 +130,6 @@ class KVCache(Memory):
         reuse: Callable[[int], int] | None = None,
         name_tag: str = "",
     ) -> None:
-        from pymem.backend import TensorSpec, TensorStore, get_device
-        from pymem.types import ggml_type
-
         if not isinstance(spec, ModelSpec):
             raise ConfigError(f"spec: expected a pymem.spec.ModelSpec, got {type(spec).__name__}")
         self.spec = spec
@@ -325,9 +283,26 @@ class KVCache(Memory):
             self.seq_to_stream = np.arange(self.n_stream, dtype=np.int32)
         else:
             self.seq_to_stream = np.zeros(LLAMA_MAX_SEQ, dtype=np.int32)
+        self.seq_to_stream.flags.writeable = False
+        # the same facts, frozen, for the helper modules
+        self.layout = KVLayout(
+            kv_size=self.kv_size,
+            n_stream=self.n_stream,
+            n_seq_max=self.n_seq_max,
+            n_pad=self.n_pad,
+            v_trans=self.v_trans,
+            swa_type=self.swa_type,
+            n_swa=self.n_swa,
+            type_k=self.type_k,
+            type_v=self.type_v,
+            n_embd_v_gqa_max=self.n_embd_v_gqa_max,
+            with_ext=self.with_ext,
+            n_pos_per_embd=self.n_pos_per_embd,
+            seq_to_stream=self.seq_to_stream,
+        )
         self._pending_copies: list[tuple[int, int]] = []
         self._version = 0  # bumped by every mutation (stale state-read plans are refused)
-        self._runners: dict[str, Any] = {}
+        self._runners: dict[str, GraphRunner] = {}
         self._closed = False
 
     # --- properties -----------------------------------------------------------------
@@ -393,12 +368,10 @@ class KVCache(Memory):
             st.close()
         self._closed = True
 
-    def _runner(self, device: str) -> Any:
+    def _runner(self, device: str) -> GraphRunner:
         """The graph runner of ``device`` (K-shift), created on first use."""
         runner = self._runners.get(device)
         if runner is None:
-            from pymem.ggml import GraphRunner
-
             runner = self._runners[device] = GraphRunner(device)
         return runner
 
@@ -660,19 +633,25 @@ class KVCache(Memory):
         """
         self.check_open()
         res: list[SlotInfo] = []
-        version = self._version
-        heads = self.begin_plan()
-        try:
+        with self._planning():
             for ub in ubatches:
                 sinfo = self.find_slot(ub, False)
                 if sinfo is None:
                     return None
                 res.append(sinfo)
                 self.apply_ubatch(sinfo, ub)
+        return res
+
+    @contextmanager
+    def _planning(self) -> Iterator[None]:
+        """Journal every stream; on exit put back the cells, heads and version exactly."""
+        version = self._version
+        heads = self.begin_plan()
+        try:
+            yield
         finally:
             self.rollback_plan(heads)
             self._version = version
-        return res
 
     def _usable(self, cells: KVCells, lo: int = 0, hi: int | None = None) -> np.ndarray:
         """Cells ``[lo, hi)`` a new token may take: empty, or held by exactly one sequence
@@ -855,69 +834,59 @@ class KVCache(Memory):
                     layer.v.copy_rows(src_rows, layer.v, dst_rows)
         updated = False
         if do_shift:
-            if any(self._has_rope(layer.il) for layer in self.layers):
-                from pymem.kv.shift import apply_k_shift
-
-                apply_k_shift(self)
+            rope_layers = [lay for lay in self.layers if has_rope(self.spec.layers[lay.il])]
+            if rope_layers:
+                apply_k_shift(self.layout, self.spec, rope_layers, self.k_shift(), self._runner)
                 updated = True
             for cells in self.v_cells:
                 cells.reset_shift()
         return updated
 
-    def _has_rope(self, il: int) -> bool:
-        rope = self.spec.layers[il].rope
-        return rope is not None and rope.rope_type != RopeType.NONE and rope.n_rot > 0
-
-    # --- graph inputs ---------------------------------------------------------------------
-    def k_idxs(self, sinfo: SlotInfo) -> np.ndarray:
-        from pymem.kv.inputs import build_k_idxs
-
-        return build_k_idxs(self, sinfo)
-
-    def v_idxs(self, sinfo: SlotInfo) -> np.ndarray:
-        from pymem.kv.inputs import build_v_idxs
-
-        return build_v_idxs(self, sinfo)
-
     def k_shift(self) -> np.ndarray:
-        from pymem.kv.inputs import build_k_shift
+        """The K-shift graph input: the pending shift of every cell, streams concatenated
+        (int32 ``[kv_size * n_stream]``), 0 for empty cells.
 
-        return build_k_shift(self)
-
-    def kq_mask(
-        self,
-        ubatch: UBatch,
-        n_kv: int,
-        causal_attn: bool | None = None,
-        dtype: Any = np.float32,
-        non_causal_type: NonCausalType | None = None,
-    ) -> np.ndarray:
-        from pymem.kv.inputs import build_kq_mask
-
-        return build_kq_mask(self, ubatch, n_kv, causal_attn, dtype, non_causal_type)
+        E.g. pos [0, -1, 4], shift [2, 7, 2] -> [2, 0, 2].
+        """
+        parts = [np.where(c.pos >= 0, c.shift, 0).astype(np.int32) for c in self.v_cells]
+        return np.concatenate(parts)
 
     # --- state -------------------------------------------------------------------------
     def state_write_into(self, writer: StateWriter, seq_id: int = -1, flags: int = 0) -> None:
         """Serialise this cache's part of a state blob into ``writer`` (format b.2)."""
         self.check_open()
-        from pymem.kv.state_io import write_kv_state
-
         seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
-        write_kv_state(self, writer, seq_id)
+        state_io.write_kv_state(self.layout, self.v_cells, self.layers, writer, seq_id)
 
     def state_read_parse(
         self, reader: StateReader, seq_id: int = -1, flags: int = 0
-    ) -> KVStatePlan:
+    ) -> state_io.KVStatePlan:
         """Parse and validate this cache's part of a blob; change nothing.
 
         Returns a plan whose ``commit()`` applies it. Raises StateError naming the field
         that did not match. Nothing may change the cache between parse and commit.
         """
         self.check_open()
-        from pymem.kv.state_io import parse_kv_state
-
         seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
-        return parse_kv_state(self, reader, seq_id)
+        hooks = state_io.KVStateHooks(
+            version=lambda: self._version,
+            mark_mutated=self._mutated,
+            clear=self.clear,
+            planning=self._planning,
+            place=self._place_restored,
+        )
+        return state_io.parse_kv_state(
+            self.layout, self.v_cells, self.v_heads, self.layers, hooks, reader, seq_id
+        )
+
+    def _place_restored(self, seq_id: int, ubatch: UBatch) -> SlotInfo | None:
+        """Where a per-sequence restore puts ``seq_id``'s cells: the sequence is removed,
+        then placed as one ubatch (``find_slot`` + ``apply_ubatch``); None if it does not fit."""
+        self.seq_rm(seq_id, -1, -1)
+        sinfo = self.find_slot(ubatch, False)
+        if sinfo is not None:
+            self.apply_ubatch(sinfo, ubatch)
+        return sinfo
 
     def state_clear(self, seq_id: int = -1) -> None:
         """Undo a restore of ``seq_id`` (-1: everything) that another part failed to complete:
@@ -930,56 +899,7 @@ class KVCache(Memory):
         cells = self.v_cells[strm]
         only = np.flatnonzero(cells.owner == seq_id)
         self.seq_rm(seq_id, -1, -1)
-        self.zero_cells(strm, only)
-
-    def zero_range(self, strm: int, a: int, b: int) -> None:
-        """Zero the K/V bytes of cells ``[a, b)`` of stream ``strm`` in every layer."""
-        if b <= a:
-            return
-        from pymem.kv.state_io import rows_view, v_trans_view
-
-        r0, r1 = strm * self.kv_size + a, strm * self.kv_size + b
-        for layer in self.layers:
-            for t in (layer.k, layer.v):
-                if t is None or (t is layer.v and self.v_trans):
-                    continue
-                view = rows_view(t)
-                if view is not None:
-                    view[r0:r1] = 0
-                else:
-                    t.fill_rows(np.arange(r0, r1, dtype=np.int64), 0)
-            if layer.v is not None and self.v_trans:
-                vt = v_trans_view(self, layer, strm)
-                if vt is not None:
-                    vt[:, a:b] = 0
-                else:
-                    el = self.type_v.type_size
-                    n_ch = layer.v.shape[0]
-                    zero = bytes(el * (b - a) * n_ch)
-                    base = strm * layer.v.nb[2] + a * el
-                    layer.v.write_strided(zero, base, el * (b - a), self.kv_size * el, n_ch)
-
-    def zero_cells(self, strm: int, idx: np.ndarray) -> None:
-        """Zero the K/V bytes of cells ``idx`` of stream ``strm`` in every layer."""
-        if idx.size == 0:
-            return
-        rows = strm * self.kv_size + np.asarray(idx, dtype=np.int64)
-        for layer in self.layers:
-            layer.k.fill_rows(rows, 0)
-            if layer.v is None:
-                continue
-            if not self.v_trans:
-                layer.v.fill_rows(rows, 0)
-            else:
-                from pymem.kv.state_io import v_trans_view
-
-                view = v_trans_view(self, layer, strm)
-                if view is not None:
-                    view[:, idx] = 0
-                else:
-                    from pymem.kv.state_io import zero_cols
-
-                    zero_cols(self, layer, strm, np.asarray(idx, dtype=np.int64))
+        state_io.zero_cells(self.layout, self.layers, strm, only)
 
 
 class KVCacheContext(MemoryContext):
@@ -1064,14 +984,11 @@ class KVCacheContext(MemoryContext):
 
     def get_k_idxs(self) -> np.ndarray:
         """int64 ``[n_tokens]``: the global row (``strm * kv_size + cell``) of each token's K."""
-        return self.kv.k_idxs(self.get_sinfo())
+        return build_k_idxs(self.kv.layout, self.get_sinfo())
 
     def get_v_idxs(self) -> np.ndarray:
         """int64: V rows as K, or with ``v_trans`` element indices ``[n_tokens * n_embd_v_gqa_max]``."""
-        return self.kv.v_idxs(self.get_sinfo())
-
-    def get_k_shift(self) -> np.ndarray:
-        return self.kv.k_shift()
+        return build_v_idxs(self.kv.layout, self.get_sinfo())
 
     def get_kq_mask(
         self,
@@ -1082,25 +999,33 @@ class KVCacheContext(MemoryContext):
         """The KQ mask of the current ubatch: ``[n_stream, n_tokens / n_stream, n_kv]``
         (ggml ``[n_kv, n_tps, 1, n_stream]``), 0 where attended, -inf elsewhere (ALiBi:
         ``-|p0 - p1|``)."""
-        return self.kv.kq_mask(self.get_ubatch(), self.n_kv, causal_attn, dtype, non_causal_type)
+        kv = self.kv
+        return build_kq_mask(
+            kv.layout,
+            kv.v_cells,
+            kv.spec,
+            self.get_ubatch(),
+            self.n_kv,
+            causal_attn,
+            dtype,
+            non_causal_type,
+        )
 
     # --- graph helpers (pymem.ggml) -----------------------------------------------------------
     def get_k(self, ctx: Any, il: int) -> Any:
-        from pymem.kv.graph import get_k
-
-        return get_k(self.kv, ctx, il, self.n_kv, self.get_sinfo())
+        kv = self.kv
+        return kv_graph.get_k(
+            kv.layout, kv.layer(il), kv.spec.layers[il], ctx, self.n_kv, self.get_sinfo()
+        )
 
     def get_v(self, ctx: Any, il: int) -> Any:
-        from pymem.kv.graph import get_v
-
-        return get_v(self.kv, ctx, il, self.n_kv, self.get_sinfo())
+        kv = self.kv
+        return kv_graph.get_v(
+            kv.layout, kv.layer(il), kv.spec.layers[il], ctx, il, self.n_kv, self.get_sinfo()
+        )
 
     def cpy_k(self, ctx: Any, k_cur: Any, k_idxs: Any, il: int) -> Any:
-        from pymem.kv.graph import cpy_k
-
-        return cpy_k(self.kv, ctx, k_cur, k_idxs, il)
+        return kv_graph.cpy_k(self.kv.layout, self.kv.layer(il), ctx, k_cur, k_idxs)
 
     def cpy_v(self, ctx: Any, v_cur: Any, v_idxs: Any, il: int) -> Any:
-        from pymem.kv.graph import cpy_v
-
-        return cpy_v(self.kv, ctx, v_cur, v_idxs, il)
+        return kv_graph.cpy_v(self.kv.layout, self.kv.layer(il), ctx, v_cur, v_idxs, il)

@@ -217,19 +217,12 @@ class KVCells:
             self._used_max_dirty = False
         return self._used_max_p1
 
-    def used_min(self) -> int:
-        nz = np.flatnonzero(self.pos >= 0)
-        return int(nz[0]) if nz.size else 0
-
     def is_empty(self, i: int) -> bool:
         return bool(self.pos[i] < 0)
 
     def seq_has(self, i: int, seq_id: int) -> bool:
         w, b = seq_word_bit(seq_id)
         return bool(self.seq[i, w] & b)
-
-    def seq_count(self, i: int) -> int:
-        return int(np.bitwise_count(self.seq[i]).sum())
 
     def seq_ids_of(self, i: int) -> list[int]:
         """Sequence ids of cell ``i``, ascending (not for hot paths)."""
@@ -281,11 +274,6 @@ class KVCells:
         for s in np.flatnonzero(self._pdirty):
             self._refresh(int(s))
         return self._pmax
-
-    def present_seqs(self) -> np.ndarray:
-        """Ids of the sequences with at least one cell here, ascending."""
-        words = np.bitwise_or.reduce(self.seq, axis=0)
-        return np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little"))
 
     # --- primitive mutations (vectorised over index arrays) ---------------------------
     def _dirty_from(self, idx: np.ndarray) -> None:

@@ -1,34 +1,35 @@
-"""Graph inputs of the KV cache for one ubatch: row indices, the KQ mask, K-shift positions.
+"""Graph inputs of the KV cache for one ubatch: K/V row indices and the KQ mask.
 
+Each builder takes only what it reads: the cache's :class:`~pymem.kv.layout.KVLayout`,
+its cells (``v_cells``, one :class:`~pymem.kv.cells.KVCells` per stream), a
+:class:`~pymem.kv.layout.SlotInfo`, and for the mask the model's attention options.
 All whole-array numpy; the values are exactly those of the reference's ``set_input_*``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from pymem.kv.cells import OWNER_MULTI
-from pymem.spec import NonCausalType, SWAType, masked_swa
-from pymem.ubatch import LLAMA_MAX_SEQ
-
-if TYPE_CHECKING:
-    from pymem.kv.cache import KVCache, SlotInfo
-    from pymem.ubatch import UBatch
+from pymem.kv.cells import OWNER_MULTI, KVCells
+from pymem.kv.layout import KVLayout, SlotInfo
+from pymem.spec import ModelSpec, NonCausalType, SWAType, masked_swa
+from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
 
-def build_k_idxs(kv: KVCache, sinfo: SlotInfo) -> np.ndarray:
+def build_k_idxs(layout: KVLayout, sinfo: SlotInfo) -> np.ndarray:
     """Global K rows of the slot's tokens: ``strm * kv_size + cell`` (int64).
 
     E.g. kv_size 8, strm [0, 2], idxs [[3, 4], [0, 1]] -> [3, 4, 16, 17].
     """
-    offs = sinfo.strm.astype(np.int64)[:, None] * kv.kv_size
+    offs = sinfo.strm.astype(np.int64)[:, None] * layout.kv_size
     return (offs + sinfo.idxs).ravel()
 
 
-def build_v_idxs(kv: KVCache, sinfo: SlotInfo) -> np.ndarray:
+def build_v_idxs(layout: KVLayout, sinfo: SlotInfo) -> np.ndarray:
     """V destinations of the slot's tokens (int64).
 
     Without ``v_trans``: rows, as :func:`build_k_idxs`. With ``v_trans``: one index per
@@ -36,32 +37,24 @@ def build_v_idxs(kv: KVCache, sinfo: SlotInfo) -> np.ndarray:
     ``E = n_embd_v_gqa_max``. E.g. kv_size 8, E 2, one stream 0, idxs [[3, 4]] ->
     [3, 11, 4, 12].
     """
-    if not kv.v_trans:
-        return build_k_idxs(kv, sinfo)
-    e = kv.n_embd_v_gqa_max
-    offs = sinfo.strm.astype(np.int64)[:, None, None] * (kv.kv_size * e)
-    chan = np.arange(e, dtype=np.int64)[None, None, :] * kv.kv_size
+    if not layout.v_trans:
+        return build_k_idxs(layout, sinfo)
+    e = layout.n_embd_v_gqa_max
+    # E.g. kv_size 8, E 2, strm [1] -> offs [[[16]]], chan [[[0, 8]]]; + cell 3 -> [19, 27]
+    offs = sinfo.strm.astype(np.int64)[:, None, None] * (layout.kv_size * e)
+    chan = np.arange(e, dtype=np.int64)[None, None, :] * layout.kv_size
     return (offs + chan + sinfo.idxs[:, :, None].astype(np.int64)).ravel()
 
 
-def build_k_shift(kv: KVCache) -> np.ndarray:
-    """Pending shift of every cell, streams concatenated (int32 ``[kv_size * n_stream]``);
-    0 for empty cells."""
-    parts = [np.where(c.pos >= 0, c.shift, 0).astype(np.int32) for c in kv.v_cells]
-    return np.concatenate(parts)
-
-
-def _seq_members(
-    kv: KVCache, strm: int, seqs: np.ndarray, n_kv: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(sequence index, cell) pairs: cell ``j < n_kv`` of stream ``strm`` holds ``seqs[u]``.
+def _seq_members(cells: KVCells, seqs: np.ndarray, n_kv: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sequence index, cell) pairs: cell ``j < n_kv`` of ``cells`` holds ``seqs[u]``.
 
     O(n_kv): single-sequence cells are mapped through a lookup table on ``owner``; only
     cells shared by several sequences need bit tests. Ungrouped.
     E.g. owner [0, 1, 0, -1], seqs [0, 1] -> u [0, 1, 0], cells [0, 1, 2].
     """
-    cells = kv.v_cells[strm]
     owner = cells.owner[:n_kv]
+    # E.g. seqs [0, 1] -> lut[2] = 0, lut[3] = 1, -1 elsewhere (owners -2 and -1 included)
     lut = np.full(LLAMA_MAX_SEQ + 2, -1, dtype=np.int32)
     lut[seqs + 2] = np.arange(seqs.size, dtype=np.int32)
     u_of = lut[owner + 2]
@@ -70,6 +63,7 @@ def _seq_members(
     if cells.n_multi:
         multi = np.flatnonzero(owner == OWNER_MULTI)
         words = cells.seq[multi][:, seqs >> 6]  # [n_multi, U]
+        # E.g. seqs [1, 65], a cell's words [0b10, 0b00, ...] -> its bits [1, 0]
         bits = (words >> (seqs & 63).astype(np.uint64)[None, :]) & np.uint64(1)
         m_rows, m_u = np.nonzero(bits)
         u = np.concatenate((u, m_u.astype(np.int32)))
@@ -77,14 +71,13 @@ def _seq_members(
     return u, members
 
 
-def _seq_cells(
-    kv: KVCache, strm: int, seqs: np.ndarray, n_kv: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The cells of each of ``seqs`` in CSR form ``(ptr, cells)``: the cells of
-    ``seqs[u]`` are ``cells[ptr[u]:ptr[u + 1]]``.
-    E.g. owner [0, 1, 0, -1], seqs [0, 1] -> ptr [0, 2, 3], cells [0, 2, 1].
+def _seq_cells(cells: KVCells, seqs: np.ndarray, n_kv: int) -> tuple[np.ndarray, np.ndarray]:
+    """The cells ``j < n_kv`` of each of ``seqs`` in CSR form ``(ptr, members)``: those of
+    ``seqs[u]`` are ``members[ptr[u]:ptr[u + 1]]``, ascending.
+    E.g. owner [0, 1, 0, -1], seqs [0, 1] -> ptr [0, 2, 3], members [0, 2, 1].
     """
-    u, members = _seq_members(kv, strm, seqs, n_kv)
+    u, members = _seq_members(cells, seqs, n_kv)
+    # group by sequence, keeping cell order within each: E.g. u [0, 1, 0] -> order [0, 2, 1]
     order = np.argsort(u.astype(np.int16), kind="stable")
     counts = np.bincount(u, minlength=seqs.size)
     ptr = np.zeros(seqs.size + 1, dtype=np.int64)
@@ -126,7 +119,9 @@ def _keep(
 
 
 def build_kq_mask(
-    kv: KVCache,
+    layout: KVLayout,
+    v_cells: Sequence[KVCells],
+    spec: ModelSpec,
     ubatch: UBatch,
     n_kv: int,
     causal_attn: bool | None = None,
@@ -148,51 +143,56 @@ def build_kq_mask(
     Only the (token, cell) pairs of a token's own sequence are evaluated: as a list of
     pairs scattered into a -inf matrix when they are a small part of it (many sequences,
     one token each), otherwise as dense rows.
+
+    ``spec`` supplies the defaults of ``causal_attn`` and ``non_causal_type`` and says
+    whether ALiBi is used; ``v_cells`` are the cache's cells, one :class:`KVCells` per stream.
     """
-    spec = kv.spec
     causal = spec.causal_attn if causal_attn is None else bool(causal_attn)
     nct = NonCausalType(spec.non_causal_type if non_causal_type is None else non_causal_type)
     if not causal and nct == NonCausalType.SWA_ONLY:
-        causal = kv.swa_type == SWAType.NONE
+        causal = layout.swa_type == SWAType.NONE
     dt = np.dtype(dtype)
 
     n_tokens = ubatch.n_tokens
-    n_stream = 1 if kv.n_stream == 1 else ubatch.n_seqs_unq
+    n_stream = 1 if layout.n_stream == 1 else ubatch.n_seqs_unq
     n_tps = n_tokens // n_stream
     seq0 = ubatch.seq_id[:, 0]
     p1_all = ubatch.pos[:n_tokens]
     is_2d = ubatch.is_pos_2d()
 
     span = None
-    if kv.swa_type != SWAType.NONE and not causal and nct == NonCausalType.SWA_FULL:
+    if layout.swa_type != SWAType.NONE and not causal and nct == NonCausalType.SWA_FULL:
         span = np.full(LLAMA_MAX_SEQ, np.iinfo(np.int32).max, dtype=np.int32)
+        # E.g. seq0 [0, 0, 1], pos [4, 5, 2] -> span[0] 4, span[1] 2
         np.minimum.at(span, seq0, p1_all)
-    rules = _MaskRules(causal, kv.swa_type, kv.n_swa, spec.use_alibi, span)
+    rules = _MaskRules(causal, layout.swa_type, layout.n_swa, spec.use_alibi, span)
 
     out = np.empty((n_stream, n_tps, n_kv), dtype=dt)
     out.fill(-np.inf)
     for s in range(n_stream):
         tok = slice(s * n_tps, (s + 1) * n_tps)
         sq = seq0[tok]
-        strm = int(kv.seq_to_stream[int(sq[0])])
+        cells = v_cells[int(layout.seq_to_stream[int(sq[0])])]
         uniq, inv = np.unique(sq, return_inverse=True)
         inv = inv.ravel()
         p1x = ubatch.pos[2 * n_tokens :][tok] if is_2d else None
         p1y = ubatch.pos[n_tokens:][tok] if is_2d else None
         if uniq.size == n_tps:
             # one token per sequence (decode): each member cell pairs with exactly one token
-            u, j = _seq_members(kv, strm, uniq, n_kv)
+            u, j = _seq_members(cells, uniq, n_kv)
+            # the token of each distinct sequence: E.g. sq [5, 2] -> inv [1, 0] -> tok_of [1, 0]
             tok_of = np.empty(n_tps, dtype=np.int64)
             tok_of[inv] = np.arange(n_tps)
             if 4 * j.size <= n_tps * n_kv:
-                _mask_pair_list(kv, strm, rules, sq, p1_all[tok], p1x, p1y, tok_of[u], j, out[s])
+                _mask_pair_list(cells, rules, sq, p1_all[tok], p1x, p1y, tok_of[u], j, out[s])
                 continue
-        ptr, members = _seq_cells(kv, strm, uniq, n_kv)
+        ptr, members = _seq_cells(cells, uniq, n_kv)
+        # own-sequence cells per token: E.g. ptr [0, 2, 3], inv [0, 0, 1] -> [2, 2, 1]
         counts = (ptr[1:] - ptr[:-1])[inv]
         n_pairs = int(counts.sum())
         if n_pairs == 0:
             continue
-        args = (kv, strm, rules, sq, p1_all[tok], p1x, p1y)
+        args = (cells, rules, sq, p1_all[tok], p1x, p1y)
         if 4 * n_pairs <= n_tps * n_kv:
             _mask_pairs(*args, inv, ptr, members, counts, out[s])
         else:
@@ -201,8 +201,7 @@ def build_kq_mask(
 
 
 def _mask_pairs(
-    kv: KVCache,
-    strm: int,
+    cells: KVCells,
     rules: _MaskRules,
     sq: np.ndarray,
     p1: np.ndarray,
@@ -220,12 +219,11 @@ def _mask_pairs(
     t = np.repeat(np.arange(counts.size), counts)
     first = np.repeat(ptr[:-1][inv] - (np.cumsum(counts) - counts), counts)
     j = members[first + np.arange(n_pairs)]
-    _mask_pair_list(kv, strm, rules, sq, p1, p1x, p1y, t, j, out)
+    _mask_pair_list(cells, rules, sq, p1, p1x, p1y, t, j, out)
 
 
 def _mask_pair_list(
-    kv: KVCache,
-    strm: int,
+    cells: KVCells,
     rules: _MaskRules,
     sq: np.ndarray,
     p1: np.ndarray,
@@ -236,7 +234,6 @@ def _mask_pair_list(
     out: np.ndarray,
 ) -> None:
     """Decide the pairs (token ``t[k]``, cell ``j[k]``) and write the kept ones."""
-    cells = kv.v_cells[strm]
     n_pairs = t.size
     p0 = cells.pos[j]
     pt = p1[t]
@@ -261,8 +258,7 @@ def _mask_pair_list(
 
 
 def _mask_rows(
-    kv: KVCache,
-    strm: int,
+    cells: KVCells,
     rules: _MaskRules,
     sq: np.ndarray,
     p1: np.ndarray,
@@ -274,7 +270,6 @@ def _mask_rows(
     out: np.ndarray,
 ) -> None:
     """Evaluate whole rows: one own-sequence row per distinct sequence, repeated per token."""
-    cells = kv.v_cells[strm]
     n_kv = out.shape[1]
     n_uniq = ptr.size - 1
     has = np.zeros((n_uniq, n_kv), dtype=bool)

@@ -33,16 +33,14 @@ SWA part fails, so a sequence can have base cells and no SWA cells).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from pymem.batch import BatchAllocator
 from pymem.composite import CompositeMemory, PairContext
 from pymem.errors import ConfigError
 from pymem.kv.cache import KVCache, KVCacheContext
 from pymem.memory import GraphInputs, Split, StateFlags
 from pymem.spec import ModelSpec, SWAType
-
-if TYPE_CHECKING:
-    from pymem.batch import BatchAllocator
 
 SWA_PAD = 256
 """The SWA cache is always padded to a multiple of 256 cells (llama.cpp issue 17037)."""

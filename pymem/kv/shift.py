@@ -11,17 +11,26 @@ fixes them in place. One graph per device covers every layer with RoPE:
 Per-layer parameters come from ``LayerSpec.rope`` (mode, freq base/scale, YaRN fields).
 M-RoPE and iM-RoPE are shifted as NEOX, as the reference does. Not supported: rope
 frequency factors, the MLA "nope" offset, and K stored Hadamard-rotated.
+
+:func:`apply_k_shift` takes the cache's layout, the layers to rotate, the pending shift of
+every cell (``KVCache.k_shift()``) and a callable giving the graph runner of a device.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
 
-from pymem.kv.inputs import build_k_shift
-from pymem.spec import RopeType
+import numpy as np
 
-if TYPE_CHECKING:
-    from pymem.kv.cache import KVCache
+import pymem.ggml as gg
+from pymem.kv.layout import KVLayer, KVLayout
+from pymem.spec import LayerSpec, ModelSpec, RopeType
+
+
+def has_rope(lay: LayerSpec) -> bool:
+    """Whether model layer ``lay`` rotates K (and so needs the K-shift)."""
+    rope = lay.rope
+    return rope is not None and rope.rope_type != RopeType.NONE and rope.n_rot > 0
 
 
 def rope_mode(rope_type: RopeType) -> int:
@@ -31,23 +40,27 @@ def rope_mode(rope_type: RopeType) -> int:
     return int(rope_type)
 
 
-def apply_k_shift(kv: KVCache) -> None:
-    """Rotate every RoPE layer's K by the cells' pending shifts (one graph per device)."""
-    import pymem.ggml as gg
-
-    shift = build_k_shift(kv)
-    n_cells = kv.kv_size * kv.n_stream
-    by_dev: dict[str, list] = {}
-    for layer in kv.layers:
-        if kv._has_rope(layer.il):
-            by_dev.setdefault(layer.device, []).append(layer)
-    for dev, layers in by_dev.items():
-        runner = kv._runner(dev)
-        with gg.Context(max_tensors=8 * len(layers) + 8) as ctx:
+def apply_k_shift(
+    layout: KVLayout,
+    spec: ModelSpec,
+    layers: Sequence[KVLayer],
+    shift: np.ndarray,
+    runner: Callable[[str], gg.GraphRunner],
+) -> None:
+    """Rotate the K of ``layers`` (each :func:`has_rope`) by ``shift``, the pending shift of
+    every cell, streams concatenated (int32 ``[kv_size * n_stream]``). One graph per
+    device, run by ``runner(device)``."""
+    n_cells = layout.kv_size * layout.n_stream
+    by_dev: dict[str, list[KVLayer]] = {}
+    for layer in layers:
+        by_dev.setdefault(layer.device, []).append(layer)
+    for dev, dev_layers in by_dev.items():
+        graph_runner = runner(dev)
+        with gg.Context(max_tensors=8 * len(dev_layers) + 8) as ctx:
             pos = ctx.new_tensor("i32", (n_cells,), name="k_shift", input=True)
             outs = []
-            for layer in layers:
-                lay = kv.spec.layers[layer.il]
+            for layer in dev_layers:
+                lay = spec.layers[layer.il]
                 rope = lay.rope
                 assert rope is not None
                 k = layer.k.ptr
@@ -62,9 +75,9 @@ def apply_k_shift(kv: KVCache) -> None:
                     0,
                 )
                 src = view
-                if kv.type_k.name not in ("f16", "f32"):
+                if layout.type_k.name not in ("f16", "f32"):
                     # rope reads f16/f32 only (bf16 aborts the CPU backend): go through f32
                     src = ctx.cast(view, gg.lib.GGML_TYPE_F32)
                 rot = ctx.rope(src, pos, rope, mode=rope_mode(rope.rope_type))
                 outs.append(ctx.cpy(rot, view))
-            runner.run(ctx, outs, inputs={pos: shift}, read=[])
+            graph_runner.run(ctx, outs, inputs={pos: shift}, read=[])

@@ -20,25 +20,29 @@ are faster: a single run, sequences decoded in lockstep (runs a constant stride 
 and transposed V whose runs are too short for a copy call each. Reading parses and
 validates everything first, simulating the per-sequence placement under an undo journal,
 and returns a :class:`KVStatePlan`; only ``commit()`` changes the cache.
+
+This module also owns zeroing cells' K/V bytes (:func:`zero_range`, :func:`zero_cells`).
+Its functions take the cache's :class:`~pymem.kv.layout.KVLayout`, its cells
+(``v_cells``), heads and :class:`~pymem.kv.layout.KVLayer` list; the few cache operations
+a restore drives (slot search, clearing, the mutation counter) come in as
+:class:`KVStateHooks`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import numpy as np
 
+from pymem.backend import Tensor
 from pymem.errors import StateError
-from pymem.kv.cells import OWNER_MULTI
+from pymem.kv.cells import OWNER_MULTI, KVCells
+from pymem.kv.layout import KVLayer, KVLayout, SlotInfo
 from pymem.spec import SWAType, masked_swa
-from pymem.state import expect
+from pymem.state import StateReader, StateWriter, expect
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
-
-if TYPE_CHECKING:
-    from pymem.backend import Tensor
-    from pymem.kv.cache import KVCache, KVLayer
-    from pymem.state import StateReader, StateWriter
 
 _RUNS_LOOP = 32  # up to this many runs of cells, move each run as one slice
 # transposed V: from this mean run length (bytes per channel) on, one native range copy per
@@ -59,14 +63,14 @@ def rows_view(t: Tensor) -> np.ndarray | None:
     return t.numpy().view(np.uint8).reshape(t.n_rows, t.row_size)
 
 
-def v_trans_view(kv: KVCache, layer: KVLayer, strm: int) -> np.ndarray | None:
+def v_trans_view(layout: KVLayout, layer: KVLayer, strm: int) -> np.ndarray | None:
     """Transposed V of one stream as ``[n_embd_v_gqa_max, kv_size]`` elements (host only)."""
     v = layer.v
     if v is None or not v.device.is_host:
         return None
-    el = _uint_dtype(kv.type_v.type_size)
-    raw = v.numpy().view(np.uint8).reshape(kv.n_stream, -1)
-    return raw[strm].view(el).reshape(v.shape[0], kv.kv_size)
+    el = _uint_dtype(layout.v_el_size)
+    raw = v.numpy().view(np.uint8).reshape(layout.n_stream, -1)
+    return raw[strm].view(el).reshape(v.shape[0], layout.kv_size)
 
 
 def cell_runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -248,27 +252,25 @@ def _span(
 # ---------------------------------------------------------------------------------------
 
 
-def selected_cells(kv: KVCache, strm: int, seq_id: int) -> np.ndarray:
-    """Cells of stream ``strm`` a blob holds: all non-empty ones, or (per sequence) those
-    of ``seq_id`` that are not SWA-masked relative to its largest position."""
-    cells = kv.v_cells[strm]
+def selected_cells(layout: KVLayout, cells: KVCells, seq_id: int) -> np.ndarray:
+    """Cells of one stream (``cells``) a blob holds: all non-empty ones, or (per sequence)
+    those of ``seq_id`` that are not SWA-masked relative to its largest position."""
     if seq_id == -1:
         return np.flatnonzero(cells.pos >= 0)
     idx = cells.seq_cells(seq_id)
-    if idx.size and kv.swa_type != SWAType.NONE:
+    if idx.size and layout.swa_type != SWAType.NONE:
         pmax = cells.seq_pos_max(seq_id)
-        idx = idx[~masked_swa(kv.n_swa, kv.swa_type, cells.pos[idx], pmax)]
+        idx = idx[~masked_swa(layout.n_swa, layout.swa_type, cells.pos[idx], pmax)]
     return idx
 
 
-def _meta_words(kv: KVCache, strm: int, idx: np.ndarray, seq_id: int) -> np.ndarray:
-    """The meta records of cells ``idx`` as one int32 array."""
-    cells = kv.v_cells[strm]
+def _meta_words(layout: KVLayout, cells: KVCells, idx: np.ndarray, seq_id: int) -> np.ndarray:
+    """The meta records of cells ``idx`` (of one stream, ``cells``) as one int32 array."""
     n = idx.size
-    n_ext = 3 if kv.with_ext else 0
+    n_ext = 3 if layout.with_ext else 0
     if seq_id != -1:
         # every record: pos, n_seq_id, [ext], seq_id (no id at all for ids >= n_seq_max)
-        has_id = seq_id < kv.n_seq_max
+        has_id = seq_id < layout.n_seq_max
         rec = 2 + n_ext + (1 if has_id else 0)
         out = np.empty((n, rec), dtype=np.int32)
         out[:, 0] = cells.pos[idx]
@@ -282,13 +284,13 @@ def _meta_words(kv: KVCache, strm: int, idx: np.ndarray, seq_id: int) -> np.ndar
     # whole cache: every id below n_seq_max, ascending
     owner = cells.owner[idx]
     counts = np.zeros(n, dtype=np.int64)
-    single = (owner >= 0) & (owner < kv.n_seq_max)
+    single = (owner >= 0) & (owner < layout.n_seq_max)
     counts[single] = 1
     multi = np.flatnonzero(owner == OWNER_MULTI)
-    bits = np.zeros((0, kv.n_seq_max), dtype=np.uint8)
+    bits = np.zeros((0, layout.n_seq_max), dtype=np.uint8)
     if multi.size:
         unpacked = np.unpackbits(cells.seq[idx[multi]].view(np.uint8), axis=1, bitorder="little")
-        bits = unpacked[:, : kv.n_seq_max]
+        bits = unpacked[:, : layout.n_seq_max]
         counts[multi] = bits.sum(axis=1)
     recs = 2 + n_ext + counts
     # E.g. recs [3, 4, 3] -> starts [0, 3, 7]
@@ -334,7 +336,7 @@ def _write_rows(
 
 def _write_v_trans(
     writer: StateWriter,
-    kv: KVCache,
+    layout: KVLayout,
     layer: KVLayer,
     strm: int,
     idx: np.ndarray,
@@ -342,9 +344,9 @@ def _write_v_trans(
     memo: _RangeMemo,
 ) -> None:
     n_embd = layer.n_embd_v_gqa
-    el = kv.type_v.type_size
+    el = layout.v_el_size
     size = n_embd * idx.size * el
-    view = v_trans_view(kv, layer, strm)
+    view = v_trans_view(layout, layer, strm)
     method = cols_method(view is not None, runs, el, _RANGES_MIN_GATHER)
     if view is not None and method == "numpy":
         sub = view[:n_embd]
@@ -358,7 +360,7 @@ def _write_v_trans(
     v = layer.v
     assert v is not None
     base = strm * v.nb[2]
-    stride = kv.kv_size * el
+    stride = layout.kv_size * el
     starts = runs[0]
     if starts.size == 1:
         writer.write_tensor_strided(v, base + int(starts[0]) * el, idx.size * el, stride, n_embd)
@@ -379,37 +381,44 @@ def _write_v_trans(
     writer.write_fill(size, lambda out: v.read_ranges_into(out, offsets, sizes))
 
 
-def write_kv_state(kv: KVCache, writer: StateWriter, seq_id: int) -> None:
+def write_kv_state(
+    layout: KVLayout,
+    v_cells: Sequence[KVCells],
+    layers: Sequence[KVLayer],
+    writer: StateWriter,
+    seq_id: int,
+) -> None:
     """Serialise the cells of ``seq_id`` (-1: all) and their K/V bytes."""
-    writer.write_u32(kv.n_stream)
-    for strm in range(kv.n_stream):
-        idx = selected_cells(kv, strm, seq_id)
+    writer.write_u32(layout.n_stream)
+    for strm in range(layout.n_stream):
+        cells = v_cells[strm]
+        idx = selected_cells(layout, cells, seq_id)
         writer.write_u32(idx.size)
         if idx.size == 0:
             continue
-        writer.write_array(_meta_words(kv, strm, idx, seq_id))
-        writer.write_u32(1 if kv.v_trans else 0)
-        writer.write_u32(len(kv.layers))
-        base = strm * kv.kv_size
+        writer.write_array(_meta_words(layout, cells, idx, seq_id))
+        writer.write_u32(1 if layout.v_trans else 0)
+        writer.write_u32(len(layers))
+        base = strm * layout.kv_size
         runs = cell_runs(idx)
         memo: _RangeMemo = {}
-        for layer in kv.layers:
-            k_row = kv.type_k.row_size(layer.n_embd_k_gqa)
-            writer.write_i32(kv.type_k.id)
+        for layer in layers:
+            k_row = layout.k_row_size(layer.n_embd_k_gqa)
+            writer.write_i32(layout.type_k.id)
             writer.write_u64(k_row)
             _write_rows(writer, layer.k, base, idx, runs, k_row, memo)
-        for layer in kv.layers:
+        for layer in layers:
             if layer.v is None:
                 continue
-            writer.write_i32(kv.type_v.id)
-            if not kv.v_trans:
-                v_row = kv.type_v.row_size(layer.n_embd_v_gqa)
+            writer.write_i32(layout.type_v.id)
+            if not layout.v_trans:
+                v_row = layout.v_row_size(layer.n_embd_v_gqa)
                 writer.write_u64(v_row)
                 _write_rows(writer, layer.v, base, idx, runs, v_row, memo)
             else:
-                writer.write_u32(kv.type_v.type_size)
+                writer.write_u32(layout.v_el_size)
                 writer.write_u32(layer.n_embd_v_gqa)
-                _write_v_trans(writer, kv, layer, strm, idx, runs, memo)
+                _write_v_trans(writer, layout, layer, strm, idx, runs, memo)
 
 
 # ---------------------------------------------------------------------------------------
@@ -417,12 +426,39 @@ def write_kv_state(kv: KVCache, writer: StateWriter, seq_id: int) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class KVStateHooks:
+    """The cache operations a state restore drives; everything else it reads and writes
+    through the layout, cells, heads and layers it is given (``KVCache`` builds these)."""
+
+    version: Callable[[], int]  # the cache's mutation counter (a stale plan is refused)
+    mark_mutated: Callable[[], None]  # bump it
+    clear: Callable[[bool], None]  # empty every stream; True also zeroes the tensors
+    # a context inside which cells and heads may change: all of it is undone on exit
+    planning: Callable[[], AbstractContextManager[None]]
+    # remove the sequence, then find a slot for the ubatch and apply it; None: no slot
+    place: Callable[[int, UBatch], SlotInfo | None]
+
+
 class KVStatePlan:
     """A parsed and validated KV state part. ``commit()`` applies it; until then the cache
     is untouched. Nothing may change the cache between parse and commit."""
 
-    def __init__(self, kv: KVCache, seq_id: int, version: int) -> None:
-        self.kv = kv
+    def __init__(
+        self,
+        layout: KVLayout,
+        v_cells: Sequence[KVCells],
+        v_heads: list[int],
+        layers: Sequence[KVLayer],
+        hooks: KVStateHooks,
+        seq_id: int,
+        version: int,
+    ) -> None:
+        self.layout = layout
+        self.v_cells = v_cells
+        self.v_heads = v_heads  # the cache's own list, changed in place
+        self.layers = layers
+        self.hooks = hooks
         self.seq_id = seq_id
         self.version = version
         self.steps: list[Callable[[], None]] = []
@@ -433,10 +469,10 @@ class KVStatePlan:
         self.committed = False
 
     def is_current(self) -> bool:
-        return self.kv._version == self.version
+        return self.hooks.version() == self.version
 
     def commit(self) -> None:
-        kv = self.kv
+        layout = self.layout
         if self.committed:
             raise StateError("state plan: already committed")
         if not self.is_current():
@@ -446,15 +482,17 @@ class KVStatePlan:
         self.committed = True
         if self.seq_id == -1:
             # clear(True) without zeroing the rows the blob is about to fill
-            kv.clear(False)
-            for strm in range(kv.n_stream):
-                kv.zero_range(strm, self.whole_counts.get(strm, 0), kv.kv_size)
+            self.hooks.clear(False)
+            for strm in range(layout.n_stream):
+                zero_range(
+                    layout, self.layers, strm, self.whole_counts.get(strm, 0), layout.kv_size
+                )
         if self.redo is not None:
             logs, heads = self.redo
-            for cells, log in zip(kv.v_cells, logs):
+            for cells, log in zip(self.v_cells, logs):
                 cells.redo(log)
-            kv.v_heads[:] = heads
-            kv._mutated()
+            self.v_heads[:] = heads
+            self.hooks.mark_mutated()
         for step in self.steps:
             step()
 
@@ -578,10 +616,12 @@ def _chase_records(
     return offs, end
 
 
-def _restore_ubatch(kv: KVCache, seq_id: int, pos: np.ndarray, ext: np.ndarray | None) -> UBatch:
+def _restore_ubatch(
+    n_pos_per_embd: int, seq_id: int, pos: np.ndarray, ext: np.ndarray | None
+) -> UBatch:
     """The synthetic ubatch a per-sequence restore places (``ubatch_reserve(n, 1)``)."""
     n = pos.size
-    n_pos = kv.n_pos_per_embd
+    n_pos = n_pos_per_embd
     ub = UBatch.reserve(n, 1, n_pos)
     ub.pos[:n] = pos
     if ext is not None:
@@ -598,46 +638,47 @@ def _restore_ubatch(kv: KVCache, seq_id: int, pos: np.ndarray, ext: np.ndarray |
 
 
 def _parse_data(
-    kv: KVCache, reader: StateReader, strm: int, n: int, what: str
+    layout: KVLayout, layers: Sequence[KVLayer], reader: StateReader, n: int, what: str
 ) -> list[tuple[KVLayer, str, memoryview]]:
     """Validate the data section of one stream; returns ``(layer, "k"|"v", payload)``."""
     v_trans = reader.read_u32(f"{what}.v_trans")
     n_layer = reader.read_u32(f"{what}.n_layer")
     expect(
-        n_layer == len(kv.layers),
-        f"{what}.n_layer: mismatched layer count ({n_layer} in the blob, {len(kv.layers)} in the cache)",
+        n_layer == len(layers),
+        f"{what}.n_layer: mismatched layer count ({n_layer} in the blob, {len(layers)} in the cache)",
     )
-    expect(n <= kv.kv_size, f"{what}.cell_count: {n} cells do not fit in {kv.kv_size}")
+    expect(n <= layout.kv_size, f"{what}.cell_count: {n} cells do not fit in {layout.kv_size}")
     expect(
-        bool(v_trans) == kv.v_trans and v_trans in (0, 1),
-        f"{what}.v_trans: incompatible V transposition (blob {v_trans}, cache {int(kv.v_trans)})",
+        bool(v_trans) == layout.v_trans and v_trans in (0, 1),
+        f"{what}.v_trans: incompatible V transposition (blob {v_trans}, cache {int(layout.v_trans)})",
     )
+    type_k, type_v = layout.type_k, layout.type_v
     out: list[tuple[KVLayer, str, memoryview]] = []
-    for layer in kv.layers:
+    for layer in layers:
         w = f"{what}.layer[{layer.il}]"
         k_type = reader.read_i32(f"{w}.k_type")
         expect(
-            k_type == kv.type_k.id,
-            f"{w}.k_type: mismatched key type ({k_type} in the blob, {kv.type_k.id} = {kv.type_k.name})",
+            k_type == type_k.id,
+            f"{w}.k_type: mismatched key type ({k_type} in the blob, {type_k.id} = {type_k.name})",
         )
         k_row = reader.read_u64(f"{w}.k_size_row")
-        want = kv.type_k.row_size(layer.n_embd_k_gqa)
+        want = layout.k_row_size(layer.n_embd_k_gqa)
         expect(
             k_row == want, f"{w}.k_size_row: mismatched key row size ({k_row} in the blob, {want})"
         )
         out.append((layer, "k", reader.read_view(n * k_row, f"{w}.k_data")))
-    for layer in kv.layers:
+    for layer in layers:
         if layer.v is None:
             continue
         w = f"{what}.layer[{layer.il}]"
         v_type = reader.read_i32(f"{w}.v_type")
         expect(
-            v_type == kv.type_v.id,
-            f"{w}.v_type: mismatched value type ({v_type} in the blob, {kv.type_v.id} = {kv.type_v.name})",
+            v_type == type_v.id,
+            f"{w}.v_type: mismatched value type ({v_type} in the blob, {type_v.id} = {type_v.name})",
         )
-        if not kv.v_trans:
+        if not layout.v_trans:
             v_row = reader.read_u64(f"{w}.v_size_row")
-            want = kv.type_v.row_size(layer.n_embd_v_gqa)
+            want = layout.v_row_size(layer.n_embd_v_gqa)
             expect(
                 v_row == want,
                 f"{w}.v_size_row: mismatched value row size ({v_row} in the blob, {want})",
@@ -646,8 +687,8 @@ def _parse_data(
         else:
             el = reader.read_u32(f"{w}.v_size_el")
             expect(
-                el == kv.type_v.type_size,
-                f"{w}.v_size_el: mismatched value element size ({el} in the blob, {kv.type_v.type_size})",
+                el == layout.v_el_size,
+                f"{w}.v_size_el: mismatched value element size ({el} in the blob, {layout.v_el_size})",
             )
             n_embd = reader.read_u32(f"{w}.n_embd_v_gqa")
             expect(
@@ -658,14 +699,14 @@ def _parse_data(
     return out
 
 
-def zero_cols(kv: KVCache, layer: KVLayer, strm: int, idx: np.ndarray) -> None:
+def zero_cols(layout: KVLayout, layer: KVLayer, strm: int, idx: np.ndarray) -> None:
     """Zero the transposed-V elements of cells ``idx`` of a non-host V, every channel:
     one native range write, or for many short runs a zeroed span written back."""
     v = layer.v
     assert v is not None
-    el = kv.type_v.type_size
+    el = layout.v_el_size
     n_ch = v.shape[0]
-    base, stride = strm * v.nb[2], kv.kv_size * el
+    base, stride = strm * v.nb[2], layout.kv_size * el
     idx = np.sort(idx)
     runs = cell_runs(idx)
     if cols_method(False, runs, el, _RANGES_MIN_SCATTER) == "staged":
@@ -678,18 +719,66 @@ def zero_cols(kv: KVCache, layer: KVLayer, strm: int, idx: np.ndarray) -> None:
     v.write_ranges(bytes(int(sizes.sum())), offsets, sizes)
 
 
+def zero_range(layout: KVLayout, layers: Sequence[KVLayer], strm: int, a: int, b: int) -> None:
+    """Zero the K/V bytes of cells ``[a, b)`` of stream ``strm`` in every layer."""
+    if b <= a:
+        return
+    r0, r1 = strm * layout.kv_size + a, strm * layout.kv_size + b
+    for layer in layers:
+        for t in (layer.k, layer.v):
+            if t is None or (t is layer.v and layout.v_trans):
+                continue
+            view = rows_view(t)
+            if view is not None:
+                view[r0:r1] = 0
+            else:
+                t.fill_rows(np.arange(r0, r1, dtype=np.int64), 0)
+        if layer.v is not None and layout.v_trans:
+            vt = v_trans_view(layout, layer, strm)
+            if vt is not None:
+                vt[:, a:b] = 0
+            else:
+                el = layout.v_el_size
+                n_ch = layer.v.shape[0]
+                zero = bytes(el * (b - a) * n_ch)
+                base = strm * layer.v.nb[2] + a * el
+                layer.v.write_strided(zero, base, el * (b - a), layout.kv_size * el, n_ch)
+
+
+def zero_cells(layout: KVLayout, layers: Sequence[KVLayer], strm: int, idx: np.ndarray) -> None:
+    """Zero the K/V bytes of cells ``idx`` of stream ``strm`` in every layer."""
+    if idx.size == 0:
+        return
+    rows = strm * layout.kv_size + np.asarray(idx, dtype=np.int64)
+    for layer in layers:
+        layer.k.fill_rows(rows, 0)
+        if layer.v is None:
+            continue
+        if not layout.v_trans:
+            layer.v.fill_rows(rows, 0)
+            continue
+        view = v_trans_view(layout, layer, strm)
+        if view is not None:
+            view[:, idx] = 0
+        else:
+            zero_cols(layout, layer, strm, np.asarray(idx, dtype=np.int64))
+
+
 def _write_payloads(
-    kv: KVCache, strm: int, idx: np.ndarray, payloads: list[tuple[KVLayer, str, memoryview]]
+    layout: KVLayout,
+    strm: int,
+    idx: np.ndarray,
+    payloads: list[tuple[KVLayer, str, memoryview]],
 ) -> None:
     """Store parsed K/V bytes into cells ``idx`` of stream ``strm``."""
     n = idx.size
     if n == 0:
         return
-    base = strm * kv.kv_size
+    base = strm * layout.kv_size
     runs = cell_runs(idx)
     memo: _RangeMemo = {}
     for layer, kind, data in payloads:
-        if kind == "k" or not kv.v_trans:
+        if kind == "k" or not layout.v_trans:
             t = layer.k if kind == "k" else layer.v
             assert t is not None
             offsets, sizes = _row_ranges_memo(memo, t, base, idx, runs, len(data) // n)
@@ -698,14 +787,14 @@ def _write_payloads(
         v = layer.v
         assert v is not None
         n_embd = layer.n_embd_v_gqa
-        el = kv.type_v.type_size
-        vt = v_trans_view(kv, layer, strm)
+        el = layout.v_el_size
+        vt = v_trans_view(layout, layer, strm)
         method = cols_method(vt is not None, runs, el, _RANGES_MIN_SCATTER)
         src = np.frombuffer(data, dtype=_uint_dtype(el)).reshape(n_embd, n)
         if vt is not None and method == "numpy":
             scatter_cols(vt[:n_embd], idx, src, runs)
             continue
-        base, stride = strm * v.nb[2], kv.kv_size * el
+        base, stride = strm * v.nb[2], layout.kv_size * el
         if method == "staged":
             # read-modify-write of the span: the cells between the runs get their own bytes
             lo, span = _span(v, base, stride, n_embd, runs, el)
@@ -718,16 +807,29 @@ def _write_payloads(
         v.write_ranges(data, *memo[key])
 
 
-def parse_kv_state(kv: KVCache, reader: StateReader, seq_id: int) -> KVStatePlan:
-    """Parse a KV part for ``seq_id`` (-1: the whole cache) into a plan; change nothing."""
-    version = kv._version
-    plan = KVStatePlan(kv, seq_id, version)
+def parse_kv_state(
+    layout: KVLayout,
+    v_cells: Sequence[KVCells],
+    v_heads: list[int],
+    layers: Sequence[KVLayer],
+    hooks: KVStateHooks,
+    reader: StateReader,
+    seq_id: int,
+) -> KVStatePlan:
+    """Parse a KV part for ``seq_id`` (-1: the whole cache) into a plan; change nothing.
+
+    Per sequence, the placement is simulated with ``hooks.place`` inside
+    ``hooks.planning()``, which undoes it; the plan keeps the simulated cells to redo.
+    """
+    version = hooks.version()
+    plan = KVStatePlan(layout, v_cells, v_heads, layers, hooks, seq_id, version)
     n_stream = reader.read_u32("kv.n_stream")
     expect(
-        n_stream == kv.n_stream,
-        f"kv.n_stream: n_stream mismatch ({n_stream} in the blob, {kv.n_stream} in the cache)",
+        n_stream == layout.n_stream,
+        f"kv.n_stream: n_stream mismatch ({n_stream} in the blob, {layout.n_stream} in the cache)",
     )
-    n_ext = 3 if kv.with_ext else 0
+    n_ext = 3 if layout.with_ext else 0
+    kv_size = layout.kv_size
 
     if seq_id == -1:
         for s in range(n_stream):
@@ -736,11 +838,11 @@ def parse_kv_state(kv: KVCache, reader: StateReader, seq_id: int) -> KVStatePlan
             if n == 0:
                 continue
             expect(
-                n <= kv.kv_size,
-                f"{what}.cell_count: not enough cells in kv cache ({n} > {kv.kv_size})",
+                n <= kv_size,
+                f"{what}.cell_count: not enough cells in kv cache ({n} > {kv_size})",
             )
-            pos, ext, seq = _parse_meta_whole(reader, n, n_ext, kv.n_seq_max, f"{what}.cells")
-            payloads = _parse_data(kv, reader, s, n, what)
+            pos, ext, seq = _parse_meta_whole(reader, n, n_ext, layout.n_seq_max, f"{what}.cells")
+            payloads = _parse_data(layout, layers, reader, n, what)
             idx = np.arange(n, dtype=np.int64)
             plan.n_cells += n
             plan.whole_counts[s] = n
@@ -753,25 +855,24 @@ def parse_kv_state(kv: KVCache, reader: StateReader, seq_id: int) -> KVStatePlan
                 ext: np.ndarray = ext,
                 payloads: list = payloads,
             ) -> None:
-                kv.v_cells[s].set_new(idx, pos, seq, ext if n_ext else None)
-                kv.v_heads[s] = 0
-                _write_payloads(kv, s, idx, payloads)
+                v_cells[s].set_new(idx, pos, seq, ext if n_ext else None)
+                v_heads[s] = 0
+                _write_payloads(layout, s, idx, payloads)
 
             plan.steps.append(whole_step)
         return plan
 
     # per sequence: simulate seq_rm + find_slot + apply under an undo journal
-    strm = int(kv.seq_to_stream[seq_id])
-    heads = kv.begin_plan()
-    try:
+    strm = int(layout.seq_to_stream[seq_id])
+    with hooks.planning():
         for s in range(n_stream):
             what = f"kv.stream[{s}]"
             n = reader.read_u32(f"{what}.cell_count")
             if n == 0:
                 continue
             expect(
-                n <= kv.kv_size,
-                f"{what}.cell_count: not enough cells in kv cache ({n} > {kv.kv_size})",
+                n <= kv_size,
+                f"{what}.cell_count: not enough cells in kv cache ({n} > {kv_size})",
             )
             words = _parse_meta_fixed(reader, n, n_ext, f"{what}.cells")
             pos = words[:, 0].copy()
@@ -781,34 +882,37 @@ def parse_kv_state(kv: KVCache, reader: StateReader, seq_id: int) -> KVStatePlan
                     f"{what}.cells: cell {int(bad[0])} has position {int(pos[bad[0]])} < 0"
                 )
             cell_ext = words[:, 2 : 2 + n_ext].copy() if n_ext else None
-            kv.seq_rm(seq_id, -1, -1)
-            ub = _restore_ubatch(kv, seq_id, pos, cell_ext)
-            sinfo = kv.find_slot(ub, False)
+            ub = _restore_ubatch(layout.n_pos_per_embd, seq_id, pos, cell_ext)
+            sinfo = hooks.place(seq_id, ub)
             if sinfo is None:
                 raise StateError(
                     f"{what}: failed to find {n} available cells in kv cache "
-                    f"(stream {strm} has {kv.kv_size - kv.v_cells[strm].used} free)"
+                    f"(stream {strm} has {kv_size - v_cells[strm].used} free)"
                 )
-            kv.apply_ubatch(sinfo, ub)
             if cell_ext is not None:
-                kv.v_cells[strm].set_ext(sinfo.idxs[0].astype(np.int64), cell_ext)
-            payloads = _parse_data(kv, reader, s, n, what)
+                v_cells[strm].set_ext(sinfo.idxs[0].astype(np.int64), cell_ext)
+            payloads = _parse_data(layout, layers, reader, n, what)
             plan.n_cells += n
 
             idx = sinfo.idxs[0].astype(np.int64)
 
             def seq_step(idx: np.ndarray = idx, payloads: list = payloads) -> None:
-                _write_payloads(kv, strm, idx, payloads)
+                _write_payloads(layout, strm, idx, payloads)
 
             plan.steps.append(seq_step)
         # the commit puts back the simulated cells as they are now instead of placing
         # the sequence again (the cache cannot change in between: version check)
         if plan.steps:
-            plan.redo = ([c.redo_log() for c in kv.v_cells], list(kv.v_heads))
-    finally:
-        kv.rollback_plan(heads)
-        kv._version = version
+            plan.redo = ([c.redo_log() for c in v_cells], list(v_heads))
     return plan
 
 
-__all__ = ["LLAMA_MAX_SEQ", "KVStatePlan", "parse_kv_state", "write_kv_state"]
+__all__ = [
+    "LLAMA_MAX_SEQ",
+    "KVStateHooks",
+    "KVStatePlan",
+    "parse_kv_state",
+    "write_kv_state",
+    "zero_cells",
+    "zero_range",
+]

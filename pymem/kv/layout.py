@@ -1,0 +1,98 @@
+"""The small shared types of the KV cache: a slot, a cached layer, and the storage layout.
+
+The helper modules (:mod:`~pymem.kv.inputs`, :mod:`~pymem.kv.graph`,
+:mod:`~pymem.kv.shift`, :mod:`~pymem.kv.state_io`) take these instead of the whole
+:class:`~pymem.kv.cache.KVCache`, so they never import it::
+
+    layout.py  <-  inputs.py, graph.py, shift.py, state_io.py  <-  cache.py  <-  iswa.py
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pymem.backend import Tensor
+from pymem.spec import SWAType
+from pymem.types import GGMLType
+
+
+@dataclass(frozen=True, eq=False)
+class SlotInfo:
+    """Where a ubatch goes: ``idxs[s][i]`` is the cell of token ``s * size + i`` in stream
+    ``strm[s]`` (``llama_kv_cache::slot_info``). Indices need not be contiguous."""
+
+    strm: np.ndarray  # int32 [ns]
+    idxs: np.ndarray  # int32 [ns, size]
+
+    @property
+    def s0(self) -> int:
+        return int(self.strm.min())
+
+    @property
+    def s1(self) -> int:
+        return int(self.strm.max())
+
+    @property
+    def n_stream(self) -> int:
+        return int(self.strm.shape[0])
+
+    @property
+    def size(self) -> int:
+        return int(self.idxs.shape[1])
+
+    def head(self) -> int:
+        return int(self.idxs[0, 0])
+
+    def __repr__(self) -> str:
+        return f"SlotInfo(strm={self.strm.tolist()}, idxs={self.idxs.tolist()})"
+
+
+@dataclass(frozen=True, eq=False)
+class KVLayer:
+    """One cached layer: model layer index, its tensors and widths."""
+
+    il: int
+    k: Tensor
+    v: Tensor | None
+    n_embd_k_gqa: int
+    n_embd_v_gqa: int  # the true width (V may be padded to the widest layer)
+    device: str
+
+
+@dataclass(frozen=True, eq=False)
+class KVLayout:
+    """How one KV cache stores its cells: the facts the helper modules read.
+
+    Per cached layer K is ``[n_embd_k_gqa, kv_size, n_stream]``; V the same, or with
+    ``v_trans`` each stream's block transposed (``n_embd_v_gqa_max`` channels of
+    ``kv_size`` elements). Row ``strm * kv_size + cell`` is cell ``cell`` of stream ``strm``.
+    """
+
+    kv_size: int  # cells per stream
+    n_stream: int  # 1 (unified) or n_seq_max
+    n_seq_max: int
+    n_pad: int  # kv_size is a multiple of it
+    v_trans: bool  # V stored transposed (no flash attention)
+    swa_type: SWAType  # the window of this cache
+    n_swa: int
+    type_k: GGMLType
+    type_v: GGMLType
+    n_embd_v_gqa_max: int  # [TAG_V_CACHE_VARIABLE] a transposed V is this wide in every layer
+    with_ext: bool  # cells carry (x, y, tok): M-RoPE or PLE
+    n_pos_per_embd: int
+    seq_to_stream: np.ndarray  # int32, read-only: the stream of each sequence id
+
+    def k_row_size(self, n_embd_k_gqa: int) -> int:
+        """Bytes of one cell's K row ``n_embd_k_gqa`` wide."""
+        return self.type_k.row_size(n_embd_k_gqa)
+
+    def v_row_size(self, n_embd_v_gqa: int) -> int:
+        """Bytes of one cell's V row ``n_embd_v_gqa`` wide (not transposed)."""
+        return self.type_v.row_size(n_embd_v_gqa)
+
+    @property
+    def v_el_size(self) -> int:
+        """Bytes of one V element (a transposed V stores single elements)."""
+        return self.type_v.type_size
