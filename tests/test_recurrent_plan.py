@@ -65,13 +65,14 @@ def test_planned_applies_equal_fresh_placement(n_rs_seq: int) -> None:
 
 def test_a_change_after_init_batch_places_again(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    orig = rec._find_slot
+    # prepare and apply call find_slot by the name memory.py imported: patch that name
+    orig = rec.find_slot
 
     def spy(c, req):
         calls.append(1)
         return orig(c, req)
 
-    monkeypatch.setattr(rec, "_find_slot", spy)
+    monkeypatch.setattr(rec, "find_slot", spy)
     items = [[1, 0, [s], True] for s in range(3)]
     mem = make_rec(n_seq=4)
     ctx = mem.init_batch(balloc_for(mem, items), 8, embd_all=False)

@@ -1,0 +1,376 @@
+"""Recurrent cell metadata and the pure operations on it: slot search, ``seq_rm``, ``s_copy``.
+
+Owns :class:`RecurrentCells` (the reference's ``std::vector<mem_cell>`` as parallel
+numpy arrays), :class:`SlotRequest` (what ``find_slot`` needs from a ubatch),
+:func:`find_slot`, :func:`seq_rm_cells` and :func:`s_copy_rows`. Everything here works on
+a cells object and plain sizes; no tensors, no memory object. The callers
+(:mod:`pymem.recurrent.memory`, :mod:`pymem.recurrent.state_io`) decide whether they act
+on the live cells or on a copy that a plan commits later.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pymem.errors import BatchError
+from pymem.memory import POS_MAX
+from pymem.ubatch import UBatch
+
+log = logging.getLogger(__name__)
+
+
+class RecurrentCells:
+    """Cell metadata as parallel arrays (the reference's ``std::vector<mem_cell>``).
+
+    ``pos``, ``src``, ``src0`` are per cell; ``tail`` is per sequence id (cell ``s`` of the
+    reference holds sequence ``s``'s tail); ``rs_idx`` is the per-sequence pending
+    rollback plane. Scalars ``head``, ``used``, ``n``, ``rs_z`` as in the reference.
+    Sequence ops validate first and then change the live object in place. Plans
+    (``prepare``, ``find_slot``, a state-read plan) run on a :meth:`copy`, which a commit
+    swaps in only once the whole plan succeeded.
+    """
+
+    __slots__ = ("head", "n", "pos", "rs_idx", "rs_z", "size", "src", "src0", "tail", "used")
+
+    def __init__(self, size: int, n_rs_idx: int) -> None:
+        self.size = size
+        self.pos = np.full(size, -1, dtype=np.int32)
+        self.src = np.full(size, -1, dtype=np.int32)
+        self.src0 = np.full(size, -1, dtype=np.int32)
+        self.tail = np.full(size, -1, dtype=np.int32)
+        self.rs_idx = np.zeros(n_rs_idx, dtype=np.uint32)
+        self.head = 0
+        self.used = 0
+        self.n = 0
+        self.rs_z = -1
+
+    def copy(self) -> RecurrentCells:
+        other = RecurrentCells.__new__(RecurrentCells)
+        other.size = self.size
+        other.pos = self.pos.copy()
+        other.src = self.src.copy()
+        other.src0 = self.src0.copy()
+        other.tail = self.tail.copy()
+        other.rs_idx = self.rs_idx.copy()
+        other.head, other.used, other.n, other.rs_z = self.head, self.used, self.n, self.rs_z
+        return other
+
+    def seq_counts(self) -> np.ndarray:
+        """Number of sequences in each cell. E.g. tail [2, -1, 2, 0] -> [1, 0, 2, 0]."""
+        t = self.tail
+        return np.bincount(t[t >= 0], minlength=self.size)
+
+    def seq_ids(self, cell: int) -> list[int]:
+        """The ascending sequence ids held by ``cell`` (the reference's ``seq_id`` set)."""
+        return np.flatnonzero(self.tail == cell).tolist()
+
+    # -- the seq-removal primitive shared by seq_rm, seq_cp and find_slot ------------
+    def drop_seq(self, seq_id: int) -> int:
+        """Remove ``seq_id`` from its tail cell; empty the cell if it was the last one.
+
+        Returns the emptied cell or -1. Does not touch ``used`` (callers follow their
+        reference counterpart, which differ).
+        """
+        t = int(self.tail[seq_id])
+        self.tail[seq_id] = -1
+        if t >= 0 and not (self.tail == t).any():
+            self.pos[t] = -1
+            self.src[t] = -1
+            return t
+        return -1
+
+
+@dataclass
+class SlotRequest:
+    """What ``find_slot`` needs from a ubatch: one row per sequence set.
+
+    ``ids`` is ``[n_seqs, k]`` padded with -1 (``ids[s, 0]`` is the set's primary sequence),
+    ``last_pos[s]`` the position of the set's last token. Extracted (and its ids checked)
+    once per ubatch: planning and applying reuse it.
+    """
+
+    ids: np.ndarray
+    n_ids: np.ndarray
+    last_pos: np.ndarray
+    n_seq_tokens: int
+    all_ids: np.ndarray = field(init=False)  # every id, set by set
+    coupled: bool = field(init=False)  # some set has more than one sequence
+    error: str = field(init=False, default="")  # why no memory can place it, or ""
+
+    def __post_init__(self) -> None:
+        self.coupled = self.ids.shape[1] > 1 and bool((self.n_ids > 1).any())
+        if self.coupled:
+            # E.g., n_ids [1, 2] with k=2 -> [[True, False], [True, True]]
+            self.all_ids = self.ids[np.arange(self.ids.shape[1]) < self.n_ids[:, None]]
+        else:
+            self.all_ids = self.ids[:, 0]
+        if self.all_ids.size == 0 or int(self.all_ids.min()) < 0:
+            self.error = "a set without a valid (non-negative) sequence id"
+        elif self.all_ids.size > 1 and int(np.bincount(self.all_ids).max()) > 1:
+            self.error = "a sequence appears in more than one set of the ubatch"
+
+    @classmethod
+    def from_ubatch(cls, ubatch: UBatch) -> SlotRequest:
+        if not ubatch.equal_seqs:
+            raise BatchError(
+                "ubatch.equal_seqs: recurrent memory needs equal-sequence ubatches "
+                "(split_equal or split_seq), got a split_simple ubatch"
+            )
+        n_seq_tokens, n_seqs = int(ubatch.n_seq_tokens), int(ubatch.n_seqs)
+        if n_seqs < 1 or n_seq_tokens < 1:
+            raise BatchError(
+                f"ubatch: needs n_seqs >= 1 and n_seq_tokens >= 1, got {n_seqs} and {n_seq_tokens}"
+            )
+        # the first token of each set: E.g., n_seq_tokens 3, n_seqs 2 -> [0, 3]; last -> [2, 5]
+        first = np.arange(0, n_seqs * n_seq_tokens, n_seq_tokens)
+        return cls(
+            ids=np.asarray(ubatch.seq_id)[first],
+            n_ids=np.asarray(ubatch.n_seq_id)[first],
+            last_pos=np.asarray(ubatch.pos, dtype=np.int32)[first + (n_seq_tokens - 1)],
+            n_seq_tokens=n_seq_tokens,
+        )
+
+
+def find_slot(c: RecurrentCells, req: SlotRequest) -> bool:
+    """Place one ubatch's sequence sets in ``c`` (mutated), as the reference's ``find_slot``.
+
+    On False, ``c`` may be partly changed: callers run this on a copy.
+
+    1. every sequence of a set gets an exclusively owned cell: a sequence sharing its cell
+       (after ``seq_cp``) moves to the next empty cell, taking ``pos`` and ``src`` along
+       (copy on write, resolved in-graph through ``src0``); a new sequence takes the next
+       empty cell (searched cyclically from ``head``);
+    2. cells are swapped so that set ``s`` lives in cell ``min + s`` (contiguous, ubatch
+       order); ``pos`` becomes the set's last position;
+    3. ``rs_z`` = the first cell in ``[min, max]`` that no cell uses as ``src`` (zeroed by
+       the graph, the initial state of new sequences); every cell of the range gets
+       ``src0`` (where its state comes from) and ``src = itself``.
+
+    The steady state of a decode (every sequence already owns its cell, cells in ubatch
+    order) touches only a handful of whole-array operations.
+    """
+    size = c.size
+    ids, n_ids = req.ids, req.n_ids
+    n_seqs = ids.shape[0]
+
+    # the reference's head heuristic: restart the search if many cells before head are free
+    if c.head > c.used + 2 * n_seqs:
+        c.head = 0
+
+    coupled_sets, all_ids = req.coupled, req.all_ids
+    if req.error:
+        log.error("find_slot: %s", req.error)
+        return False
+    if int(all_ids.max()) >= size:
+        log.error(
+            "find_slot: seq_id=%d >= n_seq_max=%d Try using a bigger --parallel value",
+            int(all_ids.max()), size,
+        )  # fmt: skip
+        return False
+
+    # -- coupled sequences (ids[s, j > 0]) leave their cells; they join set s's cell below
+    if coupled_sets:
+        coupled = ids[:, 1:][np.arange(1, ids.shape[1]) < n_ids[:, None]]
+        old = c.tail[coupled]
+        c.tail[coupled] = -1
+        left = np.unique(old[old >= 0])
+        if left.size:
+            emptied = left[c.seq_counts()[left] == 0]
+            c.pos[emptied] = -1
+            c.src[emptied] = -1
+            c.used -= int(emptied.size)
+
+    # -- 1. an owned cell for every set's primary sequence ---------------------------
+    primaries = ids[:, 0]
+    counts = c.seq_counts()
+    t = c.tail[primaries]
+    # the steady state: every set already owns its cell (t >= 0 and alone in it)
+    n_need = 0
+    if int(t.min()) < 0 or not bool((counts[t] == 1).all()):
+        has = t >= 0
+        owned = np.zeros(n_seqs, dtype=bool)
+        shared = np.flatnonzero(has)
+        if shared.size:
+            owned[shared] = _last_owner(t[shared], counts)
+        need = np.flatnonzero(~owned)
+        n_need = need.size
+    if n_need:
+        # empty cells in cyclic order from head: E.g., empty [0, 2, 6], head 3 -> [6, 0, 2]
+        empty = np.flatnonzero(counts == 0)
+        cyc = np.concatenate((empty[empty >= c.head], empty[empty < c.head]))
+        if cyc.size < n_need:
+            log.error("find_slot: %d sets need a cell, only %d cells are empty", n_need, cyc.size)
+            return False
+        new = cyc[:n_need]
+        old_t = t[need]
+        cow = old_t >= 0
+        # copy on write: the new cell starts as the shared one (state copied in-graph)
+        c.pos[new[cow]] = c.pos[old_t[cow]]
+        c.src[new[cow]] = c.src[old_t[cow]]
+        c.tail[primaries[need]] = new
+        t[need] = new
+
+    lo, hi = int(t.min()), int(t.max())
+
+    # -- 2. gather: set s must live in cell lo + s ------------------------------------
+    target = np.arange(lo, lo + n_seqs)
+    mism = np.flatnonzero(t != target)
+    if mism.size:
+        _reorder(c, t, int(mism[0]), lo, hi)
+
+    last_pos = req.last_pos
+    prev = c.pos[target]
+    jump = (prev >= 0) & (last_pos - prev != req.n_seq_tokens)  # a warning only: int32 is fine
+    if jump.any():
+        j = int(np.flatnonzero(jump)[0])
+        log.warning(
+            "find_slot: non-consecutive token position %d after %d for sequence %d with %d new tokens",
+            int(last_pos[j]), int(prev[j]), int(primaries[j]), req.n_seq_tokens,
+        )  # fmt: skip
+    c.pos[target] = last_pos
+    if coupled_sets:
+        # every id of set s (primary and coupled) now has cell lo + s as its tail
+        # E.g., ids [[1, -1], [2, 3]], lo 4 -> tail[1] = 4, tail[2] = tail[3] = 5
+        c.tail[all_ids] = np.repeat(target, n_ids)
+
+    # -- 3. zero state, sources ---------------------------------------------------------
+    src = c.src
+    refs = np.bincount(src[src >= 0], minlength=size)
+    free = np.flatnonzero(refs[lo : hi + 1] == 0)
+    c.rs_z = lo + int(free[0]) if free.size else -1
+    src_rng = src[lo : hi + 1]
+    miss = src_rng < 0
+    if miss.any():
+        if c.rs_z < 0:
+            log.error("find_slot: no cell in [%d, %d] can hold the zero state", lo, hi)
+            return False
+        c.src0[lo : hi + 1] = np.where(miss, c.rs_z, src_rng)
+    else:
+        c.src0[lo : hi + 1] = src_rng
+    c.src[lo : hi + 1] = np.arange(lo, hi + 1)
+
+    c.head = lo
+    c.n = hi - lo + 1
+    if n_need or coupled_sets:
+        counts = c.seq_counts()
+    c.used = int(np.count_nonzero(counts))  # swaps permute cells: the count is unchanged
+    return c.n >= n_seqs
+
+
+def _last_owner(tt: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Which of the ubatch's sets keep the cell they share with other sequences.
+
+    The reference walks the sets in order and erases each mover from its old cell, so
+    among the sets whose sequences share one cell, only the last can own it, and only if
+    every sequence of that cell is in the ubatch. ``tt`` are the sets' cells in set order.
+    E.g., cell 5 = {0, 3}, sets (seq 3, seq 0): tt [5, 5], counts[5] = 2, ranks [0, 1]
+    -> [False, True]: seq 3 moves out, seq 0 keeps cell 5.
+    """
+    order = np.argsort(tt, kind="stable")  # sets grouped by cell, set order inside
+    st = tt[order]
+    first = np.ones(st.size, dtype=bool)
+    np.not_equal(st[1:], st[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    # rank inside the group: E.g., st [2, 5, 5, 7] -> starts [0, 1, 3] -> [0, 0, 1, 0]
+    rank_sorted = np.arange(st.size) - starts[np.cumsum(first) - 1]
+    rank = np.empty_like(rank_sorted)
+    rank[order] = rank_sorted
+    return rank == counts[tt] - 1
+
+
+def _reorder(c: RecurrentCells, t: np.ndarray, s0: int, lo: int, hi: int) -> None:
+    """Swap cells so that set ``s`` ends in cell ``lo + s``, exactly as the reference.
+
+    The reference swaps cell contents one set at a time (``dst = lo + s`` with the cell
+    currently holding set ``s``), and where the *other* cells end up depends on that
+    order, which later placement and whole-state blobs expose. The swap chain is
+    inherently sequential, so it is simulated on index lists over the window
+    ``[lo, hi]`` (one step per sequence set from the first misplaced one; no per-cell
+    or per-token work), then applied to the arrays in one vectorised permutation.
+    """
+    width = hi - lo + 1
+    at = list(range(width))  # at[x]: original window index of the content now at x
+    where = list(range(width))  # where[o]: current window index of original content o
+    t_rel = (t - lo).tolist()
+    for s in range(s0, len(t_rel)):
+        src = where[t_rel[s]]
+        if src != s:
+            a, b = at[s], at[src]
+            at[s], at[src] = b, a
+            where[a], where[b] = src, s
+    perm = np.asarray(at, dtype=np.int64) + lo
+    c.pos[lo : hi + 1] = c.pos[perm]
+    c.src[lo : hi + 1] = c.src[perm]
+    # tails follow their content: E.g., content of cell 7 moved to 4 -> tail 7 becomes 4
+    inv = np.asarray(where, dtype=np.int32) + lo
+    tl = c.tail
+    moved = (tl >= lo) & (tl <= hi)
+    tl[moved] = inv[tl[moved] - lo]
+
+
+def seq_rm_cells(
+    c: RecurrentCells, n_seq_max: int, n_rs_seq: int, seq_id: int, p0: int, p1: int
+) -> bool:
+    """The reference's ``seq_rm`` on ``c`` (mutated), with ``p0``/``p1`` already clamped.
+
+    Order matters for parity: the seq id is checked against ``n_seq_max`` as unsigned
+    (so every negative id fails), a whole-range removal resets the rollback index even
+    when the id is then refused for being ``>= mem_size``, and only a range holding the
+    tail position removes anything.
+    """
+    if seq_id < 0 or seq_id >= n_seq_max:
+        log.error("seq_rm: invalid seq_id (%d) - larger than n_seq_max (%d)", seq_id, n_seq_max)
+        return False
+    if p0 == 0 and p1 == POS_MAX:
+        c.rs_idx[seq_id] = 0
+    if seq_id >= c.size:
+        return False
+    t = int(c.tail[seq_id])
+    if t < 0:
+        return True
+    pos = int(c.pos[t])
+    if 0 < p0 <= pos < p1:
+        # cutting the tail: only a rollback through a snapshot plane can serve it
+        rollback = pos - (p0 - 1)
+        if c.rs_idx[seq_id] == 0 and 1 <= rollback <= n_rs_seq:
+            c.rs_idx[seq_id] = rollback
+            c.pos[t] = p0 - 1
+            return True
+        return False
+    if not p0 <= pos < p1:
+        return True  # the range misses the tail position: nothing to remove (reference quirk)
+    emptied = c.drop_seq(seq_id)
+    if emptied >= 0:
+        c.used -= 1
+        c.head = min(c.head, emptied)
+    return True
+
+
+def s_copy_rows(
+    c: RecurrentCells, head: int, n_rs: int, n_rs_seq: int, consume: bool
+) -> np.ndarray:
+    """``s_copy[i]`` = the row cell ``head + i`` gathers its state from.
+
+    ``src0 + rs_idx * mem_size`` where ``rs_idx`` is the pending rollback of the cell's
+    first (lowest) sequence; a freshly started cell (``src0 == rs_z``) always reads
+    the zeroed row of plane 0. With ``consume`` the rollbacks of those sequences are
+    marked used in ``c`` (single-use snapshots).
+    """
+    out = c.src0[head : head + n_rs].astype(np.int32)
+    if n_rs_seq == 0 or n_rs == 0:
+        return out
+    seqs = np.flatnonzero((c.tail >= head) & (c.tail < head + n_rs))
+    # first sequence of each cell: seqs ascending -> first occurrence per cell
+    # E.g., seqs [0, 2, 3] in cells [5, 4, 5] -> cells [4, 5], firsts [2, 0]
+    cells_u, first = np.unique(c.tail[seqs], return_index=True)
+    firsts = seqs[first]
+    idx = c.rs_idx[firsts].astype(np.int64)
+    rel = cells_u - head
+    fresh = out[rel] == c.rs_z
+    out[rel] += np.where(fresh, 0, idx * c.size).astype(np.int32)
+    if consume and firsts.size:
+        c.rs_idx[firsts] = 0
+    return out

@@ -1,0 +1,408 @@
+"""Recurrent state blobs (the reference's ``llama_memory_recurrent::state_write/state_read``).
+
+Layout of one section (b.3)::
+
+    u32 cell_count
+    META, per cell: i32 pos, u32 n_seq_id, i32 seq_id[n_seq_id]   (n_seq_id = 0 per sequence)
+    DATA (always, even for zero cells):
+      u32 s_trans = 0, u32 n_layer                 (every model layer, not only recurrent)
+      per recurrent layer: i32 r_type, u64 r_row, R rows of the cells (ascending)
+      per recurrent layer: i32 s_type, u64 s_row, S rows of the cells
+
+Owns the write (:func:`write_state`) and the two-phase read (:func:`parse_state`, which
+validates everything and returns new cells plus pending tensor writes, and
+:class:`RecurrentReadPlan`, whose ``commit()`` applies them). The functions take narrow
+arguments: the cells, the tensors (:class:`StateLayers`) and the sizes; they never see the
+memory. The plan reaches its memory only through :class:`ReadTarget`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from pymem.backend import Tensor
+from pymem.errors import StateError
+from pymem.memory import POS_MAX
+from pymem.recurrent.cells import RecurrentCells, SlotRequest, find_slot, seq_rm_cells
+from pymem.state import PendingWrites, StateReader, StateWriter
+from pymem.ubatch import LLAMA_MAX_SEQ
+
+
+@dataclass(frozen=True)
+class StateLayers:
+    """The tensors a state section carries, in blob order.
+
+    ``n_layer`` is the model's layer count written in the header (all layers, recurrent or
+    not); ``layers`` are the recurrent layer indices and ``r`` / ``s`` their R and S
+    tensors, in the same order.
+    """
+
+    n_layer: int
+    layers: tuple[int, ...]
+    r: tuple[Tensor, ...]
+    s: tuple[Tensor, ...]
+
+
+def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive values, as half-open ``(first, last + 1)`` pairs.
+
+    E.g. ``[4, 5, 6, 9, 10, 2] -> [(4, 7), (9, 11), (2, 3)]``.
+    """
+    if rows.size == 0:
+        return []
+    # a run breaks wherever the next row is not the previous one + 1
+    # E.g., [4, 5, 6, 9, 10, 2] -> breaks after index 2 and 4 -> starts [0, 3, 5]
+    brk = np.ones(rows.size, dtype=bool)
+    np.not_equal(np.diff(rows), 1, out=brk[1:])
+    starts = np.flatnonzero(brk).tolist()
+    ends = [*starts[1:], rows.size]
+    return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, ends)]
+
+
+# --------------------------------------------------------------------------------------
+# write
+# --------------------------------------------------------------------------------------
+
+
+def select_rows(c: RecurrentCells, seq_id: int, n_rs_seq: int) -> tuple[np.ndarray, np.ndarray]:
+    """Selected cells (ascending) and the row each one's *logical* state is read from.
+
+    Row = ``rs_idx_cur * mem_size + (src if src >= 0 else cell)``: a pending copy on
+    write and a pending rollback plane are resolved, so the blob holds the state the
+    sequence would continue from. Rollback planes themselves are not saved. A whole-state
+    selection (``seq_id == -1``) raises :class:`StateError` for a cell whose sequences
+    disagree on their pending rollback.
+    """
+    size = c.size
+    if seq_id == -1:
+        cells = np.flatnonzero(c.seq_counts())
+    elif 0 <= seq_id < size and c.tail[seq_id] >= 0:
+        cells = np.array([c.tail[seq_id]], dtype=np.int64)
+    else:
+        cells = np.zeros(0, dtype=np.int64)
+    src = c.src[cells].astype(np.int64)
+    rows = np.where(src >= 0, src, cells)
+    if n_rs_seq and cells.size:
+        if seq_id != -1:
+            rows = rows + int(c.rs_idx[seq_id]) * size
+        else:
+            # every sequence of a cell must agree on its pending rollback
+            seqs = np.flatnonzero(c.tail >= 0)
+            cell_of = c.tail[seqs]
+            idx = c.rs_idx[seqs].astype(np.int64)
+            lo = np.full(size, np.iinfo(np.int64).max)
+            hi = np.full(size, -1, dtype=np.int64)
+            np.minimum.at(lo, cell_of, idx)
+            np.maximum.at(hi, cell_of, idx)
+            if (lo[cells] != hi[cells]).any():
+                bad = int(cells[np.flatnonzero(lo[cells] != hi[cells])[0]])
+                raise StateError(
+                    f"state_write: cell {bad} is shared by sequences {c.seq_ids(bad)} with different "
+                    f"pending rollbacks {[int(c.rs_idx[s]) for s in c.seq_ids(bad)]}; decode or remove "
+                    "one of them first"
+                )
+            rows = rows + hi[cells] * size
+    return cells, rows
+
+
+def meta_words(c: RecurrentCells, cells: np.ndarray, seq_id: int) -> np.ndarray:
+    """The META section as int32 words: ``pos, n_seq_id, seq ids...`` per cell.
+
+    Per-sequence blobs write ``n_seq_id = 0`` (no ids); whole-state blobs list every
+    sequence of the cell, ascending.
+    """
+    k = cells.size
+    if seq_id != -1:
+        out = np.zeros(2 * k, dtype=np.int32)
+        out[0::2] = c.pos[cells]
+        return out
+    seqs = np.flatnonzero(c.tail >= 0)
+    # sequences grouped by cell in cell order, ascending inside a cell
+    # E.g., tail [1, -1, 0, 1] -> seqs [0, 2, 3] -> cells [1, 0, 1] -> order [2, 0, 3]
+    seqs = seqs[np.argsort(c.tail[seqs], kind="stable")]
+    n = c.seq_counts()[cells]
+    # cell j's header sits after 2 words per earlier cell plus their ids
+    # E.g., n [1, 2, 1] -> off [0, 3, 7], ids at [2 | 5, 6 | 9]
+    n_before = np.cumsum(n) - n
+    off = 2 * np.arange(k) + n_before
+    out = np.empty(2 * k + int(n.sum()), dtype=np.int32)
+    out[off] = c.pos[cells]
+    out[off + 1] = n
+    out[np.repeat(off + 2, n) + (np.arange(n.sum()) - np.repeat(n_before, n))] = seqs
+    return out
+
+
+def write_state(
+    writer: StateWriter, c: RecurrentCells, layers: StateLayers, n_rs_seq: int, seq_id: int
+) -> None:
+    """Serialise the cells of ``seq_id`` (every cell for -1) and their rows into ``writer``.
+
+    ``seq_id`` is already checked (``>= -1``). Each tensor's rows move as one write per
+    run of consecutive source rows.
+    """
+    cells, rows = select_rows(c, seq_id, n_rs_seq)
+    writer.write_u32(int(cells.size))
+    if cells.size:
+        writer.write_array(meta_words(c, cells, seq_id))
+    runs = _runs(rows)
+    writer.write_u32(0)  # s_trans: the transposed layout is never written
+    writer.write_u32(layers.n_layer)
+    for t in (*layers.r, *layers.s):
+        writer.write_i32(t.type.id)
+        writer.write_u64(t.row_size)
+        for a, b in runs:
+            writer.write_tensor(t, a * t.row_size, (b - a) * t.row_size)
+
+
+# --------------------------------------------------------------------------------------
+# read
+# --------------------------------------------------------------------------------------
+
+
+def parse_state(
+    reader: StateReader,
+    c: RecurrentCells,
+    layers: StateLayers,
+    n_seq_max: int,
+    n_rs_seq: int,
+    seq_id: int,
+) -> tuple[RecurrentCells, PendingWrites]:
+    """Parse and validate one state section against the live cells ``c``; change nothing.
+
+    Returns the cells after the restore and the tensor writes it needs. ``seq_id`` is
+    already checked (-1, or below both ``n_seq_max`` and ``mem_size``). Raises
+    :class:`StateError` on any problem in the blob.
+
+    Whole (``seq_id == -1``): cells are restored to ``[0, cell_count)`` with their
+    sequence sets, ``head = 0``, ``used = cell_count``. Per sequence: the destination
+    is emptied, the (one) cell is placed by ``find_slot`` as a one-token ubatch, and
+    its rows are read at ``head``. Restored cells get ``src = self``; rollback
+    indices reset.
+    """
+    cell_count = reader.read_u32("recurrent cell_count")
+    if cell_count > c.size:
+        raise StateError(
+            f"not enough cells in recurrent memory: blob holds {cell_count}, mem_size is {c.size}"
+        )
+    if seq_id == -1:
+        cells = _parse_meta_whole(reader, c, cell_count, n_seq_max)
+    else:
+        cells = _parse_meta_seq(reader, c, cell_count, seq_id, n_seq_max, n_rs_seq)
+    writes = _parse_data(reader, layers, cell_count, cells.head)
+    return cells, writes
+
+
+def _parse_meta_whole(
+    reader: StateReader, live: RecurrentCells, cell_count: int, n_seq_max: int
+) -> RecurrentCells:
+    size = live.size
+    c = RecurrentCells(size, live.rs_idx.size)
+    c.src0[:] = live.src0  # clear() keeps src0, n and rs_z
+    c.n, c.rs_z = live.n, live.rs_z
+    if cell_count:
+        pos, cell_of, seqs = _read_meta_cells(reader, cell_count)
+        limit = min(n_seq_max, size)
+        bad = (seqs < 0) | (seqs >= limit)
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            raise StateError(
+                f"invalid seq_id, {int(seqs[j])} is out of range [0, {limit}) (cell {int(cell_of[j])})"
+            )
+        uniq, cnt = np.unique(seqs, return_counts=True)
+        if (cnt > 1).any():
+            s = int(uniq[np.flatnonzero(cnt > 1)[0]])
+            where = cell_of[seqs == s]
+            raise StateError(
+                f"duplicate tail for seq_id {s} in cell {int(where[1])} and {int(where[0])}"
+            )
+        c.pos[:cell_count] = pos
+        c.tail[seqs] = cell_of
+        c.src[:cell_count] = np.arange(cell_count)
+    c.head = 0
+    c.used = cell_count
+    return c
+
+
+def _parse_meta_seq(
+    reader: StateReader,
+    live: RecurrentCells,
+    cell_count: int,
+    dest: int,
+    n_seq_max: int,
+    n_rs_seq: int,
+) -> RecurrentCells:
+    c = live.copy()
+    # empty the destination first (the reference's seq_rm(dest, -1, -1))
+    seq_rm_cells(c, n_seq_max, n_rs_seq, dest, 0, POS_MAX)
+    if cell_count == 0:
+        return c
+    if cell_count > 1:
+        raise StateError(
+            f"per-sequence recurrent state holds {cell_count} cells; a sequence has exactly one state cell"
+        )
+    pos = reader.read_i32("recurrent cell pos")
+    n_seq_id = reader.read_u32("recurrent cell n_seq_id")
+    if n_seq_id != 0:
+        raise StateError(
+            f"invalid seq_id-agnostic recurrent cell: n_seq_id is {n_seq_id}, expected 0"
+        )
+    req = SlotRequest(
+        ids=np.array([[dest]], dtype=np.int64),
+        n_ids=np.ones(1, dtype=np.int64),
+        last_pos=np.array([pos], dtype=np.int32),
+        n_seq_tokens=1,
+    )
+    if not find_slot(c, req):
+        raise StateError(
+            f"failed to find an available cell for sequence {dest} in recurrent memory"
+        )
+    c.src[c.head] = c.head
+    return c
+
+
+def _read_meta_cells(
+    reader: StateReader, cell_count: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Whole-state META: per cell ``i32 pos, u32 n_seq_id, i32 ids[n]``.
+
+    Returns positions per cell, and (cell, seq id) pairs. Fast path: when every cell
+    holds exactly one sequence (the common case) the section is one ``[n, 3]`` int32
+    block; otherwise the variable-length records are walked (at most ``mem_size`` cells).
+    """
+    if reader.remaining >= 12 * cell_count:
+        start = reader.offset
+        block = np.frombuffer(
+            reader.read_view(12 * cell_count, "recurrent cell meta"), dtype="<i4"
+        ).reshape(-1, 3)
+        if (block[:, 1] == 1).all():
+            return block[:, 0].copy(), np.arange(cell_count), block[:, 2].astype(np.int64)
+        reader.offset = start
+    pos = np.empty(cell_count, dtype=np.int32)
+    cell_of: list[np.ndarray] = []
+    seqs: list[np.ndarray] = []
+    for i in range(cell_count):
+        pos[i] = reader.read_i32("recurrent cell pos")
+        n = reader.read_u32("recurrent cell n_seq_id")
+        if n > LLAMA_MAX_SEQ:
+            raise StateError(f"recurrent cell {i}: n_seq_id {n} exceeds {LLAMA_MAX_SEQ}")
+        ids = reader.read_array("<i4", n, "recurrent cell seq ids").astype(np.int64)
+        seqs.append(ids)
+        cell_of.append(np.full(n, i, dtype=np.int64))
+    return pos, np.concatenate(cell_of), np.concatenate(seqs)
+
+
+def _parse_data(
+    reader: StateReader, layers: StateLayers, cell_count: int, head: int
+) -> PendingWrites:
+    s_trans = reader.read_u32("recurrent s_trans")
+    n_layer = reader.read_u32("recurrent n_layer")
+    if n_layer != layers.n_layer:
+        raise StateError(f"mismatched layer count ({n_layer} instead of {layers.n_layer})")
+    if s_trans != 0:
+        raise StateError(f"incompatible s transposition: blob has s_trans={s_trans}, expected 0")
+    writes = PendingWrites()
+    if _parse_data_fast(reader, layers, cell_count, head, writes):
+        return writes
+    for kind, tensors in (("r", layers.r), ("s", layers.s)):
+        for il, t in zip(layers.layers, tensors):
+            type_id = reader.read_i32(f"{kind} type of layer {il}")
+            if type_id != t.type.id:
+                raise StateError(f"mismatched {kind} type ({t.type.id} != {type_id}, layer {il})")
+            row = reader.read_u64(f"{kind} row size of layer {il}")
+            if row != t.row_size:
+                raise StateError(f"mismatched {kind} row size ({t.row_size} != {row}, layer {il})")
+            if cell_count:
+                data = reader.read_view(cell_count * row, f"{kind} rows of layer {il}")
+                writes.add(t, head * row, data)
+    return writes
+
+
+def _parse_data_fast(
+    reader: StateReader, layers: StateLayers, cell_count: int, head: int, writes: PendingWrites
+) -> bool:
+    """The per-layer sections when every header is the expected one, checked at once.
+
+    Each tensor's section is ``i32 type, u64 row size, cell_count rows``; all headers
+    are compared with the memory's in one vector step. False (nothing consumed) when
+    the blob is short or a header differs: the field-by-field parse then names it.
+    """
+    tensors = [*layers.r, *layers.s]
+    if not tensors:
+        return False
+    rows = np.array([t.row_size for t in tensors], dtype=np.int64)
+    want = np.zeros((len(tensors), 12), dtype=np.uint8)
+    want[:, :4] = np.array([t.type.id for t in tensors], dtype="<i4").view(np.uint8).reshape(-1, 4)
+    want[:, 4:] = rows.astype("<u8").view(np.uint8).reshape(-1, 8)
+    # section k starts after the earlier ones: E.g. rows [32, 48], 2 cells -> [0, 76]
+    size = 12 + cell_count * rows
+    start = np.cumsum(size) - size
+    total = int(size.sum())
+    if reader.remaining < total:
+        return False
+    offset = reader.offset
+    data = reader.read_view(total, "recurrent data")
+    got = np.frombuffer(data, dtype=np.uint8)[start[:, None] + np.arange(12)]
+    if not np.array_equal(got, want):
+        reader.offset = offset
+        return False
+    if cell_count:
+        for t, a, row in zip(tensors, start.tolist(), rows.tolist()):
+            writes.add(t, head * row, data[a + 12 : a + 12 + cell_count * row])
+    return True
+
+
+class ReadTarget(Protocol):
+    """What a :class:`RecurrentReadPlan` needs from the memory it was parsed for."""
+
+    @property
+    def version(self) -> int:
+        """Bumped by every change of the memory: a plan parsed at another one is stale."""
+        ...
+
+    def check_open(self) -> None: ...
+
+    def zero_rows(self) -> None:
+        """Zero every R/S byte (the data half of the reference's ``clear(true)``)."""
+        ...
+
+    def commit_cells(self, cells: RecurrentCells) -> None:
+        """Make ``cells`` the memory's cells (a new version)."""
+        ...
+
+
+@dataclass
+class RecurrentReadPlan:
+    """A parsed, validated recurrent state restore; :meth:`commit` applies it.
+
+    Compositions (hybrid memories) parse every part first and commit all of them only
+    when every part parsed, so a bad blob changes nothing anywhere. ``clear_data`` (a
+    whole-memory restore) zeroes every R/S byte before the blob's rows are written.
+    """
+
+    target: ReadTarget
+    cells: RecurrentCells
+    writes: PendingWrites
+    clear_data: bool
+    version: int
+    done: bool = field(default=False)
+
+    def is_current(self) -> bool:
+        return self.target.version == self.version
+
+    def commit(self) -> None:
+        target = self.target
+        target.check_open()
+        if self.done:
+            raise StateError("state_read plan: already committed")
+        if not self.is_current():
+            raise StateError(
+                "state_read plan: the memory changed after the blob was parsed; parse it again"
+            )
+        if self.clear_data:
+            target.zero_rows()
+        self.writes.commit()
+        target.commit_cells(self.cells)
+        self.done = True
