@@ -40,7 +40,7 @@ FINDINGS = [
     # (id, owner / file, what, how found, probe key or None, pinned by)
     (
         "R1",
-        "recurrent (pymem/recurrent.py)",
+        "recurrent (pymem/recurrent/)",
         "seq_pos_max of a state at a negative position (after seq_add) returned that position; "
         "the reference returns -1 (max starts at -1), so the next batch was refused; hybrids inherit it",
         "soak, recurrent-72 / hybrid-54",

@@ -60,6 +60,7 @@ from pymem.kv import KVCache, KVCacheISWA, swa_cache_size
 from pymem.memory import Memory
 from pymem.recurrent import RecurrentMemory
 from pymem.spec import ModelSpec, SWAType
+from pymem.types import ggml_type
 from pymem.ubatch import LLAMA_MAX_SEQ
 
 LayerFilter = Callable[[int], bool]
@@ -173,8 +174,6 @@ def _check_cache_types(spec: ModelSpec, params: ContextParams) -> None:
     reference refuses that with flash attention on, and with it off builds a cache whose
     per-head views are broken; pymem refuses both. E.g. q8_0 (block 32) with head size 16.
     """
-    # pymem.types binds ggml when imported: importing the factory stays free of that
-    from pymem.types import ggml_type
 
     tk, tv = ggml_type(params.type_k), ggml_type(params.type_v)
     if tv.is_quantized and not _flash_attn_on(params.flash_attn):
