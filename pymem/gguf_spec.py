@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import gguf
+
 from pymem.errors import ConfigError, UnsupportedError
 from pymem.spec import LayerSpec, ModelSpec, RopeSpec, RopeType, SWAType
 
@@ -80,8 +82,6 @@ class _Meta:
     """Typed access to a GGUF file's key/value metadata, with the reference's type rules."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        import gguf  # imported lazily: only this module needs the gguf package
-
         try:
             reader = gguf.GGUFReader(os.fspath(path), "r")
         except (OSError, ValueError) as exc:

@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import gguf
 import numpy as np
 
 import pymem.ggml as gg
@@ -66,8 +67,6 @@ class GGUFWeights:
     """Every tensor of a GGUF file in one :class:`TensorStore` (F32 only), by GGUF name."""
 
     def __init__(self, path: str | os.PathLike[str], device: Device, reader: Any = None) -> None:
-        import gguf
-
         reader = reader if reader is not None else gguf.GGUFReader(os.fspath(path))
         specs, arrays = [], []
         for t in reader.tensors:
@@ -211,8 +210,6 @@ class GGUFModel:
                 f"{self.path}: architecture {self.hp_file.arch!r}; supported: {', '.join(SUPPORTED)}"
             )
         self.device = get_device(device)
-        import gguf
-
         reader = gguf.GGUFReader(self.path)
         self.weights = GGUFWeights(self.path, self.device, reader)
         n_vocab = int(self.weights.store["token_embd.weight"].shape[1])
