@@ -31,7 +31,7 @@ import numpy as np
 
 from pymem.errors import StateError
 from pymem.memory import Memory
-from pymem.state import StateReader
+from pymem.state import Progress, StateReader
 
 SESSION_MAGIC = 0x6767736E  # 'ggsn'
 SESSION_VERSION = 10
@@ -131,22 +131,31 @@ def load_context_state(mem: Memory, data: bytes | bytearray | memoryview, arch: 
 
 
 def save_session(
-    path: str | os.PathLike[str], mem: Memory, arch: str, tokens: Sequence[int] | np.ndarray
+    path: str | os.PathLike[str],
+    mem: Memory,
+    arch: str,
+    tokens: Sequence[int] | np.ndarray,
+    progress: Progress | None = None,
 ) -> int:
     """``llama_state_save_file``: the prompt ``tokens`` and the context state; bytes written.
 
-    The memory state streams into the file (no second copy of it in memory).
+    The memory state streams into the file (no second copy of it in memory);
+    ``progress(done, total)`` reports the state's bytes as they are written.
     """
     with open(path, "wb") as f:
-        return _write_file(f, "session", tokens, mem, -1, arch)
+        return _write_file(f, "session", tokens, mem, -1, arch, progress)
 
 
 def save_sequence(
-    path: str | os.PathLike[str], mem: Memory, seq_id: int, tokens: Sequence[int] | np.ndarray
+    path: str | os.PathLike[str],
+    mem: Memory,
+    seq_id: int,
+    tokens: Sequence[int] | np.ndarray,
+    progress: Progress | None = None,
 ) -> int:
     """``llama_state_seq_save_file``: the prompt ``tokens`` and sequence ``seq_id``'s state."""
     with open(path, "wb") as f:
-        return _write_file(f, "sequence", tokens, mem, seq_id, None)
+        return _write_file(f, "sequence", tokens, mem, seq_id, None, progress)
 
 
 def _write_file(
@@ -156,36 +165,48 @@ def _write_file(
     mem: Memory,
     seq_id: int,
     arch: str | None,
+    progress: Progress | None,
 ) -> int:
     n = f.write(_header(kind, tokens))
     if arch is not None:
         n += f.write(_arch_bytes(arch))
-    return n + mem.state_write_to(f, seq_id, 0)
+    return n + mem.state_write_to(f, seq_id, 0, progress)
 
 
-def load_session(path: str | os.PathLike[str], mem: Memory, arch: str) -> np.ndarray:
+def load_session(
+    path: str | os.PathLike[str], mem: Memory, arch: str, progress: Progress | None = None
+) -> np.ndarray:
     """``llama_state_load_file``: restore the whole memory; returns the prompt tokens.
 
     The file must be a session file of this architecture whose state is consumed exactly.
+    ``progress(done, total)`` reports the file's bytes as they are read.
     """
-    return _load(path, mem, "session", -1, arch)
+    return _load(path, mem, "session", -1, arch, progress)
 
 
-def load_sequence(path: str | os.PathLike[str], mem: Memory, seq_id: int) -> np.ndarray:
+def load_sequence(
+    path: str | os.PathLike[str], mem: Memory, seq_id: int, progress: Progress | None = None
+) -> np.ndarray:
     """``llama_state_seq_load_file``: restore ``seq_id`` from a sequence file; returns its
     prompt tokens. The sequence state must fill the rest of the file exactly."""
-    return _load(path, mem, "sequence", seq_id, None)
+    return _load(path, mem, "sequence", seq_id, None, progress)
 
 
 def _load(
-    path: str | os.PathLike[str], mem: Memory, kind: FileKind, seq_id: int, arch: str | None
+    path: str | os.PathLike[str],
+    mem: Memory,
+    kind: FileKind,
+    seq_id: int,
+    arch: str | None,
+    progress: Progress | None,
 ) -> np.ndarray:
     with open(path, "rb") as f:
-        data = f.read()
+        whole = StateReader.from_file(f, progress)
+    data = whole.read_view(whole.remaining, "file")
     head = read_header(data)
     if head.kind != kind:
         raise StateError(f"{os.fspath(path)}: a {head.kind} file, expected a {kind} file")
-    reader = StateReader(memoryview(data)[head.state_offset :])
+    reader = StateReader(data[head.state_offset :])
     if arch is not None:
         _read_arch(reader, arch, kind)
     plan = mem.state_read_parse(reader, seq_id, 0)

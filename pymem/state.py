@@ -33,6 +33,11 @@ _U64 = struct.Struct("<Q")
 
 FILE_CHUNK = 1 << 22  # 4 MiB scratch for streaming tensor bytes to a file
 
+Progress = Callable[[int, int], None]
+"""``progress(done, total)`` in bytes, called while a state streams to or from a file:
+about every :data:`PROGRESS_STEP` bytes and once at the end (``done == total``)."""
+PROGRESS_STEP = 1 << 24  # 16 MiB
+
 
 class StateWriter:
     """Sink for state bytes. Subclasses decide where bytes go."""
@@ -241,12 +246,18 @@ class BufferWriter(StateWriter):
 
 
 class FileWriter(StateWriter):
-    """Streams to a binary file object through a bounded scratch buffer."""
+    """Streams to a binary file object through a bounded scratch buffer.
 
-    def __init__(self, fileobj: BinaryIO) -> None:
+    With ``progress``, reports ``(bytes written, total)`` about every PROGRESS_STEP bytes.
+    """
+
+    def __init__(self, fileobj: BinaryIO, progress: Progress | None = None, total: int = 0) -> None:
         super().__init__()
         self.fileobj = fileobj
         self._scratch = bytearray(0)
+        self._progress = progress
+        self._total = total
+        self._next_report = PROGRESS_STEP
 
     def _scratch_view(self, n: int) -> memoryview:
         if len(self._scratch) < n:
@@ -256,6 +267,9 @@ class FileWriter(StateWriter):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.fileobj.write(data)
         self.n_written += len(data)
+        if self._progress is not None and self.n_written >= self._next_report:
+            self._progress(self.n_written, self._total)
+            self._next_report = self.n_written + PROGRESS_STEP
 
     def write_tensor(self, tensor: Tensor, offset: int, size: int) -> None:
         done = 0
@@ -289,9 +303,21 @@ def write_state(serialise: Callable[[StateWriter], None]) -> bytes:
     return bytes(writer.buffer) if len(writer.buffer) < 4096 else writer.buffer  # type: ignore[return-value]
 
 
-def write_state_to(fileobj: BinaryIO, serialise: Callable[[StateWriter], None]) -> int:
-    writer = FileWriter(fileobj)
+def write_state_to(
+    fileobj: BinaryIO,
+    serialise: Callable[[StateWriter], None],
+    progress: Progress | None = None,
+) -> int:
+    """Stream the state into ``fileobj``; returns the bytes written.
+
+    With ``progress`` the size is counted first (no tensor is read for that) so each report
+    carries the total.
+    """
+    total = state_size(serialise) if progress is not None else 0
+    writer = FileWriter(fileobj, progress, total)
     serialise(writer)
+    if progress is not None:
+        progress(writer.n_written, total)
     return writer.n_written
 
 
@@ -309,9 +335,32 @@ class StateReader:
         self.offset = 0
 
     @classmethod
-    def from_file(cls, fileobj: BinaryIO) -> StateReader:
-        """Read the remainder of a file once (the only copy held) and parse from it."""
-        return cls(fileobj.read())
+    def from_file(cls, fileobj: BinaryIO, progress: Progress | None = None) -> StateReader:
+        """Read the remainder of a file once (the only copy held) and parse from it.
+
+        With ``progress`` and a seekable file, the read goes in PROGRESS_STEP chunks into
+        one preallocated buffer, reporting ``(bytes read, total)`` after each.
+        """
+        if progress is None or not fileobj.seekable():
+            data = fileobj.read()
+            if progress is not None:
+                progress(len(data), len(data))
+            return cls(data)
+        start = fileobj.tell()
+        total = fileobj.seek(0, 2) - start
+        fileobj.seek(start)
+        buf = bytearray(total)
+        view = memoryview(buf)
+        done = 0
+        while done < total:
+            n = fileobj.readinto(view[done : done + PROGRESS_STEP])  # type: ignore[attr-defined]
+            if not n:
+                break  # the file shrank while reading: parse what is there
+            done += n
+            progress(done, total)
+        if total == 0:
+            progress(0, 0)
+        return cls(view[:done])
 
     @property
     def remaining(self) -> int:
@@ -434,9 +483,18 @@ class TwoPhaseStateIO:
     def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
         return write_state(lambda w: self.state_write_into(w, seq_id, flags))
 
-    def state_write_to(self, fileobj: BinaryIO, seq_id: int = -1, flags: int = 0) -> int:
-        """Stream the state into a binary file object; returns the bytes written."""
-        return write_state_to(fileobj, lambda w: self.state_write_into(w, seq_id, flags))
+    def state_write_to(
+        self,
+        fileobj: BinaryIO,
+        seq_id: int = -1,
+        flags: int = 0,
+        progress: Progress | None = None,
+    ) -> int:
+        """Stream the state into a binary file object; returns the bytes written.
+
+        ``progress(done, total)`` reports bytes written (see :data:`Progress`).
+        """
+        return write_state_to(fileobj, lambda w: self.state_write_into(w, seq_id, flags), progress)
 
     def state_size(self, seq_id: int = -1, flags: int = 0) -> int:
         return state_size(lambda w: self.state_write_into(w, seq_id, flags))
@@ -449,13 +507,20 @@ class TwoPhaseStateIO:
         self.state_read_parse(reader, seq_id, flags).commit()
         return reader.offset
 
-    def state_read_from(self, fileobj: BinaryIO, seq_id: int = -1, flags: int = 0) -> int:
+    def state_read_from(
+        self,
+        fileobj: BinaryIO,
+        seq_id: int = -1,
+        flags: int = 0,
+        progress: Progress | None = None,
+    ) -> int:
         """Restore from the rest of a binary file; returns the bytes consumed.
 
         A seekable file is left just after those bytes (whatever follows stays unread).
+        ``progress(done, total)`` reports bytes read (see :data:`Progress`).
         """
         start = fileobj.tell() if fileobj.seekable() else None
-        reader = StateReader.from_file(fileobj)
+        reader = StateReader.from_file(fileobj, progress)
         self.state_read_parse(reader, seq_id, flags).commit()
         if start is not None:
             fileobj.seek(start + reader.offset)
