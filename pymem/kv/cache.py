@@ -11,9 +11,12 @@ V block is stored transposed, element ``(channel j, cell i)`` at ``j * kv_size +
     | ...                   |                    | ...                            |
     +-----------------------+                    +--------------------------------+
 
-Streams: one (``unified``) or one per sequence (``seq_to_stream[s] = s``). Cell metadata
-lives in one :class:`~pymem.kv.cells.KVCells` per stream; ``v_heads[s]`` is where the next
-slot search of stream ``s`` starts.
+Streams: one (``unified``) or one per sequence (``seq_to_stream[s] = s``). The cell metadata
+of all streams is stacked in one :class:`~pymem.kv.cells.StackedCells` (``cells``; row ``s``
+is stream ``s``), ``v_cells[s]`` is a :class:`~pymem.kv.cells.KVCells` view of row ``s`` and
+``v_heads[s]`` is where the next slot search of stream ``s`` starts. The per-ubatch work
+(slot search, apply, ``n_kv``) runs on the stack for all of a ubatch's streams at once;
+sequence operations, which touch one stream, use the views.
 
 Contract (see :mod:`pymem.memory`): ``init_batch`` plans every ubatch without changing
 anything; :meth:`KVCacheContext.apply` is the only call that mutates; sequence operations
@@ -67,9 +70,9 @@ from pymem.errors import BatchError, ClosedError, ConfigError, RangeError, Unsup
 from pymem.ggml import GraphRunner
 from pymem.kv import graph as kv_graph
 from pymem.kv import state_io
-from pymem.kv.cells import KVCells
+from pymem.kv.cells import CellViews, KVCells, StackedCells
 from pymem.kv.inputs import build_k_idxs, build_kq_mask, build_v_idxs
-from pymem.kv.layout import KVLayer, KVLayout, SlotInfo
+from pymem.kv.layout import KVLayer, KVLayout, SlotInfo, StreamHeads
 from pymem.kv.shift import apply_k_shift, has_rope
 from pymem.memory import (
     POS_MAX,
@@ -87,6 +90,8 @@ from pymem.types import GGMLType, ggml_type
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
 N_PAD_GRAPH = 256  # n_kv is padded to a multiple of this, for a stable graph shape
+# cells the batched slot search looks at first from each head (then 4x wider each pass)
+SLOT_WINDOW = 16
 
 
 def _int_arg(name: str, value: Any, lo: int, hi: int | None = None) -> int:
@@ -97,6 +102,18 @@ def _int_arg(name: str, value: Any, lo: int, hi: int | None = None) -> int:
         bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ConfigError(f"{name} = {value}: must be {bound}")
     return value
+
+
+def _pos_in(pos: np.ndarray, p0: int, p1: int) -> np.ndarray:
+    """Bool mask of the non-empty cells with ``p0 <= pos < p1`` (``p0 >= 0``).
+
+    One unsigned comparison: ``pos - p0`` wraps to a huge value below ``p0`` (and for
+    empty cells, pos -1). E.g. pos [-1, 2, 5, 9], [2, 6) -> [F, T, T, F].
+    """
+    if p1 <= p0:
+        return np.zeros(pos.shape, dtype=bool)
+    rel = np.subtract(pos, np.int32(p0), dtype=np.int32).view(np.uint32)
+    return rel < np.uint32(p1 - p0)
 
 
 class KVCache(Memory):
@@ -277,8 +294,9 @@ class KVCache(Memory):
         for il, src in reused.items():
             self.map_layer_ids[il] = self.map_layer_ids[src]
 
-        self.v_cells = [KVCells(self.kv_size, self.with_ext) for _ in range(self.n_stream)]
-        self.v_heads = [0] * self.n_stream
+        self.cells = StackedCells(self.n_stream, self.kv_size, self.with_ext)
+        self.v_cells = CellViews(KVCells.view(self.cells, s) for s in range(self.n_stream))
+        self.v_heads = StreamHeads(self.n_stream)
         if self.n_stream > 1:
             self.seq_to_stream = np.arange(self.n_stream, dtype=np.int32)
         else:
@@ -319,7 +337,7 @@ class KVCache(Memory):
         return [layer.il for layer in self.layers]
 
     def get_has_shift(self) -> bool:
-        return any(c.has_shift for c in self.v_cells)
+        return bool(self.cells.has_shift.any())
 
     def has_cell_ext(self) -> bool:
         """Whether cells carry ``(x, y, tok)`` that a state blob must hold (M-RoPE / PLE)."""
@@ -348,7 +366,7 @@ class KVCache(Memory):
         return {"kv": self}
 
     def cell_owners(self) -> np.ndarray:
-        return np.concatenate([np.asarray(c.owner, dtype=np.int32) for c in self.v_cells])
+        return self.cells.owner_f.copy()
 
     def memory_breakdown(self) -> dict[str, int]:
         self.check_open()
@@ -393,15 +411,8 @@ class KVCache(Memory):
         return seq_id
 
     def _cells_in(self, cells: KVCells, p0: int, p1: int) -> np.ndarray:
-        """Bool mask of the non-empty cells with ``p0 <= pos < p1`` (``p0 >= 0``).
-
-        One unsigned comparison: ``pos - p0`` wraps to a huge value below ``p0`` (and for
-        empty cells, pos -1). E.g. pos [-1, 2, 5, 9], [2, 6) -> [F, T, T, F].
-        """
-        if p1 <= p0:
-            return np.zeros(cells.size, dtype=bool)
-        rel = np.subtract(cells.pos, np.int32(p0), dtype=np.int32).view(np.uint32)
-        return rel < np.uint32(p1 - p0)
+        """Bool mask of the non-empty cells with ``p0 <= pos < p1`` (``p0 >= 0``)."""
+        return _pos_in(cells.pos, p0, p1)
 
     def _mutated(self) -> None:
         self._version += 1
@@ -410,9 +421,8 @@ class KVCache(Memory):
     def clear(self, data: bool = True) -> None:
         """Empty every stream; with ``data`` also zero the tensor buffers."""
         self.check_open()
-        for s in range(self.n_stream):
-            self.v_cells[s].reset()
-            self.v_heads[s] = 0
+        self.cells.reset()
+        self.v_heads[:] = 0
         if data:
             for store in self.stores.values():
                 store.clear(0)
@@ -436,12 +446,17 @@ class KVCache(Memory):
             if freed.size and int(freed[0]) < self.v_heads[strm]:
                 self.v_heads[strm] = int(freed[0])
             return True
-        for strm, cells in enumerate(self.v_cells):
-            idx = np.flatnonzero(self._cells_in(cells, p0, p1))
-            cells.rm(idx)
-            if idx.size and int(idx[0]) < self.v_heads[strm]:
-                self.v_heads[strm] = int(idx[0])
+        gid = np.flatnonzero(_pos_in(self.cells.pos_f, p0, p1))
+        self.cells.rm(gid)
+        self._heads_back_to(gid)
         return True
+
+    def _heads_back_to(self, gid: np.ndarray) -> None:
+        """Move each stream's head back to its first cell among ``gid`` (freed cells, by
+        global id) when that is before it. E.g. size 8, head [5, 5], gid [2, 9] -> [2, 1]."""
+        if gid.size:
+            strm = gid // self.kv_size
+            np.minimum.at(self.v_heads.a, strm, gid - strm * self.kv_size)
 
     def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
         """Make the cells of ``seq_id_src`` in ``[p0, p1)`` also belong to ``seq_id_dst``.
@@ -614,32 +629,33 @@ class KVCache(Memory):
         ctx.do_shift = do_shift
         return ctx
 
-    def begin_plan(self) -> list[int]:
-        """Start an undo journal on every stream; returns the heads to restore."""
-        for c in self.v_cells:
-            c.begin()
-        return list(self.v_heads)
+    def begin_plan(self) -> np.ndarray:
+        """Start the cells' undo journal (every stream); returns the heads to restore."""
+        self.cells.begin()
+        return self.v_heads.a.copy()
 
-    def rollback_plan(self, heads: list[int]) -> None:
-        for c in self.v_cells:
-            c.rollback()
-        self.v_heads[:] = heads
+    def rollback_plan(self, heads: np.ndarray) -> None:
+        self.cells.rollback()
+        self.v_heads.a[:] = heads
 
     def prepare(self, ubatches: Sequence[UBatch]) -> list[SlotInfo] | None:
         """Plan every ubatch in order, each seeing the ones before it; None on failure.
 
         Runs ``find_slot`` and ``apply_ubatch`` under an undo journal and rolls everything
-        back, so the cache is exactly as before whatever happens.
+        back, so the cache is exactly as before whatever happens. The last ubatch is only
+        placed: nothing after it needs to see it (a one-ubatch decode step plans without
+        changing a cell).
         """
         self.check_open()
         res: list[SlotInfo] = []
         with self._planning():
-            for ub in ubatches:
+            for i, ub in enumerate(ubatches):
                 sinfo = self.find_slot(ub, False)
                 if sinfo is None:
                     return None
                 res.append(sinfo)
-                self.apply_ubatch(sinfo, ub)
+                if i + 1 < len(ubatches):
+                    self.apply_ubatch(sinfo, ub)
         return res
 
     @contextmanager
@@ -675,6 +691,10 @@ class KVCache(Memory):
         unused cells lie before it) and wraps around once. With ``cont`` the cells must be
         consecutive (no wrap inside a slot); otherwise the first usable cells are taken in
         scan order, e.g. head 5, usable cells [1, 2, 6, 9], 3 tokens -> [6, 9, 1].
+
+        Without ``cont`` every stream of the ubatch is searched at once
+        (:meth:`_find_slot_batched`); :meth:`_find_slot_streams`, one stream at a time, is
+        the reference, and takes ``cont`` and the ubatches it refuses.
         """
         self.check_open()
         n_tokens = ubatch.n_tokens
@@ -687,6 +707,33 @@ class KVCache(Memory):
                 )
             n_seqs = ubatch.n_seqs_unq
             n_tokens //= n_seqs
+        if not cont:
+            strm = self._slot_streams(ubatch, n_seqs, n_tokens)
+            if strm is not None:
+                if n_tokens > self.kv_size:
+                    return None
+                return self._find_slot_batched(strm, n_tokens)
+        return self._find_slot_streams(ubatch, n_seqs, n_tokens, cont)
+
+    def _slot_streams(self, ubatch: UBatch, n_seqs: int, n_tokens: int) -> np.ndarray | None:
+        """The stream of each of the ubatch's ``n_seqs`` token blocks (int64), or None when a
+        block is one :meth:`_find_slot_streams` refuses (it raises the exact error)."""
+        seq = ubatch.seq_id_unq[:n_seqs].astype(np.int64)
+        if seq.size != n_seqs:
+            return None
+        ok = (seq >= 0) & (seq < len(self.seq_to_stream))
+        if self.n_stream > 1:
+            # block s must belong to seq_id_unq[s] alone: E.g. n_tokens 2 -> first tokens [0, 2, 4]
+            t0 = np.arange(n_seqs) * n_tokens
+            ok &= (ubatch.n_seq_id[t0] == 1) & (ubatch.seq_id[t0, 0] == seq)
+        if not ok.all():
+            return None
+        return self.seq_to_stream[seq].astype(np.int64)
+
+    def _find_slot_streams(
+        self, ubatch: UBatch, n_seqs: int, n_tokens: int, cont: bool
+    ) -> SlotInfo | None:
+        """:meth:`find_slot` one stream at a time (the reference, and ``cont``)."""
         strm = np.empty(n_seqs, dtype=np.int32)
         idxs = np.empty((n_seqs, n_tokens), dtype=np.int32)
         for s in range(n_seqs):
@@ -715,6 +762,59 @@ class KVCache(Memory):
             strm[s] = st
             idxs[s] = found
         return SlotInfo(strm, idxs)
+
+    def _find_slot_batched(self, strm: np.ndarray, n: int) -> SlotInfo | None:
+        """``n`` cells in each of the distinct streams ``strm``, all streams at once.
+
+        Each stream scans its cells in circular order from its head, as :meth:`_search`
+        (no ``cont``): first a window of ``SLOT_WINDOW`` (at least ``2 n``) cells, then, for
+        the streams that did not find ``n`` usable cells in it, a window 4x as wide, up to
+        the whole stream. E.g. size 8, head 6, usable cells [1, 2, 7], n 2: window [6, 7, 0,
+        1] -> [7, 1].
+        """
+        st = self.cells
+        size = self.kv_size
+        head = self.v_heads.a[strm]
+        # restart at 0 when enough cells are unused before the head: E.g. head 40, used 10, n 4
+        head = np.where(head > st.used[strm] + 2 * n, 0, head)
+        idxs = np.empty((strm.size, n), dtype=np.int32)
+        todo = np.arange(strm.size)
+        width = min(size, max(SLOT_WINDOW, 2 * n))
+        while True:
+            # E.g. size 8, head [6], width 4 -> cells [[6, 7, 0, 1]]
+            cols = (head[todo, None] + np.arange(width)) % size
+            usable = self._usable_at(strm[todo, None] * size + cols)
+            if n == 1:
+                first = np.argmax(usable, axis=1)  # E.g. [[F, T, T, F]] -> [1]
+                done = usable[np.arange(todo.size), first]
+                idxs[todo[done], 0] = cols[done, first[done]]
+            else:
+                # the first n usable cells of a row: E.g. [F, T, T, T], n 2 -> rank [0, 1, 2, 3]
+                rank = np.cumsum(usable, axis=1)
+                done = rank[:, -1] >= n
+                take = usable[done] & (rank[done] <= n)  # exactly n per row, in scan order
+                idxs[todo[done]] = cols[done][take].reshape(-1, n)
+            todo = todo[~done]
+            if todo.size == 0:
+                return SlotInfo(strm.astype(np.int32), idxs)
+            if width == size:
+                return None
+            width = min(size, width * 4)
+
+    def _usable_at(self, gid: np.ndarray) -> np.ndarray:
+        """:meth:`_usable` of cells given by global id (any shape)."""
+        st = self.cells
+        pos = st.pos_f[gid]
+        usable = pos < 0
+        if self.swa_type != SWAType.NONE:
+            own = st.owner_f[gid]
+            single = own >= 0
+            if single.any():
+                # E.g. size 8, cell 9 (stream 1) owned by seq 1 -> key 257, pos_max + 1 there
+                key = (gid[single] // self.kv_size) * LLAMA_MAX_SEQ + own[single]
+                p1 = st.pos_max_at(key) + 1
+                usable[single] = masked_swa(self.n_swa, self.swa_type, pos[single], p1)
+        return usable
 
     def _search(self, cells: KVCells, head: int, n: int, cont: bool) -> np.ndarray | None:
         size = cells.size
@@ -751,12 +851,12 @@ class KVCache(Memory):
         return np.arange(s, s + n, dtype=np.int64)
 
     def apply_ubatch(self, sinfo: SlotInfo, ubatch: UBatch) -> None:
-        """Put the ubatch's tokens into the planned cells.
+        """Put the ubatch's tokens into the planned cells, every stream at once.
 
         A cell being overwritten (an SWA-masked cell of one sequence) is emptied first;
         afterwards every sequence that lost a cell is purged of all positions up to the
         largest overwritten one, so that ``[pos_min, pos_max]`` stays fully present. The
-        head moves past the last cell of the slot.
+        head of each stream moves past the last cell of its slot.
         """
         self.check_open()
         n_per = sinfo.size
@@ -766,42 +866,39 @@ class KVCache(Memory):
                 f"{n_per * sinfo.n_stream}"
             )
         self._mutated()
-        max_rm = np.full(LLAMA_MAX_SEQ, -1, dtype=np.int64)
+        st = self.cells
+        strm = sinfo.strm.astype(np.int64)
+        idx = sinfo.idxs.astype(np.int64)
         n_tok = ubatch.n_tokens
         pos_all = ubatch.pos
-        for s in range(sinfo.n_stream):
-            cells = self.v_cells[int(sinfo.strm[s])]
-            idx = sinfo.idxs[s].astype(np.int64)
-            tok = slice(s * n_per, (s + 1) * n_per)
-            occupied = idx[cells.pos[idx] >= 0]
-            if occupied.size:
-                own = cells.owner[occupied]
-                assert (own >= 0).all(), (
-                    "overwriting a cell that is not held by exactly one sequence"
-                )
-                np.maximum.at(max_rm, own, cells.pos[occupied].astype(np.int64))
-                cells.rm(occupied)
-            ext = None
-            if cells.ext is not None:
-                ext = np.empty((n_per, 3), dtype=np.int32)
-                if ubatch.is_pos_2d():
-                    ext[:, 0] = pos_all[2 * n_tok :][tok]
-                    ext[:, 1] = pos_all[n_tok:][tok]
-                else:
-                    ext[:, 0:2] = 0
-                if ubatch.token is not None:
-                    ext[:, 2] = ubatch.token[tok]
-                else:
-                    ext[:, 2] = self._ple_embd_token()
-            cells.set_new(idx, pos_all[:n_tok][tok], ubatch.seq_id[tok], ext)
-        for seq_np in np.flatnonzero(max_rm >= 0):
-            seq = int(seq_np)
-            cells = self.v_cells[int(self.seq_to_stream[seq])]
-            pmin = cells.seq_pos_min(seq)
-            if pmin <= max_rm[seq]:
-                self.seq_rm(seq, pmin, int(max_rm[seq]) + 1)
-        for s in range(sinfo.n_stream):
-            self.v_heads[int(sinfo.strm[s])] = int(sinfo.idxs[s, -1]) + 1
+        # E.g. size 8, strm [0, 2], idxs [[3, 4], [0, 1]] -> gid [[3, 4], [16, 17]]
+        gid = strm[:, None] * self.kv_size + idx
+        occupied = gid[st.pos_f[gid] >= 0]
+        max_rm = None
+        if occupied.size:
+            own = st.owner_f[occupied]
+            assert (own >= 0).all(), "overwriting a cell that is not held by exactly one sequence"
+            max_rm = np.full(LLAMA_MAX_SEQ, -1, dtype=np.int64)
+            np.maximum.at(max_rm, own, st.pos_f[occupied].astype(np.int64))
+            st.rm(occupied)
+        ext = None
+        if st.ext is not None:
+            ext = np.empty((n_tok, 3), dtype=np.int32)
+            if ubatch.is_pos_2d():
+                ext[:, 0] = pos_all[2 * n_tok : 3 * n_tok]
+                ext[:, 1] = pos_all[n_tok : 2 * n_tok]
+            else:
+                ext[:, 0:2] = 0
+            if ubatch.token is not None:
+                ext[:, 2] = ubatch.token
+            else:
+                ext[:, 2] = self._ple_embd_token()
+        st.set_new(strm, idx, pos_all[:n_tok], ubatch.seq_id, ext)
+        if max_rm is not None:
+            seqs = np.flatnonzero(max_rm >= 0)
+            rows = self.seq_to_stream[seqs].astype(np.int64)
+            self._heads_back_to(st.seq_rm_upto(seqs, rows, max_rm[seqs]))
+        self.v_heads.a[strm] = idx[:, -1] + 1
 
     def _ple_embd_token(self) -> int:
         """``ext.tok`` of an embedding token in a PLE model (the reference's choice)."""
@@ -809,14 +906,12 @@ class KVCache(Memory):
 
     def get_n_kv(self, sinfo: SlotInfo) -> int:
         """Cells the graph attends: ``min(size, max(P, PAD(used_max_p1, P)))`` over the
-        slot's streams, ``P = max(n_pad, 256)``. E.g. used_max_p1 300, size 4096 -> 512."""
+        slot's streams, ``P = max(n_pad, 256)``. E.g. used_max_p1 [300, 20], size 4096 ->
+        [512, 256] -> 512."""
         pad = max(self.n_pad, N_PAD_GRAPH)
-        res = 0
-        for st in sinfo.strm:
-            cells = self.v_cells[int(st)]
-            padded = -(-cells.used_max_p1() // pad) * pad
-            res = max(res, min(cells.size, max(pad, padded)))
-        return res
+        used_max_p1 = self.cells.used_max_p1_of(sinfo.strm.astype(np.int64))
+        padded = -(-used_max_p1 // pad) * pad
+        return int(np.minimum(self.kv_size, np.maximum(pad, padded)).max())
 
     # --- update (stream copies, K-shift) ------------------------------------------------
     def update(self, do_shift: bool) -> bool:
@@ -838,8 +933,7 @@ class KVCache(Memory):
             if rope_layers:
                 apply_k_shift(self.layout, self.spec, rope_layers, self.k_shift(), self._runner)
                 updated = True
-            for cells in self.v_cells:
-                cells.reset_shift()
+            self.cells.reset_shift()
         return updated
 
     def k_shift(self) -> np.ndarray:
@@ -848,8 +942,7 @@ class KVCache(Memory):
 
         E.g. pos [0, -1, 4], shift [2, 7, 2] -> [2, 0, 2].
         """
-        parts = [np.where(c.pos >= 0, c.shift, 0).astype(np.int32) for c in self.v_cells]
-        return np.concatenate(parts)
+        return np.where(self.cells.pos_f >= 0, self.cells.shift_f, 0).astype(np.int32)
 
     # --- state -------------------------------------------------------------------------
     def state_write_into(self, writer: StateWriter, seq_id: int = -1, flags: int = 0) -> None:

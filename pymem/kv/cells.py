@@ -1,28 +1,41 @@
-"""Cell metadata of one KV stream, as parallel numpy arrays (``llama_kv_cells``).
+"""Cell metadata of a KV cache, as parallel numpy arrays (``llama_kv_cells``).
 
-One :class:`KVCells` describes the ``size`` cells of one stream::
+The metadata of every stream of one cache is stacked in :class:`StackedCells`, row ``s``
+being stream ``s``::
 
-    cell      0    1    2    3    4    5   ...
-    pos      0    1    2   -1    7    3        int32, -1 = empty
-    shift    0    0    0    0   +5    0        int32, delta accumulated since the last K-shift
-    seq     {0}  {0}  {0,1} {}  {2}  {1}       uint64[size, 4] bitsets over 256 sequence ids
-    owner    0    0   -2   -1    2    1        int32: the only sequence, -1 none, -2 several
-    ext     (x, y, tok) per cell               int32[size, 3], only with M-RoPE / PLE
+    cell         0    1    2    3    4    5   ...
+    pos[s]       0    1    2   -1    7    3        int32, -1 = empty
+    shift[s]     0    0    0    0   +5    0        int32, delta accumulated since the last K-shift
+    seq[s]      {0}  {0}  {0,1} {}  {2}  {1}       uint64[.., 4] bitsets over 256 sequence ids
+    owner[s]     0    0   -2   -1    2    1        int32: the only sequence, -1 none, -2 several
+    ext[s]      (x, y, tok) per cell               int32[.., 3], only with M-RoPE / PLE
+
+A cell is also addressed by its global id ``g = s * size + i``, which is its K row: the
+batched operations take global ids, so that one call covers a ubatch spanning many
+streams. :class:`KVCells` is a view of one stream (one row) with the single-stream API.
 
 ``owner`` is derived from ``seq`` and kept in step with it: it turns most per-sequence
 tests into one int32 comparison and only cells shared by several sequences need a bit test.
 
-Per-sequence minimum and maximum positions are cached (``llama_kv_cells::seq_pos``): adding
-cells updates them in O(1) per sequence, removing cells marks the touched sequences dirty,
-and a query recomputes a dirty sequence with one vectorised pass. Cells with a position but
-no sequence are allowed (a whole-state restore can produce them), as in the reference.
+Per-stream counters (``used``, ``used_max_p1``, ``has_shift``, ``n_multi``) are arrays
+over streams. Per (stream, sequence) minimum and maximum positions are cached
+(``llama_kv_cells::seq_pos``): adding cells updates them in O(1) per sequence; removing
+or moving cells marks the bound that may have changed dirty, and a query recomputes a
+dirty pair with one vectorised pass. Removing a sequence's oldest positions (the SWA
+purge) thus leaves its maximum clean, which is what the slot search reads. Cells with a
+position but no sequence are allowed (a whole-state restore can produce them), as in the
+reference.
 
 Every mutation goes through a few vectorised primitives that can record an undo journal:
-:meth:`KVCells.begin` / :meth:`KVCells.rollback` restore the cells exactly, which is how
-``KVCache.prepare`` plans ubatches without changing anything.
+:meth:`StackedCells.begin` / :meth:`StackedCells.rollback` restore the cells exactly, which
+is how ``KVCache.prepare`` plans ubatches without changing anything. The journal records
+cells by global id before they change, and a stream's counters the first time the stream
+is touched, so its cost follows what changed, not the number of streams.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -33,11 +46,25 @@ POS_NONE = -1
 OWNER_NONE = -1
 OWNER_MULTI = -2
 _EMPTY_MIN = np.iinfo(np.int64).max
+_POS_BIG = np.iinfo(np.int32).max
 EXT_DEFAULT = (0, 0, -1)  # x, y, tok (LLAMA_TOKEN_NULL)
 
 _ONE = np.uint64(1)
 _ROW = np.dtype((np.void, N_WORDS * 8))  # one cell's bitset as a single 32-byte item
 _ZERO_ROW = np.zeros(1, dtype=_ROW)[0]
+# per-stream state a journal saves when it first touches a stream (StackedCells attributes)
+_SUMMARY = (
+    "used",
+    "used_max_p1",
+    "used_max_dirty",
+    "has_shift",
+    "n_multi",
+    "pmin",
+    "pmax",
+    "pdirty_min",
+    "pdirty_max",
+)
+_REFRESH_CHUNK = 1 << 22  # cells per vectorised refresh pass (bounds its temporaries)
 
 
 def seq_word_bit(seq_id: int) -> tuple[int, np.uint64]:
@@ -62,121 +89,494 @@ def single_seq_ids(bits: np.ndarray) -> np.ndarray:
     return out
 
 
-class KVCells:
-    """The metadata of one stream's cells; tensor data lives elsewhere."""
+class StackedCells:
+    """The cell metadata of every stream of one cache; tensor data lives elsewhere.
 
-    def __init__(self, size: int, with_ext: bool = False) -> None:
+    Arrays are ``[n_stream, size, ...]`` with contiguous flat views (``pos_f``, ...) over
+    global cell ids; per-stream state is ``[n_stream]`` and per (stream, sequence) state
+    ``[n_stream, LLAMA_MAX_SEQ]`` (flat key ``s * LLAMA_MAX_SEQ + seq_id``).
+    """
+
+    def __init__(self, n_stream: int, size: int, with_ext: bool = False) -> None:
+        self.n_stream = int(n_stream)
         self.size = int(size)
-        self.pos = np.full(self.size, POS_NONE, dtype=np.int32)
-        self.shift = np.zeros(self.size, dtype=np.int32)
-        self.seq = np.zeros((self.size, N_WORDS), dtype=np.uint64)
-        self.owner = np.full(self.size, OWNER_NONE, dtype=np.int32)
+        shape = (self.n_stream, self.size)
+        self.pos = np.full(shape, POS_NONE, dtype=np.int32)
+        self.shift = np.zeros(shape, dtype=np.int32)
+        self.seq = np.zeros((*shape, N_WORDS), dtype=np.uint64)
+        self.owner = np.full(shape, OWNER_NONE, dtype=np.int32)
         self.ext: np.ndarray | None = None
         if with_ext:
-            self.ext = np.empty((self.size, 3), dtype=np.int32)
+            self.ext = np.empty((*shape, 3), dtype=np.int32)
             self.ext[:] = EXT_DEFAULT
-        self.has_shift = False
-        self.n_multi = 0  # cells held by several sequences (owner == OWNER_MULTI)
-        self._used = 0
-        self._used_max_p1 = 0
-        self._used_max_dirty = False
-        self._pmin = np.full(LLAMA_MAX_SEQ, _EMPTY_MIN, dtype=np.int64)
-        self._pmax = np.full(LLAMA_MAX_SEQ, -1, dtype=np.int64)
-        self._pdirty = np.zeros(LLAMA_MAX_SEQ, dtype=bool)
+        self.used = np.zeros(self.n_stream, dtype=np.int64)  # non-empty cells
+        self.used_max_p1 = np.zeros(self.n_stream, dtype=np.int64)
+        self.used_max_dirty = np.zeros(self.n_stream, dtype=bool)
+        self.has_shift = np.zeros(self.n_stream, dtype=bool)
+        self.n_multi = np.zeros(self.n_stream, dtype=np.int64)  # cells with owner OWNER_MULTI
+        self.pmin = np.full((self.n_stream, LLAMA_MAX_SEQ), _EMPTY_MIN, dtype=np.int64)
+        self.pmax = np.full((self.n_stream, LLAMA_MAX_SEQ), -1, dtype=np.int64)
+        self.pdirty_min = np.zeros((self.n_stream, LLAMA_MAX_SEQ), dtype=bool)
+        self.pdirty_max = np.zeros((self.n_stream, LLAMA_MAX_SEQ), dtype=bool)
+        self._flat_views()
         self._journal: list[tuple] | None = None
-        self._saved: tuple | None = None
+        self._saved: dict[str, np.ndarray] | None = None
+        self._touched = np.zeros(self.n_stream, dtype=bool)
+
+    def _flat_views(self) -> None:
+        self.pos_f = self.pos.reshape(-1)
+        self.shift_f = self.shift.reshape(-1)
+        self.seq_f = self.seq.reshape(-1, N_WORDS)
+        self.rows_f = self.seq.view(_ROW).reshape(-1)  # one 32-byte item per cell
+        self.owner_f = self.owner.reshape(-1)
+        self.ext_f = None if self.ext is None else self.ext.reshape(-1, 3)
+        self.pmin_f = self.pmin.reshape(-1)
+        self.pmax_f = self.pmax.reshape(-1)
+        self.pdirty_min_f = self.pdirty_min.reshape(-1)
+        self.pdirty_max_f = self.pdirty_max.reshape(-1)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for k in [k for k in state if k.endswith("_f")]:
+            del state[k]  # views: rebuilt on the copy's own arrays
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._flat_views()
 
     # --- journal --------------------------------------------------------------------
+    @property
+    def journaling(self) -> bool:
+        return self._journal is not None
+
     def begin(self) -> None:
         """Start recording an undo journal (planning); :meth:`rollback` restores exactly."""
         assert self._journal is None, "nested journal"
         self._journal = []
-        self._saved = self._summary()
+        if self._saved is None:
+            self._saved = {name: np.empty_like(getattr(self, name)) for name in _SUMMARY}
 
     def rollback(self) -> None:
         """Undo every mutation since :meth:`begin`, newest first."""
         assert self._journal is not None and self._saved is not None
         for entry in reversed(self._journal):
             self._set_cells(*entry)
-        self._set_summary(self._saved)
+        t = np.flatnonzero(self._touched)
+        if t.size:
+            for name in _SUMMARY:
+                getattr(self, name)[t] = self._saved[name][t]
+        self.end()
+
+    def end(self) -> None:
+        """Stop recording and keep the changes."""
         self._journal = None
-        self._saved = None
+        self._touched[:] = False
 
-    def _summary(self) -> tuple:
-        """The counters and per-sequence position caches a journal saves (copied)."""
-        return (
-            self._used,
-            self._used_max_p1,
-            self._used_max_dirty,
-            self.has_shift,
-            self.n_multi,
-            self._pmin.copy(),
-            self._pmax.copy(),
-            self._pdirty.copy(),
-        )
+    def redo_log(self, strm: int | None = None) -> tuple:
+        """The changes since :meth:`begin` as they stand now (of stream ``strm`` only, or
+        of every stream): the touched cells, their current values and the touched streams'
+        counters. :meth:`redo` on the state :meth:`begin` saw reproduces this one without
+        repeating the operations (a parsed state restore commits this way)."""
+        assert self._journal is not None
+        # a cell touched twice appears twice, with the same current values: harmless
+        gid = np.concatenate([entry[0] for entry in self._journal] or [np.zeros(0, np.int64)])
+        touched = self._touched.copy()
+        if strm is not None:
+            gid = gid[gid // self.size == strm]
+            touched[:strm] = False
+            touched[strm + 1 :] = False
+        t = np.flatnonzero(touched)
+        return (*self._cells_at(gid), t, [getattr(self, name)[t].copy() for name in _SUMMARY])
 
-    def _set_summary(self, saved: tuple) -> None:
-        """Put back what :meth:`_summary` returned."""
-        (
-            self._used,
-            self._used_max_p1,
-            self._used_max_dirty,
-            self.has_shift,
-            self.n_multi,
-            pmin,
-            pmax,
-            pdirty,
-        ) = saved
-        self._pmin[:] = pmin
-        self._pmax[:] = pmax
-        self._pdirty[:] = pdirty
+    def redo(self, log: tuple) -> None:
+        """Apply a :meth:`redo_log` (the cells must be as they were at its :meth:`begin`)."""
+        self._set_cells(*log[:6])
+        t, values = log[6:]
+        for name, v in zip(_SUMMARY, values):
+            getattr(self, name)[t] = v
+
+    def _touch(self, rows: np.ndarray | int) -> None:
+        """Save the counters of streams ``rows`` not saved yet (call before changing them)."""
+        if self._journal is None:
+            return
+        assert self._saved is not None
+        rows = np.atleast_1d(rows)
+        new = rows[~self._touched[rows]]
+        if new.size:
+            for name in _SUMMARY:
+                self._saved[name][new] = getattr(self, name)[new]
+            self._touched[new] = True
+
+    def _record(self, gid: np.ndarray, rows: np.ndarray | int) -> None:
+        """Journal cells ``gid`` (of streams ``rows``) before they change."""
+        if self._journal is None:
+            return
+        self._touch(rows)
+        if gid.size:
+            self._journal.append(self._cells_at(gid.copy()))
+
+    def _cells_at(self, gid: np.ndarray) -> tuple:
+        """Copies of the metadata of cells ``gid``, in :meth:`_set_cells` order."""
+        ext = None if self.ext_f is None else self.ext_f[gid]
+        return (gid, self.pos_f[gid], self.shift_f[gid], self.rows_f[gid], self.owner_f[gid], ext)
 
     def _set_cells(
         self,
-        idx: np.ndarray,
+        gid: np.ndarray,
         pos: np.ndarray,
         shift: np.ndarray,
         rows: np.ndarray,
         owner: np.ndarray,
         ext: np.ndarray | None,
     ) -> None:
-        """Write the metadata of cells ``idx`` (a journal entry, or a redo log's cells)."""
-        self.pos[idx] = pos
-        self.shift[idx] = shift
-        self._rows[idx] = rows
-        self.owner[idx] = owner
+        """Write the metadata of cells ``gid`` (a journal entry, or a redo log's cells)."""
+        self.pos_f[gid] = pos
+        self.shift_f[gid] = shift
+        self.rows_f[gid] = rows
+        self.owner_f[gid] = owner
         if ext is not None:
-            assert self.ext is not None
-            self.ext[idx] = ext
+            assert self.ext_f is not None
+            self.ext_f[gid] = ext
 
-    def redo_log(self) -> tuple:
-        """The changes since :meth:`begin` as they stand now: the touched cells, their
-        current values and the scalar state. :meth:`redo` on the state :meth:`begin` saw
-        reproduces this one without repeating the operations (a parsed state restore
-        commits this way)."""
-        assert self._journal is not None and self._saved is not None
-        # a cell touched twice appears twice, with the same current values: harmless
-        idx = np.concatenate([entry[0] for entry in self._journal] or [np.zeros(0, np.int64)])
-        return (*self._cells_at(idx), *self._summary())
+    # --- queries --------------------------------------------------------------------
+    def used_max_p1_of(self, strm: np.ndarray) -> np.ndarray:
+        """``used_max_p1`` of streams ``strm`` (int64), recomputing the dirty ones at once.
 
-    def redo(self, log: tuple) -> None:
-        """Apply a :meth:`redo_log` (the cells must be as they were at its :meth:`begin`)."""
-        self._set_cells(*log[:6])
-        self._set_summary(log[6:])
+        E.g. a dirty stream with pos [3, -1, 5, -1, -1] (bound 5) -> 3.
+        """
+        dirty = strm[self.used_max_dirty[strm]]
+        if dirty.size:
+            dirty = np.unique(dirty)
+            hi = int(self.used_max_p1[dirty].max())
+            filled = self.pos[dirty, :hi] >= 0
+            # the last filled cell + 1: E.g. [T, F, T, F, F] -> 5 - argmax([F, F, T, F, T]) = 3
+            last = hi - np.argmax(filled[:, ::-1], axis=1)
+            self.used_max_p1[dirty] = np.where(filled.any(axis=1), last, 0)
+            self.used_max_dirty[dirty] = False
+        return self.used_max_p1[strm]
+
+    def holds(self, rows: np.ndarray, seqs: np.ndarray) -> np.ndarray:
+        """Bool ``[k, size]``: which cells of stream ``rows[j]`` hold ``seqs[j]``."""
+        own = self.owner[rows]
+        hold = own == seqs[:, None]
+        if self.n_multi[rows].any():
+            r, c = np.nonzero(own == OWNER_MULTI)
+            # E.g. seqs [1, 65]: pair 1 tests bit 1 of word 1 of its multi cells
+            words = self.seq[rows[r], c, seqs[r] >> 6]
+            hold[r, c] = ((words >> (seqs[r] & 63).astype(np.uint64)) & _ONE) != 0
+        return hold
+
+    def refresh(self, rows: np.ndarray, seqs: np.ndarray) -> None:
+        """Recompute the cached min/max position of the (stream, sequence) pairs
+        ``(rows[j], seqs[j])`` and clear their dirty flags (pairs must be distinct)."""
+        step = max(1, _REFRESH_CHUNK // self.size)
+        for a in range(0, rows.size, step):  # chunks bound the [k, size] temporaries
+            r, q = rows[a : a + step], seqs[a : a + step]
+            hold = self.holds(r, q)
+            pos = self.pos[r]
+            lo = np.where(hold, pos, _POS_BIG).min(axis=1).astype(np.int64)
+            hi = np.where(hold, pos, -1).max(axis=1).astype(np.int64)
+            key = r * LLAMA_MAX_SEQ + q
+            self.pmin_f[key] = np.where(hi >= 0, lo, _EMPTY_MIN)
+            self.pmax_f[key] = hi
+            self.pdirty_min_f[key] = False
+            self.pdirty_max_f[key] = False
+
+    def pos_max_at(self, key: np.ndarray) -> np.ndarray:
+        """Largest position of (stream, sequence) keys ``s * 256 + seq_id`` (-1 if none),
+        recomputing the dirty ones."""
+        dirty = key[self.pdirty_max_f[key]]
+        if dirty.size:
+            dirty = np.unique(dirty)
+            self.refresh(dirty // LLAMA_MAX_SEQ, dirty % LLAMA_MAX_SEQ)
+        return self.pmax_f[key]
+
+    # --- primitive mutations (vectorised over global cell ids) ---------------------------
+    def _removed(self, gid: np.ndarray, rows: np.ndarray) -> None:
+        """Mark dirty the cached bounds that removing cells ``gid`` may change: a
+        sequence's minimum if a removed position is at or below it, its maximum likewise.
+
+        E.g. seq 3 with [min, max] = [10, 40] losing positions [10, 11] -> min dirty only.
+        """
+        own = self.owner_f[gid]
+        single = own >= 0
+        key = rows[single] * LLAMA_MAX_SEQ + own[single]
+        p = self.pos_f[gid[single]].astype(np.int64)
+        self.pdirty_min_f[key[p <= self.pmin_f[key]]] = True
+        self.pdirty_max_f[key[p >= self.pmax_f[key]]] = True
+        if self.n_multi[rows].any():
+            self._moved(gid[own == OWNER_MULTI], rows[own == OWNER_MULTI])
+
+    def _moved(self, gid: np.ndarray, rows: np.ndarray) -> None:
+        """Mark both bounds of every sequence held by cells ``gid`` dirty."""
+        if gid.size == 0:
+            return
+        own = self.owner_f[gid]
+        single = own >= 0
+        key = rows[single] * LLAMA_MAX_SEQ + own[single]
+        self.pdirty_min_f[key] = True
+        self.pdirty_max_f[key] = True
+        multi = own == OWNER_MULTI
+        if multi.any():
+            # E.g. a multi cell of stream 1 holding {0, 3} -> keys [256, 259]
+            bits = np.unpackbits(self.seq_f[gid[multi]].view(np.uint8), axis=1, bitorder="little")
+            i, q = np.nonzero(bits)
+            key = rows[multi][i] * LLAMA_MAX_SEQ + q
+            self.pdirty_min_f[key] = True
+            self.pdirty_max_f[key] = True
+
+    def _freed(self, gid: np.ndarray, rows: np.ndarray) -> None:
+        """Bookkeeping for cells ``gid`` (of streams ``rows``) that just became empty."""
+        np.subtract.at(self.used, rows, 1)
+        # a freed cell at or past the last used one: E.g. used_max_p1 8, freed cell 7 -> dirty
+        top = gid - rows * self.size + 1 >= self.used_max_p1[rows]
+        self.used_max_dirty[rows[top]] = True
+
+    def _set_owner(self, gid: np.ndarray, rows: np.ndarray, owner: np.ndarray | int) -> None:
+        old = self.owner_f[gid]
+        self.owner_f[gid] = owner
+        new = self.owner_f[gid]
+        # E.g. old [-2, 3], new [4, -2] -> delta [-1, +1] on the cells' streams
+        delta = (new == OWNER_MULTI).astype(np.int64) - (old == OWNER_MULTI)
+        if delta.any():
+            np.add.at(self.n_multi, rows, delta)
+
+    def reset(self) -> None:
+        """Empty every cell of every stream and forget pending shifts."""
+        self._record(np.arange(self.pos_f.size), np.arange(self.n_stream))
+        self.pos[:] = POS_NONE
+        self.shift[:] = 0
+        self.seq[:] = 0
+        self.owner[:] = OWNER_NONE
+        if self.ext is not None:
+            self.ext[:] = EXT_DEFAULT
+        self.has_shift[:] = False
+        self.n_multi[:] = 0
+        self.used[:] = 0
+        self.used_max_p1[:] = 0
+        self.used_max_dirty[:] = False
+        self.pmin[:] = _EMPTY_MIN
+        self.pmax[:] = -1
+        self.pdirty_min[:] = False
+        self.pdirty_max[:] = False
+
+    def reset_shift(self) -> None:
+        """Forget the pending shifts of every stream (after a K-shift)."""
+        self._record(np.flatnonzero(self.shift_f), np.arange(self.n_stream))
+        self.shift[:] = 0
+        self.has_shift[:] = False
+
+    def rm(self, gid: np.ndarray) -> None:
+        """Empty the non-empty cells ``gid`` (``llama_kv_cells::rm``)."""
+        if gid.size == 0:
+            return
+        rows = gid // self.size
+        self._record(gid, rows)
+        self._removed(gid, rows)
+        self._set_owner(gid, rows, OWNER_NONE)
+        self.pos_f[gid] = POS_NONE
+        self.shift_f[gid] = 0
+        self.rows_f[gid] = _ZERO_ROW
+        if self.ext_f is not None:
+            self.ext_f[gid] = EXT_DEFAULT
+        self._freed(gid, rows)
+
+    def set_new(
+        self,
+        strm: np.ndarray,
+        idx: np.ndarray,
+        pos: np.ndarray,
+        seq_id: np.ndarray,
+        ext: np.ndarray | None = None,
+    ) -> None:
+        """Fill empty cells: ``idx[r]`` of stream ``strm[r]`` (distinct streams) get the
+        tokens ``r * idx.shape[1] + i`` in order, with positions ``pos`` and the sequence
+        ids of ``seq_id``, an int32 ``[n, k]`` matrix padded with -1 (a ubatch's ``seq_id``).
+        """
+        if idx.size == 0:
+            return
+        n_per = idx.shape[1]
+        # E.g. size 8, strm [0, 2], idx [[3, 4], [0, 1]] -> gid [3, 4, 16, 17], rows [0, 0, 2, 2]
+        gid = (strm[:, None] * self.size + idx).reshape(-1)
+        rows = np.repeat(strm, n_per)
+        self._record(gid, strm)
+        pos = np.asarray(pos, dtype=np.int32)
+        self.pos_f[gid] = pos
+        primary = seq_id[:, 0]
+        simple = seq_id.shape[1] == 1 and int(primary.min()) >= 0  # one id per cell
+        if simple:
+            # one id per token: E.g. ids [1, 65] -> words [0, 1], bits [1 << 1, 1 << 1]
+            self.rows_f[gid] = _ZERO_ROW
+            self.seq_f[gid, primary >> 6] = np.left_shift(_ONE, (primary & 63).astype(np.uint64))
+            owner = primary
+        else:
+            self.seq_f[gid] = seq_bitsets(seq_id)
+            # exact popcount: a token may repeat a sequence id
+            owner = single_seq_ids(self.seq_f[gid])
+        if simple and not self.n_multi[strm].any():
+            self.owner_f[gid] = owner  # empty cells, none of them held by several sequences
+        else:
+            self._set_owner(gid, rows, owner)
+        if ext is not None and self.ext_f is not None:
+            self.ext_f[gid] = ext
+        self.used[strm] += n_per
+        self.used_max_p1[strm] = np.maximum(self.used_max_p1[strm], idx.max(axis=1) + 1)
+        # E.g. tokens (pos 7, seqs [0, 2]) and (pos 9, seqs [2, -1]) in stream 1 -> the
+        # bounds of key 1 * 256 + 2 see 7 and 9
+        if simple:
+            key, p = rows * LLAMA_MAX_SEQ + primary, pos.astype(np.int64)
+        else:
+            t, c = np.nonzero(seq_id >= 0)
+            key, p = rows[t] * LLAMA_MAX_SEQ + seq_id[t, c], pos[t].astype(np.int64)
+        if n_per == 1 and simple:  # one token per stream: the keys are distinct
+            self.pmin_f[key] = np.minimum(self.pmin_f[key], p)
+            self.pmax_f[key] = np.maximum(self.pmax_f[key], p)
+        else:
+            np.minimum.at(self.pmin_f, key, p)
+            np.maximum.at(self.pmax_f, key, p)
+
+    def seq_rm_upto(self, seqs: np.ndarray, rows: np.ndarray, p_max: np.ndarray) -> np.ndarray:
+        """Remove each sequence ``seqs[j]`` from the cells of stream ``rows[j]`` at positions
+        ``<= p_max[j]`` (the SWA purge; pairs distinct). Returns the global ids of the cells
+        that became empty, ascending.
+
+        A cell held by one sequence is tested through ``owner``: a ``[n_stream, 256]`` table
+        of bounds, -2 where nothing is removed. E.g. stream 0, seq 2, p_max 5: cells of stream
+        0 owned by 2 with pos [3, 5, 6] -> the first two.
+        """
+        # -2: below every position, empty cells (pos -1) included
+        bound = np.full(self.n_stream * LLAMA_MAX_SEQ + 1, -2, dtype=np.int64)
+        bound[rows * LLAMA_MAX_SEQ + seqs] = p_max
+        strms = np.unique(rows)
+        pos = self.pos[strms]
+        own = self.owner[strms]
+        # owners -1 and -2 look up the last entry, -2: E.g. own [2, -1] in stream 0 of 10 -> keys [2, 2560]
+        key = np.where(own >= 0, strms[:, None] * LLAMA_MAX_SEQ + own, bound.size - 1)
+        r, c = np.nonzero(pos <= bound[key])
+        gid = strms[r] * self.size + c
+        hit_seq = own[r, c].astype(np.int64)
+        if self.n_multi[strms].any():
+            mr, mc = np.nonzero(own == OWNER_MULTI)
+            mg = strms[mr] * self.size + mc
+            bits = np.unpackbits(self.seq_f[mg].view(np.uint8), axis=1, bitorder="little")
+            i, q = np.nonzero(bits)
+            # a (multi cell, sequence) pair is removed where that sequence's bound reaches it
+            take = self.pos_f[mg[i]] <= bound[(mg[i] // self.size) * LLAMA_MAX_SEQ + q]
+            gid = np.concatenate((gid, mg[i[take]]))
+            hit_seq = np.concatenate((hit_seq, q[take].astype(np.int64)))
+        if gid.size == 0:
+            return gid
+        cells = np.unique(gid)
+        crow = cells // self.size
+        self._record(cells, crow)
+        self._touch(rows)
+        self._removed_bounds(rows, seqs, p_max)
+        w = hit_seq >> 6
+        np.bitwise_and.at(
+            self.seq_f, (gid, w), ~np.left_shift(_ONE, (hit_seq & 63).astype(np.uint64))
+        )
+        self._set_owner(cells, crow, single_seq_ids(self.seq_f[cells]))
+        emptied = cells[self.owner_f[cells] == OWNER_NONE]
+        if emptied.size:
+            self.pos_f[emptied] = POS_NONE
+            self.shift_f[emptied] = 0
+            if self.ext_f is not None:
+                self.ext_f[emptied] = EXT_DEFAULT
+            self._freed(emptied, emptied // self.size)
+        return emptied
+
+    def _removed_bounds(self, rows: np.ndarray, seqs: np.ndarray, p_max: np.ndarray) -> None:
+        """Dirty flags for removing positions ``<= p_max[j]`` of pair j: the minimum may
+        move; the maximum only if the bound reaches it."""
+        key = rows * LLAMA_MAX_SEQ + seqs
+        self.pdirty_min_f[key] = True
+        self.pdirty_max_f[key[p_max >= self.pmax_f[key]]] = True
+
+
+class KVCells:
+    """The metadata of one stream's cells: a view of row ``strm`` of a
+    :class:`StackedCells` (a standalone ``KVCells(size)`` owns a one-stream stack).
+
+    ``pos``, ``shift``, ``seq``, ``owner`` and ``ext`` are views of the row; counters read
+    and write the stack's arrays. The journal (:meth:`begin`, :meth:`rollback`,
+    :meth:`end`) is the stack's, covering every stream; :meth:`redo_log` and :meth:`redo`
+    carry this stream's part.
+    """
+
+    def __init__(self, size: int, with_ext: bool = False) -> None:
+        self._bind(StackedCells(1, size, with_ext), 0)
+
+    @classmethod
+    def view(cls, store: StackedCells, strm: int) -> KVCells:
+        """The cells of stream ``strm`` of ``store``."""
+        cells = cls.__new__(cls)
+        cells._bind(store, strm)
+        return cells
+
+    def _bind(self, store: StackedCells, strm: int) -> None:
+        self.store = store
+        self.strm = int(strm)
+        self.size = store.size
+        self._base = self.strm * store.size  # global id of cell 0
+        self.pos = store.pos[strm]
+        self.shift = store.shift[strm]
+        self.seq = store.seq[strm]
+        self.owner = store.owner[strm]
+        self.ext = None if store.ext is None else store.ext[strm]
+        self._pmin = store.pmin[strm]
+        self._pmax = store.pmax[strm]
+        self._pdirty_min = store.pdirty_min[strm]
+        self._pdirty_max = store.pdirty_max[strm]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"store": self.store, "strm": self.strm}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._bind(state["store"], state["strm"])
+
+    # --- counters (the stack's arrays) ----------------------------------------------------
+    @property
+    def used(self) -> int:
+        """Number of non-empty cells."""
+        return int(self.store.used[self.strm])
+
+    @property
+    def has_shift(self) -> bool:
+        return bool(self.store.has_shift[self.strm])
+
+    @has_shift.setter
+    def has_shift(self, value: bool) -> None:
+        self.store._touch(self.strm)
+        self.store.has_shift[self.strm] = value
+
+    @property
+    def n_multi(self) -> int:
+        """Cells held by several sequences (owner == OWNER_MULTI)."""
+        return int(self.store.n_multi[self.strm])
+
+    @property
+    def _rows(self) -> np.ndarray:
+        """``seq`` viewed as one 32-byte item per cell (fast row gathers and stores)."""
+        return self.store.rows_f[self._base : self._base + self.size]
+
+    # --- journal --------------------------------------------------------------------
+    def begin(self) -> None:
+        """Start the stack's undo journal; :meth:`rollback` restores every stream exactly."""
+        self.store.begin()
+
+    def rollback(self) -> None:
+        self.store.rollback()
 
     def end(self) -> None:
-        """Stop recording and keep the changes."""
-        self._journal = None
-        self._saved = None
+        self.store.end()
 
-    def _record(self, idx: np.ndarray) -> None:
-        if self._journal is not None and idx.size:
-            self._journal.append(self._cells_at(idx.copy()))
+    def redo_log(self) -> tuple:
+        """This stream's changes since :meth:`begin` (see :meth:`StackedCells.redo_log`)."""
+        return self.store.redo_log(self.strm)
 
-    def _cells_at(self, idx: np.ndarray) -> tuple:
-        """Copies of the metadata of cells ``idx``, in :meth:`_set_cells` order."""
-        ext = None if self.ext is None else self.ext[idx]
-        return (idx, self.pos[idx], self.shift[idx], self._rows[idx], self.owner[idx], ext)
+    def redo(self, log: tuple) -> None:
+        self.store.redo(log)
 
     def snapshot(self) -> tuple:
         """A full copy of the metadata (tests and debugging)."""
@@ -191,31 +591,32 @@ class KVCells:
             self.used_max_p1(),
         )
 
-    @property
-    def _rows(self) -> np.ndarray:
-        """``seq`` viewed as one 32-byte item per cell (fast row gathers and stores)."""
-        return self.seq.view(_ROW).reshape(self.size)
+    def load(self, other: KVCells) -> None:
+        """Make this stream a copy of ``other`` (cells, counters, position caches)."""
+        st, s = self.store, self.strm
+        st._record(np.arange(self._base, self._base + self.size), s)
+        self.pos[:] = other.pos
+        self.shift[:] = other.shift
+        self.seq[:] = other.seq
+        self.owner[:] = other.owner
+        if self.ext is not None and other.ext is not None:
+            self.ext[:] = other.ext
+        for name in _SUMMARY:
+            getattr(st, name)[s] = getattr(other.store, name)[other.strm]
+
+    def _record(self, idx: np.ndarray) -> None:
+        self.store._record(idx + self._base, self.strm)
 
     def _set_owner(self, idx: np.ndarray, owner: np.ndarray | int) -> None:
-        old = self.owner[idx]
-        self.owner[idx] = owner
-        self.n_multi += int(np.count_nonzero(self.owner[idx] == OWNER_MULTI)) - int(
-            np.count_nonzero(old == OWNER_MULTI)
-        )
+        self.store._set_owner(idx + self._base, np.full(idx.size, self.strm), owner)
+
+    def _rows_of(self, idx: np.ndarray) -> np.ndarray:
+        return np.full(idx.size, self.strm, dtype=np.int64)
 
     # --- queries --------------------------------------------------------------------
-    @property
-    def used(self) -> int:
-        """Number of non-empty cells."""
-        return self._used
-
     def used_max_p1(self) -> int:
         """Index of the last non-empty cell + 1; 0 when all cells are empty."""
-        if self._used_max_dirty:
-            nz = np.flatnonzero(self.pos[: self._used_max_p1] >= 0)
-            self._used_max_p1 = int(nz[-1]) + 1 if nz.size else 0
-            self._used_max_dirty = False
-        return self._used_max_p1
+        return int(self.store.used_max_p1_of(np.array([self.strm]))[0])
 
     def is_empty(self, i: int) -> bool:
         return bool(self.pos[i] < 0)
@@ -254,85 +655,66 @@ class KVCells:
         else:
             self._pmin[seq_id] = _EMPTY_MIN
             self._pmax[seq_id] = -1
-        self._pdirty[seq_id] = False
+        self._pdirty_min[seq_id] = False
+        self._pdirty_max[seq_id] = False
 
     def seq_pos_min(self, seq_id: int) -> int:
         """Smallest position of ``seq_id`` in these cells, -1 if it has none."""
-        if self._pdirty[seq_id]:
+        if self._pdirty_min[seq_id]:
             self._refresh(seq_id)
         v = int(self._pmin[seq_id])
         return -1 if v == _EMPTY_MIN else v
 
     def seq_pos_max(self, seq_id: int) -> int:
         """Largest position of ``seq_id`` in these cells, -1 if it has none."""
-        if self._pdirty[seq_id]:
+        if self._pdirty_max[seq_id]:
             self._refresh(seq_id)
         return int(self._pmax[seq_id])
 
     def seq_pos_max_all(self) -> np.ndarray:
         """``seq_pos_max`` of every sequence id as ``int64[256]`` (-1 for absent ones)."""
-        for s in np.flatnonzero(self._pdirty):
-            self._refresh(int(s))
+        dirty = np.flatnonzero(self._pdirty_max)
+        if dirty.size:
+            self.store.refresh(np.full(dirty.size, self.strm, dtype=np.int64), dirty)
         return self._pmax
 
     # --- primitive mutations (vectorised over index arrays) ---------------------------
     def _dirty_from(self, idx: np.ndarray) -> None:
-        """Mark every sequence held by the cells ``idx`` dirty (their min/max may move)."""
-        if idx.size == 0:
-            return
-        own = self.owner[idx]
-        self._pdirty[own[own >= 0]] = True
-        if self.n_multi:
-            multi = idx[own == OWNER_MULTI]
-            if multi.size:
-                words = np.bitwise_or.reduce(self.seq[multi], axis=0)
-                self._pdirty |= np.unpackbits(words.view(np.uint8), bitorder="little").astype(bool)
+        """Mark both bounds of every sequence held by the cells ``idx`` dirty."""
+        self.store._moved(idx + self._base, self._rows_of(idx))
 
     def _freed(self, idx: np.ndarray) -> None:
         """Bookkeeping for cells ``idx`` that just became empty."""
-        self._used -= int(idx.size)
-        if idx.size and int(idx.max()) + 1 >= self._used_max_p1:
-            self._used_max_dirty = True
+        self.store._freed(idx + self._base, self._rows_of(idx))
 
     def reset(self) -> None:
         """Empty every cell and forget pending shifts (``llama_kv_cells::reset``)."""
-        if self._journal is not None:
-            self._record(np.arange(self.size))
+        st, s = self.store, self.strm
+        self._record(np.arange(self.size))
         self.pos[:] = POS_NONE
         self.shift[:] = 0
         self.seq[:] = 0
         self.owner[:] = OWNER_NONE
         if self.ext is not None:
             self.ext[:] = EXT_DEFAULT
-        self.has_shift = False
-        self.n_multi = 0
-        self._used = 0
-        self._used_max_p1 = 0
-        self._used_max_dirty = False
+        st.has_shift[s] = False
+        st.n_multi[s] = 0
+        st.used[s] = 0
+        st.used_max_p1[s] = 0
+        st.used_max_dirty[s] = False
         self._pmin[:] = _EMPTY_MIN
         self._pmax[:] = -1
-        self._pdirty[:] = False
+        self._pdirty_min[:] = False
+        self._pdirty_max[:] = False
 
     def reset_shift(self) -> None:
         self._record(np.flatnonzero(self.shift))
         self.shift[:] = 0
-        self.has_shift = False
+        self.store.has_shift[self.strm] = False
 
     def rm(self, idx: np.ndarray) -> None:
         """Empty the non-empty cells ``idx`` (``llama_kv_cells::rm``)."""
-        if idx.size == 0:
-            return
-        self._record(idx)
-        self._dirty_from(idx)
-        if self.n_multi:
-            self.n_multi -= int(np.count_nonzero(self.owner[idx] == OWNER_MULTI))
-        self.pos[idx] = POS_NONE
-        self.shift[idx] = 0
-        self._rows[idx] = _ZERO_ROW
-        self.owner[idx] = OWNER_NONE
-        if self.ext is not None:
-            self.ext[idx] = EXT_DEFAULT
-        self._freed(idx)
+        self.store.rm(np.asarray(idx, dtype=np.int64) + self._base)
 
     def set_new(
         self, idx: np.ndarray, pos: np.ndarray, seq_id: np.ndarray, ext: np.ndarray | None = None
@@ -341,41 +723,9 @@ class KVCells:
 
         ``seq_id`` is an int32 ``[n, k]`` matrix padded with -1 (a ubatch's ``seq_id``).
         """
-        if idx.size == 0:
-            return
-        self._record(idx)
-        pos = np.asarray(pos, dtype=np.int32)
-        self.pos[idx] = pos
-        primary = seq_id[:, 0]
-        simple = seq_id.shape[1] == 1 and int(primary.min()) >= 0  # one id per cell
-        if simple:
-            # one id per token: E.g. ids [1, 65] -> words [0, 1], bits [1 << 1, 1 << 1]
-            self._rows[idx] = _ZERO_ROW
-            self.seq[idx, primary >> 6] = np.left_shift(_ONE, (primary & 63).astype(np.uint64))
-            self._set_owner(idx, primary)
-        else:
-            self.seq[idx] = seq_bitsets(seq_id)
-            # exact popcount: a token may repeat a sequence id
-            self._set_owner(idx, single_seq_ids(self.seq[idx]))
-        if ext is not None and self.ext is not None:
-            self.ext[idx] = ext
-        self._used += int(idx.size)
-        top = int(idx.max()) + 1
-        if top > self._used_max_p1:
-            self._used_max_p1 = top
-        # E.g. tokens (pos 7, seqs [0, 2]) and (pos 9, seqs [2, -1]) -> min/max of seq 2 see 7 and 9
-        if simple:
-            ids, p = primary, pos
-        else:
-            rows, cols = np.nonzero(seq_id >= 0)
-            ids, p = seq_id[rows, cols], pos[rows]
-        if ids.size == 1:
-            s = int(ids[0])
-            self._pmin[s] = min(int(self._pmin[s]), int(p[0]))
-            self._pmax[s] = max(int(self._pmax[s]), int(p[0]))
-        else:
-            np.minimum.at(self._pmin, ids, p.astype(np.int64))
-            np.maximum.at(self._pmax, ids, p.astype(np.int64))
+        idx = np.asarray(idx, dtype=np.int64)
+        strm = np.array([self.strm], dtype=np.int64)
+        self.store.set_new(strm, idx.reshape(1, -1), pos, seq_id, ext)
 
     def seq_rm_bit(self, idx: np.ndarray, seq_id: int) -> np.ndarray:
         """Remove ``seq_id`` from the cells ``idx`` (which all hold it).
@@ -388,8 +738,10 @@ class KVCells:
         w, b = seq_word_bit(seq_id)
         p = self.pos[idx]
         self.seq[idx, w] &= ~b
-        if int(p.min()) <= self._pmin[seq_id] or int(p.max()) >= self._pmax[seq_id]:
-            self._pdirty[seq_id] = True
+        if int(p.min()) <= self._pmin[seq_id]:
+            self._pdirty_min[seq_id] = True
+        if int(p.max()) >= self._pmax[seq_id]:
+            self._pdirty_max[seq_id] = True
         own = self.owner[idx]
         single = own == seq_id
         emptied = idx[single]
@@ -428,7 +780,7 @@ class KVCells:
         keep = self.seq_mask(seq_id)
         used = self.pos >= 0
         drop = np.flatnonzero(used & ~keep & (self.owner != OWNER_NONE))
-        if self._journal is None and 2 * drop.size > self.size:
+        if not self.store.journaling and 2 * drop.size > self.size:
             self._keep_rebuild(seq_id, keep, used)
             return drop
         strip = np.flatnonzero(keep & (self.owner != seq_id))
@@ -447,18 +799,20 @@ class KVCells:
     def _keep_rebuild(self, seq_id: int, keep: np.ndarray, used: np.ndarray) -> None:
         """``seq_keep`` when most cells go: refill the arrays wholesale, put back the cells
         of ``seq_id`` (with only that id) and the cells that hold no sequence at all."""
+        st, s = self.store, self.strm
         stay = np.flatnonzero(keep | (used & (self.owner == OWNER_NONE)))
         mine = keep[stay]
         pos, shift = self.pos[stay], self.shift[stay]
         ext = None if self.ext is None else self.ext[stay]
-        pmin, pmax, dirty = (
+        bounds = (
             int(self._pmin[seq_id]),
             int(self._pmax[seq_id]),
-            bool(self._pdirty[seq_id]),
+            bool(self._pdirty_min[seq_id]),
+            bool(self._pdirty_max[seq_id]),
         )
         has_shift = self.has_shift
         self.reset()
-        self.has_shift = has_shift
+        st.has_shift[s] = has_shift
         self.pos[stay] = pos
         self.shift[stay] = shift
         if ext is not None:
@@ -466,9 +820,14 @@ class KVCells:
         w, b = seq_word_bit(seq_id)
         self.seq[stay[mine], w] = b
         self.owner[stay[mine]] = seq_id
-        self._pmin[seq_id], self._pmax[seq_id], self._pdirty[seq_id] = pmin, pmax, dirty
-        self._used = int(stay.size)
-        self._used_max_p1 = int(stay[-1]) + 1 if stay.size else 0
+        (
+            self._pmin[seq_id],
+            self._pmax[seq_id],
+            self._pdirty_min[seq_id],
+            self._pdirty_max[seq_id],
+        ) = bounds
+        st.used[s] = stay.size
+        st.used_max_p1[s] = int(stay[-1]) + 1 if stay.size else 0
 
     def pos_add(self, idx: np.ndarray, d: int) -> np.ndarray:
         """``pos += d`` and ``shift += d`` on the non-empty cells ``idx``.
@@ -483,7 +842,7 @@ class KVCells:
         new = self.pos[idx].astype(np.int64) + d
         self.pos[idx] = new
         self.shift[idx] += np.int32(d)
-        self.has_shift = True
+        self.store.has_shift[self.strm] = True
         gone = idx[new < 0]
         if gone.size:
             self.pos[gone] = POS_NONE
@@ -507,7 +866,7 @@ class KVCells:
         new = old // np.int32(d)
         self.pos[idx] = new
         self.shift[idx] += new - old
-        self.has_shift = True
+        self.store.has_shift[self.strm] = True
 
     def set_ext(self, idx: np.ndarray, ext: np.ndarray) -> None:
         if self.ext is None or idx.size == 0:
@@ -530,4 +889,14 @@ class KVCells:
         self.set_new(idx, pos, seq_ids, None if other.ext is None else other.ext[idx])
         self.shift[idx] = shift
         if shift.any():
-            self.has_shift = True
+            self.store.has_shift[self.strm] = True
+
+
+class CellViews(list[KVCells]):
+    """``KVCache.v_cells``: the per-stream views of one stack. Assigning ``v_cells[s] = c``
+    copies ``c`` into stream ``s`` (the views stay bound to the stack)."""
+
+    def __setitem__(self, i: Any, value: Any) -> None:
+        if isinstance(i, slice):
+            raise TypeError("v_cells: assign one stream at a time")
+        self[i].load(value)

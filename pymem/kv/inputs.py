@@ -1,9 +1,10 @@
 """Graph inputs of the KV cache for one ubatch: K/V row indices and the KQ mask.
 
 Each builder takes only what it reads: the cache's :class:`~pymem.kv.layout.KVLayout`,
-its cells (``v_cells``, one :class:`~pymem.kv.cells.KVCells` per stream), a
-:class:`~pymem.kv.layout.SlotInfo`, and for the mask the model's attention options.
-All whole-array numpy; the values are exactly those of the reference's ``set_input_*``.
+its cells (``v_cells``, one :class:`~pymem.kv.cells.KVCells` view per stream of one
+:class:`~pymem.kv.cells.StackedCells`), a :class:`~pymem.kv.layout.SlotInfo`, and for the
+mask the model's attention options. All whole-array numpy; the values are exactly those
+of the reference's ``set_input_*``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pymem.kv.cells import OWNER_MULTI, KVCells
+from pymem.kv.cells import OWNER_MULTI, KVCells, StackedCells
 from pymem.kv.layout import KVLayout, SlotInfo
 from pymem.spec import ModelSpec, NonCausalType, SWAType, masked_swa
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
@@ -140,8 +141,12 @@ def build_kq_mask(
     The reference version allocates exactly ``n_tokens / n_stream`` rows (it no longer
     pads them to ``GGML_KQ_MASK_PAD``), and so does this.
 
-    Only the (token, cell) pairs of a token's own sequence are evaluated: as a list of
-    pairs scattered into a -inf matrix when they are a small part of it (many sequences,
+    With one stream per sequence and no cell shared by several sequences in the ubatch's
+    streams (the usual case: a stream holds its own sequence), a cell holds a token's
+    sequence iff its ``owner`` is that id, and every stream's rows are evaluated at once
+    as one ``[n_stream, n_tps, n_kv]`` comparison (:func:`_mask_streams`). Otherwise, per
+    stream, only the (token, cell) pairs of a token's own sequence are evaluated: as a list
+    of pairs scattered into a -inf matrix when they are a small part of it (many sequences,
     one token each), otherwise as dense rows.
 
     ``spec`` supplies the defaults of ``causal_attn`` and ``non_causal_type`` and says
@@ -169,6 +174,17 @@ def build_kq_mask(
 
     out = np.empty((n_stream, n_tps, n_kv), dtype=dt)
     out.fill(-np.inf)
+    if layout.n_stream > 1 and n_tokens:
+        stack = v_cells[0].store
+        # the stream of each token block: E.g. n_tps 2, seq0 [3, 3, 5, 5] -> [3, 5]
+        strm = layout.seq_to_stream[seq0[::n_tps]].astype(np.int64)
+        if not stack.n_multi[strm].any():
+            shape = (n_stream, n_tps)
+            p1x = ubatch.pos[2 * n_tokens : 3 * n_tokens].reshape(shape) if is_2d else None
+            p1y = ubatch.pos[n_tokens : 2 * n_tokens].reshape(shape) if is_2d else None
+            sq, p1 = seq0.reshape(shape), p1_all.reshape(shape)
+            _mask_streams(stack, rules, strm, sq, p1, p1x, p1y, out)
+            return out
     for s in range(n_stream):
         tok = slice(s * n_tps, (s + 1) * n_tps)
         sq = seq0[tok]
@@ -284,6 +300,42 @@ def _mask_rows(
         tie = (cy > ty) | ((cy == ty) & (cx > tx))
     span = None if rules.in_span_min is None else rules.in_span_min[sq][:, None]
     keep = _keep(rules, p0, pt, tie, span, has[inv])
+    if rules.alibi:
+        np.copyto(out, -np.abs(p0.astype(np.int64) - pt).astype(out.dtype), where=keep)
+    else:
+        np.copyto(out, out.dtype.type(0), where=keep)
+
+
+def _mask_streams(
+    stack: StackedCells,
+    rules: _MaskRules,
+    strm: np.ndarray,
+    sq: np.ndarray,
+    p1: np.ndarray,
+    p1x: np.ndarray | None,
+    p1y: np.ndarray | None,
+    out: np.ndarray,
+) -> None:
+    """Every stream's rows at once: token ``(s, t)`` (sequence ``sq[s, t]``, position
+    ``p1[s, t]``) against the first ``n_kv`` cells of stream ``strm[s]``, none of which is
+    held by several sequences (``owner`` alone says whose a cell is).
+
+    E.g. strm [0, 1], owners [[0, 0, -1], [1, 1, 1]], positions [[0, 1, -1], [0, 1, 2]],
+    tokens (seq 0, pos 2) and (seq 1, pos 1): rows [[0, 0, -inf]] and [[0, 0, -inf]].
+    """
+    n_kv = out.shape[2]
+    own = stack.owner[strm, :n_kv][:, None, :]  # [ns, 1, n_kv]
+    p0 = stack.pos[strm, :n_kv][:, None, :]
+    pt = p1[:, :, None]  # [ns, n_tps, 1]
+    keep = own == sq[:, :, None]
+    tie = None
+    if p1x is not None and p1y is not None and stack.ext is not None:
+        ext = stack.ext[strm, :n_kv]
+        cx, cy = ext[:, None, :, 0], ext[:, None, :, 1]
+        tx, ty = p1x[:, :, None], p1y[:, :, None]
+        tie = (cy > ty) | ((cy == ty) & (cx > tx))
+    span = None if rules.in_span_min is None else rules.in_span_min[sq][:, :, None]
+    keep = _keep(rules, p0, pt, tie, span, keep)
     if rules.alibi:
         np.copyto(out, -np.abs(p0.astype(np.int64) - pt).astype(out.dtype), where=keep)
     else:

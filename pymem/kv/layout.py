@@ -9,7 +9,9 @@ The helper modules (:mod:`~pymem.kv.inputs`, :mod:`~pymem.kv.graph`,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -96,3 +98,42 @@ class KVLayout:
     def v_el_size(self) -> int:
         """Bytes of one V element (a transposed V stores single elements)."""
         return self.type_v.type_size
+
+
+class StreamHeads:
+    """Where the next slot search of each stream starts (``llama_kv_cache::v_heads``).
+
+    An int64 array (``a``) that reads like the reference's vector: indexing, ``len``,
+    iteration and ``==`` against a list give Python ints, and ``heads[s] = h`` /
+    ``heads[:] = [...]`` write through. The batched slot search reads ``a`` directly.
+    """
+
+    __slots__ = ("a",)
+
+    def __init__(self, n_stream: int) -> None:
+        self.a = np.zeros(n_stream, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.a.size)
+
+    def __getitem__(self, i: Any) -> Any:
+        v = self.a[i]
+        return int(v) if np.ndim(v) == 0 else v.tolist()
+
+    def __setitem__(self, i: Any, value: Any) -> None:
+        self.a[i] = value
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.a.tolist())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, StreamHeads):
+            return self.a.tolist() == other.a.tolist()
+        if isinstance(other, (list, tuple)):
+            return self.a.tolist() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(self.a.tolist())

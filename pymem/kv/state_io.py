@@ -39,7 +39,7 @@ import numpy as np
 from pymem.backend import Tensor
 from pymem.errors import StateError
 from pymem.kv.cells import OWNER_MULTI, KVCells
-from pymem.kv.layout import KVLayer, KVLayout, SlotInfo
+from pymem.kv.layout import KVLayer, KVLayout, SlotInfo, StreamHeads
 from pymem.spec import SWAType, masked_swa
 from pymem.state import StateReader, StateWriter, expect
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
@@ -448,7 +448,7 @@ class KVStatePlan:
         self,
         layout: KVLayout,
         v_cells: Sequence[KVCells],
-        v_heads: list[int],
+        v_heads: StreamHeads,
         layers: Sequence[KVLayer],
         hooks: KVStateHooks,
         seq_id: int,
@@ -456,7 +456,7 @@ class KVStatePlan:
     ) -> None:
         self.layout = layout
         self.v_cells = v_cells
-        self.v_heads = v_heads  # the cache's own list, changed in place
+        self.v_heads = v_heads  # the cache's own heads, changed in place
         self.layers = layers
         self.hooks = hooks
         self.seq_id = seq_id
@@ -810,7 +810,7 @@ def _write_payloads(
 def parse_kv_state(
     layout: KVLayout,
     v_cells: Sequence[KVCells],
-    v_heads: list[int],
+    v_heads: StreamHeads,
     layers: Sequence[KVLayer],
     hooks: KVStateHooks,
     reader: StateReader,
