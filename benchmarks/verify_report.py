@@ -86,6 +86,9 @@ SOAKS = [
 ]
 
 DEPARTURES = [
+    "A recurrent rollback of k tokens is refused (False, nothing changed) unless the ubatch "
+    "that last advanced the sequence held more than k of its tokens; the reference returns "
+    "True and restores a stale snapshot plane.",
     "KV `prepare` is exactly transactional (the reference keeps SWA purges done while planning).",
     "`seq_div` records the true displacement (new - old) as the pending K-shift; the reference "
     "records old - new and rotates K the wrong way.",

@@ -70,7 +70,28 @@ def test_catches_rollback_bound_off_by_one(monkeypatch: pytest.MonkeyPatch) -> N
     def with_rollback(cfg: Config) -> Config:
         import dataclasses
 
-        return dataclasses.replace(cfg, n_rs_seq=2, n_ubatch=max(cfg.n_ubatch, 4))
+        return dataclasses.replace(cfg, n_rs_seq=2, n_ubatch=max(cfg.n_ubatch, 8))
+
+    assert _finds_mismatch("recurrent", 80, with_rollback)
+
+
+def test_catches_inexact_rollbacks_reported_as_done(monkeypatch: pytest.MonkeyPatch) -> None:
+    # pymem refuses a rollback the last ubatch's snapshot planes cannot serve (the
+    # reference's silent stale-plane restore); a memory that forgets how far its planes
+    # reach must be caught
+    orig = pm_recurrent.find_slot
+
+    def forgetful(c, req):
+        ok = orig(c, req)
+        c.n_last[:] = 255
+        return ok
+
+    monkeypatch.setattr(pm_recurrent, "find_slot", forgetful)
+
+    def with_rollback(cfg: Config) -> Config:
+        import dataclasses
+
+        return dataclasses.replace(cfg, n_rs_seq=2)
 
     assert _finds_mismatch("recurrent", 40, with_rollback)
 

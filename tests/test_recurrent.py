@@ -303,7 +303,7 @@ def test_seq_rm_shared_cell_keeps_other_sequence() -> None:
 def test_rollback_within_n_rs_seq() -> None:
     mem = make_rec(n_rs_seq=2)
     fill_rows(mem)
-    place(mem, (0, 9), (1, 3))
+    place(mem, (0, 9), (1, 3), n_seq_tokens=3)
     assert mem.seq_rm(0, 8, -1) is True  # rollback 2 <= 2
     assert mem.seq_pos_max(0) == 7 and mem.rs_idx.tolist() == [2, 0, 0, 0]
     check(mem)
@@ -322,9 +322,49 @@ def test_rollback_within_n_rs_seq() -> None:
     check(mem)
 
 
+# Departure from the reference (issue 15): a rollback of k tokens is exact only when the
+# ubatch that last advanced the sequence held more than k of its tokens (its kernels wrote
+# the snapshot planes from inside that ubatch). The reference also accepts k >= that count,
+# returns True and restores a stale plane; pymem refuses (False, nothing changed).
+def test_rollback_beyond_the_last_ubatch_is_refused() -> None:
+    mem = make_rec(n_rs_seq=8)
+    place(mem, (0, 17), n_seq_tokens=18)  # positions 0..17 in one ubatch
+    place(mem, (0, 18))  # position 18 alone: its planes reach back 0 tokens
+    before = (mem.cells.copy(), mem.state_write())
+    assert mem.seq_rm(0, 18, -1) is False  # k = 1 >= 1 token in the last ubatch
+    assert mem.seq_pos_max(0) == 18 and mem.rs_idx[0] == 0
+    assert mem.state_write() == before[1]
+    assert (mem.cells.pos == before[0].pos).all()
+    # one more ubatch of 4 tokens: rollbacks of 1..3 are exact, 4 is not
+    place(mem, (0, 22), n_seq_tokens=4)
+    assert mem.seq_rm(0, 19, -1) is False  # k = 4
+    assert mem.seq_rm(0, 20, -1) is True  # k = 3
+    assert mem.seq_pos_max(0) == 19 and mem.rs_idx[0] == 3
+    check(mem)
+
+
+def test_rollback_exactness_follows_copies_restores_and_clears() -> None:
+    mem = make_rec(n_rs_seq=2)
+    place(mem, (0, 5), n_seq_tokens=3)
+    mem.seq_cp(0, 1)  # seq 1 shares the cell and its planes
+    assert mem.seq_rm(1, 5, -1) is True  # k = 1 < 3
+    blob = mem.state_write(0)
+    mem.seq_rm(2, -1, -1)
+    mem.state_read(blob, 2)  # a restored state comes without snapshot planes
+    pos = mem.seq_pos_max(2)
+    assert pos == 4 and mem.seq_rm(2, pos, -1) is False
+    mem.clear()
+    place(mem, (0, 1), n_seq_tokens=2)
+    mem.seq_rm(0, -1, -1)
+    place(mem, (0, 0))  # a fresh start, one token at a time
+    place(mem, (0, 1))
+    assert mem.seq_rm(0, 1, -1) is False
+    check(mem)
+
+
 def test_rollback_beyond_n_rs_seq_and_edge_values() -> None:
     mem = make_rec(n_rs_seq=2)
-    place(mem, (0, 9))
+    place(mem, (0, 9), n_seq_tokens=3)
     assert mem.seq_rm(0, 7, -1) is False  # rollback 3 > 2
     assert mem.seq_rm(0, 1, 5) is True  # interior: no-op
     assert mem.seq_pos_max(0) == 9 and mem.rs_idx[0] == 0
@@ -340,7 +380,7 @@ def test_rollback_with_extra_cells_in_range() -> None:
     # the plane offset applies to every gathered cell whose first sequence has a pending
     # rollback, including "extra" cells that are only copied onto themselves
     mem = make_rec(n_rs_seq=1)
-    place(mem, (0, 4), (1, 4), (2, 4))
+    place(mem, (0, 4), (1, 4), (2, 4), n_seq_tokens=2)
     assert mem.seq_rm(1, 4, -1)
     ctx = decode_ubatches(mem, [ub((0, 5), (2, 5))])
     # sets 0 and 2 in cells 0, 1 after swapping; cell 2 (seq 1) is an extra state
@@ -353,7 +393,7 @@ def test_fresh_sequence_never_reads_a_stale_rollback_plane() -> None:
     # reference flaw fixed: seq_keep leaves seq 0's pending rollback; when seq 0 starts
     # again it must gather the zeroed row of plane 0, not plane 1
     mem = make_rec(n_rs_seq=1)
-    place(mem, (0, 4), (1, 4))
+    place(mem, (0, 4), (1, 4), n_seq_tokens=2)
     assert mem.seq_rm(0, 4, -1)
     mem.seq_keep(1)
     assert mem.rs_idx[0] == 1  # kept, as the reference does
@@ -364,7 +404,7 @@ def test_fresh_sequence_never_reads_a_stale_rollback_plane() -> None:
 
 def test_shared_cell_with_different_rollbacks_cannot_be_saved_whole() -> None:
     mem = make_rec(n_rs_seq=1)
-    place(mem, (0, 4))
+    place(mem, (0, 4), n_seq_tokens=2)
     assert mem.seq_rm(0, 4, -1)
     mem.seq_cp(0, 1)  # the reference does not copy rs_idx
     with pytest.raises(StateError, match="different pending rollbacks"):
@@ -729,7 +769,7 @@ def test_build_rs_gathers_zeroes_and_copies_extra_states() -> None:
 
 def test_build_rs_new_sequence_starts_from_zero_and_rollback_plane() -> None:
     mem = make_rec(n_rs_seq=1)
-    place(mem, (0, 4))
+    place(mem, (0, 4), n_seq_tokens=2)
     fill_rows(mem)  # garbage in the cell a new sequence will take
     mem.seq_rm(0, 4, -1)  # rollback seq 0 by one token: plane 1
     ctx = decode_ubatches(mem, [ub((0, 4), (1, 0))])

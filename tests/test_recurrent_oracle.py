@@ -43,6 +43,8 @@ class Oracle:
         self.head = self.used = self.n = 0
         self.rs_z = -1
         self.rs_idx = [0] * n_seq_max
+        # pymem's departure: tokens per sequence in the ubatch that last wrote its planes
+        self.last_n = [0] * n_seq_max
 
     def clear(self) -> None:
         for c in self.cells:
@@ -50,6 +52,7 @@ class Oracle:
             c.seq.clear()
         self.head = self.used = 0
         self.rs_idx = [0] * self.n_seq_max
+        self.last_n = [0] * self.n_seq_max
 
     def seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
         new_head = self.size
@@ -59,6 +62,7 @@ class Oracle:
             return False
         if p0 == 0 and p1 == INT_MAX:
             self.rs_idx[seq_id] = 0
+            self.last_n[seq_id] = 0
         if seq_id >= self.size:
             return False
         tail_id = self.cells[seq_id].tail
@@ -66,7 +70,8 @@ class Oracle:
             cell = self.cells[tail_id]
             if 0 < p0 <= cell.pos < p1:
                 rollback = cell.pos - (p0 - 1)
-                if self.rs_idx[seq_id] == 0 and 1 <= rollback <= self.n_rs_seq:
+                exact = rollback < self.last_n[seq_id]  # pymem's departure
+                if self.rs_idx[seq_id] == 0 and 1 <= rollback <= self.n_rs_seq and exact:
                     self.rs_idx[seq_id] = rollback
                     cell.pos = p0 - 1
                     return True
@@ -103,6 +108,7 @@ class Oracle:
             if ts.tail >= 0:
                 self.cells[ts.tail].seq.add(dst)
                 td.tail = ts.tail
+            self.last_n[dst] = self.last_n[src]
 
     def seq_keep(self, seq_id: int) -> None:
         new_head = self.size
@@ -213,6 +219,7 @@ class Oracle:
             cell.seq = set(ids)
             for s in ids:
                 cells[s].tail = k + lo
+                self.last_n[s] = n_seq_tokens
         refs = [0] * size
         for c in cells:
             if c.src >= 0:

@@ -28,12 +28,17 @@ class RecurrentCells:
     ``pos``, ``src``, ``src0`` are per cell; ``tail`` is per sequence id (cell ``s`` of the
     reference holds sequence ``s``'s tail); ``rs_idx`` is the per-sequence pending
     rollback plane. Scalars ``head``, ``used``, ``n``, ``rs_z`` as in the reference.
+    ``n_last`` (pymem's, not the reference's) is per sequence id the number of tokens the
+    ubatch that last advanced its state held: the snapshot planes that ubatch wrote reach
+    back exactly ``n_last - 1`` tokens, so a longer rollback is refused (see seq_rm_cells).
     Sequence ops validate first and then change the live object in place. Plans
     (``prepare``, ``find_slot``, a state-read plan) run on a :meth:`copy`, which a commit
     swaps in only once the whole plan succeeded.
     """
 
-    __slots__ = ("head", "n", "pos", "rs_idx", "rs_z", "size", "src", "src0", "tail", "used")
+    __slots__ = (
+        "head", "n", "n_last", "pos", "rs_idx", "rs_z", "size", "src", "src0", "tail", "used",
+    )  # fmt: skip
 
     def __init__(self, size: int, n_rs_idx: int) -> None:
         self.size = size
@@ -42,6 +47,7 @@ class RecurrentCells:
         self.src0 = np.full(size, -1, dtype=np.int32)
         self.tail = np.full(size, -1, dtype=np.int32)
         self.rs_idx = np.zeros(n_rs_idx, dtype=np.uint32)
+        self.n_last = np.zeros(n_rs_idx, dtype=np.uint32)
         self.head = 0
         self.used = 0
         self.n = 0
@@ -55,6 +61,7 @@ class RecurrentCells:
         other.src0 = self.src0.copy()
         other.tail = self.tail.copy()
         other.rs_idx = self.rs_idx.copy()
+        other.n_last = self.n_last.copy()
         other.head, other.used, other.n, other.rs_z = self.head, self.used, self.n, self.rs_z
         return other
 
@@ -254,6 +261,7 @@ def find_slot(c: RecurrentCells, req: SlotRequest) -> bool:
 
     c.head = lo
     c.n = hi - lo + 1
+    c.n_last[all_ids] = req.n_seq_tokens  # the planes this ubatch writes reach that far back
     if n_need or coupled_sets:
         counts = c.seq_counts()
     c.used = int(np.count_nonzero(counts))  # swaps permute cells: the count is unchanged
@@ -326,6 +334,7 @@ def seq_rm_cells(
         return False
     if p0 == 0 and p1 == POS_MAX:
         c.rs_idx[seq_id] = 0
+        c.n_last[seq_id] = 0
     if seq_id >= c.size:
         return False
     t = int(c.tail[seq_id])
@@ -333,9 +342,14 @@ def seq_rm_cells(
         return True
     pos = int(c.pos[t])
     if 0 < p0 <= pos < p1:
-        # cutting the tail: only a rollback through a snapshot plane can serve it
+        # cutting the tail: only a rollback through a snapshot plane can serve it, and only
+        # one the last ubatch's planes hold exactly. Departure from the reference, which
+        # also accepts rollback >= n_last and then restores a stale plane (wrong state,
+        # True returned): pymem returns False and changes nothing, so the caller replays
+        # (pymem.reuse plans that); pinned by tests/test_recurrent.py
         rollback = pos - (p0 - 1)
-        if c.rs_idx[seq_id] == 0 and 1 <= rollback <= n_rs_seq:
+        exact = rollback < int(c.n_last[seq_id])
+        if c.rs_idx[seq_id] == 0 and 1 <= rollback <= n_rs_seq and exact:
             c.rs_idx[seq_id] = rollback
             c.pos[t] = p0 - 1
             return True

@@ -36,8 +36,9 @@ Ranges are ``[p0, p1)`` with ``p0 < 0`` meaning 0 and ``p1 < 0`` meaning +infini
 Reference quirks kept on purpose (each pinned by a test in tests/test_recurrent.py):
 
 * ``seq_rm`` with a range that cuts the tail (``0 < p0 <= pos < p1``) is a *rollback*:
-  True only when ``pos - p0 + 1 <= n_rs_seq`` and no rollback is pending for that
-  sequence; otherwise False and nothing changes. A range that does not contain the tail
+  True only when ``k = pos - p0 + 1 <= n_rs_seq`` and no rollback is pending for that
+  sequence (and, pymem's departure below, ``k`` is exact); otherwise False and nothing
+  changes. A range that does not contain the tail
   position (``p1 <= pos`` or ``p0 > pos``) returns True and changes nothing.
 * ``seq_rm(-1, ...)`` returns False and changes nothing, even for the whole range (the
   reference compares the seq id unsigned against ``n_seq_max`` first). ``clear()`` empties.
@@ -52,6 +53,15 @@ Reference quirks kept on purpose (each pinned by a test in tests/test_recurrent.
 * ``state_write`` always writes the data header, even for zero cells.
 
 Where the reference crashes or corrupts, pymem does better and says so:
+
+* A rollback is exact only when the ubatch that last advanced the sequence held more
+  than ``k`` of its tokens: the kernels write the snapshot planes from inside that
+  ubatch. The reference also accepts ``k >=`` that count, returns True and restores a
+  stale plane (a wrong state, silently; e.g. decode 0..17 in one ubatch, then 18 alone,
+  then ``seq_rm(s, 18, -1)``). pymem returns False and changes nothing, so the caller
+  knows to replay (``RecurrentCells.n_last`` keeps the count; copies share it, restores
+  and clears reset it). A departure from the reference's return value, pinned by
+  tests/test_recurrent.py and modelled in the executable spec.
 
 * A failed ``state_read`` changes nothing (the reference empties the destination
   sequence, or the whole memory, and zeroes the rows it had taken). Parsing and
@@ -408,6 +418,7 @@ class RecurrentMemory(Memory):
         c.head = 0
         c.used = 0
         c.rs_idx[:] = 0
+        c.n_last[:] = 0
         if data:
             self.zero_rows()
         self._version += 1
@@ -440,6 +451,7 @@ class RecurrentMemory(Memory):
         if c.tail[dst] >= 0 and c.drop_seq(dst) >= 0:
             c.used -= 1
         c.tail[dst] = c.tail[src]
+        c.n_last[dst] = c.n_last[src]  # the shared cell's snapshot planes
         self._version += 1
 
     def seq_keep(self, seq_id: int) -> None:

@@ -56,6 +56,9 @@ class Recurrent:
         self.n = 0
         self.rs_z = -1
         self.rs_idx = [0] * cfg.n_seq_max
+        # pymem departure (not the reference): tokens of each sequence in the ubatch that
+        # last wrote its state; a rollback of k tokens is exact only when k < this
+        self.last_n = [0] * cfg.n_seq_max
         self.cells = [Cell() for _ in range(self.size)]
         self.r_row = row_size(cfg.type_r, cfg.n_embd_r)
         self.s_row = row_size(cfg.type_s, cfg.n_embd_s)
@@ -83,6 +86,7 @@ class Recurrent:
                 self.r_data[il] = bytearray(len(self.r_data[il]))
                 self.s_data[il] = bytearray(len(self.s_data[il]))
         self.rs_idx = [0] * self.cfg.n_seq_max
+        self.last_n = [0] * self.cfg.n_seq_max
 
     def set_rs_idx(self, seq_id: int, idx: int) -> None:
         if seq_id < 0:
@@ -102,6 +106,8 @@ class Recurrent:
         rm_all = p0 == 0 and p1 == I32_MAX
         if rm_all:
             self.set_rs_idx(seq_id, 0)
+            if 0 <= seq_id < len(self.last_n):
+                self.last_n[seq_id] = 0
         if seq_id >= self.size:
             return False
         if seq_id >= 0:
@@ -111,7 +117,8 @@ class Recurrent:
                 if 0 < p0 <= cell.pos < p1:
                     rollback = cell.pos - (p0 - 1)
                     pending = self.rs_idx[seq_id] != 0
-                    if not pending and 1 <= rollback <= self.n_rs_seq:
+                    exact = rollback < self.last_n[seq_id]  # pymem departure, see last_n
+                    if not pending and 1 <= rollback <= self.n_rs_seq and exact:
                         self.set_rs_idx(seq_id, rollback)
                         cell.pos = p0 - 1
                         return True
@@ -158,6 +165,8 @@ class Recurrent:
             if tail_src.tail >= 0:
                 self.cells[tail_src.tail].seq_id.add(dst)
                 tail_dst.tail = tail_src.tail
+            if dst < len(self.last_n) and src < len(self.last_n):
+                self.last_n[dst] = self.last_n[src]
 
     def seq_keep(self, seq_id: int) -> None:
         new_head = self.size
@@ -318,6 +327,8 @@ class Recurrent:
             for seq_id in ub.seq_id[i][: ub.n_seq_id[i]]:
                 c.seq_id.add(seq_id)
                 cells[seq_id].tail = s + lo
+                if seq_id < len(self.last_n):
+                    self.last_n[seq_id] = n_seq_tokens
         refcounts = [0] * size
         for c in cells:
             if c.src >= 0:
