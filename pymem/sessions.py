@@ -10,7 +10,8 @@ llama.cpp (or llama-cpp-python) saved and hand one back::
         u32 'ggsn' 0x6767736e | u32 version 10 | u32 n_token | i32 token[n_token] | context blob
     sequence file (llama_state_seq_save_file)
         u32 'ggsq' 0x67677371 | u32 version 3  | u32 n_token | i32 token[n_token] | memory state, one sequence
-    sequence blob (llama_state_seq_get_data): the memory state of one sequence, as is
+    sequence blob (llama_state_seq_get_data)
+        u32 0xaf143cd8 | i32 seq_id it was taken from | memory state, one sequence
 
 Everything is little-endian with no padding. The reference checks the architecture name of
 a context blob (and nothing else about the model); pymem does the same, and like every
@@ -37,6 +38,7 @@ SESSION_MAGIC = 0x6767736E  # 'ggsn'
 SESSION_VERSION = 10
 SEQ_MAGIC = 0x67677371  # 'ggsq'
 SEQ_VERSION = 3
+SEQ_BLOB_MAGIC = 0xAF143CD8  # llama_context's io_magic before a sequence blob
 _ARCH_MAX = 256  # longer than any architecture name the reference knows
 
 FileKind = Literal["session", "sequence"]
@@ -124,6 +126,32 @@ def load_context_state(mem: Memory, data: bytes | bytearray | memoryview, arch: 
     reader = StateReader(data)
     _read_arch(reader, arch, "context state")
     mem.state_read_parse(reader, -1, 0).commit()
+    return reader.offset
+
+
+# --- sequence blobs (llama_state_seq_get_data / llama_state_seq_set_data) ---------------
+
+
+def seq_state(mem: Memory, seq_id: int, flags: int = 0) -> bytes:
+    """``llama_state_seq_get_data``: the blob magic, ``seq_id``, then that sequence's state."""
+    return struct.pack("<Ii", SEQ_BLOB_MAGIC, seq_id) + mem.state_write(seq_id, flags)
+
+
+def load_seq_state(
+    mem: Memory, data: bytes | bytearray | memoryview, seq_id: int, flags: int = 0
+) -> int:
+    """``llama_state_seq_set_data``: restore a sequence blob into ``seq_id`` (any source id).
+
+    Returns the bytes consumed; nothing changes unless every check passed.
+    """
+    reader = StateReader(data)
+    magic = reader.read_u32("sequence blob magic")
+    if magic != SEQ_BLOB_MAGIC:
+        raise StateError(
+            f"sequence blob: magic {magic:#010x} at offset 0, expected {SEQ_BLOB_MAGIC:#010x}"
+        )
+    reader.read_i32("sequence blob source seq_id")
+    mem.state_read_parse(reader, seq_id, flags).commit()
     return reader.offset
 
 

@@ -37,11 +37,13 @@ from pymem.sessions import (
     SESSION_MAGIC,
     context_state,
     load_context_state,
+    load_seq_state,
     load_sequence,
     load_session,
     read_header,
     save_sequence,
     save_session,
+    seq_state,
 )
 
 MODELS = Path(__file__).parent / "data" / "models"
@@ -267,6 +269,16 @@ class _Llama:
         assert got > 0, "llama.cpp refused the sequence file"
         return list(toks[: n.value])
 
+    def seq_state(self, seq: int) -> bytes:
+        n = self.lc.llama_state_seq_get_size(self.ctx, seq)
+        buf = (ctypes.c_uint8 * n)()
+        assert self.lc.llama_state_seq_get_data(self.ctx, buf, n, seq) == n
+        return bytes(buf)
+
+    def load_seq_state(self, data: bytes, seq: int) -> None:
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        assert self.lc.llama_state_seq_set_data(self.ctx, buf, len(data), seq) == len(data)
+
     def state(self) -> bytes:
         n = self.lc.llama_state_get_size(self.ctx)
         buf = (ctypes.c_uint8 * n)()
@@ -355,3 +367,33 @@ def test_sequence_files_cross_both_ways(model: str, engines, tmp_path: Path) -> 
         load_sequence(tmp_path / "pm.seq", mem, 0)
         want2 = _decode(engine, mem, [(NEXT + 1, len(PROMPT) + 1, [0], True)], cfg["flash_attn"])
     _close(got2, want2)
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("model", list(CASES))
+def test_sequence_blobs_cross_both_ways(model: str, engines, tmp_path: Path) -> None:
+    """``llama_state_seq_get_data`` blobs (magic, source seq id, state) both ways."""
+    cfg = CASES[model][1]
+    engine = engines(model)
+    ref = _Llama(model)
+    try:
+        ref.decode(_prompt_items(0))
+        blob = ref.seq_state(0)
+        want = ref.decode([(NEXT, len(PROMPT), [0], True)])
+    finally:
+        ref.close()
+    with _memory(model) as mem:
+        assert load_seq_state(mem, blob, 1) == len(blob)
+        assert mem.seq_pos_max(0) == -1 and mem.seq_pos_max(1) == len(PROMPT) - 1
+        got = _decode(engine, mem, [(NEXT, len(PROMPT), [1], True)], cfg["flash_attn"])
+        _close(got, want)
+        mine = seq_state(mem, 1)
+    ref = _Llama(model)
+    try:
+        ref.load_seq_state(mine, 0)
+        back = ref.seq_state(0)
+    finally:
+        ref.close()
+    with _memory(model) as mem:
+        load_seq_state(mem, mine, 0)
+        assert seq_state(mem, 0) == back  # both hold the same sequence 0, byte for byte
