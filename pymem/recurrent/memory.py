@@ -279,6 +279,21 @@ class RecurrentMemory(Memory):
     def rs_z(self) -> int:
         return self.cells.rs_z
 
+    def rollback_reach(self, seq_id: int) -> int:
+        """How many trailing tokens of ``seq_id`` a rollback could remove exactly right now.
+
+        0 when none: no snapshot planes, a rollback already pending, or the last ubatch
+        held a single token of the sequence. ``seq_rm(seq_id, pos - k + 1, -1)`` succeeds
+        as a rollback exactly for ``1 <= k <= rollback_reach(seq_id)``.
+        """
+        self.check_open()
+        c = self.cells
+        if not 0 <= seq_id < min(self.size, self.n_seq_max) or c.tail[seq_id] < 0:
+            return 0
+        if c.rs_idx[seq_id] != 0:
+            return 0
+        return max(0, min(self.n_rs_seq, int(c.n_last[seq_id]) - 1))
+
     @property
     def rs_idx(self) -> np.ndarray:
         """Pending rollback plane per sequence id (read-only copy)."""
