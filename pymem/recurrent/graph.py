@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from pymem.backend import Tensor
 from pymem.errors import RangeError
 from pymem.recurrent.context import RecurrentMemoryContext
 
@@ -85,7 +86,7 @@ def build_rs(ctx: Any, inp: RSGraphInputs, s: Any, state_size: int, expand: list
     The reference zeroes in place with ``ggml_scale_inplace``; this uses
     ``cpy(scale(row, 0), row)``, the same bytes.
     """
-    t = getattr(s, "ptr", s)
+    t = _node(s)
     n_rows = int(t.ne[1]) * int(t.ne[2]) * int(t.ne[3])
     states = ctx.reshape_2d(t, state_size, n_rows)
     nb1 = int(states.nb[1])
@@ -109,7 +110,7 @@ def rs_store_view(ctx: Any, inp: RSGraphInputs, s: Any, state_size: int, plane: 
     Plane 0 holds current states (rows ``head .. head + n_seqs``); plane ``k`` the
     rollback snapshot ``k`` tokens back (rows offset by ``k * mem_size``).
     """
-    t = getattr(s, "ptr", s)
+    t = _node(s)
     n_rows = int(t.ne[1]) * int(t.ne[2]) * int(t.ne[3])
     if plane < 0 or (plane + 1) * inp.size > n_rows:
         raise RangeError(
@@ -118,3 +119,9 @@ def rs_store_view(ctx: Any, inp: RSGraphInputs, s: Any, state_size: int, plane: 
     states = ctx.reshape_2d(t, state_size, n_rows)
     nb1 = int(states.nb[1])
     return ctx.view_2d(states, state_size, inp.n_seqs, nb1, (plane * inp.size + inp.head) * nb1)
+
+
+def _node(s: Tensor | Any) -> Any:
+    """The ggml tensor of a pymem :class:`Tensor` (R/S from the memory), or ``s`` itself
+    (a ggml node a graph already made)."""
+    return s.ptr if isinstance(s, Tensor) else s
