@@ -767,33 +767,33 @@ class KVCache(Memory):
         """``n`` cells in each of the distinct streams ``strm``, all streams at once.
 
         Each stream scans its cells in circular order from its head, as :meth:`_search`
-        (no ``cont``): first a window of ``SLOT_WINDOW`` (at least ``2 n``) cells, then, for
-        the streams that did not find ``n`` usable cells in it, a window 4x as wide, up to
-        the whole stream. E.g. size 8, head 6, usable cells [1, 2, 7], n 2: window [6, 7, 0,
-        1] -> [7, 1].
+        (no ``cont``), through widening windows: the ``n`` cells from the head (a decode
+        step usually takes them), then, for the streams still short of ``n`` usable cells,
+        ``SLOT_WINDOW`` cells (at least ``4 n``), then 4x wider each pass, up to the whole
+        stream. E.g. size 8, head 6, usable cells [1, 2, 7], n 2: window [6, 7] has one,
+        window [6, 7, 0, 1, ...] -> [7, 1].
         """
         st = self.cells
         size = self.kv_size
         head = self.v_heads.a[strm]
         # restart at 0 when enough cells are unused before the head: E.g. head 40, used 10, n 4
         head = np.where(head > st.used[strm] + 2 * n, 0, head)
+        # E.g. size 8, head [6, 2], n 2 -> cells [[6, 7], [2, 3]]
+        cols = (head[:, None] + np.arange(n)) % size
+        if self._usable_at(strm[:, None] * size + cols).all():
+            return SlotInfo(strm.astype(np.int32), cols.astype(np.int32))
         idxs = np.empty((strm.size, n), dtype=np.int32)
         todo = np.arange(strm.size)
-        width = min(size, max(SLOT_WINDOW, 2 * n))
+        width = min(size, max(SLOT_WINDOW, 4 * n))
         while True:
             # E.g. size 8, head [6], width 4 -> cells [[6, 7, 0, 1]]
             cols = (head[todo, None] + np.arange(width)) % size
             usable = self._usable_at(strm[todo, None] * size + cols)
-            if n == 1:
-                first = np.argmax(usable, axis=1)  # E.g. [[F, T, T, F]] -> [1]
-                done = usable[np.arange(todo.size), first]
-                idxs[todo[done], 0] = cols[done, first[done]]
-            else:
-                # the first n usable cells of a row: E.g. [F, T, T, T], n 2 -> rank [0, 1, 2, 3]
-                rank = np.cumsum(usable, axis=1)
-                done = rank[:, -1] >= n
-                take = usable[done] & (rank[done] <= n)  # exactly n per row, in scan order
-                idxs[todo[done]] = cols[done][take].reshape(-1, n)
+            # the first n usable cells of a row: E.g. [F, T, T, T], n 2 -> rank [0, 1, 2, 3]
+            rank = np.cumsum(usable, axis=1)
+            done = rank[:, -1] >= n
+            take = usable[done] & (rank[done] <= n)  # exactly n per row, in scan order
+            idxs[todo[done]] = cols[done][take].reshape(-1, n)
             todo = todo[~done]
             if todo.size == 0:
                 return SlotInfo(strm.astype(np.int32), idxs)

@@ -173,7 +173,6 @@ def build_kq_mask(
     rules = _MaskRules(causal, layout.swa_type, layout.n_swa, spec.use_alibi, span)
 
     out = np.empty((n_stream, n_tps, n_kv), dtype=dt)
-    out.fill(-np.inf)
     if layout.n_stream > 1 and n_tokens:
         stack = v_cells[0].store
         # the stream of each token block: E.g. n_tps 2, seq0 [3, 3, 5, 5] -> [3, 5]
@@ -185,6 +184,7 @@ def build_kq_mask(
             sq, p1 = seq0.reshape(shape), p1_all.reshape(shape)
             _mask_streams(stack, rules, strm, sq, p1, p1x, p1y, out)
             return out
+    out.fill(-np.inf)
     for s in range(n_stream):
         tok = slice(s * n_tps, (s + 1) * n_tps)
         sq = seq0[tok]
@@ -301,7 +301,8 @@ def _mask_rows(
     span = None if rules.in_span_min is None else rules.in_span_min[sq][:, None]
     keep = _keep(rules, p0, pt, tie, span, has[inv])
     if rules.alibi:
-        np.copyto(out, -np.abs(p0.astype(np.int64) - pt).astype(out.dtype), where=keep)
+        # negated as integers, as the reference: a float negation would write -0.0
+        np.copyto(out, (-np.abs(p0.astype(np.int64) - pt)).astype(out.dtype), where=keep)
     else:
         np.copyto(out, out.dtype.type(0), where=keep)
 
@@ -318,25 +319,36 @@ def _mask_streams(
 ) -> None:
     """Every stream's rows at once: token ``(s, t)`` (sequence ``sq[s, t]``, position
     ``p1[s, t]``) against the first ``n_kv`` cells of stream ``strm[s]``, none of which is
-    held by several sequences (``owner`` alone says whose a cell is).
+    held by several sequences (``owner`` alone says whose a cell is). Writes all of ``out``.
 
     E.g. strm [0, 1], owners [[0, 0, -1], [1, 1, 1]], positions [[0, 1, -1], [0, 1, 2]],
     tokens (seq 0, pos 2) and (seq 1, pos 1): rows [[0, 0, -inf]] and [[0, 0, -inf]].
     """
     n_kv = out.shape[2]
-    own = stack.owner[strm, :n_kv][:, None, :]  # [ns, 1, n_kv]
-    p0 = stack.pos[strm, :n_kv][:, None, :]
+    rows: slice | np.ndarray = strm
+    if int(strm[-1]) - int(strm[0]) == strm.size - 1:
+        # consecutive streams (split_equal's sequential ubatches): a view, no gather
+        rows = slice(int(strm[0]), int(strm[-1]) + 1)
+    own = stack.owner[rows, :n_kv][:, None, :]  # [ns, 1, n_kv]
+    p0 = stack.pos[rows, :n_kv][:, None, :]
     pt = p1[:, :, None]  # [ns, n_tps, 1]
     keep = own == sq[:, :, None]
     tie = None
     if p1x is not None and p1y is not None and stack.ext is not None:
-        ext = stack.ext[strm, :n_kv]
+        ext = stack.ext[rows, :n_kv]
         cx, cy = ext[:, None, :, 0], ext[:, None, :, 1]
         tx, ty = p1x[:, :, None], p1y[:, :, None]
         tie = (cy > ty) | ((cy == ty) & (cx > tx))
     span = None if rules.in_span_min is None else rules.in_span_min[sq][:, :, None]
     keep = _keep(rules, p0, pt, tie, span, keep)
     if rules.alibi:
-        np.copyto(out, -np.abs(p0.astype(np.int64) - pt).astype(out.dtype), where=keep)
-    else:
-        np.copyto(out, out.dtype.type(0), where=keep)
+        out.fill(-np.inf)
+        # negated as integers, as the reference: a float negation would write -0.0
+        np.copyto(out, (-np.abs(p0.astype(np.int64) - pt)).astype(out.dtype), where=keep)
+        return
+    # one pass over the output, on its bits: 0.0 is all zero bits, so masked elements get
+    # the bits of -inf. E.g. float32, keep [T, F] -> bits [0, 0xFF800000] = [0.0, -inf]
+    uint = np.dtype(f"u{out.dtype.itemsize}")
+    neg_inf = np.array(-np.inf, dtype=out.dtype).view(uint)
+    np.logical_not(keep, out=keep)
+    np.multiply(keep, neg_inf, out=out.view(uint))
