@@ -1,4 +1,4 @@
-"""Command line: ``python -m pymem info`` and ``python -m pymem demo``."""
+"""Command line: ``python -m pymem info | demo | inspect | convert``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import argparse
 import sys
 
 import pymem
+from pymem.runtime.convert import add_convert_parser
 from pymem.runtime.demo import add_demo_parser
+from pymem.runtime.inspect import add_inspect_parser
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -30,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         func=_info
     )
     add_demo_parser(sub)
+    add_inspect_parser(sub)
+    add_convert_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 
