@@ -462,3 +462,55 @@ __all__ = [
     "read_container",
     "write_container",
 ]
+
+
+def write_container_payload(
+    path: str | os.PathLike[str],
+    payload: bytes | bytearray | memoryview,
+    mem: Memory,
+    seq_id: int,
+    flags: int,
+    *,
+    fingerprint: str,
+    pos: Mapping[int, tuple[int, int]],
+    tokens: Sequence[int] | np.ndarray = (),
+) -> int:
+    """Write state bytes already taken from ``mem`` (``mem.state_write(seq_id, flags)``
+    earlier, e.g. a checkpoint's blob) as a container at ``path``; bytes written.
+
+    ``mem`` gives the layout only (it must be the memory the bytes came from, or one laid
+    out the same); ``pos``: ``seq_id -> (pos_min, pos_max)`` the state held when taken.
+    Written beside ``path`` and renamed into place, as :func:`write_container`.
+    """
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise ConfigError(f"fingerprint: a non-empty string naming the model, got {fingerprint!r}")
+    toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    if toks.size and (toks.min() < -(2**31) or toks.max() >= 2**31):
+        raise StateError("tokens: ids must fit int32")
+    data = memoryview(payload).cast("B")
+    header = ContainerHeader(
+        kind="whole" if seq_id == -1 else "sequence",
+        seq_id=int(seq_id),
+        flags=int(flags),
+        fingerprint=fingerprint,
+        memory=memory_layout(mem),
+        pos={int(s): (int(r[0]), int(r[1])) for s, r in pos.items()},
+        tokens=tuple(int(t) for t in toks),
+        payload_len=len(data),
+    )
+    text = header.to_json()
+    target = os.fspath(path)
+    tmp = f"{target}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            hf = _HashingFile(cast(BinaryIO, f))
+            hf.write(_PREFIX.pack(MAGIC, VERSION, len(text)))
+            hf.write(text)
+            hf.write(data)
+            f.write(hf.sha.digest())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return hf.n + DIGEST_SIZE
