@@ -18,6 +18,7 @@ import json
 import logging
 import platform
 import random
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -114,7 +115,11 @@ def main() -> int:
         )
     total = sum(r["steps"] for r in results)
     print(f"{'total':12s} {total:9d}   wall {time.time() - t0:.0f} s, {args.jobs} jobs")
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     report = {
+        "commit": commit or "unknown",
         "machine": f"{platform.machine()} / Python {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d"),
         "wall_seconds": round(time.time() - t0, 1),
