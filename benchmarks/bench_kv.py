@@ -3,7 +3,9 @@
 Tables on stdout, results in results/bench_kv.json.
 
 1. Decode steps: N sequences x 1 token (N = 1, 8, 64) and a 512-token prefill, at
-   kv_size 4096, 32768, 262144. Each sequence holds ``ctx`` tokens when timing starts.
+   kv_size 4096, 32768, 262144; and N = 64, 256 in the streams layout (one stream per
+   sequence, ``unified=False``, the reference's default), kv_size cells in all (kv_size / N
+   per stream). Each sequence holds ``ctx`` tokens when timing starts.
    Timed per step: ``init_batch`` (split + plan under the undo journal) + ``apply`` +
    K/V row indices ("bookkeeping"), and the KQ mask ``[n_tokens, n_kv]`` separately
    (its size grows with n_kv). Batch validation (pymem.batch) is not included. Median
@@ -37,6 +39,7 @@ from _util import best_of, print_table, write_results
 
 from pymem.batch import Batch, BatchAllocator
 from pymem.kv import KVCache
+from pymem.kv.cells import STALE
 from pymem.spec import LayerSpec, ModelSpec, RopeSpec, RopeType
 
 NONE = RopeSpec(n_rot=64, rope_type=RopeType.NONE)
@@ -84,10 +87,16 @@ def bench_decode(quick: bool) -> list[dict]:
     rows = []
     sizes = [4096, 32768] if quick else [4096, 32768, 262144]
     for kv_size in sizes:
-        for case in ("decode 1", "decode 8", "decode 64", "prefill 512"):
+        cases = ("decode 1", "decode 8", "decode 64", "prefill 512")
+        for case in (*cases, "decode 64 streams", "decode 256 streams"):
             n_seq = int(case.split()[1]) if case.startswith("decode") else 1
             ctx = min(256, kv_size // (2 * n_seq))
-            kv = KVCache(spec(2, 1, 64), kv_size=kv_size, n_seq_max=max(n_seq, 1))
+            if case.endswith("streams"):
+                kv = KVCache(
+                    spec(2, 1, 64), kv_size=kv_size // n_seq, n_seq_max=n_seq, unified=False
+                )
+            else:
+                kv = KVCache(spec(2, 1, 64), kv_size=kv_size, n_seq_max=max(n_seq, 1))
             fill(kv, n_seq, ctx)
             book, mask, n_kv = [], [], 0
             # stay within the cache: the steps add n_seq cells each
@@ -165,7 +174,7 @@ def bench_seq_ops() -> list[dict]:
     cells = kv.v_cells[0]
 
     def pos_max_dirty() -> None:
-        cells._pdirty[7] = True
+        cells._pdirty[7] = STALE  # both cached bounds of sequence 7 stale
         kv.seq_pos_max(7)
 
     t = best_of(lambda: kv.seq_pos_max(7))

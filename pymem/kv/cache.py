@@ -452,11 +452,21 @@ class KVCache(Memory):
         return True
 
     def _heads_back_to(self, gid: np.ndarray) -> None:
-        """Move each stream's head back to its first cell among ``gid`` (freed cells, by
-        global id) when that is before it. E.g. size 8, head [5, 5], gid [2, 9] -> [2, 1]."""
-        if gid.size:
-            strm = gid // self.kv_size
-            np.minimum.at(self.v_heads.a, strm, gid - strm * self.kv_size)
+        """Move each stream's head back to its first cell among ``gid`` (freed cells by
+        global id, ascending) when that is before it.
+
+        E.g. size 8, heads [5, 5], gid [2, 3, 9] -> first cells [2, 1] -> heads [2, 1].
+        """
+        if gid.size == 0:
+            return
+        if self.n_stream == 1:
+            self.v_heads.a[0] = min(self.v_heads.a[0], gid[0])
+            return
+        strm = gid // self.kv_size
+        # the first cell of each stream: E.g. strm [0, 0, 1] -> starts [0, 2]
+        starts = np.flatnonzero(np.concatenate(([True], strm[1:] != strm[:-1])))
+        first, strm = gid[starts] - strm[starts] * self.kv_size, strm[starts]
+        self.v_heads.a[strm] = np.minimum(self.v_heads.a[strm], first)
 
     def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
         """Make the cells of ``seq_id_src`` in ``[p0, p1)`` also belong to ``seq_id_dst``.
@@ -880,7 +890,7 @@ class KVCache(Memory):
             assert (own >= 0).all(), "overwriting a cell that is not held by exactly one sequence"
             max_rm = np.full(LLAMA_MAX_SEQ, -1, dtype=np.int64)
             np.maximum.at(max_rm, own, st.pos_f[occupied].astype(np.int64))
-            st.rm(occupied)
+            st.rm(occupied, exact_bounds=True)
         ext = None
         if st.ext is not None:
             ext = np.empty((n_tok, 3), dtype=np.int32)

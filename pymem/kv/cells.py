@@ -61,10 +61,21 @@ _SUMMARY = (
     "n_multi",
     "pmin",
     "pmax",
-    "pdirty_min",
-    "pdirty_max",
+    "pdirty",
 )
+# pdirty bits: the cached minimum / maximum of a (stream, sequence) pair may be stale
+STALE_MIN, STALE_MAX = 1, 2
+STALE = STALE_MIN | STALE_MAX
 _REFRESH_CHUNK = 1 << 22  # cells per vectorised refresh pass (bounds its temporaries)
+
+
+# the stream of each cell of a batched operation, or the one stream all its cells are in
+Rows = np.ndarray | int
+
+
+def _sel(rows: Rows, sel: np.ndarray) -> Rows:
+    """``rows`` of the selected cells (the one stream stays an int)."""
+    return rows if isinstance(rows, int) else rows[sel]
 
 
 def seq_word_bit(seq_id: int) -> tuple[int, np.uint64]:
@@ -116,8 +127,7 @@ class StackedCells:
         self.n_multi = np.zeros(self.n_stream, dtype=np.int64)  # cells with owner OWNER_MULTI
         self.pmin = np.full((self.n_stream, LLAMA_MAX_SEQ), _EMPTY_MIN, dtype=np.int64)
         self.pmax = np.full((self.n_stream, LLAMA_MAX_SEQ), -1, dtype=np.int64)
-        self.pdirty_min = np.zeros((self.n_stream, LLAMA_MAX_SEQ), dtype=bool)
-        self.pdirty_max = np.zeros((self.n_stream, LLAMA_MAX_SEQ), dtype=bool)
+        self.pdirty = np.zeros((self.n_stream, LLAMA_MAX_SEQ), dtype=np.uint8)  # STALE_* bits
         self._flat_views()
         self._journal: list[tuple] | None = None
         self._saved: dict[str, np.ndarray] | None = None
@@ -132,8 +142,7 @@ class StackedCells:
         self.ext_f = None if self.ext is None else self.ext.reshape(-1, 3)
         self.pmin_f = self.pmin.reshape(-1)
         self.pmax_f = self.pmax.reshape(-1)
-        self.pdirty_min_f = self.pdirty_min.reshape(-1)
-        self.pdirty_max_f = self.pdirty_max.reshape(-1)
+        self.pdirty_f = self.pdirty.reshape(-1)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -196,19 +205,27 @@ class StackedCells:
         for name, v in zip(_SUMMARY, values):
             getattr(self, name)[t] = v
 
-    def _touch(self, rows: np.ndarray | int) -> None:
+    def _touch(self, rows: Rows) -> None:
         """Save the counters of streams ``rows`` not saved yet (call before changing them)."""
         if self._journal is None:
             return
         assert self._saved is not None
-        rows = np.atleast_1d(rows)
-        new = rows[~self._touched[rows]]
-        if new.size:
-            for name in _SUMMARY:
-                self._saved[name][new] = getattr(self, name)[new]
-            self._touched[new] = True
+        if isinstance(rows, (int, np.integer)):
+            if self._touched[rows]:
+                return
+            new: np.ndarray | int = rows
+        else:
+            # each stream once, whatever the repeats: E.g. rows [2, 2, 0], touched [T, F, F] -> [2]
+            hit = np.zeros(self.n_stream, dtype=bool)
+            hit[rows] = True
+            new = np.flatnonzero(hit & ~self._touched)
+            if new.size == 0:
+                return
+        for name in _SUMMARY:
+            self._saved[name][new] = getattr(self, name)[new]
+        self._touched[new] = True
 
-    def _record(self, gid: np.ndarray, rows: np.ndarray | int) -> None:
+    def _record(self, gid: np.ndarray, rows: Rows) -> None:
         """Journal cells ``gid`` (of streams ``rows``) before they change."""
         if self._journal is None:
             return
@@ -280,20 +297,27 @@ class StackedCells:
             key = r * LLAMA_MAX_SEQ + q
             self.pmin_f[key] = np.where(hi >= 0, lo, _EMPTY_MIN)
             self.pmax_f[key] = hi
-            self.pdirty_min_f[key] = False
-            self.pdirty_max_f[key] = False
+            self.pdirty_f[key] = 0
 
     def pos_max_at(self, key: np.ndarray) -> np.ndarray:
         """Largest position of (stream, sequence) keys ``s * 256 + seq_id`` (-1 if none),
         recomputing the dirty ones."""
-        dirty = key[self.pdirty_max_f[key]]
+        dirty = key[(self.pdirty_f[key] & STALE_MAX) != 0]
         if dirty.size:
             dirty = np.unique(dirty)
             self.refresh(dirty // LLAMA_MAX_SEQ, dirty % LLAMA_MAX_SEQ)
         return self.pmax_f[key]
 
     # --- primitive mutations (vectorised over global cell ids) ---------------------------
-    def _removed(self, gid: np.ndarray, rows: np.ndarray) -> None:
+    def streams_of(self, gid: np.ndarray) -> Rows:
+        """The stream of each cell ``gid`` (int64), or an int when they are all in one
+        (then per-stream bookkeeping is scalar). E.g. size 8, gid [3, 4] -> 0; [3, 9] -> [0, 1]."""
+        if self.n_stream == 1:
+            return 0
+        lo, hi = int(gid.min()) // self.size, int(gid.max()) // self.size
+        return lo if lo == hi else gid // self.size
+
+    def _removed(self, gid: np.ndarray, rows: Rows) -> None:
         """Mark dirty the cached bounds that removing cells ``gid`` may change: a
         sequence's minimum if a removed position is at or below it, its maximum likewise.
 
@@ -301,45 +325,57 @@ class StackedCells:
         """
         own = self.owner_f[gid]
         single = own >= 0
-        key = rows[single] * LLAMA_MAX_SEQ + own[single]
+        key = _sel(rows, single) * LLAMA_MAX_SEQ + own[single]
         p = self.pos_f[gid[single]].astype(np.int64)
-        self.pdirty_min_f[key[p <= self.pmin_f[key]]] = True
-        self.pdirty_max_f[key[p >= self.pmax_f[key]]] = True
-        if self.n_multi[rows].any():
-            self._moved(gid[own == OWNER_MULTI], rows[own == OWNER_MULTI])
+        # (a repeated key reads and writes the same value: |= is safe here)
+        self.pdirty_f[key[p <= self.pmin_f[key]]] |= STALE_MIN
+        self.pdirty_f[key[p >= self.pmax_f[key]]] |= STALE_MAX
+        if self.n_multi.any():
+            multi = own == OWNER_MULTI
+            self._moved(gid[multi], _sel(rows, multi))
 
-    def _moved(self, gid: np.ndarray, rows: np.ndarray) -> None:
+    def _moved(self, gid: np.ndarray, rows: Rows) -> None:
         """Mark both bounds of every sequence held by cells ``gid`` dirty."""
         if gid.size == 0:
             return
         own = self.owner_f[gid]
         single = own >= 0
-        key = rows[single] * LLAMA_MAX_SEQ + own[single]
-        self.pdirty_min_f[key] = True
-        self.pdirty_max_f[key] = True
+        key = _sel(rows, single) * LLAMA_MAX_SEQ + own[single]
+        self.pdirty_f[key] = STALE
+        if not self.n_multi.any():
+            return
         multi = own == OWNER_MULTI
         if multi.any():
             # E.g. a multi cell of stream 1 holding {0, 3} -> keys [256, 259]
             bits = np.unpackbits(self.seq_f[gid[multi]].view(np.uint8), axis=1, bitorder="little")
             i, q = np.nonzero(bits)
-            key = rows[multi][i] * LLAMA_MAX_SEQ + q
-            self.pdirty_min_f[key] = True
-            self.pdirty_max_f[key] = True
+            key = _sel(_sel(rows, multi), i) * LLAMA_MAX_SEQ + q
+            self.pdirty_f[key] = STALE
 
-    def _freed(self, gid: np.ndarray, rows: np.ndarray) -> None:
+    def _freed(self, gid: np.ndarray, rows: Rows) -> None:
         """Bookkeeping for cells ``gid`` (of streams ``rows``) that just became empty."""
-        np.subtract.at(self.used, rows, 1)
+        if isinstance(rows, int):
+            self.used[rows] -= gid.size
+            if int(gid.max()) - rows * self.size + 1 >= self.used_max_p1[rows]:
+                self.used_max_dirty[rows] = True
+            return
+        # E.g. 3 streams, rows [0, 2, 2] -> used -= [1, 0, 2]
+        self.used -= np.bincount(rows, minlength=self.n_stream)
         # a freed cell at or past the last used one: E.g. used_max_p1 8, freed cell 7 -> dirty
         top = gid - rows * self.size + 1 >= self.used_max_p1[rows]
         self.used_max_dirty[rows[top]] = True
 
-    def _set_owner(self, gid: np.ndarray, rows: np.ndarray, owner: np.ndarray | int) -> None:
+    def _set_owner(self, gid: np.ndarray, rows: Rows, owner: np.ndarray | int) -> None:
         old = self.owner_f[gid]
         self.owner_f[gid] = owner
         new = self.owner_f[gid]
         # E.g. old [-2, 3], new [4, -2] -> delta [-1, +1] on the cells' streams
         delta = (new == OWNER_MULTI).astype(np.int64) - (old == OWNER_MULTI)
-        if delta.any():
+        if not delta.any():
+            return
+        if isinstance(rows, int):
+            self.n_multi[rows] += int(delta.sum())
+        else:
             np.add.at(self.n_multi, rows, delta)
 
     def reset(self) -> None:
@@ -358,8 +394,7 @@ class StackedCells:
         self.used_max_dirty[:] = False
         self.pmin[:] = _EMPTY_MIN
         self.pmax[:] = -1
-        self.pdirty_min[:] = False
-        self.pdirty_max[:] = False
+        self.pdirty[:] = 0
 
     def reset_shift(self) -> None:
         """Forget the pending shifts of every stream (after a K-shift)."""
@@ -367,14 +402,28 @@ class StackedCells:
         self.shift[:] = 0
         self.has_shift[:] = False
 
-    def rm(self, gid: np.ndarray) -> None:
-        """Empty the non-empty cells ``gid`` (``llama_kv_cells::rm``)."""
+    def rm(self, gid: np.ndarray, exact_bounds: bool = False) -> None:
+        """Empty the non-empty cells ``gid`` (``llama_kv_cells::rm``).
+
+        Every sequence that held one of them has its cached bounds marked dirty; with
+        ``exact_bounds`` only those a removed position reaches (worth it for a few cells
+        whose sequences' bounds are read next: the SWA overwrite).
+        """
         if gid.size == 0:
             return
-        rows = gid // self.size
+        rows = self.streams_of(gid)
         self._record(gid, rows)
-        self._removed(gid, rows)
-        self._set_owner(gid, rows, OWNER_NONE)
+        if exact_bounds:
+            self._removed(gid, rows)
+        else:
+            self._moved(gid, rows)
+        if self.n_multi.any():
+            multi = self.owner_f[gid] == OWNER_MULTI
+            if isinstance(rows, int):
+                self.n_multi[rows] -= int(np.count_nonzero(multi))
+            elif multi.any():
+                np.subtract.at(self.n_multi, rows[multi], 1)
+        self.owner_f[gid] = OWNER_NONE
         self.pos_f[gid] = POS_NONE
         self.shift_f[gid] = 0
         self.rows_f[gid] = _ZERO_ROW
@@ -399,7 +448,7 @@ class StackedCells:
         n_per = idx.shape[1]
         # E.g. size 8, strm [0, 2], idx [[3, 4], [0, 1]] -> gid [3, 4, 16, 17], rows [0, 0, 2, 2]
         gid = (strm[:, None] * self.size + idx).reshape(-1)
-        rows = np.repeat(strm, n_per)
+        rows: Rows = int(strm[0]) if strm.size == 1 else np.repeat(strm, n_per)
         self._record(gid, strm)
         pos = np.asarray(pos, dtype=np.int32)
         self.pos_f[gid] = pos
@@ -428,7 +477,7 @@ class StackedCells:
             key, p = rows * LLAMA_MAX_SEQ + primary, pos.astype(np.int64)
         else:
             t, c = np.nonzero(seq_id >= 0)
-            key, p = rows[t] * LLAMA_MAX_SEQ + seq_id[t, c], pos[t].astype(np.int64)
+            key, p = _sel(rows, t) * LLAMA_MAX_SEQ + seq_id[t, c], pos[t].astype(np.int64)
         if n_per == 1 and simple:  # one token per stream: the keys are distinct
             self.pmin_f[key] = np.minimum(self.pmin_f[key], p)
             self.pmax_f[key] = np.maximum(self.pmax_f[key], p)
@@ -468,7 +517,7 @@ class StackedCells:
         if gid.size == 0:
             return gid
         cells = np.unique(gid)
-        crow = cells // self.size
+        crow = self.streams_of(cells)
         self._record(cells, crow)
         self._touch(rows)
         self._removed_bounds(rows, seqs, p_max)
@@ -483,15 +532,15 @@ class StackedCells:
             self.shift_f[emptied] = 0
             if self.ext_f is not None:
                 self.ext_f[emptied] = EXT_DEFAULT
-            self._freed(emptied, emptied // self.size)
+            self._freed(emptied, self.streams_of(emptied))
         return emptied
 
     def _removed_bounds(self, rows: np.ndarray, seqs: np.ndarray, p_max: np.ndarray) -> None:
         """Dirty flags for removing positions ``<= p_max[j]`` of pair j: the minimum may
         move; the maximum only if the bound reaches it."""
         key = rows * LLAMA_MAX_SEQ + seqs
-        self.pdirty_min_f[key] = True
-        self.pdirty_max_f[key[p_max >= self.pmax_f[key]]] = True
+        self.pdirty_f[key] |= STALE_MIN
+        self.pdirty_f[key[p_max >= self.pmax_f[key]]] |= STALE_MAX
 
 
 class KVCells:
@@ -526,8 +575,7 @@ class KVCells:
         self.ext = None if store.ext is None else store.ext[strm]
         self._pmin = store.pmin[strm]
         self._pmax = store.pmax[strm]
-        self._pdirty_min = store.pdirty_min[strm]
-        self._pdirty_max = store.pdirty_max[strm]
+        self._pdirty = store.pdirty[strm]  # STALE_* bits per sequence
 
     def __getstate__(self) -> dict[str, Any]:
         return {"store": self.store, "strm": self.strm}
@@ -605,13 +653,17 @@ class KVCells:
             getattr(st, name)[s] = getattr(other.store, name)[other.strm]
 
     def _record(self, idx: np.ndarray) -> None:
-        self.store._record(idx + self._base, self.strm)
+        if self.store.journaling:
+            self.store._record(idx + self._base, self.strm)
 
     def _set_owner(self, idx: np.ndarray, owner: np.ndarray | int) -> None:
-        self.store._set_owner(idx + self._base, np.full(idx.size, self.strm), owner)
-
-    def _rows_of(self, idx: np.ndarray) -> np.ndarray:
-        return np.full(idx.size, self.strm, dtype=np.int64)
+        old = self.owner[idx]
+        self.owner[idx] = owner
+        delta = int(np.count_nonzero(self.owner[idx] == OWNER_MULTI)) - int(
+            np.count_nonzero(old == OWNER_MULTI)
+        )
+        if delta:
+            self.store.n_multi[self.strm] += delta
 
     # --- queries --------------------------------------------------------------------
     def used_max_p1(self) -> int:
@@ -655,25 +707,24 @@ class KVCells:
         else:
             self._pmin[seq_id] = _EMPTY_MIN
             self._pmax[seq_id] = -1
-        self._pdirty_min[seq_id] = False
-        self._pdirty_max[seq_id] = False
+        self._pdirty[seq_id] = 0
 
     def seq_pos_min(self, seq_id: int) -> int:
         """Smallest position of ``seq_id`` in these cells, -1 if it has none."""
-        if self._pdirty_min[seq_id]:
+        if self._pdirty[seq_id] & STALE_MIN:
             self._refresh(seq_id)
         v = int(self._pmin[seq_id])
         return -1 if v == _EMPTY_MIN else v
 
     def seq_pos_max(self, seq_id: int) -> int:
         """Largest position of ``seq_id`` in these cells, -1 if it has none."""
-        if self._pdirty_max[seq_id]:
+        if self._pdirty[seq_id] & STALE_MAX:
             self._refresh(seq_id)
         return int(self._pmax[seq_id])
 
     def seq_pos_max_all(self) -> np.ndarray:
         """``seq_pos_max`` of every sequence id as ``int64[256]`` (-1 for absent ones)."""
-        dirty = np.flatnonzero(self._pdirty_max)
+        dirty = np.flatnonzero(self._pdirty & STALE_MAX)
         if dirty.size:
             self.store.refresh(np.full(dirty.size, self.strm, dtype=np.int64), dirty)
         return self._pmax
@@ -681,11 +732,24 @@ class KVCells:
     # --- primitive mutations (vectorised over index arrays) ---------------------------
     def _dirty_from(self, idx: np.ndarray) -> None:
         """Mark both bounds of every sequence held by the cells ``idx`` dirty."""
-        self.store._moved(idx + self._base, self._rows_of(idx))
+        if idx.size == 0:
+            return
+        own = self.owner[idx]
+        held = own[own >= 0]
+        self._pdirty[held] = STALE
+        if self.n_multi:
+            multi = idx[own == OWNER_MULTI]
+            if multi.size:
+                words = np.bitwise_or.reduce(self.seq[multi], axis=0)
+                bits = np.unpackbits(words.view(np.uint8), bitorder="little").astype(bool)
+                self._pdirty[bits] = STALE
 
     def _freed(self, idx: np.ndarray) -> None:
         """Bookkeeping for cells ``idx`` that just became empty."""
-        self.store._freed(idx + self._base, self._rows_of(idx))
+        st, s = self.store, self.strm
+        st.used[s] -= idx.size
+        if idx.size and int(idx.max()) + 1 >= st.used_max_p1[s]:
+            st.used_max_dirty[s] = True
 
     def reset(self) -> None:
         """Empty every cell and forget pending shifts (``llama_kv_cells::reset``)."""
@@ -704,8 +768,7 @@ class KVCells:
         st.used_max_dirty[s] = False
         self._pmin[:] = _EMPTY_MIN
         self._pmax[:] = -1
-        self._pdirty_min[:] = False
-        self._pdirty_max[:] = False
+        self._pdirty[:] = 0
 
     def reset_shift(self) -> None:
         self._record(np.flatnonzero(self.shift))
@@ -714,7 +777,19 @@ class KVCells:
 
     def rm(self, idx: np.ndarray) -> None:
         """Empty the non-empty cells ``idx`` (``llama_kv_cells::rm``)."""
-        self.store.rm(np.asarray(idx, dtype=np.int64) + self._base)
+        if idx.size == 0:
+            return
+        self._record(idx)
+        self._dirty_from(idx)
+        if self.n_multi:
+            self.store.n_multi[self.strm] -= int(np.count_nonzero(self.owner[idx] == OWNER_MULTI))
+        self.pos[idx] = POS_NONE
+        self.shift[idx] = 0
+        self._rows[idx] = _ZERO_ROW
+        self.owner[idx] = OWNER_NONE
+        if self.ext is not None:
+            self.ext[idx] = EXT_DEFAULT
+        self._freed(idx)
 
     def set_new(
         self, idx: np.ndarray, pos: np.ndarray, seq_id: np.ndarray, ext: np.ndarray | None = None
@@ -739,9 +814,9 @@ class KVCells:
         p = self.pos[idx]
         self.seq[idx, w] &= ~b
         if int(p.min()) <= self._pmin[seq_id]:
-            self._pdirty_min[seq_id] = True
+            self._pdirty[seq_id] |= STALE_MIN
         if int(p.max()) >= self._pmax[seq_id]:
-            self._pdirty_max[seq_id] = True
+            self._pdirty[seq_id] |= STALE_MAX
         own = self.owner[idx]
         single = own == seq_id
         emptied = idx[single]
@@ -807,8 +882,7 @@ class KVCells:
         bounds = (
             int(self._pmin[seq_id]),
             int(self._pmax[seq_id]),
-            bool(self._pdirty_min[seq_id]),
-            bool(self._pdirty_max[seq_id]),
+            int(self._pdirty[seq_id]),
         )
         has_shift = self.has_shift
         self.reset()
@@ -823,8 +897,7 @@ class KVCells:
         (
             self._pmin[seq_id],
             self._pmax[seq_id],
-            self._pdirty_min[seq_id],
-            self._pdirty_max[seq_id],
+            self._pdirty[seq_id],
         ) = bounds
         st.used[s] = stay.size
         st.used_max_p1[s] = int(stay[-1]) + 1 if stay.size else 0
