@@ -229,13 +229,13 @@ class Recurrent:
     # ------------------------------------------------------------------ placing ---
 
     def prepare(self, ubatches: list[UBatch]) -> bool:
-        saved = (copy.deepcopy(self.cells), self.used, self.head)
+        saved = (copy.deepcopy(self.cells), self.used, self.head, list(self.last_n))
         ok = True
         for ub in ubatches:
             if not self.find_slot(ub):
                 ok = False
                 break
-        self.cells, self.used, self.head = saved
+        self.cells, self.used, self.head, self.last_n = saved
         return ok
 
     def find_slot(self, ub: UBatch) -> bool:
