@@ -1,9 +1,12 @@
-"""Prefix reuse for every memory type: checkpoints, rollback plans (and the prefix cache).
+"""Prefix reuse for every memory type: checkpoints, rollback plans and the prefix cache.
 
 Attention K/V can be trimmed to a common prefix; recurrent state and sliding windows
 cannot. This package makes every way back exact and says what it costs:
 :mod:`pymem.reuse.checkpoint` captures what trimming cannot restore,
-:mod:`pymem.reuse.planner` picks the cheapest exact way back to a position.
+:mod:`pymem.reuse.planner` picks the cheapest exact way back to a position,
+:mod:`pymem.reuse.prefix_cache` finds the longest reusable prefix of a request among live
+sequences, checkpoints in RAM and on disk (:mod:`pymem.reuse.radix`: the token tree) and
+sets a sequence up from it.
 """
 
 from __future__ import annotations
@@ -17,11 +20,26 @@ from pymem.reuse.checkpoint import (
     trimmed_parts,
 )
 from pymem.reuse.planner import RollbackPlan, apply_rollback, plan_rollback, window_start
+from pymem.reuse.prefix_cache import (
+    Attach,
+    CheckpointPolicy,
+    EntryInfo,
+    PrefixCache,
+    PrefixMatch,
+)
+from pymem.reuse.radix import RadixTree, as_tokens
 
 __all__ = [
+    "Attach",
     "Checkpoint",
+    "CheckpointPolicy",
+    "EntryInfo",
+    "PrefixCache",
+    "PrefixMatch",
+    "RadixTree",
     "RollbackPlan",
     "apply_rollback",
+    "as_tokens",
     "checkpoint",
     "layout_of",
     "needs_checkpoints",

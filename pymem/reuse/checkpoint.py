@@ -117,6 +117,7 @@ def restore_checkpoint(mem: Memory, seq_id: int, ckpt: Checkpoint) -> int:
             )
     plan = mem.state_read_parse(StateReader(ckpt.blob), seq_id, StateFlags.PARTIAL_ONLY)
     for part in trim:
-        part.seq_rm(seq_id, ckpt.pos + 1, -1)
+        if part.seq_pos_max(seq_id) > ckpt.pos:  # a cache-wide scan otherwise
+            part.seq_rm(seq_id, ckpt.pos + 1, -1)
     plan.commit()
     return ckpt.pos + 1
