@@ -38,6 +38,8 @@ import numpy as np
 from pymem.batch import Batch
 from pymem.errors import ConfigError
 from pymem.memory import Memory
+from pymem.reuse import Attach, PrefixCache, as_tokens
+from pymem.reuse.prefix_cache import RequestKind
 from pymem.runtime.decoder import Decoder
 from pymem.runtime.graph import TinyModel
 from pymem.runtime.oracle import Oracle
@@ -102,6 +104,18 @@ class SeqHistory:
     def next_pos(self) -> int:
         """The position the next token must have: the last token's current position + 1."""
         return int(self.current_pos()[-1]) + 1 if self.tokens else 0
+
+    def is_plain(self) -> bool:
+        """Whether the history is a plain prefix: positions 0.., nothing dropped or shifted
+        (what a prefix cache can reason about)."""
+        return not self.shifts and all(r == INF for r in self.removed)
+
+    @classmethod
+    def plain(cls, tokens: Iterable[int], step: int) -> SeqHistory:
+        """Tokens at positions ``0..``, all computed at ``step`` and visible."""
+        h = cls()
+        h.append(tokens, step)
+        return h
 
     def append(self, tokens: Iterable[int], step: int) -> None:
         p = self.next_pos()
@@ -180,22 +194,38 @@ class CheckResult:
     ok: bool
 
 
+@dataclass(frozen=True)
+class Submitted:
+    """What :meth:`Session.submit` did: the last token's logits, tokens decoded and reused."""
+
+    logits: np.ndarray  # float32 [n_vocab]
+    n_decoded: int
+    n_reused: int
+    attach: Attach
+
+
 class Session:
     """A serving loop over one memory, checked against the oracle after every decode.
 
     ``tol``: max abs logit error allowed (default from the memory's cache types).
-    ``check``: compare with the oracle (``False`` only to time the memory alone).
+    ``check``: compare with the oracle (``False`` only to time the memory alone; the model
+    may then be any model the decoder runs, e.g. a GGUF model). ``prefix_cache``: the cache
+    :meth:`submit` reuses prefixes through (default: one made on first use); while a
+    session has one, every sequence operation keeps it informed.
     """
 
     def __init__(self, model: TinyModel, memory: Memory, *, n_seq_max: int, n_ubatch: int = 512,
                  flash_attn: bool = False, tol: float | None = None, oracle: Oracle | None = None,
-                 check: bool = True) -> None:  # fmt: skip
+                 check: bool = True, prefix_cache: PrefixCache | None = None) -> None:  # fmt: skip
         self.model = model
         self.memory = memory
         self.decoder = Decoder(
             model, memory, n_seq_max=n_seq_max, n_ubatch=n_ubatch, flash_attn=flash_attn
         )
-        self.oracle = oracle if oracle is not None else Oracle(model.weights)
+        self.oracle: Oracle | None = oracle
+        if self.oracle is None and check:
+            self.oracle = Oracle(model.weights)
+        self._cache = prefix_cache
         self.tol = tol if tol is not None else 2e-5
         self.check = check
         self.histories: dict[int, SeqHistory] = {}
@@ -234,12 +264,13 @@ class Session:
 
     # --- decoding -----------------------------------------------------------------------
     def decode(
-        self, requests: Mapping[int, Iterable[int]], label: str = "decode"
+        self, requests: Mapping[int, Iterable[int]], label: str = "decode", record: bool = True
     ) -> dict[int, np.ndarray]:
         """Decode the given tokens of each sequence in one batch; check every new token.
 
         A sequence id not seen before joins with these tokens as its prompt. Returns the
-        logits ``[n_new, n_vocab]`` per sequence.
+        logits ``[n_new, n_vocab]`` per sequence. With a prefix cache, ``record`` tells it
+        what each sequence now holds (:meth:`submit` records itself).
         """
         items = [(s, [int(t) for t in toks]) for s, toks in requests.items()]
         tok: list[int] = []
@@ -265,10 +296,14 @@ class Session:
             i += len(toks)
             out[s] = got
             if self.check:
+                assert self.oracle is not None
                 want = self.oracle.logits(*h.oracle_inputs())[-len(toks) :]
                 err = float(np.abs(got - want).max())
                 self.results.append(CheckResult(label, s, len(toks), err, bool(err <= self.tol)))
         self._tick(label)
+        if self._cache is not None and record:
+            for s, _ in items:
+                self._cache_sync(s)
         return out
 
     # --- sequence operations ------------------------------------------------------------
@@ -283,6 +318,7 @@ class Session:
         """``seq_cp(src, dst)``: dst continues from everything src has."""
         self._timed(self.memory.seq_cp, src, dst, -1, -1)
         self.histories[dst] = copy.deepcopy(self.histories[src])
+        self._cache_sync(dst)
         self.n_started += 1
         self._tick(f"fork {src}->{dst}")
 
@@ -290,6 +326,7 @@ class Session:
         """``seq_rm(seq_id)``: the sequence is done, its cells free."""
         self._timed(self.memory.seq_rm, seq_id, -1, -1)
         self.histories.pop(seq_id, None)
+        self._cache_sync(seq_id)
         self._tick(f"finish {seq_id}")
 
     def keep(self, seq_id: int) -> None:
@@ -304,6 +341,9 @@ class Session:
             for s, h in self.histories.items()
             if s == seq_id or self.memory.seq_pos_max(s) >= 0
         }
+        if self._cache is not None:
+            for s in list(self._cache.held_seqs()):
+                self._cache_sync(s)
         self._tick(f"keep {seq_id}")
 
     def rollback(self, seq_id: int, n: int) -> bool:
@@ -317,6 +357,7 @@ class Session:
         ok = bool(self._timed(self.memory.seq_rm, seq_id, p0, -1))
         if ok:
             h.truncate(n)
+            self._cache_sync(seq_id)
         else:
             after = (self.memory.seq_pos_min(seq_id), self.memory.seq_pos_max(seq_id))
             if after != before:
@@ -339,6 +380,7 @@ class Session:
         self._timed(self.memory.seq_rm, seq_id, p0, p1)
         self._timed(self.memory.seq_add, seq_id, p1, -1, p0 - p1)
         self.histories[seq_id].context_shift(p0, p1, self.step)
+        self._cache_sync(seq_id)
         self._tick(f"shift {seq_id}: drop [{p0}, {p1})")
 
     def save(self, seq_id: int, path: str | Path | None = None) -> bytes | int:
@@ -365,6 +407,67 @@ class Session:
         else:
             n = int(self._timed(self.memory.state_read_from, source, seq_id))
         self.histories[seq_id] = copy.deepcopy(history)
+        self._cache_sync(seq_id)
         self.n_started += 1
         self._tick(f"restore into {seq_id}")
         return n
+
+    # --- prefix reuse -------------------------------------------------------------------
+    @property
+    def prefix_cache(self) -> PrefixCache:
+        """The session's prefix cache (a default one is made on first use)."""
+        if self._cache is None:
+            self._cache = PrefixCache(self.memory)
+            for s in self.histories:
+                self._cache_sync(s)
+        return self._cache
+
+    def _cache_sync(self, seq_id: int) -> None:
+        """Tell the prefix cache what ``seq_id`` holds: its tokens when the history is a
+        plain prefix the memory agrees with, else nothing (released)."""
+        if self._cache is None:
+            return
+        h = self.histories.get(seq_id)
+        if (
+            h is not None
+            and len(h)
+            and h.is_plain()
+            and self.memory.seq_pos_max(seq_id) == len(h) - 1
+        ):
+            self._cache.record(seq_id, h.tokens)
+        else:
+            self._cache.release(seq_id)
+
+    def submit(
+        self, seq_id: int, tokens: Iterable[int] | np.ndarray, kind: RequestKind = "prompt"
+    ) -> Submitted:
+        """Serve a request given as ``seq_id``'s whole token history: decode only what the
+        prefix cache cannot supply exactly.
+
+        The cache sets ``seq_id`` up (continue, trim, roll back, copy another sequence's
+        cells, restore a checkpoint: :meth:`pymem.reuse.PrefixCache.attach`), then the rest
+        is decoded in the chunks its checkpoint policy asks for (every new token checked
+        against the oracle when ``check``). ``kind``: ``"prompt"``, ``"generate"`` or
+        ``"draft"`` (see the cache). Returns the last token's logits and the counts.
+        """
+        cache = self.prefix_cache
+        toks = as_tokens(tokens)
+        t0 = time.perf_counter()
+        att = cache.attach(seq_id, toks, kind)
+        self.t_ops += time.perf_counter() - t0
+        resume = att.resume_from
+        if resume:
+            self.histories[seq_id] = SeqHistory.plain(toks[:resume].tolist(), self.step)
+        else:
+            self.histories.pop(seq_id, None)
+        last: np.ndarray | None = None
+        for p0, p1 in att.chunks:
+            out = self.decode(
+                {seq_id: toks[p0:p1].tolist()}, label=f"submit {seq_id}", record=False
+            )
+            last = out[seq_id][-1]
+            t0 = time.perf_counter()
+            cache.record(seq_id, toks[:p1])
+            self.t_ops += time.perf_counter() - t0
+        assert last is not None
+        return Submitted(last, len(toks) - resume, resume, att)
