@@ -657,6 +657,9 @@ class KVCache(Memory):
         changing a cell).
         """
         self.check_open()
+        if len(ubatches) == 1:  # only placed: find_slot changes nothing, no journal needed
+            sinfo = self.find_slot(ubatches[0], False)
+            return None if sinfo is None else [sinfo]
         res: list[SlotInfo] = []
         with self._planning():
             for i, ub in enumerate(ubatches):

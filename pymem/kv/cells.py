@@ -171,8 +171,8 @@ class StackedCells:
         assert self._journal is not None and self._saved is not None
         for entry in reversed(self._journal):
             self._set_cells(*entry)
-        t = np.flatnonzero(self._touched)
-        if t.size:
+        if self._touched.any():
+            t = np.flatnonzero(self._touched)
             for name in _SUMMARY:
                 getattr(self, name)[t] = self._saved[name][t]
         self.end()
@@ -180,7 +180,8 @@ class StackedCells:
     def end(self) -> None:
         """Stop recording and keep the changes."""
         self._journal = None
-        self._touched[:] = False
+        if self._touched.any():
+            self._touched[:] = False
 
     def redo_log(self, strm: int | None = None) -> tuple:
         """The changes since :meth:`begin` as they stand now (of stream ``strm`` only, or
