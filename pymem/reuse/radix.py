@@ -102,7 +102,11 @@ class RadixNode:
         assert self.start < p.depth <= self.depth and p.depth not in self.payloads
         self.payloads[p.depth] = p
         p.node = self
-        self._depths = None
+        d = self._depths
+        if d is not None and (not d.size or p.depth > d[-1]):
+            self._depths = np.append(d, np.int32(p.depth))  # the usual case: a new deepest
+        else:
+            self._depths = None
 
     def remove_payload(self, p: Payload) -> None:
         del self.payloads[p.depth]
@@ -226,7 +230,13 @@ class RadixTree:
         w = self.walk(tokens[:n])
         node = w.nodes[-1] if w.nodes else self.root
         if w.partial is not None:
-            node = self.split(w.partial, w.n_common)
+            low = w.partial
+            node = self.split(low, w.n_common)
+            if not (low.children or low.live or low.payloads):
+                # the edge was kept for a payload now above the cut: its rest holds nothing
+                del node.children[low.first_token()]
+                low.parent = None
+                self.n_nodes -= 1
         if w.n_common < n:
             leaf = RadixNode(node, tokens[w.n_common : n].tobytes(), n)
             node.children[int(tokens[w.n_common])] = leaf
@@ -252,10 +262,14 @@ class RadixTree:
         child.key = child.key[4 * k :]
         child.parent = mid
         mid.children[child.first_token()] = child
-        for d in [d for d in child.payloads if d <= depth]:
-            p = child.payloads[d]
-            child.remove_payload(p)
-            mid.add_payload(p)
+        if child.payloads:
+            # E.g. payloads at [11, 12, 14], depth 12 -> mid [11, 12], child [14]
+            d = child.depths()
+            k = int(np.searchsorted(d, depth, side="right"))
+            mid.payloads = {int(x): child.payloads.pop(int(x)) for x in d[:k]}
+            mid._depths, child._depths = d[:k], d[k:]
+            for p in mid.payloads.values():
+                p.node = mid
         self.n_nodes += 1
         return mid
 
@@ -293,9 +307,13 @@ class RadixTree:
                 only.key = cur.key + only.key
                 only.parent = parent
                 parent.children[cur.first_token()] = only
-                for p in list(cur.payloads.values()):
-                    cur.remove_payload(p)
-                    only.add_payload(p)
+                if cur.payloads:
+                    # cur's payloads are all above only's: the sorted arrays concatenate
+                    up, down = cur.depths(), only.depths()
+                    only.payloads = {**cur.payloads, **only.payloads}
+                    only._depths = np.concatenate([up, down])
+                    for p in cur.payloads.values():
+                        p.node = only
                 cur.parent = None
                 self.n_nodes -= 1
             break
