@@ -7,8 +7,11 @@ Mamba-2 recurrent state memory), then serves a handful of sequences the way a se
 does: prompts of different lengths in one batch, greedy decoding with continuous
 batching (sequences joining and finishing), a fork (``seq_cp``), speculative drafts
 rolled back with ``seq_rm`` (and a rollback the recurrent snapshots cannot cover,
-refused), a context shift (``seq_rm`` + ``seq_add`` + K-shift) and a save / restore
-through a file into a second memory and into another sequence id.
+refused), a context shift (``seq_rm`` + ``seq_add`` + K-shift), a save / restore
+through a file into a second memory and into another sequence id, and prefix reuse: a
+request that shares part of a live sequence's history is served through the session's
+prefix cache (:meth:`Session.submit`: the shared cells copied, a checkpoint restored) and
+decodes only the rest.
 
 Every decoded token's logits are compared with a float64 numpy recompute of its whole
 sequence from scratch (:class:`pymem.runtime.Oracle`). The summary gives, per memory part,
@@ -34,6 +37,7 @@ from pymem.backend import devices, get_device
 from pymem.errors import PymemError
 from pymem.factory import ContextParams, create_memory
 from pymem.recurrent import RecurrentMemory
+from pymem.reuse import CheckpointPolicy, PrefixCache
 from pymem.runtime.config import PRESETS, TinyConfig
 from pymem.runtime.graph import TinyModel
 from pymem.runtime.oracle import Oracle
@@ -132,8 +136,10 @@ def run(opts: DemoOptions, out: TextIO | None = None) -> DemoResult:
         raise
     assert mem is not None
     n_seq_max = opts.n_seq_max
+    # the prefix cache follows every sequence from the start (a checkpoint every 8 positions)
+    cache = PrefixCache(mem, policy=CheckpointPolicy(interval=8, n_batch=opts.n_ubatch))
     s = Session(model, mem, n_seq_max=n_seq_max, n_ubatch=opts.n_ubatch, flash_attn=opts.flash_attn,
-                tol=tol, oracle=oracle)  # fmt: skip
+                tol=tol, oracle=oracle, prefix_cache=cache)  # fmt: skip
     restored: Session | None = None
     mem2 = None
     notes: list[str] = []
@@ -303,6 +309,23 @@ def run(opts: DemoOptions, out: TextIO | None = None) -> DemoResult:
                 req[q] = prompt(int(rng.integers(4, 13)))
                 label = f"step + seq {q} joins ({len(req[q])} tokens)"
             decode(req, label)
+        # prefix reuse: a new request shares two thirds of a live sequence's history
+        plain = [q for q, h in s.histories.items() if h.is_plain() and len(h) >= 6]
+        if plain and seq_ids_free():
+            src, dst = plain[0], seq_ids_free()[0]
+            toks = s.histories[src].tokens
+            k = len(toks) * 2 // 3
+            asked = [*toks[:k], *prompt(3)]
+            r = s.submit(dst, asked)
+            last[dst] = r.logits
+            m = r.attach.match
+            err = max(x.max_err for x in s.results[-len(r.attach.chunks) :])
+            log(f"  [{s.step:3d}] submit seq {dst}: {len(asked)} tokens, {k} shared with seq {src}: "
+                f"{m.how} ({m.source}), {r.n_reused} reused, {r.n_decoded} decoded  err {err:.1e}")  # fmt: skip
+            notes.append(f"prefix reuse: seq {dst} asked for {len(asked)} tokens ({k} shared with seq "
+                         f"{src}): {m.how} from {m.source}, {r.n_reused} reused, {r.n_decoded} "
+                         f"decoded; {cache.n_taken} checkpoints taken, "
+                         f"{cache.memory_breakdown()['ram']} B held")  # fmt: skip
         for q in sorted(s.histories)[:-1]:
             s.finish(q)
         log(f"  [{s.step:3d}] finish all but seq {sorted(s.histories)[-1]}")
@@ -316,6 +339,7 @@ def run(opts: DemoOptions, out: TextIO | None = None) -> DemoResult:
         print(result.summary, file=out)
         return result
     finally:
+        cache.close()
         mem.close()
         if mem2 is not None:
             mem2.close()
