@@ -214,7 +214,8 @@ def soak_section(path: Path) -> list[str]:
         return [f"No long soak recorded yet ({path.relative_to(ROOT)} is missing)."]
     rep = json.loads(path.read_text())
     lines = [
-        f"Long soak (`python benchmarks/soak.py`, {rep['date']}, {rep['machine']}, "
+        f"Long soak (`python benchmarks/soak.py`, {rep['date']}, commit {rep.get('commit', '?')}, "
+        f"{rep['machine']}, "
         f"{rep['jobs']} jobs, {rep['wall_seconds'] / 60:.0f} min wall): "
         f"**{rep['steps_total']:,} steps** in all.",
         "",
