@@ -18,6 +18,8 @@ _LAZY = {
     "GGMLInfo": "pymem._native",
     "devices": "pymem.backend",
     "get_device": "pymem.backend",
+    "add_rpc_device": "pymem.backend",
+    "add_rpc_devices": "pymem.backend",
     "Device": "pymem.backend",
     "TensorSpec": "pymem.backend",
     "TensorStore": "pymem.backend",

@@ -8,6 +8,7 @@ native call per operation, never one per row.
 
 from __future__ import annotations
 
+import socket
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pymem._native import check, cstr, ffi, lib
+from pymem._native import check, cstr, ffi, ggml_info, lib
 from pymem.errors import ClosedError, DeviceError, OutOfMemoryError, RangeError, TypeSpecError
 from pymem.types import GGMLType, ggml_type
 
@@ -109,6 +110,81 @@ def get_device(device: str | Device | None = None) -> Device:
         if dev.name.lower() == device.lower():
             return dev
     raise DeviceError(f"device: unknown device {device!r}; available: {[d.name for d in known]}")
+
+
+_RPC_SERVERS: dict[str, list[Device]] = {}
+
+
+def add_rpc_devices(endpoint: str) -> list[Device]:
+    """The devices of the ggml ``rpc-server`` at ``endpoint`` ("host:port"), registered.
+
+    They join :func:`devices` (named ``RPC0``, ``RPC1``, ... in the order servers are
+    added; the description is the endpoint) and are placed like any device: a memory's
+    ``device={il: "RPC0", ...}`` puts those layers' K/V or R/S in one backend buffer on
+    that server. Their buffers are not host memory: rows move with the tensor get/set
+    calls (one network round trip each). Adding the same endpoint again returns the same
+    devices. Goes through the RPC backend's registry entry (no RPC symbol is linked), so a
+    ggml built without ``GGML_RPC`` raises :class:`DeviceError` saying so; so does a server
+    that does not answer. A server lost later is fatal to the process (ggml aborts).
+    """
+    if not isinstance(endpoint, str) or endpoint.count(":") != 1 or not endpoint.split(":")[1]:
+        raise DeviceError(f"endpoint: expected 'host:port', got {endpoint!r}")
+    known = _RPC_SERVERS.get(endpoint)
+    if known is not None:
+        return list(known)
+    reg = lib.ggml_backend_reg_by_name(b"RPC")
+    if reg == ffi.NULL:
+        info = ggml_info()
+        raise DeviceError(
+            f"add_rpc_device({endpoint!r}): the bound ggml {info.version} ({info.path}, "
+            f"{info.source}) has no RPC backend (backends: {list(info.backends)}); build ggml "
+            "with -DGGML_RPC=ON (.ci/ggml_rpc) and point PYMEM_GGML_LIB_DIR at it"
+        )
+    proc = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_add_server")
+    if proc == ffi.NULL:
+        raise DeviceError(
+            f"add_rpc_device({endpoint!r}): this ggml's RPC backend exports no "
+            "ggml_backend_rpc_add_server (a ggml older than the multi-device RPC protocol)"
+        )
+    # this ggml aborts the process when a server does not answer: ask first
+    host, port = endpoint.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise DeviceError(
+            f"add_rpc_device({endpoint!r}): no rpc-server answers there: {exc}"
+        ) from exc
+    add_server = ffi.cast("ggml_backend_reg_t (*)(const char *)", proc)
+    server = add_server(endpoint.encode())
+    if server == ffi.NULL:
+        raise DeviceError(
+            f"add_rpc_device({endpoint!r}): no rpc-server answered there, or it has no devices"
+        )
+    handles = [
+        lib.ggml_backend_reg_dev_get(server, i)
+        for i in range(lib.ggml_backend_reg_dev_count(server))
+    ]
+    registered = {lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count())}
+    if not all(h in registered for h in handles):  # another user of this ggml may have added it
+        lib.ggml_backend_register(server)
+    by_handle = {d.handle: d for d in devices()}
+    found = [by_handle[h] for h in handles]
+    _RPC_SERVERS[endpoint] = found
+    return list(found)
+
+
+def add_rpc_device(endpoint: str) -> Device:
+    """The one device of the ``rpc-server`` at ``endpoint``; see :func:`add_rpc_devices`.
+
+    Raises :class:`DeviceError` when the server exposes several devices.
+    """
+    found = add_rpc_devices(endpoint)
+    if len(found) != 1:
+        raise DeviceError(
+            f"add_rpc_device({endpoint!r}): the server has {len(found)} devices "
+            f"{[d.name for d in found]}; use add_rpc_devices"
+        )
+    return found[0]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,195 @@
+"""Run by tests/test_rpc.py in a fresh interpreter bound to a ggml built with GGML_RPC.
+
+Usage: python tests/rpc_worker.py RPC_SERVER_BINARY N_SERVERS
+
+Starts N_SERVERS ``rpc-server`` processes on free 127.0.0.1 ports (killed in ``finally``;
+each lives at most SERVER_LIFETIME_S), adds them as devices, and builds tiny-jamba's
+hybrid memory twice through the factory: once with its layers spread over the CPU and
+the servers, once on the CPU alone. The same bookkeeping decodes, row writes, sequence
+ops (with a K-shift) and state round trips run on both; every tensor's bytes, every
+state blob (whole and per sequence) and the state read back must be byte-identical.
+Prints one JSON line (devices, memory_breakdown, timings); exits non-zero on a mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SERVER_LIFETIME_S = 120
+MODEL = Path(__file__).parent / "data" / "models" / "tiny-jamba.gguf"
+N_SEQ = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(binary: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        ["timeout", str(SERVER_LIFETIME_S), binary, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"127.0.0.1:{port}"
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"rpc-server on port {port} did not start") from None
+            time.sleep(0.05)
+
+
+def prompt(seq: int, n: int, p0: int = 0, tok0: int = 1) -> list:
+    return [((tok0 + i) % 60, p0 + i, [seq], i == n - 1) for i in range(n)]
+
+
+def decode(mem: Any, items: list) -> None:
+    from pymem.batch import Batch, BatchAllocator
+    from pymem.memory import MemoryStatus
+
+    balloc = BatchAllocator()
+    balloc.init(Batch.from_items(items), memory=mem, n_seq_max=N_SEQ)
+    upd = mem.init_update()
+    if upd.get_status() == MemoryStatus.SUCCESS:
+        upd.apply()
+    ctx = mem.init_batch(balloc, 16, False)
+    assert ctx.get_status() == MemoryStatus.SUCCESS, ctx.get_status()
+    while True:
+        ctx.apply()
+        if not ctx.next():
+            break
+
+
+def tensors(mem: Any) -> list[Any]:
+    kv, rec = mem.parts()["attention"], mem.parts()["recurrent"]
+    out = [t for lay in kv.layers for t in (lay.k, lay.v) if t is not None]
+    return out + [t for il in rec.layers for t in (rec.get_r_l(il), rec.get_s_l(il))]
+
+
+def scribble(mem: Any, seed: int) -> None:
+    """Random rows into every tensor (stands in for the graph's writes), one call each."""
+    rng = np.random.default_rng(seed)
+    for t in tensors(mem):
+        rows = np.sort(rng.choice(t.n_rows, size=max(1, t.n_rows // 3), replace=False))
+        t.write_rows(rows, rng.integers(0, 256, (rows.size, t.row_size), dtype=np.uint8))
+
+
+def snapshot(mem: Any) -> dict[str, bytes]:
+    out = {t.name: bytes(t.read_bytes()) for t in tensors(mem)}
+    out["state"] = bytes(mem.state_write())
+    for s in range(N_SEQ):
+        out[f"state_seq{s}"] = bytes(mem.state_write(s))
+    return out
+
+
+def same(a: dict[str, bytes], b: dict[str, bytes], when: str) -> None:
+    assert a.keys() == b.keys(), (when, sorted(a), sorted(b))
+    bad = [k for k in a if a[k] != b[k]]
+    assert not bad, f"{when}: differ from the CPU-only memory: {bad}"
+
+
+def main() -> None:
+    binary, n_servers = sys.argv[1], int(sys.argv[2])
+    procs: list[subprocess.Popen[bytes]] = []
+    t0 = time.perf_counter()
+    try:
+        endpoints = []
+        for _ in range(n_servers):
+            proc, endpoint = start_server(binary)
+            procs.append(proc)
+            endpoints.append(endpoint)
+        import pymem
+        from pymem.factory import ContextParams, create_memory
+
+        info = pymem.ggml_info()
+        assert "RPC" in info.backends, info
+        rpc = [pymem.add_rpc_device(e).name for e in endpoints]
+        assert [pymem.add_rpc_device(e).name for e in endpoints] == rpc  # idempotent
+        names = [d.name for d in pymem.devices()]
+        assert all(n in names for n in rpc), names
+
+        spec = pymem.spec_from_gguf(MODEL)
+        # jamba's layers: 0 R/S, 1 K/V, 2 R/S, 3 K/V
+        where = ["CPU", *rpc]
+        placement = {il: where[(il + 1) % len(where)] for il in range(spec.n_layer)}
+        common: dict[str, Any] = dict(
+            n_ctx=64, n_seq_max=N_SEQ, n_batch=32, n_ubatch=16, flash_attn=False
+        )
+        split = create_memory(spec, ContextParams(**common, device=placement))
+        cpu = create_memory(spec, ContextParams(**common))
+        breakdown = split.memory_breakdown()
+        assert set(breakdown) == set(placement.values()), breakdown
+        assert sum(breakdown.values()) >= sum(cpu.memory_breakdown().values()) > 0
+
+        t1 = time.perf_counter()
+        for mem in (split, cpu):
+            decode(mem, prompt(0, 7) + prompt(1, 5, tok0=11))
+            scribble(mem, seed=1)
+            decode(mem, prompt(0, 3, p0=7, tok0=30))
+            assert mem.seq_rm(1, -1, -1)
+            mem.seq_cp(0, 1, -1, -1)  # copies rows between streams / cells, on the device
+            assert mem.seq_rm(1, -1, -1)
+            decode(mem, prompt(1, 4, tok0=40))
+            mem.seq_add(0, 0, -1, 3)  # a position shift (a K-shift where the layers have RoPE)
+            decode(mem, prompt(0, 2, p0=13, tok0=50))
+            scribble(mem, seed=2)
+        same(snapshot(split), snapshot(cpu), "after the decodes")
+
+        # state round trips: each memory's blob into a fresh memory of the other placement
+        blob, blob1 = split.state_write(), split.state_write(1)
+        want = snapshot(cpu)
+        for src, dst_params in ((blob, common), (bytes(cpu.state_write()), common)):
+            fresh = create_memory(spec, ContextParams(**dst_params, device=placement))
+            fresh.state_read(src)
+            got = snapshot(fresh)
+            assert got["state"] == want["state"] and all(
+                got[f"state_seq{s}"] == want[f"state_seq{s}"] for s in range(N_SEQ)
+            ), "round trip into the split memory"
+            fresh.close()
+        back = create_memory(spec, ContextParams(**common))
+        back.state_read(blob)
+        assert bytes(back.state_write()) == want["state"], "split -> CPU round trip"
+        split.seq_rm(1, -1, -1)
+        cpu.seq_rm(1, -1, -1)
+        split.state_read(blob1, 1)
+        cpu.state_read(blob1, 1)
+        same(snapshot(split), snapshot(cpu), "after a per-sequence round trip")
+        t2 = time.perf_counter()
+        print(
+            json.dumps(
+                dict(
+                    ggml=info.path,
+                    devices={n: pymem.get_device(n).description for n in rpc},
+                    placement=placement,
+                    breakdown=breakdown,
+                    breakdown_cpu=cpu.memory_breakdown(),
+                    state_bytes=len(blob),
+                    setup_s=round(t1 - t0, 3),
+                    ops_s=round(t2 - t1, 3),
+                )
+            )
+        )
+        for mem in (split, cpu, back):
+            mem.close()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+if __name__ == "__main__":
+    main()
