@@ -9,6 +9,8 @@ the servers, once on the CPU alone. The same bookkeeping decodes, row writes, se
 ops (with a K-shift) and state round trips run on both; every tensor's bytes, every
 state blob (whole and per sequence) and the state read back must be byte-identical.
 Prints one JSON line (devices, memory_breakdown, timings); exits non-zero on a mismatch.
+With N_SERVERS = "engine": the GGUF engine and the whole memory on one server, decoding
+two sequences; logits and state compared with the CPU (printed, asserted by the test).
 """
 
 from __future__ import annotations
@@ -102,7 +104,63 @@ def same(a: dict[str, bytes], b: dict[str, bytes], when: str) -> None:
     assert not bad, f"{when}: differ from the CPU-only memory: {bad}"
 
 
+def engine_logits(device: str, items: list) -> tuple[np.ndarray, bytes]:
+    """The GGUF engine with weights and memory on ``device``: logits, state blob."""
+    import pymem
+    from pymem.batch import Batch, BatchAllocator
+    from pymem.factory import ContextParams, create_memory
+    from pymem.memory import MemoryStatus
+    from pymem.runtime.decoder import step_inputs
+    from pymem.runtime.gguf_llama import GGUFModel
+
+    spec = pymem.spec_from_gguf(MODEL)
+    mem = create_memory(
+        spec, ContextParams(n_ctx=64, n_seq_max=N_SEQ, n_batch=32, n_ubatch=16,
+                            flash_attn=False, device=device),
+    )  # fmt: skip
+    engine = GGUFModel(MODEL, device=device)
+    balloc = BatchAllocator()
+    balloc.init(Batch.from_items(items), memory=mem, n_seq_max=N_SEQ)
+    ctx = mem.init_batch(balloc, 16, False)
+    assert ctx.get_status() == MemoryStatus.SUCCESS
+    rows: dict[int, np.ndarray] = {}
+    while True:
+        ctx.apply()
+        ub = ctx.get_ubatch()
+        out = engine.forward(ub, step_inputs(ctx, ub, False), False)
+        for i in np.flatnonzero(ub.output):  # out has a (NaN) row for every token
+            rows[int(ub.batch_idxs[i])] = out[i]
+        if not ctx.next():
+            break
+    blob = bytes(mem.state_write())
+    engine.close()
+    mem.close()
+    return np.stack([rows[b] for b in sorted(rows)]), blob
+
+
+def main_engine(binary: str) -> None:
+    """Decoding needs one device per graph: the model and its memory on one rpc-server."""
+    proc, endpoint = start_server(binary)
+    try:
+        import pymem
+
+        dev = pymem.add_rpc_device(endpoint).name
+        items = [((7 * i + 3) % 60 + 1, i, [s], i == 5) for s in range(N_SEQ) for i in range(6)]
+        got, got_state = engine_logits(dev, items)
+        want, want_state = engine_logits("CPU", items)
+        rel = float(np.abs(got - want).max() / np.abs(want).max())
+        print(json.dumps(dict(device=dev, rows=int(got.shape[0]), max_rel=rel,
+                              identical=bool(np.array_equal(got, want)),
+                              state_identical=got_state == want_state)))  # fmt: skip
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def main() -> None:
+    if sys.argv[2] == "engine":
+        main_engine(sys.argv[1])
+        return
     binary, n_servers = sys.argv[1], int(sys.argv[2])
     procs: list[subprocess.Popen[bytes]] = []
     t0 = time.perf_counter()

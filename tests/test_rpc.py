@@ -4,7 +4,8 @@ tests/rpc_worker.py runs in a fresh interpreter bound (PYMEM_GGML_LIB_DIR) to th
 that ``.ci/ggml_rpc build-rpc`` builds with GGML_RPC=ON (one ggml per process: this
 process's ggml has no RPC backend). It starts two rpc-servers on 127.0.0.1, places
 tiny-jamba's K/V and R/S layers on them and on the CPU, and checks every tensor and state
-blob against the CPU-only memory. Skipped only when build-rpc/ is absent outside CI; in
+blob against the CPU-only memory; then decodes with the GGUF engine and the
+memory on one server and compares logits and state with the CPU's. Skipped only when build-rpc/ is absent outside CI; in
 CI (``$CI`` set) a missing build fails.
 """
 
@@ -35,7 +36,7 @@ def _build_or_skip() -> None:
     pytest.skip(f"no ggml built with GGML_RPC at {BUILD} (run: bash .ci/ggml_rpc build-rpc)")
 
 
-def _run_worker(n_servers: int) -> dict:
+def _run_worker(n_servers: int | str) -> dict:
     env = dict(os.environ, PYMEM_GGML_LIB_DIR=str(BUILD / "lib"))
     proc = subprocess.run(
         [sys.executable, str(WORKER), str(SERVER), str(n_servers)],
@@ -58,6 +59,15 @@ def test_split_placement_matches_cpu(n_servers: int) -> None:
     assert set(out["breakdown"]) == {"CPU", *rpc}
     assert all(n > 0 for n in out["breakdown"].values())
     assert list(out["breakdown_cpu"]) == ["CPU"]
+
+
+def test_decode_on_an_rpc_device_matches_cpu() -> None:
+    # pymem's graph runners compute on one device: the GGUF engine's weights and the whole
+    # memory on one rpc-server give the CPU's logits and state bytes exactly
+    _build_or_skip()
+    out = _run_worker("engine")
+    assert out["device"] == "RPC0" and out["rows"] == 2
+    assert out["identical"] and out["state_identical"], out
 
 
 def test_rpc_on_a_ggml_without_it() -> None:
