@@ -15,7 +15,10 @@ two sequences; logits and state compared with the CPU (printed, asserted by the 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -42,6 +45,7 @@ def start_server(binary: str) -> tuple[subprocess.Popen[bytes], str]:
         ["timeout", str(SERVER_LIFETIME_S), binary, "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # timeout and the server in one group: stop() ends both
     )
     deadline = time.monotonic() + 20
     while True:
@@ -50,9 +54,16 @@ def start_server(binary: str) -> tuple[subprocess.Popen[bytes], str]:
             return proc, f"127.0.0.1:{port}"
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
+                stop(proc)
                 raise RuntimeError(f"rpc-server on port {port} did not start") from None
             time.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a server started by :func:`start_server` (its ``timeout`` wrapper and itself)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def prompt(seq: int, n: int, p0: int = 0, tok0: int = 1) -> list:
@@ -153,8 +164,7 @@ def main_engine(binary: str) -> None:
                               identical=bool(np.array_equal(got, want)),
                               state_identical=got_state == want_state)))  # fmt: skip
     finally:
-        proc.kill()
-        proc.wait()
+        stop(proc)
 
 
 def main() -> None:
@@ -245,8 +255,7 @@ def main() -> None:
             mem.close()
     finally:
         for proc in procs:
-            proc.kill()
-            proc.wait()
+            stop(proc)
 
 
 if __name__ == "__main__":
