@@ -90,8 +90,8 @@ def _decode(engine: GGUFModel, mem: Memory, items: list, flash_attn: bool) -> np
         ctx.apply()
         ub = ctx.get_ubatch()
         out = engine.forward(ub, step_inputs(ctx, ub, flash_attn), flash_attn)
-        for k, i in enumerate(np.flatnonzero(ub.output)):
-            rows[int(ub.batch_idxs[i])] = out[k]
+        for i in np.flatnonzero(ub.output):  # forward gives one row per token
+            rows[int(ub.batch_idxs[i])] = out[i]
         if not ctx.next():
             break
     return np.stack([rows[b] for b in sorted(rows)]) if rows else np.zeros((0, 0), np.float32)
