@@ -94,11 +94,26 @@ _I32_MAX = 2**31 - 1
 
 
 class SeqPosSource(Protocol):
-    """What the allocator needs from a memory: per-sequence position bounds (-1 if empty)."""
+    """What the allocator needs from a memory: per-sequence position bounds (-1 if empty).
+
+    A source that also has the vectorised ``seq_pos_min_of(seq_ids)`` /
+    ``seq_pos_max_of(seq_ids)`` (every :class:`pymem.memory.Memory` does) is asked once
+    per batch; a plain one once per sequence (:func:`_pos_bounds`).
+    """
 
     def seq_pos_min(self, seq_id: int) -> int: ...
 
     def seq_pos_max(self, seq_id: int) -> int: ...
+
+
+def _pos_bounds(memory: SeqPosSource, seq_ids: np.ndarray, which: str) -> np.ndarray:
+    """``memory.seq_pos_<which>`` of each of ``seq_ids`` as int64, in one call when the
+    memory has the vectorised form. E.g. which "max", ids [0, 3] -> [41, -1]."""
+    many = getattr(memory, f"seq_pos_{which}_of", None)
+    if many is not None:
+        return np.asarray(many(seq_ids), dtype=np.int64)
+    get = getattr(memory, f"seq_pos_{which}")
+    return np.array([get(s) for s in seq_ids.tolist()], dtype=np.int64)
 
 
 def _reject(rule: str, message: str, **where: int | None) -> BatchError:
@@ -532,8 +547,7 @@ class BatchAllocator:
         if memory is None:
             mem_max = np.full(len(seqs_present), -1, dtype=np.int64)
         else:
-            get = memory.seq_pos_max
-            mem_max = np.array([get(s) for s in seqs_present.tolist()], dtype=np.int64)
+            mem_max = _pos_bounds(memory, seqs_present, "max")
         self._check_positions(
             seqs_present, pmin, pmax, distinct, mem_max, emb_only, (pair_seq, pair_pos, rows)
         )
@@ -1072,11 +1086,10 @@ def _auto_positions(
 
     E.g. first seq [0, 1, 0], memory pos_max {0: 4, 1: -1} -> [5, 0, 6].
     """
-    seqs = np.unique(first_seq)
     nxt = np.zeros(n_seq_max, dtype=np.int64)
     if memory is not None:
-        for s in seqs.tolist():
-            nxt[s] = memory.seq_pos_max(s) + 1
+        seqs = np.unique(first_seq)
+        nxt[seqs] = _pos_bounds(memory, seqs, "max") + 1
     # rank of each token among the earlier tokens with the same first sequence
     order = np.argsort(first_seq, kind="stable")
     sorted_seq = first_seq[order]
@@ -1097,20 +1110,27 @@ def _check_coupled(seq_id: np.ndarray, n_seq_id: np.ndarray, memory: SeqPosSourc
     s0 = np.broadcast_to(sub[:, :1], s1.shape)
     ok = s1 >= 0
     pairs = np.unique(np.stack([s1[ok], s0[ok]], axis=1), axis=0)
-    for a, c in pairs.tolist():
-        ma = (memory.seq_pos_min(a), memory.seq_pos_max(a))
-        mc = (memory.seq_pos_min(c), memory.seq_pos_max(c))
-        if ma != mc:
-            tok = int(multi[np.flatnonzero(((sub == a).any(axis=1)) & (sub[:, 0] == c))[0]])
-            raise _reject(
-                "coupled",
-                f"sequence {a} is coupled to {c} in the input batch, but have divereged: "
-                f"token {tok} belongs to both, but in memory sequence {a} spans "
-                f"[{ma[0]}, {ma[1]}] and sequence {c} spans [{mc[0]}, {mc[1]}]",
-                token=tok,
-                seq_id=a,
-                value=ma[1],
-            )
+    # both bounds of every sequence in a pair, asked once: E.g. pairs [[1, 0], [2, 0]]
+    # -> ids [0, 1, 2], pair rows [[1, 0], [2, 0]] into them
+    ids, at = np.unique(pairs, return_inverse=True)
+    at = at.reshape(pairs.shape)
+    lo, hi = _pos_bounds(memory, ids, "min"), _pos_bounds(memory, ids, "max")
+    differ = (lo[at[:, 0]] != lo[at[:, 1]]) | (hi[at[:, 0]] != hi[at[:, 1]])
+    if differ.any():
+        k = int(np.argmax(differ))  # the first pair in scan order
+        a, c = pairs[k].tolist()
+        ma = (int(lo[at[k, 0]]), int(hi[at[k, 0]]))
+        mc = (int(lo[at[k, 1]]), int(hi[at[k, 1]]))
+        tok = int(multi[np.flatnonzero(((sub == a).any(axis=1)) & (sub[:, 0] == c))[0]])
+        raise _reject(
+            "coupled",
+            f"sequence {a} is coupled to {c} in the input batch, but have divereged: "
+            f"token {tok} belongs to both, but in memory sequence {a} spans "
+            f"[{ma[0]}, {ma[1]}] and sequence {c} spans [{mc[0]}, {mc[1]}]",
+            token=tok,
+            seq_id=a,
+            value=ma[1],
+        )
 
 
 def _first_decrease(

@@ -39,6 +39,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from pymem.composite import CompositeMemory, PairContext
 from pymem.errors import ConfigError
 from pymem.kv import KVCache, KVCacheContext, KVCacheISWA, KVCacheISWAContext
@@ -204,6 +206,16 @@ class HybridMemory(CompositeMemory):
     def seq_pos_max(self, seq_id: int) -> int:
         """``min(attention, recurrent)``, as the reference."""
         return min(self.mem_attn.seq_pos_max(seq_id), self.mem_recr.seq_pos_max(seq_id))
+
+    def seq_pos_min_of(self, seq_ids: np.ndarray) -> np.ndarray:
+        return np.maximum(
+            self.mem_attn.seq_pos_min_of(seq_ids), self.mem_recr.seq_pos_min_of(seq_ids)
+        )
+
+    def seq_pos_max_of(self, seq_ids: np.ndarray) -> np.ndarray:
+        return np.minimum(
+            self.mem_attn.seq_pos_max_of(seq_ids), self.mem_recr.seq_pos_max_of(seq_ids)
+        )
 
     def seq_pos_ranges(self, seq_id: int) -> dict[str, tuple[int, int]]:
         """Each part's own ``(pos_min, pos_max)`` of ``seq_id``, ``(-1, -1)`` when absent.

@@ -295,6 +295,16 @@ class Memory(TwoPhaseStateIO, ABC, Generic[PlanT]):
     @abstractmethod
     def seq_pos_max(self, seq_id: int) -> int: ...
 
+    # Vectorised forms of the two queries above (what batch validation asks): entry j is
+    # ``seq_pos_min(seq_ids[j])`` / ``seq_pos_max(seq_ids[j])`` as int64, with the same
+    # errors for the first id the scalar would refuse. The defaults loop; the memories
+    # answer from their cached per-sequence bounds in one gather.
+    def seq_pos_min_of(self, seq_ids: np.ndarray) -> np.ndarray:
+        return np.array([self.seq_pos_min(s) for s in np.asarray(seq_ids).tolist()], np.int64)
+
+    def seq_pos_max_of(self, seq_ids: np.ndarray) -> np.ndarray:
+        return np.array([self.seq_pos_max(s) for s in np.asarray(seq_ids).tolist()], np.int64)
+
     # What a seq op would refuse, raised before anything changes; a composition asks
     # every part before any part changes. The defaults refuse nothing.
     def check_seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:

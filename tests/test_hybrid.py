@@ -21,8 +21,10 @@ import numpy as np
 import pytest
 from hybrid_helpers import check_hybrid
 from test_factory import GRANITE_HYBRID, write_gguf
-from test_iswa import ROPE, decode, prompt, randomize
+from test_iswa import ROPE, decode, make_iswa, prompt, randomize
+from test_recurrent import make_rec
 
+from pymem.batch import Batch, BatchAllocator
 from pymem.errors import ConfigError, RangeError, StateError
 from pymem.factory import ContextParams, create_memory, plan_memory
 from pymem.gguf_spec import spec_from_gguf
@@ -468,3 +470,51 @@ def test_refused_seq_div_changes_neither_part() -> None:
     with pytest.raises(RangeError):
         mem.seq_div(0, -1, -1, -2)
     assert mem.state_write() == before
+
+
+# --------------------------------------------------------------------------------------
+# seq_pos_min_of / seq_pos_max_of: each memory's vectorised bounds equal its scalar
+# queries (iSWA from the SWA cache, hybrid max of mins / min of maxes, recurrent
+# negative positions), on random workloads
+# --------------------------------------------------------------------------------------
+
+
+def _random_workload(mem: Any, rng: np.random.Generator, n_seq: int) -> None:
+    for s in range(n_seq):
+        if rng.random() < 0.8:
+            balloc = BatchAllocator()
+            balloc.init(
+                Batch.from_items(prompt(s, int(rng.integers(1, 12)))), memory=mem, n_seq_max=n_seq
+            )
+            ctx = mem.init_batch(balloc, 8)
+            assert ctx.get_status() == MemoryStatus.SUCCESS
+            while ctx.apply() and ctx.next():
+                pass
+    for s in range(n_seq):
+        top = mem.seq_pos_max(s)
+        r = rng.random()
+        if top > 0 and r < 0.3:
+            mem.seq_rm(s, top - int(rng.integers(0, 3)), -1)
+        elif top >= 0 and r < 0.5:
+            mem.seq_add(s, -1, -1, -int(rng.integers(1, 20)))
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "hybrid_iswa", "iswa", "recurrent"])
+@pytest.mark.parametrize("seed", range(4))
+def test_seq_pos_bounds_of_equal_the_scalar_queries(kind: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_seq = 4
+    mem: Any = {
+        "hybrid": lambda: make_hybrid("RAR", n_seq_max=n_seq),
+        "hybrid_iswa": lambda: make_hybrid("RSAR", n_seq_max=n_seq),
+        "iswa": lambda: make_iswa(256, n_seq, unified=False),
+        "recurrent": lambda: make_rec(n_seq),
+    }[kind]()
+    _random_workload(mem, rng, n_seq)
+    ids = np.concatenate([rng.integers(0, n_seq, 7), np.arange(n_seq)])
+    assert mem.seq_pos_min_of(ids).tolist() == [mem.seq_pos_min(int(s)) for s in ids]
+    assert mem.seq_pos_max_of(ids).tolist() == [mem.seq_pos_max(int(s)) for s in ids]
+    if kind == "recurrent":  # ids past the cells read as empty, as the scalar query
+        far = np.array([n_seq, n_seq + 3])
+        assert mem.seq_pos_max_of(far).tolist() == [-1, -1]
+        assert mem.seq_pos_min_of(far).tolist() == [mem.seq_pos_min(n_seq), -1]

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from kv_helpers import check_invariants, decode, make_kv, make_spec
 
+from pymem.errors import ClosedError, RangeError
 from pymem.kv import KVCache, SlotInfo
 from pymem.kv.cache import N_PAD_GRAPH
-from pymem.kv.cells import KVCells
+from pymem.kv.cells import KVCells, single_seq_ids
 from pymem.kv.inputs import build_kq_mask
 from pymem.kv.layout import StreamHeads
 from pymem.spec import ModelSpec, NonCausalType, RopeSpec, RopeType, SWAType
@@ -510,3 +511,85 @@ def test_cell_views_share_the_stack_and_copy_on_assignment():
     lone = KVCells(4)
     lone.set_new(np.array([0]), np.array([1]), np.zeros((1, 1), np.int32))
     assert lone.store.n_stream == 1 and lone.used == 1
+
+
+# ---------------------------------------------------------------------------------------
+# seq_pos_min_of / seq_pos_max_of: the vectorised bounds batch validation asks for must
+# equal the scalar queries exactly, dirty cached bounds and shared cells included
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unified", [True, False])
+@pytest.mark.parametrize("seed", range(6))
+def test_seq_pos_bounds_of_equal_the_scalar_queries(unified, seed):
+    rng = np.random.default_rng(seed)
+    kv = make_kv(32, 4, unified=unified) if unified else streams_kv(4, 32)
+    fill_randomly(kv, rng, foreign=unified)
+    ids = rng.integers(0, kv.n_seq_max, 9)
+    # the vectorised queries first, so they meet the dirty bounds fill_randomly left
+    lo, hi = kv.seq_pos_min_of(ids), kv.seq_pos_max_of(ids)
+    assert lo.dtype == hi.dtype == np.int64
+    fresh = streams_kv(4, 32) if not unified else make_kv(32, 4, unified=True)
+    fill_randomly(fresh, np.random.default_rng(seed), foreign=unified)
+    assert lo.tolist() == [fresh.seq_pos_min(int(s)) for s in ids]
+    assert hi.tolist() == [fresh.seq_pos_max(int(s)) for s in ids]
+    assert kv.seq_pos_min_of(ids).tolist() == lo.tolist()
+
+
+def test_seq_pos_bounds_of_refuse_as_the_scalar_queries():
+    kv = streams_kv(2, 16)
+    with pytest.raises(RangeError, match=r"seq_id = 3: must be in \[0, 2\)"):
+        kv.seq_pos_max_of(np.array([0, 3, 5]))
+    with pytest.raises(RangeError, match=r"seq_id = 3: must be in \[0, 2\)"):
+        kv.seq_pos_max(3)
+    assert kv.seq_pos_max(np.int64(1)) == -1  # numpy ids still take the checked path
+    kv.close()
+    with pytest.raises(ClosedError):
+        kv.seq_pos_max(0)
+    with pytest.raises(ClosedError):
+        kv.seq_pos_min_of(np.array([0]))
+
+
+# ---------------------------------------------------------------------------------------
+# single_seq_ids (word-0 path and the general path) and seq_rm_bit's owner update on
+# shared cells, against a per-row reference on random bitsets
+# ---------------------------------------------------------------------------------------
+
+
+def _owner_reference(bits: np.ndarray) -> list[int]:
+    out = []
+    for row in bits:
+        ids = [w * 64 + b for w in range(4) for b in range(64) if (int(row[w]) >> b) & 1]
+        out.append(ids[0] if len(ids) == 1 else (-1 if not ids else -2))
+    return out
+
+
+@pytest.mark.parametrize("hi", [64, 256])
+@pytest.mark.parametrize("seed", range(4))
+def test_single_seq_ids_equals_a_per_row_reference(hi, seed):
+    rng = np.random.default_rng(seed)
+    bits = np.zeros((300, 4), dtype=np.uint64)
+    for i in range(300):
+        for s in rng.integers(0, hi, int(rng.integers(0, 4))):
+            bits[i, s >> 6] |= np.uint64(1) << np.uint64(s & 63)
+    bits[0] = np.uint64(2**64 - 1)  # all 256 ids: its counts sum to 0 mod 256
+    bits[1] = [0, 0, 0, 1 << 63]  # id 255 alone
+    assert single_seq_ids(bits).tolist() == _owner_reference(bits)
+    assert single_seq_ids(bits[:, :][::2]).tolist() == _owner_reference(bits[::2])  # strided rows
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_seq_rm_bit_on_shared_cells_equals_owners_from_scratch(seed):
+    rng = np.random.default_rng(seed)
+    cells = KVCells(64)
+    idx = np.arange(64)
+    seqs = rng.integers(0, 4 if seed % 2 else 100, 64).astype(np.int32)
+    cells.set_new(idx, np.arange(64, dtype=np.int32), seqs[:, None])
+    for s in rng.integers(0, 4 if seed % 2 else 100, 5).tolist():  # forks: cells shared by 2-6
+        cells.seq_add_bit(idx[rng.random(64) < 0.6], int(s))
+    victim = int(seqs[0])
+    freed = cells.seq_rm_bit(np.flatnonzero(cells.seq_mask(victim)), victim)
+    assert cells.owner.tolist() == _owner_reference(cells.seq)
+    assert cells.n_multi == int(np.count_nonzero(cells.owner == -2))
+    assert freed.tolist() == np.flatnonzero(cells.pos < 0).tolist()
+    assert not cells.seq_mask(victim).any()

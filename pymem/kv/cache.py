@@ -70,7 +70,7 @@ from pymem.errors import BatchError, ClosedError, ConfigError, RangeError, Unsup
 from pymem.ggml import GraphRunner
 from pymem.kv import graph as kv_graph
 from pymem.kv import state_io
-from pymem.kv.cells import CellViews, KVCells, StackedCells
+from pymem.kv.cells import EMPTY_MIN, STALE_MAX, STALE_MIN, CellViews, KVCells, StackedCells
 from pymem.kv.inputs import build_k_idxs, build_kq_mask, build_v_idxs
 from pymem.kv.layout import KVLayer, KVLayout, SlotInfo, StreamHeads
 from pymem.kv.shift import apply_k_shift, has_rope
@@ -302,6 +302,12 @@ class KVCache(Memory):
         else:
             self.seq_to_stream = np.zeros(LLAMA_MAX_SEQ, dtype=np.int32)
         self.seq_to_stream.flags.writeable = False
+        # per sequence id, its (stream, sequence) key into the cells' bounds, for the
+        # scalar queries: E.g. streams -> [0, 257, 514, ...]; unified -> [0, 1, 2, ...]
+        keys = self.seq_to_stream.astype(np.int64) * LLAMA_MAX_SEQ + np.arange(
+            len(self.seq_to_stream)
+        )
+        self._seq_key: list[int] = keys.tolist()
         # the same facts, frozen, for the helper modules
         self.layout = KVLayout(
             kv_size=self.kv_size,
@@ -592,12 +598,46 @@ class KVCache(Memory):
         cells.pos_div(idx, d)
 
     def seq_pos_min(self, seq_id: int) -> int:
-        seq_id = self._check_seq(seq_id, "seq_id")
-        return self.v_cells[int(self.seq_to_stream[seq_id])].seq_pos_min(seq_id)
+        if self._closed or type(seq_id) is not int or not 0 <= seq_id < len(self._seq_key):
+            seq_id = self._check_seq(seq_id, "seq_id")  # raises, or an np.integer id
+        key = self._seq_key[seq_id]
+        c = self.cells
+        if c.pdirty_f[key] & STALE_MIN:
+            c.refresh(np.array([key // LLAMA_MAX_SEQ]), np.array([seq_id]))
+        v = int(c.pmin_f[key])
+        return -1 if v == EMPTY_MIN else v
 
     def seq_pos_max(self, seq_id: int) -> int:
-        seq_id = self._check_seq(seq_id, "seq_id")
-        return self.v_cells[int(self.seq_to_stream[seq_id])].seq_pos_max(seq_id)
+        # the common call (an open cache, a plain int in range) skips _check_seq's checks
+        if self._closed or type(seq_id) is not int or not 0 <= seq_id < len(self._seq_key):
+            seq_id = self._check_seq(seq_id, "seq_id")  # raises, or an np.integer id
+        key = self._seq_key[seq_id]
+        c = self.cells
+        if c.pdirty_f[key] & STALE_MAX:
+            c.refresh(np.array([key // LLAMA_MAX_SEQ]), np.array([seq_id]))
+        return int(c.pmax_f[key])
+
+    def _seq_keys(self, seq_ids: np.ndarray) -> np.ndarray:
+        """(stream, sequence) keys ``s * 256 + seq_id`` of ``seq_ids``; the first id out of
+        range raises as :meth:`_check_seq` would. E.g. 2 streams, ids [1, 0] -> [257, 0]."""
+        self.check_open()
+        ids = np.asarray(seq_ids)
+        if ids.dtype.kind not in "iu":
+            raise RangeError(f"seq_id: expected integer sequence ids, got dtype {ids.dtype}")
+        ids = ids.astype(np.int64, copy=False)
+        bad = (ids < 0) | (ids >= len(self.seq_to_stream))
+        if bad.any():
+            self._check_seq(int(ids[np.argmax(bad)]), "seq_id")
+        return self.seq_to_stream[ids].astype(np.int64) * LLAMA_MAX_SEQ + ids
+
+    def seq_pos_min_of(self, seq_ids: np.ndarray) -> np.ndarray:
+        """``seq_pos_min`` of each of ``seq_ids`` (int64), from the cached bounds."""
+        v = self.cells.pos_min_at(self._seq_keys(seq_ids))
+        return np.where(v == EMPTY_MIN, -1, v)
+
+    def seq_pos_max_of(self, seq_ids: np.ndarray) -> np.ndarray:
+        """``seq_pos_max`` of each of ``seq_ids`` (int64), from the cached bounds."""
+        return self.cells.pos_max_at(self._seq_keys(seq_ids))
 
     # --- planning --------------------------------------------------------------------
     def splits(self, balloc: BatchAllocator, n_ubatch: int, embd_all: bool) -> list[Split]:

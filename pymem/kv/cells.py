@@ -45,7 +45,7 @@ N_WORDS = LLAMA_MAX_SEQ // 64
 POS_NONE = -1
 OWNER_NONE = -1
 OWNER_MULTI = -2
-_EMPTY_MIN = np.iinfo(np.int64).max
+EMPTY_MIN = np.iinfo(np.int64).max
 _POS_BIG = np.iinfo(np.int32).max
 EXT_DEFAULT = (0, 0, -1)  # x, y, tok (LLAMA_TOKEN_NULL)
 
@@ -87,16 +87,30 @@ def single_seq_ids(bits: np.ndarray) -> np.ndarray:
     """Owner ids of bitset rows: the only set bit, -1 for none, -2 for several.
 
     E.g. rows [[0b100, 0, 0, 0], [0, 0, 0, 0], [0b11, 0, 0, 0], [0, 0b1, 0, 0]] -> [2, -1, -2, 64].
+    A single set bit ``x`` is a power of two and its index is the popcount of ``x - 1``
+    (E.g. 0b100 - 1 = 0b011 -> 2); ``x & (x - 1)`` is 0 only for 0 and powers of two.
     """
-    count = np.bitwise_count(bits).sum(axis=1, dtype=np.int32)
-    out = np.where(count == 0, OWNER_NONE, OWNER_MULTI).astype(np.int32)
-    one = np.flatnonzero(count == 1)
+    x = bits[:, 0]
+    if np.count_nonzero(bits) == np.count_nonzero(x):  # every id < 64: word 0 decides
+        out = np.bitwise_count(x - _ONE).astype(np.int32)
+        out[(x & (x - _ONE)) != 0] = OWNER_MULTI
+        out[x == 0] = OWNER_NONE
+        return out
+    n = bits.shape[0]
+    bits = np.ascontiguousarray(bits)
+    # set bits per word, a row's four counts read as the bytes of one uint32; times
+    # 0x01010101 sums them into the top byte. E.g. counts [1, 0, 2, 0] -> 0x00020001 -> 3
+    # (a row of all 256 bits sums to 0 mod 256, but its packed counts are not 0)
+    packed = np.bitwise_count(bits).view("<u4").reshape(n)
+    total = (packed * np.uint32(0x01010101)) >> np.uint32(24)
+    out = np.full(n, OWNER_MULTI, dtype=np.int32)
+    out[packed == 0] = OWNER_NONE
+    one = np.flatnonzero(total == 1)
     if one.size:
-        words = bits[one]
-        w = np.argmax(words != 0, axis=1)
-        word = words[np.arange(one.size), w]
-        # a single set bit is a power of two, exact in float64: log2 gives its index
-        out[one] = w * 64 + np.log2(word.astype(np.float64)).astype(np.int32)
+        # the word whose count is 1: E.g. packed 0x00010000 - 1 = 0x0000FFFF -> 16 bits -> word 2
+        w = (np.bitwise_count(packed[one] - np.uint32(1)) >> np.uint8(3)).astype(np.int64)
+        word = bits.reshape(-1)[one * N_WORDS + w]
+        out[one] = w * 64 + np.bitwise_count(word - _ONE)
     return out
 
 
@@ -125,7 +139,7 @@ class StackedCells:
         self.used_max_dirty = np.zeros(self.n_stream, dtype=bool)
         self.has_shift = np.zeros(self.n_stream, dtype=bool)
         self.n_multi = np.zeros(self.n_stream, dtype=np.int64)  # cells with owner OWNER_MULTI
-        self.pmin = np.full((self.n_stream, LLAMA_MAX_SEQ), _EMPTY_MIN, dtype=np.int64)
+        self.pmin = np.full((self.n_stream, LLAMA_MAX_SEQ), EMPTY_MIN, dtype=np.int64)
         self.pmax = np.full((self.n_stream, LLAMA_MAX_SEQ), -1, dtype=np.int64)
         self.pdirty = np.zeros((self.n_stream, LLAMA_MAX_SEQ), dtype=np.uint8)  # STALE_* bits
         self._flat_views()
@@ -296,7 +310,7 @@ class StackedCells:
             lo = np.where(hold, pos, _POS_BIG).min(axis=1).astype(np.int64)
             hi = np.where(hold, pos, -1).max(axis=1).astype(np.int64)
             key = r * LLAMA_MAX_SEQ + q
-            self.pmin_f[key] = np.where(hi >= 0, lo, _EMPTY_MIN)
+            self.pmin_f[key] = np.where(hi >= 0, lo, EMPTY_MIN)
             self.pmax_f[key] = hi
             self.pdirty_f[key] = 0
 
@@ -308,6 +322,15 @@ class StackedCells:
             dirty = np.unique(dirty)
             self.refresh(dirty // LLAMA_MAX_SEQ, dirty % LLAMA_MAX_SEQ)
         return self.pmax_f[key]
+
+    def pos_min_at(self, key: np.ndarray) -> np.ndarray:
+        """Smallest position of (stream, sequence) keys (``EMPTY_MIN`` if none),
+        recomputing the dirty ones."""
+        dirty = key[(self.pdirty_f[key] & STALE_MIN) != 0]
+        if dirty.size:
+            dirty = np.unique(dirty)
+            self.refresh(dirty // LLAMA_MAX_SEQ, dirty % LLAMA_MAX_SEQ)
+        return self.pmin_f[key]
 
     # --- primitive mutations (vectorised over global cell ids) ---------------------------
     def streams_of(self, gid: np.ndarray) -> Rows:
@@ -393,7 +416,7 @@ class StackedCells:
         self.used[:] = 0
         self.used_max_p1[:] = 0
         self.used_max_dirty[:] = False
-        self.pmin[:] = _EMPTY_MIN
+        self.pmin[:] = EMPTY_MIN
         self.pmax[:] = -1
         self.pdirty[:] = 0
 
@@ -706,7 +729,7 @@ class KVCells:
             self._pmin[seq_id] = int(p.min())
             self._pmax[seq_id] = int(p.max())
         else:
-            self._pmin[seq_id] = _EMPTY_MIN
+            self._pmin[seq_id] = EMPTY_MIN
             self._pmax[seq_id] = -1
         self._pdirty[seq_id] = 0
 
@@ -715,7 +738,7 @@ class KVCells:
         if self._pdirty[seq_id] & STALE_MIN:
             self._refresh(seq_id)
         v = int(self._pmin[seq_id])
-        return -1 if v == _EMPTY_MIN else v
+        return -1 if v == EMPTY_MIN else v
 
     def seq_pos_max(self, seq_id: int) -> int:
         """Largest position of ``seq_id`` in these cells, -1 if it has none."""
@@ -767,7 +790,7 @@ class KVCells:
         st.used[s] = 0
         st.used_max_p1[s] = 0
         st.used_max_dirty[s] = False
-        self._pmin[:] = _EMPTY_MIN
+        self._pmin[:] = EMPTY_MIN
         self._pmax[:] = -1
         self._pdirty[:] = 0
 
@@ -813,7 +836,9 @@ class KVCells:
         self._record(idx)
         w, b = seq_word_bit(seq_id)
         p = self.pos[idx]
-        self.seq[idx, w] &= ~b
+        words = self.seq.reshape(-1)  # cell i's word w is entry i * 4 + w
+        at = idx * N_WORDS + w
+        words[at] = words[at] & ~b
         if int(p.min()) <= self._pmin[seq_id]:
             self._pdirty[seq_id] |= STALE_MIN
         if int(p.max()) >= self._pmax[seq_id]:
@@ -823,7 +848,11 @@ class KVCells:
         emptied = idx[single]
         multi = idx[~single]
         if multi.size:
-            self._set_owner(multi, single_seq_ids(self.seq[multi]))
+            # cells holding seq_id but not owned by it are shared (owner -2): their new
+            # owner is what remains; E.g. {0, 5} minus 5 -> 0, {0, 1, 5} minus 5 -> -2
+            owner = single_seq_ids(np.take(self.seq, multi, axis=0))
+            self.owner[multi] = owner
+            self.store.n_multi[self.strm] -= int(np.count_nonzero(owner != OWNER_MULTI))
         if emptied.size:
             self.pos[emptied] = POS_NONE
             self.shift[emptied] = 0

@@ -35,6 +35,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+
 from pymem.batch import BatchAllocator
 from pymem.composite import CompositeMemory, PairContext
 from pymem.errors import ConfigError
@@ -238,6 +240,12 @@ class KVCacheISWA(CompositeMemory):
 
     def seq_pos_max(self, seq_id: int) -> int:
         return self.kv_swa.seq_pos_max(seq_id)
+
+    def seq_pos_min_of(self, seq_ids: np.ndarray) -> np.ndarray:
+        return self.kv_swa.seq_pos_min_of(seq_ids)
+
+    def seq_pos_max_of(self, seq_ids: np.ndarray) -> np.ndarray:
+        return self.kv_swa.seq_pos_max_of(seq_ids)
 
     def seq_pos_ranges(self, seq_id: int) -> dict[str, tuple[int, int]]:
         """Each cache's own ``(pos_min, pos_max)`` of ``seq_id`` (``(-1, -1)`` when absent).

@@ -579,6 +579,23 @@ class RecurrentMemory(Memory):
         """
         return max(-1, self.seq_pos_min(seq_id))
 
+    def seq_pos_min_of(self, seq_ids: np.ndarray) -> np.ndarray:
+        """:meth:`seq_pos_min` of each of ``seq_ids`` (int64).
+
+        E.g. size 4, tails [2, -1, ...], pos[2] = 9; ids [0, 1, 7] -> [9, -1, -1].
+        """
+        ids = np.asarray(seq_ids).astype(np.int64, copy=False)
+        out = np.full(ids.shape, -1, dtype=np.int64)
+        inside = np.flatnonzero((ids >= 0) & (ids < self.size))
+        t = self.cells.tail[ids[inside]]
+        has = t >= 0
+        out[inside[has]] = self.cells.pos[t[has]]
+        return out
+
+    def seq_pos_max_of(self, seq_ids: np.ndarray) -> np.ndarray:
+        """:meth:`seq_pos_max` of each of ``seq_ids`` (int64): never below -1."""
+        return np.maximum(self.seq_pos_min_of(seq_ids), -1)
+
     # -- accounting ---------------------------------------------------------------------
     def parts(self) -> dict[str, RecurrentMemory]:
         return {"recurrent": self}
