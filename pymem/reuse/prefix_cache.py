@@ -40,7 +40,9 @@ Protocol for a runtime (:meth:`pymem.runtime.session.Session.submit` is one)::
     cache.release(seq_id)                     # its cells were freed (or shifted)
 
 Every sequence operation the runtime does behind the cache's back (``seq_rm``,
-``seq_add``, restores) must be followed by ``record`` (the new tokens) or ``release``.
+``seq_add``, restores) must be followed by ``record`` (the new tokens) or ``release``. In
+one stream, positions belong to cells: a context shift of a sequence that shares prefix
+cells with others moves them for all of them, so release every sequence sharing them.
 
 Budget: checkpoint bytes in RAM never exceed ``budget_bytes``. When a checkpoint does not
 fit, the cache evicts the least shared, then least recently used one (``shared`` =
@@ -205,6 +207,7 @@ class _Entry:
     last_used: int
     ckpt: Checkpoint | None = field(default=None, repr=False)  # RAM tier
     file: str | None = None  # disk tier
+    durable: bool = True  # worth a disk file when evicted (a draft's is not)
 
     @property
     def pos(self) -> int:
@@ -512,7 +515,8 @@ class PrefixCache:
 
         ``kind``: ``"prompt"`` (every checkpoint rule of the policy), ``"generate"``
         (tokens the runtime generated: the interval only), ``"draft"`` (speculative
-        tokens: a checkpoint before them unless the snapshot planes reach over them).
+        tokens: a checkpoint before them unless the snapshot planes reach over them; it is
+        dropped rather than spilled when evicted, and the interval applies).
         Entries that fail their checks are dropped and listed in ``refused``; nothing
         changes in the memory before an entry passed them.
         """
@@ -578,8 +582,9 @@ class PrefixCache:
         if now and resume > 0:
             node = self._end[seq_id]
             if resume not in node.payloads:
-                self._take(seq_id, node)
-        if pol.branch_points and resume < m.n_common < n:
+                # a draft's checkpoint matters until the draft is settled: never spilled
+                self._take(seq_id, node, durable=kind != "draft")
+        if kind == "prompt" and pol.branch_points and resume < m.n_common < n:
             want.add(m.n_common - 1)
         if kind == "prompt" and pol.before_last_token and n >= 2 and n - 2 >= resume:
             want.add(n - 2)
@@ -659,10 +664,11 @@ class PrefixCache:
             uctx.apply()
 
     # --- entries: taking, budget, disk ---------------------------------------------------
-    def _take(self, seq_id: int, node: RadixNode) -> None:
+    def _take(self, seq_id: int, node: RadixNode, durable: bool = True) -> None:
         ck = checkpoint(self.mem, seq_id)
         assert ck.pos == node.depth - 1, (ck.pos, node.depth)
-        e = _Entry(node, node.depth, self.mem.seq_pos_min(seq_id), ck.nbytes, self._tick(), ckpt=ck)
+        e = _Entry(node, node.depth, self.mem.seq_pos_min(seq_id), ck.nbytes, self._tick(), ckpt=ck,
+                   durable=durable)  # fmt: skip
         node.add_payload(e)
         self.n_taken += 1
         self._admit(e)
@@ -690,7 +696,7 @@ class PrefixCache:
             del self._ram[e]
             self.bytes_ram -= e.nbytes
         assert e.ckpt is not None
-        if self._disk_dir is None:
+        if self._disk_dir is None or not e.durable:
             self._drop(e)
             return
         path = os.path.join(self._disk_dir, f"ckpt-{self._serial:06d}-p{e.pos}.pymem")
