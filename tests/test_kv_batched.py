@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 from kv_helpers import check_invariants, decode, make_kv, make_spec
 
-from pymem.errors import ClosedError, RangeError
+from pymem.errors import ClosedError, RangeError, StateError
 from pymem.kv import KVCache, SlotInfo
 from pymem.kv.cache import N_PAD_GRAPH
 from pymem.kv.cells import KVCells, single_seq_ids
 from pymem.kv.inputs import build_kq_mask
 from pymem.kv.layout import StreamHeads
+from pymem.kv.state_io import _restore_ubatch
 from pymem.spec import ModelSpec, NonCausalType, RopeSpec, RopeType, SWAType
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
@@ -593,3 +594,44 @@ def test_seq_rm_bit_on_shared_cells_equals_owners_from_scratch(seed):
     assert cells.n_multi == int(np.count_nonzero(cells.owner == -2))
     assert freed.tolist() == np.flatnonzero(cells.pos < 0).tolist()
     assert not cells.seq_mask(victim).any()
+
+
+# ---------------------------------------------------------------------------------------
+# a per-sequence state restore without SWA is placed at commit, its fit judged by counts
+# at parse time: it must equal seq_rm + find_slot + apply_ubatch done step by step, and a
+# blob that does not fit must raise the same error and change nothing
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unified", [True, False])
+@pytest.mark.parametrize("seed", range(8))
+def test_direct_sequence_restore_equals_the_stepwise_placement(unified, seed):
+    def build() -> KVCache:
+        kv = make_kv(32, 4, unified=True) if unified else streams_kv(4, 32)
+        fill_randomly(kv, np.random.default_rng(seed), foreign=unified)
+        return kv
+
+    rng = np.random.default_rng(100 + seed)
+    a, b = build(), build()
+    src, dst = (int(x) for x in rng.integers(0, 4, 2))
+    if not unified:
+        dst = src  # a sequence's blob restores into its own stream
+    blob = a.state_write(src)
+    n = int(np.count_nonzero(a.get_cells(src).seq_mask(src)))
+    free = a.kv_size - a.get_cells(dst).used + int(np.count_nonzero(a.get_cells(dst).owner == dst))
+    before = state_of(a)
+    if n == 0:
+        return
+    if n > free:
+        with pytest.raises(StateError, match=f"has {free} free"):
+            a.state_read(blob, dst)
+        assert state_of(a) == before
+        return
+    a.state_read(blob, dst)
+    # the same placement, step by step, on the twin: the blob lists the source cells in
+    # cell order
+    src_cells = b.get_cells(src)
+    pos = src_cells.pos[src_cells.seq_mask(src)].copy()
+    assert b._place_restored(dst, _restore_ubatch(1, dst, pos, None)) is not None
+    assert state_of(a) == state_of(b)
+    check_invariants(a)

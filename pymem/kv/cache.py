@@ -835,6 +835,13 @@ class KVCache(Memory):
         cols = (head[:, None] + np.arange(n)) % size
         if self._usable_at(strm[:, None] * size + cols).all():
             return SlotInfo(strm.astype(np.int32), cols.astype(np.int32))
+        if strm.size == 1:
+            # one stream: the per-stream scan over contiguous slices (no gathers, no
+            # cumsum) finds the same cells; a restore of thousands of cells lands here
+            found = self._search(self.v_cells[int(strm[0])], int(head[0]), n, False)
+            if found is None:
+                return None
+            return SlotInfo(strm.astype(np.int32), found.astype(np.int32).reshape(1, n))
         idxs = np.empty((strm.size, n), dtype=np.int32)
         todo = np.arange(strm.size)
         width = min(size, max(SLOT_WINDOW, 4 * n))

@@ -31,7 +31,7 @@ a restore drives (slot search, clearing, the mutation counter) come in as
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -466,6 +466,8 @@ class KVStatePlan:
         self.whole_counts: dict[int, int] = {}  # whole restore: cells per stream
         # per sequence: the simulated placement (KVCells.redo_log per stream, heads)
         self.redo: tuple[list[tuple], list[int]] | None = None
+        # per sequence, without SWA: the placement done at commit (ubatch, ext, its cells)
+        self.place: tuple[UBatch, np.ndarray | None, list[np.ndarray]] | None = None
         self.committed = False
 
     def is_current(self) -> bool:
@@ -487,6 +489,15 @@ class KVStatePlan:
                 zero_range(
                     layout, self.layers, strm, self.whole_counts.get(strm, 0), layout.kv_size
                 )
+        if self.place is not None:
+            # the one placement the parse checked by counts: seq_rm + find_slot + apply now
+            ub, cell_ext, slot = self.place
+            sinfo = self.hooks.place(self.seq_id, ub)
+            assert sinfo is not None, "a restore predicted to fit did not"
+            idx = sinfo.idxs[0].astype(np.int64)
+            if cell_ext is not None:
+                self.v_cells[int(layout.seq_to_stream[self.seq_id])].set_ext(idx, cell_ext)
+            slot.append(idx)
         if self.redo is not None:
             logs, heads = self.redo
             for cells, log in zip(self.v_cells, logs):
@@ -862,9 +873,31 @@ def parse_kv_state(
             plan.steps.append(whole_step)
         return plan
 
-    # per sequence: simulate seq_rm + find_slot + apply under an undo journal
+    # per sequence: the placement is seq_rm + find_slot + apply. Without SWA, the first
+    # (usually only) stream with cells is placed at commit time: whether it fits is known
+    # from counts (find_slot takes any n usable cells, and usable means empty after the
+    # seq_rm), so the parse changes nothing and journals nothing. A second stream with
+    # cells (a hostile blob) places both under an undo journal, as the reference would.
     strm = int(layout.seq_to_stream[seq_id])
-    with hooks.planning():
+    direct = layout.swa_type == SWAType.NONE
+    deferred: list[tuple[UBatch, np.ndarray | None, list[np.ndarray]]] = []
+    journal: ExitStack | None = None
+
+    def simulate(
+        ub: UBatch, cell_ext: np.ndarray | None, slot: list[np.ndarray], what: str
+    ) -> None:
+        sinfo = hooks.place(seq_id, ub)
+        if sinfo is None:
+            raise StateError(
+                f"{what}: failed to find {ub.n_tokens} available cells in kv cache "
+                f"(stream {strm} has {kv_size - v_cells[strm].used} free)"
+            )
+        idx = sinfo.idxs[0].astype(np.int64)
+        if cell_ext is not None:
+            v_cells[strm].set_ext(idx, cell_ext)
+        slot.append(idx)
+
+    with ExitStack() as stack:
         for s in range(n_stream):
             what = f"kv.stream[{s}]"
             n = reader.read_u32(f"{what}.cell_count")
@@ -883,27 +916,38 @@ def parse_kv_state(
                 )
             cell_ext = words[:, 2 : 2 + n_ext].copy() if n_ext else None
             ub = _restore_ubatch(layout.n_pos_per_embd, seq_id, pos, cell_ext)
-            sinfo = hooks.place(seq_id, ub)
-            if sinfo is None:
-                raise StateError(
-                    f"{what}: failed to find {n} available cells in kv cache "
-                    f"(stream {strm} has {kv_size - v_cells[strm].used} free)"
-                )
-            if cell_ext is not None:
-                v_cells[strm].set_ext(sinfo.idxs[0].astype(np.int64), cell_ext)
+            slot: list[np.ndarray] = []  # the cells, once placed (now, or at commit)
+            if direct and not plan.steps:
+                cells = v_cells[strm]
+                # free after seq_rm: the empty cells and those held by seq_id alone
+                free = kv_size - cells.used + int(np.count_nonzero(cells.owner == seq_id))
+                if n > free:
+                    raise StateError(
+                        f"{what}: failed to find {n} available cells in kv cache "
+                        f"(stream {strm} has {free} free)"
+                    )
+                deferred.append((ub, cell_ext, slot))
+            else:
+                if journal is None:
+                    journal = stack
+                    stack.enter_context(hooks.planning())
+                    for d in deferred:
+                        simulate(*d, what)
+                    deferred.clear()
+                simulate(ub, cell_ext, slot, what)
             payloads = _parse_data(layout, layers, reader, n, what)
             plan.n_cells += n
 
-            idx = sinfo.idxs[0].astype(np.int64)
-
-            def seq_step(idx: np.ndarray = idx, payloads: list = payloads) -> None:
-                _write_payloads(layout, strm, idx, payloads)
+            def seq_step(slot: list[np.ndarray] = slot, payloads: list = payloads) -> None:
+                _write_payloads(layout, strm, slot[0], payloads)
 
             plan.steps.append(seq_step)
         # the commit puts back the simulated cells as they are now instead of placing
         # the sequence again (the cache cannot change in between: version check)
-        if plan.steps:
+        if journal is not None:
             plan.redo = ([c.redo_log() for c in v_cells], list(v_heads))
+    if deferred:
+        plan.place = deferred[0]
     return plan
 
 
