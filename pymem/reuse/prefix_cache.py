@@ -503,10 +503,11 @@ class PrefixCache:
         if self._swa:
             what.append("sliding window")
         at = f"the nearest checkpoint is at {best.pos}" if best.pos >= 0 else "no usable checkpoint"
-        why = (
-            f"{' and '.join(what)}: {at}, the cached tokens diverge from the request at {n_common}"
-        )
-        return "; ".join([why, *notes])
+        if n_common < n:
+            where = f"the request leaves the cached tokens at {n_common}"
+        else:
+            where = f"the request is cached whole ({n} tokens)"
+        return "; ".join([f"{' and '.join(what)}: {at}, {where}", *notes])
 
     # --- attach -------------------------------------------------------------------------
     def attach(self, seq_id: int, tokens: Any, kind: RequestKind = "prompt") -> Attach:
