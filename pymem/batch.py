@@ -94,26 +94,19 @@ _I32_MAX = 2**31 - 1
 
 
 class SeqPosSource(Protocol):
-    """What the allocator needs from a memory: per-sequence position bounds (-1 if empty).
+    """What the allocator needs from a memory: the position bounds of several sequences at
+    once (-1 where a sequence is empty), as every :class:`pymem.memory.Memory` gives them."""
 
-    A source that also has the vectorised ``seq_pos_min_of(seq_ids)`` /
-    ``seq_pos_max_of(seq_ids)`` (every :class:`pymem.memory.Memory` does) is asked once
-    per batch; a plain one once per sequence (:func:`_pos_bounds`).
-    """
+    def seq_pos_min_of(self, seq_ids: np.ndarray) -> np.ndarray: ...
 
-    def seq_pos_min(self, seq_id: int) -> int: ...
-
-    def seq_pos_max(self, seq_id: int) -> int: ...
+    def seq_pos_max_of(self, seq_ids: np.ndarray) -> np.ndarray: ...
 
 
 def _pos_bounds(memory: SeqPosSource, seq_ids: np.ndarray, which: str) -> np.ndarray:
-    """``memory.seq_pos_<which>`` of each of ``seq_ids`` as int64, in one call when the
-    memory has the vectorised form. E.g. which "max", ids [0, 3] -> [41, -1]."""
-    many = getattr(memory, f"seq_pos_{which}_of", None)
-    if many is not None:
-        return np.asarray(many(seq_ids), dtype=np.int64)
-    get = getattr(memory, f"seq_pos_{which}")
-    return np.array([get(s) for s in seq_ids.tolist()], dtype=np.int64)
+    """``seq_pos_min_of`` / ``seq_pos_max_of`` of ``seq_ids`` as int64, one call per batch.
+    E.g. which "max", ids [0, 3] -> [41, -1]."""
+    get = memory.seq_pos_min_of if which == "min" else memory.seq_pos_max_of
+    return np.asarray(get(seq_ids), dtype=np.int64)
 
 
 def _reject(rule: str, message: str, **where: int | None) -> BatchError:

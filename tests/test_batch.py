@@ -44,6 +44,12 @@ class FakeMemory:
         self.calls += 1
         return self.pos.get(s, (-1, -1))[1]
 
+    def seq_pos_min_of(self, seq_ids: np.ndarray) -> np.ndarray:
+        return np.array([self.seq_pos_min(int(s)) for s in seq_ids], dtype=np.int64)
+
+    def seq_pos_max_of(self, seq_ids: np.ndarray) -> np.ndarray:
+        return np.array([self.seq_pos_max(int(s)) for s in seq_ids], dtype=np.int64)
+
 
 def tok_batch(seqs, pos=None, output=None, token=None) -> Batch:
     """A token batch; ``seqs`` is a list of ints or of lists."""
