@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import numpy as np
 
-from pymem.errors import StateError
+from pymem.errors import RangeError, StateError
 
 if TYPE_CHECKING:
     from pymem.backend import Tensor
@@ -393,6 +393,26 @@ class StateReader:
         """``count`` items of ``dtype``, zero-copy (read-only) from the blob."""
         dt = np.dtype(dtype)
         return np.frombuffer(self._take(count * dt.itemsize, what), dtype=dt, count=count)
+
+
+STATE_FLAGS_KNOWN = 0x3  # PARTIAL_ONLY (1) | ON_DEVICE (2), llama_state_seq_flags
+
+
+def check_state_flags(flags: int, what: str) -> int:
+    """The state flags every memory accepts, as an int; unknown bits raise RangeError.
+
+    ``PARTIAL_ONLY`` selects the parts a sequence cannot get back by trimming (each
+    composite says which). ``ON_DEVICE`` is accepted by every memory and changes nothing in
+    the bytes: the reference keeps the tensor data of such a blob in device buffers of its
+    own, while a pymem blob always carries it (device-resident copies of a sequence's state
+    are :mod:`pymem.reuse` checkpoints).
+    """
+    flags = int(flags)
+    if flags & ~STATE_FLAGS_KNOWN:
+        raise RangeError(
+            f"{what}: flags {flags:#x} has unknown bits (known: PARTIAL_ONLY 0x1, ON_DEVICE 0x2)"
+        )
+    return flags
 
 
 def expect(cond: bool, message: str) -> None:

@@ -93,13 +93,13 @@ import numpy as np
 
 from pymem.backend import Tensor, TensorSpec, TensorStore, get_device
 from pymem.batch import BatchAllocator
-from pymem.errors import BatchError, ClosedError, ConfigError, RangeError, UnsupportedError
-from pymem.memory import POS_MAX, Memory, MemoryStatus, Split, StateFlags, clamp_range
+from pymem.errors import BatchError, ClosedError, ConfigError, RangeError
+from pymem.memory import POS_MAX, Memory, MemoryStatus, Split, clamp_range
 from pymem.recurrent.cells import RecurrentCells, SlotRequest, find_slot, s_copy_rows, seq_rm_cells
 from pymem.recurrent.context import RecurrentMemoryContext
 from pymem.recurrent.state_io import RecurrentReadPlan, StateLayers, parse_state, write_state
 from pymem.spec import ModelSpec
-from pymem.state import StateReader, StateWriter
+from pymem.state import StateReader, StateWriter, check_state_flags
 from pymem.types import ggml_type
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
@@ -627,17 +627,6 @@ class RecurrentMemory(Memory):
             raise RangeError(f"{what}: seq_id must be -1 (all) or >= 0, got {seq_id}")
         return seq_id
 
-    @staticmethod
-    def _check_flags(flags: int, what: str) -> int:
-        flags = int(flags)
-        if flags & StateFlags.ON_DEVICE:
-            raise UnsupportedError(
-                f"{what}: flags ON_DEVICE (device-resident sequence states) is not supported"
-            )
-        if flags & ~int(StateFlags.PARTIAL_ONLY | StateFlags.ON_DEVICE):
-            raise RangeError(f"{what}: unknown flag bits in {flags:#x}")
-        return flags
-
     def state_write_into(self, writer: StateWriter, seq_id: int = -1, flags: int = 0) -> None:
         """Serialise (whole memory for ``seq_id == -1``, else one sequence) into ``writer``.
 
@@ -648,7 +637,7 @@ class RecurrentMemory(Memory):
         """
         self.check_open()
         seq_id = self._check_seq_arg(seq_id, "state_write")
-        self._check_flags(flags, "state_write")
+        check_state_flags(flags, "state_write")
         write_state(writer, self.cells, self._state_layers, self.n_rs_seq, seq_id)
 
     def state_read_parse(
@@ -668,7 +657,7 @@ class RecurrentMemory(Memory):
         """
         self.check_open()
         seq_id = self._check_seq_arg(seq_id, "state_read")
-        self._check_flags(flags, "state_read")
+        check_state_flags(flags, "state_read")
         if seq_id != -1 and seq_id >= min(self.size, self.n_seq_max):
             raise RangeError(
                 f"state_read: seq_id {seq_id} must be < n_seq_max ({self.n_seq_max}) and < mem_size ({self.size})"
