@@ -21,7 +21,7 @@ import pymem
 from pymem.batch import Batch, BatchAllocator
 from pymem.errors import RangeError, StateError
 from pymem.factory import ContextParams, create_memory
-from pymem.memory import Memory, MemoryStatus
+from pymem.memory import Memory
 from pymem.reuse import (
     apply_rollback,
     checkpoint,
@@ -30,7 +30,7 @@ from pymem.reuse import (
     restore_checkpoint,
     window_start,
 )
-from pymem.runtime.decoder import step_inputs
+from pymem.runtime.decoder import Decoder
 from pymem.runtime.gguf_llama import GGUFModel
 from pymem.spec import SWAType
 
@@ -60,29 +60,11 @@ def _memory(model: str, **over: Any) -> Memory:
     return mem
 
 
-def _decode(
-    engine: GGUFModel, mem: Memory, toks: list[int], p0: int, seq: int, fa: bool
-) -> np.ndarray:
+def _decode(engine: GGUFModel, mem: Memory, toks: list[int], p0: int, seq: int, fa: bool) -> np.ndarray:  # fmt: skip
     """Decode ``toks`` at positions ``p0..`` of ``seq``; the last token's logits."""
-    balloc = BatchAllocator()
     items = [(t, p0 + i, [seq], i == len(toks) - 1) for i, t in enumerate(toks)]
-    balloc.init(Batch.from_items(items), memory=mem, n_seq_max=2)
-    upd = mem.init_update()
-    if upd.get_status() == MemoryStatus.SUCCESS:
-        upd.apply()
-    ctx = mem.init_batch(balloc, 64, False)
-    assert ctx.get_status() == MemoryStatus.SUCCESS
-    out = None
-    while True:
-        ctx.apply()
-        ub = ctx.get_ubatch()
-        rows = engine.forward(ub, step_inputs(ctx, ub, fa), fa)
-        if ub.output.any():
-            out = rows[-1]
-        if not ctx.next():
-            break
-    assert out is not None
-    return out
+    dec = Decoder(engine, mem, n_seq_max=2, n_ubatch=64, flash_attn=fa)
+    return dec.decode(Batch.from_items(items))[-1]
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 
 import pymem
-from pymem.batch import Batch, BatchAllocator
+from pymem.batch import Batch
 from pymem.errors import StateError
 from pymem.factory import ContextParams, create_memory
-from pymem.memory import Memory, MemoryStatus
-from pymem.runtime.decoder import step_inputs
+from pymem.memory import Memory
+from pymem.runtime.decoder import Decoder
 from pymem.runtime.gguf_llama import GGUFModel
 from pymem.sessions import (
     SEQ_MAGIC,
@@ -77,24 +77,10 @@ def _memory(model: str) -> Memory:
 
 
 def _decode(engine: GGUFModel, mem: Memory, items: list, flash_attn: bool) -> np.ndarray:
-    """Decode ``items`` ((token, pos, [seq], output)) with the GGUF engine; logits rows."""
-    balloc = BatchAllocator()
-    balloc.init(Batch.from_items(items), memory=mem, n_seq_max=N_SEQ)
-    upd = mem.init_update()
-    if upd.get_status() == MemoryStatus.SUCCESS:
-        upd.apply()
-    ctx = mem.init_batch(balloc, 64, False)
-    assert ctx.get_status() == MemoryStatus.SUCCESS
-    rows: dict[int, np.ndarray] = {}
-    while True:
-        ctx.apply()
-        ub = ctx.get_ubatch()
-        out = engine.forward(ub, step_inputs(ctx, ub, flash_attn), flash_attn)
-        for i in np.flatnonzero(ub.output):  # forward gives one row per token
-            rows[int(ub.batch_idxs[i])] = out[i]
-        if not ctx.next():
-            break
-    return np.stack([rows[b] for b in sorted(rows)]) if rows else np.zeros((0, 0), np.float32)
+    """Decode ``items`` ((token, pos, [seq], output)) with the GGUF engine; the output rows."""
+    dec = Decoder(engine, mem, n_seq_max=N_SEQ, n_ubatch=64, flash_attn=flash_attn)
+    logits = dec.decode(Batch.from_items(items))
+    return logits[[i for i, it in enumerate(items) if it[3]]]
 
 
 def _prompt_items(seq: int) -> list:

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from pymem.batch import Batch, BatchAllocator
 from pymem.errors import ConfigError, PymemError
 from pymem.memory import KVInputs, Memory, MemoryContext, MemoryStatus, RSInputs
-from pymem.runtime.graph import StepInputs, TinyModel
+from pymem.runtime.graph import StepInputs
 from pymem.ubatch import UBatch
 
 
@@ -135,8 +135,19 @@ class DecodeStats:
         return float(sum(getattr(s, what) for s in self.steps))
 
 
+class DecoderModel(Protocol):
+    """A model the decoder can run: the tiny model or the GGUF engine (``GGUFModel``)."""
+
+    @property
+    def config(self) -> Any:
+        """Has ``n_vocab``."""
+
+    def forward(self, ubatch: UBatch, inputs: StepInputs, flash_attn: bool = False) -> np.ndarray:
+        """Logits ``[ubatch.n_tokens, n_vocab]`` (rows of non-output tokens unspecified)."""
+
+
 class Decoder:
-    """Decodes batches of the tiny model through a pymem memory (``llama_decode``).
+    """Decodes batches of a model through a pymem memory (``llama_decode``).
 
     ``decode(batch)`` returns ``float32 [batch.n_tokens, n_vocab]``: the logits of every
     output token at its batch index, NaN rows for tokens that are not outputs. Raises
@@ -144,7 +155,7 @@ class Decoder:
     :class:`DecodeError` when the memory has no room (nothing changed either).
     """
 
-    def __init__(self, model: TinyModel, memory: Memory, *, n_seq_max: int, n_ubatch: int = 512,
+    def __init__(self, model: DecoderModel, memory: Memory, *, n_seq_max: int, n_ubatch: int = 512,
                  flash_attn: bool = False) -> None:  # fmt: skip
         self.model = model
         self.memory = memory
