@@ -416,10 +416,6 @@ class KVCache(Memory):
             raise RangeError(f"{what} = {seq_id}: must be in [0, {len(self.seq_to_stream)}){extra}")
         return seq_id
 
-    def _cells_in(self, cells: KVCells, p0: int, p1: int) -> np.ndarray:
-        """Bool mask of the non-empty cells with ``p0 <= pos < p1`` (``p0 >= 0``)."""
-        return _pos_in(cells.pos, p0, p1)
-
     def _mutated(self) -> None:
         self._version += 1
 
@@ -447,7 +443,7 @@ class KVCache(Memory):
         if seq_id >= 0:
             strm = int(self.seq_to_stream[seq_id])
             cells = self.v_cells[strm]
-            idx = np.flatnonzero(self._cells_in(cells, p0, p1) & cells.seq_mask(seq_id))
+            idx = cells.seq_cells_in(seq_id, p0, p1)
             freed = cells.seq_rm_bit(idx, seq_id)
             if freed.size and int(freed[0]) < self.v_heads[strm]:
                 self.v_heads[strm] = int(freed[0])
@@ -490,7 +486,7 @@ class KVCache(Memory):
                 return
             lo, hi = clamp_range(p0, p1)
             cells = self.v_cells[s0]
-            idx = np.flatnonzero(self._cells_in(cells, lo, hi) & cells.seq_mask(seq_id_src))
+            idx = cells.seq_cells_in(seq_id_src, lo, hi)
             self._mutated()
             cells.seq_add_bit(idx, seq_id_dst)
             return
@@ -546,7 +542,7 @@ class KVCache(Memory):
             return
         cells = self.v_cells[int(self.seq_to_stream[seq_id])]
         lo, hi = clamp_range(p0, p1)
-        idx = np.flatnonzero(self._cells_in(cells, lo, hi) & cells.seq_mask(seq_id))
+        idx = cells.seq_cells_in(seq_id, lo, hi)
         if idx.size and int(cells.pos[idx].max()) + shift > POS_MAX:
             raise RangeError(f"seq_add: shift {shift} moves a position past {POS_MAX}")
 
@@ -573,7 +569,7 @@ class KVCache(Memory):
         lo, hi = clamp_range(p0, p1)
         if lo == hi:
             return
-        idx = np.flatnonzero(self._cells_in(cells, lo, hi) & cells.seq_mask(seq_id))
+        idx = cells.seq_cells_in(seq_id, lo, hi)
         if idx.size and int(cells.pos[idx].max()) + shift > POS_MAX:
             raise RangeError(f"seq_add: shift {shift} moves a position past {POS_MAX}")
         self._mutated()
@@ -593,7 +589,7 @@ class KVCache(Memory):
         lo, hi = clamp_range(p0, p1)
         if lo == hi:
             return
-        idx = np.flatnonzero(self._cells_in(cells, lo, hi) & cells.seq_mask(seq_id))
+        idx = cells.seq_cells_in(seq_id, lo, hi)
         self._mutated()
         cells.pos_div(idx, d)
 

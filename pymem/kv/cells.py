@@ -52,6 +52,8 @@ EXT_DEFAULT = (0, 0, -1)  # x, y, tok (LLAMA_TOKEN_NULL)
 _ONE = np.uint64(1)
 _ROW = np.dtype((np.void, N_WORDS * 8))  # one cell's bitset as a single 32-byte item
 _ZERO_ROW = np.zeros(1, dtype=_ROW)[0]
+_NO_CELLS = np.zeros(0, dtype=np.int64)
+_NO_CELLS.flags.writeable = False
 # per-stream state a journal saves when it first touches a stream (StackedCells attributes)
 _SUMMARY = (
     "used",
@@ -709,9 +711,15 @@ class KVCells:
     def seq_mask(self, seq_id: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
         """Bool mask over cells ``[lo, hi)`` holding ``seq_id``."""
         hi = self.size if hi is None else hi
+        n_multi = self.n_multi
+        if 32 * n_multi > hi - lo:
+            # many shared cells (forks): test the sequence's bit in every cell's bitset,
+            # one byte per cell. E.g. seq 13 -> byte 1 of the 32, bit 1 << 5
+            byte = self.seq.view(np.uint8)[lo:hi, seq_id >> 3]
+            return (byte & np.uint8(1 << (seq_id & 7))) != 0
         own = self.owner[lo:hi]
         mask = own == seq_id
-        if self.n_multi == 0:
+        if n_multi == 0:
             return mask
         multi = np.flatnonzero(own == OWNER_MULTI)
         if multi.size:
@@ -722,6 +730,43 @@ class KVCells:
     def seq_cells(self, seq_id: int) -> np.ndarray:
         """Indices of the cells holding ``seq_id``, ascending."""
         return np.flatnonzero(self.seq_mask(seq_id))
+
+    def seq_cells_in(self, seq_id: int, p0: int, p1: int) -> np.ndarray:
+        """Indices of the cells holding ``seq_id`` with ``p0 <= pos < p1`` (``p0 >= 0``),
+        ascending: ``flatnonzero(pos in [p0, p1) & seq_mask(seq_id))`` in fewer passes.
+
+        Only cells below ``used_max_p1`` are scanned (the stored value is an upper bound
+        even while dirty: freeing cells never raises it). With clean cached bounds a range
+        covering the sequence needs no position test and one missing it no scan at all.
+        Otherwise a superset of the range is selected first (``pos >= p0``, one pass) and,
+        when it is small (a tail, say), the exact tests run on its cells only.
+        """
+        if p1 <= p0:
+            return _NO_CELLS
+        n = int(self.store.used_max_p1[self.strm])
+        if self._pdirty[seq_id] == 0:
+            lo, hi = int(self._pmin[seq_id]), int(self._pmax[seq_id])
+            if hi < p0 or lo >= p1:  # also a sequence without cells: E.g. [-1 .. EMPTY_MIN]
+                return _NO_CELLS
+            if p0 <= lo and hi < p1:
+                return np.flatnonzero(self.seq_mask(seq_id, 0, n))
+        pos = self.pos[:n]
+        # from 0: one unsigned comparison, exact (E.g. pos [-1, 2, 9], p1 5 -> [F, T, F]);
+        # else pos >= p0, a superset (E.g. pos [-1, 2, 9], [5, 7) -> [F, F, T])
+        coarse = pos.view(np.uint32) < np.uint32(p1) if p0 == 0 else pos >= np.int32(p0)
+        if 8 * int(np.count_nonzero(coarse)) > n:  # most cells: masks beat gathers
+            exact = coarse if p0 == 0 else coarse & (pos < p1)
+            return np.flatnonzero(exact & self.seq_mask(seq_id, 0, n))
+        cand = np.flatnonzero(coarse)
+        keep = self.owner[cand] == seq_id
+        if self.n_multi:
+            # shared candidates: test the bit. E.g. seq 65, cell holding {3, 65} -> word 1 bit 1
+            multi = np.flatnonzero(self.owner[cand] == OWNER_MULTI)
+            w, b = seq_word_bit(seq_id)
+            keep[multi] = (self.seq[cand[multi], w] & b) != 0
+        if p0 > 0:
+            keep &= pos[cand] < p1
+        return cand[keep]
 
     def _refresh(self, seq_id: int) -> None:
         p = self.pos[self.seq_mask(seq_id)]
@@ -834,17 +879,29 @@ class KVCells:
         if idx.size == 0:
             return idx
         self._record(idx)
-        w, b = seq_word_bit(seq_id)
         p = self.pos[idx]
-        words = self.seq.reshape(-1)  # cell i's word w is entry i * 4 + w
-        at = idx * N_WORDS + w
-        words[at] = words[at] & ~b
         if int(p.min()) <= self._pmin[seq_id]:
             self._pdirty[seq_id] |= STALE_MIN
         if int(p.max()) >= self._pmax[seq_id]:
             self._pdirty[seq_id] |= STALE_MAX
         own = self.owner[idx]
         single = own == seq_id
+        if int(np.count_nonzero(single)) == idx.size:
+            # every cell held by seq_id alone (a forked tail, say): its bitset is that one
+            # bit, so the whole row clears and every cell empties; the owner goes from
+            # seq_id to -1, which leaves n_multi as it was
+            self._rows[idx] = _ZERO_ROW
+            self.pos[idx] = POS_NONE
+            self.shift[idx] = 0
+            self.owner[idx] = OWNER_NONE
+            if self.ext is not None:
+                self.ext[idx] = EXT_DEFAULT
+            self._freed(idx)
+            return idx
+        w, b = seq_word_bit(seq_id)
+        words = self.seq.reshape(-1)  # cell i's word w is entry i * 4 + w
+        at = idx * N_WORDS + w
+        words[at] = words[at] & ~b
         emptied = idx[single]
         multi = idx[~single]
         if multi.size:
@@ -868,14 +925,29 @@ class KVCells:
             return
         self._record(idx)
         w, b = seq_word_bit(seq_id)
-        self.seq[idx, w] |= b
+        words = self.seq.reshape(-1)  # cell i's word w is entry i * 4 + w
+        at = idx * N_WORDS + w
+        words[at] |= b  # idx is ascending, no repeats: E.g. idx [3, 9], w 0 -> entries [12, 36]
+        self._add_owner(idx, seq_id)
+        p = self.pos[idx]
+        self._pmin[seq_id] = min(int(self._pmin[seq_id]), int(p.min()))
+        self._pmax[seq_id] = max(int(self._pmax[seq_id]), int(p.max()))
+
+    def _add_owner(self, idx: np.ndarray, seq_id: int) -> None:
+        """The owners of cells ``idx`` after ``seq_id`` joined them: -1 -> seq_id, seq_id
+        stays, any other id or -2 -> -2 (E.g. [-1, 4, 7, -2] + 4 -> [4, 4, -2, -2])."""
         own = self.owner[idx]
+        n_none = int(np.count_nonzero(own == OWNER_NONE))
+        n_self = int(np.count_nonzero(own == seq_id))
+        if n_none == 0 and n_self == 0:
+            # the copy of a sequence into a new one: every cell ends shared; those that
+            # were not shared yet (owner >= 0) add to n_multi
+            self.store.n_multi[self.strm] += idx.size - int(np.count_nonzero(own == OWNER_MULTI))
+            self.owner[idx] = OWNER_MULTI
+            return
         self._set_owner(
             idx, np.where(own == OWNER_NONE, seq_id, np.where(own == seq_id, seq_id, OWNER_MULTI))
         )
-        p = self.pos[idx].astype(np.int64)
-        self._pmin[seq_id] = min(int(self._pmin[seq_id]), int(p.min()))
-        self._pmax[seq_id] = max(int(self._pmax[seq_id]), int(p.max()))
 
     def seq_keep(self, seq_id: int) -> np.ndarray:
         """Keep only ``seq_id``: strip other ids from its cells, empty every other cell.
