@@ -11,13 +11,19 @@ import random
 from collections.abc import Callable
 
 import pytest
+import spec.harness as spec_harness
 from spec.gen import PyRnd, random_config, random_step
 from spec.harness import Config, Mismatch, Pair
 
 import pymem.recurrent.memory as pm_recurrent
+import pymem.reuse.planner as pm_planner
+from pymem.errors import StateError
 from pymem.hybrid import HybridMemory
 from pymem.kv import KVCache, KVCacheContext
 from pymem.kv.iswa import KVCacheISWA
+from pymem.memory import StateFlags
+from pymem.reuse import trimmed_parts
+from pymem.state import StateReader
 
 
 def _finds_mismatch(
@@ -121,3 +127,44 @@ def test_catches_a_wrong_k_row_index(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(KVCacheContext, "get_k_idxs", shifted)
     assert _finds_mismatch("kv", 10)
+
+
+# --- checkpoints and rollback plans (pymem.reuse against tests/spec/reuse.py) ---------
+
+
+def _programs_to_mismatch(kind: str, programs: int) -> int | None:
+    """The number of seeded programs run until the first Mismatch (None: none found)."""
+    for seed in range(programs):
+        r = PyRnd(random.Random(f"mutant-reuse-{kind}-{seed}"))
+        pair = Pair(random_config(kind, r), check_seq_states=4)
+        try:
+            for _ in range(40):
+                random_step(pair, r)
+        except Mismatch:
+            return seed + 1
+        finally:
+            pair.close()
+    return None
+
+
+def test_catches_a_plan_that_ignores_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a trim that drops what the sliding window of the next token still needs looks
+    # exact to a planner that forgets the window check
+    monkeypatch.setattr(pm_planner, "_window_holds", lambda mem, seq_id, pos: "")
+    assert _programs_to_mismatch("iswa", 30) is not None
+
+
+def test_catches_a_restore_that_skips_the_trim(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the checkpoint's recurrent / window state comes back, but the full-attention cells
+    # after its position stay: the sequence is inconsistent (and its pos_max wrong)
+    def untrimmed(mem, seq_id, ckpt):
+        for part in trimmed_parts(mem):
+            if part.seq_pos_max(seq_id) < ckpt.pos:
+                raise StateError("full-attention cells end before the checkpoint")
+        plan = mem.state_read_parse(StateReader(ckpt.blob), seq_id, StateFlags.PARTIAL_ONLY)
+        plan.commit()
+        return ckpt.pos + 1
+
+    monkeypatch.setattr(spec_harness, "restore_checkpoint", untrimmed)
+    monkeypatch.setattr(pm_planner, "restore_checkpoint", untrimmed)
+    assert _programs_to_mismatch("hybrid", 30) is not None

@@ -190,6 +190,14 @@ def random_seq(pair: Any, r: Any, allow_all: bool = False) -> int:
     return r.int(0, n - 1)
 
 
+def random_live_seq(pair: Any, r: Any) -> int:
+    """A sequence id in range, mostly one that holds tokens."""
+    live = [s for s in range(pair.cfg.n_seq_max) if pair.sp.seq_pos_max(s) >= 0]
+    if live and r.chance(0.85):
+        return r.pick(live)
+    return r.int(0, pair.cfg.n_seq_max - 1)
+
+
 def random_step(pair: Any, r: Any) -> str:
     """Run one random operation on ``pair``; returns its name."""
     cfg = pair.cfg
@@ -198,6 +206,7 @@ def random_step(pair: Any, r: Any) -> str:
         + ["seq_rm"] * 3
         + ["seq_cp", "seq_cp", "seq_keep", "seq_add", "seq_add", "seq_div"]
         + ["save", "save", "load", "load", "clear"]
+        + ["checkpoint", "restore", "rollback"]
     )
     if op == "decode":
         if cfg.n_pos > 1 and r.chance(0.3):
@@ -233,4 +242,32 @@ def random_step(pair: Any, r: Any) -> str:
             pair.state_load(i, r.int(0, cfg.n_seq_max - 1), cross=r.chance(0.12))
     elif op == "clear":
         pair.clear(r.chance(0.5))
+    elif op == "checkpoint":
+        pair.take_checkpoint(random_live_seq(pair, r))
+    elif op == "restore":
+        if not pair.ckpts:
+            pair.take_checkpoint(random_live_seq(pair, r))
+        if pair.ckpts:
+            i = r.int(0, len(pair.ckpts) - 1)
+            src = pair.ckpts[i][1]
+            dest = src.seq_id
+            if r.chance(0.4):
+                # another sequence, preferably one that shares the full-attention prefix
+                reach = [
+                    s
+                    for s in range(cfg.n_seq_max)
+                    if s != src.seq_id and pair.sp.seq_pos_max(s) >= src.pos
+                ]
+                dest = r.pick(reach) if reach and r.chance(0.8) else r.int(0, cfg.n_seq_max - 1)
+            pair.restore_checkpoint(i, dest)
+    elif op == "rollback":
+        s = random_live_seq(pair, r)
+        top = pair.sp.seq_pos_max(s)
+        # mostly the last few tokens (what snapshot planes can serve), sometimes further
+        lo = 0 if r.chance(0.2) else max(0, top - (3 if r.chance(0.6) else 8))
+        pos = r.int(lo, max(lo, top + 1))
+        mine = [sck.pos for _, sck in pair.ckpts if sck.seq_id == s]
+        if mine and r.chance(0.5):
+            pos = r.pick(mine) + r.int(1, 3)  # just after one of its checkpoints
+        pair.rollback(s, pos)
     return op

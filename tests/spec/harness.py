@@ -29,9 +29,12 @@ from pymem.kv import KVCache
 from pymem.kv.iswa import KVCacheISWA
 from pymem.memory import MemoryStatus
 from pymem.recurrent import RecurrentMemory
+from pymem.reuse import apply_rollback, plan_rollback, restore_checkpoint
+from pymem.reuse import checkpoint as pm_checkpoint
 from pymem.spec import LayerSpec, ModelSpec, NonCausalType, RopeSpec, RopeType, SWAType
 
 from . import decode as sdec
+from . import reuse as sreuse
 from .batch import BatchIn, alloc_init, compat
 from .common import SpecAbort, SpecBatchError, SpecError, SpecStateError
 from .kv import KVConfig, KVLayer
@@ -396,6 +399,8 @@ class Pair:
         self.stats = Stats()
         self.log: list[str] = []  # the program so far, as calls
         self.blobs: list[tuple[int, int, bytes]] = []  # (seq_id, flags, blob) saved by steps
+        # (pymem Checkpoint, spec checkpoint) pairs taken by steps, oldest first
+        self.ckpts: list[tuple[Any, sreuse.SpecCheckpoint]] = []
         # how many per-sequence states to compare after each step (all when None)
         self.check_seq_states = check_seq_states
         self.step_no = 0
@@ -644,6 +649,75 @@ class Pair:
         self.stats.count("state_read", outcome)
         self.compare(f"state_load -> {dest}")
         return outcome
+
+    # ------------------------------------------------------- checkpoints, rollback ---
+
+    MAX_CKPTS = 8
+
+    def take_checkpoint(self, seq_id: int) -> str:
+        """``pymem.reuse.checkpoint`` vs the spec's PARTIAL_ONLY state write + position."""
+        self._note(f"checkpoint(seq_id={seq_id})")
+        s = self._run_spec(sreuse.checkpoint, self.sp, seq_id, read_only=True)
+        p = self._run_pm(pm_checkpoint, self.pm, seq_id)
+        empty = s[0] == "state_error" and p[0] == "error"  # an empty sequence
+        if s[0] == "ok" and p[0] == "ok":
+            sck, pck = s[1], p[1]
+            if (pck.seq_id, pck.pos) != (sck.seq_id, sck.pos) or pck.blob != sck.blob:
+                self.fail(
+                    f"checkpoint({seq_id}): pymem at {pck.pos} ({pck.nbytes} B) != spec at "
+                    f"{sck.pos} ({len(sck.blob)} B) or the bytes differ"
+                )
+            self.ckpts.append((pck, sck))
+            del self.ckpts[: -self.MAX_CKPTS]
+            outcome = "ok"
+        elif empty:
+            outcome = "empty"
+        else:
+            outcome = self._agree("checkpoint", s, p)
+        self.stats.count("checkpoint", outcome)
+        return outcome
+
+    def restore_checkpoint(self, index: int, dest: int) -> str:
+        """Restore checkpoint ``index`` into ``dest``: ``pymem.reuse.restore_checkpoint`` vs
+        the spec's trim of its full-attention caches + PARTIAL_ONLY state read."""
+        pck, sck = self.ckpts[index]
+        self._note(f"restore_checkpoint(ckpt {index}: seq {sck.seq_id} at {sck.pos}, dest={dest})")
+        s = self._run_spec(sreuse.restore, self.sp, dest, sck)
+        p = self._run_pm(restore_checkpoint, self.pm, dest, pck)
+        outcome = self._agree("restore_checkpoint", s, p)
+        self.stats.count("restore_checkpoint", outcome)
+        self.compare(f"restore_checkpoint -> {dest}")
+        return outcome
+
+    def rollback(self, seq_id: int, pos: int) -> str:
+        """``plan_rollback`` + ``apply_rollback`` with ``seq_id``'s checkpoints, against the
+        spec's own plan (tests/spec/reuse.py) carried out with its own ops."""
+        mine = [(p, s) for p, s in self.ckpts if s.seq_id == seq_id]
+        self._note(
+            f"rollback(seq_id={seq_id}, pos={pos}) with checkpoints at {[s.pos for _, s in mine]}"
+        )
+        s_plan = sreuse.plan_rollback(self.sp, seq_id, pos, [s for _, s in mine])
+        plan = plan_rollback(self.pm, seq_id, pos, [p for p, _ in mine])
+        got = (plan.kind, plan.resume_from)
+        want = s_plan[:2]
+        if got != want:
+            self.fail(f"rollback({seq_id}, {pos}): pymem plan {got} ({plan.reason}) != spec {want}")
+        if plan.kind == "checkpoint":
+            pick = next(s for p, s in mine if p is plan.checkpoint)
+            if pick is not s_plan[2]:
+                self.fail(
+                    f"rollback({seq_id}, {pos}): pymem restores the checkpoint at "
+                    f"{plan.checkpoint.pos}, spec the one at {s_plan[2].pos}"
+                )
+        s = self._run_spec(sreuse.apply_rollback, self.sp, seq_id, pos, s_plan)
+        p = self._run_pm(apply_rollback, self.pm, plan)
+        if s[0] == "state_error" and p[0] == "error" and plan.kind in ("trim", "snapshot"):
+            outcome = "stale"  # seq_rm refused: pymem's RangeError, the spec's refusal
+        else:
+            outcome = self._agree("apply_rollback", s, p)
+        self.stats.count("rollback", f"{plan.kind}:{outcome}")
+        self.compare(f"rollback({seq_id}, {pos})")
+        return plan.kind
 
     def update(self) -> bool:
         """``memory_update``: init_update + apply; True when something was applied.
