@@ -445,8 +445,9 @@ class KVCache(Memory):
             cells = self.v_cells[strm]
             idx = cells.seq_cells_in(seq_id, p0, p1)
             freed = cells.seq_rm_bit(idx, seq_id)
-            if freed.size and int(freed[0]) < self.v_heads[strm]:
-                self.v_heads[strm] = int(freed[0])
+            heads = self.v_heads.a  # the array itself: one scalar read, no wrapper call
+            if freed.size and freed[0] < heads[strm]:
+                heads[strm] = freed[0]
             return True
         gid = np.flatnonzero(_pos_in(self.cells.pos_f, p0, p1))
         self.cells.rm(gid)

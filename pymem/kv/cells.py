@@ -744,27 +744,30 @@ class KVCells:
         if p1 <= p0:
             return _NO_CELLS
         n = int(self.store.used_max_p1[self.strm])
+        below_p1 = False  # every cell of seq_id is known to be below p1
         if self._pdirty[seq_id] == 0:
             lo, hi = int(self._pmin[seq_id]), int(self._pmax[seq_id])
             if hi < p0 or lo >= p1:  # also a sequence without cells: E.g. [-1 .. EMPTY_MIN]
                 return _NO_CELLS
-            if p0 <= lo and hi < p1:
+            below_p1 = hi < p1
+            if p0 <= lo and below_p1:
                 return np.flatnonzero(self.seq_mask(seq_id, 0, n))
         pos = self.pos[:n]
         # from 0: one unsigned comparison, exact (E.g. pos [-1, 2, 9], p1 5 -> [F, T, F]);
         # else pos >= p0, a superset (E.g. pos [-1, 2, 9], [5, 7) -> [F, F, T])
         coarse = pos.view(np.uint32) < np.uint32(p1) if p0 == 0 else pos >= np.int32(p0)
-        if 8 * int(np.count_nonzero(coarse)) > n:  # most cells: masks beat gathers
+        cand = np.flatnonzero(coarse)
+        if 8 * cand.size > n:  # most cells: masks beat gathers
             exact = coarse if p0 == 0 else coarse & (pos < p1)
             return np.flatnonzero(exact & self.seq_mask(seq_id, 0, n))
-        cand = np.flatnonzero(coarse)
-        keep = self.owner[cand] == seq_id
-        if self.n_multi:
+        own = self.owner[cand]
+        keep = own == seq_id
+        if self.store.n_multi[self.strm]:
             # shared candidates: test the bit. E.g. seq 65, cell holding {3, 65} -> word 1 bit 1
-            multi = np.flatnonzero(self.owner[cand] == OWNER_MULTI)
+            multi = np.flatnonzero(own == OWNER_MULTI)
             w, b = seq_word_bit(seq_id)
             keep[multi] = (self.seq[cand[multi], w] & b) != 0
-        if p0 > 0:
+        if p0 > 0 and not below_p1:
             keep &= pos[cand] < p1
         return cand[keep]
 
@@ -896,7 +899,10 @@ class KVCells:
             self.owner[idx] = OWNER_NONE
             if self.ext is not None:
                 self.ext[idx] = EXT_DEFAULT
-            self._freed(idx)
+            st, s = self.store, self.strm
+            st.used[s] -= idx.size
+            if idx[-1] + 1 >= st.used_max_p1[s]:  # _freed, with idx ascending
+                st.used_max_dirty[s] = True
             return idx
         w, b = seq_word_bit(seq_id)
         words = self.seq.reshape(-1)  # cell i's word w is entry i * 4 + w
