@@ -88,7 +88,7 @@ def test_pymem_matches_spec(kind: str) -> None:
     # the programs must actually exercise the memory, not only fail validation
     assert stats.steps > examples * 5
     assert stats.outcomes.get("decode:ok", 0) > examples
-    for op in ("seq_rm", "seq_cp", "state_read", "state_write"):
+    for op in ("seq_rm", "seq_cp", "state_read", "state_write", "checkpoint", "rollback"):
         assert stats.ops.get(op, 0) > 0, op
 
 

@@ -717,6 +717,13 @@ class Pair:
             outcome = self._agree("apply_rollback", s, p)
         self.stats.count("rollback", f"{plan.kind}:{outcome}")
         self.compare(f"rollback({seq_id}, {pos})")
+        if outcome == "ok" and self.sp.seq_pos_max(seq_id) >= p[1]:
+            # nothing may be left where decoding resumes (a sequence with gaps may end
+            # earlier than resume - 1: its positions were never contiguous)
+            self.fail(
+                f"rollback({seq_id}, {pos}): {plan.kind} resumes at {p[1]} but the sequence "
+                f"ends at {self.sp.seq_pos_max(seq_id)}"
+            )
         return plan.kind
 
     def update(self) -> bool:
