@@ -169,3 +169,30 @@ def test_seq_mask_byte_test_equals_the_bit_test(seed):
         w, b = seq_word_bit(q)
         np.testing.assert_array_equal(cells.seq_mask(q), (cells.seq[:, w] & b) != 0)
         np.testing.assert_array_equal(cells.seq_mask(q, 10, 50), (cells.seq[10:50, w] & b) != 0)
+
+
+@pytest.mark.parametrize("shared", ["none", "all", "some"])
+@pytest.mark.parametrize("seed", range(6))
+def test_runs_of_cells_take_slices_as_scattered_cells_take_gathers(shared, seed):
+    # seq_add_bit / seq_rm_bit on one run of cells (slices) and on the same cells with a
+    # gap (gathers), each against the general path: a fork of seq 1 into 70, then removed
+    rng = np.random.default_rng(500 + seed)
+    for gap in (False, True):
+        fast = KVCells(64)
+        idx = np.arange(4, 44) if not gap else np.r_[4:20, 21:45]
+        seq_id = np.full((idx.size, 2), -1, dtype=np.int32)
+        seq_id[:, 0] = 1
+        other = {"none": 0.0, "all": 1.0, "some": 0.5}[shared]
+        pick = rng.random(idx.size) < other
+        seq_id[pick, 1] = rng.choice([0, 2, 64])
+        fast.set_new(idx, rng.permutation(idx.size).astype(np.int32), seq_id)
+        ref = KVCells(64)
+        ref.load(fast)
+        fast.seq_add_bit(idx, 70)
+        reference_add_bit(ref, idx, 70)
+        same_cells(fast, ref)
+        for q in (70, 1):  # the fork (every cell shared), then the original
+            emptied = fast.seq_rm_bit(idx, q)
+            reference_rm_bit(ref, idx, q)
+            same_cells(fast, ref)
+            np.testing.assert_array_equal(emptied, idx[ref.pos[idx] < 0])

@@ -80,6 +80,13 @@ def _sel(rows: Rows, sel: np.ndarray) -> Rows:
     return rows if isinstance(rows, int) else rows[sel]
 
 
+def _run(idx: np.ndarray) -> np.ndarray | slice:
+    """Cells ``idx`` (ascending, distinct, not empty) as a slice when they are one run,
+    which numpy reads and writes without gathers; else ``idx``. E.g. [5, 6, 7] -> 5:8."""
+    lo, n = int(idx[0]), idx.size
+    return slice(lo, lo + n) if int(idx[-1]) - lo + 1 == n else idx
+
+
 def seq_word_bit(seq_id: int) -> tuple[int, np.uint64]:
     """The word index and bit mask of ``seq_id`` in a ``uint64[4]`` bitset."""
     return seq_id >> 6, np.left_shift(_ONE, np.uint64(seq_id & 63))
@@ -682,7 +689,7 @@ class KVCells:
         if self.store.journaling:
             self.store._record(idx + self._base, self.strm)
 
-    def _set_owner(self, idx: np.ndarray, owner: np.ndarray | int) -> None:
+    def _set_owner(self, idx: np.ndarray | slice, owner: np.ndarray | int) -> None:
         old = self.owner[idx]
         self.owner[idx] = owner
         delta = int(np.count_nonzero(self.owner[idx] == OWNER_MULTI)) - int(
@@ -756,10 +763,10 @@ class KVCells:
         # from 0: one unsigned comparison, exact (E.g. pos [-1, 2, 9], p1 5 -> [F, T, F]);
         # else pos >= p0, a superset (E.g. pos [-1, 2, 9], [5, 7) -> [F, F, T])
         coarse = pos.view(np.uint32) < np.uint32(p1) if p0 == 0 else pos >= np.int32(p0)
-        cand = np.flatnonzero(coarse)
-        if 8 * cand.size > n:  # most cells: masks beat gathers
+        if 8 * int(np.count_nonzero(coarse)) > n:  # most cells: masks beat gathers
             exact = coarse if p0 == 0 else coarse & (pos < p1)
             return np.flatnonzero(exact & self.seq_mask(seq_id, 0, n))
+        cand = np.flatnonzero(coarse)
         own = self.owner[cand]
         keep = own == seq_id
         if self.store.n_multi[self.strm]:
@@ -875,84 +882,102 @@ class KVCells:
         self.store.set_new(strm, idx.reshape(1, -1), pos, seq_id, ext)
 
     def seq_rm_bit(self, idx: np.ndarray, seq_id: int) -> np.ndarray:
-        """Remove ``seq_id`` from the cells ``idx`` (which all hold it).
+        """Remove ``seq_id`` from the cells ``idx`` (ascending, distinct; all hold it).
 
         Returns the cells that became empty, ascending as ``idx``.
         """
         if idx.size == 0:
             return idx
         self._record(idx)
-        p = self.pos[idx]
+        sel = _run(idx)
+        p = self.pos[sel]
         if int(p.min()) <= self._pmin[seq_id]:
             self._pdirty[seq_id] |= STALE_MIN
         if int(p.max()) >= self._pmax[seq_id]:
             self._pdirty[seq_id] |= STALE_MAX
-        own = self.owner[idx]
+        own = self.owner[sel]
         single = own == seq_id
-        if int(np.count_nonzero(single)) == idx.size:
+        n_single = int(np.count_nonzero(single))
+        if n_single == idx.size:
             # every cell held by seq_id alone (a forked tail, say): its bitset is that one
             # bit, so the whole row clears and every cell empties; the owner goes from
             # seq_id to -1, which leaves n_multi as it was
-            self._rows[idx] = _ZERO_ROW
-            self.pos[idx] = POS_NONE
-            self.shift[idx] = 0
-            self.owner[idx] = OWNER_NONE
+            if isinstance(sel, slice):
+                self.seq[sel] = 0
+            else:
+                self._rows[idx] = _ZERO_ROW
+            self.pos[sel] = POS_NONE
+            self.shift[sel] = 0
+            self.owner[sel] = OWNER_NONE
             if self.ext is not None:
-                self.ext[idx] = EXT_DEFAULT
+                self.ext[sel] = EXT_DEFAULT
             st, s = self.store, self.strm
             st.used[s] -= idx.size
             if idx[-1] + 1 >= st.used_max_p1[s]:  # _freed, with idx ascending
                 st.used_max_dirty[s] = True
             return idx
         w, b = seq_word_bit(seq_id)
-        words = self.seq.reshape(-1)  # cell i's word w is entry i * 4 + w
-        at = idx * N_WORDS + w
-        words[at] = words[at] & ~b
+        if isinstance(sel, slice):
+            self.seq[sel, w] &= ~b
+        else:
+            words = self.seq.reshape(-1)  # cell i's word w is entry i * 4 + w
+            at = idx * N_WORDS + w  # E.g. idx [3, 9], w 0 -> entries [12, 36]
+            words[at] = words[at] & ~b
+        if n_single == 0:
+            # every cell shared (a fork removed): each one's owner is what remains, read
+            # in place when the cells are one run. E.g. {0, 5} minus 5 -> 0
+            rows = self.seq[sel] if isinstance(sel, slice) else np.take(self.seq, idx, axis=0)
+            owner = single_seq_ids(rows)
+            self.owner[sel] = owner
+            self.store.n_multi[self.strm] -= int(np.count_nonzero(owner != OWNER_MULTI))
+            return _NO_CELLS
         emptied = idx[single]
         multi = idx[~single]
-        if multi.size:
-            # cells holding seq_id but not owned by it are shared (owner -2): their new
-            # owner is what remains; E.g. {0, 5} minus 5 -> 0, {0, 1, 5} minus 5 -> -2
-            owner = single_seq_ids(np.take(self.seq, multi, axis=0))
-            self.owner[multi] = owner
-            self.store.n_multi[self.strm] -= int(np.count_nonzero(owner != OWNER_MULTI))
-        if emptied.size:
-            self.pos[emptied] = POS_NONE
-            self.shift[emptied] = 0
-            self._set_owner(emptied, OWNER_NONE)
-            if self.ext is not None:
-                self.ext[emptied] = EXT_DEFAULT
-            self._freed(emptied)
+        # cells holding seq_id but not owned by it are shared (owner -2): their new
+        # owner is what remains; E.g. {0, 5} minus 5 -> 0, {0, 1, 5} minus 5 -> -2
+        owner = single_seq_ids(np.take(self.seq, multi, axis=0))
+        self.owner[multi] = owner
+        self.store.n_multi[self.strm] -= int(np.count_nonzero(owner != OWNER_MULTI))
+        self.pos[emptied] = POS_NONE
+        self.shift[emptied] = 0
+        self._set_owner(emptied, OWNER_NONE)
+        if self.ext is not None:
+            self.ext[emptied] = EXT_DEFAULT
+        self._freed(emptied)
         return emptied
 
     def seq_add_bit(self, idx: np.ndarray, seq_id: int) -> None:
-        """Add ``seq_id`` to the non-empty cells ``idx`` (a no-op where already present)."""
+        """Add ``seq_id`` to the non-empty cells ``idx`` (ascending, distinct; a no-op
+        where already present)."""
         if idx.size == 0:
             return
         self._record(idx)
         w, b = seq_word_bit(seq_id)
-        words = self.seq.reshape(-1)  # cell i's word w is entry i * 4 + w
-        at = idx * N_WORDS + w
-        words[at] |= b  # idx is ascending, no repeats: E.g. idx [3, 9], w 0 -> entries [12, 36]
-        self._add_owner(idx, seq_id)
-        p = self.pos[idx]
+        sel = _run(idx)
+        if isinstance(sel, slice):
+            self.seq[sel, w] |= b
+        else:
+            words = self.seq.reshape(-1)  # cell i's word w is entry i * 4 + w
+            words[idx * N_WORDS + w] |= b  # E.g. idx [3, 9], w 0 -> entries [12, 36]
+        self._add_owner(sel, idx.size, seq_id)
+        p = self.pos[sel]
         self._pmin[seq_id] = min(int(self._pmin[seq_id]), int(p.min()))
         self._pmax[seq_id] = max(int(self._pmax[seq_id]), int(p.max()))
 
-    def _add_owner(self, idx: np.ndarray, seq_id: int) -> None:
-        """The owners of cells ``idx`` after ``seq_id`` joined them: -1 -> seq_id, seq_id
-        stays, any other id or -2 -> -2 (E.g. [-1, 4, 7, -2] + 4 -> [4, 4, -2, -2])."""
-        own = self.owner[idx]
+    def _add_owner(self, sel: np.ndarray | slice, n: int, seq_id: int) -> None:
+        """The owners of the ``n`` cells ``sel`` after ``seq_id`` joined them: -1 -> seq_id,
+        seq_id stays, any other id or -2 -> -2 (E.g. [-1, 4, 7, -2] + 4 -> [4, 4, -2, -2])."""
+        own = self.owner[sel]
         n_none = int(np.count_nonzero(own == OWNER_NONE))
         n_self = int(np.count_nonzero(own == seq_id))
         if n_none == 0 and n_self == 0:
             # the copy of a sequence into a new one: every cell ends shared; those that
             # were not shared yet (owner >= 0) add to n_multi
-            self.store.n_multi[self.strm] += idx.size - int(np.count_nonzero(own == OWNER_MULTI))
-            self.owner[idx] = OWNER_MULTI
+            self.store.n_multi[self.strm] += n - int(np.count_nonzero(own == OWNER_MULTI))
+            self.owner[sel] = OWNER_MULTI
             return
         self._set_owner(
-            idx, np.where(own == OWNER_NONE, seq_id, np.where(own == seq_id, seq_id, OWNER_MULTI))
+            sel, np.where(own == OWNER_NONE, seq_id, np.where(own == seq_id, seq_id, OWNER_MULTI))
         )
 
     def seq_keep(self, seq_id: int) -> np.ndarray:
