@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kv_helpers import check_invariants, make_kv
+from kv_helpers import check_invariants, decode, make_kv
 
 from pymem.kv.cache import _pos_in
 from pymem.kv.cells import N_WORDS, OWNER_MULTI, KVCells, seq_word_bit, single_seq_ids
@@ -143,7 +143,6 @@ def test_seq_cp_and_seq_rm_fast_paths_roll_back_exactly():
     # a fork and its removal under the undo journal, on a unified cache
     kv = make_kv(64, 4)
     items = [[1, p, [s], False] for s in range(3) for p in range(12)]
-    from kv_helpers import decode
 
     decode(kv, items)
     before = kv.cells.rows_f.copy(), kv.cells.owner.copy(), kv.cells.n_multi.copy()
@@ -196,3 +195,35 @@ def test_runs_of_cells_take_slices_as_scattered_cells_take_gathers(shared, seed)
             reference_rm_bit(ref, idx, q)
             same_cells(fast, ref)
             np.testing.assert_array_equal(emptied, idx[ref.pos[idx] < 0])
+
+
+@pytest.mark.parametrize("unified", [True, False])
+@pytest.mark.parametrize("seed", range(8))
+def test_random_seq_ops_keep_every_invariant(unified, seed):
+    # forks, tails, whole removals (bounds set to "no cells", clean), shifts, divisions and
+    # keeps through KVCache, with the invariants (bounds recomputed by loops) after each
+    rng = np.random.default_rng(700 + seed)
+    kv = make_kv(96, 4, unified=unified)
+
+    for s in range(4):
+        decode(kv, [[1, p, [s], False] for p in range(int(rng.integers(1, 20)))])
+    for _ in range(40):
+        op = int(rng.integers(0, 6))
+        s, t = (int(x) for x in rng.integers(0, 4, 2))
+        p0, p1 = (int(x) for x in rng.integers(-1, 24, 2))
+        if op == 0 and (unified or s == t):
+            kv.seq_cp(s, t, p0, p1)
+        elif op == 1:
+            kv.seq_rm(s, p0, p1)
+            if p0 <= 0 and p1 < 0:
+                assert kv.seq_pos_max(s) == -1
+        elif op == 2:
+            kv.seq_add(s, p0, p1, int(rng.integers(-3, 4)))
+        elif op == 3:
+            kv.seq_div(s, p0, p1, int(rng.integers(1, 3)))
+        elif op == 4 and rng.random() < 0.2:
+            kv.seq_keep(s)
+        else:
+            top = kv.seq_pos_max(s)
+            decode(kv, [[1, top + 1 + i, [s], False] for i in range(int(rng.integers(1, 6)))])
+        check_invariants(kv)

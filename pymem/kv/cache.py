@@ -443,8 +443,9 @@ class KVCache(Memory):
         if seq_id >= 0:
             strm = int(self.seq_to_stream[seq_id])
             cells = self.v_cells[strm]
+            whole = cells.covers(seq_id, p0, p1)  # then its bounds are known after: none
             idx = cells.seq_cells_in(seq_id, p0, p1)
-            freed = cells.seq_rm_bit(idx, seq_id)
+            freed = cells.seq_rm_bit(idx, seq_id, whole)
             heads = self.v_heads.a  # the array itself: one scalar read, no wrapper call
             if freed.size and freed[0] < heads[strm]:
                 heads[strm] = freed[0]

@@ -881,20 +881,32 @@ class KVCells:
         strm = np.array([self.strm], dtype=np.int64)
         self.store.set_new(strm, idx.reshape(1, -1), pos, seq_id, ext)
 
-    def seq_rm_bit(self, idx: np.ndarray, seq_id: int) -> np.ndarray:
+    def covers(self, seq_id: int, p0: int, p1: int) -> bool:
+        """Whether ``[p0, p1)`` holds every cell of ``seq_id``, as the clean cached bounds
+        say (False when they are dirty: not known without a scan)."""
+        if self._pdirty[seq_id]:
+            return False
+        return bool(p0 <= self._pmin[seq_id] and self._pmax[seq_id] < p1)
+
+    def seq_rm_bit(self, idx: np.ndarray, seq_id: int, whole: bool = False) -> np.ndarray:
         """Remove ``seq_id`` from the cells ``idx`` (ascending, distinct; all hold it).
 
+        ``whole``: ``idx`` are all the cells of ``seq_id``, whose bounds then become those
+        of a sequence without cells, clean (a later query needs no scan).
         Returns the cells that became empty, ascending as ``idx``.
         """
         if idx.size == 0:
             return idx
         self._record(idx)
         sel = _run(idx)
-        p = self.pos[sel]
-        if int(p.min()) <= self._pmin[seq_id]:
-            self._pdirty[seq_id] |= STALE_MIN
-        if int(p.max()) >= self._pmax[seq_id]:
-            self._pdirty[seq_id] |= STALE_MAX
+        if whole:
+            self._pmin[seq_id], self._pmax[seq_id], self._pdirty[seq_id] = EMPTY_MIN, -1, 0
+        else:
+            p = self.pos[sel]
+            if int(p.min()) <= self._pmin[seq_id]:
+                self._pdirty[seq_id] |= STALE_MIN
+            if int(p.max()) >= self._pmax[seq_id]:
+                self._pdirty[seq_id] |= STALE_MAX
         own = self.owner[sel]
         single = own == seq_id
         n_single = int(np.count_nonzero(single))
