@@ -22,7 +22,7 @@ from pymem.hybrid import HybridMemory
 from pymem.kv import KVCache, KVCacheContext
 from pymem.kv.iswa import KVCacheISWA
 from pymem.memory import StateFlags
-from pymem.reuse import trimmed_parts
+from pymem.reuse import layout_of, trimmed_parts
 from pymem.state import StateReader
 
 
@@ -158,6 +158,8 @@ def test_catches_a_restore_that_skips_the_trim(monkeypatch: pytest.MonkeyPatch) 
     # the checkpoint's recurrent / window state comes back, but the full-attention cells
     # after its position stay: the sequence is inconsistent (and its pos_max wrong)
     def untrimmed(mem, seq_id, ckpt):
+        if ckpt.layout != layout_of(mem):
+            raise StateError("the checkpoint was taken on another layout")
         for part in trimmed_parts(mem):
             if part.seq_pos_max(seq_id) < ckpt.pos:
                 raise StateError("full-attention cells end before the checkpoint")

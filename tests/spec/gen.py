@@ -190,6 +190,25 @@ def random_seq(pair: Any, r: Any, allow_all: bool = False) -> int:
     return r.int(0, n - 1)
 
 
+def foreign_config(cfg: Any, r: Any) -> Any:
+    """The same memory type with one thing changed: sizes (the checkpoint's layout
+    differs) or the layers (same layout, other rows)."""
+    import dataclasses
+
+    what = r.pick(["layers", "sizes"])
+    if what == "layers":
+        other = {"AW": "WAW", "WAW": "AW", "AWWA": "AW", "R": "RR", "RR": "R", "RA": "RRA"}
+        other |= {"ARRA": "RA", "RRA": "RA", "RAW": "WRAR", "WRAR": "RAW", "A": "AA"}
+        other |= {"AA": "A", "AAA": "A", "W": "WW", "WW": "W", "WWW": "W", "WRRW": "RW"}
+        other |= {"RW": "RRW", "RRW": "RW"}
+        return dataclasses.replace(cfg, layout=other.get(cfg.layout, cfg.layout))
+    if cfg.kind in ("recurrent", "hybrid", "hybrid_iswa") and r.chance(0.5):
+        return dataclasses.replace(cfg, n_rs_seq=(cfg.n_rs_seq + 1) % 3, n_ubatch=8)
+    if cfg.kind == "recurrent":
+        return dataclasses.replace(cfg, n_seq_max=cfg.n_seq_max + 1)
+    return dataclasses.replace(cfg, kv_size=cfg.kv_size * 2)
+
+
 def random_live_seq(pair: Any, r: Any) -> int:
     """A sequence id in range, mostly one that holds tokens."""
     live = [s for s in range(pair.cfg.n_seq_max) if pair.sp.seq_pos_max(s) >= 0]
@@ -243,7 +262,10 @@ def random_step(pair: Any, r: Any) -> str:
     elif op == "clear":
         pair.clear(r.chance(0.5))
     elif op == "checkpoint":
-        pair.take_checkpoint(random_live_seq(pair, r))
+        if r.chance(0.1):
+            pair.take_foreign_checkpoint(foreign_config(cfg, r))
+        else:
+            pair.take_checkpoint(random_live_seq(pair, r))
     elif op == "restore":
         if not pair.ckpts:
             pair.take_checkpoint(random_live_seq(pair, r))
@@ -269,5 +291,9 @@ def random_step(pair: Any, r: Any) -> str:
         mine = [sck.pos for _, sck in pair.ckpts if sck.seq_id == s]
         if mine and r.chance(0.5):
             pos = r.pick(mine) + r.int(1, 3)  # just after one of its checkpoints
+        swa = [kv for kv in pair.sp.kv_parts.values() if kv.cfg.swa_type and top >= 0]
+        if swa and r.chance(0.25):
+            # near the oldest cell a window still holds: trims just inside / outside it
+            pos = max(0, min(kv.seq_pos_min(s) for kv in swa) + r.int(-1, 3))
         pair.rollback(s, pos)
     return op

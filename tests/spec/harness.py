@@ -677,6 +677,25 @@ class Pair:
         self.stats.count("checkpoint", outcome)
         return outcome
 
+    def take_foreign_checkpoint(self, cfg: Config) -> str:
+        """A checkpoint of sequence 0 after two tokens on another memory (configuration
+        ``cfg``), added to this pair's checkpoints: restores and plans must refuse it (other
+        sizes) or fail to read it (other layers) alike."""
+        self._note(f"foreign checkpoint from {cfg.describe()}")
+        other = Pair(cfg)
+        try:
+            other.decode([[1, 0, [0], False], [2, 1, [0], True]])
+            outcome = other.take_checkpoint(0)
+            if outcome == "ok":
+                self.ckpts.append(other.ckpts[-1])
+                del self.ckpts[: -self.MAX_CKPTS]
+        except Mismatch as e:
+            self.fail(f"foreign checkpoint: the other memory diverged: {e}")
+        finally:
+            other.close()
+        self.stats.count("foreign_checkpoint", outcome)
+        return outcome
+
     def restore_checkpoint(self, index: int, dest: int) -> str:
         """Restore checkpoint ``index`` into ``dest``: ``pymem.reuse.restore_checkpoint`` vs
         the spec's trim of its full-attention caches + PARTIAL_ONLY state read."""

@@ -18,8 +18,9 @@ Plan rules (``plan_rollback``), for ``seq`` to hold exactly positions ``[0, pos)
 * ``snapshot``    as ``trim`` for the windows, and the recurrent part can roll back
                   exactly ``k = pos_max - pos + 1`` tokens: the sequence has a tail cell,
                   no rollback is pending, ``k <= n_rs_seq`` and ``k < last_n[seq]``;
-* ``checkpoint``  the latest checkpoint at ``<= pos - 1`` whose position the
-                  full-attention cells of ``seq`` still reach (first one wins a tie);
+* ``checkpoint``  the latest checkpoint of this memory's layout at ``<= pos - 1`` whose
+                  position the full-attention cells of ``seq`` still reach (first one
+                  wins a tie);
 * ``recompute``   otherwise.
 """
 
@@ -37,6 +38,15 @@ class SpecCheckpoint:
     seq_id: int
     pos: int
     blob: bytes
+    layout: tuple  # see layout_of: a checkpoint fits only a memory with the same one
+
+
+def layout_of(mem: SpecMemory) -> tuple:
+    """The memory type, each cache's cells per stream and streams, the recurrent cells and
+    snapshot planes (not the layers: a blob for other layers fails when it is read)."""
+    kv = tuple((name, kv.size(), kv.n_stream) for name, kv in mem.kv_parts.items())
+    rs = (mem.rs.size, mem.rs.n_rs_seq) if mem.rs is not None else None
+    return (mem.kind, kv, rs)
 
 
 def full_attention_parts(mem: SpecMemory) -> list[KVCache]:
@@ -61,7 +71,7 @@ def checkpoint(mem: SpecMemory, seq_id: int) -> SpecCheckpoint:
     pos = mem.seq_pos_max(seq_id)
     if pos < 0:
         raise SpecStateError(f"checkpoint: sequence {seq_id} is empty")
-    return SpecCheckpoint(seq_id, pos, mem.state_write(seq_id, FLAG_PARTIAL_ONLY))
+    return SpecCheckpoint(seq_id, pos, mem.state_write(seq_id, FLAG_PARTIAL_ONLY), layout_of(mem))
 
 
 def restore(mem: SpecMemory, seq_id: int, ck: SpecCheckpoint) -> int:
@@ -70,6 +80,8 @@ def restore(mem: SpecMemory, seq_id: int, ck: SpecCheckpoint) -> int:
     Refused (SpecStateError) when a full-attention cache no longer reaches ``ck.pos`` for
     ``seq_id``. Not atomic by itself: the harness runs it on a copy of the spec.
     """
+    if ck.layout != layout_of(mem):
+        raise SpecStateError(f"restore: checkpoint laid out as {ck.layout}, not {layout_of(mem)}")
     parts = full_attention_parts(mem)
     for kv in parts:
         if kv.seq_pos_max(seq_id) < ck.pos:
@@ -118,8 +130,14 @@ def plan_rollback(
             return ("snapshot", pos, None)
     reach = min([kv.seq_pos_max(seq_id) for kv in full_attention_parts(mem)], default=cur)
     best = None
+    layout = layout_of(mem)
     for ck in ckpts:
-        if ck.pos <= pos - 1 and ck.pos <= reach and (best is None or ck.pos > best.pos):
+        if (
+            ck.layout == layout
+            and ck.pos <= pos - 1
+            and ck.pos <= reach
+            and (best is None or ck.pos > best.pos)
+        ):
             best = ck
     if best is not None:
         return ("checkpoint", best.pos + 1, best)
