@@ -177,15 +177,15 @@ def test_runs_of_cells_take_slices_as_scattered_cells_take_gathers(shared, seed)
     # gap (gathers), each against the general path: a fork of seq 1 into 70, then removed
     rng = np.random.default_rng(500 + seed)
     for gap in (False, True):
-        fast = KVCells(64)
-        idx = np.arange(4, 44) if not gap else np.r_[4:20, 21:45]
+        fast = KVCells(400)  # runs of 256 cells or more take slices
+        idx = np.arange(4, 304) if not gap else np.r_[4:200, 201:305]
         seq_id = np.full((idx.size, 2), -1, dtype=np.int32)
         seq_id[:, 0] = 1
         other = {"none": 0.0, "all": 1.0, "some": 0.5}[shared]
         pick = rng.random(idx.size) < other
         seq_id[pick, 1] = rng.choice([0, 2, 64])
         fast.set_new(idx, rng.permutation(idx.size).astype(np.int32), seq_id)
-        ref = KVCells(64)
+        ref = KVCells(400)
         ref.load(fast)
         fast.seq_add_bit(idx, 70)
         reference_add_bit(ref, idx, 70)

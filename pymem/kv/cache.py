@@ -443,8 +443,7 @@ class KVCache(Memory):
         if seq_id >= 0:
             strm = int(self.seq_to_stream[seq_id])
             cells = self.v_cells[strm]
-            whole = cells.covers(seq_id, p0, p1)  # then its bounds are known after: none
-            idx = cells.seq_cells_in(seq_id, p0, p1)
+            idx, whole = cells.seq_cells_in_all(seq_id, p0, p1)  # whole: no cells left after
             freed = cells.seq_rm_bit(idx, seq_id, whole)
             heads = self.v_heads.a  # the array itself: one scalar read, no wrapper call
             if freed.size and freed[0] < heads[strm]:

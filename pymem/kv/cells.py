@@ -82,8 +82,12 @@ def _sel(rows: Rows, sel: np.ndarray) -> Rows:
 
 def _run(idx: np.ndarray) -> np.ndarray | slice:
     """Cells ``idx`` (ascending, distinct, not empty) as a slice when they are one run,
-    which numpy reads and writes without gathers; else ``idx``. E.g. [5, 6, 7] -> 5:8."""
-    lo, n = int(idx[0]), idx.size
+    which numpy reads and writes without gathers; else ``idx``. E.g. [5, 6, ..., 300] ->
+    5:301. A few cells stay an array: gathers of them cost less than the test."""
+    n = idx.size
+    if n < 256:
+        return idx
+    lo = int(idx[0])
     return slice(lo, lo + n) if int(idx[-1]) - lo + 1 == n else idx
 
 
@@ -740,7 +744,13 @@ class KVCells:
 
     def seq_cells_in(self, seq_id: int, p0: int, p1: int) -> np.ndarray:
         """Indices of the cells holding ``seq_id`` with ``p0 <= pos < p1`` (``p0 >= 0``),
-        ascending: ``flatnonzero(pos in [p0, p1) & seq_mask(seq_id))`` in fewer passes.
+        ascending (see :meth:`seq_cells_in_all`)."""
+        return self.seq_cells_in_all(seq_id, p0, p1)[0]
+
+    def seq_cells_in_all(self, seq_id: int, p0: int, p1: int) -> tuple[np.ndarray, bool]:
+        """The cells holding ``seq_id`` with ``p0 <= pos < p1`` (``p0 >= 0``), ascending:
+        ``flatnonzero(pos in [p0, p1) & seq_mask(seq_id))`` in fewer passes; and whether
+        they are known to be all of its cells (clean bounds inside the range).
 
         Only cells below ``used_max_p1`` are scanned (the stored value is an upper bound
         even while dirty: freeing cells never raises it). With clean cached bounds a range
@@ -749,23 +759,23 @@ class KVCells:
         when it is small (a tail, say), the exact tests run on its cells only.
         """
         if p1 <= p0:
-            return _NO_CELLS
+            return _NO_CELLS, False
         n = int(self.store.used_max_p1[self.strm])
         below_p1 = False  # every cell of seq_id is known to be below p1
         if self._pdirty[seq_id] == 0:
             lo, hi = int(self._pmin[seq_id]), int(self._pmax[seq_id])
             if hi < p0 or lo >= p1:  # also a sequence without cells: E.g. [-1 .. EMPTY_MIN]
-                return _NO_CELLS
+                return _NO_CELLS, False
             below_p1 = hi < p1
             if p0 <= lo and below_p1:
-                return np.flatnonzero(self.seq_mask(seq_id, 0, n))
+                return np.flatnonzero(self.seq_mask(seq_id, 0, n)), True
         pos = self.pos[:n]
         # from 0: one unsigned comparison, exact (E.g. pos [-1, 2, 9], p1 5 -> [F, T, F]);
         # else pos >= p0, a superset (E.g. pos [-1, 2, 9], [5, 7) -> [F, F, T])
         coarse = pos.view(np.uint32) < np.uint32(p1) if p0 == 0 else pos >= np.int32(p0)
         if 8 * int(np.count_nonzero(coarse)) > n:  # most cells: masks beat gathers
             exact = coarse if p0 == 0 else coarse & (pos < p1)
-            return np.flatnonzero(exact & self.seq_mask(seq_id, 0, n))
+            return np.flatnonzero(exact & self.seq_mask(seq_id, 0, n)), False
         cand = np.flatnonzero(coarse)
         own = self.owner[cand]
         keep = own == seq_id
@@ -776,7 +786,7 @@ class KVCells:
             keep[multi] = (self.seq[cand[multi], w] & b) != 0
         if p0 > 0 and not below_p1:
             keep &= pos[cand] < p1
-        return cand[keep]
+        return cand[keep], False
 
     def _refresh(self, seq_id: int) -> None:
         p = self.pos[self.seq_mask(seq_id)]
@@ -880,13 +890,6 @@ class KVCells:
         idx = np.asarray(idx, dtype=np.int64)
         strm = np.array([self.strm], dtype=np.int64)
         self.store.set_new(strm, idx.reshape(1, -1), pos, seq_id, ext)
-
-    def covers(self, seq_id: int, p0: int, p1: int) -> bool:
-        """Whether ``[p0, p1)`` holds every cell of ``seq_id``, as the clean cached bounds
-        say (False when they are dirty: not known without a scan)."""
-        if self._pdirty[seq_id]:
-            return False
-        return bool(p0 <= self._pmin[seq_id] and self._pmax[seq_id] < p1)
 
     def seq_rm_bit(self, idx: np.ndarray, seq_id: int, whole: bool = False) -> np.ndarray:
         """Remove ``seq_id`` from the cells ``idx`` (ascending, distinct; all hold it).
