@@ -432,3 +432,27 @@ def test_zeroing_paths_for_non_host_tensors(monkeypatch, name):
         return out
 
     assert run(True) == run(False)
+
+
+def test_state_flags_are_one_behaviour_for_every_memory() -> None:
+    """ON_DEVICE leaves pymem's bytes unchanged for every memory type (recurrent memory
+    used to refuse it while KV caches ignored it); unknown flag bits are a RangeError."""
+    from pymem import ContextParams, LayerSpec, ModelSpec, create_memory
+    from pymem.errors import RangeError as _RangeError
+    from pymem.memory import StateFlags
+
+    specs = {
+        "kv": ModelSpec(layers=(LayerSpec.attention(n_head_kv=2, head_dim=8),) * 2),
+        "recurrent": ModelSpec(layers=(LayerSpec.ssm(n_embd_r=8, n_embd_s=16),) * 2),
+        "hybrid": ModelSpec(
+            layers=(LayerSpec.ssm(n_embd_r=8, n_embd_s=16), LayerSpec.attention(2, 8))
+        ),
+    }
+    for name, spec in specs.items():
+        with create_memory(spec, ContextParams(n_ctx=256, n_seq_max=2, n_ubatch=64)) as mem:
+            for seq in (-1, 0):
+                plain = mem.state_write(seq)
+                assert mem.state_write(seq, StateFlags.ON_DEVICE) == plain, name
+                assert mem.state_read(plain, seq, StateFlags.ON_DEVICE) == len(plain), name
+            with pytest.raises(_RangeError, match="unknown bits"):
+                mem.state_write(-1, 8)

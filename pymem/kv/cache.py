@@ -85,7 +85,7 @@ from pymem.memory import (
     clamp_range,
 )
 from pymem.spec import ModelSpec, NonCausalType, SWAType, masked_swa
-from pymem.state import StateReader, StateWriter
+from pymem.state import StateReader, StateWriter, check_state_flags
 from pymem.types import GGMLType, ggml_type
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
@@ -1005,6 +1005,7 @@ class KVCache(Memory):
     def state_write_into(self, writer: StateWriter, seq_id: int = -1, flags: int = 0) -> None:
         """Serialise this cache's part of a state blob into ``writer`` (format b.2)."""
         self.check_open()
+        check_state_flags(flags, "state_write")
         seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
         state_io.write_kv_state(self.layout, self.v_cells, self.layers, writer, seq_id)
 
@@ -1017,6 +1018,7 @@ class KVCache(Memory):
         that did not match. Nothing may change the cache between parse and commit.
         """
         self.check_open()
+        check_state_flags(flags, "state_read")
         seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
         hooks = state_io.KVStateHooks(
             version=lambda: self._version,
