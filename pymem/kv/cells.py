@@ -327,22 +327,21 @@ class StackedCells:
             self.pmax_f[key] = hi
             self.pdirty_f[key] = 0
 
-    def pos_max_at(self, key: np.ndarray) -> np.ndarray:
-        """Largest position of (stream, sequence) keys ``s * 256 + seq_id`` (-1 if none),
-        recomputing the dirty ones."""
-        dirty = key[(self.pdirty_f[key] & STALE_MAX) != 0]
+    def _refresh_stale(self, key: np.ndarray, flag: int) -> None:
+        """Recompute the (stream, sequence) keys whose ``flag`` bound is stale."""
+        dirty = key[(self.pdirty_f[key] & flag) != 0]
         if dirty.size:
             dirty = np.unique(dirty)
             self.refresh(dirty // LLAMA_MAX_SEQ, dirty % LLAMA_MAX_SEQ)
+
+    def pos_max_at(self, key: np.ndarray) -> np.ndarray:
+        """Largest position of (stream, sequence) keys ``s * 256 + seq_id`` (-1 if none)."""
+        self._refresh_stale(key, STALE_MAX)
         return self.pmax_f[key]
 
     def pos_min_at(self, key: np.ndarray) -> np.ndarray:
-        """Smallest position of (stream, sequence) keys (``EMPTY_MIN`` if none),
-        recomputing the dirty ones."""
-        dirty = key[(self.pdirty_f[key] & STALE_MIN) != 0]
-        if dirty.size:
-            dirty = np.unique(dirty)
-            self.refresh(dirty // LLAMA_MAX_SEQ, dirty % LLAMA_MAX_SEQ)
+        """Smallest position of (stream, sequence) keys (``EMPTY_MIN`` if none)."""
+        self._refresh_stale(key, STALE_MIN)
         return self.pmin_f[key]
 
     # --- primitive mutations (vectorised over global cell ids) ---------------------------
