@@ -41,9 +41,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import family_attention
+import family_linear
+import family_other
+import family_ssm
+from runconfig import N_SEQ, RunConfig
+
+FAMILIES = (family_attention, family_ssm, family_linear, family_other)
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "data"
-N_SEQ = 4
 SEQ_MAGIC = 0xAF143CD8
 PARTIAL_ONLY = 1  # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
 
@@ -54,50 +62,6 @@ GGML_TYPE_NAMES = {v: k for k, v in GGML_TYPES.items()}
 # --------------------------------------------------------------------------------------
 # the runs
 # --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """One recording: model file, scenario variant and context parameters.
-
-    ``scenario`` is the run's label (``main`` = the shared runs' scenario, plus suffixes
-    naming what differs); what is played is decided by ``kshift`` (False: no decode while a
-    K-shift is pending, since the reference aborts on it for an iSWA base cache without
-    layers and segfaults for a q8_0 K cache on CPU) and ``n_rs_seq`` (> 0: recurrent
-    rollbacks are added), see :func:`scenario`.
-    """
-
-    name: str
-    model: str
-    model_file: str
-    scenario: str
-    n_ctx: int
-    n_ubatch: int
-    flash_attn: bool
-    kv_unified: bool
-    n_batch: int = 256
-    type_k: str = "f16"
-    type_v: str = "f16"
-    n_rs_seq: int = 0
-    swa_full: bool = False
-    kshift: bool = True
-    fill: bool = False  # play fill_scenario (cells run out) instead of scenario
-    ops: bool = False  # play ops_scenario (unusual op arguments) instead of scenario
-    checkpoint: bool = False  # play checkpoint_scenario (PARTIAL_ONLY states)
-
-    def context_params(self) -> dict[str, Any]:
-        return {
-            "n_ctx": self.n_ctx,
-            "n_seq_max": N_SEQ,
-            "n_batch": self.n_batch,
-            "n_ubatch": self.n_ubatch,
-            "flash_attn": self.flash_attn,
-            "kv_unified": self.kv_unified,
-            "swa_full": self.swa_full,
-            "type_k": self.type_k,
-            "type_v": self.type_v,
-            "n_rs_seq": self.n_rs_seq,
-        }
 
 
 RUNS = [
@@ -188,7 +152,10 @@ RUNS = [
         type_k="q8_0", type_v="q8_0", kshift=False,
     ),
 ]  # fmt: skip
+for _family in FAMILIES:
+    RUNS += _family.RUNS
 RUNS_BY_NAME = {r.name: r for r in RUNS}
+assert len(RUNS_BY_NAME) == len(RUNS), "two runs share a name"
 
 
 # --------------------------------------------------------------------------------------
@@ -833,7 +800,8 @@ def memory_section(ref: Reference, cfg: RunConfig, wholes: list[bytes]) -> tuple
 
     # the blob headers: the first whole state in which every KV part has a non-empty
     # stream (and, for recurrent parts, any state: their data header is always written)
-    has_ext = False  # none of the recorded archs uses M-RoPE or PLE n-gram ids
+    # cells carry (x, y) positions when the model uses M-RoPE / interleaved M-RoPE
+    has_ext = rope_type in (8, 40)
     headers: list[Any] | None = None
     for whole in wholes:
         b = _Blob(whole)
@@ -1087,14 +1055,16 @@ _ARG_KEYS = (
 
 
 def write_models(out: Path, names: set[str]) -> None:
-    sys.path.insert(0, str(HERE))
-    from models import MODEL_WRITERS
+    from models import MODEL_WRITERS as writers
 
+    writers = dict(writers)
+    for family in FAMILIES:
+        writers.update(family.MODEL_WRITERS)
     (out / "models").mkdir(parents=True, exist_ok=True)
     for name in sorted(names):
         dst = out / "models" / name
-        if name in MODEL_WRITERS:
-            MODEL_WRITERS[name](dst)
+        if name in writers:
+            writers[name](dst)
         elif not dst.exists():
             shutil.copyfile(DATA / "models" / name, dst)
 

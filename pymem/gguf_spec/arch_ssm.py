@@ -1,0 +1,45 @@
+"""Mamba-family architectures: Mamba, Mamba-2 and the hybrids built on their layers.
+
+Recurrent widths come from the SSM keys (``Draft.load_ssm``); which layers recur is the
+architecture's rule (every layer, or those without KV heads).
+"""
+
+from __future__ import annotations
+
+from pymem.gguf_spec.draft import ArchRule, Draft
+from pymem.gguf_spec.meta import GGUFMeta
+from pymem.spec import RopeType
+
+
+def _mamba(m: GGUFMeta, d: Draft) -> None:
+    d.load_ssm(group=False)
+
+
+def _jamba(m: GGUFMeta, d: Draft) -> None:
+    d.load_ssm(group=False)
+    d.recurrent_where_no_kv_heads()
+
+
+def _mamba2(m: GGUFMeta, d: Draft) -> None:
+    d.load_ssm(group=True)
+
+
+def _falcon_h1(m: GGUFMeta, d: Draft) -> None:
+    d.load_ssm(group=True)
+    d.is_recr = [True] * d.n_layer_all
+
+
+def _granitehybrid(m: GGUFMeta, d: Draft) -> None:
+    d.load_ssm(group=True)
+    # Granite switches RoPE off with rope.scaling.finetuned = false
+    d.rope_pattern = [m.bool_(d.key("rope.scaling.finetuned"), True)] * d.n_layer_all
+    d.recurrent_where_no_kv_heads()
+
+
+RULES: dict[str, ArchRule] = {
+    "mamba": ArchRule(RopeType.NONE, _mamba),
+    "mamba2": ArchRule(RopeType.NONE, _mamba2),
+    "jamba": ArchRule(RopeType.NONE, _jamba),
+    "falcon-h1": ArchRule(RopeType.NEOX, _falcon_h1),
+    "granitehybrid": ArchRule(RopeType.NORM, _granitehybrid),
+}

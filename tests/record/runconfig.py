@@ -1,0 +1,56 @@
+"""One recording's settings (model file, scenario variant, context parameters).
+
+Shared by record_llama_cpp.py and the per-family run lists (``family_*.py``), which each
+add their models' writers (``MODEL_WRITERS``) and runs (``RUNS``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+N_SEQ = 4
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One recording: model file, scenario variant and context parameters.
+
+    ``scenario`` is the run's label (``main`` = the shared runs' scenario, plus suffixes
+    naming what differs); what is played is decided by ``kshift`` (False: no decode while a
+    K-shift is pending, since the reference aborts on it for an iSWA base cache without
+    layers and segfaults for a q8_0 K cache on CPU) and ``n_rs_seq`` (> 0: recurrent
+    rollbacks are added), see :func:`scenario`.
+    """
+
+    name: str
+    model: str
+    model_file: str
+    scenario: str
+    n_ctx: int
+    n_ubatch: int
+    flash_attn: bool
+    kv_unified: bool
+    n_batch: int = 256
+    type_k: str = "f16"
+    type_v: str = "f16"
+    n_rs_seq: int = 0
+    swa_full: bool = False
+    kshift: bool = True
+    fill: bool = False  # play fill_scenario (cells run out) instead of scenario
+    ops: bool = False  # play ops_scenario (unusual op arguments) instead of scenario
+    checkpoint: bool = False  # play checkpoint_scenario (PARTIAL_ONLY states)
+
+    def context_params(self) -> dict[str, Any]:
+        return {
+            "n_ctx": self.n_ctx,
+            "n_seq_max": N_SEQ,
+            "n_batch": self.n_batch,
+            "n_ubatch": self.n_ubatch,
+            "flash_attn": self.flash_attn,
+            "kv_unified": self.kv_unified,
+            "swa_full": self.swa_full,
+            "type_k": self.type_k,
+            "type_v": self.type_v,
+            "n_rs_seq": self.n_rs_seq,
+        }
