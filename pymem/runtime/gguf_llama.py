@@ -47,17 +47,14 @@ import pymem.ggml as gg
 from pymem.backend import Device, TensorSpec, TensorStore, get_device
 from pymem.errors import ConfigError, UnsupportedError
 from pymem.gguf_spec import GGUFHParams, hparams_from_gguf, spec_from_gguf
+from pymem.runtime import graph_attention, graph_delta, graph_ssm2
+from pymem.runtime.arch_graph import ArchGraph, f32, f32_div
 from pymem.runtime.graph import RecurrentInputs, StepInputs
 from pymem.spec import ModelSpec, RopeSpec
 from pymem.ubatch import UBatch
 
 NULL = gg.ffi.NULL
 F32 = 4  # bytes per float32
-
-SUPPORTED = ("llama", "mamba", "jamba", "gemma2", "lfm2")
-
-# LLM_TENSOR_OUTPUT_NORM by architecture (LFM2 names it after the embeddings)
-_OUTPUT_NORM = {"lfm2": "token_embd_norm.weight"}
 
 
 # --- weights -------------------------------------------------------------------------
@@ -115,14 +112,8 @@ class _Keys:
         return bool(field.contents()) if field is not None else False
 
 
-def _f32_div(a: float, b: float) -> float:
-    """``a / b`` computed in float32, as C computes ``1.0f / x``."""
-    return float(np.float32(a) / np.float32(b))
-
-
-def _f32(x: float) -> float:
-    """``x`` rounded to float32 (what a C ``float`` parameter receives)."""
-    return float(np.float32(x))
+_f32_div = f32_div
+_f32 = f32
 
 
 # --- the model -----------------------------------------------------------------------
@@ -205,15 +196,19 @@ class GGUFModel:
     ) -> None:
         self.path = os.fspath(path)
         self.hp_file = hparams_from_gguf(self.path)
-        if self.hp_file.arch not in SUPPORTED:
+        self.arch_graph = ARCH_GRAPHS.get(self.hp_file.arch)
+        if self.arch_graph is None:
             raise UnsupportedError(
-                f"{self.path}: architecture {self.hp_file.arch!r}; supported: {', '.join(SUPPORTED)}"
+                f"{self.path}: architecture {self.hp_file.arch!r}; supported: "
+                f"{', '.join(sorted(ARCH_GRAPHS))}"
             )
         self.device = get_device(device)
         reader = gguf.GGUFReader(self.path)
         self.weights = GGUFWeights(self.path, self.device, reader)
         n_vocab = int(self.weights.store["token_embd.weight"].shape[1])
-        self.hp = HParams.from_gguf(_Keys(self.path, reader), self.hp_file, n_vocab)
+        # the file's keys, for architecture graphs that read keys of their own
+        self.keys = _Keys(self.path, reader)
+        self.hp = HParams.from_gguf(self.keys, self.hp_file, n_vocab)
         self.spec: ModelSpec = spec_from_gguf(self.path)
         # llama.cpp: a missing output.weight means tied embeddings (TENSOR_DUPLICATED)
         self.output = self.weights.get("output.weight", required=False)
@@ -258,17 +253,12 @@ class GGUFModel:
             cur = ctx.get_rows(self.weights.get("token_embd.weight"), inp_tokens)
             g.expand(cur)
             t_out_ids = g.input("i32", (n_outputs,), out_ids, "inp_out_ids")
-            build = {"llama": g.llama, "mamba": g.mamba, "jamba": g.jamba,
-                     "gemma2": g.gemma2, "lfm2": g.lfm2}[hp.arch]  # fmt: skip
-            cur = build(cur, t_out_ids)
-            cur = g.norm(cur, self.weights.get(_OUTPUT_NORM.get(hp.arch, "output_norm.weight")))
+            arch = self.arch_graph
+            cur = arch.build(g, cur, t_out_ids)
+            cur = g.norm(cur, self.weights.get(arch.output_norm))
             cur = ctx.mul_mat(self.output, cur)
-            if hp.attn_soft_cap:
-                # final logit soft-capping: cap * tanh(logits / cap)
-                cap = hp.f_final_logit_softcapping
-                cur = ctx.scale(cur, _f32_div(1.0, cap))
-                cur = tanh(ctx, cur)
-                cur = ctx.scale(cur, cap)
+            if arch.finish is not None:
+                cur = arch.finish(g, cur)
             g.expand(cur)
             if n_outputs:
                 (out,) = self.runner.run(ctx, g.nodes, inputs=g.feed, read=[cur])
@@ -278,7 +268,7 @@ class GGUFModel:
         return logits
 
 
-class _Graph:
+class _Graph(graph_ssm2.SSM2Graph, graph_delta.DeltaNetGraph, graph_attention.AttentionGraph):
     """The nodes of one ubatch's graph, expanded in llama.cpp's order."""
 
     def __init__(
@@ -710,3 +700,26 @@ def geglu_split(ctx: gg.Context, gate: Any, up: Any) -> Any:
 def tanh(ctx: gg.Context, a: Any) -> Any:
     """``ggml_tanh(ctx, a)`` (soft-capping)."""
     return ctx.tanh(a)
+
+
+def _soft_cap_logits(g: _Graph, cur: Any) -> Any:
+    """Gemma-2's final logit soft-capping: ``cap * tanh(logits / cap)``."""
+    cap = g.hp.f_final_logit_softcapping
+    cur = g.ctx.scale(cur, _f32_div(1.0, cap))
+    return g.ctx.scale(tanh(g.ctx, cur), cap)
+
+
+ARCH_GRAPHS: dict[str, ArchGraph] = {
+    "llama": ArchGraph(_Graph.llama),
+    "mamba": ArchGraph(_Graph.mamba),
+    "jamba": ArchGraph(_Graph.jamba),
+    "gemma2": ArchGraph(_Graph.gemma2, finish=_soft_cap_logits),
+    # LFM2 names its output norm after the embeddings
+    "lfm2": ArchGraph(_Graph.lfm2, output_norm="token_embd_norm.weight"),
+}
+for _family in (graph_ssm2, graph_attention, graph_delta):
+    if ARCH_GRAPHS.keys() & _family.ARCH_GRAPHS.keys():
+        raise RuntimeError(f"{_family.__name__}: architectures registered twice")
+    ARCH_GRAPHS.update(_family.ARCH_GRAPHS)
+SUPPORTED = tuple(ARCH_GRAPHS)
+"""Every architecture the engine builds (llama.cpp's graph, op for op)."""

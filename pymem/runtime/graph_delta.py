@@ -1,0 +1,18 @@
+"""Gated delta-net hybrids: Qwen3.5 (qwen35, qwen35moe) and Qwen3-Next.
+
+A mixin of the engine's graph builder (``pymem.runtime.gguf_llama._Graph``): methods
+here use its context (``self.ctx``), hyper-parameters (``self.hp``), weights
+(``self.m._w``), inputs and shared blocks (``norm``, ``ffn``, ``attention``,
+``build_rs``, ...). :data:`ARCH_GRAPHS` registers the architectures built here.
+"""
+
+from __future__ import annotations
+
+from pymem.runtime.arch_graph import ArchGraph
+
+
+class DeltaNetGraph:
+    """Graph builders of this family (mixed into the engine's graph builder)."""
+
+
+ARCH_GRAPHS: dict[str, ArchGraph] = {}
