@@ -29,8 +29,8 @@ else ``mul_mat`` + ``soft_max_ext`` over transposed V (F32 mask). MoE layers, Lo
 control vectors, embeddings input and non-causal LFM2 are not built
 (:class:`~pymem.errors.UnsupportedError`).
 
-Only F32 weight tensors are loaded (the recorded models are F32); other types raise
-:class:`~pymem.errors.UnsupportedError` naming the tensor.
+Weights keep their file's type (F32, F16, Q8_0, the K-quants, ...; see
+:class:`GGUFWeights`); the recorded q8_0 and q4_K models decode as llama.cpp decodes them.
 """
 
 from __future__ import annotations
@@ -45,12 +45,13 @@ import numpy as np
 
 import pymem.ggml as gg
 from pymem.backend import Device, TensorSpec, TensorStore, get_device
-from pymem.errors import ConfigError, UnsupportedError
+from pymem.errors import ConfigError, TypeSpecError, UnsupportedError
 from pymem.gguf_spec import GGUFHParams, hparams_from_gguf, spec_from_gguf
 from pymem.runtime import graph_attention, graph_delta, graph_ssm2
 from pymem.runtime.arch_graph import ArchGraph, f32, f32_div
 from pymem.runtime.graph import RecurrentInputs, StepInputs
 from pymem.spec import ModelSpec, RopeSpec
+from pymem.types import ggml_type
 from pymem.ubatch import UBatch
 
 NULL = gg.ffi.NULL
@@ -61,24 +62,34 @@ F32 = 4  # bytes per float32
 
 
 class GGUFWeights:
-    """Every tensor of a GGUF file in one :class:`TensorStore` (F32 only), by GGUF name."""
+    """Every tensor of a GGUF file in one :class:`TensorStore`, by GGUF name.
+
+    Tensors keep the file's type (F32, F16, BF16, Q8_0, the K-quants, ...): the bytes are
+    copied as stored, and ggml's kernels (``mul_mat``, ``get_rows``) read them as
+    llama.cpp's do. A type this ggml build does not know raises
+    :class:`~pymem.errors.UnsupportedError` naming the tensor.
+    """
 
     def __init__(self, path: str | os.PathLike[str], device: Device, reader: Any = None) -> None:
         reader = reader if reader is not None else gguf.GGUFReader(os.fspath(path))
-        specs, arrays = [], []
+        specs, payloads = [], []
         for t in reader.tensors:
-            if t.tensor_type != gguf.GGMLQuantizationType.F32:
+            type_id = int(t.tensor_type)
+            try:
+                gtype = ggml_type(type_id)
+            except TypeSpecError as exc:
                 raise UnsupportedError(
-                    f"{path}: tensor {t.name!r} has type {t.tensor_type.name}; only F32 "
-                    "weights are supported"
-                )
-            # GGUF lists ggml's ne (ne0 first); the data is numpy in reversed order
-            specs.append(TensorSpec(t.name, "f32", tuple(int(n) for n in t.shape)))
-            arrays.append(np.ascontiguousarray(t.data, dtype=np.float32))
+                    f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, unknown to this "
+                    f"ggml build"
+                ) from exc
+            # GGUF lists ggml's ne (ne0 first); the data is the stored bytes in that order
+            specs.append(TensorSpec(t.name, gtype, tuple(int(n) for n in t.shape)))
+            payloads.append(np.ascontiguousarray(t.data).view(np.uint8).reshape(-1))
         self.store = TensorStore(device, specs)
-        for spec, arr in zip(specs, arrays):
-            self.store[spec.name].write_bytes(arr)
+        for spec, data in zip(specs, payloads):
+            self.store[spec.name].write_bytes(data)
         self.names = frozenset(s.name for s in specs)
+        self.types = {s.name: ggml_type(s.type).name for s in specs}
 
     def get(self, name: str, required: bool = True) -> Any:
         """The ``ggml_tensor *`` of ``name`` (None when optional and absent)."""

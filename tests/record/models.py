@@ -196,6 +196,50 @@ def write_lfm2(path: Path, *, n_swa: int = 0) -> Path:
     return path
 
 
+def write_llama_quantized(path: Path, *, ftype: str) -> Path:
+    """llama with quantised weights: a 2-layer F32 model of width 256 quantised by the reference.
+
+    Why 256: the K-quants pack 256 values per block, so every weight row (ne0: n_embd, and
+    n_ff for ffn_down) must be a multiple of it. 4 heads of 64, 1 KV head (K/V rows of 64).
+    ``llama_model_quantize`` with ``pure`` set gives every 2-D weight ``ftype`` (``"q8_0"`` or
+    ``"q4_K"``); the norms stay F32, as the reference keeps them.
+    """
+    import ctypes
+    import tempfile
+
+    import llama_cpp
+
+    n_embd, n_layer, n_ff, n_head, n_head_kv = 256, 2, 256, 4, 1
+    head = n_embd // n_head
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "f32.gguf"
+        m = _Model(src, "llama", f"tiny-llama-{ftype}", seed=11)
+        _common(m, n_embd, n_layer, n_ff, n_head)
+        m.u32("attention.head_count_kv", n_head_kv)
+        m.u32("rope.dimension_count", head)
+        m.f32("rope.freq_base", 10000.0)
+        m.weight("token_embd.weight", (n_embd, N_VOCAB))
+        m.norm("output_norm.weight", n_embd)
+        m.weight("output.weight", (n_embd, N_VOCAB))
+        for il in range(n_layer):
+            m.norm(f"blk.{il}.attn_norm.weight", n_embd)
+            _qkvo(m, il, n_embd, n_head * head, n_head_kv * head)
+            m.norm(f"blk.{il}.ffn_norm.weight", n_embd)
+            _ffn(m, il, n_embd, n_ff)
+        m.finish()
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.nthread = 1
+        params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+                        "q4_K": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[ftype]  # fmt: skip
+        params.pure = True
+        rc = llama_cpp.llama_model_quantize(
+            str(src).encode(), str(path).encode(), ctypes.byref(params)
+        )
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize({ftype}) failed: {rc}")
+    return path
+
+
 # model file name -> writer; tiny-llama / tiny-mamba / tiny-jamba come with the shared data
 MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-gemma2.gguf": write_gemma2,
@@ -203,4 +247,6 @@ MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-llama-e8.gguf": write_llama,
     "tiny-lfm2.gguf": write_lfm2,
     "tiny-lfm2-swa.gguf": lambda p: write_lfm2(p, n_swa=8),
+    "tiny-llama-q8_0.gguf": lambda p: write_llama_quantized(p, ftype="q8_0"),
+    "tiny-llama-q4_K.gguf": lambda p: write_llama_quantized(p, ftype="q4_K"),
 }

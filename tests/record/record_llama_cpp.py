@@ -151,6 +151,15 @@ RUNS = [
         "llama.noshift-q8_0.fa1.u1", "llama", "tiny-llama.gguf", "noshift-q8_0", 256, 256, True, True,
         type_k="q8_0", type_v="q8_0", kshift=False,
     ),
+    # quantised weights (every 2-D weight q8_0 / q4_K, width 256): the engine's kernels
+    # read them as the reference's; the memory is an ordinary F16 KV cache
+    RunConfig(
+        "llama-q8_0.main.fa1.u1", "llama-q8_0", "tiny-llama-q8_0.gguf", "main", 256, 64, True, True
+    ),
+    RunConfig(
+        "llama-q4_K.main.fa0.u0", "llama-q4_K", "tiny-llama-q4_K.gguf", "main", 1024, 64, False,
+        False,
+    ),
 ]  # fmt: skip
 for _family in FAMILIES:
     RUNS += _family.RUNS
@@ -181,6 +190,10 @@ class Reference:
         lc.llama_backend_init()
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = 0
+        # weights in plain CPU buffers: no AMX / repacked copies of quantised weights (the
+        # AMX path crashes on this machine kind, and repacked kernels round differently
+        # from the plain ones a pymem runtime uses)
+        mp.use_extra_bufts = False
         self.model = lc.llama_model_load_from_file(str(model_path).encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {model_path}")
