@@ -2,14 +2,99 @@
 
 ``MODEL_WRITERS``: model file name -> writer (see models.py); ``RUNS``: the runs recorded
 with them (record_llama_cpp.py adds both to its own).
+
+Every model here uses the Mamba-2 mixer (``llm_build_mamba_base::build_mamba2_layer``)
+with the same tiny widths (:data:`SSM2`): n_embd 8, d_inner 16 split into 4 heads of 4,
+2 groups of d_state 4, conv kernel 4. The conv state covers x, B and C:
+R rows of (d_conv - 1) * (d_inner + 2 * n_group * d_state) = 3 * 32 = 96 floats; the SSM
+state S rows of d_state * d_inner = 64 floats.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from models import N_VOCAB, _common, _Model
 from runconfig import RunConfig
 
-MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {}
-RUNS: list[RunConfig] = []
+
+@dataclass(frozen=True)
+class _SSM2:
+    """Mamba-2 mixer widths (the ``ssm.*`` keys)."""
+
+    n_embd: int = 8
+    d_conv: int = 4
+    d_inner: int = 16  # 2 * n_embd (granitehybrid requires the expansion factor 2)
+    d_state: int = 4
+    n_head: int = 4  # ssm.time_step_rank; head_dim = d_inner / n_head = 4
+    n_group: int = 2  # ssm_norm is a grouped RMS norm of d_inner / n_group = 8
+
+    @property
+    def conv_dim(self) -> int:
+        """The conv covers x, B and C: d_inner + 2 * n_group * d_state."""
+        return self.d_inner + 2 * self.n_group * self.d_state
+
+    @property
+    def d_in_proj(self) -> int:
+        """ssm_in's output: z, xBC and dt (one per head)."""
+        return self.d_inner + self.conv_dim + self.n_head
+
+
+SSM2 = _SSM2()
+
+
+def _ssm_keys(m: _Model, s: _SSM2) -> None:
+    m.u32("ssm.conv_kernel", s.d_conv)
+    m.u32("ssm.inner_size", s.d_inner)
+    m.u32("ssm.state_size", s.d_state)
+    m.u32("ssm.time_step_rank", s.n_head)
+    m.u32("ssm.group_count", s.n_group)
+
+
+def _mamba2_mixer(m: _Model, il: int, s: _SSM2) -> None:
+    """One layer's Mamba-2 tensors (load_arch_tensors of mamba2 / granitehybrid / nemotron_h)."""
+    m.weight(f"blk.{il}.ssm_in.weight", (s.n_embd, s.d_in_proj))
+    m.weight(f"blk.{il}.ssm_conv1d.weight", (s.d_conv, s.conv_dim), scale=0.5)
+    m.weight(f"blk.{il}.ssm_conv1d.bias", (s.conv_dim,), scale=0.1)
+    m.weight(f"blk.{il}.ssm_dt.bias", (s.n_head,), scale=0.5)
+    # A = -exp(A_log) < 0 keeps the scan decaying
+    a = -(0.5 + m.rng.random((s.n_head, 1))).astype("float32")
+    m.w.add_tensor(f"blk.{il}.ssm_a", a)
+    m.weight(f"blk.{il}.ssm_d", (1, s.n_head), scale=1.0)
+    # the grouped RMS norm's weight: {d_inner / n_group, n_group}, near 1
+    g = 1.0 + 0.1 * m.rng.standard_normal((s.n_group, s.d_inner // s.n_group))
+    m.w.add_tensor(f"blk.{il}.ssm_norm.weight", g.astype("float32"))
+    m.weight(f"blk.{il}.ssm_out.weight", (s.d_inner, s.n_embd))
+
+
+def write_mamba2(path: Path) -> Path:
+    """mamba2: 2 recurrent layers of the Mamba-2 mixer (:data:`SSM2` widths).
+
+    llama_model_mamba2::load_arch_hparams requires the five ``ssm.*`` keys (group_count
+    included) and ``attention.layer_norm_rms_epsilon``; every layer recurs (recurrent
+    architecture). No attention heads (``attention.head_count`` 0).
+    """
+    s, n_layer = SSM2, 2
+    m = _Model(path, "mamba2", "tiny-mamba2", seed=21)
+    _common(m, s.n_embd, n_layer, 0, 0)
+    _ssm_keys(m, s)
+    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
+    m.norm("output_norm.weight", s.n_embd)
+    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
+        _mamba2_mixer(m, il, s)
+    m.finish()
+    return path
+
+
+MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
+    "tiny-mamba2.gguf": write_mamba2,
+}
+
+RUNS: list[RunConfig] = [
+    RunConfig("mamba2.main.u1", "mamba2", "tiny-mamba2.gguf", "main", 256, 64, False, True),
+    RunConfig("mamba2.ops.u1", "mamba2", "tiny-mamba2.gguf", "ops", 256, 32, False, True, ops=True),
+]
