@@ -88,6 +88,12 @@ OPS = frozenset(
         "tanh",
         "swiglu_split",
         "geglu_split",
+        "rope_multi",
+        "gated_delta_net",
+        "repeat_4d",
+        "soft_max",
+        "argsort_top_k",
+        "mul_mat_id",
     ]
 )
 
