@@ -197,3 +197,15 @@ def test_a_window_that_moved_on_needs_a_checkpoint(engines) -> None:
         _decode(engine, fresh, prompt[32:40], 32, 0, fa)
         want = _decode(engine, fresh, [NEXT], 40, 0, fa)
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_checkpoint_names_do_not_clash() -> None:
+    # pymem.reuse.checkpoint used to be both a submodule and the function it re-exports:
+    # `import pymem.reuse.checkpoint` then shadowed the function with the module
+    import importlib
+
+    import pymem.reuse as reuse
+
+    module = importlib.import_module("pymem.reuse.checkpoints")
+    assert callable(reuse.checkpoint) and reuse.checkpoint is module.checkpoint
+    assert reuse.restore_checkpoint is module.restore_checkpoint

@@ -2,7 +2,7 @@
 
 Attention K/V can be trimmed to a common prefix; recurrent state and sliding windows
 cannot. This package makes every way back exact and says what it costs:
-:mod:`pymem.reuse.checkpoint` captures what trimming cannot restore,
+:mod:`pymem.reuse.checkpoints` captures what trimming cannot restore,
 :mod:`pymem.reuse.planner` picks the cheapest exact way back to a position,
 :mod:`pymem.reuse.prefix_cache` finds the longest reusable prefix of a request among live
 sequences, checkpoints in RAM and on disk (:mod:`pymem.reuse.radix`: the token tree) and
@@ -11,7 +11,7 @@ sets a sequence up from it.
 
 from __future__ import annotations
 
-from pymem.reuse.checkpoint import (
+from pymem.reuse.checkpoints import (
     Checkpoint,
     checkpoint,
     layout_of,

@@ -30,7 +30,7 @@ from pymem.errors import RangeError
 from pymem.kv import KVCache
 from pymem.memory import Memory
 from pymem.recurrent import RecurrentMemory
-from pymem.reuse.checkpoint import Checkpoint, layout_of, restore_checkpoint, trimmed_parts
+from pymem.reuse.checkpoints import Checkpoint, layout_of, restore_checkpoint, trimmed_parts
 from pymem.spec import SWAType, masked_swa
 
 RollbackKind = Literal["none", "trim", "snapshot", "checkpoint", "recompute"]

@@ -10,7 +10,7 @@ token prefix, what makes the prefix exactly reusable and picks the cheapest way 
     live          a sequence's own cells (its held tokens)  continue / trim / snapshot
                                                             (same sequence), copy (seq_cp)
     checkpoint    the untrimmable state at one position      restore_checkpoint, with the
-                  (pymem.reuse.checkpoint), in RAM           full-attention cells from a
+                  (pymem.reuse.checkpoints), in RAM           full-attention cells from a
                                                             live sequence holding the prefix
     disk          an evicted checkpoint in a container file  the same, after its checksum,
                                                             model and layout checks
@@ -72,7 +72,7 @@ from pymem.errors import ClosedError, ConfigError, RangeError, StateError, Unsup
 from pymem.kv import KVCache
 from pymem.memory import Memory, MemoryStatus, StateFlags
 from pymem.recurrent import RecurrentMemory
-from pymem.reuse.checkpoint import (
+from pymem.reuse.checkpoints import (
     Checkpoint,
     checkpoint,
     layout_of,

@@ -655,7 +655,7 @@ class Pair:
     MAX_CKPTS = 8
 
     def take_checkpoint(self, seq_id: int) -> str:
-        """``pymem.reuse.checkpoint`` vs the spec's PARTIAL_ONLY state write + position."""
+        """``pymem.reuse.checkpoint()`` vs the spec's PARTIAL_ONLY state write + position."""
         self._note(f"checkpoint(seq_id={seq_id})")
         s = self._run_spec(sreuse.checkpoint, self.sp, seq_id, read_only=True)
         p = self._run_pm(pm_checkpoint, self.pm, seq_id)
