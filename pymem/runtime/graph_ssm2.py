@@ -4,15 +4,163 @@ A mixin of the engine's graph builder (``pymem.runtime.gguf_llama._Graph``): met
 here use its context (``self.ctx``), hyper-parameters (``self.hp``), weights
 (``self.m._w``), inputs and shared blocks (``norm``, ``ffn``, ``attention``,
 ``build_rs``, ...). :data:`ARCH_GRAPHS` registers the architectures built here.
+
+The reference builders (vendor/llama.cpp/src/models):
+
+* ``mamba-base.cpp`` ``build_mamba2_layer``: one projection into z | xBC | dt, a causal
+  conv over x, B and C (conv state R, with ``n_rs_seq`` rollback planes), the selective
+  scan over heads of ``d_inner / n_head`` channels with ``n_group`` groups of B and C
+  (SSM state S, planes likewise), the D skip, the gate ``silu(z) * y`` and a grouped
+  RMS norm;
+* ``mamba2.cpp`` (``llama_model_mamba::graph`` with the Mamba-2 layer): every layer recurs;
+* ``granite-hybrid.cpp``: Mamba-2 or attention layers (no KV heads = recurrent), the
+  embedding, residual, attention and logit scales of Granite, dense SiLU FFN;
+* ``falcon-h1.cpp``: attention and Mamba-2 side by side in every layer, their sum is the
+  residual branch, then a dense SiLU FFN (the µP multipliers are folded into the
+  weights by the converter; this graph has none);
+* ``nemotron-h.cpp``: each layer is one of Mamba-2, attention (no RoPE) or a ReLU²
+  FFN (no gate); the last layer runs over every token and the output rows are taken
+  after the output norm.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import pymem.ggml as gg
+from pymem.errors import ConfigError
 from pymem.runtime.arch_graph import ArchGraph
+
+F32 = 4  # bytes per float32
 
 
 class SSM2Graph:
     """Graph builders of this family (mixed into the engine's graph builder)."""
 
+    # provided by the engine's graph builder (pymem.runtime.gguf_llama._Graph)
+    ctx: Any
+    hp: Any
+    m: Any
+    ubatch: Any
 
-ARCH_GRAPHS: dict[str, ArchGraph] = {}
+    # --- the Mamba-2 mixer ------------------------------------------------------------
+    def mamba2_layer(self, il: int, cur: Any) -> Any:
+        """``llm_build_mamba_base::build_mamba2_layer``.
+
+        The conv state (the last ``d_conv - 1`` columns of x | B | C) and the SSM state of
+        each ubatch sequence go to rows ``[head, head + n_seqs)``; with ``n_rs_seq`` > 0
+        the states 1..n_rs_seq tokens back go to the same rows of planes 1.. (the scan
+        returns them after the final states).
+        """
+        ctx, ub = self.ctx, self.ubatch
+        g: Any = self
+        rs = g._recr()
+        w = self.m._w
+        hp_file = self.m.hp_file
+        n_seqs, n_seq_tokens = ub.n_seqs, ub.n_seq_tokens
+        if not ub.equal_seqs or n_seqs * n_seq_tokens != ub.n_tokens:
+            raise ConfigError(
+                "ubatch: Mamba-2 layers need an equal-sequence split (split_equal or split_seq)"
+            )
+        d_conv, d_inner, d_state = hp_file.ssm_d_conv, hp_file.ssm_d_inner, hp_file.ssm_d_state
+        n_head, n_group = hp_file.ssm_dt_rank, hp_file.ssm_n_group
+        if n_head <= 0 or n_group <= 0 or d_inner % n_head or d_inner % n_group:
+            raise ConfigError(
+                f"{self.m.path}: ssm.inner_size {d_inner} must split into ssm.time_step_rank "
+                f"{n_head} heads and ssm.group_count {n_group} groups"
+            )
+        head_dim = d_inner // n_head
+        conv_dim = d_inner + 2 * n_group * d_state
+        # K: the final state plus n_rs_seq rollback snapshots
+        big_k = rs.n_rs_seq + 1 if rs.n_rs_seq > 0 else 1
+        n_written = min(n_seq_tokens, big_k)
+        r_all, s_all = rs.r_tensor(il).ptr, rs.s_tensor(il).ptr
+
+        conv = g.build_rs(r_all, (d_conv - 1) * conv_dim, ctx.get_rows)
+        conv = ctx.reshape_3d(conv, d_conv - 1, conv_dim, n_seqs)
+
+        # {n_embd, n_tokens} -> {d_in_proj, n_seq_tokens, n_seqs} = z | xBC | dt
+        zxbcdt = ctx.mul_mat(w(il, "ssm_in.weight"), cur)
+        zxbcdt = ctx.reshape_3d(zxbcdt, zxbcdt.ne[0], n_seq_tokens, n_seqs)
+        nb1, nb2 = zxbcdt.nb[1], zxbcdt.nb[2]
+        z = ctx.view_4d(zxbcdt, head_dim, n_head, n_seq_tokens, n_seqs, head_dim * F32, nb1, nb2, 0)
+        xbc = ctx.view_3d(zxbcdt, conv_dim, n_seq_tokens, n_seqs, nb1, nb2, d_inner * F32)
+        dt = ctx.view_3d(zxbcdt, n_head, n_seq_tokens, n_seqs, nb1, nb2,
+                         (d_inner + conv_dim) * F32)  # fmt: skip
+
+        # conv over [d_conv - 1 state columns | the tokens]; the d_conv - 1 columns ending
+        # `slot` tokens before the last are plane `slot`'s state
+        conv_x = ctx.concat(conv, ctx.transpose(xbc), 0)
+        row_count = (d_conv - 1) * conv_dim
+        row_size = int(gg.lib.ggml_row_size(r_all.type, row_count))
+        for slot in range(n_written):
+            last_conv = ctx.view_3d(conv_x, d_conv - 1, conv_dim, n_seqs, conv_x.nb[1],
+                                    conv_x.nb[2], (n_seq_tokens - slot) * int(conv_x.nb[0]))  # fmt: skip
+            dst = ctx.view_2d(r_all, row_count, n_seqs, r_all.nb[1],
+                              (slot * rs.size + rs.head) * row_size)  # fmt: skip
+            g.expand(ctx.cpy(last_conv, dst))
+        xbc = ctx.ssm_conv(conv_x, w(il, "ssm_conv1d.weight"))
+        xbc = ctx.add(xbc, w(il, "ssm_conv1d.bias"))
+        xbc = ctx.silu(xbc)
+
+        # x, B, C: the "V, K, Q" of the scan
+        xb1, xb2 = xbc.nb[1], xbc.nb[2]
+        x = ctx.view_4d(xbc, head_dim, n_head, n_seq_tokens, n_seqs, head_dim * F32, xb1, xb2, 0)
+        b = ctx.view_4d(xbc, d_state, n_group, n_seq_tokens, n_seqs, d_state * F32, xb1, xb2,
+                        d_inner * F32)  # fmt: skip
+        c = ctx.view_4d(xbc, d_state, n_group, n_seq_tokens, n_seqs, d_state * F32, xb1, xb2,
+                        (d_inner + n_group * d_state) * F32)  # fmt: skip
+        dt = ctx.add(ctx.cont(dt), w(il, "ssm_dt.bias"))
+        a = w(il, "ssm_a")
+
+        def get_ssm_rows(states: Any, ids: Any) -> Any:
+            ssm = ctx.reshape_4d(states, d_state, head_dim, n_head, states.ne[1])
+            return ctx.ssm_scan(ssm, x, dt, a, b, c, ids, big_k)
+
+        d = d_state * d_inner
+        y_ssm = g.build_rs(s_all, d, get_ssm_rows)
+        # y_ssm = [y of every token | n_written planes of n_seqs states]
+        s_row = int(gg.lib.ggml_row_size(s_all.type, d))
+        y_row = d * F32
+        y_bytes = int(gg.lib.ggml_nelements(x)) * F32
+        g.expand(
+            ctx.cpy(
+                ctx.view_3d(y_ssm, d, n_seqs, n_written, y_row, y_row * n_seqs, y_bytes),
+                ctx.view_3d(
+                    s_all, d, n_seqs, n_written, s_all.nb[1], rs.size * s_row, rs.head * s_row
+                ),
+            )
+        )
+        xr = int(x.nb[1])
+        y = ctx.view_4d(y_ssm, head_dim, n_head, n_seq_tokens, n_seqs, xr, n_head * xr,
+                        n_seq_tokens * n_head * xr, 0)  # fmt: skip
+        y = ctx.add(y, ctx.mul(x, w(il, "ssm_d")))
+        y = ctx.swiglu_split(ctx.cont(z), y)
+        ssm_norm = w(il, "ssm_norm.weight", required=False)
+        if ssm_norm is not None:
+            # grouped RMS norm: one norm per group of d_inner / n_group channels
+            y = ctx.reshape_4d(y, d_inner // n_group, n_group, n_seq_tokens, n_seqs)
+            y = g.norm(y, ssm_norm)
+        y = ctx.reshape_2d(y, d_inner, n_seq_tokens * n_seqs)
+        return ctx.mul_mat(w(il, "ssm_out.weight"), y)
+
+    # --- architectures ------------------------------------------------------------------
+    def mamba2(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_mamba::graph`` with Mamba-2 layers, up to the output norm."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        g.s_copy()  # build_rs_inp comes before build_inp_out_ids
+        inpL = inp
+        for il in range(hp.n_layer):
+            cur = g.norm(inpL, self.m._w(il, "attn_norm.weight"))
+            cur = self.mamba2_layer(il, cur)
+            if il == hp.n_layer - 1:
+                cur = ctx.get_rows(cur, out_ids)
+                inpL = ctx.get_rows(inpL, out_ids)
+            inpL = ctx.add(cur, inpL)
+        return inpL
+
+
+ARCH_GRAPHS: dict[str, ArchGraph] = {
+    "mamba2": ArchGraph(SSM2Graph.mamba2),
+}
