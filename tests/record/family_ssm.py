@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from models import N_VOCAB, _common, _Model
+from models import N_VOCAB, _common, _ffn, _Model, _qkvo
 from runconfig import RunConfig
 
 
@@ -90,11 +90,71 @@ def write_mamba2(path: Path) -> Path:
     return path
 
 
+def write_granitehybrid(path: Path, *, rope: bool = True) -> Path:
+    """granitehybrid (Granite-4-H): 4 layers [Mamba-2, attention, Mamba-2, attention], each
+    followed by a SwiGLU FFN.
+
+    llama_model_granite_hybrid::load_arch_hparams: a layer recurs iff its
+    ``head_count_kv`` is 0; ``rope.scaling.finetuned`` (default true) switches RoPE for
+    every layer (``rope = False`` writes false, as Granite-4-H checkpoints without
+    position embeddings do); load_arch_tensors requires d_inner == 2 * n_embd. The four
+    Granite scales are set (logit, residual, embedding, attention). 2 heads of 4, 1 KV
+    head: K/V rows of 4.
+    """
+    s, n_layer, n_ff, n_head, head = SSM2, 4, 16, 2, 4
+    kv_heads = [0, 1, 0, 1]
+    name = "tiny-granitehybrid" if rope else "tiny-granitehybrid-nope"
+    m = _Model(path, "granitehybrid", name, seed=31 if rope else 32)
+    _common(m, s.n_embd, n_layer, n_ff, n_head)
+    m.arr("attention.head_count_kv", kv_heads)
+    _ssm_keys(m, s)
+    m.f32("logit_scale", 2.0)
+    m.f32("residual_scale", 0.5)
+    m.f32("embedding_scale", 1.5)
+    m.f32("attention.scale", 0.25)
+    if not rope:
+        m.w.add_bool("granitehybrid.rope.scaling.finetuned", False)
+    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
+    m.norm("output_norm.weight", s.n_embd)
+    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
+        if kv_heads[il]:
+            _qkvo(m, il, s.n_embd, n_head * head, kv_heads[il] * head)
+        else:
+            _mamba2_mixer(m, il, s)
+        m.norm(f"blk.{il}.ffn_norm.weight", s.n_embd)
+        _ffn(m, il, s.n_embd, n_ff)
+    m.finish()
+    return path
+
+
 MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-mamba2.gguf": write_mamba2,
+    "tiny-granitehybrid.gguf": write_granitehybrid,
+    "tiny-granitehybrid-nope.gguf": lambda p: write_granitehybrid(p, rope=False),
 }
+
+_GH, _GH_NOPE = "tiny-granitehybrid.gguf", "tiny-granitehybrid-nope.gguf"
 
 RUNS: list[RunConfig] = [
     RunConfig("mamba2.main.u1", "mamba2", "tiny-mamba2.gguf", "main", 256, 64, False, True),
     RunConfig("mamba2.ops.u1", "mamba2", "tiny-mamba2.gguf", "ops", 256, 32, False, True, ops=True),
+    # granitehybrid: hybrid memory, attention layers 1 and 3, Mamba-2 layers 0 and 2
+    RunConfig("granitehybrid.main.fa1.u1", "granitehybrid", _GH, "main", 256, 64, True, True),
+    RunConfig("granitehybrid.main.fa0.u0", "granitehybrid", _GH, "main", 1024, 64, False, False),
+    # RoPE off (rope.scaling.finetuned false): the reference aborts on a decode while a
+    # K-shift is pending (its shift graph for layers without RoPE has no nodes:
+    # GGML_ASSERT(buffer)), so no decode runs while one is pending (kshift=False)
+    RunConfig(
+        "granitehybrid-nope.noshift.fa1.u1",
+        "granitehybrid",
+        _GH_NOPE,
+        "noshift",
+        256,
+        64,
+        True,
+        True,
+        kshift=False,
+    ),
 ]
