@@ -28,10 +28,19 @@ def _gemma3(m: GGUFMeta, d: Draft) -> None:
         d.rope_freq_base_swa = m.f32(d.key("rope.freq_base_swa"), 10000.0)
 
 
+_LAYER_REUSE = (
+    "the reference's KV cache lets the layers from n_layer_kv_from_start on reuse the K/V of an "
+    "earlier layer (create_memory's layer_reuse_cb); pymem's caches give every attention layer "
+    "its own K/V and have no layer reuse"
+)
+
+
 RULES: dict[str, ArchRule] = {
     "llama": ArchRule(RopeType.NORM),
     "qwen2": ArchRule(RopeType.NEOX),
     "qwen3": ArchRule(RopeType.NEOX),
     "gemma2": ArchRule(RopeType.NEOX, _gemma2),
     "gemma3": ArchRule(RopeType.NEOX, _gemma3),
+    "gemma3n": ArchRule(RopeType.NEOX, unsupported=_LAYER_REUSE),
+    "gemma4": ArchRule(RopeType.NEOX, unsupported=_LAYER_REUSE),
 }
