@@ -129,10 +129,41 @@ def write_granitehybrid(path: Path, *, rope: bool = True) -> Path:
     return path
 
 
+def write_falcon_h1(path: Path) -> Path:
+    """falcon-h1: 2 layers, each an attention and a Mamba-2 mixer side by side, then an FFN.
+
+    llama_model_falcon_h1::load_arch_hparams marks every layer recurrent, and
+    create_memory puts every layer in both parts of llama_memory_hybrid. The head size
+    comes from ``attention.key_length`` (4), not n_embd / n_head (2), as in the real
+    checkpoints; 4 heads, 2 KV heads: K/V rows of 8. The FFN norm tensor has no
+    ``.weight`` suffix (``tn(LLM_TENSOR_FFN_NORM, i)``).
+    """
+    s, n_layer, n_ff, n_head, n_head_kv, head = SSM2, 2, 16, 4, 2, 4
+    m = _Model(path, "falcon-h1", "tiny-falcon-h1", seed=41)
+    _common(m, s.n_embd, n_layer, n_ff, n_head)
+    m.u32("attention.head_count_kv", n_head_kv)
+    m.u32("attention.key_length", head)
+    m.u32("attention.value_length", head)
+    m.f32("rope.freq_base", 10000.0)
+    _ssm_keys(m, s)
+    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
+    m.norm("output_norm.weight", s.n_embd)
+    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
+        _qkvo(m, il, s.n_embd, n_head * head, n_head_kv * head)
+        _mamba2_mixer(m, il, s)
+        m.norm(f"blk.{il}.ffn_norm", s.n_embd)
+        _ffn(m, il, s.n_embd, n_ff)
+    m.finish()
+    return path
+
+
 MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-mamba2.gguf": write_mamba2,
     "tiny-granitehybrid.gguf": write_granitehybrid,
     "tiny-granitehybrid-nope.gguf": lambda p: write_granitehybrid(p, rope=False),
+    "tiny-falcon-h1.gguf": write_falcon_h1,
 }
 
 _GH, _GH_NOPE = "tiny-granitehybrid.gguf", "tiny-granitehybrid-nope.gguf"
@@ -156,5 +187,12 @@ RUNS: list[RunConfig] = [
         True,
         True,
         kshift=False,
+    ),
+    # falcon-h1: every layer in both parts of the hybrid memory
+    RunConfig(
+        "falcon-h1.main.fa1.u1", "falcon-h1", "tiny-falcon-h1.gguf", "main", 256, 64, True, True
+    ),
+    RunConfig(
+        "falcon-h1.main.fa0.u0", "falcon-h1", "tiny-falcon-h1.gguf", "main", 1024, 64, False, False
     ),
 ]
