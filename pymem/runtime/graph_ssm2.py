@@ -28,8 +28,8 @@ from __future__ import annotations
 from typing import Any
 
 import pymem.ggml as gg
-from pymem.errors import ConfigError
-from pymem.runtime.arch_graph import ArchGraph
+from pymem.errors import ConfigError, UnsupportedError
+from pymem.runtime.arch_graph import ArchGraph, f32, f32_div
 
 F32 = 4  # bytes per float32
 
@@ -160,7 +160,74 @@ class SSM2Graph:
             inpL = ctx.add(cur, inpL)
         return inpL
 
+    def granitehybrid(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_granite_hybrid::graph`` (dense FFN) up to the output norm.
+
+        Granite's scales: the embeddings times ``embedding_scale``, each residual branch
+        (mixer and FFN) times ``residual_scale``, KQ by ``attention.scale`` (a key of 0
+        or none: 1/sqrt(n_embd_head)); the logits' ``1 / logit_scale`` is
+        :func:`_granite_logits`.
+        """
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        keys = self.m.keys
+        arch = hp.arch
+        embd_scale = keys.f32(f"{arch}.embedding_scale", 0.0)
+        residual_scale = keys.f32(f"{arch}.residual_scale", 0.0)
+        attn_scale = keys.f32(f"{arch}.attention.scale", 0.0)
+        kq_scale = hp.kq_scale if attn_scale == 0.0 else f32(attn_scale)
+        for il in range(hp.n_layer):
+            self._refuse_unbuilt(il, attention=not self.m.spec.layers[il].recurrent, ffn=True)
+        inpL = inp
+        if embd_scale != 0.0:
+            inpL = ctx.scale(inpL, f32(embd_scale))
+            g.expand(inpL)
+        for il in range(hp.n_layer):
+            inpSA = inpL
+            cur = g.norm(inpL, w(il, "attn_norm.weight"))
+            if self.m.spec.layers[il].recurrent:
+                cur = self.mamba2_layer(il, cur)
+            else:
+                cur = g.attention(il, cur, kq_scale=kq_scale)
+            if il == hp.n_layer - 1:
+                cur = ctx.get_rows(cur, out_ids)
+                inpSA = ctx.get_rows(inpSA, out_ids)
+            if residual_scale != 0.0:
+                cur = ctx.scale(cur, f32(residual_scale))
+            ffn_inp = ctx.add(cur, inpSA)
+            cur = g.ffn(il, g.norm(ffn_inp, w(il, "ffn_norm.weight")))
+            if residual_scale != 0.0:
+                cur = ctx.scale(cur, f32(residual_scale))
+            inpL = ctx.add(cur, ffn_inp)
+        return inpL
+
+    # --- what the shared blocks do not build ---------------------------------------------
+    def _refuse_unbuilt(self, il: int, attention: bool, ffn: bool) -> None:
+        """Raise :class:`UnsupportedError` for layer tensors the shared blocks would ignore:
+        the engine's ``attention`` builds separate Q/K/V without biases (and RoPE without
+        frequency factors), its ``ffn`` a
+        dense FFN without biases (MoE layers are not built)."""
+        names = ["attn_qkv.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias",
+                 "attn_output.bias", "rope_freqs.weight"] if attention else []  # fmt: skip
+        if ffn:
+            names += ["ffn_gate_inp.weight", "ffn_up.bias", "ffn_gate.bias", "ffn_down.bias"]
+        found = [n for n in names if self.m._w(il, n, required=False) is not None]
+        if "ffn_gate_inp.weight" in found:
+            raise UnsupportedError(f"layer {il}: MoE feed-forward is not supported")
+        if found:
+            raise UnsupportedError(f"layer {il}: tensors the engine does not build: {found}")
+
+
+def _granite_logits(g: Any, cur: Any) -> Any:
+    """Granite divides the logits by ``logit_scale`` (a key of 0 or none: unscaled)."""
+    logit_scale = g.m.keys.f32(f"{g.hp.arch}.logit_scale", 0.0)
+    if logit_scale == 0.0:
+        return cur
+    return g.ctx.scale(cur, f32_div(1.0, logit_scale))
+
 
 ARCH_GRAPHS: dict[str, ArchGraph] = {
     "mamba2": ArchGraph(SSM2Graph.mamba2),
+    "granitehybrid": ArchGraph(SSM2Graph.granitehybrid, finish=_granite_logits),
 }
