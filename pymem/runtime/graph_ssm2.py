@@ -209,10 +209,13 @@ class SSM2Graph:
         frequency factors), its ``ffn`` a
         dense FFN without biases (MoE layers are not built)."""
         names = ["attn_qkv.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias",
-                 "attn_output.bias", "rope_freqs.weight"] if attention else []  # fmt: skip
+                 "attn_output.bias"] if attention else []  # fmt: skip
         if ffn:
             names += ["ffn_gate_inp.weight", "ffn_up.bias", "ffn_gate.bias", "ffn_down.bias"]
         found = [n for n in names if self.m._w(il, n, required=False) is not None]
+        # one tensor for every layer (the name has no layer index)
+        if attention and self.m.weights.get("rope_freqs.weight", required=False) is not None:
+            found.append("rope_freqs.weight")
         if "ffn_gate_inp.weight" in found:
             raise UnsupportedError(f"layer {il}: MoE feed-forward is not supported")
         if found:
