@@ -202,14 +202,45 @@ class SSM2Graph:
             inpL = ctx.add(cur, ffn_inp)
         return inpL
 
+    def falcon_h1(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_falcon_h1::graph`` up to the output norm.
+
+        Every layer runs attention (RoPE, no output bias: the reference passes none) and
+        the Mamba-2 mixer on the same normed input (the norm is built twice, as the
+        reference does); their sum is the residual branch.
+        """
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        for il in range(hp.n_layer):
+            self._refuse_unbuilt(il, attention=True, ffn=True, wo_b=False)
+        inpL = inp
+        for il in range(hp.n_layer):
+            inpSA = inpL
+            cur = g.norm(inpL, w(il, "attn_norm.weight"))
+            attn_out = g.attention(il, cur)
+            cur = g.norm(inpL, w(il, "attn_norm.weight"))
+            ssm_out = self.mamba2_layer(il, cur)
+            cur = ctx.add(attn_out, ssm_out)
+            inpSA = ctx.add(cur, inpSA)
+            if il == hp.n_layer - 1:
+                inpSA = ctx.get_rows(inpSA, out_ids)
+            # the FFN norm's tensor name has no ".weight" (tn(LLM_TENSOR_FFN_NORM, il))
+            cur = g.ffn(il, g.norm(inpSA, w(il, "ffn_norm")))
+            inpL = ctx.add(cur, inpSA)
+        return inpL
+
     # --- what the shared blocks do not build ---------------------------------------------
-    def _refuse_unbuilt(self, il: int, attention: bool, ffn: bool) -> None:
+    def _refuse_unbuilt(self, il: int, attention: bool, ffn: bool, wo_b: bool = True) -> None:
         """Raise :class:`UnsupportedError` for layer tensors the shared blocks would ignore:
         the engine's ``attention`` builds separate Q/K/V without biases (and RoPE without
         frequency factors), its ``ffn`` a
         dense FFN without biases (MoE layers are not built)."""
-        names = ["attn_qkv.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias",
-                 "attn_output.bias"] if attention else []  # fmt: skip
+        names = (
+            ["attn_qkv.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias"] if attention else []
+        )
+        if attention and wo_b:  # (Falcon-H1's graph ignores the output bias)
+            names.append("attn_output.bias")
         if ffn:
             names += ["ffn_gate_inp.weight", "ffn_up.bias", "ffn_gate.bias", "ffn_down.bias"]
         found = [n for n in names if self.m._w(il, n, required=False) is not None]
@@ -233,4 +264,5 @@ def _granite_logits(g: Any, cur: Any) -> Any:
 ARCH_GRAPHS: dict[str, ArchGraph] = {
     "mamba2": ArchGraph(SSM2Graph.mamba2),
     "granitehybrid": ArchGraph(SSM2Graph.granitehybrid, finish=_granite_logits),
+    "falcon-h1": ArchGraph(SSM2Graph.falcon_h1),
 }
