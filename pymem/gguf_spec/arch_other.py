@@ -17,6 +17,12 @@ def _lfm2(m: GGUFMeta, d: Draft) -> None:
         d.is_swa = [il < d.n_layer and not d.is_recr[il] for il in range(d.n_layer_all)]
 
 
+def _lfm2moe(m: GGUFMeta, d: Draft) -> None:
+    # lfm2's layout without its sliding window: lfm2moe reads no window key
+    d.n_shortconv_l_cache = m.u32_req(d.key("shortconv.l_cache"))
+    d.recurrent_where_no_kv_heads()
+
+
 def _rwkv(m: GGUFMeta, d: Draft) -> None:
     d.wkv_head_size = m.u32_req(d.key("wkv.head_size"))
     d.token_shift_count = m.u32(d.key("token_shift_count"), 2)
@@ -24,6 +30,7 @@ def _rwkv(m: GGUFMeta, d: Draft) -> None:
 
 RULES: dict[str, ArchRule] = {
     "lfm2": ArchRule(RopeType.NEOX, _lfm2),
+    "lfm2moe": ArchRule(RopeType.NEOX, _lfm2moe),
     "rwkv6": ArchRule(RopeType.NONE, _rwkv),
     "rwkv7": ArchRule(RopeType.NONE, _rwkv),
 }
