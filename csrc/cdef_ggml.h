@@ -128,6 +128,7 @@ struct ggml_tensor * ggml_get_next_tensor (const struct ggml_context * ctx, stru
 size_t ggml_get_mem_size (const struct ggml_context * ctx);
 struct ggml_tensor * ggml_div( struct ggml_context * ctx, struct ggml_tensor * a, struct ggml_tensor * b);
 struct ggml_tensor * ggml_sqr( struct ggml_context * ctx, struct ggml_tensor * a);
+struct ggml_tensor * ggml_relu( struct ggml_context * ctx, struct ggml_tensor * a);
 struct ggml_tensor * ggml_sqrt( struct ggml_context * ctx, struct ggml_tensor * a);
 struct ggml_tensor * ggml_norm( struct ggml_context * ctx, struct ggml_tensor * a, float eps);
 struct ggml_tensor * ggml_gelu( struct ggml_context * ctx, struct ggml_tensor * a);

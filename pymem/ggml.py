@@ -78,6 +78,7 @@ OPS = frozenset(
         "exp",
         "softplus",
         "sqr",
+        "relu",
         "sqrt",
         "concat",
         "sum_rows",
