@@ -36,10 +36,21 @@ def _granitehybrid(m: GGUFMeta, d: Draft) -> None:
     d.recurrent_where_no_kv_heads()
 
 
+def _nemotron_h(m: GGUFMeta, d: Draft) -> None:
+    d.load_ssm(group=True)
+    # a trunk layer recurs iff it has neither KV heads nor an FFN (the others attend, or
+    # are MLP / MoE layers that no memory part holds); appended MTP blocks never recur
+    d.is_recr = [
+        il < d.n_layer and d.n_head_kv[il] == 0 and d.n_ff[il] == 0 for il in range(d.n_layer_all)
+    ]
+
+
 RULES: dict[str, ArchRule] = {
     "mamba": ArchRule(RopeType.NONE, _mamba),
     "mamba2": ArchRule(RopeType.NONE, _mamba2),
     "jamba": ArchRule(RopeType.NONE, _jamba),
     "falcon-h1": ArchRule(RopeType.NEOX, _falcon_h1),
     "granitehybrid": ArchRule(RopeType.NORM, _granitehybrid),
+    "nemotron_h": ArchRule(RopeType.NONE, _nemotron_h),
+    "nemotron_h_moe": ArchRule(RopeType.NONE, _nemotron_h),
 }

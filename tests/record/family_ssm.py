@@ -159,14 +159,56 @@ def write_falcon_h1(path: Path) -> Path:
     return path
 
 
+def write_nemotron_h(path: Path) -> Path:
+    """nemotron_h: 4 layers [Mamba-2, attention, Mamba-2, FFN-only].
+
+    llama_model_nemotron_h::load_arch_hparams: a layer recurs iff its ``head_count_kv``
+    and its ``feed_forward_length`` are both 0; a layer with KV heads and no FFN attends
+    (no RoPE: rope type none); a layer with an FFN is a ReLU^2 MLP and belongs to neither
+    memory part (create_memory's filters). ``attention.layer_norm_epsilon`` is required.
+    2 heads of 4, 1 KV head: K/V rows of 4.
+    """
+    s, n_head, head, n_ff = SSM2, 2, 4, 16
+    kv_heads, ffs = [0, 1, 0, 0], [0, 0, 0, n_ff]
+    n_layer = len(kv_heads)
+    m = _Model(path, "nemotron_h", "tiny-nemotron_h", seed=51)
+    # _common's keys, with a per-layer feed_forward_length
+    m.u32("vocab_size", N_VOCAB)
+    m.u32("context_length", 4096)
+    m.u32("embedding_length", s.n_embd)
+    m.u32("block_count", n_layer)
+    m.arr("feed_forward_length", ffs)
+    m.u32("attention.head_count", n_head)
+    m.f32("attention.layer_norm_rms_epsilon", 1e-5)
+    m.arr("attention.head_count_kv", kv_heads)
+    m.f32("attention.layer_norm_epsilon", 1e-5)
+    _ssm_keys(m, s)
+    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
+    m.norm("output_norm.weight", s.n_embd)
+    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
+        if ffs[il]:
+            m.weight(f"blk.{il}.ffn_up.weight", (s.n_embd, ffs[il]))
+            m.weight(f"blk.{il}.ffn_down.weight", (ffs[il], s.n_embd))
+        elif kv_heads[il]:
+            _qkvo(m, il, s.n_embd, n_head * head, kv_heads[il] * head)
+        else:
+            _mamba2_mixer(m, il, s)
+    m.finish()
+    return path
+
+
 MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-mamba2.gguf": write_mamba2,
     "tiny-granitehybrid.gguf": write_granitehybrid,
     "tiny-granitehybrid-nope.gguf": lambda p: write_granitehybrid(p, rope=False),
     "tiny-falcon-h1.gguf": write_falcon_h1,
+    "tiny-nemotron_h.gguf": write_nemotron_h,
 }
 
 _GH, _GH_NOPE = "tiny-granitehybrid.gguf", "tiny-granitehybrid-nope.gguf"
+_NH = "tiny-nemotron_h.gguf"
 
 RUNS: list[RunConfig] = [
     RunConfig("mamba2.main.u1", "mamba2", "tiny-mamba2.gguf", "main", 256, 64, False, True),
@@ -194,5 +236,22 @@ RUNS: list[RunConfig] = [
     ),
     RunConfig(
         "falcon-h1.main.fa0.u0", "falcon-h1", "tiny-falcon-h1.gguf", "main", 1024, 64, False, False
+    ),
+    # nemotron_h: attention layer 1, Mamba-2 layers 0 and 2, FFN layer 3 in neither part;
+    # recurrent rollback (llm_arch_supports_rs_rollback): n_rs_seq 2
+    RunConfig("nemotron_h.main.fa1.u1", "nemotron_h", _NH, "main", 256, 64, True, True),
+    RunConfig(
+        "nemotron_h.rollback.fa1.u1", "nemotron_h", _NH, "rollback", 256, 64, True, True, n_rs_seq=2
+    ),
+    RunConfig(
+        "nemotron_h.rollback.fa0.u0",
+        "nemotron_h",
+        _NH,
+        "rollback",
+        1024,
+        64,
+        False,
+        False,
+        n_rs_seq=2,
     ),
 ]
