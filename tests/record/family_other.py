@@ -60,8 +60,86 @@ def write_lfm2moe(path: Path) -> Path:
     return path
 
 
+# RWKV widths shared by the tiny RWKV models: n_embd 16 in heads of 8 (2 heads), so the
+# recurrent state is R rows of token_shift_count * 16 floats and S rows of 16 * 8 = 128
+RWKV_EMBD, RWKV_HEAD, RWKV_FF, RWKV_LAYERS = 16, 8, 32, 2
+
+
+def _rwkv_common(m: _Model, *, ln0: bool, output_norm_b: bool) -> None:
+    """Keys and tensors every RWKV writer shares: no attention heads, ``wkv.head_size``,
+    both norm epsilons, the embeddings (``ln0``: RWKV's token_embd_norm weight and bias)
+    and the output norm (``output_norm_b``: with its bias) and head."""
+    n = RWKV_EMBD
+    _common(m, n, RWKV_LAYERS, RWKV_FF, 0)
+    m.f32("attention.layer_norm_epsilon", 1e-5)
+    m.u32("wkv.head_size", RWKV_HEAD)
+    m.weight("token_embd.weight", (n, N_VOCAB))
+    if ln0:
+        m.norm("token_embd_norm.weight", n)
+        m.weight("token_embd_norm.bias", (n,), scale=0.1)
+    m.norm("output_norm.weight", n)
+    if output_norm_b:
+        m.weight("output_norm.bias", (n,), scale=0.1)
+    m.weight("output.weight", (n, N_VOCAB))
+
+
+def _lerp(m: _Model, name: str, n_fused: int = 0) -> None:
+    """A token-shift interpolation weight in [0, 1): {n_embd, 1, 1} or {n_embd, 1, 1, n_fused}."""
+    shape = (n_fused, 1, 1, RWKV_EMBD) if n_fused else (1, 1, RWKV_EMBD)
+    m.w.add_tensor(name, m.rng.random(shape).astype("float32"))
+
+
+def _rwkv7_time_mix(m: _Model, il: int, *, lora: int, gate: bool, ln: bool) -> None:
+    """One layer's RWKV-7 time mix (llama_model_rwkv7 / arwkv7 load_arch_tensors); every
+    LoRA of rank ``lora``; ``gate``: the g1/g2 LoRA and a 6-way lerp (else 5-way)."""
+    n, b = RWKV_EMBD, f"blk.{il}"
+    for x in ("w", "a", "v"):
+        m.weight(f"{b}.time_mix_{x}0.weight", (n,), scale=0.5)
+        m.weight(f"{b}.time_mix_{x}1.weight", (n, lora))
+        m.weight(f"{b}.time_mix_{x}2.weight", (lora, n))
+    if gate:
+        m.weight(f"{b}.time_mix_g1.weight", (n, lora))
+        m.weight(f"{b}.time_mix_g2.weight", (lora, n))
+    _lerp(m, f"{b}.time_mix_lerp_fused.weight", 6 if gate else 5)
+    for x in ("k_k", "k_a", "r_k"):
+        m.weight(f"{b}.time_mix_{x}.weight", (n,), scale=0.5)
+    for x in ("key", "value", "receptance"):
+        m.weight(f"{b}.time_mix_{x}.weight", (n, n))
+    if ln:
+        m.norm(f"{b}.time_mix_ln.weight", n)
+        m.weight(f"{b}.time_mix_ln.bias", (n,), scale=0.1)
+    m.weight(f"{b}.time_mix_output.weight", (n, n))
+
+
+def write_rwkv7(path: Path) -> Path:
+    """rwkv7: 2 recurrent layers of RWKV-7 time mix and channel mix.
+
+    llama_model_rwkv7::load_arch_hparams requires ``wkv.head_size`` and the decay, ICLR
+    and value-residual LoRA ranks (the gate rank is optional, but load_arch_tensors
+    requires the gate LoRA); token_shift_count defaults to 2 (the graph asserts 2):
+    R rows of 2 * 16 = 32 floats (attention and FFN shifts), S rows of 16 * 8 = 128.
+    """
+    n, lora = RWKV_EMBD, 4
+    m = _Model(path, "rwkv7", "tiny-rwkv7", seed=41)
+    _rwkv_common(m, ln0=True, output_norm_b=True)
+    for key in ("decay", "iclr", "value_residual_mix", "gate"):
+        m.u32(f"attention.{key}_lora_rank", lora)
+    for il in range(RWKV_LAYERS):
+        b = f"blk.{il}"
+        for norm in ("attn_norm", "attn_norm_2"):
+            m.norm(f"{b}.{norm}.weight", n)
+            m.weight(f"{b}.{norm}.bias", (n,), scale=0.1)
+        _rwkv7_time_mix(m, il, lora=lora, gate=True, ln=True)
+        _lerp(m, f"{b}.channel_mix_lerp_k.weight")
+        m.weight(f"{b}.channel_mix_key.weight", (n, RWKV_FF))
+        m.weight(f"{b}.channel_mix_value.weight", (RWKV_FF, n))
+    m.finish()
+    return path
+
+
 MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-lfm2moe.gguf": write_lfm2moe,
+    "tiny-rwkv7.gguf": write_rwkv7,
 }
 
 RUNS: list[RunConfig] = [
@@ -74,4 +152,7 @@ RUNS: list[RunConfig] = [
         "lfm2moe.rollback.fa1.u1", "lfm2moe", "tiny-lfm2moe.gguf", "rollback", 256, 64, True, True,
         n_rs_seq=2,
     ),
+    # recurrent (RWKV-7): every layer holds a token-shift R row and a WKV S row per sequence
+    RunConfig("rwkv7.main.u1", "rwkv7", "tiny-rwkv7.gguf", "main", 256, 64, False, True),
+    RunConfig("rwkv7.ops.u1", "rwkv7", "tiny-rwkv7.gguf", "ops", 256, 32, False, True, ops=True),
 ]  # fmt: skip
