@@ -20,13 +20,14 @@ class ArchGraph:
     """How the engine builds one architecture's graph (``llama_model_<arch>::graph``).
 
     ``build(g, inp, out_ids)``: token embeddings -> the hidden state of the output rows,
-    before the output norm; ``output_norm``: that norm's tensor; ``finish(g, logits)``:
+    before the output norm; ``output_norm``: that norm's tensor (None: ``build`` applies
+    the output norm itself and returns its output rows); ``finish(g, logits)``:
     what the reference does to the logits after ``output`` (soft-capping, scaling), or
     None.
     """
 
     build: Callable[[Any, Any, Any], Any]
-    output_norm: str = "output_norm.weight"
+    output_norm: str | None = "output_norm.weight"
     finish: Callable[[Any, Any], Any] | None = None
 
 

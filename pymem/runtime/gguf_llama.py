@@ -266,7 +266,8 @@ class GGUFModel:
             t_out_ids = g.input("i32", (n_outputs,), out_ids, "inp_out_ids")
             arch = self.arch_graph
             cur = arch.build(g, cur, t_out_ids)
-            cur = g.norm(cur, self.weights.get(arch.output_norm))
+            if arch.output_norm is not None:
+                cur = g.norm(cur, self.weights.get(arch.output_norm))
             cur = ctx.mul_mat(self.output, cur)
             if arch.finish is not None:
                 cur = arch.finish(g, cur)
