@@ -199,16 +199,65 @@ def write_nemotron_h(path: Path) -> Path:
     return path
 
 
+def write_nemotron_h_moe(path: Path) -> Path:
+    """nemotron_h_moe: 3 layers [Mamba-2, attention, MoE] (Nemotron-3 Nano's layer kinds).
+
+    The loader and graph are nemotron_h's: the MoE layer (``feed_forward_length`` > 0)
+    belongs to neither memory part. 4 experts of 8 (2 used, sigmoid gating with a
+    probability bias, normalised and scaled weights) plus a shared expert of 8, ReLU^2.
+    2 heads of 4, 1 KV head: K/V rows of 4.
+    """
+    s, n_head, head, n_ff, n_expert, n_ff_exp = SSM2, 2, 4, 16, 4, 8
+    kv_heads, ffs = [0, 1, 0], [0, 0, n_ff]
+    n_layer = len(kv_heads)
+    m = _Model(path, "nemotron_h_moe", "tiny-nemotron_h_moe", seed=52)
+    m.u32("vocab_size", N_VOCAB)
+    m.u32("context_length", 4096)
+    m.u32("embedding_length", s.n_embd)
+    m.u32("block_count", n_layer)
+    m.arr("feed_forward_length", ffs)
+    m.u32("attention.head_count", n_head)
+    m.arr("attention.head_count_kv", kv_heads)
+    m.f32("attention.layer_norm_epsilon", 1e-5)
+    m.f32("attention.layer_norm_rms_epsilon", 1e-5)
+    m.u32("expert_count", n_expert)
+    m.u32("expert_used_count", 2)
+    m.u32("expert_feed_forward_length", n_ff_exp)
+    m.u32("expert_shared_feed_forward_length", n_ff_exp)
+    m.w.add_bool("nemotron_h_moe.expert_weights_norm", True)
+    m.f32("expert_weights_scale", 2.5)
+    _ssm_keys(m, s)
+    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
+    m.norm("output_norm.weight", s.n_embd)
+    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
+        if ffs[il]:
+            m.weight(f"blk.{il}.ffn_gate_inp.weight", (s.n_embd, n_expert))
+            m.weight(f"blk.{il}.exp_probs_b.bias", (n_expert,), scale=0.1)
+            m.weight(f"blk.{il}.ffn_up_exps.weight", (s.n_embd, n_ff_exp, n_expert))
+            m.weight(f"blk.{il}.ffn_down_exps.weight", (n_ff_exp, s.n_embd, n_expert))
+            m.weight(f"blk.{il}.ffn_up_shexp.weight", (s.n_embd, n_ff_exp))
+            m.weight(f"blk.{il}.ffn_down_shexp.weight", (n_ff_exp, s.n_embd))
+        elif kv_heads[il]:
+            _qkvo(m, il, s.n_embd, n_head * head, kv_heads[il] * head)
+        else:
+            _mamba2_mixer(m, il, s)
+    m.finish()
+    return path
+
+
 MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-mamba2.gguf": write_mamba2,
     "tiny-granitehybrid.gguf": write_granitehybrid,
     "tiny-granitehybrid-nope.gguf": lambda p: write_granitehybrid(p, rope=False),
     "tiny-falcon-h1.gguf": write_falcon_h1,
     "tiny-nemotron_h.gguf": write_nemotron_h,
+    "tiny-nemotron_h_moe.gguf": write_nemotron_h_moe,
 }
 
 _GH, _GH_NOPE = "tiny-granitehybrid.gguf", "tiny-granitehybrid-nope.gguf"
-_NH = "tiny-nemotron_h.gguf"
+_NH, _NHM = "tiny-nemotron_h.gguf", "tiny-nemotron_h_moe.gguf"
 
 RUNS: list[RunConfig] = [
     RunConfig("mamba2.main.u1", "mamba2", "tiny-mamba2.gguf", "main", 256, 64, False, True),
@@ -251,6 +300,19 @@ RUNS: list[RunConfig] = [
         1024,
         64,
         False,
+        False,
+        n_rs_seq=2,
+    ),
+    # nemotron_h_moe: nemotron_h's rules; the MoE layer 2 is in neither part
+    RunConfig("nemotron_h_moe.main.fa0.u1", "nemotron_h_moe", _NHM, "main", 256, 64, False, True),
+    RunConfig(
+        "nemotron_h_moe.rollback.fa1.u0",
+        "nemotron_h_moe",
+        _NHM,
+        "rollback",
+        1024,
+        64,
+        True,
         False,
         n_rs_seq=2,
     ),
