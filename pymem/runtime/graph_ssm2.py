@@ -230,6 +230,58 @@ class SSM2Graph:
             inpL = ctx.add(cur, inpSA)
         return inpL
 
+    def nemotron_h(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_nemotron_h::graph`` (dense layers) through the output norm.
+
+        A layer is Mamba-2 (recurrent), attention (KV heads, no FFN; no RoPE) or a ReLU²
+        FFN (``feed_forward_length`` > 0). With ``embeddings_nextn_masked`` off (the
+        context's default) the last layer and the output norm run over every token and
+        the output rows are taken after the norm (:data:`ARCH_GRAPHS` registers no
+        output norm for the engine to apply).
+        """
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        n_ff = self.m.hp_file.n_ff
+        kinds = []
+        for il in range(hp.n_layer):
+            if self.m.spec.layers[il].recurrent:
+                kind = "ssm"
+            elif n_ff[il] == 0:
+                kind = "attn"
+            else:
+                kind = "ffn"
+            self._refuse_unbuilt(il, attention=kind == "attn", ffn=False)
+            if kind == "ffn" and w(il, "ffn_gate_inp.weight", required=False) is not None:
+                raise UnsupportedError(f"layer {il}: MoE feed-forward is not supported")
+            kinds.append(kind)
+        inpL = inp
+        for il, kind in enumerate(kinds):
+            cur = g.norm(inpL, w(il, "attn_norm.weight"))
+            if kind == "ssm":
+                cur = self.mamba2_layer(il, cur)
+            elif kind == "attn":
+                cur = g.attention(il, cur)
+            else:
+                cur = self.relu_sqr_ffn(il, cur)
+            inpL = ctx.add(cur, inpL)
+        cur = g.norm(inpL, self.m.weights.get("output_norm.weight"))
+        return ctx.get_rows(cur, out_ids)
+
+    def relu_sqr_ffn(self, il: int, cur: Any) -> Any:
+        """``build_ffn(up, no gate, down, LLM_FFN_RELU_SQR)`` with optional up/down biases."""
+        ctx, w = self.ctx, self.m._w
+        cur = ctx.mul_mat(w(il, "ffn_up.weight"), cur)
+        up_b = w(il, "ffn_up.bias", required=False)
+        if up_b is not None:
+            cur = ctx.add(cur, up_b)
+        cur = ctx.sqr(ctx.relu(cur))
+        cur = ctx.mul_mat(w(il, "ffn_down.weight"), cur)
+        down_b = w(il, "ffn_down.bias", required=False)
+        if down_b is not None:
+            cur = ctx.add(cur, down_b)
+        return cur
+
     # --- what the shared blocks do not build ---------------------------------------------
     def _refuse_unbuilt(self, il: int, attention: bool, ffn: bool, wo_b: bool = True) -> None:
         """Raise :class:`UnsupportedError` for layer tensors the shared blocks would ignore:
@@ -265,4 +317,6 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     "mamba2": ArchGraph(SSM2Graph.mamba2),
     "granitehybrid": ArchGraph(SSM2Graph.granitehybrid, finish=_granite_logits),
     "falcon-h1": ArchGraph(SSM2Graph.falcon_h1),
+    # the output rows are taken after the output norm, which the builder applies itself
+    "nemotron_h": ArchGraph(SSM2Graph.nemotron_h, output_norm=None),
 }
