@@ -2,10 +2,60 @@
 lightning attention (MiniMax-01) and their relatives.
 
 Their recurrent layers keep a conv state (R) and a per-head square state matrix (S).
+Gated delta-net reads the Mamba keys: ``ssm.state_size`` is the head size (keys and
+values), ``ssm.group_count`` the K heads, ``ssm.time_step_rank`` the V heads and
+``ssm.inner_size`` = V heads * head size. The conv covers Q, K and V
+(``inner_size + 2 * group_count * state_size`` channels), so ``llama_hparams::n_embd_r``'s
+Mamba formula holds as it is; S is ``state_size * inner_size`` (one head x head matrix per
+V head).
 """
 
 from __future__ import annotations
 
-from pymem.gguf_spec.draft import ArchRule
+from pymem.errors import ConfigError
+from pymem.gguf_spec.draft import ArchRule, Draft
+from pymem.gguf_spec.meta import GGUFMeta
+from pymem.spec import RopeType
 
-RULES: dict[str, ArchRule] = {}
+
+def _recurrent_layers(m: GGUFMeta, d: Draft, full_attn_interval: int) -> None:
+    """Which layers recur: ``attention.recurrent_layers`` (a per-layer array, or one value
+    for every layer), else every layer but each ``full_attention_interval``-th one.
+
+    E.g. 8 trunk layers, interval 4 -> [T, T, T, F, T, T, T, F]; NextN / MTP layers never
+    recur under the interval rule (an explicit array is taken as written).
+    """
+    key = d.key("attention.recurrent_layers")
+    if m.is_array(key):
+        arr = m.int_array(key, allow_bool=True)
+        assert arr is not None
+        if len(arr) != d.n_layer_all:
+            raise ConfigError(
+                f"{m.path}: key {key} has wrong array length; "
+                f"expected {d.n_layer_all}, got {len(arr)}"
+            )
+        d.is_recr = [bool(v) for v in arr]
+        return
+    value = m.u32_opt(key)
+    if value is not None:
+        d.is_recr = [bool(value)] * d.n_layer_all
+        return
+    interval = m.u32(d.key("full_attention_interval"), full_attn_interval)
+    if interval == 0:
+        raise ConfigError(f"{m.path}: key {d.key('full_attention_interval')} must be > 0")
+    d.is_recr = [il < d.n_layer and (il + 1) % interval != 0 for il in range(d.n_layer_all)]
+
+
+def _gated_delta_net(m: GGUFMeta, d: Draft) -> None:
+    """qwen3next / qwen35 / qwen35moe: the five ``ssm.*`` keys, then the recurrent layers
+    (default: one full-attention layer in 4)."""
+    d.load_ssm(group=True)
+    _recurrent_layers(m, d, 4)
+
+
+RULES: dict[str, ArchRule] = {
+    # interleaved M-RoPE (rope.dimension_sections): cells carry an ext position
+    "qwen35": ArchRule(RopeType.IMROPE, _gated_delta_net),
+    "qwen35moe": ArchRule(RopeType.IMROPE, _gated_delta_net),
+    "qwen3next": ArchRule(RopeType.NEOX, _gated_delta_net),
+}

@@ -2,14 +2,133 @@
 
 ``MODEL_WRITERS``: model file name -> writer (see models.py); ``RUNS``: the runs recorded
 with them (record_llama_cpp.py adds both to its own).
+
+The gated delta-net models (qwen3next, qwen35, qwen35moe) share :data:`GDN`: n_embd 16,
+2 K heads and 4 V heads of 4 (``ssm.group_count`` 2, ``ssm.time_step_rank`` 4,
+``ssm.state_size`` 4, ``ssm.inner_size`` 16), conv kernel 4 over Q, K and V (32
+channels): R rows of 3 * 32 = 96 floats, S rows of 4 * 16 = 64 floats (4 matrices of
+4 x 4). Their attention layers: 2 query heads and 1 KV head of 8 (K/V rows of 8), Q
+projected with its output gate (2 * 8 per head), Q and K RMS-normed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from models import N_VOCAB, _common, _ffn, _Model
 from runconfig import RunConfig
 
-MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {}
-RUNS: list[RunConfig] = []
+
+@dataclass(frozen=True)
+class _GDN:
+    """Gated delta-net widths (the ``ssm.*`` keys) and the attention layers' heads."""
+
+    n_embd: int = 16
+    d_conv: int = 4
+    head_dim: int = 4  # ssm.state_size: K and V head size
+    n_k_heads: int = 2  # ssm.group_count
+    n_v_heads: int = 4  # ssm.time_step_rank
+    n_head: int = 2  # attention query heads
+    n_head_kv: int = 1
+    head: int = 8  # attention head size
+    n_rot: int = 8
+
+    @property
+    def d_inner(self) -> int:
+        """ssm.inner_size: V heads * head size."""
+        return self.n_v_heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """The conv covers Q, K and V."""
+        return 2 * self.n_k_heads * self.head_dim + self.d_inner
+
+
+GDN = _GDN()
+
+
+def _gdn_keys(m: _Model, s: _GDN) -> None:
+    m.u32("ssm.conv_kernel", s.d_conv)
+    m.u32("ssm.inner_size", s.d_inner)
+    m.u32("ssm.state_size", s.head_dim)
+    m.u32("ssm.time_step_rank", s.n_v_heads)
+    m.u32("ssm.group_count", s.n_k_heads)
+    m.u32("attention.head_count_kv", s.n_head_kv)
+    m.u32("attention.key_length", s.head)
+    m.u32("attention.value_length", s.head)
+    m.u32("rope.dimension_count", s.n_rot)
+    m.f32("rope.freq_base", 10000.0)
+
+
+def _gdn_mixer(m: _Model, il: int, s: _GDN) -> None:
+    """One gated delta-net layer: fused QKV and Z (gate) projections, conv, decay, norm, out."""
+    m.weight(f"blk.{il}.attn_qkv.weight", (s.n_embd, s.conv_dim))
+    m.weight(f"blk.{il}.attn_gate.weight", (s.n_embd, s.d_inner))
+    m.weight(f"blk.{il}.ssm_conv1d.weight", (s.d_conv, s.conv_dim), scale=0.5)
+    m.weight(f"blk.{il}.ssm_dt.bias", (s.n_v_heads,), scale=0.5)
+    # ssm_a = -exp(A_log) < 0: the gate decays the state
+    a = -(0.5 + m.rng.random(s.n_v_heads)).astype("float32")
+    m.w.add_tensor(f"blk.{il}.ssm_a", a)
+    m.weight(f"blk.{il}.ssm_beta.weight", (s.n_embd, s.n_v_heads))
+    m.weight(f"blk.{il}.ssm_alpha.weight", (s.n_embd, s.n_v_heads))
+    m.norm(f"blk.{il}.ssm_norm.weight", s.head_dim)
+    m.weight(f"blk.{il}.ssm_out.weight", (s.d_inner, s.n_embd))
+
+
+def _gated_attention(m: _Model, il: int, s: _GDN) -> None:
+    """One full-attention layer: Q with its gate (2 * head per query head), K, V, Q/K norms."""
+    n_q, n_kv = s.n_head * s.head, s.n_head_kv * s.head
+    m.weight(f"blk.{il}.attn_q.weight", (s.n_embd, 2 * n_q))
+    m.weight(f"blk.{il}.attn_k.weight", (s.n_embd, n_kv))
+    m.weight(f"blk.{il}.attn_v.weight", (s.n_embd, n_kv))
+    m.weight(f"blk.{il}.attn_output.weight", (n_q, s.n_embd))
+    m.norm(f"blk.{il}.attn_q_norm.weight", s.head)
+    m.norm(f"blk.{il}.attn_k_norm.weight", s.head)
+
+
+def write_qwen35(path: Path) -> Path:
+    """qwen35 (Qwen3.5 dense): 4 layers [delta-net, attention, delta-net, attention].
+
+    llama_model_qwen35::load_arch_hparams: the five ``ssm.*`` keys, ``rope.dimension_sections``
+    (4 entries; interleaved M-RoPE, rope type 40), ``full_attention_interval`` 2 (layer il
+    recurs unless (il + 1) % 2 == 0). Every layer: attn_norm, post_attention_norm and a
+    SwiGLU FFN. RoPE over the whole head (n_rot 8, sections [2, 1, 1, 0]).
+    """
+    s, n_layer, n_ff = GDN, 4, 32
+    m = _Model(path, "qwen35", "tiny-qwen35", seed=41)
+    _common(m, s.n_embd, n_layer, n_ff, s.n_head)
+    _gdn_keys(m, s)
+    m.u32("full_attention_interval", 2)
+    m.arr("rope.dimension_sections", [2, 1, 1, 0])
+    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
+    m.norm("output_norm.weight", s.n_embd)
+    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
+        m.norm(f"blk.{il}.post_attention_norm.weight", s.n_embd)
+        if (il + 1) % 2:
+            _gdn_mixer(m, il, s)
+        else:
+            _gated_attention(m, il, s)
+        _ffn(m, il, s.n_embd, n_ff)
+    m.finish()
+    return path
+
+
+MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
+    "tiny-qwen35.gguf": write_qwen35,
+}
+
+_Q35 = "tiny-qwen35.gguf"
+
+RUNS: list[RunConfig] = [
+    # qwen35: hybrid memory, attention layers 1 and 3 (M-RoPE: cells carry ext positions),
+    # gated delta-net layers 0 and 2
+    RunConfig("qwen35.main.fa1.u1", "qwen35", _Q35, "main", 256, 64, True, True),
+    RunConfig("qwen35.main.fa0.u0", "qwen35", _Q35, "main", 1024, 64, False, False),
+    RunConfig(
+        "qwen35.rollback.fa1.u1", "qwen35", _Q35, "rollback", 256, 64, True, True, n_rs_seq=2
+    ),
+]

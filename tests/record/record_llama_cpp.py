@@ -425,7 +425,9 @@ class Scenario:
         return self.rec.run(step)
 
 
-def scenario(sc: Scenario, *, kshift: bool, shared: bool, n_rs_seq: int) -> None:
+def scenario(
+    sc: Scenario, *, kshift: bool, shared: bool, n_rs_seq: int, seq_shift: bool = True
+) -> None:
     """The shared runs' scenario (tests/data/runs/*.json), with two variants.
 
     ``shared``: multi-sequence tokens are accepted (a unified attention memory), so the
@@ -436,6 +438,8 @@ def scenario(sc: Scenario, *, kshift: bool, shared: bool, n_rs_seq: int) -> None
     ``n_rs_seq`` > 0: recurrent rollbacks (``seq_rm`` of the last 1 and ``n_rs_seq`` tokens,
     one refused while another is pending), each followed by a decode that reads the
     rolled-back state.
+    Not ``seq_shift`` (M-RoPE models: the reference asserts ``n_pos_per_embd() == 1`` in
+    ``seq_add`` / ``seq_div``): neither op is played; the decodes around them still are.
     """
     tk = sc.toks
     sc.op("none", "fresh context")
@@ -460,8 +464,11 @@ def scenario(sc: Scenario, *, kshift: bool, shared: bool, n_rs_seq: int) -> None
     else:
         sc.decode(tk(1, 2), "seq 1 continues")
     before_shift = sc.rec.steps[-1]["state"]
-    sc.op("seq_add", "shift seq 2 by +5 (K-shift pending)", seq=2, p0=0, p1=-1, delta=5)
-    if not kshift:
+    if not seq_shift:
+        sc.decode(tk(2, 1) + tk(3, 1), "seqs 2 and 3 advance (no seq_add: M-RoPE)")
+        sc.decode(tk(3, 1), "seq 3 advances (no seq_div: M-RoPE)")
+    elif not kshift:
+        sc.op("seq_add", "shift seq 2 by +5 (K-shift pending)", seq=2, p0=0, p1=-1, delta=5)
         sc.op("seq_div", "seq 3 positions /= 2", seq=3, p0=0, p1=-1, d=2)
         sc.op(
             "state_set",
@@ -471,6 +478,7 @@ def scenario(sc: Scenario, *, kshift: bool, shared: bool, n_rs_seq: int) -> None
         sc.decode(tk(2, 1) + tk(3, 1), "decode after the restore")
         sc.decode(tk(3, 1), "seq 3 advances")
     else:
+        sc.op("seq_add", "shift seq 2 by +5 (K-shift pending)", seq=2, p0=0, p1=-1, delta=5)
         sc.decode(tk(2, 1) + tk(3, 1), "decode after shift (applies pending K-shift)")
         sc.op("seq_div", "seq 3 positions /= 2", seq=3, p0=0, p1=-1, d=2)
         sc.decode(tk(3, 1), "decode after seq_div")
@@ -512,6 +520,10 @@ def scenario(sc: Scenario, *, kshift: bool, shared: bool, n_rs_seq: int) -> None
         both = [[token(2, p, i), p, [2, 3], p == 1] for p in range(2)]
         note = "multi-seq tokens with a sequential splitter -> no ubatch, decode fails"
         sc.decode(both, note)
+    if not seq_shift:
+        sc.op("seq_rm", "remove a prefix of seq 0 (no seq_add: M-RoPE)", seq=0, p0=0, p1=2)
+        sc.decode(tk(0, 1), "decode after the removal")
+        return
     note = "negative shift of a prefix (cells with pos<0 are removed)"
     sc.op("seq_add", note, seq=0, p0=0, p1=3, delta=-2)
     if kshift:
@@ -971,7 +983,15 @@ def record_run(cfg: RunConfig, out: Path) -> Path:
     elif cfg.fill:
         fill_scenario(Scenario(rec), n_cells=cfg.n_ctx, kshift=cfg.kshift)
     else:
-        scenario(Scenario(rec), kshift=cfg.kshift, shared=shared, n_rs_seq=cfg.n_rs_seq)
+        # M-RoPE (rope types 8 / 40): the reference asserts on seq_add / seq_div
+        mrope = int(ref.L.llama_model_rope_type(ref.model)) in (8, 40)
+        scenario(
+            Scenario(rec),
+            kshift=cfg.kshift,
+            shared=shared,
+            n_rs_seq=cfg.n_rs_seq,
+            seq_shift=not mrope,
+        )
     wholes = [rec.blobs[s["state"]] for s in rec.steps]
     model_info, memory = memory_section(ref, cfg, wholes)
     run = {

@@ -1,0 +1,138 @@
+"""The linear-attention family's GGUF rules (pymem/gguf_spec/arch_linear.py).
+
+Pins, per architecture, what the reference's ``load_arch_hparams`` decides for memory:
+which layers recur (``attention.recurrent_layers`` vs ``full_attention_interval``, NextN
+layers), the R / S widths of gated delta-net / KDA / lightning-attention layers, the RoPE
+type (M-RoPE: cells carry an ext position), and the architectures refused because the
+reference serves them with a memory type pymem does not implement; and, for every run
+recorded with tests/record/family_linear.py, that the factory's plan (and the memory it
+builds) is exactly what the reference built. Metadata-level tests write GGUF files with
+only the keys (no tensors).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pymem.errors import ConfigError
+from pymem.factory import ContextParams, create_memory, plan_memory
+from pymem.gguf_spec import spec_from_gguf
+from pymem.runtime.describe import describe_memory, describe_plan
+from pymem.spec import ModelSpec, RopeType
+
+sys.path.insert(0, str(Path(__file__).parent / "record"))
+import family_linear
+from test_factory import write_gguf
+
+DATA = Path(__file__).parent / "data"
+
+# n_embd 64, 4 heads of 16, 2 KV heads
+BASE: dict[str, Any] = {
+    "context_length": 4096,
+    "embedding_length": 64,
+    "attention.layer_norm_rms_epsilon": 1e-5,
+    "attention.head_count": 4,
+    "attention.head_count_kv": 2,
+}
+
+# gated delta-net: head 8, 2 K heads, 4 V heads (d_inner 32), conv kernel 4
+GDN_KEYS: dict[str, Any] = {
+    "ssm.conv_kernel": 4,
+    "ssm.inner_size": 32,
+    "ssm.state_size": 8,
+    "ssm.time_step_rank": 4,
+    "ssm.group_count": 2,
+    "rope.dimension_sections": [2, 2, 4, 0],
+}
+
+
+def _spec(tmp_path: Path, arch: str, n_layer: int, **kv: Any) -> ModelSpec:
+    keys = {**BASE, "block_count": n_layer, **kv}
+    return spec_from_gguf(write_gguf(tmp_path / f"{arch}.gguf", arch, keys))
+
+
+def _recurs(spec: ModelSpec) -> list[bool]:
+    return [lay.recurrent for lay in spec.layers]
+
+
+# --------------------------------------------------------------------------------------
+# recorded runs: the plan equals what the reference built
+# --------------------------------------------------------------------------------------
+
+RECORDED = sorted(r.name for r in family_linear.RUNS if (DATA / "runs" / f"{r.name}.json").exists())
+
+
+@pytest.mark.parametrize("run", RECORDED)
+def test_plan_matches_recorded_memory(run: str) -> None:
+    d = json.loads((DATA / "runs" / f"{run}.json").read_text())
+    spec = spec_from_gguf(DATA / "models" / d["model_file"])
+    params = ContextParams.from_dict(d["context_params"])
+    assert describe_plan(plan_memory(spec, params)) == d["memory"]
+    mem = create_memory(spec, params)
+    assert mem is not None
+    try:
+        assert describe_memory(mem) == {k: d["memory"][k] for k in ("type", "parts", "can_shift")}
+    finally:
+        mem.close()
+
+
+def test_every_run_is_recorded() -> None:
+    assert len(RECORDED) == len(family_linear.RUNS)
+
+
+# --------------------------------------------------------------------------------------
+# gated delta-net (qwen3next, qwen35, qwen35moe)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["qwen35", "qwen35moe", "qwen3next"])
+def test_gated_delta_net_default_interval_and_widths(arch: str, tmp_path: Path) -> None:
+    # no recurrent_layers / full_attention_interval: one attention layer in 4
+    spec = _spec(tmp_path, arch, 8, **GDN_KEYS)
+    assert _recurs(spec) == [True, True, True, False] * 2
+    # R: (d_conv - 1) * (d_inner + 2 * n_group * d_state) = 3 * (32 + 32) = 192 (Q, K, V)
+    # S: d_state * d_inner = 8 * 32 = 256 (4 V heads of 8 x 8)
+    assert {(lay.n_embd_r, lay.n_embd_s) for lay in spec.layers if lay.recurrent} == {(192, 256)}
+    attn = spec.layers[3]
+    assert (attn.n_embd_r, attn.n_embd_s, attn.n_embd_k_gqa) == (0, 0, 32)
+    want = RopeType.NEOX if arch == "qwen3next" else RopeType.IMROPE
+    assert attn.rope is not None and attn.rope.rope_type == want
+    assert spec.n_pos_per_embd == (1 if arch == "qwen3next" else 4)
+
+
+def test_full_attention_interval_and_nextn(tmp_path: Path) -> None:
+    # interval 2 over 4 trunk layers; the NextN (MTP) layer 4 is attention-only
+    spec = _spec(
+        tmp_path, "qwen35", 5, full_attention_interval=2, nextn_predict_layers=1, **GDN_KEYS
+    )
+    assert _recurs(spec) == [True, False, True, False, False]
+    assert spec.n_layer_nextn == 1
+
+
+def test_recurrent_layers_array_overrides_the_interval(tmp_path: Path) -> None:
+    # an explicit per-layer array wins over full_attention_interval, taken as written
+    spec = _spec(
+        tmp_path,
+        "qwen35moe",
+        4,
+        full_attention_interval=2,
+        **{"attention.recurrent_layers": [1, 1, 0, 1]},
+        **GDN_KEYS,
+    )
+    assert _recurs(spec) == [True, True, False, True]
+
+
+def test_recurrent_layers_array_of_wrong_length_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="recurrent_layers has wrong array length"):
+        _spec(tmp_path, "qwen3next", 4, **{"attention.recurrent_layers": [1, 0]}, **GDN_KEYS)
+
+
+def test_gated_delta_net_requires_the_ssm_keys(tmp_path: Path) -> None:
+    keys = {k: v for k, v in GDN_KEYS.items() if k != "ssm.group_count"}
+    with pytest.raises(ConfigError, match=r"ssm\.group_count"):
+        _spec(tmp_path, "qwen35", 4, **keys)
