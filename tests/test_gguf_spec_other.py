@@ -111,3 +111,44 @@ def test_shortconv_requires_l_cache(tmp_path: Path) -> None:
     for arch in ("lfm2", "lfm2moe"):
         with pytest.raises(ConfigError, match=r"shortconv\.l_cache"):
             hparams_from_gguf(write_gguf(tmp_path / f"{arch}.gguf", arch, keys))
+
+
+# --------------------------------------------------------------------------------------
+# RWKV: rwkv6, rwkv6qwen2, rwkv7, arwkv7
+# --------------------------------------------------------------------------------------
+
+RWKV_ARCHS = ["rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"]
+
+
+def _rwkv_keys(**kv: Any) -> dict[str, Any]:
+    # n_embd 64 in WKV heads of 16; no attention heads
+    return {**BASE, "block_count": 3, "attention.head_count": 0, "wkv.head_size": 16, **kv}
+
+
+@pytest.mark.parametrize("arch", RWKV_ARCHS)
+def test_rwkv_every_layer_recurs_with_two_shifts_by_default(arch: str, tmp_path: Path) -> None:
+    hp = hparams_from_gguf(write_gguf(tmp_path / "m.gguf", arch, _rwkv_keys()))
+    assert hp.is_recr == (True, True, True) and hp.rope_type == RopeType.NONE
+    # R: token_shift_count (2) * n_embd; S: n_embd * wkv.head_size
+    assert (hp.n_embd_r(), hp.n_embd_s()) == (128, 1024)
+    spec = spec_from_gguf(tmp_path / "m.gguf")
+    assert spec.is_recurrent_arch and not spec.is_hybrid_arch
+    plan = describe_plan(plan_memory(spec, ContextParams(n_ctx=256, n_seq_max=2)))
+    assert plan["type"] == "recurrent"
+    assert [p["kind"] for p in plan["parts"]] == ["recurrent"]
+
+
+@pytest.mark.parametrize("arch", RWKV_ARCHS)
+def test_rwkv_token_shift_count_sets_the_r_width(arch: str, tmp_path: Path) -> None:
+    # the Qwen-based flavours (rwkv6qwen2, arwkv7) ship token_shift_count 1
+    keys = _rwkv_keys(token_shift_count=1)
+    hp = hparams_from_gguf(write_gguf(tmp_path / "m.gguf", arch, keys))
+    assert (hp.n_embd_r(), hp.n_embd_s()) == (64, 1024)
+
+
+@pytest.mark.parametrize("arch", RWKV_ARCHS)
+def test_rwkv_requires_wkv_head_size(arch: str, tmp_path: Path) -> None:
+    keys = _rwkv_keys()
+    del keys["wkv.head_size"]
+    with pytest.raises(ConfigError, match=r"wkv\.head_size"):
+        hparams_from_gguf(write_gguf(tmp_path / "m.gguf", arch, keys))

@@ -24,6 +24,8 @@ def _lfm2moe(m: GGUFMeta, d: Draft) -> None:
 
 
 def _rwkv(m: GGUFMeta, d: Draft) -> None:
+    # every RWKV flavour reads the same two state keys; the Qwen-based ones (rwkv6qwen2,
+    # arwkv7) carry token_shift_count 1 (their graphs assert n_embd_r == n_embd)
     d.wkv_head_size = m.u32_req(d.key("wkv.head_size"))
     d.token_shift_count = m.u32(d.key("token_shift_count"), 2)
 
@@ -32,5 +34,7 @@ RULES: dict[str, ArchRule] = {
     "lfm2": ArchRule(RopeType.NEOX, _lfm2),
     "lfm2moe": ArchRule(RopeType.NEOX, _lfm2moe),
     "rwkv6": ArchRule(RopeType.NONE, _rwkv),
+    "rwkv6qwen2": ArchRule(RopeType.NONE, _rwkv),
     "rwkv7": ArchRule(RopeType.NONE, _rwkv),
+    "arwkv7": ArchRule(RopeType.NONE, _rwkv),
 }

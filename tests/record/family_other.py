@@ -137,9 +137,106 @@ def write_rwkv7(path: Path) -> Path:
     return path
 
 
+def write_arwkv7(path: Path) -> Path:
+    """arwkv7: 2 recurrent layers of RWKV-7 time mix with a Qwen-style RMS-norm SwiGLU FFN.
+
+    llama_model_arwkv7::load_arch_hparams reads rwkv7's keys; the graph asserts
+    n_embd_r == n_embd, so ``token_shift_count`` is 1 (one attention shift per layer):
+    R rows of 16 floats, S rows of 128. No ln0, no output-norm bias; this model has no
+    gate LoRA (a 5-way lerp) and no time-mix group norm, both optional for arwkv7.
+    """
+    n, lora = RWKV_EMBD, 4
+    m = _Model(path, "arwkv7", "tiny-arwkv7", seed=43)
+    _rwkv_common(m, ln0=False, output_norm_b=False)
+    m.u32("token_shift_count", 1)
+    for key in ("decay", "iclr", "value_residual_mix"):
+        m.u32(f"attention.{key}_lora_rank", lora)
+    for il in range(RWKV_LAYERS):
+        m.norm(f"blk.{il}.attn_norm.weight", n)
+        _rwkv7_time_mix(m, il, lora=lora, gate=False, ln=False)
+        m.norm(f"blk.{il}.ffn_norm.weight", n)
+        _ffn(m, il, n, RWKV_FF)
+    m.finish()
+    return path
+
+
+def _rwkv6_time_mix(m: _Model, il: int, *, qwen: bool) -> None:
+    """One layer's RWKV-6 time mix (llama_model_rwkv6 / rwkv6qwen2 load_arch_tensors):
+    the data-dependent lerp (LoRA of 4 x 5) and decay (LoRA of 4). ``qwen``: no
+    ``time_mix_first`` (the graph then runs gated linear attention) and no group norm."""
+    n, b, extra = RWKV_EMBD, f"blk.{il}", 4
+    m.weight(f"{b}.time_mix_w1.weight", (n, extra * 5))
+    m.weight(f"{b}.time_mix_w2.weight", (extra, n, 5))
+    _lerp(m, f"{b}.time_mix_lerp_x.weight")
+    _lerp(m, f"{b}.time_mix_lerp_fused.weight", 5)
+    if not qwen:
+        m.weight(f"{b}.time_mix_first.weight", (RWKV_HEAD, n // RWKV_HEAD), scale=0.5)
+    m.weight(f"{b}.time_mix_decay.weight", (n,), scale=0.5)
+    m.weight(f"{b}.time_mix_decay_w1.weight", (n, extra))
+    m.weight(f"{b}.time_mix_decay_w2.weight", (extra, n))
+    for x in ("key", "value", "receptance", "gate"):
+        m.weight(f"{b}.time_mix_{x}.weight", (n, n))
+    if not qwen:
+        m.norm(f"{b}.time_mix_ln.weight", n)
+        m.weight(f"{b}.time_mix_ln.bias", (n,), scale=0.1)
+    m.weight(f"{b}.time_mix_output.weight", (n, n))
+
+
+def write_rwkv6(path: Path) -> Path:
+    """rwkv6: 2 recurrent layers of RWKV-6 time mix and channel mix.
+
+    llama_model_rwkv6::load_arch_hparams requires ``wkv.head_size`` and the time-mix /
+    time-decay LoRA widths; token_shift_count defaults to 2 (the graph asserts 2):
+    R rows of 2 * 16 = 32 floats, S rows of 16 * 8 = 128.
+    """
+    n = RWKV_EMBD
+    m = _Model(path, "rwkv6", "tiny-rwkv6", seed=45)
+    _rwkv_common(m, ln0=True, output_norm_b=True)
+    m.u32("time_mix_extra_dim", 4)
+    m.u32("time_decay_extra_dim", 4)
+    for il in range(RWKV_LAYERS):
+        b = f"blk.{il}"
+        for norm in ("attn_norm", "attn_norm_2"):
+            m.norm(f"{b}.{norm}.weight", n)
+            m.weight(f"{b}.{norm}.bias", (n,), scale=0.1)
+        _rwkv6_time_mix(m, il, qwen=False)
+        _lerp(m, f"{b}.channel_mix_lerp_k.weight")
+        _lerp(m, f"{b}.channel_mix_lerp_r.weight")
+        m.weight(f"{b}.channel_mix_key.weight", (n, RWKV_FF))
+        m.weight(f"{b}.channel_mix_value.weight", (RWKV_FF, n))
+        m.weight(f"{b}.channel_mix_receptance.weight", (n, n))
+    m.finish()
+    return path
+
+
+def write_rwkv6qwen2(path: Path) -> Path:
+    """rwkv6qwen2: 2 recurrent layers of RWKV-6 time mix (gated linear attention, no
+    ``time_mix_first``) with a Qwen-style RMS-norm SwiGLU FFN.
+
+    The graph asserts n_embd_r == n_embd: ``token_shift_count`` 1, R rows of 16 floats,
+    S rows of 128. No ln0; K/V as wide as n_embd (no KV heads).
+    """
+    n = RWKV_EMBD
+    m = _Model(path, "rwkv6qwen2", "tiny-rwkv6qwen2", seed=47)
+    _rwkv_common(m, ln0=False, output_norm_b=False)
+    m.u32("token_shift_count", 1)
+    m.u32("time_mix_extra_dim", 4)
+    m.u32("time_decay_extra_dim", 4)
+    for il in range(RWKV_LAYERS):
+        m.norm(f"blk.{il}.attn_norm.weight", n)
+        _rwkv6_time_mix(m, il, qwen=True)
+        m.norm(f"blk.{il}.ffn_norm.weight", n)
+        _ffn(m, il, n, RWKV_FF)
+    m.finish()
+    return path
+
+
 MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-lfm2moe.gguf": write_lfm2moe,
     "tiny-rwkv7.gguf": write_rwkv7,
+    "tiny-arwkv7.gguf": write_arwkv7,
+    "tiny-rwkv6.gguf": write_rwkv6,
+    "tiny-rwkv6qwen2.gguf": write_rwkv6qwen2,
 }
 
 RUNS: list[RunConfig] = [
@@ -155,4 +252,15 @@ RUNS: list[RunConfig] = [
     # recurrent (RWKV-7): every layer holds a token-shift R row and a WKV S row per sequence
     RunConfig("rwkv7.main.u1", "rwkv7", "tiny-rwkv7.gguf", "main", 256, 64, False, True),
     RunConfig("rwkv7.ops.u1", "rwkv7", "tiny-rwkv7.gguf", "ops", 256, 32, False, True, ops=True),
+    # RWKV-6: two token shifts per layer, like rwkv7
+    RunConfig("rwkv6.main.u1", "rwkv6", "tiny-rwkv6.gguf", "main", 256, 64, False, True),
+    RunConfig("rwkv6.ops.u1", "rwkv6", "tiny-rwkv6.gguf", "ops", 256, 32, False, True, ops=True),
+    # the Qwen-based RWKV flavours keep one token shift per layer (R rows of n_embd)
+    RunConfig("arwkv7.main.u1", "arwkv7", "tiny-arwkv7.gguf", "main", 256, 64, False, True),
+    RunConfig("arwkv7.ops.u1", "arwkv7", "tiny-arwkv7.gguf", "ops", 256, 32, False, True, ops=True),
+    RunConfig("rwkv6qwen2.main.u1", "rwkv6qwen2", "tiny-rwkv6qwen2.gguf", "main", 256, 64, False, True),
+    RunConfig(
+        "rwkv6qwen2.ops.u1", "rwkv6qwen2", "tiny-rwkv6qwen2.gguf", "ops", 256, 32, False, True,
+        ops=True,
+    ),
 ]  # fmt: skip
