@@ -249,9 +249,21 @@ RUNS: list[RunConfig] = [
         "lfm2moe.rollback.fa1.u1", "lfm2moe", "tiny-lfm2moe.gguf", "rollback", 256, 64, True, True,
         n_rs_seq=2,
     ),
+    RunConfig("lfm2moe.ops.fa1.u1", "lfm2moe", "tiny-lfm2moe.gguf", "ops", 256, 32, True, True, ops=True),
+    # PARTIAL_ONLY checkpoints (the recurrent part only), one stream per sequence
+    RunConfig(
+        "lfm2moe.checkpoint.fa0.u0", "lfm2moe", "tiny-lfm2moe.gguf", "checkpoint", 1024, 32, False,
+        False, checkpoint=True,
+    ),
     # recurrent (RWKV-7): every layer holds a token-shift R row and a WKV S row per sequence
     RunConfig("rwkv7.main.u1", "rwkv7", "tiny-rwkv7.gguf", "main", 256, 64, False, True),
     RunConfig("rwkv7.ops.u1", "rwkv7", "tiny-rwkv7.gguf", "ops", 256, 32, False, True, ops=True),
+    # n_rs_seq 2 asked of an arch without rollback support: the reference clamps it to 0,
+    # so the scenario's rollbacks (partial seq_rm of a recurrent state) are refused
+    RunConfig(
+        "rwkv7.rollback-clamped.u1", "rwkv7", "tiny-rwkv7.gguf", "rollback-clamped", 256, 64, False,
+        True, n_rs_seq=2,
+    ),
     # RWKV-6: two token shifts per layer, like rwkv7
     RunConfig("rwkv6.main.u1", "rwkv6", "tiny-rwkv6.gguf", "main", 256, 64, False, True),
     RunConfig("rwkv6.ops.u1", "rwkv6", "tiny-rwkv6.gguf", "ops", 256, 32, False, True, ops=True),
