@@ -49,7 +49,7 @@ class _GDN:
 GDN = _GDN()
 
 
-def _gdn_keys(m: _Model, s: _GDN) -> None:
+def _gdn_keys(m: _Model, s: _GDN, n_rot: int | None = None) -> None:
     m.u32("ssm.conv_kernel", s.d_conv)
     m.u32("ssm.inner_size", s.d_inner)
     m.u32("ssm.state_size", s.head_dim)
@@ -58,7 +58,7 @@ def _gdn_keys(m: _Model, s: _GDN) -> None:
     m.u32("attention.head_count_kv", s.n_head_kv)
     m.u32("attention.key_length", s.head)
     m.u32("attention.value_length", s.head)
-    m.u32("rope.dimension_count", s.n_rot)
+    m.u32("rope.dimension_count", s.n_rot if n_rot is None else n_rot)
     m.f32("rope.freq_base", 10000.0)
 
 
@@ -75,6 +75,52 @@ def _gdn_mixer(m: _Model, il: int, s: _GDN) -> None:
     m.weight(f"blk.{il}.ssm_alpha.weight", (s.n_embd, s.n_v_heads))
     m.norm(f"blk.{il}.ssm_norm.weight", s.head_dim)
     m.weight(f"blk.{il}.ssm_out.weight", (s.d_inner, s.n_embd))
+
+
+def _gdn_mixer_ba(m: _Model, il: int, s: _GDN) -> None:
+    """qwen3next's delta-net layer: as :func:`_gdn_mixer`, but beta and alpha come from one
+    projection (``ssm_ba``: per K head, its V heads' betas then their alphas)."""
+    m.weight(f"blk.{il}.attn_qkv.weight", (s.n_embd, s.conv_dim))
+    m.weight(f"blk.{il}.attn_gate.weight", (s.n_embd, s.d_inner))
+    m.weight(f"blk.{il}.ssm_conv1d.weight", (s.d_conv, s.conv_dim), scale=0.5)
+    m.weight(f"blk.{il}.ssm_dt.bias", (s.n_v_heads,), scale=0.5)
+    a = -(0.5 + m.rng.random(s.n_v_heads)).astype("float32")
+    m.w.add_tensor(f"blk.{il}.ssm_a", a)
+    m.weight(f"blk.{il}.ssm_ba.weight", (s.n_embd, 2 * s.n_v_heads))
+    m.norm(f"blk.{il}.ssm_norm.weight", s.head_dim)
+    m.weight(f"blk.{il}.ssm_out.weight", (s.d_inner, s.n_embd))
+
+
+@dataclass(frozen=True)
+class _MoE:
+    """Routed experts (softmax gating) plus one sigmoid-gated shared expert."""
+
+    n_expert: int = 4
+    n_expert_used: int = 2
+    n_ff_exp: int = 8
+    n_ff_shexp: int = 16
+
+
+MOE = _MoE()
+
+
+def _moe_keys(m: _Model, e: _MoE) -> None:
+    m.u32("expert_count", e.n_expert)
+    m.u32("expert_used_count", e.n_expert_used)
+    m.u32("expert_feed_forward_length", e.n_ff_exp)
+    m.u32("expert_shared_feed_forward_length", e.n_ff_shexp)
+
+
+def _moe_ffn(m: _Model, il: int, n_embd: int, e: _MoE) -> None:
+    """The router, the stacked expert weights {.., .., n_expert} and the shared expert."""
+    m.weight(f"blk.{il}.ffn_gate_inp.weight", (n_embd, e.n_expert))
+    m.weight(f"blk.{il}.ffn_gate_exps.weight", (n_embd, e.n_ff_exp, e.n_expert))
+    m.weight(f"blk.{il}.ffn_up_exps.weight", (n_embd, e.n_ff_exp, e.n_expert))
+    m.weight(f"blk.{il}.ffn_down_exps.weight", (e.n_ff_exp, n_embd, e.n_expert))
+    m.weight(f"blk.{il}.ffn_gate_inp_shexp.weight", (n_embd,))
+    m.weight(f"blk.{il}.ffn_gate_shexp.weight", (n_embd, e.n_ff_shexp))
+    m.weight(f"blk.{il}.ffn_up_shexp.weight", (n_embd, e.n_ff_shexp))
+    m.weight(f"blk.{il}.ffn_down_shexp.weight", (e.n_ff_shexp, n_embd))
 
 
 def _gated_attention(m: _Model, il: int, s: _GDN) -> None:
@@ -117,11 +163,68 @@ def write_qwen35(path: Path) -> Path:
     return path
 
 
+def write_qwen35moe(path: Path) -> Path:
+    """qwen35moe (Qwen3.5 MoE): as :func:`write_qwen35`, with MoE FFNs (:data:`MOE`: 4
+    experts, 2 used, plus a shared expert) and the recurrent layers given as an explicit
+    ``attention.recurrent_layers`` bool array [T, F, T, F] (no full_attention_interval).
+    """
+    s, e, n_layer, n_ff = GDN, MOE, 4, 32
+    recr = [True, False, True, False]
+    m = _Model(path, "qwen35moe", "tiny-qwen35moe", seed=42)
+    _common(m, s.n_embd, n_layer, n_ff, s.n_head)
+    _gdn_keys(m, s)
+    _moe_keys(m, e)
+    m.w.add_array("qwen35moe.attention.recurrent_layers", recr)
+    m.arr("rope.dimension_sections", [2, 1, 1, 0])
+    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
+    m.norm("output_norm.weight", s.n_embd)
+    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
+        m.norm(f"blk.{il}.post_attention_norm.weight", s.n_embd)
+        if recr[il]:
+            _gdn_mixer(m, il, s)
+        else:
+            _gated_attention(m, il, s)
+        _moe_ffn(m, il, s.n_embd, e)
+    m.finish()
+    return path
+
+
+def write_qwen3next(path: Path) -> Path:
+    """qwen3next (Qwen3-Next): 4 layers [delta-net x 3, attention] (the default
+    full_attention_interval 4), NeoX RoPE over half the head (n_rot 4), MoE FFNs
+    (:data:`MOE`), beta / alpha from one ``ssm_ba`` projection.
+
+    llama_model_qwen3next::load_tensors refuses a model without experts.
+    """
+    s, e, n_layer, n_ff = GDN, MOE, 4, 32
+    m = _Model(path, "qwen3next", "tiny-qwen3next", seed=43)
+    _common(m, s.n_embd, n_layer, n_ff, s.n_head)
+    _gdn_keys(m, s, n_rot=4)
+    _moe_keys(m, e)
+    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
+    m.norm("output_norm.weight", s.n_embd)
+    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
+        m.norm(f"blk.{il}.post_attention_norm.weight", s.n_embd)
+        if (il + 1) % 4:
+            _gdn_mixer_ba(m, il, s)
+        else:
+            _gated_attention(m, il, s)
+        _moe_ffn(m, il, s.n_embd, e)
+    m.finish()
+    return path
+
+
 MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-qwen35.gguf": write_qwen35,
+    "tiny-qwen35moe.gguf": write_qwen35moe,
+    "tiny-qwen3next.gguf": write_qwen3next,
 }
 
-_Q35 = "tiny-qwen35.gguf"
+_Q35, _Q35M, _Q3N = "tiny-qwen35.gguf", "tiny-qwen35moe.gguf", "tiny-qwen3next.gguf"
 
 RUNS: list[RunConfig] = [
     # qwen35: hybrid memory, attention layers 1 and 3 (M-RoPE: cells carry ext positions),
@@ -130,5 +233,23 @@ RUNS: list[RunConfig] = [
     RunConfig("qwen35.main.fa0.u0", "qwen35", _Q35, "main", 1024, 64, False, False),
     RunConfig(
         "qwen35.rollback.fa1.u1", "qwen35", _Q35, "rollback", 256, 64, True, True, n_rs_seq=2
+    ),
+    # qwen3next: delta-net layers 0-2, attention layer 3 (NeoX, half the head rotated);
+    # no rollback (not in llm_arch_supports_rs_rollback: n_rs_seq is clamped to 0)
+    RunConfig("qwen3next.main.fa1.u1", "qwen3next", _Q3N, "main", 256, 64, True, True),
+    RunConfig("qwen3next.main.fa0.u0", "qwen3next", _Q3N, "main", 1024, 64, False, False),
+    RunConfig("qwen3next.ops.fa1.u1", "qwen3next", _Q3N, "ops", 256, 32, True, True, ops=True),
+    # qwen35moe: the qwen35 layout from an explicit recurrent_layers array, MoE FFNs
+    RunConfig("qwen35moe.main.fa1.u1", "qwen35moe", _Q35M, "main", 256, 64, True, True),
+    RunConfig(
+        "qwen35moe.rollback.fa0.u0",
+        "qwen35moe",
+        _Q35M,
+        "rollback",
+        1024,
+        64,
+        False,
+        False,
+        n_rs_seq=2,
     ),
 ]
