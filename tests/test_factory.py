@@ -31,33 +31,10 @@ from pymem.runtime.describe import describe_memory, describe_plan
 from pymem.spec import LayerSpec, ModelSpec, RopeType, SWAType
 
 DATA = Path(__file__).parent / "data"
+# every recorded run (the shared three and tests/record's): run name -> its model file
 RUNS = {
-    "llama.main.fa0.u1": "tiny-llama.gguf",
-    "mamba.main.u1": "tiny-mamba.gguf",
-    "jamba.main.fa1.u0": "tiny-jamba.gguf",
-    # recorded by tests/record/record_llama_cpp.py
-    "gemma2.main.fa0.u1": "tiny-gemma2.gguf",
-    "gemma2.main.fa1.u0": "tiny-gemma2.gguf",
-    "gemma2.main-ub4.fa0.u1": "tiny-gemma2.gguf",
-    "gemma2.main-swafull.fa1.u1": "tiny-gemma2.gguf",
-    "gemma2-e8.fill.fa0.u1": "tiny-gemma2-e8.gguf",
-    "lfm2-swa.noshift.fa0.u1": "tiny-lfm2-swa.gguf",
-    "lfm2-swa.noshift.fa1.u0": "tiny-lfm2-swa.gguf",
-    "lfm2-swa.noshift-rollback.fa1.u1": "tiny-lfm2-swa.gguf",
-    "lfm2.rollback.fa1.u1": "tiny-lfm2.gguf",
-    "lfm2.rollback.fa0.u0": "tiny-lfm2.gguf",
-    "lfm2.rollback-ub4.fa1.u1": "tiny-lfm2.gguf",
-    "llama-e8.main.fa1.u0": "tiny-llama-e8.gguf",
-    "llama.noshift-q8_0.fa1.u1": "tiny-llama.gguf",
-    "llama-e8.fill.fa1.u1": "tiny-llama-e8.gguf",
-    "lfm2-swa.fill-noshift.fa1.u1": "tiny-lfm2-swa.gguf",
-    "llama-e8.ops.fa0.u1": "tiny-llama-e8.gguf",
-    "gemma2-e8.ops.fa1.u1": "tiny-gemma2-e8.gguf",
-    "lfm2.ops.fa1.u1": "tiny-lfm2.gguf",
-    "mamba.ops.u1": "tiny-mamba.gguf",
-    "gemma2-e8.checkpoint.fa1.u1": "tiny-gemma2-e8.gguf",
-    "lfm2-swa.checkpoint.fa0.u0": "tiny-lfm2-swa.gguf",
-    "lfm2.checkpoint.fa1.u1": "tiny-lfm2.gguf",
+    path.stem: json.loads(path.read_text())["model_file"]
+    for path in sorted((DATA / "runs").glob("*.json"))
 }
 
 
