@@ -415,11 +415,21 @@ class _Graph(graph_ssm2.SSM2Graph, graph_delta.DeltaNetGraph, graph_attention.At
 
     def gemma2(self, inp: Any, out_ids: Any) -> Any:
         """``llama_model_gemma2::graph`` up to the output norm."""
+        return self.gemma_layers(inp, out_ids, qk_norm=False)
+
+    def gemma_layers(self, inp: Any, out_ids: Any, qk_norm: bool) -> Any:
+        """Gemma-2 / Gemma-3 layers: scaled embeddings, Q scaled before KQ, post-norms, GELU FFN.
+
+        Gemma-3 adds RMS norms of Q and K before RoPE (``qk_norm``); its KQ is not
+        soft-capped (``HParams.attn_soft_cap`` is Gemma-2's alone).
+        """
         ctx, hp, w = self.ctx, self.hp, self.m._w
         inpL = ctx.scale(inp, float(np.sqrt(np.float32(hp.n_embd))))
         for il in range(hp.n_layer):
             cur = self.norm(inpL, w(il, "attn_norm.weight"))
-            cur = self.attention(il, cur, q_scale=hp.f_attention_scale, kq_scale=1.0)
+            cur = self.attention(
+                il, cur, qk_norm=qk_norm, q_scale=hp.f_attention_scale, kq_scale=1.0
+            )
             if il == hp.n_layer - 1:
                 cur = ctx.get_rows(cur, out_ids)
                 inpL = ctx.get_rows(inpL, out_ids)
