@@ -7,6 +7,7 @@ SWA layers' RoPE base and scale, and head sizes where they differ per layer kind
 
 from __future__ import annotations
 
+from pymem.errors import ConfigError
 from pymem.gguf_spec.draft import ArchRule, Draft
 from pymem.gguf_spec.meta import GGUFMeta
 from pymem.spec import RopeType, SWAType
@@ -28,6 +29,175 @@ def _gemma3(m: GGUFMeta, d: Draft) -> None:
         d.rope_freq_base_swa = m.f32(d.key("rope.freq_base_swa"), 10000.0)
 
 
+def _swa_rope(m: GGUFMeta, d: Draft, scale: float | None = None) -> None:
+    """SWA layers' RoPE: ``rope.freq_base_swa`` or the full base; the full scale unless given."""
+    d.rope_freq_base_swa = m.f32(d.key("rope.freq_base_swa"), d.rope_freq_base)
+    d.rope_freq_scale_swa = d.rope_freq_scale if scale is None else scale
+
+
+def _swa_array(m: GGUFMeta, d: Draft) -> None:
+    """A required per-layer ``attention.sliding_window_pattern`` array (``get_arr``, required)."""
+    key = d.key("attention.sliding_window_pattern")
+    if not m.is_array(key):
+        raise ConfigError(f"{m.path}: array key not found in model: {key}")
+    d.load_swa_pattern(0)
+
+
+def _window_opt(m: GGUFMeta, d: Draft) -> int:
+    """``attention.sliding_window`` if present (0 if not): most archs slide only when > 0."""
+    d.n_swa = m.u32(d.key("attention.sliding_window"), 0)
+    return d.n_swa
+
+
+def _window_req(m: GGUFMeta, d: Draft) -> None:
+    d.n_swa = m.u32_req(d.key("attention.sliding_window"))
+
+
+def _llama4(m: GGUFMeta, d: Draft) -> None:
+    # only an explicit window of 0 turns SWA off; any other value is replaced by 8192 chunks
+    if m.u32_opt(d.key("attention.sliding_window")) == 0:
+        d.swa_type, d.n_swa = SWAType.NONE, 0
+        return
+    d.swa_type, d.n_swa = SWAType.CHUNKED, 8192
+    d.load_swa_pattern(4)  # 3 chunked, then 1 full
+    _swa_rope(m, d)
+
+
+def _cohere2(m: GGUFMeta, d: Draft) -> None:
+    d.swa_type = SWAType.STANDARD
+    d.load_swa_pattern(4)
+    _swa_rope(m, d)
+    _window_req(m, d)
+
+
+def _cohere2moe(m: GGUFMeta, d: Draft) -> None:
+    _window_req(m, d)
+    d.swa_type = SWAType.STANDARD
+    d.load_swa_pattern(4, dense_first=True)
+    _swa_rope(m, d)
+
+
+def _openai_moe(m: GGUFMeta, d: Draft) -> None:
+    _window_req(m, d)
+    d.swa_type = SWAType.STANDARD
+    d.load_swa_pattern(2)
+    _swa_rope(m, d)
+
+
+def _phi3(m: GGUFMeta, d: Draft) -> None:
+    # Phi-3's window is read and then switched off (llama.cpp PR 13676): no layer slides
+    m.u32_opt(d.key("attention.sliding_window"))
+    d.swa_type, d.n_swa = SWAType.NONE, 0
+
+
+def _exaone4(m: GGUFMeta, d: Draft) -> None:
+    # only the 64-layer (32B) model slides; the window key is read for every size, so a
+    # smaller model keeps n_swa with swa_type NONE (a plain KV cache)
+    if d.n_layer == 64:
+        d.swa_type, d.n_swa = SWAType.STANDARD, 4096
+        d.load_swa_pattern(4)
+        _swa_rope(m, d)
+    d.n_swa = m.u32(d.key("attention.sliding_window"), d.n_swa)
+
+
+def _exaone_moe(m: GGUFMeta, d: Draft) -> None:
+    d.swa_type = SWAType.STANDARD
+    d.load_swa_pattern(4)
+    _swa_rope(m, d)
+    _window_req(m, d)
+
+
+def _olmo2(m: GGUFMeta, d: Draft) -> None:
+    if _window_opt(m, d):
+        d.swa_type = SWAType.STANDARD
+        d.load_swa_pattern(4)
+        _swa_rope(m, d, scale=1.0)
+
+
+def _smallthinker(m: GGUFMeta, d: Draft) -> None:
+    if _window_opt(m, d):
+        d.swa_type, d.n_swa = SWAType.STANDARD, 4096  # the file's window is replaced
+        d.load_swa_pattern(4, dense_first=True)
+        _swa_rope(m, d)
+    else:
+        d.n_swa = 0
+
+
+def _afmoe(m: GGUFMeta, d: Draft) -> None:
+    if _window_opt(m, d):
+        d.swa_type = SWAType.STANDARD
+        d.load_swa_pattern(4)
+        _swa_rope(m, d)
+
+
+def _mellum(m: GGUFMeta, d: Draft) -> None:
+    _afmoe(m, d)  # the same rule: pattern 4 when the window is > 0
+
+
+def _laguna(m: GGUFMeta, d: Draft) -> None:
+    if _window_opt(m, d):
+        d.swa_type = SWAType.STANDARD
+        d.load_swa_pattern(4, dense_first=True)
+        _swa_rope(m, d, scale=1.0)  # SWA layers: plain RoPE, no YaRN factor
+
+
+def _plamo3(m: GGUFMeta, d: Draft) -> None:
+    if _window_opt(m, d):
+        d.swa_type = SWAType.STANDARD
+        d.rope_freq_base_swa = m.f32(d.key("rope.freq_base_swa"), d.rope_freq_base_swa)
+        d.load_swa_pattern(8)
+
+
+def _granite_swa(m: GGUFMeta, d: Draft) -> None:
+    # the SWA layers' RoPE keeps the defaults (base 10000, scale 1): the K-shift uses them
+    _swa_array(m, d)
+    _window_req(m, d)
+    d.swa_type = SWAType.STANDARD
+    pattern = m.int_array(d.key("attention.rope_pattern"), allow_bool=True)
+    if pattern is not None:
+        # get_arr over rope_pattern: entries past the array keep their 1
+        d.rope_pattern = [
+            bool(pattern[il]) if il < len(pattern) else d.rope_pattern[il]
+            for il in range(d.n_layer_all)
+        ]
+
+
+def _mimo2(m: GGUFMeta, d: Draft) -> None:
+    d.swa_type = SWAType.STANDARD
+    _window_req(m, d)
+    d.rope_freq_base_swa = m.f32(d.key("rope.freq_base_swa"), d.rope_freq_base_swa)
+    _swa_array(m, d)
+
+
+def _step35(m: GGUFMeta, d: Draft) -> None:
+    d.swa_type = SWAType.STANDARD
+    d.n_rot_full //= 2  # full-attention layers rotate half the dimensions
+    _window_req(m, d)
+    d.rope_freq_base_swa = m.f32(d.key("rope.freq_base_swa"), d.rope_freq_base_swa)
+    _swa_array(m, d)
+
+
+def _spark2_5(m: GGUFMeta, d: Draft) -> None:
+    _window_req(m, d)
+    d.swa_type = SWAType.STANDARD
+    _swa_array(m, d)
+    _swa_rope(m, d)
+
+
+def _maple(m: GGUFMeta, d: Draft) -> None:
+    d.swa_type = SWAType.STANDARD
+    _window_req(m, d)
+    _swa_array(m, d)
+    _swa_rope(m, d)
+
+
+def _muse_glimmer(m: GGUFMeta, d: Draft) -> None:
+    _window_req(m, d)
+    d.rope_freq_base_swa = m.f32(d.key("rope.freq_base_swa"), d.rope_freq_base)
+    d.swa_type = SWAType.STANDARD
+    d.load_swa_pattern(4)
+
+
 _LAYER_REUSE = (
     "the reference's KV cache lets the layers from n_layer_kv_from_start on reuse the K/V of an "
     "earlier layer (create_memory's layer_reuse_cb); pymem's caches give every attention layer "
@@ -36,11 +206,38 @@ _LAYER_REUSE = (
 
 
 RULES: dict[str, ArchRule] = {
+    # dense: nothing in load_arch_hparams matters for memory
     "llama": ArchRule(RopeType.NORM),
     "qwen2": ArchRule(RopeType.NEOX),
     "qwen3": ArchRule(RopeType.NEOX),
+    "qwen2moe": ArchRule(RopeType.NEOX),
+    "qwen3moe": ArchRule(RopeType.NEOX),
+    "phi2": ArchRule(RopeType.NEOX),
+    "phimoe": ArchRule(RopeType.NEOX),
+    "olmoe": ArchRule(RopeType.NEOX),
+    "phi3": ArchRule(RopeType.NEOX, _phi3),
+    "exaone4": ArchRule(RopeType.NEOX, _exaone4),
+    # sliding window (standard unless said)
     "gemma2": ArchRule(RopeType.NEOX, _gemma2),
     "gemma3": ArchRule(RopeType.NEOX, _gemma3),
+    "llama4": ArchRule(RopeType.NORM, _llama4),  # chunked
+    "cohere2": ArchRule(RopeType.NORM, _cohere2),
+    "cohere2moe": ArchRule(RopeType.NORM, _cohere2moe),
+    "gpt-oss": ArchRule(RopeType.NEOX, _openai_moe),  # LLM_ARCH_OPENAI_MOE
+    "exaone-moe": ArchRule(RopeType.NEOX, _exaone_moe),
+    "olmo2": ArchRule(RopeType.NEOX, _olmo2),
+    "smallthinker": ArchRule(RopeType.NEOX, _smallthinker),
+    "afmoe": ArchRule(RopeType.NEOX, _afmoe),
+    "mellum": ArchRule(RopeType.NEOX, _mellum),
+    "laguna": ArchRule(RopeType.NEOX, _laguna),
+    "plamo3": ArchRule(RopeType.NEOX, _plamo3),
+    "granite_swa": ArchRule(RopeType.NORM, _granite_swa),
+    "mimo2": ArchRule(RopeType.NEOX, _mimo2),
+    "step35": ArchRule(RopeType.NEOX, _step35),
+    "spark2_5": ArchRule(RopeType.NEOX, _spark2_5),
+    "maple": ArchRule(RopeType.NEOX, _maple),
+    "muse-glimmer": ArchRule(RopeType.NORM, _muse_glimmer),
+    # layer K/V reuse
     "gemma3n": ArchRule(RopeType.NEOX, unsupported=_LAYER_REUSE),
     "gemma4": ArchRule(RopeType.NEOX, unsupported=_LAYER_REUSE),
 }

@@ -231,7 +231,7 @@ def hparams_from_gguf(path: str | os.PathLike[str]) -> GGUFHParams:
         n_embd_head_k_full = m.u32(k("attention.key_length"), head_k)
         n_embd_head_v_full = m.u32(k("attention.value_length"), head_k)
         n_rot_full = m.u32(k("rope.dimension_count"), n_embd_head_k_full)
-        if arch in ("llama", "deci", "llama4", "llama_embed") and n_rot_full != n_embd_head_k_full:
+        if arch in ("llama", "deci", "falcon", "llama-embed") and n_rot_full != n_embd_head_k_full:
             raise ConfigError(
                 f"{k('rope.dimension_count')}: invalid n_rot: {n_rot_full}, expected {n_embd_head_k_full}"
             )

@@ -53,13 +53,241 @@ def write_gemma3(path: Path) -> Path:
     return path
 
 
+def write_llama4(path: Path) -> Path:
+    """llama4: 4 layers, default pattern 4 -> layers 0..2 chunked, layer 3 full.
+
+    llama_model_llama4::load_arch_hparams: unless ``attention.sliding_window`` is 0 the
+    layers are chunked (swa_type CHUNKED) with chunks of 8192 whatever the key says, so the
+    scenario never crosses a chunk and the SWA cache is as large as the base cache
+    (PAD(min(n_ctx, 8192 * n_seq + n_ubatch), 256)). MoE is required (``expert_count`` > 0):
+    every 2nd layer (``interleave_moe_layer_step`` 2) has 2 experts of width 8, one used,
+    and a shared expert; the others a dense ffn.
+    """
+    n_layer, n_ff, n_expert, n_ff_exp = 4, 24, 2, 8
+    m = _Model(path, "llama4", "tiny-llama4", seed=41)
+    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("rope.dimension_count", HEAD)
+    m.f32("rope.freq_base", 500000.0)
+    m.u32("expert_count", n_expert)
+    m.u32("expert_used_count", 1)
+    m.u32("expert_feed_forward_length", n_ff_exp)
+    m.u32("interleave_moe_layer_step", 2)
+    m.weight("token_embd.weight", (N_EMBD, N_VOCAB))
+    m.norm("output_norm.weight", N_EMBD)
+    m.weight("output.weight", (N_EMBD, N_VOCAB))
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
+        if (il + 1) % 2 == 0:
+            _moe(m, il, N_EMBD, n_ff_exp, n_expert)
+            m.weight(f"blk.{il}.ffn_gate_shexp.weight", (N_EMBD, n_ff_exp))
+            m.weight(f"blk.{il}.ffn_up_shexp.weight", (N_EMBD, n_ff_exp))
+            m.weight(f"blk.{il}.ffn_down_shexp.weight", (n_ff_exp, N_EMBD))
+        else:
+            _ffn(m, il, N_EMBD, n_ff)
+    m.finish()
+    return path
+
+
+def _head(m: _Model, tied: bool = False) -> None:
+    """token_embd, output_norm and (unless tied to token_embd) output."""
+    m.weight("token_embd.weight", (N_EMBD, N_VOCAB))
+    m.norm("output_norm.weight", N_EMBD)
+    if not tied:
+        m.weight("output.weight", (N_EMBD, N_VOCAB))
+
+
+def write_cohere2(path: Path) -> Path:
+    """cohere2: 4 layers, default pattern 4 -> layers 0..2 slide, layer 3 is full.
+
+    llama_model_cohere2::load_arch_hparams: swa_type STANDARD, required
+    ``attention.sliding_window``, ``logit_scale`` and ``attention.layer_norm_epsilon``; the
+    SWA layers' RoPE base defaults to the full one. Tensors: one (layer) norm per block,
+    attention and gated ffn in parallel, output tied to token_embd.
+    """
+    n_layer, n_ff = 4, 24
+    m = _Model(path, "cohere2", "tiny-cohere2", seed=43)
+    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("attention.sliding_window", N_SWA)
+    m.f32("attention.layer_norm_epsilon", 1e-5)
+    m.f32("logit_scale", 0.5)
+    _head(m, tied=True)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        _ffn(m, il, N_EMBD, n_ff)
+    m.finish()
+    return path
+
+
+def write_openai_moe(path: Path) -> Path:
+    """openai-moe (gpt-oss): 2 layers, default pattern 2 -> layer 0 slides, layer 1 is full.
+
+    llama_model_openai_moe::load_arch_hparams: required window, swa_type STANDARD. Every
+    layer: attention with sinks and an output bias, a post-attention norm, 2 experts of
+    width 8 (one used) with biases.
+    """
+    n_layer, n_expert, n_ff_exp = 2, 2, 8
+    m = _Model(path, "gpt-oss", "tiny-openai-moe", seed=47)
+    _common(m, N_EMBD, n_layer, 24, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("attention.sliding_window", N_SWA)
+    m.u32("expert_count", n_expert)
+    m.u32("expert_used_count", 1)
+    m.u32("expert_feed_forward_length", n_ff_exp)
+    _head(m)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        m.norm(f"blk.{il}.post_attention_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        m.weight(f"blk.{il}.attn_output.bias", (N_EMBD,), scale=0.1)
+        m.weight(f"blk.{il}.attn_sinks.weight", (N_HEAD,), scale=1.0)
+        _moe(m, il, N_EMBD, n_ff_exp, n_expert)
+        m.weight(f"blk.{il}.ffn_gate_inp.bias", (n_expert,), scale=0.1)
+        m.weight(f"blk.{il}.ffn_gate_exps.bias", (n_ff_exp, n_expert), scale=0.1)
+        m.weight(f"blk.{il}.ffn_up_exps.bias", (n_ff_exp, n_expert), scale=0.1)
+        m.weight(f"blk.{il}.ffn_down_exps.bias", (N_EMBD, n_expert), scale=0.1)
+    m.finish()
+    return path
+
+
+def write_phi3(path: Path) -> Path:
+    """phi3 with ``attention.sliding_window`` 8: the reference switches Phi's window off.
+
+    llama_model_phi3::load_arch_hparams: a window > 0 gives swa_type NONE, n_swa 0 and no
+    sliding layer, so the memory is a plain KV cache. 2 layers; the ffn's up projection
+    holds gate and up (2 * n_ff).
+    """
+    n_layer, n_ff = 2, 24
+    # general.name must not contain "phi3": the vocab then wants an <|endoftext|> token
+    m = _Model(path, "phi3", "tiny-ph3", seed=53)
+    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("attention.sliding_window", N_SWA)
+    m.u32("rope.dimension_count", HEAD)
+    _head(m)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
+        m.weight(f"blk.{il}.ffn_up.weight", (N_EMBD, 2 * n_ff))
+        m.weight(f"blk.{il}.ffn_down.weight", (n_ff, N_EMBD))
+    m.finish()
+    return path
+
+
+def write_exaone4(path: Path) -> Path:
+    """exaone4 with 2 layers and ``attention.sliding_window`` 8: no layer slides.
+
+    llama_model_exaone4::load_arch_hparams slides only for 64 layers (the 32B model) but
+    reads the window for every size: a plain KV cache whose n_swa is 8 with swa_type NONE.
+    Tensors: post-norms only (no pre-norm), Q/K norms.
+    """
+    n_layer, n_ff = 2, 24
+    m = _Model(path, "exaone4", "tiny-exaone4", seed=59)
+    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("attention.sliding_window", N_SWA)
+    _head(m)
+    for il in range(n_layer):
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        m.norm(f"blk.{il}.post_attention_norm.weight", N_EMBD)
+        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
+        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
+        _ffn(m, il, N_EMBD, n_ff)
+        m.norm(f"blk.{il}.post_ffw_norm.weight", N_EMBD)
+    m.finish()
+    return path
+
+
+def write_olmo2(path: Path) -> Path:
+    """olmo2: 4 layers, window 8, default pattern 4 -> layers 0..2 slide, layer 3 is full.
+
+    llama_model_olmo2::load_arch_hparams: a window > 0 turns on swa_type STANDARD; the SWA
+    layers' RoPE scale is 1 whatever the full layers' is. Tensors: post-norms, Q/K norms
+    over all heads (n_embd and n_head_kv * head).
+    """
+    n_layer, n_ff = 4, 24
+    m = _Model(path, "olmo2", "tiny-olmo2", seed=61)
+    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("attention.sliding_window", N_SWA)
+    _head(m)
+    for il in range(n_layer):
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        m.norm(f"blk.{il}.attn_q_norm.weight", N_EMBD)
+        m.norm(f"blk.{il}.attn_k_norm.weight", N_HEAD_KV * HEAD)
+        m.norm(f"blk.{il}.post_attention_norm.weight", N_EMBD)
+        _ffn(m, il, N_EMBD, n_ff)
+        m.norm(f"blk.{il}.post_ffw_norm.weight", N_EMBD)
+    m.finish()
+    return path
+
+
+def write_smallthinker(path: Path) -> Path:
+    """smallthinker: 2 layers, window > 0 -> layer 0 full, layer 1 slides (pattern 4, dense first).
+
+    llama_model_smallthinker::load_arch_hparams replaces the window with 4096, so the SWA
+    cache is as large as the base cache. Every layer is MoE (2 experts of 8, one used).
+    """
+    n_layer, n_expert, n_ff_exp = 2, 2, 8
+    m = _Model(path, "smallthinker", "tiny-smallthinker", seed=67)
+    _common(m, N_EMBD, n_layer, 24, N_HEAD)
+    m.u32("expert_gating_func", 1)  # softmax (the graph aborts on none)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("attention.sliding_window", N_SWA)
+    m.u32("expert_count", n_expert)
+    m.u32("expert_used_count", 1)
+    m.u32("expert_feed_forward_length", n_ff_exp)
+    _head(m)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
+        _moe(m, il, N_EMBD, n_ff_exp, n_expert)
+    m.finish()
+    return path
+
+
+def _moe(m: _Model, il: int, n_embd: int, n_ff_exp: int, n_expert: int) -> None:
+    """The router and the stacked expert weights (``ffn_*_exps``: {ne0, ne1, n_expert})."""
+    m.weight(f"blk.{il}.ffn_gate_inp.weight", (n_embd, n_expert))
+    m.weight(f"blk.{il}.ffn_gate_exps.weight", (n_embd, n_ff_exp, n_expert))
+    m.weight(f"blk.{il}.ffn_up_exps.weight", (n_embd, n_ff_exp, n_expert))
+    m.weight(f"blk.{il}.ffn_down_exps.weight", (n_ff_exp, n_embd, n_expert))
+
+
 MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-gemma3.gguf": write_gemma3,
+    "tiny-llama4.gguf": write_llama4,
+    "tiny-cohere2.gguf": write_cohere2,
+    "tiny-openai-moe.gguf": write_openai_moe,
+    "tiny-phi3.gguf": write_phi3,
+    "tiny-exaone4.gguf": write_exaone4,
+    "tiny-olmo2.gguf": write_olmo2,
+    "tiny-smallthinker.gguf": write_smallthinker,
 }
+
+SWA_TYPES: dict[str, str] = {"llama4": "chunked"}
+"""The arch's swa_type where it is not ``standard`` (the reference does not log it)."""
 
 RUNS: list[RunConfig] = [
     # gemma3 iSWA, unified: base 512 cells, SWA PAD(min(512, 8 * 4 + 64), 256) = 256
     RunConfig("gemma3.main.fa1.u1", "gemma3", "tiny-gemma3.gguf", "main", 512, 64, True, True),
     # one stream per sequence: 4 x 512 base cells, 4 x PAD(min(512, 8 + 64), 256) = 256
     RunConfig("gemma3.main.fa0.u0", "gemma3", "tiny-gemma3.gguf", "main", 2048, 64, False, False),
+    # chunked iSWA (chunks of 8192): base 512 / SWA PAD(min(512, 8192 * 4 + 64), 256) = 512
+    RunConfig("llama4.main.fa1.u1", "llama4", "tiny-llama4.gguf", "main", 512, 64, True, True),
+    # iSWA with window 8: base 512 / SWA 256 cells, unified
+    RunConfig("cohere2.main.fa1.u1", "cohere2", "tiny-cohere2.gguf", "main", 512, 64, True, True),
+    RunConfig("openai-moe.main.fa1.u1", "openai-moe", "tiny-openai-moe.gguf", "main", 512, 64, True, True),
+    RunConfig("olmo2.main.fa0.u1", "olmo2", "tiny-olmo2.gguf", "main", 512, 64, False, True),
+    # a window in the file that the reference does not use: plain KV caches
+    RunConfig("phi3.main.fa1.u1", "phi3", "tiny-phi3.gguf", "main", 256, 64, True, True),
+    RunConfig("exaone4.main.fa0.u1", "exaone4", "tiny-exaone4.gguf", "main", 256, 64, False, True),
+    # window replaced by 4096: base 512 / SWA PAD(min(512, 4096 * 4 + 64), 256) = 512
+    RunConfig("smallthinker.main.fa1.u1", "smallthinker", "tiny-smallthinker.gguf", "main", 512, 64, True, True),
 ]  # fmt: skip

@@ -810,6 +810,10 @@ def memory_section(ref: Reference, cfg: RunConfig, wholes: list[bytes]) -> tuple
     k_gqa = _log_ints(log, "n_embd_k_gqa", n_layer)
     v_gqa = _log_ints(log, "n_embd_v_gqa", n_layer)
     caches = _caches_from_log(log)
+    # the reference logs no swa_type: standard unless a family names the arch's (llama4: chunked)
+    swa_name = next(
+        (f.SWA_TYPES[arch] for f in FAMILIES if arch in getattr(f, "SWA_TYPES", {})), "standard"
+    )
     recurrent_layers = {il for c in caches if c.kind == "recurrent" for il in c.layers}
     is_recurrent = bool(lc.llama_model_is_recurrent(ref.model))
     is_hybrid = bool(lc.llama_model_is_hybrid(ref.model))
@@ -876,7 +880,7 @@ def memory_section(ref: Reference, cfg: RunConfig, wholes: list[bytes]) -> tuple
                     "n_stream": c.n_stream,
                     "n_seq_max": c.n_seq_max,
                     "n_swa": n_swa if c.role == "swa" or (not iswa and n_swa) else 0,
-                    "swa_type": "standard" if c.role == "swa" else "none",
+                    "swa_type": swa_name if c.role == "swa" else "none",
                     "v_trans": v_trans if hdr else not cfg.flash_attn,
                     "has_cell_ext": has_ext,
                     "k_type": c.type_k,
@@ -940,7 +944,7 @@ def memory_section(ref: Reference, cfg: RunConfig, wholes: list[bytes]) -> tuple
         "n_batch": lc.llama_n_batch(ref.ctx),
         "n_ubatch": lc.llama_n_ubatch(ref.ctx),
         "n_swa": n_swa,
-        "swa_type": "standard" if n_swa and any(is_swa) else "none",
+        "swa_type": swa_name if n_swa and any(is_swa) else "none",
         "type_k": cfg.type_k,
         "type_v": cfg.type_v,
         "layers": [
