@@ -107,9 +107,34 @@ def test_bad_config(kw: dict, match: str) -> None:
         RecurrentMemory(spec, **kw)
 
 
-def test_zero_width_r_refused() -> None:
-    with pytest.raises(ConfigError, match="n_embd_r >= 1"):
-        RecurrentMemory(ModelSpec(layers=(LayerSpec.ssm(0, S),)), n_seq_max=1)
+def test_negative_width_refused() -> None:
+    with pytest.raises(ConfigError, match="negative recurrent widths"):
+        RecurrentMemory(ModelSpec(layers=(LayerSpec.ssm(-1, S),)), n_seq_max=1)
+
+
+def test_zero_width_r_keeps_its_state_header() -> None:
+    # regression: zero-width R was refused, but MiniMax-01's lightning layers keep only S
+    # (no conv state: n_embd_r 0) and the reference allocates a zero-wide R; its state
+    # carries R's header (i32 type, u64 row size 0), no row bytes, then S
+    import struct
+
+    from pymem.batch import Batch, BatchAllocator
+
+    mem = RecurrentMemory(ModelSpec(layers=(LayerSpec.ssm(0, 8),)), n_seq_max=2)
+    balloc = BatchAllocator()
+    balloc.init(Batch.from_items([(1, 0, [0], False), (2, 1, [0], True)]), memory=mem, n_seq_max=2)
+    ctx = mem.init_batch(balloc, 8, embd_all=False)
+    while True:
+        ctx.apply()
+        if not ctx.next():
+            break
+    blob = mem.state_write(0)
+    # cell_count, pos, n_seq_id | s_trans, n_layer | R: type, row 0 | S: type, row, 32 bytes
+    assert len(blob) == 12 + 8 + 12 + 12 + 32
+    assert struct.unpack_from("<iQ", blob, 12 + 8) == (0, 0)
+    mem.seq_rm(0)
+    assert mem.state_read(blob, 1) == len(blob)
+    assert mem.seq_pos_max(1) == 1
 
 
 def test_zero_width_s_keeps_its_state_header() -> None:

@@ -215,11 +215,12 @@ class RecurrentMemory(Memory):
         self.layers: tuple[int, ...] = tuple(
             il for il in range(spec.n_layer) if filter is None or filter(il)
         )
-        # n_embd_s may be 0 (LFM2's short-conv layers keep only R): the reference then
-        # allocates a zero-width S and still writes its header in the state
-        if self.layers and (self.n_embd_r < 1 or self.n_embd_s < 0):
+        # either width may be 0 (LFM2's short-conv layers keep only R, MiniMax-01's lightning
+        # layers only S): the reference then allocates a zero-width tensor and still writes
+        # its header in the state
+        if self.layers and (self.n_embd_r < 0 or self.n_embd_s < 0):
             raise ConfigError(
-                f"spec: recurrent layers need n_embd_r >= 1 and n_embd_s >= 0, got {self.n_embd_r} and "
+                f"spec: recurrent layers need n_embd_r >= 0 and n_embd_s >= 0, got {self.n_embd_r} and "
                 f"{self.n_embd_s}"
             )
         self.n_rows = self.size * (1 + self.n_rs_seq)
