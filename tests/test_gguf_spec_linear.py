@@ -136,3 +136,16 @@ def test_gated_delta_net_requires_the_ssm_keys(tmp_path: Path) -> None:
     keys = {k: v for k, v in GDN_KEYS.items() if k != "ssm.group_count"}
     with pytest.raises(ConfigError, match=r"ssm\.group_count"):
         _spec(tmp_path, "qwen35", 4, **keys)
+
+
+# --------------------------------------------------------------------------------------
+# lightning attention (minimax-01)
+# --------------------------------------------------------------------------------------
+
+
+def test_minimax_01_lightning_layers(tmp_path: Path) -> None:
+    # default: one full-attention layer in 8; S = head * head * n_head = 16 * 16 * 4, no R
+    spec = _spec(tmp_path, "minimax-01", 16, residual_scale=1.0)
+    assert _recurs(spec) == ([True] * 7 + [False]) * 2
+    assert {(lay.n_embd_r, lay.n_embd_s) for lay in spec.layers if lay.recurrent} == {(0, 1024)}
+    assert spec.layers[7].rope is not None and spec.layers[7].rope.rope_type == RopeType.NEOX

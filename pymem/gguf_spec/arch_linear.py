@@ -53,9 +53,18 @@ def _gated_delta_net(m: GGUFMeta, d: Draft) -> None:
     _recurrent_layers(m, d, 4)
 
 
+def _minimax_01(m: GGUFMeta, d: Draft) -> None:
+    """minimax-01: lightning-attention layers keep one head x head state per attention head
+    (``n_embd_head_la`` = the attention head size) and no conv state (R width 0); default:
+    one full-attention layer in 8."""
+    d.n_embd_head_la = d.n_embd_head_k_full
+    _recurrent_layers(m, d, 8)
+
+
 RULES: dict[str, ArchRule] = {
     # interleaved M-RoPE (rope.dimension_sections): cells carry an ext position
     "qwen35": ArchRule(RopeType.IMROPE, _gated_delta_net),
     "qwen35moe": ArchRule(RopeType.IMROPE, _gated_delta_net),
     "qwen3next": ArchRule(RopeType.NEOX, _gated_delta_net),
+    "minimax-01": ArchRule(RopeType.NEOX, _minimax_01),
 }

@@ -218,12 +218,59 @@ def write_qwen3next(path: Path) -> Path:
     return path
 
 
+def write_minimax_01(path: Path) -> Path:
+    """minimax-01 (MiniMax-Text-01): 4 layers [lightning, attention, lightning, attention]
+    (``full_attention_interval`` 2), MoE FFNs (4 experts, 2 used, no shared expert).
+
+    llama_model_minimax_01::load_arch_hparams: ``residual_scale`` is required; the
+    lightning layers' state is one head x head matrix per head (n_embd_head_la = head
+    size 8, 2 heads: S rows of 128 floats) and no conv state (R rows of 0). Attention: 2
+    heads of 8, 1 KV head (K/V rows of 8), NeoX over half the head (n_rot 4).
+    """
+    n_embd, n_layer, n_ff, n_head, n_head_kv, head = 16, 4, 8, 2, 1, 8
+    e = MOE
+    m = _Model(path, "minimax-01", "tiny-minimax-01", seed=44)
+    _common(m, n_embd, n_layer, n_ff, n_head)
+    m.u32("attention.head_count_kv", n_head_kv)
+    m.u32("attention.key_length", head)
+    m.u32("attention.value_length", head)
+    m.u32("rope.dimension_count", 4)
+    m.f32("rope.freq_base", 10000.0)
+    m.f32("residual_scale", 1.0)
+    m.u32("full_attention_interval", 2)
+    m.u32("expert_count", e.n_expert)
+    m.u32("expert_used_count", e.n_expert_used)
+    m.weight("token_embd.weight", (n_embd, N_VOCAB))
+    m.norm("output_norm.weight", n_embd)
+    m.weight("output.weight", (n_embd, N_VOCAB))
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", n_embd)
+        if (il + 1) % 2:
+            m.norm(f"blk.{il}.attn_norm_2.weight", n_head * head)
+            m.weight(f"blk.{il}.attn_qkv.weight", (n_embd, 3 * n_head * head))
+            m.weight(f"blk.{il}.attn_gate.weight", (n_embd, n_head * head))
+        else:
+            m.weight(f"blk.{il}.attn_q.weight", (n_embd, n_head * head))
+            m.weight(f"blk.{il}.attn_k.weight", (n_embd, n_head_kv * head))
+            m.weight(f"blk.{il}.attn_v.weight", (n_embd, n_head_kv * head))
+        m.weight(f"blk.{il}.attn_output.weight", (n_head * head, n_embd))
+        m.norm(f"blk.{il}.ffn_norm.weight", n_embd)
+        m.weight(f"blk.{il}.ffn_gate_inp.weight", (n_embd, e.n_expert))
+        m.weight(f"blk.{il}.ffn_gate_exps.weight", (n_embd, n_ff, e.n_expert))
+        m.weight(f"blk.{il}.ffn_up_exps.weight", (n_embd, n_ff, e.n_expert))
+        m.weight(f"blk.{il}.ffn_down_exps.weight", (n_ff, n_embd, e.n_expert))
+    m.finish()
+    return path
+
+
 MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
+    "tiny-minimax-01.gguf": write_minimax_01,
     "tiny-qwen35.gguf": write_qwen35,
     "tiny-qwen35moe.gguf": write_qwen35moe,
     "tiny-qwen3next.gguf": write_qwen3next,
 }
 
+_MM01 = "tiny-minimax-01.gguf"
 _Q35, _Q35M, _Q3N = "tiny-qwen35.gguf", "tiny-qwen35moe.gguf", "tiny-qwen3next.gguf"
 
 RUNS: list[RunConfig] = [
@@ -252,4 +299,7 @@ RUNS: list[RunConfig] = [
         False,
         n_rs_seq=2,
     ),
+    # minimax-01: lightning layers 0 and 2 (R rows of 0), attention layers 1 and 3
+    RunConfig("minimax-01.main.fa1.u1", "minimax-01", _MM01, "main", 256, 64, True, True),
+    RunConfig("minimax-01.main.fa0.u0", "minimax-01", _MM01, "main", 1024, 64, False, False),
 ]
