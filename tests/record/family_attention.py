@@ -252,6 +252,59 @@ def write_smallthinker(path: Path) -> Path:
     return path
 
 
+def write_step35(path: Path) -> Path:
+    """step35: 2 layers, ``attention.sliding_window_pattern`` [1, 0] -> layer 0 slides.
+
+    llama_model_step35::load_arch_hparams: swa_type STANDARD, required window and pattern
+    array; the full layers rotate n_rot / 2 = 4 dimensions, the SWA layer 8. The reference
+    refuses to K-shift step35 (``get_can_shift`` false), so the run plays no seq_add /
+    seq_div. Dense ffn (no router), no experts, though
+    ``expert_feed_forward_length`` is required.
+    """
+    n_layer, n_ff = 2, 24
+    m = _Model(path, "step35", "tiny-step35", seed=71)
+    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("attention.sliding_window", N_SWA)
+    m.arr("attention.sliding_window_pattern", [1, 0])
+    m.u32("expert_feed_forward_length", 8)
+    m.f32("rope.freq_base_swa", 5000.0)
+    _head(m)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
+        _ffn(m, il, N_EMBD, n_ff)
+    m.finish()
+    return path
+
+
+def write_mimo2(path: Path) -> Path:
+    """mimo2: 2 layers, pattern array [1, 0]; the SWA layer has 2 KV heads, the full one 1.
+
+    llama_model_mimo2::load_arch_hparams: swa_type STANDARD, required window and pattern
+    array, the SWA RoPE base defaults to 10000. Per-layer ``head_count_kv`` [2, 1]: K/V rows
+    of 16 (layer 0, SWA cache) and 8 (layer 1, base cache); without flash attention the
+    reference pads every transposed V cache to the widest layer (16). Dense ffn.
+    """
+    n_layer, n_ff = 2, 24
+    kv_heads = [2, 1]
+    m = _Model(path, "mimo2", "tiny-mimo2", seed=73)
+    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
+    m.arr("attention.head_count_kv", kv_heads)
+    m.u32("attention.sliding_window", N_SWA)
+    m.arr("attention.sliding_window_pattern", [1, 0])
+    m.u32("expert_feed_forward_length", 8)
+    _head(m)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, kv_heads[il] * HEAD)
+        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
+        _ffn(m, il, N_EMBD, n_ff)
+    m.finish()
+    return path
+
+
 def _moe(m: _Model, il: int, n_embd: int, n_ff_exp: int, n_expert: int) -> None:
     """The router and the stacked expert weights (``ffn_*_exps``: {ne0, ne1, n_expert})."""
     m.weight(f"blk.{il}.ffn_gate_inp.weight", (n_embd, n_expert))
@@ -269,6 +322,8 @@ MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-exaone4.gguf": write_exaone4,
     "tiny-olmo2.gguf": write_olmo2,
     "tiny-smallthinker.gguf": write_smallthinker,
+    "tiny-step35.gguf": write_step35,
+    "tiny-mimo2.gguf": write_mimo2,
 }
 
 SWA_TYPES: dict[str, str] = {"llama4": "chunked"}
@@ -290,4 +345,12 @@ RUNS: list[RunConfig] = [
     RunConfig("exaone4.main.fa0.u1", "exaone4", "tiny-exaone4.gguf", "main", 256, 64, False, True),
     # window replaced by 4096: base 512 / SWA PAD(min(512, 4096 * 4 + 64), 256) = 512
     RunConfig("smallthinker.main.fa1.u1", "smallthinker", "tiny-smallthinker.gguf", "main", 512, 64, True, True),
+    # the reference cannot K-shift step35 (get_can_shift false: it takes seq_add / seq_div and
+    # aborts at the next decode; pymem refuses them): no seq_add / seq_div at all
+    RunConfig(
+        "step35.noshift.fa1.u1", "step35", "tiny-step35.gguf", "noshift", 512, 64, True, True,
+        kshift=False, seq_shift=False,
+    ),
+    # V rows of 16 / 8 per layer, transposed (fa0): padded to 16 in both caches
+    RunConfig("mimo2.main.fa0.u1", "mimo2", "tiny-mimo2.gguf", "main", 512, 64, False, True),
 ]  # fmt: skip

@@ -994,7 +994,7 @@ def record_run(cfg: RunConfig, out: Path) -> Path:
             kshift=cfg.kshift,
             shared=shared,
             n_rs_seq=cfg.n_rs_seq,
-            seq_shift=not mrope,
+            seq_shift=cfg.seq_shift and not mrope,
         )
     wholes = [rec.blobs[s["state"]] for s in rec.steps]
     model_info, memory = memory_section(ref, cfg, wholes)

@@ -40,6 +40,9 @@ class RunConfig:
     fill: bool = False  # play fill_scenario (cells run out) instead of scenario
     ops: bool = False  # play ops_scenario (unusual op arguments) instead of scenario
     checkpoint: bool = False  # play checkpoint_scenario (PARTIAL_ONLY states)
+    # False: no seq_add / seq_div (step35: the reference takes them and aborts at the next
+    # decode, since get_can_shift is false; pymem refuses them up front)
+    seq_shift: bool = True
 
     def context_params(self) -> dict[str, Any]:
         return {
