@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from pymem.errors import ConfigError
+from pymem.errors import ConfigError, UnsupportedError
 from pymem.factory import ContextParams, create_memory, plan_memory
 from pymem.gguf_spec import spec_from_gguf
 from pymem.runtime.describe import describe_memory, describe_plan
@@ -149,3 +149,24 @@ def test_minimax_01_lightning_layers(tmp_path: Path) -> None:
     assert _recurs(spec) == ([True] * 7 + [False]) * 2
     assert {(lay.n_embd_r, lay.n_embd_s) for lay in spec.layers if lay.recurrent} == {(0, 1024)}
     assert spec.layers[7].rope is not None and spec.layers[7].rope.rope_type == RopeType.NEOX
+
+
+# --------------------------------------------------------------------------------------
+# refused: memory types pymem does not implement
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arch", "memory"),
+    [
+        ("qwen4exp", "llama_memory_hybrid_idx"),
+        ("glm5-next", "llama_memory_hybrid_idx"),
+        ("deepseek4", "llama_kv_cache_dsv4"),
+    ],
+)
+def test_unsupported_memory_types_are_refused_with_the_reason(
+    arch: str, memory: str, tmp_path: Path
+) -> None:
+    # the rule refuses before any key is read: the reason names the reference's memory type
+    with pytest.raises(UnsupportedError, match=f"{arch!r}: the reference serves it with {memory}"):
+        _spec(tmp_path, arch, 4, **GDN_KEYS)

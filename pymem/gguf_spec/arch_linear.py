@@ -61,10 +61,28 @@ def _minimax_01(m: GGUFMeta, d: Draft) -> None:
     _recurrent_layers(m, d, 8)
 
 
+_HYBRID_IDX = (
+    "the reference serves it with llama_memory_hybrid_idx (a per-token indexer key cache "
+    "beside the attention KV cache and the recurrent states, for sparse attention), "
+    "which pymem does not implement"
+)
+
 RULES: dict[str, ArchRule] = {
     # interleaved M-RoPE (rope.dimension_sections): cells carry an ext position
     "qwen35": ArchRule(RopeType.IMROPE, _gated_delta_net),
     "qwen35moe": ArchRule(RopeType.IMROPE, _gated_delta_net),
     "qwen3next": ArchRule(RopeType.NEOX, _gated_delta_net),
     "minimax-01": ArchRule(RopeType.NEOX, _minimax_01),
+    # the indexer keys (attention.indexer.*) are required, so every file needs the idx memory
+    "qwen4exp": ArchRule(RopeType.IMROPE, unsupported=_HYBRID_IDX),
+    # KDA layers + DSA layers (a K-only MLA cache and an indexer cache)
+    "glm5-next": ArchRule(RopeType.NONE, unsupported=_HYBRID_IDX),
+    "deepseek4": ArchRule(
+        RopeType.NORM,
+        unsupported=(
+            "the reference serves it with llama_kv_cache_dsv4 (a sliding-window cache plus "
+            "per-layer compressed-KV states with their own rollback rows), which pymem does "
+            "not implement"
+        ),
+    ),
 }
