@@ -305,6 +305,94 @@ def write_mimo2(path: Path) -> Path:
     return path
 
 
+def write_afmoe(path: Path) -> Path:
+    """afmoe: 4 layers, window 8, default pattern 4 -> layers 0..2 slide, layer 3 is full.
+
+    llama_model_afmoe::load_arch_hparams: a window > 0 turns on swa_type STANDARD. Every
+    layer is a leading dense block (``leading_dense_block_count`` 4), so no expert tensors,
+    though ``expert_feed_forward_length`` and ``expert_shared_count`` are required. Tensors:
+    pre/post norms, Q/K norms, a per-element attention gate.
+    """
+    n_layer, n_ff = 4, 24
+    m = _Model(path, "afmoe", "tiny-afmoe", seed=79)
+    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("attention.sliding_window", N_SWA)
+    m.u32("leading_dense_block_count", n_layer)
+    m.u32("expert_feed_forward_length", 8)
+    m.u32("expert_shared_count", 0)
+    _head(m)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        m.norm(f"blk.{il}.post_attention_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
+        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
+        m.weight(f"blk.{il}.attn_gate.weight", (N_EMBD, N_HEAD * HEAD))
+        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
+        m.norm(f"blk.{il}.post_ffw_norm.weight", N_EMBD)
+        _ffn(m, il, N_EMBD, n_ff)
+    m.finish()
+    return path
+
+
+def write_laguna(path: Path) -> Path:
+    """laguna: 4 layers, window 8, pattern 4 dense first -> layer 0 full, layers 1..3 slide.
+
+    llama_model_laguna::load_arch_hparams: the SWA layers rotate ``rope.dimension_count_swa``
+    (8) dimensions with plain RoPE (scale 1), the full layer 4 (partial RoPE). Every layer is
+    a leading dense block; a per-head attention gate ({n_embd, n_head}).
+    """
+    n_layer, n_ff = 4, 24
+    m = _Model(path, "laguna", "tiny-laguna", seed=83)
+    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("attention.sliding_window", N_SWA)
+    m.u32("rope.dimension_count", HEAD // 2)
+    m.u32("rope.dimension_count_swa", HEAD)
+    m.f32("rope.freq_base", 500000.0)
+    m.u32("leading_dense_block_count", n_layer)
+    m.u32("expert_feed_forward_length", 8)
+    _head(m)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
+        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
+        m.weight(f"blk.{il}.attn_gate.weight", (N_EMBD, N_HEAD))
+        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
+        _ffn(m, il, N_EMBD, n_ff)
+    m.finish()
+    return path
+
+
+def write_granite_swa(path: Path) -> Path:
+    """granite_swa: 3 layers, pattern array [1, 0, 1], ``attention.rope_pattern`` [1, 1, 0].
+
+    llama_model_granite_swa::load_arch_hparams: swa_type STANDARD, required window and
+    pattern array, ``logit_scale`` required; layer 2 slides without RoPE (the K-shift skips
+    it). The SWA layers' RoPE keeps the defaults (base 10000). Attention sinks; dense ffn.
+    """
+    n_layer, n_ff = 3, 24
+    m = _Model(path, "granite_swa", "tiny-granite-swa", seed=89)
+    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("attention.sliding_window", N_SWA)
+    m.arr("attention.sliding_window_pattern", [1, 0, 1])
+    m.arr("attention.rope_pattern", [1, 1, 0])
+    m.f32("logit_scale", 0.5)
+    m.f32("rope.freq_base", 100000.0)
+    _head(m)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        m.weight(f"blk.{il}.attn_sinks.weight", (N_HEAD,), scale=1.0)
+        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
+        _ffn(m, il, N_EMBD, n_ff)
+    m.finish()
+    return path
+
+
 def _moe(m: _Model, il: int, n_embd: int, n_ff_exp: int, n_expert: int) -> None:
     """The router and the stacked expert weights (``ffn_*_exps``: {ne0, ne1, n_expert})."""
     m.weight(f"blk.{il}.ffn_gate_inp.weight", (n_embd, n_expert))
@@ -324,6 +412,9 @@ MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-smallthinker.gguf": write_smallthinker,
     "tiny-step35.gguf": write_step35,
     "tiny-mimo2.gguf": write_mimo2,
+    "tiny-afmoe.gguf": write_afmoe,
+    "tiny-laguna.gguf": write_laguna,
+    "tiny-granite-swa.gguf": write_granite_swa,
 }
 
 SWA_TYPES: dict[str, str] = {"llama4": "chunked"}
@@ -353,4 +444,7 @@ RUNS: list[RunConfig] = [
     ),
     # V rows of 16 / 8 per layer, transposed (fa0): padded to 16 in both caches
     RunConfig("mimo2.main.fa0.u1", "mimo2", "tiny-mimo2.gguf", "main", 512, 64, False, True),
+    RunConfig("afmoe.main.fa1.u1", "afmoe", "tiny-afmoe.gguf", "main", 512, 64, True, True),
+    RunConfig("laguna.main.fa0.u1", "laguna", "tiny-laguna.gguf", "main", 512, 64, False, True),
+    RunConfig("granite-swa.main.fa1.u1", "granite-swa", "tiny-granite-swa.gguf", "main", 512, 64, True, True),
 ]  # fmt: skip
