@@ -393,6 +393,115 @@ def write_granite_swa(path: Path) -> Path:
     return path
 
 
+def write_exaone_moe(path: Path) -> Path:
+    """exaone-moe: 4 layers, window 8, default pattern 4 -> layers 0..2 slide, layer 3 is full.
+
+    llama_model_exaone_moe::load_arch_hparams: swa_type STANDARD, required window and
+    ``expert_gating_func``. Every layer is a leading dense block (no experts); Q/K norms.
+    """
+    n_layer, n_ff = 4, 24
+    m = _Model(path, "exaone-moe", "tiny-exaone-moe", seed=97)
+    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("attention.sliding_window", N_SWA)
+    m.u32("leading_dense_block_count", n_layer)
+    m.u32("expert_feed_forward_length", 8)
+    m.u32("expert_gating_func", 1)
+    _head(m)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
+        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
+        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
+        _ffn(m, il, N_EMBD, n_ff)
+    m.finish()
+    return path
+
+
+def write_plamo3(path: Path) -> Path:
+    """plamo3: 2 layers, window 8, ``attention.sliding_window_pattern`` 2 -> layer 0 slides.
+
+    llama_model_plamo3::load_arch_hparams: a window > 0 turns on swa_type STANDARD
+    (default period 8); the SWA layers' RoPE base defaults to 10000 (the full base is 1e6
+    here). Fused QKV, post-norms (their names carry no ``.weight``), fused gate/up ffn.
+    """
+    n_layer, n_ff = 2, 24
+    m = _Model(path, "plamo3", "tiny-plamo3", seed=101)
+    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("attention.sliding_window", N_SWA)
+    m.u32("attention.sliding_window_pattern", 2)
+    m.f32("rope.freq_base", 1000000.0)
+    _head(m)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        m.weight(f"blk.{il}.attn_qkv.weight", (N_EMBD, (N_HEAD + 2 * N_HEAD_KV) * HEAD))
+        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
+        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
+        m.weight(f"blk.{il}.attn_output.weight", (N_HEAD * HEAD, N_EMBD))
+        m.norm(f"blk.{il}.post_attention_norm", N_EMBD)
+        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
+        m.norm(f"blk.{il}.post_ffw_norm", N_EMBD)
+        m.weight(f"blk.{il}.ffn_up.weight", (N_EMBD, 2 * n_ff))
+        m.weight(f"blk.{il}.ffn_down.weight", (n_ff, N_EMBD))
+    m.finish()
+    return path
+
+
+def write_muse_glimmer(path: Path) -> Path:
+    """muse-glimmer: 4 layers, window 8, default pattern 4 -> layers 0..2 slide, layer 3 is full.
+
+    llama_model_muse_glimmer::load_arch_hparams: swa_type STANDARD, required window and
+    ``logit_scale``; the SWA base defaults to the full one. Pre/post norms, Q/K norms, a
+    per-element attention gate.
+    """
+    n_layer, n_ff = 4, 24
+    m = _Model(path, "muse-glimmer", "tiny-muse-glimmer", seed=103)
+    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("attention.sliding_window", N_SWA)
+    m.f32("logit_scale", 0.5)
+    _head(m)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        m.norm(f"blk.{il}.post_attention_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
+        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
+        m.weight(f"blk.{il}.attn_gate.weight", (N_EMBD, N_HEAD * HEAD))
+        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
+        m.norm(f"blk.{il}.post_ffw_norm.weight", N_EMBD)
+        _ffn(m, il, N_EMBD, n_ff)
+    m.finish()
+    return path
+
+
+def write_spark2_5(path: Path) -> Path:
+    """spark2_5: 2 layers, pattern array [1, 0] -> layer 0 slides, layer 1 is full.
+
+    llama_model_spark2_5::load_arch_hparams: swa_type STANDARD, required window and pattern
+    array; the SWA base defaults to the full one. (Its graph takes one head size for every
+    layer, so the per-layer head sizes it reads are left equal.) A per-head attention gate;
+    dense ffn.
+    """
+    n_layer, n_ff = 2, 24
+    m = _Model(path, "spark2_5", "tiny-spark2-5", seed=107)
+    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("attention.sliding_window", N_SWA)
+    m.arr("attention.sliding_window_pattern", [1, 0])
+    _head(m)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        m.weight(f"blk.{il}.attn_gate.weight", (N_EMBD, N_HEAD))
+        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
+        _ffn(m, il, N_EMBD, n_ff)
+    m.finish()
+    return path
+
+
 def _moe(m: _Model, il: int, n_embd: int, n_ff_exp: int, n_expert: int) -> None:
     """The router and the stacked expert weights (``ffn_*_exps``: {ne0, ne1, n_expert})."""
     m.weight(f"blk.{il}.ffn_gate_inp.weight", (n_embd, n_expert))
@@ -415,6 +524,10 @@ MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-afmoe.gguf": write_afmoe,
     "tiny-laguna.gguf": write_laguna,
     "tiny-granite-swa.gguf": write_granite_swa,
+    "tiny-exaone-moe.gguf": write_exaone_moe,
+    "tiny-plamo3.gguf": write_plamo3,
+    "tiny-muse-glimmer.gguf": write_muse_glimmer,
+    "tiny-spark2-5.gguf": write_spark2_5,
 }
 
 SWA_TYPES: dict[str, str] = {"llama4": "chunked"}
@@ -447,4 +560,8 @@ RUNS: list[RunConfig] = [
     RunConfig("afmoe.main.fa1.u1", "afmoe", "tiny-afmoe.gguf", "main", 512, 64, True, True),
     RunConfig("laguna.main.fa0.u1", "laguna", "tiny-laguna.gguf", "main", 512, 64, False, True),
     RunConfig("granite-swa.main.fa1.u1", "granite-swa", "tiny-granite-swa.gguf", "main", 512, 64, True, True),
+    RunConfig("exaone-moe.main.fa1.u1", "exaone-moe", "tiny-exaone-moe.gguf", "main", 512, 64, True, True),
+    RunConfig("plamo3.main.fa1.u0", "plamo3", "tiny-plamo3.gguf", "main", 2048, 64, True, False),
+    RunConfig("muse-glimmer.main.fa0.u1", "muse-glimmer", "tiny-muse-glimmer.gguf", "main", 512, 64, False, True),
+    RunConfig("spark2-5.main.fa0.u1", "spark2-5", "tiny-spark2-5.gguf", "main", 512, 64, False, True),
 ]  # fmt: skip
