@@ -149,6 +149,9 @@ class ModelSpec:
     """Per-layer-embedding heads; > 0 makes KV cells carry ``(x, y, tok)`` ext."""
     ple_embd_token: int = -1
     """The ``ext.tok`` an embedding input gets in a PLE model (the model layer picks it)."""
+    is_mla: bool = False
+    """``llama_hparams::is_mla``: attention caches hold K only (MLA keeps its compressed
+    latent there and reads V from it), no V tensors; ``n_embd_v_gqa`` is still reported."""
     # what the model-to-memory layer reads (pymem.factory); memories ignore these
     arch: str = ""
     n_ctx_train: int = 0

@@ -146,7 +146,9 @@ class KVPart:
     end: int
 
 
-def parse_kv_part(data: bytes, n_layer: int, has_ext: bool = False, offset: int = 0) -> KVPart:
+def parse_kv_part(
+    data: bytes, n_layer: int, has_ext: bool = False, offset: int = 0, has_v: bool = True
+) -> KVPart:
     o = offset
 
     def u32() -> int:
@@ -194,7 +196,7 @@ def parse_kv_part(data: bytes, n_layer: int, has_ext: bool = False, offset: int 
             row = u64()
             ks.append((t, row, raw(n * row)))
         vs = []
-        for _ in range(n_layer):
+        for _ in range(n_layer if has_v else 0):  # MLA caches hold K only
             t = i32()
             if v_trans:
                 el = u32()

@@ -135,8 +135,13 @@ def spec_from_memory_section(mem: dict[str, Any]) -> ModelSpec:
         for lay in mem["layers"]
     )
     swa_type = SWAType[str(mem.get("swa_type", "none")).upper()]
+    kv_layers = [lay for p in mem["parts"] if p["kind"] == "kv" for lay in p["layers"]]
     return ModelSpec(
-        layers=layers, n_swa=int(mem.get("n_swa", 0)), swa_type=swa_type, arch=str(mem["arch"])
+        layers=layers,
+        n_swa=int(mem.get("n_swa", 0)),
+        swa_type=swa_type,
+        arch=str(mem["arch"]),
+        is_mla=any(not lay["has_v"] for lay in kv_layers),
     )
 
 
@@ -167,6 +172,11 @@ def parts(mem: Memory, flags: int = 0) -> list[tuple[str, Any]]:
         attn_parts = [] if partial and isinstance(attn, KVCache) else parts(attn, flags)
         return [*attn_parts, ("rs", mem.get_mem_recr())]
     raise TypeError(f"unknown memory type {type(mem).__name__}")
+
+
+def _has_v(kv: KVCache) -> bool:
+    """False for an MLA model's K-only cache: its state has no V sections."""
+    return any(lay.v is not None for lay in kv.layers)
 
 
 def _parse_rs_part(data: bytes, off: int, n_layer: int, n_sections: int, row_r: int, row_s: int):
@@ -214,7 +224,9 @@ def sync_tensors_from_reference(
     off = 0
     for kind, part in parts(mem):
         if kind == "kv":
-            kvp = parse_kv_part(ref, len(part.layers), part.has_cell_ext(), offset=off)
+            kvp = parse_kv_part(
+                ref, len(part.layers), part.has_cell_ext(), offset=off, has_v=_has_v(part)
+            )
             for strm, sp in enumerate(kvp.streams):
                 filled, listed = _kv_cells_of_stream(part, strm)
                 got = [(c[0], c[1]) for c in sp.cells] if sp is not None else []
@@ -503,7 +515,9 @@ def sync_rollback_plane(mem: Memory, ref: bytes, seq_id: int, plane: int, where:
     off = 0
     for kind, part in parts(mem):
         if kind == "kv":
-            off = parse_kv_part(ref, len(part.layers), part.has_cell_ext(), offset=off).end
+            off = parse_kv_part(
+                ref, len(part.layers), part.has_cell_ext(), offset=off, has_v=_has_v(part)
+            ).end
             continue
         rec: RecurrentMemory = part
         r0, s0 = rec.get_r_l(rec.layers[0]), rec.get_s_l(rec.layers[0])

@@ -55,6 +55,7 @@ class Draft:
     token_shift_count: int = 2
     n_embd_head_kda: int = 0
     n_embd_head_la: int = 0
+    is_mla: bool = False  # attention.key_length_mla and value_length_mla both set
 
     def __post_init__(self) -> None:
         if not self.is_swa:

@@ -84,6 +84,7 @@ class GGUFHParams:
     token_shift_count: int = 2
     n_embd_head_kda: int = 0
     n_embd_head_la: int = 0
+    is_mla: bool = False
 
     @property
     def n_layer(self) -> int:
@@ -159,6 +160,7 @@ class GGUFHParams:
             n_swa=self.n_swa,
             swa_type=self.swa_type,
             n_pos_per_embd=self.n_pos_per_embd(),
+            is_mla=self.is_mla,
             causal_attn=self.causal_attn,
             use_alibi=self.use_alibi,
             kv_shiftable=self.arch not in NO_KV_SHIFT_ARCHS,
@@ -326,4 +328,5 @@ def hparams_from_gguf(path: str | os.PathLike[str]) -> GGUFHParams:
         ssm_dt_rank=d.ssm_dt_rank,
         n_embd_head_kda=d.n_embd_head_kda,
         n_embd_head_la=d.n_embd_head_la,
+        is_mla=d.is_mla,
     )

@@ -257,7 +257,8 @@ class KVCache(Memory):
                     (lay.n_embd_k_gqa, self.kv_size, self.n_stream),
                 )
             )
-            if width_v > 0:
+            # [TAG_MLA_K_ONLY] an MLA model's caches have no V tensors
+            if width_v > 0 and not spec.is_mla:
                 lst.append(
                     TensorSpec(
                         f"cache_{name_tag}v_l{il}",

@@ -48,9 +48,9 @@ def describe_plan(plan: MemoryPlan) -> dict[str, Any]:
                             "il": il,
                             "n_embd_k_gqa": spec.n_embd_k_gqa(il),
                             "n_embd_v_gqa": spec.n_embd_v_gqa(il),
-                            "has_v": True,
+                            "has_v": not spec.is_mla,
                             "k_row_bytes": tk.row_size(spec.n_embd_k_gqa(il)),
-                            "v_row_bytes": tv.row_size(spec.n_embd_v_gqa(il)),
+                            "v_row_bytes": 0 if spec.is_mla else tv.row_size(spec.n_embd_v_gqa(il)),
                         }
                         for il in p.layers
                     ],
@@ -160,7 +160,9 @@ def describe_memory(mem: Memory) -> dict[str, Any]:
                             "n_embd_v_gqa": lay.n_embd_v_gqa,
                             "has_v": lay.v is not None,
                             "k_row_bytes": lay.k.row_size,
-                            "v_row_bytes": part.type_v.row_size(lay.n_embd_v_gqa),
+                            "v_row_bytes": 0
+                            if lay.v is None
+                            else part.type_v.row_size(lay.n_embd_v_gqa),
                         }
                         for lay in part.layers
                     ],

@@ -740,10 +740,11 @@ class _Blob:
 
 
 def _kv_part_headers(
-    b: _Blob, n_layers: int, has_ext: bool
+    b: _Blob, n_layers: int, has_ext: bool, has_v: bool = True
 ) -> tuple[int, list[dict[str, Any]] | None]:
     """Parse one whole-state KV part (b.2); return (n_stream, the data headers of the
-    first non-empty stream: per layer k type / row bytes, v type / row bytes, v_trans)."""
+    first non-empty stream: per layer k type / row bytes, v type / row bytes, v_trans).
+    Not ``has_v`` (MLA): the layers have no V section (v row bytes 0)."""
     (n_stream,) = b.take("I")
     found = None
     for _ in range(n_stream):
@@ -763,6 +764,9 @@ def _kv_part_headers(
             lay.update(k_type=k_type, k_row_bytes=k_row, v_trans=bool(v_trans))
             b.skip(count * k_row)
         for lay in layers:
+            if not has_v:
+                lay.update(v_type=None, v_row_bytes=0)
+                continue
             if not v_trans:
                 v_type, v_row = b.take("iQ")
                 b.skip(count * v_row)
@@ -794,6 +798,13 @@ def _rs_part_headers(b: _Blob, n_layers: int) -> list[dict[str, Any]]:
         lay.update(s_type=s_type, s_row_bytes=s_row)
         b.skip(count * s_row)
     return layers
+
+
+def _meta_u32(ref: Reference, key: str) -> int:
+    """A model metadata value as an int (0 when the key is absent)."""
+    buf = ctypes.create_string_buffer(64)
+    n = ref.L.llama_model_meta_val_str(ref.model, key.encode(), buf, len(buf))
+    return int(buf.value) if n >= 0 else 0
 
 
 def memory_section(ref: Reference, cfg: RunConfig, wholes: list[bytes]) -> tuple[dict, dict]:
@@ -831,6 +842,9 @@ def memory_section(ref: Reference, cfg: RunConfig, wholes: list[bytes]) -> tuple
     # stream (and, for recurrent parts, any state: their data header is always written)
     # cells carry (x, y) positions when the model uses M-RoPE / interleaved M-RoPE
     has_ext = rope_type in (8, 40)
+    # llama_hparams::is_mla (key_length_mla and value_length_mla set): K-only caches
+    mla = [_meta_u32(ref, f"{arch}.attention.{kv}_length_mla") for kv in ("key", "value")]
+    has_v = not all(mla)
     headers: list[Any] | None = None
     for whole in wholes:
         b = _Blob(whole)
@@ -839,7 +853,7 @@ def memory_section(ref: Reference, cfg: RunConfig, wholes: list[bytes]) -> tuple
         got: list[Any] = []
         for c in caches:
             if c.kind == "kv":
-                n_stream, lays = _kv_part_headers(b, len(c.layers), has_ext)
+                n_stream, lays = _kv_part_headers(b, len(c.layers), has_ext, has_v)
                 assert n_stream == c.n_stream
                 got.append(lays)
             else:
@@ -890,7 +904,7 @@ def memory_section(ref: Reference, cfg: RunConfig, wholes: list[bytes]) -> tuple
                             "il": il,
                             "n_embd_k_gqa": k_gqa[il],
                             "n_embd_v_gqa": v_gqa[il],
-                            "has_v": True,
+                            "has_v": has_v,
                             "k_row_bytes": lay["k_row_bytes"],
                             "v_row_bytes": lay["v_row_bytes"],
                         }
@@ -900,7 +914,7 @@ def memory_section(ref: Reference, cfg: RunConfig, wholes: list[bytes]) -> tuple
             )
             for lay in hdr:
                 assert GGML_TYPE_NAMES[lay["k_type"]] == c.type_k
-                assert GGML_TYPE_NAMES[lay["v_type"]] == c.type_v
+                assert not has_v or GGML_TYPE_NAMES[lay["v_type"]] == c.type_v
         else:
             n_r = hdr[0]["r_row_bytes"] // 4
             n_s = hdr[0]["s_row_bytes"] // 4
