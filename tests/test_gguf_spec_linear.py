@@ -152,6 +152,45 @@ def test_minimax_01_lightning_layers(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# KDA + MLA (kimi-linear)
+# --------------------------------------------------------------------------------------
+
+KIMI_KEYS: dict[str, Any] = {
+    "attention.head_count_kv": [0, 0, 0, 1],
+    "attention.key_length": 576,
+    "attention.value_length": 512,
+    "attention.key_length_mla": 192,
+    "attention.value_length_mla": 128,
+    "attention.kv_lora_rank": 512,
+    "ssm.conv_kernel": 4,
+    "kda.head_dim": 16,
+}
+
+
+def test_kimi_linear_kda_widths_and_k_only_cache(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, "kimi-linear", 4, **KIMI_KEYS)
+    assert _recurs(spec) == [True, True, True, False]
+    # R: 3 * (d_conv - 1) * n_head * head_dim = 3 * 3 * 4 * 16; S: 16 * 16 * 4
+    assert {(lay.n_embd_r, lay.n_embd_s) for lay in spec.layers if lay.recurrent} == {(576, 1024)}
+    # MLA: K holds the latent (576 per token), no V tensor, but V's width is still reported
+    assert spec.is_mla and (spec.layers[3].n_embd_k_gqa, spec.layers[3].n_embd_v_gqa) == (576, 512)
+    assert spec.layers[3].rope is None  # Kimi-Linear applies no RoPE
+    mem = create_memory(spec, ContextParams(n_ctx=64, n_seq_max=1))
+    assert mem is not None
+    try:
+        (kv,) = describe_memory(mem)["parts"][:1]
+        assert [(lay["has_v"], lay["v_row_bytes"]) for lay in kv["layers"]] == [(False, 0)]
+    finally:
+        mem.close()
+
+
+def test_kimi_linear_requires_the_mla_keys(tmp_path: Path) -> None:
+    keys = {k: v for k, v in KIMI_KEYS.items() if k != "attention.key_length_mla"}
+    with pytest.raises(ConfigError, match=r"attention\.key_length_mla"):
+        _spec(tmp_path, "kimi-linear", 4, **keys)
+
+
+# --------------------------------------------------------------------------------------
 # refused: memory types pymem does not implement
 # --------------------------------------------------------------------------------------
 

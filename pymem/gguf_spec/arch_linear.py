@@ -53,6 +53,27 @@ def _gated_delta_net(m: GGUFMeta, d: Draft) -> None:
     _recurrent_layers(m, d, 4)
 
 
+def _load_mla(m: GGUFMeta, d: Draft) -> None:
+    """The MLA head sizes (``attention.key_length_mla`` / ``value_length_mla``, required):
+    both set makes the attention caches K-only (``llama_hparams::is_mla``)."""
+    k_mla = m.u32_req(d.key("attention.key_length_mla"))
+    v_mla = m.u32_req(d.key("attention.value_length_mla"))
+    d.is_mla = k_mla != 0 and v_mla != 0
+
+
+def _kimi_linear(m: GGUFMeta, d: Draft) -> None:
+    """kimi-linear: KDA layers (those without KV heads) beside MLA attention layers.
+
+    KDA widths: R = 3 * (d_conv - 1) * n_head * head_dim (Q, K and V convs), S = head_dim^2
+    * n_head, with the first layer's head count (``llama_hparams::n_embd_r/s``).
+    """
+    _load_mla(m, d)
+    m.u32_req(d.key("attention.kv_lora_rank"))
+    d.ssm_d_conv = m.u32_req(d.key("ssm.conv_kernel"))
+    d.n_embd_head_kda = m.u32_req(d.key("kda.head_dim"))
+    d.recurrent_where_no_kv_heads()
+
+
 def _minimax_01(m: GGUFMeta, d: Draft) -> None:
     """minimax-01: lightning-attention layers keep one head x head state per attention head
     (``n_embd_head_la`` = the attention head size) and no conv state (R width 0); default:
@@ -73,6 +94,7 @@ RULES: dict[str, ArchRule] = {
     "qwen35moe": ArchRule(RopeType.IMROPE, _gated_delta_net),
     "qwen3next": ArchRule(RopeType.NEOX, _gated_delta_net),
     "minimax-01": ArchRule(RopeType.NEOX, _minimax_01),
+    "kimi-linear": ArchRule(RopeType.NONE, _kimi_linear),
     # the indexer keys (attention.indexer.*) are required, so every file needs the idx memory
     "qwen4exp": ArchRule(RopeType.IMROPE, unsupported=_HYBRID_IDX),
     # KDA layers + DSA layers (a K-only MLA cache and an indexer cache)

@@ -263,14 +263,120 @@ def write_minimax_01(path: Path) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class _KDA:
+    """Kimi delta attention (KDA) layers and the MLA attention layers beside them."""
+
+    n_embd: int = 16
+    n_head: int = 2  # KDA heads and MLA query heads
+    head_dim: int = 4  # kda.head_dim
+    d_conv: int = 4
+    kv_lora_rank: int = 8  # the MLA latent: K rows of kv_lora_rank + n_rot, no V
+    n_rot: int = 4  # qk_rope_head_dim (Kimi-Linear applies no RoPE)
+    head_k_mla: int = 8  # qk_nope (4) + qk_rope (4)
+    head_v_mla: int = 8
+
+    @property
+    def d_inner(self) -> int:
+        return self.n_head * self.head_dim
+
+
+KDA = _KDA()
+
+
+def _kda_mixer(m: _Model, il: int, s: _KDA) -> None:
+    """One KDA layer: Q/K/V projections and their depthwise convs, the f (decay) and g
+    (output gate) low-rank projections, beta, A, dt bias, the gated output norm."""
+    for x in "qkv":
+        m.weight(f"blk.{il}.ssm_conv1d_{x}.weight", (s.d_conv, 1, s.d_inner), scale=0.5)
+        m.weight(f"blk.{il}.attn_{x}.weight", (s.n_embd, s.d_inner))
+    m.weight(f"blk.{il}.ssm_f_a.weight", (s.n_embd, s.head_dim))
+    m.weight(f"blk.{il}.ssm_f_b.weight", (s.head_dim, s.d_inner))
+    m.weight(f"blk.{il}.ssm_beta.weight", (s.n_embd, s.n_head))
+    a = -(0.5 + m.rng.random((s.n_head, 1))).astype("float32")
+    m.w.add_tensor(f"blk.{il}.ssm_a", a)
+    m.weight(f"blk.{il}.ssm_dt.bias", (s.d_inner,), scale=0.5)
+    m.weight(f"blk.{il}.ssm_g_a.weight", (s.n_embd, s.head_dim))
+    m.weight(f"blk.{il}.ssm_g_b.weight", (s.head_dim, s.d_inner))
+    m.norm(f"blk.{il}.ssm_norm.weight", s.head_dim)
+    m.weight(f"blk.{il}.attn_output.weight", (s.d_inner, s.n_embd))
+
+
+def _mla(m: _Model, il: int, s: _KDA) -> None:
+    """One MLA layer with the MLA KV cache (split wk_b / wv_b, no wkv_b; no Q compression)."""
+    m.weight(f"blk.{il}.attn_q.weight", (s.n_embd, s.n_head * s.head_k_mla))
+    m.weight(f"blk.{il}.attn_kv_a_mqa.weight", (s.n_embd, s.kv_lora_rank + s.n_rot))
+    m.norm(f"blk.{il}.attn_kv_a_norm.weight", s.kv_lora_rank)
+    nope = s.head_k_mla - s.n_rot
+    m.weight(f"blk.{il}.attn_k_b.weight", (nope, s.kv_lora_rank, s.n_head))
+    m.weight(f"blk.{il}.attn_v_b.weight", (s.kv_lora_rank, s.head_v_mla, s.n_head))
+    m.weight(f"blk.{il}.attn_output.weight", (s.n_head * s.head_v_mla, s.n_embd))
+
+
+def write_kimi_linear(path: Path) -> Path:
+    """kimi-linear (Kimi-Linear): 4 layers [KDA, MLA, KDA, MLA]; layer 0's FFN is dense
+    (``leading_dense_block_count`` 1), the others MoE (sigmoid gating, expert bias, one
+    shared expert).
+
+    llama_model_kimi_linear::load_arch_hparams: a layer recurs iff its ``head_count_kv``
+    is 0; KDA widths from ``kda.head_dim`` 4 and the first layer's head count 2: R rows of
+    3 * (d_conv - 1) * 2 * 4 = 72 floats (Q, K and V convs), S rows of 4 * 4 * 2 = 32. The
+    MLA layers (``key_length_mla`` / ``value_length_mla`` set: is_mla) cache only K, the
+    latent: ``key_length`` = kv_lora_rank + n_rot = 12 per token, 1 KV head.
+    """
+    s, e, n_layer, n_ff = KDA, MOE, 4, 32
+    kv_heads = [0, 1, 0, 1]
+    m = _Model(path, "kimi-linear", "tiny-kimi-linear", seed=45)
+    _common(m, s.n_embd, n_layer, n_ff, s.n_head)
+    m.arr("attention.head_count_kv", kv_heads)
+    m.u32("attention.key_length", s.kv_lora_rank + s.n_rot)
+    m.u32("attention.value_length", s.kv_lora_rank)
+    m.u32("attention.key_length_mla", s.head_k_mla)
+    m.u32("attention.value_length_mla", s.head_v_mla)
+    m.u32("attention.kv_lora_rank", s.kv_lora_rank)
+    m.u32("rope.dimension_count", s.n_rot)
+    m.u32("ssm.conv_kernel", s.d_conv)
+    m.u32("kda.head_dim", s.head_dim)
+    m.u32("expert_count", e.n_expert)
+    m.u32("expert_used_count", e.n_expert_used)
+    m.u32("expert_feed_forward_length", e.n_ff_exp)
+    m.u32("expert_shared_count", 1)
+    m.u32("leading_dense_block_count", 1)
+    m.u32("expert_gating_func", 2)  # sigmoid
+    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
+    m.norm("output_norm.weight", s.n_embd)
+    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
+        if kv_heads[il]:
+            _mla(m, il, s)
+        else:
+            _kda_mixer(m, il, s)
+        m.norm(f"blk.{il}.ffn_norm.weight", s.n_embd)
+        if il == 0:
+            _ffn(m, il, s.n_embd, n_ff)
+            continue
+        m.weight(f"blk.{il}.ffn_gate_inp.weight", (s.n_embd, e.n_expert))
+        m.weight(f"blk.{il}.ffn_gate_exps.weight", (s.n_embd, e.n_ff_exp, e.n_expert))
+        m.weight(f"blk.{il}.ffn_up_exps.weight", (s.n_embd, e.n_ff_exp, e.n_expert))
+        m.weight(f"blk.{il}.ffn_down_exps.weight", (e.n_ff_exp, s.n_embd, e.n_expert))
+        m.weight(f"blk.{il}.exp_probs_b.bias", (e.n_expert,), scale=0.1)
+        m.weight(f"blk.{il}.ffn_gate_shexp.weight", (s.n_embd, e.n_ff_exp))
+        m.weight(f"blk.{il}.ffn_up_shexp.weight", (s.n_embd, e.n_ff_exp))
+        m.weight(f"blk.{il}.ffn_down_shexp.weight", (e.n_ff_exp, s.n_embd))
+    m.finish()
+    return path
+
+
 MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
+    "tiny-kimi-linear.gguf": write_kimi_linear,
     "tiny-minimax-01.gguf": write_minimax_01,
     "tiny-qwen35.gguf": write_qwen35,
     "tiny-qwen35moe.gguf": write_qwen35moe,
     "tiny-qwen3next.gguf": write_qwen3next,
 }
 
-_MM01 = "tiny-minimax-01.gguf"
+_MM01, _KIMI = "tiny-minimax-01.gguf", "tiny-kimi-linear.gguf"
 _Q35, _Q35M, _Q3N = "tiny-qwen35.gguf", "tiny-qwen35moe.gguf", "tiny-qwen3next.gguf"
 
 RUNS: list[RunConfig] = [
@@ -302,4 +408,7 @@ RUNS: list[RunConfig] = [
     # minimax-01: lightning layers 0 and 2 (R rows of 0), attention layers 1 and 3
     RunConfig("minimax-01.main.fa1.u1", "minimax-01", _MM01, "main", 256, 64, True, True),
     RunConfig("minimax-01.main.fa0.u0", "minimax-01", _MM01, "main", 1024, 64, False, False),
+    # kimi-linear: KDA layers 0 and 2, MLA layers 1 and 3 (a K-only cache)
+    RunConfig("kimi-linear.main.fa1.u1", "kimi-linear", _KIMI, "main", 256, 64, True, True),
+    RunConfig("kimi-linear.main.fa0.u0", "kimi-linear", _KIMI, "main", 1024, 64, False, False),
 ]
