@@ -108,10 +108,28 @@ def test_gemma3_pattern_window_and_swa_base(tmp_path: Path) -> None:
     assert spec.swa_type == SWAType.NONE and not any(_slides(spec))
 
 
-def test_unsupported_attention_arch_says_why(tmp_path: Path) -> None:
-    for arch in ("gemma3n", "gemma4"):
-        with pytest.raises(UnsupportedError, match="reuse"):
-            _spec(tmp_path, arch, 2)
+def test_gemma3n_gemma4_refused_when_a_layer_reuses_kv(tmp_path: Path) -> None:
+    # create_memory's layer_reuse_cb: layers from n_layer_kv_from_start on reuse K/V
+    # (Gemma-3n: 20; Gemma-4: n_layer - attention.shared_kv_layers)
+    with pytest.raises(UnsupportedError, match=r"layers 20\.\.20 reuse"):
+        _spec(tmp_path, "gemma3n", 21, **{"attention.sliding_window": 512})
+    g4 = {
+        "attention.sliding_window": 512,
+        "attention.sliding_window_pattern": [1, 1, 0, 1],
+        "attention.key_length_swa": 8,
+        "attention.value_length_swa": 8,
+    }
+    with pytest.raises(UnsupportedError, match=r"layers 2\.\.3 reuse"):
+        _spec(tmp_path, "gemma4", 4, **g4, **{"attention.shared_kv_layers": 2})
+    # without reuse: an iSWA model whose SWA layers have their own head size
+    spec = _spec(tmp_path, "gemma4", 4, **g4, **{"rope.freq_base": 1e6})
+    assert _slides(spec) == [True, True, False, True]
+    assert [lay.n_embd_head_k for lay in spec.layers] == [8, 8, 16, 8]
+    assert _bases(spec) == [10000.0, 10000.0, 1e6, 10000.0]
+    spec = _spec(tmp_path, "gemma3n", 6, **{"attention.sliding_window": 512})
+    assert _slides(spec) == [True] * 4 + [False, True]  # pattern 5
+    with pytest.raises(ConfigError, match="key_length_swa"):
+        _spec(tmp_path, "gemma4", 4, **{k: v for k, v in g4.items() if "key_length" not in k})
 
 
 # --------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ SWA layers' RoPE base and scale, and head sizes where they differ per layer kind
 
 from __future__ import annotations
 
-from pymem.errors import ConfigError
+from pymem.errors import ConfigError, UnsupportedError
 from pymem.gguf_spec.draft import ArchRule, Draft
 from pymem.gguf_spec.meta import GGUFMeta
 from pymem.spec import RopeType, SWAType
@@ -198,11 +198,36 @@ def _muse_glimmer(m: GGUFMeta, d: Draft) -> None:
     d.load_swa_pattern(4)
 
 
-_LAYER_REUSE = (
-    "the reference's KV cache lets the layers from n_layer_kv_from_start on reuse the K/V of an "
-    "earlier layer (create_memory's layer_reuse_cb); pymem's caches give every attention layer "
-    "its own K/V and have no layer reuse"
-)
+def _refuse_layer_reuse(d: Draft, n_layer_kv_from_start: int) -> None:
+    """Layers from ``n_layer_kv_from_start`` on reuse an earlier layer's K/V in the reference
+    (create_memory's layer_reuse_cb, Gemma-3n / Gemma-4): pymem gives every attention layer
+    its own K/V, so a model where any layer reuses is refused."""
+    if n_layer_kv_from_start < d.n_layer_all:
+        raise UnsupportedError(
+            f"general.architecture: {d.arch!r}: layers {n_layer_kv_from_start}..{d.n_layer_all - 1} "
+            "reuse the K/V of an earlier layer (the reference's layer_reuse_cb); pymem's KV "
+            "caches have no layer reuse"
+        )
+
+
+def _gemma3n(m: GGUFMeta, d: Draft) -> None:
+    d.swa_type = SWAType.STANDARD
+    d.load_swa_pattern(5)
+    d.rope_freq_base_swa = m.f32(d.key("rope.freq_base_swa"), d.rope_freq_base_swa)
+    _window_req(m, d)
+    _refuse_layer_reuse(d, 20)  # n_layer_kv_from_start is 20 for every Gemma-3n
+
+
+def _gemma4(m: GGUFMeta, d: Draft) -> None:
+    d.swa_type = SWAType.STANDARD
+    _swa_array(m, d)
+    n_shared = m.u32(d.key("attention.shared_kv_layers"), 0)
+    d.rope_freq_base_swa = m.f32(d.key("rope.freq_base_swa"), d.rope_freq_base_swa)
+    _window_req(m, d)
+    d.n_embd_head_k_swa = m.u32_req(d.key("attention.key_length_swa"))
+    d.n_embd_head_v_swa = m.u32_req(d.key("attention.value_length_swa"))
+    # non_causal_type SWA_ONLY is not carried: it matters only to non-causal attention
+    _refuse_layer_reuse(d, d.n_layer_all - n_shared)
 
 
 RULES: dict[str, ArchRule] = {
@@ -237,7 +262,6 @@ RULES: dict[str, ArchRule] = {
     "spark2_5": ArchRule(RopeType.NEOX, _spark2_5),
     "maple": ArchRule(RopeType.NEOX, _maple),
     "muse-glimmer": ArchRule(RopeType.NORM, _muse_glimmer),
-    # layer K/V reuse
-    "gemma3n": ArchRule(RopeType.NEOX, unsupported=_LAYER_REUSE),
-    "gemma4": ArchRule(RopeType.NEOX, unsupported=_LAYER_REUSE),
+    "gemma3n": ArchRule(RopeType.NEOX, _gemma3n),  # refused when a layer reuses K/V
+    "gemma4": ArchRule(RopeType.NEOX, _gemma4),  # refused when a layer reuses K/V
 }

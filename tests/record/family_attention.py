@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from models import N_VOCAB, _common, _ffn, _Model, _qkvo
 from runconfig import RunConfig
 
@@ -502,6 +503,47 @@ def write_spark2_5(path: Path) -> Path:
     return path
 
 
+def write_gemma4(path: Path) -> Path:
+    """gemma4 without shared KV layers: 2 layers, pattern array [1, 0]; SWA heads of 4, full 8.
+
+    llama_model_gemma4::load_arch_hparams: swa_type STANDARD, required pattern array,
+    window and ``attention.key_length_swa`` / ``value_length_swa``; ``shared_kv_layers`` 0
+    leaves n_layer_kv_from_start = n_layer, so create_memory's layer reuse never applies
+    (pymem refuses models where it does). K/V rows: 4 (SWA layer) and 8 (full layer). The
+    full layer's RoPE factors (``rope_freqs``) are ones, so they change nothing. No
+    per-layer embeddings (``embedding_length_per_layer_input`` 0), dense ffn.
+    """
+    n_layer, n_ff, head_swa = 2, 24, 4
+    m = _Model(path, "gemma4", "tiny-gemma4", seed=109)
+    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("attention.sliding_window", N_SWA)
+    m.arr("attention.sliding_window_pattern", [True, False])
+    m.u32("attention.key_length", HEAD)
+    m.u32("attention.value_length", HEAD)
+    m.u32("attention.key_length_swa", head_swa)
+    m.u32("attention.value_length_swa", head_swa)
+    m.u32("rope.dimension_count_swa", head_swa)
+    m.u32("attention.shared_kv_layers", 0)
+    m.u32("embedding_length_per_layer_input", 0)
+    m.f32("rope.freq_base", 1000000.0)
+    m.weight("token_embd.weight", (N_EMBD, N_VOCAB))
+    m.norm("output_norm.weight", N_EMBD)
+    m.w.add_tensor("rope_freqs.weight", np.ones(HEAD // 2, dtype=np.float32))
+    for il in range(n_layer):
+        head = head_swa if il == 0 else HEAD
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * head, N_HEAD_KV * head)
+        m.norm(f"blk.{il}.attn_q_norm.weight", head)
+        m.norm(f"blk.{il}.attn_k_norm.weight", head)
+        m.norm(f"blk.{il}.post_attention_norm.weight", N_EMBD)
+        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
+        _ffn(m, il, N_EMBD, n_ff)
+        m.norm(f"blk.{il}.post_ffw_norm.weight", N_EMBD)
+    m.finish()
+    return path
+
+
 def _moe(m: _Model, il: int, n_embd: int, n_ff_exp: int, n_expert: int) -> None:
     """The router and the stacked expert weights (``ffn_*_exps``: {ne0, ne1, n_expert})."""
     m.weight(f"blk.{il}.ffn_gate_inp.weight", (n_embd, n_expert))
@@ -528,6 +570,7 @@ MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-plamo3.gguf": write_plamo3,
     "tiny-muse-glimmer.gguf": write_muse_glimmer,
     "tiny-spark2-5.gguf": write_spark2_5,
+    "tiny-gemma4.gguf": write_gemma4,
 }
 
 SWA_TYPES: dict[str, str] = {"llama4": "chunked"}
@@ -564,4 +607,6 @@ RUNS: list[RunConfig] = [
     RunConfig("plamo3.main.fa1.u0", "plamo3", "tiny-plamo3.gguf", "main", 2048, 64, True, False),
     RunConfig("muse-glimmer.main.fa0.u1", "muse-glimmer", "tiny-muse-glimmer.gguf", "main", 512, 64, False, True),
     RunConfig("spark2-5.main.fa0.u1", "spark2-5", "tiny-spark2-5.gguf", "main", 512, 64, False, True),
+    # K/V rows of 4 (SWA cache) and 8 (base cache); V transposed: each cache padded to 8
+    RunConfig("gemma4.main.fa0.u1", "gemma4", "tiny-gemma4.gguf", "main", 512, 64, False, True),
 ]  # fmt: skip
