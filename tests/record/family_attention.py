@@ -544,6 +544,86 @@ def write_gemma4(path: Path) -> Path:
     return path
 
 
+def _moe_keys(m: _Model, n_expert: int, n_ff_exp: int) -> None:
+    m.u32("expert_count", n_expert)
+    m.u32("expert_used_count", 1)
+    m.u32("expert_feed_forward_length", n_ff_exp)
+
+
+def write_mellum(path: Path) -> Path:
+    """mellum: 4 layers, window 8, default pattern 4 -> layers 0..2 slide, layer 3 is full.
+
+    llama_model_mellum::load_arch_hparams: a window > 0 turns on swa_type STANDARD. Every
+    layer is MoE (2 experts of 8, one used); Q/K norms.
+    """
+    n_layer, n_expert, n_ff_exp = 4, 2, 8
+    m = _Model(path, "mellum", "tiny-mellum", seed=113)
+    _common(m, N_EMBD, n_layer, 24, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("attention.sliding_window", N_SWA)
+    _moe_keys(m, n_expert, n_ff_exp)
+    _head(m)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
+        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
+        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
+        _moe(m, il, N_EMBD, n_ff_exp, n_expert)
+    m.finish()
+    return path
+
+
+def write_cohere2moe(path: Path) -> Path:
+    """cohere2moe: 4 layers, window 8, pattern 4 dense first -> layer 0 full, 1..3 slide.
+
+    llama_model_cohere2moe::load_arch_hparams: swa_type STANDARD, required window,
+    ``logit_scale`` and ``leading_dense_block_count`` (4 here: every layer is dense, though
+    experts must be declared). One (layer) norm per block, attention and ffn in parallel.
+    """
+    n_layer, n_ff = 4, 24
+    m = _Model(path, "cohere2moe", "tiny-cohere2moe", seed=127)
+    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("attention.sliding_window", N_SWA)
+    m.f32("logit_scale", 0.5)
+    m.u32("leading_dense_block_count", n_layer)
+    _moe_keys(m, 2, 8)
+    _head(m, tied=True)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        _ffn(m, il, N_EMBD, n_ff)
+    m.finish()
+    return path
+
+
+def write_maple(path: Path) -> Path:
+    """maple: 2 layers, pattern array [1, 0] -> layer 0 slides, layer 1 is full.
+
+    llama_model_maple::load_arch_hparams: swa_type STANDARD, required window, pattern array
+    and ``swiglu_clamp_exp``. Every layer is MoE (2 experts of 8, one used); Q/K norms.
+    """
+    n_layer, n_expert, n_ff_exp = 2, 2, 8
+    m = _Model(path, "maple", "tiny-maple", seed=131)
+    _common(m, N_EMBD, n_layer, 24, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("attention.sliding_window", N_SWA)
+    m.arr("attention.sliding_window_pattern", [1, 0])
+    m.f32("swiglu_clamp_exp", 7.0)
+    _moe_keys(m, n_expert, n_ff_exp)
+    _head(m)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
+        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
+        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
+        _moe(m, il, N_EMBD, n_ff_exp, n_expert)
+    m.finish()
+    return path
+
+
 def _moe(m: _Model, il: int, n_embd: int, n_ff_exp: int, n_expert: int) -> None:
     """The router and the stacked expert weights (``ffn_*_exps``: {ne0, ne1, n_expert})."""
     m.weight(f"blk.{il}.ffn_gate_inp.weight", (n_embd, n_expert))
@@ -571,6 +651,9 @@ MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-muse-glimmer.gguf": write_muse_glimmer,
     "tiny-spark2-5.gguf": write_spark2_5,
     "tiny-gemma4.gguf": write_gemma4,
+    "tiny-mellum.gguf": write_mellum,
+    "tiny-cohere2moe.gguf": write_cohere2moe,
+    "tiny-maple.gguf": write_maple,
 }
 
 SWA_TYPES: dict[str, str] = {"llama4": "chunked"}
@@ -609,4 +692,7 @@ RUNS: list[RunConfig] = [
     RunConfig("spark2-5.main.fa0.u1", "spark2-5", "tiny-spark2-5.gguf", "main", 512, 64, False, True),
     # K/V rows of 4 (SWA cache) and 8 (base cache); V transposed: each cache padded to 8
     RunConfig("gemma4.main.fa0.u1", "gemma4", "tiny-gemma4.gguf", "main", 512, 64, False, True),
+    RunConfig("mellum.main.fa1.u1", "mellum", "tiny-mellum.gguf", "main", 512, 64, True, True),
+    RunConfig("cohere2moe.main.fa0.u1", "cohere2moe", "tiny-cohere2moe.gguf", "main", 512, 64, False, True),
+    RunConfig("maple.main.fa1.u0", "maple", "tiny-maple.gguf", "main", 2048, 64, True, False),
 ]  # fmt: skip
