@@ -335,12 +335,43 @@ def test_exaone4_slides_only_with_64_layers(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------
 
 
+_DENSE = {
+    RopeType.NEOX: [
+        "qwen2moe", "qwen3moe", "phi2", "phimoe", "olmoe", "phi3", "exaone4", "gemma",
+        "starcoder2", "stablelm", "qwen", "hunyuan-dense", "seed_oss", "apertus", "exaone",
+        "dbrx", "orion", "codeshell", "nemotron", "bitnet", "gptneox", "falcon", "jais2",
+        "openelm",
+    ],
+    RopeType.NORM: [
+        "command-r", "olmo", "internlm2", "minicpm", "granite", "granitemoe", "smollm3",
+        "arcee", "xverse", "starcoder",
+    ],
+    RopeType.NONE: ["gpt2", "mpt", "jais"],
+}  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    "arch", ["qwen2moe", "qwen3moe", "phi2", "phimoe", "olmoe", "phi3", "exaone4"]
+    ("arch", "rope_type"), [(a, rt) for rt, archs in _DENSE.items() for a in archs]
 )
-def test_dense_archs_are_plain_kv_caches(tmp_path: Path, arch: str) -> None:
+def test_dense_archs_are_plain_kv_caches(tmp_path: Path, arch: str, rope_type: RopeType) -> None:
     spec = _spec(tmp_path, arch, 3)
     assert spec.swa_type == SWAType.NONE and not any(_slides(spec))
-    assert all(lay.rope is not None and lay.rope.rope_type == RopeType.NEOX for lay in spec.layers)
+    if rope_type == RopeType.NONE:
+        assert all(lay.rope is None for lay in spec.layers)
+    else:
+        assert all(lay.rope is not None and lay.rope.rope_type == rope_type for lay in spec.layers)
     assert [lay.n_embd_k_gqa for lay in spec.layers] == [32] * 3  # 2 KV heads of 16
     assert plan_memory(spec, ContextParams()).type == "kv_cache"
+
+
+def test_granite_rope_switch_and_alibi(tmp_path: Path) -> None:
+    # granite: rope.scaling.finetuned = false turns RoPE off on every layer (default on)
+    spec = _spec(tmp_path, "granite", 2, **{"rope.scaling.finetuned": False})
+    assert all(lay.rope is None for lay in spec.layers)
+    assert all(lay.rope is not None for lay in _spec(tmp_path, "granite", 2).layers)
+    # mpt / jais: ALiBi when attention.max_alibi_bias > 0
+    assert _spec(tmp_path, "mpt", 2, **{"attention.max_alibi_bias": 8.0}).use_alibi
+    assert not _spec(tmp_path, "jais", 2).use_alibi
+    # falcon is one of the archs whose n_rot must equal the head size
+    with pytest.raises(ConfigError, match="invalid n_rot"):
+        _spec(tmp_path, "falcon", 2, **{"rope.dimension_count": 8})

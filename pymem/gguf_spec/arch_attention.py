@@ -198,6 +198,11 @@ def _muse_glimmer(m: GGUFMeta, d: Draft) -> None:
     d.load_swa_pattern(4)
 
 
+def _granite(m: GGUFMeta, d: Draft) -> None:
+    # Granite switches RoPE off with rope.scaling.finetuned = false (default true)
+    d.rope_pattern = [m.bool_(d.key("rope.scaling.finetuned"), True)] * d.n_layer_all
+
+
 def _refuse_layer_reuse(d: Draft, n_layer_kv_from_start: int) -> None:
     """Layers from ``n_layer_kv_from_start`` on reuse an earlier layer's K/V in the reference
     (create_memory's layer_reuse_cb, Gemma-3n / Gemma-4): pymem gives every attention layer
@@ -240,6 +245,38 @@ RULES: dict[str, ArchRule] = {
     "phi2": ArchRule(RopeType.NEOX),
     "phimoe": ArchRule(RopeType.NEOX),
     "olmoe": ArchRule(RopeType.NEOX),
+    "command-r": ArchRule(RopeType.NORM),
+    "olmo": ArchRule(RopeType.NORM),
+    "internlm2": ArchRule(RopeType.NORM),
+    "minicpm": ArchRule(RopeType.NORM),
+    "granite": ArchRule(RopeType.NORM, _granite),
+    "granitemoe": ArchRule(RopeType.NORM),
+    "smollm3": ArchRule(
+        RopeType.NORM
+    ),  # its no-RoPE layers are a graph matter: K-shift rotates all
+    "arcee": ArchRule(RopeType.NORM),
+    "xverse": ArchRule(RopeType.NORM),
+    "starcoder": ArchRule(RopeType.NORM),
+    "gemma": ArchRule(RopeType.NEOX),
+    "starcoder2": ArchRule(RopeType.NEOX),
+    "stablelm": ArchRule(RopeType.NEOX),
+    "qwen": ArchRule(RopeType.NEOX),
+    "hunyuan-dense": ArchRule(RopeType.NEOX),
+    "seed_oss": ArchRule(RopeType.NEOX),
+    "apertus": ArchRule(RopeType.NEOX),
+    "exaone": ArchRule(RopeType.NEOX),
+    "dbrx": ArchRule(RopeType.NEOX),
+    "orion": ArchRule(RopeType.NEOX),
+    "codeshell": ArchRule(RopeType.NEOX),
+    "nemotron": ArchRule(RopeType.NEOX),
+    "bitnet": ArchRule(RopeType.NEOX),
+    "gptneox": ArchRule(RopeType.NEOX),
+    "falcon": ArchRule(RopeType.NEOX),
+    "jais2": ArchRule(RopeType.NEOX),
+    "openelm": ArchRule(RopeType.NEOX),
+    "gpt2": ArchRule(RopeType.NONE),
+    "mpt": ArchRule(RopeType.NONE),  # ALiBi from attention.max_alibi_bias
+    "jais": ArchRule(RopeType.NONE),  # ALiBi from attention.max_alibi_bias
     "phi3": ArchRule(RopeType.NEOX, _phi3),
     "exaone4": ArchRule(RopeType.NEOX, _exaone4),
     # sliding window (standard unless said)
