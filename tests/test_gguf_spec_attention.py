@@ -128,6 +128,8 @@ def test_gemma3n_gemma4_refused_when_a_layer_reuses_kv(tmp_path: Path) -> None:
     assert _bases(spec) == [10000.0, 10000.0, 1e6, 10000.0]
     spec = _spec(tmp_path, "gemma3n", 6, **{"attention.sliding_window": 512})
     assert _slides(spec) == [True] * 4 + [False, True]  # pattern 5
+    with pytest.raises(UnsupportedError, match="ctx_other"):
+        _spec(tmp_path, "gemma4-assistant", 2)
     with pytest.raises(ConfigError, match="key_length_swa"):
         _spec(tmp_path, "gemma4", 4, **{k: v for k, v in g4.items() if "key_length" not in k})
 

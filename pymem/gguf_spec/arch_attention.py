@@ -301,4 +301,10 @@ RULES: dict[str, ArchRule] = {
     "muse-glimmer": ArchRule(RopeType.NORM, _muse_glimmer),
     "gemma3n": ArchRule(RopeType.NEOX, _gemma3n),  # refused when a layer reuses K/V
     "gemma4": ArchRule(RopeType.NEOX, _gemma4),  # refused when a layer reuses K/V
+    "gemma4-assistant": ArchRule(
+        RopeType.NEOX,
+        unsupported="a Gemma-4 assistant (draft) model attends over the K/V of its target "
+        "model's context (create_memory's layer_share_cb over ctx_other's memory); pymem's "
+        "caches hold only their own layers",
+    ),
 }
