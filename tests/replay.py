@@ -238,7 +238,7 @@ def sync_tensors_from_reference(
             rec: RecurrentMemory = part
             r0, s0 = rec.get_r_l(rec.layers[0]), rec.get_s_l(rec.layers[0])
             cells, r_rows, s_rows, off = _parse_rs_part(
-                ref, off, rec.spec.n_layer, len(rec.layers), r0.row_size, s0.row_size
+                ref, off, rec.n_layer_trunk, len(rec.layers), r0.row_size, s0.row_size
             )
             filled = np.flatnonzero(rec.cells.seq_counts())
             assert [c[0] for c in cells] == rec.cells.pos[filled].tolist(), (
@@ -522,7 +522,7 @@ def sync_rollback_plane(mem: Memory, ref: bytes, seq_id: int, plane: int, where:
         rec: RecurrentMemory = part
         r0, s0 = rec.get_r_l(rec.layers[0]), rec.get_s_l(rec.layers[0])
         cells, r_rows, s_rows, off = _parse_rs_part(
-            ref, off, rec.spec.n_layer, len(rec.layers), r0.row_size, s0.row_size
+            ref, off, rec.n_layer_trunk, len(rec.layers), r0.row_size, s0.row_size
         )
         tail = int(rec.cells.tail[seq_id])
         assert tail >= 0, f"{where}: seq {seq_id} has no recurrent cell after a rollback"

@@ -137,6 +137,20 @@ def test_zero_width_r_keeps_its_state_header() -> None:
     assert mem.seq_pos_max(1) == 1
 
 
+def test_nextn_layers_are_outside_the_recurrent_memory() -> None:
+    # regression: the state header counted every layer (5 for bailingmoe3's 4 trunk
+    # layers + 1 NextN layer); the reference's recurrent memory covers hparams.n_layer(),
+    # the trunk only: its header says 4, and a trailing NextN layer never gets states
+    layers = (LayerSpec.ssm(R, S), LayerSpec.attention(1, 8), LayerSpec.ssm(R, S))
+    spec = ModelSpec(layers=layers, n_layer_nextn=1)
+    mem = RecurrentMemory(spec, n_seq_max=1, filter=spec.is_recurrent)
+    assert (mem.layers, mem.n_layer_trunk) == ((0,), 2)
+    blob = mem.state_write(-1)
+    # cell_count 0 | s_trans, n_layer
+    assert struct.unpack_from("<III", blob, 0) == (0, 0, 2)
+    mem.close()
+
+
 def test_zero_width_s_keeps_its_state_header() -> None:
     # LFM2's short-conv layers have no SSM state: S is zero-wide, but the state still
     # carries its per-layer header (i32 type, u64 row size 0) and no row bytes

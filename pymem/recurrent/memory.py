@@ -159,7 +159,8 @@ class RecurrentMemory(Memory):
 
     Parameters mirror the reference constructor:
 
-    * ``spec``: every model layer; ``n_layer`` in state blobs is ``spec.n_layer``.
+    * ``spec``: every model layer; ``n_layer`` in state blobs is the trunk's layer count
+      (``hparams.n_layer()``: NextN / MTP layers excluded, and never given states).
     * ``type_r`` / ``type_s``: ggml types of R and S (the reference always uses f32).
     * ``device``: one device for all layers, or per layer (mapping ``il -> device``, a
       sequence indexed by ``il``, or a callable). One tensor store per distinct device.
@@ -212,8 +213,10 @@ class RecurrentMemory(Memory):
         self.n_embd_r = int(spec.n_embd_r())
         self.n_embd_s = int(spec.n_embd_s())
 
+        # the reference sizes and serialises recurrent memory over the trunk only
+        self.n_layer_trunk = spec.n_layer - spec.n_layer_nextn
         self.layers: tuple[int, ...] = tuple(
-            il for il in range(spec.n_layer) if filter is None or filter(il)
+            il for il in range(self.n_layer_trunk) if filter is None or filter(il)
         )
         # either width may be 0 (LFM2's short-conv layers keep only R, MiniMax-01's lightning
         # layers only S): the reference then allocates a zero-width tensor and still writes
@@ -252,7 +255,7 @@ class RecurrentMemory(Memory):
             self.close()
             raise
         self._state_layers = StateLayers(
-            spec.n_layer,
+            self.n_layer_trunk,
             self.layers,
             tuple(self._r[il] for il in self.layers),
             tuple(self._s[il] for il in self.layers),
@@ -632,7 +635,7 @@ class RecurrentMemory(Memory):
         """Serialise (whole memory for ``seq_id == -1``, else one sequence) into ``writer``.
 
         Layout (section b.3, :mod:`pymem.recurrent.state_io`): ``u32 cell_count``, META per
-        cell, then DATA (always): ``u32 s_trans = 0``, ``u32 n_layer`` (all model layers),
+        cell, then DATA (always): ``u32 s_trans = 0``, ``u32 n_layer`` (all trunk layers),
         per R layer ``i32 type, u64 row_size, rows``, then per S layer the same.
         ``PARTIAL_ONLY`` changes nothing here: recurrent state is the partial part.
         """

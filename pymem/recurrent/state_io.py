@@ -5,7 +5,7 @@ Layout of one section (b.3)::
     u32 cell_count
     META, per cell: i32 pos, u32 n_seq_id, i32 seq_id[n_seq_id]   (n_seq_id = 0 per sequence)
     DATA (always, even for zero cells):
-      u32 s_trans = 0, u32 n_layer                 (every model layer, not only recurrent)
+      u32 s_trans = 0, u32 n_layer                 (every trunk layer, not only recurrent)
       per recurrent layer: i32 r_type, u64 r_row, R rows of the cells (ascending)
       per recurrent layer: i32 s_type, u64 s_row, S rows of the cells
 
@@ -35,9 +35,9 @@ from pymem.ubatch import LLAMA_MAX_SEQ
 class StateLayers:
     """The tensors a state section carries, in blob order.
 
-    ``n_layer`` is the model's layer count written in the header (all layers, recurrent or
-    not); ``layers`` are the recurrent layer indices and ``r`` / ``s`` their R and S
-    tensors, in the same order.
+    ``n_layer`` is the trunk's layer count written in the header (every layer but the
+    NextN / MTP ones, recurrent or not); ``layers`` are the recurrent layer indices and
+    ``r`` / ``s`` their R and S tensors, in the same order.
     """
 
     n_layer: int
