@@ -1,7 +1,8 @@
 """The recorded llama.cpp runs decoded by real models over pymem: llama.cpp's logits and bytes.
 
-Every llama, mamba, jamba, gemma2 and lfm2 run in tests/data/runs (and
-``PYMEM_REPLAY_RUNS``) is replayed by tests/replay.py with
+Every run in tests/data/runs (and ``PYMEM_REPLAY_RUNS``) of an architecture the engine
+builds (``ARCH_GRAPHS``: llama, mamba, mamba2, jamba, granitehybrid, falcon-h1, nemotron_h,
+qwen35, qwen35moe, qwen3next, gemma2, gemma3, lfm2; F32, q8_0 and q4_K weights) is replayed by tests/replay.py with
 :class:`pymem.runtime.gguf_llama.GGUFModel` computing each ubatch over pymem's memory (KV
 cache, iSWA, recurrent, hybrid, hybrid-iSWA; streams; rollback planes): no row is copied
 from the reference. After every step the
@@ -147,7 +148,7 @@ def compare_close(mem: Memory, kind: str, got: bytes, want: bytes, where: str, s
             off_g, off_w = g.end, w.end
         else:
             r0, s0 = part.get_r_l(part.layers[0]), part.get_s_l(part.layers[0])
-            args = (part.spec.n_layer, len(part.layers), r0.row_size, s0.row_size)
+            args = (part.n_layer_trunk, len(part.layers), r0.row_size, s0.row_size)
             cg, rg, sg_, off_g = _parse_rs_part(got, off_g, *args)
             cw, rw, sw_, off_w = _parse_rs_part(want, off_w, *args)
             assert cg == cw, f"{where}: recurrent cells"
@@ -272,20 +273,24 @@ def replay_with_model(path, model: GGUFModel, **kw: Any) -> tuple[Any, Stats]:
 # --- tests ---------------------------------------------------------------------------------
 
 
+# the families the engine must decode as llama.cpp does (issue: every architecture)
+ENGINE_ARCHS = {
+    "llama", "mamba", "jamba", "gemma2", "lfm2", "mamba2", "granitehybrid", "falcon-h1",
+    "nemotron_h", "qwen35", "qwen35moe", "qwen3next", "gemma3",
+}  # fmt: skip
+
+
 def test_runs_present() -> None:
+    # every architecture the engine builds is checked against recorded llama.cpp runs
+    checked = {Run.load(p).arch for p in RUNS}
+    assert ENGINE_ARCHS <= set(SUPPORTED)
+    assert set(SUPPORTED) <= checked, sorted(set(SUPPORTED) - checked)
     names = set(IDS)
     assert {
         "llama.main.fa0.u1",
-        "llama-e8.main.fa1.u0",
-        "llama-e8.fill.fa1.u1",
-        "llama-e8.ops.fa0.u1",
         "llama.noshift-q8_0.fa1.u1",
-        "mamba.main.u1",
-        "mamba.ops.u1",
-        "jamba.main.fa1.u0",
-        "gemma2.main.fa0.u1",
-        "gemma2.main.fa1.u0",
-        "lfm2-swa.noshift.fa0.u1",
+        "llama-q8_0.main.fa1.u1",  # q8_0 weights
+        "llama-q4_K.main.fa0.u0",  # q4_K weights
         "lfm2.rollback.fa1.u1",
         "lfm2-swa.checkpoint.fa0.u0",
     } <= names

@@ -429,7 +429,7 @@ def _live_recurrent(name: str, rm: RecurrentMemory, seq_id: int) -> PartFacts:
         streams=(StreamFacts(0, n, dict(sorted(ranges.items())), layers),),
         layers=layers,
         bytes=rm.state_size(seq_id),
-        n_layer_total=rm.spec.n_layer,
+        n_layer_total=rm.n_layer_trunk,
         cells=cells,
         per_sequence=seq_id != -1 if n else None,
     )
