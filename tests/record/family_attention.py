@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from models import N_VOCAB, _common, _ffn, _Model, _qkvo
@@ -632,6 +633,40 @@ def _moe(m: _Model, il: int, n_embd: int, n_ff_exp: int, n_expert: int) -> None:
     m.weight(f"blk.{il}.ffn_down_exps.weight", (n_ff_exp, n_embd, n_expert))
 
 
+def chunk_scenario(sc: Any) -> None:
+    """llama4's chunked SWA across a chunk boundary (the reference's chunks are 8192 long).
+
+    ``sc`` is record_llama_cpp's Scenario. A ``seq_add`` moves seq 0 just below position
+    8192 (a K-shift, applied by the next decode); decodes then cross the boundary, so the
+    SWA cells of the previous chunk become masked for seq 0 (and reusable), while seq 1
+    stays in chunk 0. Partial removals across the boundary, a per-sequence round trip into
+    another sequence, a whole round trip and a negative shift back below the boundary follow.
+    """
+    tk = sc.toks
+    sc.op("none", "fresh context")
+    sc.decode(tk(0, 10) + tk(1, 6), "two prompts in chunk 0")
+    sc.op("seq_add", "move seq 0 to [8176, 8186)", seq=0, p0=-1, p1=-1, delta=8176)
+    sc.decode(tk(0, 1), "seq 0 at 8186 (applies the K-shift)")
+    sc.decode(tk(0, 8) + tk(1, 2), "seq 0 crosses 8192 (chunk 1 starts), seq 1 advances")
+    sc.decode(tk(0, 4), "seq 0 continues in chunk 1")
+    sc.op(
+        "seq_rm",
+        "remove [8190, 8194) of seq 0 (both sides of the boundary)",
+        seq=0,
+        p0=8190,
+        p1=8194,
+    )
+    saved = sc.decode(tk(1, 1), "seq 1 advances")
+    sc.op("state_seq_set", "load seq 0's state into seq 2", blob=saved["seq_state"][0], seq=2)
+    sc.decode(tk(2, 3) + tk(0, 2), "seq 2 (a copy of seq 0) and seq 0 advance")
+    sc.op("clear", "llama_memory_clear(data=true)", data=True)
+    sc.op("state_set", "restore the whole state saved above", blob=saved["state"])
+    sc.decode(tk(0, 1) + tk(1, 1), "decode after the whole restore")
+    sc.op("seq_add", "move seq 0 back by 20 (below the boundary)", seq=0, p0=-1, p1=-1, delta=-20)
+    sc.decode(tk(0, 3), "seq 0 continues in chunk 0")
+    sc.decode(tk(3, 5) + tk(0, 30), "a new sequence; seq 0 crosses the boundary again")
+
+
 MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-gemma3.gguf": write_gemma3,
     "tiny-llama4.gguf": write_llama4,
@@ -655,6 +690,9 @@ MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-cohere2moe.gguf": write_cohere2moe,
     "tiny-maple.gguf": write_maple,
 }
+
+SCENARIOS: dict[str, Callable[[Any], None]] = {"chunk": chunk_scenario}
+"""Scenarios of this family, by run scenario label (record_llama_cpp plays them)."""
 
 SWA_TYPES: dict[str, str] = {"llama4": "chunked"}
 """The arch's swa_type where it is not ``standard`` (the reference does not log it)."""
@@ -695,4 +733,6 @@ RUNS: list[RunConfig] = [
     RunConfig("mellum.main.fa1.u1", "mellum", "tiny-mellum.gguf", "main", 512, 64, True, True),
     RunConfig("cohere2moe.main.fa0.u1", "cohere2moe", "tiny-cohere2moe.gguf", "main", 512, 64, False, True),
     RunConfig("maple.main.fa1.u0", "maple", "tiny-maple.gguf", "main", 2048, 64, True, False),
+    # chunked SWA across the 8192 boundary (chunk_scenario), one stream per sequence
+    RunConfig("llama4.chunk.fa1.u0", "llama4", "tiny-llama4.gguf", "chunk", 1024, 64, True, False),
 ]  # fmt: skip

@@ -993,7 +993,18 @@ def record_run(cfg: RunConfig, out: Path) -> Path:
     # a unified attention memory accepts multi-sequence tokens; recurrent memory and one
     # stream per sequence refuse them (the sequential splitter)
     shared = cfg.kv_unified and not bool(ref.L.llama_model_is_recurrent(ref.model))
-    if cfg.checkpoint:
+    # a family's own scenario, named by the run's scenario label (family SCENARIOS)
+    custom = next(
+        (
+            f.SCENARIOS[cfg.scenario]
+            for f in FAMILIES
+            if cfg.scenario in getattr(f, "SCENARIOS", {})
+        ),
+        None,
+    )
+    if custom is not None:
+        custom(Scenario(rec))
+    elif cfg.checkpoint:
         rec.partial = True
         checkpoint_scenario(Scenario(rec))
     elif cfg.ops:
