@@ -110,7 +110,8 @@ def describe_plan(plan: MemoryPlan) -> dict[str, Any]:
                 "n_embd_r": lay.n_embd_r if lay.recurrent else 0,
                 "n_embd_s": lay.n_embd_s if lay.recurrent else 0,
             }
-            for il, lay in enumerate(spec.layers)
+            # the trunk, as llama_model_n_layer counts (NextN / MTP layers left out)
+            for il, lay in enumerate(spec.layers[: spec.n_layer - spec.n_layer_nextn])
         ],
         "parts": parts,
         "can_shift": plan.can_shift,
