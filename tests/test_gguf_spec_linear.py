@@ -190,6 +190,43 @@ def test_kimi_linear_requires_the_mla_keys(tmp_path: Path) -> None:
         _spec(tmp_path, "kimi-linear", 4, **keys)
 
 
+BAILING_KEYS: dict[str, Any] = {
+    **KIMI_KEYS,
+    "attention.head_count_kv": [0, 1, 0, 1, 1],
+    "nextn_predict_layers": 1,
+    "kda.gate_lower_bound": -5.0,
+}
+
+
+def test_bailingmoe3_nextn_layer_and_rope_type(tmp_path: Path) -> None:
+    # the NextN layer 4 is attention (MLA); RoPE is normal without rope sections
+    spec = _spec(tmp_path, "bailingmoe3", 5, **BAILING_KEYS)
+    assert _recurs(spec) == [True, False, True, False, False]
+    assert spec.is_mla and spec.n_layer_nextn == 1 and spec.n_pos_per_embd == 1
+    assert spec.layers[1].rope is not None and spec.layers[1].rope.rope_type == RopeType.NORM
+    # the plain hybrid filter caches the NextN layer beside the trunk's attention layers;
+    # the recurrent memory covers the trunk (its state header says 4 layers)
+    mem = create_memory(spec, ContextParams(n_ctx=64, n_seq_max=1))
+    assert mem is not None
+    try:
+        kv, rs = describe_memory(mem)["parts"]
+        assert [lay["il"] for lay in kv["layers"]] == [1, 3, 4]
+        assert (rs["n_layer_total"], [lay["il"] for lay in rs["layers"]]) == (4, [0, 2])
+    finally:
+        mem.close()
+    # the first two rope sections set: M-RoPE (cells carry ext positions)
+    sections = {**BAILING_KEYS, "rope.dimension_sections": [2, 2, 0, 0]}
+    spec = _spec(tmp_path, "bailingmoe3", 5, **sections)
+    assert spec.layers[1].rope is not None and spec.layers[1].rope.rope_type == RopeType.MROPE
+    assert spec.n_pos_per_embd == 4
+
+
+def test_bailingmoe3_gate_bound_must_be_negative(tmp_path: Path) -> None:
+    keys = {**BAILING_KEYS, "kda.gate_lower_bound": 0.5}
+    with pytest.raises(ConfigError, match="gate_lower_bound < 0"):
+        _spec(tmp_path, "bailingmoe3", 5, **keys)
+
+
 # --------------------------------------------------------------------------------------
 # refused: memory types pymem does not implement
 # --------------------------------------------------------------------------------------

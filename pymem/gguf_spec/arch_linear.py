@@ -74,6 +74,30 @@ def _kimi_linear(m: GGUFMeta, d: Draft) -> None:
     d.recurrent_where_no_kv_heads()
 
 
+def _bailingmoe3(m: GGUFMeta, d: Draft) -> None:
+    """bailingmoe3 (Ling / Ring 2.5): KDA layers (trunk layers without KV heads) beside MLA
+    attention layers; its NextN layer is an MLA layer, cached beside the trunk's (the
+    plain hybrid filter). RoPE: M-RoPE when ``rope.dimension_sections`` gives the first
+    two sections, else normal (``llama_hparams::use_mrope``).
+    """
+    _load_mla(m, d)
+    m.u32_req(d.key("attention.kv_lora_rank"))
+    d.ssm_d_conv = m.u32_req(d.key("ssm.conv_kernel"))
+    d.n_embd_head_kda = m.u32_req(d.key("kda.head_dim"))
+    bound = m.f32_opt(d.key("kda.gate_lower_bound"))
+    if bound is None:
+        raise ConfigError(f"{m.path}: key not found in model: {d.key('kda.gate_lower_bound')}")
+    if not m.bool_(d.key("kda.safe_gate"), True) or bound >= 0.0:
+        # GGML_ASSERTs in the reference's loader
+        raise ConfigError(
+            f"{m.path}: {d.arch} needs kda.safe_gate true and kda.gate_lower_bound < 0, got {bound}"
+        )
+    sections = m.u32_or_arr(d.key("rope.dimension_sections"), 4, [0, 0, 0, 0])
+    if sections[0] > 0 and sections[1] > 0:
+        d.rope_type = RopeType.MROPE
+    d.recurrent_where_no_kv_heads()
+
+
 def _minimax_01(m: GGUFMeta, d: Draft) -> None:
     """minimax-01: lightning-attention layers keep one head x head state per attention head
     (``n_embd_head_la`` = the attention head size) and no conv state (R width 0); default:
@@ -95,6 +119,7 @@ RULES: dict[str, ArchRule] = {
     "qwen3next": ArchRule(RopeType.NEOX, _gated_delta_net),
     "minimax-01": ArchRule(RopeType.NEOX, _minimax_01),
     "kimi-linear": ArchRule(RopeType.NONE, _kimi_linear),
+    "bailingmoe3": ArchRule(RopeType.NORM, _bailingmoe3),  # MROPE with rope sections
     # the indexer keys (attention.indexer.*) are required, so every file needs the idx memory
     "qwen4exp": ArchRule(RopeType.IMROPE, unsupported=_HYBRID_IDX),
     # KDA layers + DSA layers (a K-only MLA cache and an indexer cache)

@@ -368,7 +368,77 @@ def write_kimi_linear(path: Path) -> Path:
     return path
 
 
+def write_bailingmoe3(path: Path) -> Path:
+    """bailingmoe3 (Ling 2.5): 4 trunk layers [KDA, MLA, KDA, MLA] and a NextN (MTP) MLA
+    layer 4 without its tensors (a trunk-only file); layer 0's FFN is dense, the others
+    sigmoid-gated MoE with an expert bias and a shared expert.
+
+    llama_model_bailingmoe3::load_arch_hparams: a trunk layer recurs iff its
+    ``head_count_kv`` is 0; ``kda.gate_lower_bound`` (< 0) is required. KDA widths as in
+    kimi-linear (R rows of 72, S rows of 32); its f / g projections are full rank. MLA
+    with normal RoPE over the latent's last 4 values (no rope sections): K-only rows of
+    12, one KV head; the reference's plain hybrid filter caches the NextN layer too.
+    """
+    s, e, n_trunk, n_ff = KDA, MOE, 4, 32
+    kv_heads = [0, 1, 0, 1, 1]
+    m = _Model(path, "bailingmoe3", "tiny-bailingmoe3", seed=46)
+    _common(m, s.n_embd, len(kv_heads), n_ff, s.n_head)
+    m.u32("nextn_predict_layers", 1)
+    m.arr("attention.head_count_kv", kv_heads)
+    m.u32("attention.key_length", s.kv_lora_rank + s.n_rot)
+    m.u32("attention.value_length", s.kv_lora_rank)
+    m.u32("attention.key_length_mla", s.head_k_mla)
+    m.u32("attention.value_length_mla", s.head_v_mla)
+    m.u32("attention.kv_lora_rank", s.kv_lora_rank)
+    m.u32("rope.dimension_count", s.n_rot)
+    m.f32("rope.freq_base", 10000.0)
+    m.u32("ssm.conv_kernel", s.d_conv)
+    m.u32("kda.head_dim", s.head_dim)
+    m.f32("kda.gate_lower_bound", -5.0)
+    m.u32("expert_count", e.n_expert)
+    m.u32("expert_used_count", e.n_expert_used)
+    m.u32("expert_feed_forward_length", e.n_ff_exp)
+    m.u32("expert_shared_count", 1)
+    m.u32("leading_dense_block_count", 1)
+    m.u32("expert_gating_func", 2)  # sigmoid
+    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
+    m.norm("output_norm.weight", s.n_embd)
+    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    for il in range(n_trunk):
+        m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
+        if kv_heads[il]:
+            _mla(m, il, s)
+            m.weight(f"blk.{il}.attn_gate.weight", (s.n_embd, s.n_head))
+        else:
+            for x in "qkv":
+                m.weight(f"blk.{il}.ssm_conv1d_{x}.weight", (s.d_conv, 1, s.d_inner, 1), 0.5)
+                m.weight(f"blk.{il}.attn_{x}.weight", (s.n_embd, s.d_inner))
+            m.weight(f"blk.{il}.ssm_f_a.weight", (s.n_embd, s.d_inner))
+            m.weight(f"blk.{il}.ssm_beta.weight", (s.n_embd, s.n_head))
+            a = -(0.5 + m.rng.random((s.n_head, 1))).astype("float32")
+            m.w.add_tensor(f"blk.{il}.ssm_a", a)
+            m.weight(f"blk.{il}.ssm_dt.bias", (s.d_inner,), scale=0.5)
+            m.weight(f"blk.{il}.ssm_g_a.weight", (s.n_embd, s.d_inner))
+            m.norm(f"blk.{il}.ssm_norm.weight", s.head_dim)
+            m.weight(f"blk.{il}.attn_output.weight", (s.d_inner, s.n_embd))
+        m.norm(f"blk.{il}.ffn_norm.weight", s.n_embd)
+        if il == 0:
+            _ffn(m, il, s.n_embd, n_ff)
+            continue
+        m.weight(f"blk.{il}.ffn_gate_inp.weight", (s.n_embd, e.n_expert))
+        m.weight(f"blk.{il}.exp_probs_b.bias", (e.n_expert,), scale=0.1)
+        m.weight(f"blk.{il}.ffn_gate_exps.weight", (s.n_embd, e.n_ff_exp, e.n_expert))
+        m.weight(f"blk.{il}.ffn_up_exps.weight", (s.n_embd, e.n_ff_exp, e.n_expert))
+        m.weight(f"blk.{il}.ffn_down_exps.weight", (e.n_ff_exp, s.n_embd, e.n_expert))
+        m.weight(f"blk.{il}.ffn_gate_shexp.weight", (s.n_embd, e.n_ff_exp))
+        m.weight(f"blk.{il}.ffn_up_shexp.weight", (s.n_embd, e.n_ff_exp))
+        m.weight(f"blk.{il}.ffn_down_shexp.weight", (e.n_ff_exp, s.n_embd))
+    m.finish()
+    return path
+
+
 MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
+    "tiny-bailingmoe3.gguf": write_bailingmoe3,
     "tiny-kimi-linear.gguf": write_kimi_linear,
     "tiny-minimax-01.gguf": write_minimax_01,
     "tiny-qwen35.gguf": write_qwen35,
@@ -377,6 +447,7 @@ MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
 }
 
 _MM01, _KIMI = "tiny-minimax-01.gguf", "tiny-kimi-linear.gguf"
+_BAIL = "tiny-bailingmoe3.gguf"
 _Q35, _Q35M, _Q3N = "tiny-qwen35.gguf", "tiny-qwen35moe.gguf", "tiny-qwen3next.gguf"
 
 RUNS: list[RunConfig] = [
@@ -411,4 +482,17 @@ RUNS: list[RunConfig] = [
     # kimi-linear: KDA layers 0 and 2, MLA layers 1 and 3 (a K-only cache)
     RunConfig("kimi-linear.main.fa1.u1", "kimi-linear", _KIMI, "main", 256, 64, True, True),
     RunConfig("kimi-linear.main.fa0.u0", "kimi-linear", _KIMI, "main", 1024, 64, False, False),
+    # bailingmoe3: KDA layers 0 and 2; MLA layers 1, 3 and the NextN layer 4 (K-only cache)
+    RunConfig("bailingmoe3.main.fa1.u1", "bailingmoe3", _BAIL, "main", 256, 64, True, True),
+    RunConfig(
+        "bailingmoe3.rollback.fa0.u0",
+        "bailingmoe3",
+        _BAIL,
+        "rollback",
+        1024,
+        64,
+        False,
+        False,
+        n_rs_seq=2,
+    ),
 ]
