@@ -735,4 +735,6 @@ RUNS: list[RunConfig] = [
     RunConfig("maple.main.fa1.u0", "maple", "tiny-maple.gguf", "main", 2048, 64, True, False),
     # chunked SWA across the 8192 boundary (chunk_scenario), one stream per sequence
     RunConfig("llama4.chunk.fa1.u0", "llama4", "tiny-llama4.gguf", "chunk", 1024, 64, True, False),
+    # the same, unified (V transposed): every sequence's chunks in one stream of 512 cells
+    RunConfig("llama4.chunk.fa0.u1", "llama4", "tiny-llama4.gguf", "chunk", 512, 64, False, True),
 ]  # fmt: skip
