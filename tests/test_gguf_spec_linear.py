@@ -190,6 +190,13 @@ def test_kimi_linear_requires_the_mla_keys(tmp_path: Path) -> None:
         _spec(tmp_path, "kimi-linear", 4, **keys)
 
 
+def test_kimi_k3_v_width_is_the_latent(tmp_path: Path) -> None:
+    # kimi-k3 sets the V head size to kv_lora_rank, whatever value_length says
+    spec = _spec(tmp_path, "kimi-k3", 4, **{**KIMI_KEYS, "attention.value_length": 6})
+    assert _recurs(spec) == [True, True, True, False]
+    assert spec.is_mla and (spec.layers[3].n_embd_k_gqa, spec.layers[3].n_embd_v_gqa) == (576, 512)
+
+
 BAILING_KEYS: dict[str, Any] = {
     **KIMI_KEYS,
     "attention.head_count_kv": [0, 1, 0, 1, 1],

@@ -74,6 +74,16 @@ def _kimi_linear(m: GGUFMeta, d: Draft) -> None:
     d.recurrent_where_no_kv_heads()
 
 
+def _kimi_k3(m: GGUFMeta, d: Draft) -> None:
+    """kimi-k3: kimi-linear's layout (KDA where ``head_count_kv`` is 0, MLA elsewhere);
+    the V width is the MLA latent (``kv_lora_rank``), whatever ``value_length`` says."""
+    _load_mla(m, d)
+    d.n_embd_head_v_full = m.u32_req(d.key("attention.kv_lora_rank"))
+    d.ssm_d_conv = m.u32_req(d.key("ssm.conv_kernel"))
+    d.n_embd_head_kda = m.u32_req(d.key("kda.head_dim"))
+    d.recurrent_where_no_kv_heads()
+
+
 def _bailingmoe3(m: GGUFMeta, d: Draft) -> None:
     """bailingmoe3 (Ling / Ring 2.5): KDA layers (trunk layers without KV heads) beside MLA
     attention layers; its NextN layer is an MLA layer, cached beside the trunk's (the
@@ -119,6 +129,7 @@ RULES: dict[str, ArchRule] = {
     "qwen3next": ArchRule(RopeType.NEOX, _gated_delta_net),
     "minimax-01": ArchRule(RopeType.NEOX, _minimax_01),
     "kimi-linear": ArchRule(RopeType.NONE, _kimi_linear),
+    "kimi-k3": ArchRule(RopeType.NONE, _kimi_k3),
     "bailingmoe3": ArchRule(RopeType.NORM, _bailingmoe3),  # MROPE with rope sections
     # the indexer keys (attention.indexer.*) are required, so every file needs the idx memory
     "qwen4exp": ArchRule(RopeType.IMROPE, unsupported=_HYBRID_IDX),

@@ -437,7 +437,77 @@ def write_bailingmoe3(path: Path) -> Path:
     return path
 
 
+def write_kimi_k3(path: Path) -> Path:
+    """kimi-k3 (Kimi-K3): kimi-linear's layout [KDA, MLA, KDA, MLA] with K3's tensors (a
+    full-rank output gate ``ssm_g``, a 1-D A, a sigmoid attention gate), situ activations
+    (``activation.situ_beta`` / ``situ_linear_beta``) and no cross-layer residual
+    attention (``attn_res.block_size`` 0).
+
+    llama_model_kimi_k3::load_arch_hparams sets the V head size to ``kv_lora_rank`` (8),
+    so n_embd_v_gqa is 8 whatever ``value_length`` says (written as 6 here); the cache
+    is K-only (MLA): K rows of 12. KDA: R rows of 72, S rows of 32.
+    """
+    s, e, n_layer, n_ff = KDA, MOE, 4, 32
+    kv_heads = [0, 1, 0, 1]
+    m = _Model(path, "kimi-k3", "tiny-kimi-k3", seed=47)
+    _common(m, s.n_embd, n_layer, n_ff, s.n_head)
+    m.arr("attention.head_count_kv", kv_heads)
+    m.u32("attention.key_length", s.kv_lora_rank + s.n_rot)
+    m.u32("attention.value_length", 6)
+    m.u32("attention.key_length_mla", s.head_k_mla)
+    m.u32("attention.value_length_mla", s.head_v_mla)
+    m.u32("attention.kv_lora_rank", s.kv_lora_rank)
+    m.u32("rope.dimension_count", s.n_rot)
+    m.u32("ssm.conv_kernel", s.d_conv)
+    m.u32("kda.head_dim", s.head_dim)
+    m.u32("expert_count", e.n_expert)
+    m.u32("expert_used_count", e.n_expert_used)
+    m.u32("expert_feed_forward_length", e.n_ff_exp)
+    m.u32("expert_shared_count", 1)
+    m.u32("leading_dense_block_count", 1)
+    m.u32("expert_gating_func", 2)  # sigmoid
+    m.u32("attn_res.block_size", 0)
+    m.f32("activation.situ_beta", 2.0)
+    m.f32("activation.situ_linear_beta", 4.0)
+    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
+    m.norm("output_norm.weight", s.n_embd)
+    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
+        m.norm(f"blk.{il}.ffn_norm.weight", s.n_embd)
+        if kv_heads[il]:
+            _mla(m, il, s)
+            m.weight(f"blk.{il}.attn_gate.weight", (s.n_embd, s.n_head * s.head_v_mla))
+        else:
+            for x in "qkv":
+                m.weight(f"blk.{il}.ssm_conv1d_{x}.weight", (s.d_conv, 1, s.d_inner, 1), 0.5)
+                m.weight(f"blk.{il}.attn_{x}.weight", (s.n_embd, s.d_inner))
+            m.weight(f"blk.{il}.ssm_f_a.weight", (s.n_embd, s.head_dim))
+            m.weight(f"blk.{il}.ssm_f_b.weight", (s.head_dim, s.d_inner))
+            m.weight(f"blk.{il}.ssm_beta.weight", (s.n_embd, s.n_head))
+            a = -(0.5 + m.rng.random(s.n_head)).astype("float32")
+            m.w.add_tensor(f"blk.{il}.ssm_a", a)
+            m.weight(f"blk.{il}.ssm_dt.bias", (s.d_inner,), scale=0.5)
+            m.weight(f"blk.{il}.ssm_g.weight", (s.n_embd, s.d_inner))
+            m.norm(f"blk.{il}.ssm_norm.weight", s.head_dim)
+            m.weight(f"blk.{il}.attn_output.weight", (s.d_inner, s.n_embd))
+        if il == 0:
+            _ffn(m, il, s.n_embd, n_ff)
+            continue
+        m.weight(f"blk.{il}.ffn_gate_inp.weight", (s.n_embd, e.n_expert))
+        m.weight(f"blk.{il}.exp_probs_b.bias", (e.n_expert,), scale=0.1)
+        m.weight(f"blk.{il}.ffn_gate_exps.weight", (s.n_embd, e.n_ff_exp, e.n_expert))
+        m.weight(f"blk.{il}.ffn_up_exps.weight", (s.n_embd, e.n_ff_exp, e.n_expert))
+        m.weight(f"blk.{il}.ffn_down_exps.weight", (e.n_ff_exp, s.n_embd, e.n_expert))
+        m.weight(f"blk.{il}.ffn_gate_shexp.weight", (s.n_embd, e.n_ff_exp))
+        m.weight(f"blk.{il}.ffn_up_shexp.weight", (s.n_embd, e.n_ff_exp))
+        m.weight(f"blk.{il}.ffn_down_shexp.weight", (e.n_ff_exp, s.n_embd))
+    m.finish()
+    return path
+
+
 MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
+    "tiny-kimi-k3.gguf": write_kimi_k3,
     "tiny-bailingmoe3.gguf": write_bailingmoe3,
     "tiny-kimi-linear.gguf": write_kimi_linear,
     "tiny-minimax-01.gguf": write_minimax_01,
@@ -447,7 +517,7 @@ MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
 }
 
 _MM01, _KIMI = "tiny-minimax-01.gguf", "tiny-kimi-linear.gguf"
-_BAIL = "tiny-bailingmoe3.gguf"
+_BAIL, _K3 = "tiny-bailingmoe3.gguf", "tiny-kimi-k3.gguf"
 _Q35, _Q35M, _Q3N = "tiny-qwen35.gguf", "tiny-qwen35moe.gguf", "tiny-qwen3next.gguf"
 
 RUNS: list[RunConfig] = [
@@ -495,4 +565,9 @@ RUNS: list[RunConfig] = [
         False,
         n_rs_seq=2,
     ),
+    # kimi-k3: KDA layers 0 and 2, MLA layers 1 and 3 (K-only cache, V width = kv_lora_rank)
+    RunConfig(
+        "kimi-k3.rollback.fa1.u1", "kimi-k3", _K3, "rollback", 256, 64, True, True, n_rs_seq=2
+    ),
+    RunConfig("kimi-k3.main.fa0.u0", "kimi-k3", _K3, "main", 1024, 64, False, False),
 ]
