@@ -625,6 +625,26 @@ def write_maple(path: Path) -> Path:
     return path
 
 
+def write_qwen3moe(path: Path) -> Path:
+    """qwen3moe: 2 layers, no window: a plain KV cache. Every layer is MoE (2 experts of 8,
+    one used); Q/K norms."""
+    n_layer, n_expert, n_ff_exp = 2, 2, 8
+    m = _Model(path, "qwen3moe", "tiny-qwen3moe", seed=137)
+    _common(m, N_EMBD, n_layer, 24, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    _moe_keys(m, n_expert, n_ff_exp)
+    _head(m)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
+        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
+        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
+        _moe(m, il, N_EMBD, n_ff_exp, n_expert)
+    m.finish()
+    return path
+
+
 def _moe(m: _Model, il: int, n_embd: int, n_ff_exp: int, n_expert: int) -> None:
     """The router and the stacked expert weights (``ffn_*_exps``: {ne0, ne1, n_expert})."""
     m.weight(f"blk.{il}.ffn_gate_inp.weight", (n_embd, n_expert))
@@ -689,6 +709,7 @@ MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-mellum.gguf": write_mellum,
     "tiny-cohere2moe.gguf": write_cohere2moe,
     "tiny-maple.gguf": write_maple,
+    "tiny-qwen3moe.gguf": write_qwen3moe,
 }
 
 SCENARIOS: dict[str, Callable[[Any], None]] = {"chunk": chunk_scenario}
@@ -737,4 +758,6 @@ RUNS: list[RunConfig] = [
     RunConfig("llama4.chunk.fa1.u0", "llama4", "tiny-llama4.gguf", "chunk", 1024, 64, True, False),
     # the same, unified (V transposed): every sequence's chunks in one stream of 512 cells
     RunConfig("llama4.chunk.fa0.u1", "llama4", "tiny-llama4.gguf", "chunk", 512, 64, False, True),
+    # dense (no window): a plain KV cache, one stream per sequence
+    RunConfig("qwen3moe.main.fa1.u0", "qwen3moe", "tiny-qwen3moe.gguf", "main", 1024, 64, True, False),
 ]  # fmt: skip
