@@ -134,17 +134,25 @@ def _gated_attention(m: _Model, il: int, s: _GDN) -> None:
     m.norm(f"blk.{il}.attn_k_norm.weight", s.head)
 
 
-def write_qwen35(path: Path) -> Path:
+def write_qwen35(path: Path, *, mtp: bool = False) -> Path:
     """qwen35 (Qwen3.5 dense): 4 layers [delta-net, attention, delta-net, attention].
 
     llama_model_qwen35::load_arch_hparams: the five ``ssm.*`` keys, ``rope.dimension_sections``
     (4 entries; interleaved M-RoPE, rope type 40), ``full_attention_interval`` 2 (layer il
     recurs unless (il + 1) % 2 == 0). Every layer: attn_norm, post_attention_norm and a
     SwiGLU FFN. RoPE over the whole head (n_rot 8, sections [2, 1, 1, 0]).
+
+    ``mtp``: a fifth, NextN (MTP) layer (``nextn_predict_layers`` 1): an attention block
+    plus ``nextn.eh_proj`` / ``enorm`` / ``hnorm`` (the loader requires them even when it
+    skips MTP). The reference's filters keep it out of both memories: the KV cache holds
+    layers 1 and 3, the recurrent state header counts 4 layers.
     """
     s, n_layer, n_ff = GDN, 4, 32
-    m = _Model(path, "qwen35", "tiny-qwen35", seed=41)
-    _common(m, s.n_embd, n_layer, n_ff, s.n_head)
+    name = "tiny-qwen35-mtp" if mtp else "tiny-qwen35"
+    m = _Model(path, "qwen35", name, seed=41)
+    _common(m, s.n_embd, n_layer + mtp, n_ff, s.n_head)
+    if mtp:
+        m.u32("nextn_predict_layers", 1)
     _gdn_keys(m, s)
     m.u32("full_attention_interval", 2)
     m.arr("rope.dimension_sections", [2, 1, 1, 0])
@@ -159,6 +167,15 @@ def write_qwen35(path: Path) -> Path:
         else:
             _gated_attention(m, il, s)
         _ffn(m, il, s.n_embd, n_ff)
+    if mtp:
+        il = n_layer
+        m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
+        m.norm(f"blk.{il}.post_attention_norm.weight", s.n_embd)
+        _gated_attention(m, il, s)
+        _ffn(m, il, s.n_embd, n_ff)
+        m.weight(f"blk.{il}.nextn.eh_proj.weight", (2 * s.n_embd, s.n_embd))
+        m.norm(f"blk.{il}.nextn.enorm.weight", s.n_embd)
+        m.norm(f"blk.{il}.nextn.hnorm.weight", s.n_embd)
     m.finish()
     return path
 
@@ -512,6 +529,7 @@ MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-kimi-linear.gguf": write_kimi_linear,
     "tiny-minimax-01.gguf": write_minimax_01,
     "tiny-qwen35.gguf": write_qwen35,
+    "tiny-qwen35-mtp.gguf": lambda p: write_qwen35(p, mtp=True),
     "tiny-qwen35moe.gguf": write_qwen35moe,
     "tiny-qwen3next.gguf": write_qwen3next,
 }
@@ -527,6 +545,23 @@ RUNS: list[RunConfig] = [
     RunConfig("qwen35.main.fa0.u0", "qwen35", _Q35, "main", 1024, 64, False, False),
     RunConfig(
         "qwen35.rollback.fa1.u1", "qwen35", _Q35, "rollback", 256, 64, True, True, n_rs_seq=2
+    ),
+    # context checkpoints as llama-server takes them for hybrids (PARTIAL_ONLY: the
+    # recurrent part)
+    RunConfig(
+        "qwen35.checkpoint.fa1.u1",
+        "qwen35",
+        _Q35,
+        "checkpoint",
+        256,
+        64,
+        True,
+        True,
+        checkpoint=True,
+    ),
+    # a trunk-only file with a NextN layer: neither memory holds layer 4
+    RunConfig(
+        "qwen35-mtp.main.fa1.u1", "qwen35", "tiny-qwen35-mtp.gguf", "main", 256, 64, True, True
     ),
     # qwen3next: delta-net layers 0-2, attention layer 3 (NeoX, half the head rotated);
     # no rollback (not in llm_arch_supports_rs_rollback: n_rs_seq is clamped to 0)
