@@ -559,6 +559,20 @@ RUNS: list[RunConfig] = [
         True,
         checkpoint=True,
     ),
+    # 256 cells run out (M-RoPE: kshift=False, a prefix seq_rm instead of a negative shift)
+    RunConfig(
+        "qwen35.fill-noshift.fa1.u1",
+        "qwen35",
+        _Q35,
+        "fill-noshift",
+        256,
+        32,
+        True,
+        True,
+        n_batch=512,
+        kshift=False,
+        fill=True,
+    ),
     # a trunk-only file with a NextN layer: neither memory holds layer 4
     RunConfig(
         "qwen35-mtp.main.fa1.u1", "qwen35", "tiny-qwen35-mtp.gguf", "main", 256, 64, True, True
