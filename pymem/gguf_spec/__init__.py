@@ -20,6 +20,7 @@ from pymem.gguf_spec.rules import (
     NO_KV_SHIFT_ARCHS,
     RECURRENT_ARCHS,
     RULES,
+    SLIDING_WINDOW_ARCHS,
     SUPPORTED_ARCHS,
 )
 from pymem.spec import ModelSpec
@@ -30,6 +31,7 @@ __all__ = [
     "NO_KV_SHIFT_ARCHS",
     "RECURRENT_ARCHS",
     "RULES",
+    "SLIDING_WINDOW_ARCHS",
     "SUPPORTED_ARCHS",
     "GGUFHParams",
     "GGUFMeta",

@@ -308,3 +308,14 @@ RULES: dict[str, ArchRule] = {
         "caches hold only their own layers",
     ),
 }
+
+SLIDING_WINDOW_ARCHS = frozenset(
+    {
+        "gemma2", "gemma3", "llama4", "cohere2", "cohere2moe", "gpt-oss", "exaone-moe", "olmo2",
+        "smallthinker", "afmoe", "mellum", "laguna", "plamo3", "granite_swa", "mimo2", "step35",
+        "spark2_5", "maple", "muse-glimmer", "gemma3n", "gemma4", "gemma4-assistant", "phi3",
+        "exaone4",
+    }
+)  # fmt: skip
+"""Architectures whose ``load_arch_hparams`` reads or sets a sliding window (the reference
+then builds an iSWA or SWA cache when the file's values ask for one)."""

@@ -38,4 +38,9 @@ def _merge(*tables: dict[str, ArchRule]) -> dict[str, ArchRule]:
 RULES: dict[str, ArchRule] = _merge(
     arch_attention.RULES, arch_ssm.RULES, arch_linear.RULES, arch_other.RULES
 )
+SLIDING_WINDOW_ARCHS = arch_attention.SLIDING_WINDOW_ARCHS
+if SLIDING_WINDOW_ARCHS - RULES.keys():
+    raise RuntimeError(
+        f"sliding-window archs without a rule: {SLIDING_WINDOW_ARCHS - RULES.keys()}"
+    )
 SUPPORTED_ARCHS = frozenset(name for name, rule in RULES.items() if not rule.unsupported)
