@@ -45,6 +45,15 @@ def _nemotron_h(m: GGUFMeta, d: Draft) -> None:
     ]
 
 
+def _plamo2(m: GGUFMeta, d: Draft) -> None:
+    d.load_ssm(group=True)
+    # re-read after the general keys: converted PLaMo-2 files give layer 0 (a Mamba layer)
+    # no heads, which zeroes the general head sizes (and n_rot, which stays 0)
+    d.n_embd_head_k_full = m.u32(d.key("attention.key_length"), d.n_embd_head_k_full)
+    d.n_embd_head_v_full = m.u32(d.key("attention.value_length"), d.n_embd_head_v_full)
+    d.recurrent_where_no_kv_heads()
+
+
 RULES: dict[str, ArchRule] = {
     "mamba": ArchRule(RopeType.NONE, _mamba),
     "mamba2": ArchRule(RopeType.NONE, _mamba2),
@@ -53,4 +62,5 @@ RULES: dict[str, ArchRule] = {
     "granitehybrid": ArchRule(RopeType.NORM, _granitehybrid),
     "nemotron_h": ArchRule(RopeType.NONE, _nemotron_h),
     "nemotron_h_moe": ArchRule(RopeType.NONE, _nemotron_h),
+    "plamo2": ArchRule(RopeType.NEOX, _plamo2),
 }

@@ -247,6 +247,70 @@ def write_nemotron_h_moe(path: Path) -> Path:
     return path
 
 
+def write_plamo2(path: Path) -> Path:
+    """plamo2: 4 layers [Mamba, attention, Mamba, attention], each followed by a SwiGLU FFN.
+
+    llama_model_plamo2::load_arch_hparams: a layer recurs iff its ``head_count_kv`` is 0;
+    it re-reads ``attention.key_length`` / ``value_length`` (4 here, not n_embd / n_head
+    = 2). convert_hf_to_gguf writes ``head_count`` as an array that is 0 on Mamba layers,
+    so layer 0 has no heads, llama_model_base::load_hparams leaves n_rot at 0, and the
+    reference's CPU decode then never returns (seen with this build); this model has a
+    scalar ``head_count`` 4 instead (n_rot = key_length = 4). PLaMo-2's Mamba mixer has
+    no groups (``ssm.group_count`` 0, asserted): conv over d_inner only, R rows of
+    3 * 16 = 48 floats, S rows of 64; its dt projection is max(64, n_embd / 16) = 64
+    wide. 4 heads of 4, 1 KV head: K/V rows of 4.
+    """
+    s = _SSM2(n_group=0)
+    n_ff, head, dt_dim = 16, 4, 64
+    n_head, kv_heads = 4, [0, 1, 0, 1]
+    n_layer = len(kv_heads)
+    m = _Model(path, "plamo2", "tiny-plamo2", seed=61)
+    m.u32("vocab_size", N_VOCAB)
+    m.u32("context_length", 4096)
+    m.u32("embedding_length", s.n_embd)
+    m.u32("block_count", n_layer)
+    m.u32("feed_forward_length", n_ff)
+    m.u32("attention.head_count", n_head)
+    m.arr("attention.head_count_kv", kv_heads)
+    m.u32("attention.key_length", head)
+    m.u32("attention.value_length", head)
+    m.f32("attention.layer_norm_rms_epsilon", 1e-6)
+    m.f32("rope.freq_base", 10000.0)
+    _ssm_keys(m, s)
+    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
+    m.norm("output_norm.weight", s.n_embd)
+    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
+        if kv_heads[il]:
+            nq, nkv = n_head, kv_heads[il]
+            m.weight(f"blk.{il}.attn_qkv.weight", (s.n_embd, (nq + 2 * nkv) * head))
+            g = 1.0 + 0.1 * m.rng.standard_normal((nq, head))
+            m.w.add_tensor(f"blk.{il}.attn_q_norm.weight", g.astype("float32"))
+            g = 1.0 + 0.1 * m.rng.standard_normal((nkv, head))
+            m.w.add_tensor(f"blk.{il}.attn_k_norm.weight", g.astype("float32"))
+            m.weight(f"blk.{il}.attn_output.weight", (nq * head, s.n_embd))
+        else:
+            m.weight(f"blk.{il}.ssm_in.weight", (s.n_embd, 2 * s.d_inner))
+            m.weight(f"blk.{il}.ssm_conv1d.weight", (s.d_conv, s.d_inner), scale=0.5)
+            m.weight(f"blk.{il}.ssm_x.weight", (s.d_inner, dt_dim + 2 * s.d_state))
+            m.weight(f"blk.{il}.ssm_dt.weight", (dt_dim, s.n_head))
+            m.weight(f"blk.{il}.ssm_dt.bias", (s.n_head,), scale=0.5)
+            m.w.add_tensor(f"blk.{il}.ssm_a", -(0.5 + m.rng.random(s.n_head)).astype("float32"))
+            m.weight(f"blk.{il}.ssm_d", (s.n_head,), scale=1.0)
+            m.weight(f"blk.{il}.ssm_out.weight", (s.d_inner, s.n_embd))
+            m.norm(f"blk.{il}.ssm_dt_norm", dt_dim)
+            m.norm(f"blk.{il}.ssm_b_norm", s.d_state)
+            m.norm(f"blk.{il}.ssm_c_norm", s.d_state)
+        m.norm(f"blk.{il}.post_attention_norm", s.n_embd)
+        m.norm(f"blk.{il}.ffn_norm.weight", s.n_embd)
+        m.weight(f"blk.{il}.ffn_up.weight", (s.n_embd, 2 * n_ff))
+        m.weight(f"blk.{il}.ffn_down.weight", (n_ff, s.n_embd))
+        m.norm(f"blk.{il}.post_ffw_norm", s.n_embd)
+    m.finish()
+    return path
+
+
 MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-mamba2.gguf": write_mamba2,
     "tiny-granitehybrid.gguf": write_granitehybrid,
@@ -254,6 +318,7 @@ MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-falcon-h1.gguf": write_falcon_h1,
     "tiny-nemotron_h.gguf": write_nemotron_h,
     "tiny-nemotron_h_moe.gguf": write_nemotron_h_moe,
+    "tiny-plamo2.gguf": write_plamo2,
 }
 
 _GH, _GH_NOPE = "tiny-granitehybrid.gguf", "tiny-granitehybrid-nope.gguf"
@@ -316,4 +381,7 @@ RUNS: list[RunConfig] = [
         False,
         n_rs_seq=2,
     ),
+    # plamo2: attention layers 1 and 3 (n_rot 0), Mamba layers 0 and 2 (no groups)
+    RunConfig("plamo2.main.fa1.u1", "plamo2", "tiny-plamo2.gguf", "main", 256, 64, True, True),
+    RunConfig("plamo2.main.fa0.u0", "plamo2", "tiny-plamo2.gguf", "main", 1024, 64, False, False),
 ]
