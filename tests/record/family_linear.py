@@ -546,6 +546,19 @@ RUNS: list[RunConfig] = [
     RunConfig(
         "qwen35.rollback.fa1.u1", "qwen35", _Q35, "rollback", 256, 64, True, True, n_rs_seq=2
     ),
+    # ubatches of 4: prompts span several ubatches (split_equal keeps each sequence's
+    # last n_rs_seq + 1 tokens together)
+    RunConfig(
+        "qwen35.rollback-ub4.fa1.u1",
+        "qwen35",
+        _Q35,
+        "rollback-ub4",
+        256,
+        4,
+        True,
+        True,
+        n_rs_seq=2,
+    ),
     # context checkpoints as llama-server takes them for hybrids (PARTIAL_ONLY: the
     # recurrent part)
     RunConfig(
