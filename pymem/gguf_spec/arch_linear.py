@@ -7,7 +7,9 @@ values), ``ssm.group_count`` the K heads, ``ssm.time_step_rank`` the V heads and
 ``ssm.inner_size`` = V heads * head size. The conv covers Q, K and V
 (``inner_size + 2 * group_count * state_size`` channels), so ``llama_hparams::n_embd_r``'s
 Mamba formula holds as it is; S is ``state_size * inner_size`` (one head x head matrix per
-V head).
+V head). KDA layers (kimi-linear, kimi-k3, bailingmoe3) sit beside MLA attention layers,
+whose caches hold K only (``ModelSpec.is_mla``). Architectures the reference serves with
+a memory type pymem does not implement are refused with that reason.
 """
 
 from __future__ import annotations
