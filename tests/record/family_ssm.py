@@ -199,27 +199,45 @@ def write_nemotron_h(path: Path) -> Path:
     return path
 
 
-def write_nemotron_h_moe(path: Path) -> Path:
+def _moe(m: _Model, il: int, n_embd: int, n_expert: int, n_ff_exp: int) -> None:
+    """A Nemotron-H MoE FFN: router with a probability bias, experts and a shared expert."""
+    m.weight(f"blk.{il}.ffn_gate_inp.weight", (n_embd, n_expert))
+    m.weight(f"blk.{il}.exp_probs_b.bias", (n_expert,), scale=0.1)
+    m.weight(f"blk.{il}.ffn_up_exps.weight", (n_embd, n_ff_exp, n_expert))
+    m.weight(f"blk.{il}.ffn_down_exps.weight", (n_ff_exp, n_embd, n_expert))
+    m.weight(f"blk.{il}.ffn_up_shexp.weight", (n_embd, n_ff_exp))
+    m.weight(f"blk.{il}.ffn_down_shexp.weight", (n_ff_exp, n_embd))
+
+
+def write_nemotron_h_moe(path: Path, *, mtp: bool = False) -> Path:
     """nemotron_h_moe: 3 layers [Mamba-2, attention, MoE] (Nemotron-3 Nano's layer kinds).
 
     The loader and graph are nemotron_h's: the MoE layer (``feed_forward_length`` > 0)
     belongs to neither memory part. 4 experts of 8 (2 used, sigmoid gating with a
     probability bias, normalised and scaled weights) plus a shared expert of 8, ReLU^2.
     2 heads of 4, 1 KV head: K/V rows of 4.
+
+    ``mtp``: a 4th, NextN block (``nextn_predict_layers`` 1) as the converter writes it:
+    KV heads and an FFN length (it is in both its attention and MLP layer lists), so the
+    main context's memory holds it in neither part; its tensors must be present but are
+    skipped (``load_mtp`` is off by default).
     """
     s, n_head, head, n_ff, n_expert, n_ff_exp = SSM2, 2, 4, 16, 4, 8
-    kv_heads, ffs = [0, 1, 0], [0, 0, n_ff]
-    n_layer = len(kv_heads)
-    m = _Model(path, "nemotron_h_moe", "tiny-nemotron_h_moe", seed=52)
+    kv_heads, ffs = [0, 1, 0] + [1] * mtp, [0, 0, n_ff] + [n_ff] * mtp
+    n_layer = 3
+    name = "tiny-nemotron_h_moe-mtp" if mtp else "tiny-nemotron_h_moe"
+    m = _Model(path, "nemotron_h_moe", name, seed=52)
     m.u32("vocab_size", N_VOCAB)
     m.u32("context_length", 4096)
     m.u32("embedding_length", s.n_embd)
-    m.u32("block_count", n_layer)
+    m.u32("block_count", len(kv_heads))
     m.arr("feed_forward_length", ffs)
     m.u32("attention.head_count", n_head)
     m.arr("attention.head_count_kv", kv_heads)
     m.f32("attention.layer_norm_epsilon", 1e-5)
     m.f32("attention.layer_norm_rms_epsilon", 1e-5)
+    if mtp:
+        m.u32("nextn_predict_layers", 1)
     m.u32("expert_count", n_expert)
     m.u32("expert_used_count", 2)
     m.u32("expert_feed_forward_length", n_ff_exp)
@@ -233,16 +251,20 @@ def write_nemotron_h_moe(path: Path) -> Path:
     for il in range(n_layer):
         m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
         if ffs[il]:
-            m.weight(f"blk.{il}.ffn_gate_inp.weight", (s.n_embd, n_expert))
-            m.weight(f"blk.{il}.exp_probs_b.bias", (n_expert,), scale=0.1)
-            m.weight(f"blk.{il}.ffn_up_exps.weight", (s.n_embd, n_ff_exp, n_expert))
-            m.weight(f"blk.{il}.ffn_down_exps.weight", (n_ff_exp, s.n_embd, n_expert))
-            m.weight(f"blk.{il}.ffn_up_shexp.weight", (s.n_embd, n_ff_exp))
-            m.weight(f"blk.{il}.ffn_down_shexp.weight", (n_ff_exp, s.n_embd))
+            _moe(m, il, s.n_embd, n_expert, n_ff_exp)
         elif kv_heads[il]:
             _qkvo(m, il, s.n_embd, n_head * head, kv_heads[il] * head)
         else:
             _mamba2_mixer(m, il, s)
+    if mtp:
+        il = n_layer
+        for t in ("enorm", "hnorm", "shared_head_norm"):
+            m.norm(f"blk.{il}.nextn.{t}.weight", s.n_embd)
+        m.weight(f"blk.{il}.nextn.eh_proj.weight", (2 * s.n_embd, s.n_embd))
+        m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
+        _qkvo(m, il, s.n_embd, n_head * head, head)
+        m.norm(f"blk.{il}.post_attention_norm.weight", s.n_embd)
+        _moe(m, il, s.n_embd, n_expert, n_ff_exp)
     m.finish()
     return path
 
@@ -318,6 +340,7 @@ MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-falcon-h1.gguf": write_falcon_h1,
     "tiny-nemotron_h.gguf": write_nemotron_h,
     "tiny-nemotron_h_moe.gguf": write_nemotron_h_moe,
+    "tiny-nemotron_h_moe-mtp.gguf": lambda p: write_nemotron_h_moe(p, mtp=True),
     "tiny-plamo2.gguf": write_plamo2,
 }
 
@@ -379,6 +402,18 @@ RUNS: list[RunConfig] = [
         64,
         True,
         False,
+        n_rs_seq=2,
+    ),
+    # with a NextN block (layer 3): the main context's memory leaves it out
+    RunConfig(
+        "nemotron_h_moe-mtp.rollback.fa1.u1",
+        "nemotron_h_moe",
+        "tiny-nemotron_h_moe-mtp.gguf",
+        "rollback",
+        256,
+        64,
+        True,
+        True,
         n_rs_seq=2,
     ),
     # plamo2: attention layers 1 and 3 (n_rot 0), Mamba layers 0 and 2 (no groups)
