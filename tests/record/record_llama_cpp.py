@@ -43,12 +43,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import family_attention
+import family_gemma3n
 import family_linear
 import family_other
 import family_ssm
 from runconfig import N_SEQ, RunConfig
 
-FAMILIES = (family_attention, family_ssm, family_linear, family_other)
+FAMILIES = (family_attention, family_ssm, family_linear, family_other, family_gemma3n)
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "data"
