@@ -419,4 +419,41 @@ RUNS: list[RunConfig] = [
     # plamo2: attention layers 1 and 3 (n_rot 0), Mamba layers 0 and 2 (no groups)
     RunConfig("plamo2.main.fa1.u1", "plamo2", "tiny-plamo2.gguf", "main", 256, 64, True, True),
     RunConfig("plamo2.main.fa0.u0", "plamo2", "tiny-plamo2.gguf", "main", 1024, 64, False, False),
+    # more scenarios on the hybrids: ubatches of 4 with rollback (split_equal keeps each
+    # sequence's last n_rs_seq + 1 tokens together; the scan writes K snapshots per
+    # ubatch), unusual op arguments, PARTIAL_ONLY checkpoints (the recurrent part only)
+    RunConfig(
+        "nemotron_h.rollback-ub4.fa1.u1",
+        "nemotron_h",
+        _NH,
+        "rollback-ub4",
+        256,
+        4,
+        True,
+        True,
+        n_rs_seq=2,
+    ),
+    RunConfig("nemotron_h.ops.fa1.u1", "nemotron_h", _NH, "ops", 256, 32, True, True, ops=True),
+    RunConfig(
+        "falcon-h1.ops.fa0.u1",
+        "falcon-h1",
+        "tiny-falcon-h1.gguf",
+        "ops",
+        256,
+        32,
+        False,
+        True,
+        ops=True,
+    ),
+    RunConfig(
+        "granitehybrid.checkpoint.fa1.u1",
+        "granitehybrid",
+        _GH,
+        "checkpoint",
+        256,
+        64,
+        True,
+        True,
+        checkpoint=True,
+    ),
 ]
