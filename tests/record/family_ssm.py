@@ -350,6 +350,19 @@ _NH, _NHM = "tiny-nemotron_h.gguf", "tiny-nemotron_h_moe.gguf"
 RUNS: list[RunConfig] = [
     RunConfig("mamba2.main.u1", "mamba2", "tiny-mamba2.gguf", "main", 256, 64, False, True),
     RunConfig("mamba2.ops.u1", "mamba2", "tiny-mamba2.gguf", "ops", 256, 32, False, True, ops=True),
+    # n_rs_seq 2 on an architecture without recurrent rollback: the reference clamps it
+    # to 0, so every rollback seq_rm is refused
+    RunConfig(
+        "mamba2.rollback-clamped.u1",
+        "mamba2",
+        "tiny-mamba2.gguf",
+        "rollback-clamped",
+        256,
+        64,
+        False,
+        True,
+        n_rs_seq=2,
+    ),
     # granitehybrid: hybrid memory, attention layers 1 and 3, Mamba-2 layers 0 and 2
     RunConfig("granitehybrid.main.fa1.u1", "granitehybrid", _GH, "main", 256, 64, True, True),
     RunConfig("granitehybrid.main.fa0.u0", "granitehybrid", _GH, "main", 1024, 64, False, False),
