@@ -10,14 +10,17 @@ bugs below are fixed.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
-from spec.harness import Config, Pair
+from spec.harness import Config, Pair, build_pymem
 
 from pymem.batch import Batch, BatchAllocator
 from pymem.errors import UnsupportedError
 from pymem.kv import KVCache
 from pymem.kv.iswa import KVCacheISWA
 from pymem.recurrent import RecurrentMemory
+from pymem.reuse import CheckpointPolicy, PrefixCache
 from pymem.spec import LayerSpec, ModelSpec, RopeSpec, RopeType, SWAType
 
 
@@ -191,3 +194,130 @@ def test_p3_recurrent_copy_of_a_rolled_back_sequence_reads_plane_0() -> None:
         assert pair.pm.seq_pos_max(1) == 3 and pair.pm.seq_pos_max(0) == 2
     finally:
         pair.close()
+
+
+# --------------------------------------------------------------------------------------
+# Prefix cache (pymem/reuse/prefix_cache.py, radix.py) against the contract model of
+# tests/spec/prefix.py, found by the random programs once they served requests.
+# --------------------------------------------------------------------------------------
+
+
+def _recurrent(n_seq_max: int, n_rs_seq: int = 0) -> RecurrentMemory:
+    spec = ModelSpec(layers=(LayerSpec.ssm(6, 10),), arch="spec")
+    return RecurrentMemory(spec, n_seq_max=n_seq_max, n_rs_seq=n_rs_seq)
+
+
+def _serve(cache: PrefixCache, seq: int, toks: list[int], kind: str = "prompt") -> None:
+    """attach, then every chunk decoded (bookkeeping only) and recorded."""
+    att = cache.attach(seq, toks, kind)  # type: ignore[arg-type]
+    for p0, p1 in att.chunks:
+        items = [[toks[p], p, [seq], p == p1 - 1] for p in range(p0, p1)]
+        _decode(cache.mem, items, 4)
+        cache.record(seq, toks[:p1])
+
+
+_NO_CHECKPOINTS = CheckpointPolicy(
+    interval=0, before_last_turn=False, before_last_token=False, branch_points=False
+)
+
+
+# C1 (radix.py): a leaf no sequence runs through any more kept the tokens after its
+# deepest checkpoint, so lookups matched tokens nothing cached (n_common too long, and a
+# branch-point checkpoint planned where nothing branches). Found by the random programs
+# (recurrent, seed "recurrent-56"): a sequence decodes 6 tokens with a checkpoint at
+# position 3, then goes away. Fixed: prune cuts such a leaf back to its deepest payload.
+def test_c1_prefix_cache_forgets_tokens_past_the_last_checkpoint() -> None:
+    with _recurrent(4) as mem, PrefixCache(mem, policy=CheckpointPolicy(interval=4)) as cache:
+        _serve(cache, 0, [1, 2, 0, 2, 1, 0], "generate")
+        assert [e.pos for e in cache.entries()] == [3]
+        mem.seq_rm(0, -1, -1)
+        cache.release(0)
+        m = cache.lookup([1, 2, 0, 2, 1, 0, 5], 1)
+        assert (m.n_common, m.n_reuse, m.how, m.pos) == (4, 4, "restore", 3)
+
+
+# C2 (prefix_cache.py): a sequence holding exactly a prefix of the request is copied
+# whole only when it ends where the request leaves the cache; one that ends earlier on the
+# path was ignored, although its whole state is an exact way back. Found by the random
+# programs (hybrid_iswa-1011, hybrid-1026: a longer checkpoint copy or a recompute taken
+# instead). Fixed: the deepest end on the path, at or before the common prefix, is a copy.
+def test_c2_prefix_cache_copies_a_sequence_that_ends_before_the_common_prefix() -> None:
+    with _recurrent(4) as mem, PrefixCache(mem, policy=_NO_CHECKPOINTS) as cache:
+        _serve(cache, 0, [1, 2, 3, 4, 5, 6])
+        _serve(cache, 1, [1, 2, 3])
+        m = cache.lookup([1, 2, 3, 4, 9], 2)
+        assert (m.n_common, m.n_reuse, m.source, m.how, m.src_seq) == (4, 3, "live", "copy", 1)
+
+
+# C3 (prefix_cache.py): a recurrent sequence rolled back by a snapshot plane keeps the
+# rollback pending until its next ubatch; seq_cp copies the cell, whose plane 0 is still
+# the state *before* the rollback (the reference's behaviour, test_p3 above), so a copy
+# of that sequence continued from the wrong state. Found by the random programs
+# (recurrent-1044, recurrent-1049, hybrid_iswa-1038: the copy's state was not the fold
+# of its tokens). Fixed: a source with a pending rollback is not copied whole.
+def test_c3_prefix_cache_does_not_copy_a_sequence_with_a_pending_rollback() -> None:
+    with _recurrent(4, n_rs_seq=2) as mem, PrefixCache(mem, policy=_NO_CHECKPOINTS) as cache:
+        _serve(cache, 0, [1, 2, 3, 4, 5])
+        att = cache.attach(0, [1, 2, 3, 4, 7])  # back to 4 through a snapshot plane
+        assert (att.match.how, att.resume_from) == ("snapshot", 4)
+        assert mem.rs_idx[0] == 1
+        m = cache.lookup([1, 2, 3, 4, 8], 1)
+        assert (m.n_reuse, m.how) == (0, "recompute")
+
+
+# C4 (prefix_cache.py): with sliding windows (and no recurrent part) another sequence's
+# cells were copied only from the lowest sequence holding the whole common prefix; when
+# its window no longer held what a token there attends to, nothing was copied, although
+# a sequence sharing a shorter prefix still had its window. Found by the random programs
+# (kv-2096, iswa-2060, iswa-2120, iswa-2133: a recompute where a copy was exact). Fixed:
+# the path is searched deepest first, every current sequence tried.
+def test_c4_prefix_cache_copies_from_a_sequence_whose_window_is_still_there() -> None:
+    # one stream per sequence, 4 window cells each: decoding overwrites masked cells
+    cfg = Config(
+        "iswa", layout="AW", n_seq_max=3, unified=False, kv_size=32, swa_size=4, n_swa=2,
+        swa_type=1,
+    )  # fmt: skip
+    policy = dataclasses.replace(_NO_CHECKPOINTS, n_batch=2)  # 2 tokens a decode
+    with build_pymem(cfg) as mem, PrefixCache(mem, policy=policy) as cache:
+        _serve(cache, 0, list(range(1, 11)))
+        _serve(cache, 1, [1, 2, 3, 4, 7])
+        # a token at 5 attends to 4 and 5: sequence 0 keeps 6.. only, sequence 1 keeps 1..
+        assert (mem.seq_pos_min(0), mem.seq_pos_min(1)) == (6, 1)
+        m = cache.lookup([1, 2, 3, 4, 5, 99], 2)
+        assert (m.n_common, m.n_reuse, m.how, m.src_seq) == (5, 4, "copy", 1)
+
+
+# C5 (prefix_cache.py): a hybrid whose attention cache slides leaves that cache out of a
+# checkpoint (it is trimmed, as full attention is), so restoring the checkpoint needs the
+# live sequence's window at the checkpoint; the cache restored it anyway and the attached
+# sequence missed its window cells (or ended before the checkpoint: an AssertionError).
+# Found by the random programs (hybrid-2013, hybrid-2078, hybrid-2140). Fixed: such a
+# checkpoint needs a live sequence whose window is still there.
+def test_c5_prefix_cache_hybrid_sliding_checkpoint_needs_the_window() -> None:
+    cfg = Config("hybrid", layout="RW", n_seq_max=2, kv_size=4, n_swa=2, swa_type=1)
+    policy = CheckpointPolicy(
+        interval=4, before_last_turn=False, before_last_token=False, branch_points=False,
+        n_batch=2,
+    )  # fmt: skip
+    with build_pymem(cfg) as mem, PrefixCache(mem, policy=policy) as cache:
+        _serve(cache, 0, list(range(1, 11)))
+        assert [e.pos for e in cache.entries()] == [3, 7]
+        # the window of a token at 4 starts at 3: its cell was overwritten
+        assert mem.mem_attn.seq_pos_min(0) == 6
+        m = cache.lookup([1, 2, 3, 4, 5, 99], 1)
+        assert (m.n_reuse, m.how) == (0, "recompute")
+
+
+# C6 (prefix_cache.py): a chunked window that starts a new chunk at the cut position
+# needs nothing before it, so the planner calls the cut a trim; but the sequence's cells
+# before the chunk were purged and the cut leaves it empty, while the cache recorded it
+# as holding the prefix (and, taking a checkpoint there, raised RangeError from attach).
+# Found by the random programs (kv-2103). Fixed: a cut or copy keeps the cell at L - 1.
+def test_c6_prefix_cache_does_not_cut_a_chunked_sequence_to_nothing() -> None:
+    cfg = Config("kv", layout="W", n_seq_max=1, kv_size=4, n_swa=2, swa_type=2)
+    with build_pymem(cfg) as mem, PrefixCache(mem, policy=CheckpointPolicy(n_batch=2)) as cache:
+        _serve(cache, 0, [1, 0, 2, 2, 2, 2, 2, 2])
+        assert mem.seq_pos_min(0) == 4  # cells 0..3 overwritten: chunks [4, 6), [6, 8)
+        att = cache.attach(0, [1, 0, 1, 1])
+        assert (att.match.how, att.resume_from) == ("recompute", 0)
+        assert mem.seq_pos_max(0) == -1 and cache.held(0) is None

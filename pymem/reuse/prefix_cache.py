@@ -260,8 +260,11 @@ class PrefixCache:
         kv = [p for p in mem.parts().values() if isinstance(p, KVCache)]
         self._unified = all(p.get_n_stream() == 1 for p in kv)
         self._swa = [p for p in kv if p.swa_type != SWAType.NONE]
+        # sliding windows a checkpoint leaves out (a hybrid whose attention cache slides)
+        self._trimmed_swa = [p for p in trimmed_parts(mem) if p.swa_type != SWAType.NONE]
         recr = [p for p in mem.parts().values() if isinstance(p, RecurrentMemory)]
         self._recurrent = bool(recr)
+        self._recr = recr
         self._n_rs_seq = min((p.n_rs_seq for p in recr), default=0)
         self._held: dict[int, np.ndarray] = {}
         self._end: dict[int, RadixNode] = {}
@@ -406,21 +409,31 @@ class PrefixCache:
                 return node.live if node is not w.partial or w.n_common >= length else 0
         return 0
 
-    def _pick(self, mask: int, prefer: int) -> int:
-        """A current sequence from ``mask``: ``prefer`` if it is one, else the lowest id."""
+    def _pick(self, mask: int, prefer: int, whole: bool = False) -> int:
+        """A current sequence from ``mask``: ``prefer`` if it is one, else the lowest id.
+
+        ``whole``: a source whose whole state is copied; a recurrent rollback pending on
+        it disqualifies it (``seq_cp`` copies the state before the rollback: the copy
+        would continue from there)."""
         if prefer >= 0 and mask >> prefer & 1 and self._is_current(prefer):
             return prefer
         for s in _bits(mask):
-            if self._is_current(s):
+            if self._is_current(s) and not (whole and self._rollback_pending(s)):
                 return s
         return -1
 
-    def _window_ok(self, src: int, length: int) -> bool:
-        """Whether ``src``'s SWA caches still hold the window of a token at ``length``."""
-        for part in self._swa:
-            need = window_start(part.swa_type, part.n_swa, length)
+    def _rollback_pending(self, seq_id: int) -> bool:
+        return any(0 <= seq_id < p.n_seq_max and p.rs_idx[seq_id] != 0 for p in self._recr)
+
+    def _window_ok(self, src: int, length: int, parts: list[KVCache] | None = None) -> bool:
+        """Whether ``src``'s SWA caches (``parts``, default all) still hold the window of
+        a token at ``length``, and the cell at ``length - 1`` (a window that starts at
+        ``length`` itself, a new chunk, needs none; but a sequence cut or copied there
+        would hold nothing in that cache and end before ``length - 1``)."""
+        for part in self._swa if parts is None else parts:
+            need = min(window_start(part.swa_type, part.n_swa, length), length - 1)
             have = part.seq_pos_min(src)
-            if need < length and (have < 0 or have > need):
+            if have < 0 or have > need:
                 return False
         return True
 
@@ -446,7 +459,7 @@ class PrefixCache:
                 plan = plan_rollback(self.mem, seq_id, target)
                 if plan.kind == "none":
                     cand(target, "live", "continue", seq_id, -1)
-                elif plan.kind in ("trim", "snapshot"):
+                elif plan.kind in ("trim", "snapshot") and self._window_ok(seq_id, target):
                     cand(target, "live", plan.kind, seq_id, -1)
                 else:
                     why = plan.reason.split("; ")[0]
@@ -454,17 +467,33 @@ class PrefixCache:
         # 2. another sequence's cells, copied
         length = min(n_common, cap)
         if length > 0:
-            mask = self._live_through(w, length)
             if not self.needs_checkpoints or (not self._recurrent and self._swa):
-                src = self._pick(mask & ~(1 << seq_id) if seq_id >= 0 else mask, -1)
-                if src >= 0 and (not self._swa or self._window_ok(src, length)):
-                    cand(length, "live", "copy", src, -1)
-            # a sequence that ends exactly at `length` is copied whole, state and all
-            at = w.node_at(length)
-            ends = at.ends if at is not None and at.depth == length else 0
-            src = self._pick(ends & ~(1 << seq_id) if seq_id >= 0 else ends, -1)
-            if src >= 0:
-                cand(length, "live", "copy", src, -1)
+                # the deepest node first: its sequences hold the request up to its depth;
+                # a window must still hold what a token there attends to
+                tried = 0 if seq_id < 0 else 1 << seq_id
+                for node in reversed(w.path):
+                    if node.start >= length:
+                        continue
+                    at = min(node.depth, length)
+                    mask = self._live_through(w, at) & ~tried
+                    tried |= mask
+                    src = next(
+                        (s for s in _bits(mask) if self._is_current(s) and self._window_ok(s, at)),
+                        -1,
+                    )
+                    if src >= 0:
+                        cand(at, "live", "copy", src, -1)
+                        break
+            # a sequence that ends on the path, at `length` or before, is copied whole,
+            # state and all (the deepest such end; a longer way may still win)
+            for node in reversed(w.nodes):
+                if node.depth > length or not node.ends:
+                    continue
+                ends = node.ends & ~(1 << seq_id) if seq_id >= 0 else node.ends
+                src = self._pick(ends, -1, whole=True)
+                if src >= 0:
+                    cand(node.depth, "live", "copy", src, -1)
+                    break
         # 3. the deepest usable checkpoint on the path
         if self.needs_checkpoints:
             # the edges searched deepest first; on an edge, numpy finds the payload
@@ -472,12 +501,18 @@ class PrefixCache:
             for node in reversed(w.path):
                 if node.start >= limit or not node.payloads:
                     continue
-                src = -1 if self.self_sufficient else self._pick(node.live, seq_id)
-                if src < 0 and not self.self_sufficient:
-                    continue
                 e = node.deepest_payload(limit)
                 if e is None:
                     continue
+                src = -1
+                if not self.self_sufficient:
+                    # a live sequence keeps the full-attention cells (and the windows the
+                    # checkpoint leaves out) of the entry's prefix
+                    ok = [s for s in _bits(node.live) if self._is_current(s)]
+                    ok = [s for s in ok if self._window_ok(s, e.depth, self._trimmed_swa)]
+                    src = seq_id if seq_id in ok else (ok[0] if ok else -1)
+                    if src < 0:
+                        continue
                 assert isinstance(e, _Entry)
                 source: Source = "checkpoint" if e.ckpt is not None else "disk"
                 how: How = "restore" if src in (-1, seq_id) else "copy"

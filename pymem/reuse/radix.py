@@ -290,8 +290,10 @@ class RadixTree:
 
     def prune(self, node: RadixNode) -> None:
         """From ``node`` up: remove nodes that hold nothing (no child, sequence or
-        payload), then merge a node no sequence ends at into its only child (payloads
-        move down with it). Keeps every node that something needs."""
+        payload), cut a leaf no sequence runs through back to its deepest payload (the
+        tokens after it are no longer cached: a walk must not match them), then merge a
+        node no sequence ends at into its only child (payloads move down with it). Keeps
+        every node that something needs."""
         cur: RadixNode | None = node
         while cur is not None and cur.parent is not None:
             parent = cur.parent
@@ -301,6 +303,11 @@ class RadixTree:
                 self.n_nodes -= 1
                 cur = parent
                 continue
+            if not cur.children and not cur.live:
+                # E.g. a leaf [a b c d e] (depth 15) with a payload at 12 -> [a b], depth 12
+                deepest = max(cur.payloads)
+                cur.key = cur.key[: TOKEN.itemsize * (deepest - cur.start)]
+                cur.depth = deepest
             if len(cur.children) == 1 and not cur.ends:
                 (only,) = cur.children.values()
                 # E.g. [a b] (depth 12) over [c d e] (depth 15) -> [a b c d e] at depth 15
