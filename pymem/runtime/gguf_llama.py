@@ -47,7 +47,7 @@ import pymem.ggml as gg
 from pymem.backend import Device, TensorSpec, TensorStore, get_device
 from pymem.errors import ConfigError, TypeSpecError, UnsupportedError
 from pymem.gguf_spec import GGUFHParams, hparams_from_gguf, spec_from_gguf
-from pymem.runtime import graph_attention, graph_delta, graph_ssm2
+from pymem.runtime import graph_attention, graph_delta, graph_rwkv, graph_ssm2
 from pymem.runtime.arch_graph import ArchGraph, f32, f32_div
 from pymem.runtime.graph import RecurrentInputs, StepInputs
 from pymem.spec import ModelSpec, RopeSpec
@@ -280,7 +280,12 @@ class GGUFModel:
         return logits
 
 
-class _Graph(graph_ssm2.SSM2Graph, graph_delta.DeltaNetGraph, graph_attention.AttentionGraph):
+class _Graph(
+    graph_ssm2.SSM2Graph,
+    graph_delta.DeltaNetGraph,
+    graph_attention.AttentionGraph,
+    graph_rwkv.RWKVGraph,
+):
     """The nodes of one ubatch's graph, expanded in llama.cpp's order."""
 
     def __init__(
@@ -739,7 +744,7 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     # LFM2 names its output norm after the embeddings
     "lfm2": ArchGraph(_Graph.lfm2, output_norm="token_embd_norm.weight"),
 }
-for _family in (graph_ssm2, graph_attention, graph_delta):
+for _family in (graph_ssm2, graph_attention, graph_delta, graph_rwkv):
     if ARCH_GRAPHS.keys() & _family.ARCH_GRAPHS.keys():
         raise RuntimeError(f"{_family.__name__}: architectures registered twice")
     ARCH_GRAPHS.update(_family.ARCH_GRAPHS)
