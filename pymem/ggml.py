@@ -95,6 +95,10 @@ OPS = frozenset(
         "soft_max",
         "argsort_top_k",
         "mul_mat_id",
+        "rwkv_wkv6",
+        "gated_linear_attn",
+        "rwkv_wkv7",
+        "l2_norm",
     ]
 )
 
