@@ -99,6 +99,9 @@ OPS = frozenset(
         "gated_linear_attn",
         "rwkv_wkv7",
         "l2_norm",
+        "add_id",
+        "swiglu_oai",
+        "reglu_split",
     ]
 )
 
