@@ -461,7 +461,8 @@ class _Graph(
                 cur = ctx.get_rows(cur, out_ids)
                 prev_cur = ctx.get_rows(prev_cur, out_ids)
             cur = ctx.add(prev_cur, cur)
-            ffn_out = self.ffn(il, self.norm(cur, w(il, "ffn_norm.weight")))
+            # dense, or MoE layers of lfm2moe (graph_attention.AttentionGraph.lfm2_ffn)
+            ffn_out = self.lfm2_ffn(il, self.norm(cur, w(il, "ffn_norm.weight")))
             cur = ctx.add(cur, ffn_out)
         return cur
 
