@@ -277,6 +277,7 @@ def replay_with_model(path, model: GGUFModel, **kw: Any) -> tuple[Any, Stats]:
 ENGINE_ARCHS = {
     "llama", "mamba", "jamba", "gemma2", "lfm2", "mamba2", "granitehybrid", "falcon-h1",
     "nemotron_h", "qwen35", "qwen35moe", "qwen3next", "gemma3",
+    "lfm2moe",  # graph_attention
 }  # fmt: skip
 
 

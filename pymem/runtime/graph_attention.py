@@ -1,20 +1,46 @@
-"""Attention-only architectures beyond llama and Gemma-2: Gemma-3 and the sliding-window families.
+"""Attention-only architectures beyond llama and Gemma-2, and the MoE feed-forward.
 
 A mixin of the engine's graph builder (``pymem.runtime.gguf_llama._Graph``): methods
 here use its context (``self.ctx``), hyper-parameters (``self.hp``), weights
 (``self.m._w``), inputs and shared blocks (``norm``, ``ffn``, ``attention``,
 ``gemma_layers``, ...). :data:`ARCH_GRAPHS` registers the architectures built here.
+
+The reference builders (vendor/llama.cpp/src):
+
+* ``models/gemma3.cpp``: Gemma-2's layers with Q/K norms, no KQ soft-capping;
+* ``llama-graph.cpp`` ``build_moe_ffn`` (:meth:`AttentionGraph.moe_ffn`): the router
+  (softmax, sigmoid or softmax over the chosen weights), an optional selection bias
+  (``exp_probs_b``, used to choose, not to weigh), top-k by ``argsort_top_k``, optional
+  normalisation and scale of the chosen weights, one ``mul_mat_id`` per expert matrix
+  (optional per-expert biases through ``add_id``), the activation, the weighted expert
+  outputs summed in order. Expert groups and per-layer expert counts are refused;
+* ``models/lfm2.cpp`` for ``lfm2moe``: LFM2's trunk (gguf_llama's ``lfm2``) with MoE
+  layers after ``leading_dense_block_count`` dense ones.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from pymem.errors import ConfigError, UnsupportedError
 from pymem.runtime.arch_graph import ArchGraph, f32_div
+
+F32 = 4  # bytes per float32
+
+# llama_expert_gating_func_type
+GATING_NONE, GATING_SOFTMAX, GATING_SIGMOID, GATING_SOFTMAX_WEIGHT = 0, 1, 2, 3
+F16_MIN_NORMAL = 6.103515625e-5  # the weight-sum clamp: the smallest normal F16
 
 
 class AttentionGraph:
     """Graph builders of this family (mixed into the engine's graph builder)."""
+
+    # provided by the engine's graph builder (pymem.runtime.gguf_llama._Graph)
+    ctx: Any
+    hp: Any
+    m: Any
+    ubatch: Any
+    inputs: Any
 
     def gemma3(self, inp: Any, out_ids: Any) -> Any:
         """``llama_model_gemma3::graph`` up to the output norm (text tokens only).
@@ -23,6 +49,176 @@ class AttentionGraph:
         RoPE base (the spec's per-layer RopeSpec) and read the iSWA cache's SWA half.
         """
         return self.gemma_layers(inp, out_ids, qk_norm=True)  # type: ignore[attr-defined]
+
+    # --- MoE ------------------------------------------------------------------------------
+    def moe_counts(self, il: int) -> tuple[int, int]:
+        """(n_expert, n_expert_used) of the file; per-layer used counts and expert groups
+        are refused (the reference's group masking is not built)."""
+        arch = self.hp.arch
+        fields = self.m.keys.fields
+        count, used = fields.get(f"{arch}.expert_count"), fields.get(f"{arch}.expert_used_count")
+        if count is None or used is None:
+            raise ConfigError(
+                f"{self.m.path}: layer {il} has MoE tensors, but {arch}.expert_count / "
+                f"{arch}.expert_used_count are missing"
+            )
+        n_used = used.contents()
+        if isinstance(n_used, list):
+            raise UnsupportedError(f"{self.m.path}: a per-layer {arch}.expert_used_count")
+        if self.m.keys.f32(f"{arch}.expert_group_count", 0.0) > 1:
+            raise UnsupportedError(f"{self.m.path}: MoE expert groups ({arch}.expert_group_count)")
+        n_expert, n_used = int(count.contents()), int(n_used)
+        if not 0 < n_used <= n_expert:
+            raise ConfigError(
+                f"{self.m.path}: {arch}.expert_used_count {n_used} not in [1, {n_expert}]"
+            )
+        return n_expert, n_used
+
+    def moe_gating(self, default: int) -> int:
+        """``expert_gating_func`` from the file (0 or absent: ``default``)."""
+        gating = int(self.m.keys.f32(f"{self.hp.arch}.expert_gating_func", 0.0))
+        return gating if gating != GATING_NONE else default
+
+    def moe_ffn(
+        self,
+        il: int,
+        cur: Any,
+        gating: int,
+        norm_w: bool,
+        w_scale: float = 0.0,
+        act: str = "silu",
+        exp_probs_b: bool = True,
+        weight_before_ffn: bool = False,
+    ) -> Any:
+        """``build_moe_ffn`` over layer ``il``'s ``ffn_*_exps`` (see the module docstring).
+
+        ``gating``: a ``GATING_*`` value; ``norm_w``: divide the chosen weights by their sum
+        (clamped to :data:`F16_MIN_NORMAL`); ``w_scale``: scale them (0 or 1: not);
+        ``act``: ``silu`` (SwiGLU, or SiLU without gate experts), ``gelu``, ``relu_sqr``
+        (no gate) or ``swiglu_oai``; ``exp_probs_b``: add ``exp_probs_b.bias`` (when the
+        file has it) to the probabilities used for the choice only;
+        ``weight_before_ffn``: llama4 weighs the input rows, not the outputs, and chooses
+        by the raw logits.
+        """
+        ctx, w = self.ctx, self.m._w
+        g: Any = self
+        n_embd, n_tokens = int(cur.ne[0]), int(cur.ne[1])
+        n_expert, n_used = self.moe_counts(il)
+        if self.m.keys.fields.get(f"{self.hp.arch}.swiglu_clamp_exp") is not None:
+            raise UnsupportedError(
+                f"{self.m.path}: {self.hp.arch}.swiglu_clamp_exp (clamped expert SwiGLU)"
+            )
+        scales = [n for n in ("ffn_up_exps.scale", "ffn_gate_exps.scale", "ffn_down_exps.scale")
+                  if w(il, n, required=False) is not None]  # fmt: skip
+        if scales:
+            raise UnsupportedError(f"layer {il}: per-expert scale tensors {scales}")
+
+        logits = ctx.mul_mat(w(il, "ffn_gate_inp.weight"), cur)  # [n_expert, n_tokens]
+        gate_inp_b = w(il, "ffn_gate_inp.bias", required=False)
+        if gate_inp_b is not None:
+            logits = ctx.add(logits, gate_inp_b)
+        if gating == GATING_SOFTMAX:
+            probs = ctx.soft_max(logits)
+        elif gating == GATING_SIGMOID:
+            probs = ctx.sigmoid(logits)
+        elif gating == GATING_SOFTMAX_WEIGHT:
+            probs = logits
+        else:
+            raise UnsupportedError(f"{self.m.path}: MoE gating function {gating}")
+        selection = probs
+        probs_b = w(il, "exp_probs_b.bias", required=False) if exp_probs_b else None
+        if probs_b is not None:
+            selection = ctx.add(probs, probs_b)
+        if weight_before_ffn:
+            selection = logits
+        selected = ctx.argsort_top_k(selection, n_used)  # [n_used, n_tokens]
+        weights = ctx.get_rows(ctx.reshape_3d(probs, 1, n_expert, n_tokens), selected)
+        if gating == GATING_SOFTMAX_WEIGHT:
+            weights = ctx.soft_max(ctx.reshape_2d(weights, n_used, n_tokens))
+            weights = ctx.reshape_3d(weights, 1, n_used, n_tokens)
+        if norm_w:
+            weights = ctx.reshape_2d(weights, n_used, n_tokens)
+            weights_sum = ctx.clamp(ctx.sum_rows(weights), F16_MIN_NORMAL, float("inf"))
+            weights = ctx.reshape_3d(ctx.div(weights, weights_sum), 1, n_used, n_tokens)
+        if w_scale not in (0.0, 1.0):
+            weights = ctx.scale(weights, w_scale)
+        g.expand(weights)  # early, as the reference (its top-k MoE fusion)
+
+        x = ctx.reshape_3d(cur, n_embd, 1, n_tokens)
+        if weight_before_ffn:
+            x = ctx.mul(ctx.repeat_4d(x, n_embd, n_used, n_tokens, 1), weights)
+
+        def biased(t: Any, name: str) -> Any:
+            bias = w(il, name, required=False)
+            return t if bias is None else ctx.add_id(t, bias, selected)
+
+        gate_up_exps = w(il, "ffn_gate_up_exps.weight", required=False)
+        if gate_up_exps is not None:
+            gate_up = biased(ctx.mul_mat_id(gate_up_exps, x, selected), "ffn_gate_up_exps.bias")
+            n_ff = int(gate_up.ne[0]) // 2
+            nb = (gate_up.nb[1], gate_up.nb[2])
+            gate = ctx.view_3d(gate_up, n_ff, gate_up.ne[1], gate_up.ne[2], *nb, 0)
+            up = ctx.view_3d(gate_up, n_ff, gate_up.ne[1], gate_up.ne[2], *nb,
+                             n_ff * int(gate_up.nb[0]))  # fmt: skip
+            has_gate = True
+        else:
+            up = biased(ctx.mul_mat_id(w(il, "ffn_up_exps.weight"), x, selected),
+                        "ffn_up_exps.bias")  # fmt: skip
+            gate_exps = w(il, "ffn_gate_exps.weight", required=False)
+            has_gate = gate_exps is not None
+            gate = ctx.mul_mat_id(gate_exps, x, selected) if has_gate else up
+            gate = biased(gate, "ffn_gate_exps.bias")
+
+        if act == "silu":
+            cur = ctx.swiglu_split(gate, up) if has_gate else ctx.silu(gate)
+        elif act == "gelu":
+            cur = ctx.geglu_split(gate, up) if has_gate else ctx.gelu(gate)
+        elif act == "swiglu_oai":
+            cur = ctx.swiglu_oai(gate, up, 1.702, 7.0)
+        elif act == "relu_sqr" and not has_gate:
+            cur = ctx.sqr(ctx.relu(gate))
+        else:
+            raise UnsupportedError(f"layer {il}: MoE activation {act!r} (gate: {has_gate})")
+
+        experts = ctx.mul_mat_id(w(il, "ffn_down_exps.weight"), cur, selected)
+        experts = biased(experts, "ffn_down_exps.bias")  # [n_embd, n_used, n_tokens]
+        if not weight_before_ffn:
+            experts = ctx.mul(experts, weights)
+        g.expand(experts)
+        # the views first, then their sum in expert-slot order
+        views = [
+            ctx.view_2d(experts, n_embd, n_tokens, experts.nb[2], i * int(experts.nb[1]))
+            for i in range(n_used)
+        ]
+        g.expand(*views)
+        moe_out = views[0]
+        for view in views[1:]:
+            moe_out = ctx.add(moe_out, view)
+            g.expand(moe_out)
+        if n_used == 1:
+            moe_out = ctx.cont(moe_out)  # no non-contiguous result
+        return moe_out
+
+    def lfm2moe(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_lfm2::graph`` for lfm2moe: LFM2's trunk, whose FFN
+        (:meth:`lfm2_ffn`) is MoE from ``leading_dense_block_count`` on."""
+        return self.lfm2(inp, out_ids)  # type: ignore[attr-defined]
+
+    def lfm2_ffn(self, il: int, cur: Any) -> Any:
+        """LFM2's feed-forward: dense SwiGLU, or (lfm2moe, from ``leading_dense_block_count``
+        on) sigmoid-routed MoE with the selection bias and normalised weights."""
+        g: Any = self
+        for name in ("ffn_up.bias", "ffn_gate.bias", "ffn_down.bias"):
+            if self.m._w(il, name, required=False) is not None:
+                raise UnsupportedError(f"layer {il}: tensor {name!r} (LFM2's FFN has no biases)")
+        if self.hp.arch != "lfm2moe":
+            return g.ffn(il, cur)
+        n_dense = int(self.m.keys.f32("lfm2moe.leading_dense_block_count", 0.0))
+        if il < n_dense:
+            return g.ffn(il, cur)
+        w_scale = self.m.keys.f32("lfm2moe.expert_weights_scale", 0.0)
+        gating = int(self.m.keys.f32("lfm2moe.expert_gating_func", 0.0))
+        return self.moe_ffn(il, cur, gating, norm_w=True, w_scale=w_scale)
 
 
 def _gemma3_logits(g: Any, cur: Any) -> Any:
@@ -37,4 +233,6 @@ def _gemma3_logits(g: Any, cur: Any) -> Any:
 
 ARCH_GRAPHS: dict[str, ArchGraph] = {
     "gemma3": ArchGraph(AttentionGraph.gemma3, finish=_gemma3_logits),
+    # LFM2 names its output norm after the embeddings
+    "lfm2moe": ArchGraph(AttentionGraph.lfm2moe, output_norm="token_embd_norm.weight"),
 }
