@@ -253,7 +253,7 @@ class SSM2Graph:
                 kind = "ffn"
             self._refuse_unbuilt(il, attention=kind == "attn", ffn=False)
             if kind == "ffn" and w(il, "ffn_gate_inp.weight", required=False) is not None:
-                raise UnsupportedError(f"layer {il}: MoE feed-forward is not supported")
+                kind = "moe"
             kinds.append(kind)
         inpL = inp
         for il, kind in enumerate(kinds):
@@ -262,11 +262,40 @@ class SSM2Graph:
                 cur = self.mamba2_layer(il, cur)
             elif kind == "attn":
                 cur = g.attention(il, cur)
+            elif kind == "moe":
+                cur = self.nemotron_moe_ffn(il, cur)
             else:
                 cur = self.relu_sqr_ffn(il, cur)
             inpL = ctx.add(cur, inpL)
         cur = g.norm(inpL, self.m.weights.get("output_norm.weight"))
         return ctx.get_rows(cur, out_ids)
+
+    def nemotron_moe_ffn(self, il: int, cur: Any) -> Any:
+        """Nemotron-H's MoE layer (nemotron_h_moe): router logits from the layer input,
+        ``build_moe_ffn`` (sigmoid, ``exp_probs_b`` selection bias, ReLU² experts without
+        gate, ``expert_weights_norm`` / ``expert_weights_scale``) over the input or its
+        latent (``ffn_latent_down`` / ``ffn_latent_up``), plus the ReLU² shared expert."""
+        ctx, w = self.ctx, self.m._w
+        g: Any = self
+        keys, arch = self.m.keys, self.hp.arch
+        unbuilt = [n for n in ("ffn_up_shexp.scale", "ffn_down_shexp.scale", "ffn_up_shexp.bias",
+                               "ffn_down_shexp.bias") if w(il, n, required=False) is not None]  # fmt: skip
+        if unbuilt:
+            raise UnsupportedError(f"layer {il}: tensors the engine does not build: {unbuilt}")
+        latent_down = w(il, "ffn_latent_down.weight", required=False)
+        latent = cur if latent_down is None else ctx.mul_mat(latent_down, cur)
+        logits = ctx.mul_mat(w(il, "ffn_gate_inp.weight"), cur)
+        moe_out = g.moe_ffn(
+            il, latent, gating=2, norm_w=keys.bool_(f"{arch}.expert_weights_norm"),
+            w_scale=keys.f32(f"{arch}.expert_weights_scale", 0.0), act="relu_sqr",
+            logits=logits,
+        )  # fmt: skip
+        latent_up = w(il, "ffn_latent_up.weight", required=False)
+        if latent_up is not None:
+            moe_out = ctx.mul_mat(latent_up, moe_out)
+        shexp = ctx.mul_mat(w(il, "ffn_up_shexp.weight"), cur)
+        shexp = ctx.mul_mat(w(il, "ffn_down_shexp.weight"), ctx.sqr(ctx.relu(shexp)))
+        return ctx.add(moe_out, shexp)
 
     def relu_sqr_ffn(self, il: int, cur: Any) -> Any:
         """``build_ffn(up, no gate, down, LLM_FFN_RELU_SQR)`` with optional up/down biases."""
@@ -319,4 +348,6 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     "falcon-h1": ArchGraph(SSM2Graph.falcon_h1),
     # the output rows are taken after the output norm, which the builder applies itself
     "nemotron_h": ArchGraph(SSM2Graph.nemotron_h, output_norm=None),
+    # with MoE layers (nemotron_moe_ffn, over graph_attention's moe_ffn)
+    "nemotron_h_moe": ArchGraph(SSM2Graph.nemotron_h, output_norm=None),
 }
