@@ -278,6 +278,7 @@ ENGINE_ARCHS = {
     "llama", "mamba", "jamba", "gemma2", "lfm2", "mamba2", "granitehybrid", "falcon-h1",
     "nemotron_h", "qwen35", "qwen35moe", "qwen3next", "gemma3",
     "lfm2moe",  # graph_attention
+    "nemotron_h_moe",  # graph_attention
 }  # fmt: skip
 
 

@@ -89,6 +89,7 @@ class AttentionGraph:
         act: str = "silu",
         exp_probs_b: bool = True,
         weight_before_ffn: bool = False,
+        logits: Any = None,
     ) -> Any:
         """``build_moe_ffn`` over layer ``il``'s ``ffn_*_exps`` (see the module docstring).
 
@@ -98,7 +99,8 @@ class AttentionGraph:
         (no gate) or ``swiglu_oai``; ``exp_probs_b``: add ``exp_probs_b.bias`` (when the
         file has it) to the probabilities used for the choice only;
         ``weight_before_ffn``: llama4 weighs the input rows, not the outputs, and chooses
-        by the raw logits.
+        by the raw logits; ``logits``: router logits the caller computed (``probs_in``:
+        Nemotron-H routes on the layer input but runs the experts on a latent).
         """
         ctx, w = self.ctx, self.m._w
         g: Any = self
@@ -113,7 +115,8 @@ class AttentionGraph:
         if scales:
             raise UnsupportedError(f"layer {il}: per-expert scale tensors {scales}")
 
-        logits = ctx.mul_mat(w(il, "ffn_gate_inp.weight"), cur)  # [n_expert, n_tokens]
+        if logits is None:
+            logits = ctx.mul_mat(w(il, "ffn_gate_inp.weight"), cur)  # [n_expert, n_tokens]
         gate_inp_b = w(il, "ffn_gate_inp.bias", required=False)
         if gate_inp_b is not None:
             logits = ctx.add(logits, gate_inp_b)
