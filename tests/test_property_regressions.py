@@ -16,11 +16,11 @@ import pytest
 from spec.harness import Config, Pair, build_pymem
 
 from pymem.batch import Batch, BatchAllocator
-from pymem.errors import UnsupportedError
+from pymem.errors import StateError, UnsupportedError
 from pymem.kv import KVCache
 from pymem.kv.iswa import KVCacheISWA
 from pymem.recurrent import RecurrentMemory
-from pymem.reuse import CheckpointPolicy, PrefixCache
+from pymem.reuse import CheckpointPolicy, PrefixCache, checkpoint, plan_rollback, restore_checkpoint
 from pymem.spec import LayerSpec, ModelSpec, RopeSpec, RopeType, SWAType
 
 
@@ -321,3 +321,25 @@ def test_c6_prefix_cache_does_not_cut_a_chunked_sequence_to_nothing() -> None:
         att = cache.attach(0, [1, 0, 1, 1])
         assert (att.match.how, att.resume_from) == ("recompute", 0)
         assert mem.seq_pos_max(0) == -1 and cache.held(0) is None
+
+
+# C7 (checkpoints.py, planner.py): the same hole outside the prefix cache: a hybrid's
+# sliding attention cache is trimmed by a restore, not restored, so restore_checkpoint
+# (and a rollback plan of kind "checkpoint") brought the recurrent state back while the
+# window cells before the checkpoint were gone: the sequence missed them. Found by the
+# random programs through PrefixCache.restore_entry (hybrid-3039). Fixed: restorable()
+# refuses, before any change, when a trimmed sliding cache lacks the window.
+def test_c7_hybrid_sliding_checkpoint_restore_needs_the_window() -> None:
+    cfg = Config("hybrid", layout="RW", n_seq_max=2, kv_size=4, n_swa=2, swa_type=1)
+    toks = list(range(1, 11))
+    with build_pymem(cfg) as mem:
+        _decode(mem, [[toks[p], p, [0], p == 3] for p in range(4)], 2, n_ubatch=2)
+        ck = checkpoint(mem, 0)
+        for p0 in range(4, 10, 2):
+            _decode(mem, [[toks[p], p, [0], p == p0 + 1] for p in (p0, p0 + 1)], 2)
+        assert (ck.pos, mem.mem_attn.seq_pos_min(0)) == (3, 6)  # the window of 4 starts at 3
+        before = mem.state_write()
+        with pytest.raises(StateError, match="sliding window"):
+            restore_checkpoint(mem, 0, ck)
+        assert mem.state_write() == before
+        assert plan_rollback(mem, 0, 5, [ck]).kind == "recompute"

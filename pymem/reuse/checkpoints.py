@@ -94,6 +94,31 @@ def checkpoint(mem: Memory, seq_id: int) -> Checkpoint:
     return Checkpoint(seq_id, pos, blob, layout_of(mem))
 
 
+def restorable(mem: Memory, seq_id: int, pos: int) -> str:
+    """Why a checkpoint at ``pos`` cannot be restored exactly into ``seq_id``'s cells, or
+    "" when it can: every cache it leaves out (:func:`trimmed_parts`) must hold the
+    sequence up to ``pos``, and one that slides must still hold the window of a token at
+    ``pos + 1`` (the checkpoint does not bring those cells back)."""
+    from pymem.reuse.planner import window_start  # the planner imports this module
+
+    for part in trimmed_parts(mem):
+        have = part.seq_pos_max(seq_id)
+        if have < pos:
+            return (
+                f"sequence {seq_id}'s full-attention cells end at {have}; the checkpoint needs "
+                f"them up to its position"
+            )
+        if part.swa_type != SWAType.NONE:
+            need = min(window_start(part.swa_type, part.n_swa, pos + 1), pos)
+            low = part.seq_pos_min(seq_id)
+            if low > need:
+                return (
+                    f"the sliding window of a token at {pos + 1} starts at {need}, but "
+                    f"sequence {seq_id}'s cells start at {low} (the checkpoint leaves them out)"
+                )
+    return ""
+
+
 def restore_checkpoint(mem: Memory, seq_id: int, ckpt: Checkpoint) -> int:
     """Bring ``seq_id`` back to ``ckpt``: trim the full-attention cells after ``ckpt.pos`` and
     restore the recurrent / window state. Returns the position decoding continues from.
@@ -101,20 +126,18 @@ def restore_checkpoint(mem: Memory, seq_id: int, ckpt: Checkpoint) -> int:
     ``seq_id`` may differ from the sequence the checkpoint was taken from, as long as its
     full-attention cells hold positions ``[0, ckpt.pos]`` of the same tokens (after a
     ``seq_cp``, say). Nothing changes unless every check passes: the layout matches, the
-    full-attention cache still holds ``ckpt.pos``, and the blob parses.
+    full-attention cache still holds ``ckpt.pos``, a trimmed cache that slides (a hybrid
+    whose attention cache has a window) still holds the window of a token at
+    ``ckpt.pos + 1`` (see :func:`restorable`), and the blob parses.
     """
     if ckpt.layout != layout_of(mem):
         raise StateError(
             f"checkpoint: taken on a memory laid out as {ckpt.layout}, this one is {layout_of(mem)}"
         )
     trim = trimmed_parts(mem)
-    for part in trim:
-        have = part.seq_pos_max(seq_id)
-        if have < ckpt.pos:
-            raise StateError(
-                f"checkpoint at pos {ckpt.pos}: sequence {seq_id}'s full-attention cells end "
-                f"at {have}; the checkpoint needs them up to its position"
-            )
+    why = restorable(mem, seq_id, ckpt.pos)
+    if why:
+        raise StateError(f"checkpoint at pos {ckpt.pos}: {why}")
     plan = mem.state_read_parse(StateReader(ckpt.blob), seq_id, StateFlags.PARTIAL_ONLY)
     for part in trim:
         if part.seq_pos_max(seq_id) > ckpt.pos:  # a cache-wide scan otherwise

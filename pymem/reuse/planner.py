@@ -30,7 +30,7 @@ from pymem.errors import RangeError
 from pymem.kv import KVCache
 from pymem.memory import Memory
 from pymem.recurrent import RecurrentMemory
-from pymem.reuse.checkpoints import Checkpoint, layout_of, restore_checkpoint, trimmed_parts
+from pymem.reuse.checkpoints import Checkpoint, layout_of, restorable, restore_checkpoint
 from pymem.spec import SWAType, masked_swa
 
 RollbackKind = Literal["none", "trim", "snapshot", "checkpoint", "recompute"]
@@ -85,8 +85,9 @@ def plan_rollback(
     """The cheapest exact way for ``seq_id`` to hold exactly positions ``[0, pos)``.
 
     ``checkpoints`` are candidates (any sequence's, taken on this memory's layout); the
-    plan uses the latest one at or before ``pos - 1`` whose position the full-attention
-    cells of ``seq_id`` still cover. Changes nothing.
+    plan uses the latest one at or before ``pos - 1`` that :func:`restorable` accepts
+    (the full-attention cells of ``seq_id`` still cover its position, a trimmed sliding
+    window still holds what follows it). Changes nothing.
     """
     if pos < 0:
         raise RangeError(f"pos = {pos}: must be >= 0")
@@ -110,11 +111,11 @@ def plan_rollback(
     else:
         why = window
     layout = layout_of(mem)
-    covered = min((p.seq_pos_max(seq_id) for p in trimmed_parts(mem)), default=cur)
     best: Checkpoint | None = None
     for ck in checkpoints:
-        fits = ck.layout == layout and ck.pos <= min(pos - 1, covered)
-        if fits and (best is None or ck.pos > best.pos):
+        fits = ck.layout == layout and ck.pos <= pos - 1
+        fits = fits and (best is None or ck.pos > best.pos)
+        if fits and not restorable(mem, seq_id, ck.pos):
             best = ck
     if best is not None:
         return RollbackPlan(
