@@ -279,6 +279,7 @@ ENGINE_ARCHS = {
     "nemotron_h", "qwen35", "qwen35moe", "qwen3next", "gemma3",
     "lfm2moe",  # graph_attention
     "nemotron_h_moe",  # graph_attention
+    "qwen3moe",  # graph_attention
 }  # fmt: skip
 
 

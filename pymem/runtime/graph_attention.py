@@ -20,6 +20,7 @@ The reference builders (vendor/llama.cpp/src):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pymem.errors import ConfigError, UnsupportedError
@@ -30,6 +31,8 @@ F32 = 4  # bytes per float32
 # llama_expert_gating_func_type
 GATING_NONE, GATING_SOFTMAX, GATING_SIGMOID, GATING_SOFTMAX_WEIGHT = 0, 1, 2, 3
 F16_MIN_NORMAL = 6.103515625e-5  # the weight-sum clamp: the smallest normal F16
+# attention tensors the engine's separate-Q/K/V attention would ignore
+_QKV_EXTRA = ("attn_qkv.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias")
 
 
 class AttentionGraph:
@@ -49,6 +52,55 @@ class AttentionGraph:
         RoPE base (the spec's per-layer RopeSpec) and read the iSWA cache's SWA half.
         """
         return self.gemma_layers(inp, out_ids, qk_norm=True)  # type: ignore[attr-defined]
+
+    # --- pre-norm trunks -------------------------------------------------------------------
+    def prenorm_layers(
+        self,
+        inp: Any,
+        out_ids: Any,
+        mixer: Callable[[int, Any], Any],
+        ffn: Callable[[int, Any], Any],
+    ) -> Any:
+        """The llama-style layer loop: ``attn_norm`` -> ``mixer`` -> residual (the output
+        rows only in the last layer) -> ``ffn_norm`` -> ``ffn`` -> residual."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        inpL = inp
+        for il in range(hp.n_layer):
+            inpSA = inpL
+            cur = mixer(il, g.norm(inpL, w(il, "attn_norm.weight")))
+            if il == hp.n_layer - 1:
+                cur = ctx.get_rows(cur, out_ids)
+                inpSA = ctx.get_rows(inpSA, out_ids)
+            ffn_inp = ctx.add(cur, inpSA)
+            cur = ffn(il, g.norm(ffn_inp, w(il, "ffn_norm.weight")))
+            inpL = ctx.add(cur, ffn_inp)
+        return inpL
+
+    def refuse_tensors(self, il: int, names: Sequence[str], why: str) -> None:
+        """:class:`UnsupportedError` naming the layer tensors of ``names`` that exist."""
+        found = [n for n in names if self.m._w(il, n, required=False) is not None]
+        if found:
+            raise UnsupportedError(
+                f"layer {il}: tensors the engine does not build ({why}): {found}"
+            )
+
+    def qwen3moe(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_qwen3moe::graph``: Q/K RMS norms, RoPE, softmax-routed SwiGLU
+        experts with normalised top-k weights in every layer."""
+        g: Any = self
+        for il in range(self.hp.n_layer):
+            self.refuse_tensors(il, _QKV_EXTRA, "fused QKV, biases")
+
+        def moe(il: int, cur: Any) -> Any:
+            w_scale = self.m.keys.f32(f"{self.hp.arch}.expert_weights_scale", 0.0)
+            return self.moe_ffn(il, cur, GATING_SOFTMAX, norm_w=True, w_scale=w_scale,
+                                exp_probs_b=False)  # fmt: skip
+
+        return self.prenorm_layers(
+            inp, out_ids, lambda il, cur: g.attention(il, cur, qk_norm=True), moe
+        )
 
     # --- MoE ------------------------------------------------------------------------------
     def moe_counts(self, il: int) -> tuple[int, int]:
@@ -237,5 +289,6 @@ def _gemma3_logits(g: Any, cur: Any) -> Any:
 ARCH_GRAPHS: dict[str, ArchGraph] = {
     "gemma3": ArchGraph(AttentionGraph.gemma3, finish=_gemma3_logits),
     # LFM2 names its output norm after the embeddings
+    "qwen3moe": ArchGraph(AttentionGraph.qwen3moe),
     "lfm2moe": ArchGraph(AttentionGraph.lfm2moe, output_norm="token_embd_norm.weight"),
 }
