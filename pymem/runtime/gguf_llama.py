@@ -526,8 +526,11 @@ class _Graph(
             rope.beta_slow,
         )
 
-    def attn_mha(self, q: Any, k: Any, v: Any, kq_mask: Any, kq_scale: float) -> Any:
-        """``build_attn_mha`` without KQ bias, sinks, MLA or ALiBi."""
+    def attn_mha(
+        self, q: Any, k: Any, v: Any, kq_mask: Any, kq_scale: float, sinks: Any = None
+    ) -> Any:
+        """``build_attn_mha`` without KQ bias, MLA or ALiBi (``sinks``: per-head attention
+        sink logits, gpt-oss)."""
         ctx, hp = self.ctx, self.hp
         softcap = hp.f_attn_logit_softcapping if hp.attn_soft_cap else 0.0
         v_trans = int(v.nb[1]) > int(v.nb[2])
@@ -546,6 +549,8 @@ class _Graph(
             if v.type == gg.lib.GGML_TYPE_F32:
                 v = ctx.cast(v, gg.lib.GGML_TYPE_F16)
             cur = ctx.flash_attn_ext(q, k, v, kq_mask, _f32(kq_scale), 0.0, softcap)
+            if sinks is not None:
+                gg.lib.ggml_flash_attn_ext_add_sinks(cur, sinks)
             gg.lib.ggml_flash_attn_ext_set_prec(cur, gg.lib.GGML_PREC_F32)
             return ctx.reshape_2d(cur, cur.ne[0] * cur.ne[1], cur.ne[2] * cur.ne[3])
         kq = ctx.mul_mat(k, q)
@@ -555,6 +560,8 @@ class _Graph(
             kq = tanh(ctx, kq)
             kq = ctx.scale(kq, softcap)
         kq = ctx.soft_max_ext(kq, kq_mask, _f32(kq_scale), 0.0)
+        if sinks is not None:
+            gg.lib.ggml_soft_max_add_sinks(kq, sinks)
         if not v_trans:
             v = ctx.cont(ctx.transpose(v))
         kqv = ctx.mul_mat(v, kq)
