@@ -280,6 +280,7 @@ ENGINE_ARCHS = {
     "lfm2moe",  # graph_attention
     "nemotron_h_moe",  # graph_attention
     "qwen3moe",  # graph_attention
+    "gpt-oss",  # graph_attention
 }  # fmt: skip
 
 

@@ -78,6 +78,87 @@ class AttentionGraph:
             inpL = ctx.add(cur, ffn_inp)
         return inpL
 
+    # --- attention ----------------------------------------------------------------------
+    def build_qkv(self, il: int, cur: Any, hd: int) -> tuple[Any, Any, Any]:
+        """``build_qkv``: fused ``attn_qkv`` (+ its bias, or the three Q/K/V biases
+        concatenated) split by views, or separate Q/K/V projections (+ biases) reshaped
+        to ``[hd, heads, n_tokens]``. ``clamp_kqv`` is refused."""
+        ctx, hp, w = self.ctx, self.hp, self.m._w
+        n_tokens = self.ubatch.n_tokens
+        nh, nkv = hp.n_head[il], hp.n_head_kv[il]
+        if self.m.keys.f32(f"{hp.arch}.attention.clamp_kqv", 0.0) > 0.0:
+            raise UnsupportedError(f"{self.m.path}: {hp.arch}.attention.clamp_kqv")
+        biases = [w(il, f"attn_{n}.bias", required=False) for n in "qkv"]
+        wqkv = w(il, "attn_qkv.weight", required=False)
+        if wqkv is None:
+            out = []
+            for name, bias, heads in zip("qkv", biases, (nh, nkv, nkv)):
+                t = ctx.mul_mat(w(il, f"attn_{name}.weight"), cur)
+                if bias is not None:
+                    t = ctx.add(t, bias)
+                out.append(ctx.reshape_3d(t, hd, heads, n_tokens))
+            return out[0], out[1], out[2]
+        qkv = ctx.mul_mat(wqkv, cur)
+        qkv_b = w(il, "attn_qkv.bias", required=False)
+        if qkv_b is not None:
+            qkv = ctx.add(qkv, qkv_b)
+        elif all(b is not None for b in biases):
+            qkv = ctx.add(qkv, ctx.concat(ctx.concat(biases[0], biases[1], 0), biases[2], 0))
+        el = int(qkv.nb[0])
+        # rows of [Q (hd * nh) | K (hd * nkv) | V (hd * nkv)]
+        q = ctx.view_3d(qkv, hd, nh, n_tokens, hd * el, qkv.nb[1], 0)
+        k = ctx.view_3d(qkv, hd, nkv, n_tokens, hd * el, qkv.nb[1], hd * nh * el)
+        v = ctx.view_3d(qkv, hd, nkv, n_tokens, hd * el, qkv.nb[1], hd * (nh + nkv) * el)
+        return q, k, v
+
+    def attn_block(
+        self,
+        il: int,
+        cur: Any,
+        qk_norm: bool = False,
+        kq_scale: float | None = None,
+        sinks: bool = False,
+        rope: bool = True,
+    ) -> Any:
+        """``build_qkv`` (+ Q/K RMS norms per head) + RoPE (the spec's per-layer RopeSpec,
+        when ``rope`` and the layer has one) + ``build_attn`` (+ ``attn_sinks``) + ``wo``
+        (+ ``attn_output.bias``)."""
+        hp = self.hp
+        g: Any = self
+        w = self.m._w
+        q, k, v = self.build_qkv(il, cur, hp.n_embd_head)
+        if qk_norm:
+            q = g.norm(q, w(il, "attn_q_norm.weight"))
+            k = g.norm(k, w(il, "attn_k_norm.weight"))
+        layer_rope = self.m.spec.layers[il].rope if rope else None
+        if layer_rope is not None:
+            q = g.rope(q, layer_rope)
+            k = g.rope(k, layer_rope)
+        return self.attn_store_read(il, q, k, v, kq_scale, sinks)
+
+    def attn_store_read(
+        self, il: int, q: Any, k: Any, v: Any, kq_scale: float | None, sinks: bool = False
+    ) -> Any:
+        """``build_attn`` from Q/K/V: the stores into the cache, ``build_attn_mha`` over the
+        cache views (+ ``attn_sinks.weight``), ``wo`` (+ ``attn_output.bias``)."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        part = self.inputs.attn_part(il)
+        ai = self.inputs.attn[part]
+        t_mask, t_kidx, t_vidx = g.attn_inputs(part)
+        # a plain KV cache expands K last (rope fusion); iSWA expands Q, K, V
+        g.expand(*((q, v, k) if part == "kv" else (q, k, v)))
+        g.expand(ai.cpy_k(ctx, k, t_kidx, il))
+        g.expand(ai.cpy_v(ctx, v, t_vidx, il))
+        scale = hp.kq_scale if kq_scale is None else kq_scale
+        t_sinks = w(il, "attn_sinks.weight") if sinks else None
+        cur = g.attn_mha(q, ai.get_k(ctx, il), ai.get_v(ctx, il), t_mask, scale, t_sinks)
+        g.expand(cur)
+        cur = ctx.mul_mat(w(il, "attn_output.weight"), cur)
+        wo_b = w(il, "attn_output.bias", required=False)
+        return cur if wo_b is None else ctx.add(cur, wo_b)
+
     def refuse_tensors(self, il: int, names: Sequence[str], why: str) -> None:
         """:class:`UnsupportedError` naming the layer tensors of ``names`` that exist."""
         found = [n for n in names if self.m._w(il, n, required=False) is not None]
@@ -101,6 +182,27 @@ class AttentionGraph:
         return self.prenorm_layers(
             inp, out_ids, lambda il, cur: g.attention(il, cur, qk_norm=True), moe
         )
+
+    def gpt_oss(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_openai_moe::graph``: RoPE attention with per-head sinks and output
+        bias over the iSWA cache, post-attention norm, softmax-over-chosen-logits router
+        (with bias) to SwiGLU-OAI experts with biases. The last layer runs over every
+        token (``embeddings_nextn_masked`` off); the output rows are taken before the norm."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        for il in range(hp.n_layer):
+            self.refuse_tensors(il, ("attn_qkv.weight", "attn_q_norm.weight"), "gpt-oss")
+        inpL = inp
+        for il in range(hp.n_layer):
+            cur = self.attn_block(il, g.norm(inpL, w(il, "attn_norm.weight")), sinks=True)
+            ffn_inp = ctx.add(cur, inpL)
+            cur = g.norm(ffn_inp, w(il, "post_attention_norm.weight"))
+            w_scale = self.m.keys.f32(f"{hp.arch}.expert_weights_scale", 0.0)
+            cur = self.moe_ffn(il, cur, GATING_SOFTMAX_WEIGHT, norm_w=False, w_scale=w_scale,
+                               act="swiglu_oai", exp_probs_b=False)  # fmt: skip
+            inpL = ctx.add(cur, ffn_inp)
+        return ctx.get_rows(inpL, out_ids)
 
     # --- MoE ------------------------------------------------------------------------------
     def moe_counts(self, il: int) -> tuple[int, int]:
@@ -290,5 +392,6 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     "gemma3": ArchGraph(AttentionGraph.gemma3, finish=_gemma3_logits),
     # LFM2 names its output norm after the embeddings
     "qwen3moe": ArchGraph(AttentionGraph.qwen3moe),
+    "gpt-oss": ArchGraph(AttentionGraph.gpt_oss),
     "lfm2moe": ArchGraph(AttentionGraph.lfm2moe, output_norm="token_embd_norm.weight"),
 }
