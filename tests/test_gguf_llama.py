@@ -281,6 +281,7 @@ ENGINE_ARCHS = {
     "nemotron_h_moe",  # graph_attention
     "qwen3moe",  # graph_attention
     "gpt-oss",  # graph_attention
+    "cohere2",  # graph_attention
 }  # fmt: skip
 
 

@@ -159,6 +159,48 @@ class AttentionGraph:
         wo_b = w(il, "attn_output.bias", required=False)
         return cur if wo_b is None else ctx.add(cur, wo_b)
 
+    def layer_norm(self, cur: Any, weight: str, il: int | None = None) -> Any:
+        """``build_norm(LLM_NORM)``: ``ggml_norm`` with ``layer_norm_epsilon``, times the
+        weight, plus the bias of the same name (``.weight`` -> ``.bias``) when present."""
+        ctx = self.ctx
+        eps = self.m.keys.f32(f"{self.hp.arch}.attention.layer_norm_epsilon")
+        bias_name = weight.removesuffix(".weight") + ".bias"
+        if il is None:
+            w, b = self.m.weights.get(weight), self.m.weights.get(bias_name, required=False)
+        else:
+            w, b = self.m._w(il, weight), self.m._w(il, bias_name, required=False)
+        cur = ctx.mul(ctx.norm(cur, eps), w)
+        return cur if b is None else ctx.add(cur, b)
+
+    def refuse_rope_factors(self) -> None:
+        """RoPE frequency factors (``rope_freqs``, long/short factors) are not built."""
+        names = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+        found = [n for n in names if n in self.m.weights.names]
+        if found:
+            raise UnsupportedError(f"{self.m.path}: RoPE frequency factors {found}")
+
+    def cohere2(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_cohere2::graph``: LayerNorm, attention (RoPE on SWA layers only)
+        and SwiGLU FFN in parallel from the same norm, both added to the residual."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        self.refuse_rope_factors()
+        inpL = inp
+        for il in range(hp.n_layer):
+            self.refuse_tensors(il, ("ffn_up.bias", "ffn_gate.bias", "ffn_down.bias"), "cohere2")
+            cur = self.layer_norm(inpL, "attn_norm.weight", il)
+            ffn_inp = cur
+            cur = self.attn_block(il, cur, rope=self.m.spec.layers[il].swa)
+            if il == hp.n_layer - 1:
+                cur = ctx.get_rows(cur, out_ids)
+                inpL = ctx.get_rows(inpL, out_ids)
+                ffn_inp = ctx.get_rows(ffn_inp, out_ids)
+            attn_out = cur
+            cur = g.ffn(il, ffn_inp)
+            cur = ctx.add(ctx.add(cur, inpL), attn_out)
+            inpL = cur
+        return self.layer_norm(inpL, "output_norm.weight")
+
     def refuse_tensors(self, il: int, names: Sequence[str], why: str) -> None:
         """:class:`UnsupportedError` naming the layer tensors of ``names`` that exist."""
         found = [n for n in names if self.m._w(il, n, required=False) is not None]
@@ -378,6 +420,12 @@ class AttentionGraph:
         return self.moe_ffn(il, cur, gating, norm_w=True, w_scale=w_scale)
 
 
+def _logit_scale(g: Any, cur: Any) -> Any:
+    """Cohere's ``logit_scale`` multiplies the logits (0 or absent: unscaled)."""
+    scale = g.m.keys.f32(f"{g.hp.arch}.logit_scale", 0.0)
+    return cur if scale == 0.0 else g.ctx.scale(cur, scale)
+
+
 def _gemma3_logits(g: Any, cur: Any) -> Any:
     """Final logit soft-capping, only when the file sets ``final_logit_softcapping``."""
     field = g.m.keys.fields.get(f"{g.hp.arch}.final_logit_softcapping")
@@ -392,6 +440,8 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     "gemma3": ArchGraph(AttentionGraph.gemma3, finish=_gemma3_logits),
     # LFM2 names its output norm after the embeddings
     "qwen3moe": ArchGraph(AttentionGraph.qwen3moe),
+    # LayerNorm output norm, applied by the builder
+    "cohere2": ArchGraph(AttentionGraph.cohere2, output_norm=None, finish=_logit_scale),
     "gpt-oss": ArchGraph(AttentionGraph.gpt_oss),
     "lfm2moe": ArchGraph(AttentionGraph.lfm2moe, output_norm="token_embd_norm.weight"),
 }
