@@ -282,6 +282,7 @@ ENGINE_ARCHS = {
     "qwen3moe",  # graph_attention
     "gpt-oss",  # graph_attention
     "cohere2",  # graph_attention
+    "olmo2",  # graph_attention
 }  # fmt: skip
 
 

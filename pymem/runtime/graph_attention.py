@@ -21,6 +21,7 @@ The reference builders (vendor/llama.cpp/src):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from pymem.errors import ConfigError, UnsupportedError
@@ -200,6 +201,40 @@ class AttentionGraph:
             cur = ctx.add(ctx.add(cur, inpL), attn_out)
             inpL = cur
         return self.layer_norm(inpL, "output_norm.weight")
+
+    def olmo2(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_olmo2::graph``: Q/K RMS norms over the whole projection (before
+        the head reshape), NEOX RoPE (plain on SWA layers: no YaRN scaling), post-norms
+        after attention and FFN instead of pre-norms."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        n_tokens, hd = self.ubatch.n_tokens, hp.n_embd_head
+        self.refuse_rope_factors()
+        inpL = inp
+        for il in range(hp.n_layer):
+            self.refuse_tensors(il, _QKV_EXTRA, "olmo2")
+            q, k, v = (ctx.mul_mat(w(il, f"attn_{n}.weight"), inpL) for n in "qkv")
+            q = g.norm(q, w(il, "attn_q_norm.weight"))
+            k = g.norm(k, w(il, "attn_k_norm.weight"))
+            q = ctx.reshape_3d(q, hd, hp.n_head[il], n_tokens)
+            k = ctx.reshape_3d(k, hd, hp.n_head_kv[il], n_tokens)
+            v = ctx.reshape_3d(v, hd, hp.n_head_kv[il], n_tokens)
+            layer = self.m.spec.layers[il]
+            rope = layer.rope
+            if layer.swa:  # SWA layers rotate without YaRN scaling
+                rope = replace(rope, freq_scale=1.0, ext_factor=0.0, attn_factor=1.0)
+            q, k = g.rope(q, rope), g.rope(k, rope)
+            cur = self.attn_store_read(il, q, k, v, None)
+            inpSA = inpL
+            if il == hp.n_layer - 1:
+                cur = ctx.get_rows(cur, out_ids)
+                inpSA = ctx.get_rows(inpSA, out_ids)
+            cur = g.norm(cur, w(il, "post_attention_norm.weight"))
+            ffn_inp = ctx.add(cur, inpSA)
+            cur = g.norm(g.ffn(il, ffn_inp), w(il, "post_ffw_norm.weight"))
+            inpL = ctx.add(cur, ffn_inp)
+        return inpL
 
     def refuse_tensors(self, il: int, names: Sequence[str], why: str) -> None:
         """:class:`UnsupportedError` naming the layer tensors of ``names`` that exist."""
@@ -440,6 +475,7 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     "gemma3": ArchGraph(AttentionGraph.gemma3, finish=_gemma3_logits),
     # LFM2 names its output norm after the embeddings
     "qwen3moe": ArchGraph(AttentionGraph.qwen3moe),
+    "olmo2": ArchGraph(AttentionGraph.olmo2),
     # LayerNorm output norm, applied by the builder
     "cohere2": ArchGraph(AttentionGraph.cohere2, output_norm=None, finish=_logit_scale),
     "gpt-oss": ArchGraph(AttentionGraph.gpt_oss),
