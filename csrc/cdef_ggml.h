@@ -210,3 +210,4 @@ struct ggml_tensor * ggml_swiglu_oai( struct ggml_context * ctx, struct ggml_ten
 struct ggml_tensor * ggml_reglu_split( struct ggml_context * ctx, struct ggml_tensor * a, struct ggml_tensor * b);
 void ggml_soft_max_add_sinks( struct ggml_tensor * a, struct ggml_tensor * sinks);
 void ggml_flash_attn_ext_add_sinks( struct ggml_tensor * a, struct ggml_tensor * sinks);
+struct ggml_tensor * ggml_swiglu( struct ggml_context * ctx, struct ggml_tensor * a);

@@ -102,6 +102,7 @@ OPS = frozenset(
         "add_id",
         "swiglu_oai",
         "reglu_split",
+        "swiglu",
     ]
 )
 
