@@ -283,6 +283,7 @@ ENGINE_ARCHS = {
     "gpt-oss",  # graph_attention
     "cohere2",  # graph_attention
     "olmo2",  # graph_attention
+    "phi3",  # graph_attention
 }  # fmt: skip
 
 

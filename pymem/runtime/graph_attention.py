@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
 from pymem.errors import ConfigError, UnsupportedError
 from pymem.runtime.arch_graph import ArchGraph, f32_div
 
@@ -235,6 +237,39 @@ class AttentionGraph:
             cur = g.norm(g.ffn(il, ffn_inp), w(il, "post_ffw_norm.weight"))
             inpL = ctx.add(cur, ffn_inp)
         return inpL
+
+    def phi3(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_phi3::graph``: RMS pre-norms, attention with Q scaled by
+        ``1/sqrt(head)`` after RoPE (KQ scale 1), a fused gate|up SwiGLU FFN
+        (``ggml_swiglu`` over one projection), or softmax-routed experts."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        self.refuse_rope_factors()
+        found = [n for n in ("output_norm.bias", "output.bias") if n in self.m.weights.names]
+        if found:
+            raise UnsupportedError(f"{self.m.path}: tensors the engine does not build: {found}")
+        q_scale = f32_div(1.0, float(np.sqrt(np.float32(hp.n_embd_head))))
+
+        def mixer(il: int, cur: Any) -> Any:
+            q, k, v = self.build_qkv(il, cur, hp.n_embd_head)
+            rope = self.m.spec.layers[il].rope
+            q, k = g.rope(q, rope), g.rope(k, rope)
+            return self.attn_store_read(il, ctx.scale(q, q_scale), k, v, 1.0)
+
+        def ffn(il: int, cur: Any) -> Any:
+            if w(il, "ffn_gate_inp.weight", required=False) is not None:
+                w_scale = self.m.keys.f32(f"{hp.arch}.expert_weights_scale", 0.0)
+                return self.moe_ffn(il, cur, GATING_SOFTMAX, norm_w=True, w_scale=w_scale,
+                                    exp_probs_b=False)  # fmt: skip
+            cur = ctx.swiglu(ctx.mul_mat(w(il, "ffn_up.weight"), cur))
+            return ctx.mul_mat(w(il, "ffn_down.weight"), cur)
+
+        for il in range(hp.n_layer):
+            self.refuse_tensors(
+                il, ("attn_norm.bias", "ffn_norm.bias", "ffn_up.bias", "ffn_down.bias"), "phi3"
+            )
+        return self.prenorm_layers(inp, out_ids, mixer, ffn)
 
     def refuse_tensors(self, il: int, names: Sequence[str], why: str) -> None:
         """:class:`UnsupportedError` naming the layer tensors of ``names`` that exist."""
@@ -475,6 +510,7 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     "gemma3": ArchGraph(AttentionGraph.gemma3, finish=_gemma3_logits),
     # LFM2 names its output norm after the embeddings
     "qwen3moe": ArchGraph(AttentionGraph.qwen3moe),
+    "phi3": ArchGraph(AttentionGraph.phi3),
     "olmo2": ArchGraph(AttentionGraph.olmo2),
     # LayerNorm output norm, applied by the builder
     "cohere2": ArchGraph(AttentionGraph.cohere2, output_norm=None, finish=_logit_scale),
