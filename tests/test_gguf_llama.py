@@ -284,6 +284,7 @@ ENGINE_ARCHS = {
     "cohere2",  # graph_attention
     "olmo2",  # graph_attention
     "phi3",  # graph_attention
+    "llama4",  # graph_attention
 }  # fmt: skip
 
 

@@ -271,6 +271,77 @@ class AttentionGraph:
             )
         return self.prenorm_layers(inp, out_ids, mixer, ffn)
 
+    def swiglu_ffn(self, il: int, cur: Any, suffix: str = "") -> Any:
+        """``build_ffn(up, gate, down, LLM_FFN_SILU, LLM_FFN_PAR)`` over ``ffn_*{suffix}``,
+        with the up / gate / down biases the file has."""
+        ctx, w = self.ctx, self.m._w
+
+        def proj(name: str, x: Any) -> Any:
+            t = ctx.mul_mat(w(il, f"ffn_{name}{suffix}.weight"), x)
+            bias = w(il, f"ffn_{name}{suffix}.bias", required=False)
+            return t if bias is None else ctx.add(t, bias)
+
+        up = proj("up", cur)
+        gate = proj("gate", cur)
+        return proj("down", ctx.swiglu_split(gate, up))
+
+    def llama4_attn_scale(self) -> Any:
+        """``build_inp_attn_scale``: per-token Q temperature of the NoPE layers,
+        ``log(floor((pos + 1) / 8192) + 1) * 0.1 + 1`` (float, then double, as the
+        reference computes it). E.g. pos 0..8190 -> 1.0, pos 8191 -> 1.0693147."""
+        pos = self.ubatch.pos0.astype(np.float32)
+        # float: (pos + offset) / floor_scale; then double: log(floor + 1) * scale + 1
+        q = np.floor((pos + np.float32(1.0)) / np.float32(8192)).astype(np.float64)
+        values = (np.log(q + 1.0) * float(np.float32(0.1)) + 1.0).astype(np.float32)
+        g: Any = self
+        return g.input("f32", (1, 1, values.size), values, "inp_attn_scale")
+
+    def llama4(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_llama4::graph``: every 4th layer without RoPE (its Q scaled by the
+        position temperature), RMS-normed (unweighted) Q/K after RoPE, dense SwiGLU or
+        sigmoid-routed experts that weigh their inputs (top-1 by raw logits) plus a
+        shared expert."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        self.refuse_rope_factors()
+        if self.m.keys.f32(f"{hp.arch}.attention.scale", 0.0) != 0.0:
+            raise UnsupportedError(f"{self.m.path}: {hp.arch}.attention.scale")
+        n_expert = int(self.m.keys.f32(f"{hp.arch}.expert_count", 0.0))
+        # the 17B-128E model skips the Q/K norm; the reference knows it by its expert count
+        use_kq_norm = n_expert != 128
+        swa_key = self.m.keys.fields.get(f"{hp.arch}.attention.sliding_window")
+        no_swa = swa_key is not None and int(swa_key.contents()) == 0
+        no_rope_step = hp.n_layer if no_swa else 4
+        # made only when a layer uses it (the reference's unused input is computed by none)
+        attn_scale: list[Any] = []
+
+        def mixer(il: int, cur: Any) -> Any:
+            self.refuse_tensors(il, ("attn_q_norm.weight", "attn_k_norm.weight"), "llama4")
+            q, k, v = self.build_qkv(il, cur, hp.n_embd_head)
+            use_rope = (il + 1) % no_rope_step != 0
+            rope = self.m.spec.layers[il].rope
+            if use_rope:
+                q, k = g.rope(q, rope), g.rope(k, rope)
+                if use_kq_norm:
+                    q = ctx.rms_norm(q, hp.f_norm_rms_eps)
+                    k = ctx.rms_norm(k, hp.f_norm_rms_eps)
+            else:
+                if not attn_scale:
+                    attn_scale.append(self.llama4_attn_scale())
+                q = ctx.mul(q, attn_scale[0])
+            return self.attn_store_read(il, q, k, v, None)
+
+        def ffn(il: int, cur: Any) -> Any:
+            if w(il, "ffn_gate_inp.weight", required=False) is None:
+                return self.swiglu_ffn(il, cur)
+            w_scale = self.m.keys.f32(f"{hp.arch}.expert_weights_scale", 0.0)
+            moe_out = self.moe_ffn(il, cur, GATING_SIGMOID, norm_w=False, w_scale=w_scale,
+                                   exp_probs_b=False, weight_before_ffn=True)  # fmt: skip
+            return ctx.add(moe_out, self.swiglu_ffn(il, cur, "_shexp"))
+
+        return self.prenorm_layers(inp, out_ids, mixer, ffn)
+
     def refuse_tensors(self, il: int, names: Sequence[str], why: str) -> None:
         """:class:`UnsupportedError` naming the layer tensors of ``names`` that exist."""
         found = [n for n in names if self.m._w(il, n, required=False) is not None]
@@ -510,6 +581,7 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     "gemma3": ArchGraph(AttentionGraph.gemma3, finish=_gemma3_logits),
     # LFM2 names its output norm after the embeddings
     "qwen3moe": ArchGraph(AttentionGraph.qwen3moe),
+    "llama4": ArchGraph(AttentionGraph.llama4),
     "phi3": ArchGraph(AttentionGraph.phi3),
     "olmo2": ArchGraph(AttentionGraph.olmo2),
     # LayerNorm output norm, applied by the builder
