@@ -285,6 +285,7 @@ ENGINE_ARCHS = {
     "olmo2",  # graph_attention
     "phi3",  # graph_attention
     "llama4",  # graph_attention
+    "exaone4",  # graph_attention
 }  # fmt: skip
 
 

@@ -213,10 +213,10 @@ class AttentionGraph:
         w = self.m._w
         n_tokens, hd = self.ubatch.n_tokens, hp.n_embd_head
         self.refuse_rope_factors()
-        inpL = inp
-        for il in range(hp.n_layer):
+
+        def mixer(il: int, cur: Any) -> Any:
             self.refuse_tensors(il, _QKV_EXTRA, "olmo2")
-            q, k, v = (ctx.mul_mat(w(il, f"attn_{n}.weight"), inpL) for n in "qkv")
+            q, k, v = (ctx.mul_mat(w(il, f"attn_{n}.weight"), cur) for n in "qkv")
             q = g.norm(q, w(il, "attn_q_norm.weight"))
             k = g.norm(k, w(il, "attn_k_norm.weight"))
             q = ctx.reshape_3d(q, hd, hp.n_head[il], n_tokens)
@@ -227,7 +227,19 @@ class AttentionGraph:
             if layer.swa:  # SWA layers rotate without YaRN scaling
                 rope = replace(rope, freq_scale=1.0, ext_factor=0.0, attn_factor=1.0)
             q, k = g.rope(q, rope), g.rope(k, rope)
-            cur = self.attn_store_read(il, q, k, v, None)
+            return self.attn_store_read(il, q, k, v, None)
+
+        return self.postnorm_layers(inp, out_ids, mixer)
+
+    def postnorm_layers(self, inp: Any, out_ids: Any, mixer: Callable[[int, Any], Any]) -> Any:
+        """OLMo-2 / EXAONE-4 layers: ``mixer`` on the raw residual, ``post_attention_norm``,
+        residual, SwiGLU, ``post_ffw_norm``, residual (the output rows in the last layer)."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        inpL = inp
+        for il in range(hp.n_layer):
+            cur = mixer(il, inpL)
             inpSA = inpL
             if il == hp.n_layer - 1:
                 cur = ctx.get_rows(cur, out_ids)
@@ -237,6 +249,19 @@ class AttentionGraph:
             cur = g.norm(g.ffn(il, ffn_inp), w(il, "post_ffw_norm.weight"))
             inpL = ctx.add(cur, ffn_inp)
         return inpL
+
+    def exaone4(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_exaone4::graph``: OLMo-2's post-norm layers with per-head Q/K RMS
+        norms; RoPE on SWA layers only (on every layer of a model without SWA)."""
+        self.refuse_rope_factors()
+        no_swa = not any(layer.swa for layer in self.m.spec.layers)
+
+        def mixer(il: int, cur: Any) -> Any:
+            self.refuse_tensors(il, ("attn_output.bias",), "exaone4")
+            rope = no_swa or self.m.spec.layers[il].swa
+            return self.attn_block(il, cur, qk_norm=True, rope=rope)
+
+        return self.postnorm_layers(inp, out_ids, mixer)
 
     def phi3(self, inp: Any, out_ids: Any) -> Any:
         """``llama_model_phi3::graph``: RMS pre-norms, attention with Q scaled by
@@ -581,6 +606,7 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     "gemma3": ArchGraph(AttentionGraph.gemma3, finish=_gemma3_logits),
     # LFM2 names its output norm after the embeddings
     "qwen3moe": ArchGraph(AttentionGraph.qwen3moe),
+    "exaone4": ArchGraph(AttentionGraph.exaone4),
     "llama4": ArchGraph(AttentionGraph.llama4),
     "phi3": ArchGraph(AttentionGraph.phi3),
     "olmo2": ArchGraph(AttentionGraph.olmo2),
