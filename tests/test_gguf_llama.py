@@ -286,6 +286,7 @@ ENGINE_ARCHS = {
     "phi3",  # graph_attention
     "llama4",  # graph_attention
     "exaone4",  # graph_attention
+    "rwkv6", "rwkv6qwen2",  # graph_rwkv
 }  # fmt: skip
 
 

@@ -5,15 +5,447 @@ A mixin of the engine's graph builder (``pymem.runtime.gguf_llama._Graph``): met
 here use its context (``self.ctx``), hyper-parameters (``self.hp``), weights
 (``self.m._w``), inputs and shared blocks (``norm``, ``ffn``, ``attention``,
 ``build_rs``, ...). :data:`ARCH_GRAPHS` registers the architectures built here.
+
+The reference builders (vendor/llama.cpp/src):
+
+* ``llama-graph.cpp`` ``build_rwkv_token_shift_load`` / ``_store``: the token shift
+  (the previous token's normed input, per mixer: ``token_shift_count`` rows of ``n_embd``)
+  is R, read through ``build_rs`` and written back for rows ``[head, head + n_seqs)``;
+  the WKV state (``n_embd * head_size`` per sequence) is S, read through ``build_rs``
+  and replaced by the fused op's final state;
+* ``models/rwkv6-base.cpp``: RWKV-6 time mix (data-dependent lerp through the 5-way
+  ``time_mix_w1`` / ``w2`` LoRA, decay LoRA, ``ggml_rwkv_wkv6``, a group norm with one
+  group per head) and channel mix; the Qwen-based flavour (no ``time_mix_first``)
+  scales K by ``1 - w`` and runs ``ggml_gated_linear_attn`` without the group norm;
+* ``models/rwkv7-base.cpp``: RWKV-7 time mix (6- or 5-way fused lerp, decay / ICLR /
+  value-residual / gate LoRAs, L2-normed ``kk``, ``ggml_rwkv_wkv7``, optional group
+  norm, the ``r * k * r_k`` bonus) and channel mix (ReLU² key);
+* ``models/rwkv6.cpp`` / ``rwkv7.cpp``: layer norms (with biases) on the embeddings,
+  before each mixer and at the output, two token-shift rows per layer;
+  ``rwkv6qwen2.cpp`` / ``arwkv7.cpp``: RMS norms, one token-shift row per layer, a SwiGLU
+  FFN instead of the channel mix.
+
+The reference's token-shift store of the Qwen flavours takes ``n_embd * n_seqs``
+contiguous values from the view of the last token of the first sequence; with several
+sequences of several tokens in one ubatch that is not each sequence's last token. The
+graph here repeats it (the recorded bytes are the reference's). LoRA adapters, control
+vectors and the variants listed in :meth:`RWKVGraph._rwkv_refuse` are not built
+(:class:`~pymem.errors.UnsupportedError` names the tensor or key).
 """
 
 from __future__ import annotations
 
-from pymem.runtime.arch_graph import ArchGraph
+from typing import Any
+
+import pymem.ggml as gg
+from pymem.errors import ConfigError, UnsupportedError
+from pymem.runtime.arch_graph import ArchGraph, f32
+
+F32 = 4  # bytes per float32
+
+# the group norm of the WKV output (one group per head): llama.cpp's constant 64e-5f
+_WKV_GROUP_NORM_EPS = 64e-5
+# RWKV-7's decay: w = exp(-0.606531 * sigmoid(.)) (= exp(-e^-0.5 * sigmoid(.)))
+_RWKV7_DECAY_SCALE = -0.606531
+# the WKV-7 head size ggml's CPU kernel handles without overrunning (its SIMD step)
+_WKV7_HEAD_MULTIPLE = 64
 
 
 class RWKVGraph:
     """Graph builders of this family (mixed into the engine's graph builder)."""
 
+    # provided by the engine's graph builder (pymem.runtime.gguf_llama._Graph)
+    ctx: Any
+    hp: Any
+    m: Any
+    ubatch: Any
+    inputs: Any
 
-ARCH_GRAPHS: dict[str, ArchGraph] = {}
+    # --- shared pieces ----------------------------------------------------------------
+    def _rwkv_layer_norm(self, cur: Any, w: Any, b: Any) -> Any:
+        """``build_norm(LLM_NORM)``: ``norm(cur, f_norm_eps) * w + b``."""
+        ctx = self.ctx
+        eps = self.m.keys.f32(f"{self.hp.arch}.attention.layer_norm_epsilon", 0.0)
+        return ctx.add(ctx.mul(ctx.norm(cur, eps), w), b)
+
+    def _rwkv_rms_norm(self, cur: Any, w: Any, b: Any = None) -> Any:
+        """``build_norm(LLM_NORM_RMS)`` with an optional bias."""
+        g: Any = self
+        cur = g.norm(cur, w)
+        return cur if b is None else self.ctx.add(cur, b)
+
+    def _rwkv_check(self, count: int) -> None:
+        """The ubatch and memory the RWKV graphs assume (equal split, one state plane,
+        ``count`` token-shift rows)."""
+        ub, hpf = self.ubatch, self.m.hp_file
+        g: Any = self
+        if not ub.equal_seqs or ub.n_seqs * ub.n_seq_tokens != ub.n_tokens:
+            raise ConfigError(
+                "ubatch: RWKV layers need an equal-sequence split (split_equal or split_seq)"
+            )
+        if g._recr().n_rs_seq:
+            raise UnsupportedError(f"{hpf.arch}: rollback snapshots (n_rs_seq > 0)")
+        if hpf.token_shift_count != count:
+            raise ConfigError(
+                f"{self.m.path}: {hpf.arch}.token_shift_count {hpf.token_shift_count}, the "
+                f"graph needs {count}"
+            )
+        if hpf.wkv_head_size <= 0 or hpf.n_embd % hpf.wkv_head_size:
+            raise ConfigError(
+                f"{self.m.path}: {hpf.arch}.wkv.head_size {hpf.wkv_head_size} does not divide "
+                f"n_embd {hpf.n_embd}"
+            )
+
+    def _rwkv7_check_head(self) -> None:
+        """Refuse a WKV-7 head size the CPU kernel overruns.
+
+        ``ggml_compute_forward_rwkv_wkv7_f32`` walks each head's row in whole SIMD steps
+        (``GGML_F32_STEP``: 64 floats with AVX-512, 32 with AVX2) and has no tail loop
+        that runs, so with a smaller head it reads and writes past the row, into other
+        heads, other sequences' states and past the tensor (heap corruption; the
+        reference's own numbers then depend on neighbouring memory). Real RWKV-7 models
+        use heads of 64.
+        """
+        hs = self.m.hp_file.wkv_head_size
+        if hs % _WKV7_HEAD_MULTIPLE:
+            raise UnsupportedError(
+                f"{self.m.path}: {self.hp.arch}.wkv.head_size {hs} is not a multiple of "
+                f"{_WKV7_HEAD_MULTIPLE} (ggml's CPU rwkv_wkv7 kernel overruns smaller heads)"
+            )
+
+    def _rwkv_refuse(self, names: list[str], keys: tuple[str, ...] = ()) -> None:
+        """Refuse tensors (``blk.<il>.<name>`` or a global name) and non-zero keys this
+        module does not build, before any node is made."""
+        w = self.m._w
+        found = [
+            f"blk.{il}.{n}"
+            for il in range(self.hp.n_layer)
+            for n in names
+            if w(il, n, required=False) is not None
+        ]
+        if found:
+            raise UnsupportedError(f"{self.m.path}: tensors the engine does not build: {found}")
+        for key in keys:
+            if self.m.keys.f32(key, 0.0):
+                raise UnsupportedError(f"{self.m.path}: {key} is not built")
+
+    def _rwkv_shift_load(self, il: int, count: int) -> Any:
+        """``build_rwkv_token_shift_load``: ``[n_embd, count, n_seqs]`` through build_rs."""
+        g: Any = self
+        n_embd_r = self.m.hp_file.n_embd_r()
+        shift = g.build_rs(g._recr().r_tensor(il).ptr, n_embd_r, self.ctx.get_rows)
+        return self.ctx.reshape_3d(shift, self.hp.n_embd, count, self.ubatch.n_seqs)
+
+    def _rwkv_shift_store(self, il: int, shift: Any, count: int) -> None:
+        """``build_rwkv_token_shift_store``: ``n_embd * n_seqs * count`` values from the
+        start of ``shift`` to rows ``[head, head + n_seqs)`` of R."""
+        ctx, g = self.ctx, self
+        rs = self._recr_rwkv()
+        r_all = rs.r_tensor(il).ptr
+        n_embd_r, n_seqs = self.m.hp_file.n_embd_r(), self.ubatch.n_seqs
+        src = ctx.view_1d(shift, self.hp.n_embd * n_seqs * count, 0)
+        dst = ctx.view_1d(r_all, n_embd_r * n_seqs,
+                          n_embd_r * rs.head * int(gg.lib.ggml_element_size(r_all)))  # fmt: skip
+        g.expand(ctx.cpy(src, dst))
+
+    def _recr_rwkv(self) -> Any:
+        g: Any = self
+        return g._recr()
+
+    def _rwkv_prev(self, shift: Any, x: Any) -> Any:
+        """``x_prev``: the stored shift row, then every token but the last of each sequence.
+
+        E.g. 3 tokens a b c of one sequence, stored s -> [s, a, b].
+        """
+        ctx, ub = self.ctx, self.ubatch
+        head = ctx.view_3d(x, self.hp.n_embd, ub.n_seq_tokens - 1, ub.n_seqs, x.nb[1], x.nb[2], 0)
+        return ctx.concat(shift, head, 1)
+
+    def _rwkv_last(self, x: Any) -> Any:
+        """The last token of each sequence of ``x`` ``[n_embd, n_seq_tokens, n_seqs]``."""
+        ub = self.ubatch
+        off = (ub.n_seq_tokens - 1) * self.hp.n_embd * int(gg.lib.ggml_element_size(x))
+        return self.ctx.view_3d(x, self.hp.n_embd, 1, ub.n_seqs, x.nb[1], x.nb[2], off)
+
+    def _rwkv_wkv_out(self, il: int, out: Any) -> Any:
+        """Split the fused op's output ``[y of every token | final states]``: store the
+        states to rows ``[head, head + n_seqs)`` of S and return ``y`` (1-d)."""
+        ctx, g = self.ctx, self
+        rs = self._recr_rwkv()
+        s_all = rs.s_tensor(il).ptr
+        n_embd, n_tokens, n_seqs = self.hp.n_embd, self.ubatch.n_tokens, self.ubatch.n_seqs
+        n_embd_s = self.m.hp_file.n_embd_s()
+        cur = ctx.view_1d(out, n_embd * n_tokens, 0)
+        state = ctx.view_1d(out, n_embd_s * n_seqs, n_embd * n_tokens * F32)
+        dst = ctx.view_1d(s_all, n_embd_s * n_seqs,
+                          n_embd_s * rs.head * int(gg.lib.ggml_element_size(s_all)))  # fmt: skip
+        g.expand(ctx.cpy(state, dst))
+        return cur
+
+    def _rwkv_wkv_state(self, il: int) -> Any:
+        g: Any = self
+        return g.build_rs(g._recr().s_tensor(il).ptr, self.m.hp_file.n_embd_s(), self.ctx.get_rows)
+
+    def _rwkv_group_norm(self, cur: Any, il: int) -> Any:
+        """One group per head: ``norm`` over each head's values, then ``ln`` and its bias."""
+        ctx, w = self.ctx, self.m._w
+        hs, n_tokens = self.m.hp_file.wkv_head_size, self.ubatch.n_tokens
+        n_head = self.hp.n_embd // hs
+        cur = ctx.reshape_3d(cur, hs, n_head, n_tokens)
+        cur = ctx.norm(cur, _WKV_GROUP_NORM_EPS)
+        cur = ctx.reshape_2d(cur, self.hp.n_embd, n_tokens)
+        return ctx.add(ctx.mul(cur, w(il, "time_mix_ln.weight")), w(il, "time_mix_ln.bias"))
+
+    # --- RWKV-6 -----------------------------------------------------------------------
+    def rwkv6_time_mix(self, il: int, cur: Any, x_prev: Any) -> Any:
+        """``build_rwkv6_time_mix`` (fused lerp, no K/V/R biases, K/V heads = heads)."""
+        ctx, w = self.ctx, self.m._w
+        n_embd, n_tokens = self.hp.n_embd, self.ubatch.n_tokens
+        hs = self.m.hp_file.wkv_head_size
+        n_head = n_embd // hs
+        qrwkv = w(il, "time_mix_first.weight", required=False) is None
+
+        sx = ctx.sub(x_prev, cur)
+        sx = ctx.reshape_2d(sx, n_embd, n_tokens)
+        cur = ctx.reshape_2d(cur, n_embd, n_tokens)
+        xxx = ctx.add(ctx.mul(sx, w(il, "time_mix_lerp_x.weight")), cur)
+        w1, w2 = w(il, "time_mix_w1.weight"), w(il, "time_mix_w2.weight")
+        xxx = ctx.reshape_4d(ctx.tanh(ctx.mul_mat(w1, xxx)), int(w1.ne[1]) // 5, 1, 5, n_tokens)
+        xxx = ctx.cont(ctx.permute(xxx, 0, 1, 3, 2))
+        xxx = ctx.mul_mat(ctx.reshape_4d(w2, w2.ne[0], w2.ne[1], 1, 5), xxx)
+        sx = ctx.reshape_3d(sx, n_embd, 1, n_tokens)
+        cur = ctx.reshape_3d(cur, n_embd, 1, n_tokens)
+        xxx = ctx.add(ctx.mul(ctx.add(xxx, w(il, "time_mix_lerp_fused.weight")), sx), cur)
+        # five planes of n_embd x n_tokens: w, k, v, r, g
+        xw, xk, xv, xr, xg = (
+            ctx.view_2d(xxx, n_embd, n_tokens, xxx.nb[1], j * n_embd * n_tokens * F32)
+            for j in range(5)
+        )
+        r = ctx.mul_mat(w(il, "time_mix_receptance.weight"), xr)
+        k = ctx.mul_mat(w(il, "time_mix_key.weight"), xk)
+        v = ctx.mul_mat(w(il, "time_mix_value.weight"), xv)
+        g = ctx.mul_mat(w(il, "time_mix_gate.weight"), xg)
+        g = ctx.sigmoid(g) if qrwkv else ctx.silu(g)
+        k = ctx.reshape_3d(k, hs, n_head, n_tokens)
+        v = ctx.reshape_3d(v, hs, n_head, n_tokens)
+        r = ctx.reshape_3d(r, hs, n_head, n_tokens)
+
+        decay = ctx.tanh(ctx.mul_mat(w(il, "time_mix_decay_w1.weight"), xw))
+        decay = ctx.mul_mat(w(il, "time_mix_decay_w2.weight"), decay)
+        decay = ctx.add(decay, w(il, "time_mix_decay.weight"))
+        decay = ctx.exp(ctx.neg(ctx.exp(decay)))
+        decay = ctx.reshape_3d(decay, hs, n_head, n_tokens)
+        if qrwkv:
+            k = ctx.sub(k, ctx.mul(k, decay))  # k * (1 - w)
+        state = self._rwkv_wkv_state(il)
+        if qrwkv:
+            # the reference's pow(head_size, -0.5f) is computed in double
+            out = ctx.gated_linear_attn(k, v, r, decay, state, f32(hs**-0.5))
+        else:
+            out = ctx.rwkv_wkv6(k, v, r, w(il, "time_mix_first.weight"), decay, state)
+        cur = self._rwkv_wkv_out(il, out)
+        cur = ctx.reshape_2d(cur, n_embd, n_tokens) if qrwkv else self._rwkv_group_norm(cur, il)
+        cur = ctx.mul(cur, g)
+        cur = ctx.mul_mat(w(il, "time_mix_output.weight"), cur)
+        return ctx.reshape_3d(cur, n_embd, self.ubatch.n_seq_tokens, self.ubatch.n_seqs)
+
+    def _rwkv6_refuse(self) -> None:
+        """RWKV-6 variants not built: K/V/R biases, the unfused lerp of old files, fewer
+        K/V heads than heads (repeated in the reference), rescaling every n layers."""
+        arch = self.hp.arch
+        biases = ["time_mix_receptance.bias", "time_mix_key.bias", "time_mix_value.bias"]
+        self._rwkv_refuse([*biases, "time_mix_lerp_w.weight"], (f"{arch}.rescale_every_n_layers",))
+        n_head = self.hp.n_embd // self.m.hp_file.wkv_head_size
+        for il, n_head_kv in enumerate(self.hp.n_head_kv):
+            if n_head_kv not in (0, n_head):
+                raise UnsupportedError(
+                    f"{self.m.path}: layer {il}: {arch}.attention.head_count_kv {n_head_kv} "
+                    f"!= {n_head} heads (repeated K/V heads are not built)"
+                )
+
+    # --- RWKV-7 -----------------------------------------------------------------------
+    def rwkv7_time_mix(self, il: int, cur: Any, x_prev: Any, first: list[Any]) -> Any:
+        """``build_rwkv7_time_mix``; ``first`` holds layer 0's V (the value residual)."""
+        ctx, w = self.ctx, self.m._w
+        ub = self.ubatch
+        n_embd, n_tokens = self.hp.n_embd, ub.n_tokens
+        hs = self.m.hp_file.wkv_head_size
+        n_head = n_embd // hs
+        g1 = w(il, "time_mix_g1.weight", required=False)
+        g2 = w(il, "time_mix_g2.weight", required=False)
+        gating = g1 is not None and g2 is not None
+        n_lerp = 6 if gating else 5
+
+        sx = ctx.sub(x_prev, cur)
+        dummy = ctx.new_tensor_4d(gg.lib.GGML_TYPE_F32, n_embd, ub.n_seq_tokens, ub.n_seqs, n_lerp)
+        sx = ctx.repeat(sx, dummy)
+        xxx = ctx.add(ctx.mul(sx, w(il, "time_mix_lerp_fused.weight")), cur)
+        # planes of n_embd x n_tokens: r, w, k, v, a (, g)
+        xr, xw, xk, xv, xa, *xg = (
+            ctx.view_2d(xxx, n_embd, n_tokens, xxx.nb[1], j * n_embd * n_tokens * F32)
+            for j in range(n_lerp)
+        )
+        r = ctx.mul_mat(w(il, "time_mix_receptance.weight"), xr)
+        decay = ctx.tanh(ctx.mul_mat(w(il, "time_mix_w1.weight"), xw))
+        decay = ctx.add(ctx.mul_mat(w(il, "time_mix_w2.weight"), decay),
+                        w(il, "time_mix_w0.weight"))  # fmt: skip
+        decay = ctx.exp(ctx.scale(ctx.sigmoid(decay), _RWKV7_DECAY_SCALE))
+        k = ctx.mul_mat(w(il, "time_mix_key.weight"), xk)
+        v = ctx.mul_mat(w(il, "time_mix_value.weight"), xv)
+        if not first:
+            first.append(v)
+        else:
+            mix = ctx.mul_mat(w(il, "time_mix_v2.weight"),
+                              ctx.mul_mat(w(il, "time_mix_v1.weight"), xv))  # fmt: skip
+            mix = ctx.sigmoid(ctx.add(mix, w(il, "time_mix_v0.weight")))
+            v = ctx.add(v, ctx.mul(ctx.sub(first[0], v), mix))
+        gate = None
+        if gating:
+            gate = ctx.mul_mat(g2, ctx.sigmoid(ctx.mul_mat(g1, xg[0])))
+        a = ctx.mul_mat(w(il, "time_mix_a2.weight"), ctx.mul_mat(w(il, "time_mix_a1.weight"), xa))
+        a = ctx.sigmoid(ctx.add(a, w(il, "time_mix_a0.weight")))
+
+        kk = ctx.reshape_3d(ctx.mul(k, w(il, "time_mix_k_k.weight")), hs, n_head, n_tokens)
+        kk = ctx.l2_norm(kk, 1e-12)
+        ka = ctx.mul(k, w(il, "time_mix_k_a.weight"))
+        k = ctx.add(k, ctx.sub(ctx.mul(a, ka), ka))  # k + (a - 1) * k * k_a
+
+        r, decay, k, v, a = (ctx.reshape_3d(t, hs, n_head, n_tokens) for t in (r, decay, k, v, a))
+        state = self._rwkv_wkv_state(il)
+        out = ctx.rwkv_wkv7(r, decay, k, v, ctx.neg(kk), ctx.mul(kk, a), state)
+        cur = self._rwkv_wkv_out(il, out)
+        if w(il, "time_mix_ln.weight", required=False) is not None and (
+            w(il, "time_mix_ln.bias", required=False) is not None
+        ):
+            cur = self._rwkv_group_norm(cur, il)
+        else:
+            cur = ctx.reshape_2d(cur, n_embd, n_tokens)
+        r_k = ctx.reshape_2d(w(il, "time_mix_r_k.weight"), hs, n_head)
+        rk = ctx.sum_rows(ctx.mul(ctx.mul(k, r), r_k))
+        cur = ctx.add(cur, ctx.reshape_2d(ctx.mul(v, rk), n_embd, n_tokens))
+        if gate is not None:
+            cur = ctx.mul(cur, gate)
+        cur = ctx.mul_mat(w(il, "time_mix_output.weight"), cur)
+        return ctx.reshape_3d(cur, n_embd, ub.n_seq_tokens, ub.n_seqs)
+
+    # --- the RWKV-6 / RWKV-7 trunk (layer norms, channel mix) ---------------------------
+    def _rwkv_trunk(self, inp: Any, out_ids: Any, v7: bool) -> Any:
+        """``llama_model_rwkv6::graph`` / ``llama_model_rwkv7::graph`` through the output
+        norm: two token-shift rows per layer (time mix, channel mix)."""
+        ctx, hp, w = self.ctx, self.hp, self.m._w
+        g: Any = self
+        ub = self.ubatch
+        n_embd, n_seq_tokens, n_seqs = hp.n_embd, ub.n_seq_tokens, ub.n_seqs
+        self._rwkv_check(2)
+        if v7:
+            self._rwkv7_check_head()
+        else:
+            self._rwkv6_refuse()
+        get = self.m.weights.get
+        inpL = self._rwkv_layer_norm(inp, get("token_embd_norm.weight"),
+                                     get("token_embd_norm.bias"))  # fmt: skip
+        g.s_copy()
+        first: list[Any] = []
+        for il in range(hp.n_layer):
+            inpL = ctx.reshape_3d(inpL, n_embd, n_seq_tokens, n_seqs)
+            shift = self._rwkv_shift_load(il, 2)
+            el = int(gg.lib.ggml_element_size(shift))
+            att_shift = ctx.view_3d(shift, n_embd, 1, n_seqs, shift.nb[1], shift.nb[2], 0)
+            ffn_shift = ctx.view_3d(shift, n_embd, 1, n_seqs, shift.nb[1], shift.nb[2], n_embd * el)
+            att_norm = self._rwkv_layer_norm(inpL, w(il, "attn_norm.weight"),
+                                             w(il, "attn_norm.bias"))  # fmt: skip
+            x_prev = self._rwkv_prev(att_shift, att_norm)
+            if v7:
+                cur = self.rwkv7_time_mix(il, att_norm, x_prev, first)
+            else:
+                cur = self.rwkv6_time_mix(il, att_norm, x_prev)
+            ffn_inp = ctx.add(cur, inpL)
+            ffn_norm = self._rwkv_layer_norm(ffn_inp, w(il, "attn_norm_2.weight"),
+                                             w(il, "attn_norm_2.bias"))  # fmt: skip
+            x_prev = self._rwkv_prev(ffn_shift, ffn_norm)
+            shift = ctx.concat(self._rwkv_last(att_norm), self._rwkv_last(ffn_norm), 1)
+            self._rwkv_shift_store(il, shift, 2)
+
+            ffn_inp = ctx.reshape_2d(ffn_inp, n_embd, ub.n_tokens)
+            ffn_norm = ctx.reshape_2d(ffn_norm, n_embd, ub.n_tokens)
+            x_prev = ctx.reshape_2d(x_prev, n_embd, ub.n_tokens)
+            if il == hp.n_layer - 1:
+                ffn_inp = ctx.get_rows(ffn_inp, out_ids)
+                ffn_norm = ctx.get_rows(ffn_norm, out_ids)
+                x_prev = ctx.get_rows(x_prev, out_ids)
+            cur = self._rwkv_channel_mix(il, ffn_norm, x_prev, v7)
+            inpL = ctx.add(cur, ffn_inp)
+        return self._rwkv_layer_norm(inpL, get("output_norm.weight"), get("output_norm.bias"))
+
+    def _rwkv_channel_mix(self, il: int, cur: Any, x_prev: Any, v7: bool) -> Any:
+        """``build_rwkv6_channel_mix`` / ``build_rwkv7_channel_mix``."""
+        ctx, w = self.ctx, self.m._w
+        sx = ctx.sub(x_prev, cur)
+        xk = ctx.add(ctx.mul(sx, w(il, "channel_mix_lerp_k.weight")), cur)
+        if v7:
+            k = ctx.sqr(ctx.relu(ctx.mul_mat(w(il, "channel_mix_key.weight"), xk)))
+            return ctx.mul_mat(w(il, "channel_mix_value.weight"), k)
+        xr = ctx.add(ctx.mul(sx, w(il, "channel_mix_lerp_r.weight")), cur)
+        r = ctx.sigmoid(ctx.mul_mat(w(il, "channel_mix_receptance.weight"), xr))
+        k = ctx.sqr(ctx.relu(ctx.mul_mat(w(il, "channel_mix_key.weight"), xk)))
+        return ctx.mul(r, ctx.mul_mat(w(il, "channel_mix_value.weight"), k))
+
+    # --- the Qwen-based trunk (RMS norms, SwiGLU FFN) ------------------------------------
+    def _rwkv_qwen_trunk(self, inp: Any, out_ids: Any, v7: bool) -> Any:
+        """``llama_model_rwkv6qwen2::graph`` / ``llama_model_arwkv7::graph`` through the
+        output norm: one token-shift row per layer (the time mix's)."""
+        ctx, hp, w = self.ctx, self.hp, self.m._w
+        g: Any = self
+        ub = self.ubatch
+        n_embd, n_seq_tokens, n_seqs = hp.n_embd, ub.n_seq_tokens, ub.n_seqs
+        self._rwkv_check(1)
+        if v7:
+            self._rwkv7_check_head()
+        else:
+            self._rwkv6_refuse()
+        g.s_copy()
+        first: list[Any] = []
+        inpL = inp
+        for il in range(hp.n_layer):
+            inpL = ctx.reshape_3d(inpL, n_embd, n_seq_tokens, n_seqs)
+            shift = self._rwkv_shift_load(il, 1)
+            att_norm = self._rwkv_rms_norm(inpL, w(il, "attn_norm.weight"),
+                                           w(il, "attn_norm.bias", required=False))  # fmt: skip
+            x_prev = self._rwkv_prev(shift, att_norm)
+            if v7:
+                cur = self.rwkv7_time_mix(il, att_norm, x_prev, first)
+            else:
+                cur = self.rwkv6_time_mix(il, att_norm, x_prev)
+            self._rwkv_shift_store(il, self._rwkv_last(att_norm), 1)
+            ffn_inp = ctx.add(cur, inpL)
+            ffn_inp = ctx.reshape_2d(ffn_inp, n_embd, ub.n_tokens)
+            if il == hp.n_layer - 1:
+                ffn_inp = ctx.get_rows(ffn_inp, out_ids)
+            cur = g.norm(ffn_inp, w(il, "ffn_norm.weight"))
+            cur = g.ffn(il, cur)
+            inpL = ctx.add(cur, ffn_inp)
+        get = self.m.weights.get
+        return self._rwkv_rms_norm(inpL, get("output_norm.weight"),
+                                   get("output_norm.bias", required=False))  # fmt: skip
+
+    def rwkv6(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_rwkv6::graph`` through the output norm."""
+        return self._rwkv_trunk(inp, out_ids, v7=False)
+
+    def rwkv7(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_rwkv7::graph`` through the output norm."""
+        return self._rwkv_trunk(inp, out_ids, v7=True)
+
+    def rwkv6qwen2(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_rwkv6qwen2::graph`` through the output norm."""
+        return self._rwkv_qwen_trunk(inp, out_ids, v7=False)
+
+    def arwkv7(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_arwkv7::graph`` through the output norm."""
+        return self._rwkv_qwen_trunk(inp, out_ids, v7=True)
+
+
+ARCH_GRAPHS: dict[str, ArchGraph] = {
+    "rwkv6": ArchGraph(RWKVGraph.rwkv6, output_norm=None),
+    "rwkv6qwen2": ArchGraph(RWKVGraph.rwkv6qwen2, output_norm=None),
+}

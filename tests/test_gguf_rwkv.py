@@ -1,0 +1,136 @@
+"""The GGUF engine's RWKV family (pymem/runtime/graph_rwkv.py) refuses what it does not build.
+
+The recorded runs (rwkv6.*, rwkv6qwen2.*) replay through the engine in
+tests/test_gguf_llama.py. Here: a model the engine would decode wrongly by ignoring a
+tensor or key (K/V/R biases, the unfused lerp of old RWKV-6 files, rescaling every n
+layers, repeated K/V heads) raises UnsupportedError naming it, before any state is
+written; and an RWKV-7 head size ggml's CPU ``rwkv_wkv7`` kernel overruns (it steps 64
+floats at a time with AVX-512: heads of 8 read and write past each head, corrupting the
+heap) is refused instead of computed. The models are the recorded tiny ones, written again
+by their writers with one tensor or key more.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pymem.batch import Batch
+from pymem.errors import UnsupportedError
+from pymem.factory import ContextParams, create_memory
+from pymem.runtime.decoder import Decoder
+from pymem.runtime.gguf_llama import SUPPORTED, GGUFModel
+
+sys.path.insert(0, str(Path(__file__).parent / "record"))
+import family_other
+import models
+
+RUNS = Path(__file__).parent / "data" / "runs"
+
+
+def _write_with(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    writer: Callable[[Path], Path],
+    extra: dict[str, tuple[int, ...]],
+    keys: dict[str, int] | None = None,
+) -> Path:
+    """The writer's model plus the ``extra`` tensors (name -> ggml shape, zeros) and
+    ``keys`` (``<key>`` after the arch prefix -> u32)."""
+    finish = models._Model.finish
+
+    def finish_with_extra(self: models._Model) -> None:
+        for name, ne in extra.items():
+            self.w.add_tensor(name, np.zeros(tuple(reversed(ne)), np.float32))
+        for key, value in (keys or {}).items():
+            self.u32(key, value)
+        finish(self)
+
+    monkeypatch.setattr(models._Model, "finish", finish_with_extra)
+    return writer(tmp_path / "model.gguf")
+
+
+def _first_decode(path: Path, run: str) -> None:
+    """Decode the first batch of a recorded run with the model at ``path``."""
+    data = json.loads((RUNS / f"{run}.json").read_text())
+    step = next(s for s in data["steps"] if s["op"] == "decode")
+    params = data["context_params"]
+    with GGUFModel(path) as model:
+        mem = create_memory(model.spec, ContextParams.from_dict(params))
+        assert mem is not None
+        try:
+            dec = Decoder(model, mem, n_seq_max=params["n_seq_max"], n_ubatch=params["n_ubatch"],
+                          flash_attn=params["flash_attn"])  # fmt: skip
+            dec.decode(Batch.from_items(step["items"]))
+        finally:
+            mem.close()
+
+
+def test_family_is_registered() -> None:
+    assert {"rwkv6", "rwkv6qwen2"} <= set(SUPPORTED)
+
+
+@pytest.mark.parametrize(
+    ("writer", "run"),
+    [
+        (family_other.write_rwkv6, "rwkv6.main.u1"),
+        (family_other.write_rwkv6qwen2, "rwkv6qwen2.main.u1"),
+    ],
+    ids=["rwkv6", "rwkv6qwen2"],
+)
+def test_unchanged_model_decodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: Callable[[Path], Path], run: str
+) -> None:
+    """The control: the writer's model with nothing added decodes."""
+    _first_decode(_write_with(tmp_path, monkeypatch, writer, {}), run)
+
+
+N = family_other.RWKV_EMBD
+
+# (writer, recorded run, extra tensors, extra keys, error)
+CASES = {
+    "rwkv6qwen2-key-bias": (
+        family_other.write_rwkv6qwen2, "rwkv6qwen2.main.u1",
+        {"blk.1.time_mix_key.bias": (N,)}, {}, r"blk\.1\.time_mix_key\.bias",
+    ),
+    "rwkv6qwen2-receptance-bias": (
+        family_other.write_rwkv6qwen2, "rwkv6qwen2.main.u1",
+        {"blk.0.time_mix_receptance.bias": (N,)}, {}, r"blk\.0\.time_mix_receptance\.bias",
+    ),
+    "rwkv6-value-bias": (
+        family_other.write_rwkv6, "rwkv6.main.u1",
+        {"blk.0.time_mix_value.bias": (N,)}, {}, r"blk\.0\.time_mix_value\.bias",
+    ),
+    "rwkv6-unfused-lerp": (
+        family_other.write_rwkv6, "rwkv6.main.u1",
+        {"blk.0.time_mix_lerp_w.weight": (N, 1, 1)}, {}, r"blk\.0\.time_mix_lerp_w\.weight",
+    ),
+    "rwkv6-rescale": (
+        family_other.write_rwkv6, "rwkv6.main.u1",
+        {}, {"rescale_every_n_layers": 1}, r"rwkv6\.rescale_every_n_layers",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_unbuilt_variant_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    writer, run, extra, keys, error = CASES[case]
+    path = _write_with(tmp_path, monkeypatch, writer, extra, keys)
+    with pytest.raises(UnsupportedError, match=error):
+        _first_decode(path, run)
+
+
+def test_repeated_kv_heads_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rwkv6qwen2 with fewer K/V heads than WKV heads (the reference repeats K and V)."""
+    path = _write_with(
+        tmp_path, monkeypatch, family_other.write_rwkv6qwen2, {}, {"attention.head_count_kv": 1}
+    )
+    with pytest.raises(UnsupportedError, match=r"head_count_kv 1 != 2 heads"):
+        _first_decode(path, "rwkv6qwen2.main.u1")
