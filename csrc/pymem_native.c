@@ -326,3 +326,233 @@ pm_status pm_backend_set_n_threads(ggml_backend_t backend, int32_t n_threads) {
     fn(backend, n_threads);
     return PM_OK;
 }
+
+// --- repeated runs: one call per tensor for a state section -------------------------------
+//
+// The logical byte stream of a (offset, n_rep, rep_stride, starts, sizes) set is
+//     for r in [0, n_rep): for i in [0, n_runs): bytes [offset + r * rep_stride + starts[i], + sizes[i])
+// E.g. transposed V of cells [2, 5) and [9, 10), f16, kv_size 16, 2 channels: offset 0,
+// n_rep 2, rep_stride 32, starts [4, 18], sizes [6, 2] -> tensor bytes [4, 10) [18, 20)
+// [36, 42) [50, 52). K rows are the same with n_rep 1.
+
+static pm_status pm_check_runs(const struct ggml_tensor * t, size_t offset, int64_t n_rep, size_t rep_stride,
+                               const uint64_t * starts, const uint64_t * sizes, int64_t n_runs, size_t skip,
+                               size_t size, const void * buf, uint64_t * per_rep) {
+    if (t == NULL || t->buffer == NULL || n_rep < 0 || n_runs < 0 ||
+        (n_runs > 0 && (starts == NULL || sizes == NULL)) || (size > 0 && buf == NULL)) {
+        return PM_ERR_ARG;
+    }
+    const uint64_t nbytes = ggml_nbytes(t);
+    if (offset > nbytes) {
+        return PM_ERR_RANGE;
+    }
+    // the last repetition lies highest: every run must end inside the tensor there
+    uint64_t last = 0;
+    if (n_rep > 0) {
+        const uint64_t reps = (uint64_t) (n_rep - 1);
+        if (rep_stride != 0 && reps > (nbytes - offset) / rep_stride) {
+            // only a problem if some run is non-empty
+            for (int64_t i = 0; i < n_runs; ++i) {
+                if (sizes[i] > 0) {
+                    return PM_ERR_RANGE;
+                }
+            }
+        } else {
+            last = offset + reps * rep_stride;
+        }
+    }
+    uint64_t total = 0;
+    for (int64_t i = 0; i < n_runs; ++i) {
+        if (sizes[i] == 0) {
+            continue;
+        }
+        if (n_rep > 0 && (starts[i] > nbytes - last || sizes[i] > nbytes - last - starts[i])) {
+            return PM_ERR_RANGE;
+        }
+        total += sizes[i];  // <= n_runs * nbytes: no overflow for any real tensor
+    }
+    *per_rep = total;
+    if (n_rep > 0 && total > 0 && (uint64_t) n_rep > UINT64_MAX / total) {
+        return PM_ERR_RANGE;
+    }
+    const uint64_t stream = total * (uint64_t) n_rep;
+    if (skip > stream || size > stream - skip) {
+        return PM_ERR_RANGE;
+    }
+    return PM_OK;
+}
+
+// small fixed sizes copied inline (an f16 / f32 element, a short run): a libc call per
+// element costs several times the copy
+static inline void pm_copy_small(char * dst, const char * src, size_t n) {
+    switch (n) {
+        case 2: memcpy(dst, src, 2); break;
+        case 4: memcpy(dst, src, 4); break;
+        case 8: memcpy(dst, src, 8); break;
+        case 16: memcpy(dst, src, 16); break;
+        case 32: memcpy(dst, src, 32); break;
+        default: memcpy(dst, src, n); break;
+    }
+}
+
+// walk the pieces of bytes [skip, skip + size) of the logical stream; dir 0 reads the
+// tensor into buf, dir 1 writes buf into the tensor
+// every run of every repetition, host memory: tight loops, typed ones for runs of one
+// 2-, 4- or 8-byte element (transposed V of cells that are not neighbours)
+#define PM_RUNS_TYPED(T)                                                              \
+    for (int64_t r = 0; r < n_rep; ++r) {                                             \
+        char * rep = data + offset + (size_t) r * rep_stride;                         \
+        T * b = (T *) buf + (size_t) r * (size_t) n_runs;                             \
+        if (dir == 0) {                                                               \
+            for (int64_t i = 0; i < n_runs; ++i) memcpy(b + i, rep + starts[i], sizeof(T)); \
+        } else {                                                                      \
+            for (int64_t i = 0; i < n_runs; ++i) memcpy(rep + starts[i], b + i, sizeof(T)); \
+        }                                                                             \
+    }
+
+static void pm_runs_host_all(char * data, size_t offset, int64_t n_rep, size_t rep_stride, const uint64_t * starts,
+                             const uint64_t * sizes, int64_t n_runs, char * buf, int dir) {
+    uint64_t lo = UINT64_MAX, hi = 0;
+    for (int64_t i = 0; i < n_runs; ++i) {
+        lo = sizes[i] < lo ? sizes[i] : lo;
+        hi = sizes[i] > hi ? sizes[i] : hi;
+    }
+    if (lo == hi && lo == 2) {
+        PM_RUNS_TYPED(uint16_t)
+        return;
+    }
+    if (lo == hi && lo == 4) {
+        PM_RUNS_TYPED(uint32_t)
+        return;
+    }
+    if (lo == hi && lo == 8) {
+        PM_RUNS_TYPED(uint64_t)
+        return;
+    }
+    size_t done = 0;
+    for (int64_t r = 0; r < n_rep; ++r) {
+        char * rep = data + offset + (size_t) r * rep_stride;
+        for (int64_t i = 0; i < n_runs; ++i) {
+            if (dir == 0) {
+                pm_copy_small(buf + done, rep + starts[i], sizes[i]);
+            } else {
+                pm_copy_small(rep + starts[i], buf + done, sizes[i]);
+            }
+            done += sizes[i];
+        }
+    }
+}
+
+static void pm_runs_walk(struct ggml_tensor * t, size_t offset, int64_t n_rep, size_t rep_stride,
+                         const uint64_t * starts, const uint64_t * sizes, int64_t n_runs, uint64_t per_rep,
+                         size_t skip, size_t size, char * buf, int dir) {
+    if (size == 0 || per_rep == 0) {
+        return;
+    }
+    const int host = pm_is_host(t);
+    char * data = (char *) t->data;
+    if (host && skip == 0 && size == per_rep * (uint64_t) n_rep) {
+        pm_runs_host_all(data, offset, n_rep, rep_stride, starts, sizes, n_runs, buf, dir);
+        return;
+    }
+    uint64_t r = skip / per_rep;
+    uint64_t in_rep = skip - r * per_rep;  // bytes of this repetition before the window
+    int64_t i = 0;
+    while (in_rep >= sizes[i]) {
+        in_rep -= sizes[i];
+        ++i;
+    }
+    size_t done = 0;
+    while (done < size) {
+        const size_t avail = (size_t) (sizes[i] - in_rep);
+        const size_t n = avail < size - done ? avail : size - done;
+        const size_t at = offset + (size_t) r * rep_stride + (size_t) starts[i] + (size_t) in_rep;
+        if (n > 0) {
+            if (host) {
+                if (dir == 0) {
+                    pm_copy_small(buf + done, data + at, n);
+                } else {
+                    pm_copy_small(data + at, buf + done, n);
+                }
+            } else if (dir == 0) {
+                ggml_backend_tensor_get(t, buf + done, at, n);
+            } else {
+                ggml_backend_tensor_set(t, buf + done, at, n);
+            }
+        }
+        done += n;
+        in_rep = 0;
+        if (++i == n_runs) {
+            i = 0;
+            ++r;
+        }
+    }
+}
+
+pm_status pm_tensor_read_runs(const struct ggml_tensor * t, size_t offset, int64_t n_rep, size_t rep_stride,
+                              const uint64_t * starts, const uint64_t * sizes, int64_t n_runs, size_t skip,
+                              size_t size, void * dst) {
+    uint64_t per_rep = 0;
+    pm_status st = pm_check_runs(t, offset, n_rep, rep_stride, starts, sizes, n_runs, skip, size, dst, &per_rep);
+    if (st != PM_OK) {
+        return st;
+    }
+    pm_runs_walk((struct ggml_tensor *) t, offset, n_rep, rep_stride, starts, sizes, n_runs, per_rep, skip, size,
+                 (char *) dst, 0);
+    return PM_OK;
+}
+
+pm_status pm_tensor_write_runs(struct ggml_tensor * t, size_t offset, int64_t n_rep, size_t rep_stride,
+                               const uint64_t * starts, const uint64_t * sizes, int64_t n_runs, size_t skip,
+                               size_t size, const void * src) {
+    uint64_t per_rep = 0;
+    pm_status st = pm_check_runs(t, offset, n_rep, rep_stride, starts, sizes, n_runs, skip, size, src, &per_rep);
+    if (st != PM_OK) {
+        return st;
+    }
+    pm_runs_walk(t, offset, n_rep, rep_stride, starts, sizes, n_runs, per_rep, skip, size, (char *) src, 1);
+    return PM_OK;
+}
+
+// --- graphs over several devices ---------------------------------------------------------
+
+static ggml_backend_buffer_t pm_buffer_of(const struct ggml_tensor * t) {
+    if (t == NULL) {
+        return NULL;
+    }
+    // ggml points a view of a view at the first tensor's view_src
+    return t->view_src != NULL ? t->view_src->buffer : t->buffer;
+}
+
+pm_status pm_graph_buffer_types(struct ggml_cgraph * graph, ggml_backend_buffer_type_t * out, int32_t cap,
+                                int32_t * n_out) {
+    if (graph == NULL || out == NULL || n_out == NULL || cap <= 0) {
+        return PM_ERR_ARG;
+    }
+    int32_t n = 0;
+    const int n_nodes = ggml_graph_n_nodes(graph);
+    for (int i = 0; i < n_nodes; i++) {
+        const struct ggml_tensor * node = ggml_graph_node(graph, i);
+        for (int j = -1; j < GGML_MAX_SRC; j++) {
+            ggml_backend_buffer_t buf = pm_buffer_of(j < 0 ? node : node->src[j]);
+            if (buf == NULL) {
+                continue;
+            }
+            ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(buf);
+            int32_t k = 0;
+            while (k < n && out[k] != buft) {
+                k++;
+            }
+            if (k < n) {
+                continue;
+            }
+            if (n == cap) {
+                *n_out = n;
+                return PM_ERR_RANGE;
+            }
+            out[n++] = buft;
+        }
+    }
+    *n_out = n;
+    return PM_OK;
+}

@@ -61,6 +61,25 @@ pm_status pm_rows_copy(const struct ggml_tensor * src, const int64_t * src_rows,
 // returns PM_ERR_BACKEND when the backend has no such function
 pm_status pm_backend_set_n_threads(ggml_backend_t backend, int32_t n_threads);
 
+// repeated runs: bytes [skip, skip + size) of the stream "for r < n_rep: for i < n_runs:
+// [offset + r * rep_stride + starts[i], + sizes[i])", packed in dst/src. One call moves a
+// whole K/V row section (n_rep 1) or a transposed V section (one repetition per channel);
+// skip/size let a file writer stream it in bounded pieces. Every byte is bounds-checked
+// before any is copied.
+pm_status pm_tensor_read_runs(const struct ggml_tensor * t, size_t offset, int64_t n_rep, size_t rep_stride,
+                              const uint64_t * starts, const uint64_t * sizes, int64_t n_runs, size_t skip,
+                              size_t size, void * dst);
+pm_status pm_tensor_write_runs(struct ggml_tensor * t, size_t offset, int64_t n_rep, size_t rep_stride,
+                               const uint64_t * starts, const uint64_t * sizes, int64_t n_runs, size_t skip,
+                               size_t size, const void * src);
+
+// the distinct buffer types of the tensors a graph's nodes read and write (each node and its
+// sources; a view counts as its view_src), in first-use order: which devices a graph spans
+// before it is allocated. Tensors without a buffer yet (inputs, intermediates) are skipped.
+// *n_out = the number found; PM_ERR_RANGE when more than cap exist (out holds the first cap)
+pm_status pm_graph_buffer_types(struct ggml_cgraph * graph, ggml_backend_buffer_type_t * out, int32_t cap,
+                                int32_t * n_out);
+
 // PYMEM_CDEF_END
 
 #ifdef __cplusplus

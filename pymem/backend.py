@@ -407,6 +407,92 @@ class Tensor:
         )  # fmt: skip
         self._check_ranges_status(status, off, size, "write_ranges")
 
+    # --- repeated runs (state sections: K/V row runs, transposed V channels) -----------
+    def _runs_args(
+        self, offset: int, n_rep: int, rep_stride: int, starts: Any, sizes: Any, skip: int,
+        size: int, what: str,
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """The cheap checks of a runs set (shapes, signs); the C layer bounds-checks every
+        run before copying anything, and :meth:`_runs_refused` names what it refused."""
+        st = np.ascontiguousarray(starts, dtype=np.uint64)
+        sz = np.ascontiguousarray(sizes, dtype=np.uint64)
+        if st.ndim != 1 or st.shape != sz.shape:
+            raise RangeError(
+                f"{what} on {self.name!r}: starts {st.shape} and sizes {sz.shape} must be equal 1-D"
+            )
+        if min(offset, n_rep, rep_stride, skip, size) < 0:
+            raise RangeError(
+                f"{what} on {self.name!r}: offset={offset}, n_rep={n_rep}, rep_stride={rep_stride}, "
+                f"skip={skip}, size={size} must be >= 0"
+            )
+        return st, sz
+
+    def _runs_refused(
+        self, status: int, offset: int, n_rep: int, rep_stride: int, st: np.ndarray,
+        sz: np.ndarray, skip: int, size: int, what: str,
+    ) -> None:  # fmt: skip
+        """Raise for a refused runs call: RangeError naming the first run past the end of
+        the tensor, or the window past the end of the stream; else the status' error."""
+        if status == lib.PM_ERR_RANGE:
+            used = np.flatnonzero(sz)
+            if n_rep and used.size:
+                # the last repetition lies highest: E.g. offset 0, 2 reps of stride 32, run [18, 20) -> 52
+                room = self.nbytes - offset - (n_rep - 1) * rep_stride  # room for a run's end
+                ends = st[used].astype(object) + sz[used].astype(object)
+                bad = [k for k, e in enumerate(ends) if e > room]
+                if bad:
+                    i = int(used[bad[0]])
+                    raise RangeError(
+                        f"{what} on {self.name!r}: run[{i}] = [{int(st[i])}, {int(st[i]) + int(sz[i])}) "
+                        f"of repetition {n_rep - 1} (offset {offset}, stride {rep_stride}) ends past "
+                        f"{self.nbytes}"
+                    )
+            total = n_rep * int(sz.sum())
+            raise RangeError(
+                f"{what} on {self.name!r}: bytes [{skip}, {skip + size}) outside the "
+                f"{total} bytes of {n_rep} x {int(sz.sum())}"
+            )
+        check(status, f"{what} {self.name}")
+
+    def read_runs_into(
+        self, out: Any, offset: int, n_rep: int, rep_stride: int, starts: Any, sizes: Any,
+        skip: int = 0,
+    ) -> None:  # fmt: skip
+        """Fill ``out`` with bytes ``[skip, skip + len(out))`` of the stream "for each
+        repetition ``r < n_rep``, for each run ``i``: tensor bytes ``[offset + r *
+        rep_stride + starts[i], + sizes[i])``", in one native call.
+
+        E.g. transposed f16 V of cells [2, 5) and [9, 10), 2 channels of 16 cells:
+        offset 0, n_rep 2, rep_stride 32, starts [4, 18], sizes [6, 2].
+        """
+        view = memoryview(out).cast("B")
+        st, sz = self._runs_args(offset, n_rep, rep_stride, starts, sizes, skip, view.nbytes,
+                                 "read_runs")  # fmt: skip
+        status = lib.pm_tensor_read_runs(
+            self._live(), offset, n_rep, rep_stride, ffi.from_buffer("uint64_t[]", st),
+            ffi.from_buffer("uint64_t[]", sz), st.size, skip, view.nbytes,
+            ffi.from_buffer(view, require_writable=True),
+        )  # fmt: skip
+        if status != lib.PM_OK:
+            self._runs_refused(status, offset, n_rep, rep_stride, st, sz, skip, view.nbytes,
+                               "read_runs")  # fmt: skip
+
+    def write_runs(
+        self, data: Any, offset: int, n_rep: int, rep_stride: int, starts: Any, sizes: Any,
+        skip: int = 0,
+    ) -> None:  # fmt: skip
+        """Scatter ``data`` to bytes ``[skip, skip + len(data))`` of the stream of
+        :meth:`read_runs_into` (its inverse), in one native call."""
+        size = data.nbytes if isinstance(data, np.ndarray) else memoryview(data).nbytes
+        st, sz = self._runs_args(offset, n_rep, rep_stride, starts, sizes, skip, size, "write_runs")
+        buf = _as_bytes(data, size, f"write_runs {self.name}")
+        status = lib.pm_tensor_write_runs(
+            self._live(), offset, n_rep, rep_stride, ffi.from_buffer("uint64_t[]", st),
+            ffi.from_buffer("uint64_t[]", sz), st.size, skip, size, buf,
+        )  # fmt: skip
+        if status != lib.PM_OK:
+            self._runs_refused(status, offset, n_rep, rep_stride, st, sz, skip, size, "write_runs")
+
     # --- row sets -------------------------------------------------------------------
     def read_rows(self, rows: Any) -> np.ndarray:
         """Rows ``rows`` as a ``uint8[n, row_size]`` array (one native call)."""

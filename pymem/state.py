@@ -73,6 +73,23 @@ class StateWriter:
         """``n_chunks`` pieces of ``chunk`` bytes, ``stride`` bytes apart, from ``offset``."""
         raise NotImplementedError
 
+    def write_tensor_runs(
+        self, tensor: Tensor, offset: int, n_rep: int, rep_stride: int, starts: np.ndarray,
+        sizes: np.ndarray,
+    ) -> None:  # fmt: skip
+        """The bytes of ``tensor.read_runs_into``: for each repetition ``r < n_rep``, the
+        runs ``[offset + r * rep_stride + starts[i], + sizes[i])``. A whole K/V section
+        (row runs, or transposed V with one repetition per channel) in one native call.
+
+        ``starts`` / ``sizes`` are uint64 arrays the caller keeps unchanged until the
+        serialiser returns.
+        """
+        size = n_rep * int(sizes.sum())
+        self.write_fill(
+            size,
+            lambda out: tensor.read_runs_into(out, offset, n_rep, rep_stride, starts, sizes),
+        )
+
     def write_fill(self, size: int, fill: Callable[[memoryview], None]) -> None:
         """``size`` bytes that ``fill(out)`` produces straight into the destination.
 
@@ -99,6 +116,12 @@ class SizeCounter(StateWriter):
         self, tensor: Tensor, offset: int, chunk: int, stride: int, n_chunks: int
     ) -> None:
         self.n_written += chunk * n_chunks
+
+    def write_tensor_runs(
+        self, tensor: Tensor, offset: int, n_rep: int, rep_stride: int, starts: np.ndarray,
+        sizes: np.ndarray,
+    ) -> None:  # fmt: skip
+        self.n_written += n_rep * int(sizes.sum())
 
     def write_fill(self, size: int, fill: Callable[[memoryview], None]) -> None:
         self.n_written += size
@@ -158,6 +181,14 @@ class _Recorder(StateWriter):
         self._flush()
         self.ops.append(("write_tensor_strided", tensor, offset, chunk, stride, n_chunks))
         self.n_written += chunk * n_chunks
+
+    def write_tensor_runs(
+        self, tensor: Tensor, offset: int, n_rep: int, rep_stride: int, starts: np.ndarray,
+        sizes: np.ndarray,
+    ) -> None:  # fmt: skip
+        self._flush()
+        self.ops.append(("write_tensor_runs", tensor, offset, n_rep, rep_stride, starts, sizes))
+        self.n_written += n_rep * int(sizes.sum())
 
     def write_fill(self, size: int, fill: Callable[[memoryview], None]) -> None:
         self._flush()
@@ -240,6 +271,15 @@ class BufferWriter(StateWriter):
         tensor.read_strided_into(out, offset, chunk, stride, n_chunks)
         self.n_written += size
 
+    def write_tensor_runs(
+        self, tensor: Tensor, offset: int, n_rep: int, rep_stride: int, starts: np.ndarray,
+        sizes: np.ndarray,
+    ) -> None:  # fmt: skip
+        size = n_rep * int(sizes.sum())
+        out = self._view[self.n_written : self.n_written + size]
+        tensor.read_runs_into(out, offset, n_rep, rep_stride, starts, sizes)
+        self.n_written += size
+
     def write_fill(self, size: int, fill: Callable[[memoryview], None]) -> None:
         fill(self._view[self.n_written : self.n_written + size])
         self.n_written += size
@@ -291,6 +331,26 @@ class FileWriter(StateWriter):
             tensor.read_strided_into(view, offset + done * stride, chunk, stride, n)
             self.write(view)
             done += n
+
+    def write_tensor_runs(
+        self, tensor: Tensor, offset: int, n_rep: int, rep_stride: int, starts: np.ndarray,
+        sizes: np.ndarray,
+    ) -> None:  # fmt: skip
+        """Streams the section in FILE_CHUNK windows (a window may cut a run anywhere)."""
+        size = n_rep * int(sizes.sum())
+        done = 0
+        while done < size:
+            n = min(FILE_CHUNK, size - done)
+            view = self._scratch_view(n)
+            tensor.read_runs_into(view, offset, n_rep, rep_stride, starts, sizes, skip=done)
+            self.write(view)
+            done += n
+
+    def write_fill(self, size: int, fill: Callable[[memoryview], None]) -> None:
+        """A fill that is not a tensor section: it needs its whole output at once."""
+        view = self._scratch_view(size) if size <= FILE_CHUNK else memoryview(bytearray(size))
+        fill(view)
+        self.write(view)
 
 
 def write_state(serialise: Callable[[StateWriter], None]) -> bytes:

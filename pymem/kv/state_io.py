@@ -184,22 +184,65 @@ def row_ranges(
     return offsets.astype(np.uint64), sizes.astype(np.uint64)
 
 
-_RangeMemo = dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]]
+def row_runs(
+    t: Tensor, base_row: int, idx: np.ndarray, runs: tuple[np.ndarray, np.ndarray], row: int
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Rows ``base_row + idx`` of ``t`` (the first ``row`` bytes of each) as one runs set
+    ``(offset, starts, sizes)`` for ``Tensor.read_runs_into`` / ``write_runs`` (one
+    repetition): one run per run of cells when whole rows are used, else one per cell.
+
+    E.g. row_size 8, base_row 4, runs [2, 5) and [9, 10) -> (32, [16, 72], [24, 8]).
+    """
+    starts, ends = runs
+    if row == t.row_size:
+        return (
+            base_row * row,
+            (starts * row).astype(np.uint64),
+            ((ends - starts) * row).astype(np.uint64),
+        )
+    st = (idx * t.row_size).astype(np.uint64)
+    return base_row * t.row_size, st, np.full(idx.size, row, dtype=np.uint64)
 
 
-def _row_ranges_memo(
+def col_runs(runs: tuple[np.ndarray, np.ndarray], el: int) -> tuple[np.ndarray, np.ndarray]:
+    """Byte runs of one transposed-V channel, relative to the channel's first cell: with
+    ``n_rep = n_embd`` and ``rep_stride = kv_size * el`` they give the whole section in
+    blob order (channel by channel, the runs of each).
+
+    E.g. runs [2, 5) and [9, 10), el 2 -> starts [4, 18], sizes [6, 2].
+    """
+    starts, ends = runs
+    return (starts * el).astype(np.uint64), ((ends - starts) * el).astype(np.uint64)
+
+
+# runs sets shared by the tensors of one stream: ("rows", row_size, row) -> (offset, starts,
+# sizes), ("cols", el, 0) -> (0, starts, sizes)
+_RangeMemo = dict[tuple[str, int, int], tuple[int, np.ndarray, np.ndarray]]
+
+
+def _row_runs_memo(
     memo: _RangeMemo,
     t: Tensor,
     base_row: int,
     idx: np.ndarray,
     runs: tuple[np.ndarray, np.ndarray],
     row: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`row_ranges`, shared by the tensors of one stream with the same row sizes."""
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """:func:`row_runs`, shared by the tensors of one stream with the same row sizes."""
     key = ("rows", t.row_size, row)
     if key not in memo:
-        memo[key] = row_ranges(t, base_row, idx, runs, row)
+        memo[key] = row_runs(t, base_row, idx, runs, row)
     return memo[key]
+
+
+def _col_runs_memo(
+    memo: _RangeMemo, runs: tuple[np.ndarray, np.ndarray], el: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`col_runs`, shared by every V layer of one stream."""
+    key = ("cols", el, 0)
+    if key not in memo:
+        memo[key] = (0, *col_runs(runs, el))
+    return memo[key][1], memo[key][2]
 
 
 def col_ranges(
@@ -222,18 +265,19 @@ def cols_method(
 ) -> str:
     """How to move a transposed-V section whose cells form ``runs`` (``el``-byte elements).
 
+    * ``"ranges"``: one native call for the whole section (``Tensor.read_runs_into`` /
+      ``write_runs``: every channel's runs, short ones copied inline); every host tensor,
+      and any device when the runs are long or few;
     * ``"numpy"`` (host): per-run slices, a lockstep strided view, or an element gather;
-    * ``"ranges"``: one native call, one byte range per channel and run (long runs, and
-      any device when there are few runs);
+      the tested reference of the native path (tests force it);
     * ``"staged"`` (not host, many short runs): copy the span from the first to the last
       cell of every channel to the host, move the elements there with numpy (and, when
       restoring, put the span back), instead of a device copy per element.
     """
+    if host:
+        return "ranges"
     starts, ends = runs
     short = int((ends - starts).sum()) * el < min_run_bytes * starts.size
-    if host:
-        long_irregular = starts.size > _RUNS_LOOP and not short and not _lockstep(starts, ends)
-        return "ranges" if long_irregular else "numpy"
     return "staged" if starts.size > 1 and short else "ranges"
 
 
@@ -283,6 +327,16 @@ def _meta_words(layout: KVLayout, cells: KVCells, idx: np.ndarray, seq_id: int) 
 
     # whole cache: every id below n_seq_max, ascending
     owner = cells.owner[idx]
+    if n == 0 or (int(owner.min()) >= 0 and int(owner.max()) < layout.n_seq_max):
+        # every cell held by one sequence (the usual case): fixed records, no bitsets
+        # E.g. pos [5, 6], owner [0, 2], no ext -> [5, 1, 0, 6, 1, 2]
+        out = np.empty((n, 3 + n_ext), dtype=np.int32)
+        out[:, 0] = cells.pos[idx]
+        out[:, 1] = 1
+        if n_ext:
+            out[:, 2 : 2 + n_ext] = cells.ext[idx]  # type: ignore[index]
+        out[:, -1] = owner
+        return out.ravel()
     counts = np.zeros(n, dtype=np.int64)
     single = (owner >= 0) & (owner < layout.n_seq_max)
     counts[single] = 1
@@ -330,8 +384,8 @@ def _write_rows(
         else:
             writer.write_tensor(t, a * row, (b - a) * row)
         return
-    offsets, sizes = _row_ranges_memo(memo, t, base_row, idx, runs, row)
-    writer.write_fill(idx.size * row, lambda out: t.read_ranges_into(out, offsets, sizes))
+    offset, st, sz = _row_runs_memo(memo, t, base_row, idx, runs, row)
+    writer.write_tensor_runs(t, offset, 1, 0, st, sz)
 
 
 def _write_v_trans(
@@ -361,10 +415,6 @@ def _write_v_trans(
     assert v is not None
     base = strm * v.nb[2]
     stride = layout.kv_size * el
-    starts = runs[0]
-    if starts.size == 1:
-        writer.write_tensor_strided(v, base + int(starts[0]) * el, idx.size * el, stride, n_embd)
-        return
     if method == "staged":
 
         def fill_staged(out: memoryview) -> None:
@@ -374,11 +424,8 @@ def _write_v_trans(
 
         writer.write_fill(size, fill_staged)
         return
-    key = ("cols", base, n_embd)  # the same for every layer of the stream this wide
-    if key not in memo:
-        memo[key] = col_ranges(base, stride, n_embd, runs, el)
-    offsets, sizes = memo[key]
-    writer.write_fill(size, lambda out: v.read_ranges_into(out, offsets, sizes))
+    # one call: channel j's runs start at base + j * stride
+    writer.write_tensor_runs(v, base, n_embd, stride, *_col_runs_memo(memo, runs, el))
 
 
 def write_kv_state(
@@ -547,12 +594,23 @@ def _parse_meta_whole(
     # another count is still read at its true offset, and fails it.
     rec = fixed + 1
     if avail_words >= n * rec and (n == 0 or (words[1 : n * rec : rec] == 1).all()):
-        offs = np.arange(n, dtype=np.int64) * rec
-        counts = np.ones(n, dtype=np.int64)
-        end = n * rec
-    else:
-        offs, end = _chase_records(words, n, fixed, n_seq_max, what)
-        counts = words[offs + 1].astype(np.int64)
+        # fixed records [pos, 1, ext..., id]: columns of one [n, rec] block, no gathers
+        block = words[: n * rec].reshape(n, rec)
+        reader.offset = start + n * rec * 4
+        pos, seq = block[:, 0].copy(), block[:, rec - 1 :].copy()
+        bad = np.flatnonzero((seq[:, 0] < 0) | (seq[:, 0] >= n_seq_max))
+        if bad.size:
+            raise StateError(
+                f"{what}: cell {int(bad[0])} has seq_id {int(seq[bad[0], 0])}, outside "
+                f"[0, {n_seq_max}) (invalid seq_id)"
+            )
+        bad = np.flatnonzero(pos < 0)
+        if bad.size:
+            raise StateError(f"{what}: cell {int(bad[0])} has position {int(pos[bad[0]])} < 0")
+        ext = block[:, 2 : 2 + n_ext].copy() if n_ext else np.zeros((n, 0), np.int32)
+        return pos, ext, seq
+    offs, end = _chase_records(words, n, fixed, n_seq_max, what)
+    counts = words[offs + 1].astype(np.int64)
     reader.offset = start + end * 4
     pos = words[offs].copy()
     ext = (
@@ -792,8 +850,8 @@ def _write_payloads(
         if kind == "k" or not layout.v_trans:
             t = layer.k if kind == "k" else layer.v
             assert t is not None
-            offsets, sizes = _row_ranges_memo(memo, t, base, idx, runs, len(data) // n)
-            t.write_ranges(data, offsets, sizes)
+            offset, st, sz = _row_runs_memo(memo, t, base, idx, runs, len(data) // n)
+            t.write_runs(data, offset, 1, 0, st, sz)
             continue
         v = layer.v
         assert v is not None
@@ -812,10 +870,7 @@ def _write_payloads(
             scatter_cols(span, idx - lo, src, (runs[0] - lo, runs[1] - lo))
             v.write_strided(span, base + lo * el, span.shape[1] * el, stride, n_embd)
             continue
-        key = ("cols", base, n_embd)
-        if key not in memo:
-            memo[key] = col_ranges(base, stride, n_embd, runs, el)
-        v.write_ranges(data, *memo[key])
+        v.write_runs(data, base, n_embd, stride, *_col_runs_memo(memo, runs, el))
 
 
 def parse_kv_state(
