@@ -1,0 +1,163 @@
+"""The GGUF engine's attention family and MoE block (pymem/runtime/graph_attention.py)
+refuse what they do not build.
+
+The recorded runs (lfm2moe, nemotron_h_moe, qwen3moe, openai-moe, cohere2, olmo2, phi3,
+llama4, exaone4) replay bit for bit through the engine in tests/test_gguf_llama.py. Here:
+a model the engine would decode wrongly by ignoring a tensor or key (per-expert scales,
+expert groups, clamped expert SwiGLU, biases a graph does not add, fused QKV where the
+graph reads separate projections, RoPE frequency factors, a fixed attention scale)
+raises UnsupportedError naming it, before any state is written. The models are the
+recorded tiny ones, written again by their writers with one tensor or key more.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pymem.batch import Batch
+from pymem.errors import UnsupportedError
+from pymem.factory import ContextParams, create_memory
+from pymem.runtime.decoder import Decoder
+from pymem.runtime.gguf_llama import SUPPORTED, GGUFModel
+
+sys.path.insert(0, str(Path(__file__).parent / "record"))
+import family_attention
+import family_other
+import family_ssm
+import models
+
+RUNS = Path(__file__).parent / "data" / "runs"
+
+
+def _write_with(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    writer: Callable[[Path], Path],
+    extra: dict[str, tuple[int, ...]],
+    keys: dict[str, int] | None = None,
+) -> Path:
+    """The writer's model plus the ``extra`` tensors (name -> ggml shape, zeros) and
+    ``keys`` (``<key>`` after the arch prefix -> u32)."""
+    finish = models._Model.finish
+
+    def finish_with_extra(self: models._Model) -> None:
+        for name, ne in extra.items():
+            self.w.add_tensor(name, np.zeros(tuple(reversed(ne)), np.float32))
+        for key, value in (keys or {}).items():
+            self.u32(key, value)
+        finish(self)
+
+    monkeypatch.setattr(models._Model, "finish", finish_with_extra)
+    return writer(tmp_path / "model.gguf")
+
+
+def _first_decode(path: Path, run: str) -> None:
+    """Decode the first batch of a recorded run with the model at ``path``."""
+    data = json.loads((RUNS / f"{run}.json").read_text())
+    step = next(s for s in data["steps"] if s["op"] == "decode")
+    params = data["context_params"]
+    with GGUFModel(path) as model:
+        mem = create_memory(model.spec, ContextParams.from_dict(params))
+        assert mem is not None
+        try:
+            dec = Decoder(model, mem, n_seq_max=params["n_seq_max"], n_ubatch=params["n_ubatch"],
+                          flash_attn=params["flash_attn"])  # fmt: skip
+            dec.decode(Batch.from_items(step["items"]))
+        finally:
+            mem.close()
+
+
+# arch -> (writer, a recorded run of it)
+MODELS: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "lfm2moe": (family_other.write_lfm2moe, "lfm2moe.main.fa1.u1"),
+    "nemotron_h_moe": (family_ssm.write_nemotron_h_moe, "nemotron_h_moe.main.fa0.u1"),
+    "qwen3moe": (family_attention.write_qwen3moe, "qwen3moe.main.fa1.u0"),
+    "gpt-oss": (family_attention.write_openai_moe, "openai-moe.main.fa1.u1"),
+    "cohere2": (family_attention.write_cohere2, "cohere2.main.fa1.u1"),
+    "olmo2": (family_attention.write_olmo2, "olmo2.main.fa0.u1"),
+    "phi3": (family_attention.write_phi3, "phi3.main.fa1.u1"),
+    "llama4": (family_attention.write_llama4, "llama4.main.fa1.u1"),
+    "exaone4": (family_attention.write_exaone4, "exaone4.main.fa0.u1"),
+}
+
+
+def test_family_is_registered() -> None:
+    assert set(MODELS) <= set(SUPPORTED)
+
+
+@pytest.mark.parametrize("arch", list(MODELS), ids=list(MODELS))
+def test_unchanged_model_decodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str
+) -> None:
+    """The control: the writer's model with nothing added decodes."""
+    writer, run = MODELS[arch]
+    _first_decode(_write_with(tmp_path, monkeypatch, writer, {}), run)
+
+
+E = family_attention.N_EMBD  # 16 (lfm2moe's too); nemotron_h_moe: 8
+
+# (arch, extra tensors, extra keys, error)
+CASES = {
+    "moe-expert-scale": (
+        "lfm2moe", {"blk.1.ffn_up_exps.scale": (4,)}, {}, r"ffn_up_exps\.scale",
+    ),
+    "moe-expert-groups": (
+        "lfm2moe", {}, {"expert_group_count": 2}, r"expert groups",
+    ),
+    "moe-clamped-swiglu": (
+        "gpt-oss", {}, {"swiglu_clamp_exp": 7}, r"swiglu_clamp_exp",
+    ),
+    "lfm2-ffn-bias": (
+        "lfm2moe", {"blk.0.ffn_up.bias": (32,)}, {}, r"ffn_up\.bias",
+    ),
+    "nemotron-shared-expert-bias": (
+        "nemotron_h_moe", {"blk.2.ffn_up_shexp.bias": (8,)}, {}, r"ffn_up_shexp\.bias",
+    ),
+    "qwen3moe-q-bias": (
+        "qwen3moe", {"blk.0.attn_q.bias": (E,)}, {}, r"attn_q\.bias",
+    ),
+    "gpt-oss-q-norm": (
+        "gpt-oss", {"blk.1.attn_q_norm.weight": (8,)}, {}, r"attn_q_norm\.weight",
+    ),
+    "olmo2-fused-qkv": (
+        "olmo2", {"blk.0.attn_qkv.weight": (E, 32)}, {}, r"attn_qkv\.weight",
+    ),
+    "cohere2-rope-factors": (
+        "cohere2", {"rope_freqs.weight": (4,)}, {}, r"rope_freqs\.weight",
+    ),
+    "phi3-output-norm-bias": (
+        "phi3", {"output_norm.bias": (E,)}, {}, r"output_norm\.bias",
+    ),
+    "phi3-long-rope-factors": (
+        "phi3", {"rope_factors_long.weight": (4,)}, {}, r"rope_factors_long\.weight",
+    ),
+    "llama4-attention-scale": (
+        "llama4", {}, {"attention.scale": 2}, r"llama4\.attention\.scale",
+    ),
+    "llama4-q-norm": (
+        "llama4", {"blk.0.attn_q_norm.weight": (8,)}, {}, r"attn_q_norm\.weight",
+    ),
+    "exaone4-output-bias": (
+        "exaone4", {"blk.0.attn_output.bias": (E,)}, {}, r"attn_output\.bias",
+    ),
+    "clamp-kqv": (
+        "exaone4", {}, {"attention.clamp_kqv": 8}, r"clamp_kqv",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_unbuilt_variant_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    arch, extra, keys, error = CASES[case]
+    writer, run = MODELS[arch]
+    path = _write_with(tmp_path, monkeypatch, writer, extra, keys)
+    with pytest.raises(UnsupportedError, match=error):
+        _first_decode(path, run)
