@@ -287,6 +287,7 @@ ENGINE_ARCHS = {
     "llama4",  # graph_attention
     "exaone4",  # graph_attention
     "rwkv6", "rwkv6qwen2",  # graph_rwkv
+    "cohere2moe",  # graph_attention
 }  # fmt: skip
 
 

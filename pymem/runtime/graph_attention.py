@@ -185,24 +185,63 @@ class AttentionGraph:
     def cohere2(self, inp: Any, out_ids: Any) -> Any:
         """``llama_model_cohere2::graph``: LayerNorm, attention (RoPE on SWA layers only)
         and SwiGLU FFN in parallel from the same norm, both added to the residual."""
-        ctx, hp = self.ctx, self.hp
+        self.refuse_rope_factors()
+
+        def norm(cur: Any, weight: str, il: int | None = None) -> Any:
+            return self.layer_norm(cur, weight, il)
+
+        return self.cohere_layers(
+            inp, out_ids, norm, lambda il: self.m.spec.layers[il].swa, rows_in_last=True
+        )
+
+    def cohere2moe(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_cohere2moe::graph`` (dense layers): cohere2's parallel layers
+        with RMS norms, RoPE on SWA and leading dense layers, the output rows taken after
+        the output norm (the last layer runs over every token). MoE layers are refused:
+        no recorded run checks them."""
         g: Any = self
         self.refuse_rope_factors()
+        n_dense = int(self.m.keys.f32(f"{self.hp.arch}.leading_dense_block_count", 0.0))
+        for il in range(self.hp.n_layer):
+            self.refuse_tensors(il, ("ffn_gate_inp.weight",), "cohere2moe MoE layers")
+
+        def norm(cur: Any, weight: str, il: int | None = None) -> Any:
+            w = self.m.weights.get(weight) if il is None else self.m._w(il, weight)
+            return g.norm(cur, w)
+
+        def use_rope(il: int) -> bool:
+            return self.m.spec.layers[il].swa or il < n_dense
+
+        cur = self.cohere_layers(inp, out_ids, norm, use_rope, rows_in_last=False)
+        return self.ctx.get_rows(cur, out_ids)
+
+    def cohere_layers(
+        self,
+        inp: Any,
+        out_ids: Any,
+        norm: Callable[..., Any],
+        use_rope: Callable[[int], bool],
+        rows_in_last: bool,
+    ) -> Any:
+        """Cohere's parallel layers through the output norm: ``norm``, attention and
+        SwiGLU FFN from the same normed input, ``residual + ffn + attn``; the last layer
+        takes the output rows when ``rows_in_last``."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
         inpL = inp
         for il in range(hp.n_layer):
-            self.refuse_tensors(il, ("ffn_up.bias", "ffn_gate.bias", "ffn_down.bias"), "cohere2")
-            cur = self.layer_norm(inpL, "attn_norm.weight", il)
+            self.refuse_tensors(il, ("ffn_up.bias", "ffn_gate.bias", "ffn_down.bias"), "cohere")
+            cur = norm(inpL, "attn_norm.weight", il)
             ffn_inp = cur
-            cur = self.attn_block(il, cur, rope=self.m.spec.layers[il].swa)
-            if il == hp.n_layer - 1:
+            cur = self.attn_block(il, cur, rope=use_rope(il))
+            if il == hp.n_layer - 1 and rows_in_last:
                 cur = ctx.get_rows(cur, out_ids)
                 inpL = ctx.get_rows(inpL, out_ids)
                 ffn_inp = ctx.get_rows(ffn_inp, out_ids)
             attn_out = cur
             cur = g.ffn(il, ffn_inp)
-            cur = ctx.add(ctx.add(cur, inpL), attn_out)
-            inpL = cur
-        return self.layer_norm(inpL, "output_norm.weight")
+            inpL = ctx.add(ctx.add(cur, inpL), attn_out)
+        return norm(inpL, "output_norm.weight")
 
     def olmo2(self, inp: Any, out_ids: Any) -> Any:
         """``llama_model_olmo2::graph``: Q/K RMS norms over the whole projection (before
@@ -612,6 +651,7 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     "olmo2": ArchGraph(AttentionGraph.olmo2),
     # LayerNorm output norm, applied by the builder
     "cohere2": ArchGraph(AttentionGraph.cohere2, output_norm=None, finish=_logit_scale),
+    "cohere2moe": ArchGraph(AttentionGraph.cohere2moe, output_norm=None, finish=_logit_scale),
     "gpt-oss": ArchGraph(AttentionGraph.gpt_oss),
     "lfm2moe": ArchGraph(AttentionGraph.lfm2moe, output_norm="token_embd_norm.weight"),
 }
