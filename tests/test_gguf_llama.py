@@ -288,6 +288,7 @@ ENGINE_ARCHS = {
     "exaone4",  # graph_attention
     "rwkv6", "rwkv6qwen2",  # graph_rwkv
     "cohere2moe",  # graph_attention
+    "exaone-moe",  # graph_attention
 }  # fmt: skip
 
 

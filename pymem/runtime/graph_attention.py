@@ -406,6 +406,22 @@ class AttentionGraph:
 
         return self.prenorm_layers(inp, out_ids, mixer, ffn)
 
+    def exaone_moe(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_exaone_moe::graph`` (dense layers): pre-norm layers, per-head Q/K
+        RMS norms, RoPE on SWA layers only, SwiGLU FFN. MoE layers are refused: no
+        recorded run checks them."""
+        g: Any = self
+        self.refuse_rope_factors()
+        for il in range(self.hp.n_layer):
+            self.refuse_tensors(
+                il, ("ffn_gate_inp.weight", "attn_output.bias"), "exaone-moe MoE layers, wo bias"
+            )
+
+        def mixer(il: int, cur: Any) -> Any:
+            return self.attn_block(il, cur, qk_norm=True, rope=self.m.spec.layers[il].swa)
+
+        return self.prenorm_layers(inp, out_ids, mixer, g.ffn)
+
     def refuse_tensors(self, il: int, names: Sequence[str], why: str) -> None:
         """:class:`UnsupportedError` naming the layer tensors of ``names`` that exist."""
         found = [n for n in names if self.m._w(il, n, required=False) is not None]
@@ -646,6 +662,7 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     # LFM2 names its output norm after the embeddings
     "qwen3moe": ArchGraph(AttentionGraph.qwen3moe),
     "exaone4": ArchGraph(AttentionGraph.exaone4),
+    "exaone-moe": ArchGraph(AttentionGraph.exaone_moe),
     "llama4": ArchGraph(AttentionGraph.llama4),
     "phi3": ArchGraph(AttentionGraph.phi3),
     "olmo2": ArchGraph(AttentionGraph.olmo2),
