@@ -289,6 +289,7 @@ ENGINE_ARCHS = {
     "rwkv6", "rwkv6qwen2",  # graph_rwkv
     "cohere2moe",  # graph_attention
     "exaone-moe",  # graph_attention
+    "smallthinker",  # graph_attention
 }  # fmt: skip
 
 

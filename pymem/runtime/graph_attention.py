@@ -422,6 +422,34 @@ class AttentionGraph:
 
         return self.prenorm_layers(inp, out_ids, mixer, g.ffn)
 
+    def smallthinker(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_smallthinker::graph``: the router reads the layer input (before the
+        attention norm); RoPE skipped every 4th layer from 0 when SWA is on; ReGLU experts
+        with normalised weights in every layer."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        swa = any(layer.swa for layer in self.m.spec.layers)
+        step = 4 if swa else hp.n_layer
+        gating = int(self.m.keys.f32(f"{hp.arch}.expert_gating_func", 0.0))
+        w_scale = self.m.keys.f32(f"{hp.arch}.expert_weights_scale", 0.0)
+        inpL = inp
+        for il in range(hp.n_layer):
+            use_rope = step == hp.n_layer or il % step != 0
+            probs = ctx.mul_mat(w(il, "ffn_gate_inp.weight"), inpL)  # [n_expert, n_tokens]
+            inpSA = inpL
+            cur = self.attn_block(il, g.norm(inpL, w(il, "attn_norm.weight")), rope=use_rope)
+            if il == hp.n_layer - 1:
+                cur = ctx.get_rows(cur, out_ids)
+                inpSA = ctx.get_rows(inpSA, out_ids)
+                probs = ctx.get_rows(probs, out_ids)
+            ffn_inp = ctx.add(cur, inpSA)
+            cur = g.norm(ffn_inp, w(il, "ffn_norm.weight"))
+            cur = self.moe_ffn(il, cur, gating, norm_w=True, w_scale=w_scale, act="relu",
+                               exp_probs_b=False, logits=probs)  # fmt: skip
+            inpL = ctx.add(cur, ffn_inp)
+        return inpL
+
     def refuse_tensors(self, il: int, names: Sequence[str], why: str) -> None:
         """:class:`UnsupportedError` naming the layer tensors of ``names`` that exist."""
         found = [n for n in names if self.m._w(il, n, required=False) is not None]
@@ -512,8 +540,8 @@ class AttentionGraph:
 
         ``gating``: a ``GATING_*`` value; ``norm_w``: divide the chosen weights by their sum
         (clamped to :data:`F16_MIN_NORMAL`); ``w_scale``: scale them (0 or 1: not);
-        ``act``: ``silu`` (SwiGLU, or SiLU without gate experts), ``gelu``, ``relu_sqr``
-        (no gate) or ``swiglu_oai``; ``exp_probs_b``: add ``exp_probs_b.bias`` (when the
+        ``act``: ``silu`` (SwiGLU, or SiLU without gate experts), ``gelu``, ``relu``,
+        ``relu_sqr`` (no gate) or ``swiglu_oai``; ``exp_probs_b``: add ``exp_probs_b.bias`` (when the
         file has it) to the probabilities used for the choice only;
         ``weight_before_ffn``: llama4 weighs the input rows, not the outputs, and chooses
         by the raw logits; ``logits``: router logits the caller computed (``probs_in``:
@@ -595,6 +623,8 @@ class AttentionGraph:
             cur = ctx.geglu_split(gate, up) if has_gate else ctx.gelu(gate)
         elif act == "swiglu_oai":
             cur = ctx.swiglu_oai(gate, up, 1.702, 7.0)
+        elif act == "relu":
+            cur = ctx.reglu_split(gate, up) if has_gate else ctx.relu(gate)
         elif act == "relu_sqr" and not has_gate:
             cur = ctx.sqr(ctx.relu(gate))
         else:
@@ -662,6 +692,7 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     # LFM2 names its output norm after the embeddings
     "qwen3moe": ArchGraph(AttentionGraph.qwen3moe),
     "exaone4": ArchGraph(AttentionGraph.exaone4),
+    "smallthinker": ArchGraph(AttentionGraph.smallthinker),
     "exaone-moe": ArchGraph(AttentionGraph.exaone_moe),
     "llama4": ArchGraph(AttentionGraph.llama4),
     "phi3": ArchGraph(AttentionGraph.phi3),
