@@ -1,6 +1,6 @@
 """The GGUF engine's RWKV family (pymem/runtime/graph_rwkv.py) refuses what it does not build.
 
-The recorded runs (rwkv6.*, rwkv6qwen2.*) replay through the engine in
+The recorded runs (rwkv6.*, rwkv6qwen2.*, rwkv7.*, arwkv7.*) replay through the engine in
 tests/test_gguf_llama.py. Here: a model the engine would decode wrongly by ignoring a
 tensor or key (K/V/R biases, the unfused lerp of old RWKV-6 files, rescaling every n
 layers, repeated K/V heads) raises UnsupportedError naming it, before any state is
@@ -72,7 +72,7 @@ def _first_decode(path: Path, run: str) -> None:
 
 
 def test_family_is_registered() -> None:
-    assert {"rwkv6", "rwkv6qwen2"} <= set(SUPPORTED)
+    assert {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"} <= set(SUPPORTED)
 
 
 @pytest.mark.parametrize(
@@ -134,3 +134,24 @@ def test_repeated_kv_heads_are_refused(tmp_path: Path, monkeypatch: pytest.Monke
     )
     with pytest.raises(UnsupportedError, match=r"head_count_kv 1 != 2 heads"):
         _first_decode(path, "rwkv6qwen2.main.u1")
+
+
+@pytest.mark.parametrize(
+    ("writer", "run"),
+    [
+        (family_other.write_rwkv7, "rwkv7.main.u1"),
+        (family_other.write_arwkv7, "arwkv7.main.u1"),
+    ],
+    ids=["rwkv7", "arwkv7"],
+)
+def test_rwkv7_small_heads_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: Callable[[Path], Path], run: str
+) -> None:
+    """An RWKV-7 model with heads of 8 (the first tiny models had them) is refused before
+    any node is computed: ggml's rwkv_wkv7 would overrun every head row. The recorded
+    models (one head of 64) decode (tests/test_gguf_llama.py)."""
+    monkeypatch.setattr(family_other, "RWKV7_EMBD", 16)
+    monkeypatch.setattr(family_other, "RWKV7_HEAD", 8)
+    path = _write_with(tmp_path, monkeypatch, writer, {})
+    with pytest.raises(UnsupportedError, match=r"wkv\.head_size 8 is not a multiple of 64"):
+        _first_decode(path, run)

@@ -447,5 +447,7 @@ class RWKVGraph:
 
 ARCH_GRAPHS: dict[str, ArchGraph] = {
     "rwkv6": ArchGraph(RWKVGraph.rwkv6, output_norm=None),
+    "rwkv7": ArchGraph(RWKVGraph.rwkv7, output_norm=None),
     "rwkv6qwen2": ArchGraph(RWKVGraph.rwkv6qwen2, output_norm=None),
+    "arwkv7": ArchGraph(RWKVGraph.arwkv7, output_norm=None),
 }

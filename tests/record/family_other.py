@@ -63,16 +63,22 @@ def write_lfm2moe(path: Path) -> Path:
 # RWKV widths shared by the tiny RWKV models: n_embd 16 in heads of 8 (2 heads), so the
 # recurrent state is R rows of token_shift_count * 16 floats and S rows of 16 * 8 = 128
 RWKV_EMBD, RWKV_HEAD, RWKV_FF, RWKV_LAYERS = 16, 8, 32, 2
+# RWKV-7 needs heads of 64: ggml's CPU rwkv_wkv7 kernel walks a head row in whole SIMD
+# steps (64 floats with AVX-512, 32 with AVX2) and overruns smaller heads (reads and
+# writes past each head and past the tensor: the numbers depend on neighbouring memory,
+# and the heap is corrupted). One head of 64: S rows of 64 * 64 = 4096 floats.
+RWKV7_EMBD, RWKV7_HEAD = 64, 64
 
 
-def _rwkv_common(m: _Model, *, ln0: bool, output_norm_b: bool) -> None:
+def _rwkv_common(
+    m: _Model, *, ln0: bool, output_norm_b: bool, n: int = RWKV_EMBD, head: int = RWKV_HEAD
+) -> None:
     """Keys and tensors every RWKV writer shares: no attention heads, ``wkv.head_size``,
     both norm epsilons, the embeddings (``ln0``: RWKV's token_embd_norm weight and bias)
     and the output norm (``output_norm_b``: with its bias) and head."""
-    n = RWKV_EMBD
     _common(m, n, RWKV_LAYERS, RWKV_FF, 0)
     m.f32("attention.layer_norm_epsilon", 1e-5)
-    m.u32("wkv.head_size", RWKV_HEAD)
+    m.u32("wkv.head_size", head)
     m.weight("token_embd.weight", (n, N_VOCAB))
     if ln0:
         m.norm("token_embd_norm.weight", n)
@@ -83,16 +89,16 @@ def _rwkv_common(m: _Model, *, ln0: bool, output_norm_b: bool) -> None:
     m.weight("output.weight", (n, N_VOCAB))
 
 
-def _lerp(m: _Model, name: str, n_fused: int = 0) -> None:
+def _lerp(m: _Model, name: str, n_fused: int = 0, n: int = RWKV_EMBD) -> None:
     """A token-shift interpolation weight in [0, 1): {n_embd, 1, 1} or {n_embd, 1, 1, n_fused}."""
-    shape = (n_fused, 1, 1, RWKV_EMBD) if n_fused else (1, 1, RWKV_EMBD)
+    shape = (n_fused, 1, 1, n) if n_fused else (1, 1, n)
     m.w.add_tensor(name, m.rng.random(shape).astype("float32"))
 
 
 def _rwkv7_time_mix(m: _Model, il: int, *, lora: int, gate: bool, ln: bool) -> None:
     """One layer's RWKV-7 time mix (llama_model_rwkv7 / arwkv7 load_arch_tensors); every
     LoRA of rank ``lora``; ``gate``: the g1/g2 LoRA and a 6-way lerp (else 5-way)."""
-    n, b = RWKV_EMBD, f"blk.{il}"
+    n, b = RWKV7_EMBD, f"blk.{il}"
     for x in ("w", "a", "v"):
         m.weight(f"{b}.time_mix_{x}0.weight", (n,), scale=0.5)
         m.weight(f"{b}.time_mix_{x}1.weight", (n, lora))
@@ -100,7 +106,7 @@ def _rwkv7_time_mix(m: _Model, il: int, *, lora: int, gate: bool, ln: bool) -> N
     if gate:
         m.weight(f"{b}.time_mix_g1.weight", (n, lora))
         m.weight(f"{b}.time_mix_g2.weight", (lora, n))
-    _lerp(m, f"{b}.time_mix_lerp_fused.weight", 6 if gate else 5)
+    _lerp(m, f"{b}.time_mix_lerp_fused.weight", 6 if gate else 5, n)
     for x in ("k_k", "k_a", "r_k"):
         m.weight(f"{b}.time_mix_{x}.weight", (n,), scale=0.5)
     for x in ("key", "value", "receptance"):
@@ -117,11 +123,12 @@ def write_rwkv7(path: Path) -> Path:
     llama_model_rwkv7::load_arch_hparams requires ``wkv.head_size`` and the decay, ICLR
     and value-residual LoRA ranks (the gate rank is optional, but load_arch_tensors
     requires the gate LoRA); token_shift_count defaults to 2 (the graph asserts 2):
-    R rows of 2 * 16 = 32 floats (attention and FFN shifts), S rows of 16 * 8 = 128.
+    R rows of 2 * 64 = 128 floats (attention and FFN shifts), S rows of 64 * 64 = 4096
+    (one head of 64, see RWKV7_HEAD).
     """
-    n, lora = RWKV_EMBD, 4
+    n, lora = RWKV7_EMBD, 4
     m = _Model(path, "rwkv7", "tiny-rwkv7", seed=41)
-    _rwkv_common(m, ln0=True, output_norm_b=True)
+    _rwkv_common(m, ln0=True, output_norm_b=True, n=n, head=RWKV7_HEAD)
     for key in ("decay", "iclr", "value_residual_mix", "gate"):
         m.u32(f"attention.{key}_lora_rank", lora)
     for il in range(RWKV_LAYERS):
@@ -130,7 +137,7 @@ def write_rwkv7(path: Path) -> Path:
             m.norm(f"{b}.{norm}.weight", n)
             m.weight(f"{b}.{norm}.bias", (n,), scale=0.1)
         _rwkv7_time_mix(m, il, lora=lora, gate=True, ln=True)
-        _lerp(m, f"{b}.channel_mix_lerp_k.weight")
+        _lerp(m, f"{b}.channel_mix_lerp_k.weight", n=n)
         m.weight(f"{b}.channel_mix_key.weight", (n, RWKV_FF))
         m.weight(f"{b}.channel_mix_value.weight", (RWKV_FF, n))
     m.finish()
@@ -142,12 +149,13 @@ def write_arwkv7(path: Path) -> Path:
 
     llama_model_arwkv7::load_arch_hparams reads rwkv7's keys; the graph asserts
     n_embd_r == n_embd, so ``token_shift_count`` is 1 (one attention shift per layer):
-    R rows of 16 floats, S rows of 128. No ln0, no output-norm bias; this model has no
-    gate LoRA (a 5-way lerp) and no time-mix group norm, both optional for arwkv7.
+    R rows of 64 floats, S rows of 64 * 64 = 4096 (one head of 64, see RWKV7_HEAD). No
+    ln0, no output-norm bias; this model has no gate LoRA (a 5-way lerp) and no time-mix
+    group norm, both optional for arwkv7.
     """
-    n, lora = RWKV_EMBD, 4
+    n, lora = RWKV7_EMBD, 4
     m = _Model(path, "arwkv7", "tiny-arwkv7", seed=43)
-    _rwkv_common(m, ln0=False, output_norm_b=False)
+    _rwkv_common(m, ln0=False, output_norm_b=False, n=n, head=RWKV7_HEAD)
     m.u32("token_shift_count", 1)
     for key in ("decay", "iclr", "value_residual_mix"):
         m.u32(f"attention.{key}_lora_rank", lora)
