@@ -290,6 +290,7 @@ ENGINE_ARCHS = {
     "cohere2moe",  # graph_attention
     "exaone-moe",  # graph_attention
     "smallthinker",  # graph_attention
+    "mellum",  # graph_attention
 }  # fmt: skip
 
 

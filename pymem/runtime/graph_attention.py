@@ -261,10 +261,7 @@ class AttentionGraph:
             q = ctx.reshape_3d(q, hd, hp.n_head[il], n_tokens)
             k = ctx.reshape_3d(k, hd, hp.n_head_kv[il], n_tokens)
             v = ctx.reshape_3d(v, hd, hp.n_head_kv[il], n_tokens)
-            layer = self.m.spec.layers[il]
-            rope = layer.rope
-            if layer.swa:  # SWA layers rotate without YaRN scaling
-                rope = replace(rope, freq_scale=1.0, ext_factor=0.0, attn_factor=1.0)
+            rope = self.swa_plain_rope(il)
             q, k = g.rope(q, rope), g.rope(k, rope)
             return self.attn_store_read(il, q, k, v, None)
 
@@ -449,6 +446,36 @@ class AttentionGraph:
                                exp_probs_b=False, logits=probs)  # fmt: skip
             inpL = ctx.add(cur, ffn_inp)
         return inpL
+
+    def mellum(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_mellum::graph``: qwen3moe's layers (per-head Q/K norms, softmax
+        SwiGLU experts) with OLMo-2's RoPE: unscaled (no YaRN) on SWA layers."""
+        hp = self.hp
+        g: Any = self
+        for il in range(hp.n_layer):
+            self.refuse_tensors(il, ("attn_qkv.weight", "attn_q.bias"), "mellum")
+
+        def mixer(il: int, cur: Any) -> Any:
+            q, k, v = self.build_qkv(il, cur, hp.n_embd_head)
+            q = g.norm(q, self.m._w(il, "attn_q_norm.weight"))
+            k = g.norm(k, self.m._w(il, "attn_k_norm.weight"))
+            rope = self.swa_plain_rope(il)
+            return self.attn_store_read(il, g.rope(q, rope), g.rope(k, rope), v, None)
+
+        def moe(il: int, cur: Any) -> Any:
+            w_scale = self.m.keys.f32(f"{hp.arch}.expert_weights_scale", 0.0)
+            return self.moe_ffn(il, cur, GATING_SOFTMAX, norm_w=True, w_scale=w_scale,
+                                exp_probs_b=False)  # fmt: skip
+
+        return self.prenorm_layers(inp, out_ids, mixer, moe)
+
+    def swa_plain_rope(self, il: int) -> Any:
+        """Layer ``il``'s RoPE; on SWA layers without YaRN scaling (freq_scale 1,
+        ext_factor 0, attn_factor 1), as OLMo-2 / Mellum rotate them."""
+        layer = self.m.spec.layers[il]
+        if not layer.swa:
+            return layer.rope
+        return replace(layer.rope, freq_scale=1.0, ext_factor=0.0, attn_factor=1.0)
 
     def refuse_tensors(self, il: int, names: Sequence[str], why: str) -> None:
         """:class:`UnsupportedError` naming the layer tensors of ``names`` that exist."""
@@ -692,6 +719,7 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     # LFM2 names its output norm after the embeddings
     "qwen3moe": ArchGraph(AttentionGraph.qwen3moe),
     "exaone4": ArchGraph(AttentionGraph.exaone4),
+    "mellum": ArchGraph(AttentionGraph.mellum),
     "smallthinker": ArchGraph(AttentionGraph.smallthinker),
     "exaone-moe": ArchGraph(AttentionGraph.exaone_moe),
     "llama4": ArchGraph(AttentionGraph.llama4),
