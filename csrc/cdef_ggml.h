@@ -211,3 +211,22 @@ struct ggml_tensor * ggml_reglu_split( struct ggml_context * ctx, struct ggml_te
 void ggml_soft_max_add_sinks( struct ggml_tensor * a, struct ggml_tensor * sinks);
 void ggml_flash_attn_ext_add_sinks( struct ggml_tensor * a, struct ggml_tensor * sinks);
 struct ggml_tensor * ggml_swiglu( struct ggml_context * ctx, struct ggml_tensor * a);
+// ggml's backend scheduler: one graph over several devices (pymem.ggml.MultiDeviceRunner)
+struct ggml_backend_sched;
+typedef struct ggml_backend_sched * ggml_backend_sched_t;
+ggml_backend_sched_t ggml_backend_sched_new(ggml_backend_t * backends, ggml_backend_buffer_type_t * bufts, int n_backends, size_t graph_size, bool parallel, bool op_offload);
+void ggml_backend_sched_free(ggml_backend_sched_t sched);
+bool ggml_backend_sched_reserve(ggml_backend_sched_t sched, struct ggml_cgraph * measure_graph);
+int ggml_backend_sched_get_n_backends(ggml_backend_sched_t sched);
+ggml_backend_t ggml_backend_sched_get_backend(ggml_backend_sched_t sched, int i);
+int ggml_backend_sched_get_n_splits(ggml_backend_sched_t sched);
+int ggml_backend_sched_get_n_copies(ggml_backend_sched_t sched);
+size_t ggml_backend_sched_get_buffer_size(ggml_backend_sched_t sched, ggml_backend_t backend);
+void ggml_backend_sched_set_tensor_backend(ggml_backend_sched_t sched, struct ggml_tensor * node, ggml_backend_t backend);
+ggml_backend_t ggml_backend_sched_get_tensor_backend(ggml_backend_sched_t sched, struct ggml_tensor * node);
+bool ggml_backend_sched_alloc_graph(ggml_backend_sched_t sched, struct ggml_cgraph * graph);
+enum ggml_status ggml_backend_sched_graph_compute(ggml_backend_sched_t sched, struct ggml_cgraph * graph);
+void ggml_backend_sched_synchronize(ggml_backend_sched_t sched);
+void ggml_backend_sched_reset(ggml_backend_sched_t sched);
+int ggml_graph_size(struct ggml_cgraph * cgraph);
+static const int GGML_BACKEND_BUFFER_USAGE_WEIGHTS;

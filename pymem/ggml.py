@@ -13,19 +13,27 @@ here read and write pymem's K/V/R/S buffers directly::
 
 Every ``ggml_<op>(ctx, ...)`` in the cdef is available as ``ctx.<op>(...)``; tensors are
 cffi ``struct ggml_tensor *`` pointers. Context-free helpers live at module level.
+
+A graph whose tensors live on several devices (a memory with layers placed on other
+devices than the weights: rpc-servers, GPUs) runs on :class:`MultiDeviceRunner`, ggml's
+backend scheduler; :func:`graph_devices` tells which devices a built graph touches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import struct
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pymem._native import check, ffi, lib
+from pymem._native import check, cstr, ffi, lib
 from pymem.backend import Device, get_device
-from pymem.errors import NativeError, TypeSpecError
+from pymem.backend import devices as registry_devices
+from pymem.errors import DeviceError, NativeError, TypeSpecError
 from pymem.types import ggml_type
 
 if TYPE_CHECKING:
@@ -257,7 +265,12 @@ class GraphRunner:
         Returns the values of ``read`` (default: ``outputs``) as numpy arrays. Outputs that
         are ``set_rows`` / ``cpy`` nodes into pymem tensors write those tensors in place.
         """
-        gf = ctx.graph(outputs)
+        return self.compute(ctx.graph(outputs), inputs, outputs if read is None else read)
+
+    def compute(
+        self, gf: Any, inputs: Mapping[Any, np.ndarray] | None, read: Sequence[Any]
+    ) -> list[np.ndarray]:
+        """Allocate and compute a built graph ``gf``; set ``inputs`` first; ``read`` back."""
         if not lib.ggml_gallocr_alloc_graph(self._galloc, gf):
             raise NativeError(f"graph allocation failed on {self.device.name}")
         for t, values in (inputs or {}).items():
@@ -268,4 +281,237 @@ class GraphRunner:
         status = lib.ggml_backend_graph_compute(self._backend, gf)
         if status != lib.GGML_STATUS_SUCCESS:
             raise NativeError(f"graph compute failed on {self.device.name}: status {status}")
-        return [get_data(t) for t in (outputs if read is None else read)]
+        return [get_data(t) for t in read]
+
+
+# --- graphs over several devices ---------------------------------------------------------
+
+SCHED_MAX_BACKENDS = 16  # GGML_SCHED_MAX_BACKENDS, private to ggml-backend.cpp
+_MAX_BUFFER_TYPES = 64
+
+
+def graph_devices(gf: Any) -> list[Device]:
+    """The devices whose buffers hold tensors graph ``gf`` reads or writes, first use first.
+
+    Counted before allocation: weights, pymem's K/V/R/S tensors and views of them (a
+    ``set_rows`` into the cache counts as the cache's device); inputs and intermediates
+    have no buffer yet. One C call over every node and its sources. E.g. weights on the
+    CPU and a memory with layers on CPU and RPC0 -> [CPU, RPC0].
+    """
+    out = ffi.new("ggml_backend_buffer_type_t[]", _MAX_BUFFER_TYPES)
+    n = ffi.new("int32_t *")
+    check(lib.pm_graph_buffer_types(gf, out, _MAX_BUFFER_TYPES, n), "graph_buffer_types")
+    known = registry_devices()
+    by_buft = {d.buffer_type: d for d in known}
+    by_handle = {d.handle: d for d in known}
+    found: list[Device] = []
+    for i in range(n[0]):
+        # a device's own buffer type first: ggml's CPU buffer type names no device
+        dev = by_buft.get(out[i]) or by_handle.get(lib.ggml_backend_buft_get_device(out[i]))
+        if dev is None and lib.ggml_backend_buft_is_host(out[i]):
+            dev = get_device("CPU")
+        if dev is None:
+            name = ffi.string(lib.ggml_backend_buft_name(out[i])).decode()
+            raise DeviceError(f"graph: a tensor lives in a {name!r} buffer of no registered device")
+        if dev not in found:
+            found.append(dev)
+    return found
+
+
+def mark_weights(t: Any) -> None:
+    """Mark the backend buffer holding tensor ``t`` as weights.
+
+    ggml's scheduler runs an op that reads weights on the weights' device; unmarked, a
+    matmul between a CPU weight and activations that came from another device may be
+    placed there, and the weight copied over every step. The single-device allocator
+    ignores the mark.
+    """
+    if t.buffer == ffi.NULL:
+        raise TypeSpecError("mark_weights: the tensor has no backend buffer")
+    lib.ggml_backend_buffer_set_usage(t.buffer, lib.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+
+
+_TCP_ESTABLISHED = "01"
+
+
+def _rpc_endpoint(dev: Device) -> tuple[str, int] | None:
+    """``(host, port)`` of an rpc-server's device (its description is the endpoint)."""
+    reg = lib.ggml_backend_dev_backend_reg(dev.handle)
+    if reg == ffi.NULL or cstr(lib.ggml_backend_reg_name(reg)) != "RPC":
+        return None
+    host, sep, port = dev.description.rpartition(":")
+    return (host, int(port)) if sep and port.isdigit() else None
+
+
+def _proc_addrs(host: str, port: int) -> set[str]:
+    """``/proc/net/tcp{,6}`` spellings of ``host:port`` (32-bit words in host byte order).
+
+    E.g. 127.0.0.1:50052 -> {"0100007F:C344", "0000000000000000FFFF00000100007F:C344"}.
+    """
+    out: set[str] = set()
+    try:
+        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return out
+    for family, *_, sockaddr in infos:
+        raw = socket.inet_pton(family, str(sockaddr[0]))
+        if family == socket.AF_INET:
+            raw6 = b"\0" * 10 + b"\xff\xff" + raw  # the IPv4-mapped IPv6 address
+            out.add(f"{struct.unpack('=I', raw)[0]:08X}:{port:04X}")
+        else:
+            raw6 = raw
+        words = struct.unpack("=4I", raw6)
+        out.add("".join(f"{w:08X}" for w in words) + f":{port:04X}")
+    return out
+
+
+def _tcp_states(addrs: set[str]) -> list[str] | None:
+    """States (``/proc/net/tcp`` codes) of this process's TCP sockets connected to one of
+    ``addrs``; None where the kernel does not publish them (not Linux)."""
+    try:
+        inodes = set()
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/self/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        states = []
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table, encoding="ascii") as f:
+                next(f)
+                for line in f:
+                    # sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+                    fields = line.split()
+                    if fields[2] in addrs and fields[9] in inodes:
+                        states.append(fields[3])
+        return states
+    except OSError:
+        return None
+
+
+class MultiDeviceRunner:
+    """Computes graphs whose tensors live on several devices, with ggml's backend scheduler.
+
+    Why: a memory may place layers' K/V or R/S on other devices (``device={il: ...}``;
+    rpc-servers, GPUs) while the weights stay on one. ``ggml_backend_sched`` splits each
+    graph into runs of nodes per device: a node that writes a tensor runs where that
+    tensor lives (a ``set_rows`` into layer ``il``'s cache on that layer's device), an op
+    reading weights runs where the weights are (see :func:`mark_weights`), the others
+    follow their neighbours, and sources from another device are copied in at the start
+    of a run. Graph inputs live on the CPU. Every device runs ggml's kernels for its op,
+    so over rpc-servers of the same ggml on the same CPU type the results equal one
+    device's bit for bit.
+
+    Devices take priority in the order given; the CPU is always added, last (ggml needs
+    a CPU backend last: it runs what no other backend supports). Errors are typed: a
+    graph touching a device outside the runner, or an rpc-server that is gone (checked
+    before each compute on Linux, where ggml would otherwise abort the process), raise
+    :class:`~pymem.errors.DeviceError`; a graph the scheduler cannot allocate or compute
+    raises :class:`~pymem.errors.NativeError`.
+    """
+
+    def __init__(self, devices: Sequence[str | Device], n_threads: int | None = None) -> None:
+        given = [get_device(d) for d in devices]
+        cpu = get_device("CPU")
+        order: list[Device] = []
+        for dev in given:
+            if dev != cpu and dev not in order:
+                order.append(dev)
+        order.append(cpu)
+        if len(order) > SCHED_MAX_BACKENDS:
+            raise DeviceError(
+                f"devices: {len(order)} with the CPU, ggml's scheduler takes at most "
+                f"{SCHED_MAX_BACKENDS}"
+            )
+        self.devices: tuple[Device, ...] = tuple(order)
+        self.n_threads = n_threads or os.cpu_count() or 1
+        self._rpc: dict[Device, tuple[tuple[str, int], set[str]]] = {}
+        for dev in order:
+            endpoint = _rpc_endpoint(dev)
+            if endpoint is not None:
+                self._rpc[dev] = (endpoint, _proc_addrs(*endpoint))
+        self.check_devices()
+        self._backends = ffi.new("ggml_backend_t[]", [d.backend() for d in order])
+        self._cpu = self._backends[len(order) - 1]
+        self._sched: Any = ffi.NULL
+        self._sched_size = 0
+        self.n_splits = 0  # of the last graph computed
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.devices]
+
+    def check_devices(self) -> None:
+        """Raise :class:`DeviceError` for an rpc-server of the runner that is gone.
+
+        This process's connection to it is read from ``/proc/net/tcp``: a server that
+        exited leaves it half-closed (or reset). With no connection yet, the server must
+        accept one. Elsewhere than Linux nothing is checked.
+        """
+        for dev, ((host, port), addrs) in self._rpc.items():
+            states = _tcp_states(addrs)
+            if states is None or _TCP_ESTABLISHED in states:
+                continue
+            gone = f"device {dev.name!r}: the rpc-server at {host}:{port} is gone"
+            if states:
+                raise DeviceError(f"{gone} (it closed this process's connection)")
+            try:
+                socket.create_connection((host, port), timeout=5).close()
+            except OSError as exc:
+                raise DeviceError(f"{gone} ({exc})") from exc
+
+    def close(self) -> None:
+        if self._sched != ffi.NULL:
+            lib.ggml_backend_sched_free(self._sched)
+            self._sched = ffi.NULL
+
+    def __del__(self) -> None:
+        self.close()
+
+    def run(
+        self,
+        ctx: Context,
+        outputs: Sequence[Any],
+        inputs: Mapping[Any, np.ndarray] | None = None,
+        read: Sequence[Any] | None = None,
+    ) -> list[np.ndarray]:
+        """As :meth:`GraphRunner.run`, over this runner's devices."""
+        return self.compute(ctx.graph(outputs), inputs, outputs if read is None else read)
+
+    def compute(
+        self, gf: Any, inputs: Mapping[Any, np.ndarray] | None, read: Sequence[Any]
+    ) -> list[np.ndarray]:
+        """Schedule, allocate and compute a built graph ``gf``; set ``inputs``; ``read``."""
+        foreign = [d.name for d in graph_devices(gf) if d not in self.devices]
+        if foreign:
+            raise DeviceError(
+                f"graph: reads or writes tensors on {foreign}; this runner computes over "
+                f"{self.names}"
+            )
+        self.check_devices()
+        # nodes and leafs each up to the graph's size: the scheduler's table holds both
+        size = 2 * int(lib.ggml_graph_size(gf))
+        if size > self._sched_size:
+            self.close()
+            self._sched = lib.ggml_backend_sched_new(
+                self._backends, ffi.NULL, len(self.devices), size, False, False
+            )
+            if self._sched == ffi.NULL:
+                raise NativeError(f"ggml_backend_sched_new failed over {self.names}")
+            self._sched_size = size
+        lib.ggml_backend_sched_reset(self._sched)
+        for t in read:  # kept out of the allocator's reuse
+            lib.ggml_set_output(t)
+        if not lib.ggml_backend_sched_alloc_graph(self._sched, gf):
+            raise NativeError(
+                f"graph of {lib.ggml_graph_n_nodes(gf)} nodes cannot be scheduled over "
+                f"{self.names}: compute buffer allocation failed"
+            )
+        self.n_splits = int(lib.ggml_backend_sched_get_n_splits(self._sched))
+        for t, values in (inputs or {}).items():
+            set_data(t, values)
+        check(lib.pm_backend_set_n_threads(self._cpu, self.n_threads), "set_n_threads")
+        status = lib.ggml_backend_sched_graph_compute(self._sched, gf)
+        if status != lib.GGML_STATUS_SUCCESS:
+            raise NativeError(f"graph compute failed over {self.names}: status {status}")
+        return [get_data(t) for t in read]

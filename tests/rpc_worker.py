@@ -11,6 +11,12 @@ state blob (whole and per sequence) and the state read back must be byte-identic
 Prints one JSON line (devices, memory_breakdown, timings); exits non-zero on a mismatch.
 With N_SERVERS = "engine": the GGUF engine and the whole memory on one server, decoding
 two sequences; logits and state compared with the CPU (printed, asserted by the test).
+With N_SERVERS = "split1" / "split2": the recorded tiny-jamba run replayed by the GGUF
+engine (weights on the CPU) over a memory whose K/V and R/S layers are split between the
+CPU and one or two servers (ggml's scheduler computes each graph), and over a CPU-only
+memory; every decode's logits and every state blob are compared byte for byte.
+With N_SERVERS = "gone": a server killed between a ubatch's apply and its graph; the
+engine must raise DeviceError instead of letting ggml abort.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ def free_port() -> int:
 def start_server(binary: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     proc = subprocess.Popen(
-        ["timeout", str(SERVER_LIFETIME_S), binary, "-H", "127.0.0.1", "-p", str(port)],
+        # one thread, as the engine's CPU backend: every kernel reduces in the same order
+        ["timeout", str(SERVER_LIFETIME_S), binary, "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # timeout and the server in one group: stop() ends both
@@ -167,9 +174,216 @@ def main_engine(binary: str) -> None:
         stop(proc)
 
 
+RUN = Path(__file__).parent / "data" / "runs" / "jamba.main.fa1.u0.json"
+
+
+def split_placements(rpc: list[str]) -> dict[int, str]:
+    """Jamba's layers (0 R/S, 1 K/V, 2 R/S, 3 K/V) so that each kind has a layer on the CPU
+    or on another server than its twin: one server {0: CPU, 1: RPC0, 2: RPC0, 3: CPU};
+    two {0: RPC0, 1: CPU, 2: RPC1, 3: RPC0}."""
+    if len(rpc) == 1:
+        return {0: "CPU", 1: rpc[0], 2: rpc[0], 3: "CPU"}
+    return {0: rpc[0], 1: "CPU", 2: rpc[1], 3: rpc[0]}
+
+
+class Capture:
+    """Replay hooks: the engine computes every ubatch; every decode's logits (batch order)
+    and every state blob pymem writes are kept, compared with the recording only to report."""
+
+    def __init__(self, model: Any, flash_attn: bool) -> None:
+        self.model = model
+        self.flash_attn = flash_attn
+        self.rows: dict[int, np.ndarray] = {}
+        self.logits: list[np.ndarray] = []
+        self.blobs: list[tuple[str, bytes]] = []
+        self.logits_as_recorded = 0
+        self.blobs_as_recorded = 0
+        self.max_rel_to_recording = 0.0
+
+    def forward(self, mctx: Any, ubatch: Any) -> None:
+        from pymem.runtime.decoder import step_inputs
+
+        inputs = step_inputs(mctx, ubatch, self.flash_attn)
+        out = self.model.forward(ubatch, inputs, self.flash_attn)
+        for i in np.flatnonzero(ubatch.output):
+            self.rows[int(ubatch.batch_idxs[i])] = out[i]
+
+    def before_op(self, step: dict[str, Any], mem: Any, where: str) -> None:
+        self.rows = {}
+
+    def after_op(self, step: dict[str, Any], mem: Any, result: Any, where: str) -> None:
+        if step["op"] == "decode" and result == 0 and "logits" in step:
+            got = np.stack([self.rows[b] for b in sorted(self.rows)])
+            self.logits.append(got)
+            want = np.frombuffer(self.run_blob(step["logits"]), dtype=np.float32)
+            self.logits_as_recorded += bool(np.array_equal(got.reshape(-1), want))
+            rel = float(np.abs(got.reshape(-1) - want).max() / np.abs(want).max())
+            self.max_rel_to_recording = max(self.max_rel_to_recording, rel)
+
+    def compare_blob(self, kind: str, got: bytes, want: bytes, where: str) -> None:
+        self.blobs.append((f"{where} {kind}", got))
+        self.blobs_as_recorded += got == want
+
+    run_blob: Any = None
+
+
+def replay_engine(model: Any, placement: dict[int, str] | None) -> tuple[Capture, float]:
+    """The recorded run over a memory placed by ``placement`` (None: the CPU alone)."""
+    import dataclasses
+
+    from replay import Run, replay
+
+    from pymem.factory import ContextParams, create_memory
+
+    run = Run.load(RUN)
+    params = ContextParams.from_dict(run.data["context_params"])
+    if placement is not None:
+        params = dataclasses.replace(params, device=placement)
+    mem = create_memory(run.spec(), params)
+    hooks = Capture(model, bool(run.data["memory"]["flash_attn"]))
+    hooks.run_blob = run.blob
+    t0 = time.perf_counter()
+    try:
+        report = replay(run, mem, hooks)  # type: ignore[arg-type]
+    finally:
+        breakdown = mem.memory_breakdown()
+        mem.close()
+    assert report.steps == len(run.data["steps"]), report
+    if placement is not None:
+        assert set(breakdown) == set(placement.values()), breakdown
+    return hooks, time.perf_counter() - t0
+
+
+def foreign_device_error(rpc: list[str]) -> str | None:
+    """A runner over the CPU and the first server given a graph writing a tensor on the
+    second: the DeviceError's message (None if nothing was raised)."""
+    import pymem.ggml as gg
+    from pymem.backend import TensorSpec, TensorStore
+    from pymem.errors import DeviceError
+
+    runner = gg.MultiDeviceRunner([rpc[0]], n_threads=1)
+    with TensorStore(rpc[1], [TensorSpec("k", "f32", (4, 8))]) as store, gg.Context() as ctx:
+        x = ctx.new_tensor("f32", (4, 2), input=True)
+        idx = ctx.new_tensor("i64", (2,), input=True)
+        gf = ctx.graph([ctx.set_rows(store["k"].ptr, x, idx)])
+        try:
+            runner.compute(gf, {x: np.zeros((2, 4), np.float32), idx: np.arange(2)}, [])
+        except DeviceError as exc:
+            return str(exc)
+        finally:
+            runner.close()
+    return None
+
+
+def main_split(binary: str, n_servers: int) -> None:
+    """Layers split over the CPU and the servers decode as the CPU alone does."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        endpoints = []
+        for _ in range(n_servers):
+            proc, endpoint = start_server(binary)
+            procs.append(proc)
+            endpoints.append(endpoint)
+        import pymem
+        from pymem.runtime.gguf_llama import GGUFModel
+
+        rpc = [pymem.add_rpc_device(e).name for e in endpoints]
+        placement = split_placements(rpc)
+        model = GGUFModel(MODEL)  # weights on the CPU, one thread
+        cpu, t_cpu = replay_engine(model, None)
+        split, t_split = replay_engine(model, placement)
+        foreign_error = foreign_device_error(rpc) if len(rpc) > 1 else None
+        runners = {"+".join(k): r.names for k, r in model._split_runners.items()}
+        n_splits = [r.n_splits for r in model._split_runners.values()]
+        model.close()
+        assert len(cpu.logits) == len(split.logits) > 0
+        assert [w for w, _ in cpu.blobs] == [w for w, _ in split.blobs]
+        logits_identical = sum(
+            bool(np.array_equal(a.view(np.uint32), b.view(np.uint32)))
+            for a, b in zip(cpu.logits, split.logits)
+        )
+        bad_blobs = [w for (w, a), (_, b) in zip(cpu.blobs, split.blobs) if a != b]
+        max_rel = max(
+            float(np.abs(a - b).max() / np.abs(a).max()) for a, b in zip(cpu.logits, split.logits)
+        )
+        print(
+            json.dumps(
+                dict(
+                    devices=rpc,
+                    placement={str(k): v for k, v in placement.items()},
+                    runners=runners,
+                    n_splits=n_splits,
+                    decodes=len(cpu.logits),
+                    logits_identical=logits_identical,
+                    logits_max_rel=max_rel,
+                    blobs=len(cpu.blobs),
+                    blobs_differing=bad_blobs,
+                    as_recorded=dict(
+                        cpu_logits=cpu.logits_as_recorded,
+                        cpu_blobs=cpu.blobs_as_recorded,
+                        split_logits=split.logits_as_recorded,
+                        split_blobs=split.blobs_as_recorded,
+                        logits_max_rel=split.max_rel_to_recording,
+                    ),
+                    foreign_error=foreign_error,
+                    t_cpu_s=round(t_cpu, 3),
+                    t_split_s=round(t_split, 3),
+                )
+            )
+        )
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+def main_gone(binary: str) -> None:
+    """A server that exits between a ubatch's apply and its graph: a typed error."""
+    proc, endpoint = start_server(binary)
+    try:
+        import pymem
+        from pymem.batch import Batch, BatchAllocator
+        from pymem.errors import DeviceError
+        from pymem.factory import ContextParams, create_memory
+        from pymem.runtime.decoder import step_inputs
+        from pymem.runtime.gguf_llama import GGUFModel
+
+        dev = pymem.add_rpc_device(endpoint).name
+        spec = pymem.spec_from_gguf(MODEL)
+        mem = create_memory(
+            spec, ContextParams(n_ctx=64, n_seq_max=N_SEQ, n_batch=32, n_ubatch=16,
+                                flash_attn=False, device=split_placements([dev])),
+        )  # fmt: skip
+        model = GGUFModel(MODEL)
+        balloc = BatchAllocator()
+        balloc.init(Batch.from_items(prompt(0, 4)), memory=mem, n_seq_max=N_SEQ)
+        ctx = mem.init_batch(balloc, 16, False)
+        ctx.apply()
+        ub = ctx.get_ubatch()
+        inputs = step_inputs(ctx, ub, False)
+        model.forward(ub, inputs, False)  # the split runner exists and the server answers
+        stop(proc)
+        try:
+            model.forward(ub, inputs, False)
+            error = None
+        except DeviceError as exc:
+            error = str(exc)
+        print(json.dumps(dict(device=dev, error=error)))
+        sys.stdout.flush()
+        # every RPC call from now on (freeing the memory's buffers) would abort the process
+        os._exit(0)
+    finally:
+        stop(proc)
+
+
 def main() -> None:
     if sys.argv[2] == "engine":
         main_engine(sys.argv[1])
+        return
+    if sys.argv[2].startswith("split"):
+        main_split(sys.argv[1], int(sys.argv[2][5:]))
+        return
+    if sys.argv[2] == "gone":
+        main_gone(sys.argv[1])
         return
     binary, n_servers = sys.argv[1], int(sys.argv[2])
     procs: list[subprocess.Popen[bytes]] = []

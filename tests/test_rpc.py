@@ -5,8 +5,13 @@ that ``.ci/ggml_rpc build-rpc`` builds with GGML_RPC=ON (one ggml per process: t
 process's ggml has no RPC backend). It starts two rpc-servers on 127.0.0.1, places
 tiny-jamba's K/V and R/S layers on them and on the CPU, and checks every tensor and state
 blob against the CPU-only memory; then decodes with the GGUF engine and the
-memory on one server and compares logits and state with the CPU's. Skipped only when build-rpc/ is absent outside CI; in
-CI (``$CI`` set) a missing build fails.
+memory on one server and compares logits and state with the CPU's; then replays the
+recorded tiny-jamba run with its layers split over the CPU and one or two servers (ggml's
+backend scheduler, :class:`pymem.ggml.MultiDeviceRunner`) and compares every decode's
+logits and every state blob with the CPU-only replay; then kills a server under a split
+memory and expects a DeviceError. Skipped only when build-rpc/ is absent outside CI; in
+CI (``$CI`` set) a missing build fails. The scheduler over the CPU alone is checked in
+this process.
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import pymem
+import pymem.ggml as gg
+from pymem.backend import TensorSpec, TensorStore
 from pymem.errors import DeviceError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +51,7 @@ def _run_worker(n_servers: int | str) -> dict:
         env=env,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=240,
     )
     assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -78,3 +86,58 @@ def test_rpc_on_a_ggml_without_it() -> None:
         pymem.add_rpc_device("127.0.0.1:50052")
     with pytest.raises(DeviceError, match="endpoint"):
         pymem.add_rpc_device("localhost")
+
+
+@pytest.mark.parametrize("n_servers", [1, 2])
+def test_split_decode_matches_cpu(n_servers: int) -> None:
+    # the recorded jamba run (4 streams, flash attention, seq ops, state restores) with
+    # K/V and R/S layers on the CPU and rpc-servers: the scheduler splits each graph, the
+    # servers run ggml's CPU kernels with one thread, so every decode's logits and every
+    # state blob equal the CPU-only replay's bit for bit
+    _build_or_skip()
+    out = _run_worker(f"split{n_servers}")
+    rpc = [f"RPC{i}" for i in range(n_servers)]
+    key = "+".join(sorted(["CPU", *rpc]))
+    # the CPU-only replay took the one-device runner: the only scheduler is the split's
+    assert out["runners"] == {key: [*rpc, "CPU"]}, out
+    assert out["n_splits"][0] > 1, out
+    assert out["decodes"] == 12 and out["logits_identical"] == 12, out
+    assert out["logits_max_rel"] == 0.0, out
+    assert out["blobs"] > 100 and out["blobs_differing"] == [], out
+    if n_servers == 2:
+        assert "RPC1" in out["foreign_error"], out
+
+
+def test_gone_server_raises_device_error() -> None:
+    # ggml aborts the process on a lost rpc-server; the split runner checks this
+    # process's connection first and raises a typed error instead
+    _build_or_skip()
+    out = _run_worker("gone")
+    assert out["device"] == "RPC0"
+    assert out["error"] and "is gone" in out["error"], out
+
+
+def test_scheduler_on_the_cpu_matches_the_graph_runner() -> None:
+    # MultiDeviceRunner over the CPU alone: one split, and the same bytes as GraphRunner
+    # for a graph that reads a store tensor as a weight and writes rows of another
+    rng = np.random.default_rng(0)
+    w_val = rng.standard_normal((4, 8)).astype(np.float32)
+    x_val = rng.standard_normal((3, 8)).astype(np.float32)
+    results = []
+    specs = [TensorSpec("w", "f32", (8, 4)), TensorSpec("k", "f16", (4, 16))]
+    for runner in (gg.GraphRunner("CPU", n_threads=1), gg.MultiDeviceRunner(["CPU"], 1)):
+        with TensorStore("CPU", specs) as store, gg.Context() as ctx:
+            store["w"].write_bytes(w_val)
+            x = ctx.new_tensor("f32", (8, 3), input=True)
+            idx = ctx.new_tensor("i64", (3,), input=True)
+            y = ctx.mul_mat(store["w"].ptr, x)
+            stored = ctx.set_rows(store["k"].ptr, y, idx)
+            gf = ctx.graph([y, stored])
+            assert gg.graph_devices(gf) == [pymem.get_device("CPU")]
+            (got,) = runner.compute(gf, {x: x_val, idx: np.array([5, 0, 9])}, [y])
+            results.append((got.copy(), bytes(store["k"].read_bytes())))
+        runner.close()
+    assert runner.n_splits == 1 and runner.names == ["CPU"]
+    np.testing.assert_allclose(results[0][0].reshape(3, 4), x_val @ w_val.T, rtol=1e-5)
+    assert results[0][0].tobytes() == results[1][0].tobytes()
+    assert results[0][1] == results[1][1]
