@@ -291,6 +291,7 @@ ENGINE_ARCHS = {
     "exaone-moe",  # graph_attention
     "smallthinker",  # graph_attention
     "mellum",  # graph_attention
+    "granite_swa",  # graph_attention
 }  # fmt: skip
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from pymem.errors import ConfigError, UnsupportedError
-from pymem.runtime.arch_graph import ArchGraph, f32_div
+from pymem.runtime.arch_graph import ArchGraph, f32, f32_div
 
 F32 = 4  # bytes per float32
 
@@ -122,10 +122,11 @@ class AttentionGraph:
         kq_scale: float | None = None,
         sinks: bool = False,
         rope: bool = True,
+        per_layer_base: bool = False,
     ) -> Any:
-        """``build_qkv`` (+ Q/K RMS norms per head) + RoPE (the spec's per-layer RopeSpec,
-        when ``rope`` and the layer has one) + ``build_attn`` (+ ``attn_sinks``) + ``wo``
-        (+ ``attn_output.bias``)."""
+        """``build_qkv`` (+ Q/K RMS norms per head) + RoPE (when ``rope`` and the layer has
+        one; the context's base unless ``per_layer_base``) + ``build_attn`` (+
+        ``attn_sinks``) + ``wo`` (+ ``attn_output.bias``)."""
         hp = self.hp
         g: Any = self
         w = self.m._w
@@ -133,7 +134,11 @@ class AttentionGraph:
         if qk_norm:
             q = g.norm(q, w(il, "attn_q_norm.weight"))
             k = g.norm(k, w(il, "attn_k_norm.weight"))
-        layer_rope = self.m.spec.layers[il].rope if rope else None
+        # the graph's RoPE: the context's base on every layer (global_rope), or the
+        # layer's own (get_rope_freq_base(il): gpt-oss, smallthinker)
+        layer_rope = None
+        if rope:
+            layer_rope = self.m.spec.layers[il].rope if per_layer_base else self.global_rope(il)
         if layer_rope is not None:
             q = g.rope(q, layer_rope)
             k = g.rope(k, layer_rope)
@@ -435,7 +440,9 @@ class AttentionGraph:
             use_rope = step == hp.n_layer or il % step != 0
             probs = ctx.mul_mat(w(il, "ffn_gate_inp.weight"), inpL)  # [n_expert, n_tokens]
             inpSA = inpL
-            cur = self.attn_block(il, g.norm(inpL, w(il, "attn_norm.weight")), rope=use_rope)
+            cur = self.attn_block(
+                il, g.norm(inpL, w(il, "attn_norm.weight")), rope=use_rope, per_layer_base=True
+            )
             if il == hp.n_layer - 1:
                 cur = ctx.get_rows(cur, out_ids)
                 inpSA = ctx.get_rows(inpSA, out_ids)
@@ -469,13 +476,68 @@ class AttentionGraph:
 
         return self.prenorm_layers(inp, out_ids, mixer, moe)
 
+    def global_rope(self, il: int) -> Any:
+        """Layer ``il``'s RoPE with the context's ``freq_base`` / ``freq_scale``: the graphs
+        that rotate every layer by the global values (not ``get_rope_freq_base(il)``),
+        even SWA layers whose K-shift uses the SWA base. E.g. granite_swa with
+        rope.freq_base 1e5: SWA layers shift K with 1e4 but rotate Q/K with 1e5."""
+        layers = self.m.spec.layers
+        rope = layers[il].rope
+        if rope is None or not layers[il].swa:
+            return rope
+        full = [la.rope for la in layers if not la.swa and la.rope is not None]
+        if full:
+            return replace(rope, freq_base=full[0].freq_base, freq_scale=full[0].freq_scale)
+        arch = self.hp.arch
+        if f"{arch}.rope.scaling.factor" in self.m.keys.fields:
+            raise UnsupportedError(f"{self.m.path}: {arch}.rope.scaling.factor on SWA-only layers")
+        base = self.m.keys.f32(f"{arch}.rope.freq_base", 10000.0)
+        return replace(rope, freq_base=base, freq_scale=1.0)
+
     def swa_plain_rope(self, il: int) -> Any:
         """Layer ``il``'s RoPE; on SWA layers without YaRN scaling (freq_scale 1,
         ext_factor 0, attn_factor 1), as OLMo-2 / Mellum rotate them."""
-        layer = self.m.spec.layers[il]
-        if not layer.swa:
-            return layer.rope
-        return replace(layer.rope, freq_scale=1.0, ext_factor=0.0, attn_factor=1.0)
+        rope = self.global_rope(il)
+        if not self.m.spec.layers[il].swa:
+            return rope
+        return replace(rope, freq_scale=1.0, ext_factor=0.0, attn_factor=1.0)
+
+    def granite_swa(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_granite_swa::graph`` (dense layers): Granite's embedding, residual,
+        attention and logit scales; RoPE on the layers ``rope_pattern`` marks, with the
+        global base; attention sinks where a layer has them. MoE layers and deepstack
+        inputs are refused (no recorded run has them)."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        keys, arch = self.m.keys, hp.arch
+        self.refuse_rope_factors()
+        if f"{arch}.deepstack_mapping" in keys.fields:
+            raise UnsupportedError(f"{self.m.path}: {arch}.deepstack_mapping (vision deepstack)")
+        for il in range(hp.n_layer):
+            self.refuse_tensors(il, ("ffn_gate_inp.weight",), "granite_swa MoE layers")
+        embd_scale = keys.f32(f"{arch}.embedding_scale", 0.0)
+        residual_scale = keys.f32(f"{arch}.residual_scale", 0.0)
+        attn_scale = keys.f32(f"{arch}.attention.scale", 0.0)
+        kq_scale = hp.kq_scale if attn_scale == 0.0 else f32(attn_scale)
+        if embd_scale != 0.0:
+            inp = ctx.scale(inp, f32(embd_scale))
+            g.expand(inp)
+
+        def mixer(il: int, cur: Any) -> Any:
+            q, k, v = self.build_qkv(il, cur, hp.n_embd_head)
+            rope = self.global_rope(il)
+            if rope is not None:
+                q, k = g.rope(q, rope), g.rope(k, rope)
+            sinks = w(il, "attn_sinks.weight", required=False) is not None
+            cur = self.attn_store_read(il, q, k, v, kq_scale, sinks)
+            return cur if residual_scale == 0.0 else ctx.scale(cur, f32(residual_scale))
+
+        def ffn(il: int, cur: Any) -> Any:
+            cur = self.swiglu_ffn(il, cur)
+            return cur if residual_scale == 0.0 else ctx.scale(cur, f32(residual_scale))
+
+        return self.prenorm_layers(inp, out_ids, mixer, ffn)
 
     def refuse_tensors(self, il: int, names: Sequence[str], why: str) -> None:
         """:class:`UnsupportedError` naming the layer tensors of ``names`` that exist."""
@@ -513,7 +575,9 @@ class AttentionGraph:
             self.refuse_tensors(il, ("attn_qkv.weight", "attn_q_norm.weight"), "gpt-oss")
         inpL = inp
         for il in range(hp.n_layer):
-            cur = self.attn_block(il, g.norm(inpL, w(il, "attn_norm.weight")), sinks=True)
+            cur = self.attn_block(
+                il, g.norm(inpL, w(il, "attn_norm.weight")), sinks=True, per_layer_base=True
+            )
             ffn_inp = ctx.add(cur, inpL)
             cur = g.norm(ffn_inp, w(il, "post_attention_norm.weight"))
             w_scale = self.m.keys.f32(f"{hp.arch}.expert_weights_scale", 0.0)
@@ -704,6 +768,11 @@ def _logit_scale(g: Any, cur: Any) -> Any:
     return cur if scale == 0.0 else g.ctx.scale(cur, scale)
 
 
+def _inverse_logit_scale(g: Any, cur: Any) -> Any:
+    """Granite divides the logits by the (required) ``logit_scale``."""
+    return g.ctx.scale(cur, f32_div(1.0, g.m.keys.f32(f"{g.hp.arch}.logit_scale")))
+
+
 def _gemma3_logits(g: Any, cur: Any) -> Any:
     """Final logit soft-capping, only when the file sets ``final_logit_softcapping``."""
     field = g.m.keys.fields.get(f"{g.hp.arch}.final_logit_softcapping")
@@ -719,6 +788,7 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     # LFM2 names its output norm after the embeddings
     "qwen3moe": ArchGraph(AttentionGraph.qwen3moe),
     "exaone4": ArchGraph(AttentionGraph.exaone4),
+    "granite_swa": ArchGraph(AttentionGraph.granite_swa, finish=_inverse_logit_scale),
     "mellum": ArchGraph(AttentionGraph.mellum),
     "smallthinker": ArchGraph(AttentionGraph.smallthinker),
     "exaone-moe": ArchGraph(AttentionGraph.exaone_moe),
