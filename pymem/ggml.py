@@ -111,6 +111,7 @@ OPS = frozenset(
         "swiglu_oai",
         "reglu_split",
         "swiglu",
+        "cont_4d",
     ]
 )
 
