@@ -632,8 +632,9 @@ class AttentionGraph:
         ``gating``: a ``GATING_*`` value; ``norm_w``: divide the chosen weights by their sum
         (clamped to :data:`F16_MIN_NORMAL`); ``w_scale``: scale them (0 or 1: not);
         ``act``: ``silu`` (SwiGLU, or SiLU without gate experts), ``gelu``, ``relu``,
-        ``relu_sqr`` (no gate) or ``swiglu_oai``; ``exp_probs_b``: add ``exp_probs_b.bias`` (when the
-        file has it) to the probabilities used for the choice only;
+        ``relu_sqr`` (no gate) or ``swiglu_oai``; ``exp_probs_b``: add
+        ``exp_probs_b.bias`` (when the file has it) to the probabilities used for the
+        choice only;
         ``weight_before_ffn``: llama4 weighs the input rows, not the outputs, and chooses
         by the raw logits; ``logits``: router logits the caller computed (``probs_in``:
         Nemotron-H routes on the layer input but runs the experts on a latent).
