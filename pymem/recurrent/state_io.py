@@ -140,21 +140,24 @@ def write_state(
 ) -> None:
     """Serialise the cells of ``seq_id`` (every cell for -1) and their rows into ``writer``.
 
-    ``seq_id`` is already checked (``>= -1``). Each tensor's rows move as one write per
-    run of consecutive source rows.
+    ``seq_id`` is already checked (``>= -1``). Each tensor's rows move in one native call
+    (every run of consecutive source rows).
     """
     cells, rows = select_rows(c, seq_id, n_rs_seq)
     writer.write_u32(int(cells.size))
     if cells.size:
         writer.write_array(meta_words(c, cells, seq_id))
     runs = _runs(rows)
+    # E.g. runs [(4, 7), (2, 3)] -> first rows [4, 2], row counts [3, 1]
+    first = np.array([a for a, _ in runs], dtype=np.uint64)
+    count = np.array([b - a for a, b in runs], dtype=np.uint64)
     writer.write_u32(0)  # s_trans: the transposed layout is never written
     writer.write_u32(layers.n_layer)
     for t in (*layers.r, *layers.s):
         writer.write_i32(t.type.id)
         writer.write_u64(t.row_size)
-        for a, b in runs:
-            writer.write_tensor(t, a * t.row_size, (b - a) * t.row_size)
+        if runs:  # one native call per tensor, every run of rows
+            writer.write_tensor_runs(t, 0, 1, 0, first * t.row_size, count * t.row_size)
 
 
 # --------------------------------------------------------------------------------------
