@@ -38,12 +38,15 @@ docs/perf_decode_vs_nseq.png and docs/perf_decode_vs_nctx.png.
    8192 positions (the copy removed outside the timer), ``seq_pos_max``. Median µs.
 
 Run: python benchmarks/bench_vs_llama_cpp.py [--quick] [--only decode|state|ops]
-(the full run takes a few minutes; ``--quick``: a handful of configurations, seconds).
+(the full run takes a few minutes; ``--quick``: a handful of configurations, seconds);
+``--help`` lists the filters of the decode matrix (``--models``, ``--layouts``,
+``--n-seq``, ``--n-ctx``, ``--fa``) and ``--rounds`` (repeat the selection, keep medians).
 ``python benchmarks/bench_vs_llama_cpp.py --plot`` redraws the plots from the JSON.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import json
@@ -281,9 +284,10 @@ class DecodeConfig:
         return f"{self.model} {self.layout} n_seq {self.n_seq} n_ctx {self.n_ctx} fa {int(self.flash_attn)}"
 
 
-def decode_configs(quick: bool) -> list[DecodeConfig]:
+def decode_configs(quick: bool, sel: Selection | None = None) -> list[DecodeConfig]:
+    """The matrix (or the quick handful), narrowed to ``sel`` when given."""
     if quick:
-        return [
+        configs = [
             DecodeConfig("llama", True, 32, 4096, False),
             DecodeConfig("llama", False, 32, 32768, True),
             DecodeConfig("llama", False, 256, 262144, False),
@@ -292,14 +296,40 @@ def decode_configs(quick: bool) -> list[DecodeConfig]:
             DecodeConfig("gemma2", True, 256, 262144, True),
             DecodeConfig("gemma2", False, 32, 4096, False),
         ]
-    return [
-        DecodeConfig(model, unified, n_seq, n_ctx, fa)
-        for model in MODELS
-        for unified in (True, False)
-        for n_seq in (32, 64, 256)
-        for n_ctx in (4096, 32768, 262144)
-        for fa in (False, True)
-    ]
+    else:
+        configs = [
+            DecodeConfig(model, unified, n_seq, n_ctx, fa)
+            for model in MODELS
+            for unified in (True, False)
+            for n_seq in (32, 64, 256)
+            for n_ctx in (4096, 32768, 262144)
+            for fa in (False, True)
+        ]
+    return configs if sel is None else [c for c in configs if sel.admits(c)]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A sub-matrix chosen on the command line (``None`` = every value of that axis)."""
+
+    models: tuple[str, ...] | None = None
+    layouts: tuple[str, ...] | None = None
+    n_seq: tuple[int, ...] | None = None
+    n_ctx: tuple[int, ...] | None = None
+    fa: tuple[int, ...] | None = None
+
+    def admits(self, c: DecodeConfig) -> bool:
+        return all(
+            allowed is None or value in allowed
+            for allowed, value in (
+                (self.models, c.model), (self.layouts, c.layout), (self.n_seq, c.n_seq),
+                (self.n_ctx, c.n_ctx), (self.fa, int(c.flash_attn)),
+            )
+        )  # fmt: skip
+
+    @property
+    def is_all(self) -> bool:
+        return all(v is None for v in (self.models, self.layouts, self.n_seq, self.n_ctx, self.fa))
 
 
 def n_steps(cfg: DecodeConfig, quick: bool) -> tuple[int, int]:
@@ -370,22 +400,45 @@ def bench_decode_one(models: LlamaModels, specs: dict[str, Any], cfg: DecodeConf
     return row
 
 
-def bench_decode(quick: bool) -> list[dict[str, Any]]:
+def bench_decode(
+    quick: bool, sel: Selection | None = None, rounds: int = 1
+) -> list[dict[str, Any]]:
+    """Every selected configuration, ``rounds`` times over the whole selection.
+
+    With several rounds a row keeps the median over rounds of each side's median (and the
+    ratio of those), plus every round's ratio in ``ratios``: a configuration's spread
+    across rounds says how much the shared machine moved the figure.
+    """
     models = LlamaModels()
     specs = {name: spec_from_gguf(str(path)) for name, path in MODELS.items()}
-    rows = []
+    configs = decode_configs(quick, sel)
+    per_cfg: dict[DecodeConfig, list[dict[str, Any]]] = {c: [] for c in configs}
     t_start = time.perf_counter()
     try:
-        for cfg in decode_configs(quick):
-            t0 = time.perf_counter()
-            row = bench_decode_one(models, specs, cfg, quick)
-            gc.collect()
-            row["wall_s"] = time.perf_counter() - t0
-            rows.append(row)
-            what = row.get("skipped") or f"ratio {row['ratio']:.3f}"
-            print(f"  {cfg.label()}: {what} ({row['wall_s']:.1f} s)", flush=True)
+        for rnd in range(rounds):
+            for cfg in configs:
+                t0 = time.perf_counter()
+                row = bench_decode_one(models, specs, cfg, quick)
+                gc.collect()
+                row["wall_s"] = time.perf_counter() - t0
+                per_cfg[cfg].append(row)
+                what = row.get("skipped") or f"ratio {row['ratio']:.3f}"
+                tag = f"[{rnd + 1}/{rounds}] " if rounds > 1 else ""
+                print(f"  {tag}{cfg.label()}: {what} ({row['wall_s']:.1f} s)", flush=True)
     finally:
         models.close()
+    rows = []
+    for cfg in configs:
+        runs = per_cfg[cfg]
+        row = dict(runs[0])
+        if "skipped" not in row and rounds > 1:
+            row["llama_cpp_ms"] = statistics.median(r["llama_cpp_ms"] for r in runs)
+            row["pymem_ms"] = statistics.median(r["pymem_ms"] for r in runs)
+            row["ratio"] = row["pymem_ms"] / row["llama_cpp_ms"]
+            row["ratios"] = [r["ratio"] for r in runs]
+            row["rounds"] = rounds
+            row["wall_s"] = sum(r["wall_s"] for r in runs)
+        rows.append(row)
     print(f"decode matrix: {time.perf_counter() - t_start:.0f} s")
     done = [r for r in rows if "skipped" not in r]
     print_table(
@@ -676,14 +729,47 @@ def plot(results: dict[str, Any]) -> list[Path]:
 # --------------------------------------------------------------------------------------
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description="pymem against llama.cpp (llama-cpp-python 0.3.36, 1 thread) on tiny GGUF "
+        "models: decode-step bookkeeping, state I/O, sequence ops. A full run (no --only, no "
+        "filter, not --quick) writes results/bench_vs_llama_cpp.json and the plots; a full "
+        "decode matrix (--only decode, no filter) replaces the JSON's decode part only; "
+        "--out NAME writes any run to results/NAME.json.",
+    )
+    ap.add_argument("--quick", action="store_true", help="a handful of configurations, seconds")
+    ap.add_argument("--only", choices=("decode", "state", "ops"), help="run one part")
+    ap.add_argument("--plot", action="store_true", help="only redraw the plots from the JSON")
+    ap.add_argument("--models", nargs="+", choices=list(MODELS), help="decode: these models")
+    ap.add_argument("--layouts", nargs="+", choices=("unified", "streams"), help="decode: layouts")
+    ap.add_argument("--n-seq", nargs="+", type=int, help="decode: these sequence counts")
+    ap.add_argument("--n-ctx", nargs="+", type=int, help="decode: these n_ctx totals")
+    ap.add_argument("--fa", nargs="+", type=int, choices=(0, 1), help="decode: flash attention")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="decode: run the selection this many times, keep medians (default 1)",
+    )
+    ap.add_argument("--out", help="also write the results to results/OUT.json")
+    return ap.parse_args(argv)
+
+
 def main() -> None:
-    quick = "--quick" in sys.argv
-    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
-    if "--plot" in sys.argv and len(sys.argv) == 2:
+    args = parse_args()
+    quick, only = args.quick, args.only
+    if args.plot:
         results = json.loads((RESULTS / "bench_vs_llama_cpp.json").read_text())
         for p in plot(results):
             print(f"wrote {p}")
         return
+    sel = Selection(
+        models=tuple(args.models) if args.models else None,
+        layouts=tuple(args.layouts) if args.layouts else None,
+        n_seq=tuple(args.n_seq) if args.n_seq else None,
+        n_ctx=tuple(args.n_ctx) if args.n_ctx else None,
+        fa=tuple(args.fa) if args.fa else None,
+    )
     t_start = time.perf_counter()
     load_before = os.getloadavg()
     results: dict[str, Any] = dict(
@@ -691,8 +777,8 @@ def main() -> None:
         n_threads_llama_cpp=1, cpus=os.cpu_count(), target_ratio=TARGET,
     )  # fmt: skip
     if only in (None, "decode"):
-        results["decode"] = bench_decode(quick)
-    if only in (None, "state", "ops"):
+        results["decode"] = bench_decode(quick, sel, args.rounds)
+    if only in (None, "state", "ops") and sel.is_all:
         results["state"], results["seq_ops"] = bench_filled(quick, only)
     wall = time.perf_counter() - t_start
     load_after = os.getloadavg()
@@ -702,10 +788,24 @@ def main() -> None:
     print(f"\nload average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
           f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; "
           f"{os.cpu_count()} CPUs; wall {wall:.0f} s")  # fmt: skip
-    if only is None and not quick:
+    if args.out:
+        print(f"wrote {write_results(args.out, results)}")
+    if quick or not sel.is_all:
+        return
+    if only is None:
         path = write_results("bench_vs_llama_cpp", results)
         print(f"wrote {path}")
         for p in plot(results):
+            print(f"wrote {p}")
+    elif only == "decode":
+        # the decode part alone: keep the JSON's state / ops parts from their last run
+        path = RESULTS / "bench_vs_llama_cpp.json"
+        old = json.loads(path.read_text()) if path.exists() else {}
+        merged = {k: v for k, v in old.items() if k in ("state", "seq_ops")}
+        merged.update(state_time=old.get("state_time", old.get("time")), **results)
+        path = write_results("bench_vs_llama_cpp", merged)
+        print(f"wrote {path} (decode part; state and ops kept from {merged['state_time']})")
+        for p in plot(merged):
             print(f"wrote {p}")
 
 

@@ -60,9 +60,10 @@ ubatch (1 when no token in it is coupled), padded with -1.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -326,6 +327,54 @@ class _Prepared:
     csr_tok: np.ndarray  # token indices grouped by set, batch order inside a set
     set_start: np.ndarray  # int64 [n_sets + 1], offsets into csr_tok
     csr_key: np.ndarray  # int64, set * (n + 1) + token for csr_tok: sorted ascending
+    layout: _Layout | None = None  # set by the one-token-per-sequence fast path
+
+
+@dataclass(eq=False)
+class _UbatchPlan:
+    """One ubatch of a recorded split: which tokens, and every field that depends only on
+    the batch's sequence layout (read-only arrays, shared by the ubatches replayed from it)."""
+
+    idxs: np.ndarray  # int64 batch indices, in ubatch order
+    whole: bool  # idxs is [0, n): the ubatch is the batch in order (no gathers)
+    n_seqs: int
+    equal_seqs: bool
+    n_seq_id: np.ndarray
+    seq_id: np.ndarray
+    seq_id_unq: np.ndarray
+    seq_idx: np.ndarray
+    batch_idxs: np.ndarray
+
+
+@dataclass(eq=False)
+class _Layout:
+    """What a batch of one token per sequence (each sequence once, one id per token)
+    derives from its sequence ids alone, kept between decode steps.
+
+    A decode step sends the same sequences in the same order step after step; the split
+    indexes and the ubatches' sequence fields then come out the same each time, since the
+    splitters never read positions, tokens or outputs. ``splits`` records each splitter's
+    ubatches the first time (key: splitter name and arguments) and
+    :meth:`BatchAllocator.split_all` replays them.
+    """
+
+    seq: np.ndarray  # int64 [n], the sequence of each token, batch order
+    seq_sorted: np.ndarray  # int64 [n], ascending (= the batch's seq_id_unq)
+    order: np.ndarray | None  # batch order -> ascending order, None when already ascending
+    seq_id_unq: np.ndarray  # int32, ascending
+    csr_tok: np.ndarray
+    set_start: np.ndarray
+    csr_key: np.ndarray
+    set_count: np.ndarray  # int64 [n_sets]: tokens per set (0 or 1)
+    splits: dict[tuple[Any, ...], list[_UbatchPlan]] = field(default_factory=dict)
+
+
+_LAYOUTS_KEPT = 8  # sequence layouts a BatchAllocator remembers (prompt + decode shapes)
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
 
 
 class BatchAllocator:
@@ -352,6 +401,8 @@ class BatchAllocator:
         # tokens taken from the front of each set's list (split_equal; split_seq when no
         # token is coupled): the first unused token of set a is csr entry set_used[a]
         self._set_used = np.zeros(0, dtype=np.int64)
+        # sequence layouts of recent one-token-per-sequence batches (None: not one)
+        self._layouts: dict[tuple[Any, ...], _Layout | None] = {}
 
     # ---------------------------------------------------------------- validation ----
 
@@ -377,6 +428,8 @@ class BatchAllocator:
         """
         if not isinstance(batch, Batch):
             raise _reject("type", f"batch must be a pymem.batch.Batch, got {type(batch).__name__}")
+        if self._init_one_per_seq(batch, memory, n_seq_max, n_vocab, output_all):
+            return
         n = batch.n_tokens
         n_pos = self.n_pos_per_embd
         if n == 0:
@@ -601,6 +654,121 @@ class BatchAllocator:
         )
         self.split_reset()
 
+    def _layout_of(self, batch: Batch, n_seq_max: int) -> _Layout | None:
+        """The cached layout of ``batch``'s sequence ids, built on first sight; None when
+        the batch is not one token per sequence with valid ids (the general path decides)."""
+        key = (n_seq_max, batch.seq_id.tobytes(), batch.n_seq_id.tobytes())
+        if key in self._layouts:
+            return self._layouts[key]
+        lay = None
+        raw = batch.seq_id[:, 0].astype(np.int64)
+        if (
+            raw.size
+            and (batch.n_seq_id == 1).all()
+            and int(raw.min()) >= 0
+            and int(raw.max()) < n_seq_max
+            and int(np.bincount(raw).max()) == 1
+        ):
+            n = raw.size
+            order = np.argsort(raw, kind="stable")
+            seq_sorted = raw[order]
+            set_start = np.zeros(n_seq_max + 1, dtype=np.int64)
+            set_count = np.bincount(raw, minlength=n_seq_max)
+            np.cumsum(set_count, out=set_start[1:])
+            lay = _Layout(
+                seq=_readonly(raw),
+                seq_sorted=_readonly(seq_sorted),
+                order=None if (np.diff(raw) > 0).all() else _readonly(order),
+                seq_id_unq=_readonly(seq_sorted.astype(np.int32)),
+                csr_tok=_readonly(order),
+                set_start=_readonly(set_start),
+                # as init's general path: set * (n + 1) + token, E.g. seq [1, 0] -> [1, 3]
+                csr_key=_readonly(seq_sorted * (n + 1) + order),
+                set_count=_readonly(set_count.astype(np.int64)),
+            )
+        if len(self._layouts) >= _LAYOUTS_KEPT:
+            del self._layouts[next(iter(self._layouts))]  # the oldest
+        self._layouts[key] = lay
+        return lay
+
+    def _init_one_per_seq(
+        self,
+        batch: Batch,
+        memory: SeqPosSource | None,
+        n_seq_max: int,
+        n_vocab: int | None,
+        output_all: bool,
+    ) -> bool:
+        """``init`` of the decode-step batch in a few whole-array checks: token ids and
+        positions given, one sequence id per token, no sequence twice (so each position is
+        its sequence's whole span in the batch: no gap, no decrease, no coupling).
+
+        Returns False, having changed nothing, for any other batch and for any check that
+        fails: the general path then decides, and names the error as always.
+        """
+        token, pos, n = batch.token, batch.pos, batch.n_tokens
+        if (
+            token is None
+            or batch.embd is not None
+            or pos is None
+            or pos.size != n
+            or output_all
+            or self.n_pos_per_embd != 1
+            or batch.seq_id.shape[1] != 1
+            or not 1 <= n_seq_max <= LLAMA_MAX_SEQ
+        ):
+            return False
+        lay = self._layout_of(batch, n_seq_max)
+        if lay is None:
+            return False
+        # one unsigned compare covers both bounds: E.g. -1 -> 0xFFFFFFFF >= n_vocab
+        if n_vocab is not None:
+            if (token.view(np.uint32) >= n_vocab).any():
+                return False
+        elif int(token.min()) < 0:
+            return False
+        # positions continue each sequence in memory: E.g. X [4, -1], pos [5, 0] -> fine
+        pos_sorted = pos if lay.order is None else pos[lay.order]
+        if memory is not None:
+            x = _pos_bounds(memory, lay.seq_sorted, "max")
+            if ((x >= 0) & (pos_sorted != x + 1)).any():
+                return False
+        if int(pos.min()) < 0:
+            return False
+        if batch.output is None:
+            output = np.zeros(n, dtype=np.int8)
+            output[-1] = 1
+        else:
+            output = (batch.output != 0).view(np.int8)
+        # each sequence's only position is its minimum and its maximum
+        pmin = np.full(LLAMA_MAX_SEQ, -1, dtype=np.int32)
+        pmin[lay.seq] = pos
+        seq_id = batch.seq_id
+        self._b = _Prepared(
+            n_tokens=n,
+            n_outputs=int(np.count_nonzero(output)),
+            has_cpl=False,
+            n_seq_max=n_seq_max,
+            token=token,
+            embd=None,
+            pos=pos,
+            n_seq_id=batch.n_seq_id,
+            seq_id=seq_id,
+            output=output,
+            seq_pos_min=pmin,
+            seq_pos_max=pmin,
+            seq_id_unq=lay.seq_id_unq,
+            set_id=seq_id[:, 0],
+            n_sets=n_seq_max,
+            set_bits=None,
+            csr_tok=lay.csr_tok,
+            set_start=lay.set_start,
+            csr_key=lay.csr_key,
+            layout=lay,
+        )
+        self.split_reset()
+        return True
+
     def _check_positions(
         self,
         seqs: np.ndarray,
@@ -770,12 +938,75 @@ class BatchAllocator:
         try another splitter).
         """
         self.split_reset()
+        lay = None if self._b is None else self._b.layout
+        key = _split_key(split, self) if lay is not None else None
+        if lay is not None and key is not None and key in lay.splits:
+            return self._replay(lay, key[0], lay.splits[key])
         ubatches: list[UBatch] = []
         while (ub := split()) is not None and ub.n_tokens > 0:
             ubatches.append(ub)
         if self.n_used < self.n_tokens or not ubatches:
             return None
+        if lay is not None and key is not None:
+            lay.splits[key] = [self._plan_of(ub, len(ubatches) == 1) for ub in ubatches]
         return ubatches
+
+    @staticmethod
+    def _plan_of(ub: UBatch, only: bool) -> _UbatchPlan:
+        """What a replay of ``ub`` reuses (its arrays are frozen: the replays share them)."""
+        idxs = ub.batch_idxs.astype(np.int64)
+        whole = only and bool((idxs == np.arange(idxs.size)).all())
+        return _UbatchPlan(
+            idxs=_readonly(idxs),
+            whole=whole,
+            n_seqs=ub.n_seqs,
+            equal_seqs=ub.equal_seqs,
+            n_seq_id=_readonly(ub.n_seq_id),
+            seq_id=_readonly(ub.seq_id),
+            seq_id_unq=_readonly(ub.seq_id_unq),
+            seq_idx=_readonly(ub.seq_idx),
+            batch_idxs=_readonly(ub.batch_idxs),
+        )
+
+    def _replay(self, lay: _Layout, splitter: str, plans: list[_UbatchPlan]) -> list[UBatch]:
+        """The ubatches ``plans`` recorded, with this batch's tokens, positions and output
+        flags, and the split state the splitter would have left (every token used)."""
+        b = self._prepared()
+        self._splitter = splitter
+        self._used[:] = True
+        self._n_used = b.n_tokens
+        self._first_unused = b.n_tokens
+        self._set_used = lay.set_count.copy()
+        out: list[UBatch] = []
+        for pl in plans:
+            assert b.token is not None
+            if pl.whole:
+                token, pos, output = b.token.copy(), b.pos.copy(), b.output
+            else:
+                token, pos, output = b.token[pl.idxs], b.pos[pl.idxs], b.output[pl.idxs]
+            if output.any():
+                self._out_ids.append(pl.batch_idxs[output.view(np.bool_)])
+            n_tok = pl.idxs.size
+            out.append(
+                UBatch(
+                    equal_seqs=pl.equal_seqs,
+                    n_tokens=n_tok,
+                    n_seq_tokens=n_tok // pl.n_seqs,
+                    n_seqs=pl.n_seqs,
+                    n_seqs_unq=pl.seq_id_unq.size,
+                    n_pos=1,
+                    token=token,
+                    embd=None,
+                    pos=pos,
+                    n_seq_id=pl.n_seq_id,
+                    seq_id=pl.seq_id,
+                    seq_id_unq=pl.seq_id_unq,
+                    seq_idx=pl.seq_idx,
+                    output=output,
+                    batch_idxs=pl.batch_idxs,
+                )
+            )
+        return out
 
     def _begin(self, name: str, n_ubatch: int) -> _Prepared:
         b = self._prepared()
@@ -1146,6 +1377,23 @@ def _first_decrease(
         seq_id=seq,
         value=int(pair_pos[k]),
     )
+
+
+def _split_key(
+    split: Callable[[], UBatch | None], balloc: BatchAllocator
+) -> tuple[Any, ...] | None:
+    """``(splitter name, arguments)`` of a ``functools.partial`` of one of ``balloc``'s
+    splitters (what the memories' ``splits`` return); None for any other callable, whose
+    ubatches are then never recorded. E.g. partial(balloc.split_equal, 512, True, 0) ->
+    ("split_equal", (512, True, 0), ())."""
+    if not isinstance(split, functools.partial):
+        return None
+    if getattr(split.func, "__self__", None) is not balloc:
+        return None
+    name = getattr(split.func, "__name__", None)
+    if name not in ("split_simple", "split_equal", "split_seq"):
+        return None
+    return (name, split.args, tuple(sorted(split.keywords.items())))
 
 
 def _changes(x: np.ndarray) -> np.ndarray:

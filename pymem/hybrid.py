@@ -37,6 +37,7 @@ already emptied the destination; its iSWA hybrid undoes nothing.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -186,11 +187,11 @@ class HybridMemory(CompositeMemory):
         """As recurrent memory: ``split_seq`` for ``embd_all``, else ``split_equal`` with
         ``sequential`` when the attention part has streams and the rollback tail kept."""
         if embd_all:
-            return [lambda: balloc.split_seq(n_ubatch)]
+            return [partial(balloc.split_seq, n_ubatch)]
         sequential = self.mem_attn.get_n_stream() != 1
         n_rs_seq = self.mem_recr.n_rs_seq
         n_keep_tail = n_rs_seq + 1 if n_rs_seq > 0 else 0
-        return [lambda: balloc.split_equal(n_ubatch, sequential, n_keep_tail)]
+        return [partial(balloc.split_equal, n_ubatch, sequential, n_keep_tail)]
 
     # --- sequence operations ---------------------------------------------------------
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -640,9 +641,11 @@ class KVCache(Memory):
     # --- planning --------------------------------------------------------------------
     def splits(self, balloc: BatchAllocator, n_ubatch: int, embd_all: bool) -> list[Split]:
         """One stream: ``split_simple``; several: ``split_equal(sequential=True)``."""
+        # partials, not lambdas: the allocator recognises its own splitters and replays
+        # their ubatches for a batch with the sequence layout of the previous step
         if self.n_stream == 1:
-            return [lambda: balloc.split_simple(n_ubatch)]
-        return [lambda: balloc.split_equal(n_ubatch, True, 0)]
+            return [partial(balloc.split_simple, n_ubatch)]
+        return [partial(balloc.split_equal, n_ubatch, True, 0)]
 
     def context_for(self, plan: list[SlotInfo], ubatches: Sequence[UBatch]) -> KVCacheContext:
         """A batch context applying the slots :meth:`prepare` planned for ``ubatches``."""

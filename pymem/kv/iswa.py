@@ -33,6 +33,7 @@ SWA part fails, so a sequence can have base cells and no SWA cells).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -223,8 +224,8 @@ class KVCacheISWA(CompositeMemory):
         ``split_equal(sequential=True)``. ``embd_all`` is ignored, as in the reference."""
         attempts: list[Split] = []
         if self.unified:
-            attempts.append(lambda: balloc.split_simple(n_ubatch))
-        attempts.append(lambda: balloc.split_equal(n_ubatch, not self.unified, 0))
+            attempts.append(partial(balloc.split_simple, n_ubatch))
+        attempts.append(partial(balloc.split_equal, n_ubatch, not self.unified, 0))
         return attempts
 
     # --- sequence operations ---------------------------------------------------------

@@ -87,6 +87,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -347,9 +348,9 @@ class RecurrentMemory(Memory):
         ``n_rs_seq + 1`` tokens of a sequence land in one ubatch (the snapshots a later
         rollback needs are written by that ubatch's kernels)."""
         if embd_all:
-            return [lambda: balloc.split_seq(n_ubatch)]
+            return [partial(balloc.split_seq, n_ubatch)]
         n_keep_tail = self.n_rs_seq + 1 if self.n_rs_seq > 0 else 0
-        return [lambda: balloc.split_equal(n_ubatch, True, n_keep_tail)]
+        return [partial(balloc.split_equal, n_ubatch, True, n_keep_tail)]
 
     def failed_context(self, status: MemoryStatus) -> RecurrentMemoryContext:
         return RecurrentMemoryContext.failed(status)
