@@ -96,11 +96,9 @@ def cpy_v(layout: KVLayout, layer: KVLayer, ctx: Any, v_cur: Any, v_idxs: Any, i
     else:
         cur = ctx.cont_2d(v_cur, n_embd, n_tokens)
     if n_embd < int(v.ne[0]):
-        # [TAG_V_CACHE_VARIABLE] needs ggml_pad, which pymem.ggml does not bind yet
-        raise UnsupportedError(
-            f"cpy_v: layer {il} has V width {n_embd} < the padded cache width {int(v.ne[0])}; "
-            "variable V widths with v_trans need ggml_pad"
-        )
+        # [TAG_V_CACHE_VARIABLE] a narrower layer's rows are zero-padded to the cache width
+        # (the v_idxs cover n_embd_v_gqa_max elements per token). E.g. 8 of 16 -> 8 zeros
+        cur = ctx.pad(cur, int(v.ne[0]) - n_embd, 0, 0, 0)
     elems = ctx.reshape_2d(v, 1, int(lib.ggml_nelements(v)))
-    cur = ctx.reshape_2d(cur, 1, n_embd * n_tokens)
+    cur = ctx.reshape_2d(cur, 1, int(lib.ggml_nelements(cur)))
     return ctx.set_rows(elems, cur, v_idxs)
