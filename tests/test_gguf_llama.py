@@ -292,6 +292,7 @@ ENGINE_ARCHS = {
     "smallthinker",  # graph_attention
     "mellum",  # graph_attention
     "granite_swa",  # graph_attention
+    "mimo2",  # graph_attention
 }  # fmt: skip
 
 

@@ -539,6 +539,24 @@ class AttentionGraph:
 
         return self.prenorm_layers(inp, out_ids, mixer, ffn)
 
+    def mimo2(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_mimo2::graph`` (dense layers): pre-norm layers, per-layer head
+        counts and RoPE bases, optional attention sinks, the attention output scaled by
+        ``attention.value_scale`` (after ``wo``), SwiGLU FFN with biases. MoE layers are
+        refused (no recorded run has them)."""
+        ctx, hp = self.ctx, self.hp
+        w = self.m._w
+        for il in range(hp.n_layer):
+            self.refuse_tensors(il, ("ffn_gate_inp.weight",), "mimo2 MoE layers")
+        v_scale = self.m.keys.f32(f"{hp.arch}.attention.value_scale", 1.0)
+
+        def mixer(il: int, cur: Any) -> Any:
+            sinks = w(il, "attn_sinks.weight", required=False) is not None
+            cur = self.attn_block(il, cur, sinks=sinks, per_layer_base=True)
+            return cur if v_scale == 1.0 else ctx.scale(cur, f32(v_scale))
+
+        return self.prenorm_layers(inp, out_ids, mixer, self.swiglu_ffn)
+
     def refuse_tensors(self, il: int, names: Sequence[str], why: str) -> None:
         """:class:`UnsupportedError` naming the layer tensors of ``names`` that exist."""
         found = [n for n in names if self.m._w(il, n, required=False) is not None]
@@ -789,6 +807,7 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     # LFM2 names its output norm after the embeddings
     "qwen3moe": ArchGraph(AttentionGraph.qwen3moe),
     "exaone4": ArchGraph(AttentionGraph.exaone4),
+    "mimo2": ArchGraph(AttentionGraph.mimo2),
     "granite_swa": ArchGraph(AttentionGraph.granite_swa, finish=_inverse_logit_scale),
     "mellum": ArchGraph(AttentionGraph.mellum),
     "smallthinker": ArchGraph(AttentionGraph.smallthinker),
