@@ -286,7 +286,7 @@ ENGINE_ARCHS = {
     "phi3",  # graph_attention
     "llama4",  # graph_attention
     "exaone4",  # graph_attention
-    "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7",  # graph_rwkv
+    "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "plamo2",  # graph_rwkv
     "cohere2moe",  # graph_attention
     "exaone-moe",  # graph_attention
     "smallthinker",  # graph_attention

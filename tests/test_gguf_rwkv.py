@@ -1,9 +1,10 @@
-"""The GGUF engine's RWKV family (pymem/runtime/graph_rwkv.py) refuses what it does not build.
+"""The GGUF engine's RWKV family and PLaMo-2 (pymem/runtime/graph_rwkv.py) refuse what they
+do not build.
 
-The recorded runs (rwkv6.*, rwkv6qwen2.*, rwkv7.*, arwkv7.*) replay through the engine in
-tests/test_gguf_llama.py. Here: a model the engine would decode wrongly by ignoring a
-tensor or key (K/V/R biases, the unfused lerp of old RWKV-6 files, rescaling every n
-layers, repeated K/V heads) raises UnsupportedError naming it, before any state is
+The recorded runs (rwkv6.*, rwkv6qwen2.*, rwkv7.*, arwkv7.*, plamo2.*) replay through the
+engine in tests/test_gguf_llama.py. Here: a model the engine would decode wrongly by
+ignoring a tensor or key (K/V/R biases, the unfused lerp of old RWKV-6 files, rescaling
+every n layers, repeated K/V heads, a PLaMo-2 QKV bias) raises UnsupportedError naming it, before any state is
 written; and an RWKV-7 head size ggml's CPU ``rwkv_wkv7`` kernel overruns (it steps 64
 floats at a time with AVX-512: heads of 8 read and write past each head, corrupting the
 heap) is refused instead of computed. The models are the recorded tiny ones, written again
@@ -28,6 +29,7 @@ from pymem.runtime.gguf_llama import SUPPORTED, GGUFModel
 
 sys.path.insert(0, str(Path(__file__).parent / "record"))
 import family_other
+import family_ssm
 import models
 
 RUNS = Path(__file__).parent / "data" / "runs"
@@ -72,7 +74,7 @@ def _first_decode(path: Path, run: str) -> None:
 
 
 def test_family_is_registered() -> None:
-    assert {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"} <= set(SUPPORTED)
+    assert {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "plamo2"} <= set(SUPPORTED)
 
 
 @pytest.mark.parametrize(
@@ -80,8 +82,9 @@ def test_family_is_registered() -> None:
     [
         (family_other.write_rwkv6, "rwkv6.main.u1"),
         (family_other.write_rwkv6qwen2, "rwkv6qwen2.main.u1"),
+        (family_ssm.write_plamo2, "plamo2.main.fa1.u1"),
     ],
-    ids=["rwkv6", "rwkv6qwen2"],
+    ids=["rwkv6", "rwkv6qwen2", "plamo2"],
 )
 def test_unchanged_model_decodes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: Callable[[Path], Path], run: str
@@ -113,6 +116,10 @@ CASES = {
     "rwkv6-rescale": (
         family_other.write_rwkv6, "rwkv6.main.u1",
         {}, {"rescale_every_n_layers": 1}, r"rwkv6\.rescale_every_n_layers",
+    ),
+    "plamo2-qkv-bias": (
+        family_ssm.write_plamo2, "plamo2.main.fa1.u1",
+        {"blk.1.attn_qkv.bias": (24,)}, {}, r"blk\.1\.attn_qkv\.bias",
     ),
 }  # fmt: skip
 

@@ -444,8 +444,167 @@ class RWKVGraph:
         """``llama_model_arwkv7::graph`` through the output norm."""
         return self._rwkv_qwen_trunk(inp, out_ids, v7=True)
 
+    # --- PLaMo-2 ------------------------------------------------------------------------
+    def plamo2_mamba(self, il: int, cur: Any) -> Any:
+        """``build_plamo2_mamba_layer``: a Mamba layer with per-head A and D, the in_proj
+        output interleaved per head as [z | x], dt / B / C RMS-normed, no groups.
+
+        Conv state R: the last ``d_conv - 1`` columns of [state | x] go to rows
+        ``[head, head + n_seqs)``. SSM state S: the scan's final states go to the byte
+        offset ``head * n_seqs * n_embd_s`` (the reference multiplies the head by
+        ``n_seqs``; with several sequences in a ubatch and ``head > 0`` that is not row
+        ``head``, and the graph here writes where the reference writes).
+        """
+        ctx, ub = self.ctx, self.ubatch
+        g: Any = self
+        rs = g._recr()
+        w = self.m._w
+        hpf = self.m.hp_file
+        n_seqs, n_seq_tokens = ub.n_seqs, ub.n_seq_tokens
+        if not ub.equal_seqs or n_seqs * n_seq_tokens != ub.n_tokens:
+            raise ConfigError(
+                "ubatch: PLaMo-2 Mamba layers need an equal-sequence split (split_equal or "
+                "split_seq)"
+            )
+        if rs.n_rs_seq:
+            raise UnsupportedError("PLaMo-2 Mamba layers: rollback snapshots (n_rs_seq > 0)")
+        d_conv, d_inner, d_state = hpf.ssm_d_conv, hpf.ssm_d_inner, hpf.ssm_d_state
+        n_heads = hpf.ssm_dt_rank
+        if n_heads <= 0 or d_inner % n_heads or hpf.ssm_n_group != 0:
+            raise ConfigError(
+                f"{self.m.path}: ssm.inner_size {d_inner}, ssm.time_step_rank {n_heads}, "
+                f"ssm.group_count {hpf.ssm_n_group}: PLaMo-2 needs heads dividing the inner "
+                f"size and no groups"
+            )
+        head_dim = d_inner // n_heads
+        n_embd_r, n_embd_s = hpf.n_embd_r(), hpf.n_embd_s()
+        r_all, s_all = rs.r_tensor(il).ptr, rs.s_tensor(il).ptr
+
+        conv = g.build_rs(r_all, n_embd_r, ctx.get_rows)
+        conv = ctx.reshape_3d(conv, d_conv - 1, d_inner, n_seqs)
+        cur = ctx.reshape_3d(cur, cur.ne[0], n_seq_tokens, n_seqs)
+        zx = ctx.mul_mat(w(il, "ssm_in.weight"), cur)
+        zx = ctx.permute(zx, 0, 2, 1, 3)
+        zx = ctx.cont_4d(zx, head_dim * 2, n_heads, n_seq_tokens, n_seqs)
+        # per head: head_dim z values, then head_dim x values
+        nb = (zx.nb[1], zx.nb[2], zx.nb[3])
+        x = ctx.view_4d(zx, head_dim, n_heads, n_seq_tokens, n_seqs, *nb,
+                        head_dim * int(gg.lib.ggml_element_size(zx)))  # fmt: skip
+        x = ctx.cont_3d(x, head_dim * n_heads, n_seq_tokens, n_seqs)
+        z = ctx.view_4d(zx, head_dim, n_heads, n_seq_tokens, n_seqs, *nb, 0)
+
+        conv_x = ctx.concat(conv, ctx.transpose(x), 0)
+        last_conv = ctx.view_3d(conv_x, d_conv - 1, d_inner, n_seqs, conv_x.nb[1], conv_x.nb[2],
+                                n_seq_tokens * int(conv_x.nb[0]))  # fmt: skip
+        r_el = int(gg.lib.ggml_element_size(r_all))
+        g.expand(
+            ctx.cpy(last_conv, ctx.view_1d(r_all, n_embd_r * n_seqs, rs.head * n_embd_r * r_el))
+        )
+        x = ctx.silu(ctx.ssm_conv(conv_x, w(il, "ssm_conv1d.weight")))
+
+        x_bcdt = ctx.mul_mat(w(il, "ssm_x.weight"), x)
+        el = int(gg.lib.ggml_element_size(x_bcdt))
+        dt_dim = max(64, self.hp.n_embd // 16)
+        nb1, nb2 = x_bcdt.nb[1], x_bcdt.nb[2]
+        b = ctx.view_3d(x_bcdt, d_state, n_seq_tokens, n_seqs, nb1, nb2, 0)
+        c = ctx.view_3d(x_bcdt, d_state, n_seq_tokens, n_seqs, nb1, nb2, el * d_state)
+        dt = ctx.view_3d(x_bcdt, dt_dim, n_seq_tokens, n_seqs, nb1, nb2, el * 2 * d_state)
+        b = g.norm(b, w(il, "ssm_b_norm"))
+        c = g.norm(c, w(il, "ssm_c_norm"))
+        dt = g.norm(dt, w(il, "ssm_dt_norm"))
+        dt = ctx.add(ctx.mul_mat(w(il, "ssm_dt.weight"), dt), w(il, "ssm_dt.bias"))
+        a = ctx.reshape_2d(w(il, "ssm_a"), 1, n_heads)
+
+        xel = int(gg.lib.ggml_element_size(x))
+        x = ctx.view_4d(x, head_dim, n_heads, n_seq_tokens, n_seqs, head_dim * xel,
+                        head_dim * n_heads * xel, head_dim * n_heads * n_seq_tokens * xel, 0)  # fmt: skip
+        b = ctx.view_4d(b, d_state, 1, n_seq_tokens, n_seqs, d_state * int(b.nb[0]), b.nb[1],
+                        b.nb[2], 0)  # fmt: skip
+        c = ctx.view_4d(c, d_state, 1, n_seq_tokens, n_seqs, d_state * int(c.nb[0]), c.nb[1],
+                        c.nb[2], 0)  # fmt: skip
+
+        def get_ssm_rows(states: Any, ids: Any) -> Any:
+            ssm = ctx.reshape_4d(states, d_state, head_dim, n_heads, rs.size)
+            return ctx.ssm_scan(ssm, x, dt, a, b, c, ids, 1)
+
+        y_ssm = g.build_rs(s_all, n_embd_s, get_ssm_rows)
+        n_state = n_heads * head_dim * d_state * n_seqs
+        yel, sel = int(gg.lib.ggml_element_size(y_ssm)), int(gg.lib.ggml_element_size(s_all))
+        src = ctx.view_1d(y_ssm, n_state, n_heads * head_dim * n_seq_tokens * n_seqs * yel)
+        dst = ctx.view_1d(s_all, n_state, rs.head * n_seqs * n_heads * head_dim * d_state * sel)
+        g.expand(ctx.cpy(src, dst))
+
+        y = ctx.view_4d(y_ssm, head_dim, n_heads, n_seq_tokens, n_seqs, head_dim * xel,
+                        head_dim * n_heads * xel, head_dim * n_heads * n_seq_tokens * xel, 0)  # fmt: skip
+        d = ctx.reshape_2d(w(il, "ssm_d"), 1, n_heads)
+        y = ctx.add(y, ctx.mul(x, d))
+        y = ctx.swiglu_split(ctx.cont(z), y)
+        y = ctx.view_3d(y, head_dim * n_heads, n_seq_tokens, n_seqs, y.nb[2], y.nb[3], 0)
+        cur = ctx.mul_mat(w(il, "ssm_out.weight"), y)
+        return ctx.reshape_2d(cur, cur.ne[0], n_seq_tokens * n_seqs)
+
+    def plamo2_attention(self, il: int, cur: Any) -> Any:
+        """``build_plamo2_attn_layer``: fused QKV split into per-head views, Q/K RMS norms
+        (per-head weights), RoPE, ``build_attn`` (scale 1/sqrt(head_v)) and ``wo``."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        n_tokens = self.ubatch.n_tokens
+        hd, nh, nkv = hp.n_embd_head, hp.n_head[il], hp.n_head_kv[il]
+        qkv = ctx.mul_mat(w(il, "attn_qkv.weight"), cur)
+        el = int(gg.lib.ggml_element_size(qkv))
+        q = ctx.view_3d(qkv, hd, nh, n_tokens, hd * F32, qkv.nb[1], 0)
+        k = ctx.view_3d(qkv, hd, nkv, n_tokens, hd * F32, qkv.nb[1], hd * nh * el)
+        v = ctx.view_3d(qkv, hd, nkv, n_tokens, hd * F32, qkv.nb[1], hd * (nh + nkv) * el)
+        rope = self.m.spec.layers[il].rope
+        q = g.rope(g.norm(q, w(il, "attn_q_norm.weight")), rope)
+        k = g.rope(g.norm(k, w(il, "attn_k_norm.weight")), rope)
+
+        part = self.inputs.attn_part(il)
+        ai = self.inputs.attn[part]
+        t_mask, t_kidx, t_vidx = g.attn_inputs(part)
+        g.expand(q, v, k)
+        g.expand(ai.cpy_k(ctx, k, t_kidx, il))
+        g.expand(ai.cpy_v(ctx, v, t_vidx, il))
+        cur = g.attn_mha(q, ai.get_k(ctx, il), ai.get_v(ctx, il), t_mask, hp.kq_scale)
+        g.expand(cur)
+        return ctx.mul_mat(w(il, "attn_output.weight"), cur)
+
+    def plamo2(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_plamo2::graph`` up to the output norm: pre-norm, mixer (Mamba or
+        attention), post-mixer norm, residual, pre-FFN norm, SwiGLU FFN over one fused
+        up projection (``ggml_swiglu``), post-FFN norm, residual."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        layers = self.m.spec.layers
+        # biases and a separate gate the reference would read (the engine builds none)
+        self._rwkv_refuse(
+            ["attn_qkv.bias", "attn_output.bias", "ffn_up.bias", "ffn_down.bias", "ffn_gate.weight"]
+        )
+        inpL = inp
+        for il in range(hp.n_layer):
+            residual = inpL
+            cur = g.norm(inpL, w(il, "attn_norm.weight"))
+            if layers[il].recurrent:
+                cur = self.plamo2_mamba(il, cur)
+            else:
+                cur = self.plamo2_attention(il, cur)
+            if il == hp.n_layer - 1:
+                cur = ctx.get_rows(cur, out_ids)
+                residual = ctx.get_rows(residual, out_ids)
+            cur = g.norm(cur, w(il, "post_attention_norm"))
+            residual = ctx.add(cur, residual)
+            cur = g.norm(residual, w(il, "ffn_norm.weight"))
+            cur = ctx.mul_mat(w(il, "ffn_up.weight"), cur)
+            cur = ctx.mul_mat(w(il, "ffn_down.weight"), ctx.swiglu(cur))
+            cur = g.norm(cur, w(il, "post_ffw_norm"))
+            inpL = ctx.add(cur, residual)
+        return inpL
+
 
 ARCH_GRAPHS: dict[str, ArchGraph] = {
+    "plamo2": ArchGraph(RWKVGraph.plamo2),
     "rwkv6": ArchGraph(RWKVGraph.rwkv6, output_norm=None),
     "rwkv7": ArchGraph(RWKVGraph.rwkv7, output_norm=None),
     "rwkv6qwen2": ArchGraph(RWKVGraph.rwkv6qwen2, output_norm=None),
