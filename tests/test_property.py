@@ -6,7 +6,10 @@ so that eviction and "no slot" failures happen, n_rs_seq 0..3, K/V types and V l
 and then a program of random steps: batches (valid continuations, gaps, restarts,
 coupled sequences, bad ids; split by each memory's splitter; placed, applied and
 "computed" with synthetic bytes), every sequence operation, state_write/state_read of
-single sequences and of the whole memory (partial-only too), and clear. After every
+single sequences and of the whole memory (partial-only too), clear, pymem.reuse
+checkpoints / restores / rollback plans, and the prefix cache (requests served, attached,
+looked up; stored entries restored; small RAM budgets so that entries are evicted, a disk
+tier or none) against the contract model of tests/spec/prefix.py. After every
 step the harness (tests/spec/harness.py) compares op results and error kinds, cell
 placement, heads, pending shifts, recurrent cell metadata, pos_min/pos_max of every
 sequence, graph inputs of every ubatch (slot cells, K/V row indices, KQ masks,
@@ -88,8 +91,11 @@ def test_pymem_matches_spec(kind: str) -> None:
     # the programs must actually exercise the memory, not only fail validation
     assert stats.steps > examples * 5
     assert stats.outcomes.get("decode:ok", 0) > examples
-    for op in ("seq_rm", "seq_cp", "state_read", "state_write", "checkpoint", "rollback"):
+    ops = ("seq_rm", "seq_cp", "state_read", "state_write", "checkpoint", "rollback")
+    for op in (*ops, "prefix_attach", "prefix_lookup"):
         assert stats.ops.get(op, 0) > 0, op
+    # requests reuse something, not only recompute
+    assert any(k.startswith("prefix_attach:") and "recompute" not in k for k in stats.outcomes)
 
 
 def run_programs(kind: str, seconds: float, seed0: int = 0, steps: int = 40) -> tuple[Stats, int]:

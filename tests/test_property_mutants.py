@@ -22,7 +22,7 @@ from pymem.hybrid import HybridMemory
 from pymem.kv import KVCache, KVCacheContext
 from pymem.kv.iswa import KVCacheISWA
 from pymem.memory import StateFlags
-from pymem.reuse import layout_of, trimmed_parts
+from pymem.reuse import PrefixCache, layout_of, trimmed_parts
 from pymem.state import StateReader
 
 
@@ -78,7 +78,8 @@ def test_catches_rollback_bound_off_by_one(monkeypatch: pytest.MonkeyPatch) -> N
 
         return dataclasses.replace(cfg, n_rs_seq=2, n_ubatch=max(cfg.n_ubatch, 8))
 
-    assert _finds_mismatch("recurrent", 80, with_rollback)
+    # (the programs spend some steps on the prefix cache: 115 programs to the first catch)
+    assert _finds_mismatch("recurrent", 160, with_rollback)
 
 
 def test_catches_inexact_rollbacks_reported_as_done(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,3 +171,45 @@ def test_catches_a_restore_that_skips_the_trim(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(spec_harness, "restore_checkpoint", untrimmed)
     monkeypatch.setattr(pm_planner, "restore_checkpoint", untrimmed)
     assert _programs_to_mismatch("hybrid", 30) is not None
+
+
+# --- the prefix cache (pymem.reuse.PrefixCache against tests/spec/prefix.py) ----------
+
+
+def test_catches_an_eviction_of_the_most_recently_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the budget still holds, but the victim is the entry just used: the stored entries
+    # and the eviction order part from the contract's least shared, least recently used
+    def admit(self: PrefixCache, e) -> None:
+        if e.nbytes > self.budget_bytes:
+            self._evict(e)
+            return
+        while self.bytes_ram + e.nbytes > self.budget_bytes:
+            self._evict(max(self._ram, key=lambda x: x.last_used))
+        self._ram[e] = None
+        self.bytes_ram += e.nbytes
+
+    monkeypatch.setattr(PrefixCache, "_admit", admit)
+    assert _programs_to_mismatch("recurrent", 30) is not None
+
+
+def test_catches_an_attach_that_copies_a_rolled_back_sequence(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # regression C3's bug put back: a recurrent sequence with a pending snapshot rollback
+    # is copied whole; the copy continues from the state before the rollback, which
+    # holds_exactly (the state must be the fold of the request's tokens) catches
+    monkeypatch.setattr(PrefixCache, "_rollback_pending", lambda self, seq_id: False)
+
+    def with_rollback(cfg: Config) -> Config:
+        import dataclasses
+
+        return dataclasses.replace(cfg, n_rs_seq=2, n_ubatch=max(cfg.n_ubatch, 8))
+
+    assert _finds_mismatch("recurrent", 60, with_rollback)
+
+
+def test_catches_an_attach_that_ignores_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a sequence copied up to L whose sliding window no longer holds what a token at L
+    # attends to: the attached sequence misses window cells
+    monkeypatch.setattr(PrefixCache, "_window_ok", lambda self, src, length, parts=None: True)
+    assert _programs_to_mismatch("iswa", 40) is not None

@@ -226,7 +226,13 @@ def random_step(pair: Any, r: Any) -> str:
         + ["seq_cp", "seq_cp", "seq_keep", "seq_add", "seq_add", "seq_div"]
         + ["save", "save", "load", "load", "clear"]
         + ["checkpoint", "restore", "rollback"]
+        + PREFIX_OPS
     )
+    if pair.pc is not None and r.chance(0.15):
+        op = r.pick(PREFIX_OPS)  # once a prefix cache is there, it serves more requests
+    if op.startswith("prefix"):
+        random_prefix_step(pair, r, op)
+        return op
     if op == "decode":
         if cfg.n_pos > 1 and r.chance(0.3):
             items, sections = random_embd_batch(pair, r)
@@ -297,3 +303,55 @@ def random_step(pair: Any, r: Any) -> str:
             pos = max(0, min(kv.seq_pos_min(s) for kv in swa) + r.int(-1, 3))
         pair.rollback(s, pos)
     return op
+
+
+# --- the prefix cache --------------------------------------------------------------------
+
+PREFIX_OPS = ["prefix_serve"] * 3 + ["prefix_attach", "prefix_lookup", "prefix_restore"]
+
+
+def random_prefix_setup(pair: Any, r: Any) -> None:
+    """A prefix cache with a small RAM budget (a few checkpoints: eviction happens)."""
+    from .prefix import Policy
+
+    policy = Policy(
+        interval=r.pick([0, 2, 3, 4, 4, 8]),
+        before_last_turn=r.chance(0.7),
+        before_last_token=r.chance(0.7),
+        branch_points=r.chance(0.7),
+        n_batch=r.pick([2, 3, 4, 8, 8, 16]),
+    )
+    budget = r.pick([0, 150, 300, 600, 600, 1200, 2400, 1 << 20])
+    pair.prefix_setup(policy, budget, r.pick(["none", "none", "keep", "drop"]))
+
+
+def random_request(pair: Any, r: Any) -> tuple:
+    """Tokens sharing a prefix with something cached (a held sequence, a checkpoint),
+    mostly, then a few new ones; sometimes exactly what a sequence holds."""
+    spc = pair.spc
+    known = [*spc.held.values(), *(e.tokens for e in spc.entries())]
+    base: tuple = r.pick(known) if known and r.chance(0.85) else ()
+    keep = len(base) if r.chance(0.4) else r.int(0, len(base))
+    toks = base[:keep]
+    if not toks or r.chance(0.85):
+        alphabet = r.pick([3, 64])  # a small one makes accidental common prefixes
+        toks += tuple(r.int(0, alphabet - 1) for _ in range(r.int(1, 6)))
+    return toks[:24]
+
+
+def random_prefix_step(pair: Any, r: Any, op: str) -> None:
+    if pair.pc is None:
+        random_prefix_setup(pair, r)
+    n = pair.cfg.n_seq_max
+    tracked = sorted(pair.spc.held)
+    seq = r.pick(tracked) if tracked and r.chance(0.5) else r.int(0, n - 1)
+    if op == "prefix_lookup":
+        pair.prefix_lookup(random_request(pair, r), -1 if r.chance(0.3) else seq)
+    elif op in ("prefix_serve", "prefix_attach"):
+        kind = r.pick(["prompt", "prompt", "prompt", "generate", "draft"])
+        pair.prefix_attach(seq, random_request(pair, r), kind, serve=op == "prefix_serve")
+    elif op == "prefix_restore":
+        held = pair.spc.held.get(seq, ())
+        mine = [e.pos for e in pair.spc.entries() if held[: len(e.tokens)] == e.tokens]
+        pos = r.pick(mine) if mine and r.chance(0.9) else r.int(0, max(len(held), 1))
+        pair.prefix_restore_entry(seq, pos)

@@ -17,6 +17,9 @@ errors; a few arguments the reference silently misuses are refused (``REFUSED``)
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,11 +32,18 @@ from pymem.kv import KVCache
 from pymem.kv.iswa import KVCacheISWA
 from pymem.memory import MemoryStatus
 from pymem.recurrent import RecurrentMemory
-from pymem.reuse import apply_rollback, plan_rollback, restore_checkpoint
+from pymem.reuse import (
+    CheckpointPolicy,
+    PrefixCache,
+    apply_rollback,
+    plan_rollback,
+    restore_checkpoint,
+)
 from pymem.reuse import checkpoint as pm_checkpoint
 from pymem.spec import LayerSpec, ModelSpec, NonCausalType, RopeSpec, RopeType, SWAType
 
 from . import decode as sdec
+from . import prefix as sprefix
 from . import reuse as sreuse
 from .batch import BatchIn, alloc_init, compat
 from .common import SpecAbort, SpecBatchError, SpecError, SpecStateError
@@ -404,9 +414,24 @@ class Pair:
         # how many per-sequence states to compare after each step (all when None)
         self.check_seq_states = check_seq_states
         self.step_no = 0
+        # the prefix cache (pymem's and the spec's), set up by the first prefix step
+        self.pc: PrefixCache | None = None
+        self.spc: sprefix.SpecPrefixCache | None = None
+        self.rows = sprefix.RowIndex()  # K rows decoded since, for holds_exactly
+        self._disk_dir: str | None = None
+        self._serving = False
+        # recurrent states no longer checked by holds_exactly: a sequence's blob read as
+        # the whole memory leaves cells with no sequence but a source row, and seq_add
+        # can move a state below position 0 where seq_rm(s, -1, -1) does not reach it; a
+        # fresh sequence then continues from that state (the reference's behaviour)
+        self._stale_states = False
         self.compare("init")
 
     def close(self) -> None:
+        if self.pc is not None:
+            self.pc.close()
+        if self._disk_dir is not None:
+            shutil.rmtree(self._disk_dir, ignore_errors=True)
         self.pm.close()
 
     # ------------------------------------------------------------------ helpers ---
@@ -582,6 +607,20 @@ class Pair:
         outcome = self._agree(op, s, p, refused=self._refused(op, args))
         self.stats.count(op, outcome)
         self.compare(f"{op}{args}")
+        # the prefix cache's protocol: release what the operation may have changed (a
+        # shift moves every sequence sharing the cells: in one stream, or a recurrent cell)
+        rs = self.sp.rs
+        if rs is not None and any(c.pos < 0 and c.seq_id for c in rs.cells):
+            self._stale_states = True
+        # (one stream per sequence: only a recurrent cell can be shared, after seq_cp)
+        alone = not self.cfg.unified and self.sp.rs is None
+        if op in ("seq_rm", "seq_cp") or (op in ("seq_add", "seq_div") and alone):
+            s = args[1] if op == "seq_cp" else args[0]
+            self._pc_release(None if s < 0 else [s])
+        elif op == "seq_keep" and self.spc is not None:
+            self._pc_release([s for s in sorted(self.spc.held) if s != args[0]])
+        else:
+            self._pc_release(None)
         return outcome
 
     def _hits_iswa_partial_copy(self, a: int, b: int, p0: int, p1: int) -> bool:
@@ -611,6 +650,7 @@ class Pair:
         self.pm.clear(data)
         self.stats.count("clear", "ok")
         self.compare("clear")
+        self._pc_release(None)
         return "ok"
 
     def state_save(self, seq_id: int, flags: int = 0) -> str:
@@ -648,6 +688,9 @@ class Pair:
         outcome = self._agree("state_read", s, p, refused=refused)
         self.stats.count("state_read", outcome)
         self.compare(f"state_load -> {dest}")
+        self._pc_release(None if dest < 0 else [dest])
+        if cross and outcome == "ok":
+            self._stale_states = True
         return outcome
 
     # ------------------------------------------------------- checkpoints, rollback ---
@@ -706,6 +749,7 @@ class Pair:
         outcome = self._agree("restore_checkpoint", s, p)
         self.stats.count("restore_checkpoint", outcome)
         self.compare(f"restore_checkpoint -> {dest}")
+        self._pc_release([dest])
         return outcome
 
     def rollback(self, seq_id: int, pos: int) -> str:
@@ -736,6 +780,15 @@ class Pair:
             outcome = self._agree("apply_rollback", s, p)
         self.stats.count("rollback", f"{plan.kind}:{outcome}")
         self.compare(f"rollback({seq_id}, {pos})")
+        if self.pc is not None and plan.kind != "none":
+            held = self.spc.held.get(seq_id)
+            if (
+                outcome == "ok" and plan.kind in ("trim", "snapshot") and held is not None
+                and len(held) >= pos and self.sp.seq_pos_max(seq_id) == pos - 1
+            ):  # fmt: skip
+                self._pc_record(seq_id, held[:pos])  # the cache learns the shorter history
+            else:
+                self._pc_release([seq_id])
         if outcome == "ok" and self.sp.seq_pos_max(seq_id) >= p[1]:
             # nothing may be left where decoding resumes (a sequence with gaps may end
             # earlier than resume - 1: its positions were never contiguous)
@@ -744,6 +797,226 @@ class Pair:
                 f"ends at {self.sp.seq_pos_max(seq_id)}"
             )
         return plan.kind
+
+    # ------------------------------------------------------------- prefix cache ---
+
+    def prefix_setup(self, policy: sprefix.Policy, budget: int, disk: str) -> None:
+        """Put a ``PrefixCache`` on pymem's memory and the contract's model beside it.
+
+        ``disk``: "none", "keep" (a disk tier with room for every evicted entry) or
+        "drop" (a disk tier of 0 bytes: every evicted entry is dropped)."""
+        self._note(f"prefix_setup({policy}, budget={budget}, disk={disk!r})")
+        if disk != "none":
+            self._disk_dir = tempfile.mkdtemp(prefix="pymem-spec-prefix-")
+        self.pc = PrefixCache(
+            self.pm,
+            policy=CheckpointPolicy(
+                interval=policy.interval, before_last_turn=policy.before_last_turn,
+                before_last_token=policy.before_last_token,
+                branch_points=policy.branch_points, n_batch=policy.n_batch,
+            ),
+            budget_bytes=budget, disk_dir=self._disk_dir,
+            disk_budget_bytes=1 << 30 if disk == "keep" else 0,
+            fingerprint="spec" if disk != "none" else "",
+        )  # fmt: skip
+        self.spc = sprefix.SpecPrefixCache(policy, budget, disk)
+
+    def _index_rows(self, ub: Any) -> None:
+        """Remember which token each K row of this ubatch is (first layer of each cache)."""
+        for name, skv in self.sp.kv_parts.items():
+            if not skv.cfg.layers:
+                continue
+            il, kr = skv.cfg.layers[0].il, skv.k_row[0]
+            for i in range(ub.n_tokens):
+                tok = ub.token[i] if ub.token is not None else -1
+                row = sdec.kv_row("k", il, ub.pos[i], ub.seq_id[i][0], tok, kr)
+                self.rows.add(name, row, ub.pos[i], tok)
+
+    def _pc_release(self, seqs: list[int] | None) -> None:
+        """``release`` on both sides (None: every tracked sequence)."""
+        if self.pc is None:
+            return
+        assert self.spc is not None
+        for s in sorted(self.spc.held) if seqs is None else seqs:
+            if s in self.spc.held or self.pc.held(s) is not None:
+                self.pc.release(s)
+                self.spc.release(self.sp, s)
+        self._compare_prefix("release")
+
+    def _pc_record(self, seq_id: int, toks: tuple) -> None:
+        assert self.pc is not None and self.spc is not None
+        p = self._run_pm(self.pc.record, seq_id, list(toks))
+        if p[0] != "ok":
+            self.fail(f"record({seq_id}, {list(toks)}): pymem {p}")
+        self.spc.record(self.sp, seq_id, toks)
+        self._compare_prefix(f"record({seq_id})")
+
+    def _pc_after_decode(self, items: list, opaque: bool) -> None:
+        """A decode behind the cache's back: a tracked sequence that only continued (one
+        sequence per token, positions right after what it held) is recorded, the others
+        are released."""
+        assert self.spc is not None
+        seqs = sorted({s for it in items for s in it[2]})
+        for s in seqs:
+            held = self.spc.held.get(s)
+            if held is None:
+                continue
+            mine = [it for it in items if s in it[2]]
+            ok = not opaque and all(list(it[2]) == [s] for it in mine)
+            ok = ok and [it[1] for it in mine] == list(range(len(held), len(held) + len(mine)))
+            ok = ok and self.sp.seq_pos_max(s) == len(held) + len(mine) - 1
+            if ok:
+                self._pc_record(s, held + tuple(it[0] for it in mine))
+            else:
+                self._pc_release([s])
+
+    def _pc_ready(self) -> bool:
+        """Pending K-shifts applied (as a runtime's memory_update would); False when the
+        memory cannot apply them (M-RoPE): the cache would copy streams behind them."""
+        self.update()
+        return not any(kv.get_has_shift() or kv.sc_ssrc for kv in self.sp.kv_parts.values())
+
+    def _compare_prefix(self, where: str) -> None:
+        """The stored entries (position, tier, sharers, RAM bytes), the eviction order,
+        the budget, the counters and what each sequence holds, pymem against the model."""
+        pc, spc = self.pc, self.spc
+        assert pc is not None and spc is not None
+        got = [(e.pos, e.tier, e.shared, e.nbytes if e.tier == "ram" else 0) for e in pc.entries()]
+        want = [
+            (e.pos, e.tier, spc.shared(e), e.nbytes if e.tier == "ram" else 0)
+            for e in spc.entries()
+        ]
+        if got != want:
+            self.fail(
+                f"after {where}: prefix entries (pos, tier, shared, bytes) pymem {got} != spec {want}"
+            )
+        order = [e.pos for e in spc.eviction_order()]
+        if pc.eviction_order() != order:
+            self.fail(f"after {where}: eviction order pymem {pc.eviction_order()} != spec {order}")
+        ram = sum(e.nbytes for e in spc.ram)
+        if pc.bytes_ram != ram or pc.bytes_ram > pc.budget_bytes:
+            self.fail(
+                f"after {where}: RAM bytes pymem {pc.bytes_ram}, spec {ram}, budget {pc.budget_bytes}"
+            )
+        files = [e.path for e in pc.entries() if e.tier == "disk"]
+        if any(f is None or not os.path.exists(f) for f in files) or pc.bytes_disk != sum(
+            os.path.getsize(f) for f in files if f
+        ):
+            self.fail(f"after {where}: disk entries {files} do not add up to {pc.bytes_disk} B")
+        counts = (pc.n_taken, pc.n_evicted, pc.n_spilled, pc.n_refused)
+        if counts != (spc.n.taken, spc.n.evicted, spc.n.spilled, spc.n.refused):
+            self.fail(
+                f"after {where}: taken/evicted/spilled/refused pymem {counts} != spec {spc.n}"
+            )
+        held = {s: tuple(int(t) for t in pc.held(s)) for s in pc.held_seqs()}  # type: ignore[union-attr]
+        if held != spc.held:
+            self.fail(f"after {where}: held tokens pymem {held} != spec {spc.held}")
+
+    def _check_match(self, op: str, m: Any, n_common: int, ways: list) -> sprefix.Way:
+        """pymem's match: the spec's n_common, the longest exact way, one of the cheapest."""
+        best = sprefix.SpecPrefixCache.best(ways)
+        got = sprefix.Way(m.n_reuse, m.source, m.how, m.src_seq, m.pos)
+        if m.n_common != n_common:
+            self.fail(f"{op}: n_common pymem {m.n_common} != spec {n_common}")
+        if got not in ways or m.n_reuse != best[0].n_reuse:
+            self.fail(
+                f"{op}: pymem reuses {got} ({m.reason}); the spec's longest exact ways are "
+                f"{best}, all: {sorted(set(ways), key=lambda w: -w.n_reuse)}"
+            )
+        if sprefix.RANK[m.source, m.how] != sprefix.RANK[best[0].source, best[0].how]:
+            self.fail(f"{op}: pymem takes {got}, a cheaper way is {best[0]}")
+        return got
+
+    def prefix_lookup(self, toks: tuple, seq_id: int) -> str:
+        assert self.pc is not None and self.spc is not None
+        self._note(f"prefix.lookup({list(toks)}, seq_id={seq_id})")
+        n_common, ways = self.spc.ways(self.sp, toks, seq_id)
+        p = self._run_pm(self.pc.lookup, list(toks), seq_id)
+        if p[0] != "ok":
+            self.fail(f"lookup: pymem {p}")
+        got = self._check_match("lookup", p[1], n_common, ways)
+        self.stats.count("prefix_lookup", f"{got.source}:{got.how}")
+        return got.how
+
+    def prefix_attach(self, seq_id: int, toks: tuple, kind: str, serve: bool = True) -> str:
+        """``attach`` on both sides, checked against the contract; with ``serve`` the
+        chunks are then decoded and recorded, as a runtime does."""
+        assert self.pc is not None and self.spc is not None
+        if not self._pc_ready():
+            self.stats.count("prefix_attach", "skipped (pending shift)")
+            return "skipped"
+        self._note(f"prefix.attach({seq_id}, {list(toks)}, {kind!r}, serve={serve})")
+        spc = self.spc
+        if seq_id in spc.held and not spc.current(self.sp, seq_id):
+            spc.release(self.sp, seq_id)  # what attach does with a stale sequence
+        p = self._run_pm(self.pc.attach, seq_id, list(toks), kind)
+        if p[0] != "ok":
+            self.fail(f"attach: pymem {p}")
+        att = p[1]
+        for why in att.refused:
+            # pymem refused the entry of its best way (the memory could not take it:
+            # no free cells, say) and dropped it: the spec's best way must fail alike
+            n_common, ways = spc.ways(self.sp, toks, seq_id)
+            best = spc.best(ways)[0]
+            entry = spc.entry_of(toks[: best.pos + 1]) if best.pos >= 0 else None
+            trial = copy.deepcopy(self.sp)
+            try:
+                spc_trial = copy.deepcopy(spc)
+                spc_trial.carry_out(trial, seq_id, toks, best)
+                refused = False
+            except SpecStateError:
+                refused = True
+            if entry is None or not refused:
+                self.fail(f"attach: pymem refused an entry ({why}); the spec carries out {best}")
+            spc.drop(entry)
+            spc.n.refused += 1
+        n_common, ways = spc.ways(self.sp, toks, seq_id)
+        way = self._check_match("attach", att.match, n_common, ways)
+        s = self._run_spec(spc.attach, self.sp, seq_id, toks, kind, way, n_common)
+        if s[0] != "ok":
+            self.fail(f"attach: the spec cannot carry out {way}: {s}")
+        got = (att.resume_from, att.chunks, att.checkpoints)
+        if got != s[1]:
+            self.fail(f"attach: pymem (resume, chunks, checkpoints) {got} != spec {s[1]}")
+        self.compare(f"attach({seq_id})")
+        self._compare_prefix(f"attach({seq_id})")
+        self._check_holds(seq_id, toks[: att.resume_from], f"attach ({way})")
+        self.stats.count("prefix_attach", f"{way.source}:{way.how}")
+        if not serve:
+            return way.how
+        self._serving = True
+        try:
+            for p0, p1 in att.chunks:
+                items = [[toks[q], q, [seq_id], q == p1 - 1] for q in range(p0, p1)]
+                if self.decode(items) != 0:
+                    break
+                self._pc_record(seq_id, toks[:p1])
+        finally:
+            self._serving = False
+        self._check_holds(seq_id, spc.held.get(seq_id, ()), "serve")
+        return way.how
+
+    def _check_holds(self, seq_id: int, toks: tuple, where: str) -> None:
+        why = sprefix.holds_exactly(
+            self.sp, seq_id, toks, self.rows, check_states=not self._stale_states
+        )
+        if why:
+            self.fail(f"after {where}: sequence {seq_id} does not hold exactly {list(toks)}: {why}")
+
+    def prefix_restore_entry(self, seq_id: int, pos: int) -> str:
+        assert self.pc is not None and self.spc is not None
+        self._note(f"prefix.restore_entry({seq_id}, {pos})")
+        p = self._run_pm(self.pc.restore_entry, seq_id, pos)
+        s = self._run_spec(self.spc.restore_entry, self.sp, seq_id, pos)
+        same = p[0] == s[0] or (p[0] == "error" and s[0] == "abort")
+        if not same or (p[0] == "ok" and p[1] != s[1]):
+            self.fail(f"restore_entry({seq_id}, {pos}): pymem {p} != spec {s}")
+        self.compare(f"restore_entry({seq_id}, {pos})")
+        self._compare_prefix(f"restore_entry({seq_id}, {pos})")
+        if p[0] == "ok":
+            self._check_holds(seq_id, self.spc.held[seq_id], "restore_entry")
+        self.stats.count("prefix_restore_entry", p[0])
+        return p[0]
 
     def update(self) -> bool:
         """``memory_update``: init_update + apply; True when something was applied.
@@ -903,6 +1176,8 @@ class Pair:
             sctx.apply()
             p_ctx.apply()
             s_inputs = sdec.spec_compute(self.sp, sctx)
+            if self.pc is not None:
+                self._index_rows(sub)
             self._pm_compute(p_ctx, pub, s_inputs, k)
             more_s = sctx.next()
             more_p = p_ctx.next()
@@ -913,6 +1188,8 @@ class Pair:
                 break
         self.stats.count("decode", "ok")
         self.compare("decode")
+        if self.pc is not None and not self._serving:
+            self._pc_after_decode(items, auto_pos or sections is not None)
         return 0
 
     def _compare_ubatch(self, k: int, sub: Any, pub: Any) -> None:

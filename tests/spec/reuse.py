@@ -18,9 +18,10 @@ Plan rules (``plan_rollback``), for ``seq`` to hold exactly positions ``[0, pos)
 * ``snapshot``    as ``trim`` for the windows, and the recurrent part can roll back
                   exactly ``k = pos_max - pos + 1`` tokens: the sequence has a tail cell,
                   no rollback is pending, ``k <= n_rs_seq`` and ``k < last_n[seq]``;
-* ``checkpoint``  the latest checkpoint of this memory's layout at ``<= pos - 1`` whose
-                  position the full-attention cells of ``seq`` still reach (first one
-                  wins a tie);
+* ``checkpoint``  the latest checkpoint of this memory's layout at ``<= pos - 1`` that can
+                  be restored (``restorable``: the full-attention cells of ``seq`` still
+                  reach its position, and a trimmed cache that slides still holds the
+                  window of the token after it); the first one wins a tie;
 * ``recompute``   otherwise.
 """
 
@@ -74,20 +75,32 @@ def checkpoint(mem: SpecMemory, seq_id: int) -> SpecCheckpoint:
     return SpecCheckpoint(seq_id, pos, mem.state_write(seq_id, FLAG_PARTIAL_ONLY), layout_of(mem))
 
 
+def restorable(mem: SpecMemory, seq_id: int, pos: int) -> bool:
+    """Whether a checkpoint at ``pos`` restores exactly into ``seq_id``: every cache a
+    PARTIAL_ONLY state leaves out holds the sequence up to ``pos``, and one that slides (a
+    hybrid's sliding attention cache) still holds every position from the start of the
+    window of a token at ``pos + 1`` to ``pos`` (the checkpoint does not bring them back)."""
+    for kv in full_attention_parts(mem):
+        if kv.seq_pos_max(seq_id) < pos:
+            return False
+        if kv.cfg.swa_type != SwaType.NONE:
+            start = min(window_start(kv.cfg.n_swa, kv.cfg.swa_type, pos + 1), pos)
+            if kv.seq_pos_min(seq_id) > start:
+                return False
+    return True
+
+
 def restore(mem: SpecMemory, seq_id: int, ck: SpecCheckpoint) -> int:
     """Trim the full-attention caches after ``ck.pos``, then read the partial state.
 
-    Refused (SpecStateError) when a full-attention cache no longer reaches ``ck.pos`` for
-    ``seq_id``. Not atomic by itself: the harness runs it on a copy of the spec.
+    Refused (SpecStateError) unless ``restorable``. Not atomic by itself: the harness runs
+    it on a copy of the spec.
     """
     if ck.layout != layout_of(mem):
         raise SpecStateError(f"restore: checkpoint laid out as {ck.layout}, not {layout_of(mem)}")
     parts = full_attention_parts(mem)
-    for kv in parts:
-        if kv.seq_pos_max(seq_id) < ck.pos:
-            raise SpecStateError(
-                f"restore: full-attention cells of {seq_id} end at {kv.seq_pos_max(seq_id)}"
-            )
+    if not restorable(mem, seq_id, ck.pos):
+        raise SpecStateError(f"restore: sequence {seq_id} cannot take a checkpoint at {ck.pos}")
     for kv in parts:
         kv.seq_rm(seq_id, ck.pos + 1, -1)
     mem.state_read(ck.blob, seq_id, FLAG_PARTIAL_ONLY)
@@ -128,15 +141,14 @@ def plan_rollback(
             return ("trim", pos, None)
         if _snapshot_ok(mem, seq_id, k):
             return ("snapshot", pos, None)
-    reach = min([kv.seq_pos_max(seq_id) for kv in full_attention_parts(mem)], default=cur)
     best = None
     layout = layout_of(mem)
     for ck in ckpts:
         if (
             ck.layout == layout
             and ck.pos <= pos - 1
-            and ck.pos <= reach
             and (best is None or ck.pos > best.pos)
+            and restorable(mem, seq_id, ck.pos)
         ):
             best = ck
     if best is not None:
