@@ -293,6 +293,7 @@ ENGINE_ARCHS = {
     "mellum",  # graph_attention
     "granite_swa",  # graph_attention
     "mimo2",  # graph_attention
+    "afmoe",  # graph_attention
 }  # fmt: skip
 
 

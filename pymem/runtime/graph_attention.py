@@ -145,7 +145,14 @@ class AttentionGraph:
         return self.attn_store_read(il, q, k, v, kq_scale, sinks)
 
     def attn_store_read(
-        self, il: int, q: Any, k: Any, v: Any, kq_scale: float | None, sinks: bool = False
+        self,
+        il: int,
+        q: Any,
+        k: Any,
+        v: Any,
+        kq_scale: float | None,
+        sinks: bool = False,
+        wo: bool = True,
     ) -> Any:
         """``build_attn`` from Q/K/V: the stores into the cache, ``build_attn_mha`` over the
         cache views (+ ``attn_sinks.weight``), ``wo`` (+ ``attn_output.bias``)."""
@@ -163,6 +170,8 @@ class AttentionGraph:
         t_sinks = w(il, "attn_sinks.weight") if sinks else None
         cur = g.attn_mha(q, ai.get_k(ctx, il), ai.get_v(ctx, il), t_mask, scale, t_sinks)
         g.expand(cur)
+        if not wo:  # the caller gates the heads before wo
+            return cur
         cur = ctx.mul_mat(w(il, "attn_output.weight"), cur)
         wo_b = w(il, "attn_output.bias", required=False)
         return cur if wo_b is None else ctx.add(cur, wo_b)
@@ -557,6 +566,40 @@ class AttentionGraph:
 
         return self.prenorm_layers(inp, out_ids, mixer, self.swiglu_ffn)
 
+    def afmoe(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_afmoe::graph`` (dense layers): embeddings times ``sqrt(n_embd)``,
+        per-head Q/K norms, NoPE every 4th layer, the attention heads gated by
+        ``sigmoid(attn_gate . x)`` before ``wo``, pre- and post-norms around attention and
+        FFN. MoE layers are refused (no recorded run has them)."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        for il in range(hp.n_layer):
+            self.refuse_tensors(il, ("ffn_gate_inp.weight", *_QKV_EXTRA), "afmoe")
+        inpL = ctx.scale(inp, float(np.sqrt(np.float32(hp.n_embd))))
+        for il in range(hp.n_layer):
+            inpSA = inpL
+            cur = g.norm(inpL, w(il, "attn_norm.weight"))
+            q, k, v = self.build_qkv(il, cur, hp.n_embd_head)
+            gate = ctx.mul_mat(w(il, "attn_gate.weight"), cur)
+            q = g.norm(q, w(il, "attn_q_norm.weight"))
+            k = g.norm(k, w(il, "attn_k_norm.weight"))
+            if (il + 1) % 4 != 0:  # n_no_rope_layer_step 4
+                rope = self.m.spec.layers[il].rope
+                q, k = g.rope(q, rope), g.rope(k, rope)
+            cur = self.attn_store_read(il, q, k, v, None, wo=False)
+            cur = ctx.mul(cur, ctx.sigmoid(gate))
+            cur = ctx.mul_mat(w(il, "attn_output.weight"), cur)
+            cur = g.norm(cur, w(il, "post_attention_norm.weight"))
+            if il == hp.n_layer - 1:
+                cur = ctx.get_rows(cur, out_ids)
+                inpSA = ctx.get_rows(inpSA, out_ids)
+            ffn_inp = ctx.add(cur, inpSA)
+            cur = g.ffn(il, g.norm(ffn_inp, w(il, "ffn_norm.weight")))
+            cur = g.norm(cur, w(il, "post_ffw_norm.weight"))
+            inpL = ctx.add(cur, ffn_inp)
+        return inpL
+
     def refuse_tensors(self, il: int, names: Sequence[str], why: str) -> None:
         """:class:`UnsupportedError` naming the layer tensors of ``names`` that exist."""
         found = [n for n in names if self.m._w(il, n, required=False) is not None]
@@ -807,6 +850,7 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     # LFM2 names its output norm after the embeddings
     "qwen3moe": ArchGraph(AttentionGraph.qwen3moe),
     "exaone4": ArchGraph(AttentionGraph.exaone4),
+    "afmoe": ArchGraph(AttentionGraph.afmoe),
     "mimo2": ArchGraph(AttentionGraph.mimo2),
     "granite_swa": ArchGraph(AttentionGraph.granite_swa, finish=_inverse_logit_scale),
     "mellum": ArchGraph(AttentionGraph.mellum),
