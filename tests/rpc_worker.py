@@ -157,7 +157,7 @@ def engine_logits(device: str, items: list) -> tuple[np.ndarray, bytes]:
 
 
 def main_engine(binary: str) -> None:
-    """Decoding needs one device per graph: the model and its memory on one rpc-server."""
+    """The model and its whole memory on one rpc-server: the one-device runner there."""
     proc, endpoint = start_server(binary)
     try:
         import pymem

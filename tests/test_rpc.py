@@ -70,8 +70,8 @@ def test_split_placement_matches_cpu(n_servers: int) -> None:
 
 
 def test_decode_on_an_rpc_device_matches_cpu() -> None:
-    # pymem's graph runners compute on one device: the GGUF engine's weights and the whole
-    # memory on one rpc-server give the CPU's logits and state bytes exactly
+    # the GGUF engine's weights and the whole memory on one rpc-server (the one-device
+    # runner, computing on the server) give the CPU's logits and state bytes exactly
     _build_or_skip()
     out = _run_worker("engine")
     assert out["device"] == "RPC0" and out["rows"] == 2
