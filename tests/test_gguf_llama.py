@@ -294,6 +294,7 @@ ENGINE_ARCHS = {
     "granite_swa",  # graph_attention
     "mimo2",  # graph_attention
     "afmoe",  # graph_attention
+    "spark2_5",  # graph_attention
 }  # fmt: skip
 
 

@@ -600,6 +600,31 @@ class AttentionGraph:
             inpL = ctx.add(cur, ffn_inp)
         return inpL
 
+    def spark2_5(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_spark2_5::graph``: per-layer heads and RoPE, one sigmoid gate per
+        head (``attn_gate``: ``[n_embd, n_head]``) on the attention output before ``wo``,
+        GeGLU FFN."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        for il in range(hp.n_layer):
+            self.refuse_tensors(il, _QKV_EXTRA, "spark2_5")
+
+        def mixer(il: int, cur: Any) -> Any:
+            q, k, v = self.build_qkv(il, cur, hp.n_embd_head)
+            rope = self.m.spec.layers[il].rope
+            q, k = g.rope(q, rope), g.rope(k, rope)
+            out = self.attn_store_read(il, q, k, v, None, wo=False)
+            gate = ctx.sigmoid(ctx.mul_mat(w(il, "attn_gate.weight"), cur))
+            n_tokens, nh = int(out.ne[1]), hp.n_head[il]
+            # E.g. [hd * nh, T] * [nh, T] per head: [hd, nh, T] * [1, nh, T]
+            out = ctx.reshape_3d(out, hp.n_embd_head, nh, n_tokens)
+            out = ctx.mul(out, ctx.reshape_3d(gate, 1, nh, n_tokens))
+            out = ctx.reshape_2d(out, hp.n_embd_head * nh, n_tokens)
+            return ctx.mul_mat(w(il, "attn_output.weight"), out)
+
+        return self.prenorm_layers(inp, out_ids, mixer, lambda il, cur: g.ffn(il, cur, gelu=True))
+
     def refuse_tensors(self, il: int, names: Sequence[str], why: str) -> None:
         """:class:`UnsupportedError` naming the layer tensors of ``names`` that exist."""
         found = [n for n in names if self.m._w(il, n, required=False) is not None]
@@ -850,6 +875,7 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     # LFM2 names its output norm after the embeddings
     "qwen3moe": ArchGraph(AttentionGraph.qwen3moe),
     "exaone4": ArchGraph(AttentionGraph.exaone4),
+    "spark2_5": ArchGraph(AttentionGraph.spark2_5),
     "afmoe": ArchGraph(AttentionGraph.afmoe),
     "mimo2": ArchGraph(AttentionGraph.mimo2),
     "granite_swa": ArchGraph(AttentionGraph.granite_swa, finish=_inverse_logit_scale),
