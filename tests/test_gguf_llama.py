@@ -295,6 +295,7 @@ ENGINE_ARCHS = {
     "mimo2",  # graph_attention
     "afmoe",  # graph_attention
     "spark2_5",  # graph_attention
+    "muse-glimmer",  # graph_attention
 }  # fmt: skip
 
 

@@ -568,15 +568,43 @@ class AttentionGraph:
 
     def afmoe(self, inp: Any, out_ids: Any) -> Any:
         """``llama_model_afmoe::graph`` (dense layers): embeddings times ``sqrt(n_embd)``,
-        per-head Q/K norms, NoPE every 4th layer, the attention heads gated by
-        ``sigmoid(attn_gate . x)`` before ``wo``, pre- and post-norms around attention and
-        FFN. MoE layers are refused (no recorded run has them)."""
+        NoPE every 4th layer, :meth:`gated_attn_layers`. MoE layers are refused (no
+        recorded run has them)."""
+        hp = self.hp
+        for il in range(hp.n_layer):
+            self.refuse_tensors(il, ("ffn_gate_inp.weight", *_QKV_EXTRA), "afmoe")
+        inp = self.ctx.scale(inp, float(np.sqrt(np.float32(hp.n_embd))))
+        # n_no_rope_layer_step 4
+        return self.gated_attn_layers(inp, out_ids, lambda il: (il + 1) % 4 != 0, None)
+
+    def muse_glimmer(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_muse_glimmer::graph``: unweighted RMS norm of the embeddings,
+        RoPE on SWA layers only, :meth:`gated_attn_layers` with post-norms of eps 1e-8;
+        the logits scaled by ``logit_scale`` then soft-capped (:func:`_muse_logits`)."""
+        hp = self.hp
+        for il in range(hp.n_layer):
+            self.refuse_tensors(il, _QKV_EXTRA, "muse-glimmer")
+        inp = self.ctx.rms_norm(inp, hp.f_norm_rms_eps)
+        layers = self.m.spec.layers
+        return self.gated_attn_layers(inp, out_ids, lambda il: layers[il].swa, 1e-8)
+
+    def gated_attn_layers(
+        self, inp: Any, out_ids: Any, use_rope: Callable[[int], bool], post_eps: float | None
+    ) -> Any:
+        """AFMoE / Muse-Glimmer layers: per-head Q/K norms, RoPE (the layer's own base)
+        where ``use_rope``, the attention heads gated by ``sigmoid(attn_gate . x)`` before
+        ``wo``, pre- and post-norms around attention and the SwiGLU FFN (post-norm eps:
+        ``post_eps``, or the model's)."""
         ctx, hp = self.ctx, self.hp
         g: Any = self
         w = self.m._w
-        for il in range(hp.n_layer):
-            self.refuse_tensors(il, ("ffn_gate_inp.weight", *_QKV_EXTRA), "afmoe")
-        inpL = ctx.scale(inp, float(np.sqrt(np.float32(hp.n_embd))))
+
+        def post_norm(cur: Any, weight: str, il: int) -> Any:
+            if post_eps is None:
+                return g.norm(cur, w(il, weight))
+            return ctx.mul(ctx.rms_norm(cur, post_eps), w(il, weight))
+
+        inpL = inp
         for il in range(hp.n_layer):
             inpSA = inpL
             cur = g.norm(inpL, w(il, "attn_norm.weight"))
@@ -584,19 +612,19 @@ class AttentionGraph:
             gate = ctx.mul_mat(w(il, "attn_gate.weight"), cur)
             q = g.norm(q, w(il, "attn_q_norm.weight"))
             k = g.norm(k, w(il, "attn_k_norm.weight"))
-            if (il + 1) % 4 != 0:  # n_no_rope_layer_step 4
+            if use_rope(il):
                 rope = self.m.spec.layers[il].rope
                 q, k = g.rope(q, rope), g.rope(k, rope)
             cur = self.attn_store_read(il, q, k, v, None, wo=False)
             cur = ctx.mul(cur, ctx.sigmoid(gate))
             cur = ctx.mul_mat(w(il, "attn_output.weight"), cur)
-            cur = g.norm(cur, w(il, "post_attention_norm.weight"))
+            cur = post_norm(cur, "post_attention_norm.weight", il)
             if il == hp.n_layer - 1:
                 cur = ctx.get_rows(cur, out_ids)
                 inpSA = ctx.get_rows(inpSA, out_ids)
             ffn_inp = ctx.add(cur, inpSA)
             cur = g.ffn(il, g.norm(ffn_inp, w(il, "ffn_norm.weight")))
-            cur = g.norm(cur, w(il, "post_ffw_norm.weight"))
+            cur = post_norm(cur, "post_ffw_norm.weight", il)
             inpL = ctx.add(cur, ffn_inp)
         return inpL
 
@@ -860,6 +888,17 @@ def _inverse_logit_scale(g: Any, cur: Any) -> Any:
     return g.ctx.scale(cur, f32_div(1.0, g.m.keys.f32(f"{g.hp.arch}.logit_scale")))
 
 
+def _muse_logits(g: Any, cur: Any) -> Any:
+    """Muse-Glimmer: logits times ``logit_scale``, then ``cap * tanh(logits / cap)`` with
+    ``final_logit_softcapping`` (30 when the file has none: the reference's default)."""
+    cur = g.ctx.scale(cur, g.m.keys.f32(f"{g.hp.arch}.logit_scale"))
+    cap = g.m.keys.f32(f"{g.hp.arch}.final_logit_softcapping", 30.0)
+    if cap == 0.0:
+        return cur
+    cur = g.ctx.scale(cur, f32_div(1.0, cap))
+    return g.ctx.scale(g.ctx.tanh(cur), cap)
+
+
 def _gemma3_logits(g: Any, cur: Any) -> Any:
     """Final logit soft-capping, only when the file sets ``final_logit_softcapping``."""
     field = g.m.keys.fields.get(f"{g.hp.arch}.final_logit_softcapping")
@@ -875,6 +914,7 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     # LFM2 names its output norm after the embeddings
     "qwen3moe": ArchGraph(AttentionGraph.qwen3moe),
     "exaone4": ArchGraph(AttentionGraph.exaone4),
+    "muse-glimmer": ArchGraph(AttentionGraph.muse_glimmer, finish=_muse_logits),
     "spark2_5": ArchGraph(AttentionGraph.spark2_5),
     "afmoe": ArchGraph(AttentionGraph.afmoe),
     "mimo2": ArchGraph(AttentionGraph.mimo2),
