@@ -159,7 +159,9 @@ class HParams:
     def from_gguf(cls, keys: _Keys, hp: GGUFHParams, n_vocab: int) -> HParams:
         path = keys.path
         head = hp.n_embd_head_v_full
-        if hp.n_embd_head_k_full != head and max(hp.n_head) > 0:
+        # MLA (Kimi-Linear) keys K as [latent | rope] and V as the latent: the graphs that
+        # build it use their own sizes and scale
+        if hp.n_embd_head_k_full != head and max(hp.n_head) > 0 and not hp.is_mla:
             raise UnsupportedError(
                 f"{path}: n_embd_head_k {hp.n_embd_head_k_full} != n_embd_head_v {head}"
             )
