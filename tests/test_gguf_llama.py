@@ -296,6 +296,7 @@ ENGINE_ARCHS = {
     "afmoe",  # graph_attention
     "spark2_5",  # graph_attention
     "muse-glimmer",  # graph_attention
+    "plamo3",  # graph_attention
 }  # fmt: skip
 
 

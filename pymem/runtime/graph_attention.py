@@ -653,6 +653,31 @@ class AttentionGraph:
 
         return self.prenorm_layers(inp, out_ids, mixer, lambda il, cur: g.ffn(il, cur, gelu=True))
 
+    def plamo3(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_plamo3::graph``: fused QKV, per-head Q/K norms, RoPE with the
+        layer's own base, sandwich norms (pre and post, around attention and a fused
+        gate|up SwiGLU); the post-norm tensors have no ``.weight`` suffix."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        for il in range(hp.n_layer):
+            self.refuse_tensors(il, ("attn_qkv.bias", "attn_output.bias"), "plamo3")
+        inpL = inp
+        for il in range(hp.n_layer):
+            residual = inpL
+            cur = g.norm(inpL, w(il, "attn_norm.weight"))
+            cur = self.attn_block(il, cur, qk_norm=True, per_layer_base=True)
+            if il == hp.n_layer - 1:
+                cur = ctx.get_rows(cur, out_ids)
+                residual = ctx.get_rows(residual, out_ids)
+            cur = ctx.add(g.norm(cur, w(il, "post_attention_norm")), residual)
+            residual = cur
+            cur = g.norm(cur, w(il, "ffn_norm.weight"))
+            cur = ctx.swiglu(ctx.mul_mat(w(il, "ffn_up.weight"), cur))
+            cur = ctx.mul_mat(w(il, "ffn_down.weight"), cur)
+            inpL = ctx.add(g.norm(cur, w(il, "post_ffw_norm")), residual)
+        return inpL
+
     def refuse_tensors(self, il: int, names: Sequence[str], why: str) -> None:
         """:class:`UnsupportedError` naming the layer tensors of ``names`` that exist."""
         found = [n for n in names if self.m._w(il, n, required=False) is not None]
@@ -914,6 +939,7 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     # LFM2 names its output norm after the embeddings
     "qwen3moe": ArchGraph(AttentionGraph.qwen3moe),
     "exaone4": ArchGraph(AttentionGraph.exaone4),
+    "plamo3": ArchGraph(AttentionGraph.plamo3),
     "muse-glimmer": ArchGraph(AttentionGraph.muse_glimmer, finish=_muse_logits),
     "spark2_5": ArchGraph(AttentionGraph.spark2_5),
     "afmoe": ArchGraph(AttentionGraph.afmoe),
