@@ -297,6 +297,7 @@ ENGINE_ARCHS = {
     "spark2_5",  # graph_attention
     "muse-glimmer",  # graph_attention
     "plamo3",  # graph_attention
+    "laguna",  # graph_attention
 }  # fmt: skip
 
 

@@ -678,6 +678,41 @@ class AttentionGraph:
             inpL = ctx.add(g.norm(cur, w(il, "post_ffw_norm")), residual)
         return inpL
 
+    def laguna(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_laguna::graph`` (dense layers): per-head Q/K norms, RoPE (SWA
+        layers: their own rotation width and base, plain: no YaRN, betas 0), the heads
+        gated by ``softplus(attn_gate . x)`` (one per head, or per element) before ``wo``,
+        SwiGLU FFN. MoE layers are refused (no recorded run has them)."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        for il in range(hp.n_layer):
+            self.refuse_tensors(il, ("ffn_gate_inp.weight", *_QKV_EXTRA), "laguna")
+
+        def mixer(il: int, cur: Any) -> Any:
+            q, k, v = self.build_qkv(il, cur, hp.n_embd_head)
+            gate_w = w(il, "attn_gate.weight")
+            gate = ctx.mul_mat(gate_w, cur)
+            q = g.norm(q, w(il, "attn_q_norm.weight"))
+            k = g.norm(k, w(il, "attn_k_norm.weight"))
+            rope = self.m.spec.layers[il].rope
+            if self.m.spec.layers[il].swa:
+                rope = replace(rope, ext_factor=0.0, attn_factor=1.0, beta_fast=0.0,
+                               beta_slow=0.0, n_ctx_orig=self.m.spec.n_ctx_train)  # fmt: skip
+            q, k = g.rope(q, rope), g.rope(k, rope)
+            out = self.attn_store_read(il, q, k, v, None, wo=False)
+            gate = ctx.softplus(gate)
+            n_tokens, nh = int(out.ne[1]), hp.n_head[il]
+            if int(gate_w.ne[1]) == nh:  # one gate per head
+                out = ctx.reshape_3d(out, hp.n_embd_head, nh, n_tokens)
+                out = ctx.mul(out, ctx.reshape_3d(gate, 1, nh, n_tokens))
+                out = ctx.reshape_2d(out, hp.n_embd_head * nh, n_tokens)
+            else:
+                out = ctx.mul(out, gate)
+            return ctx.mul_mat(w(il, "attn_output.weight"), out)
+
+        return self.prenorm_layers(inp, out_ids, mixer, g.ffn)
+
     def refuse_tensors(self, il: int, names: Sequence[str], why: str) -> None:
         """:class:`UnsupportedError` naming the layer tensors of ``names`` that exist."""
         found = [n for n in names if self.m._w(il, n, required=False) is not None]
@@ -939,6 +974,7 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     # LFM2 names its output norm after the embeddings
     "qwen3moe": ArchGraph(AttentionGraph.qwen3moe),
     "exaone4": ArchGraph(AttentionGraph.exaone4),
+    "laguna": ArchGraph(AttentionGraph.laguna),
     "plamo3": ArchGraph(AttentionGraph.plamo3),
     "muse-glimmer": ArchGraph(AttentionGraph.muse_glimmer, finish=_muse_logits),
     "spark2_5": ArchGraph(AttentionGraph.spark2_5),
