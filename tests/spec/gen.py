@@ -350,6 +350,8 @@ def random_prefix_step(pair: Any, r: Any, op: str) -> None:
     elif op in ("prefix_serve", "prefix_attach"):
         kind = r.pick(["prompt", "prompt", "prompt", "generate", "draft"])
         pair.prefix_attach(seq, random_request(pair, r), kind, serve=op == "prefix_serve")
+    elif op == "prefix_restore" and pair.pc.bytes_disk and r.chance(0.2):
+        pair.prefix_damage(r.int(0, 7))  # a spilled entry's file goes bad
     elif op == "prefix_restore":
         held = pair.spc.held.get(seq, ())
         mine = [e.pos for e in pair.spc.entries() if held[: len(e.tokens)] == e.tokens]

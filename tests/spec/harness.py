@@ -996,6 +996,27 @@ class Pair:
         self._check_holds(seq_id, spc.held.get(seq_id, ()), "serve")
         return way.how
 
+    def prefix_damage(self, k: int) -> str:
+        """Flip a byte in the middle of disk entry ``k``'s file (pymem checks a checksum
+        when it reads one back: a restore from it must be refused, the memory unchanged)."""
+        assert self.pc is not None and self.spc is not None
+        ents = self.pc.entries()
+        disk = [i for i, e in enumerate(ents) if e.tier == "disk"]
+        if not disk:
+            return "none"
+        i = disk[k % len(disk)]
+        path = ents[i].path
+        assert path is not None
+        self._note(f"prefix.damage(entry at {ents[i].pos}, {os.path.basename(path)})")
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
+            b = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([b[0] ^ 0x41]))
+        self.spc.entries()[i].damaged = True
+        self.stats.count("prefix_damage", "ok")
+        return "ok"
+
     def _check_holds(self, seq_id: int, toks: tuple, where: str) -> None:
         why = sprefix.holds_exactly(
             self.sp, seq_id, toks, self.rows, check_states=not self._stale_states

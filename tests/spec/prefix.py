@@ -48,8 +48,9 @@ cheapest (``RANK``, the documented tie-break). ``attach`` must carry one out and
 of ``d`` is the token of ``T`` at its position, decoded there, one per position; every
 sliding-window cell too, the window of a token at ``resume_from`` complete; the recurrent
 state is the fold of ``T[:resume_from]`` from zero). A way the memory refuses when it is
-carried out (a restore that finds no free cell) drops its entry and the next best way is
-taken; the harness checks that each refusal pymem reports is one the spec makes too.
+carried out (a restore that finds no free cell, a disk file that fails its checks) drops
+its entry and the next best way is taken; the harness checks that each refusal pymem
+reports is one the spec makes too.
 
 Checkpoints (for memories with a recurrent part or a sliding window only), by the policy:
 on ``attach`` of a prompt (``before_last_turn``) or of a draft that the snapshot planes
@@ -126,6 +127,7 @@ class Entry:
     last_used: int
     durable: bool
     tier: str = "ram"
+    damaged: bool = False  # its disk file was corrupted: reading it back fails
 
     @property
     def pos(self) -> int:
@@ -343,6 +345,8 @@ class SpecPrefixCache:
         if entry is None:
             self._copy(mem, way.src, d, way.n_reuse, trim=True)
             return way.n_reuse
+        if entry.damaged:
+            raise SpecStateError(f"the file of the entry at {entry.pos} is damaged")
         if way.src < 0:
             self._clear(mem, d)
         elif way.src != d:
@@ -434,6 +438,8 @@ class SpecPrefixCache:
         e = self.entry_of(self.held.get(d, ())[: pos + 1]) if d in self.held else None
         if e is None or e.pos != pos:
             raise SpecAbort(f"restore_entry: no entry at {pos} on {d}'s path")
+        if e.damaged:
+            raise SpecStateError(f"the file of the entry at {pos} is damaged")
         resume = sreuse.restore(mem, d, e.ckpt)
         self.set_held(mem, d, self.held[d][:resume])
         e.last_used = self.tick()
