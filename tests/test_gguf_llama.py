@@ -298,6 +298,7 @@ ENGINE_ARCHS = {
     "muse-glimmer",  # graph_attention
     "plamo3",  # graph_attention
     "laguna",  # graph_attention
+    "step35",  # graph_attention
 }  # fmt: skip
 
 

@@ -713,6 +713,42 @@ class AttentionGraph:
 
         return self.prenorm_layers(inp, out_ids, mixer, g.ffn)
 
+    def step35(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_step35::graph`` (dense layers): per-layer heads, rotation widths
+        and RoPE bases, optional per-head Q/K norms and per-head sigmoid gate before
+        ``wo``, SwiGLU FFN with biases; the last layer runs over every token and the output
+        rows are taken before the output norm. MoE layers, fused QKV and RoPE factors are
+        refused (no recorded run has them)."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        self.refuse_rope_factors()
+        for il in range(hp.n_layer):
+            self.refuse_tensors(il, ("ffn_gate_inp.weight", "attn_qkv.weight"), "step35")
+        inpL = inp
+        for il in range(hp.n_layer):
+            cur = g.norm(inpL, w(il, "attn_norm.weight"))
+            q, k, v = self.build_qkv(il, cur, hp.n_embd_head)
+            if w(il, "attn_q_norm.weight", required=False) is not None:
+                q = g.norm(q, w(il, "attn_q_norm.weight"))
+            if w(il, "attn_k_norm.weight", required=False) is not None:
+                k = g.norm(k, w(il, "attn_k_norm.weight"))
+            rope = self.m.spec.layers[il].rope
+            q, k = g.rope(q, rope), g.rope(k, rope)
+            out = self.attn_store_read(il, q, k, v, None, wo=False)
+            gate_w = w(il, "attn_gate.weight", required=False)
+            if gate_w is not None:
+                n_tokens, nh = int(out.ne[1]), hp.n_head[il]
+                gate = ctx.sigmoid(ctx.mul_mat(gate_w, cur))  # [n_head, n_tokens]
+                out = ctx.reshape_3d(out, hp.n_embd_head, nh, n_tokens)
+                out = ctx.mul(out, ctx.reshape_3d(gate, 1, nh, n_tokens))
+                out = ctx.reshape_2d(out, hp.n_embd_head * nh, n_tokens)
+            cur = ctx.mul_mat(w(il, "attn_output.weight"), out)
+            ffn_inp = ctx.add(cur, inpL)
+            cur = self.swiglu_ffn(il, g.norm(ffn_inp, w(il, "ffn_norm.weight")))
+            inpL = ctx.add(cur, ffn_inp)
+        return ctx.get_rows(inpL, out_ids)
+
     def refuse_tensors(self, il: int, names: Sequence[str], why: str) -> None:
         """:class:`UnsupportedError` naming the layer tensors of ``names`` that exist."""
         found = [n for n in names if self.m._w(il, n, required=False) is not None]
@@ -974,6 +1010,7 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     # LFM2 names its output norm after the embeddings
     "qwen3moe": ArchGraph(AttentionGraph.qwen3moe),
     "exaone4": ArchGraph(AttentionGraph.exaone4),
+    "step35": ArchGraph(AttentionGraph.step35),
     "laguna": ArchGraph(AttentionGraph.laguna),
     "plamo3": ArchGraph(AttentionGraph.plamo3),
     "muse-glimmer": ArchGraph(AttentionGraph.muse_glimmer, finish=_muse_logits),
