@@ -6,10 +6,10 @@ process's ggml has no RPC backend). It starts two rpc-servers on 127.0.0.1, plac
 tiny-jamba's K/V and R/S layers on them and on the CPU, and checks every tensor and state
 blob against the CPU-only memory; then decodes with the GGUF engine and the
 memory on one server and compares logits and state with the CPU's; then replays the
-recorded tiny-jamba run with its layers split over the CPU and one or two servers (ggml's
-backend scheduler, :class:`pymem.ggml.MultiDeviceRunner`) and compares every decode's
-logits and every state blob with the CPU-only replay; then kills a server under a split
-memory and expects a DeviceError. Skipped only when build-rpc/ is absent outside CI; in
+recorded tiny-jamba, llama, lfm2 and gemma2 runs with their layers split over the CPU and
+one or two servers (ggml's backend scheduler, :class:`pymem.ggml.MultiDeviceRunner`) and
+compares every decode's logits and every state blob with the CPU-only replay; then kills
+a server under a split memory and expects a DeviceError. Skipped only when build-rpc/ is absent outside CI; in
 CI (``$CI`` set) a missing build fails. The scheduler over the CPU alone is checked in
 this process.
 """
@@ -90,21 +90,31 @@ def test_rpc_on_a_ggml_without_it() -> None:
 
 @pytest.mark.parametrize("n_servers", [1, 2])
 def test_split_decode_matches_cpu(n_servers: int) -> None:
-    # the recorded jamba run (4 streams, flash attention, seq ops, state restores) with
-    # K/V and R/S layers on the CPU and rpc-servers: the scheduler splits each graph, the
-    # servers run ggml's CPU kernels with one thread, so every decode's logits and every
-    # state blob equal the CPU-only replay's bit for bit
+    # recorded runs with their layers on the CPU and rpc-servers (jamba: 4 streams, flash
+    # attention, seq ops, state restores, K/V and R/S layers each split; llama without
+    # flash attention: K-shift of RoPE'd K on a server, transposed V; lfm2: rollback
+    # planes; gemma2: the iSWA pair): the scheduler splits each graph, the servers run
+    # ggml's CPU kernels with one thread, so every decode's logits and every state blob
+    # equal the CPU-only replay's bit for bit; with two servers also with the weights on one
     _build_or_skip()
     out = _run_worker(f"split{n_servers}")
     rpc = [f"RPC{i}" for i in range(n_servers)]
-    key = "+".join(sorted(["CPU", *rpc]))
-    # the CPU-only replay took the one-device runner: the only scheduler is the split's
-    assert out["runners"] == {key: [*rpc, "CPU"]}, out
-    assert out["n_splits"][0] > 1, out
-    assert out["decodes"] == 12 and out["logits_identical"] == 12, out
-    assert out["logits_max_rel"] == 0.0, out
-    assert out["blobs"] > 100 and out["blobs_differing"] == [], out
-    if n_servers == 2:
+    runs = out["runs"]
+    names = ["jamba.main.fa1.u0", "llama.main.fa0.u1", "lfm2.rollback.fa1.u1", "gemma2.main.fa0.u1"]
+    assert list(runs) == names + ([f"jamba.main.fa1.u0@{rpc[0]}"] if n_servers > 1 else [])
+    for name, got in runs.items():
+        used = sorted(set(got["placement"].values()) | {got["weights"]})
+        # weights and memory on the CPU alone took the one-device runner: no scheduler
+        # but the split's (weights on a server: the CPU-only memory needs one too)
+        assert "+".join(used) in got["runners"], (name, got)
+        assert len(got["runners"]) == (1 if got["weights"] == "CPU" else 2), (name, got)
+        assert min(got["n_splits"]) > 1, (name, got)
+        assert got["decodes"] >= 12 and got["logits_identical"] == got["decodes"], (name, got)
+        assert got["logits_max_rel"] == 0.0, (name, got)
+        assert got["blobs"] > 100 and got["blobs_differing"] == [], (name, got)
+    jamba = runs["jamba.main.fa1.u0"]
+    assert jamba["runners"] == {"+".join(sorted(["CPU", *rpc])): [*rpc, "CPU"]}
+    if n_servers > 1:
         assert "RPC1" in out["foreign_error"], out
 
 
