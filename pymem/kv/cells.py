@@ -533,7 +533,8 @@ class StackedCells:
         # -2: below every position, empty cells (pos -1) included
         bound = np.full(self.n_stream * LLAMA_MAX_SEQ + 1, -2, dtype=np.int64)
         bound[rows * LLAMA_MAX_SEQ + seqs] = p_max
-        strms = np.unique(rows)
+        # one stream: every pair is in row 0 (np.unique costs a sort)
+        strms = rows[:1] if self.n_stream == 1 else np.unique(rows)
         pos = self.pos[strms]
         own = self.owner[strms]
         # owners -1 and -2 look up the last entry, -2: E.g. own [2, -1] in stream 0 of 10 -> keys [2, 2560]

@@ -185,6 +185,19 @@ def build_kq_mask(
             _mask_streams(stack, rules, strm, sq, p1, p1x, p1y, out)
             return out
     out.fill(-np.inf)
+    if (
+        n_stream == 1
+        and ubatch.seq_id.shape[1] == 1
+        and ubatch.n_seqs_unq == n_tokens
+        and not is_2d
+        and span is None
+        and not rules.alibi
+    ):
+        # a decode step on one stream: one token per sequence, one id per token
+        cells = v_cells[int(layout.seq_to_stream[int(seq0[0])])]
+        if cells.n_multi == 0:
+            _mask_one_per_seq(cells, rules, seq0, p1_all, out[0])
+            return out
     for s in range(n_stream):
         tok = slice(s * n_tps, (s + 1) * n_tps)
         sq = seq0[tok]
@@ -214,6 +227,33 @@ def build_kq_mask(
         else:
             _mask_rows(*args, inv, ptr, members, out[s])
     return out
+
+
+def _mask_one_per_seq(
+    cells: KVCells, rules: _MaskRules, sq: np.ndarray, p1: np.ndarray, out: np.ndarray
+) -> None:
+    """The rows of tokens of distinct sequences (``sq``, positions ``p1``) over cells none
+    of which is held by several sequences: a cell can only pair with the token of its
+    owner, so each of the first ``n_kv`` cells is decided once, against that token.
+
+    E.g. owner [0, 1, 0, -1], pos [0, 0, 1, -1], tokens (seq 1, pos 1), (seq 0, pos 2):
+    cell 0 -> token 1, cell 1 -> token 0, cell 2 -> token 1; all in the past -> kept.
+    ``out`` is ``[n_tokens, n_kv]``, already -inf.
+    """
+    n_kv = out.shape[1]
+    own = cells.owner[:n_kv]
+    # owner -> token (-1 for no token; owners -1 and -2 read the first two entries).
+    # E.g. sq [1, 0] -> tok[2] = 1, tok[3] = 0
+    tok = np.full(LLAMA_MAX_SEQ + 2, -1, dtype=np.int64)
+    tok[sq + 2] = np.arange(sq.size)
+    t = tok[own + 2]
+    j = np.flatnonzero(t >= 0)
+    t = t[j]
+    keep = _keep(rules, cells.pos[j], p1[t], None, None, np.ones(j.size, dtype=bool))
+    # flat indices into the contiguous rows: E.g. n_kv 10, t [0, 2], j [3, 7] -> [3, 27]
+    assert out.flags.c_contiguous, "the flat view must alias the mask rows"
+    where = t * n_kv + j
+    out.reshape(-1)[where if keep.all() else where[keep]] = 0
 
 
 def _mask_pairs(
