@@ -55,6 +55,7 @@ from kv_helpers import parse_kv_part
 from replay import (
     ReplayHooks,
     Run,
+    _has_v,
     _parse_rs_part,
     build_memory,
     parts,
@@ -126,8 +127,10 @@ def compare_close(mem: Memory, kind: str, got: bytes, want: bytes, where: str, s
     off_g = off_w = 0
     for pkind, part in parts(mem, flags):
         if pkind == "kv":
-            g = parse_kv_part(got, len(part.layers), part.has_cell_ext(), offset=off_g)
-            w = parse_kv_part(want, len(part.layers), part.has_cell_ext(), offset=off_w)
+            # an MLA model's K-only cache has no V sections
+            has_v = _has_v(part)
+            g = parse_kv_part(got, len(part.layers), part.has_cell_ext(), off_g, has_v)
+            w = parse_kv_part(want, len(part.layers), part.has_cell_ext(), off_w, has_v)
             assert len(g.streams) == len(w.streams), f"{where}: stream count"
             for sg, sw in zip(g.streams, w.streams):
                 assert (sg is None) == (sw is None), f"{where}: stream presence"
@@ -286,7 +289,7 @@ ENGINE_ARCHS = {
     "phi3",  # graph_attention
     "llama4",  # graph_attention
     "exaone4",  # graph_attention
-    "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "plamo2",  # graph_rwkv
+    "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "plamo2", "kimi-linear",  # graph_rwkv
     "cohere2moe",  # graph_attention
     "exaone-moe",  # graph_attention
     "smallthinker",  # graph_attention
@@ -299,6 +302,7 @@ ENGINE_ARCHS = {
     "plamo3",  # graph_attention
     "laguna",  # graph_attention
     "step35",  # graph_attention
+    "gemma4",  # graph_attention
 }  # fmt: skip
 
 

@@ -26,10 +26,12 @@ from typing import Any
 
 import numpy as np
 
+import pymem.ggml as gg
 from pymem.errors import ConfigError, UnsupportedError
 from pymem.runtime.arch_graph import ArchGraph, f32, f32_div
 
 F32 = 4  # bytes per float32
+NULL = gg.ffi.NULL
 
 # llama_expert_gating_func_type
 GATING_NONE, GATING_SOFTMAX, GATING_SIGMOID, GATING_SOFTMAX_WEIGHT = 0, 1, 2, 3
@@ -749,6 +751,59 @@ class AttentionGraph:
             inpL = ctx.add(cur, ffn_inp)
         return ctx.get_rows(inpL, out_ids)
 
+    def gemma4(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_gemma4::graph`` (dense, text): embeddings times ``sqrt(n_embd)``,
+        per-layer head sizes / rotation widths / bases, Q/K RMS norms, V RMS-normed
+        without weight, ``rope_freqs`` factors on full layers, KQ scale 1, sandwich
+        norms, GeGLU FFN; the last layer and output norm run over every token, then the
+        output rows. MoE layers, per-layer embeddings, fused QKV, K/V sharing and layer
+        output scales are refused (no recorded run has them)."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        layers = self.m.spec.layers
+        if "per_layer_token_embd.weight" in self.m.weights.names:
+            raise UnsupportedError(f"{self.m.path}: gemma4 per-layer embeddings")
+        if self.m.keys.f32(f"{hp.arch}.attention.shared_kv_layers", 0.0) > 0:
+            raise UnsupportedError(f"{self.m.path}: gemma4 K/V sharing (shared_kv_layers)")
+        for il in range(hp.n_layer):
+            self.refuse_tensors(
+                il, ("ffn_gate_inp.weight", "attn_qkv.weight", "layer_output_scale.weight"),
+                "gemma4",
+            )  # fmt: skip
+        freq_factors = self.m.weights.get("rope_freqs.weight", required=False)
+        n_tokens = self.ubatch.n_tokens
+        inpL = ctx.scale(inp, float(np.sqrt(np.float32(hp.n_embd))))
+        for il in range(hp.n_layer):
+            hd, nh, nkv = layers[il].n_embd_head_k, hp.n_head[il], hp.n_head_kv[il]
+            rope = layers[il].rope
+            factors = NULL if layers[il].swa or freq_factors is None else freq_factors
+            cur = g.norm(inpL, w(il, "attn_norm.weight"))
+            q = ctx.reshape_3d(ctx.mul_mat(w(il, "attn_q.weight"), cur), hd, nh, n_tokens)
+            q = self.rope_with(g.norm(q, w(il, "attn_q_norm.weight")), rope, factors)
+            k = ctx.reshape_3d(ctx.mul_mat(w(il, "attn_k.weight"), cur), hd, nkv, n_tokens)
+            v = ctx.reshape_3d(ctx.mul_mat(w(il, "attn_v.weight"), cur), hd, nkv, n_tokens)
+            k = g.norm(k, w(il, "attn_k_norm.weight"))
+            v = ctx.rms_norm(v, hp.f_norm_rms_eps)
+            k = self.rope_with(k, rope, factors)
+            cur = self.attn_store_read(il, q, k, v, 1.0)
+            cur = g.norm(cur, w(il, "post_attention_norm.weight"))
+            attn_out = ctx.add(cur, inpL)
+            cur = g.ffn(il, g.norm(attn_out, w(il, "ffn_norm.weight")), gelu=True)
+            cur = g.norm(cur, w(il, "post_ffw_norm.weight"))
+            inpL = ctx.add(cur, attn_out)
+        cur = g.norm(inpL, self.m.weights.get("output_norm.weight"))
+        return ctx.get_rows(cur, out_ids)
+
+    def rope_with(self, t: Any, rope: Any, freq_factors: Any) -> Any:
+        """``ggml_rope_ext`` with frequency factors (``NULL``: none)."""
+        g: Any = self
+        return self.ctx.rope_ext(
+            t, g.inp_pos(), freq_factors, rope.n_rot, int(rope.rope_type), rope.n_ctx_orig,
+            rope.freq_base, rope.freq_scale, rope.ext_factor, rope.attn_factor,
+            rope.beta_fast, rope.beta_slow,
+        )  # fmt: skip
+
     def refuse_tensors(self, il: int, names: Sequence[str], why: str) -> None:
         """:class:`UnsupportedError` naming the layer tensors of ``names`` that exist."""
         found = [n for n in names if self.m._w(il, n, required=False) is not None]
@@ -995,6 +1050,16 @@ def _muse_logits(g: Any, cur: Any) -> Any:
     return g.ctx.scale(g.ctx.tanh(cur), cap)
 
 
+def _gemma4_logits(g: Any, cur: Any) -> Any:
+    """Gemma-4's final soft-capping: ``final_logit_softcapping``, 30 when the file has
+    none (the reference's default; 0 turns it off)."""
+    cap = g.m.keys.f32(f"{g.hp.arch}.final_logit_softcapping", 30.0)
+    if cap == 0.0:
+        return cur
+    cur = g.ctx.scale(cur, f32_div(1.0, cap))
+    return g.ctx.scale(g.ctx.tanh(cur), cap)
+
+
 def _gemma3_logits(g: Any, cur: Any) -> Any:
     """Final logit soft-capping, only when the file sets ``final_logit_softcapping``."""
     field = g.m.keys.fields.get(f"{g.hp.arch}.final_logit_softcapping")
@@ -1010,6 +1075,7 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     # LFM2 names its output norm after the embeddings
     "qwen3moe": ArchGraph(AttentionGraph.qwen3moe),
     "exaone4": ArchGraph(AttentionGraph.exaone4),
+    "gemma4": ArchGraph(AttentionGraph.gemma4, output_norm=None, finish=_gemma4_logits),
     "step35": ArchGraph(AttentionGraph.step35),
     "laguna": ArchGraph(AttentionGraph.laguna),
     "plamo3": ArchGraph(AttentionGraph.plamo3),
