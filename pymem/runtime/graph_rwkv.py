@@ -37,6 +37,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 import pymem.ggml as gg
 from pymem.errors import ConfigError, UnsupportedError
 from pymem.runtime.arch_graph import ArchGraph, f32
@@ -602,8 +604,259 @@ class RWKVGraph:
             inpL = ctx.add(cur, residual)
         return inpL
 
+    # --- Kimi-Linear ----------------------------------------------------------------------
+    def _kimi_conv(self, il: int, conv_state: Any, j: int, x: Any, proj: str, conv_w: str) -> Any:
+        """``causal_conv1d`` of Q (``j`` 0), K (1) or V (2): the projection, its short
+        convolution over [state | tokens], the state's last ``d_conv - 1`` columns stored
+        into the ``j``-th third of each R row ``[head, head + n_seqs)``, SiLU."""
+        ctx, ub = self.ctx, self.ubatch
+        g: Any = self
+        rs = g._recr()
+        hpf = self.m.hp_file
+        r_all = rs.r_tensor(il).ptr
+        n_head, head_dim, d_conv = hpf.n_head[il], hpf.n_embd_head_kda, hpf.ssm_d_conv
+        d_inner = head_dim * n_head
+        size = (d_conv - 1) * d_inner
+        n_embd_r = 3 * size
+        n_seqs, n_seq_tokens = ub.n_seqs, ub.n_seq_tokens
+        el = int(gg.lib.ggml_element_size(conv_state))
+        state = ctx.view_3d(conv_state, d_conv - 1, d_inner, n_seqs, (d_conv - 1) * el,
+                            n_embd_r * el, j * size * el)  # fmt: skip
+        x = ctx.mul_mat(self.m._w(il, proj), x)
+        x = ctx.reshape_3d(x, d_inner, n_seq_tokens, n_seqs)
+        conv_x = ctx.concat(state, ctx.transpose(x), 0)
+        last = ctx.view_3d(conv_x, d_conv - 1, d_inner, n_seqs, conv_x.nb[1], conv_x.nb[2],
+                           n_seq_tokens * int(conv_x.nb[0]))  # fmt: skip
+        rel = int(gg.lib.ggml_element_size(r_all))
+        dst = ctx.view_3d(r_all, d_conv - 1, d_inner, n_seqs, (d_conv - 1) * rel,
+                          n_embd_r * rel, (rs.head * n_embd_r + j * size) * rel)  # fmt: skip
+        g.expand(ctx.cpy(last, dst))
+        conv_w_2d = ctx.reshape_2d(self.m._w(il, conv_w), d_conv, d_inner)
+        out = ctx.ssm_conv(conv_x, conv_w_2d)
+        out = ctx.silu(ctx.reshape_2d(out, d_inner, ub.n_tokens))
+        return ctx.reshape_4d(out, head_dim, n_head, n_seq_tokens, n_seqs)
+
+    def kimi_kda(self, il: int, cur: Any) -> Any:
+        """The KDA layer of ``llama_model_kimi_linear::graph``: Q/K/V each through a short
+        convolution (R: three conv states per row), the per-channel decay
+        ``A * softplus(f_b(f_a(x)) + dt_bias)``, sigmoid beta, L2-normed Q/K, the fused
+        ``ggml_gated_delta_net`` (its final state to S rows ``[head, head + n_seqs)``), an
+        RMS norm gated by ``sigmoid(g_b(g_a(x)))``, ``wo``."""
+        ctx, ub = self.ctx, self.ubatch
+        g: Any = self
+        rs = g._recr()
+        w = self.m._w
+        hpf = self.m.hp_file
+        if not ub.equal_seqs or ub.n_seqs * ub.n_seq_tokens != ub.n_tokens:
+            raise ConfigError(
+                "ubatch: KDA layers need an equal-sequence split (split_equal or split_seq)"
+            )
+        if rs.n_rs_seq:
+            raise UnsupportedError("kimi-linear KDA layers: rollback snapshots (n_rs_seq > 0)")
+        n_head, head_dim = hpf.n_head[il], hpf.n_embd_head_kda
+        n_seqs, n_seq_tokens, n_tokens = ub.n_seqs, ub.n_seq_tokens, ub.n_tokens
+        n_embd_s = hpf.n_embd_s()
+        s_all = rs.s_tensor(il).ptr
+
+        conv_state = g.build_rs(rs.r_tensor(il).ptr, hpf.n_embd_r(), ctx.get_rows)
+        q = self._kimi_conv(il, conv_state, 0, cur, "attn_q.weight", "ssm_conv1d_q.weight")
+        k = self._kimi_conv(il, conv_state, 1, cur, "attn_k.weight", "ssm_conv1d_k.weight")
+        v = self._kimi_conv(il, conv_state, 2, cur, "attn_v.weight", "ssm_conv1d_v.weight")
+
+        g1 = ctx.mul_mat(w(il, "ssm_f_b.weight"), ctx.mul_mat(w(il, "ssm_f_a.weight"), cur))
+        g1 = ctx.softplus(ctx.add(g1, w(il, "ssm_dt.bias")))
+        g1 = ctx.reshape_3d(g1, head_dim, n_head, n_tokens)
+        # the file holds -exp(A_log) already
+        g1 = ctx.mul(g1, ctx.reshape_3d(w(il, "ssm_a"), 1, n_head, 1))
+        g1 = ctx.reshape_4d(g1, head_dim, n_head, n_seq_tokens, n_seqs)
+        beta = ctx.mul_mat(w(il, "ssm_beta.weight"), cur)
+        beta = ctx.sigmoid(ctx.reshape_4d(beta, 1, n_head, n_seq_tokens, n_seqs))
+        cur = ctx.reshape_3d(cur, cur.ne[0], n_seq_tokens, n_seqs)
+
+        state = g.build_rs(s_all, n_embd_s, ctx.get_rows)
+        state = ctx.reshape_4d(state, head_dim, head_dim, n_head, n_seqs)
+        q = g._gdn_l2_norm(q)
+        k = g._gdn_l2_norm(k)
+        out = ctx.gated_delta_net(q, k, v, g1, beta, state, 1)
+        # out = [S x H x n_seq_tokens x n_seqs scores | S x S x H x n_seqs states]
+        output = ctx.view_4d(out, head_dim, n_head, n_seq_tokens, n_seqs, head_dim * F32,
+                             head_dim * n_head * F32, head_dim * n_head * n_seq_tokens * F32, 0)  # fmt: skip
+        new_state = ctx.view_4d(out, head_dim, head_dim, n_head, n_seqs, head_dim * F32,
+                                head_dim * head_dim * F32, head_dim * head_dim * n_head * F32,
+                                head_dim * n_head * n_seq_tokens * n_seqs * F32)  # fmt: skip
+        output = ctx.cont(output)
+        sel = int(gg.lib.ggml_element_size(s_all))
+        dst = ctx.view_1d(s_all, n_embd_s * n_seqs, rs.head * n_embd_s * sel)
+        g.expand(ctx.cpy(new_state, dst))
+
+        cur_2d = ctx.reshape_2d(cur, cur.ne[0], n_seq_tokens * n_seqs)
+        g2 = ctx.mul_mat(w(il, "ssm_g_b.weight"), ctx.mul_mat(w(il, "ssm_g_a.weight"), cur_2d))
+        g2 = ctx.reshape_3d(g2, head_dim, n_head, n_seq_tokens * n_seqs)
+        out3 = ctx.reshape_3d(output, head_dim, n_head, n_seq_tokens * n_seqs)
+        gated = ctx.mul(g.norm(out3, w(il, "ssm_norm.weight")), ctx.sigmoid(g2))
+        gated = ctx.cont_2d(gated, head_dim * n_head, n_tokens)
+        return ctx.mul_mat(w(il, "attn_output.weight"), gated)
+
+    def _kimi_k_inputs(self, part: str) -> tuple[Any, Any]:
+        """(KQ mask, k_idxs) of a K-only attention memory (``build_inp_mem_hybrid_k``): no
+        V rows are stored, so no v_idxs input is made."""
+        g: Any = self
+        if part not in g._attn_in:
+            ai = self.inputs.attn[part]
+            n_tps = self.ubatch.n_tokens // ai.n_stream
+            mask = ai.kq_mask(self.ubatch)
+            if mask.shape != (ai.n_stream, n_tps, ai.n_kv):
+                raise ConfigError(
+                    f"kq_mask[{part}]: shape {mask.shape}, expected {(ai.n_stream, n_tps, ai.n_kv)}"
+                )
+            fa = g.flash_attn
+            t_mask = g.input("f16" if fa else "f32", (ai.n_kv, n_tps, 1, ai.n_stream),
+                             mask.astype(np.float16 if fa else np.float32), f"kq_mask_{part}")  # fmt: skip
+            k_idxs = ai.k_idxs(self.ubatch).astype(np.int64)
+            t_k = g.input("i64", (k_idxs.size,), k_idxs, f"k_idxs_{part}")
+            g._attn_in[part] = (t_mask, t_k, None)
+        t_mask, t_k, _ = g._attn_in[part]
+        return t_mask, t_k
+
+    def kimi_mla(self, il: int, cur: Any) -> Any:
+        """The MLA layer of ``llama_model_kimi_linear::graph`` (no RoPE), with the MLA KV
+        cache: Q's no-RoPE part absorbed through ``wk_b``, K = [normed latent | k_pe] in a
+        K-only cache, V = the first ``kv_lora_rank`` values of each K row, decompressed per
+        head by ``wv_b`` after attention (``v_mla``), scale 1/sqrt(key_length_mla)."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        keys = self.m.keys
+        arch, n_tokens = hp.arch, self.ubatch.n_tokens
+        n_head = hp.n_head[il]
+        k_mla = int(keys.f32(f"{arch}.attention.key_length_mla"))
+        kv_lora = int(keys.f32(f"{arch}.attention.kv_lora_rank"))
+        n_rope = int(keys.f32(f"{arch}.rope.dimension_count"))
+        n_nope = k_mla - n_rope
+        kq_scale = float(np.float32(1.0) / np.sqrt(np.float32(k_mla)))
+
+        q = ctx.mul_mat(w(il, "attn_q.weight"), cur)
+        kv_pe = ctx.mul_mat(w(il, "attn_kv_a_mqa.weight"), cur)
+        row = int(gg.lib.ggml_row_size(kv_pe.type, kv_lora + n_rope))
+        kv_cmpr = ctx.view_2d(kv_pe, kv_lora, n_tokens, row, 0)
+        k_pe = ctx.view_3d(kv_pe, n_rope, 1, n_tokens, row, row,
+                           int(gg.lib.ggml_row_size(kv_pe.type, kv_lora)))  # fmt: skip
+        kv_cmpr = g.norm(kv_cmpr, w(il, "attn_kv_a_norm.weight"))
+
+        qrow = int(gg.lib.ggml_row_size(q.type, k_mla))
+        q_nope = ctx.view_3d(q, n_nope, n_head, n_tokens, qrow, qrow * n_head, 0)
+        q_pe = ctx.view_3d(q, n_rope, n_head, n_tokens, qrow, qrow * n_head,
+                           int(gg.lib.ggml_row_size(q.type, n_nope)))  # fmt: skip
+        q_nope = ctx.permute(q_nope, 0, 2, 1, 3)
+        q_abs = ctx.permute(ctx.mul_mat(w(il, "attn_k_b.weight"), q_nope), 0, 2, 1, 3)
+        q = ctx.concat(q_abs, q_pe, 0)  # [kv_lora + n_rope, n_head, n_tokens]
+        kv_cmpr = ctx.reshape_3d(kv_cmpr, kv_lora, 1, n_tokens)
+        k = ctx.concat(kv_cmpr, k_pe, 0)
+        v = kv_cmpr
+
+        part = self.inputs.attn_part(il)
+        ai = self.inputs.attn[part]
+        t_mask, t_kidx = self._kimi_k_inputs(part)
+        g.expand(q, v, k)
+        g.expand(ai.cpy_k(ctx, k, t_kidx, il))
+        k_view = ai.get_k(ctx, il)
+        v_view = ctx.view_4d(k_view, v.ne[0], k_view.ne[1], k_view.ne[2], k_view.ne[3],
+                             k_view.nb[1], k_view.nb[2], k_view.nb[3], 0)  # fmt: skip
+        cur = self._mla_attn_mha(q, k_view, v_view, t_mask, kq_scale, w(il, "attn_v_b.weight"))
+        g.expand(cur)
+        return ctx.mul_mat(w(il, "attn_output.weight"), cur)
+
+    def _mla_attn_mha(
+        self, q: Any, k: Any, v: Any, kq_mask: Any, kq_scale: float, v_mla: Any
+    ) -> Any:
+        """``build_attn_mha`` with ``v_mla`` (no KQ bias, sinks, soft-capping or ALiBi):
+        the attention output over the latent V is decompressed per head by ``v_mla``."""
+        ctx = self.ctx
+        v_trans = int(v.nb[1]) > int(v.nb[2])
+        n_stream = int(k.ne[3])
+        n_tps = int(q.ne[2]) // n_stream
+        q = ctx.view_4d(q, q.ne[0], q.ne[1], n_tps, n_stream, q.nb[1], q.nb[2], q.nb[2] * n_tps, 0)
+        q = ctx.permute(q, 0, 2, 1, 3)
+        k = ctx.permute(k, 0, 2, 1, 3)
+        v = ctx.permute(v, 0, 2, 1, 3)
+        g: Any = self
+        if g.flash_attn:
+            if v_trans:
+                v = ctx.transpose(v)
+            if k.type == gg.lib.GGML_TYPE_F32:
+                k = ctx.cast(k, gg.lib.GGML_TYPE_F16)
+            if v.type == gg.lib.GGML_TYPE_F32:
+                v = ctx.cast(v, gg.lib.GGML_TYPE_F16)
+            cur = ctx.flash_attn_ext(q, k, v, kq_mask, f32(kq_scale), 0.0, 0.0)
+            gg.lib.ggml_flash_attn_ext_set_prec(cur, gg.lib.GGML_PREC_F32)
+            cur = ctx.permute(cur, 0, 2, 1, 3)
+            cur = ctx.mul_mat(v_mla, cur)
+            cur = ctx.cont(ctx.permute(cur, 0, 2, 1, 3))
+            return ctx.reshape_2d(cur, cur.ne[0] * cur.ne[1], cur.ne[2] * cur.ne[3])
+        kq = ctx.mul_mat(k, q)
+        gg.lib.ggml_mul_mat_set_prec(kq, gg.lib.GGML_PREC_F32)
+        kq = ctx.soft_max_ext(kq, kq_mask, f32(kq_scale), 0.0)
+        if not v_trans:
+            v = ctx.cont(ctx.transpose(v))
+        kqv = ctx.mul_mat(v, kq)
+        kqv = ctx.mul_mat(v_mla, kqv)
+        cur = ctx.permute(kqv, 0, 2, 1, 3)
+        return ctx.cont_2d(cur, cur.ne[0] * cur.ne[1], cur.ne[2] * cur.ne[3])
+
+    def _kimi_refuse(self) -> None:
+        """Kimi-Linear variants not built: fused KDA QKV, Q LoRA, the MHA fallback of MLA
+        (``attn_kv_b``), Q/K/V/output biases, a MoE layer without its shared expert."""
+        self._rwkv_refuse(
+            ["attn_qkv.weight", "attn_q_a_norm.weight", "attn_q_a.weight", "attn_kv_b.weight",
+             "attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias"]
+        )  # fmt: skip
+        n_dense = int(self.m.keys.f32(f"{self.hp.arch}.leading_dense_block_count", 0.0))
+        for il in range(n_dense, self.hp.n_layer):
+            if self.m._w(il, "ffn_up_shexp.weight", required=False) is None:
+                raise UnsupportedError(
+                    f"{self.m.path}: blk.{il}: a MoE layer without ffn_up_shexp.weight (the "
+                    f"reference always adds the shared expert)"
+                )
+
+    def kimi_linear(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_kimi_linear::graph`` up to the output norm: KDA or MLA mixer,
+        residual, RMS norm, dense SwiGLU (the leading layers) or sigmoid-routed MoE with
+        the selection bias, normalised and scaled weights, plus the shared expert."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        keys = self.m.keys
+        if not self.m.hp_file.is_mla:
+            raise UnsupportedError(f"{self.m.path}: kimi-linear without MLA (an MHA KV cache)")
+        self._kimi_refuse()
+        n_dense = int(keys.f32(f"{hp.arch}.leading_dense_block_count", 0.0))
+        w_scale = keys.f32(f"{hp.arch}.expert_weights_scale", 0.0)
+        gating = int(keys.f32(f"{hp.arch}.expert_gating_func", 0.0))
+        layers = self.m.spec.layers
+        if any(layer.recurrent for layer in layers):
+            g.s_copy()
+        inpL = inp
+        for il in range(hp.n_layer):
+            inpSA = inpL
+            cur = g.norm(inpL, w(il, "attn_norm.weight"))
+            g.expand(cur)
+            cur = self.kimi_kda(il, cur) if layers[il].recurrent else self.kimi_mla(il, cur)
+            if il == hp.n_layer - 1:
+                cur = ctx.get_rows(cur, out_ids)
+                inpSA = ctx.get_rows(inpSA, out_ids)
+            ffn_inp = ctx.add(cur, inpSA)
+            cur = g.norm(ffn_inp, w(il, "ffn_norm.weight"))
+            if il < n_dense:
+                cur = g.ffn(il, cur)
+            else:
+                moe = g.moe_ffn(il, cur, gating, norm_w=True, w_scale=w_scale)
+                cur = ctx.add(moe, g.swiglu_ffn(il, cur, "_shexp"))
+            inpL = ctx.add(cur, ffn_inp)
+        return inpL
+
 
 ARCH_GRAPHS: dict[str, ArchGraph] = {
+    "kimi-linear": ArchGraph(RWKVGraph.kimi_linear),
     "plamo2": ArchGraph(RWKVGraph.plamo2),
     "rwkv6": ArchGraph(RWKVGraph.rwkv6, output_norm=None),
     "rwkv7": ArchGraph(RWKVGraph.rwkv7, output_norm=None),
