@@ -1,8 +1,8 @@
 """The GGUF engine's attention family and MoE block (pymem/runtime/graph_attention.py)
 refuse what they do not build.
 
-The recorded runs (lfm2moe, nemotron_h_moe, qwen3moe, openai-moe, cohere2, olmo2, phi3,
-llama4, exaone4) replay bit for bit through the engine in tests/test_gguf_llama.py. Here:
+The recorded runs of every architecture in :data:`MODELS` replay bit for bit
+through the engine in tests/test_gguf_llama.py. Here:
 a model the engine would decode wrongly by ignoring a tensor or key (per-expert scales,
 expert groups, clamped expert SwiGLU, biases a graph does not add, fused QKV where the
 graph reads separate projections, RoPE frequency factors, a fixed attention scale)
@@ -84,6 +84,19 @@ MODELS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "phi3": (family_attention.write_phi3, "phi3.main.fa1.u1"),
     "llama4": (family_attention.write_llama4, "llama4.main.fa1.u1"),
     "exaone4": (family_attention.write_exaone4, "exaone4.main.fa0.u1"),
+    "cohere2moe": (family_attention.write_cohere2moe, "cohere2moe.main.fa0.u1"),
+    "exaone-moe": (family_attention.write_exaone_moe, "exaone-moe.main.fa1.u1"),
+    "smallthinker": (family_attention.write_smallthinker, "smallthinker.main.fa1.u1"),
+    "mellum": (family_attention.write_mellum, "mellum.main.fa1.u1"),
+    "granite_swa": (family_attention.write_granite_swa, "granite-swa.main.fa1.u1"),
+    "mimo2": (family_attention.write_mimo2, "mimo2.main.fa0.u1"),
+    "afmoe": (family_attention.write_afmoe, "afmoe.main.fa1.u1"),
+    "muse-glimmer": (family_attention.write_muse_glimmer, "muse-glimmer.main.fa0.u1"),
+    "spark2_5": (family_attention.write_spark2_5, "spark2-5.main.fa0.u1"),
+    "plamo3": (family_attention.write_plamo3, "plamo3.main.fa1.u0"),
+    "laguna": (family_attention.write_laguna, "laguna.main.fa0.u1"),
+    "step35": (family_attention.write_step35, "step35.noshift.fa1.u1"),
+    "gemma4": (family_attention.write_gemma4, "gemma4.main.fa0.u1"),
 }
 
 
@@ -148,6 +161,51 @@ CASES = {
     ),
     "clamp-kqv": (
         "exaone4", {}, {"attention.clamp_kqv": 8}, r"clamp_kqv",
+    ),
+    "cohere2moe-moe-layer": (
+        "cohere2moe", {"blk.0.ffn_gate_inp.weight": (E, 2)}, {}, r"ffn_gate_inp\.weight",
+    ),
+    "exaone-moe-moe-layer": (
+        "exaone-moe", {"blk.3.ffn_gate_inp.weight": (E, 2)}, {}, r"ffn_gate_inp\.weight",
+    ),
+    "smallthinker-expert-scale": (
+        "smallthinker", {"blk.0.ffn_down_exps.scale": (2,)}, {}, r"ffn_down_exps\.scale",
+    ),
+    "mellum-q-bias": (
+        "mellum", {"blk.1.attn_q.bias": (E,)}, {}, r"attn_q\.bias",
+    ),
+    "granite-swa-deepstack": (
+        "granite_swa", {}, {"deepstack_mapping": 0}, r"deepstack_mapping",
+    ),
+    "granite-swa-moe-layer": (
+        "granite_swa", {"blk.1.ffn_gate_inp.weight": (E, 2)}, {}, r"ffn_gate_inp\.weight",
+    ),
+    "mimo2-moe-layer": (
+        "mimo2", {"blk.1.ffn_gate_inp.weight": (E, 2)}, {}, r"ffn_gate_inp\.weight",
+    ),
+    "afmoe-moe-layer": (
+        "afmoe", {"blk.2.ffn_gate_inp.weight": (E, 2)}, {}, r"ffn_gate_inp\.weight",
+    ),
+    "muse-glimmer-output-bias": (
+        "muse-glimmer", {"blk.0.attn_output.bias": (E,)}, {}, r"attn_output\.bias",
+    ),
+    "spark2-5-k-bias": (
+        "spark2_5", {"blk.0.attn_k.bias": (8,)}, {}, r"attn_k\.bias",
+    ),
+    "plamo3-qkv-bias": (
+        "plamo3", {"blk.1.attn_qkv.bias": (32,)}, {}, r"attn_qkv\.bias",
+    ),
+    "laguna-moe-layer": (
+        "laguna", {"blk.0.ffn_gate_inp.weight": (E, 2)}, {}, r"ffn_gate_inp\.weight",
+    ),
+    "step35-fused-qkv": (
+        "step35", {"blk.0.attn_qkv.weight": (E, 32)}, {}, r"attn_qkv\.weight",
+    ),
+    "gemma4-layer-output-scale": (
+        "gemma4", {"blk.1.layer_output_scale.weight": (1,)}, {}, r"layer_output_scale",
+    ),
+    "gemma4-per-layer-embeddings": (
+        "gemma4", {"per_layer_token_embd.weight": (4, 64)}, {}, r"per-layer embeddings",
     ),
 }  # fmt: skip
 
