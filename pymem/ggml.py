@@ -346,7 +346,7 @@ def _rpc_endpoint(dev: Device) -> tuple[str, int] | None:
 def _proc_addrs(host: str, port: int) -> set[str]:
     """``/proc/net/tcp{,6}`` spellings of ``host:port`` (32-bit words in host byte order).
 
-    E.g. 127.0.0.1:50052 -> {"0100007F:C344", "0000000000000000FFFF00000100007F:C344"}.
+    E.g. 127.0.0.1:50052 -> {"0100007F:C384", "0000000000000000FFFF00000100007F:C384"}.
     """
     out: set[str] = set()
     try:
@@ -411,8 +411,8 @@ class _ServerLink:
         return True
 
     def status(self) -> str:
-        """ "up"; "down" (the server closed or reset the connection); "none" (no
-        connection, e.g. nothing allocated there yet); "unknown" (not Linux)."""
+        """The connection's state: "up"; "down" (the server closed or reset it); "none"
+        (no connection, e.g. nothing allocated there yet); "unknown" (not Linux)."""
         if self.fd < 0 or _fd_link(self.fd) != self.link:
             found = self._find()
             if not found:

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +153,23 @@ def test_scheduler_on_the_cpu_matches_the_graph_runner() -> None:
     np.testing.assert_allclose(results[0][0].reshape(3, 4), x_val @ w_val.T, rtol=1e-5)
     assert results[0][0].tobytes() == results[1][0].tobytes()
     assert results[0][1] == results[1][1]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's /proc")
+def test_server_link_sees_a_closed_connection() -> None:
+    # the gone-server check without an rpc-server: a listening socket stands in for one;
+    # "none" before this process connects, "up" while connected, "down" once the peer closed
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        link = gg._ServerLink("127.0.0.1", server.getsockname()[1])
+        assert link.status() == "none"
+        with socket.create_connection(server.getsockname()) as client:
+            peer, _ = server.accept()
+            assert link.status() == "up" and link.fd == client.fileno()
+            peer.close()
+            deadline = time.monotonic() + 5
+            while link.status() == "up" and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert link.status() == "down"
+        assert link.status() == "none"
