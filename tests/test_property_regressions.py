@@ -343,3 +343,39 @@ def test_c7_hybrid_sliding_checkpoint_restore_needs_the_window() -> None:
             restore_checkpoint(mem, 0, ck)
         assert mem.state_write() == before
         assert plan_rollback(mem, 0, 5, [ck]).kind == "recompute"
+
+
+# --------------------------------------------------------------------------------------
+# R2 (recurrent, OPEN): a sequence's snapshot planes stay in its old cell when another
+# sequence's slot search moves its cell. Found by the random programs through the prefix
+# cache (hybrid-5147: a snapshot rollback of the attached sequence, whose recurrent state
+# then was not the fold of its tokens). pymem refuses rollbacks its planes cannot serve
+# (RecurrentCells.n_last, a deliberate departure), but a move keeps n_last: after it,
+# rollback_reach still says 2, seq_rm(1, 2, -1) succeeds and the next ubatch gathers
+# plane 2 of the new cell, which holds another state. The graph copies only plane 0 of a
+# moved cell. Owner: pymem/recurrent (and the spec's recurrent model of the departure):
+# reset n_last of a moved sequence, or copy its planes. While open, the harness stops
+# checking recurrent folds after such a rollback (known_bugs "recurrent_moved_planes").
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="open: R2, snapshot planes do not follow a moved cell")
+def test_r2_snapshot_rollback_after_a_cell_move_is_refused_or_exact() -> None:
+    from spec import prefix as sprefix
+
+    cfg = Config("hybrid", layout="RRA", n_seq_max=4, n_rs_seq=2, n_ubatch=32, kv_size=16)
+    pair = Pair(cfg)
+    try:
+        pair.prefix_setup(sprefix.Policy(), 1 << 20, "none")  # indexes K rows
+        pair.decode([[5, 0, [0], False], [6, 0, [1], False], [7, 0, [2], False], [8, 0, [3], True]])
+        pair.decode([[9, 1, [1], False], [10, 2, [1], False], [11, 3, [1], True]])
+        pair.seq_op("seq_rm", 0, -1, -1)
+        pair.seq_op("seq_rm", 2, -1, -1)
+        items = [[31, 0, [0], True], [54, 0, [2], True], [31, 1, [2], True], [30, 2, [2], False]]
+        pair.decode([*items, [38, 3, [2], True]])  # sequence 1's cell moves from 1 to 2
+        assert pair.pm.mem_recr.cells.tail[1] == 2
+        pair.seq_op("seq_rm", 1, 2, -1)  # a rollback of 2 tokens
+        if pair.sp.rs.rs_idx[1] == 2:  # accepted as exact: the state must be right
+            assert sprefix.holds_exactly(pair.sp, 1, (6, 9), pair.rows) == ""
+    finally:
+        pair.close()

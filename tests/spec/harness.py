@@ -360,6 +360,22 @@ def known_bugs() -> dict[str, bool]:
         res["iswa_unified_from_streams"] = not bool(ub.equal_seqs)
     finally:
         mem.close()
+    # R2: a recurrent sequence's snapshot planes stay behind when another sequence's slot
+    # search moves its cell; a rollback then claims exactness (rollback_reach > 0)
+    cfg = Config("hybrid", layout="RRA", n_seq_max=4, n_rs_seq=2, n_ubatch=32, kv_size=16)
+    mem = build_pymem(cfg)
+    try:
+        _pm_decode(mem, [[5, 0, [s], s == 3] for s in range(4)], 4, 32)
+        _pm_decode(mem, [[9, 1, [1], False], [10, 2, [1], False], [11, 3, [1], True]], 4, 32)
+        mem.seq_rm(0, -1, -1)
+        mem.seq_rm(2, -1, -1)
+        tail = int(mem.mem_recr.cells.tail[1])
+        items = [[31, 0, [0], True], [54, 0, [2], True], [31, 1, [2], True], [30, 2, [2], True]]
+        _pm_decode(mem, [*items, [38, 3, [2], True]], 4, 32)
+        moved = int(mem.mem_recr.cells.tail[1]) != tail
+        res["recurrent_moved_planes"] = moved and mem.mem_recr.rollback_reach(1) > 0
+    finally:
+        mem.close()
     _KNOWN = res
     return res
 
@@ -425,6 +441,10 @@ class Pair:
         # can move a state below position 0 where seq_rm(s, -1, -1) does not reach it; a
         # fresh sequence then continues from that state (the reference's behaviour)
         self._stale_states = False
+        # sequences whose recurrent cell another sequence's slot search moved since their
+        # own last ubatch: their snapshot planes stayed behind (open bug R2, see
+        # tests/test_property_regressions.py); a snapshot rollback of one reads them
+        self._moved: set[int] = set()
         self.compare("init")
 
     def close(self) -> None:
@@ -780,6 +800,12 @@ class Pair:
             outcome = self._agree("apply_rollback", s, p)
         self.stats.count("rollback", f"{plan.kind}:{outcome}")
         self.compare(f"rollback({seq_id}, {pos})")
+        if (
+            plan.kind == "snapshot"
+            and seq_id in self._moved
+            and known_bugs()["recurrent_moved_planes"]
+        ):
+            self._stale_states = True  # open bug R2: the planes stayed in the old cell
         if self.pc is not None and plan.kind != "none":
             held = self.spc.held.get(seq_id)
             if (
@@ -980,6 +1006,12 @@ class Pair:
             self.fail(f"attach: pymem (resume, chunks, checkpoints) {got} != spec {s[1]}")
         self.compare(f"attach({seq_id})")
         self._compare_prefix(f"attach({seq_id})")
+        if (
+            way.how == "snapshot"
+            and seq_id in self._moved
+            and known_bugs()["recurrent_moved_planes"]
+        ):
+            self._stale_states = True  # open bug R2: the planes stayed in the old cell
         self._check_holds(seq_id, toks[: att.resume_from], f"attach ({way})")
         self.stats.count("prefix_attach", f"{way.source}:{way.how}")
         if not serve:
@@ -1187,6 +1219,7 @@ class Pair:
                 self.compare("decode (no slot)")
                 return 1
         # --- ubatches
+        tails = [c.tail for c in self.sp.rs.cells] if self.sp.rs is not None else []
         sctx = s_ctx[1]
         k = 0
         while True:
@@ -1209,6 +1242,11 @@ class Pair:
                 break
         self.stats.count("decode", "ok")
         self.compare("decode")
+        if tails:
+            mine = {sid for it in items for sid in it[2]}
+            now = [c.tail for c in self.sp.rs.cells]
+            self._moved |= {i for i, (a, b) in enumerate(zip(tails, now)) if a != b and a >= 0}
+            self._moved -= mine
         if self.pc is not None and not self._serving:
             self._pc_after_decode(items, auto_pos or sections is not None)
         return 0
