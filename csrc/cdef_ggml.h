@@ -231,3 +231,4 @@ void ggml_backend_sched_reset(ggml_backend_sched_t sched);
 int ggml_graph_size(struct ggml_cgraph * cgraph);
 static const int GGML_BACKEND_BUFFER_USAGE_WEIGHTS;
 struct ggml_tensor * ggml_cont_4d( struct ggml_context * ctx, struct ggml_tensor * a, int64_t ne0, int64_t ne1, int64_t ne2, int64_t ne3);
+struct ggml_tensor * ggml_mean( struct ggml_context * ctx, struct ggml_tensor * a);

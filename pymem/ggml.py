@@ -110,6 +110,7 @@ OPS = frozenset(
         "swiglu_oai",
         "reglu_split",
         "swiglu",
+        "mean",
         "cont_4d",
     ]
 )
