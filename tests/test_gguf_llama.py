@@ -303,6 +303,7 @@ ENGINE_ARCHS = {
     "laguna",  # graph_attention
     "step35",  # graph_attention
     "gemma4",  # graph_attention
+    "gemma3n",  # graph_attention
 }  # fmt: skip
 
 

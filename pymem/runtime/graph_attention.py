@@ -795,6 +795,143 @@ class AttentionGraph:
         cur = g.norm(inpL, self.m.weights.get("output_norm.weight"))
         return ctx.get_rows(cur, out_ids)
 
+    # --- Gemma-3n ---------------------------------------------------------------------------
+    def gemma3n(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_gemma3n::graph`` (text tokens): AltUp over 4 streams of the
+        residual (predict before the layer, correct after it; stream 0 active), LAuReL
+        low-rank branch beside attention, per-layer token embeddings projected and gated
+        into each layer, gaussian top-k activation sparsity in the first 10 FFN gates,
+        Q/K norms and a weightless V norm, KQ scale 1; the streams are merged back before
+        the output rows. K/V reuse across layers is refused (by the spec, 20+ layers)."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        n_embd, n_tokens, n_layer = hp.n_embd, self.ubatch.n_tokens, hp.n_layer
+        n_altup, i_act, n_embd_altup = 4, 0, 256  # llama_hparams defaults (no GGUF keys)
+        for il in range(n_layer):
+            self.refuse_tensors(il, _QKV_EXTRA, "gemma3n")
+        inpL = ctx.scale(inp, _sqrtf(n_embd))
+
+        # build_inp_per_layer: [n_embd_altup, n_layer, n_tokens], expanded at once
+        tokens = g.input("i32", (n_tokens,), self.ubatch.token.astype(np.int32), "inp_tokens_pl")
+        per_layer = ctx.get_rows(self.m.weights.get("per_layer_token_embd.weight"), tokens)
+        per_layer = ctx.reshape_3d(per_layer, n_embd_altup, n_layer, n_tokens)
+        per_layer = ctx.scale(per_layer, _sqrtf(n_embd_altup))
+        g.expand(per_layer)
+        # project_per_layer_inputs: -> [n_embd_altup, n_tokens, n_layer]
+        proj = ctx.mul_mat(self.m.weights.get("per_layer_model_proj.weight"), inpL)
+        proj = ctx.scale(proj, f32_div(1.0, _sqrtf(n_embd)))
+        proj = ctx.reshape_3d(proj, n_embd_altup, n_layer, n_tokens)
+        proj = g.norm(proj, self.m.weights.get("per_layer_proj_norm.weight"))
+        per_layer = ctx.scale(ctx.add(proj, per_layer), f32_div(1.0, _sqrtf(2)))
+        per_layer = ctx.cont(ctx.permute(per_layer, 0, 2, 1, 3))
+
+        # streams 1..3: projections of the embeddings at the embeddings' magnitude
+        target = self._magnitude(inpL)
+        added = ctx.mul_mat(
+            self.m.weights.get("altup_proj.weight"),
+            ctx.repeat_4d(inpL, n_embd, n_tokens, n_altup - 1, 1),
+        )
+        added = ctx.div(ctx.mul(added, target), self._magnitude(added))
+        inpL = ctx.concat(inpL, added, 2)  # [n_embd, n_tokens, n_altup]
+
+        for il in range(n_layer):
+            predictions = self._altup_predict(inpL, il, n_altup, i_act)
+            active = _slice(ctx, predictions, i_act)
+            cur = g.norm(active, w(il, "attn_norm.weight"))
+            laurel = ctx.mul_mat(
+                w(il, "laurel_r.weight"), ctx.mul_mat(w(il, "laurel_l.weight"), cur)
+            )
+            laurel = ctx.add(g.norm(laurel, w(il, "laurel_post_norm.weight")), cur)
+            q, k, v = self.build_qkv(il, cur, self.m.spec.layers[il].n_embd_head_k)
+            q = g.norm(q, w(il, "attn_q_norm.weight"))
+            k = g.norm(k, w(il, "attn_k_norm.weight"))
+            v = ctx.rms_norm(v, hp.f_norm_rms_eps)
+            rope = self.m.spec.layers[il].rope
+            q, k = g.rope(q, rope), g.rope(k, rope)
+            cur = self.attn_store_read(il, q, k, v, 1.0)
+            cur = ctx.add(g.norm(cur, w(il, "post_attention_norm.weight")), active)
+            attn_laurel = ctx.scale(ctx.add(cur, laurel), f32_div(1.0, _sqrtf(2)))
+            cur = g.norm(attn_laurel, w(il, "ffn_norm.weight"))
+            up = ctx.mul_mat(w(il, "ffn_up.weight"), cur)
+            gate = ctx.mul_mat(w(il, "ffn_gate.weight"), cur)
+            if il < 10:  # n_layer_sparsity
+                gate = self._gaussian_topk(gate)
+            cur = ctx.mul_mat(w(il, "ffn_down.weight"), ctx.mul(up, ctx.gelu(gate)))
+            cur = ctx.add(g.norm(cur, w(il, "post_ffw_norm.weight")), attn_laurel)
+
+            corrected = self._altup_correct(predictions, cur, il, n_altup, i_act)
+            first = ctx.mul(_slice(ctx, corrected, i_act), w(il, "altup_correct_scale.weight"))
+            first = ctx.gelu(ctx.mul_mat(w(il, "inp_gate.weight"), first))
+            first = ctx.mul(first, _slice(ctx, per_layer, il))
+            first = g.norm(ctx.mul_mat(w(il, "proj.weight"), first), w(il, "post_norm.weight"))
+            # streams 1.. += first
+            el = int(corrected.nb[0])
+            rest = ctx.view_3d(corrected, n_embd, n_tokens, n_altup - 1, n_embd * el,
+                               n_embd * n_tokens * el, n_embd * n_tokens * el)  # fmt: skip
+            inpL = ctx.concat(_slice(ctx, corrected, 0), ctx.add(rest, first), 2)
+
+        # merge the streams: 1.. unembedded at stream i_act's magnitude, then the mean
+        target = self._magnitude(_slice(ctx, inpL, i_act))
+        el = int(inpL.nb[0])
+        alt = ctx.view_3d(inpL, n_embd, n_tokens, n_altup - 1, n_embd * el,
+                          n_embd * n_tokens * el, n_embd * n_tokens * el)  # fmt: skip
+        unembd = ctx.mul_mat(self.m.weights.get("altup_unembd_proj.weight"), alt)
+        unembd = ctx.div(ctx.mul(unembd, target), self._magnitude(unembd))
+        cur = _slice(ctx, inpL, 0)
+        for i in range(n_altup - 1):
+            cur = ctx.add(cur, _slice(ctx, unembd, i))
+        cur = ctx.scale(cur, f32_div(1.0, float(n_altup)))
+        return ctx.get_rows(cur, out_ids)
+
+    def _magnitude(self, x: Any) -> Any:
+        """``calc_magnitude``: the L2 norm of each row, ``sqrt(sum(x^2))``."""
+        return self.ctx.sqrt(self.ctx.sum_rows(self.ctx.sqr(x)))
+
+    def _gaussian_topk(self, x: Any) -> Any:
+        """``gaussian_topk``: ``relu(x - (mean + 1.6448534 * std))`` per row (sample std)."""
+        ctx = self.ctx
+        mean = ctx.mean(x)
+        var = ctx.scale(ctx.sum_rows(ctx.sqr(ctx.sub(x, mean))), f32_div(1.0, float(x.ne[0] - 1)))
+        cutoff = ctx.add(mean, ctx.scale(ctx.sqrt(var), 1.6448533535003662))
+        return ctx.relu(ctx.sub(x, cutoff))
+
+    def _altup_router(self, x: Any, il: int) -> Any:
+        """``altup_compute_router_modalities``: ``tanh(router . (norm(x) / n_embd))``."""
+        ctx, w = self.ctx, self.m._w
+        g: Any = self
+        inputs = ctx.scale(g.norm(x, w(il, "altup_router_norm.weight")),
+                           f32_div(1.0, float(self.hp.n_embd)))  # fmt: skip
+        return ctx.tanh(ctx.mul_mat(w(il, "altup_router.weight"), inputs))
+
+    def _altup_predict(self, cur: Any, il: int, n_altup: int, i_act: int) -> Any:
+        """``altup_predict``: each stream plus a mix of all streams, the mixing
+        coefficients predicted per token from the active stream."""
+        ctx, w = self.ctx, self.m._w
+        n_tokens = int(cur.ne[1])
+        modalities = self._altup_router(_slice(ctx, cur, i_act), il)
+        coefs = ctx.mul_mat(w(il, "altup_predict_coef.weight"), modalities)
+        coefs = ctx.reshape_3d(coefs, n_altup, n_altup, n_tokens)
+        permuted = ctx.cont(ctx.permute(cur, 1, 2, 0, 3))  # [n_altup, n_embd, n_tokens]
+        predictions = ctx.mul_mat(permuted, coefs)
+        predictions = ctx.cont(ctx.permute(predictions, 0, 2, 1, 3))
+        return ctx.add(predictions, cur)
+
+    def _altup_correct(
+        self, predictions: Any, activated: Any, il: int, n_altup: int, i_act: int
+    ) -> Any:
+        """``altup_correct``: every stream plus the layer's innovation (its output minus
+        the active prediction) times ``1 + coef`` per token and stream."""
+        ctx, w = self.ctx, self.m._w
+        n_embd, n_tokens = int(activated.ne[0]), int(activated.ne[1])
+        modalities = self._altup_router(activated, il)
+        innovation = ctx.sub(activated, _slice(ctx, predictions, i_act))
+        coefs = ctx.mul_mat(w(il, "altup_correct_coef.weight"), modalities)
+        coefs = ctx.scale_bias(coefs, 1.0, 1.0)
+        coefs = ctx.cont_3d(ctx.transpose(coefs), 1, n_tokens, n_altup)
+        innovation = ctx.repeat_4d(innovation, n_embd, n_tokens, n_altup, 1)
+        return ctx.add(ctx.mul(innovation, coefs), predictions)
+
     def rope_with(self, t: Any, rope: Any, freq_factors: Any) -> Any:
         """``ggml_rope_ext`` with frequency factors (``NULL``: none)."""
         g: Any = self
@@ -1028,6 +1165,16 @@ class AttentionGraph:
         return self.moe_ffn(il, cur, gating, norm_w=True, w_scale=w_scale)
 
 
+def _sqrtf(x: float) -> float:
+    """``sqrtf((float) x)``: float32 square root."""
+    return float(np.sqrt(np.float32(x)))
+
+
+def _slice(ctx: Any, x: Any, idx: int) -> Any:
+    """``gemma3n_view_2d_slice``: the 2-D slice ``idx`` of a 3-D tensor along dim 2."""
+    return ctx.view_2d(x, x.ne[0], x.ne[1], int(x.nb[1]), idx * int(x.ne[0] * x.ne[1] * x.nb[0]))
+
+
 def _logit_scale(g: Any, cur: Any) -> Any:
     """Cohere's ``logit_scale`` multiplies the logits (0 or absent: unscaled)."""
     scale = g.m.keys.f32(f"{g.hp.arch}.logit_scale", 0.0)
@@ -1051,8 +1198,8 @@ def _muse_logits(g: Any, cur: Any) -> Any:
 
 
 def _gemma4_logits(g: Any, cur: Any) -> Any:
-    """Gemma-4's final soft-capping: ``final_logit_softcapping``, 30 when the file has
-    none (the reference's default; 0 turns it off)."""
+    """Gemma-3n / Gemma-4 final soft-capping: ``final_logit_softcapping``, 30 when the
+    file has none (the reference's default; 0 turns it off)."""
     cap = g.m.keys.f32(f"{g.hp.arch}.final_logit_softcapping", 30.0)
     if cap == 0.0:
         return cur
@@ -1076,6 +1223,7 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     "qwen3moe": ArchGraph(AttentionGraph.qwen3moe),
     "exaone4": ArchGraph(AttentionGraph.exaone4),
     "gemma4": ArchGraph(AttentionGraph.gemma4, output_norm=None, finish=_gemma4_logits),
+    "gemma3n": ArchGraph(AttentionGraph.gemma3n, finish=_gemma4_logits),
     "step35": ArchGraph(AttentionGraph.step35),
     "laguna": ArchGraph(AttentionGraph.laguna),
     "plamo3": ArchGraph(AttentionGraph.plamo3),
