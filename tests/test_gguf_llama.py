@@ -74,12 +74,24 @@ KV_RTOL = 4e-3
 RS_RTOL = 1e-3
 
 
+# runs in which the reference reads memory it never wrote, from the step given on: the
+# engine refuses that step (UnsupportedError) instead of imitating it; the steps before it
+# are checked by the family's own tests (tests/test_gguf_rwkv.py)
+REFERENCE_UNDEFINED = {
+    # llm_graph_input_la::set_input writes each set's decay rows at its sequence's index
+    # among the ubatch's unique sequences: a prompt shared by seqs 2 and 3 puts rows past
+    # the inputs and leaves the rows the graph reads unwritten
+    "minimax-01.main.fa1.u1": 28,
+}
+
+
 def _model_runs() -> list:
     """Runs of a supported architecture whose model file is present."""
     out = []
     for p in run_files():
         run = Run.load(p)
-        if run.arch in SUPPORTED and run.model_path() is not None:
+        undefined = p.stem in REFERENCE_UNDEFINED
+        if run.arch in SUPPORTED and run.model_path() is not None and not undefined:
             out.append(p)
     return out
 
@@ -289,7 +301,7 @@ ENGINE_ARCHS = {
     "phi3",  # graph_attention
     "llama4",  # graph_attention
     "exaone4",  # graph_attention
-    "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "plamo2", "kimi-linear",  # graph_rwkv
+    "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "plamo2", "kimi-linear", "minimax-01",  # graph_rwkv
     "cohere2moe",  # graph_attention
     "exaone-moe",  # graph_attention
     "smallthinker",  # graph_attention

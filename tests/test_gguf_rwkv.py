@@ -1,11 +1,13 @@
 """The GGUF engine's RWKV family and PLaMo-2 (pymem/runtime/graph_rwkv.py) refuse what they
 do not build.
 
-The recorded runs (rwkv6.*, rwkv6qwen2.*, rwkv7.*, arwkv7.*, plamo2.*, kimi-linear.*) replay
-through the engine in tests/test_gguf_llama.py. Here: a model the engine would decode wrongly by
+The recorded runs (rwkv6.*, rwkv6qwen2.*, rwkv7.*, arwkv7.*, plamo2.*, kimi-linear.*,
+minimax-01.*) replay through the engine in tests/test_gguf_llama.py, but for
+minimax-01.main.fa1.u1, where the reference reads memory it never wrote from step 28 on:
+here its steps before that match and step 28 is refused. Here: a model the engine would decode wrongly by
 ignoring a tensor or key (K/V/R biases, the unfused lerp of old RWKV-6 files, rescaling
 every n layers, repeated K/V heads, a PLaMo-2 QKV bias, Kimi-Linear's fused KDA QKV or
-MHA-cache MLA) raises UnsupportedError naming it, before any state is
+MHA-cache MLA, MiniMax-01 attention biases) raises UnsupportedError naming it, before any state is
 written; and an RWKV-7 head size ggml's CPU ``rwkv_wkv7`` kernel overruns (it steps 64
 floats at a time with AVX-512: heads of 8 read and write past each head, corrupting the
 heap) is refused instead of computed. The models are the recorded tiny ones, written again
@@ -18,6 +20,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -76,7 +79,8 @@ def _first_decode(path: Path, run: str) -> None:
 
 
 def test_family_is_registered() -> None:
-    assert {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "plamo2", "kimi-linear"} <= set(SUPPORTED)
+    family = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "plamo2", "kimi-linear", "minimax-01"}
+    assert family <= set(SUPPORTED)
 
 
 @pytest.mark.parametrize(
@@ -86,8 +90,9 @@ def test_family_is_registered() -> None:
         (family_other.write_rwkv6qwen2, "rwkv6qwen2.main.u1"),
         (family_ssm.write_plamo2, "plamo2.main.fa1.u1"),
         (family_linear.write_kimi_linear, "kimi-linear.main.fa1.u1"),
+        (family_linear.write_minimax_01, "minimax-01.main.fa0.u0"),
     ],
-    ids=["rwkv6", "rwkv6qwen2", "plamo2", "kimi-linear"],
+    ids=["rwkv6", "rwkv6qwen2", "plamo2", "kimi-linear", "minimax-01"],
 )
 def test_unchanged_model_decodes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: Callable[[Path], Path], run: str
@@ -131,6 +136,10 @@ CASES = {
     "kimi-mla-kv-b": (
         family_linear.write_kimi_linear, "kimi-linear.main.fa1.u1",
         {"blk.1.attn_kv_b.weight": (8, 24)}, {}, r"blk\.1\.attn_kv_b\.weight",
+    ),
+    "minimax-attn-q-bias": (
+        family_linear.write_minimax_01, "minimax-01.main.fa0.u0",
+        {"blk.1.attn_q.bias": (16,)}, {}, r"blk\.1\.attn_q\.bias",
     ),
 }  # fmt: skip
 
@@ -199,3 +208,35 @@ def test_tolerant_comparison_reads_k_only_caches() -> None:
         mp.setattr(test_gguf_llama, "ModelHooks", Hooks)
         replay_with_model(path, model)
     assert len(compared) > 100
+
+
+def test_lightning_attention_refuses_what_the_reference_leaves_undefined() -> None:
+    """minimax-01.main.fa1.u1: every step before 28 (10 decodes) gives the recorded logits
+    and state bytes bit for bit; step 28 decodes a prompt shared by seqs 2 and 3, whose
+    ubatch has a set indexed past the lightning-attention inputs in the reference
+    (llm_graph_input_la writes rows by unique-sequence index): the engine refuses it."""
+    from replay import Run, build_memory, replay
+    from test_gguf_llama import REFERENCE_UNDEFINED, ModelHooks
+
+    stem = "minimax-01.main.fa1.u1"
+    step = REFERENCE_UNDEFINED[stem]
+    run = Run.load(RUNS / f"{stem}.json")
+    wheres: list[str] = []
+
+    class Hooks(ModelHooks):
+        def before_op(self, step: dict, mem: Any, where: str) -> None:
+            wheres.append(where)
+            super().before_op(step, mem, where)
+
+    with GGUFModel(run.model_path()) as model:
+        mem = build_memory(run)
+        hooks = Hooks(run, model)
+        try:
+            with pytest.raises(UnsupportedError, match=r"sequence indices \[2, 0\] are not 0\.\.1"):
+                replay(run, mem, hooks)
+        finally:
+            mem.close()
+    assert wheres[-1].startswith(f"{stem}.json step {step} ")
+    n_before = sum(1 for s in run.data["steps"][:step] if s["op"] == "decode" and "logits" in s)
+    assert hooks.stats.exact and hooks.stats.logits_checked == n_before == 10
+    assert hooks.stats.blobs_identical >= step and hooks.stats.blobs_close == 0

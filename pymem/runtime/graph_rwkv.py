@@ -35,6 +35,8 @@ vectors and the variants listed in :meth:`RWKVGraph._rwkv_refuse` are not built
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from typing import Any
 
 import numpy as np
@@ -51,6 +53,8 @@ _WKV_GROUP_NORM_EPS = 64e-5
 _RWKV7_DECAY_SCALE = -0.606531
 # the WKV-7 head size ggml's CPU kernel handles without overrunning (its SIMD step)
 _WKV7_HEAD_MULTIPLE = 64
+# llama_expert_gating_func_type: MiniMax-01 routes by softmax
+_GATING_SOFTMAX = 1
 
 
 class RWKVGraph:
@@ -854,8 +858,188 @@ class RWKVGraph:
             inpL = ctx.add(cur, ffn_inp)
         return inpL
 
+    # --- MiniMax-01 (lightning attention) -------------------------------------------------
+    def _la_inputs(self) -> tuple[Any, Any, Any, Any]:
+        """``llm_graph_input_la``: (slopes ``[n_head]``, q_decay and k_decay ``[1, n_head,
+        n_seq_tokens, n_seqs]``, diag_decay ``[n_seq_tokens, n_seq_tokens, n_head, n_seqs]``),
+        the exponents before the per-layer slope scale, in the reference's float32 math.
+
+        ``pos_rel`` is a token's position minus its sequence's lowest in the ubatch;
+        slopes ``start * start**h`` with ``start = 2**-(2**-(log2(n_head) - 3))`` (libm's
+        ``powf`` / ``log2f``, as the reference calls them).
+
+        The reference writes set ``s``'s rows at its primary sequence's ``seq_idx``, an
+        index among the ubatch's unique sequences, while the graph reads row ``s``. When a
+        token belongs to several sequences these differ: rows land past the tensors (into
+        whatever the compute buffer holds there) and the graph reads rows nobody wrote.
+        Such ubatches are refused (UnsupportedError) rather than imitated.
+        """
+        cached = getattr(self, "_la_cache", None)
+        if cached is not None:
+            return cached
+        g: Any = self
+        ub = self.ubatch
+        n_head = self.hp.n_head[0]
+        n_seqs, n_tps = ub.n_seqs, ub.n_seq_tokens
+        powf, log2f = _libm_f32("powf", 2), _libm_f32("log2f", 1)
+        f = np.float32
+        start = powf(2.0, float(-powf(2.0, float(-(f(log2f(float(n_head))) - f(3))))))
+        slopes = np.array(
+            [f(start) * f(powf(start, float(h))) for h in range(n_head)], dtype=np.float32
+        )
+        seq_idx = ub.seq_idx[ub.seq_id0].astype(np.int64)  # per token
+        rows = seq_idx[::n_tps]  # the row each set's values are written to
+        if sorted(rows.tolist()) != list(range(n_seqs)):
+            raise UnsupportedError(
+                f"ubatch: lightning attention over {n_seqs} sequence sets whose sequence "
+                f"indices {rows.tolist()} are not 0..{n_seqs - 1} (tokens of several "
+                f"sequences: the reference writes its decay rows past the inputs and reads "
+                f"rows it never wrote)"
+            )
+        pos = ub.pos0.astype(np.int64)
+        p0 = np.full(ub.n_seqs_unq, np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(p0, seq_idx, pos)
+        pos_rel = (pos - p0[seq_idx]).reshape(n_seqs, n_tps)  # [set, token]
+        neg = -slopes  # E.g. slopes [0.25, 0.0625] -> [-0.25, -0.0625]
+        q = np.empty((n_seqs, n_tps, n_head), dtype=np.float32)
+        k = np.empty_like(q)
+        # q[row, i, h] = -slopes[h] * (pos_rel + 1); k: * (n_seq_tokens - pos_rel - 1)
+        q[rows] = neg[None, None, :] * (pos_rel + 1).astype(np.float32)[:, :, None]
+        k[rows] = neg[None, None, :] * (n_tps - pos_rel - 1).astype(np.float32)[:, :, None]
+        # diag[row, h, j, i] = -slopes[h] * (pos_rel_j - pos_rel_i) where >= 0, else -inf
+        index = pos_rel[:, :, None] - pos_rel[:, None, :]  # [set, j, i]
+        diag = np.empty((n_seqs, n_head, n_tps, n_tps), dtype=np.float32)
+        with np.errstate(invalid="ignore"):
+            vals = neg[None, :, None, None] * index.astype(np.float32)[:, None, :, :]
+        diag[rows] = np.where(index[:, None, :, :] >= 0, vals, np.float32(-np.inf))
+        t_slopes = g.input("f32", (n_head,), slopes, "la_slopes")
+        t_q = g.input("f32", (1, n_head, n_tps, n_seqs), q, "la_q_decay")
+        t_k = g.input("f32", (1, n_head, n_tps, n_seqs), k, "la_k_decay")
+        t_diag = g.input("f32", (n_tps, n_tps, n_head, n_seqs), diag, "la_diag_decay")
+        self._la_cache = (t_slopes, t_q, t_k, t_diag)
+        return self._la_cache
+
+    def lightning_attention(self, il: int, cur: Any) -> Any:
+        """The lightning-attention layer of ``llama_model_minimax_01::graph``: SiLU'd fused
+        QKV, the intra-block part ``(Q K^T * diag_decay) V`` plus the inter-block part
+        ``(Q * q_decay) S``, the state ``S * exp(-n_seq_tokens * slope) + (K * k_decay)^T V``
+        to S rows ``[head, head + n_seqs)``, RMS norm, sigmoid gate, ``wo``."""
+        ctx, hp, ub = self.ctx, self.hp, self.ubatch
+        g: Any = self
+        rs = g._recr()
+        w = self.m._w
+        hpf = self.m.hp_file
+        if not ub.equal_seqs or ub.n_seqs * ub.n_seq_tokens != ub.n_tokens:
+            raise ConfigError(
+                "ubatch: lightning attention needs an equal-sequence split (split_equal or "
+                "split_seq)"
+            )
+        if rs.n_rs_seq:
+            raise UnsupportedError("lightning attention: rollback snapshots (n_rs_seq > 0)")
+        if hpf.n_embd_r():
+            raise UnsupportedError(f"{self.m.path}: lightning attention with a conv state")
+        n_seqs, n_tps = ub.n_seqs, ub.n_seq_tokens
+        hd, n_head = hp.n_embd_head, hp.n_head[il]
+        n_embd_s = hpf.n_embd_s()
+        s_all = rs.s_tensor(il).ptr
+        t_slopes, q_decay_exp, k_decay_exp, diag_decay_exp = self._la_inputs()
+
+        # computed in double, passed as float
+        slope_scale = f32(1.0 - 1.0 * il / (hp.n_layer - 1) + 1e-5)
+        slope_rate = ctx.scale(t_slopes, slope_scale)
+        cur = ctx.reshape_4d(cur, cur.ne[0], n_tps, 1, n_seqs)
+        qkv_all = ctx.silu(ctx.mul_mat(w(il, "attn_qkv.weight"), cur))
+        qkv_all = ctx.reshape_4d(qkv_all, hd * 3, n_head, n_tps, n_seqs)
+        el = int(gg.lib.ggml_element_size(qkv_all))
+        nb = (qkv_all.nb[1], qkv_all.nb[2], qkv_all.nb[3])
+        q, k, v = (
+            ctx.view_4d(qkv_all, hd, n_head, n_tps, n_seqs, *nb, j * el * hd) for j in range(3)
+        )
+        state = g.build_rs(s_all, n_embd_s, ctx.get_rows)
+        kv_old = ctx.reshape_4d(state, hd, hd, n_head, n_seqs)
+
+        q_decay = ctx.exp(ctx.scale(q_decay_exp, slope_scale))
+        k_decay = ctx.exp(ctx.scale(k_decay_exp, slope_scale))
+        diag_decay = ctx.exp(ctx.scale(diag_decay_exp, slope_scale))
+        q_s = ctx.permute(ctx.mul(q, q_decay), 0, 2, 1, 3)
+        qkv_none_diag = ctx.mul_mat(kv_old, q_s)
+        qk = ctx.mul_mat(ctx.permute(k, 0, 2, 1, 3), ctx.permute(q, 0, 2, 1, 3))
+        qk = ctx.mul(qk, diag_decay)
+        v_trans = ctx.cont(ctx.permute(v, 1, 2, 0, 3))
+        qkv = ctx.add(qkv_none_diag, ctx.mul_mat(v_trans, qk))
+        g.expand(qkv)
+
+        block_decay = ctx.exp(ctx.scale(slope_rate, f32(-1.0 * n_tps)))
+        kv_old_s = ctx.mul(kv_old, ctx.reshape_3d(block_decay, 1, 1, n_head))
+        k_after = ctx.cont(ctx.permute(ctx.mul(k, k_decay), 1, 2, 0, 3))
+        kv_new = ctx.add(kv_old_s, ctx.mul_mat(k_after, v_trans))
+        sel = int(gg.lib.ggml_element_size(s_all))
+        g.expand(ctx.cpy(kv_new, ctx.view_1d(s_all, n_embd_s * n_seqs, rs.head * n_embd_s * sel)))
+
+        qkv = ctx.cont(ctx.permute(qkv, 0, 2, 1, 3))
+        qkv = ctx.reshape_4d(qkv, qkv.ne[0] * qkv.ne[1], qkv.ne[2], 1, qkv.ne[3])
+        qkv_norm = g.norm(qkv, w(il, "attn_norm_2.weight"))
+        gate = ctx.sigmoid(ctx.mul_mat(w(il, "attn_gate.weight"), cur))
+        cur = ctx.mul_mat(w(il, "attn_output.weight"), ctx.mul(gate, qkv_norm))
+        return ctx.reshape_2d(cur, cur.ne[0], n_tps * n_seqs)
+
+    def minimax_01(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_minimax_01::graph`` up to the output norm: lightning or softmax
+        attention on the normed input, the normed input (times ``residual_scale``) as the
+        residual, softmax-routed MoE (normalised weights) on the normed sum, the normed sum
+        (scaled) as the second residual."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        keys = self.m.keys
+        layers = self.m.spec.layers
+        attn = [il for il in range(hp.n_layer) if not layers[il].recurrent]
+        unbuilt = (
+            "attn_qkv.weight",
+            "attn_q.bias",
+            "attn_k.bias",
+            "attn_v.bias",
+            "attn_output.bias",
+        )
+        found = [
+            f"blk.{il}.{n}" for il in attn for n in unbuilt if w(il, n, required=False) is not None
+        ]
+        if found:
+            raise UnsupportedError(f"{self.m.path}: tensors the engine does not build: {found}")
+        res_scale = keys.f32(f"{hp.arch}.residual_scale")
+        w_scale = keys.f32(f"{hp.arch}.expert_weights_scale", 0.0)
+        if any(layer.recurrent for layer in layers):
+            g.s_copy()
+        inpL = inp
+        for il in range(hp.n_layer):
+            cur = g.norm(inpL, w(il, "attn_norm.weight"))
+            residual = cur
+            if layers[il].recurrent:
+                cur = self.lightning_attention(il, cur)
+            else:
+                cur = g.attention(il, cur)
+            if il == hp.n_layer - 1:
+                cur = ctx.get_rows(cur, out_ids)
+                residual = ctx.get_rows(residual, out_ids)
+            ffn_inp = ctx.add(cur, ctx.scale(residual, res_scale))
+            cur = g.norm(ffn_inp, w(il, "ffn_norm.weight"))
+            residual = cur
+            cur = g.moe_ffn(il, cur, _GATING_SOFTMAX, norm_w=True, w_scale=w_scale)
+            inpL = ctx.add(cur, ctx.scale(residual, res_scale))
+        return inpL
+
+
+def _libm_f32(name: str, n_args: int) -> Any:
+    """libm's float function ``name`` (``powf``, ``log2f``): the reference computes the
+    lightning-attention slopes with them, so their last bits are the same here."""
+    fn = getattr(ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6"), name)
+    fn.argtypes = [ctypes.c_float] * n_args
+    fn.restype = ctypes.c_float
+    return fn
+
 
 ARCH_GRAPHS: dict[str, ArchGraph] = {
+    "minimax-01": ArchGraph(RWKVGraph.minimax_01),
     "kimi-linear": ArchGraph(RWKVGraph.kimi_linear),
     "plamo2": ArchGraph(RWKVGraph.plamo2),
     "rwkv6": ArchGraph(RWKVGraph.rwkv6, output_norm=None),
