@@ -247,12 +247,15 @@ def _uninit_bytearray(size: int) -> bytearray:
 
 
 class BufferWriter(StateWriter):
-    """Writes into a preallocated buffer; tensor bytes land in place (one copy)."""
+    """Writes into a preallocated buffer; tensor bytes land in place (one copy).
 
-    def __init__(self, size: int) -> None:
+    ``out``: the caller's writable buffer (at least ``size`` bytes) instead of a new one.
+    """
+
+    def __init__(self, size: int, out: Any = None) -> None:
         super().__init__()
-        self.buffer = _uninit_bytearray(size)
-        self._view = memoryview(self.buffer)
+        self.buffer = _uninit_bytearray(size) if out is None else out
+        self._view = memoryview(self.buffer).cast("B")
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         n = len(data)
@@ -361,6 +364,30 @@ def write_state(serialise: Callable[[StateWriter], None]) -> bytes:
     recorder.replay(writer)
     assert writer.n_written == recorder.n_written, "state size changed during replay"
     return bytes(writer.buffer) if len(writer.buffer) < 4096 else writer.buffer  # type: ignore[return-value]
+
+
+def write_state_buffer(out: Any, serialise: Callable[[StateWriter], None]) -> int:
+    """Run ``serialise`` once into the caller's writable buffer ``out``; returns the size.
+
+    The form of ``llama_state_seq_get_data(ctx, dst, size, seq_id)``: a buffer reused
+    across calls skips what a fresh blob costs on top of the copy (the kernel zeroing
+    new pages: for a 64 MiB state about as long as the copy itself). Raises
+    :class:`~pymem.errors.RangeError` when ``out`` is too small, before any byte is written.
+    """
+    view = memoryview(out)
+    if view.readonly:
+        raise RangeError("state_write_buffer: out is read-only (need a writable buffer)")
+    view = view.cast("B")
+    recorder = _Recorder()
+    serialise(recorder)
+    if recorder.n_written > view.nbytes:
+        raise RangeError(
+            f"state_write_buffer: out holds {view.nbytes} bytes, the state needs {recorder.n_written}"
+        )
+    writer = BufferWriter(recorder.n_written, view[: recorder.n_written])
+    recorder.replay(writer)
+    assert writer.n_written == recorder.n_written, "state size changed during replay"
+    return writer.n_written
 
 
 def write_state_to(
@@ -562,6 +589,12 @@ class TwoPhaseStateIO:
 
     def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
         return write_state(lambda w: self.state_write_into(w, seq_id, flags))
+
+    def state_write_buffer(self, out: Any, seq_id: int = -1, flags: int = 0) -> int:
+        """Write the state into the caller's writable buffer ``out`` (as many bytes as
+        ``state_size``, at its start); returns that size. Reusing one buffer is the
+        fastest way to take states repeatedly (see :func:`write_state_buffer`)."""
+        return write_state_buffer(out, lambda w: self.state_write_into(w, seq_id, flags))
 
     def state_write_to(
         self,

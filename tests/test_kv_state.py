@@ -374,6 +374,27 @@ def test_gather_and_scatter_helpers_equal_fancy_indexing(seed):
             back = np.zeros_like(rows)
             back[idx] = rows[idx]
             assert np.array_equal(r.numpy().view(np.uint8), back)
+            # the same through the runs kernel (one call per section, what state I/O uses)
+            r.numpy().view(np.uint8)[...] = rows
+            for used in (24, 10):
+                offset, st, sz = sio.row_runs(r, 0, idx, runs, used)
+                got = np.empty((idx.size, used), np.uint8)
+                r.read_runs_into(got, offset, 1, 0, st, sz)
+                assert np.array_equal(got, rows[idx, :used])
+            r.numpy()[...] = 0
+            offset, st, sz = sio.row_runs(r, 0, idx, runs, 24)
+            r.write_runs(rows[idx], offset, 1, 0, st, sz)
+            assert np.array_equal(r.numpy().view(np.uint8), back)
+        with TensorStore("CPU", [TensorSpec("t", "f16", (k, 5))]) as store:
+            t = store["t"]
+            t.numpy().view(np.uint16)[...] = src
+            st, sz = sio.col_runs(runs, 2)
+            got = np.empty((5, idx.size), np.uint16)
+            t.read_runs_into(got, 0, 5, 2 * k, st, sz)
+            assert np.array_equal(got, src[:, idx])
+            t.numpy()[...] = 0
+            t.write_runs(got, 0, 5, 2 * k, st, sz)
+            assert np.array_equal(t.numpy().view(np.uint16), want)
 
 
 def test_range_builders_give_the_documented_ranges():
@@ -387,6 +408,30 @@ def test_range_builders_give_the_documented_ranges():
     assert off.tolist() == [24, 32, 40, 80] and size.tolist() == [6] * 4
     off, size = sio.col_ranges(0, 100, 2, runs, 2)
     assert off.tolist() == [4, 18, 104, 118] and size.tolist() == [6, 2, 6, 2]
+    offset, st, sz = sio.row_runs(T(), 4, np.array([2, 3, 4, 9]), runs, 8)  # type: ignore[arg-type]
+    assert offset == 32 and st.tolist() == [16, 72] and sz.tolist() == [24, 8]
+    offset, st, sz = sio.row_runs(T(), 1, np.array([2, 3, 4, 9]), runs, 6)  # type: ignore[arg-type]
+    assert offset == 8 and st.tolist() == [16, 24, 32, 72] and sz.tolist() == [6] * 4
+    st, sz = sio.col_runs(runs, 2)
+    assert st.tolist() == [4, 18] and sz.tolist() == [6, 2]
+
+
+@pytest.mark.parametrize("name", ["f16-trans", "f32-notrans"])
+def test_state_write_buffer_equals_state_write(name):
+    # state_write_buffer (a reused caller buffer) gives state_write's bytes, per sequence
+    # and whole, and restores from it give the same cache
+    kv = build(CFGS[name])
+    populate(kv)
+    randomize(kv, 4)
+    out = bytearray(kv.state_size() + 16)
+    for seq in (-1, 0, 1):
+        n = kv.state_write_buffer(out, seq)
+        assert n == kv.state_size(seq) and bytes(out[:n]) == bytes(kv.state_write(seq))
+    n = kv.state_write_buffer(out)
+    other = build(CFGS[name])
+    assert other.state_read(memoryview(out)[:n]) == n
+    assert bytes(other.state_write()) == bytes(out[:n])
+    check_invariants(other)
 
 
 def test_whole_restore_zeroes_the_cells_it_does_not_fill():

@@ -67,3 +67,73 @@ def test_write_state_of_only_small_fields() -> None:
 
     assert write_state(serialise) == b"\x01\x00\x00\x00ab"
     assert write_state(lambda w: None) == b""
+
+
+def test_tensor_runs_same_bytes_in_memory_streamed_and_counted(monkeypatch) -> None:
+    """write_tensor_runs (one native call per K/V section) gives the numpy reference's
+    bytes through every writer; the file writer streams it in windows that cut runs and
+    repetitions anywhere (FILE_CHUNK shrunk to 7 bytes) and never holds the section whole."""
+    import pymem.state as state
+
+    with TensorStore("CPU", [TensorSpec("t", "f16", (16, 8))]) as store:
+        t = store["t"]
+        raw = np.random.default_rng(3).integers(0, 256, t.nbytes, dtype=np.uint8)
+        t.write_bytes(raw)
+        starts = np.array([2, 10, 20], dtype=np.uint64)
+        sizes = np.array([4, 2, 6], dtype=np.uint64)
+
+        def serialise(w: StateWriter) -> None:
+            w.write_u32(5)
+            w.write_tensor_runs(t, 4, 8, 32, starts, sizes)  # 8 channels of 16 f16 cells
+            w.write_tensor_runs(t, 0, 1, 0, starts[:0], sizes[:0])  # nothing
+            w.write_u32(6)
+
+        # E.g. channel 1: bytes [36, 40) [44, 46) [54, 60)
+        ref = b"".join(
+            raw[4 + 32 * r + a : 4 + 32 * r + a + n].tobytes()
+            for r in range(8)
+            for a, n in zip(starts.tolist(), sizes.tolist())
+        )
+        expected = (5).to_bytes(4, "little") + ref + (6).to_bytes(4, "little")
+        assert bytes(write_state(serialise)) == expected
+        assert state_size(serialise) == len(expected)
+        seen: list[int] = []
+
+        class Sink(io.BytesIO):
+            def write(self, b) -> int:  # type: ignore[override]
+                seen.append(memoryview(b).nbytes)
+                return super().write(b)
+
+        monkeypatch.setattr(state, "FILE_CHUNK", 7)
+        f = Sink()
+        assert write_state_to(f, serialise) == len(expected)
+        assert f.getvalue() == expected
+        assert max(seen) <= 7
+
+
+def test_write_state_buffer_fills_the_callers_buffer_or_refuses_it() -> None:
+    """write_state_buffer (llama_state_seq_get_data's form): the same bytes as write_state
+    at the start of the caller's buffer; a short or read-only buffer is refused before
+    anything is written."""
+    import pytest
+
+    from pymem.errors import RangeError
+    from pymem.state import write_state_buffer
+
+    with TensorStore("CPU", [TensorSpec("t", "f32", (16, 8))]) as store:
+        serialise, t, _ = _serialiser(store)
+        t.write_bytes(np.arange(t.nbytes, dtype=np.uint32).astype(np.uint8).tobytes())
+        blob = bytes(write_state(serialise))
+        out = bytearray(b"\xee" * (len(blob) + 5))
+        assert write_state_buffer(out, serialise) == len(blob)
+        assert bytes(out[: len(blob)]) == blob and out[len(blob) :] == b"\xee" * 5
+        arr = np.zeros(len(blob), np.uint8)  # any writable buffer
+        assert write_state_buffer(arr, serialise) == len(blob) and arr.tobytes() == blob
+        short = bytearray(len(blob) - 1)
+        with pytest.raises(
+            RangeError, match=rf"holds {len(blob) - 1} bytes, the state needs {len(blob)}"
+        ):
+            write_state_buffer(short, serialise)
+        assert short == bytearray(len(blob) - 1)
+        with pytest.raises(RangeError, match="read-only"):
+            write_state_buffer(bytes(len(blob)), serialise)
