@@ -1,6 +1,12 @@
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE  // RTLD_DEFAULT (pm_swiglu_clamp)
+#endif
 #include "pymem_native.h"
 
 #include <string.h>
+#ifndef _WIN32
+#include <dlfcn.h>
+#endif
 
 #include "ggml-alloc.h"
 
@@ -555,4 +561,18 @@ pm_status pm_graph_buffer_types(struct ggml_cgraph * graph, ggml_backend_buffer_
     }
     *n_out = n;
     return PM_OK;
+}
+
+typedef struct ggml_tensor * (*pm_swiglu_clamp_fn)(struct ggml_context *, struct ggml_tensor *,
+                                                   struct ggml_tensor *, float);
+
+struct ggml_tensor * pm_swiglu_clamp(struct ggml_context * ctx, struct ggml_tensor * a,
+                                     struct ggml_tensor * b, float limit) {
+#ifdef _WIN32
+    (void) ctx, (void) a, (void) b, (void) limit;
+    return NULL;
+#else
+    pm_swiglu_clamp_fn fn = (pm_swiglu_clamp_fn) dlsym(RTLD_DEFAULT, "ggml_swiglu_clamp");
+    return fn != NULL ? fn(ctx, a, b, limit) : NULL;
+#endif
 }

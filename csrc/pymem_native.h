@@ -80,6 +80,12 @@ pm_status pm_tensor_write_runs(struct ggml_tensor * t, size_t offset, int64_t n_
 pm_status pm_graph_buffer_types(struct ggml_cgraph * graph, ggml_backend_buffer_type_t * out, int32_t cap,
                                 int32_t * n_out);
 
+// ggml_swiglu_clamp(ctx, a, b, limit) of the process's ggml, looked up at run time (the
+// ggml headers pymem may compile against, libggml-python 0.20, do not declare it); NULL
+// when this ggml has no such function
+struct ggml_tensor * pm_swiglu_clamp(struct ggml_context * ctx, struct ggml_tensor * a,
+                                     struct ggml_tensor * b, float limit);
+
 // PYMEM_CDEF_END
 
 #ifdef __cplusplus
