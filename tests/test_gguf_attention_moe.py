@@ -4,7 +4,7 @@ refuse what they do not build.
 The recorded runs of every architecture in :data:`MODELS` replay bit for bit
 through the engine in tests/test_gguf_llama.py. Here:
 a model the engine would decode wrongly by ignoring a tensor or key (per-expert scales,
-expert groups, clamped expert SwiGLU, biases a graph does not add, fused QKV where the
+expert groups, biases a graph does not add, fused QKV where the
 graph reads separate projections, RoPE frequency factors, a fixed attention scale)
 raises UnsupportedError naming it, before any state is written. The models are the
 recorded tiny ones, written again by their writers with one tensor or key more.
@@ -28,6 +28,7 @@ from pymem.runtime.gguf_llama import SUPPORTED, GGUFModel
 
 sys.path.insert(0, str(Path(__file__).parent / "record"))
 import family_attention
+import family_gemma3n
 import family_other
 import family_ssm
 import models
@@ -84,6 +85,8 @@ MODELS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "phi3": (family_attention.write_phi3, "phi3.main.fa1.u1"),
     "llama4": (family_attention.write_llama4, "llama4.main.fa1.u1"),
     "exaone4": (family_attention.write_exaone4, "exaone4.main.fa0.u1"),
+    "maple": (family_attention.write_maple, "maple.main.fa1.u0"),
+    "gemma3n": (family_gemma3n.write_gemma3n, "gemma3n.main.fa1.u1"),
     "cohere2moe": (family_attention.write_cohere2moe, "cohere2moe.main.fa0.u1"),
     "exaone-moe": (family_attention.write_exaone_moe, "exaone-moe.main.fa1.u1"),
     "smallthinker": (family_attention.write_smallthinker, "smallthinker.main.fa1.u1"),
@@ -122,9 +125,6 @@ CASES = {
     ),
     "moe-expert-groups": (
         "lfm2moe", {}, {"expert_group_count": 2}, r"expert groups",
-    ),
-    "moe-clamped-swiglu": (
-        "gpt-oss", {}, {"swiglu_clamp_exp": 7}, r"swiglu_clamp_exp",
     ),
     "lfm2-ffn-bias": (
         "lfm2moe", {"blk.0.ffn_up.bias": (32,)}, {}, r"ffn_up\.bias",
@@ -204,6 +204,9 @@ CASES = {
     "gemma4-layer-output-scale": (
         "gemma4", {"blk.1.layer_output_scale.weight": (1,)}, {}, r"layer_output_scale",
     ),
+    "gemma3n-v-bias": (
+        "gemma3n", {"blk.2.attn_v.bias": (8,)}, {}, r"attn_v\.bias",
+    ),
     "gemma4-per-layer-embeddings": (
         "gemma4", {"per_layer_token_embd.weight": (4, 64)}, {}, r"per-layer embeddings",
     ),
@@ -219,3 +222,11 @@ def test_unbuilt_variant_is_refused(
     path = _write_with(tmp_path, monkeypatch, writer, extra, keys)
     with pytest.raises(UnsupportedError, match=error):
         _first_decode(path, run)
+
+
+def test_clamp_key_ignored_where_the_reference_ignores_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """qwen3moe's loader does not read ``swiglu_clamp_exp``: the key changes nothing."""
+    writer, run = MODELS["qwen3moe"]
+    _first_decode(_write_with(tmp_path, monkeypatch, writer, {}, {"swiglu_clamp_exp": 7}), run)

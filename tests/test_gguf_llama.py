@@ -316,6 +316,7 @@ ENGINE_ARCHS = {
     "step35",  # graph_attention
     "gemma4",  # graph_attention
     "gemma3n",  # graph_attention
+    "maple",  # graph_attention
 }  # fmt: skip
 
 

@@ -36,6 +36,8 @@ NULL = gg.ffi.NULL
 # llama_expert_gating_func_type
 GATING_NONE, GATING_SOFTMAX, GATING_SIGMOID, GATING_SOFTMAX_WEIGHT = 0, 1, 2, 3
 F16_MIN_NORMAL = 6.103515625e-5  # the weight-sum clamp: the smallest normal F16
+# the architectures of this module whose load_arch_hparams reads swiglu_clamp_exp
+_READS_SWIGLU_CLAMP = frozenset({"maple", "step35"})
 # attention tensors the engine's separate-Q/K/V attention would ignore
 _QKV_EXTRA = ("attn_qkv.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias")
 
@@ -941,6 +943,23 @@ class AttentionGraph:
             rope.beta_fast, rope.beta_slow,
         )  # fmt: skip
 
+    def maple(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_maple::graph``: per-head Q/K norms, RoPE on SWA layers only (the
+        layer's own width and base), softmax-routed experts with normalised weights and
+        the fused clamped SwiGLU (``swiglu_clamp_exp``) in every layer."""
+        hp = self.hp
+        for il in range(hp.n_layer):
+            self.refuse_tensors(il, _QKV_EXTRA, "maple")
+
+        def mixer(il: int, cur: Any) -> Any:
+            layer = self.m.spec.layers[il]
+            return self.attn_block(il, cur, qk_norm=True, rope=layer.swa, per_layer_base=True)
+
+        def moe(il: int, cur: Any) -> Any:
+            return self.moe_ffn(il, cur, GATING_SOFTMAX, norm_w=True, exp_probs_b=False)
+
+        return self.prenorm_layers(inp, out_ids, mixer, moe)
+
     def refuse_tensors(self, il: int, names: Sequence[str], why: str) -> None:
         """:class:`UnsupportedError` naming the layer tensors of ``names`` that exist."""
         found = [n for n in names if self.m._w(il, n, required=False) is not None]
@@ -1012,6 +1031,23 @@ class AttentionGraph:
             )
         return n_expert, n_used
 
+    def swiglu_clamp_limit(self, il: int) -> float:
+        """Layer ``il``'s ``swiglu_clamp_exp`` (one value, or one per layer; 0: none), for
+        the architectures whose loader reads it (any other ignores the key, as the
+        reference does)."""
+        field = self.m.keys.fields.get(f"{self.hp.arch}.swiglu_clamp_exp")
+        if field is None or self.hp.arch not in _READS_SWIGLU_CLAMP:
+            return 0.0
+        value = field.contents()
+        if isinstance(value, list):
+            if len(value) <= il:
+                raise ConfigError(
+                    f"{self.m.path}: {self.hp.arch}.swiglu_clamp_exp has {len(value)} entries, "
+                    f"layer {il} needs one"
+                )
+            value = value[il]
+        return float(value)
+
     def moe_gating(self, default: int) -> int:
         """``expert_gating_func`` from the file (0 or absent: ``default``)."""
         gating = int(self.m.keys.f32(f"{self.hp.arch}.expert_gating_func", 0.0))
@@ -1045,10 +1081,7 @@ class AttentionGraph:
         g: Any = self
         n_embd, n_tokens = int(cur.ne[0]), int(cur.ne[1])
         n_expert, n_used = self.moe_counts(il)
-        if self.m.keys.fields.get(f"{self.hp.arch}.swiglu_clamp_exp") is not None:
-            raise UnsupportedError(
-                f"{self.m.path}: {self.hp.arch}.swiglu_clamp_exp (clamped expert SwiGLU)"
-            )
+        limit = self.swiglu_clamp_limit(il)
         scales = [n for n in ("ffn_up_exps.scale", "ffn_gate_exps.scale", "ffn_down_exps.scale")
                   if w(il, n, required=False) is not None]  # fmt: skip
         if scales:
@@ -1111,7 +1144,16 @@ class AttentionGraph:
             gate = ctx.mul_mat_id(gate_exps, x, selected) if has_gate else up
             gate = biased(gate, "ffn_gate_exps.bias")
 
-        if act == "silu":
+        if act == "silu" and limit > 1e-6 and gate_up_exps is None and has_gate:
+            # maple's fused clamp: silu(min(gate, limit)) * clamp(up, -limit, limit)
+            if self.hp.arch != "maple":  # the others clamp with separate ops
+                raise UnsupportedError(
+                    f"{self.m.path}: {self.hp.arch}.swiglu_clamp_exp (unfused clamped SwiGLU)"
+                )
+            cur = gg.lib.pm_swiglu_clamp(ctx.ptr, gate, up, f32(limit))
+            if cur == NULL:
+                raise UnsupportedError("ggml_swiglu_clamp: not in this process's ggml")
+        elif act == "silu":
             cur = ctx.swiglu_split(gate, up) if has_gate else ctx.silu(gate)
         elif act == "gelu":
             cur = ctx.geglu_split(gate, up) if has_gate else ctx.gelu(gate)
@@ -1222,6 +1264,7 @@ ARCH_GRAPHS: dict[str, ArchGraph] = {
     # LFM2 names its output norm after the embeddings
     "qwen3moe": ArchGraph(AttentionGraph.qwen3moe),
     "exaone4": ArchGraph(AttentionGraph.exaone4),
+    "maple": ArchGraph(AttentionGraph.maple),
     "gemma4": ArchGraph(AttentionGraph.gemma4, output_norm=None, finish=_gemma4_logits),
     "gemma3n": ArchGraph(AttentionGraph.gemma3n, finish=_gemma4_logits),
     "step35": ArchGraph(AttentionGraph.step35),
