@@ -174,7 +174,10 @@ class HParams:
             n_head=tuple(hp.n_head),
             n_head_kv=tuple(hp.n_head_kv),
             n_embd_head=head,
-            f_norm_rms_eps=keys.f32(f"{hp.arch}.attention.layer_norm_rms_epsilon"),
+            # optional for RWKV (rwkv6 / rwkv7 files carry only the layer-norm epsilon)
+            f_norm_rms_eps=keys.f32(
+                f"{hp.arch}.attention.layer_norm_rms_epsilon", 0.0 if hp.wkv_head_size else None
+            ),
             kq_scale=kq_scale,
             ssm_d_conv=hp.ssm_d_conv,
             ssm_d_inner=hp.ssm_d_inner,
