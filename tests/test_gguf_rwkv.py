@@ -62,8 +62,9 @@ def _write_with(
     return writer(tmp_path / "model.gguf")
 
 
-def _first_decode(path: Path, run: str) -> None:
-    """Decode the first batch of a recorded run with the model at ``path``."""
+def _first_decode(path: Path, run: str) -> np.ndarray:
+    """Decode the first batch of a recorded run with the model at ``path``: the logits of
+    its output tokens."""
     data = json.loads((RUNS / f"{run}.json").read_text())
     step = next(s for s in data["steps"] if s["op"] == "decode")
     params = data["context_params"]
@@ -73,9 +74,10 @@ def _first_decode(path: Path, run: str) -> None:
         try:
             dec = Decoder(model, mem, n_seq_max=params["n_seq_max"], n_ubatch=params["n_ubatch"],
                           flash_attn=params["flash_attn"])  # fmt: skip
-            dec.decode(Batch.from_items(step["items"]))
+            logits = dec.decode(Batch.from_items(step["items"]))
         finally:
             mem.close()
+    return logits[[i for i, item in enumerate(step["items"]) if item[3]]]
 
 
 def test_family_is_registered() -> None:
@@ -240,3 +242,23 @@ def test_lightning_attention_refuses_what_the_reference_leaves_undefined() -> No
     n_before = sum(1 for s in run.data["steps"][:step] if s["op"] == "decode" and "logits" in s)
     assert hooks.stats.exact and hooks.stats.logits_checked == n_before == 10
     assert hooks.stats.blobs_identical >= step and hooks.stats.blobs_close == 0
+
+
+def test_rwkv7_without_rms_epsilon_decodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An rwkv7 file with only the layer-norm epsilon (as converted RWKV-6/7 models are;
+    the reference reads the RMS one as optional) loads, and its first decode gives the
+    recorded logits bit for bit (RWKV-7 uses no RMS norm)."""
+    f32 = models._Model.f32
+
+    def f32_without_rms(self: models._Model, key: str, v: float) -> None:
+        if key != "attention.layer_norm_rms_epsilon":
+            f32(self, key, v)
+
+    monkeypatch.setattr(models._Model, "f32", f32_without_rms)
+    path = _write_with(tmp_path, monkeypatch, family_other.write_rwkv7, {})
+    data = json.loads((RUNS / "rwkv7.main.u1.json").read_text())
+    step = next(s for s in data["steps"] if s["op"] == "decode")
+    blobs = RUNS.parent / "blobs"
+    want = np.frombuffer((blobs / f"{step['logits']}.bin").read_bytes(), dtype=np.float32)
+    got = _first_decode(path, "rwkv7.main.u1")
+    assert np.array_equal(got.reshape(-1).view(np.uint32), want.view(np.uint32))

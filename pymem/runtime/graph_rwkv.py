@@ -23,14 +23,29 @@ The reference builders (vendor/llama.cpp/src):
 * ``models/rwkv6.cpp`` / ``rwkv7.cpp``: layer norms (with biases) on the embeddings,
   before each mixer and at the output, two token-shift rows per layer;
   ``rwkv6qwen2.cpp`` / ``arwkv7.cpp``: RMS norms, one token-shift row per layer, a SwiGLU
-  FFN instead of the channel mix.
+  FFN instead of the channel mix;
+* ``models/plamo2.cpp``: Mamba layers (per-head A and D, in_proj interleaved per head as
+  [z | x], RMS-normed dt / B / C, ``ggml_ssm_scan``) and fused-QKV attention with
+  per-head Q/K norms, each mixer and the ``ggml_swiglu`` FFN between pre- and post-norms;
+* ``models/kimi-linear.cpp`` (+ ``delta-net-base.cpp``): KDA layers (Q, K and V each
+  through its own short convolution, three conv states per R row; per-channel decay;
+  the fused ``ggml_gated_delta_net``; sigmoid-gated RMS norm) and MLA layers over a
+  K-only cache (absorbed Q, V = the latent part of K, ``v_mla`` decompression), a dense
+  or sigmoid-routed MoE FFN with a shared expert;
+* ``models/minimax-01.cpp``: lightning attention (``llm_graph_input_la``'s decay inputs,
+  intra-block ``(Q K^T * decay) V`` plus inter-block ``(Q * decay) S``, the decayed state
+  update) and softmax attention layers, softmax-routed MoE, scaled residuals.
 
-The reference's token-shift store of the Qwen flavours takes ``n_embd * n_seqs``
-contiguous values from the view of the last token of the first sequence; with several
-sequences of several tokens in one ubatch that is not each sequence's last token. The
-graph here repeats it (the recorded bytes are the reference's). LoRA adapters, control
-vectors and the variants listed in :meth:`RWKVGraph._rwkv_refuse` are not built
-(:class:`~pymem.errors.UnsupportedError` names the tensor or key).
+Reference behaviour repeated because the recorded bytes are the reference's: the
+token-shift store of the Qwen RWKV flavours takes ``n_embd * n_seqs`` contiguous values
+from the last token of the first sequence (not each sequence's last token when a ubatch
+holds several sequences of several tokens); PLaMo-2 stores the SSM state at
+``head * n_seqs * n_embd_s``. Reference behaviour refused (UnsupportedError) because its
+numbers come from memory nobody wrote: WKV-7 heads that are not a multiple of 64
+(:meth:`RWKVGraph._rwkv7_check_head`) and lightning-attention ubatches whose sequence
+indices are not their set indices (:meth:`RWKVGraph._la_inputs`). LoRA adapters, control
+vectors and the variants each graph checks first (``_rwkv6_refuse``, ``_kimi_refuse``,
+...) are not built either (the error names the tensor or key).
 """
 
 from __future__ import annotations
@@ -120,7 +135,7 @@ class RWKVGraph:
             )
 
     def _rwkv_refuse(self, names: list[str], keys: tuple[str, ...] = ()) -> None:
-        """Refuse tensors (``blk.<il>.<name>`` or a global name) and non-zero keys this
+        """Refuse layer tensors (``blk.<il>.<name>`` of any layer) and non-zero keys this
         module does not build, before any node is made."""
         w = self.m._w
         found = [
@@ -145,7 +160,8 @@ class RWKVGraph:
     def _rwkv_shift_store(self, il: int, shift: Any, count: int) -> None:
         """``build_rwkv_token_shift_store``: ``n_embd * n_seqs * count`` values from the
         start of ``shift`` to rows ``[head, head + n_seqs)`` of R."""
-        ctx, g = self.ctx, self
+        ctx = self.ctx
+        g: Any = self
         rs = self._recr_rwkv()
         r_all = rs.r_tensor(il).ptr
         n_embd_r, n_seqs = self.m.hp_file.n_embd_r(), self.ubatch.n_seqs
@@ -176,7 +192,8 @@ class RWKVGraph:
     def _rwkv_wkv_out(self, il: int, out: Any) -> Any:
         """Split the fused op's output ``[y of every token | final states]``: store the
         states to rows ``[head, head + n_seqs)`` of S and return ``y`` (1-d)."""
-        ctx, g = self.ctx, self
+        ctx = self.ctx
+        g: Any = self
         rs = self._recr_rwkv()
         s_all = rs.s_tensor(il).ptr
         n_embd, n_tokens, n_seqs = self.hp.n_embd, self.ubatch.n_tokens, self.ubatch.n_seqs
