@@ -3,19 +3,32 @@
 A mixin of the engine's graph builder (``pymem.runtime.gguf_llama._Graph``): methods
 here use its context (``self.ctx``), hyper-parameters (``self.hp``), weights
 (``self.m._w``), inputs and shared blocks (``norm``, ``ffn``, ``attention``,
-``gemma_layers``, ...). :data:`ARCH_GRAPHS` registers the architectures built here.
+``attn_mha``, ``gemma_layers``, ...). :data:`ARCH_GRAPHS` registers the architectures
+built here; each follows ``vendor/llama.cpp/src/models/<arch>.cpp`` op for op.
 
-The reference builders (vendor/llama.cpp/src):
+Shared blocks (``llama-graph.cpp``):
 
-* ``models/gemma3.cpp``: Gemma-2's layers with Q/K norms, no KQ soft-capping;
-* ``llama-graph.cpp`` ``build_moe_ffn`` (:meth:`AttentionGraph.moe_ffn`): the router
-  (softmax, sigmoid or softmax over the chosen weights), an optional selection bias
+* :meth:`AttentionGraph.build_qkv` / :meth:`~AttentionGraph.attn_store_read`:
+  ``build_qkv`` (separate or fused QKV, biases) and ``build_attn`` (the cache stores,
+  ``build_attn_mha`` with optional sinks, ``wo`` and its bias; or no ``wo`` for the
+  graphs that gate the heads first). RoPE uses the layer's own base where the
+  reference calls ``get_rope_freq_base(il)`` and the context's base elsewhere
+  (:meth:`~AttentionGraph.global_rope`);
+* :meth:`AttentionGraph.moe_ffn`: ``build_moe_ffn``: the router (softmax, sigmoid or
+  softmax over the chosen logits; caller-made logits), an optional selection bias
   (``exp_probs_b``, used to choose, not to weigh), top-k by ``argsort_top_k``, optional
   normalisation and scale of the chosen weights, one ``mul_mat_id`` per expert matrix
-  (optional per-expert biases through ``add_id``), the activation, the weighted expert
-  outputs summed in order. Expert groups and per-layer expert counts are refused;
-* ``models/lfm2.cpp`` for ``lfm2moe``: LFM2's trunk (gguf_llama's ``lfm2``) with MoE
-  layers after ``leading_dense_block_count`` dense ones.
+  (per-expert biases through ``add_id``), SwiGLU / GeGLU / ReGLU / ReLU² / SwiGLU-OAI /
+  maple's fused clamped SwiGLU, the weighted outputs summed in slot order (llama4
+  weighs the inputs instead). Expert groups, per-layer expert counts and per-expert
+  scales are refused.
+
+Architectures: gemma3, gemma3n, gemma4 (dense), lfm2moe (LFM2's trunk), qwen3moe,
+gpt-oss, cohere2, cohere2moe (dense), olmo2, exaone4, exaone-moe (dense), phi3, llama4,
+smallthinker, mellum, granite_swa (dense), mimo2 (dense), afmoe (dense), muse-glimmer,
+spark2_5, plamo3, laguna (dense), step35 (dense), maple. "Dense": the recorded tiny
+model has no MoE layer, so MoE layers of that architecture are refused rather than
+built unchecked. Nemotron-H's MoE layers (graph_ssm2) use :meth:`moe_ffn` too.
 """
 
 from __future__ import annotations
@@ -30,7 +43,6 @@ import pymem.ggml as gg
 from pymem.errors import ConfigError, UnsupportedError
 from pymem.runtime.arch_graph import ArchGraph, f32, f32_div
 
-F32 = 4  # bytes per float32
 NULL = gg.ffi.NULL
 
 # llama_expert_gating_func_type
@@ -1047,11 +1059,6 @@ class AttentionGraph:
                 )
             value = value[il]
         return float(value)
-
-    def moe_gating(self, default: int) -> int:
-        """``expert_gating_func`` from the file (0 or absent: ``default``)."""
-        gating = int(self.m.keys.f32(f"{self.hp.arch}.expert_gating_func", 0.0))
-        return gating if gating != GATING_NONE else default
 
     def moe_ffn(
         self,
