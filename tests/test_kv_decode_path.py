@@ -1,6 +1,9 @@
 """The KV cache's decode-step shortcuts against the general code they bypass.
 
-Pins: the one-stream KQ mask of a ubatch with one token per sequence
+Pins: a ubatch replayed by the allocator (frozen sequence arrays) lets the cache reuse
+its per-layout values (``KVCache._StepMemo``: streams, row offsets, set_new rows) in
+find_slot, apply_ubatch, get_n_kv, the K/V rows and the mask, with exactly the results
+of a fresh ubatch. The one-stream KQ mask of a ubatch with one token per sequence
 (``inputs._mask_one_per_seq``: each cell decided once, against its owner's token) equals
 the per-stream pair evaluation, for every SWA kind, causal or not, f32 and f16, on
 caches with window-purged, removed and shared cells (shared cells take the general path).
@@ -11,10 +14,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from kv_helpers import check_invariants, make_kv
-from test_kv_batched import SWA_KINDS, per_stream_mask
+from test_batch_decode_path import GeneralOnly
+from test_kv_batched import SWA_KINDS, per_stream_mask, state_of
 
 import pymem.kv.inputs as kv_inputs
+from pymem.batch import Batch, BatchAllocator
 from pymem.kv.inputs import build_kq_mask
+from pymem.memory import MemoryStatus
 from pymem.spec import NonCausalType
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
@@ -87,3 +93,61 @@ def test_one_stream_decode_mask_equals_pair_evaluation(monkeypatch, swa_type, se
                 assert got.dtype == want.dtype and got.shape == want.shape
                 assert got.tobytes() == want.tobytes(), (step, kw, dtype)
     assert len(taken) > 20  # the shortcut ran (and shared cells did not take it)
+
+
+# --- a decode step's memo (replayed ubatches) ------------------------------------------
+
+
+def _drive(kv, balloc, seqs: list[int], pos: list[int], dtype) -> tuple:
+    """One decode call through ``balloc`` and ``kv``: everything the step hands a graph."""
+    n = len(seqs)
+    batch = Batch(np.arange(n, dtype=np.int32) + 1, pos=np.asarray(pos, np.int32), seq_id=seqs)
+    balloc.init(batch, memory=kv, n_seq_max=kv.n_seq_max)
+    ctx = kv.init_batch(balloc, 512, False)
+    assert ctx.get_status() == MemoryStatus.SUCCESS
+    out = []
+    while True:
+        ctx.apply()
+        sinfo = ctx.get_sinfo()
+        out.append(
+            (
+                sinfo.strm.tolist(),
+                sinfo.idxs.tolist(),
+                ctx.get_n_kv(),
+                ctx.get_k_idxs().tolist(),
+                ctx.get_v_idxs().tolist(),
+                ctx.get_kq_mask(dtype=dtype).tobytes(),
+            )
+        )
+        if not ctx.next():
+            return tuple(out)
+
+
+@pytest.mark.parametrize("unified", [True, False])
+@pytest.mark.parametrize("swa_type", SWA_KINDS)
+@pytest.mark.parametrize("v_trans", [True, False])
+def test_decode_steps_with_replayed_ubatches_equal_fresh_ubatches(unified, swa_type, v_trans):
+    """Two twin caches, one fed through the allocator's fast path and replays (its memo
+    used), one through the general path (fresh, writable ubatches): the same slots, n_kv,
+    K/V rows, masks and cells after every step, across layout changes and seq ops."""
+    rng = np.random.default_rng(int(swa_type) + 10 * unified + 100 * v_trans)
+    swa = {} if swa_type == 0 else {"swa_type": swa_type, "n_swa": 6}
+    n_seq = 5
+    size = 256 if unified else 64
+    twins = [make_kv(size, n_seq, unified=unified, v_trans=v_trans, **swa) for _ in range(2)]
+    allocs = [BatchAllocator(), GeneralOnly()]
+    layouts = [[0, 1, 2, 3, 4], [3, 1, 4], [2]]
+    if not unified:
+        layouts[1] = [1, 3, 4]  # streams split sequentially: ascending ids
+    dtype = np.float16
+    for step in range(40):
+        seqs = layouts[(step // 4) % len(layouts)]
+        pos = [twins[0].seq_pos_max(s) + 1 for s in seqs]
+        got = [_drive(kv, a, seqs, pos, dtype) for kv, a in zip(twins, allocs)]
+        assert got[0] == got[1], step
+        assert state_of(twins[0]) == state_of(twins[1]), step
+        if step % 9 == 8:
+            s = int(rng.integers(0, n_seq))
+            for kv in twins:
+                kv.seq_rm(s, max(0, kv.seq_pos_max(s) - 2), -1)
+    assert twins[0]._memo is not None and twins[1]._memo is None

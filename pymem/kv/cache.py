@@ -60,6 +60,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -115,6 +116,29 @@ def _pos_in(pos: np.ndarray, p0: int, p1: int) -> np.ndarray:
         return np.zeros(pos.shape, dtype=bool)
     rel = np.subtract(pos, np.int32(p0), dtype=np.int32).view(np.uint32)
     return rel < np.uint32(p1 - p0)
+
+
+@dataclass(eq=False)
+class _StepMemo:
+    """What a ubatch replayed by the allocator gives this cache the same way every step.
+
+    A decode step's ubatch comes from :meth:`pymem.batch.BatchAllocator.split_all`'s replay:
+    its sequence arrays are the same read-only objects step after step, and from them
+    alone (``seq_to_stream`` is fixed) follow the stream of each token block, their row
+    offsets and the per-token rows of :meth:`StackedCells.set_new`. The memo is keyed on
+    the identity of those frozen arrays; the slot it returns carries ``strm32`` itself, so
+    ``apply_ubatch``, ``get_n_kv`` and the graph inputs recognise it by identity too.
+    """
+
+    seq_id: np.ndarray
+    seq_id_unq: np.ndarray
+    n_seq_id: np.ndarray
+    n_tokens: int
+    strm: np.ndarray | None  # int64 stream per block; None: _slot_streams refuses them
+    strm32: np.ndarray  # the same, int32, read-only: the slot's strm
+    offs: np.ndarray  # int64 [n_blocks, 1]: strm * kv_size, the first row of each stream
+    rows: np.ndarray | int  # the stream of each token (set_new), an int for one block
+    simple: bool  # one sequence id per token, none negative (set_new)
 
 
 class KVCache(Memory):
@@ -328,6 +352,9 @@ class KVCache(Memory):
         )
         self._pending_copies: list[tuple[int, int]] = []
         self._version = 0  # bumped by every mutation (stale state-read plans are refused)
+        self._memo: _StepMemo | None = None  # the last replayed ubatch layout seen
+        self._layer_set = frozenset(layer.il for layer in self.layers)  # KVInputs.layers
+        self._keys_memo: tuple[np.ndarray, np.ndarray] | None = None  # (frozen ids, keys)
         self._runners: dict[str, GraphRunner] = {}
         self._closed = False
 
@@ -620,6 +647,9 @@ class KVCache(Memory):
         """(stream, sequence) keys ``s * 256 + seq_id`` of ``seq_ids``; the first id out of
         range raises as :meth:`_check_seq` would. E.g. 2 streams, ids [1, 0] -> [257, 0]."""
         self.check_open()
+        km = self._keys_memo
+        if km is not None and seq_ids is km[0]:
+            return km[1]  # the allocator's frozen layout array of the last step
         ids = np.asarray(seq_ids)
         if ids.dtype.kind not in "iu":
             raise RangeError(f"seq_id: expected integer sequence ids, got dtype {ids.dtype}")
@@ -627,7 +657,11 @@ class KVCache(Memory):
         bad = (ids < 0) | (ids >= len(self.seq_to_stream))
         if bad.any():
             self._check_seq(int(ids[np.argmax(bad)]), "seq_id")
-        return self.seq_to_stream[ids].astype(np.int64) * LLAMA_MAX_SEQ + ids
+        keys = self.seq_to_stream[ids].astype(np.int64) * LLAMA_MAX_SEQ + ids
+        if isinstance(seq_ids, np.ndarray) and not seq_ids.flags.writeable:
+            keys.flags.writeable = False
+            self._keys_memo = (seq_ids, keys)
+        return keys
 
     def seq_pos_min_of(self, seq_ids: np.ndarray) -> np.ndarray:
         """``seq_pos_min`` of each of ``seq_ids`` (int64), from the cached bounds."""
@@ -762,12 +796,54 @@ class KVCache(Memory):
             n_seqs = ubatch.n_seqs_unq
             n_tokens //= n_seqs
         if not cont:
-            strm = self._slot_streams(ubatch, n_seqs, n_tokens)
+            memo = self._memo_of(ubatch, n_seqs, n_tokens)
+            strm = self._slot_streams(ubatch, n_seqs, n_tokens) if memo is None else memo.strm
             if strm is not None:
                 if n_tokens > self.kv_size:
                     return None
-                return self._find_slot_batched(strm, n_tokens)
+                return self._find_slot_batched(strm, n_tokens, memo)
         return self._find_slot_streams(ubatch, n_seqs, n_tokens, cont)
+
+    def _memo_of(self, ubatch: UBatch, n_seqs: int, n_tokens: int) -> _StepMemo | None:
+        """The :class:`_StepMemo` of a replayed ubatch (built on first sight), None for a
+        ubatch whose sequence arrays can still change."""
+        m = self._memo
+        sid, unq, nsid = ubatch.seq_id, ubatch.seq_id_unq, ubatch.n_seq_id
+        if (
+            m is not None
+            and m.seq_id is sid
+            and m.seq_id_unq is unq
+            and m.n_seq_id is nsid
+            and m.n_tokens == ubatch.n_tokens
+        ):
+            return m
+        if sid.flags.writeable or unq.flags.writeable or nsid.flags.writeable:
+            return None
+        strm = self._slot_streams(ubatch, n_seqs, n_tokens)
+        base = np.zeros(n_seqs, dtype=np.int64) if strm is None else strm
+        strm32 = base.astype(np.int32)
+        strm32.flags.writeable = False
+        primary = sid[:, 0]
+        m = _StepMemo(
+            seq_id=sid,
+            seq_id_unq=unq,
+            n_seq_id=nsid,
+            n_tokens=ubatch.n_tokens,
+            strm=strm,
+            strm32=strm32,
+            offs=base[:, None] * self.kv_size,
+            # as set_new: E.g. strm [0, 2], 2 tokens each -> [0, 0, 2, 2]
+            rows=int(base[0]) if base.size == 1 else np.repeat(base, n_tokens),
+            simple=sid.shape[1] == 1 and primary.size > 0 and int(primary.min()) >= 0,
+        )
+        self._memo = m
+        return m
+
+    def _memo_for(self, sinfo: SlotInfo) -> _StepMemo | None:
+        """The memo whose slot ``sinfo`` is (found by :meth:`find_slot` from a replayed
+        ubatch), else None."""
+        m = self._memo
+        return m if m is not None and sinfo.strm is m.strm32 else None
 
     def _slot_streams(self, ubatch: UBatch, n_seqs: int, n_tokens: int) -> np.ndarray | None:
         """The stream of each of the ubatch's ``n_seqs`` token blocks (int64), or None when a
@@ -817,7 +893,9 @@ class KVCache(Memory):
             idxs[s] = found
         return SlotInfo(strm, idxs)
 
-    def _find_slot_batched(self, strm: np.ndarray, n: int) -> SlotInfo | None:
+    def _find_slot_batched(
+        self, strm: np.ndarray, n: int, memo: _StepMemo | None = None
+    ) -> SlotInfo | None:
         """``n`` cells in each of the distinct streams ``strm``, all streams at once.
 
         Each stream scans its cells in circular order from its head, as :meth:`_search`
@@ -834,15 +912,18 @@ class KVCache(Memory):
         head = np.where(head > st.used[strm] + 2 * n, 0, head)
         # E.g. size 8, head [6, 2], n 2 -> cells [[6, 7], [2, 3]]
         cols = (head[:, None] + np.arange(n)) % size
-        if self._usable_at(strm[:, None] * size + cols).all():
-            return SlotInfo(strm.astype(np.int32), cols.astype(np.int32))
+        offs = strm[:, None] * size if memo is None else memo.offs
+        if self._usable_at(offs + cols).all():
+            strm32 = strm.astype(np.int32) if memo is None else memo.strm32
+            return SlotInfo(strm32, cols.astype(np.int32))
         if strm.size == 1:
             # one stream: the per-stream scan over contiguous slices (no gathers, no
             # cumsum) finds the same cells; a restore of thousands of cells lands here
             found = self._search(self.v_cells[int(strm[0])], int(head[0]), n, False)
             if found is None:
                 return None
-            return SlotInfo(strm.astype(np.int32), found.astype(np.int32).reshape(1, n))
+            strm32 = strm.astype(np.int32) if memo is None else memo.strm32
+            return SlotInfo(strm32, found.astype(np.int32).reshape(1, n))
         idxs = np.empty((strm.size, n), dtype=np.int32)
         todo = np.arange(strm.size)
         width = min(size, max(SLOT_WINDOW, 4 * n))
@@ -857,7 +938,7 @@ class KVCache(Memory):
             idxs[todo[done]] = cols[done][take].reshape(-1, n)
             todo = todo[~done]
             if todo.size == 0:
-                return SlotInfo(strm.astype(np.int32), idxs)
+                return SlotInfo(strm.astype(np.int32) if memo is None else memo.strm32, idxs)
             if width == size:
                 return None
             width = min(size, width * 4)
@@ -928,12 +1009,14 @@ class KVCache(Memory):
             )
         self._mutated()
         st = self.cells
-        strm = sinfo.strm.astype(np.int64)
+        memo = self._memo_for(sinfo)
+        strm = sinfo.strm.astype(np.int64) if memo is None else memo.strm
+        assert strm is not None
         idx = sinfo.idxs.astype(np.int64)
         n_tok = ubatch.n_tokens
         pos_all = ubatch.pos
         # E.g. size 8, strm [0, 2], idxs [[3, 4], [0, 1]] -> gid [[3, 4], [16, 17]]
-        gid = strm[:, None] * self.kv_size + idx
+        gid = (strm[:, None] * self.kv_size if memo is None else memo.offs) + idx
         occupied = gid[st.pos_f[gid] >= 0]
         max_rm = None
         if occupied.size:
@@ -954,7 +1037,10 @@ class KVCache(Memory):
                 ext[:, 2] = ubatch.token
             else:
                 ext[:, 2] = self._ple_embd_token()
-        st.set_new(strm, idx, pos_all[:n_tok], ubatch.seq_id, ext)
+        if memo is not None and ubatch.seq_id is memo.seq_id:
+            st.set_new(strm, idx, pos_all[:n_tok], ubatch.seq_id, ext, gid, memo.rows, memo.simple)
+        else:
+            st.set_new(strm, idx, pos_all[:n_tok], ubatch.seq_id, ext)
         if max_rm is not None:
             seqs = np.flatnonzero(max_rm >= 0)
             rows = self.seq_to_stream[seqs].astype(np.int64)
@@ -970,7 +1056,9 @@ class KVCache(Memory):
         slot's streams, ``P = max(n_pad, 256)``. E.g. used_max_p1 [300, 20], size 4096 ->
         [512, 256] -> 512."""
         pad = max(self.n_pad, N_PAD_GRAPH)
-        used_max_p1 = self.cells.used_max_p1_of(sinfo.strm.astype(np.int64))
+        memo = self._memo_for(sinfo)
+        strm = sinfo.strm.astype(np.int64) if memo is None or memo.strm is None else memo.strm
+        used_max_p1 = self.cells.used_max_p1_of(strm)
         padded = -(-used_max_p1 // pad) * pad
         return int(np.minimum(self.kv_size, np.maximum(pad, padded)).max())
 
@@ -1120,7 +1208,7 @@ class KVCacheContext(MemoryContext):
         kv = self.kv
         sinfo = self.get_sinfo()
         inputs = KVInputs(
-            layers=frozenset(kv.get_layer_ids()),
+            layers=kv._layer_set,
             v_trans=bool(kv.v_trans),
             n_kv=self.n_kv,
             n_stream=sinfo.n_stream,
@@ -1140,10 +1228,16 @@ class KVCacheContext(MemoryContext):
 
     def get_k_idxs(self) -> np.ndarray:
         """int64 ``[n_tokens]``: the global row (``strm * kv_size + cell``) of each token's K."""
-        return build_k_idxs(self.kv.layout, self.get_sinfo())
+        sinfo = self.get_sinfo()
+        memo = self.kv._memo_for(sinfo)
+        if memo is not None:  # the row offsets of a replayed layout: build_k_idxs's values
+            return (memo.offs + sinfo.idxs).ravel()
+        return build_k_idxs(self.kv.layout, sinfo)
 
     def get_v_idxs(self) -> np.ndarray:
         """int64: V rows as K, or with ``v_trans`` element indices ``[n_tokens * n_embd_v_gqa_max]``."""
+        if not self.kv.v_trans:
+            return self.get_k_idxs()
         return build_v_idxs(self.kv.layout, self.get_sinfo())
 
     def get_kq_mask(

@@ -474,22 +474,31 @@ class StackedCells:
         pos: np.ndarray,
         seq_id: np.ndarray,
         ext: np.ndarray | None = None,
+        gid: np.ndarray | None = None,
+        rows: Rows | None = None,
+        simple: bool | None = None,
     ) -> None:
         """Fill empty cells: ``idx[r]`` of stream ``strm[r]`` (distinct streams) get the
         tokens ``r * idx.shape[1] + i`` in order, with positions ``pos`` and the sequence
         ids of ``seq_id``, an int32 ``[n, k]`` matrix padded with -1 (a ubatch's ``seq_id``).
+
+        ``gid`` (the cells' global ids, any shape), ``rows`` (each token's stream, an int
+        for one stream) and ``simple`` (one id per token, none negative) are what this
+        computes first; a caller that already holds them (a decode step's memo) passes them.
         """
         if idx.size == 0:
             return
         n_per = idx.shape[1]
         # E.g. size 8, strm [0, 2], idx [[3, 4], [0, 1]] -> gid [3, 4, 16, 17], rows [0, 0, 2, 2]
-        gid = (strm[:, None] * self.size + idx).reshape(-1)
-        rows: Rows = int(strm[0]) if strm.size == 1 else np.repeat(strm, n_per)
+        gid = (strm[:, None] * self.size + idx).reshape(-1) if gid is None else gid.reshape(-1)
+        if rows is None:
+            rows = int(strm[0]) if strm.size == 1 else np.repeat(strm, n_per)
         self._record(gid, strm)
         pos = np.asarray(pos, dtype=np.int32)
         self.pos_f[gid] = pos
         primary = seq_id[:, 0]
-        simple = seq_id.shape[1] == 1 and int(primary.min()) >= 0  # one id per cell
+        if simple is None:
+            simple = seq_id.shape[1] == 1 and int(primary.min()) >= 0  # one id per cell
         if simple:
             # one id per token: E.g. ids [1, 65] -> words [0, 1], bits [1 << 1, 1 << 1]
             self.rows_f[gid] = _ZERO_ROW

@@ -119,6 +119,36 @@ def _keep(
     return keep
 
 
+_I32 = np.iinfo(np.int32)
+
+
+def _window(rules: _MaskRules, p1: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The cells a token at ``p1`` may attend as bounds on the cell position, ``lo <= p0 <=
+    hi`` (int32, shaped as ``p1``; None: unbounded), for causality and the window alone
+    (no M-RoPE tie, no SWA_FULL span). The same decisions as :func:`_keep`, taken once per
+    token instead of once per (token, cell) pair:
+
+    causal: ``p0 <= p1``; STANDARD: ``p1 - p0 >= n_swa`` masks, so ``p0 >= p1 - n_swa + 1``;
+    CHUNKED: ``p0 >= (p1 // n_swa) * n_swa``; SYMMETRIC: ``|p1 - p0| <= n_swa // 2``.
+    E.g. causal, STANDARD, n_swa 4, p1 9 -> lo 6, hi 9.
+    """
+    p = p1.astype(np.int64)
+    lo = hi = None
+    if rules.swa_type == SWAType.STANDARD:
+        lo = p - rules.n_swa + 1
+    elif rules.swa_type == SWAType.CHUNKED:
+        lo = (p // rules.n_swa) * rules.n_swa  # positions are >= 0: floor is truncation
+    elif rules.swa_type == SWAType.SYMMETRIC:
+        lo, hi = p - rules.n_swa // 2, p + rules.n_swa // 2
+    if rules.causal:
+        hi = p if hi is None else np.minimum(hi, p)
+    # clipped into int32 so that the comparisons with int32 positions stay int32
+    return (
+        None if lo is None else np.clip(lo, _I32.min, _I32.max).astype(np.int32),
+        None if hi is None else np.clip(hi, _I32.min, _I32.max).astype(np.int32),
+    )
+
+
 def build_kq_mask(
     layout: KVLayout,
     v_cells: Sequence[KVCells],
@@ -379,8 +409,16 @@ def _mask_streams(
         cx, cy = ext[:, None, :, 0], ext[:, None, :, 1]
         tx, ty = p1x[:, :, None], p1y[:, :, None]
         tie = (cy > ty) | ((cy == ty) & (cx > tx))
-    span = None if rules.in_span_min is None else rules.in_span_min[sq][:, :, None]
-    keep = _keep(rules, p0, pt, tie, span, keep)
+    if tie is None and rules.in_span_min is None:
+        # the window as bounds per token: E.g. lo [[6]], hi [[9]] keeps cells at 6..9
+        lo, hi = _window(rules, p1)
+        if lo is not None:
+            keep &= p0 >= lo[:, :, None]
+        if hi is not None:
+            keep &= p0 <= hi[:, :, None]
+    else:
+        span = None if rules.in_span_min is None else rules.in_span_min[sq][:, :, None]
+        keep = _keep(rules, p0, pt, tie, span, keep)
     if rules.alibi:
         out.fill(-np.inf)
         # negated as integers, as the reference: a float negation would write -0.0
