@@ -132,21 +132,23 @@ def _window(rules: _MaskRules, p1: np.ndarray) -> tuple[np.ndarray | None, np.nd
     CHUNKED: ``p0 >= (p1 // n_swa) * n_swa``; SYMMETRIC: ``|p1 - p0| <= n_swa // 2``.
     E.g. causal, STANDARD, n_swa 4, p1 9 -> lo 6, hi 9.
     """
+    if rules.swa_type == SWAType.NONE:
+        return None, (p1 if rules.causal else None)  # p1 is int32 already
+    # the bounds in int64, then int32 (lo >= -2**31 unless the window is wider than that;
+    # hi past 2**31 - 1 only for SYMMETRIC without causality)
     p = p1.astype(np.int64)
-    lo = hi = None
+    hi = None
     if rules.swa_type == SWAType.STANDARD:
-        lo = p - rules.n_swa + 1
+        lo = p - (rules.n_swa - 1)
+        if rules.n_swa > _I32.max:
+            lo = np.maximum(lo, _I32.min)
     elif rules.swa_type == SWAType.CHUNKED:
         lo = (p // rules.n_swa) * rules.n_swa  # positions are >= 0: floor is truncation
-    elif rules.swa_type == SWAType.SYMMETRIC:
-        lo, hi = p - rules.n_swa // 2, p + rules.n_swa // 2
+    else:  # SYMMETRIC
+        lo, hi = p - rules.n_swa // 2, np.minimum(p + rules.n_swa // 2, _I32.max)
     if rules.causal:
         hi = p if hi is None else np.minimum(hi, p)
-    # clipped into int32 so that the comparisons with int32 positions stay int32
-    return (
-        None if lo is None else np.clip(lo, _I32.min, _I32.max).astype(np.int32),
-        None if hi is None else np.clip(hi, _I32.min, _I32.max).astype(np.int32),
-    )
+    return lo.astype(np.int32), (None if hi is None else hi.astype(np.int32))
 
 
 def build_kq_mask(
