@@ -1,17 +1,19 @@
-"""The GGUF engine's RWKV family and PLaMo-2 (pymem/runtime/graph_rwkv.py) refuse what they
-do not build.
+"""The GGUF engine's linear-recurrence family (pymem/runtime/graph_rwkv.py: RWKV-6/7 and
+their Qwen flavours, PLaMo-2, Kimi-Linear, Kimi-K3, MiniMax-01) refuses what it does not
+build.
 
-The recorded runs (rwkv6.*, rwkv6qwen2.*, rwkv7.*, arwkv7.*, plamo2.*, kimi-linear.*,
-minimax-01.*) replay through the engine in tests/test_gguf_llama.py, but for
-minimax-01.main.fa1.u1, where the reference reads memory it never wrote from step 28 on:
-here its steps before that match and step 28 is refused. Here: a model the engine would decode wrongly by
-ignoring a tensor or key (K/V/R biases, the unfused lerp of old RWKV-6 files, rescaling
-every n layers, repeated K/V heads, a PLaMo-2 QKV bias, Kimi-Linear's fused KDA QKV or
-MHA-cache MLA, MiniMax-01 attention biases) raises UnsupportedError naming it, before any state is
-written; and an RWKV-7 head size ggml's CPU ``rwkv_wkv7`` kernel overruns (it steps 64
-floats at a time with AVX-512: heads of 8 read and write past each head, corrupting the
-heap) is refused instead of computed. The models are the recorded tiny ones, written again
-by their writers with one tensor or key more.
+The recorded runs of these architectures replay through the engine in
+tests/test_gguf_llama.py, except minimax-01.main.fa1.u1, where the reference reads memory
+it never wrote from step 28 on: here its steps before that match and step 28 is refused.
+
+Here: a model the engine would decode wrongly by ignoring a tensor or key (K/V/R biases,
+the unfused lerp of old RWKV-6 files, rescaling every n layers, repeated K/V heads, a
+PLaMo-2 QKV bias, Kimi-Linear's fused KDA QKV or MHA-cache MLA, MiniMax-01 attention
+biases, Kimi-K3's latent MoE or sigmoid KDA gate) raises UnsupportedError naming it,
+before any state is written; an RWKV-7 head size ggml's CPU ``rwkv_wkv7`` kernel overruns
+(it steps 64 floats at a time with AVX-512: heads of 8 read and write past each head,
+corrupting the heap) is refused instead of computed. The models are the recorded tiny
+ones, written again by their writers with one tensor or key more.
 """
 
 from __future__ import annotations
@@ -45,17 +47,20 @@ def _write_with(
     monkeypatch: pytest.MonkeyPatch,
     writer: Callable[[Path], Path],
     extra: dict[str, tuple[int, ...]],
-    keys: dict[str, int] | None = None,
+    keys: dict[str, int | float] | None = None,
 ) -> Path:
     """The writer's model plus the ``extra`` tensors (name -> ggml shape, zeros) and
-    ``keys`` (``<key>`` after the arch prefix -> u32)."""
+    ``keys`` (``<key>`` after the arch prefix -> u32, or f32 for a float)."""
     finish = models._Model.finish
 
     def finish_with_extra(self: models._Model) -> None:
         for name, ne in extra.items():
             self.w.add_tensor(name, np.zeros(tuple(reversed(ne)), np.float32))
         for key, value in (keys or {}).items():
-            self.u32(key, value)
+            if isinstance(value, float):
+                self.f32(key, value)
+            else:
+                self.u32(key, value)
         finish(self)
 
     monkeypatch.setattr(models._Model, "finish", finish_with_extra)
@@ -82,6 +87,7 @@ def _first_decode(path: Path, run: str) -> np.ndarray:
 
 def test_family_is_registered() -> None:
     family = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "plamo2", "kimi-linear", "minimax-01"}
+    family |= {"kimi-k3"}
     assert family <= set(SUPPORTED)
 
 
@@ -93,8 +99,9 @@ def test_family_is_registered() -> None:
         (family_ssm.write_plamo2, "plamo2.main.fa1.u1"),
         (family_linear.write_kimi_linear, "kimi-linear.main.fa1.u1"),
         (family_linear.write_minimax_01, "minimax-01.main.fa0.u0"),
+        (family_linear.write_kimi_k3, "kimi-k3.main.fa0.u0"),
     ],
-    ids=["rwkv6", "rwkv6qwen2", "plamo2", "kimi-linear", "minimax-01"],
+    ids=["rwkv6", "rwkv6qwen2", "plamo2", "kimi-linear", "minimax-01", "kimi-k3"],
 )
 def test_unchanged_model_decodes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: Callable[[Path], Path], run: str
@@ -142,6 +149,14 @@ CASES = {
     "minimax-attn-q-bias": (
         family_linear.write_minimax_01, "minimax-01.main.fa0.u0",
         {"blk.1.attn_q.bias": (16,)}, {}, r"blk\.1\.attn_q\.bias",
+    ),
+    "kimi-k3-latent-moe": (
+        family_linear.write_kimi_k3, "kimi-k3.main.fa0.u0",
+        {"blk.1.ffn_routed_down.weight": (16, 8)}, {}, r"blk\.1\.ffn_routed_down\.weight",
+    ),
+    "kimi-k3-gate-lower-bound": (
+        family_linear.write_kimi_k3, "kimi-k3.main.fa0.u0",
+        {}, {"kda.gate_lower_bound": -5.0}, r"kimi-k3\.kda\.gate_lower_bound",
     ),
 }  # fmt: skip
 

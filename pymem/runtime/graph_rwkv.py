@@ -58,7 +58,7 @@ import numpy as np
 
 import pymem.ggml as gg
 from pymem.errors import ConfigError, UnsupportedError
-from pymem.runtime.arch_graph import ArchGraph, f32
+from pymem.runtime.arch_graph import ArchGraph, f32, f32_div
 
 F32 = 4  # bytes per float32
 
@@ -68,8 +68,10 @@ _WKV_GROUP_NORM_EPS = 64e-5
 _RWKV7_DECAY_SCALE = -0.606531
 # the WKV-7 head size ggml's CPU kernel handles without overrunning (its SIMD step)
 _WKV7_HEAD_MULTIPLE = 64
-# llama_expert_gating_func_type: MiniMax-01 routes by softmax
-_GATING_SOFTMAX = 1
+# llama_expert_gating_func_type: MiniMax-01 routes by softmax, Kimi by sigmoid
+_GATING_SOFTMAX, _GATING_SIGMOID = 1, 2
+# build_moe_ffn clamps the weight sum to the smallest normal F16
+_F16_MIN_NORMAL = 6.103515625e-5
 
 
 class RWKVGraph:
@@ -629,7 +631,11 @@ class RWKVGraph:
     def _kimi_conv(self, il: int, conv_state: Any, j: int, x: Any, proj: str, conv_w: str) -> Any:
         """``causal_conv1d`` of Q (``j`` 0), K (1) or V (2): the projection, its short
         convolution over [state | tokens], the state's last ``d_conv - 1`` columns stored
-        into the ``j``-th third of each R row ``[head, head + n_seqs)``, SiLU."""
+        into the ``j``-th third of each R row ``[head, head + n_seqs)``, SiLU.
+
+        With rollback (kimi-k3, ``n_rs_seq`` > 0) plane ``s`` gets the columns ending
+        ``s`` tokens before the last (clamped to the first), planes written in order.
+        """
         ctx, ub = self.ctx, self.ubatch
         g: Any = self
         rs = g._recr()
@@ -646,23 +652,31 @@ class RWKVGraph:
         x = ctx.mul_mat(self.m._w(il, proj), x)
         x = ctx.reshape_3d(x, d_inner, n_seq_tokens, n_seqs)
         conv_x = ctx.concat(state, ctx.transpose(x), 0)
-        last = ctx.view_3d(conv_x, d_conv - 1, d_inner, n_seqs, conv_x.nb[1], conv_x.nb[2],
-                           n_seq_tokens * int(conv_x.nb[0]))  # fmt: skip
         rel = int(gg.lib.ggml_element_size(r_all))
-        dst = ctx.view_3d(r_all, d_conv - 1, d_inner, n_seqs, (d_conv - 1) * rel,
-                          n_embd_r * rel, (rs.head * n_embd_r + j * size) * rel)  # fmt: skip
-        g.expand(ctx.cpy(last, dst))
+        for plane in range(rs.n_rs_seq + 1):
+            s_idx = max(0, n_seq_tokens - plane)
+            last = ctx.view_3d(conv_x, d_conv - 1, d_inner, n_seqs, conv_x.nb[1], conv_x.nb[2],
+                               s_idx * int(conv_x.nb[0]))  # fmt: skip
+            row = plane * rs.size + rs.head
+            dst = ctx.view_3d(r_all, d_conv - 1, d_inner, n_seqs, (d_conv - 1) * rel,
+                              n_embd_r * rel, (row * n_embd_r + j * size) * rel)  # fmt: skip
+            g.expand(ctx.cpy(last, dst))
         conv_w_2d = ctx.reshape_2d(self.m._w(il, conv_w), d_conv, d_inner)
         out = ctx.ssm_conv(conv_x, conv_w_2d)
         out = ctx.silu(ctx.reshape_2d(out, d_inner, ub.n_tokens))
         return ctx.reshape_4d(out, head_dim, n_head, n_seq_tokens, n_seqs)
 
-    def kimi_kda(self, il: int, cur: Any) -> Any:
+    def kimi_kda(self, il: int, cur: Any, k3: bool = False) -> Any:
         """The KDA layer of ``llama_model_kimi_linear::graph``: Q/K/V each through a short
         convolution (R: three conv states per row), the per-channel decay
         ``A * softplus(f_b(f_a(x)) + dt_bias)``, sigmoid beta, L2-normed Q/K, the fused
         ``ggml_gated_delta_net`` (its final state to S rows ``[head, head + n_seqs)``), an
-        RMS norm gated by ``sigmoid(g_b(g_a(x)))``, ``wo``."""
+        RMS norm gated by ``sigmoid(g_b(g_a(x)))``, ``wo``.
+
+        ``k3``: kimi-k3's ``build_kda_layer``: rollback planes (conv columns and the
+        fused op's state snapshots, ``build_recurrent_attn``) and one full-rank output
+        gate ``ssm_g``.
+        """
         ctx, ub = self.ctx, self.ubatch
         g: Any = self
         rs = g._recr()
@@ -672,7 +686,7 @@ class RWKVGraph:
             raise ConfigError(
                 "ubatch: KDA layers need an equal-sequence split (split_equal or split_seq)"
             )
-        if rs.n_rs_seq:
+        if rs.n_rs_seq and not k3:
             raise UnsupportedError("kimi-linear KDA layers: rollback snapshots (n_rs_seq > 0)")
         n_head, head_dim = hpf.n_head[il], hpf.n_embd_head_kda
         n_seqs, n_seq_tokens, n_tokens = ub.n_seqs, ub.n_seq_tokens, ub.n_tokens
@@ -698,6 +712,12 @@ class RWKVGraph:
         state = ctx.reshape_4d(state, head_dim, head_dim, n_head, n_seqs)
         q = g._gdn_l2_norm(q)
         k = g._gdn_l2_norm(k)
+        if k3:
+            output = g._gdn_recurrent_attn(rs, s_all, q, k, v, g1, beta, state, n_embd_s)
+            output = ctx.cont(output)
+            cur_2d = ctx.reshape_2d(cur, cur.ne[0], n_seq_tokens * n_seqs)
+            g2 = ctx.mul_mat(w(il, "ssm_g.weight"), cur_2d)
+            return self._kda_out(il, output, g2)
         out = ctx.gated_delta_net(q, k, v, g1, beta, state, 1)
         # out = [S x H x n_seq_tokens x n_seqs scores | S x S x H x n_seqs states]
         output = ctx.view_4d(out, head_dim, n_head, n_seq_tokens, n_seqs, head_dim * F32,
@@ -712,9 +732,18 @@ class RWKVGraph:
 
         cur_2d = ctx.reshape_2d(cur, cur.ne[0], n_seq_tokens * n_seqs)
         g2 = ctx.mul_mat(w(il, "ssm_g_b.weight"), ctx.mul_mat(w(il, "ssm_g_a.weight"), cur_2d))
-        g2 = ctx.reshape_3d(g2, head_dim, n_head, n_seq_tokens * n_seqs)
-        out3 = ctx.reshape_3d(output, head_dim, n_head, n_seq_tokens * n_seqs)
-        gated = ctx.mul(g.norm(out3, w(il, "ssm_norm.weight")), ctx.sigmoid(g2))
+        return self._kda_out(il, output, g2)
+
+    def _kda_out(self, il: int, output: Any, g2: Any) -> Any:
+        """``wo(rms_norm(output) * sigmoid(g2))`` per KDA head."""
+        ctx, g = self.ctx, self
+        gw: Any = g
+        w = self.m._w
+        n_head, head_dim = self.m.hp_file.n_head[il], self.m.hp_file.n_embd_head_kda
+        n_tokens = self.ubatch.n_tokens
+        g2 = ctx.reshape_3d(g2, head_dim, n_head, n_tokens)
+        out3 = ctx.reshape_3d(output, head_dim, n_head, n_tokens)
+        gated = ctx.mul(gw.norm(out3, w(il, "ssm_norm.weight")), ctx.sigmoid(g2))
         gated = ctx.cont_2d(gated, head_dim * n_head, n_tokens)
         return ctx.mul_mat(w(il, "attn_output.weight"), gated)
 
@@ -739,11 +768,15 @@ class RWKVGraph:
         t_mask, t_k, _ = g._attn_in[part]
         return t_mask, t_k
 
-    def kimi_mla(self, il: int, cur: Any) -> Any:
+    def kimi_mla(self, il: int, cur: Any, gated: bool = False) -> Any:
         """The MLA layer of ``llama_model_kimi_linear::graph`` (no RoPE), with the MLA KV
         cache: Q's no-RoPE part absorbed through ``wk_b``, K = [normed latent | k_pe] in a
         K-only cache, V = the first ``kv_lora_rank`` values of each K row, decompressed per
-        head by ``wv_b`` after attention (``v_mla``), scale 1/sqrt(key_length_mla)."""
+        head by ``wv_b`` after attention (``v_mla``), scale 1/sqrt(key_length_mla).
+
+        ``gated``: kimi-k3 multiplies the attention output by ``sigmoid(attn_gate . x)``
+        (``x`` the normed layer input) before ``wo`` when the layer has the gate.
+        """
         ctx, hp = self.ctx, self.hp
         g: Any = self
         w = self.m._w
@@ -783,9 +816,12 @@ class RWKVGraph:
         k_view = ai.get_k(ctx, il)
         v_view = ctx.view_4d(k_view, v.ne[0], k_view.ne[1], k_view.ne[2], k_view.ne[3],
                              k_view.nb[1], k_view.nb[2], k_view.nb[3], 0)  # fmt: skip
-        cur = self._mla_attn_mha(q, k_view, v_view, t_mask, kq_scale, w(il, "attn_v_b.weight"))
-        g.expand(cur)
-        return ctx.mul_mat(w(il, "attn_output.weight"), cur)
+        out = self._mla_attn_mha(q, k_view, v_view, t_mask, kq_scale, w(il, "attn_v_b.weight"))
+        g.expand(out)
+        gate_w = w(il, "attn_gate.weight", required=False) if gated else None
+        if gate_w is not None:
+            out = ctx.mul(out, ctx.sigmoid(ctx.mul_mat(gate_w, cur)))
+        return ctx.mul_mat(w(il, "attn_output.weight"), out)
 
     def _mla_attn_mha(
         self, q: Any, k: Any, v: Any, kq_mask: Any, kq_scale: float, v_mla: Any
@@ -1045,6 +1081,124 @@ class RWKVGraph:
             inpL = ctx.add(cur, ctx.scale(residual, res_scale))
         return inpL
 
+    # --- Kimi-K3 --------------------------------------------------------------------------
+    def _k3_situ(self, gate: Any, up: Any) -> Any:
+        """``kimi_k3_situ``: ``beta tanh(gate / beta) sigmoid(gate)`` times ``up`` (through
+        ``lb tanh(up / lb)`` when ``situ_linear_beta`` > 0)."""
+        ctx, keys, arch = self.ctx, self.m.keys, self.hp.arch
+        beta = keys.f32(f"{arch}.activation.situ_beta")
+        lb = keys.f32(f"{arch}.activation.situ_linear_beta")
+        act = ctx.scale(ctx.tanh(ctx.scale(gate, f32_div(1.0, beta))), beta)
+        act = ctx.mul(act, ctx.sigmoid(gate))
+        if lb > 0.0:
+            up = ctx.scale(ctx.tanh(ctx.scale(up, f32_div(1.0, lb))), lb)
+        return ctx.mul(act, up)
+
+    def _k3_moe(self, il: int, cur: Any) -> Any:
+        """``build_latent_moe`` without the latent projections: ``build_moe_ffn`` with the
+        router logits of the layer input, the file's gating (softmax or sigmoid), the
+        selection bias, optionally normalised (``expert_weights_norm``) and scaled
+        weights, SiTU experts; plus the SiTU shared expert."""
+        ctx, w = self.ctx, self.m._w
+        g: Any = self
+        keys, arch = self.m.keys, self.hp.arch
+        n_embd, n_tokens = int(cur.ne[0]), int(cur.ne[1])
+        n_expert, n_used = g.moe_counts(il)
+        gating = int(keys.f32(f"{arch}.expert_gating_func"))
+        logits = ctx.mul_mat(w(il, "ffn_gate_inp.weight"), cur)
+        if gating == _GATING_SOFTMAX:
+            probs = ctx.soft_max(logits)
+        elif gating == _GATING_SIGMOID:
+            probs = ctx.sigmoid(logits)
+        else:
+            raise UnsupportedError(f"{self.m.path}: {arch}.expert_gating_func {gating}")
+        selection = probs
+        probs_b = w(il, "exp_probs_b.bias", required=False)
+        if probs_b is not None:
+            selection = ctx.add(probs, probs_b)
+        selected = ctx.argsort_top_k(selection, n_used)  # [n_used, n_tokens]
+        weights = ctx.get_rows(ctx.reshape_3d(probs, 1, n_expert, n_tokens), selected)
+        if keys.bool_(f"{arch}.expert_weights_norm"):
+            weights = ctx.reshape_2d(weights, n_used, n_tokens)
+            weights_sum = ctx.clamp(ctx.sum_rows(weights), _F16_MIN_NORMAL, float("inf"))
+            weights = ctx.reshape_3d(ctx.div(weights, weights_sum), 1, n_used, n_tokens)
+        w_scale = keys.f32(f"{arch}.expert_weights_scale", 0.0)
+        if w_scale not in (0.0, 1.0):
+            weights = ctx.scale(weights, w_scale)
+        g.expand(weights)  # early, as the reference
+        x = ctx.reshape_3d(cur, n_embd, 1, n_tokens)
+        up = ctx.mul_mat_id(w(il, "ffn_up_exps.weight"), x, selected)
+        gate = ctx.mul_mat_id(w(il, "ffn_gate_exps.weight"), x, selected)
+        experts = ctx.mul_mat_id(w(il, "ffn_down_exps.weight"), self._k3_situ(gate, up), selected)
+        experts = ctx.mul(experts, weights)  # [n_embd, n_used, n_tokens]
+        g.expand(experts)
+        # the views first, then their sum in expert-slot order
+        views = [
+            ctx.view_2d(experts, n_embd, n_tokens, experts.nb[2], i * int(experts.nb[1]))
+            for i in range(n_used)
+        ]
+        g.expand(*views)
+        moe_out = views[0]
+        for view in views[1:]:
+            moe_out = ctx.add(moe_out, view)
+            g.expand(moe_out)
+        if n_used == 1:
+            moe_out = ctx.cont(moe_out)
+        if w(il, "ffn_gate_shexp.weight", required=False) is not None:
+            sh = self._k3_situ(ctx.mul_mat(w(il, "ffn_gate_shexp.weight"), cur),
+                               ctx.mul_mat(w(il, "ffn_up_shexp.weight"), cur))  # fmt: skip
+            moe_out = ctx.add(moe_out, ctx.mul_mat(w(il, "ffn_down_shexp.weight"), sh))
+        return moe_out
+
+    def _k3_refuse(self) -> None:
+        """Kimi-K3 variants not built: attention residuals (``attn_res.block_size`` > 0),
+        the latent MoE projections, the KDA gate lower bound, Q LoRA, MHA-cache MLA."""
+        arch = self.hp.arch
+        if self.m.keys.f32(f"{arch}.attn_res.block_size", 0.0):
+            raise UnsupportedError(
+                f"{self.m.path}: {arch}.attn_res.block_size (attention residuals)"
+            )
+        if self.m.keys.fields.get(f"{arch}.kda.gate_lower_bound") is not None:
+            raise UnsupportedError(f"{self.m.path}: {arch}.kda.gate_lower_bound (sigmoid KDA gate)")
+        self._rwkv_refuse(
+            ["ffn_routed_down.weight", "ffn_routed_up.weight", "attn_q_a.weight",
+             "attn_kv_b.weight", "attn_qkv.weight"]
+        )  # fmt: skip
+
+    def kimi_k3(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_kimi_k3::graph`` (no attention residuals) up to the output norm:
+        KDA (with rollback planes) or gated MLA mixer, residual, RMS norm, SiTU FFN (the
+        leading dense layers) or SiTU MoE with a shared expert, residual; the output rows
+        are taken after the last layer."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        if not self.m.hp_file.is_mla:
+            raise UnsupportedError(f"{self.m.path}: kimi-k3 without MLA (an MHA KV cache)")
+        self._k3_refuse()
+        n_dense = int(self.m.keys.f32(f"{hp.arch}.leading_dense_block_count", 0.0))
+        layers = self.m.spec.layers
+        if any(layer.recurrent for layer in layers):
+            g.s_copy()
+        inpL = inp
+        for il in range(hp.n_layer):
+            cur = g.norm(inpL, w(il, "attn_norm.weight"))
+            g.expand(cur)
+            if layers[il].recurrent:
+                cur = self.kimi_kda(il, cur, k3=True)
+            else:
+                cur = self.kimi_mla(il, cur, gated=True)
+            prefix = ctx.add(inpL, cur)
+            cur = g.norm(prefix, w(il, "ffn_norm.weight"))
+            if il < n_dense:
+                gate = ctx.mul_mat(w(il, "ffn_gate.weight"), cur)
+                up = ctx.mul_mat(w(il, "ffn_up.weight"), cur)
+                cur = ctx.mul_mat(w(il, "ffn_down.weight"), self._k3_situ(gate, up))
+            else:
+                cur = self._k3_moe(il, cur)
+            inpL = ctx.add(prefix, cur)
+        return ctx.get_rows(inpL, out_ids)
+
 
 def _libm_f32(name: str, n_args: int) -> Any:
     """libm's float function ``name`` (``powf``, ``log2f``): the reference computes the
@@ -1056,6 +1210,7 @@ def _libm_f32(name: str, n_args: int) -> Any:
 
 
 ARCH_GRAPHS: dict[str, ArchGraph] = {
+    "kimi-k3": ArchGraph(RWKVGraph.kimi_k3),
     "minimax-01": ArchGraph(RWKVGraph.minimax_01),
     "kimi-linear": ArchGraph(RWKVGraph.kimi_linear),
     "plamo2": ArchGraph(RWKVGraph.plamo2),
