@@ -72,7 +72,15 @@ from pymem.errors import BatchError, ClosedError, ConfigError, RangeError, Unsup
 from pymem.ggml import GraphRunner
 from pymem.kv import graph as kv_graph
 from pymem.kv import state_io
-from pymem.kv.cells import EMPTY_MIN, STALE_MAX, STALE_MIN, CellViews, KVCells, StackedCells
+from pymem.kv.cells import (
+    EMPTY_MIN,
+    STALE_MAX,
+    STALE_MIN,
+    CellViews,
+    KVCells,
+    NewRows,
+    StackedCells,
+)
 from pymem.kv.inputs import build_k_idxs, build_kq_mask, build_v_idxs
 from pymem.kv.layout import KVLayer, KVLayout, SlotInfo, StreamHeads
 from pymem.kv.shift import apply_k_shift, has_rope
@@ -137,8 +145,7 @@ class _StepMemo:
     strm: np.ndarray | None  # int64 stream per block; None: _slot_streams refuses them
     strm32: np.ndarray  # the same, int32, read-only: the slot's strm
     offs: np.ndarray  # int64 [n_blocks, 1]: strm * kv_size, the first row of each stream
-    rows: np.ndarray | int  # the stream of each token (set_new), an int for one block
-    simple: bool  # one sequence id per token, none negative (set_new)
+    new_rows: NewRows  # what set_new derives from the streams and ids
 
 
 class KVCache(Memory):
@@ -823,7 +830,6 @@ class KVCache(Memory):
         base = np.zeros(n_seqs, dtype=np.int64) if strm is None else strm
         strm32 = base.astype(np.int32)
         strm32.flags.writeable = False
-        primary = sid[:, 0]
         m = _StepMemo(
             seq_id=sid,
             seq_id_unq=unq,
@@ -832,9 +838,7 @@ class KVCache(Memory):
             strm=strm,
             strm32=strm32,
             offs=base[:, None] * self.kv_size,
-            # as set_new: E.g. strm [0, 2], 2 tokens each -> [0, 0, 2, 2]
-            rows=int(base[0]) if base.size == 1 else np.repeat(base, n_tokens),
-            simple=sid.shape[1] == 1 and primary.size > 0 and int(primary.min()) >= 0,
+            new_rows=NewRows.of(base, n_tokens, sid),
         )
         self._memo = m
         return m
@@ -1038,7 +1042,7 @@ class KVCache(Memory):
             else:
                 ext[:, 2] = self._ple_embd_token()
         if memo is not None and ubatch.seq_id is memo.seq_id:
-            st.set_new(strm, idx, pos_all[:n_tok], ubatch.seq_id, ext, gid, memo.rows, memo.simple)
+            st.set_new(strm, idx, pos_all[:n_tok], ubatch.seq_id, ext, gid, memo.new_rows)
         else:
             st.set_new(strm, idx, pos_all[:n_tok], ubatch.seq_id, ext)
         if max_rm is not None:
@@ -1058,9 +1062,9 @@ class KVCache(Memory):
         pad = max(self.n_pad, N_PAD_GRAPH)
         memo = self._memo_for(sinfo)
         strm = sinfo.strm.astype(np.int64) if memo is None or memo.strm is None else memo.strm
-        used_max_p1 = self.cells.used_max_p1_of(strm)
-        padded = -(-used_max_p1 // pad) * pad
-        return int(np.minimum(self.kv_size, np.maximum(pad, padded)).max())
+        # the bound grows with used_max_p1: take it at the largest one
+        top = int(self.cells.used_max_p1_of(strm).max())
+        return min(self.kv_size, max(pad, -(-top // pad) * pad))
 
     # --- update (stream copies, K-shift) ------------------------------------------------
     def update(self, do_shift: bool) -> bool:
@@ -1250,6 +1254,7 @@ class KVCacheContext(MemoryContext):
         (ggml ``[n_kv, n_tps, 1, n_stream]``), 0 where attended, -inf elsewhere (ALiBi:
         ``-|p0 - p1|``)."""
         kv = self.kv
+        memo = kv._memo_for(self.get_sinfo()) if kv.n_stream > 1 else None
         return build_kq_mask(
             kv.layout,
             kv.v_cells,
@@ -1259,6 +1264,7 @@ class KVCacheContext(MemoryContext):
             causal_attn,
             dtype,
             non_causal_type,
+            strm=None if memo is None else memo.strm,
         )
 
     # --- graph helpers (pymem.ggml) -----------------------------------------------------------

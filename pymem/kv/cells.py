@@ -35,6 +35,7 @@ is touched, so its cost follows what changed, not the number of streams.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -125,6 +126,30 @@ def single_seq_ids(bits: np.ndarray) -> np.ndarray:
         word = bits.reshape(-1)[one * N_WORDS + w]
         out[one] = w * 64 + np.bitwise_count(word - _ONE)
     return out
+
+
+@dataclass(frozen=True, eq=False)
+class NewRows:
+    """What :meth:`StackedCells.set_new` derives from a slot's streams and sequence ids
+    alone, computed once by a caller that places the same layout step after step (the
+    KV cache's decode-step memo)."""
+
+    rows: Rows  # each token's stream (an int when there is one stream)
+    simple: bool  # one sequence id per token, none negative
+    word: np.ndarray | None  # simple only: the bitset word of each token's id (id >> 6)
+    bit: np.ndarray | None  # simple only: its bit, uint64 (1 << (id & 63))
+    key: np.ndarray | None  # simple only: the token's bound key, rows * 256 + id
+
+    @classmethod
+    def of(cls, strm: np.ndarray, n_per: int, seq_id: np.ndarray) -> NewRows:
+        """E.g. strm [0, 2], 1 token each, ids [[1], [65]] -> rows [0, 2], words [0, 1],
+        bits [1 << 1, 1 << 1], keys [1, 577]."""
+        rows: Rows = int(strm[0]) if strm.size == 1 else np.repeat(strm, n_per)
+        primary = seq_id[:, 0].astype(np.int64)
+        if seq_id.shape[1] != 1 or primary.size == 0 or int(primary.min()) < 0:
+            return cls(rows, False, None, None, None)
+        bit = np.left_shift(_ONE, (primary & 63).astype(np.uint64))
+        return cls(rows, True, primary >> 6, bit, rows * LLAMA_MAX_SEQ + primary)
 
 
 class StackedCells:
@@ -475,34 +500,42 @@ class StackedCells:
         seq_id: np.ndarray,
         ext: np.ndarray | None = None,
         gid: np.ndarray | None = None,
-        rows: Rows | None = None,
-        simple: bool | None = None,
+        known: NewRows | None = None,
     ) -> None:
         """Fill empty cells: ``idx[r]`` of stream ``strm[r]`` (distinct streams) get the
         tokens ``r * idx.shape[1] + i`` in order, with positions ``pos`` and the sequence
         ids of ``seq_id``, an int32 ``[n, k]`` matrix padded with -1 (a ubatch's ``seq_id``).
 
-        ``gid`` (the cells' global ids, any shape), ``rows`` (each token's stream, an int
-        for one stream) and ``simple`` (one id per token, none negative) are what this
-        computes first; a caller that already holds them (a decode step's memo) passes them.
+        ``gid`` (the cells' global ids, any shape) and ``known`` (:class:`NewRows` of
+        ``strm`` and ``seq_id``) are what this computes first; a caller that already holds
+        them (a decode step's memo) passes them.
         """
         if idx.size == 0:
             return
         n_per = idx.shape[1]
         # E.g. size 8, strm [0, 2], idx [[3, 4], [0, 1]] -> gid [3, 4, 16, 17], rows [0, 0, 2, 2]
         gid = (strm[:, None] * self.size + idx).reshape(-1) if gid is None else gid.reshape(-1)
-        if rows is None:
+        if known is not None:
+            rows = known.rows
+        else:
             rows = int(strm[0]) if strm.size == 1 else np.repeat(strm, n_per)
         self._record(gid, strm)
         pos = np.asarray(pos, dtype=np.int32)
         self.pos_f[gid] = pos
         primary = seq_id[:, 0]
-        if simple is None:
+        if known is not None:
+            simple = known.simple
+        else:
             simple = seq_id.shape[1] == 1 and int(primary.min()) >= 0  # one id per cell
         if simple:
             # one id per token: E.g. ids [1, 65] -> words [0, 1], bits [1 << 1, 1 << 1]
             self.rows_f[gid] = _ZERO_ROW
-            self.seq_f[gid, primary >> 6] = np.left_shift(_ONE, (primary & 63).astype(np.uint64))
+            if known is not None:
+                self.seq_f[gid, known.word] = known.bit
+            else:
+                self.seq_f[gid, primary >> 6] = np.left_shift(
+                    _ONE, (primary & 63).astype(np.uint64)
+                )
             owner = primary
         else:
             self.seq_f[gid] = seq_bitsets(seq_id)
@@ -519,7 +552,8 @@ class StackedCells:
         # E.g. tokens (pos 7, seqs [0, 2]) and (pos 9, seqs [2, -1]) in stream 1 -> the
         # bounds of key 1 * 256 + 2 see 7 and 9
         if simple:
-            key, p = rows * LLAMA_MAX_SEQ + primary, pos.astype(np.int64)
+            key = rows * LLAMA_MAX_SEQ + primary if known is None else known.key
+            p = pos.astype(np.int64)
         else:
             t, c = np.nonzero(seq_id >= 0)
             key, p = _sel(rows, t) * LLAMA_MAX_SEQ + seq_id[t, c], pos[t].astype(np.int64)

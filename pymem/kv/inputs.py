@@ -160,6 +160,7 @@ def build_kq_mask(
     causal_attn: bool | None = None,
     dtype: Any = np.float32,
     non_causal_type: NonCausalType | None = None,
+    strm: np.ndarray | None = None,
 ) -> np.ndarray:
     """The KQ mask ``[n_stream, n_tps, n_kv]`` of a ubatch (``set_input_kq_mask``).
 
@@ -183,6 +184,8 @@ def build_kq_mask(
 
     ``spec`` supplies the defaults of ``causal_attn`` and ``non_causal_type`` and says
     whether ALiBi is used; ``v_cells`` are the cache's cells, one :class:`KVCells` per stream.
+    ``strm`` (int64, one stream per token block) is what the caller already knows of the
+    ubatch's streams (with several streams); None: derived from the tokens' sequences.
     """
     causal = spec.causal_attn if causal_attn is None else bool(causal_attn)
     nct = NonCausalType(spec.non_causal_type if non_causal_type is None else non_causal_type)
@@ -208,7 +211,8 @@ def build_kq_mask(
     if layout.n_stream > 1 and n_tokens:
         stack = v_cells[0].store
         # the stream of each token block: E.g. n_tps 2, seq0 [3, 3, 5, 5] -> [3, 5]
-        strm = layout.seq_to_stream[seq0[::n_tps]].astype(np.int64)
+        if strm is None:
+            strm = layout.seq_to_stream[seq0[::n_tps]].astype(np.int64)
         if not stack.n_multi[strm].any():
             shape = (n_stream, n_tps)
             p1x = ubatch.pos[2 * n_tokens : 3 * n_tokens].reshape(shape) if is_2d else None
