@@ -45,11 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import family_attention
 import family_gemma3n
 import family_linear
+import family_moe
 import family_other
 import family_ssm
 from runconfig import N_SEQ, RunConfig
 
-FAMILIES = (family_attention, family_ssm, family_linear, family_other, family_gemma3n)
+FAMILIES = (family_attention, family_ssm, family_linear, family_other, family_gemma3n, family_moe)
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "data"
