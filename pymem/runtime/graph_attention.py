@@ -24,11 +24,12 @@ Shared blocks (``llama-graph.cpp``):
   scales are refused.
 
 Architectures: gemma3, gemma3n, gemma4 (dense), lfm2moe (LFM2's trunk), qwen3moe,
-gpt-oss, cohere2, cohere2moe (dense), olmo2, exaone4, exaone-moe (dense), phi3, llama4,
-smallthinker, mellum, granite_swa (dense), mimo2 (dense), afmoe (dense), muse-glimmer,
-spark2_5, plamo3, laguna (dense), step35 (dense), maple. "Dense": the recorded tiny
-model has no MoE layer, so MoE layers of that architecture are refused rather than
-built unchecked. Nemotron-H's MoE layers (graph_ssm2) use :meth:`moe_ffn` too.
+gpt-oss, cohere2, cohere2moe (dense), olmo2, exaone4, exaone-moe, phi3, llama4,
+smallthinker, mellum, granite_swa (dense), mimo2 (dense), afmoe, muse-glimmer, spark2_5,
+plamo3, laguna, step35 (dense), maple. "Dense": no recorded tiny model has an MoE layer
+of that architecture, so its MoE layers are refused rather than built unchecked (afmoe,
+laguna and exaone-moe have MoE variants in tests/record/family_moe.py). Nemotron-H's MoE
+layers (graph_ssm2) use :meth:`moe_ffn` too.
 """
 
 from __future__ import annotations
@@ -434,20 +435,23 @@ class AttentionGraph:
         return self.prenorm_layers(inp, out_ids, mixer, ffn)
 
     def exaone_moe(self, inp: Any, out_ids: Any) -> Any:
-        """``llama_model_exaone_moe::graph`` (dense layers): pre-norm layers, per-head Q/K
-        RMS norms, RoPE on SWA layers only, SwiGLU FFN. MoE layers are refused: no
-        recorded run checks them."""
+        """``llama_model_exaone_moe::graph``: pre-norm layers, per-head Q/K RMS norms, RoPE
+        on SWA layers only, SwiGLU FFN or (layers with a router) :meth:`moe_shared_ffn`."""
         g: Any = self
+        w = self.m._w
         self.refuse_rope_factors()
         for il in range(self.hp.n_layer):
-            self.refuse_tensors(
-                il, ("ffn_gate_inp.weight", "attn_output.bias"), "exaone-moe MoE layers, wo bias"
-            )
+            self.refuse_tensors(il, ("attn_output.bias",), "exaone-moe wo bias")
 
         def mixer(il: int, cur: Any) -> Any:
             return self.attn_block(il, cur, qk_norm=True, rope=self.m.spec.layers[il].swa)
 
-        return self.prenorm_layers(inp, out_ids, mixer, g.ffn)
+        def ffn(il: int, cur: Any) -> Any:
+            if w(il, "ffn_gate_inp.weight", required=False) is None:
+                return g.ffn(il, cur)
+            return self.moe_shared_ffn(il, cur)
+
+        return self.prenorm_layers(inp, out_ids, mixer, ffn)
 
     def smallthinker(self, inp: Any, out_ids: Any) -> Any:
         """``llama_model_smallthinker::graph``: the router reads the layer input (before the
@@ -583,15 +587,23 @@ class AttentionGraph:
         return self.prenorm_layers(inp, out_ids, mixer, self.swiglu_ffn)
 
     def afmoe(self, inp: Any, out_ids: Any) -> Any:
-        """``llama_model_afmoe::graph`` (dense layers): embeddings times ``sqrt(n_embd)``,
-        NoPE every 4th layer, :meth:`gated_attn_layers`. MoE layers are refused (no
-        recorded run has them)."""
+        """``llama_model_afmoe::graph``: embeddings times ``sqrt(n_embd)``, NoPE every 4th
+        layer, :meth:`gated_attn_layers`; from ``leading_dense_block_count`` on the FFN is
+        :meth:`moe_shared_ffn` (gating sigmoid unless the file says otherwise)."""
+        g: Any = self
         hp = self.hp
         for il in range(hp.n_layer):
-            self.refuse_tensors(il, ("ffn_gate_inp.weight", *_QKV_EXTRA), "afmoe")
+            self.refuse_tensors(il, _QKV_EXTRA, "afmoe")
+        n_dense = int(self.m.keys.f32(f"{hp.arch}.leading_dense_block_count", 0.0))
+
+        def ffn(il: int, cur: Any) -> Any:
+            if il < n_dense:
+                return g.ffn(il, cur)
+            return self.moe_shared_ffn(il, cur, gating_default=GATING_SIGMOID)
+
         inp = self.ctx.scale(inp, float(np.sqrt(np.float32(hp.n_embd))))
         # n_no_rope_layer_step 4
-        return self.gated_attn_layers(inp, out_ids, lambda il: (il + 1) % 4 != 0, None)
+        return self.gated_attn_layers(inp, out_ids, lambda il: (il + 1) % 4 != 0, None, ffn)
 
     def muse_glimmer(self, inp: Any, out_ids: Any) -> Any:
         """``llama_model_muse_glimmer::graph``: unweighted RMS norm of the embeddings,
@@ -602,14 +614,20 @@ class AttentionGraph:
             self.refuse_tensors(il, _QKV_EXTRA, "muse-glimmer")
         inp = self.ctx.rms_norm(inp, hp.f_norm_rms_eps)
         layers = self.m.spec.layers
-        return self.gated_attn_layers(inp, out_ids, lambda il: layers[il].swa, 1e-8)
+        g: Any = self
+        return self.gated_attn_layers(inp, out_ids, lambda il: layers[il].swa, 1e-8, g.ffn)
 
     def gated_attn_layers(
-        self, inp: Any, out_ids: Any, use_rope: Callable[[int], bool], post_eps: float | None
+        self,
+        inp: Any,
+        out_ids: Any,
+        use_rope: Callable[[int], bool],
+        post_eps: float | None,
+        ffn: Callable[[int, Any], Any],
     ) -> Any:
         """AFMoE / Muse-Glimmer layers: per-head Q/K norms, RoPE (the layer's own base)
         where ``use_rope``, the attention heads gated by ``sigmoid(attn_gate . x)`` before
-        ``wo``, pre- and post-norms around attention and the SwiGLU FFN (post-norm eps:
+        ``wo``, pre- and post-norms around attention and ``ffn`` (post-norm eps:
         ``post_eps``, or the model's)."""
         ctx, hp = self.ctx, self.hp
         g: Any = self
@@ -639,7 +657,7 @@ class AttentionGraph:
                 cur = ctx.get_rows(cur, out_ids)
                 inpSA = ctx.get_rows(inpSA, out_ids)
             ffn_inp = ctx.add(cur, inpSA)
-            cur = g.ffn(il, g.norm(ffn_inp, w(il, "ffn_norm.weight")))
+            cur = ffn(il, g.norm(ffn_inp, w(il, "ffn_norm.weight")))
             cur = post_norm(cur, "post_ffw_norm.weight", il)
             inpL = ctx.add(cur, ffn_inp)
         return inpL
@@ -695,15 +713,19 @@ class AttentionGraph:
         return inpL
 
     def laguna(self, inp: Any, out_ids: Any) -> Any:
-        """``llama_model_laguna::graph`` (dense layers): per-head Q/K norms, RoPE (SWA
+        """``llama_model_laguna::graph``: per-head Q/K norms, RoPE (SWA
         layers: their own rotation width and base, plain: no YaRN, betas 0), the heads
         gated by ``softplus(attn_gate . x)`` (one per head, or per element) before ``wo``,
-        SwiGLU FFN. MoE layers are refused (no recorded run has them)."""
+        SwiGLU FFN, from ``leading_dense_block_count`` on :meth:`moe_shared_ffn`."""
         ctx, hp = self.ctx, self.hp
         g: Any = self
         w = self.m._w
         for il in range(hp.n_layer):
-            self.refuse_tensors(il, ("ffn_gate_inp.weight", *_QKV_EXTRA), "laguna")
+            self.refuse_tensors(il, _QKV_EXTRA, "laguna")
+        n_dense = int(self.m.keys.f32(f"{hp.arch}.leading_dense_block_count"))
+
+        def ffn(il: int, cur: Any) -> Any:
+            return g.ffn(il, cur) if il < n_dense else self.moe_shared_ffn(il, cur)
 
         def mixer(il: int, cur: Any) -> Any:
             q, k, v = self.build_qkv(il, cur, hp.n_embd_head)
@@ -727,7 +749,7 @@ class AttentionGraph:
                 out = ctx.mul(out, gate)
             return ctx.mul_mat(w(il, "attn_output.weight"), out)
 
-        return self.prenorm_layers(inp, out_ids, mixer, g.ffn)
+        return self.prenorm_layers(inp, out_ids, mixer, ffn)
 
     def step35(self, inp: Any, out_ids: Any) -> Any:
         """``llama_model_step35::graph`` (dense layers): per-layer heads, rotation widths
@@ -1042,6 +1064,21 @@ class AttentionGraph:
                 f"{self.m.path}: {arch}.expert_used_count {n_used} not in [1, {n_expert}]"
             )
         return n_expert, n_used
+
+    def moe_shared_ffn(self, il: int, cur: Any, gating_default: int = GATING_NONE) -> Any:
+        """The MoE layer of afmoe / laguna / exaone-moe: ``build_moe_ffn`` with the file's
+        gating (``expert_gating_func``; ``gating_default`` when 0 or absent), selection
+        bias, ``expert_weights_norm`` and ``expert_weights_scale``, plus the SwiGLU shared
+        expert (``ffn_*_shexp``) when the layer has one."""
+        keys, arch = self.m.keys, self.hp.arch
+        gating = int(keys.f32(f"{arch}.expert_gating_func", 0.0)) or gating_default
+        out = self.moe_ffn(
+            il, cur, gating, norm_w=keys.bool_(f"{arch}.expert_weights_norm"),
+            w_scale=keys.f32(f"{arch}.expert_weights_scale", 0.0),
+        )  # fmt: skip
+        if self.m._w(il, "ffn_up_shexp.weight", required=False) is None:
+            return out
+        return self.ctx.add(out, self.swiglu_ffn(il, cur, "_shexp"))
 
     def swiglu_clamp_limit(self, il: int) -> float:
         """Layer ``il``'s ``swiglu_clamp_exp`` (one value, or one per layer; 0: none), for
