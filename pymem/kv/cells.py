@@ -139,6 +139,7 @@ class NewRows:
     word: np.ndarray | None  # simple only: the bitset word of each token's id (id >> 6)
     bit: np.ndarray | None  # simple only: its bit, uint64 (1 << (id & 63))
     key: np.ndarray | None  # simple only: the token's bound key, rows * 256 + id
+    distinct: bool = False  # simple, and no key twice (the bounds update needs no ufunc.at)
 
     @classmethod
     def of(cls, strm: np.ndarray, n_per: int, seq_id: np.ndarray) -> NewRows:
@@ -149,7 +150,9 @@ class NewRows:
         if seq_id.shape[1] != 1 or primary.size == 0 or int(primary.min()) < 0:
             return cls(rows, False, None, None, None)
         bit = np.left_shift(_ONE, (primary & 63).astype(np.uint64))
-        return cls(rows, True, primary >> 6, bit, rows * LLAMA_MAX_SEQ + primary)
+        key = rows * LLAMA_MAX_SEQ + primary
+        distinct = np.unique(key).size == key.size
+        return cls(rows, True, primary >> 6, bit, key, distinct)
 
 
 class StackedCells:
@@ -547,8 +550,13 @@ class StackedCells:
             self._set_owner(gid, rows, owner)
         if ext is not None and self.ext_f is not None:
             self.ext_f[gid] = ext
-        self.used[strm] += n_per
-        self.used_max_p1[strm] = np.maximum(self.used_max_p1[strm], idx.max(axis=1) + 1)
+        if strm.size == 1:  # one stream (a unified cache): Python ints
+            s = int(strm[0])
+            self.used[s] += n_per
+            self.used_max_p1[s] = max(int(self.used_max_p1[s]), int(idx.max()) + 1)
+        else:
+            self.used[strm] += n_per
+            self.used_max_p1[strm] = np.maximum(self.used_max_p1[strm], idx.max(axis=1) + 1)
         # E.g. tokens (pos 7, seqs [0, 2]) and (pos 9, seqs [2, -1]) in stream 1 -> the
         # bounds of key 1 * 256 + 2 see 7 and 9
         if simple:
@@ -557,7 +565,8 @@ class StackedCells:
         else:
             t, c = np.nonzero(seq_id >= 0)
             key, p = _sel(rows, t) * LLAMA_MAX_SEQ + seq_id[t, c], pos[t].astype(np.int64)
-        if n_per == 1 and simple:  # one token per stream: the keys are distinct
+        if simple and (n_per == 1 or (known is not None and known.distinct)):
+            # one token per stream, or one per sequence: the keys are distinct
             self.pmin_f[key] = np.minimum(self.pmin_f[key], p)
             self.pmax_f[key] = np.maximum(self.pmax_f[key], p)
         else:

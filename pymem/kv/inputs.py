@@ -9,6 +9,7 @@ of the reference's ``set_input_*``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -86,7 +87,7 @@ def _seq_cells(cells: KVCells, seqs: np.ndarray, n_kv: int) -> tuple[np.ndarray,
     return ptr, members[order]
 
 
-@dataclass
+@dataclass(frozen=True)
 class _MaskRules:
     """What decides a (token, cell) pair, shared by the sparse and dense evaluators."""
 
@@ -95,6 +96,13 @@ class _MaskRules:
     n_swa: int
     alibi: bool
     in_span_min: np.ndarray | None  # SWA_FULL: smallest ubatch position per sequence
+
+
+@functools.lru_cache(maxsize=64)
+def _rules(causal: bool, swa_type: SWAType, n_swa: int, alibi: bool) -> _MaskRules:
+    """The :class:`_MaskRules` without a SWA_FULL span, made once per combination (a
+    decode step asks for the same ones every time; nothing mutates them)."""
+    return _MaskRules(causal, swa_type, n_swa, alibi, None)
 
 
 def _keep(
@@ -188,9 +196,11 @@ def build_kq_mask(
     ubatch's streams (with several streams); None: derived from the tokens' sequences.
     """
     causal = spec.causal_attn if causal_attn is None else bool(causal_attn)
-    nct = NonCausalType(spec.non_causal_type if non_causal_type is None else non_causal_type)
-    if not causal and nct == NonCausalType.SWA_ONLY:
-        causal = layout.swa_type == SWAType.NONE
+    nct = None  # the non-causal kind matters only without causality
+    if not causal:
+        nct = NonCausalType(spec.non_causal_type if non_causal_type is None else non_causal_type)
+        if nct == NonCausalType.SWA_ONLY:
+            causal = layout.swa_type == SWAType.NONE
     dt = np.dtype(dtype)
 
     n_tokens = ubatch.n_tokens
@@ -205,7 +215,9 @@ def build_kq_mask(
         span = np.full(LLAMA_MAX_SEQ, np.iinfo(np.int32).max, dtype=np.int32)
         # E.g. seq0 [0, 0, 1], pos [4, 5, 2] -> span[0] 4, span[1] 2
         np.minimum.at(span, seq0, p1_all)
-    rules = _MaskRules(causal, layout.swa_type, layout.n_swa, spec.use_alibi, span)
+        rules = _MaskRules(causal, layout.swa_type, layout.n_swa, spec.use_alibi, span)
+    else:
+        rules = _rules(causal, layout.swa_type, layout.n_swa, spec.use_alibi)
 
     out = np.empty((n_stream, n_tps, n_kv), dtype=dt)
     if layout.n_stream > 1 and n_tokens:
@@ -383,6 +395,16 @@ def _mask_rows(
         np.copyto(out, out.dtype.type(0), where=keep)
 
 
+@functools.lru_cache(maxsize=8)
+def _neg_inf_bits(dtype: np.dtype) -> tuple[np.dtype, np.ndarray]:
+    """The unsigned type as wide as ``dtype`` and the bits of -inf in it (read-only).
+    E.g. float16 -> (uint16, 0xFC00)."""
+    uint = np.dtype(f"u{dtype.itemsize}")
+    bits = np.array(-np.inf, dtype=dtype).view(uint)
+    bits.flags.writeable = False
+    return uint, bits
+
+
 def _mask_streams(
     stack: StackedCells,
     rules: _MaskRules,
@@ -432,7 +454,6 @@ def _mask_streams(
         return
     # one pass over the output, on its bits: 0.0 is all zero bits, so masked elements get
     # the bits of -inf. E.g. float32, keep [T, F] -> bits [0, 0xFF800000] = [0.0, -inf]
-    uint = np.dtype(f"u{out.dtype.itemsize}")
-    neg_inf = np.array(-np.inf, dtype=out.dtype).view(uint)
+    uint, neg_inf = _neg_inf_bits(out.dtype)
     np.logical_not(keep, out=keep)
     np.multiply(keep, neg_inf, out=out.view(uint))

@@ -590,6 +590,11 @@ class RecurrentMemory(Memory):
         E.g. size 4, tails [2, -1, ...], pos[2] = 9; ids [0, 1, 7] -> [9, -1, -1].
         """
         ids = np.asarray(seq_ids).astype(np.int64, copy=False)
+        if ids.size and int(ids.min()) >= 0 and int(ids.max()) < self.size:
+            # every id names a cell's tail (a decode step's batch): gathers, no selection;
+            # a missing tail (-1) reads the last cell, masked out. E.g. tails [2, -1] -> [9, -1]
+            t = self.cells.tail[ids]
+            return np.where(t >= 0, self.cells.pos[t], -1).astype(np.int64)
         out = np.full(ids.shape, -1, dtype=np.int64)
         inside = np.flatnonzero((ids >= 0) & (ids < self.size))
         t = self.cells.tail[ids[inside]]
