@@ -196,3 +196,20 @@ def test_shift_in_a_second_stream_and_layers_without_rope():
     run_update(kv)
     np.testing.assert_allclose(k_values(kv), rope_ref(x, shift.astype(np.float64), rope), atol=2e-6)
     assert np.array_equal(k_values(kv, 1), x.astype(np.float32))  # RopeType.NONE: metadata only
+
+
+def test_mla_shift_rotates_the_rope_part_after_the_latent():
+    """An MLA cache keeps K rows as [latent | rope part] (bailingmoe3: 8 + 4): the shift
+    rotates the last n_rot dims, as llama.cpp's build_graph_shift does when n_lora_kv > 0,
+    and leaves the latent alone. Regression: pymem rotated the first n_rot dims (the
+    latent), so every decode after a K-shift of a bailingmoe3 run differed (max 1.04)."""
+    rope = RopeSpec(n_rot=4, rope_type=RopeType.NORM)
+    spec = ModelSpec(layers=(LayerSpec.attention(1, 12, rope=rope),), is_mla=True)
+    kv = KVCache(spec, type_k="f32", kv_size=16, n_seq_max=2, unified=True)
+    before = fill(kv)
+    kv.seq_add(0, 2, -1, 7)
+    shift = kv.k_shift().astype(np.float64)
+    run_update(kv)
+    after = k_values(kv)
+    assert np.array_equal(after[:, :, :8], before[:, :, :8])
+    np.testing.assert_allclose(after[:, :, 8:], rope_ref(before[:, :, 8:], shift, rope), atol=2e-6)

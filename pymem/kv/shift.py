@@ -9,8 +9,10 @@ fixes them in place. One graph per device covers every layer with RoPE:
       other types (quantized, bf16): cast to f32 -> rope_ext -> cpy (convert) back
 
 Per-layer parameters come from ``LayerSpec.rope`` (mode, freq base/scale, YaRN fields).
-M-RoPE and iM-RoPE are shifted as NEOX, as the reference does. Not supported: rope
-frequency factors, the MLA "nope" offset, and K stored Hadamard-rotated.
+M-RoPE and iM-RoPE are shifted as NEOX, as the reference does. An MLA cache (K rows
+[latent | rope part]) rotates the last ``n_rot`` dims of each head, as the reference does
+when ``n_lora_kv`` > 0. Not supported: rope frequency factors and K stored
+Hadamard-rotated.
 
 :func:`apply_k_shift` takes the cache's layout, the layers to rotate, the pending shift of
 every cell (``KVCache.k_shift()``) and a callable giving the graph runner of a device.
@@ -65,6 +67,8 @@ def apply_k_shift(
                 assert rope is not None
                 k = layer.k.ptr
                 head = int(gg.lib.ggml_row_size(k.type, lay.n_embd_head_k))
+                # MLA keeps the rotated part after the latent: E.g. head 12, n_rot 4 -> dims 8..11
+                nope = lay.n_embd_head_k - rope.n_rot if spec.is_mla else 0
                 view = ctx.view_3d(
                     k,
                     rope.n_rot,
@@ -72,7 +76,7 @@ def apply_k_shift(
                     n_cells,
                     head,
                     int(gg.lib.ggml_row_size(k.type, lay.n_embd_k_gqa)),
-                    0,
+                    int(gg.lib.ggml_row_size(k.type, nope)),
                 )
                 src = view
                 if layout.type_k.name not in ("f16", "f32"):
