@@ -4,11 +4,11 @@ dense: tiny models and their recorded runs.
 ``MODEL_WRITERS``: model file name -> writer (see models.py); ``RUNS``: the runs recorded
 with them (record_llama_cpp.py adds both to its own).
 
-Why: family_attention's afmoe, laguna and exaone-moe models make every layer a leading
-dense block, so their recorded runs never reach ``build_moe_ffn``. These variants keep the
-same attention (and so the same memory) with one dense layer and three MoE layers: 4
-experts, 2 used, a selection bias (``exp_probs_b``), normalised and scaled weights and a
-shared expert, so the GGUF engine's MoE path of each graph is checked against llama.cpp.
+Why: family_attention's afmoe, laguna, exaone-moe, cohere2moe and mimo2 models have no
+MoE layer, so their recorded runs never reach ``build_moe_ffn``. These variants keep the
+same attention (and so the same memory) with dense and MoE layers (4 experts, 2 used;
+each writer says which routing, bias, normalisation, scale and shared expert), so the
+GGUF engine's MoE path of each graph is checked against llama.cpp.
 """
 
 from __future__ import annotations
@@ -127,10 +127,72 @@ def write_exaone_moe_moe(path: Path) -> Path:
     return path
 
 
+def write_cohere2moe_moe(path: Path) -> Path:
+    """cohere2moe: family_attention's 4 layers (layer 0 full, 1..3 slide; parallel
+    attention and ffn), layer 0 dense, layers 1..3 MoE with softmax routing and fused
+    gate|up experts (``ffn_gate_up_exps``), no selection bias; the shared expert's sum
+    is halved by the graph."""
+    n_layer, n_ff, n_dense = 4, 24, 1
+    m = _Model(path, "cohere2moe", "tiny-cohere2moe-moe", seed=227)
+    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("attention.sliding_window", N_SWA)
+    m.f32("logit_scale", 0.5)
+    _moe_keys(m, n_dense, 1)
+    _head(m, tied=True)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        if il < n_dense:
+            _ffn(m, il, N_EMBD, n_ff)
+            continue
+        m.weight(f"blk.{il}.ffn_gate_inp.weight", (N_EMBD, N_EXPERT))
+        m.weight(f"blk.{il}.ffn_gate_up_exps.weight", (N_EMBD, 2 * N_FF_EXP, N_EXPERT))
+        m.weight(f"blk.{il}.ffn_down_exps.weight", (N_FF_EXP, N_EMBD, N_EXPERT))
+        m.weight(f"blk.{il}.ffn_gate_shexp.weight", (N_EMBD, N_FF_EXP))
+        m.weight(f"blk.{il}.ffn_up_shexp.weight", (N_EMBD, N_FF_EXP))
+        m.weight(f"blk.{il}.ffn_down_shexp.weight", (N_FF_EXP, N_EMBD))
+    m.finish()
+    return path
+
+
+def write_mimo2_moe(path: Path) -> Path:
+    """mimo2: family_attention's 2 layers (pattern [1, 0], K/V heads [2, 1]), layer 0
+    dense, layer 1 MoE (a layer is MoE when it has a router): sigmoid routing with the
+    selection bias and normalised weights, no shared expert, no weight scale."""
+    n_layer, n_ff = 2, 24
+    kv_heads = [2, 1]
+    m = _Model(path, "mimo2", "tiny-mimo2-moe", seed=173)
+    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
+    m.arr("attention.head_count_kv", kv_heads)
+    m.u32("attention.sliding_window", N_SWA)
+    m.arr("attention.sliding_window_pattern", [1, 0])
+    m.u32("expert_count", N_EXPERT)
+    m.u32("expert_used_count", N_EXPERT_USED)
+    m.u32("expert_feed_forward_length", N_FF_EXP)
+    _head(m)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, kv_heads[il] * HEAD)
+        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
+        if il == 0:
+            _ffn(m, il, N_EMBD, n_ff)
+            continue
+        m.weight(f"blk.{il}.ffn_gate_inp.weight", (N_EMBD, N_EXPERT))
+        m.weight(f"blk.{il}.exp_probs_b.bias", (N_EXPERT,), scale=0.1)
+        m.weight(f"blk.{il}.ffn_gate_exps.weight", (N_EMBD, N_FF_EXP, N_EXPERT))
+        m.weight(f"blk.{il}.ffn_up_exps.weight", (N_EMBD, N_FF_EXP, N_EXPERT))
+        m.weight(f"blk.{il}.ffn_down_exps.weight", (N_FF_EXP, N_EMBD, N_EXPERT))
+    m.finish()
+    return path
+
+
 MODEL_WRITERS = {
     "tiny-afmoe-moe.gguf": write_afmoe_moe,
     "tiny-laguna-moe.gguf": write_laguna_moe,
     "tiny-exaone-moe-moe.gguf": write_exaone_moe_moe,
+    "tiny-cohere2moe-moe.gguf": write_cohere2moe_moe,
+    "tiny-mimo2-moe.gguf": write_mimo2_moe,
 }
 
 # the family_attention runs' scenario and sizes, on the MoE variants
@@ -138,4 +200,6 @@ RUNS = [
     RunConfig("afmoe-moe.main.fa1.u1", "afmoe-moe", "tiny-afmoe-moe.gguf", "main", 512, 64, True, True),
     RunConfig("laguna-moe.main.fa0.u1", "laguna-moe", "tiny-laguna-moe.gguf", "main", 512, 64, False, True),
     RunConfig("exaone-moe-moe.main.fa1.u0", "exaone-moe-moe", "tiny-exaone-moe-moe.gguf", "main", 1024, 64, True, False),
+    RunConfig("cohere2moe-moe.main.fa1.u1", "cohere2moe-moe", "tiny-cohere2moe-moe.gguf", "main", 512, 64, True, True),
+    RunConfig("mimo2-moe.main.fa0.u1", "mimo2-moe", "tiny-mimo2-moe.gguf", "main", 512, 64, False, True),
 ]  # fmt: skip
