@@ -91,6 +91,8 @@ MODELS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "afmoe-moe": (family_moe.write_afmoe_moe, "afmoe-moe.main.fa1.u1"),
     "laguna-moe": (family_moe.write_laguna_moe, "laguna-moe.main.fa0.u1"),
     "exaone-moe-moe": (family_moe.write_exaone_moe_moe, "exaone-moe-moe.main.fa1.u0"),
+    "cohere2moe-moe": (family_moe.write_cohere2moe_moe, "cohere2moe-moe.main.fa1.u1"),
+    "mimo2-moe": (family_moe.write_mimo2_moe, "mimo2-moe.main.fa0.u1"),
     "cohere2moe": (family_attention.write_cohere2moe, "cohere2moe.main.fa0.u1"),
     "exaone-moe": (family_attention.write_exaone_moe, "exaone-moe.main.fa1.u1"),
     "smallthinker": (family_attention.write_smallthinker, "smallthinker.main.fa1.u1"),
@@ -168,9 +170,6 @@ CASES = {
     "clamp-kqv": (
         "exaone4", {}, {"attention.clamp_kqv": 8}, r"clamp_kqv",
     ),
-    "cohere2moe-moe-layer": (
-        "cohere2moe", {"blk.0.ffn_gate_inp.weight": (E, 2)}, {}, r"ffn_gate_inp\.weight",
-    ),
     "smallthinker-expert-scale": (
         "smallthinker", {"blk.0.ffn_down_exps.scale": (2,)}, {}, r"ffn_down_exps\.scale",
     ),
@@ -182,9 +181,6 @@ CASES = {
     ),
     "granite-swa-moe-layer": (
         "granite_swa", {"blk.1.ffn_gate_inp.weight": (E, 2)}, {}, r"ffn_gate_inp\.weight",
-    ),
-    "mimo2-moe-layer": (
-        "mimo2", {"blk.1.ffn_gate_inp.weight": (E, 2)}, {}, r"ffn_gate_inp\.weight",
     ),
     "muse-glimmer-output-bias": (
         "muse-glimmer", {"blk.0.attn_output.bias": (E,)}, {}, r"attn_output\.bias",
@@ -206,6 +202,9 @@ CASES = {
     ),
     "exaone-moe-moe-expert-scale": (
         "exaone-moe-moe", {"blk.2.ffn_gate_exps.scale": (4,)}, {}, r"ffn_gate_exps\.scale",
+    ),
+    "cohere2moe-moe-expert-scale": (
+        "cohere2moe-moe", {"blk.1.ffn_down_exps.scale": (4,)}, {}, r"ffn_down_exps\.scale",
     ),
     "gemma3n-v-bias": (
         "gemma3n", {"blk.2.attn_v.bias": (8,)}, {}, r"attn_v\.bias",

@@ -24,11 +24,11 @@ Shared blocks (``llama-graph.cpp``):
   scales are refused.
 
 Architectures: gemma3, gemma3n, gemma4 (dense), lfm2moe (LFM2's trunk), qwen3moe,
-gpt-oss, cohere2, cohere2moe (dense), olmo2, exaone4, exaone-moe, phi3, llama4,
-smallthinker, mellum, granite_swa (dense), mimo2 (dense), afmoe, muse-glimmer, spark2_5,
-plamo3, laguna, step35 (dense), maple. "Dense": no recorded tiny model has an MoE layer
-of that architecture, so its MoE layers are refused rather than built unchecked (afmoe,
-laguna and exaone-moe have MoE variants in tests/record/family_moe.py). Nemotron-H's MoE
+gpt-oss, cohere2, cohere2moe, olmo2, exaone4, exaone-moe, phi3, llama4, smallthinker,
+mellum, granite_swa (dense), mimo2, afmoe, muse-glimmer, spark2_5, plamo3, laguna, step35
+(dense), maple. "Dense": no recorded tiny model has an MoE layer of that architecture,
+so its MoE layers are refused rather than built unchecked (afmoe, laguna, exaone-moe,
+cohere2moe and mimo2 have MoE variants in tests/record/family_moe.py). Nemotron-H's MoE
 layers (graph_ssm2) use :meth:`moe_ffn` too.
 """
 
@@ -221,20 +221,33 @@ class AttentionGraph:
         def norm(cur: Any, weight: str, il: int | None = None) -> Any:
             return self.layer_norm(cur, weight, il)
 
+        g: Any = self
         return self.cohere_layers(
-            inp, out_ids, norm, lambda il: self.m.spec.layers[il].swa, rows_in_last=True
+            inp, out_ids, norm, lambda il: self.m.spec.layers[il].swa, True, g.ffn
         )
 
     def cohere2moe(self, inp: Any, out_ids: Any) -> Any:
-        """``llama_model_cohere2moe::graph`` (dense layers): cohere2's parallel layers
-        with RMS norms, RoPE on SWA and leading dense layers, the output rows taken after
-        the output norm (the last layer runs over every token). MoE layers are refused:
-        no recorded run checks them."""
+        """``llama_model_cohere2moe::graph``: cohere2's parallel layers with RMS norms,
+        RoPE on SWA and leading dense layers, the output rows taken after the output norm
+        (the last layer runs over every token); from ``leading_dense_block_count`` on, the
+        FFN is ``build_moe_ffn`` (file gating, no selection bias, fused or separate
+        gate/up experts) plus the shared expert, the sum halved."""
         g: Any = self
+        ctx, keys, arch = self.ctx, self.m.keys, self.hp.arch
         self.refuse_rope_factors()
-        n_dense = int(self.m.keys.f32(f"{self.hp.arch}.leading_dense_block_count", 0.0))
-        for il in range(self.hp.n_layer):
-            self.refuse_tensors(il, ("ffn_gate_inp.weight",), "cohere2moe MoE layers")
+        n_dense = int(keys.f32(f"{arch}.leading_dense_block_count", 0.0))
+
+        def ffn(il: int, cur: Any) -> Any:
+            if il < n_dense:
+                return g.ffn(il, cur)
+            out = self.moe_ffn(
+                il, cur, int(keys.f32(f"{arch}.expert_gating_func", 0.0)),
+                norm_w=keys.bool_(f"{arch}.expert_weights_norm"),
+                w_scale=keys.f32(f"{arch}.expert_weights_scale", 0.0), exp_probs_b=False,
+            )  # fmt: skip
+            if self.m._w(il, "ffn_up_shexp.weight", required=False) is None:
+                return out
+            return ctx.scale(ctx.add(out, self.swiglu_ffn(il, cur, "_shexp")), 0.5)
 
         def norm(cur: Any, weight: str, il: int | None = None) -> Any:
             w = self.m.weights.get(weight) if il is None else self.m._w(il, weight)
@@ -243,8 +256,8 @@ class AttentionGraph:
         def use_rope(il: int) -> bool:
             return self.m.spec.layers[il].swa or il < n_dense
 
-        cur = self.cohere_layers(inp, out_ids, norm, use_rope, rows_in_last=False)
-        return self.ctx.get_rows(cur, out_ids)
+        cur = self.cohere_layers(inp, out_ids, norm, use_rope, False, ffn)
+        return ctx.get_rows(cur, out_ids)
 
     def cohere_layers(
         self,
@@ -253,12 +266,12 @@ class AttentionGraph:
         norm: Callable[..., Any],
         use_rope: Callable[[int], bool],
         rows_in_last: bool,
+        ffn: Callable[[int, Any], Any],
     ) -> Any:
         """Cohere's parallel layers through the output norm: ``norm``, attention and
-        SwiGLU FFN from the same normed input, ``residual + ffn + attn``; the last layer
+        ``ffn`` from the same normed input, ``residual + ffn + attn``; the last layer
         takes the output rows when ``rows_in_last``."""
         ctx, hp = self.ctx, self.hp
-        g: Any = self
         inpL = inp
         for il in range(hp.n_layer):
             self.refuse_tensors(il, ("ffn_up.bias", "ffn_gate.bias", "ffn_down.bias"), "cohere")
@@ -270,7 +283,7 @@ class AttentionGraph:
                 inpL = ctx.get_rows(inpL, out_ids)
                 ffn_inp = ctx.get_rows(ffn_inp, out_ids)
             attn_out = cur
-            cur = g.ffn(il, ffn_inp)
+            cur = ffn(il, ffn_inp)
             inpL = ctx.add(ctx.add(cur, inpL), attn_out)
         return norm(inpL, "output_norm.weight")
 
@@ -571,20 +584,24 @@ class AttentionGraph:
     def mimo2(self, inp: Any, out_ids: Any) -> Any:
         """``llama_model_mimo2::graph`` (dense layers): pre-norm layers, per-layer head
         counts and RoPE bases, optional attention sinks, the attention output scaled by
-        ``attention.value_scale`` (after ``wo``), SwiGLU FFN with biases. MoE layers are
-        refused (no recorded run has them)."""
+        ``attention.value_scale`` (after ``wo``), SwiGLU FFN with biases, or (layers with
+        a router) sigmoid-routed experts with the selection bias and normalised weights."""
         ctx, hp = self.ctx, self.hp
         w = self.m._w
-        for il in range(hp.n_layer):
-            self.refuse_tensors(il, ("ffn_gate_inp.weight",), "mimo2 MoE layers")
         v_scale = self.m.keys.f32(f"{hp.arch}.attention.value_scale", 1.0)
+
+        def ffn(il: int, cur: Any) -> Any:
+            if w(il, "ffn_gate_inp.weight", required=False) is None:
+                return self.swiglu_ffn(il, cur)
+            # mimo2's loader reads no expert_weights_scale: unscaled
+            return self.moe_ffn(il, cur, GATING_SIGMOID, norm_w=True)
 
         def mixer(il: int, cur: Any) -> Any:
             sinks = w(il, "attn_sinks.weight", required=False) is not None
             cur = self.attn_block(il, cur, sinks=sinks, per_layer_base=True)
             return cur if v_scale == 1.0 else ctx.scale(cur, f32(v_scale))
 
-        return self.prenorm_layers(inp, out_ids, mixer, self.swiglu_ffn)
+        return self.prenorm_layers(inp, out_ids, mixer, ffn)
 
     def afmoe(self, inp: Any, out_ids: Any) -> Any:
         """``llama_model_afmoe::graph``: embeddings times ``sqrt(n_embd)``, NoPE every 4th
