@@ -302,7 +302,7 @@ ENGINE_ARCHS = {
     "llama4",  # graph_attention
     "exaone4",  # graph_attention
     "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "plamo2", "kimi-linear", "minimax-01",  # graph_rwkv
-    "kimi-k3",  # graph_rwkv
+    "kimi-k3", "bailingmoe3",  # graph_rwkv
     "cohere2moe",  # graph_attention
     "exaone-moe",  # graph_attention
     "smallthinker",  # graph_attention

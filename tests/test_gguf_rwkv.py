@@ -1,6 +1,6 @@
 """The GGUF engine's linear-recurrence family (pymem/runtime/graph_rwkv.py: RWKV-6/7 and
-their Qwen flavours, PLaMo-2, Kimi-Linear, Kimi-K3, MiniMax-01) refuses what it does not
-build.
+their Qwen flavours, PLaMo-2, Kimi-Linear, Kimi-K3, BailingMoE-3, MiniMax-01) refuses what
+it does not build.
 
 The recorded runs of these architectures replay through the engine in
 tests/test_gguf_llama.py, except minimax-01.main.fa1.u1, where the reference reads memory
@@ -9,7 +9,7 @@ it never wrote from step 28 on: here its steps before that match and step 28 is 
 Here: a model the engine would decode wrongly by ignoring a tensor or key (K/V/R biases,
 the unfused lerp of old RWKV-6 files, rescaling every n layers, repeated K/V heads, a
 PLaMo-2 QKV bias, Kimi-Linear's fused KDA QKV or MHA-cache MLA, MiniMax-01 attention
-biases, Kimi-K3's latent MoE or sigmoid KDA gate) raises UnsupportedError naming it,
+biases, Kimi-K3's latent MoE or sigmoid KDA gate, BailingMoE-3's Q LoRA) raises UnsupportedError naming it,
 before any state is written; an RWKV-7 head size ggml's CPU ``rwkv_wkv7`` kernel overruns
 (it steps 64 floats at a time with AVX-512: heads of 8 read and write past each head,
 corrupting the heap) is refused instead of computed. The models are the recorded tiny
@@ -87,7 +87,7 @@ def _first_decode(path: Path, run: str) -> np.ndarray:
 
 def test_family_is_registered() -> None:
     family = {"rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "plamo2", "kimi-linear", "minimax-01"}
-    family |= {"kimi-k3"}
+    family |= {"kimi-k3", "bailingmoe3"}
     assert family <= set(SUPPORTED)
 
 
@@ -100,8 +100,9 @@ def test_family_is_registered() -> None:
         (family_linear.write_kimi_linear, "kimi-linear.main.fa1.u1"),
         (family_linear.write_minimax_01, "minimax-01.main.fa0.u0"),
         (family_linear.write_kimi_k3, "kimi-k3.main.fa0.u0"),
+        (family_linear.write_bailingmoe3, "bailingmoe3.main.fa1.u1"),
     ],
-    ids=["rwkv6", "rwkv6qwen2", "plamo2", "kimi-linear", "minimax-01", "kimi-k3"],
+    ids=["rwkv6", "rwkv6qwen2", "plamo2", "kimi-linear", "minimax-01", "kimi-k3", "bailingmoe3"],
 )
 def test_unchanged_model_decodes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: Callable[[Path], Path], run: str
@@ -157,6 +158,10 @@ CASES = {
     "kimi-k3-gate-lower-bound": (
         family_linear.write_kimi_k3, "kimi-k3.main.fa0.u0",
         {}, {"kda.gate_lower_bound": -5.0}, r"kimi-k3\.kda\.gate_lower_bound",
+    ),
+    "bailingmoe3-q-lora": (
+        family_linear.write_bailingmoe3, "bailingmoe3.main.fa1.u1",
+        {"blk.1.attn_q_a.weight": (16, 8)}, {}, r"blk\.1\.attn_q_a\.weight",
     ),
 }  # fmt: skip
 

@@ -1,5 +1,6 @@
 """RWKV and the other linear-recurrence families: RWKV-6/7 (and their Qwen-based flavours),
-PLaMo-2, Kimi-Linear (KDA), MiniMax-01 (lightning attention).
+PLaMo-2, Kimi-Linear, Kimi-K3 and BailingMoE-3 (KDA + MLA), MiniMax-01 (lightning
+attention).
 
 A mixin of the engine's graph builder (``pymem.runtime.gguf_llama._Graph``): methods
 here use its context (``self.ctx``), hyper-parameters (``self.hp``), weights
@@ -32,6 +33,10 @@ The reference builders (vendor/llama.cpp/src):
   the fused ``ggml_gated_delta_net``; sigmoid-gated RMS norm) and MLA layers over a
   K-only cache (absorbed Q, V = the latent part of K, ``v_mla`` decompression), a dense
   or sigmoid-routed MoE FFN with a shared expert;
+* ``models/kimi-k3.cpp``: the same KDA with rollback planes (``build_recurrent_attn``)
+  and a full-rank output gate, MLA with a sigmoid gate before ``wo``, SiTU activations in
+  the dense FFN and the experts; ``models/bailingmoe3.cpp``: KDA with the sigmoid-bounded
+  decay and rollback planes, MLA with RoPE on its rope part and a per-head gate;
 * ``models/minimax-01.cpp``: lightning attention (``llm_graph_input_la``'s decay inputs,
   intra-block ``(Q K^T * decay) V`` plus inter-block ``(Q * decay) S``, the decayed state
   update) and softmax attention layers, softmax-routed MoE, scaled residuals.
@@ -628,13 +633,17 @@ class RWKVGraph:
         return inpL
 
     # --- Kimi-Linear ----------------------------------------------------------------------
-    def _kimi_conv(self, il: int, conv_state: Any, j: int, x: Any, proj: str, conv_w: str) -> Any:
+    def _kimi_conv(
+        self, il: int, conv_state: Any, j: int, x: Any, proj: str, conv_w: str, every: bool
+    ) -> Any:
         """``causal_conv1d`` of Q (``j`` 0), K (1) or V (2): the projection, its short
         convolution over [state | tokens], the state's last ``d_conv - 1`` columns stored
         into the ``j``-th third of each R row ``[head, head + n_seqs)``, SiLU.
 
-        With rollback (kimi-k3, ``n_rs_seq`` > 0) plane ``s`` gets the columns ending
-        ``s`` tokens before the last (clamped to the first), planes written in order.
+        With rollback (kimi-k3, bailingmoe3: ``n_rs_seq`` > 0) plane ``s`` gets the
+        columns ending ``s`` tokens before the last, planes written in order: every plane
+        (``every``, kimi-k3: the window clamped to the first column) or only the first
+        ``min(n_seq_tokens, n_rs_seq + 1)`` (bailingmoe3).
         """
         ctx, ub = self.ctx, self.ubatch
         g: Any = self
@@ -653,7 +662,8 @@ class RWKVGraph:
         x = ctx.reshape_3d(x, d_inner, n_seq_tokens, n_seqs)
         conv_x = ctx.concat(state, ctx.transpose(x), 0)
         rel = int(gg.lib.ggml_element_size(r_all))
-        for plane in range(rs.n_rs_seq + 1):
+        n_planes = rs.n_rs_seq + 1 if every else min(n_seq_tokens, rs.n_rs_seq + 1)
+        for plane in range(n_planes):
             s_idx = max(0, n_seq_tokens - plane)
             last = ctx.view_3d(conv_x, d_conv - 1, d_inner, n_seqs, conv_x.nb[1], conv_x.nb[2],
                                s_idx * int(conv_x.nb[0]))  # fmt: skip
@@ -666,17 +676,20 @@ class RWKVGraph:
         out = ctx.silu(ctx.reshape_2d(out, d_inner, ub.n_tokens))
         return ctx.reshape_4d(out, head_dim, n_head, n_seq_tokens, n_seqs)
 
-    def kimi_kda(self, il: int, cur: Any, k3: bool = False) -> Any:
+    def kimi_kda(self, il: int, cur: Any, variant: str = "kimi-linear") -> Any:
         """The KDA layer of ``llama_model_kimi_linear::graph``: Q/K/V each through a short
         convolution (R: three conv states per row), the per-channel decay
         ``A * softplus(f_b(f_a(x)) + dt_bias)``, sigmoid beta, L2-normed Q/K, the fused
         ``ggml_gated_delta_net`` (its final state to S rows ``[head, head + n_seqs)``), an
         RMS norm gated by ``sigmoid(g_b(g_a(x)))``, ``wo``.
 
-        ``k3``: kimi-k3's ``build_kda_layer``: rollback planes (conv columns and the
-        fused op's state snapshots, ``build_recurrent_attn``) and one full-rank output
-        gate ``ssm_g``.
+        ``variant`` ``kimi-k3`` (``build_kda_layer``): rollback planes (conv columns and
+        the fused op's state snapshots, ``build_recurrent_attn``) and one full-rank output
+        gate ``ssm_g``; ``bailingmoe3``: rollback planes, the decay
+        ``lower_bound * sigmoid(A * (f_a(x) + dt_bias))`` from a full-rank ``f_a`` and the
+        output gate ``ssm_g_a``.
         """
+        k3, bailing = variant == "kimi-k3", variant == "bailingmoe3"
         ctx, ub = self.ctx, self.ubatch
         g: Any = self
         rs = g._recr()
@@ -686,7 +699,7 @@ class RWKVGraph:
             raise ConfigError(
                 "ubatch: KDA layers need an equal-sequence split (split_equal or split_seq)"
             )
-        if rs.n_rs_seq and not k3:
+        if rs.n_rs_seq and variant == "kimi-linear":
             raise UnsupportedError("kimi-linear KDA layers: rollback snapshots (n_rs_seq > 0)")
         n_head, head_dim = hpf.n_head[il], hpf.n_embd_head_kda
         n_seqs, n_seq_tokens, n_tokens = ub.n_seqs, ub.n_seq_tokens, ub.n_tokens
@@ -694,15 +707,22 @@ class RWKVGraph:
         s_all = rs.s_tensor(il).ptr
 
         conv_state = g.build_rs(rs.r_tensor(il).ptr, hpf.n_embd_r(), ctx.get_rows)
-        q = self._kimi_conv(il, conv_state, 0, cur, "attn_q.weight", "ssm_conv1d_q.weight")
-        k = self._kimi_conv(il, conv_state, 1, cur, "attn_k.weight", "ssm_conv1d_k.weight")
-        v = self._kimi_conv(il, conv_state, 2, cur, "attn_v.weight", "ssm_conv1d_v.weight")
+        q, k, v = (
+            self._kimi_conv(
+                il, conv_state, j, cur, f"attn_{x}.weight", f"ssm_conv1d_{x}.weight", every=k3
+            )
+            for j, x in enumerate("qkv")
+        )
 
-        g1 = ctx.mul_mat(w(il, "ssm_f_b.weight"), ctx.mul_mat(w(il, "ssm_f_a.weight"), cur))
-        g1 = ctx.softplus(ctx.add(g1, w(il, "ssm_dt.bias")))
-        g1 = ctx.reshape_3d(g1, head_dim, n_head, n_tokens)
-        # the file holds -exp(A_log) already
-        g1 = ctx.mul(g1, ctx.reshape_3d(w(il, "ssm_a"), 1, n_head, 1))
+        a = ctx.reshape_3d(w(il, "ssm_a"), 1, n_head, 1)  # the file holds -exp(A_log)
+        if bailing:
+            g1 = ctx.add(ctx.mul_mat(w(il, "ssm_f_a.weight"), cur), w(il, "ssm_dt.bias"))
+            g1 = ctx.mul(ctx.reshape_3d(g1, head_dim, n_head, n_tokens), a)
+            g1 = ctx.scale(ctx.sigmoid(g1), self._kda_lower_bound())
+        else:
+            g1 = ctx.mul_mat(w(il, "ssm_f_b.weight"), ctx.mul_mat(w(il, "ssm_f_a.weight"), cur))
+            g1 = ctx.softplus(ctx.add(g1, w(il, "ssm_dt.bias")))
+            g1 = ctx.mul(ctx.reshape_3d(g1, head_dim, n_head, n_tokens), a)
         g1 = ctx.reshape_4d(g1, head_dim, n_head, n_seq_tokens, n_seqs)
         beta = ctx.mul_mat(w(il, "ssm_beta.weight"), cur)
         beta = ctx.sigmoid(ctx.reshape_4d(beta, 1, n_head, n_seq_tokens, n_seqs))
@@ -712,11 +732,11 @@ class RWKVGraph:
         state = ctx.reshape_4d(state, head_dim, head_dim, n_head, n_seqs)
         q = g._gdn_l2_norm(q)
         k = g._gdn_l2_norm(k)
-        if k3:
+        if k3 or bailing:
             output = g._gdn_recurrent_attn(rs, s_all, q, k, v, g1, beta, state, n_embd_s)
             output = ctx.cont(output)
             cur_2d = ctx.reshape_2d(cur, cur.ne[0], n_seq_tokens * n_seqs)
-            g2 = ctx.mul_mat(w(il, "ssm_g.weight"), cur_2d)
+            g2 = ctx.mul_mat(w(il, "ssm_g.weight" if k3 else "ssm_g_a.weight"), cur_2d)
             return self._kda_out(il, output, g2)
         out = ctx.gated_delta_net(q, k, v, g1, beta, state, 1)
         # out = [S x H x n_seq_tokens x n_seqs scores | S x S x H x n_seqs states]
@@ -733,6 +753,13 @@ class RWKVGraph:
         cur_2d = ctx.reshape_2d(cur, cur.ne[0], n_seq_tokens * n_seqs)
         g2 = ctx.mul_mat(w(il, "ssm_g_b.weight"), ctx.mul_mat(w(il, "ssm_g_a.weight"), cur_2d))
         return self._kda_out(il, output, g2)
+
+    def _kda_lower_bound(self) -> float:
+        """``kda.gate_lower_bound`` (bailingmoe3 requires it)."""
+        key = f"{self.hp.arch}.kda.gate_lower_bound"
+        if self.m.keys.fields.get(key) is None:
+            raise ConfigError(f"{self.m.path}: key not found in model: {key}")
+        return self.m.keys.f32(key)
 
     def _kda_out(self, il: int, output: Any, g2: Any) -> Any:
         """``wo(rms_norm(output) * sigmoid(g2))`` per KDA head."""
@@ -768,14 +795,16 @@ class RWKVGraph:
         t_mask, t_k, _ = g._attn_in[part]
         return t_mask, t_k
 
-    def kimi_mla(self, il: int, cur: Any, gated: bool = False) -> Any:
+    def kimi_mla(self, il: int, cur: Any, variant: str = "kimi-linear") -> Any:
         """The MLA layer of ``llama_model_kimi_linear::graph`` (no RoPE), with the MLA KV
         cache: Q's no-RoPE part absorbed through ``wk_b``, K = [normed latent | k_pe] in a
         K-only cache, V = the first ``kv_lora_rank`` values of each K row, decompressed per
         head by ``wv_b`` after attention (``v_mla``), scale 1/sqrt(key_length_mla).
 
-        ``gated``: kimi-k3 multiplies the attention output by ``sigmoid(attn_gate . x)``
-        (``x`` the normed layer input) before ``wo`` when the layer has the gate.
+        ``variant`` ``kimi-k3`` multiplies the attention output by
+        ``sigmoid(attn_gate . x)`` (``x`` the normed layer input) before ``wo`` when the
+        layer has the gate; ``bailingmoe3`` ropes ``q_pe`` and ``k_pe`` and gates each head
+        by one ``sigmoid(attn_gate . x)`` value.
         """
         ctx, hp = self.ctx, self.hp
         g: Any = self
@@ -795,12 +824,18 @@ class RWKVGraph:
         kv_cmpr = ctx.view_2d(kv_pe, kv_lora, n_tokens, row, 0)
         k_pe = ctx.view_3d(kv_pe, n_rope, 1, n_tokens, row, row,
                            int(gg.lib.ggml_row_size(kv_pe.type, kv_lora)))  # fmt: skip
-        kv_cmpr = g.norm(kv_cmpr, w(il, "attn_kv_a_norm.weight"))
-
         qrow = int(gg.lib.ggml_row_size(q.type, k_mla))
         q_nope = ctx.view_3d(q, n_nope, n_head, n_tokens, qrow, qrow * n_head, 0)
         q_pe = ctx.view_3d(q, n_rope, n_head, n_tokens, qrow, qrow * n_head,
                            int(gg.lib.ggml_row_size(q.type, n_nope)))  # fmt: skip
+        if variant == "bailingmoe3":
+            rope = self.m.spec.layers[il].rope
+            if rope is None:
+                raise ConfigError(f"layer {il}: an MLA layer without RoPE parameters")
+            q_pe = g.rope(q_pe, rope)
+            k_pe = g.rope(k_pe, rope)
+        kv_cmpr = g.norm(kv_cmpr, w(il, "attn_kv_a_norm.weight"))
+
         q_nope = ctx.permute(q_nope, 0, 2, 1, 3)
         q_abs = ctx.permute(ctx.mul_mat(w(il, "attn_k_b.weight"), q_nope), 0, 2, 1, 3)
         q = ctx.concat(q_abs, q_pe, 0)  # [kv_lora + n_rope, n_head, n_tokens]
@@ -818,9 +853,16 @@ class RWKVGraph:
                              k_view.nb[1], k_view.nb[2], k_view.nb[3], 0)  # fmt: skip
         out = self._mla_attn_mha(q, k_view, v_view, t_mask, kq_scale, w(il, "attn_v_b.weight"))
         g.expand(out)
-        gate_w = w(il, "attn_gate.weight", required=False) if gated else None
-        if gate_w is not None:
-            out = ctx.mul(out, ctx.sigmoid(ctx.mul_mat(gate_w, cur)))
+        if variant == "bailingmoe3":
+            v_head = int(keys.f32(f"{arch}.attention.value_length_mla"))
+            gate = ctx.mul_mat(w(il, "attn_gate.weight"), cur)
+            gate = ctx.sigmoid(ctx.reshape_3d(gate, 1, n_head, n_tokens))
+            out = ctx.mul(ctx.reshape_3d(out, v_head, n_head, n_tokens), gate)
+            out = ctx.cont_2d(out, v_head * n_head, n_tokens)
+        elif variant == "kimi-k3":
+            gate_w = w(il, "attn_gate.weight", required=False)
+            if gate_w is not None:
+                out = ctx.mul(out, ctx.sigmoid(ctx.mul_mat(gate_w, cur)))
         return ctx.mul_mat(w(il, "attn_output.weight"), out)
 
     def _mla_attn_mha(
@@ -1185,9 +1227,9 @@ class RWKVGraph:
             cur = g.norm(inpL, w(il, "attn_norm.weight"))
             g.expand(cur)
             if layers[il].recurrent:
-                cur = self.kimi_kda(il, cur, k3=True)
+                cur = self.kimi_kda(il, cur, variant="kimi-k3")
             else:
-                cur = self.kimi_mla(il, cur, gated=True)
+                cur = self.kimi_mla(il, cur, variant="kimi-k3")
             prefix = ctx.add(inpL, cur)
             cur = g.norm(prefix, w(il, "ffn_norm.weight"))
             if il < n_dense:
@@ -1197,6 +1239,46 @@ class RWKVGraph:
             else:
                 cur = self._k3_moe(il, cur)
             inpL = ctx.add(prefix, cur)
+        return ctx.get_rows(inpL, out_ids)
+
+    # --- BailingMoE-3 -----------------------------------------------------------------------
+    def bailingmoe3(self, inp: Any, out_ids: Any) -> Any:
+        """``llama_model_bailingmoe3::graph`` (NextN layers not run, as the reference's main
+        pass) up to the output norm: KDA (sigmoid-bounded decay, rollback planes) or MLA
+        with RoPE and a per-head gate over a K-only cache, residual, RMS norm, dense SwiGLU
+        (the leading layers) or routed MoE plus the shared expert, residual; the output
+        rows are taken after the last layer (the engine's output norm is per row)."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        keys, arch = self.m.keys, hp.arch
+        if not self.m.hp_file.is_mla:
+            raise UnsupportedError(f"{self.m.path}: bailingmoe3 without MLA (an MHA KV cache)")
+        if keys.fields.get(f"{arch}.rope.dimension_sections") is not None:
+            raise UnsupportedError(f"{self.m.path}: {arch}.rope.dimension_sections (M-RoPE)")
+        self._rwkv_refuse(["attn_q_a.weight", "attn_kv_b.weight", "attn_qkv.weight"])
+        n_dense = int(keys.f32(f"{arch}.leading_dense_block_count", 0.0))
+        gating = int(keys.f32(f"{arch}.expert_gating_func"))
+        norm_w = keys.bool_(f"{arch}.expert_weights_norm")
+        w_scale = keys.f32(f"{arch}.expert_weights_scale", 0.0)
+        layers = self.m.spec.layers
+        if any(layers[il].recurrent for il in range(hp.n_layer)):
+            g.s_copy()
+        inpL = inp
+        for il in range(hp.n_layer):
+            cur = g.norm(inpL, w(il, "attn_norm.weight"))
+            if layers[il].recurrent:
+                cur = self.kimi_kda(il, cur, variant="bailingmoe3")
+            else:
+                cur = self.kimi_mla(il, cur, variant="bailingmoe3")
+            ffn_inp = ctx.add(cur, inpL)
+            cur = g.norm(ffn_inp, w(il, "ffn_norm.weight"))
+            if il < n_dense:
+                cur = g.ffn(il, cur)
+            else:
+                moe = g.moe_ffn(il, cur, gating, norm_w=norm_w, w_scale=w_scale)
+                cur = ctx.add(moe, g.swiglu_ffn(il, cur, "_shexp"))
+            inpL = ctx.add(cur, ffn_inp)
         return ctx.get_rows(inpL, out_ids)
 
 
@@ -1210,6 +1292,7 @@ def _libm_f32(name: str, n_args: int) -> Any:
 
 
 ARCH_GRAPHS: dict[str, ArchGraph] = {
+    "bailingmoe3": ArchGraph(RWKVGraph.bailingmoe3),
     "kimi-k3": ArchGraph(RWKVGraph.kimi_k3),
     "minimax-01": ArchGraph(RWKVGraph.minimax_01),
     "kimi-linear": ArchGraph(RWKVGraph.kimi_linear),
