@@ -169,17 +169,13 @@ class RWKVGraph:
         start of ``shift`` to rows ``[head, head + n_seqs)`` of R."""
         ctx = self.ctx
         g: Any = self
-        rs = self._recr_rwkv()
+        rs = g._recr()
         r_all = rs.r_tensor(il).ptr
         n_embd_r, n_seqs = self.m.hp_file.n_embd_r(), self.ubatch.n_seqs
         src = ctx.view_1d(shift, self.hp.n_embd * n_seqs * count, 0)
         dst = ctx.view_1d(r_all, n_embd_r * n_seqs,
                           n_embd_r * rs.head * int(gg.lib.ggml_element_size(r_all)))  # fmt: skip
         g.expand(ctx.cpy(src, dst))
-
-    def _recr_rwkv(self) -> Any:
-        g: Any = self
-        return g._recr()
 
     def _rwkv_prev(self, shift: Any, x: Any) -> Any:
         """``x_prev``: the stored shift row, then every token but the last of each sequence.
@@ -201,7 +197,7 @@ class RWKVGraph:
         states to rows ``[head, head + n_seqs)`` of S and return ``y`` (1-d)."""
         ctx = self.ctx
         g: Any = self
-        rs = self._recr_rwkv()
+        rs = g._recr()
         s_all = rs.s_tensor(il).ptr
         n_embd, n_tokens, n_seqs = self.hp.n_embd, self.ubatch.n_tokens, self.ubatch.n_seqs
         n_embd_s = self.m.hp_file.n_embd_s()
