@@ -32,6 +32,10 @@ _I32 = struct.Struct("<i")
 _U64 = struct.Struct("<Q")
 
 FILE_CHUNK = 1 << 22  # 4 MiB scratch for streaming tensor bytes to a file
+# a file writer hands a host tensor's runs to the file directly (no scratch copy) when
+# they are this long on average and this few (one write call each)
+_DIRECT_MIN_RUN = 1 << 16
+_DIRECT_MAX_PIECES = 4096
 
 Progress = Callable[[int, int], None]
 """``progress(done, total)`` in bytes, called while a state streams to or from a file:
@@ -339,8 +343,22 @@ class FileWriter(StateWriter):
         self, tensor: Tensor, offset: int, n_rep: int, rep_stride: int, starts: np.ndarray,
         sizes: np.ndarray,
     ) -> None:  # fmt: skip
-        """Streams the section in FILE_CHUNK windows (a window may cut a run anywhere)."""
+        """Streams the section in FILE_CHUNK windows (a window may cut a run anywhere);
+        a host tensor's long runs go to the file straight from its memory (no copy)."""
         size = n_rep * int(sizes.sum())
+        n_pieces = n_rep * sizes.size
+        if (
+            tensor.device.is_host
+            and 0 < n_pieces <= _DIRECT_MAX_PIECES
+            and size >= _DIRECT_MIN_RUN * n_pieces
+        ):
+            raw = memoryview(tensor.numpy()).cast("B")
+            runs = list(zip(starts.tolist(), sizes.tolist()))
+            for r in range(n_rep):
+                at = offset + r * rep_stride
+                for a, n in runs:
+                    self.write(raw[at + a : at + a + n])
+            return
         done = 0
         while done < size:
             n = min(FILE_CHUNK, size - done)

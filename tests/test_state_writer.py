@@ -137,3 +137,34 @@ def test_write_state_buffer_fills_the_callers_buffer_or_refuses_it() -> None:
         assert short == bytearray(len(blob) - 1)
         with pytest.raises(RangeError, match="read-only"):
             write_state_buffer(bytes(len(blob)), serialise)
+
+
+def test_long_runs_stream_to_a_file_from_tensor_memory() -> None:
+    """A host tensor's long runs (>= 64 KiB each) go to the file as views of the tensor
+    (no scratch copy): the same bytes as the buffer writer, one file write per run."""
+    with TensorStore("CPU", [TensorSpec("t", "f16", (65536, 4))]) as store:
+        t = store["t"]
+        raw = np.random.default_rng(5).integers(0, 256, t.nbytes, dtype=np.uint8)
+        t.write_bytes(raw)
+        starts = np.array([0, 66000], dtype=np.uint64)
+        sizes = np.array([65536, 65536], dtype=np.uint64)  # 4 runs of 64 KiB
+
+        def serialise(w: StateWriter) -> None:
+            w.write_tensor_runs(t, 100, 2, 131072, starts, sizes)
+
+        writes: list[int] = []
+
+        class Sink(io.BytesIO):
+            def write(self, b) -> int:  # type: ignore[override]
+                writes.append(memoryview(b).nbytes)
+                return super().write(b)
+
+        f = Sink()
+        assert write_state_to(f, serialise) == 4 * 65536
+        assert f.getvalue() == bytes(write_state(serialise))
+        assert f.getvalue() == b"".join(
+            raw[100 + 131072 * r + a : 100 + 131072 * r + a + n].tobytes()
+            for r in range(2)
+            for a, n in ((0, 65536), (66000, 65536))
+        )
+        assert writes == [65536] * 4
