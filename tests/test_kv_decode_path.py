@@ -3,7 +3,8 @@
 Pins: a ubatch replayed by the allocator (frozen sequence arrays) lets the cache reuse
 its per-layout values (``KVCache._StepMemo``: streams, row offsets, set_new rows) in
 find_slot, apply_ubatch, get_n_kv, the K/V rows and the mask, with exactly the results
-of a fresh ubatch. The one-stream KQ mask of a ubatch with one token per sequence
+of a fresh ubatch; so does a hybrid's recurrent part (the request of a replayed
+ubatch reuses its sequence part). The one-stream KQ mask of a ubatch with one token per sequence
 (``inputs._mask_one_per_seq``: each cell decided once, against its owner's token) equals
 the per-stream pair evaluation, for every SWA kind, causal or not, f32 and f16, on
 caches with window-purged, removed and shared cells (shared cells take the general path).
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from kv_helpers import check_invariants, make_kv
 from test_batch_decode_path import GeneralOnly
+from test_hybrid import make_hybrid
 from test_kv_batched import SWA_KINDS, per_stream_mask, state_of
 
 import pymem.kv.inputs as kv_inputs
@@ -151,3 +153,45 @@ def test_decode_steps_with_replayed_ubatches_equal_fresh_ubatches(unified, swa_t
             for kv in twins:
                 kv.seq_rm(s, max(0, kv.seq_pos_max(s) - 2), -1)
     assert twins[0]._memo is not None and twins[1]._memo is None
+
+
+def _drive_memory(mem, balloc, seqs: list[int], pos: list[int]) -> tuple:
+    """One decode call of any memory: every graph input it hands out, as plain values."""
+    n = len(seqs)
+    batch = Batch(np.arange(n, dtype=np.int32) + 1, pos=np.asarray(pos, np.int32), seq_id=seqs)
+    balloc.init(batch, memory=mem, n_seq_max=4)
+    ctx = mem.init_batch(balloc, 512, False)
+    assert ctx.get_status() == MemoryStatus.SUCCESS
+    out = []
+    while True:
+        ctx.apply()
+        gi = ctx.graph_inputs()
+        for name in sorted(gi.attn):
+            inp = gi.attn[name]
+            out.append(
+                (name, inp.n_kv, inp.k_idxs.tolist(), inp.v_idxs.tolist(), inp.kq_mask().tobytes())
+            )
+        r = gi.recr
+        assert r is not None
+        out.append((r.head, r.n_rs, r.rs_z, r.s_copy.tolist()))
+        if not ctx.next():
+            return tuple(out)
+
+
+@pytest.mark.parametrize("pattern", ["RAR", "RSAR"])
+@pytest.mark.parametrize("unified", [True, False])
+def test_hybrid_decode_steps_with_replayed_ubatches_equal_fresh_ubatches(pattern, unified):
+    """A hybrid (plain and iSWA) fed replayed ubatches (the KV step memo, the recurrent
+    request memo) equals its twin fed fresh ubatches: inputs, positions, cells."""
+    twins = [make_hybrid(pattern, kv_size=128, n_seq_max=4, unified=unified) for _ in range(2)]
+    allocs = [BatchAllocator(), GeneralOnly()]
+    layouts = [[0, 1, 2, 3], [1, 3], [2]]
+    for step in range(24):
+        seqs = layouts[(step // 3) % len(layouts)]
+        pos = [twins[0].seq_pos_max(s) + 1 for s in seqs]
+        got = [_drive_memory(m, a, seqs, pos) for m, a in zip(twins, allocs)]
+        assert got[0] == got[1], step
+        for s in range(4):
+            assert twins[0].seq_pos_ranges(s) == twins[1].seq_pos_ranges(s)
+        assert (twins[0].cell_owners() == twins[1].cell_owners()).all()
+    assert twins[0].mem_recr._req_memo is not None and twins[1].mem_recr._req_memo is None

@@ -265,6 +265,8 @@ class RecurrentMemory(Memory):
         # seq ids stored in cells are < size; rs_idx is indexed by any id < n_seq_max too
         self.cells = RecurrentCells(self.size, max(self.size, self.n_seq_max))
         self._version = 0  # bumped on every mutation: a stale read plan refuses to commit
+        # (seq_id, n_seq_id, request, last-token indices, n_tokens) of the last replayed ubatch
+        self._req_memo: tuple[np.ndarray, np.ndarray, SlotRequest, np.ndarray, int] | None = None
         self._closed = False
 
     # -- small accessors ---------------------------------------------------------------
@@ -374,7 +376,7 @@ class RecurrentMemory(Memory):
         as long as the memory has not changed since, instead of placing again.
         """
         self.check_open()
-        reqs = [SlotRequest.from_ubatch(ub) for ub in ubatches]
+        reqs = [self._request(ub) for ub in ubatches]
         states: list[RecurrentCells] = []
         cells = self.cells
         for req in reqs:
@@ -383,6 +385,25 @@ class RecurrentMemory(Memory):
                 return None
             states.append(cells)
         return RecurrentPlan(reqs, states, self.cells, self._version)
+
+    def _request(self, ub: UBatch) -> SlotRequest:
+        """``SlotRequest.from_ubatch(ub)``; for a ubatch the allocator replayed (read-only
+        sequence arrays, the same objects every decode step) the sequence part of the last
+        such request is reused and only the positions are gathered again."""
+        m = self._req_memo
+        if m is not None and ub.seq_id is m[0] and ub.n_seq_id is m[1] and ub.equal_seqs:
+            tmpl, last = m[2], m[3]
+            if ub.n_seq_tokens == tmpl.n_seq_tokens and ub.n_tokens == m[4]:
+                req = SlotRequest.__new__(SlotRequest)  # ids, n_ids, all_ids, coupled,
+                req.__dict__.update(tmpl.__dict__)  # error: shared, never written
+                req.last_pos = np.asarray(ub.pos, dtype=np.int32)[last]
+                return req
+        req = SlotRequest.from_ubatch(ub)
+        if not (ub.seq_id.flags.writeable or ub.n_seq_id.flags.writeable):
+            # the last token of each set: E.g. 3 tokens per set, 2 sets -> [2, 5]
+            last = np.arange(ub.n_seq_tokens - 1, ub.n_tokens, ub.n_seq_tokens)
+            self._req_memo = (ub.seq_id, ub.n_seq_id, req, last, ub.n_tokens)
+        return req
 
     def context_for(
         self, plan: RecurrentPlan, ubatches: Sequence[UBatch]
