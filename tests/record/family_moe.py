@@ -4,7 +4,7 @@ dense: tiny models and their recorded runs.
 ``MODEL_WRITERS``: model file name -> writer (see models.py); ``RUNS``: the runs recorded
 with them (record_llama_cpp.py adds both to its own).
 
-Why: family_attention's afmoe, laguna, exaone-moe, cohere2moe and mimo2 models have no
+Why: family_attention's afmoe, laguna, exaone-moe, cohere2moe, mimo2 and step35 models have no
 MoE layer, so their recorded runs never reach ``build_moe_ffn``. These variants keep the
 same attention (and so the same memory) with dense and MoE layers (4 experts, 2 used;
 each writer says which routing, bias, normalisation, scale and shared expert), so the
@@ -187,12 +187,47 @@ def write_mimo2_moe(path: Path) -> Path:
     return path
 
 
+def write_step35_moe(path: Path) -> Path:
+    """step35: family_attention's 2 layers (pattern [1, 0]), layer 0 dense, layer 1 MoE
+    (it has a router): sigmoid routing by default, the selection bias, normalised weights
+    scaled by 2.5 and a shared expert. ``swiglu_clamp_exp`` 0.5 clamps the experts'
+    SwiGLU and ``swiglu_clamp_shexp`` 0.7 the shared expert's and the dense layer's (the
+    reference clamps every parallel SiLU FFN of step35 with it), both with separate ops."""
+    n_layer, n_ff = 2, 24
+    m = _Model(path, "step35", "tiny-step35-moe", seed=171)
+    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("attention.sliding_window", N_SWA)
+    m.arr("attention.sliding_window_pattern", [1, 0])
+    m.f32("rope.freq_base_swa", 5000.0)
+    m.u32("expert_count", N_EXPERT)
+    m.u32("expert_used_count", N_EXPERT_USED)
+    m.u32("expert_feed_forward_length", N_FF_EXP)
+    m.u32("expert_shared_feed_forward_length", N_FF_EXP)
+    m.w.add_bool(f"{m.arch}.expert_weights_norm", True)
+    m.f32("expert_weights_scale", 2.5)
+    m.f32("swiglu_clamp_exp", 0.5)
+    m.f32("swiglu_clamp_shexp", 0.7)
+    _head(m)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
+        if il == 0:
+            _ffn(m, il, N_EMBD, n_ff)
+        else:
+            _moe_tensors(m, il)
+    m.finish()
+    return path
+
+
 MODEL_WRITERS = {
     "tiny-afmoe-moe.gguf": write_afmoe_moe,
     "tiny-laguna-moe.gguf": write_laguna_moe,
     "tiny-exaone-moe-moe.gguf": write_exaone_moe_moe,
     "tiny-cohere2moe-moe.gguf": write_cohere2moe_moe,
     "tiny-mimo2-moe.gguf": write_mimo2_moe,
+    "tiny-step35-moe.gguf": write_step35_moe,
 }
 
 # the family_attention runs' scenario and sizes, on the MoE variants
@@ -202,4 +237,9 @@ RUNS = [
     RunConfig("exaone-moe-moe.main.fa1.u0", "exaone-moe-moe", "tiny-exaone-moe-moe.gguf", "main", 1024, 64, True, False),
     RunConfig("cohere2moe-moe.main.fa1.u1", "cohere2moe-moe", "tiny-cohere2moe-moe.gguf", "main", 512, 64, True, True),
     RunConfig("mimo2-moe.main.fa0.u1", "mimo2-moe", "tiny-mimo2-moe.gguf", "main", 512, 64, False, True),
+    # the reference cannot K-shift step35: family_attention's noshift variant
+    RunConfig(
+        "step35-moe.noshift.fa1.u1", "step35-moe", "tiny-step35-moe.gguf", "noshift", 512, 64, True, True,
+        kshift=False, seq_shift=False,
+    ),
 ]  # fmt: skip
