@@ -352,7 +352,7 @@ class FileWriter(StateWriter):
             and 0 < n_pieces <= _DIRECT_MAX_PIECES
             and size >= _DIRECT_MIN_RUN * n_pieces
         ):
-            raw = memoryview(tensor.numpy()).cast("B")
+            raw = tensor.numpy().reshape(-1).view(np.uint8).data
             runs = list(zip(starts.tolist(), sizes.tolist()))
             for r in range(n_rep):
                 at = offset + r * rep_stride
