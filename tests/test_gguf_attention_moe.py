@@ -93,6 +93,7 @@ MODELS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "exaone-moe-moe": (family_moe.write_exaone_moe_moe, "exaone-moe-moe.main.fa1.u0"),
     "cohere2moe-moe": (family_moe.write_cohere2moe_moe, "cohere2moe-moe.main.fa1.u1"),
     "mimo2-moe": (family_moe.write_mimo2_moe, "mimo2-moe.main.fa0.u1"),
+    "step35-moe": (family_moe.write_step35_moe, "step35-moe.noshift.fa1.u1"),
     "cohere2moe": (family_attention.write_cohere2moe, "cohere2moe.main.fa0.u1"),
     "exaone-moe": (family_attention.write_exaone_moe, "exaone-moe.main.fa1.u1"),
     "smallthinker": (family_attention.write_smallthinker, "smallthinker.main.fa1.u1"),

@@ -25,10 +25,10 @@ Shared blocks (``llama-graph.cpp``):
 
 Architectures: gemma3, gemma3n, gemma4 (dense), lfm2moe (LFM2's trunk), qwen3moe,
 gpt-oss, cohere2, cohere2moe, olmo2, exaone4, exaone-moe, phi3, llama4, smallthinker,
-mellum, granite_swa (dense), mimo2, afmoe, muse-glimmer, spark2_5, plamo3, laguna, step35
-(dense), maple. "Dense": no recorded tiny model has an MoE layer of that architecture,
+mellum, granite_swa (dense), mimo2, afmoe, muse-glimmer, spark2_5, plamo3, laguna,
+step35, maple. "Dense": no recorded tiny model has an MoE layer of that architecture,
 so its MoE layers are refused rather than built unchecked (afmoe, laguna, exaone-moe,
-cohere2moe and mimo2 have MoE variants in tests/record/family_moe.py). Nemotron-H's MoE
+cohere2moe, mimo2 and step35 have MoE variants in tests/record/family_moe.py). Nemotron-H's MoE
 layers (graph_ssm2) use :meth:`moe_ffn` too.
 """
 
@@ -51,6 +51,7 @@ GATING_NONE, GATING_SOFTMAX, GATING_SIGMOID, GATING_SOFTMAX_WEIGHT = 0, 1, 2, 3
 F16_MIN_NORMAL = 6.103515625e-5  # the weight-sum clamp: the smallest normal F16
 # the architectures of this module whose load_arch_hparams reads swiglu_clamp_exp
 _READS_SWIGLU_CLAMP = frozenset({"maple", "step35"})
+_READS_SWIGLU_CLAMP_SH = frozenset({"step35"})  # ... and swiglu_clamp_shexp
 # attention tensors the engine's separate-Q/K/V attention would ignore
 _QKV_EXTRA = ("attn_qkv.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias")
 
@@ -378,8 +379,10 @@ class AttentionGraph:
 
     def swiglu_ffn(self, il: int, cur: Any, suffix: str = "") -> Any:
         """``build_ffn(up, gate, down, LLM_FFN_SILU, LLM_FFN_PAR)`` over ``ffn_*{suffix}``,
-        with the up / gate / down biases the file has."""
+        with the up / gate / down biases the file has; clamped by ``swiglu_clamp_shexp``
+        where the architecture reads it (step35)."""
         ctx, w = self.ctx, self.m._w
+        limit = self.swiglu_clamp_limit(il, "swiglu_clamp_shexp")
 
         def proj(name: str, x: Any) -> Any:
             t = ctx.mul_mat(w(il, f"ffn_{name}{suffix}.weight"), x)
@@ -388,6 +391,8 @@ class AttentionGraph:
 
         up = proj("up", cur)
         gate = proj("gate", cur)
+        if limit > 1e-6:
+            return proj("down", _clamped_swiglu(ctx, gate, up, limit))
         return proj("down", ctx.swiglu_split(gate, up))
 
     def llama4_attn_scale(self) -> Any:
@@ -772,14 +777,16 @@ class AttentionGraph:
         """``llama_model_step35::graph`` (dense layers): per-layer heads, rotation widths
         and RoPE bases, optional per-head Q/K norms and per-head sigmoid gate before
         ``wo``, SwiGLU FFN with biases; the last layer runs over every token and the output
-        rows are taken before the output norm. MoE layers, fused QKV and RoPE factors are
-        refused (no recorded run has them)."""
+        rows are taken before the output norm. Layers with a router: experts (sigmoid by
+        default, selection bias) plus the shared expert; SwiGLUs clamped by
+        ``swiglu_clamp_exp`` / ``swiglu_clamp_shexp``. Fused QKV and RoPE factors are
+        refused."""
         ctx, hp = self.ctx, self.hp
         g: Any = self
         w = self.m._w
         self.refuse_rope_factors()
         for il in range(hp.n_layer):
-            self.refuse_tensors(il, ("ffn_gate_inp.weight", "attn_qkv.weight"), "step35")
+            self.refuse_tensors(il, ("attn_qkv.weight",), "step35")
         inpL = inp
         for il in range(hp.n_layer):
             cur = g.norm(inpL, w(il, "attn_norm.weight"))
@@ -800,7 +807,11 @@ class AttentionGraph:
                 out = ctx.reshape_2d(out, hp.n_embd_head * nh, n_tokens)
             cur = ctx.mul_mat(w(il, "attn_output.weight"), out)
             ffn_inp = ctx.add(cur, inpL)
-            cur = self.swiglu_ffn(il, g.norm(ffn_inp, w(il, "ffn_norm.weight")))
+            cur = g.norm(ffn_inp, w(il, "ffn_norm.weight"))
+            if w(il, "ffn_gate_inp.weight", required=False) is None:
+                cur = self.swiglu_ffn(il, cur)
+            else:
+                cur = self.moe_shared_ffn(il, cur, gating_default=GATING_SIGMOID)
             inpL = ctx.add(cur, ffn_inp)
         return ctx.get_rows(inpL, out_ids)
 
@@ -1083,10 +1094,10 @@ class AttentionGraph:
         return n_expert, n_used
 
     def moe_shared_ffn(self, il: int, cur: Any, gating_default: int = GATING_NONE) -> Any:
-        """The MoE layer of afmoe / laguna / exaone-moe: ``build_moe_ffn`` with the file's
-        gating (``expert_gating_func``; ``gating_default`` when 0 or absent), selection
-        bias, ``expert_weights_norm`` and ``expert_weights_scale``, plus the SwiGLU shared
-        expert (``ffn_*_shexp``) when the layer has one."""
+        """The MoE layer of afmoe / laguna / exaone-moe / step35: ``build_moe_ffn`` with
+        the file's gating (``expert_gating_func``; ``gating_default`` when 0 or absent),
+        selection bias, ``expert_weights_norm`` and ``expert_weights_scale``, plus the
+        SwiGLU shared expert (``ffn_*_shexp``) when the layer has one."""
         keys, arch = self.m.keys, self.hp.arch
         gating = int(keys.f32(f"{arch}.expert_gating_func", 0.0)) or gating_default
         out = self.moe_ffn(
@@ -1097,18 +1108,20 @@ class AttentionGraph:
             return out
         return self.ctx.add(out, self.swiglu_ffn(il, cur, "_shexp"))
 
-    def swiglu_clamp_limit(self, il: int) -> float:
-        """Layer ``il``'s ``swiglu_clamp_exp`` (one value, or one per layer; 0: none), for
-        the architectures whose loader reads it (any other ignores the key, as the
-        reference does)."""
-        field = self.m.keys.fields.get(f"{self.hp.arch}.swiglu_clamp_exp")
-        if field is None or self.hp.arch not in _READS_SWIGLU_CLAMP:
+    def swiglu_clamp_limit(self, il: int, key: str = "swiglu_clamp_exp") -> float:
+        """Layer ``il``'s ``swiglu_clamp_exp`` (experts) or ``swiglu_clamp_shexp`` (every
+        other parallel SiLU FFN), one value or one per layer, 0: none; for the
+        architectures whose loader reads it (any other ignores the key, as the reference
+        does)."""
+        field = self.m.keys.fields.get(f"{self.hp.arch}.{key}")
+        readers = _READS_SWIGLU_CLAMP if key == "swiglu_clamp_exp" else _READS_SWIGLU_CLAMP_SH
+        if field is None or self.hp.arch not in readers:
             return 0.0
         value = field.contents()
         if isinstance(value, list):
             if len(value) <= il:
                 raise ConfigError(
-                    f"{self.m.path}: {self.hp.arch}.swiglu_clamp_exp has {len(value)} entries, "
+                    f"{self.m.path}: {self.hp.arch}.{key} has {len(value)} entries, "
                     f"layer {il} needs one"
                 )
             value = value[il]
@@ -1206,14 +1219,13 @@ class AttentionGraph:
             gate = biased(gate, "ffn_gate_exps.bias")
 
         if act == "silu" and limit > 1e-6 and gate_up_exps is None and has_gate:
-            # maple's fused clamp: silu(min(gate, limit)) * clamp(up, -limit, limit)
-            if self.hp.arch != "maple":  # the others clamp with separate ops
-                raise UnsupportedError(
-                    f"{self.m.path}: {self.hp.arch}.swiglu_clamp_exp (unfused clamped SwiGLU)"
-                )
-            cur = gg.lib.pm_swiglu_clamp(ctx.ptr, gate, up, f32(limit))
-            if cur == NULL:
-                raise UnsupportedError("ggml_swiglu_clamp: not in this process's ggml")
+            if self.hp.arch == "maple":
+                # the fused clamp: silu(min(gate, limit)) * clamp(up, -limit, limit)
+                cur = gg.lib.pm_swiglu_clamp(ctx.ptr, gate, up, f32(limit))
+                if cur == NULL:
+                    raise UnsupportedError("ggml_swiglu_clamp: not in this process's ggml")
+            else:
+                cur = _clamped_swiglu(ctx, gate, up, limit)
         elif act == "silu":
             cur = ctx.swiglu_split(gate, up) if has_gate else ctx.silu(gate)
         elif act == "gelu":
@@ -1266,6 +1278,14 @@ class AttentionGraph:
         w_scale = self.m.keys.f32("lfm2moe.expert_weights_scale", 0.0)
         gating = int(self.m.keys.f32("lfm2moe.expert_gating_func", 0.0))
         return self.moe_ffn(il, cur, gating, norm_w=True, w_scale=w_scale)
+
+
+def _clamped_swiglu(ctx: Any, gate: Any, up: Any, limit: float) -> Any:
+    """The reference's unfused clamped SwiGLU: ``min(silu(gate), limit) * clamp(up,
+    -limit, limit)`` (``build_ffn`` / ``build_moe_ffn`` with a ``swiglu_clamp_*`` limit)."""
+    up = ctx.clamp(up, -limit, limit)
+    act = ctx.clamp(ctx.silu(gate), float("-inf"), limit)
+    return ctx.mul(act, up)
 
 
 def _sqrtf(x: float) -> float:
