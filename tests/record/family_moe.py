@@ -4,11 +4,12 @@ dense: tiny models and their recorded runs.
 ``MODEL_WRITERS``: model file name -> writer (see models.py); ``RUNS``: the runs recorded
 with them (record_llama_cpp.py adds both to its own).
 
-Why: family_attention's afmoe, laguna, exaone-moe, cohere2moe, mimo2 and step35 models have no
-MoE layer, so their recorded runs never reach ``build_moe_ffn``. These variants keep the
-same attention (and so the same memory) with dense and MoE layers (4 experts, 2 used;
-each writer says which routing, bias, normalisation, scale and shared expert), so the
-GGUF engine's MoE path of each graph is checked against llama.cpp.
+Why: family_attention's afmoe, laguna, exaone-moe, cohere2moe, mimo2, step35 and
+granite_swa models have no MoE layer, so their recorded runs never reach
+``build_moe_ffn``. These variants keep the same attention (and so the same memory) with
+dense and MoE layers (4 experts, 2 used; each writer says which routing, bias,
+normalisation, scale and shared expert), so the GGUF engine's MoE path of each graph is
+checked against llama.cpp.
 """
 
 from __future__ import annotations
@@ -221,6 +222,42 @@ def write_step35_moe(path: Path) -> Path:
     return path
 
 
+def write_granite_swa_moe(path: Path) -> Path:
+    """granite_swa: family_attention's 3 layers (pattern [1, 0, 1], rope_pattern [1, 1, 0],
+    sinks), every layer MoE (``expert_count`` > 0; ``feed_forward_length`` is the experts'
+    width): softmax routing, normalised weights, the shared expert's gate|up fused in
+    ``ffn_up_shexp``. Granite's embedding, residual and attention scales are set too."""
+    n_layer = 3
+    m = _Model(path, "granite_swa", "tiny-granite-swa-moe", seed=189)
+    _common(m, N_EMBD, n_layer, N_FF_EXP, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("attention.sliding_window", N_SWA)
+    m.arr("attention.sliding_window_pattern", [1, 0, 1])
+    m.arr("attention.rope_pattern", [1, 1, 0])
+    m.f32("logit_scale", 0.5)
+    m.f32("embedding_scale", 2.0)
+    m.f32("residual_scale", 0.5)
+    m.f32("attention.scale", 0.25)
+    m.f32("rope.freq_base", 100000.0)
+    m.u32("expert_count", N_EXPERT)
+    m.u32("expert_used_count", N_EXPERT_USED)
+    m.u32("expert_shared_feed_forward_length", N_FF_EXP)
+    _head(m)
+    for il in range(n_layer):
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        m.weight(f"blk.{il}.attn_sinks.weight", (N_HEAD,), scale=1.0)
+        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
+        m.weight(f"blk.{il}.ffn_gate_inp.weight", (N_EMBD, N_EXPERT))
+        m.weight(f"blk.{il}.ffn_gate_exps.weight", (N_EMBD, N_FF_EXP, N_EXPERT))
+        m.weight(f"blk.{il}.ffn_up_exps.weight", (N_EMBD, N_FF_EXP, N_EXPERT))
+        m.weight(f"blk.{il}.ffn_down_exps.weight", (N_FF_EXP, N_EMBD, N_EXPERT))
+        m.weight(f"blk.{il}.ffn_up_shexp.weight", (N_EMBD, 2 * N_FF_EXP))
+        m.weight(f"blk.{il}.ffn_down_shexp.weight", (N_FF_EXP, N_EMBD))
+    m.finish()
+    return path
+
+
 MODEL_WRITERS = {
     "tiny-afmoe-moe.gguf": write_afmoe_moe,
     "tiny-laguna-moe.gguf": write_laguna_moe,
@@ -228,6 +265,7 @@ MODEL_WRITERS = {
     "tiny-cohere2moe-moe.gguf": write_cohere2moe_moe,
     "tiny-mimo2-moe.gguf": write_mimo2_moe,
     "tiny-step35-moe.gguf": write_step35_moe,
+    "tiny-granite-swa-moe.gguf": write_granite_swa_moe,
 }
 
 # the family_attention runs' scenario and sizes, on the MoE variants
@@ -237,6 +275,7 @@ RUNS = [
     RunConfig("exaone-moe-moe.main.fa1.u0", "exaone-moe-moe", "tiny-exaone-moe-moe.gguf", "main", 1024, 64, True, False),
     RunConfig("cohere2moe-moe.main.fa1.u1", "cohere2moe-moe", "tiny-cohere2moe-moe.gguf", "main", 512, 64, True, True),
     RunConfig("mimo2-moe.main.fa0.u1", "mimo2-moe", "tiny-mimo2-moe.gguf", "main", 512, 64, False, True),
+    RunConfig("granite-swa-moe.main.fa0.u1", "granite-swa-moe", "tiny-granite-swa-moe.gguf", "main", 512, 64, False, True),
     # the reference cannot K-shift step35: family_attention's noshift variant
     RunConfig(
         "step35-moe.noshift.fa1.u1", "step35-moe", "tiny-step35-moe.gguf", "noshift", 512, 64, True, True,
