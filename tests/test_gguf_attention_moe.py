@@ -94,6 +94,7 @@ MODELS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "cohere2moe-moe": (family_moe.write_cohere2moe_moe, "cohere2moe-moe.main.fa1.u1"),
     "mimo2-moe": (family_moe.write_mimo2_moe, "mimo2-moe.main.fa0.u1"),
     "step35-moe": (family_moe.write_step35_moe, "step35-moe.noshift.fa1.u1"),
+    "granite-swa-moe": (family_moe.write_granite_swa_moe, "granite-swa-moe.main.fa0.u1"),
     "cohere2moe": (family_attention.write_cohere2moe, "cohere2moe.main.fa0.u1"),
     "exaone-moe": (family_attention.write_exaone_moe, "exaone-moe.main.fa1.u1"),
     "smallthinker": (family_attention.write_smallthinker, "smallthinker.main.fa1.u1"),
@@ -180,9 +181,6 @@ CASES = {
     "granite-swa-deepstack": (
         "granite_swa", {}, {"deepstack_mapping": 0}, r"deepstack_mapping",
     ),
-    "granite-swa-moe-layer": (
-        "granite_swa", {"blk.1.ffn_gate_inp.weight": (E, 2)}, {}, r"ffn_gate_inp\.weight",
-    ),
     "muse-glimmer-output-bias": (
         "muse-glimmer", {"blk.0.attn_output.bias": (E,)}, {}, r"attn_output\.bias",
     ),
@@ -206,6 +204,9 @@ CASES = {
     ),
     "cohere2moe-moe-expert-scale": (
         "cohere2moe-moe", {"blk.1.ffn_down_exps.scale": (4,)}, {}, r"ffn_down_exps\.scale",
+    ),
+    "granite-swa-moe-expert-groups": (
+        "granite-swa-moe", {}, {"expert_group_count": 4}, r"expert groups",
     ),
     "gemma3n-v-bias": (
         "gemma3n", {"blk.2.attn_v.bias": (8,)}, {}, r"attn_v\.bias",

@@ -25,10 +25,11 @@ Shared blocks (``llama-graph.cpp``):
 
 Architectures: gemma3, gemma3n, gemma4 (dense), lfm2moe (LFM2's trunk), qwen3moe,
 gpt-oss, cohere2, cohere2moe, olmo2, exaone4, exaone-moe, phi3, llama4, smallthinker,
-mellum, granite_swa (dense), mimo2, afmoe, muse-glimmer, spark2_5, plamo3, laguna,
-step35, maple. "Dense": no recorded tiny model has an MoE layer of that architecture,
+mellum, granite_swa, mimo2, afmoe, muse-glimmer, spark2_5, plamo3, laguna, step35,
+maple. "Dense": no recorded tiny model has an MoE layer of that architecture,
 so its MoE layers are refused rather than built unchecked (afmoe, laguna, exaone-moe,
-cohere2moe, mimo2 and step35 have MoE variants in tests/record/family_moe.py). Nemotron-H's MoE
+cohere2moe, mimo2, step35 and granite_swa have MoE variants in
+tests/record/family_moe.py). Nemotron-H's MoE
 layers (graph_ssm2) use :meth:`moe_ffn` too.
 """
 
@@ -550,10 +551,11 @@ class AttentionGraph:
         return replace(rope, freq_scale=1.0, ext_factor=0.0, attn_factor=1.0)
 
     def granite_swa(self, inp: Any, out_ids: Any) -> Any:
-        """``llama_model_granite_swa::graph`` (dense layers): Granite's embedding, residual,
-        attention and logit scales; RoPE on the layers ``rope_pattern`` marks, with the
-        global base; attention sinks where a layer has them. MoE layers and deepstack
-        inputs are refused (no recorded run has them)."""
+        """``llama_model_granite_swa::graph``: Granite's embedding, residual, attention and
+        logit scales; RoPE on the layers ``rope_pattern`` marks, with the global base;
+        attention sinks where a layer has them; SwiGLU FFN with biases, or (a model with
+        experts) softmax-routed experts with normalised weights plus the shared expert
+        (gate|up fused in ``ffn_up_shexp``). Deepstack inputs are refused."""
         ctx, hp = self.ctx, self.hp
         g: Any = self
         w = self.m._w
@@ -561,8 +563,7 @@ class AttentionGraph:
         self.refuse_rope_factors()
         if f"{arch}.deepstack_mapping" in keys.fields:
             raise UnsupportedError(f"{self.m.path}: {arch}.deepstack_mapping (vision deepstack)")
-        for il in range(hp.n_layer):
-            self.refuse_tensors(il, ("ffn_gate_inp.weight",), "granite_swa MoE layers")
+        n_ff_shexp = int(keys.f32(f"{arch}.expert_shared_feed_forward_length", 0.0))
         embd_scale = keys.f32(f"{arch}.embedding_scale", 0.0)
         residual_scale = keys.f32(f"{arch}.residual_scale", 0.0)
         attn_scale = keys.f32(f"{arch}.attention.scale", 0.0)
@@ -581,7 +582,15 @@ class AttentionGraph:
             return cur if residual_scale == 0.0 else ctx.scale(cur, f32(residual_scale))
 
         def ffn(il: int, cur: Any) -> Any:
-            cur = self.swiglu_ffn(il, cur)
+            if w(il, "ffn_gate_inp.weight", required=False) is None:
+                cur = self.swiglu_ffn(il, cur)
+            else:
+                # granite_swa's loader reads no expert_weights_scale: unscaled
+                out = self.moe_ffn(il, cur, GATING_SOFTMAX, norm_w=True, exp_probs_b=False)
+                if n_ff_shexp > 0:  # LLM_FFN_SWIGLU, LLM_FFN_SEQ: one fused projection
+                    shexp = ctx.swiglu(ctx.mul_mat(w(il, "ffn_up_shexp.weight"), cur))
+                    out = ctx.add(out, ctx.mul_mat(w(il, "ffn_down_shexp.weight"), shexp))
+                cur = out
             return cur if residual_scale == 0.0 else ctx.scale(cur, f32(residual_scale))
 
         return self.prenorm_layers(inp, out_ids, mixer, ffn)
