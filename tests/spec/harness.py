@@ -7,6 +7,13 @@ each operation on both, and checks op results, error kinds, cell placement, posi
 graph inputs (slot indices, K/V row indices, KQ masks, recurrent copy indices) and state
 bytes (tensor data included: both sides receive the same synthetic "compute" writes).
 
+With a prefix cache (``prefix_setup``), pymem's ``PrefixCache`` runs on the pymem memory
+and the contract's model (``prefix``) beside it: each lookup / attach is checked against
+the model's exact ways, the model then carries out pymem's way with the spec's own
+operations (so the memories stay comparable), the attached sequence is read back
+(``prefix.holds_exactly``) and the entries, eviction order and counters compared. Every
+other operation follows the cache's protocol: it releases (or records) what it changed.
+
 Documented departures of pymem from the reference, which the spec is configured to
 model (see ``spec_for``): exactly transactional KV ``prepare``; ``seq_div`` records the
 true displacement as the pending shift; a failed restore changes nothing; a fresh
@@ -1033,7 +1040,9 @@ class Pair:
         when it reads one back: a restore from it must be refused, the memory unchanged)."""
         assert self.pc is not None and self.spc is not None
         ents = self.pc.entries()
-        disk = [i for i, e in enumerate(ents) if e.tier == "disk"]
+        model = self.spc.entries()
+        # (a second flip of the same byte would repair the file)
+        disk = [i for i, e in enumerate(ents) if e.tier == "disk" and not model[i].damaged]
         if not disk:
             return "none"
         i = disk[k % len(disk)]
@@ -1045,7 +1054,7 @@ class Pair:
             b = f.read(1)
             f.seek(-1, os.SEEK_CUR)
             f.write(bytes([b[0] ^ 0x41]))
-        self.spc.entries()[i].damaged = True
+        model[i].damaged = True
         self.stats.count("prefix_damage", "ok")
         return "ok"
 
