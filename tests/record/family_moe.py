@@ -4,8 +4,8 @@ dense: tiny models and their recorded runs.
 ``MODEL_WRITERS``: model file name -> writer (see models.py); ``RUNS``: the runs recorded
 with them (record_llama_cpp.py adds both to its own).
 
-Why: family_attention's afmoe, laguna, exaone-moe, cohere2moe, mimo2, step35 and
-granite_swa models have no MoE layer, so their recorded runs never reach
+Why: family_attention's afmoe, laguna, exaone-moe, cohere2moe, mimo2, step35,
+granite_swa and gemma4 models have no MoE layer, so their recorded runs never reach
 ``build_moe_ffn``. These variants keep the same attention (and so the same memory) with
 dense and MoE layers (4 experts, 2 used; each writer says which routing, bias,
 normalisation, scale and shared expert), so the GGUF engine's MoE path of each graph is
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from family_attention import HEAD, N_EMBD, N_HEAD, N_HEAD_KV, N_SWA, _head
-from models import _common, _ffn, _Model, _qkvo
+from models import N_VOCAB, _common, _ffn, _Model, _qkvo
 from runconfig import RunConfig
 
 N_EXPERT, N_EXPERT_USED, N_FF_EXP = 4, 2, 8
@@ -258,6 +259,56 @@ def write_granite_swa_moe(path: Path) -> Path:
     return path
 
 
+def write_gemma4_moe(path: Path) -> Path:
+    """gemma4: family_attention's 2 layers (pattern [1, 0]; SWA heads of 4, full 8), layer 1
+    with experts beside its dense GeGLU: the router reads the unweighted-normed layer
+    input scaled by 1/sqrt(n_embd) and ``ffn_gate_inp.scale``; softmax, normalised
+    weights, GeGLU experts; the dense and expert branches have their own norms. The full
+    layer's ``rope_freqs`` are random in [1, 2] (family_attention's are ones)."""
+    n_layer, n_ff, head_swa = 2, 24, 4
+    m = _Model(path, "gemma4", "tiny-gemma4-moe", seed=209)
+    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("attention.sliding_window", N_SWA)
+    m.arr("attention.sliding_window_pattern", [True, False])
+    m.u32("attention.key_length", HEAD)
+    m.u32("attention.value_length", HEAD)
+    m.u32("attention.key_length_swa", head_swa)
+    m.u32("attention.value_length_swa", head_swa)
+    m.u32("rope.dimension_count_swa", head_swa)
+    m.u32("attention.shared_kv_layers", 0)
+    m.u32("embedding_length_per_layer_input", 0)
+    m.f32("rope.freq_base", 1000000.0)
+    m.u32("expert_count", N_EXPERT)
+    m.u32("expert_used_count", N_EXPERT_USED)
+    m.u32("expert_feed_forward_length", N_FF_EXP)
+    m.weight("token_embd.weight", (N_EMBD, N_VOCAB))
+    m.norm("output_norm.weight", N_EMBD)
+    m.w.add_tensor("rope_freqs.weight", (1.0 + m.rng.random(HEAD // 2)).astype(np.float32))
+    for il in range(n_layer):
+        head = head_swa if il == 0 else HEAD
+        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+        _qkvo(m, il, N_EMBD, N_HEAD * head, N_HEAD_KV * head)
+        m.norm(f"blk.{il}.attn_q_norm.weight", head)
+        m.norm(f"blk.{il}.attn_k_norm.weight", head)
+        m.norm(f"blk.{il}.post_attention_norm.weight", N_EMBD)
+        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
+        _ffn(m, il, N_EMBD, n_ff)
+        m.norm(f"blk.{il}.post_ffw_norm.weight", N_EMBD)
+        if il == 0:
+            continue
+        m.weight(f"blk.{il}.ffn_gate_inp.weight", (N_EMBD, N_EXPERT))
+        m.norm(f"blk.{il}.ffn_gate_inp.scale", N_EMBD)
+        m.norm(f"blk.{il}.pre_ffw_norm_2.weight", N_EMBD)
+        m.norm(f"blk.{il}.post_ffw_norm_1.weight", N_EMBD)
+        m.norm(f"blk.{il}.post_ffw_norm_2.weight", N_EMBD)
+        m.weight(f"blk.{il}.ffn_gate_exps.weight", (N_EMBD, N_FF_EXP, N_EXPERT))
+        m.weight(f"blk.{il}.ffn_up_exps.weight", (N_EMBD, N_FF_EXP, N_EXPERT))
+        m.weight(f"blk.{il}.ffn_down_exps.weight", (N_FF_EXP, N_EMBD, N_EXPERT))
+    m.finish()
+    return path
+
+
 MODEL_WRITERS = {
     "tiny-afmoe-moe.gguf": write_afmoe_moe,
     "tiny-laguna-moe.gguf": write_laguna_moe,
@@ -266,6 +317,7 @@ MODEL_WRITERS = {
     "tiny-mimo2-moe.gguf": write_mimo2_moe,
     "tiny-step35-moe.gguf": write_step35_moe,
     "tiny-granite-swa-moe.gguf": write_granite_swa_moe,
+    "tiny-gemma4-moe.gguf": write_gemma4_moe,
 }
 
 # the family_attention runs' scenario and sizes, on the MoE variants
@@ -276,6 +328,12 @@ RUNS = [
     RunConfig("cohere2moe-moe.main.fa1.u1", "cohere2moe-moe", "tiny-cohere2moe-moe.gguf", "main", 512, 64, True, True),
     RunConfig("mimo2-moe.main.fa0.u1", "mimo2-moe", "tiny-mimo2-moe.gguf", "main", 512, 64, False, True),
     RunConfig("granite-swa-moe.main.fa0.u1", "granite-swa-moe", "tiny-granite-swa-moe.gguf", "main", 512, 64, False, True),
+    # noshift: pymem's K-shift has no RoPE frequency factors (pymem/kv/shift.py), and this
+    # model's full layer has rope_freqs other than ones; the decodes check the graph's
+    RunConfig(
+        "gemma4-moe.noshift.fa1.u1", "gemma4-moe", "tiny-gemma4-moe.gguf", "noshift", 512, 64, True, True,
+        kshift=False, seq_shift=False,
+    ),
     # the reference cannot K-shift step35: family_attention's noshift variant
     RunConfig(
         "step35-moe.noshift.fa1.u1", "step35-moe", "tiny-step35-moe.gguf", "noshift", 512, 64, True, True,
