@@ -95,6 +95,7 @@ MODELS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "mimo2-moe": (family_moe.write_mimo2_moe, "mimo2-moe.main.fa0.u1"),
     "step35-moe": (family_moe.write_step35_moe, "step35-moe.noshift.fa1.u1"),
     "granite-swa-moe": (family_moe.write_granite_swa_moe, "granite-swa-moe.main.fa0.u1"),
+    "gemma4-moe": (family_moe.write_gemma4_moe, "gemma4-moe.noshift.fa1.u1"),
     "cohere2moe": (family_attention.write_cohere2moe, "cohere2moe.main.fa0.u1"),
     "exaone-moe": (family_attention.write_exaone_moe, "exaone-moe.main.fa1.u1"),
     "smallthinker": (family_attention.write_smallthinker, "smallthinker.main.fa1.u1"),
@@ -207,6 +208,9 @@ CASES = {
     ),
     "granite-swa-moe-expert-groups": (
         "granite-swa-moe", {}, {"expert_group_count": 4}, r"expert groups",
+    ),
+    "gemma4-moe-expert-scale": (
+        "gemma4-moe", {"blk.1.ffn_down_exps.scale": (4,)}, {}, r"ffn_down_exps\.scale",
     ),
     "gemma3n-v-bias": (
         "gemma3n", {"blk.2.attn_v.bias": (8,)}, {}, r"attn_v\.bias",

@@ -23,12 +23,12 @@ Shared blocks (``llama-graph.cpp``):
   weighs the inputs instead). Expert groups, per-layer expert counts and per-expert
   scales are refused.
 
-Architectures: gemma3, gemma3n, gemma4 (dense), lfm2moe (LFM2's trunk), qwen3moe,
+Architectures: gemma3, gemma3n, gemma4, lfm2moe (LFM2's trunk), qwen3moe,
 gpt-oss, cohere2, cohere2moe, olmo2, exaone4, exaone-moe, phi3, llama4, smallthinker,
 mellum, granite_swa, mimo2, afmoe, muse-glimmer, spark2_5, plamo3, laguna, step35,
 maple. "Dense": no recorded tiny model has an MoE layer of that architecture,
 so its MoE layers are refused rather than built unchecked (afmoe, laguna, exaone-moe,
-cohere2moe, mimo2, step35 and granite_swa have MoE variants in
+cohere2moe, mimo2, step35, granite_swa and gemma4 have MoE variants in
 tests/record/family_moe.py). Nemotron-H's MoE
 layers (graph_ssm2) use :meth:`moe_ffn` too.
 """
@@ -829,8 +829,9 @@ class AttentionGraph:
         per-layer head sizes / rotation widths / bases, Q/K RMS norms, V RMS-normed
         without weight, ``rope_freqs`` factors on full layers, KQ scale 1, sandwich
         norms, GeGLU FFN; the last layer and output norm run over every token, then the
-        output rows. MoE layers, per-layer embeddings, fused QKV, K/V sharing and layer
-        output scales are refused (no recorded run has them)."""
+        output rows; layers with a router add :meth:`_gemma4_experts` to their dense
+        branch. Per-layer embeddings, fused QKV, K/V sharing and layer output scales are
+        refused (no recorded run has them)."""
         ctx, hp = self.ctx, self.hp
         g: Any = self
         w = self.m._w
@@ -841,8 +842,7 @@ class AttentionGraph:
             raise UnsupportedError(f"{self.m.path}: gemma4 K/V sharing (shared_kv_layers)")
         for il in range(hp.n_layer):
             self.refuse_tensors(
-                il, ("ffn_gate_inp.weight", "attn_qkv.weight", "layer_output_scale.weight"),
-                "gemma4",
+                il, ("attn_qkv.weight", "layer_output_scale.weight"), "gemma4",
             )  # fmt: skip
         freq_factors = self.m.weights.get("rope_freqs.weight", required=False)
         n_tokens = self.ubatch.n_tokens
@@ -863,6 +863,9 @@ class AttentionGraph:
             cur = g.norm(cur, w(il, "post_attention_norm.weight"))
             attn_out = ctx.add(cur, inpL)
             cur = g.ffn(il, g.norm(attn_out, w(il, "ffn_norm.weight")), gelu=True)
+            if w(il, "ffn_gate_inp.weight", required=False) is not None:
+                cur = ctx.add(g.norm(cur, w(il, "post_ffw_norm_1.weight")),
+                              self._gemma4_experts(il, attn_out))  # fmt: skip
             cur = g.norm(cur, w(il, "post_ffw_norm.weight"))
             inpL = ctx.add(cur, attn_out)
         cur = g.norm(inpL, self.m.weights.get("output_norm.weight"))
@@ -1004,6 +1007,22 @@ class AttentionGraph:
         coefs = ctx.cont_3d(ctx.transpose(coefs), 1, n_tokens, n_altup)
         innovation = ctx.repeat_4d(innovation, n_embd, n_tokens, n_altup, 1)
         return ctx.add(ctx.mul(innovation, coefs), predictions)
+
+    def _gemma4_experts(self, il: int, attn_out: Any) -> Any:
+        """Gemma-4's expert branch: ``pre_ffw_norm_2``, GeGLU experts chosen by softmax
+        over ``ffn_gate_inp . (rms_norm(x) / sqrt(n_embd) * ffn_gate_inp.scale)`` with
+        normalised weights, ``post_ffw_norm_2``."""
+        ctx, hp = self.ctx, self.hp
+        g: Any = self
+        w = self.m._w
+        cur = g.norm(attn_out, w(il, "pre_ffw_norm_2.weight"))
+        tmp = ctx.rms_norm(attn_out, hp.f_norm_rms_eps)
+        tmp = ctx.scale(tmp, f32_div(1.0, _sqrtf(hp.n_embd)))
+        tmp = ctx.mul(tmp, w(il, "ffn_gate_inp.scale"))
+        logits = ctx.mul_mat(w(il, "ffn_gate_inp.weight"), tmp)
+        cur = self.moe_ffn(il, cur, GATING_SOFTMAX, norm_w=True, act="gelu",
+                           exp_probs_b=False, logits=logits)  # fmt: skip
+        return g.norm(cur, w(il, "post_ffw_norm_2.weight"))
 
     def rope_with(self, t: Any, rope: Any, freq_factors: Any) -> Any:
         """``ggml_rope_ext`` with frequency factors (``NULL``: none)."""
