@@ -576,3 +576,86 @@ struct ggml_tensor * pm_swiglu_clamp(struct ggml_context * ctx, struct ggml_tens
     return fn != NULL ? fn(ctx, a, b, limit) : NULL;
 #endif
 }
+
+// --- KQ masks of a decode step -------------------------------------------------------------
+
+#define PM_F16_NEG_INF 0xFC00u
+#define PM_F32_NEG_INF 0xFF800000u
+
+pm_status pm_kq_mask_rows(const int32_t * owner, const int32_t * pos, int64_t n_cells, const int64_t * row_off,
+                          const int32_t * seq, const int32_t * lo, const int32_t * hi, int64_t n_tokens,
+                          int64_t n_kv, int32_t elem_size, void * out) {
+    if (owner == NULL || pos == NULL || row_off == NULL || seq == NULL || lo == NULL || hi == NULL ||
+        out == NULL || n_tokens < 0 || n_kv < 0 || (elem_size != 2 && elem_size != 4)) {
+        return PM_ERR_ARG;
+    }
+    for (int64_t t = 0; t < n_tokens; t++) {
+        if (row_off[t] < 0 || row_off[t] > n_cells - n_kv) {
+            return PM_ERR_RANGE;
+        }
+    }
+    for (int64_t t = 0; t < n_tokens; t++) {
+        const int32_t * own = owner + row_off[t];
+        const int32_t * p = pos + row_off[t];
+        const int32_t s = seq[t], a = lo[t], b = hi[t];
+        if (elem_size == 2) {
+            uint16_t * o = (uint16_t *) out + t * n_kv;
+            for (int64_t j = 0; j < n_kv; j++) {
+                const int keep = (own[j] == s) & (p[j] >= a) & (p[j] <= b);
+                o[j] = keep ? 0 : PM_F16_NEG_INF;
+            }
+        } else {
+            uint32_t * o = (uint32_t *) out + t * n_kv;
+            for (int64_t j = 0; j < n_kv; j++) {
+                const int keep = (own[j] == s) & (p[j] >= a) & (p[j] <= b);
+                o[j] = keep ? 0 : PM_F32_NEG_INF;
+            }
+        }
+    }
+    return PM_OK;
+}
+
+pm_status pm_kq_mask_owner(const int32_t * owner, const int32_t * pos, int64_t n_cells, const int64_t * tok_of,
+                           int64_t n_tok_of, const int32_t * lo, const int32_t * hi, int64_t n_tokens,
+                           int64_t n_kv, int32_t elem_size, void * out) {
+    if (owner == NULL || pos == NULL || tok_of == NULL || lo == NULL || hi == NULL || out == NULL ||
+        n_tokens < 0 || n_kv < 0 || (elem_size != 2 && elem_size != 4)) {
+        return PM_ERR_ARG;
+    }
+    if (n_kv > n_cells) {
+        return PM_ERR_RANGE;
+    }
+    const int64_t n = n_tokens * n_kv;
+    if (elem_size == 2) {
+        uint16_t * o = (uint16_t *) out;
+        for (int64_t i = 0; i < n; i++) {
+            o[i] = PM_F16_NEG_INF;
+        }
+    } else {
+        uint32_t * o = (uint32_t *) out;
+        for (int64_t i = 0; i < n; i++) {
+            o[i] = PM_F32_NEG_INF;
+        }
+    }
+    for (int64_t j = 0; j < n_kv; j++) {
+        const int64_t k = (int64_t) owner[j] + 2;
+        if (k < 0 || k >= n_tok_of) {
+            return PM_ERR_RANGE;
+        }
+        const int64_t t = tok_of[k];
+        if (t < 0) {
+            continue;
+        }
+        if (t >= n_tokens) {
+            return PM_ERR_RANGE;
+        }
+        if (pos[j] >= lo[t] && pos[j] <= hi[t]) {
+            if (elem_size == 2) {
+                ((uint16_t *) out)[t * n_kv + j] = 0;
+            } else {
+                ((uint32_t *) out)[t * n_kv + j] = 0;
+            }
+        }
+    }
+    return PM_OK;
+}

@@ -86,6 +86,23 @@ pm_status pm_graph_buffer_types(struct ggml_cgraph * graph, ggml_backend_buffer_
 struct ggml_tensor * pm_swiglu_clamp(struct ggml_context * ctx, struct ggml_tensor * a,
                                      struct ggml_tensor * b, float limit);
 
+// KQ masks of a decode step (pymem/kv/inputs.py; the numpy evaluation there is the
+// reference these equal). elem_size 2 writes float16, 4 float32: 0 where a cell is
+// attended, -inf elsewhere. Cells [0, n_kv) of a row; none may be held by several
+// sequences (owner is the one sequence, -1 none). lo[t] <= pos <= hi[t] is token t's
+// causality and window. owner / pos hold n_cells entries (PM_ERR_RANGE past them).
+// rows: token t reads row_off[t] (the first cell of its stream in owner / pos) and
+// attends the cells whose owner is seq[t]; out is [n_tokens, n_kv]
+pm_status pm_kq_mask_rows(const int32_t * owner, const int32_t * pos, int64_t n_cells, const int64_t * row_off,
+                          const int32_t * seq, const int32_t * lo, const int32_t * hi, int64_t n_tokens,
+                          int64_t n_kv, int32_t elem_size, void * out);
+// one row, tokens of distinct sequences: cell j pairs only with token tok_of[owner[j] + 2]
+// (-1: none; tok_of has n_tok_of entries, owners -2 and -1 read entries 0 and 1); out is
+// [n_tokens, n_kv], filled whole
+pm_status pm_kq_mask_owner(const int32_t * owner, const int32_t * pos, int64_t n_cells, const int64_t * tok_of,
+                           int64_t n_tok_of, const int32_t * lo, const int32_t * hi, int64_t n_tokens,
+                           int64_t n_kv, int32_t elem_size, void * out);
+
 // PYMEM_CDEF_END
 
 #ifdef __cplusplus

@@ -4,7 +4,8 @@ Pins: a ubatch replayed by the allocator (frozen sequence arrays) lets the cache
 its per-layout values (``KVCache._StepMemo``: streams, row offsets, set_new rows) in
 find_slot, apply_ubatch, get_n_kv, the K/V rows and the mask, with exactly the results
 of a fresh ubatch; so does a hybrid's recurrent part (the request of a replayed
-ubatch reuses its sequence part). The one-stream KQ mask of a ubatch with one token per sequence
+ubatch reuses its sequence part). The native mask kernels write the bytes of the numpy
+evaluation, which stays the reference. The one-stream KQ mask of a ubatch with one token per sequence
 (``inputs._mask_one_per_seq``: each cell decided once, against its owner's token) equals
 the per-stream pair evaluation, for every SWA kind, causal or not, f32 and f16, on
 caches with window-purged, removed and shared cells (shared cells take the general path).
@@ -20,7 +21,9 @@ from test_hybrid import make_hybrid
 from test_kv_batched import SWA_KINDS, per_stream_mask, state_of
 
 import pymem.kv.inputs as kv_inputs
+from pymem._native import check, ffi, lib
 from pymem.batch import Batch, BatchAllocator
+from pymem.errors import NativeError
 from pymem.kv.inputs import build_kq_mask
 from pymem.memory import MemoryStatus
 from pymem.spec import NonCausalType
@@ -62,7 +65,11 @@ def tokens_ubatch(seqs: list[int], pos: list[int]) -> UBatch:
 
 @pytest.mark.parametrize("swa_type", SWA_KINDS)
 @pytest.mark.parametrize("seed", range(3))
-def test_one_stream_decode_mask_equals_pair_evaluation(monkeypatch, swa_type, seed: int) -> None:
+@pytest.mark.parametrize("native", [True, False])
+def test_one_stream_decode_mask_equals_pair_evaluation(
+    monkeypatch, swa_type, seed: int, native: bool
+) -> None:
+    monkeypatch.setattr(kv_inputs, "USE_NATIVE", native and kv_inputs.USE_NATIVE)
     taken = []
     fast = kv_inputs._mask_one_per_seq
     monkeypatch.setattr(kv_inputs, "_mask_one_per_seq", lambda *a: taken.append(1) or fast(*a))
@@ -195,3 +202,74 @@ def test_hybrid_decode_steps_with_replayed_ubatches_equal_fresh_ubatches(pattern
             assert twins[0].seq_pos_ranges(s) == twins[1].seq_pos_ranges(s)
         assert (twins[0].cell_owners() == twins[1].cell_owners()).all()
     assert twins[0].mem_recr._req_memo is not None and twins[1].mem_recr._req_memo is None
+
+
+# --- the native mask kernels against the numpy evaluation --------------------------------
+
+
+@pytest.mark.parametrize("unified", [True, False])
+@pytest.mark.parametrize("swa_type", SWA_KINDS)
+def test_native_masks_equal_numpy(monkeypatch, unified, swa_type):
+    """``pm_kq_mask_rows`` (streams) and ``pm_kq_mask_owner`` (one stream, one token per
+    sequence) write the bytes numpy writes, for decode steps and 3-token steps, causal or
+    not, f16 and f32; cells removed on the way, foreign owners in a stream included."""
+    assert kv_inputs.USE_NATIVE, "the extension lacks the mask kernels: rebuild it"
+    rng = np.random.default_rng(4000 + int(swa_type) + 10 * unified)
+    swa = {} if swa_type == 0 else {"swa_type": swa_type, "n_swa": 5}
+    n_seq = 5
+    kv = make_kv(256 if unified else 64, n_seq, unified=unified, **swa)
+    for step in range(24):
+        n_tok = 3 if step % 5 == 4 else 1
+        seqs = sorted(rng.choice(n_seq, int(rng.integers(1, n_seq + 1)), replace=False).tolist())
+        if unified and n_tok == 1:
+            seqs = rng.permutation(seqs).tolist()
+        start = [kv.seq_pos_max(s) + 1 for s in seqs]
+        ub = tokens_ubatch(
+            [s for s in seqs for _ in range(n_tok)], [p + i for p in start for i in range(n_tok)]
+        )
+        if not unified:  # split_equal order: a block of n_tok tokens per sequence
+            ub.equal_seqs, ub.n_seq_tokens, ub.n_seqs = True, n_tok, len(seqs)
+        sinfo = kv.find_slot(ub)
+        if sinfo is None:
+            break
+        kv.apply_ubatch(sinfo, ub)
+        if step % 6 == 5:
+            s = int(rng.integers(0, n_seq))
+            kv.seq_rm(s, max(0, kv.seq_pos_max(s) - 1), -1)
+        n_kv = kv.get_n_kv(sinfo)
+        for kw in MASK_OPTIONS:
+            for dtype in (np.float32, np.float16):
+                got = build_kq_mask(kv.layout, kv.v_cells, kv.spec, ub, n_kv, dtype=dtype, **kw)
+                with monkeypatch.context() as m:
+                    m.setattr(kv_inputs, "USE_NATIVE", False)
+                    want = build_kq_mask(
+                        kv.layout, kv.v_cells, kv.spec, ub, n_kv, dtype=dtype, **kw
+                    )
+                assert got.dtype == want.dtype and got.shape == want.shape
+                assert got.tobytes() == want.tobytes(), (step, kw, dtype)
+
+
+def test_native_mask_kernels_refuse_rows_outside_the_cells():
+    """The kernels check their arguments (a safety net behind the Python callers)."""
+    owner = np.zeros(8, dtype=np.int32)
+    pos = np.arange(8, dtype=np.int32)
+    seq = np.zeros(1, dtype=np.int32)
+    lo, hi = np.zeros(1, dtype=np.int32), np.full(1, 9, dtype=np.int32)
+    out = np.empty((1, 4), dtype=np.float16)
+    i32 = lambda a: ffi.from_buffer("int32_t[]", a)  # noqa: E731
+    for off, want in ((4, lib.PM_OK), (5, lib.PM_ERR_RANGE), (-1, lib.PM_ERR_RANGE)):
+        status = lib.pm_kq_mask_rows(
+            i32(owner), i32(pos), 8, ffi.from_buffer("int64_t[]", np.array([off], np.int64)),
+            i32(seq), i32(lo), i32(hi), 1, 4, 2, ffi.from_buffer(out, require_writable=True),
+        )  # fmt: skip
+        assert status == want, off
+    assert out.tolist() == [[0.0, 0.0, 0.0, 0.0]]  # cells 4..7 of seq 0, positions 4..7 <= 9
+    tok_of = np.full(LLAMA_MAX_SEQ + 2, -1, dtype=np.int64)
+    tok_of[2] = 5  # sequence 0 -> token 5 of 1
+    status = lib.pm_kq_mask_owner(
+        i32(owner), i32(pos), 8, ffi.from_buffer("int64_t[]", tok_of), tok_of.size,
+        i32(lo), i32(hi), 1, 4, 2, ffi.from_buffer(out, require_writable=True),
+    )  # fmt: skip
+    assert status == lib.PM_ERR_RANGE
+    with pytest.raises(NativeError):
+        check(status, "pm_kq_mask_owner")

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pymem._native import check, ffi, lib
 from pymem.kv.cells import OWNER_MULTI, KVCells, StackedCells
 from pymem.kv.layout import KVLayout, SlotInfo
 from pymem.spec import ModelSpec, NonCausalType, SWAType, masked_swa
@@ -128,6 +129,20 @@ def _keep(
 
 
 _I32 = np.iinfo(np.int32)
+
+USE_NATIVE = hasattr(lib, "pm_kq_mask_rows") and hasattr(lib, "pm_kq_mask_owner")
+"""Whether the decode-step masks (one owner per cell, no M-RoPE tie, no SWA_FULL span, no
+ALiBi, f16 / f32) are written by the native kernels ``pm_kq_mask_rows`` /
+``pm_kq_mask_owner`` (one call per mask) instead of numpy; the numpy evaluation stays the
+reference they are tested against (tests set this False to run it). False with an older
+extension that lacks them."""
+
+
+def _bounds_or_open(b: np.ndarray | None, n: int, open_end: int) -> np.ndarray:
+    """A token's bound as a flat int32 array, ``open_end`` (int32 min / max) for None."""
+    if b is None:
+        return np.full(n, open_end, dtype=np.int32)
+    return np.ascontiguousarray(b, dtype=np.int32).reshape(-1)
 
 
 def _window(rules: _MaskRules, p1: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -294,6 +309,18 @@ def _mask_one_per_seq(
     # E.g. sq [1, 0] -> tok[2] = 1, tok[3] = 0
     tok = np.full(LLAMA_MAX_SEQ + 2, -1, dtype=np.int64)
     tok[sq + 2] = np.arange(sq.size)
+    if USE_NATIVE and out.dtype.itemsize in (2, 4) and out.flags.c_contiguous:
+        lo, hi = _window(rules, p1)
+        n = sq.size
+        status = lib.pm_kq_mask_owner(
+            ffi.from_buffer("int32_t[]", own), ffi.from_buffer("int32_t[]", cells.pos[:n_kv]),
+            n_kv, ffi.from_buffer("int64_t[]", tok), tok.size,
+            ffi.from_buffer("int32_t[]", _bounds_or_open(lo, n, _I32.min)),
+            ffi.from_buffer("int32_t[]", _bounds_or_open(hi, n, _I32.max)),
+            n, n_kv, out.dtype.itemsize, ffi.from_buffer(out, require_writable=True),
+        )  # fmt: skip
+        check(status, "pm_kq_mask_owner")
+        return
     t = tok[own + 2]
     j = np.flatnonzero(t >= 0)
     t = t[j]
@@ -423,6 +450,31 @@ def _mask_streams(
     tokens (seq 0, pos 2) and (seq 1, pos 1): rows [[0, 0, -inf]] and [[0, 0, -inf]].
     """
     n_kv = out.shape[2]
+    if (
+        USE_NATIVE
+        and (p1x is None or p1y is None or stack.ext is None)  # no M-RoPE tie
+        and rules.in_span_min is None
+        and not rules.alibi
+        and out.dtype.itemsize in (2, 4)
+        and out.flags.c_contiguous
+    ):
+        # one native pass: token (s, t) reads the row of stream strm[s]. E.g. size 8,
+        # strm [0, 2], 2 tokens each -> row offsets [0, 0, 16, 16]
+        lo, hi = _window(rules, p1)
+        n = p1.size
+        n_tps = p1.shape[1]
+        off = strm * stack.size
+        off = off if n_tps == 1 else np.repeat(off, n_tps)
+        status = lib.pm_kq_mask_rows(
+            ffi.from_buffer("int32_t[]", stack.owner_f), ffi.from_buffer("int32_t[]", stack.pos_f),
+            stack.owner_f.size, ffi.from_buffer("int64_t[]", off),
+            ffi.from_buffer("int32_t[]", np.ascontiguousarray(sq, dtype=np.int32).reshape(-1)),
+            ffi.from_buffer("int32_t[]", _bounds_or_open(lo, n, _I32.min)),
+            ffi.from_buffer("int32_t[]", _bounds_or_open(hi, n, _I32.max)),
+            n, out.shape[2], out.dtype.itemsize, ffi.from_buffer(out, require_writable=True),
+        )  # fmt: skip
+        check(status, "pm_kq_mask_rows")
+        return
     rows: slice | np.ndarray = strm
     if int(strm[-1]) - int(strm[0]) == strm.size - 1:
         # consecutive streams (split_equal's sequential ubatches): a view, no gather
