@@ -158,6 +158,9 @@ CASES = {
     "phi3-output-norm-bias": (
         "phi3", {"output_norm.bias": (E,)}, {}, r"output_norm\.bias",
     ),
+    "phi3-router": (
+        "phi3", {"blk.0.ffn_gate_inp.weight": (E, 2)}, {}, r"ffn_gate_inp\.weight",
+    ),
     "phi3-long-rope-factors": (
         "phi3", {"rope_factors_long.weight": (4,)}, {}, r"rope_factors_long\.weight",
     ),

@@ -348,7 +348,7 @@ class AttentionGraph:
     def phi3(self, inp: Any, out_ids: Any) -> Any:
         """``llama_model_phi3::graph``: RMS pre-norms, attention with Q scaled by
         ``1/sqrt(head)`` after RoPE (KQ scale 1), a fused gate|up SwiGLU FFN
-        (``ggml_swiglu`` over one projection), or softmax-routed experts."""
+        (``ggml_swiglu`` over one projection)."""
         ctx, hp = self.ctx, self.hp
         g: Any = self
         w = self.m._w
@@ -365,17 +365,14 @@ class AttentionGraph:
             return self.attn_store_read(il, ctx.scale(q, q_scale), k, v, 1.0)
 
         def ffn(il: int, cur: Any) -> Any:
-            if w(il, "ffn_gate_inp.weight", required=False) is not None:
-                w_scale = self.m.keys.f32(f"{hp.arch}.expert_weights_scale", 0.0)
-                return self.moe_ffn(il, cur, GATING_SOFTMAX, norm_w=True, w_scale=w_scale,
-                                    exp_probs_b=False)  # fmt: skip
             cur = ctx.swiglu(ctx.mul_mat(w(il, "ffn_up.weight"), cur))
             return ctx.mul_mat(w(il, "ffn_down.weight"), cur)
 
+        # the graph's MoE branch is unreachable: phi3's loader reads no router (phimoe's does)
+        names = ("attn_norm.bias", "ffn_norm.bias", "ffn_up.bias", "ffn_down.bias",
+                 "ffn_gate_inp.weight")  # fmt: skip
         for il in range(hp.n_layer):
-            self.refuse_tensors(
-                il, ("attn_norm.bias", "ffn_norm.bias", "ffn_up.bias", "ffn_down.bias"), "phi3"
-            )
+            self.refuse_tensors(il, names, "phi3")
         return self.prenorm_layers(inp, out_ids, mixer, ffn)
 
     def swiglu_ffn(self, il: int, cur: Any, suffix: str = "") -> Any:
