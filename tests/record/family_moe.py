@@ -194,7 +194,8 @@ def write_step35_moe(path: Path) -> Path:
     (it has a router): sigmoid routing by default, the selection bias, normalised weights
     scaled by 2.5 and a shared expert. ``swiglu_clamp_exp`` 0.5 clamps the experts'
     SwiGLU and ``swiglu_clamp_shexp`` 0.7 the shared expert's and the dense layer's (the
-    reference clamps every parallel SiLU FFN of step35 with it), both with separate ops."""
+    reference clamps every parallel SiLU FFN of step35 with it), both with separate ops.
+    The optional per-head Q/K norms (both layers) and head gate (layer 1) are present."""
     n_layer, n_ff = 2, 24
     m = _Model(path, "step35", "tiny-step35-moe", seed=171)
     _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
@@ -214,10 +215,13 @@ def write_step35_moe(path: Path) -> Path:
     for il in range(n_layer):
         m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
         _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
+        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         if il == 0:
             _ffn(m, il, N_EMBD, n_ff)
         else:
+            m.weight(f"blk.{il}.attn_gate.weight", (N_EMBD, N_HEAD))
             _moe_tensors(m, il)
     m.finish()
     return path
