@@ -25,9 +25,10 @@ Node order matters where ggml's CPU backend fuses adjacent nodes (``RMS_NORM`` f
 by ``MUL``) and where a store into the cache must precede the reads of it, so nodes are
 expanded in the reference's order. Attention follows ``build_attn_mha``: flash attention
 (``flash_attn_ext`` over K/V rows, F16 mask, F32 precision) when the context has it,
-else ``mul_mat`` + ``soft_max_ext`` over transposed V (F32 mask). MoE layers, LoRA,
-control vectors, embeddings input and non-causal LFM2 are not built
-(:class:`~pymem.errors.UnsupportedError`).
+else ``mul_mat`` + ``soft_max_ext`` over transposed V (F32 mask), with attention sinks
+where a graph passes them. MoE feed-forwards are built by the family modules
+(``graph_attention.AttentionGraph.moe_ffn``, ``graph_delta``); LoRA, control vectors,
+embeddings input and non-causal LFM2 are not built (:class:`~pymem.errors.UnsupportedError`).
 
 Weights keep their file's type (F32, F16, Q8_0, the K-quants, ...; see
 :class:`GGUFWeights`); the recorded q8_0 and q4_K models decode as llama.cpp decodes them.
