@@ -59,8 +59,8 @@ def _write_with(
     return writer(tmp_path / "model.gguf")
 
 
-def _first_decode(path: Path, run: str) -> None:
-    """Decode the first batch of a recorded run with the model at ``path``."""
+def _first_decode(path: Path, run: str) -> np.ndarray:
+    """Decode the first batch of a recorded run with the model at ``path``; its logits."""
     data = json.loads((RUNS / f"{run}.json").read_text())
     step = next(s for s in data["steps"] if s["op"] == "decode")
     params = data["context_params"]
@@ -70,7 +70,7 @@ def _first_decode(path: Path, run: str) -> None:
         try:
             dec = Decoder(model, mem, n_seq_max=params["n_seq_max"], n_ubatch=params["n_ubatch"],
                           flash_attn=params["flash_attn"])  # fmt: skip
-            dec.decode(Batch.from_items(step["items"]))
+            return dec.decode(Batch.from_items(step["items"]))
         finally:
             mem.close()
 
@@ -235,9 +235,19 @@ def test_unbuilt_variant_is_refused(
         _first_decode(path, run)
 
 
-def test_clamp_key_ignored_where_the_reference_ignores_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("model", "key"),
+    [("qwen3moe", "swiglu_clamp_exp"), ("qwen3moe", "expert_weights_scale"),
+     ("lfm2moe", "expert_weights_scale"), ("gpt-oss", "expert_weights_scale")],
+)  # fmt: skip
+def test_key_ignored_where_the_loader_ignores_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str, key: str
 ) -> None:
-    """qwen3moe's loader does not read ``swiglu_clamp_exp``: the key changes nothing."""
-    writer, run = MODELS["qwen3moe"]
-    _first_decode(_write_with(tmp_path, monkeypatch, writer, {}, {"swiglu_clamp_exp": 7}), run)
+    """A key the architecture's load_arch_hparams does not read changes nothing (the
+    reference ignores it): the same logits with and without it."""
+    writer, run = MODELS[model]
+    plain = _first_decode(_write_with(tmp_path, monkeypatch, writer, {}), run)
+    monkeypatch.undo()
+    (tmp_path / "model.gguf").unlink()
+    keyed = _first_decode(_write_with(tmp_path, monkeypatch, writer, {}, {key: 7}), run)
+    np.testing.assert_array_equal(keyed, plain)

@@ -443,9 +443,8 @@ class AttentionGraph:
         def ffn(il: int, cur: Any) -> Any:
             if w(il, "ffn_gate_inp.weight", required=False) is None:
                 return self.swiglu_ffn(il, cur)
-            w_scale = self.m.keys.f32(f"{hp.arch}.expert_weights_scale", 0.0)
-            moe_out = self.moe_ffn(il, cur, GATING_SIGMOID, norm_w=False, w_scale=w_scale,
-                                   exp_probs_b=False, weight_before_ffn=True)  # fmt: skip
+            moe_out = self.moe_ffn(il, cur, GATING_SIGMOID, norm_w=False, exp_probs_b=False,
+                                   weight_before_ffn=True)  # fmt: skip
             return ctx.add(moe_out, self.swiglu_ffn(il, cur, "_shexp"))
 
         return self.prenorm_layers(inp, out_ids, mixer, ffn)
@@ -479,7 +478,6 @@ class AttentionGraph:
         swa = any(layer.swa for layer in self.m.spec.layers)
         step = 4 if swa else hp.n_layer
         gating = int(self.m.keys.f32(f"{hp.arch}.expert_gating_func", 0.0))
-        w_scale = self.m.keys.f32(f"{hp.arch}.expert_weights_scale", 0.0)
         inpL = inp
         for il in range(hp.n_layer):
             use_rope = step == hp.n_layer or il % step != 0
@@ -494,8 +492,8 @@ class AttentionGraph:
                 probs = ctx.get_rows(probs, out_ids)
             ffn_inp = ctx.add(cur, inpSA)
             cur = g.norm(ffn_inp, w(il, "ffn_norm.weight"))
-            cur = self.moe_ffn(il, cur, gating, norm_w=True, w_scale=w_scale, act="relu",
-                               exp_probs_b=False, logits=probs)  # fmt: skip
+            cur = self.moe_ffn(il, cur, gating, norm_w=True, act="relu", exp_probs_b=False,
+                               logits=probs)  # fmt: skip
             inpL = ctx.add(cur, ffn_inp)
         return inpL
 
@@ -515,9 +513,7 @@ class AttentionGraph:
             return self.attn_store_read(il, g.rope(q, rope), g.rope(k, rope), v, None)
 
         def moe(il: int, cur: Any) -> Any:
-            w_scale = self.m.keys.f32(f"{hp.arch}.expert_weights_scale", 0.0)
-            return self.moe_ffn(il, cur, GATING_SOFTMAX, norm_w=True, w_scale=w_scale,
-                                exp_probs_b=False)  # fmt: skip
+            return self.moe_ffn(il, cur, GATING_SOFTMAX, norm_w=True, exp_probs_b=False)
 
         return self.prenorm_layers(inp, out_ids, mixer, moe)
 
@@ -1063,9 +1059,7 @@ class AttentionGraph:
             self.refuse_tensors(il, _QKV_EXTRA, "fused QKV, biases")
 
         def moe(il: int, cur: Any) -> Any:
-            w_scale = self.m.keys.f32(f"{self.hp.arch}.expert_weights_scale", 0.0)
-            return self.moe_ffn(il, cur, GATING_SOFTMAX, norm_w=True, w_scale=w_scale,
-                                exp_probs_b=False)  # fmt: skip
+            return self.moe_ffn(il, cur, GATING_SOFTMAX, norm_w=True, exp_probs_b=False)
 
         return self.prenorm_layers(
             inp, out_ids, lambda il, cur: g.attention(il, cur, qk_norm=True), moe
@@ -1088,9 +1082,8 @@ class AttentionGraph:
             )
             ffn_inp = ctx.add(cur, inpL)
             cur = g.norm(ffn_inp, w(il, "post_attention_norm.weight"))
-            w_scale = self.m.keys.f32(f"{hp.arch}.expert_weights_scale", 0.0)
-            cur = self.moe_ffn(il, cur, GATING_SOFTMAX_WEIGHT, norm_w=False, w_scale=w_scale,
-                               act="swiglu_oai", exp_probs_b=False)  # fmt: skip
+            cur = self.moe_ffn(il, cur, GATING_SOFTMAX_WEIGHT, norm_w=False, act="swiglu_oai",
+                               exp_probs_b=False)  # fmt: skip
             inpL = ctx.add(cur, ffn_inp)
         return ctx.get_rows(inpL, out_ids)
 
@@ -1165,6 +1158,10 @@ class AttentionGraph:
         logits: Any = None,
     ) -> Any:
         """``build_moe_ffn`` over layer ``il``'s ``ffn_*_exps`` (see the module docstring).
+
+        Callers pass the hyper-parameters their architecture's loader reads (e.g.
+        ``expert_weights_scale`` only where ``load_arch_hparams`` reads it: a key another
+        architecture's file carries is ignored by the reference, so here too).
 
         ``gating``: a ``GATING_*`` value; ``norm_w``: divide the chosen weights by their sum
         (clamped to :data:`F16_MIN_NORMAL`); ``w_scale``: scale them (0 or 1: not);
@@ -1300,9 +1297,8 @@ class AttentionGraph:
         n_dense = int(self.m.keys.f32("lfm2moe.leading_dense_block_count", 0.0))
         if il < n_dense:
             return g.ffn(il, cur)
-        w_scale = self.m.keys.f32("lfm2moe.expert_weights_scale", 0.0)
         gating = int(self.m.keys.f32("lfm2moe.expert_gating_func", 0.0))
-        return self.moe_ffn(il, cur, gating, norm_w=True, w_scale=w_scale)
+        return self.moe_ffn(il, cur, gating, norm_w=True)
 
 
 def _clamped_swiglu(ctx: Any, gate: Any, up: Any, limit: float) -> Any:
