@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from pymem.batch import Batch
-from pymem.errors import UnsupportedError
+from pymem.errors import ConfigError, UnsupportedError
 from pymem.factory import ContextParams, create_memory
 from pymem.runtime.decoder import Decoder
 from pymem.runtime.gguf_llama import SUPPORTED, GGUFModel
@@ -94,12 +94,6 @@ CASES = {
         {"blk.0.ffn_up.bias": (16,)},
         r"layer 0: .*ffn_up\.bias",
     ),
-    "nemotron-moe": (
-        family_ssm.write_nemotron_h,
-        "nemotron_h.main.fa1.u1",
-        {"blk.3.ffn_gate_inp.weight": (8, 4)},
-        r"layer 3: MoE feed-forward",
-    ),
 }
 
 
@@ -111,3 +105,16 @@ def test_unbuilt_tensors_are_refused(
     path = _write_with(tmp_path, monkeypatch, writer, extra)
     with pytest.raises(UnsupportedError, match=error):
         _first_decode(path, run)
+
+
+def test_nemotron_router_without_expert_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nemotron-H's MoE layers are built (graph_attention's moe_ffn; the nemotron_h_moe
+    runs check them), but a router in a file without ``expert_count`` is a broken file
+    (the reference's loader makes MoE layers only when n_expert != 0): ConfigError."""
+    path = _write_with(
+        tmp_path, monkeypatch, family_ssm.write_nemotron_h, {"blk.3.ffn_gate_inp.weight": (8, 4)}
+    )
+    with pytest.raises(ConfigError, match=r"layer 3 has MoE tensors.*expert_count"):
+        _first_decode(path, "nemotron_h.main.fa1.u1")
