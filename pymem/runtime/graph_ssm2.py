@@ -231,10 +231,11 @@ class SSM2Graph:
         return inpL
 
     def nemotron_h(self, inp: Any, out_ids: Any) -> Any:
-        """``llama_model_nemotron_h::graph`` (dense layers) through the output norm.
+        """``llama_model_nemotron_h::graph`` (nemotron_h and nemotron_h_moe) through the
+        output norm.
 
-        A layer is Mamba-2 (recurrent), attention (KV heads, no FFN; no RoPE) or a ReLU²
-        FFN (``feed_forward_length`` > 0). With ``embeddings_nextn_masked`` off (the
+        A layer is Mamba-2 (recurrent), attention (KV heads, no FFN; no RoPE), a ReLU²
+        FFN (``feed_forward_length`` > 0) or, with a router, :meth:`nemotron_moe_ffn`. With ``embeddings_nextn_masked`` off (the
         context's default) the last layer and the output norm run over every token and
         the output rows are taken after the norm (:data:`ARCH_GRAPHS` registers no
         output norm for the engine to apply).
