@@ -43,6 +43,7 @@ import pymem.ggml as gg
 from pymem.batch import GGML_MROPE_SECTIONS
 from pymem.errors import ConfigError, UnsupportedError
 from pymem.runtime.arch_graph import ArchGraph, f32_div
+from pymem.runtime.graph_attention import GATING_SOFTMAX
 
 F32 = 4  # bytes per float32
 
@@ -338,70 +339,18 @@ class DeltaNetGraph:
         return ctx.mul_mat(w(il, f"ffn_down{suffix}.weight"), ctx.swiglu_split(gate, up))
 
     def gdn_moe_ffn(self, il: int, cur: Any) -> Any:
-        """``build_moe_ffn`` (softmax gating, normalised top-k weights, SiLU experts), plus
-        the shared expert gated by ``sigmoid(ffn_gate_inp_shexp . x)`` when present."""
+        """``build_moe_ffn`` (softmax gating, normalised top-k weights, SiLU experts; the
+        engine's shared block ``graph_attention.AttentionGraph.moe_ffn``), plus the shared
+        expert gated by ``sigmoid(ffn_gate_inp_shexp . x)`` when present."""
         ctx, w = self.ctx, self.m._w
         g: Any = self
-        n_embd, n_tokens = int(cur.ne[0]), int(cur.ne[1])
-        n_expert, n_used = self._gdn_experts()
-        logits = ctx.mul_mat(w(il, "ffn_gate_inp.weight"), cur)  # [n_expert, n_tokens]
-        probs = ctx.soft_max(logits)
-        selected = ctx.argsort_top_k(probs, n_used)  # [n_used, n_tokens]
-        weights = ctx.get_rows(ctx.reshape_3d(probs, 1, n_expert, n_tokens), selected)
-        weights = ctx.reshape_2d(weights, n_used, n_tokens)
-        # clamped to the smallest normal F16 against a division by zero
-        weights_sum = ctx.clamp(ctx.sum_rows(weights), 6.103515625e-5, float("inf"))
-        weights = ctx.reshape_3d(ctx.div(weights, weights_sum), 1, n_used, n_tokens)
-        g.expand(weights)
-
-        x = ctx.reshape_3d(cur, n_embd, 1, n_tokens)
-        gate_up_exps = w(il, "ffn_gate_up_exps.weight", required=False)
-        if gate_up_exps is not None:
-            gate_up = ctx.mul_mat_id(gate_up_exps, x, selected)  # [2 * n_ff, n_used, n_tokens]
-            n_ff = int(gate_up.ne[0]) // 2
-            nb = (gate_up.nb[1], gate_up.nb[2])
-            gate = ctx.view_3d(gate_up, n_ff, gate_up.ne[1], gate_up.ne[2], *nb, 0)
-            up = ctx.view_3d(gate_up, n_ff, gate_up.ne[1], gate_up.ne[2], *nb, n_ff * F32)
-        else:
-            up = ctx.mul_mat_id(w(il, "ffn_up_exps.weight"), x, selected)
-            gate = ctx.mul_mat_id(w(il, "ffn_gate_exps.weight"), x, selected)
-        experts = ctx.mul_mat_id(w(il, "ffn_down_exps.weight"), ctx.swiglu_split(gate, up),
-                                 selected)  # fmt: skip
-        experts = ctx.mul(experts, weights)  # [n_embd, n_used, n_tokens]
-        g.expand(experts)
-        views = [
-            ctx.view_2d(experts, n_embd, n_tokens, experts.nb[2], i * int(experts.nb[1]))
-            for i in range(n_used)
-        ]
-        g.expand(*views)
-        moe_out = views[0]
-        for view in views[1:]:
-            moe_out = ctx.add(moe_out, view)
-            g.expand(moe_out)
-        if n_used == 1:
-            moe_out = ctx.cont(moe_out)
-
+        # the loaders read no expert_weights_scale: unscaled
+        moe_out = g.moe_ffn(il, cur, GATING_SOFTMAX, norm_w=True, exp_probs_b=False)
         if w(il, "ffn_up_shexp.weight", required=False) is None:
             return moe_out
         shexp = self._gdn_swiglu(il, cur, "_shexp")
         shared_gate = ctx.sigmoid(ctx.mul_mat(w(il, "ffn_gate_inp_shexp.weight"), cur))
         return ctx.add(moe_out, ctx.mul(shexp, shared_gate))
-
-    def _gdn_experts(self) -> tuple[int, int]:
-        """(n_expert, n_expert_used): one count for every layer (a per-layer array of used
-        counts is refused)."""
-        arch = self.hp.arch
-        fields = self.m.keys.fields
-        used = fields.get(f"{arch}.expert_used_count")
-        count = fields.get(f"{arch}.expert_count")
-        if used is None or count is None:
-            raise ConfigError(f"{self.m.path}: MoE layers, but no expert_count / expert_used_count")
-        n_used = used.contents()
-        if isinstance(n_used, list):
-            raise UnsupportedError(f"{self.m.path}: a per-layer {arch}.expert_used_count")
-        if self.m.keys.f32(f"{arch}.expert_group_count", 0.0) > 1:
-            raise UnsupportedError(f"{self.m.path}: MoE expert groups ({arch}.expert_group_count)")
-        return int(count.contents()), int(n_used)
 
     # --- architectures ------------------------------------------------------------------
     def _gdn_refuse_unbuilt(self, il: int, recurrent: bool, moe: bool) -> None:
