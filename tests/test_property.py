@@ -65,8 +65,8 @@ def machine_for(kind: str) -> type[RuleBasedStateMachine]:
 
         def teardown(self) -> None:
             if self.pair is not None:
+                self.pair.close()  # (adds the prefix cache's counters to its stats)
                 STATS[kind].merge(self.pair.stats)
-                self.pair.close()
 
     MemoryMachine.__name__ = f"{kind}_machine"
     return MemoryMachine
@@ -94,8 +94,9 @@ def test_pymem_matches_spec(kind: str) -> None:
     ops = ("seq_rm", "seq_cp", "state_read", "state_write", "checkpoint", "rollback")
     for op in (*ops, "prefix_attach", "prefix_lookup"):
         assert stats.ops.get(op, 0) > 0, op
-    # requests reuse something, not only recompute
+    # requests reuse something, not only recompute; budgets are small enough to evict
     assert any(k.startswith("prefix_attach:") and "recompute" not in k for k in stats.outcomes)
+    assert stats.outcomes.get("prefix_cache:evicted", 0) > 0
 
 
 def run_programs(kind: str, seconds: float, seed0: int = 0, steps: int = 40) -> tuple[Stats, int]:
@@ -113,8 +114,8 @@ def run_programs(kind: str, seconds: float, seed0: int = 0, steps: int = 40) -> 
         except Mismatch as e:
             raise Mismatch(f"soak seed {kind}-{seed}: {e}") from None
         finally:
-            total.merge(pair.stats)
             pair.close()
+            total.merge(pair.stats)
     return total, seed - seed0
 
 

@@ -456,6 +456,9 @@ class Pair:
 
     def close(self) -> None:
         if self.pc is not None:
+            for what, n in (("evicted", self.pc.n_evicted), ("spilled", self.pc.n_spilled)):
+                key = f"prefix_cache:{what}"
+                self.stats.outcomes[key] = self.stats.outcomes.get(key, 0) + n
             self.pc.close()
         if self._disk_dir is not None:
             shutil.rmtree(self._disk_dir, ignore_errors=True)
