@@ -357,9 +357,9 @@ class StackedCells:
 
     def _refresh_stale(self, key: np.ndarray, flag: int) -> None:
         """Recompute the (stream, sequence) keys whose ``flag`` bound is stale."""
-        dirty = key[(self.pdirty_f[key] & flag) != 0]
-        if dirty.size:
-            dirty = np.unique(dirty)
+        stale = self.pdirty_f[key] & flag
+        if stale.any():  # usually not: a decode step's bounds are clean
+            dirty = np.unique(key[stale != 0])
             self.refresh(dirty // LLAMA_MAX_SEQ, dirty % LLAMA_MAX_SEQ)
 
     def pos_max_at(self, key: np.ndarray) -> np.ndarray:

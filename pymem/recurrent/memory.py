@@ -265,6 +265,7 @@ class RecurrentMemory(Memory):
         # seq ids stored in cells are < size; rs_idx is indexed by any id < n_seq_max too
         self.cells = RecurrentCells(self.size, max(self.size, self.n_seq_max))
         self._version = 0  # bumped on every mutation: a stale read plan refuses to commit
+        self._ids_in_range: np.ndarray | None = None  # frozen ids seq_pos_min_of checked
         # (seq_id, n_seq_id, request, last-token indices, n_tokens) of the last replayed ubatch
         self._req_memo: tuple[np.ndarray, np.ndarray, SlotRequest, np.ndarray, int] | None = None
         self._closed = False
@@ -611,7 +612,11 @@ class RecurrentMemory(Memory):
         E.g. size 4, tails [2, -1, ...], pos[2] = 9; ids [0, 1, 7] -> [9, -1, -1].
         """
         ids = np.asarray(seq_ids).astype(np.int64, copy=False)
-        if ids.size and int(ids.min()) >= 0 and int(ids.max()) < self.size:
+        if seq_ids is self._ids_in_range or (
+            ids.size and int(ids.min()) >= 0 and int(ids.max()) < self.size
+        ):
+            if isinstance(seq_ids, np.ndarray) and not seq_ids.flags.writeable:
+                self._ids_in_range = seq_ids  # the allocator's frozen layout ids: checked once
             # every id names a cell's tail (a decode step's batch): gathers, no selection;
             # a missing tail (-1) reads the last cell, masked out. E.g. tails [2, -1] -> [9, -1]
             t = self.cells.tail[ids]
