@@ -405,6 +405,8 @@ def _iswa_parts(
 def plan_memory(spec: ModelSpec, params: ContextParams | ContextSizes) -> MemoryPlan:
     """Decide the memory type and every part's layers and sizes, allocating nothing."""
     ctx = params if isinstance(params, ContextSizes) else resolve_context(spec, params)
+    # RoPE long / short factors are a context's choice (llama_model::get_rope_factors)
+    spec = spec.for_context(ctx.n_ctx_seq)
     kind = classify(spec)
     has_swa = spec.swa_type != SWAType.NONE
 

@@ -155,14 +155,17 @@ class Context:
             return lambda *args: fn(ctx, *args)
         raise AttributeError(f"pymem.ggml.Context has no op {name!r}")
 
-    def rope(self, t: Any, pos: Any, rope: RopeSpec, mode: int | None = None) -> Any:
-        """``ggml_rope_ext`` of ``t`` at positions ``pos`` with a layer's RoPE parameters
-        (no frequency factors); ``mode`` defaults to the spec's rope type."""
+    def rope(
+        self, t: Any, pos: Any, rope: RopeSpec, mode: int | None = None, factors: Any = None
+    ) -> Any:
+        """``ggml_rope_ext`` of ``t`` at positions ``pos`` with a layer's RoPE parameters;
+        ``factors``: an F32 tensor of frequency factors (None: none); ``mode`` defaults to
+        the spec's rope type."""
         return lib.ggml_rope_ext(
             self.ptr,
             t,
             pos,
-            ffi.NULL,
+            ffi.NULL if factors is None else factors,
             rope.n_rot,
             int(rope.rope_type) if mode is None else mode,
             rope.n_ctx_orig,

@@ -8,7 +8,7 @@ tensors those layers need. Names follow ``llama_hparams``.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -81,6 +81,32 @@ class RopeSpec:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     n_ctx_orig: int = 0
+    freq_factors: tuple[float, ...] | None = None
+    """Per-frequency divisors of the rotation (``rope_freqs``, or ``rope_factors_short``;
+    ggml reads the first ``n_rot / 2``). Llama-3.1-style files carry them; a K-shift that
+    ignored them would rotate K by the wrong angles."""
+    freq_factors_long: tuple[float, ...] | None = None
+    """``rope_factors_long``: used instead of :attr:`freq_factors` when the context's
+    ``n_ctx_seq`` exceeds ``n_ctx_orig`` (see :meth:`for_context`)."""
+
+    def __post_init__(self) -> None:
+        for name in ("freq_factors", "freq_factors_long"):
+            factors = getattr(self, name)
+            if factors is not None and len(factors) < self.n_rot // 2:
+                raise ConfigError(
+                    f"rope.{name}: {len(factors)} factors, a rotation of n_rot {self.n_rot} "
+                    f"needs at least {self.n_rot // 2}"
+                )
+
+    def for_context(self, n_ctx_seq: int) -> RopeSpec:
+        """The factors a context of ``n_ctx_seq`` cells per sequence uses
+        (``llama_model::get_rope_factors``): ``rope_freqs`` when the file has them, else
+        the long factors beyond the original context and the short ones within it."""
+        if self.freq_factors_long is None:
+            return self
+        if n_ctx_seq > self.n_ctx_orig:
+            return replace(self, freq_factors=self.freq_factors_long, freq_factors_long=None)
+        return replace(self, freq_factors_long=None)
 
 
 @dataclass(frozen=True)
@@ -188,6 +214,17 @@ class ModelSpec:
     @property
     def n_layer(self) -> int:
         return len(self.layers)
+
+    def for_context(self, n_ctx_seq: int) -> ModelSpec:
+        """This spec with every layer's RoPE factors chosen for a context of ``n_ctx_seq``
+        cells per sequence (:meth:`RopeSpec.for_context`); the factory builds from it."""
+        layers = tuple(
+            replace(lay, rope=lay.rope.for_context(n_ctx_seq)) if lay.rope is not None else lay
+            for lay in self.layers
+        )
+        if layers == self.layers:
+            return self
+        return replace(self, layers=layers)
 
     def is_recurrent(self, il: int) -> bool:
         return self.layers[il].recurrent

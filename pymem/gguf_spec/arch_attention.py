@@ -233,6 +233,8 @@ def _gemma4(m: GGUFMeta, d: Draft) -> None:
     d.n_embd_head_v_swa = m.u32_req(d.key("attention.value_length_swa"))
     # non_causal_type SWA_ONLY is not carried: it matters only to non-causal attention
     _refuse_layer_reuse(d, d.n_layer_all - n_shared)
+    # its loader creates rope_freqs for the full-attention layers only
+    d.rope_factor_layers = [not swa for swa in d.is_swa]
 
 
 RULES: dict[str, ArchRule] = {

@@ -55,6 +55,9 @@ class Draft:
     token_shift_count: int = 2
     n_embd_head_kda: int = 0
     n_embd_head_la: int = 0
+    rope_factor_layers: list[bool] | None = None
+    """Which layers' RoPE takes the file's frequency factors (None: every layer; Gemma-4:
+    the full-attention layers only, as its loader creates ``rope_freqs`` for them alone)."""
     is_mla: bool = False  # attention.key_length_mla and value_length_mla both set
 
     def __post_init__(self) -> None:

@@ -85,6 +85,12 @@ class GGUFHParams:
     n_embd_head_kda: int = 0
     n_embd_head_la: int = 0
     is_mla: bool = False
+    rope_freqs: tuple[float, ...] | None = None
+    """``rope_freqs.weight`` (or ``rope_factors_short.weight``): RoPE frequency factors."""
+    rope_freqs_long: tuple[float, ...] | None = None
+    """``rope_factors_long.weight`` when the file has no ``rope_freqs``."""
+    rope_factor_layers: tuple[bool, ...] = ()
+    """Layers whose RoPE takes the factors (empty: every layer)."""
 
     @property
     def n_layer(self) -> int:
@@ -121,6 +127,13 @@ class GGUFHParams:
     def n_pos_per_embd(self) -> int:
         return GGML_MROPE_SECTIONS if self.rope_type in (RopeType.MROPE, RopeType.IMROPE) else 1
 
+    def _rope_factors(self, il: int) -> dict[str, tuple[float, ...] | None]:
+        """Layer ``il``'s RoPE factors (``llama_model::get_rope_factors`` before the context
+        picks long or short)."""
+        if self.rope_factor_layers and not self.rope_factor_layers[il]:
+            return {}
+        return {"freq_factors": self.rope_freqs, "freq_factors_long": self.rope_freqs_long}
+
     def layer(self, il: int) -> LayerSpec:
         """Layer ``il`` as memory sees it: recurrent widths and / or attention widths and RoPE.
 
@@ -141,6 +154,7 @@ class GGUFHParams:
                 beta_fast=self.yarn_beta_fast,
                 beta_slow=self.yarn_beta_slow,
                 n_ctx_orig=self.n_ctx_orig_yarn,
+                **self._rope_factors(il),
             )
         return LayerSpec(
             recurrent=recr,
@@ -329,4 +343,21 @@ def hparams_from_gguf(path: str | os.PathLike[str]) -> GGUFHParams:
         n_embd_head_kda=d.n_embd_head_kda,
         n_embd_head_la=d.n_embd_head_la,
         is_mla=d.is_mla,
+        **_rope_factor_tensors(m, d),
     )
+
+
+def _rope_factor_tensors(m: GGUFMeta, d: Draft) -> dict[str, object]:
+    """The file's RoPE factor tensors: ``rope_freqs`` wins (``get_rope_factors``); else the
+    short factors, with the long ones kept for contexts beyond the original length."""
+    freqs = m.small_tensor("rope_freqs.weight")
+    long = None
+    if freqs is None:
+        freqs = m.small_tensor("rope_factors_short.weight")
+        long = m.small_tensor("rope_factors_long.weight")
+        if freqs is None and long is not None:
+            raise ConfigError(
+                f"{m.path}: rope_factors_long.weight without rope_factors_short.weight"
+            )
+    layers = tuple(d.rope_factor_layers) if d.rope_factor_layers is not None else ()
+    return {"rope_freqs": freqs, "rope_freqs_long": long, "rope_factor_layers": layers}

@@ -35,7 +35,22 @@ class GGUFMeta:
             raise ConfigError(f"path: cannot read GGUF file {os.fspath(path)!r}: {exc}") from exc
         self.path = os.fspath(path)
         self._fields = reader.fields
+        self._tensors = {t.name: t for t in reader.tensors}
         self.arch = self.str_req("general.architecture")
+
+    def small_tensor(self, name: str) -> tuple[float, ...] | None:
+        """The values of a small 1-D float tensor (RoPE factors), or None when absent.
+
+        The only tensor data memory needs: everything else stays unread.
+        """
+        t = self._tensors.get(name)
+        if t is None:
+            return None
+        if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            raise ConfigError(
+                f"{self.path}: tensor {name} has type {t.tensor_type.name}; expected F32 or F16"
+            )
+        return tuple(float(x) for x in t.data.reshape(-1))
 
     def k(self, suffix: str) -> str:
         """The arch-prefixed key name, e.g. ``"block_count"`` -> ``"llama.block_count"``."""

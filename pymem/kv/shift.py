@@ -11,7 +11,9 @@ fixes them in place. One graph per device covers every layer with RoPE:
 Per-layer parameters come from ``LayerSpec.rope`` (mode, freq base/scale, YaRN fields).
 M-RoPE and iM-RoPE are shifted as NEOX, as the reference does. An MLA cache (K rows
 [latent | rope part]) rotates the last ``n_rot`` dims of each head, as the reference does
-when ``n_lora_kv`` > 0. Not supported: rope frequency factors and K stored
+when ``n_lora_kv`` > 0. Frequency factors (``RopeSpec.freq_factors``: ``rope_freqs`` of
+Llama-3.1-style files, Phi-3's long / short factors as the factory chose them) go into
+the rotation as the reference passes ``get_rope_factors``. Not supported: K stored
 Hadamard-rotated.
 
 :func:`apply_k_shift` takes the cache's layout, the layers to rotate, the pending shift of
@@ -58,8 +60,9 @@ def apply_k_shift(
         by_dev.setdefault(layer.device, []).append(layer)
     for dev, dev_layers in by_dev.items():
         graph_runner = runner(dev)
-        with gg.Context(max_tensors=8 * len(dev_layers) + 8) as ctx:
+        with gg.Context(max_tensors=9 * len(dev_layers) + 8) as ctx:
             pos = ctx.new_tensor("i32", (n_cells,), name="k_shift", input=True)
+            feed: dict[object, np.ndarray] = {pos: shift}
             outs = []
             for layer in dev_layers:
                 lay = spec.layers[layer.il]
@@ -82,6 +85,15 @@ def apply_k_shift(
                 if layout.type_k.name not in ("f16", "f32"):
                     # rope reads f16/f32 only (bf16 aborts the CPU backend): go through f32
                     src = ctx.cast(view, gg.lib.GGML_TYPE_F32)
-                rot = ctx.rope(src, pos, rope, mode=rope_mode(rope.rope_type))
+                factors = None
+                if rope.freq_factors is not None:
+                    factors = ctx.new_tensor(
+                        "f32",
+                        (len(rope.freq_factors),),
+                        name=f"rope_factors_{layer.il}",
+                        input=True,
+                    )
+                    feed[factors] = np.asarray(rope.freq_factors, dtype=np.float32)
+                rot = ctx.rope(src, pos, rope, mode=rope_mode(rope.rope_type), factors=factors)
                 outs.append(ctx.cpy(rot, view))
-            graph_runner.run(ctx, outs, inputs={pos: shift}, read=[])
+            graph_runner.run(ctx, outs, inputs=feed, read=[])

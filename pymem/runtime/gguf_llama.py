@@ -542,10 +542,12 @@ class _Graph(
         return ctx.mul_mat(self.m._w(il, "attn_output.weight"), cur)
 
     def rope(self, t: Any, rope: RopeSpec) -> Any:
+        """``ggml_rope_ext`` at the ubatch's positions, with the layer's frequency factors
+        (``rope_freqs.weight``, as ``llama_model::get_rope_factors`` gives them)."""
         return self.ctx.rope_ext(
             t,
             self.inp_pos(),
-            NULL,
+            self.rope_factors(rope),
             rope.n_rot,
             int(rope.rope_type),
             rope.n_ctx_orig,
@@ -556,6 +558,20 @@ class _Graph(
             rope.beta_fast,
             rope.beta_slow,
         )
+
+    def rope_factors(self, rope: RopeSpec) -> Any:
+        """The factors tensor of a layer whose spec carries factors (``NULL``: none).
+
+        Long / short factors (``rope_factors_long`` / ``_short``) depend on the context's
+        length and are not built: :class:`UnsupportedError`.
+        """
+        if rope.freq_factors is None:
+            return NULL
+        if rope.freq_factors_long is not None or "rope_freqs.weight" not in self.m.weights.names:
+            raise UnsupportedError(
+                f"{self.m.path}: long / short RoPE factors (rope_factors_long / _short)"
+            )
+        return self.m.weights.get("rope_freqs.weight")
 
     def attn_mha(
         self, q: Any, k: Any, v: Any, kq_mask: Any, kq_scale: float, sinks: Any = None

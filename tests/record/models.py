@@ -135,7 +135,7 @@ def write_gemma2(path: Path, *, n_swa: int = 8, n_embd: int = 16) -> Path:
     return path
 
 
-def write_llama(path: Path, *, n_embd: int = 8) -> Path:
+def write_llama(path: Path, *, n_embd: int = 8, rope_freqs: bool = False) -> Path:
     """llama: 2 layers, 2 heads of n_embd / 2, 1 KV head (K/V rows of 4 for n_embd 8).
 
     Narrower than the shared tiny-llama.gguf, so that runs filling hundreds of cells
@@ -143,7 +143,8 @@ def write_llama(path: Path, *, n_embd: int = 8) -> Path:
     """
     n_layer, n_ff, n_head, n_head_kv = 2, n_embd * 3 // 2, 2, 1
     head = n_embd // n_head
-    m = _Model(path, "llama", f"tiny-llama-e{n_embd}", seed=7 + n_embd)
+    name = f"tiny-llama-e{n_embd}" + ("-rf" if rope_freqs else "")
+    m = _Model(path, "llama", name, seed=7 + n_embd + (100 if rope_freqs else 0))
     _common(m, n_embd, n_layer, n_ff, n_head)
     m.u32("attention.head_count_kv", n_head_kv)
     m.u32("rope.dimension_count", head)
@@ -151,6 +152,11 @@ def write_llama(path: Path, *, n_embd: int = 8) -> Path:
     m.weight("token_embd.weight", (n_embd, N_VOCAB))
     m.norm("output_norm.weight", n_embd)
     m.weight("output.weight", (n_embd, N_VOCAB))
+    if rope_freqs:
+        # Llama-3.1-style frequency divisors (>= 1), one per rotated pair, shared by the
+        # layers; random so that a K-shift that ignores them rotates by visibly wrong angles
+        factors = m.rng.uniform(1.0, 8.0, head // 2).astype(np.float32)
+        m.w.add_tensor("rope_freqs.weight", factors)
     for il in range(n_layer):
         m.norm(f"blk.{il}.attn_norm.weight", n_embd)
         _qkvo(m, il, n_embd, n_head * head, n_head_kv * head)
@@ -245,6 +251,7 @@ MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-gemma2.gguf": write_gemma2,
     "tiny-gemma2-e8.gguf": lambda p: write_gemma2(p, n_embd=8),
     "tiny-llama-e8.gguf": write_llama,
+    "tiny-llama-e8-rf.gguf": lambda p: write_llama(p, rope_freqs=True),
     "tiny-lfm2.gguf": write_lfm2,
     "tiny-lfm2-swa.gguf": lambda p: write_lfm2(p, n_swa=8),
     "tiny-llama-q8_0.gguf": lambda p: write_llama_quantized(p, ftype="q8_0"),

@@ -153,6 +153,16 @@ RUNS = [
         "llama.noshift-q8_0.fa1.u1", "llama", "tiny-llama.gguf", "noshift-q8_0", 256, 256, True, True,
         type_k="q8_0", type_v="q8_0", kshift=False,
     ),
+    # RoPE frequency factors (rope_freqs, as Llama-3.1 files carry): the K-shifts after
+    # seq_add / seq_div must rotate with them (fa0: transposed V; fa1 u0: 4 streams)
+    RunConfig(
+        "llama-e8-rf.main.fa0.u1", "llama-e8-rf", "tiny-llama-e8-rf.gguf", "main", 256, 64, False,
+        True,
+    ),
+    RunConfig(
+        "llama-e8-rf.main.fa1.u0", "llama-e8-rf", "tiny-llama-e8-rf.gguf", "main", 1024, 64, True,
+        False,
+    ),
     # quantised weights (every 2-D weight q8_0 / q4_K, width 256): the engine's kernels
     # read them as the reference's; the memory is an ordinary F16 KV cache
     RunConfig(

@@ -1,0 +1,94 @@
+"""RoPE frequency factors reach the K-shift (llama_model::get_rope_factors).
+
+Llama-3.1-style files carry ``rope_freqs.weight``; Phi-3-style ones long / short factors
+chosen by the context length. A K-shift that ignored them rotated K by the wrong angles
+without any error: the recorded runs llama-e8-rf.* (tests/test_gguf_llama.py) show the
+decode after a shift differing by ~0.96 in the logits then. Here: what the spec reads, which
+layers get the factors, and how the factory picks long or short.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from pymem.errors import ConfigError
+from pymem.factory import ContextParams, plan_memory
+from pymem.gguf_spec import spec_from_gguf
+from pymem.spec import RopeSpec
+
+MODELS = Path(__file__).resolve().parent / "data" / "models"
+
+
+def _llama(path: Path, tensors: dict[str, np.ndarray]) -> Path:
+    """A tensor-light llama GGUF: 2 layers, heads of 8 (4 rotated pairs), given tensors."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in {"context_length": 4096, "embedding_length": 16, "block_count": 2,
+                       "attention.head_count": 2, "attention.head_count_kv": 1}.items():  # fmt: skip
+        w.add_uint32(f"llama.{key}", value)
+    w.add_uint32("llama.rope.scaling.original_context_length", 512)
+    for name, data in tensors.items():
+        w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_recorded_model_factors_reach_every_layer() -> None:
+    spec = spec_from_gguf(MODELS / "tiny-llama-e8-rf.gguf")
+    reader = gguf.GGUFReader(MODELS / "tiny-llama-e8-rf.gguf")
+    want = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
+    for lay in spec.layers:
+        assert lay.rope is not None
+        assert lay.rope.freq_factors == tuple(float(x) for x in want)
+    assert spec_from_gguf(MODELS / "tiny-llama-e8.gguf").layers[0].rope.freq_factors is None
+
+
+def test_gemma4_factors_on_full_layers_only() -> None:
+    spec = spec_from_gguf(MODELS / "tiny-gemma4.gguf")
+    got = [(lay.swa, lay.rope.freq_factors is not None) for lay in spec.layers if lay.rope]
+    assert got and all(has == (not swa) for swa, has in got)
+
+
+def test_long_and_short_factors_follow_the_context(tmp_path: Path) -> None:
+    short = np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32)
+    long = np.array([5.0, 6.0, 7.0, 8.0], dtype=np.float32)
+    path = _llama(
+        tmp_path / "m.gguf", {"rope_factors_short.weight": short, "rope_factors_long.weight": long}
+    )
+    spec = spec_from_gguf(path)
+    assert spec.layers[0].rope.freq_factors == (1.0, 2.0, 3.0, 4.0)
+    assert spec.layers[0].rope.freq_factors_long == (5.0, 6.0, 7.0, 8.0)
+    # n_ctx_seq 512 is within the original 512: short; 1024 is beyond it: long
+    within = plan_memory(spec, ContextParams(n_ctx=512, n_seq_max=1)).spec
+    beyond = plan_memory(spec, ContextParams(n_ctx=1024, n_seq_max=1)).spec
+    assert within.layers[1].rope == RopeSpec(
+        **{**vars(spec.layers[1].rope), "freq_factors_long": None}
+    )
+    assert beyond.layers[1].rope.freq_factors == (5.0, 6.0, 7.0, 8.0)
+    assert beyond.layers[1].rope.freq_factors_long is None
+
+
+def test_rope_freqs_win_over_long_and_short(tmp_path: Path) -> None:
+    freqs = np.array([2.0, 2.0, 2.0, 2.0], dtype=np.float32)
+    other = np.ones(4, dtype=np.float32)
+    path = _llama(tmp_path / "m.gguf", {"rope_freqs.weight": freqs, "rope_factors_short.weight": other,
+                                        "rope_factors_long.weight": other})  # fmt: skip
+    rope = spec_from_gguf(path).layers[0].rope
+    assert rope.freq_factors == (2.0, 2.0, 2.0, 2.0) and rope.freq_factors_long is None
+
+
+def test_bad_factors_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"rope\.freq_factors: 2 factors.*n_rot 8"):
+        RopeSpec(n_rot=8, freq_factors=(1.0, 1.0))
+    only_long = _llama(tmp_path / "l.gguf", {"rope_factors_long.weight": np.ones(4, np.float32)})
+    with pytest.raises(ConfigError, match=r"rope_factors_long\.weight without"):
+        spec_from_gguf(only_long)
+    wrong = _llama(tmp_path / "q.gguf", {"rope_freqs.weight": np.ones(4, np.int32)})
+    with pytest.raises(ConfigError, match=r"rope_freqs\.weight has type I32"):
+        spec_from_gguf(wrong)
