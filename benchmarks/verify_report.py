@@ -73,6 +73,70 @@ FINDINGS = [
         "kv_closed",
         "test_hostile.py::test_operations_after_close_raise_typed_errors",
     ),
+    (
+        "C1",
+        "reuse (pymem/reuse/radix.py)",
+        "a leaf no sequence runs through kept the tokens after its deepest checkpoint: lookups matched tokens nothing cached (n_common too long, a branch-point checkpoint planned where nothing branches)",
+        "random programs, recurrent-56",
+        None,
+        "test_property_regressions.py::test_c1_*",
+    ),
+    (
+        "C2",
+        "reuse (pymem/reuse/prefix_cache.py)",
+        "a sequence holding exactly a prefix of the request was copied whole only when it ended where the request leaves the cache; one ending earlier on the path was ignored (a longer-to-set-up checkpoint copy or a recompute instead)",
+        "random programs, hybrid_iswa-1011 / hybrid-1026",
+        None,
+        "test_property_regressions.py::test_c2_*",
+    ),
+    (
+        "C3",
+        "reuse (pymem/reuse/prefix_cache.py)",
+        "a recurrent sequence with a pending snapshot rollback was copied whole: seq_cp copies plane 0, the state before the rollback, so the copy continued from the wrong state",
+        "random programs, recurrent-1044 / hybrid_iswa-1038",
+        None,
+        "test_property_regressions.py::test_c3_*",
+    ),
+    (
+        "C4",
+        "reuse (pymem/reuse/prefix_cache.py)",
+        "with sliding windows, cells were copied only from the lowest sequence holding the whole common prefix; when its window was gone nothing was copied, although another sequence (sharing as much or a shorter prefix) still had its window",
+        "random programs, kv-2096 / iswa-2060",
+        None,
+        "test_property_regressions.py::test_c4_*",
+    ),
+    (
+        "C5",
+        "reuse (pymem/reuse/prefix_cache.py)",
+        "a hybrid whose attention cache slides: a checkpoint leaves that cache out, but was restored although the live sequence's window at the checkpoint was gone (the sequence missed window cells, or an AssertionError)",
+        "random programs, hybrid-2013 / hybrid-2140",
+        None,
+        "test_property_regressions.py::test_c5_*",
+    ),
+    (
+        "C6",
+        "reuse (pymem/reuse/prefix_cache.py)",
+        "a chunked window starting a new chunk at the cut needs nothing before it, so a cut there was taken as a trim; the sequence was left empty while the cache recorded it holding the prefix (attach then raised RangeError taking a checkpoint)",
+        "random programs, kv-2103",
+        None,
+        "test_property_regressions.py::test_c6_*",
+    ),
+    (
+        "C7",
+        "reuse (pymem/reuse/checkpoints.py, planner.py)",
+        "a hybrid whose attention cache slides: restore_checkpoint (and a rollback plan of kind checkpoint) trimmed that cache but did not bring back the window cells before the checkpoint, which were gone: the sequence missed them",
+        "random programs, hybrid-3039 (PrefixCache.restore_entry)",
+        None,
+        "test_property_regressions.py::test_c7_*",
+    ),
+    (
+        "R2",
+        "recurrent (pymem/recurrent/)",
+        "a sequence's snapshot planes stay in its old cell when another sequence's slot search moves its cell (the graph copies plane 0 only); n_last is kept, so rollback_reach still reports the planes and a rollback (seq_rm, or a prefix-cache snapshot) restores another state",
+        "random programs, hybrid-5147 (prefix cache)",
+        "recurrent_moved_planes",
+        "test_property_regressions.py::test_r2_*",
+    ),
 ]
 
 # longer soak runs done while the suite was written (pytest -m soak, PYMEM_SOAK_SECONDS)
@@ -321,22 +385,46 @@ def main() -> None:
         "",
         "## 2. pymem against the spec: random programs",
         "",
-        "tests/test_property.py (hypothesis state machines, about two minutes by default; "
-        "`-m soak` with `PYMEM_SOAK_SECONDS` for longer) and this report run random programs on "
-        "pymem and the spec side by side: batches (valid continuations, gaps, restarts, coupled "
+        "tests/test_property.py (hypothesis state machines, about two minutes by default; `-m "
+        "soak` with `PYMEM_SOAK_SECONDS` for longer) and this report run random programs on pymem"
+        " and the spec side by side: batches (valid continuations, gaps, restarts, coupled "
         "sequences, bad ids, auto positions, embd_all splits, M-RoPE token and embedding batches "
-        "with 2-D positions), every sequence op, state writes and "
-        "reads (whole, one sequence, partial-only, old blobs into other sequences), clear, and "
-        "pymem.reuse checkpoints, checkpoint restores (also foreign ones) and rollback plans "
-        "(kind, resume position and result against the spec's own plan, tests/spec/reuse.py). After "
-        "every step: op results and error kinds, cell positions / sequence sets / shifts / heads, "
-        "recurrent cells (pos, src, tail, head, used, rs_idx), pos_min/pos_max of every sequence, "
-        "cell ext of M-RoPE caches, each ubatch (shape, every position section, sequences), graph "
-        "inputs (slot cells, K/V row indices, causal KQ mask and one of the three non-causal "
-        "variants per ubatch, ALiBi biases, K-shift input, recurrent head / n_rs / rs_z / s_copy) "
-        "and the state bytes (whole, "
-        "per sequence, partial-only), tensor data included: both sides receive the same "
-        "synthetic K/V rows and recurrent state updates.",
+        "with 2-D positions), every sequence op, state writes and reads (whole, one sequence, "
+        "partial-only, old blobs into other sequences), clear, pymem.reuse checkpoints, "
+        "checkpoint restores (also foreign ones) and rollback plans (kind, resume position and "
+        "result against the spec's own plan, tests/spec/reuse.py), and the prefix cache "
+        "(`pymem.reuse.PrefixCache` against tests/spec/prefix.py, an independent model of its "
+        "documented contract: what each sequence holds as token tuples, the checkpoints as a "
+        "plain list, every exact way back enumerated). A program sets a cache up at its first "
+        "prefix step (a checkpoint policy with small intervals and batches, a RAM budget of a few"
+        " checkpoints so that eviction happens, no disk tier, a disk tier with room for every "
+        "evicted entry, or one of 0 bytes) and then serves requests (attach, each chunk decoded "
+        "and recorded), attaches without decoding, looks requests up (for a sequence or none), "
+        "restores stored entries and now and then flips a byte in a spilled entry's file, "
+        "interleaved with everything above; requests share prefixes with held sequences or stored"
+        " checkpoints, diverge, repeat a history (regenerate) and come as prompts, generations "
+        "and drafts, on every memory type. The other operations follow the cache's protocol: each"
+        " releases the sequences it may change (a shift: every sequence sharing cells), and a "
+        "decode that only continues a tracked sequence, or a trim / snapshot rollback, is "
+        "recorded. For the prefix cache the harness checks: lookup's n_common; that n_reuse is "
+        "the longest exact way the model finds and pymem's way is one of them and one of the "
+        "cheapest (the documented tie-break); attach's resume position, chunks and checkpoint "
+        "positions; every entry pymem refuses on the way (a damaged file, a restore the memory "
+        "has no cells for) is one the model cannot carry out either, and a refused restore_entry "
+        "changes nothing; that the attached (and then served) sequence holds exactly the "
+        "request's prefix, read back from the memory (each cell's K row is the token decoded at "
+        "its position, one cell per position, the sliding windows complete, the recurrent state "
+        "the fold of the tokens from zero); and after every step the stored entries (position, "
+        "tier, sequences sharing them, bytes), the eviction order (least shared, then least "
+        "recently used), the RAM budget, the disk files against the bytes counted, the taken / "
+        "evicted / spilled / refused counts and the tokens each sequence is recorded to hold. "
+        "After every step: op results and error kinds, cell positions / sequence sets / shifts / "
+        "heads, recurrent cells (pos, src, tail, head, used, rs_idx), pos_min/pos_max of every "
+        "sequence, cell ext of M-RoPE caches, each ubatch (shape, every position section, "
+        "sequences), graph inputs (slot cells, K/V row indices, causal KQ mask and one of the "
+        "three non-causal variants per ubatch, ALiBi biases, K-shift input, recurrent head / n_rs"
+        " / rs_z / s_copy) and the state bytes (whole, per sequence, partial-only), tensor data "
+        "included: both sides receive the same synthetic K/V rows and recurrent state updates.",
         "",
         f"This run: {args.seconds:g} s of seeded programs (40 steps each) per memory type.",
         "",
