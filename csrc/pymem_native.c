@@ -4,7 +4,9 @@
 #include "pymem_native.h"
 
 #include <string.h>
-#ifndef _WIN32
+#ifdef _WIN32
+#include <windows.h>
+#else
 #include <dlfcn.h>
 #endif
 
@@ -569,12 +571,13 @@ typedef struct ggml_tensor * (*pm_swiglu_clamp_fn)(struct ggml_context *, struct
 struct ggml_tensor * pm_swiglu_clamp(struct ggml_context * ctx, struct ggml_tensor * a,
                                      struct ggml_tensor * b, float limit) {
 #ifdef _WIN32
-    (void) ctx, (void) a, (void) b, (void) limit;
-    return NULL;
+    // the ggml.dll the extension was bound to is already loaded: look the symbol up there
+    HMODULE ggml = GetModuleHandleA("ggml.dll");
+    pm_swiglu_clamp_fn fn = ggml != NULL ? (pm_swiglu_clamp_fn) (void (*)(void)) GetProcAddress(ggml, "ggml_swiglu_clamp") : NULL;
 #else
     pm_swiglu_clamp_fn fn = (pm_swiglu_clamp_fn) dlsym(RTLD_DEFAULT, "ggml_swiglu_clamp");
-    return fn != NULL ? fn(ctx, a, b, limit) : NULL;
 #endif
+    return fn != NULL ? fn(ctx, a, b, limit) : NULL;
 }
 
 // --- KQ masks of a decode step -------------------------------------------------------------

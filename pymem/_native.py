@@ -12,6 +12,12 @@ Only this module imports the cffi ``lib``. ggml is resolved in this order:
 The chosen libraries are made global (``RTLD_GLOBAL``) before the extension, which does
 not link ggml, is imported; its undefined ggml symbols then resolve to that copy. Loading
 a second copy under the same sonames is what breaks processes (reference/packaging.md).
+
+Windows has no undefined symbols: the extension links ggml's import libraries and names
+``ggml.dll`` / ``ggml-base.dll``. A DLL of that name already loaded in the process is the
+one it gets (the loader matches loaded modules by name); otherwise the chosen directory is
+put on the DLL search path (``os.add_dll_directory``) and the DLLs are loaded from it
+before the extension, in the same order as above (libggml-python keeps them in ``bin/``).
 """
 
 from __future__ import annotations
@@ -30,12 +36,21 @@ from pymem.errors import GGMLBindingError, NativeError
 
 GGML_MIN_VERSION = (0, 20, 0)
 GGML_MAX_VERSION = (1, 0, 0)  # exclusive
-_SONAMES = (
-    ("libggml-base.so.0", "libggml.so.0")
-    if sys.platform != "darwin"
-    else ("libggml-base.0.dylib", "libggml.0.dylib")
-)
+
+
+def ggml_lib_names(platform: str = sys.platform) -> tuple[str, str]:
+    """The file names of ggml's base and main libraries on ``platform`` (base first)."""
+    if platform == "win32":
+        return ("ggml-base.dll", "ggml.dll")
+    if platform == "darwin":
+        return ("libggml-base.0.dylib", "libggml.0.dylib")
+    return ("libggml-base.so.0", "libggml.so.0")
+
+
+_SONAMES = ggml_lib_names()
+_WINDOWS = sys.platform == "win32"
 _RTLD_NOLOAD = getattr(os, "RTLD_NOLOAD", 4)
+_DLL_DIRS: list[Any] = []  # os.add_dll_directory handles, kept for the process's life
 
 
 @dataclass(frozen=True)
@@ -49,8 +64,22 @@ class GGMLInfo:
     backends: tuple[str, ...]
 
 
+def _loaded_ggml_dir_windows() -> str | None:
+    """Directory of a ggml-base.dll already loaded in this (Windows) process, if any."""
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    kernel32.GetModuleHandleW.restype = ctypes.c_void_p
+    handle = kernel32.GetModuleHandleW(_SONAMES[0])
+    if not handle:
+        return None
+    buf = ctypes.create_unicode_buffer(32768)
+    kernel32.GetModuleFileNameW(ctypes.c_void_p(handle), buf, len(buf))
+    return os.path.dirname(buf.value) or "(already loaded)"
+
+
 def _loaded_ggml_dir() -> str | None:
     """Directory of a libggml-base already mapped into this process, if any."""
+    if _WINDOWS:
+        return _loaded_ggml_dir_windows()
     try:
         with open("/proc/self/maps", encoding="utf-8") as maps:
             for line in maps:
@@ -125,8 +154,8 @@ def _candidates() -> list[tuple[str, Path]]:
         found.append(("llama_cpp", llama))
     libggml = _spec_dir("libggml")
     if libggml is not None:
-        found.append(("libggml-python", libggml / "lib64"))
-        found.append(("libggml-python", libggml / "lib"))
+        for sub in ("bin", "lib64", "lib") if _WINDOWS else ("lib64", "lib"):
+            found.append(("libggml-python", libggml / sub))
     return found
 
 
@@ -135,12 +164,20 @@ def _has_ggml(directory: Path) -> bool:
 
 
 def _load_global(directory: Path) -> None:
+    if _WINDOWS:
+        # the extension's imports name the DLLs: let the loader find them in `directory`
+        _DLL_DIRS.append(os.add_dll_directory(str(directory)))  # type: ignore[attr-defined]
+        for name in _SONAMES:
+            ctypes.CDLL(str(directory / name))
+        return
     for name in _SONAMES:
         ctypes.CDLL(str(directory / name), mode=ctypes.RTLD_GLOBAL)
 
 
 def _bind() -> tuple[str, str]:
     loaded = _loaded_ggml_dir()
+    if loaded is not None and _WINDOWS:
+        return "process", loaded  # the loader reuses the loaded DLLs by name
     if loaded is not None:
         for name in _SONAMES:
             # promote the process's copy to global scope without loading another
