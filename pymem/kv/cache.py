@@ -956,8 +956,11 @@ class KVCache(Memory):
             own = st.owner_f[gid]
             single = own >= 0
             if single.any():
-                # E.g. size 8, cell 9 (stream 1) owned by seq 1 -> key 257, pos_max + 1 there
-                key = (gid[single] // self.kv_size) * LLAMA_MAX_SEQ + own[single]
+                # E.g. size 8, cell 9 (stream 1) owned by seq 1 -> key 257, pos_max + 1 there;
+                # with one stream the key is the owner
+                key = own[single]
+                if self.n_stream > 1:
+                    key = (gid[single] // self.kv_size) * LLAMA_MAX_SEQ + key
                 p1 = st.pos_max_at(key) + 1
                 usable[single] = masked_swa(self.n_swa, self.swa_type, pos[single], p1)
         return usable

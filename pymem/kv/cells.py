@@ -582,6 +582,18 @@ class StackedCells:
         of bounds, -2 where nothing is removed. E.g. stream 0, seq 2, p_max 5: cells of stream
         0 owned by 2 with pos [3, 5, 6] -> the first two.
         """
+        if self.n_stream == 1 and self.n_multi[0] == 0:
+            # one stream, no shared cells (a unified SWA cache's decode step): a cell goes
+            # iff its owner's bound reaches it. Owners -2 and -1 read entries 0 and 1, -2,
+            # below every position. E.g. seqs [2], p_max [5]: owners [2, 2, -1], pos
+            # [3, 6, -1] -> bounds [5, 5, -2] -> cell 0
+            bound1 = np.full(LLAMA_MAX_SEQ + 2, -2, dtype=np.int64)
+            bound1[seqs + 2] = p_max
+            own1 = self.owner[0]
+            cells = np.flatnonzero(self.pos[0] <= bound1[own1 + 2])  # ascending, distinct
+            if cells.size == 0:
+                return cells
+            return self._purge(cells, own1[cells].astype(np.int64), cells, 0, rows, seqs, p_max)
         # -2: below every position, empty cells (pos -1) included
         bound = np.full(self.n_stream * LLAMA_MAX_SEQ + 1, -2, dtype=np.int64)
         bound[rows * LLAMA_MAX_SEQ + seqs] = p_max
@@ -606,7 +618,20 @@ class StackedCells:
         if gid.size == 0:
             return gid
         cells = np.unique(gid)
-        crow = self.streams_of(cells)
+        return self._purge(gid, hit_seq, cells, self.streams_of(cells), rows, seqs, p_max)
+
+    def _purge(
+        self,
+        gid: np.ndarray,
+        hit_seq: np.ndarray,
+        cells: np.ndarray,
+        crow: Rows,
+        rows: np.ndarray,
+        seqs: np.ndarray,
+        p_max: np.ndarray,
+    ) -> np.ndarray:
+        """:meth:`seq_rm_upto` once the (cell ``gid[k]``, sequence ``hit_seq[k]``) pairs to
+        remove are known (``cells``: the distinct cells, ascending, of streams ``crow``)."""
         self._record(cells, crow)
         self._touch(rows)
         self._removed_bounds(rows, seqs, p_max)
