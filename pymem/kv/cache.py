@@ -911,11 +911,21 @@ class KVCache(Memory):
         """
         st = self.cells
         size = self.kv_size
-        head = self.v_heads.a[strm]
-        # restart at 0 when enough cells are unused before the head: E.g. head 40, used 10, n 4
-        head = np.where(head > st.used[strm] + 2 * n, 0, head)
-        # E.g. size 8, head [6, 2], n 2 -> cells [[6, 7], [2, 3]]
-        cols = (head[:, None] + np.arange(n)) % size
+        if strm.size == 1 and n <= size:
+            # one stream (a unified cache): the head window on Python ints
+            s = int(strm[0])
+            h = int(self.v_heads.a[s])
+            h = 0 if h > int(st.used[s]) + 2 * n else h
+            cols = np.arange(h, h + n, dtype=np.int64).reshape(1, n)
+            if h + n > size:
+                cols %= size
+            head = np.array([h], dtype=np.int64)
+        else:
+            head = self.v_heads.a[strm]
+            # restart at 0 when enough cells are unused before the head: E.g. head 40, used 10, n 4
+            head = np.where(head > st.used[strm] + 2 * n, 0, head)
+            # E.g. size 8, head [6, 2], n 2 -> cells [[6, 7], [2, 3]]
+            cols = (head[:, None] + np.arange(n)) % size
         offs = strm[:, None] * size if memo is None else memo.offs
         if self._usable_at(offs + cols).all():
             strm32 = strm.astype(np.int32) if memo is None else memo.strm32
