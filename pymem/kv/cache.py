@@ -1222,20 +1222,26 @@ class KVCacheContext(MemoryContext):
     # --- graph inputs for the current ubatch ---------------------------------------------
     def graph_inputs(self) -> GraphInputs:
         """``{"kv": KVInputs}`` for the current ubatch (row indices built now)."""
+        return GraphInputs({"kv": self.kv_inputs()})
+
+    def kv_inputs(self) -> KVInputs:
+        """This cache's :class:`KVInputs` for the current ubatch (what :meth:`graph_inputs`
+        files under "kv"; an iSWA context files its two caches' under "base" / "swa")."""
         kv = self.kv
         sinfo = self.get_sinfo()
-        inputs = KVInputs(
+        k_idxs = self.get_k_idxs()
+        return KVInputs(
             layers=kv._layer_set,
             v_trans=bool(kv.v_trans),
             n_kv=self.n_kv,
             n_stream=sinfo.n_stream,
             s0=sinfo.s0,
             size=kv.kv_size,
-            k_idxs=self.get_k_idxs(),
-            v_idxs=self.get_v_idxs(),
+            k_idxs=k_idxs,
+            # V rows are the K rows without v_trans (a copy: each input owns its array)
+            v_idxs=self.get_v_idxs() if kv.v_trans else k_idxs.copy(),
             view=self,
         )
-        return GraphInputs({"kv": inputs})
 
     def get_sinfo(self) -> SlotInfo:
         return self.sinfos[self.i_cur]

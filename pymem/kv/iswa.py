@@ -88,7 +88,7 @@ class KVCacheISWAContext(PairContext["KVCacheContext", "KVCacheContext"]):
     def graph_inputs(self) -> GraphInputs:
         """``{"base": ..., "swa": ...}``: each cache's inputs under its part name."""
         base, swa = self._pair("graph_inputs")
-        return base.graph_inputs().renamed("base").merged(swa.graph_inputs().renamed("swa"))
+        return GraphInputs({"base": base.kv_inputs(), "swa": swa.kv_inputs()})
 
 
 class KVCacheISWA(CompositeMemory):
