@@ -346,20 +346,20 @@ def test_c7_hybrid_sliding_checkpoint_restore_needs_the_window() -> None:
 
 
 # --------------------------------------------------------------------------------------
-# R2 (recurrent, OPEN): a sequence's snapshot planes stay in its old cell when another
+# R2 (recurrent, fixed): a sequence's snapshot planes stay in its old cell when another
 # sequence's slot search moves its cell. Found by the random programs through the prefix
 # cache (hybrid-5147: a snapshot rollback of the attached sequence, whose recurrent state
 # then was not the fold of its tokens). pymem refuses rollbacks its planes cannot serve
 # (RecurrentCells.n_last, a deliberate departure), but a move keeps n_last: after it,
 # rollback_reach still says 2, seq_rm(1, 2, -1) succeeds and the next ubatch gathers
 # plane 2 of the new cell, which holds another state. The graph copies only plane 0 of a
-# moved cell. Owner: pymem/recurrent (and the spec's recurrent model of the departure):
-# reset n_last of a moved sequence, or copy its planes. While open, the harness stops
-# checking recurrent folds after such a rollback (known_bugs "recurrent_moved_planes").
+# moved cell. Fixed in pymem/recurrent/cells.py find_slot (and the spec's model of the
+# departure, tests/spec/recurrent.py): a sequence outside the ubatch whose cell the swaps
+# move gets n_last 0, so its rollbacks are refused (reach 0) and the planner replays from a
+# checkpoint instead. The probe known_bugs "recurrent_moved_planes" now reads False.
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="open: R2, snapshot planes do not follow a moved cell")
 def test_r2_snapshot_rollback_after_a_cell_move_is_refused_or_exact() -> None:
     from spec import prefix as sprefix
 
@@ -374,6 +374,8 @@ def test_r2_snapshot_rollback_after_a_cell_move_is_refused_or_exact() -> None:
         items = [[31, 0, [0], True], [54, 0, [2], True], [31, 1, [2], True], [30, 2, [2], False]]
         pair.decode([*items, [38, 3, [2], True]])  # sequence 1's cell moves from 1 to 2
         assert pair.pm.mem_recr.cells.tail[1] == 2
+        # fixed: the moved sequence's snapshot planes stayed behind, so no rollback is exact
+        assert pair.pm.mem_recr.rollback_reach(1) == 0
         pair.seq_op("seq_rm", 1, 2, -1)  # a rollback of 2 tokens
         if pair.sp.rs.rs_idx[1] == 2:  # accepted as exact: the state must be right
             assert sprefix.holds_exactly(pair.sp, 1, (6, 9), pair.rows) == ""

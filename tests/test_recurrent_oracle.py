@@ -201,6 +201,7 @@ class Oracle:
                         if not cells[nec].seq:
                             break
             lo, hi = min(lo, meta.tail), max(hi, meta.tail)
+        tails_before = [c.tail for c in cells]
         for k, ids in enumerate(sets):
             dst, src = k + lo, cells[ids[0]].tail
             if dst != src:
@@ -213,6 +214,10 @@ class Oracle:
                         c.tail = dst
                     elif c.tail == dst:
                         c.tail = src
+        # pymem's departure: a sequence the swaps moved loses its snapshot planes
+        for s_id, c in enumerate(cells):
+            if c.tail != tails_before[s_id] and s_id < len(self.last_n):
+                self.last_n[s_id] = 0
         for k, ids in enumerate(sets):
             cell = cells[k + lo]
             cell.pos = last_pos[k]

@@ -225,8 +225,9 @@ def find_slot(c: RecurrentCells, req: SlotRequest) -> bool:
     # -- 2. gather: set s must live in cell lo + s ------------------------------------
     target = np.arange(lo, lo + n_seqs)
     mism = np.flatnonzero(t != target)
+    moved_out: np.ndarray | None = None
     if mism.size:
-        _reorder(c, t, int(mism[0]), lo, hi)
+        moved_out = _reorder(c, t, int(mism[0]), lo, hi)
 
     last_pos = req.last_pos
     prev = c.pos[target]
@@ -261,6 +262,10 @@ def find_slot(c: RecurrentCells, req: SlotRequest) -> bool:
 
     c.head = lo
     c.n = hi - lo + 1
+    if moved_out is not None and moved_out.size:
+        # a sequence outside the ubatch whose cell the swaps moved: the graph copies its
+        # state (plane 0) along, not its snapshot planes, so no rollback of it is exact
+        c.n_last[moved_out] = 0
     c.n_last[all_ids] = req.n_seq_tokens  # the planes this ubatch writes reach that far back
     if n_need or coupled_sets:
         counts = c.seq_counts()
@@ -289,7 +294,7 @@ def _last_owner(tt: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return rank == counts[tt] - 1
 
 
-def _reorder(c: RecurrentCells, t: np.ndarray, s0: int, lo: int, hi: int) -> None:
+def _reorder(c: RecurrentCells, t: np.ndarray, s0: int, lo: int, hi: int) -> np.ndarray:
     """Swap cells so that set ``s`` ends in cell ``lo + s``, exactly as the reference.
 
     The reference swaps cell contents one set at a time (``dst = lo + s`` with the cell
@@ -298,6 +303,7 @@ def _reorder(c: RecurrentCells, t: np.ndarray, s0: int, lo: int, hi: int) -> Non
     inherently sequential, so it is simulated on index lists over the window
     ``[lo, hi]`` (one step per sequence set from the first misplaced one; no per-cell
     or per-token work), then applied to the arrays in one vectorised permutation.
+    Returns the sequence ids whose tail cell changed.
     """
     width = hi - lo + 1
     at = list(range(width))  # at[x]: original window index of the content now at x
@@ -316,7 +322,10 @@ def _reorder(c: RecurrentCells, t: np.ndarray, s0: int, lo: int, hi: int) -> Non
     inv = np.asarray(where, dtype=np.int32) + lo
     tl = c.tail
     moved = (tl >= lo) & (tl <= hi)
-    tl[moved] = inv[tl[moved] - lo]
+    before = tl[moved]
+    tl[moved] = inv[before - lo]
+    # E.g., tails [4, 7, -1], window [4, 7], content 7 -> 4, 4 -> 7: both ids changed
+    return np.flatnonzero(moved)[tl[moved] != before]
 
 
 def seq_rm_cells(

@@ -61,7 +61,11 @@ Where the reference crashes or corrupts, pymem does better and says so:
   then ``seq_rm(s, 18, -1)``). pymem returns False and changes nothing, so the caller
   knows to replay (``RecurrentCells.n_last`` keeps the count; copies share it, restores
   and clears reset it). A departure from the reference's return value, pinned by
-  tests/test_recurrent.py and modelled in the executable spec.
+  tests/test_recurrent.py and modelled in the executable spec. The same holds for a
+  sequence whose cell another ubatch's slot search swapped elsewhere: the graph carries
+  its state (plane 0) along but not its snapshot planes, so its ``n_last`` drops to 0
+  and every rollback of it is refused until it decodes again (the reference, again,
+  restores a plane of another state; tests/test_property_regressions.py R2).
 
 * A failed ``state_read`` changes nothing (the reference empties the destination
   sequence, or the whole memory, and zeroes the rows it had taken). Parsing and

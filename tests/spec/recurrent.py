@@ -304,6 +304,7 @@ class Recurrent:
                             break
             lo = min(lo, meta.tail)
             hi = max(hi, meta.tail)
+        tails_before = [cells[j].tail for j in range(size)]
         for s in range(n_seqs):
             i = s * n_seq_tokens
             dst_id = s + lo
@@ -318,6 +319,11 @@ class Recurrent:
                         cells[j].tail = dst_id
                     elif cells[j].tail == dst_id:
                         cells[j].tail = src_id
+        # pymem departure: a sequence whose cell the swaps moved keeps its state (copied
+        # in-graph) but not its snapshot planes, so its rollbacks are refused
+        for j in range(min(size, len(self.last_n))):
+            if cells[j].tail != tails_before[j]:
+                self.last_n[j] = 0
         for s in range(n_seqs):
             i = s * n_seq_tokens
             last_pos = ub.pos[i + n_seq_tokens - 1]
