@@ -299,6 +299,7 @@ def hparams_from_gguf(path: str | os.PathLike[str]) -> GGUFHParams:
 
     use_alibi = m.f32(k("attention.max_alibi_bias"), 0.0) > 0.0
 
+    rope_freqs, rope_freqs_long, rope_factor_layers = _rope_factor_tensors(m, d)
     return GGUFHParams(
         arch=arch,
         n_ctx_train=n_ctx_train,
@@ -343,11 +344,15 @@ def hparams_from_gguf(path: str | os.PathLike[str]) -> GGUFHParams:
         n_embd_head_kda=d.n_embd_head_kda,
         n_embd_head_la=d.n_embd_head_la,
         is_mla=d.is_mla,
-        **_rope_factor_tensors(m, d),
+        rope_freqs=rope_freqs,
+        rope_freqs_long=rope_freqs_long,
+        rope_factor_layers=rope_factor_layers,
     )
 
 
-def _rope_factor_tensors(m: GGUFMeta, d: Draft) -> dict[str, object]:
+def _rope_factor_tensors(
+    m: GGUFMeta, d: Draft
+) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None, tuple[bool, ...]]:
     """The file's RoPE factor tensors: ``rope_freqs`` wins (``get_rope_factors``); else the
     short factors, with the long ones kept for contexts beyond the original length."""
     freqs = m.small_tensor("rope_freqs.weight")
@@ -360,4 +365,4 @@ def _rope_factor_tensors(m: GGUFMeta, d: Draft) -> dict[str, object]:
                 f"{m.path}: rope_factors_long.weight without rope_factors_short.weight"
             )
     layers = tuple(d.rope_factor_layers) if d.rope_factor_layers is not None else ()
-    return {"rope_freqs": freqs, "rope_freqs_long": long, "rope_factor_layers": layers}
+    return freqs, long, layers

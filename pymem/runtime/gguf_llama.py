@@ -215,12 +215,13 @@ class GGUFModel:
     ) -> None:
         self.path = os.fspath(path)
         self.hp_file = hparams_from_gguf(self.path)
-        self.arch_graph = ARCH_GRAPHS.get(self.hp_file.arch)
-        if self.arch_graph is None:
+        arch_graph = ARCH_GRAPHS.get(self.hp_file.arch)
+        if arch_graph is None:
             raise UnsupportedError(
                 f"{self.path}: architecture {self.hp_file.arch!r}; supported: "
                 f"{', '.join(sorted(ARCH_GRAPHS))}"
             )
+        self.arch_graph: ArchGraph = arch_graph
         self.device = get_device(device)
         reader = gguf.GGUFReader(self.path)
         self.weights = GGUFWeights(self.path, self.device, reader)
