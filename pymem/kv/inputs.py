@@ -141,8 +141,16 @@ extension that lacks them."""
 def _bounds_or_open(b: np.ndarray | None, n: int, open_end: int) -> np.ndarray:
     """A token's bound as a flat int32 array, ``open_end`` (int32 min / max) for None."""
     if b is None:
-        return np.full(n, open_end, dtype=np.int32)
+        return _open_bounds(n, open_end)
     return np.ascontiguousarray(b, dtype=np.int32).reshape(-1)
+
+
+@functools.lru_cache(maxsize=32)
+def _open_bounds(n: int, value: int) -> np.ndarray:
+    """``n`` copies of ``value`` (int32, read-only), made once per (n, value)."""
+    a = np.full(n, value, dtype=np.int32)
+    a.flags.writeable = False
+    return a
 
 
 def _window(rules: _MaskRules, p1: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
