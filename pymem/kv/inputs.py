@@ -165,21 +165,26 @@ def _window(rules: _MaskRules, p1: np.ndarray) -> tuple[np.ndarray | None, np.nd
     """
     if rules.swa_type == SWAType.NONE:
         return None, (p1 if rules.causal else None)  # p1 is int32 already
-    # the bounds in int64, then int32 (lo >= -2**31 unless the window is wider than that;
-    # hi past 2**31 - 1 only for SYMMETRIC without causality)
+    hi = p1 if rules.causal else None
+    if rules.swa_type == SWAType.STANDARD and rules.n_swa <= _I32.max:
+        # int32 is enough: p1 >= 0 and n_swa - 1 < 2**31. E.g. n_swa 4, p1 9 -> lo 6
+        return p1 - np.int32(rules.n_swa - 1), hi
+    if rules.swa_type == SWAType.CHUNKED:
+        # the chunk start is in [0, p1]; floor is truncation on positions >= 0
+        if rules.n_swa > _I32.max:  # one chunk holds every int32 position
+            return np.zeros_like(p1), hi
+        return (p1 // np.int32(rules.n_swa)) * np.int32(rules.n_swa), hi
+    # SYMMETRIC (p1 + n_swa // 2 may pass 2**31 - 1) and windows wider than int32: int64,
+    # then clamped into int32
     p = p1.astype(np.int64)
-    hi = None
     if rules.swa_type == SWAType.STANDARD:
-        lo = p - (rules.n_swa - 1)
-        if rules.n_swa > _I32.max:
-            lo = np.maximum(lo, _I32.min)
-    elif rules.swa_type == SWAType.CHUNKED:
-        lo = (p // rules.n_swa) * rules.n_swa  # positions are >= 0: floor is truncation
+        lo = np.maximum(p - (rules.n_swa - 1), _I32.min)
+        hi64 = None
     else:  # SYMMETRIC
-        lo, hi = p - rules.n_swa // 2, np.minimum(p + rules.n_swa // 2, _I32.max)
+        lo, hi64 = p - rules.n_swa // 2, np.minimum(p + rules.n_swa // 2, _I32.max)
     if rules.causal:
-        hi = p if hi is None else np.minimum(hi, p)
-    return lo.astype(np.int32), (None if hi is None else hi.astype(np.int32))
+        hi64 = p if hi64 is None else np.minimum(hi64, p)
+    return lo.astype(np.int32), (None if hi64 is None else hi64.astype(np.int32))
 
 
 def build_kq_mask(
@@ -267,7 +272,7 @@ def build_kq_mask(
         # a decode step on one stream: one token per sequence, one id per token
         cells = v_cells[int(layout.seq_to_stream[int(seq0[0])])]
         if cells.n_multi == 0:
-            _mask_one_per_seq(cells, rules, seq0, p1_all, out[0])
+            _mask_one_per_seq(cells, rules, seq0, p1_all, out[0], ubatch.seq_id)
             return out
     for s in range(n_stream):
         tok = slice(s * n_tps, (s + 1) * n_tps)
@@ -300,8 +305,30 @@ def build_kq_mask(
     return out
 
 
+_TOK_OF: list[Any] = [None, None]  # (read-only seq_id matrix, its owner -> token table)
+
+
+def _tok_of(sq: np.ndarray, seq_id: np.ndarray | None) -> np.ndarray:
+    """Owner -> token of tokens of distinct sequences ``sq`` (-1 for no token; owners -1
+    and -2 read the first two entries). E.g. sq [1, 0] -> tok[2] = 1, tok[3] = 0. Kept for
+    the last read-only ``seq_id`` it was built from (the allocator's frozen layouts)."""
+    if seq_id is not None and _TOK_OF[0] is seq_id:
+        return _TOK_OF[1]
+    tok = np.full(LLAMA_MAX_SEQ + 2, -1, dtype=np.int64)
+    tok[sq + 2] = np.arange(sq.size)
+    if seq_id is not None and not seq_id.flags.writeable:
+        tok.flags.writeable = False
+        _TOK_OF[:] = [seq_id, tok]
+    return tok
+
+
 def _mask_one_per_seq(
-    cells: KVCells, rules: _MaskRules, sq: np.ndarray, p1: np.ndarray, out: np.ndarray
+    cells: KVCells,
+    rules: _MaskRules,
+    sq: np.ndarray,
+    p1: np.ndarray,
+    out: np.ndarray,
+    seq_id: np.ndarray | None = None,
 ) -> None:
     """The rows of tokens of distinct sequences (``sq``, positions ``p1``) over cells none
     of which is held by several sequences: a cell can only pair with the token of its
@@ -309,14 +336,13 @@ def _mask_one_per_seq(
 
     E.g. owner [0, 1, 0, -1], pos [0, 0, 1, -1], tokens (seq 1, pos 1), (seq 0, pos 2):
     cell 0 -> token 1, cell 1 -> token 0, cell 2 -> token 1; all in the past -> kept.
-    ``out`` is ``[n_tokens, n_kv]``, already -inf.
+    ``out`` is ``[n_tokens, n_kv]``, already -inf. ``seq_id``: the ubatch's sequence ids
+    (``sq`` is their first column); a read-only one keys the owner -> token table, which
+    a decode step's replayed ubatch then reuses.
     """
     n_kv = out.shape[1]
     own = cells.owner[:n_kv]
-    # owner -> token (-1 for no token; owners -1 and -2 read the first two entries).
-    # E.g. sq [1, 0] -> tok[2] = 1, tok[3] = 0
-    tok = np.full(LLAMA_MAX_SEQ + 2, -1, dtype=np.int64)
-    tok[sq + 2] = np.arange(sq.size)
+    tok = _tok_of(sq, seq_id)
     if USE_NATIVE and out.dtype.itemsize in (2, 4) and out.flags.c_contiguous:
         lo, hi = _window(rules, p1)
         n = sq.size
