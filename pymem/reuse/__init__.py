@@ -6,7 +6,8 @@ cannot. This package makes every way back exact and says what it costs:
 :mod:`pymem.reuse.planner` picks the cheapest exact way back to a position,
 :mod:`pymem.reuse.prefix_cache` finds the longest reusable prefix of a request among live
 sequences, checkpoints in RAM and on disk (:mod:`pymem.reuse.radix`: the token tree) and
-sets a sequence up from it.
+sets a sequence up from it; :mod:`pymem.reuse.persist` saves the cache with its memory in
+one checksummed container and restores both.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pymem.reuse.checkpoints import (
     restore_checkpoint,
     trimmed_parts,
 )
+from pymem.reuse.persist import load_prefix_cache, save_prefix_cache
 from pymem.reuse.planner import RollbackPlan, apply_rollback, plan_rollback, window_start
 from pymem.reuse.prefix_cache import (
     Attach,
@@ -42,9 +44,11 @@ __all__ = [
     "as_tokens",
     "checkpoint",
     "layout_of",
+    "load_prefix_cache",
     "needs_checkpoints",
     "plan_rollback",
     "restore_checkpoint",
+    "save_prefix_cache",
     "trimmed_parts",
     "window_start",
 ]

@@ -830,6 +830,36 @@ class PrefixCache:
         e.last_used = self._tick()
         return resume
 
+    # --- saved with the memory ----------------------------------------------------------
+    def save(self, path: str | os.PathLike[str], *, fingerprint: str | None = None) -> int:
+        """Write the memory's whole state and what this cache knows (held tokens, every
+        checkpoint, policy, budgets) to one checksummed container at ``path``; bytes
+        written. See :func:`pymem.reuse.persist.save_prefix_cache`."""
+        from pymem.reuse.persist import save_prefix_cache  # persist imports this module
+
+        return save_prefix_cache(self, path, fingerprint=fingerprint)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str] | bytes | bytearray | memoryview,
+        mem: Memory,
+        *,
+        fingerprint: str,
+        budget_bytes: int | None = None,
+        disk_dir: str | os.PathLike[str] | None = None,
+        disk_budget_bytes: int | None = None,
+    ) -> PrefixCache:
+        """Restore a :meth:`save` file into ``mem`` and return a cache that knows what the
+        saved one knew; a damaged, truncated or foreign file raises :class:`StateError`
+        with ``mem`` unchanged. See :func:`pymem.reuse.persist.load_prefix_cache`."""
+        from pymem.reuse.persist import load_prefix_cache
+
+        return load_prefix_cache(
+            path, mem, fingerprint=fingerprint, budget_bytes=budget_bytes, disk_dir=disk_dir,
+            disk_budget_bytes=disk_budget_bytes,
+        )  # fmt: skip
+
     # --- accounting ---------------------------------------------------------------------
     def entries(self) -> list[EntryInfo]:
         """Every stored checkpoint, RAM then disk, each in the order it entered its tier."""
