@@ -534,6 +534,7 @@ class StackedCells:
             # one id per token: E.g. ids [1, 65] -> words [0, 1], bits [1 << 1, 1 << 1]
             self.rows_f[gid] = _ZERO_ROW
             if known is not None:
+                assert known.word is not None and known.bit is not None  # simple rows have them
                 self.seq_f[gid, known.word] = known.bit
             else:
                 self.seq_f[gid, primary >> 6] = np.left_shift(
@@ -559,8 +560,10 @@ class StackedCells:
             self.used_max_p1[strm] = np.maximum(self.used_max_p1[strm], idx.max(axis=1) + 1)
         # E.g. tokens (pos 7, seqs [0, 2]) and (pos 9, seqs [2, -1]) in stream 1 -> the
         # bounds of key 1 * 256 + 2 see 7 and 9
+        key: Any
         if simple:
             key = rows * LLAMA_MAX_SEQ + primary if known is None else known.key
+            assert key is not None
             p = pos.astype(np.int64)
         else:
             t, c = np.nonzero(seq_id >= 0)
