@@ -367,12 +367,24 @@ def load_prefix_cache(
     for ent, _ in made:
         cache.tree.prune(ent.node)  # a split made for a payload merges back where it can
     cache._clock = max([clock, *(e.last_used for e, _ in made)])
-    # in the saved order (RAM, then the disk tier: spilled again, or dropped); a smaller
-    # budget evicts by (shared, last_used) as ever, whatever the order
-    for ent, tier in made:
-        if tier == "ram":
-            cache._admit(ent)
-        else:
+    # RAM entries are kept most valuable first (the reverse of the eviction order: most
+    # shared, then most recently used) while they fit the budget, in their saved order;
+    # the rest, and the disk tier, are spilled (or dropped without a disk tier)
+    # E.g. budget 2 entries, eviction order [7, 12, 15, 23, 15'] -> keep 23 and 15'
+    ram = [ent for ent, tier in made if tier == "ram"]
+    room, keep = cache.budget_bytes, set()
+    for ent in sorted(ram, key=lambda x: (cache._shared(x), x.last_used), reverse=True):
+        if ent.nbytes > room:
+            break
+        keep.add(ent)
+        room -= ent.nbytes
+    for ent in ram:
+        if ent in keep:
+            cache._ram[ent] = None
+            cache.bytes_ram += ent.nbytes
+    cache.peak_ram = cache.bytes_ram
+    for ent, _ in made:
+        if ent not in keep:
             cache._evict(ent)
     cache.n_evicted = 0
     return cache
