@@ -137,6 +137,27 @@ def test_round_trip_restores_memory_and_cache_exactly(
         loaded.close()
 
 
+def test_a_sequence_changed_behind_the_caches_back_is_not_saved(engines, tmp_path: Path) -> None:
+    model = "tiny-jamba.gguf"
+    with _memory(model) as mem, _memory(model) as fresh:
+        cache = _build(mem, engines(model), model)
+        _decode(engines(model), mem, [9], len(P), 0, False)  # no record: sequence 0 is stale
+        cache.save(tmp_path / "c.pymem")
+        loaded = PrefixCache.load(tmp_path / "c.pymem", fresh, fingerprint=_fp(model))
+        assert fresh.state_write() == mem.state_write()
+        assert loaded.held_seqs() == [1]
+        # 15 and 23 on P's path needed sequence 0's cells: dropped; 7 is on R's path too
+        assert sorted(e.pos for e in loaded.entries()) == [7, 12, 15]
+        for q in QUERIES:  # the same ways back (n_common may be shorter: P's tail is gone)
+            for s in (-1, 1, 2):
+                a, b = loaded.lookup(q, s), cache.lookup(q, s)
+                assert (a.n_reuse, a.source, a.how, a.src_seq, a.pos) == (
+                    b.n_reuse, b.source, b.how, b.src_seq, b.pos
+                )  # fmt: skip
+        loaded.close()
+        cache.close()
+
+
 def test_load_from_bytes_and_the_module_functions(engines, tmp_path: Path) -> None:
     model = "tiny-gemma2.gguf"
     with _memory(model) as mem, _memory(model) as fresh:

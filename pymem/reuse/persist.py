@@ -122,7 +122,9 @@ def save_prefix_cache(
     if not isinstance(fp, str) or not fp:
         raise ConfigError(f"fingerprint: a non-empty string naming the model, got {fp!r}")
     mem = cache.mem
-    held = sorted(cache._held.items())
+    # a sequence the memory changed behind the cache's back is not saved as held (the
+    # cache would release it at its next attach); checkpoints only it kept are dropped at load
+    held = sorted((s, t) for s, t in cache._held.items() if cache._is_current(s))
     recs: list[_EntryRec] = []
     for tier, group in (("ram", cache._ram), ("disk", cache._disk)):
         for e in group:
@@ -144,7 +146,7 @@ def save_prefix_cache(
         "disk_budget_bytes": cache.disk_budget_bytes,
         "policy": dataclasses.asdict(cache.policy),
         "held": [[s, len(t)] for s, t in held],
-        "pending": [[s, sorted(p)] for s, p in sorted(cache._pending.items()) if s in cache._held],
+        "pending": [[s, sorted(p)] for s, p in sorted(cache._pending.items()) if s in dict(held)],
         "entries": [
             {"n_tokens": len(r.tokens), "pos_min": r.pos_min, "seq_id": r.seq_id,
              "tier": r.tier, "durable": r.durable, "last_used": r.last_used,
@@ -366,6 +368,12 @@ def load_prefix_cache(
         made.append((ent, e["tier"]))
     for ent, _ in made:
         cache.tree.prune(ent.node)  # a split made for a payload merges back where it can
+    if not cache.self_sufficient:
+        # no live sequence holds the full-attention cells of its prefix: never restorable
+        orphans = [x for x in made if not x[0].node.live]
+        for ent, _ in orphans:
+            cache._drop(ent)
+        made = [x for x in made if x not in orphans]
     cache._clock = max([clock, *(e.last_used for e, _ in made)])
     # RAM entries are kept most valuable first (the reverse of the eviction order: most
     # shared, then most recently used) while they fit the budget, in their saved order;
