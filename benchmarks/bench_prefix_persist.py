@@ -18,6 +18,7 @@ Run: python benchmarks/bench_prefix_persist.py [--tokens N] [--json PATH]
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -94,8 +95,12 @@ def run(model: str, n_tokens: int, tmp: Path) -> dict[str, object]:
     mem.close()
     fresh.close()
     ck = sum(e.nbytes for e in entries)
-    # held tokens of every sequence, then every entry's prefix (here: the same tokens)
-    n_tok = N_SEQ * n_tokens + sum(e.pos + 1 for e in entries)
+    # the token section: held sequences, then entries no saved sequence holds (none here)
+    data = path.read_bytes()
+    idx = json.loads(data[16 : 16 + int.from_bytes(data[12:16], "little")])["prefix_cache"]
+    n_tok = sum(n for _, n in idx["held"]) + sum(
+        e["n_tokens"] for e in idx["entries"] if e["ref"] < 0
+    )
     return {
         "model": model,
         "entries": len(entries),

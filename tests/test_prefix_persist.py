@@ -158,6 +158,21 @@ def test_a_sequence_changed_behind_the_caches_back_is_not_saved(engines, tmp_pat
         cache.close()
 
 
+def test_checkpoints_no_sequence_holds_keep_their_own_tokens(engines, tmp_path: Path) -> None:
+    # a recurrent checkpoint is a whole state: the cache keeps it after its sequence left
+    model = "tiny-mamba.gguf"
+    with _memory(model) as mem, _memory(model) as fresh:
+        cache = _build(mem, engines(model), model)
+        cache.release(0)
+        assert any(e.shared == 0 for e in cache.entries())
+        cache.save(tmp_path / "c.pymem")
+        loaded = PrefixCache.load(tmp_path / "c.pymem", fresh, fingerprint=_fp(model))
+        assert fresh.state_write() == mem.state_write()
+        assert _view(loaded) == _view(cache)
+        loaded.close()
+        cache.close()
+
+
 def test_load_from_bytes_and_the_module_functions(engines, tmp_path: Path) -> None:
     model = "tiny-gemma2.gguf"
     with _memory(model) as mem, _memory(model) as fresh:
@@ -223,9 +238,11 @@ def _seq(doc: dict[str, Any]) -> None:
 
 
 def _twice(doc: dict[str, Any]) -> None:
-    e = doc["prefix_cache"]["entries"]
-    e[1]["blob_len"] += e[2]["blob_len"]
-    del e[2]  # the tokens of 15 now also make the prefix of 23: the sections disagree
+    doc["prefix_cache"]["entries"][4]["ref"] = 0  # R's 15 -> P's 16 tokens: P's 15 twice
+
+
+def _sections(doc: dict[str, Any]) -> None:
+    doc["prefix_cache"]["state_len"] += 4
 
 
 @pytest.mark.parametrize(
@@ -236,7 +253,10 @@ def _twice(doc: dict[str, Any]) -> None:
         (_held, StateError, "held"),
         (_seq, StateError, "seq_id 99"),
         (_blob_len, StateError, "state"),
-        (_twice, StateError, "payload"),
+        (_twice, StateError, "same prefix"),
+        (_sections, StateError, "payload of"),
+        (lambda d: d["prefix_cache"]["entries"][0].update(ref=7), StateError, "ref 7"),
+        (lambda d: d["prefix_cache"]["entries"][2].update(n_tokens=99), StateError, "ref 0"),
         (lambda d: d["prefix_cache"]["entries"][0].update(tier="tape"), StateError, "tier"),
         (lambda d: d["prefix_cache"]["policy"].update(interval=-1), ConfigError, "interval"),
         (lambda d: d["prefix_cache"]["policy"].update(speed=1), StateError, "policy"),
@@ -248,7 +268,10 @@ def _twice(doc: dict[str, Any]) -> None:
         "held-len",
         "held-seq",
         "state-len",
+        "same-prefix",
         "sections",
+        "ref-seq",
+        "ref-len",
         "tier",
         "policy-value",
         "policy-field",

@@ -12,15 +12,19 @@ payload is three sections back to back::
 
     payload offset  what
     0               the memory's whole state: mem.state_write() (state_len bytes)
-    state_len       int32 token ids: every held sequence's tokens, then every
-                    entry's prefix (lengths in the index, in index order)
+    state_len       int32 token ids: every held sequence's tokens, then the prefix of
+                    every entry with ref -1 (lengths in the index, in index order)
     ...             the entries' checkpoint blobs (PARTIAL_ONLY state bytes), in order
 
     index = {"version": 1, "state_len": S, "clock": c, "budget_bytes": ...,
              "disk_budget_bytes": ..., "policy": {CheckpointPolicy fields},
              "held": [[seq_id, n_tokens], ...], "pending": [[seq_id, [pos, ...]], ...],
-             "entries": [{"n_tokens", "pos_min", "seq_id", "tier", "durable",
-                          "last_used", "blob_len"}, ...]}
+             "entries": [{"n_tokens", "ref", "pos_min", "seq_id", "tier",
+                          "durable", "last_used", "blob_len"}, ...]}
+
+An entry's prefix is the first ``n_tokens`` tokens of held sequence ``ref`` (one whose
+tokens run through it), so a long history's checkpoints cost no tokens; ``ref`` -1 (no
+saved sequence holds it: a recurrent memory keeps such checkpoints) stores them.
 
 Disk-tier entries are copied in (the file stands alone: the cache's spill folder is
 private and removed on close); one whose file fails its checks is left out. Because the
@@ -72,8 +76,11 @@ _PREFIX = struct.Struct("<8sII")  # the container's prefix: magic, version, head
 
 @dataclass(frozen=True)
 class _EntryRec:
-    """One checkpoint as saved (``tokens``: its prefix, ``pos = len(tokens) - 1``)."""
+    """One checkpoint as saved: its prefix is ``n_tokens`` long (``pos = n_tokens - 1``),
+    the first tokens of held sequence ``ref``, or ``tokens`` when ``ref`` is -1."""
 
+    n_tokens: int
+    ref: int
     tokens: np.ndarray
     pos_min: int
     seq_id: int
@@ -125,6 +132,9 @@ def save_prefix_cache(
     # a sequence the memory changed behind the cache's back is not saved as held (the
     # cache would release it at its next attach); checkpoints only it kept are dropped at load
     held = sorted((s, t) for s, t in cache._held.items() if cache._is_current(s))
+    saved = 0
+    for sid, _ in held:
+        saved |= 1 << sid
     recs: list[_EntryRec] = []
     for tier, group in (("ram", cache._ram), ("disk", cache._disk)):
         for e in group:
@@ -133,9 +143,14 @@ def save_prefix_cache(
                 ck = cache._load(e)  # a disk entry is read and checked
             except StateError:
                 continue  # a damaged spill file: left out (attach would drop it too)
+            # a saved sequence through the entry's node holds its prefix: the entry names
+            # it instead of repeating the tokens (E.g. live 0b0110 -> sequence 1)
+            mask = e.node.live & saved
+            ref = (mask & -mask).bit_length() - 1
+            toks = e.node.tokens(e.depth).copy() if ref < 0 else np.empty(0, TOKEN)
             recs.append(
-                _EntryRec(e.node.tokens(e.depth).copy(), e.pos_min, ck.seq_id, tier,
-                          e.durable, e.last_used, ck.blob)
+                _EntryRec(e.depth, ref, toks, e.pos_min, ck.seq_id, tier, e.durable,
+                          e.last_used, ck.blob)
             )  # fmt: skip
     state_len = mem.state_size(-1, 0)
     index = {
@@ -148,14 +163,14 @@ def save_prefix_cache(
         "held": [[s, len(t)] for s, t in held],
         "pending": [[s, sorted(p)] for s, p in sorted(cache._pending.items()) if s in dict(held)],
         "entries": [
-            {"n_tokens": len(r.tokens), "pos_min": r.pos_min, "seq_id": r.seq_id,
+            {"n_tokens": r.n_tokens, "ref": r.ref, "pos_min": r.pos_min, "seq_id": r.seq_id,
              "tier": r.tier, "durable": r.durable, "last_used": r.last_used,
              "blob_len": len(r.blob)}
             for r in recs
         ],
     }  # fmt: skip
     token_bytes = [t.astype(TOKEN, copy=False).tobytes() for _, t in held]
-    token_bytes += [r.tokens.astype(TOKEN, copy=False).tobytes() for r in recs]
+    token_bytes += [r.tokens.astype(TOKEN, copy=False).tobytes() for r in recs if r.ref < 0]
     n_tok = sum(len(b) for b in token_bytes)
     n_blob = sum(len(r.blob) for r in recs)
     n_seq = max(int(cast(Any, p).n_seq_max) for p in mem.parts().values())
@@ -314,27 +329,33 @@ def load_prefix_cache(
         rec = {k: _nonneg(e, k, we) for k in ("n_tokens", "pos_min", "seq_id", "last_used", "blob_len")}  # fmt: skip
         rec["tier"] = _field(e, "tier", str, we)
         rec["durable"] = _field(e, "durable", bool, we)
+        rec["ref"] = ref = _field(e, "ref", int, we)
         if rec["n_tokens"] < 1 or rec["tier"] not in ("ram", "disk"):
             raise StateError(f"{we}: n_tokens {rec['n_tokens']} (>= 1) or tier {rec['tier']!r}")
+        if ref != -1 and not (ref in dict(held) and rec["n_tokens"] <= dict(held)[ref]):
+            raise StateError(
+                f"{we}: ref {ref} is not a held sequence (-1: own tokens) holding its "
+                f"{rec['n_tokens']} tokens"
+            )
         entries.append(rec)
-    n_tok = sum(n for _, n in held) + sum(e["n_tokens"] for e in entries)
+    own = [e for e in entries if e["ref"] < 0]
+    n_tok = sum(n for _, n in held) + sum(e["n_tokens"] for e in own)
     want = state_len + TOKEN.itemsize * n_tok + sum(e["blob_len"] for e in entries)
     if want != header.payload_len:
         raise StateError(
             f"{w}: state_len {state_len}, {n_tok} tokens and the blob lengths make a payload of "
             f"{want} bytes, the header's payload_len is {header.payload_len}"
         )
-    # E.g. held [(0, 24), (1, 16)], entries of 8 and 16 tokens -> cuts [0, 24, 40, 48, 64]
-    toks = np.frombuffer(payload, dtype=TOKEN, count=n_tok, offset=state_len)
-    cuts = np.cumsum([0, *(n for _, n in held), *(e["n_tokens"] for e in entries)])
+    # E.g. held [(0, 24), (1, 16)], own entries of 8 and 16 tokens -> cuts [0, 24, 40, 48, 64]
+    toks = np.frombuffer(payload, dtype=TOKEN, count=n_tok, offset=state_len).copy()
+    cuts = np.cumsum([0, *(n for _, n in held), *(e["n_tokens"] for e in own)])
+    held_toks = {s: toks[cuts[k] : cuts[k + 1]] for k, (s, _) in enumerate(held)}
+    for k, e in enumerate(own, start=len(held)):
+        e["tokens"] = toks[cuts[k] : cuts[k + 1]]
     blob_at = state_len + TOKEN.itemsize * n_tok
-    seen: set[bytes] = set()
-    for i, e in enumerate(entries):
-        t = toks[cuts[len(held) + i] : cuts[len(held) + i + 1]]
-        if t.tobytes() in seen:
-            raise StateError(f"{w}.entries[{i}]: a second checkpoint for the same prefix")
-        seen.add(t.tobytes())
-        e["tokens"] = t.copy()
+    for e in entries:
+        if e["ref"] >= 0:
+            e["tokens"] = held_toks[e["ref"]][: e["n_tokens"]]
         e["blob"] = bytes(payload[blob_at : blob_at + e["blob_len"]])
         blob_at += e["blob_len"]
     reader = StateReader(payload[:state_len])
@@ -352,20 +373,25 @@ def load_prefix_cache(
         disk_dir=disk_dir, fingerprint=fingerprint,
         disk_budget_bytes=saved_disk_budget if disk_budget_bytes is None else disk_budget_bytes,
     )  # fmt: skip
-    # --- commit: nothing below refuses ---
-    plan.commit()
-    for k, (s, _) in enumerate(held):
-        cache._set_held(s, toks[cuts[k] : cuts[k + 1]].copy())
+    # the tree is built before the commit (it touches no memory): a second checkpoint for
+    # one prefix is found here
+    for s, t in held_toks.items():
+        cache._set_held(s, t.copy())
     cache._pending = pending
     layout = layout_of(mem)
     made: list[tuple[_Entry, str]] = []
-    for e in entries:
+    for i, e in enumerate(entries):
         node = cache.tree.insert(e["tokens"])
+        if e["n_tokens"] in node.payloads:
+            cache.close()
+            raise StateError(f"{w}.entries[{i}]: a second checkpoint for the same prefix")
         ck = Checkpoint(e["seq_id"], e["n_tokens"] - 1, e["blob"], layout)
         ent = _Entry(node, node.depth, e["pos_min"], ck.nbytes, e["last_used"], ckpt=ck,
                      durable=e["durable"])  # fmt: skip
         node.add_payload(ent)
         made.append((ent, e["tier"]))
+    # --- commit: nothing below refuses ---
+    plan.commit()
     for ent, _ in made:
         cache.tree.prune(ent.node)  # a split made for a payload merges back where it can
     if not cache.self_sufficient:
