@@ -161,7 +161,7 @@ def save_prefix_cache(
         "disk_budget_bytes": cache.disk_budget_bytes,
         "policy": dataclasses.asdict(cache.policy),
         "held": [[s, len(t)] for s, t in held],
-        "pending": [[s, sorted(p)] for s, p in sorted(cache._pending.items()) if s in dict(held)],
+        "pending": [[s, sorted(p)] for s, p in sorted(cache._pending.items()) if saved >> s & 1],
         "entries": [
             {"n_tokens": r.n_tokens, "ref": r.ref, "pos_min": r.pos_min, "seq_id": r.seq_id,
              "tier": r.tier, "durable": r.durable, "last_used": r.last_used,
@@ -301,12 +301,13 @@ def load_prefix_cache(
         raise StateError(f"{w}.policy: {exc}") from None
     n_seq = max(int(cast(Any, p).n_seq_max) for p in mem.parts().values())
     held: list[tuple[int, int]] = []
+    held_n: dict[int, int] = {}  # seq_id -> n_tokens
     for i, item in enumerate(_field(idx, "held", list, w)):
         if not (isinstance(item, list) and len(item) == 2
                 and all(isinstance(x, int) and not isinstance(x, bool) for x in item)):  # fmt: skip
             raise StateError(f"{w}.held[{i}]: {item!r} is not [seq_id, n_tokens]")
         s, n = item
-        if not 0 <= s < n_seq or any(s == h for h, _ in held) or n < 1:
+        if not 0 <= s < n_seq or s in held_n or n < 1:
             raise StateError(
                 f"{w}.held[{i}]: seq_id {s} (this memory has {n_seq}, each once) or n_tokens "
                 f"{n} (>= 1) out of range"
@@ -317,10 +318,11 @@ def load_prefix_cache(
                 f"position {header.pos.get(s, (-1, -1))[1]}"
             )
         held.append((s, n))
+        held_n[s] = n
     pending: dict[int, set[int]] = {}
     for i, item in enumerate(_field(idx, "pending", list, w)):
         if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], list)
-                and item[0] in dict(held) and all(isinstance(p, int) for p in item[1])):  # fmt: skip
+                and item[0] in held_n and all(isinstance(p, int) for p in item[1])):  # fmt: skip
             raise StateError(f"{w}.pending[{i}]: {item!r} is not [held seq_id, [pos, ...]]")
         pending[item[0]] = set(item[1])
     entries: list[dict[str, Any]] = []
@@ -332,7 +334,7 @@ def load_prefix_cache(
         rec["ref"] = ref = _field(e, "ref", int, we)
         if rec["n_tokens"] < 1 or rec["tier"] not in ("ram", "disk"):
             raise StateError(f"{we}: n_tokens {rec['n_tokens']} (>= 1) or tier {rec['tier']!r}")
-        if ref != -1 and not (ref in dict(held) and rec["n_tokens"] <= dict(held)[ref]):
+        if ref != -1 and rec["n_tokens"] > held_n.get(ref, -1):
             raise StateError(
                 f"{we}: ref {ref} is not a held sequence (-1: own tokens) holding its "
                 f"{rec['n_tokens']} tokens"
