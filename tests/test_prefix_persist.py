@@ -8,6 +8,7 @@
   index that disagrees with itself under a valid checksum, another model's file and
   another layout's file: refused with a typed error, the memory and the cache over it
   unchanged.
+* Saving changes nothing; a spill file that fails its checks is left out of the save.
 * Budgets: a smaller budget at load evicts in the cache's own order; disk-tier entries are
   copied into the file and spilled again into the new cache's disk tier.
 """
@@ -99,8 +100,10 @@ def test_round_trip_restores_memory_and_cache_exactly(
     fa = bool(PARAMS[model].get("flash_attn", False))
     with _memory(model, kv_unified=unified) as mem, _memory(model, kv_unified=unified) as fresh:
         cache = _build(mem, engine, model)
+        before, view = mem.state_write(), _view(cache)
         n = cache.save(tmp_path / "c.pymem")
         assert n == (tmp_path / "c.pymem").stat().st_size
+        assert mem.state_write() == before and _view(cache) == view  # saving changes nothing
         old = _other_state(fresh)
         loaded = PrefixCache.load(tmp_path / "c.pymem", fresh, fingerprint=_fp(model))
         old.close()
@@ -358,8 +361,27 @@ def test_disk_tier_entries_are_copied_in_and_spilled_again(engines, tmp_path: Pa
         got = _view(loaded)
         assert [e[:3] for e in got[0]] == [e[:3] for e in view[0]] and got[1:] == view[1:]
         assert loaded.bytes_disk <= loaded.disk_budget_bytes
+        assert all(e.path and e.path.startswith(str(tmp_path / "b")) for e in loaded.entries())
         m = loaded.lookup(R, 2)
         assert (m.source, m.how, m.pos) == ("disk", "copy", 12)
         att = loaded.attach(2, R)
         assert att.refused == () and att.resume_from == 13
         loaded.close()
+
+
+def test_a_damaged_spill_file_is_left_out_of_the_save(engines, tmp_path: Path) -> None:
+    model = "tiny-jamba.gguf"
+    fp = _fp(model)
+    with _memory(model) as mem, _memory(model) as fresh:
+        cache = _build(mem, engines(model), model, budget_bytes=0, disk_dir=tmp_path / "a")
+        bad = next(e for e in cache.entries() if e.pos == 23)
+        assert bad.path is not None
+        Path(bad.path).write_bytes(Path(bad.path).read_bytes()[:-1])
+        n_before = len(cache.entries())
+        cache.save(tmp_path / "c.pymem")
+        assert len(cache.entries()) == n_before  # the cache itself drops it at its next use
+        loaded = load_prefix_cache(tmp_path / "c.pymem", fresh, fingerprint=fp,
+                                   disk_dir=tmp_path / "b")  # fmt: skip
+        assert sorted(e.pos for e in loaded.entries()) == [7, 12, 15, 15]
+        loaded.close()
+        cache.close()
