@@ -3,7 +3,11 @@
 * Round trip on a hybrid (tiny-jamba, tiny-lfm2-swa) and an iSWA (tiny-gemma2) memory, one
   stream and one per sequence: after load the memory's state bytes equal the saved ones,
   the cache tracks the same tokens and checkpoints, every lookup gives the same answer,
-  and an attach + decode on the loaded pair gives bit-identical logits.
+  and an attach + decode on the loaded pair takes the same way and gives bit-identical
+  logits (tiny-gemma2's flash attention over f16 K/V: within 2e-3 of the largest, as after
+  any whole-state restore, which packs the cells anew). Recurrent checkpoints no sequence
+  holds (tiny-mamba) keep their own tokens; a sequence changed behind the cache's back is
+  not saved.
 * Every truncation point and every single-byte flip of a saved file, a byte appended, an
   index that disagrees with itself under a valid checksum, another model's file and
   another layout's file: refused with a typed error, the memory and the cache over it

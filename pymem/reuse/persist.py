@@ -31,11 +31,19 @@ private and removed on close); one whose file fails its checks is left out. Beca
 payload holds more than the state, :func:`pymem.container.load_container` refuses the
 file (bytes left after the state) instead of misreading it.
 
-Loading is two-phase: the checksum, the model fingerprint, the memory layout, the index,
-the section sizes and the memory state's parse are all checked first; any failure raises
-a :class:`~pymem.errors.StateError` (a :class:`~pymem.errors.ConfigError` for a bad
-argument) and neither the memory nor any cache has changed. Then the state is committed
-and a new cache is built over it.
+Loading is two-phase: the checksum, the model fingerprint, the memory layout, the index
+(held sequences must end where the saved state ends them, one checkpoint per prefix), the
+section sizes and the memory state's parse are all checked, and the new cache's tree is
+built, first; any failure raises a :class:`~pymem.errors.StateError` (a
+:class:`~pymem.errors.ConfigError` for a bad argument or policy) and neither the memory
+nor any cache has changed. Then the state is committed and the checkpoints are admitted
+within the budget. Checkpoint blobs are covered by the checksum and parsed when restored
+(a two-phase restore of its own), not at load.
+
+What is not saved: a sequence the memory changed behind the cache's back (its next attach
+would release it), the checkpoints only it made restorable, recurrent rollback planes
+(memory state, not cache knowledge: a restored sequence goes back through checkpoints),
+and the cache's counters (``n_taken``, ``peak_ram``, ...: they restart at 0).
 """
 
 from __future__ import annotations
