@@ -74,6 +74,16 @@ def test_long_and_short_factors_follow_the_context(tmp_path: Path) -> None:
     assert beyond.layers[1].rope.freq_factors_long is None
 
 
+def test_long_factors_alone_apply_beyond_the_original_context(tmp_path: Path) -> None:
+    # get_rope_factors returns the (absent) short factors within n_ctx_orig: none at all
+    path = _llama(tmp_path / "l.gguf", {"rope_factors_long.weight": np.full(4, 3.0, np.float32)})
+    spec = spec_from_gguf(path)
+    within = plan_memory(spec, ContextParams(n_ctx=512, n_seq_max=1)).spec
+    beyond = plan_memory(spec, ContextParams(n_ctx=1024, n_seq_max=1)).spec
+    assert within.layers[0].rope.freq_factors is None
+    assert beyond.layers[0].rope.freq_factors == (3.0, 3.0, 3.0, 3.0)
+
+
 def test_rope_freqs_win_over_long_and_short(tmp_path: Path) -> None:
     freqs = np.array([2.0, 2.0, 2.0, 2.0], dtype=np.float32)
     other = np.ones(4, dtype=np.float32)
@@ -86,9 +96,6 @@ def test_rope_freqs_win_over_long_and_short(tmp_path: Path) -> None:
 def test_bad_factors_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"rope\.freq_factors: 2 factors.*n_rot 8"):
         RopeSpec(n_rot=8, freq_factors=(1.0, 1.0))
-    only_long = _llama(tmp_path / "l.gguf", {"rope_factors_long.weight": np.ones(4, np.float32)})
-    with pytest.raises(ConfigError, match=r"rope_factors_long\.weight without"):
-        spec_from_gguf(only_long)
     wrong = _llama(tmp_path / "q.gguf", {"rope_freqs.weight": np.ones(4, np.int32)})
     with pytest.raises(ConfigError, match=r"rope_freqs\.weight has type I32"):
         spec_from_gguf(wrong)

@@ -359,10 +359,6 @@ def _rope_factor_tensors(
     long = None
     if freqs is None:
         freqs = m.small_tensor("rope_factors_short.weight")
-        long = m.small_tensor("rope_factors_long.weight")
-        if freqs is None and long is not None:
-            raise ConfigError(
-                f"{m.path}: rope_factors_long.weight without rope_factors_short.weight"
-            )
+        long = m.small_tensor("rope_factors_long.weight")  # alone: no factors within n_ctx_orig
     layers = tuple(d.rope_factor_layers) if d.rope_factor_layers is not None else ()
     return freqs, long, layers

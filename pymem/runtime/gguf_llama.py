@@ -566,7 +566,7 @@ class _Graph(
         Long / short factors (``rope_factors_long`` / ``_short``) depend on the context's
         length and are not built: :class:`UnsupportedError`.
         """
-        if rope.freq_factors is None:
+        if rope.freq_factors is None and rope.freq_factors_long is None:
             return NULL
         if rope.freq_factors_long is not None or "rope_freqs.weight" not in self.m.weights.names:
             raise UnsupportedError(
