@@ -36,7 +36,17 @@ from pymem.reuse import CheckpointPolicy, PrefixCache, load_prefix_cache, save_p
 from pymem.runtime.gguf_llama import GGUFModel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_prefix_cache import MODELS, PARAMS, P, R, _decode, _memory, _serve
+from test_prefix_cache import (
+    MODELS,
+    PARAMS,
+    P,
+    R,
+    _check_tree,
+    _checkpoint_size,
+    _decode,
+    _memory,
+    _serve,
+)
 
 POL = CheckpointPolicy(interval=8, n_batch=8, before_last_token=False)
 QUERIES = [P, R, [*P[:20], 9], [*R[:10], 1, 2], P[:5], [7, 7, 7]]
@@ -388,4 +398,54 @@ def test_a_damaged_spill_file_is_left_out_of_the_save(engines, tmp_path: Path) -
                                    disk_dir=tmp_path / "b")  # fmt: skip
         assert sorted(e.pos for e in loaded.entries()) == [7, 12, 15, 15]
         loaded.close()
+        cache.close()
+
+
+@pytest.mark.parametrize(
+    ("model", "unified"),
+    [("tiny-lfm2-swa.gguf", True), ("tiny-lfm2-swa.gguf", False), ("tiny-gemma2.gguf", True),
+     ("tiny-mamba.gguf", True)],
+)  # fmt: skip
+def test_saves_during_a_random_workload_restore_what_the_cache_knew(
+    model: str, unified: bool, tmp_path: Path
+) -> None:
+    # bookkeeping only (ubatches applied without a model): a seeded program of prompts,
+    # generations and drafts on 4 sequences, a RAM budget of 3 checkpoints and a disk
+    # tier; every 8 steps the cache is saved and loaded into a second memory
+    rng = np.random.default_rng(99)
+    with _memory(model, n_ctx=2048, kv_unified=unified) as mem, \
+         _memory(model, n_ctx=2048, kv_unified=unified) as fresh:  # fmt: skip
+        budget = 3 * _checkpoint_size(mem)
+        cache = PrefixCache(mem, policy=CheckpointPolicy(interval=16, n_batch=32),
+                            budget_bytes=budget, disk_dir=tmp_path / "a", fingerprint="test")  # fmt: skip
+        hist: dict[int, list[int]] = {}
+        base = rng.integers(1, 60, 40).tolist()
+        n_loads = 0
+        for step in range(48):
+            seq = int(rng.integers(0, 4))
+            src = hist.get(int(rng.integers(0, 4)), base)
+            keep = int(rng.integers(1, len(src) + 1))
+            toks = src[:keep] + rng.integers(1, 60, int(rng.integers(1, 40))).tolist()
+            toks = toks[:20] if len(toks) > 300 else toks
+            _serve(cache, seq, toks, kind=("prompt", "generate", "draft")[int(rng.integers(0, 3))])
+            hist[seq] = toks
+            if step % 8 != 7:
+                continue
+            path = tmp_path / f"s{step}.pymem"
+            cache.save(path)
+            loaded = load_prefix_cache(path, fresh, fingerprint="test",
+                                       disk_dir=tmp_path / f"b{step}")  # fmt: skip
+            assert fresh.state_write() == mem.state_write()
+            _check_tree(loaded)
+            assert loaded.bytes_ram <= budget and loaded.bytes_ram == cache.bytes_ram
+            got = [(e.pos, e.tier, e.nbytes, e.last_used, e.shared) for e in loaded.entries()]
+            want = [(e.pos, e.tier, e.nbytes, e.last_used, e.shared) for e in cache.entries()]
+            assert got == want and loaded.eviction_order() == cache.eviction_order()
+            queries = [[*h[: int(rng.integers(1, len(h) + 1))], 61] for h in hist.values()]
+            for q in [*hist.values(), *queries, base]:
+                for s in (-1, 0, 1, 2, 3):
+                    assert loaded.lookup(q, s) == cache.lookup(q, s), (step, s)
+            loaded.close()
+            n_loads += 1
+        assert n_loads == 6 and cache.n_spilled > 0
         cache.close()
