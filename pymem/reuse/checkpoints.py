@@ -16,15 +16,29 @@ restoring it is exact: the sequence's state equals the one it had when the check
 taken (the full-attention cells up to that position never changed). llama.cpp's server
 keeps the same bytes per slot; here they are objects any runtime can hold.
 
-The bytes live in host memory: pymem restores through its two-phase state read (parse and
-validate, then commit), so a restore that fails changes nothing.
+Where the bytes live (``where``)::
+
+    where      held in                              take                 restore
+    "device"   a backend buffer on the memory's     state_write, then    device -> host, parse,
+    (default)  device (one i8 tensor, a             one host -> device   commit (host -> device)
+               TensorStore of its own)              upload
+    "host"     a Python ``bytes`` object            state_write          parse, commit
+
+A device checkpoint keeps host RAM free (a server with many checkpoints on a GPU holds
+them in the memory it was sized for) and frees its buffer at :meth:`Checkpoint.close`
+(or ``with``), not when the garbage collector gets to it. Its restore is *not* a pure
+device copy: the bytes come back to the host and go through the memory's two-phase state
+read (parse and validate everything, then commit), which is what guarantees that a
+restore that fails changes nothing; copying device rows straight into the cache would
+skip that validation. :meth:`Checkpoint.to_host` spills one to host bytes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Literal
 
-from pymem.errors import RangeError, StateError
+from pymem.backend import TensorSpec, TensorStore
+from pymem.errors import ClosedError, ConfigError, RangeError, StateError
 from pymem.hybrid import HybridMemory
 from pymem.kv import KVCache, KVCacheISWA
 from pymem.memory import Memory, StateFlags
@@ -32,19 +46,128 @@ from pymem.recurrent import RecurrentMemory
 from pymem.spec import SWAType
 from pymem.state import StateReader
 
+Where = Literal["device", "host"]
+WHERE: tuple[str, ...] = ("device", "host")
 
-@dataclass(frozen=True, eq=False)
+
 class Checkpoint:
-    """The untrimmable state of sequence ``seq_id`` after the token at ``pos``."""
+    """The untrimmable state of sequence ``seq_id`` after the token at ``pos``.
 
-    seq_id: int
-    pos: int
-    blob: bytes = field(repr=False)
-    layout: tuple[str, ...]  # the memory parts the blob fits (see :func:`layout_of`)
+    ``Checkpoint(seq_id, pos, blob, layout)`` holds ``blob`` in host memory;
+    :func:`checkpoint` (``where="device"``) or :meth:`to_device` put the bytes in a buffer
+    on a backend device. Either way :attr:`blob` gives the bytes back and :meth:`close`
+    frees them now (idempotent); any use after that raises
+    :class:`~pymem.errors.ClosedError`.
+    """
 
+    def __init__(self, seq_id: int, pos: int, blob: bytes, layout: tuple[str, ...]) -> None:
+        self.seq_id = seq_id
+        self.pos = pos
+        self.layout = layout  # the memory parts the blob fits (see :func:`layout_of`)
+        self._host: bytes | None = bytes(blob)
+        self._store: TensorStore | None = None
+        self._nbytes = len(self._host)
+        self._closed = False
+
+    # --- where the bytes are ---------------------------------------------------------
     @property
     def nbytes(self) -> int:
-        return len(self.blob)
+        """Bytes of the blob (the same wherever it is held; 0 after :meth:`close`)."""
+        return 0 if self._closed else self._nbytes
+
+    @property
+    def where(self) -> Where:
+        return "device" if self._store is not None else "host"
+
+    @property
+    def device(self) -> str:
+        """The backend device holding the bytes (e.g. ``"CUDA0"``, ``"CPU"``), or
+        ``"host"`` for a Python ``bytes`` object."""
+        return self._store.device.name if self._store is not None else "host"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"checkpoint of seq {self.seq_id} at pos {self.pos}: already closed")
+
+    @property
+    def blob(self) -> bytes:
+        """The ``PARTIAL_ONLY`` state bytes (a device checkpoint reads them back: a copy)."""
+        self._check_open()
+        if self._host is not None:
+            return self._host
+        return bytes(self._read())
+
+    def _read(self) -> bytes | bytearray:
+        """The bytes, read from the device into one host buffer when they live there."""
+        self._check_open()
+        if self._host is not None:
+            return self._host
+        assert self._store is not None
+        out = bytearray(self._nbytes)
+        self._store["blob"].read_into(out)
+        return out
+
+    def to_device(self, device: str | None) -> Checkpoint:
+        """Move the bytes into a buffer on ``device`` (a name; None: the default device),
+        freeing the host copy; returns ``self``. An empty blob (nothing to allocate) and a
+        checkpoint already on that device stay as they are."""
+        self._check_open()
+        if self._store is not None and (device is None or self._store.device.name == device):
+            return self
+        data = self._read()
+        if not data:
+            return self
+        store = TensorStore(device, [TensorSpec("blob", "i8", (len(data),))])
+        try:
+            store["blob"].write_bytes(data)
+        except BaseException:
+            store.close()
+            raise
+        old, self._store, self._host = self._store, store, None
+        if old is not None:
+            old.close()
+        return self
+
+    def to_host(self) -> Checkpoint:
+        """Spill the bytes to host memory and free the device buffer; returns ``self``."""
+        self._check_open()
+        if self._store is not None:
+            self._host = bytes(self._read())
+            self._store.close()
+            self._store = None
+        return self
+
+    def close(self) -> None:
+        """Free the bytes now (the device buffer, or the host copy). Idempotent."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        self._host = None
+        self._closed = True
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        held = "closed" if self._closed else f"{self._nbytes} bytes on {self.device}"
+        return f"Checkpoint(seq_id={self.seq_id}, pos={self.pos}, {held})"
+
+
+def memory_device(mem: Memory) -> str:
+    """The device holding most of ``mem``'s buffers: where its checkpoints go by default.
+    E.g. ``{"CUDA0": 96 MiB, "CPU": 2 MiB}`` (a few layers offloaded the other way) ->
+    ``"CUDA0"``."""
+    sizes = mem.memory_breakdown()
+    if not sizes:
+        return "CPU"
+    return max(sizes.items(), key=lambda kv: kv[1])[0]
 
 
 def layout_of(mem: Memory) -> tuple[str, ...]:
@@ -85,13 +208,21 @@ def needs_checkpoints(mem: Memory) -> bool:
     return False
 
 
-def checkpoint(mem: Memory, seq_id: int) -> Checkpoint:
-    """Capture ``seq_id``'s untrimmable state at its current position."""
+def checkpoint(mem: Memory, seq_id: int, where: Where = "device") -> Checkpoint:
+    """Capture ``seq_id``'s untrimmable state at its current position, held on the
+    memory's device (``where="device"``, see :func:`memory_device`) or in host bytes
+    (``"host"``). The state is written through the host either way (``state_write``); a
+    device checkpoint then uploads it once, and the host copy is dropped."""
+    if where not in WHERE:
+        raise ConfigError(f"where: must be one of {WHERE}, got {where!r}")
     pos = mem.seq_pos_max(seq_id)
     if pos < 0:
         raise RangeError(f"seq_id = {seq_id}: the sequence is empty, nothing to checkpoint")
     blob = mem.state_write(seq_id, StateFlags.PARTIAL_ONLY)
-    return Checkpoint(seq_id, pos, blob, layout_of(mem))
+    ck = Checkpoint(seq_id, pos, blob, layout_of(mem))
+    if where == "device":
+        ck.to_device(memory_device(mem))
+    return ck
 
 
 def restorable(mem: Memory, seq_id: int, pos: int) -> str:
@@ -129,7 +260,13 @@ def restore_checkpoint(mem: Memory, seq_id: int, ckpt: Checkpoint) -> int:
     full-attention cache still holds ``ckpt.pos``, a trimmed cache that slides (a hybrid
     whose attention cache has a window) still holds the window of a token at
     ``ckpt.pos + 1`` (see :func:`restorable`), and the blob parses.
+
+    A device checkpoint's bytes are read back to the host for that parse (device -> host
+    -> device through validation, not a device-to-device copy): the two-phase read is what
+    makes a failed restore change nothing. A closed checkpoint raises
+    :class:`~pymem.errors.ClosedError` before anything is checked.
     """
+    ckpt._check_open()
     if ckpt.layout != layout_of(mem):
         raise StateError(
             f"checkpoint: taken on a memory laid out as {ckpt.layout}, this one is {layout_of(mem)}"
@@ -138,7 +275,7 @@ def restore_checkpoint(mem: Memory, seq_id: int, ckpt: Checkpoint) -> int:
     why = restorable(mem, seq_id, ckpt.pos)
     if why:
         raise StateError(f"checkpoint at pos {ckpt.pos}: {why}")
-    plan = mem.state_read_parse(StateReader(ckpt.blob), seq_id, StateFlags.PARTIAL_ONLY)
+    plan = mem.state_read_parse(StateReader(ckpt._read()), seq_id, StateFlags.PARTIAL_ONLY)
     for part in trim:
         if part.seq_pos_max(seq_id) > ckpt.pos:  # a cache-wide scan otherwise
             part.seq_rm(seq_id, ckpt.pos + 1, -1)

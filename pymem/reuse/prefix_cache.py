@@ -73,9 +73,12 @@ from pymem.kv import KVCache
 from pymem.memory import Memory, MemoryStatus, StateFlags
 from pymem.recurrent import RecurrentMemory
 from pymem.reuse.checkpoints import (
+    WHERE,
     Checkpoint,
+    Where,
     checkpoint,
     layout_of,
+    memory_device,
     needs_checkpoints,
     restore_checkpoint,
     trimmed_parts,
@@ -230,6 +233,11 @@ class PrefixCache:
     ``fingerprint`` names the model (e.g. :func:`pymem.container.model_fingerprint`);
     disk entries written under another one are refused. ``disk_dir``: where evicted
     checkpoints go (a private folder is made inside it and removed by :meth:`close`).
+    ``where``: where the RAM tier holds checkpoint bytes, ``"host"`` (Python bytes, the
+    default) or ``"device"`` (a buffer on the memory's device each, see
+    :func:`pymem.reuse.checkpoint`); ``budget_bytes`` counts both, and
+    :meth:`memory_breakdown` tells them apart. A dropped or evicted entry's buffer is
+    freed at once.
     """
 
     def __init__(
@@ -241,7 +249,10 @@ class PrefixCache:
         disk_dir: str | os.PathLike[str] | None = None,
         disk_budget_bytes: int = 1 << 30,
         fingerprint: str = "",
+        where: Where = "host",
     ) -> None:
+        if where not in WHERE:
+            raise ConfigError(f"where: must be one of {WHERE}, got {where!r}")
         for name, v in (("budget_bytes", budget_bytes), ("disk_budget_bytes", disk_budget_bytes)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"{name}: must be an int >= 0, got {v!r}")
@@ -252,6 +263,8 @@ class PrefixCache:
         self.budget_bytes = budget_bytes
         self.disk_budget_bytes = disk_budget_bytes
         self.fingerprint = fingerprint
+        self.where: Where = where
+        self._device = memory_device(mem)
         self.tree = RadixTree()
         self.needs_checkpoints = needs_checkpoints(mem)
         # a checkpoint restores the whole sequence when no full-attention cells are trimmed
@@ -701,7 +714,7 @@ class PrefixCache:
 
     # --- entries: taking, budget, disk ---------------------------------------------------
     def _take(self, seq_id: int, node: RadixNode, durable: bool = True) -> None:
-        ck = checkpoint(self.mem, seq_id)
+        ck = checkpoint(self.mem, seq_id, self.where)
         assert ck.pos == node.depth - 1, (ck.pos, node.depth)
         e = _Entry(node, node.depth, self.mem.seq_pos_min(seq_id), ck.nbytes, self._tick(), ckpt=ck,
                    durable=durable)  # fmt: skip
@@ -717,6 +730,8 @@ class PrefixCache:
         if e.nbytes > self.budget_bytes:
             self._evict(e)
             return
+        if self.where == "device" and e.ckpt is not None and e.ckpt.where == "host":
+            e.ckpt.to_device(self._device)  # e.g. an entry a saved cache brought back
         while self.bytes_ram + e.nbytes > self.budget_bytes:
             victim = min(self._ram, key=lambda x: (self._shared(x), x.last_used))
             self._evict(victim)
@@ -750,6 +765,7 @@ class PrefixCache:
         while self.bytes_disk + n > self.disk_budget_bytes:
             victim = min(self._disk, key=lambda x: (self._shared(x), x.last_used))
             self._drop(victim)
+        ck.close()
         e.ckpt, e.file, e.nbytes = None, path, n
         self._disk[e] = None
         self.bytes_disk += n
@@ -767,6 +783,8 @@ class PrefixCache:
             if e.file is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(e.file)
+        if e.ckpt is not None:
+            e.ckpt.close()
         e.ckpt = None
         node = e.node
         if node.payloads.get(e.depth) is e:
@@ -860,6 +878,21 @@ class PrefixCache:
             disk_budget_bytes=disk_budget_bytes,
         )  # fmt: skip
 
+    def hold_on(self, where: Where) -> None:
+        """Hold the RAM tier's checkpoints (those there now and those taken later) on the
+        memory's device or in host bytes; e.g. after :meth:`load`, whose entries arrive as
+        host bytes. The budget does not change: a checkpoint has one size wherever it is."""
+        self._check_open()
+        if where not in WHERE:
+            raise ConfigError(f"where: must be one of {WHERE}, got {where!r}")
+        self.where = where
+        for e in self._ram:
+            if e.ckpt is not None:
+                if where == "device":
+                    e.ckpt.to_device(self._device)
+                else:
+                    e.ckpt.to_host()
+
     # --- accounting ---------------------------------------------------------------------
     def entries(self) -> list[EntryInfo]:
         """Every stored checkpoint, RAM then disk, each in the order it entered its tier."""
@@ -874,10 +907,17 @@ class PrefixCache:
         return [e.pos for e in sorted(self._ram, key=lambda x: (self._shared(x), x.last_used))]
 
     def memory_breakdown(self) -> dict[str, int]:
-        """Bytes held: ``"ram"`` (checkpoint blobs), ``"disk"`` (container files),
-        ``"tree"`` (token keys of the radix tree)."""
+        """Bytes held: ``"ram"`` (checkpoint blobs of the RAM tier, wherever held),
+        ``"disk"`` (container files), ``"tree"`` (token keys of the radix tree), and, only
+        when a RAM-tier checkpoint is held on a backend device, ``"ram_device"`` /
+        ``"ram_host"`` (the part of ``"ram"`` in device buffers / in host bytes)."""
         tree = sum(len(node.key) for node in self.tree.iter_nodes())
-        return {"ram": self.bytes_ram, "disk": self.bytes_disk, "tree": tree}
+        out = {"ram": self.bytes_ram, "disk": self.bytes_disk, "tree": tree}
+        on_dev = sum(e.nbytes for e in self._ram if e.ckpt is not None and e.ckpt.where == "device")
+        if on_dev or self.where == "device":
+            out["ram_device"] = on_dev
+            out["ram_host"] = self.bytes_ram - on_dev
+        return out
 
     def _check_open(self) -> None:
         if self._closed:
