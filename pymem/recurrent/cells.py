@@ -37,7 +37,8 @@ class RecurrentCells:
     """
 
     __slots__ = (
-        "head", "n", "n_last", "pos", "rs_idx", "rs_z", "size", "src", "src0", "tail", "used",
+        "head", "n", "n_last", "pos", "rs_idx", "rs_z", "size", "src", "src0", "steady", "tail",
+        "used",
     )  # fmt: skip
 
     def __init__(self, size: int, n_rs_idx: int) -> None:
@@ -52,6 +53,8 @@ class RecurrentCells:
         self.used = 0
         self.n = 0
         self.rs_z = -1
+        # what the last uncoupled find_slot left (see _Steady); content-checked before use
+        self.steady: _Steady | None = None
 
     def copy(self) -> RecurrentCells:
         other = RecurrentCells.__new__(RecurrentCells)
@@ -63,6 +66,7 @@ class RecurrentCells:
         other.rs_idx = self.rs_idx.copy()
         other.n_last = self.n_last.copy()
         other.head, other.used, other.n, other.rs_z = self.head, self.used, self.n, self.rs_z
+        other.steady = self.steady  # immutable; valid only while tail matches its snapshot
         return other
 
     def seq_counts(self) -> np.ndarray:
@@ -88,6 +92,27 @@ class RecurrentCells:
             self.src[t] = -1
             return t
         return -1
+
+
+@dataclass(frozen=True)
+class _Steady:
+    """What an uncoupled ``find_slot`` left, so that the next step of the same sets is cheap.
+
+    After placing sets of one sequence each, sequence ``ids[s]`` alone holds cell
+    ``lo + s``. While ``tail`` has exactly the content of the snapshot and the next request
+    holds the same ids, the general path provably finds every set in its own cell, in
+    order: no search, no swap, ``used`` unchanged (a function of ``tail`` alone). Only
+    positions, sources and ``n_last`` are left to do (:func:`_find_slot_steady`). Both
+    keys are compared by content, so no mutation anywhere needs to invalidate this.
+    """
+
+    ids: bytes  # all_ids.tobytes() of the request (dtype in ids_dtype)
+    ids_dtype: str
+    tail: bytes  # tail.tobytes() right after the placement
+    lo: int
+    used: int
+    rng: np.ndarray  # int32 [lo, lo + n_seqs): E.g. lo 4, 3 sets -> [4, 5, 6]
+    rng_bytes: bytes  # rng.tobytes(): a cell range whose src is this sources itself
 
 
 @dataclass
@@ -168,6 +193,16 @@ def find_slot(c: RecurrentCells, req: SlotRequest) -> bool:
         c.head = 0
 
     coupled_sets, all_ids = req.coupled, req.all_ids
+    st = c.steady
+    if (
+        st is not None
+        and not coupled_sets
+        and st.ids_dtype == all_ids.dtype.str
+        and st.tail == c.tail.tobytes()
+        and st.ids == all_ids.tobytes()
+    ):
+        return _find_slot_steady(c, req, st)
+    c.steady = None
     if req.error:
         log.error("find_slot: %s", req.error)
         return False
@@ -229,36 +264,16 @@ def find_slot(c: RecurrentCells, req: SlotRequest) -> bool:
     if mism.size:
         moved_out = _reorder(c, t, int(mism[0]), lo, hi)
 
-    last_pos = req.last_pos
-    prev = c.pos[target]
-    jump = (prev >= 0) & (last_pos - prev != req.n_seq_tokens)  # a warning only: int32 is fine
-    if jump.any():
-        j = int(np.flatnonzero(jump)[0])
-        log.warning(
-            "find_slot: non-consecutive token position %d after %d for sequence %d with %d new tokens",
-            int(last_pos[j]), int(prev[j]), int(primaries[j]), req.n_seq_tokens,
-        )  # fmt: skip
-    c.pos[target] = last_pos
+    _warn_jumps(c.pos[target], req, primaries)
+    c.pos[target] = req.last_pos
     if coupled_sets:
         # every id of set s (primary and coupled) now has cell lo + s as its tail
         # E.g., ids [[1, -1], [2, 3]], lo 4 -> tail[1] = 4, tail[2] = tail[3] = 5
         c.tail[all_ids] = np.repeat(target, n_ids)
 
     # -- 3. zero state, sources ---------------------------------------------------------
-    src = c.src
-    refs = np.bincount(src[src >= 0], minlength=size)
-    free = np.flatnonzero(refs[lo : hi + 1] == 0)
-    c.rs_z = lo + int(free[0]) if free.size else -1
-    src_rng = src[lo : hi + 1]
-    miss = src_rng < 0
-    if miss.any():
-        if c.rs_z < 0:
-            log.error("find_slot: no cell in [%d, %d] can hold the zero state", lo, hi)
-            return False
-        c.src0[lo : hi + 1] = np.where(miss, c.rs_z, src_rng)
-    else:
-        c.src0[lo : hi + 1] = src_rng
-    c.src[lo : hi + 1] = np.arange(lo, hi + 1)
+    if not _set_sources(c, lo, hi):
+        return False
 
     c.head = lo
     c.n = hi - lo + 1
@@ -270,7 +285,93 @@ def find_slot(c: RecurrentCells, req: SlotRequest) -> bool:
     if n_need or coupled_sets:
         counts = c.seq_counts()
     c.used = int(np.count_nonzero(counts))  # swaps permute cells: the count is unchanged
+    if not coupled_sets:
+        _remember_steady(c, all_ids, lo)
     return c.n >= n_seqs
+
+
+def _warn_jumps(prev: np.ndarray, req: SlotRequest, primaries: np.ndarray) -> None:
+    """Log the first set whose last position does not follow its cell's by ``n_seq_tokens``.
+
+    A warning only (the reference's), so int32 differences are fine. ``prev`` are the
+    positions of the sets' cells before the ubatch (-1: a new sequence, never a jump).
+    """
+    last_pos, nst = req.last_pos, req.n_seq_tokens
+    d = last_pos - prev
+    if (d == nst).all():  # the usual case: every set goes on where it stopped
+        return
+    jump = (prev >= 0) & (d != nst)
+    if jump.any():
+        j = int(np.flatnonzero(jump)[0])
+        log.warning(
+            "find_slot: non-consecutive token position %d after %d for sequence %d with %d new tokens",
+            int(last_pos[j]), int(prev[j]), int(primaries[j]), nst,
+        )  # fmt: skip
+
+
+def _set_sources(c: RecurrentCells, lo: int, hi: int, rng_bytes: bytes = b"") -> bool:
+    """Step 3 of :func:`find_slot` on the window ``[lo, hi]``: ``rs_z``, ``src0``, ``src``.
+
+    ``rng_bytes`` (optional) is ``arange(lo, hi + 1)`` as int32 bytes. When every cell of
+    the window is its own source (the steady state), each is referenced, so no zero cell
+    exists (``rs_z = -1``) and the sources already are what the general code would write.
+    """
+    src_rng = c.src[lo : hi + 1]
+    if rng_bytes and src_rng.tobytes() == rng_bytes:
+        c.rs_z = -1
+        c.src0[lo : hi + 1] = src_rng
+        return True
+    src = c.src
+    refs = np.bincount(src[src >= 0], minlength=c.size)
+    free = np.flatnonzero(refs[lo : hi + 1] == 0)
+    c.rs_z = lo + int(free[0]) if free.size else -1
+    miss = src_rng < 0
+    if miss.any():
+        if c.rs_z < 0:
+            log.error("find_slot: no cell in [%d, %d] can hold the zero state", lo, hi)
+            return False
+        c.src0[lo : hi + 1] = np.where(miss, c.rs_z, src_rng)
+    else:
+        c.src0[lo : hi + 1] = src_rng
+    c.src[lo : hi + 1] = np.arange(lo, hi + 1)
+    return True
+
+
+def _remember_steady(c: RecurrentCells, all_ids: np.ndarray, lo: int) -> None:
+    """Record :class:`_Steady` after an uncoupled placement, if its facts hold.
+
+    Checked here rather than assumed, so that the fast path rests on verified facts: set
+    ``s`` is in cell ``lo + s`` and alone there. E.g. ids [7, 2], lo 4 -> tail[7] = 4,
+    tail[2] = 5, both cells counted once.
+    """
+    rng = np.arange(lo, lo + all_ids.size, dtype=np.int32)
+    tp = c.tail[all_ids]
+    if not (tp == rng).all() or not (c.seq_counts()[rng] == 1).all():
+        return
+    rng.flags.writeable = False
+    c.steady = _Steady(
+        all_ids.tobytes(), all_ids.dtype.str, c.tail.tobytes(), lo, c.used, rng, rng.tobytes()
+    )
+
+
+def _find_slot_steady(c: RecurrentCells, req: SlotRequest, st: _Steady) -> bool:
+    """:func:`find_slot` when :class:`_Steady` holds: the same result, fewer numpy calls.
+
+    What the general path would do here: every set owns cell ``lo + s`` already (no
+    search, no swap, nobody moved), so positions advance, sources are set on
+    ``[lo, hi]``, ``n_last`` of the ubatch's ids is set and ``used`` stays.
+    """
+    lo, rng = st.lo, st.rng
+    hi = lo + rng.size - 1
+    _warn_jumps(c.pos[lo : hi + 1], req, req.all_ids)
+    c.pos[lo : hi + 1] = req.last_pos
+    if not _set_sources(c, lo, hi, st.rng_bytes):
+        return False
+    c.head = lo
+    c.n = hi - lo + 1
+    c.n_last[req.all_ids] = req.n_seq_tokens
+    c.used = st.used
+    return True
 
 
 def _last_owner(tt: np.ndarray, counts: np.ndarray) -> np.ndarray:

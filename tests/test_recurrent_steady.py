@@ -1,0 +1,139 @@
+"""The steady-state shortcut of the recurrent slot search (``find_slot`` after an
+uncoupled placement of the same sequences, with ``tail`` unchanged) must give exactly what
+the general path gives: every cell array, every scalar, the return value and the
+warnings. Random programs of decode steps (mostly the same sets again, sometimes
+reordered, coupled, jumping or with new sequences) mixed with sequence ops run twice,
+once with the shortcut and once with it disabled, and the traces are compared step by
+step. Also pins that the shortcut is taken at all, and the R2 rule on its general side:
+a sequence moved by another's slot search gets ``n_last`` 0."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from test_recurrent import make_rec, ub
+
+from pymem.recurrent import RecurrentMemory
+from pymem.recurrent import cells as rc
+
+
+def _snap(mem: RecurrentMemory) -> tuple:
+    c = mem.cells
+    arrays = (c.pos, c.src, c.src0, c.tail, c.rs_idx, c.n_last)
+    return (*(a.tolist() for a in arrays), c.head, c.used, c.n, c.rs_z)
+
+
+def _program(seed: int, n_seq: int, mem_size: int, n_rs_seq: int) -> list[tuple]:
+    """A list of operations: ("ub", sets, last_pos, n_seq_tokens) or a seq op."""
+    rng = np.random.default_rng(seed)
+    ops: list[tuple] = []
+    pos = dict.fromkeys(range(n_seq), -1)
+    sets: list[list[int]] = [[s] for s in range(min(3, n_seq))]
+    for _ in range(60):
+        r = rng.random()
+        if r < 0.55:  # the same sets again (the steady state), occasionally reordered
+            if rng.random() < 0.1:
+                sets = [sets[i] for i in rng.permutation(len(sets))]
+        elif r < 0.7:  # a new choice of sets, sometimes coupled
+            k = int(rng.integers(1, n_seq + 1))
+            ids = [int(x) for x in rng.permutation(n_seq)[:k]]
+            if k >= 2 and rng.random() < 0.3:
+                sets = [[ids[0], ids[1]]] + [[x] for x in ids[2:]]
+            else:
+                sets = [[x] for x in ids]
+        else:
+            s, d = (int(x) for x in rng.integers(0, n_seq, 2))
+            kind = int(rng.integers(0, 5))
+            if kind == 0:
+                ops.append(("seq_rm", s, -1, -1))
+                pos[s] = -1
+            elif kind == 1:  # a rollback of one or two tokens (or a refused cut)
+                ops.append(("seq_rm", s, max(0, pos[s] - int(rng.integers(0, 2))), -1))
+            elif kind == 2:
+                ops.append(("seq_cp", s, d, -1, -1))
+            elif kind == 3:
+                ops.append(("seq_add", s, 0, -1, int(rng.integers(-2, 3))))
+            else:
+                ops.append(("seq_keep", s) if rng.random() < 0.2 else ("seq_rm", d, -1, -1))
+            continue
+        nst = int(rng.integers(1, 3))
+        jump = int(rng.integers(0, 3)) if rng.random() < 0.1 else 0
+        last = [pos[ids[0]] + nst + jump for ids in sets]
+        for ids, p in zip(sets, last, strict=True):
+            for s in ids:
+                pos[s] = p
+        ops.append(("ub", [list(x) for x in sets], last, nst))
+    return ops
+
+
+def _run(ops: list[tuple], n_seq: int, mem_size: int, n_rs_seq: int,
+         caplog: pytest.LogCaptureFixture) -> list:  # fmt: skip
+    mem = make_rec(n_seq=n_seq, n_rs_seq=n_rs_seq, mem_size=mem_size)
+    trace = []
+    for op in ops:
+        caplog.clear()
+        if op[0] == "ub":
+            sets, last, nst = op[1:]
+            result = mem.find_slot(ub(*zip([s if len(s) > 1 else s[0] for s in sets], last),
+                                      n_seq_tokens=nst))  # fmt: skip
+        else:
+            result = getattr(mem, op[0])(*op[1:])
+        trace.append((op, result, _snap(mem), [r.getMessage() for r in caplog.records]))
+    return trace
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_steady_path_equals_general_path(
+    seed: int, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pymem.recurrent.cells")
+    n_seq = [3, 5, 8][seed % 3]
+    mem_size = n_seq + seed % 2
+    n_rs_seq = [0, 2][seed % 2]
+    ops = _program(seed, n_seq, mem_size, n_rs_seq)
+    taken = []
+    steady = rc._find_slot_steady
+    monkeypatch.setattr(rc, "_find_slot_steady", lambda *a: taken.append(1) or steady(*a))
+    fast = _run(ops, n_seq, mem_size, n_rs_seq, caplog)
+    monkeypatch.setattr(rc, "_remember_steady", lambda *a: None)
+    n_taken = len(taken)
+    general = _run(ops, n_seq, mem_size, n_rs_seq, caplog)
+    assert len(taken) == n_taken  # the second run never took the shortcut
+    for i, (a, b) in enumerate(zip(fast, general, strict=True)):
+        assert a == b, f"step {i}: {a[0]}"
+    assert n_taken > 0
+
+
+def test_steady_path_taken_on_repeated_decode_and_dropped_after_a_fork() -> None:
+    mem = make_rec(n_seq=4)
+    for p in range(3):
+        assert mem.find_slot(ub((0, p), (1, p), (2, p)))
+    st = mem.cells.steady
+    assert st is not None and st.lo == 0 and st.used == 3 and st.rng.tolist() == [0, 1, 2]
+    # a fork changes tail: the general path places the next step (seq 0 copies on write
+    # into cell 3, then the window [1, 3] is put in ubatch order) and remembers anew
+    mem.seq_cp(0, 3)
+    assert mem.find_slot(ub((0, 3), (1, 3), (2, 3)))
+    c = mem.cells
+    assert c.tail[:4].tolist() == [1, 2, 3, 0]
+    assert (c.head, c.n, c.used, c.rs_z) == (1, 3, 4, 3)
+    assert c.src0.tolist() == [0, 0, 1, 2]
+    assert c.steady is not None and c.steady.lo == 1
+
+
+def test_sequence_moved_after_a_steady_run_loses_its_rollbacks() -> None:
+    # R2 (tests/test_property_regressions.py) after shortcut steps: seq 2 decodes alone
+    # (steady, cell 2); then sets (0), (2) take the window [0, 1], the swap moves seq 1's
+    # cell to 2, so seq 1's snapshot planes are gone: n_last 0, no rollback reach
+    mem = make_rec(n_seq=4, n_rs_seq=2)
+    assert mem.find_slot(ub((0, 2), (1, 2), (2, 2), n_seq_tokens=3))
+    assert mem.find_slot(ub((2, 5), n_seq_tokens=3))
+    assert mem.find_slot(ub((2, 8), n_seq_tokens=3))
+    assert mem.cells.steady is not None and mem.cells.steady.lo == 2
+    assert mem.rollback_reach(1) == 2
+    assert mem.find_slot(ub((0, 5), (2, 11), n_seq_tokens=3))
+    assert mem.cells.tail[:3].tolist() == [0, 2, 1]
+    assert mem.cells.n_last[:3].tolist() == [3, 0, 3]
+    assert mem.rollback_reach(1) == 0 and mem.rollback_reach(2) == 2
