@@ -26,7 +26,9 @@ recurrent state goes back to a snapshot.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -36,9 +38,11 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from pymem.batch import Batch
+from pymem.container import model_fingerprint
 from pymem.errors import ConfigError
 from pymem.memory import Memory
 from pymem.reuse import Attach, PrefixCache, as_tokens
+from pymem.reuse.checkpoints import Where
 from pymem.reuse.prefix_cache import RequestKind
 from pymem.runtime.decoder import Decoder
 from pymem.runtime.graph import TinyModel
@@ -192,6 +196,23 @@ class CheckResult:
     n_tokens: int
     max_err: float
     ok: bool
+
+
+def fingerprint_of(model: Any) -> str:
+    """A name for the model a saved session belongs to: a GGUF model's
+    :func:`~pymem.container.model_fingerprint`; for the tiny model, ``"tiny:"`` and a
+    SHA-256 over its config and its embedding and output weights (two seeds differ there).
+    """
+    path = getattr(model, "path", None)
+    if isinstance(path, str):
+        return model_fingerprint(path)
+    w = getattr(model, "weights", None)
+    h = hashlib.sha256(repr(getattr(model, "config", None)).encode())
+    for name in ("tok_embd", "output"):
+        arr = getattr(w, name, None)
+        if isinstance(arr, np.ndarray):
+            h.update(np.ascontiguousarray(arr).tobytes())
+    return f"tiny:{h.hexdigest()[:32]}"
 
 
 @dataclass(frozen=True)
@@ -411,6 +432,72 @@ class Session:
         self.n_started += 1
         self._tick(f"restore into {seq_id}")
         return n
+
+    # --- the whole session, with its prefix cache ---------------------------------------
+    def save_session(self, path: str | os.PathLike[str], *, fingerprint: str | None = None) -> int:
+        """Write the memory's whole state and what the prefix cache knows (each sequence's
+        tokens, every checkpoint) to one checksummed file (:meth:`PrefixCache.save`);
+        bytes written. ``fingerprint``: the model (default: the cache's, else
+        :func:`fingerprint_of`). A pending K-shift is applied first (see :meth:`save`).
+
+        Why: a restarted server that restores only the memory state has the cells but no
+        prefix cache knowing them, so every restored conversation decodes its prompt again.
+        Sequences whose history is not a plain prefix (edited by a context shift) are not
+        the cache's to know, and are not restorable by :meth:`load_session`.
+        """
+        self.decoder.update()
+        cache = self.prefix_cache
+        fp = fingerprint or cache.fingerprint or fingerprint_of(self.model)
+        return int(self._timed(lambda: cache.save(path, fingerprint=fp)))
+
+    def load_session(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fingerprint: str | None = None,
+        budget_bytes: int | None = None,
+        where: Where | None = None,
+    ) -> list[int]:
+        """Replace this session's memory state and prefix cache with a
+        :meth:`save_session` file; returns the sequences now held, whose histories are
+        rebuilt as plain prefixes of the saved tokens (what the oracle checks against).
+
+        ``fingerprint``: this model (default as in :meth:`save_session`); a file of another
+        model, another memory layout, or a damaged one raises
+        :class:`~pymem.errors.StateError` with the memory, the cache and the histories
+        unchanged (the load is two-phase). ``where``: where the loaded cache holds its RAM
+        checkpoints (default: as the session's current cache did, else host bytes).
+        Sequences the saved cache did not know (see :meth:`save_session`) are removed.
+        """
+        old = self._cache
+        fp = (
+            fingerprint
+            or (old.fingerprint if old is not None else "")
+            or fingerprint_of(self.model)
+        )
+        t0 = time.perf_counter()
+        new = PrefixCache.load(path, self.memory, fingerprint=fp, budget_bytes=budget_bytes)
+        self.t_ops += time.perf_counter() - t0
+        # --- committed: the memory holds the saved state ---
+        if old is not None:
+            old.close()
+        hold = where if where is not None else (old.where if old is not None else "host")
+        new.hold_on(hold)
+        self._cache = new
+        held = new.held_seqs()
+        for seq_id in range(self.decoder.n_seq_max):
+            if seq_id not in held and self.memory.seq_pos_max(seq_id) >= 0:
+                # cells of a sequence the cache did not know (an edited history): the file
+                # has no history to check them against, so they go
+                self.memory.seq_rm(seq_id, -1, -1)
+        self.histories = {}
+        for seq_id in held:
+            toks = new.held(seq_id)
+            assert toks is not None
+            self.histories[seq_id] = SeqHistory.plain(toks.tolist(), self.step)
+        self.n_started += len(held)
+        self._tick(f"load session: {len(held)} sequences")
+        return held
 
     # --- prefix reuse -------------------------------------------------------------------
     @property
