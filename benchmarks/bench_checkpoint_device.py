@@ -1,0 +1,136 @@
+"""Checkpoints held on the memory's device vs in host bytes (pymem.reuse.checkpoints).
+
+Setup: one sequence of ``--tokens`` tokens on one memory (n_ctx 4096; bookkeeping only:
+ubatches applied without a model, so the cells hold zeros; sizes and times do not depend
+on the values). Models: tiny-llama (KV: a checkpoint is the whole sequence), tiny-jamba
+(hybrid), tiny-lfm2-swa (hybrid-iSWA), tiny-mamba (recurrent).
+
+Columns (best of 7, ms): ``take`` = :func:`checkpoint` with ``where="host"`` / ``"device"``
+(the device one is the same ``state_write`` plus one upload into a new backend buffer);
+``restore`` = :func:`restore_checkpoint` of each (the device one reads its bytes back to
+the host for the two-phase parse); ``spill`` = ``to_host()`` of a device checkpoint
+(read back + free); ``close`` = freeing a device checkpoint. ``device`` is where the
+memory lives: on a CPU-only machine the "device" buffer is a CPU backend buffer, so the
+numbers show the extra copy's cost, not a GPU's transfer.
+
+Run: python benchmarks/bench_checkpoint_device.py [--tokens N] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _util import best_of, print_table, write_results
+
+import pymem
+from pymem.batch import Batch, BatchAllocator
+from pymem.factory import ContextParams, create_memory
+from pymem.memory import Memory, MemoryStatus
+from pymem.reuse import checkpoint, restore_checkpoint
+from pymem.reuse.checkpoints import memory_device
+
+MODELS = Path(__file__).resolve().parent.parent / "tests" / "data" / "models"
+PARAMS = {
+    "tiny-llama.gguf": dict(flash_attn=False),
+    "tiny-jamba.gguf": dict(flash_attn=False),
+    "tiny-lfm2-swa.gguf": dict(flash_attn=False, swa_full=False),
+    "tiny-mamba.gguf": dict(),
+}
+
+
+def _memory(model: str) -> Memory:
+    kw = dict(n_ctx=4096, n_seq_max=2, n_batch=256, n_ubatch=256, kv_unified=True)
+    kw.update(PARAMS[model])
+    mem = create_memory(pymem.spec_from_gguf(MODELS / model), ContextParams(**kw))
+    assert mem is not None
+    return mem
+
+
+def _fill(mem: Memory, toks: np.ndarray) -> None:
+    n = len(toks)
+    b = Batch(toks, pos=np.arange(n, dtype=np.int32), seq_id=np.zeros(n, np.int32),
+              output=np.zeros(n, bool))  # fmt: skip
+    balloc = BatchAllocator()
+    balloc.init(b, memory=mem, n_seq_max=2)
+    ctx = mem.init_batch(balloc, 256, False)
+    assert ctx.get_status() == MemoryStatus.SUCCESS
+    while True:
+        ctx.apply()
+        if not ctx.next():
+            break
+
+
+def run(model: str, n_tokens: int) -> dict[str, object]:
+    mem = _memory(model)
+    _fill(mem, np.random.default_rng(0).integers(1, 60, n_tokens).astype(np.int32))
+    host = checkpoint(mem, 0, where="host")
+    dev = checkpoint(mem, 0, where="device")
+    before = mem.state_write(0)  # the sequence (a window restored may sit in other cells)
+    t_take_h = best_of(lambda: checkpoint(mem, 0, where="host").close(), repeat=7, number=3)
+    t_take_d = best_of(lambda: checkpoint(mem, 0, where="device").close(), repeat=7, number=3)
+    t_rest_h = best_of(lambda: restore_checkpoint(mem, 0, host), repeat=7, number=3)
+    t_rest_d = best_of(lambda: restore_checkpoint(mem, 0, dev), repeat=7, number=3)
+    same = mem.state_write(0) == before and dev.blob == host.blob
+
+    def spill() -> None:
+        ck = checkpoint(mem, 0)
+        ck.to_host()
+
+    t_spill = best_of(spill, repeat=7, number=3) - t_take_d
+    t_close = best_of(lambda: checkpoint(mem, 0).close(), repeat=7, number=3) - best_of(
+        lambda: checkpoint(mem, 0), repeat=7, number=3
+    )
+    out = {
+        "model": model,
+        "device": memory_device(mem),
+        "blob_bytes": host.nbytes,
+        "take_host_ms": t_take_h * 1e3,
+        "take_device_ms": t_take_d * 1e3,
+        "restore_host_ms": t_rest_h * 1e3,
+        "restore_device_ms": t_rest_d * 1e3,
+        "spill_ms": max(t_spill, 0.0) * 1e3,
+        "close_ms": max(t_close, 0.0) * 1e3,
+        "restored_exact": same,
+    }
+    host.close()
+    dev.close()
+    mem.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows, out = [], []
+    for model in PARAMS:
+        r = run(model, args.tokens)
+        out.append(r)
+        rows.append([
+            model, r["device"], r["blob_bytes"], f"{r['take_host_ms']:.3f}", f"{r['take_device_ms']:.3f}",
+            f"{r['restore_host_ms']:.3f}", f"{r['restore_device_ms']:.3f}",
+            f"{r['restore_device_ms'] / r['restore_host_ms']:.2f}", f"{r['spill_ms']:.3f}",
+            f"{r['close_ms']:.3f}", r["restored_exact"],
+        ])  # fmt: skip
+    print_table(
+        f"checkpoint of one {args.tokens}-token sequence: host bytes vs a device buffer (ms, best of 7)",
+        ["model", "device", "blob B", "take host", "take dev", "restore host", "restore dev",
+         "restore dev/host", "spill", "close", "exact"],
+        rows,
+    )  # fmt: skip
+    path = write_results("bench_checkpoint_device", {"tokens": args.tokens, "runs": out})
+    if args.json:
+        Path(args.json).write_text(path.read_text())
+    print(f"\nJSON: {path}")
+
+
+if __name__ == "__main__":
+    main()
