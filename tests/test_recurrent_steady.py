@@ -137,3 +137,29 @@ def test_sequence_moved_after_a_steady_run_loses_its_rollbacks() -> None:
     assert mem.cells.tail[:3].tolist() == [0, 2, 1]
     assert mem.cells.n_last[:3].tolist() == [3, 0, 3]
     assert mem.rollback_reach(1) == 0 and mem.rollback_reach(2) == 2
+
+
+def test_seq_pos_bounds_of_frozen_ids_follow_the_cells() -> None:
+    # the allocator's frozen int32 ids are range-checked and widened once; later calls
+    # with the same object must still read the current cells (removed, shifted, forked)
+    mem = make_rec(n_seq=4)
+    assert mem.find_slot(ub((0, 4), (1, 6), (2, 8)))
+    ids = np.array([2, 0, 3, 1], dtype=np.int32)
+    ids.flags.writeable = False
+
+    def check() -> None:
+        assert mem.seq_pos_min_of(ids).tolist() == [mem.seq_pos_min(int(s)) for s in ids]
+        assert mem.seq_pos_max_of(ids).tolist() == [mem.seq_pos_max(int(s)) for s in ids]
+
+    check()
+    assert mem.seq_pos_min_of(ids).tolist() == [8, 4, -1, 6]
+    mem.seq_rm(0, -1, -1)
+    mem.seq_add(2, -1, -1, -20)
+    check()
+    assert mem.seq_pos_min_of(ids).tolist() == [-12, -1, -1, 6]
+    assert mem.seq_pos_max_of(ids).tolist() == [-1, -1, -1, 6]
+    mem.seq_cp(1, 3)
+    check()
+    writable = ids.copy()  # not frozen: checked on every call
+    writable[0] = 7
+    assert mem.seq_pos_min_of(writable).tolist() == [-1, -1, 6, 6]

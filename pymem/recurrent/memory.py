@@ -269,7 +269,8 @@ class RecurrentMemory(Memory):
         # seq ids stored in cells are < size; rs_idx is indexed by any id < n_seq_max too
         self.cells = RecurrentCells(self.size, max(self.size, self.n_seq_max))
         self._version = 0  # bumped on every mutation: a stale read plan refuses to commit
-        self._ids_in_range: np.ndarray | None = None  # frozen ids seq_pos_min_of checked
+        # frozen ids seq_pos_min_of checked, and their int64 copy
+        self._ids_in_range: tuple[np.ndarray, np.ndarray] | None = None
         # (seq_id, n_seq_id, request, last-token indices, n_tokens) of the last replayed ubatch
         self._req_memo: tuple[np.ndarray, np.ndarray, SlotRequest, np.ndarray, int] | None = None
         self._closed = False
@@ -615,26 +616,38 @@ class RecurrentMemory(Memory):
 
         E.g. size 4, tails [2, -1, ...], pos[2] = 9; ids [0, 1, 7] -> [9, -1, -1].
         """
-        ids = np.asarray(seq_ids).astype(np.int64, copy=False)
-        if seq_ids is self._ids_in_range or (
-            ids.size and int(ids.min()) >= 0 and int(ids.max()) < self.size
-        ):
-            if isinstance(seq_ids, np.ndarray) and not seq_ids.flags.writeable:
-                self._ids_in_range = seq_ids  # the allocator's frozen layout ids: checked once
+        memo = self._ids_in_range
+        if memo is not None and seq_ids is memo[0]:
+            ids, inside = memo[1], True  # the allocator's frozen layout ids: checked once
+        else:
+            ids = np.asarray(seq_ids).astype(np.int64, copy=False)
+            inside = bool(ids.size) and int(ids.min()) >= 0 and int(ids.max()) < self.size
+            if (
+                inside
+                and isinstance(seq_ids, np.ndarray)
+                and not seq_ids.flags.writeable
+                and seq_ids.base is None
+            ):
+                self._ids_in_range = (seq_ids, ids)  # frozen, owns its data: keep the int64 copy
+        if inside:
             # every id names a cell's tail (a decode step's batch): gathers, no selection;
             # a missing tail (-1) reads the last cell, masked out. E.g. tails [2, -1] -> [9, -1]
             t = self.cells.tail[ids]
-            return np.where(t >= 0, self.cells.pos[t], -1).astype(np.int64)
+            out = self.cells.pos[t].astype(np.int64)
+            if int(t.min()) < 0:
+                out[t < 0] = -1
+            return out
         out = np.full(ids.shape, -1, dtype=np.int64)
-        inside = np.flatnonzero((ids >= 0) & (ids < self.size))
-        t = self.cells.tail[ids[inside]]
+        sel = np.flatnonzero((ids >= 0) & (ids < self.size))
+        t = self.cells.tail[ids[sel]]
         has = t >= 0
-        out[inside[has]] = self.cells.pos[t[has]]
+        out[sel[has]] = self.cells.pos[t[has]]
         return out
 
     def seq_pos_max_of(self, seq_ids: np.ndarray) -> np.ndarray:
         """:meth:`seq_pos_max` of each of ``seq_ids`` (int64): never below -1."""
-        return np.maximum(self.seq_pos_min_of(seq_ids), -1)
+        out = self.seq_pos_min_of(seq_ids)  # a fresh array: clamped in place
+        return np.maximum(out, -1, out=out)
 
     # -- accounting ---------------------------------------------------------------------
     def parts(self) -> dict[str, RecurrentMemory]:
