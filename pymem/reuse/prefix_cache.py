@@ -867,16 +867,23 @@ class PrefixCache:
         budget_bytes: int | None = None,
         disk_dir: str | os.PathLike[str] | None = None,
         disk_budget_bytes: int | None = None,
+        where: Where | None = None,
     ) -> PrefixCache:
         """Restore a :meth:`save` file into ``mem`` and return a cache that knows what the
         saved one knew; a damaged, truncated or foreign file raises :class:`StateError`
-        with ``mem`` unchanged. See :func:`pymem.reuse.persist.load_prefix_cache`."""
+        with ``mem`` unchanged. See :func:`pymem.reuse.persist.load_prefix_cache`.
+        ``where``: where the new cache holds its RAM checkpoints (default: the cache's
+        default); they are read as host bytes and moved after the commit."""
         from pymem.reuse.persist import load_prefix_cache
 
-        return load_prefix_cache(
+        if where is not None and where not in WHERE:
+            raise ConfigError(f"where: must be one of {WHERE}, got {where!r}")
+        cache = load_prefix_cache(
             path, mem, fingerprint=fingerprint, budget_bytes=budget_bytes, disk_dir=disk_dir,
             disk_budget_bytes=disk_budget_bytes,
         )  # fmt: skip
+        cache.hold_on(where if where is not None else cache.where)
+        return cache
 
     def hold_on(self, where: Where) -> None:
         """Hold the RAM tier's checkpoints (those there now and those taken later) on the

@@ -466,7 +466,7 @@ class Session:
         model, another memory layout, or a damaged one raises
         :class:`~pymem.errors.StateError` with the memory, the cache and the histories
         unchanged (the load is two-phase). ``where``: where the loaded cache holds its RAM
-        checkpoints (default: as the session's current cache did, else host bytes).
+        checkpoints (default: as the session's current cache did, else the cache's default).
         Sequences the saved cache did not know (see :meth:`save_session`) are removed.
         """
         old = self._cache
@@ -476,13 +476,14 @@ class Session:
             or fingerprint_of(self.model)
         )
         t0 = time.perf_counter()
-        new = PrefixCache.load(path, self.memory, fingerprint=fp, budget_bytes=budget_bytes)
+        hold = where if where is not None else (old.where if old is not None else None)
+        new = PrefixCache.load(
+            path, self.memory, fingerprint=fp, budget_bytes=budget_bytes, where=hold
+        )
         self.t_ops += time.perf_counter() - t0
         # --- committed: the memory holds the saved state ---
         if old is not None:
             old.close()
-        hold = where if where is not None else (old.where if old is not None else "host")
-        new.hold_on(hold)
         self._cache = new
         held = new.held_seqs()
         for seq_id in range(self.decoder.n_seq_max):
