@@ -194,3 +194,19 @@ def test_a_device_tier_cache_serves_the_same_bytes_and_frees_on_drop(model: str)
             assert cache.memory_breakdown()["ram"] == 0
     assert states[0] == states[1]
     assert breakdowns[0]["ram"] == breakdowns[1]["ram"]
+
+
+def test_a_loaded_cache_holds_its_checkpoints_where_asked(tmp_path: Path) -> None:
+    path = tmp_path / "cache.pymem"
+    with _memory("tiny-jamba.gguf") as mem, _memory("tiny-jamba.gguf") as fresh:
+        with PrefixCache(mem, policy=CheckpointPolicy(interval=8, n_batch=16)) as cache:
+            _serve(cache, 0, PROMPT)
+            cache.save(path, fingerprint="jamba:test")
+            want = [(e.pos, e.nbytes) for e in cache.entries()]
+        with pytest.raises(ConfigError, match="where"):
+            PrefixCache.load(path, fresh, fingerprint="jamba:test", where="gpu")  # type: ignore[arg-type]
+        with PrefixCache.load(path, fresh, fingerprint="jamba:test", where="device") as loaded:
+            assert [(e.pos, e.nbytes) for e in loaded.entries()] == want and want
+            assert all(e.ckpt is not None and e.ckpt.where == "device" for e in loaded._ram)
+            bd = loaded.memory_breakdown()
+            assert bd["ram_device"] == bd["ram"] == sum(n for _, n in want)
