@@ -92,6 +92,68 @@ def _run(idx: np.ndarray) -> np.ndarray | slice:
     return slice(lo, lo + n) if int(idx[-1]) - lo + 1 == n else idx
 
 
+# a run of cells shorter than this is written through its index array: a gather of a few
+# cells costs less than the test (tests lower it to compare both paths)
+RUN_MIN = 256
+# key runs per value above which min_max_at leaves the grouping to ufunc.at
+_GROUP_MAX_SHARE = 4
+
+
+def _one_run(strm: np.ndarray, idx: np.ndarray) -> slice | None:
+    """``idx`` (``[1, n]``, one stream) as a slice when it is one ascending run of at
+    least :data:`RUN_MIN` cells, else None. E.g. [[5, 6, ..., 300]] -> 5:301;
+    [[0, 2, 1, 3, ...]] -> None (its ends say a run, its order does not)."""
+    n = idx.shape[1]
+    if strm.size != 1 or n < RUN_MIN:
+        return None
+    row = idx[0]
+    lo = int(row[0])
+    if int(row[-1]) - lo + 1 != n:
+        return None
+    # n distinct integers from lo to lo + n - 1 are the run iff they ascend (E.g. [0, 2,
+    # 1, 3] does not); a bool temporary, not an int64 one (fresh pages cost their faults)
+    if not (row[1:] > row[:-1]).all():
+        return None
+    return slice(lo, lo + n)
+
+
+def min_max_at(pmin: np.ndarray, pmax: np.ndarray, key: np.ndarray, p: np.ndarray) -> None:
+    """``np.minimum.at(pmin, key, p)`` and ``np.maximum.at(pmax, key, p)`` (repeated keys
+    accumulate), reduced over runs of equal keys first: a restore's or a prompt's keys come
+    in long runs (one sequence's cells together), so the ``ufunc.at`` calls see one value
+    per run instead of one per cell, and one run needs none. ``key`` and ``p`` may be any
+    integer type (int32 ones are widened only where ``ufunc.at`` needs it).
+
+    E.g. keys [3, 3, 5, 5, 5, 3], p [7, 8, 1, 2, 3, 9] -> runs at [0, 2, 5] -> keys
+    [3, 5, 3], minima [7, 1, 9], maxima [8, 3, 9] -> pmin[3] = min(., 7, 9), pmin[5] = 1.
+    """
+    n = key.size
+    if n == 0:
+        return
+    starts = np.flatnonzero(key[1:] != key[:-1]) + 1
+    if starts.size == 0:  # one key (a one-sequence restore): two reductions
+        k0 = int(key[0])
+        pmin[k0] = min(int(pmin[k0]), int(p.min()))
+        pmax[k0] = max(int(pmax[k0]), int(p.max()))
+        return
+    if starts.size * _GROUP_MAX_SHARE > n:  # short runs: grouping would not pay
+        key64, p64 = key.astype(np.int64), p.astype(np.int64)
+        np.minimum.at(pmin, key64, p64)
+        np.maximum.at(pmax, key64, p64)
+        return
+    starts = np.concatenate((np.zeros(1, dtype=starts.dtype), starts))
+    k = key[starts].astype(np.int64)
+    np.minimum.at(pmin, k, np.minimum.reduceat(p, starts).astype(np.int64))
+    np.maximum.at(pmax, k, np.maximum.reduceat(p, starts).astype(np.int64))
+
+
+def _ids(cells: np.ndarray | slice) -> np.ndarray:
+    """Global ids of ``cells`` (a slice made an index array). E.g. 4:7 -> [4, 5, 6]."""
+    if isinstance(cells, slice):
+        return np.arange(cells.start, cells.stop, dtype=np.int64)
+    return cells
+
+
 def seq_word_bit(seq_id: int) -> tuple[int, np.uint64]:
     """The word index and bit mask of ``seq_id`` in a ``uint64[4]`` bitset."""
     return seq_id >> 6, np.left_shift(_ONE, np.uint64(seq_id & 63))
@@ -512,69 +574,120 @@ class StackedCells:
         ``gid`` (the cells' global ids, any shape) and ``known`` (:class:`NewRows` of
         ``strm`` and ``seq_id``) are what this computes first; a caller that already holds
         them (a decode step's memo) passes them.
+
+        Cells that are one ascending run of one stream (a whole-cache restore's
+        ``0 .. n-1``, a restore into a fresh cache) are written through a slice, which numpy
+        copies without gathers; the result is the same as the general path's.
         """
         if idx.size == 0:
             return
         n_per = idx.shape[1]
         # E.g. size 8, strm [0, 2], idx [[3, 4], [0, 1]] -> gid [3, 4, 16, 17], rows [0, 0, 2, 2]
-        gid = (strm[:, None] * self.size + idx).reshape(-1) if gid is None else gid.reshape(-1)
+        run = _one_run(strm, idx) if gid is None else None
+        cells: np.ndarray | slice
+        if run is not None:
+            # no index array at all unless the journal or the owner count needs one (a
+            # fresh 32k-cell temporary costs its page faults, more than the writes)
+            g0 = int(strm[0]) * self.size
+            cells = slice(g0 + run.start, g0 + run.stop)
+        else:
+            gid = (strm[:, None] * self.size + idx).reshape(-1) if gid is None else gid.reshape(-1)
+            cells = gid
         if known is not None:
             rows = known.rows
         else:
             rows = int(strm[0]) if strm.size == 1 else np.repeat(strm, n_per)
-        self._record(gid, strm)
+        if self._journal is not None:
+            self._record(_ids(cells), strm)
         pos = np.asarray(pos, dtype=np.int32)
-        self.pos_f[gid] = pos
+        self.pos_f[cells] = pos
         primary = seq_id[:, 0]
+        # simple, one stream, and every token has this id (a one-sequence restore)
+        one_id = -1
+        small = False  # simple, every id < 64 and the cells a run (a whole-cache restore)
         if known is not None:
             simple = known.simple
         else:
-            simple = seq_id.shape[1] == 1 and int(primary.min()) >= 0  # one id per cell
+            lo = int(primary.min())
+            simple = seq_id.shape[1] == 1 and lo >= 0  # one id per cell
+            if simple and n_per >= RUN_MIN and strm.size == 1:
+                hi = int(primary.max())
+                one_id = lo if lo == hi else -1
+                small = isinstance(cells, slice) and hi < 64
         if simple:
             # one id per token: E.g. ids [1, 65] -> words [0, 1], bits [1 << 1, 1 << 1]
-            self.rows_f[gid] = _ZERO_ROW
-            if known is not None:
-                assert known.word is not None and known.bit is not None  # simple rows have them
-                self.seq_f[gid, known.word] = known.bit
+            if isinstance(cells, slice):
+                self.seq_f[cells] = 0
             else:
-                self.seq_f[gid, primary >> 6] = np.left_shift(
-                    _ONE, (primary & 63).astype(np.uint64)
+                self.rows_f[cells] = _ZERO_ROW
+            if one_id >= 0:
+                word, bit = seq_word_bit(one_id)
+                self.seq_f[cells, word] = bit
+            elif small:
+                # bits computed straight into word 0 of the run (no 32k-cell temporaries):
+                # E.g. ids [1, 3] -> [0b10, 0b1000]
+                np.left_shift(
+                    _ONE, primary, out=self.seq_f[cells, 0], dtype=np.uint64, casting="unsafe"
+                )
+            elif known is not None:
+                assert known.word is not None and known.bit is not None  # simple rows have them
+                self._set_bits(cells, known.word, known.bit)
+            else:
+                self._set_bits(
+                    cells, primary >> 6, np.left_shift(_ONE, (primary & 63).astype(np.uint64))
                 )
             owner = primary
         else:
-            self.seq_f[gid] = seq_bitsets(seq_id)
+            self.seq_f[cells] = seq_bitsets(seq_id)
             # exact popcount: a token may repeat a sequence id
-            owner = single_seq_ids(self.seq_f[gid])
+            owner = single_seq_ids(self.seq_f[cells])
         if simple and not self.n_multi[strm].any():
-            self.owner_f[gid] = owner  # empty cells, none of them held by several sequences
+            self.owner_f[cells] = owner  # empty cells, none of them held by several sequences
         else:
-            self._set_owner(gid, rows, owner)
+            self._set_owner(_ids(cells), rows, owner)
         if ext is not None and self.ext_f is not None:
-            self.ext_f[gid] = ext
+            self.ext_f[cells] = ext
         if strm.size == 1:  # one stream (a unified cache): Python ints
             s = int(strm[0])
             self.used[s] += n_per
-            self.used_max_p1[s] = max(int(self.used_max_p1[s]), int(idx.max()) + 1)
+            hi = run.stop if run is not None else int(idx.max()) + 1
+            self.used_max_p1[s] = max(int(self.used_max_p1[s]), hi)
         else:
             self.used[strm] += n_per
             self.used_max_p1[strm] = np.maximum(self.used_max_p1[strm], idx.max(axis=1) + 1)
         # E.g. tokens (pos 7, seqs [0, 2]) and (pos 9, seqs [2, -1]) in stream 1 -> the
         # bounds of key 1 * 256 + 2 see 7 and 9
         key: Any
+        if one_id >= 0:
+            k = int(strm[0]) * LLAMA_MAX_SEQ + one_id
+            self.pmin_f[k] = min(int(self.pmin_f[k]), int(pos.min()))
+            self.pmax_f[k] = max(int(self.pmax_f[k]), int(pos.max()))
+            return
         if simple:
             key = rows * LLAMA_MAX_SEQ + primary if known is None else known.key
             assert key is not None
-            p = pos.astype(np.int64)
+            p = pos
         else:
             t, c = np.nonzero(seq_id >= 0)
-            key, p = _sel(rows, t) * LLAMA_MAX_SEQ + seq_id[t, c], pos[t].astype(np.int64)
+            key, p = _sel(rows, t) * LLAMA_MAX_SEQ + seq_id[t, c], pos[t]
         if simple and (n_per == 1 or (known is not None and known.distinct)):
             # one token per stream, or one per sequence: the keys are distinct
+            p = p.astype(np.int64)
             self.pmin_f[key] = np.minimum(self.pmin_f[key], p)
             self.pmax_f[key] = np.maximum(self.pmax_f[key], p)
         else:
-            np.minimum.at(self.pmin_f, key, p)
-            np.maximum.at(self.pmax_f, key, p)
+            min_max_at(self.pmin_f, self.pmax_f, key, p)
+
+    def _set_bits(self, cells: np.ndarray | slice, word: np.ndarray, bit: np.ndarray) -> None:
+        """Set bit ``bit[i]`` of word ``word[i]`` of cell ``i`` of ``cells`` (cleared)."""
+        if int(word.max()) == 0:  # every id < 64 (usual): word 0 alone, one strided write
+            self.seq_f[cells, 0] = bit
+        elif isinstance(cells, slice):
+            # a slice and an index array would pair every cell with every word: index
+            # the run's view instead. E.g. cells 4:6, words [0, 1] -> (4, 0), (5, 1)
+            self.seq_f[cells][np.arange(word.size), word] = bit
+        else:
+            self.seq_f[cells, word] = bit
 
     def seq_rm_upto(self, seqs: np.ndarray, rows: np.ndarray, p_max: np.ndarray) -> np.ndarray:
         """Remove each sequence ``seqs[j]`` from the cells of stream ``rows[j]`` at positions

@@ -1,0 +1,178 @@
+"""``StackedCells.set_new``'s fast paths against its general path (issue 14).
+
+A run of cells of one stream is written through a slice, one sequence id for every
+token updates its bounds with two reductions, ids below 64 are shifted straight into the
+cells, and ``min_max_at`` groups runs of equal keys before ``ufunc.at``. Each must leave
+exactly the state the general path (index arrays, ``ufunc.at`` per cell) leaves: the
+general path is forced by raising ``cells.RUN_MIN`` and ``cells._GROUP_MAX_SHARE``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+import pymem.kv.cells as cells_mod
+from pymem.kv.cells import StackedCells, min_max_at
+
+_STATE = (
+    "pos", "shift", "seq", "owner", "ext", "used", "used_max_p1", "used_max_dirty",
+    "has_shift", "n_multi", "pmin", "pmax", "pdirty",
+)  # fmt: skip
+
+
+def state(st: StackedCells) -> dict[str, np.ndarray | None]:
+    return {k: None if getattr(st, k) is None else getattr(st, k).copy() for k in _STATE}
+
+
+def same(a: dict, b: dict) -> None:
+    for k in _STATE:
+        if a[k] is None or b[k] is None:
+            assert a[k] is None and b[k] is None, k
+        else:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def seeded(rng: np.random.Generator, n_stream: int, size: int, with_ext: bool) -> StackedCells:
+    """A stack with some cells held (some by several sequences, ids past 64 too)."""
+    st = StackedCells(n_stream, size, with_ext)
+    for s in range(n_stream):
+        free = rng.permutation(size)[: size // 4]
+        free.sort()
+        k = free.size
+        seq = np.full((k, 2), -1, dtype=np.int32)
+        seq[:, 0] = rng.integers(0, 100, k)
+        seq[rng.random(k) < 0.2, 1] = 120
+        ext = rng.integers(0, 9, (k, 3)).astype(np.int32) if with_ext else None
+        st.set_new(np.array([s]), free[None], rng.integers(0, 500, k), seq, ext)
+    return st
+
+
+def ids_for(rng: np.random.Generator, kind: str, n: int) -> np.ndarray:
+    """A ``[n, k]`` seq_id matrix of one kind, in runs as a restore or a prompt has them."""
+    if kind == "one":
+        return np.full((n, 1), 3, dtype=np.int32)
+    if kind == "one_high":
+        return np.full((n, 1), 200, dtype=np.int32)
+    if kind == "runs_low":  # E.g. 4 sequences in runs of 16 (a whole-cache restore)
+        return np.repeat(rng.integers(0, 64, -(-n // 16)), 16)[:n, None].astype(np.int32)
+    if kind == "runs_high":
+        return np.repeat(rng.integers(0, 256, -(-n // 16)), 16)[:n, None].astype(np.int32)
+    if kind == "scattered":  # every token another id: ufunc.at's own case
+        return rng.integers(0, 256, (n, 1)).astype(np.int32)
+    seq = np.full((n, 3), -1, dtype=np.int32)  # several ids per cell, a repeated one
+    seq[:, 0] = rng.integers(0, 256, n)
+    seq[::3, 1] = 7
+    seq[::5, 2] = seq[::5, 0]
+    return seq
+
+
+def place_both(
+    monkeypatch: pytest.MonkeyPatch,
+    make: Callable[[], StackedCells],
+    strm: np.ndarray,
+    idx: np.ndarray,
+    pos: np.ndarray,
+    seq: np.ndarray,
+    ext: np.ndarray | None,
+    journal: bool,
+) -> None:
+    """``set_new`` on two equal stacks, once as is and once forced onto the general path;
+    the states (and, under a journal, the redo logs and the rollbacks) must be equal."""
+    fast, slow = make(), make()
+    before = state(fast)
+    out = []
+    for st, general in ((fast, False), (slow, True)):
+        with monkeypatch.context() as m:
+            if general:
+                m.setattr(cells_mod, "RUN_MIN", 1 << 62)
+                m.setattr(cells_mod, "_GROUP_MAX_SHARE", 1 << 62)
+            if journal:
+                st.begin()
+            st.set_new(strm, idx, pos, seq, ext)
+            log = st.redo_log() if journal else None
+        out.append((state(st), log))
+    same(out[0][0], out[1][0])
+    if journal:
+        gid_f, gid_s = out[0][1][0], out[1][1][0]
+        # the same cells journaled (the fast path journals a run as its ids)
+        np.testing.assert_array_equal(np.sort(gid_f), np.sort(gid_s))
+        fast.rollback()
+        slow.rollback()
+        same(state(fast), before)
+        same(state(slow), before)
+
+
+@pytest.mark.parametrize("kind", ["one", "one_high", "runs_low", "runs_high", "scattered", "multi"])
+@pytest.mark.parametrize("with_ext", [False, True])
+@pytest.mark.parametrize("journal", [False, True])
+def test_run_of_cells_equals_general_path(monkeypatch, kind, with_ext, journal):
+    rng = np.random.default_rng([len(kind), ord(kind[-1]), int(with_ext), int(journal)])
+    size, n = 2048, 700
+    for empty in (True, False):  # a fresh stack, and one with cells (multi ones too) around the run
+
+        def make(empty: bool = empty) -> StackedCells:
+            if empty:
+                return StackedCells(1, size, with_ext)
+            st = seeded(np.random.default_rng(5), 1, size, with_ext)
+            st.rm(np.arange(100, 100 + n))  # the run must be empty
+            return st
+
+        idx = np.arange(100, 100 + n, dtype=np.int64)[None]
+        pos = rng.integers(0, 10_000, n).astype(np.int32)
+        ext = rng.integers(0, 9, (n, 3)).astype(np.int32) if with_ext else None
+        place_both(monkeypatch, make, np.array([0]), idx, pos, ids_for(rng, kind, n), ext, journal)
+
+
+@pytest.mark.parametrize("kind", ["one", "runs_low", "runs_high", "multi"])
+def test_runs_of_cells_and_streams_equal_general_path(monkeypatch, kind):
+    # not one run: several runs (a per-sequence restore's freed cells), a permutation whose
+    # ends look like a run, and several streams
+    rng = np.random.default_rng(7)
+    size = 4096
+    runs = np.concatenate([np.arange(a, a + 128) for a in range(0, size, 512)])
+    looks = np.arange(300, 300 + 600)
+    looks[[10, 11]] = looks[[11, 10]]  # ends match a run, the order does not
+    for strm, idx in (
+        (np.array([0]), runs[None]),
+        (np.array([0]), looks[None]),
+        (np.array([1, 0]), np.stack([np.arange(1000, 1300), np.arange(2000, 2300)])),
+    ):
+        n = idx.size
+        pos = rng.integers(0, 10_000, n).astype(np.int32)
+        place_both(
+            monkeypatch, lambda: StackedCells(2, size), strm, idx.astype(np.int64), pos,
+            ids_for(rng, kind, n), None, False,
+        )  # fmt: skip
+
+
+def test_min_max_at_equals_ufunc_at():
+    rng = np.random.default_rng(11)
+    for keys in (
+        np.repeat([3, 5, 3, 9], [40, 7, 1, 100]),  # runs, a key repeated across runs
+        np.full(50, 4),  # one key
+        rng.integers(0, 30, 500),  # no runs: ufunc.at itself
+        np.array([6]),
+        np.zeros(0, dtype=np.int64),
+    ):
+        for dtype in (np.int32, np.int64):
+            k = keys.astype(dtype)
+            p = rng.integers(-5, 1000, keys.size).astype(dtype)
+            lo = rng.integers(0, 2000, 32)
+            hi = rng.integers(-1, 900, 32)
+            want_lo, want_hi = lo.copy(), hi.copy()
+            np.minimum.at(want_lo, k.astype(np.int64), p.astype(np.int64))
+            np.maximum.at(want_hi, k.astype(np.int64), p.astype(np.int64))
+            min_max_at(lo, hi, k, p)
+            np.testing.assert_array_equal(lo, want_lo)
+            np.testing.assert_array_equal(hi, want_hi)
+
+
+def test_min_max_at_hand_worked():
+    lo = np.full(6, 100, dtype=np.int64)
+    hi = np.full(6, -1, dtype=np.int64)
+    min_max_at(lo, hi, np.array([3, 3, 5, 5, 5, 3]), np.array([7, 8, 1, 2, 3, 9]))
+    assert lo.tolist() == [100, 100, 100, 7, 100, 1]
+    assert hi.tolist() == [-1, -1, -1, 9, -1, 3]
