@@ -23,7 +23,7 @@ from pymem.errors import ClosedError, ConfigError, StateError
 from pymem.factory import ContextParams, create_memory
 from pymem.memory import Memory, MemoryStatus
 from pymem.reuse import CheckpointPolicy, PrefixCache, as_tokens, checkpoint, restore_checkpoint
-from pymem.reuse.checkpoints import Checkpoint, memory_device
+from pymem.reuse.checkpoints import Checkpoint, CheckpointArena, memory_device
 from pymem.runtime.decoder import Decoder
 from pymem.runtime.gguf_llama import GGUFModel
 
@@ -210,3 +210,56 @@ def test_a_loaded_cache_holds_its_checkpoints_where_asked(tmp_path: Path) -> Non
             assert all(e.ckpt is not None and e.ckpt.where == "device" for e in loaded._ram)
             bd = loaded.memory_breakdown()
             assert bd["ram_device"] == bd["ram"] == sum(n for _, n in want)
+
+
+def test_arena_ranges_are_reused_merged_and_fall_back_when_full() -> None:
+    with _memory("tiny-jamba.gguf") as mem:
+        _fill(mem, 0, as_tokens(PROMPT), 0, 20)
+        want = checkpoint(mem, 0, where="host").blob
+        span = -(-len(want) // CheckpointArena.ALIGN) * CheckpointArena.ALIGN
+        arena = CheckpointArena(memory_device(mem), 2 * span)
+        a, b = checkpoint(mem, 0, arena=arena), checkpoint(mem, 0, arena=arena)
+        assert a._slot is not None and b._slot is not None and arena.used == 2 * span
+        c = checkpoint(mem, 0, arena=arena)  # no room: a buffer of its own
+        assert c._slot is None and c._store is not None and c.blob == want
+        assert a.blob == b.blob == want and a.device == arena.device
+        a.close()
+        b.to_host()  # both ranges back, merged into one
+        assert arena.used == 0 and arena._free == [(0, 2 * span)]
+        d = checkpoint(mem, 0, arena=arena)
+        assert d._slot == (arena, 0) and d.blob == want
+        _fill(mem, 0, as_tokens(PROMPT), 20, 24)  # the state moves on
+        restore_checkpoint(mem, 0, d)
+        assert mem.state_write(0, 1) == want  # PARTIAL_ONLY
+        arena.close()
+        with pytest.raises(ClosedError):
+            d.blob  # noqa: B018
+        d.close()
+        c.close()
+        with pytest.raises(ConfigError, match="arena nbytes"):
+            CheckpointArena(None, 1)
+
+
+def test_a_cache_with_an_arena_serves_the_same_bytes() -> None:
+    rng = np.random.default_rng(9)
+    sys_ = rng.integers(1, 60, 30).tolist()
+    turns = [[*sys_, *rng.integers(1, 60, 8).tolist()] for _ in range(3)]
+    states = []
+    for kw in (dict(where="host"), dict(where="device", arena_bytes=8 << 10)):
+        with _memory("tiny-lfm2-swa.gguf", n_seq_max=4) as mem:
+            cache = PrefixCache(mem, policy=CheckpointPolicy(interval=8, n_batch=16), **kw)  # type: ignore[arg-type]
+            for i, t in enumerate(turns):
+                _serve(cache, i, t)
+            _serve(cache, 0, turns[0][:33])
+            _serve(cache, 3, [*sys_, 9, 9])
+            states.append(mem.state_write())
+            bd = cache.memory_breakdown()
+            if "arena_bytes" in kw:
+                assert bd["arena"] == 8 << 10 and bd["ram_device"] == bd["ram"] > 0
+                arena = cache._arena
+                assert arena is not None and arena.used > 0
+                assert any(e.ckpt is not None and e.ckpt._slot for e in cache._ram)
+            cache.close()
+            if "arena_bytes" in kw:
+                assert arena.used == 0 and arena.store.closed
+    assert states[0] == states[1]

@@ -50,6 +50,70 @@ Where = Literal["device", "host"]
 WHERE: tuple[str, ...] = ("device", "host")
 
 
+class CheckpointArena:
+    """One device buffer that device checkpoints take byte ranges of (first fit, ranges
+    rounded up to ``ALIGN`` bytes, neighbours merged when freed).
+
+    Why: a buffer per checkpoint is one device allocation per take and one free per
+    drop; on a GPU a free can wait for the device, in the middle of serving. A prefix
+    cache with ``arena_bytes`` allocates once and reuses the ranges. A checkpoint that
+    finds no free range large enough (full, or fragmented) gets a buffer of its own.
+    """
+
+    ALIGN = 64
+
+    def __init__(self, device: str | None, nbytes: int) -> None:
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < self.ALIGN:
+            raise ConfigError(f"arena nbytes: must be an int >= {self.ALIGN}, got {nbytes!r}")
+        self.store = TensorStore(device, [TensorSpec("arena", "i8", (nbytes,))])
+        self.tensor = self.store["arena"]
+        self.capacity = nbytes
+        self.used = 0  # bytes of the ranges handed out (rounded up)
+        self._free: list[tuple[int, int]] = [(0, nbytes)]  # (offset, size), by offset
+
+    @property
+    def device(self) -> str:
+        return self.store.device.name
+
+    def _span(self, n: int) -> int:
+        # E.g. ALIGN 64: 996 -> 1024, 1024 -> 1024
+        return -(-n // self.ALIGN) * self.ALIGN
+
+    def alloc(self, n: int) -> int | None:
+        """The offset of a free range of ``n`` bytes, or None when none is that large."""
+        if self.store.closed:
+            raise ClosedError("checkpoint arena: already closed")
+        span = self._span(n)
+        for i, (off, size) in enumerate(self._free):
+            if size >= span:
+                if size == span:
+                    del self._free[i]
+                else:
+                    self._free[i] = (off + span, size - span)
+                self.used += span
+                return off
+        return None
+
+    def release(self, off: int, n: int) -> None:
+        """Give the range at ``off`` back, merged with free neighbours."""
+        span = self._span(n)
+        self.used -= span
+        free = self._free
+        i = 0
+        while i < len(free) and free[i][0] < off:
+            i += 1
+        free.insert(i, (off, span))
+        if i + 1 < len(free) and off + span == free[i + 1][0]:  # merge the next one
+            free[i] = (off, span + free.pop(i + 1)[1])
+        if i > 0 and free[i - 1][0] + free[i - 1][1] == off:  # and the previous one
+            prev = free[i - 1]
+            free[i - 1] = (prev[0], prev[1] + free.pop(i)[1])
+
+    def close(self) -> None:
+        """Free the buffer; checkpoints still in it raise ClosedError when read."""
+        self.store.close()
+
+
 class Checkpoint:
     """The untrimmable state of sequence ``seq_id`` after the token at ``pos``.
 
@@ -65,7 +129,8 @@ class Checkpoint:
         self.pos = pos
         self.layout = layout  # the memory parts the blob fits (see :func:`layout_of`)
         self._host: bytes | None = bytes(blob)
-        self._store: TensorStore | None = None
+        self._store: TensorStore | None = None  # a buffer of its own, or
+        self._slot: tuple[CheckpointArena, int] | None = None  # a range of an arena
         self._nbytes = len(self._host)
         self._closed = False
 
@@ -77,12 +142,14 @@ class Checkpoint:
 
     @property
     def where(self) -> Where:
-        return "device" if self._store is not None else "host"
+        return "device" if self._store is not None or self._slot is not None else "host"
 
     @property
     def device(self) -> str:
         """The backend device holding the bytes (e.g. ``"CUDA0"``, ``"CPU"``), or
         ``"host"`` for a Python ``bytes`` object."""
+        if self._slot is not None:
+            return self._slot[0].device
         return self._store.device.name if self._store is not None else "host"
 
     @property
@@ -106,20 +173,46 @@ class Checkpoint:
         self._check_open()
         if self._host is not None:
             return self._host
-        assert self._store is not None
         out = bytearray(self._nbytes)
-        self._store["blob"].read_into(out)
+        if self._slot is not None:
+            arena, off = self._slot
+            arena.tensor.read_into(out, off)
+        else:
+            assert self._store is not None
+            self._store["blob"].read_into(out)
         return out
 
-    def to_device(self, device: str | None) -> Checkpoint:
-        """Move the bytes into a buffer on ``device`` (a name; None: the default device),
-        freeing the host copy; returns ``self``. An empty blob (nothing to allocate) and a
-        checkpoint already on that device stay as they are."""
+    def _free_device(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        if self._slot is not None:
+            arena, off = self._slot
+            self._slot = None
+            arena.release(off, self._nbytes)
+
+    def to_device(self, device: str | None, arena: CheckpointArena | None = None) -> Checkpoint:
+        """Move the bytes into a range of ``arena`` when it has one free, else a buffer of
+        their own on ``device`` (a name; None: the default device, or the arena's),
+        freeing the previous copy; returns ``self``. An empty blob (nothing to allocate)
+        and a checkpoint already on that device stay as they are."""
         self._check_open()
-        if self._store is not None and (device is None or self._store.device.name == device):
+        if arena is not None:
+            device = arena.device
+        if self.where == "device" and (device is None or self.device == device):
             return self
         data = self._read()
         if not data:
+            return self
+        off = arena.alloc(len(data)) if arena is not None else None
+        if arena is not None and off is not None:
+            try:
+                arena.tensor.write_bytes(data, off)
+            except BaseException:
+                arena.release(off, len(data))
+                raise
+            self._free_device()
+            self._slot, self._host = (arena, off), None
             return self
         store = TensorStore(device, [TensorSpec("blob", "i8", (len(data),))])
         try:
@@ -127,25 +220,22 @@ class Checkpoint:
         except BaseException:
             store.close()
             raise
-        old, self._store, self._host = self._store, store, None
-        if old is not None:
-            old.close()
+        self._free_device()
+        self._store, self._host = store, None
         return self
 
     def to_host(self) -> Checkpoint:
         """Spill the bytes to host memory and free the device buffer; returns ``self``."""
         self._check_open()
-        if self._store is not None:
+        if self.where == "device":
             self._host = bytes(self._read())
-            self._store.close()
-            self._store = None
+            self._free_device()
         return self
 
     def close(self) -> None:
-        """Free the bytes now (the device buffer, or the host copy). Idempotent."""
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        """Free the bytes now (the device buffer or range, or the host copy). Idempotent."""
+        if not self._closed:
+            self._free_device()
         self._host = None
         self._closed = True
 
@@ -208,11 +298,14 @@ def needs_checkpoints(mem: Memory) -> bool:
     return False
 
 
-def checkpoint(mem: Memory, seq_id: int, where: Where = "device") -> Checkpoint:
+def checkpoint(
+    mem: Memory, seq_id: int, where: Where = "device", arena: CheckpointArena | None = None
+) -> Checkpoint:
     """Capture ``seq_id``'s untrimmable state at its current position, held on the
     memory's device (``where="device"``, see :func:`memory_device`) or in host bytes
     (``"host"``). The state is written through the host either way (``state_write``); a
-    device checkpoint then uploads it once, and the host copy is dropped."""
+    device checkpoint then uploads it once (into a range of ``arena`` when given and it has
+    room), and the host copy is dropped."""
     if where not in WHERE:
         raise ConfigError(f"where: must be one of {WHERE}, got {where!r}")
     pos = mem.seq_pos_max(seq_id)
@@ -221,7 +314,7 @@ def checkpoint(mem: Memory, seq_id: int, where: Where = "device") -> Checkpoint:
     blob = mem.state_write(seq_id, StateFlags.PARTIAL_ONLY)
     ck = Checkpoint(seq_id, pos, blob, layout_of(mem))
     if where == "device":
-        ck.to_device(memory_device(mem))
+        ck.to_device(memory_device(mem), arena)
     return ck
 
 

@@ -75,6 +75,7 @@ from pymem.recurrent import RecurrentMemory
 from pymem.reuse.checkpoints import (
     WHERE,
     Checkpoint,
+    CheckpointArena,
     Where,
     checkpoint,
     layout_of,
@@ -237,7 +238,9 @@ class PrefixCache:
     default) or ``"device"`` (a buffer on the memory's device each, see
     :func:`pymem.reuse.checkpoint`); ``budget_bytes`` counts both, and
     :meth:`memory_breakdown` tells them apart. A dropped or evicted entry's buffer is
-    freed at once.
+    freed at once. ``arena_bytes`` (with ``"device"``): one device buffer of that size,
+    allocated at the first checkpoint, that checkpoints take ranges of (see
+    :class:`~pymem.reuse.checkpoints.CheckpointArena`; 0: a buffer per checkpoint).
     """
 
     def __init__(
@@ -250,9 +253,12 @@ class PrefixCache:
         disk_budget_bytes: int = 1 << 30,
         fingerprint: str = "",
         where: Where = "host",
+        arena_bytes: int = 0,
     ) -> None:
         if where not in WHERE:
             raise ConfigError(f"where: must be one of {WHERE}, got {where!r}")
+        if isinstance(arena_bytes, bool) or not isinstance(arena_bytes, int) or arena_bytes < 0:
+            raise ConfigError(f"arena_bytes: must be an int >= 0, got {arena_bytes!r}")
         for name, v in (("budget_bytes", budget_bytes), ("disk_budget_bytes", disk_budget_bytes)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"{name}: must be an int >= 0, got {v!r}")
@@ -265,6 +271,8 @@ class PrefixCache:
         self.fingerprint = fingerprint
         self.where: Where = where
         self._device = memory_device(mem)
+        self.arena_bytes = arena_bytes
+        self._arena: CheckpointArena | None = None
         self.tree = RadixTree()
         self.needs_checkpoints = needs_checkpoints(mem)
         # a checkpoint restores the whole sequence when no full-attention cells are trimmed
@@ -714,13 +722,21 @@ class PrefixCache:
 
     # --- entries: taking, budget, disk ---------------------------------------------------
     def _take(self, seq_id: int, node: RadixNode, durable: bool = True) -> None:
-        ck = checkpoint(self.mem, seq_id, self.where)
+        ck = checkpoint(self.mem, seq_id, self.where, self._get_arena())
         assert ck.pos == node.depth - 1, (ck.pos, node.depth)
         e = _Entry(node, node.depth, self.mem.seq_pos_min(seq_id), ck.nbytes, self._tick(), ckpt=ck,
                    durable=durable)  # fmt: skip
         node.add_payload(e)
         self.n_taken += 1
         self._admit(e)
+
+    def _get_arena(self) -> CheckpointArena | None:
+        """The cache's checkpoint arena, made on first use (None: a buffer per checkpoint)."""
+        if self._arena is None and self.where == "device" and self.arena_bytes:
+            self._arena = CheckpointArena(
+                self._device, max(self.arena_bytes, CheckpointArena.ALIGN)
+            )
+        return self._arena
 
     def _shared(self, e: _Entry) -> int:
         return e.node.live.bit_count()
@@ -731,7 +747,7 @@ class PrefixCache:
             self._evict(e)
             return
         if self.where == "device" and e.ckpt is not None and e.ckpt.where == "host":
-            e.ckpt.to_device(self._device)  # e.g. an entry a saved cache brought back
+            e.ckpt.to_device(self._device, self._get_arena())  # e.g. from a saved cache
         while self.bytes_ram + e.nbytes > self.budget_bytes:
             victim = min(self._ram, key=lambda x: (self._shared(x), x.last_used))
             self._evict(victim)
@@ -896,7 +912,7 @@ class PrefixCache:
         for e in self._ram:
             if e.ckpt is not None:
                 if where == "device":
-                    e.ckpt.to_device(self._device)
+                    e.ckpt.to_device(self._device, self._get_arena())
                 else:
                     e.ckpt.to_host()
 
@@ -915,6 +931,7 @@ class PrefixCache:
 
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes held: ``"ram"`` (checkpoint blobs of the RAM tier, wherever held),
+        ``"arena"`` (the checkpoint arena's buffer, when there is one),
         ``"disk"`` (container files), ``"tree"`` (token keys of the radix tree), and, only
         when a RAM-tier checkpoint is held on a backend device, ``"ram_device"`` /
         ``"ram_host"`` (the part of ``"ram"`` in device buffers / in host bytes)."""
@@ -924,6 +941,8 @@ class PrefixCache:
         if on_dev or self.where == "device":
             out["ram_device"] = on_dev
             out["ram_host"] = self.bytes_ram - on_dev
+        if self._arena is not None:
+            out["arena"] = self._arena.capacity  # allocated, whatever is in use
         return out
 
     def _check_open(self) -> None:
@@ -942,6 +961,9 @@ class PrefixCache:
         self.tree = RadixTree()
         if self._disk_dir is not None:
             shutil.rmtree(self._disk_dir, ignore_errors=True)
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None
         self._closed = True
 
     def __enter__(self) -> PrefixCache:
