@@ -101,13 +101,17 @@ class RecurrentMemoryContext(MemoryContext):
     def graph_inputs(self) -> GraphInputs:
         """The state-copy inputs of the current ubatch (``recr``)."""
         self._require_success("graph_inputs")
+        mem = self._mem()
+        c = mem.cells
+        # what get_head / get_n_rs / get_rs_z give, read once (once per ubatch of a step)
+        head, n_rs, rs_z = (0, mem.size, 0) if self.is_full else (c.head, c.n, c.rs_z)
         return GraphInputs(
             recr=RSInputs(
-                head=self.get_head(),
-                n_rs=self.get_n_rs(),
-                rs_z=self.get_rs_z(),
-                size=self.get_size(),
-                n_rs_seq=self._mem().n_rs_seq,
+                head=head,
+                n_rs=n_rs,
+                rs_z=rs_z,
+                size=mem.size,
+                n_rs_seq=mem.n_rs_seq,
                 s_copy=np.asarray(self.s_copy(), dtype=np.int32),
                 r_l=self.get_r_l,
                 s_l=self.get_s_l,
