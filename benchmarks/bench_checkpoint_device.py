@@ -8,7 +8,8 @@ on the values). Models: tiny-llama (KV: a checkpoint is the whole sequence), tin
 Columns (best of 7, ms): ``take`` = :func:`checkpoint` with ``where="host"`` / ``"device"``
 (the device one is the same ``state_write`` plus one upload into a new backend buffer);
 ``restore`` = :func:`restore_checkpoint` of each (the device one reads its bytes back to
-the host for the two-phase parse); ``spill`` = ``to_host()`` of a device checkpoint
+the host for the two-phase parse); ``arena``: the same into a range of a
+:class:`CheckpointArena` (no allocation per take); ``spill`` = ``to_host()`` of a device checkpoint
 (read back + free); ``close`` = freeing a device checkpoint. ``device`` is where the
 memory lives: on a CPU-only machine the "device" buffer is a CPU backend buffer, so the
 numbers show the extra copy's cost, not a GPU's transfer.
@@ -34,7 +35,7 @@ from pymem.batch import Batch, BatchAllocator
 from pymem.factory import ContextParams, create_memory
 from pymem.memory import Memory, MemoryStatus
 from pymem.reuse import checkpoint, restore_checkpoint
-from pymem.reuse.checkpoints import memory_device
+from pymem.reuse.checkpoints import CheckpointArena, memory_device
 
 MODELS = Path(__file__).resolve().parent.parent / "tests" / "data" / "models"
 PARAMS = {
@@ -75,6 +76,10 @@ def run(model: str, n_tokens: int) -> dict[str, object]:
     before = mem.state_write(0)  # the sequence (a window restored may sit in other cells)
     t_take_h = best_of(lambda: checkpoint(mem, 0, where="host").close(), repeat=7, number=3)
     t_take_d = best_of(lambda: checkpoint(mem, 0, where="device").close(), repeat=7, number=3)
+    arena = CheckpointArena(memory_device(mem), 4 * host.nbytes + 4096)
+    t_take_a = best_of(lambda: checkpoint(mem, 0, arena=arena).close(), repeat=7, number=3)
+    in_arena = checkpoint(mem, 0, arena=arena)
+    t_rest_a = best_of(lambda: restore_checkpoint(mem, 0, in_arena), repeat=7, number=3)
     t_rest_h = best_of(lambda: restore_checkpoint(mem, 0, host), repeat=7, number=3)
     t_rest_d = best_of(lambda: restore_checkpoint(mem, 0, dev), repeat=7, number=3)
     same = mem.state_write(0) == before and dev.blob == host.blob
@@ -93,6 +98,8 @@ def run(model: str, n_tokens: int) -> dict[str, object]:
         "blob_bytes": host.nbytes,
         "take_host_ms": t_take_h * 1e3,
         "take_device_ms": t_take_d * 1e3,
+        "take_arena_ms": t_take_a * 1e3,
+        "restore_arena_ms": t_rest_a * 1e3,
         "restore_host_ms": t_rest_h * 1e3,
         "restore_device_ms": t_rest_d * 1e3,
         "spill_ms": max(t_spill, 0.0) * 1e3,
@@ -101,6 +108,8 @@ def run(model: str, n_tokens: int) -> dict[str, object]:
     }
     host.close()
     dev.close()
+    in_arena.close()
+    arena.close()
     mem.close()
     return out
 
@@ -116,13 +125,15 @@ def main() -> None:
         out.append(r)
         rows.append([
             model, r["device"], r["blob_bytes"], f"{r['take_host_ms']:.3f}", f"{r['take_device_ms']:.3f}",
-            f"{r['restore_host_ms']:.3f}", f"{r['restore_device_ms']:.3f}",
+            f"{r['take_arena_ms']:.3f}", f"{r['restore_host_ms']:.3f}", f"{r['restore_device_ms']:.3f}",
+            f"{r['restore_arena_ms']:.3f}",
             f"{r['restore_device_ms'] / r['restore_host_ms']:.2f}", f"{r['spill_ms']:.3f}",
             f"{r['close_ms']:.3f}", r["restored_exact"],
         ])  # fmt: skip
     print_table(
         f"checkpoint of one {args.tokens}-token sequence: host bytes vs a device buffer (ms, best of 7)",
-        ["model", "device", "blob B", "take host", "take dev", "restore host", "restore dev",
+        ["model", "device", "blob B", "take host", "take dev", "take arena", "restore host",
+         "restore dev", "restore arena",
          "restore dev/host", "spill", "close", "exact"],
         rows,
     )  # fmt: skip
