@@ -616,26 +616,30 @@ class StackedCells:
                 small = isinstance(cells, slice) and hi < 64
         if simple:
             # one id per token: E.g. ids [1, 65] -> words [0, 1], bits [1 << 1, 1 << 1]
-            if isinstance(cells, slice):
-                self.seq_f[cells] = 0
-            else:
-                self.rows_f[cells] = _ZERO_ROW
             if one_id >= 0:
+                # every cell gets the same bitset: one 32-byte item written to all of them
+                # (E.g. id 65 -> [0, 0b10, 0, 0])
+                item = np.zeros(N_WORDS, dtype=np.uint64)
                 word, bit = seq_word_bit(one_id)
-                self.seq_f[cells, word] = bit
+                item[word] = bit
+                self.rows_f[cells] = item.view(_ROW)[0]
             elif small:
                 # bits computed straight into word 0 of the run (no 32k-cell temporaries):
                 # E.g. ids [1, 3] -> [0b10, 0b1000]
+                assert isinstance(cells, slice)  # small is only set for a run
+                self.seq_f[cells] = 0
                 np.left_shift(
                     _ONE, primary, out=self.seq_f[cells, 0], dtype=np.uint64, casting="unsafe"
                 )
-            elif known is not None:
-                assert known.word is not None and known.bit is not None  # simple rows have them
-                self._set_bits(cells, known.word, known.bit)
             else:
-                self._set_bits(
-                    cells, primary >> 6, np.left_shift(_ONE, (primary & 63).astype(np.uint64))
-                )
+                self.rows_f[cells] = _ZERO_ROW
+                if known is not None:
+                    assert known.word is not None and known.bit is not None  # simple: set
+                    self._set_bits(cells, known.word, known.bit)
+                else:
+                    self._set_bits(
+                        cells, primary >> 6, np.left_shift(_ONE, (primary & 63).astype(np.uint64))
+                    )
             owner = primary
         else:
             self.seq_f[cells] = seq_bitsets(seq_id)
