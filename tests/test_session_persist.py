@@ -106,3 +106,32 @@ def test_a_bad_file_changes_nothing(tmp_path: Path) -> None:
         assert fingerprint_of(model) != fingerprint_of(TinyModel(TinyConfig.preset("kv")))
         cache.close()
         a.prefix_cache.close()
+
+
+def test_sequences_the_cache_did_not_know_are_removed_on_load(tmp_path: Path) -> None:
+    cfg = TinyConfig.preset("kv")
+    path = tmp_path / "s.pymem"
+    with TinyModel(cfg) as model, _mem(cfg, False) as m1, _mem(cfg, False) as m2:
+        a = _session(model, m1)
+        a.submit(0, list(range(1, 20)))
+        a.submit(2, list(range(5, 25)))
+        a.context_shift(2, 2, 6)  # an edited history: not a plain prefix, released
+        assert a.prefix_cache.held(2) is None and m1.seq_pos_max(2) >= 0
+        a.save_session(path)
+        b = Session(model, m2, n_seq_max=3)
+        assert b.load_session(path) == [0]
+        assert m2.seq_pos_max(2) == -1 and sorted(b.histories) == [0]
+        b.expect_positions()
+        r = b.submit(0, list(range(1, 22)))
+        assert (r.n_reused, r.n_decoded) == (19, 2) and b.ok
+        b.prefix_cache.close()
+        a.prefix_cache.close()
+
+
+def test_a_gguf_model_is_named_by_its_file() -> None:
+    from pymem.container import model_fingerprint
+    from pymem.runtime.gguf_llama import GGUFModel
+
+    path = Path(__file__).parent / "data" / "models" / "tiny-llama.gguf"
+    with GGUFModel(path) as model:
+        assert fingerprint_of(model) == model_fingerprint(path)
