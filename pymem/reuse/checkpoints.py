@@ -21,7 +21,8 @@ Where the bytes live (``where``)::
     where      held in                              take                 restore
     "device"   a backend buffer on the memory's     state_write, then    device -> host, parse,
     (default)  device (one i8 tensor, a             one host -> device   commit (host -> device)
-               TensorStore of its own)              upload
+               TensorStore of its own, or a range   upload
+               of a shared CheckpointArena)
     "host"     a Python ``bytes`` object            state_write          parse, commit
 
 A device checkpoint keeps host RAM free (a server with many checkpoints on a GPU holds
