@@ -182,7 +182,11 @@ def find_slot(c: RecurrentCells, req: SlotRequest) -> bool:
        ``src0`` (where its state comes from) and ``src = itself``.
 
     The steady state of a decode (every sequence already owns its cell, cells in ubatch
-    order) touches only a handful of whole-array operations.
+    order) touches only a handful of whole-array operations. When the previous uncoupled
+    placement on these cells (``c.steady``, carried by :meth:`RecurrentCells.copy`) held
+    the same sequences and ``tail`` is byte-equal to what it left, steps 1 and 2 are
+    known to change nothing and :func:`_find_slot_steady` does the rest; pinned equal to
+    the general path by tests/test_recurrent_steady.py.
     """
     size = c.size
     ids, n_ids = req.ids, req.n_ids
