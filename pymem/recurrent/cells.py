@@ -373,7 +373,7 @@ def _find_slot_steady(c: RecurrentCells, req: SlotRequest, st: _Steady) -> bool:
         return False
     c.head = lo
     c.n = hi - lo + 1
-    c.n_last[req.all_ids] = req.n_seq_tokens
+    c.n_last.put(req.all_ids, req.n_seq_tokens)  # put: cheaper than a fancy assignment
     c.used = st.used
     return True
 
