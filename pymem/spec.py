@@ -68,6 +68,18 @@ def masked_swa(
     raise ConfigError(f"swa_type: unknown value {swa_type!r}")
 
 
+def window_start(swa_type: SWAType, n_swa: int, pos: int) -> int:
+    """The first position a token at ``pos`` attends to in a sliding-window layer.
+
+    E.g. STANDARD, n_swa 4, pos 10 -> 7 (7, 8, 9 and 10 itself); CHUNKED, 4, 10 -> 8.
+    """
+    # E.g. STANDARD, n_swa 4, pos 10: candidates 1..10, visible from 7
+    lo = max(0, pos - 2 * n_swa - 1)
+    cand = np.arange(lo, pos + 1)
+    visible = ~masked_swa(n_swa, swa_type, cand, pos)
+    return int(cand[np.argmax(visible)])
+
+
 @dataclass(frozen=True)
 class RopeSpec:
     """Per-layer RoPE parameters used by the K-shift (``ggml_rope_ext`` arguments)."""

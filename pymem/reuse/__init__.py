@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from pymem.reuse.checkpoints import (
     Checkpoint,
+    CheckpointArena,
     checkpoint,
     layout_of,
+    memory_device,
     needs_checkpoints,
     restore_checkpoint,
     trimmed_parts,
@@ -34,6 +36,7 @@ from pymem.reuse.radix import RadixTree, as_tokens
 __all__ = [
     "Attach",
     "Checkpoint",
+    "CheckpointArena",
     "CheckpointPolicy",
     "EntryInfo",
     "PrefixCache",
@@ -45,6 +48,7 @@ __all__ = [
     "checkpoint",
     "layout_of",
     "load_prefix_cache",
+    "memory_device",
     "needs_checkpoints",
     "plan_rollback",
     "restore_checkpoint",

@@ -44,7 +44,7 @@ from pymem.hybrid import HybridMemory
 from pymem.kv import KVCache, KVCacheISWA
 from pymem.memory import Memory, StateFlags
 from pymem.recurrent import RecurrentMemory
-from pymem.spec import SWAType
+from pymem.spec import SWAType, window_start
 from pymem.state import StateReader
 
 Where = Literal["device", "host"]
@@ -324,8 +324,6 @@ def restorable(mem: Memory, seq_id: int, pos: int) -> str:
     "" when it can: every cache it leaves out (:func:`trimmed_parts`) must hold the
     sequence up to ``pos``, and one that slides must still hold the window of a token at
     ``pos + 1`` (the checkpoint does not bring those cells back)."""
-    from pymem.reuse.planner import window_start  # the planner imports this module
-
     for part in trimmed_parts(mem):
         have = part.seq_pos_max(seq_id)
         if have < pos:

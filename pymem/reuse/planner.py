@@ -24,14 +24,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
-
 from pymem.errors import RangeError
 from pymem.kv import KVCache
 from pymem.memory import Memory
 from pymem.recurrent import RecurrentMemory
 from pymem.reuse.checkpoints import Checkpoint, layout_of, restorable, restore_checkpoint
-from pymem.spec import SWAType, masked_swa
+from pymem.spec import SWAType, window_start
 
 RollbackKind = Literal["none", "trim", "snapshot", "checkpoint", "recompute"]
 
@@ -51,17 +49,6 @@ class RollbackPlan:
     def n_replay(self) -> int:
         """Tokens to decode again after :func:`apply_rollback`."""
         return self.pos - self.resume_from
-
-
-def window_start(swa_type: SWAType, n_swa: int, pos: int) -> int:
-    """The first position a token at ``pos`` attends to in a sliding-window layer.
-
-    E.g. STANDARD, n_swa 4, pos 10 -> 7 (7, 8, 9 and 10 itself); CHUNKED, 4, 10 -> 8.
-    """
-    lo = max(0, pos - 2 * n_swa - 1)
-    cand = np.arange(lo, pos + 1)
-    visible = ~masked_swa(n_swa, swa_type, cand, pos)
-    return int(cand[np.argmax(visible)])
 
 
 def _window_holds(mem: Memory, seq_id: int, pos: int) -> str:
