@@ -431,6 +431,7 @@ def load_prefix_cache(
         if ent not in keep:
             cache._evict(ent)
     cache.n_evicted = 0
+    cache.hold_on(cache.where)  # the entries were read as host bytes
     return cache
 
 

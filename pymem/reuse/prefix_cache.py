@@ -234,9 +234,9 @@ class PrefixCache:
     ``fingerprint`` names the model (e.g. :func:`pymem.container.model_fingerprint`);
     disk entries written under another one are refused. ``disk_dir``: where evicted
     checkpoints go (a private folder is made inside it and removed by :meth:`close`).
-    ``where``: where the RAM tier holds checkpoint bytes, ``"host"`` (Python bytes, the
-    default) or ``"device"`` (a buffer on the memory's device each, see
-    :func:`pymem.reuse.checkpoint`); ``budget_bytes`` counts both, and
+    ``where``: where the RAM tier holds checkpoint bytes, ``"device"`` (the default: a
+    buffer on the memory's device each, see :func:`pymem.reuse.checkpoint`) or ``"host"``
+    (Python bytes); ``budget_bytes`` counts both, and
     :meth:`memory_breakdown` tells them apart. A dropped or evicted entry's buffer is
     freed at once. ``arena_bytes`` (with ``"device"``): one device buffer of that size,
     allocated at the first checkpoint, that checkpoints take ranges of (see
@@ -252,7 +252,7 @@ class PrefixCache:
         disk_dir: str | os.PathLike[str] | None = None,
         disk_budget_bytes: int = 1 << 30,
         fingerprint: str = "",
-        where: Where = "host",
+        where: Where = "device",
         arena_bytes: int = 0,
     ) -> None:
         if where not in WHERE:
@@ -932,15 +932,14 @@ class PrefixCache:
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes held: ``"ram"`` (checkpoint blobs of the RAM tier, wherever held),
         ``"arena"`` (the checkpoint arena's buffer, when there is one),
-        ``"disk"`` (container files), ``"tree"`` (token keys of the radix tree), and, only
-        when a RAM-tier checkpoint is held on a backend device, ``"ram_device"`` /
-        ``"ram_host"`` (the part of ``"ram"`` in device buffers / in host bytes)."""
+        ``"disk"`` (container files), ``"tree"`` (token keys of the radix tree),
+        ``"ram_device"`` / ``"ram_host"`` (the part of ``"ram"`` in device buffers / in host
+        bytes)."""
         tree = sum(len(node.key) for node in self.tree.iter_nodes())
         out = {"ram": self.bytes_ram, "disk": self.bytes_disk, "tree": tree}
         on_dev = sum(e.nbytes for e in self._ram if e.ckpt is not None and e.ckpt.where == "device")
-        if on_dev or self.where == "device":
-            out["ram_device"] = on_dev
-            out["ram_host"] = self.bytes_ram - on_dev
+        out["ram_device"] = on_dev
+        out["ram_host"] = self.bytes_ram - on_dev
         if self._arena is not None:
             out["arena"] = self._arena.capacity  # allocated, whatever is in use
         return out
