@@ -176,3 +176,97 @@ def test_min_max_at_hand_worked():
     min_max_at(lo, hi, np.array([3, 3, 5, 5, 5, 3]), np.array([7, 8, 1, 2, 3, 9]))
     assert lo.tolist() == [100, 100, 100, 7, 100, 1]
     assert hi.tolist() == [-1, -1, -1, 9, -1, 3]
+
+
+# --- the SWA overwrite of a one-stream cache (KVCache.apply_ubatch) ------------------------
+
+
+def owned_stack(rng: np.random.Generator, size: int, with_ext: bool) -> StackedCells:
+    """One stream, no shared cells: cells held by one of 6 sequences at random positions
+    (repeats within a sequence too), a few with a position and no sequence (a restore's)."""
+    st = StackedCells(1, size, with_ext)
+    idx = np.flatnonzero(rng.random(size) < 0.8)
+    seq = rng.integers(0, 6, (idx.size, 1)).astype(np.int32)
+    ext = rng.integers(0, 9, (idx.size, 3)).astype(np.int32) if with_ext else None
+    st.set_new(np.array([0]), idx[None], rng.integers(0, 40, idx.size), seq, ext)
+    lone = idx[::9]
+    st.rows_f[lone] = np.zeros(1, dtype=cells_mod._ROW)[0]  # position, no sequence
+    st.owner_f[lone] = cells_mod.OWNER_NONE
+    st.refresh(np.zeros(6, np.int64), np.arange(6))
+    return st
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("with_ext", [False, True])
+def test_rm_owned_and_purge_owned_upto_equal_rm_and_seq_rm_upto(seed, with_ext):
+    rng = np.random.default_rng(4100 + seed)
+    a = owned_stack(np.random.default_rng(seed), 96, with_ext)
+    b = owned_stack(np.random.default_rng(seed), 96, with_ext)
+    same(state(a), state(b))
+    # overwritten cells: some held cells, a sequence twice at times
+    held = np.flatnonzero(a.owner_f >= 0)
+    gid = np.sort(rng.choice(held, int(rng.integers(1, 9)), replace=False))
+    own, pos = a.owner_f[gid].copy(), a.pos_f[gid].copy()
+    for st in (a, b):
+        st.begin() if seed % 2 else None
+    a.rm_owned(gid, own, pos)
+    b.rm(gid, exact_bounds=True)
+    same(state(a), state(b))
+    max_rm = np.full(cells_mod.LLAMA_MAX_SEQ, -1, dtype=np.int64)
+    np.maximum.at(max_rm, own, pos.astype(np.int64))
+    seqs = np.flatnonzero(max_rm >= 0)
+    got = a.purge_owned_upto(max_rm)
+    want = b.seq_rm_upto(seqs, np.zeros(seqs.size, np.int64), max_rm[seqs])
+    np.testing.assert_array_equal(got, want)
+    same(state(a), state(b))
+    if seed % 2:  # under a journal both roll back to the same cells
+        a.rollback()
+        b.rollback()
+        same(state(a), state(b))
+
+
+@pytest.mark.parametrize("swa_type", ["standard", "chunked", "symmetric"])
+@pytest.mark.parametrize("seed", range(3))
+def test_swa_overwrite_equals_general_path(monkeypatch, swa_type, seed):
+    # random decodes on a unified SWA cache (one token per sequence, longer ubatches, a
+    # token of several sequences now and then, tails removed and decoded again): the
+    # overwrite through rm_owned / purge_owned_upto against the general rm / seq_rm_upto
+    from kv_helpers import check_invariants, decode, make_kv
+
+    import pymem.kv.cache as cache_mod
+    from pymem.spec import SWAType
+
+    kind = {"standard": SWAType.STANDARD, "chunked": SWAType.CHUNKED,
+            "symmetric": SWAType.SYMMETRIC}[swa_type]  # fmt: skip
+    rng = np.random.default_rng(5200 + seed)
+    caches = [make_kv(48, 4, swa_type=kind, n_swa=4, unified=True) for _ in range(2)]
+    nxt = [0, 0, 0, 0]
+    for step in range(60):
+        r = rng.random()
+        if r < 0.1:
+            q = int(rng.integers(0, 4))
+            cut = max(0, nxt[q] - int(rng.integers(1, 4)))
+            for kv in caches:
+                kv.seq_rm(q, cut, -1)
+            nxt[q] = cut
+            continue
+        items = []
+        for q in rng.permutation(4)[: int(rng.integers(1, 5))].tolist():
+            for _ in range(int(rng.integers(1, 3))):
+                items.append([1, nxt[q], [q], True])
+                nxt[q] += 1
+        if r > 0.9 and nxt[0] == nxt[1]:  # one token of sequences 0 and 1
+            items.append([1, nxt[0], [0, 1], True])
+            nxt[0] += 1
+            nxt[1] += 1
+        res, n_ubatch = [], int(rng.integers(1, 6))
+        for i, kv in enumerate(caches):
+            with monkeypatch.context() as m:
+                m.setattr(cache_mod, "OVERWRITE_OWNED", i == 0)
+                res.append(decode(kv, items, n_ubatch=n_ubatch).code)
+        assert res[0] == res[1], step
+        same(state(caches[0].cells), state(caches[1].cells))
+        assert list(caches[0].v_heads) == list(caches[1].v_heads), step
+        if res[0] != 0:  # did not fit: both unchanged, positions as before the batch
+            nxt = [kv_max + 1 for kv_max in (caches[0].seq_pos_max(q) for q in range(4))]
+    check_invariants(caches[0])

@@ -102,6 +102,9 @@ from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 N_PAD_GRAPH = 256  # n_kv is padded to a multiple of this, for a stable graph shape
 # cells the batched slot search looks at first from each head (then 4x wider each pass)
 SLOT_WINDOW = 16
+# the SWA overwrite on one stream without shared cells takes StackedCells.rm_owned (tests
+# turn it off to compare with the general rm)
+OVERWRITE_OWNED = True
 
 
 def _int_arg(name: str, value: Any, lo: int, hi: int | None = None) -> int:
@@ -1039,9 +1042,19 @@ class KVCache(Memory):
         if occupied.size:
             own = st.owner_f[occupied]
             assert (own >= 0).all(), "overwriting a cell that is not held by exactly one sequence"
+            p_rm = st.pos_f[occupied]
             max_rm = np.full(LLAMA_MAX_SEQ, -1, dtype=np.int64)
-            np.maximum.at(max_rm, own, st.pos_f[occupied].astype(np.int64))
-            st.rm(occupied, exact_bounds=True)
+            # the largest removed position per sequence: a plain assignment when the owners
+            # are distinct (one token per sequence, the decode step), checked: a repeated
+            # owner whose larger position lost the write goes through ufunc.at.
+            # E.g. owners [2, 5, 2], pos [7, 3, 9] -> max_rm[2] = 9 (either way), [5] = 3
+            max_rm[own] = p_rm
+            if occupied.size > 1 and (max_rm[own] < p_rm).any():
+                np.maximum.at(max_rm, own, p_rm.astype(np.int64))
+            if self.n_stream == 1 and not st.n_multi[0] and OVERWRITE_OWNED:
+                st.rm_owned(occupied, own, p_rm)
+            else:
+                st.rm(occupied, exact_bounds=True)
         ext = None
         if st.ext is not None:
             ext = np.empty((n_tok, 3), dtype=np.int32)
@@ -1058,7 +1071,9 @@ class KVCache(Memory):
             st.set_new(strm, idx, pos_all[:n_tok], ubatch.seq_id, ext, gid, memo.new_rows)
         else:
             st.set_new(strm, idx, pos_all[:n_tok], ubatch.seq_id, ext)
-        if max_rm is not None:
+        if max_rm is not None and self.n_stream == 1 and not st.n_multi[0] and OVERWRITE_OWNED:
+            self._heads_back_to(st.purge_owned_upto(max_rm))
+        elif max_rm is not None:
             seqs = np.flatnonzero(max_rm >= 0)
             rows = self.seq_to_stream[seqs].astype(np.int64)
             self._heads_back_to(st.seq_rm_upto(seqs, rows, max_rm[seqs]))

@@ -55,6 +55,8 @@ _ROW = np.dtype((np.void, N_WORDS * 8))  # one cell's bitset as a single 32-byte
 _ZERO_ROW = np.zeros(1, dtype=_ROW)[0]
 _NO_CELLS = np.zeros(0, dtype=np.int64)
 _NO_CELLS.flags.writeable = False
+_NO_BOUND = np.full(2, -2, dtype=np.int64)  # owners -2, -1: nothing removed
+_NO_BOUND.flags.writeable = False
 # per-stream state a journal saves when it first touches a stream (StackedCells attributes)
 _SUMMARY = (
     "used",
@@ -557,6 +559,27 @@ class StackedCells:
             self.ext_f[gid] = EXT_DEFAULT
         self._freed(gid, rows)
 
+    def rm_owned(self, gid: np.ndarray, own: np.ndarray, pos: np.ndarray) -> None:
+        """:meth:`rm` with ``exact_bounds`` of cells ``gid`` of a one-stream stack without
+        shared cells, each held by one sequence: ``own`` and ``pos`` are their owners and
+        positions, already read by the caller (the SWA overwrite of a decode step). The
+        same state as ``rm(gid, exact_bounds=True)`` in about half the numpy calls: the
+        owner is the bound key, nothing is shared, the stream is 0."""
+        self._record(gid, 0)
+        # E.g. seq 3 with [min, max] = [10, 40] losing position 10 -> min dirty only
+        # (a repeated key reads and writes the same value: |= is safe here)
+        key = own.astype(np.int64)
+        p = pos.astype(np.int64)
+        self.pdirty_f[key[p <= self.pmin_f[key]]] |= STALE_MIN
+        self.pdirty_f[key[p >= self.pmax_f[key]]] |= STALE_MAX
+        self.owner_f[gid] = OWNER_NONE
+        self.pos_f[gid] = POS_NONE
+        self.shift_f[gid] = 0
+        self.rows_f[gid] = _ZERO_ROW
+        if self.ext_f is not None:
+            self.ext_f[gid] = EXT_DEFAULT
+        self._freed(gid, 0)
+
     def set_new(
         self,
         strm: np.ndarray,
@@ -768,6 +791,48 @@ class StackedCells:
                 self.ext_f[emptied] = EXT_DEFAULT
             self._freed(emptied, self.streams_of(emptied))
         return emptied
+
+    def purge_owned_upto(self, max_rm: np.ndarray) -> np.ndarray:
+        """:meth:`seq_rm_upto` of every sequence ``s`` with ``max_rm[s] >= 0`` up to
+        ``max_rm[s]`` (``max_rm``: int64 ``[256]``, -1 for none) on a one-stream stack
+        without shared cells, the table used as it is (the SWA overwrite's purge, which
+        usually finds nothing: the overwritten cells were the oldest). Returns the emptied
+        cells, ascending; the same state as ``seq_rm_upto``."""
+        hi = int(max_rm.max())
+        if hi < 0:
+            return _NO_CELLS
+        pos1 = self.pos[0]
+        # filled cells at or below the largest bound, one uint32 pass (an empty cell's -1
+        # reads 2^32 - 1). E.g. pos [3, 6, -1], max_rm up to 5 -> candidates [0]
+        cand = np.flatnonzero(pos1.view(np.uint32) <= np.uint32(hi))
+        if cand.size == 0:
+            return _NO_CELLS
+        # owners -1 (a position without a sequence) read entry 1, -2: below every position
+        # E.g. owners [2, -1], max_rm[2] = 5, pos [3, 4] -> bounds [5, -2] -> cell 0 only
+        bound1 = np.concatenate((_NO_BOUND, max_rm))
+        cells = cand[pos1[cand] <= bound1[self.owner[0, cand] + 2]]  # ascending, distinct
+        if cells.size == 0:
+            return cells
+        seqs = np.flatnonzero(max_rm >= 0)
+        return self._purge_owned(cells, np.zeros(seqs.size, np.int64), seqs, max_rm[seqs])
+
+    def _purge_owned(
+        self, cells: np.ndarray, rows: np.ndarray, seqs: np.ndarray, p_max: np.ndarray
+    ) -> np.ndarray:
+        """:meth:`_purge` of cells of stream 0 each held by the one sequence it loses (one
+        stream, no shared cells): a bitset of one bit loses it and is empty, so every cell
+        empties and ``n_multi`` stays 0; no ``ufunc.at`` and no owner recount."""
+        self._record(cells, 0)
+        self._touch(rows)
+        self._removed_bounds(rows, seqs, p_max)
+        self.rows_f[cells] = _ZERO_ROW
+        self.owner_f[cells] = OWNER_NONE
+        self.pos_f[cells] = POS_NONE
+        self.shift_f[cells] = 0
+        if self.ext_f is not None:
+            self.ext_f[cells] = EXT_DEFAULT
+        self._freed(cells, 0)
+        return cells
 
     def _removed_bounds(self, rows: np.ndarray, seqs: np.ndarray, p_max: np.ndarray) -> None:
         """Dirty flags for removing positions ``<= p_max[j]`` of pair j: the minimum may
