@@ -270,3 +270,21 @@ def test_swa_overwrite_equals_general_path(monkeypatch, swa_type, seed):
         if res[0] != 0:  # did not fit: both unchanged, positions as before the batch
             nxt = [kv_max + 1 for kv_max in (caches[0].seq_pos_max(q) for q in range(4))]
     check_invariants(caches[0])
+
+
+@pytest.mark.parametrize("n", [0, 5, 1023, 1024, 5000])
+def test_put_rows_equals_fancy_assignment(n):
+    # np.put from _PUT_MIN cells on, fancy assignment below; on the stack's flat items and
+    # on a stream's view of them (KVCells._rows)
+    rng = np.random.default_rng(n)
+    st = StackedCells(2, 8192)
+    st.seq[:] = rng.integers(0, 2**63, st.seq.shape, dtype=np.uint64)
+    want = st.seq.copy()
+    item = np.array([1, 2, 3, 4], dtype=np.uint64).view(cells_mod._ROW)[0]
+    idx = np.sort(rng.choice(8192, n, replace=False)).astype(np.int64)
+    cells_mod.put_rows(st.rows_f, idx + 8192, item)
+    want.reshape(-1, 4)[idx + 8192] = [1, 2, 3, 4]
+    view = st.rows_f[:8192]
+    cells_mod.put_rows(view, idx)
+    want[0, idx] = 0
+    np.testing.assert_array_equal(st.seq, want)
