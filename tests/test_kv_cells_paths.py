@@ -1,4 +1,4 @@
-"""``StackedCells.set_new``'s fast paths against its general path (issue 14).
+"""Fast paths of the KV cells and cache against their general paths (issue 14).
 
 A run of cells of one stream is written through a slice, one sequence id for every
 token updates its bounds with two reductions, ids below 64 are shifted straight into the
@@ -13,9 +13,13 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from kv_helpers import check_invariants, decode, make_kv
 
+import pymem.kv.cache as cache_mod
 import pymem.kv.cells as cells_mod
 from pymem.kv.cells import StackedCells, min_max_at
+from pymem.kv.state_io import _restore_ubatch
+from pymem.spec import SWAType
 
 _STATE = (
     "pos", "shift", "seq", "owner", "ext", "used", "used_max_p1", "used_max_dirty",
@@ -231,11 +235,6 @@ def test_swa_overwrite_equals_general_path(monkeypatch, swa_type, seed):
     # random decodes on a unified SWA cache (one token per sequence, longer ubatches, a
     # token of several sequences now and then, tails removed and decoded again): the
     # overwrite through rm_owned / purge_owned_upto against the general rm / seq_rm_upto
-    from kv_helpers import check_invariants, decode, make_kv
-
-    import pymem.kv.cache as cache_mod
-    from pymem.spec import SWAType
-
     kind = {"standard": SWAType.STANDARD, "chunked": SWAType.CHUNKED,
             "symmetric": SWAType.SYMMETRIC}[swa_type]  # fmt: skip
     rng = np.random.default_rng(5200 + seed)
@@ -288,3 +287,32 @@ def test_put_rows_equals_fancy_assignment(n):
     cells_mod.put_rows(view, idx)
     want[0, idx] = 0
     np.testing.assert_array_equal(st.seq, want)
+
+
+@pytest.mark.parametrize("swa", ["none", "standard", "chunked"])
+@pytest.mark.parametrize("seed", range(3))
+def test_slot_search_through_a_slice_equals_gather_path(monkeypatch, swa, seed):
+    # a one-stream find_slot of >= SLOT_SLICE_MIN tokens tests the head window through a
+    # slice (then scans): the same cells as the gather path, from every head, on caches
+    # with holes, SWA-masked cells and dirty bounds
+    kind = {"none": SWAType.NONE, "standard": SWAType.STANDARD, "chunked": SWAType.CHUNKED}[swa]
+    rng = np.random.default_rng(6300 + seed)
+    kw = {} if kind == SWAType.NONE else {"swa_type": kind, "n_swa": 64}
+    kv = make_kv(1024, 4, unified=True, **kw)
+    for q in range(4):
+        n = int(rng.integers(50, 250))
+        idx = np.sort(rng.choice(np.flatnonzero(kv.v_cells[0].pos < 0), n, replace=False))
+        kv.v_cells[0].set_new(idx, np.arange(n), np.full((n, 1), q, np.int32))
+        kv.seq_rm(q, int(rng.integers(0, n)), int(rng.integers(0, n)))  # holes, dirty bounds
+    for _ in range(12):
+        n = int(rng.integers(256, 700))
+        ub = _restore_ubatch(1, 0, np.arange(n, dtype=np.int32), None)
+        kv.v_heads[:] = [int(rng.integers(0, 1025))]
+        got = kv.find_slot(ub, False)
+        with monkeypatch.context() as m:
+            m.setattr(cache_mod, "SLOT_SLICE_MIN", 1 << 62)
+            want = kv.find_slot(ub, False)
+        assert (got is None) == (want is None)
+        if got is not None:
+            np.testing.assert_array_equal(got.strm, want.strm)
+            np.testing.assert_array_equal(got.idxs, want.idxs)

@@ -102,6 +102,9 @@ from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 N_PAD_GRAPH = 256  # n_kv is padded to a multiple of this, for a stable graph shape
 # cells the batched slot search looks at first from each head (then 4x wider each pass)
 SLOT_WINDOW = 16
+# tokens from which a one-stream slot search tests the head window through a slice (tests
+# raise it to compare with the gather path)
+SLOT_SLICE_MIN = 256
 # the SWA overwrite on one stream without shared cells takes StackedCells.rm_owned (tests
 # turn it off to compare with the general rm)
 OVERWRITE_OWNED = True
@@ -919,6 +922,17 @@ class KVCache(Memory):
             s = int(strm[0])
             h = int(self.v_heads.a[s])
             h = 0 if h > int(st.used[s]) + 2 * n else h
+            if n >= SLOT_SLICE_MIN and h + n <= size:
+                # many cells (a restore, a prompt), no wrap: the head window tested through
+                # a slice, and on failure the scan (what the window test leads to below)
+                cells = self.v_cells[s]
+                strm32 = strm.astype(np.int32) if memo is None else memo.strm32
+                if self._usable(cells, h, h + n).all():
+                    return SlotInfo(strm32, np.arange(h, h + n, dtype=np.int32).reshape(1, n))
+                found = self._search(cells, h, n, False)
+                if found is None:
+                    return None
+                return SlotInfo(strm32, found.astype(np.int32).reshape(1, n))
             cols = np.arange(h, h + n, dtype=np.int64).reshape(1, n)
             if h + n > size:
                 cols %= size
