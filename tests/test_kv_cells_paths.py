@@ -5,6 +5,12 @@ token updates its bounds with two reductions, ids below 64 are shifted straight 
 cells, and ``min_max_at`` groups runs of equal keys before ``ufunc.at``. Each must leave
 exactly the state the general path (index arrays, ``ufunc.at`` per cell) leaves: the
 general path is forced by raising ``cells.RUN_MIN`` and ``cells._GROUP_MAX_SHARE``.
+
+Also: ``put_rows`` (``np.put`` of bitset items) against fancy assignment; the SWA
+overwrite of a one-stream cache (``rm_owned``, ``purge_owned_upto``; off with
+``cache.OVERWRITE_OWNED``) against ``rm`` / ``seq_rm_upto`` and over whole decodes; the
+one-stream slot search through a slice (off with ``cache.SLOT_SLICE_MIN``) against the
+gather path.
 """
 
 from __future__ import annotations
