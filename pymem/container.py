@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Literal, cast
 
@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 MAGIC = b"PYMEMST\0"
 VERSION = 1
 _PREFIX = struct.Struct("<8sII")  # magic, version, header length
+PREFIX_SIZE = _PREFIX.size
+"""Where a container's JSON header starts."""
 DIGEST_SIZE = 32  # SHA-256
 _HEADER_MAX = 1 << 30  # a header longer than this is damage, not tokens
 
@@ -263,7 +265,7 @@ def _pos_ranges(mem: Memory, seq_id: int) -> dict[int, tuple[int, int]]:
 
 
 class _HashingFile(io.RawIOBase):
-    """Writes through to ``f`` and hashes every byte on the way."""
+    """Writes through to ``f`` and hashes every byte on the way (no second copy)."""
 
     def __init__(self, f: BinaryIO) -> None:
         super().__init__()
@@ -280,6 +282,36 @@ class _HashingFile(io.RawIOBase):
         n = memoryview(data).nbytes
         self.n += n
         return n
+
+
+def write_body(f: BinaryIO, header_text: bytes, write_payload: Callable[[BinaryIO], None]) -> int:
+    """Prefix, header, the payload ``write_payload`` streams, then the digest of it all; bytes
+    written. The one place a container's layout is written (pymem.reuse.persist uses it)."""
+    hf = _HashingFile(f)
+    hf.write(_PREFIX.pack(MAGIC, VERSION, len(header_text)))
+    hf.write(header_text)
+    write_payload(cast(BinaryIO, hf))
+    digest = hf.sha.digest()
+    f.write(digest)
+    return hf.n + len(digest)
+
+
+def write_atomic(
+    path: str | os.PathLike[str], header_text: bytes, write_payload: Callable[[BinaryIO], None]
+) -> int:
+    """:func:`write_body` into a temporary file beside ``path``, renamed into place once
+    complete (readers never see half a container; a failure leaves no file behind)."""
+    target = os.fspath(path)
+    tmp = f"{target}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            n = write_body(f, header_text, write_payload)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return n
 
 
 def write_container(
@@ -311,35 +343,22 @@ def write_container(
         tokens=tuple(int(t) for t in toks),
         payload_len=mem.state_size(seq_id, flags),
     )
+
+    def payload(out: BinaryIO) -> None:
+        n = mem.state_write_to(out, header.seq_id, header.flags)
+        if n != header.payload_len:
+            raise StateError(
+                f"payload: the memory wrote {n} bytes, its state_size said {header.payload_len}"
+            )
+
     if not isinstance(path_or_file, (str, os.PathLike)):
-        return _write(path_or_file, mem, header)
-    path = os.fspath(path_or_file)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            n = _write(f, mem, header)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    log.debug("wrote %s: %d bytes, %s state, payload %d", path, n, header.kind, header.payload_len)
+        return write_body(path_or_file, header.to_json(), payload)
+    n = write_atomic(path_or_file, header.to_json(), payload)
+    log.debug(
+        "wrote %s: %d bytes, %s state, payload %d",
+        os.fspath(path_or_file), n, header.kind, header.payload_len,
+    )  # fmt: skip
     return n
-
-
-def _write(f: BinaryIO, mem: Memory, header: ContainerHeader) -> int:
-    text = header.to_json()
-    hf = _HashingFile(f)
-    hf.write(_PREFIX.pack(MAGIC, VERSION, len(text)))
-    hf.write(text)
-    n = mem.state_write_to(cast(BinaryIO, hf), header.seq_id, header.flags)
-    if n != header.payload_len:
-        raise StateError(
-            f"payload: the memory wrote {n} bytes, its state_size said {header.payload_len}"
-        )
-    digest = hf.sha.digest()
-    f.write(digest)
-    return hf.n + len(digest)
 
 
 # --- reading ---------------------------------------------------------------------------
@@ -498,19 +517,4 @@ def write_container_payload(
         tokens=tuple(int(t) for t in toks),
         payload_len=len(data),
     )
-    text = header.to_json()
-    target = os.fspath(path)
-    tmp = f"{target}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            hf = _HashingFile(cast(BinaryIO, f))
-            hf.write(_PREFIX.pack(MAGIC, VERSION, len(text)))
-            hf.write(text)
-            hf.write(data)
-            f.write(hf.sha.digest())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return hf.n + DIGEST_SIZE
+    return write_atomic(path, header.to_json(), lambda out: out.write(data))

@@ -48,26 +48,21 @@ and the cache's counters (``n_taken``, ``peak_ram``, ...: they restart at 0).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
-import io
 import json
 import os
-import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import numpy as np
 
 from pymem.container import (
-    DIGEST_SIZE,
-    MAGIC,
-    VERSION,
+    PREFIX_SIZE,
     ContainerHeader,
     check_layout,
     memory_layout,
     parse_container,
+    write_atomic,
 )
 from pymem.errors import ConfigError, StateError
 from pymem.memory import Memory
@@ -79,7 +74,6 @@ if TYPE_CHECKING:
     from pymem.reuse.prefix_cache import PrefixCache
 
 INDEX_VERSION = 1
-_PREFIX = struct.Struct("<8sII")  # the container's prefix: magic, version, header length
 
 
 @dataclass(frozen=True)
@@ -96,26 +90,6 @@ class _EntryRec:
     durable: bool
     last_used: int
     blob: bytes
-
-
-class _Hashing(io.RawIOBase):
-    """Writes through to ``f`` and hashes every byte on the way (no second copy)."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        super().__init__()
-        self.f = f
-        self.sha = hashlib.sha256()
-        self.n = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        self.sha.update(data)
-        self.f.write(data)
-        n = memoryview(data).nbytes
-        self.n += n
-        return n
 
 
 # --- saving -------------------------------------------------------------------------------
@@ -196,29 +170,17 @@ def save_prefix_cache(
     doc = json.loads(header.to_json())
     doc["prefix_cache"] = index
     text = json.dumps(doc, separators=(",", ":")).encode()
-    target = os.fspath(path)
-    tmp = f"{target}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            hf = _Hashing(cast(BinaryIO, f))
-            hf.write(_PREFIX.pack(MAGIC, VERSION, len(text)))
-            hf.write(text)
-            n = mem.state_write_to(cast(BinaryIO, hf), -1, 0)
-            if n != state_len:
-                raise StateError(
-                    f"payload: the memory wrote {n} bytes, state_size said {state_len}"
-                )
-            for b in token_bytes:
-                hf.write(b)
-            for r in recs:
-                hf.write(r.blob)
-            f.write(hf.sha.digest())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return hf.n + DIGEST_SIZE
+
+    def payload(out: BinaryIO) -> None:
+        n = mem.state_write_to(out, -1, 0)
+        if n != state_len:
+            raise StateError(f"payload: the memory wrote {n} bytes, state_size said {state_len}")
+        for b in token_bytes:
+            out.write(b)
+        for r in recs:
+            out.write(r.blob)
+
+    return write_atomic(path, text, payload)
 
 
 # --- loading ------------------------------------------------------------------------------
@@ -294,7 +256,7 @@ def load_prefix_cache(
             f"{where}: a {header.kind} state with flags {header.flags}; a saved prefix cache "
             "holds the whole memory (flags 0)"
         )
-    doc = json.loads(bytes(data[_PREFIX.size : header.payload_offset]).decode())
+    doc = json.loads(bytes(data[PREFIX_SIZE : header.payload_offset]).decode())
     w = f"{where}: container header field prefix_cache"
     idx = _field(doc, "prefix_cache", dict, f"{where}: container header")
     if _field(idx, "version", int, w) != INDEX_VERSION:
