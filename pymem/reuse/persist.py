@@ -52,7 +52,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 
@@ -67,11 +67,9 @@ from pymem.container import (
 from pymem.errors import ConfigError, StateError
 from pymem.memory import Memory
 from pymem.reuse.checkpoints import Checkpoint, layout_of
+from pymem.reuse.prefix_cache import CheckpointPolicy, PrefixCache, _Entry
 from pymem.reuse.radix import TOKEN
 from pymem.state import StateReader
-
-if TYPE_CHECKING:
-    from pymem.reuse.prefix_cache import PrefixCache
 
 INDEX_VERSION = 1
 
@@ -104,8 +102,6 @@ def save_prefix_cache(
     ``fingerprint``: the model (default: the cache's own; one of the two must be set).
     Written beside ``path`` and renamed into place: readers never see half a file.
     """
-    from pymem.reuse.prefix_cache import _Entry  # the cache imports this module lazily
-
     cache._check_open()
     fp = cache.fingerprint if fingerprint is None else fingerprint
     if not isinstance(fp, str) or not fp:
@@ -224,8 +220,6 @@ def load_prefix_cache(
     Nothing changes (memory, caches) unless every check passed; a cache that was over
     ``mem`` before is stale after a successful load: close it.
     """
-    from pymem.reuse.prefix_cache import CheckpointPolicy, PrefixCache, _Entry
-
     if not isinstance(fingerprint, str) or not fingerprint:
         raise ConfigError(f"fingerprint: a non-empty string naming the model, got {fingerprint!r}")
     data: bytes | bytearray | memoryview

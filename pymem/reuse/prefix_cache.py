@@ -890,7 +890,7 @@ class PrefixCache:
         with ``mem`` unchanged. See :func:`pymem.reuse.persist.load_prefix_cache`.
         ``where``: where the new cache holds its RAM checkpoints (default: the cache's
         default); they are read as host bytes and moved after the commit."""
-        from pymem.reuse.persist import load_prefix_cache
+        from pymem.reuse.persist import load_prefix_cache  # persist imports this module
 
         if where is not None and where not in WHERE:
             raise ConfigError(f"where: must be one of {WHERE}, got {where!r}")
