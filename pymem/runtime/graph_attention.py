@@ -1152,7 +1152,7 @@ class AttentionGraph:
         gating: int,
         norm_w: bool,
         w_scale: float = 0.0,
-        act: str = "silu",
+        act: str | Callable[[Any, Any], Any] = "silu",
         exp_probs_b: bool = True,
         weight_before_ffn: bool = False,
         logits: Any = None,
@@ -1166,7 +1166,8 @@ class AttentionGraph:
         ``gating``: a ``GATING_*`` value; ``norm_w``: divide the chosen weights by their sum
         (clamped to :data:`F16_MIN_NORMAL`); ``w_scale``: scale them (0 or 1: not);
         ``act``: ``silu`` (SwiGLU, or SiLU without gate experts), ``gelu``, ``relu``,
-        ``relu_sqr`` (no gate) or ``swiglu_oai``; ``exp_probs_b``: add
+        ``relu_sqr`` (no gate), ``swiglu_oai``, or a callable ``(gate, up) -> act`` (Kimi-K3's
+        SiTU); ``exp_probs_b``: add
         ``exp_probs_b.bias`` (when the file has it) to the probabilities used for the
         choice only;
         ``weight_before_ffn``: llama4 weighs the input rows, not the outputs, and chooses
@@ -1240,7 +1241,9 @@ class AttentionGraph:
             gate = ctx.mul_mat_id(gate_exps, x, selected) if has_gate else up
             gate = biased(gate, "ffn_gate_exps.bias")
 
-        if act == "silu" and limit > 1e-6 and gate_up_exps is None and has_gate:
+        if callable(act) and has_gate:
+            cur = act(gate, up)
+        elif act == "silu" and limit > 1e-6 and gate_up_exps is None and has_gate:
             if self.hp.arch == "maple":
                 # the fused clamp: silu(min(gate, limit)) * clamp(up, -limit, limit)
                 cur = gg.lib.pm_swiglu_clamp(ctx.ptr, gate, up, f32(limit))

@@ -75,8 +75,6 @@ _RWKV7_DECAY_SCALE = -0.606531
 _WKV7_HEAD_MULTIPLE = 64
 # llama_expert_gating_func_type: MiniMax-01 routes by softmax, Kimi by sigmoid
 _GATING_SOFTMAX, _GATING_SIGMOID = 1, 2
-# build_moe_ffn clamps the weight sum to the smallest normal F16
-_F16_MIN_NORMAL = 6.103515625e-5
 
 
 class RWKVGraph:
@@ -1133,55 +1131,21 @@ class RWKVGraph:
         return ctx.mul(act, up)
 
     def _k3_moe(self, il: int, cur: Any) -> Any:
-        """``build_latent_moe`` without the latent projections: ``build_moe_ffn`` with the
-        router logits of the layer input, the file's gating (softmax or sigmoid), the
-        selection bias, optionally normalised (``expert_weights_norm``) and scaled
-        weights, SiTU experts; plus the SiTU shared expert."""
+        """``build_latent_moe`` without the latent projections: ``build_moe_ffn`` (the
+        engine's shared ``moe_ffn``) with the router logits of the layer input, the file's
+        gating (softmax or sigmoid), the selection bias, optionally normalised
+        (``expert_weights_norm``) and scaled weights, SiTU experts; plus the SiTU shared
+        expert."""
         ctx, w = self.ctx, self.m._w
         g: Any = self
         keys, arch = self.m.keys, self.hp.arch
-        n_embd, n_tokens = int(cur.ne[0]), int(cur.ne[1])
-        n_expert, n_used = g.moe_counts(il)
         gating = int(keys.f32(f"{arch}.expert_gating_func"))
-        logits = ctx.mul_mat(w(il, "ffn_gate_inp.weight"), cur)
-        if gating == _GATING_SOFTMAX:
-            probs = ctx.soft_max(logits)
-        elif gating == _GATING_SIGMOID:
-            probs = ctx.sigmoid(logits)
-        else:
+        if gating not in (_GATING_SOFTMAX, _GATING_SIGMOID):
             raise UnsupportedError(f"{self.m.path}: {arch}.expert_gating_func {gating}")
-        selection = probs
-        probs_b = w(il, "exp_probs_b.bias", required=False)
-        if probs_b is not None:
-            selection = ctx.add(probs, probs_b)
-        selected = ctx.argsort_top_k(selection, n_used)  # [n_used, n_tokens]
-        weights = ctx.get_rows(ctx.reshape_3d(probs, 1, n_expert, n_tokens), selected)
-        if keys.bool_(f"{arch}.expert_weights_norm"):
-            weights = ctx.reshape_2d(weights, n_used, n_tokens)
-            weights_sum = ctx.clamp(ctx.sum_rows(weights), _F16_MIN_NORMAL, float("inf"))
-            weights = ctx.reshape_3d(ctx.div(weights, weights_sum), 1, n_used, n_tokens)
-        w_scale = keys.f32(f"{arch}.expert_weights_scale", 0.0)
-        if w_scale not in (0.0, 1.0):
-            weights = ctx.scale(weights, w_scale)
-        g.expand(weights)  # early, as the reference
-        x = ctx.reshape_3d(cur, n_embd, 1, n_tokens)
-        up = ctx.mul_mat_id(w(il, "ffn_up_exps.weight"), x, selected)
-        gate = ctx.mul_mat_id(w(il, "ffn_gate_exps.weight"), x, selected)
-        experts = ctx.mul_mat_id(w(il, "ffn_down_exps.weight"), self._k3_situ(gate, up), selected)
-        experts = ctx.mul(experts, weights)  # [n_embd, n_used, n_tokens]
-        g.expand(experts)
-        # the views first, then their sum in expert-slot order
-        views = [
-            ctx.view_2d(experts, n_embd, n_tokens, experts.nb[2], i * int(experts.nb[1]))
-            for i in range(n_used)
-        ]
-        g.expand(*views)
-        moe_out = views[0]
-        for view in views[1:]:
-            moe_out = ctx.add(moe_out, view)
-            g.expand(moe_out)
-        if n_used == 1:
-            moe_out = ctx.cont(moe_out)
+        moe_out = g.moe_ffn(
+            il, cur, gating, norm_w=keys.bool_(f"{arch}.expert_weights_norm"),
+            w_scale=keys.f32(f"{arch}.expert_weights_scale", 0.0), act=self._k3_situ,
+        )  # fmt: skip
         if w(il, "ffn_gate_shexp.weight", required=False) is not None:
             sh = self._k3_situ(ctx.mul_mat(w(il, "ffn_gate_shexp.weight"), cur),
                                ctx.mul_mat(w(il, "ffn_up_shexp.weight"), cur))  # fmt: skip
