@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -55,14 +54,10 @@ import llama_cpp.llama_cpp as lc
 from _util import print_table, write_results
 from bench_vs_llama_cpp import (
     MODELS,
-    STATE_CHUNK,
     STATE_N_CTX,
     STATE_N_SEQ,
-    STATE_SEQ_MAX,
-    LlamaContext,
     LlamaModels,
     Pair,
-    make_memory,
 )
 
 import pymem.kv.state_io as sio
@@ -92,35 +87,10 @@ def wide_model() -> Path:
 
 def filled(models: LlamaModels, name: str, fa: bool, n_tokens: int) -> Pair:
     """bench_vs_llama_cpp.filled_pair for model ``name`` (a key of its MODELS)."""
-    spec = spec_from_gguf(str(MODELS[name]))
-    ref = LlamaContext(models.get(name), n_ctx=STATE_N_CTX, n_seq_max=STATE_SEQ_MAX,
-                       flash_attn=fa, kv_unified=True)  # fmt: skip
-    mem = make_memory(spec, n_ctx=STATE_N_CTX, n_seq_max=STATE_SEQ_MAX, flash_attn=fa,
-                      kv_unified=True)  # fmt: skip
-    pair = Pair(ref, mem, STATE_SEQ_MAX, fa)
-    for p0 in range(0, n_tokens, STATE_CHUNK):
-        # one call = one chunk of each sequence, E.g. chunk 2: seq [0, 0, 1, 1], pos [p0, p0+1] x 2
-        seq = np.repeat(np.arange(STATE_N_SEQ), STATE_CHUNK)
-        pos = np.tile(np.arange(p0, p0 + STATE_CHUNK), STATE_N_SEQ)
-        pair.decode_both(seq, pos, pos == p0 + STATE_CHUNK - 1, inputs=False)
-    # pymem's K/V bytes are zero after bookkeeping-only decodes: random bytes instead
-    rng = np.random.default_rng(0)
-    for layer in mem.layers:  # type: ignore[attr-defined]
-        for t in (layer.k, layer.v):
-            t.write_bytes(rng.integers(0, 255, t.nbytes, np.uint8))
-    return pair
+    return bvl.filled_pair(models, spec_from_gguf(str(MODELS[name])), fa, n_tokens, name)
 
 
-def interleaved(fns: dict[str, Any], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, called in turn (order rotated each round)."""
-    names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(v) for n, v in times.items()}
+interleaved = bvl.interleaved
 
 
 def _row_blocks(view: np.ndarray, runs: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:

@@ -485,9 +485,12 @@ STATE_TOKENS = 8192
 STATE_CHUNK = 128
 
 
-def filled_pair(models: LlamaModels, spec: Any, flash_attn: bool, n_tokens: int) -> Pair:
-    """tiny-llama, unified: STATE_N_SEQ sequences of ``n_tokens``, in interleaved chunks."""
-    ref = LlamaContext(models.get("llama"), n_ctx=STATE_N_CTX, n_seq_max=STATE_SEQ_MAX,
+def filled_pair(
+    models: LlamaModels, spec: Any, flash_attn: bool, n_tokens: int, name: str = "llama"
+) -> Pair:
+    """Model ``name`` (tiny-llama), unified: STATE_N_SEQ sequences of ``n_tokens``, in
+    interleaved chunks; pymem's K/V bytes random (its decodes are bookkeeping only)."""
+    ref = LlamaContext(models.get(name), n_ctx=STATE_N_CTX, n_seq_max=STATE_SEQ_MAX,
                        flash_attn=flash_attn, kv_unified=True)  # fmt: skip
     mem = make_memory(spec, n_ctx=STATE_N_CTX, n_seq_max=STATE_SEQ_MAX, flash_attn=flash_attn,
                       kv_unified=True)  # fmt: skip
