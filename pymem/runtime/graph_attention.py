@@ -837,21 +837,19 @@ class AttentionGraph:
             self.refuse_tensors(
                 il, ("attn_qkv.weight", "layer_output_scale.weight"), "gemma4",
             )  # fmt: skip
-        freq_factors = self.m.weights.get("rope_freqs.weight", required=False)
         n_tokens = self.ubatch.n_tokens
         inpL = ctx.scale(inp, float(np.sqrt(np.float32(hp.n_embd))))
         for il in range(hp.n_layer):
             hd, nh, nkv = layers[il].n_embd_head_k, hp.n_head[il], hp.n_head_kv[il]
             rope = layers[il].rope
-            factors = NULL if layers[il].swa or freq_factors is None else freq_factors
             cur = g.norm(inpL, w(il, "attn_norm.weight"))
             q = ctx.reshape_3d(ctx.mul_mat(w(il, "attn_q.weight"), cur), hd, nh, n_tokens)
-            q = self.rope_with(g.norm(q, w(il, "attn_q_norm.weight")), rope, factors)
+            q = g.rope(g.norm(q, w(il, "attn_q_norm.weight")), rope)
             k = ctx.reshape_3d(ctx.mul_mat(w(il, "attn_k.weight"), cur), hd, nkv, n_tokens)
             v = ctx.reshape_3d(ctx.mul_mat(w(il, "attn_v.weight"), cur), hd, nkv, n_tokens)
             k = g.norm(k, w(il, "attn_k_norm.weight"))
             v = ctx.rms_norm(v, hp.f_norm_rms_eps)
-            k = self.rope_with(k, rope, factors)
+            k = g.rope(k, rope)
             cur = self.attn_store_read(il, q, k, v, 1.0)
             cur = g.norm(cur, w(il, "post_attention_norm.weight"))
             attn_out = ctx.add(cur, inpL)
@@ -1016,15 +1014,6 @@ class AttentionGraph:
         cur = self.moe_ffn(il, cur, GATING_SOFTMAX, norm_w=True, act="gelu",
                            exp_probs_b=False, logits=logits)  # fmt: skip
         return g.norm(cur, w(il, "post_ffw_norm_2.weight"))
-
-    def rope_with(self, t: Any, rope: Any, freq_factors: Any) -> Any:
-        """``ggml_rope_ext`` with frequency factors (``NULL``: none)."""
-        g: Any = self
-        return self.ctx.rope_ext(
-            t, g.inp_pos(), freq_factors, rope.n_rot, int(rope.rope_type), rope.n_ctx_orig,
-            rope.freq_base, rope.freq_scale, rope.ext_factor, rope.attn_factor,
-            rope.beta_fast, rope.beta_slow,
-        )  # fmt: skip
 
     def maple(self, inp: Any, out_ids: Any) -> Any:
         """``llama_model_maple::graph``: per-head Q/K norms, RoPE on SWA layers only (the
