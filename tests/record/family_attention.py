@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from models import N_VOCAB, _common, _ffn, _Model, _qkvo
+from models import N_VOCAB, _attn, _common, _ffn, _Model, _moe, _qkvo, _shexp
 from runconfig import RunConfig
 
 N_EMBD, N_HEAD, N_HEAD_KV, HEAD = 16, 2, 1, 8
@@ -43,10 +43,7 @@ def write_gemma3(path: Path) -> Path:
     m.weight("token_embd.weight", (N_EMBD, N_VOCAB))
     m.norm("output_norm.weight", N_EMBD)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
-        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
-        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, qk_norm=True)
         m.norm(f"blk.{il}.post_attention_norm.weight", N_EMBD)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         _ffn(m, il, N_EMBD, n_ff)
@@ -79,14 +76,11 @@ def write_llama4(path: Path) -> Path:
     m.norm("output_norm.weight", N_EMBD)
     m.weight("output.weight", (N_EMBD, N_VOCAB))
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         if (il + 1) % 2 == 0:
             _moe(m, il, N_EMBD, n_ff_exp, n_expert)
-            m.weight(f"blk.{il}.ffn_gate_shexp.weight", (N_EMBD, n_ff_exp))
-            m.weight(f"blk.{il}.ffn_up_shexp.weight", (N_EMBD, n_ff_exp))
-            m.weight(f"blk.{il}.ffn_down_shexp.weight", (n_ff_exp, N_EMBD))
+            _shexp(m, il, N_EMBD, n_ff_exp)
         else:
             _ffn(m, il, N_EMBD, n_ff)
     m.finish()
@@ -118,8 +112,7 @@ def write_cohere2(path: Path) -> Path:
     m.f32("logit_scale", 0.5)
     _head(m, tied=True)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
         _ffn(m, il, N_EMBD, n_ff)
     m.finish()
     return path
@@ -172,8 +165,7 @@ def write_phi3(path: Path) -> Path:
     m.u32("rope.dimension_count", HEAD)
     _head(m)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         m.weight(f"blk.{il}.ffn_up.weight", (N_EMBD, 2 * n_ff))
         m.weight(f"blk.{il}.ffn_down.weight", (n_ff, N_EMBD))
@@ -246,8 +238,7 @@ def write_smallthinker(path: Path) -> Path:
     m.u32("expert_feed_forward_length", n_ff_exp)
     _head(m)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         _moe(m, il, N_EMBD, n_ff_exp, n_expert)
     m.finish()
@@ -273,8 +264,7 @@ def write_step35(path: Path) -> Path:
     m.f32("rope.freq_base_swa", 5000.0)
     _head(m)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         _ffn(m, il, N_EMBD, n_ff)
     m.finish()
@@ -299,8 +289,7 @@ def write_mimo2(path: Path) -> Path:
     m.u32("expert_feed_forward_length", 8)
     _head(m)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, kv_heads[il] * HEAD)
+        _attn(m, il, N_EMBD, N_HEAD, kv_heads[il], HEAD)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         _ffn(m, il, N_EMBD, n_ff)
     m.finish()
@@ -357,10 +346,7 @@ def write_laguna(path: Path) -> Path:
     m.u32("expert_feed_forward_length", 8)
     _head(m)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
-        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
-        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, qk_norm=True)
         m.weight(f"blk.{il}.attn_gate.weight", (N_EMBD, N_HEAD))
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         _ffn(m, il, N_EMBD, n_ff)
@@ -386,8 +372,7 @@ def write_granite_swa(path: Path) -> Path:
     m.f32("rope.freq_base", 100000.0)
     _head(m)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
         m.weight(f"blk.{il}.attn_sinks.weight", (N_HEAD,), scale=1.0)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         _ffn(m, il, N_EMBD, n_ff)
@@ -411,10 +396,7 @@ def write_exaone_moe(path: Path) -> Path:
     m.u32("expert_gating_func", 1)
     _head(m)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
-        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
-        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, qk_norm=True)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         _ffn(m, il, N_EMBD, n_ff)
     m.finish()
@@ -495,8 +477,7 @@ def write_spark2_5(path: Path) -> Path:
     m.arr("attention.sliding_window_pattern", [1, 0])
     _head(m)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
         m.weight(f"blk.{il}.attn_gate.weight", (N_EMBD, N_HEAD))
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         _ffn(m, il, N_EMBD, n_ff)
@@ -533,10 +514,7 @@ def write_gemma4(path: Path) -> Path:
     m.w.add_tensor("rope_freqs.weight", np.ones(HEAD // 2, dtype=np.float32))
     for il in range(n_layer):
         head = head_swa if il == 0 else HEAD
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * head, N_HEAD_KV * head)
-        m.norm(f"blk.{il}.attn_q_norm.weight", head)
-        m.norm(f"blk.{il}.attn_k_norm.weight", head)
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, head, qk_norm=True)
         m.norm(f"blk.{il}.post_attention_norm.weight", N_EMBD)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         _ffn(m, il, N_EMBD, n_ff)
@@ -565,10 +543,7 @@ def write_mellum(path: Path) -> Path:
     _moe_keys(m, n_expert, n_ff_exp)
     _head(m)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
-        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
-        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, qk_norm=True)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         _moe(m, il, N_EMBD, n_ff_exp, n_expert)
     m.finish()
@@ -592,8 +567,7 @@ def write_cohere2moe(path: Path) -> Path:
     _moe_keys(m, 2, 8)
     _head(m, tied=True)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
         _ffn(m, il, N_EMBD, n_ff)
     m.finish()
     return path
@@ -615,10 +589,7 @@ def write_maple(path: Path) -> Path:
     _moe_keys(m, n_expert, n_ff_exp)
     _head(m)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
-        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
-        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, qk_norm=True)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         _moe(m, il, N_EMBD, n_ff_exp, n_expert)
     m.finish()
@@ -635,22 +606,11 @@ def write_qwen3moe(path: Path) -> Path:
     _moe_keys(m, n_expert, n_ff_exp)
     _head(m)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
-        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
-        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, qk_norm=True)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         _moe(m, il, N_EMBD, n_ff_exp, n_expert)
     m.finish()
     return path
-
-
-def _moe(m: _Model, il: int, n_embd: int, n_ff_exp: int, n_expert: int) -> None:
-    """The router and the stacked expert weights (``ffn_*_exps``: {ne0, ne1, n_expert})."""
-    m.weight(f"blk.{il}.ffn_gate_inp.weight", (n_embd, n_expert))
-    m.weight(f"blk.{il}.ffn_gate_exps.weight", (n_embd, n_ff_exp, n_expert))
-    m.weight(f"blk.{il}.ffn_up_exps.weight", (n_embd, n_ff_exp, n_expert))
-    m.weight(f"blk.{il}.ffn_down_exps.weight", (n_ff_exp, n_embd, n_expert))
 
 
 def chunk_scenario(sc: Any) -> None:

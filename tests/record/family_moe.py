@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from family_attention import HEAD, N_EMBD, N_HEAD, N_HEAD_KV, N_SWA, _head
-from models import N_VOCAB, _common, _ffn, _Model, _qkvo
+from models import N_VOCAB, _attn, _common, _ffn, _Model, _moe, _qkvo, _shexp
 from runconfig import RunConfig
 
 N_EXPERT, N_EXPERT_USED, N_FF_EXP = 4, 2, 8
@@ -40,14 +40,8 @@ def _moe_keys(m: _Model, n_dense: int, gating: int | None) -> None:
 
 def _moe_tensors(m: _Model, il: int) -> None:
     """Router, selection bias, expert and shared-expert matrices of layer ``il``."""
-    m.weight(f"blk.{il}.ffn_gate_inp.weight", (N_EMBD, N_EXPERT))
-    m.weight(f"blk.{il}.exp_probs_b.bias", (N_EXPERT,), scale=0.1)
-    m.weight(f"blk.{il}.ffn_gate_exps.weight", (N_EMBD, N_FF_EXP, N_EXPERT))
-    m.weight(f"blk.{il}.ffn_up_exps.weight", (N_EMBD, N_FF_EXP, N_EXPERT))
-    m.weight(f"blk.{il}.ffn_down_exps.weight", (N_FF_EXP, N_EMBD, N_EXPERT))
-    m.weight(f"blk.{il}.ffn_gate_shexp.weight", (N_EMBD, N_FF_EXP))
-    m.weight(f"blk.{il}.ffn_up_shexp.weight", (N_EMBD, N_FF_EXP))
-    m.weight(f"blk.{il}.ffn_down_shexp.weight", (N_FF_EXP, N_EMBD))
+    _moe(m, il, N_EMBD, N_FF_EXP, N_EXPERT, probs_b=True)
+    _shexp(m, il, N_EMBD, N_FF_EXP)
 
 
 def write_afmoe_moe(path: Path) -> Path:
@@ -91,10 +85,7 @@ def write_laguna_moe(path: Path) -> Path:
     _moe_keys(m, n_dense, 2)
     _head(m)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
-        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
-        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, qk_norm=True)
         m.weight(f"blk.{il}.attn_gate.weight", (N_EMBD, N_HEAD))
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         if il < n_dense:
@@ -116,10 +107,7 @@ def write_exaone_moe_moe(path: Path) -> Path:
     _moe_keys(m, n_dense, 2)
     _head(m)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
-        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
-        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, qk_norm=True)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         if il < n_dense:
             _ffn(m, il, N_EMBD, n_ff)
@@ -143,17 +131,14 @@ def write_cohere2moe_moe(path: Path) -> Path:
     _moe_keys(m, n_dense, 1)
     _head(m, tied=True)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
         if il < n_dense:
             _ffn(m, il, N_EMBD, n_ff)
             continue
         m.weight(f"blk.{il}.ffn_gate_inp.weight", (N_EMBD, N_EXPERT))
         m.weight(f"blk.{il}.ffn_gate_up_exps.weight", (N_EMBD, 2 * N_FF_EXP, N_EXPERT))
         m.weight(f"blk.{il}.ffn_down_exps.weight", (N_FF_EXP, N_EMBD, N_EXPERT))
-        m.weight(f"blk.{il}.ffn_gate_shexp.weight", (N_EMBD, N_FF_EXP))
-        m.weight(f"blk.{il}.ffn_up_shexp.weight", (N_EMBD, N_FF_EXP))
-        m.weight(f"blk.{il}.ffn_down_shexp.weight", (N_FF_EXP, N_EMBD))
+        _shexp(m, il, N_EMBD, N_FF_EXP)
     m.finish()
     return path
 
@@ -174,17 +159,12 @@ def write_mimo2_moe(path: Path) -> Path:
     m.u32("expert_feed_forward_length", N_FF_EXP)
     _head(m)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, kv_heads[il] * HEAD)
+        _attn(m, il, N_EMBD, N_HEAD, kv_heads[il], HEAD)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         if il == 0:
             _ffn(m, il, N_EMBD, n_ff)
             continue
-        m.weight(f"blk.{il}.ffn_gate_inp.weight", (N_EMBD, N_EXPERT))
-        m.weight(f"blk.{il}.exp_probs_b.bias", (N_EXPERT,), scale=0.1)
-        m.weight(f"blk.{il}.ffn_gate_exps.weight", (N_EMBD, N_FF_EXP, N_EXPERT))
-        m.weight(f"blk.{il}.ffn_up_exps.weight", (N_EMBD, N_FF_EXP, N_EXPERT))
-        m.weight(f"blk.{il}.ffn_down_exps.weight", (N_FF_EXP, N_EMBD, N_EXPERT))
+        _moe(m, il, N_EMBD, N_FF_EXP, N_EXPERT, probs_b=True)
     m.finish()
     return path
 
@@ -213,10 +193,7 @@ def write_step35_moe(path: Path) -> Path:
     m.f32("swiglu_clamp_shexp", 0.7)
     _head(m)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
-        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
-        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, qk_norm=True)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         if il == 0:
             _ffn(m, il, N_EMBD, n_ff)
@@ -249,14 +226,10 @@ def write_granite_swa_moe(path: Path) -> Path:
     m.u32("expert_shared_feed_forward_length", N_FF_EXP)
     _head(m)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
         m.weight(f"blk.{il}.attn_sinks.weight", (N_HEAD,), scale=1.0)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
-        m.weight(f"blk.{il}.ffn_gate_inp.weight", (N_EMBD, N_EXPERT))
-        m.weight(f"blk.{il}.ffn_gate_exps.weight", (N_EMBD, N_FF_EXP, N_EXPERT))
-        m.weight(f"blk.{il}.ffn_up_exps.weight", (N_EMBD, N_FF_EXP, N_EXPERT))
-        m.weight(f"blk.{il}.ffn_down_exps.weight", (N_FF_EXP, N_EMBD, N_EXPERT))
+        _moe(m, il, N_EMBD, N_FF_EXP, N_EXPERT)
         m.weight(f"blk.{il}.ffn_up_shexp.weight", (N_EMBD, 2 * N_FF_EXP))
         m.weight(f"blk.{il}.ffn_down_shexp.weight", (N_FF_EXP, N_EMBD))
     m.finish()
@@ -291,10 +264,7 @@ def write_gemma4_moe(path: Path) -> Path:
     m.w.add_tensor("rope_freqs.weight", (1.0 + m.rng.random(HEAD // 2)).astype(np.float32))
     for il in range(n_layer):
         head = head_swa if il == 0 else HEAD
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * head, N_HEAD_KV * head)
-        m.norm(f"blk.{il}.attn_q_norm.weight", head)
-        m.norm(f"blk.{il}.attn_k_norm.weight", head)
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, head, qk_norm=True)
         m.norm(f"blk.{il}.post_attention_norm.weight", N_EMBD)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         _ffn(m, il, N_EMBD, n_ff)

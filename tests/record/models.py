@@ -105,6 +105,54 @@ def _qkvo(m: _Model, il: int, n_embd: int, n_q: int, n_kv: int) -> None:
     m.weight(f"blk.{il}.attn_output.weight", (n_q, n_embd))
 
 
+def _attn(
+    m: _Model,
+    il: int,
+    n_embd: int,
+    n_head: int,
+    n_head_kv: int,
+    head: int,
+    *,
+    qk_norm: bool = False,
+) -> None:
+    """attn_norm, then Q/K/V/O (``n_head`` / ``n_head_kv`` heads of ``head``), then with
+    ``qk_norm`` the per-head Q and K norms, in this order (the RNG is drawn in writing order)."""
+    m.norm(f"blk.{il}.attn_norm.weight", n_embd)
+    _qkvo(m, il, n_embd, n_head * head, n_head_kv * head)
+    if qk_norm:
+        m.norm(f"blk.{il}.attn_q_norm.weight", head)
+        m.norm(f"blk.{il}.attn_k_norm.weight", head)
+
+
+def _moe(
+    m: _Model,
+    il: int,
+    n_embd: int,
+    n_ff_exp: int,
+    n_expert: int,
+    *,
+    probs_b: bool = False,
+    gate: bool = True,
+) -> None:
+    """The router, with ``probs_b`` its selection bias, and the stacked expert weights
+    (``ffn_*_exps``: {ne0, ne1, n_expert}); ``gate`` False for ungated (ReLU^2) experts."""
+    m.weight(f"blk.{il}.ffn_gate_inp.weight", (n_embd, n_expert))
+    if probs_b:
+        m.weight(f"blk.{il}.exp_probs_b.bias", (n_expert,), scale=0.1)
+    if gate:
+        m.weight(f"blk.{il}.ffn_gate_exps.weight", (n_embd, n_ff_exp, n_expert))
+    m.weight(f"blk.{il}.ffn_up_exps.weight", (n_embd, n_ff_exp, n_expert))
+    m.weight(f"blk.{il}.ffn_down_exps.weight", (n_ff_exp, n_embd, n_expert))
+
+
+def _shexp(m: _Model, il: int, n_embd: int, n_ff: int, *, gate: bool = True) -> None:
+    """The shared expert's weights (``ffn_*_shexp``); ``gate`` False for an ungated one."""
+    if gate:
+        m.weight(f"blk.{il}.ffn_gate_shexp.weight", (n_embd, n_ff))
+    m.weight(f"blk.{il}.ffn_up_shexp.weight", (n_embd, n_ff))
+    m.weight(f"blk.{il}.ffn_down_shexp.weight", (n_ff, n_embd))
+
+
 def write_gemma2(path: Path, *, n_swa: int = 8, n_embd: int = 16) -> Path:
     """gemma2: 2 layers, SWA pattern 2 (layer 0 slides with window ``n_swa``, layer 1 is full).
 
@@ -125,8 +173,7 @@ def write_gemma2(path: Path, *, n_swa: int = 8, n_embd: int = 16) -> Path:
     m.weight("token_embd.weight", (n_embd, N_VOCAB))
     m.norm("output_norm.weight", n_embd)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", n_embd)
-        _qkvo(m, il, n_embd, n_head * head, n_head_kv * head)
+        _attn(m, il, n_embd, n_head, n_head_kv, head)
         m.norm(f"blk.{il}.post_attention_norm.weight", n_embd)
         m.norm(f"blk.{il}.ffn_norm.weight", n_embd)
         _ffn(m, il, n_embd, n_ff)
@@ -158,8 +205,7 @@ def write_llama(path: Path, *, n_embd: int = 8, rope_freqs: bool = False) -> Pat
         factors = m.rng.uniform(1.0, 8.0, head // 2).astype(np.float32)
         m.w.add_tensor("rope_freqs.weight", factors)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", n_embd)
-        _qkvo(m, il, n_embd, n_head * head, n_head_kv * head)
+        _attn(m, il, n_embd, n_head, n_head_kv, head)
         m.norm(f"blk.{il}.ffn_norm.weight", n_embd)
         _ffn(m, il, n_embd, n_ff)
     m.finish()
@@ -228,8 +274,7 @@ def write_llama_quantized(path: Path, *, ftype: str) -> Path:
         m.norm("output_norm.weight", n_embd)
         m.weight("output.weight", (n_embd, N_VOCAB))
         for il in range(n_layer):
-            m.norm(f"blk.{il}.attn_norm.weight", n_embd)
-            _qkvo(m, il, n_embd, n_head * head, n_head_kv * head)
+            _attn(m, il, n_embd, n_head, n_head_kv, head)
             m.norm(f"blk.{il}.ffn_norm.weight", n_embd)
             _ffn(m, il, n_embd, n_ff)
         m.finish()
