@@ -78,6 +78,8 @@ def _run(ops: list[tuple], n_seq: int, mem_size: int, n_rs_seq: int,
             sets, last, nst = op[1:]
             result = mem.find_slot(ub(*zip([s if len(s) > 1 else s[0] for s in sets], last),
                                       n_seq_tokens=nst))  # fmt: skip
+        elif op[0] == "state":  # a restore: the cells change without a sequence op
+            result = mem.state_read(mem.state_write(op[1]), op[2])
         else:
             result = getattr(mem, op[0])(*op[1:])
         trace.append((op, result, _snap(mem), [r.getMessage() for r in caplog.records]))
@@ -163,3 +165,37 @@ def test_seq_pos_bounds_of_frozen_ids_follow_the_cells() -> None:
     writable = ids.copy()  # not frozen: checked on every call
     writable[0] = 7
     assert mem.seq_pos_min_of(writable).tolist() == [-1, -1, 6, 6]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_steady_path_equals_general_path_across_restores(
+    seed: int, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a state read changes the cells without a sequence op: a per-sequence read plans on
+    # a copy that carries the shortcut's record (and places its cell by find_slot), a
+    # whole read starts from fresh cells. Either way the next decode step must be exactly
+    # what the general path gives (tail, used, head, sources after the restore)
+    caplog.set_level(logging.WARNING, logger="pymem.recurrent.cells")
+    n_seq = [3, 5][seed % 2]
+    rng = np.random.default_rng(1000 + seed)
+    ops: list[tuple] = []
+    for op in _program(seed, n_seq, n_seq, 0):
+        ops.append(op)
+        if op[0] == "ub" and rng.random() < 0.25:
+            s, d = (int(x) for x in rng.integers(0, n_seq, 2))
+            ops.append(
+                ("state", -1, -1)
+                if rng.random() < 0.3
+                else ("state", s, s if rng.random() < 0.5 else d)
+            )
+    taken = []
+    steady = rc._find_slot_steady
+    monkeypatch.setattr(rc, "_find_slot_steady", lambda *a: taken.append(1) or steady(*a))
+    fast = _run(ops, n_seq, n_seq, 0, caplog)
+    n_taken = len(taken)
+    monkeypatch.setattr(rc, "_remember_steady", lambda *a: None)
+    general = _run(ops, n_seq, n_seq, 0, caplog)
+    assert len(taken) == n_taken
+    for i, (a, b) in enumerate(zip(fast, general, strict=True)):
+        assert a == b, f"step {i}: {a[0]}"
+    assert n_taken > 0
