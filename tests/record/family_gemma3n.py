@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from models import N_VOCAB, _common, _ffn, _Model, _qkvo
+from models import N_VOCAB, _attn, _common, _ffn, _Model
 from runconfig import RunConfig
 
 N_EMBD, N_HEAD, N_HEAD_KV, HEAD = 16, 2, 1, 8
@@ -56,10 +56,7 @@ def write_gemma3n(path: Path, *, n_layer: int = 5) -> Path:
     m.weight("per_layer_model_proj.weight", (N_EMBD, N_EMBD_ALTUP * n_layer))
     m.norm("per_layer_proj_norm.weight", N_EMBD_ALTUP)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
-        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
-        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, qk_norm=True)
         m.norm(f"blk.{il}.post_attention_norm.weight", N_EMBD)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         _ffn(m, il, N_EMBD, n_ff)

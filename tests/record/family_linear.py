@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from models import N_VOCAB, _common, _ffn, _Model
+from models import N_VOCAB, _common, _ffn, _Model, _moe, _shexp
 from runconfig import RunConfig
 
 
@@ -113,14 +113,9 @@ def _moe_keys(m: _Model, e: _MoE) -> None:
 
 def _moe_ffn(m: _Model, il: int, n_embd: int, e: _MoE) -> None:
     """The router, the stacked expert weights {.., .., n_expert} and the shared expert."""
-    m.weight(f"blk.{il}.ffn_gate_inp.weight", (n_embd, e.n_expert))
-    m.weight(f"blk.{il}.ffn_gate_exps.weight", (n_embd, e.n_ff_exp, e.n_expert))
-    m.weight(f"blk.{il}.ffn_up_exps.weight", (n_embd, e.n_ff_exp, e.n_expert))
-    m.weight(f"blk.{il}.ffn_down_exps.weight", (e.n_ff_exp, n_embd, e.n_expert))
+    _moe(m, il, n_embd, e.n_ff_exp, e.n_expert)
     m.weight(f"blk.{il}.ffn_gate_inp_shexp.weight", (n_embd,))
-    m.weight(f"blk.{il}.ffn_gate_shexp.weight", (n_embd, e.n_ff_shexp))
-    m.weight(f"blk.{il}.ffn_up_shexp.weight", (n_embd, e.n_ff_shexp))
-    m.weight(f"blk.{il}.ffn_down_shexp.weight", (e.n_ff_shexp, n_embd))
+    _shexp(m, il, n_embd, e.n_ff_shexp)
 
 
 def _gated_attention(m: _Model, il: int, s: _GDN) -> None:
@@ -272,10 +267,7 @@ def write_minimax_01(path: Path) -> Path:
             m.weight(f"blk.{il}.attn_v.weight", (n_embd, n_head_kv * head))
         m.weight(f"blk.{il}.attn_output.weight", (n_head * head, n_embd))
         m.norm(f"blk.{il}.ffn_norm.weight", n_embd)
-        m.weight(f"blk.{il}.ffn_gate_inp.weight", (n_embd, e.n_expert))
-        m.weight(f"blk.{il}.ffn_gate_exps.weight", (n_embd, n_ff, e.n_expert))
-        m.weight(f"blk.{il}.ffn_up_exps.weight", (n_embd, n_ff, e.n_expert))
-        m.weight(f"blk.{il}.ffn_down_exps.weight", (n_ff, n_embd, e.n_expert))
+        _moe(m, il, n_embd, n_ff, e.n_expert)
     m.finish()
     return path
 
@@ -373,14 +365,9 @@ def write_kimi_linear(path: Path) -> Path:
         if il == 0:
             _ffn(m, il, s.n_embd, n_ff)
             continue
-        m.weight(f"blk.{il}.ffn_gate_inp.weight", (s.n_embd, e.n_expert))
-        m.weight(f"blk.{il}.ffn_gate_exps.weight", (s.n_embd, e.n_ff_exp, e.n_expert))
-        m.weight(f"blk.{il}.ffn_up_exps.weight", (s.n_embd, e.n_ff_exp, e.n_expert))
-        m.weight(f"blk.{il}.ffn_down_exps.weight", (e.n_ff_exp, s.n_embd, e.n_expert))
+        _moe(m, il, s.n_embd, e.n_ff_exp, e.n_expert)
         m.weight(f"blk.{il}.exp_probs_b.bias", (e.n_expert,), scale=0.1)
-        m.weight(f"blk.{il}.ffn_gate_shexp.weight", (s.n_embd, e.n_ff_exp))
-        m.weight(f"blk.{il}.ffn_up_shexp.weight", (s.n_embd, e.n_ff_exp))
-        m.weight(f"blk.{il}.ffn_down_shexp.weight", (e.n_ff_exp, s.n_embd))
+        _shexp(m, il, s.n_embd, e.n_ff_exp)
     m.finish()
     return path
 
@@ -442,14 +429,8 @@ def write_bailingmoe3(path: Path) -> Path:
         if il == 0:
             _ffn(m, il, s.n_embd, n_ff)
             continue
-        m.weight(f"blk.{il}.ffn_gate_inp.weight", (s.n_embd, e.n_expert))
-        m.weight(f"blk.{il}.exp_probs_b.bias", (e.n_expert,), scale=0.1)
-        m.weight(f"blk.{il}.ffn_gate_exps.weight", (s.n_embd, e.n_ff_exp, e.n_expert))
-        m.weight(f"blk.{il}.ffn_up_exps.weight", (s.n_embd, e.n_ff_exp, e.n_expert))
-        m.weight(f"blk.{il}.ffn_down_exps.weight", (e.n_ff_exp, s.n_embd, e.n_expert))
-        m.weight(f"blk.{il}.ffn_gate_shexp.weight", (s.n_embd, e.n_ff_exp))
-        m.weight(f"blk.{il}.ffn_up_shexp.weight", (s.n_embd, e.n_ff_exp))
-        m.weight(f"blk.{il}.ffn_down_shexp.weight", (e.n_ff_exp, s.n_embd))
+        _moe(m, il, s.n_embd, e.n_ff_exp, e.n_expert, probs_b=True)
+        _shexp(m, il, s.n_embd, e.n_ff_exp)
     m.finish()
     return path
 
@@ -511,14 +492,8 @@ def write_kimi_k3(path: Path) -> Path:
         if il == 0:
             _ffn(m, il, s.n_embd, n_ff)
             continue
-        m.weight(f"blk.{il}.ffn_gate_inp.weight", (s.n_embd, e.n_expert))
-        m.weight(f"blk.{il}.exp_probs_b.bias", (e.n_expert,), scale=0.1)
-        m.weight(f"blk.{il}.ffn_gate_exps.weight", (s.n_embd, e.n_ff_exp, e.n_expert))
-        m.weight(f"blk.{il}.ffn_up_exps.weight", (s.n_embd, e.n_ff_exp, e.n_expert))
-        m.weight(f"blk.{il}.ffn_down_exps.weight", (e.n_ff_exp, s.n_embd, e.n_expert))
-        m.weight(f"blk.{il}.ffn_gate_shexp.weight", (s.n_embd, e.n_ff_exp))
-        m.weight(f"blk.{il}.ffn_up_shexp.weight", (s.n_embd, e.n_ff_exp))
-        m.weight(f"blk.{il}.ffn_down_shexp.weight", (e.n_ff_exp, s.n_embd))
+        _moe(m, il, s.n_embd, e.n_ff_exp, e.n_expert, probs_b=True)
+        _shexp(m, il, s.n_embd, e.n_ff_exp)
     m.finish()
     return path
 

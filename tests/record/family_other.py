@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from models import N_VOCAB, _common, _ffn, _Model, _qkvo
+from models import N_VOCAB, _common, _ffn, _Model, _moe, _qkvo
 from runconfig import RunConfig
 
 
@@ -42,10 +42,7 @@ def write_lfm2moe(path: Path) -> Path:
         if il < n_dense:
             _ffn(m, il, n_embd, n_ff)
         else:
-            m.weight(f"blk.{il}.ffn_gate_inp.weight", (n_embd, n_expert))
-            m.weight(f"blk.{il}.ffn_gate_exps.weight", (n_embd, n_ff_exp, n_expert))
-            m.weight(f"blk.{il}.ffn_up_exps.weight", (n_embd, n_ff_exp, n_expert))
-            m.weight(f"blk.{il}.ffn_down_exps.weight", (n_ff_exp, n_embd, n_expert))
+            _moe(m, il, n_embd, n_ff_exp, n_expert)
             m.weight(f"blk.{il}.exp_probs_b.bias", (n_expert,), scale=0.1)
         m.norm(f"blk.{il}.attn_norm.weight", n_embd)
         if kv_heads[il]:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from models import N_VOCAB, _common, _ffn, _Model, _qkvo
+from models import N_VOCAB, _attn, _common, _ffn, _Model, _moe, _qkvo, _shexp
 from runconfig import RunConfig
 
 
@@ -150,8 +150,7 @@ def write_falcon_h1(path: Path) -> Path:
     m.norm("output_norm.weight", s.n_embd)
     m.weight("output.weight", (s.n_embd, N_VOCAB))
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
-        _qkvo(m, il, s.n_embd, n_head * head, n_head_kv * head)
+        _attn(m, il, s.n_embd, n_head, n_head_kv, head)
         _mamba2_mixer(m, il, s)
         m.norm(f"blk.{il}.ffn_norm", s.n_embd)
         _ffn(m, il, s.n_embd, n_ff)
@@ -199,14 +198,10 @@ def write_nemotron_h(path: Path) -> Path:
     return path
 
 
-def _moe(m: _Model, il: int, n_embd: int, n_expert: int, n_ff_exp: int) -> None:
+def _moe_relu2(m: _Model, il: int, n_embd: int, n_expert: int, n_ff_exp: int) -> None:
     """A Nemotron-H MoE FFN: router with a probability bias, experts and a shared expert."""
-    m.weight(f"blk.{il}.ffn_gate_inp.weight", (n_embd, n_expert))
-    m.weight(f"blk.{il}.exp_probs_b.bias", (n_expert,), scale=0.1)
-    m.weight(f"blk.{il}.ffn_up_exps.weight", (n_embd, n_ff_exp, n_expert))
-    m.weight(f"blk.{il}.ffn_down_exps.weight", (n_ff_exp, n_embd, n_expert))
-    m.weight(f"blk.{il}.ffn_up_shexp.weight", (n_embd, n_ff_exp))
-    m.weight(f"blk.{il}.ffn_down_shexp.weight", (n_ff_exp, n_embd))
+    _moe(m, il, n_embd, n_ff_exp, n_expert, probs_b=True, gate=False)
+    _shexp(m, il, n_embd, n_ff_exp, gate=False)
 
 
 def write_nemotron_h_moe(path: Path, *, mtp: bool = False) -> Path:
@@ -251,7 +246,7 @@ def write_nemotron_h_moe(path: Path, *, mtp: bool = False) -> Path:
     for il in range(n_layer):
         m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
         if ffs[il]:
-            _moe(m, il, s.n_embd, n_expert, n_ff_exp)
+            _moe_relu2(m, il, s.n_embd, n_expert, n_ff_exp)
         elif kv_heads[il]:
             _qkvo(m, il, s.n_embd, n_head * head, kv_heads[il] * head)
         else:
@@ -264,7 +259,7 @@ def write_nemotron_h_moe(path: Path, *, mtp: bool = False) -> Path:
         m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
         _qkvo(m, il, s.n_embd, n_head * head, head)
         m.norm(f"blk.{il}.post_attention_norm.weight", s.n_embd)
-        _moe(m, il, s.n_embd, n_expert, n_ff_exp)
+        _moe_relu2(m, il, s.n_embd, n_expert, n_ff_exp)
     m.finish()
     return path
 
