@@ -293,6 +293,26 @@ class _KDA:
 KDA = _KDA()
 
 
+def _mla_keys(m: _Model, s: _KDA, value_length: int) -> None:
+    """The MLA layers' keys: K rows of the latent plus its RoPE part, the MLA head sizes."""
+    m.u32("attention.key_length", s.kv_lora_rank + s.n_rot)
+    m.u32("attention.value_length", value_length)
+    m.u32("attention.key_length_mla", s.head_k_mla)
+    m.u32("attention.value_length_mla", s.head_v_mla)
+    m.u32("attention.kv_lora_rank", s.kv_lora_rank)
+    m.u32("rope.dimension_count", s.n_rot)
+
+
+def _kda_moe_keys(m: _Model, e: _MoE) -> None:
+    """One shared expert, layer 0 dense, sigmoid routing (kimi-linear and its kin)."""
+    m.u32("expert_count", e.n_expert)
+    m.u32("expert_used_count", e.n_expert_used)
+    m.u32("expert_feed_forward_length", e.n_ff_exp)
+    m.u32("expert_shared_count", 1)
+    m.u32("leading_dense_block_count", 1)
+    m.u32("expert_gating_func", 2)  # sigmoid
+
+
 def _kda_mixer(m: _Model, il: int, s: _KDA) -> None:
     """One KDA layer: Q/K/V projections and their depthwise convs, the f (decay) and g
     (output gate) low-rank projections, beta, A, dt bias, the gated output norm."""
@@ -338,20 +358,10 @@ def write_kimi_linear(path: Path) -> Path:
     m = _Model(path, "kimi-linear", "tiny-kimi-linear", seed=45)
     _common(m, s.n_embd, n_layer, n_ff, s.n_head)
     m.arr("attention.head_count_kv", kv_heads)
-    m.u32("attention.key_length", s.kv_lora_rank + s.n_rot)
-    m.u32("attention.value_length", s.kv_lora_rank)
-    m.u32("attention.key_length_mla", s.head_k_mla)
-    m.u32("attention.value_length_mla", s.head_v_mla)
-    m.u32("attention.kv_lora_rank", s.kv_lora_rank)
-    m.u32("rope.dimension_count", s.n_rot)
+    _mla_keys(m, s, s.kv_lora_rank)
     m.u32("ssm.conv_kernel", s.d_conv)
     m.u32("kda.head_dim", s.head_dim)
-    m.u32("expert_count", e.n_expert)
-    m.u32("expert_used_count", e.n_expert_used)
-    m.u32("expert_feed_forward_length", e.n_ff_exp)
-    m.u32("expert_shared_count", 1)
-    m.u32("leading_dense_block_count", 1)
-    m.u32("expert_gating_func", 2)  # sigmoid
+    _kda_moe_keys(m, e)
     m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
     m.norm("output_norm.weight", s.n_embd)
     m.weight("output.weight", (s.n_embd, N_VOCAB))
@@ -389,22 +399,12 @@ def write_bailingmoe3(path: Path) -> Path:
     _common(m, s.n_embd, len(kv_heads), n_ff, s.n_head)
     m.u32("nextn_predict_layers", 1)
     m.arr("attention.head_count_kv", kv_heads)
-    m.u32("attention.key_length", s.kv_lora_rank + s.n_rot)
-    m.u32("attention.value_length", s.kv_lora_rank)
-    m.u32("attention.key_length_mla", s.head_k_mla)
-    m.u32("attention.value_length_mla", s.head_v_mla)
-    m.u32("attention.kv_lora_rank", s.kv_lora_rank)
-    m.u32("rope.dimension_count", s.n_rot)
+    _mla_keys(m, s, s.kv_lora_rank)
     m.f32("rope.freq_base", 10000.0)
     m.u32("ssm.conv_kernel", s.d_conv)
     m.u32("kda.head_dim", s.head_dim)
     m.f32("kda.gate_lower_bound", -5.0)
-    m.u32("expert_count", e.n_expert)
-    m.u32("expert_used_count", e.n_expert_used)
-    m.u32("expert_feed_forward_length", e.n_ff_exp)
-    m.u32("expert_shared_count", 1)
-    m.u32("leading_dense_block_count", 1)
-    m.u32("expert_gating_func", 2)  # sigmoid
+    _kda_moe_keys(m, e)
     m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
     m.norm("output_norm.weight", s.n_embd)
     m.weight("output.weight", (s.n_embd, N_VOCAB))
@@ -450,20 +450,10 @@ def write_kimi_k3(path: Path) -> Path:
     m = _Model(path, "kimi-k3", "tiny-kimi-k3", seed=47)
     _common(m, s.n_embd, n_layer, n_ff, s.n_head)
     m.arr("attention.head_count_kv", kv_heads)
-    m.u32("attention.key_length", s.kv_lora_rank + s.n_rot)
-    m.u32("attention.value_length", 6)
-    m.u32("attention.key_length_mla", s.head_k_mla)
-    m.u32("attention.value_length_mla", s.head_v_mla)
-    m.u32("attention.kv_lora_rank", s.kv_lora_rank)
-    m.u32("rope.dimension_count", s.n_rot)
+    _mla_keys(m, s, 6)
     m.u32("ssm.conv_kernel", s.d_conv)
     m.u32("kda.head_dim", s.head_dim)
-    m.u32("expert_count", e.n_expert)
-    m.u32("expert_used_count", e.n_expert_used)
-    m.u32("expert_feed_forward_length", e.n_ff_exp)
-    m.u32("expert_shared_count", 1)
-    m.u32("leading_dense_block_count", 1)
-    m.u32("expert_gating_func", 2)  # sigmoid
+    _kda_moe_keys(m, e)
     m.u32("attn_res.block_size", 0)
     m.f32("activation.situ_beta", 2.0)
     m.f32("activation.situ_linear_beta", 4.0)
