@@ -339,6 +339,18 @@ class _Graph(
     def expand(self, *nodes: Any) -> None:
         self.nodes.extend(nodes)
 
+    def refuse_tensors(
+        self, il: int, names: Sequence[str], why: str = "", rope_freqs: bool = False
+    ) -> None:
+        """:class:`UnsupportedError` naming the tensors of layer ``il`` among ``names`` that
+        exist, and (``rope_freqs``) the file's one ``rope_freqs.weight`` (no layer index)."""
+        found = [n for n in names if self.m._w(il, n, required=False) is not None]
+        if rope_freqs and self.m.weights.get("rope_freqs.weight", required=False) is not None:
+            found.append("rope_freqs.weight")
+        if found:
+            why = f" ({why})" if why else ""
+            raise UnsupportedError(f"layer {il}: tensors the engine does not build{why}: {found}")
+
     def input(self, type_: str, shape: Sequence[int], values: np.ndarray, name: str) -> Any:
         t = self.ctx.new_tensor(type_, shape, name=name, input=True)
         self.feed[t] = values

@@ -35,7 +35,7 @@ layers (graph_ssm2) use :meth:`moe_ffn` too.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -66,6 +66,7 @@ class AttentionGraph:
     m: Any
     ubatch: Any
     inputs: Any
+    refuse_tensors: Any
 
     def gemma3(self, inp: Any, out_ids: Any) -> Any:
         """``llama_model_gemma3::graph`` up to the output norm (text tokens only).
@@ -1031,14 +1032,6 @@ class AttentionGraph:
             return self.moe_ffn(il, cur, GATING_SOFTMAX, norm_w=True, exp_probs_b=False)
 
         return self.prenorm_layers(inp, out_ids, mixer, moe)
-
-    def refuse_tensors(self, il: int, names: Sequence[str], why: str) -> None:
-        """:class:`UnsupportedError` naming the layer tensors of ``names`` that exist."""
-        found = [n for n in names if self.m._w(il, n, required=False) is not None]
-        if found:
-            raise UnsupportedError(
-                f"layer {il}: tensors the engine does not build ({why}): {found}"
-            )
 
     def qwen3moe(self, inp: Any, out_ids: Any) -> Any:
         """``llama_model_qwen3moe::graph``: Q/K RMS norms, RoPE, softmax-routed SwiGLU

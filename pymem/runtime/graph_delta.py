@@ -41,7 +41,7 @@ import numpy as np
 
 import pymem.ggml as gg
 from pymem.batch import GGML_MROPE_SECTIONS
-from pymem.errors import ConfigError, UnsupportedError
+from pymem.errors import ConfigError
 from pymem.runtime.arch_graph import ArchGraph, f32_div
 from pymem.runtime.graph_attention import GATING_SOFTMAX
 
@@ -57,6 +57,7 @@ class DeltaNetGraph:
     m: Any
     ubatch: Any
     inputs: Any
+    refuse_tensors: Any
 
     # --- inputs ---------------------------------------------------------------------------
     def gdn_inp_pos(self) -> Any:
@@ -358,11 +359,7 @@ class DeltaNetGraph:
         if not recurrent:
             names += ["attn_qkv.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias",
                       "attn_output.bias"]  # fmt: skip
-        found = [n for n in names if self.m._w(il, n, required=False) is not None]
-        if self.m.weights.get("rope_freqs.weight", required=False) is not None:
-            found.append("rope_freqs.weight")
-        if found:
-            raise UnsupportedError(f"layer {il}: tensors the engine does not build: {found}")
+        self.refuse_tensors(il, names, rope_freqs=True)
         has_moe = self.m._w(il, "ffn_gate_inp.weight", required=False) is not None
         if has_moe != moe:
             raise ConfigError(

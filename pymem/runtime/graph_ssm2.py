@@ -42,6 +42,7 @@ class SSM2Graph:
     hp: Any
     m: Any
     ubatch: Any
+    refuse_tensors: Any
 
     # --- the Mamba-2 mixer ------------------------------------------------------------
     def mamba2_layer(self, il: int, cur: Any) -> Any:
@@ -279,10 +280,8 @@ class SSM2Graph:
         ctx, w = self.ctx, self.m._w
         g: Any = self
         keys, arch = self.m.keys, self.hp.arch
-        unbuilt = [n for n in ("ffn_up_shexp.scale", "ffn_down_shexp.scale", "ffn_up_shexp.bias",
-                               "ffn_down_shexp.bias") if w(il, n, required=False) is not None]  # fmt: skip
-        if unbuilt:
-            raise UnsupportedError(f"layer {il}: tensors the engine does not build: {unbuilt}")
+        self.refuse_tensors(il, ("ffn_up_shexp.scale", "ffn_down_shexp.scale", "ffn_up_shexp.bias",
+                                 "ffn_down_shexp.bias"))  # fmt: skip
         latent_down = w(il, "ffn_latent_down.weight", required=False)
         latent = cur if latent_down is None else ctx.mul_mat(latent_down, cur)
         logits = ctx.mul_mat(w(il, "ffn_gate_inp.weight"), cur)
@@ -324,15 +323,10 @@ class SSM2Graph:
         if attention and wo_b:  # (Falcon-H1's graph ignores the output bias)
             names.append("attn_output.bias")
         if ffn:
-            names += ["ffn_gate_inp.weight", "ffn_up.bias", "ffn_gate.bias", "ffn_down.bias"]
-        found = [n for n in names if self.m._w(il, n, required=False) is not None]
-        # one tensor for every layer (the name has no layer index)
-        if attention and self.m.weights.get("rope_freqs.weight", required=False) is not None:
-            found.append("rope_freqs.weight")
-        if "ffn_gate_inp.weight" in found:
-            raise UnsupportedError(f"layer {il}: MoE feed-forward is not supported")
-        if found:
-            raise UnsupportedError(f"layer {il}: tensors the engine does not build: {found}")
+            if self.m._w(il, "ffn_gate_inp.weight", required=False) is not None:
+                raise UnsupportedError(f"layer {il}: MoE feed-forward is not supported")
+            names += ["ffn_up.bias", "ffn_gate.bias", "ffn_down.bias"]
+        self.refuse_tensors(il, names, rope_freqs=attention)
 
 
 def _granite_logits(g: Any, cur: Any) -> Any:
