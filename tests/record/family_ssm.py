@@ -171,14 +171,7 @@ def write_nemotron_h(path: Path) -> Path:
     kv_heads, ffs = [0, 1, 0, 0], [0, 0, 0, n_ff]
     n_layer = len(kv_heads)
     m = _Model(path, "nemotron_h", "tiny-nemotron_h", seed=51)
-    # _common's keys, with a per-layer feed_forward_length
-    m.u32("vocab_size", N_VOCAB)
-    m.u32("context_length", 4096)
-    m.u32("embedding_length", s.n_embd)
-    m.u32("block_count", n_layer)
-    m.arr("feed_forward_length", ffs)
-    m.u32("attention.head_count", n_head)
-    m.f32("attention.layer_norm_rms_epsilon", 1e-5)
+    _common(m, s.n_embd, n_layer, ffs, n_head)
     m.arr("attention.head_count_kv", kv_heads)
     m.f32("attention.layer_norm_epsilon", 1e-5)
     _ssm_keys(m, s)
@@ -222,12 +215,7 @@ def write_nemotron_h_moe(path: Path, *, mtp: bool = False) -> Path:
     n_layer = 3
     name = "tiny-nemotron_h_moe-mtp" if mtp else "tiny-nemotron_h_moe"
     m = _Model(path, "nemotron_h_moe", name, seed=52)
-    m.u32("vocab_size", N_VOCAB)
-    m.u32("context_length", 4096)
-    m.u32("embedding_length", s.n_embd)
-    m.u32("block_count", len(kv_heads))
-    m.arr("feed_forward_length", ffs)
-    m.u32("attention.head_count", n_head)
+    _common(m, s.n_embd, len(kv_heads), ffs, n_head, rms_eps=None)
     m.arr("attention.head_count_kv", kv_heads)
     m.f32("attention.layer_norm_epsilon", 1e-5)
     m.f32("attention.layer_norm_rms_epsilon", 1e-5)
@@ -282,12 +270,7 @@ def write_plamo2(path: Path) -> Path:
     n_head, kv_heads = 4, [0, 1, 0, 1]
     n_layer = len(kv_heads)
     m = _Model(path, "plamo2", "tiny-plamo2", seed=61)
-    m.u32("vocab_size", N_VOCAB)
-    m.u32("context_length", 4096)
-    m.u32("embedding_length", s.n_embd)
-    m.u32("block_count", n_layer)
-    m.u32("feed_forward_length", n_ff)
-    m.u32("attention.head_count", n_head)
+    _common(m, s.n_embd, n_layer, n_ff, n_head, rms_eps=None)
     m.arr("attention.head_count_kv", kv_heads)
     m.u32("attention.key_length", head)
     m.u32("attention.value_length", head)

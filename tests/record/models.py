@@ -82,14 +82,28 @@ class _Model:
         self.w.close()
 
 
-def _common(m: _Model, n_embd: int, n_layer: int, n_ff: int, n_head: int) -> None:
+def _common(
+    m: _Model,
+    n_embd: int,
+    n_layer: int,
+    n_ff: int | list[int],
+    n_head: int,
+    *,
+    rms_eps: float | None = 1e-5,
+) -> None:
+    """The keys every model has; ``n_ff`` a list for per-layer widths, ``rms_eps`` None
+    for a writer that adds its norm epsilons later (keys are written in call order)."""
     m.u32("vocab_size", N_VOCAB)
     m.u32("context_length", 4096)
     m.u32("embedding_length", n_embd)
     m.u32("block_count", n_layer)
-    m.u32("feed_forward_length", n_ff)
+    if isinstance(n_ff, list):
+        m.arr("feed_forward_length", n_ff)
+    else:
+        m.u32("feed_forward_length", n_ff)
     m.u32("attention.head_count", n_head)
-    m.f32("attention.layer_norm_rms_epsilon", 1e-5)
+    if rms_eps is not None:
+        m.f32("attention.layer_norm_rms_epsilon", rms_eps)
 
 
 def _ffn(m: _Model, il: int, n_embd: int, n_ff: int) -> None:
