@@ -24,9 +24,10 @@ import pymem.kv.inputs as kv_inputs
 from pymem._native import check, ffi, lib
 from pymem.batch import Batch, BatchAllocator
 from pymem.errors import NativeError
+from pymem.kv.cells import StackedCells
 from pymem.kv.inputs import build_kq_mask
 from pymem.memory import MemoryStatus
-from pymem.spec import NonCausalType
+from pymem.spec import NonCausalType, SWAType
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
 MASK_OPTIONS = (
@@ -273,3 +274,26 @@ def test_native_mask_kernels_refuse_rows_outside_the_cells():
     assert status == lib.PM_ERR_RANGE
     with pytest.raises(NativeError):
         check(status, "pm_kq_mask_owner")
+    # an element size other than f16 / f32 is refused before anything is written
+    status = lib.pm_kq_mask_rows(
+        i32(owner), i32(pos), 8, ffi.from_buffer("int64_t[]", np.zeros(1, np.int64)),
+        i32(seq), i32(lo), i32(hi), 1, 4, 3, ffi.from_buffer(out, require_writable=True),
+    )  # fmt: skip
+    assert status == lib.PM_ERR_ARG
+    status = lib.pm_kq_mask_owner(
+        i32(owner), i32(pos), 8, ffi.from_buffer("int64_t[]", tok_of), tok_of.size,
+        i32(lo), i32(hi), 1, 4, 8, ffi.from_buffer(out, require_writable=True),
+    )  # fmt: skip
+    assert status == lib.PM_ERR_ARG
+
+
+def test_native_mask_refusal_names_the_values():
+    """A refused kernel call (a broken internal invariant: here a row past the cells)
+    raises NativeError naming the row offsets, n_kv and the number of cells."""
+    stack = StackedCells(1, 8)
+    rules = kv_inputs._rules(True, SWAType.NONE, 0, False)
+    out = np.empty((1, 1, 16), dtype=np.float16)  # n_kv 16 > 8 cells
+    strm = np.zeros(1, dtype=np.int64)
+    sq, p1 = np.zeros((1, 1), np.int32), np.zeros((1, 1), np.int32)
+    with pytest.raises(NativeError, match=r"row offsets \[0, 0\] \+ n_kv 16 <= 8 cells"):
+        kv_inputs._mask_streams(stack, rules, strm, sq, p1, None, None, out)

@@ -353,7 +353,13 @@ def _mask_one_per_seq(
             ffi.from_buffer("int32_t[]", _bounds_or_open(hi, n, _I32.max)),
             n, n_kv, out.dtype.itemsize, ffi.from_buffer(out, require_writable=True),
         )  # fmt: skip
-        check(status, "pm_kq_mask_owner")
+        if status != lib.PM_OK:  # an internal invariant broke: name what the kernel checks
+            check(
+                status,
+                f"pm_kq_mask_owner (n_kv {n_kv} of {cells.owner.size} cells, owners "
+                f"[{int(own.min(initial=0))}, {int(own.max(initial=0))}] + 2 < {tok.size}, "
+                f"tokens < {n})",
+            )
         return
     t = tok[own + 2]
     j = np.flatnonzero(t >= 0)
@@ -507,7 +513,12 @@ def _mask_streams(
             ffi.from_buffer("int32_t[]", _bounds_or_open(hi, n, _I32.max)),
             n, out.shape[2], out.dtype.itemsize, ffi.from_buffer(out, require_writable=True),
         )  # fmt: skip
-        check(status, "pm_kq_mask_rows")
+        if status != lib.PM_OK:  # an internal invariant broke: name what the kernel checks
+            check(
+                status,
+                f"pm_kq_mask_rows (row offsets [{int(off.min(initial=0))}, "
+                f"{int(off.max(initial=0))}] + n_kv {n_kv} <= {stack.owner_f.size} cells)",
+            )
         return
     rows: slice | np.ndarray = strm
     if int(strm[-1]) - int(strm[0]) == strm.size - 1:
