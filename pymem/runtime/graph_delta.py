@@ -332,13 +332,6 @@ class DeltaNetGraph:
         return ctx.concat(ctx.concat(q, k, 0), v, 0), z
 
     # --- feed-forward -----------------------------------------------------------------------
-    def _gdn_swiglu(self, il: int, cur: Any, suffix: str = "") -> Any:
-        """``build_ffn(up, gate, down, LLM_FFN_SILU, LLM_FFN_PAR)`` over ``ffn_*{suffix}``."""
-        ctx, w = self.ctx, self.m._w
-        up = ctx.mul_mat(w(il, f"ffn_up{suffix}.weight"), cur)
-        gate = ctx.mul_mat(w(il, f"ffn_gate{suffix}.weight"), cur)
-        return ctx.mul_mat(w(il, f"ffn_down{suffix}.weight"), ctx.swiglu_split(gate, up))
-
     def gdn_moe_ffn(self, il: int, cur: Any) -> Any:
         """``build_moe_ffn`` (softmax gating, normalised top-k weights, SiLU experts; the
         engine's shared block ``graph_attention.AttentionGraph.moe_ffn``), plus the shared
@@ -349,7 +342,7 @@ class DeltaNetGraph:
         moe_out = g.moe_ffn(il, cur, GATING_SOFTMAX, norm_w=True, exp_probs_b=False)
         if w(il, "ffn_up_shexp.weight", required=False) is None:
             return moe_out
-        shexp = self._gdn_swiglu(il, cur, "_shexp")
+        shexp = g.swiglu_ffn(il, cur, "_shexp")
         shared_gate = ctx.sigmoid(ctx.mul_mat(w(il, "ffn_gate_inp_shexp.weight"), cur))
         return ctx.add(moe_out, ctx.mul(shexp, shared_gate))
 
@@ -389,7 +382,7 @@ class DeltaNetGraph:
             cur = ctx.add(cur, inpL)
             ffn_residual = cur
             cur = g.norm(cur, w(il, "post_attention_norm.weight"))
-            cur = self.gdn_moe_ffn(il, cur) if moe else self._gdn_swiglu(il, cur)
+            cur = self.gdn_moe_ffn(il, cur) if moe else g.swiglu_ffn(il, cur)
             inpL = ctx.add(cur, ffn_residual)
         return ctx.get_rows(inpL, out_ids)
 
