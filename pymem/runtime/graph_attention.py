@@ -1315,35 +1315,33 @@ def _inverse_logit_scale(g: Any, cur: Any) -> Any:
     return g.ctx.scale(cur, f32_div(1.0, g.m.keys.f32(f"{g.hp.arch}.logit_scale")))
 
 
+def _softcap(g: Any, cur: Any, cap: float) -> Any:
+    """Logit soft-capping ``cap * tanh(cur / cap)`` (``cap`` 0: none)."""
+    if cap == 0.0:
+        return cur
+    return g.ctx.scale(g.ctx.tanh(g.ctx.scale(cur, f32_div(1.0, cap))), cap)
+
+
 def _muse_logits(g: Any, cur: Any) -> Any:
     """Muse-Glimmer: logits times ``logit_scale``, then ``cap * tanh(logits / cap)`` with
     ``final_logit_softcapping`` (30 when the file has none: the reference's default)."""
     cur = g.ctx.scale(cur, g.m.keys.f32(f"{g.hp.arch}.logit_scale"))
     cap = g.m.keys.f32(f"{g.hp.arch}.final_logit_softcapping", 30.0)
-    if cap == 0.0:
-        return cur
-    cur = g.ctx.scale(cur, f32_div(1.0, cap))
-    return g.ctx.scale(g.ctx.tanh(cur), cap)
+    return _softcap(g, cur, cap)
 
 
 def _gemma4_logits(g: Any, cur: Any) -> Any:
     """Gemma-3n / Gemma-4 final soft-capping: ``final_logit_softcapping``, 30 when the
     file has none (the reference's default; 0 turns it off)."""
     cap = g.m.keys.f32(f"{g.hp.arch}.final_logit_softcapping", 30.0)
-    if cap == 0.0:
-        return cur
-    cur = g.ctx.scale(cur, f32_div(1.0, cap))
-    return g.ctx.scale(g.ctx.tanh(cur), cap)
+    return _softcap(g, cur, cap)
 
 
 def _gemma3_logits(g: Any, cur: Any) -> Any:
     """Final logit soft-capping, only when the file sets ``final_logit_softcapping``."""
     field = g.m.keys.fields.get(f"{g.hp.arch}.final_logit_softcapping")
     cap = float(field.contents()) if field is not None else 0.0
-    if cap == 0.0:
-        return cur
-    cur = g.ctx.scale(cur, f32_div(1.0, cap))
-    return g.ctx.scale(g.ctx.tanh(cur), cap)
+    return _softcap(g, cur, cap)
 
 
 ARCH_GRAPHS: dict[str, ArchGraph] = {
