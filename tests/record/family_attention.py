@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from models import N_VOCAB, _attn, _common, _ffn, _Model, _moe, _qkvo, _shexp
+from models import N_VOCAB, _attn, _common, _ffn, _gemma_layer, _Model, _moe, _qkvo, _shexp
 from runconfig import RunConfig
 
 N_EMBD, N_HEAD, N_HEAD_KV, HEAD = 16, 2, 1, 8
@@ -43,11 +43,7 @@ def write_gemma3(path: Path) -> Path:
     m.weight("token_embd.weight", (N_EMBD, N_VOCAB))
     m.norm("output_norm.weight", N_EMBD)
     for il in range(n_layer):
-        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, qk_norm=True)
-        m.norm(f"blk.{il}.post_attention_norm.weight", N_EMBD)
-        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
-        _ffn(m, il, N_EMBD, n_ff)
-        m.norm(f"blk.{il}.post_ffw_norm.weight", N_EMBD)
+        _gemma_layer(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, n_ff, qk_norm=True)
     m.finish()
     return path
 
@@ -296,6 +292,19 @@ def write_mimo2(path: Path) -> Path:
     return path
 
 
+def _gated_attn_norms(m: _Model, il: int) -> None:
+    """afmoe / muse-glimmer: pre/post attention norms, Q/K/V/O with per-head Q/K norms,
+    the per-element attention gate, then the pre/post ffn norms (the ffn is the caller's)."""
+    m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
+    m.norm(f"blk.{il}.post_attention_norm.weight", N_EMBD)
+    _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
+    m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
+    m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
+    m.weight(f"blk.{il}.attn_gate.weight", (N_EMBD, N_HEAD * HEAD))
+    m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
+    m.norm(f"blk.{il}.post_ffw_norm.weight", N_EMBD)
+
+
 def write_afmoe(path: Path) -> Path:
     """afmoe: 4 layers, window 8, default pattern 4 -> layers 0..2 slide, layer 3 is full.
 
@@ -314,14 +323,7 @@ def write_afmoe(path: Path) -> Path:
     m.u32("expert_shared_count", 0)
     _head(m)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        m.norm(f"blk.{il}.post_attention_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
-        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
-        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
-        m.weight(f"blk.{il}.attn_gate.weight", (N_EMBD, N_HEAD * HEAD))
-        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
-        m.norm(f"blk.{il}.post_ffw_norm.weight", N_EMBD)
+        _gated_attn_norms(m, il)
         _ffn(m, il, N_EMBD, n_ff)
     m.finish()
     return path
@@ -448,14 +450,7 @@ def write_muse_glimmer(path: Path) -> Path:
     m.f32("logit_scale", 0.5)
     _head(m)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        m.norm(f"blk.{il}.post_attention_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
-        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
-        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
-        m.weight(f"blk.{il}.attn_gate.weight", (N_EMBD, N_HEAD * HEAD))
-        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
-        m.norm(f"blk.{il}.post_ffw_norm.weight", N_EMBD)
+        _gated_attn_norms(m, il)
         _ffn(m, il, N_EMBD, n_ff)
     m.finish()
     return path
@@ -485,18 +480,9 @@ def write_spark2_5(path: Path) -> Path:
     return path
 
 
-def write_gemma4(path: Path) -> Path:
-    """gemma4 without shared KV layers: 2 layers, pattern array [1, 0]; SWA heads of 4, full 8.
-
-    llama_model_gemma4::load_arch_hparams: swa_type STANDARD, required pattern array,
-    window and ``attention.key_length_swa`` / ``value_length_swa``; ``shared_kv_layers`` 0
-    leaves n_layer_kv_from_start = n_layer, so create_memory's layer reuse never applies
-    (pymem refuses models where it does). K/V rows: 4 (SWA layer) and 8 (full layer). The
-    full layer's RoPE factors (``rope_freqs``) are ones, so they change nothing. No
-    per-layer embeddings (``embedding_length_per_layer_input`` 0), dense ffn.
-    """
-    n_layer, n_ff, head_swa = 2, 24, 4
-    m = _Model(path, "gemma4", "tiny-gemma4", seed=109)
+def _gemma4_keys(m: _Model, n_layer: int, n_ff: int, head_swa: int) -> None:
+    """gemma4's keys: pattern [1, 0], SWA heads of ``head_swa`` and full ones of HEAD, no
+    shared KV layers, no per-layer embeddings."""
     _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
     m.u32("attention.head_count_kv", N_HEAD_KV)
     m.u32("attention.sliding_window", N_SWA)
@@ -509,16 +495,27 @@ def write_gemma4(path: Path) -> Path:
     m.u32("attention.shared_kv_layers", 0)
     m.u32("embedding_length_per_layer_input", 0)
     m.f32("rope.freq_base", 1000000.0)
+
+
+def write_gemma4(path: Path) -> Path:
+    """gemma4 without shared KV layers: 2 layers, pattern array [1, 0]; SWA heads of 4, full 8.
+
+    llama_model_gemma4::load_arch_hparams: swa_type STANDARD, required pattern array,
+    window and ``attention.key_length_swa`` / ``value_length_swa``; ``shared_kv_layers`` 0
+    leaves n_layer_kv_from_start = n_layer, so create_memory's layer reuse never applies
+    (pymem refuses models where it does). K/V rows: 4 (SWA layer) and 8 (full layer). The
+    full layer's RoPE factors (``rope_freqs``) are ones, so they change nothing. No
+    per-layer embeddings (``embedding_length_per_layer_input`` 0), dense ffn.
+    """
+    n_layer, n_ff, head_swa = 2, 24, 4
+    m = _Model(path, "gemma4", "tiny-gemma4", seed=109)
+    _gemma4_keys(m, n_layer, n_ff, head_swa)
     m.weight("token_embd.weight", (N_EMBD, N_VOCAB))
     m.norm("output_norm.weight", N_EMBD)
     m.w.add_tensor("rope_freqs.weight", np.ones(HEAD // 2, dtype=np.float32))
     for il in range(n_layer):
         head = head_swa if il == 0 else HEAD
-        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, head, qk_norm=True)
-        m.norm(f"blk.{il}.post_attention_norm.weight", N_EMBD)
-        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
-        _ffn(m, il, N_EMBD, n_ff)
-        m.norm(f"blk.{il}.post_ffw_norm.weight", N_EMBD)
+        _gemma_layer(m, il, N_EMBD, N_HEAD, N_HEAD_KV, head, n_ff, qk_norm=True)
     m.finish()
     return path
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from models import N_VOCAB, _attn, _common, _ffn, _Model
+from models import N_VOCAB, _common, _gemma_layer, _Model
 from runconfig import RunConfig
 
 N_EMBD, N_HEAD, N_HEAD_KV, HEAD = 16, 2, 1, 8
@@ -56,11 +56,7 @@ def write_gemma3n(path: Path, *, n_layer: int = 5) -> Path:
     m.weight("per_layer_model_proj.weight", (N_EMBD, N_EMBD_ALTUP * n_layer))
     m.norm("per_layer_proj_norm.weight", N_EMBD_ALTUP)
     for il in range(n_layer):
-        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, qk_norm=True)
-        m.norm(f"blk.{il}.post_attention_norm.weight", N_EMBD)
-        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
-        _ffn(m, il, N_EMBD, n_ff)
-        m.norm(f"blk.{il}.post_ffw_norm.weight", N_EMBD)
+        _gemma_layer(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, n_ff, qk_norm=True)
         # altup: per-layer input gate and projection, router, predict / correct coefficients
         m.weight(f"blk.{il}.inp_gate.weight", (N_EMBD, N_EMBD_ALTUP))
         m.weight(f"blk.{il}.proj.weight", (N_EMBD_ALTUP, N_EMBD))

@@ -17,8 +17,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from family_attention import HEAD, N_EMBD, N_HEAD, N_HEAD_KV, N_SWA, _head
-from models import N_VOCAB, _attn, _common, _ffn, _Model, _moe, _qkvo, _shexp
+from family_attention import (
+    HEAD,
+    N_EMBD,
+    N_HEAD,
+    N_HEAD_KV,
+    N_SWA,
+    _gated_attn_norms,
+    _gemma4_keys,
+    _head,
+)
+from models import N_VOCAB, _attn, _common, _ffn, _gemma_layer, _Model, _moe, _shexp
 from runconfig import RunConfig
 
 N_EXPERT, N_EXPERT_USED, N_FF_EXP = 4, 2, 8
@@ -55,14 +64,7 @@ def write_afmoe_moe(path: Path) -> Path:
     _moe_keys(m, n_dense, None)
     _head(m)
     for il in range(n_layer):
-        m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
-        m.norm(f"blk.{il}.post_attention_norm.weight", N_EMBD)
-        _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
-        m.norm(f"blk.{il}.attn_q_norm.weight", HEAD)
-        m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
-        m.weight(f"blk.{il}.attn_gate.weight", (N_EMBD, N_HEAD * HEAD))
-        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
-        m.norm(f"blk.{il}.post_ffw_norm.weight", N_EMBD)
+        _gated_attn_norms(m, il)
         if il < n_dense:
             _ffn(m, il, N_EMBD, n_ff)
         else:
@@ -244,18 +246,7 @@ def write_gemma4_moe(path: Path) -> Path:
     layer's ``rope_freqs`` are random in [1, 2] (family_attention's are ones)."""
     n_layer, n_ff, head_swa = 2, 24, 4
     m = _Model(path, "gemma4", "tiny-gemma4-moe", seed=209)
-    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
-    m.u32("attention.head_count_kv", N_HEAD_KV)
-    m.u32("attention.sliding_window", N_SWA)
-    m.arr("attention.sliding_window_pattern", [True, False])
-    m.u32("attention.key_length", HEAD)
-    m.u32("attention.value_length", HEAD)
-    m.u32("attention.key_length_swa", head_swa)
-    m.u32("attention.value_length_swa", head_swa)
-    m.u32("rope.dimension_count_swa", head_swa)
-    m.u32("attention.shared_kv_layers", 0)
-    m.u32("embedding_length_per_layer_input", 0)
-    m.f32("rope.freq_base", 1000000.0)
+    _gemma4_keys(m, n_layer, n_ff, head_swa)
     m.u32("expert_count", N_EXPERT)
     m.u32("expert_used_count", N_EXPERT_USED)
     m.u32("expert_feed_forward_length", N_FF_EXP)
@@ -264,11 +255,7 @@ def write_gemma4_moe(path: Path) -> Path:
     m.w.add_tensor("rope_freqs.weight", (1.0 + m.rng.random(HEAD // 2)).astype(np.float32))
     for il in range(n_layer):
         head = head_swa if il == 0 else HEAD
-        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, head, qk_norm=True)
-        m.norm(f"blk.{il}.post_attention_norm.weight", N_EMBD)
-        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
-        _ffn(m, il, N_EMBD, n_ff)
-        m.norm(f"blk.{il}.post_ffw_norm.weight", N_EMBD)
+        _gemma_layer(m, il, N_EMBD, N_HEAD, N_HEAD_KV, head, n_ff, qk_norm=True)
         if il == 0:
             continue
         m.weight(f"blk.{il}.ffn_gate_inp.weight", (N_EMBD, N_EXPERT))

@@ -138,6 +138,25 @@ def _attn(
         m.norm(f"blk.{il}.attn_k_norm.weight", head)
 
 
+def _gemma_layer(
+    m: _Model,
+    il: int,
+    n_embd: int,
+    n_head: int,
+    n_head_kv: int,
+    head: int,
+    n_ff: int,
+    *,
+    qk_norm: bool = False,
+) -> None:
+    """A gemma layer: :func:`_attn`, its post-norm, then the ffn between its pre/post norms."""
+    _attn(m, il, n_embd, n_head, n_head_kv, head, qk_norm=qk_norm)
+    m.norm(f"blk.{il}.post_attention_norm.weight", n_embd)
+    m.norm(f"blk.{il}.ffn_norm.weight", n_embd)
+    _ffn(m, il, n_embd, n_ff)
+    m.norm(f"blk.{il}.post_ffw_norm.weight", n_embd)
+
+
 def _moe(
     m: _Model,
     il: int,
@@ -187,11 +206,7 @@ def write_gemma2(path: Path, *, n_swa: int = 8, n_embd: int = 16) -> Path:
     m.weight("token_embd.weight", (n_embd, N_VOCAB))
     m.norm("output_norm.weight", n_embd)
     for il in range(n_layer):
-        _attn(m, il, n_embd, n_head, n_head_kv, head)
-        m.norm(f"blk.{il}.post_attention_norm.weight", n_embd)
-        m.norm(f"blk.{il}.ffn_norm.weight", n_embd)
-        _ffn(m, il, n_embd, n_ff)
-        m.norm(f"blk.{il}.post_ffw_norm.weight", n_embd)
+        _gemma_layer(m, il, n_embd, n_head, n_head_kv, head, n_ff)
     m.finish()
     return path
 
