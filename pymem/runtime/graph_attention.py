@@ -1274,9 +1274,7 @@ class AttentionGraph:
         """LFM2's feed-forward: dense SwiGLU, or (lfm2moe, from ``leading_dense_block_count``
         on) sigmoid-routed MoE with the selection bias and normalised weights."""
         g: Any = self
-        for name in ("ffn_up.bias", "ffn_gate.bias", "ffn_down.bias"):
-            if self.m._w(il, name, required=False) is not None:
-                raise UnsupportedError(f"layer {il}: tensor {name!r} (LFM2's FFN has no biases)")
+        self.refuse_tensors(il, ("ffn_up.bias", "ffn_gate.bias", "ffn_down.bias"), "LFM2's FFN")
         if self.hp.arch != "lfm2moe":
             return g.ffn(il, cur)
         n_dense = int(self.m.keys.f32("lfm2moe.leading_dense_block_count", 0.0))
