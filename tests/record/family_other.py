@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from models import N_VOCAB, _common, _ffn, _Model, _moe, _qkvo
+from models import N_VOCAB, _common, _ffn, _lfm2_mixer, _Model, _moe
 from runconfig import RunConfig
 
 
@@ -44,15 +44,7 @@ def write_lfm2moe(path: Path) -> Path:
         else:
             _moe(m, il, n_embd, n_ff_exp, n_expert)
             m.weight(f"blk.{il}.exp_probs_b.bias", (n_expert,), scale=0.1)
-        m.norm(f"blk.{il}.attn_norm.weight", n_embd)
-        if kv_heads[il]:
-            m.norm(f"blk.{il}.attn_q_norm.weight", head)
-            m.norm(f"blk.{il}.attn_k_norm.weight", head)
-            _qkvo(m, il, n_embd, n_head * head, kv_heads[il] * head)
-        else:
-            m.weight(f"blk.{il}.shortconv.conv.weight", (l_cache, n_embd), scale=0.5)
-            m.weight(f"blk.{il}.shortconv.in_proj.weight", (n_embd, 3 * n_embd))
-            m.weight(f"blk.{il}.shortconv.out_proj.weight", (n_embd, n_embd))
+        _lfm2_mixer(m, il, n_embd, n_head, kv_heads[il], head, l_cache)
     m.finish()
     return path
 

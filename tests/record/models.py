@@ -241,6 +241,22 @@ def write_llama(path: Path, *, n_embd: int = 8, rope_freqs: bool = False) -> Pat
     return path
 
 
+def _lfm2_mixer(
+    m: _Model, il: int, n_embd: int, n_head: int, n_head_kv: int, head: int, l_cache: int
+) -> None:
+    """An lfm2 layer's mixer: attention with Q/K norms when it has KV heads, else the
+    short convolution (``l_cache`` taps)."""
+    m.norm(f"blk.{il}.attn_norm.weight", n_embd)
+    if n_head_kv:
+        m.norm(f"blk.{il}.attn_q_norm.weight", head)
+        m.norm(f"blk.{il}.attn_k_norm.weight", head)
+        _qkvo(m, il, n_embd, n_head * head, n_head_kv * head)
+    else:
+        m.weight(f"blk.{il}.shortconv.conv.weight", (l_cache, n_embd), scale=0.5)
+        m.weight(f"blk.{il}.shortconv.in_proj.weight", (n_embd, 3 * n_embd))
+        m.weight(f"blk.{il}.shortconv.out_proj.weight", (n_embd, n_embd))
+
+
 def write_lfm2(path: Path, *, n_swa: int = 0) -> Path:
     """lfm2: 4 layers [short-conv, attention, short-conv, attention].
 
@@ -264,15 +280,7 @@ def write_lfm2(path: Path, *, n_swa: int = 0) -> Path:
     for il in range(n_layer):
         m.norm(f"blk.{il}.ffn_norm.weight", n_embd)
         _ffn(m, il, n_embd, n_ff)
-        m.norm(f"blk.{il}.attn_norm.weight", n_embd)
-        if kv_heads[il]:
-            m.norm(f"blk.{il}.attn_q_norm.weight", head)
-            m.norm(f"blk.{il}.attn_k_norm.weight", head)
-            _qkvo(m, il, n_embd, n_head * head, kv_heads[il] * head)
-        else:
-            m.weight(f"blk.{il}.shortconv.conv.weight", (l_cache, n_embd), scale=0.5)
-            m.weight(f"blk.{il}.shortconv.in_proj.weight", (n_embd, 3 * n_embd))
-            m.weight(f"blk.{il}.shortconv.out_proj.weight", (n_embd, n_embd))
+        _lfm2_mixer(m, il, n_embd, n_head, kv_heads[il], head, l_cache)
     m.finish()
     return path
 
