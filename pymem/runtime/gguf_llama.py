@@ -124,10 +124,6 @@ class _Keys:
         return bool(field.contents()) if field is not None else False
 
 
-_f32_div = f32_div
-_f32 = f32
-
-
 # --- the model -----------------------------------------------------------------------
 
 
@@ -608,7 +604,7 @@ class _Graph(
                 k = ctx.cast(k, gg.lib.GGML_TYPE_F16)
             if v.type == gg.lib.GGML_TYPE_F32:
                 v = ctx.cast(v, gg.lib.GGML_TYPE_F16)
-            cur = ctx.flash_attn_ext(q, k, v, kq_mask, _f32(kq_scale), 0.0, softcap)
+            cur = ctx.flash_attn_ext(q, k, v, kq_mask, f32(kq_scale), 0.0, softcap)
             if sinks is not None:
                 gg.lib.ggml_flash_attn_ext_add_sinks(cur, sinks)
             gg.lib.ggml_flash_attn_ext_set_prec(cur, gg.lib.GGML_PREC_F32)
@@ -616,10 +612,10 @@ class _Graph(
         kq = ctx.mul_mat(k, q)
         gg.lib.ggml_mul_mat_set_prec(kq, gg.lib.GGML_PREC_F32)
         if softcap:
-            kq = ctx.scale(kq, _f32_div(1.0, softcap))
+            kq = ctx.scale(kq, f32_div(1.0, softcap))
             kq = tanh(ctx, kq)
             kq = ctx.scale(kq, softcap)
-        kq = ctx.soft_max_ext(kq, kq_mask, _f32(kq_scale), 0.0)
+        kq = ctx.soft_max_ext(kq, kq_mask, f32(kq_scale), 0.0)
         if sinks is not None:
             gg.lib.ggml_soft_max_add_sinks(kq, sinks)
         if not v_trans:
@@ -800,7 +796,7 @@ def tanh(ctx: gg.Context, a: Any) -> Any:
 def _soft_cap_logits(g: _Graph, cur: Any) -> Any:
     """Gemma-2's final logit soft-capping: ``cap * tanh(logits / cap)``."""
     cap = g.hp.f_final_logit_softcapping
-    cur = g.ctx.scale(cur, _f32_div(1.0, cap))
+    cur = g.ctx.scale(cur, f32_div(1.0, cap))
     return g.ctx.scale(tanh(g.ctx, cur), cap)
 
 
