@@ -88,6 +88,20 @@ CASES = {
         {"blk.1.attn_q.bias": (8,)},
         r"layer 1: .*attn_q\.bias",
     ),
+    # the MoE refusal wins over the other unbuilt tensors of the layer
+    "granite-moe-and-ffn-bias": (
+        family_ssm.write_granitehybrid,
+        "granitehybrid.main.fa1.u1",
+        {"blk.1.ffn_gate_inp.weight": (8, 4), "blk.1.ffn_up.bias": (16,)},
+        r"layer 1: MoE feed-forward",
+    ),
+    # one model-wide tensor, refused at the first attention layer
+    "granite-rope-freqs": (
+        family_ssm.write_granitehybrid,
+        "granitehybrid.main.fa1.u1",
+        {"rope_freqs.weight": (2,)},
+        r"layer 1: .*rope_freqs\.weight",
+    ),
     "falcon-ffn-bias": (
         family_ssm.write_falcon_h1,
         "falcon-h1.main.fa1.u1",
