@@ -22,6 +22,21 @@ N_EMBD, N_HEAD, N_HEAD_KV, HEAD = 16, 2, 1, 8
 N_SWA = 8
 
 
+def _head(m: _Model, tied: bool = False) -> None:
+    """token_embd, output_norm and (unless tied to token_embd) output."""
+    m.weight("token_embd.weight", (N_EMBD, N_VOCAB))
+    m.norm("output_norm.weight", N_EMBD)
+    if not tied:
+        m.weight("output.weight", (N_EMBD, N_VOCAB))
+
+
+def _moe_keys(m: _Model, n_expert: int, n_ff_exp: int) -> None:
+    """Expert count and width, one expert used per token."""
+    m.u32("expert_count", n_expert)
+    m.u32("expert_used_count", 1)
+    m.u32("expert_feed_forward_length", n_ff_exp)
+
+
 def write_gemma3(path: Path) -> Path:
     """gemma3: 3 layers, ``attention.sliding_window_pattern`` 3 -> layers 0 and 1 slide, 2 is full.
 
@@ -40,8 +55,7 @@ def write_gemma3(path: Path) -> Path:
     m.u32("attention.sliding_window_pattern", 3)
     m.f32("rope.freq_base", 1000000.0)
     m.f32("rope.freq_base_swa", 10000.0)
-    m.weight("token_embd.weight", (N_EMBD, N_VOCAB))
-    m.norm("output_norm.weight", N_EMBD)
+    _head(m, tied=True)
     for il in range(n_layer):
         _gemma_layer(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, n_ff, qk_norm=True)
     m.finish()
@@ -64,13 +78,9 @@ def write_llama4(path: Path) -> Path:
     m.u32("attention.head_count_kv", N_HEAD_KV)
     m.u32("rope.dimension_count", HEAD)
     m.f32("rope.freq_base", 500000.0)
-    m.u32("expert_count", n_expert)
-    m.u32("expert_used_count", 1)
-    m.u32("expert_feed_forward_length", n_ff_exp)
+    _moe_keys(m, n_expert, n_ff_exp)
     m.u32("interleave_moe_layer_step", 2)
-    m.weight("token_embd.weight", (N_EMBD, N_VOCAB))
-    m.norm("output_norm.weight", N_EMBD)
-    m.weight("output.weight", (N_EMBD, N_VOCAB))
+    _head(m)
     for il in range(n_layer):
         _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
@@ -81,14 +91,6 @@ def write_llama4(path: Path) -> Path:
             _ffn(m, il, N_EMBD, n_ff)
     m.finish()
     return path
-
-
-def _head(m: _Model, tied: bool = False) -> None:
-    """token_embd, output_norm and (unless tied to token_embd) output."""
-    m.weight("token_embd.weight", (N_EMBD, N_VOCAB))
-    m.norm("output_norm.weight", N_EMBD)
-    if not tied:
-        m.weight("output.weight", (N_EMBD, N_VOCAB))
 
 
 def write_cohere2(path: Path) -> Path:
@@ -126,9 +128,7 @@ def write_openai_moe(path: Path) -> Path:
     _common(m, N_EMBD, n_layer, 24, N_HEAD)
     m.u32("attention.head_count_kv", N_HEAD_KV)
     m.u32("attention.sliding_window", N_SWA)
-    m.u32("expert_count", n_expert)
-    m.u32("expert_used_count", 1)
-    m.u32("expert_feed_forward_length", n_ff_exp)
+    _moe_keys(m, n_expert, n_ff_exp)
     _head(m)
     for il in range(n_layer):
         m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
@@ -229,9 +229,7 @@ def write_smallthinker(path: Path) -> Path:
     m.u32("expert_gating_func", 1)  # softmax (the graph aborts on none)
     m.u32("attention.head_count_kv", N_HEAD_KV)
     m.u32("attention.sliding_window", N_SWA)
-    m.u32("expert_count", n_expert)
-    m.u32("expert_used_count", 1)
-    m.u32("expert_feed_forward_length", n_ff_exp)
+    _moe_keys(m, n_expert, n_ff_exp)
     _head(m)
     for il in range(n_layer):
         _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
@@ -510,20 +508,13 @@ def write_gemma4(path: Path) -> Path:
     n_layer, n_ff, head_swa = 2, 24, 4
     m = _Model(path, "gemma4", "tiny-gemma4", seed=109)
     _gemma4_keys(m, n_layer, n_ff, head_swa)
-    m.weight("token_embd.weight", (N_EMBD, N_VOCAB))
-    m.norm("output_norm.weight", N_EMBD)
+    _head(m, tied=True)
     m.w.add_tensor("rope_freqs.weight", np.ones(HEAD // 2, dtype=np.float32))
     for il in range(n_layer):
         head = head_swa if il == 0 else HEAD
         _gemma_layer(m, il, N_EMBD, N_HEAD, N_HEAD_KV, head, n_ff, qk_norm=True)
     m.finish()
     return path
-
-
-def _moe_keys(m: _Model, n_expert: int, n_ff_exp: int) -> None:
-    m.u32("expert_count", n_expert)
-    m.u32("expert_used_count", 1)
-    m.u32("expert_feed_forward_length", n_ff_exp)
 
 
 def write_mellum(path: Path) -> Path:

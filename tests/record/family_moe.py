@@ -27,7 +27,7 @@ from family_attention import (
     _gemma4_keys,
     _head,
 )
-from models import N_VOCAB, _attn, _common, _ffn, _gemma_layer, _Model, _moe, _shexp
+from models import _attn, _common, _ffn, _gemma_layer, _Model, _moe, _shexp
 from runconfig import RunConfig
 
 N_EXPERT, N_EXPERT_USED, N_FF_EXP = 4, 2, 8
@@ -250,8 +250,7 @@ def write_gemma4_moe(path: Path) -> Path:
     m.u32("expert_count", N_EXPERT)
     m.u32("expert_used_count", N_EXPERT_USED)
     m.u32("expert_feed_forward_length", N_FF_EXP)
-    m.weight("token_embd.weight", (N_EMBD, N_VOCAB))
-    m.norm("output_norm.weight", N_EMBD)
+    _head(m, tied=True)
     m.w.add_tensor("rope_freqs.weight", (1.0 + m.rng.random(HEAD // 2)).astype(np.float32))
     for il in range(n_layer):
         head = head_swa if il == 0 else HEAD
