@@ -351,6 +351,10 @@ class FileWriter(StateWriter):
             tensor.device.is_host
             and 0 < n_pieces <= _DIRECT_MAX_PIECES
             and size >= _DIRECT_MIN_RUN * n_pieces
+            # inside the tensor (a view past it would be cut short silently); else the
+            # native path below refuses the set with a RangeError naming the run
+            and offset >= 0
+            and offset + (n_rep - 1) * rep_stride + int((starts + sizes).max()) <= tensor.nbytes
         ):
             raw = tensor.numpy().reshape(-1).view(np.uint8).data
             runs = list(zip(starts.tolist(), sizes.tolist()))

@@ -7,8 +7,10 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 
 from pymem.backend import TensorSpec, TensorStore
+from pymem.errors import RangeError
 from pymem.state import StateWriter, state_size, write_state, write_state_to
 
 
@@ -168,3 +170,11 @@ def test_long_runs_stream_to_a_file_from_tensor_memory() -> None:
             for a, n in ((0, 65536), (66000, 65536))
         )
         assert writes == [65536] * 4
+        # a run past the tensor is refused naming it, not written cut short
+        bad = np.array([0, t.nbytes - 131072 - 100], dtype=np.uint64)
+
+        def past(w: StateWriter) -> None:
+            w.write_tensor_runs(t, 100, 2, 131072, bad, sizes)
+
+        with pytest.raises(RangeError, match=r"run\[1\] .* ends past 524288"):
+            write_state_to(io.BytesIO(), past)
