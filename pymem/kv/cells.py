@@ -95,9 +95,10 @@ def _run(idx: np.ndarray) -> np.ndarray | slice:
 
 
 # a run of cells shorter than this is written through its index array: a gather of a few
-# cells costs less than the test (tests lower it to compare both paths)
+# cells costs less than the test (tests raise it to force the index path and compare)
 RUN_MIN = 256
-# key runs per value above which min_max_at leaves the grouping to ufunc.at
+# key runs per value above which min_max_at leaves the grouping to ufunc.at (tests raise
+# it to force plain ufunc.at and compare)
 _GROUP_MAX_SHARE = 4
 # cells from which put_rows takes np.put
 _PUT_MIN = 1024
@@ -563,6 +564,11 @@ class StackedCells:
                 self.n_multi[rows] -= int(np.count_nonzero(multi))
             elif multi.any():
                 np.subtract.at(self.n_multi, rows[multi], 1)
+        self._empty(gid, rows)
+
+    def _empty(self, gid: np.ndarray, rows: Rows) -> None:
+        """Cells ``gid`` (of streams ``rows``) made empty; bounds, ``n_multi`` and the
+        rollback record are the caller's."""
         self.owner_f[gid] = OWNER_NONE
         self.pos_f[gid] = POS_NONE
         self.shift_f[gid] = 0
@@ -584,13 +590,7 @@ class StackedCells:
         p = pos.astype(np.int64)
         self.pdirty_f[key[p <= self.pmin_f[key]]] |= STALE_MIN
         self.pdirty_f[key[p >= self.pmax_f[key]]] |= STALE_MAX
-        self.owner_f[gid] = OWNER_NONE
-        self.pos_f[gid] = POS_NONE
-        self.shift_f[gid] = 0
-        put_rows(self.rows_f, gid)
-        if self.ext_f is not None:
-            self.ext_f[gid] = EXT_DEFAULT
-        self._freed(gid, 0)
+        self._empty(gid, 0)
 
     def set_new(
         self,
@@ -837,13 +837,7 @@ class StackedCells:
         self._record(cells, 0)
         self._touch(rows)
         self._removed_bounds(rows, seqs, p_max)
-        put_rows(self.rows_f, cells)
-        self.owner_f[cells] = OWNER_NONE
-        self.pos_f[cells] = POS_NONE
-        self.shift_f[cells] = 0
-        if self.ext_f is not None:
-            self.ext_f[cells] = EXT_DEFAULT
-        self._freed(cells, 0)
+        self._empty(cells, 0)
         return cells
 
     def _removed_bounds(self, rows: np.ndarray, seqs: np.ndarray, p_max: np.ndarray) -> None:
