@@ -15,19 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from models import N_VOCAB, _attn, _common, _ffn, _gemma_layer, _Model, _moe, _qkvo, _shexp
+from models import _attn, _common, _ffn, _gemma_layer, _head, _Model, _moe, _qkvo, _shexp
 from runconfig import RunConfig
 
 N_EMBD, N_HEAD, N_HEAD_KV, HEAD = 16, 2, 1, 8
 N_SWA = 8
-
-
-def _head(m: _Model, tied: bool = False) -> None:
-    """token_embd, output_norm and (unless tied to token_embd) output."""
-    m.weight("token_embd.weight", (N_EMBD, N_VOCAB))
-    m.norm("output_norm.weight", N_EMBD)
-    if not tied:
-        m.weight("output.weight", (N_EMBD, N_VOCAB))
 
 
 def _moe_keys(m: _Model, n_expert: int, n_ff_exp: int) -> None:
@@ -55,7 +47,7 @@ def write_gemma3(path: Path) -> Path:
     m.u32("attention.sliding_window_pattern", 3)
     m.f32("rope.freq_base", 1000000.0)
     m.f32("rope.freq_base_swa", 10000.0)
-    _head(m, tied=True)
+    _head(m, N_EMBD, tied=True)
     for il in range(n_layer):
         _gemma_layer(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, n_ff, qk_norm=True)
     m.finish()
@@ -80,7 +72,7 @@ def write_llama4(path: Path) -> Path:
     m.f32("rope.freq_base", 500000.0)
     _moe_keys(m, n_expert, n_ff_exp)
     m.u32("interleave_moe_layer_step", 2)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
@@ -108,7 +100,7 @@ def write_cohere2(path: Path) -> Path:
     m.u32("attention.sliding_window", N_SWA)
     m.f32("attention.layer_norm_epsilon", 1e-5)
     m.f32("logit_scale", 0.5)
-    _head(m, tied=True)
+    _head(m, N_EMBD, tied=True)
     for il in range(n_layer):
         _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
         _ffn(m, il, N_EMBD, n_ff)
@@ -129,7 +121,7 @@ def write_openai_moe(path: Path) -> Path:
     m.u32("attention.head_count_kv", N_HEAD_KV)
     m.u32("attention.sliding_window", N_SWA)
     _moe_keys(m, n_expert, n_ff_exp)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
         m.norm(f"blk.{il}.post_attention_norm.weight", N_EMBD)
@@ -159,7 +151,7 @@ def write_phi3(path: Path) -> Path:
     m.u32("attention.head_count_kv", N_HEAD_KV)
     m.u32("attention.sliding_window", N_SWA)
     m.u32("rope.dimension_count", HEAD)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
@@ -181,7 +173,7 @@ def write_exaone4(path: Path) -> Path:
     _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
     m.u32("attention.head_count_kv", N_HEAD_KV)
     m.u32("attention.sliding_window", N_SWA)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
         m.norm(f"blk.{il}.post_attention_norm.weight", N_EMBD)
@@ -205,7 +197,7 @@ def write_olmo2(path: Path) -> Path:
     _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
     m.u32("attention.head_count_kv", N_HEAD_KV)
     m.u32("attention.sliding_window", N_SWA)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         _qkvo(m, il, N_EMBD, N_HEAD * HEAD, N_HEAD_KV * HEAD)
         m.norm(f"blk.{il}.attn_q_norm.weight", N_EMBD)
@@ -230,7 +222,7 @@ def write_smallthinker(path: Path) -> Path:
     m.u32("attention.head_count_kv", N_HEAD_KV)
     m.u32("attention.sliding_window", N_SWA)
     _moe_keys(m, n_expert, n_ff_exp)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
@@ -256,7 +248,7 @@ def write_step35(path: Path) -> Path:
     m.arr("attention.sliding_window_pattern", [1, 0])
     m.u32("expert_feed_forward_length", 8)
     m.f32("rope.freq_base_swa", 5000.0)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
@@ -281,7 +273,7 @@ def write_mimo2(path: Path) -> Path:
     m.u32("attention.sliding_window", N_SWA)
     m.arr("attention.sliding_window_pattern", [1, 0])
     m.u32("expert_feed_forward_length", 8)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         _attn(m, il, N_EMBD, N_HEAD, kv_heads[il], HEAD)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
@@ -319,7 +311,7 @@ def write_afmoe(path: Path) -> Path:
     m.u32("leading_dense_block_count", n_layer)
     m.u32("expert_feed_forward_length", 8)
     m.u32("expert_shared_count", 0)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         _gated_attn_norms(m, il)
         _ffn(m, il, N_EMBD, n_ff)
@@ -344,7 +336,7 @@ def write_laguna(path: Path) -> Path:
     m.f32("rope.freq_base", 500000.0)
     m.u32("leading_dense_block_count", n_layer)
     m.u32("expert_feed_forward_length", 8)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, qk_norm=True)
         m.weight(f"blk.{il}.attn_gate.weight", (N_EMBD, N_HEAD))
@@ -370,7 +362,7 @@ def write_granite_swa(path: Path) -> Path:
     m.arr("attention.rope_pattern", [1, 1, 0])
     m.f32("logit_scale", 0.5)
     m.f32("rope.freq_base", 100000.0)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
         m.weight(f"blk.{il}.attn_sinks.weight", (N_HEAD,), scale=1.0)
@@ -394,7 +386,7 @@ def write_exaone_moe(path: Path) -> Path:
     m.u32("leading_dense_block_count", n_layer)
     m.u32("expert_feed_forward_length", 8)
     m.u32("expert_gating_func", 1)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, qk_norm=True)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
@@ -417,7 +409,7 @@ def write_plamo3(path: Path) -> Path:
     m.u32("attention.sliding_window", N_SWA)
     m.u32("attention.sliding_window_pattern", 2)
     m.f32("rope.freq_base", 1000000.0)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         m.norm(f"blk.{il}.attn_norm.weight", N_EMBD)
         m.weight(f"blk.{il}.attn_qkv.weight", (N_EMBD, (N_HEAD + 2 * N_HEAD_KV) * HEAD))
@@ -446,7 +438,7 @@ def write_muse_glimmer(path: Path) -> Path:
     m.u32("attention.head_count_kv", N_HEAD_KV)
     m.u32("attention.sliding_window", N_SWA)
     m.f32("logit_scale", 0.5)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         _gated_attn_norms(m, il)
         _ffn(m, il, N_EMBD, n_ff)
@@ -468,7 +460,7 @@ def write_spark2_5(path: Path) -> Path:
     m.u32("attention.head_count_kv", N_HEAD_KV)
     m.u32("attention.sliding_window", N_SWA)
     m.arr("attention.sliding_window_pattern", [1, 0])
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
         m.weight(f"blk.{il}.attn_gate.weight", (N_EMBD, N_HEAD))
@@ -508,7 +500,7 @@ def write_gemma4(path: Path) -> Path:
     n_layer, n_ff, head_swa = 2, 24, 4
     m = _Model(path, "gemma4", "tiny-gemma4", seed=109)
     _gemma4_keys(m, n_layer, n_ff, head_swa)
-    _head(m, tied=True)
+    _head(m, N_EMBD, tied=True)
     m.w.add_tensor("rope_freqs.weight", np.ones(HEAD // 2, dtype=np.float32))
     for il in range(n_layer):
         head = head_swa if il == 0 else HEAD
@@ -529,7 +521,7 @@ def write_mellum(path: Path) -> Path:
     m.u32("attention.head_count_kv", N_HEAD_KV)
     m.u32("attention.sliding_window", N_SWA)
     _moe_keys(m, n_expert, n_ff_exp)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, qk_norm=True)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
@@ -553,7 +545,7 @@ def write_cohere2moe(path: Path) -> Path:
     m.f32("logit_scale", 0.5)
     m.u32("leading_dense_block_count", n_layer)
     _moe_keys(m, 2, 8)
-    _head(m, tied=True)
+    _head(m, N_EMBD, tied=True)
     for il in range(n_layer):
         _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
         _ffn(m, il, N_EMBD, n_ff)
@@ -575,7 +567,7 @@ def write_maple(path: Path) -> Path:
     m.arr("attention.sliding_window_pattern", [1, 0])
     m.f32("swiglu_clamp_exp", 7.0)
     _moe_keys(m, n_expert, n_ff_exp)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, qk_norm=True)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
@@ -592,7 +584,7 @@ def write_qwen3moe(path: Path) -> Path:
     _common(m, N_EMBD, n_layer, 24, N_HEAD)
     m.u32("attention.head_count_kv", N_HEAD_KV)
     _moe_keys(m, n_expert, n_ff_exp)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, qk_norm=True)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from models import N_VOCAB, _common, _gemma_layer, _Model
+from models import N_VOCAB, _common, _gemma_layer, _head, _Model
 from runconfig import RunConfig
 
 N_EMBD, N_HEAD, N_HEAD_KV, HEAD = 16, 2, 1, 8
@@ -48,8 +48,7 @@ def write_gemma3n(path: Path, *, n_layer: int = 5) -> Path:
     m.u32("attention.sliding_window", N_SWA)
     m.f32("rope.freq_base", 1000000.0)
     m.f32("rope.freq_base_swa", 10000.0)
-    m.weight("token_embd.weight", (N_EMBD, N_VOCAB))
-    m.norm("output_norm.weight", N_EMBD)
+    _head(m, N_EMBD, tied=True)
     m.weight("altup_proj.weight", (N_EMBD, N_EMBD, N_ALTUP - 1))
     m.weight("altup_unembd_proj.weight", (N_EMBD, N_EMBD, N_ALTUP - 1))
     m.weight("per_layer_token_embd.weight", (N_EMBD_ALTUP * n_layer, N_VOCAB), scale=0.1)

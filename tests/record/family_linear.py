@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from models import N_VOCAB, _common, _ffn, _Model, _moe, _shexp
+from models import _common, _ffn, _head, _Model, _moe, _shexp
 from runconfig import RunConfig
 
 
@@ -151,9 +151,7 @@ def write_qwen35(path: Path, *, mtp: bool = False) -> Path:
     _gdn_keys(m, s)
     m.u32("full_attention_interval", 2)
     m.arr("rope.dimension_sections", [2, 1, 1, 0])
-    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
-    m.norm("output_norm.weight", s.n_embd)
-    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    _head(m, s.n_embd)
     for il in range(n_layer):
         m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
         m.norm(f"blk.{il}.post_attention_norm.weight", s.n_embd)
@@ -188,9 +186,7 @@ def write_qwen35moe(path: Path) -> Path:
     _moe_keys(m, e)
     m.w.add_array("qwen35moe.attention.recurrent_layers", recr)
     m.arr("rope.dimension_sections", [2, 1, 1, 0])
-    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
-    m.norm("output_norm.weight", s.n_embd)
-    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    _head(m, s.n_embd)
     for il in range(n_layer):
         m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
         m.norm(f"blk.{il}.post_attention_norm.weight", s.n_embd)
@@ -215,9 +211,7 @@ def write_qwen3next(path: Path) -> Path:
     _common(m, s.n_embd, n_layer, n_ff, s.n_head)
     _gdn_keys(m, s, n_rot=4)
     _moe_keys(m, e)
-    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
-    m.norm("output_norm.weight", s.n_embd)
-    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    _head(m, s.n_embd)
     for il in range(n_layer):
         m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
         m.norm(f"blk.{il}.post_attention_norm.weight", s.n_embd)
@@ -252,9 +246,7 @@ def write_minimax_01(path: Path) -> Path:
     m.u32("full_attention_interval", 2)
     m.u32("expert_count", e.n_expert)
     m.u32("expert_used_count", e.n_expert_used)
-    m.weight("token_embd.weight", (n_embd, N_VOCAB))
-    m.norm("output_norm.weight", n_embd)
-    m.weight("output.weight", (n_embd, N_VOCAB))
+    _head(m, n_embd)
     for il in range(n_layer):
         m.norm(f"blk.{il}.attn_norm.weight", n_embd)
         if (il + 1) % 2:
@@ -362,9 +354,7 @@ def write_kimi_linear(path: Path) -> Path:
     m.u32("ssm.conv_kernel", s.d_conv)
     m.u32("kda.head_dim", s.head_dim)
     _kda_moe_keys(m, e)
-    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
-    m.norm("output_norm.weight", s.n_embd)
-    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    _head(m, s.n_embd)
     for il in range(n_layer):
         m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
         if kv_heads[il]:
@@ -405,9 +395,7 @@ def write_bailingmoe3(path: Path) -> Path:
     m.u32("kda.head_dim", s.head_dim)
     m.f32("kda.gate_lower_bound", -5.0)
     _kda_moe_keys(m, e)
-    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
-    m.norm("output_norm.weight", s.n_embd)
-    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    _head(m, s.n_embd)
     for il in range(n_trunk):
         m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
         if kv_heads[il]:
@@ -457,9 +445,7 @@ def write_kimi_k3(path: Path) -> Path:
     m.u32("attn_res.block_size", 0)
     m.f32("activation.situ_beta", 2.0)
     m.f32("activation.situ_linear_beta", 4.0)
-    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
-    m.norm("output_norm.weight", s.n_embd)
-    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    _head(m, s.n_embd)
     for il in range(n_layer):
         m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
         m.norm(f"blk.{il}.ffn_norm.weight", s.n_embd)

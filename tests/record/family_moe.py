@@ -25,9 +25,8 @@ from family_attention import (
     N_SWA,
     _gated_attn_norms,
     _gemma4_keys,
-    _head,
 )
-from models import _attn, _common, _ffn, _gemma_layer, _Model, _moe, _shexp
+from models import _attn, _common, _ffn, _gemma_layer, _head, _Model, _moe, _shexp
 from runconfig import RunConfig
 
 N_EXPERT, N_EXPERT_USED, N_FF_EXP = 4, 2, 8
@@ -62,7 +61,7 @@ def write_afmoe_moe(path: Path) -> Path:
     m.u32("attention.head_count_kv", N_HEAD_KV)
     m.u32("attention.sliding_window", N_SWA)
     _moe_keys(m, n_dense, None)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         _gated_attn_norms(m, il)
         if il < n_dense:
@@ -85,7 +84,7 @@ def write_laguna_moe(path: Path) -> Path:
     m.u32("rope.dimension_count_swa", HEAD)
     m.f32("rope.freq_base", 500000.0)
     _moe_keys(m, n_dense, 2)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, qk_norm=True)
         m.weight(f"blk.{il}.attn_gate.weight", (N_EMBD, N_HEAD))
@@ -107,7 +106,7 @@ def write_exaone_moe_moe(path: Path) -> Path:
     m.u32("attention.head_count_kv", N_HEAD_KV)
     m.u32("attention.sliding_window", N_SWA)
     _moe_keys(m, n_dense, 2)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, qk_norm=True)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
@@ -131,7 +130,7 @@ def write_cohere2moe_moe(path: Path) -> Path:
     m.u32("attention.sliding_window", N_SWA)
     m.f32("logit_scale", 0.5)
     _moe_keys(m, n_dense, 1)
-    _head(m, tied=True)
+    _head(m, N_EMBD, tied=True)
     for il in range(n_layer):
         _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
         if il < n_dense:
@@ -159,7 +158,7 @@ def write_mimo2_moe(path: Path) -> Path:
     m.u32("expert_count", N_EXPERT)
     m.u32("expert_used_count", N_EXPERT_USED)
     m.u32("expert_feed_forward_length", N_FF_EXP)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         _attn(m, il, N_EMBD, N_HEAD, kv_heads[il], HEAD)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
@@ -193,7 +192,7 @@ def write_step35_moe(path: Path) -> Path:
     m.f32("expert_weights_scale", 2.5)
     m.f32("swiglu_clamp_exp", 0.5)
     m.f32("swiglu_clamp_shexp", 0.7)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, qk_norm=True)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
@@ -226,7 +225,7 @@ def write_granite_swa_moe(path: Path) -> Path:
     m.u32("expert_count", N_EXPERT)
     m.u32("expert_used_count", N_EXPERT_USED)
     m.u32("expert_shared_feed_forward_length", N_FF_EXP)
-    _head(m)
+    _head(m, N_EMBD)
     for il in range(n_layer):
         _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
         m.weight(f"blk.{il}.attn_sinks.weight", (N_HEAD,), scale=1.0)
@@ -250,7 +249,7 @@ def write_gemma4_moe(path: Path) -> Path:
     m.u32("expert_count", N_EXPERT)
     m.u32("expert_used_count", N_EXPERT_USED)
     m.u32("expert_feed_forward_length", N_FF_EXP)
-    _head(m, tied=True)
+    _head(m, N_EMBD, tied=True)
     m.w.add_tensor("rope_freqs.weight", (1.0 + m.rng.random(HEAD // 2)).astype(np.float32))
     for il in range(n_layer):
         head = head_swa if il == 0 else HEAD

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from models import N_VOCAB, _attn, _common, _ffn, _Model, _moe, _qkvo, _shexp
+from models import _attn, _common, _ffn, _head, _Model, _moe, _qkvo, _shexp
 from runconfig import RunConfig
 
 
@@ -80,9 +80,7 @@ def write_mamba2(path: Path) -> Path:
     m = _Model(path, "mamba2", "tiny-mamba2", seed=21)
     _common(m, s.n_embd, n_layer, 0, 0)
     _ssm_keys(m, s)
-    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
-    m.norm("output_norm.weight", s.n_embd)
-    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    _head(m, s.n_embd)
     for il in range(n_layer):
         m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
         _mamba2_mixer(m, il, s)
@@ -114,9 +112,7 @@ def write_granitehybrid(path: Path, *, rope: bool = True) -> Path:
     m.f32("attention.scale", 0.25)
     if not rope:
         m.w.add_bool("granitehybrid.rope.scaling.finetuned", False)
-    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
-    m.norm("output_norm.weight", s.n_embd)
-    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    _head(m, s.n_embd)
     for il in range(n_layer):
         m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
         if kv_heads[il]:
@@ -146,9 +142,7 @@ def write_falcon_h1(path: Path) -> Path:
     m.u32("attention.value_length", head)
     m.f32("rope.freq_base", 10000.0)
     _ssm_keys(m, s)
-    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
-    m.norm("output_norm.weight", s.n_embd)
-    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    _head(m, s.n_embd)
     for il in range(n_layer):
         _attn(m, il, s.n_embd, n_head, n_head_kv, head)
         _mamba2_mixer(m, il, s)
@@ -175,9 +169,7 @@ def write_nemotron_h(path: Path) -> Path:
     m.arr("attention.head_count_kv", kv_heads)
     m.f32("attention.layer_norm_epsilon", 1e-5)
     _ssm_keys(m, s)
-    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
-    m.norm("output_norm.weight", s.n_embd)
-    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    _head(m, s.n_embd)
     for il in range(n_layer):
         m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
         if ffs[il]:
@@ -228,9 +220,7 @@ def write_nemotron_h_moe(path: Path, *, mtp: bool = False) -> Path:
     m.w.add_bool("nemotron_h_moe.expert_weights_norm", True)
     m.f32("expert_weights_scale", 2.5)
     _ssm_keys(m, s)
-    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
-    m.norm("output_norm.weight", s.n_embd)
-    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    _head(m, s.n_embd)
     for il in range(n_layer):
         m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
         if ffs[il]:
@@ -277,9 +267,7 @@ def write_plamo2(path: Path) -> Path:
     m.f32("attention.layer_norm_rms_epsilon", 1e-6)
     m.f32("rope.freq_base", 10000.0)
     _ssm_keys(m, s)
-    m.weight("token_embd.weight", (s.n_embd, N_VOCAB))
-    m.norm("output_norm.weight", s.n_embd)
-    m.weight("output.weight", (s.n_embd, N_VOCAB))
+    _head(m, s.n_embd)
     for il in range(n_layer):
         m.norm(f"blk.{il}.attn_norm.weight", s.n_embd)
         if kv_heads[il]:

@@ -106,6 +106,14 @@ def _common(
         m.f32("attention.layer_norm_rms_epsilon", rms_eps)
 
 
+def _head(m: _Model, n_embd: int, *, tied: bool = False) -> None:
+    """token_embd, output_norm and (unless tied to token_embd) output."""
+    m.weight("token_embd.weight", (n_embd, N_VOCAB))
+    m.norm("output_norm.weight", n_embd)
+    if not tied:
+        m.weight("output.weight", (n_embd, N_VOCAB))
+
+
 def _ffn(m: _Model, il: int, n_embd: int, n_ff: int) -> None:
     m.weight(f"blk.{il}.ffn_gate.weight", (n_embd, n_ff))
     m.weight(f"blk.{il}.ffn_up.weight", (n_embd, n_ff))
@@ -203,8 +211,7 @@ def write_gemma2(path: Path, *, n_swa: int = 8, n_embd: int = 16) -> Path:
     m.u32("attention.sliding_window", n_swa)
     m.f32("attn_logit_softcapping", 50.0)
     m.f32("final_logit_softcapping", 30.0)
-    m.weight("token_embd.weight", (n_embd, N_VOCAB))
-    m.norm("output_norm.weight", n_embd)
+    _head(m, n_embd, tied=True)
     for il in range(n_layer):
         _gemma_layer(m, il, n_embd, n_head, n_head_kv, head, n_ff)
     m.finish()
@@ -225,9 +232,7 @@ def write_llama(path: Path, *, n_embd: int = 8, rope_freqs: bool = False) -> Pat
     m.u32("attention.head_count_kv", n_head_kv)
     m.u32("rope.dimension_count", head)
     m.f32("rope.freq_base", 10000.0)
-    m.weight("token_embd.weight", (n_embd, N_VOCAB))
-    m.norm("output_norm.weight", n_embd)
-    m.weight("output.weight", (n_embd, N_VOCAB))
+    _head(m, n_embd)
     if rope_freqs:
         # Llama-3.1-style frequency divisors (>= 1), one per rotated pair, shared by the
         # layers; random so that a K-shift that ignores them rotates by visibly wrong angles
@@ -307,9 +312,7 @@ def write_llama_quantized(path: Path, *, ftype: str) -> Path:
         m.u32("attention.head_count_kv", n_head_kv)
         m.u32("rope.dimension_count", head)
         m.f32("rope.freq_base", 10000.0)
-        m.weight("token_embd.weight", (n_embd, N_VOCAB))
-        m.norm("output_norm.weight", n_embd)
-        m.weight("output.weight", (n_embd, N_VOCAB))
+        _head(m, n_embd)
         for il in range(n_layer):
             _attn(m, il, n_embd, n_head, n_head_kv, head)
             m.norm(f"blk.{il}.ffn_norm.weight", n_embd)
