@@ -56,6 +56,9 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "data"
 SEQ_MAGIC = 0xAF143CD8
 PARTIAL_ONLY = 1  # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+# LLAMA_ROPE_TYPE_MROPE / _IMROPE: cells carry (x, y) positions and the reference asserts
+# n_pos_per_embd() == 1 in seq_add / seq_div
+MROPE_TYPES = (8, 40)
 
 GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8}
 GGML_TYPE_NAMES = {v: k for k, v in GGML_TYPES.items()}
@@ -853,7 +856,7 @@ def memory_section(ref: Reference, cfg: RunConfig, wholes: list[bytes]) -> tuple
     # the blob headers: the first whole state in which every KV part has a non-empty
     # stream (and, for recurrent parts, any state: their data header is always written)
     # cells carry (x, y) positions when the model uses M-RoPE / interleaved M-RoPE
-    has_ext = rope_type in (8, 40)
+    has_ext = rope_type in MROPE_TYPES
     # llama_hparams::is_mla (key_length_mla and value_length_mla set): K-only caches
     mla = [_meta_u32(ref, f"{arch}.attention.{kv}_length_mla") for kv in ("key", "value")]
     has_v = not all(mla)
@@ -1024,8 +1027,7 @@ def record_run(cfg: RunConfig, out: Path) -> Path:
     elif cfg.fill:
         fill_scenario(Scenario(rec), n_cells=cfg.n_ctx, kshift=cfg.kshift)
     else:
-        # M-RoPE (rope types 8 / 40): the reference asserts on seq_add / seq_div
-        mrope = int(ref.L.llama_model_rope_type(ref.model)) in (8, 40)
+        mrope = int(ref.L.llama_model_rope_type(ref.model)) in MROPE_TYPES
         scenario(
             Scenario(rec),
             kshift=cfg.kshift,
@@ -1133,6 +1135,8 @@ def write_models(out: Path, names: set[str]) -> None:
 
     writers = dict(writers)
     for family in FAMILIES:
+        clash = writers.keys() & family.MODEL_WRITERS.keys()
+        assert not clash, f"{family.__name__} rewrites {sorted(clash)}"
         writers.update(family.MODEL_WRITERS)
     (out / "models").mkdir(parents=True, exist_ok=True)
     for name in sorted(names):
