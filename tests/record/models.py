@@ -218,16 +218,13 @@ def write_gemma2(path: Path, *, n_swa: int = 8, n_embd: int = 16) -> Path:
     return path
 
 
-def write_llama(path: Path, *, n_embd: int = 8, rope_freqs: bool = False) -> Path:
-    """llama: 2 layers, 2 heads of n_embd / 2, 1 KV head (K/V rows of 4 for n_embd 8).
-
-    Narrower than the shared tiny-llama.gguf, so that runs filling hundreds of cells
-    keep their state blobs small. ``rope.dimension_count`` must equal the head size.
-    """
-    n_layer, n_ff, n_head, n_head_kv = 2, n_embd * 3 // 2, 2, 1
+def _llama(
+    path: Path, name: str, seed: int, *, n_embd: int, n_ff: int, n_head: int, rope_freqs: bool
+) -> Path:
+    """A 2-layer F32 llama with 1 KV head; ``rope.dimension_count`` is the head size."""
+    n_layer, n_head_kv = 2, 1
     head = n_embd // n_head
-    name = f"tiny-llama-e{n_embd}" + ("-rf" if rope_freqs else "")
-    m = _Model(path, "llama", name, seed=7 + n_embd + (100 if rope_freqs else 0))
+    m = _Model(path, "llama", name, seed=seed)
     _common(m, n_embd, n_layer, n_ff, n_head)
     m.u32("attention.head_count_kv", n_head_kv)
     m.u32("rope.dimension_count", head)
@@ -244,6 +241,18 @@ def write_llama(path: Path, *, n_embd: int = 8, rope_freqs: bool = False) -> Pat
         _ffn(m, il, n_embd, n_ff)
     m.finish()
     return path
+
+
+def write_llama(path: Path, *, n_embd: int = 8, rope_freqs: bool = False) -> Path:
+    """llama: 2 layers, 2 heads of n_embd / 2, 1 KV head (K/V rows of 4 for n_embd 8).
+
+    Narrower than the shared tiny-llama.gguf, so that runs filling hundreds of cells
+    keep their state blobs small.
+    """
+    name = f"tiny-llama-e{n_embd}" + ("-rf" if rope_freqs else "")
+    seed = 7 + n_embd + (100 if rope_freqs else 0)
+    n_ff = n_embd * 3 // 2
+    return _llama(path, name, seed, n_embd=n_embd, n_ff=n_ff, n_head=2, rope_freqs=rope_freqs)
 
 
 def _lfm2_mixer(
@@ -303,21 +312,10 @@ def write_llama_quantized(path: Path, *, ftype: str) -> Path:
 
     import llama_cpp
 
-    n_embd, n_layer, n_ff, n_head, n_head_kv = 256, 2, 256, 4, 1
-    head = n_embd // n_head
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "f32.gguf"
-        m = _Model(src, "llama", f"tiny-llama-{ftype}", seed=11)
-        _common(m, n_embd, n_layer, n_ff, n_head)
-        m.u32("attention.head_count_kv", n_head_kv)
-        m.u32("rope.dimension_count", head)
-        m.f32("rope.freq_base", 10000.0)
-        _head(m, n_embd)
-        for il in range(n_layer):
-            _attn(m, il, n_embd, n_head, n_head_kv, head)
-            m.norm(f"blk.{il}.ffn_norm.weight", n_embd)
-            _ffn(m, il, n_embd, n_ff)
-        m.finish()
+        name = f"tiny-llama-{ftype}"
+        _llama(src, name, 11, n_embd=256, n_ff=256, n_head=4, rope_freqs=False)
         params = llama_cpp.llama_model_quantize_default_params()
         params.nthread = 1
         params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
