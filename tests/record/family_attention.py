@@ -660,44 +660,43 @@ SWA_TYPES: dict[str, str] = {"llama4": "chunked"}
 
 RUNS: list[RunConfig] = [
     # gemma3 iSWA, unified: base 512 cells, SWA PAD(min(512, 8 * 4 + 64), 256) = 256
-    RunConfig("gemma3.main.fa1.u1", "gemma3", "tiny-gemma3.gguf", "main", 512, 64, True, True),
+    RunConfig.of("gemma3", "tiny-gemma3.gguf", "main", 512, 64, True, True),
     # one stream per sequence: 4 x 512 base cells, 4 x PAD(min(512, 8 + 64), 256) = 256
-    RunConfig("gemma3.main.fa0.u0", "gemma3", "tiny-gemma3.gguf", "main", 2048, 64, False, False),
+    RunConfig.of("gemma3", "tiny-gemma3.gguf", "main", 2048, 64, False, False),
     # chunked iSWA (chunks of 8192): base 512 / SWA PAD(min(512, 8192 * 4 + 64), 256) = 512
-    RunConfig("llama4.main.fa1.u1", "llama4", "tiny-llama4.gguf", "main", 512, 64, True, True),
+    RunConfig.of("llama4", "tiny-llama4.gguf", "main", 512, 64, True, True),
     # iSWA with window 8: base 512 / SWA 256 cells, unified
-    RunConfig("cohere2.main.fa1.u1", "cohere2", "tiny-cohere2.gguf", "main", 512, 64, True, True),
-    RunConfig("openai-moe.main.fa1.u1", "openai-moe", "tiny-openai-moe.gguf", "main", 512, 64, True, True),
-    RunConfig("olmo2.main.fa0.u1", "olmo2", "tiny-olmo2.gguf", "main", 512, 64, False, True),
+    RunConfig.of("cohere2", "tiny-cohere2.gguf", "main", 512, 64, True, True),
+    RunConfig.of("openai-moe", "tiny-openai-moe.gguf", "main", 512, 64, True, True),
+    RunConfig.of("olmo2", "tiny-olmo2.gguf", "main", 512, 64, False, True),
     # a window in the file that the reference does not use: plain KV caches
-    RunConfig("phi3.main.fa1.u1", "phi3", "tiny-phi3.gguf", "main", 256, 64, True, True),
-    RunConfig("exaone4.main.fa0.u1", "exaone4", "tiny-exaone4.gguf", "main", 256, 64, False, True),
+    RunConfig.of("phi3", "tiny-phi3.gguf", "main", 256, 64, True, True),
+    RunConfig.of("exaone4", "tiny-exaone4.gguf", "main", 256, 64, False, True),
     # window replaced by 4096: base 512 / SWA PAD(min(512, 4096 * 4 + 64), 256) = 512
-    RunConfig("smallthinker.main.fa1.u1", "smallthinker", "tiny-smallthinker.gguf", "main", 512, 64, True, True),
+    RunConfig.of("smallthinker", "tiny-smallthinker.gguf", "main", 512, 64, True, True),
     # the reference cannot K-shift step35 (get_can_shift false: it takes seq_add / seq_div and
     # aborts at the next decode; pymem refuses them): no seq_add / seq_div at all
-    RunConfig(
-        "step35.noshift.fa1.u1", "step35", "tiny-step35.gguf", "noshift", 512, 64, True, True,
+    RunConfig.of("step35", "tiny-step35.gguf", "noshift", 512, 64, True, True,
         kshift=False, seq_shift=False,
     ),
     # V rows of 16 / 8 per layer, transposed (fa0): padded to 16 in both caches
-    RunConfig("mimo2.main.fa0.u1", "mimo2", "tiny-mimo2.gguf", "main", 512, 64, False, True),
-    RunConfig("afmoe.main.fa1.u1", "afmoe", "tiny-afmoe.gguf", "main", 512, 64, True, True),
-    RunConfig("laguna.main.fa0.u1", "laguna", "tiny-laguna.gguf", "main", 512, 64, False, True),
-    RunConfig("granite-swa.main.fa1.u1", "granite-swa", "tiny-granite-swa.gguf", "main", 512, 64, True, True),
-    RunConfig("exaone-moe.main.fa1.u1", "exaone-moe", "tiny-exaone-moe.gguf", "main", 512, 64, True, True),
-    RunConfig("plamo3.main.fa1.u0", "plamo3", "tiny-plamo3.gguf", "main", 2048, 64, True, False),
-    RunConfig("muse-glimmer.main.fa0.u1", "muse-glimmer", "tiny-muse-glimmer.gguf", "main", 512, 64, False, True),
-    RunConfig("spark2-5.main.fa0.u1", "spark2-5", "tiny-spark2-5.gguf", "main", 512, 64, False, True),
+    RunConfig.of("mimo2", "tiny-mimo2.gguf", "main", 512, 64, False, True),
+    RunConfig.of("afmoe", "tiny-afmoe.gguf", "main", 512, 64, True, True),
+    RunConfig.of("laguna", "tiny-laguna.gguf", "main", 512, 64, False, True),
+    RunConfig.of("granite-swa", "tiny-granite-swa.gguf", "main", 512, 64, True, True),
+    RunConfig.of("exaone-moe", "tiny-exaone-moe.gguf", "main", 512, 64, True, True),
+    RunConfig.of("plamo3", "tiny-plamo3.gguf", "main", 2048, 64, True, False),
+    RunConfig.of("muse-glimmer", "tiny-muse-glimmer.gguf", "main", 512, 64, False, True),
+    RunConfig.of("spark2-5", "tiny-spark2-5.gguf", "main", 512, 64, False, True),
     # K/V rows of 4 (SWA cache) and 8 (base cache); V transposed: each cache padded to 8
-    RunConfig("gemma4.main.fa0.u1", "gemma4", "tiny-gemma4.gguf", "main", 512, 64, False, True),
-    RunConfig("mellum.main.fa1.u1", "mellum", "tiny-mellum.gguf", "main", 512, 64, True, True),
-    RunConfig("cohere2moe.main.fa0.u1", "cohere2moe", "tiny-cohere2moe.gguf", "main", 512, 64, False, True),
-    RunConfig("maple.main.fa1.u0", "maple", "tiny-maple.gguf", "main", 2048, 64, True, False),
+    RunConfig.of("gemma4", "tiny-gemma4.gguf", "main", 512, 64, False, True),
+    RunConfig.of("mellum", "tiny-mellum.gguf", "main", 512, 64, True, True),
+    RunConfig.of("cohere2moe", "tiny-cohere2moe.gguf", "main", 512, 64, False, True),
+    RunConfig.of("maple", "tiny-maple.gguf", "main", 2048, 64, True, False),
     # chunked SWA across the 8192 boundary (chunk_scenario), one stream per sequence
-    RunConfig("llama4.chunk.fa1.u0", "llama4", "tiny-llama4.gguf", "chunk", 1024, 64, True, False),
+    RunConfig.of("llama4", "tiny-llama4.gguf", "chunk", 1024, 64, True, False),
     # the same, unified (V transposed): every sequence's chunks in one stream of 512 cells
-    RunConfig("llama4.chunk.fa0.u1", "llama4", "tiny-llama4.gguf", "chunk", 512, 64, False, True),
+    RunConfig.of("llama4", "tiny-llama4.gguf", "chunk", 512, 64, False, True),
     # dense (no window): a plain KV cache, one stream per sequence
-    RunConfig("qwen3moe.main.fa1.u0", "qwen3moe", "tiny-qwen3moe.gguf", "main", 1024, 64, True, False),
+    RunConfig.of("qwen3moe", "tiny-qwen3moe.gguf", "main", 1024, 64, True, False),
 ]  # fmt: skip

@@ -79,7 +79,7 @@ MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
 
 RUNS: list[RunConfig] = [
     # iSWA, unified: base 512 cells (layer 4), SWA PAD(min(512, 8 * 4 + 64), 256) = 256 (0..3)
-    RunConfig("gemma3n.main.fa1.u1", "gemma3n", "tiny-gemma3n.gguf", "main", 512, 64, True, True),
+    RunConfig.of("gemma3n", "tiny-gemma3n.gguf", "main", 512, 64, True, True),
     # one stream per sequence: 4 x 512 base cells, 4 x PAD(min(512, 8 + 64), 256) = 256
-    RunConfig("gemma3n.main.fa0.u0", "gemma3n", "tiny-gemma3n.gguf", "main", 2048, 64, False, False),
+    RunConfig.of("gemma3n", "tiny-gemma3n.gguf", "main", 2048, 64, False, False),
 ]  # fmt: skip

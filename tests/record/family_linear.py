@@ -492,15 +492,12 @@ _Q35, _Q35M, _Q3N = "tiny-qwen35.gguf", "tiny-qwen35moe.gguf", "tiny-qwen3next.g
 RUNS: list[RunConfig] = [
     # qwen35: hybrid memory, attention layers 1 and 3 (M-RoPE: cells carry ext positions),
     # gated delta-net layers 0 and 2
-    RunConfig("qwen35.main.fa1.u1", "qwen35", _Q35, "main", 256, 64, True, True),
-    RunConfig("qwen35.main.fa0.u0", "qwen35", _Q35, "main", 1024, 64, False, False),
-    RunConfig(
-        "qwen35.rollback.fa1.u1", "qwen35", _Q35, "rollback", 256, 64, True, True, n_rs_seq=2
-    ),
+    RunConfig.of("qwen35", _Q35, "main", 256, 64, True, True),
+    RunConfig.of("qwen35", _Q35, "main", 1024, 64, False, False),
+    RunConfig.of("qwen35", _Q35, "rollback", 256, 64, True, True, n_rs_seq=2),
     # ubatches of 4: prompts span several ubatches (split_equal keeps each sequence's
     # last n_rs_seq + 1 tokens together)
-    RunConfig(
-        "qwen35.rollback-ub4.fa1.u1",
+    RunConfig.of(
         "qwen35",
         _Q35,
         "rollback-ub4",
@@ -512,8 +509,7 @@ RUNS: list[RunConfig] = [
     ),
     # context checkpoints as llama-server takes them for hybrids (PARTIAL_ONLY: the
     # recurrent part)
-    RunConfig(
-        "qwen35.checkpoint.fa1.u1",
+    RunConfig.of(
         "qwen35",
         _Q35,
         "checkpoint",
@@ -524,8 +520,7 @@ RUNS: list[RunConfig] = [
         checkpoint=True,
     ),
     # 256 cells run out (M-RoPE: kshift=False, a prefix seq_rm instead of a negative shift)
-    RunConfig(
-        "qwen35.fill-noshift.fa1.u1",
+    RunConfig.of(
         "qwen35",
         _Q35,
         "fill-noshift",
@@ -543,13 +538,12 @@ RUNS: list[RunConfig] = [
     ),
     # qwen3next: delta-net layers 0-2, attention layer 3 (NeoX, half the head rotated);
     # no rollback (not in llm_arch_supports_rs_rollback: n_rs_seq is clamped to 0)
-    RunConfig("qwen3next.main.fa1.u1", "qwen3next", _Q3N, "main", 256, 64, True, True),
-    RunConfig("qwen3next.main.fa0.u0", "qwen3next", _Q3N, "main", 1024, 64, False, False),
-    RunConfig("qwen3next.ops.fa1.u1", "qwen3next", _Q3N, "ops", 256, 32, True, True, ops=True),
+    RunConfig.of("qwen3next", _Q3N, "main", 256, 64, True, True),
+    RunConfig.of("qwen3next", _Q3N, "main", 1024, 64, False, False),
+    RunConfig.of("qwen3next", _Q3N, "ops", 256, 32, True, True, ops=True),
     # qwen35moe: the qwen35 layout from an explicit recurrent_layers array, MoE FFNs
-    RunConfig("qwen35moe.main.fa1.u1", "qwen35moe", _Q35M, "main", 256, 64, True, True),
-    RunConfig(
-        "qwen35moe.rollback.fa0.u0",
+    RunConfig.of("qwen35moe", _Q35M, "main", 256, 64, True, True),
+    RunConfig.of(
         "qwen35moe",
         _Q35M,
         "rollback",
@@ -560,15 +554,14 @@ RUNS: list[RunConfig] = [
         n_rs_seq=2,
     ),
     # minimax-01: lightning layers 0 and 2 (R rows of 0), attention layers 1 and 3
-    RunConfig("minimax-01.main.fa1.u1", "minimax-01", _MM01, "main", 256, 64, True, True),
-    RunConfig("minimax-01.main.fa0.u0", "minimax-01", _MM01, "main", 1024, 64, False, False),
+    RunConfig.of("minimax-01", _MM01, "main", 256, 64, True, True),
+    RunConfig.of("minimax-01", _MM01, "main", 1024, 64, False, False),
     # kimi-linear: KDA layers 0 and 2, MLA layers 1 and 3 (a K-only cache)
-    RunConfig("kimi-linear.main.fa1.u1", "kimi-linear", _KIMI, "main", 256, 64, True, True),
-    RunConfig("kimi-linear.main.fa0.u0", "kimi-linear", _KIMI, "main", 1024, 64, False, False),
+    RunConfig.of("kimi-linear", _KIMI, "main", 256, 64, True, True),
+    RunConfig.of("kimi-linear", _KIMI, "main", 1024, 64, False, False),
     # bailingmoe3: KDA layers 0 and 2; MLA layers 1, 3 and the NextN layer 4 (K-only cache)
-    RunConfig("bailingmoe3.main.fa1.u1", "bailingmoe3", _BAIL, "main", 256, 64, True, True),
-    RunConfig(
-        "bailingmoe3.rollback.fa0.u0",
+    RunConfig.of("bailingmoe3", _BAIL, "main", 256, 64, True, True),
+    RunConfig.of(
         "bailingmoe3",
         _BAIL,
         "rollback",
@@ -579,8 +572,6 @@ RUNS: list[RunConfig] = [
         n_rs_seq=2,
     ),
     # kimi-k3: KDA layers 0 and 2, MLA layers 1 and 3 (K-only cache, V width = kv_lora_rank)
-    RunConfig(
-        "kimi-k3.rollback.fa1.u1", "kimi-k3", _K3, "rollback", 256, 64, True, True, n_rs_seq=2
-    ),
-    RunConfig("kimi-k3.main.fa0.u0", "kimi-k3", _K3, "main", 1024, 64, False, False),
+    RunConfig.of("kimi-k3", _K3, "rollback", 256, 64, True, True, n_rs_seq=2),
+    RunConfig.of("kimi-k3", _K3, "main", 1024, 64, False, False),
 ]

@@ -281,21 +281,19 @@ MODEL_WRITERS = {
 
 # the family_attention runs' scenario and sizes, on the MoE variants
 RUNS = [
-    RunConfig("afmoe-moe.main.fa1.u1", "afmoe-moe", "tiny-afmoe-moe.gguf", "main", 512, 64, True, True),
-    RunConfig("laguna-moe.main.fa0.u1", "laguna-moe", "tiny-laguna-moe.gguf", "main", 512, 64, False, True),
-    RunConfig("exaone-moe-moe.main.fa1.u0", "exaone-moe-moe", "tiny-exaone-moe-moe.gguf", "main", 1024, 64, True, False),
-    RunConfig("cohere2moe-moe.main.fa1.u1", "cohere2moe-moe", "tiny-cohere2moe-moe.gguf", "main", 512, 64, True, True),
-    RunConfig("mimo2-moe.main.fa0.u1", "mimo2-moe", "tiny-mimo2-moe.gguf", "main", 512, 64, False, True),
-    RunConfig("granite-swa-moe.main.fa0.u1", "granite-swa-moe", "tiny-granite-swa-moe.gguf", "main", 512, 64, False, True),
+    RunConfig.of("afmoe-moe", "tiny-afmoe-moe.gguf", "main", 512, 64, True, True),
+    RunConfig.of("laguna-moe", "tiny-laguna-moe.gguf", "main", 512, 64, False, True),
+    RunConfig.of("exaone-moe-moe", "tiny-exaone-moe-moe.gguf", "main", 1024, 64, True, False),
+    RunConfig.of("cohere2moe-moe", "tiny-cohere2moe-moe.gguf", "main", 512, 64, True, True),
+    RunConfig.of("mimo2-moe", "tiny-mimo2-moe.gguf", "main", 512, 64, False, True),
+    RunConfig.of("granite-swa-moe", "tiny-granite-swa-moe.gguf", "main", 512, 64, False, True),
     # noshift: pymem's K-shift has no RoPE frequency factors (pymem/kv/shift.py), and this
     # model's full layer has rope_freqs other than ones; the decodes check the graph's
-    RunConfig(
-        "gemma4-moe.noshift.fa1.u1", "gemma4-moe", "tiny-gemma4-moe.gguf", "noshift", 512, 64, True, True,
+    RunConfig.of("gemma4-moe", "tiny-gemma4-moe.gguf", "noshift", 512, 64, True, True,
         kshift=False, seq_shift=False,
     ),
     # the reference cannot K-shift step35: family_attention's noshift variant
-    RunConfig(
-        "step35-moe.noshift.fa1.u1", "step35-moe", "tiny-step35-moe.gguf", "noshift", 512, 64, True, True,
+    RunConfig.of("step35-moe", "tiny-step35-moe.gguf", "noshift", 512, 64, True, True,
         kshift=False, seq_shift=False,
     ),
 ]  # fmt: skip

@@ -238,18 +238,16 @@ MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
 
 RUNS: list[RunConfig] = [
     # hybrid (no window: lfm2moe reads none), unified
-    RunConfig("lfm2moe.main.fa1.u1", "lfm2moe", "tiny-lfm2moe.gguf", "main", 256, 64, True, True),
+    RunConfig.of("lfm2moe", "tiny-lfm2moe.gguf", "main", 256, 64, True, True),
     # one stream per sequence: 4 x 256 cells
-    RunConfig("lfm2moe.main.fa0.u0", "lfm2moe", "tiny-lfm2moe.gguf", "main", 1024, 64, False, False),
+    RunConfig.of("lfm2moe", "tiny-lfm2moe.gguf", "main", 1024, 64, False, False),
     # recurrent rollback (llm_arch_supports_rs_rollback): n_rs_seq 2
-    RunConfig(
-        "lfm2moe.rollback.fa1.u1", "lfm2moe", "tiny-lfm2moe.gguf", "rollback", 256, 64, True, True,
+    RunConfig.of("lfm2moe", "tiny-lfm2moe.gguf", "rollback", 256, 64, True, True,
         n_rs_seq=2,
     ),
-    RunConfig("lfm2moe.ops.fa1.u1", "lfm2moe", "tiny-lfm2moe.gguf", "ops", 256, 32, True, True, ops=True),
+    RunConfig.of("lfm2moe", "tiny-lfm2moe.gguf", "ops", 256, 32, True, True, ops=True),
     # PARTIAL_ONLY checkpoints (the recurrent part only), one stream per sequence
-    RunConfig(
-        "lfm2moe.checkpoint.fa0.u0", "lfm2moe", "tiny-lfm2moe.gguf", "checkpoint", 1024, 32, False,
+    RunConfig.of("lfm2moe", "tiny-lfm2moe.gguf", "checkpoint", 1024, 32, False,
         False, checkpoint=True,
     ),
     # recurrent (RWKV-7): every layer holds a token-shift R row and a WKV S row per sequence

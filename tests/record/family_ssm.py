@@ -330,8 +330,8 @@ RUNS: list[RunConfig] = [
         n_rs_seq=2,
     ),
     # granitehybrid: hybrid memory, attention layers 1 and 3, Mamba-2 layers 0 and 2
-    RunConfig("granitehybrid.main.fa1.u1", "granitehybrid", _GH, "main", 256, 64, True, True),
-    RunConfig("granitehybrid.main.fa0.u0", "granitehybrid", _GH, "main", 1024, 64, False, False),
+    RunConfig.of("granitehybrid", _GH, "main", 256, 64, True, True),
+    RunConfig.of("granitehybrid", _GH, "main", 1024, 64, False, False),
     # RoPE off (rope.scaling.finetuned false): the reference aborts on a decode while a
     # K-shift is pending (its shift graph for layers without RoPE has no nodes:
     # GGML_ASSERT(buffer)), so no decode runs while one is pending (kshift=False)
@@ -347,20 +347,13 @@ RUNS: list[RunConfig] = [
         kshift=False,
     ),
     # falcon-h1: every layer in both parts of the hybrid memory
-    RunConfig(
-        "falcon-h1.main.fa1.u1", "falcon-h1", "tiny-falcon-h1.gguf", "main", 256, 64, True, True
-    ),
-    RunConfig(
-        "falcon-h1.main.fa0.u0", "falcon-h1", "tiny-falcon-h1.gguf", "main", 1024, 64, False, False
-    ),
+    RunConfig.of("falcon-h1", "tiny-falcon-h1.gguf", "main", 256, 64, True, True),
+    RunConfig.of("falcon-h1", "tiny-falcon-h1.gguf", "main", 1024, 64, False, False),
     # nemotron_h: attention layer 1, Mamba-2 layers 0 and 2, FFN layer 3 in neither part;
     # recurrent rollback (llm_arch_supports_rs_rollback): n_rs_seq 2
-    RunConfig("nemotron_h.main.fa1.u1", "nemotron_h", _NH, "main", 256, 64, True, True),
-    RunConfig(
-        "nemotron_h.rollback.fa1.u1", "nemotron_h", _NH, "rollback", 256, 64, True, True, n_rs_seq=2
-    ),
-    RunConfig(
-        "nemotron_h.rollback.fa0.u0",
+    RunConfig.of("nemotron_h", _NH, "main", 256, 64, True, True),
+    RunConfig.of("nemotron_h", _NH, "rollback", 256, 64, True, True, n_rs_seq=2),
+    RunConfig.of(
         "nemotron_h",
         _NH,
         "rollback",
@@ -371,9 +364,8 @@ RUNS: list[RunConfig] = [
         n_rs_seq=2,
     ),
     # nemotron_h_moe: nemotron_h's rules; the MoE layer 2 is in neither part
-    RunConfig("nemotron_h_moe.main.fa0.u1", "nemotron_h_moe", _NHM, "main", 256, 64, False, True),
-    RunConfig(
-        "nemotron_h_moe.rollback.fa1.u0",
+    RunConfig.of("nemotron_h_moe", _NHM, "main", 256, 64, False, True),
+    RunConfig.of(
         "nemotron_h_moe",
         _NHM,
         "rollback",
@@ -396,13 +388,12 @@ RUNS: list[RunConfig] = [
         n_rs_seq=2,
     ),
     # plamo2: attention layers 1 and 3 (n_rot 0), Mamba layers 0 and 2 (no groups)
-    RunConfig("plamo2.main.fa1.u1", "plamo2", "tiny-plamo2.gguf", "main", 256, 64, True, True),
-    RunConfig("plamo2.main.fa0.u0", "plamo2", "tiny-plamo2.gguf", "main", 1024, 64, False, False),
+    RunConfig.of("plamo2", "tiny-plamo2.gguf", "main", 256, 64, True, True),
+    RunConfig.of("plamo2", "tiny-plamo2.gguf", "main", 1024, 64, False, False),
     # more scenarios on the hybrids: ubatches of 4 with rollback (split_equal keeps each
     # sequence's last n_rs_seq + 1 tokens together; the scan writes K snapshots per
     # ubatch), unusual op arguments, PARTIAL_ONLY checkpoints (the recurrent part only)
-    RunConfig(
-        "nemotron_h.rollback-ub4.fa1.u1",
+    RunConfig.of(
         "nemotron_h",
         _NH,
         "rollback-ub4",
@@ -412,9 +403,8 @@ RUNS: list[RunConfig] = [
         True,
         n_rs_seq=2,
     ),
-    RunConfig("nemotron_h.ops.fa1.u1", "nemotron_h", _NH, "ops", 256, 32, True, True, ops=True),
-    RunConfig(
-        "falcon-h1.ops.fa0.u1",
+    RunConfig.of("nemotron_h", _NH, "ops", 256, 32, True, True, ops=True),
+    RunConfig.of(
         "falcon-h1",
         "tiny-falcon-h1.gguf",
         "ops",
@@ -424,8 +414,7 @@ RUNS: list[RunConfig] = [
         True,
         ops=True,
     ),
-    RunConfig(
-        "granitehybrid.checkpoint.fa1.u1",
+    RunConfig.of(
         "granitehybrid",
         _GH,
         "checkpoint",

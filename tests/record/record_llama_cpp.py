@@ -72,109 +72,66 @@ GGML_TYPE_NAMES = {v: k for k, v in GGML_TYPES.items()}
 RUNS = [
     # iSWA (gemma2: layer 0 slides with a window of 8, layer 1 is full; K/V rows of 8).
     # Unified: the base cache has 512 cells, the SWA cache PAD(min(512, 8 * 4 + 64), 256) = 256.
-    RunConfig("gemma2.main.fa0.u1", "gemma2", "tiny-gemma2.gguf", "main", 512, 64, False, True),
+    RunConfig.of("gemma2", "tiny-gemma2.gguf", "main", 512, 64, False, True),
     # one stream per sequence: 4 x 512 base cells, 4 x PAD(min(512, 8 + 64), 256) = 256
-    RunConfig("gemma2.main.fa1.u0", "gemma2", "tiny-gemma2.gguf", "main", 2048, 64, True, False),
+    RunConfig.of("gemma2", "tiny-gemma2.gguf", "main", 2048, 64, True, False),
     # ubatches of 4 tokens: the prompt is planned as 5 ubatches, SWA purges between them
-    RunConfig("gemma2.main-ub4.fa0.u1", "gemma2", "tiny-gemma2.gguf", "main-ub4", 512, 4, False, True),
+    RunConfig.of("gemma2", "tiny-gemma2.gguf", "main-ub4", 512, 4, False, True),
     # swa_full: both caches have n_ctx cells, so the iSWA cache can shift
-    RunConfig(
-        "gemma2.main-swafull.fa1.u1", "gemma2", "tiny-gemma2.gguf", "main-swafull", 256, 64, True, True,
-        swa_full=True,
-    ),
+    RunConfig.of("gemma2", "tiny-gemma2.gguf", "main-swafull", 256, 64, True, True, swa_full=True),
     # hybrid-iSWA (lfm2 with a sliding window: every attention layer slides, the base
     # cache holds no layer, so a K-shift aborts the reference -> no K-shift)
-    RunConfig(
-        "lfm2-swa.noshift.fa0.u1", "lfm2-swa", "tiny-lfm2-swa.gguf", "noshift", 512, 64, False, True,
+    RunConfig.of("lfm2-swa", "tiny-lfm2-swa.gguf", "noshift", 512, 64, False, True, kshift=False),
+    RunConfig.of("lfm2-swa", "tiny-lfm2-swa.gguf", "noshift", 1024, 64, True, False, kshift=False),
+    RunConfig.of(
+        "lfm2-swa", "tiny-lfm2-swa.gguf", "noshift-rollback", 512, 64, True, True, n_rs_seq=2,
         kshift=False,
-    ),
-    RunConfig(
-        "lfm2-swa.noshift.fa1.u0", "lfm2-swa", "tiny-lfm2-swa.gguf", "noshift", 1024, 64, True, False,
-        kshift=False,
-    ),
-    RunConfig(
-        "lfm2-swa.noshift-rollback.fa1.u1", "lfm2-swa", "tiny-lfm2-swa.gguf", "noshift-rollback",
-        512, 64, True, True, n_rs_seq=2, kshift=False,
     ),
     # plain KV cache, one stream per sequence
-    RunConfig(
-        "llama-e8.main.fa1.u0", "llama-e8", "tiny-llama-e8.gguf", "main", 1024, 256, True, False
-    ),
+    RunConfig.of("llama-e8", "tiny-llama-e8.gguf", "main", 1024, 256, True, False),
     # recurrent rollback: lfm2 (hybrid, llm_arch_supports_rs_rollback) with n_rs_seq 2
-    RunConfig(
-        "lfm2.rollback.fa1.u1", "lfm2", "tiny-lfm2.gguf", "rollback", 256, 64, True, True, n_rs_seq=2
-    ),
-    RunConfig(
-        "lfm2.rollback.fa0.u0", "lfm2", "tiny-lfm2.gguf", "rollback", 1024, 64, False, False, n_rs_seq=2
-    ),
+    RunConfig.of("lfm2", "tiny-lfm2.gguf", "rollback", 256, 64, True, True, n_rs_seq=2),
+    RunConfig.of("lfm2", "tiny-lfm2.gguf", "rollback", 1024, 64, False, False, n_rs_seq=2),
     # ubatches of 4 with n_rs_seq 2: split_equal keeps each sequence's last 3 tokens together
-    RunConfig(
-        "lfm2.rollback-ub4.fa1.u1", "lfm2", "tiny-lfm2.gguf", "rollback-ub4", 256, 4, True, True,
-        n_rs_seq=2,
-    ),
+    RunConfig.of("lfm2", "tiny-lfm2.gguf", "rollback-ub4", 256, 4, True, True, n_rs_seq=2),
     # caches that run out of cells (narrow models keep the blobs small): a plain KV cache
     # of 256 cells, and an iSWA cache of 512 base / 256 SWA cells whose SWA part wraps
-    RunConfig(
-        "llama-e8.fill.fa1.u1", "llama-e8", "tiny-llama-e8.gguf", "fill", 256, 32, True, True,
-        fill=True,
-    ),
-    RunConfig(
-        "gemma2-e8.fill.fa0.u1", "gemma2-e8", "tiny-gemma2-e8.gguf", "fill", 512, 32, False, True,
-        n_batch=512, fill=True,
+    RunConfig.of("llama-e8", "tiny-llama-e8.gguf", "fill", 256, 32, True, True, fill=True),
+    RunConfig.of(
+        "gemma2-e8", "tiny-gemma2-e8.gguf", "fill", 512, 32, False, True, n_batch=512, fill=True,
     ),
     # hybrid-iSWA running out of cells: 512 base cells (no layer) / 256 SWA cells
-    RunConfig(
-        "lfm2-swa.fill-noshift.fa1.u1", "lfm2-swa", "tiny-lfm2-swa.gguf", "fill-noshift", 512, 32,
-        True, True, n_batch=512, kshift=False, fill=True,
+    RunConfig.of(
+        "lfm2-swa", "tiny-lfm2-swa.gguf", "fill-noshift", 512, 32, True, True, n_batch=512,
+        kshift=False, fill=True,
     ),
     # sequence ops with unusual arguments (unified: partial copies stay in one stream)
-    RunConfig(
-        "llama-e8.ops.fa0.u1", "llama-e8", "tiny-llama-e8.gguf", "ops", 256, 32, False, True, ops=True
-    ),
-    RunConfig(
-        "gemma2-e8.ops.fa1.u1", "gemma2-e8", "tiny-gemma2-e8.gguf", "ops", 256, 32, True, True,
-        ops=True,
-    ),
-    RunConfig("lfm2.ops.fa1.u1", "lfm2", "tiny-lfm2.gguf", "ops", 256, 32, True, True, ops=True),
+    RunConfig.of("llama-e8", "tiny-llama-e8.gguf", "ops", 256, 32, False, True, ops=True),
+    RunConfig.of("gemma2-e8", "tiny-gemma2-e8.gguf", "ops", 256, 32, True, True, ops=True),
+    RunConfig.of("lfm2", "tiny-lfm2.gguf", "ops", 256, 32, True, True, ops=True),
     RunConfig("mamba.ops.u1", "mamba", "tiny-mamba.gguf", "ops", 256, 32, False, True, ops=True),
     # context checkpoints (PARTIAL_ONLY states): iSWA, hybrid-iSWA, hybrid
-    RunConfig(
-        "gemma2-e8.checkpoint.fa1.u1", "gemma2-e8", "tiny-gemma2-e8.gguf", "checkpoint", 256, 32,
-        True, True, checkpoint=True,
+    RunConfig.of(
+        "gemma2-e8", "tiny-gemma2-e8.gguf", "checkpoint", 256, 32, True, True, checkpoint=True,
     ),
-    RunConfig(
-        "lfm2-swa.checkpoint.fa0.u0", "lfm2-swa", "tiny-lfm2-swa.gguf", "checkpoint", 1024, 32,
-        False, False, checkpoint=True,
+    RunConfig.of(
+        "lfm2-swa", "tiny-lfm2-swa.gguf", "checkpoint", 1024, 32, False, False, checkpoint=True,
     ),
-    RunConfig(
-        "lfm2.checkpoint.fa1.u1", "lfm2", "tiny-lfm2.gguf", "checkpoint", 256, 32, True, True,
-        checkpoint=True,
-    ),
+    RunConfig.of("lfm2", "tiny-lfm2.gguf", "checkpoint", 256, 32, True, True, checkpoint=True),
     # quantised K/V (q8_0 needs flash attention for V); a q8_0 K-shift crashes the
     # reference on CPU -> no K-shift
-    RunConfig(
-        "llama.noshift-q8_0.fa1.u1", "llama", "tiny-llama.gguf", "noshift-q8_0", 256, 256, True, True,
-        type_k="q8_0", type_v="q8_0", kshift=False,
+    RunConfig.of(
+        "llama", "tiny-llama.gguf", "noshift-q8_0", 256, 256, True, True, type_k="q8_0",
+        type_v="q8_0", kshift=False,
     ),
     # RoPE frequency factors (rope_freqs, as Llama-3.1 files carry): the K-shifts after
     # seq_add / seq_div must rotate with them (fa0: transposed V; fa1 u0: 4 streams)
-    RunConfig(
-        "llama-e8-rf.main.fa0.u1", "llama-e8-rf", "tiny-llama-e8-rf.gguf", "main", 256, 64, False,
-        True,
-    ),
-    RunConfig(
-        "llama-e8-rf.main.fa1.u0", "llama-e8-rf", "tiny-llama-e8-rf.gguf", "main", 1024, 64, True,
-        False,
-    ),
+    RunConfig.of("llama-e8-rf", "tiny-llama-e8-rf.gguf", "main", 256, 64, False, True),
+    RunConfig.of("llama-e8-rf", "tiny-llama-e8-rf.gguf", "main", 1024, 64, True, False),
     # quantised weights (every 2-D weight q8_0 / q4_K, width 256): the engine's kernels
     # read them as the reference's; the memory is an ordinary F16 KV cache
-    RunConfig(
-        "llama-q8_0.main.fa1.u1", "llama-q8_0", "tiny-llama-q8_0.gguf", "main", 256, 64, True, True
-    ),
-    RunConfig(
-        "llama-q4_K.main.fa0.u0", "llama-q4_K", "tiny-llama-q4_K.gguf", "main", 1024, 64, False,
-        False,
-    ),
+    RunConfig.of("llama-q8_0", "tiny-llama-q8_0.gguf", "main", 256, 64, True, True),
+    RunConfig.of("llama-q4_K", "tiny-llama-q4_K.gguf", "main", 1024, 64, False, False),
 ]  # fmt: skip
 for _family in FAMILIES:
     RUNS += _family.RUNS

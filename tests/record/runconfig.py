@@ -44,6 +44,27 @@ class RunConfig:
     # decode, since get_can_shift is false; pymem refuses them up front)
     seq_shift: bool = True
 
+    @classmethod
+    def of(
+        cls,
+        model: str,
+        model_file: str,
+        scenario: str,
+        n_ctx: int,
+        n_ubatch: int,
+        flash_attn: bool,
+        kv_unified: bool,
+        **kw: Any,
+    ) -> RunConfig:
+        """A run named by the usual pattern ``{model}.{scenario}.fa{0|1}.u{0|1}``.
+
+        E.g. ``of("gemma2", "tiny-gemma2.gguf", "main", 512, 64, True, True)`` is
+        ``gemma2.main.fa1.u1``; runs named otherwise (recurrent-only ``.u1``, ``-mtp``
+        files) spell the name out with the constructor.
+        """
+        name = f"{model}.{scenario}.fa{int(flash_attn)}.u{int(kv_unified)}"
+        return cls(name, model, model_file, scenario, n_ctx, n_ubatch, flash_attn, kv_unified, **kw)
+
     def context_params(self) -> dict[str, Any]:
         return {
             "n_ctx": self.n_ctx,
