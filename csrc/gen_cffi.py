@@ -6,6 +6,7 @@ A header (``.h`` holding a ``PYMEM_CDEF_BEGIN`` ... ``PYMEM_CDEF_END`` block) co
 only that block, so pymem's own C API is declared once, in csrc/pymem_native.h.
 """
 
+import os
 import sys
 
 import cffi
@@ -27,7 +28,11 @@ def main() -> None:
     for path in cdefs:
         with open(path, encoding="utf-8") as f:
             ffi.cdef(cdef_block(f.read()))
-    prelude = '#include "ggml.h"\n#include "ggml-alloc.h"\n#include "ggml-backend.h"\n#include "pymem_native.h"\n'
+    prelude = '#include "ggml.h"\n#include "ggml-alloc.h"\n#include "ggml-backend.h"\n'
+    # pymem's own headers (csrc/pymem_*.h), each included once
+    prelude += "".join(
+        f'#include "{os.path.basename(p)}"\n' for p in cdefs if os.path.basename(p).startswith("pymem_")
+    )
     ffi.set_source(module, prelude, py_limited_api=True)
     ffi.emit_c_code(out)
 
