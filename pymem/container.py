@@ -297,7 +297,7 @@ def write_body(f: BinaryIO, header_text: bytes, write_payload: Callable[[BinaryI
 
 
 def write_atomic(
-    path: str | os.PathLike[str], header_text: bytes, write_payload: Callable[[BinaryIO], None]
+    path: str | os.PathLike[str], header_text: bytes, write_payload: Callable[[BinaryIO], object]
 ) -> int:
     """:func:`write_body` into a temporary file beside ``path``, renamed into place once
     complete (readers never see half a container; a failure leaves no file behind)."""

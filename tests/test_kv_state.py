@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from kv_helpers import check_invariants, decode, make_kv, make_spec, parse_kv_part
 
-import pymem.kv.state_io as sio
+import pymem.kv.state_rows as sio
 from pymem.errors import StateError
 from pymem.kv import KVCache
 from pymem.spec import RopeSpec, RopeType, SWAType

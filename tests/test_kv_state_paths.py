@@ -11,7 +11,7 @@ import pytest
 from kv_helpers import check_invariants, decode, parse_kv_part
 from test_kv_state import CFGS, build, randomize
 
-import pymem.kv.state_io as sio
+import pymem.kv.state_rows as sio
 
 N_TOK = {2: 200, 24: 500}  # enough decode steps for > 32 runs per sequence
 
