@@ -284,7 +284,7 @@ class _HashingFile(io.RawIOBase):
         return n
 
 
-def write_body(f: BinaryIO, header_text: bytes, write_payload: Callable[[BinaryIO], None]) -> int:
+def write_body(f: BinaryIO, header_text: bytes, write_payload: Callable[[BinaryIO], object]) -> int:
     """Prefix, header, the payload ``write_payload`` streams, then the digest of it all; bytes
     written. The one place a container's layout is written (pymem.reuse.persist uses it)."""
     hf = _HashingFile(f)
