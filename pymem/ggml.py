@@ -274,7 +274,14 @@ class GraphRunner:
     def compute(
         self, gf: Any, inputs: Mapping[Any, np.ndarray] | None, read: Sequence[Any]
     ) -> list[np.ndarray]:
-        """Allocate and compute a built graph ``gf``; set ``inputs`` first; ``read`` back."""
+        """Allocate and compute a built graph ``gf``; set ``inputs`` first; ``read`` back.
+
+        Every tensor ``gf`` reads or writes must be in a buffer this device can use (its
+        own, or a host buffer for the CPU): a graph over a memory with layers on other
+        devices raises :class:`DeviceError` (computing it here would hand the backend
+        another device's addresses); :class:`DeviceRunners` picks the scheduler for it.
+        """
+        self.check_graph(gf)
         if not lib.ggml_gallocr_alloc_graph(self._galloc, gf):
             raise NativeError(f"graph allocation failed on {self.device.name}")
         for t, values in (inputs or {}).items():
@@ -287,11 +294,33 @@ class GraphRunner:
             raise NativeError(f"graph compute failed on {self.device.name}: status {status}")
         return [get_data(t) for t in read]
 
+    def check_graph(self, gf: Any) -> None:
+        """Raise :class:`DeviceError` when ``gf`` touches a buffer this device cannot use."""
+        own = self.device.buffer_type
+        cpu = self.device.kind == "cpu"
+        for buft in graph_buffer_types(gf):
+            if buft == own or (cpu and lib.ggml_backend_buft_is_host(buft)):
+                continue
+            names = [d.name for d in graph_devices(gf) if d != self.device]
+            raise DeviceError(
+                f"graph: reads or writes tensors on {names}, but this runner computes on "
+                f"{self.device.name!r} alone; compute it with a MultiDeviceRunner over those "
+                f"devices (DeviceRunners picks one per graph)"
+            )
+
 
 # --- graphs over several devices ---------------------------------------------------------
 
 SCHED_MAX_BACKENDS = 16  # GGML_SCHED_MAX_BACKENDS, private to ggml-backend.cpp
 _MAX_BUFFER_TYPES = 64
+
+
+def graph_buffer_types(gf: Any) -> list[Any]:
+    """The buffer types of the tensors graph ``gf`` reads or writes (see graph_devices)."""
+    out = ffi.new("ggml_backend_buffer_type_t[]", _MAX_BUFFER_TYPES)
+    n = ffi.new("int32_t *")
+    check(lib.pm_graph_buffer_types(gf, out, _MAX_BUFFER_TYPES, n), "graph_buffer_types")
+    return [out[i] for i in range(n[0])]
 
 
 def graph_devices(gf: Any) -> list[Device]:
@@ -302,20 +331,17 @@ def graph_devices(gf: Any) -> list[Device]:
     have no buffer yet. One C call over every node and its sources. E.g. weights on the
     CPU and a memory with layers on CPU and RPC0 -> [CPU, RPC0].
     """
-    out = ffi.new("ggml_backend_buffer_type_t[]", _MAX_BUFFER_TYPES)
-    n = ffi.new("int32_t *")
-    check(lib.pm_graph_buffer_types(gf, out, _MAX_BUFFER_TYPES, n), "graph_buffer_types")
     known = registry_devices()
     by_buft = {d.buffer_type: d for d in known}
     by_handle = {d.handle: d for d in known}
     found: list[Device] = []
-    for i in range(n[0]):
+    for buft in graph_buffer_types(gf):
         # a device's own buffer type first: ggml's CPU buffer type names no device
-        dev = by_buft.get(out[i]) or by_handle.get(lib.ggml_backend_buft_get_device(out[i]))
-        if dev is None and lib.ggml_backend_buft_is_host(out[i]):
+        dev = by_buft.get(buft) or by_handle.get(lib.ggml_backend_buft_get_device(buft))
+        if dev is None and lib.ggml_backend_buft_is_host(buft):
             dev = get_device("CPU")
         if dev is None:
-            name = ffi.string(lib.ggml_backend_buft_name(out[i])).decode()
+            name = ffi.string(lib.ggml_backend_buft_name(buft)).decode()
             raise DeviceError(f"graph: a tensor lives in a {name!r} buffer of no registered device")
         if dev not in found:
             found.append(dev)
@@ -555,3 +581,60 @@ class MultiDeviceRunner:
         if status != lib.GGML_STATUS_SUCCESS:
             raise NativeError(f"graph compute failed over {self.names}: status {status}")
         return [get_data(t) for t in read]
+
+
+class DeviceRunners:
+    """The runner for each graph of a model: its one-device :class:`GraphRunner` when every
+    tensor the graph touches is on the model's device, else a :class:`MultiDeviceRunner`
+    over the devices the graph spans (one per set of devices, kept between steps).
+
+    Why: a memory may place layers on other devices than the weights' (``device={il:
+    ...}``); a model runtime then needs ggml's scheduler for exactly the graphs that reach
+    them, and the cheaper one-device runner, bit for bit what the recordings computed,
+    everywhere else. ``weights`` (a tensor of the weights' buffer) is marked as weights
+    before the first split graph, so the scheduler keeps weight ops on their device.
+    """
+
+    def __init__(
+        self, device: str | Device | None, n_threads: int | None = None, weights: Any = None
+    ) -> None:
+        self.device = get_device(device)
+        self.n_threads = n_threads
+        self.one = GraphRunner(self.device, n_threads=n_threads)
+        self.split: dict[tuple[str, ...], MultiDeviceRunner] = {}
+        self._weights = weights
+
+    def for_graph(self, gf: Any) -> GraphRunner | MultiDeviceRunner:
+        """The runner for built graph ``gf`` (see the class docstring)."""
+        spans = graph_devices(gf)
+        if all(d == self.device for d in spans):
+            return self.one
+        key = tuple(sorted(d.name for d in spans))
+        runner = self.split.get(key)
+        if runner is None:
+            if self._weights is not None:
+                mark_weights(self._weights)
+            runner = MultiDeviceRunner([*spans, self.device], n_threads=self.n_threads)
+            self.split[key] = runner
+        return runner
+
+    def compute(
+        self, gf: Any, inputs: Mapping[Any, np.ndarray] | None, read: Sequence[Any]
+    ) -> list[np.ndarray]:
+        """Compute ``gf`` with :meth:`for_graph`'s runner."""
+        return self.for_graph(gf).compute(gf, inputs, read)
+
+    def run(
+        self,
+        ctx: Context,
+        outputs: Sequence[Any],
+        inputs: Mapping[Any, np.ndarray] | None = None,
+        read: Sequence[Any] | None = None,
+    ) -> list[np.ndarray]:
+        """As :meth:`GraphRunner.run`, with the runner the graph needs."""
+        return self.compute(ctx.graph(outputs), inputs, outputs if read is None else read)
+
+    def close(self) -> None:
+        self.one.close()
+        for runner in self.split.values():
+            runner.close()

@@ -310,8 +310,8 @@ def split_one(name: str, rpc: list[str], weights: str = "CPU") -> dict[str, Any]
         placement = {il: where[il % len(where)] for il in range(model.hp.n_layer)}
     cpu, t_cpu = replay_engine(model, None, path)
     split, t_split = replay_engine(model, placement, path)
-    runners = {"+".join(k): r.names for k, r in model._split_runners.items()}
-    n_splits = [r.n_splits for r in model._split_runners.values()]
+    runners = {"+".join(k): r.names for k, r in model.runners.split.items()}
+    n_splits = [r.n_splits for r in model.runners.split.values()]
     model.close()
     assert len(cpu.logits) == len(split.logits) > 0
     assert [w for w, _ in cpu.blobs] == [w for w, _ in split.blobs]
@@ -402,6 +402,87 @@ def main_gone(binary: str) -> None:
         stop(proc)
 
 
+def tiny_decode(memory_type: str, placement: dict[int, str] | None) -> dict[str, Any]:
+    """The tiny runtime model (pymem.runtime.graph.TinyModel, weights on the CPU) over a
+    memory whose layers follow ``placement`` (None: all on the CPU): logits, state blob,
+    the runners used."""
+    from pymem.batch import Batch
+    from pymem.factory import ContextParams, create_memory
+    from pymem.runtime.decoder import Decoder
+    from pymem.runtime.graph import TinyConfig, TinyModel
+
+    cfg = TinyConfig.preset(memory_type)
+    model = TinyModel(cfg, "CPU")
+    mem = create_memory(
+        cfg.spec(),
+        ContextParams(n_ctx=64, n_seq_max=N_SEQ, n_ubatch=8, flash_attn=False, type_k="f32",
+                      type_v="f32", kv_unified=False, device=placement or "CPU"),
+    )  # fmt: skip
+    dec = Decoder(model, mem, n_seq_max=N_SEQ, n_ubatch=8)
+    logits = [dec.decode(Batch.from_items(items)) for items in TINY_BATCHES]
+    mem.seq_rm(1, -1, -1)  # whole: a recurrent sequence cannot be cut in the middle
+    logits.append(dec.decode(Batch.from_items(prompt(1, 3, 0, 9))))
+    blob = bytes(mem.state_write())
+    runners = sorted("+".join(k) for k in model.runners.split)
+    mem.close()
+    model.close()
+    return dict(logits=logits, blob=blob, runners=runners)
+
+
+TINY_BATCHES = [
+    [((5 * i + s) % 50 + 1, i, [s], True) for s in range(N_SEQ) for i in range(5)],
+    [((3 * s + 7) % 50 + 1, 5, [s], True) for s in range(N_SEQ)],
+]
+
+
+def main_tiny(binary: str) -> None:
+    """TinyModel over memories split across the CPU and a server decodes as the CPU does;
+    a one-device runner handed a graph that reaches the server refuses it."""
+    proc, endpoint = start_server(binary)
+    try:
+        import pymem
+        import pymem.ggml as gg
+        from pymem.errors import DeviceError
+
+        dev = pymem.add_rpc_device(endpoint).name
+        out: dict[str, Any] = {"device": dev, "types": {}}
+        for memory_type in ("kv", "recurrent", "hybrid"):
+            n_layer = len(__import__("pymem.runtime.graph", fromlist=["TinyConfig"])
+                          .TinyConfig.preset(memory_type).layers)  # fmt: skip
+            placement = {il: (dev if il % 2 else "CPU") for il in range(n_layer)}
+            cpu = tiny_decode(memory_type, None)
+            split = tiny_decode(memory_type, placement)
+            out["types"][memory_type] = dict(
+                decodes=len(cpu["logits"]),
+                logits_identical=sum(
+                    bool(np.array_equal(a, b, equal_nan=True))
+                    for a, b in zip(cpu["logits"], split["logits"])
+                ),
+                state_identical=cpu["blob"] == split["blob"],
+                runners_cpu=cpu["runners"],
+                runners_split=split["runners"],
+            )
+        # a graph writing a tensor on the server, handed to the CPU's one-device runner
+        from pymem.backend import TensorSpec, TensorStore
+
+        with TensorStore(dev, [TensorSpec("k", "f32", (4, 8))]) as store, gg.Context() as ctx:
+            x = ctx.new_tensor("f32", (4, 2), input=True)
+            idx = ctx.new_tensor("i64", (2,), input=True)
+            stored = ctx.set_rows(store["k"].ptr, x, idx)
+            gf = ctx.graph([stored])
+            runner = gg.GraphRunner("CPU", n_threads=1)
+            try:
+                runner.compute(gf, {x: np.ones((2, 4), np.float32), idx: np.array([0, 3])}, [])
+                out["one_device_error"] = None
+            except DeviceError as exc:
+                out["one_device_error"] = str(exc)
+            runner.close()
+            out["server_tensor_untouched"] = bytes(store["k"].read_bytes()) == bytes(4 * 8 * 4)
+        print(json.dumps(out))
+    finally:
+        stop(proc)
+
+
 def main() -> None:
     if sys.argv[2] == "engine":
         main_engine(sys.argv[1])
@@ -411,6 +492,9 @@ def main() -> None:
         return
     if sys.argv[2] == "gone":
         main_gone(sys.argv[1])
+        return
+    if sys.argv[2] == "tiny":
+        main_tiny(sys.argv[1])
         return
     binary, n_servers = sys.argv[1], int(sys.argv[2])
     procs: list[subprocess.Popen[bytes]] = []

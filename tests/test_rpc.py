@@ -129,6 +129,23 @@ def test_gone_server_raises_device_error() -> None:
     assert out["error"] and "is gone" in out["error"], out
 
 
+def test_tiny_model_over_a_split_memory_matches_cpu() -> None:
+    # the tiny runtime model (runtime/graph.py) with every other layer's K/V or R/S on a
+    # server takes ggml's scheduler for its graphs (DeviceRunners) and decodes, removes
+    # and decodes again with the CPU-only memory's logits and state bytes exactly
+    _build_or_skip()
+    out = _run_worker("tiny")
+    assert set(out["types"]) == {"kv", "recurrent", "hybrid"}
+    for memory_type, got in out["types"].items():
+        assert got["decodes"] == 3 and got["logits_identical"] == 3, (memory_type, got)
+        assert got["state_identical"], (memory_type, got)
+        assert got["runners_cpu"] == [] and got["runners_split"] == ["CPU+RPC0"], got
+    # a one-device runner refuses a graph that writes a server's tensor (computing it on
+    # the CPU would write through the server's addresses); the tensor is left as it was
+    assert out["one_device_error"] and "RPC0" in out["one_device_error"], out
+    assert out["server_tensor_untouched"], out
+
+
 def test_scheduler_on_the_cpu_matches_the_graph_runner() -> None:
     # MultiDeviceRunner over the CPU alone: one split, and the same bytes as GraphRunner
     # for a graph that reads a store tensor as a weight and writes rows of another

@@ -200,7 +200,7 @@ class GGUFModel:
     for the others (the graph computes only output rows, as ``build_inp_out_ids`` does).
     Drop-in for :class:`pymem.runtime.decoder.Decoder` (``config.n_vocab``). A memory
     whose layers sit on other devices than the weights (``device={il: "RPC0", ...}``) is
-    computed with ggml's backend scheduler (:meth:`runner_for`).
+    computed with ggml's backend scheduler (``runners``: :class:`pymem.ggml.DeviceRunners`).
     """
 
     def __init__(
@@ -232,10 +232,11 @@ class GGUFModel:
             self.output = self.weights.get("token_embd.weight")
         # one thread: the recorded runs were computed with one, and it is what keeps
         # every kernel's reduction order identical to the recording
-        self.runner = gg.GraphRunner(self.device, n_threads=n_threads)
-        self.n_threads = n_threads
         # a memory with layers on other devices: ggml's scheduler, one per set of devices
-        self._split_runners: dict[tuple[str, ...], gg.MultiDeviceRunner] = {}
+        self.runners = gg.DeviceRunners(
+            self.device, n_threads=n_threads, weights=self.weights.get("token_embd.weight")
+        )
+        self.n_threads = n_threads
 
     @property
     def config(self) -> Any:
@@ -243,9 +244,7 @@ class GGUFModel:
         return self.hp
 
     def close(self) -> None:
-        self.runner.close()
-        for runner in self._split_runners.values():
-            runner.close()
+        self.runners.close()
         self.weights.close()
 
     def __enter__(self) -> GGUFModel:
@@ -256,22 +255,6 @@ class GGUFModel:
 
     def _w(self, il: int, name: str, required: bool = True) -> Any:
         return self.weights.get(f"blk.{il}.{name}", required)
-
-    def runner_for(self, gf: Any) -> gg.GraphRunner | gg.MultiDeviceRunner:
-        """The runner for graph ``gf``: the one-device runner when every tensor it touches
-        (weights, the memory's K/V/R/S) is on the model's device, which is how the recorded
-        runs were computed; else ggml's scheduler over the devices the memory's layers were
-        placed on and the weights' device (the weights' ops stay on theirs)."""
-        spans = gg.graph_devices(gf)
-        if all(d == self.device for d in spans):
-            return self.runner
-        key = tuple(sorted(d.name for d in spans))
-        runner = self._split_runners.get(key)
-        if runner is None:
-            gg.mark_weights(self.weights.get("token_embd.weight"))
-            runner = gg.MultiDeviceRunner([*spans, self.device], n_threads=self.n_threads)
-            self._split_runners[key] = runner
-        return runner
 
     # --- one ubatch ---------------------------------------------------------------------
     def forward(self, ubatch: UBatch, inputs: StepInputs, flash_attn: bool = False) -> np.ndarray:
@@ -299,12 +282,11 @@ class GGUFModel:
                 cur = arch.finish(g, cur)
             g.expand(cur)
             gf = ctx.graph(g.nodes)
-            runner = self.runner_for(gf)
             if n_outputs:
-                (out,) = runner.compute(gf, g.feed, [cur])
+                (out,) = self.runners.compute(gf, g.feed, [cur])
                 logits[out_ids] = out.reshape(n_outputs, hp.n_vocab)
             else:
-                runner.compute(gf, g.feed, [])
+                self.runners.compute(gf, g.feed, [])
         return logits
 
 

@@ -134,8 +134,11 @@ class TinyModel:
         for name, arr in self._arrays():
             self.store[name].write_bytes(np.ascontiguousarray(arr, dtype=np.float32))
         # one thread by default: the graphs are tiny, and spinning worker threads on a
-        # loaded machine cost far more than they save
-        self.runner = gg.GraphRunner(self.device, n_threads=n_threads or 1)
+        # loaded machine cost far more than they save. A memory with layers on other
+        # devices: ggml's scheduler over them for the graphs that reach them
+        self.runners = gg.DeviceRunners(
+            self.device, n_threads=n_threads or 1, weights=self.store["tok_embd"].ptr
+        )
         self._fa_support: dict[tuple[str, str], bool] = {}
 
     @property
@@ -143,7 +146,7 @@ class TinyModel:
         return self.config.spec()
 
     def close(self) -> None:
-        self.runner.close()
+        self.runners.close()
         self.store.close()
 
     def __enter__(self) -> TinyModel:
@@ -276,9 +279,9 @@ class TinyModel:
             if self.device.kind == "cpu":
                 # Device.backend() is one backend per device, shared by every GraphRunner
                 # (the KV cache's K-shift runner sets its own thread count on it)
-                gg.check(gg.lib.pm_backend_set_n_threads(self.device.backend(), self.runner.n_threads),
+                gg.check(gg.lib.pm_backend_set_n_threads(self.device.backend(), self.runners.one.n_threads),
                          "set_n_threads")  # fmt: skip
-            (out,) = self.runner.run(ctx, [*expand, logits], inputs=feed, read=[logits])
+            (out,) = self.runners.run(ctx, [*expand, logits], inputs=feed, read=[logits])
         return np.array(out.reshape(n_tokens, c.n_vocab), dtype=np.float32)
 
     def _attention(
