@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import struct
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -402,22 +403,53 @@ def _fd_link(fd: int) -> str:
         return ""
 
 
+def _peer_addrs(host: str, port: int) -> set[tuple[str, int]]:
+    """``(ip, port)`` pairs a socket connected to ``host:port`` reports as its peer."""
+    try:
+        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return set()
+    out = {(str(sa[0]), port) for *_, sa in infos}
+    out |= {(f"::ffff:{ip}", p) for ip, p in list(out) if "." in ip}  # IPv4-mapped
+    return out
+
+
+def _fd_ident(fd: int) -> str:
+    """What a descriptor is (its socket, as the OS names it), to notice it was reused."""
+    link = _fd_link(fd)
+    if link:
+        return link
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return ""
+    return f"{st.st_dev}:{st.st_ino}" if stat.S_ISSOCK(st.st_mode) else ""
+
+
 class _ServerLink:
     """This process's TCP connection to one rpc-server, as the kernel sees it.
 
-    Found once through ``/proc/self/fd`` and ``/proc/net/tcp{,6}`` (about 2 ms with a
-    hundred sockets on the host), then read with ``getsockopt(TCP_INFO)`` on a duplicate of
-    its descriptor (microseconds) for as long as the descriptor is the same socket.
+    Linux: found once through ``/proc/self/fd`` and ``/proc/net/tcp{,6}`` (about 2 ms
+    with a hundred sockets on the host), then read with ``getsockopt(TCP_INFO)`` on a
+    duplicate of its descriptor (microseconds). Elsewhere with ``/dev/fd`` (macOS, the
+    BSDs): the open sockets whose peer is the server, then a non-blocking ``MSG_PEEK``
+    read (end of stream or a reset: the server closed it; nothing to read: up; it takes
+    no bytes). Either way the descriptor is looked up again once it is another socket.
     """
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, use_proc: bool | None = None) -> None:
         self.host, self.port = host, port
+        self.use_proc = os.path.isdir("/proc/self/fd") if use_proc is None else use_proc
         self.addrs = _proc_addrs(host, port)
+        self.peers = _peer_addrs(host, port)
         self.fd = -1
         self.link = ""
 
     def _find(self) -> bool | None:
-        """Locate the socket (an established one first); None where /proc is missing."""
+        """Locate the socket (an established one first); None where it cannot be looked up."""
+        return self._find_proc() if self.use_proc else self._find_peer()
+
+    def _find_proc(self) -> bool | None:
         try:
             ours = {}
             for name in os.listdir("/proc/self/fd"):
@@ -440,13 +472,49 @@ class _ServerLink:
         self.fd, self.link = ours[min(found)[1]]
         return True
 
+    def _find_peer(self) -> bool | None:
+        try:
+            names = os.listdir("/dev/fd")
+        except OSError:
+            return None  # Windows: a socket is no C runtime descriptor
+        found = []
+        for name in names:
+            fd = int(name)
+            ident = _fd_ident(fd)
+            if not ident:
+                continue
+            try:
+                with socket.socket(fileno=os.dup(fd)) as sock:
+                    peer = sock.getpeername()
+            except OSError:
+                continue  # not connected, not TCP, or closed meanwhile
+            if (str(peer[0]), int(peer[1])) in self.peers:
+                found.append((self._peek(fd) != "up", fd, ident))
+        if not found:
+            return False
+        _, self.fd, self.link = min(found)
+        return True
+
+    @staticmethod
+    def _peek(fd: int) -> str:
+        try:
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return "up"
+        except OSError:
+            return "down"  # reset
+        return "up" if data else "down"
+
     def status(self) -> str:
         """The connection's state: "up"; "down" (the server closed or reset it); "none"
-        (no connection, e.g. nothing allocated there yet); "unknown" (not Linux)."""
-        if self.fd < 0 or _fd_link(self.fd) != self.link:
+        (no connection, e.g. nothing allocated there yet); "unknown" (no way to look)."""
+        if self.fd < 0 or _fd_ident(self.fd) != self.link:
             found = self._find()
             if not found:
                 return "unknown" if found is None else "none"
+        if not self.use_proc:
+            return self._peek(self.fd)
         try:
             with socket.socket(fileno=os.dup(self.fd)) as sock:
                 state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
@@ -471,7 +539,7 @@ class MultiDeviceRunner:
     Devices take priority in the order given; the CPU is always added, last (ggml needs
     a CPU backend last: it runs what no other backend supports). Errors are typed: a
     graph touching a device outside the runner, or an rpc-server that is gone (checked
-    before each compute on Linux, where ggml would otherwise abort the process), raise
+    before each compute on Linux and macOS, where ggml would otherwise abort the process), raise
     :class:`~pymem.errors.DeviceError`; a graph the scheduler cannot allocate or compute
     raises :class:`~pymem.errors.NativeError`.
     """
@@ -512,7 +580,8 @@ class MultiDeviceRunner:
 
         This process's connection to it (:class:`_ServerLink`): a server that exited left
         it half-closed or reset. With no connection yet, the server must accept one.
-        Elsewhere than Linux nothing is checked.
+        Where neither ``/proc`` nor ``/dev/fd`` lists the process's sockets (Windows)
+        nothing is checked.
         """
         for dev, link in self._rpc.items():
             status = link.status()

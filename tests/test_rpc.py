@@ -172,18 +172,27 @@ def test_scheduler_on_the_cpu_matches_the_graph_runner() -> None:
     assert results[0][1] == results[1][1]
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's /proc")
-def test_server_link_sees_a_closed_connection() -> None:
+@pytest.mark.parametrize("use_proc", [True, False], ids=["proc-tcp-info", "dev-fd-peek"])
+def test_server_link_sees_a_closed_connection(use_proc: bool) -> None:
     # the gone-server check without an rpc-server: a listening socket stands in for one;
-    # "none" before this process connects, "up" while connected, "down" once the peer closed
+    # "none" before this process connects, "up" while connected, "down" once the peer
+    # closed. Linux reads /proc and TCP_INFO; macOS and the BSDs list /dev/fd and peek
+    # (that path runs here too, on Linux's /dev/fd)
+    if use_proc and not os.path.exists("/proc/net/tcp"):
+        pytest.skip("reads Linux's /proc")
+    if not use_proc and not os.path.isdir("/dev/fd"):
+        pytest.skip("lists /dev/fd")
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
-        link = gg._ServerLink("127.0.0.1", server.getsockname()[1])
+        link = gg._ServerLink("127.0.0.1", server.getsockname()[1], use_proc=use_proc)
         assert link.status() == "none"
         with socket.create_connection(server.getsockname()) as client:
             peer, _ = server.accept()
             assert link.status() == "up" and link.fd == client.fileno()
+            peer.sendall(b"x")  # a reply waiting to be read: still up, and left unread
+            time.sleep(0.05)
+            assert link.status() == "up" and client.recv(1) == b"x"
             peer.close()
             deadline = time.monotonic() + 5
             while link.status() == "up" and time.monotonic() < deadline:
