@@ -628,6 +628,14 @@ pm_status pm_kq_mask_owner(const int32_t * owner, const int32_t * pos, int64_t n
     if (n_kv > n_cells) {
         return PM_ERR_RANGE;
     }
+    // every cell's owner and token checked before the first write: a refused call leaves
+    // `out` as it was
+    for (int64_t j = 0; j < n_kv; j++) {
+        const int64_t k = (int64_t) owner[j] + 2;
+        if (k < 0 || k >= n_tok_of || tok_of[k] >= n_tokens) {
+            return PM_ERR_RANGE;
+        }
+    }
     const int64_t n = n_tokens * n_kv;
     if (elem_size == 2) {
         uint16_t * o = (uint16_t *) out;
@@ -641,16 +649,9 @@ pm_status pm_kq_mask_owner(const int32_t * owner, const int32_t * pos, int64_t n
         }
     }
     for (int64_t j = 0; j < n_kv; j++) {
-        const int64_t k = (int64_t) owner[j] + 2;
-        if (k < 0 || k >= n_tok_of) {
-            return PM_ERR_RANGE;
-        }
-        const int64_t t = tok_of[k];
+        const int64_t t = tok_of[(int64_t) owner[j] + 2];
         if (t < 0) {
             continue;
-        }
-        if (t >= n_tokens) {
-            return PM_ERR_RANGE;
         }
         if (pos[j] >= lo[t] && pos[j] <= hi[t]) {
             if (elem_size == 2) {
