@@ -163,6 +163,19 @@ class HParams:
                 f"{path}: n_embd_head_k {hp.n_embd_head_k_full} != n_embd_head_v {head}"
             )
         kq_scale = float(np.float32(1.0) / np.sqrt(np.float32(head))) if head else 0.0
+        attn_cap = keys.f32(f"{hp.arch}.attn_logit_softcapping", 50.0)
+        final_cap = keys.f32(f"{hp.arch}.final_logit_softcapping", 30.0)
+        if hp.arch == "gemma2":
+            # the reference divides by both caps: 0 (or less) would give NaN logits silently
+            for key, cap in (
+                ("attn_logit_softcapping", attn_cap),
+                ("final_logit_softcapping", final_cap),
+            ):
+                if not cap > 0.0:
+                    raise ConfigError(
+                        f"{path}: gemma2.{key} = {cap}; Gemma-2 soft-caps by dividing by it, "
+                        f"so it must be > 0"
+                    )
         return cls(
             arch=hp.arch,
             n_vocab=n_vocab,
@@ -184,8 +197,8 @@ class HParams:
             causal_attn=hp.causal_attn,
             n_shortconv_l_cache=hp.n_shortconv_l_cache,
             attn_soft_cap=hp.arch == "gemma2",
-            f_attn_logit_softcapping=keys.f32(f"{hp.arch}.attn_logit_softcapping", 50.0),
-            f_final_logit_softcapping=keys.f32(f"{hp.arch}.final_logit_softcapping", 30.0),
+            f_attn_logit_softcapping=attn_cap,
+            f_final_logit_softcapping=final_cap,
             # Gemma-2 of unknown size: 1/sqrtf(n_embd_head_k) (the 27B variant differs)
             f_attention_scale=kq_scale,
         )
