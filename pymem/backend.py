@@ -493,6 +493,39 @@ class Tensor:
         if status != lib.PM_OK:
             self._runs_refused(status, offset, n_rep, rep_stride, st, sz, skip, size, "write_runs")
 
+    def copy_runs_from(
+        self, src: Tensor, src_offset: int, offset: int, n_rep: int, rep_stride: int,
+        starts: Any, sizes: Any,
+    ) -> None:  # fmt: skip
+        """Fill the runs set of :meth:`write_runs` with the contiguous bytes of ``src`` from
+        ``src_offset`` on (``n_rep * sum(sizes)`` of them), tensor to tensor in one native
+        call: no host round trip when both live on a device (a checkpoint restore moves its
+        payload this way). The source bytes must not overlap a destination run.
+
+        E.g. ``v.copy_runs_from(blob, 4096, 0, 2, 32, [4, 18], [6, 2])`` puts blob bytes
+        [4096, 4112) into ``v`` bytes [4, 10) [18, 20) [36, 42) [50, 52).
+        """
+        st, sz = self._runs_args(offset, n_rep, rep_stride, starts, sizes, 0, 0, "copy_runs")
+        if src_offset < 0:
+            raise RangeError(f"copy_runs on {self.name!r}: src_offset={src_offset} must be >= 0")
+        total = n_rep * int(sz.sum())
+        if src_offset + total > src.nbytes:
+            raise RangeError(
+                f"copy_runs {src.name!r} -> {self.name!r}: source bytes [{src_offset}, "
+                f"{src_offset + total}) outside [0, {src.nbytes})"
+            )
+        status = lib.pm_tensor_copy_runs(
+            src._live(), src_offset, self._live(), offset, n_rep, rep_stride,
+            ffi.from_buffer("uint64_t[]", st), ffi.from_buffer("uint64_t[]", sz), st.size,
+        )  # fmt: skip
+        if status == lib.PM_ERR_ARG:
+            raise RangeError(
+                f"copy_runs {src.name!r} -> {self.name!r}: source bytes [{src_offset}, "
+                f"{src_offset + total}) overlap a destination run (same buffer)"
+            )
+        if status != lib.PM_OK:
+            self._runs_refused(status, offset, n_rep, rep_stride, st, sz, 0, total, "copy_runs")
+
     # --- row sets -------------------------------------------------------------------
     def read_rows(self, rows: Any) -> np.ndarray:
         """Rows ``rows`` as a ``uint8[n, row_size]`` array (one native call)."""

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import struct
 from abc import abstractmethod
+from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeAlias, cast
 
 import numpy as np
 
@@ -495,8 +496,17 @@ class StateReader:
         return int(_U64.unpack(self._take(8, what))[0])
 
     def read_view(self, n: int, what: str) -> memoryview:
-        """A zero-copy view of the next ``n`` bytes."""
+        """A zero-copy view of the next ``n`` bytes: a tensor *payload* (K/V, R/S data).
+
+        Memory readers take payloads with this call only, and metadata with the other
+        ``read_*`` calls: a :class:`PayloadRecorder` learns the payload ranges of a blob
+        from it, and a :class:`DeviceBlobReader` answers it with a :class:`DevicePayload`.
+        """
         return self._take(n, what)
+
+    def read_bytes(self, n: int, what: str) -> bytes:
+        """The next ``n`` bytes of metadata, copied (a header compared at once)."""
+        return bytes(self._take(n, what))
 
     def read_array(self, dtype: type | str, count: int, what: str) -> np.ndarray:
         """``count`` items of ``dtype``, zero-copy (read-only) from the blob."""
@@ -534,9 +544,9 @@ class PendingWrites:
     """Tensor writes collected while parsing a blob, applied only after validation."""
 
     def __init__(self) -> None:
-        self._ops: list[tuple[Tensor, int, memoryview]] = []
+        self._ops: list[tuple[Tensor, int, Payload]] = []
 
-    def add(self, tensor: Tensor, offset: int, data: memoryview) -> None:
+    def add(self, tensor: Tensor, offset: int, data: Payload) -> None:
         self._ops.append((tensor, offset, data))
 
     def __len__(self) -> int:
@@ -544,8 +554,178 @@ class PendingWrites:
 
     def commit(self) -> None:
         for tensor, offset, data in self._ops:
-            tensor.write_bytes(data, offset)
+            if isinstance(data, DevicePayload):
+                data.copy_to(
+                    tensor, offset, 1, 0, _ONE_RUN_START, np.array([data.nbytes], np.uint64)
+                )
+            else:
+                tensor.write_bytes(data, offset)
         self._ops.clear()
+
+
+_ONE_RUN_START = np.zeros(1, dtype=np.uint64)
+
+
+# --------------------------------------------------------------------------------------
+# payloads held on a device: a blob parsed from host metadata, its tensor bytes copied
+# device to device
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DevicePayload:
+    """A tensor payload of a blob that lives in a backend buffer: ``nbytes`` bytes of
+    ``tensor`` from byte ``offset`` on. Parsers pass it where they pass a memoryview;
+    the payload writers copy it tensor to tensor (:meth:`Tensor.copy_runs_from`)."""
+
+    tensor: Tensor
+    offset: int
+    nbytes: int
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def copy_to(
+        self, dst: Tensor, offset: int, n_rep: int, rep_stride: int, starts: np.ndarray,
+        sizes: np.ndarray,
+    ) -> None:  # fmt: skip
+        """Scatter the payload to ``dst``'s runs set (that of ``Tensor.write_runs``)."""
+        dst.copy_runs_from(self.tensor, self.offset, offset, n_rep, rep_stride, starts, sizes)
+
+    def to_host(self) -> bytearray:
+        """The bytes, read to the host (for a writer that must rearrange them there)."""
+        out = bytearray(self.nbytes)
+        self.tensor.read_into(out, self.offset)
+        return out
+
+
+Payload: TypeAlias = "memoryview | DevicePayload"
+"""What ``StateReader.read_view`` gives a parser: host bytes, or bytes on a device."""
+
+
+class PayloadRecorder(StateReader):
+    """A :class:`StateReader` that notes the ranges a parse takes as payloads
+    (:meth:`read_view`), to split the blob into host metadata and payloads."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        super().__init__(data)
+        self.payloads: list[tuple[int, int]] = []  # (blob offset, size), in read order
+
+    def read_view(self, n: int, what: str) -> memoryview:
+        at = self.offset
+        view = super().read_view(n, what)
+        if n:
+            self.payloads.append((at, n))
+        return view
+
+    def split(self) -> BlobSplit | None:
+        """The blob as metadata + payload ranges, or None when the ranges are not
+        ascending and apart (a parser read a payload twice: keep the whole blob)."""
+        return BlobSplit.of(self._view, self.payloads)
+
+
+@dataclass(frozen=True)
+class BlobSplit:
+    """A blob's metadata (every byte outside its payload ranges, in order) and the
+    ranges: what a device-resident blob keeps on the host to be parsed there.
+
+    E.g. a 100-byte blob with payloads (20, 30) and (60, 40) -> meta = bytes [0, 20) +
+    [50, 60), starts [20, 60], sizes [30, 40], before [0, 30] (payload bytes before each).
+    """
+
+    nbytes: int
+    meta: bytes
+    starts: tuple[int, ...]
+    sizes: tuple[int, ...]
+    before: tuple[int, ...]
+
+    @classmethod
+    def of(cls, blob: memoryview, ranges: list[tuple[int, int]]) -> BlobSplit | None:
+        pieces: list[bytes] = []
+        before: list[int] = []
+        end = done = 0
+        for a, n in ranges:
+            if a < end:
+                return None
+            pieces.append(bytes(blob[end:a]))
+            before.append(done)
+            done += n
+            end = a + n
+        pieces.append(bytes(blob[end:]))
+        return cls(
+            len(blob), b"".join(pieces), tuple(a for a, _ in ranges),
+            tuple(n for _, n in ranges), tuple(before),
+        )  # fmt: skip
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.nbytes - len(self.meta)
+
+
+class SplitMismatch(StateError):
+    """A parse over a :class:`DeviceBlobReader` read a payload as metadata (or across
+    one): it does not follow the parse the split was recorded from. The caller parses
+    the whole blob instead (nothing has changed)."""
+
+
+class DeviceBlobReader(StateReader):
+    """A :class:`StateReader` over a blob whose bytes live in ``tensor`` from ``base`` on
+    and whose metadata is held on the host (``split``): metadata reads come from the host
+    copy, and :meth:`read_view` of a recorded payload range gives a
+    :class:`DevicePayload` (nothing is read from the device while parsing).
+
+    Bounds are checked as over the whole blob; a read that does not match the split
+    raises :class:`SplitMismatch`.
+    """
+
+    def __init__(self, split: BlobSplit, tensor: Tensor, base: int) -> None:
+        super().__init__(split.meta)
+        self.split = split
+        self.tensor = tensor
+        self.base = base
+
+    @property
+    def remaining(self) -> int:
+        return self.split.nbytes - self.offset
+
+    def _payload_at(self, at: int) -> int:
+        """Index of the last payload starting at or before ``at`` (-1: none)."""
+        return bisect_right(self.split.starts, at) - 1
+
+    def _take(self, n: int, what: str) -> memoryview:
+        if n < 0 or n > self.remaining:
+            raise StateError(
+                f"state blob truncated reading {what}: need {n} bytes at offset {self.offset}, "
+                f"{self.remaining} left"
+            )
+        sp, at = self.split, self.offset
+        k = self._payload_at(at)
+        inside = k >= 0 and at < sp.starts[k] + sp.sizes[k]
+        crosses = k + 1 < len(sp.starts) and at + n > sp.starts[k + 1]
+        if n and (inside or crosses):
+            raise SplitMismatch(
+                f"{what}: bytes [{at}, {at + n}) of the blob are a payload of the parse it "
+                "was split by"
+            )
+        skipped = sp.before[k] + sp.sizes[k] if k >= 0 else 0  # payload bytes before `at`
+        self.offset += n
+        return self._view[at - skipped : at - skipped + n]
+
+    def read_payload(self, n: int, what: str) -> Payload:
+        """The payload at the cursor: a :class:`DevicePayload` when ``[offset, +n)`` is
+        a recorded payload range, else as :meth:`_take` (metadata, or a mismatch)."""
+        sp, at = self.split, self.offset
+        k = self._payload_at(at)
+        if n and k >= 0 and sp.starts[k] == at and sp.sizes[k] == n:
+            self.offset += n
+            return DevicePayload(self.tensor, self.base + at, n)
+        return self._take(n, what)
+
+    def read_view(self, n: int, what: str) -> memoryview:
+        # [TAG_DEVICE_PAYLOAD] the KV parser (pymem/kv/state_io.py) types its payloads as
+        # memoryview; a DevicePayload passes through it untouched to
+        # kv.state_rows.write_payloads, which takes either
+        return cast(memoryview, self.read_payload(n, what))
 
 
 # --------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 
 from pymem.backend import Tensor
 from pymem.kv.layout import KVLayer, KVLayout
-from pymem.state import StateWriter
+from pymem.state import DevicePayload, Payload, StateWriter
 
 _RUNS_LOOP = 32  # up to this many runs of cells, move each run as one slice
 
@@ -403,9 +403,16 @@ def write_payloads(
     layout: KVLayout,
     strm: int,
     idx: np.ndarray,
-    payloads: list[tuple[KVLayer, str, memoryview]],
+    payloads: Sequence[tuple[KVLayer, str, Payload]],
 ) -> None:
-    """Store parsed K/V bytes into cells ``idx`` of stream ``strm``."""
+    """Store parsed K/V bytes into cells ``idx`` of stream ``strm``.
+
+    A payload is host bytes, or a :class:`~pymem.state.DevicePayload` (a device-resident
+    checkpoint's bytes, [TAG_DEVICE_PAYLOAD]) copied tensor to tensor in the same runs,
+    never through the host; except transposed V into many short runs on a device (the
+    "staged" method below: a backend copy per element would cost far more than reading
+    the payload once), and the numpy reference path tests force.
+    """
     n = idx.size
     if n == 0:
         return
@@ -417,7 +424,10 @@ def write_payloads(
             t = layer.k if kind == "k" else layer.v
             assert t is not None
             offset, st, sz = row_runs_memo(memo, t, base, idx, runs, len(data) // n)
-            t.write_runs(data, offset, 1, 0, st, sz)
+            if isinstance(data, DevicePayload):
+                data.copy_to(t, offset, 1, 0, st, sz)
+            else:
+                t.write_runs(data, offset, 1, 0, st, sz)
             continue
         v = layer.v
         assert v is not None
@@ -425,6 +435,12 @@ def write_payloads(
         el = layout.v_el_size
         vt = v_trans_view(layout, layer, strm)
         method = cols_method(vt is not None, runs, el, _RANGES_MIN_SCATTER)
+        if method == "ranges" and isinstance(data, DevicePayload):
+            base_v, stride = strm * v.nb[2], layout.kv_size * el
+            data.copy_to(v, base_v, n_embd, stride, *col_runs_memo(memo, runs, el))
+            continue
+        if isinstance(data, DevicePayload):
+            data = memoryview(data.to_host())
         src = np.frombuffer(data, dtype=uint_dtype(el)).reshape(n_embd, n)
         if vt is not None and method == "numpy":
             scatter_cols(vt[:n_embd], idx, src, runs)

@@ -18,6 +18,7 @@ memory. The plan reaches its memory only through :class:`ReadTarget`.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -277,9 +278,7 @@ def _read_meta_cells(
     """
     if reader.remaining >= 12 * cell_count:
         start = reader.offset
-        block = np.frombuffer(
-            reader.read_view(12 * cell_count, "recurrent cell meta"), dtype="<i4"
-        ).reshape(-1, 3)
+        block = reader.read_array("<i4", 3 * cell_count, "recurrent cell meta").reshape(-1, 3)
         if (block[:, 1] == 1).all():
             return block[:, 0].copy(), np.arange(cell_count), block[:, 2].astype(np.int64)
         reader.offset = start
@@ -300,6 +299,10 @@ def _read_meta_cells(
 def _parse_data(
     reader: StateReader, layers: StateLayers, cell_count: int, head: int
 ) -> PendingWrites:
+    """The per-layer sections (``i32 type, u64 row size, cell_count rows`` per tensor, R
+    then S): each header compared with the memory's as 12 bytes at once, the rows taken
+    as a payload (``read_view``: metadata and payloads are never read in one call, so a
+    device-resident blob parses from its host metadata)."""
     s_trans = reader.read_u32("recurrent s_trans")
     n_layer = reader.read_u32("recurrent n_layer")
     if n_layer != layers.n_layer:
@@ -307,54 +310,23 @@ def _parse_data(
     if s_trans != 0:
         raise StateError(f"incompatible s transposition: blob has s_trans={s_trans}, expected 0")
     writes = PendingWrites()
-    if _parse_data_fast(reader, layers, cell_count, head, writes):
-        return writes
     for kind, tensors in (("r", layers.r), ("s", layers.s)):
         for il, t in zip(layers.layers, tensors):
-            type_id = reader.read_i32(f"{kind} type of layer {il}")
-            if type_id != t.type.id:
-                raise StateError(f"mismatched {kind} type ({t.type.id} != {type_id}, layer {il})")
-            row = reader.read_u64(f"{kind} row size of layer {il}")
-            if row != t.row_size:
+            got = reader.read_bytes(12, f"{kind} type and row size of layer {il}")
+            if got != _HEADER.pack(t.type.id, t.row_size):
+                type_id, row = _HEADER.unpack(got)
+                if type_id != t.type.id:
+                    raise StateError(
+                        f"mismatched {kind} type ({t.type.id} != {type_id}, layer {il})"
+                    )
                 raise StateError(f"mismatched {kind} row size ({t.row_size} != {row}, layer {il})")
             if cell_count:
-                data = reader.read_view(cell_count * row, f"{kind} rows of layer {il}")
-                writes.add(t, head * row, data)
+                data = reader.read_view(cell_count * t.row_size, f"{kind} rows of layer {il}")
+                writes.add(t, head * t.row_size, data)
     return writes
 
 
-def _parse_data_fast(
-    reader: StateReader, layers: StateLayers, cell_count: int, head: int, writes: PendingWrites
-) -> bool:
-    """The per-layer sections when every header is the expected one, checked at once.
-
-    Each tensor's section is ``i32 type, u64 row size, cell_count rows``; all headers
-    are compared with the memory's in one vector step. False (nothing consumed) when
-    the blob is short or a header differs: the field-by-field parse then names it.
-    """
-    tensors = [*layers.r, *layers.s]
-    if not tensors:
-        return False
-    rows = np.array([t.row_size for t in tensors], dtype=np.int64)
-    want = np.zeros((len(tensors), 12), dtype=np.uint8)
-    want[:, :4] = np.array([t.type.id for t in tensors], dtype="<i4").view(np.uint8).reshape(-1, 4)
-    want[:, 4:] = rows.astype("<u8").view(np.uint8).reshape(-1, 8)
-    # section k starts after the earlier ones: E.g. rows [32, 48], 2 cells -> [0, 76]
-    size = 12 + cell_count * rows
-    start = np.cumsum(size) - size
-    total = int(size.sum())
-    if reader.remaining < total:
-        return False
-    offset = reader.offset
-    data = reader.read_view(total, "recurrent data")
-    got = np.frombuffer(data, dtype=np.uint8)[start[:, None] + np.arange(12)]
-    if not np.array_equal(got, want):
-        reader.offset = offset
-        return False
-    if cell_count:
-        for t, a, row in zip(tensors, start.tolist(), rows.tolist()):
-            writes.add(t, head * row, data[a + 12 : a + 12 + cell_count * row])
-    return True
+_HEADER = struct.Struct("<iQ")  # a tensor section's header: type id, row size
 
 
 class ReadTarget(Protocol):

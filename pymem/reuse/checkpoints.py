@@ -45,7 +45,13 @@ from pymem.kv import KVCache, KVCacheISWA
 from pymem.memory import Memory, StateFlags
 from pymem.recurrent import RecurrentMemory
 from pymem.spec import SWAType, window_start
-from pymem.state import StateReader
+from pymem.state import (
+    BlobSplit,
+    DeviceBlobReader,
+    PayloadRecorder,
+    SplitMismatch,
+    StatePlan,
+)
 
 Where = Literal["device", "host"]
 WHERE: tuple[str, ...] = ("device", "host")
@@ -134,6 +140,9 @@ class Checkpoint:
         self._slot: tuple[CheckpointArena, int] | None = None  # a range of an arena
         self._nbytes = len(self._host)
         self._closed = False
+        # the blob's host metadata + payload ranges, once a parse has shown them: a device
+        # checkpoint's restore parses these and copies the payloads device to device
+        self._split: BlobSplit | None = None
 
     # --- where the bytes are ---------------------------------------------------------
     @property
@@ -182,6 +191,23 @@ class Checkpoint:
             assert self._store is not None
             self._store["blob"].read_into(out)
         return out
+
+    def _device_reader(self) -> DeviceBlobReader | None:
+        """A reader that parses the host metadata and hands out the payloads where they
+        lie on the device; None for host bytes or while the payload ranges are unknown.
+        Raises :class:`~pymem.errors.ClosedError` when the buffer (or arena) was freed."""
+        self._check_open()
+        split = self._split
+        if split is None or split.nbytes != self._nbytes:
+            return None
+        if self._slot is not None:
+            arena, off = self._slot
+            if arena.store.closed:
+                raise ClosedError("checkpoint arena: already closed")
+            return DeviceBlobReader(split, arena.tensor, off)
+        if self._store is not None:
+            return DeviceBlobReader(split, self._store["blob"], 0)
+        return None
 
     def _free_device(self) -> None:
         if self._store is not None:
@@ -315,6 +341,11 @@ def checkpoint(
     blob = mem.state_write(seq_id, StateFlags.PARTIAL_ONLY)
     ck = Checkpoint(seq_id, pos, blob, layout_of(mem))
     if where == "device":
+        # learn where the payloads lie while the bytes are on the host anyway (the parse
+        # changes nothing); a restore then copies them device to device
+        recorder = PayloadRecorder(blob)
+        mem.state_read_parse(recorder, seq_id, StateFlags.PARTIAL_ONLY)
+        ck._split = recorder.split()
         ck.to_device(memory_device(mem), arena)
     return ck
 
@@ -367,9 +398,27 @@ def restore_checkpoint(mem: Memory, seq_id: int, ckpt: Checkpoint) -> int:
     why = restorable(mem, seq_id, ckpt.pos)
     if why:
         raise StateError(f"checkpoint at pos {ckpt.pos}: {why}")
-    plan = mem.state_read_parse(StateReader(ckpt._read()), seq_id, StateFlags.PARTIAL_ONLY)
+    plan = _parse_for_restore(mem, seq_id, ckpt)
     for part in trim:
         if part.seq_pos_max(seq_id) > ckpt.pos:  # a cache-wide scan otherwise
             part.seq_rm(seq_id, ckpt.pos + 1, -1)
     plan.commit()
     return ckpt.pos + 1
+
+
+def _parse_for_restore(mem: Memory, seq_id: int, ckpt: Checkpoint) -> StatePlan:
+    """Parse ``ckpt`` for ``seq_id`` (changing nothing): a device checkpoint whose payload
+    ranges are known from its host metadata, its payloads left on the device; otherwise
+    (host bytes, ranges not known yet, or a parse that takes other ranges) the whole blob,
+    read to the host, learning the ranges for the next restore of a device checkpoint."""
+    reader = ckpt._device_reader()
+    if reader is not None:
+        try:
+            return mem.state_read_parse(reader, seq_id, StateFlags.PARTIAL_ONLY)
+        except SplitMismatch:
+            pass  # nothing changed: parse the whole blob, which names any real problem
+    recorder = PayloadRecorder(ckpt._read())
+    plan = mem.state_read_parse(recorder, seq_id, StateFlags.PARTIAL_ONLY)
+    if ckpt.where == "device":
+        ckpt._split = recorder.split()
+    return plan
