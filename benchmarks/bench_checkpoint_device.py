@@ -6,13 +6,21 @@ on the values). Models: tiny-llama (KV: a checkpoint is the whole sequence), tin
 (hybrid), tiny-lfm2-swa (hybrid-iSWA), tiny-mamba (recurrent).
 
 Columns (best of 7, ms): ``take`` = :func:`checkpoint` with ``where="host"`` / ``"device"``
-(the device one is the same ``state_write`` plus one upload into a new backend buffer);
-``restore`` = :func:`restore_checkpoint` of each (the device one reads its bytes back to
-the host for the two-phase parse); ``arena``: the same into a range of a
-:class:`CheckpointArena` (no allocation per take); ``spill`` = ``to_host()`` of a device checkpoint
-(read back + free); ``close`` = freeing a device checkpoint. ``device`` is where the
-memory lives: on a CPU-only machine the "device" buffer is a CPU backend buffer, so the
-numbers show the extra copy's cost, not a GPU's transfer.
+(the device one is the same ``state_write``, one parse of the host bytes that learns
+where the payloads lie, and one upload into a new backend buffer); ``take dev old`` =
+the device take without that parse (what it was before restores copied device to
+device); ``restore`` = :func:`restore_checkpoint` of each; ``restore dev copy`` = the
+device-copy path (host metadata parsed, payloads copied tensor to tensor by
+``pm_tensor_copy_runs``), what a GPU takes, forced here with ``ZERO_COPY_HOST`` off;
+``restore dev`` = the default on this machine: a CPU buffer is parsed in place
+(``ZERO_COPY_HOST``); ``restore dev old`` = the same checkpoint restored the way it was
+before (the whole blob read back to the host, parsed, the payloads written host ->
+device); ``arena``: the same into a range of a :class:`CheckpointArena` (no allocation
+per take); ``spill`` = ``to_host()`` of a device checkpoint (read back + free);
+``close`` = freeing a device checkpoint. ``device`` is where the memory lives: on a
+CPU-only machine the "device" buffer is a CPU backend buffer, so a device copy is a
+memmove and the old path's cost is one extra host copy of the blob, not a GPU's two
+PCIe transfers (device -> host -> device) that the device copy saves.
 
 Run: python benchmarks/bench_checkpoint_device.py [--tokens N] [--json PATH]
 """
@@ -33,9 +41,17 @@ from _util import best_of, print_table, write_results
 import pymem
 from pymem.batch import Batch, BatchAllocator
 from pymem.factory import ContextParams, create_memory
-from pymem.memory import Memory, MemoryStatus
-from pymem.reuse import checkpoint, restore_checkpoint
-from pymem.reuse.checkpoints import CheckpointArena, memory_device
+from pymem.memory import Memory, MemoryStatus, StateFlags
+from pymem.reuse import checkpoint, checkpoints, restore_checkpoint
+from pymem.reuse.checkpoints import (
+    Checkpoint,
+    CheckpointArena,
+    layout_of,
+    memory_device,
+    restorable,
+    trimmed_parts,
+)
+from pymem.state import StateReader
 
 MODELS = Path(__file__).resolve().parent.parent / "tests" / "data" / "models"
 PARAMS = {
@@ -68,6 +84,25 @@ def _fill(mem: Memory, toks: np.ndarray) -> None:
             break
 
 
+def _take_without_split(mem: Memory) -> Checkpoint:
+    """The device take as it was: state_write, then one upload (no parse)."""
+    blob = mem.state_write(0, StateFlags.PARTIAL_ONLY)
+    ck = Checkpoint(0, mem.seq_pos_max(0), blob, layout_of(mem))
+    return ck.to_device(memory_device(mem))
+
+
+def _restore_through_host(mem: Memory, ck: Checkpoint) -> int:
+    """The device restore as it was: the whole blob read back to the host, parsed there,
+    its payloads written host -> device by the commit."""
+    assert ck.layout == layout_of(mem) and not restorable(mem, 0, ck.pos)
+    plan = mem.state_read_parse(StateReader(ck._read()), 0, StateFlags.PARTIAL_ONLY)
+    for part in trimmed_parts(mem):
+        if part.seq_pos_max(0) > ck.pos:
+            part.seq_rm(0, ck.pos + 1, -1)
+    plan.commit()
+    return ck.pos + 1
+
+
 def run(model: str, n_tokens: int) -> dict[str, object]:
     mem = _memory(model)
     _fill(mem, np.random.default_rng(0).integers(1, 60, n_tokens).astype(np.int32))
@@ -76,6 +111,16 @@ def run(model: str, n_tokens: int) -> dict[str, object]:
     before = mem.state_write(0)  # the sequence (a window restored may sit in other cells)
     t_take_h = best_of(lambda: checkpoint(mem, 0, where="host").close(), repeat=7, number=3)
     t_take_d = best_of(lambda: checkpoint(mem, 0, where="device").close(), repeat=7, number=3)
+    t_take_old = best_of(lambda: _take_without_split(mem).close(), repeat=7, number=3)
+    checkpoints.ZERO_COPY_HOST = False  # what a device buffer gets: parse at take, copy
+    t_take_copy = best_of(lambda: checkpoint(mem, 0, where="device").close(), repeat=7, number=3)
+    copied = checkpoint(mem, 0, where="device")
+    assert copied._split is not None
+    t_rest_copy = best_of(lambda: restore_checkpoint(mem, 0, copied), repeat=7, number=3)
+    same_copy = mem.state_write(0) == before
+    meta_bytes = len(copied._split.meta)
+    copied.close()
+    checkpoints.ZERO_COPY_HOST = True
     arena = CheckpointArena(memory_device(mem), 4 * host.nbytes + 4096)
     t_take_a = best_of(lambda: checkpoint(mem, 0, arena=arena).close(), repeat=7, number=3)
     in_arena = checkpoint(mem, 0, arena=arena)
@@ -83,6 +128,8 @@ def run(model: str, n_tokens: int) -> dict[str, object]:
     t_rest_h = best_of(lambda: restore_checkpoint(mem, 0, host), repeat=7, number=3)
     t_rest_d = best_of(lambda: restore_checkpoint(mem, 0, dev), repeat=7, number=3)
     same = mem.state_write(0) == before and dev.blob == host.blob
+    t_rest_old = best_of(lambda: _restore_through_host(mem, dev), repeat=7, number=3)
+    same = same and same_copy and mem.state_write(0) == before
 
     def spill() -> None:
         ck = checkpoint(mem, 0)
@@ -98,10 +145,15 @@ def run(model: str, n_tokens: int) -> dict[str, object]:
         "blob_bytes": host.nbytes,
         "take_host_ms": t_take_h * 1e3,
         "take_device_ms": t_take_d * 1e3,
+        "take_device_old_ms": t_take_old * 1e3,
+        "take_device_copy_ms": t_take_copy * 1e3,
         "take_arena_ms": t_take_a * 1e3,
         "restore_arena_ms": t_rest_a * 1e3,
         "restore_host_ms": t_rest_h * 1e3,
         "restore_device_ms": t_rest_d * 1e3,
+        "restore_device_old_ms": t_rest_old * 1e3,
+        "restore_device_copy_ms": t_rest_copy * 1e3,
+        "host_metadata_bytes": meta_bytes,
         "spill_ms": max(t_spill, 0.0) * 1e3,
         "close_ms": max(t_close, 0.0) * 1e3,
         "restored_exact": same,
@@ -124,17 +176,21 @@ def main() -> None:
         r = run(model, args.tokens)
         out.append(r)
         rows.append([
-            model, r["device"], r["blob_bytes"], f"{r['take_host_ms']:.3f}", f"{r['take_device_ms']:.3f}",
-            f"{r['take_arena_ms']:.3f}", f"{r['restore_host_ms']:.3f}", f"{r['restore_device_ms']:.3f}",
+            model, r["device"], r["blob_bytes"], r["host_metadata_bytes"], f"{r['take_host_ms']:.3f}",
+            f"{r['take_device_ms']:.3f}", f"{r['take_device_copy_ms']:.3f}",
+            f"{r['take_device_old_ms']:.3f}", f"{r['take_arena_ms']:.3f}",
+            f"{r['restore_host_ms']:.3f}", f"{r['restore_device_ms']:.3f}",
+            f"{r['restore_device_copy_ms']:.3f}", f"{r['restore_device_old_ms']:.3f}",
             f"{r['restore_arena_ms']:.3f}",
-            f"{r['restore_device_ms'] / r['restore_host_ms']:.2f}", f"{r['spill_ms']:.3f}",
+            f"{r['restore_device_ms'] / r['restore_device_old_ms']:.2f}",
+            f"{r['restore_device_copy_ms'] / r['restore_device_old_ms']:.2f}", f"{r['spill_ms']:.3f}",
             f"{r['close_ms']:.3f}", r["restored_exact"],
         ])  # fmt: skip
     print_table(
         f"checkpoint of one {args.tokens}-token sequence: host bytes vs a device buffer (ms, best of 7)",
-        ["model", "device", "blob B", "take host", "take dev", "take arena", "restore host",
-         "restore dev", "restore arena",
-         "restore dev/host", "spill", "close", "exact"],
+        ["model", "device", "blob B", "meta B", "take host", "take dev", "take dev copy",
+         "take dev old", "take arena", "restore host", "restore dev", "restore dev copy",
+         "restore dev old", "restore arena", "dev/old", "copy/old", "spill", "close", "exact"],
         rows,
     )  # fmt: skip
     path = write_results("bench_checkpoint_device", {"tokens": args.tokens, "runs": out})

@@ -683,6 +683,9 @@ class DeviceBlobReader(StateReader):
         self.split = split
         self.tensor = tensor
         self.base = base
+        # the metadata segment of the last read: blob bytes [lo, hi), `skipped` payload
+        # bytes before it (parsers read forward, so most reads hit it)
+        self._seg = (0, 0, 0)
 
     @property
     def remaining(self) -> int:
@@ -692,23 +695,33 @@ class DeviceBlobReader(StateReader):
         """Index of the last payload starting at or before ``at`` (-1: none)."""
         return bisect_right(self.split.starts, at) - 1
 
-    def _take(self, n: int, what: str) -> memoryview:
+    def _segment(self, at: int, n: int, what: str) -> tuple[int, int, int]:
+        """The metadata segment holding blob bytes ``[at, at + n)``; raises on a
+        truncated blob, and :class:`SplitMismatch` when they touch a payload."""
         if n < 0 or n > self.remaining:
             raise StateError(
-                f"state blob truncated reading {what}: need {n} bytes at offset {self.offset}, "
+                f"state blob truncated reading {what}: need {n} bytes at offset {at}, "
                 f"{self.remaining} left"
             )
-        sp, at = self.split, self.offset
+        sp = self.split
         k = self._payload_at(at)
-        inside = k >= 0 and at < sp.starts[k] + sp.sizes[k]
-        crosses = k + 1 < len(sp.starts) and at + n > sp.starts[k + 1]
-        if n and (inside or crosses):
+        lo = sp.starts[k] + sp.sizes[k] if k >= 0 else 0
+        hi = sp.starts[k + 1] if k + 1 < len(sp.starts) else sp.nbytes
+        if at < lo or at + n > hi:
             raise SplitMismatch(
                 f"{what}: bytes [{at}, {at + n}) of the blob are a payload of the parse it "
                 "was split by"
             )
-        skipped = sp.before[k] + sp.sizes[k] if k >= 0 else 0  # payload bytes before `at`
-        self.offset += n
+        return lo, hi, (sp.before[k] + sp.sizes[k] if k >= 0 else 0)
+
+    def _take(self, n: int, what: str) -> memoryview:
+        at = self.offset
+        lo, hi, skipped = self._seg
+        if n < 0 or at < lo or at + n > hi:
+            if n == 0:
+                return self._view[:0]
+            lo, hi, skipped = self._seg = self._segment(at, n, what)
+        self.offset = at + n
         return self._view[at - skipped : at - skipped + n]
 
     def read_payload(self, n: int, what: str) -> Payload:

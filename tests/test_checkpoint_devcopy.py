@@ -32,8 +32,9 @@ from pymem.factory import ContextParams, create_memory
 from pymem.kv import KVCache
 from pymem.memory import Memory, MemoryStatus
 from pymem.reuse import checkpoint, restore_checkpoint
+from pymem.reuse import checkpoints as checkpoints_module
 from pymem.reuse.checkpoints import Checkpoint, CheckpointArena, memory_device
-from pymem.state import BlobSplit
+from pymem.state import BlobSplit, DeviceBlobReader, DevicePayload, SplitMismatch
 
 MODELS = Path(__file__).parent / "data" / "models"
 TOKENS = np.array([(5 * i + 2) % 60 + 1 for i in range(256)], dtype=np.int32)
@@ -114,13 +115,17 @@ def _move_on(mem: Memory) -> None:
 
 
 class _HostReads:
-    """Counts the host reads of any tensor (the payload must not take one)."""
+    """Counts the host reads of any tensor while in the ``with`` block (the payload must
+    not take one)."""
 
     NAMES = ("read_into", "read_runs_into", "read_strided_into", "read_ranges_into",
              "read_bytes", "read_rows")  # fmt: skip
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self) -> None:
         self.calls: list[str] = []
+        self._mp = pytest.MonkeyPatch()
+
+    def __enter__(self) -> _HostReads:
         for name in self.NAMES:
             orig = getattr(Tensor, name)
 
@@ -128,7 +133,18 @@ class _HostReads:
                 self.calls.append(_name)
                 return _orig(*a, **k)
 
-            monkeypatch.setattr(Tensor, name, counted)
+            self._mp.setattr(Tensor, name, counted)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def device_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drive the device-copy path on the CPU backend: a CPU buffer would otherwise be
+    parsed in place (checkpoints.ZERO_COPY_HOST), never copied through the C call."""
+    monkeypatch.setattr(checkpoints_module, "ZERO_COPY_HOST", False)
 
 
 # --- the native copy ---------------------------------------------------------------------
@@ -214,7 +230,7 @@ def test_copy_runs_refuses_bad_arguments_before_any_byte_moves() -> None:
 @pytest.mark.parametrize("unified", [True, False], ids=["unified", "streams"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_device_copy_restore_equals_host_restore(
-    case: str, unified: bool, fragmented: bool, monkeypatch: pytest.MonkeyPatch
+    case: str, unified: bool, fragmented: bool
 ) -> None:
     with _memory(case, kv_unified=unified) as a, _memory(case, kv_unified=unified) as b:
         for mem in (a, b):
@@ -228,10 +244,9 @@ def test_device_copy_restore_equals_host_restore(
         for mem in (a, b):
             _move_on(mem)
         assert _snapshot(a) == _snapshot(b)
-        reads = _HostReads(monkeypatch)
-        assert restore_checkpoint(a, 0, dev) == 24
+        with _HostReads() as reads:
+            assert restore_checkpoint(a, 0, dev) == 24
         assert reads.calls == []  # no payload byte came back to the host
-        monkeypatch.undo()
         assert restore_checkpoint(b, 0, host) == 24
         assert _snapshot(a) == _snapshot(b)
         # again: a checkpoint is not consumed
@@ -243,10 +258,33 @@ def test_device_copy_restore_equals_host_restore(
         host.close()
 
 
-@pytest.mark.parametrize("case", ["jamba-hybrid", "lfm2-swa-hybrid-iswa", "llama-vtrans"])
-def test_a_checkpoint_in_an_arena_restores_by_device_copy(
+@pytest.mark.parametrize("case", ["llama-vtrans", "jamba-hybrid", "lfm2-swa-hybrid-iswa"])
+def test_a_host_memory_buffer_is_parsed_in_place(
     case: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(checkpoints_module, "ZERO_COPY_HOST", True)
+    with _memory(case) as a, _memory(case) as b:
+        for mem in (a, b):
+            _setup(mem, True)
+        dev = checkpoint(a, 0)
+        host = checkpoint(b, 0, where="host")
+        assert dev.device == "CPU" and dev._split is None  # nothing to learn at take
+        for mem in (a, b):
+            _move_on(mem)
+        with _HostReads() as reads:
+            restore_checkpoint(a, 0, dev)
+        assert reads.calls == []
+        restore_checkpoint(b, 0, host)
+        assert _snapshot(a) == _snapshot(b)
+        dev.close()
+        before = _snapshot(a)
+        with pytest.raises(ClosedError):
+            restore_checkpoint(a, 0, dev)
+        assert _snapshot(a) == before
+
+
+@pytest.mark.parametrize("case", ["jamba-hybrid", "lfm2-swa-hybrid-iswa", "llama-vtrans"])
+def test_a_checkpoint_in_an_arena_restores_by_device_copy(case: str) -> None:
     with _memory(case) as a, _memory(case) as b:
         for mem in (a, b):
             _setup(mem, False)
@@ -258,10 +296,9 @@ def test_a_checkpoint_in_an_arena_restores_by_device_copy(
         first.close()
         for mem in (a, b):
             _move_on(mem)
-        reads = _HostReads(monkeypatch)
-        restore_checkpoint(a, 0, ck)
+        with _HostReads() as reads:
+            restore_checkpoint(a, 0, ck)
         assert reads.calls == []
-        monkeypatch.undo()
         restore_checkpoint(b, 0, want)
         assert _snapshot(a) == _snapshot(b)
         arena.close()
@@ -272,9 +309,7 @@ def test_a_checkpoint_in_an_arena_restores_by_device_copy(
         ck.close()
 
 
-def test_a_moved_checkpoint_learns_its_payloads_at_the_first_restore(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_moved_checkpoint_learns_its_payloads_at_the_first_restore() -> None:
     case = "lfm2-swa-hybrid-iswa"
     with _memory(case) as mem, _memory(case) as twin:
         for m in (mem, twin):
@@ -289,10 +324,9 @@ def test_a_moved_checkpoint_learns_its_payloads_at_the_first_restore(
         assert ck._split is not None and _snapshot(mem) == _snapshot(twin)
         for m in (mem, twin):
             _move_on(m)
-        reads = _HostReads(monkeypatch)
-        restore_checkpoint(mem, 0, ck)  # ... then device copies
+        with _HostReads() as reads:
+            restore_checkpoint(mem, 0, ck)  # ... then device copies
         assert reads.calls == []
-        monkeypatch.undo()
         restore_checkpoint(twin, 0, want)
         assert _snapshot(mem) == _snapshot(twin)
         ck.close()
@@ -372,3 +406,29 @@ def test_failed_device_restores_change_nothing() -> None:
         assert _snapshot(mem) == before
         bad.close()
         ck.close()
+
+
+def test_a_device_blob_reader_reads_metadata_from_the_host_and_payloads_as_ranges() -> None:
+    blob = bytes(range(100))
+    split = BlobSplit.of(memoryview(blob), [(20, 30), (60, 40)])
+    assert split is not None
+    assert split.meta == blob[:20] + blob[50:60] and split.before == (0, 30)
+    assert BlobSplit.of(memoryview(blob), [(20, 30), (40, 10)]) is None  # overlapping
+    with TensorStore(None, [TensorSpec("blob", "i8", (164,))]) as store:
+        reader = DeviceBlobReader(split, store["blob"], 64)
+        assert bytes(reader.read_array(np.uint8, 20, "head")) == blob[:20]
+        got = reader.read_view(30, "first")
+        assert got == DevicePayload(store["blob"], 84, 30)
+        assert reader.read_bytes(10, "between") == blob[50:60]
+        with pytest.raises(SplitMismatch):
+            reader.read_u32("a header where a payload lies")
+        assert reader.offset == 60  # nothing consumed
+        with pytest.raises(SplitMismatch):
+            reader.read_view(20, "part of a payload")
+        reader.offset = 45
+        with pytest.raises(SplitMismatch):
+            reader.read_bytes(10, "across a payload's end")
+        reader.offset = 100
+        with pytest.raises(StateError, match="truncated"):
+            reader.read_u32("past the end")
+        assert issubclass(SplitMismatch, StateError)

@@ -38,7 +38,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pymem.backend import TensorSpec, TensorStore
+import numpy as np
+
+from pymem.backend import Tensor, TensorSpec, TensorStore, get_device
 from pymem.errors import ClosedError, ConfigError, RangeError, StateError
 from pymem.hybrid import HybridMemory
 from pymem.kv import KVCache, KVCacheISWA
@@ -51,6 +53,7 @@ from pymem.state import (
     PayloadRecorder,
     SplitMismatch,
     StatePlan,
+    StateReader,
 )
 
 Where = Literal["device", "host"]
@@ -192,22 +195,35 @@ class Checkpoint:
             self._store["blob"].read_into(out)
         return out
 
-    def _device_reader(self) -> DeviceBlobReader | None:
-        """A reader that parses the host metadata and hands out the payloads where they
-        lie on the device; None for host bytes or while the payload ranges are unknown.
+    def _held_in(self) -> tuple[Tensor, int] | None:
+        """The tensor holding the bytes and their offset in it; None for host bytes.
         Raises :class:`~pymem.errors.ClosedError` when the buffer (or arena) was freed."""
         self._check_open()
-        split = self._split
-        if split is None or split.nbytes != self._nbytes:
-            return None
         if self._slot is not None:
             arena, off = self._slot
             if arena.store.closed:
                 raise ClosedError("checkpoint arena: already closed")
-            return DeviceBlobReader(split, arena.tensor, off)
+            return arena.tensor, off
         if self._store is not None:
-            return DeviceBlobReader(split, self._store["blob"], 0)
+            return self._store["blob"], 0
         return None
+
+    def _reader(self) -> StateReader | None:
+        """A reader that leaves the payload bytes where they are: over the buffer itself
+        when it is host memory (a CPU backend buffer: zero copy, see
+        :data:`ZERO_COPY_HOST`), else over the host metadata, handing out the payloads
+        as device ranges. None for host bytes or while the payload ranges are unknown."""
+        held = self._held_in()
+        if held is None:
+            return None
+        tensor, off = held
+        if ZERO_COPY_HOST and tensor.device.is_host:
+            raw = tensor.numpy().reshape(-1).view(np.uint8)
+            return StateReader(raw[off : off + self._nbytes].data)
+        split = self._split
+        if split is None or split.nbytes != self._nbytes:
+            return None
+        return DeviceBlobReader(split, tensor, off)
 
     def _free_device(self) -> None:
         if self._store is not None:
@@ -341,12 +357,14 @@ def checkpoint(
     blob = mem.state_write(seq_id, StateFlags.PARTIAL_ONLY)
     ck = Checkpoint(seq_id, pos, blob, layout_of(mem))
     if where == "device":
-        # learn where the payloads lie while the bytes are on the host anyway (the parse
-        # changes nothing); a restore then copies them device to device
-        recorder = PayloadRecorder(blob)
-        mem.state_read_parse(recorder, seq_id, StateFlags.PARTIAL_ONLY)
-        ck._split = recorder.split()
-        ck.to_device(memory_device(mem), arena)
+        device = arena.device if arena is not None else memory_device(mem)
+        if not (ZERO_COPY_HOST and get_device(device).is_host):
+            # learn where the payloads lie while the bytes are on the host anyway (the
+            # parse changes nothing); a restore then copies them device to device
+            recorder = PayloadRecorder(blob)
+            mem.state_read_parse(recorder, seq_id, StateFlags.PARTIAL_ONLY)
+            ck._split = recorder.split()
+        ck.to_device(device, arena)
     return ck
 
 
@@ -411,7 +429,7 @@ def _parse_for_restore(mem: Memory, seq_id: int, ckpt: Checkpoint) -> StatePlan:
     ranges are known from its host metadata, its payloads left on the device; otherwise
     (host bytes, ranges not known yet, or a parse that takes other ranges) the whole blob,
     read to the host, learning the ranges for the next restore of a device checkpoint."""
-    reader = ckpt._device_reader()
+    reader = ckpt._reader()
     if reader is not None:
         try:
             return mem.state_read_parse(reader, seq_id, StateFlags.PARTIAL_ONLY)
@@ -422,3 +440,10 @@ def _parse_for_restore(mem: Memory, seq_id: int, ckpt: Checkpoint) -> StatePlan:
     if ckpt.where == "device":
         ckpt._split = recorder.split()
     return plan
+
+
+ZERO_COPY_HOST = True
+"""A checkpoint whose buffer is host memory (the CPU backend's) is parsed in place: its
+payloads are memoryviews of that buffer, written like a host blob's (one native call
+for every K/V layer), with no copy of their own. Tests turn it off to drive the
+device-copy path (:class:`~pymem.state.DeviceBlobReader`) on a CPU-only machine."""
