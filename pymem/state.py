@@ -9,7 +9,10 @@ meta records) runs once. File output streams through a bounded scratch buffer.
 
 Readers never touch memory while parsing: tensor payloads are collected as
 :class:`PendingWrites` (zero-copy views of the blob) and committed only once every field
-has been validated, so a bad blob changes nothing.
+has been validated, so a bad blob changes nothing. Parsers take payloads with
+``read_view`` only, so a blob held in a device buffer can be parsed from its host
+metadata (:class:`DeviceBlobReader`): its payloads come out as :class:`DevicePayload`
+ranges, copied tensor to tensor at commit (a device checkpoint's restore).
 """
 
 from __future__ import annotations

@@ -19,19 +19,31 @@ keeps the same bytes per slot; here they are objects any runtime can hold.
 Where the bytes live (``where``)::
 
     where      held in                              take                 restore
-    "device"   a backend buffer on the memory's     state_write, then    device -> host, parse,
-    (default)  device (one i8 tensor, a             one host -> device   commit (host -> device)
-               TensorStore of its own, or a range   upload
-               of a shared CheckpointArena)
+    "device"   a backend buffer on the memory's     state_write, one     parse the host
+    (default)  device (one i8 tensor, a             parse that learns    metadata; payloads
+               TensorStore of its own, or a range   the payload ranges,  copied device ->
+               of a shared CheckpointArena)         one host -> device   device (tensor to
+                                                    upload               tensor), then commit
     "host"     a Python ``bytes`` object            state_write          parse, commit
 
 A device checkpoint keeps host RAM free (a server with many checkpoints on a GPU holds
 them in the memory it was sized for) and frees its buffer at :meth:`Checkpoint.close`
-(or ``with``), not when the garbage collector gets to it. Its restore is *not* a pure
-device copy: the bytes come back to the host and go through the memory's two-phase state
-read (parse and validate everything, then commit), which is what guarantees that a
-restore that fails changes nothing; copying device rows straight into the cache would
-skip that validation. :meth:`Checkpoint.to_host` spills one to host bytes.
+(or ``with``), not when the garbage collector gets to it. Its restore is a device copy
+that still goes through the memory's two-phase state read: at take, while the bytes are
+on the host anyway, the blob is parsed once (:class:`~pymem.state.PayloadRecorder`) to
+learn which byte ranges are tensor payloads; the checkpoint keeps the rest, the
+metadata (headers, counts, cell records: e.g. 68 of 1,860 bytes for a hybrid's recurrent
+rows), on the host. A restore parses and validates that metadata exactly as a host blob
+(:class:`~pymem.state.DeviceBlobReader`: the payloads come out as
+:class:`~pymem.state.DevicePayload` ranges of the device buffer), and only the commit
+copies the payloads into the cache tensors (``pm_tensor_copy_runs``), so a restore that
+fails still changes nothing and no payload byte passes through the host. A checkpoint
+moved to a device later (:meth:`Checkpoint.to_device`, a loaded cache) learns its ranges
+at its first restore, which reads the blob back once. A buffer that is host memory (the
+CPU backend's) is parsed in place instead (:data:`ZERO_COPY_HOST`). One exception on a
+device: transposed V (no flash attention) into many short runs of cells is read to the
+host once and placed there (one backend copy per element would cost far more).
+:meth:`Checkpoint.to_host` spills a checkpoint to host bytes.
 """
 
 from __future__ import annotations
@@ -347,8 +359,9 @@ def checkpoint(
     """Capture ``seq_id``'s untrimmable state at its current position, held on the
     memory's device (``where="device"``, see :func:`memory_device`) or in host bytes
     (``"host"``). The state is written through the host either way (``state_write``); a
-    device checkpoint then uploads it once (into a range of ``arena`` when given and it has
-    room), and the host copy is dropped."""
+    device checkpoint then parses it once to learn its payload ranges (kept with its host
+    metadata, so a restore copies the payloads device to device) and uploads it once
+    (into a range of ``arena`` when given and it has room); the host copy is dropped."""
     if where not in WHERE:
         raise ConfigError(f"where: must be one of {WHERE}, got {where!r}")
     pos = mem.seq_pos_max(seq_id)
@@ -402,10 +415,10 @@ def restore_checkpoint(mem: Memory, seq_id: int, ckpt: Checkpoint) -> int:
     whose attention cache has a window) still holds the window of a token at
     ``ckpt.pos + 1`` (see :func:`restorable`), and the blob parses.
 
-    A device checkpoint's bytes are read back to the host for that parse (device -> host
-    -> device through validation, not a device-to-device copy): the two-phase read is what
-    makes a failed restore change nothing. A closed checkpoint raises
-    :class:`~pymem.errors.ClosedError` before anything is checked.
+    A device checkpoint is parsed from the metadata it keeps on the host and its payloads
+    are copied device to device by the commit (see the module docstring): the two-phase
+    read still makes a failed restore change nothing. A closed checkpoint (or arena)
+    raises :class:`~pymem.errors.ClosedError` before anything is checked.
     """
     ckpt._check_open()
     if ckpt.layout != layout_of(mem):
