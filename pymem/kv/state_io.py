@@ -17,6 +17,13 @@ zeroes cells: :func:`zero_range`, :func:`zero_cells`). Reading parses and valida
 everything first, simulating the per-sequence placement under an undo journal, and
 returns a :class:`KVStatePlan`; only ``commit()`` changes the cache.
 
+A per-sequence restore whose sequence would land back in the very cells it holds, with
+the same positions (a rollback to the state just saved, a repeated restore), is decided
+in one native pass (:func:`seq_same_cells`) and changes no cell: the reference's seq_rm +
+find_slot + apply_ubatch would leave each as it is, so only the head moves and the bytes
+are written. Host tensors take the bytes of every layer in one native call
+(:func:`put_payloads`); other devices go through :func:`~pymem.kv.state_rows.write_payloads`.
+
 Its functions take the cache's :class:`~pymem.kv.layout.KVLayout`, its cells
 (``v_cells``), heads and :class:`~pymem.kv.layout.KVLayer` list; the few cache operations
 a restore drives (slot search, clearing, the mutation counter) come in as
@@ -28,9 +35,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
+from pymem._native import check, ffi, lib
 from pymem.errors import StateError
 from pymem.kv.cells import OWNER_MULTI, KVCells
 from pymem.kv.layout import KVLayer, KVLayout, SlotInfo, StreamHeads
@@ -165,6 +174,149 @@ def write_kv_state(
 # reading
 # ---------------------------------------------------------------------------------------
 
+Runs = tuple[np.ndarray, np.ndarray]  # maximal runs of cells: (starts, ends exclusive)
+
+
+def seq_same_cells(
+    cells: KVCells, head: int, seq_id: int, words: np.ndarray, n_ext: int
+) -> Runs | None:
+    """The runs of the cells ``seq_id`` holds, when restoring the meta records ``words``
+    (``[n, 3 + n_ext]``: pos, n_seq_id, ext..., id) as ``seq_id`` puts it back in exactly
+    those cells with the same positions, ext and no pending shift, so that the
+    reference's seq_rm + find_slot + apply_ubatch changes no cell; else None.
+
+    One native pass over the stream; :func:`seq_same_cells_reference` is the numpy
+    statement of the same rule. Only for caches without a sliding window and streams
+    without shared cells (the caller checks both).
+    E.g. seq 0 in cells [4, 5, 9] with positions [0, 1, 2], head 12, no empty cell in
+    [4, 9]: records with positions [0, 1, 2] -> ([4, 9], [6, 10]).
+    """
+    n = int(words.shape[0])
+    starts = np.empty(n, dtype=np.int64)
+    ends = np.empty(n, dtype=np.int64)
+    out = ffi.new("int64_t *")
+    same = ffi.new("int32_t *")
+    ext = ffi.from_buffer("int32_t[]", cells.ext) if n_ext else ffi.NULL
+    # no pending shift anywhere (the flag is set by every shift): nothing to read
+    shift = ffi.from_buffer("int32_t[]", cells.shift) if cells.has_shift else ffi.NULL
+    status = lib.pm_kv_seq_same_cells(
+        ffi.from_buffer("int32_t[]", cells.pos), shift,
+        ffi.from_buffer("int32_t[]", cells.owner), ext, cells.size, seq_id, head, cells.used,
+        ffi.from_buffer("int32_t[]", words), n, words.shape[1], n_ext, ffi.NULL,
+        ffi.from_buffer("int64_t[]", starts, require_writable=True),
+        ffi.from_buffer("int64_t[]", ends, require_writable=True), out, same,
+    )  # fmt: skip
+    check(status, "state read: same-cells test")
+    if not same[0]:
+        return None
+    k = int(out[0])
+    return starts[:k], ends[:k]
+
+
+def cells_of_runs(runs: Runs) -> np.ndarray:
+    """The cells of ``runs``, ascending (int64). E.g. ([2, 9], [5, 10]) -> [2, 3, 4, 9]."""
+    starts, ends = runs
+    lengths = ends - starts
+    # each cell: its rank overall + (its run's start - the run's first rank)
+    # E.g. lengths [3, 1] -> first ranks [0, 3] -> [0, 1, 2, 3] + [2, 2, 2, 6]
+    first = np.cumsum(lengths) - lengths
+    return np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(starts - first, lengths)
+
+
+def seq_same_cells_reference(
+    cells: KVCells, head: int, seq_id: int, words: np.ndarray, n_ext: int
+) -> Runs | None:
+    """:func:`seq_same_cells` in numpy (the reference the native pass is tested against)."""
+    n = int(words.shape[0])
+    idx = np.flatnonzero(cells.owner == seq_id)
+    if idx.size != n or n == 0:
+        return None
+    if (words[:, 1] != 1).any() or (cells.pos[idx] != words[:, 0]).any() or cells.shift[idx].any():
+        return None
+    if n_ext and cells.ext is not None and (cells.ext[idx] != words[:, 2 : 2 + n_ext]).any():
+        return None
+    # the slot search after seq_rm starts at the first freed cell if that is before the
+    # head, at 0 when more than 2n of the (used - n) cells left are free before it
+    h = min(head, int(idx[0]))
+    if h > cells.used + n:
+        h = 0
+    if (cells.pos[h : int(idx[-1]) + 1] < 0).any():
+        return None  # an empty cell the search would take first
+    return cell_runs(idx)
+
+
+def put_payloads(
+    layout: KVLayout,
+    strm: int,
+    n: int,
+    runs: Callable[[], Runs],
+    payloads: list[tuple[KVLayer, str, memoryview]],
+) -> bool:
+    """Store parsed K/V bytes into ``n`` cells of stream ``strm`` of host tensors, every
+    layer in one native call (``runs()``: the cells as :func:`cell_runs`, asked for only
+    then); False (nothing written) when a tensor is not in host memory or a payload is
+    not a host buffer (the caller then takes :func:`~pymem.kv.state_rows.write_payloads`)."""
+    if not USE_NATIVE_PUT or n == 0:
+        return False
+    el = layout.v_el_size
+    tensors, srcs, params = [], [], []
+    for layer, kind, data in payloads:
+        if not isinstance(data, memoryview):
+            return False
+        t = layer.k if kind == "k" else layer.v
+        assert t is not None
+        if not t.device.is_host:
+            return False
+        if kind == "k" or not layout.v_trans:
+            # rows: E.g. row_size 64, 2 cells of 64 bytes -> [offset, 64, 64, 1, 0]
+            row = data.nbytes // n
+            params.append((strm * layout.kv_size * t.row_size, t.row_size, row, 1, 0))
+            want = n * row
+        else:
+            # transposed V: channel j of cell c at offset + j * kv_size * el + c * el
+            n_embd = layer.n_embd_v_gqa
+            params.append((strm * t.nb[2], el, el, n_embd, layout.kv_size * el))
+            want = n_embd * n * el
+        if data.nbytes != want:
+            raise StateError(f"state read: payload of {data.nbytes} bytes, {want} expected")
+        tensors.append(t._live())  # the tensor itself (a closed store raises here)
+        srcs.append(ffi.from_buffer(data))
+    starts, ends = runs()
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    ends = np.ascontiguousarray(ends, dtype=np.int64)
+    par = np.array(params, dtype=np.int64)
+    status = lib.pm_stateio_put_cells(
+        ffi.new("struct ggml_tensor *[]", tensors), ffi.new("void *[]", srcs),
+        ffi.from_buffer("int64_t[]", par), len(params), ffi.from_buffer("int64_t[]", starts),
+        ffi.from_buffer("int64_t[]", ends), starts.size,
+    )  # fmt: skip
+    check(status, "state read: K/V bytes")
+    return True
+
+
+USE_NATIVE_PUT = True  # tests turn it off to drive state_rows' paths through a restore
+
+
+def _store_payloads(
+    layout: KVLayout,
+    strm: int,
+    n: int,
+    idx: np.ndarray | None,
+    runs: Runs | None,
+    payloads: list[tuple[KVLayer, str, memoryview]],
+) -> None:
+    """Write parsed K/V bytes into ``n`` cells of stream ``strm``, given as ``idx``
+    (ascending) or ``runs`` or both, natively for host tensors."""
+
+    def the_runs() -> Runs:
+        if runs is not None:
+            return runs
+        assert idx is not None, "cells given neither as indices nor as runs"
+        return cell_runs(idx)
+
+    if not put_payloads(layout, strm, n, the_runs, payloads):
+        write_payloads(layout, strm, cells_of_runs(the_runs()) if idx is None else idx, payloads)
+
 
 @dataclass(frozen=True)
 class KVStateHooks:
@@ -178,6 +330,16 @@ class KVStateHooks:
     planning: Callable[[], AbstractContextManager[None]]
     # remove the sequence, then find a slot for the ubatch and apply it; None: no slot
     place: Callable[[int, UBatch], SlotInfo | None]
+
+
+# a per-sequence placement left to commit: positions, ext, the list its cells go into
+# ((cells, runs), either None, once placed), and seq_same_cells' answer (None: place it)
+_Deferred = tuple[
+    np.ndarray,
+    np.ndarray | None,
+    list[tuple[np.ndarray | None, Runs | None]],
+    Runs | None,
+]
 
 
 class KVStatePlan:
@@ -206,8 +368,10 @@ class KVStatePlan:
         self.whole_counts: dict[int, int] = {}  # whole restore: cells per stream
         # per sequence: the simulated placement (KVCells.redo_log per stream, heads)
         self.redo: tuple[list[tuple], list[int]] | None = None
-        # per sequence, without SWA: the placement done at commit (ubatch, ext, its cells)
-        self.place: tuple[UBatch, np.ndarray | None, list[np.ndarray]] | None = None
+        # per sequence, without SWA: the placement done at commit (see _Deferred)
+        self.place: _Deferred | None = None
+        # whole cache: the cells already hold exactly the blob's (only the bytes move)
+        self.whole_same = False
         self.committed = False
 
     def is_current(self) -> bool:
@@ -223,21 +387,35 @@ class KVStatePlan:
             )
         self.committed = True
         if self.seq_id == -1:
-            # clear(True) without zeroing the rows the blob is about to fill
-            self.hooks.clear(False)
+            if self.whole_same:
+                # clear + set_new would put back every cell as it is: only the heads move
+                self.v_heads[:] = [0] * layout.n_stream
+                self.hooks.mark_mutated()
+            else:
+                # clear(True) without zeroing the rows the blob is about to fill
+                self.hooks.clear(False)
             for strm in range(layout.n_stream):
                 zero_range(
                     layout, self.layers, strm, self.whole_counts.get(strm, 0), layout.kv_size
                 )
         if self.place is not None:
-            # the one placement the parse checked by counts: seq_rm + find_slot + apply now
-            ub, cell_ext, slot = self.place
-            sinfo = self.hooks.place(self.seq_id, ub)
-            assert sinfo is not None, "a restore predicted to fit did not"
-            idx = sinfo.idxs[0].astype(np.int64)
-            if cell_ext is not None:
-                self.v_cells[int(layout.seq_to_stream[self.seq_id])].set_ext(idx, cell_ext)
-            slot.append(idx)
+            pos, cell_ext, slot, same = self.place
+            strm = int(layout.seq_to_stream[self.seq_id])
+            if same is not None:
+                # seq_rm + find_slot + apply_ubatch would put every cell back as it is
+                # (seq_same_cells): only the head moves past the last one, as apply's does
+                self.v_heads[strm] = int(same[1][-1])
+                self.hooks.mark_mutated()
+                slot.append((None, same))
+            else:
+                # the one placement the parse checked by counts: seq_rm + find_slot + apply
+                ub = _restore_ubatch(layout.n_pos_per_embd, self.seq_id, pos, cell_ext)
+                sinfo = self.hooks.place(self.seq_id, ub)
+                assert sinfo is not None, "a restore predicted to fit did not"
+                idx = sinfo.idxs[0].astype(np.int64)
+                if cell_ext is not None:
+                    self.v_cells[strm].set_ext(idx, cell_ext)
+                slot.append((idx, None))
         if self.redo is not None:
             logs, heads = self.redo
             for cells, log in zip(self.v_cells, logs):
@@ -248,18 +426,17 @@ class KVStatePlan:
             step()
 
 
-def _parse_meta_fixed(reader: StateReader, n: int, n_ext: int, what: str) -> np.ndarray:
-    """Per-sequence meta: ``n`` records of ``3 + n_ext`` words, each with n_seq_id == 1."""
+def _parse_meta_fixed(
+    reader: StateReader, n: int, n_ext: int, what: str, check_ids: bool = True
+) -> np.ndarray:
+    """Per-sequence meta: ``n`` records of ``3 + n_ext`` words, each with n_seq_id == 1
+    (``check_ids=False``: the caller checks that, see :func:`_check_n_seq_id`)."""
     rec = 3 + n_ext
     need = n * rec * 4
     if reader.remaining >= need:
         words = reader.read_array("<i4", n * rec, what).reshape(n, rec)
-        bad = np.flatnonzero(words[:, 1] != 1)
-        if bad.size:
-            raise StateError(
-                f"{what}: cell {int(bad[0])} has n_seq_id = {int(words[bad[0], 1]) & 0xFFFFFFFF}, "
-                "a sequence state needs exactly 1 (invalid seq_id-agnostic kv cell)"
-            )
+        if check_ids:
+            _check_n_seq_id(words, what)
         return words
     # truncated: report a bad n_seq_id first if there is one within what is there
     avail = reader.remaining // (rec * 4)
@@ -272,6 +449,16 @@ def _parse_meta_fixed(reader: StateReader, n: int, n_ext: int, what: str) -> np.
         )
     reader.read_view(need - avail * rec * 4, what)  # raises the truncation error
     raise AssertionError("unreachable")
+
+
+def _check_n_seq_id(words: np.ndarray, what: str) -> None:
+    """Refuse per-sequence meta records whose n_seq_id is not 1."""
+    bad = np.flatnonzero(words[:, 1] != 1)
+    if bad.size:
+        raise StateError(
+            f"{what}: cell {int(bad[0])} has n_seq_id = {int(words[bad[0], 1]) & 0xFFFFFFFF}, "
+            "a sequence state needs exactly 1 (invalid seq_id-agnostic kv cell)"
+        )
 
 
 def _parse_meta_whole(
@@ -399,66 +586,116 @@ def _restore_ubatch(
     return ub
 
 
+@lru_cache(maxsize=4096)
+def _layer_labels(what: str, il: int) -> tuple[str, ...]:
+    """The field names of one layer's data headers (built once: a restore reads them all).
+
+    E.g. ("kv.stream[0]", 3) -> ("kv.stream[0].layer[3]", "kv.stream[0].layer[3].k_type", ...).
+    """
+    w = f"{what}.layer[{il}]"
+    fields = ("k_type", "k_size_row", "k_data", "v_type", "v_size_row", "v_data", "v_size_el")
+    return (w, *(f"{w}.{f}" for f in fields), f"{w}.n_embd_v_gqa")
+
+
 def _parse_data(
     layout: KVLayout, layers: Sequence[KVLayer], reader: StateReader, n: int, what: str
 ) -> list[tuple[KVLayer, str, memoryview]]:
-    """Validate the data section of one stream; returns ``(layer, "k"|"v", payload)``."""
+    """Validate the data section of one stream; returns ``(layer, "k"|"v", payload)``.
+
+    Messages are formatted only on failure (a restore reads ~4 fields per layer)."""
     v_trans = reader.read_u32(f"{what}.v_trans")
     n_layer = reader.read_u32(f"{what}.n_layer")
-    expect(
-        n_layer == len(layers),
-        f"{what}.n_layer: mismatched layer count ({n_layer} in the blob, {len(layers)} in the cache)",
-    )
-    expect(n <= layout.kv_size, f"{what}.cell_count: {n} cells do not fit in {layout.kv_size}")
-    expect(
-        bool(v_trans) == layout.v_trans and v_trans in (0, 1),
-        f"{what}.v_trans: incompatible V transposition (blob {v_trans}, cache {int(layout.v_trans)})",
-    )
+    if n_layer != len(layers):
+        raise StateError(
+            f"{what}.n_layer: mismatched layer count ({n_layer} in the blob, {len(layers)} in the cache)"
+        )
+    if n > layout.kv_size:
+        raise StateError(f"{what}.cell_count: {n} cells do not fit in {layout.kv_size}")
+    if bool(v_trans) != layout.v_trans or v_trans not in (0, 1):
+        raise StateError(
+            f"{what}.v_trans: incompatible V transposition (blob {v_trans}, cache {int(layout.v_trans)})"
+        )
     type_k, type_v = layout.type_k, layout.type_v
     out: list[tuple[KVLayer, str, memoryview]] = []
     for layer in layers:
-        w = f"{what}.layer[{layer.il}]"
-        k_type = reader.read_i32(f"{w}.k_type")
-        expect(
-            k_type == type_k.id,
-            f"{w}.k_type: mismatched key type ({k_type} in the blob, {type_k.id} = {type_k.name})",
-        )
-        k_row = reader.read_u64(f"{w}.k_size_row")
+        w, k_type_f, k_row_f, k_data_f = _layer_labels(what, layer.il)[:4]
+        k_type = reader.read_i32(k_type_f)
+        if k_type != type_k.id:
+            raise StateError(
+                f"{w}.k_type: mismatched key type ({k_type} in the blob, {type_k.id} = {type_k.name})"
+            )
+        k_row = reader.read_u64(k_row_f)
         want = layout.k_row_size(layer.n_embd_k_gqa)
-        expect(
-            k_row == want, f"{w}.k_size_row: mismatched key row size ({k_row} in the blob, {want})"
-        )
-        out.append((layer, "k", reader.read_view(n * k_row, f"{w}.k_data")))
+        if k_row != want:
+            raise StateError(
+                f"{w}.k_size_row: mismatched key row size ({k_row} in the blob, {want})"
+            )
+        out.append((layer, "k", reader.read_view(n * k_row, k_data_f)))
     for layer in layers:
         if layer.v is None:
             continue
-        w = f"{what}.layer[{layer.il}]"
-        v_type = reader.read_i32(f"{w}.v_type")
-        expect(
-            v_type == type_v.id,
-            f"{w}.v_type: mismatched value type ({v_type} in the blob, {type_v.id} = {type_v.name})",
-        )
+        w, _, _, _, v_type_f, v_row_f, v_data_f, v_el_f, v_embd_f = _layer_labels(what, layer.il)
+        v_type = reader.read_i32(v_type_f)
+        if v_type != type_v.id:
+            raise StateError(
+                f"{w}.v_type: mismatched value type ({v_type} in the blob, {type_v.id} = {type_v.name})"
+            )
         if not layout.v_trans:
-            v_row = reader.read_u64(f"{w}.v_size_row")
+            v_row = reader.read_u64(v_row_f)
             want = layout.v_row_size(layer.n_embd_v_gqa)
-            expect(
-                v_row == want,
-                f"{w}.v_size_row: mismatched value row size ({v_row} in the blob, {want})",
-            )
-            out.append((layer, "v", reader.read_view(n * v_row, f"{w}.v_data")))
+            if v_row != want:
+                raise StateError(
+                    f"{w}.v_size_row: mismatched value row size ({v_row} in the blob, {want})"
+                )
+            out.append((layer, "v", reader.read_view(n * v_row, v_data_f)))
         else:
-            el = reader.read_u32(f"{w}.v_size_el")
-            expect(
-                el == layout.v_el_size,
-                f"{w}.v_size_el: mismatched value element size ({el} in the blob, {layout.v_el_size})",
-            )
-            n_embd = reader.read_u32(f"{w}.n_embd_v_gqa")
-            expect(
-                n_embd == layer.n_embd_v_gqa,
-                f"{w}.n_embd_v_gqa: mismatched GQA embedding size ({n_embd} in the blob, {layer.n_embd_v_gqa})",
-            )
-            out.append((layer, "v", reader.read_view(n_embd * n * el, f"{w}.v_data")))
+            el = reader.read_u32(v_el_f)
+            if el != layout.v_el_size:
+                raise StateError(
+                    f"{w}.v_size_el: mismatched value element size ({el} in the blob, {layout.v_el_size})"
+                )
+            n_embd = reader.read_u32(v_embd_f)
+            if n_embd != layer.n_embd_v_gqa:
+                raise StateError(
+                    f"{w}.n_embd_v_gqa: mismatched GQA embedding size ({n_embd} in the blob, {layer.n_embd_v_gqa})"
+                )
+            out.append((layer, "v", reader.read_view(n_embd * n * el, v_data_f)))
     return out
+
+
+def _whole_same_words(cells: KVCells, reader: StateReader, n: int, n_ext: int) -> np.ndarray | None:
+    """The ``n`` whole-cache meta records of a stream as ``[n, 3 + n_ext]`` words, read,
+    when a whole restore's clear + set_new of them would leave the stream as it is: cells
+    ``[0, n)`` hold exactly those positions, ext and one sequence each (one native pass,
+    ``pm_kv_cells_equal``), no other cell is used and no shift is pending. Else None, and
+    the reader is where it was (the records are then parsed in full)."""
+    rec = 3 + n_ext
+    if cells.used != n or cells.n_multi or cells.has_shift or reader.remaining < n * rec * 4:
+        return None
+    start = reader.offset
+    words = reader.read_array("<i4", n * rec, "kv cells").reshape(n, rec)
+    same = ffi.new("int32_t *")
+    ext = ffi.from_buffer("int32_t[]", cells.ext) if n_ext else ffi.NULL
+    status = lib.pm_kv_cells_equal(
+        ffi.from_buffer("int32_t[]", cells.pos), ffi.from_buffer("int32_t[]", cells.owner), ext,
+        ffi.from_buffer("int32_t[]", words), n, rec, n_ext, same,
+    )  # fmt: skip
+    check(status, "state read: whole-cache cells test")
+    if not same[0]:
+        reader.offset = start
+        return None
+    return words
+
+
+def whole_same_reference(cells: KVCells, pos: np.ndarray, ext: np.ndarray, seq: np.ndarray) -> bool:
+    """:func:`_whole_same_words`'s rule in numpy on parsed records (``pos``, ``ext``
+    ``[n, n_ext]``, ``seq`` ids ``[n, k]``): the reference the native pass is tested against."""
+    n = pos.size
+    if seq.shape[1] != 1 or cells.used != n or cells.n_multi or cells.has_shift:
+        return False
+    if not (np.array_equal(cells.pos[:n], pos) and np.array_equal(cells.owner[:n], seq[:, 0])):
+        return False
+    return cells.ext is None or (ext.shape[1] == 3 and np.array_equal(cells.ext[:n], ext))
 
 
 def parse_kv_state(
@@ -486,16 +723,25 @@ def parse_kv_state(
     kv_size = layout.kv_size
 
     if seq_id == -1:
+        same = True  # so far, every stream's cells already are the blob's
         for s in range(n_stream):
             what = f"kv.stream[{s}]"
             n = reader.read_u32(f"{what}.cell_count")
             if n == 0:
+                same = same and v_cells[s].used == 0 and not v_cells[s].has_shift
                 continue
             expect(
                 n <= kv_size,
                 f"{what}.cell_count: not enough cells in kv cache ({n} > {kv_size})",
             )
-            pos, ext, seq = _parse_meta_whole(reader, n, n_ext, layout.n_seq_max, f"{what}.cells")
+            words = _whole_same_words(v_cells[s], reader, n, n_ext) if same else None
+            if words is None:
+                same = False
+                meta = _parse_meta_whole(reader, n, n_ext, layout.n_seq_max, f"{what}.cells")
+            else:
+                # checked by the native pass: one valid id each, positions >= 0
+                meta = (words[:, 0], words[:, 2 : 2 + n_ext], words[:, -1:])
+            pos, ext, seq = meta
             payloads = _parse_data(layout, layers, reader, n, what)
             idx = np.arange(n, dtype=np.int64)
             plan.n_cells += n
@@ -509,26 +755,36 @@ def parse_kv_state(
                 ext: np.ndarray = ext,
                 payloads: list = payloads,
             ) -> None:
-                v_cells[s].set_new(idx, pos, seq, ext if n_ext else None)
+                if not plan.whole_same:
+                    v_cells[s].set_new(idx, pos, seq, ext if n_ext else None)
                 v_heads[s] = 0
-                write_payloads(layout, s, idx, payloads)
+                runs = (np.zeros(1, dtype=np.int64), np.full(1, idx.size, dtype=np.int64))
+                _store_payloads(layout, s, idx.size, idx, runs, payloads)
 
             plan.steps.append(whole_step)
+        plan.whole_same = same
         return plan
 
     # per sequence: the placement is seq_rm + find_slot + apply. Without SWA, the first
     # (usually only) stream with cells is placed at commit time: whether it fits is known
     # from counts (find_slot takes any n usable cells, and usable means empty after the
-    # seq_rm), so the parse changes nothing and journals nothing. A second stream with
-    # cells (a hostile blob) places both under an undo journal, as the reference would.
+    # seq_rm), so the parse changes nothing and journals nothing; when the sequence would
+    # land back in the very cells it holds, unchanged (seq_same_cells), the commit only
+    # moves the head. A second stream with cells (a hostile blob) places both under an
+    # undo journal, as the reference would.
     strm = int(layout.seq_to_stream[seq_id])
     direct = layout.swa_type == SWAType.NONE
-    deferred: list[tuple[UBatch, np.ndarray | None, list[np.ndarray]]] = []
+    deferred: list[_Deferred] = []
     journal: ExitStack | None = None
 
     def simulate(
-        ub: UBatch, cell_ext: np.ndarray | None, slot: list[np.ndarray], what: str
+        pos: np.ndarray,
+        cell_ext: np.ndarray | None,
+        slot: list[tuple[np.ndarray | None, Runs | None]],
+        same: object,
+        what: str,
     ) -> None:
+        ub = _restore_ubatch(layout.n_pos_per_embd, seq_id, pos, cell_ext)
         sinfo = hooks.place(seq_id, ub)
         if sinfo is None:
             raise StateError(
@@ -538,7 +794,7 @@ def parse_kv_state(
         idx = sinfo.idxs[0].astype(np.int64)
         if cell_ext is not None:
             v_cells[strm].set_ext(idx, cell_ext)
-        slot.append(idx)
+        slot.append((idx, None))
 
     with ExitStack() as stack:
         for s in range(n_stream):
@@ -546,30 +802,41 @@ def parse_kv_state(
             n = reader.read_u32(f"{what}.cell_count")
             if n == 0:
                 continue
-            expect(
-                n <= kv_size,
-                f"{what}.cell_count: not enough cells in kv cache ({n} > {kv_size})",
-            )
-            words = _parse_meta_fixed(reader, n, n_ext, f"{what}.cells")
-            pos = words[:, 0].copy()
-            bad = np.flatnonzero(pos < 0)
-            if bad.size:
+            if n > kv_size:
                 raise StateError(
-                    f"{what}.cells: cell {int(bad[0])} has position {int(pos[bad[0]])} < 0"
+                    f"{what}.cell_count: not enough cells in kv cache ({n} > {kv_size})"
                 )
-            cell_ext = words[:, 2 : 2 + n_ext].copy() if n_ext else None
-            ub = _restore_ubatch(layout.n_pos_per_embd, seq_id, pos, cell_ext)
-            slot: list[np.ndarray] = []  # the cells, once placed (now, or at commit)
-            if direct and not plan.steps:
-                cells = v_cells[strm]
-                # free after seq_rm: the empty cells and those held by seq_id alone
-                free = kv_size - cells.used + int(np.count_nonzero(cells.owner == seq_id))
-                if n > free:
+            slot: list[tuple[np.ndarray | None, Runs | None]] = []  # (cells, runs) placed
+            cells = v_cells[strm]
+            same_cells: Runs | None = None
+            if direct and not plan.steps and not cells.n_multi:
+                # seq_same_cells checks n_seq_id == 1 too: the full check only without it
+                words = _parse_meta_fixed(reader, n, n_ext, f"{what}.cells", check_ids=False)
+                same_cells = seq_same_cells(cells, int(v_heads.a[strm]), seq_id, words, n_ext)
+                if same_cells is None:
+                    _check_n_seq_id(words, f"{what}.cells")
+            else:
+                words = _parse_meta_fixed(reader, n, n_ext, f"{what}.cells")
+            if same_cells is None:
+                pos = words[:, 0].copy()
+                bad = np.flatnonzero(pos < 0)
+                if bad.size:
                     raise StateError(
-                        f"{what}: failed to find {n} available cells in kv cache "
-                        f"(stream {strm} has {free} free)"
+                        f"{what}.cells: cell {int(bad[0])} has position {int(pos[bad[0]])} < 0"
                     )
-                deferred.append((ub, cell_ext, slot))
+                cell_ext = words[:, 2 : 2 + n_ext].copy() if n_ext else None
+            else:
+                pos, cell_ext = words[:, 0], words[:, 2 : 2 + n_ext] if n_ext else None
+            if direct and not plan.steps:
+                if same_cells is None:
+                    # free after seq_rm: the empty cells and those held by seq_id alone
+                    free = kv_size - cells.used + int(np.count_nonzero(cells.owner == seq_id))
+                    if n > free:
+                        raise StateError(
+                            f"{what}: failed to find {n} available cells in kv cache "
+                            f"(stream {strm} has {free} free)"
+                        )
+                deferred.append((pos, cell_ext, slot, same_cells))
             else:
                 if journal is None:
                     journal = stack
@@ -577,12 +844,12 @@ def parse_kv_state(
                     for d in deferred:
                         simulate(*d, what)
                     deferred.clear()
-                simulate(ub, cell_ext, slot, what)
+                simulate(pos, cell_ext, slot, None, what)
             payloads = _parse_data(layout, layers, reader, n, what)
             plan.n_cells += n
 
-            def seq_step(slot: list[np.ndarray] = slot, payloads: list = payloads) -> None:
-                write_payloads(layout, strm, slot[0], payloads)
+            def seq_step(slot: list = slot, payloads: list = payloads, n: int = n) -> None:
+                _store_payloads(layout, strm, n, slot[0][0], slot[0][1], payloads)
 
             plan.steps.append(seq_step)
         # the commit puts back the simulated cells as they are now instead of placing
@@ -598,7 +865,12 @@ __all__ = [
     "LLAMA_MAX_SEQ",
     "KVStateHooks",
     "KVStatePlan",
+    "cells_of_runs",
     "parse_kv_state",
+    "put_payloads",
+    "seq_same_cells",
+    "seq_same_cells_reference",
+    "whole_same_reference",
     "write_kv_state",
     "zero_cells",
     "zero_range",

@@ -1,0 +1,185 @@
+#include "pymem_stateio.h"
+
+#include <string.h>
+
+pm_status pm_kv_seq_same_cells(const int32_t * pos, const int32_t * shift, const int32_t * owner,
+                               const int32_t * ext, int64_t size, int32_t seq_id, int64_t head, int64_t used,
+                               const int32_t * words, int64_t n, int64_t rec, int64_t n_ext, int64_t * idx,
+                               int64_t * run_starts, int64_t * run_ends, int64_t * n_runs, int32_t * same) {
+    if (pos == NULL || owner == NULL || words == NULL || run_starts == NULL ||
+        run_ends == NULL || n_runs == NULL || same == NULL || n < 1 || size < 1 || (n_ext != 0 && n_ext != 3) ||
+        rec != 3 + n_ext || (n_ext != 0 && ext == NULL)) {
+        return PM_ERR_ARG;
+    }
+    *same = 0;
+    *n_runs = 0;
+    int64_t m = 0;     // cells of seq_id seen
+    int64_t runs = 0;  // runs found
+    int64_t c = 0;
+    while (c < size) {
+        // skip blocks of 16 cells held by others without a branch per cell
+        if (c + 16 <= size) {
+            int hit = 0;
+            for (int j = 0; j < 16; ++j) {
+                hit |= owner[c + j] == seq_id;
+            }
+            if (!hit) {
+                c += 16;
+                continue;
+            }
+        }
+        if (owner[c] != seq_id) {
+            ++c;
+            continue;
+        }
+        // a run of cells of seq_id: [c, e)
+        int64_t e = c + 1;
+        while (e < size && owner[e] == seq_id) {
+            ++e;
+        }
+        if (e - c > n - m) {
+            return PM_OK;  // more cells than records
+        }
+        // compare the whole run without a branch per cell
+        const int32_t * w = words + m * rec;
+        int32_t bad = 0;
+        for (int64_t k = 0; k < e - c; ++k) {
+            const int32_t * r = w + k * rec;
+            bad |= (r[1] ^ 1) | (pos[c + k] ^ r[0]);
+        }
+        if (shift != NULL) {
+            for (int64_t k = c; k < e; ++k) {
+                bad |= shift[k];
+            }
+        }
+        if (n_ext != 0) {
+            for (int64_t k = 0; k < e - c; ++k) {
+                const int32_t * r = w + k * rec;
+                const int32_t * x = ext + 3 * (c + k);
+                bad |= (x[0] ^ r[2]) | (x[1] ^ r[3]) | (x[2] ^ r[4]);
+            }
+        }
+        if (bad != 0) {
+            return PM_OK;
+        }
+        run_starts[runs] = c;
+        run_ends[runs] = e;
+        ++runs;
+        if (idx != NULL) {
+            for (int64_t k = c; k < e; ++k) {
+                idx[k - c + m] = k;
+            }
+        }
+        m += e - c;
+        c = e;
+    }
+    if (m != n) {
+        return PM_OK;
+    }
+    // the slot search after seq_rm: head moved back to the first freed cell, restarted at 0
+    // when more than 2n cells of the stream's used - n are free before it
+    int64_t h = head < run_starts[0] ? head : run_starts[0];
+    if (h > used + n) {
+        h = 0;
+    }
+    if (used < size) {
+        for (int64_t c = h; c < run_ends[runs - 1]; ++c) {
+            if (pos[c] < 0) {
+                return PM_OK;  // an empty cell the search would take first
+            }
+        }
+    }
+    *n_runs = runs;
+    *same = 1;
+    return PM_OK;
+}
+
+pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void * const * src,
+                               const int64_t * params, int64_t n_sec, const int64_t * run_starts,
+                               const int64_t * run_ends, int64_t n_runs) {
+    if (tensors == NULL || src == NULL || params == NULL || n_sec < 0 || n_runs < 0 ||
+        (n_runs > 0 && (run_starts == NULL || run_ends == NULL))) {
+        return PM_ERR_ARG;
+    }
+    for (int64_t i = 0; i < n_runs; ++i) {
+        if (run_starts[i] < 0 || run_ends[i] <= run_starts[i] || (i > 0 && run_starts[i] < run_ends[i - 1])) {
+            return PM_ERR_ARG;
+        }
+    }
+    if (n_runs == 0) {
+        return PM_OK;
+    }
+    const uint64_t last_cell = (uint64_t) run_ends[n_runs - 1] - 1;
+    for (int64_t k = 0; k < n_sec; ++k) {
+        const struct ggml_tensor * t = tensors[k];
+        const int64_t * p = params + 5 * k;
+        if (t == NULL || src[k] == NULL || t->data == NULL || t->buffer == NULL ||
+            !ggml_backend_buffer_is_host(t->buffer)) {
+            return PM_ERR_ARG;
+        }
+        for (int j = 0; j < 5; ++j) {
+            if (p[j] < 0) {
+                return PM_ERR_ARG;
+            }
+        }
+        if (p[3] == 0 || p[2] == 0) {
+            continue;
+        }
+        // the highest byte written: last repetition, last cell (all values are < 2^62 in
+        // any tensor that exists; each product is bounded by the check before it)
+        const uint64_t nbytes = ggml_nbytes(t);
+        const uint64_t off = (uint64_t) p[0], stride = (uint64_t) p[1], bytes = (uint64_t) p[2];
+        const uint64_t reps = (uint64_t) p[3] - 1, rep_stride = (uint64_t) p[4];
+        if (off > nbytes || bytes > nbytes || (rep_stride != 0 && reps > nbytes / rep_stride) ||
+            (stride != 0 && last_cell > nbytes / stride)) {
+            return PM_ERR_RANGE;
+        }
+        const uint64_t end = off + reps * rep_stride + last_cell * stride + bytes;
+        if (end > nbytes || end < off) {
+            return PM_ERR_RANGE;
+        }
+    }
+    for (int64_t k = 0; k < n_sec; ++k) {
+        const int64_t * p = params + 5 * k;
+        char * base = (char *) tensors[k]->data + p[0];
+        const char * from = (const char *) src[k];
+        const int64_t stride = p[1], bytes = p[2];
+        for (int64_t r = 0; r < p[3]; ++r) {
+            char * rep = base + r * p[4];
+            for (int64_t i = 0; i < n_runs; ++i) {
+                const int64_t a = run_starts[i], len = run_ends[i] - a;
+                if (stride == bytes) {
+                    memcpy(rep + a * stride, from, (size_t) (len * bytes));
+                    from += len * bytes;
+                } else {
+                    for (int64_t c = a; c < a + len; ++c) {
+                        memcpy(rep + c * stride, from, (size_t) bytes);
+                        from += bytes;
+                    }
+                }
+            }
+        }
+    }
+    return PM_OK;
+}
+
+pm_status pm_kv_cells_equal(const int32_t * pos, const int32_t * owner, const int32_t * ext, const int32_t * words,
+                            int64_t n, int64_t rec, int64_t n_ext, int32_t * same) {
+    if (pos == NULL || owner == NULL || words == NULL || same == NULL || n < 0 || (n_ext != 0 && n_ext != 3) ||
+        rec != 3 + n_ext || (n_ext != 0 && ext == NULL)) {
+        return PM_ERR_ARG;
+    }
+    int32_t bad = 0;
+    for (int64_t c = 0; c < n; ++c) {
+        const int32_t * r = words + c * rec;
+        bad |= (r[1] ^ 1) | (pos[c] ^ r[0]) | (owner[c] ^ r[rec - 1]);
+    }
+    if (n_ext != 0) {
+        for (int64_t c = 0; c < n; ++c) {
+            const int32_t * r = words + c * rec;
+            bad |= (ext[3 * c] ^ r[2]) | (ext[3 * c + 1] ^ r[3]) | (ext[3 * c + 2] ^ r[4]);
+        }
+    }
+    *same = bad == 0;
+    return PM_OK;
+}

@@ -1,0 +1,61 @@
+// State restore kernels: decide in one pass over a stream's cells whether a per-sequence
+// restore puts the sequence back in the very cells it holds (so the reference's seq_rm +
+// find_slot + apply_ubatch would leave every cell as it is), and move the restored K/V
+// bytes of every layer into host tensors in one call.
+#pragma once
+
+#include "pymem_native.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// PYMEM_CDEF_BEGIN: plain declarations only (csrc/gen_cffi.py hands them to cffi)
+
+// Whether restoring the n meta records `words` (rec int32 words each: pos, n_seq_id, then
+// n_ext ext words, then one seq id) as sequence seq_id into one stream of `size` cells
+// (pos, owner: int32[size]; shift: int32[size], or NULL when the stream has no pending
+// shift; ext: int32[size][3] or NULL when n_ext == 0) leaves
+// every cell as it is: the cells whose owner is seq_id are exactly n, in ascending order
+// they carry the records' positions (and ext), no shift is pending on them, every record
+// has n_seq_id 1, and the reference's slot search after removing the sequence takes
+// exactly them in that order: it starts at h = min(head, first cell) (0 when
+// h > used + n, i.e. more than used - n + 2n), scans up and takes the first n empty
+// cells, so no empty cell may lie in [h, last cell]. The caller makes sure no cell is
+// shared by several sequences (owner OWNER_MULTI) and that the cache has no sliding window.
+// *same = 1 and run_starts / run_ends (int64[n] capacity: the maximal runs of consecutive
+// cells, ends exclusive), *n_runs and, unless NULL, idx (int64[n], the cells ascending)
+// filled; else *same = 0. PM_ERR_ARG for a null pointer (idx aside), n < 1, size < 1,
+// rec != 3 + n_ext or n_ext not 0 or 3.
+pm_status pm_kv_seq_same_cells(const int32_t * pos, const int32_t * shift, const int32_t * owner,
+                               const int32_t * ext, int64_t size, int32_t seq_id, int64_t head, int64_t used,
+                               const int32_t * words, int64_t n, int64_t rec, int64_t n_ext, int64_t * idx,
+                               int64_t * run_starts, int64_t * run_ends, int64_t * n_runs, int32_t * same);
+
+// Write n_sec contiguous source sections into host tensors, the cells of one run set:
+// section k (params[k] = {byte offset of the stream's cell 0, cell_stride, cell_bytes,
+// n_rep, rep_stride}) takes, for r in [0, n_rep), for each run [run_starts[i],
+// run_ends[i]), for each cell c of it, cell_bytes bytes from src[k] (in that order) to
+// tensor bytes [offset + r * rep_stride + c * cell_stride, + cell_bytes). A K/V row
+// section: cell_stride = row size, n_rep 1; a transposed-V section: cell_stride =
+// element size, n_rep = channels, rep_stride = kv_size * element size. Every section is
+// checked before any byte moves: PM_ERR_ARG for a null pointer, a non-host tensor, a
+// negative count, runs not ascending and disjoint; PM_ERR_RANGE for a byte outside a tensor.
+pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void * const * src,
+                               const int64_t * params, int64_t n_sec, const int64_t * run_starts,
+                               const int64_t * run_ends, int64_t n_runs);
+
+// Whether cells [0, n) of a stream already hold the n whole-cache meta records `words` (rec
+// int32 words each: pos, n_seq_id, then n_ext ext words, then one seq id), so that a whole
+// restore's clear + placing them changes no cell: every record has n_seq_id 1, and cell c
+// has record c's position, ext and owner (its one sequence; owners of shared cells are
+// negative, so they never match). *same = 1 or 0. PM_ERR_ARG for a null pointer, n < 0,
+// rec != 3 + n_ext or n_ext not 0 or 3.
+pm_status pm_kv_cells_equal(const int32_t * pos, const int32_t * owner, const int32_t * ext, const int32_t * words,
+                            int64_t n, int64_t rec, int64_t n_ext, int32_t * same);
+
+// PYMEM_CDEF_END
+
+#ifdef __cplusplus
+}
+#endif
