@@ -1,8 +1,9 @@
 """Every data path of KV state I/O gives the same bytes: per-run slices, lockstep strided
 views, numpy element gathers, native byte ranges (``read_ranges_into`` / ``write_ranges``)
-on host tensors, and the non-host code (forced by hiding the numpy views). Pins the blob
-bytes against an independent fancy-indexing reading of the tensors, for sequences spread
-over many irregular runs of cells (the case the range copies were added for)."""
+on host tensors, the one-call native store of a restore (``state_io.put_payloads``), and
+the non-host code (forced by hiding the numpy views). Pins the blob bytes against an
+independent fancy-indexing reading of the tensors, for sequences spread over many
+irregular runs of cells (the case the range copies were added for)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from kv_helpers import check_invariants, decode, parse_kv_part
 from test_kv_state import CFGS, build, randomize
 
+import pymem.kv.state_io as state_io
 import pymem.kv.state_rows as sio
 
 N_TOK = {2: 200, 24: 500}  # enough decode steps for > 32 runs per sequence
@@ -66,13 +68,15 @@ def test_fragmented_sequences_every_path_same_bytes(monkeypatch, name: str, max_
         assert [k[2] for k in part.k] == ks and [v[3] for v in part.v] == vs
 
     def paths():
-        yield "host"
+        yield "host"  # restores store the bytes with state_io.put_payloads (one call)
         for forced in ("numpy", "ranges"):
             with monkeypatch.context() as m:
+                m.setattr(state_io, "USE_NATIVE_PUT", False)  # through state_rows
                 m.setattr(sio, "cols_method", lambda host, runs, el, n, forced=forced: forced)
                 yield f"host {forced}"
         for forced in (None, "ranges", "staged"):
             with monkeypatch.context() as m:
+                m.setattr(state_io, "USE_NATIVE_PUT", False)
                 m.setattr(sio, "rows_view", lambda t: None)
                 m.setattr(sio, "v_trans_view", lambda kv, layer, strm: None)
                 if forced:

@@ -1,0 +1,310 @@
+"""Restores that change no cell: a per-sequence restore whose sequence lands back in the
+very cells it holds (``state_io.seq_same_cells``) and a whole restore into cells that
+already are the blob's (``_whole_same_words``) skip the reference's seq_rm + find_slot +
+apply (or clear + set_new). Pins that the native passes answer exactly as their numpy
+references, that the cache after such a restore is the one the full placement leaves
+(cells, heads, counters, bytes) in random caches with holes, shifts, ext and random heads,
+that the one-call native byte store equals state_rows' per-tensor path, and that a failed
+restore decided on this path still changes nothing."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+from kv_helpers import check_invariants, decode
+from test_kv_state import CFGS, build, randomize
+
+import pymem.kv.state_io as state_io
+from pymem._native import ffi, lib
+from pymem.errors import StateError
+from pymem.kv import KVCache
+from pymem.state import StateReader
+
+NAMES = ["f16-trans", "f32-notrans", "q8_0-notrans", "f16-trans-streams", "mrope-ext"]
+
+
+def _scenario(name: str, seed: int, n_cells: int = 64, n_seq: int = 3) -> KVCache:
+    """A cache of interleaved sequences with holes (seq_rm of a middle and of a tail),
+    sometimes a pending shift, random K/V bytes, and random heads; deterministic in seed."""
+    rng = np.random.default_rng(seed)
+    kv = build(CFGS[name], n_cells=n_cells, n_seq=n_seq)
+    mrope = kv.n_pos_per_embd > 1
+    pos = [0] * n_seq
+    for _ in range(int(rng.integers(2, 6))):
+        items = []
+        for s in range(n_seq):
+            for _ in range(int(rng.integers(0, 5))):
+                items.append([1 + s, pos[s], [s], False])
+                pos[s] += 1
+        if items:
+            decode(kv, items, n_ubatch=len(items))
+    for s in range(n_seq):
+        if pos[s] > 3 and rng.random() < 0.5:
+            p0 = int(rng.integers(0, pos[s] - 1))
+            kv.seq_rm(s, p0, p0 + int(rng.integers(1, 3)) if rng.random() < 0.5 else -1)
+    if not mrope and rng.random() < 0.3:
+        kv.seq_add(int(rng.integers(0, n_seq)), 0, -1, int(rng.integers(1, 4)))
+    for strm in range(kv.n_stream):
+        kv.v_heads[strm] = int(rng.integers(0, n_cells + 1))
+    randomize(kv, seed)
+    return kv
+
+
+def _twin(name: str, seed: int) -> tuple[KVCache, KVCache]:
+    return _scenario(name, seed), _scenario(name, seed)
+
+
+def _state(kv: KVCache) -> tuple:
+    """Everything a restore may change: every stream's cells and counters, the heads,
+    the sequences' bounds, the K/V bytes."""
+    cells = [c.snapshot() for c in kv.v_cells]
+    flat = []
+    for snap in cells:
+        for x in snap:
+            flat.append(x.tobytes() if isinstance(x, np.ndarray) else x)
+    bounds = [(kv.seq_pos_min(s), kv.seq_pos_max(s)) for s in range(kv.n_seq_max)]
+    data = [t.read_bytes() for layer in kv.layers for t in (layer.k, layer.v) if t is not None]
+    return tuple(flat), list(kv.v_heads), bounds, data
+
+
+def _words(blob: bytes, n_ext: int) -> np.ndarray:
+    """The meta records of the one stream with cells of a per-sequence blob."""
+    r = StateReader(blob)
+    for _ in range(r.read_u32("n_stream")):
+        n = r.read_u32("cell_count")
+        if n:
+            return r.read_array("<i4", n * (3 + n_ext), "cells").reshape(n, 3 + n_ext).copy()
+    return np.zeros((0, 3 + n_ext), dtype=np.int32)
+
+
+def _runs_equal(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a[0].tolist() == b[0].tolist() and a[1].tolist() == b[1].tolist()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_native_same_cells_test_equals_numpy_reference(name: str) -> None:
+    """Own blobs (usually the same cells), perturbed records (a position, n_seq_id, ext,
+    one record fewer) and every head from 0 to past the end: both answers agree, and the
+    own blob of an untouched cache is found at least once per config."""
+    found = 0
+    for seed in range(12):
+        kv = _scenario(name, seed)
+        n_ext = 3 if kv.layout.with_ext else 0
+        for s in range(kv.n_seq_max):
+            strm = int(kv.seq_to_stream[s])
+            cells = kv.v_cells[strm]
+            if cells.n_multi:
+                continue
+            words = _words(bytes(kv.state_write(s)), n_ext)
+            if words.shape[0] == 0:
+                continue
+            variants = [words]
+            for col, delta in ((0, 1), (1, 1)) + (((2, 1), (4, 1)) if n_ext else ()):
+                w = words.copy()
+                w[-1, col] += delta
+                variants.append(w)
+            variants.append(words[:-1])
+            for w in variants:
+                if w.shape[0] == 0:
+                    continue
+                for head in sorted({0, 1, cells.size // 2, cells.size, int(kv.v_heads[strm])}):
+                    got = state_io.seq_same_cells(cells, head, s, w, n_ext)
+                    want = state_io.seq_same_cells_reference(cells, head, s, w, n_ext)
+                    assert _runs_equal(got, want), (seed, s, head)
+                    found += got is not None
+    assert found > 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sequence_restore_without_placement_leaves_what_placement_leaves(
+    monkeypatch, name: str
+) -> None:
+    """Restoring every sequence's own blob, or another scenario's, into twin caches, one
+    forced through seq_rm + find_slot + apply: the same cells, heads, bounds and bytes."""
+    taken = []  # seq_same_cells' answers on the fast cache
+    real = state_io.seq_same_cells
+
+    def counted(*a):
+        runs = real(*a)
+        taken.append(runs is not None)
+        return runs
+
+    for seed in range(10):
+        fast, full = _twin(name, seed)
+        donor = _scenario(name, seed + 100)
+        blobs = [bytes(fast.state_write(s)) for s in range(fast.n_seq_max)]
+        blobs += [bytes(donor.state_write(s)) for s in range(fast.n_seq_max)]
+        for i, blob in enumerate(blobs):
+            s = i % fast.n_seq_max
+            for kv, same in ((fast, counted), (full, lambda *a: None)):
+                with monkeypatch.context() as m:
+                    m.setattr(state_io, "seq_same_cells", same)
+                    # the donor's sequence may not fit: then both refuse (and stay equal)
+                    with contextlib.suppress(StateError):
+                        kv.state_read(blob, s)
+            assert _state(fast) == _state(full), (seed, i)
+        check_invariants(fast)
+    assert any(taken) and not all(taken)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_whole_restore_into_its_own_cells_leaves_what_a_full_restore_leaves(
+    monkeypatch, name: str
+) -> None:
+    """A whole blob read back into its own cache (the same cells) and into a twin forced
+    through clear + set_new, then a donor's blob into both: the same everything."""
+    for seed in range(6):
+        fast, full = _twin(name, seed)
+        donor = _scenario(name, seed + 50)
+        for blob in (bytes(fast.state_write()), bytes(donor.state_write())):
+            fast.state_read(blob)
+            with monkeypatch.context() as m:
+                m.setattr(state_io, "_whole_same_words", lambda *a: None)
+                full.state_read(blob)
+            assert _state(fast) == _state(full), seed
+            check_invariants(fast)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_whole_same_native_equals_reference(name: str) -> None:
+    """pm_kv_cells_equal (through _whole_same_words) against whole_same_reference on the
+    parsed records: an own blob after a whole restore (cells packed from 0: same), a
+    donor's, and an own blob with one position changed."""
+    for seed in range(6):
+        kv = _scenario(name, seed)
+        kv.state_read(bytes(kv.state_write()))  # packs the cells at 0
+        n_ext = 3 if kv.layout.with_ext else 0
+        donor = _scenario(name, seed + 7)
+        for blob in (bytes(kv.state_write()), bytes(donor.state_write())):
+            for bump in (False, True):
+                r = StateReader(blob)
+                r.read_u32("n_stream")
+                for strm in range(kv.n_stream):
+                    n = r.read_u32("cell_count")
+                    if n == 0:
+                        continue
+                    start = r.offset
+                    if bump:
+                        # the first record's position + 1
+                        arr = bytearray(blob)
+                        p0 = int.from_bytes(blob[start : start + 4], "little")
+                        arr[start : start + 4] = (p0 + 1).to_bytes(4, "little")
+                        r = StateReader(bytes(arr))
+                        r.offset = start
+                    cells = kv.v_cells[strm]
+                    got = state_io._whole_same_words(cells, r, n, n_ext)
+                    if got is None:
+                        assert r.offset == start  # left where it was
+                    r.offset = start
+                    pos, ext, seq = state_io._parse_meta_whole(r, n, n_ext, kv.n_seq_max, "t")
+                    want = state_io.whole_same_reference(cells, pos, ext, seq)
+                    assert (got is not None) == want, (seed, strm, bump)
+                    break  # one stream per blob is enough here
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_native_byte_store_equals_state_rows_path(monkeypatch, name: str) -> None:
+    """put_payloads (one native call for every layer) and state_rows.write_payloads leave
+    the same tensor bytes, per sequence (runs anywhere, streams past the first) and whole."""
+    for seed in range(4):
+        src = _scenario(name, seed)
+        blobs = [(bytes(src.state_write(s)), s) for s in range(src.n_seq_max)]
+        blobs.append((bytes(src.state_write()), -1))
+        native, rows = _twin(name, seed + 30)
+        for blob, s in blobs:
+            try:
+                native.state_read(blob, s)
+            except StateError:
+                with pytest.raises(StateError):
+                    rows.state_read(blob, s)
+                continue
+            with monkeypatch.context() as m:
+                m.setattr(state_io, "USE_NATIVE_PUT", False)
+                rows.state_read(blob, s)
+            assert _state(native) == _state(rows)
+
+
+def test_failed_restore_on_the_same_cells_path_changes_nothing() -> None:
+    """A blob whose records put the sequence back in its cells, cut short in its K/V
+    bytes, or whose plan went stale: refused, the cache exactly as before."""
+    kv = _scenario("f16-trans", 3)
+    blob = bytes(kv.state_write(1))
+    n_ext = 0
+    words = _words(blob, n_ext)
+    cells = kv.v_cells[0]
+    assert state_io.seq_same_cells(cells, int(kv.v_heads[0]), 1, words, n_ext) is not None
+    before = _state(kv)
+    with pytest.raises(StateError, match="truncated"):
+        kv.state_read(blob[:-7], 1)
+    assert _state(kv) == before
+    plan = kv.state_read_parse(StateReader(blob), 1)
+    kv.seq_rm(2, 0, 1)
+    after_rm = _state(kv)
+    with pytest.raises(StateError, match="parse it again"):
+        plan.commit()
+    assert _state(kv) == after_rm
+
+
+def test_same_cells_rule_on_a_hand_built_stream() -> None:
+    """The slot search after seq_rm takes the first empty cells from min(head, first
+    cell), or from 0 when more than used + n cells lie before it: seq 0 in cells [4, 5, 9]
+    (positions 0, 1, 2), empty cells 2, 3 and 10+, others in 0, 1, 6, 7, 8."""
+    kv = build(CFGS["f32-notrans"], n_cells=16, n_seq=3)
+    decode(kv, [[1, p, [1], False] for p in range(2)])  # cells 0, 1
+    decode(kv, [[1, p, [2], False] for p in range(2, 4)])  # cells 2, 3 (freed below)
+    decode(kv, [[1, p, [0], False] for p in range(2)])  # cells 4, 5
+    decode(kv, [[1, p, [2], False] for p in range(4, 7)])  # cells 6, 7, 8
+    decode(kv, [[1, 2, [0], False]])  # cell 9
+    kv.seq_rm(2, 2, 4)  # cells 2, 3 empty
+    cells = kv.v_cells[0]
+    assert np.flatnonzero(cells.owner == 0).tolist() == [4, 5, 9]
+    words = np.array([[0, 1, 0], [1, 1, 0], [2, 1, 0]], dtype=np.int32)
+    # used 8, n 3: head 4 -> h 4, no empty cell in [4, 9]: the same cells
+    runs = state_io.seq_same_cells(cells, 4, 0, words, 0)
+    assert runs is not None and runs[0].tolist() == [4, 9] and runs[1].tolist() == [6, 10]
+    # head 10 -> h = first cell 4: the same
+    assert state_io.seq_same_cells(cells, 10, 0, words, 0) is not None
+    # head 3 -> cell 3 is empty and taken first: placed elsewhere
+    assert state_io.seq_same_cells(cells, 3, 0, words, 0) is None
+    # another position, or n_seq_id 2: not the same
+    for col, v in ((0, 5), (1, 2)):
+        w = words.copy()
+        w[1, col] = v
+        assert state_io.seq_same_cells(cells, 4, 0, w, 0) is None
+    for head in range(17):
+        got = state_io.seq_same_cells(cells, head, 0, words, 0)
+        assert _runs_equal(got, state_io.seq_same_cells_reference(cells, head, 0, words, 0))
+
+
+def test_cells_of_runs_and_put_cells_refusals() -> None:
+    """cells_of_runs inverts cell_runs; pm_stateio_put_cells refuses runs out of order and
+    bytes past the tensor before writing any."""
+    idx = np.array([2, 3, 4, 9, 11, 12], dtype=np.int64)
+    assert state_io.cells_of_runs(state_io.cell_runs(idx)).tolist() == idx.tolist()
+    kv = build(CFGS["f32-notrans"], n_cells=16, n_seq=3)
+    k = kv.layers[0].k
+    before = k.read_bytes()
+    src = np.ones(k.row_size * 4, dtype=np.uint8)
+    tensors = ffi.new("struct ggml_tensor *[]", [k._live()])
+    srcs = ffi.new("void *[]", [ffi.from_buffer(src)])
+
+    def put(starts, ends, offset=0):
+        par = np.array([[offset, k.row_size, k.row_size, 1, 0]], dtype=np.int64)
+        st, en = np.array(starts, np.int64), np.array(ends, np.int64)
+        return lib.pm_stateio_put_cells(
+            tensors, srcs, ffi.from_buffer("int64_t[]", par), 1,
+            ffi.from_buffer("int64_t[]", st), ffi.from_buffer("int64_t[]", en), st.size,
+        )  # fmt: skip
+
+    assert put([4, 0], [6, 2]) == lib.PM_ERR_ARG  # not ascending
+    assert put([0, 1], [2, 3]) == lib.PM_ERR_ARG  # overlapping
+    assert put([14], [18]) == lib.PM_ERR_RANGE  # cells 16, 17 past the 16 rows
+    assert put([0], [4], offset=13 * k.row_size) == lib.PM_ERR_RANGE
+    assert k.read_bytes() == before
+    assert put([3], [5]) == lib.PM_OK and put([12], [14]) == lib.PM_OK
+    rows = np.frombuffer(k.read_bytes(), np.uint8).reshape(-1, k.row_size)
+    assert rows[[3, 4, 12, 13]].all() and not rows[[0, 1, 2, 5, 11, 14, 15]].any()
