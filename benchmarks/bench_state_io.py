@@ -61,6 +61,7 @@ from bench_vs_llama_cpp import (
 )
 
 import pymem.kv.state_io as sio
+import pymem.kv.state_rows as srows
 from pymem.gguf_spec import spec_from_gguf
 from pymem.state import StateReader
 
@@ -98,7 +99,7 @@ def _row_blocks(view: np.ndarray, runs: tuple[np.ndarray, np.ndarray]) -> list[n
     one strided ``[R, L, row]`` view when the runs are a constant stride apart (sequences
     decoded in lockstep), else one slice per run. E.g. runs [0, 2), [4, 6) -> [2, 2, row]."""
     starts, ends = runs
-    if sio._lockstep(starts, ends):
+    if srows._lockstep(starts, ends):
         shape = (starts.size, int(ends[0] - starts[0]), view.shape[1])
         strides = (int(starts[1] - starts[0]) * view.strides[0], view.strides[0], view.strides[1])
         return [np.lib.stride_tricks.as_strided(view[int(starts[0]) :], shape, strides)]
@@ -110,18 +111,18 @@ def numpy_bounds(mem: Any, seq_id: int) -> tuple[Any, Any]:
     order, into / out of one packed buffer (nothing else: no meta, no placement)."""
     layout, cells = mem.layout, mem.v_cells[0]
     idx = sio.selected_cells(layout, cells, seq_id)
-    runs = sio.cell_runs(idx)
+    runs = srows.cell_runs(idx)
     row_parts: list[tuple[list[np.ndarray], np.ndarray]] = []  # (row blocks, packed rows)
     col_parts: list[tuple[np.ndarray, np.ndarray]] = []  # (V^T [ch, cells], packed [ch, n])
     tensors = [layer.k for layer in mem.layers]
     if not layout.v_trans:
         tensors += [layer.v for layer in mem.layers]
     for t in tensors:
-        blocks = _row_blocks(sio.rows_view(t), runs)
+        blocks = _row_blocks(srows.rows_view(t), runs)
         row_parts.append((blocks, np.empty(idx.size * t.row_size, np.uint8)))
     if layout.v_trans:
         for layer in mem.layers:
-            vt = sio.v_trans_view(layout, layer, 0)[: layer.n_embd_v_gqa]
+            vt = srows.v_trans_view(layout, layer, 0)[: layer.n_embd_v_gqa]
             col_parts.append((vt, np.empty((vt.shape[0], idx.size), vt.dtype)))
 
     def gather() -> None:
@@ -131,7 +132,7 @@ def numpy_bounds(mem: Any, seq_id: int) -> tuple[Any, Any]:
                 out[at : at + b.size].reshape(b.shape)[...] = b
                 at += b.size
         for src, packed in col_parts:
-            sio.gather_cols(src, idx, packed, runs)
+            srows.gather_cols(src, idx, packed, runs)
 
     def scatter() -> None:
         for blocks, data in row_parts:
@@ -140,7 +141,7 @@ def numpy_bounds(mem: Any, seq_id: int) -> tuple[Any, Any]:
                 b[...] = data[at : at + b.size].reshape(b.shape)
                 at += b.size
         for dst, packed in col_parts:
-            sio.scatter_cols(dst, idx, packed, runs)
+            srows.scatter_cols(dst, idx, packed, runs)
 
     return gather, scatter
 
@@ -152,7 +153,9 @@ def placement(mem: Any, blob: bytes, seq_id: int) -> Any:
         return None
     reader = StateReader(blob)
     plan = mem.state_read_parse(reader, seq_id)
-    ub = plan.place[0]  # the KVStatePlan's deferred placement: (ubatch, ext, cells)
+    assert plan.place is not None  # the KVStatePlan's deferred placement: (pos, ext, ...)
+    pos, ext = plan.place[0], plan.place[1]
+    ub = sio._restore_ubatch(mem.layout.n_pos_per_embd, seq_id, pos, ext)
     return lambda: mem._place_restored(seq_id, ub)
 
 

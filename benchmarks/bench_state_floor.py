@@ -1,0 +1,205 @@
+"""Where a state read's time goes, against the floor the layout and the format set.
+
+Why: bench_state_io's target is a read at >= 0.8x a numpy copy of the blob. With 64-byte
+K/V rows (tiny-llama) a per-sequence read still misses it; this splits the read into what
+it must do and what it adds, each measured alone in the state a real read loop leaves
+(every timed call right after an untimed ``state_read`` of the same blob: the cache
+metadata and the blob are as cold as in bench_state_io's interleaved runs):
+
+* ``numpy_copy``: ``np.copyto`` of the blob's bytes into a warm array (the unit);
+* ``bytes``: the K/V payload stored into the sequence's cells alone
+  (``state_io.put_payloads``, one native call for every layer): the floor the layout sets
+  (scattered runs of 64-byte rows, or for transposed V runs of elements per channel);
+* ``same_cells``: the native pass that finds the sequence's cells and proves a restore
+  leaves them as they are (``seq_same_cells``; whole cache: ``_whole_same_words``): one
+  scan of the stream's owners plus the blob's meta records, the floor the format sets
+  (no index of a sequence's cells exists to skip the scan);
+* ``zero`` (whole cache): zeroing the bytes of the cells the blob does not fill, as the
+  reference's ``clear(true)`` leaves them (nothing when the blob fills the cache);
+* ``placement``: what that pass replaces, the reference's seq_rm + find_slot +
+  apply_ubatch of the sequence's cells (per sequence only);
+* ``parse``: ``state_read_parse`` (headers, records, same-cells pass: changes nothing);
+* ``read``: ``state_read``, all of it.
+
+Derived: ``floor = bytes + same_cells (+ zero)`` (a read with no Python at all), ``python`` =
+``read - floor`` (the fixed cost of the calls: headers, plan, checks), and the ratios of
+``numpy_copy`` to ``floor`` and to ``read`` (throughput, higher is better; 0.8 is the
+target). pymem alone (no llama.cpp), the cache of bench_state_io: f16 K/V, a unified
+32,768-cell cache holding 4 sequences x 8,192 tokens decoded in interleaved chunks of 128.
+
+Run: python benchmarks/bench_state_floor.py [--quick] [--wide]
+(--quick: 2,048 tokens a sequence, no JSON; --wide: also tiny-llama-e512, 512-byte rows;
+a full run writes results/bench_state_floor.json)
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_vs_llama_cpp as bvl
+from _util import print_table, write_results
+
+import pymem.kv.state_io as sio
+from pymem.batch import Batch, BatchAllocator
+from pymem.gguf_spec import spec_from_gguf
+from pymem.state import StateReader
+
+TARGET_NUMPY = 0.8
+
+
+def filled(model: Path, fa: bool, n_tokens: int) -> Any:
+    """pymem's side of bench_vs_llama_cpp.filled_pair alone (no llama.cpp context)."""
+    spec = spec_from_gguf(str(model))
+    mem = bvl.make_memory(spec, n_ctx=bvl.STATE_N_CTX, n_seq_max=bvl.STATE_SEQ_MAX,
+                          flash_attn=fa, kv_unified=True)  # fmt: skip
+    balloc = BatchAllocator()
+    for p0 in range(0, n_tokens, bvl.STATE_CHUNK):
+        seq = np.repeat(np.arange(bvl.STATE_N_SEQ), bvl.STATE_CHUNK)
+        pos = np.tile(np.arange(p0, p0 + bvl.STATE_CHUNK), bvl.STATE_N_SEQ)
+        out = pos == p0 + bvl.STATE_CHUNK - 1
+        batch = Batch(bvl.tokens_of(seq, pos, 100), pos=pos.astype(np.int32),
+                      seq_id=seq.astype(np.int32), output=out)  # fmt: skip
+        bvl.pymem_decode(mem, balloc, batch, n_seq_max=bvl.STATE_SEQ_MAX, n_vocab=100,
+                         flash_attn=fa, inputs=False)  # fmt: skip
+    rng = np.random.default_rng(0)
+    for layer in mem.layers:  # type: ignore[attr-defined]
+        for t in (layer.k, layer.v):
+            t.write_bytes(rng.integers(0, 255, t.nbytes, np.uint8))
+    return mem
+
+
+def _parts(mem: Any, blob: bytes, seq_id: int) -> dict[str, Any]:
+    """The pieces of a read of ``blob``, each a call on the parsed blob (nothing else)."""
+    layout = mem.layout
+    cells = mem.v_cells[0]
+    n_ext = 3 if layout.with_ext else 0
+    reader = StateReader(blob)
+    reader.read_u32("n_stream")
+    n = reader.read_u32("cell_count")
+    start = reader.offset
+    words = reader.read_array("<i4", n * (3 + n_ext), "cells").reshape(n, 3 + n_ext)
+    payloads = sio._parse_data(layout, mem.layers, reader, n, "kv.stream[0]")
+    parts: dict[str, Any] = {}
+    if seq_id >= 0:
+        runs = sio.seq_same_cells(cells, int(mem.v_heads.a[0]), seq_id, words, n_ext)
+        if runs is None:
+            raise RuntimeError("the benchmark's blob should go back to its own cells")
+        parts["same_cells"] = lambda: sio.seq_same_cells(
+            cells, int(mem.v_heads.a[0]), seq_id, words, n_ext
+        )
+        ext = words[:, 2 : 2 + n_ext] if n_ext else None
+        ub = sio._restore_ubatch(layout.n_pos_per_embd, seq_id, words[:, 0], ext)
+        parts["placement"] = lambda: mem._place_restored(seq_id, ub)
+    else:
+        runs = (np.zeros(1, np.int64), np.full(1, n, np.int64))
+
+        def whole_same() -> None:
+            r = StateReader(blob)
+            r.offset = start
+            if sio._whole_same_words(cells, r, n, n_ext) is None:
+                raise RuntimeError("the benchmark's whole blob should match its cells")
+
+        parts["same_cells"] = whole_same
+        # a whole restore zeroes the bytes of the cells it does not fill (clear(true))
+        parts["zero"] = lambda: sio.zero_range(layout, mem.layers, 0, n, layout.kv_size)
+    parts["bytes"] = lambda: sio.put_payloads(layout, 0, n, lambda: runs, payloads)
+    return parts
+
+
+def bench(mem: Any, model: str, fa: bool, repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for what, seq_id in (("one sequence", 0), ("whole cache", -1)):
+        blob = bytes(mem.state_write(seq_id))
+        src = np.frombuffer(blob, np.uint8)
+        dst = np.empty_like(src)
+        fns: dict[str, Any] = {
+            "numpy_copy": lambda src=src, dst=dst: np.copyto(dst, src),
+            "read": lambda blob=blob, seq_id=seq_id: mem.state_read(blob, seq_id),
+            "parse": lambda blob=blob, seq_id=seq_id: mem.state_read_parse(
+                StateReader(blob), seq_id
+            ),
+            **_parts(mem, blob, seq_id),
+        }
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        names = list(fns)
+        for r in range(repeats):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                mem.state_read(blob, seq_id)  # what a read loop leaves behind
+                t0 = time.perf_counter()
+                fns[name]()
+                times[name].append(time.perf_counter() - t0)
+        mem.state_read(blob, seq_id)  # a placement run left its cells: put them back
+        if bytes(mem.state_write(seq_id)) != blob:
+            raise RuntimeError("the state changed while benchmarking")
+        t = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        floor = t["bytes"] + t["same_cells"] + t.get("zero", 0.0)
+        row: dict[str, Any] = dict(model=model, v_trans=not fa, blob=what, bytes=len(blob))
+        row.update({f"{k}_ms": v for k, v in t.items()})
+        row.update(floor_ms=floor, python_ms=t["read"] - floor,
+                   floor_vs_numpy=t["numpy_copy"] / floor,
+                   bytes_vs_numpy=t["numpy_copy"] / t["bytes"],
+                   read_vs_numpy=t["numpy_copy"] / t["read"])  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    n_tokens = 2048 if quick else 8192
+    repeats = 15 if quick else 101
+    models = {"tiny-llama": bvl.MODELS["llama"]}
+    if "--wide" in sys.argv:
+        import bench_state_io
+
+        models["tiny-llama-e512"] = bench_state_io.wide_model()
+    load_before = os.getloadavg()
+    rows: list[dict[str, Any]] = []
+    for name, path in models.items():
+        for fa in (False, True):
+            mem = filled(path, fa, n_tokens)
+            try:
+                rows += bench(mem, name, fa, repeats)
+            finally:
+                mem.close()
+    load_after = os.getloadavg()
+    print_table(
+        f"Read floor, f16, {bvl.STATE_N_SEQ} x {n_tokens} tokens in a unified "
+        f"{bvl.STATE_N_CTX}-cell cache (median ms, each call after a read; ratios are "
+        "throughput against the numpy copy, higher is better)",
+        ["model", "v_trans", "blob", "numpy copy", "bytes", "same cells", "zero", "placement",
+         "parse", "read", "floor", "python", "bytes/numpy", "floor/numpy", "read/numpy"],
+        [
+            [r["model"], r["v_trans"], r["blob"], f"{r['numpy_copy_ms']:.3f}",
+             f"{r['bytes_ms']:.3f}", f"{r['same_cells_ms']:.3f}",
+             f"{r['zero_ms']:.3f}" if "zero_ms" in r else "-",
+             f"{r['placement_ms']:.3f}" if "placement_ms" in r else "-",
+             f"{r['parse_ms']:.3f}", f"{r['read_ms']:.3f}", f"{r['floor_ms']:.3f}",
+             f"{r['python_ms']:.3f}", f"{r['bytes_vs_numpy']:.2f}",
+             f"{r['floor_vs_numpy']:.2f}", f"{r['read_vs_numpy']:.2f}"]
+            for r in rows
+        ],
+    )  # fmt: skip
+    print(
+        f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
+        f"{os.cpu_count()} CPUs"
+    )
+    if not quick:
+        path = write_results(
+            "bench_state_floor",
+            dict(rows=rows, n_tokens=n_tokens, repeats=repeats, target_vs_numpy=TARGET_NUMPY,
+                 load_average_before=load_before, load_average_after=load_after,
+                 cpus=os.cpu_count()),
+        )  # fmt: skip
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
