@@ -68,6 +68,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pymem._native import check, ffi, lib
 from pymem.errors import BatchError, ConfigError, RangeError
 from pymem.stdset import unordered_set_order
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch, seq_bitsets
@@ -108,6 +109,69 @@ def _pos_bounds(memory: SeqPosSource, seq_ids: np.ndarray, which: str) -> np.nda
     E.g. which "max", ids [0, 3] -> [41, -1]."""
     get = memory.seq_pos_min_of if which == "min" else memory.seq_pos_max_of
     return np.asarray(get(seq_ids), dtype=np.int64)
+
+
+def _check_one_per_seq(
+    batch: Batch, lay: _Layout, memory: SeqPosSource | None, n_vocab: int | None
+) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """The value checks of a one-token-per-sequence batch (ids already checked by the
+    layout): ``(output int8, seq_pos table, n_outputs)``, or None when one fails (the
+    general path then names the error). The reference of
+    :func:`_check_one_per_seq_native`."""
+    token, pos, n = batch.token, batch.pos, batch.n_tokens
+    assert token is not None and pos is not None
+    # one unsigned compare covers both bounds: E.g. -1 -> 0xFFFFFFFF >= n_vocab
+    if n_vocab is not None:
+        if (token.view(np.uint32) >= n_vocab).any():
+            return None
+    elif int(token.min()) < 0:
+        return None
+    # positions continue each sequence in memory: E.g. X [4, -1], pos [5, 0] -> fine
+    pos_sorted = pos if lay.order is None else pos[lay.order]
+    if memory is not None:
+        x = _pos_bounds(memory, lay.seq_sorted, "max")
+        if ((x >= 0) & (pos_sorted != x + 1)).any():
+            return None
+    if int(pos.min()) < 0:
+        return None
+    if batch.output is None:
+        output = np.zeros(n, dtype=np.int8)
+        output[-1] = 1
+    else:
+        output = (batch.output != 0).view(np.int8)
+    # each sequence's only position is its minimum and its maximum
+    pmin = np.full(LLAMA_MAX_SEQ, -1, dtype=np.int32)
+    pmin[lay.seq] = pos
+    return output, pmin, int(np.count_nonzero(output))
+
+
+def _check_one_per_seq_native(
+    batch: Batch, lay: _Layout, memory: SeqPosSource | None, n_vocab: int | None
+) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """:func:`_check_one_per_seq` in one ``pm_step_batch_check`` call (the same results)."""
+    token, pos, n = batch.token, batch.pos, batch.n_tokens
+    assert token is not None and pos is not None
+    mem_max = None if memory is None else _pos_bounds(memory, lay.seq_sorted, "max")
+    output = np.empty(n, dtype=np.int8)
+    pmin = np.empty(LLAMA_MAX_SEQ, dtype=np.int32)
+    n_outputs = ffi.new("int64_t *")
+    ok = ffi.new("int32_t *")
+    out_in = batch.output  # bool or int8 (Batch made it one): read as bytes
+    status = lib.pm_step_batch_check(
+        ffi.from_buffer("int32_t[]", token), ffi.from_buffer("int32_t[]", pos),
+        ffi.from_buffer("int64_t[]", lay.seq), n,
+        ffi.NULL if lay.order is None else ffi.from_buffer("int64_t[]", lay.order),
+        ffi.NULL if mem_max is None else ffi.from_buffer("int64_t[]", mem_max),
+        -1 if n_vocab is None else n_vocab,
+        ffi.NULL if out_in is None else ffi.from_buffer("uint8_t[]", out_in),
+        ffi.from_buffer("int8_t[]", output, require_writable=True),
+        ffi.from_buffer("int32_t[]", pmin, require_writable=True), n_outputs, ok,
+    )  # fmt: skip
+    if status != lib.PM_OK:
+        check(status, f"pm_step_batch_check ({n} tokens, ids of the layout)")
+    if not ok[0]:
+        return None
+    return output, pmin, int(n_outputs[0])
 
 
 def _reject(rule: str, message: str, **where: int | None) -> BatchError:
@@ -369,6 +433,9 @@ class _Layout:
     splits: dict[tuple[Any, ...], list[_UbatchPlan]] = field(default_factory=dict)
 
 
+# the one-token-per-sequence checks of init run as one native call (pymem_step.c); tests
+# turn it off to compare with the numpy checks, which stay the reference
+USE_NATIVE = True
 _LAYOUTS_KEPT = 8  # sequence layouts a BatchAllocator remembers (prompt + decode shapes)
 
 
@@ -721,32 +788,15 @@ class BatchAllocator:
         lay = self._layout_of(batch, n_seq_max)
         if lay is None:
             return False
-        # one unsigned compare covers both bounds: E.g. -1 -> 0xFFFFFFFF >= n_vocab
-        if n_vocab is not None:
-            if (token.view(np.uint32) >= n_vocab).any():
-                return False
-        elif int(token.min()) < 0:
+        checks = _check_one_per_seq_native if USE_NATIVE else _check_one_per_seq
+        checked = checks(batch, lay, memory, n_vocab)
+        if checked is None:
             return False
-        # positions continue each sequence in memory: E.g. X [4, -1], pos [5, 0] -> fine
-        pos_sorted = pos if lay.order is None else pos[lay.order]
-        if memory is not None:
-            x = _pos_bounds(memory, lay.seq_sorted, "max")
-            if ((x >= 0) & (pos_sorted != x + 1)).any():
-                return False
-        if int(pos.min()) < 0:
-            return False
-        if batch.output is None:
-            output = np.zeros(n, dtype=np.int8)
-            output[-1] = 1
-        else:
-            output = (batch.output != 0).view(np.int8)
-        # each sequence's only position is its minimum and its maximum
-        pmin = np.full(LLAMA_MAX_SEQ, -1, dtype=np.int32)
-        pmin[lay.seq] = pos
+        output, pmin, n_outputs = checked
         seq_id = batch.seq_id
         self._b = _Prepared(
             n_tokens=n,
-            n_outputs=int(np.count_nonzero(output)),
+            n_outputs=n_outputs,
             has_cpl=False,
             n_seq_max=n_seq_max,
             token=token,

@@ -66,6 +66,7 @@ from typing import Any
 
 import numpy as np
 
+from pymem._native import check, ffi, lib
 from pymem.backend import TensorSpec, TensorStore, get_device
 from pymem.batch import BatchAllocator
 from pymem.errors import BatchError, ClosedError, ConfigError, RangeError, UnsupportedError
@@ -108,6 +109,10 @@ SLOT_SLICE_MIN = 256
 # the SWA overwrite on one stream without shared cells takes StackedCells.rm_owned (tests
 # turn it off to compare with the general rm)
 OVERWRITE_OWNED = True
+# one token per stream (a decode step with one stream per sequence): the head-window slot
+# and its placement run as one native call each (csrc/pymem_step.c) when every cell taken
+# is empty; tests turn it off to compare with the numpy path, which stays the reference
+USE_NATIVE = True
 
 
 def _int_arg(name: str, value: Any, lo: int, hi: int | None = None) -> int:
@@ -369,6 +374,7 @@ class KVCache(Memory):
         self._layer_set = frozenset(layer.il for layer in self.layers)  # KVInputs.layers
         self._keys_memo: tuple[np.ndarray, np.ndarray] | None = None  # (frozen ids, keys)
         self._runners: dict[str, GraphRunner] = {}
+        self._step_cells: Any = None  # pm_step_cells * over self.cells, built on first use
         self._closed = False
 
     # --- properties -----------------------------------------------------------------
@@ -814,6 +820,10 @@ class KVCache(Memory):
             if strm is not None:
                 if n_tokens > self.kv_size:
                     return None
+                if USE_NATIVE and memo is not None and n_tokens == 1 and self.n_stream > 1:
+                    sinfo = self._find_slot_native(memo)
+                    if sinfo is not None:
+                        return sinfo
                 return self._find_slot_batched(strm, n_tokens, memo)
         return self._find_slot_streams(ubatch, n_seqs, n_tokens, cont)
 
@@ -854,6 +864,44 @@ class KVCache(Memory):
         ubatch), else None."""
         m = self._memo
         return m if m is not None and sinfo.strm is m.strm32 else None
+
+    def _native_cells(self) -> Any:
+        """A ``pm_step_cells *`` over :attr:`cells` (its arrays are never rebound, so the
+        pointers stay valid; the buffers are kept alive beside the struct)."""
+        if self._step_cells is None:
+            st = self.cells
+            c = ffi.new("pm_step_cells *")
+            bufs = [
+                ffi.from_buffer("int32_t[]", st.pos_f, require_writable=True),
+                ffi.from_buffer("uint64_t[]", st.seq_f, require_writable=True),
+                ffi.from_buffer("int32_t[]", st.owner_f, require_writable=True),
+                ffi.from_buffer("int64_t[]", st.used, require_writable=True),
+                ffi.from_buffer("int64_t[]", st.used_max_p1, require_writable=True),
+                ffi.from_buffer("int64_t[]", st.n_multi, require_writable=True),
+                ffi.from_buffer("int64_t[]", st.pmin_f, require_writable=True),
+                ffi.from_buffer("int64_t[]", st.pmax_f, require_writable=True),
+                ffi.from_buffer("int64_t[]", self.v_heads.a, require_writable=True),
+            ]
+            c.n_stream, c.size = st.n_stream, st.size
+            c.pos, c.seq, c.owner, c.used, c.used_max_p1, c.n_multi, c.pmin, c.pmax = bufs[:8]
+            self._step_cells = (c, bufs[8], bufs)
+        return self._step_cells
+
+    def _find_slot_native(self, memo: _StepMemo) -> SlotInfo | None:
+        """The head-window slot of a one-token-per-stream ubatch in one native call, None
+        when a head cell is not empty (the numpy search then decides)."""
+        assert memo.strm is not None
+        c, heads, _ = self._native_cells()
+        n = memo.strm.size
+        idxs = np.empty((n, 1), dtype=np.int32)
+        placed = ffi.new("int32_t *")
+        status = lib.pm_step_kv_find1(
+            c, ffi.from_buffer("int64_t[]", memo.strm), n, heads,
+            ffi.from_buffer("int32_t[]", idxs, require_writable=True), placed,
+        )  # fmt: skip
+        if status != lib.PM_OK:
+            check(status, f"pm_step_kv_find1 ({n} streams of {self.n_stream})")
+        return SlotInfo(memo.strm32, idxs) if placed[0] else None
 
     def _slot_streams(self, ubatch: UBatch, n_seqs: int, n_tokens: int) -> np.ndarray | None:
         """The stream of each of the ubatch's ``n_seqs`` token blocks (int64), or None when a
@@ -1044,6 +1092,20 @@ class KVCache(Memory):
         self._mutated()
         st = self.cells
         memo = self._memo_for(sinfo)
+        if (
+            USE_NATIVE
+            and memo is not None
+            and n_per == 1
+            and self.n_stream > 1
+            and ubatch.seq_id is memo.seq_id
+            and memo.new_rows.simple
+            and ubatch.pos.dtype == np.int32
+            and sinfo.idxs.dtype == np.int32
+            and st.ext is None
+            and not st.journaling
+            and self._apply_native(memo, sinfo, ubatch)
+        ):
+            return
         strm = sinfo.strm.astype(np.int64) if memo is None else memo.strm
         assert strm is not None
         idx = sinfo.idxs.astype(np.int64)
@@ -1092,6 +1154,24 @@ class KVCache(Memory):
             rows = self.seq_to_stream[seqs].astype(np.int64)
             self._heads_back_to(st.seq_rm_upto(seqs, rows, max_rm[seqs]))
         self.v_heads.a[strm] = idx[:, -1] + 1
+
+    def _apply_native(self, memo: _StepMemo, sinfo: SlotInfo, ubatch: UBatch) -> bool:
+        """:meth:`apply_ubatch` of one token per stream into empty cells in one native call
+        (``set_new`` and the heads); False, nothing changed, when a cell is taken or a
+        stream holds shared cells (the numpy path then overwrites / re-owns)."""
+        assert memo.strm is not None
+        c, heads, _ = self._native_cells()
+        n = memo.strm.size
+        placed = ffi.new("int32_t *")
+        # one id per token ([n, 1] int32): the matrix is the id column
+        status = lib.pm_step_kv_apply1(
+            c, ffi.from_buffer("int64_t[]", memo.strm), n,
+            ffi.from_buffer("int32_t[]", sinfo.idxs), ffi.from_buffer("int32_t[]", ubatch.pos),
+            ffi.from_buffer("int32_t[]", ubatch.seq_id), heads, placed,
+        )  # fmt: skip
+        if status != lib.PM_OK:
+            check(status, f"pm_step_kv_apply1 ({n} streams of {self.n_stream})")
+        return bool(placed[0])
 
     def _ple_embd_token(self) -> int:
         """``ext.tok`` of an embedding token in a PLE model (the reference's choice)."""

@@ -1,0 +1,118 @@
+#include "pymem_step.h"
+
+#define PM_STEP_MAX_SEQ 256
+#define PM_STEP_WORDS   4
+
+pm_status pm_step_kv_find1(const pm_step_cells * c, const int64_t * strm, int64_t n, const int64_t * heads,
+                           int32_t * idx, int32_t * placed) {
+    if (c == NULL || strm == NULL || heads == NULL || idx == NULL || placed == NULL || n < 0 || c->size <= 0) {
+        return PM_ERR_ARG;
+    }
+    *placed = 0;
+    for (int64_t r = 0; r < n; r++) {
+        const int64_t s = strm[r];
+        if (s < 0 || s >= c->n_stream) {
+            return PM_ERR_RANGE;
+        }
+        int64_t h = heads[s];
+        // restart at 0 when enough cells are unused before the head (the reference's rule)
+        if (h > c->used[s] + 2) {
+            h = 0;
+        }
+        h %= c->size;
+        if (h < 0 || c->pos[s * c->size + h] >= 0) {
+            return PM_OK;  // not empty (or an SWA cell to test): the numpy search decides
+        }
+        idx[r] = (int32_t) h;
+    }
+    *placed = 1;
+    return PM_OK;
+}
+
+pm_status pm_step_kv_apply1(pm_step_cells * c, const int64_t * strm, int64_t n, const int32_t * idx,
+                            const int32_t * pos, const int32_t * seq, int64_t * heads, int32_t * placed) {
+    if (c == NULL || strm == NULL || idx == NULL || pos == NULL || seq == NULL || heads == NULL ||
+        placed == NULL || n < 0) {
+        return PM_ERR_ARG;
+    }
+    *placed = 0;
+    // every check before the first write: a refusal changes nothing
+    for (int64_t r = 0; r < n; r++) {
+        const int64_t s = strm[r];
+        if (s < 0 || s >= c->n_stream || idx[r] < 0 || idx[r] >= c->size) {
+            return PM_ERR_RANGE;
+        }
+        if (c->pos[s * c->size + idx[r]] >= 0 || c->n_multi[s] != 0 || seq[r] < 0 ||
+            seq[r] >= PM_STEP_MAX_SEQ) {
+            return PM_OK;
+        }
+    }
+    for (int64_t r = 0; r < n; r++) {
+        const int64_t s = strm[r];
+        const int64_t g = s * c->size + idx[r];
+        const int32_t q = seq[r];
+        const int64_t p = pos[r];
+        c->pos[g] = pos[r];
+        uint64_t * bits = c->seq + g * PM_STEP_WORDS;
+        for (int w = 0; w < PM_STEP_WORDS; w++) {
+            bits[w] = 0;
+        }
+        bits[q >> 6] = (uint64_t) 1 << (q & 63);
+        c->owner[g] = q;
+        c->used[s] += 1;
+        if (c->used_max_p1[s] < idx[r] + 1) {
+            c->used_max_p1[s] = idx[r] + 1;
+        }
+        const int64_t key = s * PM_STEP_MAX_SEQ + q;
+        if (p < c->pmin[key]) {
+            c->pmin[key] = p;
+        }
+        if (p > c->pmax[key]) {
+            c->pmax[key] = p;
+        }
+        heads[s] = (int64_t) idx[r] + 1;
+    }
+    *placed = 1;
+    return PM_OK;
+}
+
+pm_status pm_step_batch_check(const int32_t * token, const int32_t * pos, const int64_t * seq, int64_t n,
+                              const int64_t * order, const int64_t * mem_max, int64_t n_vocab,
+                              const uint8_t * output, int8_t * out_output, int32_t * seq_pos, int64_t * n_outputs,
+                              int32_t * ok) {
+    if (token == NULL || pos == NULL || seq == NULL || out_output == NULL ||
+        seq_pos == NULL || n_outputs == NULL || ok == NULL || n < 1) {
+        return PM_ERR_ARG;
+    }
+    *ok = 0;
+    for (int64_t t = 0; t < n; t++) {
+        if (token[t] < 0 || (n_vocab >= 0 && token[t] >= n_vocab) || pos[t] < 0) {
+            return PM_OK;
+        }
+        if (seq[t] < 0 || seq[t] >= PM_STEP_MAX_SEQ) {
+            return PM_ERR_RANGE;
+        }
+    }
+    for (int64_t i = 0; mem_max != NULL && i < n; i++) {
+        const int64_t t = order != NULL ? order[i] : i;
+        if (t < 0 || t >= n) {
+            return PM_ERR_RANGE;
+        }
+        if (mem_max[i] >= 0 && (int64_t) pos[t] != mem_max[i] + 1) {
+            return PM_OK;
+        }
+    }
+    for (int q = 0; q < PM_STEP_MAX_SEQ; q++) {
+        seq_pos[q] = -1;
+    }
+    int64_t n_out = 0;
+    for (int64_t t = 0; t < n; t++) {
+        const int8_t o = output != NULL ? (int8_t) (output[t] != 0) : (int8_t) (t == n - 1);
+        out_output[t] = o;
+        n_out += o;
+        seq_pos[seq[t]] = pos[t];
+    }
+    *n_outputs = n_out;
+    *ok = 1;
+    return PM_OK;
+}

@@ -1,0 +1,65 @@
+// Batch-oriented kernels for the decode step's bookkeeping: one call per ubatch does what
+// a few dozen numpy calls did (each costs microseconds once a model's compute has evicted
+// the caches). Every kernel has a numpy twin in pymem that stays the tested reference; a
+// kernel either does its whole job or reports *placed = 0 / *ok = 0 having changed
+// nothing, and the caller then takes the general numpy path.
+#pragma once
+
+#include "pymem_native.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// PYMEM_CDEF_BEGIN: plain declarations only (csrc/gen_cffi.py hands them to cffi)
+
+// The cell metadata of a KV cache's stacked streams (pymem.kv.cells.StackedCells), by
+// pointer: flat over global cell ids g = stream * size + cell, bounds over keys
+// stream * 256 + seq_id. Filled once per StackedCells (its arrays are never rebound).
+typedef struct pm_step_cells {
+    int64_t   n_stream;
+    int64_t   size;
+    int32_t * pos;          // [n_stream * size], -1 = empty
+    uint64_t * seq;         // [n_stream * size * 4] sequence bitsets
+    int32_t * owner;        // [n_stream * size]: the only sequence, -1 none, -2 several
+    int64_t * used;         // [n_stream]
+    int64_t * used_max_p1;  // [n_stream]
+    int64_t * n_multi;      // [n_stream]: cells with owner -2
+    int64_t * pmin;         // [n_stream * 256]
+    int64_t * pmax;         // [n_stream * 256]
+} pm_step_cells;
+
+// The slot of a one-token-per-stream ubatch: token r goes to stream strm[r] (distinct),
+// cell h = heads[strm[r]] (0 when h > used + 2, wrapped at size), as the batched slot
+// search's first window. *placed = 1 and idx[r] = h when every such cell is empty;
+// *placed = 0 (idx undefined) when one is not: the numpy search decides then.
+// PM_ERR_RANGE for a stream outside [0, n_stream).
+pm_status pm_step_kv_find1(const pm_step_cells * c, const int64_t * strm, int64_t n, const int64_t * heads,
+                           int32_t * idx, int32_t * placed);
+
+// StackedCells.set_new of a one-token-per-stream ubatch plus the heads' move: token r
+// (position pos[r], sequence seq[r] alone) fills empty cell idx[r] of stream strm[r];
+// used / used_max_p1 / pmin / pmax follow, heads[strm[r]] = idx[r] + 1. Nothing is
+// written and *placed = 0 when a cell is not empty, a stream holds a shared cell
+// (n_multi > 0) or an id is outside [0, 256). PM_ERR_RANGE for a stream or cell outside
+// the stack.
+pm_status pm_step_kv_apply1(pm_step_cells * c, const int64_t * strm, int64_t n, const int32_t * idx,
+                            const int32_t * pos, const int32_t * seq, int64_t * heads, int32_t * placed);
+
+// The whole-array checks of BatchAllocator.init for a batch of one token per sequence
+// (distinct ids in [0, n_seq_max), checked by the caller): token ids in [0, n_vocab)
+// (n_vocab < 0: only >= 0), positions >= 0 and continuing memory (mem_max[i] >= 0 ->
+// pos[order[i]] == mem_max[i] + 1; order NULL = identity; mem_max NULL: no memory). On
+// success *ok = 1, out_output[t] = output[t] != 0 (output NULL: only the last token),
+// seq_pos[seq[t]] = pos[t] (seq_pos: 256 entries, -1 elsewhere) and *n_outputs = the
+// outputs counted. *ok = 0 when a check fails (the outputs are then undefined).
+pm_status pm_step_batch_check(const int32_t * token, const int32_t * pos, const int64_t * seq, int64_t n,
+                              const int64_t * order, const int64_t * mem_max, int64_t n_vocab,
+                              const uint8_t * output, int8_t * out_output, int32_t * seq_pos, int64_t * n_outputs,
+                              int32_t * ok);
+
+// PYMEM_CDEF_END
+
+#ifdef __cplusplus
+}
+#endif

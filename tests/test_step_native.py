@@ -1,0 +1,186 @@
+"""The native decode-step kernels (csrc/pymem_step.c) against the numpy code they replace.
+
+Pins: ``pm_step_batch_check`` (``BatchAllocator.init`` of a one-token-per-sequence batch)
+accepts and refuses exactly the batches the numpy checks do, with the same output flags,
+position table and output count; ``pm_step_kv_find1`` / ``pm_step_kv_apply1`` (a KV
+cache's slot and placement of one token per stream) leave every cell array, per-stream
+counter, cached bound and head byte-equal to the numpy path's, on caches whose streams
+wrap, overwrite window-masked cells and lose cells to ``seq_rm``; where a head cell is
+taken the kernels decline, change nothing, and the numpy path decides.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from kv_helpers import check_invariants, make_kv
+from test_batch_decode_path import FakeMemory, decode_batch
+from test_kv_batched import SWA_KINDS, state_of
+from test_kv_decode_path import _drive
+
+import pymem.batch as batch_mod
+import pymem.kv.cache as kv_cache
+from pymem._native import check, ffi, lib
+from pymem.batch import Batch, BatchAllocator
+from pymem.errors import NativeError
+from pymem.ubatch import LLAMA_MAX_SEQ
+
+CELL_ARRAYS = ("pos", "shift", "seq", "owner", "used", "used_max_p1", "used_max_dirty",
+               "has_shift", "n_multi", "pmin", "pmax", "pdirty")  # fmt: skip
+
+
+def _layout(balloc: BatchAllocator, batch: Batch, n_seq_max: int):
+    lay = balloc._layout_of(batch, n_seq_max)
+    assert lay is not None
+    return lay
+
+
+def _same_checks(a, b) -> None:
+    assert (a is None) == (b is None)
+    if a is None or b is None:
+        return
+    (oa, pa, na), (ob, pb, nb) = a, b
+    assert oa.dtype == ob.dtype == np.int8 and oa.tobytes() == ob.tobytes()
+    assert pa.dtype == pb.dtype == np.int32 and pa.tobytes() == pb.tobytes()
+    assert na == nb == int(np.count_nonzero(oa))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_batch_check_equals_numpy(seed: int) -> None:
+    """Valid and broken batches (token out of range, negative or non-consecutive position,
+    output flags bool / int8 / None, no memory, shuffled ids): the same verdict and values."""
+    rng = np.random.default_rng(seed)
+    n_seq_max = int(rng.integers(1, 40))
+    seqs = rng.permutation(n_seq_max)[: int(rng.integers(1, n_seq_max + 1))]
+    pmax = {int(s): int(rng.integers(-1, 50)) for s in range(n_seq_max)}
+    balloc = BatchAllocator()
+    for case in range(12):
+        batch = decode_batch(rng, seqs, pmax)
+        assert batch.token is not None and batch.pos is not None
+        if case == 1:
+            batch.token[int(rng.integers(0, seqs.size))] = 100  # n_vocab is 100
+        elif case == 2:
+            batch.token[0] = -1
+        elif case == 3:
+            batch.pos[int(rng.integers(0, seqs.size))] += 1 + int(rng.integers(0, 3))
+        elif case == 4:
+            batch.pos[-1] = -1
+        elif case == 5:
+            batch.output = (rng.random(seqs.size) < 0.5).astype(np.int8) * np.int8(-3)
+        lay = _layout(balloc, batch, n_seq_max)
+        for memory, n_vocab in ((FakeMemory(pmax), 100), (None, None), (FakeMemory(pmax), None)):
+            ref = batch_mod._check_one_per_seq(batch, lay, memory, n_vocab)
+            got = batch_mod._check_one_per_seq_native(batch, lay, memory, n_vocab)
+            _same_checks(got, ref)
+        if case in (0, 5):
+            assert batch_mod._check_one_per_seq(batch, lay, FakeMemory(pmax), 100) is not None
+
+
+def test_batch_check_refuses_bad_ids() -> None:
+    """The kernel's own safety net: a sequence id outside the 256-entry table is refused."""
+    out = np.empty(1, np.int8)
+    table = np.empty(LLAMA_MAX_SEQ, np.int32)
+    n_out, ok = ffi.new("int64_t *"), ffi.new("int32_t *")
+    one = np.ones(1, np.int32)
+    status = lib.pm_step_batch_check(
+        ffi.from_buffer("int32_t[]", one), ffi.from_buffer("int32_t[]", one),
+        ffi.from_buffer("int64_t[]", np.array([LLAMA_MAX_SEQ], np.int64)), 1, ffi.NULL, ffi.NULL,
+        -1, ffi.NULL, ffi.from_buffer("int8_t[]", out), ffi.from_buffer("int32_t[]", table),
+        n_out, ok,
+    )  # fmt: skip
+    assert status == lib.PM_ERR_RANGE and ok[0] == 0
+
+
+def _cells_bytes(kv) -> list[bytes]:
+    st = kv.cells
+    return [getattr(st, name).tobytes() for name in CELL_ARRAYS] + [kv.v_heads.a.tobytes()]
+
+
+def _drive_twins(monkeypatch, twins, allocs, seqs, pos) -> None:
+    got = []
+    for native, kv, balloc in zip((True, False), twins, allocs):
+        monkeypatch.setattr(kv_cache, "USE_NATIVE", native)
+        got.append(_drive(kv, balloc, seqs, pos, np.float32))
+    assert got[0] == got[1]
+    assert _cells_bytes(twins[0]) == _cells_bytes(twins[1])
+    assert state_of(twins[0]) == state_of(twins[1])
+
+
+@pytest.mark.parametrize("swa_type", SWA_KINDS)
+@pytest.mark.parametrize("v_trans", [True, False])
+def test_kv_decode_steps_native_equal_numpy(monkeypatch, swa_type, v_trans) -> None:
+    """Twin one-stream-per-sequence caches, one stepped through the kernels, one through
+    numpy: equal slots, inputs and cell bytes after every step, across wrap-arounds (16
+    cells a stream), SWA overwrites, layout changes and removals."""
+    rng = np.random.default_rng(40 + int(swa_type) + 10 * v_trans)
+    swa = {} if swa_type == 0 else {"swa_type": swa_type, "n_swa": 4}
+    n_seq = 6
+    twins = [make_kv(16, n_seq, unified=False, v_trans=v_trans, **swa) for _ in range(2)]
+    allocs = [BatchAllocator(), BatchAllocator()]
+    calls = {"find": 0, "apply": 0}
+    find, apply = kv_cache.KVCache._find_slot_native, kv_cache.KVCache._apply_native
+
+    def count_find(self, memo):
+        res = find(self, memo)
+        calls["find"] += res is not None
+        return res
+
+    def count_apply(self, memo, sinfo, ubatch):
+        res = apply(self, memo, sinfo, ubatch)
+        calls["apply"] += res
+        return res
+
+    monkeypatch.setattr(kv_cache.KVCache, "_find_slot_native", count_find)
+    monkeypatch.setattr(kv_cache.KVCache, "_apply_native", count_apply)
+    layouts = [list(range(n_seq)), [1, 3, 4], [2]]
+    for step in range(60):
+        seqs = layouts[(step // 5) % len(layouts)]
+        pos = [twins[0].seq_pos_max(s) + 1 for s in seqs]
+        if swa_type == 0 and int(twins[0].cells.used.max()) >= 14:
+            for kv in twins:  # without a window a full stream refuses: make room
+                for s in range(n_seq):
+                    kv.seq_rm(s, -1, kv.seq_pos_max(s) - 4)
+            continue
+        _drive_twins(monkeypatch, twins, allocs, seqs, pos)
+        if step % 7 == 6:
+            s = int(rng.integers(0, n_seq))
+            for kv in twins:
+                kv.seq_rm(s, max(0, kv.seq_pos_max(s) - 2), -1)
+        for kv in twins:  # both: the checks refresh lazily kept bounds
+            check_invariants(kv)
+    assert calls["find"] > 10 and calls["apply"] > 10
+    if swa_type != 0:  # the windows overwrite: some steps went to numpy
+        assert calls["apply"] < 60
+
+
+def test_kv_kernels_decline_taken_cells_and_change_nothing() -> None:
+    """A head cell that is not empty: find1 and apply1 report not placed, no byte moves;
+    a stream or cell outside the stack is a range error."""
+    kv = make_kv(8, 3, unified=False)
+    balloc = BatchAllocator()
+    for p in range(3):
+        _drive(kv, balloc, [0, 1, 2], [p, p, p], np.float32)
+    c, heads, _ = kv._native_cells()
+    before = _cells_bytes(kv)
+    strm = np.array([0, 1, 2], np.int64)
+    idx = np.array([[3], [1], [3]], np.int32)  # stream 1's cell 1 holds position 1
+    pos = np.array([3, 3, 3], np.int32)
+    seq = np.array([[0], [1], [2]], np.int32)
+    placed = ffi.new("int32_t *")
+    args = (ffi.from_buffer("int32_t[]", idx), ffi.from_buffer("int32_t[]", pos),
+            ffi.from_buffer("int32_t[]", seq), heads, placed)  # fmt: skip
+    assert lib.pm_step_kv_apply1(c, ffi.from_buffer("int64_t[]", strm), 3, *args) == lib.PM_OK
+    assert placed[0] == 0 and _cells_bytes(kv) == before
+    kv.v_heads.a[1] = 0  # the head window of stream 1 is taken
+    out = np.empty((3, 1), np.int32)
+
+    def find1(streams: np.ndarray) -> int:
+        return lib.pm_step_kv_find1(
+            c, ffi.from_buffer("int64_t[]", streams), streams.size, heads,
+            ffi.from_buffer("int32_t[]", out), placed,
+        )  # fmt: skip
+
+    assert find1(strm) == lib.PM_OK and placed[0] == 0
+    assert find1(np.array([0, 3], np.int64)) == lib.PM_ERR_RANGE
+    with pytest.raises(NativeError, match="out of range"):
+        check(lib.PM_ERR_RANGE, "pm_step_kv_find1")
