@@ -31,7 +31,7 @@ from pymem.errors import ClosedError, RangeError, StateError
 from pymem.factory import ContextParams, create_memory
 from pymem.kv import KVCache
 from pymem.memory import Memory, MemoryStatus
-from pymem.reuse import checkpoint, restore_checkpoint
+from pymem.reuse import CheckpointPolicy, PrefixCache, as_tokens, checkpoint, restore_checkpoint
 from pymem.reuse import checkpoints as checkpoints_module
 from pymem.reuse.checkpoints import Checkpoint, CheckpointArena, memory_device
 from pymem.state import BlobSplit, DeviceBlobReader, DevicePayload, SplitMismatch
@@ -432,3 +432,32 @@ def test_a_device_blob_reader_reads_metadata_from_the_host_and_payloads_as_range
         with pytest.raises(StateError, match="truncated"):
             reader.read_u32("past the end")
         assert issubclass(SplitMismatch, StateError)
+
+
+def test_a_cache_moving_host_checkpoints_to_the_device_learns_their_payloads(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "cache.pymem"
+    toks = as_tokens(TOKENS[:24].tolist())
+    with _memory("jamba-hybrid") as mem, _memory("jamba-hybrid") as fresh:
+        pol = CheckpointPolicy(interval=8, n_batch=16)
+        with PrefixCache(mem, policy=pol, where="host") as cache:
+            att = cache.attach(0, toks, "prompt")
+            for p0, p1 in att.chunks:
+                _fill(mem, 0, p0, p1)
+                _scramble(mem, p1)
+                cache.record(0, toks[:p1])
+            cache.save(path, fingerprint="jamba:test")
+        with PrefixCache.load(path, fresh, fingerprint="jamba:test", where="device") as loaded:
+            entries = list(loaded._ram)
+            assert entries and all(
+                e.ckpt is not None and e.ckpt.where == "device" and e.ckpt._split is not None
+                for e in entries
+            )
+            e = min(entries, key=lambda e: e.pos)
+            assert e.ckpt is not None
+            want = e.ckpt.blob
+            with _HostReads() as reads:
+                assert loaded.restore_entry(0, e.pos) == e.pos + 1
+            assert reads.calls == []
+            assert fresh.state_write(0, 1) == want  # PARTIAL_ONLY: the checkpoint's bytes

@@ -246,11 +246,18 @@ class Checkpoint:
             self._slot = None
             arena.release(off, self._nbytes)
 
-    def to_device(self, device: str | None, arena: CheckpointArena | None = None) -> Checkpoint:
+    def to_device(
+        self, device: str | None, arena: CheckpointArena | None = None, mem: Memory | None = None
+    ) -> Checkpoint:
         """Move the bytes into a range of ``arena`` when it has one free, else a buffer of
         their own on ``device`` (a name; None: the default device, or the arena's),
         freeing the previous copy; returns ``self``. An empty blob (nothing to allocate)
-        and a checkpoint already on that device stay as they are."""
+        and a checkpoint already on that device stay as they are.
+
+        With ``mem`` (a memory of this checkpoint's layout), the payload ranges are learned
+        now from the host bytes (one parse, as at take), so even the first restore is a
+        device copy; without it, or when that parse refuses the blob now, the first
+        restore reads the blob back once and learns them."""
         self._check_open()
         if arena is not None:
             device = arena.device
@@ -259,6 +266,8 @@ class Checkpoint:
         data = self._read()
         if not data:
             return self
+        if mem is not None and self._split is None and not _parsed_in_place(device):
+            self._learn_payloads(mem, data)
         off = arena.alloc(len(data)) if arena is not None else None
         if arena is not None and off is not None:
             try:
@@ -278,6 +287,19 @@ class Checkpoint:
         self._free_device()
         self._store, self._host = store, None
         return self
+
+    def _learn_payloads(self, mem: Memory, data: bytes | bytearray) -> None:
+        """Record the blob's payload ranges from one parse of its host bytes for this
+        sequence (changing nothing); a parse refused now (the layout differs, the cells
+        would not fit at the moment) leaves them unknown."""
+        if layout_of(mem) != self.layout:
+            return
+        recorder = PayloadRecorder(data)
+        try:
+            mem.state_read_parse(recorder, self.seq_id, StateFlags.PARTIAL_ONLY)
+        except StateError:
+            return
+        self._split = recorder.split()
 
     def to_host(self) -> Checkpoint:
         """Spill the bytes to host memory and free the device buffer; returns ``self``."""
@@ -371,7 +393,7 @@ def checkpoint(
     ck = Checkpoint(seq_id, pos, blob, layout_of(mem))
     if where == "device":
         device = arena.device if arena is not None else memory_device(mem)
-        if not (ZERO_COPY_HOST and get_device(device).is_host):
+        if not _parsed_in_place(device):
             # learn where the payloads lie while the bytes are on the host anyway (the
             # parse changes nothing); a restore then copies them device to device
             recorder = PayloadRecorder(blob)
@@ -379,6 +401,12 @@ def checkpoint(
             ck._split = recorder.split()
         ck.to_device(device, arena)
     return ck
+
+
+def _parsed_in_place(device: str | None) -> bool:
+    """Whether a checkpoint on ``device`` is restored from its buffer in place (host
+    memory, :data:`ZERO_COPY_HOST`) and so needs no payload ranges."""
+    return ZERO_COPY_HOST and get_device(device).is_host
 
 
 def restorable(mem: Memory, seq_id: int, pos: int) -> str:

@@ -747,7 +747,7 @@ class PrefixCache:
             self._evict(e)
             return
         if self.where == "device" and e.ckpt is not None and e.ckpt.where == "host":
-            e.ckpt.to_device(self._device, self._get_arena())  # e.g. from a saved cache
+            e.ckpt.to_device(self._device, self._get_arena(), self.mem)  # e.g. a saved cache
         while self.bytes_ram + e.nbytes > self.budget_bytes:
             victim = min(self._ram, key=lambda x: (self._shared(x), x.last_used))
             self._evict(victim)
@@ -912,7 +912,7 @@ class PrefixCache:
         for e in self._ram:
             if e.ckpt is not None:
                 if where == "device":
-                    e.ckpt.to_device(self._device, self._get_arena())
+                    e.ckpt.to_device(self._device, self._get_arena(), self.mem)
                 else:
                     e.ckpt.to_host()
 
