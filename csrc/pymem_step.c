@@ -3,74 +3,98 @@
 #define PM_STEP_MAX_SEQ 256
 #define PM_STEP_WORDS   4
 
-pm_status pm_step_kv_find1(const pm_step_cells * c, const int64_t * strm, int64_t n, const int64_t * heads,
-                           int32_t * idx, int32_t * placed) {
-    if (c == NULL || strm == NULL || heads == NULL || idx == NULL || placed == NULL || n < 0 || c->size <= 0) {
+pm_status pm_step_kv_find(const pm_step_cells * c, const int64_t * strm, int64_t n_blocks, int64_t n_per,
+                          const int64_t * heads, int32_t * idx, int32_t * placed) {
+    if (c == NULL || strm == NULL || heads == NULL || idx == NULL || placed == NULL || n_blocks < 0 ||
+        n_per < 1 || c->size <= 0) {
         return PM_ERR_ARG;
     }
     *placed = 0;
-    for (int64_t r = 0; r < n; r++) {
+    if (n_per > c->size) {
+        return PM_OK;
+    }
+    for (int64_t r = 0; r < n_blocks; r++) {
         const int64_t s = strm[r];
         if (s < 0 || s >= c->n_stream) {
             return PM_ERR_RANGE;
         }
         int64_t h = heads[s];
         // restart at 0 when enough cells are unused before the head (the reference's rule)
-        if (h > c->used[s] + 2) {
+        if (h > c->used[s] + 2 * n_per) {
             h = 0;
         }
-        h %= c->size;
-        if (h < 0 || c->pos[s * c->size + h] >= 0) {
-            return PM_OK;  // not empty (or an SWA cell to test): the numpy search decides
+        if (h < 0) {
+            return PM_OK;
         }
-        idx[r] = (int32_t) h;
+        const int32_t * pos = c->pos + s * c->size;
+        for (int64_t j = 0; j < n_per; j++) {
+            const int64_t cell = (h + j) % c->size;
+            if (pos[cell] >= 0) {
+                return PM_OK;  // taken (or an SWA cell to test): the numpy search decides
+            }
+            idx[r * n_per + j] = (int32_t) cell;
+        }
     }
     *placed = 1;
     return PM_OK;
 }
 
-pm_status pm_step_kv_apply1(pm_step_cells * c, const int64_t * strm, int64_t n, const int32_t * idx,
-                            const int32_t * pos, const int32_t * seq, int64_t * heads, int32_t * placed) {
-    if (c == NULL || strm == NULL || idx == NULL || pos == NULL || seq == NULL || heads == NULL ||
-        placed == NULL || n < 0) {
+pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_blocks, int64_t n_per,
+                           const int32_t * idx, const int32_t * pos, const int32_t * seq, int64_t * heads,
+                           int32_t * placed) {
+    if (c == NULL || strm == NULL || idx == NULL || pos == NULL || seq == NULL || placed == NULL ||
+        n_blocks < 0 || n_per < 1) {
         return PM_ERR_ARG;
     }
     *placed = 0;
     // every check before the first write: a refusal changes nothing
-    for (int64_t r = 0; r < n; r++) {
+    for (int64_t r = 0; r < n_blocks; r++) {
         const int64_t s = strm[r];
-        if (s < 0 || s >= c->n_stream || idx[r] < 0 || idx[r] >= c->size) {
+        if (s < 0 || s >= c->n_stream) {
             return PM_ERR_RANGE;
         }
-        if (c->pos[s * c->size + idx[r]] >= 0 || c->n_multi[s] != 0 || seq[r] < 0 ||
-            seq[r] >= PM_STEP_MAX_SEQ) {
+        if (c->n_multi[s] != 0) {
             return PM_OK;
         }
+        for (int64_t j = 0; j < n_per; j++) {
+            const int64_t t = r * n_per + j;
+            if (idx[t] < 0 || idx[t] >= c->size) {
+                return PM_ERR_RANGE;
+            }
+            if (c->pos[s * c->size + idx[t]] >= 0 || seq[t] < 0 || seq[t] >= PM_STEP_MAX_SEQ) {
+                return PM_OK;
+            }
+        }
     }
-    for (int64_t r = 0; r < n; r++) {
+    for (int64_t r = 0; r < n_blocks; r++) {
         const int64_t s = strm[r];
-        const int64_t g = s * c->size + idx[r];
-        const int32_t q = seq[r];
-        const int64_t p = pos[r];
-        c->pos[g] = pos[r];
-        uint64_t * bits = c->seq + g * PM_STEP_WORDS;
-        for (int w = 0; w < PM_STEP_WORDS; w++) {
-            bits[w] = 0;
+        for (int64_t j = 0; j < n_per; j++) {
+            const int64_t t = r * n_per + j;
+            const int64_t g = s * c->size + idx[t];
+            const int32_t q = seq[t];
+            const int64_t p = pos[t];
+            c->pos[g] = pos[t];
+            uint64_t * bits = c->seq + g * PM_STEP_WORDS;
+            for (int w = 0; w < PM_STEP_WORDS; w++) {
+                bits[w] = 0;
+            }
+            bits[q >> 6] = (uint64_t) 1 << (q & 63);
+            c->owner[g] = q;
+            if (c->used_max_p1[s] < idx[t] + 1) {
+                c->used_max_p1[s] = idx[t] + 1;
+            }
+            const int64_t key = s * PM_STEP_MAX_SEQ + q;
+            if (p < c->pmin[key]) {
+                c->pmin[key] = p;
+            }
+            if (p > c->pmax[key]) {
+                c->pmax[key] = p;
+            }
         }
-        bits[q >> 6] = (uint64_t) 1 << (q & 63);
-        c->owner[g] = q;
-        c->used[s] += 1;
-        if (c->used_max_p1[s] < idx[r] + 1) {
-            c->used_max_p1[s] = idx[r] + 1;
+        c->used[s] += n_per;
+        if (heads != NULL) {
+            heads[s] = (int64_t) idx[r * n_per + n_per - 1] + 1;
         }
-        const int64_t key = s * PM_STEP_MAX_SEQ + q;
-        if (p < c->pmin[key]) {
-            c->pmin[key] = p;
-        }
-        if (p > c->pmax[key]) {
-            c->pmax[key] = p;
-        }
-        heads[s] = (int64_t) idx[r] + 1;
     }
     *placed = 1;
     return PM_OK;

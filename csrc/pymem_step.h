@@ -29,22 +29,25 @@ typedef struct pm_step_cells {
     int64_t * pmax;         // [n_stream * 256]
 } pm_step_cells;
 
-// The slot of a one-token-per-stream ubatch: token r goes to stream strm[r] (distinct),
-// cell h = heads[strm[r]] (0 when h > used + 2, wrapped at size), as the batched slot
-// search's first window. *placed = 1 and idx[r] = h when every such cell is empty;
-// *placed = 0 (idx undefined) when one is not: the numpy search decides then.
-// PM_ERR_RANGE for a stream outside [0, n_stream).
-pm_status pm_step_kv_find1(const pm_step_cells * c, const int64_t * strm, int64_t n, const int64_t * heads,
-                           int32_t * idx, int32_t * placed);
+// The slot of a ubatch of n_blocks token blocks of n_per tokens, block r in stream
+// strm[r] (distinct): cells h, h + 1, ... h + n_per - 1 (wrapped at size) from
+// h = heads[strm[r]] (0 when h > used + 2 * n_per), the batched slot search's first
+// window. *placed = 1 and idx[r * n_per + j] = those cells when every one is empty;
+// *placed = 0 (idx undefined) when one is not or n_per > size: the numpy search decides
+// then. PM_ERR_RANGE for a stream outside [0, n_stream).
+pm_status pm_step_kv_find(const pm_step_cells * c, const int64_t * strm, int64_t n_blocks, int64_t n_per,
+                          const int64_t * heads, int32_t * idx, int32_t * placed);
 
-// StackedCells.set_new of a one-token-per-stream ubatch plus the heads' move: token r
-// (position pos[r], sequence seq[r] alone) fills empty cell idx[r] of stream strm[r];
-// used / used_max_p1 / pmin / pmax follow, heads[strm[r]] = idx[r] + 1. Nothing is
-// written and *placed = 0 when a cell is not empty, a stream holds a shared cell
-// (n_multi > 0) or an id is outside [0, 256). PM_ERR_RANGE for a stream or cell outside
-// the stack.
-pm_status pm_step_kv_apply1(pm_step_cells * c, const int64_t * strm, int64_t n, const int32_t * idx,
-                            const int32_t * pos, const int32_t * seq, int64_t * heads, int32_t * placed);
+// StackedCells.set_new of such a ubatch, one sequence id per token (seq: n_blocks * n_per
+// ids), plus the heads' move unless heads is NULL: token t = r * n_per + j (position
+// pos[t], sequence seq[t] alone) fills empty cell idx[t] of stream strm[r]; used /
+// used_max_p1 / pmin / pmax follow and heads[strm[r]] = idx[r * n_per + n_per - 1] + 1.
+// Nothing is written and *placed = 0 when a cell is not empty, a stream holds a shared
+// cell (n_multi > 0) or an id is outside [0, 256). PM_ERR_RANGE for a stream or cell
+// outside the stack.
+pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_blocks, int64_t n_per,
+                           const int32_t * idx, const int32_t * pos, const int32_t * seq, int64_t * heads,
+                           int32_t * placed);
 
 // The whole-array checks of BatchAllocator.init for a batch of one token per sequence
 // (distinct ids in [0, n_seq_max), checked by the caller): token ids in [0, n_vocab)

@@ -2,11 +2,13 @@
 
 Pins: ``pm_step_batch_check`` (``BatchAllocator.init`` of a one-token-per-sequence batch)
 accepts and refuses exactly the batches the numpy checks do, with the same output flags,
-position table and output count; ``pm_step_kv_find1`` / ``pm_step_kv_apply1`` (a KV
-cache's slot and placement of one token per stream) leave every cell array, per-stream
+position table and output count; ``pm_step_kv_find`` / ``pm_step_kv_place`` (a KV
+cache's head-window slot and the placement of a replayed ubatch: one token per stream,
+or a unified cache's block of one token per sequence) leave every cell array, per-stream
 counter, cached bound and head byte-equal to the numpy path's, on caches whose streams
-wrap, overwrite window-masked cells and lose cells to ``seq_rm``; where a head cell is
-taken the kernels decline, change nothing, and the numpy path decides.
+wrap, overwrite window-masked cells (place then runs after numpy emptied them) and lose
+cells to ``seq_rm``; where a head cell is taken the kernels decline, change nothing, and
+the numpy path decides.
 """
 
 from __future__ import annotations
@@ -108,35 +110,37 @@ def _drive_twins(monkeypatch, twins, allocs, seqs, pos) -> None:
 
 @pytest.mark.parametrize("swa_type", SWA_KINDS)
 @pytest.mark.parametrize("v_trans", [True, False])
-def test_kv_decode_steps_native_equal_numpy(monkeypatch, swa_type, v_trans) -> None:
-    """Twin one-stream-per-sequence caches, one stepped through the kernels, one through
-    numpy: equal slots, inputs and cell bytes after every step, across wrap-arounds (16
-    cells a stream), SWA overwrites, layout changes and removals."""
-    rng = np.random.default_rng(40 + int(swa_type) + 10 * v_trans)
+@pytest.mark.parametrize("unified", [False, True])
+def test_kv_decode_steps_native_equal_numpy(monkeypatch, swa_type, v_trans, unified) -> None:
+    """Twin caches, one stepped through the kernels, one through numpy: equal slots,
+    inputs and cell bytes after every step, across wrap-arounds (16 cells a stream, 40
+    unified), SWA overwrites, layout changes and removals."""
+    rng = np.random.default_rng(40 + int(swa_type) + 10 * v_trans + 100 * unified)
     swa = {} if swa_type == 0 else {"swa_type": swa_type, "n_swa": 4}
     n_seq = 6
-    twins = [make_kv(16, n_seq, unified=False, v_trans=v_trans, **swa) for _ in range(2)]
+    size, full = (40, 34) if unified else (16, 14)
+    twins = [make_kv(size, n_seq, unified=unified, v_trans=v_trans, **swa) for _ in range(2)]
     allocs = [BatchAllocator(), BatchAllocator()]
-    calls = {"find": 0, "apply": 0}
-    find, apply = kv_cache.KVCache._find_slot_native, kv_cache.KVCache._apply_native
+    calls = {"find": 0, "place": 0, "after_rm": 0}
+    find, place = kv_cache.KVCache._find_slot_native, kv_cache.KVCache._place_native
 
-    def count_find(self, memo):
-        res = find(self, memo)
+    def count_find(self, memo, n_per):
+        res = find(self, memo, n_per)
         calls["find"] += res is not None
         return res
 
-    def count_apply(self, memo, sinfo, ubatch):
-        res = apply(self, memo, sinfo, ubatch)
-        calls["apply"] += res
+    def count_place(self, memo, sinfo, ubatch, *, heads):
+        res = place(self, memo, sinfo, ubatch, heads=heads)
+        calls["place" if heads else "after_rm"] += res
         return res
 
     monkeypatch.setattr(kv_cache.KVCache, "_find_slot_native", count_find)
-    monkeypatch.setattr(kv_cache.KVCache, "_apply_native", count_apply)
+    monkeypatch.setattr(kv_cache.KVCache, "_place_native", count_place)
     layouts = [list(range(n_seq)), [1, 3, 4], [2]]
     for step in range(60):
         seqs = layouts[(step // 5) % len(layouts)]
         pos = [twins[0].seq_pos_max(s) + 1 for s in seqs]
-        if swa_type == 0 and int(twins[0].cells.used.max()) >= 14:
+        if swa_type == 0 and int(twins[0].cells.used.max()) >= full:
             for kv in twins:  # without a window a full stream refuses: make room
                 for s in range(n_seq):
                     kv.seq_rm(s, -1, kv.seq_pos_max(s) - 4)
@@ -148,9 +152,9 @@ def test_kv_decode_steps_native_equal_numpy(monkeypatch, swa_type, v_trans) -> N
                 kv.seq_rm(s, max(0, kv.seq_pos_max(s) - 2), -1)
         for kv in twins:  # both: the checks refresh lazily kept bounds
             check_invariants(kv)
-    assert calls["find"] > 10 and calls["apply"] > 10
-    if swa_type != 0:  # the windows overwrite: some steps went to numpy
-        assert calls["apply"] < 60
+    assert calls["find"] > 5 and calls["place"] > 5
+    if swa_type != 0:  # the windows overwrite: numpy empties the cells, the kernel places
+        assert calls["after_rm"] > 0
 
 
 def test_kv_kernels_decline_taken_cells_and_change_nothing() -> None:
@@ -169,18 +173,18 @@ def test_kv_kernels_decline_taken_cells_and_change_nothing() -> None:
     placed = ffi.new("int32_t *")
     args = (ffi.from_buffer("int32_t[]", idx), ffi.from_buffer("int32_t[]", pos),
             ffi.from_buffer("int32_t[]", seq), heads, placed)  # fmt: skip
-    assert lib.pm_step_kv_apply1(c, ffi.from_buffer("int64_t[]", strm), 3, *args) == lib.PM_OK
+    assert lib.pm_step_kv_place(c, ffi.from_buffer("int64_t[]", strm), 3, 1, *args) == lib.PM_OK
     assert placed[0] == 0 and _cells_bytes(kv) == before
     kv.v_heads.a[1] = 0  # the head window of stream 1 is taken
     out = np.empty((3, 1), np.int32)
 
     def find1(streams: np.ndarray) -> int:
-        return lib.pm_step_kv_find1(
-            c, ffi.from_buffer("int64_t[]", streams), streams.size, heads,
+        return lib.pm_step_kv_find(
+            c, ffi.from_buffer("int64_t[]", streams), streams.size, 1, heads,
             ffi.from_buffer("int32_t[]", out), placed,
         )  # fmt: skip
 
     assert find1(strm) == lib.PM_OK and placed[0] == 0
     assert find1(np.array([0, 3], np.int64)) == lib.PM_ERR_RANGE
     with pytest.raises(NativeError, match="out of range"):
-        check(lib.PM_ERR_RANGE, "pm_step_kv_find1")
+        check(lib.PM_ERR_RANGE, "pm_step_kv_find")

@@ -157,6 +157,9 @@ class _StepMemo:
     strm32: np.ndarray  # the same, int32, read-only: the slot's strm
     offs: np.ndarray  # int64 [n_blocks, 1]: strm * kv_size, the first row of each stream
     new_rows: NewRows  # what set_new derives from the streams and ids
+    # int64 [n_blocks, 1, n_embd_v_gqa_max]: each block's transposed-V element offsets
+    # without the cell (build_v_idxs's offs + chan), made on first use
+    v_base: np.ndarray | None = None
 
 
 class KVCache(Memory):
@@ -820,8 +823,8 @@ class KVCache(Memory):
             if strm is not None:
                 if n_tokens > self.kv_size:
                     return None
-                if USE_NATIVE and memo is not None and n_tokens == 1 and self.n_stream > 1:
-                    sinfo = self._find_slot_native(memo)
+                if USE_NATIVE and memo is not None:
+                    sinfo = self._find_slot_native(memo, n_tokens)
                     if sinfo is not None:
                         return sinfo
                 return self._find_slot_batched(strm, n_tokens, memo)
@@ -887,20 +890,21 @@ class KVCache(Memory):
             self._step_cells = (c, bufs[8], bufs)
         return self._step_cells
 
-    def _find_slot_native(self, memo: _StepMemo) -> SlotInfo | None:
-        """The head-window slot of a one-token-per-stream ubatch in one native call, None
-        when a head cell is not empty (the numpy search then decides)."""
+    def _find_slot_native(self, memo: _StepMemo, n_per: int) -> SlotInfo | None:
+        """The head-window slot of a replayed ubatch (``n_per`` tokens in each of its
+        streams) in one native call, None when a cell of it is taken (the numpy search
+        then decides)."""
         assert memo.strm is not None
         c, heads, _ = self._native_cells()
         n = memo.strm.size
-        idxs = np.empty((n, 1), dtype=np.int32)
+        idxs = np.empty((n, n_per), dtype=np.int32)
         placed = ffi.new("int32_t *")
-        status = lib.pm_step_kv_find1(
-            c, ffi.from_buffer("int64_t[]", memo.strm), n, heads,
+        status = lib.pm_step_kv_find(
+            c, ffi.from_buffer("int64_t[]", memo.strm), n, n_per, heads,
             ffi.from_buffer("int32_t[]", idxs, require_writable=True), placed,
         )  # fmt: skip
         if status != lib.PM_OK:
-            check(status, f"pm_step_kv_find1 ({n} streams of {self.n_stream})")
+            check(status, f"pm_step_kv_find ({n} streams of {self.n_stream})")
         return SlotInfo(memo.strm32, idxs) if placed[0] else None
 
     def _slot_streams(self, ubatch: UBatch, n_seqs: int, n_tokens: int) -> np.ndarray | None:
@@ -1092,20 +1096,18 @@ class KVCache(Memory):
         self._mutated()
         st = self.cells
         memo = self._memo_for(sinfo)
-        if (
+        native = (
             USE_NATIVE
             and memo is not None
-            and n_per == 1
-            and self.n_stream > 1
             and ubatch.seq_id is memo.seq_id
             and memo.new_rows.simple
             and ubatch.pos.dtype == np.int32
             and sinfo.idxs.dtype == np.int32
             and st.ext is None
             and not st.journaling
-            and self._apply_native(memo, sinfo, ubatch)
-        ):
-            return
+        )
+        if native and self._place_native(memo, sinfo, ubatch, heads=True):
+            return  # every cell was empty: placed, heads moved, nothing to purge
         strm = sinfo.strm.astype(np.int64) if memo is None else memo.strm
         assert strm is not None
         idx = sinfo.idxs.astype(np.int64)
@@ -1143,7 +1145,9 @@ class KVCache(Memory):
                 ext[:, 2] = ubatch.token
             else:
                 ext[:, 2] = self._ple_embd_token()
-        if memo is not None and ubatch.seq_id is memo.seq_id:
+        if native and occupied.size and self._place_native(memo, sinfo, ubatch, heads=False):
+            pass  # set_new in one native call (the overwritten cells were emptied above)
+        elif memo is not None and ubatch.seq_id is memo.seq_id:
             st.set_new(strm, idx, pos_all[:n_tok], ubatch.seq_id, ext, gid, memo.new_rows)
         else:
             st.set_new(strm, idx, pos_all[:n_tok], ubatch.seq_id, ext)
@@ -1155,22 +1159,26 @@ class KVCache(Memory):
             self._heads_back_to(st.seq_rm_upto(seqs, rows, max_rm[seqs]))
         self.v_heads.a[strm] = idx[:, -1] + 1
 
-    def _apply_native(self, memo: _StepMemo, sinfo: SlotInfo, ubatch: UBatch) -> bool:
-        """:meth:`apply_ubatch` of one token per stream into empty cells in one native call
-        (``set_new`` and the heads); False, nothing changed, when a cell is taken or a
-        stream holds shared cells (the numpy path then overwrites / re-owns)."""
-        assert memo.strm is not None
-        c, heads, _ = self._native_cells()
-        n = memo.strm.size
+    def _place_native(
+        self, memo: _StepMemo | None, sinfo: SlotInfo, ubatch: UBatch, *, heads: bool
+    ) -> bool:
+        """``set_new`` of a replayed ubatch's tokens (one id each) into the slot's cells, and
+        with ``heads`` the heads' move, in one native call; False, nothing changed, when a
+        cell is taken or a stream holds shared cells (numpy then overwrites / re-owns)."""
+        assert memo is not None and memo.strm is not None
+        c, heads_buf, _ = self._native_cells()
+        n_blocks, n_per = sinfo.idxs.shape
         placed = ffi.new("int32_t *")
         # one id per token ([n, 1] int32): the matrix is the id column
-        status = lib.pm_step_kv_apply1(
-            c, ffi.from_buffer("int64_t[]", memo.strm), n,
+        status = lib.pm_step_kv_place(
+            c, ffi.from_buffer("int64_t[]", memo.strm), n_blocks, n_per,
             ffi.from_buffer("int32_t[]", sinfo.idxs), ffi.from_buffer("int32_t[]", ubatch.pos),
-            ffi.from_buffer("int32_t[]", ubatch.seq_id), heads, placed,
+            ffi.from_buffer("int32_t[]", ubatch.seq_id), heads_buf if heads else ffi.NULL, placed,
         )  # fmt: skip
         if status != lib.PM_OK:
-            check(status, f"pm_step_kv_apply1 ({n} streams of {self.n_stream})")
+            check(
+                status, f"pm_step_kv_place ({n_blocks} x {n_per} tokens, {self.n_stream} streams)"
+            )
         return bool(placed[0])
 
     def _ple_embd_token(self) -> int:
@@ -1368,9 +1376,19 @@ class KVCacheContext(MemoryContext):
 
     def get_v_idxs(self) -> np.ndarray:
         """int64: V rows as K, or with ``v_trans`` element indices ``[n_tokens * n_embd_v_gqa_max]``."""
-        if not self.kv.v_trans:
+        kv = self.kv
+        if not kv.v_trans:
             return self.get_k_idxs()
-        return build_v_idxs(self.kv.layout, self.get_sinfo())
+        sinfo = self.get_sinfo()
+        memo = kv._memo_for(sinfo)
+        if memo is None:
+            return build_v_idxs(kv.layout, sinfo)
+        if memo.v_base is None:
+            # E.g. kv_size 8, E 2, strm [1] -> [[[16, 24]]]; + cell 3 -> [19, 27]
+            e = kv.n_embd_v_gqa_max
+            chan = np.arange(e, dtype=np.int64)[None, None, :] * kv.kv_size
+            memo.v_base = memo.offs[:, :, None] * e + chan
+        return (memo.v_base + sinfo.idxs[:, :, None]).ravel()
 
     def get_kq_mask(
         self,
