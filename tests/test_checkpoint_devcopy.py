@@ -10,13 +10,19 @@
 * A restore that must fail changes nothing; a parse that takes other payload ranges than
   the recorded ones falls back to the whole blob (and relearns them).
 
-Only the CPU backend runs here (host buffers: the copies are memmoves); a device buffer
-takes the backend-copy branch of pm_tensor_copy_runs, not exercised on this machine.
+The CPU backend's buffers are host memory (the copies are memmoves; a fixture turns off
+the in-place parse of such buffers so the device-copy path runs at all); buffers that are
+not host memory take the backend-copy branch of pm_tensor_copy_runs, checked on ggml's
+RPC backend (tests/rpc_devcopy_worker.py, a local rpc-server). Never run on CUDA here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -461,3 +467,34 @@ def test_a_cache_moving_host_checkpoints_to_the_device_learns_their_payloads(
                 assert loaded.restore_entry(0, e.pos) == e.pos + 1
             assert reads.calls == []
             assert fresh.state_write(0, 1) == want  # PARTIAL_ONLY: the checkpoint's bytes
+
+
+# --- buffers that are not host memory: ggml's RPC backend -----------------------------------
+
+RPC_BUILD = Path(__file__).resolve().parent.parent / "build-rpc"
+RPC_SERVER = RPC_BUILD / "bin" / "rpc-server"
+
+
+def test_the_device_copy_path_on_an_rpc_device() -> None:
+    # the backend-copy branch of pm_tensor_copy_runs (I8 tensors placed in two non-host
+    # buffers, ggml_backend_tensor_copy: a copy on the server), the payload writers'
+    # transposed-V methods on a device, and checkpoint restores of memories held on an
+    # rpc-server, in a fresh interpreter bound to the GGML_RPC build (as tests/test_rpc.py)
+    if not (RPC_SERVER.exists() and (RPC_BUILD / "lib" / "libggml-rpc.so").exists()):
+        if os.environ.get("CI"):
+            pytest.fail(f"{RPC_BUILD}: no RPC ggml build; CI runs .ci/ggml_rpc build-rpc first")
+        pytest.skip(f"no ggml built with GGML_RPC at {RPC_BUILD}")
+    env = dict(os.environ, PYMEM_GGML_LIB_DIR=str(RPC_BUILD / "lib"))
+    worker = Path(__file__).parent / "rpc_devcopy_worker.py"
+    proc = subprocess.run([sys.executable, str(worker), str(RPC_SERVER)], env=env,
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 0, f"worker failed:\n{proc.stdout}\n{proc.stderr}"
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["device"] == "RPC0"
+    assert out["copy_runs"] == {
+        "rpc->rpc": True, "rpc->cpu": True, "cpu->rpc": True, "rpc same buffer": True,
+    }  # fmt: skip
+    assert out["payload_writer"] == {"one run": True, "runs of 4": True, "single cells": True}
+    assert len(out["restores"]) == 15
+    for name, r in out["restores"].items():
+        assert r == dict(device="RPC0", split=True, identical=True, host_reads=0), name
