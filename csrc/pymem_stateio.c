@@ -183,3 +183,127 @@ pm_status pm_kv_cells_equal(const int32_t * pos, const int32_t * owner, const in
     *same = bad == 0;
     return PM_OK;
 }
+
+// whether cell c is one a blob of seq_id (-1: every non-empty cell) holds
+static inline int pm_stateio_selected(const int32_t * pos, const int32_t * owner, int64_t c, int32_t seq_id) {
+    return seq_id < 0 ? pos[c] >= 0 : owner[c] == seq_id;
+}
+
+pm_status pm_kv_select_count(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id,
+                             int32_t n_seq_max, int64_t * n, int64_t * n_runs, int32_t * shared) {
+    if (pos == NULL || owner == NULL || n == NULL || n_runs == NULL || shared == NULL || size < 0) {
+        return PM_ERR_ARG;
+    }
+    // branch-free loops the compiler vectorises: cells, run starts (a selected cell after
+    // an unselected one), and for the whole cache selected cells without one owner id
+    int64_t count = 0, starts = 0;
+    int32_t odd = 0;
+    if (seq_id >= 0) {
+        for (int64_t c = 0; c < size; ++c) {
+            count += owner[c] == seq_id;
+        }
+        for (int64_t c = 1; c < size; ++c) {
+            starts += (owner[c] == seq_id) & (owner[c - 1] != seq_id);
+        }
+        starts += size > 0 && owner[0] == seq_id;
+    } else {
+        for (int64_t c = 0; c < size; ++c) {
+            count += pos[c] >= 0;
+            odd |= (pos[c] >= 0) & ((uint32_t) owner[c] >= (uint32_t) n_seq_max);
+        }
+        for (int64_t c = 1; c < size; ++c) {
+            starts += (pos[c] >= 0) & (pos[c - 1] < 0);
+        }
+        starts += size > 0 && pos[0] >= 0;
+    }
+    *n = count;
+    *n_runs = starts;
+    *shared = odd;
+    return PM_OK;
+}
+
+pm_status pm_kv_select_runs(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id,
+                            int64_t * run_starts, int64_t * run_ends, int64_t cap) {
+    if (pos == NULL || owner == NULL || (cap > 0 && (run_starts == NULL || run_ends == NULL)) || size < 0 ||
+        cap < 0) {
+        return PM_ERR_ARG;
+    }
+    int64_t runs = 0;
+    int prev = 0;
+    int64_t c = 0;
+    while (c < size) {
+        // skip blocks of 16 cells all like the one before them (runs are long)
+        if (c + 16 <= size) {
+            int differ = 0;
+            if (seq_id >= 0) {
+                for (int j = 0; j < 16; ++j) {
+                    differ |= (owner[c + j] == seq_id) != prev;
+                }
+            } else {
+                for (int j = 0; j < 16; ++j) {
+                    differ |= (pos[c + j] >= 0) != prev;
+                }
+            }
+            if (!differ) {
+                c += 16;
+                continue;
+            }
+        }
+        const int sel = pm_stateio_selected(pos, owner, c, seq_id);
+        if (sel && !prev) {
+            if (runs == cap) {
+                return PM_ERR_RANGE;
+            }
+            run_starts[runs] = c;
+        }
+        if (!sel && prev) {
+            run_ends[runs++] = c;
+        }
+        prev = sel;
+        ++c;
+    }
+    if (prev) {
+        if (runs == cap) {
+            return PM_ERR_RANGE;
+        }
+        run_ends[runs++] = size;
+    }
+    return runs == cap ? PM_OK : PM_ERR_RANGE;
+}
+
+pm_status pm_kv_meta_words(const int32_t * pos, const int32_t * owner, const int32_t * ext, int64_t n_ext,
+                           const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs, int32_t seq_id,
+                           int32_t with_id, int32_t * out, int64_t cap_words) {
+    if (pos == NULL || owner == NULL || out == NULL || (n_runs > 0 && (run_starts == NULL || run_ends == NULL)) ||
+        n_runs < 0 || (n_ext != 0 && n_ext != 3) || (n_ext != 0 && ext == NULL) || cap_words < 0) {
+        return PM_ERR_ARG;
+    }
+    const int64_t rec = 2 + n_ext + (with_id ? 1 : 0);
+    int64_t total = 0;
+    for (int64_t i = 0; i < n_runs; ++i) {
+        if (run_starts[i] < 0 || run_ends[i] < run_starts[i]) {
+            return PM_ERR_ARG;
+        }
+        total += run_ends[i] - run_starts[i];
+    }
+    if (total > cap_words / rec) {
+        return PM_ERR_RANGE;
+    }
+    int32_t * w = out;
+    for (int64_t i = 0; i < n_runs; ++i) {
+        for (int64_t c = run_starts[i]; c < run_ends[i]; ++c) {
+            w[0] = pos[c];
+            w[1] = with_id ? 1 : 0;
+            if (n_ext != 0) {
+                w[2] = ext[3 * c];
+                w[3] = ext[3 * c + 1];
+                w[4] = ext[3 * c + 2];
+            }
+            if (with_id) {
+                w[rec - 1] = seq_id < 0 ? owner[c] : seq_id;
+            }
+            w += rec;
+        }
+    }
+    return PM_OK;
+}

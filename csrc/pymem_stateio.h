@@ -54,6 +54,27 @@ pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void 
 pm_status pm_kv_cells_equal(const int32_t * pos, const int32_t * owner, const int32_t * ext, const int32_t * words,
                             int64_t n, int64_t rec, int64_t n_ext, int32_t * same);
 
+// The cells a state blob of one stream holds, counted in one pass: seq_id >= 0 those whose
+// owner is seq_id (the caller makes sure no cell is shared), seq_id -1 every non-empty cell
+// (pos >= 0). *n cells, *n_runs maximal runs of consecutive ones, *shared = 1 when a
+// selected cell's owner is not one sequence id in [0, n_seq_max) (whole-cache records
+// then need the cells' bitsets). PM_ERR_ARG for a null pointer or size < 0.
+pm_status pm_kv_select_count(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id,
+                             int32_t n_seq_max, int64_t * n, int64_t * n_runs, int32_t * shared);
+
+// Those cells' maximal runs (cap of them, as counted): run_starts / run_ends (exclusive).
+// PM_ERR_RANGE when there are not exactly cap runs; PM_ERR_ARG for a null pointer.
+pm_status pm_kv_select_runs(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id,
+                            int64_t * run_starts, int64_t * run_ends, int64_t cap);
+
+// The state blob's meta records of the cells of n_runs runs, in order, into out (cap_words
+// int32 words): pos, n_seq_id (1 with_id, else 0), the n_ext (0 or 3) ext words
+// (ext: int32[size][3]), then with_id the id: seq_id, or for seq_id -1 the cell's owner.
+// PM_ERR_RANGE when out is too small; PM_ERR_ARG for a null pointer or a bad run.
+pm_status pm_kv_meta_words(const int32_t * pos, const int32_t * owner, const int32_t * ext, int64_t n_ext,
+                           const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs, int32_t seq_id,
+                           int32_t with_id, int32_t * out, int64_t cap_words);
+
 // PYMEM_CDEF_END
 
 #ifdef __cplusplus

@@ -71,12 +71,12 @@ def test_fragmented_sequences_every_path_same_bytes(monkeypatch, name: str, max_
         yield "host"  # restores store the bytes with state_io.put_payloads (one call)
         for forced in ("numpy", "ranges"):
             with monkeypatch.context() as m:
-                m.setattr(state_io, "USE_NATIVE_PUT", False)  # through state_rows
+                m.setattr(state_io, "NATIVE_RUNS", False)  # through state_rows
                 m.setattr(sio, "cols_method", lambda host, runs, el, n, forced=forced: forced)
                 yield f"host {forced}"
         for forced in (None, "ranges", "staged"):
             with monkeypatch.context() as m:
-                m.setattr(state_io, "USE_NATIVE_PUT", False)
+                m.setattr(state_io, "NATIVE_RUNS", False)
                 m.setattr(sio, "rows_view", lambda t: None)
                 m.setattr(sio, "v_trans_view", lambda kv, layer, strm: None)
                 if forced:

@@ -10,6 +10,7 @@ restore decided on this path still changes nothing."""
 from __future__ import annotations
 
 import contextlib
+import io
 
 import numpy as np
 import pytest
@@ -223,7 +224,7 @@ def test_native_byte_store_equals_state_rows_path(monkeypatch, name: str) -> Non
                     rows.state_read(blob, s)
                 continue
             with monkeypatch.context() as m:
-                m.setattr(state_io, "USE_NATIVE_PUT", False)
+                m.setattr(state_io, "NATIVE_RUNS", False)
                 rows.state_read(blob, s)
             assert _state(native) == _state(rows)
 
@@ -308,3 +309,61 @@ def test_cells_of_runs_and_put_cells_refusals() -> None:
     assert put([3], [5]) == lib.PM_OK and put([12], [14]) == lib.PM_OK
     rows = np.frombuffer(k.read_bytes(), np.uint8).reshape(-1, k.row_size)
     assert rows[[3, 4, 12, 13]].all() and not rows[[0, 1, 2, 5, 11, 14, 15]].any()
+
+
+@pytest.mark.parametrize("name", [*NAMES, "swa"])
+def test_native_blob_writer_equals_reference_writer(monkeypatch, name: str) -> None:
+    """_write_stream_native (count, runs, meta records written in place, byte runs) and
+    the reference writer (selected_cells, _meta_words, state_rows) give the same blobs:
+    every sequence and the whole cache, into bytes, a reused buffer and a file, also with
+    shared cells (a fork: per sequence the native writer declines that stream) and with
+    sequence ids past n_seq_max."""
+    for seed in range(6):
+        kv = _scenario(name, seed)
+        if seed % 2 and kv.n_stream == 1:
+            kv.seq_cp(0, 1, 0, 2)  # shared cells
+        calls = [(s,) for s in range(kv.n_seq_max)] + [(-1,)]
+        with monkeypatch.context() as m:
+            m.setattr(state_io, "NATIVE_RUNS", False)
+            want = [bytes(kv.state_write(*c)) for c in calls]
+        assert [bytes(kv.state_write(*c)) for c in calls] == want
+        for c, blob in zip(calls, want):
+            out = bytearray(len(blob) + 5)
+            assert kv.state_write_buffer(out, *c) == len(blob) and bytes(out[: len(blob)]) == blob
+            f = io.BytesIO()
+            kv.state_write_to(f, *c)
+            assert f.getvalue() == blob
+
+
+def test_native_selection_kernels_refuse_wrong_capacities() -> None:
+    """pm_kv_select_runs needs exactly the counted runs, pm_kv_meta_words room for every
+    record: both refuse (PM_ERR_RANGE) instead of writing past the arrays."""
+    kv = _scenario("f32-notrans", 1)
+    cells = kv.v_cells[0]
+    pos = ffi.from_buffer("int32_t[]", cells.pos)
+    owner = ffi.from_buffer("int32_t[]", cells.owner)
+    counts = ffi.new("int64_t[2]")
+    shared = ffi.new("int32_t *")
+    assert lib.pm_kv_select_count(pos, owner, cells.size, 0, 3, counts, counts + 1, shared) == 0
+    n, n_runs = int(counts[0]), int(counts[1])
+    assert n == int(np.count_nonzero(cells.owner == 0)) and n_runs >= 1
+    starts = np.empty(n_runs + 1, np.int64)
+    ends = np.empty(n_runs + 1, np.int64)
+    st = ffi.from_buffer("int64_t[]", starts, require_writable=True)
+    en = ffi.from_buffer("int64_t[]", ends, require_writable=True)
+    assert lib.pm_kv_select_runs(pos, owner, cells.size, 0, st, en, n_runs + 1) == lib.PM_ERR_RANGE
+    if n_runs > 1:
+        assert lib.pm_kv_select_runs(pos, owner, cells.size, 0, st, en, n_runs - 1) == (
+            lib.PM_ERR_RANGE
+        )
+    assert lib.pm_kv_select_runs(pos, owner, cells.size, 0, st, en, n_runs) == lib.PM_OK
+    runs = (starts[:n_runs], ends[:n_runs])
+    assert _runs_equal(runs, state_io.cell_runs(np.flatnonzero(cells.owner == 0)))
+    out = np.full(3 * n, -7, dtype=np.int32)
+    o = ffi.from_buffer("int32_t[]", out, require_writable=True)
+    args = (pos, owner, ffi.NULL, 0, st, en, n_runs, 0, 1, o)
+    assert lib.pm_kv_meta_words(*args, 3 * n - 1) == lib.PM_ERR_RANGE
+    assert (out == -7).all()
+    assert lib.pm_kv_meta_words(*args, 3 * n) == lib.PM_OK
+    idx = np.flatnonzero(cells.owner == 0)
+    assert out.reshape(n, 3).tolist() == [[int(cells.pos[c]), 1, 0] for c in idx]

@@ -23,6 +23,11 @@ in one native pass (:func:`seq_same_cells`) and changes no cell: the reference's
 find_slot + apply_ubatch would leave each as it is, so only the head moves and the bytes
 are written. Host tensors take the bytes of every layer in one native call
 (:func:`put_payloads`); other devices go through :func:`~pymem.kv.state_rows.write_payloads`.
+Writing, a stream of host tensors is selected in two native passes (count, runs) and its
+meta records are written straight into the output (:func:`_write_stream_native`), instead
+of index arrays the size of the selection; :func:`selected_cells`, :func:`_meta_words` and
+state_rows stay the reference (``NATIVE_RUNS = False``) and serve shared cells, sliding
+windows and other devices.
 
 Its functions take the cache's :class:`~pymem.kv.layout.KVLayout`, its cells
 (``v_cells``), heads and :class:`~pymem.kv.layout.KVLayer` list; the few cache operations
@@ -40,6 +45,7 @@ from functools import lru_cache
 import numpy as np
 
 from pymem._native import check, ffi, lib
+from pymem.backend import Tensor
 from pymem.errors import StateError
 from pymem.kv.cells import OWNER_MULTI, KVCells
 from pymem.kv.layout import KVLayer, KVLayout, SlotInfo, StreamHeads
@@ -130,6 +136,120 @@ def _meta_words(layout: KVLayout, cells: KVCells, idx: np.ndarray, seq_id: int) 
     return words
 
 
+def _native_writable(layout: KVLayout, layers: Sequence[KVLayer], seq_id: int) -> bool:
+    """Whether :func:`_write_stream_native` may write this blob: host tensors whose rows
+    the blob takes whole, and a plain selection (no sliding window for one sequence)."""
+    if not NATIVE_RUNS or (seq_id >= 0 and layout.swa_type != SWAType.NONE):
+        return False
+    for layer in layers:
+        if not layer.k.device.is_host or layout.k_row_size(layer.n_embd_k_gqa) != layer.k.row_size:
+            return False
+        v = layer.v
+        if v is not None and not v.device.is_host:
+            return False
+        if (
+            v is not None
+            and not layout.v_trans
+            and layout.v_row_size(layer.n_embd_v_gqa) != v.row_size
+        ):
+            return False
+    return True
+
+
+def _write_stream_native(
+    layout: KVLayout,
+    cells: KVCells,
+    layers: Sequence[KVLayer],
+    writer: StateWriter,
+    strm: int,
+    seq_id: int,
+) -> bool:
+    """One stream's part of a blob (from its cell count on) with two native passes over
+    the cells (count, runs) and the meta records written straight into the output; the
+    bytes as byte runs (:func:`selected_cells`, :func:`_meta_words` and state_rows'
+    ``write_rows`` / ``write_v_trans`` are the reference). False, nothing written, for a
+    stream with shared cells (per sequence: any; whole cache: a selected one)."""
+    if seq_id >= 0 and cells.n_multi:
+        return False
+    pos = ffi.from_buffer("int32_t[]", cells.pos)
+    owner = ffi.from_buffer("int32_t[]", cells.owner)
+    counts = ffi.new("int64_t[2]")
+    shared = ffi.new("int32_t *")
+    check(
+        lib.pm_kv_select_count(pos, owner, cells.size, seq_id, layout.n_seq_max, counts,
+                               counts + 1, shared),
+        "state write: count cells",
+    )  # fmt: skip
+    if seq_id < 0 and shared[0]:
+        return False
+    n, n_runs = int(counts[0]), int(counts[1])
+    writer.write_u32(n)
+    if n == 0:
+        return True
+    starts = np.empty(n_runs, dtype=np.int64)
+    ends = np.empty(n_runs, dtype=np.int64)
+    check(
+        lib.pm_kv_select_runs(pos, owner, cells.size, seq_id,
+                              ffi.from_buffer("int64_t[]", starts, require_writable=True),
+                              ffi.from_buffer("int64_t[]", ends, require_writable=True), n_runs),
+        "state write: cell runs",
+    )  # fmt: skip
+    n_ext = 3 if layout.with_ext else 0
+    with_id = seq_id < layout.n_seq_max  # per sequence: no id at all for ids >= n_seq_max
+    rec = 2 + n_ext + int(with_id)
+    ext = ffi.from_buffer("int32_t[]", cells.ext) if n_ext else ffi.NULL
+
+    def fill_meta(out: memoryview) -> None:
+        status = lib.pm_kv_meta_words(
+            pos, owner, ext, n_ext, ffi.from_buffer("int64_t[]", starts),
+            ffi.from_buffer("int64_t[]", ends), n_runs, seq_id, int(with_id),
+            ffi.from_buffer("int32_t[]", out, require_writable=True), n * rec,
+        )  # fmt: skip
+        check(status, "state write: meta records")
+
+    writer.write_fill(n * rec * 4, fill_meta)
+    writer.write_u32(1 if layout.v_trans else 0)
+    writer.write_u32(len(layers))
+    lengths = ends - starts
+    memo: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # row size -> byte runs
+
+    def rows(t: Tensor) -> None:
+        """The selected rows of ``t``: one run read in place, else every run in one call.
+        E.g. row 64, runs [0, 2), [4, 5) -> byte runs at [0, 256), sizes [128, 64]."""
+        row = t.row_size
+        base = strm * layout.kv_size * row
+        if n_runs == 1:
+            a = base + int(starts[0]) * row
+            writer.write(t.numpy().reshape(-1).view(np.uint8)[a : a + n * row].data)
+            return
+        if row not in memo:
+            memo[row] = ((starts * row).astype(np.uint64), (lengths * row).astype(np.uint64))
+        writer.write_tensor_runs(t, base, 1, 0, *memo[row])
+
+    for layer in layers:
+        writer.write_i32(layout.type_k.id)
+        writer.write_u64(layer.k.row_size)
+        rows(layer.k)
+    el = layout.v_el_size
+    for layer in layers:
+        v = layer.v
+        if v is None:
+            continue
+        writer.write_i32(layout.type_v.id)
+        if not layout.v_trans:
+            writer.write_u64(v.row_size)
+            rows(v)
+            continue
+        writer.write_u32(el)
+        writer.write_u32(layer.n_embd_v_gqa)
+        # channel j's runs start at the stream's V block + j * kv_size * el
+        if -el not in memo:
+            memo[-el] = ((starts * el).astype(np.uint64), (lengths * el).astype(np.uint64))
+        writer.write_tensor_runs(v, strm * v.nb[2], layer.n_embd_v_gqa, layout.kv_size * el,
+                                 *memo[-el])  # fmt: skip
+    return True
+
+
 def write_kv_state(
     layout: KVLayout,
     v_cells: Sequence[KVCells],
@@ -139,8 +259,11 @@ def write_kv_state(
 ) -> None:
     """Serialise the cells of ``seq_id`` (-1: all) and their K/V bytes."""
     writer.write_u32(layout.n_stream)
+    native = _native_writable(layout, layers, seq_id)
     for strm in range(layout.n_stream):
         cells = v_cells[strm]
+        if native and _write_stream_native(layout, cells, layers, writer, strm, seq_id):
+            continue
         idx = selected_cells(layout, cells, seq_id)
         writer.write_u32(idx.size)
         if idx.size == 0:
@@ -256,7 +379,7 @@ def put_payloads(
     layer in one native call (``runs()``: the cells as :func:`cell_runs`, asked for only
     then); False (nothing written) when a tensor is not in host memory or a payload is
     not a host buffer (the caller then takes :func:`~pymem.kv.state_rows.write_payloads`)."""
-    if not USE_NATIVE_PUT or n == 0:
+    if not NATIVE_RUNS or n == 0:
         return False
     el = layout.v_el_size
     tensors, srcs, params = [], [], []
@@ -294,7 +417,9 @@ def put_payloads(
     return True
 
 
-USE_NATIVE_PUT = True  # tests turn it off to drive state_rows' paths through a restore
+# host tensors: blobs written and restored by the one-pass native code here; tests turn
+# it off to drive kv.state_rows' paths (the reference ones) through the same calls
+NATIVE_RUNS = True
 
 
 def _store_payloads(
