@@ -987,11 +987,11 @@ class BatchAllocator:
         left unused or no ubatch came out: the memories then report FAILED_PREPARE (or
         try another splitter).
         """
-        self.split_reset()
         lay = None if self._b is None else self._b.layout
         key = _split_key(split, self) if lay is not None else None
         if lay is not None and key is not None and key in lay.splits:
-            return self._replay(lay, key[0], lay.splits[key])
+            return self._replay(lay, key[0], lay.splits[key])  # sets what a reset would
+        self.split_reset()
         ubatches: list[UBatch] = []
         while (ub := split()) is not None and ub.n_tokens > 0:
             ubatches.append(ub)
@@ -1020,10 +1020,12 @@ class BatchAllocator:
 
     def _replay(self, lay: _Layout, splitter: str, plans: list[_UbatchPlan]) -> list[UBatch]:
         """The ubatches ``plans`` recorded, with this batch's tokens, positions and output
-        flags, and the split state the splitter would have left (every token used)."""
+        flags, and the split state the splitter would have left (every token used); every
+        field of :meth:`split_reset` is set, so the replay needs no reset first."""
         b = self._prepared()
         self._splitter = splitter
-        self._used[:] = True
+        self._used = np.ones(b.n_tokens, dtype=np.bool_)
+        self._out_ids = []
         self._n_used = b.n_tokens
         self._first_unused = b.n_tokens
         self._set_used = lay.set_count.copy()

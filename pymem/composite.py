@@ -52,6 +52,7 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
     """
 
     context_type: ClassVar[type[PairContext[Any, Any]]]
+    _no_update: MemoryContext | None = None  # init_update's answer when no part has work
     prepare_order: ClassVar[tuple[int, ...]] = (0, 1)
     """Indices into :meth:`_members` in the order their ``prepare`` runs."""
 
@@ -96,7 +97,15 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
         return self.context_type(first, second, [])
 
     def init_update(self, optimize: bool = False) -> MemoryContext:
-        first, second = (m.init_update(optimize) for m in self._members())
+        """The parts' updates; when neither part has one, one shared NO_UPDATE context
+        (it only reports its status, so every decode step reuses it)."""
+        a, b = self._members()
+        first, second = a.init_update(optimize), b.init_update(optimize)
+        no_update = MemoryStatus.NO_UPDATE
+        if first.get_status() == no_update and second.get_status() == no_update:
+            if self._no_update is None:
+                self._no_update = self.context_type(first, second, [], update=True)
+            return self._no_update
         return self.context_type(first, second, [], update=True)
 
     # --- accounting ------------------------------------------------------------------

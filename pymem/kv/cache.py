@@ -378,6 +378,7 @@ class KVCache(Memory):
         self._keys_memo: tuple[np.ndarray, np.ndarray] | None = None  # (frozen ids, keys)
         self._runners: dict[str, GraphRunner] = {}
         self._step_cells: Any = None  # pm_step_cells * over self.cells, built on first use
+        self._no_update: KVCacheContext | None = None  # init_update's answer with nothing to do
         self._closed = False
 
     # --- properties -----------------------------------------------------------------
@@ -730,7 +731,11 @@ class KVCache(Memory):
         self.check_open()
         do_shift = self.get_has_shift()
         if not do_shift and not self._pending_copies:
-            return KVCacheContext(self, MemoryStatus.NO_UPDATE)
+            # one context per cache: it only reports NO_UPDATE (apply does nothing), so
+            # every decode step reuses it
+            if self._no_update is None:
+                self._no_update = KVCacheContext(self, MemoryStatus.NO_UPDATE)
+            return self._no_update
         ctx = KVCacheContext(self, MemoryStatus.SUCCESS)
         ctx._update = True
         ctx.do_shift = do_shift

@@ -108,6 +108,7 @@ from pymem.state import StateReader, StateWriter, check_state_flags
 from pymem.types import ggml_type
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
+_NO_UPDATE = RecurrentMemoryContext.failed(MemoryStatus.NO_UPDATE)  # init_update's answer
 _I32_MIN = -(2**31)
 
 
@@ -369,8 +370,9 @@ class RecurrentMemory(Memory):
         return RecurrentMemoryContext(self, None, is_full=True)
 
     def init_update(self, optimize: bool = False) -> RecurrentMemoryContext:
-        """Recurrent memory never has pending updates: always ``NO_UPDATE``."""
-        return RecurrentMemoryContext.failed(MemoryStatus.NO_UPDATE)
+        """Recurrent memory never has pending updates: always ``NO_UPDATE`` (one shared
+        context: it only reports its status, so every decode step can reuse it)."""
+        return _NO_UPDATE
 
     def get_can_shift(self) -> bool:
         return True  # shifting a recurrent state only moves its position
