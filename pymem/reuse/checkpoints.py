@@ -396,9 +396,7 @@ def checkpoint(
         if not _parsed_in_place(device):
             # learn where the payloads lie while the bytes are on the host anyway (the
             # parse changes nothing); a restore then copies them device to device
-            recorder = PayloadRecorder(blob)
-            mem.state_read_parse(recorder, seq_id, StateFlags.PARTIAL_ONLY)
-            ck._split = recorder.split()
+            ck._learn_payloads(mem, blob)
         ck.to_device(device, arena)
     return ck
 
