@@ -101,15 +101,18 @@ pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void 
         (n_runs > 0 && (run_starts == NULL || run_ends == NULL))) {
         return PM_ERR_ARG;
     }
+    // runs in any order (a slot search that wrapped around lists its later cells first)
+    int64_t end_max = 0;
     for (int64_t i = 0; i < n_runs; ++i) {
-        if (run_starts[i] < 0 || run_ends[i] <= run_starts[i] || (i > 0 && run_starts[i] < run_ends[i - 1])) {
+        if (run_starts[i] < 0 || run_ends[i] <= run_starts[i]) {
             return PM_ERR_ARG;
         }
+        end_max = run_ends[i] > end_max ? run_ends[i] : end_max;
     }
     if (n_runs == 0) {
         return PM_OK;
     }
-    const uint64_t last_cell = (uint64_t) run_ends[n_runs - 1] - 1;
+    const uint64_t last_cell = (uint64_t) end_max - 1;
     for (int64_t k = 0; k < n_sec; ++k) {
         const struct ggml_tensor * t = tensors[k];
         const int64_t * p = params + 5 * k;

@@ -282,14 +282,14 @@ def test_same_cells_rule_on_a_hand_built_stream() -> None:
 
 
 def test_cells_of_runs_and_put_cells_refusals() -> None:
-    """cells_of_runs inverts cell_runs; pm_stateio_put_cells refuses runs out of order and
-    bytes past the tensor before writing any."""
+    """cells_of_runs inverts cell_runs; pm_stateio_put_cells takes runs in source order
+    (a wrapped slot), refuses an empty run and bytes past the tensor before writing any."""
     idx = np.array([2, 3, 4, 9, 11, 12], dtype=np.int64)
     assert state_io.cells_of_runs(state_io.cell_runs(idx)).tolist() == idx.tolist()
     kv = build(CFGS["f32-notrans"], n_cells=16, n_seq=3)
     k = kv.layers[0].k
     before = k.read_bytes()
-    src = np.ones(k.row_size * 4, dtype=np.uint8)
+    src = np.repeat(np.arange(1, 5, dtype=np.uint8), k.row_size)  # rows of 1s, 2s, 3s, 4s
     tensors = ffi.new("struct ggml_tensor *[]", [k._live()])
     srcs = ffi.new("void *[]", [ffi.from_buffer(src)])
 
@@ -301,14 +301,41 @@ def test_cells_of_runs_and_put_cells_refusals() -> None:
             ffi.from_buffer("int64_t[]", st), ffi.from_buffer("int64_t[]", en), st.size,
         )  # fmt: skip
 
-    assert put([4, 0], [6, 2]) == lib.PM_ERR_ARG  # not ascending
-    assert put([0, 1], [2, 3]) == lib.PM_ERR_ARG  # overlapping
+    assert put([4, 0], [4, 2]) == lib.PM_ERR_ARG  # an empty run
+    assert put([-1], [1]) == lib.PM_ERR_ARG
     assert put([14], [18]) == lib.PM_ERR_RANGE  # cells 16, 17 past the 16 rows
     assert put([0], [4], offset=13 * k.row_size) == lib.PM_ERR_RANGE
     assert k.read_bytes() == before
-    assert put([3], [5]) == lib.PM_OK and put([12], [14]) == lib.PM_OK
+    assert put([14, 0], [16, 2]) == lib.PM_OK  # wrapped: cells 14, 15, then 0, 1
     rows = np.frombuffer(k.read_bytes(), np.uint8).reshape(-1, k.row_size)
-    assert rows[[3, 4, 12, 13]].all() and not rows[[0, 1, 2, 5, 11, 14, 15]].any()
+    assert rows[[14, 15, 0, 1], 0].tolist() == [1, 2, 3, 4]
+    assert not rows[2:14].any()
+
+
+def test_restore_into_a_wrapped_slot(monkeypatch) -> None:
+    """A restore the slot search places across the end of the stream (cells 14, 15, then
+    0, 1, 2) stores the bytes in slot order, as state_rows does."""
+    blobs = []
+    for native in (True, False):
+        kv = build(CFGS["f32-notrans"], n_cells=16, n_seq=3)
+        decode(kv, [[1, p, [1], False] for p in range(4)])  # cells 0-3
+        decode(kv, [[1, p, [2], False] for p in range(10)])  # cells 4-13
+        kv.seq_rm(1, -1, -1)
+        donor = build(CFGS["f32-notrans"], n_cells=16, n_seq=3)
+        decode(donor, [[1, p, [0], False] for p in range(5)])
+        randomize(donor, 9)
+        blob = bytes(donor.state_write(0))
+        kv.v_heads[0] = 14
+        with monkeypatch.context() as m:
+            m.setattr(state_io, "NATIVE_RUNS", native)
+            kv.state_read(blob, 0)
+        assert kv.v_cells[0].pos[[14, 15, 0, 1, 2]].tolist() == [0, 1, 2, 3, 4]
+        assert bytes(kv.state_write(0)) != blob  # cells in slot order, not ascending
+        blobs.append(_state(kv))
+        got = [kv.layers[0].k.read_rows([c]).tobytes() for c in (14, 15, 0, 1, 2)]
+        want = [donor.layers[0].k.read_rows([c]).tobytes() for c in range(5)]
+        assert got == want
+    assert blobs[0] == blobs[1]
 
 
 @pytest.mark.parametrize("name", [*NAMES, "swa"])
