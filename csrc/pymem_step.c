@@ -1,5 +1,7 @@
 #include "pymem_step.h"
 
+#include <string.h>
+
 #define PM_STEP_MAX_SEQ 256
 #define PM_STEP_WORDS   4
 
@@ -41,9 +43,9 @@ pm_status pm_step_kv_find(const pm_step_cells * c, const int64_t * strm, int64_t
 
 pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_blocks, int64_t n_per,
                            const int32_t * idx, const int32_t * pos, const int32_t * seq, int64_t * heads,
-                           int32_t * placed) {
-    if (c == NULL || strm == NULL || idx == NULL || pos == NULL || seq == NULL || placed == NULL ||
-        n_blocks < 0 || n_per < 1) {
+                           int64_t * top, int32_t * placed) {
+    if (c == NULL || strm == NULL || idx == NULL || pos == NULL || seq == NULL || top == NULL ||
+        placed == NULL || n_blocks < 0 || n_per < 1) {
         return PM_ERR_ARG;
     }
     *placed = 0;
@@ -96,6 +98,18 @@ pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_bl
             heads[s] = (int64_t) idx[r * n_per + n_per - 1] + 1;
         }
     }
+    int64_t hi = 0;
+    for (int64_t r = 0; r < n_blocks; r++) {
+        const int64_t s = strm[r];
+        if (c->used_max_dirty[s]) {
+            hi = -1;
+            break;
+        }
+        if (c->used_max_p1[s] > hi) {
+            hi = c->used_max_p1[s];
+        }
+    }
+    *top = hi;
     *placed = 1;
     return PM_OK;
 }
@@ -138,5 +152,40 @@ pm_status pm_step_batch_check(const int32_t * token, const int32_t * pos, const 
     }
     *n_outputs = n_out;
     *ok = 1;
+    return PM_OK;
+}
+
+pm_status pm_step_rs_steady(int64_t size, const int32_t * tail, const int32_t * tail_snap, const int32_t * ids,
+                            const int32_t * ids_snap, int64_t n, int64_t lo, int32_t * pos, const int32_t * src,
+                            int32_t * src0, uint32_t * n_last, int64_t n_last_size, const int32_t * last_pos,
+                            int32_t n_seq_tokens, int32_t * done) {
+    if (tail == NULL || tail_snap == NULL || ids == NULL || ids_snap == NULL || pos == NULL || src == NULL ||
+        src0 == NULL || n_last == NULL || last_pos == NULL || done == NULL || size < 0 || n < 0) {
+        return PM_ERR_ARG;
+    }
+    *done = 0;
+    if (lo < 0 || lo > size - n) {
+        return PM_OK;  // not a window of these cells: the numpy path decides (and refuses)
+    }
+    for (int64_t s = 0; s < n; s++) {
+        if (ids[s] < 0 || ids[s] >= n_last_size) {
+            return PM_OK;
+        }
+    }
+    if (memcmp(tail, tail_snap, (size_t) size * sizeof(int32_t)) != 0 ||
+        memcmp(ids, ids_snap, (size_t) n * sizeof(int32_t)) != 0) {
+        return PM_OK;
+    }
+    for (int64_t s = 0; s < n; s++) {
+        if ((int64_t) last_pos[s] - pos[lo + s] != n_seq_tokens || src[lo + s] != lo + s) {
+            return PM_OK;
+        }
+    }
+    for (int64_t s = 0; s < n; s++) {
+        pos[lo + s] = last_pos[s];
+        src0[lo + s] = src[lo + s];
+        n_last[ids[s]] = (uint32_t) n_seq_tokens;
+    }
+    *done = 1;
     return PM_OK;
 }

@@ -24,6 +24,7 @@ typedef struct pm_step_cells {
     int32_t * owner;        // [n_stream * size]: the only sequence, -1 none, -2 several
     int64_t * used;         // [n_stream]
     int64_t * used_max_p1;  // [n_stream]
+    uint8_t * used_max_dirty;  // [n_stream] bool: used_max_p1 may be stale (too large)
     int64_t * n_multi;      // [n_stream]: cells with owner -2
     int64_t * pmin;         // [n_stream * 256]
     int64_t * pmax;         // [n_stream * 256]
@@ -42,12 +43,13 @@ pm_status pm_step_kv_find(const pm_step_cells * c, const int64_t * strm, int64_t
 // ids), plus the heads' move unless heads is NULL: token t = r * n_per + j (position
 // pos[t], sequence seq[t] alone) fills empty cell idx[t] of stream strm[r]; used /
 // used_max_p1 / pmin / pmax follow and heads[strm[r]] = idx[r * n_per + n_per - 1] + 1.
-// Nothing is written and *placed = 0 when a cell is not empty, a stream holds a shared
-// cell (n_multi > 0) or an id is outside [0, 256). PM_ERR_RANGE for a stream or cell
-// outside the stack.
+// *top = the largest used_max_p1 of the blocks' streams afterwards (what n_kv is padded
+// from), -1 when one of them is dirty. Nothing is written and *placed = 0 when a cell is
+// not empty, a stream holds a shared cell (n_multi > 0) or an id is outside [0, 256).
+// PM_ERR_RANGE for a stream or cell outside the stack.
 pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_blocks, int64_t n_per,
                            const int32_t * idx, const int32_t * pos, const int32_t * seq, int64_t * heads,
-                           int32_t * placed);
+                           int64_t * top, int32_t * placed);
 
 // The whole-array checks of BatchAllocator.init for a batch of one token per sequence
 // (distinct ids in [0, n_seq_max), checked by the caller): token ids in [0, n_vocab)
@@ -60,6 +62,19 @@ pm_status pm_step_batch_check(const int32_t * token, const int32_t * pos, const 
                               const int64_t * order, const int64_t * mem_max, int64_t n_vocab,
                               const uint8_t * output, int8_t * out_output, int32_t * seq_pos, int64_t * n_outputs,
                               int32_t * ok);
+
+// The steady decode step of a recurrent memory's find_slot (pymem.recurrent.cells), on
+// the cells a placement works on: when tail (size entries) is byte-equal to tail_snap,
+// ids (n ids) to ids_snap, every set goes on where it stopped (last_pos[s] == pos[lo + s]
+// + n_seq_tokens) and every cell of [lo, lo + n) is its own source (src[lo + s] == lo +
+// s), then pos[lo + s] = last_pos[s], src0[lo + s] = lo + s, n_last[ids[s]] =
+// n_seq_tokens and *done = 1 (the caller sets rs_z = -1, head = lo, n and used). Else
+// *done = 0 and nothing is written (also for a window or id outside the cells / n_last):
+// the numpy path decides, logs any jump and raises what it raises.
+pm_status pm_step_rs_steady(int64_t size, const int32_t * tail, const int32_t * tail_snap, const int32_t * ids,
+                            const int32_t * ids_snap, int64_t n, int64_t lo, int32_t * pos, const int32_t * src,
+                            int32_t * src0, uint32_t * n_last, int64_t n_last_size, const int32_t * last_pos,
+                            int32_t n_seq_tokens, int32_t * done);
 
 // PYMEM_CDEF_END
 

@@ -5,7 +5,9 @@ warnings. Random programs of decode steps (mostly the same sets again, sometimes
 reordered, coupled, jumping or with new sequences) mixed with sequence ops run twice,
 once with the shortcut and once with it disabled, and the traces are compared step by
 step. Also pins that the shortcut is taken at all, and the R2 rule on its general side:
-a sequence moved by another's slot search gets ``n_last`` 0."""
+a sequence moved by another's slot search gets ``n_last`` 0. The shortcut runs as the
+native ``pm_step_rs_steady`` (its checks and writes in one call) or as numpy
+(``_find_slot_steady``, the reference); both are compared with the general path."""
 
 from __future__ import annotations
 
@@ -68,6 +70,22 @@ def _program(seed: int, n_seq: int, mem_size: int, n_rs_seq: int) -> list[tuple]
     return ops
 
 
+def _count_shortcuts(monkeypatch: pytest.MonkeyPatch, native: bool) -> list[int]:
+    """Switch the native shortcut on or off; the list grows by one per shortcut taken."""
+    monkeypatch.setattr(rc, "USE_NATIVE", native)
+    taken: list[int] = []
+    steady, steady_native = rc._find_slot_steady, rc._find_slot_steady_native
+    monkeypatch.setattr(rc, "_find_slot_steady", lambda *a: taken.append(1) or steady(*a))
+
+    def counted_native(*a):
+        done = steady_native(*a)
+        taken.extend([1] * done)
+        return done
+
+    monkeypatch.setattr(rc, "_find_slot_steady_native", counted_native)
+    return taken
+
+
 def _run(ops: list[tuple], n_seq: int, mem_size: int, n_rs_seq: int,
          caplog: pytest.LogCaptureFixture) -> list:  # fmt: skip
     mem = make_rec(n_seq=n_seq, n_rs_seq=n_rs_seq, mem_size=mem_size)
@@ -86,18 +104,17 @@ def _run(ops: list[tuple], n_seq: int, mem_size: int, n_rs_seq: int,
     return trace
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("seed", range(40))
 def test_steady_path_equals_general_path(
-    seed: int, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    seed: int, native: bool, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     caplog.set_level(logging.WARNING, logger="pymem.recurrent.cells")
     n_seq = [3, 5, 8][seed % 3]
     mem_size = n_seq + seed % 2
     n_rs_seq = [0, 2][seed % 2]
     ops = _program(seed, n_seq, mem_size, n_rs_seq)
-    taken = []
-    steady = rc._find_slot_steady
-    monkeypatch.setattr(rc, "_find_slot_steady", lambda *a: taken.append(1) or steady(*a))
+    taken = _count_shortcuts(monkeypatch, native)
     fast = _run(ops, n_seq, mem_size, n_rs_seq, caplog)
     monkeypatch.setattr(rc, "_remember_steady", lambda *a: None)
     n_taken = len(taken)
@@ -167,9 +184,10 @@ def test_seq_pos_bounds_of_frozen_ids_follow_the_cells() -> None:
     assert mem.seq_pos_min_of(writable).tolist() == [-1, -1, 6, 6]
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("seed", range(12))
 def test_steady_path_equals_general_path_across_restores(
-    seed: int, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    seed: int, native: bool, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # a state read changes the cells without a sequence op: a per-sequence read plans on
     # a copy that carries the shortcut's record (and places its cell by find_slot), a
@@ -188,9 +206,7 @@ def test_steady_path_equals_general_path_across_restores(
                 if rng.random() < 0.3
                 else ("state", s, s if rng.random() < 0.5 else d)
             )
-    taken = []
-    steady = rc._find_slot_steady
-    monkeypatch.setattr(rc, "_find_slot_steady", lambda *a: taken.append(1) or steady(*a))
+    taken = _count_shortcuts(monkeypatch, native)
     fast = _run(ops, n_seq, n_seq, 0, caplog)
     n_taken = len(taken)
     monkeypatch.setattr(rc, "_remember_steady", lambda *a: None)

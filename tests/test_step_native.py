@@ -164,15 +164,16 @@ def test_kv_kernels_decline_taken_cells_and_change_nothing() -> None:
     balloc = BatchAllocator()
     for p in range(3):
         _drive(kv, balloc, [0, 1, 2], [p, p, p], np.float32)
-    c, heads, _ = kv._native_cells()
+    c, heads, *_ = kv._native_cells()
     before = _cells_bytes(kv)
     strm = np.array([0, 1, 2], np.int64)
     idx = np.array([[3], [1], [3]], np.int32)  # stream 1's cell 1 holds position 1
     pos = np.array([3, 3, 3], np.int32)
     seq = np.array([[0], [1], [2]], np.int32)
     placed = ffi.new("int32_t *")
+    top = ffi.new("int64_t *")
     args = (ffi.from_buffer("int32_t[]", idx), ffi.from_buffer("int32_t[]", pos),
-            ffi.from_buffer("int32_t[]", seq), heads, placed)  # fmt: skip
+            ffi.from_buffer("int32_t[]", seq), heads, top, placed)  # fmt: skip
     assert lib.pm_step_kv_place(c, ffi.from_buffer("int64_t[]", strm), 3, 1, *args) == lib.PM_OK
     assert placed[0] == 0 and _cells_bytes(kv) == before
     kv.v_heads.a[1] = 0  # the head window of stream 1 is taken

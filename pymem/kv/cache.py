@@ -379,6 +379,8 @@ class KVCache(Memory):
         self._runners: dict[str, GraphRunner] = {}
         self._step_cells: Any = None  # pm_step_cells * over self.cells, built on first use
         self._no_update: KVCacheContext | None = None  # init_update's answer with nothing to do
+        # (slot, version, top) of the last native placement: get_n_kv's bound, while valid
+        self._placed_top: tuple[SlotInfo, int, int] | None = None
         self._closed = False
 
     # --- properties -----------------------------------------------------------------
@@ -885,14 +887,16 @@ class KVCache(Memory):
                 ffi.from_buffer("int32_t[]", st.owner_f, require_writable=True),
                 ffi.from_buffer("int64_t[]", st.used, require_writable=True),
                 ffi.from_buffer("int64_t[]", st.used_max_p1, require_writable=True),
+                ffi.from_buffer("uint8_t[]", st.used_max_dirty.view(np.uint8)),
                 ffi.from_buffer("int64_t[]", st.n_multi, require_writable=True),
                 ffi.from_buffer("int64_t[]", st.pmin_f, require_writable=True),
                 ffi.from_buffer("int64_t[]", st.pmax_f, require_writable=True),
                 ffi.from_buffer("int64_t[]", self.v_heads.a, require_writable=True),
             ]
             c.n_stream, c.size = st.n_stream, st.size
-            c.pos, c.seq, c.owner, c.used, c.used_max_p1, c.n_multi, c.pmin, c.pmax = bufs[:8]
-            self._step_cells = (c, bufs[8], bufs)
+            (c.pos, c.seq, c.owner, c.used, c.used_max_p1, c.used_max_dirty, c.n_multi, c.pmin,
+             c.pmax) = bufs[:9]  # fmt: skip
+            self._step_cells = (c, bufs[9], bufs, ffi.new("int64_t *"), ffi.new("int32_t *"))
         return self._step_cells
 
     def _find_slot_native(self, memo: _StepMemo, n_per: int) -> SlotInfo | None:
@@ -900,10 +904,9 @@ class KVCache(Memory):
         streams) in one native call, None when a cell of it is taken (the numpy search
         then decides)."""
         assert memo.strm is not None
-        c, heads, _ = self._native_cells()
+        c, heads, _, _, placed = self._native_cells()
         n = memo.strm.size
         idxs = np.empty((n, n_per), dtype=np.int32)
-        placed = ffi.new("int32_t *")
         status = lib.pm_step_kv_find(
             c, ffi.from_buffer("int64_t[]", memo.strm), n, n_per, heads,
             ffi.from_buffer("int32_t[]", idxs, require_writable=True), placed,
@@ -1171,20 +1174,24 @@ class KVCache(Memory):
         with ``heads`` the heads' move, in one native call; False, nothing changed, when a
         cell is taken or a stream holds shared cells (numpy then overwrites / re-owns)."""
         assert memo is not None and memo.strm is not None
-        c, heads_buf, _ = self._native_cells()
+        c, heads_buf, _, top, placed = self._native_cells()
         n_blocks, n_per = sinfo.idxs.shape
-        placed = ffi.new("int32_t *")
         # one id per token ([n, 1] int32): the matrix is the id column
         status = lib.pm_step_kv_place(
             c, ffi.from_buffer("int64_t[]", memo.strm), n_blocks, n_per,
             ffi.from_buffer("int32_t[]", sinfo.idxs), ffi.from_buffer("int32_t[]", ubatch.pos),
-            ffi.from_buffer("int32_t[]", ubatch.seq_id), heads_buf if heads else ffi.NULL, placed,
+            ffi.from_buffer("int32_t[]", ubatch.seq_id), heads_buf if heads else ffi.NULL, top,
+            placed,
         )  # fmt: skip
         if status != lib.PM_OK:
             check(
                 status, f"pm_step_kv_place ({n_blocks} x {n_per} tokens, {self.n_stream} streams)"
             )
-        return bool(placed[0])
+        if not placed[0]:
+            return False
+        if heads and top[0] >= 0:  # get_n_kv of this slot needs no look at the streams
+            self._placed_top = (sinfo, self._version, int(top[0]))
+        return True
 
     def _ple_embd_token(self) -> int:
         """``ext.tok`` of an embedding token in a PLE model (the reference's choice)."""
@@ -1195,6 +1202,11 @@ class KVCache(Memory):
         slot's streams, ``P = max(n_pad, 256)``. E.g. used_max_p1 [300, 20], size 4096 ->
         [512, 256] -> 512."""
         pad = max(self.n_pad, N_PAD_GRAPH)
+        placed = self._placed_top
+        if placed is not None and placed[0] is sinfo and placed[1] == self._version:
+            # the native placement of this very slot, nothing changed since: its streams'
+            # largest used_max_p1 (none of them dirty)
+            return min(self.kv_size, max(pad, -(-placed[2] // pad) * pad))
         memo = self._memo_for(sinfo)
         strm = sinfo.strm.astype(np.int64) if memo is None or memo.strm is None else memo.strm
         # the bound grows with used_max_p1: take it at the largest one

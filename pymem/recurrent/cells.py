@@ -15,11 +15,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pymem._native import check, ffi, lib
 from pymem.errors import BatchError
 from pymem.memory import POS_MAX
 from pymem.ubatch import UBatch
 
 log = logging.getLogger(__name__)
+
+# the steady decode step of find_slot runs as one native call (pm_step_rs_steady); tests
+# turn it off to compare with _find_slot_steady, which stays the reference
+USE_NATIVE = True
 
 
 class RecurrentCells:
@@ -199,6 +204,14 @@ def find_slot(c: RecurrentCells, req: SlotRequest) -> bool:
     coupled_sets, all_ids = req.coupled, req.all_ids
     st = c.steady
     if (
+        USE_NATIVE
+        and st is not None
+        and not coupled_sets
+        and st.ids_dtype == all_ids.dtype.str == "<i4"
+        and _find_slot_steady_native(c, req, st)
+    ):
+        return True
+    if (
         st is not None
         and not coupled_sets
         and st.ids_dtype == all_ids.dtype.str
@@ -374,6 +387,37 @@ def _find_slot_steady(c: RecurrentCells, req: SlotRequest, st: _Steady) -> bool:
     c.head = lo
     c.n = hi - lo + 1
     c.n_last.put(req.all_ids, req.n_seq_tokens)  # put: cheaper than a fancy assignment
+    c.used = st.used
+    return True
+
+
+def _find_slot_steady_native(c: RecurrentCells, req: SlotRequest, st: _Steady) -> bool:
+    """:func:`_find_slot_steady` with the steadiness checks (``tail`` and the ids as
+    :class:`_Steady` recorded them) in one native call; False, nothing changed, when it
+    does not hold or a set jumps (the numpy path then decides and logs)."""
+    n = st.rng.size
+    ids, last_pos = req.all_ids, req.last_pos
+    if ids.size != n or last_pos.size != n or not ids.flags.c_contiguous:
+        return False  # another set count (the numpy checks see it), or a strided id column
+    if last_pos.dtype != np.int32 or not last_pos.flags.c_contiguous:
+        return False
+    done = ffi.new("int32_t *")
+    status = lib.pm_step_rs_steady(
+        c.size, ffi.from_buffer("int32_t[]", c.tail), ffi.from_buffer("int32_t[]", st.tail),
+        ffi.from_buffer("int32_t[]", ids), ffi.from_buffer("int32_t[]", st.ids), n, st.lo,
+        ffi.from_buffer("int32_t[]", c.pos, require_writable=True),
+        ffi.from_buffer("int32_t[]", c.src),
+        ffi.from_buffer("int32_t[]", c.src0, require_writable=True),
+        ffi.from_buffer("uint32_t[]", c.n_last, require_writable=True), c.n_last.size,
+        ffi.from_buffer("int32_t[]", last_pos), req.n_seq_tokens, done,
+    )  # fmt: skip
+    if status != lib.PM_OK:
+        check(status, f"pm_step_rs_steady ({n} sets from cell {st.lo} of {c.size})")
+    if not done[0]:
+        return False
+    c.rs_z = -1
+    c.head = st.lo
+    c.n = n
     c.used = st.used
     return True
 
