@@ -4,6 +4,8 @@
 
 #define PM_STEP_MAX_SEQ 256
 #define PM_STEP_WORDS   4
+#define PM_STEP_F16_NEG_INF 0xFC00u
+#define PM_STEP_F32_NEG_INF 0xFF800000u
 
 pm_status pm_step_kv_find(const pm_step_cells * c, const int64_t * strm, int64_t n_blocks, int64_t n_per,
                           const int64_t * heads, int32_t * idx, int32_t * placed) {
@@ -185,6 +187,83 @@ pm_status pm_step_rs_steady(int64_t size, const int32_t * tail, const int32_t * 
         pos[lo + s] = last_pos[s];
         src0[lo + s] = src[lo + s];
         n_last[ids[s]] = (uint32_t) n_seq_tokens;
+    }
+    *done = 1;
+    return PM_OK;
+}
+
+// int64 -> int32 as numpy's astype does (two's complement wrap)
+static int32_t pm_step_i32(int64_t v) {
+    return (int32_t) (uint32_t) (uint64_t) v;
+}
+
+// the attended cell positions lo <= p0 <= hi of a token at p (kv/inputs._window)
+static void pm_step_window(int32_t p, int32_t swa_type, int64_t n_swa, int32_t causal, int32_t * lo, int32_t * hi) {
+    const int64_t p64 = p;
+    *lo = INT32_MIN;
+    *hi = causal ? p : INT32_MAX;
+    if (swa_type == 1) {
+        const int64_t l = p64 - (n_swa - 1);
+        *lo = l < INT32_MIN ? INT32_MIN : pm_step_i32(l);
+    } else if (swa_type == 2) {
+        *lo = n_swa > INT32_MAX ? 0 : pm_step_i32((p64 / n_swa) * n_swa);
+    } else if (swa_type == 3) {
+        *lo = pm_step_i32(p64 - n_swa / 2);
+        int64_t h = p64 + n_swa / 2;
+        if (h > INT32_MAX) {
+            h = INT32_MAX;
+        }
+        if (causal && h > p64) {
+            h = p64;
+        }
+        *hi = pm_step_i32(h);
+    }
+}
+
+pm_status pm_step_kq_mask(const pm_step_cells * c, const int64_t * strm, int64_t n_blocks, int64_t n_per,
+                          const int32_t * seq, const int32_t * pos, int32_t swa_type, int64_t n_swa,
+                          int32_t causal, int64_t n_kv, int32_t elem_size, void * out, int32_t * done) {
+    if (c == NULL || strm == NULL || seq == NULL || pos == NULL || out == NULL || done == NULL || n_blocks < 0 ||
+        n_per < 1 || n_kv < 0 || (elem_size != 2 && elem_size != 4) || n_swa < 0) {
+        return PM_ERR_ARG;
+    }
+    *done = 0;
+    if (n_kv > c->size) {
+        return PM_ERR_RANGE;
+    }
+    if (swa_type < 0 || swa_type > 3 || (swa_type != 0 && n_swa == 0)) {
+        return PM_OK;
+    }
+    for (int64_t r = 0; r < n_blocks; r++) {
+        if (strm[r] < 0 || strm[r] >= c->n_stream) {
+            return PM_ERR_RANGE;
+        }
+        if (c->n_multi[strm[r]] != 0) {
+            return PM_OK;
+        }
+    }
+    for (int64_t r = 0; r < n_blocks; r++) {
+        const int32_t * own = c->owner + strm[r] * c->size;
+        const int32_t * p0 = c->pos + strm[r] * c->size;
+        for (int64_t i = 0; i < n_per; i++) {
+            const int64_t t = r * n_per + i;
+            const int32_t q = seq[t];
+            int32_t lo, hi;
+            pm_step_window(pos[t], swa_type, n_swa, causal, &lo, &hi);
+            if (elem_size == 2) {
+                uint16_t * o = (uint16_t *) out + t * n_kv;
+                for (int64_t j = 0; j < n_kv; j++) {
+                    const int keep = (own[j] == q) & (p0[j] >= lo) & (p0[j] <= hi);
+                    o[j] = keep ? 0 : (uint16_t) PM_STEP_F16_NEG_INF;
+                }
+            } else {
+                uint32_t * o = (uint32_t *) out + t * n_kv;
+                for (int64_t j = 0; j < n_kv; j++) {
+                    const int keep = (own[j] == q) & (p0[j] >= lo) & (p0[j] <= hi);
+                    o[j] = keep ? 0 : PM_STEP_F32_NEG_INF;
+                }
+            }
+        }
     }
     *done = 1;
     return PM_OK;

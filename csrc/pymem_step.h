@@ -63,6 +63,19 @@ pm_status pm_step_batch_check(const int32_t * token, const int32_t * pos, const 
                               const uint8_t * output, int8_t * out_output, int32_t * seq_pos, int64_t * n_outputs,
                               int32_t * ok);
 
+// The KQ mask of a ubatch of n_blocks blocks of n_per tokens, block r in stream strm[r]:
+// out[t][j] (t = r * n_per + i, j < n_kv; f16 for elem_size 2, f32 for 4) is 0 when cell
+// j of that stream holds sequence seq[t] alone (owner) at a position in the token's
+// window, -inf elsewhere. The window of a token at p = pos[t]: causal: <= p; swa_type 1
+// (STANDARD): >= p - (n_swa - 1); 2 (CHUNKED): >= (p / n_swa) * n_swa; 3 (SYMMETRIC):
+// |cell - p| <= n_swa / 2; bounds taken into int32 as kv/inputs._window takes them.
+// *done = 0, nothing written, when a stream holds a shared cell (the numpy evaluation
+// decides) or swa_type is unknown. PM_ERR_RANGE for a stream outside the stack or
+// n_kv > size.
+pm_status pm_step_kq_mask(const pm_step_cells * c, const int64_t * strm, int64_t n_blocks, int64_t n_per,
+                          const int32_t * seq, const int32_t * pos, int32_t swa_type, int64_t n_swa,
+                          int32_t causal, int64_t n_kv, int32_t elem_size, void * out, int32_t * done);
+
 // The steady decode step of a recurrent memory's find_slot (pymem.recurrent.cells), on
 // the cells a placement works on: when tail (size entries) is byte-equal to tail_snap,
 // ids (n ids) to ids_snap, every set goes on where it stopped (last_pos[s] == pos[lo + s]

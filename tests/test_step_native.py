@@ -189,3 +189,46 @@ def test_kv_kernels_decline_taken_cells_and_change_nothing() -> None:
     assert find1(np.array([0, 3], np.int64)) == lib.PM_ERR_RANGE
     with pytest.raises(NativeError, match="out of range"):
         check(lib.PM_ERR_RANGE, "pm_step_kv_find")
+
+
+@pytest.mark.parametrize("swa_type", SWA_KINDS)
+def test_native_step_masks_equal_numpy(monkeypatch, swa_type) -> None:
+    """``pm_step_kq_mask`` (one stream per sequence, replayed ubatches) writes the bytes of
+    ``build_kq_mask`` for every causal / non-causal option, f16 and f32, on streams that
+    wrap, overwrite window-masked cells and lose cells to ``seq_rm``."""
+    from test_kv_decode_path import MASK_OPTIONS
+
+    rng = np.random.default_rng(70 + int(swa_type))
+    swa = {} if swa_type == 0 else {"swa_type": swa_type, "n_swa": 3}
+    kv = make_kv(16, 5, unified=False, **swa)
+    balloc = BatchAllocator()
+    taken = []
+    native = kv_cache.KVCacheContext._kq_mask_native
+
+    def counted(self, *a):
+        res = native(self, *a)
+        taken.extend([1] * (res is not None))
+        return res
+
+    monkeypatch.setattr(kv_cache.KVCacheContext, "_kq_mask_native", counted)
+    for step in range(30):
+        seqs = [0, 1, 2, 3, 4] if step % 10 < 7 else [1, 3]
+        if swa_type == 0 and int(kv.cells.used.max()) >= 14:
+            for s in range(5):
+                kv.seq_rm(s, -1, kv.seq_pos_max(s) - 3)
+        pos = np.array([kv.seq_pos_max(s) + 1 for s in seqs], np.int32)
+        balloc.init(Batch(pos + 1, pos=pos, seq_id=seqs), memory=kv, n_seq_max=5)
+        ctx = kv.init_batch(balloc, 512, False)
+        ctx.apply()
+        for opts in MASK_OPTIONS:
+            for dtype in (np.float16, np.float32):
+                monkeypatch.setattr(kv_cache, "USE_NATIVE", True)
+                got = ctx.get_kq_mask(dtype=dtype, **opts)
+                monkeypatch.setattr(kv_cache, "USE_NATIVE", False)
+                ref = ctx.get_kq_mask(dtype=dtype, **opts)
+                assert got.dtype == ref.dtype and got.shape == ref.shape
+                assert got.tobytes() == ref.tobytes(), (step, opts, dtype)
+        if step % 6 == 5:
+            s = int(rng.integers(0, 5))
+            kv.seq_rm(s, max(0, kv.seq_pos_max(s) - 1), -1)
+    assert len(taken) > 100

@@ -160,6 +160,8 @@ class _StepMemo:
     # int64 [n_blocks, 1, n_embd_v_gqa_max]: each block's transposed-V element offsets
     # without the cell (build_v_idxs's offs + chan), made on first use
     v_base: np.ndarray | None = None
+    # (strm, seq_id) as cffi buffers for the native kernels, made on first use
+    c_args: tuple[Any, Any] | None = None
 
 
 class KVCache(Memory):
@@ -1418,6 +1420,10 @@ class KVCacheContext(MemoryContext):
         ``-|p0 - p1|``)."""
         kv = self.kv
         memo = kv._memo_for(self.get_sinfo()) if kv.n_stream > 1 else None
+        if USE_NATIVE and memo is not None:
+            mask = self._kq_mask_native(memo, causal_attn, dtype, non_causal_type)
+            if mask is not None:
+                return mask
         return build_kq_mask(
             kv.layout,
             kv.v_cells,
@@ -1429,6 +1435,52 @@ class KVCacheContext(MemoryContext):
             non_causal_type,
             strm=None if memo is None else memo.strm,
         )
+
+    def _kq_mask_native(
+        self, memo: _StepMemo, causal_attn: bool | None, dtype: Any, nct: NonCausalType | None
+    ) -> np.ndarray | None:
+        """:meth:`get_kq_mask` of a replayed ubatch on one stream per sequence in one
+        ``pm_step_kq_mask`` call (causality and window per token, owner per cell); None
+        where the kernel does not apply (ALiBi, cell ext, an SWA_FULL span, another dtype,
+        shared cells): ``build_kq_mask``, the reference, decides then."""
+        kv = self.kv
+        ubatch = self.get_ubatch()
+        dt = np.dtype(dtype)
+        if (
+            memo.strm is None
+            or ubatch.seq_id is not memo.seq_id
+            or not memo.new_rows.simple
+            or kv.with_ext
+            or kv.spec.use_alibi
+            or ubatch.pos.dtype != np.int32
+            or dt not in (np.float16, np.float32)
+        ):
+            return None
+        causal = kv.spec.causal_attn if causal_attn is None else bool(causal_attn)
+        if not causal:
+            kind = NonCausalType(kv.spec.non_causal_type if nct is None else nct)
+            if kind == NonCausalType.SWA_ONLY:
+                causal = kv.swa_type == SWAType.NONE
+            elif kind == NonCausalType.SWA_FULL and kv.swa_type != SWAType.NONE:
+                return None  # the window spans the ubatch's positions: numpy
+        if memo.c_args is None:
+            memo.c_args = (
+                ffi.from_buffer("int64_t[]", memo.strm),
+                ffi.from_buffer("int32_t[]", memo.seq_id),
+            )
+        c_strm, c_seq = memo.c_args
+        n_blocks = memo.strm.size
+        n_per = ubatch.n_tokens // n_blocks
+        out = np.empty((n_blocks, n_per, self.n_kv), dtype=dt)
+        c, _, _, _, done = kv._native_cells()
+        status = lib.pm_step_kq_mask(
+            c, c_strm, n_blocks, n_per, c_seq, ffi.from_buffer("int32_t[]", ubatch.pos),
+            int(kv.swa_type), kv.n_swa, int(causal), self.n_kv, dt.itemsize,
+            ffi.from_buffer(out, require_writable=True), done,
+        )  # fmt: skip
+        if status != lib.PM_OK:
+            check(status, f"pm_step_kq_mask ({n_blocks} x {n_per} tokens, n_kv {self.n_kv})")
+        return out if done[0] else None
 
     # --- graph helpers (pymem.ggml) -----------------------------------------------------------
     def get_k(self, ctx: Any, il: int) -> Any:
