@@ -498,3 +498,29 @@ def test_the_device_copy_path_on_an_rpc_device() -> None:
     assert len(out["restores"]) == 15
     for name, r in out["restores"].items():
         assert r == dict(device="RPC0", split=True, identical=True, host_reads=0), name
+
+
+# --- random programs against the executable spec --------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["kv", "iswa", "recurrent", "hybrid", "hybrid_iswa"])
+def test_random_programs_restore_device_copies_as_the_spec(kind: str) -> None:
+    # tests/spec's harness (as tests/test_property.py's seeded programs): every checkpoint
+    # restore, rollback and prefix-cache restore goes through the device-copy path (the
+    # fixture above) and must match the spec's cells, state bytes and errors step by step
+    import random
+
+    from spec.gen import PyRnd, random_config, random_step
+    from spec.harness import Pair
+
+    restores = 0
+    for seed in range(12):
+        rnd = PyRnd(random.Random(f"devcopy-{kind}-{seed}"))
+        pair = Pair(random_config(kind, rnd), check_seq_states=6)
+        try:
+            for _ in range(40):
+                random_step(pair, rnd)
+        finally:
+            pair.close()
+        restores += pair.stats.outcomes.get("restore_checkpoint:ok", 0)
+    assert restores > 0
