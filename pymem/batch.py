@@ -157,10 +157,14 @@ def _check_one_per_seq_native(
     n_outputs = ffi.new("int64_t *")
     ok = ffi.new("int32_t *")
     out_in = batch.output  # bool or int8 (Batch made it one): read as bytes
+    if lay.c_args is None:
+        lay.c_args = (
+            ffi.from_buffer("int64_t[]", lay.seq),
+            ffi.NULL if lay.order is None else ffi.from_buffer("int64_t[]", lay.order),
+        )
+    c_seq, c_order = lay.c_args
     status = lib.pm_step_batch_check(
-        ffi.from_buffer("int32_t[]", token), ffi.from_buffer("int32_t[]", pos),
-        ffi.from_buffer("int64_t[]", lay.seq), n,
-        ffi.NULL if lay.order is None else ffi.from_buffer("int64_t[]", lay.order),
+        ffi.from_buffer("int32_t[]", token), ffi.from_buffer("int32_t[]", pos), c_seq, n, c_order,
         ffi.NULL if mem_max is None else ffi.from_buffer("int64_t[]", mem_max),
         -1 if n_vocab is None else n_vocab,
         ffi.NULL if out_in is None else ffi.from_buffer("uint8_t[]", out_in),
@@ -431,6 +435,8 @@ class _Layout:
     csr_key: np.ndarray
     set_count: np.ndarray  # int64 [n_sets]: tokens per set (0 or 1)
     splits: dict[tuple[Any, ...], list[_UbatchPlan]] = field(default_factory=dict)
+    # (seq, order or NULL) as cffi buffers for pm_step_batch_check, made on first use
+    c_args: tuple[Any, Any] | None = None
 
 
 # the one-token-per-sequence checks of init run as one native call (pymem_step.c); tests

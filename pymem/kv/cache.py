@@ -157,6 +157,7 @@ class _StepMemo:
     strm32: np.ndarray  # the same, int32, read-only: the slot's strm
     offs: np.ndarray  # int64 [n_blocks, 1]: strm * kv_size, the first row of each stream
     new_rows: NewRows  # what set_new derives from the streams and ids
+    s0: int  # the slot's first stream (SlotInfo.s0 of every slot made from this memo)
     # int64 [n_blocks, 1, n_embd_v_gqa_max]: each block's transposed-V element offsets
     # without the cell (build_v_idxs's offs + chan), made on first use
     v_base: np.ndarray | None = None
@@ -867,6 +868,7 @@ class KVCache(Memory):
             strm32=strm32,
             offs=base[:, None] * self.kv_size,
             new_rows=NewRows.of(base, n_tokens, sid),
+            s0=int(strm32.min()) if strm32.size else 0,
         )
         self._memo = m
         return m
@@ -1365,13 +1367,17 @@ class KVCacheContext(MemoryContext):
         files under "kv"; an iSWA context files its two caches' under "base" / "swa")."""
         kv = self.kv
         sinfo = self.get_sinfo()
-        k_idxs = self.get_k_idxs()
+        memo = kv._memo_for(sinfo)
+        if memo is None:
+            k_idxs, s0 = build_k_idxs(kv.layout, sinfo), sinfo.s0
+        else:  # a replayed layout: its row offsets and first stream are known
+            k_idxs, s0 = (memo.offs + sinfo.idxs).ravel(), memo.s0
         return KVInputs(
             layers=kv._layer_set,
-            v_trans=bool(kv.v_trans),
+            v_trans=kv.v_trans,
             n_kv=self.n_kv,
             n_stream=sinfo.n_stream,
-            s0=sinfo.s0,
+            s0=s0,
             size=kv.kv_size,
             k_idxs=k_idxs,
             # V rows are the K rows without v_trans (a copy: each input owns its array)
