@@ -247,6 +247,7 @@ def test_device_copy_restore_equals_host_restore(
         split = dev._split
         assert split is not None and split.payload_bytes > 0
         assert len(split.meta) + split.payload_bytes == dev.nbytes
+        assert dev.host_nbytes == len(split.meta) < dev.nbytes and host.host_nbytes == 0
         for mem in (a, b):
             _move_on(mem)
         assert _snapshot(a) == _snapshot(b)

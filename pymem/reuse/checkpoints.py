@@ -166,6 +166,15 @@ class Checkpoint:
         return 0 if self._closed else self._nbytes
 
     @property
+    def host_nbytes(self) -> int:
+        """Host bytes a device checkpoint keeps beside its buffer: the blob's metadata,
+        parsed at restore (0 for host bytes, before the payload ranges are known, and
+        after :meth:`close`). E.g. 68 for a 1,860-byte hybrid checkpoint."""
+        if self._closed or self.where == "host" or self._split is None:
+            return 0
+        return len(self._split.meta)
+
+    @property
     def where(self) -> Where:
         return "device" if self._store is not None or self._slot is not None else "host"
 
