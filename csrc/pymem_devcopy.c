@@ -17,10 +17,10 @@ static pm_status pm_devcopy_check_dst(const struct ggml_tensor * dst, size_t dst
     }
     uint64_t per_rep = 0;
     for (int64_t i = 0; i < n_runs; ++i) {
-        if (sizes[i] > nbytes) {
+        if (sizes[i] > nbytes || per_rep > UINT64_MAX - sizes[i]) {
             return PM_ERR_RANGE;
         }
-        per_rep += sizes[i];  // each <= nbytes: no overflow for n_runs < 2^32 of any real tensor
+        per_rep += sizes[i];
     }
     *total = 0;
     if (n_rep == 0 || per_rep == 0) {
