@@ -38,8 +38,9 @@ rows), on the host. A restore parses and validates that metadata exactly as a ho
 :class:`~pymem.state.DevicePayload` ranges of the device buffer), and only the commit
 copies the payloads into the cache tensors (``pm_tensor_copy_runs``), so a restore that
 fails still changes nothing and no payload byte passes through the host. A checkpoint
-moved to a device later (:meth:`Checkpoint.to_device`, a loaded cache) learns its ranges
-at its first restore, which reads the blob back once. A buffer that is host memory (the
+moved to a device later (:meth:`Checkpoint.to_device`) learns its ranges there when given
+the memory (the prefix cache gives it, e.g. for a loaded cache), else at its first
+restore, which reads the blob back once. A buffer that is host memory (the
 CPU backend's) is parsed in place instead (:data:`ZERO_COPY_HOST`). One exception on a
 device: transposed V (no flash attention) into many short runs of cells is read to the
 host once and placed there (one backend copy per element would cost far more).
