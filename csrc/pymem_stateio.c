@@ -192,32 +192,49 @@ static inline int pm_stateio_selected(const int32_t * pos, const int32_t * owner
     return seq_id < 0 ? pos[c] >= 0 : owner[c] == seq_id;
 }
 
+// selected cells of [c0, c1): a branch-free loop the compiler vectorises
+static inline int64_t pm_stateio_hits(const int32_t * pos, const int32_t * owner, int64_t c0, int64_t c1,
+                                      int32_t seq_id) {
+    int32_t hits = 0;
+    if (seq_id >= 0) {
+        for (int64_t c = c0; c < c1; ++c) {
+            hits += owner[c] == seq_id;
+        }
+    } else {
+        for (int64_t c = c0; c < c1; ++c) {
+            hits += pos[c] >= 0;
+        }
+    }
+    return hits;
+}
+
 pm_status pm_kv_select_count(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id,
                              int32_t n_seq_max, int64_t * n, int64_t * n_runs, int32_t * shared) {
     if (pos == NULL || owner == NULL || n == NULL || n_runs == NULL || shared == NULL || size < 0) {
         return PM_ERR_ARG;
     }
-    // branch-free loops the compiler vectorises: cells, run starts (a selected cell after
-    // an unselected one), and for the whole cache selected cells without one owner id
+    // blocks of 16 cells: a block all like the cell before it holds no run start
     int64_t count = 0, starts = 0;
+    int prev = 0;
+    for (int64_t c0 = 0; c0 < size; c0 += 16) {
+        const int64_t c1 = c0 + 16 < size ? c0 + 16 : size;
+        const int64_t hits = pm_stateio_hits(pos, owner, c0, c1, seq_id);
+        count += hits;
+        if (hits == (prev ? c1 - c0 : 0)) {
+            continue;
+        }
+        for (int64_t c = c0; c < c1; ++c) {
+            const int sel = pm_stateio_selected(pos, owner, c, seq_id);
+            starts += sel & !prev;
+            prev = sel;
+        }
+    }
+    // the whole cache: a selected cell without one owner id in [0, n_seq_max)
     int32_t odd = 0;
-    if (seq_id >= 0) {
+    if (seq_id < 0) {
         for (int64_t c = 0; c < size; ++c) {
-            count += owner[c] == seq_id;
-        }
-        for (int64_t c = 1; c < size; ++c) {
-            starts += (owner[c] == seq_id) & (owner[c - 1] != seq_id);
-        }
-        starts += size > 0 && owner[0] == seq_id;
-    } else {
-        for (int64_t c = 0; c < size; ++c) {
-            count += pos[c] >= 0;
             odd |= (pos[c] >= 0) & ((uint32_t) owner[c] >= (uint32_t) n_seq_max);
         }
-        for (int64_t c = 1; c < size; ++c) {
-            starts += (pos[c] >= 0) & (pos[c - 1] < 0);
-        }
-        starts += size > 0 && pos[0] >= 0;
     }
     *n = count;
     *n_runs = starts;
@@ -232,44 +249,31 @@ pm_status pm_kv_select_runs(const int32_t * pos, const int32_t * owner, int64_t 
         return PM_ERR_ARG;
     }
     int64_t runs = 0;
-    int prev = 0;
-    int64_t c = 0;
-    while (c < size) {
-        // skip blocks of 16 cells all like the one before them (runs are long)
-        if (c + 16 <= size) {
-            int differ = 0;
-            if (seq_id >= 0) {
-                for (int j = 0; j < 16; ++j) {
-                    differ |= (owner[c + j] == seq_id) != prev;
-                }
-            } else {
-                for (int j = 0; j < 16; ++j) {
-                    differ |= (pos[c + j] >= 0) != prev;
-                }
-            }
-            if (!differ) {
-                c += 16;
+    int prev = 0;  // whether the cell before is selected
+    for (int64_t c0 = 0; c0 < size; c0 += 16) {
+        const int64_t c1 = c0 + 16 < size ? c0 + 16 : size;
+        // a block of cells all like the one before it (runs are long) holds no run edge
+        if (pm_stateio_hits(pos, owner, c0, c1, seq_id) == (prev ? c1 - c0 : 0)) {
+            continue;
+        }
+        for (int64_t c = c0; c < c1; ++c) {
+            const int sel = pm_stateio_selected(pos, owner, c, seq_id);
+            if (sel == prev) {
                 continue;
             }
-        }
-        const int sel = pm_stateio_selected(pos, owner, c, seq_id);
-        if (sel && !prev) {
             if (runs == cap) {
                 return PM_ERR_RANGE;
             }
-            run_starts[runs] = c;
+            if (sel) {
+                run_starts[runs] = c;
+            } else {
+                run_ends[runs++] = c;
+            }
+            prev = sel;
         }
-        if (!sel && prev) {
-            run_ends[runs++] = c;
-        }
-        prev = sel;
-        ++c;
     }
     if (prev) {
-        if (runs == cap) {
-            return PM_ERR_RANGE;
-        }
-        run_ends[runs++] = size;
+        run_ends[runs++] = size;  // the open run: its start was stored when runs < cap
     }
     return runs == cap ? PM_OK : PM_ERR_RANGE;
 }
