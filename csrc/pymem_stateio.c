@@ -27,8 +27,10 @@ pm_status pm_kv_seq_same_cells(const int32_t * pos, const int32_t * shift, const
                 c += 16;
                 continue;
             }
-        }
-        if (owner[c] != seq_id) {
+            while (owner[c] != seq_id) {
+                ++c;  // to the block's first cell of seq_id (there is one)
+            }
+        } else if (owner[c] != seq_id) {
             ++c;
             continue;
         }
