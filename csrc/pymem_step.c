@@ -7,14 +7,29 @@
 #define PM_STEP_F16_NEG_INF 0xFC00u
 #define PM_STEP_F32_NEG_INF 0xFF800000u
 
+// whether a cell at p0 is outside the window of a token at p1 (pymem.spec.masked_swa)
+static int pm_step_masked_swa(int32_t swa_type, int64_t n_swa, int64_t p0, int64_t p1) {
+    switch (swa_type) {
+        case 1:
+            return p1 - p0 >= n_swa;
+        case 2:
+            return p0 < (p1 / n_swa) * n_swa;  // positions >= 0: truncation is floor
+        case 3:
+            return (p1 > p0 ? p1 - p0 : p0 - p1) > n_swa / 2;
+        default:
+            return 0;
+    }
+}
+
 pm_status pm_step_kv_find(const pm_step_cells * c, const int64_t * strm, int64_t n_blocks, int64_t n_per,
-                          const int64_t * heads, int32_t * idx, int32_t * placed) {
+                          const int64_t * heads, int32_t swa_type, int64_t n_swa, int32_t * idx,
+                          int32_t * placed) {
     if (c == NULL || strm == NULL || heads == NULL || idx == NULL || placed == NULL || n_blocks < 0 ||
         n_per < 1 || c->size <= 0) {
         return PM_ERR_ARG;
     }
     *placed = 0;
-    if (n_per > c->size) {
+    if (n_per > c->size || swa_type < 0 || swa_type > 3 || (swa_type != 0 && n_swa <= 0)) {
         return PM_OK;
     }
     for (int64_t r = 0; r < n_blocks; r++) {
@@ -31,10 +46,21 @@ pm_status pm_step_kv_find(const pm_step_cells * c, const int64_t * strm, int64_t
             return PM_OK;
         }
         const int32_t * pos = c->pos + s * c->size;
+        const int32_t * own = c->owner + s * c->size;
         for (int64_t j = 0; j < n_per; j++) {
             const int64_t cell = (h + j) % c->size;
             if (pos[cell] >= 0) {
-                return PM_OK;  // taken (or an SWA cell to test): the numpy search decides
+                // taken: usable only as a window-masked cell of one sequence
+                if (swa_type == 0 || own[cell] < 0) {
+                    return PM_OK;
+                }
+                const int64_t key = s * PM_STEP_MAX_SEQ + own[cell];
+                if (c->pdirty[key] & 2) {
+                    return PM_OK;  // a stale bound: numpy refreshes it
+                }
+                if (!pm_step_masked_swa(swa_type, n_swa, pos[cell], c->pmax[key] + 1)) {
+                    return PM_OK;
+                }
             }
             idx[r * n_per + j] = (int32_t) cell;
         }

@@ -28,16 +28,21 @@ typedef struct pm_step_cells {
     int64_t * n_multi;      // [n_stream]: cells with owner -2
     int64_t * pmin;         // [n_stream * 256]
     int64_t * pmax;         // [n_stream * 256]
+    uint8_t * pdirty;       // [n_stream * 256]: bit 2 = pmax may be stale
 } pm_step_cells;
 
 // The slot of a ubatch of n_blocks token blocks of n_per tokens, block r in stream
 // strm[r] (distinct): cells h, h + 1, ... h + n_per - 1 (wrapped at size) from
 // h = heads[strm[r]] (0 when h > used + 2 * n_per), the batched slot search's first
-// window. *placed = 1 and idx[r * n_per + j] = those cells when every one is empty;
-// *placed = 0 (idx undefined) when one is not or n_per > size: the numpy search decides
-// then. PM_ERR_RANGE for a stream outside [0, n_stream).
+// window. *placed = 1 and idx[r * n_per + j] = those cells when every one is usable:
+// empty, or (swa_type 1 STANDARD, 2 CHUNKED, 3 SYMMETRIC with n_swa) held by one
+// sequence and outside its window seen from that sequence's next position (pmax + 1).
+// *placed = 0 (idx undefined) when one is not, when such a sequence's pmax is stale, or
+// n_per > size: the numpy search decides then. PM_ERR_RANGE for a stream outside
+// [0, n_stream).
 pm_status pm_step_kv_find(const pm_step_cells * c, const int64_t * strm, int64_t n_blocks, int64_t n_per,
-                          const int64_t * heads, int32_t * idx, int32_t * placed);
+                          const int64_t * heads, int32_t swa_type, int64_t n_swa, int32_t * idx,
+                          int32_t * placed);
 
 // StackedCells.set_new of such a ubatch, one sequence id per token (seq: n_blocks * n_per
 // ids), plus the heads' move unless heads is NULL: token t = r * n_per + j (position

@@ -3,8 +3,9 @@
 Pins: ``pm_step_batch_check`` (``BatchAllocator.init`` of a one-token-per-sequence batch)
 accepts and refuses exactly the batches the numpy checks do, with the same output flags,
 position table and output count; ``pm_step_kv_find`` / ``pm_step_kv_place`` (a KV
-cache's head-window slot and the placement of a replayed ubatch: one token per stream,
-or a unified cache's block of one token per sequence) leave every cell array, per-stream
+cache's head-window slot, window-masked cells of an SWA cache included, and the
+placement of a replayed ubatch: one token per stream, or a unified cache's block of one
+token per sequence) leave every cell array, per-stream
 counter, cached bound and head byte-equal to the numpy path's, on caches whose streams
 wrap, overwrite window-masked cells (place then runs after numpy emptied them) and lose
 cells to ``seq_rm``; where a head cell is taken the kernels decline, change nothing, and
@@ -121,12 +122,14 @@ def test_kv_decode_steps_native_equal_numpy(monkeypatch, swa_type, v_trans, unif
     size, full = (40, 34) if unified else (16, 14)
     twins = [make_kv(size, n_seq, unified=unified, v_trans=v_trans, **swa) for _ in range(2)]
     allocs = [BatchAllocator(), BatchAllocator()]
-    calls = {"find": 0, "place": 0, "after_rm": 0}
+    calls = {"find": 0, "find_taken": 0, "place": 0, "after_rm": 0}
     find, place = kv_cache.KVCache._find_slot_native, kv_cache.KVCache._place_native
 
     def count_find(self, memo, n_per):
         res = find(self, memo, n_per)
         calls["find"] += res is not None
+        if res is not None:  # window-masked cells the kernel found usable
+            calls["find_taken"] += bool((self.cells.pos_f[memo.offs + res.idxs] >= 0).any())
         return res
 
     def count_place(self, memo, sinfo, ubatch, *, heads):
@@ -154,7 +157,7 @@ def test_kv_decode_steps_native_equal_numpy(monkeypatch, swa_type, v_trans, unif
             check_invariants(kv)
     assert calls["find"] > 5 and calls["place"] > 5
     if swa_type != 0:  # the windows overwrite: numpy empties the cells, the kernel places
-        assert calls["after_rm"] > 0
+        assert calls["after_rm"] > 0 and calls["find_taken"] > 0
 
 
 def test_kv_kernels_decline_taken_cells_and_change_nothing() -> None:
@@ -181,7 +184,7 @@ def test_kv_kernels_decline_taken_cells_and_change_nothing() -> None:
 
     def find1(streams: np.ndarray) -> int:
         return lib.pm_step_kv_find(
-            c, ffi.from_buffer("int64_t[]", streams), streams.size, 1, heads,
+            c, ffi.from_buffer("int64_t[]", streams), streams.size, 1, heads, 0, 0,
             ffi.from_buffer("int32_t[]", out), placed,
         )  # fmt: skip
 

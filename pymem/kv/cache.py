@@ -895,12 +895,13 @@ class KVCache(Memory):
                 ffi.from_buffer("int64_t[]", st.n_multi, require_writable=True),
                 ffi.from_buffer("int64_t[]", st.pmin_f, require_writable=True),
                 ffi.from_buffer("int64_t[]", st.pmax_f, require_writable=True),
+                ffi.from_buffer("uint8_t[]", st.pdirty_f),
                 ffi.from_buffer("int64_t[]", self.v_heads.a, require_writable=True),
             ]
             c.n_stream, c.size = st.n_stream, st.size
             (c.pos, c.seq, c.owner, c.used, c.used_max_p1, c.used_max_dirty, c.n_multi, c.pmin,
-             c.pmax) = bufs[:9]  # fmt: skip
-            self._step_cells = (c, bufs[9], bufs, ffi.new("int64_t *"), ffi.new("int32_t *"))
+             c.pmax, c.pdirty) = bufs[:10]  # fmt: skip
+            self._step_cells = (c, bufs[10], bufs, ffi.new("int64_t *"), ffi.new("int32_t *"))
         return self._step_cells
 
     def _find_slot_native(self, memo: _StepMemo, n_per: int) -> SlotInfo | None:
@@ -912,8 +913,8 @@ class KVCache(Memory):
         n = memo.strm.size
         idxs = np.empty((n, n_per), dtype=np.int32)
         status = lib.pm_step_kv_find(
-            c, ffi.from_buffer("int64_t[]", memo.strm), n, n_per, heads,
-            ffi.from_buffer("int32_t[]", idxs, require_writable=True), placed,
+            c, ffi.from_buffer("int64_t[]", memo.strm), n, n_per, heads, int(self.swa_type),
+            self.n_swa, ffi.from_buffer("int32_t[]", idxs, require_writable=True), placed,
         )  # fmt: skip
         if status != lib.PM_OK:
             check(status, f"pm_step_kv_find ({n} streams of {self.n_stream})")
