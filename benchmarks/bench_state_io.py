@@ -28,10 +28,13 @@ cache), median milliseconds of:
 * ``llama_cpp_write`` / ``_read``: ``llama_state_seq_get_data`` / ``_set_data``
   (``llama_state_get_data`` / ``_set_data`` for the whole cache) into a preallocated buffer;
 * the bounds: ``numpy_gather`` / ``numpy_scatter``, the same tensor bytes moved between the
-  cache and a packed buffer with numpy (``kv.state_io``'s numpy reference path: per-run
+  cache and a packed buffer with numpy (``kv.state_rows``' numpy reference path: per-run
   slices, lockstep strided views), i.e. the cost of the layout alone; and ``placement``,
-  the bookkeeping a per-sequence restore must do (``seq_rm`` + ``find_slot`` +
-  ``apply_ubatch`` of the sequence's cells, as the reference does).
+  the bookkeeping of the reference's per-sequence restore (``seq_rm`` + ``find_slot`` +
+  ``apply_ubatch`` of the sequence's cells), which pymem skips when the sequence goes
+  back to the very cells it holds, as it does here (``state_io.seq_same_cells``).
+
+Where the remaining time of a read goes, each part alone: ``bench_state_floor.py``.
 
 Run: python benchmarks/bench_state_io.py [--quick] [--no-wide]
 (full: both models, writes results/bench_state_io.json; --quick: tiny-llama, 2,048 tokens)
