@@ -218,6 +218,134 @@ pm_status pm_step_rs_steady(int64_t size, const int32_t * tail, const int32_t * 
     return PM_OK;
 }
 
+// empty cell g of stream 0 (StackedCells._empty); the caller keeps used / used_max_dirty
+static void pm_step_empty(pm_step_cells * c, int64_t g) {
+    c->owner[g] = -1;
+    c->pos[g] = -1;
+    uint64_t * bits = c->seq + g * PM_STEP_WORDS;
+    for (int w = 0; w < PM_STEP_WORDS; w++) {
+        bits[w] = 0;
+    }
+}
+
+pm_status pm_step_kv_overwrite(pm_step_cells * c, int64_t n, const int32_t * idx, const int32_t * pos,
+                               const int32_t * seq, int64_t * heads, int64_t * top, int32_t * placed) {
+    if (c == NULL || idx == NULL || pos == NULL || seq == NULL || heads == NULL || top == NULL ||
+        placed == NULL || n < 1) {
+        return PM_ERR_ARG;
+    }
+    *placed = 0;
+    if (c->n_stream != 1 || c->n_multi[0] != 0 || c->shift == NULL) {
+        return PM_OK;
+    }
+    for (int64_t t = 0; t < n; t++) {
+        if (idx[t] < 0 || idx[t] >= c->size) {
+            return PM_ERR_RANGE;
+        }
+        if (seq[t] < 0 || seq[t] >= PM_STEP_MAX_SEQ || (c->pos[idx[t]] >= 0 && c->owner[idx[t]] < 0)) {
+            return PM_OK;
+        }
+    }
+    // 1. the taken cells: bounds dirty (before any change), the largest position lost per
+    // sequence, then emptied (StackedCells.rm_owned)
+    int64_t max_rm[PM_STEP_MAX_SEQ];
+    for (int q = 0; q < PM_STEP_MAX_SEQ; q++) {
+        max_rm[q] = -1;
+    }
+    int64_t n_rm = 0, g_max = -1, hi = -1;
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t g = idx[t];
+        if (c->pos[g] < 0) {
+            continue;
+        }
+        const int32_t q = c->owner[g];
+        const int64_t p = c->pos[g];
+        if (p <= c->pmin[q]) {
+            c->pdirty[q] |= 1;
+        }
+        if (p >= c->pmax[q]) {
+            c->pdirty[q] |= 2;
+        }
+        if (p > max_rm[q]) {
+            max_rm[q] = p;
+        }
+        if (p > hi) {
+            hi = p;
+        }
+    }
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t g = idx[t];
+        if (c->pos[g] >= 0) {
+            pm_step_empty(c, g);
+            c->shift[g] = 0;
+            n_rm++;
+            if (g > g_max) {
+                g_max = g;
+            }
+        }
+    }
+    if (n_rm) {
+        c->used[0] -= n_rm;
+        if (g_max + 1 >= c->used_max_p1[0]) {
+            c->used_max_dirty[0] = 1;
+        }
+    }
+    // 2. the tokens (StackedCells.set_new)
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t g = idx[t];
+        const int32_t q = seq[t];
+        c->pos[g] = pos[t];
+        uint64_t * bits = c->seq + g * PM_STEP_WORDS;
+        for (int w = 0; w < PM_STEP_WORDS; w++) {
+            bits[w] = 0;
+        }
+        bits[q >> 6] = (uint64_t) 1 << (q & 63);
+        c->owner[g] = q;
+        if (c->used_max_p1[0] < g + 1) {
+            c->used_max_p1[0] = g + 1;
+        }
+        if (pos[t] < c->pmin[q]) {
+            c->pmin[q] = pos[t];
+        }
+        if (pos[t] > c->pmax[q]) {
+            c->pmax[q] = pos[t];
+        }
+    }
+    c->used[0] += n;
+    // 3. the purge (StackedCells.purge_owned_upto): cells of a sequence that lost one, at
+    // or below the largest position it lost
+    if (hi >= 0) {
+        int64_t n_purged = 0, p_max = -1;
+        for (int64_t g = 0; g < c->size; g++) {
+            const int32_t q = c->owner[g];
+            if (q >= 0 && c->pos[g] >= 0 && c->pos[g] <= max_rm[q]) {
+                pm_step_empty(c, g);
+                c->shift[g] = 0;
+                n_purged++;
+                p_max = g;
+            }
+        }
+        if (n_purged) {
+            for (int q = 0; q < PM_STEP_MAX_SEQ; q++) {
+                if (max_rm[q] >= 0) {
+                    c->pdirty[q] |= 1;
+                    if (max_rm[q] >= c->pmax[q]) {
+                        c->pdirty[q] |= 2;
+                    }
+                }
+            }
+            c->used[0] -= n_purged;
+            if (p_max + 1 >= c->used_max_p1[0]) {
+                c->used_max_dirty[0] = 1;
+            }
+        }
+    }
+    heads[0] = (int64_t) idx[n - 1] + 1;
+    *top = c->used_max_dirty[0] ? -1 : c->used_max_p1[0];
+    *placed = 1;
+    return PM_OK;
+}
+
 // int64 -> int32 as numpy's astype does (two's complement wrap)
 static int32_t pm_step_i32(int64_t v) {
     return (int32_t) (uint32_t) (uint64_t) v;

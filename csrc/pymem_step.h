@@ -20,6 +20,7 @@ typedef struct pm_step_cells {
     int64_t   n_stream;
     int64_t   size;
     int32_t * pos;          // [n_stream * size], -1 = empty
+    int32_t * shift;        // [n_stream * size], pending K-shift
     uint64_t * seq;         // [n_stream * size * 4] sequence bitsets
     int32_t * owner;        // [n_stream * size]: the only sequence, -1 none, -2 several
     int64_t * used;         // [n_stream]
@@ -67,6 +68,19 @@ pm_status pm_step_batch_check(const int32_t * token, const int32_t * pos, const 
                               const int64_t * order, const int64_t * mem_max, int64_t n_vocab,
                               const uint8_t * output, int8_t * out_output, int32_t * seq_pos, int64_t * n_outputs,
                               int32_t * ok);
+
+// KVCache.apply_ubatch of a one-stream cache without shared cells (n_stream 1, n_multi
+// 0) whose slot overwrites window-masked cells: the n tokens (position pos[t], sequence
+// seq[t] alone) go to cells idx[t]. In the numpy path's order: every taken slot cell is
+// emptied (its owner's cached bounds marked dirty where the position reached them), the
+// tokens are placed as pm_step_kv_place places them, then every cell of a sequence that
+// lost one, at or below the largest position it lost, is emptied too (the SWA purge;
+// those sequences' bounds marked dirty as seq_rm_upto marks them), and heads[0] =
+// idx[n - 1] + 1. *top as pm_step_kv_place. Nothing is written and *placed = 0 when a
+// taken cell is not held by exactly one sequence, the stack has several streams or
+// shared cells, or an id is outside [0, 256). PM_ERR_RANGE for a cell outside the stack.
+pm_status pm_step_kv_overwrite(pm_step_cells * c, int64_t n, const int32_t * idx, const int32_t * pos,
+                               const int32_t * seq, int64_t * heads, int64_t * top, int32_t * placed);
 
 // The KQ mask of a ubatch of n_blocks blocks of n_per tokens, block r in stream strm[r]:
 // out[t][j] (t = r * n_per + i, j < n_kv; f16 for elem_size 2, f32 for 4) is 0 when cell

@@ -7,8 +7,9 @@ cache's head-window slot, window-masked cells of an SWA cache included, and the
 placement of a replayed ubatch: one token per stream, or a unified cache's block of one
 token per sequence) leave every cell array, per-stream
 counter, cached bound and head byte-equal to the numpy path's, on caches whose streams
-wrap, overwrite window-masked cells (place then runs after numpy emptied them) and lose
-cells to ``seq_rm``; where a head cell is taken the kernels decline, change nothing, and
+wrap, overwrite window-masked cells (``pm_step_kv_overwrite`` on one stream: emptied,
+placed, the losers' older positions purged; with streams place runs after numpy emptied
+them) and lose cells to ``seq_rm``; where a head cell is taken the kernels decline, change nothing, and
 the numpy path decides.
 """
 
@@ -122,7 +123,7 @@ def test_kv_decode_steps_native_equal_numpy(monkeypatch, swa_type, v_trans, unif
     size, full = (40, 34) if unified else (16, 14)
     twins = [make_kv(size, n_seq, unified=unified, v_trans=v_trans, **swa) for _ in range(2)]
     allocs = [BatchAllocator(), BatchAllocator()]
-    calls = {"find": 0, "find_taken": 0, "place": 0, "after_rm": 0}
+    calls = {"find": 0, "find_taken": 0, "place": 0, "after_rm": 0, "overwrite": 0}
     find, place = kv_cache.KVCache._find_slot_native, kv_cache.KVCache._place_native
 
     def count_find(self, memo, n_per):
@@ -137,8 +138,16 @@ def test_kv_decode_steps_native_equal_numpy(monkeypatch, swa_type, v_trans, unif
         calls["place" if heads else "after_rm"] += res
         return res
 
+    overwrite = kv_cache.KVCache._overwrite_native
+
+    def count_overwrite(self, sinfo, ubatch):
+        res = overwrite(self, sinfo, ubatch)
+        calls["overwrite"] += res
+        return res
+
     monkeypatch.setattr(kv_cache.KVCache, "_find_slot_native", count_find)
     monkeypatch.setattr(kv_cache.KVCache, "_place_native", count_place)
+    monkeypatch.setattr(kv_cache.KVCache, "_overwrite_native", count_overwrite)
     layouts = [list(range(n_seq)), [1, 3, 4], [2]]
     for step in range(60):
         seqs = layouts[(step // 5) % len(layouts)]
@@ -156,8 +165,9 @@ def test_kv_decode_steps_native_equal_numpy(monkeypatch, swa_type, v_trans, unif
         for kv in twins:  # both: the checks refresh lazily kept bounds
             check_invariants(kv)
     assert calls["find"] > 5 and calls["place"] > 5
-    if swa_type != 0:  # the windows overwrite: numpy empties the cells, the kernel places
-        assert calls["after_rm"] > 0 and calls["find_taken"] > 0
+    if swa_type != 0:  # the windows overwrite: one kernel for a unified cache, else numpy
+        # empties the cells and the kernel places
+        assert calls["overwrite" if unified else "after_rm"] > 0 and calls["find_taken"] > 0
 
 
 def test_kv_kernels_decline_taken_cells_and_change_nothing() -> None:

@@ -887,21 +887,24 @@ class KVCache(Memory):
             c = ffi.new("pm_step_cells *")
             bufs = [
                 ffi.from_buffer("int32_t[]", st.pos_f, require_writable=True),
+                ffi.from_buffer("int32_t[]", st.shift_f, require_writable=True),
                 ffi.from_buffer("uint64_t[]", st.seq_f, require_writable=True),
                 ffi.from_buffer("int32_t[]", st.owner_f, require_writable=True),
                 ffi.from_buffer("int64_t[]", st.used, require_writable=True),
                 ffi.from_buffer("int64_t[]", st.used_max_p1, require_writable=True),
-                ffi.from_buffer("uint8_t[]", st.used_max_dirty.view(np.uint8)),
+                ffi.from_buffer(
+                    "uint8_t[]", st.used_max_dirty.view(np.uint8), require_writable=True
+                ),
                 ffi.from_buffer("int64_t[]", st.n_multi, require_writable=True),
                 ffi.from_buffer("int64_t[]", st.pmin_f, require_writable=True),
                 ffi.from_buffer("int64_t[]", st.pmax_f, require_writable=True),
-                ffi.from_buffer("uint8_t[]", st.pdirty_f),
+                ffi.from_buffer("uint8_t[]", st.pdirty_f, require_writable=True),
                 ffi.from_buffer("int64_t[]", self.v_heads.a, require_writable=True),
             ]
             c.n_stream, c.size = st.n_stream, st.size
-            (c.pos, c.seq, c.owner, c.used, c.used_max_p1, c.used_max_dirty, c.n_multi, c.pmin,
-             c.pmax, c.pdirty) = bufs[:10]  # fmt: skip
-            self._step_cells = (c, bufs[10], bufs, ffi.new("int64_t *"), ffi.new("int32_t *"))
+            (c.pos, c.shift, c.seq, c.owner, c.used, c.used_max_p1, c.used_max_dirty, c.n_multi,
+             c.pmin, c.pmax, c.pdirty) = bufs[:11]  # fmt: skip
+            self._step_cells = (c, bufs[11], bufs, ffi.new("int64_t *"), ffi.new("int32_t *"))
         return self._step_cells
 
     def _find_slot_native(self, memo: _StepMemo, n_per: int) -> SlotInfo | None:
@@ -1121,6 +1124,13 @@ class KVCache(Memory):
         )
         if native and self._place_native(memo, sinfo, ubatch, heads=True):
             return  # every cell was empty: placed, heads moved, nothing to purge
+        if (
+            native
+            and self.n_stream == 1
+            and OVERWRITE_OWNED
+            and self._overwrite_native(sinfo, ubatch)
+        ):
+            return  # window-masked cells overwritten, their sequences purged, heads moved
         strm = sinfo.strm.astype(np.int64) if memo is None else memo.strm
         assert strm is not None
         idx = sinfo.idxs.astype(np.int64)
@@ -1195,6 +1205,25 @@ class KVCache(Memory):
         if not placed[0]:
             return False
         if heads and top[0] >= 0:  # get_n_kv of this slot needs no look at the streams
+            self._placed_top = (sinfo, self._version, int(top[0]))
+        return True
+
+    def _overwrite_native(self, sinfo: SlotInfo, ubatch: UBatch) -> bool:
+        """The SWA overwrite of a one-stream cache (taken cells emptied, tokens placed,
+        the losers' older positions purged, heads moved) in one ``pm_step_kv_overwrite``
+        call; False, nothing changed, where the kernel does not apply (shared cells, a
+        taken cell of several or no sequence): the numpy path then decides."""
+        c, heads_buf, _, top, placed = self._native_cells()
+        n = sinfo.idxs.size
+        status = lib.pm_step_kv_overwrite(
+            c, n, ffi.from_buffer("int32_t[]", sinfo.idxs), ffi.from_buffer("int32_t[]", ubatch.pos),
+            ffi.from_buffer("int32_t[]", ubatch.seq_id), heads_buf, top, placed,
+        )  # fmt: skip
+        if status != lib.PM_OK:
+            check(status, f"pm_step_kv_overwrite ({n} tokens of {self.kv_size} cells)")
+        if not placed[0]:
+            return False
+        if top[0] >= 0:
             self._placed_top = (sinfo, self._version, int(top[0]))
         return True
 
