@@ -245,3 +245,28 @@ def test_native_step_masks_equal_numpy(monkeypatch, swa_type) -> None:
             s = int(rng.integers(0, 5))
             kv.seq_rm(s, max(0, kv.seq_pos_max(s) - 1), -1)
     assert len(taken) > 100
+
+
+def test_init_update_without_work_shares_one_no_update_context() -> None:
+    """A decode step's ``init_update`` with nothing pending returns the same NO_UPDATE
+    context every time (KV cache, recurrent memory, iSWA and hybrid composites); apply()
+    does nothing. A pending K-shift still gets a fresh context that applies it."""
+    from test_hybrid import make_hybrid
+
+    from pymem.memory import MemoryStatus
+
+    kv = make_kv(16, 2)
+    mems = [
+        kv,
+        make_hybrid("RAR", kv_size=32, n_seq_max=2),
+        make_hybrid("RSAR", kv_size=32, n_seq_max=2),
+    ]
+    for mem in mems:
+        a, b = mem.init_update(False), mem.init_update(False)
+        assert a is b and a.get_status() == MemoryStatus.NO_UPDATE and a.apply()
+    _drive(kv, BatchAllocator(), [0, 1], [0, 0], np.float32)
+    kv.seq_add(0, 0, -1, 2)
+    upd = kv.init_update(False)
+    assert upd.get_status() == MemoryStatus.SUCCESS and upd is not kv.init_update(False)
+    assert upd.apply() and not kv.get_has_shift()
+    assert kv.init_update(False).get_status() == MemoryStatus.NO_UPDATE
