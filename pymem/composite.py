@@ -86,8 +86,8 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
 
     def context_for(self, plan: tuple[Any, ...], ubatches: Sequence[UBatch]) -> MemoryContext:
         ubs = list(ubatches)
-        first, second = (m.context_for(p, ubs) for m, p in zip(self._members(), plan))
-        return self.context_type(first, second, ubs)
+        a, b = self._members()
+        return self.context_type(a.context_for(plan[0], ubs), b.context_for(plan[1], ubs), ubs)
 
     def failed_context(self, status: MemoryStatus) -> MemoryContext:
         return self.context_type.failed(status)
