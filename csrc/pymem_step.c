@@ -422,3 +422,40 @@ pm_status pm_step_kq_mask(const pm_step_cells * c, const int64_t * strm, int64_t
     *done = 1;
     return PM_OK;
 }
+
+pm_status pm_step_kv_pos_max(const pm_step_cells * c, const int64_t * keys, int64_t n, int64_t * out,
+                             int32_t * ok) {
+    if (c == NULL || keys == NULL || out == NULL || ok == NULL || n < 0) {
+        return PM_ERR_ARG;
+    }
+    *ok = 0;
+    const int64_t n_keys = c->n_stream * PM_STEP_MAX_SEQ;
+    for (int64_t i = 0; i < n; i++) {
+        if (keys[i] < 0 || keys[i] >= n_keys) {
+            return PM_ERR_RANGE;
+        }
+        if (c->pdirty[keys[i]] & 2) {
+            return PM_OK;
+        }
+        out[i] = c->pmax[keys[i]];
+    }
+    *ok = 1;
+    return PM_OK;
+}
+
+pm_status pm_step_rs_pos(const int32_t * tail, const int32_t * pos, int64_t size, const int64_t * ids, int64_t n,
+                         int64_t * out) {
+    if (tail == NULL || pos == NULL || ids == NULL || out == NULL || n < 0 || size < 0) {
+        return PM_ERR_ARG;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= size || tail[ids[i]] >= size) {
+            return PM_ERR_RANGE;
+        }
+    }
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t t = tail[ids[i]];
+        out[i] = t >= 0 ? pos[t] : -1;
+    }
+    return PM_OK;
+}

@@ -82,6 +82,12 @@ pm_status pm_step_batch_check(const int32_t * token, const int32_t * pos, const 
 pm_status pm_step_kv_overwrite(pm_step_cells * c, int64_t n, const int32_t * idx, const int32_t * pos,
                                const int32_t * seq, int64_t * heads, int64_t * top, int32_t * placed);
 
+// The cached largest position of (stream, sequence) keys (stream * 256 + seq_id): out[i]
+// = pmax[keys[i]] (-1 for none). *ok = 0 when one of them is stale (pdirty bit 2): the
+// numpy query refreshes it then. PM_ERR_RANGE for a key outside the table.
+pm_status pm_step_kv_pos_max(const pm_step_cells * c, const int64_t * keys, int64_t n, int64_t * out,
+                             int32_t * ok);
+
 // The KQ mask of a ubatch of n_blocks blocks of n_per tokens, block r in stream strm[r]:
 // out[t][j] (t = r * n_per + i, j < n_kv; f16 for elem_size 2, f32 for 4) is 0 when cell
 // j of that stream holds sequence seq[t] alone (owner) at a position in the token's
@@ -107,6 +113,11 @@ pm_status pm_step_rs_steady(int64_t size, const int32_t * tail, const int32_t * 
                             const int32_t * ids_snap, int64_t n, int64_t lo, int32_t * pos, const int32_t * src,
                             int32_t * src0, uint32_t * n_last, int64_t n_last_size, const int32_t * last_pos,
                             int32_t n_seq_tokens, int32_t * done);
+
+// RecurrentMemory.seq_pos_min_of of ids all in [0, size): out[i] = pos[tail[ids[i]]], -1
+// when the sequence holds no cell (tail -1). PM_ERR_RANGE for an id or tail outside.
+pm_status pm_step_rs_pos(const int32_t * tail, const int32_t * pos, int64_t size, const int64_t * ids, int64_t n,
+                         int64_t * out);
 
 // PYMEM_CDEF_END
 

@@ -270,3 +270,47 @@ def test_init_update_without_work_shares_one_no_update_context() -> None:
     assert upd.get_status() == MemoryStatus.SUCCESS and upd is not kv.init_update(False)
     assert upd.apply() and not kv.get_has_shift()
     assert kv.init_update(False).get_status() == MemoryStatus.NO_UPDATE
+
+
+@pytest.mark.parametrize("unified", [True, False])
+def test_native_pos_bounds_of_frozen_ids_equal_numpy(monkeypatch, unified) -> None:
+    """``seq_pos_max_of`` of the allocator's frozen ids read natively (KV:
+    ``pm_step_kv_pos_max``, declining on a stale bound; recurrent: ``pm_step_rs_pos``)
+    equals the numpy query and the scalar one after decodes, removals, shifts and forks."""
+    from test_recurrent import make_rec, ub
+
+    import pymem.recurrent.cells as rc
+
+    kv = make_kv(32, 4, unified=unified)
+    rec = make_rec(n_seq=4)
+    ids = np.array([2, 0, 3, 1], dtype=np.int32)
+    ids.flags.writeable = False
+    balloc = BatchAllocator()
+
+    def check() -> None:
+        for mem in (kv, rec):
+            got = mem.seq_pos_max_of(ids)  # the memo is made on the first call
+            got = mem.seq_pos_max_of(ids)
+            monkeypatch.setattr(kv_cache, "USE_NATIVE", False)
+            monkeypatch.setattr(rc, "USE_NATIVE", False)
+            ref = mem.seq_pos_max_of(ids)
+            monkeypatch.setattr(kv_cache, "USE_NATIVE", True)
+            monkeypatch.setattr(rc, "USE_NATIVE", True)
+            assert got.dtype == ref.dtype == np.int64
+            assert got.tolist() == ref.tolist() == [mem.seq_pos_max(int(s)) for s in ids]
+
+    check()
+    for p in range(5):
+        _drive(kv, balloc, [0, 1, 2, 3], [p] * 4, np.float32)
+        assert rec.find_slot(ub((0, p), (1, p), (2, p), (3, p)))
+        check()
+    for mem in (kv, rec):
+        mem.seq_rm(1, -1, -1)
+    kv.seq_rm(2, 3, -1)  # the maximum of sequence 2 goes stale
+    check()
+    kv.seq_add(0, 0, -1, 3)
+    rec.seq_add(0, -1, -1, 3)
+    check()
+    for mem in (kv, rec):
+        mem.seq_cp(3, 1, -1, -1)
+    check()

@@ -379,6 +379,7 @@ class KVCache(Memory):
         self._memo: _StepMemo | None = None  # the last replayed ubatch layout seen
         self._layer_set = frozenset(layer.il for layer in self.layers)  # KVInputs.layers
         self._keys_memo: tuple[np.ndarray, np.ndarray] | None = None  # (frozen ids, keys)
+        self._keys_c: tuple[np.ndarray, Any] | None = None  # (those keys, their cffi buffer)
         self._runners: dict[str, GraphRunner] = {}
         self._step_cells: Any = None  # pm_step_cells * over self.cells, built on first use
         self._no_update: KVCacheContext | None = None  # init_update's answer with nothing to do
@@ -689,6 +690,7 @@ class KVCache(Memory):
         if isinstance(seq_ids, np.ndarray) and not seq_ids.flags.writeable:
             keys.flags.writeable = False
             self._keys_memo = (seq_ids, keys)
+            self._keys_c = (keys, ffi.from_buffer("int64_t[]", keys))
         return keys
 
     def seq_pos_min_of(self, seq_ids: np.ndarray) -> np.ndarray:
@@ -698,7 +700,19 @@ class KVCache(Memory):
 
     def seq_pos_max_of(self, seq_ids: np.ndarray) -> np.ndarray:
         """``seq_pos_max`` of each of ``seq_ids`` (int64), from the cached bounds."""
-        return self.cells.pos_max_at(self._seq_keys(seq_ids))
+        keys = self._seq_keys(seq_ids)
+        if USE_NATIVE and self._keys_c is not None and self._keys_c[0] is keys:
+            # the allocator's frozen ids (a decode step): one native read of the bounds
+            out = np.empty(keys.size, dtype=np.int64)
+            c, _, _, _, ok = self._native_cells()
+            status = lib.pm_step_kv_pos_max(
+                c, self._keys_c[1], keys.size, ffi.from_buffer("int64_t[]", out, require_writable=True), ok
+            )  # fmt: skip
+            if status != lib.PM_OK:
+                check(status, f"pm_step_kv_pos_max ({keys.size} keys)")
+            if ok[0]:
+                return out
+        return self.cells.pos_max_at(keys)
 
     # --- planning --------------------------------------------------------------------
     def splits(self, balloc: BatchAllocator, n_ubatch: int, embd_all: bool) -> list[Split]:

@@ -96,10 +96,12 @@ from typing import Any
 
 import numpy as np
 
+from pymem._native import check, ffi, lib
 from pymem.backend import Tensor, TensorSpec, TensorStore, get_device
 from pymem.batch import BatchAllocator
 from pymem.errors import BatchError, ClosedError, ConfigError, RangeError
 from pymem.memory import POS_MAX, Memory, MemoryStatus, Split, clamp_range
+from pymem.recurrent import cells as rcells
 from pymem.recurrent.cells import RecurrentCells, SlotRequest, find_slot, s_copy_rows, seq_rm_cells
 from pymem.recurrent.context import RecurrentMemoryContext
 from pymem.recurrent.state_io import RecurrentReadPlan, StateLayers, parse_state, write_state
@@ -271,7 +273,8 @@ class RecurrentMemory(Memory):
         self.cells = RecurrentCells(self.size, max(self.size, self.n_seq_max))
         self._version = 0  # bumped on every mutation: a stale read plan refuses to commit
         # frozen ids seq_pos_min_of checked, and their int64 copy
-        self._ids_in_range: tuple[np.ndarray, np.ndarray] | None = None
+        # (frozen ids, their int64 copy, its cffi buffer): the allocator's layout ids
+        self._ids_in_range: tuple[np.ndarray, np.ndarray, Any] | None = None
         # (seq_id, n_seq_id, request, last-token indices, n_tokens) of the last replayed ubatch
         self._req_memo: tuple[np.ndarray, np.ndarray, SlotRequest, np.ndarray, int] | None = None
         self._closed = False
@@ -621,6 +624,16 @@ class RecurrentMemory(Memory):
         memo = self._ids_in_range
         if memo is not None and seq_ids is memo[0]:
             ids, inside = memo[1], True  # the allocator's frozen layout ids: checked once
+            if rcells.USE_NATIVE:  # one native gather (pm_step_rs_pos), same values
+                c = self.cells
+                out = np.empty(ids.size, dtype=np.int64)
+                status = lib.pm_step_rs_pos(
+                    ffi.from_buffer("int32_t[]", c.tail), ffi.from_buffer("int32_t[]", c.pos),
+                    c.size, memo[2], ids.size, ffi.from_buffer("int64_t[]", out, require_writable=True),
+                )  # fmt: skip
+                if status != lib.PM_OK:
+                    check(status, f"pm_step_rs_pos ({ids.size} ids, {c.size} cells)")
+                return out
         else:
             ids = np.asarray(seq_ids).astype(np.int64, copy=False)
             inside = bool(ids.size) and int(ids.min()) >= 0 and int(ids.max()) < self.size
@@ -630,7 +643,8 @@ class RecurrentMemory(Memory):
                 and not seq_ids.flags.writeable
                 and seq_ids.base is None
             ):
-                self._ids_in_range = (seq_ids, ids)  # frozen, owns its data: keep the int64 copy
+                # frozen, owns its data: keep the int64 copy
+                self._ids_in_range = (seq_ids, ids, ffi.from_buffer("int64_t[]", ids))
         if inside:
             # every id names a cell's tail (a decode step's batch): gathers, no selection;
             # a missing tail (-1) reads the last cell, masked out. E.g. tails [2, -1] -> [9, -1]
