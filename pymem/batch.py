@@ -440,8 +440,9 @@ class _Layout:
 
 
 # the one-token-per-sequence checks of init run as one native call (pymem_step.c); tests
-# turn it off to compare with the numpy checks, which stay the reference
-USE_NATIVE = True
+# turn it off to compare with the numpy checks, which stay the reference (False with an
+# older extension that lacks the kernel)
+USE_NATIVE = hasattr(lib, "pm_step_batch_check")
 _LAYOUTS_KEPT = 8  # sequence layouts a BatchAllocator remembers (prompt + decode shapes)
 
 

@@ -109,10 +109,16 @@ SLOT_SLICE_MIN = 256
 # the SWA overwrite on one stream without shared cells takes StackedCells.rm_owned (tests
 # turn it off to compare with the general rm)
 OVERWRITE_OWNED = True
-# one token per stream (a decode step with one stream per sequence): the head-window slot
-# and its placement run as one native call each (csrc/pymem_step.c) when every cell taken
-# is empty; tests turn it off to compare with the numpy path, which stays the reference
-USE_NATIVE = True
+# a replayed decode-step ubatch (the step memo): the head-window slot, its placement (an
+# SWA overwrite of one stream included), the streams' KQ mask and the bounds of frozen ids
+# run as one native call each (csrc/pymem_step.c), each declining to numpy where its
+# preconditions fail; tests turn it off to compare with the numpy path, which stays the
+# reference (False with an older extension that lacks the kernels)
+USE_NATIVE = all(
+    hasattr(lib, name)
+    for name in ("pm_step_kv_find", "pm_step_kv_place", "pm_step_kv_overwrite",
+                 "pm_step_kq_mask", "pm_step_kv_pos_max")
+)  # fmt: skip
 
 
 def _int_arg(name: str, value: Any, lo: int, hi: int | None = None) -> int:

@@ -23,8 +23,9 @@ from pymem.ubatch import UBatch
 log = logging.getLogger(__name__)
 
 # the steady decode step of find_slot runs as one native call (pm_step_rs_steady); tests
-# turn it off to compare with _find_slot_steady, which stays the reference
-USE_NATIVE = True
+# turn it off to compare with _find_slot_steady, which stays the reference (False with an
+# older extension that lacks the kernels)
+USE_NATIVE = hasattr(lib, "pm_step_rs_steady") and hasattr(lib, "pm_step_rs_pos")
 
 
 class RecurrentCells:
