@@ -2,6 +2,15 @@
 
 #include <string.h>
 
+// blob words may sit at any byte offset: load and store them through memcpy (an
+// unaligned int32_t access is undefined behaviour; compilers emit one plain move)
+static inline int32_t pm_ld32(const int32_t * p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void pm_st32(int32_t * p, int32_t v) { memcpy(p, &v, sizeof v); }
+
 pm_status pm_kv_seq_same_cells(const int32_t * pos, const int32_t * shift, const int32_t * owner,
                                const int32_t * ext, int64_t size, int32_t seq_id, int64_t head, int64_t used,
                                const int32_t * words, int64_t n, int64_t rec, int64_t n_ext, int64_t * idx,
@@ -47,7 +56,7 @@ pm_status pm_kv_seq_same_cells(const int32_t * pos, const int32_t * shift, const
         int32_t bad = 0;
         for (int64_t k = 0; k < e - c; ++k) {
             const int32_t * r = w + k * rec;
-            bad |= (r[1] ^ 1) | (pos[c + k] ^ r[0]);
+            bad |= (pm_ld32(r + 1) ^ 1) | (pos[c + k] ^ pm_ld32(r));
         }
         if (shift != NULL) {
             for (int64_t k = c; k < e; ++k) {
@@ -58,7 +67,7 @@ pm_status pm_kv_seq_same_cells(const int32_t * pos, const int32_t * shift, const
             for (int64_t k = 0; k < e - c; ++k) {
                 const int32_t * r = w + k * rec;
                 const int32_t * x = ext + 3 * (c + k);
-                bad |= (x[0] ^ r[2]) | (x[1] ^ r[3]) | (x[2] ^ r[4]);
+                bad |= (x[0] ^ pm_ld32(r + 2)) | (x[1] ^ pm_ld32(r + 3)) | (x[2] ^ pm_ld32(r + 4));
             }
         }
         if (bad != 0) {
@@ -177,12 +186,12 @@ pm_status pm_kv_cells_equal(const int32_t * pos, const int32_t * owner, const in
     int32_t bad = 0;
     for (int64_t c = 0; c < n; ++c) {
         const int32_t * r = words + c * rec;
-        bad |= (r[1] ^ 1) | (pos[c] ^ r[0]) | (owner[c] ^ r[rec - 1]);
+        bad |= (pm_ld32(r + 1) ^ 1) | (pos[c] ^ pm_ld32(r)) | (owner[c] ^ pm_ld32(r + rec - 1));
     }
     if (n_ext != 0) {
         for (int64_t c = 0; c < n; ++c) {
             const int32_t * r = words + c * rec;
-            bad |= (ext[3 * c] ^ r[2]) | (ext[3 * c + 1] ^ r[3]) | (ext[3 * c + 2] ^ r[4]);
+            bad |= (ext[3 * c] ^ pm_ld32(r + 2)) | (ext[3 * c + 1] ^ pm_ld32(r + 3)) | (ext[3 * c + 2] ^ pm_ld32(r + 4));
         }
     }
     *same = bad == 0;
@@ -301,15 +310,15 @@ pm_status pm_kv_meta_words(const int32_t * pos, const int32_t * owner, const int
     int32_t * w = out;
     for (int64_t i = 0; i < n_runs; ++i) {
         for (int64_t c = run_starts[i]; c < run_ends[i]; ++c) {
-            w[0] = pos[c];
-            w[1] = with_id ? 1 : 0;
+            pm_st32(w, pos[c]);
+            pm_st32(w + 1, with_id ? 1 : 0);
             if (n_ext != 0) {
-                w[2] = ext[3 * c];
-                w[3] = ext[3 * c + 1];
-                w[4] = ext[3 * c + 2];
+                pm_st32(w + 2, ext[3 * c]);
+                pm_st32(w + 3, ext[3 * c + 1]);
+                pm_st32(w + 4, ext[3 * c + 2]);
             }
             if (with_id) {
-                w[rec - 1] = seq_id < 0 ? owner[c] : seq_id;
+                pm_st32(w + rec - 1, seq_id < 0 ? owner[c] : seq_id);
             }
             w += rec;
         }
