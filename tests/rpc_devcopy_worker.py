@@ -36,14 +36,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from rpc_worker import start_server, stop
 
 MODELS = Path(__file__).parent / "data" / "models"
-TOKENS = np.array([(5 * i + 2) % 60 + 1 for i in range(64)], dtype=np.int32)
-CASES: dict[str, dict[str, Any]] = {
-    "llama-vtrans": dict(model="tiny-llama.gguf", flash_attn=False),
-    "llama-vrows": dict(model="tiny-llama.gguf", flash_attn=True),
-    "mamba": dict(model="tiny-mamba.gguf"),
-    "jamba-hybrid": dict(model="tiny-jamba.gguf", flash_attn=False),
-    "lfm2-swa-hybrid-iswa": dict(model="tiny-lfm2-swa.gguf", flash_attn=False, swa_full=False),
-}
+# the cases of test_checkpoint_devcopy.CASES run here (one of each memory type, both V layouts)
+RPC_CASES = ("llama-vtrans", "llama-vrows", "mamba", "jamba-hybrid", "lfm2-swa-hybrid-iswa")
 
 
 def copy_runs_cases(dev: str) -> dict[str, bool]:
@@ -89,96 +83,38 @@ def copy_runs_cases(dev: str) -> dict[str, bool]:
 
 
 def restore_cases(dev: str) -> dict[str, dict[str, Any]]:
-    import pymem
-    from pymem.backend import Tensor
-    from pymem.batch import Batch, BatchAllocator
-    from pymem.factory import ContextParams, create_memory
-    from pymem.kv import KVCache
-    from pymem.memory import Memory, MemoryStatus
+    # the CPU tests' helpers (memories, fills, host-read counting), here on ``dev``
+    from test_checkpoint_devcopy import _fill, _HostReads, _memory, _scramble, _snapshot
+
     from pymem.reuse import checkpoint, restore_checkpoint
 
-    def memory(case: str) -> Memory:
-        kw: dict[str, Any] = dict(n_ctx=128, n_seq_max=2, n_batch=32, n_ubatch=32)
-        kw.update(CASES[case])
-        model = kw.pop("model")
-        mem = create_memory(pymem.spec_from_gguf(MODELS / model), ContextParams(**kw, device=dev))
-        assert mem is not None
-        return mem
-
-    def fill(mem: Memory, seq: int, p0: int, p1: int) -> None:
-        n = p1 - p0
-        b = Batch(TOKENS[p0:p1], pos=np.arange(p0, p1, dtype=np.int32),
-                  seq_id=np.full(n, seq, np.int32), output=np.zeros(n, bool))  # fmt: skip
-        balloc = BatchAllocator()
-        balloc.init(b, memory=mem, n_seq_max=2)
-        ctx = mem.init_batch(balloc, 32, False)
-        assert ctx.get_status() == MemoryStatus.SUCCESS
-        while True:
-            ctx.apply()
-            if not ctx.next():
-                break
-
-    def tensors(mem: Memory) -> list[Tensor]:
-        out: list[Tensor] = []
-        for part in mem.parts().values():
-            stores = part.stores.values() if isinstance(part, KVCache) else part._stores
-            for store in stores:
-                out.extend(store)
-        return out
-
-    def scramble(mem: Memory, seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        for t in tensors(mem):
-            t.write_bytes(rng.integers(0, 256, t.nbytes, dtype=np.uint8))
-
-    def snapshot(mem: Memory) -> list[bytes]:
-        return [bytes(mem.state_write()), *(t.read_bytes() for t in tensors(mem))]
-
     results: dict[str, dict[str, Any]] = {}
-    for case in CASES:
+    for case in RPC_CASES:
         for run in (24, 4, 1):
-            a, b = memory(case), memory(case)
-            try:
+            with _memory(case, device=dev) as a, _memory(case, device=dev) as b:
                 for mem in (a, b):
                     # sequence 0's cells in runs of `run` cells between sequence 1's
                     for p in range(0, 24, run):
-                        fill(mem, 0, p, p + run)
+                        _fill(mem, 0, p, p + run)
                         if run < 24:
-                            fill(mem, 1, p, p + run)
-                    scramble(mem, 1)
+                            _fill(mem, 1, p, p + run)
+                    _scramble(mem, 1)
                 dev_ck = checkpoint(a, 0)
                 host_ck = checkpoint(b, 0, where="host")
                 for mem in (a, b):
-                    fill(mem, 0, 24, 40)
-                    scramble(mem, 2)
-                reads: list[str] = []
-                saved = {n: getattr(Tensor, n) for n in ("read_into", "read_runs_into")}
-                for n, orig in saved.items():
-
-                    def counted(
-                        *x: Any, _o: Any = orig, _n: str = n, _r: list = reads, **k: Any
-                    ) -> Any:
-                        _r.append(_n)
-                        return _o(*x, **k)
-
-                    setattr(Tensor, n, counted)
-                try:
+                    _fill(mem, 0, 24, 40)
+                    _scramble(mem, 2)
+                with _HostReads() as reads:
                     restore_checkpoint(a, 0, dev_ck)
-                finally:
-                    for n, orig in saved.items():
-                        setattr(Tensor, n, orig)
                 restore_checkpoint(b, 0, host_ck)
                 results[f"{case}-runs{run}"] = dict(
                     device=dev_ck.device,
                     split=dev_ck._split is not None,
-                    identical=snapshot(a) == snapshot(b),
-                    host_reads=len(reads),
+                    identical=_snapshot(a) == _snapshot(b),
+                    host_reads=len(reads.calls),
                 )
                 dev_ck.close()
                 host_ck.close()
-            finally:
-                a.close()
-                b.close()
     return results
 
 

@@ -498,7 +498,10 @@ def test_the_device_copy_path_on_an_rpc_device() -> None:
     assert out["payload_writer"] == {"one run": True, "runs of 4": True, "single cells": True}
     assert len(out["restores"]) == 15
     for name, r in out["restores"].items():
-        assert r == dict(device="RPC0", split=True, identical=True, host_reads=0), name
+        # the one documented exception: transposed V into single cells on a device is
+        # "staged" (tiny-llama's 2 layers: each reads its payload and its span once)
+        reads = 4 if name == "llama-vtrans-runs1" else 0
+        assert r == dict(device="RPC0", split=True, identical=True, host_reads=reads), name
 
 
 # --- random programs against the executable spec --------------------------------------------
