@@ -236,7 +236,31 @@ def get_data(t: Any) -> np.ndarray:
     return out.view(gtype.numpy_dtype).reshape(*dims, int(t.ne[0]))
 
 
-class GraphRunner:
+class _Runner:
+    """What every graph runner shares: :meth:`run` builds the graph and hands it to the
+    runner's own ``compute``."""
+
+    def compute(
+        self, gf: Any, inputs: Mapping[Any, np.ndarray] | None, read: Sequence[Any]
+    ) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def run(
+        self,
+        ctx: Context,
+        outputs: Sequence[Any],
+        inputs: Mapping[Any, np.ndarray] | None = None,
+        read: Sequence[Any] | None = None,
+    ) -> list[np.ndarray]:
+        """Build, allocate and compute the graph of ``outputs``; set ``inputs`` first.
+
+        Returns the values of ``read`` (default: ``outputs``) as numpy arrays. Outputs that
+        are ``set_rows`` / ``cpy`` nodes into pymem tensors write those tensors in place.
+        """
+        return self.compute(ctx.graph(outputs), inputs, outputs if read is None else read)
+
+
+class GraphRunner(_Runner):
     """Allocates and computes graphs on one device, keeping its allocator between runs
     (stable graph shapes reuse the same compute buffer)."""
 
@@ -257,20 +281,6 @@ class GraphRunner:
 
     def __del__(self) -> None:
         self.close()
-
-    def run(
-        self,
-        ctx: Context,
-        outputs: Sequence[Any],
-        inputs: Mapping[Any, np.ndarray] | None = None,
-        read: Sequence[Any] | None = None,
-    ) -> list[np.ndarray]:
-        """Build, allocate and compute the graph of ``outputs``; set ``inputs`` first.
-
-        Returns the values of ``read`` (default: ``outputs``) as numpy arrays. Outputs that
-        are ``set_rows`` / ``cpy`` nodes into pymem tensors write those tensors in place.
-        """
-        return self.compute(ctx.graph(outputs), inputs, outputs if read is None else read)
 
     def compute(
         self, gf: Any, inputs: Mapping[Any, np.ndarray] | None, read: Sequence[Any]
@@ -523,7 +533,7 @@ class _ServerLink:
         return "up" if state == int(_TCP_ESTABLISHED, 16) else "down"
 
 
-class MultiDeviceRunner:
+class MultiDeviceRunner(_Runner):
     """Computes graphs whose tensors live on several devices, with ggml's backend scheduler.
 
     Why: a memory may place layers' K/V or R/S on other devices (``device={il: ...}``;
@@ -603,16 +613,6 @@ class MultiDeviceRunner:
     def __del__(self) -> None:
         self.close()
 
-    def run(
-        self,
-        ctx: Context,
-        outputs: Sequence[Any],
-        inputs: Mapping[Any, np.ndarray] | None = None,
-        read: Sequence[Any] | None = None,
-    ) -> list[np.ndarray]:
-        """As :meth:`GraphRunner.run`, over this runner's devices."""
-        return self.compute(ctx.graph(outputs), inputs, outputs if read is None else read)
-
     def compute(
         self, gf: Any, inputs: Mapping[Any, np.ndarray] | None, read: Sequence[Any]
     ) -> list[np.ndarray]:
@@ -652,7 +652,7 @@ class MultiDeviceRunner:
         return [get_data(t) for t in read]
 
 
-class DeviceRunners:
+class DeviceRunners(_Runner):
     """The runner for each graph of a model: its one-device :class:`GraphRunner` when every
     tensor the graph touches is on the model's device, else a :class:`MultiDeviceRunner`
     over the devices the graph spans (one per set of devices, kept between steps).
@@ -692,16 +692,6 @@ class DeviceRunners:
     ) -> list[np.ndarray]:
         """Compute ``gf`` with :meth:`for_graph`'s runner."""
         return self.for_graph(gf).compute(gf, inputs, read)
-
-    def run(
-        self,
-        ctx: Context,
-        outputs: Sequence[Any],
-        inputs: Mapping[Any, np.ndarray] | None = None,
-        read: Sequence[Any] | None = None,
-    ) -> list[np.ndarray]:
-        """As :meth:`GraphRunner.run`, with the runner the graph needs."""
-        return self.compute(ctx.graph(outputs), inputs, outputs if read is None else read)
 
     def close(self) -> None:
         self.one.close()
