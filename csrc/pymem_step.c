@@ -69,6 +69,30 @@ pm_status pm_step_kv_find(const pm_step_cells * c, const int64_t * strm, int64_t
     return PM_OK;
 }
 
+// token of sequence q at position p into cell i of stream s (StackedCells.set_new for one
+// cell): its position, a seq bitset of q alone, the owner, the stream's used bound and q's
+// position range
+static inline void pm_step_take(pm_step_cells * c, int64_t s, int64_t i, int32_t q, int64_t p) {
+    const int64_t g = s * c->size + i;
+    c->pos[g] = (int32_t) p;
+    uint64_t * bits = c->seq + g * PM_STEP_WORDS;
+    for (int w = 0; w < PM_STEP_WORDS; w++) {
+        bits[w] = 0;
+    }
+    bits[q >> 6] = (uint64_t) 1 << (q & 63);
+    c->owner[g] = q;
+    if (c->used_max_p1[s] < i + 1) {
+        c->used_max_p1[s] = i + 1;
+    }
+    const int64_t key = s * PM_STEP_MAX_SEQ + q;
+    if (p < c->pmin[key]) {
+        c->pmin[key] = p;
+    }
+    if (p > c->pmax[key]) {
+        c->pmax[key] = p;
+    }
+}
+
 pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_blocks, int64_t n_per,
                            const int32_t * idx, const int32_t * pos, const int32_t * seq, int64_t * heads,
                            int64_t * top, int32_t * placed) {
@@ -100,26 +124,7 @@ pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_bl
         const int64_t s = strm[r];
         for (int64_t j = 0; j < n_per; j++) {
             const int64_t t = r * n_per + j;
-            const int64_t g = s * c->size + idx[t];
-            const int32_t q = seq[t];
-            const int64_t p = pos[t];
-            c->pos[g] = pos[t];
-            uint64_t * bits = c->seq + g * PM_STEP_WORDS;
-            for (int w = 0; w < PM_STEP_WORDS; w++) {
-                bits[w] = 0;
-            }
-            bits[q >> 6] = (uint64_t) 1 << (q & 63);
-            c->owner[g] = q;
-            if (c->used_max_p1[s] < idx[t] + 1) {
-                c->used_max_p1[s] = idx[t] + 1;
-            }
-            const int64_t key = s * PM_STEP_MAX_SEQ + q;
-            if (p < c->pmin[key]) {
-                c->pmin[key] = p;
-            }
-            if (p > c->pmax[key]) {
-                c->pmax[key] = p;
-            }
+            pm_step_take(c, s, idx[t], seq[t], pos[t]);
         }
         c->used[s] += n_per;
         if (heads != NULL) {
@@ -292,24 +297,7 @@ pm_status pm_step_kv_overwrite(pm_step_cells * c, int64_t n, const int32_t * idx
     }
     // 2. the tokens (StackedCells.set_new)
     for (int64_t t = 0; t < n; t++) {
-        const int64_t g = idx[t];
-        const int32_t q = seq[t];
-        c->pos[g] = pos[t];
-        uint64_t * bits = c->seq + g * PM_STEP_WORDS;
-        for (int w = 0; w < PM_STEP_WORDS; w++) {
-            bits[w] = 0;
-        }
-        bits[q >> 6] = (uint64_t) 1 << (q & 63);
-        c->owner[g] = q;
-        if (c->used_max_p1[0] < g + 1) {
-            c->used_max_p1[0] = g + 1;
-        }
-        if (pos[t] < c->pmin[q]) {
-            c->pmin[q] = pos[t];
-        }
-        if (pos[t] > c->pmax[q]) {
-            c->pmax[q] = pos[t];
-        }
+        pm_step_take(c, 0, idx[t], seq[t], pos[t]);
     }
     c->used[0] += n;
     // 3. the purge (StackedCells.purge_owned_upto): cells of a sequence that lost one, at
