@@ -22,7 +22,7 @@ from abc import abstractmethod
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeAlias
 
 import numpy as np
 
@@ -499,7 +499,11 @@ class StateReader:
         return int(_U64.unpack(self._take(8, what))[0])
 
     def read_view(self, n: int, what: str) -> memoryview:
-        """A zero-copy view of the next ``n`` bytes: a tensor *payload* (K/V, R/S data).
+        """A zero-copy view of the next ``n`` bytes of host data."""
+        return self._take(n, what)
+
+    def read_payload(self, n: int, what: str) -> Payload:
+        """The next ``n`` bytes as a tensor *payload* (K/V, R/S data): a host view here.
 
         Memory readers take payloads with this call only, and metadata with the other
         ``read_*`` calls: a :class:`PayloadRecorder` learns the payload ranges of a blob
@@ -603,20 +607,20 @@ class DevicePayload:
 
 
 Payload: TypeAlias = "memoryview | DevicePayload"
-"""What ``StateReader.read_view`` gives a parser: host bytes, or bytes on a device."""
+"""What ``StateReader.read_payload`` gives a parser: host bytes, or bytes on a device."""
 
 
 class PayloadRecorder(StateReader):
     """A :class:`StateReader` that notes the ranges a parse takes as payloads
-    (:meth:`read_view`), to split the blob into host metadata and payloads."""
+    (:meth:`read_payload`), to split the blob into host metadata and payloads."""
 
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
         super().__init__(data)
         self.payloads: list[tuple[int, int]] = []  # (blob offset, size), in read order
 
-    def read_view(self, n: int, what: str) -> memoryview:
+    def read_payload(self, n: int, what: str) -> Payload:
         at = self.offset
-        view = super().read_view(n, what)
+        view = self._take(n, what)
         if n:
             self.payloads.append((at, n))
         return view
@@ -674,7 +678,7 @@ class SplitMismatch(StateError):
 class DeviceBlobReader(StateReader):
     """A :class:`StateReader` over a blob whose bytes live in ``tensor`` from ``base`` on
     and whose metadata is held on the host (``split``): metadata reads come from the host
-    copy, and :meth:`read_view` of a recorded payload range gives a
+    copy, and :meth:`read_payload` of a recorded payload range gives a
     :class:`DevicePayload` (nothing is read from the device while parsing).
 
     Bounds are checked as over the whole blob; a read that does not match the split
@@ -736,12 +740,6 @@ class DeviceBlobReader(StateReader):
             self.offset += n
             return DevicePayload(self.tensor, self.base + at, n)
         return self._take(n, what)
-
-    def read_view(self, n: int, what: str) -> memoryview:
-        # [TAG_DEVICE_PAYLOAD] the KV parser (pymem/kv/state_io.py) types its payloads as
-        # memoryview; a DevicePayload passes through it untouched to
-        # kv.state_rows.write_payloads, which takes either
-        return cast(memoryview, self.read_payload(n, what))
 
 
 # --------------------------------------------------------------------------------------

@@ -424,14 +424,14 @@ def test_a_device_blob_reader_reads_metadata_from_the_host_and_payloads_as_range
     with TensorStore(None, [TensorSpec("blob", "i8", (164,))]) as store:
         reader = DeviceBlobReader(split, store["blob"], 64)
         assert bytes(reader.read_array(np.uint8, 20, "head")) == blob[:20]
-        got = reader.read_view(30, "first")
+        got = reader.read_payload(30, "first")
         assert got == DevicePayload(store["blob"], 84, 30)
         assert reader.read_bytes(10, "between") == blob[50:60]
         with pytest.raises(SplitMismatch):
             reader.read_u32("a header where a payload lies")
         assert reader.offset == 60  # nothing consumed
         with pytest.raises(SplitMismatch):
-            reader.read_view(20, "part of a payload")
+            reader.read_payload(20, "part of a payload")
         reader.offset = 45
         with pytest.raises(SplitMismatch):
             reader.read_bytes(10, "across a payload's end")

@@ -59,7 +59,7 @@ from pymem.kv.state_rows import (
     zero_range,
 )
 from pymem.spec import SWAType, masked_swa
-from pymem.state import StateReader, StateWriter, expect
+from pymem.state import Payload, StateReader, StateWriter, expect
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
 # ---------------------------------------------------------------------------------------
@@ -373,7 +373,7 @@ def put_payloads(
     strm: int,
     n: int,
     runs: Callable[[], Runs],
-    payloads: list[tuple[KVLayer, str, memoryview]],
+    payloads: list[tuple[KVLayer, str, Payload]],
 ) -> bool:
     """Store parsed K/V bytes into ``n`` cells of stream ``strm`` of host tensors, every
     layer in one native call (``runs()``: the cells as :func:`cell_runs`, asked for only
@@ -428,7 +428,7 @@ def _store_payloads(
     n: int,
     idx: np.ndarray | None,
     runs: Runs | None,
-    payloads: list[tuple[KVLayer, str, memoryview]],
+    payloads: list[tuple[KVLayer, str, Payload]],
 ) -> None:
     """Write parsed K/V bytes into ``n`` cells of stream ``strm``, given as ``idx``
     (ascending) or ``runs`` or both, natively for host tensors."""
@@ -724,7 +724,7 @@ def _layer_labels(what: str, il: int) -> tuple[str, ...]:
 
 def _parse_data(
     layout: KVLayout, layers: Sequence[KVLayer], reader: StateReader, n: int, what: str
-) -> list[tuple[KVLayer, str, memoryview]]:
+) -> list[tuple[KVLayer, str, Payload]]:
     """Validate the data section of one stream; returns ``(layer, "k"|"v", payload)``.
 
     Messages are formatted only on failure (a restore reads ~4 fields per layer)."""
@@ -741,7 +741,7 @@ def _parse_data(
             f"{what}.v_trans: incompatible V transposition (blob {v_trans}, cache {int(layout.v_trans)})"
         )
     type_k, type_v = layout.type_k, layout.type_v
-    out: list[tuple[KVLayer, str, memoryview]] = []
+    out: list[tuple[KVLayer, str, Payload]] = []
     for layer in layers:
         w, k_type_f, k_row_f, k_data_f = _layer_labels(what, layer.il)[:4]
         k_type = reader.read_i32(k_type_f)
@@ -755,7 +755,7 @@ def _parse_data(
             raise StateError(
                 f"{w}.k_size_row: mismatched key row size ({k_row} in the blob, {want})"
             )
-        out.append((layer, "k", reader.read_view(n * k_row, k_data_f)))
+        out.append((layer, "k", reader.read_payload(n * k_row, k_data_f)))
     for layer in layers:
         if layer.v is None:
             continue
@@ -772,7 +772,7 @@ def _parse_data(
                 raise StateError(
                     f"{w}.v_size_row: mismatched value row size ({v_row} in the blob, {want})"
                 )
-            out.append((layer, "v", reader.read_view(n * v_row, v_data_f)))
+            out.append((layer, "v", reader.read_payload(n * v_row, v_data_f)))
         else:
             el = reader.read_u32(v_el_f)
             if el != layout.v_el_size:
@@ -784,7 +784,7 @@ def _parse_data(
                 raise StateError(
                     f"{w}.n_embd_v_gqa: mismatched GQA embedding size ({n_embd} in the blob, {layer.n_embd_v_gqa})"
                 )
-            out.append((layer, "v", reader.read_view(n_embd * n * el, v_data_f)))
+            out.append((layer, "v", reader.read_payload(n_embd * n * el, v_data_f)))
     return out
 
 

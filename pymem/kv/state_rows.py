@@ -408,7 +408,7 @@ def write_payloads(
     """Store parsed K/V bytes into cells ``idx`` of stream ``strm``.
 
     A payload is host bytes, or a :class:`~pymem.state.DevicePayload` (a device-resident
-    checkpoint's bytes, [TAG_DEVICE_PAYLOAD]) copied tensor to tensor in the same runs,
+    checkpoint's bytes) copied tensor to tensor in the same runs,
     never through the host; except transposed V into many short runs on a device (the
     "staged" method below: a backend copy per element would cost far more than reading
     the payload once), and the numpy reference path tests force.

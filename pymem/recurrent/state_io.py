@@ -301,7 +301,7 @@ def _parse_data(
 ) -> PendingWrites:
     """The per-layer sections (``i32 type, u64 row size, cell_count rows`` per tensor, R
     then S): each header compared with the memory's as 12 bytes at once, the rows taken
-    as a payload (``read_view``: metadata and payloads are never read in one call, so a
+    as a payload (``read_payload``: metadata and payloads are never read in one call, so a
     device-resident blob parses from its host metadata)."""
     s_trans = reader.read_u32("recurrent s_trans")
     n_layer = reader.read_u32("recurrent n_layer")
@@ -321,7 +321,7 @@ def _parse_data(
                     )
                 raise StateError(f"mismatched {kind} row size ({t.row_size} != {row}, layer {il})")
             if cell_count:
-                data = reader.read_view(cell_count * t.row_size, f"{kind} rows of layer {il}")
+                data = reader.read_payload(cell_count * t.row_size, f"{kind} rows of layer {il}")
                 writes.add(t, head * t.row_size, data)
     return writes
 
