@@ -8,6 +8,7 @@ native call per operation, never one per row.
 
 from __future__ import annotations
 
+import logging
 import socket
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -18,6 +19,7 @@ import numpy as np
 
 from pymem._native import check, cstr, ffi, ggml_info, lib
 from pymem.errors import ClosedError, DeviceError, OutOfMemoryError, RangeError, TypeSpecError
+from pymem.rpc_link import ServerLink, server_link
 from pymem.types import GGMLType, ggml_type
 
 _KINDS = {
@@ -25,6 +27,8 @@ _KINDS = {
     lib.GGML_BACKEND_DEVICE_TYPE_GPU: "gpu",
     lib.GGML_BACKEND_DEVICE_TYPE_ACCEL: "accel",
 }
+
+_log = logging.getLogger(__name__)
 
 
 class Device:
@@ -37,6 +41,9 @@ class Device:
         self.kind: str = _KINDS.get(lib.ggml_backend_dev_type(handle), "other")
         self._buft = lib.ggml_backend_dev_buffer_type(handle)
         self._backend: Any = None
+        # an rpc-server's device: this process's connection to it, looked at before each
+        # call ggml would abort on when the server is gone (pymem.rpc_link)
+        self.rpc_link: ServerLink | None = server_link(self)
 
     @property
     def handle(self) -> Any:
@@ -110,6 +117,17 @@ def get_device(device: str | Device | None = None) -> Device:
         if dev.name.lower() == device.lower():
             return dev
     raise DeviceError(f"device: unknown device {device!r}; available: {[d.name for d in known]}")
+
+
+def check_reachable(devices: Iterable[Device]) -> None:
+    """Raise :class:`DeviceError` when one of ``devices`` is an rpc-server that is gone.
+
+    Why: ggml aborts the process on a call to a lost server; an operation that writes
+    several devices (a state restore) looks at all of them before it changes anything.
+    """
+    for dev in set(devices):
+        if dev.rpc_link is not None:
+            dev.rpc_link.check(dev.name)
 
 
 _RPC_SERVERS: dict[str, list[Device]] = {}
@@ -272,8 +290,11 @@ class Tensor:
         return self._store.device
 
     def _live(self) -> Any:
-        if self._store.closed:
+        store = self._store
+        if store.closed:
             raise ClosedError(f"tensor {self.name!r}: its store was closed")
+        if store.link is not None:
+            store.link.check(store.device.name)
         return self.ptr
 
     def _check_region(self, offset: int, size: int, what: str) -> None:
@@ -604,9 +625,17 @@ class Tensor:
         )
 
 
-def _free_native(ctx: Any, buf: Any) -> None:
+def _free_native(ctx: Any, buf: Any, link: ServerLink | None = None) -> None:
     if buf != ffi.NULL:
-        lib.ggml_backend_buffer_free(buf)
+        if link is not None and link.is_down():
+            # ggml's RPC backend aborts the process on a free the server cannot answer
+            _log.warning(
+                "TensorStore: the rpc-server at %s:%d is gone; its buffer is left unfreed",
+                link.host,
+                link.port,
+            )
+        else:
+            lib.ggml_backend_buffer_free(buf)
     if ctx != ffi.NULL:
         lib.ggml_free(ctx)
 
@@ -616,6 +645,9 @@ class TensorStore:
 
     def __init__(self, device: str | Device | None, tensors: Iterable[TensorSpec]) -> None:
         self.device = get_device(device)
+        self.link = self.device.rpc_link
+        if self.link is not None:
+            self.link.check(self.device.name)
         specs = list(tensors)
         if not specs:
             raise TypeSpecError("tensors: a store needs at least one tensor, got none")
@@ -668,7 +700,7 @@ class TensorStore:
             )
         self._buf = buf
         self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, _free_native, self._ctx, buf)
+        self._finalizer = weakref.finalize(self, _free_native, self._ctx, buf, self.link)
         lib.ggml_backend_buffer_clear(buf, 0)
         self.nbytes = int(lib.ggml_backend_buffer_get_size(buf))
         for name, gtype, ptr, ndim in ptrs:
@@ -715,6 +747,8 @@ class TensorStore:
         """Set every byte of the buffer to ``value``."""
         if self.closed:
             raise ClosedError("TensorStore: already closed")
+        if self.link is not None:
+            self.link.check(self.device.name)
         lib.ggml_backend_buffer_clear(self._buf, value)
 
     def __repr__(self) -> str:

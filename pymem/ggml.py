@@ -21,23 +21,24 @@ backend scheduler; :func:`graph_devices` tells which devices a built graph touch
 
 from __future__ import annotations
 
+import logging
 import os
-import socket
-import stat
-import struct
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pymem._native import check, cstr, ffi, lib
+from pymem._native import check, ffi, lib
 from pymem.backend import Device, get_device
 from pymem.backend import devices as registry_devices
 from pymem.errors import DeviceError, NativeError, TypeSpecError
+from pymem.rpc_link import ServerLink, server_link
 from pymem.types import ggml_type
 
 if TYPE_CHECKING:
     from pymem.spec import RopeSpec
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_GRAPH_SIZE = 8192
 
@@ -266,6 +267,7 @@ class GraphRunner(_Runner):
 
     def __init__(self, device: str | Device | None = None, n_threads: int | None = None) -> None:
         self.device = get_device(device)
+        self._link = server_link(self.device)
         self._galloc = lib.ggml_gallocr_new(self.device.buffer_type)
         if self._galloc == ffi.NULL:
             raise NativeError(f"ggml_gallocr_new failed on {self.device.name}")
@@ -275,8 +277,16 @@ class GraphRunner(_Runner):
             check(lib.pm_backend_set_n_threads(self._backend, self.n_threads), "set_n_threads")
 
     def close(self) -> None:
+        """Free the compute buffer; on an rpc-server that is gone it is left unfreed (ggml
+        would abort the process on the free), with a warning."""
         if self._galloc != ffi.NULL:
-            lib.ggml_gallocr_free(self._galloc)
+            if self._link is not None and self._link.is_down():
+                _log.warning(
+                    "GraphRunner on %s: its rpc-server is gone, the compute buffer is left unfreed",
+                    self.device.name,
+                )
+            else:
+                lib.ggml_gallocr_free(self._galloc)
             self._galloc = ffi.NULL
 
     def __del__(self) -> None:
@@ -293,6 +303,8 @@ class GraphRunner(_Runner):
         another device's addresses); :class:`DeviceRunners` picks the scheduler for it.
         """
         self.check_graph(gf)
+        if self._link is not None:
+            self._link.check(self.device.name)
         if not lib.ggml_gallocr_alloc_graph(self._galloc, gf):
             raise NativeError(f"graph allocation failed on {self.device.name}")
         for t, values in (inputs or {}).items():
@@ -372,167 +384,6 @@ def mark_weights(t: Any) -> None:
     lib.ggml_backend_buffer_set_usage(t.buffer, lib.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
 
 
-_TCP_ESTABLISHED = "01"
-
-
-def _rpc_endpoint(dev: Device) -> tuple[str, int] | None:
-    """``(host, port)`` of an rpc-server's device (its description is the endpoint)."""
-    reg = lib.ggml_backend_dev_backend_reg(dev.handle)
-    if reg == ffi.NULL or cstr(lib.ggml_backend_reg_name(reg)) != "RPC":
-        return None
-    host, sep, port = dev.description.rpartition(":")
-    return (host, int(port)) if sep and port.isdigit() else None
-
-
-def _proc_addrs(host: str, port: int) -> set[str]:
-    """``/proc/net/tcp{,6}`` spellings of ``host:port`` (32-bit words in host byte order).
-
-    E.g. 127.0.0.1:50052 -> {"0100007F:C384", "0000000000000000FFFF00000100007F:C384"}.
-    """
-    out: set[str] = set()
-    try:
-        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
-    except OSError:
-        return out
-    for family, *_, sockaddr in infos:
-        raw = socket.inet_pton(family, str(sockaddr[0]))
-        if family == socket.AF_INET:
-            raw6 = b"\0" * 10 + b"\xff\xff" + raw  # the IPv4-mapped IPv6 address
-            out.add(f"{struct.unpack('=I', raw)[0]:08X}:{port:04X}")
-        else:
-            raw6 = raw
-        words = struct.unpack("=4I", raw6)
-        out.add("".join(f"{w:08X}" for w in words) + f":{port:04X}")
-    return out
-
-
-def _fd_link(fd: int) -> str:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return ""
-
-
-def _peer_addrs(host: str, port: int) -> set[tuple[str, int]]:
-    """``(ip, port)`` pairs a socket connected to ``host:port`` reports as its peer."""
-    try:
-        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
-    except OSError:
-        return set()
-    out = {(str(sa[0]), port) for *_, sa in infos}
-    out |= {(f"::ffff:{ip}", p) for ip, p in list(out) if "." in ip}  # IPv4-mapped
-    return out
-
-
-def _fd_ident(fd: int) -> str:
-    """What a descriptor is (its socket, as the OS names it), to notice it was reused."""
-    link = _fd_link(fd)
-    if link:
-        return link
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        return ""
-    return f"{st.st_dev}:{st.st_ino}" if stat.S_ISSOCK(st.st_mode) else ""
-
-
-class _ServerLink:
-    """This process's TCP connection to one rpc-server, as the kernel sees it.
-
-    Linux: found once through ``/proc/self/fd`` and ``/proc/net/tcp{,6}`` (about 2 ms
-    with a hundred sockets on the host), then read with ``getsockopt(TCP_INFO)`` on a
-    duplicate of its descriptor (microseconds). Elsewhere with ``/dev/fd`` (macOS, the
-    BSDs): the open sockets whose peer is the server, then a non-blocking ``MSG_PEEK``
-    read (end of stream or a reset: the server closed it; nothing to read: up; it takes
-    no bytes). Either way the descriptor is looked up again once it is another socket.
-    """
-
-    def __init__(self, host: str, port: int, use_proc: bool | None = None) -> None:
-        self.host, self.port = host, port
-        self.use_proc = os.path.isdir("/proc/self/fd") if use_proc is None else use_proc
-        self.addrs = _proc_addrs(host, port)
-        self.peers = _peer_addrs(host, port)
-        self.fd = -1
-        self.link = ""
-
-    def _find(self) -> bool | None:
-        """Locate the socket (an established one first); None where it cannot be looked up."""
-        return self._find_proc() if self.use_proc else self._find_peer()
-
-    def _find_proc(self) -> bool | None:
-        try:
-            ours = {}
-            for name in os.listdir("/proc/self/fd"):
-                link = _fd_link(int(name))
-                if link.startswith("socket:["):
-                    ours[link[8:-1]] = (int(name), link)
-            found = []
-            for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-                with open(table, encoding="ascii") as f:
-                    next(f)
-                    for line in f:
-                        # sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
-                        fields = line.split()
-                        if fields[2] in self.addrs and fields[9] in ours:
-                            found.append((fields[3] != _TCP_ESTABLISHED, fields[9]))
-        except OSError:
-            return None
-        if not found:
-            return False
-        self.fd, self.link = ours[min(found)[1]]
-        return True
-
-    def _find_peer(self) -> bool | None:
-        try:
-            names = os.listdir("/dev/fd")
-        except OSError:
-            return None  # Windows: a socket is no C runtime descriptor
-        found = []
-        for name in names:
-            fd = int(name)
-            ident = _fd_ident(fd)
-            if not ident:
-                continue
-            try:
-                with socket.socket(fileno=os.dup(fd)) as sock:
-                    peer = sock.getpeername()
-            except OSError:
-                continue  # not connected, not TCP, or closed meanwhile
-            if (str(peer[0]), int(peer[1])) in self.peers:
-                found.append((self._peek(fd) != "up", fd, ident))
-        if not found:
-            return False
-        _, self.fd, self.link = min(found)
-        return True
-
-    @staticmethod
-    def _peek(fd: int) -> str:
-        try:
-            with socket.socket(fileno=os.dup(fd)) as sock:
-                data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return "up"
-        except OSError:
-            return "down"  # reset
-        return "up" if data else "down"
-
-    def status(self) -> str:
-        """The connection's state: "up"; "down" (the server closed or reset it); "none"
-        (no connection, e.g. nothing allocated there yet); "unknown" (no way to look)."""
-        if self.fd < 0 or _fd_ident(self.fd) != self.link:
-            found = self._find()
-            if not found:
-                return "unknown" if found is None else "none"
-        if not self.use_proc:
-            return self._peek(self.fd)
-        try:
-            with socket.socket(fileno=os.dup(self.fd)) as sock:
-                state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
-        except (OSError, AttributeError):
-            return "unknown"
-        return "up" if state == int(_TCP_ESTABLISHED, 16) else "down"
-
-
 class MultiDeviceRunner(_Runner):
     """Computes graphs whose tensors live on several devices, with ggml's backend scheduler.
 
@@ -569,11 +420,11 @@ class MultiDeviceRunner(_Runner):
             )
         self.devices: tuple[Device, ...] = tuple(order)
         self.n_threads = n_threads or os.cpu_count() or 1
-        self._rpc: dict[Device, _ServerLink] = {}
+        self._rpc: dict[Device, ServerLink] = {}
         for dev in order:
-            endpoint = _rpc_endpoint(dev)
-            if endpoint is not None:
-                self._rpc[dev] = _ServerLink(*endpoint)
+            link = server_link(dev)
+            if link is not None:
+                self._rpc[dev] = link
         self.check_devices()
         self._backends = ffi.new("ggml_backend_t[]", [d.backend() for d in order])
         self._cpu = self._backends[len(order) - 1]
@@ -586,28 +437,26 @@ class MultiDeviceRunner(_Runner):
         return [d.name for d in self.devices]
 
     def check_devices(self) -> None:
-        """Raise :class:`DeviceError` for an rpc-server of the runner that is gone.
-
-        This process's connection to it (:class:`_ServerLink`): a server that exited left
-        it half-closed or reset. With no connection yet, the server must accept one.
-        Where neither ``/proc`` nor ``/dev/fd`` lists the process's sockets (Windows)
-        nothing is checked.
-        """
+        """Raise :class:`DeviceError` for an rpc-server of the runner that is gone
+        (:meth:`ServerLink.check`: its connection closed, or no connection and none
+        accepted). Where the OS lists no sockets (Windows) nothing is checked."""
         for dev, link in self._rpc.items():
-            status = link.status()
-            if status in ("up", "unknown"):
-                continue
-            gone = f"device {dev.name!r}: the rpc-server at {link.host}:{link.port} is gone"
-            if status == "down":
-                raise DeviceError(f"{gone} (it closed this process's connection)")
-            try:
-                socket.create_connection((link.host, link.port), timeout=5).close()
-            except OSError as exc:
-                raise DeviceError(f"{gone} ({exc})") from exc
+            link.check(dev.name)
 
     def close(self) -> None:
+        """Free the scheduler and its compute buffers; with an rpc-server gone they are
+        left unfreed (ggml would abort the process on the free), with a warning."""
         if self._sched != ffi.NULL:
-            lib.ggml_backend_sched_free(self._sched)
+            gone = [dev.name for dev, link in self._rpc.items() if link.is_down()]
+            if gone:
+                _log.warning(
+                    "MultiDeviceRunner over %s: rpc-server of %s gone, its compute buffers "
+                    "are left unfreed",
+                    self.names,
+                    gone,
+                )
+            else:
+                lib.ggml_backend_sched_free(self._sched)
             self._sched = ffi.NULL
 
     def __del__(self) -> None:

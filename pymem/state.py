@@ -756,6 +756,11 @@ class StatePlan(Protocol):
 
     def is_current(self) -> bool: ...
 
+    def check_devices(self) -> None:
+        """Raise :class:`~pymem.errors.DeviceError` when a device the commit writes is
+        gone (an rpc-server), changing nothing."""
+        ...
+
     def commit(self) -> None: ...
 
 
@@ -764,7 +769,8 @@ class CompositeStatePlan:
     """Parsed, validated state parts of several memories; :meth:`commit` applies all.
 
     Parts are committed in serialisation order only after every part was parsed and
-    checked to be current, so a bad blob (or a stale plan) changes nothing anywhere.
+    checked to be current and every device they write was found there, so a bad blob, a
+    stale plan or a lost rpc-server changes nothing anywhere.
     """
 
     parts: list[StatePlan]
@@ -773,6 +779,10 @@ class CompositeStatePlan:
     def is_current(self) -> bool:
         return all(p.is_current() for p in self.parts)
 
+    def check_devices(self) -> None:
+        for p in self.parts:
+            p.check_devices()
+
     def commit(self) -> None:
         if self.committed:
             raise StateError("state plan: already committed")
@@ -780,6 +790,7 @@ class CompositeStatePlan:
             raise StateError(
                 "state plan: the memory changed after the blob was parsed; parse it again"
             )
+        self.check_devices()
         self.committed = True
         for p in self.parts:
             p.commit()

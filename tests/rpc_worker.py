@@ -18,7 +18,8 @@ and the servers (ggml's scheduler computes each graph), and over a CPU-only memo
 JSON says how many decodes' logits and state blobs are byte-identical (the test asserts
 all).
 With N_SERVERS = "gone": a server killed between a ubatch's apply and its graph; the
-engine must raise DeviceError instead of letting ggml abort.
+engine's next graph, state I/O and a cleared memory raise DeviceError instead of letting
+ggml abort, and closing everything and exiting take no abort either.
 """
 
 from __future__ import annotations
@@ -364,7 +365,8 @@ def main_split(binary: str, n_servers: int) -> None:
 
 
 def main_gone(binary: str) -> None:
-    """A server that exits between a ubatch's apply and its graph: a typed error."""
+    """A server that exits between a ubatch's apply and its graph: typed errors from the
+    graph, state I/O and sequence ops, a close that does not abort, a normal exit."""
     proc, endpoint = start_server(binary)
     try:
         import pymem
@@ -388,16 +390,35 @@ def main_gone(binary: str) -> None:
         ub = ctx.get_ubatch()
         inputs = step_inputs(ctx, ub, False)
         model.forward(ub, inputs, False)  # the split runner exists and the server answers
+        blob = bytes(mem.state_write())
+        blob_seq = bytes(mem.state_write(0))
         stop(proc)
-        try:
-            model.forward(ub, inputs, False)
-            error = None
-        except DeviceError as exc:
-            error = str(exc)
-        print(json.dumps(dict(device=dev, error=error)))
-        sys.stdout.flush()
-        # every RPC call from now on (freeing the memory's buffers) would abort the process
-        os._exit(0)
+        errors: dict[str, str | None] = {}
+
+        def attempt(name: str, call: Any) -> None:
+            try:
+                call()
+                errors[name] = None
+            except DeviceError as exc:
+                errors[name] = str(exc)
+
+        attempt("forward", lambda: model.forward(ub, inputs, False))
+        attempt("state_write", mem.state_write)
+        # a restore that fails on the gone server changes nothing: the sequence removed
+        # before it stays removed (bookkeeping only: no device call)
+        mem.seq_rm(0, -1, -1)
+        removed = [mem.seq_pos_min(0), mem.seq_pos_max(0)]
+        attempt("state_read", lambda: mem.state_read(blob))
+        attempt("state_seq_read", lambda: mem.state_read(blob_seq, 0))
+        restore_kept = [mem.seq_pos_min(0), mem.seq_pos_max(0)]
+        attempt("clear", lambda: mem.clear(True))
+        # freeing the server's buffers and the scheduler's would abort inside ggml: close()
+        # leaves them unfreed with a warning, and the process exits normally
+        mem.close()
+        model.close()
+        print(
+            json.dumps(dict(device=dev, errors=errors, removed=removed, restore_kept=restore_kept))
+        )
     finally:
         stop(proc)
 

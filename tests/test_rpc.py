@@ -29,6 +29,7 @@ import pytest
 
 import pymem
 import pymem.ggml as gg
+from pymem import rpc_link
 from pymem.backend import TensorSpec, TensorStore
 from pymem.errors import DeviceError
 
@@ -121,12 +122,19 @@ def test_split_decode_matches_cpu(n_servers: int) -> None:
 
 
 def test_gone_server_raises_device_error() -> None:
-    # ggml aborts the process on a lost rpc-server; the split runner checks this
-    # process's connection first and raises a typed error instead
+    # ggml aborts the process on a lost rpc-server; pymem checks this process's connection
+    # first and raises a typed error instead: the split runner's next graph, state writes,
+    # restores (whole and one sequence; the sequence removed before stays removed: a
+    # restore that fails changes nothing) and a clear with data. Closing the memory and
+    # the model leaves the server's buffers unfreed and the worker exits normally
+    # (_run_worker asserts return code 0; ggml's abort would be SIGABRT)
     _build_or_skip()
     out = _run_worker("gone")
     assert out["device"] == "RPC0"
-    assert out["error"] and "is gone" in out["error"], out
+    assert set(out["errors"]) == {"forward", "state_write", "state_read", "state_seq_read", "clear"}
+    for name, error in out["errors"].items():
+        assert error and "RPC0" in error and "is gone" in error, (name, out)
+    assert out["removed"] == [-1, -1] and out["restore_kept"] == [-1, -1], out
 
 
 def test_tiny_model_over_a_split_memory_matches_cpu() -> None:
@@ -185,8 +193,11 @@ def test_server_link_sees_a_closed_connection(use_proc: bool) -> None:
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
-        link = gg._ServerLink("127.0.0.1", server.getsockname()[1], use_proc=use_proc)
+        port = server.getsockname()[1]
+        link = rpc_link.ServerLink("127.0.0.1", port, use_proc=use_proc)
         assert link.status() == "none"
+        link.check("RPC9")  # no connection yet, but the server accepts one
+        server.accept()[0].close()  # (the check's probe)
         with socket.create_connection(server.getsockname()) as client:
             peer, _ = server.accept()
             assert link.status() == "up" and link.fd == client.fileno()
@@ -197,5 +208,10 @@ def test_server_link_sees_a_closed_connection(use_proc: bool) -> None:
             deadline = time.monotonic() + 5
             while link.status() == "up" and time.monotonic() < deadline:
                 time.sleep(0.01)
-            assert link.status() == "down"
+            assert link.status() == "down" and link.is_down()
+            with pytest.raises(DeviceError, match="closed this process's connection"):
+                link.check("RPC9")
+    # no connection and nothing listening: gone too
+    with pytest.raises(DeviceError, match=r"RPC9.*is gone"):
+        rpc_link.ServerLink("127.0.0.1", port, use_proc=use_proc).check("RPC9")
         assert link.status() == "none"

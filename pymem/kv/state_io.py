@@ -45,7 +45,7 @@ from functools import lru_cache
 import numpy as np
 
 from pymem._native import check, ffi, lib
-from pymem.backend import Tensor
+from pymem.backend import Tensor, check_reachable
 from pymem.errors import StateError
 from pymem.kv.cells import OWNER_MULTI, KVCells
 from pymem.kv.layout import KVLayer, KVLayout, SlotInfo, StreamHeads
@@ -502,6 +502,10 @@ class KVStatePlan:
     def is_current(self) -> bool:
         return self.hooks.version() == self.version
 
+    def check_devices(self) -> None:
+        """Raise DeviceError for a layer's device that is gone (an rpc-server)."""
+        check_reachable(layer.k.device for layer in self.layers)
+
     def commit(self) -> None:
         layout = self.layout
         if self.committed:
@@ -510,6 +514,7 @@ class KVStatePlan:
             raise StateError(
                 "state plan: the cache changed after the blob was parsed; parse it again"
             )
+        self.check_devices()
         self.committed = True
         if self.seq_id == -1:
             if self.whole_same:

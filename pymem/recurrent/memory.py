@@ -97,7 +97,7 @@ from typing import Any
 import numpy as np
 
 from pymem._native import check, ffi, lib
-from pymem.backend import Tensor, TensorSpec, TensorStore, get_device
+from pymem.backend import Tensor, TensorSpec, TensorStore, check_reachable, get_device
 from pymem.batch import BatchAllocator
 from pymem.errors import BatchError, ClosedError, ConfigError, RangeError
 from pymem.memory import POS_MAX, Memory, MemoryStatus, Split, clamp_range
@@ -336,6 +336,10 @@ class RecurrentMemory(Memory):
     def check_open(self) -> None:
         if self._closed:
             raise ClosedError("RecurrentMemory: already closed")
+
+    def check_devices(self) -> None:
+        """Raise DeviceError when a device of the R/S tensors is gone (an rpc-server)."""
+        check_reachable(store.device for store in self._stores)
 
     # -- what a state-read plan needs (pymem.recurrent.state_io.ReadTarget) -------------
     @property

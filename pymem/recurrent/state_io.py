@@ -339,6 +339,10 @@ class ReadTarget(Protocol):
 
     def check_open(self) -> None: ...
 
+    def check_devices(self) -> None:
+        """Raise DeviceError when a device of the memory's tensors is gone."""
+        ...
+
     def zero_rows(self) -> None:
         """Zero every R/S byte (the data half of the reference's ``clear(true)``)."""
         ...
@@ -367,6 +371,9 @@ class RecurrentReadPlan:
     def is_current(self) -> bool:
         return self.target.version == self.version
 
+    def check_devices(self) -> None:
+        self.target.check_devices()
+
     def commit(self) -> None:
         target = self.target
         target.check_open()
@@ -376,6 +383,7 @@ class RecurrentReadPlan:
             raise StateError(
                 "state_read plan: the memory changed after the blob was parsed; parse it again"
             )
+        target.check_devices()
         if self.clear_data:
             target.zero_rows()
         self.writes.commit()
