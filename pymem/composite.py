@@ -147,7 +147,13 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
         for part in self._members():
             part.check_seq_div(seq_id, p0, p1, d)
 
+    def check_devices(self) -> None:
+        for part in self._members():
+            part.check_devices()
+
     def clear(self, data: bool = True) -> None:
+        if data:
+            self.check_devices()  # before any part changes
         for part in self._members():
             part.clear(data)
 

@@ -340,6 +340,11 @@ class Memory(TwoPhaseStateIO, ABC, Generic[PlanT]):
     def state_read_parse(self, reader: Any, seq_id: int = -1, flags: int = 0) -> StatePlan: ...
 
     @abstractmethod
+    def check_devices(self) -> None:
+        """Raise :class:`~pymem.errors.DeviceError` when a device holding this memory's
+        tensors is gone (an rpc-server), changing nothing."""
+
+    @abstractmethod
     def close(self) -> None:
         """Release the device buffers now (also on ``with`` exit)."""
 

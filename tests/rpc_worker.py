@@ -390,6 +390,7 @@ def main_gone(binary: str) -> None:
         ub = ctx.get_ubatch()
         inputs = step_inputs(ctx, ub, False)
         model.forward(ub, inputs, False)  # the split runner exists and the server answers
+        mem.seq_cp(0, 1, -1, -1)  # (bookkeeping only) seq 1 must survive a refused clear
         blob = bytes(mem.state_write())
         blob_seq = bytes(mem.state_write(0))
         stop(proc)
@@ -412,12 +413,21 @@ def main_gone(binary: str) -> None:
         attempt("state_seq_read", lambda: mem.state_read(blob_seq, 0))
         restore_kept = [mem.seq_pos_min(0), mem.seq_pos_max(0)]
         attempt("clear", lambda: mem.clear(True))
+        clear_kept = int(mem.seq_pos_max(1))  # a refused clear(True) empties nothing
         # freeing the server's buffers and the scheduler's would abort inside ggml: close()
         # leaves them unfreed with a warning, and the process exits normally
         mem.close()
         model.close()
         print(
-            json.dumps(dict(device=dev, errors=errors, removed=removed, restore_kept=restore_kept))
+            json.dumps(
+                dict(
+                    device=dev,
+                    errors=errors,
+                    removed=removed,
+                    restore_kept=restore_kept,
+                    clear_kept=clear_kept,
+                )
+            )
         )
     finally:
         stop(proc)

@@ -135,6 +135,7 @@ def test_gone_server_raises_device_error() -> None:
     for name, error in out["errors"].items():
         assert error and "RPC0" in error and "is gone" in error, (name, out)
     assert out["removed"] == [-1, -1] and out["restore_kept"] == [-1, -1], out
+    assert out["clear_kept"] == 3, out  # seq 1 (a copy of seq 0's 4 tokens) still there
 
 
 def test_tiny_model_over_a_split_memory_matches_cpu() -> None:

@@ -67,7 +67,7 @@ from typing import Any
 import numpy as np
 
 from pymem._native import check, ffi, lib
-from pymem.backend import TensorSpec, TensorStore, get_device
+from pymem.backend import TensorSpec, TensorStore, check_reachable, get_device
 from pymem.batch import BatchAllocator
 from pymem.errors import BatchError, ClosedError, ConfigError, RangeError, UnsupportedError
 from pymem.ggml import GraphRunner
@@ -448,6 +448,9 @@ class KVCache(Memory):
     def size_v_bytes(self) -> int:
         return sum(layer.v.nbytes for layer in self.layers if layer.v is not None)
 
+    def check_devices(self) -> None:
+        check_reachable(store.device for store in self.stores.values())
+
     def close(self) -> None:
         for runner in self._runners.values():
             runner.close()
@@ -487,6 +490,8 @@ class KVCache(Memory):
     def clear(self, data: bool = True) -> None:
         """Empty every stream; with ``data`` also zero the tensor buffers."""
         self.check_open()
+        if data:
+            self.check_devices()
         self.cells.reset()
         self.v_heads[:] = 0
         if data:

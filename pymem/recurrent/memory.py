@@ -467,6 +467,8 @@ class RecurrentMemory(Memory):
     def clear(self, data: bool = True) -> None:
         """Empty every cell (``src0`` is kept, as in the reference); zero R/S if ``data``."""
         self.check_open()
+        if data:
+            self.check_devices()
         c = self.cells
         c.pos[:] = -1
         c.src[:] = -1
