@@ -325,3 +325,164 @@ pm_status pm_kv_meta_words(const int32_t * pos, const int32_t * owner, const int
     }
     return PM_OK;
 }
+
+// bytes of a stream section of n cells (see pm_kv_write_section); -1 for a bad spec
+static int64_t pm_kv_section_bytes(const int64_t * spec, int64_t n, int64_t rec) {
+    const int64_t n_layer = spec[0], v_trans = spec[1], el = spec[5];
+    if (n == 0) {
+        return 4;
+    }
+    int64_t total = 4 + 4 * rec * n + 8;
+    for (int64_t il = 0; il < n_layer; ++il) {
+        const int64_t * l = spec + 7 + 3 * il;
+        if (l[0] <= 0 || l[1] < 0 || l[2] < 0) {
+            return -1;
+        }
+        total += 12 + n * l[0];
+        if (l[1] != 0) {
+            total += 12 + n * (v_trans ? el * l[2] : l[1]);
+        }
+    }
+    return total;
+}
+
+static inline char * pm_put_u32(char * w, uint32_t v) {
+    memcpy(w, &v, 4);
+    return w + 4;
+}
+
+static inline char * pm_put_u64(char * w, uint64_t v) {
+    memcpy(w, &v, 8);
+    return w + 8;
+}
+
+// whether [off, off + reps * rep_stride + cells * stride) lies inside t (host, allocated)
+static int pm_section_inside(const struct ggml_tensor * t, uint64_t off, uint64_t reps, uint64_t rep_stride,
+                             uint64_t cells, uint64_t stride) {
+    if (t == NULL || t->data == NULL || t->buffer == NULL || !ggml_backend_buffer_is_host(t->buffer)) {
+        return 0;
+    }
+    const uint64_t nbytes = ggml_nbytes(t);
+    if (off > nbytes || (rep_stride != 0 && reps > nbytes / rep_stride) || (stride != 0 && cells > nbytes / stride)) {
+        return 0;
+    }
+    const uint64_t end = off + reps * rep_stride + cells * stride;
+    return end >= off && end <= nbytes;
+}
+
+pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const int32_t * ext, int64_t n_ext,
+                              int64_t size, int32_t seq_id, int32_t with_id, const int64_t * spec,
+                              struct ggml_tensor * const * tensors, int64_t n, int64_t n_runs,
+                              int64_t * run_starts, int64_t * run_ends, void * out, int64_t cap,
+                              int64_t * written) {
+    if (pos == NULL || owner == NULL || spec == NULL || tensors == NULL || out == NULL || written == NULL ||
+        (n_runs > 0 && (run_starts == NULL || run_ends == NULL)) || n < 0 || n_runs < 0 || n_runs > n ||
+        (n > 0) != (n_runs > 0) || size < 0 || cap < 0 || (n_ext != 0 && n_ext != 3) ||
+        (n_ext != 0 && ext == NULL) || spec[0] < 0 || spec[4] < size || spec[5] <= 0 || spec[6] < 0) {
+        return PM_ERR_ARG;
+    }
+    const int64_t rec = 2 + n_ext + (with_id ? 1 : 0);
+    const int64_t total = pm_kv_section_bytes(spec, n, rec);
+    if (total < 0) {
+        return PM_ERR_ARG;
+    }
+    *written = total;
+    if (total > cap) {
+        return PM_ERR_RANGE;
+    }
+    char * w = (char *) out;
+    if (n == 0) {
+        pm_put_u32(w, 0);
+        return PM_OK;
+    }
+    pm_status st = pm_kv_select_runs(pos, owner, size, seq_id, run_starts, run_ends, n_runs);
+    if (st != PM_OK) {
+        return PM_ERR_ARG;  // not the runs that were counted
+    }
+    int64_t count = 0;
+    for (int64_t i = 0; i < n_runs; ++i) {
+        count += run_ends[i] - run_starts[i];
+    }
+    if (count != n) {
+        return PM_ERR_ARG;
+    }
+    const int64_t n_layer = spec[0], v_trans = spec[1], kv_size = spec[4], el = spec[5], strm = spec[6];
+    const uint64_t last = (uint64_t) run_ends[n_runs - 1];  // cells below it (runs ascend)
+    for (int64_t il = 0; il < n_layer; ++il) {
+        const int64_t * l = spec + 7 + 3 * il;
+        const uint64_t k_row = (uint64_t) l[0];
+        const struct ggml_tensor * k = tensors[il];
+        if (k == NULL || k->buffer == NULL || !ggml_backend_buffer_is_host(k->buffer) || k->nb[1] != k_row) {
+            return PM_ERR_ARG;
+        }
+        if (!pm_section_inside(k, (uint64_t) (strm * kv_size) * k_row, 0, 0, last, k_row)) {
+            return PM_ERR_RANGE;
+        }
+        const struct ggml_tensor * v = tensors[n_layer + il];
+        if (l[1] == 0) {
+            continue;
+        }
+        if (v == NULL || v->buffer == NULL || !ggml_backend_buffer_is_host(v->buffer) ||
+            (!v_trans && v->nb[1] != (size_t) l[1])) {
+            return PM_ERR_ARG;
+        }
+        const int ok = v_trans ? pm_section_inside(v, (uint64_t) strm * v->nb[2], (uint64_t) l[2] - (l[2] > 0),
+                                                   (uint64_t) (kv_size * el), last, (uint64_t) el)
+                               : pm_section_inside(v, (uint64_t) (strm * kv_size * l[1]), 0, 0, last,
+                                                   (uint64_t) l[1]);
+        if (!ok) {
+            return PM_ERR_RANGE;
+        }
+    }
+    // every check done: write
+    w = pm_put_u32(w, (uint32_t) n);
+    st = pm_kv_meta_words(pos, owner, ext, n_ext, run_starts, run_ends, n_runs, seq_id, with_id, (int32_t *) w,
+                          n * rec);
+    if (st != PM_OK) {
+        return st;
+    }
+    w += 4 * rec * n;
+    w = pm_put_u32(w, (uint32_t) (v_trans ? 1 : 0));
+    w = pm_put_u32(w, (uint32_t) n_layer);
+    for (int64_t il = 0; il < n_layer; ++il) {
+        const int64_t k_row = spec[7 + 3 * il];
+        w = pm_put_u32(w, (uint32_t) spec[2]);
+        w = pm_put_u64(w, (uint64_t) k_row);
+        const char * base = (const char *) tensors[il]->data + strm * kv_size * k_row;
+        for (int64_t i = 0; i < n_runs; ++i) {
+            const int64_t len = (run_ends[i] - run_starts[i]) * k_row;
+            memcpy(w, base + run_starts[i] * k_row, (size_t) len);
+            w += len;
+        }
+    }
+    for (int64_t il = 0; il < n_layer; ++il) {
+        const int64_t * l = spec + 7 + 3 * il;
+        if (l[1] == 0) {
+            continue;
+        }
+        const struct ggml_tensor * v = tensors[n_layer + il];
+        w = pm_put_u32(w, (uint32_t) spec[3]);
+        if (!v_trans) {
+            w = pm_put_u64(w, (uint64_t) l[1]);
+            const char * base = (const char *) v->data + strm * kv_size * l[1];
+            for (int64_t i = 0; i < n_runs; ++i) {
+                const int64_t len = (run_ends[i] - run_starts[i]) * l[1];
+                memcpy(w, base + run_starts[i] * l[1], (size_t) len);
+                w += len;
+            }
+            continue;
+        }
+        w = pm_put_u32(w, (uint32_t) el);
+        w = pm_put_u32(w, (uint32_t) l[2]);
+        const char * base = (const char *) v->data + strm * v->nb[2];
+        for (int64_t j = 0; j < l[2]; ++j) {
+            const char * ch = base + j * kv_size * el;
+            for (int64_t i = 0; i < n_runs; ++i) {
+                const int64_t len = (run_ends[i] - run_starts[i]) * el;
+                memcpy(w, ch + run_starts[i] * el, (size_t) len);
+                w += len;
+            }
+        }
+    }
+    return PM_OK;
+}

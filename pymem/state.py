@@ -48,7 +48,14 @@ PROGRESS_STEP = 1 << 24  # 16 MiB
 
 
 class StateWriter:
-    """Sink for state bytes. Subclasses decide where bytes go."""
+    """Sink for state bytes. Subclasses decide where bytes go.
+
+    ``fills_in_place``: whether :meth:`write_fill` hands ``fill`` the destination itself
+    (a buffer), so one fill may produce a large section with no copy; a writer that would
+    stage it (a file) says False and gets sections piece by piece.
+    """
+
+    fills_in_place = False
 
     def __init__(self) -> None:
         self.n_written = 0
@@ -114,6 +121,8 @@ class StateWriter:
 class SizeCounter(StateWriter):
     """Counts bytes without reading any tensor (the reference's dummy writer)."""
 
+    fills_in_place = True  # no fill runs: a section counts as its size either way
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.n_written += len(data)
 
@@ -146,6 +155,8 @@ class _Recorder(StateWriter):
     tensor reads and fills are kept as notes. :meth:`replay` then writes everything
     into the real writer in order.
     """
+
+    fills_in_place = True  # it replays into a BufferWriter
 
     def __init__(self) -> None:
         super().__init__()
@@ -259,6 +270,8 @@ class BufferWriter(StateWriter):
 
     ``out``: the caller's writable buffer (at least ``size`` bytes) instead of a new one.
     """
+
+    fills_in_place = True
 
     def __init__(self, size: int, out: Any = None) -> None:
         super().__init__()

@@ -387,6 +387,7 @@ class KVCache(Memory):
         self._keys_memo: tuple[np.ndarray, np.ndarray] | None = None  # (frozen ids, keys)
         self._keys_c: tuple[np.ndarray, Any] | None = None  # (those keys, their cffi buffer)
         self._runners: dict[str, GraphRunner] = {}
+        self._section: state_io.NativeSection | None | bool = False  # False: not built yet
         self._step_cells: Any = None  # pm_step_cells * over self.cells, built on first use
         self._no_update: KVCacheContext | None = None  # init_update's answer with nothing to do
         # (slot, version, top) of the last native placement: get_n_kv's bound, while valid
@@ -1309,7 +1310,10 @@ class KVCache(Memory):
         self.check_open()
         check_state_flags(flags, "state_write")
         seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
-        state_io.write_kv_state(self.layout, self.v_cells, self.layers, writer, seq_id)
+        if self._section is False:
+            self._section = state_io.native_section(self.layout, self.layers)
+        section = self._section if isinstance(self._section, state_io.NativeSection) else None
+        state_io.write_kv_state(self.layout, self.v_cells, self.layers, writer, seq_id, section)
 
     def state_read_parse(
         self, reader: StateReader, seq_id: int = -1, flags: int = 0

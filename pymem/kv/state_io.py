@@ -136,6 +136,56 @@ def _meta_words(layout: KVLayout, cells: KVCells, idx: np.ndarray, seq_id: int) 
     return words
 
 
+@dataclass(frozen=True)
+class NativeSection:
+    """What :c:func:`pm_kv_write_section` needs to write a stream's whole part of a blob
+    in one call: its ``spec`` words per stream and the K then V tensors. Built once per
+    cache (its tensors live as long as it does) by :func:`native_section`."""
+
+    specs: tuple[np.ndarray, ...]  # per stream: int64 spec words (see pymem_stateio.h)
+    tensors: object  # cffi ``struct ggml_tensor *[]``: n_layer K, then n_layer V (or NULL)
+    cell_bytes: int  # tensor bytes per selected cell, all layers
+    n_headers: int  # 12-byte layer headers (K layers, V layers)
+
+
+def native_section(layout: KVLayout, layers: Sequence[KVLayer]) -> NativeSection | None:
+    """The one-call stream writer's parameters, or None where it does not apply (a tensor
+    not in host memory, rows padded past the blob's width, ``NATIVE_RUNS`` off)."""
+    if not _native_writable(layout, layers, -1):
+        return None
+    el = layout.v_el_size
+    per_layer: list[int] = []
+    cell_bytes, n_headers = 0, 0
+    for layer in layers:
+        v_row = 0 if layer.v is None else layer.v.row_size
+        per_layer += [layer.k.row_size, v_row, layer.n_embd_v_gqa]
+        cell_bytes += layer.k.row_size
+        n_headers += 1
+        if layer.v is not None:
+            cell_bytes += el * layer.n_embd_v_gqa if layout.v_trans else v_row
+            n_headers += 1
+    specs = tuple(
+        np.array(
+            [
+                len(layers),
+                int(layout.v_trans),
+                layout.type_k.id,
+                layout.type_v.id,
+                layout.kv_size,
+                el,
+                strm,
+                *per_layer,
+            ],
+            dtype=np.int64,
+        )  # fmt: skip
+        for strm in range(layout.n_stream)
+    )
+    ptrs = [layer.k.ptr for layer in layers] + [
+        ffi.NULL if layer.v is None else layer.v.ptr for layer in layers
+    ]
+    return NativeSection(specs, ffi.new("struct ggml_tensor *[]", ptrs), cell_bytes, n_headers)
+
+
 def _native_writable(layout: KVLayout, layers: Sequence[KVLayer], seq_id: int) -> bool:
     """Whether :func:`_write_stream_native` may write this blob: host tensors whose rows
     the blob takes whole, and a plain selection (no sliding window for one sequence)."""
@@ -163,12 +213,16 @@ def _write_stream_native(
     writer: StateWriter,
     strm: int,
     seq_id: int,
+    section: NativeSection | None = None,
 ) -> bool:
     """One stream's part of a blob (from its cell count on) with two native passes over
     the cells (count, runs) and the meta records written straight into the output; the
     bytes as byte runs (:func:`selected_cells`, :func:`_meta_words` and state_rows'
-    ``write_rows`` / ``write_v_trans`` are the reference). False, nothing written, for a
-    stream with shared cells (per sequence: any; whole cache: a selected one)."""
+    ``write_rows`` / ``write_v_trans`` are the reference). Where the writer fills its
+    destination in place and ``section`` is given, the whole part (headers, records, every
+    layer's bytes) is one ``write_fill`` of one native call (:c:func:`pm_kv_write_section`).
+    False, nothing written, for a stream with shared cells (per sequence: any; whole
+    cache: a selected one)."""
     if seq_id >= 0 and cells.n_multi:
         return False
     pos = ffi.from_buffer("int32_t[]", cells.pos)
@@ -183,6 +237,27 @@ def _write_stream_native(
     if seq_id < 0 and shared[0]:
         return False
     n, n_runs = int(counts[0]), int(counts[1])
+    n_ext = 3 if layout.with_ext else 0
+    with_id = seq_id < layout.n_seq_max  # per sequence: no id at all for ids >= n_seq_max
+    if n > 0 and section is not None and writer.fills_in_place:
+        rec = 2 + n_ext + int(with_id)
+        total = 12 + 4 * rec * n + n * section.cell_bytes + 12 * section.n_headers
+        ext0 = ffi.from_buffer("int32_t[]", cells.ext) if n_ext else ffi.NULL
+        spec = ffi.from_buffer("int64_t[]", section.specs[strm])
+
+        def fill_section(out: memoryview) -> None:
+            runs = np.empty(2 * n_runs, dtype=np.int64)
+            starts_p = ffi.from_buffer("int64_t[]", runs, require_writable=True)
+            done = ffi.new("int64_t *")
+            status = lib.pm_kv_write_section(
+                pos, owner, ext0, n_ext, cells.size, seq_id, int(with_id), spec,
+                section.tensors, n, n_runs, starts_p, starts_p + n_runs,
+                ffi.from_buffer(out, require_writable=True), len(out), done,
+            )  # fmt: skip
+            check(status, "state write: stream section")
+
+        writer.write_fill(total, fill_section)
+        return True
     writer.write_u32(n)
     if n == 0:
         return True
@@ -194,8 +269,6 @@ def _write_stream_native(
                               ffi.from_buffer("int64_t[]", ends, require_writable=True), n_runs),
         "state write: cell runs",
     )  # fmt: skip
-    n_ext = 3 if layout.with_ext else 0
-    with_id = seq_id < layout.n_seq_max  # per sequence: no id at all for ids >= n_seq_max
     rec = 2 + n_ext + int(with_id)
     ext = ffi.from_buffer("int32_t[]", cells.ext) if n_ext else ffi.NULL
 
@@ -256,13 +329,15 @@ def write_kv_state(
     layers: Sequence[KVLayer],
     writer: StateWriter,
     seq_id: int,
+    section: NativeSection | None = None,
 ) -> None:
-    """Serialise the cells of ``seq_id`` (-1: all) and their K/V bytes."""
+    """Serialise the cells of ``seq_id`` (-1: all) and their K/V bytes. ``section``: the
+    cache's :func:`native_section` (kept by the cache: building it costs microseconds)."""
     writer.write_u32(layout.n_stream)
     native = _native_writable(layout, layers, seq_id)
     for strm in range(layout.n_stream):
         cells = v_cells[strm]
-        if native and _write_stream_native(layout, cells, layers, writer, strm, seq_id):
+        if native and _write_stream_native(layout, cells, layers, writer, strm, seq_id, section):
             continue
         idx = selected_cells(layout, cells, seq_id)
         writer.write_u32(idx.size)
