@@ -373,7 +373,7 @@ static int pm_section_inside(const struct ggml_tensor * t, uint64_t off, uint64_
 pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const int32_t * ext, int64_t n_ext,
                               int64_t size, int32_t seq_id, int32_t with_id, const int64_t * spec,
                               struct ggml_tensor * const * tensors, int64_t n, int64_t n_runs,
-                              int64_t * run_starts, int64_t * run_ends, void * out, int64_t cap,
+                              const int64_t * run_starts, const int64_t * run_ends, void * out, int64_t cap,
                               int64_t * written) {
     if (pos == NULL || owner == NULL || spec == NULL || tensors == NULL || out == NULL || written == NULL ||
         (n_runs > 0 && (run_starts == NULL || run_ends == NULL)) || n < 0 || n_runs < 0 || n_runs > n ||
@@ -395,13 +395,13 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
         pm_put_u32(w, 0);
         return PM_OK;
     }
-    pm_status st = pm_kv_select_runs(pos, owner, size, seq_id, run_starts, run_ends, n_runs);
-    if (st != PM_OK) {
-        return PM_ERR_ARG;  // not the runs that were counted
-    }
-    int64_t count = 0;
+    int64_t count = 0, prev_end = 0;
     for (int64_t i = 0; i < n_runs; ++i) {
+        if (run_starts[i] < prev_end || run_ends[i] <= run_starts[i] || run_ends[i] > size) {
+            return PM_ERR_ARG;
+        }
         count += run_ends[i] - run_starts[i];
+        prev_end = run_ends[i];
     }
     if (count != n) {
         return PM_ERR_ARG;
@@ -436,7 +436,7 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
     }
     // every check done: write
     w = pm_put_u32(w, (uint32_t) n);
-    st = pm_kv_meta_words(pos, owner, ext, n_ext, run_starts, run_ends, n_runs, seq_id, with_id, (int32_t *) w,
+    const pm_status st = pm_kv_meta_words(pos, owner, ext, n_ext, run_starts, run_ends, n_runs, seq_id, with_id, (int32_t *) w,
                           n * rec);
     if (st != PM_OK) {
         return st;
@@ -484,5 +484,70 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
             }
         }
     }
+    return PM_OK;
+}
+
+#define PM_SELECT_BLOCK 32
+
+pm_status pm_kv_select(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id, int32_t n_seq_max,
+                       int64_t * run_starts, int64_t * run_ends, int64_t cap, int64_t * n, int64_t * n_runs,
+                       int32_t * shared) {
+    if (pos == NULL || owner == NULL || n == NULL || n_runs == NULL || shared == NULL || size < 0 || cap < 0 ||
+        (cap > 0 && (run_starts == NULL || run_ends == NULL))) {
+        return PM_ERR_ARG;
+    }
+    int64_t count = 0, runs = 0;
+    int prev = 0;  // whether the cell before is selected
+    const int32_t * sel_of = seq_id < 0 ? pos : owner;  // the word that selects a cell
+    for (int64_t c0 = 0; c0 < size; c0 += PM_SELECT_BLOCK) {
+        const int64_t c1 = c0 + PM_SELECT_BLOCK < size ? c0 + PM_SELECT_BLOCK : size;
+        int32_t hits = 0;
+        if (c1 - c0 == PM_SELECT_BLOCK) {
+            // a fixed trip count the compiler unrolls and vectorises
+            if (seq_id < 0) {
+                for (int j = 0; j < PM_SELECT_BLOCK; ++j) {
+                    hits += sel_of[c0 + j] >= 0;
+                }
+            } else {
+                for (int j = 0; j < PM_SELECT_BLOCK; ++j) {
+                    hits += sel_of[c0 + j] == seq_id;
+                }
+            }
+        } else {
+            hits = (int32_t) pm_stateio_hits(pos, owner, c0, c1, seq_id);
+        }
+        count += hits;
+        // a block of cells all like the one before it (runs are long) holds no run edge
+        if (hits == (prev ? c1 - c0 : 0)) {
+            continue;
+        }
+        for (int64_t c = c0; c < c1; ++c) {
+            const int sel = pm_stateio_selected(pos, owner, c, seq_id);
+            if (sel == prev) {
+                continue;
+            }
+            if (sel) {
+                if (runs == cap) {
+                    return PM_ERR_RANGE;
+                }
+                run_starts[runs] = c;
+            } else {
+                run_ends[runs++] = c;
+            }
+            prev = sel;
+        }
+    }
+    if (prev) {
+        run_ends[runs++] = size;
+    }
+    int32_t odd = 0;
+    if (seq_id < 0) {
+        for (int64_t c = 0; c < size; ++c) {
+            odd |= (pos[c] >= 0) & ((uint32_t) owner[c] >= (uint32_t) n_seq_max);
+        }
+    }
+    *n = count;
+    *n_runs = runs;
+    *shared = odd;
     return PM_OK;
 }

@@ -76,25 +76,33 @@ pm_status pm_kv_meta_words(const int32_t * pos, const int32_t * owner, const int
                            const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs, int32_t seq_id,
                            int32_t with_id, int32_t * out, int64_t cap_words);
 
+// pm_kv_select_count and pm_kv_select_runs in one pass: the runs into run_starts /
+// run_ends (cap of them; size / 2 + 1 always suffice), *n cells, *n_runs runs, *shared as
+// pm_kv_select_count. PM_ERR_RANGE when there are more than cap runs; PM_ERR_ARG for a
+// null pointer or size < 0.
+pm_status pm_kv_select(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id, int32_t n_seq_max,
+                       int64_t * run_starts, int64_t * run_ends, int64_t cap, int64_t * n, int64_t * n_runs,
+                       int32_t * shared);
+
 // A stream's whole part of a state blob in one call, straight into out (cap bytes): u32
 // cell count n, the n meta records (pm_kv_meta_words), u32 v_trans, u32 n_layer, then per
 // layer i32 type_k, u64 K row size and the K rows of the selected cells, then per layer
 // with V i32 type_v and either u64 V row size and the V rows, or (v_trans) u32 element
 // size, u32 channels and each channel's elements of the selected cells. The cells are
-// those pm_kv_select_count counted (n of them in n_runs runs, no shared cell for one
-// sequence); run_starts / run_ends (int64[n_runs]) receive their runs. `spec` (int64):
+// those pm_kv_select found (n of them in the n_runs runs run_starts / run_ends, ascending,
+// ends exclusive; no shared cell for one sequence). `spec` (int64):
 // [n_layer, v_trans, type_k, type_v, kv_size, v_el, stream] then per layer 3 words: K row
 // size, V row size (0: the layer has no V; v_trans: any non-zero value), V channels;
 // tensors: n_layer K tensors then n_layer V tensors (NULL where no V), host tensors whose
 // rows are exactly those sizes. *written = the section's bytes (4 when n is 0). Every check
 // comes before any byte of out is written: PM_ERR_ARG for a null pointer, a non-host
-// tensor, a bad spec or a count or run count that does not match the cells; PM_ERR_RANGE
-// when out is smaller than the section (*written then says how large) or a selected cell
-// lies outside a tensor.
+// tensor, a bad spec, runs that are empty, overlap, descend, leave the stream or do not add
+// up to n; PM_ERR_RANGE when out is smaller than the section (*written then says how
+// large) or a selected cell lies outside a tensor.
 pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const int32_t * ext, int64_t n_ext,
                               int64_t size, int32_t seq_id, int32_t with_id, const int64_t * spec,
                               struct ggml_tensor * const * tensors, int64_t n, int64_t n_runs,
-                              int64_t * run_starts, int64_t * run_ends, void * out, int64_t cap,
+                              const int64_t * run_starts, const int64_t * run_ends, void * out, int64_t cap,
                               int64_t * written);
 
 // PYMEM_CDEF_END

@@ -56,44 +56,95 @@ def test_section_writer_gives_every_path_the_same_bytes(monkeypatch, name: str) 
         assert bytes(dst.state_write(s)) == section_blobs[s]
 
 
-def _section_call(kv, out: bytearray, n: int, n_runs: int, cap: int) -> tuple[int, int]:
+def _select(kv, seq_id: int) -> tuple[int, np.ndarray]:
+    """(cells, runs [2, n_runs]) of seq_id in stream 0, by pm_kv_select."""
+    cells = kv.v_cells[0]
+    cap = cells.size // 2 + 1
+    scratch = np.empty((2, cap), dtype=np.int64)
+    found = ffi.from_buffer("int64_t[]", scratch, require_writable=True)
+    counts = ffi.new("int64_t[2]")
+    shared = ffi.new("int32_t *")
+    status = lib.pm_kv_select(
+        ffi.from_buffer("int32_t[]", cells.pos), ffi.from_buffer("int32_t[]", cells.owner),
+        cells.size, seq_id, 3, found, found + cap, cap, counts, counts + 1, shared,
+    )  # fmt: skip
+    assert status == lib.PM_OK and shared[0] == 0
+    return int(counts[0]), scratch[:, : int(counts[1])].copy()
+
+
+def _section_call(kv, out: bytearray, n: int, runs: np.ndarray, cap: int) -> tuple[int, int]:
     cells = kv.v_cells[0]
     section = state_io.native_section(kv.layout, kv.layers)
     assert section is not None
-    runs = np.empty(2 * max(n_runs, 1), dtype=np.int64)
-    runs_p = ffi.from_buffer("int64_t[]", runs, require_writable=True)
+    runs = np.ascontiguousarray(runs, dtype=np.int64)
+    n_runs = runs.shape[1]
+    runs_p = ffi.from_buffer("int64_t[]", runs)
     written = ffi.new("int64_t *")
     status = lib.pm_kv_write_section(
         ffi.from_buffer("int32_t[]", cells.pos), ffi.from_buffer("int32_t[]", cells.owner),
         ffi.NULL, 0, cells.size, 1, 1, ffi.from_buffer("int64_t[]", section.specs[0]),
-        section.tensors, n, n_runs, runs_p, runs_p + max(n_runs, 1),
+        section.tensors, n, n_runs, runs_p, runs_p + n_runs,
         ffi.from_buffer(out, require_writable=True), cap, written,
     )  # fmt: skip
     return int(status), int(written[0])
 
 
+def test_select_matches_count_and_runs() -> None:
+    # the one-pass search finds what the two passes (count, then runs) find
+    kv = _fragmented("f32-notrans", 4)
+    cells = kv.v_cells[0]
+    pos = ffi.from_buffer("int32_t[]", cells.pos)
+    owner = ffi.from_buffer("int32_t[]", cells.owner)
+    for seq_id in (-1, 0, 1, 2):
+        n, runs = _select(kv, seq_id) if seq_id >= 0 else (None, None)
+        counts = ffi.new("int64_t[2]")
+        shared = ffi.new("int32_t *")
+        lib.pm_kv_select_count(pos, owner, cells.size, seq_id, 3, counts, counts + 1, shared)
+        if seq_id < 0:
+            continue
+        starts = np.empty(int(counts[1]), dtype=np.int64)
+        ends = np.empty_like(starts)
+        assert lib.pm_kv_select_runs(
+            pos, owner, cells.size, seq_id, ffi.from_buffer("int64_t[]", starts, require_writable=True),
+            ffi.from_buffer("int64_t[]", ends, require_writable=True), starts.size,
+        ) == lib.PM_OK  # fmt: skip
+        assert n == int(counts[0]) and runs.tolist() == [starts.tolist(), ends.tolist()]
+        mask = kv.v_cells[0].seq_mask(seq_id)
+        assert n == int(mask.sum())
+    # too little room for the runs: refused
+    counts = ffi.new("int64_t[2]")
+    shared = ffi.new("int32_t *")
+    room = np.empty(4, dtype=np.int64)
+    p = ffi.from_buffer("int64_t[]", room, require_writable=True)
+    assert lib.pm_kv_select(pos, owner, cells.size, 1, 3, p, p + 2, 2, counts, counts + 1,
+                            shared) == lib.PM_ERR_RANGE  # fmt: skip
+
+
 def test_section_writer_refusals_write_nothing() -> None:
     kv = _fragmented("f16-trans", 5)
     blob = bytes(kv.state_write(1))
-    counts = ffi.new("int64_t[2]")
-    shared = ffi.new("int32_t *")
-    cells = kv.v_cells[0]
-    lib.pm_kv_select_count(
-        ffi.from_buffer("int32_t[]", cells.pos), ffi.from_buffer("int32_t[]", cells.owner),
-        cells.size, 1, 3, counts, counts + 1, shared,
-    )  # fmt: skip
-    n, n_runs = int(counts[0]), int(counts[1])
-    assert n_runs > 5
+    n, runs = _select(kv, 1)
+    assert runs.shape[1] > 5
     size = len(blob) - 4  # the blob: u32 n_stream, then the one stream's section
     pad = 4096  # room for a larger count's section: refused for the count, not the size
     out = bytearray(b"\xab" * (size + pad))
     # too small: the size it needs, nothing written
-    assert _section_call(kv, out, n, n_runs, size - 1) == (lib.PM_ERR_RANGE, size)
+    assert _section_call(kv, out, n, runs, size - 1) == (lib.PM_ERR_RANGE, size)
     assert out == b"\xab" * (size + pad)
-    # a cell count or run count that is not the cells': refused before any byte moves
-    for bad_n, bad_runs in ((n + 1, n_runs), (n, n_runs - 1), (n, n_runs + 1), (0, n_runs)):
+    # runs that are not the count's, overlap, descend or leave the stream: refused before
+    # any byte moves
+    last = kv.v_cells[0].size
+    bad = [
+        (n + 1, runs),
+        (n, runs[:, :-1]),
+        (n, np.concatenate((runs, [[last - 1], [last]]), axis=1)),
+        (n, runs[:, ::-1]),
+        (n, runs + np.array([[1], [1]]) * (last - int(runs[1, -1]) + 1)),
+        (n, np.concatenate(([[0], [0]], runs), axis=1)),
+    ]
+    for bad_n, bad_runs in bad:
         status, _ = _section_call(kv, out, bad_n, bad_runs, len(out))
         assert status == lib.PM_ERR_ARG, (bad_n, bad_runs)
         assert out == b"\xab" * (size + pad)
-    assert _section_call(kv, out, n, n_runs, len(out)) == (lib.PM_OK, size)
+    assert _section_call(kv, out, n, runs, len(out)) == (lib.PM_OK, size)
     assert bytes(out[:size]) == blob[4:] and out[size:] == b"\xab" * pad

@@ -387,7 +387,7 @@ class KVCache(Memory):
         self._keys_memo: tuple[np.ndarray, np.ndarray] | None = None  # (frozen ids, keys)
         self._keys_c: tuple[np.ndarray, Any] | None = None  # (those keys, their cffi buffer)
         self._runners: dict[str, GraphRunner] = {}
-        self._section: state_io.NativeSection | None | bool = False  # False: not built yet
+        self._section: state_io.NativeSection | bool | None = False  # False: not built yet
         self._step_cells: Any = None  # pm_step_cells * over self.cells, built on first use
         self._no_update: KVCacheContext | None = None  # init_update's answer with nothing to do
         # (slot, version, top) of the last native placement: get_n_kv's bound, while valid

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -146,6 +146,14 @@ class NativeSection:
     tensors: object  # cffi ``struct ggml_tensor *[]``: n_layer K, then n_layer V (or NULL)
     cell_bytes: int  # tensor bytes per selected cell, all layers
     n_headers: int  # 12-byte layer headers (K layers, V layers)
+    scratch: dict[int, np.ndarray] = field(default_factory=dict)  # stream -> runs found
+
+    def runs_scratch(self, strm: int, size: int) -> np.ndarray:
+        """int64 [2, size // 2 + 1]: room for any stream's runs (starts, ends)."""
+        buf = self.scratch.get(strm)
+        if buf is None:
+            buf = self.scratch[strm] = np.empty((2, size // 2 + 1), dtype=np.int64)
+        return buf
 
 
 def native_section(layout: KVLayout, layers: Sequence[KVLayer]) -> NativeSection | None:
@@ -177,7 +185,7 @@ def native_section(layout: KVLayout, layers: Sequence[KVLayer]) -> NativeSection
                 *per_layer,
             ],
             dtype=np.int64,
-        )  # fmt: skip
+        )
         for strm in range(layout.n_stream)
     )
     ptrs = [layer.k.ptr for layer in layers] + [
@@ -206,6 +214,57 @@ def _native_writable(layout: KVLayout, layers: Sequence[KVLayer], seq_id: int) -
     return True
 
 
+def _write_stream_section(
+    layout: KVLayout,
+    cells: KVCells,
+    writer: StateWriter,
+    strm: int,
+    seq_id: int,
+    section: NativeSection,
+) -> bool:
+    """:func:`_write_stream_native` into a writer that fills in place: one native pass
+    finds the cells' runs (:c:func:`pm_kv_select`), one ``write_fill`` of one native call
+    writes the whole part (:c:func:`pm_kv_write_section`)."""
+    pos = ffi.from_buffer("int32_t[]", cells.pos)
+    owner = ffi.from_buffer("int32_t[]", cells.owner)
+    scratch = section.runs_scratch(strm, cells.size)
+    cap = scratch.shape[1]
+    found = ffi.from_buffer("int64_t[]", scratch, require_writable=True)
+    counts = ffi.new("int64_t[2]")
+    shared = ffi.new("int32_t *")
+    check(
+        lib.pm_kv_select(pos, owner, cells.size, seq_id, layout.n_seq_max, found, found + cap,
+                         cap, counts, counts + 1, shared),
+        "state write: select cells",
+    )  # fmt: skip
+    if seq_id < 0 and shared[0]:
+        return False
+    n, n_runs = int(counts[0]), int(counts[1])
+    if n == 0:
+        writer.write_u32(0)
+        return True
+    runs = scratch[:, :n_runs].copy()  # the fill may run after the next stream's search
+    n_ext = 3 if layout.with_ext else 0
+    with_id = seq_id < layout.n_seq_max  # per sequence: no id at all for ids >= n_seq_max
+    rec = 2 + n_ext + int(with_id)
+    total = 12 + 4 * rec * n + n * section.cell_bytes + 12 * section.n_headers
+    ext = ffi.from_buffer("int32_t[]", cells.ext) if n_ext else ffi.NULL
+    spec = ffi.from_buffer("int64_t[]", section.specs[strm])
+
+    def fill_section(out: memoryview) -> None:
+        runs_p = ffi.from_buffer("int64_t[]", runs)
+        done = ffi.new("int64_t *")
+        status = lib.pm_kv_write_section(
+            pos, owner, ext, n_ext, cells.size, seq_id, int(with_id), spec, section.tensors,
+            n, n_runs, runs_p, runs_p + n_runs, ffi.from_buffer(out, require_writable=True),
+            len(out), done,
+        )  # fmt: skip
+        check(status, "state write: stream section")
+
+    writer.write_fill(total, fill_section)
+    return True
+
+
 def _write_stream_native(
     layout: KVLayout,
     cells: KVCells,
@@ -225,6 +284,8 @@ def _write_stream_native(
     cache: a selected one)."""
     if seq_id >= 0 and cells.n_multi:
         return False
+    if section is not None and writer.fills_in_place:
+        return _write_stream_section(layout, cells, writer, strm, seq_id, section)
     pos = ffi.from_buffer("int32_t[]", cells.pos)
     owner = ffi.from_buffer("int32_t[]", cells.owner)
     counts = ffi.new("int64_t[2]")
@@ -239,25 +300,6 @@ def _write_stream_native(
     n, n_runs = int(counts[0]), int(counts[1])
     n_ext = 3 if layout.with_ext else 0
     with_id = seq_id < layout.n_seq_max  # per sequence: no id at all for ids >= n_seq_max
-    if n > 0 and section is not None and writer.fills_in_place:
-        rec = 2 + n_ext + int(with_id)
-        total = 12 + 4 * rec * n + n * section.cell_bytes + 12 * section.n_headers
-        ext0 = ffi.from_buffer("int32_t[]", cells.ext) if n_ext else ffi.NULL
-        spec = ffi.from_buffer("int64_t[]", section.specs[strm])
-
-        def fill_section(out: memoryview) -> None:
-            runs = np.empty(2 * n_runs, dtype=np.int64)
-            starts_p = ffi.from_buffer("int64_t[]", runs, require_writable=True)
-            done = ffi.new("int64_t *")
-            status = lib.pm_kv_write_section(
-                pos, owner, ext0, n_ext, cells.size, seq_id, int(with_id), spec,
-                section.tensors, n, n_runs, starts_p, starts_p + n_runs,
-                ffi.from_buffer(out, require_writable=True), len(out), done,
-            )  # fmt: skip
-            check(status, "state write: stream section")
-
-        writer.write_fill(total, fill_section)
-        return True
     writer.write_u32(n)
     if n == 0:
         return True
@@ -334,7 +376,10 @@ def write_kv_state(
     """Serialise the cells of ``seq_id`` (-1: all) and their K/V bytes. ``section``: the
     cache's :func:`native_section` (kept by the cache: building it costs microseconds)."""
     writer.write_u32(layout.n_stream)
-    native = _native_writable(layout, layers, seq_id)
+    if section is not None:  # built only where _native_writable holds for the whole cache
+        native = NATIVE_RUNS and (seq_id < 0 or layout.swa_type == SWAType.NONE)
+    else:
+        native = _native_writable(layout, layers, seq_id)
     for strm in range(layout.n_stream):
         cells = v_cells[strm]
         if native and _write_stream_native(layout, cells, layers, writer, strm, seq_id, section):
