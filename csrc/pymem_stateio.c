@@ -551,3 +551,118 @@ pm_status pm_kv_select(const int32_t * pos, const int32_t * owner, int64_t size,
     *shared = odd;
     return PM_OK;
 }
+
+static inline uint32_t pm_get_u32(const char * p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static inline uint64_t pm_get_u64(const char * p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+// walk a stream part's data section (v_trans, n_layer, layer headers and bytes) of n cells
+// at d (avail bytes); with copy 0 check it against spec and return its bytes (-1: it does
+// not match), with copy 1 store every layer's bytes into the runs' cells
+static int64_t pm_kv_data_walk(const char * d, int64_t avail, const int64_t * spec,
+                               struct ggml_tensor * const * tensors, int64_t n, const int64_t * run_starts,
+                               const int64_t * run_ends, int64_t n_runs, int copy) {
+    const int64_t n_layer = spec[0], v_trans = spec[1], kv_size = spec[4], el = spec[5], strm = spec[6];
+    const char * p = d;
+    const char * end = d + avail;
+    if (end - p < 8 || pm_get_u32(p) != (uint32_t) v_trans || pm_get_u32(p + 4) != (uint32_t) n_layer) {
+        return -1;
+    }
+    p += 8;
+    for (int pass = 0; pass < 2; ++pass) {  // K layers, then V layers
+        for (int64_t il = 0; il < n_layer; ++il) {
+            const int64_t * l = spec + 7 + 3 * il;
+            if (pass == 1 && l[1] == 0) {
+                continue;
+            }
+            const struct ggml_tensor * t = tensors[pass * n_layer + il];
+            const int trans = pass == 1 && v_trans;
+            const int64_t row = pass == 0 ? l[0] : (trans ? el : l[1]);
+            const int64_t reps = trans ? l[2] : 1;
+            if (end - p < 12 || pm_get_u32(p) != (uint32_t) spec[2 + pass]) {
+                return -1;
+            }
+            if (trans ? (pm_get_u32(p + 4) != (uint32_t) el || pm_get_u32(p + 8) != (uint32_t) l[2])
+                      : pm_get_u64(p + 4) != (uint64_t) row) {
+                return -1;
+            }
+            p += 12;
+            const int64_t bytes = reps * n * row;
+            if (end - p < bytes) {
+                return -1;
+            }
+            if (copy) {
+                const char * from = p;
+                char * base = (char *) t->data + (trans ? strm * (int64_t) t->nb[2] : strm * kv_size * row);
+                for (int64_t r = 0; r < reps; ++r) {
+                    char * rep = base + r * kv_size * el;
+                    for (int64_t i = 0; i < n_runs; ++i) {
+                        const int64_t len = (run_ends[i] - run_starts[i]) * row;
+                        memcpy(rep + run_starts[i] * row, from, (size_t) len);
+                        from += len;
+                    }
+                }
+            } else {
+                const uint64_t last = (uint64_t) run_ends[n_runs - 1];
+                const int ok = trans ? pm_section_inside(t, (uint64_t) strm * t->nb[2], (uint64_t) reps - (reps > 0),
+                                                         (uint64_t) (kv_size * el), last, (uint64_t) el)
+                                     : pm_section_inside(t, (uint64_t) (strm * kv_size * row), 0, 0, last,
+                                                         (uint64_t) row) && t->nb[1] == (size_t) row;
+                if (!ok) {
+                    return -1;
+                }
+            }
+            p += bytes;
+        }
+    }
+    return p - d;
+}
+
+pm_status pm_kv_read_section_same(const void * blob, int64_t avail, const int32_t * pos, const int32_t * shift,
+                                  const int32_t * owner, const int32_t * ext, int64_t n_ext, int64_t size,
+                                  int32_t seq_id, int64_t head, int64_t used, const int64_t * spec,
+                                  struct ggml_tensor * const * tensors, int64_t * run_starts, int64_t * run_ends,
+                                  int64_t * consumed, int64_t * new_head, int32_t * done) {
+    if (blob == NULL || pos == NULL || owner == NULL || spec == NULL || tensors == NULL || run_starts == NULL ||
+        run_ends == NULL || consumed == NULL || new_head == NULL || done == NULL || avail < 0 || size < 1 ||
+        (n_ext != 0 && n_ext != 3) || (n_ext != 0 && ext == NULL) || spec[0] < 0 || spec[4] < size ||
+        spec[5] <= 0 || spec[6] < 0 || seq_id < 0) {
+        return PM_ERR_ARG;
+    }
+    *done = 0;
+    const char * b = (const char *) blob;
+    if (avail < 4) {
+        return PM_OK;
+    }
+    const int64_t n = pm_get_u32(b);
+    const int64_t rec = 3 + n_ext;
+    if (n == 0 || n > size || (avail - 4) / (4 * rec) < n) {
+        return PM_OK;
+    }
+    int64_t n_runs = 0;
+    int32_t same = 0;
+    const pm_status st = pm_kv_seq_same_cells(pos, shift, owner, ext, size, seq_id, head, used,
+                                              (const int32_t *) (const void *) (b + 4), n, rec, n_ext, NULL,
+                                              run_starts, run_ends, &n_runs, &same);
+    if (st != PM_OK || !same || n_runs < 1) {
+        return PM_OK;
+    }
+    const int64_t meta = 4 + 4 * rec * n;
+    const int64_t data = pm_kv_data_walk(b + meta, avail - meta, spec, tensors, n, run_starts, run_ends, n_runs, 0);
+    if (data < 0) {
+        return PM_OK;
+    }
+    pm_kv_data_walk(b + meta, avail - meta, spec, tensors, n, run_starts, run_ends, n_runs, 1);
+    *consumed = meta + data;
+    *new_head = run_ends[n_runs - 1];
+    *done = 1;
+    return PM_OK;
+}

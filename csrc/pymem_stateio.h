@@ -105,6 +105,23 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
                               const int64_t * run_starts, const int64_t * run_ends, void * out, int64_t cap,
                               int64_t * written);
 
+// A per-sequence restore of one stream's part of a blob in one call, for the case that
+// changes no cell (pm_kv_seq_same_cells: seq_id goes back into exactly the cells it holds):
+// parses the part at `blob` (`avail` bytes: u32 cell count, the records, u32 v_trans, u32
+// n_layer, the layer headers and bytes as pm_kv_write_section writes them), checks the
+// cells, the headers against `spec` (pm_kv_write_section's) and every byte range, then
+// stores every layer's bytes into the selected cells of the host tensors. *done = 1, and
+// *consumed (the part's bytes) and *head (one past the last cell: the head a placement
+// leaves) set, when it did; *done = 0 with nothing changed when anything differs (a count
+// of 0 or above the stream, other cells, a header that does not match, too few bytes): the
+// caller then takes the general restore, which names what is wrong. run_starts / run_ends:
+// int64[size / 2 + 1] of scratch. PM_ERR_ARG for a null pointer or a bad spec.
+pm_status pm_kv_read_section_same(const void * blob, int64_t avail, const int32_t * pos, const int32_t * shift,
+                                  const int32_t * owner, const int32_t * ext, int64_t n_ext, int64_t size,
+                                  int32_t seq_id, int64_t head, int64_t used, const int64_t * spec,
+                                  struct ggml_tensor * const * tensors, int64_t * run_starts, int64_t * run_ends,
+                                  int64_t * consumed, int64_t * new_head, int32_t * done);
+
 // PYMEM_CDEF_END
 
 #ifdef __cplusplus

@@ -120,19 +120,35 @@ def test_native_same_cells_test_equals_numpy_reference(name: str) -> None:
     assert found > 0
 
 
+def _none(*a: object) -> None:
+    return None
+
+
+@pytest.mark.parametrize("fast_path", ["one-call", "plan"])
 @pytest.mark.parametrize("name", NAMES)
 def test_sequence_restore_without_placement_leaves_what_placement_leaves(
-    monkeypatch, name: str
+    monkeypatch, name: str, fast_path: str
 ) -> None:
     """Restoring every sequence's own blob, or another scenario's, into twin caches, one
-    forced through seq_rm + find_slot + apply: the same cells, heads, bounds and bytes."""
-    taken = []  # seq_same_cells' answers on the fast cache
+    forced through seq_rm + find_slot + apply: the same cells, heads, bounds and bytes.
+    The fast cache takes the one native call (state_io.read_seq_same, falling back to the
+    plan) or the two-phase plan's same-cells shortcut alone."""
+    taken = []  # whether the fast cache skipped the placement, per restore
+    one_call_hits: list[int] = []
     real = state_io.seq_same_cells
+    real_one_call = state_io.read_seq_same
 
     def counted(*a):
         runs = real(*a)
         taken.append(runs is not None)
         return runs
+
+    def one_call(*a):
+        done = real_one_call(*a) if fast_path == "one-call" else None
+        if done is not None:
+            taken.append(True)
+            one_call_hits.append(done)
+        return done
 
     for seed in range(10):
         fast, full = _twin(name, seed)
@@ -141,15 +157,17 @@ def test_sequence_restore_without_placement_leaves_what_placement_leaves(
         blobs += [bytes(donor.state_write(s)) for s in range(fast.n_seq_max)]
         for i, blob in enumerate(blobs):
             s = i % fast.n_seq_max
-            for kv, same in ((fast, counted), (full, lambda *a: None)):
+            for kv, same, first in ((fast, counted, one_call), (full, _none, _none)):
                 with monkeypatch.context() as m:
                     m.setattr(state_io, "seq_same_cells", same)
+                    m.setattr(state_io, "read_seq_same", first)
                     # the donor's sequence may not fit: then both refuse (and stay equal)
                     with contextlib.suppress(StateError):
                         kv.state_read(blob, s)
             assert _state(fast) == _state(full), (seed, i)
         check_invariants(fast)
     assert any(taken) and not all(taken)
+    assert bool(one_call_hits) == (fast_path == "one-call")
 
 
 @pytest.mark.parametrize("name", NAMES)

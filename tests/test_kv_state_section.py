@@ -15,10 +15,11 @@ import pymem.kv.state_io as state_io
 from pymem._native import ffi, lib
 
 
-def _fragmented(name: str, seed: int):
+def _fragmented(name: str, seed: int, drop: bool = True):
     kv = build(CFGS[name], n_cells=512, n_seq=3)
     _interleaved(kv, np.random.default_rng(seed), 3, 90, 7)
-    kv.seq_rm(2, -1, -1)  # an empty sequence: its stream part is a bare zero count
+    if drop:  # an empty sequence: its stream part is a bare zero count
+        kv.seq_rm(2, -1, -1)
     randomize(kv, seed)
     return kv
 
@@ -44,7 +45,7 @@ def test_section_writer_gives_every_path_the_same_bytes(monkeypatch, name: str) 
     assert kv.state_write_buffer(buf, 0) == len(section_blobs[0])
     assert bytes(buf[: len(section_blobs[0])]) == section_blobs[0]
     with monkeypatch.context() as m:
-        m.setattr(kv, "_section", None)  # the piecewise native path into a buffer
+        m.setattr(kv, "_native_section", lambda: None)  # piecewise native path, buffer
         assert _blobs(kv) == section_blobs
     with monkeypatch.context() as m:
         m.setattr(state_io, "NATIVE_RUNS", False)  # the reference
@@ -148,3 +149,54 @@ def test_section_writer_refusals_write_nothing() -> None:
         assert out == b"\xab" * (size + pad)
     assert _section_call(kv, out, n, runs, len(out)) == (lib.PM_OK, size)
     assert bytes(out[:size]) == blob[4:] and out[size:] == b"\xab" * pad
+
+
+def _outcome(kv, blob: bytes, seq_id: int) -> tuple[str, bytes, list[int]]:
+    """What a restore did: its result or error, then the whole state and the heads."""
+    try:
+        result = str(kv.state_read(blob, seq_id))
+    except Exception as exc:  # compared between the two paths, type and message
+        result = f"{type(exc).__name__}: {exc}"
+    return result, bytes(kv.state_write()), [int(h) for h in kv.v_heads.a]
+
+
+def _damaged(blob: bytes, rec: int) -> list[bytes]:
+    out = [blob[:cut] for cut in (3, 4, 9, len(blob) // 3, len(blob) - 1)]
+    out.append(blob + b"\x00" * 5)  # trailing bytes: not part of the state
+    n = int.from_bytes(blob[4:8], "little")
+    data = 8 + 4 * rec * n  # v_trans, n_layer, then the first layer's type and row size
+    for at in [*range(0, 96, 4), *range(data, data + 24, 4)]:  # first records, headers
+        b = bytearray(blob)
+        b[at] ^= 0x01
+        out.append(bytes(b))
+    return out
+
+
+@pytest.mark.parametrize("name", ["f16-trans", "f32-notrans-streams", "mrope-ext"])
+def test_one_call_restore_matches_the_plan_on_damaged_blobs(monkeypatch, name: str) -> None:
+    # the one-call restore (read_seq_same) and the two-phase plan agree on every blob: the
+    # own sequence's (the one call's case), damaged anywhere in its headers or cut short
+    # (the one call declines, the plan names the field) and another sequence's
+    kv = _fragmented(name, 7, drop=False)  # no holes: a sequence's own blob goes back in place
+    blobs = [bytes(kv.state_write(s)) for s in range(2)]
+    cases = [(blobs[0], 0), (blobs[1], 1), (blobs[1], 0)]
+    cases += [(b, 0) for b in _damaged(blobs[0], 6 if name == "mrope-ext" else 3)]
+    hits = []
+    real = state_io.read_seq_same
+
+    def counted(*a):
+        done = real(*a)
+        hits.append(done is not None)
+        return done
+
+    for blob, seq_id in cases:
+        fast, plan = _fragmented(name, 7, drop=False), _fragmented(name, 7, drop=False)
+        with monkeypatch.context() as m:
+            m.setattr(state_io, "read_seq_same", counted)
+            got = _outcome(fast, blob, seq_id)
+        with monkeypatch.context() as m:
+            m.setattr(state_io, "read_seq_same", lambda *a: None)
+            want = _outcome(plan, blob, seq_id)
+        assert got == want, (name, seq_id, len(blob))
+    assert hits[:2] == [True, True]  # the own blobs: one call each
+    assert not all(hits)  # the damaged ones: declined

@@ -1310,10 +1310,38 @@ class KVCache(Memory):
         self.check_open()
         check_state_flags(flags, "state_write")
         seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
+        state_io.write_kv_state(
+            self.layout, self.v_cells, self.layers, writer, seq_id, self._native_section()
+        )
+
+    def _native_section(self) -> state_io.NativeSection | None:
+        """The one-call state I/O's parameters (built on first use: the tensors are fixed
+        for the cache's life); None where it does not apply."""
         if self._section is False:
             self._section = state_io.native_section(self.layout, self.layers)
-        section = self._section if isinstance(self._section, state_io.NativeSection) else None
-        state_io.write_kv_state(self.layout, self.v_cells, self.layers, writer, seq_id, section)
+        return self._section if isinstance(self._section, state_io.NativeSection) else None
+
+    def state_read(
+        self, data: bytes | bytearray | memoryview, seq_id: int = -1, flags: int = 0
+    ) -> int:
+        """Restore from a blob; returns the bytes consumed. Nothing changes on failure.
+
+        A sequence that goes back into exactly the cells it holds (a rollback to the state
+        just saved) is parsed, checked and stored in one native call
+        (:func:`state_io.read_seq_same`); anything else takes the two-phase restore.
+        """
+        self.check_open()
+        check_state_flags(flags, "state_read")
+        seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
+        section = self._native_section() if seq_id >= 0 else None
+        if section is not None:
+            done = state_io.read_seq_same(
+                self.layout, self.v_cells, self.v_heads, section, data, seq_id
+            )
+            if done is not None:
+                self._mutated()
+                return done
+        return super().state_read(data, seq_id, flags)
 
     def state_read_parse(
         self, reader: StateReader, seq_id: int = -1, flags: int = 0

@@ -194,6 +194,66 @@ def native_section(layout: KVLayout, layers: Sequence[KVLayer]) -> NativeSection
     return NativeSection(specs, ffi.new("struct ggml_tensor *[]", ptrs), cell_bytes, n_headers)
 
 
+def read_seq_same(
+    layout: KVLayout,
+    v_cells: Sequence[KVCells],
+    v_heads: StreamHeads,
+    section: NativeSection,
+    data: bytes | bytearray | memoryview,
+    seq_id: int,
+) -> int | None:
+    """A per-sequence restore that changes no cell, in one native call: the blob's one
+    stream with cells puts ``seq_id`` back into exactly the cells it holds
+    (:func:`seq_same_cells`), with headers the cache's; its bytes are stored and the
+    stream's head moves past the last cell, as the two-phase restore would. Returns the
+    bytes consumed, or None with nothing changed when any of that does not hold (the caller
+    then takes :func:`parse_kv_state`, which also names what is wrong)."""
+    if not NATIVE_RUNS or layout.swa_type != SWAType.NONE:
+        return None
+    raw = memoryview(data).cast("B")
+    n_stream = layout.n_stream
+    if len(raw) < 4 + 4 * n_stream or int.from_bytes(raw[:4], "little") != n_stream:
+        return None
+    # the streams before the one with cells hold none (a blob of one sequence)
+    at = 4
+    while at + 4 <= len(raw) and raw[at : at + 4] == b"\0\0\0\0" and (at - 4) // 4 < n_stream:
+        at += 4
+    before = (at - 4) // 4
+    if before >= n_stream:
+        return None  # no cells at all: the two-phase restore's business
+    strm = int(layout.seq_to_stream[seq_id])
+    cells = v_cells[strm]
+    if cells.n_multi:
+        return None
+    n_ext = 3 if layout.with_ext else 0
+    n = int.from_bytes(raw[at : at + 4], "little")
+    end = at + 4 + 4 * (3 + n_ext) * n + 8 + 12 * section.n_headers + n * section.cell_bytes
+    after = n_stream - before - 1  # the streams after it hold no cells either
+    if len(raw) < end + 4 * after or any(raw[end : end + 4 * after]):
+        return None
+    scratch = section.runs_scratch(strm, cells.size)
+    cap = scratch.shape[1]
+    runs = ffi.from_buffer("int64_t[]", scratch, require_writable=True)
+    out = ffi.new("int64_t[2]")
+    done = ffi.new("int32_t *")
+    shift = ffi.from_buffer("int32_t[]", cells.shift) if cells.has_shift else ffi.NULL
+    ext = ffi.from_buffer("int32_t[]", cells.ext) if n_ext else ffi.NULL
+    check(
+        lib.pm_kv_read_section_same(
+            ffi.from_buffer(raw) + at, len(raw) - at, ffi.from_buffer("int32_t[]", cells.pos),
+            shift, ffi.from_buffer("int32_t[]", cells.owner), ext, n_ext, cells.size, seq_id,
+            int(v_heads.a[strm]), cells.used, ffi.from_buffer("int64_t[]", section.specs[strm]),
+            section.tensors, runs, runs + cap, out, out + 1, done,
+        ),
+        "state read: one sequence in place",
+    )  # fmt: skip
+    if not done[0]:
+        return None
+    assert at + int(out[0]) == end, "the native walk and the section size disagree"
+    v_heads[strm] = int(out[1])
+    return end + 4 * after
+
+
 def _native_writable(layout: KVLayout, layers: Sequence[KVLayer], seq_id: int) -> bool:
     """Whether :func:`_write_stream_native` may write this blob: host tensors whose rows
     the blob takes whole, and a plain selection (no sliding window for one sequence)."""
