@@ -488,6 +488,11 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
 }
 
 #define PM_SELECT_BLOCK 32
+#if defined(__GNUC__) || defined(__clang__)
+#define PM_PREFETCH(p) __builtin_prefetch(p)
+#else
+#define PM_PREFETCH(p) ((void) 0)
+#endif
 
 pm_status pm_kv_select(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id, int32_t n_seq_max,
                        int64_t * run_starts, int64_t * run_ends, int64_t cap, int64_t * n, int64_t * n_runs,
@@ -503,7 +508,9 @@ pm_status pm_kv_select(const int32_t * pos, const int32_t * owner, int64_t size,
         const int64_t c1 = c0 + PM_SELECT_BLOCK < size ? c0 + PM_SELECT_BLOCK : size;
         int32_t hits = 0;
         if (c1 - c0 == PM_SELECT_BLOCK) {
-            // a fixed trip count the compiler unrolls and vectorises
+            // a fixed trip count the compiler unrolls and vectorises; the words 1 KiB
+            // ahead are asked for now (a cold stream's scan is latency-bound otherwise)
+            PM_PREFETCH(sel_of + c0 + 256);
             if (seq_id < 0) {
                 for (int j = 0; j < PM_SELECT_BLOCK; ++j) {
                     hits += sel_of[c0 + j] >= 0;
@@ -665,4 +672,22 @@ pm_status pm_kv_read_section_same(const void * blob, int64_t avail, const int32_
     *new_head = run_ends[n_runs - 1];
     *done = 1;
     return PM_OK;
+}
+
+pm_status pm_kv_write_seq_section(const int32_t * pos, const int32_t * owner, const int32_t * ext, int64_t n_ext,
+                                  int64_t size, int32_t seq_id, int32_t with_id, const int64_t * spec,
+                                  struct ggml_tensor * const * tensors, int64_t * run_starts, int64_t * run_ends,
+                                  int64_t runs_cap, void * out, int64_t cap, int64_t * written) {
+    if (seq_id < 0 || runs_cap < size / 2 + 1) {
+        return PM_ERR_ARG;
+    }
+    int64_t n = 0, n_runs = 0;
+    int32_t shared = 0;
+    const pm_status st =
+        pm_kv_select(pos, owner, size, seq_id, 0, run_starts, run_ends, runs_cap, &n, &n_runs, &shared);
+    if (st != PM_OK) {
+        return st;
+    }
+    return pm_kv_write_section(pos, owner, ext, n_ext, size, seq_id, with_id, spec, tensors, n, n_runs, run_starts,
+                               run_ends, out, cap, written);
 }

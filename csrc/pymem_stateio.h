@@ -105,6 +105,14 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
                               const int64_t * run_starts, const int64_t * run_ends, void * out, int64_t cap,
                               int64_t * written);
 
+// pm_kv_select then pm_kv_write_section for sequence seq_id (>= 0, no shared cell in the
+// stream): one sequence's part of one stream in one call, the runs found into the scratch
+// run_starts / run_ends (int64[runs_cap], runs_cap >= size / 2 + 1). Same results.
+pm_status pm_kv_write_seq_section(const int32_t * pos, const int32_t * owner, const int32_t * ext, int64_t n_ext,
+                                  int64_t size, int32_t seq_id, int32_t with_id, const int64_t * spec,
+                                  struct ggml_tensor * const * tensors, int64_t * run_starts, int64_t * run_ends,
+                                  int64_t runs_cap, void * out, int64_t cap, int64_t * written);
+
 // A per-sequence restore of one stream's part of a blob in one call, for the case that
 // changes no cell (pm_kv_seq_same_cells: seq_id goes back into exactly the cells it holds):
 // parses the part at `blob` (`avail` bytes: u32 cell count, the records, u32 v_trans, u32

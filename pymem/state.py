@@ -243,7 +243,7 @@ def _advise_huge_pages(buf: bytearray) -> None:
         pass
 
 
-def _uninit_bytearray(size: int) -> bytearray:
+def uninit_bytearray(size: int) -> bytearray:
     """A bytearray whose bytes are not zeroed first (every byte gets written anyway).
 
     ``bytearray(n)`` zero-fills, which for a large blob costs about as much as the copy
@@ -275,7 +275,7 @@ class BufferWriter(StateWriter):
 
     def __init__(self, size: int, out: Any = None) -> None:
         super().__init__()
-        self.buffer = _uninit_bytearray(size) if out is None else out
+        self.buffer = uninit_bytearray(size) if out is None else out
         self._view = memoryview(self.buffer).cast("B")
 
     def write(self, data: bytes | bytearray | memoryview) -> None:

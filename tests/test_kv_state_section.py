@@ -13,6 +13,7 @@ from test_kv_state_paths import _interleaved
 
 import pymem.kv.state_io as state_io
 from pymem._native import ffi, lib
+from pymem.errors import RangeError
 
 
 def _fragmented(name: str, seed: int, drop: bool = True):
@@ -200,3 +201,34 @@ def test_one_call_restore_matches_the_plan_on_damaged_blobs(monkeypatch, name: s
         assert got == want, (name, seq_id, len(blob))
     assert hits[:2] == [True, True]  # the own blobs: one call each
     assert not all(hits)  # the damaged ones: declined
+
+
+@pytest.mark.parametrize("name", ["f16-trans", "f32-notrans-streams"])
+def test_one_call_write_refuses_a_small_buffer_untouched(monkeypatch, name: str) -> None:
+    # one sequence's blob in one call (state_io.write_seq_direct): the general writer's
+    # bytes; a buffer one byte short or read-only is refused with nothing written
+    kv = _fragmented(name, 9)
+    direct = []
+    real = state_io.write_seq_direct
+
+    def counted(*a):
+        done = real(*a)
+        direct.append(done)
+        return done
+
+    monkeypatch.setattr(state_io, "write_seq_direct", counted)
+    for seq_id in (0, 1, 2):
+        blob = bytes(kv.state_write(seq_id))
+        with monkeypatch.context() as m:
+            m.setattr(kv, "_native_section", lambda: None)
+            assert bytes(kv.state_write(seq_id)) == blob  # the general writer
+        out = bytearray(b"\xcd" * (len(blob) - 1))
+        with pytest.raises(RangeError, match=f"needs {len(blob)}"):
+            kv.state_write_buffer(out, seq_id)
+        assert out == b"\xcd" * (len(blob) - 1)
+        with pytest.raises(RangeError, match="read-only"):
+            kv.state_write_buffer(bytes(len(blob)), seq_id)
+        out = bytearray(b"\xcd" * (len(blob) + 3))
+        assert kv.state_write_buffer(out, seq_id) == len(blob)
+        assert bytes(out[: len(blob)]) == blob and out[len(blob) :] == b"\xcd" * 3
+    assert direct and all(d is not None for d in direct)

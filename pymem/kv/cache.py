@@ -96,7 +96,7 @@ from pymem.memory import (
     clamp_range,
 )
 from pymem.spec import ModelSpec, NonCausalType, SWAType, masked_swa
-from pymem.state import StateReader, StateWriter, check_state_flags
+from pymem.state import StateReader, StateWriter, check_state_flags, uninit_bytearray
 from pymem.types import GGMLType, ggml_type
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
@@ -1320,6 +1320,48 @@ class KVCache(Memory):
         if self._section is False:
             self._section = state_io.native_section(self.layout, self.layers)
         return self._section if isinstance(self._section, state_io.NativeSection) else None
+
+    def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
+        """The state of ``seq_id`` (-1: the whole cache) as a new blob.
+
+        One sequence of a cache in host memory is one native call sized by another
+        (:func:`state_io.write_seq_direct`); anything else takes the general writer.
+        """
+        section = self._direct_section(seq_id, flags)
+        if section is not None:
+            size = state_io.write_seq_direct(
+                self.layout, self.v_cells, section, seq_id, None, "state_write"
+            )
+            if size is not None:
+                out = uninit_bytearray(size)
+                state_io.write_seq_direct(
+                    self.layout, self.v_cells, section, seq_id, memoryview(out), "state_write"
+                )
+                return bytes(out) if size < 4096 else out  # type: ignore[return-value]
+        return super().state_write(seq_id, flags)
+
+    def state_write_buffer(self, out: Any, seq_id: int = -1, flags: int = 0) -> int:
+        """Write the state into the caller's writable buffer ``out`` (at its start); returns
+        its size. RangeError, nothing written, when ``out`` is too small. One sequence of a
+        cache in host memory is one native call (:func:`state_io.write_seq_direct`)."""
+        section = self._direct_section(seq_id, flags)
+        if section is not None:
+            view = memoryview(out)
+            if view.readonly:
+                raise RangeError("state_write_buffer: out is read-only (need a writable buffer)")
+            done = state_io.write_seq_direct(
+                self.layout, self.v_cells, section, seq_id, view.cast("B"), "state_write_buffer"
+            )
+            if done is not None:
+                return done
+        return super().state_write_buffer(out, seq_id, flags)
+
+    def _direct_section(self, seq_id: int, flags: int) -> state_io.NativeSection | None:
+        """The native section when ``seq_id`` is one sequence (checked), else None."""
+        self.check_open()
+        check_state_flags(flags, "state_write")
+        seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
+        return self._native_section() if seq_id >= 0 else None
 
     def state_read(
         self, data: bytes | bytearray | memoryview, seq_id: int = -1, flags: int = 0

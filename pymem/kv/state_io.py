@@ -46,7 +46,7 @@ import numpy as np
 
 from pymem._native import check, ffi, lib
 from pymem.backend import Tensor, check_reachable
-from pymem.errors import StateError
+from pymem.errors import RangeError, StateError
 from pymem.kv.cells import OWNER_MULTI, KVCells
 from pymem.kv.layout import KVLayer, KVLayout, SlotInfo, StreamHeads
 from pymem.kv.state_rows import (
@@ -192,6 +192,58 @@ def native_section(layout: KVLayout, layers: Sequence[KVLayer]) -> NativeSection
         ffi.NULL if layer.v is None else layer.v.ptr for layer in layers
     ]
     return NativeSection(specs, ffi.new("struct ggml_tensor *[]", ptrs), cell_bytes, n_headers)
+
+
+def write_seq_direct(
+    layout: KVLayout,
+    v_cells: Sequence[KVCells],
+    section: NativeSection,
+    seq_id: int,
+    out: memoryview | None,
+    what: str,
+) -> int | None:
+    """One sequence's blob in one native call (:c:func:`pm_kv_write_seq_section`) into
+    ``out`` (a writable byte view); returns the bytes written. ``out`` None: only the size
+    (the cells are searched, no byte moves). None where the call does not apply (shared
+    cells, a sliding window, ``NATIVE_RUNS`` off): the caller takes the general writer.
+    Raises RangeError, nothing written, when ``out`` is too small.
+
+    The blob is ``u32 n_stream``, then per stream its part: the sequence's stream holds
+    its cells, every other stream a bare zero count.
+    """
+    if not NATIVE_RUNS or layout.swa_type != SWAType.NONE:
+        return None
+    strm = int(layout.seq_to_stream[seq_id])
+    cells = v_cells[strm]
+    if cells.n_multi:
+        return None
+    n_ext = 3 if layout.with_ext else 0
+    head = 4 + 4 * strm  # n_stream, the empty streams before
+    tail = 4 * (layout.n_stream - strm - 1)  # the empty streams after
+    scratch = section.runs_scratch(strm, cells.size)
+    cap = scratch.shape[1]
+    runs = ffi.from_buffer("int64_t[]", scratch, require_writable=True)
+    room = 0 if out is None else max(0, len(out) - head - tail)
+    dest = ffi.new("char[1]") if out is None else ffi.from_buffer(out, require_writable=True) + head
+    written = ffi.new("int64_t *")
+    status = lib.pm_kv_write_seq_section(
+        ffi.from_buffer("int32_t[]", cells.pos), ffi.from_buffer("int32_t[]", cells.owner),
+        ffi.from_buffer("int32_t[]", cells.ext) if n_ext else ffi.NULL, n_ext, cells.size,
+        seq_id, int(seq_id < layout.n_seq_max), ffi.from_buffer("int64_t[]", section.specs[strm]),
+        section.tensors, runs, runs + cap, cap, dest, room, written,
+    )  # fmt: skip
+    total = head + int(written[0]) + tail
+    if status == lib.PM_ERR_RANGE and int(written[0]) > room:
+        if out is None:
+            return total
+        raise RangeError(f"{what}: out holds {len(out)} bytes, the state needs {total}")
+    check(status, f"{what}: one sequence's blob")
+    if out is None:
+        return total
+    out[:4] = layout.n_stream.to_bytes(4, "little")
+    out[4:head] = bytes(head - 4)
+    out[total - tail : total] = bytes(tail)
+    return total
 
 
 def read_seq_same(
