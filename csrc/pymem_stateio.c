@@ -26,14 +26,14 @@ pm_status pm_kv_seq_same_cells(const int32_t * pos, const int32_t * shift, const
     int64_t runs = 0;  // runs found
     int64_t c = 0;
     while (c < size) {
-        // skip blocks of 16 cells held by others without a branch per cell
-        if (c + 16 <= size) {
-            int hit = 0;
-            for (int j = 0; j < 16; ++j) {
-                hit |= owner[c + j] == seq_id;
+        // skip blocks of 32 cells held by others without a branch per cell
+        if (c + 32 <= size) {
+            int32_t hits = 0;
+            for (int j = 0; j < 32; ++j) {
+                hits += owner[c + j] == seq_id;
             }
-            if (!hit) {
-                c += 16;
+            if (hits == 0) {
+                c += 32;
                 continue;
             }
             while (owner[c] != seq_id) {
@@ -43,8 +43,18 @@ pm_status pm_kv_seq_same_cells(const int32_t * pos, const int32_t * shift, const
             ++c;
             continue;
         }
-        // a run of cells of seq_id: [c, e)
+        // a run of cells of seq_id: [c, e), whole blocks of 32 first
         int64_t e = c + 1;
+        while (e + 32 <= size) {
+            int32_t hits = 0;
+            for (int j = 0; j < 32; ++j) {
+                hits += owner[e + j] == seq_id;
+            }
+            if (hits != 32) {
+                break;
+            }
+            e += 32;
+        }
         while (e < size && owner[e] == seq_id) {
             ++e;
         }
