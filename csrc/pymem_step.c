@@ -447,3 +447,49 @@ pm_status pm_step_rs_pos(const int32_t * tail, const int32_t * pos, int64_t size
     }
     return PM_OK;
 }
+
+pm_status pm_kv_seq_cells_range(const int32_t * pos, const int32_t * owner, int64_t n, int32_t seq_id, int32_t p0,
+                                int32_t p1, int64_t * out, int64_t cap, int64_t * count) {
+    if (pos == NULL || owner == NULL || count == NULL || n < 0 || cap < 0 || (cap > 0 && out == NULL) || p0 < 0) {
+        return PM_ERR_ARG;
+    }
+    // a cell is taken when its owner is seq_id and pos - p0 < p1 - p0 in unsigned 32-bit
+    // arithmetic (a position below p0 wraps past the width; p0 >= 0): one compare for the
+    // range; blocks of 32 without a hit are skipped after a vectorised test
+    const uint32_t width = p1 > p0 ? (uint32_t) ((int64_t) p1 - p0) : 0;
+    int64_t k = 0;
+    int64_t c = 0;
+    for (; c + 32 <= n; c += 32) {
+        int32_t hits = 0;
+        for (int j = 0; j < 32; ++j) {
+            hits += (owner[c + j] == seq_id) & ((uint32_t) pos[c + j] - (uint32_t) p0 < width);
+        }
+        if (hits == 0) {
+            continue;
+        }
+        for (int j = 0; j < 32; ++j) {
+            if (owner[c + j] == seq_id && (uint32_t) pos[c + j] - (uint32_t) p0 < width) {
+                if (out != NULL) {
+                    if (k == cap) {
+                        return PM_ERR_RANGE;
+                    }
+                    out[k] = c + j;
+                }
+                ++k;
+            }
+        }
+    }
+    for (; c < n; ++c) {
+        if (owner[c] == seq_id && (uint32_t) pos[c] - (uint32_t) p0 < width) {
+            if (out != NULL) {
+                if (k == cap) {
+                    return PM_ERR_RANGE;
+                }
+                out[k] = c;
+            }
+            ++k;
+        }
+    }
+    *count = k;
+    return PM_OK;
+}

@@ -322,3 +322,50 @@ def test_slot_search_through_a_slice_equals_gather_path(monkeypatch, swa, seed):
         if got is not None:
             np.testing.assert_array_equal(got.strm, want.strm)
             np.testing.assert_array_equal(got.idxs, want.idxs)
+
+
+def _lockstep_cache(seed: int):
+    """Four sequences decoded in random interleaved steps, then a hole cut in one."""
+    rng = np.random.default_rng(seed)
+    kv = make_kv(300, 4)
+    pos = [0] * 4
+    for _ in range(40):
+        items = []
+        for s in rng.permutation(4)[: int(rng.integers(1, 5))]:
+            for _ in range(int(rng.integers(1, 6))):
+                items.append([1, pos[s], [int(s)], False])
+                pos[s] += 1
+        decode(kv, items, n_ubatch=len(items))
+    kv.seq_rm(1, 3, 9)  # a hole: dirty bounds
+    return kv
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_native_range_scan_equals_numpy_scan(monkeypatch, seed: int) -> None:
+    # seq_cells_in_all's position-range scan in C (pm_kv_seq_cells_range, where no cell is
+    # shared) and the numpy scan give the same cells for every sequence and range, including
+    # ranges past the positions, empty ranges and p0 = 0; and seq_rm through either leaves
+    # the same cache
+    kv = _lockstep_cache(seed)
+    cells = kv.v_cells[0]
+    assert not cells.n_multi
+    ranges = [(0, 5), (3, 9), (7, 1 << 31), (40, 41), (0, 1 << 40), (1000, 2000), (5, 5)]
+    for s in range(4):
+        for p0, p1 in ranges:
+            got, _ = cells.seq_cells_in_all(s, p0, p1)
+            with monkeypatch.context() as m:
+                m.setattr(cells_mod, "USE_NATIVE_RANGE", False)
+                want, _ = cells.seq_cells_in_all(s, p0, p1)
+            assert got.tolist() == want.tolist(), (s, p0, p1)
+            mask = (cells.owner == s) & (cells.pos >= p0) & (cells.pos < p1)
+            assert got.tolist() == np.flatnonzero(mask).tolist()
+    twin = _lockstep_cache(seed)
+    same(state(kv.cells), state(twin.cells))
+    with monkeypatch.context() as m:
+        m.setattr(cells_mod, "USE_NATIVE_RANGE", False)
+        twin.seq_rm(2, 11, -1)
+        twin.seq_rm(0, 2, 6)
+    kv.seq_rm(2, 11, -1)
+    kv.seq_rm(0, 2, 6)
+    same(state(kv.cells), state(twin.cells))
+    check_invariants(kv)

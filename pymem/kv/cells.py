@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from pymem._native import check, ffi, lib
 from pymem.ubatch import LLAMA_MAX_SEQ, seq_bitsets
 
 N_WORDS = LLAMA_MAX_SEQ // 64
@@ -56,6 +57,9 @@ _ZERO_ROW = np.zeros(1, dtype=_ROW)[0]
 _NO_CELLS = np.zeros(0, dtype=np.int64)
 _NO_CELLS.flags.writeable = False
 _NO_BOUND = np.full(2, -2, dtype=np.int64)  # owners -2, -1: nothing removed
+# KVCells.seq_cells_in_all's position-range scan in C (pm_kv_seq_cells_range) where no cell
+# is shared; the numpy scan below stays the reference it is tested against
+USE_NATIVE_RANGE = hasattr(lib, "pm_kv_seq_cells_range")
 _NO_BOUND.flags.writeable = False
 # per-stream state a journal saves when it first touches a stream (StackedCells attributes)
 _SUMMARY = (
@@ -1015,6 +1019,30 @@ class KVCells:
         ascending (see :meth:`seq_cells_in_all`)."""
         return self.seq_cells_in_all(seq_id, p0, p1)[0]
 
+    def _cells_range_native(self, seq_id: int, p0: int, p1: int, n: int) -> np.ndarray:
+        """The cells below ``n`` that ``seq_id`` holds alone with ``p0 <= pos < p1``,
+        ascending: two native passes (count, then fill an array of exactly that size).
+        No cell of the stream may be shared (the caller checks)."""
+        pos = ffi.from_buffer("int32_t[]", self.pos[:n])
+        owner = ffi.from_buffer("int32_t[]", self.owner[:n])
+        count = ffi.new("int64_t *")
+        check(
+            lib.pm_kv_seq_cells_range(pos, owner, n, seq_id, p0, p1, ffi.NULL, 0, count),
+            "seq cells: count",
+        )
+        k = int(count[0])
+        if k == 0:
+            return _NO_CELLS
+        out = np.empty(k, dtype=np.int64)
+        check(
+            lib.pm_kv_seq_cells_range(
+                pos, owner, n, seq_id, p0, p1,
+                ffi.from_buffer("int64_t[]", out, require_writable=True), k, count,
+            ),
+            "seq cells: fill",
+        )  # fmt: skip
+        return out
+
     def seq_cells_in_all(self, seq_id: int, p0: int, p1: int) -> tuple[np.ndarray, bool]:
         """The cells holding ``seq_id`` with ``p0 <= pos < p1`` (``p0 >= 0``), ascending:
         ``flatnonzero(pos in [p0, p1) & seq_mask(seq_id))`` in fewer passes; and whether
@@ -1037,6 +1065,8 @@ class KVCells:
             below_p1 = hi < p1
             if p0 <= lo and below_p1:
                 return np.flatnonzero(self.seq_mask(seq_id, 0, n)), True
+        if USE_NATIVE_RANGE and p0 >= 0 and not self.store.n_multi[self.strm]:
+            return self._cells_range_native(seq_id, p0, min(p1, _POS_BIG), n), False
         pos = self.pos[:n]
         # from 0: one unsigned comparison, exact (E.g. pos [-1, 2, 9], p1 5 -> [F, T, F]);
         # else pos >= p0, a superset (E.g. pos [-1, 2, 9], [5, 7) -> [F, F, T])
