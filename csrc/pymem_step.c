@@ -453,43 +453,32 @@ pm_status pm_kv_seq_cells_range(const int32_t * pos, const int32_t * owner, int6
     if (pos == NULL || owner == NULL || count == NULL || n < 0 || cap < 0 || (cap > 0 && out == NULL) || p0 < 0) {
         return PM_ERR_ARG;
     }
-    // a cell is taken when its owner is seq_id and pos - p0 < p1 - p0 in unsigned 32-bit
-    // arithmetic (a position below p0 wraps past the width; p0 >= 0): one compare for the
-    // range; blocks of 32 without a hit are skipped after a vectorised test
+    // a position is in range when pos - p0 < p1 - p0 in unsigned 32-bit arithmetic (one
+    // below p0 wraps past the width; p0 >= 0). Blocks of 32 positions none of which is in
+    // range are skipped after a vectorised test of pos alone (a tail or a middle range
+    // selects few cells); owners are read only in the blocks that have some
     const uint32_t width = p1 > p0 ? (uint32_t) ((int64_t) p1 - p0) : 0;
     int64_t k = 0;
-    int64_t c = 0;
-    for (; c + 32 <= n; c += 32) {
-        int32_t hits = 0;
-        for (int j = 0; j < 32; ++j) {
-            hits += (owner[c + j] == seq_id) & ((uint32_t) pos[c + j] - (uint32_t) p0 < width);
+    for (int64_t c0 = 0; c0 < n; c0 += 32) {
+        const int64_t c1 = c0 + 32 < n ? c0 + 32 : n;
+        if (c1 - c0 == 32) {
+            int32_t hits = 0;
+            for (int j = 0; j < 32; ++j) {
+                hits += (uint32_t) pos[c0 + j] - (uint32_t) p0 < width;
+            }
+            if (hits == 0) {
+                continue;
+            }
         }
-        if (hits == 0) {
-            continue;
-        }
-        for (int j = 0; j < 32; ++j) {
-            if (owner[c + j] == seq_id && (uint32_t) pos[c + j] - (uint32_t) p0 < width) {
-                if (out != NULL) {
-                    if (k == cap) {
-                        return PM_ERR_RANGE;
-                    }
-                    out[k] = c + j;
+        for (int64_t c = c0; c < c1; ++c) {
+            if ((uint32_t) pos[c] - (uint32_t) p0 < width && owner[c] == seq_id) {
+                if (k < cap) {
+                    out[k] = c;
                 }
                 ++k;
             }
         }
     }
-    for (; c < n; ++c) {
-        if (owner[c] == seq_id && (uint32_t) pos[c] - (uint32_t) p0 < width) {
-            if (out != NULL) {
-                if (k == cap) {
-                    return PM_ERR_RANGE;
-                }
-                out[k] = c;
-            }
-            ++k;
-        }
-    }
     *count = k;
-    return PM_OK;
+    return k <= cap ? PM_OK : PM_ERR_RANGE;
 }

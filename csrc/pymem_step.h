@@ -121,9 +121,9 @@ pm_status pm_step_rs_pos(const int32_t * tail, const int32_t * pos, int64_t size
 
 // The cells of one stream (pos, owner: int32[n]) that sequence seq_id holds alone (owner
 // == seq_id; the caller makes sure no cell is shared) with p0 <= pos < p1, ascending:
-// *count of them, and with out (cap int64 slots) their indices. PM_ERR_RANGE when cap is
-// smaller than the count (nothing written past cap); PM_ERR_ARG for a null pointer, n < 0
-// or p0 < 0.
+// *count of them, and the first cap of their indices into out. PM_ERR_RANGE (with *count
+// the whole count) when there are more than cap; PM_ERR_ARG for a null pointer, n < 0 or
+// p0 < 0.
 pm_status pm_kv_seq_cells_range(const int32_t * pos, const int32_t * owner, int64_t n, int32_t seq_id, int32_t p0,
                                 int32_t p1, int64_t * out, int64_t cap, int64_t * count);
 

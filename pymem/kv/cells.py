@@ -60,6 +60,7 @@ _NO_BOUND = np.full(2, -2, dtype=np.int64)  # owners -2, -1: nothing removed
 # KVCells.seq_cells_in_all's position-range scan in C (pm_kv_seq_cells_range) where no cell
 # is shared; the numpy scan below stays the reference it is tested against
 USE_NATIVE_RANGE = hasattr(lib, "pm_kv_seq_cells_range")
+_RANGE_FIRST = 1024  # cells the first pass has room for (a tail's, usually)
 _NO_BOUND.flags.writeable = False
 # per-stream state a journal saves when it first touches a stream (StackedCells attributes)
 _SUMMARY = (
@@ -1021,27 +1022,26 @@ class KVCells:
 
     def _cells_range_native(self, seq_id: int, p0: int, p1: int, n: int) -> np.ndarray:
         """The cells below ``n`` that ``seq_id`` holds alone with ``p0 <= pos < p1``,
-        ascending: two native passes (count, then fill an array of exactly that size).
-        No cell of the stream may be shared (the caller checks)."""
+        ascending, in one native pass into a small array (a second pass into one of the
+        exact size when more are found). No cell of the stream may be shared (the caller
+        checks)."""
         pos = ffi.from_buffer("int32_t[]", self.pos[:n])
         owner = ffi.from_buffer("int32_t[]", self.owner[:n])
         count = ffi.new("int64_t *")
-        check(
-            lib.pm_kv_seq_cells_range(pos, owner, n, seq_id, p0, p1, ffi.NULL, 0, count),
-            "seq cells: count",
-        )
+        out = np.empty(min(n, _RANGE_FIRST), dtype=np.int64)
+        status = lib.pm_kv_seq_cells_range(
+            pos, owner, n, seq_id, p0, p1, ffi.from_buffer("int64_t[]", out, require_writable=True),
+            out.size, count,
+        )  # fmt: skip
         k = int(count[0])
-        if k == 0:
-            return _NO_CELLS
-        out = np.empty(k, dtype=np.int64)
-        check(
-            lib.pm_kv_seq_cells_range(
+        if status == lib.PM_ERR_RANGE and k > out.size:
+            out = np.empty(k, dtype=np.int64)
+            status = lib.pm_kv_seq_cells_range(
                 pos, owner, n, seq_id, p0, p1,
                 ffi.from_buffer("int64_t[]", out, require_writable=True), k, count,
-            ),
-            "seq cells: fill",
-        )  # fmt: skip
-        return out
+            )  # fmt: skip
+        check(status, "seq cells in a position range")
+        return out[:k] if k else _NO_CELLS
 
     def seq_cells_in_all(self, seq_id: int, p0: int, p1: int) -> tuple[np.ndarray, bool]:
         """The cells holding ``seq_id`` with ``p0 <= pos < p1`` (``p0 >= 0``), ascending:
