@@ -518,9 +518,10 @@ pm_status pm_kv_select(const int32_t * pos, const int32_t * owner, int64_t size,
         const int64_t c1 = c0 + PM_SELECT_BLOCK < size ? c0 + PM_SELECT_BLOCK : size;
         int32_t hits = 0;
         if (c1 - c0 == PM_SELECT_BLOCK) {
-            // a fixed trip count the compiler unrolls and vectorises; the words 1 KiB
-            // ahead are asked for now (a cold stream's scan is latency-bound otherwise)
-            PM_PREFETCH(sel_of + c0 + 256);
+            // a fixed trip count the compiler unrolls and vectorises; both lines of the block
+            // 2 KiB ahead are asked for now (a cold stream's scan is latency-bound otherwise)
+            PM_PREFETCH(sel_of + c0 + 512);
+            PM_PREFETCH(sel_of + c0 + 528);
             if (seq_id < 0) {
                 for (int j = 0; j < PM_SELECT_BLOCK; ++j) {
                     hits += sel_of[c0 + j] >= 0;

@@ -462,6 +462,11 @@ pm_status pm_kv_seq_cells_range(const int32_t * pos, const int32_t * owner, int6
     for (int64_t c0 = 0; c0 < n; c0 += 32) {
         const int64_t c1 = c0 + 32 < n ? c0 + 32 : n;
         if (c1 - c0 == 32) {
+#if defined(__GNUC__) || defined(__clang__)
+            // both cache lines of the block 2 KiB ahead: a cold scan is latency-bound
+            __builtin_prefetch(pos + c0 + 512);
+            __builtin_prefetch(pos + c0 + 528);
+#endif
             int32_t hits = 0;
             for (int j = 0; j < 32; ++j) {
                 hits += (uint32_t) pos[c0 + j] - (uint32_t) p0 < width;
