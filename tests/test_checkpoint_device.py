@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import pymem
+import pymem.reuse.checkpoints as ckpt_mod
 from pymem.batch import Batch, BatchAllocator
 from pymem.errors import ClosedError, ConfigError, StateError
 from pymem.factory import ContextParams, create_memory
@@ -156,8 +157,14 @@ def test_spill_to_host_keeps_the_bytes() -> None:
         assert plain.to_device(None).where == "host"  # nothing to allocate
 
 
+@pytest.mark.parametrize("in_place", [True, False], ids=["parsed-in-place", "device-copy"])
 @pytest.mark.parametrize("model", ["tiny-lfm2-swa.gguf", "tiny-jamba.gguf", "tiny-mamba.gguf"])
-def test_a_device_tier_cache_serves_the_same_bytes_and_frees_on_drop(model: str) -> None:
+def test_a_device_tier_cache_serves_the_same_bytes_and_frees_on_drop(
+    monkeypatch, model: str, in_place: bool
+) -> None:
+    # in_place False: the CPU's device checkpoints restore as a non-host device's do (host
+    # metadata + device-to-device payload copies), so they keep metadata on the host
+    monkeypatch.setattr(ckpt_mod, "ZERO_COPY_HOST", in_place)
     rng = np.random.default_rng(5)
     sys_ = rng.integers(1, 60, 30).tolist()
     turns = [[*sys_, *rng.integers(1, 60, 8).tolist()] for _ in range(3)]
@@ -177,6 +184,10 @@ def test_a_device_tier_cache_serves_the_same_bytes_and_frees_on_drop(model: str)
             assert ckpts and all(c is not None and c.where == where for c in ckpts)
             if where == "device":
                 assert bd["ram_device"] == bd["ram"] > 0 and bd["ram_host"] == 0
+                # the metadata each device checkpoint keeps on the host, counted apart
+                meta = sum(c.host_nbytes for c in ckpts if c is not None)
+                assert bd["ram_device_meta"] == meta < bd["ram_device"]
+                assert (meta == 0) == in_place  # parsed in place: nothing kept apart
                 # an entry dropped by the budget is freed at once
                 cache.budget_bytes = cache.bytes_ram // 2
                 _serve(cache, 1, turns[1] + [4, 4, 4, 4, 4, 4, 4, 4, 4])
@@ -188,6 +199,7 @@ def test_a_device_tier_cache_serves_the_same_bytes_and_frees_on_drop(model: str)
                 assert all(e.ckpt is not None and e.ckpt.where == "host" for e in cache._ram)
             else:
                 assert bd["ram_device"] == 0 and bd["ram_host"] == bd["ram"]
+                assert bd["ram_device_meta"] == 0
             live = [e.ckpt for e in cache._ram]
             cache.close()
             assert all(c is not None and c.closed for c in live)

@@ -372,7 +372,7 @@ def test_budget_is_never_exceeded_under_a_random_workload(tmp_path: Path) -> Non
         files = [e.path for e in cache.entries() if e.path]
         cache.close()
         assert cache.memory_breakdown() == {
-        "ram": 0, "disk": 0, "tree": 0, "ram_device": 0, "ram_host": 0,
+        "ram": 0, "disk": 0, "tree": 0, "ram_device": 0, "ram_host": 0, "ram_device_meta": 0,
     }  # fmt: skip
         assert not any(os.path.exists(f) for f in files)
         with pytest.raises(ClosedError):

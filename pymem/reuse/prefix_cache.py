@@ -934,12 +934,14 @@ class PrefixCache:
         ``"arena"`` (the checkpoint arena's buffer, when there is one),
         ``"disk"`` (container files), ``"tree"`` (token keys of the radix tree),
         ``"ram_device"`` / ``"ram_host"`` (the part of ``"ram"`` in device buffers / in host
-        bytes)."""
+        bytes), ``"ram_device_meta"`` (host bytes device checkpoints keep beside their
+        buffers: the blobs' metadata a restore parses; not part of ``"ram"``)."""
         tree = sum(len(node.key) for node in self.tree.iter_nodes())
         out = {"ram": self.bytes_ram, "disk": self.bytes_disk, "tree": tree}
-        on_dev = sum(e.nbytes for e in self._ram if e.ckpt is not None and e.ckpt.where == "device")
-        out["ram_device"] = on_dev
-        out["ram_host"] = self.bytes_ram - on_dev
+        on_dev = [e.ckpt for e in self._ram if e.ckpt is not None and e.ckpt.where == "device"]
+        out["ram_device"] = sum(c.nbytes for c in on_dev)
+        out["ram_host"] = self.bytes_ram - out["ram_device"]
+        out["ram_device_meta"] = sum(c.host_nbytes for c in on_dev)
         if self._arena is not None:
             out["arena"] = self._arena.capacity  # allocated, whatever is in use
         return out
