@@ -303,6 +303,12 @@ class GraphRunner(_Runner):
         another device's addresses); :class:`DeviceRunners` picks the scheduler for it.
         """
         self.check_graph(gf)
+        return self._compute_checked(gf, inputs, read)
+
+    def _compute_checked(
+        self, gf: Any, inputs: Mapping[Any, np.ndarray] | None, read: Sequence[Any]
+    ) -> list[np.ndarray]:
+        """:meth:`compute` once the graph's buffers are known to be this device's."""
         if self._link is not None:
             self._link.check(self.device.name)
         if not lib.ggml_gallocr_alloc_graph(self._galloc, gf):
@@ -317,11 +323,12 @@ class GraphRunner(_Runner):
             raise NativeError(f"graph compute failed on {self.device.name}: status {status}")
         return [get_data(t) for t in read]
 
-    def check_graph(self, gf: Any) -> None:
-        """Raise :class:`DeviceError` when ``gf`` touches a buffer this device cannot use."""
+    def check_graph(self, gf: Any, bufts: Sequence[Any] | None = None) -> None:
+        """Raise :class:`DeviceError` when ``gf`` touches a buffer this device cannot use
+        (``bufts``: the graph's :func:`graph_buffer_types`, when already known)."""
         own = self.device.buffer_type
         cpu = self.device.kind == "cpu"
-        for buft in graph_buffer_types(gf):
+        for buft in graph_buffer_types(gf) if bufts is None else bufts:
             if buft == own or (cpu and lib.ggml_backend_buft_is_host(buft)):
                 continue
             names = [d.name for d in graph_devices(gf) if d != self.device]
@@ -354,11 +361,16 @@ def graph_devices(gf: Any) -> list[Device]:
     have no buffer yet. One C call over every node and its sources. E.g. weights on the
     CPU and a memory with layers on CPU and RPC0 -> [CPU, RPC0].
     """
+    return devices_of_buffer_types(graph_buffer_types(gf))
+
+
+def devices_of_buffer_types(bufts: Sequence[Any]) -> list[Device]:
+    """The devices of buffer types ``bufts`` (:func:`graph_buffer_types`), first use first."""
     known = registry_devices()
     by_buft = {d.buffer_type: d for d in known}
     by_handle = {d.handle: d for d in known}
     found: list[Device] = []
-    for buft in graph_buffer_types(gf):
+    for buft in bufts:
         # a device's own buffer type first: ggml's CPU buffer type names no device
         dev = by_buft.get(buft) or by_handle.get(lib.ggml_backend_buft_get_device(buft))
         if dev is None and lib.ggml_backend_buft_is_host(buft):
@@ -466,12 +478,23 @@ class MultiDeviceRunner(_Runner):
         self, gf: Any, inputs: Mapping[Any, np.ndarray] | None, read: Sequence[Any]
     ) -> list[np.ndarray]:
         """Schedule, allocate and compute a built graph ``gf``; set ``inputs``; ``read``."""
-        foreign = [d.name for d in graph_devices(gf) if d not in self.devices]
+        self.check_spans(graph_devices(gf))
+        return self._compute_checked(gf, inputs, read)
+
+    def check_spans(self, spans: Sequence[Device]) -> None:
+        """Raise :class:`DeviceError` when a graph spanning ``spans`` (its
+        :func:`graph_devices`) touches a device outside this runner."""
+        foreign = [d.name for d in spans if d not in self.devices]
         if foreign:
             raise DeviceError(
                 f"graph: reads or writes tensors on {foreign}; this runner computes over "
                 f"{self.names}"
             )
+
+    def _compute_checked(
+        self, gf: Any, inputs: Mapping[Any, np.ndarray] | None, read: Sequence[Any]
+    ) -> list[np.ndarray]:
+        """:meth:`compute` once the graph's devices are known to be the runner's."""
         self.check_devices()
         # nodes and leafs each up to the graph's size: the scheduler's table holds both
         size = 2 * int(lib.ggml_graph_size(gf))
@@ -524,7 +547,9 @@ class DeviceRunners(_Runner):
 
     def for_graph(self, gf: Any) -> GraphRunner | MultiDeviceRunner:
         """The runner for built graph ``gf`` (see the class docstring)."""
-        spans = graph_devices(gf)
+        return self._for_spans(graph_devices(gf))
+
+    def _for_spans(self, spans: Sequence[Device]) -> GraphRunner | MultiDeviceRunner:
         if all(d == self.device for d in spans):
             return self.one
         key = tuple(sorted(d.name for d in spans))
@@ -539,8 +564,13 @@ class DeviceRunners(_Runner):
     def compute(
         self, gf: Any, inputs: Mapping[Any, np.ndarray] | None, read: Sequence[Any]
     ) -> list[np.ndarray]:
-        """Compute ``gf`` with :meth:`for_graph`'s runner."""
-        return self.for_graph(gf).compute(gf, inputs, read)
+        """Compute ``gf`` with :meth:`for_graph`'s runner; the graph's buffers are walked
+        once, for the choice and the runner's own check."""
+        bufts = graph_buffer_types(gf)
+        runner = self._for_spans(devices_of_buffer_types(bufts))
+        if isinstance(runner, GraphRunner):
+            runner.check_graph(gf, bufts)
+        return runner._compute_checked(gf, inputs, read)
 
     def close(self) -> None:
         self.one.close()
