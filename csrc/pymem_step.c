@@ -487,3 +487,87 @@ pm_status pm_kv_seq_cells_range(const int32_t * pos, const int32_t * owner, int6
     *count = k;
     return k <= cap ? PM_OK : PM_ERR_RANGE;
 }
+
+pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int64_t p0, int64_t p1, int32_t whole,
+                            int64_t n_scan, int64_t * n_freed, int64_t * first_freed, int32_t * done) {
+    if (c == NULL || n_freed == NULL || first_freed == NULL || done == NULL || p0 < 0) {
+        return PM_ERR_ARG;
+    }
+    if (strm < 0 || strm >= c->n_stream || seq_id < 0 || seq_id >= 256 || n_scan < 0 || n_scan > c->size) {
+        return PM_ERR_RANGE;
+    }
+    *done = 0;
+    *n_freed = 0;
+    *first_freed = -1;
+    if (c->n_multi[strm] != 0) {
+        return PM_OK;
+    }
+    // p0 <= pos < p1 as one unsigned compare of pos - p0 against the width (a position below
+    // p0 wraps past it); positions are int32, so a range past INT32_MAX is cut there
+    const int64_t hi = p1 < INT32_MAX ? p1 : INT32_MAX;
+    if (p0 >= hi) {
+        *done = 1;  // an empty range: nothing to remove
+        return PM_OK;
+    }
+    const uint32_t width = (uint32_t) (hi - p0);
+    const uint32_t base = (uint32_t) p0;
+    int32_t * pos = c->pos + strm * c->size;
+    int32_t * shift = c->shift + strm * c->size;
+    int32_t * owner = c->owner + strm * c->size;
+    uint64_t * seq = c->seq + strm * c->size * 4;
+    int64_t k = 0, first = -1, last = -1;
+    int32_t lo_pos = INT32_MAX, hi_pos = INT32_MIN;
+    for (int64_t c0 = 0; c0 < n_scan; c0 += 32) {
+        const int64_t c1 = c0 + 32 < n_scan ? c0 + 32 : n_scan;
+        if (c1 - c0 == 32) {
+#if defined(__GNUC__) || defined(__clang__)
+            __builtin_prefetch(pos + c0 + 512);
+            __builtin_prefetch(pos + c0 + 528);
+#endif
+            int32_t hits = 0;
+            for (int j = 0; j < 32; ++j) {
+                hits += (uint32_t) pos[c0 + j] - base < width;
+            }
+            if (hits == 0) {
+                continue;
+            }
+        }
+        for (int64_t i = c0; i < c1; ++i) {
+            if ((uint32_t) pos[i] - base >= width || owner[i] != seq_id) {
+                continue;
+            }
+            lo_pos = pos[i] < lo_pos ? pos[i] : lo_pos;
+            hi_pos = pos[i] > hi_pos ? pos[i] : hi_pos;
+            pos[i] = -1;
+            shift[i] = 0;
+            owner[i] = -1;
+            seq[4 * i] = seq[4 * i + 1] = seq[4 * i + 2] = seq[4 * i + 3] = 0;
+            first = first < 0 ? i : first;
+            last = i;
+            ++k;
+        }
+    }
+    const int64_t key = strm * 256 + seq_id;
+    if (whole) {
+        c->pmin[key] = INT64_MAX;
+        c->pmax[key] = -1;
+        c->pdirty[key] = 0;
+    } else if (k > 0) {
+        if (lo_pos <= c->pmin[key]) {
+            c->pdirty[key] |= 1;
+        }
+        if (hi_pos >= c->pmax[key]) {
+            c->pdirty[key] |= 2;
+        }
+    }
+    if (k > 0) {
+        c->used[strm] -= k;
+        if (last + 1 >= c->used_max_p1[strm]) {
+            c->used_max_dirty[strm] = 1;
+        }
+    }
+    *n_freed = k;
+    *first_freed = first;
+    *done = 1;
+    return PM_OK;
+}

@@ -127,6 +127,19 @@ pm_status pm_step_rs_pos(const int32_t * tail, const int32_t * pos, int64_t size
 pm_status pm_kv_seq_cells_range(const int32_t * pos, const int32_t * owner, int64_t n, int32_t seq_id, int32_t p0,
                                 int32_t p1, int64_t * out, int64_t cap, int64_t * count);
 
+// KVCells.seq_rm_bit of the cells of stream strm below n_scan that sequence seq_id holds
+// with p0 <= pos < p1 (p0 >= 0), found in the same pass: each is emptied (pos -1, no shift,
+// no sequence, owner -1), used drops by their count and used_max_p1 turns dirty when the
+// last one reaches it; the sequence's bounds are reset to those of a sequence without
+// cells when `whole` (the caller knows no cell of it is left), else marked stale on the
+// side a removed position reaches (pos <= pmin: bit 1, pos >= pmax: bit 2). *n_freed and
+// *first_freed (-1 when none) say what was emptied. *done = 0, nothing changed, when the
+// stream holds a shared cell (n_multi > 0): the numpy path then removes. PM_ERR_RANGE for a
+// stream, an id (0..255) or n_scan outside the stack; PM_ERR_ARG for a null pointer or
+// p0 < 0. The cache must keep no ext and no undo journal (the caller checks).
+pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int64_t p0, int64_t p1, int32_t whole,
+                            int64_t n_scan, int64_t * n_freed, int64_t * first_freed, int32_t * done);
+
 // PYMEM_CDEF_END
 
 #ifdef __cplusplus

@@ -114,6 +114,9 @@ OVERWRITE_OWNED = True
 # run as one native call each (csrc/pymem_step.c), each declining to numpy where its
 # preconditions fail; tests turn it off to compare with the numpy path, which stays the
 # reference (False with an older extension that lacks the kernels)
+# seq_rm of one sequence as one native pass over its stream (pm_step_kv_rm_seq); tests turn
+# it off to compare with seq_cells_in_all + seq_rm_bit, the reference
+USE_NATIVE_RM = hasattr(lib, "pm_step_kv_rm_seq")
 USE_NATIVE = all(
     hasattr(lib, name)
     for name in ("pm_step_kv_find", "pm_step_kv_place", "pm_step_kv_overwrite",
@@ -513,6 +516,12 @@ class KVCache(Memory):
         if seq_id >= 0:
             strm = int(self.seq_to_stream[seq_id])
             cells = self.v_cells[strm]
+            first = self._seq_rm_native(cells, strm, seq_id, p0, p1) if USE_NATIVE_RM else None
+            if first is not None:
+                heads = self.v_heads.a
+                if 0 <= first < heads[strm]:
+                    heads[strm] = first
+                return True
             idx, whole = cells.seq_cells_in_all(seq_id, p0, p1)  # whole: no cells left after
             freed = cells.seq_rm_bit(idx, seq_id, whole)
             heads = self.v_heads.a  # the array itself: one scalar read, no wrapper call
@@ -523,6 +532,33 @@ class KVCache(Memory):
         self.cells.rm(gid)
         self._heads_back_to(gid)
         return True
+
+    def _seq_rm_native(
+        self, cells: KVCells, strm: int, seq_id: int, p0: int, p1: int
+    ) -> int | None:
+        """``seq_rm`` of one sequence in one native pass (pm_step_kv_rm_seq): the same
+        cells and bookkeeping as ``seq_cells_in_all`` + ``seq_rm_bit``, which stay the
+        reference. Returns the first emptied cell (-1: none), or None where the kernel does
+        not apply (cells with ext, an undo journal, shared cells in the stream)."""
+        if cells.ext is not None or self.cells.journaling or p1 <= p0:
+            return None if p1 > p0 else -1
+        whole = False
+        if cells._pdirty[seq_id] == 0:
+            lo, hi = int(cells._pmin[seq_id]), int(cells._pmax[seq_id])
+            if hi < p0 or lo >= p1:
+                return -1  # clean bounds outside the range: no cell to remove
+            whole = p0 <= lo and hi < p1
+        c = self._native_cells()[0]
+        out = ffi.new("int64_t[2]")
+        done = ffi.new("int32_t *")
+        check(
+            lib.pm_step_kv_rm_seq(
+                c, strm, seq_id, p0, p1, int(whole), int(self.cells.used_max_p1[strm]),
+                out, out + 1, done,
+            ),
+            "seq_rm",
+        )  # fmt: skip
+        return int(out[1]) if done[0] else None
 
     def _heads_back_to(self, gid: np.ndarray) -> None:
         """Move each stream's head back to its first cell among ``gid`` (freed cells by
