@@ -540,8 +540,10 @@ class KVCache(Memory):
         cells and bookkeeping as ``seq_cells_in_all`` + ``seq_rm_bit``, which stay the
         reference. Returns the first emptied cell (-1: none), or None where the kernel does
         not apply (cells with ext, an undo journal, shared cells in the stream)."""
-        if cells.ext is not None or self.cells.journaling or p1 <= p0:
-            return None if p1 > p0 else -1
+        if p1 <= p0:
+            return -1
+        if cells.ext is not None or self.cells.journaling or self.cells.n_multi[strm]:
+            return None
         whole = False
         if cells._pdirty[seq_id] == 0:
             lo, hi = int(cells._pmin[seq_id]), int(cells._pmax[seq_id])
