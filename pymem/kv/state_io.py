@@ -147,6 +147,7 @@ class NativeSection:
     cell_bytes: int  # tensor bytes per selected cell, all layers
     n_headers: int  # 12-byte layer headers (K layers, V layers)
     scratch: dict[int, np.ndarray] = field(default_factory=dict)  # stream -> runs found
+    streams: dict[int, StreamArgs] = field(default_factory=dict)  # stream -> call arguments
 
     def runs_scratch(self, strm: int, size: int) -> np.ndarray:
         """int64 [2, size // 2 + 1]: room for any stream's runs (starts, ends)."""
@@ -154,6 +155,50 @@ class NativeSection:
         if buf is None:
             buf = self.scratch[strm] = np.empty((2, size // 2 + 1), dtype=np.int64)
         return buf
+
+    def stream_args(self, layout: KVLayout, cells: KVCells, strm: int) -> StreamArgs:
+        """The native arguments of stream ``strm`` that never change (the cells' arrays
+        are never rebound), built once: a per-sequence write then costs one call."""
+        args = self.streams.get(strm)
+        if args is None:
+            n_ext = 3 if layout.with_ext else 0
+            scratch = self.runs_scratch(strm, cells.size)
+            runs = ffi.from_buffer("int64_t[]", scratch, require_writable=True)
+            args = self.streams[strm] = StreamArgs(
+                cells=cells,
+                pos=ffi.from_buffer("int32_t[]", cells.pos),
+                owner=ffi.from_buffer("int32_t[]", cells.owner),
+                shift=ffi.from_buffer("int32_t[]", cells.shift),
+                ext=ffi.from_buffer("int32_t[]", cells.ext) if n_ext else ffi.NULL,
+                n_ext=n_ext,
+                spec=ffi.from_buffer("int64_t[]", self.specs[strm]),
+                runs=runs,
+                runs_end=runs + scratch.shape[1],
+                cap=scratch.shape[1],
+                head=4 + 4 * strm,  # n_stream, the empty streams before
+                tail=4 * (layout.n_stream - strm - 1),  # the empty streams after
+                prefix=layout.n_stream.to_bytes(4, "little") + bytes(4 * strm),
+            )
+        return args
+
+
+@dataclass(frozen=True)
+class StreamArgs:
+    """One stream's arguments of the one-call state paths (see NativeSection.stream_args)."""
+
+    cells: KVCells
+    pos: object
+    owner: object
+    shift: object
+    ext: object
+    n_ext: int
+    spec: object
+    runs: object
+    runs_end: object
+    cap: int
+    head: int
+    tail: int
+    prefix: bytes  # u32 n_stream and a zero count for each stream before this one
 
 
 def native_section(layout: KVLayout, layers: Sequence[KVLayer]) -> NativeSection | None:
@@ -214,23 +259,16 @@ def write_seq_direct(
     if not NATIVE_RUNS or layout.swa_type != SWAType.NONE:
         return None
     strm = int(layout.seq_to_stream[seq_id])
-    cells = v_cells[strm]
-    if cells.n_multi:
+    a = section.stream_args(layout, v_cells[strm], strm)
+    if a.cells.n_multi:
         return None
-    n_ext = 3 if layout.with_ext else 0
-    head = 4 + 4 * strm  # n_stream, the empty streams before
-    tail = 4 * (layout.n_stream - strm - 1)  # the empty streams after
-    scratch = section.runs_scratch(strm, cells.size)
-    cap = scratch.shape[1]
-    runs = ffi.from_buffer("int64_t[]", scratch, require_writable=True)
+    head, tail = a.head, a.tail
     room = 0 if out is None else max(0, len(out) - head - tail)
-    dest = ffi.new("char[1]") if out is None else ffi.from_buffer(out, require_writable=True) + head
+    dest = _SIZE_ONLY if out is None else ffi.from_buffer(out, require_writable=True) + head
     written = ffi.new("int64_t *")
     status = lib.pm_kv_write_seq_section(
-        ffi.from_buffer("int32_t[]", cells.pos), ffi.from_buffer("int32_t[]", cells.owner),
-        ffi.from_buffer("int32_t[]", cells.ext) if n_ext else ffi.NULL, n_ext, cells.size,
-        seq_id, int(seq_id < layout.n_seq_max), ffi.from_buffer("int64_t[]", section.specs[strm]),
-        section.tensors, runs, runs + cap, cap, dest, room, written,
+        a.pos, a.owner, a.ext, a.n_ext, a.cells.size, seq_id, int(seq_id < layout.n_seq_max),
+        a.spec, section.tensors, a.runs, a.runs_end, a.cap, dest, room, written,
     )  # fmt: skip
     total = head + int(written[0]) + tail
     if status == lib.PM_ERR_RANGE and int(written[0]) > room:
@@ -240,10 +278,13 @@ def write_seq_direct(
     check(status, f"{what}: one sequence's blob")
     if out is None:
         return total
-    out[:4] = layout.n_stream.to_bytes(4, "little")
-    out[4:head] = bytes(head - 4)
-    out[total - tail : total] = bytes(tail)
+    out[:head] = a.prefix
+    if tail:
+        out[total - tail : total] = bytes(tail)
     return total
+
+
+_SIZE_ONLY = ffi.new("char[1]")  # a destination no byte is written to (size queries)
 
 
 def read_seq_same(
@@ -274,28 +315,22 @@ def read_seq_same(
     if before >= n_stream:
         return None  # no cells at all: the two-phase restore's business
     strm = int(layout.seq_to_stream[seq_id])
-    cells = v_cells[strm]
+    a = section.stream_args(layout, v_cells[strm], strm)
+    cells = a.cells
     if cells.n_multi:
         return None
-    n_ext = 3 if layout.with_ext else 0
     n = int.from_bytes(raw[at : at + 4], "little")
-    end = at + 4 + 4 * (3 + n_ext) * n + 8 + 12 * section.n_headers + n * section.cell_bytes
+    end = at + 4 + 4 * (3 + a.n_ext) * n + 8 + 12 * section.n_headers + n * section.cell_bytes
     after = n_stream - before - 1  # the streams after it hold no cells either
-    if len(raw) < end + 4 * after or any(raw[end : end + 4 * after]):
+    if len(raw) < end + 4 * after or (after and any(raw[end : end + 4 * after])):
         return None
-    scratch = section.runs_scratch(strm, cells.size)
-    cap = scratch.shape[1]
-    runs = ffi.from_buffer("int64_t[]", scratch, require_writable=True)
     out = ffi.new("int64_t[2]")
     done = ffi.new("int32_t *")
-    shift = ffi.from_buffer("int32_t[]", cells.shift) if cells.has_shift else ffi.NULL
-    ext = ffi.from_buffer("int32_t[]", cells.ext) if n_ext else ffi.NULL
     check(
         lib.pm_kv_read_section_same(
-            ffi.from_buffer(raw) + at, len(raw) - at, ffi.from_buffer("int32_t[]", cells.pos),
-            shift, ffi.from_buffer("int32_t[]", cells.owner), ext, n_ext, cells.size, seq_id,
-            int(v_heads.a[strm]), cells.used, ffi.from_buffer("int64_t[]", section.specs[strm]),
-            section.tensors, runs, runs + cap, out, out + 1, done,
+            ffi.from_buffer(raw) + at, len(raw) - at, a.pos, a.shift if cells.has_shift else ffi.NULL,
+            a.owner, a.ext, a.n_ext, cells.size, seq_id, int(v_heads.a[strm]), cells.used, a.spec,
+            section.tensors, a.runs, a.runs_end, out, out + 1, done,
         ),
         "state read: one sequence in place",
     )  # fmt: skip
