@@ -2,6 +2,14 @@
 
 #include <string.h>
 
+#if defined(__GNUC__) || defined(__clang__)
+#define PM_PREFETCH(p) __builtin_prefetch(p)
+#define PM_PREFETCH_W(p) __builtin_prefetch(p, 1)
+#else
+#define PM_PREFETCH(p) ((void) 0)
+#define PM_PREFETCH_W(p) ((void) 0)
+#endif
+
 // blob words may sit at any byte offset: load and store them through memcpy (an
 // unaligned int32_t access is undefined behaviour; compilers emit one plain move)
 static inline int32_t pm_ld32(const int32_t * p) {
@@ -380,6 +388,26 @@ static int pm_section_inside(const struct ggml_tensor * t, uint64_t off, uint64_
     return end >= off && end <= nbytes;
 }
 
+// copy the rows of runs [run_starts[i], run_ends[i]) (row bytes each) from base to w, in
+// order; returns the end of what was written. The head of the next run is asked for before
+// each copy: runs start scattered over the tensor, and each start is otherwise a cold miss
+static char * pm_gather_runs(char * w, const char * base, int64_t row, const int64_t * run_starts,
+                             const int64_t * run_ends, int64_t n_runs) {
+    for (int64_t i = 0; i < n_runs; ++i) {
+        if (i + 1 < n_runs) {
+            const char * next = base + run_starts[i + 1] * row;
+            PM_PREFETCH(next);
+            PM_PREFETCH(next + 64);
+            PM_PREFETCH(next + 128);
+            PM_PREFETCH(next + 192);
+        }
+        const int64_t len = (run_ends[i] - run_starts[i]) * row;
+        memcpy(w, base + run_starts[i] * row, (size_t) len);
+        w += len;
+    }
+    return w;
+}
+
 pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const int32_t * ext, int64_t n_ext,
                               int64_t size, int32_t seq_id, int32_t with_id, const int64_t * spec,
                               struct ggml_tensor * const * tensors, int64_t n, int64_t n_runs,
@@ -459,11 +487,7 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
         w = pm_put_u32(w, (uint32_t) spec[2]);
         w = pm_put_u64(w, (uint64_t) k_row);
         const char * base = (const char *) tensors[il]->data + strm * kv_size * k_row;
-        for (int64_t i = 0; i < n_runs; ++i) {
-            const int64_t len = (run_ends[i] - run_starts[i]) * k_row;
-            memcpy(w, base + run_starts[i] * k_row, (size_t) len);
-            w += len;
-        }
+        w = pm_gather_runs(w, base, k_row, run_starts, run_ends, n_runs);
     }
     for (int64_t il = 0; il < n_layer; ++il) {
         const int64_t * l = spec + 7 + 3 * il;
@@ -475,16 +499,14 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
         if (!v_trans) {
             w = pm_put_u64(w, (uint64_t) l[1]);
             const char * base = (const char *) v->data + strm * kv_size * l[1];
-            for (int64_t i = 0; i < n_runs; ++i) {
-                const int64_t len = (run_ends[i] - run_starts[i]) * l[1];
-                memcpy(w, base + run_starts[i] * l[1], (size_t) len);
-                w += len;
-            }
+            w = pm_gather_runs(w, base, l[1], run_starts, run_ends, n_runs);
             continue;
         }
         w = pm_put_u32(w, (uint32_t) el);
         w = pm_put_u32(w, (uint32_t) l[2]);
         const char * base = (const char *) v->data + strm * v->nb[2];
+        // pieces of a channel are short (a run's elements) and follow each other at the
+        // run stride: the hardware prefetcher keeps up, a software one only costs
         for (int64_t j = 0; j < l[2]; ++j) {
             const char * ch = base + j * kv_size * el;
             for (int64_t i = 0; i < n_runs; ++i) {
@@ -498,11 +520,6 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
 }
 
 #define PM_SELECT_BLOCK 32
-#if defined(__GNUC__) || defined(__clang__)
-#define PM_PREFETCH(p) __builtin_prefetch(p)
-#else
-#define PM_PREFETCH(p) ((void) 0)
-#endif
 
 pm_status pm_kv_select(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id, int32_t n_seq_max,
                        int64_t * run_starts, int64_t * run_ends, int64_t cap, int64_t * n, int64_t * n_runs,
@@ -623,6 +640,13 @@ static int64_t pm_kv_data_walk(const char * d, int64_t avail, const int64_t * sp
                 for (int64_t r = 0; r < reps; ++r) {
                     char * rep = base + r * kv_size * el;
                     for (int64_t i = 0; i < n_runs; ++i) {
+                        if (i + 1 < n_runs) {  // the next run's head, to be written
+                            char * next = rep + run_starts[i + 1] * row;
+                            PM_PREFETCH_W(next);
+                            PM_PREFETCH_W(next + 64);
+                            PM_PREFETCH_W(next + 128);
+                            PM_PREFETCH_W(next + 192);
+                        }
                         const int64_t len = (run_ends[i] - run_starts[i]) * row;
                         memcpy(rep + run_starts[i] * row, from, (size_t) len);
                         from += len;
