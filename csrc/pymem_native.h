@@ -12,6 +12,16 @@
 #include "ggml-backend.h"
 #include "ggml.h"
 
+// A hint to fetch the cache line at p (for writing: PM_PREFETCH_W) before it is used: cell
+// scans and run gathers start each run cold elsewhere in a large array
+#if defined(__GNUC__) || defined(__clang__)
+#define PM_PREFETCH(p) __builtin_prefetch(p)
+#define PM_PREFETCH_W(p) __builtin_prefetch(p, 1)
+#else
+#define PM_PREFETCH(p) ((void) 0)
+#define PM_PREFETCH_W(p) ((void) 0)
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif

@@ -2,14 +2,6 @@
 
 #include <string.h>
 
-#if defined(__GNUC__) || defined(__clang__)
-#define PM_PREFETCH(p) __builtin_prefetch(p)
-#define PM_PREFETCH_W(p) __builtin_prefetch(p, 1)
-#else
-#define PM_PREFETCH(p) ((void) 0)
-#define PM_PREFETCH_W(p) ((void) 0)
-#endif
-
 // blob words may sit at any byte offset: load and store them through memcpy (an
 // unaligned int32_t access is undefined behaviour; compilers emit one plain move)
 static inline int32_t pm_ld32(const int32_t * p) {

@@ -448,32 +448,33 @@ pm_status pm_step_rs_pos(const int32_t * tail, const int32_t * pos, int64_t size
     return PM_OK;
 }
 
+// Whether any of the 32 positions from pos[c0] lies in [p0, p0 + width) (as unsigned
+// pos - p0 < width: a position below p0 wraps past the width; p0 >= 0): a fixed-trip test
+// the compiler vectorises, so that blocks with no such position (most of them, for a tail
+// or middle range) are skipped without reading their owners. Both cache lines of the
+// block 2 KiB ahead are asked for: a scan of cold cells is latency-bound.
+static inline int pm_block_has_pos(const int32_t * pos, int64_t c0, uint32_t p0, uint32_t width) {
+    PM_PREFETCH(pos + c0 + 512);
+    PM_PREFETCH(pos + c0 + 528);
+    int32_t hits = 0;
+    for (int j = 0; j < 32; ++j) {
+        hits += (uint32_t) pos[c0 + j] - p0 < width;
+    }
+    return hits != 0;
+}
+
 pm_status pm_kv_seq_cells_range(const int32_t * pos, const int32_t * owner, int64_t n, int32_t seq_id, int32_t p0,
                                 int32_t p1, int64_t * out, int64_t cap, int64_t * count) {
     if (pos == NULL || owner == NULL || count == NULL || n < 0 || cap < 0 || (cap > 0 && out == NULL) || p0 < 0) {
         return PM_ERR_ARG;
     }
-    // a position is in range when pos - p0 < p1 - p0 in unsigned 32-bit arithmetic (one
-    // below p0 wraps past the width; p0 >= 0). Blocks of 32 positions none of which is in
-    // range are skipped after a vectorised test of pos alone (a tail or a middle range
-    // selects few cells); owners are read only in the blocks that have some
+    // owners are read only in blocks with a position in range (pm_block_has_pos)
     const uint32_t width = p1 > p0 ? (uint32_t) ((int64_t) p1 - p0) : 0;
     int64_t k = 0;
     for (int64_t c0 = 0; c0 < n; c0 += 32) {
         const int64_t c1 = c0 + 32 < n ? c0 + 32 : n;
-        if (c1 - c0 == 32) {
-#if defined(__GNUC__) || defined(__clang__)
-            // both cache lines of the block 2 KiB ahead: a cold scan is latency-bound
-            __builtin_prefetch(pos + c0 + 512);
-            __builtin_prefetch(pos + c0 + 528);
-#endif
-            int32_t hits = 0;
-            for (int j = 0; j < 32; ++j) {
-                hits += (uint32_t) pos[c0 + j] - (uint32_t) p0 < width;
-            }
-            if (hits == 0) {
-                continue;
-            }
+        if (c1 - c0 == 32 && !pm_block_has_pos(pos, c0, (uint32_t) p0, width)) {
+            continue;
         }
         for (int64_t c = c0; c < c1; ++c) {
             if ((uint32_t) pos[c] - (uint32_t) p0 < width && owner[c] == seq_id) {
@@ -502,8 +503,7 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
     if (c->n_multi[strm] != 0) {
         return PM_OK;
     }
-    // p0 <= pos < p1 as one unsigned compare of pos - p0 against the width (a position below
-    // p0 wraps past it); positions are int32, so a range past INT32_MAX is cut there
+    // positions are int32, so a range past INT32_MAX is cut there
     const int64_t hi = p1 < INT32_MAX ? p1 : INT32_MAX;
     if (p0 >= hi) {
         *done = 1;  // an empty range: nothing to remove
@@ -519,18 +519,8 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
     int32_t lo_pos = INT32_MAX, hi_pos = INT32_MIN;
     for (int64_t c0 = 0; c0 < n_scan; c0 += 32) {
         const int64_t c1 = c0 + 32 < n_scan ? c0 + 32 : n_scan;
-        if (c1 - c0 == 32) {
-#if defined(__GNUC__) || defined(__clang__)
-            __builtin_prefetch(pos + c0 + 512);
-            __builtin_prefetch(pos + c0 + 528);
-#endif
-            int32_t hits = 0;
-            for (int j = 0; j < 32; ++j) {
-                hits += (uint32_t) pos[c0 + j] - base < width;
-            }
-            if (hits == 0) {
-                continue;
-            }
+        if (c1 - c0 == 32 && !pm_block_has_pos(pos, c0, base, width)) {
+            continue;
         }
         for (int64_t i = c0; i < c1; ++i) {
             if ((uint32_t) pos[i] - base >= width || owner[i] != seq_id) {

@@ -324,28 +324,34 @@ def test_slot_search_through_a_slice_equals_gather_path(monkeypatch, swa, seed):
             np.testing.assert_array_equal(got.idxs, want.idxs)
 
 
-def _lockstep_cache(seed: int):
-    """Four sequences decoded in random interleaved steps, then a hole cut in one."""
+def _lockstep_cache(seed: int, n_cells: int = 300, steps: int = 40, hole: bool = True, **kw):
+    """Four sequences decoded in random interleaved steps (1-5 tokens each), then (``hole``)
+    a hole cut in one; ``kw`` go to the cache (``unified=False``: a stream each)."""
     rng = np.random.default_rng(seed)
-    kv = make_kv(300, 4)
+    kv = make_kv(n_cells, 4, **kw)
     pos = [0] * 4
-    for _ in range(40):
+    for _ in range(steps):
         items = []
         for s in rng.permutation(4)[: int(rng.integers(1, 5))]:
             for _ in range(int(rng.integers(1, 6))):
                 items.append([1, pos[s], [int(s)], False])
                 pos[s] += 1
         decode(kv, items, n_ubatch=len(items))
-    kv.seq_rm(1, 3, 9)  # a hole: dirty bounds
+    if hole:
+        kv.seq_rm(1, 3, 9)  # dirty bounds
     return kv
 
 
+@pytest.mark.parametrize("first", [1024, 3], ids=["one-pass", "second-pass"])
 @pytest.mark.parametrize("seed", range(4))
-def test_native_range_scan_equals_numpy_scan(monkeypatch, seed: int) -> None:
+def test_native_range_scan_equals_numpy_scan(monkeypatch, seed: int, first: int) -> None:
     # seq_cells_in_all's position-range scan in C (pm_kv_seq_cells_range, where no cell is
     # shared) and the numpy scan give the same cells for every sequence and range, including
     # ranges past the positions, empty ranges and p0 = 0; and seq_rm through either leaves
-    # the same cache
+    # the same cache. first 3: most ranges find more cells than the first array holds and
+    # take the second pass
+    monkeypatch.setattr(cells_mod, "_RANGE_FIRST", first)
+    monkeypatch.setattr(cache_mod, "USE_NATIVE_RM", False)  # seq_rm through the scan
     kv = _lockstep_cache(seed)
     cells = kv.v_cells[0]
     assert not cells.n_multi
@@ -378,20 +384,7 @@ def test_native_seq_rm_equals_reference(monkeypatch, seed: int, unified: bool) -
     # through seq_cells_in_all + seq_rm_bit leave the same cells, bounds (clean or stale),
     # used counts, heads; random removals: tails, middles, whole sequences, empty and
     # reversed ranges, ranges past the positions, forks (shared cells: the kernel declines)
-    def build() -> object:
-        rng = np.random.default_rng(seed)
-        kv = make_kv(256, 4, unified=unified)
-        pos = [0] * 4
-        for _ in range(30):
-            items = []
-            for s in rng.permutation(4)[: int(rng.integers(1, 5))]:
-                for _ in range(int(rng.integers(1, 5))):
-                    items.append([1, pos[s], [int(s)], False])
-                    pos[s] += 1
-            decode(kv, items, n_ubatch=len(items))
-        return kv
-
-    fast, ref = build(), build()
+    fast, ref = (_lockstep_cache(seed, 256, 30, hole=False, unified=unified) for _ in range(2))
     rng = np.random.default_rng(100 + seed)
     taken = []
     real = cache_mod.KVCache._seq_rm_native

@@ -80,6 +80,7 @@ from pymem.kv.cells import (
     CellViews,
     KVCells,
     NewRows,
+    RangeCover,
     StackedCells,
 )
 from pymem.kv.inputs import build_k_idxs, build_kq_mask, build_v_idxs
@@ -114,14 +115,14 @@ OVERWRITE_OWNED = True
 # run as one native call each (csrc/pymem_step.c), each declining to numpy where its
 # preconditions fail; tests turn it off to compare with the numpy path, which stays the
 # reference (False with an older extension that lacks the kernels)
-# seq_rm of one sequence as one native pass over its stream (pm_step_kv_rm_seq); tests turn
-# it off to compare with seq_cells_in_all + seq_rm_bit, the reference
-USE_NATIVE_RM = hasattr(lib, "pm_step_kv_rm_seq")
 USE_NATIVE = all(
     hasattr(lib, name)
     for name in ("pm_step_kv_find", "pm_step_kv_place", "pm_step_kv_overwrite",
                  "pm_step_kq_mask", "pm_step_kv_pos_max")
 )  # fmt: skip
+# seq_rm of one sequence as one native pass over its stream (pm_step_kv_rm_seq); tests turn
+# it off to compare with seq_cells_in_all + seq_rm_bit, the reference
+USE_NATIVE_RM = hasattr(lib, "pm_step_kv_rm_seq")
 
 
 def _int_arg(name: str, value: Any, lo: int, hi: int | None = None) -> int:
@@ -540,16 +541,12 @@ class KVCache(Memory):
         cells and bookkeeping as ``seq_cells_in_all`` + ``seq_rm_bit``, which stay the
         reference. Returns the first emptied cell (-1: none), or None where the kernel does
         not apply (cells with ext, an undo journal, shared cells in the stream)."""
-        if p1 <= p0:
-            return -1
         if cells.ext is not None or self.cells.journaling or self.cells.n_multi[strm]:
             return None
-        whole = False
-        if cells._pdirty[seq_id] == 0:
-            lo, hi = int(cells._pmin[seq_id]), int(cells._pmax[seq_id])
-            if hi < p0 or lo >= p1:
-                return -1  # clean bounds outside the range: no cell to remove
-            whole = p0 <= lo and hi < p1
+        cover = cells.range_cover(seq_id, p0, p1)
+        if cover == RangeCover.NONE:
+            return -1
+        whole = cover == RangeCover.WHOLE
         c = self._native_cells()[0]
         out = ffi.new("int64_t[2]")
         done = ffi.new("int32_t *")

@@ -35,6 +35,7 @@ is touched, so its cost follows what changed, not the number of streams.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,11 +58,11 @@ _ZERO_ROW = np.zeros(1, dtype=_ROW)[0]
 _NO_CELLS = np.zeros(0, dtype=np.int64)
 _NO_CELLS.flags.writeable = False
 _NO_BOUND = np.full(2, -2, dtype=np.int64)  # owners -2, -1: nothing removed
+_NO_BOUND.flags.writeable = False
 # KVCells.seq_cells_in_all's position-range scan in C (pm_kv_seq_cells_range) where no cell
 # is shared; the numpy scan below stays the reference it is tested against
 USE_NATIVE_RANGE = hasattr(lib, "pm_kv_seq_cells_range")
 _RANGE_FIRST = 1024  # cells the first pass has room for (a tail's, usually)
-_NO_BOUND.flags.writeable = False
 # per-stream state a journal saves when it first touches a stream (StackedCells attributes)
 _SUMMARY = (
     "used",
@@ -77,6 +78,14 @@ _SUMMARY = (
 STALE_MIN, STALE_MAX = 1, 2
 STALE = STALE_MIN | STALE_MAX
 _REFRESH_CHUNK = 1 << 22  # cells per vectorised refresh pass (bounds its temporaries)
+
+
+class RangeCover(enum.Enum):
+    """What a sequence's cached position bounds say about a range (KVCells.range_cover)."""
+
+    NONE = 0  # no cell of the sequence is in the range
+    WHOLE = 1  # every cell of the sequence is
+    SOME = 2  # unknown without a scan
 
 
 # the stream of each cell of a batched operation, or the one stream all its cells are in
@@ -1043,6 +1052,20 @@ class KVCells:
         check(status, "seq cells in a position range")
         return out[:k] if k else _NO_CELLS
 
+    def range_cover(self, seq_id: int, p0: int, p1: int) -> RangeCover:
+        """What the cached bounds of ``seq_id`` tell about its cells with ``p0 <= pos < p1``:
+        NONE (an empty range, or clean bounds outside it: also a sequence without cells,
+        E.g. [EMPTY_MIN .. -1]), WHOLE (clean bounds inside it: every cell of the sequence),
+        else SOME (a scan decides)."""
+        if p1 <= p0:
+            return RangeCover.NONE
+        if self._pdirty[seq_id] != 0:
+            return RangeCover.SOME
+        lo, hi = int(self._pmin[seq_id]), int(self._pmax[seq_id])
+        if hi < p0 or lo >= p1:
+            return RangeCover.NONE
+        return RangeCover.WHOLE if p0 <= lo and hi < p1 else RangeCover.SOME
+
     def seq_cells_in_all(self, seq_id: int, p0: int, p1: int) -> tuple[np.ndarray, bool]:
         """The cells holding ``seq_id`` with ``p0 <= pos < p1`` (``p0 >= 0``), ascending:
         ``flatnonzero(pos in [p0, p1) & seq_mask(seq_id))`` in fewer passes; and whether
@@ -1054,19 +1077,16 @@ class KVCells:
         Otherwise a superset of the range is selected first (``pos >= p0``, one pass) and,
         when it is small (a tail, say), the exact tests run on its cells only.
         """
-        if p1 <= p0:
+        cover = self.range_cover(seq_id, p0, p1)
+        if cover == RangeCover.NONE:
             return _NO_CELLS, False
         n = int(self.store.used_max_p1[self.strm])
-        below_p1 = False  # every cell of seq_id is known to be below p1
-        if self._pdirty[seq_id] == 0:
-            lo, hi = int(self._pmin[seq_id]), int(self._pmax[seq_id])
-            if hi < p0 or lo >= p1:  # also a sequence without cells: E.g. [-1 .. EMPTY_MIN]
-                return _NO_CELLS, False
-            below_p1 = hi < p1
-            if p0 <= lo and below_p1:
-                return np.flatnonzero(self.seq_mask(seq_id, 0, n)), True
+        if cover == RangeCover.WHOLE:
+            return np.flatnonzero(self.seq_mask(seq_id, 0, n)), True
         if USE_NATIVE_RANGE and p0 >= 0 and not self.store.n_multi[self.strm]:
             return self._cells_range_native(seq_id, p0, min(p1, _POS_BIG), n), False
+        # every cell of seq_id is known to be below p1 (clean bounds)
+        below_p1 = self._pdirty[seq_id] == 0 and int(self._pmax[seq_id]) < p1
         pos = self.pos[:n]
         # from 0: one unsigned comparison, exact (E.g. pos [-1, 2, 9], p1 5 -> [F, T, F]);
         # else pos >= p0, a superset (E.g. pos [-1, 2, 9], [5, 7) -> [F, F, T])

@@ -307,13 +307,15 @@ def read_seq_same(
     n_stream = layout.n_stream
     if len(raw) < 4 + 4 * n_stream or int.from_bytes(raw[:4], "little") != n_stream:
         return None
-    # the streams before the one with cells hold none (a blob of one sequence)
-    at = 4
-    while at + 4 <= len(raw) and raw[at : at + 4] == b"\0\0\0\0" and (at - 4) // 4 < n_stream:
-        at += 4
-    before = (at - 4) // 4
-    if before >= n_stream:
+    # the streams before the one with cells hold none (a blob of one sequence): its count is
+    # the first non-zero word of the n_stream after the header (each empty stream is one
+    # zero word; the words after the first non-zero one belong to its part)
+    counts = np.frombuffer(raw, dtype="<u4", count=n_stream, offset=4)
+    nonzero = np.flatnonzero(counts)
+    if nonzero.size == 0:
         return None  # no cells at all: the two-phase restore's business
+    before = int(nonzero[0])
+    at = 4 + 4 * before
     strm = int(layout.seq_to_stream[seq_id])
     a = section.stream_args(layout, v_cells[strm], strm)
     cells = a.cells
