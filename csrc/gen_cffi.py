@@ -31,7 +31,9 @@ def main() -> None:
     prelude = '#include "ggml.h"\n#include "ggml-alloc.h"\n#include "ggml-backend.h"\n'
     # pymem's own headers (csrc/pymem_*.h), each included once
     prelude += "".join(
-        f'#include "{os.path.basename(p)}"\n' for p in cdefs if os.path.basename(p).startswith("pymem_")
+        f'#include "{os.path.basename(p)}"\n'
+        for p in cdefs
+        if os.path.basename(p).startswith("pymem_")
     )
     ffi.set_source(module, prelude, py_limited_api=True)
     ffi.emit_c_code(out)

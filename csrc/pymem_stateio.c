@@ -660,11 +660,14 @@ static int64_t pm_kv_data_walk(const char * d, int64_t avail, const int64_t * sp
     return p - d;
 }
 
-pm_status pm_kv_read_section_same(const void * blob, int64_t avail, const int32_t * pos, const int32_t * shift,
-                                  const int32_t * owner, const int32_t * ext, int64_t n_ext, int64_t size,
-                                  int32_t seq_id, int64_t head, int64_t used, const int64_t * spec,
-                                  struct ggml_tensor * const * tensors, int64_t * run_starts, int64_t * run_ends,
-                                  int64_t * consumed, int64_t * new_head, int32_t * done) {
+// pm_kv_read_section_same, where `after` zero u32 words must follow the part (the empty
+// streams after it in a whole blob); checked with everything else before any byte moves
+static pm_status pm_kv_read_same_then(const void * blob, int64_t avail, const int32_t * pos, const int32_t * shift,
+                                      const int32_t * owner, const int32_t * ext, int64_t n_ext, int64_t size,
+                                      int32_t seq_id, int64_t head, int64_t used, const int64_t * spec,
+                                      struct ggml_tensor * const * tensors, int64_t * run_starts,
+                                      int64_t * run_ends, int64_t after, int64_t * consumed, int64_t * new_head,
+                                      int32_t * done) {
     if (blob == NULL || pos == NULL || owner == NULL || spec == NULL || tensors == NULL || run_starts == NULL ||
         run_ends == NULL || consumed == NULL || new_head == NULL || done == NULL || avail < 0 || size < 1 ||
         (n_ext != 0 && n_ext != 3) || (n_ext != 0 && ext == NULL) || spec[0] < 0 || spec[4] < size ||
@@ -691,8 +694,13 @@ pm_status pm_kv_read_section_same(const void * blob, int64_t avail, const int32_
     }
     const int64_t meta = 4 + 4 * rec * n;
     const int64_t data = pm_kv_data_walk(b + meta, avail - meta, spec, tensors, n, run_starts, run_ends, n_runs, 0);
-    if (data < 0) {
+    if (data < 0 || avail - meta - data < 4 * after) {
         return PM_OK;
+    }
+    for (int64_t i = 0; i < after; ++i) {
+        if (pm_get_u32(b + meta + data + 4 * i) != 0) {
+            return PM_OK;
+        }
     }
     pm_kv_data_walk(b + meta, avail - meta, spec, tensors, n, run_starts, run_ends, n_runs, 1);
     *consumed = meta + data;
@@ -701,20 +709,98 @@ pm_status pm_kv_read_section_same(const void * blob, int64_t avail, const int32_
     return PM_OK;
 }
 
-pm_status pm_kv_write_seq_section(const int32_t * pos, const int32_t * owner, const int32_t * ext, int64_t n_ext,
-                                  int64_t size, int32_t seq_id, int32_t with_id, const int64_t * spec,
+pm_status pm_kv_read_section_same(const void * blob, int64_t avail, const int32_t * pos, const int32_t * shift,
+                                  const int32_t * owner, const int32_t * ext, int64_t n_ext, int64_t size,
+                                  int32_t seq_id, int64_t head, int64_t used, const int64_t * spec,
                                   struct ggml_tensor * const * tensors, int64_t * run_starts, int64_t * run_ends,
-                                  int64_t runs_cap, void * out, int64_t cap, int64_t * written) {
-    if (seq_id < 0 || runs_cap < size / 2 + 1) {
+                                  int64_t * consumed, int64_t * new_head, int32_t * done) {
+    return pm_kv_read_same_then(blob, avail, pos, shift, owner, ext, n_ext, size, seq_id, head, used, spec, tensors,
+                                run_starts, run_ends, 0, consumed, new_head, done);
+}
+
+// the blob view's stream of seq_id, or -1 for a bad view or seq id
+static int32_t pm_seq_blob_stream(const pm_kv_seq_blob * b, int32_t seq_id) {
+    if (b == NULL || b->seq_to_stream == NULL || seq_id < 0 || seq_id >= b->n_seq || b->n_stream < 1) {
+        return -1;
+    }
+    const int32_t s = b->seq_to_stream[seq_id];
+    return s >= 0 && s < b->n_stream ? s : -1;
+}
+
+pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t reuse, void * out, int64_t cap,
+                               int64_t * written, int32_t * declined) {
+    const int32_t s = pm_seq_blob_stream(b, seq_id);
+    if (s < 0 || written == NULL || declined == NULL || cap < 0 || (out == NULL && cap != 0) ||
+        b->selected == NULL || b->runs_cap < b->size / 2 + 1) {
         return PM_ERR_ARG;
     }
-    int64_t n = 0, n_runs = 0;
-    int32_t shared = 0;
-    const pm_status st =
-        pm_kv_select(pos, owner, size, seq_id, 0, run_starts, run_ends, runs_cap, &n, &n_runs, &shared);
+    *written = 0;
+    *declined = b->n_multi[s] != 0;
+    if (*declined) {
+        return PM_OK;
+    }
+    int64_t * sel = b->selected + 2 * s;  // n, n_runs
+    if (!reuse) {
+        int32_t shared = 0;
+        const pm_status st = pm_kv_select(b->pos[s], b->owner[s], b->size, seq_id, 0, b->run_starts[s], b->run_ends[s],
+                                          b->runs_cap, sel, sel + 1, &shared);
+        if (st != PM_OK) {
+            return st;
+        }
+    } else if (sel[1] < 0 || sel[1] > b->runs_cap) {
+        return PM_ERR_ARG;
+    }
+    // u32 n_stream, a zero count per stream before s, s's part, a zero count per stream after
+    const int64_t head = 4 + 4 * (int64_t) s, tail = 4 * (int64_t) (b->n_stream - 1 - s);
+    const int64_t room = cap - head - tail;
+    static char size_only[1];  // a destination no byte is written to (room 0)
+    char * w = (char *) out;
+    int64_t part = 0;
+    const pm_status st = pm_kv_write_section(
+        b->pos[s], b->owner[s], b->n_ext ? b->ext[s] : NULL, b->n_ext, b->size, seq_id, seq_id < b->n_seq_max,
+        b->spec[s], b->tensors, sel[0], sel[1], b->run_starts[s], b->run_ends[s], room > 0 ? w + head : size_only,
+        room > 0 ? room : 0, &part);
+    *written = head + part + tail;
     if (st != PM_OK) {
+        return st;  // PM_ERR_RANGE with *written the size when out is too small
+    }
+    pm_put_u32(w, (uint32_t) b->n_stream);
+    memset(w + 4, 0, (size_t) (head - 4));
+    memset(w + head + part, 0, (size_t) tail);
+    return PM_OK;
+}
+
+pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const void * blob, int64_t avail,
+                              int64_t * consumed, int32_t * done) {
+    const int32_t s = pm_seq_blob_stream(b, seq_id);
+    if (s < 0 || blob == NULL || consumed == NULL || done == NULL || avail < 0) {
+        return PM_ERR_ARG;
+    }
+    *done = 0;
+    const char * d = (const char *) blob;
+    const int64_t n_stream = b->n_stream;
+    if (b->n_multi[s] != 0 || avail < 4 + 4 * n_stream || pm_get_u32(d) != (uint32_t) n_stream) {
+        return PM_OK;
+    }
+    // the streams before the one with cells are bare zero counts; the part goes to seq_id's
+    // stream whichever stream wrote it (as the reference reads a sequence's blob)
+    int64_t before = 0;
+    while (before < n_stream && pm_get_u32(d + 4 + 4 * before) == 0) {
+        ++before;
+    }
+    if (before == n_stream) {
+        return PM_OK;  // no cells at all: the general restore's business
+    }
+    const int64_t at = 4 + 4 * before;
+    int64_t part = 0, new_head = 0;
+    const pm_status st = pm_kv_read_same_then(
+        d + at, avail - at, b->pos[s], b->has_shift[s] ? b->shift[s] : NULL, b->owner[s],
+        b->n_ext ? b->ext[s] : NULL, b->n_ext, b->size, seq_id, b->heads[s], b->used[s], b->spec[s], b->tensors,
+        b->run_starts[s], b->run_ends[s], n_stream - before - 1, &part, &new_head, done);
+    if (st != PM_OK || !*done) {
         return st;
     }
-    return pm_kv_write_section(pos, owner, ext, n_ext, size, seq_id, with_id, spec, tensors, n, n_runs, run_starts,
-                               run_ends, out, cap, written);
+    b->heads[s] = new_head;
+    *consumed = at + part + 4 * (n_stream - before - 1);
+    return PM_OK;
 }

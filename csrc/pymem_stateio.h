@@ -105,14 +105,6 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
                               const int64_t * run_starts, const int64_t * run_ends, void * out, int64_t cap,
                               int64_t * written);
 
-// pm_kv_select then pm_kv_write_section for sequence seq_id (>= 0, no shared cell in the
-// stream): one sequence's part of one stream in one call, the runs found into the scratch
-// run_starts / run_ends (int64[runs_cap], runs_cap >= size / 2 + 1). Same results.
-pm_status pm_kv_write_seq_section(const int32_t * pos, const int32_t * owner, const int32_t * ext, int64_t n_ext,
-                                  int64_t size, int32_t seq_id, int32_t with_id, const int64_t * spec,
-                                  struct ggml_tensor * const * tensors, int64_t * run_starts, int64_t * run_ends,
-                                  int64_t runs_cap, void * out, int64_t cap, int64_t * written);
-
 // A per-sequence restore of one stream's part of a blob in one call, for the case that
 // changes no cell (pm_kv_seq_same_cells: seq_id goes back into exactly the cells it holds):
 // parses the part at `blob` (`avail` bytes: u32 cell count, the records, u32 v_trans, u32
@@ -129,6 +121,58 @@ pm_status pm_kv_read_section_same(const void * blob, int64_t avail, const int32_
                                   int32_t seq_id, int64_t head, int64_t used, const int64_t * spec,
                                   struct ggml_tensor * const * tensors, int64_t * run_starts, int64_t * run_ends,
                                   int64_t * consumed, int64_t * new_head, int32_t * done);
+
+// A cache's per-sequence blob paths in one call each (pymem.kv.state_io.SeqBlobView builds
+// this once per cache: every pointer below stays valid for the cache's life). Per stream s:
+// pos[s], owner[s] (int32[size]), shift[s] (int32[size]), ext[s] (int32[size][3], or NULL
+// when n_ext == 0), spec[s] (pm_kv_write_section's words), run scratch run_starts[s] /
+// run_ends[s] (int64[runs_cap], runs_cap >= size / 2 + 1) and selected[2 s], [2 s + 1]
+// (the cell and run counts the last search of stream s left there); the stream counters
+// n_multi, used, heads (int64[n_stream]) and has_shift (uint8[n_stream]); seq_to_stream
+// (int32[n_seq]); tensors as for pm_kv_write_section.
+typedef struct pm_kv_seq_blob {
+    int32_t n_stream;
+    int32_t n_seq;
+    int32_t n_seq_max;  // records carry the seq id word when seq_id < n_seq_max
+    int32_t n_ext;
+    int64_t size;
+    int64_t runs_cap;
+    const int32_t * seq_to_stream;
+    const int32_t * const * pos;
+    const int32_t * const * owner;
+    const int32_t * const * shift;
+    const int32_t * const * ext;
+    const int64_t * const * spec;
+    int64_t * const * run_starts;
+    int64_t * const * run_ends;
+    int64_t * selected;
+    const int64_t * n_multi;
+    const int64_t * used;
+    int64_t * heads;
+    const uint8_t * has_shift;
+    struct ggml_tensor * const * tensors;
+} pm_kv_seq_blob;
+
+// The whole blob of sequence seq_id (u32 n_stream; its stream's part as
+// pm_kv_write_section writes it; a zero u32 for every other stream) into out (cap
+// bytes; out NULL with cap 0: the size only, PM_ERR_RANGE). *written = the blob's bytes.
+// The sequence's cells are searched, unless `reuse`: then the runs the last search of its
+// stream left in the scratch are written (a new blob sized by a query just before: one
+// search, not two; runs that no longer add up are refused, PM_ERR_ARG, nothing written).
+// *declined = 1, nothing written, when the stream holds cells shared by several sequences
+// (the caller's general writer handles those). PM_ERR_RANGE, nothing written, when cap is
+// too small; PM_ERR_ARG for a null pointer or a seq_id outside [0, n_seq).
+pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t reuse, void * out, int64_t cap,
+                               int64_t * written, int32_t * declined);
+
+// A per-sequence restore of a whole blob (as pm_kv_write_seq_blob writes it) that changes no
+// cell, in one call: the one stream with cells must be seq_id's, every other stream's
+// count zero, then pm_kv_read_section_same. On success *done = 1, *consumed = the blob's
+// bytes, and heads[stream] moved as a placement would. *done = 0 with nothing changed
+// otherwise (the caller takes the general restore, which names what differs). PM_ERR_ARG
+// for a null pointer or a seq_id outside [0, n_seq).
+pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const void * blob, int64_t avail,
+                              int64_t * consumed, int32_t * done);
 
 // PYMEM_CDEF_END
 

@@ -131,12 +131,12 @@ def test_sequence_restore_without_placement_leaves_what_placement_leaves(
 ) -> None:
     """Restoring every sequence's own blob, or another scenario's, into twin caches, one
     forced through seq_rm + find_slot + apply: the same cells, heads, bounds and bytes.
-    The fast cache takes the one native call (state_io.read_seq_same, falling back to the
+    The fast cache takes the one native call (state_io.SeqBlob.read, falling back to the
     plan) or the two-phase plan's same-cells shortcut alone."""
     taken = []  # whether the fast cache skipped the placement, per restore
     one_call_hits: list[int] = []
     real = state_io.seq_same_cells
-    real_one_call = state_io.read_seq_same
+    real_one_call = state_io.SeqBlob.read
 
     def counted(*a):
         runs = real(*a)
@@ -160,7 +160,7 @@ def test_sequence_restore_without_placement_leaves_what_placement_leaves(
             for kv, same, first in ((fast, counted, one_call), (full, _none, _none)):
                 with monkeypatch.context() as m:
                     m.setattr(state_io, "seq_same_cells", same)
-                    m.setattr(state_io, "read_seq_same", first)
+                    m.setattr(state_io.SeqBlob, "read", first)
                     # the donor's sequence may not fit: then both refuse (and stay equal)
                     with contextlib.suppress(StateError):
                         kv.state_read(blob, s)

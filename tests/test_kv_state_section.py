@@ -47,6 +47,7 @@ def test_section_writer_gives_every_path_the_same_bytes(monkeypatch, name: str) 
     assert bytes(buf[: len(section_blobs[0])]) == section_blobs[0]
     with monkeypatch.context() as m:
         m.setattr(kv, "_native_section", lambda: None)  # piecewise native path, buffer
+        m.setattr(kv, "_blob", None)  # (and no whole-sequence one-call path)
         assert _blobs(kv) == section_blobs
     with monkeypatch.context() as m:
         m.setattr(state_io, "NATIVE_RUNS", False)  # the reference
@@ -175,7 +176,7 @@ def _damaged(blob: bytes, rec: int) -> list[bytes]:
 
 @pytest.mark.parametrize("name", ["f16-trans", "f32-notrans-streams", "mrope-ext"])
 def test_one_call_restore_matches_the_plan_on_damaged_blobs(monkeypatch, name: str) -> None:
-    # the one-call restore (read_seq_same) and the two-phase plan agree on every blob: the
+    # the one-call restore (SeqBlob.read) and the two-phase plan agree on every blob: the
     # own sequence's (the one call's case), damaged anywhere in its headers or cut short
     # (the one call declines, the plan names the field) and another sequence's
     kv = _fragmented(name, 7, drop=False)  # no holes: a sequence's own blob goes back in place
@@ -183,7 +184,7 @@ def test_one_call_restore_matches_the_plan_on_damaged_blobs(monkeypatch, name: s
     cases = [(blobs[0], 0), (blobs[1], 1), (blobs[1], 0)]
     cases += [(b, 0) for b in _damaged(blobs[0], 6 if name == "mrope-ext" else 3)]
     hits = []
-    real = state_io.read_seq_same
+    real = state_io.SeqBlob.read
 
     def counted(*a):
         done = real(*a)
@@ -193,10 +194,10 @@ def test_one_call_restore_matches_the_plan_on_damaged_blobs(monkeypatch, name: s
     for blob, seq_id in cases:
         fast, plan = _fragmented(name, 7, drop=False), _fragmented(name, 7, drop=False)
         with monkeypatch.context() as m:
-            m.setattr(state_io, "read_seq_same", counted)
+            m.setattr(state_io.SeqBlob, "read", counted)
             got = _outcome(fast, blob, seq_id)
         with monkeypatch.context() as m:
-            m.setattr(state_io, "read_seq_same", lambda *a: None)
+            m.setattr(state_io.SeqBlob, "read", lambda *a: None)
             want = _outcome(plan, blob, seq_id)
         assert got == want, (name, seq_id, len(blob))
     assert hits[:2] == [True, True]  # the own blobs: one call each
@@ -205,22 +206,22 @@ def test_one_call_restore_matches_the_plan_on_damaged_blobs(monkeypatch, name: s
 
 @pytest.mark.parametrize("name", ["f16-trans", "f32-notrans-streams"])
 def test_one_call_write_refuses_a_small_buffer_untouched(monkeypatch, name: str) -> None:
-    # one sequence's blob in one call (state_io.write_seq_direct): the general writer's
+    # one sequence's blob in one call (state_io.SeqBlob.write): the general writer's
     # bytes; a buffer one byte short or read-only is refused with nothing written
     kv = _fragmented(name, 9)
     direct = []
-    real = state_io.write_seq_direct
+    real = state_io.SeqBlob.write
 
-    def counted(*a):
-        done = real(*a)
+    def counted(*a, **kw):
+        done = real(*a, **kw)
         direct.append(done)
         return done
 
-    monkeypatch.setattr(state_io, "write_seq_direct", counted)
+    monkeypatch.setattr(state_io.SeqBlob, "write", counted)
     for seq_id in (0, 1, 2):
         blob = bytes(kv.state_write(seq_id))
         with monkeypatch.context() as m:
-            m.setattr(kv, "_native_section", lambda: None)
+            m.setattr(kv, "_seq_blob", lambda *a: None)
             assert bytes(kv.state_write(seq_id)) == blob  # the general writer
         out = bytearray(b"\xcd" * (len(blob) - 1))
         with pytest.raises(RangeError, match=f"needs {len(blob)}"):
@@ -231,4 +232,6 @@ def test_one_call_write_refuses_a_small_buffer_untouched(monkeypatch, name: str)
         out = bytearray(b"\xcd" * (len(blob) + 3))
         assert kv.state_write_buffer(out, seq_id) == len(blob)
         assert bytes(out[: len(blob)]) == blob and out[len(blob) :] == b"\xcd" * 3
-    assert direct and all(d is not None for d in direct)
+    # per sequence: the new blob and the roomy buffer in one call each; the read-only
+    # buffer declined to the general writer (which refuses it), the short one refused
+    assert [d is None for d in direct] == [False, True, False] * 3

@@ -62,7 +62,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -392,6 +392,7 @@ class KVCache(Memory):
         self._keys_c: tuple[np.ndarray, Any] | None = None  # (those keys, their cffi buffer)
         self._runners: dict[str, GraphRunner] = {}
         self._section: state_io.NativeSection | bool | None = False  # False: not built yet
+        self._blob: state_io.SeqBlob | Literal[False] | None = False  # False: not built yet
         self._step_cells: Any = None  # pm_step_cells * over self.cells, built on first use
         self._no_update: KVCacheContext | None = None  # init_update's answer with nothing to do
         # (slot, version, top) of the last native placement: get_n_kv's bound, while valid
@@ -1356,47 +1357,64 @@ class KVCache(Memory):
             self._section = state_io.native_section(self.layout, self.layers)
         return self._section if isinstance(self._section, state_io.NativeSection) else None
 
+    def _seq_blob(self, seq_id: int, flags: int) -> state_io.SeqBlob | None:
+        """The one-call per-sequence blob paths (:class:`state_io.SeqBlob`) when ``seq_id``
+        is one sequence of this open cache in host memory; None sends the caller to the
+        general path (which also raises for a bad ``seq_id`` or a closed cache). Kept to a
+        few lines: a runtime's save or rollback of one sequence pays them on every call."""
+        blob = self._blob
+        if blob is False:  # not built yet
+            if self._closed or not state_io.NATIVE_RUNS:
+                return None
+            blob = self._blob = state_io.seq_blob(
+                self.layout, self.v_cells, self.v_heads, self._native_section()
+            )
+        if (
+            blob is None
+            or not state_io.NATIVE_RUNS
+            or self._closed
+            or type(seq_id) is not int
+            or not 0 <= seq_id < blob.n_seq
+        ):
+            return None
+        if flags:
+            check_state_flags(flags, "state")
+        return blob
+
+    def state_size(self, seq_id: int = -1, flags: int = 0) -> int:
+        blob = self._seq_blob(seq_id, flags)
+        if blob is not None:
+            size = blob.size(seq_id)
+            if size is not None:
+                return size
+        return super().state_size(seq_id, flags)
+
     def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
         """The state of ``seq_id`` (-1: the whole cache) as a new blob.
 
-        One sequence of a cache in host memory is one native call sized by another
-        (:func:`state_io.write_seq_direct`); anything else takes the general writer.
+        One sequence of a cache in host memory is one native search (sizing the blob) and
+        one native write of what it found (:class:`state_io.SeqBlob`); anything else takes
+        the general writer.
         """
-        section = self._direct_section(seq_id, flags)
-        if section is not None:
-            size = state_io.write_seq_direct(
-                self.layout, self.v_cells, section, seq_id, None, "state_write"
-            )
+        blob = self._seq_blob(seq_id, flags)
+        if blob is not None:
+            size = blob.size(seq_id)
             if size is not None:
                 out = uninit_bytearray(size)
-                state_io.write_seq_direct(
-                    self.layout, self.v_cells, section, seq_id, memoryview(out), "state_write"
-                )
+                blob.write(out, seq_id, "state_write", reuse=True)
                 return bytes(out) if size < 4096 else out  # type: ignore[return-value]
         return super().state_write(seq_id, flags)
 
     def state_write_buffer(self, out: Any, seq_id: int = -1, flags: int = 0) -> int:
         """Write the state into the caller's writable buffer ``out`` (at its start); returns
         its size. RangeError, nothing written, when ``out`` is too small. One sequence of a
-        cache in host memory is one native call (:func:`state_io.write_seq_direct`)."""
-        section = self._direct_section(seq_id, flags)
-        if section is not None:
-            view = memoryview(out)
-            if view.readonly:
-                raise RangeError("state_write_buffer: out is read-only (need a writable buffer)")
-            done = state_io.write_seq_direct(
-                self.layout, self.v_cells, section, seq_id, view.cast("B"), "state_write_buffer"
-            )
+        cache in host memory is one native call (:class:`state_io.SeqBlob`)."""
+        blob = self._seq_blob(seq_id, flags)
+        if blob is not None:
+            done = blob.write(out, seq_id, "state_write_buffer")
             if done is not None:
                 return done
         return super().state_write_buffer(out, seq_id, flags)
-
-    def _direct_section(self, seq_id: int, flags: int) -> state_io.NativeSection | None:
-        """The native section when ``seq_id`` is one sequence (checked), else None."""
-        self.check_open()
-        check_state_flags(flags, "state_write")
-        seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
-        return self._native_section() if seq_id >= 0 else None
 
     def state_read(
         self, data: bytes | bytearray | memoryview, seq_id: int = -1, flags: int = 0
@@ -1405,16 +1423,11 @@ class KVCache(Memory):
 
         A sequence that goes back into exactly the cells it holds (a rollback to the state
         just saved) is parsed, checked and stored in one native call
-        (:func:`state_io.read_seq_same`); anything else takes the two-phase restore.
+        (:meth:`state_io.SeqBlob.read`); anything else takes the two-phase restore.
         """
-        self.check_open()
-        check_state_flags(flags, "state_read")
-        seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
-        section = self._native_section() if seq_id >= 0 else None
-        if section is not None:
-            done = state_io.read_seq_same(
-                self.layout, self.v_cells, self.v_heads, section, data, seq_id
-            )
+        blob = self._seq_blob(seq_id, flags)
+        if blob is not None:
+            done = blob.read(data, seq_id)
             if done is not None:
                 self._mutated()
                 return done

@@ -147,7 +147,6 @@ class NativeSection:
     cell_bytes: int  # tensor bytes per selected cell, all layers
     n_headers: int  # 12-byte layer headers (K layers, V layers)
     scratch: dict[int, np.ndarray] = field(default_factory=dict)  # stream -> runs found
-    streams: dict[int, StreamArgs] = field(default_factory=dict)  # stream -> call arguments
 
     def runs_scratch(self, strm: int, size: int) -> np.ndarray:
         """int64 [2, size // 2 + 1]: room for any stream's runs (starts, ends)."""
@@ -155,50 +154,6 @@ class NativeSection:
         if buf is None:
             buf = self.scratch[strm] = np.empty((2, size // 2 + 1), dtype=np.int64)
         return buf
-
-    def stream_args(self, layout: KVLayout, cells: KVCells, strm: int) -> StreamArgs:
-        """The native arguments of stream ``strm`` that never change (the cells' arrays
-        are never rebound), built once: a per-sequence write then costs one call."""
-        args = self.streams.get(strm)
-        if args is None:
-            n_ext = 3 if layout.with_ext else 0
-            scratch = self.runs_scratch(strm, cells.size)
-            runs = ffi.from_buffer("int64_t[]", scratch, require_writable=True)
-            args = self.streams[strm] = StreamArgs(
-                cells=cells,
-                pos=ffi.from_buffer("int32_t[]", cells.pos),
-                owner=ffi.from_buffer("int32_t[]", cells.owner),
-                shift=ffi.from_buffer("int32_t[]", cells.shift),
-                ext=ffi.from_buffer("int32_t[]", cells.ext) if n_ext else ffi.NULL,
-                n_ext=n_ext,
-                spec=ffi.from_buffer("int64_t[]", self.specs[strm]),
-                runs=runs,
-                runs_end=runs + scratch.shape[1],
-                cap=scratch.shape[1],
-                head=4 + 4 * strm,  # n_stream, the empty streams before
-                tail=4 * (layout.n_stream - strm - 1),  # the empty streams after
-                prefix=layout.n_stream.to_bytes(4, "little") + bytes(4 * strm),
-            )
-        return args
-
-
-@dataclass(frozen=True)
-class StreamArgs:
-    """One stream's arguments of the one-call state paths (see NativeSection.stream_args)."""
-
-    cells: KVCells
-    pos: object
-    owner: object
-    shift: object
-    ext: object
-    n_ext: int
-    spec: object
-    runs: object
-    runs_end: object
-    cap: int
-    head: int
-    tail: int
-    prefix: bytes  # u32 n_stream and a zero count for each stream before this one
 
 
 def native_section(layout: KVLayout, layers: Sequence[KVLayer]) -> NativeSection | None:
@@ -239,108 +194,133 @@ def native_section(layout: KVLayout, layers: Sequence[KVLayer]) -> NativeSection
     return NativeSection(specs, ffi.new("struct ggml_tensor *[]", ptrs), cell_bytes, n_headers)
 
 
-def write_seq_direct(
-    layout: KVLayout,
-    v_cells: Sequence[KVCells],
-    section: NativeSection,
-    seq_id: int,
-    out: memoryview | None,
-    what: str,
-) -> int | None:
-    """One sequence's blob in one native call (:c:func:`pm_kv_write_seq_section`) into
-    ``out`` (a writable byte view); returns the bytes written. ``out`` None: only the size
-    (the cells are searched, no byte moves). None where the call does not apply (shared
-    cells, a sliding window, ``NATIVE_RUNS`` off): the caller takes the general writer.
-    Raises RangeError, nothing written, when ``out`` is too small.
+class SeqBlob:
+    """A cache's whole per-sequence blobs in one native call each
+    (:c:func:`pm_kv_write_seq_blob`, :c:func:`pm_kv_read_seq_blob`): one view of every
+    stream's cell arrays, counters and run scratch, built once per cache (none of them is
+    ever rebound), so a call costs one C call and a few Python lines, whatever the stream.
 
-    The blob is ``u32 n_stream``, then per stream its part: the sequence's stream holds
-    its cells, every other stream a bare zero count.
+    Each method returns None where its case does not apply (shared cells in the stream; for
+    a read, a blob that does not go back into the very cells the sequence holds): the
+    caller then takes the general path, which also names what is wrong. ``seq_id`` must
+    already be checked (``0 <= seq_id < n_seq``).
     """
-    if not NATIVE_RUNS or layout.swa_type != SWAType.NONE:
-        return None
-    strm = int(layout.seq_to_stream[seq_id])
-    a = section.stream_args(layout, v_cells[strm], strm)
-    if a.cells.n_multi:
-        return None
-    head, tail = a.head, a.tail
-    room = 0 if out is None else max(0, len(out) - head - tail)
-    dest = _SIZE_ONLY if out is None else ffi.from_buffer(out, require_writable=True) + head
-    written = ffi.new("int64_t *")
-    status = lib.pm_kv_write_seq_section(
-        a.pos, a.owner, a.ext, a.n_ext, a.cells.size, seq_id, int(seq_id < layout.n_seq_max),
-        a.spec, section.tensors, a.runs, a.runs_end, a.cap, dest, room, written,
-    )  # fmt: skip
-    total = head + int(written[0]) + tail
-    if status == lib.PM_ERR_RANGE and int(written[0]) > room:
-        if out is None:
-            return total
-        raise RangeError(f"{what}: out holds {len(out)} bytes, the state needs {total}")
-    check(status, f"{what}: one sequence's blob")
-    if out is None:
-        return total
-    out[:head] = a.prefix
-    if tail:
-        out[total - tail : total] = bytes(tail)
-    return total
+
+    __slots__ = ("_keep", "_view", "n_seq")
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        v_cells: Sequence[KVCells],
+        v_heads: StreamHeads,
+        section: NativeSection,
+    ) -> None:
+        store = v_cells[0].store
+        n_stream = layout.n_stream
+        n_ext = 3 if layout.with_ext else 0
+        scratch = [section.runs_scratch(s, v_cells[s].size) for s in range(n_stream)]
+        starts = [ffi.from_buffer("int64_t[]", a, require_writable=True) for a in scratch]
+        keep: list[object] = [store, v_heads, section, scratch, starts]
+
+        def ptrs(ctype: str, arrays: Sequence[object]) -> object:
+            cdata = ffi.new(f"{ctype} *[]", list(arrays))
+            keep.extend((arrays, cdata))
+            return cdata
+
+        def array(ctype: str, a: np.ndarray, writable: bool = False) -> object:
+            cdata = ffi.from_buffer(f"{ctype}[]", a, require_writable=writable)
+            keep.extend((a, cdata))
+            return cdata
+
+        v = ffi.new("pm_kv_seq_blob *")
+        v.n_stream = n_stream
+        v.n_seq = len(layout.seq_to_stream)
+        v.n_seq_max = layout.n_seq_max
+        v.n_ext = n_ext
+        v.size = v_cells[0].size
+        v.runs_cap = scratch[0].shape[1]
+        v.seq_to_stream = array("int32_t", layout.seq_to_stream)
+        v.pos = ptrs("int32_t", [array("int32_t", c.pos) for c in v_cells])
+        v.owner = ptrs("int32_t", [array("int32_t", c.owner) for c in v_cells])
+        v.shift = ptrs("int32_t", [array("int32_t", c.shift) for c in v_cells])
+        exts = [array("int32_t", c.ext) for c in v_cells if c.ext is not None]
+        v.ext = ptrs("int32_t", exts) if n_ext else ffi.NULL
+        v.spec = ptrs("int64_t", [array("int64_t", sp) for sp in section.specs])
+        v.run_starts = ptrs("int64_t", starts)
+        v.run_ends = ptrs("int64_t", [p + a.shape[1] for p, a in zip(starts, scratch)])
+        v.selected = array("int64_t", np.full(2 * n_stream, -1, dtype=np.int64), writable=True)
+        v.n_multi = array("int64_t", store.n_multi)
+        v.used = array("int64_t", store.used)
+        v.heads = array("int64_t", v_heads.a, writable=True)
+        v.has_shift = array("uint8_t", store.has_shift)
+        v.tensors = section.tensors
+        self._view = v
+        self._keep = keep  # every array and cdata the view points into
+        self.n_seq = int(v.n_seq)
+
+    def size(self, seq_id: int) -> int | None:
+        """The bytes of ``seq_id``'s blob (its cells are searched, no byte moves; a
+        ``write(..., reuse=True)`` right after writes what this found)."""
+        written = ffi.new("int64_t[2]")
+        declined = ffi.cast("int32_t *", written + 1)
+        status = lib.pm_kv_write_seq_blob(self._view, seq_id, 0, ffi.NULL, 0, written, declined)
+        if declined[0]:
+            return None
+        if status != lib.PM_ERR_RANGE:  # a blob is never 0 bytes: a size query is too small
+            check(status, "state size: one sequence's blob")
+        return int(written[0])
+
+    def write(self, out: object, seq_id: int, what: str, reuse: bool = False) -> int | None:
+        """``seq_id``'s blob into the start of ``out`` (a writable buffer); its size. None
+        when ``out`` is no writable contiguous buffer (the caller's general path says so).
+        RangeError, nothing written, when ``out`` is too small. ``reuse``: the cells
+        :meth:`size` just found, with no change to the cache since (no second search)."""
+        try:
+            dest = ffi.from_buffer(out, require_writable=True)
+        except (TypeError, ValueError, BufferError):
+            return None
+        written = ffi.new("int64_t[2]")
+        declined = ffi.cast("int32_t *", written + 1)
+        status = lib.pm_kv_write_seq_blob(
+            self._view, seq_id, reuse, dest, len(dest), written, declined
+        )
+        if declined[0]:
+            return None
+        if status == lib.PM_ERR_RANGE and written[0] > len(dest):
+            raise RangeError(f"{what}: out holds {len(dest)} bytes, the state needs {written[0]}")
+        check(status, f"{what}: one sequence's blob")
+        return int(written[0])
+
+    def read(self, data: object, seq_id: int) -> int | None:
+        """A per-sequence restore that changes no cell (:func:`seq_same_cells`): the blob's
+        one stream with cells puts ``seq_id`` back into exactly the cells it holds, with
+        headers the cache's; its bytes are stored and the stream's head moves past the last
+        cell, as the two-phase restore would. The bytes consumed, or None with nothing
+        changed."""
+        try:
+            src = ffi.from_buffer(data)
+        except (TypeError, ValueError, BufferError):
+            return None
+        consumed = ffi.new("int64_t *")
+        done = ffi.new("int32_t *")
+        check(
+            lib.pm_kv_read_seq_blob(self._view, seq_id, src, len(src), consumed, done),
+            "state read: one sequence in place",
+        )
+        return int(consumed[0]) if done[0] else None
 
 
-_SIZE_ONLY = ffi.new("char[1]")  # a destination no byte is written to (size queries)
-
-
-def read_seq_same(
+def seq_blob(
     layout: KVLayout,
     v_cells: Sequence[KVCells],
     v_heads: StreamHeads,
-    section: NativeSection,
-    data: bytes | bytearray | memoryview,
-    seq_id: int,
-) -> int | None:
-    """A per-sequence restore that changes no cell, in one native call: the blob's one
-    stream with cells puts ``seq_id`` back into exactly the cells it holds
-    (:func:`seq_same_cells`), with headers the cache's; its bytes are stored and the
-    stream's head moves past the last cell, as the two-phase restore would. Returns the
-    bytes consumed, or None with nothing changed when any of that does not hold (the caller
-    then takes :func:`parse_kv_state`, which also names what is wrong)."""
-    if not NATIVE_RUNS or layout.swa_type != SWAType.NONE:
+    section: NativeSection | None,
+) -> SeqBlob | None:
+    """The cache's :class:`SeqBlob`, or None where the one-call paths do not apply (no
+    native section, a sliding window). The caller also honours ``NATIVE_RUNS`` per call."""
+    if section is None or layout.swa_type != SWAType.NONE:
         return None
-    raw = memoryview(data).cast("B")
-    n_stream = layout.n_stream
-    if len(raw) < 4 + 4 * n_stream or int.from_bytes(raw[:4], "little") != n_stream:
-        return None
-    # the streams before the one with cells hold none (a blob of one sequence): its count is
-    # the first non-zero word of the n_stream after the header (each empty stream is one
-    # zero word; the words after the first non-zero one belong to its part)
-    counts = np.frombuffer(raw, dtype="<u4", count=n_stream, offset=4)
-    nonzero = np.flatnonzero(counts)
-    if nonzero.size == 0:
-        return None  # no cells at all: the two-phase restore's business
-    before = int(nonzero[0])
-    at = 4 + 4 * before
-    strm = int(layout.seq_to_stream[seq_id])
-    a = section.stream_args(layout, v_cells[strm], strm)
-    cells = a.cells
-    if cells.n_multi:
-        return None
-    n = int.from_bytes(raw[at : at + 4], "little")
-    end = at + 4 + 4 * (3 + a.n_ext) * n + 8 + 12 * section.n_headers + n * section.cell_bytes
-    after = n_stream - before - 1  # the streams after it hold no cells either
-    if len(raw) < end + 4 * after or (after and any(raw[end : end + 4 * after])):
-        return None
-    out = ffi.new("int64_t[2]")
-    done = ffi.new("int32_t *")
-    check(
-        lib.pm_kv_read_section_same(
-            ffi.from_buffer(raw) + at, len(raw) - at, a.pos, a.shift if cells.has_shift else ffi.NULL,
-            a.owner, a.ext, a.n_ext, cells.size, seq_id, int(v_heads.a[strm]), cells.used, a.spec,
-            section.tensors, a.runs, a.runs_end, out, out + 1, done,
-        ),
-        "state read: one sequence in place",
-    )  # fmt: skip
-    if not done[0]:
-        return None
-    assert at + int(out[0]) == end, "the native walk and the section size disagree"
-    v_heads[strm] = int(out[1])
-    return end + 4 * after
+    return SeqBlob(layout, v_cells, v_heads, section)
 
 
 def _native_writable(layout: KVLayout, layers: Sequence[KVLayer], seq_id: int) -> bool:

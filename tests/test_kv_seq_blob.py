@@ -1,0 +1,142 @@
+"""The one-call per-sequence blob paths (``state_io.SeqBlob``: ``pm_kv_write_seq_blob`` and
+``pm_kv_read_seq_blob``) against the general writer and the two-phase restore: the same
+sizes, bytes and restores for every layout and buffer kind; what they decline goes to the
+general path, which keeps its errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_kv_state import CFGS
+from test_kv_state_section import _fragmented
+
+import pymem.kv.state_io as state_io
+from pymem.errors import ClosedError, NativeError, RangeError, StateError
+
+LAYOUTS = [n for n in CFGS if n != "swa"]
+
+
+def _general(kv, m) -> None:
+    """Send kv through the general writer and restore (no whole-sequence one-call path)."""
+    m.setattr(kv, "_seq_blob", lambda *a: None)
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_size_write_and_buffer_kinds_equal_the_general_writer(monkeypatch, name: str) -> None:
+    kv = _fragmented(name, 5)
+    calls = []
+    real_size, real_write = state_io.SeqBlob.size, state_io.SeqBlob.write
+    monkeypatch.setattr(state_io.SeqBlob, "size", lambda *a: calls.append("size") or real_size(*a))
+    monkeypatch.setattr(
+        state_io.SeqBlob, "write", lambda *a, **k: calls.append("write") or real_write(*a, **k)
+    )
+    for seq_id in range(3):
+        with monkeypatch.context() as m:
+            _general(kv, m)
+            want = bytes(kv.state_write(seq_id))
+            want_size = kv.state_size(seq_id)
+        calls.clear()
+        assert kv.state_size(seq_id) == want_size == len(want)
+        assert bytes(kv.state_write(seq_id)) == want
+        assert calls == ["size", "size", "write"]  # one call each, the write reusing the search
+        # any writable contiguous buffer, its size counted in bytes
+        words = np.full(len(want) // 4 + 2, -1, dtype=np.int32)
+        assert kv.state_write_buffer(words, seq_id) == len(want)
+        assert words.tobytes()[: len(want)] == want
+        assert words.tobytes()[len(want) :] == b"\xff" * (len(words) * 4 - len(want))
+        view = memoryview(bytearray(len(want) + 9))
+        assert kv.state_write_buffer(view[3:], seq_id) == len(want)
+        assert bytes(view[3 : 3 + len(want)]) == want
+        # a numpy integer id takes the general path, with the same bytes
+        assert bytes(kv.state_write(np.int64(seq_id))) == want
+    # what is no buffer at all is the general path's to refuse
+    with pytest.raises(TypeError):
+        kv.state_write_buffer([0] * 64, 0)
+
+
+@pytest.mark.parametrize("name", ["f16-trans", "f32-notrans-streams"])
+def test_reuse_writes_only_what_a_search_just_found(name: str) -> None:
+    kv = _fragmented(name, 6)
+    blob = state_io.seq_blob(kv.layout, kv.v_cells, kv.v_heads, kv._native_section())
+    assert blob is not None
+    out = bytearray(1 << 16)
+    # no search yet in this view: nothing to reuse, refused with nothing written
+    with pytest.raises(NativeError, match="invalid argument"):
+        blob.write(out, 0, "test", reuse=True)
+    assert out == bytearray(1 << 16)
+    for seq_id in (1, 0):
+        size = blob.size(seq_id)
+        assert size is not None
+        assert blob.write(out, seq_id, "test", reuse=True) == size
+        assert bytes(out[:size]) == bytes(kv.state_write(seq_id))
+
+
+def test_shared_cells_decline_to_the_general_writer(monkeypatch) -> None:
+    kv = _fragmented("f16-trans", 7)
+    kv.seq_cp(0, 2, -1, -1)  # seq 2 shares every cell of seq 0 in the one stream
+    blob = kv._seq_blob(0, 0)
+    assert blob is not None
+    assert blob.size(0) is None and blob.write(bytearray(64), 0, "test") is None
+    assert blob.read(b"\x01\x00\x00\x00" + bytes(60), 0) is None
+    with monkeypatch.context() as m:
+        _general(kv, m)
+        want = [bytes(kv.state_write(s)) for s in range(3)]
+    assert [bytes(kv.state_write(s)) for s in range(3)] == want
+    assert [kv.state_size(s) for s in range(3)] == [len(w) for w in want]
+    kv.state_read(want[2], 2)  # the two-phase restore takes it
+    assert bytes(kv.state_write(2)) == want[2]
+
+
+def test_bad_ids_flags_and_closed_cache_keep_their_errors() -> None:
+    kv = _fragmented("f16-trans", 8)
+    blob = bytes(kv.state_write(0))
+    for bad in (len(kv.seq_to_stream), -2, 1.0, True):
+        with pytest.raises(RangeError, match="seq_id"):
+            kv.state_write(bad)
+        with pytest.raises(RangeError, match="seq_id"):
+            kv.state_size(bad)
+        with pytest.raises(RangeError, match="seq_id"):
+            kv.state_read(blob, bad)
+    with pytest.raises(RangeError, match="flags"):
+        kv.state_write_buffer(bytearray(len(blob)), 0, flags=0x80)
+    with pytest.raises(RangeError, match="flags"):
+        kv.state_read(blob, 0, flags=0x80)
+    assert kv.state_write(0, flags=0x2) == blob  # ON_DEVICE: the same bytes
+    with pytest.raises(RangeError, match=f"needs {len(blob)}"):
+        kv.state_write_buffer(bytearray(4), 0)
+    kv.close()
+    with pytest.raises(ClosedError):
+        kv.state_write(0)
+    with pytest.raises(ClosedError):
+        kv.state_read(blob, 0)
+
+
+@pytest.mark.parametrize("name", ["f16-trans", "f32-notrans-streams", "mrope-ext"])
+def test_one_call_read_moves_the_head_as_the_plan_does(monkeypatch, name: str) -> None:
+    fast, plan = _fragmented(name, 9, drop=False), _fragmented(name, 9, drop=False)
+    blobs = [bytes(fast.state_write(s)) for s in range(3)]
+    hits = []
+    real = state_io.SeqBlob.read
+    monkeypatch.setattr(state_io.SeqBlob, "read", lambda *a: hits.append(1) or real(*a))
+    for seq_id in (2, 0, 1):
+        fast.v_heads[:] = [0] * fast.n_stream
+        plan.v_heads[:] = [0] * plan.n_stream
+        assert fast.state_read(blobs[seq_id], seq_id) == len(blobs[seq_id])
+        with monkeypatch.context() as m:
+            _general(plan, m)
+            assert plan.state_read(blobs[seq_id], seq_id) == len(blobs[seq_id])
+        assert list(fast.v_heads) == list(plan.v_heads)
+        assert bytes(fast.state_write()) == bytes(plan.state_write())
+    assert len(hits) == 3
+    # a blob with a word after its part that is not an empty stream's zero count: declined,
+    # and the general restore names it
+    bad = blobs[0] + b"\x07\x00\x00\x00"
+    before = bytes(fast.state_write())
+    if fast.n_stream == 1:
+        assert fast.state_read(bad, 0) == len(blobs[0])  # the reference reads no further
+    else:
+        damaged = bytearray(blobs[0])
+        damaged[-4] = 7  # the last stream's count, after the part with cells
+        with pytest.raises(StateError):
+            fast.state_read(bytes(damaged), 0)
+        assert bytes(fast.state_write()) == before
