@@ -29,10 +29,20 @@ cache), median milliseconds of:
   (``llama_state_get_data`` / ``_set_data`` for the whole cache) into a preallocated buffer;
 * the bounds: ``numpy_gather`` / ``numpy_scatter``, the same tensor bytes moved between the
   cache and a packed buffer with numpy (``kv.state_rows``' numpy reference path: per-run
-  slices, lockstep strided views), i.e. the cost of the layout alone; and ``placement``,
+  slices, lockstep strided views), i.e. the cost of the layout alone; ``native_gather``, the
+  same gather by pymem's native run copy with the runs known (``Tensor.read_runs_into``:
+  no cell search, no meta records), the floor a write of that layout reaches; and
+  ``placement``,
   the bookkeeping of the reference's per-sequence restore (``seq_rm`` + ``find_slot`` +
   ``apply_ubatch`` of the sequence's cells), which pymem skips when the sequence goes
   back to the very cells it holds, as it does here (``state_io.seq_same_cells``).
+
+Every pymem, numpy and llama.cpp call above is timed twice: interleaved (each call after
+whatever the call before it left in the caches) and cold (:func:`cold_each`: each call right
+after a 16 MiB copy evicted L1/L2, in a shuffled order, so every function starts from the
+same state, as a save between two decode steps does). The interleaved medians of a 2 MiB
+blob move by a third with the predecessor (a destination buffer still in L2, or evicted
+dirty just before); the cold ones are the like-for-like comparison.
 
 Where the remaining time of a read goes, each part alone: ``bench_state_floor.py``.
 
@@ -44,6 +54,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -95,6 +106,35 @@ def filled(models: LlamaModels, name: str, fa: bool, n_tokens: int) -> Pair:
 
 
 interleaved = bvl.interleaved
+
+EVICT_BYTES = 16 << 20  # four times this machine's 4 MiB L2: nothing of a call survives it
+_evict_src = np.ones(EVICT_BYTES, np.uint8)
+_evict_dst = np.empty_like(_evict_src)
+
+
+def evict() -> None:
+    """Leave L1/L2 holding nothing any measured call uses, as a decode step between two
+    saves does (it streams weights and other sequences' K/V): a 16 MiB copy, not timed."""
+    np.copyto(_evict_dst, _evict_src)
+
+
+def cold_each(fns: dict[str, Any], repeats: int, seed: int = 0) -> dict[str, float]:
+    """Median seconds of each function, each call timed right after :func:`evict`, in a
+    shuffled order per round. Every function starts from the same cache state, which the
+    interleaved timing does not give: there each call inherits what the call before it
+    left (the rotation keeps the same predecessor for most rounds), and a destination
+    buffer still in L2 or just evicted dirty moves a 2 MiB copy by 30% or more."""
+    rng = random.Random(seed)
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(repeats):
+        rng.shuffle(names)
+        for n in names:
+            evict()
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return {n: float(np.median(v)) for n, v in times.items()}
 
 
 def _row_blocks(view: np.ndarray, runs: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
@@ -149,6 +189,40 @@ def numpy_bounds(mem: Any, seq_id: int) -> tuple[Any, Any]:
     return gather, scatter
 
 
+def native_gather(mem: Any, seq_id: int) -> Any:
+    """The blob's tensor bytes gathered by pymem's native run copy alone
+    (``Tensor.read_runs_into``: one call per tensor, the runs already known; no cell search,
+    no meta records, no blob framing): the floor a write of this layout can reach."""
+    layout, cells = mem.layout, mem.v_cells[0]
+    idx = sio.selected_cells(layout, cells, seq_id)
+    starts, ends = srows.cell_runs(idx)
+    calls: list[tuple[Any, np.ndarray, int, int, np.ndarray, np.ndarray]] = []
+    for layer in mem.layers:
+        k = layer.k
+        calls.append((k, np.empty(idx.size * k.row_size, np.uint8), 1, 0,
+                      (starts * k.row_size).astype(np.uint64),
+                      ((ends - starts) * k.row_size).astype(np.uint64)))  # fmt: skip
+    for layer in mem.layers:
+        v = layer.v
+        if v is None:
+            continue
+        if layout.v_trans:  # each channel's elements of the runs, channel after channel
+            el, ch = layout.v_el_size, layer.n_embd_v_gqa
+            calls.append((v, np.empty(idx.size * el * ch, np.uint8), ch, layout.kv_size * el,
+                          (starts * el).astype(np.uint64),
+                          ((ends - starts) * el).astype(np.uint64)))  # fmt: skip
+        else:
+            calls.append((v, np.empty(idx.size * v.row_size, np.uint8), 1, 0,
+                          (starts * v.row_size).astype(np.uint64),
+                          ((ends - starts) * v.row_size).astype(np.uint64)))  # fmt: skip
+
+    def gather() -> None:
+        for t, out, n_rep, stride, st, sz in calls:
+            t.read_runs_into(out, 0, n_rep, stride, st, sz)
+
+    return gather
+
+
 def placement(mem: Any, blob: bytes, seq_id: int) -> Any:
     """The cell bookkeeping of a per-sequence restore alone (seq_rm + find_slot + apply of
     the blob's cells); None for the whole cache (its restore places nothing)."""
@@ -160,6 +234,12 @@ def placement(mem: Any, blob: bytes, seq_id: int) -> Any:
     pos, ext = plan.place[0], plan.place[1]
     ub = sio._restore_ubatch(mem.layout.n_pos_per_embd, seq_id, pos, ext)
     return lambda: mem._place_restored(seq_id, ub)
+
+
+COLD_FNS = (  # what the cold table times (the file write and numpy bounds: interleaved only)
+    "numpy_copy", "numpy_copy_new", "pymem_write_buffer", "pymem_write", "pymem_read",
+    "llama_cpp_write", "llama_cpp_read", "native_gather",
+)  # fmt: skip
 
 
 def bench_pair(pair: Pair, model: str, repeats: int) -> list[dict[str, Any]]:
@@ -212,11 +292,13 @@ def bench_pair(pair: Pair, model: str, repeats: int) -> list[dict[str, Any]]:
             "llama_cpp_read": ref_set,
             "numpy_gather": gather,
             "numpy_scatter": scatter,
+            "native_gather": native_gather(mem, seq_id),
         }
         place = placement(mem, blob, seq_id)
         if place is not None:
             fns["placement"] = place
         t = interleaved(fns, repeats)
+        cold = cold_each({k: fns[k] for k in COLD_FNS if k in fns}, repeats)
         devnull.close()
         mem.state_read(blob, seq_id)  # the placement runs left stale bytes: put them back
         if bytes(mem.state_write(seq_id)) != bytes(blob):
@@ -235,6 +317,14 @@ def bench_pair(pair: Pair, model: str, repeats: int) -> list[dict[str, Any]]:
         row["read_vs_llama_cpp"] = t["llama_cpp_read"] / t["pymem_read"]
         row["layout_gather_vs_numpy"] = t["numpy_copy"] / t["numpy_gather"]
         row["layout_scatter_vs_numpy"] = t["numpy_copy"] / t["numpy_scatter"]
+        row["native_gather_vs_numpy"] = t["numpy_copy"] / t["native_gather"]
+        row.update({f"cold_{k}_ms": v * 1e3 for k, v in cold.items()})
+        row["cold_write_buffer_vs_numpy"] = cold["numpy_copy"] / cold["pymem_write_buffer"]
+        row["cold_write_vs_numpy_new"] = cold["numpy_copy_new"] / cold["pymem_write"]
+        row["cold_read_vs_numpy"] = cold["numpy_copy"] / cold["pymem_read"]
+        row["cold_write_vs_llama_cpp"] = cold["llama_cpp_write"] / cold["pymem_write_buffer"]
+        row["cold_read_vs_llama_cpp"] = cold["llama_cpp_read"] / cold["pymem_read"]
+        row["cold_native_gather_vs_numpy"] = cold["numpy_copy"] / cold["native_gather"]
         rows.append(row)
     return rows
 
@@ -281,16 +371,35 @@ def main() -> None:
         ],
     )  # fmt: skip
     print_table(
+        "Each call timed right after a 16 MiB copy evicted L1/L2 (shuffled order; median ms): "
+        "every function from the same cache state",
+        ["model", "v_trans", "blob", "numpy copy", "(new)", "pymem write buf", "(new blob)",
+         "pymem read", "llama.cpp write", "llama.cpp read", "native gather", "write/numpy",
+         "(new/new)", "read/numpy", "write/llama", "read/llama", "gather/numpy"],
+        [
+            [r["model"], r["v_trans"], r["blob"], f"{r['cold_numpy_copy_ms']:.3f}",
+             f"{r['cold_numpy_copy_new_ms']:.3f}", f"{r['cold_pymem_write_buffer_ms']:.3f}",
+             f"{r['cold_pymem_write_ms']:.3f}", f"{r['cold_pymem_read_ms']:.3f}",
+             f"{r['cold_llama_cpp_write_ms']:.3f}", f"{r['cold_llama_cpp_read_ms']:.3f}",
+             f"{r['cold_native_gather_ms']:.3f}",
+             f"{r['cold_write_buffer_vs_numpy']:.2f}", f"{r['cold_write_vs_numpy_new']:.2f}",
+             f"{r['cold_read_vs_numpy']:.2f}", f"{r['cold_write_vs_llama_cpp']:.2f}",
+             f"{r['cold_read_vs_llama_cpp']:.2f}", f"{r['cold_native_gather_vs_numpy']:.2f}"]
+            for r in rows
+        ],
+    )  # fmt: skip
+    print_table(
         "Bounds in the same run (median ms): the blob's tensor bytes moved with numpy alone "
         "(the layout's cost), and a per-sequence restore's cell placement",
-        ["model", "v_trans", "blob", "numpy copy", "numpy gather", "numpy scatter", "placement",
-         "gather/copy", "scatter/copy"],
+        ["model", "v_trans", "blob", "numpy copy", "numpy gather", "numpy scatter",
+         "native gather", "placement", "gather/copy", "scatter/copy", "native gather/copy"],
         [
             [r["model"], r["v_trans"], r["blob"], f"{r['numpy_copy_ms']:.3f}",
              f"{r['numpy_gather_ms']:.3f}",
-             f"{r['numpy_scatter_ms']:.3f}",
+             f"{r['numpy_scatter_ms']:.3f}", f"{r['native_gather_ms']:.3f}",
              f"{r['placement_ms']:.3f}" if "placement_ms" in r else "-",
-             f"{r['layout_gather_vs_numpy']:.2f}", f"{r['layout_scatter_vs_numpy']:.2f}"]
+             f"{r['layout_gather_vs_numpy']:.2f}", f"{r['layout_scatter_vs_numpy']:.2f}",
+             f"{r['native_gather_vs_numpy']:.2f}"]
             for r in rows
         ],
     )  # fmt: skip
