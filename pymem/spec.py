@@ -99,11 +99,14 @@ class RopeSpec:
     ignored them would rotate K by the wrong angles."""
     freq_factors_long: tuple[float, ...] | None = None
     """``rope_factors_long``: used instead of :attr:`freq_factors` when the context's
-    ``n_ctx_seq`` exceeds ``n_ctx_orig`` (see :meth:`for_context`)."""
+    ``n_ctx_seq`` exceeds ``n_ctx_orig`` (see :meth:`for_context`); ``()`` for a file with
+    short factors only, which rotates such a context without factors."""
 
     def __post_init__(self) -> None:
         for name in ("freq_factors", "freq_factors_long"):
             factors = getattr(self, name)
+            if name == "freq_factors_long" and factors == ():
+                continue  # no long factors: none beyond the original context
             if factors is not None and len(factors) < self.n_rot // 2:
                 raise ConfigError(
                     f"rope.{name}: {len(factors)} factors, a rotation of n_rot {self.n_rot} "
@@ -117,7 +120,7 @@ class RopeSpec:
         if self.freq_factors_long is None:
             return self
         if n_ctx_seq > self.n_ctx_orig:
-            return replace(self, freq_factors=self.freq_factors_long, freq_factors_long=None)
+            return replace(self, freq_factors=self.freq_factors_long or None, freq_factors_long=None)
         return replace(self, freq_factors_long=None)
 
 

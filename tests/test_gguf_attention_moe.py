@@ -161,9 +161,6 @@ CASES = {
     "phi3-router": (
         "phi3", {"blk.0.ffn_gate_inp.weight": (E, 2)}, {}, r"ffn_gate_inp\.weight",
     ),
-    "phi3-long-rope-factors": (
-        "phi3", {"rope_factors_long.weight": (4,)}, {}, r"rope_factors_long\.weight",
-    ),
     "llama4-attention-scale": (
         "llama4", {}, {"attention.scale": 2}, r"llama4\.attention\.scale",
     ),

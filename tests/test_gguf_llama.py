@@ -64,7 +64,7 @@ from replay import (
 )
 
 from pymem.memory import Memory, MemoryContext, StateFlags
-from pymem.runtime.decoder import step_inputs
+from pymem.runtime.decoder import context_n_ctx_seq, step_inputs
 from pymem.runtime.gguf_llama import SUPPORTED, GGUFModel
 from pymem.ubatch import UBatch
 
@@ -211,7 +211,8 @@ class ModelHooks(ReplayHooks):
         self.mem: Memory | None = None
 
     def forward(self, mctx: MemoryContext, ubatch: UBatch) -> None:
-        inputs = step_inputs(mctx, ubatch, self.flash_attn)
+        assert self.mem is not None
+        inputs = step_inputs(mctx, ubatch, self.flash_attn, context_n_ctx_seq(self.mem))
         out = self.model.forward(ubatch, inputs, self.flash_attn)
         for i in np.flatnonzero(ubatch.output):
             self.rows[int(ubatch.batch_idxs[i])] = out[i]

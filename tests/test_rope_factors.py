@@ -84,6 +84,18 @@ def test_long_factors_alone_apply_beyond_the_original_context(tmp_path: Path) ->
     assert beyond.layers[0].rope.freq_factors == (3.0, 3.0, 3.0, 3.0)
 
 
+def test_short_factors_alone_apply_within_the_original_context(tmp_path: Path) -> None:
+    # and get_rope_factors returns the (absent) long factors beyond it: none at all
+    path = _llama(tmp_path / "s.gguf", {"rope_factors_short.weight": np.full(4, 2.0, np.float32)})
+    spec = spec_from_gguf(path)
+    assert spec.layers[0].rope.freq_factors_long == ()
+    within = plan_memory(spec, ContextParams(n_ctx=512, n_seq_max=1)).spec
+    beyond = plan_memory(spec, ContextParams(n_ctx=1024, n_seq_max=1)).spec
+    assert within.layers[0].rope.freq_factors == (2.0, 2.0, 2.0, 2.0)
+    assert beyond.layers[0].rope.freq_factors is None
+    assert beyond.layers[0].rope.freq_factors_long is None
+
+
 def test_rope_freqs_win_over_long_and_short(tmp_path: Path) -> None:
     freqs = np.array([2.0, 2.0, 2.0, 2.0], dtype=np.float32)
     other = np.ones(4, dtype=np.float32)

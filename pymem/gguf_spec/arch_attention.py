@@ -175,6 +175,8 @@ def _step35(m: GGUFMeta, d: Draft) -> None:
     _window_req(m, d)
     d.rope_freq_base_swa = m.f32(d.key("rope.freq_base_swa"), d.rope_freq_base_swa)
     _swa_array(m, d)
+    # its graph rotates sliding layers without the factors (rope_freqs / long / short)
+    d.rope_factor_layers = [not swa for swa in d.is_swa]
 
 
 def _spark2_5(m: GGUFMeta, d: Draft) -> None:

@@ -360,5 +360,7 @@ def _rope_factor_tensors(
     if freqs is None:
         freqs = m.small_tensor("rope_factors_short.weight")
         long = m.small_tensor("rope_factors_long.weight")  # alone: no factors within n_ctx_orig
+        if freqs is not None and long is None:
+            long = ()  # short alone: no factors beyond n_ctx_orig (get_rope_factors' NULL)
     layers = tuple(d.rope_factor_layers) if d.rope_factor_layers is not None else ()
     return freqs, long, layers

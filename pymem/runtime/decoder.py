@@ -94,15 +94,26 @@ class RecurrentState:
         return self.inp.s_copy
 
 
-def step_inputs(mctx: MemoryContext, ubatch: UBatch, flash_attn: bool) -> StepInputs:
+def context_n_ctx_seq(memory: Memory) -> int | None:
+    """The context's cells per sequence (``llama_cparams::n_ctx_seq``), from the plan
+    :func:`pymem.factory.create_memory` attaches to its memories; None for a memory built
+    another way. LongRoPE models pick their factors by it (:attr:`StepInputs.n_ctx_seq`)."""
+    plan = getattr(memory, "plan", None)
+    return plan.ctx.n_ctx_seq if plan is not None else None
+
+
+def step_inputs(
+    mctx: MemoryContext, ubatch: UBatch, flash_attn: bool, n_ctx_seq: int | None = None
+) -> StepInputs:
     """The graph inputs of the current ubatch of any pymem memory context.
 
     Every context hands its typed inputs (:meth:`pymem.memory.MemoryContext.graph_inputs`):
     one attention part per KV cache ("kv", or "base" and "swa" for iSWA) and the
-    recurrent inputs where the memory has a recurrent part.
+    recurrent inputs where the memory has a recurrent part. ``n_ctx_seq``: the context's
+    cells per sequence (:attr:`StepInputs.n_ctx_seq`).
     """
     gi = mctx.graph_inputs()
-    out = StepInputs()
+    out = StepInputs(n_ctx_seq=n_ctx_seq)
     for name, inp in gi.attn.items():
         out.attn[name] = KVAttention(inp, flash_attn)
     if gi.recr is not None:
@@ -165,6 +176,7 @@ class Decoder:
         self.balloc = BatchAllocator()
         self.stats = DecodeStats()
         self.on_ubatch: Any = None  # optional callback(ubatch, step_inputs) for inspection
+        self.n_ctx_seq = context_n_ctx_seq(memory)
 
     def update(self, optimize: bool = False) -> bool:
         """Apply a pending memory update (K-shift after ``seq_add``); True if one ran."""
@@ -197,7 +209,7 @@ class Decoder:
             t0 = time.perf_counter()
             mctx.apply()
             ubatch = mctx.get_ubatch()
-            inputs = step_inputs(mctx, ubatch, self.flash_attn)
+            inputs = step_inputs(mctx, ubatch, self.flash_attn, self.n_ctx_seq)
             t1 = time.perf_counter()
             if self.on_ubatch is not None:
                 self.on_ubatch(ubatch, inputs)

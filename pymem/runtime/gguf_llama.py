@@ -564,18 +564,25 @@ class _Graph(
         )
 
     def rope_factors(self, rope: RopeSpec) -> Any:
-        """The factors tensor of a layer whose spec carries factors (``NULL``: none).
-
-        Long / short factors (``rope_factors_long`` / ``_short``) depend on the context's
-        length and are not built: :class:`UnsupportedError`.
+        """The factors tensor of a layer whose spec carries factors (``NULL``: none), as
+        ``llama_model::get_rope_factors`` picks it: ``rope_freqs`` when the file has it,
+        else ``rope_factors_long`` when the context's ``n_ctx_seq`` exceeds the original
+        context and ``rope_factors_short`` otherwise (``NULL`` where that one is missing).
         """
         if rope.freq_factors is None and rope.freq_factors_long is None:
             return NULL
-        if rope.freq_factors_long is not None or "rope_freqs.weight" not in self.m.weights.names:
+        weights = self.m.weights
+        if "rope_freqs.weight" in weights.names:
+            return weights.get("rope_freqs.weight")
+        n_ctx_seq = self.inputs.n_ctx_seq
+        if n_ctx_seq is None:
             raise UnsupportedError(
-                f"{self.m.path}: long / short RoPE factors (rope_factors_long / _short)"
+                f"{self.m.path}: long / short RoPE factors need the context's n_ctx_seq "
+                f"(decode with a memory made by pymem.factory.create_memory)"
             )
-        return self.m.weights.get("rope_freqs.weight")
+        name = "rope_factors_long" if n_ctx_seq > rope.n_ctx_orig else "rope_factors_short"
+        factors = weights.get(f"{name}.weight", required=False)
+        return NULL if factors is None else factors
 
     def attn_mha(
         self, q: Any, k: Any, v: Any, kq_mask: Any, kq_scale: float, sinks: Any = None

@@ -95,6 +95,9 @@ class StepInputs:
 
     attn: dict[str, AttentionInputs] = field(default_factory=dict)
     recr: RecurrentInputs | None = None
+    n_ctx_seq: int | None = None
+    """The context's cells per sequence (``llama_cparams::n_ctx_seq``): it picks a LongRoPE
+    model's long or short factors. None: unknown (a memory not made by ``create_memory``)."""
 
     def attn_part(self, il: int) -> str:
         """The name of the attention part holding layer ``il``."""

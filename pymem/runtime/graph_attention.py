@@ -336,7 +336,6 @@ class AttentionGraph:
     def exaone4(self, inp: Any, out_ids: Any) -> Any:
         """``llama_model_exaone4::graph``: OLMo-2's post-norm layers with per-head Q/K RMS
         norms; RoPE on SWA layers only (on every layer of a model without SWA)."""
-        self.refuse_rope_factors()
         no_swa = not any(layer.swa for layer in self.m.spec.layers)
 
         def mixer(il: int, cur: Any) -> Any:
@@ -348,12 +347,12 @@ class AttentionGraph:
 
     def phi3(self, inp: Any, out_ids: Any) -> Any:
         """``llama_model_phi3::graph``: RMS pre-norms, attention with Q scaled by
-        ``1/sqrt(head)`` after RoPE (KQ scale 1), a fused gate|up SwiGLU FFN
-        (``ggml_swiglu`` over one projection)."""
+        ``1/sqrt(head)`` after RoPE (KQ scale 1, the LongRoPE factors of 128k models as
+        :meth:`rope_factors` picks them), a fused gate|up SwiGLU FFN (``ggml_swiglu`` over
+        one projection)."""
         ctx, hp = self.ctx, self.hp
         g: Any = self
         w = self.m._w
-        self.refuse_rope_factors()
         found = [n for n in ("output_norm.bias", "output.bias") if n in self.m.weights.names]
         if found:
             raise UnsupportedError(f"{self.m.path}: tensors the engine does not build: {found}")
@@ -413,7 +412,6 @@ class AttentionGraph:
         ctx, hp = self.ctx, self.hp
         g: Any = self
         w = self.m._w
-        self.refuse_rope_factors()
         if self.m.keys.f32(f"{hp.arch}.attention.scale", 0.0) != 0.0:
             raise UnsupportedError(f"{self.m.path}: {hp.arch}.attention.scale")
         n_expert = int(self.m.keys.f32(f"{hp.arch}.expert_count", 0.0))
@@ -455,7 +453,6 @@ class AttentionGraph:
         on SWA layers only, SwiGLU FFN or (layers with a router) :meth:`moe_shared_ffn`."""
         g: Any = self
         w = self.m._w
-        self.refuse_rope_factors()
         for il in range(self.hp.n_layer):
             self.refuse_tensors(il, ("attn_output.bias",), "exaone-moe wo bias")
 
@@ -554,7 +551,6 @@ class AttentionGraph:
         g: Any = self
         w = self.m._w
         keys, arch = self.m.keys, hp.arch
-        self.refuse_rope_factors()
         if f"{arch}.deepstack_mapping" in keys.fields:
             raise UnsupportedError(f"{self.m.path}: {arch}.deepstack_mapping (vision deepstack)")
         n_ff_shexp = int(keys.f32(f"{arch}.expert_shared_feed_forward_length", 0.0))
@@ -787,7 +783,6 @@ class AttentionGraph:
         ctx, hp = self.ctx, self.hp
         g: Any = self
         w = self.m._w
-        self.refuse_rope_factors()
         for il in range(hp.n_layer):
             self.refuse_tensors(il, ("attn_qkv.weight",), "step35")
         inpL = inp

@@ -11,6 +11,7 @@ scenario's prompts (up to ~20 positions per sequence) leave the window.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ def write_gemma3(path: Path) -> Path:
     return path
 
 
-def write_llama4(path: Path) -> Path:
+def write_llama4(path: Path, factors: str | None = None) -> Path:
     """llama4: 4 layers, default pattern 4 -> layers 0..2 chunked, layer 3 full.
 
     llama_model_llama4::load_arch_hparams: unless ``attention.sliding_window`` is 0 the
@@ -81,6 +82,7 @@ def write_llama4(path: Path) -> Path:
             _shexp(m, il, N_EMBD, n_ff_exp)
         else:
             _ffn(m, il, N_EMBD, n_ff)
+    rope_factors(m, factors)
     m.finish()
     return path
 
@@ -161,7 +163,59 @@ def write_phi3(path: Path) -> Path:
     return path
 
 
-def write_exaone4(path: Path) -> Path:
+PHI3_LONGROPE_ORIG_CTX = 384  # n_ctx_orig_yarn: runs of 256 cells per sequence take the
+# short factors, runs of 512 the long ones (llama_model::get_rope_factors)
+
+
+def rope_factors(m: _Model, kind: str | None) -> None:
+    """RoPE frequency factors of ``n_rot / 2`` = 4 floats: ``freqs`` adds ``rope_freqs``
+    (in [1, 2]); ``longrope`` adds ``rope_factors_long`` (in [1, 8]) and
+    ``rope_factors_short`` (in [1, 2]) with ``rope.scaling.type`` longrope and
+    ``rope.scaling.original_context_length`` :data:`PHI3_LONGROPE_ORIG_CTX`; None adds
+    nothing. Drawn after every other weight, so
+    the model's other tensors are those of the writer without factors."""
+    if kind == "freqs":
+        m.w.add_tensor("rope_freqs.weight", (1.0 + m.rng.random(HEAD // 2)).astype(np.float32))
+    elif kind == "longrope":
+        # llama / granite / step35 load long and short factors only under this type (and
+        # then no rope_freqs); phi3 loads them whatever the type
+        m.w.add_string(f"{m.arch}.rope.scaling.type", "longrope")
+        m.u32("rope.scaling.original_context_length", PHI3_LONGROPE_ORIG_CTX)
+        long = (1.0 + 7.0 * m.rng.random(HEAD // 2)).astype(np.float32)
+        short = (1.0 + m.rng.random(HEAD // 2)).astype(np.float32)
+        m.w.add_tensor("rope_factors_long.weight", long)
+        m.w.add_tensor("rope_factors_short.weight", short)
+    elif kind is not None:
+        raise ValueError(f"rope factors: unknown kind {kind!r}")
+
+
+def write_phi3_longrope(path: Path) -> Path:
+    """phi3 with LongRoPE factors (Phi-3-*-128k): ``rope_factors_long`` and
+    ``rope_factors_short`` (``n_rot / 2`` = 4 floats each, in [1, 8] and [1, 2]) and
+    ``rope.scaling.original_context_length`` 384; no sliding window.
+
+    llama_model::get_rope_factors: without ``rope_freqs``, a context whose ``n_ctx_seq``
+    exceeds ``n_ctx_orig_yarn`` rotates by the long factors, any other by the short ones;
+    the K-shift (llama_kv_cache::build_graph_shift) takes the same. Layer 0 loads both and
+    the other layers duplicate them.
+    """
+    n_layer, n_ff = 2, 24
+    m = _Model(path, "phi3", "tiny-ph3-longrope", seed=59)
+    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
+    m.u32("attention.head_count_kv", N_HEAD_KV)
+    m.u32("rope.dimension_count", HEAD)
+    _head(m, N_EMBD)
+    for il in range(n_layer):
+        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
+        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
+        m.weight(f"blk.{il}.ffn_up.weight", (N_EMBD, 2 * n_ff))
+        m.weight(f"blk.{il}.ffn_down.weight", (n_ff, N_EMBD))
+    rope_factors(m, "longrope")
+    m.finish()
+    return path
+
+
+def write_exaone4(path: Path, factors: str | None = None) -> Path:
     """exaone4 with 2 layers and ``attention.sliding_window`` 8: no layer slides.
 
     llama_model_exaone4::load_arch_hparams slides only for 64 layers (the 32B model) but
@@ -181,6 +235,7 @@ def write_exaone4(path: Path) -> Path:
         m.norm(f"blk.{il}.attn_k_norm.weight", HEAD)
         _ffn(m, il, N_EMBD, n_ff)
         m.norm(f"blk.{il}.post_ffw_norm.weight", N_EMBD)
+    rope_factors(m, factors)
     m.finish()
     return path
 
@@ -231,7 +286,7 @@ def write_smallthinker(path: Path) -> Path:
     return path
 
 
-def write_step35(path: Path) -> Path:
+def write_step35(path: Path, factors: str | None = None) -> Path:
     """step35: 2 layers, ``attention.sliding_window_pattern`` [1, 0] -> layer 0 slides.
 
     llama_model_step35::load_arch_hparams: swa_type STANDARD, required window and pattern
@@ -253,6 +308,7 @@ def write_step35(path: Path) -> Path:
         _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         _ffn(m, il, N_EMBD, n_ff)
+    rope_factors(m, factors)
     m.finish()
     return path
 
@@ -346,7 +402,7 @@ def write_laguna(path: Path) -> Path:
     return path
 
 
-def write_granite_swa(path: Path) -> Path:
+def write_granite_swa(path: Path, factors: str | None = None) -> Path:
     """granite_swa: 3 layers, pattern array [1, 0, 1], ``attention.rope_pattern`` [1, 1, 0].
 
     llama_model_granite_swa::load_arch_hparams: swa_type STANDARD, required window and
@@ -368,11 +424,12 @@ def write_granite_swa(path: Path) -> Path:
         m.weight(f"blk.{il}.attn_sinks.weight", (N_HEAD,), scale=1.0)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         _ffn(m, il, N_EMBD, n_ff)
+    rope_factors(m, factors)
     m.finish()
     return path
 
 
-def write_exaone_moe(path: Path) -> Path:
+def write_exaone_moe(path: Path, factors: str | None = None) -> Path:
     """exaone-moe: 4 layers, window 8, default pattern 4 -> layers 0..2 slide, layer 3 is full.
 
     llama_model_exaone_moe::load_arch_hparams: swa_type STANDARD, required window and
@@ -391,6 +448,7 @@ def write_exaone_moe(path: Path) -> Path:
         _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD, qk_norm=True)
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         _ffn(m, il, N_EMBD, n_ff)
+    rope_factors(m, factors)
     m.finish()
     return path
 
@@ -633,6 +691,7 @@ MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-cohere2.gguf": write_cohere2,
     "tiny-openai-moe.gguf": write_openai_moe,
     "tiny-phi3.gguf": write_phi3,
+    "tiny-phi3-longrope.gguf": write_phi3_longrope,
     "tiny-exaone4.gguf": write_exaone4,
     "tiny-olmo2.gguf": write_olmo2,
     "tiny-smallthinker.gguf": write_smallthinker,
@@ -642,6 +701,12 @@ MODEL_WRITERS: dict[str, Callable[[Path], Path]] = {
     "tiny-laguna.gguf": write_laguna,
     "tiny-granite-swa.gguf": write_granite_swa,
     "tiny-exaone-moe.gguf": write_exaone_moe,
+    # the same models with RoPE frequency factors (rope_factors)
+    "tiny-llama4-rf.gguf": partial(write_llama4, factors="freqs"),
+    "tiny-exaone4-rf.gguf": partial(write_exaone4, factors="freqs"),
+    "tiny-step35-rf.gguf": partial(write_step35, factors="freqs"),
+    "tiny-exaone-moe-rf.gguf": partial(write_exaone_moe, factors="freqs"),
+    "tiny-granite-swa-longrope.gguf": partial(write_granite_swa, factors="longrope"),
     "tiny-plamo3.gguf": write_plamo3,
     "tiny-muse-glimmer.gguf": write_muse_glimmer,
     "tiny-spark2-5.gguf": write_spark2_5,
@@ -671,6 +736,10 @@ RUNS: list[RunConfig] = [
     RunConfig.of("olmo2", "tiny-olmo2.gguf", "main", 512, 64, False, True),
     # a window in the file that the reference does not use: plain KV caches
     RunConfig.of("phi3", "tiny-phi3.gguf", "main", 256, 64, True, True),
+    # LongRoPE: 256 cells per sequence <= 384 -> short factors; 4 x 512 > 384 -> long ones
+    # (the main scenario's seq_add / seq_div K-shift with them too)
+    RunConfig.of("phi3-longrope", "tiny-phi3-longrope.gguf", "short", 256, 64, True, True),
+    RunConfig.of("phi3-longrope", "tiny-phi3-longrope.gguf", "long", 2048, 64, False, False),
     RunConfig.of("exaone4", "tiny-exaone4.gguf", "main", 256, 64, False, True),
     # window replaced by 4096: base 512 / SWA PAD(min(512, 4096 * 4 + 64), 256) = 512
     RunConfig.of("smallthinker", "tiny-smallthinker.gguf", "main", 512, 64, True, True),
@@ -685,6 +754,17 @@ RUNS: list[RunConfig] = [
     RunConfig.of("laguna", "tiny-laguna.gguf", "main", 512, 64, False, True),
     RunConfig.of("granite-swa", "tiny-granite-swa.gguf", "main", 512, 64, True, True),
     RunConfig.of("exaone-moe", "tiny-exaone-moe.gguf", "main", 512, 64, True, True),
+    # with RoPE frequency factors: rope_freqs on every rotated layer (step35: its full
+    # layers only; no K-shift there), LongRoPE's long factors (512 cells > 384)
+    RunConfig.of("llama4-rf", "tiny-llama4-rf.gguf", "main", 512, 64, True, True),
+    RunConfig.of("exaone4-rf", "tiny-exaone4-rf.gguf", "main", 256, 64, False, True),
+    RunConfig.of("exaone-moe-rf", "tiny-exaone-moe-rf.gguf", "main", 512, 64, True, True),
+    RunConfig.of("step35-rf", "tiny-step35-rf.gguf", "noshift", 512, 64, True, True,
+        kshift=False, seq_shift=False,
+    ),
+    RunConfig.of("granite-swa-longrope", "tiny-granite-swa-longrope.gguf", "long", 512, 64,
+        True, True,
+    ),
     RunConfig.of("plamo3", "tiny-plamo3.gguf", "main", 2048, 64, True, False),
     RunConfig.of("muse-glimmer", "tiny-muse-glimmer.gguf", "main", 512, 64, False, True),
     RunConfig.of("spark2-5", "tiny-spark2-5.gguf", "main", 512, 64, False, True),
