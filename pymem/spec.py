@@ -120,7 +120,9 @@ class RopeSpec:
         if self.freq_factors_long is None:
             return self
         if n_ctx_seq > self.n_ctx_orig:
-            return replace(self, freq_factors=self.freq_factors_long or None, freq_factors_long=None)
+            return replace(
+                self, freq_factors=self.freq_factors_long or None, freq_factors_long=None
+            )
         return replace(self, freq_factors_long=None)
 
 
