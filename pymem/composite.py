@@ -36,7 +36,7 @@ import numpy as np
 
 from pymem.errors import BatchError
 from pymem.memory import GraphInputs, Memory, MemoryContext, MemoryStatus, status_combine
-from pymem.state import CompositeStatePlan, StatePlan, StateReader, StateWriter
+from pymem.state import CompositeStatePlan, SeqWriter, StatePlan, StateReader, StateWriter
 
 if TYPE_CHECKING:
     from pymem.ubatch import UBatch
@@ -180,6 +180,24 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
     def state_write_into(self, writer: StateWriter, seq_id: int = -1, flags: int = 0) -> None:
         for part in self._state_members(flags):
             part.state_write_into(writer, seq_id, flags)
+
+    def seq_writer(self, seq_id: int, flags: int) -> SeqWriter | None:
+        """Every part's sized writer, one after the other into one view (None unless
+        every part offers one)."""
+        parts = []
+        for part in self._state_members(flags):
+            one = part.seq_writer(seq_id, flags)
+            if one is None:
+                return None
+            parts.append(one)
+
+        def fill(view: memoryview) -> int:
+            at = 0
+            for size, part_fill in parts:
+                at += part_fill(view[at : at + size])
+            return at
+
+        return sum(size for size, _ in parts), fill
 
     def state_read_parse(
         self, reader: StateReader, seq_id: int = -1, flags: int = 0

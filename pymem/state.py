@@ -809,6 +809,11 @@ class CompositeStatePlan:
             p.commit()
 
 
+SeqWriter: TypeAlias = tuple[int, Callable[[memoryview], int]]
+"""A one-sequence blob's size and the function that writes exactly it into a byte view
+(:meth:`TwoPhaseStateIO.seq_writer`)."""
+
+
 class TwoPhaseStateIO:
     """The byte-level state calls of a memory whose state I/O has two phases.
 
@@ -827,14 +832,47 @@ class TwoPhaseStateIO:
         self, reader: StateReader, seq_id: int = -1, flags: int = 0
     ) -> StatePlan: ...
 
+    def seq_writer(self, seq_id: int, flags: int) -> SeqWriter | None:
+        """One sequence's blob as (size, fill) where this memory can size it before
+        writing: ``fill(view)`` writes exactly ``size`` bytes into ``view`` and returns that
+        count, in one pass (no recorder, no replay). None: not offered (the general writer
+        runs). Arguments that ``state_write_into`` would refuse raise the same errors here.
+        Composites offer one where every part does."""
+        return None
+
+    def _one_seq(self, seq_id: Any, flags: int) -> SeqWriter | None:
+        if type(seq_id) is not int or seq_id < 0:
+            return None
+        return self.seq_writer(seq_id, flags)
+
     def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
+        one = self._one_seq(seq_id, flags)
+        if one is not None:
+            size, fill = one
+            out = uninit_bytearray(size)
+            fill(memoryview(out))
+            return bytes(out) if size < 4096 else out  # type: ignore[return-value]
         return write_state(lambda w: self.state_write_into(w, seq_id, flags))
 
     def state_write_buffer(self, out: Any, seq_id: int = -1, flags: int = 0) -> int:
         """Write the state into the caller's writable buffer ``out`` (as many bytes as
         ``state_size``, at its start); returns that size. Reusing one buffer is the
         fastest way to take states repeatedly (see :func:`write_state_buffer`)."""
-        return write_state_buffer(out, lambda w: self.state_write_into(w, seq_id, flags))
+        one = self._one_seq(seq_id, flags)
+        if one is None:
+            return write_state_buffer(out, lambda w: self.state_write_into(w, seq_id, flags))
+        size, fill = one
+        view = memoryview(out)
+        if view.readonly:
+            raise RangeError("state_write_buffer: out is read-only (need a writable buffer)")
+        view = view.cast("B")
+        if size > view.nbytes:
+            raise RangeError(
+                f"state_write_buffer: out holds {view.nbytes} bytes, the state needs {size}"
+            )
+        written = fill(view[:size])
+        assert written == size, "the sized writer wrote another size"
+        return size
 
     def state_write_to(
         self,
@@ -850,6 +888,9 @@ class TwoPhaseStateIO:
         return write_state_to(fileobj, lambda w: self.state_write_into(w, seq_id, flags), progress)
 
     def state_size(self, seq_id: int = -1, flags: int = 0) -> int:
+        one = self._one_seq(seq_id, flags)
+        if one is not None:
+            return one[0]
         return state_size(lambda w: self.state_write_into(w, seq_id, flags))
 
     def state_read(

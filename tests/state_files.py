@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 import pymem
 from pymem.batch import Batch, BatchAllocator
@@ -85,3 +86,22 @@ def filled(model: str, seed: int = 0) -> Memory:
     decode(mem, ITEMS)
     randomize(mem, seed)
     return mem
+
+
+def check_seq_writer(mem: Memory[Any], seq_id: int, flags: int = 0) -> None:
+    """The sized one-sequence writer (``Memory.seq_writer``: a new blob, a reused buffer,
+    the size) gives the general writer's bytes (recorder + replay of ``state_write_into``),
+    or raises the same error."""
+    from pymem.state import write_state
+
+    try:
+        want = write_state(lambda w: mem.state_write_into(w, seq_id, flags))
+    except Exception as exc:  # whatever it is, the sized path must raise it too
+        with pytest.raises(type(exc)):
+            mem.state_write(seq_id, flags)
+        return
+    assert mem.state_write(seq_id, flags) == want
+    assert mem.state_size(seq_id, flags) == len(want)
+    out = bytearray(b"\xee" * (len(want) + 3))
+    assert mem.state_write_buffer(out, seq_id, flags) == len(want)
+    assert bytes(out[: len(want)]) == want and out[len(want) :] == b"\xee" * 3

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hybrid_helpers import check_hybrid
+from state_files import check_seq_writer
 from test_hybrid import make_hybrid
 from test_iswa import decode, randomize
 
@@ -100,6 +101,8 @@ def _walk(mem: HybridMemory, rng: np.random.Generator, n_steps: int) -> dict[str
         else:
             mem.clear(True)
         check_hybrid(mem, N_SEQ, kv_loops=step % 10 == 9)
+        # the sized one-sequence writer against the general one, both flag sets
+        check_seq_writer(mem, int(rng.integers(0, N_SEQ)), int(rng.choice([0, 1])))
     return counts
 
 
@@ -113,3 +116,18 @@ def test_random_walk(pattern: str, unified: bool, seed: int) -> None:
     counts = _walk(mem, rng, 150)
     assert counts.get("decode", 0) > 30 and counts.get("bad_restore", 0) > 2
     mem.close()
+
+
+def test_sized_writer_covers_hybrid_and_recurrent_parts() -> None:
+    # a plain hybrid's parts (KV cache, recurrent memory) each size their part: one pass;
+    # with a sliding-window cache in it the general writer runs (and the walk above checks
+    # both give the same bytes)
+    mem = make_hybrid("RAR", kv_size=64, n_seq_max=N_SEQ, unified=True, n_ubatch=4)
+    decode(mem, [[1, p, [0], p == 4] for p in range(5)], n_ubatch=4)
+    one = mem.seq_writer(0, 0)
+    assert one is not None and one[0] == len(mem.state_write(0))
+    assert mem.mem_attn.seq_writer(0, 0) is not None and mem.mem_recr.seq_writer(0, 0) is not None
+    iswa = make_hybrid("RSAR", kv_size=64, n_seq_max=N_SEQ, unified=True, n_ubatch=4)
+    assert iswa.seq_writer(0, 0) is None
+    mem.close()
+    iswa.close()

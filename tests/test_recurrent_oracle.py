@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from state_files import check_seq_writer
 
 from pymem.errors import StateError
 from pymem.recurrent import RecurrentMemory
@@ -349,6 +350,7 @@ def test_random_ops_match_oracle(seed: int, size: int, n_rs_seq: int) -> None:
         where = f"seed {seed} step {step}: {what}"
         assert same, where
         compare(mem, o, what.startswith("find_slot"), where)
+        check_seq_writer(mem, rng.randrange(size))  # pending rollbacks and copies included
         if step % 25 == 24:
             round_trip(mem, size, n_rs_seq, where)
     mem.close()

@@ -97,7 +97,13 @@ from pymem.memory import (
     clamp_range,
 )
 from pymem.spec import ModelSpec, NonCausalType, SWAType, masked_swa
-from pymem.state import StateReader, StateWriter, check_state_flags, uninit_bytearray
+from pymem.state import (
+    SeqWriter,
+    StateReader,
+    StateWriter,
+    check_state_flags,
+    uninit_bytearray,
+)
 from pymem.types import GGMLType, ggml_type
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
@@ -1380,6 +1386,22 @@ class KVCache(Memory):
         if flags:
             check_state_flags(flags, "state")
         return blob
+
+    def seq_writer(self, seq_id: int, flags: int) -> SeqWriter | None:
+        """The one-call blob (:class:`state_io.SeqBlob`) as a sized writer: the search
+        sizes it, the fill writes what the search found (a composite's parts each take
+        theirs into one buffer)."""
+        blob = self._seq_blob(seq_id, flags)
+        size = None if blob is None else blob.size(seq_id)
+        if blob is None or size is None:
+            return None
+
+        def fill(view: memoryview) -> int:
+            done = blob.write(view, seq_id, "state_write", reuse=True)
+            assert done is not None, "a byte view is always writable here"
+            return done
+
+        return size, fill
 
     def state_size(self, seq_id: int = -1, flags: int = 0) -> int:
         blob = self._seq_blob(seq_id, flags)

@@ -104,9 +104,15 @@ from pymem.memory import POS_MAX, Memory, MemoryStatus, Split, clamp_range
 from pymem.recurrent import cells as rcells
 from pymem.recurrent.cells import RecurrentCells, SlotRequest, find_slot, s_copy_rows, seq_rm_cells
 from pymem.recurrent.context import RecurrentMemoryContext
-from pymem.recurrent.state_io import RecurrentReadPlan, StateLayers, parse_state, write_state
+from pymem.recurrent.state_io import (
+    RecurrentReadPlan,
+    StateLayers,
+    parse_state,
+    seq_section_size,
+    write_state,
+)
 from pymem.spec import ModelSpec
-from pymem.state import StateReader, StateWriter, check_state_flags
+from pymem.state import BufferWriter, SeqWriter, StateReader, StateWriter, check_state_flags
 from pymem.types import ggml_type
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
@@ -703,6 +709,21 @@ class RecurrentMemory(Memory):
         if seq_id < -1:
             raise RangeError(f"{what}: seq_id must be -1 (all) or >= 0, got {seq_id}")
         return seq_id
+
+    def seq_writer(self, seq_id: int, flags: int) -> SeqWriter | None:
+        """One sequence's section, sized up front (:func:`state_io.seq_section_size`)
+        and written in one pass into the caller's view."""
+        self.check_open()
+        seq_id = self._check_seq_arg(seq_id, "state_write")
+        check_state_flags(flags, "state_write")
+        size = seq_section_size(self.cells, self._state_layers, self.n_rs_seq, seq_id)
+
+        def fill(view: memoryview) -> int:
+            writer = BufferWriter(size, view)
+            write_state(writer, self.cells, self._state_layers, self.n_rs_seq, seq_id)
+            return writer.n_written
+
+        return size, fill
 
     def state_write_into(self, writer: StateWriter, seq_id: int = -1, flags: int = 0) -> None:
         """Serialise (whole memory for ``seq_id == -1``, else one sequence) into ``writer``.

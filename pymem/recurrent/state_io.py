@@ -136,6 +136,15 @@ def meta_words(c: RecurrentCells, cells: np.ndarray, seq_id: int) -> np.ndarray:
     return out
 
 
+def seq_section_size(c: RecurrentCells, layers: StateLayers, n_rs_seq: int, seq_id: int) -> int:
+    """The bytes :func:`write_state` writes for sequence ``seq_id`` (>= 0), from the cells
+    it selects: count, META (pos and a zero id count per cell), s_trans, n_layer, then per
+    R and S tensor its header (i32 type, u64 row size) and one row per cell."""
+    cells, _ = select_rows(c, seq_id, n_rs_seq)
+    n = int(cells.size)
+    return 4 + 8 * n + 8 + sum(12 + n * t.row_size for t in (*layers.r, *layers.s))
+
+
 def write_state(
     writer: StateWriter, c: RecurrentCells, layers: StateLayers, n_rs_seq: int, seq_id: int
 ) -> None:
