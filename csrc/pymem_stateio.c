@@ -727,8 +727,39 @@ static int32_t pm_seq_blob_stream(const pm_kv_seq_blob * b, int32_t seq_id) {
     return s >= 0 && s < b->n_stream ? s : -1;
 }
 
-pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t reuse, void * out, int64_t cap,
-                               int64_t * written, int32_t * declined) {
+// pm_kv_select for one sequence whose cells must also have a position in [p_lo, p_hi] (a
+// sliding window): a plain per-cell pass
+static pm_status pm_kv_select_window(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id,
+                                     int64_t p_lo, int64_t p_hi, int64_t * run_starts, int64_t * run_ends,
+                                     int64_t cap, int64_t * n, int64_t * n_runs) {
+    int64_t count = 0, runs = 0;
+    int prev = 0;
+    for (int64_t c = 0; c < size; ++c) {
+        const int sel = owner[c] == seq_id && pos[c] >= p_lo && pos[c] <= p_hi;
+        count += sel;
+        if (sel == prev) {
+            continue;
+        }
+        if (sel) {
+            if (runs == cap) {
+                return PM_ERR_RANGE;
+            }
+            run_starts[runs] = c;
+        } else {
+            run_ends[runs++] = c;
+        }
+        prev = sel;
+    }
+    if (prev) {
+        run_ends[runs++] = size;
+    }
+    *n = count;
+    *n_runs = runs;
+    return PM_OK;
+}
+
+pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t reuse, int64_t p_lo, int64_t p_hi,
+                               void * out, int64_t cap, int64_t * written, int32_t * declined) {
     const int32_t s = pm_seq_blob_stream(b, seq_id);
     if (s < 0 || written == NULL || declined == NULL || cap < 0 || (out == NULL && cap != 0) ||
         b->selected == NULL || b->runs_cap < b->size / 2 + 1) {
@@ -742,8 +773,12 @@ pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t
     int64_t * sel = b->selected + 2 * s;  // n, n_runs
     if (!reuse) {
         int32_t shared = 0;
-        const pm_status st = pm_kv_select(b->pos[s], b->owner[s], b->size, seq_id, 0, b->run_starts[s], b->run_ends[s],
-                                          b->runs_cap, sel, sel + 1, &shared);
+        const pm_status st =
+            p_lo <= INT32_MIN && p_hi >= INT32_MAX
+                ? pm_kv_select(b->pos[s], b->owner[s], b->size, seq_id, 0, b->run_starts[s], b->run_ends[s],
+                               b->runs_cap, sel, sel + 1, &shared)
+                : pm_kv_select_window(b->pos[s], b->owner[s], b->size, seq_id, p_lo, p_hi, b->run_starts[s],
+                                      b->run_ends[s], b->runs_cap, sel, sel + 1);
         if (st != PM_OK) {
             return st;
         }

@@ -162,8 +162,11 @@ typedef struct pm_kv_seq_blob {
 // *declined = 1, nothing written, when the stream holds cells shared by several sequences
 // (the caller's general writer handles those). PM_ERR_RANGE, nothing written, when cap is
 // too small; PM_ERR_ARG for a null pointer or a seq_id outside [0, n_seq).
-pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t reuse, void * out, int64_t cap,
-                               int64_t * written, int32_t * declined);
+// A sliding-window cache writes only the sequence's cells its last token still sees: those
+// with a position in [p_lo, p_hi] (the caller derives the bounds from the window type,
+// n_swa and the sequence's largest position); any other cache passes INT32_MIN, INT32_MAX.
+pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t reuse, int64_t p_lo, int64_t p_hi,
+                               void * out, int64_t cap, int64_t * written, int32_t * declined);
 
 // A per-sequence restore of a whole blob (as pm_kv_write_seq_blob writes it) that changes no
 // cell, in one call: the one stream with cells must be seq_id's, every other stream's

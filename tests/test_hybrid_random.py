@@ -118,16 +118,13 @@ def test_random_walk(pattern: str, unified: bool, seed: int) -> None:
     mem.close()
 
 
-def test_sized_writer_covers_hybrid_and_recurrent_parts() -> None:
-    # a plain hybrid's parts (KV cache, recurrent memory) each size their part: one pass;
-    # with a sliding-window cache in it the general writer runs (and the walk above checks
-    # both give the same bytes)
-    mem = make_hybrid("RAR", kv_size=64, n_seq_max=N_SEQ, unified=True, n_ubatch=4)
+@pytest.mark.parametrize("pattern", ["RAR", "RSAR"])
+def test_sized_writer_covers_every_part(pattern: str) -> None:
+    # every part (KV cache, sliding-window cache, recurrent memory) sizes its part: one
+    # pass for the whole blob (the walk above checks it gives the general writer's bytes)
+    mem = make_hybrid(pattern, kv_size=64, n_seq_max=N_SEQ, unified=True, n_ubatch=4)
     decode(mem, [[1, p, [0], p == 4] for p in range(5)], n_ubatch=4)
     one = mem.seq_writer(0, 0)
     assert one is not None and one[0] == len(mem.state_write(0))
     assert mem.mem_attn.seq_writer(0, 0) is not None and mem.mem_recr.seq_writer(0, 0) is not None
-    iswa = make_hybrid("RSAR", kv_size=64, n_seq_max=N_SEQ, unified=True, n_ubatch=4)
-    assert iswa.seq_writer(0, 0) is None
     mem.close()
-    iswa.close()

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_kv_state import CFGS
+from test_kv_state import CFGS, build, randomize
+from test_kv_state_paths import _interleaved
 from test_kv_state_section import _fragmented
 
 import pymem.kv.state_io as state_io
 from pymem.errors import ClosedError, NativeError, RangeError, StateError
+from pymem.spec import SWAType
 
-LAYOUTS = [n for n in CFGS if n != "swa"]
+LAYOUTS = list(CFGS)
 
 
 def _general(kv, m) -> None:
@@ -140,3 +142,27 @@ def test_one_call_read_moves_the_head_as_the_plan_does(monkeypatch, name: str) -
         with pytest.raises(StateError):
             fast.state_read(bytes(damaged), 0)
         assert bytes(fast.state_write()) == before
+
+
+@pytest.mark.parametrize("swa_type", [SWAType.STANDARD, SWAType.CHUNKED, SWAType.SYMMETRIC])
+@pytest.mark.parametrize("n_swa", [1, 3, 8])
+def test_window_keeps_what_selected_cells_keeps(monkeypatch, swa_type: SWAType, n_swa: int) -> None:
+    # a sliding-window cache's blob of one sequence holds the cells its last token still
+    # sees; the native window ([lo, hi] from the sequence's largest position) selects what
+    # the general writer's masked_swa selects, for every window type and width
+    cfg = dict(CFGS["swa"], swa_type=swa_type, n_swa=n_swa)
+    kv = build(cfg, n_cells=512, n_seq=3)
+    _interleaved(kv, np.random.default_rng(n_swa), 3, 90, 7)
+    randomize(kv, n_swa)
+    blob = kv._seq_blob(0, 0)
+    assert blob is not None
+    for seq_id in range(3):
+        with monkeypatch.context() as m:
+            _general(kv, m)
+            want = bytes(kv.state_write(seq_id))
+        assert bytes(kv.state_write(seq_id)) == want
+        assert kv.state_size(seq_id) == len(want)
+        cells = state_io.selected_cells(kv.layout, kv.v_cells[0], seq_id)
+        assert 0 < cells.size < kv.v_cells[0].seq_cells(seq_id).size or n_swa >= 90
+    # a restore of a sliding-window cache always takes the two-phase path
+    assert blob.read(bytes(kv.state_write(1)), 1) is None

@@ -194,6 +194,10 @@ def native_section(layout: KVLayout, layers: Sequence[KVLayer]) -> NativeSection
     return NativeSection(specs, ffi.new("struct ggml_tensor *[]", ptrs), cell_bytes, n_headers)
 
 
+_INT32_MAX = 2**31 - 1
+_ALL_POSITIONS = (-(2**31), _INT32_MAX)  # no window: every position of the sequence
+
+
 class SeqBlob:
     """A cache's whole per-sequence blobs in one native call each
     (:c:func:`pm_kv_write_seq_blob`, :c:func:`pm_kv_read_seq_blob`): one view of every
@@ -206,7 +210,7 @@ class SeqBlob:
     already be checked (``0 <= seq_id < n_seq``).
     """
 
-    __slots__ = ("_keep", "_view", "n_seq")
+    __slots__ = ("_cells", "_keep", "_stream_of", "_swa", "_view", "n_seq")
 
     def __init__(
         self,
@@ -257,13 +261,44 @@ class SeqBlob:
         self._view = v
         self._keep = keep  # every array and cdata the view points into
         self.n_seq = int(v.n_seq)
+        self._cells = tuple(v_cells)
+        self._stream_of = layout.seq_to_stream
+        # (type, n_swa) of a sliding-window cache: a sequence's blob holds only the cells
+        # its last token still sees (selected_cells), a window the write passes to C
+        self._swa = None if layout.swa_type == SWAType.NONE else (layout.swa_type, layout.n_swa)
+
+    def _window(self, seq_id: int) -> tuple[int, int] | None:
+        """The positions ``[lo, hi]`` of ``seq_id``'s cells its blob holds: every position
+        without a window; else those ``masked_swa`` keeps from the sequence's largest
+        position. E.g. STANDARD, n_swa 4, largest position 10 -> [7, INT32_MAX]. None for a
+        window of 0 (the general writer handles that)."""
+        if self._swa is None:
+            return _ALL_POSITIONS
+        swa_type, n_swa = self._swa
+        if n_swa <= 0:
+            return None
+        p_max = self._cells[int(self._stream_of[seq_id])].seq_pos_max(seq_id)
+        if p_max < 0:
+            return _ALL_POSITIONS  # no cells at all
+        if swa_type == SWAType.STANDARD:
+            return p_max - n_swa + 1, _INT32_MAX
+        if swa_type == SWAType.CHUNKED:
+            return (p_max // n_swa) * n_swa, _INT32_MAX
+        if swa_type == SWAType.SYMMETRIC:
+            return p_max - n_swa // 2, p_max + n_swa // 2
+        return None
 
     def size(self, seq_id: int) -> int | None:
         """The bytes of ``seq_id``'s blob (its cells are searched, no byte moves; a
         ``write(..., reuse=True)`` right after writes what this found)."""
+        window = self._window(seq_id)
+        if window is None:
+            return None
         written = ffi.new("int64_t[2]")
         declined = ffi.cast("int32_t *", written + 1)
-        status = lib.pm_kv_write_seq_blob(self._view, seq_id, 0, ffi.NULL, 0, written, declined)
+        status = lib.pm_kv_write_seq_blob(
+            self._view, seq_id, 0, window[0], window[1], ffi.NULL, 0, written, declined
+        )
         if declined[0]:
             return None
         if status != lib.PM_ERR_RANGE:  # a blob is never 0 bytes: a size query is too small
@@ -275,6 +310,9 @@ class SeqBlob:
         when ``out`` is no writable contiguous buffer (the caller's general path says so).
         RangeError, nothing written, when ``out`` is too small. ``reuse``: the cells
         :meth:`size` just found, with no change to the cache since (no second search)."""
+        window = self._window(seq_id) if not reuse else _ALL_POSITIONS  # reuse: not searched
+        if window is None:
+            return None
         try:
             dest = ffi.from_buffer(out, require_writable=True)
         except (TypeError, ValueError, BufferError):
@@ -282,7 +320,7 @@ class SeqBlob:
         written = ffi.new("int64_t[2]")
         declined = ffi.cast("int32_t *", written + 1)
         status = lib.pm_kv_write_seq_blob(
-            self._view, seq_id, reuse, dest, len(dest), written, declined
+            self._view, seq_id, reuse, window[0], window[1], dest, len(dest), written, declined
         )
         if declined[0]:
             return None
@@ -296,7 +334,10 @@ class SeqBlob:
         one stream with cells puts ``seq_id`` back into exactly the cells it holds, with
         headers the cache's; its bytes are stored and the stream's head moves past the last
         cell, as the two-phase restore would. The bytes consumed, or None with nothing
-        changed."""
+        changed (always for a sliding-window cache, whose restore prunes what the window
+        leaves behind: the two-phase restore does that)."""
+        if self._swa is not None:
+            return None
         try:
             src = ffi.from_buffer(data)
         except (TypeError, ValueError, BufferError):
@@ -317,8 +358,8 @@ def seq_blob(
     section: NativeSection | None,
 ) -> SeqBlob | None:
     """The cache's :class:`SeqBlob`, or None where the one-call paths do not apply (no
-    native section, a sliding window). The caller also honours ``NATIVE_RUNS`` per call."""
-    if section is None or layout.swa_type != SWAType.NONE:
+    native section). The caller also honours ``NATIVE_RUNS`` per call."""
+    if section is None:
         return None
     return SeqBlob(layout, v_cells, v_heads, section)
 
