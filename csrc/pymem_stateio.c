@@ -839,3 +839,40 @@ pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const vo
     *consumed = at + part + 4 * (n_stream - before - 1);
     return PM_OK;
 }
+
+pm_status pm_rows_section(struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n, int64_t row,
+                          void * out, int64_t cap, int64_t * written) {
+    if (tensors == NULL || spec == NULL || out == NULL || written == NULL || n < 0 || cap < 0) {
+        return PM_ERR_ARG;
+    }
+    int64_t total = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        const struct ggml_tensor * t = tensors[i];
+        const int64_t row_size = spec[2 * i + 1];
+        if (t == NULL || row_size < 0) {
+            return PM_ERR_ARG;
+        }
+        // a zero-wide tensor (a layer without conv state) carries its header only
+        if (row_size > 0 && (t->buffer == NULL || !ggml_backend_buffer_is_host(t->buffer) ||
+                             t->nb[1] != (size_t) row_size ||
+                             (row >= 0 && (uint64_t) (row + 1) * (uint64_t) row_size > ggml_nbytes(t)))) {
+            return PM_ERR_ARG;
+        }
+        total += 12 + (row >= 0 ? row_size : 0);
+    }
+    *written = total;
+    if (total > cap) {
+        return PM_ERR_RANGE;
+    }
+    char * w = (char *) out;
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t row_size = spec[2 * i + 1];
+        w = pm_put_u32(w, (uint32_t) (int32_t) spec[2 * i]);
+        w = pm_put_u64(w, (uint64_t) row_size);
+        if (row >= 0 && row_size > 0) {
+            memcpy(w, (const char *) tensors[i]->data + row * row_size, (size_t) row_size);
+            w += row_size;
+        }
+    }
+    return PM_OK;
+}

@@ -177,6 +177,15 @@ pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t
 pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const void * blob, int64_t avail,
                               int64_t * consumed, int32_t * done);
 
+// One row of each of n host tensors, each after its header, as a recurrent state section
+// holds a sequence's cell: per tensor i32 spec[2 i] (type), u64 spec[2 i + 1] (row size,
+// the tensor's nb[1]; 0 for a zero-wide tensor, whose header stands alone), then that many
+// bytes of row `row` (none when row < 0). *written =
+// the bytes it takes; PM_ERR_RANGE, nothing written, when cap is smaller; PM_ERR_ARG for a
+// null pointer, a tensor not in host memory, another row size or a row past its end.
+pm_status pm_rows_section(struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n, int64_t row,
+                          void * out, int64_t cap, int64_t * written);
+
 // PYMEM_CDEF_END
 
 #ifdef __cplusplus

@@ -92,7 +92,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -106,8 +106,11 @@ from pymem.recurrent.cells import RecurrentCells, SlotRequest, find_slot, s_copy
 from pymem.recurrent.context import RecurrentMemoryContext
 from pymem.recurrent.state_io import (
     RecurrentReadPlan,
+    SeqRows,
     StateLayers,
     parse_state,
+    seq_cell_row,
+    seq_rows,
     seq_section_size,
     write_state,
 )
@@ -274,6 +277,8 @@ class RecurrentMemory(Memory):
             tuple(self._r[il] for il in self.layers),
             tuple(self._s[il] for il in self.layers),
         )
+        # one sequence's section in one native call (host tensors; built on first use)
+        self._seq_rows: SeqRows | Literal[False] | None = False
 
         # seq ids stored in cells are < size; rs_idx is indexed by any id < n_seq_max too
         self.cells = RecurrentCells(self.size, max(self.size, self.n_seq_max))
@@ -716,9 +721,15 @@ class RecurrentMemory(Memory):
         self.check_open()
         seq_id = self._check_seq_arg(seq_id, "state_write")
         check_state_flags(flags, "state_write")
-        size = seq_section_size(self.cells, self._state_layers, self.n_rs_seq, seq_id)
+        cell, row = seq_cell_row(self.cells, seq_id, self.n_rs_seq)
+        size = seq_section_size(self._state_layers, cell >= 0)
+        if self._seq_rows is False:
+            self._seq_rows = seq_rows(self._state_layers)
+        native = self._seq_rows
 
         def fill(view: memoryview) -> int:
+            if native is not None:
+                return native.write(view, self.cells, cell, row)
             writer = BufferWriter(size, view)
             write_state(writer, self.cells, self._state_layers, self.n_rs_seq, seq_id)
             return writer.n_written

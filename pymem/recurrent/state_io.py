@@ -24,6 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
+from pymem._native import check, ffi, lib
 from pymem.backend import Tensor
 from pymem.errors import StateError
 from pymem.memory import POS_MAX
@@ -136,13 +137,65 @@ def meta_words(c: RecurrentCells, cells: np.ndarray, seq_id: int) -> np.ndarray:
     return out
 
 
-def seq_section_size(c: RecurrentCells, layers: StateLayers, n_rs_seq: int, seq_id: int) -> int:
-    """The bytes :func:`write_state` writes for sequence ``seq_id`` (>= 0), from the cells
-    it selects: count, META (pos and a zero id count per cell), s_trans, n_layer, then per
-    R and S tensor its header (i32 type, u64 row size) and one row per cell."""
-    cells, _ = select_rows(c, seq_id, n_rs_seq)
-    n = int(cells.size)
+def seq_cell_row(c: RecurrentCells, seq_id: int, n_rs_seq: int) -> tuple[int, int]:
+    """(cell, row) of sequence ``seq_id`` (>= 0) as :func:`select_rows` selects them, in
+    scalars: its tail cell and the row its state is read from (a pending copy's source, in
+    the pending rollback's plane); (-1, -1) when it holds no cell."""
+    if not seq_id < c.size or c.tail[seq_id] < 0:
+        return -1, -1
+    cell = int(c.tail[seq_id])
+    src = int(c.src[cell])
+    row = src if src >= 0 else cell
+    if n_rs_seq:
+        row += int(c.rs_idx[seq_id]) * c.size
+    return cell, row
+
+
+def seq_section_size(layers: StateLayers, has_cell: bool) -> int:
+    """The bytes :func:`write_state` writes for one sequence: count, META (pos and a zero
+    id count) when it holds a cell, s_trans, n_layer, then per R and S tensor its header
+    (i32 type, u64 row size) and the cell's row."""
+    n = int(has_cell)
     return 4 + 8 * n + 8 + sum(12 + n * t.row_size for t in (*layers.r, *layers.s))
+
+
+class SeqRows:
+    """One sequence's section in one native call (:c:func:`pm_rows_section` after a
+    few header words), for a memory whose R and S tensors are all in host memory."""
+
+    def __init__(self, layers: StateLayers) -> None:
+        tensors = (*layers.r, *layers.s)
+        self._tensors = ffi.new("struct ggml_tensor *[]", [t.ptr for t in tensors])
+        self._spec = np.array([(t.type.id, t.row_size) for t in tensors], dtype=np.int64)
+        self._spec_c = ffi.from_buffer("int64_t[]", self._spec)
+        self._n = len(tensors)
+        self._n_layer = layers.n_layer
+
+    def write(self, view: memoryview, c: RecurrentCells, cell: int, row: int) -> int:
+        """The section of the sequence whose (cell, row) :func:`seq_cell_row` gave, into
+        ``view`` (exactly :func:`seq_section_size` bytes); the bytes written."""
+        if cell >= 0:
+            struct.pack_into("<IiIII", view, 0, 1, int(c.pos[cell]), 0, 0, self._n_layer)
+            at = 20
+        else:
+            struct.pack_into("<III", view, 0, 0, 0, self._n_layer)
+            at = 12
+        written = ffi.new("int64_t *")
+        dest = ffi.from_buffer(view, require_writable=True) + at
+        check(
+            lib.pm_rows_section(
+                self._tensors, self._spec_c, self._n, row, dest, len(view) - at, written
+            ),
+            "state_write: one sequence's recurrent rows",
+        )
+        return at + int(written[0])
+
+
+def seq_rows(layers: StateLayers) -> SeqRows | None:
+    """The native section writer when every R and S tensor is in host memory, else None."""
+    if all(t.device.is_host for t in (*layers.r, *layers.s)):
+        return SeqRows(layers)
+    return None
 
 
 def write_state(
