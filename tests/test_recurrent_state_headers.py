@@ -11,6 +11,8 @@ import pytest
 from test_recurrent import fill_rows, make_rec, place
 
 from pymem.errors import StateError
+from pymem.recurrent import RecurrentMemory
+from pymem.spec import LayerSpec, ModelSpec
 
 
 @pytest.mark.parametrize("seq", [-1, 0])
@@ -41,3 +43,35 @@ def test_bad_header_of_a_later_layer_is_named(seq: int) -> None:
         np.frombuffer(other.state_write(dest), np.uint8)[-100:],
         np.frombuffer(blob, np.uint8)[-100:],
     )
+
+
+def test_rows_section_refuses_before_writing() -> None:
+    # pm_rows_section (one sequence's recurrent rows in one call): a short buffer, a row
+    # size other than the tensor's and a row past its end are refused, nothing written
+    from pymem._native import ffi, lib
+    from pymem.recurrent.state_io import SeqRows
+
+    mem = RecurrentMemory(ModelSpec(layers=(LayerSpec.ssm(4, 8), LayerSpec.ssm(4, 8))), n_seq_max=2)
+    layers = mem._state_layers
+    tensors = (*layers.r, *layers.s)
+    rows = SeqRows(layers)
+    need = sum(12 + t.row_size for t in tensors)
+    out = bytearray(b"\xab" * (need + 4))
+    written = ffi.new("int64_t *")
+
+    def call(spec, row, cap):  # type: ignore[no-untyped-def]
+        return lib.pm_rows_section(
+            rows._tensors, ffi.from_buffer("int64_t[]", spec), len(tensors), row,
+            ffi.from_buffer(out, require_writable=True), cap, written,
+        )  # fmt: skip
+
+    spec = rows._spec.copy()
+    assert call(spec, 1, need - 1) == lib.PM_ERR_RANGE and written[0] == need
+    bad = spec.copy()
+    bad[1, 1] += 4  # a row size the tensor does not have
+    assert call(bad, 1, need) == lib.PM_ERR_ARG
+    assert call(spec, mem.size * 1000, need) == lib.PM_ERR_ARG  # past the tensor's end
+    assert out == bytearray(b"\xab" * (need + 4))
+    assert call(spec, 1, need) == lib.PM_OK and written[0] == need
+    assert out[need:] == b"\xab" * 4
+    mem.close()
