@@ -511,6 +511,25 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
     return PM_OK;
 }
 
+// cell c, selected or not after a cell that was (*prev): opens or closes a run of selected
+// cells in run_starts / run_ends (*runs closed so far); PM_ERR_RANGE when cap runs are open
+static inline pm_status pm_run_edge(int64_t c, int sel, int * prev, int64_t * run_starts, int64_t * run_ends,
+                                    int64_t * runs, int64_t cap) {
+    if (sel == *prev) {
+        return PM_OK;
+    }
+    if (sel) {
+        if (*runs == cap) {
+            return PM_ERR_RANGE;
+        }
+        run_starts[*runs] = c;
+    } else {
+        run_ends[(*runs)++] = c;
+    }
+    *prev = sel;
+    return PM_OK;
+}
+
 #define PM_SELECT_BLOCK 32
 
 pm_status pm_kv_select(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id, int32_t n_seq_max,
@@ -549,19 +568,10 @@ pm_status pm_kv_select(const int32_t * pos, const int32_t * owner, int64_t size,
             continue;
         }
         for (int64_t c = c0; c < c1; ++c) {
-            const int sel = pm_stateio_selected(pos, owner, c, seq_id);
-            if (sel == prev) {
-                continue;
+            if (pm_run_edge(c, pm_stateio_selected(pos, owner, c, seq_id), &prev, run_starts, run_ends, &runs,
+                            cap) != PM_OK) {
+                return PM_ERR_RANGE;
             }
-            if (sel) {
-                if (runs == cap) {
-                    return PM_ERR_RANGE;
-                }
-                run_starts[runs] = c;
-            } else {
-                run_ends[runs++] = c;
-            }
-            prev = sel;
         }
     }
     if (prev) {
@@ -737,18 +747,9 @@ static pm_status pm_kv_select_window(const int32_t * pos, const int32_t * owner,
     for (int64_t c = 0; c < size; ++c) {
         const int sel = owner[c] == seq_id && pos[c] >= p_lo && pos[c] <= p_hi;
         count += sel;
-        if (sel == prev) {
-            continue;
+        if (pm_run_edge(c, sel, &prev, run_starts, run_ends, &runs, cap) != PM_OK) {
+            return PM_ERR_RANGE;
         }
-        if (sel) {
-            if (runs == cap) {
-                return PM_ERR_RANGE;
-            }
-            run_starts[runs] = c;
-        } else {
-            run_ends[runs++] = c;
-        }
-        prev = sel;
     }
     if (prev) {
         run_ends[runs++] = size;

@@ -16,6 +16,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -59,13 +60,16 @@ def _write_with(
     return writer(tmp_path / "model.gguf")
 
 
-def _first_decode(path: Path, run: str) -> np.ndarray:
-    """Decode the first batch of a recorded run with the model at ``path``; its logits."""
+def _first_decode(
+    path: Path, run: str, memory_of: Callable[..., Any] = create_memory
+) -> np.ndarray:
+    """Decode the first batch of a recorded run with the model at ``path``; its logits.
+    ``memory_of(spec, params)`` builds the memory (the factory's ``create_memory``)."""
     data = json.loads((RUNS / f"{run}.json").read_text())
     step = next(s for s in data["steps"] if s["op"] == "decode")
     params = data["context_params"]
     with GGUFModel(path) as model:
-        mem = create_memory(model.spec, ContextParams.from_dict(params))
+        mem = memory_of(model.spec, ContextParams.from_dict(params))
         assert mem is not None
         try:
             dec = Decoder(model, mem, n_seq_max=params["n_seq_max"], n_ubatch=params["n_ubatch"],

@@ -18,14 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pymem.batch import Batch
 from pymem.errors import UnsupportedError
-from pymem.factory import ContextParams, build_from_plan, create_memory, plan_memory
-from pymem.runtime.decoder import Decoder
-from pymem.runtime.gguf_llama import GGUFModel, GGUFWeights
+from pymem.factory import build_from_plan, plan_memory
+from pymem.runtime.gguf_llama import GGUFWeights
 
 sys.path.insert(0, str(Path(__file__).parent / "record"))
 import family_attention
+from test_gguf_attention_moe import _first_decode
 
 DATA = Path(__file__).parent / "data"
 MODEL = DATA / "models" / "tiny-phi3-longrope.gguf"
@@ -35,20 +34,6 @@ FACTORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.
 
 def _run(name: str) -> dict:
     return json.loads((DATA / "runs" / f"{name}.json").read_text())
-
-
-def _first_decode(path: Path, run: str, memory_of=create_memory) -> np.ndarray:
-    data = _run(run)
-    step = next(s for s in data["steps"] if s["op"] == "decode")
-    params = data["context_params"]
-    with GGUFModel(path) as model:
-        mem = memory_of(model.spec, ContextParams.from_dict(params))
-        try:
-            dec = Decoder(model, mem, n_seq_max=params["n_seq_max"], n_ubatch=params["n_ubatch"],
-                          flash_attn=params["flash_attn"])  # fmt: skip
-            return dec.decode(Batch.from_items(step["items"]))
-        finally:
-            mem.close()
 
 
 def _factors_asked(monkeypatch: pytest.MonkeyPatch, run: str, path: Path = MODEL) -> set[str]:

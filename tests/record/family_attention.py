@@ -139,19 +139,28 @@ def write_openai_moe(path: Path) -> Path:
     return path
 
 
-def write_phi3(path: Path) -> Path:
+def write_phi3(
+    path: Path,
+    factors: str | None = None,
+    *,
+    window: int = N_SWA,
+    name: str = "tiny-ph3",
+    seed: int = 53,
+) -> Path:
     """phi3 with ``attention.sliding_window`` 8: the reference switches Phi's window off.
 
     llama_model_phi3::load_arch_hparams: a window > 0 gives swa_type NONE, n_swa 0 and no
     sliding layer, so the memory is a plain KV cache. 2 layers; the ffn's up projection
-    holds gate and up (2 * n_ff).
+    holds gate and up (2 * n_ff). ``factors``: see :func:`rope_factors`; ``window`` 0
+    writes no window key.
     """
     n_layer, n_ff = 2, 24
     # general.name must not contain "phi3": the vocab then wants an <|endoftext|> token
-    m = _Model(path, "phi3", "tiny-ph3", seed=53)
+    m = _Model(path, "phi3", name, seed=seed)
     _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
     m.u32("attention.head_count_kv", N_HEAD_KV)
-    m.u32("attention.sliding_window", N_SWA)
+    if window:
+        m.u32("attention.sliding_window", window)
     m.u32("rope.dimension_count", HEAD)
     _head(m, N_EMBD)
     for il in range(n_layer):
@@ -159,6 +168,7 @@ def write_phi3(path: Path) -> Path:
         m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
         m.weight(f"blk.{il}.ffn_up.weight", (N_EMBD, 2 * n_ff))
         m.weight(f"blk.{il}.ffn_down.weight", (n_ff, N_EMBD))
+    rope_factors(m, factors)
     m.finish()
     return path
 
@@ -172,8 +182,8 @@ def rope_factors(m: _Model, kind: str | None) -> None:
     (in [1, 2]); ``longrope`` adds ``rope_factors_long`` (in [1, 8]) and
     ``rope_factors_short`` (in [1, 2]) with ``rope.scaling.type`` longrope and
     ``rope.scaling.original_context_length`` :data:`PHI3_LONGROPE_ORIG_CTX`; None adds
-    nothing. Drawn after every other weight, so
-    the model's other tensors are those of the writer without factors."""
+    nothing. Drawn after every other weight, so the model's other tensors are those of the
+    writer without factors."""
     if kind == "freqs":
         m.w.add_tensor("rope_freqs.weight", (1.0 + m.rng.random(HEAD // 2)).astype(np.float32))
     elif kind == "longrope":
@@ -199,20 +209,7 @@ def write_phi3_longrope(path: Path) -> Path:
     the K-shift (llama_kv_cache::build_graph_shift) takes the same. Layer 0 loads both and
     the other layers duplicate them.
     """
-    n_layer, n_ff = 2, 24
-    m = _Model(path, "phi3", "tiny-ph3-longrope", seed=59)
-    _common(m, N_EMBD, n_layer, n_ff, N_HEAD)
-    m.u32("attention.head_count_kv", N_HEAD_KV)
-    m.u32("rope.dimension_count", HEAD)
-    _head(m, N_EMBD)
-    for il in range(n_layer):
-        _attn(m, il, N_EMBD, N_HEAD, N_HEAD_KV, HEAD)
-        m.norm(f"blk.{il}.ffn_norm.weight", N_EMBD)
-        m.weight(f"blk.{il}.ffn_up.weight", (N_EMBD, 2 * n_ff))
-        m.weight(f"blk.{il}.ffn_down.weight", (n_ff, N_EMBD))
-    rope_factors(m, "longrope")
-    m.finish()
-    return path
+    return write_phi3(path, "longrope", window=0, name="tiny-ph3-longrope", seed=59)
 
 
 def write_exaone4(path: Path, factors: str | None = None) -> Path:
