@@ -877,3 +877,48 @@ pm_status pm_rows_section(struct ggml_tensor * const * tensors, const int64_t * 
     }
     return PM_OK;
 }
+
+pm_status pm_rows_store(struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n, int64_t n_rows,
+                        int64_t dst_row, const void * data, int64_t avail, int32_t store, int64_t * consumed) {
+    if (tensors == NULL || spec == NULL || data == NULL || consumed == NULL || n < 0 || n_rows < 0 || dst_row < 0 ||
+        avail < 0) {
+        return PM_ERR_ARG;
+    }
+    *consumed = -1;
+    const char * p = (const char *) data;
+    int64_t at = 0;
+    for (int64_t i = 0; i < n; ++i) {  // every check before the first byte is stored
+        const struct ggml_tensor * t = tensors[i];
+        const int64_t row_size = spec[2 * i + 1];
+        if (t == NULL || row_size < 0) {
+            return PM_ERR_ARG;
+        }
+        if (row_size > 0 && n_rows > 0 &&
+            (t->buffer == NULL || !ggml_backend_buffer_is_host(t->buffer) || t->nb[1] != (size_t) row_size ||
+             (uint64_t) (dst_row + n_rows) * (uint64_t) row_size > ggml_nbytes(t))) {
+            return PM_ERR_ARG;
+        }
+        if (avail - at < 12 || pm_get_u32(p + at) != (uint32_t) (int32_t) spec[2 * i] ||
+            pm_get_u64(p + at + 4) != (uint64_t) row_size) {
+            return PM_OK;
+        }
+        at += 12;
+        if ((avail - at) / (row_size > 0 ? row_size : 1) < n_rows) {
+            return PM_OK;
+        }
+        at += n_rows * row_size;
+    }
+    if (store) {
+        at = 0;
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t bytes = n_rows * spec[2 * i + 1];
+            at += 12;
+            if (bytes > 0) {
+                memcpy((char *) tensors[i]->data + dst_row * spec[2 * i + 1], p + at, (size_t) bytes);
+            }
+            at += bytes;
+        }
+    }
+    *consumed = at;
+    return PM_OK;
+}

@@ -524,6 +524,16 @@ class StateReader:
         """
         return self._take(n, what)
 
+    def host_rest(self) -> memoryview | None:
+        """The unread bytes as one host view, where this reader hands out payloads as host
+        views (a plain blob): a native parser may walk them at once and then :meth:`skip`.
+        None for readers whose payloads are something else (recorders, device blobs)."""
+        return self._view[self.offset :] if type(self) is StateReader else None
+
+    def skip(self, n: int, what: str) -> None:
+        """Pass over the next ``n`` bytes (walked by a native parser)."""
+        self._take(n, what)
+
     def read_bytes(self, n: int, what: str) -> bytes:
         """The next ``n`` bytes of metadata, copied (a header compared at once)."""
         return bytes(self._take(n, what))
@@ -564,17 +574,23 @@ class PendingWrites:
     """Tensor writes collected while parsing a blob, applied only after validation."""
 
     def __init__(self) -> None:
-        self._ops: list[tuple[Tensor, int, Payload]] = []
+        self._ops: list[tuple[Tensor | None, int, Any]] = []
 
     def add(self, tensor: Tensor, offset: int, data: Payload) -> None:
         self._ops.append((tensor, offset, data))
+
+    def add_call(self, store: Callable[[], None]) -> None:
+        """A store a native parser validated already (many tensors' rows in one call)."""
+        self._ops.append((None, 0, store))
 
     def __len__(self) -> int:
         return len(self._ops)
 
     def commit(self) -> None:
         for tensor, offset, data in self._ops:
-            if isinstance(data, DevicePayload):
+            if tensor is None:
+                data()
+            elif isinstance(data, DevicePayload):
                 data.copy_to(
                     tensor, offset, 1, 0, _ONE_RUN_START, np.array([data.nbytes], np.uint64)
                 )

@@ -75,3 +75,22 @@ def test_rows_section_refuses_before_writing() -> None:
     assert call(spec, 1, need) == lib.PM_OK and written[0] == need
     assert out[need:] == b"\xab" * 4
     mem.close()
+
+
+def test_native_rows_restore_refuses_a_blob_changed_after_parse() -> None:
+    # a restore of host rows checks every section in one native walk when parsed and
+    # stores them in one more at commit; a blob changed in between is refused there, with
+    # nothing stored and the cells as they were
+    from pymem.state import StateReader
+
+    mem = make_rec(n_seq=4)
+    place(mem, (0, 3), (1, 5))
+    fill_rows(mem)
+    blob = bytearray(mem.state_write(1))
+    before = mem.state_write()
+    plan = mem.state_read_parse(StateReader(blob), 1)
+    blob[-mem._state_layers.s[-1].row_size - 12] ^= 0x01  # the last S section's type word
+    with pytest.raises(StateError, match="changed after it was parsed"):
+        plan.commit()
+    assert mem.state_write() == before
+    mem.close()

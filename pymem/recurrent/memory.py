@@ -715,6 +715,12 @@ class RecurrentMemory(Memory):
             raise RangeError(f"{what}: seq_id must be -1 (all) or >= 0, got {seq_id}")
         return seq_id
 
+    def _native_rows(self) -> SeqRows | None:
+        """The one-call R/S rows writer and reader (host tensors), built on first use."""
+        if self._seq_rows is False:
+            self._seq_rows = seq_rows(self._state_layers)
+        return self._seq_rows
+
     def seq_writer(self, seq_id: int, flags: int) -> SeqWriter | None:
         """One sequence's section, sized up front (:func:`state_io.seq_section_size`)
         and written in one pass into the caller's view."""
@@ -723,9 +729,7 @@ class RecurrentMemory(Memory):
         check_state_flags(flags, "state_write")
         cell, row = seq_cell_row(self.cells, seq_id, self.n_rs_seq)
         size = seq_section_size(self._state_layers, cell >= 0)
-        if self._seq_rows is False:
-            self._seq_rows = seq_rows(self._state_layers)
-        native = self._seq_rows
+        native = self._native_rows()
 
         def fill(view: memoryview) -> int:
             if native is not None:
@@ -772,8 +776,9 @@ class RecurrentMemory(Memory):
                 f"state_read: seq_id {seq_id} must be < n_seq_max ({self.n_seq_max}) and < mem_size ({self.size})"
             )
         cells, writes = parse_state(
-            reader, self.cells, self._state_layers, self.n_seq_max, self.n_rs_seq, seq_id
-        )
+            reader, self.cells, self._state_layers, self.n_seq_max, self.n_rs_seq, seq_id,
+            self._native_rows(),
+        )  # fmt: skip
         return RecurrentReadPlan(
             self, cells, writes, clear_data=seq_id == -1, version=self._version
         )

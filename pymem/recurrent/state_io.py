@@ -171,6 +171,20 @@ class SeqRows:
         self._n = len(tensors)
         self._n_layer = layers.n_layer
 
+    def walk(self, data: memoryview, n_rows: int, dst_row: int, store: bool) -> int | None:
+        """:c:func:`pm_rows_store` over the tensor sections at the start of ``data``:
+        their bytes when every header is this memory's and the rows are all there (and,
+        with ``store``, the rows stored at ``dst_row``); None when not (nothing stored)."""
+        consumed = ffi.new("int64_t *")
+        check(
+            lib.pm_rows_store(
+                self._tensors, self._spec_c, self._n, n_rows, dst_row, ffi.from_buffer(data),
+                len(data), int(store), consumed,
+            ),
+            "state_read: recurrent rows",
+        )  # fmt: skip
+        return None if consumed[0] < 0 else int(consumed[0])
+
     def write(self, view: memoryview, c: RecurrentCells, cell: int, row: int) -> int:
         """The section of the sequence whose (cell, row) :func:`seq_cell_row` gave, into
         ``view`` (exactly :func:`seq_section_size` bytes); the bytes written."""
@@ -235,6 +249,7 @@ def parse_state(
     n_seq_max: int,
     n_rs_seq: int,
     seq_id: int,
+    native: SeqRows | None = None,
 ) -> tuple[RecurrentCells, PendingWrites]:
     """Parse and validate one state section against the live cells ``c``; change nothing.
 
@@ -257,7 +272,7 @@ def parse_state(
         cells = _parse_meta_whole(reader, c, cell_count, n_seq_max)
     else:
         cells = _parse_meta_seq(reader, c, cell_count, seq_id, n_seq_max, n_rs_seq)
-    writes = _parse_data(reader, layers, cell_count, cells.head)
+    writes = _parse_data(reader, layers, cell_count, cells.head, native)
     return cells, writes
 
 
@@ -359,12 +374,18 @@ def _read_meta_cells(
 
 
 def _parse_data(
-    reader: StateReader, layers: StateLayers, cell_count: int, head: int
+    reader: StateReader,
+    layers: StateLayers,
+    cell_count: int,
+    head: int,
+    native: SeqRows | None = None,
 ) -> PendingWrites:
     """The per-layer sections (``i32 type, u64 row size, cell_count rows`` per tensor, R
     then S): each header compared with the memory's as 12 bytes at once, the rows taken
     as a payload (``read_payload``: metadata and payloads are never read in one call, so a
-    device-resident blob parses from its host metadata)."""
+    device-resident blob parses from its host metadata). With ``native`` (host tensors)
+    and a plain blob, every section is checked in one native walk and stored by one more
+    at commit; anything it does not take goes through this loop, which names the field."""
     s_trans = reader.read_u32("recurrent s_trans")
     n_layer = reader.read_u32("recurrent n_layer")
     if n_layer != layers.n_layer:
@@ -372,6 +393,19 @@ def _parse_data(
     if s_trans != 0:
         raise StateError(f"incompatible s transposition: blob has s_trans={s_trans}, expected 0")
     writes = PendingWrites()
+    rest = reader.host_rest() if native is not None else None
+    if native is not None and rest is not None:
+        taken = native.walk(rest, cell_count, head, store=False)
+        if taken is not None:
+            reader.skip(taken, "recurrent rows")
+            sections = rest[:taken]
+
+            def store() -> None:
+                if native.walk(sections, cell_count, head, store=True) is None:
+                    raise StateError("state_read: the blob changed after it was parsed")
+
+            writes.add_call(store)
+            return writes
     for kind, tensors in (("r", layers.r), ("s", layers.s)):
         for il, t in zip(layers.layers, tensors):
             got = reader.read_bytes(12, f"{kind} type and row size of layer {il}")
