@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models import _common, _ffn, _head, _Model, _moe, _shexp
-from runconfig import RunConfig
+from runconfig import Play, RunConfig
 
 
 @dataclass(frozen=True)
@@ -517,7 +517,7 @@ RUNS: list[RunConfig] = [
         64,
         True,
         True,
-        checkpoint=True,
+        play=Play.CHECKPOINT,
     ),
     # 256 cells run out (M-RoPE: kshift=False, a prefix seq_rm instead of a negative shift)
     RunConfig.of(
@@ -530,7 +530,7 @@ RUNS: list[RunConfig] = [
         True,
         n_batch=512,
         kshift=False,
-        fill=True,
+        play=Play.FILL,
     ),
     # a trunk-only file with a NextN layer: neither memory holds layer 4
     RunConfig(
@@ -540,7 +540,7 @@ RUNS: list[RunConfig] = [
     # no rollback (not in llm_arch_supports_rs_rollback: n_rs_seq is clamped to 0)
     RunConfig.of("qwen3next", _Q3N, "main", 256, 64, True, True),
     RunConfig.of("qwen3next", _Q3N, "main", 1024, 64, False, False),
-    RunConfig.of("qwen3next", _Q3N, "ops", 256, 32, True, True, ops=True),
+    RunConfig.of("qwen3next", _Q3N, "ops", 256, 32, True, True, play=Play.OPS),
     # qwen35moe: the qwen35 layout from an explicit recurrent_layers array, MoE FFNs
     RunConfig.of("qwen35moe", _Q35M, "main", 256, 64, True, True),
     RunConfig.of(

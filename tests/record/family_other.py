@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from models import N_VOCAB, _common, _ffn, _lfm2_mixer, _Model, _moe
-from runconfig import RunConfig
+from runconfig import Play, RunConfig
 
 
 def write_lfm2moe(path: Path) -> Path:
@@ -245,14 +245,14 @@ RUNS: list[RunConfig] = [
     RunConfig.of("lfm2moe", "tiny-lfm2moe.gguf", "rollback", 256, 64, True, True,
         n_rs_seq=2,
     ),
-    RunConfig.of("lfm2moe", "tiny-lfm2moe.gguf", "ops", 256, 32, True, True, ops=True),
+    RunConfig.of("lfm2moe", "tiny-lfm2moe.gguf", "ops", 256, 32, True, True, play=Play.OPS),
     # PARTIAL_ONLY checkpoints (the recurrent part only), one stream per sequence
     RunConfig.of("lfm2moe", "tiny-lfm2moe.gguf", "checkpoint", 1024, 32, False,
-        False, checkpoint=True,
+        False, play=Play.CHECKPOINT,
     ),
     # recurrent (RWKV-7): every layer holds a token-shift R row and a WKV S row per sequence
     RunConfig("rwkv7.main.u1", "rwkv7", "tiny-rwkv7.gguf", "main", 256, 64, False, True),
-    RunConfig("rwkv7.ops.u1", "rwkv7", "tiny-rwkv7.gguf", "ops", 256, 32, False, True, ops=True),
+    RunConfig("rwkv7.ops.u1", "rwkv7", "tiny-rwkv7.gguf", "ops", 256, 32, False, True, play=Play.OPS),
     # n_rs_seq 2 asked of an arch without rollback support: the reference clamps it to 0,
     # so the scenario's rollbacks (partial seq_rm of a recurrent state) are refused
     RunConfig(
@@ -261,13 +261,13 @@ RUNS: list[RunConfig] = [
     ),
     # RWKV-6: two token shifts per layer, like rwkv7
     RunConfig("rwkv6.main.u1", "rwkv6", "tiny-rwkv6.gguf", "main", 256, 64, False, True),
-    RunConfig("rwkv6.ops.u1", "rwkv6", "tiny-rwkv6.gguf", "ops", 256, 32, False, True, ops=True),
+    RunConfig("rwkv6.ops.u1", "rwkv6", "tiny-rwkv6.gguf", "ops", 256, 32, False, True, play=Play.OPS),
     # the Qwen-based RWKV flavours keep one token shift per layer (R rows of n_embd)
     RunConfig("arwkv7.main.u1", "arwkv7", "tiny-arwkv7.gguf", "main", 256, 64, False, True),
-    RunConfig("arwkv7.ops.u1", "arwkv7", "tiny-arwkv7.gguf", "ops", 256, 32, False, True, ops=True),
+    RunConfig("arwkv7.ops.u1", "arwkv7", "tiny-arwkv7.gguf", "ops", 256, 32, False, True, play=Play.OPS),
     RunConfig("rwkv6qwen2.main.u1", "rwkv6qwen2", "tiny-rwkv6qwen2.gguf", "main", 256, 64, False, True),
     RunConfig(
         "rwkv6qwen2.ops.u1", "rwkv6qwen2", "tiny-rwkv6qwen2.gguf", "ops", 256, 32, False, True,
-        ops=True,
+        play=Play.OPS,
     ),
 ]  # fmt: skip

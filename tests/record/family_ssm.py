@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models import _attn, _common, _ffn, _head, _Model, _moe, _qkvo, _shexp
-from runconfig import RunConfig
+from runconfig import Play, RunConfig
 
 
 @dataclass(frozen=True)
@@ -315,7 +315,9 @@ _NH, _NHM = "tiny-nemotron_h.gguf", "tiny-nemotron_h_moe.gguf"
 
 RUNS: list[RunConfig] = [
     RunConfig("mamba2.main.u1", "mamba2", "tiny-mamba2.gguf", "main", 256, 64, False, True),
-    RunConfig("mamba2.ops.u1", "mamba2", "tiny-mamba2.gguf", "ops", 256, 32, False, True, ops=True),
+    RunConfig(
+        "mamba2.ops.u1", "mamba2", "tiny-mamba2.gguf", "ops", 256, 32, False, True, play=Play.OPS
+    ),
     # n_rs_seq 2 on an architecture without recurrent rollback: the reference clamps it
     # to 0, so every rollback seq_rm is refused
     RunConfig(
@@ -403,7 +405,7 @@ RUNS: list[RunConfig] = [
         True,
         n_rs_seq=2,
     ),
-    RunConfig.of("nemotron_h", _NH, "ops", 256, 32, True, True, ops=True),
+    RunConfig.of("nemotron_h", _NH, "ops", 256, 32, True, True, play=Play.OPS),
     RunConfig.of(
         "falcon-h1",
         "tiny-falcon-h1.gguf",
@@ -412,7 +414,7 @@ RUNS: list[RunConfig] = [
         32,
         False,
         True,
-        ops=True,
+        play=Play.OPS,
     ),
     RunConfig.of(
         "granitehybrid",
@@ -422,6 +424,6 @@ RUNS: list[RunConfig] = [
         64,
         True,
         True,
-        checkpoint=True,
+        play=Play.CHECKPOINT,
     ),
 ]

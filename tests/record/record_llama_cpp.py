@@ -48,7 +48,7 @@ import family_linear
 import family_moe
 import family_other
 import family_ssm
-from runconfig import N_SEQ, RunConfig
+from runconfig import N_SEQ, Play, RunConfig
 
 FAMILIES = (family_attention, family_ssm, family_linear, family_other, family_gemma3n, family_moe)
 
@@ -96,28 +96,28 @@ RUNS = [
     RunConfig.of("lfm2", "tiny-lfm2.gguf", "rollback-ub4", 256, 4, True, True, n_rs_seq=2),
     # caches that run out of cells (narrow models keep the blobs small): a plain KV cache
     # of 256 cells, and an iSWA cache of 512 base / 256 SWA cells whose SWA part wraps
-    RunConfig.of("llama-e8", "tiny-llama-e8.gguf", "fill", 256, 32, True, True, fill=True),
+    RunConfig.of("llama-e8", "tiny-llama-e8.gguf", "fill", 256, 32, True, True, play=Play.FILL),
     RunConfig.of(
-        "gemma2-e8", "tiny-gemma2-e8.gguf", "fill", 512, 32, False, True, n_batch=512, fill=True,
+        "gemma2-e8", "tiny-gemma2-e8.gguf", "fill", 512, 32, False, True, n_batch=512, play=Play.FILL,
     ),
     # hybrid-iSWA running out of cells: 512 base cells (no layer) / 256 SWA cells
     RunConfig.of(
         "lfm2-swa", "tiny-lfm2-swa.gguf", "fill-noshift", 512, 32, True, True, n_batch=512,
-        kshift=False, fill=True,
+        kshift=False, play=Play.FILL,
     ),
     # sequence ops with unusual arguments (unified: partial copies stay in one stream)
-    RunConfig.of("llama-e8", "tiny-llama-e8.gguf", "ops", 256, 32, False, True, ops=True),
-    RunConfig.of("gemma2-e8", "tiny-gemma2-e8.gguf", "ops", 256, 32, True, True, ops=True),
-    RunConfig.of("lfm2", "tiny-lfm2.gguf", "ops", 256, 32, True, True, ops=True),
-    RunConfig("mamba.ops.u1", "mamba", "tiny-mamba.gguf", "ops", 256, 32, False, True, ops=True),
+    RunConfig.of("llama-e8", "tiny-llama-e8.gguf", "ops", 256, 32, False, True, play=Play.OPS),
+    RunConfig.of("gemma2-e8", "tiny-gemma2-e8.gguf", "ops", 256, 32, True, True, play=Play.OPS),
+    RunConfig.of("lfm2", "tiny-lfm2.gguf", "ops", 256, 32, True, True, play=Play.OPS),
+    RunConfig("mamba.ops.u1", "mamba", "tiny-mamba.gguf", "ops", 256, 32, False, True, play=Play.OPS),
     # context checkpoints (PARTIAL_ONLY states): iSWA, hybrid-iSWA, hybrid
     RunConfig.of(
-        "gemma2-e8", "tiny-gemma2-e8.gguf", "checkpoint", 256, 32, True, True, checkpoint=True,
+        "gemma2-e8", "tiny-gemma2-e8.gguf", "checkpoint", 256, 32, True, True, play=Play.CHECKPOINT,
     ),
     RunConfig.of(
-        "lfm2-swa", "tiny-lfm2-swa.gguf", "checkpoint", 1024, 32, False, False, checkpoint=True,
+        "lfm2-swa", "tiny-lfm2-swa.gguf", "checkpoint", 1024, 32, False, False, play=Play.CHECKPOINT,
     ),
-    RunConfig.of("lfm2", "tiny-lfm2.gguf", "checkpoint", 256, 32, True, True, checkpoint=True),
+    RunConfig.of("lfm2", "tiny-lfm2.gguf", "checkpoint", 256, 32, True, True, play=Play.CHECKPOINT),
     # quantised K/V (q8_0 needs flash attention for V); a q8_0 K-shift crashes the
     # reference on CPU -> no K-shift
     RunConfig.of(
@@ -976,12 +976,12 @@ def record_run(cfg: RunConfig, out: Path) -> Path:
     )
     if custom is not None:
         custom(Scenario(rec))
-    elif cfg.checkpoint:
+    elif cfg.play == Play.CHECKPOINT:
         rec.partial = True
         checkpoint_scenario(Scenario(rec))
-    elif cfg.ops:
+    elif cfg.play == Play.OPS:
         ops_scenario(Scenario(rec))
-    elif cfg.fill:
+    elif cfg.play == Play.FILL:
         fill_scenario(Scenario(rec), n_cells=cfg.n_ctx, kshift=cfg.kshift)
     else:
         mrope = int(ref.L.llama_model_rope_type(ref.model)) in MROPE_TYPES

@@ -6,10 +6,21 @@ add their models' writers (``MODEL_WRITERS``) and runs (``RUNS``).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any
 
 N_SEQ = 4
+
+
+class Play(enum.Enum):
+    """The scenario a recording plays, unless its label names a family's own
+    (``SCENARIOS`` of a family module)."""
+
+    MAIN = "main"  # scenario(): the shared runs' scenario, with kshift / n_rs_seq variants
+    FILL = "fill"  # fill_scenario(): the cells run out
+    OPS = "ops"  # ops_scenario(): unusual op arguments
+    CHECKPOINT = "checkpoint"  # checkpoint_scenario(): PARTIAL_ONLY states
 
 
 @dataclass(frozen=True)
@@ -37,9 +48,7 @@ class RunConfig:
     n_rs_seq: int = 0
     swa_full: bool = False
     kshift: bool = True
-    fill: bool = False  # play fill_scenario (cells run out) instead of scenario
-    ops: bool = False  # play ops_scenario (unusual op arguments) instead of scenario
-    checkpoint: bool = False  # play checkpoint_scenario (PARTIAL_ONLY states)
+    play: Play = Play.MAIN  # which scenario is played (a family's own, named by the label, wins)
     # False: no seq_add / seq_div (step35: the reference takes them and aborts at the next
     # decode, since get_can_shift is false; pymem refuses them up front)
     seq_shift: bool = True
