@@ -903,7 +903,7 @@ pm_status pm_rows_store(struct ggml_tensor * const * tensors, const int64_t * sp
             return PM_OK;
         }
         at += 12;
-        if ((avail - at) / (row_size > 0 ? row_size : 1) < n_rows) {
+        if (row_size > 0 && (avail - at) / row_size < n_rows) {
             return PM_OK;
         }
         at += n_rows * row_size;

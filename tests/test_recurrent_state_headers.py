@@ -94,3 +94,23 @@ def test_native_rows_restore_refuses_a_blob_changed_after_parse() -> None:
         plan.commit()
     assert mem.state_write() == before
     mem.close()
+
+
+def test_zero_wide_r_restores_through_the_native_walk(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a zero-wide R section (MiniMax-01's lightning layers) ends the blob with no row bytes:
+    # the native walk takes it (no fallback to the Python loop)
+    from pymem.recurrent import state_io as rs_io
+
+    mem = RecurrentMemory(ModelSpec(layers=(LayerSpec.ssm(0, 8),)), n_seq_max=2)
+    place(mem, (0, 3))
+    blob = mem.state_write(0)
+    fallback = []
+    real = rs_io.StateReader.read_bytes
+    monkeypatch.setattr(
+        rs_io.StateReader, "read_bytes", lambda *a: fallback.append(a[2]) or real(*a)
+    )
+    mem.seq_rm(0)
+    assert mem.state_read(blob, 1) == len(blob)
+    assert not [w for w in fallback if "type and row size" in w]
+    assert mem.seq_pos_max(1) == 3
+    mem.close()
