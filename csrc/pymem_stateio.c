@@ -898,8 +898,8 @@ pm_status pm_rows_store(struct ggml_tensor * const * tensors, const int64_t * sp
              (uint64_t) (dst_row + n_rows) * (uint64_t) row_size > ggml_nbytes(t))) {
             return PM_ERR_ARG;
         }
-        if (avail - at < 12 || pm_get_u32(p + at) != (uint32_t) (int32_t) spec[2 * i] ||
-            pm_get_u64(p + at + 4) != (uint64_t) row_size) {
+        if (avail - at < 12 || (!store && (pm_get_u32(p + at) != (uint32_t) (int32_t) spec[2 * i] ||
+                                           pm_get_u64(p + at + 4) != (uint64_t) row_size))) {
             return PM_OK;
         }
         at += 12;

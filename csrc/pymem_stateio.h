@@ -187,11 +187,13 @@ pm_status pm_rows_section(struct ggml_tensor * const * tensors, const int64_t * 
                           void * out, int64_t cap, int64_t * written);
 
 // The tensor sections of a recurrent state part (per tensor: i32 type, u64 row size, then
-// n_rows rows), checked against spec (pm_rows_section's) and, with `store`, their rows
-// stored into rows [dst_row, dst_row + n_rows) of each host tensor. *consumed = the
-// sections' bytes; -1 (nothing stored) when a header differs from spec or the data runs
-// out first (the caller's own parse then names what). PM_ERR_ARG for a null pointer, a
-// tensor not in host memory or destination rows past its end.
+// n_rows rows). Without `store`: checked against spec (pm_rows_section's). With it: the
+// rows stored into rows [dst_row, dst_row + n_rows) of each host tensor, the headers not
+// compared again (a parse checked them: a restore's commit cannot fail halfway through a
+// composite; it writes the bytes that are there, as a payload write does). *consumed =
+// the sections' bytes; -1 (nothing stored) when a header differs from spec or the data
+// runs out first (the caller's own parse then names what). PM_ERR_ARG for a null pointer,
+// a tensor not in host memory or destination rows past its end.
 pm_status pm_rows_store(struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n, int64_t n_rows,
                         int64_t dst_row, const void * data, int64_t avail, int32_t store, int64_t * consumed);
 

@@ -173,8 +173,8 @@ class SeqRows:
 
     def walk(self, data: memoryview, n_rows: int, dst_row: int, store: bool) -> int | None:
         """:c:func:`pm_rows_store` over the tensor sections at the start of ``data``:
-        their bytes when every header is this memory's and the rows are all there (and,
-        with ``store``, the rows stored at ``dst_row``); None when not (nothing stored)."""
+        their bytes when every header is this memory's and the rows are all there, None
+        when not; with ``store`` (after such a check) the rows stored at ``dst_row``."""
         consumed = ffi.new("int64_t *")
         check(
             lib.pm_rows_store(
@@ -400,9 +400,8 @@ def _parse_data(
             reader.skip(taken, "recurrent rows")
             sections = rest[:taken]
 
-            def store() -> None:
-                if native.walk(sections, cell_count, head, store=True) is None:
-                    raise StateError("state_read: the blob changed after it was parsed")
+            def store() -> None:  # the bytes there now, as a payload write takes them
+                native.walk(sections, cell_count, head, store=True)
 
             writes.add_call(store)
             return writes
