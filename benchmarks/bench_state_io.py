@@ -229,7 +229,11 @@ def placement(mem: Any, blob: bytes, seq_id: int) -> Any:
     if seq_id < 0:
         return None
     reader = StateReader(blob)
-    plan = mem.state_read_parse(reader, seq_id)
+    blob_paths, mem._blob = mem._blob, None  # the general parse (its plan has the placement)
+    try:
+        plan = mem.state_read_parse(reader, seq_id)
+    finally:
+        mem._blob = blob_paths
     assert plan.place is not None  # the KVStatePlan's deferred placement: (pos, ext, ...)
     pos, ext = plan.place[0], plan.place[1]
     ub = sio._restore_ubatch(mem.layout.n_pos_per_embd, seq_id, pos, ext)

@@ -676,8 +676,8 @@ static pm_status pm_kv_read_same_then(const void * blob, int64_t avail, const in
                                       const int32_t * owner, const int32_t * ext, int64_t n_ext, int64_t size,
                                       int32_t seq_id, int64_t head, int64_t used, const int64_t * spec,
                                       struct ggml_tensor * const * tensors, int64_t * run_starts,
-                                      int64_t * run_ends, int64_t after, int64_t * consumed, int64_t * new_head,
-                                      int32_t * done) {
+                                      int64_t * run_ends, int64_t after, int32_t store, int64_t * consumed,
+                                      int64_t * new_head, int32_t * done) {
     if (blob == NULL || pos == NULL || owner == NULL || spec == NULL || tensors == NULL || run_starts == NULL ||
         run_ends == NULL || consumed == NULL || new_head == NULL || done == NULL || avail < 0 || size < 1 ||
         (n_ext != 0 && n_ext != 3) || (n_ext != 0 && ext == NULL) || spec[0] < 0 || spec[4] < size ||
@@ -712,7 +712,9 @@ static pm_status pm_kv_read_same_then(const void * blob, int64_t avail, const in
             return PM_OK;
         }
     }
-    pm_kv_data_walk(b + meta, avail - meta, spec, tensors, n, run_starts, run_ends, n_runs, 1);
+    if (store) {
+        pm_kv_data_walk(b + meta, avail - meta, spec, tensors, n, run_starts, run_ends, n_runs, 1);
+    }
     *consumed = meta + data;
     *new_head = run_ends[n_runs - 1];
     *done = 1;
@@ -725,7 +727,7 @@ pm_status pm_kv_read_section_same(const void * blob, int64_t avail, const int32_
                                   struct ggml_tensor * const * tensors, int64_t * run_starts, int64_t * run_ends,
                                   int64_t * consumed, int64_t * new_head, int32_t * done) {
     return pm_kv_read_same_then(blob, avail, pos, shift, owner, ext, n_ext, size, seq_id, head, used, spec, tensors,
-                                run_starts, run_ends, 0, consumed, new_head, done);
+                                run_starts, run_ends, 0, 1, consumed, new_head, done);
 }
 
 // the blob view's stream of seq_id, or -1 for a bad view or seq id
@@ -807,7 +809,7 @@ pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t
 }
 
 pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const void * blob, int64_t avail,
-                              int64_t * consumed, int32_t * done) {
+                              int32_t store, int64_t * consumed, int32_t * done) {
     const int32_t s = pm_seq_blob_stream(b, seq_id);
     if (s < 0 || blob == NULL || consumed == NULL || done == NULL || avail < 0) {
         return PM_ERR_ARG;
@@ -832,11 +834,13 @@ pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const vo
     const pm_status st = pm_kv_read_same_then(
         d + at, avail - at, b->pos[s], b->has_shift[s] ? b->shift[s] : NULL, b->owner[s],
         b->n_ext ? b->ext[s] : NULL, b->n_ext, b->size, seq_id, b->heads[s], b->used[s], b->spec[s], b->tensors,
-        b->run_starts[s], b->run_ends[s], n_stream - before - 1, &part, &new_head, done);
+        b->run_starts[s], b->run_ends[s], n_stream - before - 1, store, &part, &new_head, done);
     if (st != PM_OK || !*done) {
         return st;
     }
-    b->heads[s] = new_head;
+    if (store) {
+        b->heads[s] = new_head;
+    }
     *consumed = at + part + 4 * (n_stream - before - 1);
     return PM_OK;
 }

@@ -172,10 +172,12 @@ pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t
 // cell, in one call: the one stream with cells must be seq_id's, every other stream's
 // count zero, then pm_kv_read_section_same. On success *done = 1, *consumed = the blob's
 // bytes, and heads[stream] moved as a placement would. *done = 0 with nothing changed
-// otherwise (the caller takes the general restore, which names what differs). PM_ERR_ARG
-// for a null pointer or a seq_id outside [0, n_seq).
+// otherwise (the caller takes the general restore, which names what differs). Without
+// `store` every check runs and nothing is stored (*done and *consumed say whether and how
+// much a call with it would take: a two-phase parse). PM_ERR_ARG for a null pointer or a
+// seq_id outside [0, n_seq).
 pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const void * blob, int64_t avail,
-                              int64_t * consumed, int32_t * done);
+                              int32_t store, int64_t * consumed, int32_t * done);
 
 // One row of each of n host tensors, each after its header, as a recurrent state section
 // holds a sequence's cell: per tensor i32 spec[2 i] (type), u64 spec[2 i + 1] (row size,

@@ -790,6 +790,11 @@ class StatePlan(Protocol):
         gone (an rpc-server), changing nothing."""
         ...
 
+    def verify(self) -> None:
+        """Raise :class:`StateError` where the commit would refuse the blob itself (a
+        plan whose commit checks the blob's bytes again), changing nothing."""
+        ...
+
     def commit(self) -> None: ...
 
 
@@ -798,8 +803,8 @@ class CompositeStatePlan:
     """Parsed, validated state parts of several memories; :meth:`commit` applies all.
 
     Parts are committed in serialisation order only after every part was parsed and
-    checked to be current and every device they write was found there, so a bad blob, a
-    stale plan or a lost rpc-server changes nothing anywhere.
+    checked to be current, verified, and every device they write was found there, so a
+    bad blob, a stale plan or a lost rpc-server changes nothing anywhere.
     """
 
     parts: list[StatePlan]
@@ -812,6 +817,10 @@ class CompositeStatePlan:
         for p in self.parts:
             p.check_devices()
 
+    def verify(self) -> None:
+        for p in self.parts:
+            p.verify()
+
     def commit(self) -> None:
         if self.committed:
             raise StateError("state plan: already committed")
@@ -820,6 +829,7 @@ class CompositeStatePlan:
                 "state plan: the memory changed after the blob was parsed; parse it again"
             )
         self.check_devices()
+        self.verify()  # every part's own last check before any part changes
         self.committed = True
         for p in self.parts:
             p.commit()

@@ -119,7 +119,7 @@ def test_one_call_read_moves_the_head_as_the_plan_does(monkeypatch, name: str) -
     blobs = [bytes(fast.state_write(s)) for s in range(3)]
     hits = []
     real = state_io.SeqBlob.read
-    monkeypatch.setattr(state_io.SeqBlob, "read", lambda *a: hits.append(1) or real(*a))
+    monkeypatch.setattr(state_io.SeqBlob, "read", lambda *a, **kw: hits.append(1) or real(*a, **kw))
     for seq_id in (2, 0, 1):
         fast.v_heads[:] = [0] * fast.n_stream
         plan.v_heads[:] = [0] * plan.n_stream
@@ -166,3 +166,53 @@ def test_window_keeps_what_selected_cells_keeps(monkeypatch, swa_type: SWAType, 
         assert 0 < cells.size < kv.v_cells[0].seq_cells(seq_id).size or n_swa >= 90
     # a restore of a sliding-window cache always takes the two-phase path
     assert blob.read(bytes(kv.state_write(1)), 1) is None
+
+
+@pytest.mark.parametrize("name", ["f16-trans", "f32-notrans-streams", "mrope-ext"])
+def test_same_cells_plan_commits_what_the_general_plan_commits(monkeypatch, name: str) -> None:
+    # a two-phase restore of a sequence's own blob from host memory parses to a
+    # SameCellsPlan (one native check; one native store at commit): the same state as the
+    # general plan, stale and repeated commits refused as every plan refuses them
+    from pymem.state import StateReader
+
+    fast, general = _fragmented(name, 11, drop=False), _fragmented(name, 11, drop=False)
+    for seq_id in (1, 0, 2):
+        blob = bytes(fast.state_write(seq_id))
+        plan = fast.state_read_parse(StateReader(blob), seq_id)
+        assert isinstance(plan, state_io.SameCellsPlan)
+        with monkeypatch.context() as m:
+            _general(general, m)
+            other = general.state_read_parse(StateReader(blob), seq_id)
+        assert isinstance(other, state_io.KVStatePlan)
+        plan.commit()
+        other.commit()
+        assert list(fast.v_heads) == list(general.v_heads)
+        assert bytes(fast.state_write()) == bytes(general.state_write())
+        with pytest.raises(StateError, match="already committed"):
+            plan.commit()
+    stale = fast.state_read_parse(StateReader(bytes(fast.state_write(0))), 0)
+    fast.seq_rm(2, 0, 1)
+    with pytest.raises(StateError, match="parse it again"):
+        stale.commit()
+
+
+def test_a_composite_verifies_every_part_before_committing_any() -> None:
+    # a hybrid's restore: the KV part parsed to a SameCellsPlan, the recurrent part to its
+    # plan; a blob changed after the parse is refused by the KV part's verify before any
+    # part commits, so neither changes
+    from test_hybrid import make_hybrid
+    from test_iswa import decode
+
+    from pymem.state import StateReader
+
+    mem = make_hybrid("RAR", kv_size=64, n_seq_max=4, unified=True, n_ubatch=4)
+    decode(mem, [[1 + p, p, [s], p == 5] for s in range(2) for p in range(6)], n_ubatch=4)
+    blob = bytearray(mem.state_write(1))
+    plan = mem.state_read_parse(StateReader(blob), 1)
+    assert any(isinstance(p, state_io.SameCellsPlan) for p in plan.parts)
+    before = bytes(mem.state_write())
+    blob[4] ^= 0xFF  # the KV part's cell count
+    with pytest.raises(StateError, match="blob changed"):
+        plan.commit()
+    assert bytes(mem.state_write()) == before
+    mem.close()

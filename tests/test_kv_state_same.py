@@ -120,7 +120,7 @@ def test_native_same_cells_test_equals_numpy_reference(name: str) -> None:
     assert found > 0
 
 
-def _none(*a: object) -> None:
+def _none(*a: object, **kw: object) -> None:
     return None
 
 
@@ -143,8 +143,8 @@ def test_sequence_restore_without_placement_leaves_what_placement_leaves(
         taken.append(runs is not None)
         return runs
 
-    def one_call(*a):
-        done = real_one_call(*a) if fast_path == "one-call" else None
+    def one_call(*a, **kw):
+        done = real_one_call(*a, **kw) if fast_path == "one-call" else None
         if done is not None:
             taken.append(True)
             one_call_hits.append(done)

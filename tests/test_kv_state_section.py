@@ -186,8 +186,8 @@ def test_one_call_restore_matches_the_plan_on_damaged_blobs(monkeypatch, name: s
     hits = []
     real = state_io.SeqBlob.read
 
-    def counted(*a):
-        done = real(*a)
+    def counted(*a, **kw):
+        done = real(*a, **kw)
         hits.append(done is not None)
         return done
 
@@ -197,7 +197,7 @@ def test_one_call_restore_matches_the_plan_on_damaged_blobs(monkeypatch, name: s
             m.setattr(state_io.SeqBlob, "read", counted)
             got = _outcome(fast, blob, seq_id)
         with monkeypatch.context() as m:
-            m.setattr(state_io.SeqBlob, "read", lambda *a: None)
+            m.setattr(state_io.SeqBlob, "read", lambda *a, **kw: None)
             want = _outcome(plan, blob, seq_id)
         assert got == want, (name, seq_id, len(blob))
     assert hits[:2] == [True, True]  # the own blobs: one call each

@@ -1457,11 +1457,13 @@ class KVCache(Memory):
 
     def state_read_parse(
         self, reader: StateReader, seq_id: int = -1, flags: int = 0
-    ) -> state_io.KVStatePlan:
+    ) -> state_io.KVStatePlan | state_io.SameCellsPlan:
         """Parse and validate this cache's part of a blob; change nothing.
 
         Returns a plan whose ``commit()`` applies it. Raises StateError naming the field
-        that did not match. Nothing may change the cache between parse and commit.
+        that did not match. Nothing may change the cache between parse and commit. A
+        sequence going back into exactly the cells it holds, from a blob in host memory,
+        is checked in one native call and stored in one more (:class:`SameCellsPlan`).
         """
         self.check_open()
         check_state_flags(flags, "state_read")
@@ -1473,6 +1475,13 @@ class KVCache(Memory):
             planning=self._planning,
             place=self._place_restored,
         )
+        blob = self._seq_blob(seq_id, 0) if seq_id >= 0 else None
+        rest = reader.host_rest() if blob is not None else None
+        if blob is not None and rest is not None:
+            taken = blob.read(rest, seq_id, store=False)
+            if taken is not None:
+                reader.skip(taken, "kv state")
+                return state_io.SameCellsPlan(blob, rest[:taken], seq_id, hooks, self.layers)
         return state_io.parse_kv_state(
             self.layout, self.v_cells, self.v_heads, self.layers, hooks, reader, seq_id
         )

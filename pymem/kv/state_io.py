@@ -329,13 +329,14 @@ class SeqBlob:
         check(status, f"{what}: one sequence's blob")
         return int(written[0])
 
-    def read(self, data: object, seq_id: int) -> int | None:
+    def read(self, data: object, seq_id: int, store: bool = True) -> int | None:
         """A per-sequence restore that changes no cell (:func:`seq_same_cells`): the blob's
         one stream with cells puts ``seq_id`` back into exactly the cells it holds, with
         headers the cache's; its bytes are stored and the stream's head moves past the last
         cell, as the two-phase restore would. The bytes consumed, or None with nothing
         changed (always for a sliding-window cache, whose restore prunes what the window
-        leaves behind: the two-phase restore does that)."""
+        leaves behind: the two-phase restore does that). Without ``store``: every check,
+        nothing stored (what a call with it would take)."""
         if self._swa is not None:
             return None
         try:
@@ -345,10 +346,57 @@ class SeqBlob:
         consumed = ffi.new("int64_t *")
         done = ffi.new("int32_t *")
         check(
-            lib.pm_kv_read_seq_blob(self._view, seq_id, src, len(src), consumed, done),
+            lib.pm_kv_read_seq_blob(self._view, seq_id, src, len(src), int(store), consumed, done),
             "state read: one sequence in place",
         )
         return int(consumed[0]) if done[0] else None
+
+
+class SameCellsPlan:
+    """A parsed one-sequence restore that puts the sequence back into exactly the cells
+    it holds (:meth:`SeqBlob.read` without storing found it so): ``commit()`` stores it in
+    one native call. As every plan, it refuses a stale cache; :meth:`verify` runs the
+    checks again (a composite verifies every part before it commits any, so a blob
+    changed after the parse is refused with nothing changed anywhere)."""
+
+    def __init__(
+        self,
+        blob: SeqBlob,
+        data: memoryview,
+        seq_id: int,
+        hooks: KVStateHooks,
+        layers: Sequence[KVLayer],
+    ) -> None:
+        self.blob = blob
+        self.data = data  # the cache's part of the blob (a view: no copy)
+        self.seq_id = seq_id
+        self.hooks = hooks
+        self.layers = layers
+        self.version = hooks.version()
+        self.committed = False
+
+    def is_current(self) -> bool:
+        return self.hooks.version() == self.version
+
+    def check_devices(self) -> None:
+        check_reachable(layer.k.device for layer in self.layers)
+
+    def verify(self) -> None:
+        if self.blob.read(self.data, self.seq_id, store=False) is None:
+            raise StateError("state plan: the blob changed after it was parsed; parse it again")
+
+    def commit(self) -> None:
+        if self.committed:
+            raise StateError("state plan: already committed")
+        if not self.is_current():
+            raise StateError(
+                "state plan: the cache changed after the blob was parsed; parse it again"
+            )
+        self.check_devices()
+        if self.blob.read(self.data, self.seq_id) is None:
+            raise StateError("state plan: the blob changed after it was parsed; parse it again")
+        self.committed = True
+        self.hooks.mark_mutated()
 
 
 def seq_blob(
@@ -795,6 +843,9 @@ class KVStatePlan:
     def check_devices(self) -> None:
         """Raise DeviceError for a layer's device that is gone (an rpc-server)."""
         check_reachable(layer.k.device for layer in self.layers)
+
+    def verify(self) -> None:
+        """Nothing to check again: the parse copied what the commit needs to decide."""
 
     def commit(self) -> None:
         layout = self.layout
