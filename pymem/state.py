@@ -829,7 +829,10 @@ class CompositeStatePlan:
                 "state plan: the memory changed after the blob was parsed; parse it again"
             )
         self.check_devices()
-        self.verify()  # every part's own last check before any part changes
+        # every part's own last look at the blob before any part changes; the first part's
+        # commit makes it before it changes anything itself
+        for p in self.parts[1:]:
+            p.verify()
         self.committed = True
         for p in self.parts:
             p.commit()
