@@ -352,7 +352,35 @@ class SeqBlob:
         return int(consumed[0]) if done[0] else None
 
 
-class SameCellsPlan:
+class _CachePlan:
+    """What every KV cache plan shares: the cache's version when parsed (a changed cache
+    refuses the commit) and the layers whose devices a commit writes."""
+
+    def __init__(self, hooks: KVStateHooks, layers: Sequence[KVLayer], version: int) -> None:
+        self.hooks = hooks
+        self.layers = layers
+        self.version = version
+        self.committed = False
+
+    def is_current(self) -> bool:
+        return self.hooks.version() == self.version
+
+    def check_devices(self) -> None:
+        """Raise DeviceError for a layer's device that is gone (an rpc-server)."""
+        check_reachable(layer.k.device for layer in self.layers)
+
+    def _may_commit(self) -> None:
+        """Refuse a second commit, a changed cache and a lost device, changing nothing."""
+        if self.committed:
+            raise StateError("state plan: already committed")
+        if not self.is_current():
+            raise StateError(
+                "state plan: the cache changed after the blob was parsed; parse it again"
+            )
+        self.check_devices()
+
+
+class SameCellsPlan(_CachePlan):
     """A parsed one-sequence restore that puts the sequence back into exactly the cells
     it holds (:meth:`SeqBlob.read` without storing found it so): ``commit()`` stores it in
     one native call. As every plan, it refuses a stale cache; :meth:`verify` runs the
@@ -367,32 +395,17 @@ class SameCellsPlan:
         hooks: KVStateHooks,
         layers: Sequence[KVLayer],
     ) -> None:
+        super().__init__(hooks, layers, hooks.version())
         self.blob = blob
         self.data = data  # the cache's part of the blob (a view: no copy)
         self.seq_id = seq_id
-        self.hooks = hooks
-        self.layers = layers
-        self.version = hooks.version()
-        self.committed = False
-
-    def is_current(self) -> bool:
-        return self.hooks.version() == self.version
-
-    def check_devices(self) -> None:
-        check_reachable(layer.k.device for layer in self.layers)
 
     def verify(self) -> None:
         if self.blob.read(self.data, self.seq_id, store=False) is None:
             raise StateError("state plan: the blob changed after it was parsed; parse it again")
 
     def commit(self) -> None:
-        if self.committed:
-            raise StateError("state plan: already committed")
-        if not self.is_current():
-            raise StateError(
-                "state plan: the cache changed after the blob was parsed; parse it again"
-            )
-        self.check_devices()
+        self._may_commit()
         if self.blob.read(self.data, self.seq_id) is None:
             raise StateError("state plan: the blob changed after it was parsed; parse it again")
         self.committed = True
@@ -805,7 +818,7 @@ _Deferred = tuple[
 ]
 
 
-class KVStatePlan:
+class KVStatePlan(_CachePlan):
     """A parsed and validated KV state part. ``commit()`` applies it; until then the cache
     is untouched. Nothing may change the cache between parse and commit."""
 
@@ -819,13 +832,11 @@ class KVStatePlan:
         seq_id: int,
         version: int,
     ) -> None:
+        super().__init__(hooks, layers, version)
         self.layout = layout
         self.v_cells = v_cells
         self.v_heads = v_heads  # the cache's own heads, changed in place
-        self.layers = layers
-        self.hooks = hooks
         self.seq_id = seq_id
-        self.version = version
         self.steps: list[Callable[[], None]] = []
         self.n_cells = 0
         self.whole_counts: dict[int, int] = {}  # whole restore: cells per stream
@@ -835,27 +846,13 @@ class KVStatePlan:
         self.place: _Deferred | None = None
         # whole cache: the cells already hold exactly the blob's (only the bytes move)
         self.whole_same = False
-        self.committed = False
-
-    def is_current(self) -> bool:
-        return self.hooks.version() == self.version
-
-    def check_devices(self) -> None:
-        """Raise DeviceError for a layer's device that is gone (an rpc-server)."""
-        check_reachable(layer.k.device for layer in self.layers)
 
     def verify(self) -> None:
         """Nothing to check again: the parse copied what the commit needs to decide."""
 
     def commit(self) -> None:
         layout = self.layout
-        if self.committed:
-            raise StateError("state plan: already committed")
-        if not self.is_current():
-            raise StateError(
-                "state plan: the cache changed after the blob was parsed; parse it again"
-            )
-        self.check_devices()
+        self._may_commit()
         self.committed = True
         if self.seq_id == -1:
             if self.whole_same:
