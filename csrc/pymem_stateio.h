@@ -122,7 +122,7 @@ pm_status pm_kv_read_section_same(const void * blob, int64_t avail, const int32_
                                   struct ggml_tensor * const * tensors, int64_t * run_starts, int64_t * run_ends,
                                   int64_t * consumed, int64_t * new_head, int32_t * done);
 
-// A cache's per-sequence blob paths in one call each (pymem.kv.state_io.SeqBlobView builds
+// A cache's per-sequence blob paths in one call each (pymem.kv.state_io.SeqBlob builds
 // this once per cache: every pointer below stays valid for the cache's life). Per stream s:
 // pos[s], owner[s] (int32[size]), shift[s] (int32[size]), ext[s] (int32[size][3], or NULL
 // when n_ext == 0), spec[s] (pm_kv_write_section's words), run scratch run_starts[s] /
@@ -162,6 +162,7 @@ typedef struct pm_kv_seq_blob {
 // *declined = 1, nothing written, when the stream holds cells shared by several sequences
 // (the caller's general writer handles those). PM_ERR_RANGE, nothing written, when cap is
 // too small; PM_ERR_ARG for a null pointer or a seq_id outside [0, n_seq).
+//
 // A sliding-window cache writes only the sequence's cells its last token still sees: those
 // with a position in [p_lo, p_hi] (the caller derives the bounds from the window type,
 // n_swa and the sequence's largest position); any other cache passes INT32_MIN, INT32_MAX.
@@ -182,9 +183,9 @@ pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const vo
 // One row of each of n host tensors, each after its header, as a recurrent state section
 // holds a sequence's cell: per tensor i32 spec[2 i] (type), u64 spec[2 i + 1] (row size,
 // the tensor's nb[1]; 0 for a zero-wide tensor, whose header stands alone), then that many
-// bytes of row `row` (none when row < 0). *written =
-// the bytes it takes; PM_ERR_RANGE, nothing written, when cap is smaller; PM_ERR_ARG for a
-// null pointer, a tensor not in host memory, another row size or a row past its end.
+// bytes of row `row` (none when row < 0). *written = the bytes it takes; PM_ERR_RANGE,
+// nothing written, when cap is smaller; PM_ERR_ARG for a null pointer, a tensor not in
+// host memory, another row size or a row past its end.
 pm_status pm_rows_section(struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n, int64_t row,
                           void * out, int64_t cap, int64_t * written);
 
