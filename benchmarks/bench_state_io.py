@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -65,7 +64,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_vs_llama_cpp as bvl
 import llama_cpp.llama_cpp as lc
-from _util import print_table, write_results
+from _util import cold_each, print_table, write_results
 from bench_vs_llama_cpp import (
     MODELS,
     STATE_N_CTX,
@@ -106,35 +105,6 @@ def filled(models: LlamaModels, name: str, fa: bool, n_tokens: int) -> Pair:
 
 
 interleaved = bvl.interleaved
-
-EVICT_BYTES = 16 << 20  # four times this machine's 4 MiB L2: nothing of a call survives it
-_evict_src = np.ones(EVICT_BYTES, np.uint8)
-_evict_dst = np.empty_like(_evict_src)
-
-
-def evict() -> None:
-    """Leave L1/L2 holding nothing any measured call uses, as a decode step between two
-    saves does (it streams weights and other sequences' K/V): a 16 MiB copy, not timed."""
-    np.copyto(_evict_dst, _evict_src)
-
-
-def cold_each(fns: dict[str, Any], repeats: int, seed: int = 0) -> dict[str, float]:
-    """Median seconds of each function, each call timed right after :func:`evict`, in a
-    shuffled order per round. Every function starts from the same cache state, which the
-    interleaved timing does not give: there each call inherits what the call before it
-    left (the rotation keeps the same predecessor for most rounds), and a destination
-    buffer still in L2 or just evicted dirty moves a 2 MiB copy by 30% or more."""
-    rng = random.Random(seed)
-    names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(repeats):
-        rng.shuffle(names)
-        for n in names:
-            evict()
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    return {n: float(np.median(v)) for n, v in times.items()}
 
 
 def _row_blocks(view: np.ndarray, runs: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
