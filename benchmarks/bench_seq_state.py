@@ -35,7 +35,9 @@ from _util import cold_each, print_table, write_results
 from pymem.batch import Batch, BatchAllocator
 from pymem.factory import ContextParams, create_memory
 from pymem.gguf_spec import spec_from_gguf
+from pymem.kv import KVCache
 from pymem.memory import Memory, MemoryStatus
+from pymem.recurrent import RecurrentMemory
 from pymem.spec import LayerSpec, ModelSpec
 
 MODELS = Path(__file__).resolve().parent.parent / "tests" / "data" / "models"
@@ -74,13 +76,7 @@ def filled(spec: ModelSpec, n_tokens: int) -> Memory[Any]:
                 ctx.apply()
                 if not ctx.next():
                     break
-    # distinct bytes in every tensor (the decodes computed nothing)
-    rng = np.random.default_rng(0)
-    for part in mem.parts().values():
-        for name in part.store.names() if hasattr(part, "store") else ():
-            view = part.store[name].numpy().view(np.uint8)
-            view[...] = rng.integers(0, 255, view.shape, dtype=np.uint8)
-    return mem
+    return mem  # the tensors' bytes stay as the decodes left them: a copy costs the same
 
 
 class Roads:
@@ -90,20 +86,19 @@ class Roads:
         self.mem = mem
         self.parts = list(mem.parts().values())
 
-    def general(self) -> None:
+    def _set(self, kv: Any, rows: Any) -> None:
         for p in self.parts:
-            if hasattr(p, "_blob"):
-                p._blob = None  # the KV cache's one-call blob: off
-            if hasattr(p, "_seq_rows"):
-                p._seq_rows = None  # the recurrent rows in one call: off
-        self.mem._one_seq = lambda *a: None  # type: ignore[attr-defined, method-assign]
+            if isinstance(p, KVCache):
+                p._blob = kv  # the one-call blob (False: rebuilt on first use; None: off)
+            elif isinstance(p, RecurrentMemory):
+                p._seq_rows = rows  # the recurrent rows in one call
+
+    def general(self) -> None:
+        self._set(None, None)
+        self.mem._one_seq = lambda *a: None  # type: ignore[method-assign]
 
     def fast(self) -> None:
-        for p in self.parts:
-            if hasattr(p, "_blob"):
-                p._blob = False  # rebuilt on first use
-            if hasattr(p, "_seq_rows"):
-                p._seq_rows = False
+        self._set(False, False)
         self.mem.__dict__.pop("_one_seq", None)
 
 

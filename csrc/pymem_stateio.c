@@ -229,76 +229,6 @@ static inline int64_t pm_stateio_hits(const int32_t * pos, const int32_t * owner
     return hits;
 }
 
-pm_status pm_kv_select_count(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id,
-                             int32_t n_seq_max, int64_t * n, int64_t * n_runs, int32_t * shared) {
-    if (pos == NULL || owner == NULL || n == NULL || n_runs == NULL || shared == NULL || size < 0) {
-        return PM_ERR_ARG;
-    }
-    // blocks of 16 cells: a block all like the cell before it holds no run start
-    int64_t count = 0, starts = 0;
-    int prev = 0;
-    for (int64_t c0 = 0; c0 < size; c0 += 16) {
-        const int64_t c1 = c0 + 16 < size ? c0 + 16 : size;
-        const int64_t hits = pm_stateio_hits(pos, owner, c0, c1, seq_id);
-        count += hits;
-        if (hits == (prev ? c1 - c0 : 0)) {
-            continue;
-        }
-        for (int64_t c = c0; c < c1; ++c) {
-            const int sel = pm_stateio_selected(pos, owner, c, seq_id);
-            starts += sel & !prev;
-            prev = sel;
-        }
-    }
-    // the whole cache: a selected cell without one owner id in [0, n_seq_max)
-    int32_t odd = 0;
-    if (seq_id < 0) {
-        for (int64_t c = 0; c < size; ++c) {
-            odd |= (pos[c] >= 0) & ((uint32_t) owner[c] >= (uint32_t) n_seq_max);
-        }
-    }
-    *n = count;
-    *n_runs = starts;
-    *shared = odd;
-    return PM_OK;
-}
-
-pm_status pm_kv_select_runs(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id,
-                            int64_t * run_starts, int64_t * run_ends, int64_t cap) {
-    if (pos == NULL || owner == NULL || (cap > 0 && (run_starts == NULL || run_ends == NULL)) || size < 0 ||
-        cap < 0) {
-        return PM_ERR_ARG;
-    }
-    int64_t runs = 0;
-    int prev = 0;  // whether the cell before is selected
-    for (int64_t c0 = 0; c0 < size; c0 += 16) {
-        const int64_t c1 = c0 + 16 < size ? c0 + 16 : size;
-        // a block of cells all like the one before it (runs are long) holds no run edge
-        if (pm_stateio_hits(pos, owner, c0, c1, seq_id) == (prev ? c1 - c0 : 0)) {
-            continue;
-        }
-        for (int64_t c = c0; c < c1; ++c) {
-            const int sel = pm_stateio_selected(pos, owner, c, seq_id);
-            if (sel == prev) {
-                continue;
-            }
-            if (runs == cap) {
-                return PM_ERR_RANGE;
-            }
-            if (sel) {
-                run_starts[runs] = c;
-            } else {
-                run_ends[runs++] = c;
-            }
-            prev = sel;
-        }
-    }
-    if (prev) {
-        run_ends[runs++] = size;  // the open run: its start was stored when runs < cap
-    }
-    return runs == cap ? PM_OK : PM_ERR_RANGE;
-}
-
 pm_status pm_kv_meta_words(const int32_t * pos, const int32_t * owner, const int32_t * ext, int64_t n_ext,
                            const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs, int32_t seq_id,
                            int32_t with_id, int32_t * out, int64_t cap_words) {
@@ -670,8 +600,15 @@ static int64_t pm_kv_data_walk(const char * d, int64_t avail, const int64_t * sp
     return p - d;
 }
 
-// pm_kv_read_section_same, where `after` zero u32 words must follow the part (the empty
-// streams after it in a whole blob); checked with everything else before any byte moves
+// A per-sequence restore of one stream's part of a blob, for the case that changes no cell
+// (pm_kv_seq_same_cells: seq_id goes back into exactly the cells it holds): parses the part
+// at `blob` (`avail` bytes: u32 cell count, the records, u32 v_trans, u32 n_layer, the layer
+// headers and bytes as pm_kv_write_section writes them), checks the cells, the headers
+// against `spec` and every byte range, and that `after` zero u32 words follow the part (the
+// empty streams after it in a whole blob); then, with `store`, stores every layer's bytes.
+// *done = 1 with *consumed (the part's bytes) and *new_head (one past the last cell: the
+// head a placement leaves) when it applies; *done = 0 with nothing changed when anything
+// differs (the caller's general restore then names what).
 static pm_status pm_kv_read_same_then(const void * blob, int64_t avail, const int32_t * pos, const int32_t * shift,
                                       const int32_t * owner, const int32_t * ext, int64_t n_ext, int64_t size,
                                       int32_t seq_id, int64_t head, int64_t used, const int64_t * spec,
@@ -719,15 +656,6 @@ static pm_status pm_kv_read_same_then(const void * blob, int64_t avail, const in
     *new_head = run_ends[n_runs - 1];
     *done = 1;
     return PM_OK;
-}
-
-pm_status pm_kv_read_section_same(const void * blob, int64_t avail, const int32_t * pos, const int32_t * shift,
-                                  const int32_t * owner, const int32_t * ext, int64_t n_ext, int64_t size,
-                                  int32_t seq_id, int64_t head, int64_t used, const int64_t * spec,
-                                  struct ggml_tensor * const * tensors, int64_t * run_starts, int64_t * run_ends,
-                                  int64_t * consumed, int64_t * new_head, int32_t * done) {
-    return pm_kv_read_same_then(blob, avail, pos, shift, owner, ext, n_ext, size, seq_id, head, used, spec, tensors,
-                                run_starts, run_ends, 0, 1, consumed, new_head, done);
 }
 
 // the blob view's stream of seq_id, or -1 for a bad view or seq id

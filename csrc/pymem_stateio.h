@@ -55,19 +55,6 @@ pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void 
 pm_status pm_kv_cells_equal(const int32_t * pos, const int32_t * owner, const int32_t * ext, const int32_t * words,
                             int64_t n, int64_t rec, int64_t n_ext, int32_t * same);
 
-// The cells a state blob of one stream holds, counted in one pass: seq_id >= 0 those whose
-// owner is seq_id (the caller makes sure no cell is shared), seq_id -1 every non-empty cell
-// (pos >= 0). *n cells, *n_runs maximal runs of consecutive ones, *shared = 1 when a
-// selected cell's owner is not one sequence id in [0, n_seq_max) (whole-cache records
-// then need the cells' bitsets). PM_ERR_ARG for a null pointer or size < 0.
-pm_status pm_kv_select_count(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id,
-                             int32_t n_seq_max, int64_t * n, int64_t * n_runs, int32_t * shared);
-
-// Those cells' maximal runs (cap of them, as counted): run_starts / run_ends (exclusive).
-// PM_ERR_RANGE when there are not exactly cap runs; PM_ERR_ARG for a null pointer.
-pm_status pm_kv_select_runs(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id,
-                            int64_t * run_starts, int64_t * run_ends, int64_t cap);
-
 // The state blob's meta records of the cells of n_runs runs, in order, into out (cap_words
 // int32 words): pos, n_seq_id (1 with_id, else 0), the n_ext (0 or 3) ext words
 // (ext: int32[size][3]), then with_id the id: seq_id, or for seq_id -1 the cell's owner.
@@ -76,10 +63,13 @@ pm_status pm_kv_meta_words(const int32_t * pos, const int32_t * owner, const int
                            const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs, int32_t seq_id,
                            int32_t with_id, int32_t * out, int64_t cap_words);
 
-// pm_kv_select_count and pm_kv_select_runs in one pass: the runs into run_starts /
-// run_ends (cap of them; size / 2 + 1 always suffice), *n cells, *n_runs runs, *shared as
-// pm_kv_select_count. PM_ERR_RANGE when there are more than cap runs; PM_ERR_ARG for a
-// null pointer or size < 0.
+// The cells a state blob of one stream holds, in one pass: seq_id >= 0 those whose owner
+// is seq_id (the caller makes sure no cell is shared), seq_id -1 every non-empty cell
+// (pos >= 0). Their maximal runs into run_starts / run_ends (exclusive; cap of them,
+// size / 2 + 1 always suffice), *n cells, *n_runs runs, *shared = 1 when a selected cell's
+// owner is not one sequence id in [0, n_seq_max) (whole-cache records then need the cells'
+// bitsets). PM_ERR_RANGE when there are more than cap runs; PM_ERR_ARG for a null pointer
+// or size < 0.
 pm_status pm_kv_select(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id, int32_t n_seq_max,
                        int64_t * run_starts, int64_t * run_ends, int64_t cap, int64_t * n, int64_t * n_runs,
                        int32_t * shared);
@@ -104,23 +94,6 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
                               struct ggml_tensor * const * tensors, int64_t n, int64_t n_runs,
                               const int64_t * run_starts, const int64_t * run_ends, void * out, int64_t cap,
                               int64_t * written);
-
-// A per-sequence restore of one stream's part of a blob in one call, for the case that
-// changes no cell (pm_kv_seq_same_cells: seq_id goes back into exactly the cells it holds):
-// parses the part at `blob` (`avail` bytes: u32 cell count, the records, u32 v_trans, u32
-// n_layer, the layer headers and bytes as pm_kv_write_section writes them), checks the
-// cells, the headers against `spec` (pm_kv_write_section's) and every byte range, then
-// stores every layer's bytes into the selected cells of the host tensors. *done = 1, and
-// *consumed (the part's bytes) and *head (one past the last cell: the head a placement
-// leaves) set, when it did; *done = 0 with nothing changed when anything differs (a count
-// of 0 or above the stream, other cells, a header that does not match, too few bytes): the
-// caller then takes the general restore, which names what is wrong. run_starts / run_ends:
-// int64[size / 2 + 1] of scratch. PM_ERR_ARG for a null pointer or a bad spec.
-pm_status pm_kv_read_section_same(const void * blob, int64_t avail, const int32_t * pos, const int32_t * shift,
-                                  const int32_t * owner, const int32_t * ext, int64_t n_ext, int64_t size,
-                                  int32_t seq_id, int64_t head, int64_t used, const int64_t * spec,
-                                  struct ggml_tensor * const * tensors, int64_t * run_starts, int64_t * run_ends,
-                                  int64_t * consumed, int64_t * new_head, int32_t * done);
 
 // A cache's per-sequence blob paths in one call each (pymem.kv.state_io.SeqBlob builds
 // this once per cache: every pointer below stays valid for the cache's life). Per stream s:
@@ -170,13 +143,15 @@ pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t
                                void * out, int64_t cap, int64_t * written, int32_t * declined);
 
 // A per-sequence restore of a whole blob (as pm_kv_write_seq_blob writes it) that changes no
-// cell, in one call: the one stream with cells must be seq_id's, every other stream's
-// count zero, then pm_kv_read_section_same. On success *done = 1, *consumed = the blob's
-// bytes, and heads[stream] moved as a placement would. *done = 0 with nothing changed
-// otherwise (the caller takes the general restore, which names what differs). Without
-// `store` every check runs and nothing is stored (*done and *consumed say whether and how
-// much a call with it would take: a two-phase parse). PM_ERR_ARG for a null pointer or a
-// seq_id outside [0, n_seq).
+// cell, in one call: the first stream with cells is read into seq_id's stream (as the
+// reference reads a sequence's blob) and every stream after it must be empty; that part
+// must put seq_id back into exactly the cells it holds
+// (pm_kv_seq_same_cells), with the cache's headers and every byte in range. On success
+// *done = 1, *consumed = the blob's bytes, and heads[stream] moved as a placement would.
+// *done = 0 with nothing changed otherwise (the caller takes the general restore, which
+// names what differs). Without `store` every check runs and nothing is stored (*done and
+// *consumed say whether and how much a call with it would take: a two-phase parse).
+// PM_ERR_ARG for a null pointer or a seq_id outside [0, n_seq).
 pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const void * blob, int64_t avail,
                               int32_t store, int64_t * consumed, int32_t * done);
 

@@ -113,13 +113,18 @@ class RopeSpec:
                     f"needs at least {self.n_rot // 2}"
                 )
 
+    def uses_long(self, n_ctx_seq: int) -> bool:
+        """Whether a context of ``n_ctx_seq`` cells per sequence takes the long factors
+        (a file with long / short factors, a context beyond the original length)."""
+        return self.freq_factors_long is not None and n_ctx_seq > self.n_ctx_orig
+
     def for_context(self, n_ctx_seq: int) -> RopeSpec:
         """The factors a context of ``n_ctx_seq`` cells per sequence uses
         (``llama_model::get_rope_factors``): ``rope_freqs`` when the file has them, else
         the long factors beyond the original context and the short ones within it."""
         if self.freq_factors_long is None:
             return self
-        if n_ctx_seq > self.n_ctx_orig:
+        if self.uses_long(n_ctx_seq):
             return replace(
                 self, freq_factors=self.freq_factors_long or None, freq_factors_long=None
             )

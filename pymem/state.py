@@ -405,6 +405,20 @@ def write_state(serialise: Callable[[StateWriter], None]) -> bytes:
     return bytes(writer.buffer) if len(writer.buffer) < 4096 else writer.buffer  # type: ignore[return-value]
 
 
+def out_view(out: Any, size: int) -> memoryview:
+    """The first ``size`` bytes of the caller's buffer ``out`` as a byte view; RangeError
+    (naming the sizes) for a read-only or too small buffer, before any byte is written."""
+    view = memoryview(out)
+    if view.readonly:
+        raise RangeError("state_write_buffer: out is read-only (need a writable buffer)")
+    view = view.cast("B")
+    if size > view.nbytes:
+        raise RangeError(
+            f"state_write_buffer: out holds {view.nbytes} bytes, the state needs {size}"
+        )
+    return view[:size]
+
+
 def write_state_buffer(out: Any, serialise: Callable[[StateWriter], None]) -> int:
     """Run ``serialise`` once into the caller's writable buffer ``out``; returns the size.
 
@@ -413,17 +427,10 @@ def write_state_buffer(out: Any, serialise: Callable[[StateWriter], None]) -> in
     new pages: for a 64 MiB state about as long as the copy itself). Raises
     :class:`~pymem.errors.RangeError` when ``out`` is too small, before any byte is written.
     """
-    view = memoryview(out)
-    if view.readonly:
-        raise RangeError("state_write_buffer: out is read-only (need a writable buffer)")
-    view = view.cast("B")
     recorder = _Recorder()
     serialise(recorder)
-    if recorder.n_written > view.nbytes:
-        raise RangeError(
-            f"state_write_buffer: out holds {view.nbytes} bytes, the state needs {recorder.n_written}"
-        )
-    writer = BufferWriter(recorder.n_written, view[: recorder.n_written])
+    view = out_view(out, recorder.n_written)
+    writer = BufferWriter(recorder.n_written, view)
     recorder.replay(writer)
     assert writer.n_written == recorder.n_written, "state size changed during replay"
     return writer.n_written
@@ -891,15 +898,7 @@ class TwoPhaseStateIO:
         if one is None:
             return write_state_buffer(out, lambda w: self.state_write_into(w, seq_id, flags))
         size, fill = one
-        view = memoryview(out)
-        if view.readonly:
-            raise RangeError("state_write_buffer: out is read-only (need a writable buffer)")
-        view = view.cast("B")
-        if size > view.nbytes:
-            raise RangeError(
-                f"state_write_buffer: out holds {view.nbytes} bytes, the state needs {size}"
-            )
-        written = fill(view[:size])
+        written = fill(out_view(out, size))
         assert written == size, "the sized writer wrote another size"
         return size
 

@@ -381,29 +381,29 @@ def test_native_blob_writer_equals_reference_writer(monkeypatch, name: str) -> N
 
 
 def test_native_selection_kernels_refuse_wrong_capacities() -> None:
-    """pm_kv_select_runs needs exactly the counted runs, pm_kv_meta_words room for every
-    record: both refuse (PM_ERR_RANGE) instead of writing past the arrays."""
+    """pm_kv_select needs room for every run, pm_kv_meta_words for every record: both
+    refuse (PM_ERR_RANGE) instead of writing past the arrays."""
     kv = _scenario("f32-notrans", 1)
     cells = kv.v_cells[0]
     pos = ffi.from_buffer("int32_t[]", cells.pos)
     owner = ffi.from_buffer("int32_t[]", cells.owner)
     counts = ffi.new("int64_t[2]")
     shared = ffi.new("int32_t *")
-    assert lib.pm_kv_select_count(pos, owner, cells.size, 0, 3, counts, counts + 1, shared) == 0
-    n, n_runs = int(counts[0]), int(counts[1])
-    assert n == int(np.count_nonzero(cells.owner == 0)) and n_runs >= 1
-    starts = np.empty(n_runs + 1, np.int64)
-    ends = np.empty(n_runs + 1, np.int64)
-    st = ffi.from_buffer("int64_t[]", starts, require_writable=True)
-    en = ffi.from_buffer("int64_t[]", ends, require_writable=True)
-    assert lib.pm_kv_select_runs(pos, owner, cells.size, 0, st, en, n_runs + 1) == lib.PM_ERR_RANGE
+    want = state_io.cell_runs(np.flatnonzero(cells.owner == 0))
+    n_runs = len(want[0])
+    assert n_runs >= 1
+    room = np.full((2, n_runs), -7, np.int64)
+    st = ffi.from_buffer("int64_t[]", room, require_writable=True)
     if n_runs > 1:
-        assert lib.pm_kv_select_runs(pos, owner, cells.size, 0, st, en, n_runs - 1) == (
-            lib.PM_ERR_RANGE
-        )
-    assert lib.pm_kv_select_runs(pos, owner, cells.size, 0, st, en, n_runs) == lib.PM_OK
-    runs = (starts[:n_runs], ends[:n_runs])
-    assert _runs_equal(runs, state_io.cell_runs(np.flatnonzero(cells.owner == 0)))
+        assert lib.pm_kv_select(pos, owner, cells.size, 0, 3, st, st + n_runs, n_runs - 1,
+                                counts, counts + 1, shared) == lib.PM_ERR_RANGE  # fmt: skip
+    assert lib.pm_kv_select(pos, owner, cells.size, 0, 3, st, st + n_runs, n_runs, counts,
+                            counts + 1, shared) == lib.PM_OK  # fmt: skip
+    n = int(counts[0])
+    assert n == int(np.count_nonzero(cells.owner == 0)) and int(counts[1]) == n_runs
+    runs = (room[0], room[1])
+    assert _runs_equal(runs, want)
+    en = st + n_runs
     out = np.full(3 * n, -7, dtype=np.int32)
     o = ffi.from_buffer("int32_t[]", out, require_writable=True)
     args = (pos, owner, ffi.NULL, 0, st, en, n_runs, 0, 1, o)

@@ -59,7 +59,7 @@ def test_section_writer_gives_every_path_the_same_bytes(monkeypatch, name: str) 
         assert bytes(dst.state_write(s)) == section_blobs[s]
 
 
-def _select(kv, seq_id: int) -> tuple[int, np.ndarray]:
+def _select(kv, seq_id: int, expect_shared: bool = False) -> tuple[int, np.ndarray]:
     """(cells, runs [2, n_runs]) of seq_id in stream 0, by pm_kv_select."""
     cells = kv.v_cells[0]
     cap = cells.size // 2 + 1
@@ -71,7 +71,7 @@ def _select(kv, seq_id: int) -> tuple[int, np.ndarray]:
         ffi.from_buffer("int32_t[]", cells.pos), ffi.from_buffer("int32_t[]", cells.owner),
         cells.size, seq_id, 3, found, found + cap, cap, counts, counts + 1, shared,
     )  # fmt: skip
-    assert status == lib.PM_OK and shared[0] == 0
+    assert status == lib.PM_OK and shared[0] == int(expect_shared)
     return int(counts[0]), scratch[:, : int(counts[1])].copy()
 
 
@@ -92,28 +92,20 @@ def _section_call(kv, out: bytearray, n: int, runs: np.ndarray, cap: int) -> tup
     return int(status), int(written[0])
 
 
-def test_select_matches_count_and_runs() -> None:
-    # the one-pass search finds what the two passes (count, then runs) find
+def test_select_matches_the_numpy_selection() -> None:
+    # the one-pass search finds every sequence's cells (and, for -1, every non-empty cell)
+    # in the runs numpy finds; a shared cell is flagged for the whole stream only
     kv = _fragmented("f32-notrans", 4)
     cells = kv.v_cells[0]
     pos = ffi.from_buffer("int32_t[]", cells.pos)
     owner = ffi.from_buffer("int32_t[]", cells.owner)
     for seq_id in (-1, 0, 1, 2):
-        n, runs = _select(kv, seq_id) if seq_id >= 0 else (None, None)
-        counts = ffi.new("int64_t[2]")
-        shared = ffi.new("int32_t *")
-        lib.pm_kv_select_count(pos, owner, cells.size, seq_id, 3, counts, counts + 1, shared)
-        if seq_id < 0:
-            continue
-        starts = np.empty(int(counts[1]), dtype=np.int64)
-        ends = np.empty_like(starts)
-        assert lib.pm_kv_select_runs(
-            pos, owner, cells.size, seq_id, ffi.from_buffer("int64_t[]", starts, require_writable=True),
-            ffi.from_buffer("int64_t[]", ends, require_writable=True), starts.size,
-        ) == lib.PM_OK  # fmt: skip
-        assert n == int(counts[0]) and runs.tolist() == [starts.tolist(), ends.tolist()]
-        mask = kv.v_cells[0].seq_mask(seq_id)
-        assert n == int(mask.sum())
+        n, runs = _select(kv, seq_id)
+        idx = state_io.selected_cells(kv.layout, cells, seq_id)
+        want = state_io.cell_runs(idx)
+        assert n == idx.size and runs.tolist() == [list(want[0]), list(want[1])]
+    kv.seq_cp(0, 2, -1, -1)  # every cell of seq 0 shared with seq 2
+    assert _select(kv, -1, expect_shared=True)[0] == int(np.count_nonzero(cells.pos >= 0))
     # too little room for the runs: refused
     counts = ffi.new("int64_t[2]")
     shared = ffi.new("int32_t *")

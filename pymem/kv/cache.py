@@ -102,7 +102,6 @@ from pymem.state import (
     StateReader,
     StateWriter,
     check_state_flags,
-    uninit_bytearray,
 )
 from pymem.types import GGMLType, ggml_type
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
@@ -1363,7 +1362,7 @@ class KVCache(Memory):
             self._section = state_io.native_section(self.layout, self.layers)
         return self._section if isinstance(self._section, state_io.NativeSection) else None
 
-    def _seq_blob(self, seq_id: int, flags: int) -> state_io.SeqBlob | None:
+    def _seq_blob(self, seq_id: int, flags: int, what: str) -> state_io.SeqBlob | None:
         """The one-call per-sequence blob paths (:class:`state_io.SeqBlob`) when ``seq_id``
         is one sequence of this open cache in host memory; None sends the caller to the
         general path (which also raises for a bad ``seq_id`` or a closed cache). Kept to a
@@ -1384,14 +1383,14 @@ class KVCache(Memory):
         ):
             return None
         if flags:
-            check_state_flags(flags, "state")
+            check_state_flags(flags, what)
         return blob
 
     def seq_writer(self, seq_id: int, flags: int) -> SeqWriter | None:
         """The one-call blob (:class:`state_io.SeqBlob`) as a sized writer: the search
         sizes it, the fill writes what the search found (a composite's parts each take
         theirs into one buffer)."""
-        blob = self._seq_blob(seq_id, flags)
+        blob = self._seq_blob(seq_id, flags, "state_write")
         size = None if blob is None else blob.size(seq_id)
         if blob is None or size is None:
             return None
@@ -1403,35 +1402,11 @@ class KVCache(Memory):
 
         return size, fill
 
-    def state_size(self, seq_id: int = -1, flags: int = 0) -> int:
-        blob = self._seq_blob(seq_id, flags)
-        if blob is not None:
-            size = blob.size(seq_id)
-            if size is not None:
-                return size
-        return super().state_size(seq_id, flags)
-
-    def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
-        """The state of ``seq_id`` (-1: the whole cache) as a new blob.
-
-        One sequence of a cache in host memory is one native search (sizing the blob) and
-        one native write of what it found (:class:`state_io.SeqBlob`); anything else takes
-        the general writer.
-        """
-        blob = self._seq_blob(seq_id, flags)
-        if blob is not None:
-            size = blob.size(seq_id)
-            if size is not None:
-                out = uninit_bytearray(size)
-                blob.write(out, seq_id, "state_write", reuse=True)
-                return bytes(out) if size < 4096 else out  # type: ignore[return-value]
-        return super().state_write(seq_id, flags)
-
     def state_write_buffer(self, out: Any, seq_id: int = -1, flags: int = 0) -> int:
         """Write the state into the caller's writable buffer ``out`` (at its start); returns
         its size. RangeError, nothing written, when ``out`` is too small. One sequence of a
         cache in host memory is one native call (:class:`state_io.SeqBlob`)."""
-        blob = self._seq_blob(seq_id, flags)
+        blob = self._seq_blob(seq_id, flags, "state_write_buffer")
         if blob is not None:
             done = blob.write(out, seq_id, "state_write_buffer")
             if done is not None:
@@ -1447,13 +1422,16 @@ class KVCache(Memory):
         just saved) is parsed, checked and stored in one native call
         (:meth:`state_io.SeqBlob.read`); anything else takes the two-phase restore.
         """
-        blob = self._seq_blob(seq_id, flags)
+        blob = self._seq_blob(seq_id, flags, "state_read")
         if blob is not None:
             done = blob.read(data, seq_id)
             if done is not None:
                 self._mutated()
                 return done
-        return super().state_read(data, seq_id, flags)
+        # the one call declined: the general parse, without asking the same question again
+        reader = StateReader(data)
+        self._parse(reader, seq_id, flags, same_cells=blob is None).commit()
+        return reader.offset
 
     def state_read_parse(
         self, reader: StateReader, seq_id: int = -1, flags: int = 0
@@ -1465,6 +1443,13 @@ class KVCache(Memory):
         sequence going back into exactly the cells it holds, from a blob in host memory,
         is checked in one native call and stored in one more (:class:`SameCellsPlan`).
         """
+        return self._parse(reader, seq_id, flags, same_cells=True)
+
+    def _parse(
+        self, reader: StateReader, seq_id: int, flags: int, same_cells: bool
+    ) -> state_io.KVStatePlan | state_io.SameCellsPlan:
+        """:meth:`state_read_parse`; ``same_cells`` False skips the native same-cells
+        check (a caller whose one-call restore just declined the blob)."""
         self.check_open()
         check_state_flags(flags, "state_read")
         seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
@@ -1475,7 +1460,7 @@ class KVCache(Memory):
             planning=self._planning,
             place=self._place_restored,
         )
-        blob = self._seq_blob(seq_id, 0) if seq_id >= 0 else None
+        blob = self._seq_blob(seq_id, 0, "state_read") if seq_id >= 0 and same_cells else None
         rest = reader.host_rest() if blob is not None else None
         if blob is not None and rest is not None:
             taken = blob.read(rest, seq_id, store=False)

@@ -445,6 +445,29 @@ def _native_writable(layout: KVLayout, layers: Sequence[KVLayer], seq_id: int) -
     return True
 
 
+def _select(
+    layout: KVLayout, cells: KVCells, seq_id: int, scratch: np.ndarray
+) -> tuple[int, np.ndarray, bool]:
+    """The cells a blob of ``seq_id`` (-1: the whole stream) holds, in one native pass
+    (:c:func:`pm_kv_select`): (count, runs ``int64 [2, n_runs]`` (starts, exclusive
+    ends; a copy, the scratch is the stream's), whether a selected cell of the whole
+    stream is shared). ``scratch``: ``int64 [2, size // 2 + 1]``."""
+    cap = scratch.shape[1]
+    found = ffi.from_buffer("int64_t[]", scratch, require_writable=True)
+    counts = ffi.new("int64_t[2]")
+    shared = ffi.new("int32_t *")
+    check(
+        lib.pm_kv_select(
+            ffi.from_buffer("int32_t[]", cells.pos), ffi.from_buffer("int32_t[]", cells.owner),
+            cells.size, seq_id, layout.n_seq_max, found, found + cap, cap, counts, counts + 1,
+            shared,
+        ),
+        "state write: select cells",
+    )  # fmt: skip
+    n_runs = int(counts[1])
+    return int(counts[0]), scratch[:, :n_runs].copy(), bool(shared[0])
+
+
 def _write_stream_section(
     layout: KVLayout,
     cells: KVCells,
@@ -454,27 +477,17 @@ def _write_stream_section(
     section: NativeSection,
 ) -> bool:
     """:func:`_write_stream_native` into a writer that fills in place: one native pass
-    finds the cells' runs (:c:func:`pm_kv_select`), one ``write_fill`` of one native call
+    finds the cells' runs (:func:`_select`), one ``write_fill`` of one native call
     writes the whole part (:c:func:`pm_kv_write_section`)."""
     pos = ffi.from_buffer("int32_t[]", cells.pos)
     owner = ffi.from_buffer("int32_t[]", cells.owner)
-    scratch = section.runs_scratch(strm, cells.size)
-    cap = scratch.shape[1]
-    found = ffi.from_buffer("int64_t[]", scratch, require_writable=True)
-    counts = ffi.new("int64_t[2]")
-    shared = ffi.new("int32_t *")
-    check(
-        lib.pm_kv_select(pos, owner, cells.size, seq_id, layout.n_seq_max, found, found + cap,
-                         cap, counts, counts + 1, shared),
-        "state write: select cells",
-    )  # fmt: skip
-    if seq_id < 0 and shared[0]:
+    n, runs, shared = _select(layout, cells, seq_id, section.runs_scratch(strm, cells.size))
+    if seq_id < 0 and shared:
         return False
-    n, n_runs = int(counts[0]), int(counts[1])
+    n_runs = runs.shape[1]
     if n == 0:
         writer.write_u32(0)
         return True
-    runs = scratch[:, :n_runs].copy()  # the fill may run after the next stream's search
     n_ext = 3 if layout.with_ext else 0
     with_id = seq_id < layout.n_seq_max  # per sequence: no id at all for ids >= n_seq_max
     rec = 2 + n_ext + int(with_id)
@@ -519,29 +532,21 @@ def _write_stream_native(
         return _write_stream_section(layout, cells, writer, strm, seq_id, section)
     pos = ffi.from_buffer("int32_t[]", cells.pos)
     owner = ffi.from_buffer("int32_t[]", cells.owner)
-    counts = ffi.new("int64_t[2]")
-    shared = ffi.new("int32_t *")
-    check(
-        lib.pm_kv_select_count(pos, owner, cells.size, seq_id, layout.n_seq_max, counts,
-                               counts + 1, shared),
-        "state write: count cells",
-    )  # fmt: skip
-    if seq_id < 0 and shared[0]:
+    scratch = (
+        section.runs_scratch(strm, cells.size)
+        if section is not None
+        else np.empty((2, cells.size // 2 + 1), dtype=np.int64)
+    )
+    n, runs, shared = _select(layout, cells, seq_id, scratch)
+    if seq_id < 0 and shared:
         return False
-    n, n_runs = int(counts[0]), int(counts[1])
+    n_runs = runs.shape[1]
     n_ext = 3 if layout.with_ext else 0
     with_id = seq_id < layout.n_seq_max  # per sequence: no id at all for ids >= n_seq_max
     writer.write_u32(n)
     if n == 0:
         return True
-    starts = np.empty(n_runs, dtype=np.int64)
-    ends = np.empty(n_runs, dtype=np.int64)
-    check(
-        lib.pm_kv_select_runs(pos, owner, cells.size, seq_id,
-                              ffi.from_buffer("int64_t[]", starts, require_writable=True),
-                              ffi.from_buffer("int64_t[]", ends, require_writable=True), n_runs),
-        "state write: cell runs",
-    )  # fmt: skip
+    starts, ends = runs[0], runs[1]
     rec = 2 + n_ext + int(with_id)
     ext = ffi.from_buffer("int32_t[]", cells.ext) if n_ext else ffi.NULL
 

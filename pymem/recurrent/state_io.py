@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -46,6 +47,11 @@ class StateLayers:
     layers: tuple[int, ...]
     r: tuple[Tensor, ...]
     s: tuple[Tensor, ...]
+
+    @cached_property
+    def cell_bytes(self) -> int:
+        """One cell's bytes over every R and S tensor (a row of each)."""
+        return sum(t.row_size for t in (*self.r, *self.s))
 
 
 def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
@@ -156,7 +162,7 @@ def seq_section_size(layers: StateLayers, has_cell: bool) -> int:
     id count) when it holds a cell, s_trans, n_layer, then per R and S tensor its header
     (i32 type, u64 row size) and the cell's row."""
     n = int(has_cell)
-    return 4 + 8 * n + 8 + sum(12 + n * t.row_size for t in (*layers.r, *layers.s))
+    return 4 + 8 * n + 8 + 12 * (len(layers.r) + len(layers.s)) + n * layers.cell_bytes
 
 
 class SeqRows:

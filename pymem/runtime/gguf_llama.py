@@ -580,7 +580,7 @@ class _Graph(
                 f"{self.m.path}: long / short RoPE factors need the context's n_ctx_seq "
                 f"(decode with a memory made by pymem.factory.create_memory)"
             )
-        name = "rope_factors_long" if n_ctx_seq > rope.n_ctx_orig else "rope_factors_short"
+        name = "rope_factors_long" if rope.uses_long(n_ctx_seq) else "rope_factors_short"
         factors = weights.get(f"{name}.weight", required=False)
         return NULL if factors is None else factors
 
