@@ -168,11 +168,15 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
 
     def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
         self.check_seq_add(seq_id, p0, p1, shift)
+        if int(shift) == 0:  # every part's no-op, once every part has checked the call
+            return
         for part in self._members():
             part.seq_add(seq_id, p0, p1, shift)
 
     def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
         self.check_seq_div(seq_id, p0, p1, d)
+        if int(d) == 1:
+            return
         for part in self._members():
             part.seq_div(seq_id, p0, p1, d)
 

@@ -472,6 +472,24 @@ def test_refused_seq_div_changes_neither_part() -> None:
     assert mem.state_write() == before
 
 
+def test_no_op_shift_and_div_still_check_the_call() -> None:
+    # seq_add by 0 and seq_div by 1 return before any part runs, but only after every
+    # part has checked the call: a bad id is refused as for a real shift, and nothing moves
+    mem = make_hybrid()
+    assert decode(mem, prompt(0, 4)) == 0
+    before = mem.state_write()
+    for op, arg in ((mem.seq_add, 0), (mem.seq_div, 1)):
+        with pytest.raises(RangeError, match="seq_id"):
+            op(1000, -1, -1, arg)
+        with pytest.raises(RangeError, match="sequence id"):
+            op(True, -1, -1, arg)  # type: ignore[operator]
+        op(0, -1, -1, arg)
+        op(np.int64(0), -1, -1, np.int64(arg))
+    assert mem.state_write() == before
+    assert mem.seq_pos_max(0) == 3 and mem.seq_pos_max(np.int64(0)) == 3
+    assert not mem.mem_attn.get_has_shift()  # no K-shift queued by a shift of 0
+
+
 # --------------------------------------------------------------------------------------
 # seq_pos_min_of / seq_pos_max_of: each memory's vectorised bounds equal its scalar
 # queries (iSWA from the SWA cache, hybrid max of mins / min of maxes, recurrent

@@ -373,6 +373,7 @@ class KVCache(Memory):
             len(self.seq_to_stream)
         )
         self._seq_key: list[int] = keys.tolist()
+        self._n_seq_ids = len(self._seq_key)
         # the same facts, frozen, for the helper modules
         self.layout = KVLayout(
             kv_size=self.kv_size,
@@ -390,6 +391,7 @@ class KVCache(Memory):
             seq_to_stream=self.seq_to_stream,
         )
         self._pending_copies: list[tuple[int, int]] = []
+        self._can_shift = spec.kv_shiftable and spec.n_pos_per_embd == 1  # fixed by the spec
         self._version = 0  # bumped by every mutation (stale state-read plans are refused)
         self._memo: _StepMemo | None = None  # the last replayed ubatch layout seen
         self._layer_set = frozenset(layer.il for layer in self.layers)  # KVInputs.layers
@@ -425,7 +427,7 @@ class KVCache(Memory):
         return self.with_ext
 
     def get_can_shift(self) -> bool:
-        return self.spec.kv_shiftable and self.spec.n_pos_per_embd == 1
+        return self._can_shift
 
     def layer(self, il: int) -> KVLayer:
         """The cached layer that model layer ``il`` reads (after ``reuse``)."""
@@ -483,6 +485,8 @@ class KVCache(Memory):
             raise ClosedError("KVCache: already closed (its buffers were freed)")
 
     def _check_seq(self, seq_id: Any, what: str, allow_all: bool = False) -> int:
+        if type(seq_id) is int and 0 <= seq_id < self._n_seq_ids and not self._closed:
+            return seq_id  # the common call, without the checks that name what is wrong
         self.check_open()
         if isinstance(seq_id, bool) or not isinstance(seq_id, (int, np.integer)):
             raise RangeError(f"{what}: expected an integer sequence id, got {seq_id!r}")
@@ -620,6 +624,8 @@ class KVCache(Memory):
             self.v_heads[strm] = int(freed[0])
 
     def _check_shiftable(self, what: str) -> None:
+        if self._can_shift:
+            return
         if self.spec.n_pos_per_embd > 1:
             raise UnsupportedError(
                 f"{what}: needs n_pos_per_embd == 1, the model has {self.spec.n_pos_per_embd} (M-RoPE)"
@@ -706,24 +712,25 @@ class KVCache(Memory):
         cells.pos_div(idx, d)
 
     def seq_pos_min(self, seq_id: int) -> int:
-        if self._closed or type(seq_id) is not int or not 0 <= seq_id < len(self._seq_key):
+        if self._closed or type(seq_id) is not int or not 0 <= seq_id < self._n_seq_ids:
             seq_id = self._check_seq(seq_id, "seq_id")  # raises, or an np.integer id
         key = self._seq_key[seq_id]
         c = self.cells
-        if c.pdirty_f[key] & STALE_MIN:
+        if c.pdirty_f.item(key) & STALE_MIN:  # .item: no numpy scalar on the hot path
             c.refresh(np.array([key // LLAMA_MAX_SEQ]), np.array([seq_id]))
-        v = int(c.pmin_f[key])
+        v: int = c.pmin_f.item(key)
         return -1 if v == EMPTY_MIN else v
 
     def seq_pos_max(self, seq_id: int) -> int:
         # the common call (an open cache, a plain int in range) skips _check_seq's checks
-        if self._closed or type(seq_id) is not int or not 0 <= seq_id < len(self._seq_key):
+        if self._closed or type(seq_id) is not int or not 0 <= seq_id < self._n_seq_ids:
             seq_id = self._check_seq(seq_id, "seq_id")  # raises, or an np.integer id
         key = self._seq_key[seq_id]
         c = self.cells
-        if c.pdirty_f[key] & STALE_MAX:
+        if c.pdirty_f.item(key) & STALE_MAX:
             c.refresh(np.array([key // LLAMA_MAX_SEQ]), np.array([seq_id]))
-        return int(c.pmax_f[key])
+        v: int = c.pmax_f.item(key)
+        return v
 
     def _seq_keys(self, seq_ids: np.ndarray) -> np.ndarray:
         """(stream, sequence) keys ``s * 256 + seq_id`` of ``seq_ids``; the first id out of

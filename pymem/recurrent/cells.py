@@ -496,10 +496,10 @@ def seq_rm_cells(
         c.n_last[seq_id] = 0
     if seq_id >= c.size:
         return False
-    t = int(c.tail[seq_id])
+    t: int = c.tail.item(seq_id)  # .item: plain ints, no numpy scalars (a per-step call)
     if t < 0:
         return True
-    pos = int(c.pos[t])
+    pos: int = c.pos.item(t)
     if 0 < p0 <= pos < p1:
         # cutting the tail: only a rollback through a snapshot plane can serve it, and only
         # one the last ubatch's planes hold exactly. Departure from the reference, which
@@ -507,8 +507,8 @@ def seq_rm_cells(
         # True returned): pymem returns False and changes nothing, so the caller replays
         # (pymem.reuse plans that); pinned by tests/test_recurrent.py
         rollback = pos - (p0 - 1)
-        exact = rollback < int(c.n_last[seq_id])
-        if c.rs_idx[seq_id] == 0 and 1 <= rollback <= n_rs_seq and exact:
+        exact = rollback < c.n_last.item(seq_id)
+        if c.rs_idx.item(seq_id) == 0 and 1 <= rollback <= n_rs_seq and exact:
             c.rs_idx[seq_id] = rollback
             c.pos[t] = p0 - 1
             return True

@@ -618,11 +618,13 @@ class RecurrentMemory(Memory):
         A negative position (``seq_add`` / ``seq_div`` moved it below 0) is reported as
         it is, as the reference's minimum over the cells holding the sequence.
         """
-        seq_id = int(seq_id)
+        if type(seq_id) is not int:
+            seq_id = int(seq_id)
         if not 0 <= seq_id < self.size:
             return -1
-        t = int(self.cells.tail[seq_id])
-        return int(self.cells.pos[t]) if t >= 0 else -1
+        cells = self.cells
+        t: int = cells.tail.item(seq_id)  # .item: no numpy scalars on this hot query
+        return cells.pos.item(t) if t >= 0 else -1
 
     def seq_pos_max(self, seq_id: int) -> int:
         """The position of ``seq_id``'s state, never below -1.
@@ -631,7 +633,14 @@ class RecurrentMemory(Memory):
         :meth:`seq_pos_min` reports it: after ``seq_add(s, -1, -1, -100)`` on a state at
         position 9 the pair is ``(-91, -1)``, and the next batch for ``s`` starts at 0.
         """
-        return max(-1, self.seq_pos_min(seq_id))
+        if type(seq_id) is not int:
+            seq_id = int(seq_id)
+        if not 0 <= seq_id < self.size:
+            return -1
+        cells = self.cells
+        t: int = cells.tail.item(seq_id)
+        pos: int = cells.pos.item(t) if t >= 0 else -1
+        return pos if pos > -1 else -1
 
     def seq_pos_min_of(self, seq_ids: np.ndarray) -> np.ndarray:
         """:meth:`seq_pos_min` of each of ``seq_ids`` (int64).
