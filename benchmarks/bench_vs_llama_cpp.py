@@ -24,18 +24,23 @@ docs/perf_decode_vs_nseq.png and docs/perf_decode_vs_nctx.png.
    n_ubatch 512, n_batch 2048. A configuration is skipped, with the reason printed, when
    llama.cpp refuses the context or when the prompts plus the timed steps do not fit in
    a stream. Median of the timed steps (each step adds one token per sequence).
-2. State I/O (tiny-llama, f16 K/V, flash attention off = V transposed, and on): a unified
-   cache of n_ctx 32768 (n_seq_max 8) filled with 4 sequences x 8192 tokens, decoded in
-   interleaved chunks of 128 (one decode call = one chunk of each sequence). One
-   sequence's state write / read and the whole state's, pymem (``state_write`` /
-   ``state_read``) against llama.cpp (``llama_state_seq_get_data`` / ``_set_data``,
-   ``llama_state_get_data`` / ``_set_data`` into preallocated buffers) and a numpy
-   ``copyto`` of as many bytes. GB/s on the byte count of pymem's blob (the memory
-   part; llama.cpp's whole-state blob adds its output buffers in front).
-3. Sequence ops on that filled cache (flash attention off): ``seq_rm`` of a sequence's
-   last 16 positions (re-decoded outside the timer), ``seq_rm`` of a whole forked
-   sequence (the fork ``seq_cp 0 -> 5`` redone outside the timer), ``seq_cp`` of all
-   8192 positions (the copy removed outside the timer), ``seq_pos_max``. Median µs.
+2. State I/O: a unified cache of n_ctx 32768 (n_seq_max 8) filled with 4 sequences x
+   8192 tokens, decoded in interleaved chunks of 128 (one decode call = one chunk of each
+   sequence); f16 K/V. tiny-llama with flash attention off (V transposed) and on,
+   tiny-jamba (hybrid) and tiny-gemma2 (iSWA) with it off. One sequence's state
+   write / read and the whole state's, pymem (``state_write`` / ``state_read``) against
+   llama.cpp (``llama_state_seq_get_data`` / ``_set_data``, ``llama_state_get_data`` /
+   ``_set_data`` into preallocated buffers) and a numpy ``copyto`` of as many bytes.
+   GB/s on the byte count of pymem's blob (the memory part; llama.cpp's whole-state blob
+   adds its output buffers in front).
+3. Sequence ops on those filled memories (flash attention off), every op of the
+   interface: ``seq_rm`` of a sequence's last 16 positions (re-decoded outside the
+   timer; a recurrent state cannot lose them, so on tiny-jamba both sides refuse),
+   ``seq_rm`` of a whole forked sequence (the fork ``seq_cp 0 -> 5`` redone outside the
+   timer), ``seq_cp`` of all its positions (the copy removed outside the timer),
+   ``seq_add`` by +1 (undone outside the timer), ``seq_div`` by 2 and ``seq_keep`` (the
+   whole state restored outside the timer, on both sides), and ``seq_pos_max`` /
+   ``seq_pos_min`` (1,000 calls per timing, the ctypes call included). Median µs.
 
 Run: python benchmarks/bench_vs_llama_cpp.py [--quick] [--only decode|state|ops]
 (the full run takes a few minutes; ``--quick``: a handful of configurations, seconds);
@@ -68,6 +73,7 @@ from _util import RESULTS, print_table, write_results
 from pymem.batch import Batch, BatchAllocator
 from pymem.factory import ContextParams, create_memory, resolve_context
 from pymem.gguf_spec import spec_from_gguf
+from pymem.kv import KVCache
 from pymem.memory import Memory, MemoryStatus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -501,12 +507,22 @@ def filled_pair(
         pos = np.tile(np.arange(p0, p0 + STATE_CHUNK), STATE_N_SEQ)
         out = pos == p0 + STATE_CHUNK - 1
         pair.decode_both(seq, pos, out, inputs=False)
-    # the pymem K/V bytes are zero after bookkeeping-only decodes: random bytes instead
+    # the pymem tensors are zero after bookkeeping-only decodes: random bytes instead
     rng = np.random.default_rng(0)
-    for layer in mem.layers:  # type: ignore[attr-defined]
-        for t in (layer.k, layer.v):
-            t.write_bytes(rng.integers(0, 255, t.nbytes, np.uint8))
+    for t in tensors_of(mem):
+        t.write_bytes(rng.integers(0, 255, t.nbytes, np.uint8))
     return pair
+
+
+def tensors_of(mem: Memory) -> list[Any]:
+    """Every K/V and R/S tensor of ``mem`` (each part's)."""
+    out: list[Any] = []
+    for part in mem.parts().values():
+        if isinstance(part, KVCache):
+            out += [t for layer in part.layers for t in (layer.k, layer.v) if t is not None]
+        else:
+            out += [get(il) for il in part.layers for get in (part.get_r_l, part.get_s_l)]
+    return out
 
 
 def interleaved(fns: dict[str, Any], repeats: int) -> dict[str, float]:
@@ -568,14 +584,52 @@ def bench_state(pair: Pair, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-def bench_ops(pair: Pair, repeats: int, n_tokens: int) -> list[dict[str, Any]]:
+class WholeState:
+    """Both sides' whole state, taken once, to undo the ops that cannot be undone by
+    another op (``seq_div``, ``seq_keep``). A full cache without holes comes back into
+    the same cells on both sides (each restore fills cells from 0)."""
+
+    def __init__(self, pair: Pair) -> None:
+        self.pair = pair
+        self.n_ref = int(lc.llama_state_get_size(pair.ref.ctx))
+        self.ref_blob = (ctypes.c_uint8 * self.n_ref)()
+        n = lc.llama_state_get_data(pair.ref.ctx, self.ref_blob, self.n_ref)
+        if n != self.n_ref:
+            raise RuntimeError(f"llama_state_get_data wrote {n} of {self.n_ref} bytes")
+        self.mem_blob = bytes(pair.mem.state_write())
+
+    def restore(self) -> None:
+        n = lc.llama_state_set_data(self.pair.ref.ctx, self.ref_blob, self.n_ref)
+        if n != self.n_ref:
+            raise RuntimeError(f"llama_state_set_data read {n} of {self.n_ref} bytes")
+        self.pair.mem.state_read(self.mem_blob)
+
+
+def bench_ops(pair: Pair, repeats: int, n_tokens: int, model: str) -> list[dict[str, Any]]:
+    """Every sequence op on the filled pair, llama.cpp and pymem alternating; each op's
+    result and sequence 0's positions must agree on both sides."""
     ref, mem = pair.ref, pair.mem
     last = n_tokens - 16
+    whole = WholeState(pair)
 
     def refill_tail() -> None:
+        if mem.seq_pos_max(0) == n_tokens - 1:  # refused (a recurrent state): nothing to redo
+            return
         seq = np.zeros(16, dtype=np.int64)
         pos = np.arange(last, n_tokens)
         pair.decode_both(seq, pos, pos == n_tokens - 1, inputs=False)
+
+    def fork() -> None:
+        lc.llama_memory_seq_cp(ref.mem, 0, 5, -1, -1)
+        mem.seq_cp(0, 5, -1, -1)
+
+    def unfork() -> None:
+        lc.llama_memory_seq_rm(ref.mem, 5, -1, -1)
+        mem.seq_rm(5, -1, -1)
+
+    def unshift() -> None:
+        lc.llama_memory_seq_add(ref.mem, 0, 0, -1, -1)
+        mem.seq_add(0, 0, -1, -1)
 
     # (name, llama.cpp op, pymem op, untimed setup before, untimed cleanup after)
     cases = [
@@ -584,10 +638,19 @@ def bench_ops(pair: Pair, repeats: int, n_tokens: int) -> list[dict[str, Any]]:
          None, refill_tail),
         (f"seq_rm(5, -1, -1): a fork of {n_tokens}",
          lambda: lc.llama_memory_seq_rm(ref.mem, 5, -1, -1), lambda: mem.seq_rm(5, -1, -1),
-         lambda: (lc.llama_memory_seq_cp(ref.mem, 0, 5, -1, -1), mem.seq_cp(0, 5, -1, -1)), None),
+         fork, None),
         (f"seq_cp(0, 5, -1, -1): {n_tokens} positions",
          lambda: lc.llama_memory_seq_cp(ref.mem, 0, 5, -1, -1), lambda: mem.seq_cp(0, 5, -1, -1),
-         None, lambda: (lc.llama_memory_seq_rm(ref.mem, 5, -1, -1), mem.seq_rm(5, -1, -1))),
+         None, unfork),
+        (f"seq_add(0, 0, -1, 1): {n_tokens} positions",
+         lambda: lc.llama_memory_seq_add(ref.mem, 0, 0, -1, 1), lambda: mem.seq_add(0, 0, -1, 1),
+         None, unshift),
+        (f"seq_div(0, 0, -1, 2): {n_tokens} positions",
+         lambda: lc.llama_memory_seq_div(ref.mem, 0, 0, -1, 2), lambda: mem.seq_div(0, 0, -1, 2),
+         None, whole.restore),
+        (f"seq_keep(0): {STATE_N_SEQ} x {n_tokens} positions",
+         lambda: lc.llama_memory_seq_keep(ref.mem, 0), lambda: mem.seq_keep(0),
+         None, whole.restore),
     ]  # fmt: skip
     rows = []
     for name, f_ref, f_mem, setup, cleanup in cases:
@@ -595,66 +658,91 @@ def bench_ops(pair: Pair, repeats: int, n_tokens: int) -> list[dict[str, Any]]:
         for r in range(repeats):
             if setup is not None:
                 setup()
+            results = {}
             for side in ("ref", "mem") if r % 2 == 0 else ("mem", "ref"):
                 fn = f_ref if side == "ref" else f_mem
                 t0 = time.perf_counter()
-                fn()
+                results[side] = fn()
                 (t_ref if side == "ref" else t_mem).append(time.perf_counter() - t0)
+            check_agree(pair, name, results)
             if cleanup is not None:
                 cleanup()
-        rows.append(dict(op=name, llama_cpp_us=statistics.median(t_ref) * 1e6,
+        rows.append(dict(model=model, op=name, llama_cpp_us=statistics.median(t_ref) * 1e6,
                          pymem_us=statistics.median(t_mem) * 1e6))  # fmt: skip
-    assert lc.llama_memory_seq_pos_max(ref.mem, 0) == mem.seq_pos_max(0) == n_tokens - 1
     n = 1000
-    t = interleaved(
-        {
-            "ref": lambda: [lc.llama_memory_seq_pos_max(ref.mem, 0) for _ in range(n)],
-            "mem": lambda: [mem.seq_pos_max(0) for _ in range(n)],
-        },
-        repeats,
-    )
-    rows.append(dict(op="seq_pos_max(0) (ctypes call included)", llama_cpp_us=t["ref"] / n * 1e6,
-                     pymem_us=t["mem"] / n * 1e6))  # fmt: skip
+    for query in ("seq_pos_max", "seq_pos_min"):
+        f_ref, f_mem = getattr(lc, f"llama_memory_{query}"), getattr(mem, query)
+        if f_ref(ref.mem, 0) != f_mem(0):
+            raise RuntimeError(
+                f"{model} {query}(0): llama.cpp {f_ref(ref.mem, 0)}, pymem {f_mem(0)}"
+            )
+        t = interleaved(
+            {
+                "ref": lambda f_ref=f_ref: [f_ref(ref.mem, 0) for _ in range(n)],
+                "mem": lambda f_mem=f_mem: [f_mem(0) for _ in range(n)],
+            },
+            repeats,
+        )
+        rows.append(dict(model=model, op=f"{query}(0) (ctypes call included)",
+                         llama_cpp_us=t["ref"] / n * 1e6, pymem_us=t["mem"] / n * 1e6))  # fmt: skip
     for row in rows:
         row["ratio"] = row["pymem_us"] / row["llama_cpp_us"]
     return rows
+
+
+def check_agree(pair: Pair, op: str, results: dict[str, Any]) -> None:
+    """The op returned the same on both sides, and sequence 0's bounds agree after it."""
+    ref, mem = pair.ref, pair.mem
+    got = {k: (bool(v) if v is not None else None) for k, v in results.items()}
+    bounds_ref = (lc.llama_memory_seq_pos_min(ref.mem, 0), lc.llama_memory_seq_pos_max(ref.mem, 0))
+    bounds_mem = (mem.seq_pos_min(0), mem.seq_pos_max(0))
+    if got["ref"] != got["mem"] or bounds_ref != bounds_mem:
+        raise RuntimeError(
+            f"{op}: llama.cpp returned {got['ref']}, bounds {bounds_ref}; "
+            f"pymem {got['mem']}, bounds {bounds_mem}"
+        )
+
+
+FILLED = (("llama", False), ("llama", True), ("jamba", False), ("gemma2", False))
+"""(model, flash attention) of the filled memories: tiny-llama in both V layouts, the
+hybrid and the iSWA model in the reference's default layout (V transposed)."""
 
 
 def bench_filled(
     quick: bool, only: str | None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     models = LlamaModels()
-    spec = spec_from_gguf(str(MODELS["llama"]))
     n_tokens = 2048 if quick else STATE_TOKENS
     repeats = 5 if quick else 15
     state_rows: list[dict[str, Any]] = []
     op_rows: list[dict[str, Any]] = []
     try:
-        for fa in (False, True):
+        for name, fa in FILLED:
             if only == "ops" and fa:
                 continue
+            spec = spec_from_gguf(str(MODELS[name]))
             t0 = time.perf_counter()
-            pair = filled_pair(models, spec, fa, n_tokens)
-            print(f"  filled fa {int(fa)}: {time.perf_counter() - t0:.1f} s", flush=True)
+            pair = filled_pair(models, spec, fa, n_tokens, name)
+            print(f"  filled {name} fa {int(fa)}: {time.perf_counter() - t0:.1f} s", flush=True)
             try:
                 if only in (None, "state"):
-                    state_rows += bench_state(pair, repeats)
+                    state_rows += [dict(model=name, **r) for r in bench_state(pair, repeats)]
                 if only in (None, "ops") and not fa:
-                    op_rows = bench_ops(pair, 3 * repeats, n_tokens)
+                    op_rows += bench_ops(pair, 3 * repeats, n_tokens, name)
             finally:
                 pair.close()
     finally:
         models.close()
     if state_rows:
         print_table(
-            f"State I/O, tiny-llama f16, {STATE_N_SEQ} x {n_tokens} tokens in a unified "
-            f"{STATE_N_CTX}-cell cache (median GB/s on pymem's blob bytes)",
-            ["v_trans", "blob", "pymem B", "llama.cpp B", "pymem write", "llama.cpp write",
-             "pymem read", "llama.cpp read", "numpy copy", "write / numpy", "read / numpy",
-             "write / llama.cpp", "read / llama.cpp"],
+            f"State I/O, f16, {STATE_N_SEQ} x {n_tokens} tokens in a unified "
+            f"{STATE_N_CTX}-cell memory (median GB/s on pymem's blob bytes)",
+            ["model", "v_trans", "blob", "pymem B", "llama.cpp B", "pymem write",
+             "llama.cpp write", "pymem read", "llama.cpp read", "numpy copy", "write / numpy",
+             "read / numpy", "write / llama.cpp", "read / llama.cpp"],
             [
                 [
-                    r["v_trans"], r["blob"], r["pymem_bytes"], r["llama_cpp_bytes"],
+                    r["model"], r["v_trans"], r["blob"], r["pymem_bytes"], r["llama_cpp_bytes"],
                     f"{r['pymem_write_gbs']:.2f}", f"{r['llama_cpp_write_gbs']:.2f}",
                     f"{r['pymem_read_gbs']:.2f}", f"{r['llama_cpp_read_gbs']:.2f}",
                     f"{r['numpy_copy_gbs']:.2f}",
@@ -668,9 +756,11 @@ def bench_filled(
         )  # fmt: skip
     if op_rows:
         print_table(
-            f"Sequence ops on the filled cache (fa off; median µs, {STATE_N_SEQ} x {n_tokens} tokens)",
-            ["op", "llama.cpp µs", "pymem µs", "pymem/llama.cpp"],
-            [[r["op"], f"{r['llama_cpp_us']:.2f}", f"{r['pymem_us']:.2f}", f"{r['ratio']:.2f}"]
+            f"Sequence ops on the filled memories (fa off; median µs, {STATE_N_SEQ} x "
+            f"{n_tokens} tokens)",
+            ["model", "op", "llama.cpp µs", "pymem µs", "pymem/llama.cpp", ""],
+            [[r["model"], r["op"], f"{r['llama_cpp_us']:.2f}", f"{r['pymem_us']:.2f}",
+              f"{r['ratio']:.2f}", "" if r["ratio"] <= 1 else "OVER"]
              for r in op_rows],
         )  # fmt: skip
     return state_rows, op_rows

@@ -500,11 +500,13 @@ class RecurrentMemory(Memory):
         pending, the sequence goes back to ``p0 - 1`` (True); any other cut of the tail
         is False with nothing changed. ``seq_id < 0`` is always False (reference quirk).
         """
-        self.check_open()
+        if self._closed:
+            self.check_open()  # raises
         self._version += 1
-        return seq_rm_cells(
-            self.cells, self.n_seq_max, self.n_rs_seq, int(seq_id), *clamp_range(p0, p1)
-        )
+        # clamp_range inlined: a runtime calls this per step, and hybrids first of all
+        p0 = 0 if p0 < 0 else int(p0)
+        p1 = POS_MAX if p1 < 0 else int(p1)
+        return seq_rm_cells(self.cells, self.n_seq_max, self.n_rs_seq, int(seq_id), p0, p1)
 
     def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
         """Make ``dst`` share ``src``'s cell (copy on write at its next ubatch).
