@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from pymem.batch import Batch
-from pymem.errors import UnsupportedError
+from pymem.errors import ConfigError, UnsupportedError
 from pymem.factory import ContextParams, create_memory
 from pymem.runtime.decoder import Decoder
 from pymem.runtime.gguf_llama import SUPPORTED, GGUFModel
@@ -156,9 +156,6 @@ CASES = {
     "olmo2-fused-qkv": (
         "olmo2", {"blk.0.attn_qkv.weight": (E, 32)}, {}, r"attn_qkv\.weight",
     ),
-    "cohere2-rope-factors": (
-        "cohere2", {"rope_freqs.weight": (4,)}, {}, r"rope_freqs\.weight",
-    ),
     "phi3-output-norm-bias": (
         "phi3", {"output_norm.bias": (E,)}, {}, r"output_norm\.bias",
     ),
@@ -233,6 +230,17 @@ def test_unbuilt_variant_is_refused(
     writer, run = MODELS[arch]
     path = _write_with(tmp_path, monkeypatch, writer, extra, keys)
     with pytest.raises(UnsupportedError, match=error):
+        _first_decode(path, run)
+
+
+def test_factor_tensor_the_loader_does_not_create_is_refused_at_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # cohere2's loader creates no RoPE factor tensor: llama.cpp fails to load such a file,
+    # so pymem refuses it when reading the spec, before any graph
+    writer, run = MODELS["cohere2"]
+    path = _write_with(tmp_path, monkeypatch, writer, {"rope_freqs.weight": (4,)}, {})
+    with pytest.raises(ConfigError, match=r"rope_freqs\.weight: llama\.cpp's 'cohere2' loader"):
         _first_decode(path, run)
 
 

@@ -23,13 +23,22 @@ from pymem.spec import RopeSpec
 MODELS = Path(__file__).resolve().parent / "data" / "models"
 
 
-def _llama(path: Path, tensors: dict[str, np.ndarray]) -> Path:
-    """A tensor-light llama GGUF: 2 layers, heads of 8 (4 rotated pairs), given tensors."""
-    w = gguf.GGUFWriter(str(path), "llama")
+def _llama(
+    path: Path, tensors: dict[str, np.ndarray], longrope: bool | None = None, arch: str = "llama"
+) -> Path:
+    """A tensor-light GGUF of ``arch`` (llama hparams): 2 layers, heads of 8 (4 rotated
+    pairs), given tensors. ``rope.scaling.type`` longrope when ``longrope`` (by default:
+    when the tensors hold long / short factors, the only way llama.cpp's llama loader
+    takes them)."""
+    if longrope is None:
+        longrope = any(name.startswith("rope_factors_") for name in tensors)
+    w = gguf.GGUFWriter(str(path), arch)
     for key, value in {"context_length": 4096, "embedding_length": 16, "block_count": 2,
                        "attention.head_count": 2, "attention.head_count_kv": 1}.items():  # fmt: skip
-        w.add_uint32(f"llama.{key}", value)
-    w.add_uint32("llama.rope.scaling.original_context_length", 512)
+        w.add_uint32(f"{arch}.{key}", value)
+    w.add_uint32(f"{arch}.rope.scaling.original_context_length", 512)
+    if longrope:
+        w.add_string(f"{arch}.rope.scaling.type", "longrope")
     for name, data in tensors.items():
         w.add_tensor(name, data)
     w.write_header_to_file()
@@ -96,13 +105,40 @@ def test_short_factors_alone_apply_within_the_original_context(tmp_path: Path) -
     assert beyond.layers[0].rope.freq_factors_long is None
 
 
-def test_rope_freqs_win_over_long_and_short(tmp_path: Path) -> None:
-    freqs = np.array([2.0, 2.0, 2.0, 2.0], dtype=np.float32)
-    other = np.ones(4, dtype=np.float32)
-    path = _llama(tmp_path / "m.gguf", {"rope_freqs.weight": freqs, "rope_factors_short.weight": other,
-                                        "rope_factors_long.weight": other})  # fmt: skip
-    rope = spec_from_gguf(path).layers[0].rope
-    assert rope.freq_factors == (2.0, 2.0, 2.0, 2.0) and rope.freq_factors_long is None
+@pytest.mark.parametrize("longrope", [False, True])
+def test_factor_tensors_the_loader_does_not_create_are_refused(
+    tmp_path: Path, longrope: bool
+) -> None:
+    # llama's loader creates rope_freqs, or long + short under longrope, never both: a file
+    # holding the other kind fails to load in llama.cpp ("wrong number of tensors")
+    ones = np.ones(4, dtype=np.float32)
+    mixed = {"rope_freqs.weight": ones, "rope_factors_short.weight": ones,
+             "rope_factors_long.weight": ones}  # fmt: skip
+    stray = "rope_freqs" if longrope else "rope_factors_long"
+    path = _llama(tmp_path / "m.gguf", mixed, longrope=longrope)
+    with pytest.raises(ConfigError, match=rf"{stray}\.weight: llama\.cpp's 'llama' loader"):
+        spec_from_gguf(path)
+    # phi3 always takes long + short (never rope_freqs); an architecture whose loader
+    # creates no factor tensor refuses every one
+    phi3 = _llama(tmp_path / "p.gguf", {"rope_freqs.weight": ones}, arch="phi3")
+    with pytest.raises(
+        ConfigError, match=r"rope_freqs\.weight: .*'phi3'.*creates: rope_factors_long"
+    ):
+        spec_from_gguf(phi3)
+    qwen2 = _llama(tmp_path / "q.gguf", {"rope_freqs.weight": ones}, arch="qwen2")
+    with pytest.raises(ConfigError, match=r"'qwen2' loader .*creates: none"):
+        spec_from_gguf(qwen2)
+
+
+def test_the_loaded_factor_tensors_per_architecture() -> None:
+    from pymem.gguf_spec.hparams import rope_factor_tensors_loaded as loaded
+
+    long_short = ("rope_factors_long.weight", "rope_factors_short.weight")
+    assert loaded("llama", False) == ("rope_freqs.weight",)
+    assert loaded("granite_swa", True) == long_short
+    assert loaded("phi3", False) == loaded("phi3", True) == long_short
+    assert loaded("llama4", True) == ("rope_freqs.weight",)
+    assert loaded("gemma2", False) == ()
 
 
 def test_bad_factors_are_refused(tmp_path: Path) -> None:

@@ -299,7 +299,9 @@ def hparams_from_gguf(path: str | os.PathLike[str]) -> GGUFHParams:
 
     use_alibi = m.f32(k("attention.max_alibi_bias"), 0.0) > 0.0
 
-    rope_freqs, rope_freqs_long, rope_factor_layers = _rope_factor_tensors(m, d)
+    rope_freqs, rope_freqs_long, rope_factor_layers = _rope_factor_tensors(
+        m, d, arch, rope_scaling_type == _ROPE_SCALING["longrope"]
+    )
     return GGUFHParams(
         arch=arch,
         n_ctx_train=n_ctx_train,
@@ -350,11 +352,49 @@ def hparams_from_gguf(path: str | os.PathLike[str]) -> GGUFHParams:
     )
 
 
+_FREQS = "rope_freqs.weight"
+_LONG_SHORT = ("rope_factors_long.weight", "rope_factors_short.weight")
+# The RoPE factor tensors each architecture's loader creates (llama.cpp 0.3.36,
+# models/*.cpp load_tensors). These take rope_freqs, or long + short under longrope:
+_FACTORS_BY_SCALING = frozenset({
+    "llama", "llama-embed", "deci", "refact", "minicpm", "granite", "granitemoe",
+    "granite_swa", "apertus", "pangu-embedded", "mistral3", "step35",
+})  # fmt: skip
+_FACTORS_LONG_SHORT = frozenset({"phi3", "phimoe", "minicpm3"})  # whatever the scaling
+_FACTORS_FREQS = frozenset({
+    "arcee", "cogvlm", "dflash", "eagle3", "exaone", "exaone4", "exaone-moe", "falcon-h1",
+    "gemma4", "gemma4-assistant", "granitehybrid", "llada", "llama4", "nanbeige",
+})  # fmt: skip
+
+
+def rope_factor_tensors_loaded(arch: str, longrope: bool) -> tuple[str, ...]:
+    """The RoPE factor tensors llama.cpp's loader for ``arch`` creates (``longrope``: the
+    file's ``rope.scaling.type`` is longrope). A file holding another one fails to load
+    there ("wrong number of tensors"). E.g. ("llama", False) -> ("rope_freqs.weight",)."""
+    if arch in _FACTORS_BY_SCALING:
+        return _LONG_SHORT if longrope else (_FREQS,)
+    if arch in _FACTORS_LONG_SHORT:
+        return _LONG_SHORT
+    return (_FREQS,) if arch in _FACTORS_FREQS else ()
+
+
 def _rope_factor_tensors(
-    m: GGUFMeta, d: Draft
+    m: GGUFMeta, d: Draft, arch: str, longrope: bool
 ) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None, tuple[bool, ...]]:
     """The file's RoPE factor tensors: ``rope_freqs`` wins (``get_rope_factors``); else the
-    short factors, with the long ones kept for contexts beyond the original length."""
+    short factors, with the long ones kept for contexts beyond the original length.
+
+    A factor tensor the architecture's loader does not create is refused (ConfigError):
+    llama.cpp fails to load such a file, so its positions would mean nothing to compare."""
+    loaded = rope_factor_tensors_loaded(arch, longrope)
+    stray = [n for n in (_FREQS, *_LONG_SHORT) if n not in loaded and m.has_tensor(n)]
+    if stray:
+        scaling = "longrope" if longrope else "not longrope"
+        takes = ", ".join(loaded) if loaded else "none"
+        raise ConfigError(
+            f"{stray[0]}: llama.cpp's {arch!r} loader does not create it (rope.scaling.type "
+            f"{scaling}; it creates: {takes}), so the file fails to load there"
+        )
     freqs = m.small_tensor("rope_freqs.weight")
     long = None
     if freqs is None:

@@ -38,6 +38,9 @@ class GGUFMeta:
         self._tensors = {t.name: t for t in reader.tensors}
         self.arch = self.str_req("general.architecture")
 
+    def has_tensor(self, name: str) -> bool:
+        return name in self._tensors
+
     def small_tensor(self, name: str) -> tuple[float, ...] | None:
         """The values of a small 1-D float tensor (RoPE factors), or None when absent.
 

@@ -209,17 +209,9 @@ class AttentionGraph:
         cur = ctx.mul(ctx.norm(cur, eps), w)
         return cur if b is None else ctx.add(cur, b)
 
-    def refuse_rope_factors(self) -> None:
-        """RoPE frequency factors (``rope_freqs``, long/short factors) are not built."""
-        names = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
-        found = [n for n in names if n in self.m.weights.names]
-        if found:
-            raise UnsupportedError(f"{self.m.path}: RoPE frequency factors {found}")
-
     def cohere2(self, inp: Any, out_ids: Any) -> Any:
         """``llama_model_cohere2::graph``: LayerNorm, attention (RoPE on SWA layers only)
         and SwiGLU FFN in parallel from the same norm, both added to the residual."""
-        self.refuse_rope_factors()
 
         def norm(cur: Any, weight: str, il: int | None = None) -> Any:
             return self.layer_norm(cur, weight, il)
@@ -237,7 +229,6 @@ class AttentionGraph:
         gate/up experts) plus the shared expert, the sum halved."""
         g: Any = self
         ctx, keys, arch = self.ctx, self.m.keys, self.hp.arch
-        self.refuse_rope_factors()
         n_dense = int(keys.f32(f"{arch}.leading_dense_block_count", 0.0))
 
         def ffn(il: int, cur: Any) -> Any:
@@ -298,7 +289,6 @@ class AttentionGraph:
         g: Any = self
         w = self.m._w
         n_tokens, hd = self.ubatch.n_tokens, hp.n_embd_head
-        self.refuse_rope_factors()
 
         def mixer(il: int, cur: Any) -> Any:
             self.refuse_tensors(il, _QKV_EXTRA, "olmo2")

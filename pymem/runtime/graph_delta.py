@@ -352,7 +352,7 @@ class DeltaNetGraph:
         if not recurrent:
             names += ["attn_qkv.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias",
                       "attn_output.bias"]  # fmt: skip
-        self.refuse_tensors(il, names, rope_freqs=True)
+        self.refuse_tensors(il, names)
         has_moe = self.m._w(il, "ffn_gate_inp.weight", required=False) is not None
         if has_moe != moe:
             raise ConfigError(
