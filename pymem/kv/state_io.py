@@ -813,6 +813,11 @@ class KVStateHooks:
     place: Callable[[int, UBatch], SlotInfo | None]
 
 
+SWA_DEFERRED = True
+"""A sliding-window cache's per-sequence placement is left to the commit where its empty
+cells prove it fits (False: always simulated under an undo journal at parse; tests pin
+the two equal)."""
+
 # a per-sequence placement left to commit: positions, ext, the list its cells go into
 # ((cells, runs), either None, once placed), and seq_same_cells' answer (None: place it)
 _Deferred = tuple[
@@ -847,7 +852,7 @@ class KVStatePlan(_CachePlan):
         self.whole_counts: dict[int, int] = {}  # whole restore: cells per stream
         # per sequence: the simulated placement (KVCells.redo_log per stream, heads)
         self.redo: tuple[list[tuple], list[int]] | None = None
-        # per sequence, without SWA: the placement done at commit (see _Deferred)
+        # per sequence: the placement done at commit (see _Deferred)
         self.place: _Deferred | None = None
         # whole cache: the cells already hold exactly the blob's (only the bytes move)
         self.whole_same = False
@@ -1240,15 +1245,17 @@ def parse_kv_state(
         plan.whole_same = same
         return plan
 
-    # per sequence: the placement is seq_rm + find_slot + apply. Without SWA, the first
-    # (usually only) stream with cells is placed at commit time: whether it fits is known
-    # from counts (find_slot takes any n usable cells, and usable means empty after the
-    # seq_rm), so the parse changes nothing and journals nothing; when the sequence would
-    # land back in the very cells it holds, unchanged (seq_same_cells), the commit only
-    # moves the head. A second stream with cells (a hostile blob) places both under an
-    # undo journal, as the reference would.
+    # per sequence: the placement is seq_rm + find_slot + apply. The first (usually only)
+    # stream with cells is placed at commit time where counts tell that it fits: find_slot
+    # takes any n usable cells, and usable means empty after the seq_rm (a sliding-window
+    # cache also reuses cells its window masks: more usable cells, never fewer, so an
+    # empty count that suffices is proof there too), so the parse changes nothing and
+    # journals nothing. Without SWA, when the sequence would land back in the very cells
+    # it holds, unchanged (seq_same_cells), the commit only moves the head. A sliding-window
+    # stream whose empty cells do not suffice, or with shared cells, and a second stream
+    # with cells (a hostile blob) are placed under an undo journal, as the reference would.
     strm = int(layout.seq_to_stream[seq_id])
-    direct = layout.swa_type == SWAType.NONE
+    swa = layout.swa_type != SWAType.NONE
     deferred: list[_Deferred] = []
     journal: ExitStack | None = None
 
@@ -1284,7 +1291,7 @@ def parse_kv_state(
             slot: list[tuple[np.ndarray | None, Runs | None]] = []  # (cells, runs) placed
             cells = v_cells[strm]
             same_cells: Runs | None = None
-            if direct and not plan.steps and not cells.n_multi:
+            if not swa and not plan.steps and not cells.n_multi:
                 # seq_same_cells checks n_seq_id == 1 too: the full check only without it
                 words = _parse_meta_fixed(reader, n, n_ext, f"{what}.cells", check_ids=False)
                 same_cells = seq_same_cells(cells, int(v_heads.a[strm]), seq_id, words, n_ext)
@@ -1302,15 +1309,17 @@ def parse_kv_state(
                 cell_ext = words[:, 2 : 2 + n_ext].copy() if n_ext else None
             else:
                 pos, cell_ext = words[:, 0], words[:, 2 : 2 + n_ext] if n_ext else None
-            if direct and not plan.steps:
-                if same_cells is None:
-                    # free after seq_rm: the empty cells and those held by seq_id alone
-                    free = kv_size - cells.used + int(np.count_nonzero(cells.owner == seq_id))
-                    if n > free:
-                        raise StateError(
-                            f"{what}: failed to find {n} available cells in kv cache "
-                            f"(stream {strm} has {free} free)"
-                        )
+            defer = not plan.steps and not (swa and (cells.n_multi or not SWA_DEFERRED))
+            if defer and same_cells is None:
+                # free after seq_rm: the empty cells and those held by seq_id alone
+                free = kv_size - cells.used + int(np.count_nonzero(cells.owner == seq_id))
+                if n > free and not swa:
+                    raise StateError(
+                        f"{what}: failed to find {n} available cells in kv cache "
+                        f"(stream {strm} has {free} free)"
+                    )
+                defer = n <= free  # else masked cells may still take it: simulate
+            if defer:
                 deferred.append((pos, cell_ext, slot, same_cells))
             else:
                 if journal is None:

@@ -1,0 +1,103 @@
+"""A sliding-window cache's per-sequence restore is placed at commit, unsimulated, when its
+empty cells after the seq_rm prove that the sequence fits (``state_io.SWA_DEFERRED``);
+otherwise (too few empty cells, masked ones may still take it; shared cells) it is
+simulated under an undo journal at parse and redone at commit. Pins the two equal on
+random iSWA memories (every window type, small caches full of masked cells, own, other
+and foreign sequences' blobs): the same cells, heads, bounds and bytes after every
+restore, the same refusals, and both roads taken."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from kv_helpers import check_invariants
+from test_iswa import decode, iswa_spec, randomize
+from test_kv_state_same import _state
+
+import pymem.kv.state_io as state_io
+from pymem.errors import StateError
+from pymem.kv import KVCache
+from pymem.spec import SWAType
+
+
+def _memory(seed: int, swa_type: SWAType, n_swa: int, kv_size: int) -> KVCache:
+    """A sliding-window cache of ``kv_size`` cells holding 3 sequences decoded in random
+    chunks (small sizes fill it with masked cells), some cut, bytes random."""
+    rng = np.random.default_rng(seed)
+    spec = iswa_spec("SS", n_swa=n_swa, swa_type=swa_type)
+    kv = KVCache(spec, kv_size=kv_size, n_swa=n_swa, swa_type=swa_type, type_k="f16",
+                 type_v="f16", v_trans=bool(seed % 2), unified=True, n_seq_max=3)  # fmt: skip
+    pos = [0, 0, 0]
+    for _ in range(int(rng.integers(3, 12))):
+        items = []
+        for s in range(3):
+            for _ in range(int(rng.integers(0, 6))):
+                items.append([1 + s, pos[s], [s], False])
+                pos[s] += 1
+        if items and decode(kv, items, n_ubatch=8) != 0:
+            break
+    if rng.random() < 0.5:
+        s = int(rng.integers(0, 3))
+        kv.seq_rm(s, max(0, pos[s] - 2), -1)
+    randomize(kv, seed)
+    return kv
+
+
+def _planned(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Record, per sliding-window placement, whether it ran under the parse's journal."""
+    seen: list[bool] = []
+    real = KVCache._place_restored
+
+    def place(self: KVCache, seq_id: int, ub: object) -> object:
+        if self.layout.swa_type != SWAType.NONE:
+            seen.append(self.cells.journaling)
+        return real(self, seq_id, ub)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(KVCache, "_place_restored", place)
+    return seen
+
+
+def test_deferred_sliding_window_restore_equals_the_simulated_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    simulated = _planned(monkeypatch)
+    roads = {"deferred": 0, "simulated": 0}
+    cases = [(swa_type, kv_size, seed)
+             for swa_type in (SWAType.STANDARD, SWAType.CHUNKED, SWAType.SYMMETRIC)
+             for kv_size in (16, 24, 48) for seed in range(8)]  # fmt: skip
+    for swa_type, kv_size, seed in cases:
+        n_swa = 2 + seed % 4
+        fast = _memory(seed, swa_type, n_swa, kv_size)
+        slow = _memory(seed, swa_type, n_swa, kv_size)
+        donor = _memory(seed + 50, swa_type, n_swa, kv_size)
+        blobs = [bytes(fast.state_write(s)) for s in range(3)]
+        blobs += [bytes(donor.state_write(s)) for s in range(3)]
+        for i, blob in enumerate(blobs):
+            s = (i + seed) % 3
+            if i % 2:
+                # the sequence gone first, its cells taken by another one's next tokens: only
+                # the few empty cells left, or masked ones, can take it
+                t = (s + 1) % 3
+                for kv in (fast, slow):
+                    kv.seq_rm(s, -1, -1)
+                    p0 = kv.seq_pos_max(t) + 1
+                    decode(kv, [[1, p0 + j, [t], False] for j in range(6)], n_ubatch=8)
+            refused = []
+            for kv, deferred in ((fast, True), (slow, False)):
+                monkeypatch.setattr(state_io, "SWA_DEFERRED", deferred)
+                simulated.clear()
+                try:
+                    kv.state_read(blob, s)
+                    refused.append(False)
+                except StateError:
+                    refused.append(True)
+                if deferred and simulated:
+                    roads["simulated" if simulated[0] else "deferred"] += 1
+            assert refused[0] == refused[1], (swa_type, kv_size, seed, i)
+            assert _state(fast) == _state(slow), (swa_type, kv_size, seed, i)
+        check_invariants(fast)
+        for kv in (fast, slow, donor):
+            kv.close()
+    # both roads taken by the deferring cache: placed at commit where the empty cells
+    # sufficed, simulated where only masked cells could take the sequence
+    assert roads["deferred"] and roads["simulated"], roads
