@@ -29,7 +29,13 @@ from pymem._native import check, ffi, lib
 from pymem.backend import Tensor
 from pymem.errors import StateError
 from pymem.memory import POS_MAX
-from pymem.recurrent.cells import RecurrentCells, SlotRequest, find_slot, seq_rm_cells
+from pymem.recurrent.cells import (
+    RecurrentCells,
+    SlotRequest,
+    find_slot,
+    place_new_sequence,
+    seq_rm_cells,
+)
 from pymem.state import PendingWrites, StateReader, StateWriter
 from pymem.ubatch import LLAMA_MAX_SEQ
 
@@ -336,13 +342,17 @@ def _parse_meta_seq(
         raise StateError(
             f"invalid seq_id-agnostic recurrent cell: n_seq_id is {n_seq_id}, expected 0"
         )
-    req = SlotRequest(
-        ids=np.array([[dest]], dtype=np.int64),
-        n_ids=np.ones(1, dtype=np.int64),
-        last_pos=np.array([pos], dtype=np.int32),
-        n_seq_tokens=1,
-    )
-    if not find_slot(c, req):
+    if 0 <= dest < c.size and c.tail[dest] < 0:  # always, unless dest is out of range
+        placed = place_new_sequence(c, dest, pos)
+    else:
+        req = SlotRequest(
+            ids=np.array([[dest]], dtype=np.int64),
+            n_ids=np.ones(1, dtype=np.int64),
+            last_pos=np.array([pos], dtype=np.int32),
+            n_seq_tokens=1,
+        )
+        placed = find_slot(c, req)
+    if not placed:
         raise StateError(
             f"failed to find an available cell for sequence {dest} in recurrent memory"
         )
