@@ -46,8 +46,11 @@ dirty just before); the cold ones are the like-for-like comparison.
 
 Where the remaining time of a read goes, each part alone: ``bench_state_floor.py``.
 
-Run: python benchmarks/bench_state_io.py [--quick] [--no-wide]
-(full: both models, writes results/bench_state_io.json; --quick: tiny-llama, 2,048 tokens)
+Run: python benchmarks/bench_state_io.py [--quick] [--no-wide] [--threads N]
+(full: both models, writes results/bench_state_io.json; --quick: tiny-llama, 2,048 tokens;
+``--threads N``: ``pymem.set_state_threads(N)`` first instead of the default (min(4, CPUs)
+threads for sections of 4 MiB and more), e.g. 1 for the calling thread alone;
+results/bench_state_io_threadsN.json)
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ from bench_vs_llama_cpp import (
 import pymem.kv.state_io as sio
 import pymem.kv.state_rows as srows
 from pymem.gguf_spec import spec_from_gguf
-from pymem.state import StateReader
+from pymem.state import StateReader, set_state_threads, state_threads
 
 TARGET_NUMPY = 0.8  # pymem / numpy copy, as a throughput ratio
 TARGET_LLAMA = 2.0  # pymem / llama.cpp where the layout bounds it
@@ -305,6 +308,8 @@ def bench_pair(pair: Pair, model: str, repeats: int) -> list[dict[str, Any]]:
 
 def main() -> None:
     quick = "--quick" in sys.argv
+    threads = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 0
+    set_state_threads(threads)  # 0: the default
     n_tokens = 2048 if quick else 8192
     repeats = 7 if quick else 31
     names = ["llama"]
@@ -383,8 +388,9 @@ def main() -> None:
     )
     if not quick:
         path = write_results(
-            "bench_state_io",
-            dict(rows=rows, n_tokens=n_tokens, repeats=repeats, target_vs_numpy=TARGET_NUMPY,
+            "bench_state_io" if threads == 0 else f"bench_state_io_threads{threads}",
+            dict(rows=rows, n_tokens=n_tokens, repeats=repeats, state_threads=state_threads(),
+                 target_vs_numpy=TARGET_NUMPY,
                  target_vs_llama_cpp=TARGET_LLAMA, load_average_before=load_before,
                  load_average_after=load_after, cpus=os.cpu_count()),
         )  # fmt: skip

@@ -1,6 +1,15 @@
 #include "pymem_stateio.h"
 
+#include <stdlib.h>
 #include <string.h>
+
+#ifndef _WIN32
+#    include <pthread.h>
+#    include <unistd.h>
+#    define PM_HAVE_THREADS 1
+#else
+#    define PM_HAVE_THREADS 0
+#endif
 
 // blob words may sit at any byte offset: load and store them through memcpy (an
 // unaligned int32_t access is undefined behaviour; compilers emit one plain move)
@@ -330,6 +339,124 @@ static char * pm_gather_runs(char * w, const char * base, int64_t row, const int
     return w;
 }
 
+// --- the data phase of a section write, on one or several threads ----------------------
+static int32_t pm_copy_threads = 0;  // 0: the default (pm_default_copy_threads)
+static int64_t pm_copy_min_bytes = 4 << 20;
+
+static int32_t pm_default_copy_threads(void) {
+#if PM_HAVE_THREADS
+    const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    return cpus < 1 ? 1 : (cpus > 4 ? 4 : (int32_t) cpus);
+#else
+    return 1;
+#endif
+}
+
+pm_status pm_set_copy_threads(int32_t n, int64_t min_bytes) {
+    if (n < 0 || n > 64 || min_bytes < 0) {
+        return PM_ERR_ARG;
+    }
+    pm_copy_threads = n;
+    pm_copy_min_bytes = n == 0 ? 4 << 20 : min_bytes;
+    return PM_OK;
+}
+
+int32_t pm_get_copy_threads(int64_t * min_bytes) {
+    if (min_bytes != NULL) {
+        *min_bytes = pm_copy_min_bytes;
+    }
+    return pm_copy_threads > 0 ? pm_copy_threads : pm_default_copy_threads();
+}
+
+// one piece of a section's tensor bytes: the runs' cells of a K/V row tensor (`unit` =
+// row bytes) or of one channel of a transposed V (`unit` = element bytes), gathered to out
+typedef struct {
+    char *       out;
+    const char * base;
+    int64_t      unit;
+    int32_t      channel;
+} pm_piece;
+
+typedef struct {
+    const pm_piece * pieces;
+    int64_t          first, end;  // this share: pieces [first, end)
+    const int64_t *  run_starts;
+    const int64_t *  run_ends;
+    int64_t          n_runs;
+} pm_share;
+
+static void pm_copy_pieces(const pm_share * sh) {
+    for (int64_t p = sh->first; p < sh->end; ++p) {
+        const pm_piece * pc = sh->pieces + p;
+        if (!pc->channel) {
+            pm_gather_runs(pc->out, pc->base, pc->unit, sh->run_starts, sh->run_ends, sh->n_runs);
+            continue;
+        }
+        // pieces of a channel are short (a run's elements) and follow each other at the
+        // run stride: the hardware prefetcher keeps up, a software one only costs
+        char * w = pc->out;
+        for (int64_t i = 0; i < sh->n_runs; ++i) {
+            const int64_t len = (sh->run_ends[i] - sh->run_starts[i]) * pc->unit;
+            memcpy(w, pc->base + sh->run_starts[i] * pc->unit, (size_t) len);
+            w += len;
+        }
+    }
+}
+
+#if PM_HAVE_THREADS
+static void * pm_copy_share_main(void * arg) {
+    pm_copy_pieces((const pm_share *) arg);
+    return NULL;
+}
+#endif
+
+// copy every piece (n cells each), on pm_copy_threads threads when they hold enough bytes:
+// shares of about equal bytes, contiguous in piece order
+static void pm_copy_all(const pm_piece * pieces, int64_t n_pieces, int64_t n, const int64_t * run_starts,
+                        const int64_t * run_ends, int64_t n_runs) {
+    int64_t bytes = 0;
+    for (int64_t p = 0; p < n_pieces; ++p) {
+        bytes += pieces[p].unit * n;
+    }
+    int64_t n_thr = pm_get_copy_threads(NULL);
+    if (!PM_HAVE_THREADS || bytes < pm_copy_min_bytes || n_pieces < 2) {
+        n_thr = 1;
+    }
+    if (n_thr > n_pieces) {
+        n_thr = n_pieces;
+    }
+    pm_share shares[64];
+    int64_t  p = 0, acc = 0;
+    for (int64_t t = 0; t < n_thr; ++t) {
+        shares[t] = (pm_share) { pieces, p, p, run_starts, run_ends, n_runs };
+        const int64_t goal = bytes / n_thr * (t + 1);  // cumulative bytes this share ends at
+        while (p < n_pieces && (t == n_thr - 1 || acc < goal)) {
+            acc += pieces[p].unit * n;
+            ++p;
+        }
+        shares[t].end = p;
+    }
+#if PM_HAVE_THREADS
+    pthread_t tid[64];
+    int       started[64] = { 0 };
+    for (int64_t t = 1; t < n_thr; ++t) {
+        started[t] = pthread_create(&tid[t], NULL, pm_copy_share_main, &shares[t]) == 0;
+    }
+    pm_copy_pieces(&shares[0]);
+    for (int64_t t = 1; t < n_thr; ++t) {
+        if (started[t]) {
+            pthread_join(tid[t], NULL);
+        } else {
+            pm_copy_pieces(&shares[t]);  // no thread: the caller copies this share too
+        }
+    }
+#else
+    for (int64_t t = 0; t < n_thr; ++t) {
+        pm_copy_pieces(&shares[t]);
+    }
+#endif
+}
+
 pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const int32_t * ext, int64_t n_ext,
                               int64_t size, int32_t seq_id, int32_t with_id, const int64_t * spec,
                               struct ggml_tensor * const * tensors, int64_t n, int64_t n_runs,
@@ -394,22 +521,34 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
             return PM_ERR_RANGE;
         }
     }
-    // every check done: write
+    // every check done: the pieces' list (the one allocation), then write
+    int64_t n_pieces = n_layer;
+    for (int64_t il = 0; il < n_layer; ++il) {
+        const int64_t * l = spec + 7 + 3 * il;
+        n_pieces += l[1] == 0 ? 0 : (v_trans ? l[2] : 1);
+    }
+    pm_piece * pieces = (pm_piece *) malloc((size_t) (n_pieces > 0 ? n_pieces : 1) * sizeof(pm_piece));
+    if (pieces == NULL) {
+        return PM_ERR_ALLOC;
+    }
     w = pm_put_u32(w, (uint32_t) n);
     const pm_status st = pm_kv_meta_words(pos, owner, ext, n_ext, run_starts, run_ends, n_runs, seq_id, with_id, (int32_t *) w,
                           n * rec);
     if (st != PM_OK) {
+        free(pieces);
         return st;
     }
     w += 4 * rec * n;
     w = pm_put_u32(w, (uint32_t) (v_trans ? 1 : 0));
     w = pm_put_u32(w, (uint32_t) n_layer);
+    // the headers now, each piece's place after its header; the bytes by pm_copy_all
+    int64_t np = 0;
     for (int64_t il = 0; il < n_layer; ++il) {
         const int64_t k_row = spec[7 + 3 * il];
         w = pm_put_u32(w, (uint32_t) spec[2]);
         w = pm_put_u64(w, (uint64_t) k_row);
-        const char * base = (const char *) tensors[il]->data + strm * kv_size * k_row;
-        w = pm_gather_runs(w, base, k_row, run_starts, run_ends, n_runs);
+        pieces[np++] = (pm_piece) { w, (const char *) tensors[il]->data + strm * kv_size * k_row, k_row, 0 };
+        w += n * k_row;
     }
     for (int64_t il = 0; il < n_layer; ++il) {
         const int64_t * l = spec + 7 + 3 * il;
@@ -420,24 +559,20 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
         w = pm_put_u32(w, (uint32_t) spec[3]);
         if (!v_trans) {
             w = pm_put_u64(w, (uint64_t) l[1]);
-            const char * base = (const char *) v->data + strm * kv_size * l[1];
-            w = pm_gather_runs(w, base, l[1], run_starts, run_ends, n_runs);
+            pieces[np++] = (pm_piece) { w, (const char *) v->data + strm * kv_size * l[1], l[1], 0 };
+            w += n * l[1];
             continue;
         }
         w = pm_put_u32(w, (uint32_t) el);
         w = pm_put_u32(w, (uint32_t) l[2]);
         const char * base = (const char *) v->data + strm * v->nb[2];
-        // pieces of a channel are short (a run's elements) and follow each other at the
-        // run stride: the hardware prefetcher keeps up, a software one only costs
         for (int64_t j = 0; j < l[2]; ++j) {
-            const char * ch = base + j * kv_size * el;
-            for (int64_t i = 0; i < n_runs; ++i) {
-                const int64_t len = (run_ends[i] - run_starts[i]) * el;
-                memcpy(w, ch + run_starts[i] * el, (size_t) len);
-                w += len;
-            }
+            pieces[np++] = (pm_piece) { w, base + j * kv_size * el, el, 1 };
+            w += n * el;
         }
     }
+    pm_copy_all(pieces, np, n, run_starts, run_ends, n_runs);
+    free(pieces);
     return PM_OK;
 }
 

@@ -175,6 +175,18 @@ pm_status pm_rows_section(struct ggml_tensor * const * tensors, const int64_t * 
 pm_status pm_rows_store(struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n, int64_t n_rows,
                         int64_t dst_row, const void * data, int64_t avail, int32_t store, int64_t * consumed);
 
+// The threads that write a large state section's tensor bytes (pm_kv_write_section, so every
+// native KV state write): n for a section of at least min_bytes (1: the calling thread
+// alone; 0: the default, min(4, online CPUs) for sections of 4 MiB and more); the calling
+// thread takes one share and n - 1 threads started for the call the others (a thread that
+// cannot be started leaves its share to the caller). The bytes are the same either way.
+// PM_ERR_ARG, nothing changed, for n outside [0, 64] or min_bytes < 0. Set it while no
+// state write runs.
+pm_status pm_set_copy_threads(int32_t n, int64_t min_bytes);
+
+// The thread count in effect (the default resolved) and its *min_bytes (unless NULL).
+int32_t pm_get_copy_threads(int64_t * min_bytes);
+
 // PYMEM_CDEF_END
 
 #ifdef __cplusplus

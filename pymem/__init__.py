@@ -44,6 +44,8 @@ _LAZY = {
     "MemoryContext": "pymem.memory",
     "MemoryStatus": "pymem.memory",
     "StateFlags": "pymem.memory",
+    "set_state_threads": "pymem.state",
+    "state_threads": "pymem.state",
 }
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeAlias
 
 import numpy as np
 
-from pymem.errors import RangeError, StateError
+from pymem.errors import ConfigError, RangeError, StateError
 
 if TYPE_CHECKING:
     from pymem.backend import Tensor
@@ -241,6 +241,41 @@ def _advise_huge_pages(buf: bytearray) -> None:
             madvise(lo, hi - lo, 14)  # MADV_HUGEPAGE; a failure only costs speed
     except (AttributeError, OSError, ValueError):
         pass
+
+
+def set_state_threads(n: int, min_bytes: int = 4 << 20) -> None:
+    """How many threads copy the tensor bytes of a large native KV state write.
+
+    A section (a stream's part of a blob) whose tensor bytes reach ``min_bytes`` is split
+    into ``n`` shares of about equal bytes: the calling thread copies one, ``n - 1``
+    threads started for the call copy the others. ``1`` copies on the calling thread
+    alone, as llama.cpp does; ``0`` restores the default: min(4, online CPUs) for sections
+    of 4 MiB and more. Why: a gather of scattered runs (one sequence of an interleaved
+    cache, a transposed V) is bound by the misses one core keeps in flight, not by memory
+    bandwidth, so a second core nearly doubles it (docs/performance.md); below a few MiB
+    starting a thread costs what it saves. The blob's bytes are the same either way.
+    Process-wide; set it while no state write runs. ConfigError (nothing changed) for
+    ``n`` outside [0, 64] or a negative ``min_bytes``.
+    """
+    from pymem._native import lib  # binds ggml: not at import time
+
+    for name, value, lo, hi in (("n", n, 0, 64), ("min_bytes", min_bytes, 0, 1 << 62)):
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ConfigError(
+                f"set_state_threads: {name} = {value!r}, expected an int in [{lo}, {hi}]"
+            )
+    if lib.pm_set_copy_threads(n, min_bytes) != 0:  # (checked above: cannot fail)
+        raise ConfigError(f"set_state_threads: the native layer refused n = {n}")
+
+
+def state_threads() -> tuple[int, int]:
+    """``(n, min_bytes)`` in effect for state writes (see :func:`set_state_threads`; the
+    default resolved to its thread count)."""
+    from pymem._native import ffi, lib
+
+    min_bytes = ffi.new("int64_t *")
+    n = int(lib.pm_get_copy_threads(min_bytes))
+    return n, int(min_bytes[0])
 
 
 def uninit_bytearray(size: int) -> bytearray:

@@ -1,0 +1,53 @@
+"""``pymem.set_state_threads``: a native KV state write split between threads writes the
+same bytes as one thread, for one sequence and the whole cache, V in rows and transposed,
+unified and with streams, at every thread count (shares of whole pieces: more threads than
+pieces, pieces of unequal size); the default resolves to min(4, CPUs) from 4 MiB on; bad
+settings are refused with nothing changed."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from test_kv_state import CFGS, build, randomize
+from test_kv_state_paths import _interleaved
+
+import pymem
+from pymem.errors import ConfigError
+from pymem.state import set_state_threads, state_threads
+
+
+@pytest.fixture(autouse=True)
+def _restore_setting() -> Iterator[None]:
+    yield
+    set_state_threads(0)  # back to the default
+
+
+@pytest.mark.parametrize("name", ["f16-trans", "f32-notrans", "q8_0-notrans", "f16-trans-streams"])
+def test_threaded_writes_equal_one_thread(name: str) -> None:
+    rng = np.random.default_rng(3)
+    kv = build(CFGS[name], n_cells=1024, n_seq=3)
+    _interleaved(kv, rng, 3, 150, 24)
+    randomize(kv, 7)
+    set_state_threads(1)
+    one = [bytes(kv.state_write(s)) for s in (-1, 0, 1, 2)]
+    for n in (2, 3, 7, 64):
+        set_state_threads(n, 0)  # every section, however small, is split
+        assert [bytes(kv.state_write(s)) for s in (-1, 0, 1, 2)] == one, n
+        out = bytearray(len(one[1]))
+        assert kv.state_write_buffer(out, 0) == len(one[1]) and bytes(out) == one[1]
+    kv.close()
+
+
+def test_settings_and_refusals() -> None:
+    set_state_threads(0)  # the default: min(4, online CPUs) from 4 MiB on
+    assert state_threads() == (max(1, min(4, os.cpu_count() or 1)), 4 << 20)
+    set_state_threads(3, 1 << 20)
+    assert state_threads() == (3, 1 << 20)
+    for n, min_bytes in ((-1, 0), (65, 0), (True, 0), (2.0, 0), (2, -1)):
+        with pytest.raises(ConfigError, match="set_state_threads"):
+            set_state_threads(n, min_bytes)  # type: ignore[arg-type]
+    assert state_threads() == (3, 1 << 20)
+    assert pymem.set_state_threads is set_state_threads and pymem.state_threads() == (3, 1 << 20)
