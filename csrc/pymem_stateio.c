@@ -414,6 +414,9 @@ static void * pm_copy_share_main(void * arg) {
 // shares of about equal bytes, contiguous in piece order
 static void pm_copy_all(const pm_piece * pieces, int64_t n_pieces, int64_t n, const int64_t * run_starts,
                         const int64_t * run_ends, int64_t n_runs) {
+    if (n_pieces < 1) {
+        return;  // a cache without layers: headers only
+    }
     int64_t bytes = 0;
     for (int64_t p = 0; p < n_pieces; ++p) {
         bytes += pieces[p].unit * n;

@@ -51,3 +51,27 @@ def test_settings_and_refusals() -> None:
             set_state_threads(n, min_bytes)  # type: ignore[arg-type]
     assert state_threads() == (3, 1 << 20)
     assert pymem.set_state_threads is set_state_threads and pymem.state_threads() == (3, 1 << 20)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_cache_without_layers_writes_its_headers(n: int) -> None:
+    # no piece to copy at all (a composite's KV part that holds no layer): the cells and
+    # headers only, under every thread count (pm_copy_all once read a share it never set)
+    from test_iswa import decode
+
+    from pymem.kv import KVCache
+    from pymem.spec import LayerSpec, ModelSpec
+
+    spec = ModelSpec(layers=(LayerSpec.attention(2, 8),))
+    kv = KVCache(spec, kv_size=64, filter=lambda il: False, type_k="f16", type_v="f16",
+                 unified=True, n_seq_max=2)  # fmt: skip
+    assert not kv.layers
+    assert decode(kv, [[1, 0, [0], False], [2, 1, [0], True]]) == 0
+    set_state_threads(n, 0)
+    blob = bytes(kv.state_write(0))
+    other = KVCache(spec, kv_size=64, filter=lambda il: False, type_k="f16", type_v="f16",
+                    unified=True, n_seq_max=2)  # fmt: skip
+    assert other.state_read(blob, 0) == len(blob) and other.seq_pos_max(0) == 1
+    assert bytes(other.state_write()) == bytes(kv.state_write())
+    kv.close()
+    other.close()
