@@ -20,6 +20,174 @@ static inline int32_t pm_ld32(const int32_t * p) {
 }
 static inline void pm_st32(int32_t * p, int32_t v) { memcpy(p, &v, sizeof v); }
 
+static char * pm_gather_runs(char * w, const char * base, int64_t row, const int64_t * run_starts,
+                             const int64_t * run_ends, int64_t n_runs) {
+    for (int64_t i = 0; i < n_runs; ++i) {
+        if (i + 1 < n_runs) {
+            const char * next = base + run_starts[i + 1] * row;
+            PM_PREFETCH(next);
+            PM_PREFETCH(next + 64);
+            PM_PREFETCH(next + 128);
+            PM_PREFETCH(next + 192);
+        }
+        const int64_t len = (run_ends[i] - run_starts[i]) * row;
+        memcpy(w, base + run_starts[i] * row, (size_t) len);
+        w += len;
+    }
+    return w;
+}
+
+// --- the data phase of a section write, on one or several threads ----------------------
+static int32_t pm_copy_threads = 0;  // 0: the default (pm_default_copy_threads)
+static int64_t pm_copy_min_bytes = 4 << 20;
+
+static int32_t pm_default_copy_threads(void) {
+#if PM_HAVE_THREADS
+    const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    return cpus < 1 ? 1 : (cpus > 4 ? 4 : (int32_t) cpus);
+#else
+    return 1;
+#endif
+}
+
+pm_status pm_set_copy_threads(int32_t n, int64_t min_bytes) {
+    if (n < 0 || n > 64 || min_bytes < 0) {
+        return PM_ERR_ARG;
+    }
+    pm_copy_threads = n;
+    pm_copy_min_bytes = n == 0 ? 4 << 20 : min_bytes;
+    return PM_OK;
+}
+
+int32_t pm_get_copy_threads(int64_t * min_bytes) {
+    if (min_bytes != NULL) {
+        *min_bytes = pm_copy_min_bytes;
+    }
+    return pm_copy_threads > 0 ? pm_copy_threads : pm_default_copy_threads();
+}
+
+// one piece of a section's tensor bytes, moved between the cells of a tensor (the runs'
+// cells: a K/V row tensor's rows, one channel of a transposed V, one repetition) and a packed
+// buffer: gathered (tensor -> packed, a write) or scattered (packed -> tensor, a restore)
+typedef struct {
+    char *       dst;       // gather: the packed bytes; scatter: the tensor side's cell 0
+    const char * src;       // gather: the tensor side's cell 0; scatter: the packed bytes
+    int64_t      bytes;     // per cell
+    int64_t      stride;    // between cells on the tensor side (bytes: whole rows)
+    int32_t      scatter;   // 0: gather, 1: scatter
+    int32_t      prefetch;  // fetch the next run's head first (long row runs; channels' runs
+                            // are short and follow at the run stride: the hardware keeps up)
+} pm_piece;
+
+typedef struct {
+    const pm_piece * pieces;
+    int64_t          first, end;  // this share: pieces [first, end)
+    const int64_t *  run_starts;
+    const int64_t *  run_ends;
+    int64_t          n_runs;
+} pm_share;
+
+static void pm_scatter_runs(const pm_piece * pc, const int64_t * run_starts, const int64_t * run_ends,
+                            int64_t n_runs) {
+    const char * from = pc->src;
+    const int64_t bytes = pc->bytes, stride = pc->stride;
+    for (int64_t i = 0; i < n_runs; ++i) {
+        const int64_t a = run_starts[i], len = run_ends[i] - a;
+        if (stride != bytes) {  // part of each cell's row: cell by cell
+            for (int64_t c = a; c < a + len; ++c) {
+                memcpy(pc->dst + c * stride, from, (size_t) bytes);
+                from += bytes;
+            }
+            continue;
+        }
+        if (pc->prefetch && i + 1 < n_runs) {  // the next run's head, to be written
+            char * next = pc->dst + run_starts[i + 1] * stride;
+            PM_PREFETCH_W(next);
+            PM_PREFETCH_W(next + 64);
+            PM_PREFETCH_W(next + 128);
+            PM_PREFETCH_W(next + 192);
+        }
+        memcpy(pc->dst + a * stride, from, (size_t) (len * bytes));
+        from += len * bytes;
+    }
+}
+
+static void pm_copy_pieces(const pm_share * sh) {
+    for (int64_t p = sh->first; p < sh->end; ++p) {
+        const pm_piece * pc = sh->pieces + p;
+        if (pc->scatter) {
+            pm_scatter_runs(pc, sh->run_starts, sh->run_ends, sh->n_runs);
+        } else if (pc->prefetch) {
+            pm_gather_runs(pc->dst, pc->src, pc->bytes, sh->run_starts, sh->run_ends, sh->n_runs);
+        } else {
+            char * w = pc->dst;
+            for (int64_t i = 0; i < sh->n_runs; ++i) {
+                const int64_t len = (sh->run_ends[i] - sh->run_starts[i]) * pc->bytes;
+                memcpy(w, pc->src + sh->run_starts[i] * pc->bytes, (size_t) len);
+                w += len;
+            }
+        }
+    }
+}
+
+#if PM_HAVE_THREADS
+static void * pm_copy_share_main(void * arg) {
+    pm_copy_pieces((const pm_share *) arg);
+    return NULL;
+}
+#endif
+
+// move every piece (n cells each), on pm_copy_threads threads when they hold enough bytes:
+// shares of about equal bytes, contiguous in piece order
+static void pm_copy_all(const pm_piece * pieces, int64_t n_pieces, int64_t n, const int64_t * run_starts,
+                        const int64_t * run_ends, int64_t n_runs) {
+    if (n_pieces < 1) {
+        return;  // a cache without layers: headers only
+    }
+    int64_t bytes = 0;
+    for (int64_t p = 0; p < n_pieces; ++p) {
+        bytes += pieces[p].bytes * n;
+    }
+    int64_t n_thr = pm_get_copy_threads(NULL);
+    if (!PM_HAVE_THREADS || bytes < pm_copy_min_bytes || n_pieces < 2) {
+        n_thr = 1;
+    }
+    if (n_thr > n_pieces) {
+        n_thr = n_pieces;
+    }
+    pm_share shares[64];
+    int64_t  p = 0, acc = 0;
+    for (int64_t t = 0; t < n_thr; ++t) {
+        shares[t] = (pm_share) { pieces, p, p, run_starts, run_ends, n_runs };
+        const int64_t goal = bytes / n_thr * (t + 1);  // cumulative bytes this share ends at
+        while (p < n_pieces && (t == n_thr - 1 || acc < goal)) {
+            acc += pieces[p].bytes * n;
+            ++p;
+        }
+        shares[t].end = p;
+    }
+#if PM_HAVE_THREADS
+    pthread_t tid[64];
+    int       started[64] = { 0 };
+    for (int64_t t = 1; t < n_thr; ++t) {
+        started[t] = pthread_create(&tid[t], NULL, pm_copy_share_main, &shares[t]) == 0;
+    }
+    pm_copy_pieces(&shares[0]);
+    for (int64_t t = 1; t < n_thr; ++t) {
+        if (started[t]) {
+            pthread_join(tid[t], NULL);
+        } else {
+            pm_copy_pieces(&shares[t]);  // no thread: the caller copies this share too
+        }
+    }
+#else
+    for (int64_t t = 0; t < n_thr; ++t) {
+        pm_copy_pieces(&shares[t]);
+    }
+#endif
+}
+
+
 pm_status pm_kv_seq_same_cells(const int32_t * pos, const int32_t * shift, const int32_t * owner,
                                const int32_t * ext, int64_t size, int32_t seq_id, int64_t head, int64_t used,
                                const int32_t * words, int64_t n, int64_t rec, int64_t n_ext, int64_t * idx,
@@ -172,27 +340,34 @@ pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void 
             return PM_ERR_RANGE;
         }
     }
+    // every check done: one piece per section and repetition, moved by pm_copy_all
+    int64_t n_pieces = 0, n_cells = 0;
     for (int64_t k = 0; k < n_sec; ++k) {
         const int64_t * p = params + 5 * k;
+        n_pieces += p[2] == 0 ? 0 : p[3];
+    }
+    for (int64_t i = 0; i < n_runs; ++i) {
+        n_cells += run_ends[i] - run_starts[i];
+    }
+    pm_piece * pieces = (pm_piece *) malloc((size_t) (n_pieces > 0 ? n_pieces : 1) * sizeof(pm_piece));
+    if (pieces == NULL) {
+        return PM_ERR_ALLOC;
+    }
+    int64_t np = 0;
+    for (int64_t k = 0; k < n_sec; ++k) {
+        const int64_t * p = params + 5 * k;
+        if (p[2] == 0) {
+            continue;
+        }
         char * base = (char *) tensors[k]->data + p[0];
         const char * from = (const char *) src[k];
-        const int64_t stride = p[1], bytes = p[2];
         for (int64_t r = 0; r < p[3]; ++r) {
-            char * rep = base + r * p[4];
-            for (int64_t i = 0; i < n_runs; ++i) {
-                const int64_t a = run_starts[i], len = run_ends[i] - a;
-                if (stride == bytes) {
-                    memcpy(rep + a * stride, from, (size_t) (len * bytes));
-                    from += len * bytes;
-                } else {
-                    for (int64_t c = a; c < a + len; ++c) {
-                        memcpy(rep + c * stride, from, (size_t) bytes);
-                        from += bytes;
-                    }
-                }
-            }
+            pieces[np++] = (pm_piece) { base + r * p[4], from, p[2], p[1], 1, 0 };
+            from += n_cells * p[2];
         }
     }
+    pm_copy_all(pieces, np, n_cells, run_starts, run_ends, n_runs);
+    free(pieces);
     return PM_OK;
 }
 
@@ -322,143 +497,6 @@ static int pm_section_inside(const struct ggml_tensor * t, uint64_t off, uint64_
 // copy the rows of runs [run_starts[i], run_ends[i]) (row bytes each) from base to w, in
 // order; returns the end of what was written. The head of the next run is asked for before
 // each copy: runs start scattered over the tensor, and each start is otherwise a cold miss
-static char * pm_gather_runs(char * w, const char * base, int64_t row, const int64_t * run_starts,
-                             const int64_t * run_ends, int64_t n_runs) {
-    for (int64_t i = 0; i < n_runs; ++i) {
-        if (i + 1 < n_runs) {
-            const char * next = base + run_starts[i + 1] * row;
-            PM_PREFETCH(next);
-            PM_PREFETCH(next + 64);
-            PM_PREFETCH(next + 128);
-            PM_PREFETCH(next + 192);
-        }
-        const int64_t len = (run_ends[i] - run_starts[i]) * row;
-        memcpy(w, base + run_starts[i] * row, (size_t) len);
-        w += len;
-    }
-    return w;
-}
-
-// --- the data phase of a section write, on one or several threads ----------------------
-static int32_t pm_copy_threads = 0;  // 0: the default (pm_default_copy_threads)
-static int64_t pm_copy_min_bytes = 4 << 20;
-
-static int32_t pm_default_copy_threads(void) {
-#if PM_HAVE_THREADS
-    const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    return cpus < 1 ? 1 : (cpus > 4 ? 4 : (int32_t) cpus);
-#else
-    return 1;
-#endif
-}
-
-pm_status pm_set_copy_threads(int32_t n, int64_t min_bytes) {
-    if (n < 0 || n > 64 || min_bytes < 0) {
-        return PM_ERR_ARG;
-    }
-    pm_copy_threads = n;
-    pm_copy_min_bytes = n == 0 ? 4 << 20 : min_bytes;
-    return PM_OK;
-}
-
-int32_t pm_get_copy_threads(int64_t * min_bytes) {
-    if (min_bytes != NULL) {
-        *min_bytes = pm_copy_min_bytes;
-    }
-    return pm_copy_threads > 0 ? pm_copy_threads : pm_default_copy_threads();
-}
-
-// one piece of a section's tensor bytes: the runs' cells of a K/V row tensor (`unit` =
-// row bytes) or of one channel of a transposed V (`unit` = element bytes), gathered to out
-typedef struct {
-    char *       out;
-    const char * base;
-    int64_t      unit;
-    int32_t      channel;
-} pm_piece;
-
-typedef struct {
-    const pm_piece * pieces;
-    int64_t          first, end;  // this share: pieces [first, end)
-    const int64_t *  run_starts;
-    const int64_t *  run_ends;
-    int64_t          n_runs;
-} pm_share;
-
-static void pm_copy_pieces(const pm_share * sh) {
-    for (int64_t p = sh->first; p < sh->end; ++p) {
-        const pm_piece * pc = sh->pieces + p;
-        if (!pc->channel) {
-            pm_gather_runs(pc->out, pc->base, pc->unit, sh->run_starts, sh->run_ends, sh->n_runs);
-            continue;
-        }
-        // pieces of a channel are short (a run's elements) and follow each other at the
-        // run stride: the hardware prefetcher keeps up, a software one only costs
-        char * w = pc->out;
-        for (int64_t i = 0; i < sh->n_runs; ++i) {
-            const int64_t len = (sh->run_ends[i] - sh->run_starts[i]) * pc->unit;
-            memcpy(w, pc->base + sh->run_starts[i] * pc->unit, (size_t) len);
-            w += len;
-        }
-    }
-}
-
-#if PM_HAVE_THREADS
-static void * pm_copy_share_main(void * arg) {
-    pm_copy_pieces((const pm_share *) arg);
-    return NULL;
-}
-#endif
-
-// copy every piece (n cells each), on pm_copy_threads threads when they hold enough bytes:
-// shares of about equal bytes, contiguous in piece order
-static void pm_copy_all(const pm_piece * pieces, int64_t n_pieces, int64_t n, const int64_t * run_starts,
-                        const int64_t * run_ends, int64_t n_runs) {
-    if (n_pieces < 1) {
-        return;  // a cache without layers: headers only
-    }
-    int64_t bytes = 0;
-    for (int64_t p = 0; p < n_pieces; ++p) {
-        bytes += pieces[p].unit * n;
-    }
-    int64_t n_thr = pm_get_copy_threads(NULL);
-    if (!PM_HAVE_THREADS || bytes < pm_copy_min_bytes || n_pieces < 2) {
-        n_thr = 1;
-    }
-    if (n_thr > n_pieces) {
-        n_thr = n_pieces;
-    }
-    pm_share shares[64];
-    int64_t  p = 0, acc = 0;
-    for (int64_t t = 0; t < n_thr; ++t) {
-        shares[t] = (pm_share) { pieces, p, p, run_starts, run_ends, n_runs };
-        const int64_t goal = bytes / n_thr * (t + 1);  // cumulative bytes this share ends at
-        while (p < n_pieces && (t == n_thr - 1 || acc < goal)) {
-            acc += pieces[p].unit * n;
-            ++p;
-        }
-        shares[t].end = p;
-    }
-#if PM_HAVE_THREADS
-    pthread_t tid[64];
-    int       started[64] = { 0 };
-    for (int64_t t = 1; t < n_thr; ++t) {
-        started[t] = pthread_create(&tid[t], NULL, pm_copy_share_main, &shares[t]) == 0;
-    }
-    pm_copy_pieces(&shares[0]);
-    for (int64_t t = 1; t < n_thr; ++t) {
-        if (started[t]) {
-            pthread_join(tid[t], NULL);
-        } else {
-            pm_copy_pieces(&shares[t]);  // no thread: the caller copies this share too
-        }
-    }
-#else
-    for (int64_t t = 0; t < n_thr; ++t) {
-        pm_copy_pieces(&shares[t]);
-    }
-#endif
-}
 
 pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const int32_t * ext, int64_t n_ext,
                               int64_t size, int32_t seq_id, int32_t with_id, const int64_t * spec,
@@ -550,7 +588,7 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
         const int64_t k_row = spec[7 + 3 * il];
         w = pm_put_u32(w, (uint32_t) spec[2]);
         w = pm_put_u64(w, (uint64_t) k_row);
-        pieces[np++] = (pm_piece) { w, (const char *) tensors[il]->data + strm * kv_size * k_row, k_row, 0 };
+        pieces[np++] = (pm_piece) { w, (const char *) tensors[il]->data + strm * kv_size * k_row, k_row, k_row, 0, 1 };
         w += n * k_row;
     }
     for (int64_t il = 0; il < n_layer; ++il) {
@@ -562,7 +600,7 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
         w = pm_put_u32(w, (uint32_t) spec[3]);
         if (!v_trans) {
             w = pm_put_u64(w, (uint64_t) l[1]);
-            pieces[np++] = (pm_piece) { w, (const char *) v->data + strm * kv_size * l[1], l[1], 0 };
+            pieces[np++] = (pm_piece) { w, (const char *) v->data + strm * kv_size * l[1], l[1], l[1], 0, 1 };
             w += n * l[1];
             continue;
         }
@@ -570,7 +608,7 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
         w = pm_put_u32(w, (uint32_t) l[2]);
         const char * base = (const char *) v->data + strm * v->nb[2];
         for (int64_t j = 0; j < l[2]; ++j) {
-            pieces[np++] = (pm_piece) { w, base + j * kv_size * el, el, 1 };
+            pieces[np++] = (pm_piece) { w, base + j * kv_size * el, el, el, 0, 0 };
             w += n * el;
         }
     }
@@ -682,6 +720,20 @@ static int64_t pm_kv_data_walk(const char * d, int64_t avail, const int64_t * sp
         return -1;
     }
     p += 8;
+    // with copy: one piece per tensor and repetition, moved by pm_copy_all at the end
+    pm_piece * pieces = NULL;
+    int64_t    np = 0;
+    if (copy) {
+        int64_t n_pieces = n_layer;
+        for (int64_t il = 0; il < n_layer; ++il) {
+            const int64_t * l = spec + 7 + 3 * il;
+            n_pieces += l[1] == 0 ? 0 : (v_trans ? l[2] : 1);
+        }
+        pieces = (pm_piece *) malloc((size_t) (n_pieces > 0 ? n_pieces : 1) * sizeof(pm_piece));
+        if (pieces == NULL) {
+            return -2;
+        }
+    }
     for (int pass = 0; pass < 2; ++pass) {  // K layers, then V layers
         for (int64_t il = 0; il < n_layer; ++il) {
             const int64_t * l = spec + 7 + 3 * il;
@@ -692,35 +744,22 @@ static int64_t pm_kv_data_walk(const char * d, int64_t avail, const int64_t * sp
             const int trans = pass == 1 && v_trans;
             const int64_t row = pass == 0 ? l[0] : (trans ? el : l[1]);
             const int64_t reps = trans ? l[2] : 1;
-            if (end - p < 12 || pm_get_u32(p) != (uint32_t) spec[2 + pass]) {
-                return -1;
-            }
-            if (trans ? (pm_get_u32(p + 4) != (uint32_t) el || pm_get_u32(p + 8) != (uint32_t) l[2])
-                      : pm_get_u64(p + 4) != (uint64_t) row) {
+            if (end - p < 12 || pm_get_u32(p) != (uint32_t) spec[2 + pass] ||
+                (trans ? (pm_get_u32(p + 4) != (uint32_t) el || pm_get_u32(p + 8) != (uint32_t) l[2])
+                       : pm_get_u64(p + 4) != (uint64_t) row)) {
+                free(pieces);
                 return -1;
             }
             p += 12;
             const int64_t bytes = reps * n * row;
             if (end - p < bytes) {
+                free(pieces);
                 return -1;
             }
             if (copy) {
-                const char * from = p;
                 char * base = (char *) t->data + (trans ? strm * (int64_t) t->nb[2] : strm * kv_size * row);
                 for (int64_t r = 0; r < reps; ++r) {
-                    char * rep = base + r * kv_size * el;
-                    for (int64_t i = 0; i < n_runs; ++i) {
-                        if (i + 1 < n_runs) {  // the next run's head, to be written
-                            char * next = rep + run_starts[i + 1] * row;
-                            PM_PREFETCH_W(next);
-                            PM_PREFETCH_W(next + 64);
-                            PM_PREFETCH_W(next + 128);
-                            PM_PREFETCH_W(next + 192);
-                        }
-                        const int64_t len = (run_ends[i] - run_starts[i]) * row;
-                        memcpy(rep + run_starts[i] * row, from, (size_t) len);
-                        from += len;
-                    }
+                    pieces[np++] = (pm_piece) { base + r * kv_size * el, p + r * n * row, row, row, 1, 1 };
                 }
             } else {
                 const uint64_t last = (uint64_t) run_ends[n_runs - 1];
@@ -734,6 +773,10 @@ static int64_t pm_kv_data_walk(const char * d, int64_t avail, const int64_t * sp
             }
             p += bytes;
         }
+    }
+    if (copy) {
+        pm_copy_all(pieces, np, n, run_starts, run_ends, n_runs);
+        free(pieces);
     }
     return p - d;
 }
@@ -787,8 +830,8 @@ static pm_status pm_kv_read_same_then(const void * blob, int64_t avail, const in
             return PM_OK;
         }
     }
-    if (store) {
-        pm_kv_data_walk(b + meta, avail - meta, spec, tensors, n, run_starts, run_ends, n_runs, 1);
+    if (store && pm_kv_data_walk(b + meta, avail - meta, spec, tensors, n, run_starts, run_ends, n_runs, 1) < 0) {
+        return PM_ERR_ALLOC;  // the check pass took these bytes: only the pieces' list can fail
     }
     *consumed = meta + data;
     *new_head = run_ends[n_runs - 1];

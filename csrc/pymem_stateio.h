@@ -175,8 +175,9 @@ pm_status pm_rows_section(struct ggml_tensor * const * tensors, const int64_t * 
 pm_status pm_rows_store(struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n, int64_t n_rows,
                         int64_t dst_row, const void * data, int64_t avail, int32_t store, int64_t * consumed);
 
-// The threads that write a large state section's tensor bytes (pm_kv_write_section, so every
-// native KV state write): n for a section of at least min_bytes (1: the calling thread
+// The threads that move a large state section's tensor bytes (pm_kv_write_section,
+// pm_stateio_put_cells and pm_kv_read_seq_blob: every native KV state write and restore):
+// n for a section of at least min_bytes (1: the calling thread
 // alone; 0: the default, min(4, online CPUs) for sections of 4 MiB and more); the calling
 // thread takes one share and n - 1 threads started for the call the others (a thread that
 // cannot be started leaves its share to the caller). The bytes are the same either way.

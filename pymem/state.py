@@ -244,7 +244,7 @@ def _advise_huge_pages(buf: bytearray) -> None:
 
 
 def set_state_threads(n: int, min_bytes: int = 4 << 20) -> None:
-    """How many threads copy the tensor bytes of a large native KV state write.
+    """How many threads move the tensor bytes of a large native KV state write or restore.
 
     A section (a stream's part of a blob) whose tensor bytes reach ``min_bytes`` is split
     into ``n`` shares of about equal bytes: the calling thread copies one, ``n - 1``
@@ -253,7 +253,7 @@ def set_state_threads(n: int, min_bytes: int = 4 << 20) -> None:
     of 4 MiB and more. Why: a gather of scattered runs (one sequence of an interleaved
     cache, a transposed V) is bound by the misses one core keeps in flight, not by memory
     bandwidth, so a second core nearly doubles it (docs/performance.md); below a few MiB
-    starting a thread costs what it saves. The blob's bytes are the same either way.
+    starting a thread costs what it saves. The bytes moved are the same either way.
     Process-wide; set it while no state write runs. ConfigError (nothing changed) for
     ``n`` outside [0, 64] or a negative ``min_bytes``.
     """
@@ -269,8 +269,8 @@ def set_state_threads(n: int, min_bytes: int = 4 << 20) -> None:
 
 
 def state_threads() -> tuple[int, int]:
-    """``(n, min_bytes)`` in effect for state writes (see :func:`set_state_threads`; the
-    default resolved to its thread count)."""
+    """``(n, min_bytes)`` in effect for state writes and restores (see
+    :func:`set_state_threads`; the default resolved to its thread count)."""
     from pymem._native import ffi, lib
 
     min_bytes = ffi.new("int64_t *")

@@ -1,8 +1,8 @@
-"""``pymem.set_state_threads``: a native KV state write split between threads writes the
-same bytes as one thread, for one sequence and the whole cache, V in rows and transposed,
-unified and with streams, at every thread count (shares of whole pieces: more threads than
-pieces, pieces of unequal size); the default resolves to min(4, CPUs) from 4 MiB on; bad
-settings are refused with nothing changed."""
+"""``pymem.set_state_threads``: a native KV state write or restore split between threads
+moves the same bytes as one thread, for one sequence and the whole cache, V in rows and
+transposed, unified and with streams, at every thread count (shares of whole pieces: more
+threads than pieces, pieces of unequal size); the default resolves to min(4, CPUs) from
+4 MiB on; bad settings are refused with nothing changed."""
 
 from __future__ import annotations
 
@@ -39,6 +39,33 @@ def test_threaded_writes_equal_one_thread(name: str) -> None:
         out = bytearray(len(one[1]))
         assert kv.state_write_buffer(out, 0) == len(one[1]) and bytes(out) == one[1]
     kv.close()
+
+
+@pytest.mark.parametrize("name", ["f16-trans", "f32-notrans", "q8_0-notrans", "f16-trans-streams"])
+def test_threaded_restores_equal_one_thread(name: str) -> None:
+    # every restore road: a sequence back into its own cells (one native walk), into other
+    # cells of a fresh cache (placement, then the payload store), the whole cache
+    rng = np.random.default_rng(5)
+    src = build(CFGS[name], n_cells=1024, n_seq=3)
+    _interleaved(src, rng, 3, 150, 24)
+    randomize(src, 11)
+    blobs = {s: bytes(src.state_write(s)) for s in (-1, 0, 1, 2)}
+    results = []
+    for n in (1, 2, 5, 64):
+        set_state_threads(n, 0)
+        own = build(CFGS[name], n_cells=1024, n_seq=3)
+        own.state_read(blobs[-1])  # whole
+        for s in (0, 1, 2):
+            own.state_read(blobs[s], s)  # each back into its own cells
+        fresh = build(CFGS[name], n_cells=1024, n_seq=3)
+        for s in (2, 0):
+            fresh.state_read(blobs[s], s)  # placed into an empty cache
+        results.append((bytes(own.state_write()), bytes(fresh.state_write())))
+        own.close()
+        fresh.close()
+    assert results[0][0] == blobs[-1]
+    assert all(r == results[0] for r in results[1:])
+    src.close()
 
 
 def test_settings_and_refusals() -> None:
