@@ -16,6 +16,7 @@ from test_kv_state_paths import _interleaved
 
 import pymem
 from pymem.errors import ConfigError
+from pymem.kv import KVCache
 from pymem.state import set_state_threads, state_threads
 
 
@@ -25,12 +26,20 @@ def _restore_setting() -> Iterator[None]:
     set_state_threads(0)  # back to the default
 
 
-@pytest.mark.parametrize("name", ["f16-trans", "f32-notrans", "q8_0-notrans", "f16-trans-streams"])
-def test_threaded_writes_equal_one_thread(name: str) -> None:
-    rng = np.random.default_rng(3)
+NAMES = ["f16-trans", "f32-notrans", "q8_0-notrans", "f16-trans-streams"]
+
+
+def _filled(name: str, seed: int) -> KVCache:
+    """3 sequences spread over many irregular runs of cells, random K/V bytes."""
     kv = build(CFGS[name], n_cells=1024, n_seq=3)
-    _interleaved(kv, rng, 3, 150, 24)
-    randomize(kv, 7)
+    _interleaved(kv, np.random.default_rng(seed), 3, 150, 24)
+    randomize(kv, seed + 4)
+    return kv
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_threaded_writes_equal_one_thread(name: str) -> None:
+    kv = _filled(name, 3)
     set_state_threads(1)
     one = [bytes(kv.state_write(s)) for s in (-1, 0, 1, 2)]
     for n in (2, 3, 7, 64):
@@ -41,14 +50,11 @@ def test_threaded_writes_equal_one_thread(name: str) -> None:
     kv.close()
 
 
-@pytest.mark.parametrize("name", ["f16-trans", "f32-notrans", "q8_0-notrans", "f16-trans-streams"])
+@pytest.mark.parametrize("name", NAMES)
 def test_threaded_restores_equal_one_thread(name: str) -> None:
     # every restore road: a sequence back into its own cells (one native walk), into other
     # cells of a fresh cache (placement, then the payload store), the whole cache
-    rng = np.random.default_rng(5)
-    src = build(CFGS[name], n_cells=1024, n_seq=3)
-    _interleaved(src, rng, 3, 150, 24)
-    randomize(src, 11)
+    src = _filled(name, 5)
     blobs = {s: bytes(src.state_write(s)) for s in (-1, 0, 1, 2)}
     results = []
     for n in (1, 2, 5, 64):
@@ -86,7 +92,6 @@ def test_a_cache_without_layers_writes_its_headers(n: int) -> None:
     # headers only, under every thread count (pm_copy_all once read a share it never set)
     from test_iswa import decode
 
-    from pymem.kv import KVCache
     from pymem.spec import LayerSpec, ModelSpec
 
     spec = ModelSpec(layers=(LayerSpec.attention(2, 8),))
