@@ -169,8 +169,9 @@ static void pm_copy_all(const pm_piece * pieces, int64_t n_pieces, int64_t n, co
 #if PM_HAVE_THREADS
     pthread_t tid[64];
     int       started[64] = { 0 };
-    for (int64_t t = 1; t < n_thr; ++t) {
-        started[t] = pthread_create(&tid[t], NULL, pm_copy_share_main, &shares[t]) == 0;
+    for (int64_t t = 1; t < n_thr; ++t) {  // (a share left empty by a large piece: no thread)
+        started[t] = shares[t].first < shares[t].end &&
+                     pthread_create(&tid[t], NULL, pm_copy_share_main, &shares[t]) == 0;
     }
     pm_copy_pieces(&shares[0]);
     for (int64_t t = 1; t < n_thr; ++t) {
