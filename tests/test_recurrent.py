@@ -676,6 +676,30 @@ def test_whole_state_layout_and_round_trip() -> None:
     assert other.cells.src0[other.head] == 1
 
 
+def test_whole_restore_zeroes_exactly_the_rows_it_does_not_write() -> None:
+    # the restore zeroes rows [cell_count, n_rows) of every tensor, every rollback plane
+    # included, and writes rows [0, cell_count): the bytes clear(True) + writes would leave
+    mem = make_rec(n_rs_seq=2)
+    fill_rows(mem)
+    place(mem, (0, 3), (1, 5), (2, 7))
+    mem.seq_rm(1)
+    data = mem.state_write()
+    other = make_rec(n_rs_seq=2)
+    fill_rows(other)
+    assert other.state_read(data) == len(data)
+    check(other)
+    for il in other.layers:
+        for got, want in (
+            (other.get_r_l(il), mem.get_r_l(il)),
+            (other.get_s_l(il), mem.get_s_l(il)),
+        ):
+            a, b = got.numpy(), want.numpy()
+            assert a.shape[0] == 3 * other.size  # plane 0 and two rollback planes
+            # cells 0 and 2 of mem went into rows 0 and 1
+            assert (a[:2] == b[[0, 2]]).all() and not a[2:].any()
+    assert other.state_write() == data
+
+
 def test_per_seq_round_trip_places_cell_with_find_slot() -> None:
     mem = make_rec()
     fill_rows(mem)

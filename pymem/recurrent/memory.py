@@ -358,10 +358,18 @@ class RecurrentMemory(Memory):
         """Bumped by every mutation: a plan made at another version is stale."""
         return self._version
 
-    def zero_rows(self) -> None:
-        """Zero every R/S byte, every plane (the data half of ``clear(True)``)."""
-        for store in self._stores:
-            store.clear(0)
+    def zero_rows(self, from_row: int = 0) -> None:
+        """Zero R/S rows ``[from_row, n_rows)`` of every layer, every plane (0: every byte,
+        the data half of ``clear(True)``). A whole restore passes the rows it is about to
+        overwrite: the same bytes after it, without zeroing them first."""
+        if from_row <= 0:
+            for store in self._stores:
+                store.clear(0)
+            return
+        for il in self.layers:
+            for t in (self._r[il], self._s[il]):
+                if from_row < t.n_rows and t.row_size > 0:
+                    t.fill_rows(np.arange(from_row, t.n_rows, dtype=np.int64), 0)
 
     def commit_cells(self, cells: RecurrentCells) -> None:
         """Make ``cells`` (a validated placement or restore) the memory's cells."""
@@ -790,6 +798,6 @@ class RecurrentMemory(Memory):
             reader, self.cells, self._state_layers, self.n_seq_max, self.n_rs_seq, seq_id,
             self._native_rows(),
         )  # fmt: skip
-        return RecurrentReadPlan(
-            self, cells, writes, clear_data=seq_id == -1, version=self._version
-        )
+        # a whole restore zeroes what its rows [0, cell_count) do not overwrite
+        zero_from = cells.used if seq_id == -1 else None
+        return RecurrentReadPlan(self, cells, writes, zero_from=zero_from, version=self._version)

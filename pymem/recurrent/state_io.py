@@ -454,8 +454,9 @@ class ReadTarget(Protocol):
         """Raise DeviceError when a device of the memory's tensors is gone."""
         ...
 
-    def zero_rows(self) -> None:
-        """Zero every R/S byte (the data half of the reference's ``clear(true)``)."""
+    def zero_rows(self, from_row: int = 0) -> None:
+        """Zero R/S rows ``[from_row, n_rows)`` (0: every byte, the data half of the
+        reference's ``clear(true)``)."""
         ...
 
     def commit_cells(self, cells: RecurrentCells) -> None:
@@ -468,14 +469,15 @@ class RecurrentReadPlan:
     """A parsed, validated recurrent state restore; :meth:`commit` applies it.
 
     Compositions (hybrid memories) parse every part first and commit all of them only
-    when every part parsed, so a bad blob changes nothing anywhere. ``clear_data`` (a
-    whole-memory restore) zeroes every R/S byte before the blob's rows are written.
+    when every part parsed, so a bad blob changes nothing anywhere. ``zero_from`` (a
+    whole-memory restore: its cell count) zeroes every R/S row from there on; the rows
+    below it are the blob's (the reference zeroes everything first, then writes them).
     """
 
     target: ReadTarget
     cells: RecurrentCells
     writes: PendingWrites
-    clear_data: bool
+    zero_from: int | None
     version: int
     done: bool = field(default=False)
 
@@ -498,8 +500,8 @@ class RecurrentReadPlan:
                 "state_read plan: the memory changed after the blob was parsed; parse it again"
             )
         target.check_devices()
-        if self.clear_data:
-            target.zero_rows()
+        if self.zero_from is not None:
+            target.zero_rows(self.zero_from)
         self.writes.commit()
         target.commit_cells(self.cells)
         self.done = True
