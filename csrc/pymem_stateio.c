@@ -955,12 +955,22 @@ pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const vo
     return PM_OK;
 }
 
-pm_status pm_rows_section(struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n, int64_t row,
-                          void * out, int64_t cap, int64_t * written) {
-    if (tensors == NULL || spec == NULL || out == NULL || written == NULL || n < 0 || cap < 0) {
+pm_status pm_rows_sections(struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n,
+                           const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs, void * out,
+                           int64_t cap, int64_t * written) {
+    if (tensors == NULL || spec == NULL || out == NULL || written == NULL || n < 0 || cap < 0 || n_runs < 0 ||
+        (n_runs > 0 && (run_starts == NULL || run_ends == NULL))) {
         return PM_ERR_ARG;
     }
-    int64_t total = 0;
+    int64_t n_cells = 0, row_max = 0;  // row_max: one past the highest row read
+    for (int64_t k = 0; k < n_runs; ++k) {
+        if (run_starts[k] < 0 || run_ends[k] <= run_starts[k]) {
+            return PM_ERR_ARG;
+        }
+        n_cells += run_ends[k] - run_starts[k];
+        row_max = run_ends[k] > row_max ? run_ends[k] : row_max;
+    }
+    int64_t total = 0, n_pieces = 0;
     for (int64_t i = 0; i < n; ++i) {
         const struct ggml_tensor * t = tensors[i];
         const int64_t row_size = spec[2 * i + 1];
@@ -970,26 +980,40 @@ pm_status pm_rows_section(struct ggml_tensor * const * tensors, const int64_t * 
         // a zero-wide tensor (a layer without conv state) carries its header only
         if (row_size > 0 && (t->buffer == NULL || !ggml_backend_buffer_is_host(t->buffer) ||
                              t->nb[1] != (size_t) row_size ||
-                             (row >= 0 && (uint64_t) (row + 1) * (uint64_t) row_size > ggml_nbytes(t)))) {
+                             (uint64_t) row_max * (uint64_t) row_size > ggml_nbytes(t))) {
             return PM_ERR_ARG;
         }
-        total += 12 + (row >= 0 ? row_size : 0);
+        total += 12 + n_cells * row_size;
+        n_pieces += row_size > 0 && n_cells > 0;
     }
     *written = total;
     if (total > cap) {
         return PM_ERR_RANGE;
     }
-    char * w = (char *) out;
+    pm_piece * pieces = (pm_piece *) malloc((size_t) (n_pieces > 0 ? n_pieces : 1) * sizeof(pm_piece));
+    if (pieces == NULL) {
+        return PM_ERR_ALLOC;
+    }
+    char *  w  = (char *) out;
+    int64_t np = 0;
     for (int64_t i = 0; i < n; ++i) {
         const int64_t row_size = spec[2 * i + 1];
         w = pm_put_u32(w, (uint32_t) (int32_t) spec[2 * i]);
         w = pm_put_u64(w, (uint64_t) row_size);
-        if (row >= 0 && row_size > 0) {
-            memcpy(w, (const char *) tensors[i]->data + row * row_size, (size_t) row_size);
-            w += row_size;
+        if (row_size > 0 && n_cells > 0) {
+            pieces[np++] = (pm_piece) { w, (const char *) tensors[i]->data, row_size, row_size, 0, 1 };
+            w += n_cells * row_size;
         }
     }
+    pm_copy_all(pieces, np, n_cells, run_starts, run_ends, n_runs);
+    free(pieces);
     return PM_OK;
+}
+
+pm_status pm_rows_section(struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n, int64_t row,
+                          void * out, int64_t cap, int64_t * written) {
+    const int64_t end = row + 1;
+    return pm_rows_sections(tensors, spec, n, &row, &end, row >= 0 ? 1 : 0, out, cap, written);
 }
 
 pm_status pm_rows_store(struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n, int64_t n_rows,
@@ -1022,16 +1046,24 @@ pm_status pm_rows_store(struct ggml_tensor * const * tensors, const int64_t * sp
         }
         at += n_rows * row_size;
     }
-    if (store) {
-        at = 0;
-        for (int64_t i = 0; i < n; ++i) {
-            const int64_t bytes = n_rows * spec[2 * i + 1];
-            at += 12;
-            if (bytes > 0) {
-                memcpy((char *) tensors[i]->data + dst_row * spec[2 * i + 1], p + at, (size_t) bytes);
-            }
-            at += bytes;
+    if (store && n_rows > 0) {
+        // one piece per tensor: its rows [dst_row, dst_row + n_rows), one run
+        pm_piece * pieces = (pm_piece *) malloc((size_t) (n > 0 ? n : 1) * sizeof(pm_piece));
+        if (pieces == NULL) {
+            return PM_ERR_ALLOC;
         }
+        int64_t np = 0, from = 0;
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t row_size = spec[2 * i + 1];
+            from += 12;
+            if (row_size > 0) {
+                pieces[np++] = (pm_piece) { (char *) tensors[i]->data, p + from, row_size, row_size, 1, 0 };
+            }
+            from += n_rows * row_size;
+        }
+        const int64_t run_end = dst_row + n_rows;
+        pm_copy_all(pieces, np, n_rows, &dst_row, &run_end, 1);
+        free(pieces);
     }
     *consumed = at;
     return PM_OK;

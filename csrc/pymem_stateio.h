@@ -164,6 +164,15 @@ pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const vo
 pm_status pm_rows_section(struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n, int64_t row,
                           void * out, int64_t cap, int64_t * written);
 
+// The tensor sections of a recurrent state holding several cells: per tensor the header
+// as pm_rows_section writes it, then the rows of every run [run_starts[k], run_ends[k]),
+// runs in the order given (any order; each run's rows ascending). *written = their bytes;
+// PM_ERR_RANGE, nothing written, when cap is smaller; PM_ERR_ARG as pm_rows_section, or for
+// a run that is empty or starts below 0. The rows move on set_state_threads' threads.
+pm_status pm_rows_sections(struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n,
+                           const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs, void * out,
+                           int64_t cap, int64_t * written);
+
 // The tensor sections of a recurrent state part (per tensor: i32 type, u64 row size, then
 // n_rows rows). Without `store`: checked against spec (pm_rows_section's). With it: the
 // rows stored into rows [dst_row, dst_row + n_rows) of each host tensor, the headers not

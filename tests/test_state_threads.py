@@ -107,3 +107,30 @@ def test_a_cache_without_layers_writes_its_headers(n: int) -> None:
     assert bytes(other.state_write()) == bytes(kv.state_write())
     kv.close()
     other.close()
+
+
+@pytest.mark.parametrize("n_rs_seq", [0, 2])
+def test_recurrent_sections_native_equal_general(n_rs_seq: int) -> None:
+    # the whole state's tensor sections in one native call (pm_rows_sections) against the
+    # per-tensor road, with runs out of order (a copy-on-write source, cells reused), at
+    # every thread count; a restore of it too
+    from test_recurrent import fill_rows, make_rec, place
+
+    mem = make_rec(n_seq=6, n_rs_seq=n_rs_seq, mem_size=6)
+    fill_rows(mem)
+    place(mem, (0, 3), (1, 5), (2, 7), (3, 2), (4, 9))
+    mem.seq_rm(1)
+    mem.seq_cp(4, 5)
+    place(mem, (5, 10))  # 5 leaves 4's cell: its row is read from its source
+    mem._seq_rows = None  # the per-tensor road
+    general = [bytes(mem.state_write(s)) for s in (-1, 0, 4, 5)]
+    mem._seq_rows = False  # the native one, built on first use
+    for n in (1, 2, 3, 64):
+        set_state_threads(n, 0)
+        assert [bytes(mem.state_write(s)) for s in (-1, 0, 4, 5)] == general, n
+        other = make_rec(n_seq=6, n_rs_seq=n_rs_seq, mem_size=6)
+        fill_rows(other)
+        assert other.state_read(general[0]) == len(general[0])
+        assert bytes(other.state_write()) == general[0]
+        other.close()
+    mem.close()

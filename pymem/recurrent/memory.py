@@ -770,7 +770,9 @@ class RecurrentMemory(Memory):
         self.check_open()
         seq_id = self._check_seq_arg(seq_id, "state_write")
         check_state_flags(flags, "state_write")
-        write_state(writer, self.cells, self._state_layers, self.n_rs_seq, seq_id)
+        write_state(
+            writer, self.cells, self._state_layers, self.n_rs_seq, seq_id, self._native_rows()
+        )
 
     def state_read_parse(
         self, reader: StateReader, seq_id: int = -1, flags: int = 0

@@ -197,6 +197,23 @@ class SeqRows:
         )  # fmt: skip
         return None if consumed[0] < 0 else int(consumed[0])
 
+    @property
+    def n_tensors(self) -> int:
+        return self._n
+
+    def sections(self, out: memoryview, starts: np.ndarray, ends: np.ndarray) -> None:
+        """Every tensor section (header, then the rows of runs ``[starts[k], ends[k])``)
+        into ``out``, exactly its size: one :c:func:`pm_rows_sections` call."""
+        written = ffi.new("int64_t *")
+        check(
+            lib.pm_rows_sections(
+                self._tensors, self._spec_c, self._n, ffi.from_buffer("int64_t[]", starts),
+                ffi.from_buffer("int64_t[]", ends), starts.size,
+                ffi.from_buffer(out, require_writable=True), len(out), written,
+            ),
+            "state_write: recurrent rows",
+        )  # fmt: skip
+
     def write(self, view: memoryview, c: RecurrentCells, cell: int, row: int) -> int:
         """The section of the sequence whose (cell, row) :func:`seq_cell_row` gave, into
         ``view`` (exactly :func:`seq_section_size` bytes); the bytes written."""
@@ -225,12 +242,19 @@ def seq_rows(layers: StateLayers) -> SeqRows | None:
 
 
 def write_state(
-    writer: StateWriter, c: RecurrentCells, layers: StateLayers, n_rs_seq: int, seq_id: int
+    writer: StateWriter,
+    c: RecurrentCells,
+    layers: StateLayers,
+    n_rs_seq: int,
+    seq_id: int,
+    native: SeqRows | None = None,
 ) -> None:
     """Serialise the cells of ``seq_id`` (every cell for -1) and their rows into ``writer``.
 
-    ``seq_id`` is already checked (``>= -1``). Each tensor's rows move in one native call
-    (every run of consecutive source rows).
+    ``seq_id`` is already checked (``>= -1``). With ``native`` (host tensors) and a writer
+    that fills in place, every tensor section is one ``write_fill`` of one native call
+    (:c:func:`pm_rows_sections`); else each tensor's rows move in one native call (every
+    run of consecutive source rows).
     """
     cells, rows = select_rows(c, seq_id, n_rs_seq)
     writer.write_u32(int(cells.size))
@@ -242,6 +266,11 @@ def write_state(
     count = np.array([b - a for a, b in runs], dtype=np.uint64)
     writer.write_u32(0)  # s_trans: the transposed layout is never written
     writer.write_u32(layers.n_layer)
+    if native is not None and writer.fills_in_place:
+        starts, ends = first.astype(np.int64), (first + count).astype(np.int64)
+        size = 12 * native.n_tensors + int(count.sum()) * layers.cell_bytes
+        writer.write_fill(size, lambda out: native.sections(out, starts, ends))
+        return
     for t in (*layers.r, *layers.s):
         writer.write_i32(t.type.id)
         writer.write_u64(t.row_size)
