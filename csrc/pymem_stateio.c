@@ -41,8 +41,17 @@ static char * pm_gather_runs(char * w, const char * base, int64_t row, const int
 static int32_t pm_copy_threads = 0;  // 0: the default (pm_default_copy_threads)
 static int64_t pm_copy_min_bytes = 4 << 20;
 
+// the default: PYMEM_STATE_THREADS when it holds a count in [1, 64], else min(4, online CPUs)
 static int32_t pm_default_copy_threads(void) {
 #if PM_HAVE_THREADS
+    const char * env = getenv("PYMEM_STATE_THREADS");
+    if (env != NULL && *env != '\0') {
+        char *     end = NULL;
+        const long n   = strtol(env, &end, 10);
+        if (*end == '\0' && n >= 1 && n <= 64) {
+            return (int32_t) n;
+        }
+    }
     const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     return cpus < 1 ? 1 : (cpus > 4 ? 4 : (int32_t) cpus);
 #else

@@ -244,13 +244,14 @@ def _advise_huge_pages(buf: bytearray) -> None:
 
 
 def set_state_threads(n: int, min_bytes: int = 4 << 20) -> None:
-    """How many threads move the tensor bytes of a large native KV state write or restore.
+    """How many threads move the tensor bytes of a large native state write or restore.
 
     A section (a stream's part of a blob) whose tensor bytes reach ``min_bytes`` is split
     into ``n`` shares of about equal bytes: the calling thread copies one, ``n - 1``
     threads started for the call copy the others. ``1`` copies on the calling thread
-    alone, as llama.cpp does; ``0`` restores the default: min(4, online CPUs) for sections
-    of 4 MiB and more. Why: a gather of scattered runs (one sequence of an interleaved
+    alone, as llama.cpp does; ``0`` restores the default: the environment's
+    ``PYMEM_STATE_THREADS`` (a count in [1, 64], read when a copy runs), else min(4, online
+    CPUs), for sections of 4 MiB and more. Why: a gather of scattered runs (one sequence of an interleaved
     cache, a transposed V) is bound by the misses one core keeps in flight, not by memory
     bandwidth, so a second core nearly doubles it (docs/performance.md); below a few MiB
     starting a thread costs what it saves. The bytes moved are the same either way.

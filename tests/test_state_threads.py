@@ -7,6 +7,8 @@ threads than pieces, pieces of unequal size); the default resolves to min(4, CPU
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -72,6 +74,17 @@ def test_threaded_restores_equal_one_thread(name: str) -> None:
     assert results[0][0] == blobs[-1]
     assert all(r == results[0] for r in results[1:])
     src.close()
+
+
+@pytest.mark.parametrize(
+    ("env", "want"), [("3", 3), ("1", 1), ("64", 64), ("0", None), ("x", None), ("", None)]
+)
+def test_the_default_follows_pymem_state_threads(env: str, want: int | None) -> None:
+    # a count in [1, 64] sets the default thread count; anything else leaves min(4, CPUs)
+    code = "import pymem; print(pymem.state_threads()[0])"
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYMEM_STATE_THREADS": env},
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert int(run.stdout) == (want if want is not None else max(1, min(4, os.cpu_count() or 1)))
 
 
 def test_settings_and_refusals() -> None:
