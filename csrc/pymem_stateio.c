@@ -41,19 +41,31 @@ static char * pm_gather_runs(char * w, const char * base, int64_t row, const int
 static int32_t pm_copy_threads = 0;  // 0: the default (pm_default_copy_threads)
 static int64_t pm_copy_min_bytes = 4 << 20;
 
-// the default: PYMEM_STATE_THREADS when it holds a count in [1, 64], else min(4, online CPUs)
-static int32_t pm_default_copy_threads(void) {
+// the default: PYMEM_STATE_THREADS when it holds a count in [1, 64], else min(4, online
+// CPUs); found once (sysconf reads a file: not once per state write)
 #if PM_HAVE_THREADS
+static int32_t        pm_default_threads = 1;
+static pthread_once_t pm_default_once    = PTHREAD_ONCE_INIT;
+
+static void pm_find_default_threads(void) {
     const char * env = getenv("PYMEM_STATE_THREADS");
     if (env != NULL && *env != '\0') {
         char *     end = NULL;
         const long n   = strtol(env, &end, 10);
         if (*end == '\0' && n >= 1 && n <= 64) {
-            return (int32_t) n;
+            pm_default_threads = (int32_t) n;
+            return;
         }
     }
-    const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    return cpus < 1 ? 1 : (cpus > 4 ? 4 : (int32_t) cpus);
+    const long cpus    = sysconf(_SC_NPROCESSORS_ONLN);
+    pm_default_threads = cpus < 1 ? 1 : (cpus > 4 ? 4 : (int32_t) cpus);
+}
+#endif
+
+static int32_t pm_default_copy_threads(void) {
+#if PM_HAVE_THREADS
+    pthread_once(&pm_default_once, pm_find_default_threads);
+    return pm_default_threads;
 #else
     return 1;
 #endif
@@ -157,9 +169,9 @@ static void pm_copy_all(const pm_piece * pieces, int64_t n_pieces, int64_t n, co
     for (int64_t p = 0; p < n_pieces; ++p) {
         bytes += pieces[p].bytes * n;
     }
-    int64_t n_thr = pm_get_copy_threads(NULL);
-    if (!PM_HAVE_THREADS || bytes < pm_copy_min_bytes || n_pieces < 2) {
-        n_thr = 1;
+    int64_t n_thr = 1;
+    if (PM_HAVE_THREADS && bytes >= pm_copy_min_bytes && n_pieces > 1) {
+        n_thr = pm_get_copy_threads(NULL);
     }
     if (n_thr > n_pieces) {
         n_thr = n_pieces;

@@ -188,7 +188,7 @@ pm_status pm_rows_store(struct ggml_tensor * const * tensors, const int64_t * sp
 // pm_stateio_put_cells and pm_kv_read_seq_blob: every native KV state write and restore):
 // n for a section of at least min_bytes (1: the calling thread
 // alone; 0: the default, the environment's PYMEM_STATE_THREADS when it is a count in
-// [1, 64], else min(4, online CPUs), for sections of 4 MiB and more); the calling
+// [1, 64], else min(4, online CPUs), found once, for sections of 4 MiB and more); the calling
 // thread takes one share and n - 1 threads started for the call the others (a thread that
 // cannot be started leaves its share to the caller). The bytes are the same either way.
 // PM_ERR_ARG, nothing changed, for n outside [0, 64] or min_bytes < 0. Set it while no

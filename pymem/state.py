@@ -250,7 +250,7 @@ def set_state_threads(n: int, min_bytes: int = 4 << 20) -> None:
     into ``n`` shares of about equal bytes: the calling thread copies one, ``n - 1``
     threads started for the call copy the others. ``1`` copies on the calling thread
     alone, as llama.cpp does; ``0`` restores the default: the environment's
-    ``PYMEM_STATE_THREADS`` (a count in [1, 64], read when a copy runs), else min(4, online
+    ``PYMEM_STATE_THREADS`` (a count in [1, 64], read once, at the first use), else min(4, online
     CPUs), for sections of 4 MiB and more. Why: a gather of scattered runs (one sequence of an interleaved
     cache, a transposed V) is bound by the misses one core keeps in flight, not by memory
     bandwidth, so a second core nearly doubles it (docs/performance.md); below a few MiB
