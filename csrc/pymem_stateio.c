@@ -108,12 +108,23 @@ typedef struct {
     int64_t          n_runs;
 } pm_share;
 
+// a scatter piece without a source (src NULL) writes zeros
 static void pm_scatter_runs(const pm_piece * pc, const int64_t * run_starts, const int64_t * run_ends,
                             int64_t n_runs) {
     const char * from = pc->src;
     const int64_t bytes = pc->bytes, stride = pc->stride;
     for (int64_t i = 0; i < n_runs; ++i) {
         const int64_t a = run_starts[i], len = run_ends[i] - a;
+        if (from == NULL) {
+            if (stride == bytes) {
+                memset(pc->dst + a * stride, 0, (size_t) (len * bytes));
+            } else {
+                for (int64_t c = a; c < a + len; ++c) {
+                    memset(pc->dst + c * stride, 0, (size_t) bytes);
+                }
+            }
+            continue;
+        }
         if (stride != bytes) {  // part of each cell's row: cell by cell
             for (int64_t c = a; c < a + len; ++c) {
                 memcpy(pc->dst + c * stride, from, (size_t) bytes);
@@ -336,8 +347,7 @@ pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void 
     for (int64_t k = 0; k < n_sec; ++k) {
         const struct ggml_tensor * t = tensors[k];
         const int64_t * p = params + 5 * k;
-        if (t == NULL || src[k] == NULL || t->data == NULL || t->buffer == NULL ||
-            !ggml_backend_buffer_is_host(t->buffer)) {
+        if (t == NULL || t->data == NULL || t->buffer == NULL || !ggml_backend_buffer_is_host(t->buffer)) {
             return PM_ERR_ARG;
         }
         for (int j = 0; j < 5; ++j) {
@@ -385,7 +395,7 @@ pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void 
         const char * from = (const char *) src[k];
         for (int64_t r = 0; r < p[3]; ++r) {
             pieces[np++] = (pm_piece) { base + r * p[4], from, p[2], p[1], 1, 0 };
-            from += n_cells * p[2];
+            from = from == NULL ? NULL : from + n_cells * p[2];
         }
     }
     pm_copy_all(pieces, np, n_cells, run_starts, run_ends, n_runs);

@@ -39,9 +39,11 @@ pm_status pm_kv_seq_same_cells(const int32_t * pos, const int32_t * shift, const
 // tensor bytes [offset + r * rep_stride + c * cell_stride, + cell_bytes). A K/V row
 // section: cell_stride = row size, n_rep 1; a transposed-V section: cell_stride =
 // element size, n_rep = channels, rep_stride = kv_size * element size. Runs come in the
-// order of the source (a wrapped slot lists later cells first). Every section is checked
-// before any byte moves: PM_ERR_ARG for a null pointer, a non-host tensor, a negative
-// count, an empty or negative run; PM_ERR_RANGE for a byte outside a tensor.
+// order of the source (a wrapped slot lists later cells first). A NULL src[k] writes zeros
+// there instead (a restore clearing the cells it does not fill). Every section is checked
+// before any byte moves: PM_ERR_ARG for a null pointer (src[k] aside), a non-host tensor, a
+// negative count, an empty or negative run; PM_ERR_RANGE for a byte outside a tensor. The
+// bytes move on set_state_threads' threads from 4 MiB on.
 pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void * const * src,
                                const int64_t * params, int64_t n_sec, const int64_t * run_starts,
                                const int64_t * run_ends, int64_t n_runs);

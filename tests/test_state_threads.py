@@ -147,3 +147,25 @@ def test_recurrent_sections_native_equal_general(n_rs_seq: int) -> None:
         assert bytes(other.state_write()) == general[0]
         other.close()
     mem.close()
+
+
+@pytest.mark.parametrize("name", [*NAMES, "mrope-ext"])
+def test_native_zeroing_equals_the_numpy_reference(name: str) -> None:
+    # a whole restore zeroes the cells its blob does not fill in one native call
+    # (pm_stateio_put_cells without sources); kv.state_rows.zero_range is the reference
+    from pymem.kv import state_io
+    from pymem.kv.state_rows import zero_range
+
+    for n in (1, 2):
+        set_state_threads(n, 0)
+        native, numpy = _filled(name, 9), _filled(name, 9)
+        for strm in range(native.n_stream):
+            for a, b in ((5, 9), (0, 1), (700, native.kv_size), (3, 3)):
+                assert state_io.zero_range_native(native.layout, native.layers, strm, a, b)
+                zero_range(numpy.layout, numpy.layers, strm, a, b)
+        for x, y in zip(native.layers, numpy.layers, strict=True):
+            for t, u in ((x.k, y.k), (x.v, y.v)):
+                if t is not None:
+                    assert t.read_bytes() == u.read_bytes()
+        native.close()
+        numpy.close()

@@ -778,6 +778,43 @@ def put_payloads(
 NATIVE_RUNS = True
 
 
+def zero_range_native(
+    layout: KVLayout, layers: Sequence[KVLayer], strm: int, a: int, b: int
+) -> bool:
+    """:func:`~pymem.kv.state_rows.zero_range` (cells ``[a, b)`` of stream ``strm``, every
+    layer) in one native call on host tensors, on ``set_state_threads``' threads from
+    4 MiB on (:c:func:`pm_stateio_put_cells` without sources); False, nothing zeroed,
+    where a tensor is not in host memory."""
+    if not NATIVE_RUNS:
+        return False
+    if b <= a:
+        return True
+    tensors, params = [], []
+    for layer in layers:
+        for t in (layer.k, layer.v):
+            if t is None:
+                continue
+            if not t.device.is_host:
+                return False
+            if t is layer.k or not layout.v_trans:
+                params.append((strm * layout.kv_size * t.row_size, t.row_size, t.row_size, 1, 0))
+            else:  # every channel of the transposed V (padding too, as zero_range)
+                el = layout.v_el_size
+                params.append((strm * t.nb[2], el, el, t.shape[0], layout.kv_size * el))
+            tensors.append(t._live())
+    if not tensors:
+        return True
+    par = np.array(params, dtype=np.int64)
+    run = np.array([a, b], dtype=np.int64)
+    status = lib.pm_stateio_put_cells(
+        ffi.new("struct ggml_tensor *[]", tensors), ffi.new("void *[]", [ffi.NULL] * len(tensors)),
+        ffi.from_buffer("int64_t[]", par), len(params), ffi.from_buffer("int64_t[]", run[:1]),
+        ffi.from_buffer("int64_t[]", run[1:]), 1,
+    )  # fmt: skip
+    check(status, "state read: zeroing the cells the blob does not fill")
+    return True
+
+
 def _store_payloads(
     layout: KVLayout,
     strm: int,
@@ -873,9 +910,9 @@ class KVStatePlan(_CachePlan):
                 # clear(True) without zeroing the rows the blob is about to fill
                 self.hooks.clear(False)
             for strm in range(layout.n_stream):
-                zero_range(
-                    layout, self.layers, strm, self.whole_counts.get(strm, 0), layout.kv_size
-                )
+                a = self.whole_counts.get(strm, 0)
+                if not zero_range_native(layout, self.layers, strm, a, layout.kv_size):
+                    zero_range(layout, self.layers, strm, a, layout.kv_size)
         if self.place is not None:
             pos, cell_ext, slot, same = self.place
             strm = int(layout.seq_to_stream[self.seq_id])
