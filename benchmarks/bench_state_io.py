@@ -285,25 +285,33 @@ def bench_pair(pair: Pair, model: str, repeats: int) -> list[dict[str, Any]]:
             llama_cpp_bytes=n_ref,
         )  # fmt: skip
         row.update({f"{k}_ms": v * 1e3 for k, v in t.items()})
-        # throughput ratios on pymem's byte count (llama.cpp's whole blob adds its outputs)
-        row["write_buffer_vs_numpy"] = t["numpy_copy"] / t["pymem_write_buffer"]
-        row["write_vs_numpy_new"] = t["numpy_copy_new"] / t["pymem_write"]
-        row["read_vs_numpy"] = t["numpy_copy"] / t["pymem_read"]
-        row["write_file_vs_numpy"] = t["numpy_copy"] / t["pymem_write_file"]
-        row["write_vs_llama_cpp"] = t["llama_cpp_write"] / t["pymem_write_buffer"]
-        row["read_vs_llama_cpp"] = t["llama_cpp_read"] / t["pymem_read"]
-        row["layout_gather_vs_numpy"] = t["numpy_copy"] / t["numpy_gather"]
-        row["layout_scatter_vs_numpy"] = t["numpy_copy"] / t["numpy_scatter"]
-        row["native_gather_vs_numpy"] = t["numpy_copy"] / t["native_gather"]
+        row.update(ratios(t))
         row.update({f"cold_{k}_ms": v * 1e3 for k, v in cold.items()})
-        row["cold_write_buffer_vs_numpy"] = cold["numpy_copy"] / cold["pymem_write_buffer"]
-        row["cold_write_vs_numpy_new"] = cold["numpy_copy_new"] / cold["pymem_write"]
-        row["cold_read_vs_numpy"] = cold["numpy_copy"] / cold["pymem_read"]
-        row["cold_write_vs_llama_cpp"] = cold["llama_cpp_write"] / cold["pymem_write_buffer"]
-        row["cold_read_vs_llama_cpp"] = cold["llama_cpp_read"] / cold["pymem_read"]
-        row["cold_native_gather_vs_numpy"] = cold["numpy_copy"] / cold["native_gather"]
+        row.update({f"cold_{k}": v for k, v in ratios(cold).items()})
         rows.append(row)
     return rows
+
+
+# throughput ratios, higher is better: (the unit's time, the call's time) per name, on
+# pymem's byte count (llama.cpp's whole blob adds its outputs)
+RATIOS = {
+    "write_buffer_vs_numpy": ("numpy_copy", "pymem_write_buffer"),
+    "write_vs_numpy_new": ("numpy_copy_new", "pymem_write"),
+    "read_vs_numpy": ("numpy_copy", "pymem_read"),
+    "write_file_vs_numpy": ("numpy_copy", "pymem_write_file"),
+    "write_vs_llama_cpp": ("llama_cpp_write", "pymem_write_buffer"),
+    "read_vs_llama_cpp": ("llama_cpp_read", "pymem_read"),
+    "layout_gather_vs_numpy": ("numpy_copy", "numpy_gather"),
+    "layout_scatter_vs_numpy": ("numpy_copy", "numpy_scatter"),
+    "native_gather_vs_numpy": ("numpy_copy", "native_gather"),
+}
+
+
+def ratios(t: dict[str, float]) -> dict[str, float]:
+    """Every ratio of :data:`RATIOS` whose two timings ``t`` holds."""
+    return {
+        name: t[unit] / t[call] for name, (unit, call) in RATIOS.items() if unit in t and call in t
+    }
 
 
 def main() -> None:

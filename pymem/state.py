@@ -841,6 +841,17 @@ class StatePlan(Protocol):
     def commit(self) -> None: ...
 
 
+def refuse_stale_commit(committed: bool, current: bool, what: str) -> None:
+    """What every state plan checks before its commit changes anything: StateError for a
+    second commit, and for a ``what`` (the memory, the cache) changed since the parse."""
+    if committed:
+        raise StateError("state plan: already committed")
+    if not current:
+        raise StateError(
+            f"state plan: the {what} changed after the blob was parsed; parse it again"
+        )
+
+
 @dataclass
 class CompositeStatePlan:
     """Parsed, validated state parts of several memories; :meth:`commit` applies all.
@@ -865,12 +876,7 @@ class CompositeStatePlan:
             p.verify()
 
     def commit(self) -> None:
-        if self.committed:
-            raise StateError("state plan: already committed")
-        if not self.is_current():
-            raise StateError(
-                "state plan: the memory changed after the blob was parsed; parse it again"
-            )
+        refuse_stale_commit(self.committed, self.is_current(), "memory")
         self.check_devices()
         # every part's own last look at the blob before any part changes; the first part's
         # commit makes it before it changes anything itself

@@ -59,7 +59,7 @@ from pymem.kv.state_rows import (
     zero_range,
 )
 from pymem.spec import SWAType, masked_swa
-from pymem.state import Payload, StateReader, StateWriter, expect
+from pymem.state import Payload, StateReader, StateWriter, expect, refuse_stale_commit
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
 # ---------------------------------------------------------------------------------------
@@ -371,12 +371,7 @@ class _CachePlan:
 
     def _may_commit(self) -> None:
         """Refuse a second commit, a changed cache and a lost device, changing nothing."""
-        if self.committed:
-            raise StateError("state plan: already committed")
-        if not self.is_current():
-            raise StateError(
-                "state plan: the cache changed after the blob was parsed; parse it again"
-            )
+        refuse_stale_commit(self.committed, self.is_current(), "cache")
         self.check_devices()
 
 

@@ -36,7 +36,7 @@ from pymem.recurrent.cells import (
     place_new_sequence,
     seq_rm_cells,
 )
-from pymem.state import PendingWrites, StateReader, StateWriter
+from pymem.state import PendingWrites, StateReader, StateWriter, refuse_stale_commit
 from pymem.ubatch import LLAMA_MAX_SEQ
 
 
@@ -522,12 +522,7 @@ class RecurrentReadPlan:
     def commit(self) -> None:
         target = self.target
         target.check_open()
-        if self.done:
-            raise StateError("state_read plan: already committed")
-        if not self.is_current():
-            raise StateError(
-                "state_read plan: the memory changed after the blob was parsed; parse it again"
-            )
+        refuse_stale_commit(self.done, self.is_current(), "memory")
         target.check_devices()
         if self.zero_from is not None:
             target.zero_rows(self.zero_from)
