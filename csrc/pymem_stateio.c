@@ -20,10 +20,13 @@ static inline int32_t pm_ld32(const int32_t * p) {
 }
 static inline void pm_st32(int32_t * p, int32_t v) { memcpy(p, &v, sizeof v); }
 
-static char * pm_gather_runs(char * w, const char * base, int64_t row, const int64_t * run_starts,
-                             const int64_t * run_ends, int64_t n_runs) {
+// the rows of every run, packed into w; with `prefetch`, the next run's head is fetched
+// first (long row runs; a transposed V channel's runs are short and follow at the run
+// stride: the hardware prefetcher keeps up, a software one only costs)
+static void pm_gather_runs(char * w, const char * base, int64_t row, const int64_t * run_starts,
+                           const int64_t * run_ends, int64_t n_runs, int prefetch) {
     for (int64_t i = 0; i < n_runs; ++i) {
-        if (i + 1 < n_runs) {
+        if (prefetch && i + 1 < n_runs) {
             const char * next = base + run_starts[i + 1] * row;
             PM_PREFETCH(next);
             PM_PREFETCH(next + 64);
@@ -34,12 +37,21 @@ static char * pm_gather_runs(char * w, const char * base, int64_t row, const int
         memcpy(w, base + run_starts[i] * row, (size_t) len);
         w += len;
     }
-    return w;
 }
 
 // --- the data phase of a section write, on one or several threads ----------------------
-static int32_t pm_copy_threads = 0;  // 0: the default (pm_default_copy_threads)
-static int64_t pm_copy_min_bytes = 4 << 20;
+// settings read by every state write, possibly on other threads than set them: relaxed
+// atomic loads and stores (each value valid alone; a pair read during a change is either)
+#if defined(__GNUC__) || defined(__clang__)
+#    define PM_LOAD(x)     __atomic_load_n(&(x), __ATOMIC_RELAXED)
+#    define PM_STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
+#else
+#    define PM_LOAD(x)     (x)
+#    define PM_STORE(x, v) ((x) = (v))
+#endif
+#define PM_COPY_MIN_BYTES_DEFAULT (4 << 20)
+static int32_t pm_copy_threads   = 0;  // 0: the default (pm_default_copy_threads)
+static int64_t pm_copy_min_bytes = PM_COPY_MIN_BYTES_DEFAULT;
 
 // the default: PYMEM_STATE_THREADS when it holds a count in [1, 64], else min(4, online
 // CPUs); found once (sysconf reads a file: not once per state write)
@@ -75,16 +87,20 @@ pm_status pm_set_copy_threads(int32_t n, int64_t min_bytes) {
     if (n < 0 || n > 64 || min_bytes < 0) {
         return PM_ERR_ARG;
     }
-    pm_copy_threads = n;
-    pm_copy_min_bytes = n == 0 ? 4 << 20 : min_bytes;
+    PM_STORE(pm_copy_threads, n);
+    PM_STORE(pm_copy_min_bytes, n == 0 ? (int64_t) PM_COPY_MIN_BYTES_DEFAULT : min_bytes);
     return PM_OK;
 }
 
 int32_t pm_get_copy_threads(int64_t * min_bytes) {
     if (min_bytes != NULL) {
-        *min_bytes = pm_copy_min_bytes;
+        *min_bytes = PM_LOAD(pm_copy_min_bytes);
     }
-    return pm_copy_threads > 0 ? pm_copy_threads : pm_default_copy_threads();
+    if (!PM_HAVE_THREADS) {
+        return 1;  // whatever was set: copies run on the calling thread
+    }
+    const int32_t n = PM_LOAD(pm_copy_threads);
+    return n > 0 ? n : pm_default_copy_threads();
 }
 
 // one piece of a section's tensor bytes, moved between the cells of a tensor (the runs'
@@ -94,10 +110,9 @@ typedef struct {
     char *       dst;       // gather: the packed bytes; scatter: the tensor side's cell 0
     const char * src;       // gather: the tensor side's cell 0; scatter: the packed bytes
     int64_t      bytes;     // per cell
-    int64_t      stride;    // between cells on the tensor side (bytes: whole rows)
-    int32_t      scatter;   // 0: gather, 1: scatter
-    int32_t      prefetch;  // fetch the next run's head first (long row runs; channels' runs
-                            // are short and follow at the run stride: the hardware keeps up)
+    int64_t      stride;    // between cells on the tensor side (a gather: == bytes, whole rows)
+    int32_t      scatter;   // 0: gather, 1: scatter (src NULL: zeros)
+    int32_t      prefetch;  // the next run's head first: row pieces, not a transposed V's channels
 } pm_piece;
 
 typedef struct {
@@ -111,36 +126,29 @@ typedef struct {
 // a scatter piece without a source (src NULL) writes zeros
 static void pm_scatter_runs(const pm_piece * pc, const int64_t * run_starts, const int64_t * run_ends,
                             int64_t n_runs) {
-    const char * from = pc->src;
+    const char *  from  = pc->src;
     const int64_t bytes = pc->bytes, stride = pc->stride;
+    // whole rows: a run is one block; part of each cell's row: cell by cell
+    const int64_t block = stride == bytes ? 0 : bytes;
     for (int64_t i = 0; i < n_runs; ++i) {
         const int64_t a = run_starts[i], len = run_ends[i] - a;
-        if (from == NULL) {
-            if (stride == bytes) {
-                memset(pc->dst + a * stride, 0, (size_t) (len * bytes));
-            } else {
-                for (int64_t c = a; c < a + len; ++c) {
-                    memset(pc->dst + c * stride, 0, (size_t) bytes);
-                }
-            }
-            continue;
-        }
-        if (stride != bytes) {  // part of each cell's row: cell by cell
-            for (int64_t c = a; c < a + len; ++c) {
-                memcpy(pc->dst + c * stride, from, (size_t) bytes);
-                from += bytes;
-            }
-            continue;
-        }
-        if (pc->prefetch && i + 1 < n_runs) {  // the next run's head, to be written
+        if (pc->prefetch && block == 0 && i + 1 < n_runs) {  // the next run's head, to be written
             char * next = pc->dst + run_starts[i + 1] * stride;
             PM_PREFETCH_W(next);
             PM_PREFETCH_W(next + 64);
             PM_PREFETCH_W(next + 128);
             PM_PREFETCH_W(next + 192);
         }
-        memcpy(pc->dst + a * stride, from, (size_t) (len * bytes));
-        from += len * bytes;
+        const int64_t n_blocks = block == 0 ? 1 : len, size = block == 0 ? len * bytes : bytes;
+        for (int64_t c = 0; c < n_blocks; ++c) {
+            char * to = pc->dst + (a + c) * stride;
+            if (from == NULL) {
+                memset(to, 0, (size_t) size);
+            } else {
+                memcpy(to, from, (size_t) size);
+                from += size;
+            }
+        }
     }
 }
 
@@ -149,15 +157,8 @@ static void pm_copy_pieces(const pm_share * sh) {
         const pm_piece * pc = sh->pieces + p;
         if (pc->scatter) {
             pm_scatter_runs(pc, sh->run_starts, sh->run_ends, sh->n_runs);
-        } else if (pc->prefetch) {
-            pm_gather_runs(pc->dst, pc->src, pc->bytes, sh->run_starts, sh->run_ends, sh->n_runs);
         } else {
-            char * w = pc->dst;
-            for (int64_t i = 0; i < sh->n_runs; ++i) {
-                const int64_t len = (sh->run_ends[i] - sh->run_starts[i]) * pc->bytes;
-                memcpy(w, pc->src + sh->run_starts[i] * pc->bytes, (size_t) len);
-                w += len;
-            }
+            pm_gather_runs(pc->dst, pc->src, pc->bytes, sh->run_starts, sh->run_ends, sh->n_runs, pc->prefetch);
         }
     }
 }
@@ -181,7 +182,7 @@ static void pm_copy_all(const pm_piece * pieces, int64_t n_pieces, int64_t n, co
         bytes += pieces[p].bytes * n;
     }
     int64_t n_thr = 1;
-    if (PM_HAVE_THREADS && bytes >= pm_copy_min_bytes && n_pieces > 1) {
+    if (PM_HAVE_THREADS && bytes >= PM_LOAD(pm_copy_min_bytes) && n_pieces > 1) {
         n_thr = pm_get_copy_threads(NULL);
     }
     if (n_thr > n_pieces) {
@@ -214,10 +215,46 @@ static void pm_copy_all(const pm_piece * pieces, int64_t n_pieces, int64_t n, co
         }
     }
 #else
-    for (int64_t t = 0; t < n_thr; ++t) {
-        pm_copy_pieces(&shares[t]);
-    }
+    pm_copy_pieces(&shares[0]);  // n_thr is 1 here
 #endif
+}
+
+// The pieces of one call: moved by pm_batch_run, on the state threads, when their list
+// could be allocated; else each one on the calling thread as it is added (so a restore's
+// commit never fails for want of memory). `cap`: the most pieces the call adds.
+typedef struct {
+    pm_piece *      pieces;  // NULL: no list
+    int64_t         n_pieces, cap;
+    int64_t         n;  // cells per piece
+    const int64_t * run_starts;
+    const int64_t * run_ends;
+    int64_t         n_runs;
+} pm_batch;
+
+static pm_batch pm_batch_new(int64_t cap, int64_t n, const int64_t * run_starts, const int64_t * run_ends,
+                             int64_t n_runs) {
+    pm_batch b = { NULL, 0, cap, n, run_starts, run_ends, n_runs };
+    if (cap > 1 && (uint64_t) cap <= SIZE_MAX / sizeof(pm_piece)) {  // one piece: nothing to split
+        b.pieces = (pm_piece *) malloc((size_t) cap * sizeof(pm_piece));
+    }
+    return b;
+}
+
+static void pm_batch_add(pm_batch * b, pm_piece pc) {
+    if (b->pieces != NULL && b->n_pieces < b->cap) {
+        b->pieces[b->n_pieces++] = pc;
+        return;
+    }
+    const pm_share one = { &pc, 0, 1, b->run_starts, b->run_ends, b->n_runs };
+    pm_copy_pieces(&one);
+}
+
+static void pm_batch_run(pm_batch * b) {
+    if (b->pieces != NULL) {
+        pm_copy_all(b->pieces, b->n_pieces, b->n, b->run_starts, b->run_ends, b->n_runs);
+        free(b->pieces);
+        b->pieces = NULL;
+    }
 }
 
 
@@ -371,8 +408,13 @@ pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void 
         if (end > nbytes || end < off) {
             return PM_ERR_RANGE;
         }
+        // repetitions must not overlap (each is a piece that may move on its own thread);
+        // with that, reps <= nbytes / rep_stride bounds the pieces' count below
+        if (reps > 0 && rep_stride < last_cell * stride + bytes) {
+            return PM_ERR_ARG;
+        }
     }
-    // every check done: one piece per section and repetition, moved by pm_copy_all
+    // every check done: one piece per section and repetition
     int64_t n_pieces = 0, n_cells = 0;
     for (int64_t k = 0; k < n_sec; ++k) {
         const int64_t * p = params + 5 * k;
@@ -381,25 +423,20 @@ pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void 
     for (int64_t i = 0; i < n_runs; ++i) {
         n_cells += run_ends[i] - run_starts[i];
     }
-    pm_piece * pieces = (pm_piece *) malloc((size_t) (n_pieces > 0 ? n_pieces : 1) * sizeof(pm_piece));
-    if (pieces == NULL) {
-        return PM_ERR_ALLOC;
-    }
-    int64_t np = 0;
+    pm_batch batch = pm_batch_new(n_pieces, n_cells, run_starts, run_ends, n_runs);
     for (int64_t k = 0; k < n_sec; ++k) {
         const int64_t * p = params + 5 * k;
         if (p[2] == 0) {
             continue;
         }
-        char * base = (char *) tensors[k]->data + p[0];
+        char *       base = (char *) tensors[k]->data + p[0];
         const char * from = (const char *) src[k];
-        for (int64_t r = 0; r < p[3]; ++r) {
-            pieces[np++] = (pm_piece) { base + r * p[4], from, p[2], p[1], 1, 0 };
+        for (int64_t r = 0; r < p[3]; ++r) {  // rows (one repetition) prefetch; channels do not
+            pm_batch_add(&batch, (pm_piece) { base + r * p[4], from, p[2], p[1], 1, p[3] == 1 });
             from = from == NULL ? NULL : from + n_cells * p[2];
         }
     }
-    pm_copy_all(pieces, np, n_cells, run_starts, run_ends, n_runs);
-    free(pieces);
+    pm_batch_run(&batch);
     return PM_OK;
 }
 
@@ -530,6 +567,17 @@ static int pm_section_inside(const struct ggml_tensor * t, uint64_t off, uint64_
 // order; returns the end of what was written. The head of the next run is asked for before
 // each copy: runs start scattered over the tensor, and each start is otherwise a cold miss
 
+// the pieces of a KV section (pm_kv_write_section's spec words): a K row tensor per layer,
+// and its V as one row tensor or, transposed, one piece per channel
+static int64_t pm_kv_n_pieces(const int64_t * spec) {
+    int64_t n = spec[0];
+    for (int64_t il = 0; il < spec[0]; ++il) {
+        const int64_t * l = spec + 7 + 3 * il;
+        n += l[1] == 0 ? 0 : (spec[1] ? l[2] : 1);
+    }
+    return n;
+}
+
 pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const int32_t * ext, int64_t n_ext,
                               int64_t size, int32_t seq_id, int32_t with_id, const int64_t * spec,
                               struct ggml_tensor * const * tensors, int64_t n, int64_t n_runs,
@@ -594,33 +642,23 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
             return PM_ERR_RANGE;
         }
     }
-    // every check done: the pieces' list (the one allocation), then write
-    int64_t n_pieces = n_layer;
-    for (int64_t il = 0; il < n_layer; ++il) {
-        const int64_t * l = spec + 7 + 3 * il;
-        n_pieces += l[1] == 0 ? 0 : (v_trans ? l[2] : 1);
-    }
-    pm_piece * pieces = (pm_piece *) malloc((size_t) (n_pieces > 0 ? n_pieces : 1) * sizeof(pm_piece));
-    if (pieces == NULL) {
-        return PM_ERR_ALLOC;
-    }
+    // every check done: write
     w = pm_put_u32(w, (uint32_t) n);
     const pm_status st = pm_kv_meta_words(pos, owner, ext, n_ext, run_starts, run_ends, n_runs, seq_id, with_id, (int32_t *) w,
                           n * rec);
     if (st != PM_OK) {
-        free(pieces);
         return st;
     }
     w += 4 * rec * n;
     w = pm_put_u32(w, (uint32_t) (v_trans ? 1 : 0));
     w = pm_put_u32(w, (uint32_t) n_layer);
-    // the headers now, each piece's place after its header; the bytes by pm_copy_all
-    int64_t np = 0;
+    // the headers now, each piece's place after its header; the bytes by pm_batch_run
+    pm_batch batch = pm_batch_new(pm_kv_n_pieces(spec), n, run_starts, run_ends, n_runs);
     for (int64_t il = 0; il < n_layer; ++il) {
         const int64_t k_row = spec[7 + 3 * il];
         w = pm_put_u32(w, (uint32_t) spec[2]);
         w = pm_put_u64(w, (uint64_t) k_row);
-        pieces[np++] = (pm_piece) { w, (const char *) tensors[il]->data + strm * kv_size * k_row, k_row, k_row, 0, 1 };
+        pm_batch_add(&batch, (pm_piece) { w, (const char *) tensors[il]->data + strm * kv_size * k_row, k_row, k_row, 0, 1 });
         w += n * k_row;
     }
     for (int64_t il = 0; il < n_layer; ++il) {
@@ -632,7 +670,7 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
         w = pm_put_u32(w, (uint32_t) spec[3]);
         if (!v_trans) {
             w = pm_put_u64(w, (uint64_t) l[1]);
-            pieces[np++] = (pm_piece) { w, (const char *) v->data + strm * kv_size * l[1], l[1], l[1], 0, 1 };
+            pm_batch_add(&batch, (pm_piece) { w, (const char *) v->data + strm * kv_size * l[1], l[1], l[1], 0, 1 });
             w += n * l[1];
             continue;
         }
@@ -640,12 +678,11 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
         w = pm_put_u32(w, (uint32_t) l[2]);
         const char * base = (const char *) v->data + strm * v->nb[2];
         for (int64_t j = 0; j < l[2]; ++j) {
-            pieces[np++] = (pm_piece) { w, base + j * kv_size * el, el, el, 0, 0 };
+            pm_batch_add(&batch, (pm_piece) { w, base + j * kv_size * el, el, el, 0, 0 });
             w += n * el;
         }
     }
-    pm_copy_all(pieces, np, n, run_starts, run_ends, n_runs);
-    free(pieces);
+    pm_batch_run(&batch);
     return PM_OK;
 }
 
@@ -752,20 +789,9 @@ static int64_t pm_kv_data_walk(const char * d, int64_t avail, const int64_t * sp
         return -1;
     }
     p += 8;
-    // with copy: one piece per tensor and repetition, moved by pm_copy_all at the end
-    pm_piece * pieces = NULL;
-    int64_t    np = 0;
-    if (copy) {
-        int64_t n_pieces = n_layer;
-        for (int64_t il = 0; il < n_layer; ++il) {
-            const int64_t * l = spec + 7 + 3 * il;
-            n_pieces += l[1] == 0 ? 0 : (v_trans ? l[2] : 1);
-        }
-        pieces = (pm_piece *) malloc((size_t) (n_pieces > 0 ? n_pieces : 1) * sizeof(pm_piece));
-        if (pieces == NULL) {
-            return -2;
-        }
-    }
+    // with copy: one piece per tensor and repetition, moved at the end (the check pass ran
+    // before, on the same bytes: this one cannot fail)
+    pm_batch batch = pm_batch_new(copy ? pm_kv_n_pieces(spec) : 0, n, run_starts, run_ends, n_runs);
     for (int pass = 0; pass < 2; ++pass) {  // K layers, then V layers
         for (int64_t il = 0; il < n_layer; ++il) {
             const int64_t * l = spec + 7 + 3 * il;
@@ -779,19 +805,19 @@ static int64_t pm_kv_data_walk(const char * d, int64_t avail, const int64_t * sp
             if (end - p < 12 || pm_get_u32(p) != (uint32_t) spec[2 + pass] ||
                 (trans ? (pm_get_u32(p + 4) != (uint32_t) el || pm_get_u32(p + 8) != (uint32_t) l[2])
                        : pm_get_u64(p + 4) != (uint64_t) row)) {
-                free(pieces);
+                free(batch.pieces);
                 return -1;
             }
             p += 12;
             const int64_t bytes = reps * n * row;
             if (end - p < bytes) {
-                free(pieces);
+                free(batch.pieces);
                 return -1;
             }
             if (copy) {
                 char * base = (char *) t->data + (trans ? strm * (int64_t) t->nb[2] : strm * kv_size * row);
                 for (int64_t r = 0; r < reps; ++r) {
-                    pieces[np++] = (pm_piece) { base + r * kv_size * el, p + r * n * row, row, row, 1, 1 };
+                    pm_batch_add(&batch, (pm_piece) { base + r * kv_size * el, p + r * n * row, row, row, 1, !trans });
                 }
             } else {
                 const uint64_t last = (uint64_t) run_ends[n_runs - 1];
@@ -806,10 +832,7 @@ static int64_t pm_kv_data_walk(const char * d, int64_t avail, const int64_t * sp
             p += bytes;
         }
     }
-    if (copy) {
-        pm_copy_all(pieces, np, n, run_starts, run_ends, n_runs);
-        free(pieces);
-    }
+    pm_batch_run(&batch);
     return p - d;
 }
 
@@ -862,8 +885,8 @@ static pm_status pm_kv_read_same_then(const void * blob, int64_t avail, const in
             return PM_OK;
         }
     }
-    if (store && pm_kv_data_walk(b + meta, avail - meta, spec, tensors, n, run_starts, run_ends, n_runs, 1) < 0) {
-        return PM_ERR_ALLOC;  // the check pass took these bytes: only the pieces' list can fail
+    if (store) {
+        pm_kv_data_walk(b + meta, avail - meta, spec, tensors, n, run_starts, run_ends, n_runs, 1);
     }
     *consumed = meta + data;
     *new_head = run_ends[n_runs - 1];
@@ -871,9 +894,13 @@ static pm_status pm_kv_read_same_then(const void * blob, int64_t avail, const in
     return PM_OK;
 }
 
-// the blob view's stream of seq_id, or -1 for a bad view or seq id
+// the blob view's stream of seq_id, or -1 for a bad view (a null array, run scratch
+// smaller than a stream's most runs) or seq id
 static int32_t pm_seq_blob_stream(const pm_kv_seq_blob * b, int32_t seq_id) {
-    if (b == NULL || b->seq_to_stream == NULL || seq_id < 0 || seq_id >= b->n_seq || b->n_stream < 1) {
+    if (b == NULL || b->seq_to_stream == NULL || seq_id < 0 || seq_id >= b->n_seq || b->n_stream < 1 ||
+        b->pos == NULL || b->owner == NULL || b->spec == NULL || b->run_starts == NULL || b->run_ends == NULL ||
+        b->n_multi == NULL || b->used == NULL || b->heads == NULL || b->has_shift == NULL ||
+        b->tensors == NULL || b->runs_cap < b->size / 2 + 1) {
         return -1;
     }
     const int32_t s = b->seq_to_stream[seq_id];
@@ -906,7 +933,7 @@ pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t
                                void * out, int64_t cap, int64_t * written, int32_t * declined) {
     const int32_t s = pm_seq_blob_stream(b, seq_id);
     if (s < 0 || written == NULL || declined == NULL || cap < 0 || (out == NULL && cap != 0) ||
-        b->selected == NULL || b->runs_cap < b->size / 2 + 1) {
+        b->selected == NULL) {
         return PM_ERR_ARG;
     }
     *written = 0;
@@ -1011,7 +1038,7 @@ pm_status pm_rows_sections(struct ggml_tensor * const * tensors, const int64_t *
         // a zero-wide tensor (a layer without conv state) carries its header only
         if (row_size > 0 && (t->buffer == NULL || !ggml_backend_buffer_is_host(t->buffer) ||
                              t->nb[1] != (size_t) row_size ||
-                             (uint64_t) row_max * (uint64_t) row_size > ggml_nbytes(t))) {
+                             (uint64_t) row_max > ggml_nbytes(t) / (uint64_t) row_size)) {
             return PM_ERR_ARG;
         }
         total += 12 + n_cells * row_size;
@@ -1021,28 +1048,26 @@ pm_status pm_rows_sections(struct ggml_tensor * const * tensors, const int64_t *
     if (total > cap) {
         return PM_ERR_RANGE;
     }
-    pm_piece * pieces = (pm_piece *) malloc((size_t) (n_pieces > 0 ? n_pieces : 1) * sizeof(pm_piece));
-    if (pieces == NULL) {
-        return PM_ERR_ALLOC;
-    }
-    char *  w  = (char *) out;
-    int64_t np = 0;
+    pm_batch batch = pm_batch_new(n_pieces, n_cells, run_starts, run_ends, n_runs);
+    char *   w     = (char *) out;
     for (int64_t i = 0; i < n; ++i) {
         const int64_t row_size = spec[2 * i + 1];
         w = pm_put_u32(w, (uint32_t) (int32_t) spec[2 * i]);
         w = pm_put_u64(w, (uint64_t) row_size);
         if (row_size > 0 && n_cells > 0) {
-            pieces[np++] = (pm_piece) { w, (const char *) tensors[i]->data, row_size, row_size, 0, 1 };
+            pm_batch_add(&batch, (pm_piece) { w, (const char *) tensors[i]->data, row_size, row_size, 0, 1 });
             w += n_cells * row_size;
         }
     }
-    pm_copy_all(pieces, np, n_cells, run_starts, run_ends, n_runs);
-    free(pieces);
+    pm_batch_run(&batch);
     return PM_OK;
 }
 
 pm_status pm_rows_section(struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n, int64_t row,
                           void * out, int64_t cap, int64_t * written) {
+    if (row == INT64_MAX) {
+        return PM_ERR_ARG;  // (its end row would overflow)
+    }
     const int64_t end = row + 1;
     return pm_rows_sections(tensors, spec, n, &row, &end, row >= 0 ? 1 : 0, out, cap, written);
 }
@@ -1062,10 +1087,12 @@ pm_status pm_rows_store(struct ggml_tensor * const * tensors, const int64_t * sp
         if (t == NULL || row_size < 0) {
             return PM_ERR_ARG;
         }
-        if (row_size > 0 && n_rows > 0 &&
-            (t->buffer == NULL || !ggml_backend_buffer_is_host(t->buffer) || t->nb[1] != (size_t) row_size ||
-             (uint64_t) (dst_row + n_rows) * (uint64_t) row_size > ggml_nbytes(t))) {
-            return PM_ERR_ARG;
+        if (row_size > 0 && n_rows > 0) {
+            const uint64_t rows_in = t->buffer == NULL ? 0 : ggml_nbytes(t) / (uint64_t) row_size;
+            if (t->buffer == NULL || !ggml_backend_buffer_is_host(t->buffer) || t->nb[1] != (size_t) row_size ||
+                (uint64_t) dst_row > rows_in || (uint64_t) n_rows > rows_in - (uint64_t) dst_row) {
+                return PM_ERR_ARG;
+            }
         }
         if (avail - at < 12 || (!store && (pm_get_u32(p + at) != (uint32_t) (int32_t) spec[2 * i] ||
                                            pm_get_u64(p + at + 4) != (uint64_t) row_size))) {
@@ -1079,22 +1106,18 @@ pm_status pm_rows_store(struct ggml_tensor * const * tensors, const int64_t * sp
     }
     if (store && n_rows > 0) {
         // one piece per tensor: its rows [dst_row, dst_row + n_rows), one run
-        pm_piece * pieces = (pm_piece *) malloc((size_t) (n > 0 ? n : 1) * sizeof(pm_piece));
-        if (pieces == NULL) {
-            return PM_ERR_ALLOC;
-        }
-        int64_t np = 0, from = 0;
+        const int64_t run_end = dst_row + n_rows;
+        pm_batch      batch   = pm_batch_new(n, n_rows, &dst_row, &run_end, 1);
+        int64_t       from    = 0;
         for (int64_t i = 0; i < n; ++i) {
             const int64_t row_size = spec[2 * i + 1];
             from += 12;
             if (row_size > 0) {
-                pieces[np++] = (pm_piece) { (char *) tensors[i]->data, p + from, row_size, row_size, 1, 0 };
+                pm_batch_add(&batch, (pm_piece) { (char *) tensors[i]->data, p + from, row_size, row_size, 1, 1 });
             }
             from += n_rows * row_size;
         }
-        const int64_t run_end = dst_row + n_rows;
-        pm_copy_all(pieces, np, n_rows, &dst_row, &run_end, 1);
-        free(pieces);
+        pm_batch_run(&batch);
     }
     *consumed = at;
     return PM_OK;

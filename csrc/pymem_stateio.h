@@ -42,8 +42,9 @@ pm_status pm_kv_seq_same_cells(const int32_t * pos, const int32_t * shift, const
 // order of the source (a wrapped slot lists later cells first). A NULL src[k] writes zeros
 // there instead (a restore clearing the cells it does not fill). Every section is checked
 // before any byte moves: PM_ERR_ARG for a null pointer (src[k] aside), a non-host tensor, a
-// negative count, an empty or negative run; PM_ERR_RANGE for a byte outside a tensor. The
-// bytes move on set_state_threads' threads from 4 MiB on.
+// negative count, an empty or negative run, repetitions that overlap; PM_ERR_RANGE for a
+// byte outside a tensor. The bytes move on pm_set_copy_threads' threads (a list of pieces
+// that cannot be allocated: on the calling thread; nothing here fails for memory).
 pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void * const * src,
                                const int64_t * params, int64_t n_sec, const int64_t * run_starts,
                                const int64_t * run_ends, int64_t n_runs);
@@ -187,7 +188,8 @@ pm_status pm_rows_store(struct ggml_tensor * const * tensors, const int64_t * sp
                         int64_t dst_row, const void * data, int64_t avail, int32_t store, int64_t * consumed);
 
 // The threads that move a large state section's tensor bytes (pm_kv_write_section,
-// pm_stateio_put_cells and pm_kv_read_seq_blob: every native KV state write and restore):
+// pm_kv_write_seq_blob, pm_kv_read_seq_blob, pm_stateio_put_cells, pm_rows_sections,
+// pm_rows_section and pm_rows_store: every native state write and restore):
 // n for a section of at least min_bytes (1: the calling thread
 // alone; 0: the default, the environment's PYMEM_STATE_THREADS when it is a count in
 // [1, 64], else min(4, online CPUs), found once, for sections of 4 MiB and more); the calling

@@ -301,7 +301,8 @@ def test_same_cells_rule_on_a_hand_built_stream() -> None:
 
 def test_cells_of_runs_and_put_cells_refusals() -> None:
     """cells_of_runs inverts cell_runs; pm_stateio_put_cells takes runs in source order
-    (a wrapped slot), refuses an empty run and bytes past the tensor before writing any."""
+    (a wrapped slot), refuses an empty run, bytes past the tensor and overlapping
+    repetitions before writing any."""
     idx = np.array([2, 3, 4, 9, 11, 12], dtype=np.int64)
     assert state_io.cells_of_runs(state_io.cell_runs(idx)).tolist() == idx.tolist()
     kv = build(CFGS["f32-notrans"], n_cells=16, n_seq=3)
@@ -311,8 +312,8 @@ def test_cells_of_runs_and_put_cells_refusals() -> None:
     tensors = ffi.new("struct ggml_tensor *[]", [k._live()])
     srcs = ffi.new("void *[]", [ffi.from_buffer(src)])
 
-    def put(starts, ends, offset=0):
-        par = np.array([[offset, k.row_size, k.row_size, 1, 0]], dtype=np.int64)
+    def put(starts, ends, offset=0, reps=1, rep_stride=0):
+        par = np.array([[offset, k.row_size, k.row_size, reps, rep_stride]], dtype=np.int64)
         st, en = np.array(starts, np.int64), np.array(ends, np.int64)
         return lib.pm_stateio_put_cells(
             tensors, srcs, ffi.from_buffer("int64_t[]", par), 1,
@@ -323,6 +324,10 @@ def test_cells_of_runs_and_put_cells_refusals() -> None:
     assert put([-1], [1]) == lib.PM_ERR_ARG
     assert put([14], [18]) == lib.PM_ERR_RANGE  # cells 16, 17 past the 16 rows
     assert put([0], [4], offset=13 * k.row_size) == lib.PM_ERR_RANGE
+    # repetitions that overlap (each may move on its own thread): refused, any count
+    assert put([0], [2], reps=2) == lib.PM_ERR_ARG
+    assert put([0], [2], reps=2**61) == lib.PM_ERR_ARG
+    assert put([0], [2], reps=2, rep_stride=k.row_size) == lib.PM_ERR_ARG
     assert k.read_bytes() == before
     assert put([14, 0], [16, 2]) == lib.PM_OK  # wrapped: cells 14, 15, then 0, 1
     rows = np.frombuffer(k.read_bytes(), np.uint8).reshape(-1, k.row_size)
