@@ -243,7 +243,10 @@ def _advise_huge_pages(buf: bytearray) -> None:
         pass
 
 
-def set_state_threads(n: int, min_bytes: int = 4 << 20) -> None:
+_DEFAULT_MIN_BYTES = 4 << 20
+
+
+def set_state_threads(n: int, min_bytes: int = _DEFAULT_MIN_BYTES) -> None:
     """How many threads move the tensor bytes of a large native state write or restore.
 
     A section (a stream's part of a blob) whose tensor bytes reach ``min_bytes`` is split
@@ -258,15 +261,19 @@ def set_state_threads(n: int, min_bytes: int = 4 << 20) -> None:
     Process-wide; set it while no state write runs. ConfigError (nothing changed) for
     ``n`` outside [0, 64] or a negative ``min_bytes``.
     """
-    from pymem._native import lib  # binds ggml: not at import time
+    from pymem._native import check, lib  # binds ggml: not at import time
 
     for name, value, lo, hi in (("n", n, 0, 64), ("min_bytes", min_bytes, 0, 1 << 62)):
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             raise ConfigError(
                 f"set_state_threads: {name} = {value!r}, expected an int in [{lo}, {hi}]"
             )
-    if lib.pm_set_copy_threads(n, min_bytes) != 0:  # (checked above: cannot fail)
-        raise ConfigError(f"set_state_threads: the native layer refused n = {n}")
+    if n == 0 and min_bytes != _DEFAULT_MIN_BYTES:
+        raise ConfigError(
+            f"set_state_threads: min_bytes = {min_bytes} with n = 0 (the default, which "
+            f"copies from {_DEFAULT_MIN_BYTES} bytes on): give n >= 1 to set min_bytes"
+        )
+    check(lib.pm_set_copy_threads(n, min_bytes), "set_state_threads")
 
 
 def state_threads() -> tuple[int, int]:
@@ -918,13 +925,16 @@ class TwoPhaseStateIO:
         Composites offer one where every part does."""
         return None
 
-    def _one_seq(self, seq_id: Any, flags: int) -> SeqWriter | None:
+    def _one_seq(self, seq_id: Any, flags: int, what: str) -> SeqWriter | None:
+        """The sized writer of one sequence, the flags checked first under the name of the
+        call that asks (``what``)."""
         if type(seq_id) is not int or seq_id < 0:
             return None
+        check_state_flags(flags, what)
         return self.seq_writer(seq_id, flags)
 
     def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
-        one = self._one_seq(seq_id, flags)
+        one = self._one_seq(seq_id, flags, "state_write")
         if one is not None:
             size, fill = one
             out = uninit_bytearray(size)
@@ -936,7 +946,7 @@ class TwoPhaseStateIO:
         """Write the state into the caller's writable buffer ``out`` (as many bytes as
         ``state_size``, at its start); returns that size. Reusing one buffer is the
         fastest way to take states repeatedly (see :func:`write_state_buffer`)."""
-        one = self._one_seq(seq_id, flags)
+        one = self._one_seq(seq_id, flags, "state_write_buffer")
         if one is None:
             return write_state_buffer(out, lambda w: self.state_write_into(w, seq_id, flags))
         size, fill = one
@@ -958,7 +968,7 @@ class TwoPhaseStateIO:
         return write_state_to(fileobj, lambda w: self.state_write_into(w, seq_id, flags), progress)
 
     def state_size(self, seq_id: int = -1, flags: int = 0) -> int:
-        one = self._one_seq(seq_id, flags)
+        one = self._one_seq(seq_id, flags, "state_size")
         if one is not None:
             return one[0]
         return state_size(lambda w: self.state_write_into(w, seq_id, flags))

@@ -12,7 +12,7 @@ from test_kv_state_paths import _interleaved
 from test_kv_state_section import _fragmented
 
 import pymem.kv.state_io as state_io
-from pymem.errors import ClosedError, NativeError, RangeError, StateError
+from pymem.errors import ClosedError, RangeError, StateError
 from pymem.spec import SWAType
 
 LAYOUTS = list(CFGS)
@@ -62,15 +62,38 @@ def test_reuse_writes_only_what_a_search_just_found(name: str) -> None:
     blob = state_io.seq_blob(kv.layout, kv.v_cells, kv.v_heads, kv._native_section())
     assert blob is not None
     out = bytearray(1 << 16)
-    # no search yet in this view: nothing to reuse, refused with nothing written
-    with pytest.raises(NativeError, match="invalid argument"):
-        blob.write(out, 0, "test", reuse=True)
-    assert out == bytearray(1 << 16)
+    want = {s: bytes(kv.state_write(s)) for s in (0, 1)}
+    # no search yet in this view, or the scratch holds another sequence's runs: searched
+    assert blob.write(out, 0, "test", reuse=True) == len(want[0])
+    assert bytes(out[: len(want[0])]) == want[0]
+    assert blob.size(1) == len(want[1])
+    assert blob.write(out, 0, "test", reuse=True) == len(want[0])  # not seq 1's runs
+    assert bytes(out[: len(want[0])]) == want[0]
     for seq_id in (1, 0):
         size = blob.size(seq_id)
         assert size is not None
         assert blob.write(out, seq_id, "test", reuse=True) == size
-        assert bytes(out[:size]) == bytes(kv.state_write(seq_id))
+        assert bytes(out[:size]) == want[seq_id]
+
+
+def test_sized_writer_refuses_a_cache_changed_after_sizing() -> None:
+    kv = _fragmented("f16-trans", 6)
+    one = kv.seq_writer(1, 0)
+    assert one is not None
+    size, fill = one
+    kv.seq_rm(1, 0, 2)  # the size no longer holds
+    with pytest.raises(StateError, match="changed between sizing and writing"):
+        fill(memoryview(bytearray(size)))
+
+
+def test_flag_errors_name_the_call() -> None:
+    kv = _fragmented("f16-trans", 6)
+    with pytest.raises(RangeError, match="state_size: flags 0x8"):
+        kv.state_size(0, 8)
+    with pytest.raises(RangeError, match="state_write_buffer: flags 0x8"):
+        kv.state_write_buffer(bytearray(1 << 16), 0, 8)
+    with pytest.raises(RangeError, match="state_write: flags 0x8"):
+        kv.state_write(0, 8)
 
 
 def test_shared_cells_decline_to_the_general_writer(monkeypatch) -> None:

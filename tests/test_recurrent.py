@@ -700,6 +700,20 @@ def test_whole_restore_zeroes_exactly_the_rows_it_does_not_write() -> None:
     assert other.state_write() == data
 
 
+def test_restore_over_a_sequence_at_a_negative_position() -> None:
+    # seq_rm(dest, -1, -1) keeps a cell whose position is negative (its range starts at
+    # 0), so the restore's placement takes find_slot's general road, as the reference
+    mem = make_rec()
+    fill_rows(mem)
+    place(mem, (0, 5), (1, 7))
+    blob = mem.state_write(1)
+    mem.seq_add(0, -1, -1, -100)
+    assert mem.seq_pos_min(0) == -95
+    assert mem.state_read(blob, 0) == len(blob)
+    check(mem)
+    assert mem.seq_pos_max(0) == 7 and mem.state_write(0) == blob
+
+
 def test_per_seq_round_trip_places_cell_with_find_slot() -> None:
     mem = make_rec()
     fill_rows(mem)

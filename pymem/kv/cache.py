@@ -69,7 +69,14 @@ import numpy as np
 from pymem._native import check, ffi, lib
 from pymem.backend import TensorSpec, TensorStore, check_reachable, get_device
 from pymem.batch import BatchAllocator
-from pymem.errors import BatchError, ClosedError, ConfigError, RangeError, UnsupportedError
+from pymem.errors import (
+    BatchError,
+    ClosedError,
+    ConfigError,
+    RangeError,
+    StateError,
+    UnsupportedError,
+)
 from pymem.ggml import GraphRunner
 from pymem.kv import graph as kv_graph
 from pymem.kv import state_io
@@ -1401,8 +1408,11 @@ class KVCache(Memory):
         size = None if blob is None else blob.size(seq_id)
         if blob is None or size is None:
             return None
+        version = self._version
 
         def fill(view: memoryview) -> int:
+            if self._version != version:  # the size no longer holds
+                raise StateError("state_write: the cache changed between sizing and writing")
             done = blob.write(view, seq_id, "state_write", reuse=True)
             assert done is not None, "a byte view is always writable here"
             return done

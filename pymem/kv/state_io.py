@@ -210,7 +210,7 @@ class SeqBlob:
     already be checked (``0 <= seq_id < n_seq``).
     """
 
-    __slots__ = ("_cells", "_keep", "_stream_of", "_swa", "_view", "n_seq")
+    __slots__ = ("_cells", "_keep", "_searched", "_stream_of", "_swa", "_view", "n_seq")
 
     def __init__(
         self,
@@ -263,6 +263,8 @@ class SeqBlob:
         self.n_seq = int(v.n_seq)
         self._cells = tuple(v_cells)
         self._stream_of = layout.seq_to_stream
+        # per stream, the sequence whose cells its run scratch holds (None: another call's)
+        self._searched: list[int | None] = [None] * n_stream
         # (type, n_swa) of a sliding-window cache: a sequence's blob holds only the cells
         # its last token still sees (selected_cells), a window the write passes to C
         self._swa = None if layout.swa_type == SWAType.NONE else (layout.swa_type, layout.n_swa)
@@ -303,13 +305,19 @@ class SeqBlob:
             return None
         if status != lib.PM_ERR_RANGE:  # a blob is never 0 bytes: a size query is too small
             check(status, "state size: one sequence's blob")
+        self._searched[int(self._stream_of[seq_id])] = seq_id
         return int(written[0])
 
     def write(self, out: object, seq_id: int, what: str, reuse: bool = False) -> int | None:
         """``seq_id``'s blob into the start of ``out`` (a writable buffer); its size. None
         when ``out`` is no writable contiguous buffer (the caller's general path says so).
         RangeError, nothing written, when ``out`` is too small. ``reuse``: the cells
-        :meth:`size` just found, with no change to the cache since (no second search)."""
+        :meth:`size` just found for ``seq_id``, with no change to the cache since (the
+        caller's promise: :meth:`KVCache.seq_writer` checks its version); searched again
+        when the stream's scratch holds another call's runs."""
+        strm = int(self._stream_of[seq_id])
+        reuse = reuse and self._searched[strm] == seq_id
+        self._searched[strm] = seq_id
         window = self._window(seq_id) if not reuse else _ALL_POSITIONS  # reuse: not searched
         if window is None:
             return None
@@ -345,6 +353,7 @@ class SeqBlob:
             return None
         consumed = ffi.new("int64_t *")
         done = ffi.new("int32_t *")
+        self._searched[int(self._stream_of[seq_id])] = None  # the check fills the scratch
         check(
             lib.pm_kv_read_seq_blob(self._view, seq_id, src, len(src), int(store), consumed, done),
             "state read: one sequence in place",

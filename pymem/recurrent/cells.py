@@ -330,10 +330,7 @@ def place_new_sequence(c: RecurrentCells, seq_id: int, pos: int) -> bool:
     after = empty[empty >= c.head]
     cell = int(after[0] if after.size else empty[0])
     c.tail[seq_id] = cell
-    prev = int(c.pos[cell])
-    if prev >= 0 and (pos - prev - 1) & 0xFFFFFFFF:  # int32 arithmetic, as find_slot's
-        _log_jump(pos, prev, seq_id, 1)
-    c.pos[cell] = pos
+    c.pos[cell] = pos  # (an empty cell's position is -1: find_slot's jump warning never fires)
     if not _set_sources(c, cell, cell):
         return False
     c.head = cell
@@ -357,14 +354,10 @@ def _warn_jumps(prev: np.ndarray, req: SlotRequest, primaries: np.ndarray) -> No
     jump = (prev >= 0) & (d != nst)
     if jump.any():
         j = int(np.flatnonzero(jump)[0])
-        _log_jump(int(last_pos[j]), int(prev[j]), int(primaries[j]), nst)
-
-
-def _log_jump(last_pos: int, prev: int, seq_id: int, n_seq_tokens: int) -> None:
-    log.warning(
-        "find_slot: non-consecutive token position %d after %d for sequence %d with %d new tokens",
-        last_pos, prev, seq_id, n_seq_tokens,
-    )  # fmt: skip
+        log.warning(
+            "find_slot: non-consecutive token position %d after %d for sequence %d with %d new tokens",
+            int(last_pos[j]), int(prev[j]), int(primaries[j]), nst,
+        )  # fmt: skip
 
 
 def _set_sources(c: RecurrentCells, lo: int, hi: int, rng_bytes: bytes = b"") -> bool:

@@ -508,13 +508,11 @@ class RecurrentMemory(Memory):
         pending, the sequence goes back to ``p0 - 1`` (True); any other cut of the tail
         is False with nothing changed. ``seq_id < 0`` is always False (reference quirk).
         """
-        if self._closed:
-            self.check_open()  # raises
+        self.check_open()
         self._version += 1
-        # clamp_range inlined: a runtime calls this per step, and hybrids first of all
-        p0 = 0 if p0 < 0 else int(p0)
-        p1 = POS_MAX if p1 < 0 else int(p1)
-        return seq_rm_cells(self.cells, self.n_seq_max, self.n_rs_seq, int(seq_id), p0, p1)
+        return seq_rm_cells(
+            self.cells, self.n_seq_max, self.n_rs_seq, int(seq_id), *clamp_range(p0, p1)
+        )
 
     def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
         """Make ``dst`` share ``src``'s cell (copy on write at its next ubatch).
@@ -643,13 +641,7 @@ class RecurrentMemory(Memory):
         :meth:`seq_pos_min` reports it: after ``seq_add(s, -1, -1, -100)`` on a state at
         position 9 the pair is ``(-91, -1)``, and the next batch for ``s`` starts at 0.
         """
-        if type(seq_id) is not int:
-            seq_id = int(seq_id)
-        if not 0 <= seq_id < self.size:
-            return -1
-        cells = self.cells
-        t: int = cells.tail.item(seq_id)
-        pos: int = cells.pos.item(t) if t >= 0 else -1
+        pos = self.seq_pos_min(seq_id)
         return pos if pos > -1 else -1
 
     def seq_pos_min_of(self, seq_ids: np.ndarray) -> np.ndarray:

@@ -371,7 +371,9 @@ def _parse_meta_seq(
         raise StateError(
             f"invalid seq_id-agnostic recurrent cell: n_seq_id is {n_seq_id}, expected 0"
         )
-    if 0 <= dest < c.size and c.tail[dest] < 0:  # always, unless dest is out of range
+    # dest holds no cell after the seq_rm, unless it is out of range or its position is
+    # negative (seq_rm's range [0, POS_MAX) does not take it): find_slot handles those
+    if 0 <= dest < c.size and c.tail[dest] < 0:
         placed = place_new_sequence(c, dest, pos)
     else:
         req = SlotRequest(
