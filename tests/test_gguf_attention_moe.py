@@ -240,7 +240,9 @@ def test_factor_tensor_the_loader_does_not_create_is_refused_at_load(
     # so pymem refuses it when reading the spec, before any graph
     writer, run = MODELS["cohere2"]
     path = _write_with(tmp_path, monkeypatch, writer, {"rope_freqs.weight": (4,)}, {})
-    with pytest.raises(ConfigError, match=r"rope_freqs\.weight: llama\.cpp's 'cohere2' loader"):
+    with pytest.raises(
+        ConfigError, match=r"tensor\(s\) rope_freqs\.weight: llama\.cpp's 'cohere2' loader"
+    ):
         _first_decode(path, run)
 
 

@@ -97,12 +97,16 @@ def test_flag_errors_name_the_call() -> None:
 
 
 def test_shared_cells_decline_to_the_general_writer(monkeypatch) -> None:
-    kv = _fragmented("f16-trans", 7)
-    kv.seq_cp(0, 2, -1, -1)  # seq 2 shares every cell of seq 0 in the one stream
+    kv = _fragmented("f16-trans", 7, drop=False)
     blob = kv._seq_blob(0, 0, "test")
     assert blob is not None
-    assert blob.size(0) is None and blob.write(bytearray(64), 0, "test") is None
-    assert blob.read(b"\x01\x00\x00\x00" + bytes(60), 0) is None
+    own = bytes(kv.state_write(0))
+    # the one-call roads take sequence 0 while no cell is shared ...
+    assert blob.size(0) == len(own) and blob.read(own, 0, store=False) == len(own)
+    kv.seq_cp(0, 2, -1, -1)  # seq 2 shares every cell of seq 0 in the one stream
+    # ... and decline once cells are shared
+    assert blob.size(0) is None and blob.write(bytearray(len(own)), 0, "test") is None
+    assert blob.read(own, 0, store=False) is None
     with monkeypatch.context() as m:
         _general(kv, m)
         want = [bytes(kv.state_write(s)) for s in range(3)]
@@ -145,7 +149,13 @@ def test_one_call_read_moves_the_head_as_the_plan_does(monkeypatch, name: str) -
     blobs = [bytes(fast.state_write(s)) for s in range(3)]
     hits = []
     real = state_io.SeqBlob.read
-    monkeypatch.setattr(state_io.SeqBlob, "read", lambda *a, **kw: hits.append(1) or real(*a, **kw))
+
+    def counted(*a, **kw):
+        done = real(*a, **kw)
+        hits.append(done is not None)  # the one-call road took it
+        return done
+
+    monkeypatch.setattr(state_io.SeqBlob, "read", counted)
     for seq_id in (2, 0, 1):
         fast.v_heads[:] = [0] * fast.n_stream
         plan.v_heads[:] = [0] * plan.n_stream
@@ -155,7 +165,7 @@ def test_one_call_read_moves_the_head_as_the_plan_does(monkeypatch, name: str) -
             assert plan.state_read(blobs[seq_id], seq_id) == len(blobs[seq_id])
         assert list(fast.v_heads) == list(plan.v_heads)
         assert bytes(fast.state_write()) == bytes(plan.state_write())
-    assert len(hits) == 3
+    assert hits == [True] * 3
     # a blob with a word after its part that is not an empty stream's zero count: declined,
     # and the general restore names it
     bad = blobs[0] + b"\x07\x00\x00\x00"

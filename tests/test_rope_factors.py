@@ -114,12 +114,25 @@ def test_factor_tensors_the_loader_does_not_create_are_refused(
     ones = np.ones(4, dtype=np.float32)
     mixed = {"rope_freqs.weight": ones, "rope_factors_short.weight": ones,
              "rope_factors_long.weight": ones}  # fmt: skip
-    stray = "rope_freqs" if longrope else "rope_factors_long"
+    stray = (
+        r"rope_freqs\.weight"
+        if longrope
+        else r"rope_factors_long\.weight, rope_factors_short\.weight"
+    )
+    scaling = "longrope" if longrope else "linear"
     path = _llama(tmp_path / "m.gguf", mixed, longrope=longrope)
-    with pytest.raises(ConfigError, match=rf"{stray}\.weight: llama\.cpp's 'llama' loader"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"tensor\(s\) {stray}: llama\.cpp's 'llama' loader .*"
+        rf"llama\.rope\.scaling\.type = '{scaling}'",
+    ):
         spec_from_gguf(path)
+
+
+def test_factor_tensors_of_fixed_loaders_are_refused(tmp_path: Path) -> None:
     # phi3 always takes long + short (never rope_freqs); an architecture whose loader
     # creates no factor tensor refuses every one
+    ones = np.ones(4, dtype=np.float32)
     phi3 = _llama(tmp_path / "p.gguf", {"rope_freqs.weight": ones}, arch="phi3")
     with pytest.raises(
         ConfigError, match=r"rope_freqs\.weight: .*'phi3'.*creates: rope_factors_long"

@@ -168,5 +168,13 @@ def test_native_zeroing_equals_the_numpy_reference(name: str) -> None:
             for t, u in ((x.k, y.k), (x.v, y.v)):
                 if t is not None:
                     assert t.read_bytes() == u.read_bytes()
+        # the reference road switched on: declined, nothing zeroed (the caller zeroes)
+        before = [layer.k.read_bytes() for layer in native.layers]
+        state_io.NATIVE_RUNS = False
+        try:
+            assert not state_io.zero_range_native(native.layout, native.layers, 0, 10, 20)
+        finally:
+            state_io.NATIVE_RUNS = True
+        assert [layer.k.read_bytes() for layer in native.layers] == before
         native.close()
         numpy.close()

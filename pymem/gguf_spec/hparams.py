@@ -299,9 +299,7 @@ def hparams_from_gguf(path: str | os.PathLike[str]) -> GGUFHParams:
 
     use_alibi = m.f32(k("attention.max_alibi_bias"), 0.0) > 0.0
 
-    rope_freqs, rope_freqs_long, rope_factor_layers = _rope_factor_tensors(
-        m, d, arch, rope_scaling_type == _ROPE_SCALING["longrope"]
-    )
+    rope_freqs, rope_freqs_long, rope_factor_layers = _rope_factor_tensors(m, d, arch, scaling_name)
     return GGUFHParams(
         arch=arch,
         n_ctx_train=n_ctx_train,
@@ -379,23 +377,23 @@ def rope_factor_tensors_loaded(arch: str, longrope: bool) -> tuple[str, ...]:
 
 
 def _rope_factor_tensors(
-    m: GGUFMeta, d: Draft, arch: str, longrope: bool
+    m: GGUFMeta, d: Draft, arch: str, scaling_name: str
 ) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None, tuple[bool, ...]]:
-    """The file's RoPE factor tensors: ``rope_freqs`` wins (``get_rope_factors``); else the
-    short factors, with the long ones kept for contexts beyond the original length.
+    """The file's RoPE factor tensors: ``rope_freqs``, or the short factors with the long
+    ones kept for contexts beyond the original length (a loader creates one kind only).
 
     A factor tensor the architecture's loader does not create is refused (ConfigError):
     llama.cpp fails to load such a file, so its positions would mean nothing to compare."""
-    loaded = rope_factor_tensors_loaded(arch, longrope)
+    loaded = rope_factor_tensors_loaded(arch, scaling_name == "longrope")
     stray = [n for n in (_FREQS, *_LONG_SHORT) if n not in loaded and m.has_tensor(n)]
     if stray:
-        scaling = "longrope" if longrope else "not longrope"
         takes = ", ".join(loaded) if loaded else "none"
         raise ConfigError(
-            f"{stray[0]}: llama.cpp's {arch!r} loader does not create it (rope.scaling.type "
-            f"{scaling}; it creates: {takes}), so the file fails to load there"
+            f"tensor(s) {', '.join(stray)}: llama.cpp's {arch!r} loader does not create them "
+            f"with {m.k('rope.scaling.type')} = {scaling_name!r} (it creates: {takes}), so "
+            "the file fails to load there"
         )
-    freqs = m.small_tensor("rope_freqs.weight")
+    freqs = m.small_tensor(_FREQS)
     long = None
     if freqs is None:
         freqs = m.small_tensor("rope_factors_short.weight")

@@ -637,10 +637,7 @@ class KVCache(Memory):
             raise UnsupportedError(
                 f"{what}: needs n_pos_per_embd == 1, the model has {self.spec.n_pos_per_embd} (M-RoPE)"
             )
-        if not self.get_can_shift():
-            raise UnsupportedError(
-                f"{what}: this cache / model configuration does not support K-shift"
-            )
+        raise UnsupportedError(f"{what}: this cache / model configuration does not support K-shift")
 
     def check_seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
         """Raise what :meth:`seq_cp` would refuse, changing nothing (compositions check

@@ -23,8 +23,8 @@ in one native pass (:func:`seq_same_cells`) and changes no cell: the reference's
 find_slot + apply_ubatch would leave each as it is, so only the head moves and the bytes
 are written. Host tensors take the bytes of every layer in one native call
 (:func:`put_payloads`); other devices go through :func:`~pymem.kv.state_rows.write_payloads`.
-Writing, a stream of host tensors is selected in two native passes (count, runs) and its
-meta records are written straight into the output (:func:`_write_stream_native`), instead
+Writing, a stream of host tensors is selected in one native pass (its runs of cells) and
+its meta records are written straight into the output (:func:`_write_stream_native`), instead
 of index arrays the size of the selection; :func:`selected_cells`, :func:`_meta_words` and
 state_rows stay the reference (``NATIVE_RUNS = False``) and serve shared cells, sliding
 windows and other devices.
@@ -41,6 +41,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -522,8 +523,8 @@ def _write_stream_native(
     seq_id: int,
     section: NativeSection | None = None,
 ) -> bool:
-    """One stream's part of a blob (from its cell count on) with two native passes over
-    the cells (count, runs) and the meta records written straight into the output; the
+    """One stream's part of a blob (from its cell count on) with one native pass over the
+    cells (the runs, :func:`_select`) and the meta records written straight into the output; the
     bytes as byte runs (:func:`selected_cells`, :func:`_meta_words` and state_rows'
     ``write_rows`` / ``write_v_trans`` are the reference). Where the writer fills its
     destination in place and ``section`` is given, the whole part (headers, records, every
@@ -728,6 +729,34 @@ def seq_same_cells_reference(
     return cell_runs(idx)
 
 
+def _cells_param(
+    layout: KVLayout, strm: int, t: Tensor, cell_bytes: int, channels: int | None
+) -> tuple[int, int, int, int, int]:
+    """:c:func:`pm_stateio_put_cells`' words for tensor ``t`` in stream ``strm``: a row
+    tensor (``channels`` None; ``cell_bytes`` of each row) or a transposed V of
+    ``channels`` channels, channel j of cell c at offset + j * kv_size * el + c * el.
+    E.g. rows of 64 bytes -> (offset, 64, 64, 1, 0)."""
+    if channels is None:
+        return (strm * layout.kv_size * t.row_size, t.row_size, cell_bytes, 1, 0)
+    el = layout.v_el_size
+    return (strm * t.nb[2], el, el, channels, layout.kv_size * el)
+
+
+def _put_cells(
+    tensors: list[Any], srcs: list[Any], params: Sequence[tuple[int, ...]], runs: Runs, what: str
+) -> None:
+    """One :c:func:`pm_stateio_put_cells` call (a source ``ffi.NULL``: zeros)."""
+    starts = np.ascontiguousarray(runs[0], dtype=np.int64)
+    ends = np.ascontiguousarray(runs[1], dtype=np.int64)
+    par = np.array(params, dtype=np.int64)
+    status = lib.pm_stateio_put_cells(
+        ffi.new("struct ggml_tensor *[]", tensors), ffi.new("void *[]", srcs),
+        ffi.from_buffer("int64_t[]", par), len(params), ffi.from_buffer("int64_t[]", starts),
+        ffi.from_buffer("int64_t[]", ends), starts.size,
+    )  # fmt: skip
+    check(status, what)
+
+
 def put_payloads(
     layout: KVLayout,
     strm: int,
@@ -741,7 +770,6 @@ def put_payloads(
     not a host buffer (the caller then takes :func:`~pymem.kv.state_rows.write_payloads`)."""
     if not NATIVE_RUNS or n == 0:
         return False
-    el = layout.v_el_size
     tensors, srcs, params = [], [], []
     for layer, kind, data in payloads:
         if not isinstance(data, memoryview):
@@ -750,30 +778,16 @@ def put_payloads(
         assert t is not None
         if not t.device.is_host:
             return False
-        if kind == "k" or not layout.v_trans:
-            # rows: E.g. row_size 64, 2 cells of 64 bytes -> [offset, 64, 64, 1, 0]
-            row = data.nbytes // n
-            params.append((strm * layout.kv_size * t.row_size, t.row_size, row, 1, 0))
-            want = n * row
-        else:
-            # transposed V: channel j of cell c at offset + j * kv_size * el + c * el
-            n_embd = layer.n_embd_v_gqa
-            params.append((strm * t.nb[2], el, el, n_embd, layout.kv_size * el))
-            want = n_embd * n * el
+        rows = kind == "k" or not layout.v_trans
+        channels = None if rows else layer.n_embd_v_gqa
+        param = _cells_param(layout, strm, t, data.nbytes // n, channels)
+        want = n * param[2] * param[3]
         if data.nbytes != want:
             raise StateError(f"state read: payload of {data.nbytes} bytes, {want} expected")
         tensors.append(t._live())  # the tensor itself (a closed store raises here)
         srcs.append(ffi.from_buffer(data))
-    starts, ends = runs()
-    starts = np.ascontiguousarray(starts, dtype=np.int64)
-    ends = np.ascontiguousarray(ends, dtype=np.int64)
-    par = np.array(params, dtype=np.int64)
-    status = lib.pm_stateio_put_cells(
-        ffi.new("struct ggml_tensor *[]", tensors), ffi.new("void *[]", srcs),
-        ffi.from_buffer("int64_t[]", par), len(params), ffi.from_buffer("int64_t[]", starts),
-        ffi.from_buffer("int64_t[]", ends), starts.size,
-    )  # fmt: skip
-    check(status, "state read: K/V bytes")
+        params.append(param)
+    _put_cells(tensors, srcs, params, runs(), "state read: K/V bytes")
     return True
 
 
@@ -791,8 +805,6 @@ def zero_range_native(
     where a tensor is not in host memory."""
     if not NATIVE_RUNS:
         return False
-    if b <= a:
-        return True
     tensors, params = [], []
     for layer in layers:
         for t in (layer.k, layer.v):
@@ -800,22 +812,14 @@ def zero_range_native(
                 continue
             if not t.device.is_host:
                 return False
-            if t is layer.k or not layout.v_trans:
-                params.append((strm * layout.kv_size * t.row_size, t.row_size, t.row_size, 1, 0))
-            else:  # every channel of the transposed V (padding too, as zero_range)
-                el = layout.v_el_size
-                params.append((strm * t.nb[2], el, el, t.shape[0], layout.kv_size * el))
+            # every channel of a transposed V (its padding too, as zero_range)
+            trans = t is layer.v and layout.v_trans
+            params.append(_cells_param(layout, strm, t, t.row_size, t.shape[0] if trans else None))
             tensors.append(t._live())
-    if not tensors:
-        return True
-    par = np.array(params, dtype=np.int64)
-    run = np.array([a, b], dtype=np.int64)
-    status = lib.pm_stateio_put_cells(
-        ffi.new("struct ggml_tensor *[]", tensors), ffi.new("void *[]", [ffi.NULL] * len(tensors)),
-        ffi.from_buffer("int64_t[]", par), len(params), ffi.from_buffer("int64_t[]", run[:1]),
-        ffi.from_buffer("int64_t[]", run[1:]), 1,
-    )  # fmt: skip
-    check(status, "state read: zeroing the cells the blob does not fill")
+    if b > a and tensors:
+        runs = (np.array([a], dtype=np.int64), np.array([b], dtype=np.int64))
+        zeros = [ffi.NULL] * len(tensors)
+        _put_cells(tensors, zeros, params, runs, "state read: zeroing the cells not restored")
     return True
 
 
