@@ -92,10 +92,10 @@ class HybridMemory(CompositeMemory):
         self.spec: ModelSpec = recr.spec
         self.n_seq_max = recr.n_seq_max
         self.is_iswa = isinstance(attn, KVCacheISWA)
-        # the parts' position queries, bound once: a runtime asks them every step, and
-        # the attribute lookups are a third of the cost of these sub-microsecond calls
-        self._pos_min = (attn.seq_pos_min, recr.seq_pos_min)
-        self._pos_max = (attn.seq_pos_max, recr.seq_pos_max)
+        # the attention part's position queries, bound once: a runtime asks them every
+        # step, and the attribute lookups are a third of these sub-microsecond calls
+        self._attn_pos_min = attn.seq_pos_min
+        self._attn_pos_max = attn.seq_pos_max
 
     @classmethod
     def build(
@@ -204,17 +204,34 @@ class HybridMemory(CompositeMemory):
             return False
         return self.mem_attn.seq_rm(seq_id, p0, p1)
 
+    # The two position queries read the recurrent part's cells themselves (its
+    # seq_pos_min, inlined): a runtime asks them every step, and a second part call was
+    # ~0.1 µs of the hybrid's 0.43 µs against llama.cpp's ~0.3 µs through ctypes
+    # (bench_vs_llama_cpp's seq ops). tests/test_hybrid.py checks them against the parts.
     def seq_pos_min(self, seq_id: int) -> int:
         """``max(attention, recurrent)``, as the reference (see :meth:`seq_pos_ranges`)."""
-        of_attn, of_recr = self._pos_min
-        attn, recr = of_attn(seq_id), of_recr(seq_id)
+        attn = self._attn_pos_min(seq_id)  # checks the id: raises on a bad one
+        recr_mem = self.mem_recr
+        if seq_id >= recr_mem.size:  # the attention part takes ids up to LLAMA_MAX_SEQ
+            return attn
+        cells = recr_mem.cells
+        t: int = cells.tail_m[seq_id]
+        recr: int = cells.pos_m[t] if t >= 0 else -1
         return attn if attn > recr else recr  # not max(): a builtin call costs here
 
     def seq_pos_max(self, seq_id: int) -> int:
-        """``min(attention, recurrent)``, as the reference."""
-        of_attn, of_recr = self._pos_max
-        attn, recr = of_attn(seq_id), of_recr(seq_id)
-        return attn if attn < recr else recr
+        """``min(attention, recurrent)``, as the reference; the recurrent part's maximum
+        never reads below -1 (see :meth:`RecurrentMemory.seq_pos_max`)."""
+        attn = self._attn_pos_max(seq_id)
+        recr_mem = self.mem_recr
+        if seq_id >= recr_mem.size:
+            return -1  # attn >= -1: an attention cell's position is never negative
+        cells = recr_mem.cells
+        t: int = cells.tail_m[seq_id]
+        if t < 0:
+            return -1
+        recr: int = cells.pos_m[t]
+        return attn if attn < recr else (recr if recr > -1 else -1)
 
     def seq_pos_min_of(self, seq_ids: np.ndarray) -> np.ndarray:
         return np.maximum(

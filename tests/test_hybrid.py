@@ -15,6 +15,7 @@ both hybrids (compared on whole-state bytes); seq_pos_ranges reports each part.
 from __future__ import annotations
 
 from pathlib import Path
+from re import escape as re_escape
 from typing import Any
 
 import numpy as np
@@ -536,3 +537,39 @@ def test_seq_pos_bounds_of_equal_the_scalar_queries(kind: str, seed: int) -> Non
         far = np.array([n_seq, n_seq + 3])
         assert mem.seq_pos_max_of(far).tolist() == [-1, -1]
         assert mem.seq_pos_min_of(far).tolist() == [mem.seq_pos_min(n_seq), -1]
+
+
+@pytest.mark.parametrize("pattern", ["RAR", "RSAR"])
+@pytest.mark.parametrize("seed", range(4))
+def test_position_queries_equal_the_parts_for_every_id(pattern: str, seed: int) -> None:
+    """The hybrid's scalar queries read the recurrent cells themselves (a speed path):
+    they must equal the parts' own queries for every id the attention part takes, ids
+    past the recurrent cells and negative recurrent positions included, and refuse what
+    the attention part refuses, with its error."""
+    rng = np.random.default_rng(seed)
+    n_seq = 4
+    mem: Any = make_hybrid(pattern, n_seq_max=n_seq)
+    _random_workload(mem, rng, n_seq)
+    mem.seq_add(0, -1, -1, -100)  # a recurrent state far below 0 (if seq 0 has one)
+    attn, recr = mem.mem_attn, mem.mem_recr
+    shifted_below = 0
+    refused = 0
+    for s in range(n_seq + 6):
+        try:
+            want_min = max(attn.seq_pos_min(s), recr.seq_pos_min(s))
+            want_max = min(attn.seq_pos_max(s), recr.seq_pos_max(s))
+        except RangeError as e:
+            refused += 1
+            with pytest.raises(RangeError, match=re_escape(str(e))):
+                mem.seq_pos_min(s)
+            continue
+        shifted_below += recr.seq_pos_min(s) < -1
+        assert (mem.seq_pos_min(s), mem.seq_pos_max(s)) == (want_min, want_max), f"seq {s}"
+        assert (mem.seq_pos_min(np.int32(s)), mem.seq_pos_max(np.int64(s))) == (want_min, want_max)
+    for bad in (-1, 1 << 40, 1.5, "0"):
+        for query in ("seq_pos_min", "seq_pos_max"):
+            with pytest.raises(Exception) as want:
+                getattr(attn, query)(bad)
+            with pytest.raises(type(want.value), match=re_escape(str(want.value))):
+                getattr(mem, query)(bad)
+    assert (refused, shifted_below) == (0, recr.seq_pos_min(0) < -1)

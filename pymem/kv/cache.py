@@ -720,9 +720,9 @@ class KVCache(Memory):
             seq_id = self._check_seq(seq_id, "seq_id")  # raises, or an np.integer id
         key = self._seq_key[seq_id]
         c = self.cells
-        if c.pdirty_f.item(key) & STALE_MIN:  # .item: no numpy scalar on the hot path
+        if c.pdirty_m[key] & STALE_MIN:  # memoryviews: plain ints, no numpy scalars
             c.refresh(np.array([key // LLAMA_MAX_SEQ]), np.array([seq_id]))
-        v: int = c.pmin_f.item(key)
+        v: int = c.pmin_m[key]
         return -1 if v == EMPTY_MIN else v
 
     def seq_pos_max(self, seq_id: int) -> int:
@@ -731,9 +731,9 @@ class KVCache(Memory):
             seq_id = self._check_seq(seq_id, "seq_id")  # raises, or an np.integer id
         key = self._seq_key[seq_id]
         c = self.cells
-        if c.pdirty_f.item(key) & STALE_MAX:
+        if c.pdirty_m[key] & STALE_MAX:
             c.refresh(np.array([key // LLAMA_MAX_SEQ]), np.array([seq_id]))
-        v: int = c.pmax_f.item(key)
+        v: int = c.pmax_m[key]
         return v
 
     def _seq_keys(self, seq_ids: np.ndarray) -> np.ndarray:

@@ -634,8 +634,8 @@ class RecurrentMemory(Memory):
         if not 0 <= seq_id < self.size:
             return -1
         cells = self.cells
-        t: int = cells.tail.item(seq_id)  # .item: no numpy scalars on this hot query
-        return cells.pos.item(t) if t >= 0 else -1
+        t: int = cells.tail_m[seq_id]  # memoryviews: plain ints on this hot query
+        return cells.pos_m[t] if t >= 0 else -1
 
     def seq_pos_max(self, seq_id: int) -> int:
         """The position of ``seq_id``'s state, never below -1.
