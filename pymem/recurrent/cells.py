@@ -537,10 +537,10 @@ def seq_rm_cells(
         c.n_last[seq_id] = 0
     if seq_id >= c.size:
         return False
-    t: int = c.tail.item(seq_id)  # .item: plain ints, no numpy scalars (a per-step call)
+    t: int = c.tail_m[seq_id]  # memoryviews: plain ints, no numpy scalars (a per-step call)
     if t < 0:
         return True
-    pos: int = c.pos.item(t)
+    pos: int = c.pos_m[t]
     if 0 < p0 <= pos < p1:
         # cutting the tail: only a rollback through a snapshot plane can serve it, and only
         # one the last ubatch's planes hold exactly. Departure from the reference, which
