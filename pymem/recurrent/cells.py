@@ -360,7 +360,9 @@ def place_new_sequence(c: RecurrentCells, seq_id: int, pos: int) -> bool:
     ids = np.array([seq_id], dtype=np.int64)
     rng = np.array([cell], dtype=np.int32)
     rng.flags.writeable = False
-    c.steady = _Steady(ids.tobytes(), ids.dtype.str, c.tail.tobytes(), cell, c.used, rng, rng.tobytes())
+    c.steady = _Steady(
+        ids.tobytes(), ids.dtype.str, c.tail.tobytes(), cell, c.used, rng, rng.tobytes()
+    )
     return True
 
 
