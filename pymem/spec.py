@@ -69,15 +69,25 @@ def masked_swa(
 
 
 def window_start(swa_type: SWAType, n_swa: int, pos: int) -> int:
-    """The first position a token at ``pos`` attends to in a sliding-window layer.
+    """The first position ``>= 0`` a token at ``pos`` (``>= 0``) attends to in a layer of
+    ``swa_type``: the smallest ``p0`` that :func:`masked_swa` leaves visible (every
+    position after it is visible too). Arithmetic, no arrays: state writes and the reuse
+    planner ask it per call; tests/test_reuse.py pins it to ``masked_swa``.
 
-    E.g. STANDARD, n_swa 4, pos 10 -> 7 (7, 8, 9 and 10 itself); CHUNKED, 4, 10 -> 8.
+    E.g. STANDARD, n_swa 4, pos 10 -> 7 (7, 8, 9 and 10 itself); CHUNKED, 4, 10 -> 8;
+    SYMMETRIC, 4, 10 -> 8; NONE -> 0.
     """
-    # E.g. STANDARD, n_swa 4, pos 10: candidates 1..10, visible from 7
-    lo = max(0, pos - 2 * n_swa - 1)
-    cand = np.arange(lo, pos + 1)
-    visible = ~masked_swa(n_swa, swa_type, cand, pos)
-    return int(cand[np.argmax(visible)])
+    if swa_type == SWAType.NONE:
+        return 0
+    if swa_type == SWAType.STANDARD:
+        lo = pos - n_swa + 1
+    elif swa_type == SWAType.CHUNKED:
+        lo = (pos // n_swa) * n_swa
+    elif swa_type == SWAType.SYMMETRIC:
+        lo = pos - n_swa // 2
+    else:
+        raise ConfigError(f"swa_type: unknown value {swa_type!r}")
+    return lo if lo > 0 else 0
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import pytest
 
 import pymem
 from pymem.batch import Batch, BatchAllocator
-from pymem.errors import RangeError, StateError
+from pymem.errors import ConfigError, RangeError, StateError
 from pymem.factory import ContextParams, create_memory
 from pymem.memory import Memory
 from pymem.reuse import (
@@ -32,7 +32,7 @@ from pymem.reuse import (
 )
 from pymem.runtime.decoder import Decoder
 from pymem.runtime.gguf_llama import GGUFModel
-from pymem.spec import SWAType
+from pymem.spec import SWAType, masked_swa
 
 MODELS = Path(__file__).parent / "data" / "models"
 PROMPT = [(5 * i + 2) % 60 + 1 for i in range(24)]
@@ -170,6 +170,21 @@ def test_window_start_follows_the_swa_rule() -> None:
     assert window_start(SWAType.CHUNKED, 4, 10) == 8
     assert window_start(SWAType.SYMMETRIC, 4, 10) == 8
     assert window_start(SWAType.STANDARD, 8, 3) == 0
+    assert window_start(SWAType.NONE, 0, 10) == 0
+
+
+@pytest.mark.parametrize("swa_type", [SWAType.STANDARD, SWAType.CHUNKED, SWAType.SYMMETRIC])
+def test_window_start_is_the_first_position_masked_swa_shows(swa_type: SWAType) -> None:
+    # window_start is arithmetic; masked_swa is the one definition of the rule: every
+    # position before the start is masked, the start and everything after it visible
+    for n_swa in range(1, 10):
+        for pos in range(0, 41):
+            start = window_start(swa_type, n_swa, pos)
+            visible = ~masked_swa(n_swa, swa_type, np.arange(pos + 1), pos)
+            assert 0 <= start <= pos and visible[start:].all(), (n_swa, pos)
+            assert not visible[:start].any(), (n_swa, pos)
+    with pytest.raises(ConfigError, match="swa_type"):
+        window_start(7, 4, 10)  # type: ignore[arg-type]
 
 
 def test_a_window_that_moved_on_needs_a_checkpoint(engines) -> None:

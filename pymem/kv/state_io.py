@@ -59,7 +59,7 @@ from pymem.kv.state_rows import (
     zero_cells,
     zero_range,
 )
-from pymem.spec import SWAType, masked_swa
+from pymem.spec import SWAType, masked_swa, window_start
 from pymem.state import Payload, StateReader, StateWriter, expect, refuse_stale_commit
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
@@ -270,33 +270,23 @@ class SeqBlob:
         # its last token still sees (selected_cells), a window the write passes to C
         self._swa = None if layout.swa_type == SWAType.NONE else (layout.swa_type, layout.n_swa)
 
-    def _window(self, seq_id: int) -> tuple[int, int] | None:
+    def _window(self, seq_id: int) -> tuple[int, int]:
         """The positions ``[lo, hi]`` of ``seq_id``'s cells its blob holds: every position
         without a window; else those ``masked_swa`` keeps from the sequence's largest
-        position. E.g. STANDARD, n_swa 4, largest position 10 -> [7, INT32_MAX]. None for a
-        window of 0 (the general writer handles that)."""
+        position (no cell lies above it). E.g. STANDARD, n_swa 4, largest position 10 ->
+        [7, INT32_MAX]."""
         if self._swa is None:
             return _ALL_POSITIONS
         swa_type, n_swa = self._swa
-        if n_swa <= 0:
-            return None
         p_max = self._cells[int(self._stream_of[seq_id])].seq_pos_max(seq_id)
         if p_max < 0:
             return _ALL_POSITIONS  # no cells at all
-        if swa_type == SWAType.STANDARD:
-            return p_max - n_swa + 1, _INT32_MAX
-        if swa_type == SWAType.CHUNKED:
-            return (p_max // n_swa) * n_swa, _INT32_MAX
-        if swa_type == SWAType.SYMMETRIC:
-            return p_max - n_swa // 2, p_max + n_swa // 2
-        return None
+        return window_start(swa_type, n_swa, p_max), _INT32_MAX
 
     def size(self, seq_id: int) -> int | None:
         """The bytes of ``seq_id``'s blob (its cells are searched, no byte moves; a
         ``write(..., reuse=True)`` right after writes what this found)."""
         window = self._window(seq_id)
-        if window is None:
-            return None
         written = ffi.new("int64_t[2]")
         declined = ffi.cast("int32_t *", written + 1)
         status = lib.pm_kv_write_seq_blob(
@@ -320,8 +310,6 @@ class SeqBlob:
         reuse = reuse and self._searched[strm] == seq_id
         self._searched[strm] = seq_id
         window = self._window(seq_id) if not reuse else _ALL_POSITIONS  # reuse: not searched
-        if window is None:
-            return None
         try:
             dest = ffi.from_buffer(out, require_writable=True)
         except (TypeError, ValueError, BufferError):
