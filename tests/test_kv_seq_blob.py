@@ -253,3 +253,15 @@ def test_a_composite_verifies_every_part_before_committing_any() -> None:
         plan.commit()
     assert bytes(mem.state_write()) == before
     mem.close()
+
+
+def test_native_paths_come_back_when_native_runs_is_switched_on_again(monkeypatch) -> None:
+    # a first state call made while NATIVE_RUNS is off must not leave the cache on the
+    # general path for good (its "no native section" answer was cached once)
+    kv = _fragmented(LAYOUTS[0], 3)
+    with monkeypatch.context() as m:
+        m.setattr(state_io, "NATIVE_RUNS", False)
+        want = bytes(kv.state_write(0))
+        assert kv._seq_blob(0, 0, "test") is None
+    assert kv._seq_blob(0, 0, "test") is not None
+    assert bytes(kv.state_write(0)) == want

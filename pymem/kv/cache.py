@@ -1368,8 +1368,11 @@ class KVCache(Memory):
 
     def _native_section(self) -> state_io.NativeSection | None:
         """The one-call state I/O's parameters (built on first use: the tensors are fixed
-        for the cache's life); None where it does not apply."""
+        for the cache's life); None where it does not apply. Not built while
+        ``state_io.NATIVE_RUNS`` is off: that None would outlive the switch."""
         if self._section is False:
+            if not state_io.NATIVE_RUNS:
+                return None
             self._section = state_io.native_section(self.layout, self.layers)
         return self._section if isinstance(self._section, state_io.NativeSection) else None
 
