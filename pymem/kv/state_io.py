@@ -1094,6 +1094,10 @@ def _restore_ubatch(
     ub.seq_id_unq[0] = seq_id
     ub.seq_idx[:] = -1
     ub.seq_idx[seq_id] = 0
+    # frozen, as an allocator's ubatch: find_slot and apply_ubatch take their native
+    # paths for it (a step memo is built only over sequence arrays that cannot change)
+    for a in (ub.seq_id, ub.seq_id_unq, ub.n_seq_id):
+        a.flags.writeable = False
     return ub
 
 
