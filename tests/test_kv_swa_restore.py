@@ -101,3 +101,18 @@ def test_deferred_sliding_window_restore_equals_the_simulated_one(
     # both roads taken by the deferring cache: placed at commit where the empty cells
     # sufficed, simulated where only masked cells could take the sequence
     assert roads["deferred"] and roads["simulated"], roads
+
+
+def test_a_restore_keeps_the_decode_steps_memo(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the restore's synthetic ubatch is frozen so that its placement takes the native
+    # paths; the step memo that builds must not evict the decode steps' one
+    seen = _planned(monkeypatch)
+    kv = _memory(3, SWAType.STANDARD, 3, 48)
+    step_memo = kv._memo
+    assert step_memo is not None, "decode left no step memo to keep"
+    blob = bytes(kv.state_write(1))
+    kv.seq_rm(1, -1, -1)
+    kv.state_read(blob, 1)
+    assert seen == [False], "the restore was not placed at commit"
+    assert kv._memo is step_memo
+    assert bytes(kv.state_write(1)) == blob

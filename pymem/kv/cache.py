@@ -1492,9 +1492,13 @@ class KVCache(Memory):
         """Where a per-sequence restore puts ``seq_id``'s cells: the sequence is removed,
         then placed as one ubatch (``find_slot`` + ``apply_ubatch``); None if it does not fit."""
         self.seq_rm(seq_id, -1, -1)
-        sinfo = self.find_slot(ubatch, False)
-        if sinfo is not None:
-            self.apply_ubatch(sinfo, ubatch)
+        step_memo = self._memo  # the decode steps' memo outlives this one-off placement
+        try:
+            sinfo = self.find_slot(ubatch, False)
+            if sinfo is not None:
+                self.apply_ubatch(sinfo, ubatch)
+        finally:
+            self._memo = step_memo
         return sinfo
 
     def state_clear(self, seq_id: int = -1) -> None:
