@@ -27,9 +27,19 @@ Derived: ``floor = bytes + same_cells (+ zero)`` (a read with no Python at all),
 target). pymem alone (no llama.cpp), the cache of bench_state_io: f16 K/V, a unified
 32,768-cell cache holding 4 sequences x 8,192 tokens decoded in interleaved chunks of 128.
 
-Run: python benchmarks/bench_state_floor.py [--quick] [--wide]
+The composite memories (``--composites``: tiny-jamba, hybrid; tiny-gemma2, iSWA; both V
+layouts) have blobs of 0.36-2.5 MB whose parts each carry fixed costs, so their floor is
+measured another way: ``native`` is the time spent inside pymem's native calls during a
+``state_write_buffer`` / ``state_read`` (every ``lib`` call of the state modules timed
+around the call itself: the cell search, the gather or scatter, the checks), i.e. what
+the same calls would cost with no Python at all; ``python`` is the rest. The ratios of
+``numpy_copy`` to ``native`` say whether 0.8 of a copy is in reach of any implementation
+of these calls.
+
+Run: python benchmarks/bench_state_floor.py [--quick] [--wide] [--composites]
 (--quick: 2,048 tokens a sequence, no JSON; --wide: also tiny-llama-e512, 512-byte rows;
-a full run writes results/bench_state_floor.json)
+a full run writes results/bench_state_floor.json; with --composites alone,
+results/bench_state_floor_composites.json)
 """
 
 from __future__ import annotations
@@ -151,8 +161,164 @@ def bench(mem: Any, model: str, fa: bool, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+# the modules whose native calls a state write or read makes (their ``lib`` is swapped
+# for a timing proxy while the composites' floor is measured)
+_STATE_MODULES = ("pymem.kv.state_io", "pymem.kv.cache", "pymem.kv.cells",
+                  "pymem.recurrent.state_io", "pymem.recurrent.memory", "pymem.recurrent.cells",
+                  "pymem.backend")  # fmt: skip
+
+
+class _NativeClock:
+    """Stands in for ``lib`` in the state modules: every call of a native function adds
+    its own duration to :attr:`spent` (constants and types pass through)."""
+
+    def __init__(self, lib: Any) -> None:
+        self._lib = lib
+        self.spent = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self._lib, name)
+        if not callable(fn):
+            return fn
+
+        def timed(*args: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.spent += time.perf_counter() - t0
+
+        return timed
+
+
+def _native_share(fn: Any, setup: Any, repeats: int) -> tuple[float, float]:
+    """Median (whole call, its native part) in ms of ``fn``, each call right after an
+    untimed ``setup()``, with the native calls timed."""
+    import importlib
+
+    mods = [importlib.import_module(m) for m in _STATE_MODULES]
+    real = [m.lib for m in mods]  # type: ignore[attr-defined]
+    clock = _NativeClock(real[0])
+    totals, natives = [], []
+    try:
+        for m in mods:
+            m.lib = clock  # type: ignore[attr-defined]
+        for _ in range(repeats):
+            setup()
+            clock.spent = 0.0
+            t0 = time.perf_counter()
+            fn()
+            totals.append(time.perf_counter() - t0)
+            natives.append(clock.spent)
+    finally:
+        for m, lib in zip(mods, real):
+            m.lib = lib  # type: ignore[attr-defined]
+    return statistics.median(totals) * 1e3, statistics.median(natives) * 1e3
+
+
+def filled_composite(name: str, fa: bool, n_tokens: int) -> Any:
+    """:func:`filled` for a hybrid or iSWA model: every part's tensors random."""
+    spec = spec_from_gguf(str(bvl.MODELS[name]))
+    mem = bvl.make_memory(spec, n_ctx=bvl.STATE_N_CTX, n_seq_max=bvl.STATE_SEQ_MAX,
+                          flash_attn=fa, kv_unified=True)  # fmt: skip
+    balloc = BatchAllocator()
+    for p0 in range(0, n_tokens, bvl.STATE_CHUNK):
+        seq = np.repeat(np.arange(bvl.STATE_N_SEQ), bvl.STATE_CHUNK)
+        pos = np.tile(np.arange(p0, p0 + bvl.STATE_CHUNK), bvl.STATE_N_SEQ)
+        batch = Batch(bvl.tokens_of(seq, pos, 100), pos=pos.astype(np.int32),
+                      seq_id=seq.astype(np.int32), output=pos == p0 + bvl.STATE_CHUNK - 1)  # fmt: skip
+        bvl.pymem_decode(mem, balloc, batch, n_seq_max=bvl.STATE_SEQ_MAX, n_vocab=100,
+                         flash_attn=fa, inputs=False)  # fmt: skip
+    rng = np.random.default_rng(0)
+    for t in bvl.tensors_of(mem):
+        t.write_bytes(rng.integers(0, 255, t.nbytes, np.uint8))
+    return mem
+
+
+def bench_composite(mem: Any, model: str, fa: bool, repeats: int) -> list[dict[str, Any]]:
+    """Write and read of one sequence and of the whole memory, each split into its native
+    part and the rest, against a numpy copy of the blob (each call after a read, as
+    :func:`bench`)."""
+    rows = []
+    for what, seq_id in (("one sequence", 0), ("whole memory", -1)):
+        blob = bytes(mem.state_write(seq_id))
+        out = bytearray(len(blob))
+        src = np.frombuffer(blob, np.uint8)
+        dst = np.empty_like(src)
+        copies = []
+        for _ in range(repeats):
+            mem.state_read(blob, seq_id)
+            t0 = time.perf_counter()
+            np.copyto(dst, src)
+            copies.append(time.perf_counter() - t0)
+
+        def read(blob: bytes = blob, seq_id: int = seq_id) -> None:
+            mem.state_read(blob, seq_id)
+
+        def write(seq_id: int = seq_id, out: bytearray = out) -> None:
+            mem.state_write_buffer(out, seq_id)
+
+        write_t, write_n = _native_share(write, read, repeats)
+        read_t, read_n = _native_share(read, read, repeats)
+        if bytes(mem.state_write(seq_id)) != blob:
+            raise RuntimeError("the state changed while benchmarking")
+        copy_ms = statistics.median(copies) * 1e3
+        row: dict[str, Any] = dict(model=model, v_trans=not fa, blob=what, bytes=len(blob),
+                                   numpy_copy_ms=copy_ms, write_ms=write_t,
+                                   write_native_ms=write_n, read_ms=read_t,
+                                   read_native_ms=read_n)  # fmt: skip
+        for k in ("write", "read"):
+            row[f"{k}_vs_numpy"] = copy_ms / row[f"{k}_ms"]
+            row[f"{k}_native_vs_numpy"] = copy_ms / row[f"{k}_native_ms"]
+        rows.append(row)
+    return rows
+
+
+def composites(quick: bool) -> None:
+    n_tokens = 2048 if quick else 8192
+    repeats = 31 if quick else 301
+    load_before = os.getloadavg()
+    rows: list[dict[str, Any]] = []
+    for name in ("jamba", "gemma2"):
+        for fa in (False, True):
+            mem = filled_composite(name, fa, n_tokens)
+            try:
+                rows += bench_composite(mem, f"tiny-{name}", fa, repeats)
+            finally:
+                mem.close()
+    load_after = os.getloadavg()
+    print_table(
+        f"Composite blobs, f16, {bvl.STATE_N_SEQ} x {n_tokens} tokens, unified "
+        f"{bvl.STATE_N_CTX} cells (median ms; native = inside pymem's native calls; ratios "
+        "are throughput against the numpy copy, higher is better, 0.8 the target)",
+        ["model", "v_trans", "blob", "bytes", "numpy copy", "write", "write native",
+         "read", "read native", "write/numpy", "native write/numpy", "read/numpy",
+         "native read/numpy"],
+        [
+            [r["model"], r["v_trans"], r["blob"], r["bytes"], f"{r['numpy_copy_ms']:.3f}",
+             f"{r['write_ms']:.3f}", f"{r['write_native_ms']:.3f}", f"{r['read_ms']:.3f}",
+             f"{r['read_native_ms']:.3f}", f"{r['write_vs_numpy']:.2f}",
+             f"{r['write_native_vs_numpy']:.2f}", f"{r['read_vs_numpy']:.2f}",
+             f"{r['read_native_vs_numpy']:.2f}"]
+            for r in rows
+        ],
+    )  # fmt: skip
+    print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+    if not quick:
+        path = write_results(
+            "bench_state_floor_composites",
+            dict(rows=rows, n_tokens=n_tokens, repeats=repeats, target_vs_numpy=TARGET_NUMPY,
+                 load_average_before=load_before, load_average_after=load_after,
+                 cpus=os.cpu_count()),
+        )  # fmt: skip
+        print(f"wrote {path}")
+
+
 def main() -> None:
     quick = "--quick" in sys.argv
+    if "--composites" in sys.argv:
+        composites(quick)
+        return
     n_tokens = 2048 if quick else 8192
     repeats = 15 if quick else 101
     models = {"tiny-llama": bvl.MODELS["llama"]}

@@ -577,6 +577,21 @@ class Tensor:
             f"fill_rows {self.name}",
         )
 
+    def fill_row_range(self, first: int, count: int, value: int = 0) -> None:
+        """Set rows ``[first, first + count)`` to ``value`` bytes: one device memset, no
+        index list to build or check (what :meth:`fill_rows` of that range does)."""
+        if not 0 <= value <= 255:
+            raise RangeError(f"fill_row_range {self.name}: value {value} outside [0, 255]")
+        if first < 0 or count < 0 or first + count > self.n_rows:
+            raise RangeError(
+                f"fill_row_range {self.name}: rows [{first}, {first + count}) outside "
+                f"[0, {self.n_rows})"
+            )
+        if count:
+            lib.ggml_backend_tensor_memset(
+                self._live(), value, first * self.row_size, count * self.row_size
+            )
+
     def copy_rows(self, src_rows: Any, dst: Tensor, dst_rows: Any) -> None:
         """``dst[dst_rows[i]] = self[src_rows[i]]`` on the device (overlap-safe per run)."""
         if dst.type != self.type or dst.row_size != self.row_size:

@@ -131,6 +131,14 @@ def test_row_round_trip_any_order(device: str) -> None:
         t.fill_rows([1, 2, 3], 0)
         full[[1, 2, 3]] = 0
         np.testing.assert_array_equal(t.read_rows(np.arange(100)), full)
+        t.fill_row_range(97, 3, 7)
+        t.fill_row_range(0, 0, 9)  # an empty range writes nothing
+        full[97:] = 7
+        np.testing.assert_array_equal(t.read_rows(np.arange(100)), full)
+        for first, count, value in ((98, 3, 0), (-1, 1, 0), (0, -1, 0), (0, 1, 256)):
+            with pytest.raises(RangeError, match="fill_row_range"):
+                t.fill_row_range(first, count, value)
+        np.testing.assert_array_equal(t.read_rows(np.arange(100)), full)
 
 
 def test_strided_region_round_trip(device: str) -> None:

@@ -366,14 +366,10 @@ class RecurrentMemory(Memory):
             for store in self._stores:
                 store.clear(0)
             return
-        rows_to: dict[int, np.ndarray] = {}  # n_rows -> [from_row, n_rows): one per size
         for il in self.layers:
             for t in (self._r[il], self._s[il]):
                 if from_row < t.n_rows and t.row_size > 0:
-                    rows = rows_to.get(t.n_rows)
-                    if rows is None:
-                        rows = rows_to[t.n_rows] = np.arange(from_row, t.n_rows, dtype=np.int64)
-                    t.fill_rows(rows, 0)
+                    t.fill_row_range(from_row, t.n_rows - from_row, 0)
 
     def commit_cells(self, cells: RecurrentCells) -> None:
         """Make ``cells`` (a validated placement or restore) the memory's cells."""

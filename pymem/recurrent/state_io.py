@@ -60,20 +60,24 @@ class StateLayers:
         return sum(t.row_size for t in (*self.r, *self.s))
 
 
-def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
-    """Maximal runs of consecutive values, as half-open ``(first, last + 1)`` pairs.
+def _runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Maximal runs of consecutive values, as half-open ``(starts, ends)`` int64 arrays.
 
-    E.g. ``[4, 5, 6, 9, 10, 2] -> [(4, 7), (9, 11), (2, 3)]``.
+    E.g. ``[4, 5, 6, 9, 10, 2] -> ([4, 9, 2], [7, 11, 3])``.
     """
-    if rows.size == 0:
-        return []
+    rows = rows.astype(np.int64, copy=False)
     # a run breaks wherever the next row is not the previous one + 1
-    # E.g., [4, 5, 6, 9, 10, 2] -> breaks after index 2 and 4 -> starts [0, 3, 5]
-    brk = np.ones(rows.size, dtype=bool)
-    np.not_equal(np.diff(rows), 1, out=brk[1:])
-    starts = np.flatnonzero(brk).tolist()
-    ends = [*starts[1:], rows.size]
-    return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, ends)]
+    # E.g., [4, 5, 6, 9, 10, 2] -> breaks before index 3 and 5 -> last rows at [2, 4, 5]
+    brk = np.flatnonzero(np.diff(rows) != 1)
+    starts = np.empty(brk.size + 1, dtype=np.int64)
+    ends = np.empty(brk.size + 1, dtype=np.int64)
+    if rows.size == 0:
+        return starts[:0], ends[:0]
+    starts[0] = rows[0]
+    starts[1:] = rows[brk + 1]
+    ends[:-1] = rows[brk] + 1
+    ends[-1] = rows[-1] + 1
+    return starts, ends
 
 
 # --------------------------------------------------------------------------------------
@@ -137,6 +141,14 @@ def meta_words(c: RecurrentCells, cells: np.ndarray, seq_id: int) -> np.ndarray:
     # sequences grouped by cell in cell order, ascending inside a cell
     # E.g., tail [1, -1, 0, 1] -> seqs [0, 2, 3] -> cells [1, 0, 1] -> order [2, 0, 3]
     seqs = seqs[np.argsort(c.tail[seqs], kind="stable")]
+    if seqs.size == k:
+        # every cell holds one sequence (the usual state): records of 3 words, in one go
+        # E.g., cells [0, 1], pos [9, 4], seqs [1, 0] -> [9, 1, 1, 4, 1, 0]
+        one = np.empty((k, 3), dtype=np.int32)
+        one[:, 0] = c.pos[cells]
+        one[:, 1] = 1
+        one[:, 2] = seqs
+        return one.reshape(-1)
     n = c.seq_counts()[cells]
     # cell j's header sits after 2 words per earlier cell plus their ids
     # E.g., n [1, 2, 1] -> off [0, 3, 7], ids at [2 | 5, 6 | 9]
@@ -260,21 +272,20 @@ def write_state(
     writer.write_u32(int(cells.size))
     if cells.size:
         writer.write_array(meta_words(c, cells, seq_id))
-    runs = _runs(rows)
-    # E.g. runs [(4, 7), (2, 3)] -> first rows [4, 2], row counts [3, 1]
-    first = np.array([a for a, _ in runs], dtype=np.uint64)
-    count = np.array([b - a for a, b in runs], dtype=np.uint64)
+    starts, ends = _runs(rows)
     writer.write_u32(0)  # s_trans: the transposed layout is never written
     writer.write_u32(layers.n_layer)
     if native is not None and writer.fills_in_place:
-        starts, ends = first.astype(np.int64), (first + count).astype(np.int64)
-        size = 12 * native.n_tensors + int(count.sum()) * layers.cell_bytes
+        size = 12 * native.n_tensors + rows.size * layers.cell_bytes
         writer.write_fill(size, lambda out: native.sections(out, starts, ends))
         return
+    # E.g. runs [4, 7), [2, 3) -> first rows [4, 2], row counts [3, 1]
+    first = starts.astype(np.uint64)
+    count = (ends - starts).astype(np.uint64)
     for t in (*layers.r, *layers.s):
         writer.write_i32(t.type.id)
         writer.write_u64(t.row_size)
-        if runs:  # one native call per tensor, every run of rows
+        if starts.size:  # one native call per tensor, every run of rows
             writer.write_tensor_runs(t, 0, 1, 0, first * t.row_size, count * t.row_size)
 
 
@@ -333,9 +344,9 @@ def _parse_meta_whole(
             raise StateError(
                 f"invalid seq_id, {int(seqs[j])} is out of range [0, {limit}) (cell {int(cell_of[j])})"
             )
-        uniq, cnt = np.unique(seqs, return_counts=True)
-        if (cnt > 1).any():
-            s = int(uniq[np.flatnonzero(cnt > 1)[0]])
+        cnt = np.bincount(seqs, minlength=limit)  # ids checked in [0, limit) above
+        if cnt.max() > 1:
+            s = int(np.flatnonzero(cnt > 1)[0])  # the smallest repeated id
             where = cell_of[seqs == s]
             raise StateError(
                 f"duplicate tail for seq_id {s} in cell {int(where[1])} and {int(where[0])}"
