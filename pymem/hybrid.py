@@ -208,6 +208,8 @@ class HybridMemory(CompositeMemory):
     # seq_pos_min, inlined): a runtime asks them every step, and a second part call was
     # ~0.1 µs of the hybrid's 0.43 µs against llama.cpp's ~0.3 µs through ctypes
     # (bench_vs_llama_cpp's seq ops). tests/test_hybrid.py checks them against the parts.
+    # (Memoryviews of the recurrent cells would read faster, but every decode step
+    # commits new cells: ~0.27 µs of views a step, more than a query or two saves.)
     def seq_pos_min(self, seq_id: int) -> int:
         """``max(attention, recurrent)``, as the reference (see :meth:`seq_pos_ranges`)."""
         attn = self._attn_pos_min(seq_id)  # checks the id: raises on a bad one
@@ -215,8 +217,8 @@ class HybridMemory(CompositeMemory):
         if seq_id >= recr_mem.size:  # the attention part takes ids up to LLAMA_MAX_SEQ
             return attn
         cells = recr_mem.cells
-        t: int = cells.tail_m[seq_id]
-        recr: int = cells.pos_m[t] if t >= 0 else -1
+        t: int = cells.tail.item(seq_id)
+        recr: int = cells.pos.item(t) if t >= 0 else -1
         return attn if attn > recr else recr  # not max(): a builtin call costs here
 
     def seq_pos_max(self, seq_id: int) -> int:
@@ -227,10 +229,10 @@ class HybridMemory(CompositeMemory):
         if seq_id >= recr_mem.size:
             return -1  # attn >= -1: an attention cell's position is never negative
         cells = recr_mem.cells
-        t: int = cells.tail_m[seq_id]
+        t: int = cells.tail.item(seq_id)
         if t < 0:
             return -1
-        recr: int = cells.pos_m[t]
+        recr: int = cells.pos.item(t)
         return attn if attn < recr else (recr if recr > -1 else -1)
 
     def seq_pos_min_of(self, seq_ids: np.ndarray) -> np.ndarray:

@@ -459,6 +459,8 @@ def test_operations_after_close_raise_typed_errors(kind: str) -> None:
         "state_write": lambda: mem.state_write(-1),
         "state_read": lambda: mem.state_read(blob),
         "decode": lambda: _plan_one(mem, pair.cfg.n_seq_max),
+        "seq_pos_max": lambda: mem.seq_pos_max(0),
+        "seq_pos_min": lambda: mem.seq_pos_min(0),
     }
     for name, op in ops.items():
         try:

@@ -549,6 +549,9 @@ def test_position_queries_equal_the_parts_for_every_id(pattern: str, seed: int) 
     rng = np.random.default_rng(seed)
     n_seq = 4
     mem: Any = make_hybrid(pattern, n_seq_max=n_seq)
+    # asked before the workload too: the recurrent cells' views made now must follow the
+    # in-place ops, and the cells each step commits get their own
+    assert (mem.seq_pos_min(1), mem.seq_pos_max(1)) == (-1, -1)
     _random_workload(mem, rng, n_seq)
     mem.seq_add(0, -1, -1, -100)  # a recurrent state far below 0 (if seq 0 has one)
     attn, recr = mem.mem_attn, mem.mem_recr

@@ -367,6 +367,9 @@ class KVCache(Memory):
             self.map_layer_ids[il] = self.map_layer_ids[src]
 
         self.cells = StackedCells(self.n_stream, self.kv_size, self.with_ext)
+        # the position queries' memoryviews, held here (the cells are never rebound)
+        self._pmin_m, self._pmax_m = self.cells.pmin_m, self.cells.pmax_m
+        self._pdirty_m = self.cells.pdirty_m
         self.v_cells = CellViews(KVCells.view(self.cells, s) for s in range(self.n_stream))
         self.v_heads = StreamHeads(self.n_stream)
         if self.n_stream > 1:
@@ -380,7 +383,9 @@ class KVCache(Memory):
             len(self.seq_to_stream)
         )
         self._seq_key: list[int] = keys.tolist()
-        self._n_seq_ids = len(self._seq_key)
+        # ids the checks' fast path takes without naming anything: all of them while open,
+        # none once closed (so that path needs no closed test of its own)
+        self._n_fast_ids = len(self._seq_key)
         # the same facts, frozen, for the helper modules
         self.layout = KVLayout(
             kv_size=self.kv_size,
@@ -478,6 +483,7 @@ class KVCache(Memory):
         for st in self.stores.values():
             st.close()
         self._closed = True
+        self._n_fast_ids = 0
 
     def _runner(self, device: str) -> GraphRunner:
         """The graph runner of ``device`` (K-shift), created on first use."""
@@ -492,7 +498,7 @@ class KVCache(Memory):
             raise ClosedError("KVCache: already closed (its buffers were freed)")
 
     def _check_seq(self, seq_id: Any, what: str, allow_all: bool = False) -> int:
-        if type(seq_id) is int and 0 <= seq_id < self._n_seq_ids and not self._closed:
+        if type(seq_id) is int and 0 <= seq_id < self._n_fast_ids:
             return seq_id  # the common call, without the checks that name what is wrong
         self.check_open()
         if isinstance(seq_id, bool) or not isinstance(seq_id, (int, np.integer)):
@@ -716,24 +722,22 @@ class KVCache(Memory):
         cells.pos_div(idx, d)
 
     def seq_pos_min(self, seq_id: int) -> int:
-        if self._closed or type(seq_id) is not int or not 0 <= seq_id < self._n_seq_ids:
+        if type(seq_id) is not int or not 0 <= seq_id < self._n_fast_ids:
             seq_id = self._check_seq(seq_id, "seq_id")  # raises, or an np.integer id
         key = self._seq_key[seq_id]
-        c = self.cells
-        if c.pdirty_m[key] & STALE_MIN:  # memoryviews: plain ints, no numpy scalars
-            c.refresh(np.array([key // LLAMA_MAX_SEQ]), np.array([seq_id]))
-        v: int = c.pmin_m[key]
+        if self._pdirty_m[key] & STALE_MIN:  # memoryviews: plain ints, no numpy scalars
+            self.cells.refresh(np.array([key // LLAMA_MAX_SEQ]), np.array([seq_id]))
+        v: int = self._pmin_m[key]
         return -1 if v == EMPTY_MIN else v
 
     def seq_pos_max(self, seq_id: int) -> int:
         # the common call (an open cache, a plain int in range) skips _check_seq's checks
-        if self._closed or type(seq_id) is not int or not 0 <= seq_id < self._n_seq_ids:
+        if type(seq_id) is not int or not 0 <= seq_id < self._n_fast_ids:
             seq_id = self._check_seq(seq_id, "seq_id")  # raises, or an np.integer id
         key = self._seq_key[seq_id]
-        c = self.cells
-        if c.pdirty_m[key] & STALE_MAX:
-            c.refresh(np.array([key // LLAMA_MAX_SEQ]), np.array([seq_id]))
-        v: int = c.pmax_m[key]
+        if self._pdirty_m[key] & STALE_MAX:
+            self.cells.refresh(np.array([key // LLAMA_MAX_SEQ]), np.array([seq_id]))
+        v: int = self._pmax_m[key]
         return v
 
     def _seq_keys(self, seq_ids: np.ndarray) -> np.ndarray:

@@ -291,9 +291,9 @@ class StackedCells:
         self.pdirty_f = self.pdirty.reshape(-1)
         # the scalar position queries index these: a memoryview item is a Python int in
         # ~13 ns, ndarray.item ~37 ns (seq_pos_max is a sub-microsecond call)
-        self.pmin_m = memoryview(self.pmin_f)
-        self.pmax_m = memoryview(self.pmax_f)
-        self.pdirty_m = memoryview(self.pdirty_f)
+        self.pmin_m = self.pmin_f.data
+        self.pmax_m = self.pmax_f.data
+        self.pdirty_m = self.pdirty_f.data
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -43,8 +43,8 @@ class RecurrentCells:
     """
 
     __slots__ = (
-        "head", "n", "n_last", "pos", "pos_m", "rs_idx", "rs_z", "size", "src", "src0", "steady",
-        "tail", "tail_m", "used",
+        "head", "n", "n_last", "pos", "rs_idx", "rs_z", "size", "src", "src0", "steady", "tail",
+        "used",
     )  # fmt: skip
 
     def __init__(self, size: int, n_rs_idx: int) -> None:
@@ -61,13 +61,6 @@ class RecurrentCells:
         self.rs_z = -1
         # what the last uncoupled find_slot left (see _Steady); content-checked before use
         self.steady: _Steady | None = None
-        self._views()
-
-    def _views(self) -> None:
-        """Memoryviews of ``pos`` / ``tail`` for the scalar position queries: an item is a
-        Python int in ~13 ns where ``ndarray.item`` takes ~37 (sub-microsecond calls)."""
-        self.pos_m = memoryview(self.pos)
-        self.tail_m = memoryview(self.tail)
 
     def copy(self) -> RecurrentCells:
         other = RecurrentCells.__new__(RecurrentCells)
@@ -80,7 +73,6 @@ class RecurrentCells:
         other.n_last = self.n_last.copy()
         other.head, other.used, other.n, other.rs_z = self.head, self.used, self.n, self.rs_z
         other.steady = self.steady  # immutable; valid only while tail matches its snapshot
-        other._views()
         return other
 
     def seq_counts(self) -> np.ndarray:
@@ -554,10 +546,10 @@ def seq_rm_cells(
         c.n_last[seq_id] = 0
     if seq_id >= c.size:
         return False
-    t: int = c.tail_m[seq_id]  # memoryviews: plain ints, no numpy scalars (a per-step call)
+    t: int = c.tail.item(seq_id)  # .item: plain ints, no numpy scalars (a per-step call)
     if t < 0:
         return True
-    pos: int = c.pos_m[t]
+    pos: int = c.pos.item(t)
     if 0 < p0 <= pos < p1:
         # cutting the tail: only a rollback through a snapshot plane can serve it, and only
         # one the last ubatch's planes hold exactly. Departure from the reference, which

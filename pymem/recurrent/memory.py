@@ -223,6 +223,7 @@ class RecurrentMemory(Memory):
 
         self.spec = spec
         self.size = int(mem_size)
+        self._n_open_ids = self.size  # ids the position queries read: none once closed
         self.n_seq_max = int(n_seq_max)
         self.n_rs_seq = int(n_rs_seq)
         self.type_r = ggml_type(type_r)
@@ -631,11 +632,12 @@ class RecurrentMemory(Memory):
         """
         if type(seq_id) is not int:
             seq_id = int(seq_id)
-        if not 0 <= seq_id < self.size:
+        if not 0 <= seq_id < self._n_open_ids:
+            self.check_open()  # a closed memory raises; an id outside the cells has none
             return -1
         cells = self.cells
-        t: int = cells.tail_m[seq_id]  # memoryviews: plain ints on this hot query
-        return cells.pos_m[t] if t >= 0 else -1
+        t: int = cells.tail.item(seq_id)  # .item: no numpy scalars on this hot query
+        return cells.pos.item(t) if t >= 0 else -1
 
     def seq_pos_max(self, seq_id: int) -> int:
         """The position of ``seq_id``'s state, never below -1.
@@ -721,6 +723,7 @@ class RecurrentMemory(Memory):
         for store in self._stores:
             store.close()
         self._closed = True
+        self._n_open_ids = 0
 
     # -- state ----------------------------------------------------------------------------
     def _check_seq_arg(self, seq_id: int, what: str) -> int:
