@@ -66,7 +66,8 @@ TARGET_NUMPY = 0.8
 
 
 def filled(model: Path, fa: bool, n_tokens: int) -> Any:
-    """pymem's side of bench_vs_llama_cpp.filled_pair alone (no llama.cpp context)."""
+    """pymem's side of bench_vs_llama_cpp.filled_pair alone (no llama.cpp context), for
+    any of its models (a KV cache, a hybrid or an iSWA memory)."""
     spec = spec_from_gguf(str(model))
     mem = bvl.make_memory(spec, n_ctx=bvl.STATE_N_CTX, n_seq_max=bvl.STATE_SEQ_MAX,
                           flash_attn=fa, kv_unified=True)  # fmt: skip
@@ -80,9 +81,8 @@ def filled(model: Path, fa: bool, n_tokens: int) -> Any:
         bvl.pymem_decode(mem, balloc, batch, n_seq_max=bvl.STATE_SEQ_MAX, n_vocab=100,
                          flash_attn=fa, inputs=False)  # fmt: skip
     rng = np.random.default_rng(0)
-    for layer in mem.layers:  # type: ignore[attr-defined]
-        for t in (layer.k, layer.v):
-            t.write_bytes(rng.integers(0, 255, t.nbytes, np.uint8))
+    for t in bvl.tensors_of(mem):  # every part's K/V (and R/S) tensors
+        t.write_bytes(rng.integers(0, 255, t.nbytes, np.uint8))
     return mem
 
 
@@ -216,25 +216,6 @@ def _native_share(fn: Any, setup: Any, repeats: int) -> tuple[float, float]:
     return statistics.median(totals) * 1e3, statistics.median(natives) * 1e3
 
 
-def filled_composite(name: str, fa: bool, n_tokens: int) -> Any:
-    """:func:`filled` for a hybrid or iSWA model: every part's tensors random."""
-    spec = spec_from_gguf(str(bvl.MODELS[name]))
-    mem = bvl.make_memory(spec, n_ctx=bvl.STATE_N_CTX, n_seq_max=bvl.STATE_SEQ_MAX,
-                          flash_attn=fa, kv_unified=True)  # fmt: skip
-    balloc = BatchAllocator()
-    for p0 in range(0, n_tokens, bvl.STATE_CHUNK):
-        seq = np.repeat(np.arange(bvl.STATE_N_SEQ), bvl.STATE_CHUNK)
-        pos = np.tile(np.arange(p0, p0 + bvl.STATE_CHUNK), bvl.STATE_N_SEQ)
-        batch = Batch(bvl.tokens_of(seq, pos, 100), pos=pos.astype(np.int32),
-                      seq_id=seq.astype(np.int32), output=pos == p0 + bvl.STATE_CHUNK - 1)  # fmt: skip
-        bvl.pymem_decode(mem, balloc, batch, n_seq_max=bvl.STATE_SEQ_MAX, n_vocab=100,
-                         flash_attn=fa, inputs=False)  # fmt: skip
-    rng = np.random.default_rng(0)
-    for t in bvl.tensors_of(mem):
-        t.write_bytes(rng.integers(0, 255, t.nbytes, np.uint8))
-    return mem
-
-
 def bench_composite(mem: Any, model: str, fa: bool, repeats: int) -> list[dict[str, Any]]:
     """Write and read of one sequence and of the whole memory, each split into its native
     part and the rest, against a numpy copy of the blob (each call after a read, as
@@ -281,7 +262,7 @@ def composites(quick: bool) -> None:
     rows: list[dict[str, Any]] = []
     for name in ("jamba", "gemma2"):
         for fa in (False, True):
-            mem = filled_composite(name, fa, n_tokens)
+            mem = filled(bvl.MODELS[name], fa, n_tokens)
             try:
                 rows += bench_composite(mem, f"tiny-{name}", fa, repeats)
             finally:
@@ -303,10 +284,27 @@ def composites(quick: bool) -> None:
             for r in rows
         ],
     )  # fmt: skip
-    print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+    _finish("bench_state_floor_composites", quick, rows, n_tokens, repeats, load_before,
+            load_after)  # fmt: skip
+
+
+def _finish(
+    name: str,
+    quick: bool,
+    rows: list[dict[str, Any]],
+    n_tokens: int,
+    repeats: int,
+    load_before: tuple[float, float, float],
+    load_after: tuple[float, float, float],
+) -> None:
+    """The load averages, and the results JSON of a full run."""
+    print(
+        f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
+        f"{os.cpu_count()} CPUs"
+    )
     if not quick:
         path = write_results(
-            "bench_state_floor_composites",
+            name,
             dict(rows=rows, n_tokens=n_tokens, repeats=repeats, target_vs_numpy=TARGET_NUMPY,
                  load_average_before=load_before, load_average_after=load_after,
                  cpus=os.cpu_count()),
@@ -353,18 +351,7 @@ def main() -> None:
             for r in rows
         ],
     )  # fmt: skip
-    print(
-        f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
-        f"{os.cpu_count()} CPUs"
-    )
-    if not quick:
-        path = write_results(
-            "bench_state_floor",
-            dict(rows=rows, n_tokens=n_tokens, repeats=repeats, target_vs_numpy=TARGET_NUMPY,
-                 load_average_before=load_before, load_average_after=load_after,
-                 cpus=os.cpu_count()),
-        )  # fmt: skip
-        print(f"wrote {path}")
+    _finish("bench_state_floor", quick, rows, n_tokens, repeats, load_before, load_after)
 
 
 if __name__ == "__main__":
