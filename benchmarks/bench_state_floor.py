@@ -118,8 +118,14 @@ def _parts(mem: Any, blob: bytes, seq_id: int) -> dict[str, Any]:
                 raise RuntimeError("the benchmark's whole blob should match its cells")
 
         parts["same_cells"] = whole_same
-        # a whole restore zeroes the bytes of the cells it does not fill (clear(true))
-        parts["zero"] = lambda: sio.zero_range(layout, mem.layers, 0, n, layout.kv_size)
+
+        # a whole restore zeroes the bytes of the cells it does not fill (clear(true)), in
+        # one native call where the tensors are in host memory (as the read does)
+        def zero() -> None:
+            if not sio.zero_range_native(layout, mem.layers, 0, n, layout.kv_size):
+                sio.zero_range(layout, mem.layers, 0, n, layout.kv_size)
+
+        parts["zero"] = zero
     parts["bytes"] = lambda: sio.put_payloads(layout, 0, n, lambda: runs, payloads)
     return parts
 
