@@ -70,8 +70,8 @@ def masked_swa(
 
 def window_start(swa_type: SWAType, n_swa: int, pos: int) -> int:
     """The first position ``>= 0`` a token at ``pos`` (``>= 0``) attends to in a layer of
-    ``swa_type``: the smallest ``p0`` that :func:`masked_swa` leaves visible (every
-    position after it is visible too). Arithmetic, no arrays: state writes and the reuse
+    ``swa_type``: the smallest ``p0`` that :func:`masked_swa` leaves visible (and every
+    position from it up to ``pos`` is). Arithmetic, no arrays: state writes and the reuse
     planner ask it per call; tests/test_reuse.py pins it to ``masked_swa``.
 
     E.g. STANDARD, n_swa 4, pos 10 -> 7 (7, 8, 9 and 10 itself); CHUNKED, 4, 10 -> 8;

@@ -335,7 +335,7 @@ def place_new_sequence(c: RecurrentCells, seq_id: int, pos: int) -> bool:
     c.pos[cell] = pos  # (an empty cell's position is -1: find_slot's jump warning never fires)
     src = c.src
     c.rs_z = -1 if (src == cell).any() else cell
-    own_src: int = c.src.item(cell)
+    own_src: int = src.item(cell)
     if own_src < 0:  # no source yet: it starts from the zero state
         if c.rs_z < 0:
             log.error("find_slot: no cell in [%d, %d] can hold the zero state", cell, cell)

@@ -66,13 +66,13 @@ def _runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     E.g. ``[4, 5, 6, 9, 10, 2] -> ([4, 9, 2], [7, 11, 3])``.
     """
     rows = rows.astype(np.int64, copy=False)
+    if rows.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     # a run breaks wherever the next row is not the previous one + 1
-    # E.g., [4, 5, 6, 9, 10, 2] -> breaks before index 3 and 5 -> last rows at [2, 4, 5]
+    # E.g., [4, 5, 6, 9, 10, 2] -> breaks after index 2 and 4: runs end at rows 6, 10, 2
     brk = np.flatnonzero(np.diff(rows) != 1)
     starts = np.empty(brk.size + 1, dtype=np.int64)
     ends = np.empty(brk.size + 1, dtype=np.int64)
-    if rows.size == 0:
-        return starts[:0], ends[:0]
     starts[0] = rows[0]
     starts[1:] = rows[brk + 1]
     ends[:-1] = rows[brk] + 1
