@@ -95,34 +95,30 @@ def select_rows(c: RecurrentCells, seq_id: int, n_rs_seq: int) -> tuple[np.ndarr
     disagree on their pending rollback.
     """
     size = c.size
-    if seq_id == -1:
-        cells = np.flatnonzero(c.seq_counts())
-    elif 0 <= seq_id < size and c.tail[seq_id] >= 0:
-        cells = np.array([c.tail[seq_id]], dtype=np.int64)
-    else:
-        cells = np.zeros(0, dtype=np.int64)
+    if seq_id != -1:  # one sequence: seq_cell_row's scalars (the one definition)
+        cell, row = seq_cell_row(c, seq_id, n_rs_seq)
+        n = int(cell >= 0)
+        return np.full(n, cell, dtype=np.int64), np.full(n, row, dtype=np.int64)
+    cells = np.flatnonzero(c.seq_counts())
     src = c.src[cells].astype(np.int64)
     rows = np.where(src >= 0, src, cells)
     if n_rs_seq and cells.size:
-        if seq_id != -1:
-            rows = rows + int(c.rs_idx[seq_id]) * size
-        else:
-            # every sequence of a cell must agree on its pending rollback
-            seqs = np.flatnonzero(c.tail >= 0)
-            cell_of = c.tail[seqs]
-            idx = c.rs_idx[seqs].astype(np.int64)
-            lo = np.full(size, np.iinfo(np.int64).max)
-            hi = np.full(size, -1, dtype=np.int64)
-            np.minimum.at(lo, cell_of, idx)
-            np.maximum.at(hi, cell_of, idx)
-            if (lo[cells] != hi[cells]).any():
-                bad = int(cells[np.flatnonzero(lo[cells] != hi[cells])[0]])
-                raise StateError(
-                    f"state_write: cell {bad} is shared by sequences {c.seq_ids(bad)} with different "
-                    f"pending rollbacks {[int(c.rs_idx[s]) for s in c.seq_ids(bad)]}; decode or remove "
-                    "one of them first"
-                )
-            rows = rows + hi[cells] * size
+        # every sequence of a cell must agree on its pending rollback
+        seqs = np.flatnonzero(c.tail >= 0)
+        cell_of = c.tail[seqs]
+        idx = c.rs_idx[seqs].astype(np.int64)
+        lo = np.full(size, np.iinfo(np.int64).max)
+        hi = np.full(size, -1, dtype=np.int64)
+        np.minimum.at(lo, cell_of, idx)
+        np.maximum.at(hi, cell_of, idx)
+        if (lo[cells] != hi[cells]).any():
+            bad = int(cells[np.flatnonzero(lo[cells] != hi[cells])[0]])
+            raise StateError(
+                f"state_write: cell {bad} is shared by sequences {c.seq_ids(bad)} with different "
+                f"pending rollbacks {[int(c.rs_idx[s]) for s in c.seq_ids(bad)]}; decode or remove "
+                "one of them first"
+            )
+        rows = rows + hi[cells] * size
     return cells, rows
 
 
@@ -162,9 +158,10 @@ def meta_words(c: RecurrentCells, cells: np.ndarray, seq_id: int) -> np.ndarray:
 
 
 def seq_cell_row(c: RecurrentCells, seq_id: int, n_rs_seq: int) -> tuple[int, int]:
-    """(cell, row) of sequence ``seq_id`` (>= 0) as :func:`select_rows` selects them, in
-    scalars: its tail cell and the row its state is read from (a pending copy's source, in
-    the pending rollback's plane); (-1, -1) when it holds no cell."""
+    """(cell, row) of sequence ``seq_id`` (>= 0): its tail cell and the row its state is
+    read from (a pending copy's source, in the pending rollback's plane); (-1, -1) when
+    it holds no cell. In scalars: the one-sequence writer asks it per call, and
+    :func:`select_rows` takes its one-sequence selection from it."""
     if not seq_id < c.size or c.tail[seq_id] < 0:
         return -1, -1
     cell = int(c.tail[seq_id])
