@@ -88,10 +88,12 @@ def filled(model: str, seed: int = 0) -> Memory:
     return mem
 
 
-def check_seq_writer(mem: Memory[Any], seq_id: int, flags: int = 0) -> None:
+def check_seq_writer(mem: Memory[Any], seq_id: int, flags: int = 0) -> bool:
     """The sized one-sequence writer (``Memory.seq_writer``: a new blob, a reused buffer,
     the size) gives the general writer's bytes (recorder + replay of ``state_write_into``),
-    or raises the same error."""
+    or raises the same error. Returns whether the sized writer took the call (when it
+    declines, the public calls fall back to the general writer and agree trivially:
+    callers count the calls it took)."""
     from pymem.state import write_state
 
     try:
@@ -99,9 +101,11 @@ def check_seq_writer(mem: Memory[Any], seq_id: int, flags: int = 0) -> None:
     except Exception as exc:  # whatever it is, the sized path must raise it too
         with pytest.raises(type(exc)):
             mem.state_write(seq_id, flags)
-        return
+        return False
+    took = mem.seq_writer(seq_id, flags) is not None
     assert mem.state_write(seq_id, flags) == want
     assert mem.state_size(seq_id, flags) == len(want)
     out = bytearray(b"\xee" * (len(want) + 3))
     assert mem.state_write_buffer(out, seq_id, flags) == len(want)
     assert bytes(out[: len(want)]) == want and out[len(want) :] == b"\xee" * 3
+    return took

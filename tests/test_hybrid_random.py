@@ -102,7 +102,9 @@ def _walk(mem: HybridMemory, rng: np.random.Generator, n_steps: int) -> dict[str
             mem.clear(True)
         check_hybrid(mem, N_SEQ, kv_loops=step % 10 == 9)
         # the sized one-sequence writer against the general one, both flag sets
-        check_seq_writer(mem, int(rng.integers(0, N_SEQ)), int(rng.choice([0, 1])))
+        counts["sized writer"] = counts.get("sized writer", 0) + check_seq_writer(
+            mem, int(rng.integers(0, N_SEQ)), int(rng.choice([0, 1]))
+        )
     return counts
 
 
@@ -115,6 +117,7 @@ def test_random_walk(pattern: str, unified: bool, seed: int) -> None:
     randomize(mem, seed)
     counts = _walk(mem, rng, 150)
     assert counts.get("decode", 0) > 30 and counts.get("bad_restore", 0) > 2
+    assert counts["sized writer"] > 100  # the comparisons were not the general writer's alone
     mem.close()
 
 
