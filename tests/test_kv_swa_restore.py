@@ -116,3 +116,29 @@ def test_a_restore_keeps_the_decode_steps_memo(monkeypatch: pytest.MonkeyPatch) 
     assert seen == [False], "the restore was not placed at commit"
     assert kv._memo is step_memo
     assert bytes(kv.state_write(1)) == blob
+
+
+def test_shared_cells_are_simulated_and_restore_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    # cells held by two sequences (a seq_cp) make the empty-cell count no proof (a shared
+    # cell the seq_rm leaves to the other sequence is not free): the deferring cache then
+    # simulates, and ends exactly where the always-simulating one does
+    seen = _planned(monkeypatch)
+    roads = []
+    for seed in range(6):
+        fast = _memory(seed, SWAType.STANDARD, 3, 48)
+        slow = _memory(seed, SWAType.STANDARD, 3, 48)
+        for kv in (fast, slow):
+            kv.seq_cp(0, 2, -1, -1)  # sequence 2 now shares sequence 0's cells
+        assert fast.cells.n_multi.sum() > 0 or fast.seq_pos_max(0) < 0
+        blob = bytes(fast.state_write(2))
+        for kv, deferred in ((fast, True), (slow, False)):
+            monkeypatch.setattr(state_io, "SWA_DEFERRED", deferred)
+            seen.clear()
+            kv.state_read(blob, 2)
+            if deferred:
+                roads += seen
+        assert _state(fast) == _state(slow), seed
+        check_invariants(fast)
+        for kv in (fast, slow):
+            kv.close()
+    assert roads and all(roads), "a restore into shared cells was not simulated"
