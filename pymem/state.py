@@ -22,7 +22,8 @@ from abc import abstractmethod
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeAlias
+from functools import partial
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Protocol, TypeAlias
 
 import numpy as np
 
@@ -506,6 +507,11 @@ def state_size(serialise: Callable[[StateWriter], None]) -> int:
 class StateReader:
     """Cursor over a blob. Every read checks the remaining length first."""
 
+    # whether read_payload hands out host views of the blob itself (a native parser may
+    # then walk the unread bytes at once: host_rest); readers whose payloads are
+    # something else (recorded ranges, device bytes) say False
+    payloads_are_host_views: ClassVar[bool] = True
+
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
         self._view = memoryview(data).cast("B")
         self.offset = 0
@@ -578,7 +584,7 @@ class StateReader:
         """The unread bytes as one host view, where this reader hands out payloads as host
         views (a plain blob): a native parser may walk them at once and then :meth:`skip`.
         None for readers whose payloads are something else (recorders, device blobs)."""
-        return self._view[self.offset :] if type(self) is StateReader else None
+        return self._view[self.offset :] if self.payloads_are_host_views else None
 
     def skip(self, n: int, what: str) -> None:
         """Pass over the next ``n`` bytes (walked by a native parser)."""
@@ -621,32 +627,34 @@ def expect(cond: bool, message: str) -> None:
 
 
 class PendingWrites:
-    """Tensor writes collected while parsing a blob, applied only after validation."""
+    """Tensor writes collected while parsing a blob, applied only after validation, in
+    the order they were added."""
 
     def __init__(self) -> None:
-        self._ops: list[tuple[Tensor | None, int, Any]] = []
+        self._ops: list[Callable[[], None]] = []
 
     def add(self, tensor: Tensor, offset: int, data: Payload) -> None:
-        self._ops.append((tensor, offset, data))
+        """``data`` (host bytes or a device payload) into ``tensor`` at byte ``offset``."""
+        self._ops.append(partial(_write_payload, tensor, offset, data))
 
     def add_call(self, store: Callable[[], None]) -> None:
         """A store a native parser validated already (many tensors' rows in one call)."""
-        self._ops.append((None, 0, store))
+        self._ops.append(store)
 
     def __len__(self) -> int:
         return len(self._ops)
 
     def commit(self) -> None:
-        for tensor, offset, data in self._ops:
-            if tensor is None:
-                data()
-            elif isinstance(data, DevicePayload):
-                data.copy_to(
-                    tensor, offset, 1, 0, _ONE_RUN_START, np.array([data.nbytes], np.uint64)
-                )
-            else:
-                tensor.write_bytes(data, offset)
+        for op in self._ops:
+            op()
         self._ops.clear()
+
+
+def _write_payload(tensor: Tensor, offset: int, data: Payload) -> None:
+    if isinstance(data, DevicePayload):
+        data.copy_to(tensor, offset, 1, 0, _ONE_RUN_START, np.array([data.nbytes], np.uint64))
+    else:
+        tensor.write_bytes(data, offset)
 
 
 _ONE_RUN_START = np.zeros(1, dtype=np.uint64)
@@ -692,6 +700,8 @@ Payload: TypeAlias = "memoryview | DevicePayload"
 class PayloadRecorder(StateReader):
     """A :class:`StateReader` that notes the ranges a parse takes as payloads
     (:meth:`read_payload`), to split the blob into host metadata and payloads."""
+
+    payloads_are_host_views = False  # every payload must pass through read_payload
 
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
         super().__init__(data)
@@ -763,6 +773,8 @@ class DeviceBlobReader(StateReader):
     Bounds are checked as over the whole blob; a read that does not match the split
     raises :class:`SplitMismatch`.
     """
+
+    payloads_are_host_views = False  # its payloads are DevicePayloads
 
     def __init__(self, split: BlobSplit, tensor: Tensor, base: int) -> None:
         super().__init__(split.meta)

@@ -178,3 +178,26 @@ def test_long_runs_stream_to_a_file_from_tensor_memory() -> None:
 
         with pytest.raises(RangeError, match=r"run\[1\] .* ends past 524288"):
             write_state_to(io.BytesIO(), past)
+
+
+def test_host_rest_only_where_payloads_are_host_views_and_pending_writes_keep_order() -> None:
+    from pymem.state import PayloadRecorder, PendingWrites, StateReader
+
+    blob = bytes(range(16))
+    reader = StateReader(blob)
+    reader.skip(4, "head")
+    rest = reader.host_rest()
+    assert rest is not None and bytes(rest) == blob[4:]
+    # a recorder's payloads must each pass through read_payload: no view of the rest
+    assert PayloadRecorder(blob).host_rest() is None
+    with TensorStore("cpu", [TensorSpec("t", "i8", (16,))]) as store:
+        t = store["t"]
+        t.write_bytes(bytes(16))
+        pending, order = PendingWrites(), []
+        pending.add(t, 0, memoryview(b"\x01\x02"))
+        pending.add_call(lambda: order.append(bytes(t.read_bytes(0, 2))))
+        pending.add(t, 0, memoryview(b"\x03"))
+        assert len(pending) == 3 and t.read_bytes(0, 2) == bytes(2)  # nothing before commit
+        pending.commit()
+        assert order == [b"\x01\x02"] and t.read_bytes(0, 2) == b"\x03\x02"
+        assert len(pending) == 0
