@@ -399,6 +399,7 @@ class RecurrentMemory(Memory):
     def init_update(self, optimize: bool = False) -> RecurrentMemoryContext:
         """Recurrent memory never has pending updates: always ``NO_UPDATE`` (one shared
         context: it only reports its status, so every decode step can reuse it)."""
+        self.check_open()
         return _NO_UPDATE
 
     def get_can_shift(self) -> bool:
@@ -654,6 +655,7 @@ class RecurrentMemory(Memory):
 
         E.g. size 4, tails [2, -1, ...], pos[2] = 9; ids [0, 1, 7] -> [9, -1, -1].
         """
+        self.check_open()
         memo = self._ids_in_range
         if memo is not None and seq_ids is memo[0]:
             ids, inside = memo[1], True  # the allocator's frozen layout ids: checked once
