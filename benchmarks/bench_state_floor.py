@@ -72,17 +72,12 @@ def filled(model: Path, fa: bool, n_tokens: int) -> Any:
     mem = bvl.make_memory(spec, n_ctx=bvl.STATE_N_CTX, n_seq_max=bvl.STATE_SEQ_MAX,
                           flash_attn=fa, kv_unified=True)  # fmt: skip
     balloc = BatchAllocator()
-    for p0 in range(0, n_tokens, bvl.STATE_CHUNK):
-        seq = np.repeat(np.arange(bvl.STATE_N_SEQ), bvl.STATE_CHUNK)
-        pos = np.tile(np.arange(p0, p0 + bvl.STATE_CHUNK), bvl.STATE_N_SEQ)
-        out = pos == p0 + bvl.STATE_CHUNK - 1
+    for seq, pos, out in bvl.fill_chunks(n_tokens):
         batch = Batch(bvl.tokens_of(seq, pos, 100), pos=pos.astype(np.int32),
                       seq_id=seq.astype(np.int32), output=out)  # fmt: skip
         bvl.pymem_decode(mem, balloc, batch, n_seq_max=bvl.STATE_SEQ_MAX, n_vocab=100,
                          flash_attn=fa, inputs=False)  # fmt: skip
-    rng = np.random.default_rng(0)
-    for t in bvl.tensors_of(mem):  # every part's K/V (and R/S) tensors
-        t.write_bytes(rng.integers(0, 255, t.nbytes, np.uint8))
+    bvl.randomize_tensors(mem)  # every part's K/V (and R/S) tensors
     return mem
 
 

@@ -59,6 +59,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -491,6 +492,23 @@ STATE_TOKENS = 8192
 STATE_CHUNK = 128
 
 
+def fill_chunks(n_tokens: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The batches that fill the state benchmarks' memories: STATE_N_SEQ sequences of
+    ``n_tokens``, one chunk of each per batch, as ``(seq, pos, output)``. E.g. chunk 2:
+    seq [0, 0, 1, 1], pos [p0, p0 + 1] x 2, output at each chunk's last token."""
+    for p0 in range(0, n_tokens, STATE_CHUNK):
+        seq = np.repeat(np.arange(STATE_N_SEQ), STATE_CHUNK)
+        pos = np.tile(np.arange(p0, p0 + STATE_CHUNK), STATE_N_SEQ)
+        yield seq, pos, pos == p0 + STATE_CHUNK - 1
+
+
+def randomize_tensors(mem: Memory) -> None:
+    """Random bytes in every tensor of ``mem`` (zero after bookkeeping-only decodes)."""
+    rng = np.random.default_rng(0)
+    for t in tensors_of(mem):
+        t.write_bytes(rng.integers(0, 255, t.nbytes, np.uint8))
+
+
 def filled_pair(
     models: LlamaModels, spec: Any, flash_attn: bool, n_tokens: int, name: str = "llama"
 ) -> Pair:
@@ -501,16 +519,9 @@ def filled_pair(
     mem = make_memory(spec, n_ctx=STATE_N_CTX, n_seq_max=STATE_SEQ_MAX, flash_attn=flash_attn,
                       kv_unified=True)  # fmt: skip
     pair = Pair(ref, mem, STATE_SEQ_MAX, flash_attn)
-    for p0 in range(0, n_tokens, STATE_CHUNK):
-        # one call = one chunk of each sequence, E.g. chunk 2: seq [0, 0, 1, 1], pos [p0, p0+1] x 2
-        seq = np.repeat(np.arange(STATE_N_SEQ), STATE_CHUNK)
-        pos = np.tile(np.arange(p0, p0 + STATE_CHUNK), STATE_N_SEQ)
-        out = pos == p0 + STATE_CHUNK - 1
+    for seq, pos, out in fill_chunks(n_tokens):
         pair.decode_both(seq, pos, out, inputs=False)
-    # the pymem tensors are zero after bookkeeping-only decodes: random bytes instead
-    rng = np.random.default_rng(0)
-    for t in tensors_of(mem):
-        t.write_bytes(rng.integers(0, 255, t.nbytes, np.uint8))
+    randomize_tensors(mem)
     return pair
 
 
