@@ -142,3 +142,30 @@ def test_shared_cells_are_simulated_and_restore_the_same(monkeypatch: pytest.Mon
         for kv in (fast, slow):
             kv.close()
     assert roads and all(roads), "a restore into shared cells was not simulated"
+
+
+@pytest.mark.parametrize("swa_type", [SWAType.NONE, SWAType.STANDARD])
+def test_native_and_numpy_restore_placements_agree(
+    monkeypatch: pytest.MonkeyPatch, swa_type: SWAType
+) -> None:
+    # a restore of up to NATIVE_PLACE_MAX_CELLS cells is placed through the native paths
+    # (a frozen ubatch), a longer one through numpy: both must leave the same cache
+    def run(limit: int) -> tuple:
+        monkeypatch.setattr(state_io, "NATIVE_PLACE_MAX_CELLS", limit)
+        kv = _memory(5, swa_type if swa_type != SWAType.NONE else SWAType.STANDARD, 4, 48)
+        if swa_type == SWAType.NONE:  # the same decode history, no window
+            kv.close()
+            spec = iswa_spec("AA")
+            kv = KVCache(spec, kv_size=48, type_k="f16", type_v="f16", v_trans=True,
+                         unified=True, n_seq_max=3)  # fmt: skip
+            decode(kv, [[1 + s, p, [s], False] for p in range(9) for s in range(3)], n_ubatch=8)
+            randomize(kv, 5)
+        blobs = [bytes(kv.state_write(s)) for s in range(3)]
+        for s in (1, 0, 2):
+            kv.seq_rm(s, -1, -1)
+            kv.state_read(blobs[s], s)
+        out = _state(kv)
+        kv.close()
+        return out
+
+    assert run(0) == run(1 << 20)
