@@ -551,7 +551,11 @@ def interleaved(fns: dict[str, Any], repeats: int) -> dict[str, float]:
 def bench_state(pair: Pair, repeats: int) -> list[dict[str, Any]]:
     ref, mem = pair.ref, pair.mem
     rows = []
-    for what, seq_id in (("one sequence", 0), ("whole state", -1)):
+    # "swapped in": the sequence removed first (seq_rm, timed with the read on both
+    # sides), so the restore places it among the others' cells instead of back into its
+    # own, as a runtime that swaps sequences in and out does
+    for what, seq_id, swap in (("one sequence", 0, False), ("whole state", -1, False),
+                               ("one sequence, swapped in", 0, True)):  # fmt: skip
         blob = mem.state_write(seq_id)
         n_mem = len(blob)
         if seq_id >= 0:
@@ -567,7 +571,10 @@ def bench_state(pair: Pair, repeats: int) -> list[dict[str, Any]]:
                 n = lc.llama_state_get_data(ref.ctx, buf, n_ref)
             assert n == n_ref, (n, n_ref)
 
-        def ref_set(buf: Any = buf, n_ref: int = n_ref, seq_id: int = seq_id) -> None:
+        def ref_set(buf: Any = buf, n_ref: int = n_ref, seq_id: int = seq_id,
+                    swap: bool = swap) -> None:  # fmt: skip
+            if swap:
+                lc.llama_memory_seq_rm(ref.mem, seq_id, -1, -1)
             if seq_id >= 0:
                 n = lc.llama_state_seq_set_data(ref.ctx, buf, n_ref, seq_id)
             else:
@@ -582,7 +589,10 @@ def bench_state(pair: Pair, repeats: int) -> list[dict[str, Any]]:
                 "llama_cpp_write": ref_get,
                 "pymem_write": lambda seq_id=seq_id: mem.state_write(seq_id),
                 "llama_cpp_read": ref_set,
-                "pymem_read": lambda blob=blob, seq_id=seq_id: mem.state_read(blob, seq_id),
+                "pymem_read": lambda blob=blob, seq_id=seq_id, swap=swap: (
+                    swap and mem.seq_rm(seq_id, -1, -1),
+                    mem.state_read(blob, seq_id),
+                ),
                 "numpy_copy": lambda src=src, dst=dst: np.copyto(dst, src),
             },
             repeats,
