@@ -1337,7 +1337,10 @@ def parse_kv_state(
             slot: list[tuple[np.ndarray | None, Runs | None]] = []  # (cells, runs) placed
             cells = v_cells[strm]
             same_cells: Runs | None = None
-            if not swa and not plan.steps and not cells.n_multi:
+            # a sequence the stream does not hold (swapped out by a seq_rm) has no cells to
+            # go back into, nor any that its seq_rm would free: no scan of the stream for it
+            holds = cells.seq_pos_max(seq_id) >= 0
+            if holds and not swa and not plan.steps and not cells.n_multi:
                 # seq_same_cells checks n_seq_id == 1 too: the full check only without it
                 words = _parse_meta_fixed(reader, n, n_ext, f"{what}.cells", check_ids=False)
                 same_cells = seq_same_cells(cells, int(v_heads.a[strm]), seq_id, words, n_ext)
@@ -1358,7 +1361,9 @@ def parse_kv_state(
             defer = not plan.steps and not (swa and (cells.n_multi or not SWA_DEFERRED))
             if defer and same_cells is None:
                 # free after seq_rm: the empty cells and those held by seq_id alone
-                free = kv_size - cells.used + int(np.count_nonzero(cells.owner == seq_id))
+                free = kv_size - cells.used
+                if holds:
+                    free += int(np.count_nonzero(cells.owner == seq_id))
                 if n > free and not swa:
                     raise StateError(
                         f"{what}: failed to find {n} available cells in kv cache "
