@@ -415,3 +415,25 @@ def test_native_seq_rm_equals_reference(monkeypatch, seed: int, unified: bool) -
         check_invariants(fast)
         check_invariants(ref)
     assert any(taken)
+
+
+def test_new_rows_of_says_distinct_exactly_when_no_key_repeats() -> None:
+    # NewRows.of skips np.unique for one token and for one sequence in one stream: the
+    # answer must be the sort's in every case
+    rng = np.random.default_rng(3)
+    cases = [(np.array([0]), 5, np.full((5, 1), 7)), (np.array([0]), 1, np.array([[7]])),
+             (np.array([2]), 4, np.array([[1], [1], [2], [1]])),
+             (np.array([0, 1]), 2, np.array([[3], [3], [3], [3]])),
+             (np.array([0, 1]), 1, np.array([[3], [3]]))]  # fmt: skip
+    for _ in range(200):
+        n_str = int(rng.integers(1, 4))
+        n_per = int(rng.integers(1, 5))
+        strm = rng.choice(8, n_str, replace=False)
+        ids = rng.integers(0, 3 if rng.random() < 0.5 else 200, (n_str * n_per, 1))
+        cases.append((strm, n_per, ids))
+    for strm, n_per, ids in cases:
+        got = cells_mod.NewRows.of(strm, n_per, ids)
+        rows = np.repeat(strm, n_per) if strm.size > 1 else np.full(ids.shape[0], strm[0])
+        key = rows * 256 + ids[:, 0]
+        assert got.simple and got.distinct == (np.unique(key).size == key.size), (strm, ids)
+        assert np.array_equal(got.key, key)

@@ -148,10 +148,10 @@ def test_shared_cells_are_simulated_and_restore_the_same(monkeypatch: pytest.Mon
 def test_native_and_numpy_restore_placements_agree(
     monkeypatch: pytest.MonkeyPatch, swa_type: SWAType
 ) -> None:
-    # a restore of up to NATIVE_PLACE_MAX_CELLS cells is placed through the native paths
-    # (a frozen ubatch), a longer one through numpy: both must leave the same cache
-    def run(limit: int) -> tuple:
-        monkeypatch.setattr(state_io, "NATIVE_PLACE_MAX_CELLS", limit)
+    # a restore is placed through the native paths (a frozen ubatch); the numpy paths
+    # are the reference: both must leave the same cache
+    def run(native: bool) -> tuple:
+        monkeypatch.setattr(state_io, "NATIVE_PLACE", native)
         kv = _memory(5, swa_type if swa_type != SWAType.NONE else SWAType.STANDARD, 4, 48)
         if swa_type == SWAType.NONE:  # the same decode history, no window
             kv.close()
@@ -168,4 +168,4 @@ def test_native_and_numpy_restore_placements_agree(
         kv.close()
         return out
 
-    assert run(0) == run(1 << 20)
+    assert run(False) == run(True)

@@ -1094,7 +1094,7 @@ def _restore_ubatch(
     ub.seq_id_unq[0] = seq_id
     ub.seq_idx[:] = -1
     ub.seq_idx[seq_id] = 0
-    if n <= NATIVE_PLACE_MAX_CELLS:
+    if NATIVE_PLACE:
         # frozen, as an allocator's ubatch: find_slot and apply_ubatch take their native
         # paths for it (a step memo is built only over sequence arrays that cannot change)
         for a in (ub.seq_id, ub.seq_id_unq, ub.n_seq_id):
@@ -1102,12 +1102,12 @@ def _restore_ubatch(
     return ub
 
 
-NATIVE_PLACE_MAX_CELLS = 128
-"""The largest per-sequence restore placed through find_slot's and apply_ubatch's native
-paths (:func:`_restore_ubatch` freezes its ubatch). Those paths need a step memo whose
-build grows with the cells, for a ubatch used once: tiny-llama restores after a seq_rm,
-frozen / not, 128 cells 127 / 142 µs, 256 cells 143 / 143, 8,192 cells 661 / 556
-(the memo alone ~150 µs there)."""
+NATIVE_PLACE = True
+"""A per-sequence restore's placement takes find_slot's and apply_ubatch's native paths
+(:func:`_restore_ubatch` freezes its ubatch; False: the numpy paths, which tests pin the
+native ones to). Measured, tiny-llama restores after a seq_rm, native / numpy: 128 cells
+130 / 145 µs, 2,048 cells 225 / 231, 8,192 cells 508 / 532 (the step memo the native
+paths need cost ~150 µs at 8,192 cells until NewRows.of stopped sorting one key)."""
 
 
 @lru_cache(maxsize=4096)
