@@ -57,7 +57,7 @@ def test_size_write_and_buffer_kinds_equal_the_general_writer(monkeypatch, name:
 
 
 @pytest.mark.parametrize("name", ["f16-trans", "f32-notrans-streams"])
-def test_reuse_writes_only_what_a_search_just_found(name: str) -> None:
+def test_reuse_searches_again_unless_the_scratch_holds_that_sequence(name: str) -> None:
     kv = _fragmented(name, 6)
     blob = state_io.seq_blob(kv.layout, kv.v_cells, kv.v_heads, kv._native_section())
     assert blob is not None
@@ -74,6 +74,22 @@ def test_reuse_writes_only_what_a_search_just_found(name: str) -> None:
         assert size is not None
         assert blob.write(out, seq_id, "test", reuse=True) == size
         assert bytes(out[:size]) == want[seq_id]
+
+
+@pytest.mark.parametrize("name", ["f16-trans", "f32-notrans"])
+def test_a_parse_between_sizing_and_filling_does_not_leave_stale_runs(name: str) -> None:
+    # a one-call read check fills the stream's run scratch with another sequence's runs:
+    # the sized writer's fill must search again (it raised, or wrote sequence 1's runs)
+    from pymem.state import StateReader
+
+    kv = _fragmented(name, 6)
+    want, blob1 = bytes(kv.state_write(0)), bytes(kv.state_write(1))
+    one = kv.seq_writer(0, 0)  # sized: sequence 0's runs in the scratch
+    assert one is not None
+    size, fill = one
+    kv.state_read_parse(StateReader(blob1), 1)  # its native check searches sequence 1
+    out = bytearray(size)
+    assert fill(memoryview(out)) == size and bytes(out) == want
 
 
 def test_sized_writer_refuses_a_cache_changed_after_sizing() -> None:

@@ -150,8 +150,19 @@ def test_native_and_numpy_restore_placements_agree(
 ) -> None:
     # a restore is placed through the native paths (a frozen ubatch); the numpy paths
     # are the reference: both must leave the same cache
+    placed_natively = []
+    real = KVCache._place_native
+
+    def counting(self: KVCache, *args: object, **kw: object) -> bool:
+        done = real(self, *args, **kw)  # type: ignore[arg-type]
+        placed_natively.append(done)
+        return done
+
+    monkeypatch.setattr(KVCache, "_place_native", counting)
+
     def run(native: bool) -> tuple:
         monkeypatch.setattr(state_io, "NATIVE_PLACE", native)
+        placed_natively.clear()
         kv = _memory(5, swa_type if swa_type != SWAType.NONE else SWAType.STANDARD, 4, 48)
         if swa_type == SWAType.NONE:  # the same decode history, no window
             kv.close()
@@ -166,6 +177,8 @@ def test_native_and_numpy_restore_placements_agree(
             kv.state_read(blobs[s], s)
         out = _state(kv)
         kv.close()
+        # the road asked for is the one taken: native placements only when frozen
+        assert any(placed_natively) == native, (native, placed_natively)
         return out
 
     assert run(False) == run(True)

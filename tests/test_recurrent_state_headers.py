@@ -71,9 +71,30 @@ def test_rows_section_refuses_before_writing() -> None:
     bad[1, 1] += 4  # a row size the tensor does not have
     assert call(bad, 1, need) == lib.PM_ERR_ARG
     assert call(spec, mem.size * 1000, need) == lib.PM_ERR_ARG  # past the tensor's end
+    assert call(spec, (1 << 63) - 1, need) == lib.PM_ERR_ARG  # the largest row: no overflow
     assert out == bytearray(b"\xab" * (need + 4))
     assert call(spec, 1, need) == lib.PM_OK and written[0] == need
     assert out[need:] == b"\xab" * 4
+
+    # pm_rows_sections (several cells' runs): an empty, a reversed or a negative run and a
+    # run past the tensors' end are refused before a byte is written
+    big = bytearray(b"\xab" * (1 << 16))
+
+    def sections(starts, ends):  # type: ignore[no-untyped-def]
+        st, en = np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64)
+        return lib.pm_rows_sections(
+            rows._tensors, ffi.from_buffer("int64_t[]", spec), len(tensors),
+            ffi.from_buffer("int64_t[]", st), ffi.from_buffer("int64_t[]", en), st.size,
+            ffi.from_buffer(big, require_writable=True), len(big), written,
+        )  # fmt: skip
+
+    n_rows = tensors[0].n_rows
+    for starts, ends in (([0, 1], [1, 1]), ([1], [0]), ([-1], [1]), ([0], [n_rows + 1]),
+                         ([(1 << 63) - 2], [(1 << 63) - 1])):  # fmt: skip
+        assert sections(starts, ends) == lib.PM_ERR_ARG, (starts, ends)
+    assert big == bytearray(b"\xab" * (1 << 16))
+    assert sections([1, 0], [2, 1]) == lib.PM_OK  # two runs, out of order
+    assert written[0] == sum(12 + 2 * t.row_size for t in tensors)
     mem.close()
 
 

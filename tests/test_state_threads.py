@@ -84,13 +84,18 @@ def test_the_default_follows_pymem_state_threads(env: str, want: int | None) -> 
     code = "import pymem; print(pymem.state_threads()[0])"
     run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYMEM_STATE_THREADS": env},
                          capture_output=True, text=True, check=True)  # fmt: skip
-    assert int(run.stdout) == (want if want is not None else max(1, min(4, os.cpu_count() or 1)))
+    assert int(run.stdout) == (want if want is not None else _default_threads())
+
+
+def _default_threads() -> int:
+    """min(4, online CPUs), as the native side counts them (sysconf, not os.cpu_count)."""
+    return max(1, min(4, os.sysconf("SC_NPROCESSORS_ONLN")))
 
 
 @pytest.mark.skipif("PYMEM_STATE_THREADS" in os.environ, reason="the default comes from it")
-def test_settings_and_refusals() -> None:
+def test_set_state_threads_sets_reports_and_refuses_with_the_field() -> None:
     set_state_threads(0)  # the default: min(4, online CPUs) from 4 MiB on
-    assert state_threads() == (max(1, min(4, os.cpu_count() or 1)), 4 << 20)
+    assert state_threads() == (_default_threads(), 4 << 20)
     set_state_threads(3, 1 << 20)
     assert state_threads() == (3, 1 << 20)
     for n, min_bytes in ((-1, 0), (65, 0), (True, 0), (2.0, 0), (2, -1), (0, 1 << 20)):
@@ -109,14 +114,17 @@ def test_a_cache_without_layers_writes_its_headers(n: int) -> None:
     from pymem.spec import LayerSpec, ModelSpec
 
     spec = ModelSpec(layers=(LayerSpec.attention(2, 8),))
-    kv = KVCache(spec, kv_size=64, filter=lambda il: False, type_k="f16", type_v="f16",
-                 unified=True, n_seq_max=2)  # fmt: skip
+
+    def layerless() -> KVCache:
+        return KVCache(spec, kv_size=64, filter=lambda il: False, type_k="f16", type_v="f16",
+                       unified=True, n_seq_max=2)  # fmt: skip
+
+    kv = layerless()
     assert not kv.layers
     assert decode(kv, [[1, 0, [0], False], [2, 1, [0], True]]) == 0
     set_state_threads(n, 0)
     blob = bytes(kv.state_write(0))
-    other = KVCache(spec, kv_size=64, filter=lambda il: False, type_k="f16", type_v="f16",
-                    unified=True, n_seq_max=2)  # fmt: skip
+    other = layerless()
     assert other.state_read(blob, 0) == len(blob) and other.seq_pos_max(0) == 1
     assert bytes(other.state_write()) == bytes(kv.state_write())
     kv.close()
@@ -151,7 +159,9 @@ def test_recurrent_sections_native_equal_general(n_rs_seq: int) -> None:
 
 
 @pytest.mark.parametrize("name", [*NAMES, "mrope-ext"])
-def test_native_zeroing_equals_the_numpy_reference(name: str) -> None:
+def test_native_zeroing_equals_the_numpy_reference(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
     # a whole restore zeroes the cells its blob does not fill in one native call
     # (pm_stateio_put_cells without sources); kv.state_rows.zero_range is the reference
     from pymem.kv import state_io
@@ -170,11 +180,9 @@ def test_native_zeroing_equals_the_numpy_reference(name: str) -> None:
                     assert t.read_bytes() == u.read_bytes()
         # the reference road switched on: declined, nothing zeroed (the caller zeroes)
         before = [layer.k.read_bytes() for layer in native.layers]
-        state_io.NATIVE_RUNS = False
-        try:
+        with monkeypatch.context() as m:
+            m.setattr(state_io, "NATIVE_RUNS", False)
             assert not state_io.zero_range_native(native.layout, native.layers, 0, 10, 20)
-        finally:
-            state_io.NATIVE_RUNS = True
         assert [layer.k.read_bytes() for layer in native.layers] == before
         native.close()
         numpy.close()

@@ -180,16 +180,26 @@ def test_long_runs_stream_to_a_file_from_tensor_memory() -> None:
             write_state_to(io.BytesIO(), past)
 
 
-def test_host_rest_only_where_payloads_are_host_views_and_pending_writes_keep_order() -> None:
-    from pymem.state import PayloadRecorder, PendingWrites, StateReader
+def test_host_rest_only_where_payloads_are_host_views() -> None:
+    from pymem.state import DeviceBlobReader, PayloadRecorder, StateReader
+
+    class PlainSubclass(StateReader):  # a subclass that changes no payload: still views
+        pass
 
     blob = bytes(range(16))
-    reader = StateReader(blob)
-    reader.skip(4, "head")
-    rest = reader.host_rest()
-    assert rest is not None and bytes(rest) == blob[4:]
-    # a recorder's payloads must each pass through read_payload: no view of the rest
+    for cls in (StateReader, PlainSubclass):
+        reader = cls(blob)
+        reader.skip(4, "head")
+        rest = reader.host_rest()
+        assert rest is not None and bytes(rest) == blob[4:]
+    # payloads that must each pass through read_payload (recorded ranges, device bytes)
     assert PayloadRecorder(blob).host_rest() is None
+    assert DeviceBlobReader.payloads_are_host_views is False
+
+
+def test_pending_writes_apply_in_order_and_only_at_commit() -> None:
+    from pymem.state import PendingWrites
+
     with TensorStore("cpu", [TensorSpec("t", "i8", (16,))]) as store:
         t = store["t"]
         t.write_bytes(bytes(16))
