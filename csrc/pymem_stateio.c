@@ -193,7 +193,8 @@ static void pm_copy_all(const pm_piece * pieces, int64_t n_pieces, int64_t n, co
     for (int64_t t = 0; t < n_thr; ++t) {
         shares[t] = (pm_share) { pieces, p, p, run_starts, run_ends, n_runs };
         const int64_t goal = bytes / n_thr * (t + 1);  // cumulative bytes this share ends at
-        while (p < n_pieces && (t == n_thr - 1 || acc < goal)) {
+        // a piece joins this share while its middle lies below the goal (the nearest split)
+        while (p < n_pieces && (t == n_thr - 1 || acc + pieces[p].bytes * n / 2 < goal)) {
             acc += pieces[p].bytes * n;
             ++p;
         }
@@ -222,6 +223,8 @@ static void pm_copy_all(const pm_piece * pieces, int64_t n_pieces, int64_t n, co
 // The pieces of one call: moved by pm_batch_run, on the state threads, when their list
 // could be allocated; else each one on the calling thread as it is added (so a restore's
 // commit never fails for want of memory). `cap`: the most pieces the call adds.
+#define PM_BATCH_MAX_PIECES (1 << 20)
+
 typedef struct {
     pm_piece *      pieces;  // NULL: no list
     int64_t         n_pieces, cap;
@@ -234,7 +237,11 @@ typedef struct {
 static pm_batch pm_batch_new(int64_t cap, int64_t n, const int64_t * run_starts, const int64_t * run_ends,
                              int64_t n_runs) {
     pm_batch b = { NULL, 0, cap, n, run_starts, run_ends, n_runs };
-    if (cap > 1 && (uint64_t) cap <= SIZE_MAX / sizeof(pm_piece)) {  // one piece: nothing to split
+    // a list only where it can be split: more than one piece and more than one thread set
+    // (else each piece moves as it is added, no malloc); and not for a count no real
+    // section reaches (1 << 20 pieces, 40 MiB of list: 80 layers x 13,000 V channels),
+    // which only odd parameters give (one byte a repetition over a whole tensor)
+    if (cap > 1 && cap <= PM_BATCH_MAX_PIECES && pm_get_copy_threads(NULL) > 1) {
         b.pieces = (pm_piece *) malloc((size_t) cap * sizeof(pm_piece));
     }
     return b;
@@ -362,6 +369,25 @@ pm_status pm_kv_seq_same_cells(const int32_t * pos, const int32_t * shift, const
     return PM_OK;
 }
 
+// The runs [run_starts[i], run_ends[i]) of a call, checked: each non-empty and from 0 on,
+// their cells counted without overflow (runs may come in any order). *n_cells = that count,
+// *end_max = one past the highest cell. PM_ERR_ARG for a bad run or a count past INT64_MAX.
+static pm_status pm_runs_measure(const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs,
+                                 int64_t * n_cells, int64_t * end_max) {
+    int64_t cells = 0, hi = 0;
+    for (int64_t i = 0; i < n_runs; ++i) {
+        const int64_t a = run_starts[i], b = run_ends[i];
+        if (a < 0 || b <= a || b - a > INT64_MAX - cells) {
+            return PM_ERR_ARG;
+        }
+        cells += b - a;
+        hi = b > hi ? b : hi;
+    }
+    *n_cells = cells;
+    *end_max = hi;
+    return PM_OK;
+}
+
 pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void * const * src,
                                const int64_t * params, int64_t n_sec, const int64_t * run_starts,
                                const int64_t * run_ends, int64_t n_runs) {
@@ -370,12 +396,9 @@ pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void 
         return PM_ERR_ARG;
     }
     // runs in any order (a slot search that wrapped around lists its later cells first)
-    int64_t end_max = 0;
-    for (int64_t i = 0; i < n_runs; ++i) {
-        if (run_starts[i] < 0 || run_ends[i] <= run_starts[i]) {
-            return PM_ERR_ARG;
-        }
-        end_max = run_ends[i] > end_max ? run_ends[i] : end_max;
+    int64_t n_cells = 0, end_max = 0;
+    if (pm_runs_measure(run_starts, run_ends, n_runs, &n_cells, &end_max) != PM_OK) {
+        return PM_ERR_ARG;
     }
     if (n_runs == 0) {
         return PM_OK;
@@ -415,13 +438,10 @@ pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void 
         }
     }
     // every check done: one piece per section and repetition
-    int64_t n_pieces = 0, n_cells = 0;
+    int64_t n_pieces = 0;
     for (int64_t k = 0; k < n_sec; ++k) {
         const int64_t * p = params + 5 * k;
         n_pieces += p[2] == 0 ? 0 : p[3];
-    }
-    for (int64_t i = 0; i < n_runs; ++i) {
-        n_cells += run_ends[i] - run_starts[i];
     }
     pm_batch batch = pm_batch_new(n_pieces, n_cells, run_starts, run_ends, n_runs);
     for (int64_t k = 0; k < n_sec; ++k) {
@@ -562,10 +582,6 @@ static int pm_section_inside(const struct ggml_tensor * t, uint64_t off, uint64_
     const uint64_t end = off + reps * rep_stride + cells * stride;
     return end >= off && end <= nbytes;
 }
-
-// copy the rows of runs [run_starts[i], run_ends[i]) (row bytes each) from base to w, in
-// order; returns the end of what was written. The head of the next run is asked for before
-// each copy: runs start scattered over the tensor, and each start is otherwise a cold miss
 
 // the pieces of a KV section (pm_kv_write_section's spec words): a K row tensor per layer,
 // and its V as one row tensor or, transposed, one piece per channel
@@ -900,11 +916,14 @@ static int32_t pm_seq_blob_stream(const pm_kv_seq_blob * b, int32_t seq_id) {
     if (b == NULL || b->seq_to_stream == NULL || seq_id < 0 || seq_id >= b->n_seq || b->n_stream < 1 ||
         b->pos == NULL || b->owner == NULL || b->spec == NULL || b->run_starts == NULL || b->run_ends == NULL ||
         b->n_multi == NULL || b->used == NULL || b->heads == NULL || b->has_shift == NULL ||
-        b->tensors == NULL || b->runs_cap < b->size / 2 + 1) {
+        b->tensors == NULL || (b->n_ext != 0 && b->ext == NULL) || b->runs_cap < b->size / 2 + 1) {
         return -1;
     }
     const int32_t s = b->seq_to_stream[seq_id];
-    return s >= 0 && s < b->n_stream ? s : -1;
+    if (s < 0 || s >= b->n_stream || (b->has_shift[s] && (b->shift == NULL || b->shift[s] == NULL))) {
+        return -1;  // (the shifts are read only for a stream that has some)
+    }
+    return s;
 }
 
 // pm_kv_select for one sequence whose cells must also have a position in [p_lo, p_hi] (a
@@ -1021,12 +1040,8 @@ pm_status pm_rows_sections(struct ggml_tensor * const * tensors, const int64_t *
         return PM_ERR_ARG;
     }
     int64_t n_cells = 0, row_max = 0;  // row_max: one past the highest row read
-    for (int64_t k = 0; k < n_runs; ++k) {
-        if (run_starts[k] < 0 || run_ends[k] <= run_starts[k]) {
-            return PM_ERR_ARG;
-        }
-        n_cells += run_ends[k] - run_starts[k];
-        row_max = run_ends[k] > row_max ? run_ends[k] : row_max;
+    if (pm_runs_measure(run_starts, run_ends, n_runs, &n_cells, &row_max) != PM_OK) {
+        return PM_ERR_ARG;
     }
     int64_t total = 0, n_pieces = 0;
     for (int64_t i = 0; i < n; ++i) {
@@ -1088,9 +1103,11 @@ pm_status pm_rows_store(struct ggml_tensor * const * tensors, const int64_t * sp
             return PM_ERR_ARG;
         }
         if (row_size > 0 && n_rows > 0) {
-            const uint64_t rows_in = t->buffer == NULL ? 0 : ggml_nbytes(t) / (uint64_t) row_size;
-            if (t->buffer == NULL || !ggml_backend_buffer_is_host(t->buffer) || t->nb[1] != (size_t) row_size ||
-                (uint64_t) dst_row > rows_in || (uint64_t) n_rows > rows_in - (uint64_t) dst_row) {
+            if (t->buffer == NULL || !ggml_backend_buffer_is_host(t->buffer) || t->nb[1] != (size_t) row_size) {
+                return PM_ERR_ARG;
+            }
+            const uint64_t rows_in = ggml_nbytes(t) / (uint64_t) row_size;
+            if ((uint64_t) dst_row > rows_in || (uint64_t) n_rows > rows_in - (uint64_t) dst_row) {
                 return PM_ERR_ARG;
             }
         }

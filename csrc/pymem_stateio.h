@@ -44,7 +44,9 @@ pm_status pm_kv_seq_same_cells(const int32_t * pos, const int32_t * shift, const
 // before any byte moves: PM_ERR_ARG for a null pointer (src[k] aside), a non-host tensor, a
 // negative count, an empty or negative run, repetitions that overlap; PM_ERR_RANGE for a
 // byte outside a tensor. The bytes move on pm_set_copy_threads' threads (a list of pieces
-// that cannot be allocated: on the calling thread; nothing here fails for memory).
+// that cannot be allocated: on the calling thread; nothing here fails for memory), so two
+// sections must not write the same bytes: their order is not kept (not checked: every
+// caller writes each layer's K and V tensors once).
 pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void * const * src,
                                const int64_t * params, int64_t n_sec, const int64_t * run_starts,
                                const int64_t * run_ends, int64_t n_runs);
@@ -171,7 +173,7 @@ pm_status pm_rows_section(struct ggml_tensor * const * tensors, const int64_t * 
 // as pm_rows_section writes it, then the rows of every run [run_starts[k], run_ends[k]),
 // runs in the order given (any order; each run's rows ascending). *written = their bytes;
 // PM_ERR_RANGE, nothing written, when cap is smaller; PM_ERR_ARG as pm_rows_section, or for
-// a run that is empty or starts below 0. The rows move on set_state_threads' threads.
+// a run that is empty or starts below 0. The rows move on pm_set_copy_threads' threads.
 pm_status pm_rows_sections(struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n,
                            const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs, void * out,
                            int64_t cap, int64_t * written);
@@ -190,9 +192,9 @@ pm_status pm_rows_store(struct ggml_tensor * const * tensors, const int64_t * sp
 // The threads that move a large state section's tensor bytes (pm_kv_write_section,
 // pm_kv_write_seq_blob, pm_kv_read_seq_blob, pm_stateio_put_cells, pm_rows_sections,
 // pm_rows_section and pm_rows_store: every native state write and restore):
-// n for a section of at least min_bytes (1: the calling thread
-// alone; 0: the default, the environment's PYMEM_STATE_THREADS when it is a count in
-// [1, 64], else min(4, online CPUs), found once, for sections of 4 MiB and more); the calling
+// n for a call that moves at least min_bytes in all (1: the calling thread alone; 0: the
+// default, the environment's PYMEM_STATE_THREADS when it is a count in [1, 64], else
+// min(4, online CPUs), found once, from 4 MiB on, min_bytes ignored); the calling
 // thread takes one share and n - 1 threads started for the call the others (a thread that
 // cannot be started leaves its share to the caller). The bytes are the same either way.
 // PM_ERR_ARG, nothing changed, for n outside [0, 64] or min_bytes < 0. Set it while no

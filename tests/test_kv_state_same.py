@@ -322,6 +322,7 @@ def test_cells_of_runs_and_put_cells_refusals() -> None:
 
     assert put([4, 0], [4, 2]) == lib.PM_ERR_ARG  # an empty run
     assert put([-1], [1]) == lib.PM_ERR_ARG
+    assert put([0, 0], [2**62, 2**62]) == lib.PM_ERR_ARG  # a cell count past INT64_MAX
     assert put([14], [18]) == lib.PM_ERR_RANGE  # cells 16, 17 past the 16 rows
     assert put([0], [4], offset=13 * k.row_size) == lib.PM_ERR_RANGE
     # repetitions that overlap (each may move on its own thread): refused, any count
