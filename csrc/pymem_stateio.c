@@ -49,7 +49,6 @@ static void pm_gather_runs(char * w, const char * base, int64_t row, const int64
 #    define PM_LOAD(x)     (x)
 #    define PM_STORE(x, v) ((x) = (v))
 #endif
-#define PM_COPY_MIN_BYTES_DEFAULT (4 << 20)
 static int32_t pm_copy_threads   = 0;  // 0: the default (pm_default_copy_threads)
 static int64_t pm_copy_min_bytes = PM_COPY_MIN_BYTES_DEFAULT;
 

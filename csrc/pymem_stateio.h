@@ -201,6 +201,9 @@ pm_status pm_rows_store(struct ggml_tensor * const * tensors, const int64_t * sp
 // state write runs.
 pm_status pm_set_copy_threads(int32_t n, int64_t min_bytes);
 
+// the default's min_bytes (4 MiB): a section below it moves on the calling thread
+enum { PM_COPY_MIN_BYTES_DEFAULT = 4194304 };
+
 // The thread count in effect (the default resolved) and its *min_bytes (unless NULL).
 int32_t pm_get_copy_threads(int64_t * min_bytes);
 

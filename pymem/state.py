@@ -244,37 +244,40 @@ def _advise_huge_pages(buf: bytearray) -> None:
         pass
 
 
-_DEFAULT_MIN_BYTES = 4 << 20
-
-
-def set_state_threads(n: int, min_bytes: int = _DEFAULT_MIN_BYTES) -> None:
+def set_state_threads(n: int, min_bytes: int | None = None) -> None:
     """How many threads move the tensor bytes of a large native state write or restore.
 
-    A section (a stream's part of a blob) whose tensor bytes reach ``min_bytes`` is split
-    into ``n`` shares of about equal bytes: the calling thread copies one, ``n - 1``
-    threads started for the call copy the others. ``1`` copies on the calling thread
-    alone, as llama.cpp does; ``0`` restores the default: the environment's
-    ``PYMEM_STATE_THREADS`` (a count in [1, 64], read once, at the first use), else min(4, online
-    CPUs), for sections of 4 MiB and more. Why: a gather of scattered runs (one sequence of an interleaved
-    cache, a transposed V) is bound by the misses one core keeps in flight, not by memory
-    bandwidth, so a second core nearly doubles it (docs/performance.md); below a few MiB
-    starting a thread costs what it saves. The bytes moved are the same either way.
-    Process-wide; set it while no state write runs. ConfigError (nothing changed) for
-    ``n`` outside [0, 64] or a negative ``min_bytes``.
+    A call whose tensor bytes reach ``min_bytes`` (default 4 MiB) splits them into ``n``
+    shares of about equal bytes: the calling thread copies one, ``n - 1`` threads started
+    for the call copy the others. ``1`` copies on the calling thread alone, as llama.cpp
+    does; ``0`` restores the default: the environment's ``PYMEM_STATE_THREADS`` (a count
+    in [1, 64], read once, at the first use), else min(4, online CPUs), from 4 MiB on.
+
+    Why: a gather of scattered runs (one sequence of an interleaved cache, a transposed V)
+    is bound by the misses one core keeps in flight, not by memory bandwidth, so a second
+    core nearly doubles it (docs/performance.md); below a few MiB starting a thread costs
+    what it saves. The bytes moved are the same either way. Process-wide; set it while no
+    state write runs. ConfigError (nothing changed) for ``n`` outside [0, 64], a
+    ``min_bytes`` outside [0, 2**62], or a ``min_bytes`` with ``n == 0``.
     """
     from pymem._native import check, lib  # binds ggml: not at import time
 
     for name, value, lo, hi in (("n", n, 0, 64), ("min_bytes", min_bytes, 0, 1 << 62)):
+        if value is None and name == "min_bytes":
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             raise ConfigError(
                 f"set_state_threads: {name} = {value!r}, expected an int in [{lo}, {hi}]"
             )
-    if n == 0 and min_bytes != _DEFAULT_MIN_BYTES:
+    if n == 0 and min_bytes is not None:
         raise ConfigError(
             f"set_state_threads: min_bytes = {min_bytes} with n = 0 (the default, which "
-            f"copies from {_DEFAULT_MIN_BYTES} bytes on): give n >= 1 to set min_bytes"
+            f"copies from {lib.PM_COPY_MIN_BYTES_DEFAULT} bytes on): give n >= 1 to set it"
         )
-    check(lib.pm_set_copy_threads(n, min_bytes), "set_state_threads")
+    default = int(lib.PM_COPY_MIN_BYTES_DEFAULT)
+    check(
+        lib.pm_set_copy_threads(n, default if min_bytes is None else min_bytes), "set_state_threads"
+    )
 
 
 def state_threads() -> tuple[int, int]:

@@ -418,3 +418,18 @@ def test_native_selection_kernels_refuse_wrong_capacities() -> None:
     assert lib.pm_kv_meta_words(*args, 3 * n) == lib.PM_OK
     idx = np.flatnonzero(cells.owner == 0)
     assert out.reshape(n, 3).tolist() == [[int(cells.pos[c]), 1, 0] for c in idx]
+
+
+def test_put_payloads_names_the_layer_of_a_payload_of_the_wrong_size() -> None:
+    kv = build(CFGS["f32-notrans"], n_cells=16, n_seq=3)
+    layer = kv.layers[0]
+    good = memoryview(bytes(2 * layer.k.row_size))
+    short = memoryview(bytes(2 * layer.k.row_size - 1))
+    runs = (np.array([0], np.int64), np.array([2], np.int64))
+    before = layer.k.read_bytes()
+    with pytest.raises(StateError, match=rf"layer {layer.il} V payload of .* for 2 cells"):
+        state_io.put_payloads(
+            kv.layout, 0, 2, lambda: runs, [(layer, "k", good), (layer, "v", short)]
+        )
+    assert layer.k.read_bytes() == before  # refused before any byte moved
+    kv.close()

@@ -96,6 +96,8 @@ def _default_threads() -> int:
 def test_set_state_threads_sets_reports_and_refuses_with_the_field() -> None:
     set_state_threads(0)  # the default: min(4, online CPUs) from 4 MiB on
     assert state_threads() == (_default_threads(), 4 << 20)
+    set_state_threads(2)  # a count alone keeps the default's 4 MiB
+    assert state_threads() == (2, 4 << 20)
     set_state_threads(3, 1 << 20)
     assert state_threads() == (3, 1 << 20)
     for n, min_bytes in ((-1, 0), (65, 0), (True, 0), (2.0, 0), (2, -1), (0, 1 << 20)):

@@ -367,9 +367,6 @@ class KVCache(Memory):
             self.map_layer_ids[il] = self.map_layer_ids[src]
 
         self.cells = StackedCells(self.n_stream, self.kv_size, self.with_ext)
-        # the position queries' memoryviews, held here (the cells are never rebound)
-        self._pmin_m, self._pmax_m = self.cells.pmin_m, self.cells.pmax_m
-        self._pdirty_m = self.cells.pdirty_m
         self.v_cells = CellViews(KVCells.view(self.cells, s) for s in range(self.n_stream))
         self.v_heads = StreamHeads(self.n_stream)
         if self.n_stream > 1:
@@ -725,9 +722,10 @@ class KVCache(Memory):
         if type(seq_id) is not int or not 0 <= seq_id < self._n_fast_ids:
             seq_id = self._check_seq(seq_id, "seq_id")  # raises, or an np.integer id
         key = self._seq_key[seq_id]
-        if self._pdirty_m[key] & STALE_MIN:  # memoryviews: plain ints, no numpy scalars
-            self.cells.refresh(np.array([key // LLAMA_MAX_SEQ]), np.array([seq_id]))
-        v: int = self._pmin_m[key]
+        c = self.cells
+        if c.pdirty_m[key] & STALE_MIN:  # memoryviews: plain ints, no numpy scalars
+            c.refresh(np.array([key // LLAMA_MAX_SEQ]), np.array([seq_id]))
+        v: int = c.pmin_m[key]
         return -1 if v == EMPTY_MIN else v
 
     def seq_pos_max(self, seq_id: int) -> int:
@@ -735,9 +733,10 @@ class KVCache(Memory):
         if type(seq_id) is not int or not 0 <= seq_id < self._n_fast_ids:
             seq_id = self._check_seq(seq_id, "seq_id")  # raises, or an np.integer id
         key = self._seq_key[seq_id]
-        if self._pdirty_m[key] & STALE_MAX:
-            self.cells.refresh(np.array([key // LLAMA_MAX_SEQ]), np.array([seq_id]))
-        v: int = self._pmax_m[key]
+        c = self.cells
+        if c.pdirty_m[key] & STALE_MAX:
+            c.refresh(np.array([key // LLAMA_MAX_SEQ]), np.array([seq_id]))
+        v: int = c.pmax_m[key]
         return v
 
     def _seq_keys(self, seq_ids: np.ndarray) -> np.ndarray:

@@ -771,7 +771,10 @@ def put_payloads(
         param = _cells_param(layout, strm, t, data.nbytes // n, channels)
         want = n * param[2] * param[3]
         if data.nbytes != want:
-            raise StateError(f"state read: payload of {data.nbytes} bytes, {want} expected")
+            raise StateError(
+                f"state read: layer {layer.il} {kind.upper()} payload of {data.nbytes} bytes, "
+                f"{want} expected for {n} cells"
+            )
         tensors.append(t._live())  # the tensor itself (a closed store raises here)
         srcs.append(ffi.from_buffer(data))
         params.append(param)
@@ -782,6 +785,13 @@ def put_payloads(
 # host tensors: blobs written and restored by the one-pass native code here; tests turn
 # it off to drive kv.state_rows' paths (the reference ones) through the same calls
 NATIVE_RUNS = True
+
+NATIVE_PLACE = True
+"""A per-sequence restore's placement takes find_slot's and apply_ubatch's native paths
+(:func:`_restore_ubatch` freezes its ubatch; False: the numpy paths, which tests pin the
+native ones to). Measured, tiny-llama restores after a seq_rm, native / numpy: 128 cells
+130 / 145 µs, 2,048 cells 225 / 231, 8,192 cells 508 / 532 (the step memo the native
+paths need cost ~150 µs at 8,192 cells until NewRows.of stopped sorting one key)."""
 
 
 def zero_range_native(
@@ -1100,14 +1110,6 @@ def _restore_ubatch(
         for a in (ub.seq_id, ub.seq_id_unq, ub.n_seq_id):
             a.flags.writeable = False
     return ub
-
-
-NATIVE_PLACE = True
-"""A per-sequence restore's placement takes find_slot's and apply_ubatch's native paths
-(:func:`_restore_ubatch` freezes its ubatch; False: the numpy paths, which tests pin the
-native ones to). Measured, tiny-llama restores after a seq_rm, native / numpy: 128 cells
-130 / 145 µs, 2,048 cells 225 / 231, 8,192 cells 508 / 532 (the step memo the native
-paths need cost ~150 µs at 8,192 cells until NewRows.of stopped sorting one key)."""
 
 
 @lru_cache(maxsize=4096)

@@ -223,7 +223,8 @@ class RecurrentMemory(Memory):
 
         self.spec = spec
         self.size = int(mem_size)
-        self._n_open_ids = self.size  # ids the position queries read: none once closed
+        # ids the position queries read without a closed test: all while open, none after
+        self._n_fast_ids = self.size
         self.n_seq_max = int(n_seq_max)
         self.n_rs_seq = int(n_rs_seq)
         self.type_r = ggml_type(type_r)
@@ -633,7 +634,7 @@ class RecurrentMemory(Memory):
         """
         if type(seq_id) is not int:
             seq_id = int(seq_id)
-        if not 0 <= seq_id < self._n_open_ids:
+        if not 0 <= seq_id < self._n_fast_ids:
             self.check_open()  # a closed memory raises; an id outside the cells has none
             return -1
         cells = self.cells
@@ -725,7 +726,7 @@ class RecurrentMemory(Memory):
         for store in self._stores:
             store.close()
         self._closed = True
-        self._n_open_ids = 0
+        self._n_fast_ids = 0
 
     # -- state ----------------------------------------------------------------------------
     def _check_seq_arg(self, seq_id: int, what: str) -> int:
