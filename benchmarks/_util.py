@@ -89,3 +89,32 @@ def cold_each(fns: dict[str, Any], repeats: int, seed: int = 0) -> dict[str, flo
             fns[n]()
             times[n].append(time.perf_counter() - t0)
     return {n: float(np.median(v)) for n, v in times.items()}
+
+
+def threads_label() -> str:
+    """pymem's state-copy threads, as the tables say it: E.g. "2 threads from 4 MiB"."""
+    from pymem import state_threads
+
+    n, min_bytes = state_threads()
+    return f"{n} thread{'s' if n != 1 else ''} from {min_bytes / 2**20:g} MiB"
+
+
+def finish_run(
+    name: str, quick: bool, load_before: tuple[float, float, float], **results: Any
+) -> None:
+    """The load averages and, for a full run, results/NAME.json with ``results`` and what
+    the machine and pymem ran with (CPUs, pymem's state-copy threads)."""
+    import os
+
+    from pymem import state_threads
+
+    load_after = os.getloadavg()
+    print(
+        f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
+        f"{os.cpu_count()} CPUs; pymem state copies on {threads_label()}"
+    )
+    if not quick:
+        path = write_results(name, dict(**results, load_average_before=load_before,
+                                        load_average_after=load_after, cpus=os.cpu_count(),
+                                        state_threads=state_threads()))  # fmt: skip
+        print(f"wrote {path}")

@@ -55,7 +55,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_vs_llama_cpp as bvl
-from _util import print_table, write_results
+from _util import finish_run, print_table, threads_label
 
 import pymem.kv.state_io as sio
 from pymem.batch import Batch, BatchAllocator
@@ -192,29 +192,39 @@ class _NativeClock:
         return timed
 
 
-def _native_share(fn: Any, setup: Any, repeats: int) -> tuple[float, float]:
-    """Median (whole call, its native part) in ms of ``fn``, each call right after an
-    untimed ``setup()``, with the native calls timed."""
+def _plain(fn: Any, setup: Any, repeats: int) -> float:
+    """Median ms of ``fn``, each call right after an untimed ``setup()`` (no wrapper)."""
+    times = []
+    for _ in range(repeats):
+        setup()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _native_share(fn: Any, setup: Any, repeats: int) -> float:
+    """Median ms ``fn`` spends inside native calls, each call right after an untimed
+    ``setup()`` (each native call timed by a wrapper; the whole call, which the wrappers
+    slow down, is timed apart by :func:`_plain`)."""
     import importlib
 
     mods = [importlib.import_module(m) for m in _STATE_MODULES]
     real = [m.lib for m in mods]  # type: ignore[attr-defined]
     clock = _NativeClock(real[0])
-    totals, natives = [], []
+    natives = []
     try:
         for m in mods:
             m.lib = clock  # type: ignore[attr-defined]
         for _ in range(repeats):
             setup()
             clock.spent = 0.0
-            t0 = time.perf_counter()
             fn()
-            totals.append(time.perf_counter() - t0)
             natives.append(clock.spent)
     finally:
         for m, lib in zip(mods, real):
             m.lib = lib  # type: ignore[attr-defined]
-    return statistics.median(totals) * 1e3, statistics.median(natives) * 1e3
+    return statistics.median(natives) * 1e3
 
 
 def bench_composite(mem: Any, model: str, fa: bool, repeats: int) -> list[dict[str, Any]]:
@@ -240,8 +250,8 @@ def bench_composite(mem: Any, model: str, fa: bool, repeats: int) -> list[dict[s
         def write(seq_id: int = seq_id, out: bytearray = out) -> None:
             mem.state_write_buffer(out, seq_id)
 
-        write_t, write_n = _native_share(write, read, repeats)
-        read_t, read_n = _native_share(read, read, repeats)
+        write_t, write_n = _plain(write, read, repeats), _native_share(write, read, repeats)
+        read_t, read_n = _plain(read, read, repeats), _native_share(read, read, repeats)
         if bytes(mem.state_write(seq_id)) != blob:
             raise RuntimeError("the state changed while benchmarking")
         copy_ms = statistics.median(copies) * 1e3
@@ -268,11 +278,11 @@ def composites(quick: bool) -> None:
                 rows += bench_composite(mem, f"tiny-{name}", fa, repeats)
             finally:
                 mem.close()
-    load_after = os.getloadavg()
     print_table(
         f"Composite blobs, f16, {bvl.STATE_N_SEQ} x {n_tokens} tokens, unified "
         f"{bvl.STATE_N_CTX} cells (median ms; native = inside pymem's native calls; ratios "
-        "are throughput against the numpy copy, higher is better, 0.8 the target)",
+        f"are throughput against the numpy copy, higher is better, 0.8 the target; pymem on "
+        f"{threads_label()})",
         ["model", "v_trans", "blob", "bytes", "numpy copy", "write", "write native",
          "read", "read native", "write/numpy", "native write/numpy", "read/numpy",
          "native read/numpy"],
@@ -285,32 +295,8 @@ def composites(quick: bool) -> None:
             for r in rows
         ],
     )  # fmt: skip
-    _finish("bench_state_floor_composites", quick, rows, n_tokens, repeats, load_before,
-            load_after)  # fmt: skip
-
-
-def _finish(
-    name: str,
-    quick: bool,
-    rows: list[dict[str, Any]],
-    n_tokens: int,
-    repeats: int,
-    load_before: tuple[float, float, float],
-    load_after: tuple[float, float, float],
-) -> None:
-    """The load averages, and the results JSON of a full run."""
-    print(
-        f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
-        f"{os.cpu_count()} CPUs"
-    )
-    if not quick:
-        path = write_results(
-            name,
-            dict(rows=rows, n_tokens=n_tokens, repeats=repeats, target_vs_numpy=TARGET_NUMPY,
-                 load_average_before=load_before, load_average_after=load_after,
-                 cpus=os.cpu_count()),
-        )  # fmt: skip
-        print(f"wrote {path}")
+    finish_run("bench_state_floor_composites", quick, load_before, rows=rows,
+               n_tokens=n_tokens, repeats=repeats, target_vs_numpy=TARGET_NUMPY)  # fmt: skip
 
 
 def main() -> None:
@@ -334,7 +320,6 @@ def main() -> None:
                 rows += bench(mem, name, fa, repeats)
             finally:
                 mem.close()
-    load_after = os.getloadavg()
     print_table(
         f"Read floor, f16, {bvl.STATE_N_SEQ} x {n_tokens} tokens in a unified "
         f"{bvl.STATE_N_CTX}-cell cache (median ms, each call after a read; ratios are "
@@ -352,7 +337,8 @@ def main() -> None:
             for r in rows
         ],
     )  # fmt: skip
-    _finish("bench_state_floor", quick, rows, n_tokens, repeats, load_before, load_after)
+    finish_run("bench_state_floor", quick, load_before, rows=rows, n_tokens=n_tokens,
+               repeats=repeats, target_vs_numpy=TARGET_NUMPY)  # fmt: skip
 
 
 if __name__ == "__main__":

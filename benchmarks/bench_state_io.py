@@ -31,7 +31,10 @@ cache), median milliseconds of:
   cache and a packed buffer with numpy (``kv.state_rows``' numpy reference path: per-run
   slices, lockstep strided views), i.e. the cost of the layout alone; ``native_gather``, the
   same gather by pymem's native run copy with the runs known (``Tensor.read_runs_into``:
-  no cell search, no meta records), the floor a write of that layout reaches; and
+  no cell search, no meta records, on the calling thread alone), the floor a one-thread
+  write of that layout reaches (the pymem writes above run on ``state_threads()``'s
+  threads from 4 MiB on, so a large one can beat it; ``--threads 1`` compares like for
+  like); and
   ``placement``,
   the bookkeeping of the reference's per-sequence restore (``seq_rm`` + ``find_slot`` +
   ``apply_ubatch`` of the sequence's cells), which pymem skips when the sequence goes
@@ -67,7 +70,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_vs_llama_cpp as bvl
 import llama_cpp.llama_cpp as lc
-from _util import cold_each, print_table, write_results
+from _util import cold_each, finish_run, print_table, threads_label
 from bench_vs_llama_cpp import (
     MODELS,
     STATE_N_CTX,
@@ -79,7 +82,7 @@ from bench_vs_llama_cpp import (
 import pymem.kv.state_io as sio
 import pymem.kv.state_rows as srows
 from pymem.gguf_spec import spec_from_gguf
-from pymem.state import StateReader, set_state_threads, state_threads
+from pymem.state import StateReader, set_state_threads
 
 TARGET_NUMPY = 0.8  # pymem / numpy copy, as a throughput ratio
 TARGET_LLAMA = 2.0  # pymem / llama.cpp where the layout bounds it
@@ -165,7 +168,8 @@ def numpy_bounds(mem: Any, seq_id: int) -> tuple[Any, Any]:
 def native_gather(mem: Any, seq_id: int) -> Any:
     """The blob's tensor bytes gathered by pymem's native run copy alone
     (``Tensor.read_runs_into``: one call per tensor, the runs already known; no cell search,
-    no meta records, no blob framing): the floor a write of this layout can reach."""
+    no meta records, no blob framing, one thread): the floor a one-thread write of this
+    layout can reach."""
     layout, cells = mem.layout, mem.v_cells[0]
     idx = sio.selected_cells(layout, cells, seq_id)
     starts, ends = srows.cell_runs(idx)
@@ -341,7 +345,8 @@ def main() -> None:
         models.close()
     print_table(
         f"State I/O, f16, {STATE_N_SEQ} x {n_tokens} tokens in a unified "
-        f"{STATE_N_CTX}-cell cache (median ms; ratios are throughput, higher is better)",
+        f"{STATE_N_CTX}-cell cache (median ms; ratios are throughput, higher is better; "
+        f"pymem on {threads_label()})",
         ["model", "v_trans", "blob", "bytes", "numpy copy", "(new)", "pymem write buf",
          "(new blob)", "(to file)", "pymem read", "(parse)", "llama.cpp write", "llama.cpp read",
          "write/numpy", "(new/new)", "read/numpy", "write/llama", "read/llama"],
@@ -359,7 +364,7 @@ def main() -> None:
     )  # fmt: skip
     print_table(
         "Each call timed right after a 16 MiB copy evicted L1/L2 (shuffled order; median ms): "
-        "every function from the same cache state",
+        f"every function from the same cache state; pymem on {threads_label()}",
         ["model", "v_trans", "blob", "numpy copy", "(new)", "pymem write buf", "(new blob)",
          "pymem read", "llama.cpp write", "llama.cpp read", "native gather", "write/numpy",
          "(new/new)", "read/numpy", "write/llama", "read/llama", "gather/numpy"],
@@ -379,7 +384,8 @@ def main() -> None:
         "Bounds in the same run (median ms): the blob's tensor bytes moved with numpy alone "
         "(the layout's cost), and a per-sequence restore's cell placement",
         ["model", "v_trans", "blob", "numpy copy", "numpy gather", "numpy scatter",
-         "native gather", "placement", "gather/copy", "scatter/copy", "native gather/copy"],
+         "native gather (1 thread)", "placement", "gather/copy", "scatter/copy",
+         "native gather/copy"],
         [
             [r["model"], r["v_trans"], r["blob"], f"{r['numpy_copy_ms']:.3f}",
              f"{r['numpy_gather_ms']:.3f}",
@@ -390,19 +396,9 @@ def main() -> None:
             for r in rows
         ],
     )  # fmt: skip
-    load_after = os.getloadavg()
-    print(
-        f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f}; {os.cpu_count()} CPUs"
-    )
-    if not quick:
-        path = write_results(
-            "bench_state_io" if threads == 0 else f"bench_state_io_threads{threads}",
-            dict(rows=rows, n_tokens=n_tokens, repeats=repeats, state_threads=state_threads(),
-                 target_vs_numpy=TARGET_NUMPY,
-                 target_vs_llama_cpp=TARGET_LLAMA, load_average_before=load_before,
-                 load_average_after=load_after, cpus=os.cpu_count()),
-        )  # fmt: skip
-        print(f"wrote {path}")
+    finish_run("bench_state_io" if threads == 0 else f"bench_state_io_threads{threads}",
+               quick, load_before, rows=rows, n_tokens=n_tokens, repeats=repeats,
+               target_vs_numpy=TARGET_NUMPY, target_vs_llama_cpp=TARGET_LLAMA)  # fmt: skip
 
 
 if __name__ == "__main__":

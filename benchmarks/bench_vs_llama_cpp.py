@@ -71,6 +71,7 @@ import llama_cpp
 import llama_cpp.llama_cpp as lc
 from _util import RESULTS, print_table, write_results
 
+from pymem import state_threads
 from pymem.batch import Batch, BatchAllocator
 from pymem.factory import ContextParams, create_memory, resolve_context
 from pymem.gguf_spec import spec_from_gguf
@@ -888,7 +889,8 @@ def main() -> None:
     load_before = os.getloadavg()
     results: dict[str, Any] = dict(
         quick=quick, llama_cpp_python=llama_cpp.__version__,
-        n_threads_llama_cpp=1, cpus=os.cpu_count(), target_ratio=TARGET,
+        n_threads_llama_cpp=1, pymem_state_threads=state_threads(), cpus=os.cpu_count(),
+        target_ratio=TARGET,
     )  # fmt: skip
     if only in (None, "decode"):
         results["decode"] = bench_decode(quick, sel, args.rounds)
