@@ -57,10 +57,7 @@ def test_place_new_sequence_equals_find_slot(seed: int, caplog: pytest.LogCaptur
             for pos in (old + 1, old + int(rng.integers(2, 5)), -(2**31), 2**31 - 1):
                 general, fast = base.copy(), base.copy()
                 caplog.clear()
-                req = rc.SlotRequest(ids=np.array([[s]], dtype=np.int64),
-                                     n_ids=np.ones(1, dtype=np.int64),
-                                     last_pos=np.array([pos], dtype=np.int32), n_seq_tokens=1)  # fmt: skip
-                want = rc.find_slot(general, req)
+                want = rc.find_slot(general, rc.SlotRequest.one_token(s, pos))
                 want_logs = [r.getMessage() for r in caplog.records]
                 caplog.clear()
                 got = rc.place_new_sequence(fast, s, pos)
@@ -80,9 +77,7 @@ def test_place_new_sequence_refuses_as_find_slot(caplog: pytest.LogCaptureFixtur
     c.src[:] = [-1, 0]
     c.used = 1
     general, fast = c.copy(), c.copy()
-    req = rc.SlotRequest(ids=np.array([[0]], dtype=np.int64), n_ids=np.ones(1, dtype=np.int64),
-                         last_pos=np.array([3], dtype=np.int32), n_seq_tokens=1)  # fmt: skip
-    assert not rc.find_slot(general, req)
+    assert not rc.find_slot(general, rc.SlotRequest.one_token(0, 3))
     want = [r.getMessage() for r in caplog.records]
     caplog.clear()
     assert not rc.place_new_sequence(fast, 0, 3)

@@ -151,6 +151,17 @@ class SlotRequest:
             self.error = "a sequence appears in more than one set of the ubatch"
 
     @classmethod
+    def one_token(cls, seq_id: int, pos: int) -> SlotRequest:
+        """One set of one sequence with one token at ``pos`` (what a per-sequence restore
+        places). E.g. (3, 9) -> ids [[3]], last_pos [9]."""
+        return cls(
+            ids=np.array([[seq_id]], dtype=np.int64),
+            n_ids=np.ones(1, dtype=np.int64),
+            last_pos=np.array([pos], dtype=np.int32),
+            n_seq_tokens=1,
+        )
+
+    @classmethod
     def from_ubatch(cls, ubatch: UBatch) -> SlotRequest:
         if not ubatch.equal_seqs:
             raise BatchError(

@@ -384,13 +384,7 @@ def _parse_meta_seq(
     if 0 <= dest < c.size and c.tail[dest] < 0:
         placed = place_new_sequence(c, dest, pos)
     else:
-        req = SlotRequest(
-            ids=np.array([[dest]], dtype=np.int64),
-            n_ids=np.ones(1, dtype=np.int64),
-            last_pos=np.array([pos], dtype=np.int32),
-            n_seq_tokens=1,
-        )
-        placed = find_slot(c, req)
+        placed = find_slot(c, SlotRequest.one_token(dest, pos))
     if not placed:
         raise StateError(
             f"failed to find an available cell for sequence {dest} in recurrent memory"
