@@ -147,6 +147,110 @@ pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_bl
     return PM_OK;
 }
 
+// sequence q of stream s reaches positions [lo, hi] too
+static inline void pm_step_bounds(pm_step_cells * c, int64_t s, int32_t q, int64_t lo, int64_t hi) {
+    const int64_t key = s * PM_STEP_MAX_SEQ + q;
+    if (lo < c->pmin[key]) {
+        c->pmin[key] = lo;
+    }
+    if (hi > c->pmax[key]) {
+        c->pmax[key] = hi;
+    }
+}
+
+// one int32 word of a blob at any alignment
+static inline int32_t pm_step_ld32(const int32_t * p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+pm_status pm_kv_records_fixed(const int32_t * words, int64_t n, int64_t rec, int32_t n_seq_max,
+                              int64_t * first_bad) {
+    if (words == NULL || first_bad == NULL || n < 0 || rec < 3 || n_seq_max < 1 ||
+        n_seq_max > PM_STEP_MAX_SEQ) {
+        return PM_ERR_ARG;
+    }
+    *first_bad = -1;
+    // one pass that the compiler keeps branch-free; the rare fault is found by a second
+    int32_t bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t * r = words + i * rec;
+        const int32_t id = pm_step_ld32(r + rec - 1);
+        bad |= (pm_step_ld32(r + 1) != 1) | (pm_step_ld32(r) < 0) | (id < 0) | (id >= n_seq_max);
+    }
+    for (int64_t i = 0; bad && i < n; i++) {
+        const int32_t * r = words + i * rec;
+        const int32_t id = pm_step_ld32(r + rec - 1);
+        if (pm_step_ld32(r + 1) != 1 || pm_step_ld32(r) < 0 || id < 0 || id >= n_seq_max) {
+            *first_bad = i;
+            break;
+        }
+    }
+    return PM_OK;
+}
+
+pm_status pm_step_kv_place_records(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t rec,
+                                   int32_t * placed) {
+    if (c == NULL || words == NULL || placed == NULL || rec < 3) {
+        return PM_ERR_ARG;
+    }
+    *placed = 0;
+    if (s < 0 || s >= c->n_stream || n < 0 || n > c->size) {
+        return PM_ERR_RANGE;
+    }
+    if (c->n_multi[s] != 0) {
+        return PM_OK;
+    }
+    // every check before the first write: a refusal changes nothing
+    const int32_t * pos = c->pos + s * c->size;
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t * r = words + i * rec;
+        const int32_t id = pm_step_ld32(r + rec - 1);
+        if (pos[i] >= 0 || pm_step_ld32(r + 1) != 1 || pm_step_ld32(r) < 0 || id < 0 || id >= PM_STEP_MAX_SEQ) {
+            return PM_OK;
+        }
+    }
+    // pm_step_take for every record, with each run of one sequence's records reducing its
+    // bounds in registers (a restore's records come in such runs)
+    const int64_t g0 = s * c->size;
+    int32_t run_id = -1;
+    int64_t run_min = 0;
+    int64_t run_max = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t * r = words + i * rec;
+        const int32_t id = pm_step_ld32(r + rec - 1);
+        const int32_t p = pm_step_ld32(r);
+        c->pos[g0 + i] = p;
+        uint64_t * bits = c->seq + (g0 + i) * PM_STEP_WORDS;
+        for (int w = 0; w < PM_STEP_WORDS; w++) {
+            bits[w] = 0;
+        }
+        bits[id >> 6] = (uint64_t) 1 << (id & 63);
+        c->owner[g0 + i] = id;
+        if (id != run_id) {
+            if (run_id >= 0) {
+                pm_step_bounds(c, s, run_id, run_min, run_max);
+            }
+            run_id = id;
+            run_min = p;
+            run_max = p;
+        } else {
+            run_min = p < run_min ? p : run_min;
+            run_max = p > run_max ? p : run_max;
+        }
+    }
+    if (run_id >= 0) {
+        pm_step_bounds(c, s, run_id, run_min, run_max);
+    }
+    if (c->used_max_p1[s] < n) {
+        c->used_max_p1[s] = n;
+    }
+    c->used[s] += n;
+    *placed = 1;
+    return PM_OK;
+}
+
 pm_status pm_step_batch_check(const int32_t * token, const int32_t * pos, const int64_t * seq, int64_t n,
                               const int64_t * order, const int64_t * mem_max, int64_t n_vocab,
                               const uint8_t * output, int8_t * out_output, int32_t * seq_pos, int64_t * n_outputs,

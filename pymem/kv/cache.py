@@ -1479,6 +1479,7 @@ class KVCache(Memory):
             clear=self.clear,
             planning=self._planning,
             place=self._place_restored,
+            place_whole=self._place_whole,
         )
         blob = self._seq_blob(seq_id, 0, "state_read") if seq_id >= 0 and same_cells else None
         rest = reader.host_rest() if blob is not None else None
@@ -1503,6 +1504,26 @@ class KVCache(Memory):
         finally:
             self._memo = step_memo
         return sinfo
+
+    def _place_whole(self, strm: int, words: np.ndarray) -> bool:
+        """Cells ``[0, n)`` of stream ``strm``, emptied by a whole restore's clear, from
+        its ``n`` fixed meta records (``[n, 3 + n_ext]`` words) in one native call
+        (``pm_step_kv_place_records``; ``set_new`` is the reference it is tested
+        against). False, nothing changed, under an undo journal (a plan being
+        simulated) or where the kernel declines."""
+        if not state_io.NATIVE_PLACE or self.cells.journaling:
+            return False
+        c, _, _, _, placed = self._native_cells()
+        n, rec = words.shape
+        status = lib.pm_step_kv_place_records(
+            c, strm, ffi.from_buffer("int32_t[]", words), n, rec, placed
+        )
+        check(status, f"pm_step_kv_place_records ({n} cells, stream {strm})")
+        if not placed[0]:
+            return False
+        if self.cells.ext is not None:
+            self.cells.ext[strm, :n] = words[:, 2:5]
+        return True
 
     def state_clear(self, seq_id: int = -1) -> None:
         """Undo a restore of ``seq_id`` (-1: everything) that another part failed to complete:

@@ -854,6 +854,9 @@ class KVStateHooks:
     planning: Callable[[], AbstractContextManager[None]]
     # remove the sequence, then find a slot for the ubatch and apply it; None: no slot
     place: Callable[[int, UBatch], SlotInfo | None]
+    # a whole restore's cells [0, n) of an emptied stream from n fixed meta records (the
+    # words of _whole_fixed_words) in one native call; False, nothing changed: numpy does it
+    place_whole: Callable[[int, np.ndarray], bool]
 
 
 SWA_DEFERRED = True
@@ -1213,6 +1216,28 @@ def _whole_same_words(cells: KVCells, reader: StateReader, n: int, n_ext: int) -
     return words
 
 
+def _whole_fixed_words(
+    reader: StateReader, n: int, n_ext: int, n_seq_max: int
+) -> np.ndarray | None:
+    """The ``n`` whole-cache meta records of a stream as ``[n, 3 + n_ext]`` words (a view
+    of the blob, which must not change before the commit, as its payloads), read, when
+    every one is a fixed record (n_seq_id 1, position >= 0, its id in [0, n_seq_max)): one native
+    pass (``pm_kv_records_fixed``). Else None, and the reader is where it was (the general
+    parse then reads variable records or names the fault)."""
+    rec = 3 + n_ext
+    if not NATIVE_PLACE or n == 0 or reader.remaining < n * rec * 4:
+        return None
+    start = reader.offset
+    words = reader.read_array("<i4", n * rec, "kv cells")
+    bad = ffi.new("int64_t *")
+    status = lib.pm_kv_records_fixed(ffi.from_buffer("int32_t[]", words), n, rec, n_seq_max, bad)
+    check(status, "state read: whole-cache records test")
+    if bad[0] >= 0:
+        reader.offset = start
+        return None
+    return words.reshape(n, rec)
+
+
 def whole_same_reference(cells: KVCells, pos: np.ndarray, ext: np.ndarray, seq: np.ndarray) -> bool:
     """:func:`_whole_same_words`'s rule in numpy on parsed records (``pos``, ``ext``
     ``[n, n_ext]``, ``seq`` ids ``[n, k]``): the reference the native pass is tested against."""
@@ -1261,12 +1286,16 @@ def parse_kv_state(
                 f"{what}.cell_count: not enough cells in kv cache ({n} > {kv_size})",
             )
             words = _whole_same_words(v_cells[s], reader, n, n_ext) if same else None
+            fixed = None  # the records, where each is fixed (one id): placed natively
             if words is None:
                 same = False
-                meta = _parse_meta_whole(reader, n, n_ext, layout.n_seq_max, f"{what}.cells")
+                fixed = _whole_fixed_words(reader, n, n_ext, layout.n_seq_max)
+            w = fixed if fixed is not None else words
+            if w is not None:
+                # checked by a native pass: one valid id each, positions >= 0
+                meta = (w[:, 0], w[:, 2 : 2 + n_ext], w[:, -1:])
             else:
-                # checked by the native pass: one valid id each, positions >= 0
-                meta = (words[:, 0], words[:, 2 : 2 + n_ext], words[:, -1:])
+                meta = _parse_meta_whole(reader, n, n_ext, layout.n_seq_max, f"{what}.cells")
             pos, ext, seq = meta
             payloads = _parse_data(layout, layers, reader, n, what)
             plan.n_cells += n
@@ -1279,11 +1308,12 @@ def parse_kv_state(
                 seq: np.ndarray = seq,
                 ext: np.ndarray = ext,
                 payloads: list = payloads,
+                fixed: np.ndarray | None = fixed,
             ) -> None:
                 # cells [0, n): one run (an index array only where one is needed: a
                 # fresh 256 KiB array costs its page faults, ~90 us at 32,768 cells)
                 runs = (np.zeros(1, dtype=np.int64), np.full(1, n, dtype=np.int64))
-                if not plan.whole_same:
+                if not plan.whole_same and (fixed is None or not hooks.place_whole(s, fixed)):
                     idx = np.arange(n, dtype=np.int64)
                     v_cells[s].set_new(idx, pos, seq, ext if n_ext else None)
                 v_heads[s] = 0
