@@ -554,9 +554,12 @@ def bench_state(pair: Pair, repeats: int) -> list[dict[str, Any]]:
     rows = []
     # "swapped in": the sequence removed first (seq_rm, timed with the read on both
     # sides), so the restore places it among the others' cells instead of back into its
-    # own, as a runtime that swaps sequences in and out does
-    for what, seq_id, swap in (("one sequence", 0, False), ("whole state", -1, False),
-                               ("one sequence, swapped in", 0, True)):  # fmt: skip
+    # own, as a runtime that swaps sequences in and out does. "into a cleared memory":
+    # the memory cleared first (clear without data, timed with the read on both sides),
+    # as a session loaded into a fresh context (pymem cannot take its same-cells path)
+    for what, seq_id, prep in (("one sequence", 0, None), ("whole state", -1, None),
+                               ("one sequence, swapped in", 0, "seq_rm"),
+                               ("whole state, into a cleared memory", -1, "clear")):  # fmt: skip
         blob = mem.state_write(seq_id)
         n_mem = len(blob)
         if seq_id >= 0:
@@ -573,9 +576,11 @@ def bench_state(pair: Pair, repeats: int) -> list[dict[str, Any]]:
             assert n == n_ref, (n, n_ref)
 
         def ref_set(buf: Any = buf, n_ref: int = n_ref, seq_id: int = seq_id,
-                    swap: bool = swap) -> None:  # fmt: skip
-            if swap:
+                    prep: str | None = prep) -> None:  # fmt: skip
+            if prep == "seq_rm":
                 lc.llama_memory_seq_rm(ref.mem, seq_id, -1, -1)
+            elif prep == "clear":
+                lc.llama_memory_clear(ref.mem, False)
             if seq_id >= 0:
                 n = lc.llama_state_seq_set_data(ref.ctx, buf, n_ref, seq_id)
             else:
@@ -590,8 +595,9 @@ def bench_state(pair: Pair, repeats: int) -> list[dict[str, Any]]:
                 "llama_cpp_write": ref_get,
                 "pymem_write": lambda seq_id=seq_id: mem.state_write(seq_id),
                 "llama_cpp_read": ref_set,
-                "pymem_read": lambda blob=blob, seq_id=seq_id, swap=swap: (
-                    swap and mem.seq_rm(seq_id, -1, -1),
+                "pymem_read": lambda blob=blob, seq_id=seq_id, prep=prep: (
+                    prep == "seq_rm" and mem.seq_rm(seq_id, -1, -1),
+                    prep == "clear" and mem.clear(False),
                     mem.state_read(blob, seq_id),
                 ),
                 "numpy_copy": lambda src=src, dst=dst: np.copyto(dst, src),

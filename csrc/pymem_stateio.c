@@ -1031,6 +1031,100 @@ pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const vo
     return PM_OK;
 }
 
+pm_status pm_kv_records_fixed(const int32_t * words, int64_t n, int64_t rec, int32_t n_seq_max,
+                              int64_t * first_bad) {
+    if (words == NULL || first_bad == NULL || n < 0 || rec < 3 || n_seq_max < 1 || n_seq_max > 256) {
+        return PM_ERR_ARG;
+    }
+    *first_bad = -1;
+    // one pass the compiler keeps branch-free; the rare fault is found by a second
+    int32_t bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t * r = words + i * rec;
+        const int32_t id = pm_ld32(r + rec - 1);
+        bad |= (pm_ld32(r + 1) != 1) | (pm_ld32(r) < 0) | (id < 0) | (id >= n_seq_max);
+    }
+    for (int64_t i = 0; bad && i < n; i++) {
+        const int32_t * r = words + i * rec;
+        const int32_t id = pm_ld32(r + rec - 1);
+        if (pm_ld32(r + 1) != 1 || pm_ld32(r) < 0 || id < 0 || id >= n_seq_max) {
+            *first_bad = i;
+            break;
+        }
+    }
+    return PM_OK;
+}
+
+pm_status pm_kv_read_whole_blob(const pm_kv_seq_blob * b, const void * blob, int64_t avail, int32_t mode,
+                                int64_t * counts, int64_t * offsets, int32_t * same, int64_t * consumed,
+                                int32_t * done) {
+    if (pm_seq_blob_stream(b, 0) < 0 || blob == NULL || counts == NULL || offsets == NULL || same == NULL ||
+        consumed == NULL || done == NULL || avail < 0 || mode < 0 || mode > 2) {
+        return PM_ERR_ARG;
+    }
+    *done = 0;
+    const char * d = (const char *) blob;
+    const int64_t n_stream = b->n_stream, rec = 3 + b->n_ext;
+    if (avail < 4 || pm_get_u32(d) != (uint32_t) n_stream) {
+        return PM_OK;
+    }
+    int64_t at = 4;
+    int32_t all_same = 1;
+    const int64_t zero = 0;
+    for (int64_t s = 0; s < n_stream; ++s) {
+        if (avail - at < 4) {
+            return PM_OK;
+        }
+        const int64_t n = pm_get_u32(d + at);
+        at += 4;
+        if (n > b->size || (avail - at) / (4 * rec) < n) {
+            return PM_OK;
+        }
+        counts[s] = n;
+        offsets[s] = at;
+        const int32_t * words = (const int32_t *) (const void *) (d + at);
+        if (mode == 0 && all_same) {
+            // records equal to used cells are fixed ones: no second pass over them
+            int32_t eq = b->used[s] == n && b->n_multi[s] == 0 && !b->has_shift[s];
+            if (eq && n > 0 &&
+                pm_kv_cells_equal(b->pos[s], b->owner[s], b->n_ext ? b->ext[s] : NULL, words, n, rec, b->n_ext,
+                                  &eq) != PM_OK) {
+                eq = 0;
+            }
+            all_same = eq;
+        }
+        if (mode == 0 && !all_same && n > 0) {
+            int64_t first_bad = 0;
+            if (pm_kv_records_fixed(words, n, rec, b->n_seq_max, &first_bad) != PM_OK || first_bad >= 0) {
+                return PM_OK;
+            }
+        }
+        at += 4 * rec * n;
+        if (n == 0) {
+            continue;
+        }
+        const int64_t data = pm_kv_data_walk(d + at, avail - at, b->spec[s], b->tensors, n, &zero, &n, 1, 0);
+        if (data < 0) {
+            return PM_OK;
+        }
+        at += data;
+    }
+    if (mode == 1) {
+        int64_t p = 4;
+        for (int64_t s = 0; s < n_stream; ++s) {
+            const int64_t n = counts[s];
+            p += 4 + 4 * rec * n;
+            if (n > 0) {
+                p += pm_kv_data_walk(d + p, avail - p, b->spec[s], b->tensors, n, &zero, &n, 1, 1);
+            }
+        }
+    }
+    *same = mode == 0 ? all_same : 0;
+    *consumed = at;
+    *done = 1;
+    return PM_OK;
+}
+
 pm_status pm_rows_sections(struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n,
                            const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs, void * out,
                            int64_t cap, int64_t * written) {

@@ -160,6 +160,36 @@ pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t
 pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const void * blob, int64_t avail,
                               int32_t store, int64_t * consumed, int32_t * done);
 
+// The meta records of one stream of a whole-cache state blob (rec int32 words each, at
+// any alignment: pos, n_seq_id, n_ext ext words, then the ids), read as fixed records of
+// one id: *first_bad = the first record whose n_seq_id is not 1, whose position is below 0
+// or whose id (word rec - 1) is outside [0, n_seq_max); -1 when every one of the n is
+// such a record (the restore then places them with pm_step_kv_place_records; otherwise the
+// general parse reads variable records or names the fault). PM_ERR_ARG for a null pointer,
+// n < 0, rec < 3 or n_seq_max outside [1, 256].
+pm_status pm_kv_records_fixed(const int32_t * words, int64_t n, int64_t rec, int32_t n_seq_max,
+                              int64_t * first_bad);
+
+// A whole-cache restore of a whole blob (u32 n_stream, then per stream s: u32 cell count
+// n_s <= size, n_s meta records, the data section as pm_kv_write_section writes it for
+// cells [0, n_s); nothing after a zero count) in few calls, for blobs whose every record
+// is a fixed one (pm_kv_records_fixed with b->n_seq_max). `mode`:
+//  0: the parse. Every header against b->spec[s], every byte range and every record are
+//     checked; counts[s] = n_s and offsets[s] = the byte offset of stream s's records
+//     (int64[n_stream] each); *same = 1 when every stream's cells already are its records
+//     (pm_kv_cells_equal over [0, n_s), no other cell used, no shared cell, no pending
+//     shift: the restore then changes no cell).
+//  1: the commit. The headers and ranges are checked again (not the records: the parse
+//     did), then every stream's bytes are stored into its cells [0, n_s).
+//  2: the headers and ranges checked alone (a composite's last look before its commit).
+// *done = 1 with *consumed = the blob's bytes when all of it applies; *done = 0 with
+// nothing stored otherwise (the general parse then names what differs, or reads records
+// of several sequences). The cells and heads are the caller's (pm_step_kv_place_records).
+// PM_ERR_ARG for a null pointer, a bad view or a mode outside [0, 2].
+pm_status pm_kv_read_whole_blob(const pm_kv_seq_blob * b, const void * blob, int64_t avail, int32_t mode,
+                                int64_t * counts, int64_t * offsets, int32_t * same, int64_t * consumed,
+                                int32_t * done);
+
 // One row of each of n host tensors, each after its header, as a recurrent state section
 // holds a sequence's cell: per tensor i32 spec[2 i] (type), u64 spec[2 i + 1] (row size,
 // the tensor's nb[1]; 0 for a zero-wide tensor, whose header stands alone), then that many

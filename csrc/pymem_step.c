@@ -165,88 +165,81 @@ static inline int32_t pm_step_ld32(const int32_t * p) {
     return v;
 }
 
-pm_status pm_kv_records_fixed(const int32_t * words, int64_t n, int64_t rec, int32_t n_seq_max,
-                              int64_t * first_bad) {
-    if (words == NULL || first_bad == NULL || n < 0 || rec < 3 || n_seq_max < 1 ||
-        n_seq_max > PM_STEP_MAX_SEQ) {
-        return PM_ERR_ARG;
-    }
-    *first_bad = -1;
-    // one pass that the compiler keeps branch-free; the rare fault is found by a second
-    int32_t bad = 0;
-    for (int64_t i = 0; i < n; i++) {
-        const int32_t * r = words + i * rec;
-        const int32_t id = pm_step_ld32(r + rec - 1);
-        bad |= (pm_step_ld32(r + 1) != 1) | (pm_step_ld32(r) < 0) | (id < 0) | (id >= n_seq_max);
-    }
-    for (int64_t i = 0; bad && i < n; i++) {
-        const int32_t * r = words + i * rec;
-        const int32_t id = pm_step_ld32(r + rec - 1);
-        if (pm_step_ld32(r + 1) != 1 || pm_step_ld32(r) < 0 || id < 0 || id >= n_seq_max) {
-            *first_bad = i;
-            break;
-        }
-    }
-    return PM_OK;
-}
-
-pm_status pm_step_kv_place_records(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t rec,
-                                   int32_t * placed) {
-    if (c == NULL || words == NULL || placed == NULL || rec < 3) {
+pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, const int64_t * counts, int64_t rec,
+                            int32_t * placed) {
+    if (c == NULL || words == NULL || counts == NULL || placed == NULL || rec < 3) {
         return PM_ERR_ARG;
     }
     *placed = 0;
-    if (s < 0 || s >= c->n_stream || n < 0 || n > c->size) {
-        return PM_ERR_RANGE;
-    }
-    if (c->n_multi[s] != 0) {
-        return PM_OK;
-    }
     // every check before the first write: a refusal changes nothing
-    const int32_t * pos = c->pos + s * c->size;
-    for (int64_t i = 0; i < n; i++) {
-        const int32_t * r = words + i * rec;
-        const int32_t id = pm_step_ld32(r + rec - 1);
-        if (pos[i] >= 0 || pm_step_ld32(r + 1) != 1 || pm_step_ld32(r) < 0 || id < 0 || id >= PM_STEP_MAX_SEQ) {
+    for (int64_t s = 0; s < c->n_stream; s++) {
+        const int64_t n = counts[s];
+        if (n < 0 || n > c->size) {
+            return PM_ERR_RANGE;
+        }
+        if (n > 0 && words[s] == NULL) {
+            return PM_ERR_ARG;
+        }
+        int32_t bad = 0;
+        for (int64_t i = 0; i < n; i++) {
+            const int32_t * r = words[s] + i * rec;
+            const int32_t id = pm_step_ld32(r + rec - 1);
+            bad |= (pm_step_ld32(r + 1) != 1) | (pm_step_ld32(r) < 0) | (id < 0) | (id >= PM_STEP_MAX_SEQ);
+        }
+        if (bad) {
             return PM_OK;
         }
     }
-    // pm_step_take for every record, with each run of one sequence's records reducing its
-    // bounds in registers (a restore's records come in such runs)
-    const int64_t g0 = s * c->size;
-    int32_t run_id = -1;
-    int64_t run_min = 0;
-    int64_t run_max = 0;
-    for (int64_t i = 0; i < n; i++) {
-        const int32_t * r = words + i * rec;
-        const int32_t id = pm_step_ld32(r + rec - 1);
-        const int32_t p = pm_step_ld32(r);
-        c->pos[g0 + i] = p;
-        uint64_t * bits = c->seq + (g0 + i) * PM_STEP_WORDS;
-        for (int w = 0; w < PM_STEP_WORDS; w++) {
-            bits[w] = 0;
+    for (int64_t s = 0; s < c->n_stream; s++) {
+        const int64_t n = counts[s], g0 = s * c->size;
+        for (int64_t q = 0; q < PM_STEP_MAX_SEQ; q++) {
+            c->pmin[s * PM_STEP_MAX_SEQ + q] = INT64_MAX;
+            c->pmax[s * PM_STEP_MAX_SEQ + q] = -1;
+            c->pdirty[s * PM_STEP_MAX_SEQ + q] = 0;
         }
-        bits[id >> 6] = (uint64_t) 1 << (id & 63);
-        c->owner[g0 + i] = id;
-        if (id != run_id) {
-            if (run_id >= 0) {
-                pm_step_bounds(c, s, run_id, run_min, run_max);
+        // each run of one sequence's records reduces its bounds in registers (a restore's
+        // records come in such runs)
+        int32_t run_id = -1;
+        int64_t run_min = 0, run_max = 0;
+        for (int64_t i = 0; i < n; i++) {
+            const int32_t * r = words[s] + i * rec;
+            const int32_t id = pm_step_ld32(r + rec - 1);
+            const int32_t p = pm_step_ld32(r);
+            c->pos[g0 + i] = p;
+            c->shift[g0 + i] = 0;
+            uint64_t * bits = c->seq + (g0 + i) * PM_STEP_WORDS;
+            for (int w = 0; w < PM_STEP_WORDS; w++) {
+                bits[w] = 0;
             }
-            run_id = id;
-            run_min = p;
-            run_max = p;
-        } else {
-            run_min = p < run_min ? p : run_min;
-            run_max = p > run_max ? p : run_max;
+            bits[id >> 6] = (uint64_t) 1 << (id & 63);
+            c->owner[g0 + i] = id;
+            if (id != run_id) {
+                if (run_id >= 0) {
+                    pm_step_bounds(c, s, run_id, run_min, run_max);
+                }
+                run_id = id;
+                run_min = p;
+                run_max = p;
+            } else {
+                run_min = p < run_min ? p : run_min;
+                run_max = p > run_max ? p : run_max;
+            }
         }
-    }
-    if (run_id >= 0) {
-        pm_step_bounds(c, s, run_id, run_min, run_max);
-    }
-    if (c->used_max_p1[s] < n) {
+        if (run_id >= 0) {
+            pm_step_bounds(c, s, run_id, run_min, run_max);
+        }
+        const int64_t rest = c->size - n;
+        for (int64_t i = n; i < c->size; i++) {
+            c->pos[g0 + i] = -1;
+            c->owner[g0 + i] = -1;
+        }
+        memset(c->shift + g0 + n, 0, (size_t) rest * sizeof(int32_t));
+        memset(c->seq + (g0 + n) * PM_STEP_WORDS, 0, (size_t) rest * PM_STEP_WORDS * sizeof(uint64_t));
+        c->used[s] = n;
         c->used_max_p1[s] = n;
+        c->used_max_dirty[s] = 0;
+        c->n_multi[s] = 0;
     }
-    c->used[s] += n;
     *placed = 1;
     return PM_OK;
 }

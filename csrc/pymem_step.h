@@ -57,25 +57,17 @@ pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_bl
                            const int32_t * idx, const int32_t * pos, const int32_t * seq, int64_t * heads,
                            int64_t * top, int32_t * placed);
 
-// The meta records of one stream of a whole-cache state blob (rec int32 words each, at
-// any alignment: pos, n_seq_id, n_ext ext words, then the ids), read as fixed records of
-// one id: *first_bad = the first record whose n_seq_id is not 1, whose position is below 0
-// or whose id (word rec - 1) is outside [0, n_seq_max); -1 when every one of the n is
-// such a record (the restore then places them with pm_step_kv_place_records; otherwise the
-// general parse reads variable records or names the fault). PM_ERR_ARG for a null pointer,
-// n < 0, rec < 3 or n_seq_max outside [1, 256].
-pm_status pm_kv_records_fixed(const int32_t * words, int64_t n, int64_t rec, int32_t n_seq_max,
-                              int64_t * first_bad);
-
-// A whole-cache restore's placement of n such fixed records (words as above, rec words
-// each) into cells [0, n) of stream s, as StackedCells.set_new places them (position word
-// 0, the one sequence word rec - 1; ext is the caller's): used, used_max_p1, pmin and pmax
-// follow. *placed = 0 and nothing written when one of the cells is not empty, the stream
-// holds a shared cell or a record is not a fixed one with an id in [0, 256) (the numpy
-// path decides then). PM_ERR_RANGE for s outside [0, n_stream) or n outside [0, size];
-// PM_ERR_ARG for a null pointer or rec < 3.
-pm_status pm_step_kv_place_records(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t rec,
-                                   int32_t * placed);
+// A whole-cache restore's clear and placement, every stream in one pass: stream s gets
+// the counts[s] records at words[s] (rec int32 words each, at any alignment; NULL when
+// counts[s] is 0), each a fixed one (position word 0 >= 0, n_seq_id word 1 == 1, its one
+// sequence word rec - 1 in [0, 256)), in cells [0, counts[s]), and every other cell is
+// emptied, as StackedCells.reset then set_new leave them: no shift, no shared cell, used =
+// used_max_p1 = counts[s], nothing dirty, bounds from the records alone (ext and has_shift
+// are the caller's). Every record of every stream is checked before the first write:
+// *placed = 0, nothing written, when one is not fixed. PM_ERR_RANGE for a count outside
+// [0, size]; PM_ERR_ARG for a null pointer or rec < 3.
+pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, const int64_t * counts, int64_t rec,
+                            int32_t * placed);
 
 // The whole-array checks of BatchAllocator.init for a batch of one token per sequence
 // (distinct ids in [0, n_seq_max), checked by the caller): token ids in [0, n_vocab)

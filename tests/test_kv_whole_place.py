@@ -1,9 +1,11 @@
-"""A whole restore into a cache whose cells differ (a session loaded into a fresh or
-another context) places its records with one native pass (``pm_kv_records_fixed`` at
-parse, ``pm_step_kv_place_records`` at commit) where every record is a fixed one (one
-sequence id). Pins that the native placement leaves exactly what the numpy ``set_new``
-reference leaves, that records it cannot take (shared cells, hostile words) go to the
-general parse with its own errors, and that the kernels refuse without changing anything."""
+"""Whole restores where every meta record is a fixed one (one sequence id): the parse
+checks the blob in one native call (``pm_kv_read_whole_blob``, or for tensors outside
+host memory ``pm_kv_records_fixed`` per stream), the commit clears and places every
+stream's cells in one more (``pm_step_kv_refill``) and stores the bytes in a third.
+Pins that this leaves exactly what the numpy clear + ``set_new`` reference leaves (into
+a cache whose cells differ: a session loaded into another context), that blobs it cannot
+take (shared cells, hostile words) go to the general parse with its own errors, and
+that the kernels refuse without changing anything."""
 
 from __future__ import annotations
 
@@ -16,29 +18,34 @@ import pymem.kv.state_io as state_io
 from pymem._native import ffi, lib
 from pymem.errors import StateError
 from pymem.kv import KVCache
+from pymem.state import StateReader
 
 
 def _count_native(monkeypatch) -> list[bool]:
-    """Every answer of KVCache._place_whole, in order."""
+    """Every answer of KVCache._refill, in order."""
     seen: list[bool] = []
-    real = KVCache._place_whole
+    real = KVCache._refill
 
-    def counted(self, strm, words):
-        done = real(self, strm, words)
+    def counted(self, records):
+        done = real(self, records)
         seen.append(done)
         return done
 
-    monkeypatch.setattr(KVCache, "_place_whole", counted)
+    monkeypatch.setattr(KVCache, "_refill", counted)
     return seen
 
 
+@pytest.mark.parametrize("one_call", [True, False])
 @pytest.mark.parametrize("name", NAMES)
-def test_native_whole_placement_equals_numpy(monkeypatch, name: str) -> None:
+def test_native_whole_placement_equals_numpy(monkeypatch, name: str, one_call: bool) -> None:
     """A donor's blob (and one with cells shared by two sequences, whose records hold two
-    ids) read into twin caches, one through the native placement, one through set_new:
-    the same cells, counters, bounds, heads and bytes; the native road was taken exactly
-    where every record is fixed."""
+    ids) read into twin caches, one through the native refill, one through clear +
+    set_new: the same cells, counters, bounds, heads and bytes; the refill taken exactly
+    where every record is fixed. ``one_call`` False: the general parse (as for tensors
+    outside host memory) with its per-stream records test."""
     seen = _count_native(monkeypatch)
+    if not one_call:
+        monkeypatch.setattr(KVCache, "_whole_blob_plan", lambda self, reader, hooks: None)
     shared_seen = 0
     for seed in range(6):
         donor = _scenario(name, seed + 100)
@@ -56,10 +63,10 @@ def test_native_whole_placement_equals_numpy(monkeypatch, name: str) -> None:
             assert _state(native) == _state(ref), (seed, fixed)
             assert bytes(native.state_write()) == blob
             check_invariants(native)
-            # the native road for every stream with cells and none shared
-            plain = sum(1 for c in src.v_cells if c.used and not c.n_multi)
-            assert took == [True] * plain, (seed, took)
-            shared_seen += int(not fixed and any(c.n_multi for c in src.v_cells))
+            # the refill wherever no cell is shared
+            has_shared = any(c.n_multi for c in src.v_cells)
+            assert took == ([] if has_shared else [True]), (seed, took)
+            shared_seen += int(not fixed and has_shared)
     # the variable records were exercised (one stream per sequence: seq_cp copies cells)
     assert shared_seen >= 3 or donor.n_stream > 1
 
@@ -107,8 +114,8 @@ def test_records_test_equals_reference_at_any_alignment() -> None:
 
 
 def test_records_kernels_refuse_and_decline_without_change() -> None:
-    """Bad arguments are refused; a stream with a taken cell, or a record the kernel
-    cannot place, is declined with nothing written."""
+    """Bad arguments are refused; a record the refill cannot place (in any stream) is
+    declined with nothing written."""
     bad = ffi.new("int64_t *")
     words = np.array([[0, 1, 0], [1, 1, 0]], dtype=np.int32)
     wp = ffi.from_buffer("int32_t[]", words)
@@ -118,30 +125,49 @@ def test_records_kernels_refuse_and_decline_without_change() -> None:
     assert lib.pm_kv_records_fixed(wp, 2, 3, 0, bad) == lib.PM_ERR_ARG
     assert lib.pm_kv_records_fixed(wp, 2, 3, 257, bad) == lib.PM_ERR_ARG
 
-    kv = _scenario("f16-trans", 3)
+    kv = _scenario("f16-trans-streams", 3)
     c, _, _, _, placed = kv._native_cells()
+    n_stream = kv.n_stream
     before = _state(kv)
-    assert lib.pm_step_kv_place_records(c, kv.n_stream, wp, 2, 3, placed) == lib.PM_ERR_RANGE
-    assert (
-        lib.pm_step_kv_place_records(c, 0, wp, kv.layout.kv_size + 1, 3, placed) == lib.PM_ERR_RANGE
-    )
-    assert lib.pm_step_kv_place_records(c, 0, wp, 2, 2, placed) == lib.PM_ERR_ARG
-    assert lib.pm_step_kv_place_records(ffi.NULL, 0, wp, 2, 3, placed) == lib.PM_ERR_ARG
-    # cells 0 and 1 of the scenario's stream 0 are taken: declined
-    assert kv.v_cells[0].pos[0] >= 0
-    assert lib.pm_step_kv_place_records(c, 0, wp, 2, 3, placed) == lib.PM_OK
-    assert placed[0] == 0
-    kv.clear(False)
-    cleared = _state(kv)
+
+    def refill(per_stream: list, counts: list, rec: int = 3, cells=c) -> int:
+        ptrs = ffi.new("int32_t *[]", per_stream)
+        return lib.pm_step_kv_refill(cells, ptrs, ffi.new("int64_t[]", counts), rec, placed)
+
+    ok = [wp] + [ffi.NULL] * (n_stream - 1)
+    two = [2] + [0] * (n_stream - 1)
+    assert refill(ok, [kv.layout.kv_size + 1] + [0] * (n_stream - 1)) == lib.PM_ERR_RANGE
+    assert refill(ok, [-1] + [0] * (n_stream - 1)) == lib.PM_ERR_RANGE
+    assert refill([ffi.NULL] * n_stream, two) == lib.PM_ERR_ARG  # cells without records
+    assert refill(ok, two, rec=2) == lib.PM_ERR_ARG
+    assert refill(ok, two, cells=ffi.NULL) == lib.PM_ERR_ARG
     for hostile in ([[0, 2, 0], [1, 1, 0]], [[0, 1, 0], [1, 1, 256]], [[-1, 1, 0], [1, 1, 0]]):
         h = np.array(hostile, dtype=np.int32)
-        assert (
-            lib.pm_step_kv_place_records(c, 0, ffi.from_buffer("int32_t[]", h), 2, 3, placed)
-            == lib.PM_OK
-        )
+        # the bad records in the last stream: the first streams are not written either
+        hp = ffi.from_buffer("int32_t[]", h)
+        assert refill([wp] * (n_stream - 1) + [hp], [2] * n_stream) == lib.PM_OK
         assert placed[0] == 0, hostile
-        assert _state(kv) == cleared
-    assert before != cleared
+        assert _state(kv) == before
+    assert refill(ok, two) == lib.PM_OK and placed[0] == 1
+    assert _state(kv) != before
+
+
+@pytest.mark.parametrize("one_call", [True, False])
+def test_refill_refuses_a_blob_changed_after_its_parse(monkeypatch, one_call: bool) -> None:
+    """A two-phase whole restore whose blob (a bytearray) gets a hostile record between
+    parse and commit: StateError, the cache as it was, on both parse roads."""
+    if not one_call:
+        monkeypatch.setattr(KVCache, "_whole_blob_plan", lambda self, reader, hooks: None)
+    kv = _scenario("f32-notrans", 4)
+    donor = _scenario("f32-notrans", 5)
+    blob = bytearray(donor.state_write())
+    before = _state(kv)
+    plan = kv.state_read_parse(StateReader(blob))
+    assert isinstance(plan, state_io.WholeBlobPlan) == one_call
+    blob[8 + 4 : 8 + 8] = (3).to_bytes(4, "little")  # record 0: n_seq_id 3
+    with pytest.raises(StateError, match="changed after it was parsed"):
+        plan.commit()
+    assert _state(kv) == before
 
 
 @pytest.mark.parametrize(

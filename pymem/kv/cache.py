@@ -82,6 +82,7 @@ from pymem.kv import graph as kv_graph
 from pymem.kv import state_io
 from pymem.kv.cells import (
     EMPTY_MIN,
+    EXT_DEFAULT,
     STALE_MAX,
     STALE_MIN,
     CellViews,
@@ -1455,7 +1456,7 @@ class KVCache(Memory):
 
     def state_read_parse(
         self, reader: StateReader, seq_id: int = -1, flags: int = 0
-    ) -> state_io.KVStatePlan | state_io.SameCellsPlan:
+    ) -> state_io.KVStatePlan | state_io.SameCellsPlan | state_io.WholeBlobPlan:
         """Parse and validate this cache's part of a blob; change nothing.
 
         Returns a plan whose ``commit()`` applies it. Raises StateError naming the field
@@ -1467,7 +1468,7 @@ class KVCache(Memory):
 
     def _parse(
         self, reader: StateReader, seq_id: int, flags: int, same_cells: bool
-    ) -> state_io.KVStatePlan | state_io.SameCellsPlan:
+    ) -> state_io.KVStatePlan | state_io.SameCellsPlan | state_io.WholeBlobPlan:
         """:meth:`state_read_parse`; ``same_cells`` False skips the native same-cells
         check (a caller whose one-call restore just declined the blob)."""
         self.check_open()
@@ -1479,8 +1480,12 @@ class KVCache(Memory):
             clear=self.clear,
             planning=self._planning,
             place=self._place_restored,
-            place_whole=self._place_whole,
+            refill=self._refill,
         )
+        if seq_id == -1:
+            whole = self._whole_blob_plan(reader, hooks)
+            if whole is not None:
+                return whole
         blob = self._seq_blob(seq_id, 0, "state_read") if seq_id >= 0 and same_cells else None
         rest = reader.host_rest() if blob is not None else None
         if blob is not None and rest is not None:
@@ -1491,6 +1496,25 @@ class KVCache(Memory):
         return state_io.parse_kv_state(
             self.layout, self.v_cells, self.v_heads, self.layers, hooks, reader, seq_id
         )
+
+    def _whole_blob_plan(
+        self, reader: StateReader, hooks: state_io.KVStateHooks
+    ) -> state_io.WholeBlobPlan | None:
+        """A whole restore parsed in one native call (:meth:`state_io.SeqBlob.read_whole`)
+        where the cache's tensors are in host memory and every record of the blob is a
+        fixed one; None sends the caller to the general parse."""
+        blob = self._seq_blob(0, 0, "state_read")
+        rest = reader.host_rest() if blob is not None else None
+        if blob is None or rest is None:
+            return None
+        found = blob.read_whole(rest, 0)
+        if found is None:
+            return None
+        reader.skip(found.consumed, "kv state")
+        return state_io.WholeBlobPlan(
+            blob, rest[: found.consumed], found, self.layout, self.v_cells, self.v_heads, hooks,
+            self.layers,
+        )  # fmt: skip
 
     def _place_restored(self, seq_id: int, ubatch: UBatch) -> SlotInfo | None:
         """Where a per-sequence restore puts ``seq_id``'s cells: the sequence is removed,
@@ -1505,24 +1529,36 @@ class KVCache(Memory):
             self._memo = step_memo
         return sinfo
 
-    def _place_whole(self, strm: int, words: np.ndarray) -> bool:
-        """Cells ``[0, n)`` of stream ``strm``, emptied by a whole restore's clear, from
-        its ``n`` fixed meta records (``[n, 3 + n_ext]`` words) in one native call
-        (``pm_step_kv_place_records``; ``set_new`` is the reference it is tested
-        against). False, nothing changed, under an undo journal (a plan being
-        simulated) or where the kernel declines."""
+    def _refill(self, records: Sequence[np.ndarray | None]) -> bool:
+        """A whole restore's ``clear(False)`` and the placement of every stream's fixed meta
+        records (``[n, 3 + n_ext]`` words; None for a stream without cells) into its cells
+        ``[0, n)`` in one native call (``pm_step_kv_refill``; ``clear`` + ``set_new`` are
+        the reference it is tested against). False, nothing changed, under an undo
+        journal (a plan being simulated) or with ``state_io.NATIVE_PLACE`` off; StateError,
+        nothing changed, for a record that is not a fixed one (the blob changed after the
+        parse that found them so)."""
         if not state_io.NATIVE_PLACE or self.cells.journaling:
             return False
         c, _, _, _, placed = self._native_cells()
-        n, rec = words.shape
-        status = lib.pm_step_kv_place_records(
-            c, strm, ffi.from_buffer("int32_t[]", words), n, rec, placed
+        counts = np.array([0 if w is None else w.shape[0] for w in records], dtype=np.int64)
+        words = ffi.new(
+            "int32_t *[]",
+            [ffi.NULL if w is None else ffi.from_buffer("int32_t[]", w) for w in records],
         )
-        check(status, f"pm_step_kv_place_records ({n} cells, stream {strm})")
+        rec = 6 if self.layout.with_ext else 3
+        status = lib.pm_step_kv_refill(c, words, ffi.from_buffer("int64_t[]", counts), rec, placed)
+        check(status, f"pm_step_kv_refill ({int(counts.sum())} cells)")
         if not placed[0]:
-            return False
-        if self.cells.ext is not None:
-            self.cells.ext[strm, :n] = words[:, 2:5]
+            raise StateError("state plan: the blob changed after it was parsed; parse it again")
+        st = self.cells
+        st.has_shift[:] = False
+        if st.ext is not None:
+            st.ext[:] = EXT_DEFAULT
+            for strm, w in enumerate(records):
+                if w is not None:
+                    st.ext[strm, : w.shape[0]] = w[:, 2:5]
+        self.v_heads[:] = 0
+        self._mutated()
         return True
 
     def state_clear(self, seq_id: int = -1) -> None:

@@ -349,6 +349,44 @@ class SeqBlob:
         )
         return int(consumed[0]) if done[0] else None
 
+    def read_whole(self, data: object, mode: int) -> WholeBlobRead | None:
+        """A whole-cache restore whose every meta record is a fixed one (one sequence id)
+        in one native call per phase (:c:func:`pm_kv_read_whole_blob`): ``mode`` 0 checks
+        everything (headers, ranges, records) and says whether the cells already are the
+        blob's; 1 checks the headers and ranges and stores every stream's bytes into its
+        cells ``[0, n)``; 2 checks them alone. None, nothing changed, where it does not
+        apply (the general parse then reads the blob and names what is wrong). The cells
+        and heads are the caller's (:class:`WholeBlobPlan`)."""
+        try:
+            src = ffi.from_buffer(data)
+        except (TypeError, ValueError, BufferError):
+            return None
+        n_stream = len(self._cells)
+        counts = np.zeros(n_stream, dtype=np.int64)
+        offsets = np.zeros(n_stream, dtype=np.int64)
+        out = ffi.new("int64_t *")
+        flags = ffi.new("int32_t[2]")  # same, done
+        status = lib.pm_kv_read_whole_blob(
+            self._view, src, len(src), mode, ffi.from_buffer("int64_t[]", counts, require_writable=True),
+            ffi.from_buffer("int64_t[]", offsets, require_writable=True), flags, out, flags + 1,
+        )  # fmt: skip
+        check(status, "state read: whole cache")
+        if not flags[1]:
+            return None
+        return WholeBlobRead(int(out[0]), counts, offsets, bool(flags[0]))
+
+
+@dataclass(frozen=True)
+class WholeBlobRead:
+    """What :meth:`SeqBlob.read_whole` found: the blob's bytes, each stream's cell count
+    and the byte offset of its meta records, and whether every stream's cells already are
+    the blob's."""
+
+    consumed: int
+    counts: np.ndarray
+    offsets: np.ndarray
+    same: bool
+
 
 class _CachePlan:
     """What every KV cache plan shares: the cache's version when parsed (a changed cache
@@ -403,6 +441,75 @@ class SameCellsPlan(_CachePlan):
             raise StateError("state plan: the blob changed after it was parsed; parse it again")
         self.committed = True
         self.hooks.mark_mutated()
+
+
+class WholeBlobPlan(_CachePlan):
+    """A parsed whole-cache restore whose every record is a fixed one
+    (:meth:`SeqBlob.read_whole` checked it all): ``commit()`` stores the bytes in one
+    native call, then places the cells, emptied first, with one more per stream (or, when
+    they already are the blob's, moves the heads alone), then zeroes the rows past each
+    stream's cells, as the reference's ``clear(true)`` leaves them. :meth:`verify` checks
+    the headers and ranges again (a composite's last look before its commit)."""
+
+    def __init__(
+        self,
+        blob: SeqBlob,
+        data: memoryview,
+        found: WholeBlobRead,
+        layout: KVLayout,
+        v_cells: Sequence[KVCells],
+        v_heads: StreamHeads,
+        hooks: KVStateHooks,
+        layers: Sequence[KVLayer],
+    ) -> None:
+        super().__init__(hooks, layers, hooks.version())
+        self.blob = blob
+        self.data = data  # the cache's part of the blob (a view: no copy)
+        self.found = found
+        self.layout = layout
+        self.v_cells = v_cells
+        self.v_heads = v_heads
+
+    def verify(self) -> None:
+        if self.blob.read_whole(self.data, 2) is None:
+            raise StateError("state plan: the blob changed after it was parsed; parse it again")
+
+    def _records(self, strm: int) -> np.ndarray:
+        """Stream ``strm``'s meta records, ``[n, 3 + n_ext]`` words (a view)."""
+        n, at = int(self.found.counts[strm]), int(self.found.offsets[strm])
+        rec = 6 if self.layout.with_ext else 3
+        return np.frombuffer(self.data, dtype="<i4", count=n * rec, offset=at).reshape(n, rec)
+
+    def commit(self) -> None:
+        self._may_commit()
+        layout = self.layout
+        self.verify()  # the headers and ranges, before anything changes
+        counts = self.found.counts
+        if self.found.same:
+            # clear + set_new would put back every cell as it is: only the heads move
+            self.v_heads[:] = [0] * layout.n_stream
+            self.hooks.mark_mutated()
+        else:
+            records = [self._records(s) if counts[s] else None for s in range(layout.n_stream)]
+            if not self.hooks.refill(records):
+                self.hooks.clear(False)  # clear(True) without zeroing the rows to be filled
+                for strm, words in enumerate(records):
+                    if words is not None:
+                        _set_new_records(self.v_cells[strm], words, layout.with_ext)
+        self.committed = True
+        if self.blob.read_whole(self.data, 1) is None:  # checked just before: cannot fail
+            raise StateError("state plan: the blob changed while it was restored")
+        for strm in range(layout.n_stream):
+            a = int(counts[strm])
+            if not zero_range_native(layout, self.layers, strm, a, layout.kv_size):
+                zero_range(layout, self.layers, strm, a, layout.kv_size)
+
+
+def _set_new_records(cells: KVCells, words: np.ndarray, with_ext: bool) -> None:
+    """Cells ``[0, n)`` of an emptied stream from ``n`` fixed meta records (``set_new``:
+    the reference of the native refill)."""
+    ext = words[:, 2:5] if with_ext else None
+    cells.set_new(np.arange(words.shape[0], dtype=np.int64), words[:, 0], words[:, -1:], ext)
 
 
 def seq_blob(
@@ -803,6 +910,8 @@ def zero_range_native(
     where a tensor is not in host memory."""
     if not NATIVE_RUNS:
         return False
+    if b <= a:  # nothing to zero (a blob that fills the stream)
+        return True
     tensors, params = [], []
     for layer in layers:
         for t in (layer.k, layer.v):
@@ -854,9 +963,11 @@ class KVStateHooks:
     planning: Callable[[], AbstractContextManager[None]]
     # remove the sequence, then find a slot for the ubatch and apply it; None: no slot
     place: Callable[[int, UBatch], SlotInfo | None]
-    # a whole restore's cells [0, n) of an emptied stream from n fixed meta records (the
-    # words of _whole_fixed_words) in one native call; False, nothing changed: numpy does it
-    place_whole: Callable[[int, np.ndarray], bool]
+    # a whole restore's clear(False) and placement of every stream's fixed meta records
+    # (``[n, 3 + n_ext]`` words, None for a stream without cells) in one native call;
+    # False, nothing changed, where numpy does them (clear + set_new); StateError, nothing
+    # changed, for a record that is not a fixed one (the blob changed after its parse)
+    refill: Callable[[Sequence[np.ndarray | None]], bool]
 
 
 SWA_DEFERRED = True
@@ -902,6 +1013,9 @@ class KVStatePlan(_CachePlan):
         self.place: _Deferred | None = None
         # whole cache: the cells already hold exactly the blob's (only the bytes move)
         self.whole_same = False
+        # whole cache: every stream's records when each is a fixed one (None for a stream
+        # without cells), placed by one refill at commit; None: the steps place them
+        self.whole_fixed: list[np.ndarray | None] | None = None
 
     def verify(self) -> None:
         """Nothing to check again: the parse copied what the commit needs to decide."""
@@ -915,9 +1029,10 @@ class KVStatePlan(_CachePlan):
                 # clear + set_new would put back every cell as it is: only the heads move
                 self.v_heads[:] = [0] * layout.n_stream
                 self.hooks.mark_mutated()
-            else:
+            elif self.whole_fixed is None or not self.hooks.refill(self.whole_fixed):
                 # clear(True) without zeroing the rows the blob is about to fill
                 self.hooks.clear(False)
+                self.whole_fixed = None  # the steps place the cells
             for strm in range(layout.n_stream):
                 a = self.whole_counts.get(strm, 0)
                 if not zero_range_native(layout, self.layers, strm, a, layout.kv_size):
@@ -1216,6 +1331,17 @@ def _whole_same_words(cells: KVCells, reader: StateReader, n: int, n_ext: int) -
     return words
 
 
+def _whole_fixed_words_in(words: np.ndarray, n_seq_max: int) -> np.ndarray | None:
+    """``words`` (``[n, rec]`` meta records) when every one is a fixed record (n_seq_id 1,
+    position >= 0, its id in [0, n_seq_max)): one native pass (``pm_kv_records_fixed``);
+    else None."""
+    bad = ffi.new("int64_t *")
+    n, rec = words.shape
+    status = lib.pm_kv_records_fixed(ffi.from_buffer("int32_t[]", words), n, rec, n_seq_max, bad)
+    check(status, "state read: whole-cache records test")
+    return words if bad[0] < 0 else None
+
+
 def _whole_fixed_words(
     reader: StateReader, n: int, n_ext: int, n_seq_max: int
 ) -> np.ndarray | None:
@@ -1228,14 +1354,12 @@ def _whole_fixed_words(
     if not NATIVE_PLACE or n == 0 or reader.remaining < n * rec * 4:
         return None
     start = reader.offset
-    words = reader.read_array("<i4", n * rec, "kv cells")
-    bad = ffi.new("int64_t *")
-    status = lib.pm_kv_records_fixed(ffi.from_buffer("int32_t[]", words), n, rec, n_seq_max, bad)
-    check(status, "state read: whole-cache records test")
-    if bad[0] >= 0:
+    words = _whole_fixed_words_in(
+        reader.read_array("<i4", n * rec, "kv cells").reshape(n, rec), n_seq_max
+    )
+    if words is None:
         reader.offset = start
-        return None
-    return words.reshape(n, rec)
+    return words
 
 
 def whole_same_reference(cells: KVCells, pos: np.ndarray, ext: np.ndarray, seq: np.ndarray) -> bool:
@@ -1275,6 +1399,7 @@ def parse_kv_state(
 
     if seq_id == -1:
         same = True  # so far, every stream's cells already are the blob's
+        fixed_all: list[np.ndarray | None] | None = [None] * n_stream
         for s in range(n_stream):
             what = f"kv.stream[{s}]"
             n = reader.read_u32(f"{what}.cell_count")
@@ -1290,6 +1415,10 @@ def parse_kv_state(
             if words is None:
                 same = False
                 fixed = _whole_fixed_words(reader, n, n_ext, layout.n_seq_max)
+            if fixed_all is not None:
+                fixed_all[s] = w = fixed if fixed is not None else words
+                if w is None:
+                    fixed_all = None
             w = fixed if fixed is not None else words
             if w is not None:
                 # checked by a native pass: one valid id each, positions >= 0
@@ -1308,12 +1437,11 @@ def parse_kv_state(
                 seq: np.ndarray = seq,
                 ext: np.ndarray = ext,
                 payloads: list = payloads,
-                fixed: np.ndarray | None = fixed,
             ) -> None:
                 # cells [0, n): one run (an index array only where one is needed: a
                 # fresh 256 KiB array costs its page faults, ~90 us at 32,768 cells)
                 runs = (np.zeros(1, dtype=np.int64), np.full(1, n, dtype=np.int64))
-                if not plan.whole_same and (fixed is None or not hooks.place_whole(s, fixed)):
+                if not plan.whole_same and plan.whole_fixed is None:
                     idx = np.arange(n, dtype=np.int64)
                     v_cells[s].set_new(idx, pos, seq, ext if n_ext else None)
                 v_heads[s] = 0
@@ -1321,6 +1449,7 @@ def parse_kv_state(
 
             plan.steps.append(whole_step)
         plan.whole_same = same
+        plan.whole_fixed = fixed_all
         return plan
 
     # per sequence: the placement is seq_rm + find_slot + apply. The first (usually only)
