@@ -194,3 +194,53 @@ def test_hostile_records_take_the_general_parse_and_change_nothing(
     with pytest.raises(StateError, match=message):
         kv.state_read(bytes(blob))
     assert _state(kv) == before
+
+
+def test_whole_blob_call_refuses_bad_arguments_and_declines_truncations() -> None:
+    """pm_kv_read_whole_blob: a mode outside [0, 2] or a null pointer is refused; every
+    truncation of a blob is declined (done 0, the general parse then names it) and a
+    state_read of it raises StateError with the cache unchanged."""
+    kv = _scenario("f16-trans", 6)
+    donor = _scenario("f16-trans", 7)
+    blob = bytes(donor.state_write())
+    view = kv._seq_blob(0, 0, "t")._view
+    counts = ffi.new("int64_t[]", kv.n_stream)
+    offsets = ffi.new("int64_t[]", kv.n_stream)
+    flags = ffi.new("int32_t[2]")
+    consumed = ffi.new("int64_t *")
+    src = ffi.from_buffer(blob)
+
+    def call(data=src, n=len(blob), mode=0, v=view) -> int:
+        return lib.pm_kv_read_whole_blob(v, data, n, mode, counts, offsets, flags, consumed, flags + 1)
+
+    assert call(mode=3) == lib.PM_ERR_ARG
+    assert call(mode=-1) == lib.PM_ERR_ARG
+    assert call(data=ffi.NULL) == lib.PM_ERR_ARG
+    assert call(v=ffi.NULL) == lib.PM_ERR_ARG
+    assert call(n=-1) == lib.PM_ERR_ARG
+    assert call() == lib.PM_OK and flags[1] == 1 and consumed[0] == len(blob)
+    before = _state(kv)
+    for cut in sorted({0, 3, 4, 7, 8, 20, len(blob) // 2, len(blob) - 1}):
+        assert call(n=cut) == lib.PM_OK and flags[1] == 0, cut
+        with pytest.raises(StateError, match="truncated"):
+            kv.state_read(blob[:cut])
+        assert _state(kv) == before, cut
+
+
+def test_composite_verify_refuses_a_header_changed_after_the_parse() -> None:
+    """The whole-blob plan's verify (a composite's last look before any part commits)
+    re-reads the headers: a layer's type changed after the parse is refused."""
+    kv = _scenario("f16-trans", 8)
+    blob = bytearray(_scenario("f16-trans", 9).state_write())
+    plan = kv.state_read_parse(StateReader(blob))
+    assert isinstance(plan, state_io.WholeBlobPlan)
+    plan.verify()
+    n = int(plan.found.counts[0])
+    at = 8 + 12 * n + 8  # n_stream, cell count, records, v_trans, n_layer: layer 0's type
+    blob[at : at + 4] = (99).to_bytes(4, "little")
+    before = _state(kv)
+    with pytest.raises(StateError, match="changed after it was parsed"):
+        plan.verify()
+    with pytest.raises(StateError, match="changed after it was parsed"):
+        plan.commit()
+    assert _state(kv) == before
