@@ -410,6 +410,7 @@ class KVCache(Memory):
         self._runners: dict[str, GraphRunner] = {}
         self._section: state_io.NativeSection | bool | None = False  # False: not built yet
         self._blob: state_io.SeqBlob | Literal[False] | None = False  # False: not built yet
+        self._hooks: state_io.KVStateHooks | None = None  # a restore's cache operations
         self._step_cells: Any = None  # pm_step_cells * over self.cells, built on first use
         self._no_update: KVCacheContext | None = None  # init_update's answer with nothing to do
         # (slot, version, top) of the last native placement: get_n_kv's bound, while valid
@@ -1451,7 +1452,10 @@ class KVCache(Memory):
                 return done
         # the one call declined: the general parse, without asking the same question again
         reader = StateReader(data)
-        self._parse(reader, seq_id, flags, same_cells=blob is None).commit()
+        plan = self._parse(reader, seq_id, flags, same_cells=blob is None)
+        if isinstance(plan, state_io.WholeBlobPlan):
+            plan.parsed_now = True
+        plan.commit()
         return reader.offset
 
     def state_read_parse(
@@ -1474,14 +1478,16 @@ class KVCache(Memory):
         self.check_open()
         check_state_flags(flags, "state_read")
         seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
-        hooks = state_io.KVStateHooks(
-            version=lambda: self._version,
-            mark_mutated=self._mutated,
-            clear=self.clear,
-            planning=self._planning,
-            place=self._place_restored,
-            refill=self._refill,
-        )
+        hooks = self._hooks
+        if hooks is None:  # the same for every restore: built once
+            hooks = self._hooks = state_io.KVStateHooks(
+                version=lambda: self._version,
+                mark_mutated=self._mutated,
+                clear=self.clear,
+                planning=self._planning,
+                place=self._place_restored,
+                refill=self._refill,
+            )
         if seq_id == -1:
             whole = self._whole_blob_plan(reader, hooks)
             if whole is not None:

@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -361,23 +361,21 @@ class SeqBlob:
             src = ffi.from_buffer(data)
         except (TypeError, ValueError, BufferError):
             return None
-        n_stream = len(self._cells)
-        counts = np.zeros(n_stream, dtype=np.int64)
-        offsets = np.zeros(n_stream, dtype=np.int64)
-        out = ffi.new("int64_t *")
-        flags = ffi.new("int32_t[2]")  # same, done
+        # counts and offsets [n_stream] each, consumed, then same and done (int32 each)
+        found = np.zeros(2 * len(self._cells) + 2, dtype=np.int64)
+        p = ffi.from_buffer("int64_t[]", found, require_writable=True)
+        n = len(self._cells)
+        flags = ffi.cast("int32_t *", p + 2 * n + 1)
         status = lib.pm_kv_read_whole_blob(
-            self._view, src, len(src), mode, ffi.from_buffer("int64_t[]", counts, require_writable=True),
-            ffi.from_buffer("int64_t[]", offsets, require_writable=True), flags, out, flags + 1,
-        )  # fmt: skip
+            self._view, src, len(src), mode, p, p + n, flags, p + 2 * n, flags + 1
+        )
         check(status, "state read: whole cache")
         if not flags[1]:
             return None
-        return WholeBlobRead(int(out[0]), counts, offsets, bool(flags[0]))
+        return WholeBlobRead(int(found[2 * n]), found[:n], found[n : 2 * n], bool(flags[0]))
 
 
-@dataclass(frozen=True)
-class WholeBlobRead:
+class WholeBlobRead(NamedTuple):
     """What :meth:`SeqBlob.read_whole` found: the blob's bytes, each stream's cell count
     and the byte offset of its meta records, and whether every stream's cells already are
     the blob's."""
@@ -469,6 +467,9 @@ class WholeBlobPlan(_CachePlan):
         self.layout = layout
         self.v_cells = v_cells
         self.v_heads = v_heads
+        # the caller commits right after the parse (``state_read``): the blob cannot have
+        # changed in between, and the commit does not read the headers a third time
+        self.parsed_now = False
 
     def verify(self) -> None:
         if self.blob.read_whole(self.data, 2) is None:
@@ -483,11 +484,12 @@ class WholeBlobPlan(_CachePlan):
     def commit(self) -> None:
         self._may_commit()
         layout = self.layout
-        self.verify()  # the headers and ranges, before anything changes
+        if not self.parsed_now:
+            self.verify()  # the headers and ranges, before anything changes
         counts = self.found.counts
         if self.found.same:
             # clear + set_new would put back every cell as it is: only the heads move
-            self.v_heads[:] = [0] * layout.n_stream
+            self.v_heads.a[:] = 0
             self.hooks.mark_mutated()
         else:
             records = [self._records(s) if counts[s] else None for s in range(layout.n_stream)]
