@@ -1171,6 +1171,127 @@ pm_status pm_rows_sections(struct ggml_tensor * const * tensors, const int64_t *
     return PM_OK;
 }
 
+pm_status pm_rs_write_whole(const int32_t * tail, const int32_t * pos, const int32_t * src, const uint32_t * rs_idx,
+                            int64_t size, int64_t n_rs_seq, int64_t n_layer, struct ggml_tensor * const * tensors,
+                            const int64_t * spec, int64_t n_tensors, void * out, int64_t cap, int64_t * written,
+                            int64_t * disagree) {
+    if (tail == NULL || pos == NULL || src == NULL || (n_rs_seq > 0 && rs_idx == NULL) || tensors == NULL ||
+        spec == NULL || written == NULL || disagree == NULL || size < 1 || n_rs_seq < 0 || n_tensors < 0 ||
+        n_layer < 0 || n_layer > UINT32_MAX || cap < 0 || (out == NULL && cap != 0)) {
+        return PM_ERR_ARG;
+    }
+    *disagree = -1;
+    // per cell: its sequence count, then the first of its ids in the META order
+    int64_t * first = (int64_t *) calloc((size_t) (size + 1), sizeof(int64_t));
+    int64_t * plane = (int64_t *) malloc((size_t) size * sizeof(int64_t));
+    int64_t * starts = (int64_t *) malloc((size_t) size * sizeof(int64_t));
+    int64_t * ends = (int64_t *) malloc((size_t) size * sizeof(int64_t));
+    int32_t * ids = (int32_t *) malloc((size_t) size * sizeof(int32_t));
+    pm_status st = PM_OK;
+    if (first == NULL || plane == NULL || starts == NULL || ends == NULL || ids == NULL) {
+        st = PM_ERR_ALLOC;
+        goto done;
+    }
+    for (int64_t c = 0; c < size; ++c) {
+        plane[c] = -1;
+    }
+    int64_t n_ids = 0;
+    for (int64_t q = 0; q < size; ++q) {
+        const int32_t c = tail[q];
+        if (c == -1) {
+            continue;
+        }
+        if (c < 0 || c >= size) {
+            st = PM_ERR_ARG;
+            goto done;
+        }
+        first[c + 1] += 1;
+        ++n_ids;
+        const int64_t p = n_rs_seq > 0 ? (int64_t) rs_idx[q] : 0;
+        if (plane[c] >= 0 && plane[c] != p && *disagree < 0) {
+            *disagree = c;  // the reference's cell order: the first such cell wins below
+        }
+        plane[c] = p;
+    }
+    if (*disagree >= 0) {
+        // the first cell (ascending) whose sequences disagree
+        for (int64_t c = 0; c < size; ++c) {
+            plane[c] = -1;
+        }
+        *disagree = size;
+        for (int64_t q = 0; q < size; ++q) {
+            const int32_t c = tail[q];
+            if (c < 0) {
+                continue;
+            }
+            const int64_t p = (int64_t) rs_idx[q];
+            if (plane[c] >= 0 && plane[c] != p && c < *disagree) {
+                *disagree = c;
+            }
+            plane[c] = p;
+        }
+        goto done;
+    }
+    // META: 2 words per selected cell plus its ids; cells in ascending order
+    int64_t k = 0;
+    for (int64_t c = 0; c < size; ++c) {
+        k += first[c + 1] > 0;
+    }
+    int64_t cell_bytes = 0;
+    for (int64_t i = 0; i < n_tensors; ++i) {
+        cell_bytes += spec[2 * i + 1] > 0 ? spec[2 * i + 1] : 0;
+    }
+    const int64_t meta = 4 * (2 * k + n_ids);
+    const int64_t total = 4 + meta + 8 + 12 * n_tensors + k * cell_bytes;
+    *written = total;
+    if (total > cap) {
+        st = PM_ERR_RANGE;
+        goto done;
+    }
+    // ids grouped by cell, ascending inside a cell: a counting sort over q
+    for (int64_t c = 0; c < size; ++c) {
+        first[c + 1] += first[c];
+    }
+    for (int64_t q = 0; q < size; ++q) {
+        if (tail[q] >= 0) {
+            ids[first[tail[q]]++] = (int32_t) q;  // first[c] ends at cell c + 1's start
+        }
+    }
+    char * w = pm_put_u32((char *) out, (uint32_t) k);
+    int64_t n_runs = 0;
+    for (int64_t c = 0; c < size; ++c) {
+        const int64_t lo = c == 0 ? 0 : first[c - 1];
+        const int64_t n = first[c] - lo;
+        if (n == 0) {
+            continue;
+        }
+        w = pm_put_u32(w, (uint32_t) pos[c]);
+        w = pm_put_u32(w, (uint32_t) n);
+        for (int64_t j = 0; j < n; ++j) {
+            w = pm_put_u32(w, (uint32_t) ids[lo + j]);
+        }
+        const int64_t row = (src[c] >= 0 ? src[c] : c) + (n_rs_seq > 0 ? plane[c] * size : 0);
+        if (n_runs > 0 && ends[n_runs - 1] == row) {
+            ends[n_runs - 1] = row + 1;
+        } else {
+            starts[n_runs] = row;
+            ends[n_runs] = row + 1;
+            ++n_runs;
+        }
+    }
+    w = pm_put_u32(w, 0);
+    w = pm_put_u32(w, (uint32_t) n_layer);
+    int64_t part = 0;
+    st = pm_rows_sections(tensors, spec, n_tensors, starts, ends, n_runs, w, cap - (w - (char *) out), &part);
+done:
+    free(first);
+    free(plane);
+    free(starts);
+    free(ends);
+    free(ids);
+    return st;
+}
+
 pm_status pm_rows_section(struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n, int64_t row,
                           void * out, int64_t cap, int64_t * written) {
     if (row == INT64_MAX) {

@@ -219,6 +219,21 @@ pm_status pm_rows_sections(struct ggml_tensor * const * tensors, const int64_t *
 pm_status pm_rows_store(struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n, int64_t n_rows,
                         int64_t dst_row, const void * data, int64_t avail, int32_t store, int64_t * consumed);
 
+// A recurrent memory's whole state section in one call, as the reference writes it: u32
+// cell count k, then per cell holding a sequence (ascending) META i32 pos, u32 n_seq_id and
+// its sequence ids ascending, then u32 s_trans (0), u32 n_layer and the tensor sections of
+// pm_rows_sections over those cells' rows. tail[q] (q in [0, size)) is sequence q's cell
+// (-1: none; any other value outside [0, size) is refused, PM_ERR_ARG), pos and src are per
+// cell; cell c's row is src[c] when >= 0, else c, plus (n_rs_seq > 0) plane * size, plane
+// = rs_idx[q] of its sequences, which must agree: *disagree = the first cell where they do
+// not (nothing written), else -1. out NULL with cap 0 asks the size: PM_ERR_RANGE with
+// *written the section's bytes (also when cap is too small, nothing written). PM_ERR_ARG as
+// pm_rows_sections, for a null pointer or size < 1.
+pm_status pm_rs_write_whole(const int32_t * tail, const int32_t * pos, const int32_t * src, const uint32_t * rs_idx,
+                            int64_t size, int64_t n_rs_seq, int64_t n_layer, struct ggml_tensor * const * tensors,
+                            const int64_t * spec, int64_t n_tensors, void * out, int64_t cap, int64_t * written,
+                            int64_t * disagree);
+
 // The threads that move a large state section's tensor bytes (pm_kv_write_section,
 // pm_kv_write_seq_blob, pm_kv_read_seq_blob, pm_stateio_put_cells, pm_rows_sections,
 // pm_rows_section and pm_rows_store: every native state write and restore):

@@ -106,7 +106,7 @@ class StateWriter:
             lambda out: tensor.read_runs_into(out, offset, n_rep, rep_stride, starts, sizes),
         )
 
-    def write_fill(self, size: int, fill: Callable[[memoryview], None]) -> None:
+    def write_fill(self, size: int, fill: Callable[[memoryview], object]) -> None:
         """``size`` bytes that ``fill(out)`` produces straight into the destination.
 
         Lets a memory gather tensor bytes (e.g. ``np.take`` over a host view) into the
@@ -141,7 +141,7 @@ class SizeCounter(StateWriter):
     ) -> None:  # fmt: skip
         self.n_written += n_rep * int(sizes.sum())
 
-    def write_fill(self, size: int, fill: Callable[[memoryview], None]) -> None:
+    def write_fill(self, size: int, fill: Callable[[memoryview], object]) -> None:
         self.n_written += size
 
 
@@ -210,7 +210,7 @@ class _Recorder(StateWriter):
         self.ops.append(("write_tensor_runs", tensor, offset, n_rep, rep_stride, starts, sizes))
         self.n_written += n_rep * int(sizes.sum())
 
-    def write_fill(self, size: int, fill: Callable[[memoryview], None]) -> None:
+    def write_fill(self, size: int, fill: Callable[[memoryview], object]) -> None:
         self._flush()
         self.ops.append(("write_fill", size, fill))
         self.n_written += size
@@ -351,7 +351,7 @@ class BufferWriter(StateWriter):
         tensor.read_runs_into(out, offset, n_rep, rep_stride, starts, sizes)
         self.n_written += size
 
-    def write_fill(self, size: int, fill: Callable[[memoryview], None]) -> None:
+    def write_fill(self, size: int, fill: Callable[[memoryview], object]) -> None:
         fill(self._view[self.n_written : self.n_written + size])
         self.n_written += size
 
@@ -435,7 +435,7 @@ class FileWriter(StateWriter):
             self.write(view)
             done += n
 
-    def write_fill(self, size: int, fill: Callable[[memoryview], None]) -> None:
+    def write_fill(self, size: int, fill: Callable[[memoryview], object]) -> None:
         """A fill that is not a tensor section: it needs its whole output at once."""
         view = self._scratch_view(size) if size <= FILE_CHUNK else memoryview(bytearray(size))
         fill(view)
@@ -933,17 +933,18 @@ class TwoPhaseStateIO:
     ) -> StatePlan: ...
 
     def seq_writer(self, seq_id: int, flags: int) -> SeqWriter | None:
-        """One sequence's blob as (size, fill) where this memory can size it before
-        writing: ``fill(view)`` writes exactly ``size`` bytes into ``view`` and returns that
-        count, in one pass (no recorder, no replay). None: not offered (the general writer
-        runs). Arguments that ``state_write_into`` would refuse raise the same errors here.
-        Composites offer one where every part does."""
+        """One sequence's blob (``seq_id`` -1: the whole memory's) as (size, fill) where
+        this memory can size it before writing: ``fill(view)`` writes exactly ``size``
+        bytes into ``view`` and returns that count, in one pass (no recorder, no replay).
+        None: not offered (the general writer runs). Arguments that ``state_write_into``
+        would refuse raise the same errors here. Composites offer one where every part
+        does."""
         return None
 
     def _one_seq(self, seq_id: Any, flags: int, what: str) -> SeqWriter | None:
         """The sized writer of one sequence, the flags checked first under the name of the
         call that asks (``what``)."""
-        if type(seq_id) is not int or seq_id < 0:
+        if type(seq_id) is not int or seq_id < -1:
             return None
         check_state_flags(flags, what)
         return self.seq_writer(seq_id, flags)

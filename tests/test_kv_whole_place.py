@@ -210,8 +210,11 @@ def test_whole_blob_call_refuses_bad_arguments_and_declines_truncations() -> Non
     consumed = ffi.new("int64_t *")
     src = ffi.from_buffer(blob)
 
-    def call(data=src, n=len(blob), mode=0, v=view) -> int:
-        return lib.pm_kv_read_whole_blob(v, data, n, mode, counts, offsets, flags, consumed, flags + 1)
+    def call(data=src, n=None, mode=0, v=view) -> int:
+        n = len(blob) if n is None else n
+        return lib.pm_kv_read_whole_blob(
+            v, data, n, mode, counts, offsets, flags, consumed, flags + 1
+        )
 
     assert call(mode=3) == lib.PM_ERR_ARG
     assert call(mode=-1) == lib.PM_ERR_ARG
@@ -244,3 +247,25 @@ def test_composite_verify_refuses_a_header_changed_after_the_parse() -> None:
     with pytest.raises(StateError, match="changed after it was parsed"):
         plan.commit()
     assert _state(kv) == before
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sized_whole_writer_equals_the_numpy_writer(monkeypatch, name: str) -> None:
+    """``seq_writer(-1)`` (every stream sized, then one native call each: new blobs,
+    reused buffers and sizes) gives the bytes of the numpy writer (``NATIVE_RUNS`` off);
+    it declines a cache with a shared cell, whose records need the bitsets."""
+    from state_files import check_seq_writer
+
+    took = []
+    for seed in range(6):
+        kv = _scenario(name, seed)
+        if seed % 2:
+            kv.seq_cp(0, kv.n_seq_max - 1)  # shared cells in a unified cache
+        with monkeypatch.context() as m:
+            m.setattr(state_io, "NATIVE_RUNS", False)
+            want = bytes(kv.state_write())
+        took.append(check_seq_writer(kv, -1))
+        assert bytes(kv.state_write()) == want
+        shared = any(c.n_multi for c in kv.v_cells)
+        assert took[-1] == (not shared), seed
+    assert any(took)

@@ -73,3 +73,99 @@ def test_meta_words_and_runs_read_as_the_format_says(shared: bool) -> None:
             assert starts.dtype == ends.dtype == np.int64
     # both roads taken: every state one sequence per cell, or mostly shared cells
     assert fast_path == 300 if not shared else 0 < fast_path < 250
+
+
+@pytest.mark.parametrize("n_rs_seq", [0, 2])
+def test_native_whole_section_equals_the_numpy_writer(n_rs_seq: int) -> None:
+    """``SeqRows.whole`` (pm_rs_write_whole: META, runs and rows in one call) against
+    ``write_state``'s numpy walk, over random cell states: shared cells, pending copies
+    (src), pending rollback planes, and cells whose sequences disagree on theirs (both
+    refuse, and the kernel names the cell the numpy walk names)."""
+    import re
+
+    from pymem._native import ffi, lib
+    from pymem.errors import StateError
+    from pymem.recurrent import RecurrentMemory
+    from pymem.spec import LayerSpec, ModelSpec
+    from pymem.state import write_state
+
+    size = 9
+    spec = ModelSpec(layers=(LayerSpec.ssm(4, 8), LayerSpec.ssm(3, 5)), arch="mamba")
+    mem = RecurrentMemory(spec, n_seq_max=size, n_rs_seq=n_rs_seq)
+    rng = np.random.default_rng(11 + n_rs_seq)
+    for il in mem.layers:
+        for t in (mem.get_r_l(il), mem.get_s_l(il)):
+            t.write_bytes(rng.integers(0, 255, t.nbytes, np.uint8))
+    layers, native = mem._state_layers, mem._native_rows()
+    assert native is not None
+    c = mem.cells
+    seen = {"shared": 0, "refused": 0, "written": 0}
+    for _ in range(400):
+        shared = bool(rng.integers(0, 2))
+        fresh = _cells(rng, size, shared)
+        c.tail[:], c.pos[:] = fresh.tail, fresh.pos
+        c.src[:] = np.where(rng.random(size) < 0.3, rng.integers(0, size, size), -1)
+        c.rs_idx[:] = rng.integers(0, n_rs_seq + 1, c.rs_idx.size) if n_rs_seq else 0
+        if n_rs_seq and rng.random() < 0.6:  # every cell's sequences agree on a plane
+            plane = rng.integers(0, n_rs_seq + 1, size)
+            held = c.tail >= 0
+            c.rs_idx[:size][held] = plane[c.tail[held]]
+        try:
+            want = write_state(lambda w: rs.write_state(w, c, layers, n_rs_seq, -1, None))
+        except StateError as exc:
+            assert native.whole(c, n_rs_seq) is None
+            out = ffi.new("int64_t[2]")
+            lib.pm_rs_write_whole(
+                ffi.from_buffer("int32_t[]", c.tail), ffi.from_buffer("int32_t[]", c.pos),
+                ffi.from_buffer("int32_t[]", c.src), ffi.from_buffer("uint32_t[]", c.rs_idx),
+                size, n_rs_seq, layers.n_layer, native._tensors, native._spec_c, native.n_tensors,
+                ffi.NULL, 0, out, out + 1,
+            )  # fmt: skip
+            assert f"cell {out[1]} " in str(exc), (str(exc), out[1])
+            assert re.search(r"cell \d+ is shared", str(exc))
+            seen["refused"] += 1
+            continue
+        got = native.whole(c, n_rs_seq)
+        assert got is not None
+        n, fill = got
+        buf = bytearray(b"\xee" * (n + 2))
+        assert fill(memoryview(buf)[:n]) == n == len(want)
+        assert bytes(buf[:n]) == want and buf[n:] == b"\xee\xee"
+        seen["written"] += 1
+        seen["shared"] += int(np.unique(c.tail[c.tail >= 0]).size < np.count_nonzero(c.tail >= 0))
+    assert seen["written"] > 100 and seen["shared"] > 30
+    assert (seen["refused"] > 20) == (n_rs_seq > 0)
+    mem.close()
+
+
+def test_native_whole_section_refuses_bad_arguments() -> None:
+    """pm_rs_write_whole: a null pointer, a size below 1 or a tail outside [-1, size) is
+    refused; a buffer smaller than the section gets PM_ERR_RANGE with the size."""
+    from pymem._native import ffi, lib
+    from pymem.recurrent import RecurrentMemory
+    from pymem.spec import LayerSpec, ModelSpec
+
+    spec = ModelSpec(layers=(LayerSpec.ssm(4, 8),), arch="mamba")
+    mem = RecurrentMemory(spec, n_seq_max=4)
+    native = mem._native_rows()
+    c = mem.cells
+    c.tail[:] = [0, -1, 1, -1]
+    c.pos[:] = [3, 5, -1, -1]
+    out = ffi.new("int64_t[2]")
+
+    def call(tail=c.tail, size=4, dest=ffi.NULL, cap=0) -> int:
+        return lib.pm_rs_write_whole(
+            ffi.from_buffer("int32_t[]", tail), ffi.from_buffer("int32_t[]", c.pos),
+            ffi.from_buffer("int32_t[]", c.src), ffi.from_buffer("uint32_t[]", c.rs_idx), size, 0,
+            1, native._tensors, native._spec_c, native.n_tensors, dest, cap, out, out + 1,
+        )  # fmt: skip
+
+    assert call(size=0) == lib.PM_ERR_ARG
+    assert call(tail=np.array([0, -2, 1, -1], dtype=np.int32)) == lib.PM_ERR_ARG
+    assert call(tail=np.array([0, 4, 1, -1], dtype=np.int32)) == lib.PM_ERR_ARG
+    assert call() == lib.PM_ERR_RANGE
+    need = int(out[0])
+    small = bytearray(need - 1)
+    assert call(dest=ffi.from_buffer(small), cap=need - 1) == lib.PM_ERR_RANGE
+    assert out[0] == need and small == bytearray(need - 1)
+    mem.close()

@@ -1408,7 +1408,10 @@ class KVCache(Memory):
     def seq_writer(self, seq_id: int, flags: int) -> SeqWriter | None:
         """The one-call blob (:class:`state_io.SeqBlob`) as a sized writer: the search
         sizes it, the fill writes what the search found (a composite's parts each take
-        theirs into one buffer)."""
+        theirs into one buffer). ``seq_id`` -1: the whole cache, one native call per
+        stream (:func:`state_io.whole_writer`), where its tensors are in host memory."""
+        if seq_id == -1:
+            return self._whole_writer(flags)
         blob = self._seq_blob(seq_id, flags, "state_write")
         size = None if blob is None else blob.size(seq_id)
         if blob is None or size is None:
@@ -1421,6 +1424,26 @@ class KVCache(Memory):
             done = blob.write(view, seq_id, "state_write", reuse=True)
             assert done is not None, "a byte view is always writable here"
             return done
+
+        return size, fill
+
+    def _whole_writer(self, flags: int) -> SeqWriter | None:
+        self.check_open()
+        if flags:
+            check_state_flags(flags, "state_write")
+        section = self._native_section()
+        whole = (
+            None if section is None else state_io.whole_writer(self.layout, self.v_cells, section)
+        )
+        if whole is None:
+            return None
+        size, fill_all = whole
+        version = self._version
+
+        def fill(view: memoryview) -> int:
+            if self._version != version:  # the size no longer holds
+                raise StateError("state_write: the cache changed between sizing and writing")
+            return fill_all(view)
 
         return size, fill
 

@@ -37,6 +37,7 @@ a restore drives (slot search, clearing, the mutation counter) come in as
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
@@ -570,26 +571,21 @@ def _select(
     return int(counts[0]), scratch[:, :n_runs].copy(), bool(shared[0])
 
 
-def _write_stream_section(
-    layout: KVLayout,
-    cells: KVCells,
-    writer: StateWriter,
-    strm: int,
-    seq_id: int,
-    section: NativeSection,
-) -> bool:
-    """:func:`_write_stream_native` into a writer that fills in place: one native pass
-    finds the cells' runs (:func:`_select`), one ``write_fill`` of one native call
-    writes the whole part (:c:func:`pm_kv_write_section`)."""
+def _stream_section(
+    layout: KVLayout, cells: KVCells, strm: int, seq_id: int, section: NativeSection
+) -> tuple[int, Callable[[memoryview], None]] | None:
+    """One stream's part of a blob (from its cell count on) as (size, fill): one native
+    pass finds the cells' runs now (:func:`_select`), ``fill(out)`` writes exactly
+    ``size`` bytes in one native call (:c:func:`pm_kv_write_section`). None for a whole
+    stream with a shared selected cell (its records need the cells' bitsets)."""
     pos = ffi.from_buffer("int32_t[]", cells.pos)
     owner = ffi.from_buffer("int32_t[]", cells.owner)
     n, runs, shared = _select(layout, cells, seq_id, section.runs_scratch(strm, cells.size))
     if seq_id < 0 and shared:
-        return False
-    n_runs = runs.shape[1]
+        return None
     if n == 0:
-        writer.write_u32(0)
-        return True
+        return 4, lambda out: struct.pack_into("<I", out, 0, 0)
+    n_runs = runs.shape[1]
     n_ext = 3 if layout.with_ext else 0
     with_id = seq_id < layout.n_seq_max  # per sequence: no id at all for ids >= n_seq_max
     rec = 2 + n_ext + int(with_id)
@@ -607,8 +603,49 @@ def _write_stream_section(
         )  # fmt: skip
         check(status, "state write: stream section")
 
-    writer.write_fill(total, fill_section)
+    return total, fill_section
+
+
+def _write_stream_section(
+    layout: KVLayout,
+    cells: KVCells,
+    writer: StateWriter,
+    strm: int,
+    seq_id: int,
+    section: NativeSection,
+) -> bool:
+    """:func:`_write_stream_native` into a writer that fills in place: the whole part
+    (:func:`_stream_section`) is one ``write_fill``."""
+    part = _stream_section(layout, cells, strm, seq_id, section)
+    if part is None:
+        return False
+    writer.write_fill(*part)
     return True
+
+
+def whole_writer(
+    layout: KVLayout, v_cells: Sequence[KVCells], section: NativeSection
+) -> tuple[int, Callable[[memoryview], int]] | None:
+    """The whole cache's blob as (size, fill), every stream's part sized now
+    (:func:`_stream_section`); ``fill(view)`` writes exactly ``size`` bytes and returns
+    that count. None where a stream's records need the cells' bitsets (a shared cell)."""
+    parts = []
+    for strm in range(layout.n_stream):
+        part = _stream_section(layout, v_cells[strm], strm, -1, section)
+        if part is None:
+            return None
+        parts.append(part)
+    size = 4 + sum(n for n, _ in parts)
+
+    def fill(view: memoryview) -> int:
+        struct.pack_into("<I", view, 0, layout.n_stream)
+        at = 4
+        for n, fill_part in parts:
+            fill_part(view[at : at + n])
+            at += n
+        return at
+
+    return size, fill
 
 
 def _write_stream_native(

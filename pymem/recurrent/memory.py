@@ -747,6 +747,9 @@ class RecurrentMemory(Memory):
         self.check_open()
         seq_id = self._check_seq_arg(seq_id, "state_write")
         check_state_flags(flags, "state_write")
+        if seq_id == -1:  # the whole memory: one native call to size, one to write
+            native_all = self._native_rows()
+            return None if native_all is None else native_all.whole(self.cells, self.n_rs_seq)
         cell, row = seq_cell_row(self.cells, seq_id, self.n_rs_seq)
         size = seq_section_size(self._state_layers, cell >= 0)
         native = self._native_rows()

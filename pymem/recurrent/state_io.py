@@ -19,6 +19,7 @@ memory. The plan reaches its memory only through :class:`ReadTarget`.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol
@@ -223,6 +224,38 @@ class SeqRows:
             "state_write: recurrent rows",
         )  # fmt: skip
 
+    def whole(
+        self, c: RecurrentCells, n_rs_seq: int
+    ) -> tuple[int, Callable[[memoryview], int]] | None:
+        """The whole memory's section (cell count, META, s_trans, n_layer, every tensor
+        section) as (size, fill), sized now in one native call (:c:func:`pm_rs_write_whole`);
+        ``fill(view)`` writes exactly ``size`` bytes in one more and returns that count.
+        None where a cell's sequences disagree on their pending rollback (the general
+        writer then names the cell)."""
+        args = (
+            ffi.from_buffer("int32_t[]", c.tail), ffi.from_buffer("int32_t[]", c.pos),
+            ffi.from_buffer("int32_t[]", c.src), ffi.from_buffer("uint32_t[]", c.rs_idx),
+            c.size, n_rs_seq, self._n_layer, self._tensors, self._spec_c, self._n,
+        )  # fmt: skip
+        out = ffi.new("int64_t[2]")  # written, disagree
+        status = lib.pm_rs_write_whole(*args, ffi.NULL, 0, out, out + 1)
+        if out[1] >= 0:
+            return None
+        if status != lib.PM_ERR_RANGE:  # a section is never 0 bytes: a size query is too small
+            check(status, "state_write: recurrent section size")
+        size = int(out[0])
+
+        def fill(view: memoryview) -> int:
+            done = ffi.new("int64_t[2]")
+            dest = ffi.from_buffer(view, require_writable=True)
+            check(
+                lib.pm_rs_write_whole(*args, dest, len(view), done, done + 1),
+                "state_write: recurrent section",
+            )
+            return int(done[0])
+
+        return size, fill
+
     def write(self, view: memoryview, c: RecurrentCells, cell: int, row: int) -> int:
         """The section of the sequence whose (cell, row) :func:`seq_cell_row` gave, into
         ``view`` (exactly :func:`seq_section_size` bytes); the bytes written."""
@@ -265,6 +298,12 @@ def write_state(
     (:c:func:`pm_rows_sections`); else each tensor's rows move in one native call (every
     run of consecutive source rows).
     """
+    if seq_id == -1 and native is not None and writer.fills_in_place:
+        whole = native.whole(c, n_rs_seq)
+        if whole is not None:  # else the general walk below names the cell that disagrees
+            size, fill = whole
+            writer.write_fill(size, fill)
+            return
     cells, rows = select_rows(c, seq_id, n_rs_seq)
     writer.write_u32(int(cells.size))
     if cells.size:
