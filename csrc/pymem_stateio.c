@@ -1292,6 +1292,80 @@ done:
     return st;
 }
 
+pm_status pm_rs_read_whole(const void * blob, int64_t avail, int64_t size, int64_t limit, int64_t n_layer,
+                           struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n_tensors,
+                           int32_t store, int32_t * pos_out, int32_t * tail_out, int64_t * cell_count,
+                           int64_t * consumed) {
+    if (blob == NULL || tensors == NULL || spec == NULL || pos_out == NULL || tail_out == NULL ||
+        cell_count == NULL || consumed == NULL || avail < 0 || size < 1 || limit < 0 || limit > size ||
+        n_tensors < 0) {
+        return PM_ERR_ARG;
+    }
+    for (int64_t i = 0; i < n_tensors; ++i) {  // host tensors of the spec's rows: zeroed below
+        const struct ggml_tensor * t = tensors[i];
+        const int64_t row_size = spec[2 * i + 1];
+        if (t == NULL || row_size < 0 ||
+            (row_size > 0 && (t->buffer == NULL || !ggml_backend_buffer_is_host(t->buffer) ||
+                              t->nb[1] != (size_t) row_size))) {
+            return PM_ERR_ARG;
+        }
+    }
+    *consumed = -1;
+    const char * d = (const char *) blob;
+    if (avail < 4) {
+        return PM_OK;
+    }
+    const int64_t k = pm_get_u32(d);
+    if (k > size) {
+        return PM_OK;
+    }
+    for (int64_t q = 0; q < size; ++q) {
+        tail_out[q] = -1;
+    }
+    int64_t at = 4;
+    for (int64_t c = 0; c < k; ++c) {
+        if (avail - at < 8) {
+            return PM_OK;
+        }
+        const int64_t n = pm_get_u32(d + at + 4);
+        pos_out[c] = (int32_t) pm_get_u32(d + at);
+        at += 8;
+        if (n > 256 || (avail - at) / 4 < n) {
+            return PM_OK;
+        }
+        for (int64_t j = 0; j < n; ++j) {
+            const int32_t q = (int32_t) pm_get_u32(d + at + 4 * j);
+            if (q < 0 || q >= limit || tail_out[q] >= 0) {
+                return PM_OK;
+            }
+            tail_out[q] = (int32_t) c;
+        }
+        at += 4 * n;
+    }
+    if (avail - at < 8 || pm_get_u32(d + at) != 0 || pm_get_u32(d + at + 4) != (uint32_t) n_layer) {
+        return PM_OK;
+    }
+    at += 8;
+    int64_t rows = 0;
+    const pm_status st = pm_rows_store(tensors, spec, n_tensors, k, 0, d + at, avail - at, 0, &rows);
+    if (st != PM_OK || rows < 0) {
+        return st;
+    }
+    if (store) {
+        pm_rows_store(tensors, spec, n_tensors, k, 0, d + at, avail - at, 1, &rows);
+        for (int64_t i = 0; i < n_tensors; ++i) {
+            const int64_t row_size = spec[2 * i + 1];
+            const uint64_t bytes = row_size > 0 ? ggml_nbytes(tensors[i]) : 0;
+            if (bytes > (uint64_t) (k * row_size)) {  // pm_rows_store checked the tensor
+                memset((char *) tensors[i]->data + k * row_size, 0, (size_t) (bytes - (uint64_t) (k * row_size)));
+            }
+        }
+    }
+    *cell_count = k;
+    *consumed = at + rows;
+    return PM_OK;
+}
+
 pm_status pm_rows_section(struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n, int64_t row,
                           void * out, int64_t cap, int64_t * written) {
     if (row == INT64_MAX) {

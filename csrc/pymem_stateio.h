@@ -234,6 +234,21 @@ pm_status pm_rs_write_whole(const int32_t * tail, const int32_t * pos, const int
                             const int64_t * spec, int64_t n_tensors, void * out, int64_t cap, int64_t * written,
                             int64_t * disagree);
 
+// A recurrent memory's whole state section at blob (avail bytes, as pm_rs_write_whole
+// writes it; a META record may list any number of ids) checked in one call: u32 cell count
+// k <= size, k records (i32 pos, u32 n_seq_id <= 256, the ids), every id in [0, limit) and
+// in one record at most, u32 s_trans 0, u32 n_layer, then the tensor sections of rows
+// [0, k) (headers as spec: pm_rows_store's). pos_out[k] gets the records' positions and
+// tail_out[size] per sequence its cell (-1: none). With `store` the rows [0, k) of every
+// tensor are stored from the blob and every row after them zeroed (the bytes the
+// reference's clear(true) then read leave). *consumed = the section's bytes; -1, nothing
+// stored, when anything differs from that (the general parse then names what). PM_ERR_ARG
+// for a null pointer, size < 1, limit outside [0, size] or a tensor pm_rows_store refuses.
+pm_status pm_rs_read_whole(const void * blob, int64_t avail, int64_t size, int64_t limit, int64_t n_layer,
+                           struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n_tensors,
+                           int32_t store, int32_t * pos_out, int32_t * tail_out, int64_t * cell_count,
+                           int64_t * consumed);
+
 // The threads that move a large state section's tensor bytes (pm_kv_write_section,
 // pm_kv_write_seq_blob, pm_kv_read_seq_blob, pm_stateio_put_cells, pm_rows_sections,
 // pm_rows_section and pm_rows_store: every native state write and restore):

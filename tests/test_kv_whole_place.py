@@ -22,13 +22,14 @@ from pymem.state import StateReader
 
 
 def _count_native(monkeypatch) -> list[bool]:
-    """Every answer of KVCache._refill, in order."""
+    """Every answer of KVCache._refill with records, in order (a clear refills none)."""
     seen: list[bool] = []
     real = KVCache._refill
 
     def counted(self, records):
         done = real(self, records)
-        seen.append(done)
+        if any(w is not None for w in records):
+            seen.append(done)
         return done
 
     monkeypatch.setattr(KVCache, "_refill", counted)
@@ -269,3 +270,19 @@ def test_sized_whole_writer_equals_the_numpy_writer(monkeypatch, name: str) -> N
         shared = any(c.n_multi for c in kv.v_cells)
         assert took[-1] == (not shared), seed
     assert any(took)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_native_clear_equals_reset(monkeypatch, name: str) -> None:
+    """``clear`` empties every stream with one native refill of no cells: the cache it
+    leaves (cells, counters, bounds, heads; with ``data`` the bytes) is the one
+    ``StackedCells.reset`` leaves, and it restores as before."""
+    for seed in range(4):
+        for data in (False, True):
+            native, ref = _scenario(name, seed), _scenario(name, seed)
+            native.clear(data)
+            with monkeypatch.context() as m:
+                m.setattr(state_io, "NATIVE_PLACE", False)
+                ref.clear(data)
+            assert _state(native) == _state(ref), (seed, data)
+            check_invariants(native)

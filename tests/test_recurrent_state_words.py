@@ -169,3 +169,82 @@ def test_native_whole_section_refuses_bad_arguments() -> None:
     assert call(dest=ffi.from_buffer(small), cap=need - 1) == lib.PM_ERR_RANGE
     assert out[0] == need and small == bytearray(need - 1)
     mem.close()
+
+
+def _cells_state(c: RecurrentCells) -> tuple:
+    return (c.pos.tolist(), c.src.tolist(), c.src0.tolist(), c.tail.tolist(), c.rs_idx.tolist(),
+            c.head, c.used, c.n, c.rs_z)  # fmt: skip
+
+
+def test_native_whole_read_equals_the_numpy_parse() -> None:
+    """``SeqRows.read_whole`` (pm_rs_read_whole: META, headers, rows and the zeroing of
+    the rows after them in one call) against the numpy parse and ``zero_rows``: the same
+    cells and bytes for random whole blobs (shared cells, cells without sequences), and
+    for hostile ones (a repeated id, an id out of range, a wrong header, truncations)
+    the native call declines where the numpy parse raises, changing nothing."""
+    from pymem.errors import StateError
+    from pymem.recurrent import RecurrentMemory
+    from pymem.spec import LayerSpec, ModelSpec
+    from pymem.state import StateReader
+
+    size = 7
+    spec = ModelSpec(layers=(LayerSpec.ssm(4, 8), LayerSpec.ssm(3, 5)), arch="mamba")
+    mems = [RecurrentMemory(spec, n_seq_max=size - 1, n_rs_seq=1) for _ in range(2)]
+    rng = np.random.default_rng(5)
+    tensors = [m_tensors(m) for m in mems]
+    counts = {"read": 0, "refused": 0}
+    for case in range(300):
+        k = int(rng.integers(0, size + 1))
+        words: list[int] = [k]
+        owners = rng.permutation(size - 1)
+        used = 0
+        for _cell in range(k):
+            n = int(rng.integers(0, 3)) if case % 3 else 1
+            ids = sorted(owners[used : used + n].tolist())
+            used += len(ids)
+            words += [int(rng.integers(-3, 50)), len(ids), *ids]
+        head = np.array(words, dtype="<i4").tobytes() + np.array([0, 2], "<u4").tobytes()
+        body = b""
+        for t in tensors[0]:
+            body += np.array([t.type.id], "<i4").tobytes() + np.array([t.row_size], "<u8").tobytes()
+            body += rng.integers(0, 255, k * t.row_size, np.uint8).tobytes()
+        blob = bytearray(head + body + b"tail")
+        fault = case % 5 == 4
+        if fault:  # a hostile change the parse must name
+            what = int(rng.integers(0, 3))
+            if what == 0 and k and used:
+                blob[12:16] = (size + 3).to_bytes(4, "little")  # an id out of range (or a count)
+            elif what == 1:
+                blob = blob[: int(rng.integers(0, len(blob) - 4))]
+            else:
+                blob[len(head) : len(head) + 4] = (77).to_bytes(4, "little")  # a tensor type
+        for t in tensors[0]:
+            t.write_bytes(rng.integers(0, 255, t.nbytes, np.uint8))
+        for t0, t1 in zip(*tensors):
+            t1.write_bytes(t0.read_bytes())
+        results = []
+        for m, native in zip(mems, (True, False)):
+            if not native:
+                m._seq_rows = None  # the numpy parse and zero_rows
+            try:
+                plan = m.state_read_parse(StateReader(bytes(blob)))
+            except StateError as exc:
+                results.append(("error", type(exc)))
+                continue
+            plan.commit()
+            results.append(("ok", _cells_state(m.cells), [t.read_bytes() for t in m_tensors(m)]))
+            m._seq_rows = False  # built again on the next call
+        assert results[0][0] == results[1][0], (case, results)
+        if results[0][0] == "ok":
+            assert results[0][1:] == results[1][1:], case
+            counts["read"] += 1
+        else:
+            counts["refused"] += 1
+    assert counts["read"] > 150 and counts["refused"] > 20
+    for m in mems:
+        m.close()
+
+
+def m_tensors(m) -> list:
+    """The R/S tensors in their blob order: every R, then every S."""
+    return [*m._state_layers.r, *m._state_layers.s]

@@ -519,8 +519,10 @@ class KVCache(Memory):
         self.check_open()
         if data:
             self.check_devices()
-        self.cells.reset()
-        self.v_heads[:] = 0
+        # every stream emptied by one native call (a refill with no cells) where it may
+        if not self._refill([None] * self.n_stream):
+            self.cells.reset()
+            self.v_heads[:] = 0
         if data:
             for store in self.stores.values():
                 store.clear(0)

@@ -800,10 +800,10 @@ class RecurrentMemory(Memory):
             raise RangeError(
                 f"state_read: seq_id {seq_id} must be < n_seq_max ({self.n_seq_max}) and < mem_size ({self.size})"
             )
-        cells, writes = parse_state(
+        # a whole restore zeroes what its rows [0, cell_count) do not overwrite (zero_from,
+        # unless its writes do)
+        cells, writes, zero_from = parse_state(
             reader, self.cells, self._state_layers, self.n_seq_max, self.n_rs_seq, seq_id,
             self._native_rows(),
         )  # fmt: skip
-        # a whole restore zeroes what its rows [0, cell_count) do not overwrite
-        zero_from = cells.used if seq_id == -1 else None
         return RecurrentReadPlan(self, cells, writes, zero_from=zero_from, version=self._version)

@@ -256,6 +256,28 @@ class SeqRows:
 
         return size, fill
 
+    def read_whole(
+        self, data: memoryview, size: int, limit: int, store: bool
+    ) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """The whole-memory section at the start of ``data`` checked in one native call
+        (:c:func:`pm_rs_read_whole`): (its bytes, the cells' positions, per sequence its
+        cell), or None where anything differs (the general parse names it). With ``store``
+        (after such a check) the rows are stored and every row after them zeroed."""
+        pos = np.empty(size, dtype=np.int32)
+        tail = np.empty(size, dtype=np.int32)
+        out = ffi.new("int64_t[2]")  # cell count, consumed
+        check(
+            lib.pm_rs_read_whole(
+                ffi.from_buffer(data), len(data), size, limit, self._n_layer, self._tensors,
+                self._spec_c, self._n, int(store), ffi.from_buffer("int32_t[]", pos, require_writable=True),
+                ffi.from_buffer("int32_t[]", tail, require_writable=True), out, out + 1,
+            ),
+            "state_read: recurrent section",
+        )  # fmt: skip
+        if out[1] < 0:
+            return None
+        return int(out[1]), pos[: out[0]], tail
+
     def write(self, view: memoryview, c: RecurrentCells, cell: int, row: int) -> int:
         """The section of the sequence whose (cell, row) :func:`seq_cell_row` gave, into
         ``view`` (exactly :func:`seq_section_size` bytes); the bytes written."""
@@ -338,7 +360,7 @@ def parse_state(
     n_rs_seq: int,
     seq_id: int,
     native: SeqRows | None = None,
-) -> tuple[RecurrentCells, PendingWrites]:
+) -> tuple[RecurrentCells, PendingWrites, int | None]:
     """Parse and validate one state section against the live cells ``c``; change nothing.
 
     Returns the cells after the restore and the tensor writes it needs. ``seq_id`` is
@@ -350,7 +372,27 @@ def parse_state(
     is emptied, the (one) cell is placed by ``find_slot`` as a one-token ubatch, and
     its rows are read at ``head``. Restored cells get ``src = self``; rollback
     indices reset.
+
+    Returns the cells, the writes, and for a whole restore the first row the commit
+    must zero up to the end (None: nothing, or the writes zero it themselves: the one
+    native call of a whole section in host memory, :meth:`SeqRows.read_whole`).
     """
+    if seq_id == -1 and native is not None:
+        rest = reader.host_rest()
+        limit = min(n_seq_max, c.size)
+        found = None if rest is None else native.read_whole(rest, c.size, limit, False)
+        if rest is not None and found is not None:
+            taken, pos, tail = found
+            reader.skip(taken, "recurrent state")
+            cells = _whole_cells(c, pos, tail)
+            section = rest[:taken]
+
+            def store() -> None:  # the bytes there now, as a payload write takes them
+                native.read_whole(section, c.size, limit, True)
+
+            writes = PendingWrites()
+            writes.add_call(store)
+            return cells, writes, None
     cell_count = reader.read_u32("recurrent cell_count")
     if cell_count > c.size:
         raise StateError(
@@ -361,7 +403,23 @@ def parse_state(
     else:
         cells = _parse_meta_seq(reader, c, cell_count, seq_id, n_seq_max, n_rs_seq)
     writes = _parse_data(reader, layers, cell_count, cells.head, native)
-    return cells, writes
+    return cells, writes, (cells.used if seq_id == -1 else None)
+
+
+def _whole_cells(live: RecurrentCells, pos: np.ndarray, tail: np.ndarray) -> RecurrentCells:
+    """The cells a whole restore leaves: ``pos`` in cells ``[0, k)``, each its own
+    source, sequences at ``tail``; ``src0``, ``n`` and ``rs_z`` kept (as clear() keeps
+    them). :func:`_parse_meta_whole` is the reference."""
+    k = pos.size
+    c = RecurrentCells(live.size, live.rs_idx.size)
+    c.src0[:] = live.src0
+    c.n, c.rs_z = live.n, live.rs_z
+    c.pos[:k] = pos
+    c.tail[:] = tail
+    c.src[:k] = np.arange(k)
+    c.head = 0
+    c.used = k
+    return c
 
 
 def _parse_meta_whole(
