@@ -244,6 +244,62 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
     return PM_OK;
 }
 
+pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, const int32_t * pos, int64_t n,
+                                 int64_t * heads, int32_t * idx, int64_t * run_starts, int64_t * run_ends,
+                                 int64_t * n_runs, int32_t * placed) {
+    if (c == NULL || pos == NULL || heads == NULL || idx == NULL || run_starts == NULL || run_ends == NULL ||
+        n_runs == NULL || placed == NULL || n < 1) {
+        return PM_ERR_ARG;
+    }
+    *placed = 0;
+    if (s < 0 || s >= c->n_stream) {
+        return PM_ERR_RANGE;
+    }
+    if (c->n_multi[s] != 0 || seq_id < 0 || seq_id >= PM_STEP_MAX_SEQ || n > c->size) {
+        return PM_OK;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        if (pos[i] < 0) {
+            return PM_OK;
+        }
+    }
+    // the search (nothing written yet): the first n empty cells from h, wrapping once
+    const int32_t * cell_pos = c->pos + s * c->size;
+    int64_t h = heads[s];
+    if (h > c->used[s] + 2 * n || h < 0 || h > c->size) {
+        h = 0;  // (a head past the end is not left by any placement; start at 0 then)
+    }
+    int64_t found = 0;
+    for (int64_t k = 0; k < c->size && found < n; k++) {
+        int64_t cell = h + k;
+        if (cell >= c->size) {
+            cell -= c->size;
+        }
+        if (cell_pos[cell] < 0) {
+            idx[found++] = (int32_t) cell;
+        }
+    }
+    if (found < n) {
+        return PM_OK;
+    }
+    int64_t runs = 0;
+    for (int64_t i = 0; i < n; i++) {
+        pm_step_take(c, s, idx[i], seq_id, pos[i]);
+        if (runs > 0 && run_ends[runs - 1] == idx[i]) {
+            run_ends[runs - 1] = (int64_t) idx[i] + 1;
+        } else {
+            run_starts[runs] = idx[i];
+            run_ends[runs] = (int64_t) idx[i] + 1;
+            runs++;
+        }
+    }
+    c->used[s] += n;
+    heads[s] = (int64_t) idx[n - 1] + 1;
+    *n_runs = runs;
+    *placed = 1;
+    return PM_OK;
+}
+
 pm_status pm_step_batch_check(const int32_t * token, const int32_t * pos, const int64_t * seq, int64_t n,
                               const int64_t * order, const int64_t * mem_max, int64_t n_vocab,
                               const uint8_t * output, int8_t * out_output, int32_t * seq_pos, int64_t * n_outputs,

@@ -148,8 +148,9 @@ def test_shared_cells_are_simulated_and_restore_the_same(monkeypatch: pytest.Mon
 def test_native_and_numpy_restore_placements_agree(
     monkeypatch: pytest.MonkeyPatch, swa_type: SWAType
 ) -> None:
-    # a restore is placed through the native paths (a frozen ubatch); the numpy paths
-    # are the reference: both must leave the same cache
+    # a restore is placed through the native paths (a frozen ubatch; without a window
+    # one call, pm_step_kv_restore_seq); the numpy paths are the reference: both must
+    # leave the same cache
     placed_natively = []
     real = KVCache._place_native
 
@@ -159,6 +160,14 @@ def test_native_and_numpy_restore_placements_agree(
         return done
 
     monkeypatch.setattr(KVCache, "_place_native", counting)
+    real_seq = KVCache._place_seq_native
+
+    def counting_seq(self: KVCache, *args: object) -> object:
+        done = real_seq(self, *args)  # type: ignore[arg-type]
+        placed_natively.append(done is not None)  # (no window: one call places it all)
+        return done
+
+    monkeypatch.setattr(KVCache, "_place_seq_native", counting_seq)
 
     def run(native: bool) -> tuple:
         monkeypatch.setattr(state_io, "NATIVE_PLACE", native)

@@ -1511,6 +1511,7 @@ class KVCache(Memory):
                 clear=self.clear,
                 planning=self._planning,
                 place=self._place_restored,
+                place_seq=self._place_seq_native,
                 refill=self._refill,
             )
         if seq_id == -1:
@@ -1527,6 +1528,42 @@ class KVCache(Memory):
         return state_io.parse_kv_state(
             self.layout, self.v_cells, self.v_heads, self.layers, hooks, reader, seq_id
         )
+
+    def _place_seq_native(
+        self, seq_id: int, pos: np.ndarray
+    ) -> tuple[np.ndarray, state_io.Runs] | None:
+        """:meth:`_place_restored` of ``seq_id``'s positions ``pos`` in a cache without a
+        sliding window: seq_rm, then find_slot's search and apply_ubatch's placement in
+        one native call (``pm_step_kv_restore_seq``; the numpy find_slot and apply are
+        the reference it is tested against). The cells in slot order (int64) and their
+        runs; None, nothing changed, where it does not apply (a window, an undo journal,
+        a shared cell in the stream, ``state_io.NATIVE_PLACE`` off)."""
+        if (
+            not state_io.NATIVE_PLACE
+            or self.swa_type != SWAType.NONE
+            or self.cells.journaling
+            or self.cells.n_multi[int(self.seq_to_stream[seq_id])]
+        ):
+            return None
+        self.seq_rm(seq_id, -1, -1)
+        c, heads, _, _, placed = self._native_cells()
+        n = pos.size
+        strm = int(self.seq_to_stream[seq_id])
+        idx = np.empty(n, dtype=np.int32)
+        runs = np.empty((2, n), dtype=np.int64)
+        n_runs = ffi.new("int64_t *")
+        rp = ffi.from_buffer("int64_t[]", runs, require_writable=True)
+        status = lib.pm_step_kv_restore_seq(
+            c, strm, seq_id, ffi.from_buffer("int32_t[]", np.ascontiguousarray(pos, np.int32)), n,
+            heads, ffi.from_buffer("int32_t[]", idx, require_writable=True), rp, rp + n, n_runs,
+            placed,
+        )  # fmt: skip
+        check(status, f"pm_step_kv_restore_seq ({n} cells, stream {strm})")
+        if not placed[0]:
+            return None
+        self._mutated()
+        k = int(n_runs[0])
+        return idx.astype(np.int64), (runs[0, :k], runs[1, :k])
 
     def _whole_blob_plan(
         self, reader: StateReader, hooks: state_io.KVStateHooks

@@ -1002,6 +1002,10 @@ class KVStateHooks:
     planning: Callable[[], AbstractContextManager[None]]
     # remove the sequence, then find a slot for the ubatch and apply it; None: no slot
     place: Callable[[int, UBatch], SlotInfo | None]
+    # ``place`` for a sequence's positions in one native call where it applies (no window,
+    # no shared cell, no undo journal): the cells in slot order and their runs; None,
+    # nothing placed: ``place`` decides
+    place_seq: Callable[[int, np.ndarray], tuple[np.ndarray, Runs] | None]
     # a whole restore's clear(False) and placement of every stream's fixed meta records
     # (``[n, 3 + n_ext]`` words, None for a stream without cells) in one native call;
     # False, nothing changed, where numpy does them (clear + set_new); StateError, nothing
@@ -1087,13 +1091,17 @@ class KVStatePlan(_CachePlan):
                 slot.append((None, same))
             else:
                 # the one placement the parse checked by counts: seq_rm + find_slot + apply
-                ub = _restore_ubatch(layout.n_pos_per_embd, self.seq_id, pos, cell_ext)
-                sinfo = self.hooks.place(self.seq_id, ub)
-                assert sinfo is not None, "a restore predicted to fit did not"
-                idx = sinfo.idxs[0].astype(np.int64)
+                native = self.hooks.place_seq(self.seq_id, pos)
+                if native is not None:
+                    idx, runs = native
+                else:
+                    ub = _restore_ubatch(layout.n_pos_per_embd, self.seq_id, pos, cell_ext)
+                    sinfo = self.hooks.place(self.seq_id, ub)
+                    assert sinfo is not None, "a restore predicted to fit did not"
+                    idx, runs = sinfo.idxs[0].astype(np.int64), None
                 if cell_ext is not None:
                     self.v_cells[strm].set_ext(idx, cell_ext)
-                slot.append((idx, None))
+                slot.append((idx, runs))
         if self.redo is not None:
             logs, heads = self.redo
             for cells, log in zip(self.v_cells, logs):

@@ -1,0 +1,121 @@
+"""A per-sequence restore that must be placed (a sequence swapped back in after its
+seq_rm, or a blob read into another sequence) in a cache without a sliding window takes
+one native call for find_slot + apply_ubatch (``pm_step_kv_restore_seq``). Pins it to the
+numpy find_slot + apply (``NATIVE_PLACE`` off) in random caches with holes, random heads
+(wrapped slots), shifts and ext, and the kernel's refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from kv_helpers import check_invariants
+from test_kv_state_same import NAMES, _scenario, _state
+
+import pymem.kv.state_io as state_io
+from pymem._native import ffi, lib
+from pymem.errors import StateError
+from pymem.kv import KVCache
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_native_restore_placement_equals_numpy(monkeypatch, name: str) -> None:
+    """Each sequence swapped out and back in (its own blob), then another sequence's blob
+    read into a third: twin caches, native and numpy placement, end equal after every
+    restore; the native road is taken for every placement it applies to."""
+    took: list[bool] = []
+    real = KVCache._place_seq_native
+
+    def counted(self, seq_id, pos):
+        done = real(self, seq_id, pos)
+        took.append(done is not None)
+        return done
+
+    monkeypatch.setattr(KVCache, "_place_seq_native", counted)
+    for seed in range(8):
+        native, ref = _scenario(name, seed, n_cells=48), _scenario(name, seed, n_cells=48)
+        rng = np.random.default_rng(seed)
+        blobs = {s: bytes(native.state_write(s)) for s in range(native.n_seq_max)}
+        order = rng.permutation(native.n_seq_max).tolist()
+        steps = [(s, s, True) for s in order] + [(order[0], order[-1], False)]
+        for src, dst, swap in steps:
+            for kv, on in ((native, True), (ref, False)):
+                with monkeypatch.context() as m:
+                    m.setattr(state_io, "NATIVE_PLACE", on)
+                    if swap:
+                        kv.seq_rm(dst, -1, -1)
+                    try:
+                        kv.state_read(blobs[src], dst)
+                        outcome = "ok"
+                    except StateError as exc:
+                        outcome = str(exc)
+                if on:
+                    got = outcome
+                else:
+                    assert outcome == got, (seed, src, dst)
+            assert _state(native) == _state(ref), (seed, src, dst)
+            check_invariants(native)
+        for s in range(native.n_seq_max):
+            assert native.state_write(s) == ref.state_write(s)
+    assert sum(took) >= 20, took
+
+
+def test_restore_kernel_refuses_and_declines_without_change() -> None:
+    """Bad arguments are refused; too few empty cells, a shared cell in the stream, a
+    negative position or an id outside [0, 256) are declined with nothing written."""
+    kv = _scenario("f16-trans", 2, n_cells=48)
+    c, heads, _, _, placed = kv._native_cells()
+    idx = np.empty(64, dtype=np.int32)
+    runs = np.empty((2, 64), dtype=np.int64)
+    n_runs = ffi.new("int64_t *")
+    rp = ffi.from_buffer("int64_t[]", runs, require_writable=True)
+    ip = ffi.from_buffer("int32_t[]", idx, require_writable=True)
+
+    def call(seq_id=0, pos=(5, 6), s=0, cells=c) -> int:
+        p = np.array(pos, dtype=np.int32)
+        return lib.pm_step_kv_restore_seq(
+            cells, s, seq_id, ffi.from_buffer("int32_t[]", p), p.size, heads, ip, rp, rp + 64,
+            n_runs, placed,
+        )  # fmt: skip
+
+    before = _state(kv)
+    assert call(cells=ffi.NULL) == lib.PM_ERR_ARG
+    assert call(pos=()) == lib.PM_ERR_ARG
+    assert call(s=kv.n_stream) == lib.PM_ERR_RANGE
+    free = kv.layout.kv_size - int(kv.v_cells[0].used)
+    for args in (
+        {"pos": tuple(range(free + 1))},
+        {"pos": (3, -1)},
+        {"seq_id": 256},
+        {"seq_id": -1},
+    ):
+        assert call(**args) == lib.PM_OK and placed[0] == 0, args
+        assert _state(kv) == before, args
+    kv.seq_cp(1, 2)  # a shared cell in the stream
+    shared = _state(kv)
+    assert call() == lib.PM_OK and placed[0] == 0
+    assert _state(kv) == shared
+
+
+@pytest.mark.parametrize("name", ["f16-trans", "f16-trans-streams"])
+def test_native_restore_placement_from_every_head(monkeypatch, name: str) -> None:
+    """A sequence swapped back in from every head position of its stream (the search
+    starts there, or at 0 when the head lies more than 2 n past the used cells; it wraps
+    at the end): native and numpy placement leave the same cache."""
+    for seed in (1, 3):
+        kv0 = _scenario(name, seed, n_cells=48)
+        seq = int(np.argmax([kv0.seq_pos_max(s) for s in range(kv0.n_seq_max)]))
+        blob = bytes(kv0.state_write(seq))
+        strm = int(kv0.seq_to_stream[seq])
+        for head in range(kv0.layout.kv_size + 1):
+            states = []
+            for on in (True, False):
+                kv = _scenario(name, seed, n_cells=48)
+                kv.seq_rm(seq, -1, -1)
+                kv.v_heads[strm] = head
+                with monkeypatch.context() as m:
+                    m.setattr(state_io, "NATIVE_PLACE", on)
+                    kv.state_read(blob, seq)
+                states.append(_state(kv))
+                kv.close()
+            assert states[0] == states[1], (seed, head)
+        kv0.close()
