@@ -1366,6 +1366,122 @@ pm_status pm_rs_read_whole(const void * blob, int64_t avail, int64_t size, int64
     return PM_OK;
 }
 
+pm_status pm_rs_restore_seq(int32_t * pos, int32_t * src, int32_t * src0, int32_t * tail, uint32_t * rs_idx,
+                            uint32_t * n_last, int64_t * scalars, int64_t size, int32_t dest, const void * blob,
+                            int64_t avail, int64_t n_layer, struct ggml_tensor * const * tensors,
+                            const int64_t * spec, int64_t n_tensors, int64_t * consumed, int64_t * cell) {
+    if (pos == NULL || src == NULL || src0 == NULL || tail == NULL || rs_idx == NULL || n_last == NULL ||
+        scalars == NULL || blob == NULL || tensors == NULL || spec == NULL || consumed == NULL || cell == NULL ||
+        size < 1 || dest < 0 || dest >= size || avail < 0 || n_tensors < 0) {
+        return PM_ERR_ARG;
+    }
+    *consumed = -1;
+    *cell = -1;
+    const char * d = (const char *) blob;
+    // the blob's shape first: the section is read only when it is one this call places
+    if (avail < 4) {
+        return PM_OK;
+    }
+    const int64_t k = pm_get_u32(d);
+    if (k > 1 || avail < 4 + 8 * k + 8) {
+        return PM_OK;
+    }
+    const int32_t p_new = k ? (int32_t) pm_get_u32(d + 4) : 0;
+    if ((k && pm_get_u32(d + 8) != 0) || pm_get_u32(d + 4 + 8 * k) != 0 ||
+        pm_get_u32(d + 8 + 8 * k) != (uint32_t) n_layer) {
+        return PM_OK;
+    }
+    const int64_t head_at = 12 + 8 * k;
+    int64_t rows = 0;
+    // rows stored at the new head: only the headers and sizes are checked here (row 0)
+    const pm_status st = pm_rows_store(tensors, spec, n_tensors, k, 0, d + head_at, avail - head_at, 0, &rows);
+    if (st != PM_OK || rows < 0) {
+        return st;
+    }
+    int64_t head = scalars[0], used = scalars[1];
+    // seq_rm(dest, 0, POS_MAX): the rollback index goes; the tail cell when its position
+    // is in range (a negative one stays: the reference's quirk, the general path's case)
+    rs_idx[dest] = 0;
+    n_last[dest] = 0;
+    const int32_t t = tail[dest];
+    if (t >= 0) {
+        if (t >= size || pos[t] < 0 || pos[t] == INT32_MAX) {
+            return PM_OK;  // out of seq_rm's range [0, POS_MAX): the general path's case
+        }
+        tail[dest] = -1;
+        int shared = 0;
+        for (int64_t q = 0; q < size; ++q) {
+            shared |= tail[q] == t;
+        }
+        if (!shared) {
+            pos[t] = -1;
+            src[t] = -1;
+            used -= 1;
+            head = t < head ? t : head;
+        }
+    }
+    if (k == 0) {
+        scalars[0] = head;
+        scalars[1] = used;
+        *consumed = head_at + rows;
+        return PM_OK;
+    }
+    // place_new_sequence: the first empty cell from head, cyclically
+    if (head > used + 2) {
+        head = 0;
+    }
+    uint8_t * held_by = (uint8_t *) calloc((size_t) size, 1);
+    if (held_by == NULL) {
+        return PM_ERR_ALLOC;
+    }
+    for (int64_t q = 0; q < size; ++q) {
+        if (tail[q] >= 0 && tail[q] < size) {
+            held_by[tail[q]] = 1;
+        }
+    }
+    int64_t first = -1, after = -1, n_used = 0;
+    for (int64_t c = 0; c < size; ++c) {
+        const int held = held_by[c];
+        n_used += held;
+        if (!held && first < 0) {
+            first = c;
+        }
+        if (!held && after < 0 && c >= head) {
+            after = c;
+        }
+    }
+    free(held_by);
+    const int64_t c = after >= 0 ? after : first;
+    if (c < 0) {
+        return PM_OK;
+    }
+    int64_t rs_z = c;
+    for (int64_t j = 0; j < size; ++j) {
+        if (src[j] == c) {
+            rs_z = -1;
+        }
+    }
+    int64_t own = src[c];
+    if (own < 0) {
+        if (rs_z < 0) {
+            return PM_OK;
+        }
+        own = rs_z;
+    }
+    tail[dest] = (int32_t) c;
+    pos[c] = p_new;
+    src0[c] = (int32_t) own;
+    src[c] = (int32_t) c;
+    n_last[dest] = 1;
+    scalars[0] = c;
+    scalars[1] = n_used + 1;
+    scalars[2] = 1;
+    scalars[3] = rs_z;
+    *cell = c;
+    *consumed = head_at + rows;
+    return PM_OK;
+}
+
 pm_status pm_rows_section(struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n, int64_t row,
                           void * out, int64_t cap, int64_t * written) {
     if (row == INT64_MAX) {

@@ -249,6 +249,26 @@ pm_status pm_rs_read_whole(const void * blob, int64_t avail, int64_t size, int64
                            int32_t store, int32_t * pos_out, int32_t * tail_out, int64_t * cell_count,
                            int64_t * consumed);
 
+// A recurrent memory's per-sequence restore of sequence dest (0 <= dest < size; the
+// caller checks dest < n_seq_max too) in one call, on the caller's copy of the cells
+// (pos, src, src0 per cell; tail, rs_idx, n_last per sequence; scalars = {head, used, n,
+// rs_z}): the reference's seq_rm(dest, 0, POS_MAX), then the blob's section at blob (avail
+// bytes: u32 cell count 0 or 1, then i32 pos, u32 n_seq_id 0, u32 s_trans 0, u32 n_layer
+// and the tensor sections of that many rows, pm_rows_store's spec) placed as find_slot
+// places a one-token ubatch of a sequence that holds no cell: the first empty cell from
+// head (0 when head > used + 2; wrapping), which takes the position, copies from itself
+// and starts from its own source or else the zero-state cell rs_z (the cell itself unless
+// another cell copies from it); head moves to it, n = 1, n_last[dest] = 1, used counts
+// the non-empty cells. *cell = that cell (-1 for a blob without one) and *consumed = the
+// section's bytes; *consumed = -1 when the case is another (dest still in a cell after
+// the seq_rm, a count or n_seq_id other than the above, no empty cell, no zero state,
+// a header or size that differs): the caller's general parse, on a fresh copy, decides
+// and names what. PM_ERR_ARG for a null pointer, size < 1 or dest outside [0, size).
+pm_status pm_rs_restore_seq(int32_t * pos, int32_t * src, int32_t * src0, int32_t * tail, uint32_t * rs_idx,
+                            uint32_t * n_last, int64_t * scalars, int64_t size, int32_t dest, const void * blob,
+                            int64_t avail, int64_t n_layer, struct ggml_tensor * const * tensors,
+                            const int64_t * spec, int64_t n_tensors, int64_t * consumed, int64_t * cell);
+
 // The threads that move a large state section's tensor bytes (pm_kv_write_section,
 // pm_kv_write_seq_blob, pm_kv_read_seq_blob, pm_stateio_put_cells, pm_rows_sections,
 // pm_rows_section and pm_rows_store: every native state write and restore):

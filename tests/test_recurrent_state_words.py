@@ -248,3 +248,67 @@ def test_native_whole_read_equals_the_numpy_parse() -> None:
 def m_tensors(m) -> list:
     """The R/S tensors in their blob order: every R, then every S."""
     return [*m._state_layers.r, *m._state_layers.s]
+
+
+@pytest.mark.parametrize(("size", "n_rs_seq"), [(4, 0), (7, 2)])
+def test_native_sequence_restore_equals_the_numpy_parse(
+    monkeypatch, size: int, n_rs_seq: int
+) -> None:
+    """``SeqRows.restore_seq`` (pm_rs_restore_seq: the seq_rm, the placement of the
+    blob's one cell and the header checks in one call) against the numpy parse
+    (seq_rm_cells + place_new_sequence or find_slot), over the states of random
+    operation sequences: every sequence's blob (with and without a cell) restored into
+    every sequence; the same cells, counters and bytes, or the same refusal."""
+    import random
+
+    from test_recurrent_oracle import Oracle, random_step
+
+    from pymem.recurrent import RecurrentMemory
+    from pymem.spec import LayerSpec, ModelSpec
+
+    answers: list[bool] = []
+    real = rs.SeqRows.restore_seq
+
+    def counted(self, data, live, seq_id):
+        done = real(self, data, live, seq_id)
+        answers.append(done is not None)
+        return done
+
+    monkeypatch.setattr(rs.SeqRows, "restore_seq", counted)
+    spec = ModelSpec(layers=(LayerSpec.ssm(4, 8),))
+    mems = [RecurrentMemory(spec, n_seq_max=size, n_rs_seq=n_rs_seq) for _ in range(2)]
+    o = Oracle(size, size, n_rs_seq)
+    rng = random.Random(size)
+    gen = np.random.default_rng(size)
+    for step in range(60):
+        random_step(rng, mems[0], o)
+        for t in m_tensors(mems[0]):
+            t.write_bytes(gen.integers(0, 255, t.nbytes, np.uint8))
+        blobs = [bytes(mems[0].state_write(s)) for s in range(size)]
+        live, data = mems[0].cells.copy(), [t.read_bytes() for t in m_tensors(mems[0])]
+        # every head the memory may hold, every 6th step (the search starts there, or at
+        # 0 past used + 2); the head the operations left otherwise
+        heads = range(size) if step % 6 == 5 else [live.head]
+        cases = [(h, src, dst) for h in heads for src in range(size) for dst in range(size)]
+        head0 = live.head
+        for head, src, dst in cases:
+            live.head = head
+            results = []
+            for m, native in zip(mems, (True, False)):
+                m.cells = live.copy()
+                for t, b in zip(m_tensors(m), data):
+                    t.write_bytes(b)
+                m._seq_rows = False if native else None  # None: the numpy parse
+                try:
+                    m.state_read(blobs[src], dst)
+                    got = [t.read_bytes() for t in m_tensors(m)]
+                    results.append(("ok", _cells_state(m.cells), got))
+                except Exception as exc:  # the same refusal on both roads
+                    results.append(("error", type(exc).__name__))
+            assert results[0] == results[1], (step, head, src, dst)
+        live.head = head0
+        mems[0].cells = live
+    # the native call took most restores (the rest went to the general parse)
+    assert sum(answers) > 0.6 * len(answers), (sum(answers), len(answers))
+    for m in mems:
+        m.close()

@@ -256,6 +256,42 @@ class SeqRows:
 
         return size, fill
 
+    def restore_seq(
+        self, data: memoryview, live: RecurrentCells, seq_id: int
+    ) -> tuple[RecurrentCells, int, int, int] | None:
+        """A per-sequence restore of ``seq_id`` (``0 <= seq_id < size``, checked by the
+        caller against ``n_seq_max`` too) from the section at the start of ``data``, its
+        seq_rm and placement in one native call (:c:func:`pm_rs_restore_seq`; the numpy
+        :func:`seq_rm_cells` + :func:`place_new_sequence` the tested reference) on a copy
+        of ``live``: (the cells after it, the section's bytes, the cell placed or -1, the
+        offset of its tensor sections), or None where the case is another (the general
+        parse decides and names it). The copy drops the steady record (a memo the next
+        find_slot rebuilds when it needs one)."""
+        c = live.copy()
+        scalars = np.array([c.head, c.used, c.n, c.rs_z], dtype=np.int64)
+        out = ffi.new("int64_t[2]")  # consumed, cell
+        check(
+            lib.pm_rs_restore_seq(
+                ffi.from_buffer("int32_t[]", c.pos, require_writable=True),
+                ffi.from_buffer("int32_t[]", c.src, require_writable=True),
+                ffi.from_buffer("int32_t[]", c.src0, require_writable=True),
+                ffi.from_buffer("int32_t[]", c.tail, require_writable=True),
+                ffi.from_buffer("uint32_t[]", c.rs_idx, require_writable=True),
+                ffi.from_buffer("uint32_t[]", c.n_last, require_writable=True),
+                ffi.from_buffer("int64_t[]", scalars, require_writable=True), c.size, seq_id,
+                ffi.from_buffer(data), len(data), self._n_layer, self._tensors, self._spec_c,
+                self._n, out, out + 1,
+            ),
+            "state_read: one sequence's recurrent section",
+        )  # fmt: skip
+        if out[0] < 0:
+            return None
+        cell = int(out[1])
+        c.head, c.used, c.n, c.rs_z = (int(v) for v in scalars)
+        if cell >= 0:
+            c.steady = None
+        return c, int(out[0]), cell, 20 if cell >= 0 else 12
+
     def read_whole(
         self, data: memoryview, size: int, limit: int, store: bool
     ) -> tuple[int, np.ndarray, np.ndarray] | None:
@@ -392,6 +428,21 @@ def parse_state(
 
             writes = PendingWrites()
             writes.add_call(store)
+            return cells, writes, None
+    if seq_id >= 0 and native is not None:
+        rest = reader.host_rest()
+        placed = None if rest is None else native.restore_seq(rest, c, seq_id)
+        if rest is not None and placed is not None:
+            cells, taken, cell, rows_at = placed
+            reader.skip(taken, "recurrent state")
+            rows = rest[rows_at:taken]
+            n_rows = int(cell >= 0)
+
+            def store_rows() -> None:  # the bytes there now, as a payload write takes them
+                native.walk(rows, n_rows, cells.head, store=True)
+
+            writes = PendingWrites()
+            writes.add_call(store_rows)
             return cells, writes, None
     cell_count = reader.read_u32("recurrent cell_count")
     if cell_count > c.size:
