@@ -36,7 +36,12 @@ the same calls would cost with no Python at all; ``python`` is the rest. The rat
 ``numpy_copy`` to ``native`` say whether 0.8 of a copy is in reach of any implementation
 of these calls.
 
-Run: python benchmarks/bench_state_floor.py [--quick] [--wide] [--composites]
+``--cold`` times every state call of tiny-llama, tiny-jamba and tiny-gemma2 cold (each
+right after a 16 MiB copy, what a decode step between two calls leaves), split the same
+way into native calls and the rest, against a cold numpy copy
+(results/bench_state_floor_cold.json).
+
+Run: python benchmarks/bench_state_floor.py [--quick] [--wide] [--composites | --cold]
 (--quick: 2,048 tokens a sequence, no JSON; --wide: also tiny-llama-e512, 512-byte rows;
 a full run writes results/bench_state_floor.json; with --composites alone,
 results/bench_state_floor_composites.json)
@@ -55,7 +60,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_vs_llama_cpp as bvl
-from _util import finish_run, print_table, threads_label
+from _util import evict, finish_run, print_table, threads_label
 
 import pymem.kv.state_io as sio
 from pymem.batch import Batch, BatchAllocator
@@ -299,10 +304,92 @@ def composites(quick: bool) -> None:
                n_tokens=n_tokens, repeats=repeats, target_vs_numpy=TARGET_NUMPY)  # fmt: skip
 
 
+def _cold_ms(fn: Any, setup: Any, repeats: int, native: bool = False) -> float:
+    """Median ms of ``fn`` (or, with ``native``, of its native calls alone), each call
+    after an untimed ``setup()`` and then :func:`_util.evict`: the caches a decode step
+    between two state calls leaves."""
+    if native:
+        return _native_share(fn, lambda: (setup(), evict()), repeats)
+    return _plain(fn, lambda: (setup(), evict()), repeats)
+
+
+_COLD_CALLS = (("whole, write", -1, None), ("whole, read", -1, "read"),
+               ("whole, read into a cleared memory", -1, "clear"),
+               ("one sequence, write", 0, None), ("one sequence, read", 0, "read"),
+               ("one sequence, swapped in", 0, "seq_rm"))  # fmt: skip
+
+
+def _cold_rows(mem: Any, model: str, repeats: int) -> list[dict[str, Any]]:
+    """:func:`cold`'s rows of one memory: every call of :data:`_COLD_CALLS`."""
+    rows = []
+    for what, seq_id, prep in _COLD_CALLS:
+        blob = bytes(mem.state_write(seq_id))
+        out = bytearray(len(blob))
+        src = np.frombuffer(blob, np.uint8)
+        dst = np.empty_like(src)
+
+        def setup(prep: str | None = prep, blob: bytes = blob, seq_id: int = seq_id) -> None:
+            mem.state_read(blob, seq_id)  # the state the blob holds
+            if prep == "clear":
+                mem.clear(False)
+            elif prep == "seq_rm":
+                mem.seq_rm(seq_id, -1, -1)
+
+        def call(prep: str | None = prep, blob: bytes = blob, seq_id: int = seq_id,
+                 out: bytearray = out) -> None:  # fmt: skip
+            if prep is None:
+                mem.state_write_buffer(out, seq_id)
+            else:
+                mem.state_read(blob, seq_id)
+
+        copy = _cold_ms(lambda src=src, dst=dst: np.copyto(dst, src), setup, repeats)
+        total = _cold_ms(call, setup, repeats)
+        native = _cold_ms(call, setup, repeats, native=True)
+        warm = _plain(call, setup, repeats)
+        mem.state_read(blob, seq_id)
+        rows.append(dict(model=model, call=what, bytes=len(blob), numpy_copy_cold_ms=copy,
+                         cold_ms=total, native_cold_ms=native, rest_cold_ms=total - native,
+                         warm_ms=warm, cold_vs_numpy=copy / total))  # fmt: skip
+    return rows
+
+
+def cold(quick: bool) -> None:
+    """Every state call of every model (V transposed), cold: each call right after a
+    16 MiB copy evicts L1/L2 (:func:`_util.evict`), split into native calls and the rest,
+    against a cold numpy copy of the blob. The rest (Python, numpy, cffi) costs several
+    times its warm time cold: each distinct numpy routine and Python function a call
+    touches is fetched again."""
+    n_tokens = 2048 if quick else 8192
+    repeats = 15 if quick else 61
+    load_before = os.getloadavg()
+    rows: list[dict[str, Any]] = []
+    for name in ("llama", "jamba", "gemma2"):
+        mem = filled(bvl.MODELS[name], False, n_tokens)
+        try:
+            rows += _cold_rows(mem, f"tiny-{name}", repeats)
+        finally:
+            mem.close()
+    print_table(
+        f"State calls, cold (each after a 16 MiB copy), f16, V transposed, {bvl.STATE_N_SEQ} x "
+        f"{n_tokens} tokens, unified {bvl.STATE_N_CTX} cells (median ms; native = inside "
+        f"pymem's native calls, rest = Python, numpy and cffi; pymem on {threads_label()})",
+        ["model", "call", "bytes", "numpy copy", "pymem", "native", "rest", "pymem warm",
+         "pymem/numpy (throughput)"],
+        [[r["model"], r["call"], r["bytes"], f"{r['numpy_copy_cold_ms']:.3f}",
+          f"{r['cold_ms']:.3f}", f"{r['native_cold_ms']:.3f}", f"{r['rest_cold_ms']:.3f}",
+          f"{r['warm_ms']:.3f}", f"{r['cold_vs_numpy']:.2f}"] for r in rows],
+    )  # fmt: skip
+    finish_run("bench_state_floor_cold", quick, load_before, rows=rows, n_tokens=n_tokens,
+               repeats=repeats)  # fmt: skip
+
+
 def main() -> None:
     quick = "--quick" in sys.argv
     if "--composites" in sys.argv:
         composites(quick)
+        return
+    if "--cold" in sys.argv:
+        cold(quick)
         return
     n_tokens = 2048 if quick else 8192
     repeats = 15 if quick else 101
