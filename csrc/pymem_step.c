@@ -1,5 +1,6 @@
 #include "pymem_step.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #define PM_STEP_MAX_SEQ 256
@@ -245,8 +246,8 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
 }
 
 pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, const int32_t * pos, int64_t n,
-                                 int64_t * heads, int32_t * idx, int64_t * run_starts, int64_t * run_ends,
-                                 int64_t * n_runs, int32_t * placed) {
+                                 int32_t swa_type, int64_t n_swa, int64_t * heads, int32_t * idx,
+                                 int64_t * run_starts, int64_t * run_ends, int64_t * n_runs, int32_t * placed) {
     if (c == NULL || pos == NULL || heads == NULL || idx == NULL || run_starts == NULL || run_ends == NULL ||
         n_runs == NULL || placed == NULL || n < 1) {
         return PM_ERR_ARG;
@@ -263,28 +264,67 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
             return PM_OK;
         }
     }
-    // the search (nothing written yet): the first n empty cells from h, wrapping once
-    const int32_t * cell_pos = c->pos + s * c->size;
+    // the search (nothing written yet): the first n usable cells from h, wrapping once;
+    // usable: empty, or (a window) held by one sequence that no longer sees it from its
+    // next position (its largest position + 1; a stale largest position: numpy decides)
+    const int64_t g0 = s * c->size;
     int64_t h = heads[s];
     if (h > c->used[s] + 2 * n || h < 0 || h > c->size) {
         h = 0;  // (a head past the end is not left by any placement; start at 0 then)
     }
-    int64_t found = 0;
+    int64_t found = 0, taken = 0;
     for (int64_t k = 0; k < c->size && found < n; k++) {
         int64_t cell = h + k;
         if (cell >= c->size) {
             cell -= c->size;
         }
-        if (cell_pos[cell] < 0) {
+        const int32_t p = c->pos[g0 + cell];
+        int usable = p < 0;
+        if (!usable && swa_type != 0) {
+            const int32_t q = c->owner[g0 + cell];
+            if (q < 0) {
+                continue;  // several sequences (none here: n_multi is 0) or none
+            }
+            const int64_t key = s * PM_STEP_MAX_SEQ + q;
+            if (c->pdirty[key] & 2) {
+                return PM_OK;  // a stale largest position
+            }
+            usable = pm_step_masked_swa(swa_type, n_swa, p, c->pmax[key] + 1);
+            taken += usable;
+        }
+        if (usable) {
             idx[found++] = (int32_t) cell;
         }
     }
     if (found < n) {
         return PM_OK;
     }
+    if (taken > 0) {
+        // window-masked cells among them: apply_ubatch's overwrite (emptied, placed, the
+        // losers' older positions purged, the head moved), for a one-stream stack
+        int32_t * seqs = (int32_t *) malloc((size_t) n * sizeof(int32_t));
+        if (seqs == NULL) {
+            return PM_ERR_ALLOC;
+        }
+        for (int64_t i = 0; i < n; i++) {
+            seqs[i] = seq_id;
+        }
+        int64_t top = 0;
+        const pm_status st = pm_step_kv_overwrite(c, n, idx, pos, seqs, heads, &top, placed);
+        free(seqs);
+        if (st != PM_OK || !*placed) {
+            return st;
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            pm_step_take(c, s, idx[i], seq_id, pos[i]);
+        }
+        c->used[s] += n;
+        heads[s] = (int64_t) idx[n - 1] + 1;
+        *placed = 1;
+    }
     int64_t runs = 0;
     for (int64_t i = 0; i < n; i++) {
-        pm_step_take(c, s, idx[i], seq_id, pos[i]);
         if (runs > 0 && run_ends[runs - 1] == idx[i]) {
             run_ends[runs - 1] = (int64_t) idx[i] + 1;
         } else {
@@ -293,10 +333,7 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
             runs++;
         }
     }
-    c->used[s] += n;
-    heads[s] = (int64_t) idx[n - 1] + 1;
     *n_runs = runs;
-    *placed = 1;
     return PM_OK;
 }
 

@@ -69,19 +69,23 @@ pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_bl
 pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, const int64_t * counts, int64_t rec,
                             int32_t * placed);
 
-// A per-sequence restore's placement in a cache without a sliding window, after the
-// sequence's seq_rm: the reference's find_slot for n tokens of sequence seq_id in stream s
-// (the first n empty cells in scan order from h = heads[s], 0 when h > used + 2 n,
-// wrapping once at the end), then apply_ubatch's placement (pm_step_kv_place: token i at
-// position pos[i] into idx[i]) and the head's move past the last one. idx (int32[n]) gets
-// the cells in scan order, run_starts / run_ends (int64[n] capacity) their maximal runs of
-// consecutive cells in that order (ends exclusive), *n_runs their count. *placed = 0,
-// nothing written, when fewer than n cells are empty, the stream holds a shared cell,
-// seq_id is outside [0, 256) or a position is negative (the numpy search decides then).
-// PM_ERR_RANGE for s outside [0, n_stream); PM_ERR_ARG for a null pointer or n < 1.
+// A per-sequence restore's placement, after the sequence's seq_rm: the reference's
+// find_slot for n tokens of sequence seq_id in stream s (the first n usable cells in scan
+// order from h = heads[s], 0 when h > used + 2 n, wrapping once at the end; usable: empty,
+// or with a window (swa_type 1 STANDARD, 2 CHUNKED, 3 SYMMETRIC; 0 none) held by one
+// sequence whose next position (its largest + 1) no longer sees it), then apply_ubatch's
+// placement (token i at position pos[i] into idx[i]; window-masked cells are overwritten
+// as pm_step_kv_overwrite does, for a one-stream stack) and the head's move past the last
+// one. idx (int32[n]) gets the cells in scan order, run_starts / run_ends (int64[n]
+// capacity) their maximal runs of consecutive cells in that order (ends exclusive),
+// *n_runs their count. *placed = 0, nothing written, when fewer than n cells are usable,
+// the stream holds a shared cell, a taken cell's sequence has a stale largest position,
+// an overwrite meets what pm_step_kv_overwrite declines, seq_id is outside [0, 256) or a
+// position is negative (the numpy search decides then). PM_ERR_RANGE for s outside
+// [0, n_stream); PM_ERR_ARG for a null pointer or n < 1.
 pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, const int32_t * pos, int64_t n,
-                                 int64_t * heads, int32_t * idx, int64_t * run_starts, int64_t * run_ends,
-                                 int64_t * n_runs, int32_t * placed);
+                                 int32_t swa_type, int64_t n_swa, int64_t * heads, int32_t * idx,
+                                 int64_t * run_starts, int64_t * run_ends, int64_t * n_runs, int32_t * placed);
 
 // The whole-array checks of BatchAllocator.init for a batch of one token per sequence
 // (distinct ids in [0, n_seq_max), checked by the caller): token ids in [0, n_vocab)

@@ -1,20 +1,22 @@
 """A per-sequence restore that must be placed (a sequence swapped back in after its
-seq_rm, or a blob read into another sequence) in a cache without a sliding window takes
-one native call for find_slot + apply_ubatch (``pm_step_kv_restore_seq``). Pins it to the
-numpy find_slot + apply (``NATIVE_PLACE`` off) in random caches with holes, random heads
-(wrapped slots), shifts and ext, and the kernel's refusals."""
+seq_rm, or a blob read into another sequence) takes one native call for find_slot +
+apply_ubatch (``pm_step_kv_restore_seq``; with a sliding window, the overwrite of
+masked cells included). Pins it to the numpy find_slot + apply (``NATIVE_PLACE`` off) in
+random caches with holes, random heads (wrapped slots), shifts, ext and windows of every
+type, and the kernel's refusals."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from kv_helpers import check_invariants
+from kv_helpers import check_invariants, decode
 from test_kv_state_same import NAMES, _scenario, _state
 
 import pymem.kv.state_io as state_io
 from pymem._native import ffi, lib
 from pymem.errors import StateError
 from pymem.kv import KVCache
+from pymem.spec import SWAType
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -73,8 +75,8 @@ def test_restore_kernel_refuses_and_declines_without_change() -> None:
     def call(seq_id=0, pos=(5, 6), s=0, cells=c) -> int:
         p = np.array(pos, dtype=np.int32)
         return lib.pm_step_kv_restore_seq(
-            cells, s, seq_id, ffi.from_buffer("int32_t[]", p), p.size, heads, ip, rp, rp + 64,
-            n_runs, placed,
+            cells, s, seq_id, ffi.from_buffer("int32_t[]", p), p.size, 0, 0, heads, ip, rp,
+            rp + 64, n_runs, placed,
         )  # fmt: skip
 
     before = _state(kv)
@@ -119,3 +121,49 @@ def test_native_restore_placement_from_every_head(monkeypatch, name: str) -> Non
                 kv.close()
             assert states[0] == states[1], (seed, head)
         kv0.close()
+
+
+@pytest.mark.parametrize("swa_type", [SWAType.STANDARD, SWAType.CHUNKED, SWAType.SYMMETRIC])
+def test_native_window_restore_equals_numpy(monkeypatch, swa_type: SWAType) -> None:
+    """Sliding-window caches: sequences swapped back in after other sequences' tokens took
+    their cells (only masked cells left for some), native and numpy placement leave the
+    same cache; the native call overwrote masked cells in some of them."""
+    from test_kv_swa_restore import _memory
+
+    overwrote = 0
+    real = KVCache._place_seq_native
+
+    def counted(self, seq_id, pos):
+        before = self.cells.pos[0].copy()
+        done = real(self, seq_id, pos)
+        nonlocal overwrote
+        if done is not None:
+            overwrote += int((before[done[0]] >= 0).any())
+        return done
+
+    monkeypatch.setattr(KVCache, "_place_seq_native", counted)
+    for kv_size in (16, 24, 48):
+        for seed in range(6):
+            n_swa = 2 + seed % 4
+            twins = [_memory(seed, swa_type, n_swa, kv_size) for _ in range(2)]
+            blobs = [bytes(twins[0].state_write(s)) for s in range(3)]
+            for i in range(6):
+                s, t = (i + seed) % 3, (i + seed + 1) % 3
+                outcomes = []
+                for kv, on in zip(twins, (True, False)):
+                    with monkeypatch.context() as m:
+                        m.setattr(state_io, "NATIVE_PLACE", on)
+                        kv.seq_rm(s, -1, -1)
+                        p0 = kv.seq_pos_max(t) + 1
+                        decode(kv, [[1, p0 + j, [t], False] for j in range(i % 4 + 1)], n_ubatch=8)
+                        try:
+                            kv.state_read(blobs[s], s)
+                            outcomes.append("ok")
+                        except StateError as exc:
+                            outcomes.append(str(exc))
+                assert outcomes[0] == outcomes[1], (kv_size, seed, i)
+                assert _state(twins[0]) == _state(twins[1]), (kv_size, seed, i)
+                check_invariants(twins[0])
+            for kv in twins:
+                kv.close()
+    assert overwrote >= 3, overwrote

@@ -44,7 +44,8 @@ def _memory(seed: int, swa_type: SWAType, n_swa: int, kv_size: int) -> KVCache:
 
 
 def _planned(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Record, per sliding-window placement, whether it ran under the parse's journal."""
+    """Record, per sliding-window placement (the numpy one or the one native call),
+    whether it ran under the parse's journal."""
     seen: list[bool] = []
     real = KVCache._place_restored
 
@@ -54,6 +55,15 @@ def _planned(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
         return real(self, seq_id, ub)  # type: ignore[arg-type]
 
     monkeypatch.setattr(KVCache, "_place_restored", place)
+    real_seq = KVCache._place_seq_native
+
+    def place_seq(self: KVCache, seq_id: int, pos: object) -> object:
+        done = real_seq(self, seq_id, pos)  # type: ignore[arg-type]
+        if done is not None and self.layout.swa_type != SWAType.NONE:
+            seen.append(self.cells.journaling)  # (the one native call: no _place_restored)
+        return done
+
+    monkeypatch.setattr(KVCache, "_place_seq_native", place_seq)
     return seen
 
 

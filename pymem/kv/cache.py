@@ -1532,15 +1532,15 @@ class KVCache(Memory):
     def _place_seq_native(
         self, seq_id: int, pos: np.ndarray
     ) -> tuple[np.ndarray, state_io.Runs] | None:
-        """:meth:`_place_restored` of ``seq_id``'s positions ``pos`` in a cache without a
-        sliding window: seq_rm, then find_slot's search and apply_ubatch's placement in
-        one native call (``pm_step_kv_restore_seq``; the numpy find_slot and apply are
-        the reference it is tested against). The cells in slot order (int64) and their
-        runs; None, nothing changed, where it does not apply (a window, an undo journal,
-        a shared cell in the stream, ``state_io.NATIVE_PLACE`` off)."""
+        """:meth:`_place_restored` of ``seq_id``'s positions ``pos``: seq_rm, then
+        find_slot's search and apply_ubatch's placement (with a window, its overwrite of
+        masked cells) in one native call (``pm_step_kv_restore_seq``; the numpy find_slot
+        and apply are the reference it is tested against). The cells in slot order
+        (int64) and their runs; None, nothing placed, where it does not apply (an undo
+        journal, a shared cell in the stream, ``state_io.NATIVE_PLACE`` off, or what the
+        kernel declines: the numpy placement then runs, after the same seq_rm)."""
         if (
             not state_io.NATIVE_PLACE
-            or self.swa_type != SWAType.NONE
             or self.cells.journaling
             or self.cells.n_multi[int(self.seq_to_stream[seq_id])]
         ):
@@ -1555,8 +1555,8 @@ class KVCache(Memory):
         rp = ffi.from_buffer("int64_t[]", runs, require_writable=True)
         status = lib.pm_step_kv_restore_seq(
             c, strm, seq_id, ffi.from_buffer("int32_t[]", np.ascontiguousarray(pos, np.int32)), n,
-            heads, ffi.from_buffer("int32_t[]", idx, require_writable=True), rp, rp + n, n_runs,
-            placed,
+            int(self.swa_type), self.n_swa, heads, ffi.from_buffer("int32_t[]", idx, require_writable=True),
+            rp, rp + n, n_runs, placed,
         )  # fmt: skip
         check(status, f"pm_step_kv_restore_seq ({n} cells, stream {strm})")
         if not placed[0]:
