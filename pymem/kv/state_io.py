@@ -444,11 +444,12 @@ class SameCellsPlan(_CachePlan):
 
 class WholeBlobPlan(_CachePlan):
     """A parsed whole-cache restore whose every record is a fixed one
-    (:meth:`SeqBlob.read_whole` checked it all): ``commit()`` stores the bytes in one
-    native call, then places the cells, emptied first, with one more per stream (or, when
-    they already are the blob's, moves the heads alone), then zeroes the rows past each
-    stream's cells, as the reference's ``clear(true)`` leaves them. :meth:`verify` checks
-    the headers and ranges again (a composite's last look before its commit)."""
+    (:meth:`SeqBlob.read_whole` checked it all). ``commit()`` checks the headers and
+    ranges again (unless ``parsed_now``), empties and places every stream's cells in one
+    native refill (or, when they already are the blob's, moves the heads alone), stores
+    the bytes in one more native call, and zeroes the rows past each stream's cells, as
+    the reference's ``clear(true)`` leaves them. :meth:`verify` is that check alone (a
+    composite's last look before any part commits)."""
 
     def __init__(
         self,
@@ -1002,9 +1003,9 @@ class KVStateHooks:
     planning: Callable[[], AbstractContextManager[None]]
     # remove the sequence, then find a slot for the ubatch and apply it; None: no slot
     place: Callable[[int, UBatch], SlotInfo | None]
-    # ``place`` for a sequence's positions in one native call where it applies (no window,
-    # no shared cell, no undo journal): the cells in slot order and their runs; None,
-    # nothing placed: ``place`` decides
+    # ``place`` for a sequence's positions in one native call where it applies (no shared
+    # cell, no undo journal; windows included): the cells in slot order and their runs;
+    # None, nothing placed: ``place`` decides
     place_seq: Callable[[int, np.ndarray], tuple[np.ndarray, Runs] | None]
     # a whole restore's clear(False) and placement of every stream's fixed meta records
     # (``[n, 3 + n_ext]`` words, None for a stream without cells) in one native call;
