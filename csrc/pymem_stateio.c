@@ -51,6 +51,7 @@ static void pm_gather_runs(char * w, const char * base, int64_t row, const int64
 #endif
 static int32_t pm_copy_threads   = 0;  // 0: the default (pm_default_copy_threads)
 static int64_t pm_copy_min_bytes = PM_COPY_MIN_BYTES_DEFAULT;
+static int32_t pm_copy_last      = 0;  // shares of the last section's data phase (a test hook)
 
 // the default: PYMEM_STATE_THREADS when it holds a count in [1, 64], else min(4, online
 // CPUs); found once (sysconf reads a file: not once per state write)
@@ -89,6 +90,10 @@ pm_status pm_set_copy_threads(int32_t n, int64_t min_bytes) {
     PM_STORE(pm_copy_threads, n);
     PM_STORE(pm_copy_min_bytes, n == 0 ? (int64_t) PM_COPY_MIN_BYTES_DEFAULT : min_bytes);
     return PM_OK;
+}
+
+int32_t pm_copy_last_shares(void) {
+    return PM_LOAD(pm_copy_last);
 }
 
 int32_t pm_get_copy_threads(int64_t * min_bytes) {
@@ -199,6 +204,11 @@ static void pm_copy_all(const pm_piece * pieces, int64_t n_pieces, int64_t n, co
         }
         shares[t].end = p;
     }
+    int32_t used = 0;
+    for (int64_t t = 0; t < n_thr; ++t) {
+        used += shares[t].first < shares[t].end;
+    }
+    PM_STORE(pm_copy_last, used);
 #if PM_HAVE_THREADS
     pthread_t tid[64];
     int       started[64] = { 0 };
@@ -242,6 +252,9 @@ static pm_batch pm_batch_new(int64_t cap, int64_t n, const int64_t * run_starts,
     // which only odd parameters give (one byte a repetition over a whole tensor)
     if (cap > 1 && cap <= PM_BATCH_MAX_PIECES && pm_get_copy_threads(NULL) > 1) {
         b.pieces = (pm_piece *) malloc((size_t) cap * sizeof(pm_piece));
+    }
+    if (b.pieces == NULL) {
+        PM_STORE(pm_copy_last, 1);  // every piece on the calling thread
     }
     return b;
 }

@@ -287,6 +287,11 @@ enum { PM_COPY_MIN_BYTES_DEFAULT = 4194304 };
 // The thread count in effect (the default resolved) and its *min_bytes (unless NULL).
 int32_t pm_get_copy_threads(int64_t * min_bytes);
 
+// How many threads the last native section's data phase split its bytes over (1: the
+// calling thread alone; 0: none yet), process-wide. A test hook: the bytes are the same
+// whatever the split, so only this shows the split and pm_set_copy_threads' min_bytes.
+int32_t pm_copy_last_shares(void);
+
 // PYMEM_CDEF_END
 
 #ifdef __cplusplus

@@ -188,3 +188,28 @@ def test_native_zeroing_equals_the_numpy_reference(
         assert [layer.k.read_bytes() for layer in native.layers] == before
         native.close()
         numpy.close()
+
+
+def test_the_split_follows_the_setting() -> None:
+    """pm_copy_last_shares (a test hook) shows the data phase's split, which the bytes
+    cannot: as many shares as threads set (never more than the section's pieces), one
+    below min_bytes, one on one thread; a write and a restore alike."""
+    from pymem._native import lib
+
+    kv = _filled("f16-trans", 7)  # 2 layers: K and V pieces per layer, one per V channel
+    blob = bytes(kv.state_write())
+    for n, min_bytes, want in ((2, 0, 2), (3, 0, 3), (2, len(blob) * 2, 1), (1, 0, 1)):
+        set_state_threads(n, min_bytes)
+        kv.state_write()
+        assert lib.pm_copy_last_shares() == want, ("write", n, min_bytes)
+        kv.state_read(blob)
+        assert lib.pm_copy_last_shares() == want, ("read", n, min_bytes)
+    # more threads than pieces: one share a piece (a cache of one layer, V in rows)
+    rows = build(CFGS["f32-notrans"], n_cells=64, n_seq=1)
+    _interleaved(rows, np.random.default_rng(1), 1, 20, 8)
+    pieces = 2 * len(rows.layers)
+    set_state_threads(64, 0)
+    rows.state_write()
+    assert lib.pm_copy_last_shares() == pieces
+    rows.close()
+    kv.close()
