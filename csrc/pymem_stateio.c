@@ -481,7 +481,7 @@ pm_status pm_kv_cells_equal(const int32_t * pos, const int32_t * owner, const in
     int32_t bad = 0;
     for (int64_t c = 0; c < n; ++c) {
         const int32_t * r = words + c * rec;
-        bad |= (pm_ld32(r + 1) ^ 1) | (pos[c] ^ pm_ld32(r)) | (owner[c] ^ pm_ld32(r + rec - 1));
+        bad |= (pm_ld32(r + 1) ^ 1) | (pos[c] ^ pm_ld32(r)) | (owner[c] ^ pm_ld32(r + rec - 1)) | (pm_ld32(r) < 0);
     }
     if (n_ext != 0) {
         for (int64_t c = 0; c < n; ++c) {
@@ -1096,7 +1096,7 @@ pm_status pm_kv_read_whole_blob(const pm_kv_seq_blob * b, const void * blob, int
         counts[s] = n;
         offsets[s] = at;
         const int32_t * words = (const int32_t *) (const void *) (d + at);
-        if (mode == 0 && all_same) {
+        if (mode != 1 && all_same) {
             // records equal to used cells are fixed ones: no second pass over them
             int32_t eq = b->used[s] == n && b->n_multi[s] == 0 && !b->has_shift[s];
             if (eq && n > 0 &&
@@ -1106,7 +1106,7 @@ pm_status pm_kv_read_whole_blob(const pm_kv_seq_blob * b, const void * blob, int
             }
             all_same = eq;
         }
-        if (mode == 0 && !all_same && n > 0) {
+        if (mode != 1 && !all_same && n > 0) {
             int64_t first_bad = 0;
             if (pm_kv_records_fixed(words, n, rec, b->n_seq_max, &first_bad) != PM_OK || first_bad >= 0) {
                 return PM_OK;
@@ -1132,7 +1132,7 @@ pm_status pm_kv_read_whole_blob(const pm_kv_seq_blob * b, const void * blob, int
             }
         }
     }
-    *same = mode == 0 ? all_same : 0;
+    *same = mode != 1 ? all_same : 0;
     *consumed = at;
     *done = 1;
     return PM_OK;

@@ -53,9 +53,9 @@ pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void 
 
 // Whether cells [0, n) of a stream already hold the n whole-cache meta records `words` (rec
 // int32 words each: pos, n_seq_id, then n_ext ext words, then one seq id), so that a whole
-// restore's clear + placing them changes no cell: every record has n_seq_id 1, and cell c
-// has record c's position, ext and owner (its one sequence; owners of shared cells are
-// negative, so they never match). *same = 1 or 0. PM_ERR_ARG for a null pointer, n < 0,
+// restore's clear + placing them changes no cell: every record has n_seq_id 1 and a
+// position >= 0 (an empty cell never matches), and cell c has record c's position, ext
+// and owner (its one sequence; owners of shared cells are negative, so they never match). *same = 1 or 0. PM_ERR_ARG for a null pointer, n < 0,
 // rec != 3 + n_ext or n_ext not 0 or 3.
 pm_status pm_kv_cells_equal(const int32_t * pos, const int32_t * owner, const int32_t * ext, const int32_t * words,
                             int64_t n, int64_t rec, int64_t n_ext, int32_t * same);
@@ -180,8 +180,10 @@ pm_status pm_kv_records_fixed(const int32_t * words, int64_t n, int64_t rec, int
 //     (pm_kv_cells_equal over [0, n_s), no other cell used, no shared cell, no pending
 //     shift: the restore then changes no cell).
 //  1: the commit. The headers and ranges are checked again (not the records: the parse
-//     did), then every stream's bytes are stored into its cells [0, n_s).
-//  2: the headers and ranges checked alone (a composite's last look before its commit).
+//     or mode 2 did, and the placement checks them once more), then every stream's bytes
+//     are stored into its cells [0, n_s).
+//  2: mode 0's checks again, nothing stored (a composite's last look before any part
+//     commits: the caller compares counts, offsets and *same with the parse's).
 // *done = 1 with *consumed = the blob's bytes when all of it applies; *done = 0 with
 // nothing stored otherwise (the general parse then names what differs, or reads records
 // of several sequences). The cells and heads are the caller's (pm_step_kv_place_records).
@@ -228,7 +230,8 @@ pm_status pm_rows_store(struct ggml_tensor * const * tensors, const int64_t * sp
 // = rs_idx[q] of its sequences, which must agree: *disagree = the first cell where they do
 // not (nothing written), else -1. out NULL with cap 0 asks the size: PM_ERR_RANGE with
 // *written the section's bytes (also when cap is too small, nothing written). PM_ERR_ARG as
-// pm_rows_sections, for a null pointer or size < 1.
+// pm_rows_sections (out may then hold the META already: the caller raises), for a null
+// pointer or size < 1.
 pm_status pm_rs_write_whole(const int32_t * tail, const int32_t * pos, const int32_t * src, const uint32_t * rs_idx,
                             int64_t size, int64_t n_rs_seq, int64_t n_layer, struct ggml_tensor * const * tensors,
                             const int64_t * spec, int64_t n_tensors, void * out, int64_t cap, int64_t * written,

@@ -167,8 +167,9 @@ static inline int32_t pm_step_ld32(const int32_t * p) {
 }
 
 pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, const int64_t * counts, int64_t rec,
-                            int32_t * placed) {
-    if (c == NULL || words == NULL || counts == NULL || placed == NULL || rec < 3) {
+                            int32_t n_seq_max, int32_t * placed) {
+    if (c == NULL || words == NULL || counts == NULL || placed == NULL || rec < 3 || n_seq_max < 1 ||
+        n_seq_max > PM_STEP_MAX_SEQ) {
         return PM_ERR_ARG;
     }
     *placed = 0;
@@ -185,7 +186,7 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
         for (int64_t i = 0; i < n; i++) {
             const int32_t * r = words[s] + i * rec;
             const int32_t id = pm_step_ld32(r + rec - 1);
-            bad |= (pm_step_ld32(r + 1) != 1) | (pm_step_ld32(r) < 0) | (id < 0) | (id >= PM_STEP_MAX_SEQ);
+            bad |= (pm_step_ld32(r + 1) != 1) | (pm_step_ld32(r) < 0) | (id < 0) | (id >= n_seq_max);
         }
         if (bad) {
             return PM_OK;
@@ -256,7 +257,8 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
     if (s < 0 || s >= c->n_stream) {
         return PM_ERR_RANGE;
     }
-    if (c->n_multi[s] != 0 || seq_id < 0 || seq_id >= PM_STEP_MAX_SEQ || n > c->size) {
+    if (c->n_multi[s] != 0 || seq_id < 0 || seq_id >= PM_STEP_MAX_SEQ || n > c->size || swa_type < 0 ||
+        swa_type > 3 || (swa_type != 0 && n_swa <= 0)) {
         return PM_OK;
     }
     for (int64_t i = 0; i < n; i++) {

@@ -60,14 +60,14 @@ pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_bl
 // A whole-cache restore's clear and placement, every stream in one pass: stream s gets
 // the counts[s] records at words[s] (rec int32 words each, at any alignment; NULL when
 // counts[s] is 0), each a fixed one (position word 0 >= 0, n_seq_id word 1 == 1, its one
-// sequence word rec - 1 in [0, 256)), in cells [0, counts[s]), and every other cell is
+// sequence word rec - 1 in [0, n_seq_max)), in cells [0, counts[s]), and every other cell is
 // emptied, as StackedCells.reset then set_new leave them: no shift, no shared cell, used =
 // used_max_p1 = counts[s], nothing dirty, bounds from the records alone (ext and has_shift
 // are the caller's). Every record of every stream is checked before the first write:
 // *placed = 0, nothing written, when one is not fixed. PM_ERR_RANGE for a count outside
-// [0, size]; PM_ERR_ARG for a null pointer or rec < 3.
+// [0, size]; PM_ERR_ARG for a null pointer, rec < 3 or n_seq_max outside [1, 256].
 pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, const int64_t * counts, int64_t rec,
-                            int32_t * placed);
+                            int32_t n_seq_max, int32_t * placed);
 
 // A per-sequence restore's placement, after the sequence's seq_rm: the reference's
 // find_slot for n tokens of sequence seq_id in stream s (the first n usable cells in scan
@@ -80,8 +80,9 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
 // capacity) their maximal runs of consecutive cells in that order (ends exclusive),
 // *n_runs their count. *placed = 0, nothing written, when fewer than n cells are usable,
 // the stream holds a shared cell, a taken cell's sequence has a stale largest position,
-// an overwrite meets what pm_step_kv_overwrite declines, seq_id is outside [0, 256) or a
-// position is negative (the numpy search decides then). PM_ERR_RANGE for s outside
+// an overwrite meets what pm_step_kv_overwrite declines, seq_id is outside [0, 256), a
+// position is negative or the window is not one (swa_type outside [0, 3], n_swa < 1 with
+// a window): the numpy search decides then. PM_ERR_RANGE for s outside
 // [0, n_stream); PM_ERR_ARG for a null pointer or n < 1.
 pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, const int32_t * pos, int64_t n,
                                  int32_t swa_type, int64_t n_swa, int64_t * heads, int32_t * idx,

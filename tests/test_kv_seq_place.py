@@ -72,11 +72,11 @@ def test_restore_kernel_refuses_and_declines_without_change() -> None:
     rp = ffi.from_buffer("int64_t[]", runs, require_writable=True)
     ip = ffi.from_buffer("int32_t[]", idx, require_writable=True)
 
-    def call(seq_id=0, pos=(5, 6), s=0, cells=c) -> int:
+    def call(seq_id=0, pos=(5, 6), s=0, cells=c, swa_type=0, n_swa=0) -> int:
         p = np.array(pos, dtype=np.int32)
         return lib.pm_step_kv_restore_seq(
-            cells, s, seq_id, ffi.from_buffer("int32_t[]", p), p.size, 0, 0, heads, ip, rp,
-            rp + 64, n_runs, placed,
+            cells, s, seq_id, ffi.from_buffer("int32_t[]", p), p.size, swa_type, n_swa, heads,
+            ip, rp, rp + 64, n_runs, placed,
         )  # fmt: skip
 
     before = _state(kv)
@@ -84,11 +84,15 @@ def test_restore_kernel_refuses_and_declines_without_change() -> None:
     assert call(pos=()) == lib.PM_ERR_ARG
     assert call(s=kv.n_stream) == lib.PM_ERR_RANGE
     free = kv.layout.kv_size - int(kv.v_cells[0].used)
+    # (a chunked window of width 0 would divide by zero: declined, as pm_step_kv_find does)
     for args in (
         {"pos": tuple(range(free + 1))},
         {"pos": (3, -1)},
         {"seq_id": 256},
         {"seq_id": -1},
+        {"swa_type": 2, "n_swa": 0},
+        {"swa_type": 4, "n_swa": 3},
+        {"swa_type": -1},
     ):
         assert call(**args) == lib.PM_OK and placed[0] == 0, args
         assert _state(kv) == before, args

@@ -131,9 +131,11 @@ def test_records_kernels_refuse_and_decline_without_change() -> None:
     n_stream = kv.n_stream
     before = _state(kv)
 
-    def refill(per_stream: list, counts: list, rec: int = 3, cells=c) -> int:
+    def refill(per_stream: list, counts: list, rec: int = 3, cells=c, n_seq_max: int = 3) -> int:
         ptrs = ffi.new("int32_t *[]", per_stream)
-        return lib.pm_step_kv_refill(cells, ptrs, ffi.new("int64_t[]", counts), rec, placed)
+        return lib.pm_step_kv_refill(
+            cells, ptrs, ffi.new("int64_t[]", counts), rec, n_seq_max, placed
+        )
 
     ok = [wp] + [ffi.NULL] * (n_stream - 1)
     two = [2] + [0] * (n_stream - 1)
@@ -142,7 +144,15 @@ def test_records_kernels_refuse_and_decline_without_change() -> None:
     assert refill([ffi.NULL] * n_stream, two) == lib.PM_ERR_ARG  # cells without records
     assert refill(ok, two, rec=2) == lib.PM_ERR_ARG
     assert refill(ok, two, cells=ffi.NULL) == lib.PM_ERR_ARG
-    for hostile in ([[0, 2, 0], [1, 1, 0]], [[0, 1, 0], [1, 1, 256]], [[-1, 1, 0], [1, 1, 0]]):
+    assert refill(ok, two, n_seq_max=0) == lib.PM_ERR_ARG
+    assert refill(ok, two, n_seq_max=257) == lib.PM_ERR_ARG
+    hostiles = (
+        [[0, 2, 0], [1, 1, 0]],
+        [[0, 1, 0], [1, 1, 256]],
+        [[-1, 1, 0], [1, 1, 0]],
+        [[0, 1, 0], [1, 1, 3]],
+    )  # fmt: skip  (the last: an id past n_seq_max 3)
+    for hostile in hostiles:
         h = np.array(hostile, dtype=np.int32)
         # the bad records in the last stream: the first streams are not written either
         hp = ffi.from_buffer("int32_t[]", h)
@@ -153,22 +163,34 @@ def test_records_kernels_refuse_and_decline_without_change() -> None:
     assert _state(kv) != before
 
 
+@pytest.mark.parametrize("same", [False, True])
+@pytest.mark.parametrize("word, value", [(1, 3), (2, None)])  # n_seq_id 3; id n_seq_max
 @pytest.mark.parametrize("one_call", [True, False])
-def test_refill_refuses_a_blob_changed_after_its_parse(monkeypatch, one_call: bool) -> None:
+def test_refill_refuses_a_blob_changed_after_its_parse(
+    monkeypatch, one_call: bool, word: int, value: int | None, same: bool
+) -> None:
     """A two-phase whole restore whose blob (a bytearray) gets a hostile record between
-    parse and commit: StateError, the cache as it was, on both parse roads."""
+    parse and commit (an n_seq_id of 3, or an id past n_seq_max that the placement's
+    own bound of 256 would take), into another cache's cells or into the very cells it
+    holds: verify (a composite's last look) and commit refuse it, the cache as it was, on
+    both parse roads."""
     if not one_call:
         monkeypatch.setattr(KVCache, "_whole_blob_plan", lambda self, reader, hooks: None)
     kv = _scenario("f32-notrans", 4)
-    donor = _scenario("f32-notrans", 5)
-    blob = bytearray(donor.state_write())
+    if same:
+        kv.state_read(bytes(kv.state_write()))  # cells packed from 0: the blob's own
+    blob = bytearray((kv if same else _scenario("f32-notrans", 5)).state_write())
     before = _state(kv)
     plan = kv.state_read_parse(StateReader(blob))
     assert isinstance(plan, state_io.WholeBlobPlan) == one_call
-    blob[8 + 4 : 8 + 8] = (3).to_bytes(4, "little")  # record 0: n_seq_id 3
-    with pytest.raises(StateError, match="changed after it was parsed"):
-        plan.commit()
-    assert _state(kv) == before
+    at = 8 + 4 * word  # record 0's word
+    blob[at : at + 4] = (kv.n_seq_max if value is None else value).to_bytes(4, "little")
+    if one_call or not same:  # (the general road's same-cells plan re-reads no record)
+        with pytest.raises(StateError, match="changed after it was parsed"):
+            plan.verify()
+        with pytest.raises(StateError, match="changed after it was parsed"):
+            plan.commit()
+        assert _state(kv) == before
 
 
 @pytest.mark.parametrize(
@@ -286,3 +308,31 @@ def test_native_clear_equals_reset(monkeypatch, name: str) -> None:
                 ref.clear(data)
             assert _state(native) == _state(ref), (seed, data)
             check_invariants(native)
+
+
+def test_a_record_at_position_minus_one_never_matches_an_empty_cell() -> None:
+    """The same-cells test (native and numpy) requires positions >= 0: a whole blob whose
+    record says position -1, id -1 where the cache has an empty cell inside its first n
+    (found by review) goes to the general parse, which refuses it; nothing changes."""
+    from test_kv_state_same import NAMES as _  # noqa: F401 (the scenarios' module)
+
+    from pymem.kv.cells import OWNER_NONE
+
+    kv = _scenario("f32-notrans", 2)
+    kv.state_read(bytes(kv.state_write()))  # packed from 0
+    n = int(kv.v_cells[0].used)
+    blob = bytearray(kv.state_write())
+    # empty cell 1 and move its sequence's record to a cell past n - 1: used stays n
+    kv.seq_rm(int(kv.v_cells[0].owner[1]), int(kv.v_cells[0].pos[1]), int(kv.v_cells[0].pos[1]) + 1)
+    assert kv.v_cells[0].owner[1] == OWNER_NONE and int(kv.v_cells[0].used) == n - 1
+    rec = 8 + 12 * 1  # record 1: pos, n_seq_id, id
+    blob[rec : rec + 4] = (-1).to_bytes(4, "little", signed=True)
+    blob[rec + 8 : rec + 12] = (-1).to_bytes(4, "little", signed=True)
+    words = np.frombuffer(bytes(blob), "<i4", count=3 * n, offset=8).reshape(n, 3)
+    assert not state_io.whole_same_reference(
+        kv.v_cells[0], words[:, 0], np.zeros((n, 0), np.int32), words[:, 2:]
+    )
+    before = _state(kv)
+    with pytest.raises(StateError):
+        kv.state_read(bytes(blob))
+    assert _state(kv) == before

@@ -1614,7 +1614,9 @@ class KVCache(Memory):
             [ffi.NULL if w is None else ffi.from_buffer("int32_t[]", w) for w in records],
         )
         rec = 6 if self.layout.with_ext else 3
-        status = lib.pm_step_kv_refill(c, words, ffi.from_buffer("int64_t[]", counts), rec, placed)
+        status = lib.pm_step_kv_refill(
+            c, words, ffi.from_buffer("int64_t[]", counts), rec, self.layout.n_seq_max, placed
+        )
         check(status, f"pm_step_kv_refill ({int(counts.sum())} cells)")
         if not placed[0]:
             raise StateError("state plan: the blob changed after it was parsed; parse it again")

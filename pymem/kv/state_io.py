@@ -474,7 +474,15 @@ class WholeBlobPlan(_CachePlan):
         self.parsed_now = False
 
     def verify(self) -> None:
-        if self.blob.read_whole(self.data, 2) is None:
+        """The parse's checks again (headers, ranges, records, whether the cells already
+        are the blob's): a blob changed since, in any of them, is refused before any part
+        of a composite commits."""
+        again = self.blob.read_whole(self.data, 2)
+        if (
+            again is None
+            or again.same != self.found.same
+            or not np.array_equal(again.counts, self.found.counts)
+        ):
             raise StateError("state plan: the blob changed after it was parsed; parse it again")
 
     def _records(self, strm: int) -> np.ndarray:
@@ -1062,7 +1070,14 @@ class KVStatePlan(_CachePlan):
         self.whole_fixed: list[np.ndarray | None] | None = None
 
     def verify(self) -> None:
-        """Nothing to check again: the parse copied what the commit needs to decide."""
+        """A whole restore's fixed records (views of the blob, placed at commit) checked
+        again, so a blob changed since is refused before any part of a composite commits;
+        everything else the commit needs to decide, the parse copied."""
+        if self.whole_fixed is None:
+            return
+        for words in self.whole_fixed:
+            if words is not None and _whole_fixed_words_in(words, self.layout.n_seq_max) is None:
+                raise StateError("state plan: the blob changed after it was parsed; parse it again")
 
     def commit(self) -> None:
         layout = self.layout
@@ -1415,6 +1430,8 @@ def whole_same_reference(cells: KVCells, pos: np.ndarray, ext: np.ndarray, seq: 
     ``[n, n_ext]``, ``seq`` ids ``[n, k]``): the reference the native pass is tested against."""
     n = pos.size
     if seq.shape[1] != 1 or cells.used != n or cells.n_multi or cells.has_shift:
+        return False
+    if (pos < 0).any():  # an empty cell (position -1) never matches a record
         return False
     if not (np.array_equal(cells.pos[:n], pos) and np.array_equal(cells.owner[:n], seq[:, 0])):
         return False
