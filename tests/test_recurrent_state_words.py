@@ -312,3 +312,32 @@ def test_native_sequence_restore_equals_the_numpy_parse(
     assert sum(answers) > 0.6 * len(answers), (sum(answers), len(answers))
     for m in mems:
         m.close()
+
+
+def test_a_whole_section_changed_before_its_commit_is_refused() -> None:
+    """The native whole read checks the section again when it stores: a blob whose META
+    changed after the parse (an id out of range) is refused at commit, nothing stored and
+    the cells as they were."""
+    from pymem.errors import StateError
+    from pymem.recurrent import RecurrentMemory
+    from pymem.spec import LayerSpec, ModelSpec
+    from pymem.state import StateReader
+
+    spec = ModelSpec(layers=(LayerSpec.ssm(4, 8),), arch="mamba")
+    src = RecurrentMemory(spec, n_seq_max=4)
+    src.cells.tail[:] = [0, 1, -1, -1]
+    src.cells.pos[:2] = [3, 5]
+    src.cells.src[:2] = [0, 1]
+    src.cells.used = 2
+    for t in m_tensors(src):
+        t.write_bytes(np.arange(t.nbytes, dtype=np.uint8))
+    blob = bytearray(src.state_write())
+    mem = RecurrentMemory(spec, n_seq_max=4)
+    before = (_cells_state(mem.cells), [t.read_bytes() for t in m_tensors(mem)])
+    plan = mem.state_read_parse(StateReader(blob))
+    blob[12:16] = (9).to_bytes(4, "little")  # record 0's id: out of range
+    with pytest.raises(StateError, match="changed after it was parsed"):
+        plan.commit()
+    assert (_cells_state(mem.cells), [t.read_bytes() for t in m_tensors(mem)]) == before
+    for m in (src, mem):
+        m.close()

@@ -424,7 +424,8 @@ def parse_state(
             section = rest[:taken]
 
             def store() -> None:  # the bytes there now, as a payload write takes them
-                native.read_whole(section, c.size, limit, True)
+                if native.read_whole(section, c.size, limit, True) is None:  # nothing stored
+                    raise StateError("state plan: the blob changed after it was parsed")
 
             writes = PendingWrites()
             writes.add_call(store)
