@@ -387,6 +387,9 @@ class WholeBlobRead(NamedTuple):
     same: bool
 
 
+_CHANGED = "state plan: the blob changed after it was parsed; parse it again"
+
+
 class _CachePlan:
     """What every KV cache plan shares: the cache's version when parsed (a changed cache
     refuses the commit) and the layers whose devices a commit writes."""
@@ -410,7 +413,20 @@ class _CachePlan:
         self.check_devices()
 
 
-class SameCellsPlan(_CachePlan):
+class _BlobPlan(_CachePlan):
+    """A plan whose parse was one :class:`SeqBlob` native call over a host view of the
+    blob (``data``, the cache's part of it: no copy); its verify and commit call it again
+    on the same bytes."""
+
+    def __init__(
+        self, blob: SeqBlob, data: memoryview, hooks: KVStateHooks, layers: Sequence[KVLayer]
+    ) -> None:
+        super().__init__(hooks, layers, hooks.version())
+        self.blob = blob
+        self.data = data
+
+
+class SameCellsPlan(_BlobPlan):
     """A parsed one-sequence restore that puts the sequence back into exactly the cells
     it holds (:meth:`SeqBlob.read` without storing found it so): ``commit()`` stores it in
     one native call. As every plan, it refuses a stale cache; :meth:`verify` runs the
@@ -425,24 +441,22 @@ class SameCellsPlan(_CachePlan):
         hooks: KVStateHooks,
         layers: Sequence[KVLayer],
     ) -> None:
-        super().__init__(hooks, layers, hooks.version())
-        self.blob = blob
-        self.data = data  # the cache's part of the blob (a view: no copy)
+        super().__init__(blob, data, hooks, layers)
         self.seq_id = seq_id
 
     def verify(self) -> None:
         if self.blob.read(self.data, self.seq_id, store=False) is None:
-            raise StateError("state plan: the blob changed after it was parsed; parse it again")
+            raise StateError(_CHANGED)
 
     def commit(self) -> None:
         self._may_commit()
         if self.blob.read(self.data, self.seq_id) is None:
-            raise StateError("state plan: the blob changed after it was parsed; parse it again")
+            raise StateError(_CHANGED)
         self.committed = True
         self.hooks.mark_mutated()
 
 
-class WholeBlobPlan(_CachePlan):
+class WholeBlobPlan(_BlobPlan):
     """A parsed whole-cache restore whose every record is a fixed one
     (:meth:`SeqBlob.read_whole` checked it all). ``commit()`` checks the headers and
     ranges again (unless ``parsed_now``), empties and places every stream's cells in one
@@ -462,9 +476,7 @@ class WholeBlobPlan(_CachePlan):
         hooks: KVStateHooks,
         layers: Sequence[KVLayer],
     ) -> None:
-        super().__init__(hooks, layers, hooks.version())
-        self.blob = blob
-        self.data = data  # the cache's part of the blob (a view: no copy)
+        super().__init__(blob, data, hooks, layers)
         self.found = found
         self.layout = layout
         self.v_cells = v_cells
@@ -483,7 +495,7 @@ class WholeBlobPlan(_CachePlan):
             or again.same != self.found.same
             or not np.array_equal(again.counts, self.found.counts)
         ):
-            raise StateError("state plan: the blob changed after it was parsed; parse it again")
+            raise StateError(_CHANGED)
 
     def _records(self, strm: int) -> np.ndarray:
         """Stream ``strm``'s meta records, ``[n, 3 + n_ext]`` words (a view)."""
@@ -1077,7 +1089,7 @@ class KVStatePlan(_CachePlan):
             return
         for words in self.whole_fixed:
             if words is not None and _whole_fixed_words_in(words, self.layout.n_seq_max) is None:
-                raise StateError("state plan: the blob changed after it was parsed; parse it again")
+                raise StateError(_CHANGED)
 
     def commit(self) -> None:
         layout = self.layout
