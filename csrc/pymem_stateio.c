@@ -877,8 +877,8 @@ static pm_status pm_kv_read_same_then(const void * blob, int64_t avail, const in
                                       const int32_t * owner, const int32_t * ext, int64_t n_ext, int64_t size,
                                       int32_t seq_id, int64_t head, int64_t used, const int64_t * spec,
                                       struct ggml_tensor * const * tensors, int64_t * run_starts,
-                                      int64_t * run_ends, int64_t after, int32_t store, int64_t * consumed,
-                                      int64_t * new_head, int32_t * done) {
+                                      int64_t * run_ends, int64_t after, int32_t store, int64_t known_runs,
+                                      int64_t * consumed, int64_t * new_head, int32_t * done, int64_t * n_found) {
     if (blob == NULL || pos == NULL || owner == NULL || spec == NULL || tensors == NULL || run_starts == NULL ||
         run_ends == NULL || consumed == NULL || new_head == NULL || done == NULL || avail < 0 || size < 1 ||
         (n_ext != 0 && n_ext != 3) || (n_ext != 0 && ext == NULL) || spec[0] < 0 || spec[4] < size ||
@@ -896,12 +896,29 @@ static pm_status pm_kv_read_same_then(const void * blob, int64_t avail, const in
         return PM_OK;
     }
     int64_t n_runs = 0;
-    int32_t same = 0;
-    const pm_status st = pm_kv_seq_same_cells(pos, shift, owner, ext, size, seq_id, head, used,
-                                              (const int32_t *) (const void *) (b + 4), n, rec, n_ext, NULL,
-                                              run_starts, run_ends, &n_runs, &same);
-    if (st != PM_OK || !same || n_runs < 1) {
-        return PM_OK;
+    if (known_runs > 0) {
+        // the runs the last check of this sequence left (the caller vouches that nothing
+        // changed since): their cells must add up to the blob's count, inside the stream
+        int64_t cells = 0, prev = 0;
+        for (int64_t r = 0; r < known_runs; ++r) {
+            if (run_starts[r] < prev || run_ends[r] <= run_starts[r] || run_ends[r] > size) {
+                return PM_OK;
+            }
+            cells += run_ends[r] - run_starts[r];
+            prev = run_ends[r];
+        }
+        if (cells != n) {
+            return PM_OK;
+        }
+        n_runs = known_runs;
+    } else {
+        int32_t same = 0;
+        const pm_status st = pm_kv_seq_same_cells(pos, shift, owner, ext, size, seq_id, head, used,
+                                                  (const int32_t *) (const void *) (b + 4), n, rec, n_ext, NULL,
+                                                  run_starts, run_ends, &n_runs, &same);
+        if (st != PM_OK || !same || n_runs < 1) {
+            return PM_OK;
+        }
     }
     const int64_t meta = 4 + 4 * rec * n;
     const int64_t data = pm_kv_data_walk(b + meta, avail - meta, spec, tensors, n, run_starts, run_ends, n_runs, 0);
@@ -918,6 +935,8 @@ static pm_status pm_kv_read_same_then(const void * blob, int64_t avail, const in
     }
     *consumed = meta + data;
     *new_head = run_ends[n_runs - 1];
+    n_found[0] = n;
+    n_found[1] = n_runs;
     *done = 1;
     return PM_OK;
 }
@@ -1016,6 +1035,15 @@ pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const vo
     *done = 0;
     const char * d = (const char *) blob;
     const int64_t n_stream = b->n_stream;
+    if (b->selected == NULL || store < 0 || store > 2) {
+        return PM_ERR_ARG;
+    }
+    int64_t * sel = b->selected + 2 * s;  // what a check finds: cells, runs (-1: nothing)
+    const int64_t known = store == 2 ? sel[1] : 0;
+    sel[0] = sel[1] = -1;
+    if (store == 2 && (known < 1 || known > b->runs_cap)) {
+        return PM_OK;
+    }
     if (b->n_multi[s] != 0 || avail < 4 + 4 * n_stream || pm_get_u32(d) != (uint32_t) n_stream) {
         return PM_OK;
     }
@@ -1033,7 +1061,7 @@ pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const vo
     const pm_status st = pm_kv_read_same_then(
         d + at, avail - at, b->pos[s], b->has_shift[s] ? b->shift[s] : NULL, b->owner[s],
         b->n_ext ? b->ext[s] : NULL, b->n_ext, b->size, seq_id, b->heads[s], b->used[s], b->spec[s], b->tensors,
-        b->run_starts[s], b->run_ends[s], n_stream - before - 1, store, &part, &new_head, done);
+        b->run_starts[s], b->run_ends[s], n_stream - before - 1, store != 0, known, &part, &new_head, done, sel);
     if (st != PM_OK || !*done) {
         return st;
     }

@@ -154,9 +154,15 @@ pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t
 // (pm_kv_seq_same_cells), with the cache's headers and every byte in range. On success
 // *done = 1, *consumed = the blob's bytes, and heads[stream] moved as a placement would.
 // *done = 0 with nothing changed otherwise (the caller takes the general restore, which
-// names what differs). Without `store` every check runs and nothing is stored (*done and
-// *consumed say whether and how much a call with it would take: a two-phase parse).
-// PM_ERR_ARG for a null pointer or a seq_id outside [0, n_seq).
+// names what differs). `store` 0: every check runs and nothing is stored (*done and
+// *consumed say whether and how much a call with it would take: a two-phase parse); 1:
+// every check, then the store; 2: the store into the runs the last call for this stream
+// found (its scratch, and selected[2 s + 1] their count), without the owner scan and the
+// records' comparison (the caller vouches that neither the cache nor the blob changed
+// since: a commit right after its parse); the headers, ranges and the runs' cell count are
+// checked still. A call that finds the sequence's cells leaves selected[2 s], [2 s + 1] =
+// their cell and run counts, any other -1. PM_ERR_ARG for a null pointer, a seq_id outside
+// [0, n_seq) or a store outside [0, 2].
 pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const void * blob, int64_t avail,
                               int32_t store, int64_t * consumed, int32_t * done);
 

@@ -281,3 +281,56 @@ def test_native_paths_come_back_when_native_runs_is_switched_on_again(monkeypatc
         assert kv._seq_blob(0, 0, "test") is None
     assert kv._seq_blob(0, 0, "test") is not None
     assert bytes(kv.state_write(0)) == want
+
+
+@pytest.mark.parametrize("name", ["f16-trans", "f32-notrans"])
+def test_a_plan_commits_into_the_runs_its_parse_found(name: str) -> None:
+    """A same-cells plan's commit stores into the runs its own check left (store 2, no
+    owner scan again): the cache it leaves is the one-call restore's; a check of another
+    sequence (or a write) in between makes the commit search again; and the kernel's
+    store 2 declines without a check's runs, or runs whose cells do not add up."""
+    from pymem._native import ffi, lib
+    from pymem.state import StateReader
+
+    for mid in (None, "other", "write"):
+        kv, twin = _fragmented(name, 11, drop=False), _fragmented(name, 11, drop=False)
+        blob = kv._seq_blob(0, 0, "test")
+        blobs = [bytes(kv.state_write(s)) for s in range(3)]
+        plan = kv.state_read_parse(StateReader(blobs[0]), 0)
+        assert isinstance(plan, state_io.SameCellsPlan)
+        strm = int(kv.seq_to_stream[0])
+        assert blob._checked[strm] == (0, plan.token)
+        if mid == "other":
+            assert blob.read(blobs[1], 1, store=False) is not None  # its own runs now
+        elif mid == "write":
+            kv.state_write(1)
+        plan.commit()
+        twin.state_read(blobs[0], 0)  # the one-call restore: check and store in one
+        assert bytes(kv.state_write(0)) == bytes(twin.state_write(0)) == blobs[0], mid
+        assert list(kv.v_heads) == list(twin.v_heads), mid
+        for c in (kv, twin):
+            c.close()
+    # the kernel alone: store 2 with no check's runs declines, after a check it stores
+    kv = _fragmented(name, 11, drop=False)
+    blob = kv._seq_blob(0, 0, "test")
+    own = bytes(kv.state_write(0))
+    src = ffi.from_buffer(own)
+    consumed, done = ffi.new("int64_t *"), ffi.new("int32_t *")
+    strm = int(kv.seq_to_stream[0])
+    sel = blob._view.selected
+    assert (
+        lib.pm_kv_read_seq_blob(blob._view, 0, src, len(own), 3, consumed, done) == lib.PM_ERR_ARG
+    )
+    sel[2 * strm + 1] = -1
+    assert lib.pm_kv_read_seq_blob(blob._view, 0, src, len(own), 2, consumed, done) == lib.PM_OK
+    assert done[0] == 0
+    assert lib.pm_kv_read_seq_blob(blob._view, 0, src, len(own), 0, consumed, done) == lib.PM_OK
+    assert done[0] == 1 and sel[2 * strm + 1] >= 1
+    ends = blob._view.run_ends[strm]
+    ends[0] -= 1  # one cell short of the blob's count: declined
+    assert lib.pm_kv_read_seq_blob(blob._view, 0, src, len(own), 2, consumed, done) == lib.PM_OK
+    assert done[0] == 0 and sel[2 * strm + 1] == -1
+    assert lib.pm_kv_read_seq_blob(blob._view, 0, src, len(own), 0, consumed, done) == lib.PM_OK
+    assert lib.pm_kv_read_seq_blob(blob._view, 0, src, len(own), 2, consumed, done) == lib.PM_OK
+    assert done[0] == 1 and consumed[0] == len(own)
+    kv.close()

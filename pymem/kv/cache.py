@@ -1521,10 +1521,13 @@ class KVCache(Memory):
         blob = self._seq_blob(seq_id, 0, "state_read") if seq_id >= 0 and same_cells else None
         rest = reader.host_rest() if blob is not None else None
         if blob is not None and rest is not None:
-            taken = blob.read(rest, seq_id, store=False)
+            token = object()  # the check's runs, kept for this plan's commit
+            taken = blob.read(rest, seq_id, store=False, token=token)
             if taken is not None:
                 reader.skip(taken, "kv state")
-                return state_io.SameCellsPlan(blob, rest[:taken], seq_id, hooks, self.layers)
+                return state_io.SameCellsPlan(
+                    blob, rest[:taken], seq_id, hooks, self.layers, token=token
+                )
         return state_io.parse_kv_state(
             self.layout, self.v_cells, self.v_heads, self.layers, hooks, reader, seq_id
         )

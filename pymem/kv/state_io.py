@@ -212,7 +212,9 @@ class SeqBlob:
     already be checked (``0 <= seq_id < n_seq``).
     """
 
-    __slots__ = ("_cells", "_keep", "_searched", "_stream_of", "_swa", "_view", "n_seq")
+    __slots__ = (
+        "_cells", "_checked", "_keep", "_searched", "_stream_of", "_swa", "_view", "n_seq",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -267,6 +269,9 @@ class SeqBlob:
         self._stream_of = layout.seq_to_stream
         # per stream, the sequence whose cells its run scratch holds (None: another call's)
         self._searched: list[int | None] = [None] * n_stream
+        # per stream, (sequence, token) of the read check whose runs the scratch holds: a
+        # commit with that token stores into them without searching again (None: no such)
+        self._checked: list[tuple[int, object] | None] = [None] * n_stream
         # (type, n_swa) of a sliding-window cache: a sequence's blob holds only the cells
         # its last token still sees (selected_cells), a window the write passes to C
         self._swa = None if layout.swa_type == SWAType.NONE else (layout.swa_type, layout.n_swa)
@@ -297,7 +302,9 @@ class SeqBlob:
             return None
         if status != lib.PM_ERR_RANGE:  # a blob is never 0 bytes: a size query is too small
             check(status, "state size: one sequence's blob")
-        self._searched[int(self._stream_of[seq_id])] = seq_id
+        strm = int(self._stream_of[seq_id])
+        self._searched[strm] = seq_id
+        self._checked[strm] = None
         return int(written[0])
 
     def write(self, out: object, seq_id: int, what: str, reuse: bool = False) -> int | None:
@@ -310,6 +317,7 @@ class SeqBlob:
         strm = int(self._stream_of[seq_id])
         reuse = reuse and self._searched[strm] == seq_id
         self._searched[strm] = seq_id
+        self._checked[strm] = None
         window = self._window(seq_id) if not reuse else _ALL_POSITIONS  # reuse: not searched
         try:
             dest = ffi.from_buffer(out, require_writable=True)
@@ -327,14 +335,19 @@ class SeqBlob:
         check(status, f"{what}: one sequence's blob")
         return int(written[0])
 
-    def read(self, data: object, seq_id: int, store: bool = True) -> int | None:
+    def read(
+        self, data: object, seq_id: int, store: bool = True, token: object = None
+    ) -> int | None:
         """A per-sequence restore that changes no cell (:func:`seq_same_cells`): the blob's
         one stream with cells puts ``seq_id`` back into exactly the cells it holds, with
         headers the cache's; its bytes are stored and the stream's head moves past the last
         cell, as the two-phase restore would. The bytes consumed, or None with nothing
         changed (always for a sliding-window cache, whose restore prunes what the window
         leaves behind: the two-phase restore does that). Without ``store``: every check,
-        nothing stored (what a call with it would take)."""
+        nothing stored (what a call with it would take). ``token`` (a two-phase plan's):
+        a check remembers the runs it found under it, and a store with the same token right
+        after uses them without searching the stream again (the plan vouches that neither
+        the cache nor the blob changed; any other call on the stream forgets them)."""
         if self._swa is not None:
             return None
         try:
@@ -343,12 +356,21 @@ class SeqBlob:
             return None
         consumed = ffi.new("int64_t *")
         done = ffi.new("int32_t *")
-        self._searched[int(self._stream_of[seq_id])] = None  # the check fills the scratch
+        strm = int(self._stream_of[seq_id])
+        self._searched[strm] = None  # the check fills the scratch
+        mode = int(store)
+        if store and token is not None and self._checked[strm] == (seq_id, token):
+            mode = 2  # the runs the plan's own check found
+        self._checked[strm] = None
         check(
-            lib.pm_kv_read_seq_blob(self._view, seq_id, src, len(src), int(store), consumed, done),
+            lib.pm_kv_read_seq_blob(self._view, seq_id, src, len(src), mode, consumed, done),
             "state read: one sequence in place",
         )
-        return int(consumed[0]) if done[0] else None
+        if not done[0]:
+            return None
+        if not store and token is not None:
+            self._checked[strm] = (seq_id, token)
+        return int(consumed[0])
 
     def read_whole(self, data: object, mode: int) -> WholeBlobRead | None:
         """A whole-cache restore whose every meta record is a fixed one (one sequence id)
@@ -440,17 +462,19 @@ class SameCellsPlan(_BlobPlan):
         seq_id: int,
         hooks: KVStateHooks,
         layers: Sequence[KVLayer],
+        token: object = None,
     ) -> None:
         super().__init__(blob, data, hooks, layers)
         self.seq_id = seq_id
+        self.token = token  # the parse's check left its runs under it (SeqBlob.read)
 
     def verify(self) -> None:
-        if self.blob.read(self.data, self.seq_id, store=False) is None:
+        if self.blob.read(self.data, self.seq_id, store=False, token=self.token) is None:
             raise StateError(_CHANGED)
 
     def commit(self) -> None:
         self._may_commit()
-        if self.blob.read(self.data, self.seq_id) is None:
+        if self.blob.read(self.data, self.seq_id, token=self.token) is None:
             raise StateError(_CHANGED)
         self.committed = True
         self.hooks.mark_mutated()
