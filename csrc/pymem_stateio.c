@@ -400,6 +400,21 @@ static pm_status pm_runs_measure(const int64_t * run_starts, const int64_t * run
     return PM_OK;
 }
 
+// the cells of n_runs runs that are non-empty, ascending and inside [0, size) (a selection
+// of one stream, as pm_kv_select finds it); -1 when they are not
+static int64_t pm_runs_ascending(const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs,
+                                 int64_t size) {
+    int64_t cells = 0, prev_end = 0;
+    for (int64_t i = 0; i < n_runs; ++i) {
+        if (run_starts[i] < prev_end || run_ends[i] <= run_starts[i] || run_ends[i] > size) {
+            return -1;
+        }
+        cells += run_ends[i] - run_starts[i];
+        prev_end = run_ends[i];
+    }
+    return cells;
+}
+
 pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void * const * src,
                                const int64_t * params, int64_t n_sec, const int64_t * run_starts,
                                const int64_t * run_ends, int64_t n_runs) {
@@ -631,15 +646,7 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
         pm_put_u32(w, 0);
         return PM_OK;
     }
-    int64_t count = 0, prev_end = 0;
-    for (int64_t i = 0; i < n_runs; ++i) {
-        if (run_starts[i] < prev_end || run_ends[i] <= run_starts[i] || run_ends[i] > size) {
-            return PM_ERR_ARG;
-        }
-        count += run_ends[i] - run_starts[i];
-        prev_end = run_ends[i];
-    }
-    if (count != n) {
+    if (pm_runs_ascending(run_starts, run_ends, n_runs, size) != n) {
         return PM_ERR_ARG;
     }
     const int64_t n_layer = spec[0], v_trans = spec[1], kv_size = spec[4], el = spec[5], strm = spec[6];
@@ -899,15 +906,7 @@ static pm_status pm_kv_read_same_then(const void * blob, int64_t avail, const in
     if (known_runs > 0) {
         // the runs the last check of this sequence left (the caller vouches that nothing
         // changed since): their cells must add up to the blob's count, inside the stream
-        int64_t cells = 0, prev = 0;
-        for (int64_t r = 0; r < known_runs; ++r) {
-            if (run_starts[r] < prev || run_ends[r] <= run_starts[r] || run_ends[r] > size) {
-                return PM_OK;
-            }
-            cells += run_ends[r] - run_starts[r];
-            prev = run_ends[r];
-        }
-        if (cells != n) {
+        if (pm_runs_ascending(run_starts, run_ends, known_runs, size) != n) {
             return PM_OK;
         }
         n_runs = known_runs;
