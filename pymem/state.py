@@ -629,20 +629,34 @@ def expect(cond: bool, message: str) -> None:
         raise StateError(message)
 
 
+BLOB_CHANGED = "state plan: the blob changed after it was parsed; parse it again"
+
+
 class PendingWrites:
     """Tensor writes collected while parsing a blob, applied only after validation, in
     the order they were added."""
 
     def __init__(self) -> None:
         self._ops: list[Callable[[], None]] = []
+        self._checks: list[Callable[[], bool]] = []
 
     def add(self, tensor: Tensor, offset: int, data: Payload) -> None:
         """``data`` (host bytes or a device payload) into ``tensor`` at byte ``offset``."""
         self._ops.append(partial(_write_payload, tensor, offset, data))
 
-    def add_call(self, store: Callable[[], None]) -> None:
-        """A store a native parser validated already (many tensors' rows in one call)."""
+    def add_call(self, store: Callable[[], None], check: Callable[[], bool] | None = None) -> None:
+        """A store a native parser validated already (many tensors' rows in one call);
+        ``check()`` (None: nothing to check) says whether the blob still holds what the
+        parse took, for :meth:`verify`."""
         self._ops.append(store)
+        if check is not None:
+            self._checks.append(check)
+
+    def verify(self) -> None:
+        """StateError (nothing changed) when a store's blob no longer holds what its parse
+        took: a composite's last look before any part commits."""
+        if not all(check() for check in self._checks):
+            raise StateError(BLOB_CHANGED)
 
     def __len__(self) -> int:
         return len(self._ops)
@@ -862,6 +876,12 @@ class StatePlan(Protocol):
 
     def commit(self) -> None: ...
 
+    def committed_at_once(self) -> None:
+        """Say that the caller commits right after the parse, with nothing in between
+        (``state_read``): the blob cannot have changed, so the commit and verify need not
+        read again what the parse read. A plan handed to a caller is never marked."""
+        ...
+
 
 def refuse_stale_commit(committed: bool, current: bool, what: str) -> None:
     """What every state plan checks before its commit changes anything: StateError for a
@@ -896,6 +916,10 @@ class CompositeStatePlan:
     def verify(self) -> None:
         for p in self.parts:
             p.verify()
+
+    def committed_at_once(self) -> None:
+        for p in self.parts:
+            p.committed_at_once()
 
     def commit(self) -> None:
         refuse_stale_commit(self.committed, self.is_current(), "memory")
@@ -994,7 +1018,9 @@ class TwoPhaseStateIO:
     ) -> int:
         """Restore from a blob; returns the bytes consumed. Nothing changes on failure."""
         reader = StateReader(data)
-        self.state_read_parse(reader, seq_id, flags).commit()
+        plan = self.state_read_parse(reader, seq_id, flags)
+        plan.committed_at_once()
+        plan.commit()
         return reader.offset
 
     def state_read_from(

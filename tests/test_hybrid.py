@@ -576,3 +576,29 @@ def test_position_queries_equal_the_parts_for_every_id(pattern: str, seed: int) 
                 getattr(attn, query)(bad)
             with pytest.raises(type(want.value), match=re_escape(str(want.value))):
                 getattr(mem, query)(bad)
+
+
+@pytest.mark.parametrize("seq_id", [-1, 0])
+def test_a_blob_changed_after_the_parse_changes_no_part(seq_id: int) -> None:
+    """A hybrid's two-phase restore whose blob gets a changed recurrent META after the
+    parse (found by review: the recurrent part's native stores re-checked only at their
+    own commit, after the attention part had committed): the composite's verify refuses
+    it before any part changes; the same blob read at once (state_read) is refused too."""
+    src = make_hybrid("RAR", n_seq_max=4)
+    assert decode(src, prompt(0, 5) + prompt(1, 3)) == 0
+    randomize(src)
+    blob = bytearray(src.state_write(seq_id))
+    dst = make_hybrid("RAR", n_seq_max=4)
+    assert decode(dst, prompt(2, 4)) == 0
+    before = (bytes(dst.mem_attn.state_write()), bytes(dst.mem_recr.state_write()))
+    plan = dst.state_read_parse(StateReader(blob), seq_id)
+    n_attn = len(src.mem_attn.state_write(seq_id))
+    # whole: the first cell's first id (out of range); one sequence: its cell's n_seq_id
+    at = n_attn + (12 if seq_id == -1 else 8)
+    blob[at : at + 4] = (9).to_bytes(4, "little")
+    with pytest.raises(StateError, match="changed after it was parsed"):
+        plan.commit()
+    assert (bytes(dst.mem_attn.state_write()), bytes(dst.mem_recr.state_write())) == before
+    with pytest.raises(StateError):
+        dst.state_read(bytes(blob), seq_id)
+    assert (bytes(dst.mem_attn.state_write()), bytes(dst.mem_recr.state_write())) == before

@@ -334,3 +334,41 @@ def test_a_plan_commits_into_the_runs_its_parse_found(name: str) -> None:
     assert lib.pm_kv_read_seq_blob(blob._view, 0, src, len(own), 2, consumed, done) == lib.PM_OK
     assert done[0] == 1 and consumed[0] == len(own)
     kv.close()
+
+
+def test_a_held_plan_checks_its_records_again_at_commit() -> None:
+    """Only a plan committed right after its parse (state_read) stores into its parse's
+    runs unchecked: a same-cells plan a caller holds, whose blob's record changed after
+    the parse, is refused at commit with nothing changed."""
+    from pymem.state import StateReader
+
+    kv = _fragmented("f16-trans", 11, drop=False)
+    blob = bytearray(kv.state_write(0))
+    before = bytes(kv.state_write())
+    plan = kv.state_read_parse(StateReader(blob), 0)
+    assert isinstance(plan, state_io.SameCellsPlan) and not plan.parsed_now
+    at = 4 + 4 * int(kv.seq_to_stream[0]) + 4  # the first record's position
+    blob[at : at + 4] = (10**6).to_bytes(4, "little")
+    with pytest.raises(StateError, match="changed after it was parsed"):
+        plan.commit()
+    assert bytes(kv.state_write()) == before
+    kv.close()
+
+
+def test_a_commit_whose_runs_another_selection_overwrote_checks_in_full() -> None:
+    """The whole writer shares the stream's run scratch: a whole write between a plan's
+    parse and its commit (committed_at_once, so the commit would reuse the parse's runs)
+    leaves other runs there; the commit then checks and stores in full, as it should."""
+    from pymem.state import StateReader
+
+    kv, twin = _fragmented("f16-trans", 11, drop=False), _fragmented("f16-trans", 11, drop=False)
+    blob = bytes(kv.state_write(0))
+    plan = kv.state_read_parse(StateReader(blob), 0)
+    plan.committed_at_once()
+    kv.state_write()  # the whole writer selects every cell into the same scratch
+    plan.commit()
+    twin.state_read(blob, 0)
+    assert bytes(kv.state_write()) == bytes(twin.state_write())
+    assert list(kv.v_heads) == list(twin.v_heads)
+    for c in (kv, twin):
+        c.close()

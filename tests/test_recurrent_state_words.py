@@ -341,3 +341,28 @@ def test_a_whole_section_changed_before_its_commit_is_refused() -> None:
     assert (_cells_state(mem.cells), [t.read_bytes() for t in m_tensors(mem)]) == before
     for m in (src, mem):
         m.close()
+
+
+@pytest.mark.parametrize("seq_id", [-1, 1])
+def test_the_sized_writer_refuses_a_memory_changed_since_its_sizing(seq_id: int) -> None:
+    """``seq_writer`` sizes the section first; a change of the memory before the fill
+    (the size no longer holds) is refused, nothing written."""
+    from pymem.errors import StateError
+    from pymem.recurrent import RecurrentMemory
+    from pymem.spec import LayerSpec, ModelSpec
+
+    spec = ModelSpec(layers=(LayerSpec.ssm(4, 8),), arch="mamba")
+    mem = RecurrentMemory(spec, n_seq_max=4)
+    mem.cells.tail[:] = [0, 1, -1, -1]
+    mem.cells.pos[:2] = [3, 5]
+    mem.cells.src[:2] = [0, 1]
+    mem.cells.used = 2
+    sized = mem.seq_writer(seq_id, 0)
+    assert sized is not None
+    size, fill = sized
+    assert mem.seq_rm(1, -1, -1)
+    out = bytearray(b"\xee" * size)
+    with pytest.raises(StateError, match="changed between sizing and writing"):
+        fill(memoryview(out))
+    assert out == bytearray(b"\xee" * size)
+    mem.close()

@@ -106,6 +106,7 @@ from pymem.memory import (
 )
 from pymem.spec import ModelSpec, NonCausalType, SWAType, masked_swa
 from pymem.state import (
+    BLOB_CHANGED,
     SeqWriter,
     StateReader,
     StateWriter,
@@ -1478,8 +1479,7 @@ class KVCache(Memory):
         # the one call declined: the general parse, without asking the same question again
         reader = StateReader(data)
         plan = self._parse(reader, seq_id, flags, same_cells=blob is None)
-        if isinstance(plan, state_io.WholeBlobPlan):
-            plan.parsed_now = True
+        plan.committed_at_once()
         plan.commit()
         return reader.offset
 
@@ -1621,8 +1621,8 @@ class KVCache(Memory):
             c, words, ffi.from_buffer("int64_t[]", counts), rec, self.layout.n_seq_max, placed
         )
         check(status, f"pm_step_kv_refill ({int(counts.sum())} cells)")
-        if not placed[0]:
-            raise StateError("state plan: the blob changed after it was parsed; parse it again")
+        if not placed[0]:  # (a clear passes no record: it is never declined)
+            raise StateError(BLOB_CHANGED)
         st = self.cells
         st.has_shift[:] = False
         if st.ext is not None:

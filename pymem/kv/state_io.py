@@ -61,7 +61,14 @@ from pymem.kv.state_rows import (
     zero_range,
 )
 from pymem.spec import SWAType, masked_swa, window_start
-from pymem.state import Payload, StateReader, StateWriter, expect, refuse_stale_commit
+from pymem.state import (
+    BLOB_CHANGED,
+    Payload,
+    StateReader,
+    StateWriter,
+    expect,
+    refuse_stale_commit,
+)
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
 # ---------------------------------------------------------------------------------------
@@ -362,10 +369,12 @@ class SeqBlob:
         if store and token is not None and self._checked[strm] == (seq_id, token):
             mode = 2  # the runs the plan's own check found
         self._checked[strm] = None
-        check(
-            lib.pm_kv_read_seq_blob(self._view, seq_id, src, len(src), mode, consumed, done),
-            "state read: one sequence in place",
-        )
+        status = lib.pm_kv_read_seq_blob(self._view, seq_id, src, len(src), mode, consumed, done)
+        if status == lib.PM_OK and mode == 2 and not done[0]:
+            # the scratch no longer held the check's runs (another selection of the stream
+            # wrote it: the whole writer shares it): the full check and store
+            status = lib.pm_kv_read_seq_blob(self._view, seq_id, src, len(src), 1, consumed, done)
+        check(status, "state read: one sequence in place")
         if not done[0]:
             return None
         if not store and token is not None:
@@ -409,18 +418,20 @@ class WholeBlobRead(NamedTuple):
     same: bool
 
 
-_CHANGED = "state plan: the blob changed after it was parsed; parse it again"
-
-
 class _CachePlan:
     """What every KV cache plan shares: the cache's version when parsed (a changed cache
-    refuses the commit) and the layers whose devices a commit writes."""
+    refuses the commit), the layers whose devices a commit writes, and whether the caller
+    commits right after the parse (``parsed_now``: the blob cannot have changed)."""
 
     def __init__(self, hooks: KVStateHooks, layers: Sequence[KVLayer], version: int) -> None:
         self.hooks = hooks
         self.layers = layers
         self.version = version
         self.committed = False
+        self.parsed_now = False
+
+    def committed_at_once(self) -> None:
+        self.parsed_now = True
 
     def is_current(self) -> bool:
         return self.hooks.version() == self.version
@@ -469,25 +480,27 @@ class SameCellsPlan(_BlobPlan):
         self.token = token  # the parse's check left its runs under it (SeqBlob.read)
 
     def verify(self) -> None:
-        if self.blob.read(self.data, self.seq_id, store=False, token=self.token) is None:
-            raise StateError(_CHANGED)
+        if not self.parsed_now and self.blob.read(self.data, self.seq_id, store=False) is None:
+            raise StateError(BLOB_CHANGED)
 
     def commit(self) -> None:
         self._may_commit()
-        if self.blob.read(self.data, self.seq_id, token=self.token) is None:
-            raise StateError(_CHANGED)
+        # committed right after the parse: into the runs its check found (no owner scan);
+        # a plan a caller held is checked in full again
+        token = self.token if self.parsed_now else None
+        if self.blob.read(self.data, self.seq_id, token=token) is None:
+            raise StateError(BLOB_CHANGED)
         self.committed = True
         self.hooks.mark_mutated()
 
 
 class WholeBlobPlan(_BlobPlan):
     """A parsed whole-cache restore whose every record is a fixed one
-    (:meth:`SeqBlob.read_whole` checked it all). ``commit()`` checks the headers and
-    ranges again (unless ``parsed_now``), empties and places every stream's cells in one
-    native refill (or, when they already are the blob's, moves the heads alone), stores
-    the bytes in one more native call, and zeroes the rows past each stream's cells, as
-    the reference's ``clear(true)`` leaves them. :meth:`verify` is that check alone (a
-    composite's last look before any part commits)."""
+    (:meth:`SeqBlob.read_whole` checked it all). ``commit()`` runs the parse's checks
+    again (:meth:`verify`; not for a plan committed right after its parse), empties and
+    places every stream's cells in one native refill (or, when they already are the
+    blob's, moves the heads alone), stores the bytes in one more native call, and zeroes
+    the rows past each stream's cells, as the reference's ``clear(true)`` leaves them."""
 
     def __init__(
         self,
@@ -505,21 +518,20 @@ class WholeBlobPlan(_BlobPlan):
         self.layout = layout
         self.v_cells = v_cells
         self.v_heads = v_heads
-        # the caller commits right after the parse (``state_read``): the blob cannot have
-        # changed in between, and the commit does not read the headers a third time
-        self.parsed_now = False
 
     def verify(self) -> None:
         """The parse's checks again (headers, ranges, records, whether the cells already
         are the blob's): a blob changed since, in any of them, is refused before any part
         of a composite commits."""
+        if self.parsed_now:
+            return
         again = self.blob.read_whole(self.data, 2)
         if (
             again is None
             or again.same != self.found.same
             or not np.array_equal(again.counts, self.found.counts)
         ):
-            raise StateError(_CHANGED)
+            raise StateError(BLOB_CHANGED)
 
     def _records(self, strm: int) -> np.ndarray:
         """Stream ``strm``'s meta records, ``[n, 3 + n_ext]`` words (a view)."""
@@ -530,8 +542,7 @@ class WholeBlobPlan(_BlobPlan):
     def commit(self) -> None:
         self._may_commit()
         layout = self.layout
-        if not self.parsed_now:
-            self.verify()  # the headers and ranges, before anything changes
+        self.verify()  # the parse's checks again, before anything changes
         counts = self.found.counts
         if self.found.same:
             # clear + set_new would put back every cell as it is: only the heads move
@@ -1109,11 +1120,11 @@ class KVStatePlan(_CachePlan):
         """A whole restore's fixed records (views of the blob, placed at commit) checked
         again, so a blob changed since is refused before any part of a composite commits;
         everything else the commit needs to decide, the parse copied."""
-        if self.whole_fixed is None:
+        if self.whole_fixed is None or self.parsed_now:
             return
         for words in self.whole_fixed:
             if words is not None and _whole_fixed_words_in(words, self.layout.n_seq_max) is None:
-                raise StateError(_CHANGED)
+                raise StateError(BLOB_CHANGED)
 
     def commit(self) -> None:
         layout = self.layout

@@ -99,7 +99,7 @@ import numpy as np
 from pymem._native import check, ffi, lib
 from pymem.backend import Tensor, TensorSpec, TensorStore, check_reachable, get_device
 from pymem.batch import BatchAllocator
-from pymem.errors import BatchError, ClosedError, ConfigError, RangeError
+from pymem.errors import BatchError, ClosedError, ConfigError, RangeError, StateError
 from pymem.memory import POS_MAX, Memory, MemoryStatus, Split, clamp_range
 from pymem.recurrent import cells as rcells
 from pymem.recurrent.cells import RecurrentCells, SlotRequest, find_slot, s_copy_rows, seq_rm_cells
@@ -742,26 +742,39 @@ class RecurrentMemory(Memory):
         return self._seq_rows
 
     def seq_writer(self, seq_id: int, flags: int) -> SeqWriter | None:
-        """One sequence's section, sized up front (:func:`state_io.seq_section_size`)
-        and written in one pass into the caller's view."""
+        """One sequence's section (``seq_id`` -1: the whole memory's), sized up front and
+        written in one pass into the caller's view; the fill refuses a memory changed
+        since the sizing (its size no longer holds)."""
         self.check_open()
         seq_id = self._check_seq_arg(seq_id, "state_write")
         check_state_flags(flags, "state_write")
-        if seq_id == -1:  # the whole memory: one native call to size, one to write
-            native_all = self._native_rows()
-            return None if native_all is None else native_all.whole(self.cells, self.n_rs_seq)
-        cell, row = seq_cell_row(self.cells, seq_id, self.n_rs_seq)
-        size = seq_section_size(self._state_layers, cell >= 0)
         native = self._native_rows()
+        sized: SeqWriter
+        if seq_id == -1:  # the whole memory: one native call to size, one to write
+            whole = None if native is None else native.whole(self.cells, self.n_rs_seq)
+            if whole is None:
+                return None
+            sized = whole
+        else:
+            cell, row = seq_cell_row(self.cells, seq_id, self.n_rs_seq)
+            size = seq_section_size(self._state_layers, cell >= 0)
+
+            def fill_seq(view: memoryview) -> int:
+                if native is not None:
+                    return native.write(view, self.cells, cell, row)
+                writer = BufferWriter(size, view)
+                write_state(writer, self.cells, self._state_layers, self.n_rs_seq, seq_id)
+                return writer.n_written
+
+            sized = (size, fill_seq)
+        version = self._version
 
         def fill(view: memoryview) -> int:
-            if native is not None:
-                return native.write(view, self.cells, cell, row)
-            writer = BufferWriter(size, view)
-            write_state(writer, self.cells, self._state_layers, self.n_rs_seq, seq_id)
-            return writer.n_written
+            if self._version != version:
+                raise StateError("state_write: the memory changed between sizing and writing")
+            return sized[1](view)
 
-        return size, fill
+        return sized[0], fill
 
     def state_write_into(self, writer: StateWriter, seq_id: int = -1, flags: int = 0) -> None:
         """Serialise (whole memory for ``seq_id == -1``, else one sequence) into ``writer``.

@@ -37,7 +37,13 @@ from pymem.recurrent.cells import (
     place_new_sequence,
     seq_rm_cells,
 )
-from pymem.state import PendingWrites, StateReader, StateWriter, refuse_stale_commit
+from pymem.state import (
+    BLOB_CHANGED,
+    PendingWrites,
+    StateReader,
+    StateWriter,
+    refuse_stale_commit,
+)
 from pymem.ubatch import LLAMA_MAX_SEQ
 
 
@@ -239,10 +245,10 @@ class SeqRows:
         )  # fmt: skip
         out = ffi.new("int64_t[2]")  # written, disagree
         status = lib.pm_rs_write_whole(*args, ffi.NULL, 0, out, out + 1)
+        if status != lib.PM_ERR_RANGE:  # a section is never 0 bytes: a size query is too small
+            check(status, "state_write: recurrent section size")  # (PM_OK: they disagree)
         if out[1] >= 0:
             return None
-        if status != lib.PM_ERR_RANGE:  # a section is never 0 bytes: a size query is too small
-            check(status, "state_write: recurrent section size")
         size = int(out[0])
 
         def fill(view: memoryview) -> int:
@@ -290,7 +296,9 @@ class SeqRows:
         c.head, c.used, c.n, c.rs_z = (int(v) for v in scalars)
         if cell >= 0:
             c.steady = None
-        return c, int(out[0]), cell, 20 if cell >= 0 else 12
+        # the tensor sections follow the count, the cell's META (pos, n_seq_id) and
+        # s_trans, n_layer: E.g. a cell -> at 4 + 8 + 8 = 20
+        return c, int(out[0]), cell, 12 + 8 * int(cell >= 0)
 
     def read_whole(
         self, data: memoryview, size: int, limit: int, store: bool
@@ -425,10 +433,18 @@ def parse_state(
 
             def store() -> None:  # the bytes there now, as a payload write takes them
                 if native.read_whole(section, c.size, limit, True) is None:  # nothing stored
-                    raise StateError("state plan: the blob changed after it was parsed")
+                    raise StateError(BLOB_CHANGED)
+
+            def unchanged() -> bool:
+                again = native.read_whole(section, c.size, limit, False)
+                return (
+                    again is not None
+                    and np.array_equal(again[1], pos)
+                    and np.array_equal(again[2], tail)
+                )
 
             writes = PendingWrites()
-            writes.add_call(store)
+            writes.add_call(store, unchanged)
             return cells, writes, None
     if seq_id >= 0 and native is not None:
         rest = reader.host_rest()
@@ -437,13 +453,18 @@ def parse_state(
             cells, taken, cell, rows_at = placed
             reader.skip(taken, "recurrent state")
             rows = rest[rows_at:taken]
+            meta = bytes(rest[:rows_at])  # what placed the cell: a few words
             n_rows = int(cell >= 0)
 
             def store_rows() -> None:  # the bytes there now, as a payload write takes them
                 native.walk(rows, n_rows, cells.head, store=True)
 
+            def unchanged() -> bool:
+                again = native.walk(rows, n_rows, cells.head, store=False)
+                return again is not None and rest[:rows_at] == meta
+
             writes = PendingWrites()
-            writes.add_call(store_rows)
+            writes.add_call(store_rows, unchanged)
             return cells, writes, None
     cell_count = reader.read_u32("recurrent cell_count")
     if cell_count > c.size:
@@ -662,6 +683,7 @@ class RecurrentReadPlan:
     zero_from: int | None
     version: int
     done: bool = field(default=False)
+    parsed_now: bool = field(default=False)  # committed right after the parse
 
     def is_current(self) -> bool:
         return self.target.version == self.version
@@ -670,7 +692,14 @@ class RecurrentReadPlan:
         self.target.check_devices()
 
     def verify(self) -> None:
-        """Nothing to check again: the commit writes what the parse took."""
+        """The native stores' blob checked again (a composite's last look before any part
+        commits; not for a plan committed right after its parse): StateError, nothing
+        changed, where it no longer holds what the parse took."""
+        if not self.parsed_now:
+            self.writes.verify()
+
+    def committed_at_once(self) -> None:
+        self.parsed_now = True
 
     def commit(self) -> None:
         target = self.target
