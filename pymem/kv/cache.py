@@ -1602,8 +1602,8 @@ class KVCache(Memory):
 
     def _refill(self, records: Sequence[np.ndarray | None]) -> bool:
         """A whole restore's ``clear(False)`` and the placement of every stream's fixed meta
-        records (``[n, 3 + n_ext]`` words; None for a stream without cells) into its cells
-        ``[0, n)`` in one native call (``pm_step_kv_refill``; ``clear`` + ``set_new`` are
+        records (``[n, 3 + n_ext]`` words; None for a stream without cells: ``clear``
+        passes None for every stream) into its cells ``[0, n)`` in one native call (``pm_step_kv_refill``; ``clear`` + ``set_new`` are
         the reference it is tested against). False, nothing changed, under an undo
         journal (a plan being simulated) or with ``state_io.NATIVE_PLACE`` off; StateError,
         nothing changed, for a record that is not a fixed one (the blob changed after the

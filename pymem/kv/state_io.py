@@ -989,11 +989,14 @@ def put_payloads(
 NATIVE_RUNS = True
 
 NATIVE_PLACE = True
-"""A per-sequence restore's placement takes find_slot's and apply_ubatch's native paths
-(:func:`_restore_ubatch` freezes its ubatch; False: the numpy paths, which tests pin the
-native ones to). Measured, tiny-llama restores after a seq_rm, native / numpy: 128 cells
-130 / 145 µs, 2,048 cells 225 / 231, 8,192 cells 508 / 532 (the step memo the native
-paths need cost ~150 µs at 8,192 cells until NewRows.of stopped sorting one key)."""
+"""Restores place their cells natively (False: the numpy paths, which tests pin the native
+ones to): a per-sequence restore in one call (``KVCache._place_seq_native``: find_slot's
+search and apply_ubatch's placement; where it declines, find_slot and apply_ubatch with
+a frozen ubatch, :func:`_restore_ubatch`, take their own native paths), a whole restore's
+records checked by :func:`_whole_fixed_words` and placed by one refill
+(``KVCache._refill``, which ``clear`` uses too). tiny-llama, a sequence of 8,192 cells
+swapped back in: 619 -> ~390 µs with the one call (508 with the frozen ubatch, 532
+numpy)."""
 
 
 def zero_range_native(
@@ -1527,11 +1530,11 @@ def parse_kv_state(
             if words is None:
                 same = False
                 fixed = _whole_fixed_words(reader, n, n_ext, layout.n_seq_max)
+            w = fixed if fixed is not None else words
             if fixed_all is not None:
-                fixed_all[s] = w = fixed if fixed is not None else words
+                fixed_all[s] = w
                 if w is None:
                     fixed_all = None
-            w = fixed if fixed is not None else words
             if w is not None:
                 # checked by a native pass: one valid id each, positions >= 0
                 meta = (w[:, 0], w[:, 2 : 2 + n_ext], w[:, -1:])

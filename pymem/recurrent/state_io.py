@@ -407,19 +407,18 @@ def parse_state(
 ) -> tuple[RecurrentCells, PendingWrites, int | None]:
     """Parse and validate one state section against the live cells ``c``; change nothing.
 
-    Returns the cells after the restore and the tensor writes it needs. ``seq_id`` is
-    already checked (-1, or below both ``n_seq_max`` and ``mem_size``). Raises
-    :class:`StateError` on any problem in the blob.
+    Returns the cells after the restore, the tensor writes it needs, and for a whole
+    restore the first row the commit must zero up to the end (None: nothing, or the
+    writes zero it themselves). ``seq_id`` is already checked (-1, or below both
+    ``n_seq_max`` and ``mem_size``). Raises :class:`StateError` on any problem in the blob.
 
     Whole (``seq_id == -1``): cells are restored to ``[0, cell_count)`` with their
     sequence sets, ``head = 0``, ``used = cell_count``. Per sequence: the destination
-    is emptied, the (one) cell is placed by ``find_slot`` as a one-token ubatch, and
+    is emptied, the (one) cell is placed as ``find_slot`` places a one-token ubatch, and
     its rows are read at ``head``. Restored cells get ``src = self``; rollback
-    indices reset.
-
-    Returns the cells, the writes, and for a whole restore the first row the commit
-    must zero up to the end (None: nothing, or the writes zero it themselves: the one
-    native call of a whole section in host memory, :meth:`SeqRows.read_whole`).
+    indices reset. With ``native`` (host tensors) and a plain blob, each is one native
+    call (:meth:`SeqRows.read_whole`, :meth:`SeqRows.restore_seq`) where the case is the
+    common one; the numpy parse below is their reference and names every fault.
     """
     if seq_id == -1 and native is not None:
         rest = reader.host_rest()
@@ -673,8 +672,9 @@ class RecurrentReadPlan:
 
     Compositions (hybrid memories) parse every part first and commit all of them only
     when every part parsed, so a bad blob changes nothing anywhere. ``zero_from`` (a
-    whole-memory restore: its cell count) zeroes every R/S row from there on; the rows
-    below it are the blob's (the reference zeroes everything first, then writes them).
+    whole-memory restore parsed in Python: its cell count; None where the native store
+    zeroes them itself) zeroes every R/S row from there on; the rows below it are the
+    blob's (the reference zeroes everything first, then writes them).
     """
 
     target: ReadTarget
