@@ -117,6 +117,8 @@ def test_a_restore_keeps_the_decode_steps_memo(monkeypatch: pytest.MonkeyPatch) 
     # the restore's synthetic ubatch is frozen so that its placement takes the native
     # paths; the step memo that builds must not evict the decode steps' one
     seen = _planned(monkeypatch)
+    # the frozen-ubatch road (where the one-call placement declines) builds the memo
+    monkeypatch.setattr(KVCache, "_place_seq_native", lambda self, seq_id, pos: None)
     kv = _memory(3, SWAType.STANDARD, 3, 48)
     step_memo = kv._memo
     assert step_memo is not None, "decode left no step memo to keep"

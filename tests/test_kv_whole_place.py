@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kv_helpers import check_invariants
+from kv_helpers import check_invariants, decode
 from test_kv_state_same import NAMES, _scenario, _state
 
 import pymem.kv.state_io as state_io
@@ -185,12 +185,32 @@ def test_refill_refuses_a_blob_changed_after_its_parse(
     assert isinstance(plan, state_io.WholeBlobPlan) == one_call
     at = 8 + 4 * word  # record 0's word
     blob[at : at + 4] = (kv.n_seq_max if value is None else value).to_bytes(4, "little")
-    if one_call or not same:  # (the general road's same-cells plan re-reads no record)
-        with pytest.raises(StateError, match="changed after it was parsed"):
-            plan.verify()
-        with pytest.raises(StateError, match="changed after it was parsed"):
-            plan.commit()
-        assert _state(kv) == before
+    with pytest.raises(StateError, match="changed after it was parsed"):
+        plan.verify()
+    with pytest.raises(StateError, match="changed after it was parsed"):
+        plan.commit()
+    assert _state(kv) == before
+
+
+@pytest.mark.parametrize("one_call", [True, False])
+def test_a_valid_record_changed_after_the_parse_is_refused(monkeypatch, one_call: bool) -> None:
+    """A whole blob that goes back into its own cells, whose first record gets another
+    valid position after the parse: no longer the same cells, so verify and commit refuse
+    it (a commit that only moved the heads would leave cells the blob does not hold)."""
+    if not one_call:
+        monkeypatch.setattr(KVCache, "_whole_blob_plan", lambda self, reader, hooks: None)
+    kv = _scenario("f32-notrans", 4)
+    kv.state_read(bytes(kv.state_write()))  # packed from 0: the blob's own cells
+    blob = bytearray(kv.state_write())
+    before = _state(kv)
+    plan = kv.state_read_parse(StateReader(blob))
+    pos0 = int.from_bytes(blob[8:12], "little")
+    blob[8:12] = (pos0 + 1000).to_bytes(4, "little")
+    with pytest.raises(StateError, match="changed after it was parsed"):
+        plan.verify()
+    with pytest.raises(StateError, match="changed after it was parsed"):
+        plan.commit()
+    assert _state(kv) == before
 
 
 @pytest.mark.parametrize(
@@ -299,10 +319,21 @@ def test_native_clear_equals_reset(monkeypatch, name: str) -> None:
     """``clear`` empties every stream with one native refill of no cells: the cache it
     leaves (cells, counters, bounds, heads; with ``data`` the bytes) is the one
     ``StackedCells.reset`` leaves, and it restores as before."""
+    refills: list[bool] = []
+    real = KVCache._refill
+
+    def counted(self, records):
+        done = real(self, records)
+        refills.append(done)
+        return done
+
+    monkeypatch.setattr(KVCache, "_refill", counted)
     for seed in range(4):
         for data in (False, True):
             native, ref = _scenario(name, seed), _scenario(name, seed)
+            refills.clear()
             native.clear(data)
+            assert refills == [True]  # the one native refill emptied it
             with monkeypatch.context() as m:
                 m.setattr(state_io, "NATIVE_PLACE", False)
                 ref.clear(data)
@@ -323,8 +354,12 @@ def test_a_record_at_position_minus_one_never_matches_an_empty_cell() -> None:
     n = int(kv.v_cells[0].used)
     blob = bytearray(kv.state_write())
     # empty cell 1 and move its sequence's record to a cell past n - 1: used stays n
-    kv.seq_rm(int(kv.v_cells[0].owner[1]), int(kv.v_cells[0].pos[1]), int(kv.v_cells[0].pos[1]) + 1)
-    assert kv.v_cells[0].owner[1] == OWNER_NONE and int(kv.v_cells[0].used) == n - 1
+    q, p = int(kv.v_cells[0].owner[1]), int(kv.v_cells[0].pos[1])
+    kv.seq_rm(q, p, p + 1)
+    # one more token of that sequence past cell n - 1: used is n again, cell 1 empty
+    kv.v_heads[0] = n
+    decode(kv, [[1, kv.seq_pos_max(q) + 1, [q], False]], n_ubatch=1)
+    assert kv.v_cells[0].owner[1] == OWNER_NONE and int(kv.v_cells[0].used) == n
     rec = 8 + 12 * 1  # record 1: pos, n_seq_id, id
     blob[rec : rec + 4] = (-1).to_bytes(4, "little", signed=True)
     blob[rec + 8 : rec + 12] = (-1).to_bytes(4, "little", signed=True)
@@ -336,3 +371,17 @@ def test_a_record_at_position_minus_one_never_matches_an_empty_cell() -> None:
     with pytest.raises(StateError):
         kv.state_read(bytes(blob))
     assert _state(kv) == before
+
+
+def test_the_sized_whole_writer_refuses_a_cache_changed_since_its_sizing() -> None:
+    """``seq_writer(-1)`` sizes every stream first; a change before the fill is refused
+    (the size no longer holds), nothing written."""
+    kv = _scenario("f16-trans", 5)
+    sized = kv.seq_writer(-1, 0)
+    assert sized is not None
+    size, fill = sized
+    kv.seq_rm(0, -1, -1)
+    out = bytearray(b"\xee" * size)
+    with pytest.raises(StateError, match="changed between sizing and writing"):
+        fill(memoryview(out))
+    assert out == bytearray(b"\xee" * size)

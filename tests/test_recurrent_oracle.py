@@ -341,6 +341,7 @@ def test_random_ops_match_oracle(seed: int, size: int, n_rs_seq: int) -> None:
     spec = ModelSpec(layers=(LayerSpec.ssm(4, 8),))
     mem = RecurrentMemory(spec, n_seq_max=size, n_rs_seq=n_rs_seq)
     o = Oracle(size, size, n_rs_seq)
+    whole_took = 0
     gen = np.random.default_rng(seed)
     for il in mem.layers:
         for t in (mem.get_r_l(il), mem.get_s_l(il)):
@@ -352,8 +353,12 @@ def test_random_ops_match_oracle(seed: int, size: int, n_rs_seq: int) -> None:
         compare(mem, o, what.startswith("find_slot"), where)
         # pending rollbacks and copies included; host tensors: the sized writer takes all
         assert check_seq_writer(mem, rng.randrange(size)), where
+        # the whole memory's sized writer too, unless a cell's sequences disagree on their
+        # pending rollback (the general writer refuses those, and so must it)
+        whole_took += check_seq_writer(mem, -1)
         if step % 25 == 24:
             round_trip(mem, size, n_rs_seq, where)
+    assert whole_took > 100, whole_took
     mem.close()
 
 

@@ -1125,13 +1125,21 @@ class KVStatePlan(_CachePlan):
         everything else the commit needs to decide, the parse copied."""
         if self.whole_fixed is None or self.parsed_now:
             return
-        for words in self.whole_fixed:
-            if words is not None and _whole_fixed_words_in(words, self.layout.n_seq_max) is None:
+        n_ext = 3 if self.layout.with_ext else 0
+        for strm, words in enumerate(self.whole_fixed):
+            if words is None:
+                continue
+            if self.whole_same:  # the cells must still be the records
+                ok = _cells_hold(self.v_cells[strm], words, n_ext)
+            else:
+                ok = _whole_fixed_words_in(words, self.layout.n_seq_max) is not None
+            if not ok:
                 raise StateError(BLOB_CHANGED)
 
     def commit(self) -> None:
         layout = self.layout
         self._may_commit()
+        self.verify()  # a whole restore's records, views of the blob, before any change
         self.committed = True
         if self.seq_id == -1:
             if self.whole_same:
@@ -1431,17 +1439,23 @@ def _whole_same_words(cells: KVCells, reader: StateReader, n: int, n_ext: int) -
         return None
     start = reader.offset
     words = reader.read_array("<i4", n * rec, "kv cells").reshape(n, rec)
+    if not _cells_hold(cells, words, n_ext):
+        reader.offset = start
+        return None
+    return words
+
+
+def _cells_hold(cells: KVCells, words: np.ndarray, n_ext: int) -> bool:
+    """Whether cells ``[0, n)`` already are the ``n`` whole-cache records ``words`` (one
+    native pass, ``pm_kv_cells_equal``; the caller checked the counters)."""
     same = ffi.new("int32_t *")
     ext = ffi.from_buffer("int32_t[]", cells.ext) if n_ext else ffi.NULL
     status = lib.pm_kv_cells_equal(
         ffi.from_buffer("int32_t[]", cells.pos), ffi.from_buffer("int32_t[]", cells.owner), ext,
-        ffi.from_buffer("int32_t[]", words), n, rec, n_ext, same,
+        ffi.from_buffer("int32_t[]", words), words.shape[0], words.shape[1], n_ext, same,
     )  # fmt: skip
     check(status, "state read: whole-cache cells test")
-    if not same[0]:
-        reader.offset = start
-        return None
-    return words
+    return bool(same[0])
 
 
 def _whole_fixed_words_in(words: np.ndarray, n_seq_max: int) -> np.ndarray | None:
