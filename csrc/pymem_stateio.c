@@ -1071,6 +1071,80 @@ pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const vo
     return PM_OK;
 }
 
+pm_status pm_kv_read_seq_place(const pm_kv_seq_blob * b, int32_t seq_id, const void * blob, int64_t avail,
+                               int32_t * pos, int64_t pos_cap, const int64_t * run_starts,
+                               const int64_t * run_ends, int64_t n_runs, int64_t * found, int32_t * done) {
+    const int32_t s = pm_seq_blob_stream(b, seq_id);
+    if (s < 0 || blob == NULL || found == NULL || done == NULL || avail < 0 || n_runs < 0 ||
+        (n_runs > 0 && (run_starts == NULL || run_ends == NULL))) {
+        return PM_ERR_ARG;
+    }
+    *done = 0;
+    const char * d = (const char *) blob;
+    const int64_t n_stream = b->n_stream, rec = 3 + b->n_ext, size = b->size;
+    if (b->n_multi[s] != 0 || avail < 4 + 4 * n_stream || pm_get_u32(d) != (uint32_t) n_stream) {
+        return PM_OK;
+    }
+    int64_t before = 0;
+    while (before < n_stream && pm_get_u32(d + 4 + 4 * before) == 0) {
+        ++before;
+    }
+    if (before == n_stream) {
+        return PM_OK;
+    }
+    const int64_t at = 4 + 4 * before;  // the part: u32 count, records, data section
+    const int64_t n = pm_get_u32(d + at);
+    if (n > size || (avail - at - 4) / (4 * rec) < n || (n_runs == 0 && pos != NULL && pos_cap < n)) {
+        return PM_OK;
+    }
+    const int32_t * w = (const int32_t *) (const void *) (d + at + 4);
+    int32_t bad = 0;
+    for (int64_t i = 0; i < n; i++) {  // (branch-free: the rare fault is the general parse's to name)
+        bad |= (pm_ld32(w + i * rec + 1) != 1) | (pm_ld32(w + i * rec) < 0);
+    }
+    if (bad) {
+        return PM_OK;
+    }
+    int64_t end_max = size;  // the check pass: every cell of the stream inside the tensors
+    if (n_runs > 0) {
+        int64_t cells = 0;
+        if (pm_runs_measure(run_starts, run_ends, n_runs, &cells, &end_max) != PM_OK || cells != n ||
+            end_max > size) {
+            return PM_OK;
+        }
+    }
+    const int64_t zero = 0;
+    const int64_t meta = at + 4 + 4 * rec * n;
+    const int64_t data = pm_kv_data_walk(d + meta, avail - meta, b->spec[s], b->tensors, n, &zero, &end_max, 1, 0);
+    const int64_t after = n_stream - before - 1;
+    if (data < 0 || avail - meta - data < 4 * after) {
+        return PM_OK;
+    }
+    for (int64_t i = 0; i < after; ++i) {
+        if (pm_get_u32(d + meta + data + 4 * i) != 0) {
+            return PM_OK;
+        }
+    }
+    if (n_runs > 0) {
+        pm_kv_data_walk(d + meta, avail - meta, b->spec[s], b->tensors, n, run_starts, run_ends, n_runs, 1);
+    } else {
+        int64_t held = 0;
+        const int32_t * owner = b->owner[s];
+        for (int64_t c = 0; c < size; ++c) {
+            held += owner[c] == seq_id;
+        }
+        found[3] = size - b->used[s] + held;
+        for (int64_t i = 0; pos != NULL && i < n; i++) {
+            pos[i] = pm_ld32(w + i * rec);
+        }
+    }
+    found[0] = n;
+    found[1] = at + 4;
+    found[2] = meta + data + 4 * after;
+    *done = 1;
+    return PM_OK;
+}
+
 pm_status pm_kv_records_fixed(const int32_t * words, int64_t n, int64_t rec, int32_t n_seq_max,
                               int64_t * first_bad) {
     if (words == NULL || first_bad == NULL || n < 0 || rec < 3 || n_seq_max < 1 || n_seq_max > 256) {

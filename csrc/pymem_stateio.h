@@ -166,6 +166,27 @@ pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t
 pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const void * blob, int64_t avail,
                               int32_t store, int64_t * consumed, int32_t * done);
 
+// A per-sequence restore that places the sequence (a swap-in after its seq_rm, or a
+// sliding-window cache, whose restore may take cells its window masks) in few calls: the
+// parse here, the placement by the caller (pm_step_kv_restore_seq), the store here. The
+// blob is read as pm_kv_read_seq_blob reads it (its first stream with cells goes to
+// seq_id's stream s; every stream after it must be empty).
+//  n_runs 0, the parse: the headers against b->spec[s], every byte range and every record
+//     (n_seq_id 1, position >= 0) are checked; found[0] = n (the part's cells), found[1] =
+//     the byte offset of its records, found[2] = the blob's bytes, found[3] = the cells of
+//     s a seq_id restore may take without any window's help (empty, or held by seq_id:
+//     its seq_rm frees them); with pos (pos_cap >= n) the n positions are copied there.
+//  n_runs > 0, the store: the same checks, then the bytes go into the cells of the runs
+//     (run_starts / run_ends: n_runs runs inside [0, size) holding n cells in all, in slot
+//     order, as the placement found them; any order). No cell, head or counter changes.
+// *done = 1 when it applies; *done = 0 with nothing changed otherwise: shared cells in s, no
+// cell in the blob, a record or header that differs, bytes out of range, a second stream
+// with cells, runs that do not hold n cells (the caller's general restore then names what
+// is wrong). PM_ERR_ARG for a null pointer or a seq_id outside [0, n_seq).
+pm_status pm_kv_read_seq_place(const pm_kv_seq_blob * b, int32_t seq_id, const void * blob, int64_t avail,
+                               int32_t * pos, int64_t pos_cap, const int64_t * run_starts,
+                               const int64_t * run_ends, int64_t n_runs, int64_t * found, int32_t * done);
+
 // The meta records of one stream of a whole-cache state blob (rec int32 words each, at
 // any alignment: pos, n_seq_id, n_ext ext words, then the ids), read as fixed records of
 // one id: *first_bad = the first record whose n_seq_id is not 1, whose position is below 0

@@ -150,6 +150,17 @@ def test_sequence_restore_without_placement_leaves_what_placement_leaves(
             one_call_hits.append(done)
         return done
 
+    real_place = state_io.SeqBlob.read_place
+
+    def placed(*a, **kw):
+        # the one-call road's placing parse (a restore that places); the plan road goes
+        # to the general parse, whose same-cells shortcut is the one under test
+        found = real_place(*a, **kw) if fast_path == "one-call" else None
+        if found is not None:
+            taken.append(False)
+        return found
+
+    monkeypatch.setattr(state_io.SeqBlob, "read_place", placed)
     for seed in range(10):
         fast, full = _twin(name, seed)
         donor = _scenario(name, seed + 100)

@@ -1485,7 +1485,7 @@ class KVCache(Memory):
 
     def state_read_parse(
         self, reader: StateReader, seq_id: int = -1, flags: int = 0
-    ) -> state_io.KVStatePlan | state_io.SameCellsPlan | state_io.WholeBlobPlan:
+    ) -> state_io.KVPartPlan:
         """Parse and validate this cache's part of a blob; change nothing.
 
         Returns a plan whose ``commit()`` applies it. Raises StateError naming the field
@@ -1497,7 +1497,7 @@ class KVCache(Memory):
 
     def _parse(
         self, reader: StateReader, seq_id: int, flags: int, same_cells: bool
-    ) -> state_io.KVStatePlan | state_io.SameCellsPlan | state_io.WholeBlobPlan:
+    ) -> state_io.KVPartPlan:
         """:meth:`state_read_parse`; ``same_cells`` False skips the native same-cells
         check (a caller whose one-call restore just declined the blob)."""
         self.check_open()
@@ -1518,19 +1518,45 @@ class KVCache(Memory):
             whole = self._whole_blob_plan(reader, hooks)
             if whole is not None:
                 return whole
-        blob = self._seq_blob(seq_id, 0, "state_read") if seq_id >= 0 and same_cells else None
+        blob = self._seq_blob(seq_id, 0, "state_read") if seq_id >= 0 else None
         rest = reader.host_rest() if blob is not None else None
         if blob is not None and rest is not None:
             token = object()  # the check's runs, kept for this plan's commit
-            taken = blob.read(rest, seq_id, store=False, token=token)
+            taken = blob.read(rest, seq_id, store=False, token=token) if same_cells else None
             if taken is not None:
                 reader.skip(taken, "kv state")
                 return state_io.SameCellsPlan(
                     blob, rest[:taken], seq_id, hooks, self.layers, token=token
                 )
+            placed = self._placed_seq_plan(blob, rest, seq_id, hooks, token)
+            if placed is not None:
+                reader.skip(placed.found.consumed, "kv state")
+                return placed
         return state_io.parse_kv_state(
             self.layout, self.v_cells, self.v_heads, self.layers, hooks, reader, seq_id
         )
+
+    def _placed_seq_plan(
+        self,
+        blob: state_io.SeqBlob,
+        rest: memoryview,
+        seq_id: int,
+        hooks: state_io.KVStateHooks,
+        token: object,
+    ) -> state_io.PlacedSeqPlan | None:
+        """A per-sequence restore that places the sequence, parsed in one native call
+        (:meth:`state_io.SeqBlob.read_place`), where the cells it may take without a
+        window's help suffice (so it fits, as the general parse's count proves); None
+        sends the caller to the general parse, which also names what is wrong."""
+        if self.swa_type != SWAType.NONE and not state_io.SWA_DEFERRED:
+            return None
+        found = blob.read_place(rest, seq_id, token)
+        if found is None or found.n > found.free:
+            return None
+        return state_io.PlacedSeqPlan(
+            blob, rest[: found.consumed], seq_id, found, self.layout, self.v_cells, hooks,
+            self.layers, token,
+        )  # fmt: skip
 
     def _place_seq_native(
         self, seq_id: int, pos: np.ndarray

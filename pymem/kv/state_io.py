@@ -220,7 +220,8 @@ class SeqBlob:
     """
 
     __slots__ = (
-        "_cells", "_checked", "_keep", "_searched", "_stream_of", "_swa", "_view", "n_seq",
+        "_cells", "_checked", "_keep", "_placing", "_pos", "_searched", "_stream_of", "_swa",
+        "_view", "n_ext", "n_seq",
     )  # fmt: skip
 
     def __init__(
@@ -282,6 +283,11 @@ class SeqBlob:
         # (type, n_swa) of a sliding-window cache: a sequence's blob holds only the cells
         # its last token still sees (selected_cells), a window the write passes to C
         self._swa = None if layout.swa_type == SWAType.NONE else (layout.swa_type, layout.n_swa)
+        self.n_ext = n_ext
+        # the positions the last placing parse read (read_place), and (sequence, token) of
+        # that parse: a commit with its token places them without parsing again
+        self._pos = np.empty(v_cells[0].size, dtype=np.int32)
+        self._placing: tuple[int, object] | None = None
 
     def _window(self, seq_id: int) -> tuple[int, int]:
         """The positions ``[lo, hi]`` of ``seq_id``'s cells its blob holds: every position
@@ -381,6 +387,50 @@ class SeqBlob:
             self._checked[strm] = (seq_id, token)
         return int(consumed[0])
 
+    def read_place(self, data: object, seq_id: int, token: object) -> PlaceRead | None:
+        """The parse of a per-sequence restore that places the sequence
+        (:c:func:`pm_kv_read_seq_place`): headers, byte ranges and records checked, the
+        positions read, nothing changed. None where it does not apply (the general parse
+        then reads the blob and names what is wrong). ``token``: the positions stay
+        readable (:meth:`placed_positions`) until another parse of this cache."""
+        self._placing = None
+        try:
+            src = ffi.from_buffer(data)
+        except (TypeError, ValueError, BufferError):
+            return None
+        found = ffi.new("int64_t[4]")
+        done = ffi.new("int32_t *")
+        status = lib.pm_kv_read_seq_place(
+            self._view, seq_id, src, len(src), ffi.from_buffer("int32_t[]", self._pos, require_writable=True),
+            self._pos.size, ffi.NULL, ffi.NULL, 0, found, done,
+        )  # fmt: skip
+        check(status, "state read: one sequence, placed")
+        if not done[0]:
+            return None
+        self._placing = (seq_id, token)
+        return PlaceRead(int(found[0]), int(found[1]), int(found[2]), int(found[3]))
+
+    def placed_positions(self, seq_id: int, token: object, n: int) -> np.ndarray | None:
+        """The ``n`` positions :meth:`read_place` read under ``token`` (a view of this
+        blob's scratch), or None once another parse has taken the scratch."""
+        return self._pos[:n] if self._placing == (seq_id, token) else None
+
+    def store_placed(self, data: object, seq_id: int, runs: Runs) -> bool:
+        """The bytes of ``seq_id``'s part of a blob :meth:`read_place` accepted into the
+        cells of ``runs`` (slot order), its checks run again; False, nothing stored, where
+        they fail (the blob changed since)."""
+        src = ffi.from_buffer(data)
+        starts = np.ascontiguousarray(runs[0], dtype=np.int64)
+        ends = np.ascontiguousarray(runs[1], dtype=np.int64)
+        found = ffi.new("int64_t[4]")
+        done = ffi.new("int32_t *")
+        status = lib.pm_kv_read_seq_place(
+            self._view, seq_id, src, len(src), ffi.NULL, 0, ffi.from_buffer("int64_t[]", starts),
+            ffi.from_buffer("int64_t[]", ends), starts.size, found, done,
+        )  # fmt: skip
+        check(status, "state read: one sequence, placed")
+        return bool(done[0])
+
     def read_whole(self, data: object, mode: int) -> WholeBlobRead | None:
         """A whole-cache restore whose every meta record is a fixed one (one sequence id)
         in one native call per phase (:c:func:`pm_kv_read_whole_blob`): ``mode`` 0 checks
@@ -405,6 +455,17 @@ class SeqBlob:
         if not flags[1]:
             return None
         return WholeBlobRead(int(found[2 * n]), found[:n], found[n : 2 * n], bool(flags[0]))
+
+
+class PlaceRead(NamedTuple):
+    """What :meth:`SeqBlob.read_place` found: the part's cell count, the byte offset of
+    its meta records and the blob's bytes in ``data``, and the cells a restore of the
+    sequence may take without a window's help (empty, or the sequence's own)."""
+
+    n: int
+    records_at: int
+    consumed: int
+    free: int
 
 
 class WholeBlobRead(NamedTuple):
@@ -491,6 +552,79 @@ class SameCellsPlan(_BlobPlan):
         if self.blob.read(self.data, self.seq_id, token=token) is None:
             raise StateError(BLOB_CHANGED)
         self.committed = True
+        self.hooks.mark_mutated()
+
+
+class PlacedSeqPlan(_BlobPlan):
+    """A parsed one-sequence restore that places the sequence (a swap-in after its
+    ``seq_rm``, a restore into cells that changed, any sliding-window restore):
+    :meth:`SeqBlob.read_place` checked it all and found that the cells a placement may
+    take without a window's help suffice, so it fits. ``commit()`` places it as the
+    reference does (``seq_rm``, find_slot, apply_ubatch: one native call,
+    ``hooks.place_seq``, or the numpy placement where that declines) and stores its bytes
+    into the cells found in one more native call."""
+
+    def __init__(
+        self,
+        blob: SeqBlob,
+        data: memoryview,
+        seq_id: int,
+        found: PlaceRead,
+        layout: KVLayout,
+        v_cells: Sequence[KVCells],
+        hooks: KVStateHooks,
+        layers: Sequence[KVLayer],
+        token: object,
+    ) -> None:
+        super().__init__(blob, data, hooks, layers)
+        self.seq_id = seq_id
+        self.found = found
+        self.layout = layout
+        self.v_cells = v_cells
+        self.token = token  # the parse's positions stay in the blob's scratch under it
+
+    def verify(self) -> None:
+        """The parse's checks again, so a blob changed since is refused before any part
+        of a composite commits (a plan committed right after its parse skips them)."""
+        if self.parsed_now:
+            return
+        again = self.blob.read_place(self.data, self.seq_id, self.token)
+        if again is None or again[:3] != self.found[:3]:
+            raise StateError(BLOB_CHANGED)
+
+    def commit(self) -> None:
+        self._may_commit()
+        self.verify()
+        n = self.found.n
+        pos = self.blob.placed_positions(self.seq_id, self.token, n)
+        if pos is None:  # another parse of this cache took the scratch: read them again
+            again = self.blob.read_place(self.data, self.seq_id, self.token)
+            pos = self.blob.placed_positions(self.seq_id, self.token, n)
+            if again is None or again[:3] != self.found[:3] or pos is None:
+                raise StateError(BLOB_CHANGED)
+        ext = None
+        if self.blob.n_ext:
+            rec = 3 + self.blob.n_ext
+            words = np.frombuffer(self.data, np.int32, n * rec, self.found.records_at)
+            ext = words.reshape(n, rec)[:, 2 : 2 + self.blob.n_ext].copy()
+        self.committed = True
+        native = self.hooks.place_seq(self.seq_id, pos)
+        if native is not None:
+            idx, runs = native
+        else:
+            ub = _restore_ubatch(self.layout.n_pos_per_embd, self.seq_id, pos.copy(), ext)
+            sinfo = self.hooks.place(self.seq_id, ub)
+            if sinfo is None:
+                raise AssertionError("a restore its free cells proved to fit did not")
+            idx = sinfo.idxs[0].astype(np.int64)
+            runs = cell_runs(idx)
+        strm = int(self.layout.seq_to_stream[self.seq_id])
+        if ext is not None:
+            self.v_cells[strm].set_ext(idx, ext)
+        # the same checks as the parse's on the same bytes: they hold (a changed blob was
+        # refused above, before anything changed)
+        if not self.blob.store_placed(self.data, self.seq_id, runs):
+            raise AssertionError("a placed restore's bytes failed the checks they passed")
         self.hooks.mark_mutated()
 
 
@@ -1686,10 +1820,16 @@ def parse_kv_state(
     return plan
 
 
+KVPartPlan = KVStatePlan | SameCellsPlan | PlacedSeqPlan | WholeBlobPlan
+"""A parsed KV part of a state blob, by the road its parse took (each ``commit()``s it)."""
+
+
 __all__ = [
     "LLAMA_MAX_SEQ",
+    "KVPartPlan",
     "KVStateHooks",
     "KVStatePlan",
+    "PlacedSeqPlan",
     "cells_of_runs",
     "parse_kv_state",
     "put_payloads",
