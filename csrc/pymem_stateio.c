@@ -1099,8 +1099,13 @@ pm_status pm_kv_read_seq_place(const pm_kv_seq_blob * b, int32_t seq_id, const v
     }
     const int32_t * w = (const int32_t *) (const void *) (d + at + 4);
     int32_t bad = 0;
+    int32_t * into = n_runs == 0 && pos != NULL ? pos : NULL;
     for (int64_t i = 0; i < n; i++) {  // (branch-free: the rare fault is the general parse's to name)
-        bad |= (pm_ld32(w + i * rec + 1) != 1) | (pm_ld32(w + i * rec) < 0);
+        const int32_t p = pm_ld32(w + i * rec);
+        bad |= (pm_ld32(w + i * rec + 1) != 1) | (p < 0);
+        if (into != NULL) {
+            into[i] = p;  // (the caller's scratch: written even when declined)
+        }
     }
     if (bad) {
         return PM_OK;
@@ -1128,15 +1133,14 @@ pm_status pm_kv_read_seq_place(const pm_kv_seq_blob * b, int32_t seq_id, const v
     if (n_runs > 0) {
         pm_kv_data_walk(d + meta, avail - meta, b->spec[s], b->tensors, n, run_starts, run_ends, n_runs, 1);
     } else {
-        int64_t held = 0;
-        const int32_t * owner = b->owner[s];
-        for (int64_t c = 0; c < size; ++c) {
-            held += owner[c] == seq_id;
+        int64_t free_cells = size - b->used[s];
+        if (free_cells < n) {  // the empty cells do not prove the fit: seq_id's own too
+            const int32_t * owner = b->owner[s];
+            for (int64_t c = 0; c < size; ++c) {
+                free_cells += owner[c] == seq_id;
+            }
         }
-        found[3] = size - b->used[s] + held;
-        for (int64_t i = 0; pos != NULL && i < n; i++) {
-            pos[i] = pm_ld32(w + i * rec);
-        }
+        found[3] = free_cells;
     }
     found[0] = n;
     found[1] = at + 4;

@@ -175,7 +175,9 @@ pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const vo
 //     (n_seq_id 1, position >= 0) are checked; found[0] = n (the part's cells), found[1] =
 //     the byte offset of its records, found[2] = the blob's bytes, found[3] = the cells of
 //     s a seq_id restore may take without any window's help (empty, or held by seq_id:
-//     its seq_rm frees them); with pos (pos_cap >= n) the n positions are copied there.
+//     its seq_rm frees them), counted only as far as needed: the empty ones alone when
+//     they are n or more (found[3] >= n proves the fit); with pos (pos_cap >= n) the n
+//     positions are copied there (written even when the call declines).
 //  n_runs > 0, the store: the same checks, then the bytes go into the cells of the runs
 //     (run_starts / run_ends: n_runs runs inside [0, size) holding n cells in all, in slot
 //     order, as the placement found them; any order). No cell, head or counter changes.

@@ -363,13 +363,15 @@ class SeqBlob:
         the cache nor the blob changed; any other call on the stream forgets them)."""
         if self._swa is not None:
             return None
+        strm = int(self._stream_of[seq_id])
+        if self._cells[strm].seq_pos_max(seq_id) < 0:
+            return None  # swapped out: no cells to go back into (no owner scan to say so)
         try:
             src = ffi.from_buffer(data)
         except (TypeError, ValueError, BufferError):
             return None
         consumed = ffi.new("int64_t *")
         done = ffi.new("int32_t *")
-        strm = int(self._stream_of[seq_id])
         self._searched[strm] = None  # the check fills the scratch
         mode = int(store)
         if store and token is not None and self._checked[strm] == (seq_id, token):
@@ -460,7 +462,8 @@ class SeqBlob:
 class PlaceRead(NamedTuple):
     """What :meth:`SeqBlob.read_place` found: the part's cell count, the byte offset of
     its meta records and the blob's bytes in ``data``, and the cells a restore of the
-    sequence may take without a window's help (empty, or the sequence's own)."""
+    sequence may take without a window's help (empty, or the sequence's own), counted as
+    far as needed: ``free >= n`` proves that it fits."""
 
     n: int
     records_at: int
