@@ -25,6 +25,7 @@ from test_factory import GRANITE_HYBRID, write_gguf
 from test_iswa import ROPE, decode, make_iswa, prompt, randomize
 from test_recurrent import make_rec
 
+import pymem.kv.state_io as state_io
 from pymem.batch import Batch, BatchAllocator
 from pymem.errors import ConfigError, RangeError, StateError
 from pymem.factory import ContextParams, create_memory, plan_memory
@@ -592,6 +593,8 @@ def test_a_blob_changed_after_the_parse_changes_no_part(seq_id: int) -> None:
     assert decode(dst, prompt(2, 4)) == 0
     before = (bytes(dst.mem_attn.state_write()), bytes(dst.mem_recr.state_write()))
     plan = dst.state_read_parse(StateReader(blob), seq_id)
+    if seq_id >= 0:  # dst does not hold the sequence: its attention part places it
+        assert isinstance(plan.parts[0], state_io.PlacedSeqPlan)
     n_attn = len(src.mem_attn.state_write(seq_id))
     # whole: the first cell's first id (out of range); one sequence: its cell's n_seq_id
     at = n_attn + (12 if seq_id == -1 else 8)

@@ -257,3 +257,37 @@ def test_placed_store_refuses_runs_that_do_not_hold_the_cells() -> None:
     )  # fmt: skip
     assert st == lib.PM_OK and done[0] == 0
     assert _state(kv) == before
+
+
+@pytest.mark.parametrize("name", ["f16-trans", "q8_0-notrans", "f16-trans-streams", "mrope-ext"])
+def test_mutated_blobs_take_either_road_to_one_outcome(monkeypatch, name: str) -> None:
+    """Random words of a blob's records and headers set to small or hostile values, and
+    random truncations: the native roads and the general one answer alike (the bytes
+    consumed or the same message) and leave equal caches."""
+    made = _count_plans(monkeypatch)
+    rng = np.random.default_rng(17)
+    hostile = [0, 1, 2, 3, -1, -2, 2**31 - 1, 48, 49, 256]
+    for seed in range(6):
+        blob = bytes(_scenario(name, seed, n_cells=48).state_write(seed % 3))
+        n_meta_words = min(len(blob) // 4, 64)  # the counts, records and first headers
+        for trial in range(25):
+            data = bytearray(blob)
+            if trial % 5 == 4:
+                data = data[: int(rng.integers(0, len(blob)))]
+            else:
+                for _ in range(int(rng.integers(1, 3))):
+                    w = int(rng.integers(0, n_meta_words))
+                    data[4 * w : 4 * w + 4] = int(rng.choice(hostile)).to_bytes(
+                        4, "little", signed=True
+                    )
+            outcomes, states = [], []
+            for native in (True, False):
+                kv = _scenario(name, seed, n_cells=48)
+                dst = (seed + trial) % 3
+                if trial % 2:
+                    kv.seq_rm(dst, -1, -1)
+                outcomes.append(_restore(monkeypatch, kv, bytes(data), dst, native))
+                states.append(_state(kv))
+            assert outcomes[0] == outcomes[1], (seed, trial)
+            assert states[0] == states[1], (seed, trial)
+    assert made, "no mutated blob took the placed road"
