@@ -507,6 +507,22 @@ def state_size(serialise: Callable[[StateWriter], None]) -> int:
     return counter.n_written
 
 
+def index_runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Maximal runs of consecutive indices (cells, rows) in the order given, as half-open
+    ``(starts, ends)`` int64 arrays: the pieces a state section moves in one copy each.
+
+    E.g. ``[4, 5, 6, 9, 10, 2] -> ([4, 9, 2], [7, 11, 3])``.
+    """
+    idx = idx.astype(np.int64, copy=False)
+    if idx.size == 0:
+        return idx, idx
+    # a run breaks wherever the next index is not the previous one + 1
+    brk = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = idx[np.concatenate(([0], brk))]
+    ends = idx[np.concatenate((brk - 1, [idx.size - 1]))] + 1
+    return starts, ends
+
+
 class StateReader:
     """Cursor over a blob. Every read checks the remaining length first."""
 

@@ -68,7 +68,7 @@ def test_meta_words_and_runs_read_as_the_format_says(shared: bool) -> None:
         assert rs.meta_words(c, one, s).tolist() == _meta_reference(c, one, s)
         shuffled = rng.permutation(size)[: int(rng.integers(0, size + 1))]
         for probe in (rows, shuffled, np.sort(shuffled)):
-            starts, ends = rs._runs(probe)
+            starts, ends = rs.index_runs(probe)
             assert (starts.tolist(), ends.tolist()) == _runs_reference(probe.tolist())
             assert starts.dtype == ends.dtype == np.int64
     # both roads taken: every state one sequence per cell, or mostly shared cells

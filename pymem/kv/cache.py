@@ -1389,6 +1389,16 @@ class KVCache(Memory):
         is one sequence of this open cache in host memory; None sends the caller to the
         general path (which also raises for a bad ``seq_id`` or a closed cache). Kept to a
         few lines: a runtime's save or rollback of one sequence pays them on every call."""
+        blob = self._blob_view()
+        if blob is None or type(seq_id) is not int or not 0 <= seq_id < blob.n_seq:
+            return None
+        if flags:
+            check_state_flags(flags, what)
+        return blob
+
+    def _blob_view(self) -> state_io.SeqBlob | None:
+        """This open cache's :class:`state_io.SeqBlob` (built at first use), or None where
+        its tensors are not in host memory or ``state_io.NATIVE_RUNS`` is off."""
         blob = self._blob
         if blob is False:  # not built yet
             if self._closed or not state_io.NATIVE_RUNS:
@@ -1396,16 +1406,8 @@ class KVCache(Memory):
             blob = self._blob = state_io.seq_blob(
                 self.layout, self.v_cells, self.v_heads, self._native_section()
             )
-        if (
-            blob is None
-            or not state_io.NATIVE_RUNS
-            or self._closed
-            or type(seq_id) is not int
-            or not 0 <= seq_id < blob.n_seq
-        ):
+        if blob is None or not state_io.NATIVE_RUNS or self._closed:
             return None
-        if flags:
-            check_state_flags(flags, what)
         return blob
 
     def seq_writer(self, seq_id: int, flags: int) -> SeqWriter | None:
@@ -1600,7 +1602,7 @@ class KVCache(Memory):
         """A whole restore parsed in one native call (:meth:`state_io.SeqBlob.read_whole`)
         where the cache's tensors are in host memory and every record of the blob is a
         fixed one; None sends the caller to the general parse."""
-        blob = self._seq_blob(0, 0, "state_read")
+        blob = self._blob_view()
         rest = reader.host_rest() if blob is not None else None
         if blob is None or rest is None:
             return None
@@ -1642,7 +1644,7 @@ class KVCache(Memory):
             "int32_t *[]",
             [ffi.NULL if w is None else ffi.from_buffer("int32_t[]", w) for w in records],
         )
-        rec = 6 if self.layout.with_ext else 3
+        rec = self.layout.record_words
         status = lib.pm_step_kv_refill(
             c, words, ffi.from_buffer("int64_t[]", counts), rec, self.layout.n_seq_max, placed
         )

@@ -95,6 +95,17 @@ class KVLayout:
         return self.type_v.row_size(n_embd_v_gqa)
 
     @property
+    def n_ext(self) -> int:
+        """Words of ext a cell's state record carries: 3 (x, y, tok) with ext, else 0."""
+        return 3 if self.with_ext else 0
+
+    @property
+    def record_words(self) -> int:
+        """int32 words of a state meta record holding one sequence id: pos, n_seq_id, the
+        ext words, the id."""
+        return 3 + self.n_ext
+
+    @property
     def v_el_size(self) -> int:
         """Bytes of one V element (a transposed V stores single elements)."""
         return self.type_v.type_size

@@ -91,7 +91,7 @@ def selected_cells(layout: KVLayout, cells: KVCells, seq_id: int) -> np.ndarray:
 def _meta_words(layout: KVLayout, cells: KVCells, idx: np.ndarray, seq_id: int) -> np.ndarray:
     """The meta records of cells ``idx`` (of one stream, ``cells``) as one int32 array."""
     n = idx.size
-    n_ext = 3 if layout.with_ext else 0
+    n_ext = layout.n_ext
     if seq_id != -1:
         # every record: pos, n_seq_id, [ext], seq_id (no id at all for ids >= n_seq_max)
         has_id = seq_id < layout.n_seq_max
@@ -233,7 +233,7 @@ class SeqBlob:
     ) -> None:
         store = v_cells[0].store
         n_stream = layout.n_stream
-        n_ext = 3 if layout.with_ext else 0
+        n_ext = layout.n_ext
         scratch = [section.runs_scratch(s, v_cells[s].size) for s in range(n_stream)]
         starts = [ffi.from_buffer("int64_t[]", a, require_writable=True) for a in scratch]
         keep: list[object] = [store, v_heads, section, scratch, starts]
@@ -445,11 +445,11 @@ class SeqBlob:
             src = ffi.from_buffer(data)
         except (TypeError, ValueError, BufferError):
             return None
-        # counts and offsets [n_stream] each, consumed, then same and done (int32 each)
-        found = np.zeros(2 * len(self._cells) + 2, dtype=np.int64)
-        p = ffi.from_buffer("int64_t[]", found, require_writable=True)
+        # counts and offsets [n_stream] each, then consumed; flags: same, done
         n = len(self._cells)
-        flags = ffi.cast("int32_t *", p + 2 * n + 1)
+        found = np.zeros(2 * n + 1, dtype=np.int64)
+        p = ffi.from_buffer("int64_t[]", found, require_writable=True)
+        flags = ffi.new("int32_t[2]")
         status = lib.pm_kv_read_whole_blob(
             self._view, src, len(src), mode, p, p + n, flags, p + 2 * n, flags + 1
         )
@@ -673,7 +673,7 @@ class WholeBlobPlan(_BlobPlan):
     def _records(self, strm: int) -> np.ndarray:
         """Stream ``strm``'s meta records, ``[n, 3 + n_ext]`` words (a view)."""
         n, at = int(self.found.counts[strm]), int(self.found.offsets[strm])
-        rec = 6 if self.layout.with_ext else 3
+        rec = self.layout.record_words
         return np.frombuffer(self.data, dtype="<i4", count=n * rec, offset=at).reshape(n, rec)
 
     def commit(self) -> None:
@@ -779,7 +779,7 @@ def _stream_section(
     if n == 0:
         return 4, lambda out: struct.pack_into("<I", out, 0, 0)
     n_runs = runs.shape[1]
-    n_ext = 3 if layout.with_ext else 0
+    n_ext = layout.n_ext
     with_id = seq_id < layout.n_seq_max  # per sequence: no id at all for ids >= n_seq_max
     rec = 2 + n_ext + int(with_id)
     total = 12 + 4 * rec * n + n * section.cell_bytes + 12 * section.n_headers
@@ -873,7 +873,7 @@ def _write_stream_native(
     if seq_id < 0 and shared:
         return False
     n_runs = runs.shape[1]
-    n_ext = 3 if layout.with_ext else 0
+    n_ext = layout.n_ext
     with_id = seq_id < layout.n_seq_max  # per sequence: no id at all for ids >= n_seq_max
     writer.write_u32(n)
     if n == 0:
@@ -1262,7 +1262,7 @@ class KVStatePlan(_CachePlan):
         everything else the commit needs to decide, the parse copied."""
         if self.whole_fixed is None or self.parsed_now:
             return
-        n_ext = 3 if self.layout.with_ext else 0
+        n_ext = self.layout.n_ext
         for strm, words in enumerate(self.whole_fixed):
             if words is None:
                 continue
@@ -1660,7 +1660,7 @@ def parse_kv_state(
         n_stream == layout.n_stream,
         f"kv.n_stream: n_stream mismatch ({n_stream} in the blob, {layout.n_stream} in the cache)",
     )
-    n_ext = 3 if layout.with_ext else 0
+    n_ext = layout.n_ext
     kv_size = layout.kv_size
 
     if seq_id == -1:

@@ -19,6 +19,7 @@ import numpy as np
 from pymem.backend import Tensor
 from pymem.kv.layout import KVLayer, KVLayout
 from pymem.state import DevicePayload, Payload, StateWriter
+from pymem.state import index_runs as cell_runs  # the runs of a stream's cells
 
 _RUNS_LOOP = 32  # up to this many runs of cells, move each run as one slice
 
@@ -51,19 +52,6 @@ def v_trans_view(layout: KVLayout, layer: KVLayer, strm: int) -> np.ndarray | No
     el = uint_dtype(layout.v_el_size)
     raw = v.numpy().view(np.uint8).reshape(layout.n_stream, -1)
     return raw[strm].view(el).reshape(v.shape[0], layout.kv_size)
-
-
-def cell_runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Maximal runs of consecutive indices as ``(starts, ends)`` (ends exclusive).
-
-    E.g. [2, 3, 4, 9, 11, 12] -> ([2, 9, 11], [5, 10, 13]).
-    """
-    if idx.size == 0:
-        return idx, idx
-    brk = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts = idx[np.concatenate(([0], brk))]
-    ends = idx[np.concatenate((brk - 1, [idx.size - 1]))] + 1
-    return starts, ends
 
 
 def _strided_runs(a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:

@@ -42,6 +42,7 @@ from pymem.state import (
     PendingWrites,
     StateReader,
     StateWriter,
+    index_runs,
     refuse_stale_commit,
 )
 from pymem.ubatch import LLAMA_MAX_SEQ
@@ -65,26 +66,6 @@ class StateLayers:
     def cell_bytes(self) -> int:
         """One cell's bytes over every R and S tensor (a row of each)."""
         return sum(t.row_size for t in (*self.r, *self.s))
-
-
-def _runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Maximal runs of consecutive values, as half-open ``(starts, ends)`` int64 arrays.
-
-    E.g. ``[4, 5, 6, 9, 10, 2] -> ([4, 9, 2], [7, 11, 3])``.
-    """
-    rows = rows.astype(np.int64, copy=False)
-    if rows.size == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    # a run breaks wherever the next row is not the previous one + 1
-    # E.g., [4, 5, 6, 9, 10, 2] -> breaks after index 2 and 4: runs end at rows 6, 10, 2
-    brk = np.flatnonzero(np.diff(rows) != 1)
-    starts = np.empty(brk.size + 1, dtype=np.int64)
-    ends = np.empty(brk.size + 1, dtype=np.int64)
-    starts[0] = rows[0]
-    starts[1:] = rows[brk + 1]
-    ends[:-1] = rows[brk] + 1
-    ends[-1] = rows[-1] + 1
-    return starts, ends
 
 
 # --------------------------------------------------------------------------------------
@@ -374,7 +355,7 @@ def write_state(
     writer.write_u32(int(cells.size))
     if cells.size:
         writer.write_array(meta_words(c, cells, seq_id))
-    starts, ends = _runs(rows)
+    starts, ends = index_runs(rows)
     writer.write_u32(0)  # s_trans: the transposed layout is never written
     writer.write_u32(layers.n_layer)
     if native is not None and writer.fills_in_place:
