@@ -291,3 +291,20 @@ def test_mutated_blobs_take_either_road_to_one_outcome(monkeypatch, name: str) -
             assert outcomes[0] == outcomes[1], (seed, trial)
             assert states[0] == states[1], (seed, trial)
     assert made, "no mutated blob took the placed road"
+
+
+def test_under_an_undo_journal_a_reset_is_undone_and_no_native_placement_runs() -> None:
+    """The journal guards: a reset inside a planning context (an undo journal) is undone
+    on exit, and the native placement declines there, before any seq_rm (the numpy
+    placement, which journals, takes it)."""
+    kv = _scenario("f16-trans", 2, n_cells=48)
+    before = _state(kv)
+    with kv._planning():
+        kv.cells.reset()
+        assert kv.v_cells[0].used == 0
+    assert _state(kv) == before
+    with kv._planning():
+        held = kv.seq_pos_max(0)
+        assert kv._place_seq_native(0, np.arange(3, dtype=np.int32)) is None
+        assert kv.seq_pos_max(0) == held
+    assert _state(kv) == before

@@ -385,3 +385,35 @@ def test_the_sized_whole_writer_refuses_a_cache_changed_since_its_sizing() -> No
     with pytest.raises(StateError, match="changed between sizing and writing"):
         fill(memoryview(out))
     assert out == bytearray(b"\xee" * size)
+
+
+@pytest.mark.parametrize("one_call", [True, False])
+def test_a_declined_refill_leaves_the_placement_to_set_new(monkeypatch, one_call: bool) -> None:
+    """A refill that declines (as under an undo journal) leaves the cells to the numpy
+    clear + set_new on both parse roads: the cache ends as the native refill leaves it,
+    and a journal around the restore makes the real refill decline too."""
+    if not one_call:
+        monkeypatch.setattr(KVCache, "_whole_blob_plan", lambda self, reader, hooks: None)
+    real = KVCache._refill
+    declined: list[int] = []
+
+    def decline(self, records):
+        if any(w is not None for w in records):
+            declined.append(1)
+            return False
+        return real(self, records)
+
+    for seed in range(4):
+        blob = bytes(_scenario("f16-trans-streams", seed + 100).state_write())
+        native = _scenario("f16-trans-streams", seed)
+        fallback = _scenario("f16-trans-streams", seed)
+        native.state_read(blob)
+        with monkeypatch.context() as m:
+            m.setattr(KVCache, "_refill", decline)
+            fallback.state_read(blob)
+        assert _state(native) == _state(fallback), seed
+        check_invariants(fallback)
+    assert len(declined) == 4
+    journaled = _scenario("f16-trans", 1)
+    with journaled._planning():
+        assert journaled._refill([np.zeros((1, 3), dtype=np.int32)]) is False

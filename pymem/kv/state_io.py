@@ -681,24 +681,48 @@ class WholeBlobPlan(_BlobPlan):
         layout = self.layout
         self.verify()  # the parse's checks again, before anything changes
         counts = self.found.counts
-        if self.found.same:
-            # clear + set_new would put back every cell as it is: only the heads move
-            self.v_heads.a[:] = 0
-            self.hooks.mark_mutated()
-        else:
-            records = [self._records(s) if counts[s] else None for s in range(layout.n_stream)]
-            if not self.hooks.refill(records):
-                self.hooks.clear(False)  # clear(True) without zeroing the rows to be filled
-                for strm, words in enumerate(records):
-                    if words is not None:
-                        _set_new_records(self.v_cells[strm], words, layout.with_ext)
+        records = (
+            None
+            if self.found.same
+            else [self._records(s) if counts[s] else None for s in range(layout.n_stream)]
+        )
+        if not _place_whole(self.hooks, self.v_heads, records):
+            assert records is not None, "cells that already are the blob's need no placement"
+            for strm, words in enumerate(records):
+                if words is not None:
+                    _set_new_records(self.v_cells[strm], words, layout.with_ext)
         self.committed = True
         if self.blob.read_whole(self.data, 1) is None:  # checked just before: cannot fail
             raise StateError("state plan: the blob changed while it was restored")
-        for strm in range(layout.n_stream):
-            a = int(counts[strm])
-            if not zero_range_native(layout, self.layers, strm, a, layout.kv_size):
-                zero_range(layout, self.layers, strm, a, layout.kv_size)
+        _zero_past(layout, self.layers, [int(n) for n in counts])
+
+
+def _place_whole(
+    hooks: KVStateHooks, v_heads: StreamHeads, records: Sequence[np.ndarray | None] | None
+) -> bool:
+    """A whole restore's cells, as the reference's clear + set_new leaves them: with
+    ``records`` None the cells already are the blob's and only the heads move; else one
+    native refill of every stream's fixed records (``[n, 3 + n_ext]`` words, None for a
+    stream without cells). False when the refill declined: every stream is then emptied
+    (``clear(False)``: the rows are about to be filled or zeroed) and the caller places
+    the cells."""
+    if records is None:
+        v_heads.a[:] = 0
+        hooks.mark_mutated()
+        return True
+    if hooks.refill(records):
+        return True
+    hooks.clear(False)
+    return False
+
+
+def _zero_past(layout: KVLayout, layers: Sequence[KVLayer], counts: Sequence[int]) -> None:
+    """Zero every stream's rows past its restored cells, as the reference's clear(true)
+    leaves them."""
+    for strm in range(layout.n_stream):
+        a = counts[strm] if strm < len(counts) else 0
+        if not zero_range_native(layout, layers, strm, a, layout.kv_size):
+            zero_range(layout, layers, strm, a, layout.kv_size)
 
 
 def _set_new_records(cells: KVCells, words: np.ndarray, with_ext: bool) -> None:
@@ -1255,6 +1279,8 @@ class KVStatePlan(_CachePlan):
         # whole cache: every stream's records when each is a fixed one (None for a stream
         # without cells), placed by one refill at commit; None: the steps place them
         self.whole_fixed: list[np.ndarray | None] | None = None
+        # whole cache, set at commit: the cells are placed already (the steps store bytes)
+        self.cells_placed = False
 
     def verify(self) -> None:
         """A whole restore's fixed records (views of the blob, placed at commit) checked
@@ -1280,17 +1306,13 @@ class KVStatePlan(_CachePlan):
         self.committed = True
         if self.seq_id == -1:
             if self.whole_same:
-                # clear + set_new would put back every cell as it is: only the heads move
-                self.v_heads[:] = [0] * layout.n_stream
-                self.hooks.mark_mutated()
-            elif self.whole_fixed is None or not self.hooks.refill(self.whole_fixed):
-                # clear(True) without zeroing the rows the blob is about to fill
-                self.hooks.clear(False)
-                self.whole_fixed = None  # the steps place the cells
-            for strm in range(layout.n_stream):
-                a = self.whole_counts.get(strm, 0)
-                if not zero_range_native(layout, self.layers, strm, a, layout.kv_size):
-                    zero_range(layout, self.layers, strm, a, layout.kv_size)
+                self.cells_placed = _place_whole(self.hooks, self.v_heads, None)
+            elif self.whole_fixed is None:
+                self.hooks.clear(False)  # the steps place the cells
+            else:  # where the refill declines, the steps place them
+                self.cells_placed = _place_whole(self.hooks, self.v_heads, self.whole_fixed)
+            counts = [self.whole_counts.get(s, 0) for s in range(layout.n_stream)]
+            _zero_past(layout, self.layers, counts)
         if self.place is not None:
             pos, cell_ext, slot, same = self.place
             strm = int(layout.seq_to_stream[self.seq_id])
@@ -1707,7 +1729,7 @@ def parse_kv_state(
                 # cells [0, n): one run (an index array only where one is needed: a
                 # fresh 256 KiB array costs its page faults, ~90 us at 32,768 cells)
                 runs = (np.zeros(1, dtype=np.int64), np.full(1, n, dtype=np.int64))
-                if not plan.whole_same and plan.whole_fixed is None:
+                if not plan.cells_placed:
                     idx = np.arange(n, dtype=np.int64)
                     v_cells[s].set_new(idx, pos, seq, ext if n_ext else None)
                 v_heads[s] = 0
