@@ -222,6 +222,13 @@ def test_native_whole_read_equals_the_numpy_parse() -> None:
             t.write_bytes(rng.integers(0, 255, t.nbytes, np.uint8))
         for t0, t1 in zip(*tensors):
             t1.write_bytes(t0.read_bytes())
+        # a decode history's src0, n and rs_z, which a whole restore keeps (as clear does)
+        n_cells = mems[0].cells.size
+        src0 = rng.integers(-1, n_cells, n_cells).astype(np.int32)
+        n_last, rs_z = int(rng.integers(0, size + 1)), int(rng.integers(-1, size))
+        for m in mems:
+            m.cells.src0[:] = src0
+            m.cells.n, m.cells.rs_z = n_last, rs_z
         results = []
         for m, native in zip(mems, (True, False)):
             if not native:
