@@ -44,6 +44,8 @@ class Device:
         # an rpc-server's device: this process's connection to it, looked at before each
         # call ggml would abort on when the server is gone (pymem.rpc_link)
         self.rpc_link: ServerLink | None = server_link(self)
+        if self.rpc_link is not None:
+            _LINKED_DEVICES.add(self.name)
 
     @property
     def handle(self) -> Any:
@@ -90,6 +92,9 @@ class Device:
 
 
 _DEVICES: dict[str, Device] = {}
+# the names of the devices with an rpc-server link (check_reachable has nothing to do
+# without one: a state restore of host memory pays no walk of its layers' devices)
+_LINKED_DEVICES: set[str] = set()
 
 
 def devices() -> list[Device]:
@@ -125,6 +130,8 @@ def check_reachable(devices: Iterable[Device]) -> None:
     Why: ggml aborts the process on a call to a lost server; an operation that writes
     several devices (a state restore) looks at all of them before it changes anything.
     """
+    if not _LINKED_DEVICES:  # no rpc-server device in this process: nothing to ask
+        return
     for dev in set(devices):
         if dev.rpc_link is not None:
             dev.rpc_link.check(dev.name)

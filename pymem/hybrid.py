@@ -49,6 +49,8 @@ from pymem.memory import Memory, Split, StateFlags
 from pymem.recurrent import RecurrentMemory, RecurrentMemoryContext
 from pymem.spec import ModelSpec, SWAType
 
+_PARTIAL_ONLY = int(StateFlags.PARTIAL_ONLY)  # (an int: the flag test runs on every state call)
+
 if TYPE_CHECKING:
     from pymem.batch import BatchAllocator
 
@@ -272,7 +274,7 @@ class HybridMemory(CompositeMemory):
         PARTIAL_ONLY drops a plain KV attention part entirely; an iSWA part handles the
         flag itself (drops its base cache, keeps its SWA cache).
         """
-        return self.is_iswa or not int(flags) & StateFlags.PARTIAL_ONLY
+        return self.is_iswa or not int(flags) & _PARTIAL_ONLY
 
     def _state_members(self, flags: int) -> tuple[Memory, ...]:
         """``[attention][recurrent]``, the attention part only when :meth:`_attn_in_state`."""
