@@ -978,6 +978,23 @@ static pm_status pm_kv_select_window(const int32_t * pos, const int32_t * owner,
     return PM_OK;
 }
 
+// The zero counts before the one stream part of a per-sequence blob at d (u32 n_stream,
+// then a u32 count per stream): the part goes to stream s whichever stream wrote it (as the
+// reference reads a sequence's blob). -1 where the one-call paths do not apply: s holds
+// shared cells, the view is too short for the counts, n_stream differs, or no stream has
+// cells (the general restore's business).
+static int64_t pm_seq_blob_before(const pm_kv_seq_blob * b, int32_t s, const char * d, int64_t avail) {
+    const int64_t n_stream = b->n_stream;
+    if (b->n_multi[s] != 0 || avail < 4 + 4 * n_stream || pm_get_u32(d) != (uint32_t) n_stream) {
+        return -1;
+    }
+    int64_t before = 0;
+    while (before < n_stream && pm_get_u32(d + 4 + 4 * before) == 0) {
+        ++before;
+    }
+    return before == n_stream ? -1 : before;
+}
+
 pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t reuse, int64_t p_lo, int64_t p_hi,
                                void * out, int64_t cap, int64_t * written, int32_t * declined) {
     const int32_t s = pm_seq_blob_stream(b, seq_id);
@@ -1043,17 +1060,9 @@ pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const vo
     if (store == 2 && (known < 1 || known > b->runs_cap)) {
         return PM_OK;
     }
-    if (b->n_multi[s] != 0 || avail < 4 + 4 * n_stream || pm_get_u32(d) != (uint32_t) n_stream) {
+    const int64_t before = pm_seq_blob_before(b, s, d, avail);
+    if (before < 0) {
         return PM_OK;
-    }
-    // the streams before the one with cells are bare zero counts; the part goes to seq_id's
-    // stream whichever stream wrote it (as the reference reads a sequence's blob)
-    int64_t before = 0;
-    while (before < n_stream && pm_get_u32(d + 4 + 4 * before) == 0) {
-        ++before;
-    }
-    if (before == n_stream) {
-        return PM_OK;  // no cells at all: the general restore's business
     }
     const int64_t at = 4 + 4 * before;
     int64_t part = 0, new_head = 0;
@@ -1082,14 +1091,8 @@ pm_status pm_kv_read_seq_place(const pm_kv_seq_blob * b, int32_t seq_id, const v
     *done = 0;
     const char * d = (const char *) blob;
     const int64_t n_stream = b->n_stream, rec = 3 + b->n_ext, size = b->size;
-    if (b->n_multi[s] != 0 || avail < 4 + 4 * n_stream || pm_get_u32(d) != (uint32_t) n_stream) {
-        return PM_OK;
-    }
-    int64_t before = 0;
-    while (before < n_stream && pm_get_u32(d + 4 + 4 * before) == 0) {
-        ++before;
-    }
-    if (before == n_stream) {
+    const int64_t before = pm_seq_blob_before(b, s, d, avail);
+    if (before < 0) {
         return PM_OK;
     }
     const int64_t at = 4 + 4 * before;  // the part: u32 count, records, data section
