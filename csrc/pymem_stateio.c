@@ -96,6 +96,18 @@ int32_t pm_copy_last_shares(void) {
     return PM_LOAD(pm_copy_last);
 }
 
+#if PM_HAVE_THREADS
+static int32_t pm_pool_size = 0;  // copy workers started (under pm_pool_mu)
+#endif
+
+int32_t pm_copy_workers(void) {
+#if PM_HAVE_THREADS
+    return PM_LOAD(pm_pool_size);
+#else
+    return 0;
+#endif
+}
+
 int32_t pm_get_copy_threads(int64_t * min_bytes) {
     if (min_bytes != NULL) {
         *min_bytes = PM_LOAD(pm_copy_min_bytes);
@@ -168,14 +180,131 @@ static void pm_copy_pieces(const pm_share * sh) {
 }
 
 #if PM_HAVE_THREADS
-static void * pm_copy_share_main(void * arg) {
-    pm_copy_pieces((const pm_share *) arg);
+// --- the copy workers: started once, woken per section --------------------------------
+// A section's shares go on the one job slot; the calling thread and the workers claim
+// them in order (next), so a worker late to wake costs nothing: the caller copies what no
+// one claimed and waits only for shares a worker is copying. A second caller while the
+// slot is taken (another thread's section) copies all of its shares itself. A fork's
+// child starts with no workers (pthread_atfork resets the pool).
+typedef struct {
+    const pm_share * shares;
+    int64_t          n, next, done;  // shares; the next to claim; those copied
+    int32_t          entered;        // workers inside this job (it lives on the caller's stack)
+} pm_copy_job;
+
+static pthread_mutex_t pm_pool_mu   = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t  pm_pool_wake = PTHREAD_COND_INITIALIZER;  // workers: a new job
+static pthread_cond_t  pm_pool_idle = PTHREAD_COND_INITIALIZER;  // the caller: shares done
+static pm_copy_job *   pm_pool_job  = NULL;
+static uint64_t        pm_pool_gen  = 0;  // jobs posted
+static pthread_once_t  pm_pool_once = PTHREAD_ONCE_INIT;
+
+// claim and copy shares of j until none is left (the pool's mutex held on entry and exit)
+static void pm_pool_drain(pm_copy_job * j) {
+    while (j->next < j->n) {
+        const int64_t i = j->next++;
+        pthread_mutex_unlock(&pm_pool_mu);
+        pm_copy_pieces(&j->shares[i]);
+        pthread_mutex_lock(&pm_pool_mu);
+        j->done++;
+    }
+}
+
+static void * pm_pool_main(void * arg) {
+    (void) arg;
+    uint64_t seen = 0;
+    pthread_mutex_lock(&pm_pool_mu);
+    seen = pm_pool_gen;
+    for (;;) {
+        while (pm_pool_job == NULL || pm_pool_gen == seen) {
+            pthread_cond_wait(&pm_pool_wake, &pm_pool_mu);
+        }
+        seen              = pm_pool_gen;
+        pm_copy_job * job = pm_pool_job;
+        job->entered++;
+        pm_pool_drain(job);
+        job->entered--;
+        pthread_cond_signal(&pm_pool_idle);
+    }
     return NULL;
+}
+
+static void pm_pool_lock_for_fork(void) { pthread_mutex_lock(&pm_pool_mu); }
+
+static void pm_pool_unlock_after_fork(void) { pthread_mutex_unlock(&pm_pool_mu); }
+
+static void pm_pool_reset_in_child(void) {  // only the forking thread lives on
+    pthread_mutex_init(&pm_pool_mu, NULL);
+    pthread_cond_init(&pm_pool_wake, NULL);
+    pthread_cond_init(&pm_pool_idle, NULL);
+    pm_pool_job = NULL;
+    PM_STORE(pm_pool_size, 0);
+}
+
+static void pm_pool_register_fork(void) {
+    pthread_atfork(pm_pool_lock_for_fork, pm_pool_unlock_after_fork, pm_pool_reset_in_child);
+}
+
+// copy n shares with the pool's help (workers started up to want - 1 as needed); false when
+// the job slot is taken (the caller copies them alone)
+static int pm_pool_run(const pm_share * shares, int64_t n, int32_t want) {
+    pthread_once(&pm_pool_once, pm_pool_register_fork);
+    pthread_mutex_lock(&pm_pool_mu);
+    if (pm_pool_job != NULL) {
+        pthread_mutex_unlock(&pm_pool_mu);
+        return 0;
+    }
+    while (pm_pool_size < want - 1) {
+        pthread_t      tid;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int bad = pthread_create(&tid, &attr, pm_pool_main, NULL);
+        pthread_attr_destroy(&attr);
+        if (bad) {
+            break;  // fewer workers: the caller claims more shares itself
+        }
+        PM_STORE(pm_pool_size, pm_pool_size + 1);
+    }
+    pm_copy_job job = { shares, n, 0, 0, 0 };
+    pm_pool_job     = &job;
+    pm_pool_gen++;
+    pthread_cond_broadcast(&pm_pool_wake);
+    pm_pool_drain(&job);
+    while (job.done < job.n || job.entered > 0) {
+        pthread_cond_wait(&pm_pool_idle, &pm_pool_mu);
+    }
+    pm_pool_job = NULL;
+    pthread_mutex_unlock(&pm_pool_mu);
+    return 1;
 }
 #endif
 
-// move every piece (n cells each), on pm_copy_threads threads when they hold enough bytes:
-// shares of about equal bytes, contiguous in piece order
+// split n_pieces pieces (n cells each, `bytes` in all) into `parts` shares of about equal
+// bytes, contiguous in piece order (a piece joins a share while its middle lies below the
+// share's goal: the nearest split); the shares that got pieces
+static int32_t pm_split_shares(const pm_piece * pieces, int64_t n_pieces, int64_t n, int64_t bytes, int64_t parts,
+                               const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs,
+                               pm_share * shares) {
+    int64_t p = 0, acc = 0;
+    int32_t used = 0;
+    for (int64_t t = 0; t < parts; ++t) {
+        shares[t]          = (pm_share) { pieces, p, p, run_starts, run_ends, n_runs };
+        const int64_t goal = bytes / parts * (t + 1);  // cumulative bytes this share ends at
+        while (p < n_pieces && (t == parts - 1 || acc + pieces[p].bytes * n / 2 < goal)) {
+            acc += pieces[p].bytes * n;
+            ++p;
+        }
+        shares[t].end = p;
+        used += shares[t].first < shares[t].end;
+    }
+    return used;
+}
+
+// move every piece (n cells each), on pm_copy_threads threads when they hold enough bytes.
+// The threads take part in shares of about equal bytes; the pool is handed PM_SHARES_PER
+// times as many (a worker late to wake then leaves the caller less to wait for).
+#define PM_SHARES_PER 4
 static void pm_copy_all(const pm_piece * pieces, int64_t n_pieces, int64_t n, const int64_t * run_starts,
                         const int64_t * run_ends, int64_t n_runs) {
     if (n_pieces < 1) {
@@ -192,41 +321,22 @@ static void pm_copy_all(const pm_piece * pieces, int64_t n_pieces, int64_t n, co
     if (n_thr > n_pieces) {
         n_thr = n_pieces;
     }
-    pm_share shares[64];
-    int64_t  p = 0, acc = 0;
-    for (int64_t t = 0; t < n_thr; ++t) {
-        shares[t] = (pm_share) { pieces, p, p, run_starts, run_ends, n_runs };
-        const int64_t goal = bytes / n_thr * (t + 1);  // cumulative bytes this share ends at
-        // a piece joins this share while its middle lies below the goal (the nearest split)
-        while (p < n_pieces && (t == n_thr - 1 || acc + pieces[p].bytes * n / 2 < goal)) {
-            acc += pieces[p].bytes * n;
-            ++p;
-        }
-        shares[t].end = p;
-    }
-    int32_t used = 0;
-    for (int64_t t = 0; t < n_thr; ++t) {
-        used += shares[t].first < shares[t].end;
-    }
-    PM_STORE(pm_copy_last, used);
+    pm_share shares[64 * PM_SHARES_PER];
+    PM_STORE(pm_copy_last, pm_split_shares(pieces, n_pieces, n, bytes, n_thr, run_starts, run_ends, n_runs, shares));
 #if PM_HAVE_THREADS
-    pthread_t tid[64];
-    int       started[64] = { 0 };
-    for (int64_t t = 1; t < n_thr; ++t) {  // (a share left empty by a large piece: no thread)
-        started[t] = shares[t].first < shares[t].end &&
-                     pthread_create(&tid[t], NULL, pm_copy_share_main, &shares[t]) == 0;
-    }
-    pm_copy_pieces(&shares[0]);
-    for (int64_t t = 1; t < n_thr; ++t) {
-        if (started[t]) {
-            pthread_join(tid[t], NULL);
-        } else {
-            pm_copy_pieces(&shares[t]);  // no thread: the caller copies this share too
+    if (n_thr > 1) {
+        const int64_t parts = n_thr * PM_SHARES_PER < n_pieces ? n_thr * PM_SHARES_PER : n_pieces;
+        pm_split_shares(pieces, n_pieces, n, bytes, parts, run_starts, run_ends, n_runs, shares);
+        if (pm_pool_run(shares, parts, (int32_t) n_thr)) {
+            return;
         }
+        for (int64_t t = 0; t < parts; ++t) {  // the pool's slot taken: in turn
+            pm_copy_pieces(&shares[t]);
+        }
+        return;
     }
-#else
-    pm_copy_pieces(&shares[0]);  // n_thr is 1 here
 #endif
+    pm_copy_pieces(&shares[0]);  // n_thr is 1 here
 }
 
 // The pieces of one call: moved by pm_batch_run, on the state threads, when their list

@@ -306,9 +306,12 @@ pm_status pm_rs_restore_seq(int32_t * pos, int32_t * src, int32_t * src0, int32_
 // pm_rows_section and pm_rows_store: every native state write and restore):
 // n for a call that moves at least min_bytes in all (1: the calling thread alone; 0: the
 // default, the environment's PYMEM_STATE_THREADS when it is a count in [1, 64], else
-// min(4, online CPUs), found once, from 4 MiB on, min_bytes ignored); the calling
-// thread takes one share and n - 1 threads started for the call the others (a thread that
-// cannot be started leaves its share to the caller). The bytes are the same either way.
+// min(4, online CPUs), found once, from 4 MiB on, min_bytes ignored). The threads are the
+// calling thread and n - 1 copy workers, started at the first such call and kept (a fork's
+// child starts its own); they claim the call's shares (4 a thread, of about equal bytes) in
+// order, so the caller waits only for shares a worker is copying, and copies alone where
+// no worker could be started or another thread's call holds them. The bytes are the same
+// either way.
 // PM_ERR_ARG, nothing changed, for n outside [0, 64] or min_bytes < 0. Set it while no
 // state write runs.
 pm_status pm_set_copy_threads(int32_t n, int64_t min_bytes);
@@ -323,6 +326,10 @@ int32_t pm_get_copy_threads(int64_t * min_bytes);
 // calling thread alone; 0: none yet), process-wide. A test hook: the bytes are the same
 // whatever the split, so only this shows the split and pm_set_copy_threads' min_bytes.
 int32_t pm_copy_last_shares(void);
+
+// The copy workers started in this process (a test hook): at most the largest n - 1 a
+// threaded call asked for; 0 in a fork's child until its first threaded call.
+int32_t pm_copy_workers(void);
 
 // PYMEM_CDEF_END
 

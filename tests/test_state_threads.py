@@ -213,3 +213,88 @@ def test_the_split_follows_the_setting() -> None:
     assert lib.pm_copy_last_shares() == pieces
     rows.close()
     kv.close()
+
+
+def test_the_copy_workers_are_kept_and_grow_to_what_a_call_asks() -> None:
+    """Threaded calls share workers started once: a second call starts none, a call
+    asking for more threads starts only the missing ones, a smaller count starts none."""
+    from pymem._native import lib
+
+    kv = _filled("f16-trans", 9)
+    set_state_threads(2, 0)
+    kv.state_write()
+    have = lib.pm_copy_workers()
+    assert have >= 1
+    kv.state_write()
+    assert lib.pm_copy_workers() == have
+    set_state_threads(4, 0)
+    kv.state_write()
+    assert lib.pm_copy_workers() == max(have, 3)
+    set_state_threads(2, 0)
+    kv.state_write()
+    assert lib.pm_copy_workers() == max(have, 3)
+    kv.close()
+
+
+def test_threaded_calls_from_several_threads_at_once_move_the_right_bytes() -> None:
+    """Python threads writing and restoring at once (the native calls release the GIL):
+    one holds the workers, the others copy alone; every blob and restore is right."""
+    import threading
+
+    caches = [_filled(name, 11 + i) for i, name in enumerate(NAMES)]
+    set_state_threads(1)
+    want = [[bytes(kv.state_write(s)) for s in (-1, 0)] for kv in caches]
+    set_state_threads(3, 0)
+    errors: list[BaseException] = []
+
+    def work(kv: KVCache, blobs: list[bytes]) -> None:
+        try:
+            for _ in range(30):
+                for s, blob in zip((-1, 0), blobs):
+                    assert bytes(kv.state_write(s)) == blob
+                    kv.state_read(blob, s)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(kv, w)) for kv, w in zip(caches, want)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors
+    for kv, w in zip(caches, want):
+        assert [bytes(kv.state_write(s)) for s in (-1, 0)] == w
+        kv.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_starts_its_own_copy_workers() -> None:
+    """A child forked after threaded copies (workers running, possibly mid-wait) has none:
+    its first threaded call starts its own and moves the right bytes, with no deadlock."""
+    script = """
+import os, sys
+import numpy as np
+sys.path.insert(0, "tests")
+from test_state_threads import _filled
+from pymem._native import lib
+from pymem.state import set_state_threads
+kv = _filled("f16-trans", 13)
+set_state_threads(1)
+want = bytes(kv.state_write())
+set_state_threads(2, 0)
+assert bytes(kv.state_write()) == want and lib.pm_copy_workers() >= 1
+pid = os.fork()
+if pid == 0:
+    code = 0 if lib.pm_copy_workers() == 0 else 3
+    ok = bytes(kv.state_write()) == want and lib.pm_copy_workers() >= 1
+    kv.state_read(want)
+    os._exit(code if ok and bytes(kv.state_write()) == want else 4)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(__file__)),
+        timeout=120, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
