@@ -28,9 +28,11 @@ docs/perf_decode_vs_nseq.png and docs/perf_decode_vs_nctx.png.
    8192 tokens, decoded in interleaved chunks of 128 (one decode call = one chunk of each
    sequence); f16 K/V. tiny-llama with flash attention off (V transposed) and on,
    tiny-jamba (hybrid) and tiny-gemma2 (iSWA) with it off. One sequence's state
-   write / read and the whole state's, pymem (``state_write`` / ``state_read``) against
-   llama.cpp (``llama_state_seq_get_data`` / ``_set_data``, ``llama_state_get_data`` /
-   ``_set_data`` into preallocated buffers) and a numpy ``copyto`` of as many bytes.
+   write / read and the whole state's, pymem (``state_write``: a new blob, and
+   ``state_write_buffer`` into a preallocated buffer; ``state_read``) against llama.cpp
+   (``llama_state_seq_get_data`` / ``_set_data``, ``llama_state_get_data`` / ``_set_data``
+   into preallocated buffers) and a numpy ``copyto`` of as many bytes (into a preallocated
+   array: the write into a buffer is the like-for-like row).
    GB/s on the byte count of pymem's blob (the memory part; llama.cpp's whole-state blob
    adds its output buffers in front).
 3. Sequence ops on those filled memories (flash attention off), every op of the
@@ -590,10 +592,14 @@ def bench_state(pair: Pair, repeats: int) -> list[dict[str, Any]]:
         ref_get()
         src = np.frombuffer(blob, np.uint8)
         dst = np.empty_like(src)
+        out = bytearray(n_mem)  # the caller's buffer, as llama.cpp and copyto are given one
         t = interleaved(
             {
                 "llama_cpp_write": ref_get,
                 "pymem_write": lambda seq_id=seq_id: mem.state_write(seq_id),
+                "pymem_write_buffer": lambda seq_id=seq_id, out=out: mem.state_write_buffer(
+                    out, seq_id
+                ),
                 "llama_cpp_read": ref_set,
                 "pymem_read": lambda blob=blob, seq_id=seq_id, prep=prep: (
                     prep == "seq_rm" and mem.seq_rm(seq_id, -1, -1),
@@ -766,17 +772,21 @@ def bench_filled(
             f"State I/O, f16, {STATE_N_SEQ} x {n_tokens} tokens in a unified "
             f"{STATE_N_CTX}-cell memory (median GB/s on pymem's blob bytes)",
             ["model", "v_trans", "blob", "pymem B", "llama.cpp B", "pymem write",
-             "llama.cpp write", "pymem read", "llama.cpp read", "numpy copy", "write / numpy",
-             "read / numpy", "write / llama.cpp", "read / llama.cpp"],
+             "pymem write into a buffer", "llama.cpp write", "pymem read", "llama.cpp read",
+             "numpy copy", "write / numpy", "write into a buffer / numpy", "read / numpy",
+             "write / llama.cpp", "write into a buffer / llama.cpp", "read / llama.cpp"],
             [
                 [
                     r["model"], r["v_trans"], r["blob"], r["pymem_bytes"], r["llama_cpp_bytes"],
-                    f"{r['pymem_write_gbs']:.2f}", f"{r['llama_cpp_write_gbs']:.2f}",
+                    f"{r['pymem_write_gbs']:.2f}", f"{r['pymem_write_buffer_gbs']:.2f}",
+                    f"{r['llama_cpp_write_gbs']:.2f}",
                     f"{r['pymem_read_gbs']:.2f}", f"{r['llama_cpp_read_gbs']:.2f}",
                     f"{r['numpy_copy_gbs']:.2f}",
                     f"{r['pymem_write_gbs'] / r['numpy_copy_gbs']:.2f}",
+                    f"{r['pymem_write_buffer_gbs'] / r['numpy_copy_gbs']:.2f}",
                     f"{r['pymem_read_gbs'] / r['numpy_copy_gbs']:.2f}",
                     f"{r['pymem_write_gbs'] / r['llama_cpp_write_gbs']:.2f}",
+                    f"{r['pymem_write_buffer_gbs'] / r['llama_cpp_write_gbs']:.2f}",
                     f"{r['pymem_read_gbs'] / r['llama_cpp_read_gbs']:.2f}",
                 ]
                 for r in state_rows
