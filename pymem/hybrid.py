@@ -45,11 +45,9 @@ import numpy as np
 from pymem.composite import CompositeMemory, PairContext
 from pymem.errors import ConfigError
 from pymem.kv import KVCache, KVCacheContext, KVCacheISWA, KVCacheISWAContext
-from pymem.memory import Memory, Split, StateFlags
+from pymem.memory import PARTIAL_ONLY_BIT, Memory, Split
 from pymem.recurrent import RecurrentMemory, RecurrentMemoryContext
 from pymem.spec import ModelSpec, SWAType
-
-_PARTIAL_ONLY = int(StateFlags.PARTIAL_ONLY)  # (an int: the flag test runs on every state call)
 
 if TYPE_CHECKING:
     from pymem.batch import BatchAllocator
@@ -274,7 +272,7 @@ class HybridMemory(CompositeMemory):
         PARTIAL_ONLY drops a plain KV attention part entirely; an iSWA part handles the
         flag itself (drops its base cache, keeps its SWA cache).
         """
-        return self.is_iswa or not int(flags) & _PARTIAL_ONLY
+        return self.is_iswa or not int(flags) & PARTIAL_ONLY_BIT
 
     def _state_members(self, flags: int) -> tuple[Memory, ...]:
         """``[attention][recurrent]``, the attention part only when :meth:`_attn_in_state`."""

@@ -90,6 +90,11 @@ class StateFlags(enum.IntFlag):
     ON_DEVICE = 2
 
 
+PARTIAL_ONLY_BIT = int(StateFlags.PARTIAL_ONLY)
+"""``StateFlags.PARTIAL_ONLY`` as a plain int: every state call tests it (an IntFlag
+operation costs an enum construction each time)."""
+
+
 class AttentionView(Protocol):
     """The graph side of one KV cache for the current ubatch (a ``KVCacheContext``).
 

@@ -42,7 +42,7 @@ from pymem.batch import BatchAllocator
 from pymem.composite import CompositeMemory, PairContext
 from pymem.errors import ConfigError
 from pymem.kv.cache import KVCache, KVCacheContext
-from pymem.memory import GraphInputs, Split, StateFlags
+from pymem.memory import PARTIAL_ONLY_BIT, GraphInputs, Split
 from pymem.spec import ModelSpec, SWAType
 
 SWA_PAD = 256
@@ -264,6 +264,6 @@ class KVCacheISWA(CompositeMemory):
     # --- state -----------------------------------------------------------------------
     def _state_members(self, flags: int) -> tuple[KVCache, ...]:
         """``[base][swa]``; the base part is left out under ``PARTIAL_ONLY``."""
-        if int(flags) & StateFlags.PARTIAL_ONLY:
+        if int(flags) & PARTIAL_ONLY_BIT:
             return (self.kv_swa,)
         return (self.kv_base, self.kv_swa)
