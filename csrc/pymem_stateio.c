@@ -97,12 +97,21 @@ int32_t pm_copy_last_shares(void) {
 }
 
 #if PM_HAVE_THREADS
-static int32_t pm_pool_size = 0;  // copy workers started (under pm_pool_mu)
+static int32_t pm_pool_size      = 0;  // copy workers started (under pm_pool_mu)
+static int32_t pm_copy_last_joined = 0;  // the workers that entered the last pooled job
 #endif
 
 int32_t pm_copy_workers(void) {
 #if PM_HAVE_THREADS
     return PM_LOAD(pm_pool_size);
+#else
+    return 0;
+#endif
+}
+
+int32_t pm_copy_last_helpers(void) {
+#if PM_HAVE_THREADS
+    return PM_LOAD(pm_copy_last_joined);
 #else
     return 0;
 #endif
@@ -190,6 +199,8 @@ typedef struct {
     const pm_share * shares;
     int64_t          n, next, done;  // shares; the next to claim; those copied
     int32_t          entered;        // workers inside this job (it lives on the caller's stack)
+    int32_t          helpers;        // the most workers that may join (the call's threads - 1)
+    int32_t          joined;         // the workers that entered it
 } pm_copy_job;
 
 static pthread_mutex_t pm_pool_mu   = PTHREAD_MUTEX_INITIALIZER;
@@ -198,6 +209,7 @@ static pthread_cond_t  pm_pool_idle = PTHREAD_COND_INITIALIZER;  // the caller: 
 static pm_copy_job *   pm_pool_job  = NULL;
 static uint64_t        pm_pool_gen  = 0;  // jobs posted
 static pthread_once_t  pm_pool_once = PTHREAD_ONCE_INIT;
+static int32_t         pm_pool_cap  = 64;  // workers this process can start (lowered by a failure)
 
 // claim and copy shares of j until none is left (the pool's mutex held on entry and exit)
 static void pm_pool_drain(pm_copy_job * j) {
@@ -212,16 +224,21 @@ static void pm_pool_drain(pm_copy_job * j) {
 
 static void * pm_pool_main(void * arg) {
     (void) arg;
+    // (no job was ever seen: a worker started for a call takes part in it; jobs are
+    // numbered from 1, and a job on the slot is always the current one)
     uint64_t seen = 0;
     pthread_mutex_lock(&pm_pool_mu);
-    seen = pm_pool_gen;
     for (;;) {
         while (pm_pool_job == NULL || pm_pool_gen == seen) {
             pthread_cond_wait(&pm_pool_wake, &pm_pool_mu);
         }
         seen              = pm_pool_gen;
         pm_copy_job * job = pm_pool_job;
+        if (job->joined >= job->helpers) {
+            continue;  // the call asked for fewer threads than the pool has
+        }
         job->entered++;
+        job->joined++;
         pm_pool_drain(job);
         job->entered--;
         pthread_cond_signal(&pm_pool_idle);
@@ -238,6 +255,8 @@ static void pm_pool_reset_in_child(void) {  // only the forking thread lives on
     pthread_cond_init(&pm_pool_wake, NULL);
     pthread_cond_init(&pm_pool_idle, NULL);
     pm_pool_job = NULL;
+    pm_pool_gen = 0;
+    pm_pool_cap = 64;
     PM_STORE(pm_pool_size, 0);
 }
 
@@ -254,7 +273,7 @@ static int pm_pool_run(const pm_share * shares, int64_t n, int32_t want) {
         pthread_mutex_unlock(&pm_pool_mu);
         return 0;
     }
-    while (pm_pool_size < want - 1) {
+    while (pm_pool_size < want - 1 && pm_pool_size < pm_pool_cap) {
         pthread_t      tid;
         pthread_attr_t attr;
         pthread_attr_init(&attr);
@@ -262,11 +281,12 @@ static int pm_pool_run(const pm_share * shares, int64_t n, int32_t want) {
         const int bad = pthread_create(&tid, &attr, pm_pool_main, NULL);
         pthread_attr_destroy(&attr);
         if (bad) {
-            break;  // fewer workers: the caller claims more shares itself
+            pm_pool_cap = pm_pool_size;  // no more tries: the caller claims more shares itself
+            break;
         }
         PM_STORE(pm_pool_size, pm_pool_size + 1);
     }
-    pm_copy_job job = { shares, n, 0, 0, 0 };
+    pm_copy_job job = { shares, n, 0, 0, 0, want - 1, 0 };
     pm_pool_job     = &job;
     pm_pool_gen++;
     pthread_cond_broadcast(&pm_pool_wake);
@@ -275,6 +295,7 @@ static int pm_pool_run(const pm_share * shares, int64_t n, int32_t want) {
         pthread_cond_wait(&pm_pool_idle, &pm_pool_mu);
     }
     pm_pool_job = NULL;
+    PM_STORE(pm_copy_last_joined, job.joined);
     pthread_mutex_unlock(&pm_pool_mu);
     return 1;
 }

@@ -331,6 +331,10 @@ int32_t pm_copy_last_shares(void);
 // threaded call asked for; 0 in a fork's child until its first threaded call.
 int32_t pm_copy_workers(void);
 
+// The copy workers that took part in the last call the workers were asked to help with
+// (a test hook): never more than that call's threads - 1, however many workers exist.
+int32_t pm_copy_last_helpers(void);
+
 // PYMEM_CDEF_END
 
 #ifdef __cplusplus

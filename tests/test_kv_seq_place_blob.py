@@ -233,6 +233,8 @@ def test_placed_store_refuses_runs_that_do_not_hold_the_cells() -> None:
     ):
         ok = seq_blob.store_placed(blob, 0, (np.array(starts), np.array(ends)))
         assert not ok, (starts, ends)
+    empty = np.zeros(0, dtype=np.int64)  # (no runs would ask the C call for a parse)
+    assert not seq_blob.store_placed(blob, 0, (empty, empty))
     assert _state(kv) == before
     src = ffi.from_buffer(blob)
     out = ffi.new("int64_t[4]")

@@ -298,3 +298,23 @@ sys.exit(os.waitstatus_to_exitcode(status))
         timeout=120, capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+
+
+def test_a_lower_thread_count_keeps_extra_workers_out() -> None:
+    """Workers started for a larger count stay, but a call asking for fewer threads lets
+    no more than its count - 1 of them in (found by review: every worker took shares)."""
+    from pymem._native import lib
+
+    kv = build(CFGS["f32-notrans"], n_cells=8192, n_seq=1)
+    _interleaved(kv, np.random.default_rng(15), 1, 8000, 4000)  # ~4 MB: time for workers
+    set_state_threads(4, 0)
+    kv.state_write()
+    assert lib.pm_copy_workers() >= 3
+    set_state_threads(2, 0)
+    joined = []
+    for _ in range(30):
+        kv.state_write()
+        joined.append(lib.pm_copy_last_helpers())
+    assert max(joined) <= 1, joined
+    set_state_threads(1)
+    kv.close()

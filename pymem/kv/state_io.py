@@ -424,6 +424,8 @@ class SeqBlob:
         src = ffi.from_buffer(data)
         starts = np.ascontiguousarray(runs[0], dtype=np.int64)
         ends = np.ascontiguousarray(runs[1], dtype=np.int64)
+        if starts.size == 0:  # (no runs would ask the C call for a parse)
+            return False
         found = ffi.new("int64_t[4]")
         done = ffi.new("int32_t *")
         status = lib.pm_kv_read_seq_place(
@@ -587,8 +589,10 @@ class PlacedSeqPlan(_BlobPlan):
         self.token = token  # the parse's positions stay in the blob's scratch under it
 
     def verify(self) -> None:
-        """The parse's checks again, so a blob changed since is refused before any part
-        of a composite commits (a plan committed right after its parse skips them)."""
+        """The parse's checks again, so a blob changed since into one that fails them, or
+        with another cell count or length, is refused before any part of a composite
+        commits (a plan committed right after its parse skips them). Positions and bytes
+        that still pass are taken as they are at commit, both from the one buffer."""
         if self.parsed_now:
             return
         again = self.blob.read_place(self.data, self.seq_id, self.token)
