@@ -1470,7 +1470,9 @@ class KVCache(Memory):
 
         A sequence that goes back into exactly the cells it holds (a rollback to the state
         just saved) is parsed, checked and stored in one native call
-        (:meth:`state_io.SeqBlob.read`); anything else takes the two-phase restore.
+        (:meth:`state_io.SeqBlob.read`); anything else takes the two-phase restore (for a
+        sequence placed anew, a native parse, placement and store:
+        :class:`state_io.PlacedSeqPlan`).
         """
         blob = self._seq_blob(seq_id, flags, "state_read")
         if blob is not None:
@@ -1493,7 +1495,9 @@ class KVCache(Memory):
         Returns a plan whose ``commit()`` applies it. Raises StateError naming the field
         that did not match. Nothing may change the cache between parse and commit. A
         sequence going back into exactly the cells it holds, from a blob in host memory,
-        is checked in one native call and stored in one more (:class:`SameCellsPlan`).
+        is checked in one native call and stored in one more (:class:`SameCellsPlan`); one
+        placed anew whose free cells prove the fit, likewise, with the placement between
+        (:class:`PlacedSeqPlan`).
         """
         return self._parse(reader, seq_id, flags, same_cells=True)
 
