@@ -221,7 +221,7 @@ class SeqBlob:
 
     __slots__ = (
         "_cells", "_checked", "_keep", "_placing", "_pos", "_searched", "_stream_of", "_swa",
-        "_view", "n_ext", "n_seq",
+        "_view", "n_seq",
     )  # fmt: skip
 
     def __init__(
@@ -283,7 +283,6 @@ class SeqBlob:
         # (type, n_swa) of a sliding-window cache: a sequence's blob holds only the cells
         # its last token still sees (selected_cells), a window the write passes to C
         self._swa = None if layout.swa_type == SWAType.NONE else (layout.swa_type, layout.n_swa)
-        self.n_ext = n_ext
         # the positions the last placing parse read (read_place), and (sequence, token) of
         # that parse: a commit with its token places them without parsing again
         self._pos = np.empty(v_cells[0].size, dtype=np.int32)
@@ -610,10 +609,10 @@ class PlacedSeqPlan(_BlobPlan):
             if again is None or again[:3] != self.found[:3] or pos is None:
                 raise StateError(BLOB_CHANGED)
         ext = None
-        if self.blob.n_ext:
-            rec = 3 + self.blob.n_ext
+        if self.layout.n_ext:
+            rec = self.layout.record_words
             words = np.frombuffer(self.data, np.int32, n * rec, self.found.records_at)
-            ext = words.reshape(n, rec)[:, 2 : 2 + self.blob.n_ext].copy()
+            ext = words.reshape(n, rec)[:, 2 : 2 + self.layout.n_ext].copy()
         self.committed = True
         native = self.hooks.place_seq(self.seq_id, pos)
         if native is not None:
