@@ -39,7 +39,9 @@ of these calls.
 ``--cold`` times every state call of tiny-llama, tiny-jamba and tiny-gemma2 cold (each
 right after a 16 MiB copy, what a decode step between two calls leaves), split the same
 way into native calls and the rest, against a cold numpy copy
-(results/bench_state_floor_cold.json).
+(results/bench_state_floor_cold.json). Its last rows write and read a sequence of one
+token: their time is the fixed cost of a call (the headers, one cell, a hybrid's
+recurrent state), which bounds what a small blob's call can reach against a copy.
 
 Run: python benchmarks/bench_state_floor.py [--quick] [--wide] [--composites | --cold]
 (--quick: 2,048 tokens a sequence, no JSON; --wide: also tiny-llama-e512, 512-byte rows;
@@ -313,16 +315,33 @@ def _cold_ms(fn: Any, setup: Any, repeats: int, native: bool = False) -> float:
     return _plain(fn, lambda: (setup(), evict()), repeats)
 
 
+# a sequence of one token (decoded into an otherwise unused id): its blob is headers, one
+# cell and (a hybrid) the recurrent state, so its calls show the fixed cost of a call
+_ONE_TOKEN_SEQ = bvl.STATE_N_SEQ
 _COLD_CALLS = (("whole, write", -1, None), ("whole, read", -1, "read"),
                ("whole, read into a cleared memory", -1, "clear"),
                ("one sequence, write", 0, None), ("one sequence, read", 0, "read"),
-               ("one sequence, swapped in", 0, "seq_rm"))  # fmt: skip
+               ("one sequence, swapped in", 0, "seq_rm"),
+               ("a one-token sequence, write", _ONE_TOKEN_SEQ, None),
+               ("a one-token sequence, read", _ONE_TOKEN_SEQ, "read"))  # fmt: skip
+
+
+def _decode_one_token(mem: Any, seq_id: int) -> None:
+    """One token of ``seq_id`` at position 0, decoded into ``mem`` (full: the sequence
+    before it is removed to make room; a recurrent state cannot lose its last token)."""
+    mem.seq_rm(seq_id - 1, -1, -1)
+    batch = Batch(np.array([7], np.int32), pos=np.zeros(1, np.int32),
+                  seq_id=np.array([seq_id], np.int32), output=np.ones(1, bool))  # fmt: skip
+    bvl.pymem_decode(mem, BatchAllocator(), batch, n_seq_max=bvl.STATE_SEQ_MAX, n_vocab=100,
+                     flash_attn=False, inputs=False)  # fmt: skip
 
 
 def _cold_rows(mem: Any, model: str, repeats: int) -> list[dict[str, Any]]:
     """:func:`cold`'s rows of one memory: every call of :data:`_COLD_CALLS`."""
     rows = []
     for what, seq_id, prep in _COLD_CALLS:
+        if seq_id == _ONE_TOKEN_SEQ and mem.seq_pos_max(seq_id) < 0:
+            _decode_one_token(mem, seq_id)  # (after the whole-memory rows: not in their blob)
         blob = bytes(mem.state_write(seq_id))
         out = bytearray(len(blob))
         src = np.frombuffer(blob, np.uint8)
