@@ -29,14 +29,21 @@ What differs (split choice, ``seq_rm``, positions, ``get_can_shift``, which part
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 
 from pymem.errors import BatchError
 from pymem.memory import GraphInputs, Memory, MemoryContext, MemoryStatus, status_combine
-from pymem.state import CompositeStatePlan, SeqWriter, StatePlan, StateReader, StateWriter
+from pymem.state import (
+    CompositeStatePlan,
+    SeqReader,
+    SeqWriter,
+    StatePlan,
+    StateReader,
+    StateWriter,
+)
 
 if TYPE_CHECKING:
     from pymem.ubatch import UBatch
@@ -202,6 +209,35 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
             return at
 
         return sum(size for size, _ in parts), fill
+
+    def seq_reader(self, seq_id: int, flags: int) -> SeqReader | None:
+        """Every part's native check, one after the other over one view, then every
+        part's store (None unless every part offers one; a blob that any part declines
+        changes nothing: no store runs before every check passed)."""
+        parts = []
+        for part in self._state_members(flags):
+            one = part.seq_reader(seq_id, flags)
+            if one is None:
+                return None
+            parts.append(one)
+
+        def check(view: memoryview) -> tuple[int, Callable[[], None]] | None:
+            at = 0
+            stores = []
+            for part_check in parts:
+                found = part_check(view[at:])
+                if found is None:
+                    return None
+                at += found[0]
+                stores.append(found[1])
+
+            def store() -> None:
+                for part_store in stores:
+                    part_store()
+
+            return at, store
+
+        return check
 
     def state_read_parse(
         self, reader: StateReader, seq_id: int = -1, flags: int = 0

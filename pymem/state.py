@@ -952,6 +952,13 @@ class CompositeStatePlan:
             p.commit()
 
 
+SeqReader: TypeAlias = Callable[[memoryview], "tuple[int, Callable[[], None]] | None"]
+"""A one-sequence restore in two native phases (:meth:`TwoPhaseStateIO.seq_reader`): the
+check of the blob at the start of a byte view, which changes nothing and returns (the bytes
+it takes, the store), or None where the general parse must decide (it also names what is
+wrong); the store applies it and must be called right after, with no other call on the
+memory in between."""
+
 SeqWriter: TypeAlias = tuple[int, Callable[[memoryview], int]]
 """A one-sequence blob's size and the function that writes exactly it into a byte view
 (:meth:`TwoPhaseStateIO.seq_writer`)."""
@@ -982,6 +989,14 @@ class TwoPhaseStateIO:
         None: not offered (the general writer runs). Arguments that ``state_write_into``
         would refuse raise the same errors here. Composites offer one where every part
         does."""
+        return None
+
+    def seq_reader(self, seq_id: int, flags: int) -> SeqReader | None:
+        """One sequence's restore as a native check and a native store (no parse into
+        plans), where this memory offers one for ``seq_id`` (``>= 0``, already an int)
+        and ``flags`` (known bits); None: the general restore runs. Composites offer one
+        where every part does: every part's check runs before any part's store, so a
+        blob that any part declines changes nothing."""
         return None
 
     def _one_seq(self, seq_id: Any, flags: int, what: str) -> SeqWriter | None:
@@ -1035,7 +1050,28 @@ class TwoPhaseStateIO:
     def state_read(
         self, data: bytes | bytearray | memoryview, seq_id: int = -1, flags: int = 0
     ) -> int:
-        """Restore from a blob; returns the bytes consumed. Nothing changes on failure."""
+        """Restore from a blob; returns the bytes consumed. Nothing changes on failure.
+
+        One sequence of a memory that offers :meth:`seq_reader` is checked and stored in
+        native calls; anything it declines takes the two-phase parse, which names what is
+        wrong."""
+        if (
+            type(seq_id) is int
+            and seq_id >= 0
+            and isinstance(flags, int)
+            and not (int(flags) & ~STATE_FLAGS_KNOWN)
+        ):
+            check = self.seq_reader(seq_id, int(flags))
+            if check is not None:
+                try:
+                    view = memoryview(data).cast("B")
+                except TypeError:  # not one contiguous run of bytes: the parse says so
+                    view = None
+                found = None if view is None else check(view)
+                if found is not None:
+                    taken, store = found
+                    store()
+                    return taken
         reader = StateReader(data)
         plan = self.state_read_parse(reader, seq_id, flags)
         plan.committed_at_once()

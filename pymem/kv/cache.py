@@ -107,6 +107,7 @@ from pymem.memory import (
 from pymem.spec import ModelSpec, NonCausalType, SWAType, masked_swa
 from pymem.state import (
     BLOB_CHANGED,
+    SeqReader,
     SeqWriter,
     StateReader,
     StateWriter,
@@ -1509,17 +1510,7 @@ class KVCache(Memory):
         self.check_open()
         check_state_flags(flags, "state_read")
         seq_id = self._check_seq(seq_id, "seq_id", allow_all=True)
-        hooks = self._hooks
-        if hooks is None:  # the same for every restore: built once
-            hooks = self._hooks = state_io.KVStateHooks(
-                version=lambda: self._version,
-                mark_mutated=self._mutated,
-                clear=self.clear,
-                planning=self._planning,
-                place=self._place_restored,
-                place_seq=self._place_seq_native,
-                refill=self._refill,
-            )
+        hooks = self._state_hooks()
         if seq_id == -1:
             whole = self._whole_blob_plan(reader, hooks)
             if whole is not None:
@@ -1541,6 +1532,51 @@ class KVCache(Memory):
         return state_io.parse_kv_state(
             self.layout, self.v_cells, self.v_heads, self.layers, hooks, reader, seq_id
         )
+
+    def _state_hooks(self) -> state_io.KVStateHooks:
+        """The cache operations a restore drives (the same for every restore: built once)."""
+        hooks = self._hooks
+        if hooks is None:
+            hooks = self._hooks = state_io.KVStateHooks(
+                version=lambda: self._version,
+                mark_mutated=self._mutated,
+                clear=self.clear,
+                planning=self._planning,
+                place=self._place_restored,
+                place_seq=self._place_seq_native,
+                refill=self._refill,
+            )
+        return hooks
+
+    def seq_reader(self, seq_id: int, flags: int) -> SeqReader | None:
+        """A composite's part of a one-sequence restore as a native check and store (see
+        :meth:`TwoPhaseStateIO.seq_reader`): the sequence back into exactly the cells it
+        holds (:meth:`state_io.SeqBlob.read`), or placed anew where the free cells prove
+        the fit (:class:`state_io.PlacedSeqPlan`). None for anything else: a closed cache,
+        tensors outside host memory, ``seq_id`` outside ``[0, n_seq_max)``."""
+        blob = self._seq_blob(seq_id, 0, "state_read") if seq_id < self.n_seq_max else None
+        if blob is None:
+            return None
+
+        def check(view: memoryview) -> tuple[int, Callable[[], None]] | None:
+            token = object()  # the check's runs (or positions), kept for the store
+            taken = blob.read(view, seq_id, store=False, token=token)
+            if taken is not None:
+                data = view[:taken]
+
+                def store() -> None:
+                    if blob.read(data, seq_id, token=token) is None:
+                        raise StateError(BLOB_CHANGED)  # (checked just before: cannot be)
+                    self._mutated()
+
+                return taken, store
+            plan = self._placed_seq_plan(blob, view, seq_id, self._state_hooks(), token)
+            if plan is None:
+                return None
+            plan.committed_at_once()
+            return plan.found.consumed, plan.commit
+
+        return check
 
     def _placed_seq_plan(
         self,

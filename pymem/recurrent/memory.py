@@ -115,7 +115,14 @@ from pymem.recurrent.state_io import (
     write_state,
 )
 from pymem.spec import ModelSpec
-from pymem.state import BufferWriter, SeqWriter, StateReader, StateWriter, check_state_flags
+from pymem.state import (
+    BufferWriter,
+    SeqReader,
+    SeqWriter,
+    StateReader,
+    StateWriter,
+    check_state_flags,
+)
 from pymem.types import ggml_type
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
 
@@ -775,6 +782,32 @@ class RecurrentMemory(Memory):
             return sized[1](view)
 
         return sized[0], fill
+
+    def seq_reader(self, seq_id: int, flags: int) -> SeqReader | None:
+        """A composite's part of a one-sequence restore as a native check and store (see
+        :meth:`TwoPhaseStateIO.seq_reader`): the section's seq_rm and placement checked on
+        a copy of the cells in one native call (:meth:`SeqRows.restore_seq`), then its
+        rows stored and the copy made the memory's cells. None where the general parse
+        runs: a closed memory, tensors outside host memory, ``seq_id`` outside
+        ``[0, min(n_seq_max, size))``."""
+        native = None if self._closed else self._native_rows()
+        if native is None or not 0 <= seq_id < min(self.n_seq_max, self.size):
+            return None
+
+        def check(view: memoryview) -> tuple[int, Callable[[], None]] | None:
+            placed = native.restore_seq(view, self.cells, seq_id)
+            if placed is None:
+                return None
+            cells, taken, cell, rows_at = placed
+            rows, n_rows = view[rows_at:taken], int(cell >= 0)
+
+            def store() -> None:
+                native.walk(rows, n_rows, cells.head, store=True)
+                self.commit_cells(cells)
+
+            return taken, store
+
+        return check
 
     def state_write_into(self, writer: StateWriter, seq_id: int = -1, flags: int = 0) -> None:
         """Serialise (whole memory for ``seq_id == -1``, else one sequence) into ``writer``.

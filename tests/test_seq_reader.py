@@ -1,0 +1,184 @@
+"""A composite's one-sequence restore (hybrid, iSWA, hybrid iSWA) and a recurrent
+memory's take the native road of ``seq_reader``: every part's native check over one view,
+then every part's native store, with no plans (``TwoPhaseStateIO.state_read``). Pins it to
+the two-phase parse (the readers turned off) on random memories: the same bytes consumed
+or the same message, the same state after every restore (own blob, another sequence's,
+swapped in after a seq_rm); a blob that any part declines changes nothing; and the road
+is taken."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from test_hybrid import make_hybrid
+from test_iswa import decode, iswa_spec, make_iswa, randomize
+from test_recurrent import make_rec, place
+
+from pymem.composite import CompositeMemory
+from pymem.errors import StateError
+from pymem.hybrid import HybridISWAMemory
+from pymem.kv import KVCache
+from pymem.recurrent import RecurrentMemory
+from pymem.spec import LayerSpec, ModelSpec
+
+N_SEQ = 4
+
+
+def _memory(kind: str, seed: int) -> Any:
+    """A memory of ``kind`` holding 3 sequences decoded in random interleaved chunks,
+    random tensor bytes."""
+    rng = np.random.default_rng(seed)
+    if kind == "hybrid":
+        mem = make_hybrid("RAR", n_seq_max=N_SEQ, v_trans=bool(seed % 2))
+    elif kind == "iswa":
+        mem = make_iswa(n_seq_max=N_SEQ, kv_size=128, v_trans=bool(seed % 2))
+    elif kind == "hybrid_iswa":
+        iswa = make_iswa(n_seq_max=N_SEQ, kv_size=128, spec=iswa_spec())
+        recr = RecurrentMemory(
+            ModelSpec(layers=(LayerSpec.ssm(6, 10),), arch="spec"), n_seq_max=N_SEQ
+        )
+        mem = HybridISWAMemory(iswa, recr)
+    else:
+        mem = make_rec(n_seq=N_SEQ)
+        for _ in range(int(rng.integers(1, 4))):  # one-token steps of every sequence
+            place(mem, *[(s, int(rng.integers(0, 50))) for s in range(3)])
+        randomize(mem, seed)
+        return mem
+    pos = [0, 0, 0]
+    for _ in range(int(rng.integers(2, 6))):
+        items = []
+        for s in range(3):
+            for _ in range(int(rng.integers(1, 6))):
+                items.append([1 + s, pos[s], [s], False])
+                pos[s] += 1
+        assert decode(mem, items, n_ubatch=8) == 0
+    randomize(mem, seed)
+    return mem
+
+
+def _snapshot(mem: Any) -> tuple:
+    """The whole state's bytes, every sequence's bounds, and what the blob leaves out: the
+    KV heads and the recurrent head and counters."""
+    extra = []
+    for part in mem.parts().values():
+        if isinstance(part, KVCache):
+            extra.append(list(part.v_heads))
+        else:
+            c = part.cells
+            extra.append((c.head, c.used, c.n, c.rs_z, c.src0.tolist()))
+    bounds = [(mem.seq_pos_min(s), mem.seq_pos_max(s)) for s in range(N_SEQ)]
+    return bytes(mem.state_write()), bounds, extra
+
+
+def _read(monkeypatch: pytest.MonkeyPatch, mem: Any, blob: bytes, dst: int, fast: bool) -> Any:
+    with monkeypatch.context() as m:
+        if not fast:
+            for cls in (CompositeMemory, RecurrentMemory):
+                m.setattr(cls, "seq_reader", lambda self, seq_id, flags: None)
+        try:
+            return mem.state_read(blob, dst)
+        except StateError as exc:
+            return str(exc)
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "iswa", "hybrid_iswa", "recurrent"])
+def test_the_native_read_leaves_what_the_two_phase_read_leaves(monkeypatch, kind: str) -> None:
+    made: list[int] = []
+    for seed in range(6):
+        fast, ref = _memory(kind, seed), _memory(kind, seed)
+        blobs = {s: bytes(fast.state_write(s)) for s in range(3)}
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(3).tolist()
+        steps = [(s, s, False) for s in order] + [(s, s, True) for s in order]
+        steps += [(order[0], 3, False), (order[1], order[2], True)]
+        for src, dst, swap in steps:
+            if swap:
+                fast.seq_rm(dst, -1, -1)
+                ref.seq_rm(dst, -1, -1)
+            with monkeypatch.context() as m:
+                real = type(fast).seq_reader
+
+                def spy(self, seq_id, flags, real=real):  # type: ignore[no-untyped-def]
+                    check = real(self, seq_id, flags)
+                    if check is None:
+                        return None
+
+                    def counted(view):  # type: ignore[no-untyped-def]
+                        found = check(view)
+                        made.append(found is not None)
+                        return found
+
+                    return counted
+
+                m.setattr(type(fast), "seq_reader", spy)
+                got = _read(monkeypatch, fast, blobs[src], dst, True)
+            want = _read(monkeypatch, ref, blobs[src], dst, False)
+            assert got == want, (seed, src, dst, swap)
+            assert _snapshot(fast) == _snapshot(ref), (seed, src, dst, swap)
+        fast.close()
+        ref.close()
+    assert sum(made) >= 30, (sum(made), len(made))
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "hybrid_iswa"])
+def test_a_blob_its_last_part_declines_changes_no_part(monkeypatch, kind: str) -> None:
+    """The recurrent section (the last part) made hostile: the attention part's check
+    passed, but no store runs; the two-phase parse names the fault, nothing changes."""
+    mem = _memory(kind, 3)
+    blob = bytearray(mem.state_write(1))
+    n_attn = len(mem.mem_attn.state_write(1))
+    blob[n_attn : n_attn + 4] = (7).to_bytes(4, "little")  # recurrent cell count 7
+    mem.seq_rm(1, -1, -1)
+    before = _snapshot(mem)
+    with pytest.raises(StateError):
+        mem.state_read(bytes(blob), 1)
+    assert _snapshot(mem) == before
+    mem.close()
+
+
+def test_readers_decline_what_the_general_restore_must_decide() -> None:
+    """No reader for a sequence outside n_seq_max (the general restore raises), for a
+    closed memory, or when a part offers none."""
+    mem = _memory("hybrid", 1)
+    assert mem.seq_reader(N_SEQ, 0) is None
+    assert mem.mem_attn.seq_reader(N_SEQ, 0) is None
+    assert mem.mem_recr.seq_reader(N_SEQ, 0) is None
+    assert mem.seq_reader(0, 0) is not None
+    with pytest.raises(Exception):  # noqa: B017 (the general path's own refusal)
+        mem.state_read(bytes(mem.state_write(0)), N_SEQ)
+    mem.close()
+    assert mem.mem_recr.seq_reader(0, 0) is None
+    assert mem.mem_attn.seq_reader(0, 0) is None
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "iswa", "recurrent"])
+def test_a_native_read_makes_plans_parsed_before_it_stale(kind: str) -> None:
+    """Every part's store marks its memory changed: a plan parsed before the read is
+    refused at commit, nothing changed by it."""
+    from pymem.state import StateReader
+
+    mem = _memory(kind, 5)
+    blob0, blob1 = bytes(mem.state_write(0)), bytes(mem.state_write(1))
+    held = mem.state_read_parse(StateReader(blob1), 1)
+    mem.seq_rm(0, -1, -1)
+    held_after_rm = mem.state_read_parse(StateReader(blob1), 1)
+    assert mem.state_read(blob0, 0) == len(blob0)  # swapped back in: the native road
+    before = _snapshot(mem)
+    for plan in (held, held_after_rm):
+        with pytest.raises(StateError):
+            plan.commit()
+    assert _snapshot(mem) == before
+    mem.close()
+
+
+def test_a_read_into_the_same_cells_marks_the_cache_changed() -> None:
+    """The attention part's same-cells store (no cell moves, the bytes do) bumps the
+    cache's version as the two-phase commit does."""
+    mem = _memory("hybrid", 6)
+    blob = bytes(mem.state_write(2))
+    version = mem.mem_attn._version
+    assert mem.state_read(blob, 2) == len(blob)
+    assert mem.mem_attn._version > version
+    mem.close()
