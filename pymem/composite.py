@@ -34,9 +34,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 
-from pymem.errors import BatchError
+from pymem.errors import BatchError, StateError
 from pymem.memory import GraphInputs, Memory, MemoryContext, MemoryStatus, status_combine
 from pymem.state import (
+    STORE_TOO_LATE,
     CompositeStatePlan,
     SeqReader,
     SeqWriter,
@@ -221,21 +222,28 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
                 return None
             parts.append(one)
 
-        def check(view: memoryview) -> tuple[int, Callable[[], None]] | None:
+        def check(
+            view: memoryview,
+        ) -> tuple[int, Callable[[], None], Callable[[], bool]] | None:
             at = 0
-            stores = []
+            found = []
             for part_check in parts:
-                found = part_check(view[at:])
-                if found is None:
+                one = part_check(view[at:])
+                if one is None:
                     return None
-                at += found[0]
-                stores.append(found[1])
+                at += one[0]
+                found.append(one)
+
+            def current() -> bool:
+                return all(one[2]() for one in found)
 
             def store() -> None:
-                for part_store in stores:
-                    part_store()
+                if not current():  # a part changed since its check: no part stores
+                    raise StateError(STORE_TOO_LATE)
+                for one in found:
+                    one[1]()
 
-            return at, store
+            return at, store, current
 
         return check
 

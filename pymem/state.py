@@ -952,12 +952,19 @@ class CompositeStatePlan:
             p.commit()
 
 
-SeqReader: TypeAlias = Callable[[memoryview], "tuple[int, Callable[[], None]] | None"]
+STORE_TOO_LATE = "state_read: the memory changed between the check and the store"
+"""A :data:`SeqReader` store called after another change of its memory (refused, nothing
+changed)."""
+
+SeqReader: TypeAlias = Callable[
+    [memoryview], "tuple[int, Callable[[], None], Callable[[], bool]] | None"
+]
 """A one-sequence restore in two native phases (:meth:`TwoPhaseStateIO.seq_reader`): the
 check of the blob at the start of a byte view, which changes nothing and returns (the bytes
-it takes, the store), or None where the general parse must decide (it also names what is
-wrong); the store applies it and must be called right after, with no other call on the
-memory in between."""
+it takes, the store, whether the store still holds), or None where the general parse must
+decide (it also names what is wrong); the store applies it and must be called right after:
+it refuses a memory changed since the check (StateError, nothing changed), which the third
+says beforehand (a composite asks every part before any part stores)."""
 
 SeqWriter: TypeAlias = tuple[int, Callable[[memoryview], int]]
 """A one-sequence blob's size and the function that writes exactly it into a byte view
@@ -1069,9 +1076,8 @@ class TwoPhaseStateIO:
                     view = None
                 found = None if view is None else check(view)
                 if found is not None:
-                    taken, store = found
-                    store()
-                    return taken
+                    found[1]()
+                    return found[0]
         reader = StateReader(data)
         plan = self.state_read_parse(reader, seq_id, flags)
         plan.committed_at_once()

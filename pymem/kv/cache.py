@@ -107,6 +107,7 @@ from pymem.memory import (
 from pymem.spec import ModelSpec, NonCausalType, SWAType, masked_swa
 from pymem.state import (
     BLOB_CHANGED,
+    STORE_TOO_LATE,
     SeqReader,
     SeqWriter,
     StateReader,
@@ -1558,23 +1559,31 @@ class KVCache(Memory):
         if blob is None:
             return None
 
-        def check(view: memoryview) -> tuple[int, Callable[[], None]] | None:
+        def check(
+            view: memoryview,
+        ) -> tuple[int, Callable[[], None], Callable[[], bool]] | None:
             token = object()  # the check's runs (or positions), kept for the store
+            version = self._version
             taken = blob.read(view, seq_id, store=False, token=token)
             if taken is not None:
                 data = view[:taken]
 
+                def current() -> bool:
+                    return self._version == version
+
                 def store() -> None:
+                    if not current():
+                        raise StateError(STORE_TOO_LATE)
                     if blob.read(data, seq_id, token=token) is None:
                         raise StateError(BLOB_CHANGED)  # (checked just before: cannot be)
                     self._mutated()
 
-                return taken, store
+                return taken, store, current
             plan = self._placed_seq_plan(blob, view, seq_id, self._state_hooks(), token)
             if plan is None:
                 return None
             plan.committed_at_once()
-            return plan.found.consumed, plan.commit
+            return plan.found.consumed, plan.commit, plan.is_current
 
         return check
 

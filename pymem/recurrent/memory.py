@@ -116,6 +116,7 @@ from pymem.recurrent.state_io import (
 )
 from pymem.spec import ModelSpec
 from pymem.state import (
+    STORE_TOO_LATE,
     BufferWriter,
     SeqReader,
     SeqWriter,
@@ -794,18 +795,26 @@ class RecurrentMemory(Memory):
         if native is None or not 0 <= seq_id < min(self.n_seq_max, self.size):
             return None
 
-        def check(view: memoryview) -> tuple[int, Callable[[], None]] | None:
+        def check(
+            view: memoryview,
+        ) -> tuple[int, Callable[[], None], Callable[[], bool]] | None:
+            version = self._version
             placed = native.restore_seq(view, self.cells, seq_id)
             if placed is None:
                 return None
             cells, taken, cell, rows_at = placed
             rows, n_rows = view[rows_at:taken], int(cell >= 0)
 
+            def current() -> bool:  # the copy still starts from the memory's cells
+                return self._version == version
+
             def store() -> None:
+                if not current():
+                    raise StateError(STORE_TOO_LATE)
                 native.walk(rows, n_rows, cells.head, store=True)
                 self.commit_cells(cells)
 
-            return taken, store
+            return taken, store, current
 
         return check
 
