@@ -50,6 +50,9 @@ if TYPE_CHECKING:
     from pymem.ubatch import UBatch
 
 
+O = TypeVar("O")  # what a part offers for a one-sequence state call
+
+
 class CompositeMemory(Memory[tuple[Any, ...]]):
     """A memory made of other memories (see the module docstring).
 
@@ -193,15 +196,23 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
         for part in self._state_members(flags):
             part.state_write_into(writer, seq_id, flags)
 
+    def _every_part(self, offer: Callable[[Any], O | None], flags: int) -> list[O] | None:
+        """What ``offer`` gives for every part in the blob's order (``flags`` select the
+        parts), or None as soon as one part offers nothing."""
+        found = []
+        for part in self._state_members(flags):
+            one = offer(part)
+            if one is None:
+                return None
+            found.append(one)
+        return found
+
     def seq_writer(self, seq_id: int, flags: int) -> SeqWriter | None:
         """Every part's sized writer, one after the other into one view (None unless
         every part offers one)."""
-        parts = []
-        for part in self._state_members(flags):
-            one = part.seq_writer(seq_id, flags)
-            if one is None:
-                return None
-            parts.append(one)
+        parts = self._every_part(lambda part: part.seq_writer(seq_id, flags), flags)
+        if parts is None:
+            return None
 
         def fill(view: memoryview) -> int:
             at = 0
@@ -215,12 +226,9 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
         """Every part's native check, one after the other over one view, then every
         part's store (None unless every part offers one; a blob that any part declines
         changes nothing: no store runs before every check passed)."""
-        parts = []
-        for part in self._state_members(flags):
-            one = part.seq_reader(seq_id, flags)
-            if one is None:
-                return None
-            parts.append(one)
+        parts = self._every_part(lambda part: part.seq_reader(seq_id, flags), flags)
+        if parts is None:
+            return None
 
         def check(
             view: memoryview,

@@ -252,6 +252,15 @@ def test_native_whole_read_equals_the_numpy_parse() -> None:
         m.close()
 
 
+def _two_sequences(mem):  # type: ignore[no-untyped-def]
+    """``mem`` (4 cells) holding sequences 0 and 1 in cells 0 and 1, at positions 3, 5."""
+    mem.cells.tail[:] = [0, 1, -1, -1]
+    mem.cells.pos[:2] = [3, 5]
+    mem.cells.src[:2] = [0, 1]
+    mem.cells.used = 2
+    return mem
+
+
 def m_tensors(m) -> list:
     """The R/S tensors in their blob order: every R, then every S."""
     return [*m._state_layers.r, *m._state_layers.s]
@@ -331,11 +340,7 @@ def test_a_whole_section_changed_before_its_commit_is_refused() -> None:
     from pymem.state import StateReader
 
     spec = ModelSpec(layers=(LayerSpec.ssm(4, 8),), arch="mamba")
-    src = RecurrentMemory(spec, n_seq_max=4)
-    src.cells.tail[:] = [0, 1, -1, -1]
-    src.cells.pos[:2] = [3, 5]
-    src.cells.src[:2] = [0, 1]
-    src.cells.used = 2
+    src = _two_sequences(RecurrentMemory(spec, n_seq_max=4))
     for t in m_tensors(src):
         t.write_bytes(np.arange(t.nbytes, dtype=np.uint8))
     blob = bytearray(src.state_write())
@@ -359,11 +364,7 @@ def test_the_sized_writer_refuses_a_memory_changed_since_its_sizing(seq_id: int)
     from pymem.spec import LayerSpec, ModelSpec
 
     spec = ModelSpec(layers=(LayerSpec.ssm(4, 8),), arch="mamba")
-    mem = RecurrentMemory(spec, n_seq_max=4)
-    mem.cells.tail[:] = [0, 1, -1, -1]
-    mem.cells.pos[:2] = [3, 5]
-    mem.cells.src[:2] = [0, 1]
-    mem.cells.used = 2
+    mem = _two_sequences(RecurrentMemory(spec, n_seq_max=4))
     sized = mem.seq_writer(seq_id, 0)
     assert sized is not None
     size, fill = sized

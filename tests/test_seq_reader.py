@@ -18,7 +18,7 @@ from test_iswa import decode, iswa_spec, make_iswa, randomize, tensors
 from test_recurrent import make_rec, place
 
 from pymem.composite import CompositeMemory
-from pymem.errors import RangeError, StateError, UnsupportedError
+from pymem.errors import ClosedError, RangeError, StateError, UnsupportedError
 from pymem.hybrid import HybridISWAMemory
 from pymem.kv import KVCache
 from pymem.recurrent import RecurrentMemory
@@ -160,18 +160,25 @@ def test_a_blob_its_last_part_declines_changes_no_part(monkeypatch, kind: str) -
 
 
 def test_readers_decline_what_the_general_restore_must_decide() -> None:
-    """No reader for a sequence outside n_seq_max (the general restore raises), for a
-    closed memory, or when a part offers none."""
+    """No reader for a sequence outside n_seq_max or not an int (the general restore
+    raises, naming the value and the limit), for a closed part (the general restore
+    raises ClosedError), or when a part offers none."""
     mem = _memory("hybrid", 1)
-    assert mem.seq_reader(N_SEQ, 0) is None
-    assert mem.mem_attn.seq_reader(N_SEQ, 0) is None
-    assert mem.mem_recr.seq_reader(N_SEQ, 0) is None
+    blob = bytes(mem.state_write(0))
+    for bad in (N_SEQ, "0", 1.0):
+        assert mem.seq_reader(bad, 0) is None  # type: ignore[arg-type]
+        assert mem.mem_attn.seq_reader(bad, 0) is None  # type: ignore[arg-type]
+        assert mem.mem_recr.seq_reader(bad, 0) is None  # type: ignore[arg-type]
     assert mem.seq_reader(0, 0) is not None
-    with pytest.raises(Exception):  # noqa: B017 (the general path's own refusal)
-        mem.state_read(bytes(mem.state_write(0)), N_SEQ)
+    with pytest.raises(RangeError, match=rf"seq_id = {N_SEQ}: must be in \[0, {N_SEQ}\)"):
+        mem.state_read(blob, N_SEQ)
+    mem.mem_attn.close()
+    assert mem.mem_attn.seq_reader(0, 0) is None
+    assert mem.seq_reader(0, 0) is None  # a part offers none
+    with pytest.raises(ClosedError):
+        mem.state_read(blob, 0)
     mem.close()
     assert mem.mem_recr.seq_reader(0, 0) is None
-    assert mem.mem_attn.seq_reader(0, 0) is None
 
 
 @pytest.mark.parametrize("kind", ["hybrid", "iswa", "recurrent"])

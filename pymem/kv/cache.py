@@ -107,7 +107,6 @@ from pymem.memory import (
 from pymem.spec import ModelSpec, NonCausalType, SWAType, masked_swa
 from pymem.state import (
     BLOB_CHANGED,
-    STORE_TOO_LATE,
     SeqReader,
     SeqWriter,
     StateReader,
@@ -1518,18 +1517,10 @@ class KVCache(Memory):
                 return whole
         blob = self._seq_blob(seq_id, 0, "state_read") if seq_id >= 0 else None
         rest = reader.host_rest() if blob is not None else None
-        if blob is not None and rest is not None:
-            token = object()  # the check's runs, kept for this plan's commit
-            taken = blob.read(rest, seq_id, store=False, token=token) if same_cells else None
-            if taken is not None:
-                reader.skip(taken, "kv state")
-                return state_io.SameCellsPlan(
-                    blob, rest[:taken], seq_id, hooks, self.layers, token=token
-                )
-            placed = self._placed_seq_plan(blob, rest, seq_id, hooks, token)
-            if placed is not None:
-                reader.skip(placed.found.consumed, "kv state")
-                return placed
+        found = None if rest is None else self._native_seq_plan(blob, rest, seq_id, same_cells)
+        if found is not None:
+            reader.skip(found[0], "kv state")
+            return found[1]
         return state_io.parse_kv_state(
             self.layout, self.v_cells, self.v_heads, self.layers, hooks, reader, seq_id
         )
@@ -1555,59 +1546,50 @@ class KVCache(Memory):
         holds (:meth:`state_io.SeqBlob.read`), or placed anew where the free cells prove
         the fit (:class:`state_io.PlacedSeqPlan`). None for anything else: a closed cache,
         tensors outside host memory, ``seq_id`` outside ``[0, n_seq_max)``."""
-        blob = self._seq_blob(seq_id, 0, "state_read") if seq_id < self.n_seq_max else None
-        if blob is None:
+        blob = self._seq_blob(seq_id, 0, "state_read")  # (None for a seq_id not an int)
+        if blob is None or seq_id >= self.n_seq_max:
             return None
 
         def check(
             view: memoryview,
         ) -> tuple[int, Callable[[], None], Callable[[], bool]] | None:
-            token = object()  # the check's runs (or positions), kept for the store
-            version = self._version
-            taken = blob.read(view, seq_id, store=False, token=token)
-            if taken is not None:
-                data = view[:taken]
-
-                def current() -> bool:
-                    return self._version == version
-
-                def store() -> None:
-                    if not current():
-                        raise StateError(STORE_TOO_LATE)
-                    if blob.read(data, seq_id, token=token) is None:
-                        raise StateError(BLOB_CHANGED)  # (checked just before: cannot be)
-                    self._mutated()
-
-                return taken, store, current
-            plan = self._placed_seq_plan(blob, view, seq_id, self._state_hooks(), token)
-            if plan is None:
+            found = self._native_seq_plan(blob, view, seq_id, True)
+            if found is None:
                 return None
-            plan.committed_at_once()
-            return plan.found.consumed, plan.commit, plan.is_current
+            taken, plan = found
+            plan.committed_at_once()  # its store runs right after every part's check
+            return taken, plan.commit, plan.is_current
 
         return check
 
-    def _placed_seq_plan(
-        self,
-        blob: state_io.SeqBlob,
-        rest: memoryview,
-        seq_id: int,
-        hooks: state_io.KVStateHooks,
-        token: object,
-    ) -> state_io.PlacedSeqPlan | None:
-        """A per-sequence restore that places the sequence, parsed in one native call
-        (:meth:`state_io.SeqBlob.read_place`), where the cells it may take without a
-        window's help suffice (so it fits, as the general parse's count proves); None
-        sends the caller to the general parse, which also names what is wrong."""
+    def _native_seq_plan(
+        self, blob: state_io.SeqBlob | None, view: memoryview, seq_id: int, same_cells: bool
+    ) -> tuple[int, state_io.SameCellsPlan | state_io.PlacedSeqPlan] | None:
+        """A per-sequence restore of the blob at the start of ``view`` parsed in one native
+        call: (its bytes, the plan). The sequence back into exactly the cells it holds
+        (:meth:`state_io.SeqBlob.read`; skipped without ``same_cells``, for a caller whose
+        one-call restore just declined it), or placed anew where the cells it may take
+        without a window's help prove the fit (:meth:`state_io.SeqBlob.read_place`, as the
+        general parse's count proves it). None sends the caller to the general parse,
+        which also names what is wrong."""
+        if blob is None:
+            return None
+        hooks = self._state_hooks()
+        token = object()  # the check's runs (or positions), kept for the plan's commit
+        taken = blob.read(view, seq_id, store=False, token=token) if same_cells else None
+        if taken is not None:
+            plan = state_io.SameCellsPlan(blob, view[:taken], seq_id, hooks, self.layers, token)
+            return taken, plan
         if self.swa_type != SWAType.NONE and not state_io.SWA_DEFERRED:
             return None
-        found = blob.read_place(rest, seq_id, token)
+        found = blob.read_place(view, seq_id, token)
         if found is None or found.n > found.free:
             return None
-        return state_io.PlacedSeqPlan(
-            blob, rest[: found.consumed], seq_id, found, self.layout, self.v_cells, hooks,
+        placed = state_io.PlacedSeqPlan(
+            blob, view[: found.consumed], seq_id, found, self.layout, self.v_cells, hooks,
             self.layers, token,
         )  # fmt: skip
+        return found.consumed, placed
 
     def _place_seq_native(
         self, seq_id: int, pos: np.ndarray

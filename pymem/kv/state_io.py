@@ -614,24 +614,38 @@ class PlacedSeqPlan(_BlobPlan):
             words = np.frombuffer(self.data, np.int32, n * rec, self.found.records_at)
             ext = words.reshape(n, rec)[:, 2 : 2 + self.layout.n_ext].copy()
         self.committed = True
-        native = self.hooks.place_seq(self.seq_id, pos)
-        if native is not None:
-            idx, runs = native
-        else:
-            ub = _restore_ubatch(self.layout.n_pos_per_embd, self.seq_id, pos.copy(), ext)
-            sinfo = self.hooks.place(self.seq_id, ub)
-            if sinfo is None:
-                raise AssertionError("a restore its free cells proved to fit did not")
-            idx = sinfo.idxs[0].astype(np.int64)
-            runs = cell_runs(idx)
-        strm = int(self.layout.seq_to_stream[self.seq_id])
-        if ext is not None:
-            self.v_cells[strm].set_ext(idx, ext)
+        _, runs = _place_sequence(self.layout, self.v_cells, self.hooks, self.seq_id, pos, ext)
         # the same checks as the parse's on the same bytes: they hold (a changed blob was
         # refused above, before anything changed)
         if not self.blob.store_placed(self.data, self.seq_id, runs):
             raise AssertionError("a placed restore's bytes failed the checks they passed")
         self.hooks.mark_mutated()
+
+
+def _place_sequence(
+    layout: KVLayout,
+    v_cells: Sequence[KVCells],
+    hooks: KVStateHooks,
+    seq_id: int,
+    pos: np.ndarray,
+    ext: np.ndarray | None,
+) -> tuple[np.ndarray, Runs]:
+    """A per-sequence restore's placement that its parse proved fits: seq_rm, find_slot,
+    apply_ubatch (``hooks.place_seq``'s one native call, or the numpy placement where
+    that declines), then the records' ext. The cells in slot order and their runs."""
+    native = hooks.place_seq(seq_id, pos)
+    if native is not None:
+        idx, runs = native
+    else:
+        ub = _restore_ubatch(layout.n_pos_per_embd, seq_id, pos.copy(), ext)
+        sinfo = hooks.place(seq_id, ub)
+        if sinfo is None:
+            raise AssertionError("a restore its parse proved to fit did not")
+        idx = sinfo.idxs[0].astype(np.int64)
+        runs = cell_runs(idx)
+    if ext is not None:
+        v_cells[int(layout.seq_to_stream[seq_id])].set_ext(idx, ext)
+    return idx, runs
 
 
 class WholeBlobPlan(_BlobPlan):
@@ -1327,17 +1341,9 @@ class KVStatePlan(_CachePlan):
                 slot.append((None, same))
             else:
                 # the one placement the parse checked by counts: seq_rm + find_slot + apply
-                native = self.hooks.place_seq(self.seq_id, pos)
-                if native is not None:
-                    idx, runs = native
-                else:
-                    ub = _restore_ubatch(layout.n_pos_per_embd, self.seq_id, pos, cell_ext)
-                    sinfo = self.hooks.place(self.seq_id, ub)
-                    assert sinfo is not None, "a restore predicted to fit did not"
-                    idx, runs = sinfo.idxs[0].astype(np.int64), None
-                if cell_ext is not None:
-                    self.v_cells[strm].set_ext(idx, cell_ext)
-                slot.append((idx, runs))
+                slot.append(
+                    _place_sequence(layout, self.v_cells, self.hooks, self.seq_id, pos, cell_ext)
+                )
         if self.redo is not None:
             logs, heads = self.redo
             for cells, log in zip(self.v_cells, logs):

@@ -792,7 +792,11 @@ class RecurrentMemory(Memory):
         runs: a closed memory, tensors outside host memory, ``seq_id`` outside
         ``[0, min(n_seq_max, size))``."""
         native = None if self._closed else self._native_rows()
-        if native is None or not 0 <= seq_id < min(self.n_seq_max, self.size):
+        if (
+            native is None
+            or type(seq_id) is not int
+            or not 0 <= seq_id < min(self.n_seq_max, self.size)
+        ):
             return None
 
         def check(
