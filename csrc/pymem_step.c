@@ -246,6 +246,82 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
     return PM_OK;
 }
 
+// pm_step_take of cells idx[0..n) (distinct) of stream s for one sequence q at positions
+// pos: one pass over the cells, the stream's and q's bounds kept in registers
+static void pm_step_take_all(pm_step_cells * c, int64_t s, const int32_t * idx, const int32_t * pos, int64_t n,
+                             int32_t q) {
+    int32_t * restrict cpos = c->pos + s * c->size;
+    int32_t * restrict own = c->owner + s * c->size;
+    uint64_t * restrict bits = c->seq + s * c->size * PM_STEP_WORDS;
+    const uint64_t bit = (uint64_t) 1 << (q & 63);
+    const int word = q >> 6;
+    int64_t lo = INT64_MAX, hi = INT64_MIN, top = -1;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t cell = idx[i];
+        const int32_t p = pos[i];
+        cpos[cell] = p;
+        uint64_t * b = bits + cell * PM_STEP_WORDS;
+        for (int w = 0; w < PM_STEP_WORDS; w++) {
+            b[w] = w == word ? bit : 0;
+        }
+        own[cell] = q;
+        lo = p < lo ? p : lo;
+        hi = p > hi ? p : hi;
+        top = cell > top ? cell : top;
+    }
+    if (n > 0) {
+        if (c->used_max_p1[s] < top + 1) {
+            c->used_max_p1[s] = top + 1;
+        }
+        const int64_t key = s * PM_STEP_MAX_SEQ + q;
+        if (lo < c->pmin[key]) {
+            c->pmin[key] = lo;
+        }
+        if (hi > c->pmax[key]) {
+            c->pmax[key] = hi;
+        }
+    }
+}
+
+#define PM_STEP_BLOCK 32
+
+// The first n empty cells (pos < 0) of a stream's pos[0..size) from h, wrapping once, into
+// idx in that order; their count. Blocks of cells are counted first (a branch-free loop
+// the compiler vectorises): a block with none is skipped, a full one taken whole.
+static int64_t pm_step_find_empty(const int32_t * pos, int64_t size, int64_t h, int64_t n, int32_t * idx) {
+    int64_t found = 0;
+    for (int pass = 0; pass < 2 && found < n; pass++) {
+        int64_t cell = pass == 0 ? h : 0;
+        const int64_t end = pass == 0 ? size : h;
+        while (cell < end && found < n) {
+            if (end - cell >= PM_STEP_BLOCK) {
+                int32_t empty = 0;
+                for (int j = 0; j < PM_STEP_BLOCK; j++) {
+                    empty += pos[cell + j] < 0;
+                }
+                if (empty == 0) {
+                    cell += PM_STEP_BLOCK;
+                    continue;
+                }
+                if (empty == PM_STEP_BLOCK && n - found >= PM_STEP_BLOCK) {
+                    for (int j = 0; j < PM_STEP_BLOCK; j++) {
+                        idx[found++] = (int32_t) (cell + j);
+                    }
+                    cell += PM_STEP_BLOCK;
+                    continue;
+                }
+            }
+            const int64_t stop = end - cell > PM_STEP_BLOCK ? cell + PM_STEP_BLOCK : end;
+            for (; cell < stop && found < n; cell++) {
+                if (pos[cell] < 0) {
+                    idx[found++] = (int32_t) cell;
+                }
+            }
+        }
+    }
+    return found;
+}
+
 pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, const int32_t * pos, int64_t n,
                                  int32_t swa_type, int64_t n_swa, int64_t * heads, int32_t * idx,
                                  int64_t * run_starts, int64_t * run_ends, int64_t * n_runs, int32_t * placed) {
@@ -275,14 +351,17 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
         h = 0;  // (a head past the end is not left by any placement; start at 0 then)
     }
     int64_t found = 0, taken = 0;
-    for (int64_t k = 0; k < c->size && found < n; k++) {
+    if (swa_type == 0) {
+        found = pm_step_find_empty(c->pos + g0, c->size, h, n, idx);
+    }
+    for (int64_t k = 0; swa_type != 0 && k < c->size && found < n; k++) {
         int64_t cell = h + k;
         if (cell >= c->size) {
             cell -= c->size;
         }
         const int32_t p = c->pos[g0 + cell];
         int usable = p < 0;
-        if (!usable && swa_type != 0) {
+        if (!usable) {
             const int32_t q = c->owner[g0 + cell];
             if (q < 0) {
                 continue;  // several sequences (none here: n_multi is 0) or none
@@ -318,9 +397,7 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
             return st;
         }
     } else {
-        for (int64_t i = 0; i < n; i++) {
-            pm_step_take(c, s, idx[i], seq_id, pos[i]);
-        }
+        pm_step_take_all(c, s, idx, pos, n, seq_id);
         c->used[s] += n;
         heads[s] = (int64_t) idx[n - 1] + 1;
         *placed = 1;

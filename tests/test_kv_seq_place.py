@@ -171,3 +171,49 @@ def test_native_window_restore_equals_numpy(monkeypatch, swa_type: SWAType) -> N
             for kv in twins:
                 kv.close()
     assert overwrote >= 3, overwrote
+
+
+@pytest.mark.parametrize("chunk", [5, 32, 45, 64])
+def test_native_restore_placement_long_runs(monkeypatch, chunk: int) -> None:
+    """Sequences of long runs (chunks of ``chunk`` tokens, three sequences interleaved) in a
+    cache of a few hundred cells: the kernel's search counts whole blocks of 32 cells, skips
+    those with no empty cell and takes the all-empty ones whole. A sequence swapped back in
+    from heads all over the stream (its own cells free again, plus a free tail), native and
+    numpy placement leave the same cache, and the native road is taken."""
+    from test_kv_state_same import CFGS, build
+
+    took: list[bool] = []
+    real = KVCache._place_seq_native
+
+    def counted(self, seq_id, pos):
+        done = real(self, seq_id, pos)
+        if state_io.NATIVE_PLACE:
+            took.append(done is not None)
+        return done
+
+    monkeypatch.setattr(KVCache, "_place_seq_native", counted)
+
+    def filled() -> KVCache:
+        kv = build(CFGS["f16-trans"], n_cells=320, n_seq=3)
+        for p0 in range(0, 90, chunk):
+            for s in range(3):
+                n = min(chunk, 90 - p0)
+                decode(kv, [[1 + s, p0 + j, [s], False] for j in range(n)], n_ubatch=n)
+        kv.seq_rm(2, 60, -1)  # a hole inside the filled cells as well
+        return kv
+
+    blob = bytes(filled().state_write(1))
+    for head in range(0, 321, 9):
+        states = []
+        for on in (True, False):
+            kv = filled()
+            kv.seq_rm(1, -1, -1)
+            kv.v_heads[0] = head
+            with monkeypatch.context() as m:
+                m.setattr(state_io, "NATIVE_PLACE", on)
+                kv.state_read(blob, 1)
+            states.append(_state(kv))
+            check_invariants(kv)
+            kv.close()
+        assert states[0] == states[1], (chunk, head)
+    assert len(took) == 36 and all(took), took
