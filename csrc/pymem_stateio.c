@@ -1,4 +1,5 @@
 #include "pymem_stateio.h"
+#include "pymem_step.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -1279,6 +1280,42 @@ pm_status pm_kv_read_seq_place(const pm_kv_seq_blob * b, int32_t seq_id, const v
     found[0] = n;
     found[1] = at + 4;
     found[2] = meta + data + 4 * after;
+    *done = 1;
+    return PM_OK;
+}
+
+pm_status pm_kv_read_seq_swap_in(const pm_kv_seq_blob * b, pm_step_cells * c, int32_t seq_id, const void * blob,
+                                 int64_t avail, int32_t * pos, int64_t pos_cap, int32_t * idx, int64_t idx_cap,
+                                 int64_t * consumed, int32_t * done) {
+    if (c == NULL || pos == NULL || idx == NULL || consumed == NULL || done == NULL) {
+        return PM_ERR_ARG;
+    }
+    *done = 0;
+    int64_t found[4] = { 0, 0, 0, 0 };
+    int32_t parsed = 0;
+    pm_status st = pm_kv_read_seq_place(b, seq_id, blob, avail, pos, pos_cap, NULL, NULL, 0, found, &parsed);
+    if (st != PM_OK || !parsed) {
+        return st;
+    }
+    const int32_t s = pm_seq_blob_stream(b, seq_id);  // (valid: the parse took it)
+    const int64_t n = found[0];
+    if (b->n_ext != 0 || n < 1 || n > pos_cap || n > idx_cap || s >= c->n_stream || c->size != b->size ||
+        n > b->size - b->used[s]) {
+        return PM_OK;
+    }
+    int64_t n_runs = 0;
+    int32_t placed = 0;
+    st = pm_step_kv_restore_seq(c, s, seq_id, pos, n, 0, 0, b->heads, idx, b->run_starts[s], b->run_ends[s],
+                                &n_runs, &placed);
+    if (st != PM_OK || !placed) {
+        return st;
+    }
+    // the parse checked every header and range against the whole stream: the store cannot
+    // fail (its walk copies alone)
+    const char * d = (const char *) blob;
+    const int64_t meta = found[1] + 4 * (3 + b->n_ext) * n;
+    pm_kv_data_walk(d + meta, avail - meta, b->spec[s], b->tensors, n, b->run_starts[s], b->run_ends[s], n_runs, 1);
+    *consumed = found[2];
     *done = 1;
     return PM_OK;
 }

@@ -6,6 +6,7 @@
 #pragma once
 
 #include "pymem_native.h"
+#include "pymem_stateio.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -170,6 +171,19 @@ pm_status pm_kv_seq_cells_range(const int32_t * pos, const int32_t * owner, int6
 // p0 < 0. The cache must keep no ext and no undo journal (the caller checks).
 pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int64_t p0, int64_t p1, int32_t whole,
                             int64_t n_scan, int64_t * n_freed, int64_t * first_freed, int32_t * done);
+
+// A swap-in (a per-sequence restore of seq_id, which holds no cell of its stream: the
+// caller checks) in one call: pm_kv_read_seq_place's parse (pos: pos_cap >= the part's
+// cells, its scratch), pm_step_kv_restore_seq's placement (idx: idx_cap, its scratch; the
+// runs in b's run scratch of the stream) and pm_kv_read_seq_place's store, the order the
+// two-phase restore runs them in. Only where no window or ext applies (b: no ext; the
+// caller: no window) and the stream's empty cells hold the part. On success *done = 1 and
+// *consumed = the blob's bytes; *done = 0 with nothing changed wherever the parse or the
+// placement declines (the caller's two-phase restore then places the sequence, or names
+// what is wrong). b and c must view the same cells. PM_ERR_ARG for a null pointer.
+pm_status pm_kv_read_seq_swap_in(const pm_kv_seq_blob * b, pm_step_cells * c, int32_t seq_id, const void * blob,
+                                 int64_t avail, int32_t * pos, int64_t pos_cap, int32_t * idx, int64_t idx_cap,
+                                 int64_t * consumed, int32_t * done);
 
 // PYMEM_CDEF_END
 

@@ -19,20 +19,36 @@ from pymem.kv import KVCache
 from pymem.spec import SWAType
 
 
+def _count_native_placements(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each placement asked of the native roads with ``NATIVE_PLACE`` on took
+    one: ``_place_seq_native`` (the two-phase restore's) or the one-call swap-in."""
+    took: list[bool] = []
+    real = KVCache._place_seq_native
+    real_swap_in = state_io.SeqBlob._swap_in
+
+    def counted(self, seq_id, pos):
+        done = real(self, seq_id, pos)
+        if state_io.NATIVE_PLACE:
+            took.append(done is not None)
+        return done
+
+    def swap_in(self, *args):
+        done = real_swap_in(self, *args)
+        if state_io.NATIVE_PLACE and done is not None:
+            took.append(True)  # (a decline goes on to _place_seq_native, counted there)
+        return done
+
+    monkeypatch.setattr(KVCache, "_place_seq_native", counted)
+    monkeypatch.setattr(state_io.SeqBlob, "_swap_in", swap_in)
+    return took
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_native_restore_placement_equals_numpy(monkeypatch, name: str) -> None:
     """Each sequence swapped out and back in (its own blob), then another sequence's blob
     read into a third: twin caches, native and numpy placement, end equal after every
     restore; the native road is taken for every placement it applies to."""
-    took: list[bool] = []
-    real = KVCache._place_seq_native
-
-    def counted(self, seq_id, pos):
-        done = real(self, seq_id, pos)
-        took.append(done is not None)
-        return done
-
-    monkeypatch.setattr(KVCache, "_place_seq_native", counted)
+    took = _count_native_placements(monkeypatch)
     for seed in range(8):
         native, ref = _scenario(name, seed, n_cells=48), _scenario(name, seed, n_cells=48)
         rng = np.random.default_rng(seed)
@@ -182,16 +198,7 @@ def test_native_restore_placement_long_runs(monkeypatch, chunk: int) -> None:
     numpy placement leave the same cache, and the native road is taken."""
     from test_kv_state_same import CFGS, build
 
-    took: list[bool] = []
-    real = KVCache._place_seq_native
-
-    def counted(self, seq_id, pos):
-        done = real(self, seq_id, pos)
-        if state_io.NATIVE_PLACE:
-            took.append(done is not None)
-        return done
-
-    monkeypatch.setattr(KVCache, "_place_seq_native", counted)
+    took = _count_native_placements(monkeypatch)
 
     def filled() -> KVCache:
         kv = build(CFGS["f16-trans"], n_cells=320, n_seq=3)
@@ -216,4 +223,4 @@ def test_native_restore_placement_long_runs(monkeypatch, chunk: int) -> None:
             check_invariants(kv)
             kv.close()
         assert states[0] == states[1], (chunk, head)
-    assert len(took) == 36 and all(took), took
+    assert len(took) == 36 and all(took), took  # (every swap-in: one call)

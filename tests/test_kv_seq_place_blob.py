@@ -23,15 +23,24 @@ from pymem.spec import SWAType
 
 
 def _count_plans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count the placed plans the restores build (the one-call road taken)."""
+    """Count the placed plans the restores build and the swap-ins done in one call (the
+    native roads taken)."""
     made: list[int] = []
     real = state_io.PlacedSeqPlan.__init__
+    real_swap_in = state_io.SeqBlob._swap_in
 
     def init(self, *args, **kw) -> None:  # type: ignore[no-untyped-def]
         made.append(1)
         real(self, *args, **kw)
 
+    def swap_in(self, *args):  # type: ignore[no-untyped-def]
+        done = real_swap_in(self, *args)
+        if done is not None:
+            made.append(1)
+        return done
+
     monkeypatch.setattr(state_io.PlacedSeqPlan, "__init__", init)
+    monkeypatch.setattr(state_io.SeqBlob, "_swap_in", swap_in)
     return made
 
 

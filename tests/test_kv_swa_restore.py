@@ -180,6 +180,15 @@ def test_native_and_numpy_restore_placements_agree(
         return done
 
     monkeypatch.setattr(KVCache, "_place_seq_native", counting_seq)
+    real_swap_in = state_io.SeqBlob._swap_in
+
+    def counting_swap_in(self: state_io.SeqBlob, *args: object) -> object:
+        done = real_swap_in(self, *args)  # type: ignore[arg-type]
+        if done is not None:
+            placed_natively.append(True)  # (no window: a swap-in in one call)
+        return done
+
+    monkeypatch.setattr(state_io.SeqBlob, "_swap_in", counting_swap_in)
 
     def run(native: bool) -> tuple:
         monkeypatch.setattr(state_io, "NATIVE_PLACE", native)

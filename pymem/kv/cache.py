@@ -1407,6 +1407,8 @@ class KVCache(Memory):
             blob = self._blob = state_io.seq_blob(
                 self.layout, self.v_cells, self.v_heads, self._native_section()
             )
+            if blob is not None:
+                blob.swap_in_with(self._native_cells()[0])
         if blob is None or not state_io.NATIVE_RUNS or self._closed:
             return None
         return blob

@@ -220,8 +220,8 @@ class SeqBlob:
     """
 
     __slots__ = (
-        "_cells", "_checked", "_keep", "_placing", "_pos", "_searched", "_stream_of", "_swa",
-        "_view", "n_seq",
+        "_cells", "_checked", "_idx", "_keep", "_placing", "_pos", "_searched", "_step",
+        "_stream_of", "_swa", "_view", "n_seq",
     )  # fmt: skip
 
     def __init__(
@@ -287,6 +287,24 @@ class SeqBlob:
         # that parse: a commit with its token places them without parsing again
         self._pos = np.empty(v_cells[0].size, dtype=np.int32)
         self._placing: tuple[int, object] | None = None
+        # a swap-in's placement (swap_in_with): the cache's pm_step_cells view of the same
+        # cells, the placement's cell scratch, and the pointers of both scratches
+        self._step: tuple[Any, Any, Any, Any] | None = None
+        self._idx = np.empty(v_cells[0].size, dtype=np.int32)
+
+    def swap_in_with(self, step_cells: object) -> None:
+        """Let :meth:`read` swap a sequence that holds no cell back in, in one native call
+        (:c:func:`pm_kv_read_seq_swap_in`): ``step_cells`` is the cache's
+        ``pm_step_cells *`` over these very cells (kept alive by the cache). Only without
+        ext or a sliding window, whose placements Python completes."""
+        if self._swa is not None or self._view.n_ext != 0:
+            return
+        self._step = (
+            step_cells,
+            self._cells[0].store,
+            ffi.from_buffer("int32_t[]", self._pos, require_writable=True),
+            ffi.from_buffer("int32_t[]", self._idx, require_writable=True),
+        )
 
     def _window(self, seq_id: int) -> tuple[int, int]:
         """The positions ``[lo, hi]`` of ``seq_id``'s cells its blob holds: every position
@@ -364,7 +382,9 @@ class SeqBlob:
             return None
         strm = int(self._stream_of[seq_id])
         if self._cells[strm].seq_pos_max(seq_id) < 0:
-            return None  # swapped out: no cells to go back into (no owner scan to say so)
+            # swapped out: no cells to go back into (no owner scan to say so); placed anew
+            # in one more call where it may be
+            return self._swap_in(data, seq_id, strm) if store and token is None else None
         try:
             src = ffi.from_buffer(data)
         except (TypeError, ValueError, BufferError):
@@ -387,6 +407,29 @@ class SeqBlob:
         if not store and token is not None:
             self._checked[strm] = (seq_id, token)
         return int(consumed[0])
+
+    def _swap_in(self, data: object, seq_id: int, strm: int) -> int | None:
+        """:meth:`read` of a sequence that holds no cell: parse, placement and store in one
+        native call (:c:func:`pm_kv_read_seq_swap_in`), what :class:`PlacedSeqPlan` does in
+        three. The bytes consumed, or None with nothing changed (no :meth:`swap_in_with`,
+        ``NATIVE_PLACE`` off, an undo journal, or what the call declines: the two-phase
+        restore then places it or names what is wrong)."""
+        step = self._step
+        if step is None or not NATIVE_PLACE or step[1].journaling:
+            return None
+        try:
+            src = ffi.from_buffer(data)
+        except (TypeError, ValueError, BufferError):
+            return None
+        consumed = ffi.new("int64_t *")
+        done = ffi.new("int32_t *")
+        self._searched[strm] = self._checked[strm] = self._placing = None  # scratch taken
+        size = self._idx.size
+        status = lib.pm_kv_read_seq_swap_in(
+            self._view, step[0], seq_id, src, len(src), step[2], size, step[3], size, consumed, done
+        )
+        check(status, "state read: one sequence swapped in")
+        return int(consumed[0]) if done[0] else None
 
     def read_place(self, data: object, seq_id: int, token: object) -> PlaceRead | None:
         """The parse of a per-sequence restore that places the sequence
