@@ -1320,6 +1320,90 @@ pm_status pm_kv_read_seq_swap_in(const pm_kv_seq_blob * b, pm_step_cells * c, in
     return PM_OK;
 }
 
+// zero cells [counts[s], kv_size) of every stream's rows, every layer (zero_range_native)
+static pm_status pm_kv_zero_past(const pm_kv_seq_blob * b, const int64_t * counts) {
+    const int64_t n_layer = b->spec[0][0];
+    struct ggml_tensor ** tensors = (struct ggml_tensor **) malloc((size_t) (2 * n_layer + 1) * sizeof *tensors);
+    const void ** src = (const void **) calloc((size_t) (2 * n_layer + 1), sizeof *src);
+    int64_t * params = (int64_t *) malloc((size_t) (2 * n_layer + 1) * 5 * sizeof *params);
+    pm_status st = tensors == NULL || src == NULL || params == NULL ? PM_ERR_ALLOC : PM_OK;
+    for (int64_t s = 0; st == PM_OK && s < b->n_stream; ++s) {
+        const int64_t * spec = b->spec[s];
+        const int64_t v_trans = spec[1], kv_size = spec[4], el = spec[5];
+        int64_t n = 0;
+        for (int64_t k = 0; k < 2 * n_layer; ++k) {
+            struct ggml_tensor * t = b->tensors[k];
+            if (t == NULL) {
+                continue;  // (no V: an MLA cache)
+            }
+            int64_t * p = params + 5 * n;
+            if (k >= n_layer && v_trans) {  // every channel, its padding too
+                p[0] = s * (int64_t) t->nb[2], p[1] = el, p[2] = el, p[3] = t->ne[0], p[4] = kv_size * el;
+            } else {
+                p[0] = s * kv_size * (int64_t) t->nb[1], p[1] = (int64_t) t->nb[1], p[2] = (int64_t) t->nb[1];
+                p[3] = 1, p[4] = 0;
+            }
+            tensors[n++] = t;
+        }
+        const int64_t a = counts[s], e = kv_size;
+        if (a < e && n > 0) {
+            st = pm_stateio_put_cells(tensors, src, params, n, &a, &e, 1);
+        }
+    }
+    free(tensors);
+    free((void *) src);
+    free(params);
+    return st;
+}
+
+pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, const void * blob, int64_t avail,
+                                  const int64_t * counts, const int64_t * offsets, int32_t same, int32_t * done) {
+    if (pm_seq_blob_stream(b, 0) < 0 || c == NULL || blob == NULL || counts == NULL || offsets == NULL ||
+        done == NULL || avail < 0 || b->n_ext != 0 || c->n_stream != b->n_stream || c->size != b->size) {
+        return PM_ERR_ARG;
+    }
+    *done = 0;
+    const int64_t n_stream = b->n_stream;
+    const char * d = (const char *) blob;
+    const int32_t ** words = (const int32_t **) malloc((size_t) n_stream * sizeof *words);
+    int64_t * scratch = (int64_t *) malloc((size_t) n_stream * 2 * sizeof *scratch);
+    if (words == NULL || scratch == NULL) {
+        free((void *) words);
+        free(scratch);
+        return PM_ERR_ALLOC;
+    }
+    pm_status st = PM_OK;
+    for (int64_t s = 0; s < n_stream; ++s) {
+        if (counts[s] < 0 || counts[s] > b->size || offsets[s] < 0 || offsets[s] > avail ||
+            (avail - offsets[s]) / 12 < counts[s]) {
+            st = PM_ERR_ARG;
+        }
+        words[s] = counts[s] > 0 ? (const int32_t *) (const void *) (d + offsets[s]) : NULL;
+    }
+    int32_t placed = 1;
+    if (st == PM_OK && !same) {
+        st = pm_step_kv_refill(c, words, counts, 3, b->n_seq_max, &placed);
+    }
+    if (st == PM_OK && placed) {
+        for (int64_t s = 0; s < n_stream; ++s) {
+            b->heads[s] = 0;
+        }
+        int64_t consumed = 0;
+        int32_t same_again = 0, stored = 0;
+        st = pm_kv_read_whole_blob(b, blob, avail, 1, scratch, scratch + n_stream, &same_again, &consumed, &stored);
+        if (st == PM_OK && !stored) {
+            st = PM_ERR_RANGE;
+        }
+        if (st == PM_OK) {
+            st = pm_kv_zero_past(b, counts);
+        }
+        *done = st == PM_OK;
+    }
+    free((void *) words);
+    free(scratch);
+    return st;
+}
+
 pm_status pm_kv_records_fixed(const int32_t * words, int64_t n, int64_t rec, int32_t n_seq_max,
                               int64_t * first_bad) {
     if (words == NULL || first_bad == NULL || n < 0 || rec < 3 || n_seq_max < 1 || n_seq_max > 256) {

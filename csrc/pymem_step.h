@@ -185,6 +185,19 @@ pm_status pm_kv_read_seq_swap_in(const pm_kv_seq_blob * b, pm_step_cells * c, in
                                  int64_t avail, int32_t * pos, int64_t pos_cap, int32_t * idx, int64_t idx_cap,
                                  int64_t * consumed, int32_t * done);
 
+// A whole restore's commit after pm_kv_read_whole_blob's parse (mode 0) of the same blob
+// found counts, offsets and same: the cells placed (same: the heads alone move to 0; else
+// pm_step_kv_refill of every stream's records, then the heads to 0), every stream's bytes
+// stored (mode 1) and every row past each stream's cells zeroed (every channel of a
+// transposed V, as the reference's clear(true) leaves them; on pm_set_copy_threads'
+// threads), what WholeBlobPlan.commit does in several calls. The caller resets has_shift.
+// No ext (b->n_ext 0). *done = 0 with nothing changed where the refill declines a record
+// (the blob changed since the parse); *done = 1 when all of it ran. PM_ERR_ARG for a null
+// pointer, views of other cells or an offset past the blob; PM_ERR_RANGE when the store's
+// checks fail after the placement (the blob changed while it was restored).
+pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, const void * blob, int64_t avail,
+                                  const int64_t * counts, const int64_t * offsets, int32_t same, int32_t * done);
+
 // PYMEM_CDEF_END
 
 #ifdef __cplusplus

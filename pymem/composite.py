@@ -34,9 +34,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 
+from pymem._native import check, ffi, lib
 from pymem.errors import BatchError, StateError
 from pymem.memory import GraphInputs, Memory, MemoryContext, MemoryStatus, status_combine
 from pymem.state import (
+    STATE_FLAGS_KNOWN,
     STORE_TOO_LATE,
     CompositeStatePlan,
     SeqReader,
@@ -44,6 +46,7 @@ from pymem.state import (
     StatePlan,
     StateReader,
     StateWriter,
+    WholePart,
 )
 
 if TYPE_CHECKING:
@@ -254,6 +257,79 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
             return at, store, current
 
         return check
+
+    def state_read(
+        self, data: bytes | bytearray | memoryview, seq_id: int = -1, flags: int = 0
+    ) -> int:
+        """Restore from a blob; returns the bytes consumed. Nothing changes on failure.
+
+        A whole blob of parts that all offer :meth:`whole_part` is checked and stored in
+        one native call (:c:func:`pm_whole_read`); one sequence, part by part
+        (:meth:`seq_reader`); anything either declines, by the two-phase parse."""
+        if type(seq_id) is int and seq_id == -1 and type(flags) is int:
+            done = self._whole_read(data, flags) if not flags & ~STATE_FLAGS_KNOWN else None
+            if done is not None:
+                return done
+        return super().state_read(data, seq_id, flags)
+
+    _whole_programs: dict[int, tuple[Any, list[WholePart]] | None] | None = None
+
+    def _whole_leaves(self, flags: int) -> list[Memory[Any]]:
+        """The innermost memories a whole blob with ``flags`` holds, in its order."""
+        leaves: list[Memory[Any]] = []
+        for part in self._state_members(flags):
+            if isinstance(part, CompositeMemory):
+                leaves.extend(part._whole_leaves(flags))
+            else:
+                leaves.append(part)
+        return leaves
+
+    def _whole_program(self, flags: int) -> tuple[Any, list[WholePart]] | None:
+        """The ``pm_whole_part`` array of a whole read with ``flags`` and its parts, built
+        on first use (every pointer in it stays valid while the parts are open: each call
+        asks :meth:`WholePart.ready` first); None where a part offers none."""
+        programs = self._whole_programs
+        if programs is None:
+            programs = self._whole_programs = {}
+        if flags not in programs:
+            parts = [leaf.whole_part() for leaf in self._whole_leaves(flags)]
+            if any(p is None for p in parts):
+                programs[flags] = None
+            else:
+                found = [p for p in parts if p is not None]
+                array = ffi.new("pm_whole_part[]", len(found))
+                for i, part in enumerate(found):
+                    part.fill(array[i])
+                programs[flags] = (array, found)
+        return programs[flags]
+
+    def _whole_read(self, data: object, flags: int) -> int | None:
+        """A whole restore in one native call (:c:func:`pm_whole_read`): every part's
+        check, then every part's store; the bytes consumed, or None with nothing changed
+        where it does not apply (a part offers no :meth:`whole_part` or is not ready, a
+        part declines the blob: the readers or the two-phase parse then decide)."""
+        program = self._whole_program(flags)
+        if program is None:
+            return None
+        array, parts = program
+        for part in parts:
+            if not part.ready():
+                return None
+        try:
+            src = ffi.from_buffer(data)
+        except (TypeError, ValueError, BufferError):
+            return None
+        consumed = ffi.new("int64_t *")
+        done = ffi.new("int32_t *")
+        status = lib.pm_whole_read(array, len(parts), src, len(src), consumed, done)
+        if status == lib.PM_ERR_RANGE:
+            raise StateError("state plan: the blob changed while it was restored")
+        check(status, "state read: whole memory")
+        if not done[0]:
+            return None
+        for i, part in enumerate(parts):
+            part.commit(array[i])
+        return int(consumed[0])
 
     def state_read_parse(
         self, reader: StateReader, seq_id: int = -1, flags: int = 0

@@ -967,6 +967,25 @@ it refuses a memory changed since the check (StateError, nothing changed), which
 says beforehand (a composite asks every part before any part stores)."""
 
 SeqWriter: TypeAlias = tuple[int, Callable[[memoryview], int]]
+
+
+class WholePart(Protocol):
+    """A memory's part of a composite's whole read in one native call
+    (:c:func:`pm_whole_read`; :meth:`TwoPhaseStateIO.whole_part`)."""
+
+    def fill(self, part: Any) -> None:
+        """Set this part's fields of a ``pm_whole_part`` (once: they stay valid for the
+        memory's life)."""
+
+    def ready(self) -> bool:
+        """Whether the native read may run now (an open memory, the native roads on, no
+        undo journal): checked before every call."""
+
+    def commit(self, part: Any) -> None:
+        """What Python keeps after the native store (versions, a recurrent memory's cells),
+        from the outputs in ``part``."""
+
+
 """A one-sequence blob's size and the function that writes exactly it into a byte view
 (:meth:`TwoPhaseStateIO.seq_writer`)."""
 
@@ -1004,6 +1023,12 @@ class TwoPhaseStateIO:
         and ``flags`` (known bits); None: the general restore runs. Composites offer one
         where every part does: every part's check runs before any part's store, so a
         blob that any part declines changes nothing."""
+        return None
+
+    def whole_part(self) -> WholePart | None:
+        """This memory's part of a composite's whole read in one native call (a KV cache's
+        or a recurrent memory's, in host memory); None: not offered (the composite then
+        reads part by part)."""
         return None
 
     def _one_seq(self, seq_id: Any, flags: int, what: str) -> SeqWriter | None:
@@ -1064,7 +1089,7 @@ class TwoPhaseStateIO:
         wrong."""
         if (
             type(seq_id) is int
-            and seq_id >= 0
+            and seq_id >= -1
             and isinstance(flags, int)
             and not (int(flags) & ~STATE_FLAGS_KNOWN)
         ):

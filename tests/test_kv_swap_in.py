@@ -177,19 +177,25 @@ def test_no_one_call_swap_in_under_a_journal_or_with_native_placement_off(monkey
     assert kv.seq_pos_max(1) >= 0
 
 
-def test_not_offered_with_ext_or_a_window() -> None:
-    """An ext layout's or a sliding-window cache's blob view has no one-call swap-in: their
-    placements need Python (ext words, window overwrites)."""
+def test_not_offered_with_ext_or_a_window(monkeypatch) -> None:
+    """An ext layout's blob view has no one-call placement (Python writes the ext words);
+    a sliding-window cache's swap-in is not taken in one call either (its placement may
+    overwrite masked cells: Python completes those)."""
     from test_kv_swa_restore import _memory
 
     from pymem.spec import SWAType
 
     kv = _scenario("mrope-ext", 1, n_cells=48)
-    swa = _memory(1, SWAType.STANDARD, 4, 24)
-    for cache in (kv, swa):
-        view = cache._blob_view()
-        assert view is not None and view._step is None
+    view = kv._blob_view()
+    assert view is not None and view._step is None
     kv.close()
+    swa = _memory(1, SWAType.STANDARD, 4, 24)
+    blob = bytes(swa.state_write(0))
+    swa.seq_rm(0, -1, -1)
+    taken: list[int] = []
+    with _one_call(monkeypatch, True, taken):
+        assert swa.state_read(blob, 0) == len(blob)
+    assert not taken
     swa.close()
 
 

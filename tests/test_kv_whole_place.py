@@ -22,9 +22,11 @@ from pymem.state import StateReader
 
 
 def _count_native(monkeypatch) -> list[bool]:
-    """Every answer of KVCache._refill with records, in order (a clear refills none)."""
+    """Every answer of a native refill with records, in order (a clear refills none):
+    KVCache._refill's (the two-phase restore's) or the whole reader's one-call commit."""
     seen: list[bool] = []
     real = KVCache._refill
+    real_commit = state_io.SeqBlob.commit_whole
 
     def counted(self, records):
         done = real(self, records)
@@ -32,7 +34,14 @@ def _count_native(monkeypatch) -> list[bool]:
             seen.append(done)
         return done
 
+    def counted_commit(self, data, found):
+        done = real_commit(self, data, found)
+        if not found.same and (done or state_io.NATIVE_PLACE):
+            seen.append(done)
+        return done
+
     monkeypatch.setattr(KVCache, "_refill", counted)
+    monkeypatch.setattr(state_io.SeqBlob, "commit_whole", counted_commit)
     return seen
 
 
@@ -47,6 +56,7 @@ def test_native_whole_placement_equals_numpy(monkeypatch, name: str, one_call: b
     seen = _count_native(monkeypatch)
     if not one_call:
         monkeypatch.setattr(KVCache, "_whole_blob_plan", lambda self, reader, hooks: None)
+        monkeypatch.setattr(KVCache, "_whole_reader", lambda self: None)
     shared_seen = 0
     for seed in range(6):
         donor = _scenario(name, seed + 100)
@@ -394,6 +404,7 @@ def test_a_declined_refill_leaves_the_placement_to_set_new(monkeypatch, one_call
     and a journal around the restore makes the real refill decline too."""
     if not one_call:
         monkeypatch.setattr(KVCache, "_whole_blob_plan", lambda self, reader, hooks: None)
+        monkeypatch.setattr(KVCache, "_whole_reader", lambda self: None)
     real = KVCache._refill
     declined: list[int] = []
 
@@ -410,6 +421,8 @@ def test_a_declined_refill_leaves_the_placement_to_set_new(monkeypatch, one_call
         native.state_read(blob)
         with monkeypatch.context() as m:
             m.setattr(KVCache, "_refill", decline)
+            # (the whole reader's one-call commit declines too: its plan's refill runs)
+            m.setattr(state_io.SeqBlob, "commit_whole", lambda self, data, found: False)
             fallback.state_read(blob)
         assert _state(native) == _state(fallback), seed
         check_invariants(fallback)

@@ -91,6 +91,7 @@ def _read(
         if not fast:
             for cls in (CompositeMemory, RecurrentMemory):
                 m.setattr(cls, "seq_reader", lambda self, seq_id, flags: None)
+            m.setattr(CompositeMemory, "_whole_read", lambda self, data, flags: None)
         try:
             return mem.state_read(blob, dst, flags)
         except (StateError, RangeError) as exc:
@@ -246,4 +247,142 @@ def test_a_late_store_is_refused_before_any_part_stores() -> None:
     with pytest.raises(StateError, match="changed between the check and the store"):
         found[1]()
     assert _snapshot(mem) == before
+    mem.close()
+
+
+@pytest.mark.parametrize("road", ["one call", "readers"])
+@pytest.mark.parametrize("flags", [0, 1, 2, 3])
+@pytest.mark.parametrize("kind", ["hybrid", "iswa", "hybrid_iswa", "recurrent"])
+def test_the_native_whole_read_leaves_what_the_two_phase_read_leaves(
+    monkeypatch, kind: str, flags: int, road: str
+) -> None:
+    """Whole blobs (``seq_id`` -1): the memory's own blob (its cells unchanged), another
+    memory's (every cell placed anew: a session loaded into another context), one with
+    trailing bytes and one as a numpy array; the same answers and state as the two-phase
+    read. ``road`` "one call": a composite's every part in one native call
+    (``pm_whole_read``); "readers": every part's whole reader (``seq_reader(-1)``), the one
+    call turned off. The road is taken."""
+    made: list[bool] = []
+    for seed in range(6):
+        fast, ref = _memory(kind, seed), _memory(kind, seed)
+        donor = _memory(kind, seed + 50)
+        own = bytes(fast.state_write(-1, flags))
+        other = bytes(donor.state_write(-1, flags))
+        donor.close()
+        blobs = [own, other, bytearray(own) + b"\x05" * 3, np.frombuffer(other, np.uint8)]
+        for i, blob in enumerate(blobs):
+            with monkeypatch.context() as m:
+                if road == "one call" and kind != "recurrent":
+                    real_whole = CompositeMemory._whole_read
+
+                    def whole(self, data, flags, real=real_whole):  # type: ignore[no-untyped-def]
+                        done = real(self, data, flags)
+                        made.append(done is not None)
+                        return done
+
+                    m.setattr(CompositeMemory, "_whole_read", whole)
+                else:
+                    m.setattr(CompositeMemory, "_whole_read", lambda self, data, flags: None)
+                    real = type(fast).seq_reader
+
+                    def spy(self, seq_id, flags, real=real):  # type: ignore[no-untyped-def]
+                        check = real(self, seq_id, flags)
+                        if check is None:
+                            return None
+
+                        def counted(view):  # type: ignore[no-untyped-def]
+                            found = check(view)
+                            made.append(found is not None)
+                            return found
+
+                        return counted
+
+                    m.setattr(type(fast), "seq_reader", spy)
+                got = _read(monkeypatch, fast, blob, -1, True, flags)
+            want = _read(monkeypatch, ref, blob, -1, False, flags)
+            assert got == want, (seed, i)
+            assert _snapshot(fast) == _snapshot(ref), (seed, i)
+        fast.close()
+        ref.close()
+    assert sum(made) >= 20, (sum(made), len(made))
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "hybrid_iswa"])
+def test_a_whole_blob_its_last_part_declines_changes_no_part(kind: str) -> None:
+    """A whole blob whose recurrent section (the last part) is hostile, read into a memory
+    whose cells differ: the attention part's check passed, no store runs, the two-phase
+    parse names the fault and nothing changes."""
+    mem = _memory(kind, 3)
+    donor = _memory(kind, 7)  # (no fork: every part's check but the last one's passes)
+    blob = bytearray(donor.state_write())
+    n_attn = len(donor.mem_attn.state_write())
+    donor.close()
+    blob[n_attn : n_attn + 4] = (10**6).to_bytes(4, "little")  # recurrent cell count
+    before = _snapshot(mem)
+    with pytest.raises(StateError):
+        mem.state_read(bytes(blob))
+    assert _snapshot(mem) == before
+    mem.close()
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "iswa", "recurrent"])
+def test_a_late_whole_store_is_refused(kind: str) -> None:
+    """A whole reader's store called after another change of the memory is refused with
+    nothing changed."""
+    mem = _memory(kind, 4)
+    blob = bytes(_memory(kind, 6).state_write())  # (a donor of the same layout)
+    check = mem.seq_reader(-1, 0)
+    assert check is not None
+    found = check(memoryview(blob))
+    assert found is not None and found[2]()
+    mem.seq_rm(1, -1, -1)
+    assert not found[2]()
+    before = _snapshot(mem)
+    with pytest.raises(StateError, match="changed between the check and the store"):
+        found[1]()
+    assert _snapshot(mem) == before
+    mem.close()
+
+
+def test_the_one_call_whole_read_runs_only_when_every_part_is_ready(monkeypatch) -> None:
+    """``NATIVE_PLACE`` off, an undo journal in the attention part, or a closed part: the
+    one call is not made (the per-part roads decide, and name a closed part); every pointer
+    of the cached program stays unused meanwhile."""
+    import pymem.kv.state_io as kv_state_io
+
+    mem = _memory("hybrid", 4)
+    blob = bytes(_memory("hybrid", 6).state_write())  # (no fork: fixed records)
+    assert mem._whole_read(blob, 0) == len(blob)
+    monkeypatch.setattr(kv_state_io, "NATIVE_PLACE", False)
+    assert mem._whole_read(blob, 0) is None
+    monkeypatch.setattr(kv_state_io, "NATIVE_PLACE", True)
+    with mem.mem_attn._planning():
+        assert mem._whole_read(blob, 0) is None
+    mem.mem_recr.close()
+    assert mem._whole_read(blob, 0) is None
+    with pytest.raises(ClosedError):
+        mem.state_read(blob)
+    mem.close()
+
+
+def test_the_whole_read_kernel_refuses_bad_arguments() -> None:
+    """Null pointers, no parts, a part of neither kind: PM_ERR_ARG, nothing read."""
+    from pymem._native import ffi, lib
+
+    mem = _memory("hybrid", 4)
+    blob = bytes(mem.state_write())
+    program = mem._whole_program(0)
+    assert program is not None
+    array = program[0]
+    consumed = ffi.new("int64_t *")
+    done = ffi.new("int32_t *")
+    assert lib.pm_whole_read(ffi.NULL, 2, blob, len(blob), consumed, done) == lib.PM_ERR_ARG
+    assert lib.pm_whole_read(array, 0, blob, len(blob), consumed, done) == lib.PM_ERR_ARG
+    assert lib.pm_whole_read(array, 2, ffi.NULL, 0, consumed, done) == lib.PM_ERR_ARG
+    assert lib.pm_whole_read(array, 2, blob, len(blob), ffi.NULL, done) == lib.PM_ERR_ARG
+    empty = ffi.new("pm_whole_part[]", 1)  # neither a KV part nor a recurrent one
+    assert lib.pm_whole_read(empty, 1, blob, len(blob), consumed, done) == lib.PM_ERR_ARG
+    before = _snapshot(mem)
+    assert lib.pm_whole_read(array, 2, blob[:-1], len(blob) - 1, consumed, done) == lib.PM_OK
+    assert done[0] == 0 and _snapshot(mem) == before  # a truncated blob: declined
     mem.close()

@@ -107,6 +107,7 @@ from pymem.memory import (
 from pymem.spec import ModelSpec, NonCausalType, SWAType, masked_swa
 from pymem.state import (
     BLOB_CHANGED,
+    STORE_TOO_LATE,
     SeqReader,
     SeqWriter,
     StateReader,
@@ -1483,6 +1484,16 @@ class KVCache(Memory):
             if done is not None:
                 self._mutated()
                 return done
+        elif type(seq_id) is int and seq_id == -1:
+            check_state_flags(flags, "state_read")
+            whole = self._whole_reader()
+            try:
+                found = None if whole is None else whole(memoryview(data).cast("B"))
+            except TypeError:  # not one contiguous run of bytes: the parse says so
+                found = None
+            if found is not None:
+                found[1]()
+                return found[0]
         # the one call declined: the general parse, without asking the same question again
         reader = StateReader(data)
         plan = self._parse(reader, seq_id, flags, same_cells=blob is None)
@@ -1548,6 +1559,8 @@ class KVCache(Memory):
         holds (:meth:`state_io.SeqBlob.read`), or placed anew where the free cells prove
         the fit (:class:`state_io.PlacedSeqPlan`). None for anything else: a closed cache,
         tensors outside host memory, ``seq_id`` outside ``[0, n_seq_max)``."""
+        if seq_id == -1:
+            return self._whole_reader()
         blob = self._seq_blob(seq_id, 0, "state_read")  # (None for a seq_id not an int)
         if blob is None or seq_id >= self.n_seq_max:
             return None
@@ -1561,6 +1574,54 @@ class KVCache(Memory):
             taken, plan = found
             plan.committed_at_once()  # its store runs right after every part's check
             return taken, plan.commit, plan.is_current
+
+        return check
+
+    def whole_part(self) -> _KVWholePart | None:
+        """This cache's part of a composite's whole read in one native call (see
+        :meth:`TwoPhaseStateIO.whole_part`): the parse and commit of :meth:`_whole_reader`.
+        None for a closed cache, tensors outside host memory or ext records."""
+        blob = self._blob_view()
+        if blob is None or self.layout.n_ext:
+            return None
+        return _KVWholePart(self, blob)
+
+    def _whole_reader(self) -> SeqReader | None:
+        """The whole cache's restore as a native check and store (:meth:`seq_reader` for
+        ``seq_id`` -1): the parse (:meth:`state_io.SeqBlob.read_whole`), then placement,
+        bytes and zeroing in one more call (:meth:`state_io.SeqBlob.commit_whole`;
+        :class:`state_io.WholeBlobPlan` where that does not apply). None for a closed
+        cache, tensors outside host memory or ext records (the two-phase parse runs)."""
+        blob = self._blob_view()
+        if blob is None or self.layout.n_ext:
+            return None
+
+        def check(
+            view: memoryview,
+        ) -> tuple[int, Callable[[], None], Callable[[], bool]] | None:
+            found = blob.read_whole(view, 0)
+            if found is None:
+                return None
+            version = self._version
+
+            def current() -> bool:
+                return self._version == version
+
+            def store() -> None:
+                if self._version != version:
+                    raise StateError(STORE_TOO_LATE)
+                if blob.commit_whole(view, found):
+                    self.cells.has_shift[:] = False
+                    self._mutated()
+                    return
+                plan = state_io.WholeBlobPlan(
+                    blob, view[: found.consumed], found, self.layout, self.v_cells,
+                    self.v_heads, self._state_hooks(), self.layers,
+                )  # fmt: skip
+                plan.committed_at_once()
+                plan.commit()
+
+            return found.consumed, store, current
 
         return check
 
@@ -1914,3 +1975,36 @@ class KVCacheContext(MemoryContext):
 
     def cpy_v(self, ctx: Any, v_cur: Any, v_idxs: Any, il: int) -> Any:
         return kv_graph.cpy_v(self.kv.layout, self.kv.layer(il), ctx, v_cur, v_idxs, il)
+
+
+class _KVWholePart:
+    """A KV cache's :class:`~pymem.state.WholePart`: its blob view, its cells and a scratch
+    for the parse's counts and offsets."""
+
+    def __init__(self, cache: KVCache, blob: state_io.SeqBlob) -> None:
+        self._cache = cache
+        self._blob = blob
+        self._found = np.zeros(2 * cache.n_stream, dtype=np.int64)
+        self._keep: list[object] = []
+
+    def fill(self, part: Any) -> None:
+        step = self._cache._native_cells()[0]
+        found = ffi.from_buffer("int64_t[]", self._found, require_writable=True)
+        self._keep = [step, found]
+        part.kv = self._blob.view
+        part.cells = step
+        part.kv_found = found
+
+    def ready(self) -> bool:
+        cache = self._cache
+        return (
+            not cache._closed
+            and state_io.NATIVE_RUNS
+            and state_io.NATIVE_PLACE
+            and not cache.cells.journaling
+        )
+
+    def commit(self, part: Any) -> None:
+        cache = self._cache
+        cache.cells.has_shift[:] = False
+        cache._mutated()

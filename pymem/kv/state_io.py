@@ -292,12 +292,20 @@ class SeqBlob:
         self._step: tuple[Any, Any, Any, Any] | None = None
         self._idx = np.empty(v_cells[0].size, dtype=np.int32)
 
+    @property
+    def view(self) -> Any:
+        """The ``pm_kv_seq_blob *`` this object's calls pass (valid while the cache is
+        open)."""
+        return self._view
+
     def swap_in_with(self, step_cells: object) -> None:
-        """Let :meth:`read` swap a sequence that holds no cell back in, in one native call
-        (:c:func:`pm_kv_read_seq_swap_in`): ``step_cells`` is the cache's
-        ``pm_step_cells *`` over these very cells (kept alive by the cache). Only without
-        ext or a sliding window, whose placements Python completes."""
-        if self._swa is not None or self._view.n_ext != 0:
+        """Let :meth:`read` swap a sequence that holds no cell back in, and
+        :meth:`commit_whole` commit a whole restore, in one native call each
+        (:c:func:`pm_kv_read_seq_swap_in`, :c:func:`pm_kv_read_whole_commit`):
+        ``step_cells`` is the cache's ``pm_step_cells *`` over these very cells (kept alive
+        by the cache). Not with ext, whose words Python writes (nor, for a swap-in, with a
+        sliding window, whose placements Python completes: :meth:`read` declines those)."""
+        if self._view.n_ext != 0:
             return
         self._step = (
             step_cells,
@@ -501,6 +509,29 @@ class SeqBlob:
         if not flags[1]:
             return None
         return WholeBlobRead(int(found[2 * n]), found[:n], found[n : 2 * n], bool(flags[0]))
+
+    def commit_whole(self, data: object, found: WholeBlobRead) -> bool:
+        """The commit of a whole restore :meth:`read_whole` (mode 0) parsed from ``data``
+        just before, with nothing changed since (the caller's promise): placement, store
+        and the zeroing past every stream's cells in one native call
+        (:c:func:`pm_kv_read_whole_commit`; :class:`WholeBlobPlan` is the reference).
+        False, nothing changed, where it does not apply (no :meth:`swap_in_with` view, an
+        undo journal, ``NATIVE_PLACE`` off) or the placement declines a record; the caller
+        resets ``has_shift`` and moves its version after True. StateError when the store's
+        checks fail after the placement (the blob changed while it was restored)."""
+        step = self._step
+        if step is None or not NATIVE_PLACE or step[1].journaling:
+            return False
+        done = ffi.new("int32_t *")
+        status = lib.pm_kv_read_whole_commit(
+            self._view, step[0], ffi.from_buffer(data), len(data),  # type: ignore[arg-type]
+            ffi.from_buffer("int64_t[]", found.counts), ffi.from_buffer("int64_t[]", found.offsets),
+            int(found.same), done,
+        )  # fmt: skip
+        if status == lib.PM_ERR_RANGE:
+            raise StateError("state plan: the blob changed while it was restored")
+        check(status, "state read: whole cache")
+        return bool(done[0])
 
 
 class PlaceRead(NamedTuple):

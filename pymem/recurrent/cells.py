@@ -49,10 +49,13 @@ class RecurrentCells:
 
     def __init__(self, size: int, n_rs_idx: int) -> None:
         self.size = size
-        self.pos = np.full(size, -1, dtype=np.int32)
-        self.src = np.full(size, -1, dtype=np.int32)
-        self.src0 = np.full(size, -1, dtype=np.int32)
-        self.tail = np.full(size, -1, dtype=np.int32)
+        # (np.full is a Python function: empty + fill are two C calls, what a state read
+        # that builds cells pays per call)
+        self.pos = np.empty(size, dtype=np.int32)
+        self.pos.fill(-1)
+        self.src = self.pos.copy()
+        self.src0 = self.pos.copy()
+        self.tail = self.pos.copy()
         self.rs_idx = np.zeros(n_rs_idx, dtype=np.uint32)
         self.n_last = np.zeros(n_rs_idx, dtype=np.uint32)
         self.head = 0

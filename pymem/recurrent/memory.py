@@ -112,10 +112,12 @@ from pymem.recurrent.state_io import (
     seq_cell_row,
     seq_rows,
     seq_section_size,
+    whole_cells,
     write_state,
 )
 from pymem.spec import ModelSpec
 from pymem.state import (
+    BLOB_CHANGED,
     STORE_TOO_LATE,
     BufferWriter,
     SeqReader,
@@ -792,6 +794,8 @@ class RecurrentMemory(Memory):
         runs: a closed memory, tensors outside host memory, ``seq_id`` outside
         ``[0, min(n_seq_max, size))``."""
         native = None if self._closed else self._native_rows()
+        if native is not None and type(seq_id) is int and seq_id == -1:
+            return self._whole_reader(native)
         if (
             native is None
             or type(seq_id) is not int
@@ -816,6 +820,44 @@ class RecurrentMemory(Memory):
                 if not current():
                     raise StateError(STORE_TOO_LATE)
                 native.walk(rows, n_rows, cells.head, store=True)
+                self.commit_cells(cells)
+
+            return taken, store, current
+
+        return check
+
+    def whole_part(self) -> _RecurrentWholePart | None:
+        """This memory's part of a composite's whole read in one native call (see
+        :meth:`TwoPhaseStateIO.whole_part`): :meth:`_whole_reader`'s check and store. None
+        for a closed memory or tensors outside host memory."""
+        native = None if self._closed else self._native_rows()
+        return None if native is None else _RecurrentWholePart(self, native)
+
+    def _whole_reader(self, native: SeqRows) -> SeqReader:
+        """The whole memory's restore as a native check and store (:meth:`seq_reader` for
+        ``seq_id`` -1): :meth:`SeqRows.read_whole` checks the section, then stores its rows
+        (zeroing every row after them) and the cells it describes become the memory's
+        (:func:`parse_state`'s native road, with no plan)."""
+        size, limit = self.size, min(self.n_seq_max, self.size)
+
+        def check(
+            view: memoryview,
+        ) -> tuple[int, Callable[[], None], Callable[[], bool]] | None:
+            found = native.read_whole(view, size, limit, False)
+            if found is None:
+                return None
+            taken, pos, tail = found
+            version = self._version
+
+            def current() -> bool:
+                return self._version == version
+
+            def store() -> None:
+                if self._version != version:
+                    raise StateError(STORE_TOO_LATE)
+                cells = whole_cells(self.cells, pos, tail)
+                if native.read_whole(view[:taken], size, limit, True) is None:
+                    raise StateError(BLOB_CHANGED)  # (checked just before: cannot fail)
                 self.commit_cells(cells)
 
             return taken, store, current
@@ -866,3 +908,35 @@ class RecurrentMemory(Memory):
             self._native_rows(),
         )  # fmt: skip
         return RecurrentReadPlan(self, cells, writes, zero_from=zero_from, version=self._version)
+
+
+class _RecurrentWholePart:
+    """A recurrent memory's :class:`~pymem.state.WholePart`: its rows' tensors and the
+    scratch the check fills with the cells' positions and the sequences' cells."""
+
+    def __init__(self, memory: RecurrentMemory, native: SeqRows) -> None:
+        self._memory = memory
+        self._native = native
+        self._pos = np.empty(memory.size, dtype=np.int32)
+        self._tail = np.empty(memory.size, dtype=np.int32)
+        self._keep: list[object] = []
+
+    def fill(self, part: Any) -> None:
+        memory = self._memory
+        pos = ffi.from_buffer("int32_t[]", self._pos, require_writable=True)
+        tail = ffi.from_buffer("int32_t[]", self._tail, require_writable=True)
+        self._keep = [pos, tail]
+        part.kv = ffi.NULL
+        part.rs_size = memory.size
+        part.rs_limit = min(memory.n_seq_max, memory.size)
+        self._native.fill_whole_part(part)
+        part.rs_pos = pos
+        part.rs_tail = tail
+
+    def ready(self) -> bool:
+        return not self._memory._closed
+
+    def commit(self, part: Any) -> None:
+        memory = self._memory
+        k = int(part.n_cells)
+        memory.commit_cells(whole_cells(memory.cells, self._pos[:k], self._tail))

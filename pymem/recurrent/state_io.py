@@ -22,7 +22,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -197,6 +197,13 @@ class SeqRows:
     @property
     def n_tensors(self) -> int:
         return self._n
+
+    def fill_whole_part(self, part: Any) -> None:
+        """The rows' fields of a ``pm_whole_part`` (a composite's whole read)."""
+        part.rs_n_layer = self._n_layer
+        part.rs_tensors = self._tensors
+        part.rs_spec = self._spec_c
+        part.rs_n_tensors = self._n
 
     def sections(self, out: memoryview, starts: np.ndarray, ends: np.ndarray) -> None:
         """Every tensor section (header, then the rows of runs ``[starts[k], ends[k])``)
@@ -408,7 +415,7 @@ def parse_state(
         if rest is not None and found is not None:
             taken, pos, tail = found
             reader.skip(taken, "recurrent state")
-            cells = _whole_cells(c, pos, tail)
+            cells = whole_cells(c, pos, tail)
             section = rest[:taken]
 
             def store() -> None:  # the bytes there now, as a payload write takes them
@@ -459,7 +466,7 @@ def parse_state(
     return cells, writes, (cells.used if seq_id == -1 else None)
 
 
-def _whole_cells(live: RecurrentCells, pos: np.ndarray, tail: np.ndarray) -> RecurrentCells:
+def whole_cells(live: RecurrentCells, pos: np.ndarray, tail: np.ndarray) -> RecurrentCells:
     """The cells a whole restore leaves: ``pos`` in cells ``[0, k)``, each its own
     source, sequences at ``tail``; ``src0``, ``n`` and ``rs_z`` kept (as clear() keeps
     them). :func:`_parse_meta_whole` is the reference."""

@@ -1,0 +1,82 @@
+#include "pymem_whole.h"
+
+// the part's check at d (avail bytes): its bytes, or -1 when it declines
+static int64_t pm_whole_check(pm_whole_part * p, const char * d, int64_t avail) {
+    int64_t taken = 0;
+    int32_t ok = 0;
+    if (p->kv != NULL) {
+        const int64_t n_stream = p->kv->n_stream;
+        if (pm_kv_read_whole_blob(p->kv, d, avail, 0, p->kv_found, p->kv_found + n_stream, &p->same, &taken,
+                                  &ok) != PM_OK ||
+            !ok) {
+            return -1;
+        }
+    } else {
+        int64_t out[2] = { -1, -1 };  // cell count, consumed
+        if (pm_rs_read_whole(d, avail, p->rs_size, p->rs_limit, p->rs_n_layer, p->rs_tensors, p->rs_spec,
+                             p->rs_n_tensors, 0, p->rs_pos, p->rs_tail, out, out + 1) != PM_OK ||
+            out[1] < 0) {
+            return -1;
+        }
+        p->n_cells = out[0];
+        taken = out[1];
+    }
+    p->taken = taken;
+    return taken;
+}
+
+// the part's store after its check: 1 done, 0 declined with nothing changed, -1 failed
+// after changing something (the blob changed since the check)
+static int pm_whole_store(pm_whole_part * p, const char * d, int64_t avail) {
+    if (p->kv != NULL) {
+        const int64_t n_stream = p->kv->n_stream;
+        int32_t done = 0;
+        const pm_status st =
+            pm_kv_read_whole_commit(p->kv, p->cells, d, avail, p->kv_found, p->kv_found + n_stream, p->same, &done);
+        return st != PM_OK ? -1 : done;
+    }
+    int64_t out[2] = { -1, -1 };
+    const pm_status st = pm_rs_read_whole(d, avail, p->rs_size, p->rs_limit, p->rs_n_layer, p->rs_tensors,
+                                          p->rs_spec, p->rs_n_tensors, 1, p->rs_pos, p->rs_tail, out, out + 1);
+    if (st != PM_OK || out[1] < 0) {
+        return 0;  // (checked before storing: nothing stored)
+    }
+    return out[1] == p->taken && out[0] == p->n_cells ? 1 : -1;
+}
+
+pm_status pm_whole_read(pm_whole_part * parts, int64_t n_parts, const void * blob, int64_t avail,
+                        int64_t * consumed, int32_t * done) {
+    if (parts == NULL || blob == NULL || consumed == NULL || done == NULL || n_parts < 1 || avail < 0) {
+        return PM_ERR_ARG;
+    }
+    *done = 0;
+    for (int64_t i = 0; i < n_parts; ++i) {
+        const pm_whole_part * p = &parts[i];
+        const int kv = p->kv != NULL && p->cells != NULL && p->kv_found != NULL && p->kv->n_ext == 0;
+        const int rs = p->kv == NULL && p->rs_tensors != NULL && p->rs_spec != NULL && p->rs_pos != NULL &&
+                       p->rs_tail != NULL && p->rs_size > 0;
+        if (!kv && !rs) {
+            return PM_ERR_ARG;
+        }
+    }
+    const char * d = (const char *) blob;
+    int64_t at = 0;
+    for (int64_t i = 0; i < n_parts; ++i) {  // every check before the first store
+        const int64_t taken = pm_whole_check(&parts[i], d + at, avail - at);
+        if (taken < 0) {
+            return PM_OK;
+        }
+        at += taken;
+    }
+    at = 0;
+    for (int64_t i = 0; i < n_parts; ++i) {
+        const int stored = pm_whole_store(&parts[i], d + at, avail - at);
+        if (stored != 1) {
+            return stored == 0 && i == 0 ? PM_OK : PM_ERR_RANGE;
+        }
+        at += parts[i].taken;
+    }
+    *consumed = at;
+    *done = 1;
+    return PM_OK;
+}

@@ -1,0 +1,54 @@
+// One native call for a whole-memory state read of a composite (hybrid, iSWA, hybrid
+// iSWA): every part's check over one blob, then every part's store, where each part alone
+// would take a check and a commit call plus their Python. A memory's Python glue costs a
+// microsecond a call once a multi-megabyte copy has evicted the caches, so a composite's
+// whole read spent as long in it as in its bytes.
+#pragma once
+
+#include "pymem_native.h"
+#include "pymem_stateio.h"
+#include "pymem_step.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// PYMEM_CDEF_BEGIN: plain declarations only (csrc/gen_cffi.py hands them to cffi)
+
+// One part of a whole read, in blob order: a KV cache (kv and cells set, rs NULL) or a
+// recurrent memory (kv NULL; pm_rs_read_whole's arguments). The scratch and outputs are
+// the caller's, read after the call.
+typedef struct pm_whole_part {
+    const pm_kv_seq_blob * kv;        // a KV part: its blob view (no ext)
+    pm_step_cells * cells;            //   and its cells (the same cells)
+    int64_t * kv_found;               //   scratch [2 * n_stream]: counts, offsets
+    int64_t rs_size;                  // a recurrent part: mem_size
+    int64_t rs_limit;                 //   ids below min(n_seq_max, mem_size)
+    int64_t rs_n_layer;
+    struct ggml_tensor * const * rs_tensors;
+    const int64_t * rs_spec;
+    int64_t rs_n_tensors;
+    int32_t * rs_pos;                 //   out [rs_size]: the cells' positions
+    int32_t * rs_tail;                //   out [rs_size]: per sequence its cell
+    int64_t taken;                    // out: the part's bytes
+    int64_t n_cells;                  // out: a recurrent part's cell count
+    int32_t same;                     // out: a KV part's cells already were the blob's
+} pm_whole_part;
+
+// A whole restore of n_parts parts from blob (avail bytes; each part's section follows
+// the one before): every part checked (pm_kv_read_whole_blob mode 0; pm_rs_read_whole
+// without store), then, when all apply, every part stored (pm_kv_read_whole_commit;
+// pm_rs_read_whole with store). *done = 1 and *consumed = the parts' bytes after the
+// stores; *done = 0 with nothing changed when any check declines (the caller's per-part
+// road then reads it, or names what is wrong). PM_ERR_RANGE when a store fails after an
+// earlier one ran (the blob changed while it was restored); PM_ERR_ARG for a null pointer
+// or a part that is neither kind. The caller completes what Python keeps: a KV part's
+// has_shift and version, a recurrent part's cells (from rs_pos / rs_tail, n_cells).
+pm_status pm_whole_read(pm_whole_part * parts, int64_t n_parts, const void * blob, int64_t avail,
+                        int64_t * consumed, int32_t * done);
+
+// PYMEM_CDEF_END
+
+#ifdef __cplusplus
+}
+#endif

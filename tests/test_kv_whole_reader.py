@@ -1,0 +1,160 @@
+"""A KV cache's whole restore as a native check and a native store (``_whole_reader``,
+what ``seq_reader(-1)`` offers a composite and what ``state_read(data, -1)`` takes):
+``pm_kv_read_whole_blob`` parses, ``pm_kv_read_whole_commit`` places, stores and zeroes
+what ``WholeBlobPlan.commit`` does in several calls. Pins it to that plan (the reader
+turned off) on every layout: own blobs (no cell moves), donors' blobs (every cell placed
+anew, rows past them zeroed), shared cells (the general parse), hostile words; and the
+kernel's refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from kv_helpers import check_invariants
+from test_kv_state_same import NAMES, _scenario, _state
+
+import pymem.kv.state_io as state_io
+from pymem._native import ffi, lib
+from pymem.errors import StateError
+from pymem.kv import KVCache
+
+
+def _read(monkeypatch: pytest.MonkeyPatch, kv: KVCache, data: object, reader: bool) -> object:
+    with monkeypatch.context() as m:
+        if not reader:
+            m.setattr(KVCache, "_whole_reader", lambda self: None)
+        try:
+            return kv.state_read(data)  # type: ignore[arg-type]
+        except StateError as exc:
+            return str(exc)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_whole_reader_leaves_what_the_whole_plan_leaves(monkeypatch, name: str) -> None:
+    """Own blob, donors' blobs (a smaller cache's too: rows past its cells zeroed), a
+    blob with a fork's shared cells, trailing bytes: twins on either road end equal; the
+    one-call commit is taken wherever no ext applies."""
+    commits: list[bool] = []
+    real = state_io.SeqBlob.commit_whole
+
+    def counted(self, data, found):  # type: ignore[no-untyped-def]
+        done = real(self, data, found)
+        commits.append(done)
+        return done
+
+    monkeypatch.setattr(state_io.SeqBlob, "commit_whole", counted)
+    for seed in range(6):
+        donor = _scenario(name, seed + 30)
+        small = _scenario(name, seed + 60, n_cells=20)
+        fork = _scenario(name, seed + 90)
+        fork.seq_cp(0, 2)
+        base = _scenario(name, seed)
+        blobs = [bytes(base.state_write()), bytes(donor.state_write()),
+                 bytes(small.state_write()), bytes(fork.state_write()),
+                 bytearray(bytes(donor.state_write()) + b"\x01\x02")]  # fmt: skip
+        for i, blob in enumerate(blobs):
+            fast, ref = _scenario(name, seed), _scenario(name, seed)
+            got = _read(monkeypatch, fast, blob, True)
+            want = _read(monkeypatch, ref, blob, False)
+            assert got == want, (seed, i)
+            assert _state(fast) == _state(ref), (seed, i)
+            check_invariants(fast)
+            fast.close()
+            ref.close()
+    if name == "mrope-ext":
+        assert not commits  # ext: the plan writes the ext words
+    else:
+        assert sum(commits) >= 18, commits
+
+
+def test_hostile_whole_blobs_change_nothing_and_get_the_general_message(monkeypatch) -> None:
+    """Random words of the counts, records and headers set to hostile values, and
+    truncations: both roads answer alike and a refused blob changes nothing."""
+    rng = np.random.default_rng(5)
+    hostile = [0, 1, 2, 3, -1, -2, 2**31 - 1, 48, 64, 65, 256]
+    refused = 0
+    for seed, name in enumerate(["f16-trans", "q8_0-notrans", "f16-trans-streams"]):
+        blob = bytes(_scenario(name, seed + 40).state_write())
+        n_words = min(len(blob) // 4, 96)
+        for trial in range(30):
+            if trial % 6 == 5:
+                data = blob[: int(rng.integers(0, len(blob)))]
+            else:
+                b = bytearray(blob)
+                w = int(rng.integers(0, n_words))
+                b[4 * w : 4 * w + 4] = int(rng.choice(hostile)).to_bytes(4, "little", signed=True)
+                data = bytes(b)
+            outcomes, states = [], []
+            for reader in (True, False):
+                kv = _scenario(name, seed)
+                before = _state(kv)
+                outcomes.append(_read(monkeypatch, kv, data, reader))
+                states.append(_state(kv))
+                if isinstance(outcomes[-1], str):
+                    assert states[-1] == before, (name, trial)
+                kv.close()
+            assert outcomes[0] == outcomes[1], (name, trial)
+            assert states[0] == states[1], (name, trial)
+            refused += isinstance(outcomes[0], str)
+    assert refused >= 30, refused
+
+
+def test_under_a_journal_or_with_native_placement_off_the_plan_commits(monkeypatch) -> None:
+    """The one-call commit declines under an undo journal and with ``NATIVE_PLACE`` off
+    (nothing changed): the reader's store falls back to the plan, which ends alike."""
+    donor = bytes(_scenario("f16-trans", 31).state_write())
+    kv = _scenario("f16-trans", 1)
+    view = kv._blob_view()
+    assert view is not None
+    found = view.read_whole(memoryview(donor), 0)
+    assert found is not None and not found.same
+    before = _state(kv)
+    with kv._planning():
+        assert view.commit_whole(memoryview(donor), found) is False
+    assert _state(kv) == before
+    monkeypatch.setattr(state_io, "NATIVE_PLACE", False)
+    assert view.commit_whole(memoryview(donor), found) is False
+    assert _state(kv) == before
+    assert kv.state_read(donor) == len(donor)  # the reader's store: the plan commits
+    fallback = _state(kv)
+    monkeypatch.setattr(state_io, "NATIVE_PLACE", True)
+    again = _scenario("f16-trans", 1)
+    assert again.state_read(donor) == len(donor)
+    assert _state(again) == fallback
+
+
+def test_the_commit_kernel_refuses_and_declines_without_change() -> None:
+    """Null pointers, offsets past the blob and counts past the cache are refused; a record
+    changed after the parse into one the refill cannot take is declined with nothing
+    changed; a header changed after the parse fails the store's checks (StateError)."""
+    donor = _scenario("f16-trans", 33)
+    blob = bytearray(donor.state_write())
+    kv = _scenario("f16-trans", 3)
+    view = kv._blob_view()
+    assert view is not None
+    found = view.read_whole(memoryview(blob), 0)
+    assert found is not None and not found.same
+    cells = kv._native_cells()[0]
+    done = ffi.new("int32_t *")
+    before = _state(kv)
+
+    def call(c=cells, counts=found.counts, offsets=found.offsets, out=done) -> int:
+        return lib.pm_kv_read_whole_commit(
+            view._view, c, ffi.from_buffer(blob), len(blob), ffi.from_buffer("int64_t[]", counts),
+            ffi.from_buffer("int64_t[]", offsets), 0, out,
+        )  # fmt: skip
+
+    assert call(c=ffi.NULL) == lib.PM_ERR_ARG
+    assert call(out=ffi.NULL) == lib.PM_ERR_ARG
+    assert call(offsets=np.array([len(blob) + 4], np.int64)) == lib.PM_ERR_ARG
+    assert call(counts=np.array([kv.layout.kv_size + 1], np.int64)) == lib.PM_ERR_ARG
+    assert _state(kv) == before
+    at = int(found.offsets[0])
+    blob[at + 4 : at + 8] = (2).to_bytes(4, "little")  # the first record's n_seq_id
+    assert call() == lib.PM_OK and done[0] == 0
+    assert _state(kv) == before
+    blob[at + 4 : at + 8] = (1).to_bytes(4, "little")
+    n = int(found.counts[0])
+    blob[at + 12 * n + 4 : at + 12 * n + 8] = (99).to_bytes(4, "little")  # n_layer
+    with pytest.raises(StateError, match="changed while it was restored"):
+        view.commit_whole(memoryview(blob), found)
