@@ -173,7 +173,7 @@ def bench(mem: Any, model: str, fa: bool, repeats: int) -> list[dict[str, Any]]:
 # for a timing proxy while the composites' floor is measured)
 _STATE_MODULES = ("pymem.kv.state_io", "pymem.kv.cache", "pymem.kv.cells",
                   "pymem.recurrent.state_io", "pymem.recurrent.memory", "pymem.recurrent.cells",
-                  "pymem.backend")  # fmt: skip
+                  "pymem.backend", "pymem.composite")  # fmt: skip
 
 
 class _NativeClock:

@@ -1174,6 +1174,59 @@ pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t
     return PM_OK;
 }
 
+pm_status pm_kv_write_whole_blob(const pm_kv_seq_blob * b, int32_t reuse, void * out, int64_t cap,
+                                 int64_t * written, int32_t * declined) {
+    if (pm_seq_blob_stream(b, 0) < 0 || written == NULL || declined == NULL || cap < 0 ||
+        (out == NULL && cap != 0) || b->selected == NULL) {
+        return PM_ERR_ARG;
+    }
+    *written = 0;
+    *declined = 0;
+    const int64_t n_stream = b->n_stream, rec = 3 + b->n_ext;  // (every record has its id)
+    int64_t total = 4;
+    for (int64_t s = 0; s < n_stream; ++s) {
+        int64_t * sel = b->selected + 2 * s;  // n, n_runs
+        if (!reuse) {
+            int32_t shared = 0;
+            const pm_status st = pm_kv_select(b->pos[s], b->owner[s], b->size, -1, b->n_seq_max, b->run_starts[s],
+                                              b->run_ends[s], b->runs_cap, sel, sel + 1, &shared);
+            if (st != PM_OK) {
+                return st;
+            }
+            if (shared) {
+                sel[0] = sel[1] = -1;
+                *declined = 1;
+                return PM_OK;
+            }
+        } else if (sel[0] < 0 || sel[1] < 0 || sel[1] > b->runs_cap) {
+            return PM_ERR_ARG;
+        }
+        const int64_t part = pm_kv_section_bytes(b->spec[s], sel[0], rec);
+        if (part < 0) {
+            return PM_ERR_ARG;
+        }
+        total += part;
+    }
+    *written = total;
+    if (total > cap) {
+        return PM_ERR_RANGE;
+    }
+    char * w = (char *) out;
+    w = pm_put_u32(w, (uint32_t) n_stream);
+    for (int64_t s = 0; s < n_stream; ++s) {
+        const int64_t * sel = b->selected + 2 * s;
+        int64_t part = 0;
+        const pm_status st = pm_kv_write_section(
+            b->pos[s], b->owner[s], b->n_ext ? b->ext[s] : NULL, b->n_ext, b->size, -1, 1, b->spec[s], b->tensors,
+            sel[0], sel[1], b->run_starts[s], b->run_ends[s], w, cap - (w - (char *) out), &part);
+        if (st != PM_OK) {
+            return st;
+        }
+        w += part;
+    }
+    return PM_OK;
+}
+
 pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const void * blob, int64_t avail,
                               int32_t store, int64_t * consumed, int32_t * done) {
     const int32_t s = pm_seq_blob_stream(b, seq_id);

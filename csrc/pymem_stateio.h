@@ -147,6 +147,18 @@ typedef struct pm_kv_seq_blob {
 pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t reuse, int64_t p_lo, int64_t p_hi,
                                void * out, int64_t cap, int64_t * written, int32_t * declined);
 
+// The whole cache's blob (u32 n_stream, then every stream's part as pm_kv_write_section
+// writes it for all its non-empty cells, records with their one id) into out (cap bytes;
+// out NULL with cap 0: the size only, PM_ERR_RANGE). *written = the blob's bytes. Every
+// stream's cells are selected into its run scratch (b->selected), unless `reuse`: then the
+// runs the last call of this kind left there are written (a size query just before, with
+// no change since: the caller's promise). *declined = 1, nothing written, when a stream
+// holds a shared cell (its records need the bitsets: the caller's general writer).
+// PM_ERR_RANGE, nothing written, when cap is too small; PM_ERR_ARG for a null pointer or a
+// bad view.
+pm_status pm_kv_write_whole_blob(const pm_kv_seq_blob * b, int32_t reuse, void * out, int64_t cap,
+                                 int64_t * written, int32_t * declined);
+
 // A per-sequence restore of a whole blob (as pm_kv_write_seq_blob writes it) that changes no
 // cell, in one call: the first stream with cells is read into seq_id's stream (as the
 // reference reads a sequence's blob) and every stream after it must be empty; that part

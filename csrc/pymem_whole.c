@@ -80,3 +80,74 @@ pm_status pm_whole_read(pm_whole_part * parts, int64_t n_parts, const void * blo
     *done = 1;
     return PM_OK;
 }
+
+// the part's bytes (a size query; reuse: the write right after it), or -1: it declines;
+// -2 for another failure (*st)
+static int64_t pm_whole_write_part(pm_whole_part * p, int32_t reuse, void * out, int64_t cap, pm_status * st) {
+    int64_t written = 0;
+    if (p->kv != NULL) {
+        int32_t declined = 0;
+        *st = pm_kv_write_whole_blob(p->kv, reuse, out, cap, &written, &declined);
+        if (declined) {
+            return -1;
+        }
+    } else {
+        int64_t disagree = -1;
+        *st = pm_rs_write_whole(p->rs_cell_tail, p->rs_cell_pos, p->rs_cell_src, p->rs_cell_rs_idx, p->rs_size,
+                                p->rs_n_rs_seq, p->rs_n_layer, p->rs_tensors, p->rs_spec, p->rs_n_tensors, out, cap,
+                                &written, &disagree);
+        if (disagree >= 0) {
+            return -1;
+        }
+    }
+    if (*st == PM_ERR_RANGE && out == NULL) {
+        *st = PM_OK;  // (the size asked)
+    }
+    return *st == PM_OK ? written : -2;
+}
+
+pm_status pm_whole_write(pm_whole_part * parts, int64_t n_parts, void * out, int64_t cap, int64_t * written,
+                         int32_t * done) {
+    if (parts == NULL || written == NULL || done == NULL || n_parts < 1 || cap < 0 || (out == NULL && cap != 0)) {
+        return PM_ERR_ARG;
+    }
+    *done = 0;
+    *written = 0;
+    for (int64_t i = 0; i < n_parts; ++i) {
+        const pm_whole_part * p = &parts[i];
+        const int rs = p->kv == NULL && p->rs_tensors != NULL && p->rs_spec != NULL && p->rs_cell_tail != NULL &&
+                       p->rs_cell_pos != NULL && p->rs_cell_src != NULL && p->rs_cell_rs_idx != NULL &&
+                       p->rs_size > 0;
+        if (p->kv == NULL && !rs) {
+            return PM_ERR_ARG;
+        }
+    }
+    int64_t total = 0;
+    for (int64_t i = 0; i < n_parts; ++i) {  // every part sized before the first byte
+        pm_status st = PM_OK;
+        const int64_t taken = pm_whole_write_part(&parts[i], 0, NULL, 0, &st);
+        if (taken == -1) {
+            return PM_OK;
+        }
+        if (taken < 0) {
+            return st;
+        }
+        parts[i].taken = taken;
+        total += taken;
+    }
+    *written = total;
+    if (out == NULL || total > cap) {
+        return PM_ERR_RANGE;
+    }
+    char * w = (char *) out;
+    for (int64_t i = 0; i < n_parts; ++i) {
+        pm_status st = PM_OK;
+        const int64_t taken = pm_whole_write_part(&parts[i], 1, w, parts[i].taken, &st);
+        if (taken != parts[i].taken) {
+            return st != PM_OK ? st : PM_ERR_ARG;  // (sized just before: cannot differ)
+        }
+        w += taken;
+    }
+    *done = 1;
+    return PM_OK;
+}

@@ -30,6 +30,11 @@ typedef struct pm_whole_part {
     int64_t rs_n_tensors;
     int32_t * rs_pos;                 //   out [rs_size]: the cells' positions
     int32_t * rs_tail;                //   out [rs_size]: per sequence its cell
+    const int32_t * rs_cell_tail;     //   a write: the memory's cells (pm_rs_write_whole)
+    const int32_t * rs_cell_pos;
+    const int32_t * rs_cell_src;
+    const uint32_t * rs_cell_rs_idx;
+    int64_t rs_n_rs_seq;
     int64_t taken;                    // out: the part's bytes
     int64_t n_cells;                  // out: a recurrent part's cell count
     int32_t same;                     // out: a KV part's cells already were the blob's
@@ -46,6 +51,18 @@ typedef struct pm_whole_part {
 // has_shift and version, a recurrent part's cells (from rs_pos / rs_tail, n_cells).
 pm_status pm_whole_read(pm_whole_part * parts, int64_t n_parts, const void * blob, int64_t avail,
                         int64_t * consumed, int32_t * done);
+
+// A whole blob of n_parts parts (each part's section after the one before: a KV part's as
+// pm_kv_write_whole_blob writes it, a recurrent part's as pm_rs_write_whole) into out (cap
+// bytes), in one call: every part sized (a KV part's cells selected once), then, when they
+// fit, written. *written = the blob's bytes; PM_ERR_RANGE, nothing written, when cap is too
+// small (out NULL with cap 0: the size only). *done = 1 once written; *done = 0, nothing
+// written, when a part declines (a KV stream's shared cell, a recurrent cell whose
+// sequences disagree on their rollback: the caller's per-part writers name those).
+// PM_ERR_ARG for a null pointer or a part that is neither kind. Each part's taken = its
+// bytes.
+pm_status pm_whole_write(pm_whole_part * parts, int64_t n_parts, void * out, int64_t cap, int64_t * written,
+                         int32_t * done);
 
 // PYMEM_CDEF_END
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 import numpy as np
 
 from pymem._native import check, ffi, lib
-from pymem.errors import BatchError, StateError
+from pymem.errors import BatchError, RangeError, StateError
 from pymem.memory import GraphInputs, Memory, MemoryContext, MemoryStatus, status_combine
 from pymem.state import (
     STATE_FLAGS_KNOWN,
@@ -47,6 +47,7 @@ from pymem.state import (
     StateReader,
     StateWriter,
     WholePart,
+    uninit_bytearray,
 )
 
 if TYPE_CHECKING:
@@ -266,8 +267,8 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
         A whole blob of parts that all offer :meth:`whole_part` is checked and stored in
         one native call (:c:func:`pm_whole_read`); one sequence, part by part
         (:meth:`seq_reader`); anything either declines, by the two-phase parse."""
-        if type(seq_id) is int and seq_id == -1 and type(flags) is int:
-            done = self._whole_read(data, flags) if not flags & ~STATE_FLAGS_KNOWN else None
+        if self._whole_flags(seq_id, flags):
+            done = self._whole_read(data, flags)
             if done is not None:
                 return done
         return super().state_read(data, seq_id, flags)
@@ -312,8 +313,8 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
         if program is None:
             return None
         array, parts = program
-        for part in parts:
-            if not part.ready():
+        for i, part in enumerate(parts):
+            if not part.ready(array[i]):
                 return None
         try:
             src = ffi.from_buffer(data)
@@ -330,6 +331,75 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
         for i, part in enumerate(parts):
             part.commit(array[i])
         return int(consumed[0])
+
+    def _whole_write(self, out: Any, flags: int) -> int | None:
+        """The whole blob in one native call (:c:func:`pm_whole_write`: every part sized,
+        then written) into ``out`` (a writable buffer; None: the size alone); the blob's
+        bytes. None, nothing written, where it does not apply (a part offers no
+        :meth:`whole_part` or is not ready, declines: the parts' writers then decide, and
+        name what they refuse). RangeError, nothing written, when ``out`` is too small."""
+        program = self._whole_program(flags)
+        if program is None:
+            return None
+        array, parts = program
+        for i, part in enumerate(parts):
+            if not part.ready(array[i]):
+                return None
+        if out is None:
+            dest, cap = ffi.NULL, 0
+        else:
+            try:
+                dest = ffi.from_buffer(out, require_writable=True)
+            except (TypeError, ValueError, BufferError):
+                return None  # (the general road names what is wrong with it)
+            cap = len(dest)
+        written = ffi.new("int64_t *")
+        done = ffi.new("int32_t *")
+        status = lib.pm_whole_write(array, len(parts), dest, cap, written, done)
+        if status == lib.PM_ERR_RANGE and out is None:
+            return int(written[0])
+        if status == lib.PM_ERR_RANGE:
+            raise RangeError(
+                f"state_write_buffer: out holds {cap} bytes, the state needs {written[0]}"
+            )
+        for part in parts:
+            part.written()
+        check(status, "state write: whole memory")
+        return int(written[0]) if done[0] else None
+
+    @staticmethod
+    def _whole_flags(seq_id: Any, flags: Any) -> bool:
+        """Whether a state call of ``seq_id`` with ``flags`` may take the one-call whole
+        road (the whole memory, known flags)."""
+        return (
+            type(seq_id) is int
+            and seq_id == -1
+            and type(flags) is int
+            and not flags & ~STATE_FLAGS_KNOWN
+        )
+
+    def state_size(self, seq_id: int = -1, flags: int = 0) -> int:
+        if self._whole_flags(seq_id, flags):
+            size = self._whole_write(None, flags)
+            if size is not None:
+                return size
+        return super().state_size(seq_id, flags)
+
+    def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
+        if self._whole_flags(seq_id, flags):
+            size = self._whole_write(None, flags)
+            if size is not None:
+                out = uninit_bytearray(size)
+                if self._whole_write(out, flags) == size:
+                    return bytes(out) if size < 4096 else out  # type: ignore[return-value]
+        return super().state_write(seq_id, flags)
+
+    def state_write_buffer(self, out: Any, seq_id: int = -1, flags: int = 0) -> int:
+        if self._whole_flags(seq_id, flags):
+            done = self._whole_write(out, flags)
+            if done is not None:
+                return done
+        return super().state_write_buffer(out, seq_id, flags)
 
     def state_read_parse(
         self, reader: StateReader, seq_id: int = -1, flags: int = 0

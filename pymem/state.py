@@ -977,13 +977,18 @@ class WholePart(Protocol):
         """Set this part's fields of a ``pm_whole_part`` (once: they stay valid for the
         memory's life)."""
 
-    def ready(self) -> bool:
-        """Whether the native read may run now (an open memory, the native roads on, no
-        undo journal): checked before every call."""
+    def ready(self, part: Any) -> bool:
+        """Whether a native read or write may run now (an open memory, the native roads
+        on, no undo journal), checked before every call; refreshes the fields of ``part``
+        that follow the memory (a recurrent memory's current cells)."""
 
     def commit(self, part: Any) -> None:
         """What Python keeps after the native store (versions, a recurrent memory's cells),
         from the outputs in ``part``."""
+
+    def written(self) -> None:
+        """What Python keeps after a native write (a KV cache's run scratch now holds the
+        whole selection: the per-sequence calls must search again)."""
 
 
 """A one-sequence blob's size and the function that writes exactly it into a byte view

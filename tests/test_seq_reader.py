@@ -386,3 +386,63 @@ def test_the_whole_read_kernel_refuses_bad_arguments() -> None:
     assert lib.pm_whole_read(array, 2, blob[:-1], len(blob) - 1, consumed, done) == lib.PM_OK
     assert done[0] == 0 and _snapshot(mem) == before  # a truncated blob: declined
     mem.close()
+
+
+@pytest.mark.parametrize("flags", [0, 1, 2, 3])
+@pytest.mark.parametrize("kind", ["hybrid", "iswa", "hybrid_iswa"])
+def test_the_one_call_whole_write_writes_what_the_parts_write(
+    monkeypatch, kind: str, flags: int
+) -> None:
+    """``state_write``, ``state_write_buffer`` (exact, larger) and ``state_size`` of the
+    whole memory through one native call (``pm_whole_write``) give the bytes and sizes of
+    the parts' writers (the one call turned off), forks included (their shared cells send
+    the call to the parts' writers); a too small buffer is refused alike, nothing
+    written."""
+    taken: list[bool] = []
+    real = CompositeMemory._whole_write
+
+    def counted(self, out, flags):  # type: ignore[no-untyped-def]
+        done = real(self, out, flags)
+        taken.append(done is not None)
+        return done
+
+    for seed in range(6):
+        mem = _memory(kind, seed)
+        with monkeypatch.context() as m:
+            m.setattr(CompositeMemory, "_whole_write", lambda self, out, flags: None)
+            want = bytes(mem.state_write(-1, flags))
+            small = bytearray(len(want) - 1)
+            with pytest.raises(RangeError) as ref_err:
+                mem.state_write_buffer(small, -1, flags)
+        monkeypatch.setattr(CompositeMemory, "_whole_write", counted)
+        assert bytes(mem.state_write(-1, flags)) == want
+        assert mem.state_size(-1, flags) == len(want)
+        out = bytearray(b"\xee" * (len(want) + 7))
+        assert mem.state_write_buffer(out, -1, flags) == len(want)
+        assert bytes(out[: len(want)]) == want and out[len(want) :] == b"\xee" * 7
+        out = np.zeros(len(want), np.uint8)
+        assert mem.state_write_buffer(out, -1, flags) == len(want) and out.tobytes() == want
+        small = bytearray(b"\xee" * (len(want) - 1))
+        with pytest.raises(RangeError) as err:
+            mem.state_write_buffer(small, -1, flags)
+        assert str(err.value) == str(ref_err.value)
+        assert small == bytearray(b"\xee" * (len(want) - 1))
+        monkeypatch.undo()
+        mem.close()
+    assert sum(taken) >= 20, (sum(taken), len(taken))  # (forks: the parts write)
+
+
+def test_a_whole_write_leaves_no_runs_for_a_sequence_writer_to_reuse() -> None:
+    """A sequence's writer sized before a whole write (which fills every stream's run
+    scratch) still writes that sequence's blob: the whole write told the blob view that
+    its runs are gone."""
+    mem = _memory("hybrid", 4)
+    want = bytes(mem.state_write(1))
+    sized = mem.seq_writer(1, 0)
+    assert sized is not None
+    whole = bytes(mem.state_write())
+    assert len(whole) > len(want)
+    out = bytearray(sized[0])
+    assert sized[1](memoryview(out)) == len(want)
+    assert bytes(out) == want
+    mem.close()

@@ -1995,7 +1995,7 @@ class _KVWholePart:
         part.cells = step
         part.kv_found = found
 
-    def ready(self) -> bool:
+    def ready(self, part: Any) -> bool:
         cache = self._cache
         return (
             not cache._closed
@@ -2008,3 +2008,6 @@ class _KVWholePart:
         cache = self._cache
         cache.cells.has_shift[:] = False
         cache._mutated()
+
+    def written(self) -> None:
+        self._blob.scratch_taken()

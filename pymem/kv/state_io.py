@@ -298,6 +298,12 @@ class SeqBlob:
         open)."""
         return self._view
 
+    def scratch_taken(self) -> None:
+        """Another call (a composite's whole write) filled every stream's run scratch: no
+        size or check of this object holds runs there any more."""
+        for strm in range(len(self._searched)):
+            self._searched[strm] = self._checked[strm] = None
+
     def swap_in_with(self, step_cells: object) -> None:
         """Let :meth:`read` swap a sequence that holds no cell back in, and
         :meth:`commit_whole` commit a whole restore, in one native call each

@@ -920,6 +920,8 @@ class _RecurrentWholePart:
         self._pos = np.empty(memory.size, dtype=np.int32)
         self._tail = np.empty(memory.size, dtype=np.int32)
         self._keep: list[object] = []
+        self._cells: RecurrentCells | None = None  # whose arrays rs_cell_* point into
+        self._cell_ptrs: list[object] = []
 
     def fill(self, part: Any) -> None:
         memory = self._memory
@@ -932,11 +934,27 @@ class _RecurrentWholePart:
         self._native.fill_whole_part(part)
         part.rs_pos = pos
         part.rs_tail = tail
+        part.rs_n_rs_seq = memory.n_rs_seq
+        self._cells = None  # (the cells' fields: at the first ready)
 
-    def ready(self) -> bool:
-        return not self._memory._closed
+    def ready(self, part: Any) -> bool:
+        memory = self._memory
+        if memory._closed:
+            return False
+        cells = memory.cells
+        if cells is not self._cells:  # (each commit makes a new cells object)
+            ptrs = [
+                ffi.from_buffer("int32_t[]", cells.tail), ffi.from_buffer("int32_t[]", cells.pos),
+                ffi.from_buffer("int32_t[]", cells.src), ffi.from_buffer("uint32_t[]", cells.rs_idx),
+            ]  # fmt: skip
+            part.rs_cell_tail, part.rs_cell_pos, part.rs_cell_src, part.rs_cell_rs_idx = ptrs
+            self._cells, self._cell_ptrs = cells, ptrs
+        return True
 
     def commit(self, part: Any) -> None:
         memory = self._memory
         k = int(part.n_cells)
         memory.commit_cells(whole_cells(memory.cells, self._pos[:k], self._tail))
+
+    def written(self) -> None:
+        pass
