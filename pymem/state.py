@@ -1023,11 +1023,11 @@ class TwoPhaseStateIO:
         return None
 
     def seq_reader(self, seq_id: int, flags: int) -> SeqReader | None:
-        """One sequence's restore as a native check and a native store (no parse into
-        plans), where this memory offers one for ``seq_id`` (``>= 0``, already an int)
-        and ``flags`` (known bits); None: the general restore runs. Composites offer one
-        where every part does: every part's check runs before any part's store, so a
-        blob that any part declines changes nothing."""
+        """One sequence's restore (``seq_id`` -1: the whole memory's) as a native check and
+        a native store (no parse into plans), where this memory offers one for ``seq_id``
+        (already an int, >= -1) and ``flags`` (known bits); None: the general restore
+        runs. Composites offer one where every part does: every part's check runs before
+        any part's store, so a blob that any part declines changes nothing."""
         return None
 
     def whole_part(self) -> WholePart | None:
@@ -1089,9 +1089,9 @@ class TwoPhaseStateIO:
     ) -> int:
         """Restore from a blob; returns the bytes consumed. Nothing changes on failure.
 
-        One sequence of a memory that offers :meth:`seq_reader` is checked and stored in
-        native calls; anything it declines takes the two-phase parse, which names what is
-        wrong."""
+        One sequence (or the whole memory) of a memory that offers :meth:`seq_reader` is
+        checked and stored in native calls; anything it declines takes the two-phase
+        parse, which names what is wrong."""
         if (
             type(seq_id) is int
             and seq_id >= -1

@@ -1,0 +1,235 @@
+"""What bounds a state call, shown by the least work its layout needs (no checks, no Python).
+
+Why: issue 14 asks for state writes and reads at >= 0.8 of a numpy copy of the blob,
+or, where the cache layout bounds them, >= 2x llama.cpp with a microbenchmark that shows
+the bound. This is that microbenchmark, for every call of the benchmark memories
+(bench_vs_llama_cpp's tiny-llama, tiny-jamba and tiny-gemma2: f16, 4 sequences x 8,192
+tokens decoded in interleaved chunks of 128 into a unified 32,768-cell cache; V
+transposed and V in rows).
+
+For each call it times ``layout_bound.c`` (compiled here with cffi: plain C loops over the
+call's exact geometry, taken from the real memory):
+
+* ``copy``: one memcpy of the blob's bytes (the unit, in C as well);
+* ``least``: what any implementation of the call must do: the blob's meta records (12
+  bytes a cell: written, or compared with the cells' positions, or for a swap-in written
+  into the cells as a position and an owner), and every K/V piece's runs of cells (a K
+  or V row tensor's rows, or each channel of a transposed V: runs of 2-byte elements at
+  the cache's stride), plus the recurrent rows as one copy. One call after another, warm.
+
+``least / copy`` (throughput) is the most that call can reach against a copy on this
+machine. Where it is below 0.8, the layout and the format bound the call; pymem's own
+ratio (its call against ``np.copyto`` of the blob, each after a restore of the blob, as
+bench_state_floor measures it) is printed beside it, and how far pymem's time is above
+the least.
+
+Run: python benchmarks/bench_layout_bound.py [--quick] (--quick: 2,048 tokens a
+sequence, no JSON; a full run writes results/bench_layout_bound.json). Needs a C compiler
+(cffi builds the kernels into a temporary directory).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_state_floor as bsf
+import bench_vs_llama_cpp as bvl
+from _util import finish_run, print_table
+
+from pymem.kv import KVCache
+
+TARGET = 0.8
+CALLS = (("one sequence, write", 0, "write"), ("one sequence, read", 0, "read"),
+         ("one sequence, swapped in", 0, "swap_in"), ("whole, write", -1, "write"),
+         ("whole, read", -1, "read"))  # fmt: skip
+
+
+def _kernels() -> tuple[Any, Any]:
+    """layout_bound.c built with cffi (API mode) into a temporary directory."""
+    import importlib.util
+
+    from cffi import FFI
+
+    ffi = FFI()
+    ffi.cdef(
+        "int64_t lb_time(int32_t kind, int32_t reps, double * times, char * out, const char * blob,"
+        " int64_t bytes, int32_t * pos, int32_t * owner, int32_t seq, const int64_t * starts,"
+        " const int64_t * ends, int64_t n_runs, char * const * bases, const int64_t * rows,"
+        " int64_t n_pieces, char * extra, int64_t n_extra);"
+    )
+    source = (Path(__file__).resolve().parent / "layout_bound.c").read_text()
+    ffi.set_source("_layout_bound", source, extra_compile_args=["-O2"])
+    build = tempfile.mkdtemp(prefix="pymem_layout_bound_")
+    so = ffi.compile(tmpdir=build, verbose=False)
+    spec = importlib.util.spec_from_file_location("_layout_bound", so)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.ffi, mod.lib
+
+
+class _Piece:
+    """One KV cache's geometry for a blob: its cells' runs, positions and owners, and a
+    scratch tensor of the same shape per K/V tensor (a piece per row tensor, one per
+    channel of a transposed V, at the real stride)."""
+
+    def __init__(self, kv: KVCache, seq_id: int) -> None:
+        spec = kv._native_section().specs[0]
+        n_layer, v_trans, kv_size, el = int(spec[0]), bool(spec[1]), int(spec[4]), int(spec[5])
+        cells = kv.v_cells[0]
+        self.pos = np.array(cells.pos, dtype=np.int32)
+        self.owner = np.array(cells.owner, dtype=np.int32)
+        sel = self.pos >= 0 if seq_id < 0 else self.owner == seq_id
+        if seq_id >= 0 and kv.swa_type.value and sel.any():  # a window: the cells it sees
+            sel &= self.pos > int(self.pos[sel].max()) - kv.n_swa
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], sel.astype(np.int8), [0]))))
+        self.starts = np.ascontiguousarray(edges[0::2], dtype=np.int64)
+        self.ends = np.ascontiguousarray(edges[1::2], dtype=np.int64)
+        self.n = int(sel.sum())
+        self.seq = seq_id
+        self.tensors: list[np.ndarray] = []
+        self.bases: list[tuple[int, int, int]] = []  # (tensor, byte offset, row)
+        for il in range(n_layer):
+            k_row, v_row, channels = (int(x) for x in spec[7 + 3 * il : 10 + 3 * il])
+            self.tensors.append(np.ones(kv_size * k_row, np.uint8))
+            self.bases.append((len(self.tensors) - 1, 0, k_row))
+            if v_row == 0:
+                continue
+            if v_trans:
+                self.tensors.append(np.ones(kv_size * el * channels, np.uint8))
+                t = len(self.tensors) - 1
+                self.bases += [(t, j * kv_size * el, el) for j in range(channels)]
+            else:
+                self.tensors.append(np.ones(kv_size * v_row, np.uint8))
+                self.bases.append((len(self.tensors) - 1, 0, v_row))
+        self.bytes = 12 * self.n + self.n * sum(row for _, _, row in self.bases)
+
+
+def _least(
+    ffi: Any, lib: Any, pieces: list[_Piece], blob_bytes: int, kind: str, reps: int
+) -> tuple[float, float]:
+    """Median ns of a memcpy of the blob and of the least work of ``kind`` (summed over
+    the KV caches; the recurrent rows and headers as one copy of what is left)."""
+    times = ffi.new("double[]", reps)
+    none = np.zeros(1, np.uint8)
+
+    def run(
+        kind_id: int, out: np.ndarray, src: np.ndarray, p: _Piece | None, n: int = reps
+    ) -> float:
+        if p is None:
+            keep: list[Any] = []
+            args: tuple[Any, ...] = (ffi.NULL, ffi.NULL, 0, ffi.NULL, ffi.NULL, 0, ffi.NULL,
+                                     ffi.NULL, 0)  # fmt: skip
+        else:
+            keep = [ffi.from_buffer(t) for t in p.tensors]
+            bases = ffi.new(
+                "char *[]", [ffi.cast("char *", keep[t]) + off for t, off, _ in p.bases]
+            )
+            rows = np.array([row for _, _, row in p.bases], dtype=np.int64)
+            keep += [bases, rows]
+            args = (ffi.from_buffer("int32_t[]", p.pos), ffi.from_buffer("int32_t[]", p.owner),
+                    p.seq, ffi.from_buffer("int64_t[]", p.starts),
+                    ffi.from_buffer("int64_t[]", p.ends), p.starts.size, bases,
+                    ffi.from_buffer("int64_t[]", rows), len(p.bases))  # fmt: skip
+        nbytes = src.size if p is None else 0
+        lib.lb_time(kind_id, n, times, ffi.from_buffer(out), ffi.from_buffer(src), nbytes, *args,
+                    ffi.from_buffer(none), 0)  # fmt: skip
+        return statistics.median(times[i] for i in range(n))
+
+    blob = np.ones(blob_bytes, np.uint8)
+    copy = run(0, np.zeros(blob_bytes, np.uint8), blob, None)
+    total = 0.0
+    for p in pieces:
+        written = np.zeros(max(p.bytes, 1), np.uint8)
+        if kind == "write":
+            total += run(1, written, none, p)
+        else:
+            run(1, written, none, p, 1)  # a blob of this cache's cells, then read back
+            total += run(3 if kind == "swap_in" else 2, none, written, p)
+    rest = blob_bytes - sum(p.bytes for p in pieces)
+    if rest > 0:  # the recurrent rows and the headers: one copy
+        total += run(0, np.zeros(rest, np.uint8), np.ones(rest, np.uint8), None)
+    return copy, total
+
+
+def _pymem_ratio(mem: Any, seq_id: int, kind: str, repeats: int) -> float:
+    """pymem's call against ``np.copyto`` of its blob (throughput ratio), each timed right
+    after a restore of the blob (and for a swap-in, the sequence's seq_rm)."""
+    blob = bytes(mem.state_write(seq_id))
+    out = bytearray(len(blob))
+    src = np.frombuffer(blob, np.uint8)
+    dst = np.empty_like(src)
+
+    def setup() -> None:
+        mem.state_read(blob, seq_id)
+        if kind == "swap_in":
+            mem.seq_rm(seq_id, -1, -1)
+
+    def call() -> None:
+        if kind == "write":
+            mem.state_write_buffer(out, seq_id)
+        else:
+            mem.state_read(blob, seq_id)
+
+    copies, calls = [], []
+    for _ in range(repeats):
+        setup()
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        copies.append(time.perf_counter() - t0)
+        setup()
+        t0 = time.perf_counter()
+        call()
+        calls.append(time.perf_counter() - t0)
+    mem.state_read(blob, seq_id)
+    return statistics.median(copies) / statistics.median(calls)
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    n_tokens = 2048 if quick else 8192
+    repeats = 21 if quick else 101
+    ffi, lib = _kernels()
+    load_before = os.getloadavg()
+    rows: list[dict[str, Any]] = []
+    for name in ("llama", "jamba", "gemma2"):
+        for fa in (False, True):
+            mem = bsf.filled(bvl.MODELS[name], fa, n_tokens)
+            try:
+                leaves = [p for p in mem.parts().values() if isinstance(p, KVCache)]
+                for what, seq_id, kind in CALLS:
+                    blob_bytes = len(mem.state_write(seq_id))
+                    pieces = [_Piece(kv, seq_id) for kv in leaves]
+                    copy, least = _least(ffi, lib, pieces, blob_bytes, kind, repeats)
+                    ratio = _pymem_ratio(mem, seq_id, kind, repeats)
+                    rows.append(dict(model=f"tiny-{name}", v_trans=not fa, call=what,
+                                     bytes=blob_bytes, copy_us=copy / 1e3, least_us=least / 1e3,
+                                     least_vs_copy=copy / least, pymem_vs_numpy=ratio,
+                                     bound=copy / least < TARGET))  # fmt: skip
+            finally:
+                mem.close()
+    print_table(
+        f"The least work of each state call against a memcpy of its blob (C, warm, median of "
+        f"{repeats}; f16, {bvl.STATE_N_SEQ} x {n_tokens} tokens, unified {bvl.STATE_N_CTX} "
+        f"cells); pymem's ratio to np.copyto beside it",
+        ["model", "V", "call", "bytes", "copy µs", "least µs", "least / copy",
+         "bound (< 0.8)", "pymem / numpy copy"],
+        [[r["model"], "transposed" if r["v_trans"] else "rows", r["call"], r["bytes"],
+          f"{r['copy_us']:.1f}", f"{r['least_us']:.1f}", f"{r['least_vs_copy']:.2f}",
+          "yes" if r["bound"] else "no", f"{r['pymem_vs_numpy']:.2f}"] for r in rows],
+    )  # fmt: skip
+    finish_run("bench_layout_bound", quick, load_before, rows=rows, n_tokens=n_tokens,
+               repeats=repeats, target=TARGET)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
