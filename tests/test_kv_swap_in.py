@@ -229,3 +229,23 @@ def test_the_kernel_refuses_bad_arguments_and_declines_without_change() -> None:
     assert _state(kv) == before
     assert call() == lib.PM_OK and done[0] == 1 and consumed[0] == len(blob)
     assert kv.seq_pos_max(0) >= 0
+
+
+def test_a_hybrid_swap_in_takes_the_one_call_for_its_attention_part(monkeypatch) -> None:
+    """A hybrid memory's one-sequence read of a swapped-out sequence: the attention part's
+    store (after every part's check) is the one call; the memory ends as with the one call
+    off (the placed plan's commit)."""
+    from test_seq_reader import _memory, _snapshot
+
+    taken: list[int] = []
+    states = []
+    for on in (True, False):
+        mem = _memory("hybrid", 4)
+        blob = bytes(mem.state_write(1))
+        mem.seq_rm(1, -1, -1)
+        with _one_call(monkeypatch, on, taken):
+            assert mem.state_read(blob, 1) == len(blob)
+        states.append(_snapshot(mem))
+        mem.close()
+    assert taken == [1]
+    assert states[0] == states[1]

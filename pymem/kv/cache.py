@@ -1573,7 +1573,20 @@ class KVCache(Memory):
                 return None
             taken, plan = found
             plan.committed_at_once()  # its store runs right after every part's check
-            return taken, plan.commit, plan.is_current
+            strm = int(self.seq_to_stream[seq_id])
+            if not isinstance(plan, state_io.PlacedSeqPlan) or (
+                self.v_cells[strm].seq_pos_max(seq_id) >= 0
+            ):
+                return taken, plan.commit, plan.is_current
+
+            def swap_in() -> None:
+                # a swap-in: parse, placement and store in one call where it applies
+                if plan.is_current() and blob.read(view[:taken], seq_id) is not None:
+                    self._mutated()
+                    return
+                plan.commit()  # (declined, or stale: the plan places it, or refuses)
+
+            return taken, swap_in, plan.is_current
 
         return check
 
