@@ -1463,13 +1463,8 @@ pm_status pm_kv_records_fixed(const int32_t * words, int64_t n, int64_t rec, int
         return PM_ERR_ARG;
     }
     *first_bad = -1;
-    // one pass the compiler keeps branch-free; the rare fault is found by a second
-    int32_t bad = 0;
-    for (int64_t i = 0; i < n; i++) {
-        const int32_t * r = words + i * rec;
-        const int32_t id = pm_ld32(r + rec - 1);
-        bad |= (pm_ld32(r + 1) != 1) | (pm_ld32(r) < 0) | (id < 0) | (id >= n_seq_max);
-    }
+    // one branch-free pass; the rare fault is found by a second
+    const int32_t bad = pm_records_not_fixed(words, n, rec, n_seq_max);
     for (int64_t i = 0; bad && i < n; i++) {
         const int32_t * r = words + i * rec;
         const int32_t id = pm_ld32(r + rec - 1);

@@ -182,13 +182,7 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
         if (n > 0 && words[s] == NULL) {
             return PM_ERR_ARG;
         }
-        int32_t bad = 0;
-        for (int64_t i = 0; i < n; i++) {
-            const int32_t * r = words[s] + i * rec;
-            const int32_t id = pm_step_ld32(r + rec - 1);
-            bad |= (pm_step_ld32(r + 1) != 1) | (pm_step_ld32(r) < 0) | (id < 0) | (id >= n_seq_max);
-        }
-        if (bad) {
+        if (pm_records_not_fixed(words[s], n, rec, n_seq_max)) {
             return PM_OK;
         }
     }
