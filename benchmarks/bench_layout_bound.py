@@ -12,8 +12,9 @@ call's exact geometry, taken from the real memory):
 
 * ``copy``: one memcpy of the blob's bytes (the unit, in C as well);
 * ``least``: what any implementation of the call must do: the blob's meta records (12
-  bytes a cell: written, or compared with the cells' positions, or for a swap-in written
-  into the cells as a position and an owner), and every K/V piece's runs of cells (a K
+  bytes a cell: written, or compared with the cells' positions, or for a swap-in or a
+  read into a cleared memory written into the cells as a position and an owner, the
+  least cell metadata a placement writes), and every K/V piece's runs of cells (a K
   or V row tensor's rows, or each channel of a transposed V: runs of 2-byte elements at
   the cache's stride), plus the recurrent rows as one copy. One call after another, warm.
 
@@ -50,7 +51,7 @@ from pymem.kv import KVCache
 TARGET = 0.8
 CALLS = (("one sequence, write", 0, "write"), ("one sequence, read", 0, "read"),
          ("one sequence, swapped in", 0, "swap_in"), ("whole, write", -1, "write"),
-         ("whole, read", -1, "read"))  # fmt: skip
+         ("whole, read", -1, "read"), ("whole, read into a cleared memory", -1, "clear"))  # fmt: skip
 
 
 def _kernels() -> tuple[Any, Any]:
@@ -154,7 +155,7 @@ def _least(
             total += run(1, written, none, p)
         else:
             run(1, written, none, p, 1)  # a blob of this cache's cells, then read back
-            total += run(3 if kind == "swap_in" else 2, none, written, p)
+            total += run(2 if kind == "read" else 3, none, written, p)
     rest = blob_bytes - sum(p.bytes for p in pieces)
     if rest > 0:  # the recurrent rows and the headers: one copy
         total += run(0, np.zeros(rest, np.uint8), np.ones(rest, np.uint8), None)
@@ -173,6 +174,8 @@ def _pymem_ratio(mem: Any, seq_id: int, kind: str, repeats: int) -> float:
         mem.state_read(blob, seq_id)
         if kind == "swap_in":
             mem.seq_rm(seq_id, -1, -1)
+        elif kind == "clear":
+            mem.clear(False)
 
     def call() -> None:
         if kind == "write":
