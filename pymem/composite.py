@@ -304,11 +304,8 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
                 programs[flags] = (array, found)
         return programs[flags]
 
-    def _whole_read(self, data: object, flags: int) -> int | None:
-        """A whole restore in one native call (:c:func:`pm_whole_read`): every part's
-        check, then every part's store; the bytes consumed, or None with nothing changed
-        where it does not apply (a part offers no :meth:`whole_part` or is not ready, a
-        part declines the blob: the readers or the two-phase parse then decide)."""
+    def _ready_program(self, flags: int) -> tuple[Any, list[WholePart]] | None:
+        """:meth:`_whole_program` when every part is ready for a native call now."""
         program = self._whole_program(flags)
         if program is None:
             return None
@@ -316,6 +313,17 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
         for i, part in enumerate(parts):
             if not part.ready(array[i]):
                 return None
+        return program
+
+    def _whole_read(self, data: object, flags: int) -> int | None:
+        """A whole restore in one native call (:c:func:`pm_whole_read`): every part's
+        check, then every part's store; the bytes consumed, or None with nothing changed
+        where it does not apply (a part offers no :meth:`whole_part` or is not ready, a
+        part declines the blob: the readers or the two-phase parse then decide)."""
+        program = self._ready_program(flags)
+        if program is None:
+            return None
+        array, parts = program
         try:
             src = ffi.from_buffer(data)
         except (TypeError, ValueError, BufferError):
@@ -338,13 +346,10 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
         bytes. None, nothing written, where it does not apply (a part offers no
         :meth:`whole_part` or is not ready, declines: the parts' writers then decide, and
         name what they refuse). RangeError, nothing written, when ``out`` is too small."""
-        program = self._whole_program(flags)
+        program = self._ready_program(flags)
         if program is None:
             return None
         array, parts = program
-        for i, part in enumerate(parts):
-            if not part.ready(array[i]):
-                return None
         if out is None:
             dest, cap = ffi.NULL, 0
         else:

@@ -969,6 +969,25 @@ says beforehand (a composite asks every part before any part stores)."""
 SeqWriter: TypeAlias = tuple[int, Callable[[memoryview], int]]
 
 
+def stamped_store(
+    taken: int, version: Callable[[], int], apply: Callable[[], None]
+) -> tuple[int, Callable[[], None], Callable[[], bool]]:
+    """A :data:`SeqReader` check's answer for a memory whose ``version()`` moves on every
+    change: (``taken``, a store that runs ``apply`` only while the version is still the
+    check's, else refuses with :data:`STORE_TOO_LATE`, whether it still is)."""
+    at = version()
+
+    def current() -> bool:
+        return version() == at
+
+    def store() -> None:
+        if version() != at:
+            raise StateError(STORE_TOO_LATE)
+        apply()
+
+    return taken, store, current
+
+
 class WholePart(Protocol):
     """A memory's part of a composite's whole read in one native call
     (:c:func:`pm_whole_read`; :meth:`TwoPhaseStateIO.whole_part`)."""

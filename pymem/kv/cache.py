@@ -107,12 +107,12 @@ from pymem.memory import (
 from pymem.spec import ModelSpec, NonCausalType, SWAType, masked_swa
 from pymem.state import (
     BLOB_CHANGED,
-    STORE_TOO_LATE,
     SeqReader,
     SeqWriter,
     StateReader,
     StateWriter,
     check_state_flags,
+    stamped_store,
 )
 from pymem.types import GGMLType, ggml_type
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
@@ -1615,14 +1615,8 @@ class KVCache(Memory):
             found = blob.read_whole(view, 0)
             if found is None:
                 return None
-            version = self._version
 
-            def current() -> bool:
-                return self._version == version
-
-            def store() -> None:
-                if self._version != version:
-                    raise StateError(STORE_TOO_LATE)
+            def apply() -> None:
                 if blob.commit_whole(view, found):
                     self.cells.has_shift[:] = False
                     self._mutated()
@@ -1634,7 +1628,7 @@ class KVCache(Memory):
                 plan.committed_at_once()
                 plan.commit()
 
-            return found.consumed, store, current
+            return stamped_store(found.consumed, lambda: self._version, apply)
 
         return check
 

@@ -207,6 +207,15 @@ _INT32_MAX = 2**31 - 1
 _ALL_POSITIONS = (-(2**31), _INT32_MAX)  # no window: every position of the sequence
 
 
+def _source(data: object) -> Any | None:
+    """``data`` as a cffi byte buffer, or None where it is no contiguous buffer (the
+    general path then names what is wrong with it)."""
+    try:
+        return ffi.from_buffer(data)
+    except (TypeError, ValueError, BufferError):
+        return None
+
+
 class SeqBlob:
     """A cache's whole per-sequence blobs in one native call each
     (:c:func:`pm_kv_write_seq_blob`, :c:func:`pm_kv_read_seq_blob`): one view of every
@@ -399,9 +408,8 @@ class SeqBlob:
             # swapped out: no cells to go back into (no owner scan to say so); placed anew
             # in one more call where it may be
             return self._swap_in(data, seq_id, strm) if store and token is None else None
-        try:
-            src = ffi.from_buffer(data)
-        except (TypeError, ValueError, BufferError):
+        src = _source(data)
+        if src is None:
             return None
         consumed = ffi.new("int64_t *")
         done = ffi.new("int32_t *")
@@ -431,9 +439,8 @@ class SeqBlob:
         step = self._step
         if step is None or not NATIVE_PLACE or step[1].journaling:
             return None
-        try:
-            src = ffi.from_buffer(data)
-        except (TypeError, ValueError, BufferError):
+        src = _source(data)
+        if src is None:
             return None
         consumed = ffi.new("int64_t *")
         done = ffi.new("int32_t *")
@@ -452,9 +459,8 @@ class SeqBlob:
         then reads the blob and names what is wrong). ``token``: the positions stay
         readable (:meth:`placed_positions`) until another parse of this cache."""
         self._placing = None
-        try:
-            src = ffi.from_buffer(data)
-        except (TypeError, ValueError, BufferError):
+        src = _source(data)
+        if src is None:
             return None
         found = ffi.new("int64_t[4]")
         done = ffi.new("int32_t *")
@@ -499,9 +505,8 @@ class SeqBlob:
         cells ``[0, n)``; 2 checks them alone. None, nothing changed, where it does not
         apply (the general parse then reads the blob and names what is wrong). The cells
         and heads are the caller's (:class:`WholeBlobPlan`)."""
-        try:
-            src = ffi.from_buffer(data)
-        except (TypeError, ValueError, BufferError):
+        src = _source(data)
+        if src is None:
             return None
         # counts and offsets [n_stream] each, then consumed; flags: same, done
         n = len(self._cells)

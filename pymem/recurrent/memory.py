@@ -118,13 +118,13 @@ from pymem.recurrent.state_io import (
 from pymem.spec import ModelSpec
 from pymem.state import (
     BLOB_CHANGED,
-    STORE_TOO_LATE,
     BufferWriter,
     SeqReader,
     SeqWriter,
     StateReader,
     StateWriter,
     check_state_flags,
+    stamped_store,
 )
 from pymem.types import ggml_type
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
@@ -806,23 +806,17 @@ class RecurrentMemory(Memory):
         def check(
             view: memoryview,
         ) -> tuple[int, Callable[[], None], Callable[[], bool]] | None:
-            version = self._version
             placed = native.restore_seq(view, self.cells, seq_id)
             if placed is None:
                 return None
             cells, taken, cell, rows_at = placed
             rows, n_rows = view[rows_at:taken], int(cell >= 0)
 
-            def current() -> bool:  # the copy still starts from the memory's cells
-                return self._version == version
-
-            def store() -> None:
-                if not current():
-                    raise StateError(STORE_TOO_LATE)
+            def apply() -> None:  # (while the copy still starts from the memory's cells)
                 native.walk(rows, n_rows, cells.head, store=True)
                 self.commit_cells(cells)
 
-            return taken, store, current
+            return stamped_store(taken, lambda: self._version, apply)
 
         return check
 
@@ -847,20 +841,14 @@ class RecurrentMemory(Memory):
             if found is None:
                 return None
             taken, pos, tail = found
-            version = self._version
 
-            def current() -> bool:
-                return self._version == version
-
-            def store() -> None:
-                if self._version != version:
-                    raise StateError(STORE_TOO_LATE)
+            def apply() -> None:
                 cells = whole_cells(self.cells, pos, tail)
                 if native.read_whole(view[:taken], size, limit, True) is None:
                     raise StateError(BLOB_CHANGED)  # (checked just before: cannot fail)
                 self.commit_cells(cells)
 
-            return taken, store, current
+            return stamped_store(taken, lambda: self._version, apply)
 
         return check
 
