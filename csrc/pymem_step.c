@@ -193,8 +193,11 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
             c->pmax[s * PM_STEP_MAX_SEQ + q] = -1;
             c->pdirty[s * PM_STEP_MAX_SEQ + q] = 0;
         }
-        // each run of one sequence's records reduces its bounds in registers (a restore's
-        // records come in such runs)
+        // every bitset and shift cleared in bulk first (whole-line stores), then each
+        // cell's one bit set; each run of one sequence's records reduces its bounds in
+        // registers (a restore's records come in such runs)
+        memset(c->seq + g0 * PM_STEP_WORDS, 0, (size_t) c->size * PM_STEP_WORDS * sizeof(uint64_t));
+        memset(c->shift + g0, 0, (size_t) c->size * sizeof(int32_t));
         int32_t run_id = -1;
         int64_t run_min = 0, run_max = 0;
         for (int64_t i = 0; i < n; i++) {
@@ -202,12 +205,7 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
             const int32_t id = pm_step_ld32(r + rec - 1);
             const int32_t p = pm_step_ld32(r);
             c->pos[g0 + i] = p;
-            c->shift[g0 + i] = 0;
-            uint64_t * bits = c->seq + (g0 + i) * PM_STEP_WORDS;
-            for (int w = 0; w < PM_STEP_WORDS; w++) {
-                bits[w] = 0;
-            }
-            bits[id >> 6] = (uint64_t) 1 << (id & 63);
+            c->seq[(g0 + i) * PM_STEP_WORDS + (id >> 6)] = (uint64_t) 1 << (id & 63);
             c->owner[g0 + i] = id;
             if (id != run_id) {
                 if (run_id >= 0) {
@@ -225,12 +223,8 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
             pm_step_bounds(c, s, run_id, run_min, run_max);
         }
         const int64_t rest = c->size - n;
-        for (int64_t i = n; i < c->size; i++) {
-            c->pos[g0 + i] = -1;
-            c->owner[g0 + i] = -1;
-        }
-        memset(c->shift + g0 + n, 0, (size_t) rest * sizeof(int32_t));
-        memset(c->seq + (g0 + n) * PM_STEP_WORDS, 0, (size_t) rest * PM_STEP_WORDS * sizeof(uint64_t));
+        memset(c->pos + g0 + n, 0xff, (size_t) rest * sizeof(int32_t));  // -1: empty
+        memset(c->owner + g0 + n, 0xff, (size_t) rest * sizeof(int32_t));  // -1: none
         c->used[s] = n;
         c->used_max_p1[s] = n;
         c->used_max_dirty[s] = 0;

@@ -1,5 +1,7 @@
 #include "pymem_whole.h"
 
+#include <string.h>
+
 // the part's check at d (avail bytes): its bytes, or -1 when it declines
 static int64_t pm_whole_check(pm_whole_part * p, const char * d, int64_t avail) {
     int64_t taken = 0;
@@ -143,6 +145,112 @@ pm_status pm_whole_write(pm_whole_part * parts, int64_t n_parts, void * out, int
     for (int64_t i = 0; i < n_parts; ++i) {
         pm_status st = PM_OK;
         const int64_t taken = pm_whole_write_part(&parts[i], 1, w, parts[i].taken, &st);
+        if (taken != parts[i].taken) {
+            return st != PM_OK ? st : PM_ERR_ARG;  // (sized just before: cannot differ)
+        }
+        w += taken;
+    }
+    *done = 1;
+    return PM_OK;
+}
+
+// a recurrent part's one-sequence section (the size alone when out is NULL; *st
+// PM_ERR_RANGE when cap is smaller): u32 cell count, the cell's META (pos, no ids),
+// s_trans, n_layer, then per tensor its header and the cell's row
+static int64_t pm_rs_seq_section(const pm_whole_part * p, int32_t seq_id, char * out, int64_t cap, pm_status * st) {
+    const int64_t size = p->rs_size;
+    const int64_t cell = seq_id < size ? p->rs_cell_tail[seq_id] : -1;
+    if (cell >= size) {
+        *st = PM_ERR_ARG;
+        return -2;
+    }
+    const int has = cell >= 0;
+    int64_t row_bytes = 0;
+    for (int64_t k = 0; k < p->rs_n_tensors; ++k) {
+        row_bytes += p->rs_spec[2 * k + 1];
+    }
+    const int64_t head = has ? 20 : 12;
+    const int64_t total = head + 12 * p->rs_n_tensors + (has ? row_bytes : 0);
+    if (out == NULL || cap < total) {
+        *st = out == NULL ? PM_OK : PM_ERR_RANGE;
+        return out == NULL ? total : -2;
+    }
+    int64_t row = -1;
+    if (has) {
+        const int32_t src = p->rs_cell_src[cell];
+        row = src >= 0 ? src : cell;
+        if (p->rs_n_rs_seq > 0) {
+            row += (int64_t) p->rs_cell_rs_idx[seq_id] * size;
+        }
+    }
+    const uint32_t words[5] = { (uint32_t) has, has ? (uint32_t) p->rs_cell_pos[cell] : 0u, 0u, 0u,
+                                (uint32_t) p->rs_n_layer };
+    if (has) {
+        memcpy(out, words, 20);
+    } else {
+        const uint32_t empty[3] = { 0u, 0u, (uint32_t) p->rs_n_layer };
+        memcpy(out, empty, 12);
+    }
+    int64_t rows = 0;
+    *st = pm_rows_section(p->rs_tensors, p->rs_spec, p->rs_n_tensors, row, out + head, cap - head, &rows);
+    return *st == PM_OK ? head + rows : -2;
+}
+
+static int64_t pm_seq_write_part(pm_whole_part * p, int32_t seq_id, int32_t reuse, void * out, int64_t cap,
+                                 pm_status * st) {
+    if (p->kv == NULL) {
+        return pm_rs_seq_section(p, seq_id, (char *) out, cap, st);
+    }
+    int64_t written = 0;
+    int32_t declined = 0;
+    *st = pm_kv_write_seq_blob(p->kv, seq_id, reuse, p->kv_p_lo, p->kv_p_hi, out, cap, &written, &declined);
+    if (declined) {
+        return -1;
+    }
+    if (*st == PM_ERR_RANGE && out == NULL) {
+        *st = PM_OK;  // (the size asked)
+    }
+    return *st == PM_OK ? written : -2;
+}
+
+pm_status pm_seq_write(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, void * out, int64_t cap,
+                       int64_t * written, int32_t * done) {
+    if (parts == NULL || written == NULL || done == NULL || n_parts < 1 || cap < 0 || (out == NULL && cap != 0) ||
+        seq_id < 0) {
+        return PM_ERR_ARG;
+    }
+    *done = 0;
+    *written = 0;
+    for (int64_t i = 0; i < n_parts; ++i) {
+        const pm_whole_part * p = &parts[i];
+        const int rs = p->kv == NULL && p->rs_tensors != NULL && p->rs_spec != NULL && p->rs_cell_tail != NULL &&
+                       p->rs_cell_pos != NULL && p->rs_cell_src != NULL && p->rs_cell_rs_idx != NULL &&
+                       p->rs_size > 0;
+        if (p->kv == NULL && !rs) {
+            return PM_ERR_ARG;
+        }
+    }
+    int64_t total = 0;
+    for (int64_t i = 0; i < n_parts; ++i) {  // every part sized before the first byte
+        pm_status st = PM_OK;
+        const int64_t taken = pm_seq_write_part(&parts[i], seq_id, 0, NULL, 0, &st);
+        if (taken == -1) {
+            return PM_OK;
+        }
+        if (taken < 0) {
+            return st;
+        }
+        parts[i].taken = taken;
+        total += taken;
+    }
+    *written = total;
+    if (out == NULL || total > cap) {
+        return PM_ERR_RANGE;
+    }
+    char * w = (char *) out;
+    for (int64_t i = 0; i < n_parts; ++i) {
+        pm_status st = PM_OK;
+        const int64_t taken = pm_seq_write_part(&parts[i], seq_id, 1, w, parts[i].taken, &st);
         if (taken != parts[i].taken) {
             return st != PM_OK ? st : PM_ERR_ARG;  // (sized just before: cannot differ)
         }

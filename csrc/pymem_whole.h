@@ -35,6 +35,8 @@ typedef struct pm_whole_part {
     const int32_t * rs_cell_src;
     const uint32_t * rs_cell_rs_idx;
     int64_t rs_n_rs_seq;
+    int64_t kv_p_lo;                  // a KV part's one-sequence write: the positions its
+    int64_t kv_p_hi;                  //   blob holds (a window's; else INT32_MIN, INT32_MAX)
     int64_t taken;                    // out: the part's bytes
     int64_t n_cells;                  // out: a recurrent part's cell count
     int32_t same;                     // out: a KV part's cells already were the blob's
@@ -63,6 +65,16 @@ pm_status pm_whole_read(pm_whole_part * parts, int64_t n_parts, const void * blo
 // bytes.
 pm_status pm_whole_write(pm_whole_part * parts, int64_t n_parts, void * out, int64_t cap, int64_t * written,
                          int32_t * done);
+
+// One sequence's blob of n_parts parts (each part's section after the one before: a KV
+// part's as pm_kv_write_seq_blob writes it with the part's kv_p_lo / kv_p_hi, a recurrent
+// part's as its one-sequence writer does: the sequence's cell, read from its pending
+// copy's source in its rollback plane) into out (cap bytes), in one call: every part
+// sized (a KV part's cells searched once), then written. seq_id must be below every KV
+// part's n_seq (PM_ERR_ARG otherwise). *written, *done, PM_ERR_RANGE and the declines
+// (a KV stream's shared cells) as pm_whole_write.
+pm_status pm_seq_write(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, void * out, int64_t cap,
+                       int64_t * written, int32_t * done);
 
 // PYMEM_CDEF_END
 

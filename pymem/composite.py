@@ -67,6 +67,7 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
     """
 
     context_type: ClassVar[type[PairContext[Any, Any]]]
+    n_seq_max: int  # (every part's: the subclasses check that they agree)
     _no_update: MemoryContext | None = None  # init_update's answer when no part has work
     prepare_order: ClassVar[tuple[int, ...]] = (0, 1)
     """Indices into :meth:`_members` in the order their ``prepare`` runs."""
@@ -350,6 +351,26 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
         if program is None:
             return None
         array, parts = program
+        return self._program_write(out, parts, lambda dest, cap, written, done: lib.pm_whole_write(
+            array, len(parts), dest, cap, written, done))  # fmt: skip
+
+    def _seq_write(self, out: Any, seq_id: int, flags: int) -> int | None:
+        """:meth:`_whole_write` for one sequence (:c:func:`pm_seq_write`: every part's
+        section sized, then written), ``seq_id`` in ``[0, n_seq_max)``."""
+        program = self._ready_program(flags)
+        if program is None:
+            return None
+        array, parts = program
+        for i, part in enumerate(parts):
+            part.for_sequence(array[i], seq_id)
+        return self._program_write(out, parts, lambda dest, cap, written, done: lib.pm_seq_write(
+            array, len(parts), seq_id, dest, cap, written, done))  # fmt: skip
+
+    @staticmethod
+    def _program_write(out: Any, parts: list[WholePart], call: Callable[..., int]) -> int | None:
+        """Run a native write ``call(dest, cap, written, done)`` into ``out`` (None: the
+        size alone); the blob's bytes, None where a part declined, RangeError for a too
+        small ``out``."""
         if out is None:
             dest, cap = ffi.NULL, 0
         else:
@@ -360,7 +381,7 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
             cap = len(dest)
         written = ffi.new("int64_t *")
         done = ffi.new("int32_t *")
-        status = lib.pm_whole_write(array, len(parts), dest, cap, written, done)
+        status = call(dest, cap, written, done)
         if status == lib.PM_ERR_RANGE and out is None:
             return int(written[0])
         if status == lib.PM_ERR_RANGE:
@@ -369,8 +390,19 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
             )
         for part in parts:
             part.written()
-        check(status, "state write: whole memory")
+        check(status, "state write: a memory's blob")
         return int(written[0]) if done[0] else None
+
+    def _native_write(self, out: Any, seq_id: Any, flags: Any) -> int | None:
+        """The one-call write of the whole memory or of one sequence in
+        ``[0, n_seq_max)``, with known flags; None where it does not apply."""
+        if type(seq_id) is not int or type(flags) is not int or flags & ~STATE_FLAGS_KNOWN:
+            return None
+        if seq_id == -1:
+            return self._whole_write(out, flags)
+        if 0 <= seq_id < self.n_seq_max:
+            return self._seq_write(out, seq_id, flags)
+        return None
 
     @staticmethod
     def _whole_flags(seq_id: Any, flags: Any) -> bool:
@@ -384,27 +416,20 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
         )
 
     def state_size(self, seq_id: int = -1, flags: int = 0) -> int:
-        if self._whole_flags(seq_id, flags):
-            size = self._whole_write(None, flags)
-            if size is not None:
-                return size
-        return super().state_size(seq_id, flags)
+        size = self._native_write(None, seq_id, flags)
+        return size if size is not None else super().state_size(seq_id, flags)
 
     def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
-        if self._whole_flags(seq_id, flags):
-            size = self._whole_write(None, flags)
-            if size is not None:
-                out = uninit_bytearray(size)
-                if self._whole_write(out, flags) == size:
-                    return bytes(out) if size < 4096 else out  # type: ignore[return-value]
+        size = self._native_write(None, seq_id, flags)
+        if size is not None:
+            out = uninit_bytearray(size)
+            if self._native_write(out, seq_id, flags) == size:
+                return bytes(out) if size < 4096 else out  # type: ignore[return-value]
         return super().state_write(seq_id, flags)
 
     def state_write_buffer(self, out: Any, seq_id: int = -1, flags: int = 0) -> int:
-        if self._whole_flags(seq_id, flags):
-            done = self._whole_write(out, flags)
-            if done is not None:
-                return done
-        return super().state_write_buffer(out, seq_id, flags)
+        done = self._native_write(out, seq_id, flags)
+        return done if done is not None else super().state_write_buffer(out, seq_id, flags)
 
     def state_read_parse(
         self, reader: StateReader, seq_id: int = -1, flags: int = 0

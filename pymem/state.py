@@ -1005,9 +1005,13 @@ class WholePart(Protocol):
         """What Python keeps after the native store (versions, a recurrent memory's cells),
         from the outputs in ``part``."""
 
+    def for_sequence(self, part: Any, seq_id: int) -> None:
+        """Set the fields of ``part`` a one-sequence write of ``seq_id`` reads that depend
+        on the sequence (a sliding window's positions), after :meth:`ready`."""
+
     def written(self) -> None:
-        """What Python keeps after a native write (a KV cache's run scratch now holds the
-        whole selection: the per-sequence calls must search again)."""
+        """What Python keeps after a native write (a KV cache's run scratch now holds what
+        that write selected: the other calls must search again)."""
 
 
 """A one-sequence blob's size and the function that writes exactly it into a byte view

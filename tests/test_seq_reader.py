@@ -363,43 +363,45 @@ def test_the_whole_read_kernel_refuses_bad_arguments() -> None:
     mem.close()
 
 
+@pytest.mark.parametrize("seq_id", [-1, 0, 2, 3])
 @pytest.mark.parametrize("flags", [0, 1, 2, 3])
 @pytest.mark.parametrize("kind", ["hybrid", "iswa", "hybrid_iswa"])
-def test_the_one_call_whole_write_writes_what_the_parts_write(
-    monkeypatch, kind: str, flags: int
+def test_the_one_call_write_writes_what_the_parts_write(
+    monkeypatch, kind: str, flags: int, seq_id: int
 ) -> None:
     """``state_write``, ``state_write_buffer`` (exact, larger) and ``state_size`` of the
-    whole memory through one native call (``pm_whole_write``) give the bytes and sizes of
-    the parts' writers (the one call turned off), forks included (their shared cells send
-    the call to the parts' writers); a too small buffer is refused alike, nothing
-    written."""
+    whole memory (``pm_whole_write``) or of one sequence (``pm_seq_write``: windows,
+    rollback planes, a sequence that holds nothing) through one native call give the bytes
+    and sizes of the parts' writers (the one call turned off), forks included (their
+    shared cells send the call to the parts' writers); a too small buffer is refused
+    alike, nothing written."""
     taken: list[bool] = []
-    real = CompositeMemory._whole_write
+    real = CompositeMemory._native_write
 
-    def counted(self, out, flags):  # type: ignore[no-untyped-def]
-        done = real(self, out, flags)
+    def counted(self, out, seq_id, flags):  # type: ignore[no-untyped-def]
+        done = real(self, out, seq_id, flags)
         taken.append(done is not None)
         return done
 
     for seed in range(6):
         mem = _memory(kind, seed)
         with monkeypatch.context() as m:
-            m.setattr(CompositeMemory, "_whole_write", lambda self, out, flags: None)
-            want = bytes(mem.state_write(-1, flags))
+            m.setattr(CompositeMemory, "_native_write", lambda self, out, seq_id, flags: None)
+            want = bytes(mem.state_write(seq_id, flags))
             small = bytearray(len(want) - 1)
             with pytest.raises(RangeError) as ref_err:
-                mem.state_write_buffer(small, -1, flags)
-        monkeypatch.setattr(CompositeMemory, "_whole_write", counted)
-        assert bytes(mem.state_write(-1, flags)) == want
-        assert mem.state_size(-1, flags) == len(want)
+                mem.state_write_buffer(small, seq_id, flags)
+        monkeypatch.setattr(CompositeMemory, "_native_write", counted)
+        assert bytes(mem.state_write(seq_id, flags)) == want
+        assert mem.state_size(seq_id, flags) == len(want)
         out = bytearray(b"\xee" * (len(want) + 7))
-        assert mem.state_write_buffer(out, -1, flags) == len(want)
+        assert mem.state_write_buffer(out, seq_id, flags) == len(want)
         assert bytes(out[: len(want)]) == want and out[len(want) :] == b"\xee" * 7
         out = np.zeros(len(want), np.uint8)
-        assert mem.state_write_buffer(out, -1, flags) == len(want) and out.tobytes() == want
+        assert mem.state_write_buffer(out, seq_id, flags) == len(want) and out.tobytes() == want
         small = bytearray(b"\xee" * (len(want) - 1))
         with pytest.raises(RangeError) as err:
-            mem.state_write_buffer(small, -1, flags)
+            mem.state_write_buffer(small, seq_id, flags)
         assert str(err.value) == str(ref_err.value)
         assert small == bytearray(b"\xee" * (len(want) - 1))
         monkeypatch.undo()
@@ -420,4 +422,25 @@ def test_a_whole_write_leaves_no_runs_for_a_sequence_writer_to_reuse() -> None:
     out = bytearray(sized[0])
     assert sized[1](memoryview(out)) == len(want)
     assert bytes(out) == want
+    mem.close()
+
+
+def test_a_sequence_write_reads_the_pending_copy_and_rollback_plane(monkeypatch) -> None:
+    """A hybrid with rollback planes whose recurrent cells have pending copies (src) and
+    pending rollbacks (rs_idx) set at random: each sequence's one-call blob has the bytes
+    of the parts' writers (the row read from the copy's source, in the sequence's plane)."""
+    mem = _memory("hybrid", 1)  # (odd seed: n_rs_seq 2)
+    c = mem.mem_recr.cells
+    assert mem.mem_recr.n_rs_seq == 2
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        c.src[:] = np.where(rng.random(c.size) < 0.5, rng.integers(0, c.size, c.size), -1)
+        c.rs_idx[:] = rng.integers(0, 3, c.rs_idx.size)
+        for s in range(N_SEQ):
+            with monkeypatch.context() as m:
+                m.setattr(CompositeMemory, "_native_write", lambda self, out, seq_id, flags: None)
+                want = bytes(mem.state_write(s))
+            out = bytearray(len(want))
+            assert mem._native_write(out, s, 0) == len(want), (trial, s)
+            assert bytes(out) == want, (trial, s)
     mem.close()

@@ -2001,6 +2001,11 @@ class _KVWholePart:
         part.kv = self._blob.view
         part.cells = step
         part.kv_found = found
+        part.kv_p_lo, part.kv_p_hi = -(2**31), 2**31 - 1  # (a window's: per sequence)
+
+    def for_sequence(self, part: Any, seq_id: int) -> None:
+        if self._cache.swa_type != SWAType.NONE:  # the positions the sequence's window sees
+            part.kv_p_lo, part.kv_p_hi = self._blob.window(seq_id)
 
     def ready(self, part: Any) -> bool:
         cache = self._cache

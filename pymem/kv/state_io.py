@@ -329,7 +329,7 @@ class SeqBlob:
             ffi.from_buffer("int32_t[]", self._idx, require_writable=True),
         )
 
-    def _window(self, seq_id: int) -> tuple[int, int]:
+    def window(self, seq_id: int) -> tuple[int, int]:
         """The positions ``[lo, hi]`` of ``seq_id``'s cells its blob holds: every position
         without a window; else those ``masked_swa`` keeps from the sequence's largest
         position (no cell lies above it). E.g. STANDARD, n_swa 4, largest position 10 ->
@@ -345,7 +345,7 @@ class SeqBlob:
     def size(self, seq_id: int) -> int | None:
         """The bytes of ``seq_id``'s blob (its cells are searched, no byte moves; a
         ``write(..., reuse=True)`` right after writes what this found)."""
-        window = self._window(seq_id)
+        window = self.window(seq_id)
         written = ffi.new("int64_t[2]")
         declined = ffi.cast("int32_t *", written + 1)
         status = lib.pm_kv_write_seq_blob(
@@ -371,7 +371,7 @@ class SeqBlob:
         reuse = reuse and self._searched[strm] == seq_id
         self._searched[strm] = seq_id
         self._checked[strm] = None
-        window = self._window(seq_id) if not reuse else _ALL_POSITIONS  # reuse: not searched
+        window = self.window(seq_id) if not reuse else _ALL_POSITIONS  # reuse: not searched
         try:
             dest = ffi.from_buffer(out, require_writable=True)
         except (TypeError, ValueError, BufferError):

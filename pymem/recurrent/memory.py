@@ -944,5 +944,8 @@ class _RecurrentWholePart:
         k = int(part.n_cells)
         memory.commit_cells(whole_cells(memory.cells, self._pos[:k], self._tail))
 
+    def for_sequence(self, part: Any, seq_id: int) -> None:
+        pass
+
     def written(self) -> None:
         pass
