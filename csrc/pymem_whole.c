@@ -259,3 +259,115 @@ pm_status pm_seq_write(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, v
     *done = 1;
     return PM_OK;
 }
+
+// a part's one-sequence check at d: its bytes, or -1 when it declines
+static int64_t pm_seq_check(pm_whole_part * p, int32_t seq_id, const char * d, int64_t avail) {
+    if (p->kv != NULL) {
+        int64_t taken = 0;
+        int32_t ok = 0;
+        if (p->kv_held) {
+            if (pm_kv_read_seq_blob(p->kv, seq_id, d, avail, 0, &taken, &ok) != PM_OK || !ok) {
+                return -1;
+            }
+            p->kv_mode = 1;
+        } else {
+            int64_t found[4] = { 0, 0, 0, 0 };
+            if (p->kv_pos == NULL || p->kv_idx == NULL ||
+                pm_kv_read_seq_place(p->kv, seq_id, d, avail, p->kv_pos, p->kv_cap, NULL, NULL, 0, found, &ok) !=
+                    PM_OK ||
+                !ok || found[3] < found[0] || found[0] > p->kv_cap) {
+                return -1;
+            }
+            p->kv_mode = 2;
+            taken = found[2];
+        }
+        p->taken = taken;
+        return taken;
+    }
+    const int64_t size = p->rs_size, m = p->rs_n_seq_arrays;
+    if (p->rs_cell_src0 == NULL || p->rs_cell_n_last == NULL || p->rs_scr_pos == NULL || p->rs_scr_src == NULL ||
+        p->rs_scr_src0 == NULL || p->rs_scr_tail == NULL || p->rs_scr_rs_idx == NULL || p->rs_scr_n_last == NULL ||
+        seq_id >= size || m < 0) {
+        return -1;
+    }
+    memcpy(p->rs_scr_pos, p->rs_cell_pos, (size_t) size * sizeof(int32_t));
+    memcpy(p->rs_scr_src, p->rs_cell_src, (size_t) size * sizeof(int32_t));
+    memcpy(p->rs_scr_src0, p->rs_cell_src0, (size_t) size * sizeof(int32_t));
+    memcpy(p->rs_scr_tail, p->rs_cell_tail, (size_t) size * sizeof(int32_t));
+    memcpy(p->rs_scr_rs_idx, p->rs_cell_rs_idx, (size_t) m * sizeof(uint32_t));
+    memcpy(p->rs_scr_n_last, p->rs_cell_n_last, (size_t) m * sizeof(uint32_t));
+    int64_t taken = -1, cell = -1;
+    if (pm_rs_restore_seq(p->rs_scr_pos, p->rs_scr_src, p->rs_scr_src0, p->rs_scr_tail, p->rs_scr_rs_idx,
+                          p->rs_scr_n_last, p->rs_scalars, size, seq_id, d, avail, p->rs_n_layer, p->rs_tensors,
+                          p->rs_spec, p->rs_n_tensors, &taken, &cell) != PM_OK ||
+        taken < 0) {
+        return -1;
+    }
+    p->rs_cell = cell;
+    p->taken = taken;
+    return taken;
+}
+
+// a part's one-sequence store after its check: 1 done, 0 declined with nothing changed,
+// -1 failed after changing something
+static int pm_seq_store(pm_whole_part * p, int32_t seq_id, const char * d, int64_t avail) {
+    if (p->kv != NULL) {
+        int64_t taken = 0;
+        int32_t ok = 0;
+        pm_status st;
+        if (p->kv_mode == 1) {
+            st = pm_kv_read_seq_blob(p->kv, seq_id, d, avail, 2, &taken, &ok);
+            if (st == PM_OK && !ok) {  // (the scratch no longer held the check's runs)
+                st = pm_kv_read_seq_blob(p->kv, seq_id, d, avail, 1, &taken, &ok);
+            }
+        } else {
+            st = pm_kv_read_seq_swap_in(p->kv, p->cells, seq_id, d, avail, p->kv_pos, p->kv_cap, p->kv_idx,
+                                        p->kv_cap, &taken, &ok);
+        }
+        return st != PM_OK ? -1 : (ok && taken == p->taken);
+    }
+    const int64_t rows_at = p->rs_cell >= 0 ? 20 : 12;
+    int64_t stored = -1;
+    const pm_status st = pm_rows_store(p->rs_tensors, p->rs_spec, p->rs_n_tensors, p->rs_cell >= 0 ? 1 : 0,
+                                       p->rs_scalars[0], d + rows_at, p->taken - rows_at, 1, &stored);
+    return st == PM_OK && stored == p->taken - rows_at ? 1 : -1;
+}
+
+pm_status pm_seq_read(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, const void * blob, int64_t avail,
+                      int64_t * consumed, int32_t * done) {
+    if (parts == NULL || blob == NULL || consumed == NULL || done == NULL || n_parts < 1 || avail < 0 ||
+        seq_id < 0) {
+        return PM_ERR_ARG;
+    }
+    *done = 0;
+    for (int64_t i = 0; i < n_parts; ++i) {
+        const pm_whole_part * p = &parts[i];
+        const int kv = p->kv != NULL && p->cells != NULL && p->kv->n_ext == 0;
+        const int rs = p->kv == NULL && p->rs_tensors != NULL && p->rs_spec != NULL && p->rs_cell_tail != NULL &&
+                       p->rs_cell_pos != NULL && p->rs_cell_src != NULL && p->rs_cell_rs_idx != NULL &&
+                       p->rs_size > 0;
+        if (!kv && !rs) {
+            return PM_ERR_ARG;
+        }
+    }
+    const char * d = (const char *) blob;
+    int64_t at = 0;
+    for (int64_t i = 0; i < n_parts; ++i) {  // every check before the first store
+        const int64_t taken = pm_seq_check(&parts[i], seq_id, d + at, avail - at);
+        if (taken < 0) {
+            return PM_OK;
+        }
+        at += taken;
+    }
+    at = 0;
+    for (int64_t i = 0; i < n_parts; ++i) {
+        const int stored = pm_seq_store(&parts[i], seq_id, d + at, avail - at);
+        if (stored != 1) {
+            return stored == 0 && i == 0 ? PM_OK : PM_ERR_RANGE;
+        }
+        at += parts[i].taken;
+    }
+    *consumed = at;
+    *done = 1;
+    return PM_OK;
+}

@@ -37,6 +37,23 @@ typedef struct pm_whole_part {
     int64_t rs_n_rs_seq;
     int64_t kv_p_lo;                  // a KV part's one-sequence write: the positions its
     int64_t kv_p_hi;                  //   blob holds (a window's; else INT32_MIN, INT32_MAX)
+    int32_t kv_held;                  // a KV part's one-sequence read: the sequence holds a
+                                      //   cell (back into them) or none (placed anew)
+    int32_t kv_mode;                  //   out: 1 into its cells, 2 placed anew
+    int32_t * kv_pos;                 //   scratch [kv_cap] each (a placement's)
+    int32_t * kv_idx;
+    int64_t kv_cap;
+    const int32_t * rs_cell_src0;     // a recurrent part's one-sequence read: the live cells'
+    const uint32_t * rs_cell_n_last;  //   other arrays, copied into the scratch below
+    int64_t rs_n_seq_arrays;          //   rs_idx / n_last entries
+    int32_t * rs_scr_pos;             //   scratch [rs_size] (the cells after the restore)
+    int32_t * rs_scr_src;
+    int32_t * rs_scr_src0;
+    int32_t * rs_scr_tail;
+    uint32_t * rs_scr_rs_idx;         //   scratch [rs_n_seq_arrays]
+    uint32_t * rs_scr_n_last;
+    int64_t rs_scalars[4];            //   in: head, used, n, rs_z of the live cells; out: after
+    int64_t rs_cell;                  //   out: the cell placed, -1 none
     int64_t taken;                    // out: the part's bytes
     int64_t n_cells;                  // out: a recurrent part's cell count
     int32_t same;                     // out: a KV part's cells already were the blob's
@@ -75,6 +92,19 @@ pm_status pm_whole_write(pm_whole_part * parts, int64_t n_parts, void * out, int
 // (a KV stream's shared cells) as pm_whole_write.
 pm_status pm_seq_write(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, void * out, int64_t cap,
                        int64_t * written, int32_t * done);
+
+// One sequence's restore of n_parts parts from blob (each part's section after the one
+// before), in one call: every part checked (a KV part: with kv_held, back into exactly the
+// cells it holds, pm_kv_read_seq_blob's check; else, a sequence that holds no cell, the
+// placed parse of pm_kv_read_seq_place whose empty cells prove the fit; a recurrent part:
+// pm_rs_restore_seq on a copy of the live cells in the rs_scr arrays), then, when all
+// apply, every part stored (pm_kv_read_seq_blob's store into the runs found; the one-call
+// swap-in, pm_kv_read_seq_swap_in; the recurrent rows at the copy's head). No KV part may
+// have a window or ext (the caller's Python completes those). *done, *consumed,
+// PM_ERR_RANGE and PM_ERR_ARG as pm_whole_read; the caller then bumps the KV parts'
+// versions and makes each recurrent part's copy its cells (rs_scalars, rs_cell).
+pm_status pm_seq_read(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, const void * blob, int64_t avail,
+                      int64_t * consumed, int32_t * done);
 
 // PYMEM_CDEF_END
 

@@ -272,6 +272,15 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
             done = self._whole_read(data, flags)
             if done is not None:
                 return done
+        elif (
+            type(seq_id) is int
+            and 0 <= seq_id < self.n_seq_max
+            and type(flags) is int
+            and not flags & ~STATE_FLAGS_KNOWN
+        ):
+            done = self._seq_read(data, seq_id, flags)
+            if done is not None:
+                return done
         return super().state_read(data, seq_id, flags)
 
     _whole_programs: dict[int, tuple[Any, list[WholePart]] | None] | None = None
@@ -341,6 +350,36 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
             part.commit(array[i])
         return int(consumed[0])
 
+    def _seq_read(self, data: object, seq_id: int, flags: int) -> int | None:
+        """One sequence's restore in one native call (:c:func:`pm_seq_read`): every
+        part's check, then every part's store; the bytes consumed, or None with nothing
+        changed where it does not apply (a part not ready or with a sliding window, a part
+        declines the blob: the readers or the two-phase parse then decide)."""
+        program = self._ready_program(flags)
+        if program is None:
+            return None
+        array, parts = program
+        for i, part in enumerate(parts):
+            if not part.read_sequence(array[i], seq_id):
+                return None
+        try:
+            src = ffi.from_buffer(data)
+        except (TypeError, ValueError, BufferError):
+            return None
+        consumed = ffi.new("int64_t *")
+        done = ffi.new("int32_t *")
+        status = lib.pm_seq_read(array, len(parts), seq_id, src, len(src), consumed, done)
+        for part in parts:  # (every check may have filled the scratch, declined or not)
+            part.written()
+        if status == lib.PM_ERR_RANGE:
+            raise StateError("state plan: the blob changed while it was restored")
+        check(status, "state read: one sequence")
+        if not done[0]:
+            return None
+        for i, part in enumerate(parts):
+            part.sequence_read(array[i])
+        return int(consumed[0])
+
     def _whole_write(self, out: Any, flags: int) -> int | None:
         """The whole blob in one native call (:c:func:`pm_whole_write`: every part sized,
         then written) into ``out`` (a writable buffer; None: the size alone); the blob's
@@ -382,14 +421,14 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
         written = ffi.new("int64_t *")
         done = ffi.new("int32_t *")
         status = call(dest, cap, written, done)
+        for part in parts:  # (a size query selects cells too: the scratch is taken)
+            part.written()
         if status == lib.PM_ERR_RANGE and out is None:
             return int(written[0])
         if status == lib.PM_ERR_RANGE:
             raise RangeError(
                 f"state_write_buffer: out holds {cap} bytes, the state needs {written[0]}"
             )
-        for part in parts:
-            part.written()
         check(status, "state write: a memory's blob")
         return int(written[0]) if done[0] else None
 

@@ -1009,6 +1009,14 @@ class WholePart(Protocol):
         """Set the fields of ``part`` a one-sequence write of ``seq_id`` reads that depend
         on the sequence (a sliding window's positions), after :meth:`ready`."""
 
+    def read_sequence(self, part: Any, seq_id: int) -> bool:
+        """Set the fields of ``part`` a one-sequence read of ``seq_id`` needs (after
+        :meth:`ready`); False where this part's read needs Python (a sliding window)."""
+
+    def sequence_read(self, part: Any) -> None:
+        """What Python keeps after a native one-sequence read (versions, a recurrent
+        memory's new cells), from the outputs in ``part``."""
+
     def written(self) -> None:
         """What Python keeps after a native write (a KV cache's run scratch now holds what
         that write selected: the other calls must search again)."""

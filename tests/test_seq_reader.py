@@ -92,6 +92,7 @@ def _read(
             for cls in (CompositeMemory, RecurrentMemory):
                 m.setattr(cls, "seq_reader", lambda self, seq_id, flags: None)
             m.setattr(CompositeMemory, "_whole_read", lambda self, data, flags: None)
+            m.setattr(CompositeMemory, "_seq_read", lambda self, data, seq_id, flags: None)
         try:
             return mem.state_read(blob, dst, flags)
         except (StateError, RangeError) as exc:
@@ -118,13 +119,17 @@ def _count_reads(m: pytest.MonkeyPatch, cls: type, made: list[bool]) -> None:
     m.setattr(cls, "seq_reader", spy)
 
 
+@pytest.mark.parametrize("road", ["one call", "readers"])
 @pytest.mark.parametrize("flags", [0, 1, 2, 3])
 @pytest.mark.parametrize("kind", ["hybrid", "iswa", "hybrid_iswa", "recurrent"])
 def test_the_native_read_leaves_what_the_two_phase_read_leaves(
-    monkeypatch, kind: str, flags: int
+    monkeypatch, kind: str, flags: int, road: str
 ) -> None:
     """Blobs written and read with ``flags`` (PARTIAL_ONLY drops parts), as bytes, as a
-    bytearray with trailing bytes, as a numpy array: the same answers and state."""
+    bytearray with trailing bytes, as a numpy array: the same answers and state. ``road``
+    "one call": a composite's every part in one native call (``pm_seq_read``; not for a
+    sliding window: iSWA parts take the readers); "readers": every part's reader, the one
+    call turned off."""
     made: list[int] = []
     for seed in range(6):
         fast, ref = _memory(kind, seed), _memory(kind, seed)
@@ -140,7 +145,21 @@ def test_the_native_read_leaves_what_the_two_phase_read_leaves(
                 fast.seq_rm(dst, -1, -1)
                 ref.seq_rm(dst, -1, -1)
             with monkeypatch.context() as m:
-                _count_reads(m, type(fast), made)
+                if road == "one call" and kind in ("hybrid",):
+                    real_seq = CompositeMemory._seq_read
+
+                    def one(self, data, seq_id, flags, real=real_seq):  # type: ignore[no-untyped-def]
+                        done = real(self, data, seq_id, flags)
+                        made.append(done is not None)
+                        return done
+
+                    m.setattr(CompositeMemory, "_seq_read", one)
+                else:
+                    if road == "readers":
+                        m.setattr(
+                            CompositeMemory, "_seq_read", lambda self, data, seq_id, flags: None
+                        )
+                    _count_reads(m, type(fast), made)
                 got = _read(monkeypatch, fast, blobs[src], dst, True, flags)
             want = _read(monkeypatch, ref, blobs[src], dst, False, flags)
             assert got == want, (seed, src, dst, swap)
@@ -443,4 +462,34 @@ def test_a_sequence_write_reads_the_pending_copy_and_rollback_plane(monkeypatch)
             out = bytearray(len(want))
             assert mem._native_write(out, s, 0) == len(want), (trial, s)
             assert bytes(out) == want, (trial, s)
+    mem.close()
+
+
+@pytest.mark.parametrize("call", ["size", "read", "declined read"])
+def test_one_call_size_or_read_leaves_no_runs_for_a_sequence_writer(call: str) -> None:
+    """A sequence's writer sized before a one-call size query or a declined one-sequence
+    read (each fills the run scratch: the read's check did) still writes its blob; after
+    a read that changed the memory it refuses."""
+    mem = _memory("hybrid", 4)
+    want = bytes(mem.state_write(1))
+    blob0 = bytes(mem.state_write(0))
+    sized = mem.seq_writer(1, 0)
+    assert sized is not None
+    if call == "size":
+        assert mem.state_size(0) == len(blob0)
+    elif call == "read":
+        assert mem.state_read(blob0, 0) == len(blob0)
+    else:  # the attention part's check passes, the recurrent section's count is hostile
+        bad = bytearray(blob0)
+        n_attn = len(mem.mem_attn.state_write(0))
+        bad[n_attn : n_attn + 4] = (7).to_bytes(4, "little")
+        with pytest.raises(StateError):
+            mem.state_read(bytes(bad), 0)
+    out = bytearray(sized[0])
+    if call == "read":
+        with pytest.raises(StateError, match="changed between sizing and writing"):
+            sized[1](memoryview(out))
+    else:
+        assert sized[1](memoryview(out)) == len(want)
+        assert bytes(out) == want
     mem.close()

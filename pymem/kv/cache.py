@@ -1998,14 +1998,26 @@ class _KVWholePart:
         step = self._cache._native_cells()[0]
         found = ffi.from_buffer("int64_t[]", self._found, require_writable=True)
         self._keep = [step, found]
+        pos, idx = self._blob.placing_scratch()
         part.kv = self._blob.view
         part.cells = step
         part.kv_found = found
+        part.kv_pos, part.kv_idx, part.kv_cap = pos, idx, self._cache.layout.kv_size
         part.kv_p_lo, part.kv_p_hi = -(2**31), 2**31 - 1  # (a window's: per sequence)
 
     def for_sequence(self, part: Any, seq_id: int) -> None:
         if self._cache.swa_type != SWAType.NONE:  # the positions the sequence's window sees
             part.kv_p_lo, part.kv_p_hi = self._blob.window(seq_id)
+
+    def read_sequence(self, part: Any, seq_id: int) -> bool:
+        cache = self._cache
+        if cache.swa_type != SWAType.NONE:
+            return False  # (a window's restore prunes what it leaves behind: Python's)
+        part.kv_held = cache.v_cells[int(cache.seq_to_stream[seq_id])].seq_pos_max(seq_id) >= 0
+        return True
+
+    def sequence_read(self, part: Any) -> None:
+        self._cache._mutated()
 
     def ready(self, part: Any) -> bool:
         cache = self._cache

@@ -308,10 +308,18 @@ class SeqBlob:
         return self._view
 
     def scratch_taken(self) -> None:
-        """Another call (a composite's whole write) filled every stream's run scratch: no
-        size or check of this object holds runs there any more."""
+        """Another call (a composite's one-call write or read) filled the run scratch or
+        the placement's: no size, check or parse of this object holds them any more."""
         for strm in range(len(self._searched)):
             self._searched[strm] = self._checked[strm] = None
+        self._placing = None
+
+    def placing_scratch(self) -> tuple[Any, Any]:
+        """The placement's position and cell scratch (``int32[size]`` each) as cffi
+        pointers, for a one-call read (kept alive by this object)."""
+        if self._step is None:
+            return ffi.NULL, ffi.NULL
+        return self._step[2], self._step[3]
 
     def swap_in_with(self, step_cells: object) -> None:
         """Let :meth:`read` swap a sequence that holds no cell back in, and

@@ -910,6 +910,10 @@ class _RecurrentWholePart:
         self._keep: list[object] = []
         self._cells: RecurrentCells | None = None  # whose arrays rs_cell_* point into
         self._cell_ptrs: list[object] = []
+        n = memory.cells.rs_idx.size
+        self._scratch = [np.empty(memory.size, np.int32) for _ in range(4)] + [
+            np.empty(n, np.uint32) for _ in range(2)
+        ]
 
     def fill(self, part: Any) -> None:
         memory = self._memory
@@ -923,6 +927,16 @@ class _RecurrentWholePart:
         part.rs_pos = pos
         part.rs_tail = tail
         part.rs_n_rs_seq = memory.n_rs_seq
+        scratch = [
+            ffi.from_buffer(
+                "int32_t[]" if a.dtype == np.int32 else "uint32_t[]", a, require_writable=True
+            )
+            for a in self._scratch
+        ]
+        self._keep.extend(scratch)
+        (part.rs_scr_pos, part.rs_scr_src, part.rs_scr_src0, part.rs_scr_tail, part.rs_scr_rs_idx,
+         part.rs_scr_n_last) = scratch  # fmt: skip
+        part.rs_n_seq_arrays = self._scratch[4].size
         self._cells = None  # (the cells' fields: at the first ready)
 
     def ready(self, part: Any) -> bool:
@@ -934,8 +948,11 @@ class _RecurrentWholePart:
             ptrs = [
                 ffi.from_buffer("int32_t[]", cells.tail), ffi.from_buffer("int32_t[]", cells.pos),
                 ffi.from_buffer("int32_t[]", cells.src), ffi.from_buffer("uint32_t[]", cells.rs_idx),
+                ffi.from_buffer("int32_t[]", cells.src0),
+                ffi.from_buffer("uint32_t[]", cells.n_last),
             ]  # fmt: skip
-            part.rs_cell_tail, part.rs_cell_pos, part.rs_cell_src, part.rs_cell_rs_idx = ptrs
+            (part.rs_cell_tail, part.rs_cell_pos, part.rs_cell_src, part.rs_cell_rs_idx,
+             part.rs_cell_src0, part.rs_cell_n_last) = ptrs  # fmt: skip
             self._cells, self._cell_ptrs = cells, ptrs
         return True
 
@@ -946,6 +963,23 @@ class _RecurrentWholePart:
 
     def for_sequence(self, part: Any, seq_id: int) -> None:
         pass
+
+    def read_sequence(self, part: Any, seq_id: int) -> bool:
+        c = self._memory.cells
+        part.rs_scalars = [c.head, c.used, c.n, c.rs_z]
+        return True
+
+    def sequence_read(self, part: Any) -> None:
+        """The copy the native restore left in the scratch becomes the memory's cells."""
+        memory = self._memory
+        live = memory.cells
+        c = RecurrentCells.__new__(RecurrentCells)
+        c.size = live.size
+        c.pos, c.src, c.src0, c.tail = (a.copy() for a in self._scratch[:4])
+        c.rs_idx, c.n_last = self._scratch[4].copy(), self._scratch[5].copy()
+        c.head, c.used, c.n, c.rs_z = (int(v) for v in part.rs_scalars)
+        c.steady = None if part.rs_cell >= 0 else live.steady
+        memory.commit_cells(c)
 
     def written(self) -> None:
         pass
