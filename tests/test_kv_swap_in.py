@@ -231,11 +231,15 @@ def test_the_kernel_refuses_bad_arguments_and_declines_without_change() -> None:
     assert kv.seq_pos_max(0) >= 0
 
 
-def test_a_hybrid_swap_in_takes_the_one_call_for_its_attention_part(monkeypatch) -> None:
-    """A hybrid memory's one-sequence read of a swapped-out sequence: the attention part's
-    store (after every part's check) is the one call; the memory ends as with the one call
-    off (the placed plan's commit)."""
+@pytest.mark.parametrize("road", ["one call", "reader"])
+def test_a_hybrid_swap_in_takes_the_one_call_for_its_attention_part(monkeypatch, road: str) -> None:
+    """A hybrid memory's one-sequence read of a swapped-out sequence: in the composite's
+    one native call (``pm_seq_read``), or, that turned off, through the readers, whose
+    attention store (after every part's check) is the one-call swap-in; the memory ends
+    as with the one-call swap-in off (the placed plan's commit)."""
     from test_seq_reader import _memory, _snapshot
+
+    from pymem.composite import CompositeMemory
 
     taken: list[int] = []
     states = []
@@ -243,8 +247,20 @@ def test_a_hybrid_swap_in_takes_the_one_call_for_its_attention_part(monkeypatch)
         mem = _memory("hybrid", 4)
         blob = bytes(mem.state_write(1))
         mem.seq_rm(1, -1, -1)
-        with _one_call(monkeypatch, on, taken):
-            assert mem.state_read(blob, 1) == len(blob)
+        with monkeypatch.context() as m:
+            if road == "reader" or not on:
+                m.setattr(CompositeMemory, "_seq_read", lambda self, data, seq_id, flags: None)
+            else:
+                real = CompositeMemory._seq_read
+
+                def one(self, data, seq_id, flags, real=real):  # type: ignore[no-untyped-def]
+                    done = real(self, data, seq_id, flags)
+                    taken.append(int(done is not None))
+                    return done
+
+                m.setattr(CompositeMemory, "_seq_read", one)
+            with _one_call(monkeypatch, on and road == "reader", taken):
+                assert mem.state_read(blob, 1) == len(blob)
         states.append(_snapshot(mem))
         mem.close()
     assert taken == [1]
