@@ -1373,13 +1373,32 @@ pm_status pm_kv_read_seq_swap_in(const pm_kv_seq_blob * b, pm_step_cells * c, in
     return PM_OK;
 }
 
+// The scratch of pm_kv_zero_past (allocated before anything changes: a commit must not
+// fail for memory halfway through)
+typedef struct pm_zero_scratch {
+    struct ggml_tensor ** tensors;
+    const void ** src;
+    int64_t * params;
+} pm_zero_scratch;
+
+static int pm_zero_scratch_new(pm_zero_scratch * z, int64_t n_layer) {
+    const size_t n = (size_t) (2 * n_layer + 1);
+    z->tensors = (struct ggml_tensor **) malloc(n * sizeof *z->tensors);
+    z->src = (const void **) calloc(n, sizeof *z->src);
+    z->params = (int64_t *) malloc(n * 5 * sizeof *z->params);
+    return z->tensors != NULL && z->src != NULL && z->params != NULL;
+}
+
+static void pm_zero_scratch_free(pm_zero_scratch * z) {
+    free(z->tensors);
+    free((void *) z->src);
+    free(z->params);
+}
+
 // zero cells [counts[s], kv_size) of every stream's rows, every layer (zero_range_native)
-static pm_status pm_kv_zero_past(const pm_kv_seq_blob * b, const int64_t * counts) {
+static pm_status pm_kv_zero_past(const pm_kv_seq_blob * b, const int64_t * counts, const pm_zero_scratch * z) {
     const int64_t n_layer = b->spec[0][0];
-    struct ggml_tensor ** tensors = (struct ggml_tensor **) malloc((size_t) (2 * n_layer + 1) * sizeof *tensors);
-    const void ** src = (const void **) calloc((size_t) (2 * n_layer + 1), sizeof *src);
-    int64_t * params = (int64_t *) malloc((size_t) (2 * n_layer + 1) * 5 * sizeof *params);
-    pm_status st = tensors == NULL || src == NULL || params == NULL ? PM_ERR_ALLOC : PM_OK;
+    pm_status st = PM_OK;
     for (int64_t s = 0; st == PM_OK && s < b->n_stream; ++s) {
         const int64_t * spec = b->spec[s];
         const int64_t v_trans = spec[1], kv_size = spec[4], el = spec[5];
@@ -1389,23 +1408,20 @@ static pm_status pm_kv_zero_past(const pm_kv_seq_blob * b, const int64_t * count
             if (t == NULL) {
                 continue;  // (no V: an MLA cache)
             }
-            int64_t * p = params + 5 * n;
+            int64_t * p = z->params + 5 * n;
             if (k >= n_layer && v_trans) {  // every channel, its padding too
                 p[0] = s * (int64_t) t->nb[2], p[1] = el, p[2] = el, p[3] = t->ne[0], p[4] = kv_size * el;
             } else {
                 p[0] = s * kv_size * (int64_t) t->nb[1], p[1] = (int64_t) t->nb[1], p[2] = (int64_t) t->nb[1];
                 p[3] = 1, p[4] = 0;
             }
-            tensors[n++] = t;
+            z->tensors[n++] = t;
         }
         const int64_t a = counts[s], e = kv_size;
         if (a < e && n > 0) {
-            st = pm_stateio_put_cells(tensors, src, params, n, &a, &e, 1);
+            st = pm_stateio_put_cells(z->tensors, z->src, z->params, n, &a, &e, 1);
         }
     }
-    free(tensors);
-    free((void *) src);
-    free(params);
     return st;
 }
 
@@ -1420,9 +1436,12 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
     const char * d = (const char *) blob;
     const int32_t ** words = (const int32_t **) malloc((size_t) n_stream * sizeof *words);
     int64_t * scratch = (int64_t *) malloc((size_t) n_stream * 2 * sizeof *scratch);
-    if (words == NULL || scratch == NULL) {
+    pm_zero_scratch zero;
+    const int zero_ok = pm_zero_scratch_new(&zero, b->spec[0][0]);
+    if (words == NULL || scratch == NULL || !zero_ok) {  // (before anything changes)
         free((void *) words);
         free(scratch);
+        pm_zero_scratch_free(&zero);
         return PM_ERR_ALLOC;
     }
     pm_status st = PM_OK;
@@ -1448,12 +1467,13 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
             st = PM_ERR_RANGE;
         }
         if (st == PM_OK) {
-            st = pm_kv_zero_past(b, counts);
+            st = pm_kv_zero_past(b, counts, &zero);
         }
         *done = st == PM_OK;
     }
     free((void *) words);
     free(scratch);
+    pm_zero_scratch_free(&zero);
     return st;
 }
 

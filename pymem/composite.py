@@ -283,7 +283,7 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
                 return done
         return super().state_read(data, seq_id, flags)
 
-    _whole_programs: dict[int, tuple[Any, list[WholePart]] | None] | None = None
+    _whole_programs: dict[int, tuple[Any, list[WholePart]]] | None = None
 
     def _whole_leaves(self, flags: int) -> list[Memory[Any]]:
         """The innermost memories a whole blob with ``flags`` holds, in its order."""
@@ -305,13 +305,12 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
         if flags not in programs:
             parts = [leaf.whole_part() for leaf in self._whole_leaves(flags)]
             if any(p is None for p in parts):
-                programs[flags] = None
-            else:
-                found = [p for p in parts if p is not None]
-                array = ffi.new("pm_whole_part[]", len(found))
-                for i, part in enumerate(found):
-                    part.fill(array[i])
-                programs[flags] = (array, found)
+                return None  # (not kept: a native road switched off may come back)
+            found = [p for p in parts if p is not None]
+            array = ffi.new("pm_whole_part[]", len(found))
+            for i, part in enumerate(found):
+                part.fill(array[i])
+            programs[flags] = (array, found)
         return programs[flags]
 
     def _ready_program(self, flags: int) -> tuple[Any, list[WholePart]] | None:
@@ -467,7 +466,8 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
         return super().state_write(seq_id, flags)
 
     def state_write_buffer(self, out: Any, seq_id: int = -1, flags: int = 0) -> int:
-        done = self._native_write(out, seq_id, flags)
+        # (None is the native road's size query: the general road refuses it by name)
+        done = None if out is None else self._native_write(out, seq_id, flags)
         return done if done is not None else super().state_write_buffer(out, seq_id, flags)
 
     def state_read_parse(

@@ -493,3 +493,27 @@ def test_one_call_size_or_read_leaves_no_runs_for_a_sequence_writer(call: str) -
         assert sized[1](memoryview(out)) == len(want)
         assert bytes(out) == want
     mem.close()
+
+
+def test_a_none_buffer_is_refused_as_the_parts_refuse_it() -> None:
+    """``state_write_buffer(None)`` raises as on the general road (None is the one-call
+    road's size query inside, never the caller's buffer; found by review)."""
+    mem = _memory("hybrid", 4)
+    for seq_id in (-1, 1):
+        with pytest.raises(TypeError):
+            mem.state_write_buffer(None, seq_id)
+    mem.close()
+
+
+def test_the_one_call_road_comes_back_after_a_native_road_was_off(monkeypatch) -> None:
+    """A program asked for while ``NATIVE_RUNS`` was off (no part offered one) is not kept
+    as absent: the one call runs again once it is on (found by review)."""
+    import pymem.kv.state_io as kv_state_io
+
+    mem = _memory("hybrid", 4)
+    blob = bytes(_memory("hybrid", 6).state_write())
+    monkeypatch.setattr(kv_state_io, "NATIVE_RUNS", False)
+    assert mem._whole_read(blob, 0) is None
+    monkeypatch.setattr(kv_state_io, "NATIVE_RUNS", True)
+    assert mem._whole_read(blob, 0) == len(blob)
+    mem.close()
