@@ -85,7 +85,9 @@ pm_status pm_whole_read(pm_whole_part * parts, int64_t n_parts, const void * blo
 
 // the part's bytes (a size query; reuse: the write right after it), or -1: it declines;
 // -2 for another failure (*st)
-static int64_t pm_whole_write_part(pm_whole_part * p, int32_t reuse, void * out, int64_t cap, pm_status * st) {
+static int64_t pm_whole_write_part(pm_whole_part * p, int32_t seq_id, int32_t reuse, void * out, int64_t cap,
+                                   pm_status * st) {
+    (void) seq_id;
     int64_t written = 0;
     if (p->kv != NULL) {
         int32_t declined = 0;
@@ -108,8 +110,14 @@ static int64_t pm_whole_write_part(pm_whole_part * p, int32_t reuse, void * out,
     return *st == PM_OK ? written : -2;
 }
 
-pm_status pm_whole_write(pm_whole_part * parts, int64_t n_parts, void * out, int64_t cap, int64_t * written,
-                         int32_t * done) {
+// a part's section (a size query when out is NULL; reuse: the write right after it): its
+// bytes, -1 when the part declines, -2 for another failure (*st)
+typedef int64_t (*pm_part_writer)(pm_whole_part * p, int32_t seq_id, int32_t reuse, void * out, int64_t cap,
+                                  pm_status * st);
+
+// pm_whole_write and pm_seq_write: every part sized by `part_write`, then written
+static pm_status pm_parts_write(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, pm_part_writer part_write,
+                                void * out, int64_t cap, int64_t * written, int32_t * done) {
     if (parts == NULL || written == NULL || done == NULL || n_parts < 1 || cap < 0 || (out == NULL && cap != 0)) {
         return PM_ERR_ARG;
     }
@@ -127,7 +135,7 @@ pm_status pm_whole_write(pm_whole_part * parts, int64_t n_parts, void * out, int
     int64_t total = 0;
     for (int64_t i = 0; i < n_parts; ++i) {  // every part sized before the first byte
         pm_status st = PM_OK;
-        const int64_t taken = pm_whole_write_part(&parts[i], 0, NULL, 0, &st);
+        const int64_t taken = part_write(&parts[i], seq_id, 0, NULL, 0, &st);
         if (taken == -1) {
             return PM_OK;
         }
@@ -144,7 +152,7 @@ pm_status pm_whole_write(pm_whole_part * parts, int64_t n_parts, void * out, int
     char * w = (char *) out;
     for (int64_t i = 0; i < n_parts; ++i) {
         pm_status st = PM_OK;
-        const int64_t taken = pm_whole_write_part(&parts[i], 1, w, parts[i].taken, &st);
+        const int64_t taken = part_write(&parts[i], seq_id, 1, w, parts[i].taken, &st);
         if (taken != parts[i].taken) {
             return st != PM_OK ? st : PM_ERR_ARG;  // (sized just before: cannot differ)
         }
@@ -152,6 +160,11 @@ pm_status pm_whole_write(pm_whole_part * parts, int64_t n_parts, void * out, int
     }
     *done = 1;
     return PM_OK;
+}
+
+pm_status pm_whole_write(pm_whole_part * parts, int64_t n_parts, void * out, int64_t cap, int64_t * written,
+                         int32_t * done) {
+    return pm_parts_write(parts, n_parts, 0, pm_whole_write_part, out, cap, written, done);
 }
 
 // a recurrent part's one-sequence section (the size alone when out is NULL; *st
@@ -215,49 +228,10 @@ static int64_t pm_seq_write_part(pm_whole_part * p, int32_t seq_id, int32_t reus
 
 pm_status pm_seq_write(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, void * out, int64_t cap,
                        int64_t * written, int32_t * done) {
-    if (parts == NULL || written == NULL || done == NULL || n_parts < 1 || cap < 0 || (out == NULL && cap != 0) ||
-        seq_id < 0) {
+    if (seq_id < 0) {
         return PM_ERR_ARG;
     }
-    *done = 0;
-    *written = 0;
-    for (int64_t i = 0; i < n_parts; ++i) {
-        const pm_whole_part * p = &parts[i];
-        const int rs = p->kv == NULL && p->rs_tensors != NULL && p->rs_spec != NULL && p->rs_cell_tail != NULL &&
-                       p->rs_cell_pos != NULL && p->rs_cell_src != NULL && p->rs_cell_rs_idx != NULL &&
-                       p->rs_size > 0;
-        if (p->kv == NULL && !rs) {
-            return PM_ERR_ARG;
-        }
-    }
-    int64_t total = 0;
-    for (int64_t i = 0; i < n_parts; ++i) {  // every part sized before the first byte
-        pm_status st = PM_OK;
-        const int64_t taken = pm_seq_write_part(&parts[i], seq_id, 0, NULL, 0, &st);
-        if (taken == -1) {
-            return PM_OK;
-        }
-        if (taken < 0) {
-            return st;
-        }
-        parts[i].taken = taken;
-        total += taken;
-    }
-    *written = total;
-    if (out == NULL || total > cap) {
-        return PM_ERR_RANGE;
-    }
-    char * w = (char *) out;
-    for (int64_t i = 0; i < n_parts; ++i) {
-        pm_status st = PM_OK;
-        const int64_t taken = pm_seq_write_part(&parts[i], seq_id, 1, w, parts[i].taken, &st);
-        if (taken != parts[i].taken) {
-            return st != PM_OK ? st : PM_ERR_ARG;  // (sized just before: cannot differ)
-        }
-        w += taken;
-    }
-    *done = 1;
-    return PM_OK;
+    return pm_parts_write(parts, n_parts, seq_id, pm_seq_write_part, out, cap, written, done);
 }
 
 // a part's one-sequence check at d: its bytes, or -1 when it declines

@@ -333,21 +333,8 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
         if program is None:
             return None
         array, parts = program
-        try:
-            src = ffi.from_buffer(data)
-        except (TypeError, ValueError, BufferError):
-            return None
-        consumed = ffi.new("int64_t *")
-        done = ffi.new("int32_t *")
-        status = lib.pm_whole_read(array, len(parts), src, len(src), consumed, done)
-        if status == lib.PM_ERR_RANGE:
-            raise StateError("state plan: the blob changed while it was restored")
-        check(status, "state read: whole memory")
-        if not done[0]:
-            return None
-        for i, part in enumerate(parts):
-            part.commit(array[i])
-        return int(consumed[0])
+        return self._program_read(data, program, lambda src, n, consumed, done: lib.pm_whole_read(
+            array, len(parts), src, n, consumed, done), whole=True)  # fmt: skip
 
     def _seq_read(self, data: object, seq_id: int, flags: int) -> int | None:
         """One sequence's restore in one native call (:c:func:`pm_seq_read`): every
@@ -361,22 +348,37 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
         for i, part in enumerate(parts):
             if not part.read_sequence(array[i], seq_id):
                 return None
+        return self._program_read(data, program, lambda src, n, consumed, done: lib.pm_seq_read(
+            array, len(parts), seq_id, src, n, consumed, done), whole=False)  # fmt: skip
+
+    @staticmethod
+    def _program_read(
+        data: object, program: tuple[Any, list[WholePart]], call: Callable[..., int], whole: bool
+    ) -> int | None:
+        """Run a native read ``call(src, n, consumed, done)`` of ``data`` and complete
+        each part (a ``whole`` read: :meth:`WholePart.commit`; one sequence's:
+        :meth:`WholePart.sequence_read`); the bytes consumed, None with nothing changed
+        where a part declined."""
+        array, parts = program
         try:
             src = ffi.from_buffer(data)
         except (TypeError, ValueError, BufferError):
             return None
         consumed = ffi.new("int64_t *")
         done = ffi.new("int32_t *")
-        status = lib.pm_seq_read(array, len(parts), seq_id, src, len(src), consumed, done)
+        status = call(src, len(src), consumed, done)
         for part in parts:  # (every check may have filled the scratch, declined or not)
             part.written()
         if status == lib.PM_ERR_RANGE:
             raise StateError("state plan: the blob changed while it was restored")
-        check(status, "state read: one sequence")
+        check(status, "state read: whole memory" if whole else "state read: one sequence")
         if not done[0]:
             return None
         for i, part in enumerate(parts):
-            part.sequence_read(array[i])
+            if whole:
+                part.commit(array[i])
+            else:
+                part.sequence_read(array[i])
         return int(consumed[0])
 
     def _whole_write(self, out: Any, flags: int) -> int | None:
