@@ -268,17 +268,11 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
         A whole blob of parts that all offer :meth:`whole_part` is checked and stored in
         one native call (:c:func:`pm_whole_read`); one sequence, part by part
         (:meth:`seq_reader`); anything either declines, by the two-phase parse."""
-        if self._whole_flags(seq_id, flags):
-            done = self._whole_read(data, flags)
-            if done is not None:
-                return done
-        elif (
-            type(seq_id) is int
-            and 0 <= seq_id < self.n_seq_max
-            and type(flags) is int
-            and not flags & ~STATE_FLAGS_KNOWN
-        ):
-            done = self._seq_read(data, seq_id, flags)
+        if self._native_call(seq_id, flags):
+            if seq_id == -1:
+                done = self._whole_read(data, flags)
+            else:
+                done = self._seq_read(data, seq_id, flags)
             if done is not None:
                 return done
         return super().state_read(data, seq_id, flags)
@@ -434,23 +428,21 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
         return int(written[0]) if done[0] else None
 
     def _native_write(self, out: Any, seq_id: Any, flags: Any) -> int | None:
-        """The one-call write of the whole memory or of one sequence in
-        ``[0, n_seq_max)``, with known flags; None where it does not apply."""
-        if type(seq_id) is not int or type(flags) is not int or flags & ~STATE_FLAGS_KNOWN:
+        """The one-call write of the whole memory or of one sequence; None where it does
+        not apply."""
+        if not self._native_call(seq_id, flags):
             return None
         if seq_id == -1:
             return self._whole_write(out, flags)
-        if 0 <= seq_id < self.n_seq_max:
-            return self._seq_write(out, seq_id, flags)
-        return None
+        return self._seq_write(out, seq_id, flags)
 
-    @staticmethod
-    def _whole_flags(seq_id: Any, flags: Any) -> bool:
-        """Whether a state call of ``seq_id`` with ``flags`` may take the one-call whole
-        road (the whole memory, known flags)."""
+    def _native_call(self, seq_id: Any, flags: Any) -> bool:
+        """Whether a state call of ``seq_id`` with ``flags`` may take a one-call road: the
+        whole memory (-1) or a sequence in ``[0, n_seq_max)``, known flags (anything else
+        goes to the general road, which names what is wrong)."""
         return (
             type(seq_id) is int
-            and seq_id == -1
+            and -1 <= seq_id < self.n_seq_max
             and type(flags) is int
             and not flags & ~STATE_FLAGS_KNOWN
         )

@@ -192,6 +192,8 @@ def test_not_offered_with_ext_or_a_window(monkeypatch) -> None:
     swa = _memory(1, SWAType.STANDARD, 4, 24)
     blob = bytes(swa.state_write(0))
     swa.seq_rm(0, -1, -1)
+    view = swa._blob_view()
+    assert view is not None and view._swap_in(blob, 0, 0) is None  # (its own guard)
     taken: list[int] = []
     with _one_call(monkeypatch, True, taken):
         assert swa.state_read(blob, 0) == len(blob)
@@ -263,5 +265,28 @@ def test_a_hybrid_swap_in_takes_the_one_call_for_its_attention_part(monkeypatch,
                 assert mem.state_read(blob, 1) == len(blob)
         states.append(_snapshot(mem))
         mem.close()
+    assert taken == [1]
+    assert states[0] == states[1]
+
+
+def test_a_held_placed_plan_commits_a_swap_in_in_one_call(monkeypatch) -> None:
+    """The two-phase road (``state_read_parse`` then ``commit``) of a swapped-out sequence:
+    the placed plan's commit is the one call, and it leaves what the plan's own placement
+    and store leave."""
+    from pymem.state import StateReader
+
+    taken: list[int] = []
+    states = []
+    for on in (True, False):
+        kv = _scenario("f16-trans-streams", 6, n_cells=48)
+        blob = bytes(kv.state_write(1))
+        kv.seq_rm(1, -1, -1)
+        plan = kv.state_read_parse(StateReader(blob), 1)
+        assert isinstance(plan, state_io.PlacedSeqPlan)
+        with _one_call(monkeypatch, on, taken):
+            plan.commit()
+        states.append(_state(kv))
+        check_invariants(kv)
+        kv.close()
     assert taken == [1]
     assert states[0] == states[1]

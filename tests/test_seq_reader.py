@@ -517,3 +517,15 @@ def test_the_one_call_road_comes_back_after_a_native_road_was_off(monkeypatch) -
     monkeypatch.setattr(kv_state_io, "NATIVE_RUNS", True)
     assert mem._whole_read(blob, 0) == len(blob)
     mem.close()
+
+
+def test_a_sliding_window_part_sends_a_sequence_read_to_the_readers() -> None:
+    """An iSWA memory's one-sequence read: its window part declines the one call (a
+    window's restore prunes what it leaves behind in Python), so the readers take it; a
+    hybrid's takes the one call."""
+    for kind, one_call in (("iswa", False), ("hybrid_iswa", False), ("hybrid", True)):
+        mem = _memory(kind, 4)
+        blob = bytes(mem.state_write(1))
+        assert (mem._seq_read(blob, 1, 0) is not None) == one_call, kind
+        assert mem.state_read(blob, 1) == len(blob)
+        mem.close()

@@ -1479,24 +1479,15 @@ class KVCache(Memory):
         :class:`state_io.PlacedSeqPlan`).
         """
         blob = self._seq_blob(seq_id, flags, "state_read")
-        if blob is not None:
-            done = blob.read(data, seq_id)
-            if done is not None:
-                self._mutated()
-                return done
-        elif type(seq_id) is int and seq_id == -1:
-            check_state_flags(flags, "state_read")
-            whole = self._whole_reader()
-            try:
-                found = None if whole is None else whole(memoryview(data).cast("B"))
-            except TypeError:  # not one contiguous run of bytes: the parse says so
-                found = None
-            if found is not None:
-                found[1]()
-                return found[0]
+        if blob is None:  # the whole cache (its reader), or no one-call road: the base's
+            return super().state_read(data, seq_id, flags)
+        done = blob.read(data, seq_id)
+        if done is not None:
+            self._mutated()
+            return done
         # the one call declined: the general parse, without asking the same question again
         reader = StateReader(data)
-        plan = self._parse(reader, seq_id, flags, same_cells=blob is None)
+        plan = self._parse(reader, seq_id, flags, same_cells=False)
         plan.committed_at_once()
         plan.commit()
         return reader.offset
@@ -1573,20 +1564,7 @@ class KVCache(Memory):
                 return None
             taken, plan = found
             plan.committed_at_once()  # its store runs right after every part's check
-            strm = int(self.seq_to_stream[seq_id])
-            if not isinstance(plan, state_io.PlacedSeqPlan) or (
-                self.v_cells[strm].seq_pos_max(seq_id) >= 0
-            ):
-                return taken, plan.commit, plan.is_current
-
-            def swap_in() -> None:
-                # a swap-in: parse, placement and store in one call where it applies
-                if plan.is_current() and blob.read(view[:taken], seq_id) is not None:
-                    self._mutated()
-                    return
-                plan.commit()  # (declined, or stale: the plan places it, or refuses)
-
-            return taken, swap_in, plan.is_current
+            return taken, plan.commit, plan.is_current
 
         return check
 
@@ -1618,8 +1596,7 @@ class KVCache(Memory):
 
             def apply() -> None:
                 if blob.commit_whole(view, found):
-                    self.cells.has_shift[:] = False
-                    self._mutated()
+                    self._whole_committed()
                     return
                 plan = state_io.WholeBlobPlan(
                     blob, view[: found.consumed], found, self.layout, self.v_cells,
@@ -1631,6 +1608,12 @@ class KVCache(Memory):
             return stamped_store(found.consumed, lambda: self._version, apply)
 
         return check
+
+    def _whole_committed(self) -> None:
+        """What Python keeps after a whole restore committed in one native call (no cell
+        has a pending shift; a new version)."""
+        self.cells.has_shift[:] = False
+        self._mutated()
 
     def _native_seq_plan(
         self, blob: state_io.SeqBlob | None, view: memoryview, seq_id: int, same_cells: bool
@@ -2029,9 +2012,7 @@ class _KVWholePart:
         )
 
     def commit(self, part: Any) -> None:
-        cache = self._cache
-        cache.cells.has_shift[:] = False
-        cache._mutated()
+        self._cache._whole_committed()
 
     def written(self) -> None:
         self._blob.scratch_taken()

@@ -229,8 +229,8 @@ class SeqBlob:
     """
 
     __slots__ = (
-        "_cells", "_checked", "_idx", "_keep", "_placing", "_pos", "_searched", "_step",
-        "_stream_of", "_swa", "_view", "n_seq",
+        "_cells", "_checked", "_idx", "_keep", "_nones", "_placing", "_pos", "_searched",
+        "_step", "_stream_of", "_swa", "_view", "n_seq",
     )  # fmt: skip
 
     def __init__(
@@ -286,6 +286,7 @@ class SeqBlob:
         self._stream_of = layout.seq_to_stream
         # per stream, the sequence whose cells its run scratch holds (None: another call's)
         self._searched: list[int | None] = [None] * n_stream
+        self._nones = (None,) * n_stream  # (what scratch_taken resets both lists to)
         # per stream, (sequence, token) of the read check whose runs the scratch holds: a
         # commit with that token stores into them without searching again (None: no such)
         self._checked: list[tuple[int, object] | None] = [None] * n_stream
@@ -310,8 +311,9 @@ class SeqBlob:
     def scratch_taken(self) -> None:
         """Another call (a composite's one-call write or read) filled the run scratch or
         the placement's: no size, check or parse of this object holds them any more."""
-        for strm in range(len(self._searched)):
-            self._searched[strm] = self._checked[strm] = None
+        nones = self._nones
+        self._searched[:] = nones
+        self._checked[:] = nones
         self._placing = None
 
     def placing_scratch(self) -> tuple[Any, Any]:
@@ -442,10 +444,11 @@ class SeqBlob:
         """:meth:`read` of a sequence that holds no cell: parse, placement and store in one
         native call (:c:func:`pm_kv_read_seq_swap_in`), what :class:`PlacedSeqPlan` does in
         three. The bytes consumed, or None with nothing changed (no :meth:`swap_in_with`,
-        ``NATIVE_PLACE`` off, an undo journal, or what the call declines: the two-phase
-        restore then places it or names what is wrong)."""
+        a sliding window, ``NATIVE_PLACE`` off, an undo journal, or what the call declines:
+        the two-phase restore then places it or names what is wrong). ``seq_id`` must hold
+        no cell of stream ``strm`` (the caller checks)."""
         step = self._step
-        if step is None or not NATIVE_PLACE or step[1].journaling:
+        if step is None or self._swa is not None or not NATIVE_PLACE or step[1].journaling:
             return None
         src = _source(data)
         if src is None:
@@ -694,6 +697,16 @@ class PlacedSeqPlan(_BlobPlan):
     def commit(self) -> None:
         self._may_commit()
         self.verify()
+        # a swap-in (the sequence holds no cell): parse, placement and store in one call
+        # where it applies (None, nothing changed, for a window, ext or what it declines)
+        strm = int(self.layout.seq_to_stream[self.seq_id])
+        if (
+            self.v_cells[strm].seq_pos_max(self.seq_id) < 0
+            and self.blob._swap_in(self.data, self.seq_id, strm) is not None
+        ):
+            self.committed = True
+            self.hooks.mark_mutated()
+            return
         n = self.found.n
         pos = self.blob.placed_positions(self.seq_id, self.token, n)
         if pos is None:  # another parse of this cache took the scratch: read them again

@@ -11,6 +11,7 @@ on the live cells or on a copy that a plan commits later.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,17 +67,25 @@ class RecurrentCells:
         self.steady: _Steady | None = None
 
     def copy(self) -> RecurrentCells:
-        other = RecurrentCells.__new__(RecurrentCells)
-        other.size = self.size
-        other.pos = self.pos.copy()
-        other.src = self.src.copy()
-        other.src0 = self.src0.copy()
-        other.tail = self.tail.copy()
-        other.rs_idx = self.rs_idx.copy()
-        other.n_last = self.n_last.copy()
-        other.head, other.used, other.n, other.rs_z = self.head, self.used, self.n, self.rs_z
-        other.steady = self.steady  # immutable; valid only while tail matches its snapshot
-        return other
+        return RecurrentCells.from_arrays(
+            (self.pos, self.src, self.src0, self.tail, self.rs_idx, self.n_last),
+            (self.head, self.used, self.n, self.rs_z),
+            self.steady,  # immutable; valid only while tail matches its snapshot
+        )
+
+    @staticmethod
+    def from_arrays(
+        arrays: Sequence[np.ndarray], scalars: Sequence[int], steady: _Steady | None
+    ) -> RecurrentCells:
+        """Cells holding copies of ``arrays`` (pos, src, src0, tail, rs_idx, n_last) and
+        ``scalars`` (head, used, n, rs_z): a copy, or the cells a native restore left in
+        its scratch."""
+        c = RecurrentCells.__new__(RecurrentCells)
+        c.pos, c.src, c.src0, c.tail, c.rs_idx, c.n_last = (a.copy() for a in arrays)
+        c.size = c.pos.size
+        c.head, c.used, c.n, c.rs_z = (int(v) for v in scalars)
+        c.steady = steady
+        return c
 
     def seq_counts(self) -> np.ndarray:
         """Number of sequences in each cell. E.g. tail [2, -1, 2, 0] -> [1, 0, 2, 0]."""

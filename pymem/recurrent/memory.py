@@ -972,14 +972,8 @@ class _RecurrentWholePart:
     def sequence_read(self, part: Any) -> None:
         """The copy the native restore left in the scratch becomes the memory's cells."""
         memory = self._memory
-        live = memory.cells
-        c = RecurrentCells.__new__(RecurrentCells)
-        c.size = live.size
-        c.pos, c.src, c.src0, c.tail = (a.copy() for a in self._scratch[:4])
-        c.rs_idx, c.n_last = self._scratch[4].copy(), self._scratch[5].copy()
-        c.head, c.used, c.n, c.rs_z = (int(v) for v in part.rs_scalars)
-        c.steady = None if part.rs_cell >= 0 else live.steady
-        memory.commit_cells(c)
+        steady = None if part.rs_cell >= 0 else memory.cells.steady
+        memory.commit_cells(RecurrentCells.from_arrays(self._scratch, part.rs_scalars, steady))
 
     def written(self) -> None:
         pass
