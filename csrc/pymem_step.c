@@ -4,7 +4,6 @@
 #include <string.h>
 
 #define PM_STEP_MAX_SEQ 256
-#define PM_STEP_WORDS   4
 #define PM_STEP_F16_NEG_INF 0xFC00u
 #define PM_STEP_F32_NEG_INF 0xFF800000u
 
@@ -76,8 +75,8 @@ pm_status pm_step_kv_find(const pm_step_cells * c, const int64_t * strm, int64_t
 static inline void pm_step_take(pm_step_cells * c, int64_t s, int64_t i, int32_t q, int64_t p) {
     const int64_t g = s * c->size + i;
     c->pos[g] = (int32_t) p;
-    uint64_t * bits = c->seq + g * PM_STEP_WORDS;
-    for (int w = 0; w < PM_STEP_WORDS; w++) {
+    uint64_t * bits = c->seq + g * c->n_words;
+    for (int64_t w = 0; w < c->n_words; w++) {
         bits[w] = 0;
     }
     bits[q >> 6] = (uint64_t) 1 << (q & 63);
@@ -116,7 +115,7 @@ pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_bl
             if (idx[t] < 0 || idx[t] >= c->size) {
                 return PM_ERR_RANGE;
             }
-            if (c->pos[s * c->size + idx[t]] >= 0 || seq[t] < 0 || seq[t] >= PM_STEP_MAX_SEQ) {
+            if (c->pos[s * c->size + idx[t]] >= 0 || seq[t] < 0 || seq[t] >= 64 * c->n_words) {
                 return PM_OK;
             }
         }
@@ -169,7 +168,7 @@ static inline int32_t pm_step_ld32(const int32_t * p) {
 pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, const int64_t * counts, int64_t rec,
                             int32_t n_seq_max, int32_t * placed) {
     if (c == NULL || words == NULL || counts == NULL || placed == NULL || rec < 3 || n_seq_max < 1 ||
-        n_seq_max > PM_STEP_MAX_SEQ) {
+        n_seq_max > 64 * c->n_words) {
         return PM_ERR_ARG;
     }
     *placed = 0;
@@ -186,6 +185,7 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
             return PM_OK;
         }
     }
+    const int64_t n_words = c->n_words;
     for (int64_t s = 0; s < c->n_stream; s++) {
         const int64_t n = counts[s], g0 = s * c->size;
         for (int64_t q = 0; q < PM_STEP_MAX_SEQ; q++) {
@@ -193,11 +193,14 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
             c->pmax[s * PM_STEP_MAX_SEQ + q] = -1;
             c->pdirty[s * PM_STEP_MAX_SEQ + q] = 0;
         }
-        // every bitset and shift cleared in bulk first (whole-line stores), then each
-        // cell's one bit set; each run of one sequence's records reduces its bounds in
-        // registers (a restore's records come in such runs)
-        memset(c->seq + g0 * PM_STEP_WORDS, 0, (size_t) c->size * PM_STEP_WORDS * sizeof(uint64_t));
-        memset(c->shift + g0, 0, (size_t) c->size * sizeof(int32_t));
+        // cells from used_max_p1 on are empty, and an empty cell's shift and bitset are
+        // 0 (StackedCells' invariant): only cells [0, max(n, used_max_p1)) are written,
+        // so a refill into a cleared stream writes each cell's metadata once. [0, n): the
+        // records (the bitsets cleared in bulk, then each cell's one bit); each run of one
+        // sequence's records reduces its bounds in registers (a restore's come in runs)
+        const int64_t bound = c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size;
+        memset(c->seq + g0 * n_words, 0, (size_t) n * n_words * sizeof(uint64_t));
+        memset(c->shift + g0, 0, (size_t) n * sizeof(int32_t));
         int32_t run_id = -1;
         int64_t run_min = 0, run_max = 0;
         for (int64_t i = 0; i < n; i++) {
@@ -205,7 +208,7 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
             const int32_t id = pm_step_ld32(r + rec - 1);
             const int32_t p = pm_step_ld32(r);
             c->pos[g0 + i] = p;
-            c->seq[(g0 + i) * PM_STEP_WORDS + (id >> 6)] = (uint64_t) 1 << (id & 63);
+            c->seq[(g0 + i) * n_words + (id >> 6)] = (uint64_t) 1 << (id & 63);
             c->owner[g0 + i] = id;
             if (id != run_id) {
                 if (run_id >= 0) {
@@ -222,9 +225,13 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
         if (run_id >= 0) {
             pm_step_bounds(c, s, run_id, run_min, run_max);
         }
-        const int64_t rest = c->size - n;
-        memset(c->pos + g0 + n, 0xff, (size_t) rest * sizeof(int32_t));  // -1: empty
-        memset(c->owner + g0 + n, 0xff, (size_t) rest * sizeof(int32_t));  // -1: none
+        if (bound > n) {  // [n, bound): emptied
+            const int64_t rest = bound - n;
+            memset(c->pos + g0 + n, 0xff, (size_t) rest * sizeof(int32_t));  // -1: empty
+            memset(c->owner + g0 + n, 0xff, (size_t) rest * sizeof(int32_t));  // -1: none
+            memset(c->shift + g0 + n, 0, (size_t) rest * sizeof(int32_t));
+            memset(c->seq + (g0 + n) * n_words, 0, (size_t) rest * n_words * sizeof(uint64_t));
+        }
         c->used[s] = n;
         c->used_max_p1[s] = n;
         c->used_max_dirty[s] = 0;
@@ -240,7 +247,8 @@ static void pm_step_take_all(pm_step_cells * c, int64_t s, const int32_t * idx, 
                              int32_t q) {
     int32_t * restrict cpos = c->pos + s * c->size;
     int32_t * restrict own = c->owner + s * c->size;
-    uint64_t * restrict bits = c->seq + s * c->size * PM_STEP_WORDS;
+    const int64_t n_words = c->n_words;
+    uint64_t * restrict bits = c->seq + s * c->size * n_words;
     const uint64_t bit = (uint64_t) 1 << (q & 63);
     const int word = q >> 6;
     int64_t lo = INT64_MAX, hi = INT64_MIN, top = -1;
@@ -248,8 +256,8 @@ static void pm_step_take_all(pm_step_cells * c, int64_t s, const int32_t * idx, 
         const int64_t cell = idx[i];
         const int32_t p = pos[i];
         cpos[cell] = p;
-        uint64_t * b = bits + cell * PM_STEP_WORDS;
-        for (int w = 0; w < PM_STEP_WORDS; w++) {
+        uint64_t * b = bits + cell * n_words;
+        for (int64_t w = 0; w < n_words; w++) {
             b[w] = w == word ? bit : 0;
         }
         own[cell] = q;
@@ -321,7 +329,7 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
     if (s < 0 || s >= c->n_stream) {
         return PM_ERR_RANGE;
     }
-    if (c->n_multi[s] != 0 || seq_id < 0 || seq_id >= PM_STEP_MAX_SEQ || n > c->size || swa_type < 0 ||
+    if (c->n_multi[s] != 0 || seq_id < 0 || seq_id >= 64 * c->n_words || n > c->size || swa_type < 0 ||
         swa_type > 3 || (swa_type != 0 && n_swa <= 0)) {
         return PM_OK;
     }
@@ -484,8 +492,8 @@ pm_status pm_step_rs_steady(int64_t size, const int32_t * tail, const int32_t * 
 static void pm_step_empty(pm_step_cells * c, int64_t g) {
     c->owner[g] = -1;
     c->pos[g] = -1;
-    uint64_t * bits = c->seq + g * PM_STEP_WORDS;
-    for (int w = 0; w < PM_STEP_WORDS; w++) {
+    uint64_t * bits = c->seq + g * c->n_words;
+    for (int64_t w = 0; w < c->n_words; w++) {
         bits[w] = 0;
     }
 }
@@ -504,7 +512,7 @@ pm_status pm_step_kv_overwrite(pm_step_cells * c, int64_t n, const int32_t * idx
         if (idx[t] < 0 || idx[t] >= c->size) {
             return PM_ERR_RANGE;
         }
-        if (seq[t] < 0 || seq[t] >= PM_STEP_MAX_SEQ || (c->pos[idx[t]] >= 0 && c->owner[idx[t]] < 0)) {
+        if (seq[t] < 0 || seq[t] >= 64 * c->n_words || (c->pos[idx[t]] >= 0 && c->owner[idx[t]] < 0)) {
             return PM_OK;
         }
     }
@@ -771,7 +779,10 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
     int32_t * pos = c->pos + strm * c->size;
     int32_t * shift = c->shift + strm * c->size;
     int32_t * owner = c->owner + strm * c->size;
-    uint64_t * seq = c->seq + strm * c->size * 4;
+    // a cell seq_id holds alone has that one bit set: only its word is cleared (seq_id
+    // is in a cell, so that word is within the bitsets)
+    uint64_t * seq = c->seq + strm * c->size * c->n_words + (seq_id >> 6);
+    const int64_t n_words = c->n_words;
     int64_t k = 0, first = -1, last = -1;
     int32_t lo_pos = INT32_MAX, hi_pos = INT32_MIN;
     for (int64_t c0 = 0; c0 < n_scan; c0 += 32) {
@@ -788,7 +799,7 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
             pos[i] = -1;
             shift[i] = 0;
             owner[i] = -1;
-            seq[4 * i] = seq[4 * i + 1] = seq[4 * i + 2] = seq[4 * i + 3] = 0;
+            seq[n_words * i] = 0;
             first = first < 0 ? i : first;
             last = i;
             ++k;

@@ -20,9 +20,10 @@ extern "C" {
 typedef struct pm_step_cells {
     int64_t   n_stream;
     int64_t   size;
+    int64_t   n_words;      // words of a cell's bitset (1-4): it holds ids below 64 * n_words
     int32_t * pos;          // [n_stream * size], -1 = empty
     int32_t * shift;        // [n_stream * size], pending K-shift
-    uint64_t * seq;         // [n_stream * size * 4] sequence bitsets
+    uint64_t * seq;         // [n_stream * size * n_words] sequence bitsets
     int32_t * owner;        // [n_stream * size]: the only sequence, -1 none, -2 several
     int64_t * used;         // [n_stream]
     int64_t * used_max_p1;  // [n_stream]
@@ -52,7 +53,8 @@ pm_status pm_step_kv_find(const pm_step_cells * c, const int64_t * strm, int64_t
 // used_max_p1 / pmin / pmax follow and heads[strm[r]] = idx[r * n_per + n_per - 1] + 1.
 // *top = the largest used_max_p1 of the blocks' streams afterwards (what n_kv is padded
 // from), -1 when one of them is dirty. Nothing is written and *placed = 0 when a cell is
-// not empty, a stream holds a shared cell (n_multi > 0) or an id is outside [0, 256).
+// not empty, a stream holds a shared cell (n_multi > 0) or an id is outside [0, 64 * n_words)
+// (the bitsets are widened first, in numpy).
 // PM_ERR_RANGE for a stream or cell outside the stack.
 pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_blocks, int64_t n_per,
                            const int32_t * idx, const int32_t * pos, const int32_t * seq, int64_t * heads,
@@ -66,7 +68,8 @@ pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_bl
 // used_max_p1 = counts[s], nothing dirty, bounds from the records alone (ext and has_shift
 // are the caller's). Every record of every stream is checked before the first write:
 // *placed = 0, nothing written, when one is not fixed. PM_ERR_RANGE for a count outside
-// [0, size]; PM_ERR_ARG for a null pointer, rec < 3 or n_seq_max outside [1, 256].
+// [0, size]; PM_ERR_ARG for a null pointer, rec < 3 or n_seq_max outside [1, 64 * n_words].
+// Only cells below max(counts[s], used_max_p1) are written: the rest are empty already.
 pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, const int64_t * counts, int64_t rec,
                             int32_t n_seq_max, int32_t * placed);
 

@@ -200,7 +200,7 @@ def owned_stack(rng: np.random.Generator, size: int, with_ext: bool) -> StackedC
     ext = rng.integers(0, 9, (idx.size, 3)).astype(np.int32) if with_ext else None
     st.set_new(np.array([0]), idx[None], rng.integers(0, 40, idx.size), seq, ext)
     lone = idx[::9]
-    st.rows_f[lone] = np.zeros(1, dtype=cells_mod._ROW)[0]  # position, no sequence
+    st.rows_f[lone] = np.zeros(1, dtype=st.row)[0]  # position, no sequence
     st.owner_f[lone] = cells_mod.OWNER_NONE
     st.refresh(np.zeros(6, np.int64), np.arange(6))
     return st
@@ -285,7 +285,7 @@ def test_put_rows_equals_fancy_assignment(n):
     st = StackedCells(2, 8192)
     st.seq[:] = rng.integers(0, 2**63, st.seq.shape, dtype=np.uint64)
     want = st.seq.copy()
-    item = np.array([1, 2, 3, 4], dtype=np.uint64).view(cells_mod._ROW)[0]
+    item = np.array([1, 2, 3, 4], dtype=np.uint64).view(st.row)[0]
     idx = np.sort(rng.choice(8192, n, replace=False)).astype(np.int64)
     cells_mod.put_rows(st.rows_f, idx + 8192, item)
     want.reshape(-1, 4)[idx + 8192] = [1, 2, 3, 4]

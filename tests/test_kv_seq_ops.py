@@ -17,7 +17,7 @@ import pytest
 from kv_helpers import check_invariants, decode, make_kv
 
 from pymem.kv.cache import _pos_in
-from pymem.kv.cells import N_WORDS, OWNER_MULTI, KVCells, seq_word_bit, single_seq_ids
+from pymem.kv.cells import OWNER_MULTI, KVCells, seq_word_bit, single_seq_ids
 from pymem.memory import POS_MAX
 
 SEQS = [0, 1, 2, 3, 64, 130]
@@ -73,7 +73,7 @@ def same_cells(a: KVCells, b: KVCells) -> None:
     np.testing.assert_array_equal(a.shift, b.shift)
     np.testing.assert_array_equal(a.seq, b.seq)
     np.testing.assert_array_equal(a.owner, b.owner)
-    np.testing.assert_array_equal(a.owner, single_seq_ids(a.seq.reshape(-1, N_WORDS)))
+    np.testing.assert_array_equal(a.owner, single_seq_ids(a.seq.reshape(-1, a.store.n_words)))
     assert a.n_multi == b.n_multi == int(np.count_nonzero(a.owner == OWNER_MULTI))
     assert a.used == b.used == int(np.count_nonzero(a.pos >= 0))
     assert a.used_max_p1() == b.used_max_p1()

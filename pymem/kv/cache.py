@@ -370,7 +370,7 @@ class KVCache(Memory):
         for il, src in reused.items():
             self.map_layer_ids[il] = self.map_layer_ids[src]
 
-        self.cells = StackedCells(self.n_stream, self.kv_size, self.with_ext)
+        self.cells = StackedCells(self.n_stream, self.kv_size, self.with_ext, self.n_seq_max)
         self.v_cells = CellViews(KVCells.view(self.cells, s) for s in range(self.n_stream))
         self.v_heads = StreamHeads(self.n_stream)
         if self.n_stream > 1:
@@ -968,31 +968,17 @@ class KVCache(Memory):
         return m if m is not None and sinfo.strm is m.strm32 else None
 
     def _native_cells(self) -> Any:
-        """A ``pm_step_cells *`` over :attr:`cells` (its arrays are never rebound, so the
-        pointers stay valid; the buffers are kept alive beside the struct)."""
+        """The cells' ``pm_step_cells *`` (:meth:`StackedCells.native`), the heads' buffer,
+        and two outputs; built once (the heads' array is never rebound)."""
         if self._step_cells is None:
-            st = self.cells
-            c = ffi.new("pm_step_cells *")
-            bufs = [
-                ffi.from_buffer("int32_t[]", st.pos_f, require_writable=True),
-                ffi.from_buffer("int32_t[]", st.shift_f, require_writable=True),
-                ffi.from_buffer("uint64_t[]", st.seq_f, require_writable=True),
-                ffi.from_buffer("int32_t[]", st.owner_f, require_writable=True),
-                ffi.from_buffer("int64_t[]", st.used, require_writable=True),
-                ffi.from_buffer("int64_t[]", st.used_max_p1, require_writable=True),
-                ffi.from_buffer(
-                    "uint8_t[]", st.used_max_dirty.view(np.uint8), require_writable=True
-                ),
-                ffi.from_buffer("int64_t[]", st.n_multi, require_writable=True),
-                ffi.from_buffer("int64_t[]", st.pmin_f, require_writable=True),
-                ffi.from_buffer("int64_t[]", st.pmax_f, require_writable=True),
-                ffi.from_buffer("uint8_t[]", st.pdirty_f, require_writable=True),
-                ffi.from_buffer("int64_t[]", self.v_heads.a, require_writable=True),
-            ]
-            c.n_stream, c.size = st.n_stream, st.size
-            (c.pos, c.shift, c.seq, c.owner, c.used, c.used_max_p1, c.used_max_dirty, c.n_multi,
-             c.pmin, c.pmax, c.pdirty) = bufs[:11]  # fmt: skip
-            self._step_cells = (c, bufs[11], bufs, ffi.new("int64_t *"), ffi.new("int32_t *"))
+            heads = ffi.from_buffer("int64_t[]", self.v_heads.a, require_writable=True)
+            self._step_cells = (
+                self.cells.native(),
+                heads,
+                [heads],
+                ffi.new("int64_t *"),
+                ffi.new("int32_t *"),
+            )
         return self._step_cells
 
     def _find_slot_native(self, memo: _StepMemo, n_per: int) -> SlotInfo | None:

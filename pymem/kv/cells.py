@@ -6,7 +6,7 @@ being stream ``s``::
     cell         0    1    2    3    4    5   ...
     pos[s]       0    1    2   -1    7    3        int32, -1 = empty
     shift[s]     0    0    0    0   +5    0        int32, delta accumulated since the last K-shift
-    seq[s]      {0}  {0}  {0,1} {}  {2}  {1}       uint64[.., 4] bitsets over 256 sequence ids
+    seq[s]      {0}  {0}  {0,1} {}  {2}  {1}       uint64[.., n_words] sequence-id bitsets
     owner[s]     0    0   -2   -1    2    1        int32: the only sequence, -1 none, -2 several
     ext[s]      (x, y, tok) per cell               int32[.., 3], only with M-RoPE / PLE
 
@@ -16,6 +16,13 @@ streams. :class:`KVCells` is a view of one stream (one row) with the single-stre
 
 ``owner`` is derived from ``seq`` and kept in step with it: it turns most per-sequence
 tests into one int32 comparison and only cells shared by several sequences need a bit test.
+
+A bitset has as many 64-bit words as the ids the stack holds need (``n_words``, 1-4): a
+cache of up to 64 sequences keeps 8 bytes a cell, not the 32 of all 256 ids, and its
+metadata is 20 bytes a cell instead of 44 (every restore, clear and copy of the cells
+writes that). An id past the words (a unified cache takes any id below 256, whatever its
+``n_seq_max``) widens every bitset first (:meth:`StackedCells.fit`); queries of such an id
+find no cell and widen nothing.
 
 Per-stream counters (``used``, ``used_max_p1``, ``has_shift``, ``n_multi``) are arrays
 over streams. Per (stream, sequence) minimum and maximum positions are cached
@@ -44,7 +51,7 @@ import numpy as np
 from pymem._native import check, ffi, lib
 from pymem.ubatch import LLAMA_MAX_SEQ, seq_bitsets
 
-N_WORDS = LLAMA_MAX_SEQ // 64
+N_WORDS = LLAMA_MAX_SEQ // 64  # the widest bitset: every id below 256
 POS_NONE = -1
 OWNER_NONE = -1
 OWNER_MULTI = -2
@@ -53,8 +60,6 @@ _POS_BIG = np.iinfo(np.int32).max
 EXT_DEFAULT = (0, 0, -1)  # x, y, tok (LLAMA_TOKEN_NULL)
 
 _ONE = np.uint64(1)
-_ROW = np.dtype((np.void, N_WORDS * 8))  # one cell's bitset as a single 32-byte item
-_ZERO_ROW = np.zeros(1, dtype=_ROW)[0]
 _NO_CELLS = np.zeros(0, dtype=np.int64)
 _NO_CELLS.flags.writeable = False
 _NO_BOUND = np.full(2, -2, dtype=np.int64)  # owners -2, -1: nothing removed
@@ -166,10 +171,24 @@ def min_max_at(pmin: np.ndarray, pmax: np.ndarray, key: np.ndarray, p: np.ndarra
     np.maximum.at(pmax, k, np.maximum.reduceat(p, starts).astype(np.int64))
 
 
-def put_rows(rows: np.ndarray, idx: np.ndarray | slice, item: Any = _ZERO_ROW) -> None:
-    """``rows[idx] = item`` for a flat array of 32-byte bitset items: ``np.put`` for many
-    cells, whose loop beats fancy assignment's per-item copy of a void type from about 512
-    cells (8,192 cells: 34 -> 22 us); fancy assignment below (put's call costs more)."""
+def words_for(n_ids: int) -> int:
+    """64-bit words of a bitset over ids ``[0, n_ids)``. E.g. 8 -> 1, 65 -> 2, 256 -> 4."""
+    return max(1, -(-int(n_ids) // 64))
+
+
+def row_dtype(n_words: int) -> np.dtype:
+    """One cell's bitset of ``n_words`` words as a single void item (row gathers and
+    stores copy it whole)."""
+    return np.dtype((np.void, n_words * 8))
+
+
+def put_rows(rows: np.ndarray, idx: np.ndarray | slice, item: Any = None) -> None:
+    """``rows[idx] = item`` (default: an empty bitset) for a flat array of bitset items:
+    ``np.put`` for many cells, whose loop beats fancy assignment's per-item copy of a void
+    type from about 512 cells (8,192 cells: 34 -> 22 us); fancy assignment below (put's
+    call costs more)."""
+    if item is None:
+        item = np.zeros(1, dtype=rows.dtype)[0]
     if isinstance(idx, slice) or idx.size < _PUT_MIN:
         rows[idx] = item
     else:
@@ -196,12 +215,17 @@ def single_seq_ids(bits: np.ndarray) -> np.ndarray:
     (E.g. 0b100 - 1 = 0b011 -> 2); ``x & (x - 1)`` is 0 only for 0 and powers of two.
     """
     x = bits[:, 0]
-    if np.count_nonzero(bits) == np.count_nonzero(x):  # every id < 64: word 0 decides
+    if bits.shape[1] == 1 or np.count_nonzero(bits) == np.count_nonzero(x):
+        # every id < 64: word 0 decides
         out = np.bitwise_count(x - _ONE).astype(np.int32)
         out[(x & (x - _ONE)) != 0] = OWNER_MULTI
         out[x == 0] = OWNER_NONE
         return out
     n = bits.shape[0]
+    if bits.shape[1] != N_WORDS:  # narrower bitsets: as four words, the rest zero
+        wide = np.zeros((n, N_WORDS), dtype=np.uint64)
+        wide[:, : bits.shape[1]] = bits
+        bits = wide
     bits = np.ascontiguousarray(bits)
     # set bits per word, a row's four counts read as the bytes of one uint32; times
     # 0x01010101 sums them into the top byte. E.g. counts [1, 0, 2, 0] -> 0x00020001 -> 3
@@ -231,6 +255,7 @@ class NewRows:
     bit: np.ndarray | None  # simple only: its bit, uint64 (1 << (id & 63))
     key: np.ndarray | None  # simple only: the token's bound key, rows * 256 + id
     distinct: bool = False  # simple, and no key twice (the bounds update needs no ufunc.at)
+    hi: int = LLAMA_MAX_SEQ - 1  # the largest id (what the bitsets must hold)
 
     @classmethod
     def of(cls, strm: np.ndarray, n_per: int, seq_id: np.ndarray) -> NewRows:
@@ -238,11 +263,12 @@ class NewRows:
         bits [1 << 1, 1 << 1], keys [1, 577]."""
         rows: Rows = int(strm[0]) if strm.size == 1 else np.repeat(strm, n_per)
         primary = seq_id[:, 0].astype(np.int64)
+        hi = int(seq_id.max()) if seq_id.size else 0
         if seq_id.shape[1] != 1 or primary.size == 0:
-            return cls(rows, False, None, None, None)
+            return cls(rows, False, None, None, None, hi=hi)
         lo = int(primary.min())
         if lo < 0:
-            return cls(rows, False, None, None, None)
+            return cls(rows, False, None, None, None, hi=hi)
         bit = np.left_shift(_ONE, (primary & 63).astype(np.uint64))
         key = rows * LLAMA_MAX_SEQ + primary
         if key.size == 1:
@@ -251,7 +277,7 @@ class NewRows:
             distinct = False  # one sequence in one stream (a prompt, a restore): one key
         else:  # np.unique sorts: ~120 us for 8,192 equal keys, hence the cases above
             distinct = np.unique(key).size == key.size
-        return cls(rows, True, primary >> 6, bit, key, distinct)
+        return cls(rows, True, primary >> 6, bit, key, distinct, hi)
 
 
 class StackedCells:
@@ -259,16 +285,21 @@ class StackedCells:
 
     Arrays are ``[n_stream, size, ...]`` with contiguous flat views (``pos_f``, ...) over
     global cell ids; per-stream state is ``[n_stream]`` and per (stream, sequence) state
-    ``[n_stream, LLAMA_MAX_SEQ]`` (flat key ``s * LLAMA_MAX_SEQ + seq_id``).
+    ``[n_stream, LLAMA_MAX_SEQ]`` (flat key ``s * LLAMA_MAX_SEQ + seq_id``). The bitsets
+    start wide enough for ids below ``n_seq_ids`` and widen when a larger id is added.
     """
 
-    def __init__(self, n_stream: int, size: int, with_ext: bool = False) -> None:
+    def __init__(
+        self, n_stream: int, size: int, with_ext: bool = False, n_seq_ids: int = LLAMA_MAX_SEQ
+    ) -> None:
         self.n_stream = int(n_stream)
         self.size = int(size)
         shape = (self.n_stream, self.size)
+        self.n_words = words_for(min(max(int(n_seq_ids), 1), LLAMA_MAX_SEQ))
+        self.row = row_dtype(self.n_words)
         self.pos = np.full(shape, POS_NONE, dtype=np.int32)
         self.shift = np.zeros(shape, dtype=np.int32)
-        self.seq = np.zeros((*shape, N_WORDS), dtype=np.uint64)
+        self.seq = np.zeros((*shape, self.n_words), dtype=np.uint64)
         self.owner = np.full(shape, OWNER_NONE, dtype=np.int32)
         self.ext: np.ndarray | None = None
         if with_ext:
@@ -286,12 +317,13 @@ class StackedCells:
         self._journal: list[tuple] | None = None
         self._saved: dict[str, np.ndarray] | None = None
         self._touched = np.zeros(self.n_stream, dtype=bool)
+        self._native: tuple | None = None  # (pm_step_cells *, the buffers it points into)
 
     def _flat_views(self) -> None:
         self.pos_f = self.pos.reshape(-1)
         self.shift_f = self.shift.reshape(-1)
-        self.seq_f = self.seq.reshape(-1, N_WORDS)
-        self.rows_f = self.seq.view(_ROW).reshape(-1)  # one 32-byte item per cell
+        self.seq_f = self.seq.reshape(-1, self.n_words)
+        self.rows_f = self.seq.view(self.row).reshape(-1)  # one bitset item per cell
         self.owner_f = self.owner.reshape(-1)
         self.ext_f = None if self.ext is None else self.ext.reshape(-1, 3)
         self.pmin_f = self.pmin.reshape(-1)
@@ -307,11 +339,77 @@ class StackedCells:
         state = self.__dict__.copy()
         for k in [k for k in state if k.endswith(("_f", "_m"))]:
             del state[k]  # views: rebuilt on the copy's own arrays
+        state["_native"] = None  # pointers into these arrays, not the copy's
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._flat_views()
+
+    # --- bitset width -----------------------------------------------------------------
+    def fit(self, seq_id: int) -> None:
+        """Make the bitsets hold ``seq_id`` (in ``[0, 256)``): every cell's bitset widened
+        to the words it needs, the bits kept. A no-op for an id that fits, which is every
+        id below the ``n_seq_ids`` the stack was made for."""
+        if seq_id < 64 * self.n_words:
+            return
+        if not 0 <= seq_id < LLAMA_MAX_SEQ:
+            raise ValueError(f"sequence id {seq_id} is outside [0, {LLAMA_MAX_SEQ})")
+        n_words = words_for(seq_id + 1)
+        wide = np.zeros((self.n_stream, self.size, n_words), dtype=np.uint64)
+        wide[:, :, : self.n_words] = self.seq
+        self.seq = wide
+        self.n_words = n_words
+        self.row = row_dtype(n_words)
+        self._flat_views()
+        if self._native is not None:  # the native view follows (its holders share it)
+            c, bufs = self._native
+            bufs[2] = ffi.from_buffer("uint64_t[]", self.seq_f, require_writable=True)
+            c.seq, c.n_words = bufs[2], n_words
+
+    def holds_id(self, seq_id: int) -> bool:
+        """Whether ``seq_id`` has a bit in these bitsets (one past them is in no cell)."""
+        return seq_id < 64 * self.n_words
+
+    def as_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Bitset items of another width (a journal entry or log from before :meth:`fit`)
+        as items of this width: zero words appended (a narrower item's ids all fit)."""
+        if rows.dtype == self.row:
+            return rows
+        words = rows.view(np.uint64).reshape(rows.size, -1)
+        if words.shape[1] > self.n_words:
+            self.fit(64 * words.shape[1] - 1)
+            return self.as_rows(rows)
+        wide = np.zeros((rows.size, self.n_words), dtype=np.uint64)
+        wide[:, : words.shape[1]] = words
+        return wide.view(self.row).reshape(-1)
+
+    def native(self) -> Any:
+        """A ``pm_step_cells *`` over these arrays, built once (its pointers stay valid:
+        the arrays are rebound only by :meth:`fit`, which updates the struct in place, so
+        every holder of the pointer sees the wider bitsets)."""
+        if self._native is None:
+            c = ffi.new("pm_step_cells *")
+            bufs = [
+                ffi.from_buffer("int32_t[]", self.pos_f, require_writable=True),
+                ffi.from_buffer("int32_t[]", self.shift_f, require_writable=True),
+                ffi.from_buffer("uint64_t[]", self.seq_f, require_writable=True),
+                ffi.from_buffer("int32_t[]", self.owner_f, require_writable=True),
+                ffi.from_buffer("int64_t[]", self.used, require_writable=True),
+                ffi.from_buffer("int64_t[]", self.used_max_p1, require_writable=True),
+                ffi.from_buffer(
+                    "uint8_t[]", self.used_max_dirty.view(np.uint8), require_writable=True
+                ),
+                ffi.from_buffer("int64_t[]", self.n_multi, require_writable=True),
+                ffi.from_buffer("int64_t[]", self.pmin_f, require_writable=True),
+                ffi.from_buffer("int64_t[]", self.pmax_f, require_writable=True),
+                ffi.from_buffer("uint8_t[]", self.pdirty_f, require_writable=True),
+            ]
+            c.n_stream, c.size, c.n_words = self.n_stream, self.size, self.n_words
+            (c.pos, c.shift, c.seq, c.owner, c.used, c.used_max_p1, c.used_max_dirty, c.n_multi,
+             c.pmin, c.pmax, c.pdirty) = bufs  # fmt: skip
+            self._native = (c, bufs)
+        return self._native[0]
 
     # --- journal --------------------------------------------------------------------
     @property
@@ -410,7 +508,7 @@ class StackedCells:
         """Write the metadata of cells ``gid`` (a journal entry, or a redo log's cells)."""
         self.pos_f[gid] = pos
         self.shift_f[gid] = shift
-        self.rows_f[gid] = rows
+        self.rows_f[gid] = self.as_rows(rows)
         self.owner_f[gid] = owner
         if ext is not None:
             assert self.ext_f is not None
@@ -438,7 +536,8 @@ class StackedCells:
         own = self.owner[rows]
         hold = own == seqs[:, None]
         if self.n_multi[rows].any():
-            r, c = np.nonzero(own == OWNER_MULTI)
+            # (an id past the bitsets is in no cell: its pairs test nothing)
+            r, c = np.nonzero((own == OWNER_MULTI) & (seqs < 64 * self.n_words)[:, None])
             # E.g. seqs [1, 65]: pair 1 tests bit 1 of word 1 of its multi cells
             words = self.seq[rows[r], c, seqs[r] >> 6]
             hold[r, c] = ((words >> (seqs[r] & 63).astype(np.uint64)) & _ONE) != 0
@@ -662,6 +761,7 @@ class StackedCells:
             rows = int(strm[0]) if strm.size == 1 else np.repeat(strm, n_per)
         if self._journal is not None:
             self._record(_ids(cells), strm)
+        self.fit(known.hi if known is not None else int(seq_id.max()))
         pos = np.asarray(pos, dtype=np.int32)
         self.pos_f[cells] = pos
         primary = seq_id[:, 0]
@@ -680,12 +780,12 @@ class StackedCells:
         if simple:
             # one id per token: E.g. ids [1, 65] -> words [0, 1], bits [1 << 1, 1 << 1]
             if one_id >= 0:
-                # every cell gets the same bitset: one 32-byte item written to all of them
-                # (E.g. id 65 -> [0, 0b10, 0, 0])
-                item = np.zeros(N_WORDS, dtype=np.uint64)
+                # every cell gets the same bitset: one item written to all of them
+                # (E.g. id 65 of two words -> [0, 0b10])
+                item = np.zeros(self.n_words, dtype=np.uint64)
                 word, bit = seq_word_bit(one_id)
                 item[word] = bit
-                put_rows(self.rows_f, cells, item.view(_ROW)[0])
+                put_rows(self.rows_f, cells, item.view(self.row)[0])
             elif small:
                 # bits computed straight into word 0 of the run (no 32k-cell temporaries):
                 # E.g. ids [1, 3] -> [0b10, 0b1000]
@@ -705,7 +805,7 @@ class StackedCells:
                     )
             owner = primary
         else:
-            self.seq_f[cells] = seq_bitsets(seq_id)
+            self.seq_f[cells] = seq_bitsets(seq_id)[:, : self.n_words]
             # exact popcount: a token may repeat a sequence id
             owner = single_seq_ids(self.seq_f[cells])
         if simple and not self.n_multi[strm].any():
@@ -903,7 +1003,6 @@ class KVCells:
         self._base = self.strm * store.size  # global id of cell 0
         self.pos = store.pos[strm]
         self.shift = store.shift[strm]
-        self.seq = store.seq[strm]
         self.owner = store.owner[strm]
         self.ext = None if store.ext is None else store.ext[strm]
         self._pmin = store.pmin[strm]
@@ -937,8 +1036,14 @@ class KVCells:
         return int(self.store.n_multi[self.strm])
 
     @property
+    def seq(self) -> np.ndarray:
+        """The cells' bitsets, ``uint64[size, n_words]`` (a property: :meth:`StackedCells.fit`
+        rebinds the stack's array)."""
+        return self.store.seq[self.strm]
+
+    @property
     def _rows(self) -> np.ndarray:
-        """``seq`` viewed as one 32-byte item per cell (fast row gathers and stores)."""
+        """``seq`` viewed as one item per cell (fast row gathers and stores)."""
         return self.store.rows_f[self._base : self._base + self.size]
 
     # --- journal --------------------------------------------------------------------
@@ -976,9 +1081,12 @@ class KVCells:
         """Make this stream a copy of ``other`` (cells, counters, position caches)."""
         st, s = self.store, self.strm
         st._record(np.arange(self._base, self._base + self.size), s)
+        st.fit(64 * other.store.n_words - 1)  # (other's bitsets may be wider)
         self.pos[:] = other.pos
         self.shift[:] = other.shift
-        self.seq[:] = other.seq
+        w = other.store.n_words
+        self.seq[:, :w] = other.seq
+        self.seq[:, w:] = 0
         self.owner[:] = other.owner
         if self.ext is not None and other.ext is not None:
             self.ext[:] = other.ext
@@ -1007,6 +1115,8 @@ class KVCells:
         return bool(self.pos[i] < 0)
 
     def seq_has(self, i: int, seq_id: int) -> bool:
+        if not self.store.holds_id(seq_id):
+            return False
         w, b = seq_word_bit(seq_id)
         return bool(self.seq[i, w] & b)
 
@@ -1019,9 +1129,11 @@ class KVCells:
         """Bool mask over cells ``[lo, hi)`` holding ``seq_id``."""
         hi = self.size if hi is None else hi
         n_multi = self.n_multi
+        if not self.store.holds_id(seq_id):
+            return np.zeros(max(hi - lo, 0), dtype=bool)  # in no cell
         if 32 * n_multi > hi - lo:
             # many shared cells (forks): test the sequence's bit in every cell's bitset,
-            # one byte per cell. E.g. seq 13 -> byte 1 of the 32, bit 1 << 5
+            # one byte per cell. E.g. seq 13 -> byte 1 of the 8 (or 32), bit 1 << 5
             byte = self.seq.view(np.uint8)[lo:hi, seq_id >> 3]
             return (byte & np.uint8(1 << (seq_id & 7))) != 0
         own = self.owner[lo:hi]
@@ -1111,7 +1223,7 @@ class KVCells:
         cand = np.flatnonzero(coarse)
         own = self.owner[cand]
         keep = own == seq_id
-        if self.store.n_multi[self.strm]:
+        if self.store.n_multi[self.strm] and self.store.holds_id(seq_id):
             # shared candidates: test the bit. E.g. seq 65, cell holding {3, 65} -> word 1 bit 1
             multi = np.flatnonzero(own == OWNER_MULTI)
             w, b = seq_word_bit(seq_id)
@@ -1162,8 +1274,8 @@ class KVCells:
             multi = idx[own == OWNER_MULTI]
             if multi.size:
                 words = np.bitwise_or.reduce(self.seq[multi], axis=0)
-                bits = np.unpackbits(words.view(np.uint8), bitorder="little").astype(bool)
-                self._pdirty[bits] = STALE
+                bits = np.unpackbits(words.view(np.uint8), bitorder="little")
+                self._pdirty[np.flatnonzero(bits)] = STALE
 
     def _freed(self, idx: np.ndarray) -> None:
         """Bookkeeping for cells ``idx`` that just became empty."""
@@ -1267,8 +1379,8 @@ class KVCells:
         if isinstance(sel, slice):
             self.seq[sel, w] &= ~b
         else:
-            words = self.seq.reshape(-1)  # cell i's word w is entry i * 4 + w
-            at = idx * N_WORDS + w  # E.g. idx [3, 9], w 0 -> entries [12, 36]
+            words = self.store.seq[self.strm].reshape(-1)  # cell i's word w: i * n_words + w
+            at = idx * self.store.n_words + w  # E.g. 4 words, idx [3, 9], w 0 -> [12, 36]
             words[at] = words[at] & ~b
         if n_single == 0:
             # every cell shared (a fork removed): each one's owner is what remains, read
@@ -1298,14 +1410,15 @@ class KVCells:
         where already present)."""
         if idx.size == 0:
             return
+        self.store.fit(seq_id)
         self._record(idx)
         w, b = seq_word_bit(seq_id)
         sel = _run(idx)
         if isinstance(sel, slice):
             self.seq[sel, w] |= b
         else:
-            words = self.seq.reshape(-1)  # cell i's word w is entry i * 4 + w
-            words[idx * N_WORDS + w] |= b  # E.g. idx [3, 9], w 0 -> entries [12, 36]
+            words = self.store.seq[self.strm].reshape(-1)  # cell i's word w: i * n_words + w
+            words[idx * self.store.n_words + w] |= b  # E.g. 4 words, idx [3, 9], w 0 -> [12, 36]
         self._add_owner(sel, idx.size, seq_id)
         p = self.pos[sel]
         self._pmin[seq_id] = min(int(self._pmin[seq_id]), int(p.min()))
@@ -1371,8 +1484,9 @@ class KVCells:
         self.shift[stay] = shift
         if ext is not None:
             self.ext[stay] = ext  # type: ignore[index]
-        w, b = seq_word_bit(seq_id)
-        self.seq[stay[mine], w] = b
+        if mine.any():  # (then seq_id is in a cell, so its word is in the bitsets)
+            w, b = seq_word_bit(seq_id)
+            self.seq[stay[mine], w] = b
         self.owner[stay[mine]] = seq_id
         (
             self._pmin[seq_id],

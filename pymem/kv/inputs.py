@@ -65,7 +65,9 @@ def _seq_members(cells: KVCells, seqs: np.ndarray, n_kv: int) -> tuple[np.ndarra
     u = u_of[members]
     if cells.n_multi:
         multi = np.flatnonzero(owner == OWNER_MULTI)
-        words = cells.seq[multi][:, seqs >> 6]  # [n_multi, U]
+        # (an id past the bitsets is in no cell: every ubatch id was fitted when placed)
+        words = cells.seq[multi][:, np.minimum(seqs >> 6, cells.store.n_words - 1)]
+        words[:, seqs >= 64 * cells.store.n_words] = 0  # [n_multi, U]
         # E.g. seqs [1, 65], a cell's words [0b10, 0b00, ...] -> its bits [1, 0]
         bits = (words >> (seqs & 63).astype(np.uint64)[None, :]) & np.uint64(1)
         m_rows, m_u = np.nonzero(bits)
