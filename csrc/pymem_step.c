@@ -165,6 +165,97 @@ static inline int32_t pm_step_ld32(const int32_t * p) {
     return v;
 }
 
+// Stream s's records into its cells [0, n), each checked as it is read, for a stream
+// whose cells are all empty (no bit, no shift: nothing else to clear), and their bounds
+// (reset first). Returns the records written before the first that is not a fixed one (n
+// when all are): the caller then empties those cells again.
+static int64_t pm_step_fill_checked(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t rec,
+                                    int32_t n_seq_max) {
+    const int64_t n_words = c->n_words, g0 = s * c->size;
+    int32_t * restrict pos = c->pos + g0;
+    int32_t * restrict own = c->owner + g0;
+    uint64_t * restrict bits = c->seq + g0 * n_words;
+    int32_t run_id = -1;
+    int64_t run_min = 0, run_max = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t * r = words + i * rec;
+        const int32_t p = pm_step_ld32(r), one = pm_step_ld32(r + 1), id = pm_step_ld32(r + rec - 1);
+        if (p < 0 || one != 1 || (uint32_t) id >= (uint32_t) n_seq_max) {
+            return i;
+        }
+        pos[i] = p;
+        bits[i * n_words + (id >> 6)] = (uint64_t) 1 << (id & 63);
+        own[i] = id;
+        if (id != run_id) {
+            if (run_id >= 0) {
+                pm_step_bounds(c, s, run_id, run_min, run_max);
+            }
+            run_id = id;
+            run_min = p;
+            run_max = p;
+        } else {
+            run_min = p < run_min ? p : run_min;
+            run_max = p > run_max ? p : run_max;
+        }
+    }
+    if (run_id >= 0) {
+        pm_step_bounds(c, s, run_id, run_min, run_max);
+    }
+    return n;
+}
+
+// Stream s's records into cells [0, n) (checked already), the cells [n, bound) emptied,
+// and the bounds from the records
+static void pm_step_fill(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t rec) {
+    const int64_t n_words = c->n_words, g0 = s * c->size;
+    // cells from used_max_p1 on are empty, and an empty cell's shift and bitset are 0
+    // (StackedCells' invariant): only cells [0, max(n, used_max_p1)) are written. [0, n):
+    // the records (the bitsets cleared in bulk, then each cell's one bit); each run of one
+    // sequence's records reduces its bounds in registers (a restore's come in runs)
+    const int64_t bound = c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size;
+    memset(c->seq + g0 * n_words, 0, (size_t) n * n_words * sizeof(uint64_t));
+    memset(c->shift + g0, 0, (size_t) n * sizeof(int32_t));
+    int32_t run_id = -1;
+    int64_t run_min = 0, run_max = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t * r = words + i * rec;
+        const int32_t id = pm_step_ld32(r + rec - 1);
+        const int32_t p = pm_step_ld32(r);
+        c->pos[g0 + i] = p;
+        c->seq[(g0 + i) * n_words + (id >> 6)] = (uint64_t) 1 << (id & 63);
+        c->owner[g0 + i] = id;
+        if (id != run_id) {
+            if (run_id >= 0) {
+                pm_step_bounds(c, s, run_id, run_min, run_max);
+            }
+            run_id = id;
+            run_min = p;
+            run_max = p;
+        } else {
+            run_min = p < run_min ? p : run_min;
+            run_max = p > run_max ? p : run_max;
+        }
+    }
+    if (run_id >= 0) {
+        pm_step_bounds(c, s, run_id, run_min, run_max);
+    }
+    if (bound > n) {  // [n, bound): emptied
+        const int64_t rest = bound - n;
+        memset(c->pos + g0 + n, 0xff, (size_t) rest * sizeof(int32_t));  // -1: empty
+        memset(c->owner + g0 + n, 0xff, (size_t) rest * sizeof(int32_t));  // -1: none
+        memset(c->shift + g0 + n, 0, (size_t) rest * sizeof(int32_t));
+        memset(c->seq + (g0 + n) * n_words, 0, (size_t) rest * n_words * sizeof(uint64_t));
+    }
+}
+
+// cells [0, n) of stream s, filled into an empty stream, emptied again
+static void pm_step_unfill(pm_step_cells * c, int64_t s, int64_t n) {
+    const int64_t g0 = s * c->size;
+    memset(c->pos + g0, 0xff, (size_t) n * sizeof(int32_t));
+    memset(c->owner + g0, 0xff, (size_t) n * sizeof(int32_t));
+    memset(c->seq + g0 * c->n_words, 0, (size_t) n * c->n_words * sizeof(uint64_t));
+}
+
 pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, const int64_t * counts, int64_t rec,
                             int32_t n_seq_max, int32_t * placed) {
     if (c == NULL || words == NULL || counts == NULL || placed == NULL || rec < 3 || n_seq_max < 1 ||
@@ -172,7 +263,7 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
         return PM_ERR_ARG;
     }
     *placed = 0;
-    // every check before the first write: a refusal changes nothing
+    int all_empty = 1;
     for (int64_t s = 0; s < c->n_stream; s++) {
         const int64_t n = counts[s];
         if (n < 0 || n > c->size) {
@@ -181,59 +272,55 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
         if (n > 0 && words[s] == NULL) {
             return PM_ERR_ARG;
         }
-        if (pm_records_not_fixed(words[s], n, rec, n_seq_max)) {
-            return PM_OK;
+        all_empty &= c->used_max_p1[s] == 0;
+    }
+    const int64_t n_keys = c->n_stream * PM_STEP_MAX_SEQ;
+    char * saved = NULL;  // every stream empty: the bounds, to put back on a refusal
+    if (all_empty) {
+        // each record checked as it is written (one pass), the cells written so far emptied
+        // again on a refusal and the bounds put back: a refusal still changes nothing
+        saved = (char *) malloc((size_t) n_keys * (2 * sizeof(int64_t) + 1));
+        if (saved == NULL) {
+            return PM_ERR_ALLOC;
+        }
+        memcpy(saved, c->pmin, (size_t) n_keys * sizeof(int64_t));
+        memcpy(saved + n_keys * sizeof(int64_t), c->pmax, (size_t) n_keys * sizeof(int64_t));
+        memcpy(saved + 2 * n_keys * sizeof(int64_t), c->pdirty, (size_t) n_keys);
+    } else {
+        // every check before the first write: a refusal changes nothing
+        for (int64_t s = 0; s < c->n_stream; s++) {
+            if (pm_records_not_fixed(words[s], counts[s], rec, n_seq_max)) {
+                return PM_OK;
+            }
         }
     }
-    const int64_t n_words = c->n_words;
     for (int64_t s = 0; s < c->n_stream; s++) {
-        const int64_t n = counts[s], g0 = s * c->size;
         for (int64_t q = 0; q < PM_STEP_MAX_SEQ; q++) {
             c->pmin[s * PM_STEP_MAX_SEQ + q] = INT64_MAX;
             c->pmax[s * PM_STEP_MAX_SEQ + q] = -1;
             c->pdirty[s * PM_STEP_MAX_SEQ + q] = 0;
         }
-        // cells from used_max_p1 on are empty, and an empty cell's shift and bitset are
-        // 0 (StackedCells' invariant): only cells [0, max(n, used_max_p1)) are written,
-        // so a refill into a cleared stream writes each cell's metadata once. [0, n): the
-        // records (the bitsets cleared in bulk, then each cell's one bit); each run of one
-        // sequence's records reduces its bounds in registers (a restore's come in runs)
-        const int64_t bound = c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size;
-        memset(c->seq + g0 * n_words, 0, (size_t) n * n_words * sizeof(uint64_t));
-        memset(c->shift + g0, 0, (size_t) n * sizeof(int32_t));
-        int32_t run_id = -1;
-        int64_t run_min = 0, run_max = 0;
-        for (int64_t i = 0; i < n; i++) {
-            const int32_t * r = words[s] + i * rec;
-            const int32_t id = pm_step_ld32(r + rec - 1);
-            const int32_t p = pm_step_ld32(r);
-            c->pos[g0 + i] = p;
-            c->seq[(g0 + i) * n_words + (id >> 6)] = (uint64_t) 1 << (id & 63);
-            c->owner[g0 + i] = id;
-            if (id != run_id) {
-                if (run_id >= 0) {
-                    pm_step_bounds(c, s, run_id, run_min, run_max);
-                }
-                run_id = id;
-                run_min = p;
-                run_max = p;
-            } else {
-                run_min = p < run_min ? p : run_min;
-                run_max = p > run_max ? p : run_max;
+        if (!all_empty) {
+            pm_step_fill(c, s, words[s], counts[s], rec);
+            continue;
+        }
+        const int64_t k = pm_step_fill_checked(c, s, words[s], counts[s], rec, n_seq_max);
+        if (k < counts[s]) {
+            for (int64_t t = 0; t < s; t++) {
+                pm_step_unfill(c, t, counts[t]);
             }
+            pm_step_unfill(c, s, k);
+            memcpy(c->pmin, saved, (size_t) n_keys * sizeof(int64_t));
+            memcpy(c->pmax, saved + n_keys * sizeof(int64_t), (size_t) n_keys * sizeof(int64_t));
+            memcpy(c->pdirty, saved + 2 * n_keys * sizeof(int64_t), (size_t) n_keys);
+            free(saved);
+            return PM_OK;
         }
-        if (run_id >= 0) {
-            pm_step_bounds(c, s, run_id, run_min, run_max);
-        }
-        if (bound > n) {  // [n, bound): emptied
-            const int64_t rest = bound - n;
-            memset(c->pos + g0 + n, 0xff, (size_t) rest * sizeof(int32_t));  // -1: empty
-            memset(c->owner + g0 + n, 0xff, (size_t) rest * sizeof(int32_t));  // -1: none
-            memset(c->shift + g0 + n, 0, (size_t) rest * sizeof(int32_t));
-            memset(c->seq + (g0 + n) * n_words, 0, (size_t) rest * n_words * sizeof(uint64_t));
-        }
-        c->used[s] = n;
-        c->used_max_p1[s] = n;
+    }
+    free(saved);
+    for (int64_t s = 0; s < c->n_stream; s++) {
+        c->used[s] = counts[s];
+        c->used_max_p1[s] = counts[s];
         c->used_max_dirty[s] = 0;
         c->n_multi[s] = 0;
     }

@@ -70,6 +70,9 @@ pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_bl
 // *placed = 0, nothing written, when one is not fixed. PM_ERR_RANGE for a count outside
 // [0, size]; PM_ERR_ARG for a null pointer, rec < 3 or n_seq_max outside [1, 64 * n_words].
 // Only cells below max(counts[s], used_max_p1) are written: the rest are empty already.
+// Into a stack whose every stream is empty (a clear's, a fresh cache's) each record is
+// checked as it is written, in one pass; a refusal then empties those cells again and
+// puts the bounds back (PM_ERR_ALLOC, nothing changed, when their copy cannot be made).
 pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, const int64_t * counts, int64_t rec,
                             int32_t n_seq_max, int32_t * placed);
 

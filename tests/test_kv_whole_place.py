@@ -430,3 +430,52 @@ def test_a_declined_refill_leaves_the_placement_to_set_new(monkeypatch, one_call
     journaled = _scenario("f16-trans", 1)
     with journaled._planning():
         assert journaled._refill([np.zeros((1, 3), dtype=np.int32)]) is False
+
+
+@pytest.mark.parametrize("name", ["f16-trans-streams", "f32-notrans"])
+def test_refill_into_empty_cells_checks_as_it_writes_and_undoes_a_refusal(name: str) -> None:
+    """Into a stack whose every stream is empty the refill checks each record as it writes
+    it (one pass); a bad record, in any stream at any place, empties the cells written so
+    far and puts the bounds back (raw, dirty flags included): nothing changed."""
+    kv = _scenario(name, 3)
+    kv.clear(False)
+    st = kv.cells
+    st.pdirty[:, 5] = 3  # raw bound state a refusal must put back as it was
+    st.pmin[:, 5], st.pmax[:, 5] = 17, 19
+    c, _, _, _, placed = kv._native_cells()
+    n_stream, size = kv.n_stream, kv.layout.kv_size
+    names = ("pos", "shift", "seq", "owner", "used", "used_max_p1", "used_max_dirty", "n_multi",
+             "pmin", "pmax", "pdirty")  # fmt: skip
+
+    def raw() -> list[np.ndarray]:
+        return [getattr(st, name).copy() for name in names]
+
+    before = raw()
+    n = min(size, 40)
+
+    def good(s: int) -> np.ndarray:  # (one stream per sequence: stream s holds s alone)
+        ids = np.arange(n) % 3 if n_stream == 1 else np.full(n, s)
+        return np.stack([np.arange(n), np.ones(n), ids], axis=1).astype(np.int32)
+
+    keep = []
+
+    def refill(per_stream: list[np.ndarray]) -> int:
+        keep[:] = [ffi.from_buffer("int32_t[]", w) for w in per_stream]
+        ptrs = ffi.new("int32_t *[]", keep)
+        counts = ffi.new("int64_t[]", [len(w) for w in per_stream])
+        return lib.pm_step_kv_refill(c, ptrs, counts, 3, kv.n_seq_max, placed)
+
+    for bad_stream in range(n_stream):
+        for at in (0, n // 2, n - 1):
+            for word, value in ((0, -1), (1, 2), (2, 3)):
+                words = [good(s) for s in range(n_stream)]
+                words[bad_stream][at, word] = value
+                assert refill(words) == lib.PM_OK and placed[0] == 0
+                for a, b in zip(raw(), before):
+                    np.testing.assert_array_equal(a, b)
+    assert refill([good(s) for s in range(n_stream)]) == lib.PM_OK and placed[0] == 1
+    assert st.used.tolist() == [n] * n_stream
+    np.testing.assert_array_equal(st.pos[:, :n], np.broadcast_to(np.arange(n), (n_stream, n)))
+    np.testing.assert_array_equal(st.owner[:, n:], -1)
+    assert not st.seq[:, n:].any() and (st.pdirty == 0).all()
+    check_invariants(kv)
