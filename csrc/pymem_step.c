@@ -866,16 +866,47 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
     int32_t * pos = c->pos + strm * c->size;
     int32_t * shift = c->shift + strm * c->size;
     int32_t * owner = c->owner + strm * c->size;
-    // a cell seq_id holds alone has that one bit set: only its word is cleared (seq_id
-    // is in a cell, so that word is within the bitsets)
-    uint64_t * seq = c->seq + strm * c->size * c->n_words + (seq_id >> 6);
+    // a cell seq_id holds alone has that one bit set: only its word is cleared (an id past
+    // the bitsets is in no cell: word 0, never written, keeps the pointer inside them)
     const int64_t n_words = c->n_words;
+    const int64_t word = (seq_id >> 6) < n_words ? (seq_id >> 6) : 0;
+    uint64_t * seq = c->seq + strm * c->size * n_words + word;
+    // every position in range (a whole sequence's removal): the positions alone select no
+    // block, so none is read for that
+    const int any_pos = p0 == 0 && hi == INT32_MAX;
     int64_t k = 0, first = -1, last = -1;
     int32_t lo_pos = INT32_MAX, hi_pos = INT32_MIN;
     for (int64_t c0 = 0; c0 < n_scan; c0 += 32) {
         const int64_t c1 = c0 + 32 < n_scan ? c0 + 32 : n_scan;
-        if (c1 - c0 == 32 && !pm_block_has_pos(pos, c0, base, width)) {
-            continue;
+        if (c1 - c0 == 32) {
+            if (!any_pos && !pm_block_has_pos(pos, c0, base, width)) {
+                continue;
+            }
+            // the block's cells to remove, counted without a branch: none (skipped) or all
+            // (a run of the sequence's cells: emptied with whole-block stores) are usual
+            int32_t m = 0;
+            for (int j = 0; j < 32; ++j) {
+                m += ((uint32_t) pos[c0 + j] - base < width) & (owner[c0 + j] == seq_id);
+            }
+            if (m == 0) {
+                continue;
+            }
+            if (m == 32) {
+                for (int j = 0; j < 32; ++j) {
+                    lo_pos = pos[c0 + j] < lo_pos ? pos[c0 + j] : lo_pos;
+                    hi_pos = pos[c0 + j] > hi_pos ? pos[c0 + j] : hi_pos;
+                }
+                memset(pos + c0, 0xff, 32 * sizeof(int32_t));  // -1: empty
+                memset(owner + c0, 0xff, 32 * sizeof(int32_t));  // -1: none
+                memset(shift + c0, 0, 32 * sizeof(int32_t));
+                for (int j = 0; j < 32; ++j) {
+                    seq[n_words * (c0 + j)] = 0;
+                }
+                first = first < 0 ? c0 : first;
+                last = c0 + 31;
+                k += 32;
+                continue;
+            }
         }
         for (int64_t i = c0; i < c1; ++i) {
             if ((uint32_t) pos[i] - base >= width || owner[i] != seq_id) {

@@ -324,16 +324,23 @@ def test_slot_search_through_a_slice_equals_gather_path(monkeypatch, swa, seed):
             np.testing.assert_array_equal(got.idxs, want.idxs)
 
 
-def _lockstep_cache(seed: int, n_cells: int = 300, steps: int = 40, hole: bool = True, **kw):
-    """Four sequences decoded in random interleaved steps (1-5 tokens each), then (``hole``)
-    a hole cut in one; ``kw`` go to the cache (``unified=False``: a stream each)."""
+def _lockstep_cache(
+    seed: int,
+    n_cells: int = 300,
+    steps: int = 40,
+    hole: bool = True,
+    run: tuple[int, int] = (1, 6),
+    **kw,
+):
+    """Four sequences decoded in random interleaved steps (``run``: 1-5 tokens each), then
+    (``hole``) a hole cut in one; ``kw`` go to the cache (``unified=False``: a stream each)."""
     rng = np.random.default_rng(seed)
     kv = make_kv(n_cells, 4, **kw)
     pos = [0] * 4
     for _ in range(steps):
         items = []
         for s in rng.permutation(4)[: int(rng.integers(1, 5))]:
-            for _ in range(int(rng.integers(1, 6))):
+            for _ in range(int(rng.integers(*run))):
                 items.append([1, pos[s], [int(s)], False])
                 pos[s] += 1
         decode(kv, items, n_ubatch=len(items))
@@ -377,14 +384,23 @@ def test_native_range_scan_equals_numpy_scan(monkeypatch, seed: int, first: int)
     check_invariants(kv)
 
 
+@pytest.mark.parametrize("long_runs", [False, True], ids=["short-runs", "long-runs"])
 @pytest.mark.parametrize("unified", [True, False], ids=["unified", "streams"])
 @pytest.mark.parametrize("seed", range(6))
-def test_native_seq_rm_equals_reference(monkeypatch, seed: int, unified: bool) -> None:
+def test_native_seq_rm_equals_reference(
+    monkeypatch, seed: int, unified: bool, long_runs: bool
+) -> None:
     # KVCache.seq_rm of one sequence through one native pass (pm_step_kv_rm_seq) and
     # through seq_cells_in_all + seq_rm_bit leave the same cells, bounds (clean or stale),
     # used counts, heads; random removals: tails, middles, whole sequences, empty and
-    # reversed ranges, ranges past the positions, forks (shared cells: the kernel declines)
-    fast, ref = (_lockstep_cache(seed, 256, 30, hole=False, unified=unified) for _ in range(2))
+    # reversed ranges, ranges past the positions, forks (shared cells: the kernel declines).
+    # Long runs: sequences decoded 24-63 tokens a step, so whole 32-cell blocks of one
+    # sequence (the kernel's block stores) meet blocks it shares with another
+    shape = (2048, 8, (24, 64)) if long_runs else (256, 30, (1, 6))
+    fast, ref = (
+        _lockstep_cache(seed, shape[0], shape[1], hole=False, run=shape[2], unified=unified)
+        for _ in range(2)
+    )
     rng = np.random.default_rng(100 + seed)
     taken = []
     real = cache_mod.KVCache._seq_rm_native
