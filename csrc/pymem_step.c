@@ -329,30 +329,41 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
 }
 
 // pm_step_take of cells idx[0..n) (distinct) of stream s for one sequence q at positions
-// pos: one pass over the cells, the stream's and q's bounds kept in registers
-static void pm_step_take_all(pm_step_cells * c, int64_t s, const int32_t * idx, const int32_t * pos, int64_t n,
-                             int32_t q) {
-    int32_t * restrict cpos = c->pos + s * c->size;
-    int32_t * restrict own = c->owner + s * c->size;
-    const int64_t n_words = c->n_words;
-    uint64_t * restrict bits = c->seq + s * c->size * n_words;
+// pos, given as their runs of consecutive cells (run_starts / run_ends, n_runs: token i in
+// order): each run's positions copied, its owners and bitsets filled, the stream's and
+// q's bounds kept in registers (runs of a restore are long: whole-run stores)
+static void pm_step_take_runs(pm_step_cells * c, int64_t s, const int64_t * run_starts, const int64_t * run_ends,
+                              int64_t n_runs, const int32_t * pos, int32_t q) {
+    const int64_t n_words = c->n_words, g0 = s * c->size;
+    int32_t * restrict cpos = c->pos + g0;
+    int32_t * restrict own = c->owner + g0;
+    uint64_t * restrict bits = c->seq + g0 * n_words;
     const uint64_t bit = (uint64_t) 1 << (q & 63);
-    const int word = q >> 6;
-    int64_t lo = INT64_MAX, hi = INT64_MIN, top = -1;
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t cell = idx[i];
-        const int32_t p = pos[i];
-        cpos[cell] = p;
-        uint64_t * b = bits + cell * n_words;
-        for (int64_t w = 0; w < n_words; w++) {
-            b[w] = w == word ? bit : 0;
+    const int64_t word = q >> 6;
+    int32_t lo = INT32_MAX, hi = INT32_MIN;
+    int64_t top = -1, i = 0;
+    for (int64_t r = 0; r < n_runs; r++) {
+        const int64_t a = run_starts[r], len = run_ends[r] - a;
+        memcpy(cpos + a, pos + i, (size_t) len * sizeof(int32_t));
+        for (int64_t j = 0; j < len; j++) {
+            own[a + j] = q;
+            lo = pos[i + j] < lo ? pos[i + j] : lo;
+            hi = pos[i + j] > hi ? pos[i + j] : hi;
         }
-        own[cell] = q;
-        lo = p < lo ? p : lo;
-        hi = p > hi ? p : hi;
-        top = cell > top ? cell : top;
+        if (n_words == 1) {
+            for (int64_t j = 0; j < len; j++) {
+                bits[a + j] = bit;
+            }
+        } else {
+            memset(bits + a * n_words, 0, (size_t) len * n_words * sizeof(uint64_t));
+            for (int64_t j = 0; j < len; j++) {
+                bits[(a + j) * n_words + word] = bit;
+            }
+        }
+        top = run_ends[r] - 1 > top ? run_ends[r] - 1 : top;
+        i += len;
     }
-    if (n > 0) {
+    if (i > 0) {
         if (c->used_max_p1[s] < top + 1) {
             c->used_max_p1[s] = top + 1;
         }
@@ -479,12 +490,8 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
         if (st != PM_OK || !*placed) {
             return st;
         }
-    } else {
-        pm_step_take_all(c, s, idx, pos, n, seq_id);
-        c->used[s] += n;
-        heads[s] = (int64_t) idx[n - 1] + 1;
-        *placed = 1;
     }
+    // the cells' runs, in scan order (the caller's store moves the bytes by them)
     int64_t runs = 0;
     for (int64_t i = 0; i < n; i++) {
         if (runs > 0 && run_ends[runs - 1] == idx[i]) {
@@ -494,6 +501,12 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
             run_ends[runs] = (int64_t) idx[i] + 1;
             runs++;
         }
+    }
+    if (taken == 0) {
+        pm_step_take_runs(c, s, run_starts, run_ends, runs, pos, seq_id);
+        c->used[s] += n;
+        heads[s] = (int64_t) idx[n - 1] + 1;
+        *placed = 1;
     }
     *n_runs = runs;
     return PM_OK;
@@ -885,8 +898,14 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
             // the block's cells to remove, counted without a branch: none (skipped) or all
             // (a run of the sequence's cells: emptied with whole-block stores) are usual
             int32_t m = 0;
-            for (int j = 0; j < 32; ++j) {
-                m += ((uint32_t) pos[c0 + j] - base < width) & (owner[c0 + j] == seq_id);
+            if (any_pos) {  // (a cell the sequence holds has a position: owners alone)
+                for (int j = 0; j < 32; ++j) {
+                    m += owner[c0 + j] == seq_id;
+                }
+            } else {
+                for (int j = 0; j < 32; ++j) {
+                    m += ((uint32_t) pos[c0 + j] - base < width) & (owner[c0 + j] == seq_id);
+                }
             }
             if (m == 0) {
                 continue;
@@ -896,9 +915,11 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
                     lo_pos = pos[c0 + j] < lo_pos ? pos[c0 + j] : lo_pos;
                     hi_pos = pos[c0 + j] > hi_pos ? pos[c0 + j] : hi_pos;
                 }
-                memset(pos + c0, 0xff, 32 * sizeof(int32_t));  // -1: empty
-                memset(owner + c0, 0xff, 32 * sizeof(int32_t));  // -1: none
-                memset(shift + c0, 0, 32 * sizeof(int32_t));
+                for (int j = 0; j < 32; ++j) {  // (plain loops: the compiler's vector stores)
+                    pos[c0 + j] = -1;
+                    owner[c0 + j] = -1;
+                    shift[c0 + j] = 0;
+                }
                 for (int j = 0; j < 32; ++j) {
                     seq[n_words * (c0 + j)] = 0;
                 }

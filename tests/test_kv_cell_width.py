@@ -186,11 +186,14 @@ def test_state_of_a_narrow_cache_reads_into_a_wide_one_and_back():
     blob = bytes(a.state_write())
     b.state_read(blob)
     _same(a, b)
-    for q in (1, 6):
+    for q in (1, 6, 2):  # swapped out and in again (the one-call swap-in's placement)
         one = bytes(b.state_write(q))
-        a.seq_rm(q, -1, -1)
-        a.state_read(one, q)
+        for kv in (a, b):
+            kv.seq_rm(q, -1, -1)
+            kv.state_read(one, q)
+        _same(a, b)
     check_invariants(a)
+    check_invariants(b)
     assert a.cells.n_words == 1
 
 
@@ -208,3 +211,18 @@ def test_a_widened_stack_pickles_and_copies_its_views():
     other.v_cells[0] = v  # a narrower stream loads a wider one: it widens
     assert other.cells.n_words == 2
     np.testing.assert_array_equal(other.cells.seq, kv.cells.seq)
+
+
+def test_a_swap_in_writes_the_word_of_an_id_past_64():
+    # a cache of 100 sequences keeps two words a cell: sequence 70's bit is in word 1, on
+    # every road that places a swapped-out sequence (the one-call swap-in's runs, numpy's)
+    kv = make_kv(96, 100)
+    assert kv.cells.n_words == 2
+    _decode(kv, [[1, p // 2, [(3, 70)[p % 2]], False] for p in range(40)])
+    blob = bytes(kv.state_write(70))
+    kv.seq_rm(70, -1, -1)
+    kv.state_read(blob, 70)
+    check_invariants(kv)
+    cells = np.flatnonzero(kv.cells.owner[0] == 70)
+    assert cells.size == 20 and (kv.cells.seq[0, cells, 1] == 1 << 6).all()
+    assert not kv.cells.seq[0, cells, 0].any()
