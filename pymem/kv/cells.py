@@ -203,7 +203,7 @@ def _ids(cells: np.ndarray | slice) -> np.ndarray:
 
 
 def seq_word_bit(seq_id: int) -> tuple[int, np.uint64]:
-    """The word index and bit mask of ``seq_id`` in a ``uint64[4]`` bitset."""
+    """The word index and bit mask of ``seq_id`` in a bitset of ``uint64`` words."""
     return seq_id >> 6, np.left_shift(_ONE, np.uint64(seq_id & 63))
 
 
