@@ -204,41 +204,18 @@ static int64_t pm_step_fill_checked(pm_step_cells * c, int64_t s, const int32_t 
     return n;
 }
 
-// Stream s's records into cells [0, n) (checked already), the cells [n, bound) emptied,
-// and the bounds from the records
-static void pm_step_fill(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t rec) {
+// Stream s's records into cells [0, n) (checked already: pm_step_fill_checked's check
+// passes), the cells [n, bound) emptied, and the bounds from the records
+static void pm_step_fill(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t rec,
+                         int32_t n_seq_max) {
     const int64_t n_words = c->n_words, g0 = s * c->size;
     // cells from used_max_p1 on are empty, and an empty cell's shift and bitset are 0
     // (StackedCells' invariant): only cells [0, max(n, used_max_p1)) are written. [0, n):
-    // the records (the bitsets cleared in bulk, then each cell's one bit); each run of one
-    // sequence's records reduces its bounds in registers (a restore's come in runs)
+    // the bitsets and shifts cleared in bulk, then the records as into empty cells
     const int64_t bound = c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size;
     memset(c->seq + g0 * n_words, 0, (size_t) n * n_words * sizeof(uint64_t));
     memset(c->shift + g0, 0, (size_t) n * sizeof(int32_t));
-    int32_t run_id = -1;
-    int64_t run_min = 0, run_max = 0;
-    for (int64_t i = 0; i < n; i++) {
-        const int32_t * r = words + i * rec;
-        const int32_t id = pm_step_ld32(r + rec - 1);
-        const int32_t p = pm_step_ld32(r);
-        c->pos[g0 + i] = p;
-        c->seq[(g0 + i) * n_words + (id >> 6)] = (uint64_t) 1 << (id & 63);
-        c->owner[g0 + i] = id;
-        if (id != run_id) {
-            if (run_id >= 0) {
-                pm_step_bounds(c, s, run_id, run_min, run_max);
-            }
-            run_id = id;
-            run_min = p;
-            run_max = p;
-        } else {
-            run_min = p < run_min ? p : run_min;
-            run_max = p > run_max ? p : run_max;
-        }
-    }
-    if (run_id >= 0) {
-        pm_step_bounds(c, s, run_id, run_min, run_max);
-    }
+    pm_step_fill_checked(c, s, words, n, rec, n_seq_max);
     if (bound > n) {  // [n, bound): emptied
         const int64_t rest = bound - n;
         memset(c->pos + g0 + n, 0xff, (size_t) rest * sizeof(int32_t));  // -1: empty
@@ -301,7 +278,7 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
             c->pdirty[s * PM_STEP_MAX_SEQ + q] = 0;
         }
         if (!all_empty) {
-            pm_step_fill(c, s, words[s], counts[s], rec);
+            pm_step_fill(c, s, words[s], counts[s], rec, n_seq_max);
             continue;
         }
         const int64_t k = pm_step_fill_checked(c, s, words[s], counts[s], rec, n_seq_max);
