@@ -34,6 +34,7 @@ static inline int32_t pm_records_not_fixed(const int32_t * words, int64_t n, int
     if (rec == 3) {
         for (; i + 4 <= n; i += 4) {
             const int32_t * r = words + 3 * i;
+            PM_PREFETCH(r + 256);  // 1 KiB ahead: a cold blob's scan is latency-bound
             for (int j = 0; j < 12; j += 3) {
                 int32_t p, one, id;
                 memcpy(&p, r + j, 4);
