@@ -165,43 +165,88 @@ static inline int32_t pm_step_ld32(const int32_t * p) {
     return v;
 }
 
+// q's run of positions [lo, hi] extends by p (a new run, its predecessor's bounds flushed,
+// when q is another sequence)
+static inline void pm_step_run_add(pm_step_cells * c, int64_t s, int32_t q, int32_t p, int32_t * run_id,
+                                   int64_t * run_min, int64_t * run_max) {
+    if (q != *run_id) {
+        if (*run_id >= 0) {
+            pm_step_bounds(c, s, *run_id, *run_min, *run_max);
+        }
+        *run_id = q;
+        *run_min = p;
+        *run_max = p;
+    } else {
+        *run_min = p < *run_min ? p : *run_min;
+        *run_max = p > *run_max ? p : *run_max;
+    }
+}
+
 // Stream s's records into its cells [0, n), each checked as it is read, for a stream
 // whose cells are all empty (no bit, no shift: nothing else to clear), and their bounds
-// (reset first). Returns the records written before the first that is not a fixed one (n
-// when all are): the caller then empties those cells again.
-static int64_t pm_step_fill_checked(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t rec,
-                                    int32_t n_seq_max) {
+// (reset first). 1 when every record is a fixed one; 0 at the first that is not, having
+// written the records before it (*written of them: the caller empties those cells again).
+static int pm_step_fill_checked(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t rec,
+                                int32_t n_seq_max, int64_t * written) {
     const int64_t n_words = c->n_words, g0 = s * c->size;
     int32_t * restrict pos = c->pos + g0;
     int32_t * restrict own = c->owner + g0;
     uint64_t * restrict bits = c->seq + g0 * n_words;
     int32_t run_id = -1;
-    int64_t run_min = 0, run_max = 0;
-    for (int64_t i = 0; i < n; i++) {
+    int64_t run_min = 0, run_max = 0, i = 0;
+    if (rec == 3 && n_words == 1) {
+        // the usual records and bitsets: four records a step, checked without a branch
+        // before any is written (a bad group goes to the loop below, which finds the bad
+        // one); four records of the running sequence extend its run at once
+        for (; i + 4 <= n; i += 4) {
+            const int32_t * r = words + 3 * i;
+            int32_t p[4], one[4], id[4];
+            uint32_t bad = 0;
+            for (int j = 0; j < 4; j++) {
+                p[j] = pm_step_ld32(r + 3 * j);
+                one[j] = pm_step_ld32(r + 3 * j + 1);
+                id[j] = pm_step_ld32(r + 3 * j + 2);
+                bad |= (uint32_t) (p[j] < 0) | (uint32_t) (one[j] != 1) |
+                       (uint32_t) ((uint32_t) id[j] >= (uint32_t) n_seq_max);
+            }
+            if (bad) {
+                break;
+            }
+            for (int j = 0; j < 4; j++) {
+                pos[i + j] = p[j];
+                bits[i + j] = (uint64_t) 1 << (id[j] & 63);
+                own[i + j] = id[j];
+            }
+            if (id[0] == run_id && id[1] == run_id && id[2] == run_id && id[3] == run_id) {
+                const int32_t lo01 = p[0] < p[1] ? p[0] : p[1], lo23 = p[2] < p[3] ? p[2] : p[3];
+                const int32_t hi01 = p[0] > p[1] ? p[0] : p[1], hi23 = p[2] > p[3] ? p[2] : p[3];
+                const int32_t lo = lo01 < lo23 ? lo01 : lo23, hi = hi01 > hi23 ? hi01 : hi23;
+                run_min = lo < run_min ? lo : run_min;
+                run_max = hi > run_max ? hi : run_max;
+            } else {
+                for (int j = 0; j < 4; j++) {
+                    pm_step_run_add(c, s, id[j], p[j], &run_id, &run_min, &run_max);
+                }
+            }
+        }
+    }
+    for (; i < n; i++) {
         const int32_t * r = words + i * rec;
         const int32_t p = pm_step_ld32(r), one = pm_step_ld32(r + 1), id = pm_step_ld32(r + rec - 1);
         if (p < 0 || one != 1 || (uint32_t) id >= (uint32_t) n_seq_max) {
-            return i;
+            *written = i;
+            return 0;
         }
         pos[i] = p;
         bits[i * n_words + (id >> 6)] = (uint64_t) 1 << (id & 63);
         own[i] = id;
-        if (id != run_id) {
-            if (run_id >= 0) {
-                pm_step_bounds(c, s, run_id, run_min, run_max);
-            }
-            run_id = id;
-            run_min = p;
-            run_max = p;
-        } else {
-            run_min = p < run_min ? p : run_min;
-            run_max = p > run_max ? p : run_max;
-        }
+        pm_step_run_add(c, s, id, p, &run_id, &run_min, &run_max);
     }
     if (run_id >= 0) {
         pm_step_bounds(c, s, run_id, run_min, run_max);
     }
-    return n;
+    *written = n;
+    return 1;
 }
 
 // Stream s's records into cells [0, n) (checked already: pm_step_fill_checked's check
@@ -215,7 +260,8 @@ static void pm_step_fill(pm_step_cells * c, int64_t s, const int32_t * words, in
     const int64_t bound = c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size;
     memset(c->seq + g0 * n_words, 0, (size_t) n * n_words * sizeof(uint64_t));
     memset(c->shift + g0, 0, (size_t) n * sizeof(int32_t));
-    pm_step_fill_checked(c, s, words, n, rec, n_seq_max);
+    int64_t written = 0;
+    pm_step_fill_checked(c, s, words, n, rec, n_seq_max, &written);
     if (bound > n) {  // [n, bound): emptied
         const int64_t rest = bound - n;
         memset(c->pos + g0 + n, 0xff, (size_t) rest * sizeof(int32_t));  // -1: empty
@@ -281,8 +327,8 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
             pm_step_fill(c, s, words[s], counts[s], rec, n_seq_max);
             continue;
         }
-        const int64_t k = pm_step_fill_checked(c, s, words[s], counts[s], rec, n_seq_max);
-        if (k < counts[s]) {
+        int64_t k = 0;
+        if (!pm_step_fill_checked(c, s, words[s], counts[s], rec, n_seq_max, &k)) {
             for (int64_t t = 0; t < s; t++) {
                 pm_step_unfill(c, t, counts[t]);
             }

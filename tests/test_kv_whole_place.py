@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kv_helpers import check_invariants, decode
+from kv_helpers import check_invariants, decode, make_kv
 from test_kv_state_same import NAMES, _scenario, _state
 
 import pymem.kv.state_io as state_io
@@ -479,3 +479,21 @@ def test_refill_into_empty_cells_checks_as_it_writes_and_undoes_a_refusal(name: 
     np.testing.assert_array_equal(st.owner[:, n:], -1)
     assert not st.seq[:, n:].any() and (st.pdirty == 0).all()
     check_invariants(kv)
+
+
+@pytest.mark.parametrize("into", ["empty", "filled"])
+def test_refill_bounds_take_every_record_of_a_run(into: str) -> None:
+    """A sequence's records in cell order need not ascend (cells 0-7 shifted to 100-107,
+    cells 8-15 at 8-15): the refill's bounds take every record of a run, both into an
+    empty stack (the one-pass road, four records a step) and into a filled one."""
+    kv = make_kv(64, 2)
+    decode(kv, [[1, p, [0], False] for p in range(16)])
+    kv.seq_add(0, 0, 8, 100)
+    blob = bytes(kv.state_write())
+    dest = make_kv(64, 2)
+    if into == "filled":
+        decode(dest, [[1, p, [1], False] for p in range(20)])
+    dest.state_read(blob)
+    assert (dest.seq_pos_min(0), dest.seq_pos_max(0)) == (8, 107)
+    assert dest.seq_pos_max(1) == -1
+    check_invariants(dest)
