@@ -159,6 +159,12 @@ def test_a_redo_log_from_before_a_widening_applies_after_it():
     np.testing.assert_array_equal(a.pos, b.pos)
     np.testing.assert_array_equal(a.owner, b.owner)
     np.testing.assert_array_equal(a.seq, b.seq[..., :1])
+    a.begin()
+    empty = a.redo_log()  # no cell changed: an empty log of one-word items
+    a.end()
+    b.fit(200)
+    b.redo(empty)
+    assert b.n_words == 4
 
 
 def test_the_native_step_follows_a_widening():

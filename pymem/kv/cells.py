@@ -376,7 +376,7 @@ class StackedCells:
         as items of this width: zero words appended (a narrower item's ids all fit)."""
         if rows.dtype == self.row:
             return rows
-        words = rows.view(np.uint64).reshape(rows.size, -1)
+        words = rows.view(np.uint64).reshape(rows.size, rows.dtype.itemsize // 8)
         if words.shape[1] > self.n_words:
             self.fit(64 * words.shape[1] - 1)
             return self.as_rows(rows)
