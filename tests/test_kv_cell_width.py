@@ -88,14 +88,19 @@ def test_fit_widens_keeping_every_bit_and_refuses_ids_past_256():
         st.fit(256)
 
 
+# (n_seq_max, the ids used): one word widened by ids past it; two words (ids 64-99 in
+# word 1) widened by 130
+WIDTHS = [(4, [0, 1, 2, 3, 70, 129, 255]), (100, [0, 5, 64, 70, 99, 130])]
+
+
 @pytest.mark.parametrize("seed", range(6))
-def test_unified_cache_widened_by_ids_past_n_seq_max_equals_a_wide_one(seed):
+@pytest.mark.parametrize(("n_seq_max", "ids"), WIDTHS, ids=["one-word", "two-words"])
+def test_unified_cache_widened_by_ids_past_n_seq_max_equals_a_wide_one(seed, n_seq_max, ids):
     rng = np.random.default_rng(seed)
-    narrow = make_kv(192, 4, unified=True)
-    wide = make_kv(192, 4, unified=True)
+    narrow = make_kv(192, n_seq_max, unified=True)
+    wide = make_kv(192, n_seq_max, unified=True)
     wide.cells.fit(LLAMA_MAX_SEQ - 1)
-    assert narrow.cells.n_words == 1 and wide.cells.n_words == 4
-    ids = [0, 1, 2, 3, 70, 129, 255]
+    assert narrow.cells.n_words == words_for(n_seq_max) and wide.cells.n_words == 4
     tops = dict.fromkeys(ids, -1)
     for _ in range(30):
         op = int(rng.integers(0, 7))
