@@ -415,6 +415,7 @@ class KVCache(Memory):
         self._blob: state_io.SeqBlob | Literal[False] | None = False  # False: not built yet
         self._hooks: state_io.KVStateHooks | None = None  # a restore's cache operations
         self._step_cells: Any = None  # pm_step_cells * over self.cells, built on first use
+        self._clear_args: tuple | None = None  # _refill's arguments for a clear (no record)
         self._no_update: KVCacheContext | None = None  # init_update's answer with nothing to do
         # (slot, version, top) of the last native placement: get_n_kv's bound, while valid
         self._placed_top: tuple[SlotInfo, int, int] | None = None
@@ -1709,16 +1710,25 @@ class KVCache(Memory):
         if not state_io.NATIVE_PLACE or self.cells.journaling:
             return False
         c, _, _, _, placed = self._native_cells()
-        counts = np.array([0 if w is None else w.shape[0] for w in records], dtype=np.int64)
-        words = ffi.new(
-            "int32_t *[]",
-            [ffi.NULL if w is None else ffi.from_buffer("int32_t[]", w) for w in records],
-        )
+        if all(w is None for w in records):  # a clear: no record, arguments built once
+            if self._clear_args is None:
+                self._clear_args = (
+                    ffi.new("int32_t *[]", self.n_stream),  # NULL each
+                    ffi.new("int64_t[]", self.n_stream),  # 0 each
+                )
+            words, counts_c = self._clear_args
+        else:
+            counts = np.array([0 if w is None else w.shape[0] for w in records], dtype=np.int64)
+            words = ffi.new(
+                "int32_t *[]",
+                [ffi.NULL if w is None else ffi.from_buffer("int32_t[]", w) for w in records],
+            )
+            counts_c = ffi.from_buffer("int64_t[]", counts)
         rec = self.layout.record_words
-        status = lib.pm_step_kv_refill(
-            c, words, ffi.from_buffer("int64_t[]", counts), rec, self.layout.n_seq_max, placed
-        )
-        check(status, f"pm_step_kv_refill ({int(counts.sum())} cells)")
+        status = lib.pm_step_kv_refill(c, words, counts_c, rec, self.layout.n_seq_max, placed)
+        if status != lib.PM_OK:
+            n = sum(0 if w is None else w.shape[0] for w in records)
+            check(status, f"pm_step_kv_refill ({n} cells)")
         if not placed[0]:  # (a clear passes no record: it is never declined)
             raise StateError(BLOB_CHANGED)
         st = self.cells
