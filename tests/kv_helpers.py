@@ -64,6 +64,7 @@ def check_invariants(kv: KVCache, contiguous: tuple[int, ...] | str = ()) -> Non
         assert (cells.pos >= -1).all()
         assert not cells.seq[~used].any(), f"stream {s}: empty cells with sequence bits"
         assert not cells.shift[~used].any(), f"stream {s}: empty cells with a shift"
+        assert cells.has_shift or not cells.shift.any(), f"stream {s}: a shift, has_shift off"
         assert cells.n_multi == int((cells.owner == OWNER_MULTI).sum()), f"stream {s}: n_multi"
         for i in range(cells.size):
             ids = cells.seq_ids_of(i)
