@@ -265,14 +265,12 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
     ) -> int:
         """Restore from a blob; returns the bytes consumed. Nothing changes on failure.
 
-        A whole blob of parts that all offer :meth:`whole_part` is checked and stored in
-        one native call (:c:func:`pm_whole_read`); one sequence, part by part
-        (:meth:`seq_reader`); anything either declines, by the two-phase parse."""
+        A whole blob, or one sequence's, of parts that all offer :meth:`whole_part` is
+        checked and stored in one native call (:meth:`_native_read`); one sequence also
+        part by part (:meth:`seq_reader`); anything those decline, by the two-phase
+        parse."""
         if self._native_call(seq_id, flags):
-            if seq_id == -1:
-                done = self._whole_read(data, flags)
-            else:
-                done = self._seq_read(data, seq_id, flags)
+            done = self._native_read(data, seq_id, flags)
             if done is not None:
                 return done
         return super().state_read(data, seq_id, flags)
@@ -318,49 +316,33 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
                 return None
         return program
 
-    def _whole_read(self, data: object, flags: int) -> int | None:
-        """A whole restore in one native call (:c:func:`pm_whole_read`): every part's
-        check, then every part's store; the bytes consumed, or None with nothing changed
-        where it does not apply (a part offers no :meth:`whole_part` or is not ready, a
-        part declines the blob: the readers or the two-phase parse then decide)."""
+    def _native_read(self, data: object, seq_id: int, flags: int) -> int | None:
+        """The whole memory's restore (``seq_id`` -1: :c:func:`pm_whole_read`) or one
+        sequence's (:c:func:`pm_seq_read`) in one native call: every part's check, then
+        every part's store, then what Python keeps (:meth:`WholePart.commit` /
+        :meth:`WholePart.sequence_read`). The bytes consumed, or None with nothing changed
+        where it does not apply (a part offers no :meth:`whole_part`, is not ready, reads
+        a sequence in Python (a sliding window) or declines the blob: the readers or the
+        two-phase parse then decide)."""
         program = self._ready_program(flags)
         if program is None:
             return None
         array, parts = program
-        return self._program_read(data, program, lambda src, n, consumed, done: lib.pm_whole_read(
-            array, len(parts), src, n, consumed, done), whole=True)  # fmt: skip
-
-    def _seq_read(self, data: object, seq_id: int, flags: int) -> int | None:
-        """One sequence's restore in one native call (:c:func:`pm_seq_read`): every
-        part's check, then every part's store; the bytes consumed, or None with nothing
-        changed where it does not apply (a part not ready or with a sliding window, a part
-        declines the blob: the readers or the two-phase parse then decide)."""
-        program = self._ready_program(flags)
-        if program is None:
-            return None
-        array, parts = program
-        for i, part in enumerate(parts):
-            if not part.read_sequence(array[i], seq_id):
-                return None
-        return self._program_read(data, program, lambda src, n, consumed, done: lib.pm_seq_read(
-            array, len(parts), seq_id, src, n, consumed, done), whole=False)  # fmt: skip
-
-    @staticmethod
-    def _program_read(
-        data: object, program: tuple[Any, list[WholePart]], call: Callable[..., int], whole: bool
-    ) -> int | None:
-        """Run a native read ``call(src, n, consumed, done)`` of ``data`` and complete
-        each part (a ``whole`` read: :meth:`WholePart.commit`; one sequence's:
-        :meth:`WholePart.sequence_read`); the bytes consumed, None with nothing changed
-        where a part declined."""
-        array, parts = program
+        whole = seq_id == -1
+        if not whole:
+            for i, part in enumerate(parts):
+                if not part.read_sequence(array[i], seq_id):
+                    return None
         try:
             src = ffi.from_buffer(data)
         except (TypeError, ValueError, BufferError):
             return None
         consumed = ffi.new("int64_t *")
         done = ffi.new("int32_t *")
-        status = call(src, len(src), consumed, done)
+        if whole:
+            status = lib.pm_whole_read(array, len(parts), src, len(src), consumed, done)
+        else:
+            status = lib.pm_seq_read(array, len(parts), seq_id, src, len(src), consumed, done)
         for part in parts:  # (every check may have filled the scratch, declined or not)
             part.written()
         if status == lib.PM_ERR_RANGE:
@@ -375,36 +357,23 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
                 part.sequence_read(array[i])
         return int(consumed[0])
 
-    def _whole_write(self, out: Any, flags: int) -> int | None:
-        """The whole blob in one native call (:c:func:`pm_whole_write`: every part sized,
-        then written) into ``out`` (a writable buffer; None: the size alone); the blob's
-        bytes. None, nothing written, where it does not apply (a part offers no
-        :meth:`whole_part` or is not ready, declines: the parts' writers then decide, and
-        name what they refuse). RangeError, nothing written, when ``out`` is too small."""
+    def _native_write(self, out: Any, seq_id: Any, flags: Any) -> int | None:
+        """The whole blob (``seq_id`` -1: :c:func:`pm_whole_write`) or one sequence's
+        (:c:func:`pm_seq_write`) in one native call, every part sized, then written, into
+        ``out`` (a writable buffer; None: the size alone); the blob's bytes. None, nothing
+        written, where it does not apply (not :meth:`_native_call`, a part offers no
+        :meth:`whole_part` or is not ready, a part declines: the parts' writers then
+        decide, and name what they refuse). RangeError, nothing written, when ``out`` is
+        too small."""
+        if not self._native_call(seq_id, flags):
+            return None
         program = self._ready_program(flags)
         if program is None:
             return None
         array, parts = program
-        return self._program_write(out, parts, lambda dest, cap, written, done: lib.pm_whole_write(
-            array, len(parts), dest, cap, written, done))  # fmt: skip
-
-    def _seq_write(self, out: Any, seq_id: int, flags: int) -> int | None:
-        """:meth:`_whole_write` for one sequence (:c:func:`pm_seq_write`: every part's
-        section sized, then written), ``seq_id`` in ``[0, n_seq_max)``."""
-        program = self._ready_program(flags)
-        if program is None:
-            return None
-        array, parts = program
-        for i, part in enumerate(parts):
-            part.for_sequence(array[i], seq_id)
-        return self._program_write(out, parts, lambda dest, cap, written, done: lib.pm_seq_write(
-            array, len(parts), seq_id, dest, cap, written, done))  # fmt: skip
-
-    @staticmethod
-    def _program_write(out: Any, parts: list[WholePart], call: Callable[..., int]) -> int | None:
-        """Run a native write ``call(dest, cap, written, done)`` into ``out`` (None: the
-        size alone); the blob's bytes, None where a part declined, RangeError for a too
-        small ``out``."""
+        if seq_id != -1:
+            for i, part in enumerate(parts):
+                part.for_sequence(array[i], seq_id)
         if out is None:
             dest, cap = ffi.NULL, 0
         else:
@@ -415,7 +384,10 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
             cap = len(dest)
         written = ffi.new("int64_t *")
         done = ffi.new("int32_t *")
-        status = call(dest, cap, written, done)
+        if seq_id == -1:
+            status = lib.pm_whole_write(array, len(parts), dest, cap, written, done)
+        else:
+            status = lib.pm_seq_write(array, len(parts), seq_id, dest, cap, written, done)
         for part in parts:  # (a size query selects cells too: the scratch is taken)
             part.written()
         if status == lib.PM_ERR_RANGE and out is None:
@@ -426,15 +398,6 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
             )
         check(status, "state write: a memory's blob")
         return int(written[0]) if done[0] else None
-
-    def _native_write(self, out: Any, seq_id: Any, flags: Any) -> int | None:
-        """The one-call write of the whole memory or of one sequence; None where it does
-        not apply."""
-        if not self._native_call(seq_id, flags):
-            return None
-        if seq_id == -1:
-            return self._whole_write(out, flags)
-        return self._seq_write(out, seq_id, flags)
 
     def _native_call(self, seq_id: Any, flags: Any) -> bool:
         """Whether a state call of ``seq_id`` with ``flags`` may take a one-call road: the

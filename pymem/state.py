@@ -967,6 +967,8 @@ it refuses a memory changed since the check (StateError, nothing changed), which
 says beforehand (a composite asks every part before any part stores)."""
 
 SeqWriter: TypeAlias = tuple[int, Callable[[memoryview], int]]
+"""A one-sequence blob's size and the function that writes exactly it into a byte view
+(:meth:`TwoPhaseStateIO.seq_writer`)."""
 
 
 def stamped_store(
@@ -1020,10 +1022,6 @@ class WholePart(Protocol):
     def written(self) -> None:
         """What Python keeps after a native write (a KV cache's run scratch now holds what
         that write selected: the other calls must search again)."""
-
-
-"""A one-sequence blob's size and the function that writes exactly it into a byte view
-(:meth:`TwoPhaseStateIO.seq_writer`)."""
 
 
 class TwoPhaseStateIO:

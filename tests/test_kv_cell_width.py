@@ -102,10 +102,12 @@ def test_unified_cache_widened_by_ids_past_n_seq_max_equals_a_wide_one(seed, n_s
     wide.cells.fit(LLAMA_MAX_SEQ - 1)
     assert narrow.cells.n_words == words_for(n_seq_max) and wide.cells.n_words == 4
     tops = dict.fromkeys(ids, -1)
-    for _ in range(30):
+    for step in range(30):
         op = int(rng.integers(0, 7))
         s, t = (int(x) for x in rng.choice(ids, 2))
         p0, p1 = (int(x) for x in rng.integers(-1, 12, 2))
+        if step == 15:  # the largest id at least once, into cells the ops before left
+            op, s = 0, ids[-1]
         if op <= 2:  # a decode of a few tokens (seq_cp makes the shared cells)
             items = [[1, tops[s] + 1 + i, [s], False] for i in range(int(rng.integers(1, 5)))]
             got = [_decode(kv, [list(x) for x in items]) for kv in (narrow, wide)]
@@ -126,7 +128,7 @@ def test_unified_cache_widened_by_ids_past_n_seq_max_equals_a_wide_one(seed, n_s
         tops = {q: narrow.seq_pos_max(q) for q in ids}
         _same(narrow, wide)
         check_invariants(narrow)
-    assert narrow.cells.n_words >= 1
+    assert narrow.cells.n_words == words_for(max(ids) + 1)  # widened on the way
 
 
 def test_a_decode_planned_then_rolled_back_across_a_widening_restores_the_cells():

@@ -81,7 +81,7 @@ def test_restore_kernel_refuses_and_declines_without_change() -> None:
     """Bad arguments are refused; too few empty cells, a shared cell in the stream, a
     negative position or an id outside [0, 256) are declined with nothing written."""
     kv = _scenario("f16-trans", 2, n_cells=48)
-    c, heads, _, _, placed = kv._native_cells()
+    c, heads, _, placed = kv._native_cells()
     idx = np.empty(64, dtype=np.int32)
     runs = np.empty((2, 64), dtype=np.int64)
     n_runs = ffi.new("int64_t *")

@@ -251,16 +251,16 @@ def test_a_hybrid_swap_in_takes_the_one_call_for_its_attention_part(monkeypatch,
         mem.seq_rm(1, -1, -1)
         with monkeypatch.context() as m:
             if road == "reader" or not on:
-                m.setattr(CompositeMemory, "_seq_read", lambda self, data, seq_id, flags: None)
+                m.setattr(CompositeMemory, "_native_read", lambda self, data, seq_id, flags: None)
             else:
-                real = CompositeMemory._seq_read
+                real = CompositeMemory._native_read
 
                 def one(self, data, seq_id, flags, real=real):  # type: ignore[no-untyped-def]
                     done = real(self, data, seq_id, flags)
                     taken.append(int(done is not None))
                     return done
 
-                m.setattr(CompositeMemory, "_seq_read", one)
+                m.setattr(CompositeMemory, "_native_read", one)
             with _one_call(monkeypatch, on and road == "reader", taken):
                 assert mem.state_read(blob, 1) == len(blob)
         states.append(_snapshot(mem))

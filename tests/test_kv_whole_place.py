@@ -30,7 +30,7 @@ def _count_native(monkeypatch) -> list[bool]:
 
     def counted(self, records):
         done = real(self, records)
-        if any(w is not None for w in records):
+        if records is not None and any(w is not None for w in records):
             seen.append(done)
         return done
 
@@ -137,7 +137,7 @@ def test_records_kernels_refuse_and_decline_without_change() -> None:
     assert lib.pm_kv_records_fixed(wp, 2, 3, 257, bad) == lib.PM_ERR_ARG
 
     kv = _scenario("f16-trans-streams", 3)
-    c, _, _, _, placed = kv._native_cells()
+    c, _, _, placed = kv._native_cells()
     n_stream = kv.n_stream
     before = _state(kv)
 
@@ -409,7 +409,7 @@ def test_a_declined_refill_leaves_the_placement_to_set_new(monkeypatch, one_call
     declined: list[int] = []
 
     def decline(self, records):
-        if any(w is not None for w in records):
+        if records is not None and any(w is not None for w in records):
             declined.append(1)
             return False
         return real(self, records)
@@ -442,7 +442,7 @@ def test_refill_into_empty_cells_checks_as_it_writes_and_undoes_a_refusal(name: 
     st = kv.cells
     st.pdirty[:, 5] = 3  # raw bound state a refusal must put back as it was
     st.pmin[:, 5], st.pmax[:, 5] = 17, 19
-    c, _, _, _, placed = kv._native_cells()
+    c, _, _, placed = kv._native_cells()
     n_stream, size = kv.n_stream, kv.layout.kv_size
     names = ("pos", "shift", "seq", "owner", "used", "used_max_p1", "used_max_dirty", "n_multi",
              "pmin", "pmax", "pdirty")  # fmt: skip

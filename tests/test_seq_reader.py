@@ -91,8 +91,7 @@ def _read(
         if not fast:
             for cls in (CompositeMemory, RecurrentMemory):
                 m.setattr(cls, "seq_reader", lambda self, seq_id, flags: None)
-            m.setattr(CompositeMemory, "_whole_read", lambda self, data, flags: None)
-            m.setattr(CompositeMemory, "_seq_read", lambda self, data, seq_id, flags: None)
+            m.setattr(CompositeMemory, "_native_read", lambda self, data, seq_id, flags: None)
         try:
             return mem.state_read(blob, dst, flags)
         except (StateError, RangeError) as exc:
@@ -146,18 +145,18 @@ def test_the_native_read_leaves_what_the_two_phase_read_leaves(
                 ref.seq_rm(dst, -1, -1)
             with monkeypatch.context() as m:
                 if road == "one call" and kind in ("hybrid",):
-                    real_seq = CompositeMemory._seq_read
+                    real_seq = CompositeMemory._native_read
 
                     def one(self, data, seq_id, flags, real=real_seq):  # type: ignore[no-untyped-def]
                         done = real(self, data, seq_id, flags)
                         made.append(done is not None)
                         return done
 
-                    m.setattr(CompositeMemory, "_seq_read", one)
+                    m.setattr(CompositeMemory, "_native_read", one)
                 else:
                     if road == "readers":
                         m.setattr(
-                            CompositeMemory, "_seq_read", lambda self, data, seq_id, flags: None
+                            CompositeMemory, "_native_read", lambda self, data, seq_id, flags: None
                         )
                     _count_reads(m, type(fast), made)
                 got = _read(monkeypatch, fast, blobs[src], dst, True, flags)
@@ -300,16 +299,18 @@ def test_the_native_whole_read_leaves_what_the_two_phase_read_leaves(
         for i, blob in enumerate(blobs):
             with monkeypatch.context() as m:
                 if road == "one call" and kind != "recurrent":
-                    real_whole = CompositeMemory._whole_read
+                    real_whole = CompositeMemory._native_read
 
-                    def whole(self, data, flags, real=real_whole):  # type: ignore[no-untyped-def]
-                        done = real(self, data, flags)
+                    def whole(self, data, seq_id, flags, real=real_whole):  # type: ignore[no-untyped-def]
+                        done = real(self, data, seq_id, flags)
                         made.append(done is not None)
                         return done
 
-                    m.setattr(CompositeMemory, "_whole_read", whole)
+                    m.setattr(CompositeMemory, "_native_read", whole)
                 else:
-                    m.setattr(CompositeMemory, "_whole_read", lambda self, data, flags: None)
+                    m.setattr(
+                        CompositeMemory, "_native_read", lambda self, data, seq_id, flags: None
+                    )
                     _count_reads(m, type(fast), made)
                 got = _read(monkeypatch, fast, blob, -1, True, flags)
             want = _read(monkeypatch, ref, blob, -1, False, flags)
@@ -346,14 +347,14 @@ def test_the_one_call_whole_read_runs_only_when_every_part_is_ready(monkeypatch)
 
     mem = _memory("hybrid", 4)
     blob = bytes(_memory("hybrid", 6).state_write())  # (no fork: fixed records)
-    assert mem._whole_read(blob, 0) == len(blob)
+    assert mem._native_read(blob, -1, 0) == len(blob)
     monkeypatch.setattr(kv_state_io, "NATIVE_PLACE", False)
-    assert mem._whole_read(blob, 0) is None
+    assert mem._native_read(blob, -1, 0) is None
     monkeypatch.setattr(kv_state_io, "NATIVE_PLACE", True)
     with mem.mem_attn._planning():
-        assert mem._whole_read(blob, 0) is None
+        assert mem._native_read(blob, -1, 0) is None
     mem.mem_recr.close()
-    assert mem._whole_read(blob, 0) is None
+    assert mem._native_read(blob, -1, 0) is None
     with pytest.raises(ClosedError):
         mem.state_read(blob)
     mem.close()
@@ -513,9 +514,9 @@ def test_the_one_call_road_comes_back_after_a_native_road_was_off(monkeypatch) -
     mem = _memory("hybrid", 4)
     blob = bytes(_memory("hybrid", 6).state_write())
     monkeypatch.setattr(kv_state_io, "NATIVE_RUNS", False)
-    assert mem._whole_read(blob, 0) is None
+    assert mem._native_read(blob, -1, 0) is None
     monkeypatch.setattr(kv_state_io, "NATIVE_RUNS", True)
-    assert mem._whole_read(blob, 0) == len(blob)
+    assert mem._native_read(blob, -1, 0) == len(blob)
     mem.close()
 
 
@@ -526,6 +527,6 @@ def test_a_sliding_window_part_sends_a_sequence_read_to_the_readers() -> None:
     for kind, one_call in (("iswa", False), ("hybrid_iswa", False), ("hybrid", True)):
         mem = _memory(kind, 4)
         blob = bytes(mem.state_write(1))
-        assert (mem._seq_read(blob, 1, 0) is not None) == one_call, kind
+        assert (mem._native_read(blob, 1, 0) is not None) == one_call, kind
         assert mem.state_read(blob, 1) == len(blob)
         mem.close()

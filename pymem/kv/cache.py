@@ -524,7 +524,7 @@ class KVCache(Memory):
         if data:
             self.check_devices()
         # every stream emptied by one native call (a refill with no cells) where it may
-        if not self._refill([None] * self.n_stream):
+        if not self._refill(None):
             self.cells.reset()
             self.v_heads[:] = 0
         if data:
@@ -779,7 +779,7 @@ class KVCache(Memory):
         if USE_NATIVE and self._keys_c is not None and self._keys_c[0] is keys:
             # the allocator's frozen ids (a decode step): one native read of the bounds
             out = np.empty(keys.size, dtype=np.int64)
-            c, _, _, _, ok = self._native_cells()
+            c, _, _, ok = self._native_cells()
             status = lib.pm_step_kv_pos_max(
                 c, self._keys_c[1], keys.size, ffi.from_buffer("int64_t[]", out, require_writable=True), ok
             )  # fmt: skip
@@ -969,14 +969,14 @@ class KVCache(Memory):
         return m if m is not None and sinfo.strm is m.strm32 else None
 
     def _native_cells(self) -> Any:
-        """The cells' ``pm_step_cells *`` (:meth:`StackedCells.native`), the heads' buffer,
-        and two outputs; built once (the heads' array is never rebound)."""
+        """(the cells' ``pm_step_cells *`` (:meth:`StackedCells.native`), the heads'
+        buffer, an int64 and an int32 output) for the step kernels; built once (the
+        heads' array is never rebound)."""
         if self._step_cells is None:
             heads = ffi.from_buffer("int64_t[]", self.v_heads.a, require_writable=True)
             self._step_cells = (
                 self.cells.native(),
                 heads,
-                [heads],
                 ffi.new("int64_t *"),
                 ffi.new("int32_t *"),
             )
@@ -987,7 +987,7 @@ class KVCache(Memory):
         streams) in one native call, None when a cell of it is taken (the numpy search
         then decides)."""
         assert memo.strm is not None
-        c, heads, _, _, placed = self._native_cells()
+        c, heads, _, placed = self._native_cells()
         n = memo.strm.size
         idxs = np.empty((n, n_per), dtype=np.int32)
         status = lib.pm_step_kv_find(
@@ -1264,7 +1264,7 @@ class KVCache(Memory):
         with ``heads`` the heads' move, in one native call; False, nothing changed, when a
         cell is taken or a stream holds shared cells (numpy then overwrites / re-owns)."""
         assert memo is not None and memo.strm is not None
-        c, heads_buf, _, top, placed = self._native_cells()
+        c, heads_buf, top, placed = self._native_cells()
         n_blocks, n_per = sinfo.idxs.shape
         # one id per token ([n, 1] int32): the matrix is the id column
         status = lib.pm_step_kv_place(
@@ -1288,7 +1288,7 @@ class KVCache(Memory):
         the losers' older positions purged, heads moved) in one ``pm_step_kv_overwrite``
         call; False, nothing changed, where the kernel does not apply (shared cells, a
         taken cell of several or no sequence): the numpy path then decides."""
-        c, heads_buf, _, top, placed = self._native_cells()
+        c, heads_buf, top, placed = self._native_cells()
         n = sinfo.idxs.size
         status = lib.pm_step_kv_overwrite(
             c, n, ffi.from_buffer("int32_t[]", sinfo.idxs), ffi.from_buffer("int32_t[]", ubatch.pos),
@@ -1648,7 +1648,7 @@ class KVCache(Memory):
         ):
             return None
         self.seq_rm(seq_id, -1, -1)
-        c, heads, _, _, placed = self._native_cells()
+        c, heads, _, placed = self._native_cells()
         n = pos.size
         strm = int(self.seq_to_stream[seq_id])
         idx = np.empty(n, dtype=np.int32)
@@ -1699,18 +1699,19 @@ class KVCache(Memory):
             self._memo = step_memo
         return sinfo
 
-    def _refill(self, records: Sequence[np.ndarray | None]) -> bool:
+    def _refill(self, records: Sequence[np.ndarray | None] | None) -> bool:
         """A whole restore's ``clear(False)`` and the placement of every stream's fixed meta
-        records (``[n, 3 + n_ext]`` words; None for a stream without cells: ``clear``
-        passes None for every stream) into its cells ``[0, n)`` in one native call (``pm_step_kv_refill``; ``clear`` + ``set_new`` are
-        the reference it is tested against). False, nothing changed, under an undo
+        records (``[n, 3 + n_ext]`` words; None for a stream without cells; ``records``
+        None: no stream has any, a ``clear``) into its cells ``[0, n)`` in one native call
+        (``pm_step_kv_refill``; ``clear`` + ``set_new`` are the reference it is tested
+        against). False, nothing changed, under an undo
         journal (a plan being simulated) or with ``state_io.NATIVE_PLACE`` off; StateError,
         nothing changed, for a record that is not a fixed one (the blob changed after the
         parse that found them so)."""
         if not state_io.NATIVE_PLACE or self.cells.journaling:
             return False
-        c, _, _, _, placed = self._native_cells()
-        if all(w is None for w in records):  # a clear: no record, arguments built once
+        c, _, _, placed = self._native_cells()
+        if records is None:  # a clear: no record, the arguments built once
             if self._clear_args is None:
                 self._clear_args = (
                     ffi.new("int32_t *[]", self.n_stream),  # NULL each
@@ -1727,7 +1728,7 @@ class KVCache(Memory):
         rec = self.layout.record_words
         status = lib.pm_step_kv_refill(c, words, counts_c, rec, self.layout.n_seq_max, placed)
         if status != lib.PM_OK:
-            n = sum(0 if w is None else w.shape[0] for w in records)
+            n = 0 if records is None else sum(0 if w is None else w.shape[0] for w in records)
             check(status, f"pm_step_kv_refill ({n} cells)")
         if not placed[0]:  # (a clear passes no record: it is never declined)
             raise StateError(BLOB_CHANGED)
@@ -1735,7 +1736,7 @@ class KVCache(Memory):
         st.has_shift[:] = False
         if st.ext is not None:
             st.ext[:] = EXT_DEFAULT
-            for strm, w in enumerate(records):
+            for strm, w in enumerate(records or ()):
                 if w is not None:
                     st.ext[strm, : w.shape[0]] = w[:, 2:5]
         self.v_heads[:] = 0
@@ -1933,7 +1934,7 @@ class KVCacheContext(MemoryContext):
         n_blocks = memo.strm.size
         n_per = ubatch.n_tokens // n_blocks
         out = np.empty((n_blocks, n_per, self.n_kv), dtype=dt)
-        c, _, _, _, done = kv._native_cells()
+        c, _, _, done = kv._native_cells()
         status = lib.pm_step_kq_mask(
             c, c_strm, n_blocks, n_per, c_seq, ffi.from_buffer("int32_t[]", ubatch.pos),
             int(kv.swa_type), kv.n_swa, int(causal), self.n_kv, dt.itemsize,
