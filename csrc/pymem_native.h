@@ -23,6 +23,12 @@
 #define PM_PREFETCH_W(p) ((void) 0)
 #endif
 
+// Whether one meta record's words are not a fixed record's: a position below 0, an
+// n_seq_id other than 1, an id outside [0, n_seq_max) (branch-free: 0 or 1)
+static inline uint32_t pm_record_bad(int32_t pos, int32_t n_seq_id, int32_t id, int32_t n_seq_max) {
+    return (uint32_t) (pos < 0) | (uint32_t) (n_seq_id != 1) | (uint32_t) ((uint32_t) id >= (uint32_t) n_seq_max);
+}
+
 // Whether any of n meta records of a state blob (rec int32 words each, at any alignment:
 // position, n_seq_id, rec - 3 ext words, the one sequence id) is not a fixed one: a
 // position below 0, n_seq_id other than 1, an id outside [0, n_seq_max). Branch-free; the
@@ -40,7 +46,7 @@ static inline int32_t pm_records_not_fixed(const int32_t * words, int64_t n, int
                 memcpy(&p, r + j, 4);
                 memcpy(&one, r + j + 1, 4);
                 memcpy(&id, r + j + 2, 4);
-                bad |= (uint32_t) (p < 0) | (uint32_t) (one != 1) | (uint32_t) ((uint32_t) id >= (uint32_t) n_seq_max);
+                bad |= pm_record_bad(p, one, id, n_seq_max);
             }
         }
     }
@@ -50,7 +56,7 @@ static inline int32_t pm_records_not_fixed(const int32_t * words, int64_t n, int
         memcpy(&p, r, 4);
         memcpy(&one, r + 1, 4);
         memcpy(&id, r + rec - 1, 4);
-        bad |= (uint32_t) (p < 0) | (uint32_t) (one != 1) | (uint32_t) ((uint32_t) id >= (uint32_t) n_seq_max);
+        bad |= pm_record_bad(p, one, id, n_seq_max);
     }
     return bad != 0;
 }

@@ -1488,7 +1488,7 @@ pm_status pm_kv_records_fixed(const int32_t * words, int64_t n, int64_t rec, int
     for (int64_t i = 0; bad && i < n; i++) {
         const int32_t * r = words + i * rec;
         const int32_t id = pm_ld32(r + rec - 1);
-        if (pm_ld32(r + 1) != 1 || pm_ld32(r) < 0 || id < 0 || id >= n_seq_max) {
+        if (pm_record_bad(pm_ld32(r), pm_ld32(r + 1), id, n_seq_max)) {
             *first_bad = i;
             break;
         }

@@ -69,6 +69,23 @@ pm_status pm_step_kv_find(const pm_step_cells * c, const int64_t * strm, int64_t
     return PM_OK;
 }
 
+// sequence q of stream s reaches positions [lo, hi] too
+static inline void pm_step_bounds(pm_step_cells * c, int64_t s, int32_t q, int64_t lo, int64_t hi) {
+    const int64_t key = s * PM_STEP_MAX_SEQ + q;
+    if (lo < c->pmin[key]) {
+        c->pmin[key] = lo;
+    }
+    if (hi > c->pmax[key]) {
+        c->pmax[key] = hi;
+    }
+}
+
+// the sequence ids the cells' bitsets hold: 64 per word, at most 256 (the bounds' keys);
+// none for a word count outside [1, 4] (every kernel then declines or refuses)
+static inline int64_t pm_step_ids(const pm_step_cells * c) {
+    return c->n_words >= 1 && c->n_words <= PM_STEP_MAX_SEQ / 64 ? 64 * c->n_words : 0;
+}
+
 // token of sequence q at position p into cell i of stream s (StackedCells.set_new for one
 // cell): its position, a seq bitset of q alone, the owner, the stream's used bound and q's
 // position range
@@ -84,13 +101,7 @@ static inline void pm_step_take(pm_step_cells * c, int64_t s, int64_t i, int32_t
     if (c->used_max_p1[s] < i + 1) {
         c->used_max_p1[s] = i + 1;
     }
-    const int64_t key = s * PM_STEP_MAX_SEQ + q;
-    if (p < c->pmin[key]) {
-        c->pmin[key] = p;
-    }
-    if (p > c->pmax[key]) {
-        c->pmax[key] = p;
-    }
+    pm_step_bounds(c, s, q, p, p);
 }
 
 pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_blocks, int64_t n_per,
@@ -115,7 +126,7 @@ pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_bl
             if (idx[t] < 0 || idx[t] >= c->size) {
                 return PM_ERR_RANGE;
             }
-            if (c->pos[s * c->size + idx[t]] >= 0 || seq[t] < 0 || seq[t] >= 64 * c->n_words) {
+            if (c->pos[s * c->size + idx[t]] >= 0 || seq[t] < 0 || seq[t] >= pm_step_ids(c)) {
                 return PM_OK;
             }
         }
@@ -147,17 +158,6 @@ pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_bl
     return PM_OK;
 }
 
-// sequence q of stream s reaches positions [lo, hi] too
-static inline void pm_step_bounds(pm_step_cells * c, int64_t s, int32_t q, int64_t lo, int64_t hi) {
-    const int64_t key = s * PM_STEP_MAX_SEQ + q;
-    if (lo < c->pmin[key]) {
-        c->pmin[key] = lo;
-    }
-    if (hi > c->pmax[key]) {
-        c->pmax[key] = hi;
-    }
-}
-
 // one int32 word of a blob at any alignment
 static inline int32_t pm_step_ld32(const int32_t * p) {
     int32_t v;
@@ -184,7 +184,7 @@ static inline void pm_step_run_add(pm_step_cells * c, int64_t s, int32_t q, int3
 
 // Stream s's records into its cells [0, n), each checked as it is read, for a stream
 // whose cells are all empty (no bit, no shift: nothing else to clear), and their bounds
-// (reset first). 1 when every record is a fixed one; 0 at the first that is not, having
+// (which the caller reset). 1 when every record is a fixed one; 0 at the first that is not, having
 // written the records before it (*written of them: the caller empties those cells again).
 static int pm_step_fill_checked(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t rec,
                                 int32_t n_seq_max, int64_t * written) {
@@ -206,8 +206,7 @@ static int pm_step_fill_checked(pm_step_cells * c, int64_t s, const int32_t * wo
                 p[j] = pm_step_ld32(r + 3 * j);
                 one[j] = pm_step_ld32(r + 3 * j + 1);
                 id[j] = pm_step_ld32(r + 3 * j + 2);
-                bad |= (uint32_t) (p[j] < 0) | (uint32_t) (one[j] != 1) |
-                       (uint32_t) ((uint32_t) id[j] >= (uint32_t) n_seq_max);
+                bad |= pm_record_bad(p[j], one[j], id[j], n_seq_max);
             }
             if (bad) {
                 break;
@@ -233,7 +232,7 @@ static int pm_step_fill_checked(pm_step_cells * c, int64_t s, const int32_t * wo
     for (; i < n; i++) {
         const int32_t * r = words + i * rec;
         const int32_t p = pm_step_ld32(r), one = pm_step_ld32(r + 1), id = pm_step_ld32(r + rec - 1);
-        if (p < 0 || one != 1 || (uint32_t) id >= (uint32_t) n_seq_max) {
+        if (pm_record_bad(p, one, id, n_seq_max)) {
             *written = i;
             return 0;
         }
@@ -282,7 +281,7 @@ static void pm_step_unfill(pm_step_cells * c, int64_t s, int64_t n) {
 pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, const int64_t * counts, int64_t rec,
                             int32_t n_seq_max, int32_t * placed) {
     if (c == NULL || words == NULL || counts == NULL || placed == NULL || rec < 3 || n_seq_max < 1 ||
-        n_seq_max > 64 * c->n_words) {
+        n_seq_max > pm_step_ids(c)) {
         return PM_ERR_ARG;
     }
     *placed = 0;
@@ -390,13 +389,7 @@ static void pm_step_take_runs(pm_step_cells * c, int64_t s, const int64_t * run_
         if (c->used_max_p1[s] < top + 1) {
             c->used_max_p1[s] = top + 1;
         }
-        const int64_t key = s * PM_STEP_MAX_SEQ + q;
-        if (lo < c->pmin[key]) {
-            c->pmin[key] = lo;
-        }
-        if (hi > c->pmax[key]) {
-            c->pmax[key] = hi;
-        }
+        pm_step_bounds(c, s, q, lo, hi);
     }
 }
 
@@ -450,7 +443,7 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
     if (s < 0 || s >= c->n_stream) {
         return PM_ERR_RANGE;
     }
-    if (c->n_multi[s] != 0 || seq_id < 0 || seq_id >= 64 * c->n_words || n > c->size || swa_type < 0 ||
+    if (c->n_multi[s] != 0 || seq_id < 0 || seq_id >= pm_step_ids(c) || n > c->size || swa_type < 0 ||
         swa_type > 3 || (swa_type != 0 && n_swa <= 0)) {
         return PM_OK;
     }
@@ -635,7 +628,7 @@ pm_status pm_step_kv_overwrite(pm_step_cells * c, int64_t n, const int32_t * idx
         if (idx[t] < 0 || idx[t] >= c->size) {
             return PM_ERR_RANGE;
         }
-        if (seq[t] < 0 || seq[t] >= 64 * c->n_words || (c->pos[idx[t]] >= 0 && c->owner[idx[t]] < 0)) {
+        if (seq[t] < 0 || seq[t] >= pm_step_ids(c) || (c->pos[idx[t]] >= 0 && c->owner[idx[t]] < 0)) {
             return PM_OK;
         }
     }
@@ -885,6 +878,9 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
     if (strm < 0 || strm >= c->n_stream || seq_id < 0 || seq_id >= 256 || n_scan < 0 || n_scan > c->size) {
         return PM_ERR_RANGE;
     }
+    if (pm_step_ids(c) == 0) {
+        return PM_ERR_ARG;  // (no bitset words to clear)
+    }
     *done = 0;
     *n_freed = 0;
     *first_freed = -1;
@@ -908,7 +904,7 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
     const int64_t word = (seq_id >> 6) < n_words ? (seq_id >> 6) : 0;
     uint64_t * seq = c->seq + strm * c->size * n_words + word;
     // every position in range (a whole sequence's removal): the positions alone select no
-    // block, so none is read for that
+    // block, so no block is tested for one
     const int any_pos = p0 == 0 && hi == INT32_MAX;
     int64_t k = 0, first = -1, last = -1;
     int32_t lo_pos = INT32_MAX, hi_pos = INT32_MIN;
@@ -921,14 +917,8 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
             // the block's cells to remove, counted without a branch: none (skipped) or all
             // (a run of the sequence's cells: emptied with whole-block stores) are usual
             int32_t m = 0;
-            if (any_pos) {  // (a cell the sequence holds has a position: owners alone)
-                for (int j = 0; j < 32; ++j) {
-                    m += owner[c0 + j] == seq_id;
-                }
-            } else {
-                for (int j = 0; j < 32; ++j) {
-                    m += ((uint32_t) pos[c0 + j] - base < width) & (owner[c0 + j] == seq_id);
-                }
+            for (int j = 0; j < 32; ++j) {
+                m += ((uint32_t) pos[c0 + j] - base < width) & (owner[c0 + j] == seq_id);
             }
             if (m == 0) {
                 continue;

@@ -16,11 +16,13 @@ extern "C" {
 
 // The cell metadata of a KV cache's stacked streams (pymem.kv.cells.StackedCells), by
 // pointer: flat over global cell ids g = stream * size + cell, bounds over keys
-// stream * 256 + seq_id. Filled once per StackedCells (its arrays are never rebound).
+// stream * 256 + seq_id. Built once per StackedCells; its one widening (StackedCells.fit)
+// rebinds seq and n_words in place, so every holder of the pointer sees the wider bitsets.
 typedef struct pm_step_cells {
     int64_t   n_stream;
     int64_t   size;
     int64_t   n_words;      // words of a cell's bitset (1-4): it holds ids below 64 * n_words
+                            // (a count outside [1, 4]: every kernel declines or refuses)
     int32_t * pos;          // [n_stream * size], -1 = empty
     int32_t * shift;        // [n_stream * size], pending K-shift
     uint64_t * seq;         // [n_stream * size * n_words] sequence bitsets
@@ -66,8 +68,9 @@ pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_bl
 // sequence word rec - 1 in [0, n_seq_max)), in cells [0, counts[s]), and every other cell is
 // emptied, as StackedCells.reset then set_new leave them: no shift, no shared cell, used =
 // used_max_p1 = counts[s], nothing dirty, bounds from the records alone (ext and has_shift
-// are the caller's). Every record of every stream is checked before the first write:
-// *placed = 0, nothing written, when one is not fixed. PM_ERR_RANGE for a count outside
+// are the caller's). *placed = 0 with nothing changed when a record is not fixed: every
+// record of every stream is checked before the first write, except into a stack whose
+// every stream is empty (below). PM_ERR_RANGE for a count outside
 // [0, size]; PM_ERR_ARG for a null pointer, rec < 3 or n_seq_max outside [1, 64 * n_words].
 // Only cells below max(counts[s], used_max_p1) are written: the rest are empty already.
 // Into a stack whose every stream is empty (a clear's, a fresh cache's) each record is
@@ -87,7 +90,7 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
 // capacity) their maximal runs of consecutive cells in that order (ends exclusive),
 // *n_runs their count. *placed = 0, nothing written, when fewer than n cells are usable,
 // the stream holds a shared cell, a taken cell's sequence has a stale largest position,
-// an overwrite meets what pm_step_kv_overwrite declines, seq_id is outside [0, 256), a
+// an overwrite meets what pm_step_kv_overwrite declines, seq_id is outside [0, 64 n_words), a
 // position is negative or the window is not one (swa_type outside [0, 3], n_swa < 1 with
 // a window): the numpy search decides then. PM_ERR_RANGE for s outside
 // [0, n_stream); PM_ERR_ARG for a null pointer or n < 1.
@@ -116,7 +119,8 @@ pm_status pm_step_batch_check(const int32_t * token, const int32_t * pos, const 
 // those sequences' bounds marked dirty as seq_rm_upto marks them), and heads[0] =
 // idx[n - 1] + 1. *top as pm_step_kv_place. Nothing is written and *placed = 0 when a
 // taken cell is not held by exactly one sequence, the stack has several streams or
-// shared cells, or an id is outside [0, 256). PM_ERR_RANGE for a cell outside the stack.
+// shared cells, or an id is outside [0, 64 * n_words). PM_ERR_RANGE for a cell outside the
+// stack.
 pm_status pm_step_kv_overwrite(pm_step_cells * c, int64_t n, const int32_t * idx, const int32_t * pos,
                                const int32_t * seq, int64_t * heads, int64_t * top, int32_t * placed);
 
@@ -174,7 +178,8 @@ pm_status pm_kv_seq_cells_range(const int32_t * pos, const int32_t * owner, int6
 // *first_freed (-1 when none) say what was emptied. *done = 0, nothing changed, when the
 // stream holds a shared cell (n_multi > 0): the numpy path then removes. PM_ERR_RANGE for a
 // stream, an id (0..255) or n_scan outside the stack; PM_ERR_ARG for a null pointer or
-// p0 < 0. The cache must keep no ext and no undo journal (the caller checks).
+// p0 < 0 or an n_words outside [1, 4]. The cache must keep no ext and no undo journal (the
+// caller checks).
 pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int64_t p0, int64_t p1, int32_t whole,
                             int64_t n_scan, int64_t * n_freed, int64_t * first_freed, int32_t * done);
 

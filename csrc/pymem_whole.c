@@ -35,6 +35,9 @@ static int pm_whole_store(pm_whole_part * p, const char * d, int64_t avail) {
         int32_t done = 0;
         const pm_status st =
             pm_kv_read_whole_commit(p->kv, p->cells, d, avail, p->kv_found, p->kv_found + n_stream, p->same, &done);
+        if (st == PM_ERR_ALLOC) {
+            return 0;  // (its scratch is allocated before anything changes)
+        }
         return st != PM_OK ? -1 : done;
     }
     int64_t out[2] = { -1, -1 };
@@ -298,7 +301,11 @@ static int pm_seq_store(pm_whole_part * p, int32_t seq_id, const char * d, int64
             st = pm_kv_read_seq_swap_in(p->kv, p->cells, seq_id, d, avail, p->kv_pos, p->kv_cap, p->kv_idx,
                                         p->kv_cap, &taken, &ok);
         }
-        return st != PM_OK ? -1 : (ok && taken == p->taken);
+        if (st != PM_OK) {
+            return -1;
+        }
+        // declined: nothing changed; stored, but not the bytes the check found: changed
+        return !ok ? 0 : taken == p->taken ? 1 : -1;
     }
     const int64_t rows_at = p->rs_cell >= 0 ? 20 : 12;
     int64_t stored = -1;

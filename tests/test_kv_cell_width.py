@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from kv_helpers import check_invariants, make_kv
 
+from pymem._native import ffi, lib
 from pymem.batch import Batch, BatchAllocator
 from pymem.kv.cells import StackedCells, words_for
 from pymem.memory import MemoryStatus
@@ -239,3 +240,39 @@ def test_a_swap_in_writes_the_word_of_an_id_past_64():
     cells = np.flatnonzero(kv.cells.owner[0] == 70)
     assert cells.size == 20 and (kv.cells.seq[0, cells, 1] == 1 << 6).all()
     assert not kv.cells.seq[0, cells, 0].any()
+
+
+@pytest.mark.parametrize("n_words", [0, 5])
+def test_kernels_refuse_a_word_count_outside_one_to_four(n_words):
+    # the bitsets' word count bounds every id a kernel takes (the bounds have 256 keys a
+    # stream): a struct saying 0 or 5 words is refused before anything is written
+    kv = make_kv(32, 4, unified=True)
+    _decode(kv, [[1, p, [0], False] for p in range(6)])
+    c, heads, _, placed = kv._native_cells()
+    before = [a.copy() for a in (kv.cells.pos, kv.cells.seq, kv.cells.owner, kv.cells.pmin)]
+    saved = c.n_words
+    c.n_words = n_words
+    try:
+        words = np.array([[0, 1, 0]], dtype=np.int32)
+        ptrs = ffi.new("int32_t *[]", [ffi.from_buffer("int32_t[]", words)])
+        counts = ffi.new("int64_t[]", [1])
+        assert lib.pm_step_kv_refill(c, ptrs, counts, 3, 4, placed) == lib.PM_ERR_ARG
+        out = ffi.new("int64_t[2]")
+        done = ffi.new("int32_t *")
+        assert (
+            lib.pm_step_kv_rm_seq(c, 0, 0, 0, 2**31 - 1, 1, 32, out, out + 1, done)
+            == lib.PM_ERR_ARG
+        )
+        idx = ffi.new("int32_t[]", [10])
+        pos = ffi.new("int32_t[]", [6])
+        seq = ffi.new("int32_t[]", [0])
+        top = ffi.new("int64_t *")
+        strm = ffi.new("int64_t[]", [0])
+        assert lib.pm_step_kv_place(c, strm, 1, 1, idx, pos, seq, heads, top, placed) == lib.PM_OK
+        assert placed[0] == 0
+    finally:
+        c.n_words = saved
+    after = (kv.cells.pos, kv.cells.seq, kv.cells.owner, kv.cells.pmin)
+    for a, b in zip(after, before):
+        np.testing.assert_array_equal(a, b)
+    check_invariants(kv)
