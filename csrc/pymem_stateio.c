@@ -1337,9 +1337,10 @@ pm_status pm_kv_read_seq_place(const pm_kv_seq_blob * b, int32_t seq_id, const v
     return PM_OK;
 }
 
-pm_status pm_kv_read_seq_swap_in(const pm_kv_seq_blob * b, pm_step_cells * c, int32_t seq_id, const void * blob,
-                                 int64_t avail, int32_t * pos, int64_t pos_cap, int32_t * idx, int64_t idx_cap,
-                                 int64_t * consumed, int32_t * done) {
+pm_status pm_kv_read_seq_placed(const pm_kv_seq_blob * b, pm_step_cells * c, int32_t seq_id, int32_t held,
+                                int32_t swa_type, int64_t n_swa, const void * blob, int64_t avail, int32_t * pos,
+                                int64_t pos_cap, int32_t * idx, int64_t idx_cap, int64_t * consumed,
+                                int32_t * done) {
     if (c == NULL || pos == NULL || idx == NULL || consumed == NULL || done == NULL) {
         return PM_ERR_ARG;
     }
@@ -1352,16 +1353,29 @@ pm_status pm_kv_read_seq_swap_in(const pm_kv_seq_blob * b, pm_step_cells * c, in
     }
     const int32_t s = pm_seq_blob_stream(b, seq_id);  // (valid: the parse took it)
     const int64_t n = found[0];
-    if (b->n_ext != 0 || n < 1 || n > pos_cap || n > idx_cap || s >= c->n_stream || c->size != b->size ||
-        n > b->size - b->used[s]) {
+    // without held, found[3] counts the empty cells alone (seq_id holds none)
+    if (b->n_ext != 0 || n > pos_cap || n > idx_cap || c->size != b->size ||
+        !pm_step_kv_place_sure(c, s, seq_id, n, found[3], swa_type, n_swa)) {
         return PM_OK;
+    }
+    if (held) {  // the reference's seq_rm before its placement (nothing to free: no change)
+        int64_t n_freed = 0, first = -1;
+        int32_t removed = 0;
+        st = pm_step_kv_rm_seq(c, s, seq_id, 0, INT32_MAX, 1, c->used_max_p1[s], &n_freed, &first, &removed);
+        if (st != PM_OK || !removed) {
+            return st != PM_OK ? st : PM_ERR_RANGE;  // (place_sure ruled both out)
+        }
+        if (first >= 0 && first < b->heads[s]) {
+            b->heads[s] = first;
+        }
     }
     int64_t n_runs = 0;
     int32_t placed = 0;
-    st = pm_step_kv_restore_seq(c, s, seq_id, pos, n, 0, 0, b->heads, idx, b->run_starts[s], b->run_ends[s],
-                                &n_runs, &placed);
+    st = pm_step_kv_restore_seq(c, s, seq_id, pos, n, swa_type, n_swa, b->heads, idx, b->run_starts[s],
+                                b->run_ends[s], &n_runs, &placed);
     if (st != PM_OK || !placed) {
-        return st;
+        // (place_sure ruled a decline out; after a seq_rm it would not be "nothing changed")
+        return st != PM_OK ? st : held ? PM_ERR_RANGE : PM_OK;
     }
     // the parse checked every header and range against the whole stream: the store cannot
     // fail (its walk copies alone)

@@ -528,6 +528,27 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
     return PM_OK;
 }
 
+int32_t pm_step_kv_place_sure(const pm_step_cells * c, int64_t s, int32_t seq_id, int64_t n, int64_t fit,
+                              int32_t swa_type, int64_t n_swa) {
+    if (n < 1 || fit < n || n > c->size || s < 0 || s >= c->n_stream || seq_id < 0 || seq_id >= pm_step_ids(c) ||
+        c->n_multi[s] != 0 || swa_type < 0 || swa_type > 3 || (swa_type != 0 && n_swa <= 0)) {
+        return 0;
+    }
+    if (swa_type == 0) {
+        return 1;  // n empty cells after the seq_rm: the search finds them
+    }
+    if (c->n_stream != 1 || c->shift == NULL) {
+        return 0;  // (pm_step_kv_overwrite's one-stream stack)
+    }
+    const int64_t ids = pm_step_ids(c);
+    for (int64_t q = 0; q < ids; q++) {
+        if (q != seq_id && (c->pdirty[s * PM_STEP_MAX_SEQ + q] & 2)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
 pm_status pm_step_batch_check(const int32_t * token, const int32_t * pos, const int64_t * seq, int64_t n,
                               const int64_t * order, const int64_t * mem_max, int64_t n_vocab,
                               const uint8_t * output, int8_t * out_output, int32_t * seq_pos, int64_t * n_outputs,

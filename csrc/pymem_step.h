@@ -183,18 +183,33 @@ pm_status pm_kv_seq_cells_range(const int32_t * pos, const int32_t * owner, int6
 pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int64_t p0, int64_t p1, int32_t whole,
                             int64_t n_scan, int64_t * n_freed, int64_t * first_freed, int32_t * done);
 
-// A swap-in (a per-sequence restore of seq_id, which holds no cell of its stream: the
-// caller checks) in one call: pm_kv_read_seq_place's parse (pos: pos_cap >= the part's
-// cells, its scratch), pm_step_kv_restore_seq's placement (idx: idx_cap, its scratch; the
-// runs in b's run scratch of the stream) and pm_kv_read_seq_place's store, the order the
-// two-phase restore runs them in. Only where no window or ext applies (b: no ext; the
-// caller: no window) and the stream's empty cells hold the part. On success *done = 1 and
-// *consumed = the blob's bytes; *done = 0 with nothing changed wherever the parse or the
-// placement declines (the caller's two-phase restore then places the sequence, or names
-// what is wrong). b and c must view the same cells. PM_ERR_ARG for a null pointer.
-pm_status pm_kv_read_seq_swap_in(const pm_kv_seq_blob * b, pm_step_cells * c, int32_t seq_id, const void * blob,
-                                 int64_t avail, int32_t * pos, int64_t pos_cap, int32_t * idx, int64_t idx_cap,
-                                 int64_t * consumed, int32_t * done);
+// Whether pm_step_kv_restore_seq places n cells of seq_id into stream s for sure (never
+// declines) once seq_id's cells are removed: `fit` (pm_kv_read_seq_place's found[3], the
+// cells it may take without a window's help) >= n, no shared cell in s, an id inside the
+// bitsets, a window type in [0, 3] (n_swa > 0 with one) and, with a window (whose search
+// may take masked cells and then overwrites them, apply_ubatch's purge included), a
+// one-stream stack whose other sequences' largest positions are all current (a stale one,
+// pdirty bit 2, makes the search decline). Reads only; c must not be NULL.
+int32_t pm_step_kv_place_sure(const pm_step_cells * c, int64_t s, int32_t seq_id, int64_t n, int64_t fit,
+                              int32_t swa_type, int64_t n_swa);
+
+// A per-sequence restore that places seq_id anew, in one call: pm_kv_read_seq_place's
+// parse (pos: pos_cap >= the part's cells, its scratch), then, when `held` (the sequence
+// may hold cells of its stream: a restore over them, or any restore of a sliding-window
+// cache), its seq_rm (pm_step_kv_rm_seq of every position, the head back to the first
+// cell freed), pm_step_kv_restore_seq's placement with the window swa_type / n_swa (0, 0:
+// none; idx: idx_cap, its scratch; the runs in b's run scratch of the stream) and
+// pm_kv_read_seq_place's store: the order the two-phase restore runs them in. Without
+// `held` the caller vouches that seq_id holds no cell of its stream (a swap-in). Nothing
+// changes before pm_step_kv_place_sure proves the placement. On success *done = 1 and
+// *consumed = the blob's bytes; *done = 0 with nothing changed wherever the parse or that
+// proof declines (b with ext, too few cells the window need not free, a stale bound: the
+// caller's two-phase restore then places the sequence, or names what is wrong). b and c
+// must view the same cells. PM_ERR_ARG for a null pointer.
+pm_status pm_kv_read_seq_placed(const pm_kv_seq_blob * b, pm_step_cells * c, int32_t seq_id, int32_t held,
+                                int32_t swa_type, int64_t n_swa, const void * blob, int64_t avail, int32_t * pos,
+                                int64_t pos_cap, int32_t * idx, int64_t idx_cap, int64_t * consumed,
+                                int32_t * done);
 
 // A whole restore's commit after pm_kv_read_whole_blob's parse (mode 0) of the same blob
 // found counts, offsets and same: the cells placed (same: the heads alone move to 0; else

@@ -242,7 +242,7 @@ static int64_t pm_seq_check(pm_whole_part * p, int32_t seq_id, const char * d, i
     if (p->kv != NULL) {
         int64_t taken = 0;
         int32_t ok = 0;
-        if (p->kv_held) {
+        if (p->kv_held && p->kv_swa_type == 0) {
             if (pm_kv_read_seq_blob(p->kv, seq_id, d, avail, 0, &taken, &ok) != PM_OK || !ok) {
                 return -1;
             }
@@ -252,7 +252,9 @@ static int64_t pm_seq_check(pm_whole_part * p, int32_t seq_id, const char * d, i
             if (p->kv_pos == NULL || p->kv_idx == NULL ||
                 pm_kv_read_seq_place(p->kv, seq_id, d, avail, p->kv_pos, p->kv_cap, NULL, NULL, 0, found, &ok) !=
                     PM_OK ||
-                !ok || found[3] < found[0] || found[0] > p->kv_cap) {
+                !ok || found[0] > p->kv_cap ||
+                !pm_step_kv_place_sure(p->cells, p->kv->seq_to_stream[seq_id], seq_id, found[0], found[3],
+                                       p->kv_swa_type, p->kv_n_swa)) {
                 return -1;
             }
             p->kv_mode = 2;
@@ -298,8 +300,8 @@ static int pm_seq_store(pm_whole_part * p, int32_t seq_id, const char * d, int64
                 st = pm_kv_read_seq_blob(p->kv, seq_id, d, avail, 1, &taken, &ok);
             }
         } else {
-            st = pm_kv_read_seq_swap_in(p->kv, p->cells, seq_id, d, avail, p->kv_pos, p->kv_cap, p->kv_idx,
-                                        p->kv_cap, &taken, &ok);
+            st = pm_kv_read_seq_placed(p->kv, p->cells, seq_id, p->kv_held, p->kv_swa_type, p->kv_n_swa, d, avail,
+                                       p->kv_pos, p->kv_cap, p->kv_idx, p->kv_cap, &taken, &ok);
         }
         if (st != PM_OK) {
             return -1;

@@ -40,6 +40,8 @@ typedef struct pm_whole_part {
     int32_t kv_held;                  // a KV part's one-sequence read: the sequence holds a
                                       //   cell (back into them) or none (placed anew)
     int32_t kv_mode;                  //   out: 1 into its cells, 2 placed anew
+    int32_t kv_swa_type;              //   its window (pm_step_kv_restore_seq's; 0: none):
+    int64_t kv_n_swa;                 //   with one, a sequence is always placed anew
     int32_t * kv_pos;                 //   scratch [kv_cap] each (a placement's)
     int32_t * kv_idx;
     int64_t kv_cap;
@@ -94,15 +96,16 @@ pm_status pm_seq_write(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, v
                        int64_t * written, int32_t * done);
 
 // One sequence's restore of n_parts parts from blob (each part's section after the one
-// before), in one call: every part checked (a KV part: with kv_held, back into exactly the
-// cells it holds, pm_kv_read_seq_blob's check; else, a sequence that holds no cell, the
-// placed parse of pm_kv_read_seq_place whose empty cells prove the fit; a recurrent part:
-// pm_rs_restore_seq on a copy of the live cells in the rs_scr arrays), then, when all
-// apply, every part stored (pm_kv_read_seq_blob's store into the runs found; the one-call
-// swap-in, pm_kv_read_seq_swap_in; the recurrent rows at the copy's head). No KV part may
-// have a window or ext (the caller's Python completes those). *done, *consumed,
-// PM_ERR_RANGE and PM_ERR_ARG as pm_whole_read; the caller then bumps the KV parts'
-// versions and makes each recurrent part's copy its cells (rs_scalars, rs_cell).
+// before), in one call: every part checked (a KV part without a window and with kv_held,
+// back into exactly the cells it holds, pm_kv_read_seq_blob's check; else, a sequence that
+// holds no cell or a window's, the placed parse of pm_kv_read_seq_place whose cells prove
+// the fit, pm_step_kv_place_sure; a recurrent part: pm_rs_restore_seq on a copy of the
+// live cells in the rs_scr arrays), then, when all apply, every part stored
+// (pm_kv_read_seq_blob's store into the runs found; the one-call placed read,
+// pm_kv_read_seq_placed, after the seq_rm of a held sequence; the recurrent rows at the
+// copy's head). No KV part may have ext (the caller's Python writes those). *done,
+// *consumed, PM_ERR_RANGE and PM_ERR_ARG as pm_whole_read; the caller then bumps the KV
+// parts' versions and makes each recurrent part's copy its cells (rs_scalars, rs_cell).
 pm_status pm_seq_read(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, const void * blob, int64_t avail,
                       int64_t * consumed, int32_t * done);
 

@@ -24,7 +24,7 @@ def _count_native_placements(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     one: ``_place_seq_native`` (the two-phase restore's) or the one-call swap-in."""
     took: list[bool] = []
     real = KVCache._place_seq_native
-    real_swap_in = state_io.SeqBlob._swap_in
+    real_swap_in = state_io.SeqBlob._placed
 
     def counted(self, seq_id, pos):
         done = real(self, seq_id, pos)
@@ -39,7 +39,7 @@ def _count_native_placements(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
         return done
 
     monkeypatch.setattr(KVCache, "_place_seq_native", counted)
-    monkeypatch.setattr(state_io.SeqBlob, "_swap_in", swap_in)
+    monkeypatch.setattr(state_io.SeqBlob, "_placed", swap_in)
     return took
 
 
@@ -147,7 +147,8 @@ def test_native_restore_placement_from_every_head(monkeypatch, name: str) -> Non
 def test_native_window_restore_equals_numpy(monkeypatch, swa_type: SWAType) -> None:
     """Sliding-window caches: sequences swapped back in after other sequences' tokens took
     their cells (only masked cells left for some), native and numpy placement leave the
-    same cache; the native call overwrote masked cells in some of them."""
+    same cache; the native call (the one-call placed read, or the two-phase restore's
+    placement where that declines) overwrote masked cells in some of them."""
     from test_kv_swa_restore import _memory
 
     overwrote = 0
@@ -162,6 +163,18 @@ def test_native_window_restore_equals_numpy(monkeypatch, swa_type: SWAType) -> N
         return done
 
     monkeypatch.setattr(KVCache, "_place_seq_native", counted)
+    real_placed = state_io.SeqBlob._placed
+
+    def placed(self, data, seq_id, strm, held):
+        cells = self._cells[strm]
+        before = cells.owner.copy()
+        done = real_placed(self, data, seq_id, strm, held)
+        nonlocal overwrote
+        if done is not None:  # a cell another sequence held now holds seq_id
+            overwrote += int(((before >= 0) & (before != seq_id) & (cells.owner == seq_id)).any())
+        return done
+
+    monkeypatch.setattr(state_io.SeqBlob, "_placed", placed)
     for kv_size in (16, 24, 48):
         for seed in range(6):
             n_swa = 2 + seed % 4

@@ -27,7 +27,7 @@ def _count_plans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     native roads taken)."""
     made: list[int] = []
     real = state_io.PlacedSeqPlan.__init__
-    real_swap_in = state_io.SeqBlob._swap_in
+    real_swap_in = state_io.SeqBlob._placed
 
     def init(self, *args, **kw) -> None:  # type: ignore[no-untyped-def]
         made.append(1)
@@ -40,7 +40,7 @@ def _count_plans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return done
 
     monkeypatch.setattr(state_io.PlacedSeqPlan, "__init__", init)
-    monkeypatch.setattr(state_io.SeqBlob, "_swap_in", swap_in)
+    monkeypatch.setattr(state_io.SeqBlob, "_placed", swap_in)
     return made
 
 

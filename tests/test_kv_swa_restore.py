@@ -180,7 +180,7 @@ def test_native_and_numpy_restore_placements_agree(
         return done
 
     monkeypatch.setattr(KVCache, "_place_seq_native", counting_seq)
-    real_swap_in = state_io.SeqBlob._swap_in
+    real_swap_in = state_io.SeqBlob._placed
 
     def counting_swap_in(self: state_io.SeqBlob, *args: object) -> object:
         done = real_swap_in(self, *args)  # type: ignore[arg-type]
@@ -188,7 +188,7 @@ def test_native_and_numpy_restore_placements_agree(
             placed_natively.append(True)  # (no window: a swap-in in one call)
         return done
 
-    monkeypatch.setattr(state_io.SeqBlob, "_swap_in", counting_swap_in)
+    monkeypatch.setattr(state_io.SeqBlob, "_placed", counting_swap_in)
 
     def run(native: bool) -> tuple:
         monkeypatch.setattr(state_io, "NATIVE_PLACE", native)

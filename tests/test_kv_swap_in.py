@@ -1,6 +1,5 @@
 """A sequence that holds no cell read back from its blob (a swap-in) takes one native call
-(``pm_kv_read_seq_swap_in``: parse, placement, store) where no ext or sliding window
-applies. Pins it to the two-phase restore it replaces (``PlacedSeqPlan``: the same parse,
+(``pm_kv_read_seq_placed``: parse, placement, store) where no ext applies. Pins it to the two-phase restore it replaces (``PlacedSeqPlan``: the same parse,
 placement and store in three calls) and through it to the numpy placement: the same
 cells, heads, bounds, bytes and messages, and nothing changed wherever it declines."""
 
@@ -24,7 +23,7 @@ from pymem.kv import KVCache
 def _one_call(monkeypatch: pytest.MonkeyPatch, on: bool, taken: list[int]) -> Iterator[None]:
     """The one-call swap-in on (each one taken counted in ``taken``) or off (the
     two-phase restore places every swap-in)."""
-    real = state_io.SeqBlob._swap_in
+    real = state_io.SeqBlob._placed
 
     def swap_in(self, *args):  # type: ignore[no-untyped-def]
         done = real(self, *args) if on else None
@@ -33,7 +32,7 @@ def _one_call(monkeypatch: pytest.MonkeyPatch, on: bool, taken: list[int]) -> It
         return done
 
     with monkeypatch.context() as m:
-        m.setattr(state_io.SeqBlob, "_swap_in", swap_in)
+        m.setattr(state_io.SeqBlob, "_placed", swap_in)
         yield
 
 
@@ -167,38 +166,58 @@ def test_no_one_call_swap_in_under_a_journal_or_with_native_placement_off(monkey
     assert view is not None
     before = _state(kv)
     with kv._planning():
-        assert view._swap_in(blob, 1, 0) is None
+        assert view._placed(blob, 1, 0, False) is None
     assert _state(kv) == before
     monkeypatch.setattr(state_io, "NATIVE_PLACE", False)
-    assert view._swap_in(blob, 1, 0) is None
+    assert view._placed(blob, 1, 0, False) is None
     assert _state(kv) == before
     monkeypatch.setattr(state_io, "NATIVE_PLACE", True)
-    assert view._swap_in(blob, 1, 0) == len(blob)
+    assert view._placed(blob, 1, 0, False) == len(blob)
     assert kv.seq_pos_max(1) >= 0
 
 
-def test_not_offered_with_ext_or_a_window(monkeypatch) -> None:
-    """An ext layout's blob view has no one-call placement (Python writes the ext words);
-    a sliding-window cache's swap-in is not taken in one call either (its placement may
-    overwrite masked cells: Python completes those)."""
+def test_not_offered_with_ext_and_a_window_read_declines_what_it_cannot_prove(monkeypatch) -> None:
+    """An ext layout's blob view has no one-call placement (Python writes the ext words).
+    A sliding-window cache's read, swapped in or over the sequence's own cells, is one call
+    (its placement may overwrite and purge masked cells, in C too) and leaves what the
+    numpy placement leaves; with another sequence's largest position stale (the search
+    would decline halfway) it declines before anything changes, and the two-phase restore
+    then reads it, to the same end."""
     from test_kv_swa_restore import _memory
 
+    from pymem.kv.cells import STALE_MAX
     from pymem.spec import SWAType
 
     kv = _scenario("mrope-ext", 1, n_cells=48)
     view = kv._blob_view()
     assert view is not None and view._step is None
     kv.close()
-    swa = _memory(1, SWAType.STANDARD, 4, 24)
-    blob = bytes(swa.state_write(0))
-    swa.seq_rm(0, -1, -1)
-    view = swa._blob_view()
-    assert view is not None and view._swap_in(blob, 0, 0) is None  # (its own guard)
-    taken: list[int] = []
-    with _one_call(monkeypatch, True, taken):
-        assert swa.state_read(blob, 0) == len(blob)
-    assert not taken
-    swa.close()
+    for swap, stale in ((True, False), (False, False), (True, True), (False, True)):
+        states = []
+        taken: list[int] = []
+        for native in (True, False):
+            swa = _memory(1, SWAType.STANDARD, 4, 24)
+            blob = bytes(swa.state_write(0))
+            if swap:
+                swa.seq_rm(0, -1, -1)
+            view = swa._blob_view()
+            assert view is not None and swa.seq_pos_max(1) >= 0
+            if stale:  # (a refresh finds the same bound: _state's queries clear the flag)
+                before = _state(swa)
+                swa.cells.pdirty[0, 1] |= STALE_MAX
+                if native:
+                    assert view._placed(blob, 0, 0, not swap) is None
+                    assert _state(swa) == before
+                    swa.cells.pdirty[0, 1] |= STALE_MAX
+            with monkeypatch.context() as m:
+                m.setattr(state_io, "NATIVE_PLACE", native)
+                with _one_call(monkeypatch, native, taken):
+                    assert swa.state_read(blob, 0) == len(blob)
+            states.append(_state(swa))
+            check_invariants(swa)
+            swa.close()
+        assert states[0] == states[1], (swap, stale)
+        assert taken == ([] if stale else [1]), (swap, stale)
 
 
 def test_the_kernel_refuses_bad_arguments_and_declines_without_change() -> None:
@@ -217,8 +236,8 @@ def test_the_kernel_refuses_bad_arguments_and_declines_without_change() -> None:
     done = ffi.new("int32_t *")
 
     def call(c=cells, seq_id=0, data=blob, cap=48, out=consumed) -> int:
-        return lib.pm_kv_read_seq_swap_in(
-            view._view, c, seq_id, data, len(data), ffi.from_buffer("int32_t[]", pos),
+        return lib.pm_kv_read_seq_placed(
+            view._view, c, seq_id, 0, 0, 0, data, len(data), ffi.from_buffer("int32_t[]", pos),
             cap, ffi.from_buffer("int32_t[]", idx), cap, out, done,
         )  # fmt: skip
 

@@ -1984,6 +1984,7 @@ class _KVWholePart:
         part.kv_found = found
         part.kv_pos, part.kv_idx, part.kv_cap = pos, idx, self._cache.layout.kv_size
         part.kv_p_lo, part.kv_p_hi = -(2**31), 2**31 - 1  # (a window's: per sequence)
+        part.kv_swa_type, part.kv_n_swa = int(self._cache.swa_type), self._cache.n_swa
 
     def for_sequence(self, part: Any, seq_id: int) -> None:
         if self._cache.swa_type != SWAType.NONE:  # the positions the sequence's window sees
@@ -1991,8 +1992,6 @@ class _KVWholePart:
 
     def read_sequence(self, part: Any, seq_id: int) -> bool:
         cache = self._cache
-        if cache.swa_type != SWAType.NONE:
-            return False  # (a window's restore prunes what it leaves behind: Python's)
         part.kv_held = cache.v_cells[int(cache.seq_to_stream[seq_id])].seq_pos_max(seq_id) >= 0
         return True
 

@@ -326,10 +326,9 @@ class SeqBlob:
     def swap_in_with(self, step_cells: object) -> None:
         """Let :meth:`read` swap a sequence that holds no cell back in, and
         :meth:`commit_whole` commit a whole restore, in one native call each
-        (:c:func:`pm_kv_read_seq_swap_in`, :c:func:`pm_kv_read_whole_commit`):
+        (:c:func:`pm_kv_read_seq_placed`, :c:func:`pm_kv_read_whole_commit`):
         ``step_cells`` is the cache's ``pm_step_cells *`` over these very cells (kept alive
-        by the cache). Not with ext, whose words Python writes (nor, for a swap-in, with a
-        sliding window, whose placements Python completes: :meth:`read` declines those)."""
+        by the cache). Not with ext, whose words Python writes."""
         if self._view.n_ext != 0:
             return
         self._step = (
@@ -404,20 +403,24 @@ class SeqBlob:
         """A per-sequence restore that changes no cell (:func:`seq_same_cells`): the blob's
         one stream with cells puts ``seq_id`` back into exactly the cells it holds, with
         headers the cache's; its bytes are stored and the stream's head moves past the last
-        cell, as the two-phase restore would. The bytes consumed, or None with nothing
-        changed (always for a sliding-window cache, whose restore prunes what the window
-        leaves behind: the two-phase restore does that). Without ``store``: every check,
-        nothing stored (what a call with it would take). ``token`` (a two-phase plan's):
+        cell, as the two-phase restore would. A sequence that holds no cell, or any of a
+        sliding-window cache (whose placement may take and purge cells the window masks),
+        is placed anew in one call instead (:meth:`_placed`; only with ``store`` and no
+        ``token``). The bytes consumed, or None with nothing changed (the two-phase restore
+        then decides). Without ``store``: every check, nothing stored (what a call with it
+        would take). ``token`` (a two-phase plan's):
         a check remembers the runs it found under it, and a store with the same token right
         after uses them without searching the stream again (the plan vouches that neither
         the cache nor the blob changed; any other call on the stream forgets them)."""
-        if self._swa is not None:
-            return None
         strm = int(self._stream_of[seq_id])
-        if self._cells[strm].seq_pos_max(seq_id) < 0:
-            # swapped out: no cells to go back into (no owner scan to say so); placed anew
-            # in one more call where it may be
-            return self._swap_in(data, seq_id, strm) if store and token is None else None
+        held = self._cells[strm].seq_pos_max(seq_id) >= 0
+        if self._swa is not None and not SWA_DEFERRED:
+            return None  # (the simulated restore: the two-phase parse's)
+        if self._swa is not None or not held:
+            # placed anew in one more call where it may be: swapped out (no cells to go
+            # back into; no owner scan to say so), or a window's (its search may take cells
+            # the window masks, so the reference's cells are not the ones it holds)
+            return self._placed(data, seq_id, strm, held) if store and token is None else None
         src = _source(data)
         if src is None:
             return None
@@ -440,15 +443,17 @@ class SeqBlob:
             self._checked[strm] = (seq_id, token)
         return int(consumed[0])
 
-    def _swap_in(self, data: object, seq_id: int, strm: int) -> int | None:
-        """:meth:`read` of a sequence that holds no cell: parse, placement and store in one
-        native call (:c:func:`pm_kv_read_seq_swap_in`), what :class:`PlacedSeqPlan` does in
-        three. The bytes consumed, or None with nothing changed (no :meth:`swap_in_with`,
-        a sliding window, ``NATIVE_PLACE`` off, an undo journal, or what the call declines:
-        the two-phase restore then places it or names what is wrong). ``seq_id`` must hold
-        no cell of stream ``strm`` (the caller checks)."""
+    def _placed(self, data: object, seq_id: int, strm: int, held: bool) -> int | None:
+        """A per-sequence restore that places the sequence anew, in one native call
+        (:c:func:`pm_kv_read_seq_placed`): parse, the sequence's seq_rm when ``held``, the
+        placement (a window's overwrite of masked cells and purge included) and the store,
+        what :class:`PlacedSeqPlan` does in three. The bytes consumed, or None with nothing
+        changed (no :meth:`swap_in_with`, ``NATIVE_PLACE`` off, an undo journal, or what the
+        call declines: too few cells without the window's help, a stale bound; the
+        two-phase restore then places it or names what is wrong). Without ``held`` the
+        caller vouches that ``seq_id`` holds no cell of stream ``strm``."""
         step = self._step
-        if step is None or self._swa is not None or not NATIVE_PLACE or step[1].journaling:
+        if step is None or not NATIVE_PLACE or step[1].journaling:
             return None
         src = _source(data)
         if src is None:
@@ -457,10 +462,12 @@ class SeqBlob:
         done = ffi.new("int32_t *")
         self._searched[strm] = self._checked[strm] = self._placing = None  # scratch taken
         size = self._idx.size
-        status = lib.pm_kv_read_seq_swap_in(
-            self._view, step[0], seq_id, src, len(src), step[2], size, step[3], size, consumed, done
-        )
-        check(status, "state read: one sequence swapped in")
+        swa_type, n_swa = self._swa if self._swa is not None else (SWAType.NONE, 0)
+        status = lib.pm_kv_read_seq_placed(
+            self._view, step[0], seq_id, int(held), int(swa_type), n_swa, src, len(src),
+            step[2], size, step[3], size, consumed, done,
+        )  # fmt: skip
+        check(status, "state read: one sequence placed")
         return int(consumed[0]) if done[0] else None
 
     def read_place(self, data: object, seq_id: int, token: object) -> PlaceRead | None:
@@ -697,13 +704,11 @@ class PlacedSeqPlan(_BlobPlan):
     def commit(self) -> None:
         self._may_commit()
         self.verify()
-        # a swap-in (the sequence holds no cell): parse, placement and store in one call
-        # where it applies (None, nothing changed, for a window, ext or what it declines)
+        # parse, seq_rm, placement and store in one call where it applies (None, nothing
+        # changed, for ext or what it declines)
         strm = int(self.layout.seq_to_stream[self.seq_id])
-        if (
-            self.v_cells[strm].seq_pos_max(self.seq_id) < 0
-            and self.blob._swap_in(self.data, self.seq_id, strm) is not None
-        ):
+        held = self.v_cells[strm].seq_pos_max(self.seq_id) >= 0
+        if self.blob._placed(self.data, self.seq_id, strm, held) is not None:
             self.committed = True
             self.hooks.mark_mutated()
             return
