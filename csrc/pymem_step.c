@@ -528,7 +528,40 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
     return PM_OK;
 }
 
-int32_t pm_step_kv_place_sure(const pm_step_cells * c, int64_t s, int32_t seq_id, int64_t n, int64_t fit,
+// the cached bounds of stream s's sequences marked stale, recomputed from its cells and
+// made current (StackedCells.refresh; owners are the holders: no shared cell in s)
+static void pm_step_refresh_stale(pm_step_cells * c, int64_t s) {
+    const int64_t ids = pm_step_ids(c), base = s * PM_STEP_MAX_SEQ;
+    int64_t lo[PM_STEP_MAX_SEQ], hi[PM_STEP_MAX_SEQ];
+    int stale = 0;
+    for (int64_t q = 0; q < ids; q++) {
+        lo[q] = INT64_MAX;
+        hi[q] = -1;
+        stale |= c->pdirty[base + q];
+    }
+    if (!stale) {
+        return;
+    }
+    const int32_t * pos = c->pos + s * c->size;
+    const int32_t * own = c->owner + s * c->size;
+    const int64_t n = c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size;  // (an upper bound)
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t q = own[i];
+        if (q >= 0 && q < ids && pos[i] >= 0) {
+            lo[q] = pos[i] < lo[q] ? pos[i] : lo[q];
+            hi[q] = pos[i] > hi[q] ? pos[i] : hi[q];
+        }
+    }
+    for (int64_t q = 0; q < ids; q++) {
+        if (c->pdirty[base + q]) {
+            c->pmin[base + q] = hi[q] >= 0 ? lo[q] : INT64_MAX;
+            c->pmax[base + q] = hi[q];
+            c->pdirty[base + q] = 0;
+        }
+    }
+}
+
+int32_t pm_step_kv_place_sure(pm_step_cells * c, int64_t s, int32_t seq_id, int64_t n, int64_t fit,
                               int32_t swa_type, int64_t n_swa) {
     if (n < 1 || fit < n || n > c->size || s < 0 || s >= c->n_stream || seq_id < 0 || seq_id >= pm_step_ids(c) ||
         c->n_multi[s] != 0 || swa_type < 0 || swa_type > 3 || (swa_type != 0 && n_swa <= 0)) {
@@ -540,12 +573,7 @@ int32_t pm_step_kv_place_sure(const pm_step_cells * c, int64_t s, int32_t seq_id
     if (c->n_stream != 1 || c->shift == NULL) {
         return 0;  // (pm_step_kv_overwrite's one-stream stack)
     }
-    const int64_t ids = pm_step_ids(c);
-    for (int64_t q = 0; q < ids; q++) {
-        if (q != seq_id && (c->pdirty[s * PM_STEP_MAX_SEQ + q] & 2)) {
-            return 0;
-        }
-    }
+    pm_step_refresh_stale(c, s);  // (the search reads other sequences' largest positions)
     return 1;
 }
 

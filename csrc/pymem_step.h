@@ -188,9 +188,11 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
 // cells it may take without a window's help) >= n, no shared cell in s, an id inside the
 // bitsets, a window type in [0, 3] (n_swa > 0 with one) and, with a window (whose search
 // may take masked cells and then overwrites them, apply_ubatch's purge included), a
-// one-stream stack whose other sequences' largest positions are all current (a stale one,
-// pdirty bit 2, makes the search decline). Reads only; c must not be NULL.
-int32_t pm_step_kv_place_sure(const pm_step_cells * c, int64_t s, int32_t seq_id, int64_t n, int64_t fit,
+// one-stream stack. With a window, the stream's stale cached bounds (pdirty) are
+// recomputed from its cells first (the search reads other sequences' largest positions
+// and declines at a stale one): a cache refresh, as a position query makes, which changes
+// no state. c must not be NULL.
+int32_t pm_step_kv_place_sure(pm_step_cells * c, int64_t s, int32_t seq_id, int64_t n, int64_t fit,
                               int32_t swa_type, int64_t n_swa);
 
 // A per-sequence restore that places seq_id anew, in one call: pm_kv_read_seq_place's

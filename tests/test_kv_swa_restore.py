@@ -44,8 +44,8 @@ def _memory(seed: int, swa_type: SWAType, n_swa: int, kv_size: int) -> KVCache:
 
 
 def _planned(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Record, per sliding-window placement (the numpy one or the one native call),
-    whether it ran under the parse's journal."""
+    """Record, per sliding-window placement (the numpy one, the one native call, or the
+    one-call read), whether it ran under the parse's journal."""
     seen: list[bool] = []
     real = KVCache._place_restored
 
@@ -64,6 +64,15 @@ def _planned(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
         return done
 
     monkeypatch.setattr(KVCache, "_place_seq_native", place_seq)
+    real_placed = state_io.SeqBlob._placed
+
+    def placed(self: state_io.SeqBlob, *args: object) -> object:
+        done = real_placed(self, *args)  # type: ignore[arg-type]
+        if done is not None and self._swa is not None:
+            seen.append(False)  # (the one-call read: never under a journal)
+        return done
+
+    monkeypatch.setattr(state_io.SeqBlob, "_placed", placed)
     return seen
 
 
@@ -119,6 +128,7 @@ def test_a_restore_keeps_the_decode_steps_memo(monkeypatch: pytest.MonkeyPatch) 
     seen = _planned(monkeypatch)
     # the frozen-ubatch road (where the one-call placement declines) builds the memo
     monkeypatch.setattr(KVCache, "_place_seq_native", lambda self, seq_id, pos: None)
+    monkeypatch.setattr(state_io.SeqBlob, "_placed", lambda self, *args: None)
     kv = _memory(3, SWAType.STANDARD, 3, 48)
     step_memo = kv._memo
     assert step_memo is not None, "decode left no step memo to keep"

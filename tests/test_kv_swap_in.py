@@ -176,48 +176,76 @@ def test_no_one_call_swap_in_under_a_journal_or_with_native_placement_off(monkey
     assert kv.seq_pos_max(1) >= 0
 
 
-def test_not_offered_with_ext_and_a_window_read_declines_what_it_cannot_prove(monkeypatch) -> None:
+def _window_cache(seed: int, unified: bool) -> KVCache:
+    """A 24-cell sliding-window cache (n_swa 4) of 3 sequences decoded in random chunks, as
+    test_kv_swa_restore's; one stream per sequence unless ``unified``."""
+    from test_iswa import decode as iswa_decode
+    from test_iswa import iswa_spec, randomize
+
+    from pymem.spec import SWAType
+
+    rng = np.random.default_rng(seed)
+    kv = KVCache(iswa_spec("SS", n_swa=4), kv_size=24, n_swa=4, swa_type=SWAType.STANDARD,
+                 type_k="f16", type_v="f16", v_trans=True, unified=unified, n_seq_max=3)  # fmt: skip
+    pos = [0, 0, 0]
+    for _ in range(6):
+        items = [
+            [1 + s, pos[s] + j, [s], False]
+            for s in range(3)
+            for j in range(int(rng.integers(1, 4)))
+        ]
+        for s in range(3):
+            pos[s] += sum(1 for it in items if it[2] == [s])
+        assert iswa_decode(kv, items, n_ubatch=8) == 0
+    randomize(kv, seed)
+    return kv
+
+
+def test_not_offered_with_ext_and_a_window_read_in_one_call(monkeypatch) -> None:
     """An ext layout's blob view has no one-call placement (Python writes the ext words).
     A sliding-window cache's read, swapped in or over the sequence's own cells, is one call
     (its placement may overwrite and purge masked cells, in C too) and leaves what the
-    numpy placement leaves; with another sequence's largest position stale (the search
-    would decline halfway) it declines before anything changes, and the two-phase restore
-    then reads it, to the same end."""
-    from test_kv_swa_restore import _memory
-
+    numpy placement leaves: with other sequences' cached bounds stale too (the call
+    recomputes them first: the search reads them); with one stream per sequence it
+    declines before anything changes (the overwrite is written for one stream) and the
+    two-phase restore reads it, to the same end."""
     from pymem.kv.cells import STALE_MAX
-    from pymem.spec import SWAType
 
     kv = _scenario("mrope-ext", 1, n_cells=48)
     view = kv._blob_view()
     assert view is not None and view._step is None
     kv.close()
-    for swap, stale in ((True, False), (False, False), (True, True), (False, True)):
+    for swap, stale, unified in [(w, s, True) for w in (True, False) for s in (False, True)] + [
+        (True, False, False), (False, False, False)
+    ]:  # fmt: skip
         states = []
         taken: list[int] = []
         for native in (True, False):
-            swa = _memory(1, SWAType.STANDARD, 4, 24)
+            swa = _window_cache(1, unified)
             blob = bytes(swa.state_write(0))
             if swap:
                 swa.seq_rm(0, -1, -1)
+            strm = int(swa.seq_to_stream[0])
+            assert swa.seq_pos_max(1) >= 0
+            if stale:  # (a refresh finds the same bound)
+                swa.cells.pdirty[strm, 1] |= STALE_MAX
             view = swa._blob_view()
-            assert view is not None and swa.seq_pos_max(1) >= 0
-            if stale:  # (a refresh finds the same bound: _state's queries clear the flag)
+            assert view is not None
+            if native and not unified:
                 before = _state(swa)
-                swa.cells.pdirty[0, 1] |= STALE_MAX
-                if native:
-                    assert view._placed(blob, 0, 0, not swap) is None
-                    assert _state(swa) == before
-                    swa.cells.pdirty[0, 1] |= STALE_MAX
+                assert view._placed(blob, 0, strm, not swap) is None
+                assert _state(swa) == before
             with monkeypatch.context() as m:
                 m.setattr(state_io, "NATIVE_PLACE", native)
                 with _one_call(monkeypatch, native, taken):
                     assert swa.state_read(blob, 0) == len(blob)
+            if native and stale:
+                assert not swa.cells.pdirty[strm, 1] & STALE_MAX  # (recomputed)
             states.append(_state(swa))
             check_invariants(swa)
             swa.close()
-        assert states[0] == states[1], (swap, stale)
-        assert taken == ([] if stale else [1]), (swap, stale)
+        assert states[0] == states[1], (swap, stale, unified)
+        assert taken == ([1] if unified else []), (swap, stale, unified)
 
 
 def test_the_kernel_refuses_bad_arguments_and_declines_without_change() -> None:
