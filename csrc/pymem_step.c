@@ -195,11 +195,46 @@ static int pm_step_fill_checked(pm_step_cells * c, int64_t s, const int32_t * wo
     int32_t run_id = -1;
     int64_t run_min = 0, run_max = 0, i = 0;
     if (rec == 3 && n_words == 1) {
-        // the usual records and bitsets: four records a step, checked without a branch
-        // before any is written (a bad group goes to the loop below, which finds the bad
-        // one); four records of the running sequence extend its run at once
-        for (; i + 4 <= n; i += 4) {
+        // the usual records and bitsets: sixteen records of one sequence (a blob's runs are
+        // a sequence's cells: most blocks are) checked together without a branch, then
+        // stored with the one id and bit; else four records a step, checked before any is
+        // written (a bad group goes to the loop below, which finds the bad one); four
+        // records of the running sequence extend its run at once
+        while (i + 4 <= n) {
             const int32_t * r = words + 3 * i;
+            if (i + 16 <= n) {
+                const int32_t q = pm_step_ld32(r + 2);
+                uint32_t bad = pm_record_bad(0, 1, q, n_seq_max);
+                int32_t lo = INT32_MAX, hi = INT32_MIN;
+                for (int j = 0; j < 16; j++) {
+                    const int32_t p = pm_step_ld32(r + 3 * j);
+                    bad |= (uint32_t) (p < 0) | (uint32_t) (pm_step_ld32(r + 3 * j + 1) != 1) |
+                           (uint32_t) (pm_step_ld32(r + 3 * j + 2) != q);
+                    lo = p < lo ? p : lo;
+                    hi = p > hi ? p : hi;
+                }
+                if (!bad) {
+                    const uint64_t bit = (uint64_t) 1 << (q & 63);
+                    for (int j = 0; j < 16; j++) {
+                        pos[i + j] = pm_step_ld32(r + 3 * j);
+                    }
+                    for (int j = 0; j < 16; j++) {
+                        own[i + j] = q;
+                        bits[i + j] = bit;
+                    }
+                    if (q == run_id) {
+                        run_min = lo < run_min ? lo : run_min;
+                        run_max = hi > run_max ? hi : run_max;
+                    } else {
+                        if (run_id >= 0) {
+                            pm_step_bounds(c, s, run_id, run_min, run_max);
+                        }
+                        run_id = q, run_min = lo, run_max = hi;
+                    }
+                    i += 16;
+                    continue;
+                }
+            }
             int32_t p[4], one[4], id[4];
             uint32_t bad = 0;
             for (int j = 0; j < 4; j++) {
@@ -227,6 +262,7 @@ static int pm_step_fill_checked(pm_step_cells * c, int64_t s, const int32_t * wo
                     pm_step_run_add(c, s, id[j], p[j], &run_id, &run_min, &run_max);
                 }
             }
+            i += 4;
         }
     }
     for (; i < n; i++) {
