@@ -2,8 +2,73 @@
 
 #include <string.h>
 
-// the part's check at d (avail bytes): its bytes, or -1 when it declines
-static int64_t pm_whole_check(pm_whole_part * p, const char * d, int64_t avail) {
+// what a call needs of its parts (pm_part_ok)
+enum {
+    PM_PART_KV_READ = 1,   // a KV part's cells, no ext (a read places or compares them)
+    PM_PART_KV_FOUND = 2,  // a KV part's parse scratch (a whole read)
+    PM_PART_RS_LIVE = 4,   // a recurrent part's live cells (a write; a one-sequence read)
+    PM_PART_RS_OUT = 8,    // a recurrent part's out arrays (a whole read)
+};
+
+// whether part p is a KV or a recurrent part with every pointer `needs` names
+static int pm_part_ok(const pm_whole_part * p, int needs) {
+    if (p->kv != NULL) {
+        return (!(needs & PM_PART_KV_READ) || (p->cells != NULL && p->kv->n_ext == 0)) &&
+               (!(needs & PM_PART_KV_FOUND) || p->kv_found != NULL);
+    }
+    return p->rs_tensors != NULL && p->rs_spec != NULL && p->rs_size > 0 &&
+           (!(needs & PM_PART_RS_LIVE) || (p->rs_cell_tail != NULL && p->rs_cell_pos != NULL &&
+                                           p->rs_cell_src != NULL && p->rs_cell_rs_idx != NULL)) &&
+           (!(needs & PM_PART_RS_OUT) || (p->rs_pos != NULL && p->rs_tail != NULL));
+}
+
+// a part's check at d (avail bytes) for sequence seq_id (-1: the whole part): its bytes
+// (p->taken too), or -1 when it declines
+typedef int64_t (*pm_part_check)(pm_whole_part * p, int32_t seq_id, const char * d, int64_t avail);
+
+// a part's store after its check: 1 done, 0 declined with nothing changed, -1 failed after
+// changing something (the blob changed since the check)
+typedef int (*pm_part_store)(pm_whole_part * p, int32_t seq_id, const char * d, int64_t avail);
+
+// pm_whole_read and pm_seq_read: every part checked before the first store, then every
+// part stored (each part's section follows the one before)
+static pm_status pm_parts_read(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, int needs,
+                               pm_part_check check, pm_part_store store, const void * blob, int64_t avail,
+                               int64_t * consumed, int32_t * done) {
+    if (parts == NULL || blob == NULL || consumed == NULL || done == NULL || n_parts < 1 || avail < 0) {
+        return PM_ERR_ARG;
+    }
+    *done = 0;
+    for (int64_t i = 0; i < n_parts; ++i) {
+        if (!pm_part_ok(&parts[i], needs)) {
+            return PM_ERR_ARG;
+        }
+    }
+    const char * d = (const char *) blob;
+    int64_t at = 0;
+    for (int64_t i = 0; i < n_parts; ++i) {
+        const int64_t taken = check(&parts[i], seq_id, d + at, avail - at);
+        if (taken < 0) {
+            return PM_OK;
+        }
+        at += taken;
+    }
+    at = 0;
+    for (int64_t i = 0; i < n_parts; ++i) {
+        const int stored = store(&parts[i], seq_id, d + at, avail - at);
+        if (stored != 1) {
+            return stored == 0 && i == 0 ? PM_OK : PM_ERR_RANGE;
+        }
+        at += parts[i].taken;
+    }
+    *consumed = at;
+    *done = 1;
+    return PM_OK;
+}
+
+// pm_part_check of a whole read
+static int64_t pm_whole_check(pm_whole_part * p, int32_t seq_id, const char * d, int64_t avail) {
+    (void) seq_id;
     int64_t taken = 0;
     int32_t ok = 0;
     if (p->kv != NULL) {
@@ -27,9 +92,9 @@ static int64_t pm_whole_check(pm_whole_part * p, const char * d, int64_t avail) 
     return taken;
 }
 
-// the part's store after its check: 1 done, 0 declined with nothing changed, -1 failed
-// after changing something (the blob changed since the check)
-static int pm_whole_store(pm_whole_part * p, const char * d, int64_t avail) {
+// pm_part_store of a whole read
+static int pm_whole_store(pm_whole_part * p, int32_t seq_id, const char * d, int64_t avail) {
+    (void) seq_id;
     if (p->kv != NULL) {
         const int64_t n_stream = p->kv->n_stream;
         int32_t done = 0;
@@ -51,39 +116,8 @@ static int pm_whole_store(pm_whole_part * p, const char * d, int64_t avail) {
 
 pm_status pm_whole_read(pm_whole_part * parts, int64_t n_parts, const void * blob, int64_t avail,
                         int64_t * consumed, int32_t * done) {
-    if (parts == NULL || blob == NULL || consumed == NULL || done == NULL || n_parts < 1 || avail < 0) {
-        return PM_ERR_ARG;
-    }
-    *done = 0;
-    for (int64_t i = 0; i < n_parts; ++i) {
-        const pm_whole_part * p = &parts[i];
-        const int kv = p->kv != NULL && p->cells != NULL && p->kv_found != NULL && p->kv->n_ext == 0;
-        const int rs = p->kv == NULL && p->rs_tensors != NULL && p->rs_spec != NULL && p->rs_pos != NULL &&
-                       p->rs_tail != NULL && p->rs_size > 0;
-        if (!kv && !rs) {
-            return PM_ERR_ARG;
-        }
-    }
-    const char * d = (const char *) blob;
-    int64_t at = 0;
-    for (int64_t i = 0; i < n_parts; ++i) {  // every check before the first store
-        const int64_t taken = pm_whole_check(&parts[i], d + at, avail - at);
-        if (taken < 0) {
-            return PM_OK;
-        }
-        at += taken;
-    }
-    at = 0;
-    for (int64_t i = 0; i < n_parts; ++i) {
-        const int stored = pm_whole_store(&parts[i], d + at, avail - at);
-        if (stored != 1) {
-            return stored == 0 && i == 0 ? PM_OK : PM_ERR_RANGE;
-        }
-        at += parts[i].taken;
-    }
-    *consumed = at;
-    *done = 1;
-    return PM_OK;
+    return pm_parts_read(parts, n_parts, -1, PM_PART_KV_READ | PM_PART_KV_FOUND | PM_PART_RS_OUT, pm_whole_check,
+                         pm_whole_store, blob, avail, consumed, done);
 }
 
 // the part's bytes (a size query; reuse: the write right after it), or -1: it declines;
@@ -127,11 +161,7 @@ static pm_status pm_parts_write(pm_whole_part * parts, int64_t n_parts, int32_t 
     *done = 0;
     *written = 0;
     for (int64_t i = 0; i < n_parts; ++i) {
-        const pm_whole_part * p = &parts[i];
-        const int rs = p->kv == NULL && p->rs_tensors != NULL && p->rs_spec != NULL && p->rs_cell_tail != NULL &&
-                       p->rs_cell_pos != NULL && p->rs_cell_src != NULL && p->rs_cell_rs_idx != NULL &&
-                       p->rs_size > 0;
-        if (p->kv == NULL && !rs) {
+        if (!pm_part_ok(&parts[i], PM_PART_RS_LIVE)) {
             return PM_ERR_ARG;
         }
     }
@@ -318,39 +348,9 @@ static int pm_seq_store(pm_whole_part * p, int32_t seq_id, const char * d, int64
 
 pm_status pm_seq_read(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, const void * blob, int64_t avail,
                       int64_t * consumed, int32_t * done) {
-    if (parts == NULL || blob == NULL || consumed == NULL || done == NULL || n_parts < 1 || avail < 0 ||
-        seq_id < 0) {
+    if (seq_id < 0) {
         return PM_ERR_ARG;
     }
-    *done = 0;
-    for (int64_t i = 0; i < n_parts; ++i) {
-        const pm_whole_part * p = &parts[i];
-        const int kv = p->kv != NULL && p->cells != NULL && p->kv->n_ext == 0;
-        const int rs = p->kv == NULL && p->rs_tensors != NULL && p->rs_spec != NULL && p->rs_cell_tail != NULL &&
-                       p->rs_cell_pos != NULL && p->rs_cell_src != NULL && p->rs_cell_rs_idx != NULL &&
-                       p->rs_size > 0;
-        if (!kv && !rs) {
-            return PM_ERR_ARG;
-        }
-    }
-    const char * d = (const char *) blob;
-    int64_t at = 0;
-    for (int64_t i = 0; i < n_parts; ++i) {  // every check before the first store
-        const int64_t taken = pm_seq_check(&parts[i], seq_id, d + at, avail - at);
-        if (taken < 0) {
-            return PM_OK;
-        }
-        at += taken;
-    }
-    at = 0;
-    for (int64_t i = 0; i < n_parts; ++i) {
-        const int stored = pm_seq_store(&parts[i], seq_id, d + at, avail - at);
-        if (stored != 1) {
-            return stored == 0 && i == 0 ? PM_OK : PM_ERR_RANGE;
-        }
-        at += parts[i].taken;
-    }
-    *consumed = at;
-    *done = 1;
-    return PM_OK;
+    return pm_parts_read(parts, n_parts, seq_id, PM_PART_KV_READ | PM_PART_RS_LIVE, pm_seq_check, pm_seq_store, blob,
+                         avail, consumed, done);
 }

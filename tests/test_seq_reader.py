@@ -385,6 +385,54 @@ def test_the_whole_read_kernel_refuses_bad_arguments() -> None:
     mem.close()
 
 
+def test_each_one_call_refuses_a_part_without_a_pointer_it_needs() -> None:
+    """The three calls share one check of their parts (``pm_part_ok``), each asking for
+    what it uses: a KV part's cells (reads), its parse scratch (the whole read), a
+    recurrent part's live cells (writes and the one-sequence read) and out arrays (the
+    whole read). Each pointer taken away from a copy of a real part: PM_ERR_ARG from the
+    calls that need it, nothing read or written; the others take the part."""
+    from pymem._native import ffi, lib
+
+    mem = _memory("hybrid", 4)
+    blob = bytes(mem.state_write())
+    seq_blob = bytes(mem.state_write(1))
+    array, parts = mem._whole_program(0)  # type: ignore[misc]
+    kinds = ["kv" if array[i].kv != ffi.NULL else "rs" for i in range(len(parts))]
+    assert set(kinds) == {"kv", "rs"}
+    consumed = ffi.new("int64_t *")
+    done = ffi.new("int32_t *")
+    out = bytearray(len(blob))
+
+    calls = {
+        "whole read": lambda p: lib.pm_whole_read(p, 1, blob, len(blob), consumed, done),
+        "seq read": lambda p: lib.pm_seq_read(p, 1, 1, seq_blob, len(seq_blob), consumed, done),
+        "whole write": lambda p: lib.pm_whole_write(p, 1, ffi.NULL, 0, consumed, done),
+        "seq write": lambda p: lib.pm_seq_write(p, 1, 1, ffi.from_buffer(out), len(out), consumed, done),
+    }
+
+    needs = {  # pointer -> the calls that refuse a part without it
+        ("kv", "cells"): {"whole read", "seq read"},
+        ("kv", "kv_found"): {"whole read"},
+        ("rs", "rs_cell_tail"): {"seq read", "whole write", "seq write"},
+        ("rs", "rs_cell_rs_idx"): {"seq read", "whole write", "seq write"},
+        ("rs", "rs_pos"): {"whole read"},
+        ("rs", "rs_tail"): {"whole read"},
+        ("rs", "rs_tensors"): {"whole read", "seq read", "whole write", "seq write"},
+    }
+    for (kind, field), refused in needs.items():
+        i = kinds.index(kind)
+        one = ffi.new("pm_whole_part[]", 1)
+        ffi.memmove(one, ffi.addressof(array[i]), ffi.sizeof("pm_whole_part"))
+        setattr(one[0], field, ffi.NULL)
+        for name, call in calls.items():
+            before = _snapshot(mem)
+            status = call(one)
+            assert (status == lib.PM_ERR_ARG) == (name in refused), (field, name, status)
+            if name in refused:
+                assert _snapshot(mem) == before, (field, name)
+    mem.close()
+
+
 @pytest.mark.parametrize("seq_id", [-1, 0, 2, 3])
 @pytest.mark.parametrize("flags", [0, 1, 2, 3])
 @pytest.mark.parametrize("kind", ["hybrid", "iswa", "hybrid_iswa"])
