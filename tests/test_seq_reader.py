@@ -407,7 +407,9 @@ def test_each_one_call_refuses_a_part_without_a_pointer_it_needs() -> None:
         "whole read": lambda p: lib.pm_whole_read(p, 1, blob, len(blob), consumed, done),
         "seq read": lambda p: lib.pm_seq_read(p, 1, 1, seq_blob, len(seq_blob), consumed, done),
         "whole write": lambda p: lib.pm_whole_write(p, 1, ffi.NULL, 0, consumed, done),
-        "seq write": lambda p: lib.pm_seq_write(p, 1, 1, ffi.from_buffer(out), len(out), consumed, done),
+        "seq write": lambda p: lib.pm_seq_write(
+            p, 1, 1, ffi.from_buffer(out), len(out), consumed, done
+        ),
     }
 
     needs = {  # pointer -> the calls that refuse a part without it
