@@ -547,21 +547,11 @@ static int64_t pm_runs_ascending(const int64_t * run_starts, const int64_t * run
     return cells;
 }
 
-pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void * const * src,
-                               const int64_t * params, int64_t n_sec, const int64_t * run_starts,
-                               const int64_t * run_ends, int64_t n_runs) {
-    if (tensors == NULL || src == NULL || params == NULL || n_sec < 0 || n_runs < 0 ||
-        (n_runs > 0 && (run_starts == NULL || run_ends == NULL))) {
-        return PM_ERR_ARG;
-    }
-    // runs in any order (a slot search that wrapped around lists its later cells first)
-    int64_t n_cells = 0, end_max = 0;
-    if (pm_runs_measure(run_starts, run_ends, n_runs, &n_cells, &end_max) != PM_OK) {
-        return PM_ERR_ARG;
-    }
-    if (n_runs == 0) {
-        return PM_OK;
-    }
+// the checks of pm_stateio_put_cells' sections (host tensors, non-negative parameters,
+// every byte inside its tensor, repetitions that do not overlap) for cells below end_max
+// (>= 1)
+static pm_status pm_cells_params_check(struct ggml_tensor * const * tensors, const int64_t * params, int64_t n_sec,
+                                       int64_t end_max) {
     const uint64_t last_cell = (uint64_t) end_max - 1;
     for (int64_t k = 0; k < n_sec; ++k) {
         const struct ggml_tensor * t = tensors[k];
@@ -595,6 +585,28 @@ pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void 
         if (reps > 0 && rep_stride < last_cell * stride + bytes) {
             return PM_ERR_ARG;
         }
+    }
+    return PM_OK;
+}
+
+pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void * const * src,
+                               const int64_t * params, int64_t n_sec, const int64_t * run_starts,
+                               const int64_t * run_ends, int64_t n_runs) {
+    if (tensors == NULL || src == NULL || params == NULL || n_sec < 0 || n_runs < 0 ||
+        (n_runs > 0 && (run_starts == NULL || run_ends == NULL))) {
+        return PM_ERR_ARG;
+    }
+    // runs in any order (a slot search that wrapped around lists its later cells first)
+    int64_t n_cells = 0, end_max = 0;
+    if (pm_runs_measure(run_starts, run_ends, n_runs, &n_cells, &end_max) != PM_OK) {
+        return PM_ERR_ARG;
+    }
+    if (n_runs == 0) {
+        return PM_OK;
+    }
+    const pm_status st = pm_cells_params_check(tensors, params, n_sec, end_max);
+    if (st != PM_OK) {
+        return st;
     }
     // every check done: one piece per section and repetition
     int64_t n_pieces = 0;
@@ -1409,8 +1421,11 @@ static void pm_zero_scratch_free(pm_zero_scratch * z) {
     free(z->params);
 }
 
-// zero cells [counts[s], kv_size) of every stream's rows, every layer (zero_range_native)
-static pm_status pm_kv_zero_past(const pm_kv_seq_blob * b, const int64_t * counts, const pm_zero_scratch * z) {
+// zero cells [counts[s], kv_size) of every stream's rows, every layer (zero_range_native);
+// check_only: the checks alone, over all cells of every stream (every tensor in host
+// memory, every byte inside it), before a commit changes anything
+static pm_status pm_kv_zero_past(const pm_kv_seq_blob * b, const int64_t * counts, const pm_zero_scratch * z,
+                                 int check_only) {
     const int64_t n_layer = b->spec[0][0];
     pm_status st = PM_OK;
     for (int64_t s = 0; st == PM_OK && s < b->n_stream; ++s) {
@@ -1432,7 +1447,9 @@ static pm_status pm_kv_zero_past(const pm_kv_seq_blob * b, const int64_t * count
             z->tensors[n++] = t;
         }
         const int64_t a = counts[s], e = kv_size;
-        if (a < e && n > 0) {
+        if (check_only && n > 0 && e > 0) {  // (every tensor, the cells' bytes stored too)
+            st = pm_cells_params_check(z->tensors, z->params, n, e);
+        } else if (!check_only && a < e && n > 0) {
             st = pm_stateio_put_cells(z->tensors, z->src, z->params, n, &a, &e, 1);
         }
     }
@@ -1466,6 +1483,13 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
         }
         words[s] = counts[s] > 0 ? (const int32_t *) (const void *) (d + offsets[s]) : NULL;
     }
+    // the zeroing's parameters checked before anything changes: a refusal declines
+    if (st == PM_OK && pm_kv_zero_past(b, counts, &zero, 1) != PM_OK) {
+        free((void *) words);
+        free(scratch);
+        pm_zero_scratch_free(&zero);
+        return PM_OK;
+    }
     int32_t placed = 1;
     if (st == PM_OK && !same) {
         st = pm_step_kv_refill(c, words, counts, 3, b->n_seq_max, &placed);
@@ -1481,7 +1505,7 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
             st = PM_ERR_RANGE;
         }
         if (st == PM_OK) {
-            st = pm_kv_zero_past(b, counts, &zero);
+            st = pm_kv_zero_past(b, counts, &zero, 0);
         }
         *done = st == PM_OK;
     }

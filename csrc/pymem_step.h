@@ -220,7 +220,9 @@ pm_status pm_kv_read_seq_placed(const pm_kv_seq_blob * b, pm_step_cells * c, int
 // transposed V, as the reference's clear(true) leaves them; on pm_set_copy_threads'
 // threads), what WholeBlobPlan.commit does in several calls. The caller resets has_shift.
 // No ext (b->n_ext 0). *done = 0 with nothing changed where the refill declines a record
-// (the blob changed since the parse); *done = 1 when all of it ran. PM_ERR_ARG for a null
+// (the blob changed since the parse) or a tensor fails the checks of the bytes' store or
+// the zeroing (not in host memory; checked before the refill); *done = 1 when all of it
+// ran. PM_ERR_ARG for a null
 // pointer, views of other cells or an offset past the blob; PM_ERR_RANGE when the store's
 // checks fail after the placement (the blob changed while it was restored).
 pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, const void * blob, int64_t avail,

@@ -497,3 +497,56 @@ def test_refill_bounds_take_every_record_of_a_run(into: str) -> None:
     assert (dest.seq_pos_min(0), dest.seq_pos_max(0)) == (8, 107)
     assert dest.seq_pos_max(1) == -1
     check_invariants(dest)
+
+
+@pytest.mark.parametrize("donor_seed", [9, 4])
+@pytest.mark.parametrize("bad", ["first K", "last V"])
+def test_a_whole_commit_declines_a_tensor_it_cannot_store_before_any_change(
+    bad: str, donor_seed: int
+) -> None:
+    """A view whose tensor is not in host memory (its buffer gone, as a device tensor's
+    host view would be): the whole commit checks every tensor the store and the zeroing
+    write before its refill, so it declines (``done`` 0) with the cells, heads, bounds and
+    bytes as they were. Before, the refill ran first and the store's refusal came after
+    it (PM_ERR_RANGE on a changed cache)."""
+    kv = _scenario("f16-trans", 3, n_cells=48)
+    blob = bytes(_scenario("f16-trans", donor_seed, n_cells=48).state_write())
+    view = kv._blob_view()
+    assert view is not None
+    counts = np.zeros(kv.n_stream, np.int64)
+    offsets = np.zeros(kv.n_stream, np.int64)
+    same = ffi.new("int32_t *")
+    consumed = ffi.new("int64_t *")
+    done = ffi.new("int32_t *")
+    counts_c = ffi.from_buffer("int64_t[]", counts, require_writable=True)
+    offsets_c = ffi.from_buffer("int64_t[]", offsets, require_writable=True)
+    status = lib.pm_kv_read_whole_blob(
+        view._view, blob, len(blob), 0, counts_c, offsets_c, same, consumed, done
+    )
+    assert status == lib.PM_OK and done[0] == 1 and not same[0]
+    copy = ffi.new("pm_kv_seq_blob *")
+    ffi.memmove(copy, view._view, ffi.sizeof("pm_kv_seq_blob"))
+    n = 2 * len(kv.layers)
+    tensors = ffi.new("struct ggml_tensor *[]", [view._view.tensors[i] for i in range(n)])
+    k = 0 if bad == "first K" else n - 1
+    fake = ffi.new("struct ggml_tensor *")
+    ffi.memmove(fake, tensors[k], ffi.sizeof("struct ggml_tensor"))
+    fake.buffer = ffi.NULL
+    tensors[k] = fake
+    copy.tensors = tensors
+    before = _state(kv)
+    cells = kv._native_cells()[0]
+    status = lib.pm_kv_read_whole_commit(
+        copy, cells, blob, len(blob), counts_c, offsets_c, same[0], done
+    )
+    assert status == lib.PM_OK and done[0] == 0
+    assert _state(kv) == before
+    # the real view commits the same blob
+    status = lib.pm_kv_read_whole_commit(
+        view._view, cells, blob, len(blob), counts_c, offsets_c, same[0], done
+    )
+    assert status == lib.PM_OK and done[0] == 1
+    kv._whole_committed()
+    assert _state(kv) != before
+    check_invariants(kv)
+    kv.close()
