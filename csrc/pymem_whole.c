@@ -152,10 +152,12 @@ static int64_t pm_whole_write_part(pm_whole_part * p, int32_t seq_id, int32_t re
 typedef int64_t (*pm_part_writer)(pm_whole_part * p, int32_t seq_id, int32_t reuse, void * out, int64_t cap,
                                   pm_status * st);
 
-// pm_whole_write and pm_seq_write: every part sized by `part_write`, then written
+// pm_whole_write and pm_seq_write: every part sized by `part_write` (or, `sized`, as the
+// size query just before left it), then written
 static pm_status pm_parts_write(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, pm_part_writer part_write,
-                                void * out, int64_t cap, int64_t * written, int32_t * done) {
-    if (parts == NULL || written == NULL || done == NULL || n_parts < 1 || cap < 0 || (out == NULL && cap != 0)) {
+                                void * out, int64_t cap, int32_t sized, int64_t * written, int32_t * done) {
+    if (parts == NULL || written == NULL || done == NULL || n_parts < 1 || cap < 0 || (out == NULL && cap != 0) ||
+        (sized && out == NULL)) {
         return PM_ERR_ARG;
     }
     *done = 0;
@@ -166,7 +168,18 @@ static pm_status pm_parts_write(pm_whole_part * parts, int64_t n_parts, int32_t 
         }
     }
     int64_t total = 0;
-    for (int64_t i = 0; i < n_parts; ++i) {  // every part sized before the first byte
+    if (sized) {  // (the query's selections stand: the writes below reuse them)
+        for (int64_t i = 0; i < n_parts; ++i) {
+            if (parts[i].taken < 0 || parts[i].taken > cap - total) {
+                return PM_ERR_ARG;
+            }
+            total += parts[i].taken;
+        }
+        if (total != cap) {
+            return PM_ERR_ARG;
+        }
+    }
+    for (int64_t i = 0; !sized && i < n_parts; ++i) {  // every part sized before the first byte
         pm_status st = PM_OK;
         const int64_t taken = part_write(&parts[i], seq_id, 0, NULL, 0, &st);
         if (taken == -1) {
@@ -195,9 +208,9 @@ static pm_status pm_parts_write(pm_whole_part * parts, int64_t n_parts, int32_t 
     return PM_OK;
 }
 
-pm_status pm_whole_write(pm_whole_part * parts, int64_t n_parts, void * out, int64_t cap, int64_t * written,
-                         int32_t * done) {
-    return pm_parts_write(parts, n_parts, 0, pm_whole_write_part, out, cap, written, done);
+pm_status pm_whole_write(pm_whole_part * parts, int64_t n_parts, void * out, int64_t cap, int32_t sized,
+                         int64_t * written, int32_t * done) {
+    return pm_parts_write(parts, n_parts, 0, pm_whole_write_part, out, cap, sized, written, done);
 }
 
 // a recurrent part's one-sequence section (the size alone when out is NULL; *st
@@ -260,11 +273,11 @@ static int64_t pm_seq_write_part(pm_whole_part * p, int32_t seq_id, int32_t reus
 }
 
 pm_status pm_seq_write(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, void * out, int64_t cap,
-                       int64_t * written, int32_t * done) {
+                       int32_t sized, int64_t * written, int32_t * done) {
     if (seq_id < 0) {
         return PM_ERR_ARG;
     }
-    return pm_parts_write(parts, n_parts, seq_id, pm_seq_write_part, out, cap, written, done);
+    return pm_parts_write(parts, n_parts, seq_id, pm_seq_write_part, out, cap, sized, written, done);
 }
 
 // a part's one-sequence check at d: its bytes, or -1 when it declines

@@ -81,9 +81,12 @@ pm_status pm_whole_read(pm_whole_part * parts, int64_t n_parts, const void * blo
 // written, when a part declines (a KV stream's shared cell, a recurrent cell whose
 // sequences disagree on their rollback: the caller's per-part writers name those).
 // PM_ERR_ARG for a null pointer or a part that is neither kind. Each part's taken = its
-// bytes.
-pm_status pm_whole_write(pm_whole_part * parts, int64_t n_parts, void * out, int64_t cap, int64_t * written,
-                         int32_t * done);
+// bytes. `sized` (with out): the caller's size query (out NULL) on these parts ran just
+// before, with nothing changed since, so each part's taken and selected cells are used
+// as that query left them (no second selection; the parts' sizes must add up to cap,
+// PM_ERR_ARG otherwise, nothing written).
+pm_status pm_whole_write(pm_whole_part * parts, int64_t n_parts, void * out, int64_t cap, int32_t sized,
+                         int64_t * written, int32_t * done);
 
 // One sequence's blob of n_parts parts (each part's section after the one before: a KV
 // part's as pm_kv_write_seq_blob writes it with the part's kv_p_lo / kv_p_hi, a recurrent
@@ -91,9 +94,9 @@ pm_status pm_whole_write(pm_whole_part * parts, int64_t n_parts, void * out, int
 // copy's source in its rollback plane) into out (cap bytes), in one call: every part
 // sized (a KV part's cells searched once), then written. seq_id must be below every KV
 // part's n_seq (PM_ERR_ARG otherwise). *written, *done, PM_ERR_RANGE and the declines
-// (a KV stream's shared cells) as pm_whole_write.
+// (a KV stream's shared cells) and `sized` as pm_whole_write.
 pm_status pm_seq_write(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, void * out, int64_t cap,
-                       int64_t * written, int32_t * done);
+                       int32_t sized, int64_t * written, int32_t * done);
 
 // One sequence's restore of n_parts parts from blob (each part's section after the one
 // before), in one call: every part checked (a KV part without a window and with kv_held,

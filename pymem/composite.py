@@ -357,14 +357,16 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
                 part.sequence_read(array[i])
         return int(consumed[0])
 
-    def _native_write(self, out: Any, seq_id: Any, flags: Any) -> int | None:
+    def _native_write(self, out: Any, seq_id: Any, flags: Any, sized: bool = False) -> int | None:
         """The whole blob (``seq_id`` -1: :c:func:`pm_whole_write`) or one sequence's
         (:c:func:`pm_seq_write`) in one native call, every part sized, then written, into
         ``out`` (a writable buffer; None: the size alone); the blob's bytes. None, nothing
         written, where it does not apply (not :meth:`_native_call`, a part offers no
         :meth:`whole_part` or is not ready, a part declines: the parts' writers then
         decide, and name what they refuse). RangeError, nothing written, when ``out`` is
-        too small."""
+        too small. ``sized``: this call's size query (``out`` None) ran just before, with
+        nothing changed since, and ``out`` holds exactly that size: the parts are written
+        as the query selected them (one search of a KV stream, not two)."""
         if not self._native_call(seq_id, flags):
             return None
         program = self._ready_program(flags)
@@ -384,10 +386,11 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
             cap = len(dest)
         written = ffi.new("int64_t *")
         done = ffi.new("int32_t *")
+        sized_c = int(sized and out is not None)
         if seq_id == -1:
-            status = lib.pm_whole_write(array, len(parts), dest, cap, written, done)
+            status = lib.pm_whole_write(array, len(parts), dest, cap, sized_c, written, done)
         else:
-            status = lib.pm_seq_write(array, len(parts), seq_id, dest, cap, written, done)
+            status = lib.pm_seq_write(array, len(parts), seq_id, dest, cap, sized_c, written, done)
         for part in parts:  # (a size query selects cells too: the scratch is taken)
             part.written()
         if status == lib.PM_ERR_RANGE and out is None:
@@ -417,8 +420,8 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
     def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
         size = self._native_write(None, seq_id, flags)
         if size is not None:
-            out = uninit_bytearray(size)
-            if self._native_write(out, seq_id, flags) == size:
+            out = uninit_bytearray(size)  # (no Python runs on the memory in between)
+            if self._native_write(out, seq_id, flags, sized=True) == size:
                 return bytes(out) if size < 4096 else out  # type: ignore[return-value]
         return super().state_write(seq_id, flags)
 

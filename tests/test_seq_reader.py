@@ -406,9 +406,9 @@ def test_each_one_call_refuses_a_part_without_a_pointer_it_needs() -> None:
     calls = {
         "whole read": lambda p: lib.pm_whole_read(p, 1, blob, len(blob), consumed, done),
         "seq read": lambda p: lib.pm_seq_read(p, 1, 1, seq_blob, len(seq_blob), consumed, done),
-        "whole write": lambda p: lib.pm_whole_write(p, 1, ffi.NULL, 0, consumed, done),
+        "whole write": lambda p: lib.pm_whole_write(p, 1, ffi.NULL, 0, 0, consumed, done),
         "seq write": lambda p: lib.pm_seq_write(
-            p, 1, 1, ffi.from_buffer(out), len(out), consumed, done
+            p, 1, 1, ffi.from_buffer(out), len(out), 0, consumed, done
         ),
     }
 
@@ -450,15 +450,17 @@ def test_the_one_call_write_writes_what_the_parts_write(
     taken: list[bool] = []
     real = CompositeMemory._native_write
 
-    def counted(self, out, seq_id, flags):  # type: ignore[no-untyped-def]
-        done = real(self, out, seq_id, flags)
+    def counted(self, out, seq_id, flags, sized=False):  # type: ignore[no-untyped-def]
+        done = real(self, out, seq_id, flags, sized)
         taken.append(done is not None)
         return done
 
     for seed in range(6):
         mem = _memory(kind, seed)
         with monkeypatch.context() as m:
-            m.setattr(CompositeMemory, "_native_write", lambda self, out, seq_id, flags: None)
+            m.setattr(
+                CompositeMemory, "_native_write", lambda self, out, seq_id, flags, sized=False: None
+            )
             want = bytes(mem.state_write(seq_id, flags))
             small = bytearray(len(want) - 1)
             with pytest.raises(RangeError) as ref_err:
@@ -510,7 +512,11 @@ def test_a_sequence_write_reads_the_pending_copy_and_rollback_plane(monkeypatch)
         c.rs_idx[:] = rng.integers(0, 3, c.rs_idx.size)
         for s in range(N_SEQ):
             with monkeypatch.context() as m:
-                m.setattr(CompositeMemory, "_native_write", lambda self, out, seq_id, flags: None)
+                m.setattr(
+                    CompositeMemory,
+                    "_native_write",
+                    lambda self, out, seq_id, flags, sized=False: None,
+                )
                 want = bytes(mem.state_write(s))
             out = bytearray(len(want))
             assert mem._native_write(out, s, 0) == len(want), (trial, s)
@@ -620,3 +626,36 @@ def test_a_window_part_overwrites_masked_cells_in_the_one_call_as_numpy_does(
         fast.close()
         ref.close()
     assert taken >= 20 and overwrote >= 3, (taken, overwrote)
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "iswa", "hybrid_iswa"])
+def test_a_sized_write_reuses_the_size_query_and_refuses_other_sizes(kind: str) -> None:
+    """``state_write`` sizes the blob (one selection of each KV stream), then writes it with
+    ``sized`` (no second selection): the bytes are those of an unsized write into a
+    buffer, whole and per sequence. A sized write whose buffer is not the query's size,
+    or without a buffer, is refused (PM_ERR_ARG) with nothing written."""
+    from pymem._native import ffi, lib
+
+    mem = _memory(kind, 4)
+    array, parts = mem._whole_program(0)  # type: ignore[misc]
+    written = ffi.new("int64_t *")
+    done = ffi.new("int32_t *")
+    for seq_id in (-1, 0, 1):
+        want = bytearray(mem.state_size(seq_id))
+        assert mem.state_write_buffer(want, seq_id) == len(want)
+        assert bytes(mem.state_write(seq_id)) == bytes(want)
+        size = mem._native_write(None, seq_id, 0)
+        assert size == len(want)
+        for cap in (size - 1, size + 1):
+            out = bytearray(b"\x5a" * (size + 1))
+            dest = ffi.from_buffer(out)
+            if seq_id == -1:
+                status = lib.pm_whole_write(array, len(parts), dest, cap, 1, written, done)
+            else:
+                status = lib.pm_seq_write(array, len(parts), seq_id, dest, cap, 1, written, done)
+            assert status == lib.PM_ERR_ARG and done[0] == 0, (seq_id, cap)
+            assert out == bytearray(b"\x5a" * (size + 1))
+        assert (
+            lib.pm_whole_write(array, len(parts), ffi.NULL, 0, 1, written, done) == lib.PM_ERR_ARG
+        )
+    mem.close()
