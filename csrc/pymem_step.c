@@ -468,6 +468,104 @@ static int64_t pm_step_find_empty(const int32_t * pos, int64_t size, int64_t h, 
     return found;
 }
 
+// empty cell g (global: s * size + i; StackedCells._empty); the caller keeps used / used_max_dirty
+static void pm_step_empty(pm_step_cells * c, int64_t g) {
+    c->owner[g] = -1;
+    c->pos[g] = -1;
+    uint64_t * bits = c->seq + g * c->n_words;
+    for (int64_t w = 0; w < c->n_words; w++) {
+        bits[w] = 0;
+    }
+}
+
+// apply_ubatch's overwrite in stream s (pm_step_kv_overwrite, whose checks the caller made:
+// idx inside the stream, ids inside the bitsets, no shared cell in s): every sequence of a
+// purge lives in s (a sequence's cells are in its one stream)
+static void pm_step_overwrite_in(pm_step_cells * c, int64_t s, int64_t n, const int32_t * idx, const int32_t * pos,
+                                 const int32_t * seq, int64_t * heads, int64_t * top) {
+    const int64_t g0 = s * c->size, k0 = s * PM_STEP_MAX_SEQ;
+    // 1. the taken cells: bounds dirty (before any change), the largest position lost per
+    // sequence, then emptied (StackedCells.rm_owned)
+    int64_t max_rm[PM_STEP_MAX_SEQ];
+    for (int q = 0; q < PM_STEP_MAX_SEQ; q++) {
+        max_rm[q] = -1;
+    }
+    int64_t n_rm = 0, i_max = -1, hi = -1;
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t g = g0 + idx[t];
+        if (c->pos[g] < 0) {
+            continue;
+        }
+        const int32_t q = c->owner[g];
+        const int64_t p = c->pos[g];
+        if (p <= c->pmin[k0 + q]) {
+            c->pdirty[k0 + q] |= 1;
+        }
+        if (p >= c->pmax[k0 + q]) {
+            c->pdirty[k0 + q] |= 2;
+        }
+        if (p > max_rm[q]) {
+            max_rm[q] = p;
+        }
+        if (p > hi) {
+            hi = p;
+        }
+    }
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t g = g0 + idx[t];
+        if (c->pos[g] >= 0) {
+            pm_step_empty(c, g);
+            c->shift[g] = 0;
+            n_rm++;
+            if (idx[t] > i_max) {
+                i_max = idx[t];
+            }
+        }
+    }
+    if (n_rm) {
+        c->used[s] -= n_rm;
+        if (i_max + 1 >= c->used_max_p1[s]) {
+            c->used_max_dirty[s] = 1;
+        }
+    }
+    // 2. the tokens (StackedCells.set_new)
+    for (int64_t t = 0; t < n; t++) {
+        pm_step_take(c, s, idx[t], seq[t], pos[t]);
+    }
+    c->used[s] += n;
+    // 3. the purge (StackedCells.purge_owned_upto): cells of a sequence that lost one, at
+    // or below the largest position it lost
+    if (hi >= 0) {
+        int64_t n_purged = 0, p_max = -1;
+        for (int64_t i = 0; i < c->size; i++) {
+            const int64_t g = g0 + i;
+            const int32_t q = c->owner[g];
+            if (q >= 0 && c->pos[g] >= 0 && c->pos[g] <= max_rm[q]) {
+                pm_step_empty(c, g);
+                c->shift[g] = 0;
+                n_purged++;
+                p_max = i;
+            }
+        }
+        if (n_purged) {
+            for (int q = 0; q < PM_STEP_MAX_SEQ; q++) {
+                if (max_rm[q] >= 0) {
+                    c->pdirty[k0 + q] |= 1;
+                    if (max_rm[q] >= c->pmax[k0 + q]) {
+                        c->pdirty[k0 + q] |= 2;
+                    }
+                }
+            }
+            c->used[s] -= n_purged;
+            if (p_max + 1 >= c->used_max_p1[s]) {
+                c->used_max_dirty[s] = 1;
+            }
+        }
+    }
+    heads[s] = (int64_t) idx[n - 1] + 1;
+    *top = c->used_max_dirty[s] ? -1 : c->used_max_p1[s];
+}
+
 pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, const int32_t * pos, int64_t n,
                                  int32_t swa_type, int64_t n_swa, int64_t * heads, int32_t * idx,
                                  int64_t * run_starts, int64_t * run_ends, int64_t * n_runs, int32_t * placed) {
@@ -528,7 +626,10 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
     }
     if (taken > 0) {
         // window-masked cells among them: apply_ubatch's overwrite (emptied, placed, the
-        // losers' older positions purged, the head moved), for a one-stream stack
+        // losers' older positions purged, the head moved), in stream s
+        if (c->shift == NULL) {
+            return PM_OK;
+        }
         int32_t * seqs = (int32_t *) malloc((size_t) n * sizeof(int32_t));
         if (seqs == NULL) {
             return PM_ERR_ALLOC;
@@ -537,11 +638,9 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
             seqs[i] = seq_id;
         }
         int64_t top = 0;
-        const pm_status st = pm_step_kv_overwrite(c, n, idx, pos, seqs, heads, &top, placed);
+        pm_step_overwrite_in(c, s, n, idx, pos, seqs, heads, &top);
         free(seqs);
-        if (st != PM_OK || !*placed) {
-            return st;
-        }
+        *placed = 1;
     }
     // the cells' runs, in scan order (the caller's store moves the bytes by them)
     int64_t runs = 0;
@@ -606,8 +705,8 @@ int32_t pm_step_kv_place_sure(pm_step_cells * c, int64_t s, int32_t seq_id, int6
     if (swa_type == 0) {
         return 1;  // n empty cells after the seq_rm: the search finds them
     }
-    if (c->n_stream != 1 || c->shift == NULL) {
-        return 0;  // (pm_step_kv_overwrite's one-stream stack)
+    if (c->shift == NULL) {
+        return 0;  // (no shifts to clear: the overwrite declines)
     }
     pm_step_refresh_stale(c, s);  // (the search reads other sequences' largest positions)
     return 1;
@@ -689,16 +788,6 @@ pm_status pm_step_rs_steady(int64_t size, const int32_t * tail, const int32_t * 
     return PM_OK;
 }
 
-// empty cell g of stream 0 (StackedCells._empty); the caller keeps used / used_max_dirty
-static void pm_step_empty(pm_step_cells * c, int64_t g) {
-    c->owner[g] = -1;
-    c->pos[g] = -1;
-    uint64_t * bits = c->seq + g * c->n_words;
-    for (int64_t w = 0; w < c->n_words; w++) {
-        bits[w] = 0;
-    }
-}
-
 pm_status pm_step_kv_overwrite(pm_step_cells * c, int64_t n, const int32_t * idx, const int32_t * pos,
                                const int32_t * seq, int64_t * heads, int64_t * top, int32_t * placed) {
     if (c == NULL || idx == NULL || pos == NULL || seq == NULL || heads == NULL || top == NULL ||
@@ -717,85 +806,7 @@ pm_status pm_step_kv_overwrite(pm_step_cells * c, int64_t n, const int32_t * idx
             return PM_OK;
         }
     }
-    // 1. the taken cells: bounds dirty (before any change), the largest position lost per
-    // sequence, then emptied (StackedCells.rm_owned)
-    int64_t max_rm[PM_STEP_MAX_SEQ];
-    for (int q = 0; q < PM_STEP_MAX_SEQ; q++) {
-        max_rm[q] = -1;
-    }
-    int64_t n_rm = 0, g_max = -1, hi = -1;
-    for (int64_t t = 0; t < n; t++) {
-        const int64_t g = idx[t];
-        if (c->pos[g] < 0) {
-            continue;
-        }
-        const int32_t q = c->owner[g];
-        const int64_t p = c->pos[g];
-        if (p <= c->pmin[q]) {
-            c->pdirty[q] |= 1;
-        }
-        if (p >= c->pmax[q]) {
-            c->pdirty[q] |= 2;
-        }
-        if (p > max_rm[q]) {
-            max_rm[q] = p;
-        }
-        if (p > hi) {
-            hi = p;
-        }
-    }
-    for (int64_t t = 0; t < n; t++) {
-        const int64_t g = idx[t];
-        if (c->pos[g] >= 0) {
-            pm_step_empty(c, g);
-            c->shift[g] = 0;
-            n_rm++;
-            if (g > g_max) {
-                g_max = g;
-            }
-        }
-    }
-    if (n_rm) {
-        c->used[0] -= n_rm;
-        if (g_max + 1 >= c->used_max_p1[0]) {
-            c->used_max_dirty[0] = 1;
-        }
-    }
-    // 2. the tokens (StackedCells.set_new)
-    for (int64_t t = 0; t < n; t++) {
-        pm_step_take(c, 0, idx[t], seq[t], pos[t]);
-    }
-    c->used[0] += n;
-    // 3. the purge (StackedCells.purge_owned_upto): cells of a sequence that lost one, at
-    // or below the largest position it lost
-    if (hi >= 0) {
-        int64_t n_purged = 0, p_max = -1;
-        for (int64_t g = 0; g < c->size; g++) {
-            const int32_t q = c->owner[g];
-            if (q >= 0 && c->pos[g] >= 0 && c->pos[g] <= max_rm[q]) {
-                pm_step_empty(c, g);
-                c->shift[g] = 0;
-                n_purged++;
-                p_max = g;
-            }
-        }
-        if (n_purged) {
-            for (int q = 0; q < PM_STEP_MAX_SEQ; q++) {
-                if (max_rm[q] >= 0) {
-                    c->pdirty[q] |= 1;
-                    if (max_rm[q] >= c->pmax[q]) {
-                        c->pdirty[q] |= 2;
-                    }
-                }
-            }
-            c->used[0] -= n_purged;
-            if (p_max + 1 >= c->used_max_p1[0]) {
-                c->used_max_dirty[0] = 1;
-            }
-        }
-    }
-    heads[0] = (int64_t) idx[n - 1] + 1;
-    *top = c->used_max_dirty[0] ? -1 : c->used_max_p1[0];
+    pm_step_overwrite_in(c, 0, n, idx, pos, seq, heads, top);
     *placed = 1;
     return PM_OK;
 }

@@ -203,11 +203,11 @@ def _window_cache(seed: int, unified: bool) -> KVCache:
 
 def test_not_offered_with_ext_and_a_window_read_in_one_call(monkeypatch) -> None:
     """An ext layout's blob view has no one-call placement (Python writes the ext words).
-    A sliding-window cache's read, swapped in or over the sequence's own cells, is one call
-    (its placement may overwrite and purge masked cells, in C too) and leaves what the
-    numpy placement leaves: with other sequences' cached bounds stale too (the call
-    recomputes them first: the search reads them); with one stream per sequence it
-    declines before anything changes (the overwrite is written for one stream) and the
+    A sliding-window cache's read, swapped in or over the sequence's own cells, unified or
+    one stream per sequence, is one call (its placement may overwrite and purge masked
+    cells of the stream, in C too) and leaves what the numpy placement leaves, with other
+    sequences' cached bounds stale too (the call recomputes them first: the search reads
+    them). With a shared cell in the stream it declines before anything changes and the
     two-phase restore reads it, to the same end."""
     from pymem.kv.cells import STALE_MAX
 
@@ -215,9 +215,9 @@ def test_not_offered_with_ext_and_a_window_read_in_one_call(monkeypatch) -> None
     view = kv._blob_view()
     assert view is not None and view._step is None
     kv.close()
-    for swap, stale, unified in [(w, s, True) for w in (True, False) for s in (False, True)] + [
-        (True, False, False), (False, False, False)
-    ]:  # fmt: skip
+    cases = [(swap, stale, unified, False) for swap in (True, False) for stale in (False, True)
+             for unified in (True, False)] + [(True, False, True, True), (False, False, True, True)]  # fmt: skip
+    for swap, stale, unified, shared in cases:
         states = []
         taken: list[int] = []
         for native in (True, False):
@@ -225,13 +225,17 @@ def test_not_offered_with_ext_and_a_window_read_in_one_call(monkeypatch) -> None
             blob = bytes(swa.state_write(0))
             if swap:
                 swa.seq_rm(0, -1, -1)
+            if shared:
+                swa.seq_cp(1, 2, -1, -1)
             strm = int(swa.seq_to_stream[0])
-            assert swa.seq_pos_max(1) >= 0
-            if stale:  # (a refresh finds the same bound)
-                swa.cells.pdirty[strm, 1] |= STALE_MAX
+            mates = [
+                q for q in range(3) if swa.seq_to_stream[q] == strm and swa.seq_pos_max(q) >= 0
+            ]
+            if stale:  # every sequence of the stream (a refresh finds the same bounds)
+                swa.cells.pdirty[strm, mates] |= STALE_MAX
             view = swa._blob_view()
             assert view is not None
-            if native and not unified:
+            if native and shared:
                 before = _state(swa)
                 assert view._placed(blob, 0, strm, not swap) is None
                 assert _state(swa) == before
@@ -240,12 +244,13 @@ def test_not_offered_with_ext_and_a_window_read_in_one_call(monkeypatch) -> None
                 with _one_call(monkeypatch, native, taken):
                     assert swa.state_read(blob, 0) == len(blob)
             if native and stale:
-                assert not swa.cells.pdirty[strm, 1] & STALE_MAX  # (recomputed)
+                assert not (swa.cells.pdirty[strm, mates] & STALE_MAX).any()
             states.append(_state(swa))
             check_invariants(swa)
             swa.close()
-        assert states[0] == states[1], (swap, stale, unified)
-        assert taken == ([1] if unified else []), (swap, stale, unified)
+        case = (swap, stale, unified, shared)
+        assert states[0] == states[1], case
+        assert taken == ([] if shared else [1]), case
 
 
 def test_the_kernel_refuses_bad_arguments_and_declines_without_change() -> None:
