@@ -480,9 +480,10 @@ static void pm_step_empty(pm_step_cells * c, int64_t g) {
 
 // apply_ubatch's overwrite in stream s (pm_step_kv_overwrite, whose checks the caller made:
 // idx inside the stream, ids inside the bitsets, no shared cell in s): every sequence of a
-// purge lives in s (a sequence's cells are in its one stream)
+// purge lives in s (a sequence's cells are in its one stream). Token t's sequence is
+// seq[t], or one_seq for every token when seq is NULL (a restore: no array to allocate)
 static void pm_step_overwrite_in(pm_step_cells * c, int64_t s, int64_t n, const int32_t * idx, const int32_t * pos,
-                                 const int32_t * seq, int64_t * heads, int64_t * top) {
+                                 const int32_t * seq, int32_t one_seq, int64_t * heads, int64_t * top) {
     const int64_t g0 = s * c->size, k0 = s * PM_STEP_MAX_SEQ;
     // 1. the taken cells: bounds dirty (before any change), the largest position lost per
     // sequence, then emptied (StackedCells.rm_owned)
@@ -530,7 +531,7 @@ static void pm_step_overwrite_in(pm_step_cells * c, int64_t s, int64_t n, const 
     }
     // 2. the tokens (StackedCells.set_new)
     for (int64_t t = 0; t < n; t++) {
-        pm_step_take(c, s, idx[t], seq[t], pos[t]);
+        pm_step_take(c, s, idx[t], seq != NULL ? seq[t] : one_seq, pos[t]);
     }
     c->used[s] += n;
     // 3. the purge (StackedCells.purge_owned_upto): cells of a sequence that lost one, at
@@ -630,16 +631,8 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
         if (c->shift == NULL) {
             return PM_OK;
         }
-        int32_t * seqs = (int32_t *) malloc((size_t) n * sizeof(int32_t));
-        if (seqs == NULL) {
-            return PM_ERR_ALLOC;
-        }
-        for (int64_t i = 0; i < n; i++) {
-            seqs[i] = seq_id;
-        }
         int64_t top = 0;
-        pm_step_overwrite_in(c, s, n, idx, pos, seqs, heads, &top);
-        free(seqs);
+        pm_step_overwrite_in(c, s, n, idx, pos, NULL, seq_id, heads, &top);
         *placed = 1;
     }
     // the cells' runs, in scan order (the caller's store moves the bytes by them)
@@ -806,7 +799,7 @@ pm_status pm_step_kv_overwrite(pm_step_cells * c, int64_t n, const int32_t * idx
             return PM_OK;
         }
     }
-    pm_step_overwrite_in(c, 0, n, idx, pos, seq, heads, top);
+    pm_step_overwrite_in(c, 0, n, idx, pos, seq, 0, heads, top);
     *placed = 1;
     return PM_OK;
 }
