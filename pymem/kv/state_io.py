@@ -449,7 +449,7 @@ class SeqBlob:
         placement (a window's overwrite of masked cells and purge included) and the store,
         what :class:`PlacedSeqPlan` does in three. The bytes consumed, or None with nothing
         changed (no :meth:`swap_in_with`, ``NATIVE_PLACE`` off, an undo journal, or what the
-        call declines: too few cells without the window's help, a stale bound; the
+        call declines: too few cells without the window's help, a shared cell; the
         two-phase restore then places it or names what is wrong). Without ``held`` the
         caller vouches that ``seq_id`` holds no cell of stream ``strm``."""
         step = self._step
