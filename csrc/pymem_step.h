@@ -195,6 +195,10 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
 int32_t pm_step_kv_place_sure(pm_step_cells * c, int64_t s, int32_t seq_id, int64_t n, int64_t fit,
                               int32_t swa_type, int64_t n_swa);
 
+// The two restores below place cells and store bytes: they take a blob view and the
+// cells both, so they are declared here, after both types, and defined in
+// pymem_stateio.c, beside the parse and data walk they use.
+
 // A per-sequence restore that places seq_id anew, in one call: pm_kv_read_seq_place's
 // parse (pos: pos_cap >= the part's cells, its scratch), then, when `held` (the sequence
 // may hold cells of its stream: a restore over them, or any restore of a sliding-window
