@@ -567,6 +567,39 @@ static void pm_step_overwrite_in(pm_step_cells * c, int64_t s, int64_t n, const 
     *top = c->used_max_dirty[s] ? -1 : c->used_max_p1[s];
 }
 
+// the cached bounds of stream s's sequences marked stale, recomputed from its cells and
+// made current (StackedCells.refresh; owners are the holders: no shared cell in s)
+static void pm_step_refresh_stale(pm_step_cells * c, int64_t s) {
+    const int64_t ids = pm_step_ids(c), base = s * PM_STEP_MAX_SEQ;
+    int64_t lo[PM_STEP_MAX_SEQ], hi[PM_STEP_MAX_SEQ];
+    int stale = 0;
+    for (int64_t q = 0; q < ids; q++) {
+        lo[q] = INT64_MAX;
+        hi[q] = -1;
+        stale |= c->pdirty[base + q];
+    }
+    if (!stale) {
+        return;
+    }
+    const int32_t * pos = c->pos + s * c->size;
+    const int32_t * own = c->owner + s * c->size;
+    const int64_t n = c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size;  // (an upper bound)
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t q = own[i];
+        if (q >= 0 && q < ids && pos[i] >= 0) {
+            lo[q] = pos[i] < lo[q] ? pos[i] : lo[q];
+            hi[q] = pos[i] > hi[q] ? pos[i] : hi[q];
+        }
+    }
+    for (int64_t q = 0; q < ids; q++) {
+        if (c->pdirty[base + q]) {
+            c->pmin[base + q] = hi[q] >= 0 ? lo[q] : INT64_MAX;
+            c->pmax[base + q] = hi[q];
+            c->pdirty[base + q] = 0;
+        }
+    }
+}
+
 pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, const int32_t * pos, int64_t n,
                                  int32_t swa_type, int64_t n_swa, int64_t * heads, int32_t * idx,
                                  int64_t * run_starts, int64_t * run_ends, int64_t * n_runs, int32_t * placed) {
@@ -589,7 +622,10 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
     }
     // the search (nothing written yet): the first n usable cells from h, wrapping once;
     // usable: empty, or (a window) held by one sequence that no longer sees it from its
-    // next position (its largest position + 1; a stale largest position: numpy decides)
+    // next position (its largest position + 1: stale cached ones recomputed first)
+    if (swa_type != 0) {
+        pm_step_refresh_stale(c, s);
+    }
     const int64_t g0 = s * c->size;
     int64_t h = heads[s];
     if (h > c->used[s] + 2 * n || h < 0 || h > c->size) {
@@ -612,9 +648,6 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
                 continue;  // several sequences (none here: n_multi is 0) or none
             }
             const int64_t key = s * PM_STEP_MAX_SEQ + q;
-            if (c->pdirty[key] & 2) {
-                return PM_OK;  // a stale largest position
-            }
             usable = pm_step_masked_swa(swa_type, n_swa, p, c->pmax[key] + 1);
             taken += usable;
         }
@@ -656,53 +689,15 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
     return PM_OK;
 }
 
-// the cached bounds of stream s's sequences marked stale, recomputed from its cells and
-// made current (StackedCells.refresh; owners are the holders: no shared cell in s)
-static void pm_step_refresh_stale(pm_step_cells * c, int64_t s) {
-    const int64_t ids = pm_step_ids(c), base = s * PM_STEP_MAX_SEQ;
-    int64_t lo[PM_STEP_MAX_SEQ], hi[PM_STEP_MAX_SEQ];
-    int stale = 0;
-    for (int64_t q = 0; q < ids; q++) {
-        lo[q] = INT64_MAX;
-        hi[q] = -1;
-        stale |= c->pdirty[base + q];
-    }
-    if (!stale) {
-        return;
-    }
-    const int32_t * pos = c->pos + s * c->size;
-    const int32_t * own = c->owner + s * c->size;
-    const int64_t n = c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size;  // (an upper bound)
-    for (int64_t i = 0; i < n; i++) {
-        const int32_t q = own[i];
-        if (q >= 0 && q < ids && pos[i] >= 0) {
-            lo[q] = pos[i] < lo[q] ? pos[i] : lo[q];
-            hi[q] = pos[i] > hi[q] ? pos[i] : hi[q];
-        }
-    }
-    for (int64_t q = 0; q < ids; q++) {
-        if (c->pdirty[base + q]) {
-            c->pmin[base + q] = hi[q] >= 0 ? lo[q] : INT64_MAX;
-            c->pmax[base + q] = hi[q];
-            c->pdirty[base + q] = 0;
-        }
-    }
-}
-
-int32_t pm_step_kv_place_sure(pm_step_cells * c, int64_t s, int32_t seq_id, int64_t n, int64_t fit,
+int32_t pm_step_kv_place_sure(const pm_step_cells * c, int64_t s, int32_t seq_id, int64_t n, int64_t fit,
                               int32_t swa_type, int64_t n_swa) {
     if (n < 1 || fit < n || n > c->size || s < 0 || s >= c->n_stream || seq_id < 0 || seq_id >= pm_step_ids(c) ||
         c->n_multi[s] != 0 || swa_type < 0 || swa_type > 3 || (swa_type != 0 && n_swa <= 0)) {
         return 0;
     }
-    if (swa_type == 0) {
-        return 1;  // n empty cells after the seq_rm: the search finds them
-    }
-    if (c->shift == NULL) {
-        return 0;  // (no shifts to clear: the overwrite declines)
-    }
-    pm_step_refresh_stale(c, s);  // (the search reads other sequences' largest positions)
-    return 1;
+    // n empty cells after the seq_rm: the search finds them (a window's overwrite clears
+    // the shifts of the cells it takes)
+    return swa_type == 0 || c->shift != NULL;
 }
 
 pm_status pm_step_batch_check(const int32_t * token, const int32_t * pos, const int64_t * seq, int64_t n,

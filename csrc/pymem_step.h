@@ -88,9 +88,11 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
 // as pm_step_kv_overwrite does, in stream s) and the head's move past the last
 // one. idx (int32[n]) gets the cells in scan order, run_starts / run_ends (int64[n]
 // capacity) their maximal runs of consecutive cells in that order (ends exclusive),
-// *n_runs their count. *placed = 0, nothing written, when fewer than n cells are usable,
-// the stream holds a shared cell, a taken cell's sequence has a stale largest position,
-// an overwrite finds no shift array to clear, seq_id is outside [0, 64 n_words), a
+// *n_runs their count. With a window, the stream's stale cached bounds are recomputed
+// from its cells first (the search reads other sequences' largest positions; a cache
+// refresh, as a position query makes, not a change of state). *placed = 0, nothing
+// written, when fewer than n cells are usable, the stream holds a shared cell, an
+// overwrite finds no shift array to clear, seq_id is outside [0, 64 n_words), a
 // position is negative or the window is not one (swa_type outside [0, 3], n_swa < 1 with
 // a window): the numpy search decides then. PM_ERR_RANGE for s outside
 // [0, n_stream); PM_ERR_ARG for a null pointer or n < 1.
@@ -188,11 +190,8 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
 // cells it may take without a window's help) >= n, no shared cell in s, an id inside the
 // bitsets, a window type in [0, 3] (n_swa > 0 with one) and, with a window (whose search
 // may take masked cells and then overwrites them, apply_ubatch's purge included), a
-// shift array. With a window, the stream's stale cached bounds (pdirty) are recomputed
-// from its cells first (the search reads other sequences' largest positions and
-// declines at a stale one): a cache refresh, as a position query makes, which changes no
-// state. c must not be NULL.
-int32_t pm_step_kv_place_sure(pm_step_cells * c, int64_t s, int32_t seq_id, int64_t n, int64_t fit,
+// shift array. Reads only; c must not be NULL.
+int32_t pm_step_kv_place_sure(const pm_step_cells * c, int64_t s, int32_t seq_id, int64_t n, int64_t fit,
                               int32_t swa_type, int64_t n_swa);
 
 // The two restores below place cells and store bytes: they take a blob view and the

@@ -412,10 +412,10 @@ class SeqBlob:
         a check remembers the runs it found under it, and a store with the same token right
         after uses them without searching the stream again (the plan vouches that neither
         the cache nor the blob changed; any other call on the stream forgets them)."""
-        strm = int(self._stream_of[seq_id])
-        held = self._cells[strm].seq_pos_max(seq_id) >= 0
         if self._swa is not None and not SWA_DEFERRED:
             return None  # (the simulated restore: the two-phase parse's)
+        strm = int(self._stream_of[seq_id])
+        held = self._cells[strm].seq_pos_max(seq_id) >= 0
         if self._swa is not None or not held:
             # placed anew in one more call where it may be: swapped out (no cells to go
             # back into; no owner scan to say so), or a window's (its search may take cells
