@@ -618,12 +618,39 @@ pm_status pm_kq_mask_rows(const int32_t * owner, const int32_t * pos, int64_t n_
     return PM_OK;
 }
 
+// cell j (held by several sequences: bitset `bits`, n_words words) attended by the token
+// of each sequence it holds whose window takes its position
+static void pm_kq_mask_shared_cell(int64_t j, int32_t p, const uint64_t * bits, int64_t n_words,
+                                   const int64_t * tok_of, int64_t n_tok_of, const int32_t * lo, const int32_t * hi,
+                                   int64_t n_kv, int32_t elem_size, void * out) {
+    for (int64_t w = 0; w < n_words; w++) {
+        for (uint64_t b = bits[w]; b != 0; b &= b - 1) {
+            const int64_t k = 64 * w + pm_ctz64(b) + 2;
+            const int64_t t = k < n_tok_of ? tok_of[k] : -1;
+            if (t >= 0 && p >= lo[t] && p <= hi[t]) {
+                if (elem_size == 2) {
+                    ((uint16_t *) out)[t * n_kv + j] = 0;
+                } else {
+                    ((uint32_t *) out)[t * n_kv + j] = 0;
+                }
+            }
+        }
+    }
+}
+
 pm_status pm_kq_mask_owner(const int32_t * owner, const int32_t * pos, int64_t n_cells, const int64_t * tok_of,
-                           int64_t n_tok_of, const int32_t * lo, const int32_t * hi, int64_t n_tokens,
-                           int64_t n_kv, int32_t elem_size, void * out) {
+                           int64_t n_tok_of, const uint64_t * bits, int64_t n_words, const int32_t * lo,
+                           const int32_t * hi, int64_t n_tokens, int64_t n_kv, int32_t elem_size, void * out) {
     if (owner == NULL || pos == NULL || tok_of == NULL || lo == NULL || hi == NULL || out == NULL ||
-        n_tokens < 0 || n_kv < 0 || (elem_size != 2 && elem_size != 4)) {
+        n_tokens < 0 || n_kv < 0 || (elem_size != 2 && elem_size != 4) ||
+        (bits != NULL && (n_words < 1 || n_words > 4))) {
         return PM_ERR_ARG;
+    }
+    // every token a table entry names must have a row (the shared cells' bits read any entry)
+    for (int64_t k = 0; bits != NULL && k < n_tok_of; k++) {
+        if (tok_of[k] >= n_tokens) {
+            return PM_ERR_RANGE;
+        }
     }
     if (n_kv > n_cells) {
         return PM_ERR_RANGE;
@@ -651,6 +678,10 @@ pm_status pm_kq_mask_owner(const int32_t * owner, const int32_t * pos, int64_t n
     for (int64_t j = 0; j < n_kv; j++) {
         const int64_t t = tok_of[(int64_t) owner[j] + 2];
         if (t < 0) {
+            if (owner[j] == -2 && bits != NULL) {
+                pm_kq_mask_shared_cell(j, pos[j], bits + j * n_words, n_words, tok_of, n_tok_of, lo, hi, n_kv,
+                                       elem_size, out);
+            }
             continue;
         }
         if (pos[j] >= lo[t] && pos[j] <= hi[t]) {

@@ -23,6 +23,20 @@
 #define PM_PREFETCH_W(p) ((void) 0)
 #endif
 
+// The index of the lowest set bit of b (b != 0): a shared cell's bitset is walked by its
+// set bits, one per sequence that holds it
+static inline int pm_ctz64(uint64_t b) {
+#if defined(__GNUC__) || defined(__clang__)
+    return __builtin_ctzll(b);
+#else
+    int n = 0;
+    for (; (b & 1) == 0; b >>= 1) {
+        n++;
+    }
+    return n;
+#endif
+}
+
 // Whether one meta record's words are not a fixed record's: a position below 0, an
 // n_seq_id other than 1, an id outside [0, n_seq_max) (branch-free: 0 or 1)
 static inline uint32_t pm_record_bad(int32_t pos, int32_t n_seq_id, int32_t id, int32_t n_seq_max) {
@@ -146,11 +160,13 @@ pm_status pm_kq_mask_rows(const int32_t * owner, const int32_t * pos, int64_t n_
                           const int32_t * seq, const int32_t * lo, const int32_t * hi, int64_t n_tokens,
                           int64_t n_kv, int32_t elem_size, void * out);
 // one row, tokens of distinct sequences: cell j pairs only with token tok_of[owner[j] + 2]
-// (-1: none; tok_of has n_tok_of entries, owners -2 and -1 read entries 0 and 1); out is
-// [n_tokens, n_kv], filled whole
+// (-1: none; tok_of has n_tok_of entries, owners -2 and -1 read entries 0 and 1), and a
+// cell held by several sequences (owner -2), when bits is not NULL, with the token
+// tok_of[q + 2] of each sequence q of its bitset (bits + j * n_words, n_words in [1, 4]);
+// out is [n_tokens, n_kv], filled whole
 pm_status pm_kq_mask_owner(const int32_t * owner, const int32_t * pos, int64_t n_cells, const int64_t * tok_of,
-                           int64_t n_tok_of, const int32_t * lo, const int32_t * hi, int64_t n_tokens,
-                           int64_t n_kv, int32_t elem_size, void * out);
+                           int64_t n_tok_of, const uint64_t * bits, int64_t n_words, const int32_t * lo,
+                           const int32_t * hi, int64_t n_tokens, int64_t n_kv, int32_t elem_size, void * out);
 
 // PYMEM_CDEF_END
 

@@ -118,9 +118,6 @@ pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_bl
         if (s < 0 || s >= c->n_stream) {
             return PM_ERR_RANGE;
         }
-        if (c->n_multi[s] != 0) {
-            return PM_OK;
-        }
         for (int64_t j = 0; j < n_per; j++) {
             const int64_t t = r * n_per + j;
             if (idx[t] < 0 || idx[t] >= c->size) {

@@ -55,8 +55,9 @@ pm_status pm_step_kv_find(const pm_step_cells * c, const int64_t * strm, int64_t
 // used_max_p1 / pmin / pmax follow and heads[strm[r]] = idx[r * n_per + n_per - 1] + 1.
 // *top = the largest used_max_p1 of the blocks' streams afterwards (what n_kv is padded
 // from), -1 when one of them is dirty. Nothing is written and *placed = 0 when a cell is
-// not empty, a stream holds a shared cell (n_multi > 0) or an id is outside [0, 64 * n_words)
-// (the bitsets are widened first, in numpy).
+// not empty or an id is outside [0, 64 * n_words) (the bitsets are widened first, in
+// numpy). Cells shared by several sequences (a forked prompt's) are not touched: the new
+// cells are empty ones, each of one sequence.
 // PM_ERR_RANGE for a stream or cell outside the stack.
 pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_blocks, int64_t n_per,
                            const int32_t * idx, const int32_t * pos, const int32_t * seq, int64_t * heads,

@@ -8,7 +8,8 @@ ubatch reuses its sequence part). The native mask kernels write the bytes of the
 evaluation, which stays the reference. The one-stream KQ mask of a ubatch with one token per sequence
 (``inputs._mask_one_per_seq``: each cell decided once, against its owner's token) equals
 the per-stream pair evaluation, for every SWA kind, causal or not, f32 and f16, on
-caches with window-purged, removed and shared cells (shared cells take the general path).
+caches with window-purged, removed and shared cells (a cell shared by several
+sequences pairs with the token of each of them: the kernel walks its bitset).
 """
 
 from __future__ import annotations
@@ -73,7 +74,10 @@ def test_one_stream_decode_mask_equals_pair_evaluation(
     monkeypatch.setattr(kv_inputs, "USE_NATIVE", native and kv_inputs.USE_NATIVE)
     taken = []
     fast = kv_inputs._mask_one_per_seq
-    monkeypatch.setattr(kv_inputs, "_mask_one_per_seq", lambda *a: taken.append(1) or fast(*a))
+    # (the shared cells of the stream each call saw)
+    monkeypatch.setattr(
+        kv_inputs, "_mask_one_per_seq", lambda *a: taken.append(a[0].n_multi) or fast(*a)
+    )
     rng = np.random.default_rng(3000 + 10 * seed + int(swa_type))
     swa = {} if swa_type == 0 else {"swa_type": swa_type, "n_swa": 5}
     n_seq = 6
@@ -102,7 +106,8 @@ def test_one_stream_decode_mask_equals_pair_evaluation(
                 want = per_stream_mask(kv, ub, n_kv, dtype=dtype, **kw)
                 assert got.dtype == want.dtype and got.shape == want.shape
                 assert got.tobytes() == want.tobytes(), (step, kw, dtype)
-    assert len(taken) > 20  # the shortcut ran (and shared cells did not take it)
+    # the shortcut ran, also over shared cells
+    assert len(taken) > 20 and any(n_multi > 0 for n_multi in taken)
 
 
 # --- a decode step's memo (replayed ubatches) ------------------------------------------
@@ -213,7 +218,8 @@ def test_hybrid_decode_steps_with_replayed_ubatches_equal_fresh_ubatches(pattern
 def test_native_masks_equal_numpy(monkeypatch, unified, swa_type):
     """``pm_kq_mask_rows`` (streams) and ``pm_kq_mask_owner`` (one stream, one token per
     sequence) write the bytes numpy writes, for decode steps and 3-token steps, causal or
-    not, f16 and f32; cells removed on the way, foreign owners in a stream included."""
+    not, f16 and f32; cells removed and forked (shared) on the way, foreign owners in a
+    stream included."""
     assert kv_inputs.USE_NATIVE, "the extension lacks the mask kernels: rebuild it"
     rng = np.random.default_rng(4000 + int(swa_type) + 10 * unified)
     swa = {} if swa_type == 0 else {"swa_type": swa_type, "n_swa": 5}
@@ -237,6 +243,10 @@ def test_native_masks_equal_numpy(monkeypatch, unified, swa_type):
         if step % 6 == 5:
             s = int(rng.integers(0, n_seq))
             kv.seq_rm(s, max(0, kv.seq_pos_max(s) - 1), -1)
+        elif step % 6 == 2:  # a fork: shared cells in a unified cache (copies in streams)
+            s, d = (int(x) for x in rng.choice(n_seq, 2, replace=False))
+            kv.seq_rm(d, -1, -1)
+            kv.seq_cp(s, d, -1, -1)
         n_kv = kv.get_n_kv(sinfo)
         for kw in MASK_OPTIONS:
             for dtype in (np.float32, np.float16):
@@ -268,12 +278,25 @@ def test_native_mask_kernels_refuse_rows_outside_the_cells():
     tok_of = np.full(LLAMA_MAX_SEQ + 2, -1, dtype=np.int64)
     tok_of[2] = 5  # sequence 0 -> token 5 of 1
     status = lib.pm_kq_mask_owner(
-        i32(owner), i32(pos), 8, ffi.from_buffer("int64_t[]", tok_of), tok_of.size,
+        i32(owner), i32(pos), 8, ffi.from_buffer("int64_t[]", tok_of), tok_of.size, ffi.NULL, 1,
         i32(lo), i32(hi), 1, 4, 2, ffi.from_buffer(out, require_writable=True),
     )  # fmt: skip
     assert status == lib.PM_ERR_RANGE
     with pytest.raises(NativeError):
         check(status, "pm_kq_mask_owner")
+    # with bitsets every table entry is checked (a shared cell's bits may name any), and
+    # a bitset width outside [1, 4] words is refused
+    tok_of[2] = -1
+    tok_of[200] = 1
+    bits = np.zeros(8, dtype=np.uint64)
+    for n_words, want in ((1, lib.PM_ERR_RANGE), (0, lib.PM_ERR_ARG), (5, lib.PM_ERR_ARG)):
+        status = lib.pm_kq_mask_owner(
+            i32(owner), i32(pos), 8, ffi.from_buffer("int64_t[]", tok_of), tok_of.size,
+            ffi.from_buffer("uint64_t[]", bits), n_words, i32(lo), i32(hi), 1, 4, 2,
+            ffi.from_buffer(out, require_writable=True),
+        )  # fmt: skip
+        assert status == want, n_words
+    assert out.tolist() == [[0.0, 0.0, 0.0, 0.0]]  # refused calls wrote nothing
     # an element size other than f16 / f32 is refused before anything is written
     status = lib.pm_kq_mask_rows(
         i32(owner), i32(pos), 8, ffi.from_buffer("int64_t[]", np.zeros(1, np.int64)),
@@ -281,10 +304,36 @@ def test_native_mask_kernels_refuse_rows_outside_the_cells():
     )  # fmt: skip
     assert status == lib.PM_ERR_ARG
     status = lib.pm_kq_mask_owner(
-        i32(owner), i32(pos), 8, ffi.from_buffer("int64_t[]", tok_of), tok_of.size,
+        i32(owner), i32(pos), 8, ffi.from_buffer("int64_t[]", tok_of), tok_of.size, ffi.NULL, 1,
         i32(lo), i32(hi), 1, 4, 8, ffi.from_buffer(out, require_writable=True),
     )  # fmt: skip
     assert status == lib.PM_ERR_ARG
+
+
+def test_owner_mask_kernel_pairs_a_shared_cell_with_each_of_its_sequences():
+    """A cell held by sequences 1 and 70 (two bitset words) is attended by both their
+    tokens where the window allows, by no other; without bitsets (NULL) by none."""
+    owner = np.array([1, -2, 70, -1, -2], dtype=np.int32)
+    pos = np.array([0, 1, 2, -1, 9], dtype=np.int32)
+    bits = np.zeros((5, 2), dtype=np.uint64)
+    bits[1] = [1 << 1, 1 << (70 - 64)]  # cell 1: sequences 1 and 70
+    bits[4] = [1 << 3, 1 << (70 - 64)]  # cell 4: sequences 3 and 70, at position 9
+    tok_of = np.full(LLAMA_MAX_SEQ + 2, -1, dtype=np.int64)
+    tok_of[1 + 2], tok_of[70 + 2], tok_of[5 + 2] = 0, 1, 2  # tokens of seqs 1, 70, 5
+    lo = np.zeros(3, dtype=np.int32)
+    hi = np.array([5, 5, 5], dtype=np.int32)  # causal at position 5: cell 4 (pos 9) masked
+    i32 = lambda a: ffi.from_buffer("int32_t[]", a)  # noqa: E731
+    for with_bits in (True, False):
+        out = np.empty((3, 5), dtype=np.float32)
+        status = lib.pm_kq_mask_owner(
+            i32(owner), i32(pos), 5, ffi.from_buffer("int64_t[]", tok_of), tok_of.size,
+            ffi.from_buffer("uint64_t[]", bits) if with_bits else ffi.NULL, 2, i32(lo), i32(hi),
+            3, 5, 4, ffi.from_buffer(out, require_writable=True),
+        )  # fmt: skip
+        assert status == lib.PM_OK
+        attended = [np.flatnonzero(row == 0).tolist() for row in out]
+        shared = [1] if with_bits else []
+        assert attended == [sorted([0, *shared]), sorted([2, *shared]), []], with_bits
 
 
 def test_native_mask_refusal_names_the_values():

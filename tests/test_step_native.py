@@ -110,20 +110,28 @@ def _drive_twins(monkeypatch, twins, allocs, seqs, pos) -> None:
     assert state_of(twins[0]) == state_of(twins[1])
 
 
+@pytest.mark.parametrize(
+    "unified, fork",
+    [(False, False), (True, False), (True, True)],
+    ids=["streams", "unified", "forked"],
+)
 @pytest.mark.parametrize("swa_type", SWA_KINDS)
 @pytest.mark.parametrize("v_trans", [True, False])
-@pytest.mark.parametrize("unified", [False, True])
-def test_kv_decode_steps_native_equal_numpy(monkeypatch, swa_type, v_trans, unified) -> None:
+def test_kv_decode_steps_native_equal_numpy(monkeypatch, swa_type, v_trans, unified, fork) -> None:
     """Twin caches, one stepped through the kernels, one through numpy: equal slots,
     inputs and cell bytes after every step, across wrap-arounds (16 cells a stream, 40
-    unified), SWA overwrites, layout changes and removals."""
-    rng = np.random.default_rng(40 + int(swa_type) + 10 * v_trans + 100 * unified)
+    unified), SWA overwrites, layout changes and removals; ``fork``: every sequence starts
+    from one prompt copied by seq_cp (cells shared by all of them, a parallel-sampling
+    run), which the placements must leave shared."""
+    rng = np.random.default_rng(40 + int(swa_type) + 10 * v_trans + 100 * unified + 1000 * fork)
     swa = {} if swa_type == 0 else {"swa_type": swa_type, "n_swa": 4}
     n_seq = 6
     size, full = (40, 34) if unified else (16, 14)
     twins = [make_kv(size, n_seq, unified=unified, v_trans=v_trans, **swa) for _ in range(2)]
     allocs = [BatchAllocator(), BatchAllocator()]
-    calls = {"find": 0, "find_taken": 0, "place": 0, "after_rm": 0, "overwrite": 0}
+    calls = dict.fromkeys(
+        ("find", "find_taken", "place", "place_shared", "after_rm", "overwrite"), 0
+    )
     find, place = kv_cache.KVCache._find_slot_native, kv_cache.KVCache._place_native
 
     def count_find(self, memo, n_per):
@@ -136,6 +144,7 @@ def test_kv_decode_steps_native_equal_numpy(monkeypatch, swa_type, v_trans, unif
     def count_place(self, memo, sinfo, ubatch, *, heads):
         res = place(self, memo, sinfo, ubatch, heads=heads)
         calls["place" if heads else "after_rm"] += res
+        calls["place_shared"] += res and bool(self.cells.n_multi.any())
         return res
 
     overwrite = kv_cache.KVCache._overwrite_native
@@ -149,6 +158,12 @@ def test_kv_decode_steps_native_equal_numpy(monkeypatch, swa_type, v_trans, unif
     monkeypatch.setattr(kv_cache.KVCache, "_place_native", count_place)
     monkeypatch.setattr(kv_cache.KVCache, "_overwrite_native", count_overwrite)
     layouts = [list(range(n_seq)), [1, 3, 4], [2]]
+    if fork:
+        _drive_twins(monkeypatch, twins, allocs, [0] * 4, [0, 1, 2, 3])
+        for kv in twins:
+            for s in range(1, n_seq):
+                kv.seq_cp(0, s, -1, -1)
+        assert twins[0].cells.n_multi[0] == 4
     for step in range(60):
         seqs = layouts[(step // 5) % len(layouts)]
         pos = [twins[0].seq_pos_max(s) + 1 for s in seqs]
@@ -165,6 +180,7 @@ def test_kv_decode_steps_native_equal_numpy(monkeypatch, swa_type, v_trans, unif
         for kv in twins:  # both: the checks refresh lazily kept bounds
             check_invariants(kv)
     assert calls["find"] > 5 and calls["place"] > 5
+    assert (calls["place_shared"] > 0) == fork  # a forked prompt's cells stop no placement
     if swa_type != 0:  # the windows overwrite: one kernel for a unified cache, else numpy
         # empties the cells and the kernel places
         assert calls["overwrite" if unified else "after_rm"] > 0 and calls["find_taken"] > 0

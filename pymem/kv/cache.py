@@ -1262,7 +1262,7 @@ class KVCache(Memory):
     ) -> bool:
         """``set_new`` of a replayed ubatch's tokens (one id each) into the slot's cells, and
         with ``heads`` the heads' move, in one native call; False, nothing changed, when a
-        cell is taken or a stream holds shared cells (numpy then overwrites / re-owns)."""
+        cell is taken (numpy then overwrites)."""
         assert memo is not None and memo.strm is not None
         c, heads_buf, top, placed = self._native_cells()
         n_blocks, n_per = sinfo.idxs.shape

@@ -64,16 +64,23 @@ def _seq_members(cells: KVCells, seqs: np.ndarray, n_kv: int) -> tuple[np.ndarra
     members = np.flatnonzero(u_of >= 0)
     u = u_of[members]
     if cells.n_multi:
-        multi = np.flatnonzero(owner == OWNER_MULTI)
-        # (an id past the bitsets is in no cell: every ubatch id was fitted when placed)
-        words = cells.seq[multi][:, np.minimum(seqs >> 6, cells.store.n_words - 1)]
-        words[:, seqs >= 64 * cells.store.n_words] = 0  # [n_multi, U]
-        # E.g. seqs [1, 65], a cell's words [0b10, 0b00, ...] -> its bits [1, 0]
-        bits = (words >> (seqs & 63).astype(np.uint64)[None, :]) & np.uint64(1)
-        m_rows, m_u = np.nonzero(bits)
-        u = np.concatenate((u, m_u.astype(np.int32)))
-        members = np.concatenate((members, multi[m_rows]))
+        m_u, m_cells = _shared_members(cells, seqs, n_kv)
+        u = np.concatenate((u, m_u))
+        members = np.concatenate((members, m_cells))
     return u, members
+
+
+def _shared_members(cells: KVCells, seqs: np.ndarray, n_kv: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (sequence index, cell) pairs of :func:`_seq_members` among the cells ``j < n_kv``
+    held by several sequences (owner ``OWNER_MULTI``): bit tests of their bitsets.
+    E.g. seqs [1, 65], a shared cell 4 whose words are [0b10, 0b00, ...] -> ([0], [4])."""
+    multi = np.flatnonzero(cells.owner[:n_kv] == OWNER_MULTI)
+    # (an id past the bitsets is in no cell: every ubatch id was fitted when placed)
+    words = cells.seq[multi][:, np.minimum(seqs >> 6, cells.store.n_words - 1)]
+    words[:, seqs >= 64 * cells.store.n_words] = 0  # [n_multi, U]
+    bits = (words >> (seqs & 63).astype(np.uint64)[None, :]) & np.uint64(1)
+    m_rows, m_u = np.nonzero(bits)
+    return m_u.astype(np.int32), multi[m_rows]
 
 
 def _seq_cells(cells: KVCells, seqs: np.ndarray, n_kv: int) -> tuple[np.ndarray, np.ndarray]:
@@ -273,9 +280,8 @@ def build_kq_mask(
     ):
         # a decode step on one stream: one token per sequence, one id per token
         cells = v_cells[int(layout.seq_to_stream[int(seq0[0])])]
-        if cells.n_multi == 0:
-            _mask_one_per_seq(cells, rules, seq0, p1_all, out[0], ubatch.seq_id)
-            return out
+        _mask_one_per_seq(cells, rules, seq0, p1_all, out[0], ubatch.seq_id)
+        return out
     for s in range(n_stream):
         tok = slice(s * n_tps, (s + 1) * n_tps)
         sq = seq0[tok]
@@ -332,9 +338,10 @@ def _mask_one_per_seq(
     out: np.ndarray,
     seq_id: np.ndarray | None = None,
 ) -> None:
-    """The rows of tokens of distinct sequences (``sq``, positions ``p1``) over cells none
-    of which is held by several sequences: a cell can only pair with the token of its
-    owner, so each of the first ``n_kv`` cells is decided once, against that token.
+    """The rows of tokens of distinct sequences (``sq``, positions ``p1``): a cell held by
+    one sequence can only pair with the token of its owner, so each of the first ``n_kv``
+    cells is decided once, against that token; a cell held by several (a prompt shared by
+    ``seq_cp``) pairs with the token of each sequence of its bitset.
 
     E.g. owner [0, 1, 0, -1], pos [0, 0, 1, -1], tokens (seq 1, pos 1), (seq 0, pos 2):
     cell 0 -> token 1, cell 1 -> token 0, cell 2 -> token 1; all in the past -> kept.
@@ -348,9 +355,11 @@ def _mask_one_per_seq(
     if USE_NATIVE and out.dtype.itemsize in (2, 4) and out.flags.c_contiguous:
         lo, hi = _window(rules, p1)
         n = sq.size
+        n_words = cells.store.n_words
+        bits = ffi.from_buffer("uint64_t[]", cells.seq) if cells.n_multi else ffi.NULL
         status = lib.pm_kq_mask_owner(
             ffi.from_buffer("int32_t[]", own), ffi.from_buffer("int32_t[]", cells.pos[:n_kv]),
-            n_kv, ffi.from_buffer("int64_t[]", tok), tok.size,
+            n_kv, ffi.from_buffer("int64_t[]", tok), tok.size, bits, n_words,
             ffi.from_buffer("int32_t[]", _bounds_or_open(lo, n, _I32.min)),
             ffi.from_buffer("int32_t[]", _bounds_or_open(hi, n, _I32.max)),
             n, n_kv, out.dtype.itemsize, ffi.from_buffer(out, require_writable=True),
@@ -366,6 +375,9 @@ def _mask_one_per_seq(
     t = tok[own + 2]
     j = np.flatnonzero(t >= 0)
     t = t[j]
+    if cells.n_multi:
+        m_t, m_j = _shared_members(cells, sq, n_kv)  # sequence index u is token u here
+        t, j = np.concatenate((t, m_t)), np.concatenate((j, m_j))
     keep = _keep(rules, cells.pos[j], p1[t], None, None, np.ones(j.size, dtype=bool))
     # flat indices into the contiguous rows: E.g. n_kv 10, t [0, 2], j [3, 7] -> [3, 27]
     assert out.flags.c_contiguous, "the flat view must alias the mask rows"
