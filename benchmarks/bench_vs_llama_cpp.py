@@ -24,6 +24,9 @@ docs/perf_decode_vs_nseq.png and docs/perf_decode_vs_nctx.png.
    n_ubatch 512, n_batch 2048. A configuration is skipped, with the reason printed, when
    llama.cpp refuses the context or when the prompts plus the timed steps do not fit in
    a stream. Median of the timed steps (each step adds one token per sequence).
+   ``--fork``: the unified configurations with one 64-token prompt decoded into
+   sequence 0 and copied to every other sequence by ``seq_cp`` on both sides (a
+   parallel-sampling run: the prompt's cells are shared by all sequences).
 2. State I/O: a unified cache of n_ctx 32768 (n_seq_max 8) filled with 4 sequences x
    8192 tokens, decoded in interleaved chunks of 128 (one decode call = one chunk of each
    sequence); f16 K/V. tiny-llama with flash attention off (V transposed) and on,
@@ -32,7 +35,9 @@ docs/perf_decode_vs_nseq.png and docs/perf_decode_vs_nctx.png.
    ``state_write_buffer`` into a preallocated buffer; ``state_read``) against llama.cpp
    (``llama_state_seq_get_data`` / ``_set_data``, ``llama_state_get_data`` / ``_set_data``
    into preallocated buffers) and a numpy ``copyto`` of as many bytes (into a preallocated
-   array: the write into a buffer is the like-for-like row).
+   array: the write into a buffer is the like-for-like row). The one-sequence rows are
+   also run "beside a fork": sequence 1 copied to 5 by ``seq_cp`` first, so that the
+   stream holds cells shared by two sequences (sequence 0 holds none of them).
    GB/s on the byte count of pymem's blob (the memory part; llama.cpp's whole-state blob
    adds its output buffers in front).
 3. Sequence ops on those filled memories (flash attention off), every op of the
@@ -55,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import gc
 import json
 import os
@@ -285,13 +291,20 @@ class DecodeConfig:
     n_seq: int
     n_ctx: int
     flash_attn: bool
+    # one prompt, decoded into sequence 0 and copied to every other by seq_cp (a parallel
+    # sampling run): its cells are shared by every sequence
+    fork: bool = False
 
     @property
     def layout(self) -> str:
         return "unified" if self.unified else "streams"
 
     def label(self) -> str:
-        return f"{self.model} {self.layout} n_seq {self.n_seq} n_ctx {self.n_ctx} fa {int(self.flash_attn)}"
+        forked = " forked prompt" if self.fork else ""
+        return (
+            f"{self.model} {self.layout} n_seq {self.n_seq} n_ctx {self.n_ctx} "
+            f"fa {int(self.flash_attn)}{forked}"
+        )
 
 
 def decode_configs(quick: bool, sel: Selection | None = None) -> list[DecodeConfig]:
@@ -354,6 +367,8 @@ def bench_decode_one(models: LlamaModels, specs: dict[str, Any], cfg: DecodeConf
                      quick: bool) -> dict[str, Any]:  # fmt: skip
     row: dict[str, Any] = dict(model=cfg.model, layout=cfg.layout, n_seq=cfg.n_seq, n_ctx=cfg.n_ctx,
                                flash_attn=cfg.flash_attn)  # fmt: skip
+    if cfg.fork:
+        row["fork"] = True
     warm, timed = n_steps(cfg, quick)
     sizes = resolve_context(specs[cfg.model], ContextParams(
         n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq, n_ubatch=N_UBATCH, n_batch=N_BATCH,
@@ -377,9 +392,16 @@ def bench_decode_one(models: LlamaModels, specs: dict[str, Any], cfg: DecodeConf
         row["n_ctx_seq"] = ref.n_ctx_seq
         row["n_ctx_llama_cpp"] = ref.n_ctx
         row["n_ctx_pymem"] = sizes.n_ctx
-        # the prompts: PROMPT tokens per sequence, as many sequences per call as N_BATCH holds
+        # the prompts: PROMPT tokens per sequence, as many sequences per call as N_BATCH holds;
+        # forked: sequence 0's alone, then copied to the others on both sides
         per_call = N_BATCH // PROMPT
-        for s0 in range(0, cfg.n_seq, per_call):
+        if cfg.fork:
+            pos = np.arange(PROMPT)
+            pair.decode_both(np.zeros(PROMPT, dtype=np.int64), pos, pos == PROMPT - 1, inputs=False)
+            for s in range(1, cfg.n_seq):
+                lc.llama_memory_seq_cp(ref.mem, 0, s, -1, -1)
+                mem.seq_cp(0, s, -1, -1)
+        for s0 in range(0, 0 if cfg.fork else cfg.n_seq, per_call):
             seqs = np.arange(s0, min(s0 + per_call, cfg.n_seq))
             # E.g. seqs [0, 1], PROMPT 3 -> seq [0, 0, 0, 1, 1, 1], pos [0, 1, 2, 0, 1, 2]
             seq = np.repeat(seqs, PROMPT)
@@ -411,9 +433,10 @@ def bench_decode_one(models: LlamaModels, specs: dict[str, Any], cfg: DecodeConf
 
 
 def bench_decode(
-    quick: bool, sel: Selection | None = None, rounds: int = 1
+    quick: bool, sel: Selection | None = None, rounds: int = 1, fork: bool = False
 ) -> list[dict[str, Any]]:
-    """Every selected configuration, ``rounds`` times over the whole selection.
+    """Every selected configuration, ``rounds`` times over the whole selection; ``fork``:
+    the unified ones with a forked prompt (:class:`DecodeConfig`).
 
     With several rounds a row keeps the median over rounds of each side's median (and the
     ratio of those), plus every round's ratio in ``ratios``: a configuration's spread
@@ -422,6 +445,8 @@ def bench_decode(
     models = LlamaModels()
     specs = {name: spec_from_gguf(str(path)) for name, path in MODELS.items()}
     configs = decode_configs(quick, sel)
+    if fork:  # (across streams a seq_cp copies cells: nothing is shared there)
+        configs = [dataclasses.replace(c, fork=True) for c in configs if c.unified]
     per_cfg: dict[DecodeConfig, list[dict[str, Any]]] = {c: [] for c in configs}
     t_start = time.perf_counter()
     try:
@@ -468,18 +493,16 @@ def bench_decode(
     if skipped:
         print(f"\nskipped ({len(skipped)}):")
         for r in skipped:
-            cfg = DecodeConfig(
-                r["model"], r["layout"] == "unified", r["n_seq"], r["n_ctx"], r["flash_attn"]
-            )
+            cfg = DecodeConfig(r["model"], r["layout"] == "unified", r["n_seq"], r["n_ctx"],
+                               r["flash_attn"], r.get("fork", False))  # fmt: skip
             print(f"  {cfg.label()}: {r['skipped']}")
     miss = [r for r in done if r["ratio"] > TARGET]
     print(
         f"\ntarget ratio <= {TARGET}: met by {len(done) - len(miss)} of {len(done)} configurations"
     )
     for r in sorted(miss, key=lambda r: -r["ratio"]):
-        cfg = DecodeConfig(
-            r["model"], r["layout"] == "unified", r["n_seq"], r["n_ctx"], r["flash_attn"]
-        )
+        cfg = DecodeConfig(r["model"], r["layout"] == "unified", r["n_seq"], r["n_ctx"],
+                           r["flash_attn"], r.get("fork", False))  # fmt: skip
         print(f"  MISS {cfg.label()}: {r['ratio']:.3f} ({r['ratio'] / TARGET:.1f}x the target)")
     return rows
 
@@ -558,10 +581,18 @@ def bench_state(pair: Pair, repeats: int) -> list[dict[str, Any]]:
     # sides), so the restore places it among the others' cells instead of back into its
     # own, as a runtime that swaps sequences in and out does. "into a cleared memory":
     # the memory cleared first (clear without data, timed with the read on both sides),
-    # as a session loaded into a fresh context (pymem cannot take its same-cells path)
-    for what, seq_id, prep in (("one sequence", 0, None), ("whole state", -1, None),
-                               ("one sequence, swapped in", 0, "seq_rm"),
-                               ("whole state, into a cleared memory", -1, "clear")):  # fmt: skip
+    # as a session loaded into a fresh context (pymem cannot take its same-cells path).
+    # "beside a fork": sequence 1 copied to 5 first (seq_cp on both sides: cells shared by
+    # two sequences in the stream; sequence 0 holds none of them), undone afterwards
+    cases = (("one sequence", 0, None), ("whole state", -1, None),
+             ("one sequence, swapped in", 0, "seq_rm"),
+             ("whole state, into a cleared memory", -1, "clear"),
+             ("one sequence, beside a fork", 0, None),
+             ("one sequence, beside a fork, swapped in", 0, "seq_rm"))  # fmt: skip
+    for what, seq_id, prep in cases:
+        if what == "one sequence, beside a fork":
+            lc.llama_memory_seq_cp(ref.mem, 1, 5, -1, -1)
+            mem.seq_cp(1, 5, -1, -1)
         blob = mem.state_write(seq_id)
         n_mem = len(blob)
         if seq_id >= 0:
@@ -615,6 +646,8 @@ def bench_state(pair: Pair, repeats: int) -> list[dict[str, Any]]:
         )
         row.update({f"{k}_gbs": n_mem / v / 1e9 for k, v in t.items()})
         rows.append(row)
+    lc.llama_memory_seq_rm(ref.mem, 5, -1, -1)
+    mem.seq_rm(5, -1, -1)
     return rows
 
 
@@ -882,6 +915,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="decode: run the selection this many times, keep medians (default 1)",
     )
+    ap.add_argument(
+        "--fork",
+        action="store_true",
+        help="decode: the unified configurations with one prompt forked by seq_cp to every "
+        "sequence (never written to the main JSON; use --out)",
+    )
     ap.add_argument("--out", help="also write the results to results/OUT.json")
     return ap.parse_args(argv)
 
@@ -909,7 +948,7 @@ def main() -> None:
         target_ratio=TARGET,
     )  # fmt: skip
     if only in (None, "decode"):
-        results["decode"] = bench_decode(quick, sel, args.rounds)
+        results["decode"] = bench_decode(quick, sel, args.rounds, args.fork)
     if only in (None, "state", "ops") and sel.is_all:
         results["state"], results["seq_ops"] = bench_filled(quick, only)
     wall = time.perf_counter() - t_start
@@ -922,7 +961,7 @@ def main() -> None:
           f"{os.cpu_count()} CPUs; wall {wall:.0f} s")  # fmt: skip
     if args.out:
         print(f"wrote {write_results(args.out, results)}")
-    if quick or not sel.is_all:
+    if quick or not sel.is_all or args.fork:
         return
     if only is None:
         path = write_results("bench_vs_llama_cpp", results)

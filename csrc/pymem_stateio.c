@@ -1122,14 +1122,21 @@ static pm_status pm_kv_select_window(const int32_t * pos, const int32_t * owner,
     return PM_OK;
 }
 
+// Whether seq_id may hold a cell of stream s together with another sequence (what every
+// per-sequence path here leaves to numpy): without the cells' bitsets, any shared cell in s
+static int pm_seq_blob_shared(const pm_kv_seq_blob * b, int32_t s, int32_t seq_id) {
+    return b->n_multi[s] != 0 && (b->cells == NULL || pm_step_seq_shared(b->cells, s, seq_id));
+}
+
 // The zero counts before the one stream part of a per-sequence blob at d (u32 n_stream,
 // then a u32 count per stream): the part goes to stream s whichever stream wrote it (as the
-// reference reads a sequence's blob). -1 where the one-call paths do not apply: s holds
-// shared cells, the view is too short for the counts, n_stream differs, or no stream has
-// cells (the general restore's business).
-static int64_t pm_seq_blob_before(const pm_kv_seq_blob * b, int32_t s, const char * d, int64_t avail) {
+// reference reads a sequence's blob). -1 where the one-call paths do not apply: seq_id
+// shares a cell of s with another sequence, the view is too short for the counts,
+// n_stream differs, or no stream has cells (the general restore's business).
+static int64_t pm_seq_blob_before(const pm_kv_seq_blob * b, int32_t s, int32_t seq_id, const char * d,
+                                  int64_t avail) {
     const int64_t n_stream = b->n_stream;
-    if (b->n_multi[s] != 0 || avail < 4 + 4 * n_stream || pm_get_u32(d) != (uint32_t) n_stream) {
+    if (pm_seq_blob_shared(b, s, seq_id) || avail < 4 + 4 * n_stream || pm_get_u32(d) != (uint32_t) n_stream) {
         return -1;
     }
     int64_t before = 0;
@@ -1147,7 +1154,7 @@ pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t
         return PM_ERR_ARG;
     }
     *written = 0;
-    *declined = b->n_multi[s] != 0;
+    *declined = pm_seq_blob_shared(b, s, seq_id);
     if (*declined) {
         return PM_OK;
     }
@@ -1257,7 +1264,7 @@ pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const vo
     if (store == 2 && (known < 1 || known > b->runs_cap)) {
         return PM_OK;
     }
-    const int64_t before = pm_seq_blob_before(b, s, d, avail);
+    const int64_t before = pm_seq_blob_before(b, s, seq_id, d, avail);
     if (before < 0) {
         return PM_OK;
     }
@@ -1288,7 +1295,7 @@ pm_status pm_kv_read_seq_place(const pm_kv_seq_blob * b, int32_t seq_id, const v
     *done = 0;
     const char * d = (const char *) blob;
     const int64_t n_stream = b->n_stream, rec = 3 + b->n_ext, size = b->size;
-    const int64_t before = pm_seq_blob_before(b, s, d, avail);
+    const int64_t before = pm_seq_blob_before(b, s, seq_id, d, avail);
     if (before < 0) {
         return PM_OK;
     }

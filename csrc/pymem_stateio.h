@@ -107,7 +107,11 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
 // run_ends[s] (int64[runs_cap], runs_cap >= size / 2 + 1) and selected[2 s], [2 s + 1]
 // (the cell and run counts the last search of stream s left there); the stream counters
 // n_multi, used, heads (int64[n_stream]) and has_shift (uint8[n_stream]); seq_to_stream
-// (int32[n_seq]); tensors as for pm_kv_write_section.
+// (int32[n_seq]); tensors as for pm_kv_write_section; cells: the cache's
+// pm_step_cells over the same arrays (its bitsets tell a sequence in a cell shared with
+// others, which these paths decline, from one beside such cells, which they take), or NULL:
+// then a stream with any shared cell is declined.
+struct pm_step_cells;
 typedef struct pm_kv_seq_blob {
     int32_t n_stream;
     int32_t n_seq;
@@ -129,6 +133,7 @@ typedef struct pm_kv_seq_blob {
     int64_t * heads;
     const uint8_t * has_shift;
     struct ggml_tensor * const * tensors;
+    const struct pm_step_cells * cells;
 } pm_kv_seq_blob;
 
 // The whole blob of sequence seq_id (u32 n_stream; its stream's part as
@@ -137,9 +142,10 @@ typedef struct pm_kv_seq_blob {
 // The sequence's cells are searched, unless `reuse`: then the runs the last search of its
 // stream left in the scratch are written (a new blob sized by a query just before: one
 // search, not two; runs that no longer add up are refused, PM_ERR_ARG, nothing written).
-// *declined = 1, nothing written, when the stream holds cells shared by several sequences
-// (the caller's general writer handles those). PM_ERR_RANGE, nothing written, when cap is
-// too small; PM_ERR_ARG for a null pointer or a seq_id outside [0, n_seq).
+// *declined = 1, nothing written, when seq_id holds a cell shared with another sequence
+// (see `cells` above; the caller's general writer handles those). PM_ERR_RANGE, nothing
+// written, when cap is too small; PM_ERR_ARG for a null pointer or a seq_id outside
+// [0, n_seq).
 //
 // A sliding-window cache writes only the sequence's cells its last token still sees: those
 // with a position in [p_lo, p_hi] (the caller derives the bounds from the window type,
@@ -193,8 +199,8 @@ pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const vo
 //  n_runs > 0, the store: the same checks, then the bytes go into the cells of the runs
 //     (run_starts / run_ends: n_runs runs inside [0, size) holding n cells in all, in slot
 //     order, as the placement found them; any order). No cell, head or counter changes.
-// *done = 1 when it applies; *done = 0 with nothing changed otherwise: shared cells in s, no
-// cell in the blob, a record or header that differs, bytes out of range, a second stream
+// *done = 1 when it applies; *done = 0 with nothing changed otherwise: seq_id in a cell
+// of s shared with another sequence (see `cells` above), no cell in the blob, a record or header that differs, bytes out of range, a second stream
 // with cells, runs that do not hold n cells (the caller's general restore then names what
 // is wrong). PM_ERR_ARG for a null pointer or a seq_id outside [0, n_seq).
 pm_status pm_kv_read_seq_place(const pm_kv_seq_blob * b, int32_t seq_id, const void * blob, int64_t avail,

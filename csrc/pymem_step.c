@@ -608,8 +608,10 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
     if (s < 0 || s >= c->n_stream) {
         return PM_ERR_RANGE;
     }
-    if (c->n_multi[s] != 0 || seq_id < 0 || seq_id >= pm_step_ids(c) || n > c->size || swa_type < 0 ||
-        swa_type > 3 || (swa_type != 0 && n_swa <= 0)) {
+    // (shared cells are never taken: without a window only empty cells are; a window's
+    // search and purge read owners alone, so they leave a stream with shared cells to numpy)
+    if ((c->n_multi[s] != 0 && swa_type != 0) || seq_id < 0 || seq_id >= pm_step_ids(c) || n > c->size ||
+        swa_type < 0 || swa_type > 3 || (swa_type != 0 && n_swa <= 0)) {
         return PM_OK;
     }
     for (int64_t i = 0; i < n; i++) {
@@ -642,7 +644,7 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
         if (!usable) {
             const int32_t q = c->owner[g0 + cell];
             if (q < 0) {
-                continue;  // several sequences (none here: n_multi is 0) or none
+                continue;  // several sequences (none with a window: n_multi is 0) or none
             }
             const int64_t key = s * PM_STEP_MAX_SEQ + q;
             usable = pm_step_masked_swa(swa_type, n_swa, p, c->pmax[key] + 1);
@@ -686,10 +688,30 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
     return PM_OK;
 }
 
+int32_t pm_step_seq_shared(const pm_step_cells * c, int64_t s, int32_t q) {
+    if (s < 0 || s >= c->n_stream || c->n_multi[s] == 0 || q < 0 || q >= pm_step_ids(c)) {
+        return 0;
+    }
+    const int32_t * own = c->owner + s * c->size;
+    const uint64_t * bits = c->seq + s * c->size * c->n_words + (q >> 6);
+    const uint64_t bit = (uint64_t) 1 << (q & 63);
+    int64_t left = c->n_multi[s];  // shared cells not seen yet
+    for (int64_t i = 0; i < c->size && left > 0; i++) {
+        if (own[i] == -2) {
+            if (bits[i * c->n_words] & bit) {
+                return 1;
+            }
+            left--;
+        }
+    }
+    return 0;
+}
+
 int32_t pm_step_kv_place_sure(const pm_step_cells * c, int64_t s, int32_t seq_id, int64_t n, int64_t fit,
                               int32_t swa_type, int64_t n_swa) {
     if (n < 1 || fit < n || n > c->size || s < 0 || s >= c->n_stream || seq_id < 0 || seq_id >= pm_step_ids(c) ||
-        c->n_multi[s] != 0 || swa_type < 0 || swa_type > 3 || (swa_type != 0 && n_swa <= 0)) {
+        swa_type < 0 || swa_type > 3 || (swa_type != 0 && n_swa <= 0) ||
+        (c->n_multi[s] != 0 && (swa_type != 0 || pm_step_seq_shared(c, s, seq_id)))) {
         return 0;
     }
     // n empty cells after the seq_rm: the search finds them (a window's overwrite clears
@@ -965,8 +987,8 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
     *done = 0;
     *n_freed = 0;
     *first_freed = -1;
-    if (c->n_multi[strm] != 0) {
-        return PM_OK;
+    if (pm_step_seq_shared(c, strm, seq_id)) {
+        return PM_OK;  // (a shared cell loses a bit, not its position: numpy's job)
     }
     // positions are int32, so a range past INT32_MAX is cut there
     const int64_t hi = p1 < INT32_MAX ? p1 : INT32_MAX;

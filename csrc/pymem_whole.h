@@ -93,8 +93,8 @@ pm_status pm_whole_write(pm_whole_part * parts, int64_t n_parts, void * out, int
 // part's as its one-sequence writer does: the sequence's cell, read from its pending
 // copy's source in its rollback plane) into out (cap bytes), in one call: every part
 // sized (a KV part's cells searched once), then written. seq_id must be below every KV
-// part's n_seq (PM_ERR_ARG otherwise). *written, *done, PM_ERR_RANGE and the declines
-// (a KV stream's shared cells) and `sized` as pm_whole_write.
+// part's n_seq (PM_ERR_ARG otherwise). *written, *done, PM_ERR_RANGE and `sized` as
+// pm_whole_write; a KV part declines when the sequence holds a cell shared with another.
 pm_status pm_seq_write(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, void * out, int64_t cap,
                        int32_t sized, int64_t * written, int32_t * done);
 

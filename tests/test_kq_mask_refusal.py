@@ -34,7 +34,8 @@ def test_owner_kernel_refusal_writes_nothing(elem: int, bad: str) -> None:
     out = np.full((n_tokens, n_kv), 7.0, dtype=dtype)
     status = lib.pm_kq_mask_owner(
         _i32(owner), _i32(pos), n_cells, ffi.from_buffer("int64_t[]", tok_of), tok_of.size,
-        _i32(lo), _i32(hi), n_tokens, n_kv, elem, ffi.from_buffer(out, require_writable=True),
+        ffi.NULL, 1, _i32(lo), _i32(hi), n_tokens, n_kv, elem,
+        ffi.from_buffer(out, require_writable=True),
     )  # fmt: skip
     assert status == lib.PM_ERR_RANGE
     assert (out == 7.0).all()
@@ -42,7 +43,8 @@ def test_owner_kernel_refusal_writes_nothing(elem: int, bad: str) -> None:
     owner[n_kv - 1] = 0
     status = lib.pm_kq_mask_owner(
         _i32(owner), _i32(pos), n_cells, ffi.from_buffer("int64_t[]", tok_of), tok_of.size,
-        _i32(lo), _i32(hi), n_tokens, n_kv, elem, ffi.from_buffer(out, require_writable=True),
+        ffi.NULL, 1, _i32(lo), _i32(hi), n_tokens, n_kv, elem,
+        ffi.from_buffer(out, require_writable=True),
     )  # fmt: skip
     assert status == lib.PM_OK
     want = np.full((n_tokens, n_kv), -np.inf, dtype=dtype)

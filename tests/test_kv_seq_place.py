@@ -78,8 +78,10 @@ def test_native_restore_placement_equals_numpy(monkeypatch, name: str) -> None:
 
 
 def test_restore_kernel_refuses_and_declines_without_change() -> None:
-    """Bad arguments are refused; too few empty cells, a shared cell in the stream, a
-    negative position or an id outside [0, 256) are declined with nothing written."""
+    """Bad arguments are refused; too few empty cells, a shared cell in the stream of a
+    windowed search, a negative position or an id outside [0, 256) are declined with
+    nothing written. Without a window shared cells are left as they are (only empty
+    cells are taken)."""
     kv = _scenario("f16-trans", 2, n_cells=48)
     c, heads, _, placed = kv._native_cells()
     idx = np.empty(64, dtype=np.int32)
@@ -114,8 +116,15 @@ def test_restore_kernel_refuses_and_declines_without_change() -> None:
         assert _state(kv) == before, args
     kv.seq_cp(1, 2)  # a shared cell in the stream
     shared = _state(kv)
-    assert call() == lib.PM_OK and placed[0] == 0
+    assert call(swa_type=1, n_swa=3) == lib.PM_OK and placed[0] == 0
     assert _state(kv) == shared
+    n_multi = int(kv.cells.n_multi[0])
+    owners = kv.cells.owner[0].copy()
+    assert n_multi > 0 and call() == lib.PM_OK and placed[0] == 1
+    taken = idx[:2]
+    assert (owners[taken] == -1).all() and (kv.cells.owner[0][taken] == 0).all()
+    assert int(kv.cells.n_multi[0]) == n_multi  # the shared cells are untouched
+    assert (kv.cells.owner[0] == -2).sum() == n_multi
 
 
 @pytest.mark.parametrize("name", ["f16-trans", "f16-trans-streams"])

@@ -568,8 +568,9 @@ class KVCache(Memory):
         """``seq_rm`` of one sequence in one native pass (pm_step_kv_rm_seq): the same
         cells and bookkeeping as ``seq_cells_in_all`` + ``seq_rm_bit``, which stay the
         reference. Returns the first emptied cell (-1: none), or None where the kernel does
-        not apply (cells with ext, an undo journal, shared cells in the stream)."""
-        if cells.ext is not None or self.cells.journaling or self.cells.n_multi[strm]:
+        not apply (cells with ext, an undo journal, a cell ``seq_id`` shares with another
+        sequence: the kernel declines that one)."""
+        if cells.ext is not None or self.cells.journaling:
             return None
         cover = cells.range_cover(seq_id, p0, p1)
         if cover == RangeCover.NONE:
@@ -1639,12 +1640,16 @@ class KVCache(Memory):
         masked cells) in one native call (``pm_step_kv_restore_seq``; the numpy find_slot
         and apply are the reference it is tested against). The cells in slot order
         (int64) and their runs; None, nothing placed, where it does not apply (an undo
-        journal, a shared cell in the stream, ``state_io.NATIVE_PLACE`` off, or what the
-        kernel declines: the numpy placement then runs, after the same seq_rm)."""
+        journal, a shared cell in the stream of a windowed cache, ``state_io.NATIVE_PLACE``
+        off, or what the kernel declines: the numpy placement then runs, after the same
+        seq_rm)."""
         if (
             not state_io.NATIVE_PLACE
             or self.cells.journaling
-            or self.cells.n_multi[int(self.seq_to_stream[seq_id])]
+            or (
+                self.swa_type != SWAType.NONE
+                and self.cells.n_multi[int(self.seq_to_stream[seq_id])]
+            )
         ):
             return None
         self.seq_rm(seq_id, -1, -1)

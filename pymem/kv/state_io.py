@@ -279,6 +279,10 @@ class SeqBlob:
         v.heads = array("int64_t", v_heads.a, writable=True)
         v.has_shift = array("uint8_t", store.has_shift)
         v.tensors = section.tensors
+        # the bitsets: a sequence beside a forked prompt's shared cells takes the one-call
+        # paths (only one in such a cell is declined); the pointer follows a widening (fit)
+        v.cells = store.native()
+        keep.append(v.cells)
         self._view = v
         self._keep = keep  # every array and cdata the view points into
         self.n_seq = int(v.n_seq)

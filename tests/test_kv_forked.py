@@ -1,0 +1,202 @@
+"""Sequences beside a forked prompt: after ``seq_cp`` some cells are shared by several
+sequences (owner ``OWNER_MULTI``). Only a sequence that holds such a cell needs its bitset
+handled; every other one keeps the one-call roads (``pm_step_seq_shared`` tells them
+apart). Pins the roads to the numpy reference on random runs of ops over twin caches,
+and that they are taken beside shared cells and declined inside them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from kv_helpers import check_invariants, make_kv
+from test_hybrid import make_hybrid
+from test_iswa import decode
+from test_kv_state import randomize
+
+import pymem.kv.cache as kv_cache
+import pymem.kv.state_io as kv_state_io
+from pymem._native import ffi, lib
+from pymem.composite import CompositeMemory
+from pymem.errors import RangeError, StateError, UnsupportedError
+from pymem.kv import KVCache
+from pymem.kv.cells import StackedCells
+
+N_SEQ = 6
+
+
+def test_shared_test_names_only_the_sequences_of_shared_cells() -> None:
+    """A stream with cells {0}, {1, 5} and {2, 70}: sequences 1, 5, 2 and 70 share a cell,
+    0 and 3 do not; a stream without shared cells, an id past the bitsets or a stream
+    outside the stack answer 0."""
+    st = StackedCells(2, 8)
+    st.fit(70)
+    gid = np.array([0, 1, 2])
+    st.pos_f[gid] = [0, 1, 2]
+    st.seq_f[gid] = 0
+    st.seq_f[0, 0] = 1 << 0
+    st.seq_f[1, 0] = (1 << 1) | (1 << 5)
+    st.seq_f[2, 0], st.seq_f[2, 1] = 1 << 2, 1 << (70 - 64)
+    st.owner_f[gid] = [0, -2, -2]
+    st.n_multi[0] = 2
+    st.used[0] = 3
+    c = st.native()
+    shared = {q for q in range(128) if lib.pm_step_seq_shared(c, 0, q)}
+    assert shared == {1, 2, 5, 70}
+    assert lib.pm_step_seq_shared(c, 1, 1) == 0  # stream 1 holds no shared cell
+    assert lib.pm_step_seq_shared(c, 2, 1) == 0  # no stream 2
+    assert lib.pm_step_seq_shared(c, 0, 200) == 0  # past the bitsets: in no cell
+
+
+def _forked_kv(unified: bool, v_trans: bool, seed: int) -> KVCache:
+    kv = make_kv(96, N_SEQ, unified=unified, v_trans=v_trans)
+    randomize(kv, seed)
+    return kv
+
+
+def _state(mem: Any) -> tuple:
+    parts = mem.parts().values() if isinstance(mem, CompositeMemory) else [mem]
+    extra = []
+    for part in parts:
+        if isinstance(part, KVCache):
+            st = part.cells
+            extra.append((list(part.v_heads), st.pos.tobytes(), st.owner.tobytes(),
+                          st.seq.tobytes(), st.n_multi.tolist(), st.used.tolist()))  # fmt: skip
+    bounds = [(mem.seq_pos_min(s), mem.seq_pos_max(s)) for s in range(N_SEQ)]
+    return bytes(mem.state_write()), bounds, extra
+
+
+@pytest.mark.parametrize(
+    "kind, unified, v_trans",
+    [("kv", True, True), ("kv", True, False), ("kv", False, True), ("hybrid", True, False)],
+)
+@pytest.mark.parametrize("seed", range(3))
+def test_forked_runs_match_the_numpy_roads(monkeypatch, kind, unified, v_trans, seed) -> None:
+    """Random decodes, forks (seq_cp), removals (tails and whole sequences) and sequence
+    blobs written, read back into their own and other sequences and swapped back in, on
+    twins: one with every native road, one with them off (the numpy state rows and
+    placement). The same answers and states after every op; the one-call roads ran beside
+    shared cells."""
+    rng = np.random.default_rng(500 + seed)
+    if kind == "kv":
+        twins = [_forked_kv(unified, v_trans, seed) for _ in range(2)]
+    else:
+        twins = [make_hybrid("RAR", n_seq_max=N_SEQ, unified=unified) for _ in range(2)]
+    beside = {"write": 0, "read": 0, "rm": 0}
+    real_write, real_read = kv_state_io.SeqBlob.write, kv_state_io.SeqBlob.read
+    real_rm = KVCache._seq_rm_native
+
+    def shared_now(blob: Any) -> bool:
+        return bool(blob._cells[0].store.n_multi.any())
+
+    def write(self, out, seq_id, what, reuse=False):  # type: ignore[no-untyped-def]
+        done = real_write(self, out, seq_id, what, reuse)
+        beside["write"] += done is not None and shared_now(self)
+        return done
+
+    def read(self, data, seq_id, *args, **kw):  # type: ignore[no-untyped-def]
+        shared = shared_now(self)
+        done = real_read(self, data, seq_id, *args, **kw)
+        beside["read"] += done is not None and shared
+        return done
+
+    def rm(self, cells, strm, seq_id, p0, p1):  # type: ignore[no-untyped-def]
+        shared = bool(self.cells.n_multi[strm])
+        done = real_rm(self, cells, strm, seq_id, p0, p1)
+        beside["rm"] += done is not None and shared
+        return done
+
+    monkeypatch.setattr(kv_state_io.SeqBlob, "write", write)
+    monkeypatch.setattr(kv_state_io.SeqBlob, "read", read)
+    monkeypatch.setattr(KVCache, "_seq_rm_native", rm)
+
+    def call(i: int, name: str, *args: Any) -> Any:
+        """``name(*args)`` on twin i, its native roads on (0) or off (1); ``decode``: the
+        test's decode."""
+        mem = twins[i]
+        with monkeypatch.context() as m:
+            if i == 1:
+                m.setattr(kv_state_io, "NATIVE_RUNS", False)
+                m.setattr(kv_state_io, "NATIVE_PLACE", False)
+                m.setattr(kv_cache, "USE_NATIVE_RM", False)
+                m.setattr(CompositeMemory, "_native_read", lambda self, d, s, f: None)
+                m.setattr(CompositeMemory, "_native_write", lambda self, *a, **k: None)
+                m.setattr(CompositeMemory, "seq_reader", lambda self, s, f: None)
+            try:
+                if name == "decode":
+                    return decode(mem, *args, n_ubatch=16)
+                result = getattr(mem, name)(*args)
+                return bytes(result) if isinstance(result, (bytes, bytearray)) else result
+            except (UnsupportedError, StateError, RangeError) as exc:
+                return type(exc).__name__, str(exc)
+
+    def both(name: str, *args: Any) -> list[Any]:
+        return [call(i, name, *args) for i in range(2)]
+
+    pos = [0] * N_SEQ
+    for step in range(70):
+        op = rng.choice(["decode", "decode", "cp", "cp", "rm_tail", "rm_all", "write", "read",
+                         "swap"])  # fmt: skip
+        s = int(rng.integers(0, N_SEQ))
+        t = int((s + 1 + rng.integers(0, N_SEQ - 1)) % N_SEQ)
+        if op == "decode":
+            items = [[1 + q, pos[q] + j, [q], False] for q in range(N_SEQ)
+                     for j in range(int(rng.integers(0, 3)))]  # fmt: skip
+            if not items:
+                continue
+            got = both("decode", items)
+        elif op == "cp":  # t becomes a fork of s (a copy across streams)
+            assert both("seq_rm", t, -1, -1) == [True, True]
+            got = both("seq_cp", s, t, -1, -1)
+        elif op == "rm_tail":
+            got = both("seq_rm", s, max(0, pos[s] - int(rng.integers(1, 4))), -1)
+        elif op == "rm_all":
+            got = both("seq_rm", s, -1, -1)
+        elif op == "write":
+            got = both("state_write", s)
+        else:
+            blob = call(0, "state_write", s)
+            assert call(1, "state_write", s) == blob
+            dst = s if op == "swap" else t
+            if op == "swap":
+                both("seq_rm", dst, -1, -1)
+            got = both("state_read", blob, dst)
+        assert got[0] == got[1], (seed, step, op, got)
+        assert _state(twins[0]) == _state(twins[1]), (seed, step, op)
+        if kind == "kv":
+            check_invariants(twins[0])
+        for q in range(N_SEQ):
+            pos[q] = max(twins[0].seq_pos_max(q) + 1, 0)
+    if kind == "kv" and unified:
+        assert beside["write"] > 0 and beside["read"] > 0 and beside["rm"] > 0, beside
+    for mem in twins:
+        mem.close()
+
+
+def test_a_sequence_in_a_shared_cell_declines_and_one_beside_it_takes_the_call() -> None:
+    """After seq_cp(1, 5): sequence 1's blob (in shared cells) is written and read by the
+    general road; sequence 0's (beside them) by the one call, with the same bytes."""
+    kv = make_kv(64, N_SEQ, unified=True)
+    randomize(kv, 7)
+    items = [[1 + q, p, [q], False] for p in range(6) for q in range(3)]
+    assert decode(kv, items) == 0
+    kv.seq_cp(1, 5, -1, -1)
+    blob_view = kv._blob_view()
+    assert blob_view is not None
+    out = bytearray(4096)
+    assert blob_view.write(out, 1, "state_write") is None  # declined: shared cells
+    n = blob_view.write(out, 0, "state_write")
+    assert n is not None and bytes(out[:n]) == bytes(kv.state_write(0))
+    written = ffi.new("int64_t[2]")
+    declined = ffi.cast("int32_t *", written + 1)
+    assert lib.pm_kv_write_seq_blob(blob_view.view, 5, 0, -(2**31), 2**31 - 1, ffi.NULL, 0,
+                                    written, declined) == lib.PM_OK  # fmt: skip
+    assert declined[0] == 1
+    blob0 = bytes(kv.state_write(0))
+    assert blob_view.read(blob0, 0) == len(blob0)  # the same cells, one call
+    kv.seq_rm(0, -1, -1)
+    assert blob_view.read(blob0, 0) == len(blob0)  # swapped back in, one call
+    assert int(kv.cells.n_multi[0]) == 6  # seq 1's six cells still shared with 5
+    check_invariants(kv)
+    kv.close()
