@@ -475,10 +475,45 @@ static void pm_step_empty(pm_step_cells * c, int64_t g) {
     }
 }
 
+// The purge's part in a cell g held by several sequences: each of them whose bound
+// max_rm reaches the cell's position loses its bit; the cell then has the one sequence
+// left as owner, or is emptied (1) when none is left (n_multi follows). How many
+// (cell, sequence) pairs it removed goes to *n_pairs.
+static int pm_step_unshare(pm_step_cells * c, int64_t s, int64_t g, const int64_t * max_rm, int64_t * n_pairs) {
+    uint64_t * bits = c->seq + g * c->n_words;
+    const int64_t p = c->pos[g];
+    int32_t left = -1, n_left = 0;
+    for (int64_t w = 0; w < c->n_words; w++) {
+        for (uint64_t b = bits[w]; b != 0; b &= b - 1) {
+            const int32_t q = (int32_t) (64 * w + pm_ctz64(b));
+            if (max_rm[q] >= p) {
+                bits[w] &= ~((uint64_t) 1 << (q & 63));
+                (*n_pairs)++;
+            } else {
+                left = q;
+                n_left++;
+            }
+        }
+    }
+    if (n_left >= 2) {
+        return 0;
+    }
+    c->n_multi[s]--;
+    if (n_left == 1) {
+        c->owner[g] = left;
+        return 0;
+    }
+    pm_step_empty(c, g);
+    c->shift[g] = 0;
+    return 1;
+}
+
 // apply_ubatch's overwrite in stream s (pm_step_kv_overwrite, whose checks the caller made:
-// idx inside the stream, ids inside the bitsets, no shared cell in s): every sequence of a
-// purge lives in s (a sequence's cells are in its one stream). Token t's sequence is
-// seq[t], or one_seq for every token when seq is NULL (a restore: no array to allocate)
+// idx inside the stream, ids inside the bitsets, every taken cell empty or held by one
+// sequence): every sequence of a purge lives in s (a sequence's cells are in its one
+// stream), shared cells lose the purged sequences' bits (pm_step_unshare). Token t's
+// sequence is seq[t], or one_seq for every token when seq is NULL (a restore: no array to
+// allocate)
 static void pm_step_overwrite_in(pm_step_cells * c, int64_t s, int64_t n, const int32_t * idx, const int32_t * pos,
                                  const int32_t * seq, int32_t one_seq, int64_t * heads, int64_t * top) {
     const int64_t g0 = s * c->size, k0 = s * PM_STEP_MAX_SEQ;
@@ -534,7 +569,8 @@ static void pm_step_overwrite_in(pm_step_cells * c, int64_t s, int64_t n, const 
     // 3. the purge (StackedCells.purge_owned_upto): cells of a sequence that lost one, at
     // or below the largest position it lost
     if (hi >= 0) {
-        int64_t n_purged = 0, p_max = -1;
+        int64_t n_purged = 0, p_max = -1, n_pairs = 0;
+        const int shared = c->n_multi[s] != 0;
         for (int64_t i = 0; i < c->size; i++) {
             const int64_t g = g0 + i;
             const int32_t q = c->owner[g];
@@ -543,9 +579,12 @@ static void pm_step_overwrite_in(pm_step_cells * c, int64_t s, int64_t n, const 
                 c->shift[g] = 0;
                 n_purged++;
                 p_max = i;
+            } else if (shared && q == -2 && c->pos[g] <= hi && pm_step_unshare(c, s, g, max_rm, &n_pairs)) {
+                n_purged++;
+                p_max = i;
             }
         }
-        if (n_purged) {
+        if (n_purged || n_pairs) {
             for (int q = 0; q < PM_STEP_MAX_SEQ; q++) {
                 if (max_rm[q] >= 0) {
                     c->pdirty[k0 + q] |= 1;
@@ -555,7 +594,7 @@ static void pm_step_overwrite_in(pm_step_cells * c, int64_t s, int64_t n, const 
                 }
             }
             c->used[s] -= n_purged;
-            if (p_max + 1 >= c->used_max_p1[s]) {
+            if (n_purged && p_max + 1 >= c->used_max_p1[s]) {
                 c->used_max_dirty[s] = 1;
             }
         }
@@ -565,7 +604,7 @@ static void pm_step_overwrite_in(pm_step_cells * c, int64_t s, int64_t n, const 
 }
 
 // the cached bounds of stream s's sequences marked stale, recomputed from its cells and
-// made current (StackedCells.refresh; owners are the holders: no shared cell in s)
+// made current (StackedCells.refresh; a shared cell counts for each sequence of its bitset)
 static void pm_step_refresh_stale(pm_step_cells * c, int64_t s) {
     const int64_t ids = pm_step_ids(c), base = s * PM_STEP_MAX_SEQ;
     int64_t lo[PM_STEP_MAX_SEQ], hi[PM_STEP_MAX_SEQ];
@@ -581,11 +620,20 @@ static void pm_step_refresh_stale(pm_step_cells * c, int64_t s) {
     const int32_t * pos = c->pos + s * c->size;
     const int32_t * own = c->owner + s * c->size;
     const int64_t n = c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size;  // (an upper bound)
+    const uint64_t * bits = c->seq + s * c->size * c->n_words;
     for (int64_t i = 0; i < n; i++) {
         const int32_t q = own[i];
         if (q >= 0 && q < ids && pos[i] >= 0) {
             lo[q] = pos[i] < lo[q] ? pos[i] : lo[q];
             hi[q] = pos[i] > hi[q] ? pos[i] : hi[q];
+        } else if (q == -2 && pos[i] >= 0) {
+            for (int64_t w = 0; w < c->n_words; w++) {
+                for (uint64_t b = bits[i * c->n_words + w]; b != 0; b &= b - 1) {
+                    const int64_t r = 64 * w + pm_ctz64(b);
+                    lo[r] = pos[i] < lo[r] ? pos[i] : lo[r];
+                    hi[r] = pos[i] > hi[r] ? pos[i] : hi[r];
+                }
+            }
         }
     }
     for (int64_t q = 0; q < ids; q++) {
@@ -608,10 +656,10 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
     if (s < 0 || s >= c->n_stream) {
         return PM_ERR_RANGE;
     }
-    // (shared cells are never taken: without a window only empty cells are; a window's
-    // search and purge read owners alone, so they leave a stream with shared cells to numpy)
-    if ((c->n_multi[s] != 0 && swa_type != 0) || seq_id < 0 || seq_id >= pm_step_ids(c) || n > c->size ||
-        swa_type < 0 || swa_type > 3 || (swa_type != 0 && n_swa <= 0)) {
+    // (a shared cell is never taken: only empty cells, or with a window masked cells of
+    // one sequence; the window's purge takes the losers' bits out of shared cells)
+    if (seq_id < 0 || seq_id >= pm_step_ids(c) || n > c->size || swa_type < 0 || swa_type > 3 ||
+        (swa_type != 0 && n_swa <= 0)) {
         return PM_OK;
     }
     for (int64_t i = 0; i < n; i++) {
@@ -644,7 +692,7 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
         if (!usable) {
             const int32_t q = c->owner[g0 + cell];
             if (q < 0) {
-                continue;  // several sequences (none with a window: n_multi is 0) or none
+                continue;  // several sequences (never taken) or none
             }
             const int64_t key = s * PM_STEP_MAX_SEQ + q;
             usable = pm_step_masked_swa(swa_type, n_swa, p, c->pmax[key] + 1);
@@ -692,16 +740,37 @@ int32_t pm_step_seq_shared(const pm_step_cells * c, int64_t s, int32_t q) {
     if (s < 0 || s >= c->n_stream || c->n_multi[s] == 0 || q < 0 || q >= pm_step_ids(c)) {
         return 0;
     }
+    const int64_t key = s * PM_STEP_MAX_SEQ + q;
+    if (c->pmax[key] < 0 && !(c->pdirty[key] & 2)) {
+        return 0;  // q holds no cell at all (a current largest position of none)
+    }
     const int32_t * own = c->owner + s * c->size;
     const uint64_t * bits = c->seq + s * c->size * c->n_words + (q >> 6);
     const uint64_t bit = (uint64_t) 1 << (q & 63);
     int64_t left = c->n_multi[s];  // shared cells not seen yet
-    for (int64_t i = 0; i < c->size && left > 0; i++) {
-        if (own[i] == -2) {
-            if (bits[i * c->n_words] & bit) {
-                return 1;
+    // blocks of cells counted for shared ones first (a loop the compiler vectorises): a
+    // block without one, most of a stream, is passed without a branch per cell
+    const int64_t end = c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size;  // (an upper bound)
+    for (int64_t c0 = 0; c0 < end && left > 0; c0 += PM_STEP_BLOCK) {
+        const int64_t c1 = c0 + PM_STEP_BLOCK < end ? c0 + PM_STEP_BLOCK : end;
+        if (c1 - c0 == PM_STEP_BLOCK) {
+            PM_PREFETCH(own + c0 + 512);
+            PM_PREFETCH(own + c0 + 528);
+            int32_t multi = 0;
+            for (int j = 0; j < PM_STEP_BLOCK; j++) {
+                multi += own[c0 + j] == -2;
             }
-            left--;
+            if (multi == 0) {
+                continue;
+            }
+        }
+        for (int64_t i = c0; i < c1; i++) {
+            if (own[i] == -2) {
+                if (bits[i * c->n_words] & bit) {
+                    return 1;
+                }
+                left--;
+            }
         }
     }
     return 0;
@@ -710,8 +779,7 @@ int32_t pm_step_seq_shared(const pm_step_cells * c, int64_t s, int32_t q) {
 int32_t pm_step_kv_place_sure(const pm_step_cells * c, int64_t s, int32_t seq_id, int64_t n, int64_t fit,
                               int32_t swa_type, int64_t n_swa) {
     if (n < 1 || fit < n || n > c->size || s < 0 || s >= c->n_stream || seq_id < 0 || seq_id >= pm_step_ids(c) ||
-        swa_type < 0 || swa_type > 3 || (swa_type != 0 && n_swa <= 0) ||
-        (c->n_multi[s] != 0 && (swa_type != 0 || pm_step_seq_shared(c, s, seq_id)))) {
+        swa_type < 0 || swa_type > 3 || (swa_type != 0 && n_swa <= 0) || pm_step_seq_shared(c, s, seq_id)) {
         return 0;
     }
     // n empty cells after the seq_rm: the search finds them (a window's overwrite clears
@@ -802,7 +870,7 @@ pm_status pm_step_kv_overwrite(pm_step_cells * c, int64_t n, const int32_t * idx
         return PM_ERR_ARG;
     }
     *placed = 0;
-    if (c->n_stream != 1 || c->n_multi[0] != 0 || c->shift == NULL) {
+    if (c->n_stream != 1 || c->shift == NULL) {
         return PM_OK;
     }
     for (int64_t t = 0; t < n; t++) {

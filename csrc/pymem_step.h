@@ -92,9 +92,9 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
 // *n_runs their count. With a window, the stream's stale cached bounds are recomputed
 // from its cells first (the search reads other sequences' largest positions; a cache
 // refresh, as a position query makes, not a change of state). *placed = 0, nothing
-// written, when fewer than n cells are usable, the stream holds a shared cell and the
-// cache a window (without one, shared cells are simply not empty), an overwrite finds no
-// shift array to clear, seq_id is outside [0, 64 n_words), a
+// written, when fewer than n cells are usable (a cell shared by several sequences never
+// is; the purge takes the losers' bits out of shared cells), an overwrite finds no shift
+// array to clear, seq_id is outside [0, 64 n_words), a
 // position is negative or the window is not one (swa_type outside [0, 3], n_swa < 1 with
 // a window): the numpy search decides then. PM_ERR_RANGE for s outside
 // [0, n_stream); PM_ERR_ARG for a null pointer or n < 1.
@@ -114,17 +114,17 @@ pm_status pm_step_batch_check(const int32_t * token, const int32_t * pos, const 
                               const uint8_t * output, int8_t * out_output, int32_t * seq_pos, int64_t * n_outputs,
                               int32_t * ok);
 
-// KVCache.apply_ubatch of a one-stream cache without shared cells (n_stream 1, n_multi
-// 0) whose slot overwrites window-masked cells: the n tokens (position pos[t], sequence
-// seq[t] alone) go to cells idx[t]. In the numpy path's order: every taken slot cell is
-// emptied (its owner's cached bounds marked dirty where the position reached them), the
-// tokens are placed as pm_step_kv_place places them, then every cell of a sequence that
-// lost one, at or below the largest position it lost, is emptied too (the SWA purge;
-// those sequences' bounds marked dirty as seq_rm_upto marks them), and heads[0] =
-// idx[n - 1] + 1. *top as pm_step_kv_place. Nothing is written and *placed = 0 when a
-// taken cell is not held by exactly one sequence, the stack has several streams or
-// shared cells, or an id is outside [0, 64 * n_words). PM_ERR_RANGE for a cell outside the
-// stack.
+// KVCache.apply_ubatch of a one-stream cache (n_stream 1) whose slot overwrites
+// window-masked cells: the n tokens (position pos[t], sequence seq[t] alone) go to cells
+// idx[t]. In the numpy path's order: every taken slot cell is emptied (its owner's cached
+// bounds marked dirty where the position reached them), the tokens are placed as
+// pm_step_kv_place places them, then every sequence that lost one is removed from its
+// cells at or below the largest position it lost (the SWA purge: a cell of its own is
+// emptied, a cell it shares with others loses its bit and is emptied only when no
+// sequence is left; those sequences' bounds marked dirty as seq_rm_upto marks them), and
+// heads[0] = idx[n - 1] + 1. *top as pm_step_kv_place. Nothing is written and *placed = 0
+// when a taken cell is not held by exactly one sequence, the stack has several streams,
+// or an id is outside [0, 64 * n_words). PM_ERR_RANGE for a cell outside the stack.
 pm_status pm_step_kv_overwrite(pm_step_cells * c, int64_t n, const int32_t * idx, const int32_t * pos,
                                const int32_t * seq, int64_t * heads, int64_t * top, int32_t * placed);
 
@@ -198,8 +198,7 @@ int32_t pm_step_seq_shared(const pm_step_cells * c, int64_t s, int32_t q);
 // Whether pm_step_kv_restore_seq places n cells of seq_id into stream s for sure (never
 // declines) once seq_id's cells are removed: `fit` (pm_kv_read_seq_place's found[3], the
 // cells it may take without a window's help) >= n, no cell seq_id shares with another
-// sequence (pm_step_seq_shared: pm_step_kv_rm_seq would decline) and, with a window, no
-// shared cell in s at all (its search and purge read owners alone), an id inside the
+// sequence (pm_step_seq_shared: pm_step_kv_rm_seq would decline), an id inside the
 // bitsets, a window type in [0, 3] (n_swa > 0 with one) and, with a window (whose search
 // may take masked cells and then overwrites them, apply_ubatch's purge included), a
 // shift array. Reads only; c must not be NULL.

@@ -40,10 +40,29 @@ def test_shared_test_names_only_the_sequences_of_shared_cells() -> None:
     st.seq_f[2, 0], st.seq_f[2, 1] = 1 << 2, 1 << (70 - 64)
     st.owner_f[gid] = [0, -2, -2]
     st.n_multi[0] = 2
-    st.used[0] = 3
+    st.used[0] = st.used_max_p1[0] = 3
+    for q, (lo, hi) in {0: (0, 0), 1: (1, 1), 5: (1, 1), 2: (2, 2), 70: (2, 2)}.items():
+        st.pmin[0, q], st.pmax[0, q] = lo, hi
     c = st.native()
     shared = {q for q in range(128) if lib.pm_step_seq_shared(c, 0, q)}
     assert shared == {1, 2, 5, 70}
+    # a sequence without cells is answered from its bounds, unless they are stale
+    st.pmax[0, 5] = -1
+    assert lib.pm_step_seq_shared(c, 0, 5) == 0
+    st.pdirty[0, 5] = 2
+    assert lib.pm_step_seq_shared(c, 0, 5) == 1
+    # whole blocks of 32 cells are passed by their count of shared cells: a shared cell
+    # in the third block, one past the last used cell (never scanned), sequences 3 and 4
+    big = StackedCells(1, 200)
+    for cell, q in ((40, 3), (70, 4), (71, 4)):
+        big.pos_f[cell], big.owner_f[cell], big.seq_f[cell, 0] = cell, q, 1 << q
+    big.pos_f[70], big.owner_f[70], big.seq_f[70, 0] = 70, -2, (1 << 3) | (1 << 4)
+    big.n_multi[0], big.used[0], big.used_max_p1[0] = 1, 3, 72
+    big.pmin[0, 3], big.pmax[0, 3], big.pmin[0, 4], big.pmax[0, 4] = 40, 70, 70, 71
+    cb = big.native()
+    assert [lib.pm_step_seq_shared(cb, 0, q) for q in (2, 3, 4)] == [0, 1, 1]
+    big.used_max_p1[0] = 70  # (a wrong bound: the shared cell is past the scan)
+    assert lib.pm_step_seq_shared(cb, 0, 3) == 0
     assert lib.pm_step_seq_shared(c, 1, 1) == 0  # stream 1 holds no shared cell
     assert lib.pm_step_seq_shared(c, 2, 1) == 0  # no stream 2
     assert lib.pm_step_seq_shared(c, 0, 200) == 0  # past the bitsets: in no cell

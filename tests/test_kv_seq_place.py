@@ -78,10 +78,10 @@ def test_native_restore_placement_equals_numpy(monkeypatch, name: str) -> None:
 
 
 def test_restore_kernel_refuses_and_declines_without_change() -> None:
-    """Bad arguments are refused; too few empty cells, a shared cell in the stream of a
-    windowed search, a negative position or an id outside [0, 256) are declined with
-    nothing written. Without a window shared cells are left as they are (only empty
-    cells are taken)."""
+    """Bad arguments are refused; too few usable cells, a negative position or an id
+    outside [0, 256) are declined with nothing written. Shared cells are never taken:
+    without a window they are left as they are, a window takes masked cells of one
+    sequence only."""
     kv = _scenario("f16-trans", 2, n_cells=48)
     c, heads, _, placed = kv._native_cells()
     idx = np.empty(64, dtype=np.int32)
@@ -116,8 +116,6 @@ def test_restore_kernel_refuses_and_declines_without_change() -> None:
         assert _state(kv) == before, args
     kv.seq_cp(1, 2)  # a shared cell in the stream
     shared = _state(kv)
-    assert call(swa_type=1, n_swa=3) == lib.PM_OK and placed[0] == 0
-    assert _state(kv) == shared
     n_multi = int(kv.cells.n_multi[0])
     owners = kv.cells.owner[0].copy()
     assert n_multi > 0 and call() == lib.PM_OK and placed[0] == 1
@@ -125,6 +123,14 @@ def test_restore_kernel_refuses_and_declines_without_change() -> None:
     assert (owners[taken] == -1).all() and (kv.cells.owner[0][taken] == 0).all()
     assert int(kv.cells.n_multi[0]) == n_multi  # the shared cells are untouched
     assert (kv.cells.owner[0] == -2).sum() == n_multi
+    # a window: masked cells of one sequence are taken beside the empty ones, never a
+    # shared one (one cell more than the empty ones: the search must take a masked one)
+    owners = kv.cells.owner[0].copy()
+    free = kv.layout.kv_size - int(kv.v_cells[0].used)
+    far = tuple(range(1000, 1000 + free + 1))
+    assert call(seq_id=3, pos=far, swa_type=1, n_swa=3) == lib.PM_OK and placed[0] == 1
+    assert (owners[idx[: len(far)]] != -2).all() and (owners[idx[: len(far)]] >= 0).any()
+    assert _state(kv) != shared
 
 
 @pytest.mark.parametrize("name", ["f16-trans", "f16-trans-streams"])

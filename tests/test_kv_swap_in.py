@@ -207,16 +207,21 @@ def test_not_offered_with_ext_and_a_window_read_in_one_call(monkeypatch) -> None
     one stream per sequence, is one call (its placement may overwrite and purge masked
     cells of the stream, in C too) and leaves what the numpy placement leaves, with other
     sequences' cached bounds stale too (the call recomputes them first: the search reads
-    them). With a shared cell in the stream it declines before anything changes and the
-    two-phase restore reads it, to the same end."""
+    them). Beside cells shared by other sequences (1's oldest two copied to 2) it is one
+    call too, its purge taking the losers' bits out of shared cells; a sequence that holds
+    a shared cell itself (seq_cp 0 -> 2, read over its own cells) is declined before
+    anything changes and the two-phase restore reads it, to the same end."""
     from pymem.kv.cells import STALE_MAX
 
     kv = _scenario("mrope-ext", 1, n_cells=48)
     view = kv._blob_view()
     assert view is not None and view._step is None
     kv.close()
-    cases = [(swap, stale, unified, False) for swap in (True, False) for stale in (False, True)
-             for unified in (True, False)] + [(True, False, True, True), (False, False, True, True)]  # fmt: skip
+    cases = [(swap, stale, unified, "") for swap in (True, False) for stale in (False, True)
+             for unified in (True, False)]  # fmt: skip
+    cases += [(True, False, True, "beside"), (False, True, True, "beside"),
+              (False, False, True, "inside")]  # fmt: skip
+    unshared = 0  # shared cells a read turned into cells of one sequence or emptied
     for swap, stale, unified, shared in cases:
         states = []
         taken: list[int] = []
@@ -225,8 +230,12 @@ def test_not_offered_with_ext_and_a_window_read_in_one_call(monkeypatch) -> None
             blob = bytes(swa.state_write(0))
             if swap:
                 swa.seq_rm(0, -1, -1)
-            if shared:
-                swa.seq_cp(1, 2, -1, -1)
+            if shared:  # beside: 1's two oldest cells shared (its later ones masked alone)
+                src = 1 if shared == "beside" else 0
+                p0 = swa.seq_pos_min(src)
+                swa.seq_rm(2, -1, -1)
+                swa.seq_cp(src, 2, p0, p0 + 2 if shared == "beside" else -1)
+                assert swa.cells.n_multi.any()
             strm = int(swa.seq_to_stream[0])
             mates = [
                 q for q in range(3) if swa.seq_to_stream[q] == strm and swa.seq_pos_max(q) >= 0
@@ -235,22 +244,26 @@ def test_not_offered_with_ext_and_a_window_read_in_one_call(monkeypatch) -> None
                 swa.cells.pdirty[strm, mates] |= STALE_MAX
             view = swa._blob_view()
             assert view is not None
-            if native and shared:
+            if native and shared == "inside":
                 before = _state(swa)
                 assert view._placed(blob, 0, strm, not swap) is None
                 assert _state(swa) == before
+            n_multi = int(swa.cells.n_multi.sum())
             with monkeypatch.context() as m:
                 m.setattr(state_io, "NATIVE_PLACE", native)
                 with _one_call(monkeypatch, native, taken):
                     assert swa.state_read(blob, 0) == len(blob)
             if native and stale:
                 assert not (swa.cells.pdirty[strm, mates] & STALE_MAX).any()
+            if native and shared == "beside":
+                unshared += n_multi - int(swa.cells.n_multi.sum())
             states.append(_state(swa))
             check_invariants(swa)
             swa.close()
         case = (swap, stale, unified, shared)
         assert states[0] == states[1], case
-        assert taken == ([] if shared else [1]), case
+        assert taken == ([] if shared == "inside" else [1]), case
+    assert unshared > 0  # the purges reached shared cells
 
 
 def test_the_kernel_refuses_bad_arguments_and_declines_without_change() -> None:

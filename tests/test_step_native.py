@@ -130,7 +130,16 @@ def test_kv_decode_steps_native_equal_numpy(monkeypatch, swa_type, v_trans, unif
     twins = [make_kv(size, n_seq, unified=unified, v_trans=v_trans, **swa) for _ in range(2)]
     allocs = [BatchAllocator(), BatchAllocator()]
     calls = dict.fromkeys(
-        ("find", "find_taken", "place", "place_shared", "after_rm", "overwrite"), 0
+        (
+            "find",
+            "find_taken",
+            "place",
+            "place_shared",
+            "after_rm",
+            "overwrite",
+            "overwrite_shared",
+        ),
+        0,
     )
     find, place = kv_cache.KVCache._find_slot_native, kv_cache.KVCache._place_native
 
@@ -150,8 +159,10 @@ def test_kv_decode_steps_native_equal_numpy(monkeypatch, swa_type, v_trans, unif
     overwrite = kv_cache.KVCache._overwrite_native
 
     def count_overwrite(self, sinfo, ubatch):
+        shared = bool(self.cells.n_multi.any())
         res = overwrite(self, sinfo, ubatch)
         calls["overwrite"] += res
+        calls["overwrite_shared"] += res and shared
         return res
 
     monkeypatch.setattr(kv_cache.KVCache, "_find_slot_native", count_find)
@@ -182,8 +193,10 @@ def test_kv_decode_steps_native_equal_numpy(monkeypatch, swa_type, v_trans, unif
     assert calls["find"] > 5 and calls["place"] > 5
     assert (calls["place_shared"] > 0) == fork  # a forked prompt's cells stop no placement
     if swa_type != 0:  # the windows overwrite: one kernel for a unified cache, else numpy
-        # empties the cells and the kernel places
+        # empties the cells and the kernel places; forked, the kernel's purge meets shared
+        # cells
         assert calls["overwrite" if unified else "after_rm"] > 0 and calls["find_taken"] > 0
+        assert (calls["overwrite_shared"] > 0) == fork
 
 
 def test_kv_kernels_decline_taken_cells_and_change_nothing() -> None:

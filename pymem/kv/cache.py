@@ -1287,8 +1287,8 @@ class KVCache(Memory):
     def _overwrite_native(self, sinfo: SlotInfo, ubatch: UBatch) -> bool:
         """The SWA overwrite of a one-stream cache (taken cells emptied, tokens placed,
         the losers' older positions purged, heads moved) in one ``pm_step_kv_overwrite``
-        call; False, nothing changed, where the kernel does not apply (shared cells, a
-        taken cell of several or no sequence): the numpy path then decides."""
+        call; False, nothing changed, where the kernel does not apply (a taken cell of
+        several or no sequence): the numpy path then decides."""
         c, heads_buf, top, placed = self._native_cells()
         n = sinfo.idxs.size
         status = lib.pm_step_kv_overwrite(
@@ -1640,17 +1640,9 @@ class KVCache(Memory):
         masked cells) in one native call (``pm_step_kv_restore_seq``; the numpy find_slot
         and apply are the reference it is tested against). The cells in slot order
         (int64) and their runs; None, nothing placed, where it does not apply (an undo
-        journal, a shared cell in the stream of a windowed cache, ``state_io.NATIVE_PLACE``
-        off, or what the kernel declines: the numpy placement then runs, after the same
-        seq_rm)."""
-        if (
-            not state_io.NATIVE_PLACE
-            or self.cells.journaling
-            or (
-                self.swa_type != SWAType.NONE
-                and self.cells.n_multi[int(self.seq_to_stream[seq_id])]
-            )
-        ):
+        journal, ``state_io.NATIVE_PLACE`` off, or what the kernel declines: the numpy
+        placement then runs, after the same seq_rm)."""
+        if not state_io.NATIVE_PLACE or self.cells.journaling:
             return None
         self.seq_rm(seq_id, -1, -1)
         c, heads, _, placed = self._native_cells()
