@@ -886,12 +886,44 @@ static inline pm_status pm_run_edge(int64_t c, int sel, int * prev, int64_t * ru
 
 #define PM_SELECT_BLOCK 32
 
+// Whether a cell of [c0, c1) with owner -2 has seq_id's bit (`bits`: the word of seq_id's
+// bit of cell 0, `stride` words a cell; `bit`: its mask)
+static int pm_block_shares(const int32_t * owner, int64_t c0, int64_t c1, const uint64_t * bits, int64_t stride,
+                           uint64_t bit) {
+    for (int64_t c = c0; c < c1; ++c) {
+        if (owner[c] == -2 && (bits[c * stride] & bit)) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+// pm_kv_select, and for seq_id >= 0 with `bits` (see pm_block_shares) whether seq_id holds a
+// shared cell, in the same pass: *shared = 1 then (the search stops there: the caller
+// declines; the counts and runs are undefined)
+static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id,
+                                 int32_t n_seq_max, const uint64_t * bits, int64_t stride, uint64_t bit,
+                                 int64_t * run_starts, int64_t * run_ends, int64_t cap, int64_t * n, int64_t * n_runs,
+                                 int32_t * shared);
+
 pm_status pm_kv_select(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id, int32_t n_seq_max,
                        int64_t * run_starts, int64_t * run_ends, int64_t cap, int64_t * n, int64_t * n_runs,
                        int32_t * shared) {
+    return pm_kv_select_in(pos, owner, size, seq_id, n_seq_max, NULL, 0, 0, run_starts, run_ends, cap, n, n_runs,
+                           shared);
+}
+
+static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id,
+                                 int32_t n_seq_max, const uint64_t * bits, int64_t stride, uint64_t bit,
+                                 int64_t * run_starts, int64_t * run_ends, int64_t cap, int64_t * n, int64_t * n_runs,
+                                 int32_t * shared) {
     if (pos == NULL || owner == NULL || n == NULL || n_runs == NULL || shared == NULL || size < 0 || cap < 0 ||
         (cap > 0 && (run_starts == NULL || run_ends == NULL))) {
         return PM_ERR_ARG;
+    }
+    *shared = 0;
+    if (seq_id < 0) {
+        bits = NULL;
     }
     int64_t count = 0, runs = 0;
     int prev = 0;  // whether the cell before is selected
@@ -908,13 +940,27 @@ pm_status pm_kv_select(const int32_t * pos, const int32_t * owner, int64_t size,
                 for (int j = 0; j < PM_SELECT_BLOCK; ++j) {
                     hits += sel_of[c0 + j] >= 0;
                 }
-            } else {
+            } else if (bits == NULL) {
                 for (int j = 0; j < PM_SELECT_BLOCK; ++j) {
                     hits += sel_of[c0 + j] == seq_id;
+                }
+            } else {
+                int32_t multi = 0;  // (counted beside the hits: the same loads)
+                for (int j = 0; j < PM_SELECT_BLOCK; ++j) {
+                    hits += sel_of[c0 + j] == seq_id;
+                    multi += sel_of[c0 + j] == -2;
+                }
+                if (multi != 0 && pm_block_shares(owner, c0, c1, bits, stride, bit)) {
+                    *shared = 1;
+                    return PM_OK;
                 }
             }
         } else {
             hits = (int32_t) pm_stateio_hits(pos, owner, c0, c1, seq_id);
+            if (bits != NULL && pm_block_shares(owner, c0, c1, bits, stride, bit)) {
+                *shared = 1;
+                return PM_OK;
+            }
         }
         count += hits;
         // a block of cells all like the one before it (runs are long) holds no run edge
@@ -939,7 +985,7 @@ pm_status pm_kv_select(const int32_t * pos, const int32_t * owner, int64_t size,
     }
     *n = count;
     *n_runs = runs;
-    *shared = odd;
+    *shared = odd;  // (with bits, a shared cell of seq_id returned above)
     return PM_OK;
 }
 
@@ -1101,13 +1147,19 @@ static int32_t pm_seq_blob_stream(const pm_kv_seq_blob * b, int32_t seq_id) {
 }
 
 // pm_kv_select for one sequence whose cells must also have a position in [p_lo, p_hi] (a
-// sliding window): a plain per-cell pass
+// sliding window): a plain per-cell pass; with bits, *shared as pm_kv_select_in
 static pm_status pm_kv_select_window(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id,
-                                     int64_t p_lo, int64_t p_hi, int64_t * run_starts, int64_t * run_ends,
-                                     int64_t cap, int64_t * n, int64_t * n_runs) {
+                                     int64_t p_lo, int64_t p_hi, const uint64_t * bits, int64_t stride, uint64_t bit,
+                                     int64_t * run_starts, int64_t * run_ends, int64_t cap, int64_t * n,
+                                     int64_t * n_runs, int32_t * shared) {
     int64_t count = 0, runs = 0;
     int prev = 0;
+    *shared = 0;
     for (int64_t c = 0; c < size; ++c) {
+        if (bits != NULL && owner[c] == -2 && (bits[c * stride] & bit)) {
+            *shared = 1;  // (the caller declines: counts and runs undefined)
+            return PM_OK;
+        }
         const int sel = owner[c] == seq_id && pos[c] >= p_lo && pos[c] <= p_hi;
         count += sel;
         if (pm_run_edge(c, sel, &prev, run_starts, run_ends, &runs, cap) != PM_OK) {
@@ -1154,21 +1206,33 @@ pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t
         return PM_ERR_ARG;
     }
     *written = 0;
-    *declined = pm_seq_blob_shared(b, s, seq_id);
+    // a shared cell of seq_id declines: told by the search itself, in the same pass (the
+    // bits of seq_id's word, n_words a cell), or without the bitsets by any shared cell
+    *declined = b->n_multi[s] != 0 && b->cells == NULL;
     if (*declined) {
         return PM_OK;
     }
+    const struct pm_step_cells * c = b->cells;
+    const int check = b->n_multi[s] != 0 && seq_id < 64 * c->n_words;
+    const uint64_t * bits = check ? c->seq + s * c->size * c->n_words + (seq_id >> 6) : NULL;
+    const uint64_t bit = (uint64_t) 1 << (seq_id & 63);
+    const int64_t stride = check ? c->n_words : 0;
     int64_t * sel = b->selected + 2 * s;  // n, n_runs
     if (!reuse) {
         int32_t shared = 0;
         const pm_status st =
             p_lo <= INT32_MIN && p_hi >= INT32_MAX
-                ? pm_kv_select(b->pos[s], b->owner[s], b->size, seq_id, 0, b->run_starts[s], b->run_ends[s],
-                               b->runs_cap, sel, sel + 1, &shared)
-                : pm_kv_select_window(b->pos[s], b->owner[s], b->size, seq_id, p_lo, p_hi, b->run_starts[s],
-                                      b->run_ends[s], b->runs_cap, sel, sel + 1);
+                ? pm_kv_select_in(b->pos[s], b->owner[s], b->size, seq_id, 0, bits, stride, bit, b->run_starts[s],
+                                  b->run_ends[s], b->runs_cap, sel, sel + 1, &shared)
+                : pm_kv_select_window(b->pos[s], b->owner[s], b->size, seq_id, p_lo, p_hi, bits, stride, bit,
+                                      b->run_starts[s], b->run_ends[s], b->runs_cap, sel, sel + 1, &shared);
         if (st != PM_OK) {
             return st;
+        }
+        if (shared) {
+            sel[0] = sel[1] = -1;  // (no search a reuse could take)
+            *declined = 1;
+            return PM_OK;
         }
     } else if (sel[1] < 0 || sel[1] > b->runs_cap) {
         return PM_ERR_ARG;

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from kv_helpers import check_invariants, make_kv
 from test_hybrid import make_hybrid
-from test_iswa import decode
+from test_iswa import decode, iswa_spec, make_iswa
+from test_iswa import randomize as randomize_any
 from test_kv_state import randomize
 
 import pymem.kv.cache as kv_cache
@@ -22,6 +23,7 @@ from pymem.composite import CompositeMemory
 from pymem.errors import RangeError, StateError, UnsupportedError
 from pymem.kv import KVCache
 from pymem.kv.cells import StackedCells
+from pymem.spec import SWAType
 
 N_SEQ = 6
 
@@ -68,8 +70,8 @@ def test_shared_test_names_only_the_sequences_of_shared_cells() -> None:
     assert lib.pm_step_seq_shared(c, 0, 200) == 0  # past the bitsets: in no cell
 
 
-def _forked_kv(unified: bool, v_trans: bool, seed: int) -> KVCache:
-    kv = make_kv(96, N_SEQ, unified=unified, v_trans=v_trans)
+def _forked_kv(unified: bool, v_trans: bool, seed: int, **swa: Any) -> KVCache:
+    kv = make_kv(96, N_SEQ, unified=unified, v_trans=v_trans, **swa)
     randomize(kv, seed)
     return kv
 
@@ -88,20 +90,28 @@ def _state(mem: Any) -> tuple:
 
 @pytest.mark.parametrize(
     "kind, unified, v_trans",
-    [("kv", True, True), ("kv", True, False), ("kv", False, True), ("hybrid", True, False)],
-)
+    [("kv", True, True), ("kv", True, False), ("kv", False, True), ("hybrid", True, False),
+     ("window", True, False), ("iswa", True, True)],
+)  # fmt: skip
 @pytest.mark.parametrize("seed", range(3))
 def test_forked_runs_match_the_numpy_roads(monkeypatch, kind, unified, v_trans, seed) -> None:
     """Random decodes, forks (seq_cp), removals (tails and whole sequences) and sequence
     blobs written, read back into their own and other sequences and swapped back in, on
     twins: one with every native road, one with them off (the numpy state rows and
-    placement). The same answers and states after every op; the one-call roads ran beside
-    shared cells."""
+    placement); a plain cache, one with a sliding window (whose blobs hold the window's
+    cells), a hybrid and an iSWA cache (windows: overwrites whose purge meets shared
+    cells). The same answers and states after every op; the one-call roads
+    ran beside shared cells."""
     rng = np.random.default_rng(500 + seed)
-    if kind == "kv":
-        twins = [_forked_kv(unified, v_trans, seed) for _ in range(2)]
-    else:
+    if kind in ("kv", "window"):
+        swa = {"swa_type": SWAType.STANDARD, "n_swa": 3} if kind == "window" else {}
+        twins = [_forked_kv(unified, v_trans, seed, **swa) for _ in range(2)]
+    elif kind == "hybrid":
         twins = [make_hybrid("RAR", n_seq_max=N_SEQ, unified=unified) for _ in range(2)]
+    else:  # a window of 3 over 96 cells: masked cells to overwrite, forks to purge
+        twins = [make_iswa(96, N_SEQ, v_trans=v_trans, spec=iswa_spec(n_swa=3)) for _ in range(2)]
+        for mem in twins:
+            randomize_any(mem, seed)
     beside = {"write": 0, "read": 0, "rm": 0}
     real_write, real_read = kv_state_io.SeqBlob.write, kv_state_io.SeqBlob.read
     real_rm = KVCache._seq_rm_native
@@ -183,11 +193,11 @@ def test_forked_runs_match_the_numpy_roads(monkeypatch, kind, unified, v_trans, 
             got = both("state_read", blob, dst)
         assert got[0] == got[1], (seed, step, op, got)
         assert _state(twins[0]) == _state(twins[1]), (seed, step, op)
-        if kind == "kv":
+        if kind in ("kv", "window"):
             check_invariants(twins[0])
         for q in range(N_SEQ):
             pos[q] = max(twins[0].seq_pos_max(q) + 1, 0)
-    if kind == "kv" and unified:
+    if kind in ("kv", "window") and unified:
         assert beside["write"] > 0 and beside["read"] > 0 and beside["rm"] > 0, beside
     for mem in twins:
         mem.close()

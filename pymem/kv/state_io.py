@@ -364,13 +364,14 @@ class SeqBlob:
         status = lib.pm_kv_write_seq_blob(
             self._view, seq_id, 0, window[0], window[1], ffi.NULL, 0, written, declined
         )
+        strm = int(self._stream_of[seq_id])
+        self._checked[strm] = None  # (a search, declined or not, overwrote the scratch)
         if declined[0]:
+            self._searched[strm] = None
             return None
         if status != lib.PM_ERR_RANGE:  # a blob is never 0 bytes: a size query is too small
             check(status, "state size: one sequence's blob")
-        strm = int(self._stream_of[seq_id])
         self._searched[strm] = seq_id
-        self._checked[strm] = None
         return int(written[0])
 
     def write(self, out: object, seq_id: int, what: str, reuse: bool = False) -> int | None:
@@ -395,6 +396,7 @@ class SeqBlob:
             self._view, seq_id, reuse, window[0], window[1], dest, len(dest), written, declined
         )
         if declined[0]:
+            self._searched[strm] = None  # (the declined search left no runs to reuse)
             return None
         if status == lib.PM_ERR_RANGE and written[0] > len(dest):
             raise RangeError(f"{what}: out holds {len(dest)} bytes, the state needs {written[0]}")
