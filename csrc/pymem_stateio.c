@@ -886,21 +886,36 @@ static inline pm_status pm_run_edge(int64_t c, int sel, int * prev, int64_t * ru
 
 #define PM_SELECT_BLOCK 32
 
-// Whether a cell of [c0, c1) with owner -2 has seq_id's bit (`bits`: the word of seq_id's
-// bit of cell 0, `stride` words a cell; `bit`: its mask)
-static int pm_block_shares(const int32_t * owner, int64_t c0, int64_t c1, const uint64_t * bits, int64_t stride,
-                           uint64_t bit) {
-    for (int64_t c = c0; c < c1; ++c) {
-        if (owner[c] == -2 && (bits[c * stride] & bit)) {
-            return 1;
-        }
-    }
-    return 0;
+// Whether cell c holds seq_id (>= 0): its owner, or a shared cell (owner -2) with seq_id's
+// bit (`bits`: the word of seq_id's bit of cell 0, `stride` words a cell; `bit`: its mask;
+// NULL: owners alone)
+static inline int pm_cell_holds(const int32_t * owner, int64_t c, int32_t seq_id, const uint64_t * bits,
+                                int64_t stride, uint64_t bit) {
+    return owner[c] == seq_id || (bits != NULL && owner[c] == -2 && (bits[c * stride] & bit) != 0);
 }
 
-// pm_kv_select, and for seq_id >= 0 with `bits` (see pm_block_shares) whether seq_id holds a
-// shared cell, in the same pass: *shared = 1 then (the search stops there: the caller
-// declines; the counts and runs are undefined)
+// The run edges of cells [c0, c1) selected by pm_cell_holds; their count. *shared = 1 when
+// one of them is shared. More than cap runs: runs is left past cap (the caller refuses).
+static int64_t pm_select_holding(const int32_t * owner, int64_t c0, int64_t c1, int32_t seq_id,
+                                 const uint64_t * bits, int64_t stride, uint64_t bit, int * prev,
+                                 int64_t * run_starts, int64_t * run_ends, int64_t * runs, int64_t cap,
+                                 int32_t * shared) {
+    int64_t hits = 0;
+    for (int64_t c = c0; c < c1; ++c) {
+        const int sel = pm_cell_holds(owner, c, seq_id, bits, stride, bit);
+        hits += sel;
+        *shared |= sel && owner[c] == -2;
+        if (pm_run_edge(c, sel, prev, run_starts, run_ends, runs, cap) != PM_OK) {
+            *runs = cap + 1;
+            return hits;
+        }
+    }
+    return hits;
+}
+
+// pm_kv_select, and for seq_id >= 0 with `bits` (see pm_cell_holds) the cells seq_id shares
+// with other sequences selected too, found in the same pass (*shared = 1 when there is
+// one: a blob of seq_id holds them as any of its cells)
 static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id,
                                  int32_t n_seq_max, const uint64_t * bits, int64_t stride, uint64_t bit,
                                  int64_t * run_starts, int64_t * run_ends, int64_t cap, int64_t * n, int64_t * n_runs,
@@ -950,17 +965,24 @@ static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int
                     hits += sel_of[c0 + j] == seq_id;
                     multi += sel_of[c0 + j] == -2;
                 }
-                if (multi != 0 && pm_block_shares(owner, c0, c1, bits, stride, bit)) {
-                    *shared = 1;
-                    return PM_OK;
+                if (multi != 0) {  // shared cells: each one's bit decides
+                    count += pm_select_holding(owner, c0, c1, seq_id, bits, stride, bit, &prev, run_starts,
+                                               run_ends, &runs, cap, shared);
+                    if (runs > cap) {
+                        return PM_ERR_RANGE;
+                    }
+                    continue;
                 }
             }
+        } else if (bits != NULL) {
+            count += pm_select_holding(owner, c0, c1, seq_id, bits, stride, bit, &prev, run_starts, run_ends, &runs,
+                                       cap, shared);
+            if (runs > cap) {
+                return PM_ERR_RANGE;
+            }
+            continue;
         } else {
             hits = (int32_t) pm_stateio_hits(pos, owner, c0, c1, seq_id);
-            if (bits != NULL && pm_block_shares(owner, c0, c1, bits, stride, bit)) {
-                *shared = 1;
-                return PM_OK;
-            }
         }
         count += hits;
         // a block of cells all like the one before it (runs are long) holds no run edge
@@ -985,7 +1007,7 @@ static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int
     }
     *n = count;
     *n_runs = runs;
-    *shared = odd;  // (with bits, a shared cell of seq_id returned above)
+    *shared |= odd;
     return PM_OK;
 }
 
@@ -1147,7 +1169,7 @@ static int32_t pm_seq_blob_stream(const pm_kv_seq_blob * b, int32_t seq_id) {
 }
 
 // pm_kv_select for one sequence whose cells must also have a position in [p_lo, p_hi] (a
-// sliding window): a plain per-cell pass; with bits, *shared as pm_kv_select_in
+// sliding window): a plain per-cell pass; with bits, shared cells as pm_kv_select_in
 static pm_status pm_kv_select_window(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id,
                                      int64_t p_lo, int64_t p_hi, const uint64_t * bits, int64_t stride, uint64_t bit,
                                      int64_t * run_starts, int64_t * run_ends, int64_t cap, int64_t * n,
@@ -1156,11 +1178,8 @@ static pm_status pm_kv_select_window(const int32_t * pos, const int32_t * owner,
     int prev = 0;
     *shared = 0;
     for (int64_t c = 0; c < size; ++c) {
-        if (bits != NULL && owner[c] == -2 && (bits[c * stride] & bit)) {
-            *shared = 1;  // (the caller declines: counts and runs undefined)
-            return PM_OK;
-        }
-        const int sel = owner[c] == seq_id && pos[c] >= p_lo && pos[c] <= p_hi;
+        const int sel = pm_cell_holds(owner, c, seq_id, bits, stride, bit) && pos[c] >= p_lo && pos[c] <= p_hi;
+        *shared |= sel && owner[c] == -2;
         count += sel;
         if (pm_run_edge(c, sel, &prev, run_starts, run_ends, &runs, cap) != PM_OK) {
             return PM_ERR_RANGE;
@@ -1174,21 +1193,22 @@ static pm_status pm_kv_select_window(const int32_t * pos, const int32_t * owner,
     return PM_OK;
 }
 
-// Whether seq_id may hold a cell of stream s together with another sequence (what every
-// per-sequence path here leaves to numpy): without the cells' bitsets, any shared cell in s
+// Whether seq_id may hold a cell of stream s together with another sequence (the
+// same-cells read leaves that to the placement): without the cells' bitsets, any shared
+// cell in s
 static int pm_seq_blob_shared(const pm_kv_seq_blob * b, int32_t s, int32_t seq_id) {
     return b->n_multi[s] != 0 && (b->cells == NULL || pm_step_seq_shared(b->cells, s, seq_id));
 }
 
 // The zero counts before the one stream part of a per-sequence blob at d (u32 n_stream,
 // then a u32 count per stream): the part goes to stream s whichever stream wrote it (as the
-// reference reads a sequence's blob). -1 where the one-call paths do not apply: seq_id
-// shares a cell of s with another sequence, the view is too short for the counts,
-// n_stream differs, or no stream has cells (the general restore's business).
-static int64_t pm_seq_blob_before(const pm_kv_seq_blob * b, int32_t s, int32_t seq_id, const char * d,
-                                  int64_t avail) {
+// reference reads a sequence's blob). -1 where the one-call paths do not apply: shared
+// cells in s without the cells' bitsets to tell them, the view is too short for the
+// counts, n_stream differs, or no stream has cells (the general restore's business).
+static int64_t pm_seq_blob_before(const pm_kv_seq_blob * b, int32_t s, const char * d, int64_t avail) {
     const int64_t n_stream = b->n_stream;
-    if (pm_seq_blob_shared(b, s, seq_id) || avail < 4 + 4 * n_stream || pm_get_u32(d) != (uint32_t) n_stream) {
+    if ((b->n_multi[s] != 0 && b->cells == NULL) || avail < 4 + 4 * n_stream ||
+        pm_get_u32(d) != (uint32_t) n_stream) {
         return -1;
     }
     int64_t before = 0;
@@ -1206,8 +1226,8 @@ pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t
         return PM_ERR_ARG;
     }
     *written = 0;
-    // a shared cell of seq_id declines: told by the search itself, in the same pass (the
-    // bits of seq_id's word, n_words a cell), or without the bitsets by any shared cell
+    // the cells seq_id shares with others are selected by their bits (seq_id's word,
+    // n_words a cell) in the same pass; without the bitsets any shared cell declines
     *declined = b->n_multi[s] != 0 && b->cells == NULL;
     if (*declined) {
         return PM_OK;
@@ -1228,11 +1248,6 @@ pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t
                                       b->run_starts[s], b->run_ends[s], b->runs_cap, sel, sel + 1, &shared);
         if (st != PM_OK) {
             return st;
-        }
-        if (shared) {
-            sel[0] = sel[1] = -1;  // (no search a reuse could take)
-            *declined = 1;
-            return PM_OK;
         }
     } else if (sel[1] < 0 || sel[1] > b->runs_cap) {
         return PM_ERR_ARG;
@@ -1325,10 +1340,10 @@ pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const vo
     int64_t * sel = b->selected + 2 * s;  // what a check finds: cells, runs (-1: nothing)
     const int64_t known = store == 2 ? sel[1] : 0;
     sel[0] = sel[1] = -1;
-    if (store == 2 && (known < 1 || known > b->runs_cap)) {
-        return PM_OK;
+    if ((store == 2 && (known < 1 || known > b->runs_cap)) || pm_seq_blob_shared(b, s, seq_id)) {
+        return PM_OK;  // (a sequence in a shared cell is never put back into its cells alone)
     }
-    const int64_t before = pm_seq_blob_before(b, s, seq_id, d, avail);
+    const int64_t before = pm_seq_blob_before(b, s, d, avail);
     if (before < 0) {
         return PM_OK;
     }
@@ -1359,7 +1374,7 @@ pm_status pm_kv_read_seq_place(const pm_kv_seq_blob * b, int32_t seq_id, const v
     *done = 0;
     const char * d = (const char *) blob;
     const int64_t n_stream = b->n_stream, rec = 3 + b->n_ext, size = b->size;
-    const int64_t before = pm_seq_blob_before(b, s, seq_id, d, avail);
+    const int64_t before = pm_seq_blob_before(b, s, d, avail);
     if (before < 0) {
         return PM_OK;
     }

@@ -108,9 +108,10 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
 // (the cell and run counts the last search of stream s left there); the stream counters
 // n_multi, used, heads (int64[n_stream]) and has_shift (uint8[n_stream]); seq_to_stream
 // (int32[n_seq]); tensors as for pm_kv_write_section; cells: the cache's
-// pm_step_cells over the same arrays (its bitsets tell a sequence in a cell shared with
-// others, which these paths decline, from one beside such cells, which they take), or NULL:
-// then a stream with any shared cell is declined.
+// pm_step_cells over the same arrays (its bitsets say which sequences a shared cell
+// holds: a write selects the sequence's shared cells, a restore into the cells a
+// sequence holds declines one that shares any, the placed restores remove its bits), or
+// NULL: then a stream with any shared cell is declined.
 struct pm_step_cells;
 typedef struct pm_kv_seq_blob {
     int32_t n_stream;
@@ -142,10 +143,11 @@ typedef struct pm_kv_seq_blob {
 // The sequence's cells are searched, unless `reuse`: then the runs the last search of its
 // stream left in the scratch are written (a new blob sized by a query just before: one
 // search, not two; runs that no longer add up are refused, PM_ERR_ARG, nothing written).
-// *declined = 1, nothing written, when seq_id holds a cell shared with another sequence
-// (see `cells` above; the caller's general writer handles those). PM_ERR_RANGE, nothing
-// written, when cap is too small; PM_ERR_ARG for a null pointer or a seq_id outside
-// [0, n_seq).
+// Cells seq_id shares with other sequences are selected by its bit, as its own are (the
+// records of a sequence's blob do not depend on who else holds a cell). *declined = 1,
+// nothing written, when the stream holds a shared cell and the view has no `cells` to
+// tell (the caller's general writer handles those). PM_ERR_RANGE, nothing written, when
+// cap is too small; PM_ERR_ARG for a null pointer or a seq_id outside [0, n_seq).
 //
 // A sliding-window cache writes only the sequence's cells its last token still sees: those
 // with a position in [p_lo, p_hi] (the caller derives the bounds from the window type,
@@ -169,7 +171,8 @@ pm_status pm_kv_write_whole_blob(const pm_kv_seq_blob * b, int32_t reuse, void *
 // cell, in one call: the first stream with cells is read into seq_id's stream (as the
 // reference reads a sequence's blob) and every stream after it must be empty; that part
 // must put seq_id back into exactly the cells it holds
-// (pm_kv_seq_same_cells), with the cache's headers and every byte in range. On success
+// (pm_kv_seq_same_cells; never when it shares one with another sequence:
+// pm_step_seq_shared), with the cache's headers and every byte in range. On success
 // *done = 1, *consumed = the blob's bytes, and heads[stream] moved as a placement would.
 // *done = 0 with nothing changed otherwise (the caller takes the general restore, which
 // names what differs). `store` 0: every check runs and nothing is stored (*done and
@@ -199,8 +202,8 @@ pm_status pm_kv_read_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, const vo
 //  n_runs > 0, the store: the same checks, then the bytes go into the cells of the runs
 //     (run_starts / run_ends: n_runs runs inside [0, size) holding n cells in all, in slot
 //     order, as the placement found them; any order). No cell, head or counter changes.
-// *done = 1 when it applies; *done = 0 with nothing changed otherwise: seq_id in a cell
-// of s shared with another sequence (see `cells` above), no cell in the blob, a record or header that differs, bytes out of range, a second stream
+// *done = 1 when it applies; *done = 0 with nothing changed otherwise: shared cells in s
+// and no `cells` in the view, no cell in the blob, a record or header that differs, bytes out of range, a second stream
 // with cells, runs that do not hold n cells (the caller's general restore then names what
 // is wrong). PM_ERR_ARG for a null pointer or a seq_id outside [0, n_seq).
 pm_status pm_kv_read_seq_place(const pm_kv_seq_blob * b, int32_t seq_id, const void * blob, int64_t avail,

@@ -779,7 +779,7 @@ int32_t pm_step_seq_shared(const pm_step_cells * c, int64_t s, int32_t q) {
 int32_t pm_step_kv_place_sure(const pm_step_cells * c, int64_t s, int32_t seq_id, int64_t n, int64_t fit,
                               int32_t swa_type, int64_t n_swa) {
     if (n < 1 || fit < n || n > c->size || s < 0 || s >= c->n_stream || seq_id < 0 || seq_id >= pm_step_ids(c) ||
-        swa_type < 0 || swa_type > 3 || (swa_type != 0 && n_swa <= 0) || pm_step_seq_shared(c, s, seq_id)) {
+        swa_type < 0 || swa_type > 3 || (swa_type != 0 && n_swa <= 0)) {
         return 0;
     }
     // n empty cells after the seq_rm: the search finds them (a window's overwrite clears
@@ -1041,6 +1041,58 @@ pm_status pm_kv_seq_cells_range(const int32_t * pos, const int32_t * owner, int6
     return k <= cap ? PM_OK : PM_ERR_RANGE;
 }
 
+// pm_step_kv_rm_seq's part in the cells of stream strm below n_scan that seq_id shares
+// with other sequences, at positions p with p - base < width (unsigned): its bit cleared,
+// the owner recounted (one sequence left: that one, n_multi down; a shared cell holds two
+// or more, so none is emptied), [*lo_pos, *hi_pos] widened to their positions. Blocks of 32
+// cells without a shared one are passed by their count. Returns how many cells lost the bit.
+static int64_t pm_step_rm_shared(pm_step_cells * c, int64_t strm, int32_t seq_id, uint32_t base, uint32_t width,
+                                 int64_t n_scan, int32_t * lo_pos, int32_t * hi_pos) {
+    if (c->n_multi[strm] == 0 || seq_id >= pm_step_ids(c)) {
+        return 0;
+    }
+    const int64_t n_words = c->n_words, word = seq_id >> 6;
+    const uint64_t bit = (uint64_t) 1 << (seq_id & 63);
+    const int32_t * pos = c->pos + strm * c->size;
+    int32_t * owner = c->owner + strm * c->size;
+    uint64_t * bits = c->seq + strm * c->size * n_words;
+    int64_t n = 0;
+    for (int64_t c0 = 0; c0 < n_scan; c0 += PM_STEP_BLOCK) {
+        const int64_t c1 = c0 + PM_STEP_BLOCK < n_scan ? c0 + PM_STEP_BLOCK : n_scan;
+        if (c1 - c0 == PM_STEP_BLOCK) {
+            int32_t multi = 0;
+            for (int j = 0; j < PM_STEP_BLOCK; j++) {
+                multi += owner[c0 + j] == -2;
+            }
+            if (multi == 0) {
+                continue;
+            }
+        }
+        for (int64_t i = c0; i < c1; i++) {
+            uint64_t * b = bits + i * n_words;
+            if (owner[i] != -2 || (uint32_t) pos[i] - base >= width || !(b[word] & bit)) {
+                continue;
+            }
+            b[word] &= ~bit;
+            *lo_pos = pos[i] < *lo_pos ? pos[i] : *lo_pos;
+            *hi_pos = pos[i] > *hi_pos ? pos[i] : *hi_pos;
+            n++;
+            int32_t left = -1, n_left = 0;
+            for (int64_t w = 0; w < n_words && n_left < 2; w++) {
+                for (uint64_t r = b[w]; r != 0 && n_left < 2; r &= r - 1) {
+                    left = (int32_t) (64 * w + pm_ctz64(r));
+                    n_left++;
+                }
+            }
+            if (n_left == 1) {
+                owner[i] = left;
+                c->n_multi[strm]--;
+            }
+        }
+    }
+    return n;
+}
+
 pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int64_t p0, int64_t p1, int32_t whole,
                             int64_t n_scan, int64_t * n_freed, int64_t * first_freed, int32_t * done) {
     if (c == NULL || n_freed == NULL || first_freed == NULL || done == NULL || p0 < 0) {
@@ -1055,9 +1107,6 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
     *done = 0;
     *n_freed = 0;
     *first_freed = -1;
-    if (pm_step_seq_shared(c, strm, seq_id)) {
-        return PM_OK;  // (a shared cell loses a bit, not its position: numpy's job)
-    }
     // positions are int32, so a range past INT32_MAX is cut there
     const int64_t hi = p1 < INT32_MAX ? p1 : INT32_MAX;
     if (p0 >= hi) {
@@ -1128,12 +1177,14 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
             ++k;
         }
     }
+    // the cells seq_id shares with others lose its bit, keep their position (seq_rm_bit)
+    const int64_t n_unshared = pm_step_rm_shared(c, strm, seq_id, base, width, n_scan, &lo_pos, &hi_pos);
     const int64_t key = strm * 256 + seq_id;
     if (whole) {
         c->pmin[key] = INT64_MAX;
         c->pmax[key] = -1;
         c->pdirty[key] = 0;
-    } else if (k > 0) {
+    } else if (k > 0 || n_unshared > 0) {
         if (lo_pos <= c->pmin[key]) {
             c->pdirty[key] |= 1;
         }

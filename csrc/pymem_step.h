@@ -179,9 +179,10 @@ pm_status pm_kv_seq_cells_range(const int32_t * pos, const int32_t * owner, int6
 // last one reaches it; the sequence's bounds are reset to those of a sequence without
 // cells when `whole` (the caller knows no cell of it is left), else marked stale on the
 // side a removed position reaches (pos <= pmin: bit 1, pos >= pmax: bit 2). *n_freed and
-// *first_freed (-1 when none) say what was emptied. *done = 0, nothing changed, when
-// seq_id holds a cell shared with another sequence (pm_step_seq_shared; other sequences'
-// shared cells are left as they are): the numpy path then removes. PM_ERR_RANGE for a
+// *first_freed (-1 when none) say what was emptied. A cell seq_id shares with other
+// sequences (owner -2) loses its bit and keeps its position: its owner is recounted (the
+// one sequence left, n_multi down) and its position counts for the bounds as an emptied
+// cell's does (KVCells.seq_rm_bit). *done = 1 unless an argument is refused. PM_ERR_RANGE for a
 // stream, an id (0..255) or n_scan outside the stack; PM_ERR_ARG for a null pointer or
 // p0 < 0 or an n_words outside [1, 4]. The cache must keep no ext and no undo journal (the
 // caller checks).
@@ -189,16 +190,16 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
                             int64_t n_scan, int64_t * n_freed, int64_t * first_freed, int32_t * done);
 
 // Whether sequence q holds a cell of stream s together with another sequence (a shared
-// cell: owner -2 with q's bit set), which the per-sequence kernels leave to numpy. 0 at
-// once when s holds no shared cell (n_multi 0) or q is outside the bitsets; else the
-// stream's owners are scanned up to the last shared cell. Reads only; 0 for a stream
-// outside the stack.
+// cell: owner -2 with q's bit set), which a restore into the cells q holds cannot keep. 0
+// at once when s holds no shared cell (n_multi 0), q is outside the bitsets or holds no
+// cell (its current bounds say so); else the stream's owners are scanned, blocks of 32
+// without a shared cell passed by their count, up to the last shared cell. Reads only; 0
+// for a stream outside the stack.
 int32_t pm_step_seq_shared(const pm_step_cells * c, int64_t s, int32_t q);
 
 // Whether pm_step_kv_restore_seq places n cells of seq_id into stream s for sure (never
 // declines) once seq_id's cells are removed: `fit` (pm_kv_read_seq_place's found[3], the
-// cells it may take without a window's help) >= n, no cell seq_id shares with another
-// sequence (pm_step_seq_shared: pm_step_kv_rm_seq would decline), an id inside the
+// cells it may take without a window's help) >= n, an id inside the
 // bitsets, a window type in [0, 3] (n_swa > 0 with one) and, with a window (whose search
 // may take masked cells and then overwrites them, apply_ubatch's purge included), a
 // shift array. Reads only; c must not be NULL.

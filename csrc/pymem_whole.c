@@ -285,10 +285,10 @@ static int64_t pm_seq_check(pm_whole_part * p, int32_t seq_id, const char * d, i
     if (p->kv != NULL) {
         int64_t taken = 0;
         int32_t ok = 0;
-        if (p->kv_held && p->kv_swa_type == 0) {
-            if (pm_kv_read_seq_blob(p->kv, seq_id, d, avail, 0, &taken, &ok) != PM_OK || !ok) {
-                return -1;
-            }
+        // back into the cells the sequence holds where the blob puts it there; else (held
+        // or not: another state, cells it shares, a window) placed anew, its seq_rm first
+        if (p->kv_held && p->kv_swa_type == 0 &&
+            pm_kv_read_seq_blob(p->kv, seq_id, d, avail, 0, &taken, &ok) == PM_OK && ok) {
             p->kv_mode = 1;
         } else {
             int64_t found[4] = { 0, 0, 0, 0 };

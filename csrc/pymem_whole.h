@@ -100,9 +100,9 @@ pm_status pm_seq_write(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, v
 
 // One sequence's restore of n_parts parts from blob (each part's section after the one
 // before), in one call: every part checked (a KV part without a window and with kv_held,
-// back into exactly the cells it holds, pm_kv_read_seq_blob's check; else, a sequence that
-// holds no cell or a window's, the placed parse of pm_kv_read_seq_place whose cells prove
-// the fit, pm_step_kv_place_sure; a recurrent part: pm_rs_restore_seq on a copy of the
+// back into exactly the cells it holds, pm_kv_read_seq_blob's check; else, or where that
+// check declines (another state, cells the sequence shares), the placed parse of
+// pm_kv_read_seq_place whose cells prove the fit, pm_step_kv_place_sure; a recurrent part: pm_rs_restore_seq on a copy of the
 // live cells in the rs_scr arrays), then, when all apply, every part stored
 // (pm_kv_read_seq_blob's store into the runs found; the one-call placed read,
 // pm_kv_read_seq_placed, after the seq_rm of a held sequence; the recurrent rows at the

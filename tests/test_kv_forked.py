@@ -1,8 +1,11 @@
-"""Sequences beside a forked prompt: after ``seq_cp`` some cells are shared by several
-sequences (owner ``OWNER_MULTI``). Only a sequence that holds such a cell needs its bitset
-handled; every other one keeps the one-call roads (``pm_step_seq_shared`` tells them
-apart). Pins the roads to the numpy reference on random runs of ops over twin caches,
-and that they are taken beside shared cells and declined inside them."""
+"""Forked sequences: after ``seq_cp`` some cells are held by several sequences (owner
+``OWNER_MULTI``, the bitset names them). The one-call roads take every sequence: a
+write selects a sequence's shared cells by its bit, a removal takes its bit out of them
+(the cell keeps its position), a read that cannot go back into the cells a sequence
+holds places it anew, and the window's purge and refresh count shared cells for each of
+their sequences. Pins the roads to the numpy reference on random runs of ops over twin
+memories (``pm_step_seq_shared`` tells a sequence in a shared cell from one beside them).
+"""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from test_kv_state import randomize
 
 import pymem.kv.cache as kv_cache
 import pymem.kv.state_io as kv_state_io
-from pymem._native import ffi, lib
+from pymem._native import lib
 from pymem.composite import CompositeMemory
 from pymem.errors import RangeError, StateError, UnsupportedError
 from pymem.kv import KVCache
@@ -112,30 +115,38 @@ def test_forked_runs_match_the_numpy_roads(monkeypatch, kind, unified, v_trans, 
         twins = [make_iswa(96, N_SEQ, v_trans=v_trans, spec=iswa_spec(n_swa=3)) for _ in range(2)]
         for mem in twins:
             randomize_any(mem, seed)
-    beside = {"write": 0, "read": 0, "rm": 0}
+    # one-call roads taken while the stream held shared cells: "beside" them, or "inside"
+    # (by a sequence that held one of them)
+    roads = dict.fromkeys(("beside", "inside"), 0)
     real_write, real_read = kv_state_io.SeqBlob.write, kv_state_io.SeqBlob.read
     real_rm = KVCache._seq_rm_native
 
-    def shared_now(blob: Any) -> bool:
-        return bool(blob._cells[0].store.n_multi.any())
+    def where(cells: Any, strm: int, seq_id: int) -> str | None:
+        """Whether ``seq_id`` is beside or inside stream ``strm``'s shared cells, if any."""
+        if not cells.n_multi[strm]:
+            return None
+        return "inside" if lib.pm_step_seq_shared(cells.native(), strm, seq_id) else "beside"
 
-    def write(self, out, seq_id, what, reuse=False):  # type: ignore[no-untyped-def]
-        done = real_write(self, out, seq_id, what, reuse)
-        beside["write"] += done is not None and shared_now(self)
-        return done
+    def counted(real: Any) -> Any:
+        """``real``, a SeqBlob method, counting the roads it takes."""
 
-    def read(self, data, seq_id, *args, **kw):  # type: ignore[no-untyped-def]
-        shared = shared_now(self)
-        done = real_read(self, data, seq_id, *args, **kw)
-        beside["read"] += done is not None and shared
-        return done
+        def spy(self, first, seq_id, *args, **kw):  # type: ignore[no-untyped-def]
+            at = where(self._cells[0].store, int(self._stream_of[seq_id]), seq_id)
+            done = real(self, first, seq_id, *args, **kw)
+            if at is not None and done is not None:
+                roads[at] += 1
+            return done
+
+        return spy
 
     def rm(self, cells, strm, seq_id, p0, p1):  # type: ignore[no-untyped-def]
-        shared = bool(self.cells.n_multi[strm])
+        at = where(self.cells, strm, seq_id)
         done = real_rm(self, cells, strm, seq_id, p0, p1)
-        beside["rm"] += done is not None and shared
+        if at is not None and done is not None:
+            roads[at] += 1
         return done
 
+    write, read = counted(real_write), counted(real_read)
     monkeypatch.setattr(kv_state_io.SeqBlob, "write", write)
     monkeypatch.setattr(kv_state_io.SeqBlob, "read", read)
     monkeypatch.setattr(KVCache, "_seq_rm_native", rm)
@@ -198,34 +209,52 @@ def test_forked_runs_match_the_numpy_roads(monkeypatch, kind, unified, v_trans, 
         for q in range(N_SEQ):
             pos[q] = max(twins[0].seq_pos_max(q) + 1, 0)
     if kind in ("kv", "window") and unified:
-        assert beside["write"] > 0 and beside["read"] > 0 and beside["rm"] > 0, beside
+        assert roads["beside"] > 0 and roads["inside"] > 0, roads
     for mem in twins:
         mem.close()
 
 
-def test_a_sequence_in_a_shared_cell_declines_and_one_beside_it_takes_the_call() -> None:
-    """After seq_cp(1, 5): sequence 1's blob (in shared cells) is written and read by the
-    general road; sequence 0's (beside them) by the one call, with the same bytes."""
-    kv = make_kv(64, N_SEQ, unified=True)
-    randomize(kv, 7)
-    items = [[1 + q, p, [q], False] for p in range(6) for q in range(3)]
-    assert decode(kv, items) == 0
-    kv.seq_cp(1, 5, -1, -1)
-    blob_view = kv._blob_view()
-    assert blob_view is not None
+def test_a_sequence_in_shared_cells_is_written_and_read_in_one_call(monkeypatch) -> None:
+    """After seq_cp(1, 5): sequence 1's blob (its cells all shared with 5) is written by
+    the one call with the general writer's bytes; read back, it cannot go into the cells
+    it holds (the same-cells check declines: seq_rm takes only its bit out of them), so
+    one call removes its bits and places it anew, as the numpy restore does. Sequence 0,
+    beside the shared cells, goes back into its own cells."""
+    twins = []
+    for _ in range(2):
+        kv = make_kv(64, N_SEQ, unified=True)
+        randomize(kv, 7)
+        items = [[1 + q, p, [q], False] for p in range(6) for q in range(3)]
+        assert decode(kv, items) == 0
+        kv.seq_cp(1, 5, -1, -1)
+        twins.append(kv)
+    kv, ref = twins
+    view = kv._blob_view()
+    assert view is not None
     out = bytearray(4096)
-    assert blob_view.write(out, 1, "state_write") is None  # declined: shared cells
-    n = blob_view.write(out, 0, "state_write")
-    assert n is not None and bytes(out[:n]) == bytes(kv.state_write(0))
-    written = ffi.new("int64_t[2]")
-    declined = ffi.cast("int32_t *", written + 1)
-    assert lib.pm_kv_write_seq_blob(blob_view.view, 5, 0, -(2**31), 2**31 - 1, ffi.NULL, 0,
-                                    written, declined) == lib.PM_OK  # fmt: skip
-    assert declined[0] == 1
-    blob0 = bytes(kv.state_write(0))
-    assert blob_view.read(blob0, 0) == len(blob0)  # the same cells, one call
-    kv.seq_rm(0, -1, -1)
-    assert blob_view.read(blob0, 0) == len(blob0)  # swapped back in, one call
-    assert int(kv.cells.n_multi[0]) == 6  # seq 1's six cells still shared with 5
+    with monkeypatch.context() as m:
+        m.setattr(kv_state_io, "NATIVE_RUNS", False)
+        want = {q: bytes(ref.state_write(q)) for q in (0, 1, 5)}
+    for q in (0, 1, 5):
+        n = view.write(out, q, "state_write")
+        assert n is not None and bytes(out[:n]) == want[q], q
+    placed: list[bool] = []
+    real = kv_state_io.SeqBlob._placed
+    monkeypatch.setattr(
+        kv_state_io.SeqBlob, "_placed", lambda self, *a: placed.append(True) or real(self, *a)
+    )
+    n_multi = int(kv.cells.n_multi[0])
+    assert n_multi == 6
+    assert view.read(want[0], 0, store=False) == len(want[0]) and not placed  # its own cells
+    assert view.read(want[1], 1, store=False) is None  # (no same cells; no store asked)
+    assert kv.state_read(want[1], 1) == len(want[1]) and placed == [True]
+    with monkeypatch.context() as m:
+        m.setattr(kv_state_io, "NATIVE_RUNS", False)
+        m.setattr(kv_state_io, "NATIVE_PLACE", False)
+        m.setattr(kv_cache, "USE_NATIVE_RM", False)
+        assert ref.state_read(want[1], 1) == len(want[1])
+    assert _state(kv) == _state(ref)
+    assert int(kv.cells.n_multi[0]) == 0  # 1 moved to cells of its own; 5 keeps the old
     check_invariants(kv)
-    kv.close()
+    for k in twins:
+        k.close()

@@ -12,6 +12,7 @@ from test_kv_state_paths import _interleaved
 from test_kv_state_section import _fragmented
 
 import pymem.kv.state_io as state_io
+from pymem._native import ffi
 from pymem.errors import ClosedError, RangeError, StateError
 from pymem.spec import SWAType
 
@@ -112,7 +113,13 @@ def test_flag_errors_name_the_call() -> None:
         kv.state_write(0, 8)
 
 
-def test_shared_cells_decline_to_the_general_writer(monkeypatch) -> None:
+def test_shared_cells_are_written_by_their_bits_and_never_read_back_in_place(
+    monkeypatch,
+) -> None:
+    """Sequence 0's cells all shared with 2: its blob and 2's are written by the one call
+    (the general writer's bytes); a read of 0 cannot go back into those cells (the
+    same-cells check declines); without the cells' bitsets in the view every shared
+    stream declines to the general writer."""
     kv = _fragmented("f16-trans", 7, drop=False)
     blob = kv._seq_blob(0, 0, "test")
     assert blob is not None
@@ -120,9 +127,15 @@ def test_shared_cells_decline_to_the_general_writer(monkeypatch) -> None:
     # the one-call roads take sequence 0 while no cell is shared ...
     assert blob.size(0) == len(own) and blob.read(own, 0, store=False) == len(own)
     kv.seq_cp(0, 2, -1, -1)  # seq 2 shares every cell of seq 0 in the one stream
-    # ... and decline once cells are shared
-    assert blob.size(0) is None and blob.write(bytearray(len(own)), 0, "test") is None
+    # ... and write it by its bits once they are shared, but never read it in place
+    assert blob.size(0) == len(own)
+    out = bytearray(len(own))
+    assert blob.write(out, 0, "test") == len(own) and bytes(out) == own
     assert blob.read(own, 0, store=False) is None
+    cells = blob.view.cells
+    blob.view.cells = ffi.NULL  # no bitsets to tell: declined
+    assert blob.size(0) is None and blob.write(out, 1, "test") is None
+    blob.view.cells = cells
     with monkeypatch.context() as m:
         _general(kv, m)
         want = [bytes(kv.state_write(s)) for s in range(3)]

@@ -404,16 +404,19 @@ class SeqBlob:
         return int(written[0])
 
     def read(
-        self, data: object, seq_id: int, store: bool = True, token: object = None
-    ) -> int | None:
+        self, data: object, seq_id: int, store: bool = True, token: object = None,
+        place: bool = True,
+    ) -> int | None:  # fmt: skip
         """A per-sequence restore that changes no cell (:func:`seq_same_cells`): the blob's
         one stream with cells puts ``seq_id`` back into exactly the cells it holds, with
         headers the cache's; its bytes are stored and the stream's head moves past the last
         cell, as the two-phase restore would. A sequence that holds no cell, or any of a
         sliding-window cache (whose placement may take and purge cells the window masks),
         is placed anew in one call instead (:meth:`_placed`; only with ``store`` and no
-        ``token``). The bytes consumed, or None with nothing changed (the two-phase restore
-        then decides). Without ``store``: every check, nothing stored (what a call with it
+        ``token``), and so is one whose blob does not go back into its cells (another
+        state, or cells it shares; not without ``place``: a same-cells plan's commit).
+        The bytes consumed, or None with nothing changed (the two-phase restore then
+        decides). Without ``store``: every check, nothing stored (what a call with it
         would take). ``token`` (a two-phase plan's):
         a check remembers the runs it found under it, and a store with the same token right
         after uses them without searching the stream again (the plan vouches that neither
@@ -444,7 +447,10 @@ class SeqBlob:
             status = lib.pm_kv_read_seq_blob(self._view, seq_id, src, len(src), 1, consumed, done)
         check(status, "state read: one sequence in place")
         if not done[0]:
-            return None
+            # not back into its own cells (another state, or cells it shares with other
+            # sequences): placed anew, its seq_rm first, as the reference restores it
+            placing = place and store and token is None
+            return self._placed(data, seq_id, strm, True) if placing else None
         if not store and token is not None:
             self._checked[strm] = (seq_id, token)
         return int(consumed[0])
@@ -455,7 +461,7 @@ class SeqBlob:
         placement (a window's overwrite of masked cells and purge included) and the store,
         what :class:`PlacedSeqPlan` does in three. The bytes consumed, or None with nothing
         changed (no :meth:`swap_in_with`, ``NATIVE_PLACE`` off, an undo journal, or what the
-        call declines: too few cells without the window's help, a shared cell; the
+        call declines: too few cells without the window's help, a blob it cannot parse; the
         two-phase restore then places it or names what is wrong). Without ``held`` the
         caller vouches that ``seq_id`` holds no cell of stream ``strm``."""
         step = self._step
@@ -662,7 +668,7 @@ class SameCellsPlan(_BlobPlan):
         # committed right after the parse: into the runs its check found (no owner scan);
         # a plan a caller held is checked in full again
         token = self.token if self.parsed_now else None
-        if self.blob.read(self.data, self.seq_id, token=token) is None:
+        if self.blob.read(self.data, self.seq_id, token=token, place=False) is None:
             raise StateError(BLOB_CHANGED)
         self.committed = True
         self.hooks.mark_mutated()
