@@ -26,7 +26,9 @@ docs/perf_decode_vs_nseq.png and docs/perf_decode_vs_nctx.png.
    a stream. Median of the timed steps (each step adds one token per sequence).
    ``--fork``: the unified configurations with one 64-token prompt decoded into
    sequence 0 and copied to every other sequence by ``seq_cp`` on both sides (a
-   parallel-sampling run: the prompt's cells are shared by all sequences).
+   parallel-sampling run: the prompt's cells are shared by all sequences). ``--tokens N``:
+   N tokens per sequence a step (draft tokens verified at once, say), every one an
+   output.
 2. State I/O: a unified cache of n_ctx 32768 (n_seq_max 8) filled with 4 sequences x
    8192 tokens, decoded in interleaved chunks of 128 (one decode call = one chunk of each
    sequence); f16 K/V. tiny-llama with flash attention off (V transposed) and on,
@@ -294,6 +296,8 @@ class DecodeConfig:
     # one prompt, decoded into sequence 0 and copied to every other by seq_cp (a parallel
     # sampling run): its cells are shared by every sequence
     fork: bool = False
+    # tokens per sequence per step (> 1: draft tokens checked at once, say)
+    n_tok: int = 1
 
     @property
     def layout(self) -> str:
@@ -301,8 +305,9 @@ class DecodeConfig:
 
     def label(self) -> str:
         forked = " forked prompt" if self.fork else ""
+        tokens = f" x {self.n_tok} tokens" if self.n_tok > 1 else ""
         return (
-            f"{self.model} {self.layout} n_seq {self.n_seq} n_ctx {self.n_ctx} "
+            f"{self.model} {self.layout} n_seq {self.n_seq}{tokens} n_ctx {self.n_ctx} "
             f"fa {int(self.flash_attn)}{forked}"
         )
 
@@ -369,11 +374,13 @@ def bench_decode_one(models: LlamaModels, specs: dict[str, Any], cfg: DecodeConf
                                flash_attn=cfg.flash_attn)  # fmt: skip
     if cfg.fork:
         row["fork"] = True
+    if cfg.n_tok > 1:
+        row["n_tok"] = cfg.n_tok
     warm, timed = n_steps(cfg, quick)
     sizes = resolve_context(specs[cfg.model], ContextParams(
         n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq, n_ubatch=N_UBATCH, n_batch=N_BATCH,
         kv_unified=cfg.unified, flash_attn=cfg.flash_attn))  # fmt: skip
-    need = (cfg.n_seq if cfg.unified else 1) * (PROMPT + warm + timed)
+    need = (cfg.n_seq if cfg.unified else 1) * (PROMPT + (warm + timed) * cfg.n_tok)
     if need > sizes.n_ctx_seq:
         row["skipped"] = (
             f"does not fit: {need} tokens per stream (prompts + steps) > {sizes.n_ctx_seq} cells"
@@ -409,10 +416,12 @@ def bench_decode_one(models: LlamaModels, specs: dict[str, Any], cfg: DecodeConf
             out = pos == PROMPT - 1
             pair.decode_both(seq, pos, out, inputs=False)
         t_ref, t_mem = [], []
-        seq = np.arange(cfg.n_seq)
-        out = np.ones(cfg.n_seq, dtype=bool)
+        # n_tok tokens per sequence a step, every one an output. E.g. 2 sequences x 2 tokens
+        # at step 0 -> seq [0, 0, 1, 1], pos [64, 65, 64, 65]
+        seq = np.repeat(np.arange(cfg.n_seq), cfg.n_tok)
+        out = np.ones(seq.size, dtype=bool)
         for step in range(warm + timed):
-            pos = np.full(cfg.n_seq, PROMPT + step)
+            pos = PROMPT + step * cfg.n_tok + np.tile(np.arange(cfg.n_tok), cfg.n_seq)
             tr, tm = pair.decode_both(seq, pos, out, ref_first=step % 2 == 0)
             if step >= warm:
                 t_ref.append(tr)
@@ -420,7 +429,8 @@ def bench_decode_one(models: LlamaModels, specs: dict[str, Any], cfg: DecodeConf
         # both sides hold the same positions (a cheap check that they did the same work)
         for s in (0, cfg.n_seq - 1):
             p_ref = lc.llama_memory_seq_pos_max(ref.mem, s)
-            assert p_ref == mem.seq_pos_max(s) == PROMPT + warm + timed - 1, (s, p_ref)
+            last = PROMPT + (warm + timed) * cfg.n_tok - 1
+            assert p_ref == mem.seq_pos_max(s) == last, (s, p_ref)
     finally:
         pair.close()
     if ref.n_ctx != sizes.n_ctx:
@@ -433,10 +443,12 @@ def bench_decode_one(models: LlamaModels, specs: dict[str, Any], cfg: DecodeConf
 
 
 def bench_decode(
-    quick: bool, sel: Selection | None = None, rounds: int = 1, fork: bool = False
-) -> list[dict[str, Any]]:
+    quick: bool, sel: Selection | None = None, rounds: int = 1, fork: bool = False,
+    n_tok: int = 1,
+) -> list[dict[str, Any]]:  # fmt: skip
     """Every selected configuration, ``rounds`` times over the whole selection; ``fork``:
-    the unified ones with a forked prompt (:class:`DecodeConfig`).
+    the unified ones with a forked prompt, ``n_tok`` tokens per sequence a step
+    (:class:`DecodeConfig`).
 
     With several rounds a row keeps the median over rounds of each side's median (and the
     ratio of those), plus every round's ratio in ``ratios``: a configuration's spread
@@ -447,6 +459,8 @@ def bench_decode(
     configs = decode_configs(quick, sel)
     if fork:  # (across streams a seq_cp copies cells: nothing is shared there)
         configs = [dataclasses.replace(c, fork=True) for c in configs if c.unified]
+    if n_tok > 1:
+        configs = [dataclasses.replace(c, n_tok=n_tok) for c in configs]
     per_cfg: dict[DecodeConfig, list[dict[str, Any]]] = {c: [] for c in configs}
     t_start = time.perf_counter()
     try:
@@ -494,7 +508,8 @@ def bench_decode(
         print(f"\nskipped ({len(skipped)}):")
         for r in skipped:
             cfg = DecodeConfig(r["model"], r["layout"] == "unified", r["n_seq"], r["n_ctx"],
-                               r["flash_attn"], r.get("fork", False))  # fmt: skip
+                               r["flash_attn"], r.get("fork", False),
+                               r.get("n_tok", 1))  # fmt: skip
             print(f"  {cfg.label()}: {r['skipped']}")
     miss = [r for r in done if r["ratio"] > TARGET]
     print(
@@ -502,7 +517,8 @@ def bench_decode(
     )
     for r in sorted(miss, key=lambda r: -r["ratio"]):
         cfg = DecodeConfig(r["model"], r["layout"] == "unified", r["n_seq"], r["n_ctx"],
-                           r["flash_attn"], r.get("fork", False))  # fmt: skip
+                           r["flash_attn"], r.get("fork", False),
+                           r.get("n_tok", 1))  # fmt: skip
         print(f"  MISS {cfg.label()}: {r['ratio']:.3f} ({r['ratio'] / TARGET:.1f}x the target)")
     return rows
 
@@ -921,6 +937,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="decode: the unified configurations with one prompt forked by seq_cp to every "
         "sequence (never written to the main JSON; use --out)",
     )
+    ap.add_argument(
+        "--tokens",
+        type=int,
+        default=1,
+        help="decode: tokens per sequence a step (default 1; more: never written to the "
+        "main JSON; use --out)",
+    )
     ap.add_argument("--out", help="also write the results to results/OUT.json")
     return ap.parse_args(argv)
 
@@ -948,7 +971,7 @@ def main() -> None:
         target_ratio=TARGET,
     )  # fmt: skip
     if only in (None, "decode"):
-        results["decode"] = bench_decode(quick, sel, args.rounds, args.fork)
+        results["decode"] = bench_decode(quick, sel, args.rounds, args.fork, args.tokens)
     if only in (None, "state", "ops") and sel.is_all:
         results["state"], results["seq_ops"] = bench_filled(quick, only)
     wall = time.perf_counter() - t_start
@@ -961,7 +984,7 @@ def main() -> None:
           f"{os.cpu_count()} CPUs; wall {wall:.0f} s")  # fmt: skip
     if args.out:
         print(f"wrote {write_results(args.out, results)}")
-    if quick or not sel.is_all or args.fork:
+    if quick or not sel.is_all or args.fork or args.tokens > 1:
         return
     if only is None:
         path = write_results("bench_vs_llama_cpp", results)

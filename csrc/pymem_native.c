@@ -638,6 +638,79 @@ static void pm_kq_mask_shared_cell(int64_t j, int32_t p, const uint64_t * bits, 
     }
 }
 
+// the tokens seq_tok[seq_ptr[q] .. seq_ptr[q + 1]) of sequence q whose window takes
+// position p attend cell j
+static inline void pm_kq_mask_tokens(int64_t j, int32_t p, int64_t q, const int64_t * seq_ptr,
+                                     const int64_t * seq_tok, const int32_t * lo, const int32_t * hi, int64_t n_kv,
+                                     int32_t elem_size, void * out) {
+    for (int64_t k = seq_ptr[q]; k < seq_ptr[q + 1]; k++) {
+        const int64_t t = seq_tok[k];
+        if (p >= lo[t] && p <= hi[t]) {
+            if (elem_size == 2) {
+                ((uint16_t *) out)[t * n_kv + j] = 0;
+            } else {
+                ((uint32_t *) out)[t * n_kv + j] = 0;
+            }
+        }
+    }
+}
+
+pm_status pm_kq_mask_seqs(const int32_t * owner, const int32_t * pos, int64_t n_cells, const int64_t * seq_ptr,
+                          const int64_t * seq_tok, int64_t n_seqs, const uint64_t * bits, int64_t n_words,
+                          const int32_t * lo, const int32_t * hi, int64_t n_tokens, int64_t n_kv, int32_t elem_size,
+                          void * out) {
+    if (owner == NULL || pos == NULL || seq_ptr == NULL || seq_tok == NULL || lo == NULL || hi == NULL ||
+        out == NULL || n_tokens < 0 || n_kv < 0 || n_seqs < 1 || (elem_size != 2 && elem_size != 4) ||
+        (bits != NULL && (n_words < 1 || n_words > 4 || 64 * n_words > n_seqs))) {
+        return PM_ERR_ARG;
+    }
+    if (n_kv > n_cells) {
+        return PM_ERR_RANGE;
+    }
+    // the lists checked before the first write: offsets from 0, ascending, within the
+    // tokens; every listed token inside the rows
+    if (seq_ptr[0] != 0 || seq_ptr[n_seqs] > n_tokens) {
+        return PM_ERR_RANGE;
+    }
+    for (int64_t q = 0; q < n_seqs; q++) {
+        if (seq_ptr[q + 1] < seq_ptr[q]) {
+            return PM_ERR_RANGE;
+        }
+    }
+    for (int64_t k = 0; k < seq_ptr[n_seqs]; k++) {
+        if (seq_tok[k] < 0 || seq_tok[k] >= n_tokens) {
+            return PM_ERR_RANGE;
+        }
+    }
+    const int64_t n = n_tokens * n_kv;
+    if (elem_size == 2) {
+        uint16_t * o = (uint16_t *) out;
+        for (int64_t i = 0; i < n; i++) {
+            o[i] = PM_F16_NEG_INF;
+        }
+    } else {
+        uint32_t * o = (uint32_t *) out;
+        for (int64_t i = 0; i < n; i++) {
+            o[i] = PM_F32_NEG_INF;
+        }
+    }
+    for (int64_t j = 0; j < n_kv; j++) {
+        const int32_t q = owner[j];
+        if (q >= 0 && q < n_seqs) {
+            pm_kq_mask_tokens(j, pos[j], q, seq_ptr, seq_tok, lo, hi, n_kv, elem_size, out);
+        } else if (q == -2 && bits != NULL) {
+            const uint64_t * b = bits + j * n_words;
+            for (int64_t w = 0; w < n_words; w++) {
+                for (uint64_t r = b[w]; r != 0; r &= r - 1) {
+                    pm_kq_mask_tokens(j, pos[j], 64 * w + pm_ctz64(r), seq_ptr, seq_tok, lo, hi, n_kv, elem_size,
+                                      out);
+                }
+            }
+        }
+    }
+    return PM_OK;
+}
+
 pm_status pm_kq_mask_owner(const int32_t * owner, const int32_t * pos, int64_t n_cells, const int64_t * tok_of,
                            int64_t n_tok_of, const uint64_t * bits, int64_t n_words, const int32_t * lo,
                            const int32_t * hi, int64_t n_tokens, int64_t n_kv, int32_t elem_size, void * out) {

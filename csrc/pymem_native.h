@@ -159,6 +159,17 @@ struct ggml_tensor * pm_swiglu_clamp(struct ggml_context * ctx, struct ggml_tens
 pm_status pm_kq_mask_rows(const int32_t * owner, const int32_t * pos, int64_t n_cells, const int64_t * row_off,
                           const int32_t * seq, const int32_t * lo, const int32_t * hi, int64_t n_tokens,
                           int64_t n_kv, int32_t elem_size, void * out);
+// one row, any number of tokens per sequence: the tokens of sequence q are
+// seq_tok[seq_ptr[q] .. seq_ptr[q + 1]) (seq_ptr: n_seqs + 1 ascending offsets from 0, at
+// most n_tokens); cell j pairs with the tokens of its owner, and a cell held by several
+// sequences (owner -2), when bits is not NULL, with those of each sequence q of its bitset
+// (bits + j * n_words, n_words in [1, 4], 64 * n_words <= n_seqs); token t attends the
+// cells with lo[t] <= pos <= hi[t]. out is [n_tokens, n_kv], filled whole. Every list is
+// checked before the first write (PM_ERR_RANGE).
+pm_status pm_kq_mask_seqs(const int32_t * owner, const int32_t * pos, int64_t n_cells, const int64_t * seq_ptr,
+                          const int64_t * seq_tok, int64_t n_seqs, const uint64_t * bits, int64_t n_words,
+                          const int32_t * lo, const int32_t * hi, int64_t n_tokens, int64_t n_kv, int32_t elem_size,
+                          void * out);
 // one row, tokens of distinct sequences: cell j pairs only with token tok_of[owner[j] + 2]
 // (-1: none; tok_of has n_tok_of entries, owners -2 and -1 read entries 0 and 1), and a
 // cell held by several sequences (owner -2), when bits is not NULL, with the token

@@ -216,11 +216,14 @@ def test_hybrid_decode_steps_with_replayed_ubatches_equal_fresh_ubatches(pattern
 @pytest.mark.parametrize("unified", [True, False])
 @pytest.mark.parametrize("swa_type", SWA_KINDS)
 def test_native_masks_equal_numpy(monkeypatch, unified, swa_type):
-    """``pm_kq_mask_rows`` (streams) and ``pm_kq_mask_owner`` (one stream, one token per
-    sequence) write the bytes numpy writes, for decode steps and 3-token steps, causal or
-    not, f16 and f32; cells removed and forked (shared) on the way, foreign owners in a
-    stream included."""
+    """``pm_kq_mask_rows`` (streams), ``pm_kq_mask_owner`` (one stream, one token per
+    sequence) and ``pm_kq_mask_seqs`` (one stream, several tokens per sequence) write the
+    bytes numpy writes, for decode steps and 3-token steps, causal or not, f16 and f32;
+    cells removed and forked (shared) on the way, foreign owners in a stream included."""
     assert kv_inputs.USE_NATIVE, "the extension lacks the mask kernels: rebuild it"
+    lists = []  # one-stream masks of several tokens per sequence (pm_kq_mask_seqs)
+    real = kv_inputs._mask_seq_lists
+    monkeypatch.setattr(kv_inputs, "_mask_seq_lists", lambda *a: lists.append(1) or real(*a))
     rng = np.random.default_rng(4000 + int(swa_type) + 10 * unified)
     swa = {} if swa_type == 0 else {"swa_type": swa_type, "n_swa": 5}
     n_seq = 5
@@ -258,6 +261,7 @@ def test_native_masks_equal_numpy(monkeypatch, unified, swa_type):
                     )
                 assert got.dtype == want.dtype and got.shape == want.shape
                 assert got.tobytes() == want.tobytes(), (step, kw, dtype)
+    assert (len(lists) > 0) == unified  # (with streams each sequence has its own rows)
 
 
 def test_native_mask_kernels_refuse_rows_outside_the_cells():

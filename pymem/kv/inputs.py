@@ -269,19 +269,24 @@ def build_kq_mask(
             sq, p1 = seq0.reshape(shape), p1_all.reshape(shape)
             _mask_streams(stack, rules, strm, sq, p1, p1x, p1y, out)
             return out
-    out.fill(-np.inf)
     if (
         n_stream == 1
+        and n_tokens
         and ubatch.seq_id.shape[1] == 1
-        and ubatch.n_seqs_unq == n_tokens
         and not is_2d
         and span is None
         and not rules.alibi
     ):
-        # a decode step on one stream: one token per sequence, one id per token
+        # one stream, one id per token: a decode step (one token per sequence), or any mix
+        # of sequences and token counts in one native pass over the cells
         cells = v_cells[int(layout.seq_to_stream[int(seq0[0])])]
-        _mask_one_per_seq(cells, rules, seq0, p1_all, out[0], ubatch.seq_id)
-        return out
+        if ubatch.n_seqs_unq == n_tokens:
+            _mask_one_per_seq(cells, rules, seq0, p1_all, out[0], ubatch.seq_id)
+            return out
+        if USE_NATIVE and dt.itemsize in (2, 4):
+            _mask_seq_lists(cells, rules, seq0, p1_all, out[0])
+            return out
+    out.fill(-np.inf)
     for s in range(n_stream):
         tok = slice(s * n_tps, (s + 1) * n_tps)
         sq = seq0[tok]
@@ -345,7 +350,7 @@ def _mask_one_per_seq(
 
     E.g. owner [0, 1, 0, -1], pos [0, 0, 1, -1], tokens (seq 1, pos 1), (seq 0, pos 2):
     cell 0 -> token 1, cell 1 -> token 0, cell 2 -> token 1; all in the past -> kept.
-    ``out`` is ``[n_tokens, n_kv]``, already -inf. ``seq_id``: the ubatch's sequence ids
+    ``out`` is ``[n_tokens, n_kv]``, filled whole. ``seq_id``: the ubatch's sequence ids
     (``sq`` is their first column); a read-only one keys the owner -> token table, which
     a decode step's replayed ubatch then reuses.
     """
@@ -379,10 +384,39 @@ def _mask_one_per_seq(
         m_t, m_j = _shared_members(cells, sq, n_kv)  # sequence index u is token u here
         t, j = np.concatenate((t, m_t)), np.concatenate((j, m_j))
     keep = _keep(rules, cells.pos[j], p1[t], None, None, np.ones(j.size, dtype=bool))
+    out.fill(-np.inf)
     # flat indices into the contiguous rows: E.g. n_kv 10, t [0, 2], j [3, 7] -> [3, 27]
     assert out.flags.c_contiguous, "the flat view must alias the mask rows"
     where = t * n_kv + j
     out.reshape(-1)[where if keep.all() else where[keep]] = 0
+
+
+def _mask_seq_lists(
+    cells: KVCells, rules: _MaskRules, sq: np.ndarray, p1: np.ndarray, out: np.ndarray
+) -> None:
+    """The rows of tokens of one stream, several per sequence (``sq``, positions ``p1``;
+    no M-RoPE tie, SWA_FULL span or ALiBi), in one native pass over the cells
+    (``pm_kq_mask_seqs``): each cell is decided against the tokens of the sequences it
+    holds, listed per sequence. E.g. sq [3, 0, 3] -> tokens of 0: [1], of 3: [0, 2].
+    ``out`` is ``[n_tokens, n_kv]`` (C-contiguous), filled whole."""
+    n_kv = out.shape[1]
+    n = sq.size
+    order = np.argsort(sq, kind="stable").astype(np.int64)
+    ptr = np.zeros(LLAMA_MAX_SEQ + 1, dtype=np.int64)
+    np.cumsum(np.bincount(sq, minlength=LLAMA_MAX_SEQ), out=ptr[1:])
+    lo, hi = _window(rules, p1)
+    bits = ffi.from_buffer("uint64_t[]", cells.seq) if cells.n_multi else ffi.NULL
+    status = lib.pm_kq_mask_seqs(
+        ffi.from_buffer("int32_t[]", cells.owner[:n_kv]),
+        ffi.from_buffer("int32_t[]", cells.pos[:n_kv]), n_kv,
+        ffi.from_buffer("int64_t[]", ptr), ffi.from_buffer("int64_t[]", order), LLAMA_MAX_SEQ,
+        bits, cells.store.n_words,
+        ffi.from_buffer("int32_t[]", _bounds_or_open(lo, n, _I32.min)),
+        ffi.from_buffer("int32_t[]", _bounds_or_open(hi, n, _I32.max)),
+        n, n_kv, out.dtype.itemsize, ffi.from_buffer(out, require_writable=True),
+    )  # fmt: skip
+    if status != lib.PM_OK:  # an internal invariant broke: name what the kernel checks
+        check(status, f"pm_kq_mask_seqs ({n} tokens, n_kv {n_kv} of {cells.owner.size} cells)")
 
 
 def _mask_pairs(
