@@ -638,6 +638,21 @@ static void pm_kq_mask_shared_cell(int64_t j, int32_t p, const uint64_t * bits, 
     }
 }
 
+// n mask elements of elem_size bytes (2: f16, else f32) set to -inf
+static void pm_fill_neg_inf(void * out, int64_t n, int32_t elem_size) {
+    if (elem_size == 2) {
+        uint16_t * o = (uint16_t *) out;
+        for (int64_t i = 0; i < n; i++) {
+            o[i] = PM_F16_NEG_INF;
+        }
+    } else {
+        uint32_t * o = (uint32_t *) out;
+        for (int64_t i = 0; i < n; i++) {
+            o[i] = PM_F32_NEG_INF;
+        }
+    }
+}
+
 // the tokens seq_tok[seq_ptr[q] .. seq_ptr[q + 1]) of sequence q whose window takes
 // position p attend cell j
 static inline void pm_kq_mask_tokens(int64_t j, int32_t p, int64_t q, const int64_t * seq_ptr,
@@ -682,18 +697,7 @@ pm_status pm_kq_mask_seqs(const int32_t * owner, const int32_t * pos, int64_t n_
             return PM_ERR_RANGE;
         }
     }
-    const int64_t n = n_tokens * n_kv;
-    if (elem_size == 2) {
-        uint16_t * o = (uint16_t *) out;
-        for (int64_t i = 0; i < n; i++) {
-            o[i] = PM_F16_NEG_INF;
-        }
-    } else {
-        uint32_t * o = (uint32_t *) out;
-        for (int64_t i = 0; i < n; i++) {
-            o[i] = PM_F32_NEG_INF;
-        }
-    }
+    pm_fill_neg_inf(out, n_tokens * n_kv, elem_size);
     for (int64_t j = 0; j < n_kv; j++) {
         const int32_t q = owner[j];
         if (q >= 0 && q < n_seqs) {
@@ -736,18 +740,7 @@ pm_status pm_kq_mask_owner(const int32_t * owner, const int32_t * pos, int64_t n
             return PM_ERR_RANGE;
         }
     }
-    const int64_t n = n_tokens * n_kv;
-    if (elem_size == 2) {
-        uint16_t * o = (uint16_t *) out;
-        for (int64_t i = 0; i < n; i++) {
-            o[i] = PM_F16_NEG_INF;
-        }
-    } else {
-        uint32_t * o = (uint32_t *) out;
-        for (int64_t i = 0; i < n; i++) {
-            o[i] = PM_F32_NEG_INF;
-        }
-    }
+    pm_fill_neg_inf(out, n_tokens * n_kv, elem_size);
     for (int64_t j = 0; j < n_kv; j++) {
         const int64_t t = tok_of[(int64_t) owner[j] + 2];
         if (t < 0) {

@@ -736,6 +736,19 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
     return PM_OK;
 }
 
+// Whether the PM_STEP_BLOCK cells from c0 hold a shared one (owner -2): a count the
+// compiler vectorises, so scans for shared cells pass most blocks without a branch per
+// cell (the block 2 KiB ahead asked for: a cold scan is latency-bound)
+static inline int pm_block_shared(const int32_t * owner, int64_t c0) {
+    PM_PREFETCH(owner + c0 + 512);
+    PM_PREFETCH(owner + c0 + 528);
+    int32_t multi = 0;
+    for (int j = 0; j < PM_STEP_BLOCK; j++) {
+        multi += owner[c0 + j] == -2;
+    }
+    return multi != 0;
+}
+
 int32_t pm_step_seq_shared(const pm_step_cells * c, int64_t s, int32_t q) {
     if (s < 0 || s >= c->n_stream || c->n_multi[s] == 0 || q < 0 || q >= pm_step_ids(c)) {
         return 0;
@@ -748,21 +761,12 @@ int32_t pm_step_seq_shared(const pm_step_cells * c, int64_t s, int32_t q) {
     const uint64_t * bits = c->seq + s * c->size * c->n_words + (q >> 6);
     const uint64_t bit = (uint64_t) 1 << (q & 63);
     int64_t left = c->n_multi[s];  // shared cells not seen yet
-    // blocks of cells counted for shared ones first (a loop the compiler vectorises): a
-    // block without one, most of a stream, is passed without a branch per cell
+    // blocks of cells without a shared one, most of a stream, are passed by their count
     const int64_t end = c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size;  // (an upper bound)
     for (int64_t c0 = 0; c0 < end && left > 0; c0 += PM_STEP_BLOCK) {
         const int64_t c1 = c0 + PM_STEP_BLOCK < end ? c0 + PM_STEP_BLOCK : end;
-        if (c1 - c0 == PM_STEP_BLOCK) {
-            PM_PREFETCH(own + c0 + 512);
-            PM_PREFETCH(own + c0 + 528);
-            int32_t multi = 0;
-            for (int j = 0; j < PM_STEP_BLOCK; j++) {
-                multi += own[c0 + j] == -2;
-            }
-            if (multi == 0) {
-                continue;
-            }
+        if (c1 - c0 == PM_STEP_BLOCK && !pm_block_shared(own, c0)) {
+            continue;
         }
         for (int64_t i = c0; i < c1; i++) {
             if (own[i] == -2) {
@@ -1059,14 +1063,8 @@ static int64_t pm_step_rm_shared(pm_step_cells * c, int64_t strm, int32_t seq_id
     int64_t n = 0;
     for (int64_t c0 = 0; c0 < n_scan; c0 += PM_STEP_BLOCK) {
         const int64_t c1 = c0 + PM_STEP_BLOCK < n_scan ? c0 + PM_STEP_BLOCK : n_scan;
-        if (c1 - c0 == PM_STEP_BLOCK) {
-            int32_t multi = 0;
-            for (int j = 0; j < PM_STEP_BLOCK; j++) {
-                multi += owner[c0 + j] == -2;
-            }
-            if (multi == 0) {
-                continue;
-            }
+        if (c1 - c0 == PM_STEP_BLOCK && !pm_block_shared(owner, c0)) {
+            continue;
         }
         for (int64_t i = c0; i < c1; i++) {
             uint64_t * b = bits + i * n_words;
