@@ -567,9 +567,9 @@ class KVCache(Memory):
     ) -> int | None:
         """``seq_rm`` of one sequence in one native pass (pm_step_kv_rm_seq): the same
         cells and bookkeeping as ``seq_cells_in_all`` + ``seq_rm_bit``, which stay the
-        reference. Returns the first emptied cell (-1: none), or None where the kernel does
-        not apply (cells with ext, an undo journal, a cell ``seq_id`` shares with another
-        sequence: the kernel declines that one)."""
+        reference (cells ``seq_id`` shares with other sequences lose its bit and keep their
+        position). Returns the first emptied cell (-1: none), or None where the kernel does
+        not apply (cells with ext, an undo journal)."""
         if cells.ext is not None or self.cells.journaling:
             return None
         cover = cells.range_cover(seq_id, p0, p1)

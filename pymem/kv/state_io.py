@@ -222,8 +222,9 @@ class SeqBlob:
     stream's cell arrays, counters and run scratch, built once per cache (none of them is
     ever rebound), so a call costs one C call and a few Python lines, whatever the stream.
 
-    Each method returns None where its case does not apply (shared cells in the stream; for
-    a read, a blob that does not go back into the very cells the sequence holds): the
+    Each method returns None where its case does not apply (for a read, a blob that
+    neither goes back into the very cells the sequence holds nor is placed by the one
+    call; shared cells are told by the cells' bitsets, so they decline nothing): the
     caller then takes the general path, which also names what is wrong. ``seq_id`` must
     already be checked (``0 <= seq_id < n_seq``).
     """
@@ -279,8 +280,8 @@ class SeqBlob:
         v.heads = array("int64_t", v_heads.a, writable=True)
         v.has_shift = array("uint8_t", store.has_shift)
         v.tensors = section.tensors
-        # the bitsets: a sequence beside a forked prompt's shared cells takes the one-call
-        # paths (only one in such a cell is declined); the pointer follows a widening (fit)
+        # the bitsets: cells shared by several sequences (a forked prompt's) are told by
+        # them, so no stream with one is declined; the pointer follows a widening (fit)
         v.cells = store.native()
         keep.append(v.cells)
         self._view = v
