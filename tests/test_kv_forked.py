@@ -258,3 +258,71 @@ def test_a_sequence_in_shared_cells_is_written_and_read_in_one_call(monkeypatch)
     check_invariants(kv)
     for k in twins:
         k.close()
+
+
+@pytest.mark.parametrize("swa", [False, True], ids=["full", "window"])
+@pytest.mark.parametrize("seed", range(3))
+def test_forked_decode_runs_match_the_numpy_step(monkeypatch, swa: bool, seed: int) -> None:
+    """Random steps of 1-3 tokens per sequence (so both one-stream mask kernels run),
+    forks, tail removals and whole removals on a unified cache, with or without a window:
+    one twin with every step kernel, one with none (the numpy step and masks). The same
+    slots, indices, mask bytes and cells after every op."""
+    from test_kv_decode_path import _drive
+
+    from pymem.batch import BatchAllocator
+    from pymem.kv import inputs as kv_inputs
+
+    rng = np.random.default_rng(900 + seed + 10 * swa)
+    kw: dict[str, Any] = {"swa_type": SWAType.STANDARD, "n_swa": 4} if swa else {}
+    twins = [make_kv(160, N_SEQ, unified=True, **kw) for _ in range(2)]
+    allocs = [BatchAllocator(), BatchAllocator()]
+    kinds: set[str] = set()  # which one-stream kernels ran on shared cells
+    real_one, real_lists = kv_inputs._mask_one_per_seq, kv_inputs._mask_seq_lists
+
+    def spy(kind: str, real: Any) -> Any:
+        def run(cells, *args):  # type: ignore[no-untyped-def]
+            if cells.n_multi:
+                kinds.add(kind)
+            return real(cells, *args)
+
+        return run
+
+    monkeypatch.setattr(kv_inputs, "_mask_one_per_seq", spy("one", real_one))
+    monkeypatch.setattr(kv_inputs, "_mask_seq_lists", spy("lists", real_lists))
+
+    def step(i: int, seqs: list[int], pos: list[int]) -> Any:
+        with monkeypatch.context() as m:
+            m.setattr(kv_cache, "USE_NATIVE", i == 0)
+            m.setattr(kv_inputs, "USE_NATIVE", i == 0)
+            try:
+                return _drive(twins[i], allocs[i], seqs, pos, np.float16)
+            except AssertionError:  # no slot: both must agree on it
+                return "no slot"
+
+    for n in range(60):
+        op = rng.choice(["step", "step", "step", "fork", "rm_tail", "rm_all"])
+        s = int(rng.integers(0, N_SEQ))
+        t = int((s + 1 + rng.integers(0, N_SEQ - 1)) % N_SEQ)
+        if op == "step":
+            seqs, pos = [], []
+            for q in rng.permutation(N_SEQ)[: int(rng.integers(1, N_SEQ + 1))].tolist():
+                k = int(rng.integers(1, 4)) if rng.random() < 0.5 else 1
+                start = twins[0].seq_pos_max(q) + 1
+                seqs += [q] * k
+                pos += list(range(start, start + k))
+            got = [step(i, seqs, pos) for i in range(2)]
+        elif op == "fork":
+            for kv in twins:
+                kv.seq_rm(t, -1, -1)
+                kv.seq_cp(s, t, -1, -1)
+            got = [None, None]
+        elif op == "rm_tail":
+            got = [kv.seq_rm(s, max(0, kv.seq_pos_max(s) - 2), -1) for kv in twins]
+        else:
+            got = [kv.seq_rm(s, -1, -1) for kv in twins]
+        assert got[0] == got[1], (seed, n, op)
+        assert _state(twins[0]) == _state(twins[1]), (seed, n, op)
+        check_invariants(twins[0])
+    assert kinds == {"one", "lists"}, kinds
+    for kv in twins:
+        kv.close()
