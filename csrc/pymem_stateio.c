@@ -631,6 +631,41 @@ pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void 
     return PM_OK;
 }
 
+pm_status pm_kv_chase_records(const int32_t * words, int64_t size, int64_t n, int64_t fixed, int64_t n_seq_max,
+                              int64_t * offs, int64_t * end, int64_t * bad, int32_t * why) {
+    if (words == NULL || offs == NULL || end == NULL || bad == NULL || why == NULL || n < 1 || fixed < 2 ||
+        size < fixed || n_seq_max < 0) {
+        return PM_ERR_ARG;
+    }
+    *bad = -1;
+    *why = 0;
+    *end = 0;
+    int64_t o = 0;
+    for (int64_t k = 0; k < n; k++) {
+        offs[k] = o;
+        if (o > size - fixed) {
+            *bad = k;
+            *why = 1;
+            return PM_OK;
+        }
+        const int64_t c = (int64_t) (uint32_t) words[o + 1];
+        o += fixed + (c < n_seq_max + 1 ? c : n_seq_max + 1);
+    }
+    for (int64_t k = 0; k < n; k++) {
+        if ((int64_t) (uint32_t) words[offs[k] + 1] > n_seq_max) {
+            *bad = k;
+            *why = 2;
+            return PM_OK;
+        }
+    }
+    *end = offs[n - 1] + fixed + (int64_t) (uint32_t) words[offs[n - 1] + 1];
+    if (*end > size) {
+        *bad = n - 1;
+        *why = 3;
+    }
+    return PM_OK;
+}
+
 pm_status pm_kv_cells_equal(const int32_t * pos, const int32_t * owner, const int32_t * ext, const int32_t * words,
                             int64_t n, int64_t rec, int64_t n_ext, int32_t * same) {
     if (pos == NULL || owner == NULL || words == NULL || same == NULL || n < 0 || (n_ext != 0 && n_ext != 3) ||

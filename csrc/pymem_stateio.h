@@ -60,6 +60,19 @@ pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void 
 pm_status pm_kv_cells_equal(const int32_t * pos, const int32_t * owner, const int32_t * ext, const int32_t * words,
                             int64_t n, int64_t rec, int64_t n_ext, int32_t * same);
 
+// Where the n variable-length records of a whole-cache blob's stream start, in one
+// sequential pass (the numpy reference doubles pointers over every word): record k at
+// word offs[k] holds `fixed` words (pos, n_seq_id, ext) and then its n_seq_id ids, among
+// the `size` words at `words`. A count read as unsigned; past n_seq_max it moves the next
+// record by n_seq_max + 1 (as the reference's jump table does) and is reported below.
+// *end = the word after the last record's ids. *bad = -1 when every record fits; else
+// the record the first fault names, *why: 1 a record starts past size - fixed (the
+// earliest such), else 2 a count above n_seq_max (the earliest), else 3 the last
+// record's ids pass the end. PM_ERR_ARG for a null pointer, n < 1, fixed < 2 or
+// size < fixed.
+pm_status pm_kv_chase_records(const int32_t * words, int64_t size, int64_t n, int64_t fixed, int64_t n_seq_max,
+                              int64_t * offs, int64_t * end, int64_t * bad, int32_t * why);
+
 // The state blob's meta records of the cells of n_runs runs, in order, into out (cap_words
 // int32 words): pos, n_seq_id (1 with_id, else 0), the n_ext (0 or 3) ext words
 // (ext: int32[size][3]), then with_id the id: seq_id, or for seq_id -1 the cell's owner.

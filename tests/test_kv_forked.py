@@ -326,3 +326,53 @@ def test_forked_decode_runs_match_the_numpy_step(monkeypatch, swa: bool, seed: i
     assert kinds == {"one", "lists"}, kinds
     for kv in twins:
         kv.close()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_native_record_chase_equals_numpy(monkeypatch, seed: int) -> None:
+    """The offsets of a whole blob's variable-length records (cells shared by several
+    sequences list several ids): the one-pass native chase gives the offsets, end and
+    error message of numpy's pointer doubling, for well-formed streams and for ones cut
+    short or with a count past n_seq_max anywhere."""
+    rng = np.random.default_rng(seed)
+    n_seq_max, fixed = int(rng.integers(1, 9)), int(rng.choice([2, 5]))
+    n = int(rng.integers(1, 40))
+    words: list[int] = []
+    for _ in range(n):
+        count = int(rng.integers(0, n_seq_max + 1))
+        words += [int(rng.integers(0, 99)), count] + [7] * (fixed - 2) + [1] * count
+    words += [int(rng.integers(-5, 99)) for _ in range(int(rng.integers(0, 30)))]  # the rest
+    arr = np.array(words, dtype=np.int32)
+    fault = rng.integers(0, 3)
+    if fault == 1:  # a count past n_seq_max (or read as a huge unsigned one)
+        at = 1 + fixed * int(rng.integers(0, n))
+        arr[min(at, arr.size - 1)] = int(rng.choice([n_seq_max + 1, n_seq_max + 50, -1]))
+    elif fault == 2:  # cut short
+        arr = arr[: int(rng.integers(fixed, arr.size + 1))]
+    got = []
+    for native in (True, False):
+        monkeypatch.setattr(kv_state_io, "NATIVE_CHASE", native)
+        try:
+            offs, end = kv_state_io._chase_records(arr, n, fixed, n_seq_max, "kv")
+            got.append((offs.tolist(), end))
+        except kv_state_io.StateError as exc:
+            got.append(str(exc))
+    assert got[0] == got[1], (seed, got)
+
+
+@pytest.mark.parametrize(
+    "words, n, message",
+    [
+        ([0, 2, 1], 1, "truncated reading the sequence ids of cell 0"),
+        ([0, 1, 3, 0], 2, "truncated reading cell 1"),
+        ([0, 9, 1, 1], 1, "cell 0 has n_seq_id = 9 > n_seq_max = 4"),
+        ([0], 1, r"truncated reading cell 0 \(need 2 words, 1 left\)"),
+    ],
+)
+def test_record_chase_names_each_fault(monkeypatch, words, n, message) -> None:
+    """Each fault of a record stream (fixed 2 words, n_seq_max 4), both roads."""
+    arr = np.array(words, dtype=np.int32)
+    for native in (True, False):
+        monkeypatch.setattr(kv_state_io, "NATIVE_CHASE", native)
+        with pytest.raises(kv_state_io.StateError, match=message):
+            kv_state_io._chase_records(arr, n, 2, 4, "kv")

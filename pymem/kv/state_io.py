@@ -1575,20 +1575,56 @@ def _parse_meta_whole(
     return pos, ext, seq
 
 
+NATIVE_CHASE = hasattr(lib, "pm_kv_chase_records")
+"""Whether the offsets of variable-length records (a whole blob whose cells are shared by
+several sequences) come from one sequential native pass (:c:func:`pm_kv_chase_records`)
+instead of numpy's pointer doubling over every word of the rest of the blob, which stays
+the reference (tests set this False to run it)."""
+
+
 def _chase_records(
     words: np.ndarray, n: int, fixed: int, n_seq_max: int, what: str
 ) -> tuple[np.ndarray, int]:
-    """Offsets of ``n`` variable-length records (``fixed`` words + ``n_seq_id`` ids).
-
-    Pointer doubling: ``nxt[o]`` is the record after one starting at ``o``; composing the
-    table with itself doubles the jump, so all offsets come in ``log2(n)`` vector steps.
-    E.g. counts [1, 2, 1], fixed 2 -> offsets [0, 3, 7], end 10.
-    """
+    """Offsets of ``n`` variable-length records (``fixed`` words + ``n_seq_id`` ids), and
+    the word after the last; StateError naming the first record that does not fit or
+    lists more than ``n_seq_max`` ids. E.g. counts [1, 2, 1], fixed 2 -> offsets
+    [0, 3, 7], end 10."""
     size = words.size
     if size < fixed:
         raise StateError(
             f"{what}: state blob truncated reading cell 0 (need {fixed} words, {size} left)"
         )
+    if not NATIVE_CHASE:
+        return _chase_records_numpy(words, n, fixed, n_seq_max, what)
+    offs = np.empty(n, dtype=np.int64)
+    out = ffi.new("int64_t[3]")  # end, the failing record
+    why = ffi.new("int32_t *")
+    src = np.ascontiguousarray(words, dtype=np.int32)
+    check(
+        lib.pm_kv_chase_records(
+            ffi.from_buffer("int32_t[]", src), size, n, fixed, n_seq_max,
+            ffi.from_buffer("int64_t[]", offs, require_writable=True), out, out + 1, why,
+        ),
+        f"{what}: record offsets",
+    )  # fmt: skip
+    k, fault = int(out[1]), int(why[0])
+    if fault == 1:
+        raise StateError(f"{what}: state blob truncated reading cell {k}")
+    if fault == 2:
+        count = int(src[offs[k] + 1]) & 0xFFFFFFFF
+        raise StateError(f"{what}: cell {k} has n_seq_id = {count} > n_seq_max = {n_seq_max}")
+    if fault == 3:
+        raise StateError(f"{what}: state blob truncated reading the sequence ids of cell {n - 1}")
+    return offs, int(out[0])
+
+
+def _chase_records_numpy(
+    words: np.ndarray, n: int, fixed: int, n_seq_max: int, what: str
+) -> tuple[np.ndarray, int]:
+    """:func:`_chase_records` by pointer doubling (``size >= fixed`` checked): ``nxt[o]``
+    is the record after one starting at ``o``; composing the table with itself doubles
+    the jump, so all offsets come in ``log2(n)`` vector steps."""
+    size = words.size
     cnt = np.zeros(size + 1, dtype=np.int64)
     cnt[: size - 1] = words[1:].astype(np.int64) & 0xFFFFFFFF
     nxt = np.arange(size + 1, dtype=np.int64) + fixed + np.minimum(cnt, n_seq_max + 1)
