@@ -800,22 +800,102 @@ static int64_t pm_kv_n_pieces(const int64_t * spec) {
     return n;
 }
 
+// the ids a whole-cache record of cell c lists (those below n_seq_max): its owner's, or a
+// shared cell's (owner -2) from its bitset (bits: the stream's, n_words a cell)
+static inline int64_t pm_record_n_ids(const int32_t * owner, int64_t c, const uint64_t * bits, int64_t n_words,
+                                      int32_t n_seq_max) {
+    const int32_t q = owner[c];
+    if (q != -2) {
+        return q >= 0 && q < n_seq_max;
+    }
+    int64_t k = 0;
+    for (int64_t w = 0; w < n_words; w++) {
+        for (uint64_t r = bits[c * n_words + w]; r != 0; r &= r - 1) {
+            k += 64 * w + pm_ctz64(r) < n_seq_max;
+        }
+    }
+    return k;
+}
+
+pm_status pm_kv_record_ids(const int32_t * owner, const uint64_t * bits, int64_t n_words, int32_t n_seq_max,
+                           const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs, int64_t * ids) {
+    if (owner == NULL || bits == NULL || ids == NULL || n_words < 1 || n_words > 4 || n_runs < 0 ||
+        (n_runs > 0 && (run_starts == NULL || run_ends == NULL))) {
+        return PM_ERR_ARG;
+    }
+    int64_t k = 0;
+    for (int64_t i = 0; i < n_runs; ++i) {
+        for (int64_t c = run_starts[i]; c < run_ends[i]; ++c) {
+            k += pm_record_n_ids(owner, c, bits, n_words, n_seq_max);
+        }
+    }
+    *ids = k;
+    return PM_OK;
+}
+
+// pm_kv_meta_words of a whole stream (seq_id -1) whose records may list several ids or
+// none (see pm_record_n_ids): pos, n_seq_id, ext, then the ids ascending, as
+// llama.cpp's state_write_meta writes them; `words` of them in all (the caller sized out)
+static void pm_kv_meta_words_var(const int32_t * pos, const int32_t * owner, const int32_t * ext, int64_t n_ext,
+                                 const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs,
+                                 const uint64_t * bits, int64_t n_words, int32_t n_seq_max, int32_t * out) {
+    int32_t * w = out;
+    for (int64_t i = 0; i < n_runs; ++i) {
+        for (int64_t c = run_starts[i]; c < run_ends[i]; ++c) {
+            const int64_t k = pm_record_n_ids(owner, c, bits, n_words, n_seq_max);
+            pm_st32(w, pos[c]);
+            pm_st32(w + 1, (int32_t) k);
+            w += 2;
+            for (int64_t e = 0; e < n_ext; ++e) {
+                pm_st32(w++, ext[3 * c + e]);
+            }
+            if (owner[c] != -2) {
+                if (k) {
+                    pm_st32(w++, owner[c]);
+                }
+                continue;
+            }
+            for (int64_t x = 0; x < n_words; x++) {
+                for (uint64_t r = bits[c * n_words + x]; r != 0; r &= r - 1) {
+                    const int64_t q = 64 * x + pm_ctz64(r);
+                    if (q < n_seq_max) {
+                        pm_st32(w++, (int32_t) q);
+                    }
+                }
+            }
+        }
+    }
+}
+
 pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const int32_t * ext, int64_t n_ext,
                               int64_t size, int32_t seq_id, int32_t with_id, const int64_t * spec,
                               struct ggml_tensor * const * tensors, int64_t n, int64_t n_runs,
-                              const int64_t * run_starts, const int64_t * run_ends, void * out, int64_t cap,
-                              int64_t * written) {
+                              const int64_t * run_starts, const int64_t * run_ends, const uint64_t * bits,
+                              int64_t n_words, int32_t n_seq_max, void * out, int64_t cap, int64_t * written) {
     if (pos == NULL || owner == NULL || spec == NULL || tensors == NULL || out == NULL || written == NULL ||
         (n_runs > 0 && (run_starts == NULL || run_ends == NULL)) || n < 0 || n_runs < 0 || n_runs > n ||
         (n > 0) != (n_runs > 0) || size < 0 || cap < 0 || (n_ext != 0 && n_ext != 3) ||
-        (n_ext != 0 && ext == NULL) || spec[0] < 0 || spec[4] < size || spec[5] <= 0 || spec[6] < 0) {
+        (n_ext != 0 && ext == NULL) || spec[0] < 0 || spec[4] < size || spec[5] <= 0 || spec[6] < 0 ||
+        (bits != NULL && (seq_id >= 0 || !with_id || n_words < 1 || n_words > 4))) {
         return PM_ERR_ARG;
     }
     const int64_t rec = 2 + n_ext + (with_id ? 1 : 0);
-    const int64_t total = pm_kv_section_bytes(spec, n, rec);
-    if (total < 0) {
+    // with the bitsets a record lists its cell's ids (none, one or several): the words
+    // past one id each
+    int64_t extra = 0;
+    if (bits != NULL && n > 0) {
+        if (pm_runs_ascending(run_starts, run_ends, n_runs, size) != n) {
+            return PM_ERR_ARG;
+        }
+        int64_t ids = 0;
+        pm_kv_record_ids(owner, bits, n_words, n_seq_max, run_starts, run_ends, n_runs, &ids);
+        extra = ids - n;
+    }
+    const int64_t bytes = pm_kv_section_bytes(spec, n, rec);
+    if (bytes < 0) {
         return PM_ERR_ARG;
     }
+    const int64_t total = bytes + 4 * extra;
     *written = total;
     if (total > cap) {
         return PM_ERR_RANGE;
@@ -858,12 +938,17 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
     }
     // every check done: write
     w = pm_put_u32(w, (uint32_t) n);
-    const pm_status st = pm_kv_meta_words(pos, owner, ext, n_ext, run_starts, run_ends, n_runs, seq_id, with_id, (int32_t *) w,
-                          n * rec);
-    if (st != PM_OK) {
-        return st;
+    if (bits != NULL) {
+        pm_kv_meta_words_var(pos, owner, ext, n_ext, run_starts, run_ends, n_runs, bits, n_words, n_seq_max,
+                             (int32_t *) w);
+    } else {
+        const pm_status st = pm_kv_meta_words(pos, owner, ext, n_ext, run_starts, run_ends, n_runs, seq_id, with_id,
+                                              (int32_t *) w, n * rec);
+        if (st != PM_OK) {
+            return st;
+        }
     }
-    w += 4 * rec * n;
+    w += 4 * (rec * n + extra);
     w = pm_put_u32(w, (uint32_t) (v_trans ? 1 : 0));
     w = pm_put_u32(w, (uint32_t) n_layer);
     // the headers now, each piece's place after its header; the bytes by pm_batch_run
@@ -1295,8 +1380,8 @@ pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t
     int64_t part = 0;
     const pm_status st = pm_kv_write_section(
         b->pos[s], b->owner[s], b->n_ext ? b->ext[s] : NULL, b->n_ext, b->size, seq_id, seq_id < b->n_seq_max,
-        b->spec[s], b->tensors, sel[0], sel[1], b->run_starts[s], b->run_ends[s], room > 0 ? w + head : size_only,
-        room > 0 ? room : 0, &part);
+        b->spec[s], b->tensors, sel[0], sel[1], b->run_starts[s], b->run_ends[s], NULL, 0, 0,
+        room > 0 ? w + head : size_only, room > 0 ? room : 0, &part);
     *written = head + part + tail;
     if (st != PM_OK) {
         return st;  // PM_ERR_RANGE with *written the size when out is too small
@@ -1316,6 +1401,7 @@ pm_status pm_kv_write_whole_blob(const pm_kv_seq_blob * b, int32_t reuse, void *
     *written = 0;
     *declined = 0;
     const int64_t n_stream = b->n_stream, rec = 3 + b->n_ext;  // (every record has its id)
+    const struct pm_step_cells * c = b->cells;
     int64_t total = 4;
     for (int64_t s = 0; s < n_stream; ++s) {
         int64_t * sel = b->selected + 2 * s;  // n, n_runs
@@ -1326,7 +1412,7 @@ pm_status pm_kv_write_whole_blob(const pm_kv_seq_blob * b, int32_t reuse, void *
             if (st != PM_OK) {
                 return st;
             }
-            if (shared) {
+            if (shared && c == NULL) {  // (records of several ids, or none: the bitsets tell)
                 sel[0] = sel[1] = -1;
                 *declined = 1;
                 return PM_OK;
@@ -1338,7 +1424,12 @@ pm_status pm_kv_write_whole_blob(const pm_kv_seq_blob * b, int32_t reuse, void *
         if (part < 0) {
             return PM_ERR_ARG;
         }
-        total += part;
+        int64_t ids = sel[0];
+        if (c != NULL && sel[0] > 0) {  // each record's ids, where one is not one id
+            pm_kv_record_ids(b->owner[s], c->seq + s * c->size * c->n_words, c->n_words, b->n_seq_max,
+                             b->run_starts[s], b->run_ends[s], sel[1], &ids);
+        }
+        total += part + 4 * (ids - sel[0]);
     }
     *written = total;
     if (total > cap) {
@@ -1351,7 +1442,8 @@ pm_status pm_kv_write_whole_blob(const pm_kv_seq_blob * b, int32_t reuse, void *
         int64_t part = 0;
         const pm_status st = pm_kv_write_section(
             b->pos[s], b->owner[s], b->n_ext ? b->ext[s] : NULL, b->n_ext, b->size, -1, 1, b->spec[s], b->tensors,
-            sel[0], sel[1], b->run_starts[s], b->run_ends[s], w, cap - (w - (char *) out), &part);
+            sel[0], sel[1], b->run_starts[s], b->run_ends[s], c != NULL ? c->seq + s * c->size * c->n_words : NULL,
+            c != NULL ? c->n_words : 0, b->n_seq_max, w, cap - (w - (char *) out), &part);
         if (st != PM_OK) {
             return st;
         }

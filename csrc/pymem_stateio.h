@@ -98,7 +98,10 @@ pm_status pm_kv_select(const int32_t * pos, const int32_t * owner, int64_t size,
 // with V i32 type_v and either u64 V row size and the V rows, or (v_trans) u32 element
 // size, u32 channels and each channel's elements of the selected cells. The cells are
 // those pm_kv_select found (n of them in the n_runs runs run_starts / run_ends, ascending,
-// ends exclusive; no shared cell for one sequence). `spec` (int64):
+// ends exclusive). With `bits` (the stream's cell bitsets, n_words a cell; a whole stream
+// only: seq_id -1 with with_id) each record lists the ids of its cell below n_seq_max, in
+// ascending order, after n_seq_id = their count (a cell shared by several sequences lists
+// them all, as llama.cpp's state_write_meta does); without, one id (its owner). `spec` (int64):
 // [n_layer, v_trans, type_k, type_v, kv_size, v_el, stream] then per layer 3 words: K row
 // size, V row size (0: the layer has no V; v_trans: any non-zero value), V channels;
 // tensors: n_layer K tensors then n_layer V tensors (NULL where no V), host tensors whose
@@ -110,8 +113,15 @@ pm_status pm_kv_select(const int32_t * pos, const int32_t * owner, int64_t size,
 pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const int32_t * ext, int64_t n_ext,
                               int64_t size, int32_t seq_id, int32_t with_id, const int64_t * spec,
                               struct ggml_tensor * const * tensors, int64_t n, int64_t n_runs,
-                              const int64_t * run_starts, const int64_t * run_ends, void * out, int64_t cap,
-                              int64_t * written);
+                              const int64_t * run_starts, const int64_t * run_ends, const uint64_t * bits,
+                              int64_t n_words, int32_t n_seq_max, void * out, int64_t cap, int64_t * written);
+
+// The ids the whole-cache records of the cells of n_runs runs list (pm_kv_write_section
+// with bits): one per cell of one sequence below n_seq_max, none for an id at or past it,
+// a shared cell's (owner -2) from its bitset (bits: the stream's, n_words in [1, 4] a
+// cell), into *ids. PM_ERR_ARG for a null pointer or a bad count.
+pm_status pm_kv_record_ids(const int32_t * owner, const uint64_t * bits, int64_t n_words, int32_t n_seq_max,
+                           const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs, int64_t * ids);
 
 // A cache's per-sequence blob paths in one call each (pymem.kv.state_io.SeqBlob builds
 // this once per cache: every pointer below stays valid for the cache's life). Per stream s:
@@ -169,12 +179,13 @@ pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t
                                void * out, int64_t cap, int64_t * written, int32_t * declined);
 
 // The whole cache's blob (u32 n_stream, then every stream's part as pm_kv_write_section
-// writes it for all its non-empty cells, records with their one id) into out (cap bytes;
-// out NULL with cap 0: the size only, PM_ERR_RANGE). *written = the blob's bytes. Every
-// stream's cells are selected into its run scratch (b->selected), unless `reuse`: then the
-// runs the last call of this kind left there are written (a size query just before, with
-// no change since: the caller's promise). *declined = 1, nothing written, when a stream
-// holds a shared cell (its records need the bitsets: the caller's general writer).
+// writes it for all its non-empty cells, records with their ids: by the view's cells'
+// bitsets when it has them) into out (cap bytes; out NULL with cap 0: the size only,
+// PM_ERR_RANGE). *written = the blob's bytes. Every stream's cells are selected into its
+// run scratch (b->selected), unless `reuse`: then the runs the last call of this kind left
+// there are written (a size query just before, with no change since: the caller's
+// promise). *declined = 1, nothing written, when a stream holds a cell not of one id below
+// n_seq_max and the view has no `cells` (the caller's general writer).
 // PM_ERR_RANGE, nothing written, when cap is too small; PM_ERR_ARG for a null pointer or a
 // bad view.
 pm_status pm_kv_write_whole_blob(const pm_kv_seq_blob * b, int32_t reuse, void * out, int64_t cap,

@@ -376,3 +376,48 @@ def test_record_chase_names_each_fault(monkeypatch, words, n, message) -> None:
         monkeypatch.setattr(kv_state_io, "NATIVE_CHASE", native)
         with pytest.raises(kv_state_io.StateError, match=message):
             kv_state_io._chase_records(arr, n, 2, 4, "kv")
+
+
+@pytest.mark.parametrize(
+    "kind, unified, v_trans",
+    [("kv", True, True), ("kv", True, False), ("kv", False, True), ("window", True, False),
+     ("hybrid", True, False), ("iswa", True, True)],
+)  # fmt: skip
+def test_whole_blob_of_a_forked_memory_is_written_natively(
+    monkeypatch, kind, unified, v_trans
+) -> None:
+    """A memory whose cells are shared by two or three sequences (nested forks) and held
+    by one: its whole blob, whose records list each cell's ids in ascending order, is
+    written by the native writers (the single cache's per-stream sections, a composite's
+    one call) with the bytes of the general writer, and sized exactly."""
+    if kind in ("kv", "window"):
+        swa = {"swa_type": SWAType.STANDARD, "n_swa": 3} if kind == "window" else {}
+        mem = _forked_kv(unified, v_trans, 3, **swa)
+    elif kind == "hybrid":
+        mem = make_hybrid("RAR", n_seq_max=N_SEQ, unified=unified)
+    else:
+        mem = make_iswa(96, N_SEQ, v_trans=v_trans, spec=iswa_spec(n_swa=3))
+        randomize_any(mem, 3)
+    items = [[1 + q, p, [q], False] for p in range(5) for q in range(3)]
+    assert decode(mem, items, n_ubatch=16) == 0
+    mem.seq_cp(0, 4, -1, -1)
+    # cells of 0, 4 and 5; of 0 and 4; of 0 alone (across streams: a whole copy)
+    mem.seq_cp(4, 5, 1, 4) if unified else mem.seq_cp(4, 5, -1, -1)
+    with monkeypatch.context() as m:
+        m.setattr(kv_state_io, "NATIVE_RUNS", False)
+        m.setattr(CompositeMemory, "_native_write", lambda self, *a, **k: None)
+        want = bytes(mem.state_write())
+    assert bytes(mem.state_write()) == want
+    assert mem.state_size() == len(want)
+    buf = bytearray(len(want) + 8)
+    assert mem.state_write_buffer(buf) == len(want) and bytes(buf[: len(want)]) == want
+    # the native writers took it: a single cache's per-stream sections, a composite's call
+    if isinstance(mem, CompositeMemory):
+        assert mem._native_write(bytearray(len(want)), -1, 0) == len(want)
+    else:
+        assert mem._whole_writer(0) is not None
+    if unified:
+        assert any(
+            int(p.cells.n_multi.sum()) for p in mem.parts().values() if hasattr(p, "v_cells")
+        )
+    mem.close()

@@ -86,7 +86,7 @@ def _section_call(kv, out: bytearray, n: int, runs: np.ndarray, cap: int) -> tup
     status = lib.pm_kv_write_section(
         ffi.from_buffer("int32_t[]", cells.pos), ffi.from_buffer("int32_t[]", cells.owner),
         ffi.NULL, 0, cells.size, 1, 1, ffi.from_buffer("int64_t[]", section.specs[0]),
-        section.tensors, n, n_runs, runs_p, runs_p + n_runs,
+        section.tensors, n, n_runs, runs_p, runs_p + n_runs, ffi.NULL, 0, 0,
         ffi.from_buffer(out, require_writable=True), cap, written,
     )  # fmt: skip
     return int(status), int(written[0])
@@ -227,3 +227,35 @@ def test_one_call_write_refuses_a_small_buffer_untouched(monkeypatch, name: str)
     # per sequence: the new blob and the roomy buffer in one call each; the read-only
     # buffer declined to the general writer (which refuses it), the short one refused
     assert [d is None for d in direct] == [False, True, False] * 3
+
+
+def test_section_writer_takes_bitsets_for_a_whole_stream_only() -> None:
+    """Bitsets (records of each cell's ids) go with a whole stream's section: with a
+    sequence id, without an id word or with a width outside [1, 4] words they are
+    refused before a byte moves; the id count refuses a null pointer."""
+    kv = _fragmented("f16-trans", 5)
+    cells = kv.v_cells[0]
+    section = state_io.native_section(kv.layout, kv.layers)
+    assert section is not None
+    n, runs = _select(kv, 1)
+    runs = np.ascontiguousarray(runs, dtype=np.int64)
+    runs_p = ffi.from_buffer("int64_t[]", runs)
+    bits = ffi.from_buffer("uint64_t[]", cells.seq)
+    out = bytearray(b"\xab" * (1 << 16))
+    written = ffi.new("int64_t *")
+    for seq_id, with_id, n_words in ((1, 1, 1), (-1, 0, 1), (-1, 1, 0), (-1, 1, 5)):
+        status = lib.pm_kv_write_section(
+            ffi.from_buffer("int32_t[]", cells.pos), ffi.from_buffer("int32_t[]", cells.owner),
+            ffi.NULL, 0, cells.size, seq_id, with_id, ffi.from_buffer("int64_t[]", section.specs[0]),
+            section.tensors, n, runs.shape[1], runs_p, runs_p + runs.shape[1], bits, n_words, 3,
+            ffi.from_buffer(out, require_writable=True), len(out), written,
+        )  # fmt: skip
+        assert status == lib.PM_ERR_ARG, (seq_id, with_id, n_words)
+    assert out == b"\xab" * (1 << 16)
+    ids = ffi.new("int64_t *")
+    assert (
+        lib.pm_kv_record_ids(
+            ffi.NULL, bits, 1, 3, runs_p, runs_p + runs.shape[1], runs.shape[1], ids
+        )
+        == lib.PM_ERR_ARG
+    )

@@ -305,11 +305,11 @@ def test_composite_verify_refuses_a_header_changed_after_the_parse() -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_sized_whole_writer_equals_the_numpy_writer(monkeypatch, name: str) -> None:
     """``seq_writer(-1)`` (every stream sized, then one native call each: new blobs,
-    reused buffers and sizes) gives the bytes of the numpy writer (``NATIVE_RUNS`` off);
-    it declines a cache with a shared cell, whose records need the bitsets."""
+    reused buffers and sizes) gives the bytes of the numpy writer (``NATIVE_RUNS`` off),
+    also for a cache with shared cells (their records list every id, from the bitsets)."""
     from state_files import check_seq_writer
 
-    took = []
+    took, shared = [], []
     for seed in range(6):
         kv = _scenario(name, seed)
         if seed % 2:
@@ -319,9 +319,9 @@ def test_sized_whole_writer_equals_the_numpy_writer(monkeypatch, name: str) -> N
             want = bytes(kv.state_write())
         took.append(check_seq_writer(kv, -1))
         assert bytes(kv.state_write()) == want
-        shared = any(c.n_multi for c in kv.v_cells)
-        assert took[-1] == (not shared), seed
-    assert any(took)
+        assert took[-1], seed  # (shared cells too: their records list every id)
+        shared.append(any(c.n_multi for c in kv.v_cells))
+    assert any(shared) or "streams" in name  # (across streams a seq_cp copies)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -934,12 +934,13 @@ def _stream_section(
 ) -> tuple[int, Callable[[memoryview], None]] | None:
     """One stream's part of a blob (from its cell count on) as (size, fill): one native
     pass finds the cells' runs now (:func:`_select`), ``fill(out)`` writes exactly
-    ``size`` bytes in one native call (:c:func:`pm_kv_write_section`). None for a whole
-    stream with a shared selected cell (its records need the cells' bitsets)."""
+    ``size`` bytes in one native call (:c:func:`pm_kv_write_section`). A whole stream with
+    a cell not of one sequence (a shared one: its record lists every id) takes the cells'
+    bitsets. None for a sequence's part with a shared selected cell (numpy's)."""
     pos = ffi.from_buffer("int32_t[]", cells.pos)
     owner = ffi.from_buffer("int32_t[]", cells.owner)
     n, runs, shared = _select(layout, cells, seq_id, section.runs_scratch(strm, cells.size))
-    if seq_id < 0 and shared:
+    if seq_id >= 0 and shared:
         return None
     if n == 0:
         return 4, lambda out: struct.pack_into("<I", out, 0, 0)
@@ -947,17 +948,28 @@ def _stream_section(
     n_ext = layout.n_ext
     with_id = seq_id < layout.n_seq_max  # per sequence: no id at all for ids >= n_seq_max
     rec = 2 + n_ext + int(with_id)
-    total = 12 + 4 * rec * n + n * section.cell_bytes + 12 * section.n_headers
+    runs_p = ffi.from_buffer("int64_t[]", runs)
+    bits, n_words, ids = ffi.NULL, 0, n  # records of one id each
+    if shared:  # (a whole stream: records of their cells' ids, however many)
+        n_words = cells.store.n_words
+        bits = ffi.from_buffer("uint64_t[]", cells.seq)
+        counted = ffi.new("int64_t *")
+        check(
+            lib.pm_kv_record_ids(owner, bits, n_words, layout.n_seq_max, runs_p, runs_p + n_runs,
+                                 n_runs, counted),
+            "state write: record ids",
+        )  # fmt: skip
+        ids = int(counted[0])
+    total = 12 + 4 * (rec * n + ids - n) + n * section.cell_bytes + 12 * section.n_headers
     ext = ffi.from_buffer("int32_t[]", cells.ext) if n_ext else ffi.NULL
     spec = ffi.from_buffer("int64_t[]", section.specs[strm])
 
     def fill_section(out: memoryview) -> None:
-        runs_p = ffi.from_buffer("int64_t[]", runs)
         done = ffi.new("int64_t *")
         status = lib.pm_kv_write_section(
             pos, owner, ext, n_ext, cells.size, seq_id, int(with_id), spec, section.tensors,
-            n, n_runs, runs_p, runs_p + n_runs, ffi.from_buffer(out, require_writable=True),
-            len(out), done,
+            n, n_runs, runs_p, runs_p + n_runs, bits, n_words, layout.n_seq_max,
+            ffi.from_buffer(out, require_writable=True), len(out), done,
         )  # fmt: skip
         check(status, "state write: stream section")
 
@@ -986,7 +998,7 @@ def whole_writer(
 ) -> tuple[int, Callable[[memoryview], int]] | None:
     """The whole cache's blob as (size, fill), every stream's part sized now
     (:func:`_stream_section`); ``fill(view)`` writes exactly ``size`` bytes and returns
-    that count. None where a stream's records need the cells' bitsets (a shared cell)."""
+    that count (a shared cell's record lists every id it holds)."""
     parts = []
     for strm in range(layout.n_stream):
         part = _stream_section(layout, v_cells[strm], strm, -1, section)
