@@ -817,10 +817,12 @@ static inline int64_t pm_record_n_ids(const int32_t * owner, int64_t c, const ui
     return k;
 }
 
-pm_status pm_kv_record_ids(const int32_t * owner, const uint64_t * bits, int64_t n_words, int32_t n_seq_max,
-                           const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs, int64_t * ids) {
+pm_status pm_kv_record_ids(const int32_t * owner, int64_t size, const uint64_t * bits, int64_t n_words,
+                           int32_t n_seq_max, const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs,
+                           int64_t * ids) {
     if (owner == NULL || bits == NULL || ids == NULL || n_words < 1 || n_words > 4 || n_runs < 0 ||
-        (n_runs > 0 && (run_starts == NULL || run_ends == NULL))) {
+        (n_runs > 0 && (run_starts == NULL || run_ends == NULL)) ||
+        pm_runs_ascending(run_starts, run_ends, n_runs, size) < 0) {
         return PM_ERR_ARG;
     }
     int64_t k = 0;
@@ -888,7 +890,7 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
             return PM_ERR_ARG;
         }
         int64_t ids = 0;
-        pm_kv_record_ids(owner, bits, n_words, n_seq_max, run_starts, run_ends, n_runs, &ids);
+        pm_kv_record_ids(owner, size, bits, n_words, n_seq_max, run_starts, run_ends, n_runs, &ids);
         extra = ids - n;
     }
     const int64_t bytes = pm_kv_section_bytes(spec, n, rec);
@@ -1426,8 +1428,12 @@ pm_status pm_kv_write_whole_blob(const pm_kv_seq_blob * b, int32_t reuse, void *
         }
         int64_t ids = sel[0];
         if (c != NULL && sel[0] > 0) {  // each record's ids, where one is not one id
-            pm_kv_record_ids(b->owner[s], c->seq + s * c->size * c->n_words, c->n_words, b->n_seq_max,
-                             b->run_starts[s], b->run_ends[s], sel[1], &ids);
+            const pm_status st = pm_kv_record_ids(b->owner[s], b->size, c->seq + s * c->size * c->n_words,
+                                                  c->n_words, b->n_seq_max, b->run_starts[s], b->run_ends[s],
+                                                  sel[1], &ids);
+            if (st != PM_OK) {
+                return st;  // (runs a reuse found no longer in the stream)
+            }
         }
         total += part + 4 * (ids - sel[0]);
     }

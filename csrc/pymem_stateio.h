@@ -119,9 +119,11 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
 // The ids the whole-cache records of the cells of n_runs runs list (pm_kv_write_section
 // with bits): one per cell of one sequence below n_seq_max, none for an id at or past it,
 // a shared cell's (owner -2) from its bitset (bits: the stream's, n_words in [1, 4] a
-// cell), into *ids. PM_ERR_ARG for a null pointer or a bad count.
-pm_status pm_kv_record_ids(const int32_t * owner, const uint64_t * bits, int64_t n_words, int32_t n_seq_max,
-                           const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs, int64_t * ids);
+// cell), into *ids. PM_ERR_ARG for a null pointer, a bad count or runs that are empty,
+// overlap, descend or pass the stream's `size` cells.
+pm_status pm_kv_record_ids(const int32_t * owner, int64_t size, const uint64_t * bits, int64_t n_words,
+                           int32_t n_seq_max, const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs,
+                           int64_t * ids);
 
 // A cache's per-sequence blob paths in one call each (pymem.kv.state_io.SeqBlob builds
 // this once per cache: every pointer below stays valid for the cache's life). Per stream s:

@@ -475,24 +475,16 @@ static void pm_step_empty(pm_step_cells * c, int64_t g) {
     }
 }
 
-// The purge's part in a cell g held by several sequences: each of them whose bound
-// max_rm reaches the cell's position loses its bit; the cell then has the one sequence
-// left as owner, or is emptied (1) when none is left (n_multi follows). How many
-// (cell, sequence) pairs it removed goes to *n_pairs.
-static int pm_step_unshare(pm_step_cells * c, int64_t s, int64_t g, const int64_t * max_rm, int64_t * n_pairs) {
-    uint64_t * bits = c->seq + g * c->n_words;
-    const int64_t p = c->pos[g];
+// The owner of cell g (of stream s) that was shared (owner -2) after some of its bits were
+// cleared: still -2 with two or more left; the one sequence left (n_multi down); none left:
+// the cell emptied, shift cleared (n_multi down; returns 1, the caller counts it freed)
+static int pm_step_reown(pm_step_cells * c, int64_t s, int64_t g) {
+    const uint64_t * bits = c->seq + g * c->n_words;
     int32_t left = -1, n_left = 0;
-    for (int64_t w = 0; w < c->n_words; w++) {
-        for (uint64_t b = bits[w]; b != 0; b &= b - 1) {
-            const int32_t q = (int32_t) (64 * w + pm_ctz64(b));
-            if (max_rm[q] >= p) {
-                bits[w] &= ~((uint64_t) 1 << (q & 63));
-                (*n_pairs)++;
-            } else {
-                left = q;
-                n_left++;
-            }
+    for (int64_t w = 0; w < c->n_words && n_left < 2; w++) {
+        for (uint64_t b = bits[w]; b != 0 && n_left < 2; b &= b - 1) {
+            left = (int32_t) (64 * w + pm_ctz64(b));
+            n_left++;
         }
     }
     if (n_left >= 2) {
@@ -506,6 +498,24 @@ static int pm_step_unshare(pm_step_cells * c, int64_t s, int64_t g, const int64_
     pm_step_empty(c, g);
     c->shift[g] = 0;
     return 1;
+}
+
+// The purge's part in a cell g held by several sequences: each of them whose bound
+// max_rm reaches the cell's position loses its bit, then pm_step_reown (1: emptied). How
+// many (cell, sequence) pairs it removed goes to *n_pairs.
+static int pm_step_unshare(pm_step_cells * c, int64_t s, int64_t g, const int64_t * max_rm, int64_t * n_pairs) {
+    uint64_t * bits = c->seq + g * c->n_words;
+    const int64_t p = c->pos[g];
+    for (int64_t w = 0; w < c->n_words; w++) {
+        for (uint64_t b = bits[w]; b != 0; b &= b - 1) {
+            const int32_t q = (int32_t) (64 * w + pm_ctz64(b));
+            if (max_rm[q] >= p) {
+                bits[w] &= ~((uint64_t) 1 << (q & 63));
+                (*n_pairs)++;
+            }
+        }
+    }
+    return pm_step_reown(c, s, g);
 }
 
 // apply_ubatch's overwrite in stream s (pm_step_kv_overwrite, whose checks the caller made:
@@ -1047,9 +1057,9 @@ pm_status pm_kv_seq_cells_range(const int32_t * pos, const int32_t * owner, int6
 
 // pm_step_kv_rm_seq's part in the cells of stream strm below n_scan that seq_id shares
 // with other sequences, at positions p with p - base < width (unsigned): its bit cleared,
-// the owner recounted (one sequence left: that one, n_multi down; a shared cell holds two
-// or more, so none is emptied), [*lo_pos, *hi_pos] widened to their positions. Blocks of 32
-// cells without a shared one are passed by their count. Returns how many cells lost the bit.
+// the owner recounted (pm_step_reown: a shared cell holds two or more, so none is
+// emptied), [*lo_pos, *hi_pos] widened to their positions. Blocks of 32 cells without a
+// shared one are passed by their count. Returns how many cells lost the bit.
 static int64_t pm_step_rm_shared(pm_step_cells * c, int64_t strm, int32_t seq_id, uint32_t base, uint32_t width,
                                  int64_t n_scan, int32_t * lo_pos, int32_t * hi_pos) {
     if (c->n_multi[strm] == 0 || seq_id >= pm_step_ids(c)) {
@@ -1075,17 +1085,7 @@ static int64_t pm_step_rm_shared(pm_step_cells * c, int64_t strm, int32_t seq_id
             *lo_pos = pos[i] < *lo_pos ? pos[i] : *lo_pos;
             *hi_pos = pos[i] > *hi_pos ? pos[i] : *hi_pos;
             n++;
-            int32_t left = -1, n_left = 0;
-            for (int64_t w = 0; w < n_words && n_left < 2; w++) {
-                for (uint64_t r = b[w]; r != 0 && n_left < 2; r &= r - 1) {
-                    left = (int32_t) (64 * w + pm_ctz64(r));
-                    n_left++;
-                }
-            }
-            if (n_left == 1) {
-                owner[i] = left;
-                c->n_multi[strm]--;
-            }
+            pm_step_reown(c, strm, strm * c->size + i);
         }
     }
     return n;

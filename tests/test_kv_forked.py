@@ -421,3 +421,27 @@ def test_whole_blob_of_a_forked_memory_is_written_natively(
             int(p.cells.n_multi.sum()) for p in mem.parts().values() if hasattr(p, "v_cells")
         )
     mem.close()
+
+
+def test_a_composite_rolls_a_live_sequence_back_in_one_call(monkeypatch) -> None:
+    """A hybrid's sequence read back from an older, shorter blob while it holds more cells
+    (a rollback: its blob does not go back into the cells it holds) is placed anew by
+    the composite's one call (``pm_seq_read`` falls back from the same-cells check to the
+    placed read), leaving what the general two-phase restore leaves."""
+    twins = [make_hybrid("RAR", n_seq_max=N_SEQ, unified=True) for _ in range(2)]
+    old = None
+    for mem in twins:
+        assert decode(mem, [[1 + q, p, [q], False] for p in range(4) for q in range(3)]) == 0
+        old = bytes(mem.state_write(0))
+        assert decode(mem, [[7, p, [0], False] for p in range(4, 7)]) == 0
+    assert old is not None
+    assert twins[0]._native_read(old, 0, 0) == len(old)  # taken by the one call
+    with monkeypatch.context() as m:
+        m.setattr(CompositeMemory, "_native_read", lambda self, d, s, f: None)
+        m.setattr(CompositeMemory, "seq_reader", lambda self, s, f: None)
+        m.setattr(kv_state_io, "NATIVE_PLACE", False)
+        assert twins[1].state_read(old, 0) == len(old)
+    assert _state(twins[0]) == _state(twins[1])
+    assert twins[0].seq_pos_max(0) == 3
+    for mem in twins:
+        mem.close()

@@ -232,7 +232,8 @@ def test_one_call_write_refuses_a_small_buffer_untouched(monkeypatch, name: str)
 def test_section_writer_takes_bitsets_for_a_whole_stream_only() -> None:
     """Bitsets (records of each cell's ids) go with a whole stream's section: with a
     sequence id, without an id word or with a width outside [1, 4] words they are
-    refused before a byte moves; the id count refuses a null pointer."""
+    refused before a byte moves; the id count refuses a null pointer and runs past the
+    stream, and counts one id a cell of one sequence."""
     kv = _fragmented("f16-trans", 5)
     cells = kv.v_cells[0]
     section = state_io.native_section(kv.layout, kv.layers)
@@ -253,9 +254,13 @@ def test_section_writer_takes_bitsets_for_a_whole_stream_only() -> None:
         assert status == lib.PM_ERR_ARG, (seq_id, with_id, n_words)
     assert out == b"\xab" * (1 << 16)
     ids = ffi.new("int64_t *")
-    assert (
-        lib.pm_kv_record_ids(
-            ffi.NULL, bits, 1, 3, runs_p, runs_p + runs.shape[1], runs.shape[1], ids
-        )
-        == lib.PM_ERR_ARG
-    )
+    owner = ffi.from_buffer("int32_t[]", cells.owner)
+    n_runs = runs.shape[1]
+
+    def record_ids(owner_p: object, size: int) -> int:
+        return lib.pm_kv_record_ids(owner_p, size, bits, 1, 3, runs_p, runs_p + n_runs, n_runs, ids)
+
+    assert record_ids(ffi.NULL, cells.size) == lib.PM_ERR_ARG
+    # runs past the stream's cells are refused; inside it, one id per cell of one sequence
+    assert record_ids(owner, int(runs[1, -1]) - 1) == lib.PM_ERR_ARG
+    assert record_ids(owner, cells.size) == lib.PM_OK and ids[0] == n

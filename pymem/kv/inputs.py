@@ -401,7 +401,7 @@ def _mask_seq_lists(
     ``out`` is ``[n_tokens, n_kv]`` (C-contiguous), filled whole."""
     n_kv = out.shape[1]
     n = sq.size
-    order = np.argsort(sq, kind="stable").astype(np.int64)
+    order = np.argsort(sq, kind="stable").astype(np.int64, copy=False)
     ptr = np.zeros(LLAMA_MAX_SEQ + 1, dtype=np.int64)
     np.cumsum(np.bincount(sq, minlength=LLAMA_MAX_SEQ), out=ptr[1:])
     lo, hi = _window(rules, p1)

@@ -955,8 +955,8 @@ def _stream_section(
         bits = ffi.from_buffer("uint64_t[]", cells.seq)
         counted = ffi.new("int64_t *")
         check(
-            lib.pm_kv_record_ids(owner, bits, n_words, layout.n_seq_max, runs_p, runs_p + n_runs,
-                                 n_runs, counted),
+            lib.pm_kv_record_ids(owner, cells.size, bits, n_words, layout.n_seq_max, runs_p,
+                                 runs_p + n_runs, n_runs, counted),
             "state write: record ids",
         )  # fmt: skip
         ids = int(counted[0])
