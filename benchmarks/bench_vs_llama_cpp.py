@@ -39,7 +39,8 @@ docs/perf_decode_vs_nseq.png and docs/perf_decode_vs_nctx.png.
    into preallocated buffers) and a numpy ``copyto`` of as many bytes (into a preallocated
    array: the write into a buffer is the like-for-like row). The one-sequence rows are
    also run "beside a fork": sequence 1 copied to 5 by ``seq_cp`` first, so that the
-   stream holds cells shared by two sequences (sequence 0 holds none of them).
+   stream holds cells shared by two sequences (sequence 0 holds none of them), and the
+   whole state "forked" with those shared cells (its records list two ids).
    GB/s on the byte count of pymem's blob (the memory part; llama.cpp's whole-state blob
    adds its output buffers in front).
 3. Sequence ops on those filled memories (flash attention off), every op of the
@@ -599,12 +600,15 @@ def bench_state(pair: Pair, repeats: int) -> list[dict[str, Any]]:
     # the memory cleared first (clear without data, timed with the read on both sides),
     # as a session loaded into a fresh context (pymem cannot take its same-cells path).
     # "beside a fork": sequence 1 copied to 5 first (seq_cp on both sides: cells shared by
-    # two sequences in the stream; sequence 0 holds none of them), undone afterwards
+    # two sequences in the stream; sequence 0 holds none of them), undone afterwards;
+    # "whole state, forked": the whole blob with those shared cells (records of two ids)
     cases = (("one sequence", 0, None), ("whole state", -1, None),
              ("one sequence, swapped in", 0, "seq_rm"),
              ("whole state, into a cleared memory", -1, "clear"),
              ("one sequence, beside a fork", 0, None),
-             ("one sequence, beside a fork, swapped in", 0, "seq_rm"))  # fmt: skip
+             ("one sequence, beside a fork, swapped in", 0, "seq_rm"),
+             ("whole state, forked", -1, None),
+             ("whole state, forked, into a cleared memory", -1, "clear"))  # fmt: skip
     for what, seq_id, prep in cases:
         if what == "one sequence, beside a fork":
             lc.llama_memory_seq_cp(ref.mem, 1, 5, -1, -1)

@@ -1685,7 +1685,7 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
     const int64_t n_stream = b->n_stream;
     const char * d = (const char *) blob;
     const int32_t ** words = (const int32_t **) malloc((size_t) n_stream * sizeof *words);
-    int64_t * scratch = (int64_t *) malloc((size_t) n_stream * 2 * sizeof *scratch);
+    int64_t * scratch = (int64_t *) malloc((size_t) n_stream * 3 * sizeof *scratch);
     pm_zero_scratch zero;
     const int zero_ok = pm_zero_scratch_new(&zero, b->spec[0][0]);
     if (words == NULL || scratch == NULL || !zero_ok) {  // (before anything changes)
@@ -1701,6 +1701,7 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
             st = PM_ERR_ARG;
         }
         words[s] = counts[s] > 0 ? (const int32_t *) (const void *) (d + offsets[s]) : NULL;
+        scratch[2 * n_stream + s] = st == PM_OK ? (avail - offsets[s]) / 4 : 0;  // the words readable
     }
     // the zeroing's parameters checked before anything changes: a refusal declines
     if (st == PM_OK && pm_kv_zero_past(b, counts, &zero, 1) != PM_OK) {
@@ -1711,7 +1712,7 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
     }
     int32_t placed = 1;
     if (st == PM_OK && !same) {
-        st = pm_step_kv_refill(c, words, counts, 3, b->n_seq_max, &placed);
+        st = pm_step_kv_refill(c, words, counts, scratch + 2 * n_stream, 3, b->n_seq_max, &placed);
     }
     if (st == PM_OK && placed) {
         for (int64_t s = 0; s < n_stream; ++s) {
@@ -1753,6 +1754,31 @@ pm_status pm_kv_records_fixed(const int32_t * words, int64_t n, int64_t rec, int
     return PM_OK;
 }
 
+// The words of stream s's n meta records at words (span readable), checked as mode
+// (pm_kv_read_whole_blob) asks: n * rec for fixed ones; a variable span (cells shared by
+// several sequences; no ext) when mode 1 finds the stream's cells shared, the records
+// placed already, or a check finds them not fixed. -1 where they are neither.
+static int64_t pm_whole_records_span(const pm_kv_seq_blob * b, int64_t s, const int32_t * words, int64_t n,
+                                     int64_t span, int64_t rec, int32_t mode, int32_t checked_same) {
+    int var = mode == 1 && b->n_multi[s] > 0;
+    if (mode != 1 && !checked_same && n > 0) {
+        int64_t first_bad = 0;
+        if (pm_kv_records_fixed(words, n, rec, b->n_seq_max, &first_bad) != PM_OK) {
+            return -1;
+        }
+        var = first_bad >= 0;
+    }
+    if (!var) {
+        return n * rec;
+    }
+    int64_t end = -1, multi = 0;
+    if (b->n_ext != 0 ||
+        pm_kv_records_var(words, span, n, rec - 1, (int32_t) b->n_seq_max, &end, &multi) != PM_OK) {
+        return -1;
+    }
+    return end;
+}
+
 pm_status pm_kv_read_whole_blob(const pm_kv_seq_blob * b, const void * blob, int64_t avail, int32_t mode,
                                 int64_t * counts, int64_t * offsets, int32_t * same, int64_t * consumed,
                                 int32_t * done) {
@@ -1766,17 +1792,22 @@ pm_status pm_kv_read_whole_blob(const pm_kv_seq_blob * b, const void * blob, int
     if (avail < 4 || pm_get_u32(d) != (uint32_t) n_stream) {
         return PM_OK;
     }
+    // per stream: where its data starts (its records' span after offsets[s])
+    int64_t * data_at = (int64_t *) malloc((size_t) n_stream * sizeof *data_at);
+    if (data_at == NULL) {
+        return PM_ERR_ALLOC;
+    }
     int64_t at = 4;
     int32_t all_same = 1;
     const int64_t zero = 0;
     for (int64_t s = 0; s < n_stream; ++s) {
         if (avail - at < 4) {
-            return PM_OK;
+            goto out;
         }
         const int64_t n = pm_get_u32(d + at);
         at += 4;
         if (n > b->size || (avail - at) / (4 * rec) < n) {
-            return PM_OK;
+            goto out;
         }
         counts[s] = n;
         offsets[s] = at;
@@ -1791,35 +1822,34 @@ pm_status pm_kv_read_whole_blob(const pm_kv_seq_blob * b, const void * blob, int
             }
             all_same = eq;
         }
-        if (mode != 1 && !all_same && n > 0) {
-            int64_t first_bad = 0;
-            if (pm_kv_records_fixed(words, n, rec, b->n_seq_max, &first_bad) != PM_OK || first_bad >= 0) {
-                return PM_OK;
-            }
+        const int64_t span = pm_whole_records_span(b, s, words, n, (avail - at) / 4, rec, mode, all_same);
+        if (span < 0) {
+            goto out;
         }
-        at += 4 * rec * n;
+        at += 4 * span;
+        data_at[s] = at;
         if (n == 0) {
             continue;
         }
         const int64_t data = pm_kv_data_walk(d + at, avail - at, b->spec[s], b->tensors, n, &zero, &n, 1, 0);
         if (data < 0) {
-            return PM_OK;
+            goto out;
         }
         at += data;
     }
     if (mode == 1) {
-        int64_t p = 4;
         for (int64_t s = 0; s < n_stream; ++s) {
-            const int64_t n = counts[s];
-            p += 4 + 4 * rec * n;
+            const int64_t n = counts[s], p = data_at[s];
             if (n > 0) {
-                p += pm_kv_data_walk(d + p, avail - p, b->spec[s], b->tensors, n, &zero, &n, 1, 1);
+                pm_kv_data_walk(d + p, avail - p, b->spec[s], b->tensors, n, &zero, &n, 1, 1);
             }
         }
     }
     *same = mode != 1 ? all_same : 0;
     *consumed = at;
     *done = 1;
+out:
+    free(data_at);
     return PM_OK;
 }
 

@@ -249,21 +249,24 @@ pm_status pm_kv_records_fixed(const int32_t * words, int64_t n, int64_t rec, int
 // A whole-cache restore of a whole blob (u32 n_stream, then per stream s: u32 cell count
 // n_s <= size, n_s meta records, the data section as pm_kv_write_section writes it for
 // cells [0, n_s); nothing after a zero count) in few calls, for blobs whose every record
-// is a fixed one (pm_kv_records_fixed with b->n_seq_max). `mode`:
+// is a fixed one (pm_kv_records_fixed with b->n_seq_max) or, without ext, a valid variable
+// one (pm_kv_records_var: cells shared by several sequences, as a forked cache writes). `mode`:
 //  0: the parse. Every header against b->spec[s], every byte range and every record are
 //     checked; counts[s] = n_s and offsets[s] = the byte offset of stream s's records
 //     (int64[n_stream] each); *same = 1 when every stream's cells already are its records
 //     (pm_kv_cells_equal over [0, n_s), no other cell used, no shared cell, no pending
 //     shift: the restore then changes no cell).
-//  1: the commit. The headers and ranges are checked again (not the records: the parse
-//     or mode 2 did, and the placement checks them once more), then every stream's bytes
-//     are stored into its cells [0, n_s).
+//  1: the commit, after the records' placement. The headers and ranges are checked again
+//     (not the records: the parse or mode 2 did, and the placement checks them once
+//     more), then every stream's bytes are stored into its cells [0, n_s). A stream whose
+//     cells hold no shared cell (b->n_multi) placed fixed records only; one that does is
+//     walked as variable records.
 //  2: mode 0's checks again, nothing stored (a composite's last look before any part
 //     commits: the caller compares counts, offsets and *same with the parse's).
 // *done = 1 with *consumed = the blob's bytes when all of it applies; *done = 0 with
-// nothing stored otherwise (the general parse then names what differs, or reads records
-// of several sequences). The cells and heads are the caller's (pm_step_kv_place_records).
-// PM_ERR_ARG for a null pointer, a bad view or a mode outside [0, 2].
+// nothing stored otherwise (the general parse then names what differs). The cells and
+// heads are the caller's (pm_step_kv_refill). PM_ERR_ARG for a null pointer, a bad view or
+// a mode outside [0, 2]; PM_ERR_ALLOC.
 pm_status pm_kv_read_whole_blob(const pm_kv_seq_blob * b, const void * blob, int64_t avail, int32_t mode,
                                 int64_t * counts, int64_t * offsets, int32_t * same, int64_t * consumed,
                                 int32_t * done);

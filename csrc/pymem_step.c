@@ -281,10 +281,82 @@ static int pm_step_fill_checked(pm_step_cells * c, int64_t s, const int32_t * wo
     return 1;
 }
 
+pm_status pm_kv_records_var(const int32_t * words, int64_t span, int64_t n, int64_t fixed, int32_t n_seq_max,
+                            int64_t * end, int64_t * multi) {
+    if (words == NULL || end == NULL || multi == NULL || span < 0 || n < 0 || fixed < 2 || n_seq_max < 1 ||
+        n_seq_max > PM_STEP_MAX_SEQ) {
+        return PM_ERR_ARG;
+    }
+    *end = -1;
+    *multi = 0;
+    uint64_t seen[PM_STEP_MAX_SEQ / 64] = { 0 };
+    int64_t o = 0, n_multi = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (span - o < fixed + 1) {  // (a valid record has one id at least)
+            return PM_OK;
+        }
+        const int32_t p = pm_step_ld32(words + o), k = pm_step_ld32(words + o + 1);
+        if (p < 0 || k < 1 || k > n_seq_max || span - o - fixed < k) {
+            return PM_OK;
+        }
+        const int32_t * ids = words + o + fixed;
+        if (k == 1) {
+            if ((uint32_t) pm_step_ld32(ids) >= (uint32_t) n_seq_max) {
+                return PM_OK;
+            }
+        } else {
+            // distinct ids: each one's bit set once, then the bits cleared again
+            int32_t bad = 0;
+            for (int32_t j = 0; j < k && !bad; j++) {
+                const int32_t q = pm_step_ld32(ids + j);
+                if ((uint32_t) q >= (uint32_t) n_seq_max || (seen[q >> 6] >> (q & 63)) & 1) {
+                    bad = 1;
+                } else {
+                    seen[q >> 6] |= (uint64_t) 1 << (q & 63);
+                }
+            }
+            memset(seen, 0, sizeof seen);
+            if (bad) {
+                return PM_OK;
+            }
+            n_multi++;
+        }
+        o += fixed + k;
+    }
+    *end = o;
+    *multi = n_multi;
+    return PM_OK;
+}
+
+// Stream s's n variable records (checked by pm_kv_records_var: fixed words, then the ids)
+// into its cells [0, n), whose bitsets and shifts are clear: each cell's position, its
+// ids' bits, its owner (the id, or -2 for several: n_multi counted) and the bounds
+static void pm_step_fill_var(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t fixed) {
+    const int64_t n_words = c->n_words, g0 = s * c->size;
+    int64_t o = 0, n_multi = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t p = pm_step_ld32(words + o), k = pm_step_ld32(words + o + 1);
+        const int32_t * ids = words + o + fixed;
+        uint64_t * bits = c->seq + (g0 + i) * n_words;
+        int32_t q = -1;
+        for (int32_t j = 0; j < k; j++) {
+            q = pm_step_ld32(ids + j);
+            bits[q >> 6] |= (uint64_t) 1 << (q & 63);
+            pm_step_bounds(c, s, q, p, p);
+        }
+        c->pos[g0 + i] = p;
+        c->owner[g0 + i] = k == 1 ? q : -2;
+        n_multi += k > 1;
+        o += fixed + k;
+    }
+    c->n_multi[s] = n_multi;
+}
+
 // Stream s's records into cells [0, n) (checked already: pm_step_fill_checked's check
-// passes), the cells [n, bound) emptied, and the bounds from the records
+// passes, or pm_kv_records_var's for variable ones), the cells [n, bound) emptied, and
+// the bounds from the records
 static void pm_step_fill(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t rec,
-                         int32_t n_seq_max) {
+                         int32_t n_seq_max, int var) {
     const int64_t n_words = c->n_words, g0 = s * c->size;
     // cells from used_max_p1 on are empty, and an empty cell's shift and bitset are 0
     // (StackedCells' invariant): only cells [0, max(n, used_max_p1)) are written. [0, n):
@@ -293,7 +365,11 @@ static void pm_step_fill(pm_step_cells * c, int64_t s, const int32_t * words, in
     memset(c->seq + g0 * n_words, 0, (size_t) n * n_words * sizeof(uint64_t));
     memset(c->shift + g0, 0, (size_t) n * sizeof(int32_t));
     int64_t written = 0;
-    pm_step_fill_checked(c, s, words, n, rec, n_seq_max, &written);
+    if (var) {
+        pm_step_fill_var(c, s, words, n, rec - 1);
+    } else {
+        pm_step_fill_checked(c, s, words, n, rec, n_seq_max, &written);
+    }
     if (bound > n) {  // [n, bound): emptied
         const int64_t rest = bound - n;
         memset(c->pos + g0 + n, 0xff, (size_t) rest * sizeof(int32_t));  // -1: empty
@@ -311,8 +387,8 @@ static void pm_step_unfill(pm_step_cells * c, int64_t s, int64_t n) {
     memset(c->seq + g0 * c->n_words, 0, (size_t) n * c->n_words * sizeof(uint64_t));
 }
 
-pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, const int64_t * counts, int64_t rec,
-                            int32_t n_seq_max, int32_t * placed) {
+pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, const int64_t * counts,
+                            const int64_t * spans, int64_t rec, int32_t n_seq_max, int32_t * placed) {
     if (c == NULL || words == NULL || counts == NULL || placed == NULL || rec < 3 || n_seq_max < 1 ||
         n_seq_max > pm_step_ids(c)) {
         return PM_ERR_ARG;
@@ -321,21 +397,31 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
     int all_empty = 1;
     for (int64_t s = 0; s < c->n_stream; s++) {
         const int64_t n = counts[s];
-        if (n < 0 || n > c->size) {
+        if (n < 0 || n > c->size || (spans != NULL && spans[s] < 0)) {
             return PM_ERR_RANGE;
         }
         if (n > 0 && words[s] == NULL) {
             return PM_ERR_ARG;
         }
+        // a valid record takes rec words at least
+        if (spans != NULL && n > 0 && spans[s] / rec < n) {
+            return PM_OK;
+        }
         all_empty &= c->used_max_p1[s] == 0;
     }
     const int64_t n_keys = c->n_stream * PM_STEP_MAX_SEQ;
+    // per stream: whether its records are variable ones (spans given, not all fixed)
+    uint8_t * var = (uint8_t *) calloc((size_t) c->n_stream + 1, 1);
     char * saved = NULL;  // every stream empty: the bounds, to put back on a refusal
+    if (var == NULL) {
+        return PM_ERR_ALLOC;
+    }
     if (all_empty) {
         // each record checked as it is written (one pass), the cells written so far emptied
         // again on a refusal and the bounds put back: a refusal still changes nothing
         saved = (char *) malloc((size_t) n_keys * (2 * sizeof(int64_t) + 1));
         if (saved == NULL) {
+            free(var);
             return PM_ERR_ALLOC;
         }
         memcpy(saved, c->pmin, (size_t) n_keys * sizeof(int64_t));
@@ -344,9 +430,18 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
     } else {
         // every check before the first write: a refusal changes nothing
         for (int64_t s = 0; s < c->n_stream; s++) {
-            if (pm_records_not_fixed(words[s], counts[s], rec, n_seq_max)) {
+            if (!pm_records_not_fixed(words[s], counts[s], rec, n_seq_max)) {
+                continue;
+            }
+            int64_t end = -1, multi = 0;
+            if (spans != NULL) {
+                pm_kv_records_var(words[s], spans[s], counts[s], rec - 1, n_seq_max, &end, &multi);
+            }
+            if (end < 0) {
+                free(var);
                 return PM_OK;
             }
+            var[s] = 1;
         }
     }
     for (int64_t s = 0; s < c->n_stream; s++) {
@@ -355,29 +450,44 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
             c->pmax[s * PM_STEP_MAX_SEQ + q] = -1;
             c->pdirty[s * PM_STEP_MAX_SEQ + q] = 0;
         }
+        c->n_multi[s] = 0;
         if (!all_empty) {
-            pm_step_fill(c, s, words[s], counts[s], rec, n_seq_max);
+            pm_step_fill(c, s, words[s], counts[s], rec, n_seq_max, var[s]);
             continue;
         }
         int64_t k = 0;
-        if (!pm_step_fill_checked(c, s, words[s], counts[s], rec, n_seq_max, &k)) {
-            for (int64_t t = 0; t < s; t++) {
-                pm_step_unfill(c, t, counts[t]);
-            }
-            pm_step_unfill(c, s, k);
-            memcpy(c->pmin, saved, (size_t) n_keys * sizeof(int64_t));
-            memcpy(c->pmax, saved + n_keys * sizeof(int64_t), (size_t) n_keys * sizeof(int64_t));
-            memcpy(c->pdirty, saved + 2 * n_keys * sizeof(int64_t), (size_t) n_keys);
-            free(saved);
-            return PM_OK;
+        if (pm_step_fill_checked(c, s, words[s], counts[s], rec, n_seq_max, &k)) {
+            continue;
         }
+        // not every record is a fixed one: variable ones (spans given) go in over the k
+        // cells written (their bits cleared: the variable fill sets bits, never clears)
+        int64_t end = -1, multi = 0;
+        if (spans != NULL) {
+            pm_kv_records_var(words[s], spans[s], counts[s], rec - 1, n_seq_max, &end, &multi);
+        }
+        if (end >= 0) {
+            memset(c->seq + s * c->size * c->n_words, 0, (size_t) k * c->n_words * sizeof(uint64_t));
+            pm_step_fill_var(c, s, words[s], counts[s], rec - 1);
+            continue;
+        }
+        for (int64_t t = 0; t < s; t++) {
+            pm_step_unfill(c, t, counts[t]);
+            c->n_multi[t] = 0;
+        }
+        pm_step_unfill(c, s, k);
+        memcpy(c->pmin, saved, (size_t) n_keys * sizeof(int64_t));
+        memcpy(c->pmax, saved + n_keys * sizeof(int64_t), (size_t) n_keys * sizeof(int64_t));
+        memcpy(c->pdirty, saved + 2 * n_keys * sizeof(int64_t), (size_t) n_keys);
+        free(saved);
+        free(var);
+        return PM_OK;
     }
     free(saved);
+    free(var);
     for (int64_t s = 0; s < c->n_stream; s++) {
         c->used[s] = counts[s];
         c->used_max_p1[s] = counts[s];
         c->used_max_dirty[s] = 0;
-        c->n_multi[s] = 0;
     }
     *placed = 1;
     return PM_OK;

@@ -64,21 +64,33 @@ pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_bl
                            int64_t * top, int32_t * placed);
 
 // A whole-cache restore's clear and placement, every stream in one pass: stream s gets
-// the counts[s] records at words[s] (rec int32 words each, at any alignment; NULL when
-// counts[s] is 0), each a fixed one (position word 0 >= 0, n_seq_id word 1 == 1, its one
-// sequence word rec - 1 in [0, n_seq_max)), in cells [0, counts[s]), and every other cell is
-// emptied, as StackedCells.reset then set_new leave them: no shift, no shared cell, used =
-// used_max_p1 = counts[s], nothing dirty, bounds from the records alone (ext and has_shift
-// are the caller's). *placed = 0 with nothing changed when a record is not fixed: every
-// record of every stream is checked before the first write, except into a stack whose
-// every stream is empty (below). PM_ERR_RANGE for a count outside
-// [0, size]; PM_ERR_ARG for a null pointer, rec < 3 or n_seq_max outside [1, 64 * n_words].
+// the counts[s] meta records at words[s] (int32 words at any alignment; NULL when
+// counts[s] is 0) in cells [0, counts[s]), and every other cell is emptied, as
+// StackedCells.reset then set_new leave them: no shift, used = used_max_p1 = counts[s],
+// nothing dirty, bounds from the records alone (ext and has_shift are the caller's). With
+// spans NULL every record is a fixed one of rec words (position word 0 >= 0, n_seq_id
+// word 1 == 1, its one sequence word rec - 1 in [0, n_seq_max)). With spans, spans[s]
+// words are readable at words[s] and records may be variable ones (pm_kv_records_var,
+// fixed = rec - 1): a cell of several ids gets all their bits, owner -2, and counts in
+// n_multi. *placed = 0 with nothing changed when a record is neither: every record of
+// every stream is checked before the first write, except into a stack whose every stream
+// is empty (below). PM_ERR_RANGE for a count outside [0, size] or a negative span;
+// PM_ERR_ARG for a null pointer, rec < 3 or n_seq_max outside [1, 64 * n_words].
 // Only cells below max(counts[s], used_max_p1) are written: the rest are empty already.
 // Into a stack whose every stream is empty (a clear's, a fresh cache's) each record is
 // checked as it is written, in one pass; a refusal then empties those cells again and
 // puts the bounds back (PM_ERR_ALLOC, nothing changed, when their copy cannot be made).
-pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, const int64_t * counts, int64_t rec,
-                            int32_t n_seq_max, int32_t * placed);
+pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, const int64_t * counts,
+                            const int64_t * spans, int64_t rec, int32_t n_seq_max, int32_t * placed);
+
+// A whole blob's n variable meta records at words (int32 words at any alignment, span of
+// them readable): each is fixed words (position, n_seq_id, fixed - 2 ext words), then its
+// n_seq_id sequence ids. *end = the words they take when each has a position >= 0 and 1 to
+// n_seq_max distinct ids in [0, n_seq_max) and the last ends within span; else -1 (the
+// general parse names the fault). *multi = the records of several ids. PM_ERR_ARG for a
+// null pointer, a negative span or n, fixed < 2 or n_seq_max outside [1, 256].
+pm_status pm_kv_records_var(const int32_t * words, int64_t span, int64_t n, int64_t fixed, int32_t n_seq_max,
+                            int64_t * end, int64_t * multi);
 
 // A per-sequence restore's placement, after the sequence's seq_rm: the reference's
 // find_slot for n tokens of sequence seq_id in stream s (the first n usable cells in scan
@@ -230,7 +242,7 @@ pm_status pm_kv_read_seq_placed(const pm_kv_seq_blob * b, pm_step_cells * c, int
 
 // A whole restore's commit after pm_kv_read_whole_blob's parse (mode 0) of the same blob
 // found counts, offsets and same: the cells placed (same: the heads alone move to 0; else
-// pm_step_kv_refill of every stream's records, then the heads to 0), every stream's bytes
+// pm_step_kv_refill of every stream's records, fixed or variable, then the heads to 0), every stream's bytes
 // stored (mode 1) and every row past each stream's cells zeroed (every channel of a
 // transposed V, as the reference's clear(true) leaves them; on pm_set_copy_threads'
 // threads), what WholeBlobPlan.commit does in several calls. The caller resets has_shift.

@@ -256,7 +256,7 @@ def test_kernels_refuse_a_word_count_outside_one_to_four(n_words):
         words = np.array([[0, 1, 0]], dtype=np.int32)
         ptrs = ffi.new("int32_t *[]", [ffi.from_buffer("int32_t[]", words)])
         counts = ffi.new("int64_t[]", [1])
-        assert lib.pm_step_kv_refill(c, ptrs, counts, 3, 4, placed) == lib.PM_ERR_ARG
+        assert lib.pm_step_kv_refill(c, ptrs, counts, ffi.NULL, 3, 4, placed) == lib.PM_ERR_ARG
         out = ffi.new("int64_t[2]")
         done = ffi.new("int32_t *")
         assert (

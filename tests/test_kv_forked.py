@@ -21,7 +21,7 @@ from test_kv_state import randomize
 
 import pymem.kv.cache as kv_cache
 import pymem.kv.state_io as kv_state_io
-from pymem._native import lib
+from pymem._native import ffi, lib
 from pymem.composite import CompositeMemory
 from pymem.errors import RangeError, StateError, UnsupportedError
 from pymem.kv import KVCache
@@ -99,12 +99,12 @@ def _state(mem: Any) -> tuple:
 @pytest.mark.parametrize("seed", range(3))
 def test_forked_runs_match_the_numpy_roads(monkeypatch, kind, unified, v_trans, seed) -> None:
     """Random decodes, forks (seq_cp), removals (tails and whole sequences) and sequence
-    blobs written, read back into their own and other sequences and swapped back in, on
-    twins: one with every native road, one with them off (the numpy state rows and
+    blobs written, read back into their own and other sequences and swapped back in, and
+    whole blobs read back (into the memory as it is or cleared), on twins: one with every native road, one with them off (the numpy state rows and
     placement); a plain cache, one with a sliding window (whose blobs hold the window's
     cells), a hybrid and an iSWA cache (windows: overwrites whose purge meets shared
     cells). The same answers and states after every op; the one-call roads
-    ran beside shared cells."""
+    ran beside shared cells, and a whole blob with shared cells was read natively."""
     rng = np.random.default_rng(500 + seed)
     if kind in ("kv", "window"):
         swa = {"swa_type": SWAType.STANDARD, "n_swa": 3} if kind == "window" else {}
@@ -117,9 +117,30 @@ def test_forked_runs_match_the_numpy_roads(monkeypatch, kind, unified, v_trans, 
             randomize_any(mem, seed)
     # one-call roads taken while the stream held shared cells: "beside" them, or "inside"
     # (by a sequence that held one of them)
-    roads = dict.fromkeys(("beside", "inside"), 0)
+    roads = dict.fromkeys(("beside", "inside", "whole"), 0)
     real_write, real_read = kv_state_io.SeqBlob.write, kv_state_io.SeqBlob.read
     real_rm = KVCache._seq_rm_native
+    real_whole, real_one_call = kv_state_io.SeqBlob.read_whole, CompositeMemory._native_read
+    whole_taken: list[int] = []  # whole parses that took the blob natively (twin 0's)
+
+    def whole_spy(self, data, mode):  # type: ignore[no-untyped-def]
+        found = real_whole(self, data, mode)
+        if mode == 0 and found is not None:
+            whole_taken.append(1)
+        return found
+
+    def one_call_spy(self, data, seq_id, flags):  # type: ignore[no-untyped-def]
+        done = real_one_call(self, data, seq_id, flags)
+        if seq_id == -1 and done is not None:
+            whole_taken.append(1)
+        return done
+
+    monkeypatch.setattr(kv_state_io.SeqBlob, "read_whole", whole_spy)
+    monkeypatch.setattr(CompositeMemory, "_native_read", one_call_spy)
+
+    def shared(mem: Any) -> bool:
+        parts = mem.parts().values() if isinstance(mem, CompositeMemory) else [mem]
+        return any(int(p.cells.n_multi.sum()) for p in parts if isinstance(p, KVCache))
 
     def where(cells: Any, strm: int, seq_id: int) -> str | None:
         """Whether ``seq_id`` is beside or inside stream ``strm``'s shared cells, if any."""
@@ -177,7 +198,7 @@ def test_forked_runs_match_the_numpy_roads(monkeypatch, kind, unified, v_trans, 
     pos = [0] * N_SEQ
     for step in range(70):
         op = rng.choice(["decode", "decode", "cp", "cp", "rm_tail", "rm_all", "write", "read",
-                         "swap"])  # fmt: skip
+                         "swap", "whole"])  # fmt: skip
         s = int(rng.integers(0, N_SEQ))
         t = int((s + 1 + rng.integers(0, N_SEQ - 1)) % N_SEQ)
         if op == "decode":
@@ -195,6 +216,14 @@ def test_forked_runs_match_the_numpy_roads(monkeypatch, kind, unified, v_trans, 
             got = both("seq_rm", s, -1, -1)
         elif op == "write":
             got = both("state_write", s)
+        elif op == "whole":  # the whole blob back, into the memory as it is or cleared
+            blob = call(0, "state_write", -1)
+            assert call(1, "state_write", -1) == blob
+            if rng.integers(0, 2):
+                both("clear", False)
+            whole_taken.clear()
+            got = both("state_read", blob)
+            roads["whole"] += int(shared(twins[0]) and bool(whole_taken))
         else:
             blob = call(0, "state_write", s)
             assert call(1, "state_write", s) == blob
@@ -210,6 +239,8 @@ def test_forked_runs_match_the_numpy_roads(monkeypatch, kind, unified, v_trans, 
             pos[q] = max(twins[0].seq_pos_max(q) + 1, 0)
     if kind in ("kv", "window") and unified:
         assert roads["beside"] > 0 and roads["inside"] > 0, roads
+    if unified:
+        assert roads["whole"] > 0, roads
     for mem in twins:
         mem.close()
 
@@ -376,6 +407,133 @@ def test_record_chase_names_each_fault(monkeypatch, words, n, message) -> None:
         monkeypatch.setattr(kv_state_io, "NATIVE_CHASE", native)
         with pytest.raises(kv_state_io.StateError, match=message):
             kv_state_io._chase_records(arr, n, 2, 4, "kv")
+
+
+def _records_var(words: np.ndarray, span: int, n: int, fixed: int, n_seq_max: int) -> tuple:
+    """pm_kv_records_var on ``words`` (any alignment) -> (end, multi)."""
+    out = ffi.new("int64_t[2]")
+    status = lib.pm_kv_records_var(
+        ffi.from_buffer("int32_t[]", words), span, n, fixed, n_seq_max, out, out + 1
+    )
+    assert status == lib.PM_OK
+    return int(out[0]), int(out[1])
+
+
+def _records_var_reference(words: np.ndarray, n: int, fixed: int, n_seq_max: int) -> tuple:
+    """The general parse's decode of the same records, which also names faults; the
+    native test adds one rule, that a record lists one id at least."""
+    try:
+        _, _, seq, end = kv_state_io._decode_meta_whole(words, n, fixed - 2, n_seq_max, "kv")
+    except StateError:
+        return -1, 0
+    counts = (seq >= 0).sum(axis=1)
+    if (counts == 0).any():
+        return -1, 0
+    return end, int((counts > 1).sum())
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_variable_records_test_equals_the_general_parse(seed: int) -> None:
+    """Whole-blob records of one to three ids (a forked cache's), with or without ext,
+    read at every alignment and with at most one fault (no id, too many, an id listed
+    twice or out of range, a negative position, cut short): pm_kv_records_var's end and
+    shared-cell count are the general parse's; a fault it finds, the parse refuses."""
+    rng = np.random.default_rng(seed)
+    n_seq_max, fixed = int(rng.integers(1, 9)), int(rng.choice([2, 5]))
+    n = int(rng.integers(1, 30))
+    words: list[int] = []
+    for _ in range(n):
+        k = int(rng.integers(1, min(3, n_seq_max) + 1))
+        ids = rng.choice(n_seq_max, size=k, replace=False).tolist()
+        words += [int(rng.integers(0, 99)), k] + [7] * (fixed - 2) + ids
+    arr = np.array(words, dtype=np.int32)
+    span = arr.size
+    # the fault in record 0 or in record 1 (which starts after record 0's ids)
+    at = fixed + int(arr[1]) if n > 1 and rng.integers(0, 2) else 0
+    fault = int(rng.integers(0, 7))
+    if fault == 1:
+        arr[at + 1] = 0  # no id
+    elif fault == 2:
+        arr[at + 1] = n_seq_max + 1  # more ids than sequences
+    elif fault == 3 and arr[at + 1] >= 2:
+        arr[at + fixed + 1] = arr[at + fixed]  # an id twice
+    elif fault == 4:
+        arr[at + fixed] = int(rng.choice([-1, n_seq_max]))
+    elif fault == 5:
+        arr[at] = -int(rng.integers(1, 9))
+    elif fault == 6:
+        span = int(rng.integers(0, arr.size))  # cut short
+    want = _records_var_reference(arr[:span], n, fixed, n_seq_max)
+    shift = seed % 4
+    buf = bytes(shift) + arr.tobytes()
+    view = np.frombuffer(buf, dtype="<i4", offset=shift, count=arr.size)
+    assert _records_var(view, span, n, fixed, n_seq_max) == want, (seed, fault)
+    if fault == 0:
+        assert want[0] == arr.size
+
+
+def test_variable_records_test_refuses_bad_arguments() -> None:
+    words = np.array([0, 1, 0], dtype=np.int32)
+    wp = ffi.from_buffer("int32_t[]", words)
+    out = ffi.new("int64_t[2]")
+    assert lib.pm_kv_records_var(ffi.NULL, 3, 1, 2, 4, out, out + 1) == lib.PM_ERR_ARG
+    for span, n, fixed, n_seq_max in ((-1, 1, 2, 4), (3, -1, 2, 4), (3, 1, 1, 4), (3, 1, 2, 0),
+                                      (3, 1, 2, 257)):  # fmt: skip
+        assert lib.pm_kv_records_var(wp, span, n, fixed, n_seq_max, out, out + 1) == lib.PM_ERR_ARG
+    assert lib.pm_kv_records_var(wp, 3, 1, 2, 4, ffi.NULL, out) == lib.PM_ERR_ARG
+
+
+@pytest.mark.parametrize("into_empty", [True, False])
+def test_refill_places_variable_records_and_declines_bad_ones(into_empty: bool) -> None:
+    """pm_step_kv_refill with spans: records listing several ids become shared cells
+    (owner -2, every id's bit, n_multi counted, each id's bounds), as numpy's set_new of
+    the same records leaves them; a bad variable record in the last stream (an id twice,
+    no id, past the span) is declined with nothing changed, into an emptied stack (checked
+    as it writes, undone) and into a used one (checked first)."""
+    records = [[0, 1, 0], [1, 2, 0, 2], [2, 3, 2, 1, 0], [3, 1, 1]]
+    good = np.array([w for r in records for w in r], dtype=np.int32)
+    twins = [StackedCells(2, 16) for _ in range(2)]
+    for st in twins:
+        st.fit(3)
+        if not into_empty:  # a used stack: cells to empty around the refill
+            st.set_new(np.array([1]), np.array([[5]]), np.array([9]), np.array([[1]], np.int32))
+    # numpy's reference: the decoded records into stream 1's cells [0, 4) of twin 1
+    ref = twins[1]
+    pos, _, seq, end = kv_state_io._decode_meta_whole(good, 4, 0, 3, "kv")
+    assert end == good.size
+    placed = ffi.new("int32_t *")
+    c = twins[0].native()
+
+    def refill(words: np.ndarray, span: int) -> int:
+        ptrs = ffi.new("int32_t *[]", [ffi.NULL, ffi.from_buffer("int32_t[]", words)])
+        counts = ffi.new("int64_t[]", [0, 4])
+        spans = ffi.new("int64_t[]", [0, span])
+        return lib.pm_step_kv_refill(c, ptrs, counts, spans, 3, 3, placed)
+
+    def snapshot(st: StackedCells) -> tuple:
+        return (st.pos_f.tobytes(), st.owner_f.tobytes(), st.seq_f.tobytes(),
+                st.n_multi.tolist(), st.used.tolist(), st.pmin.tobytes(), st.pmax.tobytes())  # fmt: skip
+
+    before = snapshot(twins[0])
+    twice = good.copy()
+    twice[6 + 3] = twice[6 + 2]  # record 2 lists id 2 twice
+    none = good.copy()
+    none[3 + 1] = 0  # record 1 lists no id
+    for bad, span in ((twice, good.size), (none, good.size), (good, good.size - 1)):
+        assert refill(bad, span) == lib.PM_OK and placed[0] == 0
+        assert snapshot(twins[0]) == before
+    # and without spans only fixed records are taken
+    ptrs = ffi.new("int32_t *[]", [ffi.NULL, ffi.from_buffer("int32_t[]", good)])
+    counts = ffi.new("int64_t[]", [0, 4])
+    assert lib.pm_step_kv_refill(c, ptrs, counts, ffi.NULL, 3, 3, placed) == lib.PM_OK
+    assert placed[0] == 0 and snapshot(twins[0]) == before
+    assert refill(good, good.size) == lib.PM_OK and placed[0] == 1
+    ref.reset()
+    ref.set_new(np.array([1]), np.arange(4)[None, :], pos, seq)
+    st = twins[0]
+    assert st.owner_f[16:20].tolist() == [0, -2, -2, 1]
+    assert st.n_multi.tolist() == [0, 2] and st.used.tolist() == [0, 4]
+    assert snapshot(st) == snapshot(ref)
 
 
 @pytest.mark.parametrize(

@@ -1696,18 +1696,19 @@ class KVCache(Memory):
             self._memo = step_memo
         return sinfo
 
-    def _refill(self, records: Sequence[np.ndarray | None] | None) -> bool:
-        """A whole restore's ``clear(False)`` and the placement of every stream's fixed meta
-        records (``[n, 3 + n_ext]`` words; None for a stream without cells; ``records``
-        None: no stream has any, a ``clear``) into its cells ``[0, n)`` in one native call
-        (``pm_step_kv_refill``; ``clear`` + ``set_new`` are the reference it is tested
-        against). False, nothing changed, under an undo
-        journal (a plan being simulated) or with ``state_io.NATIVE_PLACE`` off; StateError,
-        nothing changed, for a record that is not a fixed one (the blob changed after the
-        parse that found them so)."""
+    def _refill(self, records: Sequence[state_io.StreamRecords | None] | None) -> bool:
+        """A whole restore's ``clear(False)`` and the placement of every stream's meta
+        records (None for a stream without cells; ``records`` None: no stream has any, a
+        ``clear``) into its cells ``[0, n)`` in one native call (``pm_step_kv_refill``;
+        ``clear`` + ``set_new`` are the reference it is tested against). Variable records
+        (cells of several sequences) are taken without ext only. False, nothing changed,
+        under an undo journal (a plan being simulated) or with ``state_io.NATIVE_PLACE``
+        off; StateError, nothing changed, for a record that is not a valid one (the blob
+        changed after the parse that found it so)."""
         if not state_io.NATIVE_PLACE or self.cells.journaling:
             return False
         c, _, _, placed = self._native_cells()
+        spans_c = ffi.NULL  # fixed records only
         if records is None:  # a clear: no record, the arguments built once
             if self._clear_args is None:
                 self._clear_args = (
@@ -1716,16 +1717,21 @@ class KVCache(Memory):
                 )
             words, counts_c = self._clear_args
         else:
-            counts = np.array([0 if w is None else w.shape[0] for w in records], dtype=np.int64)
+            counts = np.array([0 if r is None else r.n for r in records], dtype=np.int64)
             words = ffi.new(
                 "int32_t *[]",
-                [ffi.NULL if w is None else ffi.from_buffer("int32_t[]", w) for w in records],
+                [ffi.NULL if r is None else ffi.from_buffer("int32_t[]", r.words) for r in records],
             )
             counts_c = ffi.from_buffer("int64_t[]", counts)
+            if self.cells.ext is None:  # (ext is copied below from fixed records only)
+                spans = np.array([0 if r is None else r.words.size for r in records], np.int64)
+                spans_c = ffi.from_buffer("int64_t[]", spans)
         rec = self.layout.record_words
-        status = lib.pm_step_kv_refill(c, words, counts_c, rec, self.layout.n_seq_max, placed)
+        status = lib.pm_step_kv_refill(
+            c, words, counts_c, spans_c, rec, self.layout.n_seq_max, placed
+        )
         if status != lib.PM_OK:
-            n = 0 if records is None else sum(0 if w is None else w.shape[0] for w in records)
+            n = 0 if records is None else sum(0 if r is None else r.n for r in records)
             check(status, f"pm_step_kv_refill ({n} cells)")
         if not placed[0]:  # (a clear passes no record: it is never declined)
             raise StateError(BLOB_CHANGED)
@@ -1733,9 +1739,9 @@ class KVCache(Memory):
         st.has_shift[:] = False
         if st.ext is not None:
             st.ext[:] = EXT_DEFAULT
-            for strm, w in enumerate(records or ()):
-                if w is not None:
-                    st.ext[strm, : w.shape[0]] = w[:, 2:5]
+            for strm, r in enumerate(records or ()):
+                if r is not None:
+                    st.ext[strm, : r.n] = r.words[: r.n * rec].reshape(r.n, rec)[:, 2:5]
         self.v_heads[:] = 0
         self._mutated()
         return True

@@ -588,6 +588,21 @@ class PlaceRead(NamedTuple):
     free: int
 
 
+class StreamRecords(NamedTuple):
+    """A stream's meta records in a whole blob: the first ``n`` records of ``words``
+    (int32, a view of the blob that may run past them). Fixed records (one id each) take
+    ``n * (3 + n_ext)`` words; variable ones (cells shared by several sequences, as a
+    forked cache writes them) list each cell's ids after its count."""
+
+    words: np.ndarray
+    n: int
+
+    @staticmethod
+    def of_fixed(words: np.ndarray) -> StreamRecords:
+        """Fixed records given as ``[n, 3 + n_ext]`` words."""
+        return StreamRecords(words.reshape(-1), words.shape[0])
+
+
 class WholeBlobRead(NamedTuple):
     """What :meth:`SeqBlob.read_whole` found: the blob's bytes, each stream's cell count
     and the byte offset of its meta records, and whether every stream's cells already are
@@ -811,11 +826,12 @@ class WholeBlobPlan(_BlobPlan):
         ):
             raise StateError(BLOB_CHANGED)
 
-    def _records(self, strm: int) -> np.ndarray:
-        """Stream ``strm``'s meta records, ``[n, 3 + n_ext]`` words (a view)."""
+    def _records(self, strm: int) -> StreamRecords:
+        """Stream ``strm``'s meta records (fixed or variable: a view from their start to
+        the blob's end)."""
         n, at = int(self.found.counts[strm]), int(self.found.offsets[strm])
-        rec = self.layout.record_words
-        return np.frombuffer(self.data, dtype="<i4", count=n * rec, offset=at).reshape(n, rec)
+        words = np.frombuffer(self.data, dtype="<i4", count=(len(self.data) - at) // 4, offset=at)
+        return StreamRecords(words, n)
 
     def commit(self) -> None:
         self._may_commit()
@@ -829,9 +845,9 @@ class WholeBlobPlan(_BlobPlan):
         )
         if not _place_whole(self.hooks, self.v_heads, records):
             assert records is not None, "cells that already are the blob's need no placement"
-            for strm, words in enumerate(records):
-                if words is not None:
-                    _set_new_records(self.v_cells[strm], words, layout.with_ext)
+            for strm, recs in enumerate(records):
+                if recs is not None:
+                    _set_new_records(self.v_cells[strm], recs, layout)
         self.committed = True
         if self.blob.read_whole(self.data, 1) is None:  # checked just before: cannot fail
             raise StateError("state plan: the blob changed while it was restored")
@@ -839,12 +855,12 @@ class WholeBlobPlan(_BlobPlan):
 
 
 def _place_whole(
-    hooks: KVStateHooks, v_heads: StreamHeads, records: Sequence[np.ndarray | None] | None
+    hooks: KVStateHooks, v_heads: StreamHeads, records: Sequence[StreamRecords | None] | None
 ) -> bool:
     """A whole restore's cells, as the reference's clear + set_new leaves them: with
     ``records`` None the cells already are the blob's and only the heads move; else one
-    native refill of every stream's fixed records (``[n, 3 + n_ext]`` words, None for a
-    stream without cells). False when the refill declined: every stream is then emptied
+    native refill of every stream's records (None for a stream without cells). False when
+    the refill declined: every stream is then emptied
     (``clear(False)``: the rows are about to be filled or zeroed) and the caller places
     the cells."""
     if records is None:
@@ -866,11 +882,14 @@ def _zero_past(layout: KVLayout, layers: Sequence[KVLayer], counts: Sequence[int
             zero_range(layout, layers, strm, a, layout.kv_size)
 
 
-def _set_new_records(cells: KVCells, words: np.ndarray, with_ext: bool) -> None:
-    """Cells ``[0, n)`` of an emptied stream from ``n`` fixed meta records (``set_new``:
-    the reference of the native refill)."""
-    ext = words[:, 2:5] if with_ext else None
-    cells.set_new(np.arange(words.shape[0], dtype=np.int64), words[:, 0], words[:, -1:], ext)
+def _set_new_records(cells: KVCells, recs: StreamRecords, layout: KVLayout) -> None:
+    """Cells ``[0, n)`` of an emptied stream from its ``n`` meta records, fixed or
+    variable (``set_new``: the reference of the native refill)."""
+    pos, ext, seq, _ = _decode_meta_whole(
+        recs.words, recs.n, layout.n_ext, layout.n_seq_max, "kv cells"
+    )
+    idx = np.arange(recs.n, dtype=np.int64)
+    cells.set_new(idx, pos, seq, ext if layout.with_ext else None)
 
 
 def seq_blob(
@@ -1379,11 +1398,11 @@ class KVStateHooks:
     # cell, no undo journal; windows included): the cells in slot order and their runs;
     # None, nothing placed: ``place`` decides
     place_seq: Callable[[int, np.ndarray], tuple[np.ndarray, Runs] | None]
-    # a whole restore's clear(False) and placement of every stream's fixed meta records
-    # (``[n, 3 + n_ext]`` words, None for a stream without cells) in one native call;
-    # False, nothing changed, where numpy does them (clear + set_new); StateError, nothing
-    # changed, for a record that is not a fixed one (the blob changed after its parse)
-    refill: Callable[[Sequence[np.ndarray | None]], bool]
+    # a whole restore's clear(False) and placement of every stream's meta records (None
+    # for a stream without cells) in one native call; False, nothing changed, where numpy
+    # does them (clear + set_new); StateError, nothing changed, for a record that is not
+    # a valid one (the blob changed after its parse)
+    refill: Callable[[Sequence[StreamRecords | None]], bool]
 
 
 SWA_DEFERRED = True
@@ -1463,7 +1482,8 @@ class KVStatePlan(_CachePlan):
             elif self.whole_fixed is None:
                 self.hooks.clear(False)  # the steps place the cells
             else:  # where the refill declines, the steps place them
-                self.cells_placed = _place_whole(self.hooks, self.v_heads, self.whole_fixed)
+                fixed = [None if w is None else StreamRecords.of_fixed(w) for w in self.whole_fixed]
+                self.cells_placed = _place_whole(self.hooks, self.v_heads, fixed)
             counts = [self.whole_counts.get(s, 0) for s in range(layout.n_stream)]
             _zero_past(layout, self.layers, counts)
         if self.place is not None:
@@ -1529,18 +1549,28 @@ def _parse_meta_whole(
     reader: StateReader, n: int, n_ext: int, n_seq_max: int, what: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Whole-cache meta of ``n`` variable records -> (pos, ext [n, n_ext], seq_id [n, k])."""
-    fixed = 2 + n_ext
-    max_words = n * (fixed + n_seq_max)
+    max_words = n * (2 + n_ext + n_seq_max)
     avail_words = min(max_words, reader.remaining // 4)
     start = reader.offset
     words = reader.read_array("<i4", avail_words, what)
+    pos, ext, seq, end = _decode_meta_whole(words, n, n_ext, n_seq_max, what)
+    reader.offset = start + end * 4
+    return pos, ext, seq
+
+
+def _decode_meta_whole(
+    words: np.ndarray, n: int, n_ext: int, n_seq_max: int, what: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """:func:`_parse_meta_whole` of the ``n`` records at the start of ``words`` -> (pos,
+    ext, seq_id, the words they take)."""
+    fixed = 2 + n_ext
+    avail_words = words.size
     # fast path: every record has one id. The check is sound: the first record with
     # another count is still read at its true offset, and fails it.
     rec = fixed + 1
     if avail_words >= n * rec and (n == 0 or (words[1 : n * rec : rec] == 1).all()):
         # fixed records [pos, 1, ext..., id]: columns of one [n, rec] block, no gathers
         block = words[: n * rec].reshape(n, rec)
-        reader.offset = start + n * rec * 4
         pos, seq = block[:, 0].copy(), block[:, rec - 1 :].copy()
         bad = np.flatnonzero((seq[:, 0] < 0) | (seq[:, 0] >= n_seq_max))
         if bad.size:
@@ -1552,10 +1582,9 @@ def _parse_meta_whole(
         if bad.size:
             raise StateError(f"{what}: cell {int(bad[0])} has position {int(pos[bad[0]])} < 0")
         ext = block[:, 2 : 2 + n_ext].copy() if n_ext else np.zeros((n, 0), np.int32)
-        return pos, ext, seq
+        return pos, ext, seq, n * rec
     offs, end = _chase_records(words, n, fixed, n_seq_max, what)
     counts = words[offs + 1].astype(np.int64)
-    reader.offset = start + end * 4
     pos = words[offs].copy()
     ext = (
         np.stack([words[offs + 2 + e] for e in range(n_ext)], axis=1)
@@ -1584,7 +1613,7 @@ def _parse_meta_whole(
     bad = np.flatnonzero(pos < 0)
     if bad.size:
         raise StateError(f"{what}: cell {int(bad[0])} has position {int(pos[bad[0]])} < 0")
-    return pos, ext, seq
+    return pos, ext, seq, end
 
 
 NATIVE_CHASE = hasattr(lib, "pm_kv_chase_records")
