@@ -1761,22 +1761,24 @@ pm_status pm_kv_records_fixed(const int32_t * words, int64_t n, int64_t rec, int
 static int64_t pm_whole_records_span(const pm_kv_seq_blob * b, int64_t s, const int32_t * words, int64_t n,
                                      int64_t span, int64_t rec, int32_t mode, int32_t checked_same) {
     int var = mode == 1 && b->n_multi[s] > 0;
+    int64_t first = 0;  // the records before it are fixed ones
     if (mode != 1 && !checked_same && n > 0) {
         int64_t first_bad = 0;
         if (pm_kv_records_fixed(words, n, rec, b->n_seq_max, &first_bad) != PM_OK) {
             return -1;
         }
         var = first_bad >= 0;
+        first = var ? first_bad : 0;
     }
     if (!var) {
         return n * rec;
     }
     int64_t end = -1, multi = 0;
-    if (b->n_ext != 0 ||
-        pm_kv_records_var(words, span, n, rec - 1, (int32_t) b->n_seq_max, &end, &multi) != PM_OK) {
+    if (b->n_ext != 0 || pm_kv_records_var(words + first * rec, span - first * rec, n - first, rec - 1,
+                                           (int32_t) b->n_seq_max, &end, &multi) != PM_OK) {
         return -1;
     }
-    return end;
+    return end < 0 ? -1 : first * rec + end;
 }
 
 pm_status pm_kv_read_whole_blob(const pm_kv_seq_blob * b, const void * blob, int64_t avail, int32_t mode,

@@ -281,6 +281,78 @@ static int pm_step_fill_checked(pm_step_cells * c, int64_t s, const int32_t * wo
     return 1;
 }
 
+// The id count of the variable record at r (avail words readable) when it is a valid one
+// (pm_kv_records_var's rule); 0 when not. seen: a zeroed scratch bitset, left zeroed
+static inline int32_t pm_var_record_ids(const int32_t * r, int64_t avail, int64_t fixed, int32_t n_seq_max,
+                                        uint64_t * seen) {
+    if (avail < fixed + 1) {  // (a valid record has one id at least)
+        return 0;
+    }
+    const int32_t p = pm_step_ld32(r), k = pm_step_ld32(r + 1);
+    if (p < 0 || k < 1 || k > n_seq_max || avail - fixed < k) {
+        return 0;
+    }
+    const int32_t * ids = r + fixed;
+    if (k == 1) {
+        return (uint32_t) pm_step_ld32(ids) < (uint32_t) n_seq_max;
+    }
+    // distinct ids: each one's bit set once, then the bits cleared again
+    int32_t bad = 0;
+    for (int32_t j = 0; j < k && !bad; j++) {
+        const int32_t q = pm_step_ld32(ids + j);
+        if ((uint32_t) q >= (uint32_t) n_seq_max || (seen[q >> 6] >> (q & 63)) & 1) {
+            bad = 1;
+        } else {
+            seen[q >> 6] |= (uint64_t) 1 << (q & 63);
+        }
+    }
+    for (int32_t j = 0; j < k; j++) {
+        const int32_t q = pm_step_ld32(ids + j);
+        if ((uint32_t) q < (uint32_t) n_seq_max) {
+            seen[q >> 6] = 0;
+        }
+    }
+    return bad ? 0 : k;
+}
+
+// Whether the PM_VAR_GROUP records at r (avail words readable) are all valid ones of k
+// ids each (k 1 or 2: records of fixed + k words; two ids must differ), checked together
+// without a branch: a forked blob's records are runs of these (a cell of one sequence, a
+// cell shared by a sequence and its fork)
+#define PM_VAR_GROUP 8
+static inline int pm_var_group(const int32_t * r, int64_t avail, int64_t fixed, int32_t k, int32_t n_seq_max) {
+    const int64_t rec = fixed + k;
+    if (avail < PM_VAR_GROUP * rec) {
+        return 0;
+    }
+    uint32_t bad = 0;
+    if (k == 1) {
+        for (int j = 0; j < PM_VAR_GROUP; j++) {
+            const int32_t * q = r + j * rec;
+            bad |= pm_record_bad(pm_step_ld32(q), pm_step_ld32(q + 1), pm_step_ld32(q + fixed), n_seq_max);
+        }
+    } else {
+        for (int j = 0; j < PM_VAR_GROUP; j++) {
+            const int32_t * q = r + j * rec;
+            const int32_t a = pm_step_ld32(q + fixed), b = pm_step_ld32(q + fixed + 1);
+            bad |= (uint32_t) (pm_step_ld32(q) < 0) | (uint32_t) (pm_step_ld32(q + 1) != 2) |
+                   (uint32_t) ((uint32_t) a >= (uint32_t) n_seq_max) |
+                   (uint32_t) ((uint32_t) b >= (uint32_t) n_seq_max) | (uint32_t) (a == b);
+        }
+    }
+    return bad == 0;
+}
+
+// The id count of the record at r where it starts a group pm_var_group takes (1 or 2),
+// else 0
+static inline int32_t pm_var_group_at(const int32_t * r, int64_t avail, int64_t fixed, int32_t n_seq_max) {
+    if (avail < 2) {
+        return 0;
+    }
+    const int32_t k = pm_step_ld32(r + 1);
+    return (k == 1 || k == 2) && pm_var_group(r, avail, fixed, k, n_seq_max) ? k : 0;
+}
+
 pm_status pm_kv_records_var(const int32_t * words, int64_t span, int64_t n, int64_t fixed, int32_t n_seq_max,
                             int64_t * end, int64_t * multi) {
     if (words == NULL || end == NULL || multi == NULL || span < 0 || n < 0 || fixed < 2 || n_seq_max < 1 ||
@@ -290,73 +362,111 @@ pm_status pm_kv_records_var(const int32_t * words, int64_t span, int64_t n, int6
     *end = -1;
     *multi = 0;
     uint64_t seen[PM_STEP_MAX_SEQ / 64] = { 0 };
-    int64_t o = 0, n_multi = 0;
-    for (int64_t i = 0; i < n; i++) {
-        if (span - o < fixed + 1) {  // (a valid record has one id at least)
+    int64_t o = 0, n_multi = 0, i = 0;
+    while (i < n) {
+        const int32_t kg = i + PM_VAR_GROUP <= n ? pm_var_group_at(words + o, span - o, fixed, n_seq_max) : 0;
+        if (kg > 0) {
+            n_multi += kg > 1 ? PM_VAR_GROUP : 0;
+            i += PM_VAR_GROUP;
+            o += PM_VAR_GROUP * (fixed + kg);
+            continue;
+        }
+        const int32_t k = pm_var_record_ids(words + o, span - o, fixed, n_seq_max, seen);
+        if (k == 0) {
             return PM_OK;
         }
-        const int32_t p = pm_step_ld32(words + o), k = pm_step_ld32(words + o + 1);
-        if (p < 0 || k < 1 || k > n_seq_max || span - o - fixed < k) {
-            return PM_OK;
-        }
-        const int32_t * ids = words + o + fixed;
-        if (k == 1) {
-            if ((uint32_t) pm_step_ld32(ids) >= (uint32_t) n_seq_max) {
-                return PM_OK;
-            }
-        } else {
-            // distinct ids: each one's bit set once, then the bits cleared again
-            int32_t bad = 0;
-            for (int32_t j = 0; j < k && !bad; j++) {
-                const int32_t q = pm_step_ld32(ids + j);
-                if ((uint32_t) q >= (uint32_t) n_seq_max || (seen[q >> 6] >> (q & 63)) & 1) {
-                    bad = 1;
-                } else {
-                    seen[q >> 6] |= (uint64_t) 1 << (q & 63);
-                }
-            }
-            memset(seen, 0, sizeof seen);
-            if (bad) {
-                return PM_OK;
-            }
-            n_multi++;
-        }
+        n_multi += k > 1;
         o += fixed + k;
+        i++;
     }
     *end = o;
     *multi = n_multi;
     return PM_OK;
 }
 
-// Stream s's n variable records (checked by pm_kv_records_var: fixed words, then the ids)
-// into its cells [0, n), whose bitsets and shifts are clear: each cell's position, its
-// ids' bits, its owner (the id, or -2 for several: n_multi counted) and the bounds
-static void pm_step_fill_var(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t fixed) {
-    const int64_t n_words = c->n_words, g0 = s * c->size;
-    int64_t o = 0, n_multi = 0;
-    for (int64_t i = 0; i < n; i++) {
-        const int32_t p = pm_step_ld32(words + o), k = pm_step_ld32(words + o + 1);
-        const int32_t * ids = words + o + fixed;
-        uint64_t * bits = c->seq + (g0 + i) * n_words;
-        int32_t q = -1;
-        for (int32_t j = 0; j < k; j++) {
-            q = pm_step_ld32(ids + j);
-            bits[q >> 6] |= (uint64_t) 1 << (q & 63);
-            pm_step_bounds(c, s, q, p, p);
+// Stream s's n variable records (fixed words, then the ids; span words readable) into
+// its cells [0, n), whose bitsets and shifts are clear, each checked before it is
+// written (pm_kv_records_var's rule): each cell's position, its ids' bits, its owner
+// (the id, or -2 for several: n_multi counted) and the bounds. 1 when all are valid; 0 at
+// the first that is not, having written the cells before it (*written of them: the
+// caller empties those cells again; n_multi then counts theirs)
+static int pm_step_fill_var(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t span,
+                            int64_t fixed, int32_t n_seq_max, int64_t * written) {
+    const int64_t n_words = c->n_words, g0 = s * c->size, rec = fixed + 1;
+    int32_t * restrict pos = c->pos + g0;
+    int32_t * restrict own = c->owner + g0;
+    uint64_t * restrict bits = c->seq + g0 * n_words;
+    uint64_t seen[PM_STEP_MAX_SEQ / 64] = { 0 };
+    int32_t run_id = -1;
+    int64_t run_min = 0, run_max = 0, o = 0, i = 0, n_multi = 0;
+    int ok = 1;
+    while (i < n) {
+        const int32_t kg = i + PM_VAR_GROUP <= n ? pm_var_group_at(words + o, span - o, fixed, n_seq_max) : 0;
+        if (kg == 1) {
+            for (int j = 0; j < PM_VAR_GROUP; j++) {
+                const int32_t * r = words + o + j * rec;
+                const int32_t p = pm_step_ld32(r), q = pm_step_ld32(r + fixed);
+                pos[i + j] = p;
+                own[i + j] = q;
+                bits[(i + j) * n_words + (q >> 6)] = (uint64_t) 1 << (q & 63);
+                pm_step_run_add(c, s, q, p, &run_id, &run_min, &run_max);
+            }
+        } else if (kg == 2) {
+            for (int j = 0; j < PM_VAR_GROUP; j++) {
+                const int32_t * r = words + o + j * (rec + 1);
+                const int32_t p = pm_step_ld32(r), a = pm_step_ld32(r + fixed), b = pm_step_ld32(r + fixed + 1);
+                pos[i + j] = p;
+                own[i + j] = -2;
+                bits[(i + j) * n_words + (a >> 6)] |= (uint64_t) 1 << (a & 63);
+                bits[(i + j) * n_words + (b >> 6)] |= (uint64_t) 1 << (b & 63);
+                pm_step_bounds(c, s, a, p, p);
+                pm_step_bounds(c, s, b, p, p);
+            }
+            n_multi += PM_VAR_GROUP;
         }
-        c->pos[g0 + i] = p;
-        c->owner[g0 + i] = k == 1 ? q : -2;
-        n_multi += k > 1;
+        if (kg > 0) {
+            i += PM_VAR_GROUP;
+            o += PM_VAR_GROUP * (fixed + kg);
+            continue;
+        }
+        const int32_t k = pm_var_record_ids(words + o, span - o, fixed, n_seq_max, seen);
+        if (k == 0) {
+            ok = 0;
+            break;
+        }
+        const int32_t p = pm_step_ld32(words + o);
+        const int32_t * ids = words + o + fixed;
+        if (k == 1) {
+            const int32_t q = pm_step_ld32(ids);
+            bits[i * n_words + (q >> 6)] = (uint64_t) 1 << (q & 63);
+            own[i] = q;
+            pm_step_run_add(c, s, q, p, &run_id, &run_min, &run_max);
+        } else {
+            for (int32_t j = 0; j < k; j++) {
+                const int32_t q = pm_step_ld32(ids + j);
+                bits[i * n_words + (q >> 6)] |= (uint64_t) 1 << (q & 63);
+                pm_step_bounds(c, s, q, p, p);
+            }
+            own[i] = -2;
+            n_multi++;
+        }
+        pos[i] = p;
         o += fixed + k;
+        i++;
+    }
+    if (run_id >= 0) {
+        pm_step_bounds(c, s, run_id, run_min, run_max);
     }
     c->n_multi[s] = n_multi;
+    *written = i;
+    return ok;
 }
 
 // Stream s's records into cells [0, n) (checked already: pm_step_fill_checked's check
 // passes, or pm_kv_records_var's for variable ones), the cells [n, bound) emptied, and
 // the bounds from the records
 static void pm_step_fill(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t rec,
-                         int32_t n_seq_max, int var) {
+                         int32_t n_seq_max, int var, int64_t span) {
     const int64_t n_words = c->n_words, g0 = s * c->size;
     // cells from used_max_p1 on are empty, and an empty cell's shift and bitset are 0
     // (StackedCells' invariant): only cells [0, max(n, used_max_p1)) are written. [0, n):
@@ -366,7 +476,7 @@ static void pm_step_fill(pm_step_cells * c, int64_t s, const int32_t * words, in
     memset(c->shift + g0, 0, (size_t) n * sizeof(int32_t));
     int64_t written = 0;
     if (var) {
-        pm_step_fill_var(c, s, words, n, rec - 1);
+        pm_step_fill_var(c, s, words, n, span, rec - 1, n_seq_max, &written);
     } else {
         pm_step_fill_checked(c, s, words, n, rec, n_seq_max, &written);
     }
@@ -452,7 +562,7 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
         }
         c->n_multi[s] = 0;
         if (!all_empty) {
-            pm_step_fill(c, s, words[s], counts[s], rec, n_seq_max, var[s]);
+            pm_step_fill(c, s, words[s], counts[s], rec, n_seq_max, var[s], var[s] ? spans[s] : 0);
             continue;
         }
         int64_t k = 0;
@@ -460,21 +570,20 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
             continue;
         }
         // not every record is a fixed one: variable ones (spans given) go in over the k
-        // cells written (their bits cleared: the variable fill sets bits, never clears)
-        int64_t end = -1, multi = 0;
+        // cells written (their bits cleared: the variable fill sets bits, never clears),
+        // checked as they are written too
         if (spans != NULL) {
-            pm_kv_records_var(words[s], spans[s], counts[s], rec - 1, n_seq_max, &end, &multi);
-        }
-        if (end >= 0) {
             memset(c->seq + s * c->size * c->n_words, 0, (size_t) k * c->n_words * sizeof(uint64_t));
-            pm_step_fill_var(c, s, words[s], counts[s], rec - 1);
-            continue;
+            int64_t k_var = 0;
+            if (pm_step_fill_var(c, s, words[s], counts[s], spans[s], rec - 1, n_seq_max, &k_var)) {
+                continue;
+            }
+            k = k > k_var ? k : k_var;
         }
-        for (int64_t t = 0; t < s; t++) {
-            pm_step_unfill(c, t, counts[t]);
+        for (int64_t t = 0; t <= s; t++) {
             c->n_multi[t] = 0;
+            pm_step_unfill(c, t, t < s ? counts[t] : k);
         }
-        pm_step_unfill(c, s, k);
         memcpy(c->pmin, saved, (size_t) n_keys * sizeof(int64_t));
         memcpy(c->pmax, saved + n_keys * sizeof(int64_t), (size_t) n_keys * sizeof(int64_t));
         memcpy(c->pdirty, saved + 2 * n_keys * sizeof(int64_t), (size_t) n_keys);
