@@ -1394,6 +1394,13 @@ pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t
     return PM_OK;
 }
 
+// Stream s's bitsets where its whole records may list several ids (it holds a shared
+// cell), else NULL: a stream of one-id cells takes the fixed records' faster writer
+static const uint64_t * pm_whole_bits(const pm_kv_seq_blob * b, int64_t s) {
+    const struct pm_step_cells * c = b->cells;
+    return c != NULL && b->n_multi[s] > 0 ? c->seq + s * c->size * c->n_words : NULL;
+}
+
 pm_status pm_kv_write_whole_blob(const pm_kv_seq_blob * b, int32_t reuse, void * out, int64_t cap,
                                  int64_t * written, int32_t * declined) {
     if (pm_seq_blob_stream(b, 0) < 0 || written == NULL || declined == NULL || cap < 0 ||
@@ -1427,10 +1434,10 @@ pm_status pm_kv_write_whole_blob(const pm_kv_seq_blob * b, int32_t reuse, void *
             return PM_ERR_ARG;
         }
         int64_t ids = sel[0];
-        if (c != NULL && sel[0] > 0) {  // each record's ids, where one is not one id
-            const pm_status st = pm_kv_record_ids(b->owner[s], b->size, c->seq + s * c->size * c->n_words,
-                                                  c->n_words, b->n_seq_max, b->run_starts[s], b->run_ends[s],
-                                                  sel[1], &ids);
+        const uint64_t * bits = pm_whole_bits(b, s);
+        if (bits != NULL && sel[0] > 0) {  // each record's ids, where one is not one id
+            const pm_status st = pm_kv_record_ids(b->owner[s], b->size, bits, c->n_words, b->n_seq_max,
+                                                  b->run_starts[s], b->run_ends[s], sel[1], &ids);
             if (st != PM_OK) {
                 return st;  // (runs a reuse found no longer in the stream)
             }
@@ -1448,8 +1455,8 @@ pm_status pm_kv_write_whole_blob(const pm_kv_seq_blob * b, int32_t reuse, void *
         int64_t part = 0;
         const pm_status st = pm_kv_write_section(
             b->pos[s], b->owner[s], b->n_ext ? b->ext[s] : NULL, b->n_ext, b->size, -1, 1, b->spec[s], b->tensors,
-            sel[0], sel[1], b->run_starts[s], b->run_ends[s], c != NULL ? c->seq + s * c->size * c->n_words : NULL,
-            c != NULL ? c->n_words : 0, b->n_seq_max, w, cap - (w - (char *) out), &part);
+            sel[0], sel[1], b->run_starts[s], b->run_ends[s], pm_whole_bits(b, s), c != NULL ? c->n_words : 0,
+            b->n_seq_max, w, cap - (w - (char *) out), &part);
         if (st != PM_OK) {
             return st;
         }
