@@ -1394,11 +1394,13 @@ pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t
     return PM_OK;
 }
 
-// Stream s's bitsets where its whole records may list several ids (it holds a shared
-// cell), else NULL: a stream of one-id cells takes the fixed records' faster writer
+// Stream s's bitsets where its whole records may list other than one id (its last whole
+// selection found a cell shared by several sequences, or one of a sequence at or past
+// n_seq_max: b->selected[2 n_stream + s]), else NULL: a stream whose every cell has one
+// id below n_seq_max takes the fixed records' faster writer
 static const uint64_t * pm_whole_bits(const pm_kv_seq_blob * b, int64_t s) {
     const struct pm_step_cells * c = b->cells;
-    return c != NULL && b->n_multi[s] > 0 ? c->seq + s * c->size * c->n_words : NULL;
+    return c != NULL && b->selected[2 * b->n_stream + s] != 0 ? c->seq + s * c->size * c->n_words : NULL;
 }
 
 pm_status pm_kv_write_whole_blob(const pm_kv_seq_blob * b, int32_t reuse, void * out, int64_t cap,
@@ -1414,6 +1416,7 @@ pm_status pm_kv_write_whole_blob(const pm_kv_seq_blob * b, int32_t reuse, void *
     int64_t total = 4;
     for (int64_t s = 0; s < n_stream; ++s) {
         int64_t * sel = b->selected + 2 * s;  // n, n_runs
+        int64_t * odd = b->selected + 2 * n_stream + s;  // records not of one id (pm_whole_bits)
         if (!reuse) {
             int32_t shared = 0;
             const pm_status st = pm_kv_select(b->pos[s], b->owner[s], b->size, -1, b->n_seq_max, b->run_starts[s],
@@ -1421,12 +1424,13 @@ pm_status pm_kv_write_whole_blob(const pm_kv_seq_blob * b, int32_t reuse, void *
             if (st != PM_OK) {
                 return st;
             }
+            *odd = shared != 0;
             if (shared && c == NULL) {  // (records of several ids, or none: the bitsets tell)
-                sel[0] = sel[1] = -1;
+                sel[0] = sel[1] = *odd = -1;
                 *declined = 1;
                 return PM_OK;
             }
-        } else if (sel[0] < 0 || sel[1] < 0 || sel[1] > b->runs_cap) {
+        } else if (sel[0] < 0 || sel[1] < 0 || sel[1] > b->runs_cap || *odd < 0 || *odd > 1) {
             return PM_ERR_ARG;
         }
         const int64_t part = pm_kv_section_bytes(b->spec[s], sel[0], rec);
