@@ -802,17 +802,38 @@ static int64_t pm_kv_n_pieces(const int64_t * spec) {
 
 // the ids a whole-cache record of cell c lists (those below n_seq_max): its owner's, or a
 // shared cell's (owner -2) from its bitset (bits: the stream's, n_words a cell)
+// Whether any of the PM_ID_BLOCK cells from c has an owner outside [0, n_seq_max) (shared,
+// -2, or a sequence past n_seq_max): without one, each of their records lists one id, its
+// owner. Branch-free: the compiler vectorises it (a forked blob's cells are mostly blocks
+// of one-id cells between the shared ones)
+#define PM_ID_BLOCK 16
+static inline int pm_block_odd(const int32_t * owner, int64_t c, int32_t n_seq_max) {
+    int32_t odd = 0;
+    for (int j = 0; j < PM_ID_BLOCK; ++j) {
+        odd |= (owner[c + j] < 0) | (owner[c + j] >= n_seq_max);
+    }
+    return odd != 0;
+}
+
+// The set bits of b (SWAR: no popcount instruction assumed)
+static inline int64_t pm_bits_set(uint64_t b) {
+    b = b - ((b >> 1) & 0x5555555555555555ULL);
+    b = (b & 0x3333333333333333ULL) + ((b >> 2) & 0x3333333333333333ULL);
+    b = (b + (b >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
+    return (int64_t) ((b * 0x0101010101010101ULL) >> 56);
+}
+
 static inline int64_t pm_record_n_ids(const int32_t * owner, int64_t c, const uint64_t * bits, int64_t n_words,
                                       int32_t n_seq_max) {
     const int32_t q = owner[c];
     if (q != -2) {
         return q >= 0 && q < n_seq_max;
     }
-    int64_t k = 0;
-    for (int64_t w = 0; w < n_words; w++) {
-        for (uint64_t r = bits[c * n_words + w]; r != 0; r &= r - 1) {
-            k += 64 * w + pm_ctz64(r) < n_seq_max;
-        }
+    int64_t k = 0;  // the bits of ids below n_seq_max
+    for (int64_t w = 0; w < n_words && 64 * w < n_seq_max; w++) {
+        const int64_t below = n_seq_max - 64 * w;  // ids of word w below n_seq_max: bits [0, below)
+        const uint64_t mask = below >= 64 ? ~(uint64_t) 0 : ((uint64_t) 1 << below) - 1;
+        k += pm_bits_set(bits[c * n_words + w] & mask);
     }
     return k;
 }
@@ -827,7 +848,18 @@ pm_status pm_kv_record_ids(const int32_t * owner, int64_t size, const uint64_t *
     }
     int64_t k = 0;
     for (int64_t i = 0; i < n_runs; ++i) {
-        for (int64_t c = run_starts[i]; c < run_ends[i]; ++c) {
+        int64_t c = run_starts[i];
+        const int64_t e = run_ends[i];
+        for (; c + PM_ID_BLOCK <= e; c += PM_ID_BLOCK) {
+            if (!pm_block_odd(owner, c, n_seq_max)) {
+                k += PM_ID_BLOCK;  // one id each
+                continue;
+            }
+            for (int64_t j = c; j < c + PM_ID_BLOCK; ++j) {
+                k += pm_record_n_ids(owner, j, bits, n_words, n_seq_max);
+            }
+        }
+        for (; c < e; ++c) {
             k += pm_record_n_ids(owner, c, bits, n_words, n_seq_max);
         }
     }
@@ -844,6 +876,17 @@ static void pm_kv_meta_words_var(const int32_t * pos, const int32_t * owner, con
     int32_t * w = out;
     for (int64_t i = 0; i < n_runs; ++i) {
         for (int64_t c = run_starts[i]; c < run_ends[i]; ++c) {
+            if (n_ext == 0 && c % PM_ID_BLOCK == 0 && c + PM_ID_BLOCK <= run_ends[i] &&
+                !pm_block_odd(owner, c, n_seq_max)) {
+                // a block of one-id cells: fixed records [pos, 1, owner]
+                for (int64_t j = c; j < c + PM_ID_BLOCK; ++j, w += 3) {
+                    pm_st32(w, pos[j]);
+                    pm_st32(w + 1, 1);
+                    pm_st32(w + 2, owner[j]);
+                }
+                c += PM_ID_BLOCK - 1;
+                continue;
+            }
             const int64_t k = pm_record_n_ids(owner, c, bits, n_words, n_seq_max);
             pm_st32(w, pos[c]);
             pm_st32(w + 1, (int32_t) k);

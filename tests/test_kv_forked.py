@@ -613,6 +613,35 @@ def test_whole_blob_of_a_forked_memory_is_written_natively(
     mem.close()
 
 
+@pytest.mark.parametrize("kind", ["kv", "kv-rows", "hybrid", "iswa"])
+def test_whole_blob_of_long_one_id_runs_beside_shared_cells(monkeypatch, kind) -> None:
+    """A forked memory whose cells are runs of 40 one-id cells (the native writers take
+    those sixteen records at a time) and shared ones: its whole blob, written natively,
+    has the general writer's bytes."""
+    if kind.startswith("kv"):
+        mem = _forked_kv(True, kind == "kv", 7)
+    elif kind == "hybrid":
+        mem = make_hybrid("RAR", n_seq_max=N_SEQ, unified=True)
+    else:
+        mem = make_iswa(96, N_SEQ, v_trans=True, spec=iswa_spec(n_swa=3))
+        randomize_any(mem, 7)
+    mem.clear(True)
+    items = [[1 + q, p, [q], False] for q in (1, 2) for p in range(20)]  # 40 cells of one id
+    assert decode(mem, items, n_ubatch=40) == 0
+    assert decode(mem, [[3, p, [0], False] for p in range(6)], n_ubatch=16) == 0
+    mem.seq_cp(0, 4, -1, -1)  # six shared cells after them
+    with monkeypatch.context() as m:
+        m.setattr(kv_state_io, "NATIVE_RUNS", False)
+        m.setattr(CompositeMemory, "_native_write", lambda self, *a, **k: None)
+        want = bytes(mem.state_write())
+    assert bytes(mem.state_write()) == want
+    buf = bytearray(len(want))
+    assert mem.state_write_buffer(buf) == len(want) and bytes(buf) == want
+    if isinstance(mem, CompositeMemory):
+        assert mem._native_write(bytearray(len(want)), -1, 0) == len(want)
+    mem.close()
+
+
 @pytest.mark.parametrize("kind", ["kv", "iswa"])
 @pytest.mark.parametrize("forked", [False, True])
 def test_whole_blob_of_cells_past_n_seq_max_is_the_general_writers(monkeypatch, kind, forked):
@@ -673,3 +702,55 @@ def test_a_composite_rolls_a_live_sequence_back_in_one_call(monkeypatch) -> None
     assert twins[0].seq_pos_max(0) == 3
     for mem in twins:
         mem.close()
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_record_id_count_equals_numpy(seed: int) -> None:
+    """pm_kv_record_ids (the ids a whole blob's records list: a cell of one sequence below
+    n_seq_max one, a shared cell each of its ids below n_seq_max, a cell of a sequence
+    at or past n_seq_max none) against numpy on random streams of 1-4 bitset words with
+    blocks of one-id cells (the kernel passes those sixteen at a time) between shared
+    ones, any n_seq_max, over random runs."""
+    rng = np.random.default_rng(seed)
+    n_words = int(rng.integers(1, 5))
+    n_seq_max = int(rng.integers(1, 64 * n_words + 1))
+    size = int(rng.integers(1, 200))
+    owner = np.full(size, -1, dtype=np.int32)
+    bits = np.zeros((size, n_words), dtype=np.uint64)
+    kinds = np.repeat(rng.random(size), rng.integers(1, 40, size))[:size]  # segments
+    for c in range(size):
+        kind = kinds[c]
+        if kind < 0.1:
+            continue  # empty
+        if kind < 0.3:  # shared: two to four ids anywhere in the bitset
+            ids = rng.choice(64 * n_words, size=int(rng.integers(2, 5)), replace=False)
+            owner[c] = -2
+        else:  # one sequence, mostly below n_seq_max
+            ids = [int(rng.integers(0, n_seq_max)) if rng.random() < 0.97
+                   else int(rng.integers(0, 64 * n_words))]  # fmt: skip
+            owner[c] = ids[0]
+        for q in ids:
+            bits[c, q >> 6] |= np.uint64(1) << np.uint64(q & 63)
+    want_per_cell = np.zeros(size, dtype=np.int64)
+    for c in range(size):
+        if owner[c] == -2:
+            qs = [64 * w + b for w in range(n_words) for b in range(64) if int(bits[c, w]) >> b & 1]
+            want_per_cell[c] = sum(q < n_seq_max for q in qs)
+        elif owner[c] >= 0:
+            want_per_cell[c] = int(owner[c] < n_seq_max)
+    # random ascending runs
+    edges = np.unique(rng.integers(0, size + 1, size=2 * int(rng.integers(1, 6))))
+    if edges.size % 2:
+        edges = edges[:-1]
+    starts, ends = edges[0::2].astype(np.int64), edges[1::2].astype(np.int64)
+    keep = ends > starts
+    starts, ends = starts[keep], ends[keep]
+    want = sum(int(want_per_cell[a:e].sum()) for a, e in zip(starts, ends))
+    ids = ffi.new("int64_t *")
+    status = lib.pm_kv_record_ids(
+        ffi.from_buffer("int32_t[]", owner), size, ffi.from_buffer("uint64_t[]", bits), n_words,
+        n_seq_max, ffi.from_buffer("int64_t[]", starts), ffi.from_buffer("int64_t[]", ends),
+        starts.size, ids,
+    )  # fmt: skip
+    assert status == lib.PM_OK
+    assert ids[0] == want, (seed, n_words, n_seq_max)
