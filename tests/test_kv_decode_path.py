@@ -14,6 +14,8 @@ sequences pairs with the token of each of them: the kernel walks its bitset).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from kv_helpers import check_invariants, make_kv
@@ -113,12 +115,15 @@ def test_one_stream_decode_mask_equals_pair_evaluation(
 # --- a decode step's memo (replayed ubatches) ------------------------------------------
 
 
-def _drive(kv, balloc, seqs: list[int], pos: list[int], dtype) -> tuple:
-    """One decode call through ``balloc`` and ``kv``: everything the step hands a graph."""
+def _drive(kv, balloc, seqs: list[int], pos: list[int], dtype, may_fail: bool = False) -> Any:
+    """One decode call through ``balloc`` and ``kv``: everything the step hands a graph
+    (``may_fail``: the planning's status name instead, where it is not SUCCESS)."""
     n = len(seqs)
     batch = Batch(np.arange(n, dtype=np.int32) + 1, pos=np.asarray(pos, np.int32), seq_id=seqs)
     balloc.init(batch, memory=kv, n_seq_max=kv.n_seq_max)
     ctx = kv.init_batch(balloc, 512, False)
+    if may_fail and ctx.get_status() != MemoryStatus.SUCCESS:
+        return ctx.get_status().name
     assert ctx.get_status() == MemoryStatus.SUCCESS
     out = []
     while True:

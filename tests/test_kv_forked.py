@@ -325,10 +325,8 @@ def test_forked_decode_runs_match_the_numpy_step(monkeypatch, swa: bool, seed: i
         with monkeypatch.context() as m:
             m.setattr(kv_cache, "USE_NATIVE", i == 0)
             m.setattr(kv_inputs, "USE_NATIVE", i == 0)
-            try:
-                return _drive(twins[i], allocs[i], seqs, pos, np.float16)
-            except AssertionError:  # no slot: both must agree on it
-                return "no slot"
+            # a step that finds no slot answers its status: both twins must agree on it
+            return _drive(twins[i], allocs[i], seqs, pos, np.float16, may_fail=True)
 
     for n in range(60):
         op = rng.choice(["step", "step", "step", "fork", "rm_tail", "rm_all"])
