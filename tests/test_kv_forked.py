@@ -566,6 +566,23 @@ def test_refill_places_variable_records_and_declines_bad_ones(into_empty: bool) 
     assert _cells_snapshot(st) == _cells_snapshot(ref)
 
 
+def _written_as_the_general_writer(monkeypatch, mem: Any) -> int:
+    """Assert that ``mem``'s whole blob, written, sized and written into a buffer by the
+    native writers (a composite's one call taken), has the general writer's bytes; its
+    length."""
+    with monkeypatch.context() as m:
+        m.setattr(kv_state_io, "NATIVE_RUNS", False)
+        m.setattr(CompositeMemory, "_native_write", lambda self, *a, **k: None)
+        want = bytes(mem.state_write())
+    assert bytes(mem.state_write()) == want
+    assert mem.state_size() == len(want)
+    buf = bytearray(len(want) + 8)
+    assert mem.state_write_buffer(buf) == len(want) and bytes(buf[: len(want)]) == want
+    if isinstance(mem, CompositeMemory):
+        assert mem._native_write(bytearray(len(want)), -1, 0) == len(want)
+    return len(want)
+
+
 @pytest.mark.parametrize(
     "kind, unified, v_trans",
     [("kv", True, True), ("kv", True, False), ("kv", False, True), ("window", True, False),
@@ -591,18 +608,8 @@ def test_whole_blob_of_a_forked_memory_is_written_natively(
     mem.seq_cp(0, 4, -1, -1)
     # cells of 0, 4 and 5; of 0 and 4; of 0 alone (across streams: a whole copy)
     mem.seq_cp(4, 5, 1, 4) if unified else mem.seq_cp(4, 5, -1, -1)
-    with monkeypatch.context() as m:
-        m.setattr(kv_state_io, "NATIVE_RUNS", False)
-        m.setattr(CompositeMemory, "_native_write", lambda self, *a, **k: None)
-        want = bytes(mem.state_write())
-    assert bytes(mem.state_write()) == want
-    assert mem.state_size() == len(want)
-    buf = bytearray(len(want) + 8)
-    assert mem.state_write_buffer(buf) == len(want) and bytes(buf[: len(want)]) == want
-    # the native writers took it: a single cache's per-stream sections, a composite's call
-    if isinstance(mem, CompositeMemory):
-        assert mem._native_write(bytearray(len(want)), -1, 0) == len(want)
-    else:
+    _written_as_the_general_writer(monkeypatch, mem)
+    if not isinstance(mem, CompositeMemory):  # a single cache's per-stream sections
         assert mem._whole_writer(0) is not None
     if unified:
         assert any(
@@ -628,15 +635,7 @@ def test_whole_blob_of_long_one_id_runs_beside_shared_cells(monkeypatch, kind) -
     assert decode(mem, items, n_ubatch=40) == 0
     assert decode(mem, [[3, p, [0], False] for p in range(6)], n_ubatch=16) == 0
     mem.seq_cp(0, 4, -1, -1)  # six shared cells after them
-    with monkeypatch.context() as m:
-        m.setattr(kv_state_io, "NATIVE_RUNS", False)
-        m.setattr(CompositeMemory, "_native_write", lambda self, *a, **k: None)
-        want = bytes(mem.state_write())
-    assert bytes(mem.state_write()) == want
-    buf = bytearray(len(want))
-    assert mem.state_write_buffer(buf) == len(want) and bytes(buf) == want
-    if isinstance(mem, CompositeMemory):
-        assert mem._native_write(bytearray(len(want)), -1, 0) == len(want)
+    _written_as_the_general_writer(monkeypatch, mem)
     mem.close()
 
 
@@ -665,16 +664,7 @@ def test_whole_blob_of_cells_past_n_seq_max_is_the_general_writers(monkeypatch, 
     kvs = [p for p in parts if isinstance(p, KVCache)]
     assert any((p.cells.owner == hidden).any() for p in kvs)
     assert bool(sum(int(p.cells.n_multi.sum()) for p in kvs)) == forked
-    with monkeypatch.context() as m:
-        m.setattr(kv_state_io, "NATIVE_RUNS", False)
-        m.setattr(CompositeMemory, "_native_write", lambda self, *a, **k: None)
-        want = bytes(mem.state_write())
-    assert bytes(mem.state_write()) == want
-    assert mem.state_size() == len(want)
-    buf = bytearray(len(want))
-    assert mem.state_write_buffer(buf) == len(want) and bytes(buf) == want
-    if isinstance(mem, CompositeMemory):
-        assert mem._native_write(bytearray(len(want)), -1, 0) == len(want)
+    _written_as_the_general_writer(monkeypatch, mem)
     mem.close()
 
 
