@@ -1808,6 +1808,36 @@ pm_status pm_kv_records_fixed(const int32_t * words, int64_t n, int64_t rec, int
     return PM_OK;
 }
 
+// The words n variable records at words take (fixed words then n_seq_id ids each), from
+// their lengths alone (records a placement already checked); -1 where one does not end
+// within span. Eight records of one length (one or two ids) are passed at once
+static int64_t pm_records_end(const int32_t * words, int64_t span, int64_t n, int64_t fixed) {
+    int64_t o = 0, i = 0;
+    while (i < n) {
+        if (span - o < fixed) {
+            return -1;
+        }
+        const int64_t k = (int64_t) (uint32_t) pm_ld32(words + o + 1);
+        if ((k == 1 || k == 2) && i + 8 <= n && span - o >= 8 * (fixed + k)) {
+            int32_t same = 1;
+            for (int j = 1; j < 8; j++) {
+                same &= pm_ld32(words + o + j * (fixed + k) + 1) == (int32_t) k;
+            }
+            if (same) {
+                o += 8 * (fixed + k);
+                i += 8;
+                continue;
+            }
+        }
+        if (span - o - fixed < k) {
+            return -1;
+        }
+        o += fixed + k;
+        i++;
+    }
+    return o;
+}
+
 // The words of stream s's n meta records at words (span readable), checked as mode
 // (pm_kv_read_whole_blob) asks: n * rec for fixed ones; a variable span (cells shared by
 // several sequences; no ext) when mode 1 finds the stream's cells shared, the records
@@ -1827,9 +1857,15 @@ static int64_t pm_whole_records_span(const pm_kv_seq_blob * b, int64_t s, const 
     if (!var) {
         return n * rec;
     }
+    if (b->n_ext != 0) {
+        return -1;
+    }
+    if (mode == 1) {  // placed already: the records' lengths alone
+        return pm_records_end(words, span, n, rec - 1);
+    }
     int64_t end = -1, multi = 0;
-    if (b->n_ext != 0 || pm_kv_records_var(words + first * rec, span - first * rec, n - first, rec - 1,
-                                           (int32_t) b->n_seq_max, &end, &multi) != PM_OK) {
+    if (pm_kv_records_var(words + first * rec, span - first * rec, n - first, rec - 1, (int32_t) b->n_seq_max,
+                          &end, &multi) != PM_OK) {
         return -1;
     }
     return end < 0 ? -1 : first * rec + end;

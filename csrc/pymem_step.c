@@ -412,6 +412,10 @@ static int pm_step_fill_var(pm_step_cells * c, int64_t s, const int32_t * words,
                 pm_step_run_add(c, s, q, p, &run_id, &run_min, &run_max);
             }
         } else if (kg == 2) {
+            // the group's pair of ids is mostly one pair (a sequence and its fork): its
+            // bounds then move once
+            const int32_t a0 = pm_step_ld32(words + o + fixed), b0 = pm_step_ld32(words + o + fixed + 1);
+            int32_t lo = INT32_MAX, hi = INT32_MIN, one_pair = 1;
             for (int j = 0; j < PM_VAR_GROUP; j++) {
                 const int32_t * r = words + o + j * (rec + 1);
                 const int32_t p = pm_step_ld32(r), a = pm_step_ld32(r + fixed), b = pm_step_ld32(r + fixed + 1);
@@ -419,8 +423,20 @@ static int pm_step_fill_var(pm_step_cells * c, int64_t s, const int32_t * words,
                 own[i + j] = -2;
                 bits[(i + j) * n_words + (a >> 6)] |= (uint64_t) 1 << (a & 63);
                 bits[(i + j) * n_words + (b >> 6)] |= (uint64_t) 1 << (b & 63);
-                pm_step_bounds(c, s, a, p, p);
-                pm_step_bounds(c, s, b, p, p);
+                one_pair &= (a == a0) & (b == b0);
+                lo = p < lo ? p : lo;
+                hi = p > hi ? p : hi;
+            }
+            if (one_pair) {
+                pm_step_bounds(c, s, a0, lo, hi);
+                pm_step_bounds(c, s, b0, lo, hi);
+            } else {
+                for (int j = 0; j < PM_VAR_GROUP; j++) {
+                    const int32_t * r = words + o + j * (rec + 1);
+                    const int32_t p = pm_step_ld32(r);
+                    pm_step_bounds(c, s, pm_step_ld32(r + fixed), p, p);
+                    pm_step_bounds(c, s, pm_step_ld32(r + fixed + 1), p, p);
+                }
             }
             n_multi += PM_VAR_GROUP;
         }

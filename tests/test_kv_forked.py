@@ -451,9 +451,12 @@ def test_variable_records_test_equals_the_general_parse(seed: int) -> None:
     starts: list[int] = []  # each record's first word
     while len(starts) < 40:
         k = int(rng.integers(1, min(3, n_seq_max) + 1))
+        one_set = rng.random() < 0.5  # a run of one id set (a sequence and its fork)
+        ids = rng.choice(n_seq_max, size=k, replace=False).tolist()
         for _ in range(int(rng.integers(1, 13))):
             starts.append(len(words))
-            ids = rng.choice(n_seq_max, size=k, replace=False).tolist()
+            if not one_set:
+                ids = rng.choice(n_seq_max, size=k, replace=False).tolist()
             words += [int(rng.integers(0, 99)), k] + [7] * (fixed - 2) + ids
     n = len(starts)
     arr = np.array(words, dtype=np.int32)
@@ -620,9 +623,11 @@ def test_whole_blob_of_a_forked_memory_is_written_natively(
 
 @pytest.mark.parametrize("kind", ["kv", "kv-rows", "hybrid", "iswa"])
 def test_whole_blob_of_long_one_id_runs_beside_shared_cells(monkeypatch, kind) -> None:
-    """A forked memory whose cells are runs of 40 one-id cells (the native writers take
-    those sixteen records at a time) and shared ones: its whole blob, written natively,
-    has the general writer's bytes."""
+    """A forked memory whose cells are a run of 40 one-id cells and one of 20 cells
+    shared by one pair of sequences (the native kernels take such records sixteen or
+    eight at a time): its whole blob, written natively, has the general writer's bytes,
+    and read back natively into the cleared memory (taken by the one-call roads) leaves
+    what the numpy roads leave."""
     if kind.startswith("kv"):
         mem = _forked_kv(True, kind == "kv", 7)
     elif kind == "hybrid":
@@ -633,9 +638,40 @@ def test_whole_blob_of_long_one_id_runs_beside_shared_cells(monkeypatch, kind) -
     mem.clear(True)
     items = [[1 + q, p, [q], False] for q in (1, 2) for p in range(20)]  # 40 cells of one id
     assert decode(mem, items, n_ubatch=40) == 0
-    assert decode(mem, [[3, p, [0], False] for p in range(6)], n_ubatch=16) == 0
-    mem.seq_cp(0, 4, -1, -1)  # six shared cells after them
+    assert decode(mem, [[3, p, [0], False] for p in range(20)], n_ubatch=20) == 0
+    mem.seq_cp(0, 4, -1, -1)  # twenty cells shared by 0 and 4 after them
     _written_as_the_general_writer(monkeypatch, mem)
+    blob = bytes(mem.state_write())
+    taken: list[bool] = []  # whether each whole parse of the one-call roads took the blob
+    real_whole, real_one_call = kv_state_io.SeqBlob.read_whole, CompositeMemory._native_read
+
+    def whole(self, data, mode):  # type: ignore[no-untyped-def]
+        found = real_whole(self, data, mode)
+        taken.append(found is not None)
+        return found
+
+    def one_call(self, data, seq_id, flags):  # type: ignore[no-untyped-def]
+        done = real_one_call(self, data, seq_id, flags)
+        taken.append(done is not None)
+        return done
+
+    states = []
+    for native in (True, False):
+        with monkeypatch.context() as m:
+            if native:
+                m.setattr(kv_state_io.SeqBlob, "read_whole", whole)
+                m.setattr(CompositeMemory, "_native_read", one_call)
+            else:
+                m.setattr(kv_state_io, "NATIVE_RUNS", False)
+                m.setattr(kv_state_io, "NATIVE_PLACE", False)
+                m.setattr(CompositeMemory, "_native_read", lambda self, d, q, f: None)
+                m.setattr(CompositeMemory, "seq_reader", lambda self, q, f: None)
+            mem.clear(False)
+            assert mem.state_read(blob) == len(blob)
+            states.append(_state(mem))
+    assert states[0] == states[1]
+    assert states[0][0] == blob
+    assert taken and all(taken), taken  # the one-call roads took the blob
     mem.close()
 
 
