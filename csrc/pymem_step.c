@@ -1249,6 +1249,37 @@ pm_status pm_step_rs_pos(const int32_t * tail, const int32_t * pos, int64_t size
     return PM_OK;
 }
 
+pm_status pm_step_hybrid_pos_max(const pm_step_cells * c, const int64_t * keys, const int32_t * tail,
+                                 const int32_t * pos, int64_t size, const int64_t * ids, int64_t n, int64_t * out,
+                                 int32_t * ok) {
+    if (ok == NULL) {
+        return PM_ERR_ARG;
+    }
+    *ok = 0;
+    // the cache's answers first (out holds them, or *ok stays 0), then the recurrent
+    // part's checks, then the lesser of the two
+    int32_t kv_ok = 0;
+    const pm_status st = pm_step_kv_pos_max(c, keys, n, out, &kv_ok);
+    if (st != PM_OK || !kv_ok) {
+        return st;
+    }
+    if (tail == NULL || pos == NULL || ids == NULL || size < 0) {
+        return PM_ERR_ARG;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= size || tail[ids[i]] >= size) {
+            return PM_ERR_RANGE;
+        }
+    }
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t t = tail[ids[i]];
+        const int64_t r = t >= 0 && pos[t] > -1 ? pos[t] : -1;
+        out[i] = r < out[i] ? r : out[i];
+    }
+    *ok = 1;
+    return PM_OK;
+}
+
 // Whether any of the 32 positions from pos[c0] lies in [p0, p0 + width) (as unsigned
 // pos - p0 < width: a position below p0 wraps past the width; p0 >= 0): a fixed-trip test
 // the compiler vectorises, so that blocks with no such position (most of them, for a tail

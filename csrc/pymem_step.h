@@ -177,6 +177,15 @@ pm_status pm_step_rs_steady(int64_t size, const int32_t * tail, const int32_t * 
 pm_status pm_step_rs_pos(const int32_t * tail, const int32_t * pos, int64_t size, const int64_t * ids, int64_t n,
                          int64_t * out);
 
+// HybridMemory.seq_pos_max_of in one call, for an attention part that is one KV cache:
+// out[i] = min(pmax[keys[i]], max(pos[tail[ids[i]]], -1)), the lesser of what the cache
+// and the recurrent cells hold (-1 where either holds nothing). keys as
+// pm_step_kv_pos_max's (*ok = 0, out undefined, when one is stale); ids, tail and pos as
+// pm_step_rs_pos's (PM_ERR_RANGE for an id or tail outside, or a key outside the table).
+pm_status pm_step_hybrid_pos_max(const pm_step_cells * c, const int64_t * keys, const int32_t * tail,
+                                 const int32_t * pos, int64_t size, const int64_t * ids, int64_t n, int64_t * out,
+                                 int32_t * ok);
+
 // The cells of one stream (pos, owner: int32[n]) that sequence seq_id holds alone (owner
 // == seq_id; the caller makes sure no cell is shared) with p0 <= pos < p1, ascending:
 // *count of them, and the first cap of their indices into out. PM_ERR_RANGE (with *count

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pymem._native import check, ffi, lib
 from pymem.composite import CompositeMemory, PairContext
 from pymem.errors import ConfigError
 from pymem.kv import KVCache, KVCacheContext, KVCacheISWA, KVCacheISWAContext
@@ -241,9 +242,36 @@ class HybridMemory(CompositeMemory):
         )
 
     def seq_pos_max_of(self, seq_ids: np.ndarray) -> np.ndarray:
+        fused = self._pos_max_native(seq_ids)
+        if fused is not None:
+            return fused
         return np.minimum(
             self.mem_attn.seq_pos_max_of(seq_ids), self.mem_recr.seq_pos_max_of(seq_ids)
         )
+
+    def _pos_max_native(self, seq_ids: np.ndarray) -> np.ndarray | None:
+        """:meth:`seq_pos_max_of` of a decode step's frozen ids in one native call
+        (:c:func:`pm_step_hybrid_pos_max`) where both parts memoised them (the step
+        before asked the general way) and the attention part is one KV cache; None
+        otherwise, or where a cached bound is stale (the general way refreshes it)."""
+        attn = self.mem_attn
+        if not isinstance(attn, KVCache):
+            return None
+        keys_c = attn.frozen_keys_c(seq_ids)
+        ids_c = None if keys_c is None else self.mem_recr.frozen_ids_c(seq_ids)
+        if ids_c is None:
+            return None
+        n = len(seq_ids)
+        out = np.empty(n, dtype=np.int64)
+        c, _, _, ok = attn._native_cells()
+        cells = self.mem_recr.cells
+        status = lib.pm_step_hybrid_pos_max(
+            c, keys_c, ffi.from_buffer("int32_t[]", cells.tail), ffi.from_buffer("int32_t[]", cells.pos),
+            cells.size, ids_c, n, ffi.from_buffer("int64_t[]", out, require_writable=True), ok,
+        )  # fmt: skip
+        if status != lib.PM_OK:
+            check(status, f"pm_step_hybrid_pos_max ({n} ids)")
+        return out if ok[0] else None
 
     def seq_pos_ranges(self, seq_id: int) -> dict[str, tuple[int, int]]:
         """Each part's own ``(pos_min, pos_max)`` of ``seq_id``, ``(-1, -1)`` when absent.

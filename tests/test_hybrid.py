@@ -540,6 +540,100 @@ def test_seq_pos_bounds_of_equal_the_scalar_queries(kind: str, seed: int) -> Non
         assert mem.seq_pos_min_of(far).tolist() == [mem.seq_pos_min(n_seq), -1]
 
 
+def _frozen(ids: np.ndarray) -> np.ndarray:
+    """A read-only id array that owns its data, as the allocator's layout holds them."""
+    out = np.array(ids, dtype=np.int64)
+    out.flags.writeable = False
+    return out
+
+
+@pytest.mark.parametrize("unified", [True, False])
+@pytest.mark.parametrize("seed", range(6))
+def test_hybrid_pos_max_of_frozen_ids_in_one_native_call(unified: bool, seed: int) -> None:
+    """A decode step's frozen ids: the first query memoises them in both parts, the next
+    ones take pm_step_hybrid_pos_max, equal to the scalar queries after every kind of
+    change (negative recurrent positions after seq_add, removed sequences, stale cached
+    bounds after a partial seq_rm, which the kernel leaves to the general way)."""
+    rng = np.random.default_rng(seed)
+    n_seq = 4
+    mem = make_hybrid("RAR", n_seq_max=n_seq, unified=unified)
+    ids = _frozen(np.arange(n_seq))
+    fused = 0
+    _random_workload(mem, rng, n_seq)
+    for _ in range(8):
+        s = int(rng.integers(0, n_seq))
+        r = rng.random()
+        if r < 0.2:
+            mem.seq_rm(s, -1, -1)
+        elif r < 0.4 and mem.seq_pos_max(s) > 0:
+            mem.seq_add(s, -1, -1, -int(rng.integers(1, 20)))
+        else:  # more tokens after what the sequence holds
+            p0 = mem.seq_pos_max(s) + 1
+            n = int(rng.integers(1, 6))
+            balloc = BatchAllocator()
+            pos = np.arange(p0, p0 + n, dtype=np.int32)
+            batch = Batch(np.ones(n, np.int32), pos=pos, seq_id=np.full(n, s, np.int32))
+            balloc.init(batch, memory=mem, n_seq_max=n_seq)
+            ctx = mem.init_batch(balloc, 8)
+            assert ctx.get_status() == MemoryStatus.SUCCESS
+            while ctx.apply() and ctx.next():
+                pass
+        # one part alone changed (the parts then disagree: the lesser one is the answer)
+        apart = rng.random() < 0.5 and mem.seq_pos_max(s) > 1
+        if apart and rng.random() < 0.5:
+            mem.mem_attn.seq_rm(s, mem.seq_pos_max(s) - 1, -1)  # the cache's tail only
+        elif apart:
+            mem.mem_recr.seq_rm(s, -1, -1)  # the recurrent state only
+        want = [mem.seq_pos_max(int(q)) for q in ids]
+        assert mem.seq_pos_max_of(ids).tolist() == want  # (memoises on the first pass)
+        direct = mem._pos_max_native(ids)
+        if direct is not None:
+            fused += 1
+            assert direct.tolist() == want
+        assert mem.seq_pos_max_of(ids).tolist() == want
+        if apart:
+            mem.seq_rm(s, -1, -1)  # the parts agree again
+    assert fused >= 3  # the one-call road is the usual one, not a rare branch
+    # a recurrent state shifted below 0 (its position -5 or so; the cache lost the cells):
+    # the largest position reads -1, as the scalar query
+    s = int(np.argmax([mem.seq_pos_max(int(q)) for q in ids]))
+    mem.seq_add(s, -1, -1, -(mem.seq_pos_max(s) + 6))
+    assert mem.mem_recr.seq_pos_min(s) < -1
+    mem.seq_pos_max_of(ids)  # (refreshes what the shift left stale)
+    direct = mem._pos_max_native(ids)
+    assert direct is not None and direct[s] == mem.seq_pos_max(s) == -1
+    # another array with the same ids is not the memoised one: the general way answers
+    assert mem._pos_max_native(_frozen(np.arange(n_seq))) is None
+    mem.close()
+
+
+def test_hybrid_pos_max_kernel_refuses_ids_and_keys_outside() -> None:
+    from pymem._native import ffi, lib
+
+    mem = make_hybrid("RAR", n_seq_max=2)
+    ids = _frozen([0, 1])
+    mem.seq_pos_max_of(ids)
+    c, _, _, ok = mem.mem_attn._native_cells()
+    cells = mem.mem_recr.cells
+    out = np.empty(2, dtype=np.int64)
+
+    def call(keys: list[int], rs_ids: list[int]) -> int:
+        k = np.array(keys, dtype=np.int64)
+        r = np.array(rs_ids, dtype=np.int64)
+        return lib.pm_step_hybrid_pos_max(
+            c, ffi.from_buffer("int64_t[]", k), ffi.from_buffer("int32_t[]", cells.tail),
+            ffi.from_buffer("int32_t[]", cells.pos), cells.size, ffi.from_buffer("int64_t[]", r),
+            2, ffi.from_buffer("int64_t[]", out, require_writable=True), ok,
+        )  # fmt: skip
+
+    assert call([0, 1], [0, 1]) == lib.PM_OK and ok[0] == 1
+    assert out.tolist() == [-1, -1]  # nothing decoded: both parts empty
+    assert call([0, 1], [0, cells.size]) == lib.PM_ERR_RANGE
+    assert call([0, 1], [-1, 0]) == lib.PM_ERR_RANGE
+    assert call([0, 256 * mem.mem_attn.n_stream], [0, 1]) == lib.PM_ERR_RANGE
+    mem.close()
+
+
 @pytest.mark.parametrize("pattern", ["RAR", "RSAR"])
 @pytest.mark.parametrize("seed", range(4))
 def test_position_queries_equal_the_parts_for_every_id(pattern: str, seed: int) -> None:

@@ -774,6 +774,17 @@ class KVCache(Memory):
         v = self.cells.pos_min_at(self._seq_keys(seq_ids))
         return np.where(v == EMPTY_MIN, -1, v)
 
+    def frozen_keys_c(self, seq_ids: np.ndarray) -> Any | None:
+        """The C buffer of ``seq_ids``' (stream, sequence) keys when ``seq_ids`` is the
+        frozen id array a previous query memoised (a decode step's allocator layout) and
+        the native kernels are in use; None otherwise (a composite then asks the general
+        way, which memoises it for the next step)."""
+        self.check_open()
+        km, kc = self._keys_memo, self._keys_c
+        if not USE_NATIVE or km is None or kc is None or km[0] is not seq_ids or kc[0] is not km[1]:
+            return None
+        return kc[1]
+
     def seq_pos_max_of(self, seq_ids: np.ndarray) -> np.ndarray:
         """``seq_pos_max`` of each of ``seq_ids`` (int64), from the cached bounds."""
         keys = self._seq_keys(seq_ids)

@@ -661,6 +661,16 @@ class RecurrentMemory(Memory):
         pos = self.seq_pos_min(seq_id)
         return pos if pos > -1 else -1
 
+    def frozen_ids_c(self, seq_ids: np.ndarray) -> Any | None:
+        """The C buffer of ``seq_ids`` (int64) when it is the frozen id array, every id
+        naming a cell, that a previous :meth:`seq_pos_min_of` memoised (a decode step's
+        allocator layout) and the native kernels are in use; None otherwise."""
+        self.check_open()
+        memo = self._ids_in_range
+        if not rcells.USE_NATIVE or memo is None or memo[0] is not seq_ids:
+            return None
+        return memo[2]
+
     def seq_pos_min_of(self, seq_ids: np.ndarray) -> np.ndarray:
         """:meth:`seq_pos_min` of each of ``seq_ids`` (int64).
 
