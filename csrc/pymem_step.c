@@ -1077,6 +1077,62 @@ pm_status pm_step_batch_check(const int32_t * token, const int32_t * pos, const 
     return PM_OK;
 }
 
+pm_status pm_step_batch_check_runs(const int32_t * token, const int32_t * pos, int64_t n, const int64_t * first,
+                                   const int64_t * len, const int64_t * run_seq, int64_t n_runs,
+                                   const int64_t * mem_max, int64_t n_vocab, const uint8_t * output,
+                                   int8_t * out_output, int32_t * seq_pmin, int32_t * seq_pmax, int64_t * n_outputs,
+                                   int32_t * ok) {
+    if (token == NULL || pos == NULL || first == NULL || len == NULL || run_seq == NULL || out_output == NULL ||
+        seq_pmin == NULL || seq_pmax == NULL || n_outputs == NULL || ok == NULL || n < 1 || n_runs < 1) {
+        return PM_ERR_ARG;
+    }
+    *ok = 0;
+    int64_t covered = 0;
+    for (int64_t r = 0; r < n_runs; r++) {
+        if (first[r] < 0 || len[r] < 1 || first[r] > n - len[r] || run_seq[r] < 0 ||
+            run_seq[r] >= PM_STEP_MAX_SEQ) {
+            return PM_ERR_RANGE;
+        }
+        covered += len[r];
+    }
+    if (covered != n) {
+        return PM_ERR_RANGE;
+    }
+    for (int64_t t = 0; t < n; t++) {
+        if (token[t] < 0 || (n_vocab >= 0 && token[t] >= n_vocab) || pos[t] < 0) {
+            return PM_OK;
+        }
+    }
+    for (int64_t r = 0; r < n_runs; r++) {
+        const int32_t * p = pos + first[r];
+        if (mem_max != NULL && mem_max[r] >= 0 && (int64_t) p[0] != mem_max[r] + 1) {
+            return PM_OK;
+        }
+        for (int64_t j = 1; j < len[r]; j++) {
+            if ((int64_t) p[j] != (int64_t) p[j - 1] + 1) {
+                return PM_OK;
+            }
+        }
+    }
+    for (int q = 0; q < PM_STEP_MAX_SEQ; q++) {
+        seq_pmin[q] = -1;
+        seq_pmax[q] = -1;
+    }
+    for (int64_t r = 0; r < n_runs; r++) {
+        seq_pmin[run_seq[r]] = pos[first[r]];
+        seq_pmax[run_seq[r]] = pos[first[r] + len[r] - 1];
+    }
+    int64_t n_out = 0;
+    for (int64_t t = 0; t < n; t++) {
+        const int8_t o = output != NULL ? (int8_t) (output[t] != 0) : (int8_t) (t == n - 1);
+        out_output[t] = o;
+        n_out += o;
+    }
+    *n_outputs = n_out;
+    *ok = 1;
+    return PM_OK;
+}
+
 pm_status pm_step_rs_steady(int64_t size, const int32_t * tail, const int32_t * tail_snap, const int32_t * ids,
                             const int32_t * ids_snap, int64_t n, int64_t lo, int32_t * pos, const int32_t * src,
                             int32_t * src0, uint32_t * n_last, int64_t n_last_size, const int32_t * last_pos,

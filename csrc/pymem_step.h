@@ -126,6 +126,22 @@ pm_status pm_step_batch_check(const int32_t * token, const int32_t * pos, const 
                               const uint8_t * output, int8_t * out_output, int32_t * seq_pos, int64_t * n_outputs,
                               int32_t * ok);
 
+// pm_step_batch_check for a batch whose every sequence is one run of consecutive tokens
+// (a draft or speculative step: k tokens a sequence), n_runs runs in ascending sequence
+// order: run r is tokens [first[r], first[r] + len[r]) of sequence run_seq[r]
+// (distinct ids below 256, checked by the caller; the runs cover the n tokens once).
+// Checks: token ids in [0, n_vocab) (n_vocab < 0: only >= 0), positions >= 0, each run's
+// positions consecutive (pos[t + 1] == pos[t] + 1) and its first continuing memory
+// (mem_max[r] >= 0 -> pos[first[r]] == mem_max[r] + 1; mem_max NULL: no memory). On
+// success *ok = 1, out_output as pm_step_batch_check's, seq_pmin / seq_pmax (256 entries,
+// -1 elsewhere) each run's first and last position and *n_outputs. *ok = 0 when a check
+// fails; PM_ERR_RANGE for a run outside the tokens or a sequence id outside [0, 256).
+pm_status pm_step_batch_check_runs(const int32_t * token, const int32_t * pos, int64_t n, const int64_t * first,
+                                   const int64_t * len, const int64_t * run_seq, int64_t n_runs,
+                                   const int64_t * mem_max, int64_t n_vocab, const uint8_t * output,
+                                   int8_t * out_output, int32_t * seq_pmin, int32_t * seq_pmax, int64_t * n_outputs,
+                                   int32_t * ok);
+
 // KVCache.apply_ubatch of a one-stream cache (n_stream 1) whose slot overwrites
 // window-masked cells: the n tokens (position pos[t], sequence seq[t] alone) go to cells
 // idx[t]. In the numpy path's order: every taken slot cell is emptied (its owner's cached

@@ -178,6 +178,79 @@ def _check_one_per_seq_native(
     return output, pmin, int(n_outputs[0])
 
 
+def _check_runs(
+    batch: Batch, lay: _Layout, memory: SeqPosSource | None, n_vocab: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
+    """The value checks of a batch whose every sequence is one run of consecutive tokens
+    (:meth:`BatchAllocator._runs_layout`): ``(output int8, seq_pos_min table,
+    seq_pos_max table, n_outputs)``, or None when one fails (the general path then names
+    the error). The reference of :func:`_check_runs_native`."""
+    token, pos, n = batch.token, batch.pos, batch.n_tokens
+    assert token is not None and pos is not None
+    assert lay.run_first is not None and lay.run_len is not None
+    if n_vocab is not None:
+        if (token.view(np.uint32) >= n_vocab).any():
+            return None
+    elif int(token.min()) < 0:
+        return None
+    if int(pos.min()) < 0:
+        return None
+    # inside a run each position is the one before plus 1: E.g. seqs [0, 0, 1, 1], pos
+    # [4, 5, 9, 10] -> steps [1, 4, 1], same sequence [T, F, T] -> fine
+    same = lay.seq[1:] == lay.seq[:-1]
+    if (same & (np.diff(pos.astype(np.int64)) != 1)).any():
+        return None
+    p_first = pos[lay.run_first]
+    p_last = pos[lay.run_first + lay.run_len - 1]
+    if memory is not None:
+        x = _pos_bounds(memory, lay.seq_sorted, "max")
+        if ((x >= 0) & (p_first != x + 1)).any():
+            return None
+    if batch.output is None:
+        output = np.zeros(n, dtype=np.int8)
+        output[-1] = 1
+    else:
+        output = (batch.output != 0).view(np.int8)
+    pmin = np.full(LLAMA_MAX_SEQ, -1, dtype=np.int32)
+    pmax = np.full(LLAMA_MAX_SEQ, -1, dtype=np.int32)
+    pmin[lay.seq_sorted] = p_first
+    pmax[lay.seq_sorted] = p_last
+    return output, pmin, pmax, int(np.count_nonzero(output))
+
+
+def _check_runs_native(
+    batch: Batch, lay: _Layout, memory: SeqPosSource | None, n_vocab: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
+    """:func:`_check_runs` in one ``pm_step_batch_check_runs`` call (the same results)."""
+    token, pos, n = batch.token, batch.pos, batch.n_tokens
+    assert token is not None and pos is not None
+    mem_max = None if memory is None else _pos_bounds(memory, lay.seq_sorted, "max")
+    output = np.empty(n, dtype=np.int8)
+    tables = np.empty((2, LLAMA_MAX_SEQ), dtype=np.int32)
+    n_outputs = ffi.new("int64_t *")
+    ok = ffi.new("int32_t *")
+    out_in = batch.output  # bool or int8 (Batch made it one): read as bytes
+    if lay.c_args is None:
+        lay.c_args = tuple(
+            ffi.from_buffer("int64_t[]", a) for a in (lay.run_first, lay.run_len, lay.seq_sorted)
+        )
+    c_first, c_len, c_seq = lay.c_args
+    c_tables = ffi.from_buffer("int32_t[]", tables, require_writable=True)
+    status = lib.pm_step_batch_check_runs(
+        ffi.from_buffer("int32_t[]", token), ffi.from_buffer("int32_t[]", pos), n, c_first, c_len,
+        c_seq, lay.seq_sorted.size, ffi.NULL if mem_max is None else ffi.from_buffer("int64_t[]", mem_max),
+        -1 if n_vocab is None else n_vocab,
+        ffi.NULL if out_in is None else ffi.from_buffer("uint8_t[]", out_in),
+        ffi.from_buffer("int8_t[]", output, require_writable=True), c_tables,
+        c_tables + LLAMA_MAX_SEQ, n_outputs, ok,
+    )  # fmt: skip
+    if status != lib.PM_OK:
+        check(status, f"pm_step_batch_check_runs ({n} tokens, runs of the layout)")
+    if not ok[0]:
+        return None
+    return output, tables[0], tables[1], int(n_outputs[0])
+
+
 def _reject(rule: str, message: str, **where: int | None) -> BatchError:
     """A BatchError whose attributes say which rule failed where (token, seq_id, value)."""
     err = BatchError(message)
@@ -427,22 +500,29 @@ class _Layout:
     """
 
     seq: np.ndarray  # int64 [n], the sequence of each token, batch order
-    seq_sorted: np.ndarray  # int64 [n], ascending (= the batch's seq_id_unq)
+    seq_sorted: np.ndarray  # int64 [n_seqs]: the batch's sequences, ascending
     order: np.ndarray | None  # batch order -> ascending order, None when already ascending
     seq_id_unq: np.ndarray  # int32, ascending
     csr_tok: np.ndarray
     set_start: np.ndarray
     csr_key: np.ndarray
-    set_count: np.ndarray  # int64 [n_sets]: tokens per set (0 or 1)
+    set_count: np.ndarray  # int64 [n_sets]: tokens per set
+    # several tokens a sequence (:meth:`BatchAllocator._runs_layout`): each sequence's
+    # run of consecutive tokens, in ascending sequence order, as int64 [n_seqs] (batch
+    # index of its first token, token count); None for one token per sequence
+    run_first: np.ndarray | None = None
+    run_len: np.ndarray | None = None
     splits: dict[tuple[Any, ...], list[_UbatchPlan]] = field(default_factory=dict)
-    # (seq, order or NULL) as cffi buffers for pm_step_batch_check, made on first use
-    c_args: tuple[Any, Any] | None = None
+    # (seq, order or NULL) as cffi buffers for pm_step_batch_check (one token a
+    # sequence) or (first, len, seq_sorted) for pm_step_batch_check_runs, on first use
+    c_args: tuple[Any, ...] | None = None
 
 
 # the one-token-per-sequence checks of init run as one native call (pymem_step.c); tests
 # turn it off to compare with the numpy checks, which stay the reference (False with an
 # older extension that lacks the kernel)
 USE_NATIVE = hasattr(lib, "pm_step_batch_check")
+USE_NATIVE_RUNS = hasattr(lib, "pm_step_batch_check_runs")  # (the same, for k tokens a sequence)
 _LAYOUTS_KEPT = 8  # sequence layouts a BatchAllocator remembers (prompt + decode shapes)
 
 
@@ -760,10 +840,47 @@ class BatchAllocator:
                 csr_key=_readonly(seq_sorted * (n + 1) + order),
                 set_count=_readonly(set_count.astype(np.int64)),
             )
+        elif raw.size and (batch.n_seq_id == 1).all():
+            lay = self._runs_layout(raw, n_seq_max)
         if len(self._layouts) >= _LAYOUTS_KEPT:
             del self._layouts[next(iter(self._layouts))]  # the oldest
         self._layouts[key] = lay
         return lay
+
+    @staticmethod
+    def _runs_layout(raw: np.ndarray, n_seq_max: int) -> _Layout | None:
+        """The layout of a batch whose every sequence is one run of consecutive tokens,
+        some run longer than one (a draft or speculative step: k tokens a sequence; a
+        one-sequence prompt), ids ``raw`` (one a token, int64); None for any other batch.
+        E.g. raw [3, 3, 1, 1, 1] -> runs of 3 at 0 (2 tokens) and of 1 at 2 (3 tokens):
+        seq_sorted [1, 3], run_first [2, 0], run_len [3, 2]."""
+        if int(raw.min()) < 0 or int(raw.max()) >= n_seq_max:
+            return None
+        n = raw.size
+        starts = np.flatnonzero(_changes(raw))  # (runs of equal ids, sorted or not)
+        run_seq = raw[starts]
+        if int(np.bincount(run_seq).max()) != 1 or starts.size == n:
+            return None  # a sequence in two runs (general path), or one token each
+        lens = np.diff(np.append(starts, n))
+        by_seq = np.argsort(run_seq)
+        order = np.argsort(raw, kind="stable")
+        seq_tok = raw[order]
+        set_count = np.bincount(raw, minlength=n_seq_max)
+        set_start = np.zeros(n_seq_max + 1, dtype=np.int64)
+        np.cumsum(set_count, out=set_start[1:])
+        seq_sorted = run_seq[by_seq]
+        return _Layout(
+            seq=_readonly(raw),
+            seq_sorted=_readonly(seq_sorted),
+            order=None if (np.diff(raw) >= 0).all() else _readonly(order),
+            seq_id_unq=_readonly(seq_sorted.astype(np.int32)),
+            csr_tok=_readonly(order),
+            set_start=_readonly(set_start),
+            csr_key=_readonly(seq_tok * (n + 1) + order),
+            set_count=_readonly(set_count.astype(np.int64)),
+            run_first=_readonly(starts[by_seq].astype(np.int64)),
+            run_len=_readonly(lens[by_seq].astype(np.int64)),
+        )
 
     def _init_one_per_seq(
         self,
@@ -775,7 +892,9 @@ class BatchAllocator:
     ) -> bool:
         """``init`` of the decode-step batch in a few whole-array checks: token ids and
         positions given, one sequence id per token, no sequence twice (so each position is
-        its sequence's whole span in the batch: no gap, no decrease, no coupling).
+        its sequence's whole span in the batch: no gap, no decrease, no coupling); or
+        each sequence one run of consecutive tokens (k tokens a sequence: a draft step,
+        a one-sequence prompt), whose positions must then step by one inside the run.
 
         Returns False, having changed nothing, for any other batch and for any check that
         fails: the general path then decides, and names the error as always.
@@ -795,11 +914,19 @@ class BatchAllocator:
         lay = self._layout_of(batch, n_seq_max)
         if lay is None:
             return False
-        checks = _check_one_per_seq_native if USE_NATIVE else _check_one_per_seq
-        checked = checks(batch, lay, memory, n_vocab)
-        if checked is None:
-            return False
-        output, pmin, n_outputs = checked
+        if lay.run_first is not None:
+            runs = _check_runs_native if USE_NATIVE_RUNS else _check_runs
+            checked_runs = runs(batch, lay, memory, n_vocab)
+            if checked_runs is None:
+                return False
+            output, pmin, pmax, n_outputs = checked_runs
+        else:
+            checks = _check_one_per_seq_native if USE_NATIVE else _check_one_per_seq
+            checked = checks(batch, lay, memory, n_vocab)
+            if checked is None:
+                return False
+            output, pmin, n_outputs = checked
+            pmax = pmin  # each sequence's only position is its minimum and its maximum
         seq_id = batch.seq_id
         self._b = _Prepared(
             n_tokens=n,
@@ -813,7 +940,7 @@ class BatchAllocator:
             seq_id=seq_id,
             output=output,
             seq_pos_min=pmin,
-            seq_pos_max=pmin,
+            seq_pos_max=pmax,
             seq_id_unq=lay.seq_id_unq,
             set_id=seq_id[:, 0],
             n_sets=n_seq_max,
@@ -1456,7 +1583,8 @@ def _split_key(
 
 
 def _changes(x: np.ndarray) -> np.ndarray:
-    """Where a sorted array starts a new value. E.g. [3, 3, 5, 7, 7] -> [T, F, T, T, F]."""
+    """Where an array starts a run of equal values (in a sorted one: a new value). E.g.
+    [3, 3, 5, 7, 7] -> [T, F, T, T, F]; [3, 3, 1, 3] -> [T, F, T, T]."""
     out = np.empty(len(x), dtype=np.bool_)
     out[:1] = True
     np.not_equal(x[1:], x[:-1], out=out[1:])

@@ -143,13 +143,23 @@ def _drive(kv, balloc, seqs: list[int], pos: list[int], dtype, may_fail: bool = 
             return tuple(out)
 
 
+def _runs(twin: Any, seqs: list[int], k: int) -> tuple[list[int], list[int]]:
+    """``k`` tokens of each of ``seqs`` in turn, continuing ``twin``: (seq ids, positions).
+    E.g. seqs [3, 1], k 2, both empty -> [3, 3, 1, 1], [0, 1, 0, 1]."""
+    ids = [s for s in seqs for _ in range(k)]
+    pos = [twin.seq_pos_max(s) + 1 + j for s in seqs for j in range(k)]
+    return ids, pos
+
+
+@pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("unified", [True, False])
 @pytest.mark.parametrize("swa_type", SWA_KINDS)
 @pytest.mark.parametrize("v_trans", [True, False])
-def test_decode_steps_with_replayed_ubatches_equal_fresh_ubatches(unified, swa_type, v_trans):
+def test_decode_steps_with_replayed_ubatches_equal_fresh_ubatches(unified, swa_type, v_trans, k):
     """Two twin caches, one fed through the allocator's fast path and replays (its memo
     used), one through the general path (fresh, writable ubatches): the same slots, n_kv,
-    K/V rows, masks and cells after every step, across layout changes and seq ops."""
+    K/V rows, masks and cells after every step, across layout changes and seq ops; one
+    token a sequence, or ``k`` (a draft step: the allocator's run layout)."""
     rng = np.random.default_rng(int(swa_type) + 10 * unified + 100 * v_trans)
     swa = {} if swa_type == 0 else {"swa_type": swa_type, "n_swa": 6}
     n_seq = 5
@@ -160,10 +170,9 @@ def test_decode_steps_with_replayed_ubatches_equal_fresh_ubatches(unified, swa_t
     if not unified:
         layouts[1] = [1, 3, 4]  # streams split sequentially: ascending ids
     dtype = np.float16
-    for step in range(40):
-        seqs = layouts[(step // 4) % len(layouts)]
-        pos = [twins[0].seq_pos_max(s) + 1 for s in seqs]
-        got = [_drive(kv, a, seqs, pos, dtype) for kv, a in zip(twins, allocs)]
+    for step in range(40 // k + 1):
+        ids, pos = _runs(twins[0], layouts[(step // 4) % len(layouts)], k)
+        got = [_drive(kv, a, ids, pos, dtype) for kv, a in zip(twins, allocs)]
         assert got[0] == got[1], step
         assert state_of(twins[0]) == state_of(twins[1]), step
         if step % 9 == 8:
@@ -196,18 +205,19 @@ def _drive_memory(mem, balloc, seqs: list[int], pos: list[int]) -> tuple:
             return tuple(out)
 
 
+@pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("pattern", ["RAR", "RSAR"])
 @pytest.mark.parametrize("unified", [True, False])
-def test_hybrid_decode_steps_with_replayed_ubatches_equal_fresh_ubatches(pattern, unified):
+def test_hybrid_decode_steps_with_replayed_ubatches_equal_fresh_ubatches(pattern, unified, k):
     """A hybrid (plain and iSWA) fed replayed ubatches (the KV step memo, the recurrent
-    request memo) equals its twin fed fresh ubatches: inputs, positions, cells."""
+    request memo) equals its twin fed fresh ubatches: inputs, positions, cells; one token
+    a sequence or ``k``."""
     twins = [make_hybrid(pattern, kv_size=128, n_seq_max=4, unified=unified) for _ in range(2)]
     allocs = [BatchAllocator(), GeneralOnly()]
     layouts = [[0, 1, 2, 3], [1, 3], [2]]
-    for step in range(24):
-        seqs = layouts[(step // 3) % len(layouts)]
-        pos = [twins[0].seq_pos_max(s) + 1 for s in seqs]
-        got = [_drive_memory(m, a, seqs, pos) for m, a in zip(twins, allocs)]
+    for step in range(24 if k == 1 else 11):  # (k tokens a step fill the cells sooner)
+        ids, pos = _runs(twins[0], layouts[(step // 3) % len(layouts)], k)
+        got = [_drive_memory(m, a, ids, pos) for m, a in zip(twins, allocs)]
         assert got[0] == got[1], step
         for s in range(4):
             assert twins[0].seq_pos_ranges(s) == twins[1].seq_pos_ranges(s)

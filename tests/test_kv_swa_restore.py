@@ -220,6 +220,7 @@ def test_native_and_numpy_restore_placements_agree(
             decode(kv, [[1 + s, p, [s], False] for p in range(9) for s in range(3)], n_ubatch=8)
             randomize(kv, 5)
         blobs = [bytes(kv.state_write(s)) for s in range(3)]
+        placed_natively.clear()  # (the decodes' own placements: replayed prompts place natively)
         for s in (1, 0, 2):
             kv.seq_rm(s, -1, -1)
             kv.state_read(blobs[s], s)
