@@ -265,6 +265,29 @@ def child(tree: Path | None, quick: bool) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def compare_runs(
+    old_runs: list[dict[str, float]], new_runs: list[dict[str, float]], slower_at: float
+) -> tuple[list[list[str]], dict[str, Any], list[str]]:
+    """Each case both builds timed: the medians over runs, ``now / then`` and its mark
+    (SLOWER above ``slower_at``, faster below its inverse), as (table rows, JSON result,
+    the SLOWER cases). A case only one build has is left out. E.g. then [10, 12, 11],
+    now [13, 14, 12], slower_at 1.15 -> 11 -> 13, 1.18, SLOWER."""
+    rows, slower = [], []
+    result: dict[str, Any] = {}
+    for k in new_runs[0]:
+        if k not in old_runs[0]:
+            continue
+        old = statistics.median(run[k] for run in old_runs)
+        new = statistics.median(run[k] for run in new_runs)
+        ratio = new / old
+        mark = "SLOWER" if ratio > slower_at else ("faster" if ratio < 1 / slower_at else "")
+        if mark == "SLOWER":
+            slower.append(k)
+        rows.append([k, f"{old:.1f}", f"{new:.1f}", f"{ratio:.2f}", mark])
+        result[k] = {"against_us": old, "now_us": new, "ratio": ratio}
+    return rows, result, slower
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--against", metavar="REF", help="a git commit to compare against")
@@ -292,19 +315,7 @@ def main() -> None:
         print(f"round {r + 1} / {args.rounds}", flush=True)
         old_runs.append(child(old_tree, args.quick))
         new_runs.append(child(None, args.quick))
-    rows, slower = [], []
-    result: dict[str, Any] = {}
-    for k in new_runs[0]:
-        if k not in old_runs[0]:
-            continue
-        old = statistics.median(run[k] for run in old_runs)
-        new = statistics.median(run[k] for run in new_runs)
-        ratio = new / old
-        mark = "SLOWER" if ratio > args.slower else ("faster" if ratio < 1 / args.slower else "")
-        if mark == "SLOWER":
-            slower.append(k)
-        rows.append([k, f"{old:.1f}", f"{new:.1f}", f"{ratio:.2f}", mark])
-        result[k] = {"against_us": old, "now_us": new, "ratio": ratio}
+    rows, result, slower = compare_runs(old_runs, new_runs, args.slower)
     print_table(f"pymem hot paths: this checkout against {args.against} (median us of "
                 f"{args.rounds} interleaved runs each)",
                 ["case", args.against, "now", "now / then", ""], rows)  # fmt: skip
