@@ -1730,10 +1730,17 @@ static pm_status pm_kv_zero_past(const pm_kv_seq_blob * b, const int64_t * count
 }
 
 pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, const void * blob, int64_t avail,
-                                  const int64_t * counts, const int64_t * offsets, int32_t same, int32_t * done) {
+                                  const int64_t * counts, const int64_t * offsets, int32_t same, int32_t fixed_only,
+                                  int32_t * done) {
     if (pm_seq_blob_stream(b, 0) < 0 || c == NULL || blob == NULL || counts == NULL || offsets == NULL ||
-        done == NULL || avail < 0 || b->n_ext != 0 || c->n_stream != b->n_stream || c->size != b->size) {
+        done == NULL || avail < 0 || b->n_ext != 0 || c->n_stream != b->n_stream || c->size != b->size ||
+        (fixed_only && same)) {
         return PM_ERR_ARG;
+    }
+    for (int64_t s = 0; fixed_only && s < c->n_stream; ++s) {
+        if (c->used_max_p1[s] != 0) {
+            return PM_ERR_ARG;  // (the refill checks as it writes only into empty cells)
+        }
     }
     *done = 0;
     const int64_t n_stream = b->n_stream;
@@ -1766,7 +1773,8 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
     }
     int32_t placed = 1;
     if (st == PM_OK && !same) {
-        st = pm_step_kv_refill(c, words, counts, scratch + 2 * n_stream, 3, b->n_seq_max, &placed);
+        st = pm_step_kv_refill(c, words, counts, fixed_only ? NULL : scratch + 2 * n_stream, 3, b->n_seq_max,
+                               &placed);
     }
     if (st == PM_OK && placed) {
         for (int64_t s = 0; s < n_stream; ++s) {
@@ -1844,6 +1852,9 @@ static int64_t pm_records_end(const int32_t * words, int64_t span, int64_t n, in
 // placed already, or a check finds them not fixed. -1 where they are neither.
 static int64_t pm_whole_records_span(const pm_kv_seq_blob * b, int64_t s, const int32_t * words, int64_t n,
                                      int64_t span, int64_t rec, int32_t mode, int32_t checked_same) {
+    if (mode == 3) {
+        return n * rec;  // (taken to be fixed ones: the refill checks them)
+    }
     int var = mode == 1 && b->n_multi[s] > 0;
     int64_t first = 0;  // the records before it are fixed ones
     if (mode != 1 && !checked_same && n > 0) {
@@ -1875,8 +1886,13 @@ pm_status pm_kv_read_whole_blob(const pm_kv_seq_blob * b, const void * blob, int
                                 int64_t * counts, int64_t * offsets, int32_t * same, int64_t * consumed,
                                 int32_t * done) {
     if (pm_seq_blob_stream(b, 0) < 0 || blob == NULL || counts == NULL || offsets == NULL || same == NULL ||
-        consumed == NULL || done == NULL || avail < 0 || mode < 0 || mode > 2) {
+        consumed == NULL || done == NULL || avail < 0 || mode < 0 || mode > 3) {
         return PM_ERR_ARG;
+    }
+    for (int64_t s = 0; mode == 3 && s < b->n_stream; ++s) {
+        if (b->used[s] != 0) {
+            return PM_ERR_ARG;  // (records left unchecked only for a refill into empty cells)
+        }
     }
     *done = 0;
     const char * d = (const char *) blob;

@@ -274,11 +274,14 @@ pm_status pm_kv_read_seq_placed(const pm_kv_seq_blob * b, pm_step_cells * c, int
 // No ext (b->n_ext 0). *done = 0 with nothing changed where the refill declines a record
 // (the blob changed since the parse) or a tensor fails the checks of the bytes' store or
 // the zeroing (not in host memory; checked before the refill); *done = 1 when all of it
-// ran. PM_ERR_ARG for a null
+// ran. With fixed_only (after a mode 3 parse, which left the records to this call: every
+// stream's cells empty) the refill places fixed records only, each checked as it is
+// written; any other record declines it, nothing changed. PM_ERR_ARG for a null
 // pointer, views of other cells or an offset past the blob; PM_ERR_RANGE when the store's
 // checks fail after the placement (the blob changed while it was restored).
 pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, const void * blob, int64_t avail,
-                                  const int64_t * counts, const int64_t * offsets, int32_t same, int32_t * done);
+                                  const int64_t * counts, const int64_t * offsets, int32_t same, int32_t fixed_only,
+                                  int32_t * done);
 
 // PYMEM_CDEF_END
 

@@ -73,9 +73,18 @@ static int64_t pm_whole_check(pm_whole_part * p, int32_t seq_id, const char * d,
     int32_t ok = 0;
     if (p->kv != NULL) {
         const int64_t n_stream = p->kv->n_stream;
-        if (pm_kv_read_whole_blob(p->kv, d, avail, 0, p->kv_found, p->kv_found + n_stream, &p->same, &taken,
-                                  &ok) != PM_OK ||
-            !ok) {
+        if (p->deferred) {  // (cells all empty, the part stored first: see pm_whole_read)
+            if (pm_kv_read_whole_blob(p->kv, d, avail, 3, p->kv_found, p->kv_found + n_stream, &p->same, &taken,
+                                      &ok) != PM_OK) {
+                return -1;
+            }
+            // (not ok: variable records, say: the full parse below; same: no cell in the
+            // blob either, so no refill to leave a check to)
+            p->deferred = ok && !p->same;
+        }
+        if (!ok && (pm_kv_read_whole_blob(p->kv, d, avail, 0, p->kv_found, p->kv_found + n_stream, &p->same,
+                                          &taken, &ok) != PM_OK ||
+                    !ok)) {
             return -1;
         }
     } else {
@@ -98,8 +107,8 @@ static int pm_whole_store(pm_whole_part * p, int32_t seq_id, const char * d, int
     if (p->kv != NULL) {
         const int64_t n_stream = p->kv->n_stream;
         int32_t done = 0;
-        const pm_status st =
-            pm_kv_read_whole_commit(p->kv, p->cells, d, avail, p->kv_found, p->kv_found + n_stream, p->same, &done);
+        const pm_status st = pm_kv_read_whole_commit(p->kv, p->cells, d, avail, p->kv_found, p->kv_found + n_stream,
+                                                     p->same, p->deferred, &done);
         if (st == PM_ERR_ALLOC) {
             return 0;  // (its scratch is allocated before anything changes)
         }
@@ -114,8 +123,24 @@ static int pm_whole_store(pm_whole_part * p, int32_t seq_id, const char * d, int
     return out[1] == p->taken && out[0] == p->n_cells ? 1 : -1;
 }
 
+// whether every stream of KV part p holds no cell (a cleared memory's)
+static int pm_part_empty(const pm_whole_part * p) {
+    for (int64_t s = 0; s < p->cells->n_stream; ++s) {
+        if (p->cells->used_max_p1[s] != 0 || p->kv->used[s] != 0) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
 pm_status pm_whole_read(pm_whole_part * parts, int64_t n_parts, const void * blob, int64_t avail,
                         int64_t * consumed, int32_t * done) {
+    // a first KV part without cells leaves its records' check to its refill (one pass over
+    // them, not two): stored first, a refused record declines the call with nothing changed
+    for (int64_t i = 0; parts != NULL && i < n_parts; ++i) {
+        parts[i].deferred = i == 0 && pm_part_ok(&parts[i], PM_PART_KV_READ) && parts[i].kv != NULL &&
+                            pm_part_empty(&parts[i]);
+    }
     return pm_parts_read(parts, n_parts, -1, PM_PART_KV_READ | PM_PART_KV_FOUND | PM_PART_RS_OUT, pm_whole_check,
                          pm_whole_store, blob, avail, consumed, done);
 }

@@ -59,6 +59,9 @@ typedef struct pm_whole_part {
     int64_t taken;                    // out: the part's bytes
     int64_t n_cells;                  // out: a recurrent part's cell count
     int32_t same;                     // out: a KV part's cells already were the blob's
+    int32_t deferred;                 // out: a whole read's first part, a KV part whose cells
+                                      //   were all empty: its records checked by its refill
+                                      //   alone (pm_kv_read_whole_blob mode 3)
 } pm_whole_part;
 
 // A whole restore of n_parts parts from blob (avail bytes; each part's section follows

@@ -121,6 +121,23 @@ def test_flipped_synthetic_blobs(kind: str) -> None:
         pair.close()
 
 
+@pytest.mark.parametrize("kind", ["kv", "iswa", "hybrid", "hybrid_iswa"])
+def test_flipped_synthetic_blobs_into_a_cleared_memory(kind: str) -> None:
+    """The same corruptions read into a memory without cells (a session loaded into a
+    fresh context: a composite's one call then leaves its first part's records to the
+    refill that places them): refused ones change nothing, accepted ones give the
+    spec's state."""
+    pair = filled_pair(SYNTH_CONFIGS[kind])
+    try:
+        whole = pair.pm.state_write(-1)
+        pair.pm.clear(False)
+        pair.sp.clear(False)
+        out = flips(pair, whole, -1, 300, seed=13)
+        assert out.refused > 30 and out.accepted > 30
+    finally:
+        pair.close()
+
+
 # --------------------------------------------------------------------------------------
 # blobs from a mismatched configuration
 # --------------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def test_the_commit_kernel_refuses_and_declines_without_change() -> None:
     def call(c=cells, counts=found.counts, offsets=found.offsets, out=done) -> int:
         return lib.pm_kv_read_whole_commit(
             view._view, c, ffi.from_buffer(blob), len(blob), ffi.from_buffer("int64_t[]", counts),
-            ffi.from_buffer("int64_t[]", offsets), 0, out,
+            ffi.from_buffer("int64_t[]", offsets), 0, 0, out,
         )  # fmt: skip
 
     assert call(c=ffi.NULL) == lib.PM_ERR_ARG
@@ -158,3 +158,59 @@ def test_the_commit_kernel_refuses_and_declines_without_change() -> None:
     blob[at + 12 * n + 4 : at + 12 * n + 8] = (99).to_bytes(4, "little")  # n_layer
     with pytest.raises(StateError, match="changed while it was restored"):
         view.commit_whole(memoryview(blob), found)
+
+
+def test_a_parse_that_leaves_the_records_to_the_refill() -> None:
+    """pm_kv_read_whole_blob mode 3 (cells all empty) takes the records to be fixed ones
+    and checks the rest; the commit with ``fixed_only`` places fixed records alone,
+    checking each as it writes it. A forked blob (variable records) into a cleared cache:
+    mode 3 declines (its data is not where fixed records would end), mode 0 parses it, and
+    the commit with ``fixed_only`` declines it with nothing changed where the one without
+    places it. A cache with cells is refused mode 3 and ``fixed_only``."""
+    donor = _scenario("f16-trans", 35)
+    donor.seq_cp(0, 2)  # cells shared by two sequences: records of two ids
+    forked = bytes(donor.state_write())
+    plain = bytes(_scenario("f16-trans", 37).state_write())
+    kv = _scenario("f16-trans", 5)
+    view = kv._blob_view()
+    assert view is not None
+    counts = np.zeros(kv.n_stream, np.int64)
+    offsets = np.zeros(kv.n_stream, np.int64)
+    same = ffi.new("int32_t *")
+    consumed = ffi.new("int64_t *")
+    done = ffi.new("int32_t *")
+
+    def parse(blob: bytes, mode: int) -> int:
+        return lib.pm_kv_read_whole_blob(
+            view._view, blob, len(blob), mode, ffi.from_buffer("int64_t[]", counts),
+            ffi.from_buffer("int64_t[]", offsets), same, consumed, done,
+        )  # fmt: skip
+
+    def commit(blob: bytes, fixed_only: int) -> int:
+        return lib.pm_kv_read_whole_commit(
+            view._view, kv._native_cells()[0], blob, len(blob), ffi.from_buffer("int64_t[]", counts),
+            ffi.from_buffer("int64_t[]", offsets), 0, fixed_only, done,
+        )  # fmt: skip
+
+    assert parse(plain, 3) == lib.PM_ERR_ARG  # (a cache with cells)
+    assert parse(plain, 4) == lib.PM_ERR_ARG
+    assert parse(plain, 0) == lib.PM_OK and done[0] == 1
+    assert commit(plain, 1) == lib.PM_ERR_ARG
+    kv.clear(False)
+    view = kv._blob_view()
+    assert view is not None
+    empty = _state(kv)
+    assert parse(plain, 3) == lib.PM_OK and done[0] == 1 and consumed[0] == len(plain)
+    assert parse(forked, 3) == lib.PM_OK and done[0] == 0
+    assert parse(forked, 0) == lib.PM_OK and done[0] == 1
+    assert commit(forked, 1) == lib.PM_OK and done[0] == 0
+    assert _state(kv) == empty
+    assert commit(forked, 0) == lib.PM_OK and done[0] == 1
+    kv._whole_committed()
+    placed = _state(kv)
+    again = _scenario("f16-trans", 5)
+    assert again.state_read(forked) == len(forked)
+    assert _state(again) == placed  # the same as the reader's own road
+    check_invariants(kv)
+    for mem in (kv, again, donor):
+        mem.close()

@@ -323,6 +323,81 @@ def test_the_native_whole_read_leaves_what_the_two_phase_read_leaves(
     assert sum(made) >= 20, (sum(made), len(made))
 
 
+def _record_faults(blob: bytes) -> list[tuple[str, bytes]]:
+    """``blob`` with one meta record of its first (KV) part's first stream with cells
+    broken in each way a record can be: (what, the broken blob)."""
+    n_stream = int.from_bytes(blob[0:4], "little")
+    at = 4
+    for _ in range(n_stream):
+        n = int.from_bytes(blob[at : at + 4], "little")
+        if n > 2:
+            break
+        at += 4 + 12 * n  # (a stream of at most 2 cells: the next one; fixed records)
+    rec = at + 4 + 12 * (n // 2)  # the middle record's pos, n_seq_id, id
+
+    def put(off: int, value: int) -> bytes:
+        b = bytearray(blob)
+        b[off : off + 4] = value.to_bytes(4, "little", signed=True)
+        return bytes(b)
+
+    return [
+        ("a negative position", put(rec, -5)),
+        ("an id past n_seq_max", put(rec + 8, N_SEQ + 3)),
+        ("a negative id", put(rec + 8, -1)),
+        ("no id", put(rec + 4, 0)),
+        ("two ids (a longer record)", put(rec + 4, 2)),
+        ("a huge id count", put(rec + 4, 1 << 20)),
+        ("a count past the cells", put(at, 1 << 20)),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "iswa", "hybrid_iswa"])
+def test_a_whole_read_into_a_cleared_memory_checks_the_records_once(monkeypatch, kind: str) -> None:
+    """Into a memory without cells (a session loaded into a fresh context) the one call
+    leaves the first (KV) part's records to the refill that places them, which checks
+    each as it writes it (pm_kv_read_whole_blob mode 3: one pass over them, not two).
+    Good blobs leave what the two-phase read leaves (a forked one's variable records take
+    the full parse); each broken record gives the two-phase read's answer, and a refused
+    blob changes nothing."""
+    deferred = []
+    for seed in range(6):
+        donor = _memory(kind, seed)
+        blob = bytes(donor.state_write())
+        forked = any(int(p.cells.n_multi.sum()) for p in donor.parts().values()
+                     if isinstance(p, KVCache))  # fmt: skip
+        donor.close()
+        fresh = _memory(kind, seed + 10)
+        fresh.clear(False)
+        empty = bytes(fresh.state_write())  # (no cell in any part)
+        fresh.close()
+        for what, data in [("good", blob), ("empty", empty), *_record_faults(blob)]:
+            fast, ref = _memory(kind, seed + 10), _memory(kind, seed + 10)
+            fast.clear(False)
+            ref.clear(False)
+            got = _read(monkeypatch, fast, data, -1, True)
+            want = _read(monkeypatch, ref, data, -1, False)
+            assert got == want, (seed, what)
+            assert _snapshot(fast) == _snapshot(ref), (seed, what)
+            program = fast._whole_program(0)
+            assert program is not None
+            if what == "good":
+                assert got == len(blob)
+                # the road: records left to the refill unless they are variable ones
+                assert program[0][0].deferred == (not forked), seed
+                deferred.append(bool(program[0][0].deferred))
+            if what == "empty":
+                assert got == len(empty) and program[0][0].deferred == 0
+            fast.close()
+            ref.close()
+    assert sum(deferred) >= 3
+    # a memory with cells parses every record first (the refill then checks before writing)
+    mem, donor = _memory(kind, 6), _memory(kind, 4)  # (one layout: same parity)
+    assert mem.state_read(bytes(donor.state_write())) > 0
+    assert mem._whole_program(0)[0][0].deferred == 0
+    mem.close()
+    donor.close()
+
+
 @pytest.mark.parametrize("kind", ["hybrid", "hybrid_iswa"])
 def test_a_whole_blob_its_last_part_declines_changes_no_part(kind: str) -> None:
     """A whole blob whose recurrent section (the last part) is hostile, read into a memory
