@@ -11,6 +11,7 @@ without allocating what they declare. Nothing may leak over 1,000 create/fail/cl
 from __future__ import annotations
 
 import gc
+import os
 import types
 
 import numpy as np
@@ -434,6 +435,9 @@ def _rss() -> int:
         return int(f.read().split()[1]) * 4096
 
 
+@pytest.mark.skipif(
+    bool(os.environ.get("PYMEM_SANITIZED")), reason="ASan's quarantine holds freed memory by design"
+)
 def test_nothing_leaks_over_1000_cycles() -> None:
     spec_kv = _spec(head=256)  # 2 layers x 2 x 256 x 128 cells x f16 = 256 KiB per cache
     spec_rs = _spec(head=1024, recurrent=True)
