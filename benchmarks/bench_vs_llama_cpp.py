@@ -601,18 +601,25 @@ def bench_state(pair: Pair, repeats: int) -> list[dict[str, Any]]:
     # as a session loaded into a fresh context (pymem cannot take its same-cells path).
     # "beside a fork": sequence 1 copied to 5 first (seq_cp on both sides: cells shared by
     # two sequences in the stream; sequence 0 holds none of them), undone afterwards;
-    # "whole state, forked": the whole blob with those shared cells (records of two ids)
+    # "whole state, forked": the whole blob with those shared cells (records of two ids);
+    # "whole state, another one": the read alternates between that state and one without
+    # its last sequence (a checkpoint rollback: every restore changes cells; the numpy copy
+    # alternates between the two blobs' sizes too)
     cases = (("one sequence", 0, None), ("whole state", -1, None),
              ("one sequence, swapped in", 0, "seq_rm"),
              ("whole state, into a cleared memory", -1, "clear"),
              ("one sequence, beside a fork", 0, None),
              ("one sequence, beside a fork, swapped in", 0, "seq_rm"),
              ("whole state, forked", -1, None),
-             ("whole state, forked, into a cleared memory", -1, "clear"))  # fmt: skip
+             ("whole state, forked, into a cleared memory", -1, "clear"),
+             ("whole state, another one", -1, "another"))  # fmt: skip
     for what, seq_id, prep in cases:
         if what == "one sequence, beside a fork":
             lc.llama_memory_seq_cp(ref.mem, 1, 5, -1, -1)
             mem.seq_cp(1, 5, -1, -1)
+        if prep == "another":  # (without the fork)
+            lc.llama_memory_seq_rm(ref.mem, 5, -1, -1)
+            mem.seq_rm(5, -1, -1)
         blob = mem.state_write(seq_id)
         n_mem = len(blob)
         if seq_id >= 0:
@@ -620,13 +627,16 @@ def bench_state(pair: Pair, repeats: int) -> list[dict[str, Any]]:
         else:
             n_ref = int(lc.llama_state_get_size(ref.ctx))
         buf = (ctypes.c_uint8 * n_ref)()
+        # (alternating states: the writes go to their own buffer, of either state's size)
+        out_ref = (ctypes.c_uint8 * n_ref)() if prep == "another" else buf
 
-        def ref_get(buf: Any = buf, n_ref: int = n_ref, seq_id: int = seq_id) -> None:
+        def ref_get(buf: Any = out_ref, n_ref: int = n_ref, seq_id: int = seq_id,
+                    exact: bool = prep != "another") -> None:  # fmt: skip
             if seq_id >= 0:
                 n = lc.llama_state_seq_get_data(ref.ctx, buf, n_ref, seq_id)
             else:
                 n = lc.llama_state_get_data(ref.ctx, buf, n_ref)
-            assert n == n_ref, (n, n_ref)
+            assert n == n_ref or (not exact and 0 < n <= n_ref), (n, n_ref)
 
         def ref_set(buf: Any = buf, n_ref: int = n_ref, seq_id: int = seq_id,
                     prep: str | None = prep) -> None:  # fmt: skip
@@ -641,8 +651,50 @@ def bench_state(pair: Pair, repeats: int) -> list[dict[str, Any]]:
             assert n == n_ref, (n, n_ref)
 
         ref_get()
+        if prep == "another":  # the other state's blob on both sides, then back to this one
+            assert lc.llama_state_get_data(ref.ctx, buf, n_ref) == n_ref
+            gone = STATE_N_SEQ - 1  # (a whole sequence: a recurrent state cannot lose a tail)
+            lc.llama_memory_seq_rm(ref.mem, gone, -1, -1)
+            mem.seq_rm(gone, -1, -1)
+            other = bytes(mem.state_write(-1))
+            n_other = int(lc.llama_state_get_size(ref.ctx))
+            buf_other = (ctypes.c_uint8 * n_other)()
+            assert lc.llama_state_get_data(ref.ctx, buf_other, n_other) == n_other
+            assert lc.llama_state_set_data(ref.ctx, buf, n_ref) == n_ref
+            mem.state_read(blob)
+            blobs_ref = [(buf_other, n_other), (buf, n_ref)]
+            blobs_mem = [other, blob]
+            turns = [0, 0]  # each side's reads: every one restores the other state
+
+            def ref_set(blobs: Any = blobs_ref, turns: list[int] = turns) -> None:
+                b, n_b = blobs[turns[0] & 1]
+                turns[0] += 1
+                assert lc.llama_state_set_data(ref.ctx, b, n_b) == n_b
+
+            def mem_read(blobs: list[bytes] = blobs_mem, turns: list[int] = turns) -> None:
+                mem.state_read(blobs[turns[1] & 1])
+                turns[1] += 1
+        else:
+
+            def mem_read(blob: bytes = blob, seq_id: int = seq_id, prep: str | None = prep) -> None:
+                if prep == "seq_rm":
+                    mem.seq_rm(seq_id, -1, -1)
+                elif prep == "clear":
+                    mem.clear(False)
+                mem.state_read(blob, seq_id)
+
         src = np.frombuffer(blob, np.uint8)
         dst = np.empty_like(src)
+        copies = [(src, dst)]
+        if prep == "another":
+            copies.append((np.frombuffer(other, np.uint8), np.empty(len(other), np.uint8)))
+        n_copy = [0]
+
+        def numpy_copy(copies: list[Any] = copies, n_copy: list[int] = n_copy) -> None:
+            a, b = copies[n_copy[0] % len(copies)]
+            n_copy[0] += 1
+            np.copyto(b, a)
+
         out = bytearray(n_mem)  # the caller's buffer, as llama.cpp and copyto are given one
         t = interleaved(
             {
@@ -652,15 +704,14 @@ def bench_state(pair: Pair, repeats: int) -> list[dict[str, Any]]:
                     out, seq_id
                 ),
                 "llama_cpp_read": ref_set,
-                "pymem_read": lambda blob=blob, seq_id=seq_id, prep=prep: (
-                    prep == "seq_rm" and mem.seq_rm(seq_id, -1, -1),
-                    prep == "clear" and mem.clear(False),
-                    mem.state_read(blob, seq_id),
-                ),
-                "numpy_copy": lambda src=src, dst=dst: np.copyto(dst, src),
+                "pymem_read": mem_read,
+                "numpy_copy": numpy_copy,
             },
             repeats,
         )
+        if prep == "another":  # back to the filled state on both sides
+            assert lc.llama_state_set_data(ref.ctx, buf, n_ref) == n_ref
+            mem.state_read(blob)
         row: dict[str, Any] = dict(
             v_trans=not pair.flash_attn, blob=what, pymem_bytes=n_mem, llama_cpp_bytes=n_ref
         )

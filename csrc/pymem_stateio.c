@@ -1730,11 +1730,12 @@ static pm_status pm_kv_zero_past(const pm_kv_seq_blob * b, const int64_t * count
 }
 
 pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, const void * blob, int64_t avail,
-                                  const int64_t * counts, const int64_t * offsets, int32_t same, int32_t fixed_only,
+                                  const int64_t * counts, const int64_t * offsets, int32_t same, int32_t records,
                                   int32_t * done) {
+    const int32_t fixed_only = records == 1;
     if (pm_seq_blob_stream(b, 0) < 0 || c == NULL || blob == NULL || counts == NULL || offsets == NULL ||
         done == NULL || avail < 0 || b->n_ext != 0 || c->n_stream != b->n_stream || c->size != b->size ||
-        (fixed_only && same)) {
+        records < 0 || records > 2 || (fixed_only && same)) {
         return PM_ERR_ARG;
     }
     for (int64_t s = 0; fixed_only && s < c->n_stream; ++s) {
@@ -1772,7 +1773,9 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
         return PM_OK;
     }
     int32_t placed = 1;
-    if (st == PM_OK && !same) {
+    if (st == PM_OK && !same && records == 2) {
+        st = pm_step_kv_refill_trusted(c, words, counts, scratch + 2 * n_stream, 3, b->n_seq_max);
+    } else if (st == PM_OK && !same) {
         st = pm_step_kv_refill(c, words, counts, fixed_only ? NULL : scratch + 2 * n_stream, 3, b->n_seq_max,
                                &placed);
     }

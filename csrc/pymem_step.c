@@ -513,6 +513,91 @@ static void pm_step_unfill(pm_step_cells * c, int64_t s, int64_t n) {
     memset(c->seq + g0 * c->n_words, 0, (size_t) n * c->n_words * sizeof(uint64_t));
 }
 
+// pm_step_fill for records a parse in the same native call checked already: no check
+// before the first write, each record checked as it is written (fixed ones; from the
+// first that is not, with span > 0, every record again as variable ones). 0 when one
+// fails after all (the blob changed during the call): the stream is then left part
+// written, for the caller to empty.
+static int pm_step_fill_trusted(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t rec,
+                                int32_t n_seq_max, int64_t span) {
+    const int64_t n_words = c->n_words, g0 = s * c->size;
+    const int64_t bound = c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size;
+    memset(c->seq + g0 * n_words, 0, (size_t) n * n_words * sizeof(uint64_t));
+    memset(c->shift + g0, 0, (size_t) n * sizeof(int32_t));
+    int64_t k = 0;
+    if (!pm_step_fill_checked(c, s, words, n, rec, n_seq_max, &k)) {
+        if (span <= 0) {
+            return 0;
+        }
+        // variable records (the parse found them): the bits the fixed pass set cleared,
+        // then every record as a variable one (it sets bits, never clears them)
+        memset(c->seq + g0 * n_words, 0, (size_t) k * n_words * sizeof(uint64_t));
+        int64_t k_var = 0;
+        if (!pm_step_fill_var(c, s, words, n, span, rec - 1, n_seq_max, &k_var)) {
+            return 0;
+        }
+    }
+    if (bound > n) {  // [n, bound): emptied
+        const int64_t rest = bound - n;
+        memset(c->pos + g0 + n, 0xff, (size_t) rest * sizeof(int32_t));
+        memset(c->owner + g0 + n, 0xff, (size_t) rest * sizeof(int32_t));
+        memset(c->shift + g0 + n, 0, (size_t) rest * sizeof(int32_t));
+        memset(c->seq + (g0 + n) * n_words, 0, (size_t) rest * n_words * sizeof(uint64_t));
+    }
+    return 1;
+}
+
+// every stream emptied, as a clear leaves it (a trusted refill that failed part way)
+static void pm_step_empty_all(pm_step_cells * c) {
+    for (int64_t s = 0; s < c->n_stream; s++) {
+        const int64_t g0 = s * c->size;
+        memset(c->pos + g0, 0xff, (size_t) c->size * sizeof(int32_t));
+        memset(c->owner + g0, 0xff, (size_t) c->size * sizeof(int32_t));
+        memset(c->shift + g0, 0, (size_t) c->size * sizeof(int32_t));
+        memset(c->seq + g0 * c->n_words, 0, (size_t) c->size * c->n_words * sizeof(uint64_t));
+        for (int64_t q = 0; q < PM_STEP_MAX_SEQ; q++) {
+            c->pmin[s * PM_STEP_MAX_SEQ + q] = INT64_MAX;
+            c->pmax[s * PM_STEP_MAX_SEQ + q] = -1;
+            c->pdirty[s * PM_STEP_MAX_SEQ + q] = 0;
+        }
+        c->used[s] = 0;
+        c->used_max_p1[s] = 0;
+        c->used_max_dirty[s] = 0;
+        c->n_multi[s] = 0;
+    }
+}
+
+pm_status pm_step_kv_refill_trusted(pm_step_cells * c, const int32_t * const * words, const int64_t * counts,
+                                    const int64_t * spans, int64_t rec, int32_t n_seq_max) {
+    if (c == NULL || words == NULL || counts == NULL || spans == NULL || rec < 3 || n_seq_max < 1 ||
+        n_seq_max > pm_step_ids(c)) {
+        return PM_ERR_ARG;
+    }
+    for (int64_t s = 0; s < c->n_stream; s++) {
+        if (counts[s] < 0 || counts[s] > c->size || spans[s] < 0 || (counts[s] > 0 && words[s] == NULL)) {
+            return PM_ERR_RANGE;
+        }
+    }
+    for (int64_t s = 0; s < c->n_stream; s++) {
+        for (int64_t q = 0; q < PM_STEP_MAX_SEQ; q++) {
+            c->pmin[s * PM_STEP_MAX_SEQ + q] = INT64_MAX;
+            c->pmax[s * PM_STEP_MAX_SEQ + q] = -1;
+            c->pdirty[s * PM_STEP_MAX_SEQ + q] = 0;
+        }
+        c->n_multi[s] = 0;
+        if (!pm_step_fill_trusted(c, s, words[s], counts[s], rec, n_seq_max, spans[s])) {
+            pm_step_empty_all(c);
+            return PM_ERR_RANGE;
+        }
+    }
+    for (int64_t s = 0; s < c->n_stream; s++) {
+        c->used[s] = counts[s];
+        c->used_max_p1[s] = counts[s];
+        c->used_max_dirty[s] = 0;
+    }
+    return PM_OK;
+}
+
 pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, const int64_t * counts,
                             const int64_t * spans, int64_t rec, int32_t n_seq_max, int32_t * placed) {
     if (c == NULL || words == NULL || counts == NULL || placed == NULL || rec < 3 || n_seq_max < 1 ||

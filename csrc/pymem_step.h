@@ -274,16 +274,29 @@ pm_status pm_kv_read_seq_placed(const pm_kv_seq_blob * b, pm_step_cells * c, int
 // No ext (b->n_ext 0). *done = 0 with nothing changed where the refill declines a record
 // (the blob changed since the parse) or a tensor fails the checks of the bytes' store or
 // the zeroing (not in host memory; checked before the refill); *done = 1 when all of it
-// ran. With fixed_only (after a mode 3 parse, which left the records to this call: every
-// stream's cells empty) the refill places fixed records only, each checked as it is
-// written; any other record declines it, nothing changed. PM_ERR_ARG for a null
-// pointer, views of other cells or an offset past the blob; PM_ERR_RANGE when the store's
-// checks fail after the placement (the blob changed while it was restored).
+// ran. `records` says who checked the records: 0 the caller's parse, in an earlier call
+// (the refill checks them all again before its first write); 1 nobody (a mode 3 parse
+// left them to this call, every stream's cells empty): the refill places fixed records
+// only, each checked as it is written, and any other record declines it, nothing
+// changed; 2 a parse in the same native call (pm_whole_read's): no check before the first
+// write, each record checked as it is written, and one that fails after all (the blob
+// changed during the call) leaves the cells emptied with PM_ERR_RANGE. PM_ERR_ARG for a
+// null pointer, views of other cells, an offset past the blob or records outside [0, 2];
+// PM_ERR_RANGE when the store's checks fail after the placement (the blob changed while
+// it was restored).
 pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, const void * blob, int64_t avail,
-                                  const int64_t * counts, const int64_t * offsets, int32_t same, int32_t fixed_only,
+                                  const int64_t * counts, const int64_t * offsets, int32_t same, int32_t records,
                                   int32_t * done);
 
 // PYMEM_CDEF_END
+
+// C only (not bound to Python): pm_step_kv_refill for records a parse in the same native
+// call has just checked (pm_kv_read_whole_commit's records 2; spans as pm_step_kv_refill's,
+// required). No check before the first write: each record is checked as it is written,
+// and one that fails after all (the blob changed during the call) leaves every stream
+// emptied, as a clear leaves it, with PM_ERR_RANGE. PM_ERR_ARG as pm_step_kv_refill.
+pm_status pm_step_kv_refill_trusted(pm_step_cells * c, const int32_t * const * words, const int64_t * counts,
+                                    const int64_t * spans, int64_t rec, int32_t n_seq_max);
 
 #ifdef __cplusplus
 }

@@ -107,8 +107,9 @@ static int pm_whole_store(pm_whole_part * p, int32_t seq_id, const char * d, int
     if (p->kv != NULL) {
         const int64_t n_stream = p->kv->n_stream;
         int32_t done = 0;
+        // the records: left to the refill (deferred), or checked by this call's parse
         const pm_status st = pm_kv_read_whole_commit(p->kv, p->cells, d, avail, p->kv_found, p->kv_found + n_stream,
-                                                     p->same, p->deferred, &done);
+                                                     p->same, p->deferred ? 1 : 2, &done);
         if (st == PM_ERR_ALLOC) {
             return 0;  // (its scratch is allocated before anything changes)
         }

@@ -214,3 +214,48 @@ def test_a_parse_that_leaves_the_records_to_the_refill() -> None:
     check_invariants(kv)
     for mem in (kv, again, donor):
         mem.close()
+
+
+@pytest.mark.parametrize("seed, fork", [(41, False), (43, True)])
+def test_a_commit_after_a_parse_in_the_same_call_checks_as_it_writes(seed: int, fork: bool) -> None:
+    """``records`` 2 (pm_whole_read's: its parse ran in the same call): the refill writes
+    without checking every record first. Its result equals the two-phase restore's, fixed
+    and variable records alike; a record that fails after all (the blob changed since the
+    parse) leaves every cell emptied, the cache consistent, and answers PM_ERR_RANGE;
+    ``records`` outside [0, 2] is refused."""
+    donor = _scenario("f16-trans", seed)
+    if fork:
+        donor.seq_cp(0, 2)  # records of two ids: the variable fill
+    blob = bytearray(donor.state_write())
+    donor.close()
+    kv, twin = _scenario("f16-trans", 7), _scenario("f16-trans", 7)
+    view = kv._blob_view()
+    assert view is not None
+    found = view.read_whole(memoryview(blob), 0)
+    assert found is not None and not found.same
+    done = ffi.new("int32_t *")
+
+    def commit(records: int) -> int:
+        return lib.pm_kv_read_whole_commit(
+            view._view, kv._native_cells()[0], ffi.from_buffer(blob), len(blob),
+            ffi.from_buffer("int64_t[]", found.counts),
+            ffi.from_buffer("int64_t[]", found.offsets), 0, records, done,
+        )  # fmt: skip
+
+    assert commit(3) == lib.PM_ERR_ARG and commit(-1) == lib.PM_ERR_ARG
+    assert commit(2) == lib.PM_OK and done[0] == 1
+    kv._whole_committed()
+    assert twin.state_read(bytes(blob)) == len(blob)
+    assert _state(kv) == _state(twin)
+    check_invariants(kv)
+    if not fork:  # the last record's id past n_seq_max, after the parse: emptied, RANGE
+        at, n = int(found.offsets[0]), int(found.counts[0])
+        last = at + 12 * (n - 1) + 8
+        blob[last : last + 4] = (kv.n_seq_max + 5).to_bytes(4, "little")
+        assert commit(2) == lib.PM_ERR_RANGE
+        kv._whole_committed()
+        assert all(int(u) == 0 for u in kv.cells.used)
+        assert (kv.v_cells[0].pos < 0).all()
+        check_invariants(kv)
+    kv.close()
+    twin.close()
