@@ -547,6 +547,16 @@ static int pm_step_fill_trusted(pm_step_cells * c, int64_t s, const int32_t * wo
     return 1;
 }
 
+// stream s's cached bounds as for no cell (clean), and no shared cell counted
+static void pm_step_reset_bounds(pm_step_cells * c, int64_t s) {
+    for (int64_t q = 0; q < PM_STEP_MAX_SEQ; q++) {
+        c->pmin[s * PM_STEP_MAX_SEQ + q] = INT64_MAX;
+        c->pmax[s * PM_STEP_MAX_SEQ + q] = -1;
+        c->pdirty[s * PM_STEP_MAX_SEQ + q] = 0;
+    }
+    c->n_multi[s] = 0;
+}
+
 // every stream emptied, as a clear leaves it (a trusted refill that failed part way)
 static void pm_step_empty_all(pm_step_cells * c) {
     for (int64_t s = 0; s < c->n_stream; s++) {
@@ -555,15 +565,10 @@ static void pm_step_empty_all(pm_step_cells * c) {
         memset(c->owner + g0, 0xff, (size_t) c->size * sizeof(int32_t));
         memset(c->shift + g0, 0, (size_t) c->size * sizeof(int32_t));
         memset(c->seq + g0 * c->n_words, 0, (size_t) c->size * c->n_words * sizeof(uint64_t));
-        for (int64_t q = 0; q < PM_STEP_MAX_SEQ; q++) {
-            c->pmin[s * PM_STEP_MAX_SEQ + q] = INT64_MAX;
-            c->pmax[s * PM_STEP_MAX_SEQ + q] = -1;
-            c->pdirty[s * PM_STEP_MAX_SEQ + q] = 0;
-        }
+        pm_step_reset_bounds(c, s);
         c->used[s] = 0;
         c->used_max_p1[s] = 0;
         c->used_max_dirty[s] = 0;
-        c->n_multi[s] = 0;
     }
 }
 
@@ -579,12 +584,7 @@ pm_status pm_step_kv_refill_trusted(pm_step_cells * c, const int32_t * const * w
         }
     }
     for (int64_t s = 0; s < c->n_stream; s++) {
-        for (int64_t q = 0; q < PM_STEP_MAX_SEQ; q++) {
-            c->pmin[s * PM_STEP_MAX_SEQ + q] = INT64_MAX;
-            c->pmax[s * PM_STEP_MAX_SEQ + q] = -1;
-            c->pdirty[s * PM_STEP_MAX_SEQ + q] = 0;
-        }
-        c->n_multi[s] = 0;
+        pm_step_reset_bounds(c, s);
         if (!pm_step_fill_trusted(c, s, words[s], counts[s], rec, n_seq_max, spans[s])) {
             pm_step_empty_all(c);
             return PM_ERR_RANGE;
@@ -656,12 +656,7 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
         }
     }
     for (int64_t s = 0; s < c->n_stream; s++) {
-        for (int64_t q = 0; q < PM_STEP_MAX_SEQ; q++) {
-            c->pmin[s * PM_STEP_MAX_SEQ + q] = INT64_MAX;
-            c->pmax[s * PM_STEP_MAX_SEQ + q] = -1;
-            c->pdirty[s * PM_STEP_MAX_SEQ + q] = 0;
-        }
-        c->n_multi[s] = 0;
+        pm_step_reset_bounds(c, s);
         if (!all_empty) {
             pm_step_fill(c, s, words[s], counts[s], rec, n_seq_max, var[s], var[s] ? spans[s] : 0);
             continue;
@@ -1373,15 +1368,23 @@ pm_status pm_step_kv_pos_max(const pm_step_cells * c, const int64_t * keys, int6
     return PM_OK;
 }
 
+// whether every one of the n ids names a recurrent cell's tail inside the cells (or none)
+static int pm_rs_ids_inside(const int32_t * tail, int64_t size, const int64_t * ids, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= size || tail[ids[i]] >= size) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
 pm_status pm_step_rs_pos(const int32_t * tail, const int32_t * pos, int64_t size, const int64_t * ids, int64_t n,
                          int64_t * out) {
     if (tail == NULL || pos == NULL || ids == NULL || out == NULL || n < 0 || size < 0) {
         return PM_ERR_ARG;
     }
-    for (int64_t i = 0; i < n; i++) {
-        if (ids[i] < 0 || ids[i] >= size || tail[ids[i]] >= size) {
-            return PM_ERR_RANGE;
-        }
+    if (!pm_rs_ids_inside(tail, size, ids, n)) {
+        return PM_ERR_RANGE;
     }
     for (int64_t i = 0; i < n; i++) {
         const int32_t t = tail[ids[i]];
@@ -1407,10 +1410,8 @@ pm_status pm_step_hybrid_pos_max(const pm_step_cells * c, const int64_t * keys, 
     if (tail == NULL || pos == NULL || ids == NULL || size < 0) {
         return PM_ERR_ARG;
     }
-    for (int64_t i = 0; i < n; i++) {
-        if (ids[i] < 0 || ids[i] >= size || tail[ids[i]] >= size) {
-            return PM_ERR_RANGE;
-        }
+    if (!pm_rs_ids_inside(tail, size, ids, n)) {
+        return PM_ERR_RANGE;
     }
     for (int64_t i = 0; i < n; i++) {
         const int32_t t = tail[ids[i]];

@@ -111,6 +111,23 @@ def _pos_bounds(memory: SeqPosSource, seq_ids: np.ndarray, which: str) -> np.nda
     return np.asarray(get(seq_ids), dtype=np.int64)
 
 
+def _tokens_in_vocab(token: np.ndarray, n_vocab: int | None) -> bool:
+    """Every token id in ``[0, n_vocab)`` (only ``>= 0`` without a vocabulary size): one
+    unsigned compare covers both bounds. E.g. -1 -> 0xFFFFFFFF >= n_vocab."""
+    if n_vocab is not None:
+        return not bool((token.view(np.uint32) >= n_vocab).any())
+    return int(token.min()) >= 0
+
+
+def _output_flags(batch: Batch) -> np.ndarray:
+    """The batch's output flags as int8 (only the last token's without any given)."""
+    if batch.output is None:
+        output = np.zeros(batch.n_tokens, dtype=np.int8)
+        output[-1] = 1
+        return output
+    return (batch.output != 0).view(np.int8)
+
+
 def _check_one_per_seq(
     batch: Batch, lay: _Layout, memory: SeqPosSource | None, n_vocab: int | None
 ) -> tuple[np.ndarray, np.ndarray, int] | None:
@@ -118,13 +135,9 @@ def _check_one_per_seq(
     layout): ``(output int8, seq_pos table, n_outputs)``, or None when one fails (the
     general path then names the error). The reference of
     :func:`_check_one_per_seq_native`."""
-    token, pos, n = batch.token, batch.pos, batch.n_tokens
+    token, pos = batch.token, batch.pos
     assert token is not None and pos is not None
-    # one unsigned compare covers both bounds: E.g. -1 -> 0xFFFFFFFF >= n_vocab
-    if n_vocab is not None:
-        if (token.view(np.uint32) >= n_vocab).any():
-            return None
-    elif int(token.min()) < 0:
+    if not _tokens_in_vocab(token, n_vocab):
         return None
     # positions continue each sequence in memory: E.g. X [4, -1], pos [5, 0] -> fine
     pos_sorted = pos if lay.order is None else pos[lay.order]
@@ -134,11 +147,7 @@ def _check_one_per_seq(
             return None
     if int(pos.min()) < 0:
         return None
-    if batch.output is None:
-        output = np.zeros(n, dtype=np.int8)
-        output[-1] = 1
-    else:
-        output = (batch.output != 0).view(np.int8)
+    output = _output_flags(batch)
     # each sequence's only position is its minimum and its maximum
     pmin = np.full(LLAMA_MAX_SEQ, -1, dtype=np.int32)
     pmin[lay.seq] = pos
@@ -185,15 +194,10 @@ def _check_runs(
     (:meth:`BatchAllocator._runs_layout`): ``(output int8, seq_pos_min table,
     seq_pos_max table, n_outputs)``, or None when one fails (the general path then names
     the error). The reference of :func:`_check_runs_native`."""
-    token, pos, n = batch.token, batch.pos, batch.n_tokens
+    token, pos = batch.token, batch.pos
     assert token is not None and pos is not None
     assert lay.run_first is not None and lay.run_len is not None
-    if n_vocab is not None:
-        if (token.view(np.uint32) >= n_vocab).any():
-            return None
-    elif int(token.min()) < 0:
-        return None
-    if int(pos.min()) < 0:
+    if not _tokens_in_vocab(token, n_vocab) or int(pos.min()) < 0:
         return None
     # inside a run each position is the one before plus 1: E.g. seqs [0, 0, 1, 1], pos
     # [4, 5, 9, 10] -> steps [1, 4, 1], same sequence [T, F, T] -> fine
@@ -206,11 +210,7 @@ def _check_runs(
         x = _pos_bounds(memory, lay.seq_sorted, "max")
         if ((x >= 0) & (p_first != x + 1)).any():
             return None
-    if batch.output is None:
-        output = np.zeros(n, dtype=np.int8)
-        output[-1] = 1
-    else:
-        output = (batch.output != 0).view(np.int8)
+    output = _output_flags(batch)
     pmin = np.full(LLAMA_MAX_SEQ, -1, dtype=np.int32)
     pmax = np.full(LLAMA_MAX_SEQ, -1, dtype=np.int32)
     pmin[lay.seq_sorted] = p_first

@@ -82,6 +82,17 @@ def splits_of(balloc: BatchAllocator) -> list[functools.partial]:
     ]
 
 
+def same_splits_twice(fast: BatchAllocator, ref: BatchAllocator) -> None:
+    """Every splitter on both allocators, twice (recorded, then replayed): the same
+    ubatches and allocator state each time, and nothing left to split after."""
+    for _ in range(2):
+        for fs, rs in zip(splits_of(fast), splits_of(ref)):
+            same_ubatches(fast.split_all(fs), ref.split_all(rs))
+            same_allocators(fast, ref)
+            # after a split (recorded or replayed) the splitter has nothing left
+            assert fs() is None and rs() is None
+
+
 def decode_batch(rng: np.random.Generator, seqs: np.ndarray, pmax: dict[int, int]) -> Batch:
     n = seqs.size
     pos = np.array([pmax.get(int(s), -1) + 1 for s in seqs], dtype=np.int32)
@@ -112,12 +123,7 @@ def test_decode_steps_equal_the_general_path(seed: int) -> None:
         ref.init(batch, memory=mem, n_seq_max=n_seq_max, n_vocab=100)
         assert fast._b is not None and fast._b.layout is not None  # the fast path ran
         same_allocators(fast, ref)
-        for _ in range(2):
-            for fs, rs in zip(splits_of(fast), splits_of(ref)):
-                same_ubatches(fast.split_all(fs), ref.split_all(rs))
-                same_allocators(fast, ref)
-                # after a split (recorded or replayed) the splitter has nothing left
-                assert fs() is None and rs() is None
+        same_splits_twice(fast, ref)
         for s, p in zip(seqs.tolist(), batch.pos.tolist()):
             pmax[s] = p
 
@@ -230,11 +236,7 @@ def test_run_steps_equal_the_general_path(seed: int, native: bool, monkeypatch) 
         assert fast._b is not None and fast._b.layout is not None  # the run layout ran
         assert fast._b.layout.run_first is not None
         same_allocators(fast, ref)
-        for _ in range(2):
-            for fs, rs in zip(splits_of(fast), splits_of(ref)):
-                same_ubatches(fast.split_all(fs), ref.split_all(rs))
-                same_allocators(fast, ref)
-                assert fs() is None and rs() is None
+        same_splits_twice(fast, ref)
         pmax.update({int(q): int(p) for q, p in zip(batch.seq_id[:, 0], batch.pos)})
 
 

@@ -174,11 +174,8 @@ def test_a_parse_that_leaves_the_records_to_the_refill() -> None:
     kv = _scenario("f16-trans", 5)
     view = kv._blob_view()
     assert view is not None
-    counts = np.zeros(kv.n_stream, np.int64)
-    offsets = np.zeros(kv.n_stream, np.int64)
-    same = ffi.new("int32_t *")
-    consumed = ffi.new("int64_t *")
-    done = ffi.new("int32_t *")
+    counts, offsets = (np.zeros(kv.n_stream, np.int64) for _ in range(2))
+    same, done, consumed = ffi.new("int32_t *"), ffi.new("int32_t *"), ffi.new("int64_t *")
 
     def parse(blob: bytes, mode: int) -> int:
         return lib.pm_kv_read_whole_blob(
@@ -186,10 +183,10 @@ def test_a_parse_that_leaves_the_records_to_the_refill() -> None:
             ffi.from_buffer("int64_t[]", offsets), same, consumed, done,
         )  # fmt: skip
 
-    def commit(blob: bytes, fixed_only: int) -> int:
+    def commit(blob: bytes, records: int) -> int:
         return lib.pm_kv_read_whole_commit(
             view._view, kv._native_cells()[0], blob, len(blob), ffi.from_buffer("int64_t[]", counts),
-            ffi.from_buffer("int64_t[]", offsets), 0, fixed_only, done,
+            ffi.from_buffer("int64_t[]", offsets), 0, records, done,
         )  # fmt: skip
 
     assert parse(plain, 3) == lib.PM_ERR_ARG  # (a cache with cells)
