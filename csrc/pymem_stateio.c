@@ -838,6 +838,16 @@ static inline int64_t pm_record_n_ids(const int32_t * owner, int64_t c, const ui
     return k;
 }
 
+// Whether the PM_ID_BLOCK cells from c are all shared (owner -2) with the bitset of cell
+// c (one-word bitsets): a fork's cells, whose records list the same ids
+static inline int pm_block_one_set(const int32_t * owner, const uint64_t * bits, int64_t c) {
+    int32_t other = 0;
+    for (int j = 0; j < PM_ID_BLOCK; ++j) {
+        other |= (owner[c + j] != -2) | (bits[c + j] != bits[c]);
+    }
+    return other == 0;
+}
+
 pm_status pm_kv_record_ids(const int32_t * owner, int64_t size, const uint64_t * bits, int64_t n_words,
                            int32_t n_seq_max, const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs,
                            int64_t * ids) {
@@ -853,6 +863,10 @@ pm_status pm_kv_record_ids(const int32_t * owner, int64_t size, const uint64_t *
         for (; c + PM_ID_BLOCK <= e; c += PM_ID_BLOCK) {
             if (!pm_block_odd(owner, c, n_seq_max)) {
                 k += PM_ID_BLOCK;  // one id each
+                continue;
+            }
+            if (n_words == 1 && pm_block_one_set(owner, bits, c)) {
+                k += PM_ID_BLOCK * pm_record_n_ids(owner, c, bits, n_words, n_seq_max);
                 continue;
             }
             for (int64_t j = c; j < c + PM_ID_BLOCK; ++j) {
@@ -883,6 +897,28 @@ static void pm_kv_meta_words_var(const int32_t * pos, const int32_t * owner, con
                     pm_st32(w, pos[j]);
                     pm_st32(w + 1, 1);
                     pm_st32(w + 2, owner[j]);
+                }
+                c += PM_ID_BLOCK - 1;
+                continue;
+            }
+            if (n_ext == 0 && n_words == 1 && c % PM_ID_BLOCK == 0 && c + PM_ID_BLOCK <= run_ends[i] &&
+                pm_block_one_set(owner, bits, c)) {
+                // a block of cells shared by one set of sequences: its ids found once
+                int32_t ids[64];
+                int32_t k = 0;
+                for (uint64_t r = bits[c]; r != 0; r &= r - 1) {
+                    const int32_t q = (int32_t) pm_ctz64(r);
+                    if (q < n_seq_max) {
+                        ids[k++] = q;
+                    }
+                }
+                for (int64_t j = c; j < c + PM_ID_BLOCK; ++j) {
+                    pm_st32(w, pos[j]);
+                    pm_st32(w + 1, k);
+                    for (int32_t x = 0; x < k; ++x) {
+                        pm_st32(w + 2 + x, ids[x]);
+                    }
+                    w += 2 + k;
                 }
                 c += PM_ID_BLOCK - 1;
                 continue;

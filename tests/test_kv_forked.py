@@ -623,11 +623,12 @@ def test_whole_blob_of_a_forked_memory_is_written_natively(
 
 @pytest.mark.parametrize("kind", ["kv", "kv-rows", "hybrid", "iswa"])
 def test_whole_blob_of_long_one_id_runs_beside_shared_cells(monkeypatch, kind) -> None:
-    """A forked memory whose cells are a run of 40 one-id cells and one of 20 cells
+    """A forked memory whose cells are a run of 40 one-id cells and one of 40 cells
     shared by one pair of sequences (the native kernels take such records sixteen or
-    eight at a time): its whole blob, written natively, has the general writer's bytes,
-    and read back natively into the cleared memory (taken by the one-call roads) leaves
-    what the numpy roads leave."""
+    eight at a time; the writer's blocks of sixteen cells of one set, at cells 48 and 64):
+    its whole blob, written natively, has the general writer's bytes, and read back
+    natively into the cleared memory (taken by the one-call roads) leaves what the numpy
+    roads leave."""
     if kind.startswith("kv"):
         mem = _forked_kv(True, kind == "kv", 7)
     elif kind == "hybrid":
@@ -638,8 +639,8 @@ def test_whole_blob_of_long_one_id_runs_beside_shared_cells(monkeypatch, kind) -
     mem.clear(True)
     items = [[1 + q, p, [q], False] for q in (1, 2) for p in range(20)]  # 40 cells of one id
     assert decode(mem, items, n_ubatch=40) == 0
-    assert decode(mem, [[3, p, [0], False] for p in range(20)], n_ubatch=20) == 0
-    mem.seq_cp(0, 4, -1, -1)  # twenty cells shared by 0 and 4 after them
+    assert decode(mem, [[3, p, [0], False] for p in range(40)], n_ubatch=40) == 0
+    mem.seq_cp(0, 4, -1, -1)  # forty cells shared by 0 and 4 after them
     _written_as_the_general_writer(monkeypatch, mem)
     blob = bytes(mem.state_write())
     taken: list[bool] = []  # whether each whole parse of the one-call roads took the blob
