@@ -523,6 +523,9 @@ class _Layout:
 # older extension that lacks the kernel)
 USE_NATIVE = hasattr(lib, "pm_step_batch_check")
 USE_NATIVE_RUNS = hasattr(lib, "pm_step_batch_check_runs")  # (the same, for k tokens a sequence)
+# batches of several tokens a sequence (each sequence one run) take a cached layout too;
+# False sends them to the general path (a switch to isolate that road, as the tests do)
+RUN_LAYOUTS = True
 _LAYOUTS_KEPT = 8  # sequence layouts a BatchAllocator remembers (prompt + decode shapes)
 
 
@@ -840,7 +843,7 @@ class BatchAllocator:
                 csr_key=_readonly(seq_sorted * (n + 1) + order),
                 set_count=_readonly(set_count.astype(np.int64)),
             )
-        elif raw.size and (batch.n_seq_id == 1).all():
+        elif RUN_LAYOUTS and raw.size and (batch.n_seq_id == 1).all():
             lay = self._runs_layout(raw, n_seq_max)
         if len(self._layouts) >= _LAYOUTS_KEPT:
             del self._layouts[next(iter(self._layouts))]  # the oldest

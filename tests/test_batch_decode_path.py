@@ -189,6 +189,11 @@ def test_other_batches_take_the_general_path() -> None:
     balloc.init(prompt, n_seq_max=4)
     lay = balloc._b.layout
     assert lay is not None and lay.run_first.tolist() == [0] and lay.run_len.tolist() == [4]
+    with pytest.MonkeyPatch.context() as m:  # the switch sends it to the general path
+        m.setattr(batch_mod, "RUN_LAYOUTS", False)
+        other = BatchAllocator()
+        other.init(prompt, n_seq_max=4)
+        assert other._b is not None and other._b.layout is None
 
 
 # --------------------------------------------------------------------------------------
