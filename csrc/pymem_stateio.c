@@ -838,6 +838,21 @@ static inline int64_t pm_record_n_ids(const int32_t * owner, int64_t c, const ui
     return k;
 }
 
+// The ids of a cell's bitset (n_words words) below n_seq_max, ascending, stored at out
+// (any alignment); their count
+static inline int32_t pm_set_ids(const uint64_t * b, int64_t n_words, int32_t n_seq_max, int32_t * out) {
+    int32_t k = 0;
+    for (int64_t x = 0; x < n_words; x++) {
+        for (uint64_t r = b[x]; r != 0; r &= r - 1) {
+            const int64_t q = 64 * x + pm_ctz64(r);
+            if (q < n_seq_max) {
+                pm_st32(out + k++, (int32_t) q);
+            }
+        }
+    }
+    return k;
+}
+
 // Whether the PM_ID_BLOCK cells from c are all shared (owner -2) with the bitset of cell
 // c (one-word bitsets): a fork's cells, whose records list the same ids
 static inline int pm_block_one_set(const int32_t * owner, const uint64_t * bits, int64_t c) {
@@ -903,22 +918,17 @@ static void pm_kv_meta_words_var(const int32_t * pos, const int32_t * owner, con
             }
             if (n_ext == 0 && n_words == 1 && c % PM_ID_BLOCK == 0 && c + PM_ID_BLOCK <= run_ends[i] &&
                 pm_block_one_set(owner, bits, c)) {
-                // a block of cells shared by one set of sequences: its ids found once
-                int32_t ids[64];
-                int32_t k = 0;
-                for (uint64_t r = bits[c]; r != 0; r &= r - 1) {
-                    const int32_t q = (int32_t) pm_ctz64(r);
-                    if (q < n_seq_max) {
-                        ids[k++] = q;
-                    }
-                }
-                for (int64_t j = c; j < c + PM_ID_BLOCK; ++j) {
+                // a block of cells shared by one set of sequences: the first record's ids
+                // found from its bits, the others' copied from it
+                const int32_t * first = w;
+                pm_st32(w, pos[c]);
+                const int32_t k = pm_set_ids(bits + c, 1, n_seq_max, w + 2);
+                pm_st32(w + 1, k);
+                w += 2 + k;
+                for (int64_t j = c + 1; j < c + PM_ID_BLOCK; ++j, w += 2 + k) {
                     pm_st32(w, pos[j]);
                     pm_st32(w + 1, k);
-                    for (int32_t x = 0; x < k; ++x) {
-                        pm_st32(w + 2 + x, ids[x]);
-                    }
-                    w += 2 + k;
+                    memcpy(w + 2, first + 2, (size_t) k * sizeof(int32_t));
                 }
                 c += PM_ID_BLOCK - 1;
                 continue;
@@ -936,14 +946,7 @@ static void pm_kv_meta_words_var(const int32_t * pos, const int32_t * owner, con
                 }
                 continue;
             }
-            for (int64_t x = 0; x < n_words; x++) {
-                for (uint64_t r = bits[c * n_words + x]; r != 0; r &= r - 1) {
-                    const int64_t q = 64 * x + pm_ctz64(r);
-                    if (q < n_seq_max) {
-                        pm_st32(w++, (int32_t) q);
-                    }
-                }
-            }
+            w += pm_set_ids(bits + c * n_words, n_words, n_seq_max, w);
         }
     }
 }
@@ -1768,10 +1771,10 @@ static pm_status pm_kv_zero_past(const pm_kv_seq_blob * b, const int64_t * count
 pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, const void * blob, int64_t avail,
                                   const int64_t * counts, const int64_t * offsets, int32_t same, int32_t records,
                                   int32_t * done) {
-    const int32_t fixed_only = records == 1;
+    const int32_t fixed_only = records == PM_RECORDS_UNCHECKED;
     if (pm_seq_blob_stream(b, 0) < 0 || c == NULL || blob == NULL || counts == NULL || offsets == NULL ||
         done == NULL || avail < 0 || b->n_ext != 0 || c->n_stream != b->n_stream || c->size != b->size ||
-        records < 0 || records > 2 || (fixed_only && same)) {
+        records < PM_RECORDS_PARSED || records > PM_RECORDS_PARSED_HERE || (fixed_only && same)) {
         return PM_ERR_ARG;
     }
     for (int64_t s = 0; fixed_only && s < c->n_stream; ++s) {
@@ -1809,7 +1812,7 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
         return PM_OK;
     }
     int32_t placed = 1;
-    if (st == PM_OK && !same && records == 2) {
+    if (st == PM_OK && !same && records == PM_RECORDS_PARSED_HERE) {
         st = pm_step_kv_refill_trusted(c, words, counts, scratch + 2 * n_stream, 3, b->n_seq_max);
     } else if (st == PM_OK && !same) {
         st = pm_step_kv_refill(c, words, counts, fixed_only ? NULL : scratch + 2 * n_stream, 3, b->n_seq_max,

@@ -481,37 +481,41 @@ static int pm_step_fill_var(pm_step_cells * c, int64_t s, const int32_t * words,
 // Stream s's records into cells [0, n) (checked already: pm_step_fill_checked's check
 // passes, or pm_kv_records_var's for variable ones), the cells [n, bound) emptied, and
 // the bounds from the records
+// cells [c0, c1) of stream s emptied: no position, owner, shift or bit
+static void pm_step_empty_range(pm_step_cells * c, int64_t s, int64_t c0, int64_t c1) {
+    if (c1 <= c0) {
+        return;
+    }
+    const int64_t n_words = c->n_words, g0 = s * c->size, n = c1 - c0;
+    memset(c->pos + g0 + c0, 0xff, (size_t) n * sizeof(int32_t));  // -1: empty
+    memset(c->owner + g0 + c0, 0xff, (size_t) n * sizeof(int32_t));  // -1: none
+    memset(c->shift + g0 + c0, 0, (size_t) n * sizeof(int32_t));
+    memset(c->seq + (g0 + c0) * n_words, 0, (size_t) n * n_words * sizeof(uint64_t));
+}
+
+// cells from used_max_p1 on are empty, and an empty cell's shift and bitset are 0
+// (StackedCells' invariant): a refill of n records writes only cells
+// [0, max(n, used_max_p1)). [0, n): the bitsets and shifts cleared in bulk here, then the
+// records go in as into empty cells; the caller empties [n, pm_step_fill_bound) after
+static int64_t pm_step_fill_prepare(pm_step_cells * c, int64_t s, int64_t n) {
+    const int64_t g0 = s * c->size;
+    memset(c->seq + g0 * c->n_words, 0, (size_t) n * c->n_words * sizeof(uint64_t));
+    memset(c->shift + g0, 0, (size_t) n * sizeof(int32_t));
+    return c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size;
+}
+
 static void pm_step_fill(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t rec,
                          int32_t n_seq_max, int var, int64_t span) {
-    const int64_t n_words = c->n_words, g0 = s * c->size;
-    // cells from used_max_p1 on are empty, and an empty cell's shift and bitset are 0
-    // (StackedCells' invariant): only cells [0, max(n, used_max_p1)) are written. [0, n):
-    // the bitsets and shifts cleared in bulk, then the records as into empty cells
-    const int64_t bound = c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size;
-    memset(c->seq + g0 * n_words, 0, (size_t) n * n_words * sizeof(uint64_t));
-    memset(c->shift + g0, 0, (size_t) n * sizeof(int32_t));
+    const int64_t bound = pm_step_fill_prepare(c, s, n);
     int64_t written = 0;
     if (var) {
         pm_step_fill_var(c, s, words, n, span, rec - 1, n_seq_max, &written);
     } else {
         pm_step_fill_checked(c, s, words, n, rec, n_seq_max, &written);
     }
-    if (bound > n) {  // [n, bound): emptied
-        const int64_t rest = bound - n;
-        memset(c->pos + g0 + n, 0xff, (size_t) rest * sizeof(int32_t));  // -1: empty
-        memset(c->owner + g0 + n, 0xff, (size_t) rest * sizeof(int32_t));  // -1: none
-        memset(c->shift + g0 + n, 0, (size_t) rest * sizeof(int32_t));
-        memset(c->seq + (g0 + n) * n_words, 0, (size_t) rest * n_words * sizeof(uint64_t));
-    }
+    pm_step_empty_range(c, s, n, bound);
 }
 
-// cells [0, n) of stream s, filled into an empty stream, emptied again
-static void pm_step_unfill(pm_step_cells * c, int64_t s, int64_t n) {
-    const int64_t g0 = s * c->size;
-    memset(c->pos + g0, 0xff, (size_t) n * sizeof(int32_t));
-    memset(c->owner + g0, 0xff, (size_t) n * sizeof(int32_t));
-    memset(c->seq + g0 * c->n_words, 0, (size_t) n * c->n_words * sizeof(uint64_t));
-}
 
 // pm_step_fill for records a parse in the same native call checked already: no check
 // before the first write, each record checked as it is written (fixed ones; from the
@@ -520,10 +524,7 @@ static void pm_step_unfill(pm_step_cells * c, int64_t s, int64_t n) {
 // written, for the caller to empty.
 static int pm_step_fill_trusted(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t rec,
                                 int32_t n_seq_max, int64_t span) {
-    const int64_t n_words = c->n_words, g0 = s * c->size;
-    const int64_t bound = c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size;
-    memset(c->seq + g0 * n_words, 0, (size_t) n * n_words * sizeof(uint64_t));
-    memset(c->shift + g0, 0, (size_t) n * sizeof(int32_t));
+    const int64_t bound = pm_step_fill_prepare(c, s, n);
     int64_t k = 0;
     if (!pm_step_fill_checked(c, s, words, n, rec, n_seq_max, &k)) {
         if (span <= 0) {
@@ -531,19 +532,13 @@ static int pm_step_fill_trusted(pm_step_cells * c, int64_t s, const int32_t * wo
         }
         // variable records (the parse found them): the bits the fixed pass set cleared,
         // then every record as a variable one (it sets bits, never clears them)
-        memset(c->seq + g0 * n_words, 0, (size_t) k * n_words * sizeof(uint64_t));
+        memset(c->seq + s * c->size * c->n_words, 0, (size_t) k * c->n_words * sizeof(uint64_t));
         int64_t k_var = 0;
         if (!pm_step_fill_var(c, s, words, n, span, rec - 1, n_seq_max, &k_var)) {
             return 0;
         }
     }
-    if (bound > n) {  // [n, bound): emptied
-        const int64_t rest = bound - n;
-        memset(c->pos + g0 + n, 0xff, (size_t) rest * sizeof(int32_t));
-        memset(c->owner + g0 + n, 0xff, (size_t) rest * sizeof(int32_t));
-        memset(c->shift + g0 + n, 0, (size_t) rest * sizeof(int32_t));
-        memset(c->seq + (g0 + n) * n_words, 0, (size_t) rest * n_words * sizeof(uint64_t));
-    }
+    pm_step_empty_range(c, s, n, bound);
     return 1;
 }
 
@@ -560,11 +555,7 @@ static void pm_step_reset_bounds(pm_step_cells * c, int64_t s) {
 // every stream emptied, as a clear leaves it (a trusted refill that failed part way)
 static void pm_step_empty_all(pm_step_cells * c) {
     for (int64_t s = 0; s < c->n_stream; s++) {
-        const int64_t g0 = s * c->size;
-        memset(c->pos + g0, 0xff, (size_t) c->size * sizeof(int32_t));
-        memset(c->owner + g0, 0xff, (size_t) c->size * sizeof(int32_t));
-        memset(c->shift + g0, 0, (size_t) c->size * sizeof(int32_t));
-        memset(c->seq + g0 * c->n_words, 0, (size_t) c->size * c->n_words * sizeof(uint64_t));
+        pm_step_empty_range(c, s, 0, c->size);
         pm_step_reset_bounds(c, s);
         c->used[s] = 0;
         c->used_max_p1[s] = 0;
@@ -678,7 +669,7 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
         }
         for (int64_t t = 0; t <= s; t++) {
             c->n_multi[t] = 0;
-            pm_step_unfill(c, t, t < s ? counts[t] : k);
+            pm_step_empty_range(c, t, 0, t < s ? counts[t] : k);
         }
         memcpy(c->pmin, saved, (size_t) n_keys * sizeof(int64_t));
         memcpy(c->pmax, saved + n_keys * sizeof(int64_t), (size_t) n_keys * sizeof(int64_t));
@@ -1116,6 +1107,17 @@ int32_t pm_step_kv_place_sure(const pm_step_cells * c, int64_t s, int32_t seq_id
     return swa_type == 0 || c->shift != NULL;
 }
 
+// a batch's output flags as 0 / 1 (output NULL: only the last token), and their count
+static int64_t pm_step_outputs(const uint8_t * output, int8_t * out_output, int64_t n) {
+    int64_t n_out = 0;
+    for (int64_t t = 0; t < n; t++) {
+        const int8_t o = output != NULL ? (int8_t) (output[t] != 0) : (int8_t) (t == n - 1);
+        out_output[t] = o;
+        n_out += o;
+    }
+    return n_out;
+}
+
 pm_status pm_step_batch_check(const int32_t * token, const int32_t * pos, const int64_t * seq, int64_t n,
                               const int64_t * order, const int64_t * mem_max, int64_t n_vocab,
                               const uint8_t * output, int8_t * out_output, int32_t * seq_pos, int64_t * n_outputs,
@@ -1145,14 +1147,10 @@ pm_status pm_step_batch_check(const int32_t * token, const int32_t * pos, const 
     for (int q = 0; q < PM_STEP_MAX_SEQ; q++) {
         seq_pos[q] = -1;
     }
-    int64_t n_out = 0;
     for (int64_t t = 0; t < n; t++) {
-        const int8_t o = output != NULL ? (int8_t) (output[t] != 0) : (int8_t) (t == n - 1);
-        out_output[t] = o;
-        n_out += o;
         seq_pos[seq[t]] = pos[t];
     }
-    *n_outputs = n_out;
+    *n_outputs = pm_step_outputs(output, out_output, n);
     *ok = 1;
     return PM_OK;
 }
@@ -1202,13 +1200,7 @@ pm_status pm_step_batch_check_runs(const int32_t * token, const int32_t * pos, i
         seq_pmin[run_seq[r]] = pos[first[r]];
         seq_pmax[run_seq[r]] = pos[first[r] + len[r] - 1];
     }
-    int64_t n_out = 0;
-    for (int64_t t = 0; t < n; t++) {
-        const int8_t o = output != NULL ? (int8_t) (output[t] != 0) : (int8_t) (t == n - 1);
-        out_output[t] = o;
-        n_out += o;
-    }
-    *n_outputs = n_out;
+    *n_outputs = pm_step_outputs(output, out_output, n);
     *ok = 1;
     return PM_OK;
 }

@@ -274,16 +274,23 @@ pm_status pm_kv_read_seq_placed(const pm_kv_seq_blob * b, pm_step_cells * c, int
 // No ext (b->n_ext 0). *done = 0 with nothing changed where the refill declines a record
 // (the blob changed since the parse) or a tensor fails the checks of the bytes' store or
 // the zeroing (not in host memory; checked before the refill); *done = 1 when all of it
-// ran. `records` says who checked the records: 0 the caller's parse, in an earlier call
-// (the refill checks them all again before its first write); 1 nobody (a mode 3 parse
-// left them to this call, every stream's cells empty): the refill places fixed records
-// only, each checked as it is written, and any other record declines it, nothing
-// changed; 2 a parse in the same native call (pm_whole_read's): no check before the first
-// write, each record checked as it is written, and one that fails after all (the blob
-// changed during the call) leaves the cells emptied with PM_ERR_RANGE. PM_ERR_ARG for a
-// null pointer, views of other cells, an offset past the blob or records outside [0, 2];
+// ran. `records` (pm_records) says who checked the records: PM_RECORDS_PARSED the
+// caller's parse, in an earlier call (the refill checks them all again before its first
+// write); PM_RECORDS_UNCHECKED nobody (a mode 3 parse left them to this call, every
+// stream's cells empty): the refill places fixed records only, each checked as it is
+// written, and any other record declines it, nothing changed; PM_RECORDS_PARSED_HERE a
+// parse in the same native call (pm_whole_read's): no check before the first write, each
+// record checked as it is written, and one that fails after all (the blob changed during
+// the call) leaves the cells emptied with PM_ERR_RANGE. PM_ERR_ARG for a null pointer,
+// views of other cells, an offset past the blob or another `records`;
 // PM_ERR_RANGE when the store's checks fail after the placement (the blob changed while
 // it was restored).
+typedef enum {
+    PM_RECORDS_PARSED = 0,       // by the caller's parse, in an earlier call
+    PM_RECORDS_UNCHECKED = 1,    // by nobody yet: a mode 3 parse left them to the refill
+    PM_RECORDS_PARSED_HERE = 2,  // by a parse in the same native call
+} pm_records;
+
 pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, const void * blob, int64_t avail,
                                   const int64_t * counts, const int64_t * offsets, int32_t same, int32_t records,
                                   int32_t * done);
@@ -291,7 +298,7 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
 // PYMEM_CDEF_END
 
 // C only (not bound to Python): pm_step_kv_refill for records a parse in the same native
-// call has just checked (pm_kv_read_whole_commit's records 2; spans as pm_step_kv_refill's,
+// call has just checked (pm_kv_read_whole_commit's PM_RECORDS_PARSED_HERE; spans as pm_step_kv_refill's,
 // required). No check before the first write: each record is checked as it is written,
 // and one that fails after all (the blob changed during the call) leaves every stream
 // emptied, as a clear leaves it, with PM_ERR_RANGE. PM_ERR_ARG as pm_step_kv_refill.

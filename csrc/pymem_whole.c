@@ -109,7 +109,8 @@ static int pm_whole_store(pm_whole_part * p, int32_t seq_id, const char * d, int
         int32_t done = 0;
         // the records: left to the refill (deferred), or checked by this call's parse
         const pm_status st = pm_kv_read_whole_commit(p->kv, p->cells, d, avail, p->kv_found, p->kv_found + n_stream,
-                                                     p->same, p->deferred ? 1 : 2, &done);
+                                                     p->same,
+                                                     p->deferred ? PM_RECORDS_UNCHECKED : PM_RECORDS_PARSED_HERE, &done);
         if (st == PM_ERR_ALLOC) {
             return 0;  // (its scratch is allocated before anything changes)
         }

@@ -864,7 +864,6 @@ class BatchAllocator:
         run_seq = raw[starts]
         if int(np.bincount(run_seq).max()) != 1 or starts.size == n:
             return None  # a sequence in two runs (general path), or one token each
-        lens = np.diff(np.append(starts, n))
         by_seq = np.argsort(run_seq)
         order = np.argsort(raw, kind="stable")
         seq_tok = raw[order]
@@ -882,7 +881,7 @@ class BatchAllocator:
             csr_key=_readonly(seq_tok * (n + 1) + order),
             set_count=_readonly(set_count.astype(np.int64)),
             run_first=_readonly(starts[by_seq].astype(np.int64)),
-            run_len=_readonly(lens[by_seq].astype(np.int64)),
+            run_len=_readonly(set_count[seq_sorted].astype(np.int64)),  # (one run each)
         )
 
     def _init_one_per_seq(

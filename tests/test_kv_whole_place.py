@@ -540,13 +540,21 @@ def test_a_whole_commit_declines_a_tensor_it_cannot_store_before_any_change(
     before = _state(kv)
     cells = kv._native_cells()[0]
     status = lib.pm_kv_read_whole_commit(
-        copy, cells, blob, len(blob), counts_c, offsets_c, same[0], 0, done
+        copy, cells, blob, len(blob), counts_c, offsets_c, same[0], lib.PM_RECORDS_PARSED, done
     )
     assert status == lib.PM_OK and done[0] == 0
     assert _state(kv) == before
     # the real view commits the same blob
     status = lib.pm_kv_read_whole_commit(
-        view._view, cells, blob, len(blob), counts_c, offsets_c, same[0], 0, done
+        view._view,
+        cells,
+        blob,
+        len(blob),
+        counts_c,
+        offsets_c,
+        same[0],
+        lib.PM_RECORDS_PARSED,
+        done,
     )
     assert status == lib.PM_OK and done[0] == 1
     kv._whole_committed()

@@ -141,7 +141,7 @@ def test_the_commit_kernel_refuses_and_declines_without_change() -> None:
     def call(c=cells, counts=found.counts, offsets=found.offsets, out=done) -> int:
         return lib.pm_kv_read_whole_commit(
             view._view, c, ffi.from_buffer(blob), len(blob), ffi.from_buffer("int64_t[]", counts),
-            ffi.from_buffer("int64_t[]", offsets), 0, 0, out,
+            ffi.from_buffer("int64_t[]", offsets), 0, lib.PM_RECORDS_PARSED, out,
         )  # fmt: skip
 
     assert call(c=ffi.NULL) == lib.PM_ERR_ARG
@@ -192,7 +192,7 @@ def test_a_parse_that_leaves_the_records_to_the_refill() -> None:
     assert parse(plain, 3) == lib.PM_ERR_ARG  # (a cache with cells)
     assert parse(plain, 4) == lib.PM_ERR_ARG
     assert parse(plain, 0) == lib.PM_OK and done[0] == 1
-    assert commit(plain, 1) == lib.PM_ERR_ARG
+    assert commit(plain, lib.PM_RECORDS_UNCHECKED) == lib.PM_ERR_ARG
     kv.clear(False)
     view = kv._blob_view()
     assert view is not None
@@ -200,9 +200,9 @@ def test_a_parse_that_leaves_the_records_to_the_refill() -> None:
     assert parse(plain, 3) == lib.PM_OK and done[0] == 1 and consumed[0] == len(plain)
     assert parse(forked, 3) == lib.PM_OK and done[0] == 0
     assert parse(forked, 0) == lib.PM_OK and done[0] == 1
-    assert commit(forked, 1) == lib.PM_OK and done[0] == 0
+    assert commit(forked, lib.PM_RECORDS_UNCHECKED) == lib.PM_OK and done[0] == 0
     assert _state(kv) == empty
-    assert commit(forked, 0) == lib.PM_OK and done[0] == 1
+    assert commit(forked, lib.PM_RECORDS_PARSED) == lib.PM_OK and done[0] == 1
     kv._whole_committed()
     placed = _state(kv)
     again = _scenario("f16-trans", 5)
@@ -240,7 +240,7 @@ def test_a_commit_after_a_parse_in_the_same_call_checks_as_it_writes(seed: int, 
         )  # fmt: skip
 
     assert commit(3) == lib.PM_ERR_ARG and commit(-1) == lib.PM_ERR_ARG
-    assert commit(2) == lib.PM_OK and done[0] == 1
+    assert commit(lib.PM_RECORDS_PARSED_HERE) == lib.PM_OK and done[0] == 1
     kv._whole_committed()
     assert twin.state_read(bytes(blob)) == len(blob)
     assert _state(kv) == _state(twin)
@@ -249,7 +249,7 @@ def test_a_commit_after_a_parse_in_the_same_call_checks_as_it_writes(seed: int, 
         at, n = int(found.offsets[0]), int(found.counts[0])
         last = at + 12 * (n - 1) + 8
         blob[last : last + 4] = (kv.n_seq_max + 5).to_bytes(4, "little")
-        assert commit(2) == lib.PM_ERR_RANGE
+        assert commit(lib.PM_RECORDS_PARSED_HERE) == lib.PM_ERR_RANGE
         kv._whole_committed()
         assert all(int(u) == 0 for u in kv.cells.used)
         assert (kv.v_cells[0].pos < 0).all()

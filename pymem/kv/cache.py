@@ -788,12 +788,13 @@ class KVCache(Memory):
     def seq_pos_max_of(self, seq_ids: np.ndarray) -> np.ndarray:
         """``seq_pos_max`` of each of ``seq_ids`` (int64), from the cached bounds."""
         keys = self._seq_keys(seq_ids)
-        if USE_NATIVE and self._keys_c is not None and self._keys_c[0] is keys:
+        keys_c = self.frozen_keys_c(seq_ids)
+        if keys_c is not None:
             # the allocator's frozen ids (a decode step): one native read of the bounds
             out = np.empty(keys.size, dtype=np.int64)
             c, _, _, ok = self._native_cells()
             status = lib.pm_step_kv_pos_max(
-                c, self._keys_c[1], keys.size, ffi.from_buffer("int64_t[]", out, require_writable=True), ok
+                c, keys_c, keys.size, ffi.from_buffer("int64_t[]", out, require_writable=True), ok
             )  # fmt: skip
             if status != lib.PM_OK:
                 check(status, f"pm_step_kv_pos_max ({keys.size} keys)")

@@ -570,7 +570,7 @@ class SeqBlob:
         status = lib.pm_kv_read_whole_commit(
             self._view, step[0], ffi.from_buffer(data), len(data),  # type: ignore[arg-type]
             ffi.from_buffer("int64_t[]", found.counts), ffi.from_buffer("int64_t[]", found.offsets),
-            int(found.same), 0, done,
+            int(found.same), lib.PM_RECORDS_PARSED, done,
         )  # fmt: skip
         if status == lib.PM_ERR_RANGE:
             raise StateError("state plan: the blob changed while it was restored")
