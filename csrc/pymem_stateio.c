@@ -1962,17 +1962,26 @@ pm_status pm_kv_read_whole_blob(const pm_kv_seq_blob * b, const void * blob, int
         counts[s] = n;
         offsets[s] = at;
         const int32_t * words = (const int32_t *) (const void *) (d + at);
+        int64_t span = -1;  // the records' words, when the cells already are them
         if (mode != 1 && all_same) {
-            // records equal to used cells are fixed ones: no second pass over them
-            int32_t eq = b->used[s] == n && b->n_multi[s] == 0 && !b->has_shift[s];
-            if (eq && n > 0 &&
-                pm_kv_cells_equal(b->pos[s], b->owner[s], b->n_ext ? b->ext[s] : NULL, words, n, rec, b->n_ext,
-                                  &eq) != PM_OK) {
+            // records equal to used cells are valid ones: no second pass over them
+            int32_t eq = b->used[s] == n && !b->has_shift[s];
+            if (eq && b->n_multi[s] > 0) {
+                // shared cells (a forked cache): its records are variable ones
+                eq = b->n_ext == 0 && b->cells != NULL &&
+                     pm_step_kv_cells_equal_var(b->cells, s, words, (avail - at) / 4, n, b->n_seq_max, &span) ==
+                         PM_OK &&
+                     span >= 0;
+            } else if (eq && n > 0 &&
+                       pm_kv_cells_equal(b->pos[s], b->owner[s], b->n_ext ? b->ext[s] : NULL, words, n, rec,
+                                         b->n_ext, &eq) != PM_OK) {
                 eq = 0;
             }
             all_same = eq;
         }
-        const int64_t span = pm_whole_records_span(b, s, words, n, (avail - at) / 4, rec, mode, all_same);
+        if (span < 0) {
+            span = pm_whole_records_span(b, s, words, n, (avail - at) / 4, rec, mode, all_same);
+        }
         if (span < 0) {
             goto out;
         }

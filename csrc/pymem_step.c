@@ -384,6 +384,63 @@ pm_status pm_kv_records_var(const int32_t * words, int64_t span, int64_t n, int6
     return PM_OK;
 }
 
+pm_status pm_step_kv_cells_equal_var(const pm_step_cells * c, int64_t s, const int32_t * words, int64_t span,
+                                     int64_t n, int32_t n_seq_max, int64_t * end) {
+    if (c == NULL || words == NULL || end == NULL || n < 0 || span < 0 || s < 0 || s >= c->n_stream ||
+        n_seq_max < 1 || n_seq_max > pm_step_ids(c)) {
+        return PM_ERR_ARG;
+    }
+    *end = -1;
+    if (n > c->size || c->used[s] != n) {
+        return PM_OK;
+    }
+    const int64_t n_words = c->n_words, g0 = s * c->size;
+    const int32_t * pos = c->pos + g0;
+    const int32_t * own = c->owner + g0;
+    const uint64_t * bits = c->seq + g0 * n_words;
+    int64_t o = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (span - o < 3) {
+            return PM_OK;
+        }
+        const int32_t p = pm_step_ld32(words + o), k = pm_step_ld32(words + o + 1);
+        if (p < 0 || p != pos[i]) {
+            return PM_OK;
+        }
+        if (k == 1) {  // (an owner >= 0 has its one bit)
+            const int32_t q = pm_step_ld32(words + o + 2);
+            if ((uint32_t) q >= (uint32_t) n_seq_max || own[i] != q) {
+                return PM_OK;
+            }
+            o += 3;
+            continue;
+        }
+        if (k < 2 || k > n_seq_max || own[i] != -2 || span - o - 2 < k) {
+            return PM_OK;
+        }
+        uint64_t mask[PM_STEP_MAX_SEQ / 64] = { 0 };
+        for (int32_t j = 0; j < k; j++) {
+            const int32_t q = pm_step_ld32(words + o + 2 + j);
+            if ((uint32_t) q >= (uint32_t) n_seq_max) {
+                return PM_OK;
+            }
+            const uint64_t bit = (uint64_t) 1 << (q & 63);
+            if (mask[q >> 6] & bit) {  // (a repeated id)
+                return PM_OK;
+            }
+            mask[q >> 6] |= bit;
+        }
+        for (int64_t w = 0; w < n_words; w++) {
+            if (mask[w] != bits[i * n_words + w]) {
+                return PM_OK;
+            }
+        }
+        o += 2 + k;
+    }
+    *end = o;
+    return PM_OK;
+}
+
 // Stream s's n variable records (fixed words, then the ids; span words readable) into
 // its cells [0, n), whose bitsets and shifts are clear, each checked before it is
 // written (pm_kv_records_var's rule): each cell's position, its ids' bits, its owner
@@ -495,13 +552,16 @@ static void pm_step_empty_range(pm_step_cells * c, int64_t s, int64_t c0, int64_
 
 // cells from used_max_p1 on are empty, and an empty cell's shift and bitset are 0
 // (StackedCells' invariant): a refill of n records writes only cells
-// [0, max(n, used_max_p1)). [0, n): the bitsets and shifts cleared in bulk here, then the
-// records go in as into empty cells; the caller empties [n, pm_step_fill_bound) after
+// [0, max(n, used_max_p1)). [0, n): the bitsets and shifts of the cells below
+// used_max_p1 cleared in bulk here (the others are clear: a refill into a cleared memory
+// clears nothing), then the records go in as into empty cells; the caller empties
+// [n, the bound returned) after
 static int64_t pm_step_fill_prepare(pm_step_cells * c, int64_t s, int64_t n) {
-    const int64_t g0 = s * c->size;
-    memset(c->seq + g0 * c->n_words, 0, (size_t) n * c->n_words * sizeof(uint64_t));
-    memset(c->shift + g0, 0, (size_t) n * sizeof(int32_t));
-    return c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size;
+    const int64_t g0 = s * c->size, bound = c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size;
+    const int64_t dirty = n < bound ? n : bound;
+    memset(c->seq + g0 * c->n_words, 0, (size_t) dirty * c->n_words * sizeof(uint64_t));
+    memset(c->shift + g0, 0, (size_t) dirty * sizeof(int32_t));
+    return bound;
 }
 
 static void pm_step_fill(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t rec,

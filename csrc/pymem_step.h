@@ -92,6 +92,18 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
 pm_status pm_kv_records_var(const int32_t * words, int64_t span, int64_t n, int64_t fixed, int32_t n_seq_max,
                             int64_t * end, int64_t * multi);
 
+// Whether stream s's cells already are the n variable whole-cache records at words (span
+// int32 words readable, any alignment; no ext: position, n_seq_id, then the ids), so that
+// a whole restore's clear + refill of them would change no cell: the stream uses n cells,
+// and cell i has record i's position (>= 0) and exactly its ids, each below n_seq_max
+// (one id: the cell's owner; several, distinct: owner -2 and a bitset of those ids alone).
+// *end = the words the records take when they are; -1 when not (a record it stops at is
+// not said to be invalid: the parse checks it). Pending shifts are the caller's to rule
+// out. Reads only. PM_ERR_ARG for a null pointer, n or span negative, s outside
+// [0, n_stream) or n_seq_max outside [1, the bitsets' ids].
+pm_status pm_step_kv_cells_equal_var(const pm_step_cells * c, int64_t s, const int32_t * words, int64_t span,
+                                     int64_t n, int32_t n_seq_max, int64_t * end);
+
 // A per-sequence restore's placement, after the sequence's seq_rm: the reference's
 // find_slot for n tokens of sequence seq_id in stream s (the first n usable cells in scan
 // order from h = heads[s], 0 when h > used + 2 n, wrapping once at the end; usable: empty,

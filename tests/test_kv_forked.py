@@ -779,3 +779,187 @@ def test_record_id_count_equals_numpy(seed: int) -> None:
     )  # fmt: skip
     assert status == lib.PM_OK
     assert ids[0] == want, (seed, n_words, n_seq_max)
+
+
+def _forked_memory(kind: str) -> Any:
+    """A memory whose cells are shared by two and three sequences (nested forks), packed
+    from cell 0 by a whole read of its own blob (so that its blob is its cells)."""
+    if kind == "kv":
+        mem: Any = _forked_kv(True, True, 5)
+    elif kind == "hybrid":
+        mem = make_hybrid("RAR", n_seq_max=N_SEQ, unified=True)
+    else:
+        mem = make_iswa(96, N_SEQ, v_trans=True, spec=iswa_spec(n_swa=3))
+        randomize_any(mem, 5)
+    items = [[1 + q, p, [q], False] for p in range(6) for q in range(3)]
+    assert decode(mem, items, n_ubatch=18) == 0
+    mem.seq_cp(0, 4, -1, -1)
+    mem.seq_cp(4, 5, 1, 4)
+    mem.seq_rm(1, 2, 3)  # a hole: the blob packs the cells
+    assert mem.state_read(bytes(mem.state_write())) > 0
+    return mem
+
+
+def _decode_records(words: np.ndarray, n: int) -> list[tuple[int, list[int]]]:
+    """n variable records (position, count, ids) -> [(position, ids)]."""
+    out, o = [], 0
+    for _ in range(n):
+        k = int(words[o + 1])
+        out.append((int(words[o]), [int(q) for q in words[o + 2 : o + 2 + k]]))
+        o += 2 + k
+    return out
+
+
+def _encode_records(recs: list[tuple[int, list[int]]]) -> np.ndarray:
+    return np.array([w for p, ids in recs for w in (p, len(ids), *ids)], dtype=np.int32)
+
+
+def _equal_var(c: Any, words: np.ndarray, n: int, n_seq_max: int, span: int | None = None) -> int:
+    """pm_step_kv_cells_equal_var on stream 0: the words the records take, or -1."""
+    end = ffi.new("int64_t *")
+    span = words.size if span is None else span
+    buf = ffi.from_buffer("int32_t[]", words)
+    assert lib.pm_step_kv_cells_equal_var(c, 0, buf, span, n, n_seq_max, end) == lib.PM_OK
+    return int(end[0])
+
+
+def _equal_var_reference(kv: KVCache, recs: list[tuple[int, list[int]]]) -> bool | None:
+    """whole_same_reference on the records, None when they are not valid ones (the
+    native pass must then say "not the cells")."""
+    for p, ids in recs:
+        if p < 0 or not ids or len(set(ids)) != len(ids) or not all(0 <= q < N_SEQ for q in ids):
+            return None
+    k = max(len(ids) for _, ids in recs)
+    seq = np.full((len(recs), k), -1, dtype=np.int32)
+    for i, (_, ids) in enumerate(recs):
+        seq[i, : len(ids)] = ids
+    pos = np.array([p for p, _ in recs], dtype=np.int32)
+    return kv_state_io.whole_same_reference(kv.v_cells[0], pos, np.zeros((pos.size, 0)), seq)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_variable_records_equality_equals_numpy(seed: int) -> None:
+    """pm_step_kv_cells_equal_var (do a forked cache's cells already hold its whole blob's
+    variable records?) against whole_same_reference, on the cache's own records and on
+    each of a dozen changes to them: a position, an id swapped, dropped, added or
+    repeated, the ids of a shared cell in another order (still the cells), an id past
+    n_seq_max, a count of 0, a record cut off, one record more or fewer."""
+    rng = np.random.default_rng(seed)
+    kv = _forked_memory("kv")
+    blob = bytes(kv.state_write())
+    found = kv._blob_view().read_whole(memoryview(blob), 2)
+    assert found is not None
+    n, at = int(found.counts[0]), int(found.offsets[0])
+    words = np.frombuffer(blob, "<i4", offset=at, count=(len(blob) - at) // 4)
+    own = _decode_records(words, n)
+    c = kv._native_cells()[0]
+    shared = [i for i, (_, ids) in enumerate(own) if len(ids) > 1]
+    single = [i for i, (_, ids) in enumerate(own) if len(ids) == 1]
+    assert shared and single and int(kv.cells.n_multi[0]) == len(shared)
+    own_words = _encode_records(own)
+    assert _equal_var(c, own_words, n, N_SEQ) == own_words.size  # the cells: same
+    assert _equal_var_reference(kv, own) is True
+    i_sh, i_one = int(rng.choice(shared)), int(rng.choice(single))
+
+    def changed(i: int, p: int | None = None, ids: list[int] | None = None) -> list:
+        recs = [(q, list(x)) for q, x in own]
+        recs[i] = (recs[i][0] if p is None else p, recs[i][1] if ids is None else ids)
+        return recs
+
+    sh_ids, one_id = own[i_sh][1], own[i_one][1][0]
+    other = next(q for q in range(N_SEQ) if q not in sh_ids)
+    cases = {
+        "position": changed(i_one, p=own[i_one][0] + 1),
+        "shared position": changed(i_sh, p=own[i_sh][0] + 1),
+        "id swapped": changed(i_one, ids=[(one_id + 1) % N_SEQ]),
+        "shared id swapped": changed(i_sh, ids=[other, *sh_ids[1:]]),
+        "id dropped": changed(i_sh, ids=sh_ids[:-1]),
+        "id added": changed(i_one, ids=[one_id, (one_id + 1) % N_SEQ]),
+        "shared id added": changed(i_sh, ids=[*sh_ids, other]),
+        "id repeated": changed(i_sh, ids=[sh_ids[0]] * len(sh_ids)),
+        "ids reversed": changed(i_sh, ids=sh_ids[::-1]),
+        "id past n_seq_max": changed(i_one, ids=[N_SEQ]),
+        "negative position": changed(i_one, p=-1),
+        "no id": changed(i_one, ids=[]),
+    }
+    for what, recs in cases.items():
+        w = _encode_records(recs)
+        want = _equal_var_reference(kv, recs)
+        got = _equal_var(c, w, n, N_SEQ)
+        assert (got >= 0) == bool(want), what
+        assert got in (-1, w.size), what
+    assert (
+        cases["ids reversed"]
+        and _equal_var(c, _encode_records(cases["ids reversed"]), n, N_SEQ) > 0
+    )
+    # a record cut off, one record fewer or more than the cells used
+    assert _equal_var(c, own_words, n, N_SEQ, span=own_words.size - 1) == -1
+    assert _equal_var(c, own_words, n - 1, N_SEQ) == -1
+    more = _encode_records([*own, (99, [0])])
+    assert _equal_var(c, more, n + 1, N_SEQ) == -1
+    kv.close()
+
+
+def test_variable_records_equality_reads_bitsets_and_refuses_bad_arguments() -> None:
+    """A hand-built stream: a cell shared with an id past n_seq_max (hidden: its record,
+    which cannot name it, is never the cell), ids in the second bitset word; the bad
+    arguments refused."""
+    st = StackedCells(2, 8)
+    st.fit(70)
+    gid = np.arange(3)
+    st.pos_f[gid] = [0, 1, 2]
+    st.seq_f[gid] = 0
+    st.seq_f[0, 0] = 1 << 0
+    st.seq_f[1, 0], st.seq_f[1, 1] = 1 << 1, 1 << (66 - 64)
+    st.seq_f[2, 0], st.seq_f[2, 1] = 1 << 2, 1 << (70 - 64)
+    st.owner_f[gid] = [0, -2, -2]
+    st.n_multi[0] = 2
+    st.used[0] = st.used_max_p1[0] = 3
+    c = st.native()
+    recs = [(0, [0]), (1, [66, 1]), (2, [2, 70])]
+    w = _encode_records(recs)
+    assert _equal_var(c, w, 3, 128) == w.size
+    assert _equal_var(c, w, 3, 70) == -1  # 70 is past n_seq_max: not a record's id
+    assert _equal_var(c, _encode_records([(0, [0]), (1, [66, 1]), (2, [2])]), 3, 128) == -1
+    end = ffi.new("int64_t *")
+    buf = ffi.from_buffer("int32_t[]", w)
+    past = 64 * st.n_words + 1  # an n_seq_max past the bitsets' ids
+    for args in [(ffi.NULL, 0, buf, w.size, 3, 128, end), (c, 0, ffi.NULL, w.size, 3, 128, end),
+                 (c, 0, buf, w.size, 3, 128, ffi.NULL), (c, 2, buf, w.size, 3, 128, end),
+                 (c, -1, buf, w.size, 3, 128, end), (c, 0, buf, -1, 3, 128, end),
+                 (c, 0, buf, w.size, -1, 128, end), (c, 0, buf, w.size, 3, 0, end),
+                 (c, 0, buf, w.size, 3, past, end)]:  # fmt: skip
+        assert lib.pm_step_kv_cells_equal_var(*args) == lib.PM_ERR_ARG, args
+
+
+@pytest.mark.parametrize("kind", ["kv", "hybrid", "iswa"])
+def test_forked_memory_reads_its_own_blob_into_the_same_cells(monkeypatch, kind) -> None:
+    """A forked memory reading its own whole blob: the parse finds the cells already are
+    its records (a KV part's ``same``), so only the bytes are stored; the memory is then
+    what a read into a cleared twin leaves (cells, bounds, bytes), and the bytes are the
+    blob's even after every tensor was scrambled."""
+    mem, twin = _forked_memory(kind), _forked_memory(kind)
+    blob = bytes(mem.state_write())
+    seen: list[int] = []
+    real_commit = kv_cache._KVWholePart.commit
+
+    def commit(self: Any, part: Any) -> None:
+        seen.append(int(part.same))
+        real_commit(self, part)
+
+    monkeypatch.setattr(kv_cache._KVWholePart, "commit", commit)
+    randomize_any(mem, 11)
+    if isinstance(mem, KVCache):
+        found = mem._blob_view().read_whole(memoryview(blob), 0)
+        assert found is not None and found.same
+    assert mem.state_read(blob) == len(blob)
+    if isinstance(mem, CompositeMemory):
+        assert seen and all(seen), seen  # every KV part: the same cells
+    twin.clear()
+    assert twin.state_read(blob) == len(blob)
+    assert _state(mem) == _state(twin)
+    assert bytes(mem.state_write()) == blob
+    if isinstance(mem, KVCache):
+        check_invariants(mem)
+    mem.close()
+    twin.close()

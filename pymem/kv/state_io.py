@@ -1861,16 +1861,34 @@ def _whole_fixed_words(
 
 
 def whole_same_reference(cells: KVCells, pos: np.ndarray, ext: np.ndarray, seq: np.ndarray) -> bool:
-    """:func:`_whole_same_words`'s rule in numpy on parsed records (``pos``, ``ext``
-    ``[n, n_ext]``, ``seq`` ids ``[n, k]``): the reference the native pass is tested against."""
+    """Whether a whole restore's clear + placement of the parsed records (``pos``, ``ext``
+    ``[n, n_ext]``, ``seq`` ids ``[n, k]``, -1 padded) would leave the stream as it is, in
+    numpy: the reference the native passes (``pm_kv_cells_equal`` for a stream without
+    shared cells, ``pm_step_kv_cells_equal_var`` for one with them) are tested against.
+    Cells ``[0, n)`` hold exactly the records' positions, ext and ids, no other cell is
+    used and no shift is pending; a stream with shared cells and ext is never taken."""
     n = pos.size
-    if seq.shape[1] != 1 or cells.used != n or cells.n_multi or cells.has_shift:
+    if cells.used != n or cells.has_shift or (cells.n_multi and cells.ext is not None):
         return False
     if (pos < 0).any():  # an empty cell (position -1) never matches a record
         return False
-    if not (np.array_equal(cells.pos[:n], pos) and np.array_equal(cells.owner[:n], seq[:, 0])):
+    if not np.array_equal(cells.pos[:n], pos):
         return False
-    return cells.ext is None or (ext.shape[1] == 3 and np.array_equal(cells.ext[:n], ext))
+    if cells.ext is not None and not (ext.shape[1] == 3 and np.array_equal(cells.ext[:n], ext)):
+        return False
+    # each cell's bitset is exactly its record's ids (distinct ones: as many bits as ids)
+    want = np.zeros((n, cells.seq.shape[1]), dtype=np.uint64)
+    rows, cols = np.nonzero(seq >= 0)
+    ids = seq[rows, cols].astype(np.int64)
+    if (ids >= 64 * want.shape[1]).any():
+        return False
+    np.bitwise_or.at(
+        want, (rows, ids >> 6), np.left_shift(np.uint64(1), (ids & 63).astype(np.uint64))
+    )
+    n_bits = np.unpackbits(want.view(np.uint8), axis=1).sum(axis=1)
+    return bool(
+        np.array_equal(cells.seq[:n], want) and np.array_equal(n_bits, (seq >= 0).sum(axis=1))
+    )
 
 
 def parse_kv_state(
