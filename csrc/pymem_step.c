@@ -179,6 +179,17 @@ static inline void pm_step_run_add(pm_step_cells * c, int64_t s, int32_t q, int3
     }
 }
 
+// The pattern of 16 fixed records (pos, 1, id): per word, the count's 1, a mask for the
+// id, a mask of the words checked for equality and the position's sign bit
+#define PM_REC3(a, b, c) a, b, c, a, b, c, a, b, c, a, b, c
+#define PM_REC16(a, b, c) PM_REC3(a, b, c), PM_REC3(a, b, c), PM_REC3(a, b, c), PM_REC3(a, b, c)
+static const int32_t pm_rec_one[48]  = { PM_REC16(0, 1, 0) };
+static const int32_t pm_rec_id[48]   = { PM_REC16(0, 0, -1) };
+static const int32_t pm_rec_chk[48]  = { PM_REC16(0, -1, -1) };
+static const int32_t pm_rec_sign[48] = { PM_REC16(INT32_MIN, 0, 0) };
+#undef PM_REC16
+#undef PM_REC3
+
 // Stream s's records into its cells [0, n), each checked as it is read, for a stream
 // whose cells are all empty (no bit, no shift: nothing else to clear), and their bounds
 // (which the caller reset). 1 when every record is a fixed one; 0 at the first that is not, having
@@ -200,20 +211,25 @@ static int pm_step_fill_checked(pm_step_cells * c, int64_t s, const int32_t * wo
         while (i + 4 <= n) {
             const int32_t * r = words + 3 * i;
             if (i + 16 <= n) {
-                const int32_t q = pm_step_ld32(r + 2);
+                int32_t w[48];
+                memcpy(w, r, sizeof w);
+                const int32_t q = w[2];
+                // every word against its record's pattern at once (a loop the compiler
+                // vectorizes): the count word 1, the id word q, a position's sign bit 0
                 uint32_t bad = pm_record_bad(0, 1, q, n_seq_max);
-                int32_t lo = INT32_MAX, hi = INT32_MIN;
-                for (int j = 0; j < 16; j++) {
-                    const int32_t p = pm_step_ld32(r + 3 * j);
-                    bad |= (uint32_t) (p < 0) | (uint32_t) (pm_step_ld32(r + 3 * j + 1) != 1) |
-                           (uint32_t) (pm_step_ld32(r + 3 * j + 2) != q);
-                    lo = p < lo ? p : lo;
-                    hi = p > hi ? p : hi;
+                int32_t d = 0;
+                for (int k = 0; k < 48; k++) {
+                    d |= ((w[k] ^ (pm_rec_one[k] | (pm_rec_id[k] & q))) & pm_rec_chk[k]) | (w[k] & pm_rec_sign[k]);
                 }
+                bad |= d != 0;
                 if (!bad) {
                     const uint64_t bit = (uint64_t) 1 << (q & 63);
+                    int32_t lo = INT32_MAX, hi = INT32_MIN;
                     for (int j = 0; j < 16; j++) {
-                        pos[i + j] = pm_step_ld32(r + 3 * j);
+                        const int32_t p = w[3 * j];
+                        pos[i + j] = p;
+                        lo = p < lo ? p : lo;
+                        hi = p > hi ? p : hi;
                     }
                     for (int j = 0; j < 16; j++) {
                         own[i + j] = q;

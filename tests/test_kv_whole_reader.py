@@ -17,6 +17,7 @@ import pymem.kv.state_io as state_io
 from pymem._native import ffi, lib
 from pymem.errors import StateError
 from pymem.kv import KVCache
+from pymem.kv.cells import StackedCells
 
 
 def _read(monkeypatch: pytest.MonkeyPatch, kv: KVCache, data: object, reader: bool) -> object:
@@ -256,3 +257,54 @@ def test_a_commit_after_a_parse_in_the_same_call_checks_as_it_writes(seed: int, 
         check_invariants(kv)
     kv.close()
     twin.close()
+
+
+@pytest.mark.parametrize("n_seq_ids", [8, 256])  # one-word bitsets (the blocks' road), four
+@pytest.mark.parametrize("into_empty", [True, False])
+def test_refill_declines_a_fault_anywhere_in_a_block_of_sixteen(
+    into_empty: bool, n_seq_ids: int
+) -> None:
+    """pm_step_kv_refill's fixed records in blocks of sixteen of one sequence (checked at
+    once, word against pattern): a negative position, a count other than 1 or another id
+    or an id past n_seq_max at any record of a block is declined with nothing changed; a
+    record of another sequence inside a block is placed as its own; the good records are
+    placed with their positions, owner and bit."""
+    n = 40  # two blocks of sixteen, then the four-record and one-record steps
+    good = np.array([w for i in range(n) for w in (100 + i, 1, 3)], dtype=np.int32)
+    st = StackedCells(1, 64, n_seq_ids=n_seq_ids)
+    if not into_empty:  # a used stack: checked before the first write
+        st.set_new(np.array([0]), np.array([[50]]), np.array([7]), np.array([[2]], np.int32))
+    c = st.native()
+    placed = ffi.new("int32_t *")
+
+    def refill(words: np.ndarray) -> int:
+        ptrs = ffi.new("int32_t *[]", [ffi.from_buffer("int32_t[]", words)])
+        counts = ffi.new("int64_t[]", [n])
+        assert lib.pm_step_kv_refill(c, ptrs, counts, ffi.NULL, 3, 8, placed) == lib.PM_OK
+        return int(placed[0])
+
+    before = (st.pos.tobytes(), st.owner.tobytes(), st.seq.tobytes(), st.used.tolist())
+    for i in range(n):
+        for word, value in ((0, -1), (1, 2), (1, 0), (2, 8), (2, -1)):
+            bad = good.copy()
+            bad[3 * i + word] = value
+            assert refill(bad) == 0, (i, word, value)
+            assert (
+                st.pos.tobytes(),
+                st.owner.tobytes(),
+                st.seq.tobytes(),
+                st.used.tolist(),
+            ) == before
+    for i in (0, 7, 15, 16, 31, 33):
+        other = good.copy()
+        other[3 * i + 2] = 4
+        assert refill(other) == 1, i
+        assert st.owner[0, i] == 4 and st.seq[0, i, 0] == 1 << 4, i
+        assert st.pmin[0, 4] == st.pmax[0, 4] == 100 + i, i
+        assert (np.delete(st.owner[0, :n], i) == 3).all(), i
+    assert refill(good) == 1
+    assert st.pos[0, :n].tolist() == list(range(100, 100 + n))
+    assert (st.owner[0, :n] == 3).all() and (st.seq[0, :n, 0] == 1 << 3).all()
+    assert not st.seq[0, :, 1:].any()
+    assert (st.pos[0, n:] == -1).all() and int(st.used[0]) == n
+    assert st.pmin[0, 3] == 100 and st.pmax[0, 3] == 100 + n - 1
