@@ -554,6 +554,11 @@ static int pm_step_fill_var(pm_step_cells * c, int64_t s, const int32_t * words,
 // Stream s's records into cells [0, n) (checked already: pm_step_fill_checked's check
 // passes, or pm_kv_records_var's for variable ones), the cells [n, bound) emptied, and
 // the bounds from the records
+// whether a cell of stream s may have a nonzero shift (else they all are 0 already)
+static inline int pm_step_may_shift(const pm_step_cells * c, int64_t s) {
+    return c->has_shift == NULL || c->has_shift[s];
+}
+
 // cells [c0, c1) of stream s emptied: no position, owner, shift or bit
 static void pm_step_empty_range(pm_step_cells * c, int64_t s, int64_t c0, int64_t c1) {
     if (c1 <= c0) {
@@ -562,27 +567,33 @@ static void pm_step_empty_range(pm_step_cells * c, int64_t s, int64_t c0, int64_
     const int64_t n_words = c->n_words, g0 = s * c->size, n = c1 - c0;
     memset(c->pos + g0 + c0, 0xff, (size_t) n * sizeof(int32_t));  // -1: empty
     memset(c->owner + g0 + c0, 0xff, (size_t) n * sizeof(int32_t));  // -1: none
-    memset(c->shift + g0 + c0, 0, (size_t) n * sizeof(int32_t));
+    if (pm_step_may_shift(c, s)) {
+        memset(c->shift + g0 + c0, 0, (size_t) n * sizeof(int32_t));
+    }
     memset(c->seq + (g0 + c0) * n_words, 0, (size_t) n * n_words * sizeof(uint64_t));
 }
 
 // cells from used_max_p1 on are empty, and an empty cell's shift and bitset are 0
 // (StackedCells' invariant): a refill of n records writes only cells
-// [0, max(n, used_max_p1)). [0, n): the bitsets and shifts of the cells below
-// used_max_p1 cleared in bulk here (the others are clear: a refill into a cleared memory
-// clears nothing), then the records go in as into empty cells; the caller empties
-// [n, the bound returned) after
-static int64_t pm_step_fill_prepare(pm_step_cells * c, int64_t s, int64_t n) {
+// [0, max(n, used_max_p1)). [0, n): the shifts of the cells below used_max_p1 cleared in
+// bulk here (none when the stream has no shift pending), their bitsets too unless the
+// fill assigns every one (`assigns_bits`: fixed records into one-word bitsets); the
+// records then go in as into empty cells; the caller empties [n, the bound returned) after
+static int64_t pm_step_fill_prepare(pm_step_cells * c, int64_t s, int64_t n, int assigns_bits) {
     const int64_t g0 = s * c->size, bound = c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size;
     const int64_t dirty = n < bound ? n : bound;
-    memset(c->seq + g0 * c->n_words, 0, (size_t) dirty * c->n_words * sizeof(uint64_t));
-    memset(c->shift + g0, 0, (size_t) dirty * sizeof(int32_t));
+    if (!assigns_bits) {
+        memset(c->seq + g0 * c->n_words, 0, (size_t) dirty * c->n_words * sizeof(uint64_t));
+    }
+    if (pm_step_may_shift(c, s)) {
+        memset(c->shift + g0, 0, (size_t) dirty * sizeof(int32_t));
+    }
     return bound;
 }
 
 static void pm_step_fill(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t rec,
                          int32_t n_seq_max, int var, int64_t span) {
-    const int64_t bound = pm_step_fill_prepare(c, s, n);
+    const int64_t bound = pm_step_fill_prepare(c, s, n, !var && c->n_words == 1);
     int64_t written = 0;
     if (var) {
         pm_step_fill_var(c, s, words, n, span, rec - 1, n_seq_max, &written);
@@ -600,15 +611,18 @@ static void pm_step_fill(pm_step_cells * c, int64_t s, const int32_t * words, in
 // written, for the caller to empty.
 static int pm_step_fill_trusted(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t rec,
                                 int32_t n_seq_max, int64_t span) {
-    const int64_t bound = pm_step_fill_prepare(c, s, n);
+    const int64_t bound = pm_step_fill_prepare(c, s, n, c->n_words == 1);
     int64_t k = 0;
     if (!pm_step_fill_checked(c, s, words, n, rec, n_seq_max, &k)) {
         if (span <= 0) {
             return 0;
         }
-        // variable records (the parse found them): the bits the fixed pass set cleared,
-        // then every record as a variable one (it sets bits, never clears them)
-        memset(c->seq + s * c->size * c->n_words, 0, (size_t) k * c->n_words * sizeof(uint64_t));
+        // variable records (the parse found them): the bits of the cells the fixed pass
+        // wrote and of those below used_max_p1 cleared (with one-word bitsets the
+        // prologue left them), then every record as a variable one (it sets bits, never
+        // clears them)
+        const int64_t dirty = n < bound ? n : bound, stale = k > dirty ? k : dirty;
+        memset(c->seq + s * c->size * c->n_words, 0, (size_t) stale * c->n_words * sizeof(uint64_t));
         int64_t k_var = 0;
         if (!pm_step_fill_var(c, s, words, n, span, rec - 1, n_seq_max, &k_var)) {
             return 0;

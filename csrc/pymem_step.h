@@ -34,6 +34,8 @@ typedef struct pm_step_cells {
     int64_t * pmin;         // [n_stream * 256]
     int64_t * pmax;         // [n_stream * 256]
     uint8_t * pdirty;       // [n_stream * 256]: bit 2 = pmax may be stale
+    const uint8_t * has_shift;  // [n_stream] bool: a shift may be pending; when 0, every
+                                // shift of the stream is 0 (NULL: any may be nonzero)
 } pm_step_cells;
 
 // The slot of a ubatch of n_blocks token blocks of n_per tokens, block r in stream
