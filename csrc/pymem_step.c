@@ -1616,6 +1616,7 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
     const int any_pos = p0 == 0 && hi == INT32_MAX;
     int64_t k = 0, first = -1, last = -1;
     int32_t lo_pos = INT32_MAX, hi_pos = INT32_MIN;
+    const int may_shift = pm_step_may_shift(c, strm);
     for (int64_t c0 = 0; c0 < n_scan; c0 += 32) {
         const int64_t c1 = c0 + 32 < n_scan ? c0 + 32 : n_scan;
         if (c1 - c0 == 32) {
@@ -1623,22 +1624,37 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
                 continue;
             }
             // the block's cells to remove, counted without a branch: none (skipped) or all
-            // (a run of the sequence's cells: emptied with whole-block stores) are usual
+            // (a run of the sequence's cells: emptied with whole-block stores) are usual.
+            // Every position in range: the owners alone count them (a cell of seq_id is
+            // not empty, so its position is >= 0; the one position past the range,
+            // INT32_MAX, is ruled out below for a block taken whole)
             int32_t m = 0;
-            for (int j = 0; j < 32; ++j) {
-                m += ((uint32_t) pos[c0 + j] - base < width) & (owner[c0 + j] == seq_id);
+            if (any_pos) {
+                for (int j = 0; j < 32; ++j) {
+                    m += owner[c0 + j] == seq_id;
+                }
+            } else {
+                for (int j = 0; j < 32; ++j) {
+                    m += ((uint32_t) pos[c0 + j] - base < width) & (owner[c0 + j] == seq_id);
+                }
             }
             if (m == 0) {
                 continue;
             }
-            if (m == 32) {
-                for (int j = 0; j < 32; ++j) {
+            int32_t at_max = 0;
+            for (int j = 0; any_pos && m == 32 && j < 32; ++j) {
+                at_max |= pos[c0 + j] == INT32_MAX;
+            }
+            if (m == 32 && !at_max) {
+                for (int j = 0; !whole && j < 32; ++j) {  // (a whole removal resets the bounds)
                     lo_pos = pos[c0 + j] < lo_pos ? pos[c0 + j] : lo_pos;
                     hi_pos = pos[c0 + j] > hi_pos ? pos[c0 + j] : hi_pos;
                 }
                 for (int j = 0; j < 32; ++j) {  // (plain loops: the compiler's vector stores)
                     pos[c0 + j] = -1;
                     owner[c0 + j] = -1;
+                }
+                for (int j = 0; may_shift && j < 32; ++j) {
                     shift[c0 + j] = 0;
                 }
                 for (int j = 0; j < 32; ++j) {

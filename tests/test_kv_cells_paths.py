@@ -23,6 +23,7 @@ from kv_helpers import check_invariants, decode, make_kv
 
 import pymem.kv.cache as cache_mod
 import pymem.kv.cells as cells_mod
+from pymem._native import ffi, lib
 from pymem.kv.cells import StackedCells, min_max_at
 from pymem.kv.state_io import _restore_ubatch
 from pymem.spec import SWAType
@@ -453,3 +454,29 @@ def test_new_rows_of_says_distinct_exactly_when_no_key_repeats() -> None:
         key = rows * 256 + ids[:, 0]
         assert got.simple and got.distinct == (np.unique(key).size == key.size), (strm, ids)
         assert np.array_equal(got.key, key)
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_native_removal_of_every_position_keeps_a_cell_at_the_largest_position(
+    shifted: bool,
+) -> None:
+    """pm_step_kv_rm_seq over every position [0, INT32_MAX) counts a block's cells by their
+    owners alone, but a cell at position INT32_MAX lies past the range and stays (the
+    reference's p1 is exclusive): its block is then taken cell by cell. The removed cells'
+    shifts are cleared when the stream has a shift pending (``has_shift``)."""
+    st = StackedCells(1, 64, n_seq_ids=8)
+    pos = np.arange(64, dtype=np.int32)
+    pos[37] = 2**31 - 1
+    st.set_new(np.array([0]), np.arange(64)[None, :], pos, np.zeros((64, 1), np.int32))
+    if shifted:
+        st.shift[0, :] = 3
+        st.has_shift[0] = True
+    c = st.native()
+    out = ffi.new("int64_t[2]")
+    done = ffi.new("int32_t *")
+    assert lib.pm_step_kv_rm_seq(c, 0, 0, 0, 2**31 - 1, 0, 64, out, out + 1, done) == lib.PM_OK
+    assert done[0] == 1 and out[0] == 63 and out[1] == 0
+    assert st.owner[0].tolist() == [-1] * 37 + [0] + [-1] * 26
+    assert st.pos[0, 37] == 2**31 - 1 and (np.delete(st.pos[0], 37) == -1).all()
+    assert int(st.used[0]) == 1
+    assert (np.delete(st.shift[0], 37) == 0).all() and st.shift[0, 37] == (3 if shifted else 0)
