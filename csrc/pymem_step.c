@@ -187,6 +187,9 @@ static const int32_t pm_rec_one[48]  = { PM_REC16(0, 1, 0) };
 static const int32_t pm_rec_id[48]   = { PM_REC16(0, 0, -1) };
 static const int32_t pm_rec_chk[48]  = { PM_REC16(0, -1, -1) };
 static const int32_t pm_rec_sign[48] = { PM_REC16(INT32_MIN, 0, 0) };
+static const int32_t pm_rec_pos[48]  = { PM_REC16(-1, 0, 0) };  // and the positions' steps:
+static const int32_t pm_rec_step[48] = { 0, 0, 0, 1, 0, 0, 2,  0, 0, 3,  0, 0, 4,  0, 0, 5,  0, 0, 6,  0, 0, 7,  0, 0,
+                                         8, 0, 0, 9, 0, 0, 10, 0, 0, 11, 0, 0, 12, 0, 0, 13, 0, 0, 14, 0, 0, 15, 0, 0 };
 #undef PM_REC16
 #undef PM_REC3
 
@@ -211,9 +214,41 @@ static int pm_step_fill_checked(pm_step_cells * c, int64_t s, const int32_t * wo
         while (i + 4 <= n) {
             const int32_t * r = words + 3 * i;
             if (i + 16 <= n) {
+                // the usual block: consecutive positions p0, p0 + 1, ... of one sequence
+                // (a run of its tokens), every word against that pattern at once; the
+                // positions are then stored without being read one by one
+                const int32_t q = pm_step_ld32(r + 2), p0 = pm_step_ld32(r);
+                uint32_t e = pm_record_bad(p0, 1, q, n_seq_max) | (uint32_t) (p0 > INT32_MAX - 15);
+                for (int k = 0; k < 48; k++) {  // (unsigned: a bad p0 + 15 may wrap)
+                    e |= (uint32_t) pm_step_ld32(r + k) ^
+                         (uint32_t) (pm_rec_one[k] | (pm_rec_id[k] & q) |
+                                     (pm_rec_pos[k] & (int32_t) ((uint32_t) p0 + (uint32_t) pm_rec_step[k])));
+                }
+                if (e == 0) {
+                    const uint64_t bit = (uint64_t) 1 << (q & 63);
+                    for (int j = 0; j < 16; j++) {
+                        pos[i + j] = p0 + j;
+                    }
+                    for (int j = 0; j < 16; j++) {
+                        own[i + j] = q;
+                    }
+                    for (int j = 0; j < 16; j++) {
+                        bits[i + j] = bit;
+                    }
+                    if (q == run_id) {
+                        run_min = p0 < run_min ? p0 : run_min;
+                        run_max = p0 + 15 > run_max ? p0 + 15 : run_max;
+                    } else {
+                        if (run_id >= 0) {
+                            pm_step_bounds(c, s, run_id, run_min, run_max);
+                        }
+                        run_id = q, run_min = p0, run_max = p0 + 15;
+                    }
+                    i += 16;
+                    continue;
+                }
                 int32_t w[48];
                 memcpy(w, r, sizeof w);
-                const int32_t q = w[2];
                 // every word against its record's pattern at once (a loop the compiler
                 // vectorizes): the count word 1, the id word q, a position's sign bit 0
                 uint32_t bad = pm_record_bad(0, 1, q, n_seq_max);

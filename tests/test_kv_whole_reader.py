@@ -261,25 +261,30 @@ def test_a_commit_after_a_parse_in_the_same_call_checks_as_it_writes(seed: int, 
 
 @pytest.mark.parametrize("n_seq_ids", [8, 256])  # one-word bitsets (the blocks' road), four
 @pytest.mark.parametrize("into_empty", [True, False])
+@pytest.mark.parametrize("order", ["run", "shuffled"])
 def test_refill_declines_a_fault_anywhere_in_a_block_of_sixteen(
-    into_empty: bool, n_seq_ids: int
+    into_empty: bool, n_seq_ids: int, order: str
 ) -> None:
     """pm_step_kv_refill's fixed records in blocks of sixteen of one sequence (checked at
-    once, word against pattern): a negative position, a count other than 1 or another id
-    or an id past n_seq_max at any record of a block is declined with nothing changed; a
-    record of another sequence inside a block is placed as its own; the good records are
-    placed with their positions, owner and bit."""
+    once, word against pattern; a run of consecutive positions against the run's): a
+    negative position, a count other than 1 or another id or an id past n_seq_max at any
+    record of a block is declined with nothing changed; a record of another sequence
+    inside a block is placed as its own; the good records are placed with their
+    positions, owner and bit, in a run or in any order."""
     n = 40  # two blocks of sixteen, then the four-record and one-record steps
-    good = np.array([w for i in range(n) for w in (100 + i, 1, 3)], dtype=np.int32)
+    positions = 100 + np.arange(n)
+    if order == "shuffled":
+        positions = 100 + np.random.default_rng(1).permutation(n)
+    good = np.array([w for p in positions for w in (p, 1, 3)], dtype=np.int32)
     st = StackedCells(1, 64, n_seq_ids=n_seq_ids)
     if not into_empty:  # a used stack: checked before the first write
         st.set_new(np.array([0]), np.array([[50]]), np.array([7]), np.array([[2]], np.int32))
     c = st.native()
     placed = ffi.new("int32_t *")
 
-    def refill(words: np.ndarray) -> int:
+    def refill(words: np.ndarray, count: int = n) -> int:
         ptrs = ffi.new("int32_t *[]", [ffi.from_buffer("int32_t[]", words)])
-        counts = ffi.new("int64_t[]", [n])
+        counts = ffi.new("int64_t[]", [count])
         assert lib.pm_step_kv_refill(c, ptrs, counts, ffi.NULL, 3, 8, placed) == lib.PM_OK
         return int(placed[0])
 
@@ -300,11 +305,31 @@ def test_refill_declines_a_fault_anywhere_in_a_block_of_sixteen(
         other[3 * i + 2] = 4
         assert refill(other) == 1, i
         assert st.owner[0, i] == 4 and st.seq[0, i, 0] == 1 << 4, i
-        assert st.pmin[0, 4] == st.pmax[0, 4] == 100 + i, i
+        assert st.pmin[0, 4] == st.pmax[0, 4] == positions[i], i
         assert (np.delete(st.owner[0, :n], i) == 3).all(), i
     assert refill(good) == 1
-    assert st.pos[0, :n].tolist() == list(range(100, 100 + n))
+    assert st.pos[0, :n].tolist() == positions.tolist()
     assert (st.owner[0, :n] == 3).all() and (st.seq[0, :n, 0] == 1 << 3).all()
     assert not st.seq[0, :, 1:].any()
     assert (st.pos[0, n:] == -1).all() and int(st.used[0]) == n
     assert st.pmin[0, 3] == 100 and st.pmax[0, 3] == 100 + n - 1
+    # one block, two blocks alone: their bounds are the blocks' own
+    for count in (16, 32):
+        assert refill(good, count) == 1 and int(st.used[0]) == count
+        assert st.pmin[0, 3] == positions[:count].min(), count
+        assert st.pmax[0, 3] == positions[:count].max(), count
+
+
+def test_refill_declines_a_run_of_positions_past_int32_max() -> None:
+    """A block of sixteen records whose positions run from INT32_MAX - 3 and wrap to
+    negative ones matches the run pattern in unsigned words: it is still declined."""
+    top = 2**31 - 1
+    wrapped = ((np.arange(16, dtype=np.int64) + top - 3 + 2**31) % 2**32 - 2**31).astype(np.int32)
+    words = np.array([w for p in wrapped for w in (p, 1, 0)], dtype=np.int32)
+    st = StackedCells(1, 16, n_seq_ids=8)
+    c = st.native()
+    placed = ffi.new("int32_t *")
+    ptrs = ffi.new("int32_t *[]", [ffi.from_buffer("int32_t[]", words)])
+    counts = ffi.new("int64_t[]", [16])
+    assert lib.pm_step_kv_refill(c, ptrs, counts, ffi.NULL, 3, 8, placed) == lib.PM_OK
+    assert placed[0] == 0 and (st.pos == -1).all() and int(st.used[0]) == 0
