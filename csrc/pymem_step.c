@@ -879,8 +879,9 @@ static int64_t pm_step_find_empty(const int32_t * pos, int64_t size, int64_t h, 
                 }
                 if (empty == PM_STEP_BLOCK && n - found >= PM_STEP_BLOCK) {
                     for (int j = 0; j < PM_STEP_BLOCK; j++) {
-                        idx[found++] = (int32_t) (cell + j);
+                        idx[found + j] = (int32_t) (cell + j);
                     }
+                    found += PM_STEP_BLOCK;
                     cell += PM_STEP_BLOCK;
                     continue;
                 }
@@ -1103,10 +1104,12 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
         (swa_type != 0 && n_swa <= 0)) {
         return PM_OK;
     }
+    int32_t any_neg = 0;  // (one branch-free pass)
     for (int64_t i = 0; i < n; i++) {
-        if (pos[i] < 0) {
-            return PM_OK;
-        }
+        any_neg |= pos[i];
+    }
+    if (any_neg < 0) {
+        return PM_OK;
     }
     // the search (nothing written yet): the first n usable cells from h, wrapping once;
     // usable: empty, or (a window) held by one sequence that no longer sees it from its
@@ -1156,17 +1159,21 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
         pm_step_overwrite_in(c, s, n, idx, pos, NULL, seq_id, heads, &top);
         *placed = 1;
     }
-    // the cells' runs, in scan order (the caller's store moves the bytes by them)
-    int64_t runs = 0;
-    for (int64_t i = 0; i < n; i++) {
-        if (runs > 0 && run_ends[runs - 1] == idx[i]) {
-            run_ends[runs - 1] = (int64_t) idx[i] + 1;
-        } else {
-            run_starts[runs] = idx[i];
-            run_ends[runs] = (int64_t) idx[i] + 1;
+    // the cells' runs, in scan order (the caller's store moves the bytes by them; the
+    // current run kept in registers, not read back from the arrays)
+    int64_t runs = 0, start = idx[0], end = (int64_t) idx[0] + 1;
+    for (int64_t i = 1; i < n; i++) {
+        if (idx[i] != end) {
+            run_starts[runs] = start;
+            run_ends[runs] = end;
             runs++;
+            start = idx[i];
         }
+        end = (int64_t) idx[i] + 1;
     }
+    run_starts[runs] = start;
+    run_ends[runs] = end;
+    runs++;
     if (taken == 0) {
         pm_step_take_runs(c, s, run_starts, run_ends, runs, pos, seq_id);
         c->used[s] += n;
