@@ -18,6 +18,10 @@ How exact:
   A run is checked in that mode when its first decode reproduces the recorded logits
   exactly (a bookkeeping bug cannot produce last-bit differences; kernels can), or
   always with ``PYMEM_GGUF_EXACT=1`` (then a first decode that is not bit-exact fails).
+  Kernels are chosen by shape, so a machine may reproduce a prompt's decode and round a
+  later one-token decode differently (an AMD EPYC with AVX2 and no AVX-512 does, on three
+  runs): from the first decode that differs the run is compared within tolerance, as
+  below (with ``PYMEM_GGUF_EXACT=1`` it fails).
 * With another ggml build (e.g. libggml-python 0.20.2, or a build for another CPU) the
   f32 kernels round differently in the last bits, and F16 storage turns that into whole
   F16 steps now and then: a K/V value, or a Q value converted to F16 for its dot
@@ -31,9 +35,16 @@ How exact:
   - measured with 0.20.2 over all 25 runs: logits <= 1.6e-4, K/V <= 7.0e-4, R/S <=
     1.4e-4 (worst: lfm2-swa.fill-noshift, 256 cells of flash attention; gemma2's
     GELU and soft-capping runs reach 1.3e-4 on logits); for the llama / mamba / jamba
-    runs alone: logits <= 3.3e-5, K/V <= 2.3e-4, R/S <= 4.1e-7. The bounds are about
-    six times the worst. ~1e-5 would hold for most runs but not for these: a 1e-5
-    bound cannot absorb one F16 rounding step of one K/V value.
+    runs alone: logits <= 3.3e-5, K/V <= 2.3e-4, R/S <= 4.1e-7. ~1e-5 would hold for
+    most runs but not for these: a 1e-5 bound cannot absorb one F16 rounding step of
+    one K/V value.
+  - measured on an AMD EPYC with AVX2 and no AVX-512 (ggml 0.25.3 as llama-cpp-python's
+    sdist builds it there), where none of the 122 runs is bit-exact: logits <= 6.1e-4
+    but for spark2-5.main (1.55e-3, K/V 9.5e-4) and the model of q8_0 weights
+    (llama-q8_0.main: 9.6e-3 with every K/V byte identical: the kernels alone), hence
+    :data:`LOGIT_RTOL` 3e-3 and :data:`LOGIT_RTOL_Q8_0_WEIGHTS` for that model. The
+    cells and headers are compared byte for byte in every mode: the bookkeeping's
+    check never rests on a tolerance.
 
 The reference's K-shift after ``seq_div`` rotates by old - new (the wrong sign; pymem
 rotates correctly, see /work/shared/reference/llama-cpp-memory.md). To compare bytes
@@ -69,7 +80,10 @@ from pymem.runtime.gguf_llama import SUPPORTED, GGUFModel
 from pymem.ubatch import UBatch
 
 # tolerances for a ggml build other than the recording's (see the module docstring)
-LOGIT_RTOL = 1e-3
+LOGIT_RTOL = 3e-3
+# a model of q8_0 weights: the activations are quantised to q8_0 for their products, and
+# CPUs round them differently (one run measured 9.6e-3 with every K/V byte identical)
+LOGIT_RTOL_Q8_0_WEIGHTS = 2e-2
 KV_RTOL = 4e-3
 RS_RTOL = 1e-3
 
@@ -208,6 +222,8 @@ class ModelHooks(ReplayHooks):
         self.calibrated = False
         self.blobs_after_calibration = 0
         self.force_exact = os.environ.get("PYMEM_GGUF_EXACT") == "1"
+        q8_weights = str(run.data.get("model", "")).endswith("-q8_0")
+        self.logit_rtol = LOGIT_RTOL_Q8_0_WEIGHTS if q8_weights else LOGIT_RTOL
         self.mem: Memory | None = None
 
     def forward(self, mctx: MemoryContext, ubatch: UBatch) -> None:
@@ -241,14 +257,21 @@ class ModelHooks(ReplayHooks):
         st.logits_checked += 1
         st.logits_max_abs = max(st.logits_max_abs, float(np.abs(got - want).max()))
         st.logits_max_rel = max(st.logits_max_rel, _f32_rel(got, want))
+        if st.exact and not identical and not self.force_exact:
+            # a later decode's shapes may take other kernels than the first one's: on some
+            # CPUs a prompt's batched products reproduce the recording bit for bit while a
+            # one-token step's matrix-vector ones round differently (seen on an AMD EPYC
+            # with AVX2 and no AVX-512): from that decode on, the run is compared within
+            # tolerance, as a run whose first decode differed is
+            st.exact = False
         if st.exact:
             assert identical, (
                 f"{where}: logits not bit-identical (max abs {np.abs(got - want).max():.3g}) "
                 "although the first decode was (or PYMEM_GGUF_EXACT=1)"
             )
         else:
-            assert st.logits_max_rel <= LOGIT_RTOL, (
-                f"{where}: logits differ by {st.logits_max_rel:.3g} relative (> {LOGIT_RTOL})"
+            assert st.logits_max_rel <= self.logit_rtol, (
+                f"{where}: logits differ by {st.logits_max_rel:.3g} relative (> {self.logit_rtol})"
             )
 
     def compare_blob(self, kind: str, got: bytes, want: bytes, where: str) -> None:

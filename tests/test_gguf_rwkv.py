@@ -234,7 +234,8 @@ def test_tolerant_comparison_reads_k_only_caches() -> None:
 
 def test_lightning_attention_refuses_what_the_reference_leaves_undefined() -> None:
     """minimax-01.main.fa1.u1: every step before 28 (10 decodes) gives the recorded logits
-    and state bytes bit for bit; step 28 decodes a prompt shared by seqs 2 and 3, whose
+    and state bytes (bit for bit where the kernels reproduce the recording, else within
+    test_gguf_llama's tolerances); step 28 decodes a prompt shared by seqs 2 and 3, whose
     ubatch has a set indexed past the lightning-attention inputs in the reference
     (llm_graph_input_la writes rows by unique-sequence index): the engine refuses it."""
     from replay import Run, build_memory, replay
@@ -260,14 +261,22 @@ def test_lightning_attention_refuses_what_the_reference_leaves_undefined() -> No
             mem.close()
     assert wheres[-1].startswith(f"{stem}.json step {step} ")
     n_before = sum(1 for s in run.data["steps"][:step] if s["op"] == "decode" and "logits" in s)
-    assert hooks.stats.exact and hooks.stats.logits_checked == n_before == 10
-    assert hooks.stats.blobs_identical >= step and hooks.stats.blobs_close == 0
+    st = hooks.stats
+    assert st.logits_checked == n_before == 10
+    assert st.blobs_identical + st.blobs_close >= step
+    if st.exact:  # (where the kernels reproduce the recording: every byte)
+        assert st.blobs_close == 0
 
 
 def test_rwkv7_without_rms_epsilon_decodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An rwkv7 file with only the layer-norm epsilon (as converted RWKV-6/7 models are;
     the reference reads the RMS one as optional) loads, and its first decode gives the
-    recorded logits bit for bit (RWKV-7 uses no RMS norm)."""
+    logits of the recording's file (both epsilons) bit for bit on the same machine (RWKV-7
+    uses no RMS norm), and the recorded ones within test_gguf_llama's tolerance (bit for
+    bit where the kernels reproduce the recording)."""
+    from replay import Run
+    from test_gguf_llama import LOGIT_RTOL
+
     f32 = models._Model.f32
 
     def f32_without_rms(self: models._Model, key: str, v: float) -> None:
@@ -281,4 +290,9 @@ def test_rwkv7_without_rms_epsilon_decodes(tmp_path: Path, monkeypatch: pytest.M
     blobs = RUNS.parent / "blobs"
     want = np.frombuffer((blobs / f"{step['logits']}.bin").read_bytes(), dtype=np.float32)
     got = _first_decode(path, "rwkv7.main.u1")
-    assert np.array_equal(got.reshape(-1).view(np.uint32), want.view(np.uint32))
+    recorded_file = Run.load(RUNS / "rwkv7.main.u1.json").model_path()
+    assert recorded_file is not None
+    both = _first_decode(recorded_file, "rwkv7.main.u1")
+    assert np.array_equal(got.view(np.uint32), both.view(np.uint32))
+    got = got.reshape(-1)
+    assert np.abs(got - want).max() <= LOGIT_RTOL * np.abs(want).max()
