@@ -673,7 +673,17 @@ pm_status pm_kv_cells_equal(const int32_t * pos, const int32_t * owner, const in
         return PM_ERR_ARG;
     }
     int32_t bad = 0;
-    for (int64_t c = 0; c < n; ++c) {
+    int64_t c = 0;
+    // blocks of 64 cells in one branch-free pass each; the first block that differs ends
+    // the scan (a restore of another state differs early)
+    for (; c + 64 <= n && !bad; c += 64) {
+        for (int j = 0; j < 64; ++j) {
+            const int32_t * r = words + (c + j) * rec;
+            bad |= (pm_ld32(r + 1) ^ 1) | (pos[c + j] ^ pm_ld32(r)) | (owner[c + j] ^ pm_ld32(r + rec - 1)) |
+                   (pm_ld32(r) < 0);
+        }
+    }
+    for (; c < n && !bad; ++c) {
         const int32_t * r = words + c * rec;
         bad |= (pm_ld32(r + 1) ^ 1) | (pos[c] ^ pm_ld32(r)) | (owner[c] ^ pm_ld32(r + rec - 1)) | (pm_ld32(r) < 0);
     }

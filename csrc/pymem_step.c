@@ -179,19 +179,44 @@ static inline void pm_step_run_add(pm_step_cells * c, int64_t s, int32_t q, int3
     }
 }
 
-// The pattern of 16 fixed records (pos, 1, id): per word, the count's 1, a mask for the
-// id, a mask of the words checked for equality and the position's sign bit
-#define PM_REC3(a, b, c) a, b, c, a, b, c, a, b, c, a, b, c
+// The words of 16 fixed records (position, 1, id) of one sequence at consecutive
+// positions, per word: the count's 1, a mask for the id, a mask for the position and the
+// position's step from the first
+#define PM_REC3(a, b, c)  a, b, c, a, b, c, a, b, c, a, b, c
 #define PM_REC16(a, b, c) PM_REC3(a, b, c), PM_REC3(a, b, c), PM_REC3(a, b, c), PM_REC3(a, b, c)
-static const int32_t pm_rec_one[48]  = { PM_REC16(0, 1, 0) };
-static const int32_t pm_rec_id[48]   = { PM_REC16(0, 0, -1) };
+static const int32_t pm_run_one[48]  = { PM_REC16(0, 1, 0) };
+static const int32_t pm_run_id[48]   = { PM_REC16(0, 0, -1) };
+static const int32_t pm_run_pos[48]  = { PM_REC16(-1, 0, 0) };
+static const int32_t pm_run_step[48] = { 0, 0, 0, 1, 0, 0, 2,  0, 0, 3,  0, 0, 4,  0, 0, 5,  0, 0, 6,  0, 0, 7,  0, 0,
+                                         8, 0, 0, 9, 0, 0, 10, 0, 0, 11, 0, 0, 12, 0, 0, 13, 0, 0, 14, 0, 0, 15, 0, 0 };
+
+// Whether the 16 fixed records at r (48 int32 words, any alignment) are one run of one
+// sequence: positions p0, p0 + 1, ... p0 + 15 with 0 <= p0 <= INT32_MAX - 15, each
+// record's count 1 and id the first one's (*p0, *q: the first record's position and id;
+// the id's range is the caller's). Every word against the run's pattern in one loop the
+// compiler vectorizes (unsigned: a run that would wrap past INT32_MAX fails)
+static inline int pm_records_run16(const int32_t * r, int32_t * p0, int32_t * q) {
+    int32_t first, id;
+    memcpy(&first, r, 4);
+    memcpy(&id, r + 2, 4);
+    *p0 = first;
+    *q = id;
+    PM_PREFETCH(r + 256);  // 1 KiB ahead: a cold blob's scan is latency-bound
+    uint32_t e = (uint32_t) (first < 0) | (uint32_t) (first > INT32_MAX - 15);
+    for (int k = 0; k < 48; k++) {
+        int32_t w;
+        memcpy(&w, r + k, 4);
+        e |= (uint32_t) w ^ (uint32_t) (pm_run_one[k] | (pm_run_id[k] & id) |
+                                        (pm_run_pos[k] & (int32_t) ((uint32_t) first + (uint32_t) pm_run_step[k])));
+    }
+    return e == 0;
+}
+
+// The pattern of 16 fixed records (pos, 1, id) in any order of positions: per word, a
+// mask of the words checked for equality (the count's 1 in pm_run_one, the id by
+// pm_run_id) and the position's sign bit
 static const int32_t pm_rec_chk[48]  = { PM_REC16(0, -1, -1) };
 static const int32_t pm_rec_sign[48] = { PM_REC16(INT32_MIN, 0, 0) };
-static const int32_t pm_rec_pos[48]  = { PM_REC16(-1, 0, 0) };  // and the positions' steps:
-static const int32_t pm_rec_step[48] = { 0, 0, 0, 1, 0, 0, 2,  0, 0, 3,  0, 0, 4,  0, 0, 5,  0, 0, 6,  0, 0, 7,  0, 0,
-                                         8, 0, 0, 9, 0, 0, 10, 0, 0, 11, 0, 0, 12, 0, 0, 13, 0, 0, 14, 0, 0, 15, 0, 0 };
-#undef PM_REC16
-#undef PM_REC3
 
 // Stream s's records into its cells [0, n), each checked as it is read, for a stream
 // whose cells are all empty (no bit, no shift: nothing else to clear), and their bounds
@@ -217,14 +242,8 @@ static int pm_step_fill_checked(pm_step_cells * c, int64_t s, const int32_t * wo
                 // the usual block: consecutive positions p0, p0 + 1, ... of one sequence
                 // (a run of its tokens), every word against that pattern at once; the
                 // positions are then stored without being read one by one
-                const int32_t q = pm_step_ld32(r + 2), p0 = pm_step_ld32(r);
-                uint32_t e = pm_record_bad(p0, 1, q, n_seq_max) | (uint32_t) (p0 > INT32_MAX - 15);
-                for (int k = 0; k < 48; k++) {  // (unsigned: a bad p0 + 15 may wrap)
-                    e |= (uint32_t) pm_step_ld32(r + k) ^
-                         (uint32_t) (pm_rec_one[k] | (pm_rec_id[k] & q) |
-                                     (pm_rec_pos[k] & (int32_t) ((uint32_t) p0 + (uint32_t) pm_rec_step[k])));
-                }
-                if (e == 0) {
+                int32_t p0, q;
+                if (pm_records_run16(r, &p0, &q) && (uint32_t) q < (uint32_t) n_seq_max) {
                     const uint64_t bit = (uint64_t) 1 << (q & 63);
                     for (int j = 0; j < 16; j++) {
                         pos[i + j] = p0 + j;
@@ -254,7 +273,7 @@ static int pm_step_fill_checked(pm_step_cells * c, int64_t s, const int32_t * wo
                 uint32_t bad = pm_record_bad(0, 1, q, n_seq_max);
                 int32_t d = 0;
                 for (int k = 0; k < 48; k++) {
-                    d |= ((w[k] ^ (pm_rec_one[k] | (pm_rec_id[k] & q))) & pm_rec_chk[k]) | (w[k] & pm_rec_sign[k]);
+                    d |= ((w[k] ^ (pm_run_one[k] | (pm_run_id[k] & q))) & pm_rec_chk[k]) | (w[k] & pm_rec_sign[k]);
                 }
                 bad |= d != 0;
                 if (!bad) {

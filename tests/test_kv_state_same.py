@@ -444,3 +444,42 @@ def test_put_payloads_names_the_layer_of_a_payload_of_the_wrong_size() -> None:
         )
     assert layer.k.read_bytes() == before  # refused before any byte moved
     kv.close()
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 200])
+def test_whole_cells_test_finds_a_difference_anywhere(n: int) -> None:
+    """pm_kv_cells_equal over n cells (blocks of 64 scanned at once, the first that
+    differs ending the scan, then the rest one by one): the cells' own records are the
+    same; a position, a count, an id changed, or a negative position at the first or last
+    cell of a block or of the tail are not."""
+    rng = np.random.default_rng(n)
+    pos = rng.integers(0, 1000, n).astype(np.int32)
+    owner = rng.integers(0, 4, n).astype(np.int32)
+    words = np.stack([pos, np.ones(n, np.int32), owner], axis=1).astype(np.int32)
+
+    def same(w: np.ndarray) -> bool:
+        out = ffi.new("int32_t *")
+        status = lib.pm_kv_cells_equal(
+            ffi.from_buffer("int32_t[]", pos), ffi.from_buffer("int32_t[]", owner), ffi.NULL,
+            ffi.from_buffer("int32_t[]", w), n, 3, 0, out,
+        )  # fmt: skip
+        assert status == lib.PM_OK
+        return bool(out[0])
+
+    assert same(words)
+    at = sorted({0, min(63, n - 1), min(64, n - 1), n - 1, n // 2})
+    for c in at:
+        for col, delta in ((0, 1), (1, 1), (2, 1)):
+            w = words.copy()
+            w[c, col] += delta
+            assert not same(w), (c, col)
+    negative = words.copy()
+    negative[n - 1, 0] = -1
+    pos_neg = pos.copy()
+    pos_neg[n - 1] = -1  # an empty cell never matches, even a record of its position
+    out = ffi.new("int32_t *")
+    status = lib.pm_kv_cells_equal(
+        ffi.from_buffer("int32_t[]", pos_neg), ffi.from_buffer("int32_t[]", owner), ffi.NULL,
+        ffi.from_buffer("int32_t[]", negative), n, 3, 0, out,
+    )  # fmt: skip
+    assert status == lib.PM_OK and out[0] == 0
