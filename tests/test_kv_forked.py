@@ -569,6 +569,18 @@ def test_refill_places_variable_records_and_declines_bad_ones(into_empty: bool) 
     assert _cells_snapshot(st) == _cells_snapshot(ref)
 
 
+def _memory_of(kind: str, unified: bool, v_trans: bool, seed: int) -> Any:
+    """An empty memory of ``kind`` (kv, window, hybrid or iswa) with random tensors."""
+    if kind in ("kv", "window"):
+        swa = {"swa_type": SWAType.STANDARD, "n_swa": 3} if kind == "window" else {}
+        return _forked_kv(unified, v_trans, seed, **swa)
+    if kind == "hybrid":
+        return make_hybrid("RAR", n_seq_max=N_SEQ, unified=unified)
+    mem = make_iswa(96, N_SEQ, v_trans=v_trans, spec=iswa_spec(n_swa=3))
+    randomize_any(mem, seed)
+    return mem
+
+
 def _written_as_the_general_writer(monkeypatch, mem: Any) -> int:
     """Assert that ``mem``'s whole blob, written, sized and written into a buffer by the
     native writers (a composite's one call taken), has the general writer's bytes; its
@@ -598,14 +610,7 @@ def test_whole_blob_of_a_forked_memory_is_written_natively(
     by one: its whole blob, whose records list each cell's ids in ascending order, is
     written by the native writers (the single cache's per-stream sections, a composite's
     one call) with the bytes of the general writer, and sized exactly."""
-    if kind in ("kv", "window"):
-        swa = {"swa_type": SWAType.STANDARD, "n_swa": 3} if kind == "window" else {}
-        mem = _forked_kv(unified, v_trans, 3, **swa)
-    elif kind == "hybrid":
-        mem = make_hybrid("RAR", n_seq_max=N_SEQ, unified=unified)
-    else:
-        mem = make_iswa(96, N_SEQ, v_trans=v_trans, spec=iswa_spec(n_swa=3))
-        randomize_any(mem, 3)
+    mem = _memory_of(kind, unified, v_trans, 3)
     items = [[1 + q, p, [q], False] for p in range(5) for q in range(3)]
     assert decode(mem, items, n_ubatch=16) == 0
     mem.seq_cp(0, 4, -1, -1)
@@ -784,13 +789,7 @@ def test_record_id_count_equals_numpy(seed: int) -> None:
 def _forked_memory(kind: str) -> Any:
     """A memory whose cells are shared by two and three sequences (nested forks), packed
     from cell 0 by a whole read of its own blob (so that its blob is its cells)."""
-    if kind == "kv":
-        mem: Any = _forked_kv(True, True, 5)
-    elif kind == "hybrid":
-        mem = make_hybrid("RAR", n_seq_max=N_SEQ, unified=True)
-    else:
-        mem = make_iswa(96, N_SEQ, v_trans=True, spec=iswa_spec(n_swa=3))
-        randomize_any(mem, 5)
+    mem = _memory_of(kind, True, True, 5)
     items = [[1 + q, p, [q], False] for p in range(6) for q in range(3)]
     assert decode(mem, items, n_ubatch=18) == 0
     mem.seq_cp(0, 4, -1, -1)
