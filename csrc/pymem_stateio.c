@@ -667,11 +667,14 @@ pm_status pm_kv_chase_records(const int32_t * words, int64_t size, int64_t n, in
 }
 
 pm_status pm_kv_cells_equal(const int32_t * pos, const int32_t * owner, const int32_t * ext, const int32_t * words,
-                            int64_t n, int64_t rec, int64_t n_ext, int32_t * same) {
+                            int64_t n, int64_t rec, int64_t n_ext, int32_t n_seq_max, int32_t * same) {
     if (pos == NULL || owner == NULL || words == NULL || same == NULL || n < 0 || (n_ext != 0 && n_ext != 3) ||
-        rec != 3 + n_ext || (n_ext != 0 && ext == NULL)) {
+        rec != 3 + n_ext || (n_ext != 0 && ext == NULL) || n_seq_max < 1) {
         return PM_ERR_ARG;
     }
+    // (an id at or past n_seq_max is never a record's, even where a cell holds it: a
+    // sequence the reference's prefix quirk hid; the parse refuses such a record)
+    const uint32_t id_end = (uint32_t) n_seq_max;
     int32_t bad = 0;
     int64_t c = 0;
     // blocks of 64 cells in one branch-free pass each; the first block that differs ends
@@ -680,12 +683,13 @@ pm_status pm_kv_cells_equal(const int32_t * pos, const int32_t * owner, const in
         for (int j = 0; j < 64; ++j) {
             const int32_t * r = words + (c + j) * rec;
             bad |= (pm_ld32(r + 1) ^ 1) | (pos[c + j] ^ pm_ld32(r)) | (owner[c + j] ^ pm_ld32(r + rec - 1)) |
-                   (pm_ld32(r) < 0);
+                   (pm_ld32(r) < 0) | ((uint32_t) pm_ld32(r + rec - 1) >= id_end);
         }
     }
     for (; c < n && !bad; ++c) {
         const int32_t * r = words + c * rec;
-        bad |= (pm_ld32(r + 1) ^ 1) | (pos[c] ^ pm_ld32(r)) | (owner[c] ^ pm_ld32(r + rec - 1)) | (pm_ld32(r) < 0);
+        bad |= (pm_ld32(r + 1) ^ 1) | (pos[c] ^ pm_ld32(r)) | (owner[c] ^ pm_ld32(r + rec - 1)) | (pm_ld32(r) < 0) |
+               ((uint32_t) pm_ld32(r + rec - 1) >= id_end);
     }
     if (n_ext != 0) {
         for (int64_t c = 0; c < n; ++c) {
@@ -1984,7 +1988,7 @@ pm_status pm_kv_read_whole_blob(const pm_kv_seq_blob * b, const void * blob, int
                      span >= 0;
             } else if (eq && n > 0 &&
                        pm_kv_cells_equal(b->pos[s], b->owner[s], b->n_ext ? b->ext[s] : NULL, words, n, rec,
-                                         b->n_ext, &eq) != PM_OK) {
+                                         b->n_ext, b->n_seq_max, &eq) != PM_OK) {
                 eq = 0;
             }
             all_same = eq;

@@ -53,12 +53,15 @@ pm_status pm_stateio_put_cells(struct ggml_tensor * const * tensors, const void 
 
 // Whether cells [0, n) of a stream already hold the n whole-cache meta records `words` (rec
 // int32 words each: pos, n_seq_id, then n_ext ext words, then one seq id), so that a whole
-// restore's clear + placing them changes no cell: every record has n_seq_id 1 and a
-// position >= 0 (an empty cell never matches), and cell c has record c's position, ext
-// and owner (its one sequence; owners of shared cells are negative, so they never match). *same = 1 or 0. PM_ERR_ARG for a null pointer, n < 0,
-// rec != 3 + n_ext or n_ext not 0 or 3.
+// restore's clear + placing them changes no cell: every record has n_seq_id 1, a
+// position >= 0 (an empty cell never matches) and an id below n_seq_max (a cell held by a
+// sequence past it matches no record: the parse refuses such a record), and cell c has
+// record c's position, ext and owner (its one sequence; owners of shared cells are
+// negative, so they never match). Blocks of 64 cells; the first that differs ends the
+// scan. *same = 1 or 0. PM_ERR_ARG for a null pointer, n < 0, rec != 3 + n_ext, n_ext not
+// 0 or 3, or n_seq_max < 1.
 pm_status pm_kv_cells_equal(const int32_t * pos, const int32_t * owner, const int32_t * ext, const int32_t * words,
-                            int64_t n, int64_t rec, int64_t n_ext, int32_t * same);
+                            int64_t n, int64_t rec, int64_t n_ext, int32_t n_seq_max, int32_t * same);
 
 // Where the n variable-length records of a whole-cache blob's stream start, in one
 // sequential pass (the numpy reference doubles pointers over every word): record k at

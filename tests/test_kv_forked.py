@@ -962,3 +962,34 @@ def test_forked_memory_reads_its_own_blob_into_the_same_cells(monkeypatch, kind)
         check_invariants(mem)
     mem.close()
     twin.close()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_record_naming_a_hidden_sequence_is_refused_on_the_same_cells(
+    monkeypatch, native: bool
+) -> None:
+    """Cells held by a sequence at or past n_seq_max (the reference's prefix quirk), and a
+    blob whose records name it where the whole-cache writer names none: the same-cells
+    test must not take the cells for those records (the parse refuses the id), on the
+    one-call road and the general one; nothing changes."""
+    hidden = N_SEQ + 3
+    mems = []
+    for q in (hidden, 5):  # twins, but for the id of the forked-off sequence
+        mem = _forked_kv(True, True, 5)
+        assert decode(mem, [[1 + s, p, [s], False] for p in range(5) for s in range(3)]) == 0
+        mem.seq_cp(0, q, -1, -1)
+        mem.seq_rm(0, -1, -1)
+        mems.append(mem)
+    blob = bytearray(mems[1].state_write())
+    n = int.from_bytes(blob[4:8], "little")  # one stream: its cell count, then the records
+    words = np.frombuffer(blob, "<i4", count=n * 3, offset=8).reshape(n, 3).copy()
+    words[words[:, 2] == 5, 2] = hidden
+    blob[8 : 8 + n * 12] = words.tobytes()
+    if not native:
+        monkeypatch.setattr(kv_state_io, "NATIVE_RUNS", False)
+    before = _state(mems[0])
+    with pytest.raises(StateError, match=rf"seq_id {hidden}"):
+        mems[0].state_read(bytes(blob))
+    assert _state(mems[0]) == before
+    for mem in mems:
+        mem.close()

@@ -226,7 +226,7 @@ def test_whole_same_native_equals_reference(name: str) -> None:
                         r = StateReader(bytes(arr))
                         r.offset = start
                     cells = kv.v_cells[strm]
-                    got = state_io._whole_same_words(cells, r, n, n_ext)
+                    got = state_io._whole_same_words(cells, r, n, n_ext, kv.n_seq_max)
                     if got is None:
                         assert r.offset == start  # left where it was
                     r.offset = start
@@ -461,7 +461,7 @@ def test_whole_cells_test_finds_a_difference_anywhere(n: int) -> None:
         out = ffi.new("int32_t *")
         status = lib.pm_kv_cells_equal(
             ffi.from_buffer("int32_t[]", pos), ffi.from_buffer("int32_t[]", owner), ffi.NULL,
-            ffi.from_buffer("int32_t[]", w), n, 3, 0, out,
+            ffi.from_buffer("int32_t[]", w), n, 3, 0, 4, out,
         )  # fmt: skip
         assert status == lib.PM_OK
         return bool(out[0])
@@ -480,6 +480,6 @@ def test_whole_cells_test_finds_a_difference_anywhere(n: int) -> None:
     out = ffi.new("int32_t *")
     status = lib.pm_kv_cells_equal(
         ffi.from_buffer("int32_t[]", pos_neg), ffi.from_buffer("int32_t[]", owner), ffi.NULL,
-        ffi.from_buffer("int32_t[]", negative), n, 3, 0, out,
+        ffi.from_buffer("int32_t[]", negative), n, 3, 0, 4, out,
     )  # fmt: skip
     assert status == lib.PM_OK and out[0] == 0

@@ -1467,7 +1467,7 @@ class KVStatePlan(_CachePlan):
             if words is None:
                 continue
             if self.whole_same:  # the cells must still be the records
-                ok = _cells_hold(self.v_cells[strm], words, n_ext)
+                ok = _cells_hold(self.v_cells[strm], words, n_ext, self.layout.n_seq_max)
             else:
                 ok = _whole_fixed_words_in(words, self.layout.n_seq_max) is not None
             if not ok:
@@ -1799,7 +1799,9 @@ def _parse_data(
     return out
 
 
-def _whole_same_words(cells: KVCells, reader: StateReader, n: int, n_ext: int) -> np.ndarray | None:
+def _whole_same_words(
+    cells: KVCells, reader: StateReader, n: int, n_ext: int, n_seq_max: int
+) -> np.ndarray | None:
     """The ``n`` whole-cache meta records of a stream as ``[n, 3 + n_ext]`` words, read,
     when a whole restore's clear + set_new of them would leave the stream as it is: cells
     ``[0, n)`` hold exactly those positions, ext and one sequence each (one native pass,
@@ -1810,20 +1812,21 @@ def _whole_same_words(cells: KVCells, reader: StateReader, n: int, n_ext: int) -
         return None
     start = reader.offset
     words = reader.read_array("<i4", n * rec, "kv cells").reshape(n, rec)
-    if not _cells_hold(cells, words, n_ext):
+    if not _cells_hold(cells, words, n_ext, n_seq_max):
         reader.offset = start
         return None
     return words
 
 
-def _cells_hold(cells: KVCells, words: np.ndarray, n_ext: int) -> bool:
-    """Whether cells ``[0, n)`` already are the ``n`` whole-cache records ``words`` (one
-    native pass, ``pm_kv_cells_equal``; the caller checked the counters)."""
+def _cells_hold(cells: KVCells, words: np.ndarray, n_ext: int, n_seq_max: int) -> bool:
+    """Whether cells ``[0, n)`` already are the ``n`` whole-cache records ``words``, each of
+    an id below ``n_seq_max`` (one native pass, ``pm_kv_cells_equal``; the caller checked
+    the counters)."""
     same = ffi.new("int32_t *")
     ext = ffi.from_buffer("int32_t[]", cells.ext) if n_ext else ffi.NULL
     status = lib.pm_kv_cells_equal(
         ffi.from_buffer("int32_t[]", cells.pos), ffi.from_buffer("int32_t[]", cells.owner), ext,
-        ffi.from_buffer("int32_t[]", words), words.shape[0], words.shape[1], n_ext, same,
+        ffi.from_buffer("int32_t[]", words), words.shape[0], words.shape[1], n_ext, n_seq_max, same,
     )  # fmt: skip
     check(status, "state read: whole-cache cells test")
     return bool(same[0])
@@ -1928,7 +1931,9 @@ def parse_kv_state(
                 n <= kv_size,
                 f"{what}.cell_count: not enough cells in kv cache ({n} > {kv_size})",
             )
-            words = _whole_same_words(v_cells[s], reader, n, n_ext) if same else None
+            words = (
+                _whole_same_words(v_cells[s], reader, n, n_ext, layout.n_seq_max) if same else None
+            )
             fixed = None  # the records, where each is fixed (one id): placed natively
             if words is None:
                 same = False
