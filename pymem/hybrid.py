@@ -263,7 +263,7 @@ class HybridMemory(CompositeMemory):
             return None
         n = len(seq_ids)
         out = np.empty(n, dtype=np.int64)
-        c, _, _, ok = attn._native_cells()
+        c, ok = attn.step_cells()
         cells = self.mem_recr.cells
         status = lib.pm_step_hybrid_pos_max(
             c, keys_c, ffi.from_buffer("int32_t[]", cells.tail), ffi.from_buffer("int32_t[]", cells.pos),

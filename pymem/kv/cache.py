@@ -785,6 +785,14 @@ class KVCache(Memory):
             return None
         return kc[1]
 
+    def step_cells(self) -> tuple[Any, Any]:
+        """The cells' ``pm_step_cells *`` and an int32 flag buffer, for a native kernel that
+        reads this cache's cells beside another memory's (a hybrid's fused position
+        query); the pointers stay valid while the cache is open."""
+        self.check_open()
+        c, _, _, flag = self._native_cells()
+        return c, flag
+
     def seq_pos_max_of(self, seq_ids: np.ndarray) -> np.ndarray:
         """``seq_pos_max`` of each of ``seq_ids`` (int64), from the cached bounds."""
         keys = self._seq_keys(seq_ids)
