@@ -1853,28 +1853,53 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
     return st;
 }
 
+// records pm_kv_records_fixed checks in one branch-free pass (3 KiB of the usual ones)
+#define PM_FIXED_CHUNK 256
+
 pm_status pm_kv_records_fixed(const int32_t * words, int64_t n, int64_t rec, int32_t n_seq_max,
                               int64_t * first_bad) {
     if (words == NULL || first_bad == NULL || n < 0 || rec < 3 || n_seq_max < 1 || n_seq_max > 256) {
         return PM_ERR_ARG;
     }
     *first_bad = -1;
-    // one branch-free pass; the rare fault is found by a second
-    const int32_t bad = pm_records_not_fixed(words, n, rec, n_seq_max);
-    for (int64_t i = 0; bad && i < n; i++) {
-        const int32_t * r = words + i * rec;
-        const int32_t id = pm_ld32(r + rec - 1);
-        if (pm_record_bad(pm_ld32(r), pm_ld32(r + 1), id, n_seq_max)) {
-            *first_bad = i;
-            break;
+    // branch-free passes over chunks of records; a chunk with a fault is searched for it
+    // (a forked blob's first variable record stops the scan there, not after every record)
+    for (int64_t i0 = 0; i0 < n; i0 += PM_FIXED_CHUNK) {
+        const int64_t m = n - i0 < PM_FIXED_CHUNK ? n - i0 : PM_FIXED_CHUNK;
+        if (!pm_records_not_fixed(words + i0 * rec, m, rec, n_seq_max)) {
+            continue;
+        }
+        for (int64_t i = i0; i < i0 + m; i++) {
+            const int32_t * r = words + i * rec;
+            if (pm_record_bad(pm_ld32(r), pm_ld32(r + 1), pm_ld32(r + rec - 1), n_seq_max)) {
+                *first_bad = i;
+                return PM_OK;
+            }
         }
     }
     return PM_OK;
 }
 
+// Nonzero unless each of the 16 records at r (2 fixed words, then k ids: k 1 or 2) lists
+// k ids: their count words, at a constant stride the compiler unrolls
+static inline uint32_t pm_counts16(const int32_t * r, int64_t k) {
+    uint32_t e = 0;
+    if (k == 1) {
+        for (int j = 0; j < 16; j++) {
+            e |= (uint32_t) pm_ld32(r + 3 * j + 1) ^ 1u;
+        }
+    } else {
+        for (int j = 0; j < 16; j++) {
+            e |= (uint32_t) pm_ld32(r + 4 * j + 1) ^ 2u;
+        }
+    }
+    return e;
+}
+
 // The words n variable records at words take (fixed words then n_seq_id ids each), from
 // their lengths alone (records a placement already checked); -1 where one does not end
-// within span. Eight records of one length (one or two ids) are passed at once
+// within span. Sixteen (without ext) or eight records of one length (one or two ids) are
+// passed at once
 static int64_t pm_records_end(const int32_t * words, int64_t span, int64_t n, int64_t fixed) {
     int64_t o = 0, i = 0;
     while (i < n) {
@@ -1882,6 +1907,12 @@ static int64_t pm_records_end(const int32_t * words, int64_t span, int64_t n, in
             return -1;
         }
         const int64_t k = (int64_t) (uint32_t) pm_ld32(words + o + 1);
+        if (fixed == 2 && (k == 1 || k == 2) && i + 16 <= n && span - o >= 16 * (2 + k) &&
+            pm_counts16(words + o, k) == 0) {
+            o += 16 * (2 + k);
+            i += 16;
+            continue;
+        }
         if ((k == 1 || k == 2) && i + 8 <= n && span - o >= 8 * (fixed + k)) {
             int32_t same = 1;
             for (int j = 1; j < 8; j++) {

@@ -212,6 +212,59 @@ static inline int pm_records_run16(const int32_t * r, int32_t * p0, int32_t * q)
     return e == 0;
 }
 
+// The words of 16 records of two ids (position, 2, a, b) at consecutive positions, per
+// word: the count's 2, masks for the ids and for the position, the position's step
+#define PM_PAIR4(a, b, c, d)  a, b, c, d, a, b, c, d, a, b, c, d, a, b, c, d
+#define PM_PAIR16(a, b, c, d) PM_PAIR4(a, b, c, d), PM_PAIR4(a, b, c, d), PM_PAIR4(a, b, c, d), PM_PAIR4(a, b, c, d)
+static const int32_t pm_pair_two[64] = { PM_PAIR16(0, 2, 0, 0) };
+static const int32_t pm_pair_a[64]   = { PM_PAIR16(0, 0, -1, 0) };
+static const int32_t pm_pair_b[64]   = { PM_PAIR16(0, 0, 0, -1) };
+static const int32_t pm_pair_pos[64] = { PM_PAIR16(-1, 0, 0, 0) };
+static const int32_t pm_pair_step[64] = { 0, 0, 0, 0, 1,  0, 0, 0, 2,  0, 0, 0, 3,  0, 0, 0, 4,  0, 0, 0, 5,  0,
+                                          0, 0, 6, 0, 0,  0, 7, 0, 0,  0, 8, 0, 0,  0, 9, 0, 0,  0, 10, 0, 0, 0,
+                                          11, 0, 0, 0, 12, 0, 0, 0, 13, 0, 0, 0, 14, 0, 0, 0, 15, 0, 0, 0 };
+
+// Whether the 16 records of two ids at r (64 int32 words, any alignment) are one run of
+// one pair of sequences: positions p0, p0 + 1, ... p0 + 15 with 0 <= p0 <= INT32_MAX - 15,
+// each record's count 2 and ids the first one's a, b (in that order), a != b, both below
+// n_seq_max (*p0, *a, *b: the first record's). A forked blob's shared cells are runs of
+// these (a sequence and its fork): pm_records_run16's check for them
+static inline int pm_pairs_run16(const int32_t * r, int32_t n_seq_max, int32_t * p0, int32_t * a, int32_t * b) {
+    int32_t first, qa, qb;
+    memcpy(&first, r, 4);
+    memcpy(&qa, r + 2, 4);
+    memcpy(&qb, r + 3, 4);
+    *p0 = first;
+    *a = qa;
+    *b = qb;
+    PM_PREFETCH(r + 256);  // 1 KiB ahead: a cold blob's scan is latency-bound
+    uint32_t e = (uint32_t) (first < 0) | (uint32_t) (first > INT32_MAX - 15) | (uint32_t) (qa == qb) |
+                 (uint32_t) ((uint32_t) qa >= (uint32_t) n_seq_max) | (uint32_t) ((uint32_t) qb >= (uint32_t) n_seq_max);
+    for (int k = 0; k < 64; k++) {
+        int32_t w;
+        memcpy(&w, r + k, 4);
+        e |= (uint32_t) w ^ (uint32_t) (pm_pair_two[k] | (pm_pair_a[k] & qa) | (pm_pair_b[k] & qb) |
+                                        (pm_pair_pos[k] & (int32_t) ((uint32_t) first + (uint32_t) pm_pair_step[k])));
+    }
+    return e == 0;
+}
+
+// The run of 16 variable records at words + o (span words readable, fixed words 2: no
+// ext) that pm_records_run16 (one id, below n_seq_max) or pm_pairs_run16 takes: its id
+// count (1 or 2) and *p0, *a, *b (b: -1 for one id); 0 where neither does
+static inline int32_t pm_var_run16(const int32_t * words, int64_t o, int64_t span, int32_t n_seq_max, int32_t * p0,
+                                   int32_t * a, int32_t * b) {
+    if (span - o < 48) {
+        return 0;
+    }
+    const int32_t k = pm_step_ld32(words + o + 1);
+    if (k == 1) {
+        *b = -1;
+        return pm_records_run16(words + o, p0, a) && (uint32_t) *a < (uint32_t) n_seq_max;
+    }
+    return k == 2 && span - o >= 64 && pm_pairs_run16(words + o, n_seq_max, p0, a, b) ? 2 : 0;
+}
+
 // The pattern of 16 fixed records (pos, 1, id) in any order of positions: per word, a
 // mask of the words checked for equality (the count's 1 in pm_run_one, the id by
 // pm_run_id) and the position's sign bit
@@ -434,6 +487,14 @@ pm_status pm_kv_records_var(const int32_t * words, int64_t span, int64_t n, int6
     uint64_t seen[PM_STEP_MAX_SEQ / 64] = { 0 };
     int64_t o = 0, n_multi = 0, i = 0;
     while (i < n) {
+        int32_t p0, a, b;
+        const int32_t kr = fixed == 2 && i + 16 <= n ? pm_var_run16(words, o, span, n_seq_max, &p0, &a, &b) : 0;
+        if (kr > 0) {  // the usual block: a run of one sequence's, or one pair's, positions
+            n_multi += kr > 1 ? 16 : 0;
+            i += 16;
+            o += 16 * (2 + kr);
+            continue;
+        }
         const int32_t kg = i + PM_VAR_GROUP <= n ? pm_var_group_at(words + o, span - o, fixed, n_seq_max) : 0;
         if (kg > 0) {
             n_multi += kg > 1 ? PM_VAR_GROUP : 0;
@@ -470,6 +531,31 @@ pm_status pm_step_kv_cells_equal_var(const pm_step_cells * c, int64_t s, const i
     const uint64_t * bits = c->seq + g0 * n_words;
     int64_t o = 0;
     for (int64_t i = 0; i < n; i++) {
+        // the usual block: sixteen records of one sequence or one pair at consecutive
+        // positions, compared with the cells without reading the records one by one (one
+        // word of bits a cell: the pair's two bits exactly; a sequence's one cell has it)
+        int32_t p0, a, b;
+        const int32_t kr =
+            n_words == 1 && i + 16 <= n ? pm_var_run16(words, o, span, n_seq_max, &p0, &a, &b) : 0;
+        if (kr > 0) {
+            const int32_t want_own = kr == 1 ? a : -2;
+            const uint64_t want_bits = kr == 1 ? 0 : ((uint64_t) 1 << a) | ((uint64_t) 1 << b);
+            uint64_t d = 0;
+            for (int j = 0; j < 16; j++) {
+                d |= (uint32_t) (pos[i + j] ^ (p0 + j)) | (uint32_t) (own[i + j] ^ want_own);
+            }
+            if (kr == 2) {
+                for (int j = 0; j < 16; j++) {
+                    d |= bits[i + j] ^ want_bits;
+                }
+            }
+            if (d != 0) {
+                return PM_OK;
+            }
+            o += 16 * (2 + kr);
+            i += 15;  // (and the loop's step)
+            continue;
+        }
         if (span - o < 3) {
             return PM_OK;
         }
@@ -528,6 +614,62 @@ static int pm_step_fill_var(pm_step_cells * c, int64_t s, const int32_t * words,
     int64_t run_min = 0, run_max = 0, o = 0, i = 0, n_multi = 0;
     int ok = 1;
     while (i < n) {
+        // the usual block: sixteen records of one sequence, or of one pair (a sequence and
+        // its fork), at consecutive positions, checked at once and stored without reading
+        // their words one by one
+        int32_t p0, a, b;
+        const int32_t kr = fixed == 2 && i + 16 <= n ? pm_var_run16(words, o, span, n_seq_max, &p0, &a, &b) : 0;
+        if (kr > 0) {
+            for (int j = 0; j < 16; j++) {
+                pos[i + j] = p0 + j;
+            }
+            const uint64_t bit_a = (uint64_t) 1 << (a & 63);
+            uint64_t * cell_bits = bits + i * n_words;
+            if (kr == 1) {
+                for (int j = 0; j < 16; j++) {
+                    own[i + j] = a;
+                }
+                if (n_words == 1) {  // (the usual bitsets: one store a cell, vectorized)
+                    for (int j = 0; j < 16; j++) {
+                        cell_bits[j] = bit_a;
+                    }
+                } else {
+                    for (int j = 0; j < 16; j++) {
+                        cell_bits[j * n_words + (a >> 6)] = bit_a;
+                    }
+                }
+                if (a == run_id) {
+                    run_min = p0 < run_min ? p0 : run_min;
+                    run_max = p0 + 15 > run_max ? p0 + 15 : run_max;
+                } else {
+                    if (run_id >= 0) {
+                        pm_step_bounds(c, s, run_id, run_min, run_max);
+                    }
+                    run_id = a, run_min = p0, run_max = p0 + 15;
+                }
+            } else {
+                const uint64_t bit_b = (uint64_t) 1 << (b & 63);
+                for (int j = 0; j < 16; j++) {
+                    own[i + j] = -2;
+                }
+                if (n_words == 1) {  // (clear before: both bits in one store)
+                    for (int j = 0; j < 16; j++) {
+                        cell_bits[j] = bit_a | bit_b;
+                    }
+                } else {
+                    for (int j = 0; j < 16; j++) {
+                        cell_bits[j * n_words + (a >> 6)] |= bit_a;
+                        cell_bits[j * n_words + (b >> 6)] |= bit_b;
+                    }
+                }
+                pm_step_bounds(c, s, a, p0, p0 + 15);
+                pm_step_bounds(c, s, b, p0, p0 + 15);
+                n_multi += 16;
+            }
+            i += 16;
+            o += 16 * (2 + kr);
+            continue;
+        }
         const int32_t kg = i + PM_VAR_GROUP <= n ? pm_var_group_at(words + o, span - o, fixed, n_seq_max) : 0;
         if (kg == 1) {
             for (int j = 0; j < PM_VAR_GROUP; j++) {

@@ -25,7 +25,7 @@ from pymem._native import ffi, lib
 from pymem.composite import CompositeMemory
 from pymem.errors import RangeError, StateError, UnsupportedError
 from pymem.kv import KVCache
-from pymem.kv.cells import StackedCells
+from pymem.kv.cells import KVCells, StackedCells
 from pymem.spec import SWAType
 
 N_SEQ = 6
@@ -482,15 +482,24 @@ def test_variable_records_test_equals_the_general_parse(seed: int) -> None:
     assert _records_var(view, span, n, fixed, n_seq_max) == want, (seed, fault)
     if fault == 0:
         assert want[0] == arr.size
-    if fixed != 2:
-        return
+    if fixed == 2:
+        _refill_as_the_reference(view, span, n, n_seq_max, want, 64, seed)
+
+
+def _refill_as_the_reference(
+    view: np.ndarray, span: int, n: int, n_seq_max: int, want: tuple, n_seq_ids: int, label: object
+) -> None:
+    """pm_step_kv_refill with spans of the ``n`` variable records at ``view`` (no ext)
+    into stream 1 of a two-stream stack with bitsets for ``n_seq_ids`` ids, emptied and
+    used: the cells numpy's set_new of the general parse's decode leaves, or (``want``
+    end -1: the parse refuses them) declined with nothing changed."""
     for used in (False, True):
-        twins = [StackedCells(2, 64) for _ in range(2)]
+        twins = [StackedCells(2, max(64, n + 8), n_seq_ids=n_seq_ids) for _ in range(2)]
         for st in twins:
             st.fit(n_seq_max - 1)
             if used:
                 st.set_new(
-                    np.array([1]), np.array([[50]]), np.array([9]), np.array([[1]], np.int32)
+                    np.array([1]), np.array([[n + 3]]), np.array([9]), np.array([[1]], np.int32)
                 )
         before = _cells_snapshot(twins[0])
         placed = ffi.new("int32_t *")
@@ -499,14 +508,81 @@ def test_variable_records_test_equals_the_general_parse(seed: int) -> None:
             twins[0].native(), ptrs, ffi.new("int64_t[]", [0, n]), ffi.new("int64_t[]", [0, span]),
             3, n_seq_max, placed,
         )  # fmt: skip
-        assert status == lib.PM_OK and placed[0] == int(want[0] >= 0), (seed, used)
+        assert status == lib.PM_OK and placed[0] == int(want[0] >= 0), (label, used)
         if want[0] < 0:
-            assert _cells_snapshot(twins[0]) == before, (seed, used)
+            assert _cells_snapshot(twins[0]) == before, (label, used)
             continue
-        pos, _, seq, _ = kv_state_io._decode_meta_whole(arr, n, 0, n_seq_max, "kv")
+        pos, _, seq, _ = kv_state_io._decode_meta_whole(view[:span], n, 0, n_seq_max, "kv")
         twins[1].reset()
         twins[1].set_new(np.array([1]), np.arange(n)[None, :], pos, seq)
-        assert _cells_snapshot(twins[0]) == _cells_snapshot(twins[1]), (seed, used)
+        assert _cells_snapshot(twins[0]) == _cells_snapshot(twins[1]), (label, used)
+
+
+def _run_blocks(blocks: list[tuple[int, list[int]]], p0: int = 100) -> np.ndarray:
+    """Variable records (no ext) of runs of consecutive positions from ``p0``: each block
+    ``(length, ids)`` is that many records listing ``ids``. E.g. [(2, [1, 5]), (1, [0])]
+    from 100: 100, 2, 1, 5, 101, 2, 1, 5, 102, 1, 0."""
+    words: list[int] = []
+    p = p0
+    for length, ids in blocks:
+        for _ in range(length):
+            words += [p, len(ids), *ids]
+            p += 1
+    return np.array(words, dtype=np.int64).astype(np.int32)  # (positions past INT32_MAX wrap)
+
+
+@pytest.mark.parametrize("n_seq_ids", [8, 256])  # one-word bitsets (one store a cell), four
+def test_variable_blocks_of_sixteen_equal_the_general_parse(n_seq_ids: int) -> None:
+    """A forked blob's records come in blocks of sixteen of one sequence or one pair of
+    sequences at consecutive positions, which pm_kv_records_var and the variable refill
+    check at once (word against the run's pattern) and store without reading them one by
+    one. Every word of every record of such blocks, faulted (a negative position, another
+    count, an id past n_seq_max or negative, the pair's ids equal, another id or pair, a
+    position off the run), and a block cut short by the readable span, gives the general
+    parse's answer: its end and shared-cell count, and the refill places its decode or
+    declines with nothing changed."""
+    n_seq_max = 6
+    layout = [(16, [1, 5]), (32, [0]), (16, [5, 1]), (16, [2]), (16, [3, 4]), (7, [1, 5])]
+    good = _run_blocks(layout)
+    n = sum(length for length, _ in layout)
+    cases: list[tuple[str, np.ndarray]] = [("good", good)]
+    starts = np.cumsum([0] + [2 + len(ids) for length, ids in layout for _ in range(length)])
+    for i in range(n):
+        at, k = int(starts[i]), int(good[starts[i] + 1])
+        p = int(good[at])
+        faults = [(0, -1), (0, p + 1), (0, p - 1), (1, k + 1), (1, k - 1), (2, n_seq_max), (2, -1)]
+        if k == 2:
+            faults += [(3, n_seq_max), (3, -1), (3, int(good[at + 2])), (3, 0), (2, 4)]
+        else:
+            faults += [(2, 4)]
+        for word, value in faults:
+            bad = good.copy()
+            bad[at + word] = value
+            cases.append((f"record {i} word {word} = {value}", bad))
+    # whole blocks that match a run's pattern but not the rules: ids out of range, a pair
+    # of one id; positions that would wrap past INT32_MAX
+    # of one id; positions that would wrap past INT32_MAX (each block then a good one: a
+    # block is taken whole only with words past it)
+    after = _run_blocks([(16, [0])])
+    for ids in ([1, 1], [1, n_seq_max], [n_seq_max, 1], [-1, 1], [1, -1], [n_seq_max], [-1]):
+        cases.append((f"a block of {ids}", np.concatenate([_run_blocks([(16, ids)]), after])))
+    last = _run_blocks([(16, [n_seq_max])], p0=116)  # (a last block: 48 words left)
+    cases.append(("a last block of [n_seq_max]", np.concatenate([after, last])))
+    wrapping = _run_blocks([(16, [1, 5])], p0=2**31 - 4)
+    cases.append(("past INT32_MAX", np.concatenate([wrapping, after])))
+    for label, arr in cases:
+        count = n if label.startswith(("good", "record")) else 32
+        want = _records_var_reference(arr, count, 2, n_seq_max)
+        assert _records_var(arr, arr.size, count, 2, n_seq_max) == want, label
+        _refill_as_the_reference(arr, arr.size, count, n_seq_max, want, n_seq_ids, label)
+    # a last block whose last word lies past the readable span (the buffer holds it)
+    for ids in ([1, 5], [0]):
+        cut = _run_blocks([(16, [2]), (16, ids)])
+        want = _records_var_reference(cut[:-1], 32, 2, n_seq_max)
+        assert want[0] == -1 and _records_var(cut, cut.size - 1, 32, 2, n_seq_max) == want
+        _refill_as_the_reference(cut, cut.size - 1, 32, n_seq_max, want, n_seq_ids, ids)
+    assert _records_var(good, good.size, n, 2, n_seq_max) == (good.size, 16 * 3 + 7)
+    assert all(_records_var_reference(a, 32, 2, n_seq_max)[0] == -1 for _, a in cases[-9:])
 
 
 def test_variable_records_test_refuses_bad_arguments() -> None:
@@ -897,6 +973,62 @@ def test_variable_records_equality_equals_numpy(seed: int) -> None:
     more = _encode_records([*own, (99, [0])])
     assert _equal_var(c, more, n + 1, N_SEQ) == -1
     kv.close()
+
+
+def test_variable_records_equality_in_blocks_of_sixteen_equals_numpy() -> None:
+    """A forked stream's records in blocks of sixteen of one sequence or one pair at
+    consecutive positions (one-word bitsets: the blocks are compared with the cells at
+    once): its own records are the cells; each record of the blocks with its position,
+    an id, its ids' order or its count changed is what whole_same_reference says, and
+    so is a cell changed under unchanged records (its owner, its bits, its position)."""
+    n_seq_max = 6
+    layout = [(16, [1, 5]), (32, [0]), (16, [5, 1]), (16, [2]), (5, [3, 4])]
+    words = _run_blocks(layout)
+    n = sum(length for length, _ in layout)
+    recs = _decode_records(words, n)
+    st = StackedCells(1, n + 8, n_seq_ids=8)
+    pos, _, seq, _ = kv_state_io._decode_meta_whole(words, n, 0, n_seq_max, "kv")
+    st.set_new(np.array([0]), np.arange(n)[None, :], pos, seq)
+    cells = KVCells.view(st, 0)
+    c = st.native()
+
+    def agrees(records: list[tuple[int, list[int]]], label: object) -> None:
+        w = _encode_records(records)
+        want = None
+        if all(p >= 0 and ids and len(set(ids)) == len(ids) for p, ids in records) and all(
+            0 <= q < n_seq_max for _, ids in records for q in ids
+        ):
+            k = max(len(ids) for _, ids in records)
+            ids = np.full((len(records), k), -1, dtype=np.int32)
+            for i, (_, r) in enumerate(records):
+                ids[i, : len(r)] = r
+            at = np.array([p for p, _ in records], dtype=np.int32)
+            want = kv_state_io.whole_same_reference(cells, at, np.zeros((n, 0)), ids)
+        got = _equal_var(c, w, len(records), n_seq_max)
+        assert got in (-1, w.size) and (got >= 0) == bool(want), label
+
+    agrees(recs, "own")
+    assert _equal_var(c, words, n, n_seq_max) == words.size
+    for i, (p, ids) in enumerate(recs):
+        others = [q for q in range(n_seq_max) if q not in ids]
+        for label, change in (("position", (p + 1, ids)), ("position back", (p - 1, ids)),
+                              ("id", (p, [others[0], *ids[1:]])), ("order", (p, ids[::-1])),
+                              ("one more id", (p, [*ids, others[0]])),
+                              ("one id less", (p, ids[:1])), ("an id twice", (p, [ids[0]] * 2))):  # fmt: skip
+            changed = list(recs)
+            changed[i] = change
+            agrees(changed, (i, label))
+    shared = (0, 15, 48, 63, 80)  # a cell changed under the records (bits: shared cells')
+    for i in (*shared, 16, 40, 47, 64, 79):
+        for field, value in (("owner_f", 3), ("seq_f", 1 << 3), ("pos_f", 999)):
+            if field == "seq_f" and i not in shared:
+                continue  # (a cell of one owner is compared by its owner)
+            arr = getattr(st, field)
+            keep = arr[i].copy()
+            arr[i] = value
+            assert _equal_var(c, words, n, n_seq_max) == -1, (i, field)
+            arr[i] = keep
+    assert _equal_var(c, words, n, n_seq_max) == words.size
 
 
 def test_variable_records_equality_reads_bitsets_and_refuses_bad_arguments() -> None:

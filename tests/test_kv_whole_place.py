@@ -95,13 +95,15 @@ def _fixed_reference(words: np.ndarray, n_seq_max: int) -> int:
 
 def test_records_test_equals_reference_at_any_alignment() -> None:
     """Random record blocks, with and without ext, each with up to two faults of every
-    kind, read from a buffer at every alignment: the kernel's first fault is numpy's."""
+    kind, read from a buffer at every alignment: the kernel's first fault is numpy's.
+    Every third block is long (the kernel passes chunks of 256 records at once and
+    searches the first chunk with a fault)."""
     rng = np.random.default_rng(7)
     bad = ffi.new("int64_t *")
     for case in range(300):
         n_ext = 3 if case % 2 else 0
         rec = 3 + n_ext
-        n = int(rng.integers(1, 40))
+        n = int(rng.integers(1, 40)) if case % 3 else int(rng.integers(200, 800))
         n_seq_max = int(rng.integers(1, 257))
         w = np.empty((n, rec), dtype=np.int32)
         w[:, 0] = rng.integers(0, 1000, n)
