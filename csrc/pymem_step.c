@@ -476,6 +476,7 @@ static inline int32_t pm_var_group_at(const int32_t * r, int64_t avail, int64_t 
     return (k == 1 || k == 2) && pm_var_group(r, avail, fixed, k, n_seq_max) ? k : 0;
 }
 
+PM_CLONES_AVX2
 pm_status pm_kv_records_var(const int32_t * words, int64_t span, int64_t n, int64_t fixed, int32_t n_seq_max,
                             int64_t * end, int64_t * multi) {
     if (words == NULL || end == NULL || multi == NULL || span < 0 || n < 0 || fixed < 2 || n_seq_max < 1 ||
@@ -515,6 +516,7 @@ pm_status pm_kv_records_var(const int32_t * words, int64_t span, int64_t n, int6
     return PM_OK;
 }
 
+PM_CLONES_AVX2
 pm_status pm_step_kv_cells_equal_var(const pm_step_cells * c, int64_t s, const int32_t * words, int64_t span,
                                      int64_t n, int32_t n_seq_max, int64_t * end) {
     if (c == NULL || words == NULL || end == NULL || n < 0 || span < 0 || s < 0 || s >= c->n_stream ||
@@ -603,6 +605,7 @@ pm_status pm_step_kv_cells_equal_var(const pm_step_cells * c, int64_t s, const i
 // (the id, or -2 for several: n_multi counted) and the bounds. 1 when all are valid; 0 at
 // the first that is not, having written the cells before it (*written of them: the
 // caller empties those cells again; n_multi then counts theirs)
+PM_CLONES_AVX2
 static int pm_step_fill_var(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t span,
                             int64_t fixed, int32_t n_seq_max, int64_t * written) {
     const int64_t n_words = c->n_words, g0 = s * c->size, rec = fixed + 1;
