@@ -648,17 +648,17 @@ pm_status pm_kv_chase_records(const int32_t * words, int64_t size, int64_t n, in
             *why = 1;
             return PM_OK;
         }
-        const int64_t c = (int64_t) (uint32_t) words[o + 1];
+        const int64_t c = (int64_t) (uint32_t) pm_ld32(words + o + 1);
         o += fixed + (c < n_seq_max + 1 ? c : n_seq_max + 1);
     }
     for (int64_t k = 0; k < n; k++) {
-        if ((int64_t) (uint32_t) words[offs[k] + 1] > n_seq_max) {
+        if ((int64_t) (uint32_t) pm_ld32(words + offs[k] + 1) > n_seq_max) {
             *bad = k;
             *why = 2;
             return PM_OK;
         }
     }
-    *end = offs[n - 1] + fixed + (int64_t) (uint32_t) words[offs[n - 1] + 1];
+    *end = offs[n - 1] + fixed + (int64_t) (uint32_t) pm_ld32(words + offs[n - 1] + 1);
     if (*end > size) {
         *bad = n - 1;
         *why = 3;

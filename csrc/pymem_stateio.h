@@ -66,7 +66,7 @@ pm_status pm_kv_cells_equal(const int32_t * pos, const int32_t * owner, const in
 // Where the n variable-length records of a whole-cache blob's stream start, in one
 // sequential pass (the numpy reference doubles pointers over every word): record k at
 // word offs[k] holds `fixed` words (pos, n_seq_id, ext) and then its n_seq_id ids, among
-// the `size` words at `words`. A count read as unsigned; past n_seq_max it moves the next
+// the `size` words at `words` (any alignment: a blob's). A count read as unsigned; past n_seq_max it moves the next
 // record by n_seq_max + 1 (as the reference's jump table does) and is reported below.
 // *end = the word after the last record's ids. *bad = -1 when every record fits; else
 // the record the first fault names, *why: 1 a record starts past size - fixed (the

@@ -483,7 +483,7 @@ def test_variable_records_test_equals_the_general_parse(seed: int) -> None:
     if fault == 0:
         assert want[0] == arr.size
     if fixed == 2:
-        _refill_as_the_reference(view, span, n, n_seq_max, want, 64, seed)
+        _refill_as_the_reference(view, span, n, n_seq_max, want, 256, seed)
 
 
 def _refill_as_the_reference(
