@@ -1,6 +1,10 @@
 #include "pymem_stateio.h"
 #include "pymem_step.h"
 
+#if defined(__SSE2__) || defined(_M_X64)
+#include <emmintrin.h>
+#endif
+
 #include <stdlib.h>
 #include <string.h>
 
@@ -722,6 +726,33 @@ static inline int64_t pm_stateio_hits(const int32_t * pos, const int32_t * owner
     return hits;
 }
 
+// The records (position, 1, seq_id) of cells [c0, c1) from w on (any alignment): one
+// sequence's usual records. With SSE2 (every x86-64), four cells' positions make three
+// vectors of records ([p0 1 s p1] [1 s p2 1] [s p3 1 s]); the scalar loop stored a word at a
+// time and reloaded its invariants (the compiler must assume w may alias them)
+static void pm_meta_seq_run(const int32_t * pos, int64_t c0, int64_t c1, int32_t seq_id, int32_t * w) {
+    int64_t c = c0;
+#if defined(__SSE2__) || defined(_M_X64)
+    const __m128i keep0 = _mm_setr_epi32(-1, 0, 0, -1), add0 = _mm_setr_epi32(0, 1, seq_id, 0);
+    const __m128i keep1 = _mm_setr_epi32(0, 0, -1, 0), add1 = _mm_setr_epi32(1, seq_id, 0, 1);
+    const __m128i keep2 = _mm_setr_epi32(0, -1, 0, 0), add2 = _mm_setr_epi32(seq_id, 0, 1, seq_id);
+    for (; c + 4 <= c1; c += 4, w += 12) {
+        const __m128i p = _mm_loadu_si128((const __m128i *) (const void *) (pos + c));
+        const __m128i v0 = _mm_or_si128(_mm_and_si128(_mm_shuffle_epi32(p, _MM_SHUFFLE(1, 0, 0, 0)), keep0), add0);
+        const __m128i v1 = _mm_or_si128(_mm_and_si128(_mm_shuffle_epi32(p, _MM_SHUFFLE(2, 2, 2, 2)), keep1), add1);
+        const __m128i v2 = _mm_or_si128(_mm_and_si128(_mm_shuffle_epi32(p, _MM_SHUFFLE(3, 3, 3, 3)), keep2), add2);
+        _mm_storeu_si128((__m128i *) (void *) w, v0);
+        _mm_storeu_si128((__m128i *) (void *) (w + 4), v1);
+        _mm_storeu_si128((__m128i *) (void *) (w + 8), v2);
+    }
+#endif
+    for (; c < c1; ++c, w += 3) {
+        pm_st32(w, pos[c]);
+        pm_st32(w + 1, 1);
+        pm_st32(w + 2, seq_id);
+    }
+}
+
 pm_status pm_kv_meta_words(const int32_t * pos, const int32_t * owner, const int32_t * ext, int64_t n_ext,
                            const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs, int32_t seq_id,
                            int32_t with_id, int32_t * out, int64_t cap_words) {
@@ -741,6 +772,13 @@ pm_status pm_kv_meta_words(const int32_t * pos, const int32_t * owner, const int
         return PM_ERR_RANGE;
     }
     int32_t * w = out;
+    if (n_ext == 0 && with_id && seq_id >= 0) {
+        for (int64_t i = 0; i < n_runs; ++i) {
+            pm_meta_seq_run(pos, run_starts[i], run_ends[i], seq_id, w);
+            w += 3 * (run_ends[i] - run_starts[i]);
+        }
+        return PM_OK;
+    }
     for (int64_t i = 0; i < n_runs; ++i) {
         for (int64_t c = run_starts[i]; c < run_ends[i]; ++c) {
             pm_st32(w, pos[c]);
