@@ -228,6 +228,37 @@ def test_a_native_read_makes_plans_parsed_before_it_stale(kind: str) -> None:
     mem.close()
 
 
+@pytest.mark.parametrize("seed", [0, 1])  # unified, and streams with rollback planes
+def test_a_one_call_read_commits_the_recurrent_cells_in_place(monkeypatch, seed: int) -> None:
+    """The one call's recurrent commit copies the restored cells into the memory's own
+    cells object (its arrays, which the next call's pointers name): the same object and
+    arrays after the read, its version bumped, its contents the two-phase read's, and the
+    next one-call read (through the kept pointers) still right."""
+    fast, ref = _memory("hybrid", seed), _memory("hybrid", seed)
+    recr = fast.mem_recr
+    blobs = [bytes(fast.state_write(s)) for s in range(3)]
+    cells, arrays = recr.cells, [recr.cells.tail, recr.cells.pos, recr.cells.n_last]
+    for seq_id in (1, 0, 2, 1):
+        fast.seq_rm(seq_id, -1, -1)
+        ref.seq_rm(seq_id, -1, -1)
+        version = recr._version
+        assert fast._native_read(blobs[seq_id], seq_id, 0) == len(blobs[seq_id])
+        with monkeypatch.context() as m:  # the two-phase read
+            m.setattr(CompositeMemory, "_native_read", lambda self, data, seq_id, flags: None)
+            assert ref.state_read(blobs[seq_id], seq_id) == len(blobs[seq_id])
+        assert recr.cells is cells and all(
+            a is b for a, b in zip(arrays, [cells.tail, cells.pos, cells.n_last])
+        )
+        assert recr._version > version
+        ref_cells = ref.mem_recr.cells
+        for name in ("pos", "src", "src0", "tail", "rs_idx", "n_last"):
+            assert np.array_equal(getattr(cells, name), getattr(ref_cells, name)), name
+        for name in ("head", "used", "n", "rs_z"):
+            assert getattr(cells, name) == getattr(ref_cells, name), name
+    fast.close()
+    ref.close()
+
+
 def test_a_read_into_the_same_cells_marks_the_cache_changed() -> None:
     """The attention part's same-cells store (no cell moves, the bytes do) bumps the
     cache's version as the two-phase commit does."""
