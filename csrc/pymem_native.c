@@ -42,7 +42,7 @@ pm_status pm_tensor_read(const struct ggml_tensor * t, size_t offset, size_t siz
         return PM_ERR_ARG;
     }
     if (pm_is_host(t)) {
-        memcpy(dst, (const char *) t->data + offset, size);
+        pm_copy_bytes(dst, (const char *) t->data + offset, size);
     } else {
         ggml_backend_tensor_get(t, dst, offset, size);
     }
@@ -58,7 +58,7 @@ pm_status pm_tensor_write(struct ggml_tensor * t, size_t offset, size_t size, co
         return PM_ERR_ARG;
     }
     if (pm_is_host(t)) {
-        memcpy((char *) t->data + offset, src, size);
+        pm_copy_bytes((char *) t->data + offset, src, size);
     } else {
         ggml_backend_tensor_set(t, src, offset, size);
     }
@@ -91,7 +91,7 @@ pm_status pm_tensor_read_strided(const struct ggml_tensor * t, size_t offset, si
     if (pm_is_host(t)) {
         const char * base = (const char *) t->data + offset;
         for (int64_t i = 0; i < n_chunks; ++i) {
-            memcpy(out + (size_t) i * chunk, base + (size_t) i * stride, chunk);
+            pm_copy_bytes(out + (size_t) i * chunk, base + (size_t) i * stride, chunk);
         }
     } else if (stride == chunk) {
         ggml_backend_tensor_get(t, out, offset, chunk * (size_t) n_chunks);
@@ -113,7 +113,7 @@ pm_status pm_tensor_write_strided(struct ggml_tensor * t, size_t offset, size_t 
     if (pm_is_host(t)) {
         char * base = (char *) t->data + offset;
         for (int64_t i = 0; i < n_chunks; ++i) {
-            memcpy(base + (size_t) i * stride, in + (size_t) i * chunk, chunk);
+            pm_copy_bytes(base + (size_t) i * stride, in + (size_t) i * chunk, chunk);
         }
     } else if (stride == chunk) {
         ggml_backend_tensor_set(t, in, offset, chunk * (size_t) n_chunks);
@@ -150,7 +150,7 @@ pm_status pm_tensor_read_ranges(const struct ggml_tensor * t, const uint64_t * o
     const int host = pm_is_host(t);
     for (int64_t i = 0; i < n_ranges; ++i) {
         if (host) {
-            memcpy(out, (const char *) t->data + offsets[i], sizes[i]);
+            pm_copy_bytes(out, (const char *) t->data + offsets[i], sizes[i]);
         } else if (sizes[i] > 0) {
             ggml_backend_tensor_get(t, out, offsets[i], sizes[i]);
         }
@@ -169,7 +169,7 @@ pm_status pm_tensor_write_ranges(struct ggml_tensor * t, const uint64_t * offset
     const int host = pm_is_host(t);
     for (int64_t i = 0; i < n_ranges; ++i) {
         if (host) {
-            memcpy((char *) t->data + offsets[i], in, sizes[i]);
+            pm_copy_bytes((char *) t->data + offsets[i], in, sizes[i]);
         } else if (sizes[i] > 0) {
             ggml_backend_tensor_set(t, in, offsets[i], sizes[i]);
         }

@@ -39,7 +39,7 @@ static void pm_gather_runs(char * w, const char * base, int64_t row, const int64
             PM_PREFETCH(next + 192);
         }
         const int64_t len = (run_ends[i] - run_starts[i]) * row;
-        memcpy(w, base + run_starts[i] * row, (size_t) len);
+        pm_copy_bytes(w, base + run_starts[i] * row, (size_t) len);
         w += len;
     }
 }
@@ -175,7 +175,7 @@ static void pm_scatter_runs(const pm_piece * pc, const int64_t * run_starts, con
             if (from == NULL) {
                 memset(to, 0, (size_t) size);
             } else {
-                memcpy(to, from, (size_t) size);
+                pm_copy_bytes(to, from, (size_t) size);
                 from += size;
             }
         }

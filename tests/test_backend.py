@@ -117,6 +117,44 @@ def test_byte_round_trip(device: str) -> None:
         assert t.read_bytes(9, 5) == bytes([data[9], 1, 2, 3, data[13]])
 
 
+def test_copies_at_every_offset_of_a_page_are_exact() -> None:
+    """pm_tensor_read / pm_tensor_write of host tensors (pm_copy_bytes, the copy of every
+    state run): a long copy whose destination lies under 64 bytes past its source modulo
+    4 KiB goes backward in 64-byte blocks (glibc's memcpy is several times slower there on
+    AMD CPUs). Every size around the 1,024-byte and 64-byte bounds, at destination offsets
+    inside and outside that window, copies exactly the bytes asked and nothing around them."""
+    from pymem._native import ffi, lib
+
+    with TensorStore("cpu", [TensorSpec("t", "i8", (1 << 16,))]) as store:
+        t = store["t"]
+        data = random_bytes(t.nbytes)
+        t.write_bytes(data)
+        tensor_at = int(ffi.cast("uintptr_t", t.ptr.data))
+        pad = 8192
+        for size in (1, 63, 1023, 1024, 1025, 1087, 1088, 4113, 20000):
+            for src_off in (0, 5, 4000):
+                for delta in (0, 1, 17, 63, 64, 100, 4095):
+                    buf = np.zeros(size + 2 * pad, dtype=np.uint8)
+                    base = buf.ctypes.data + pad
+                    # a destination delta bytes past the source, modulo 4 KiB
+                    at = pad + (tensor_at + src_off + delta - base) % 4096
+                    out = buf[at : at + size]
+                    assert lib.pm_tensor_read(t.ptr, src_off, size, ffi.from_buffer(out)) == 0
+                    assert np.array_equal(out, data[src_off : src_off + size]), (size, delta)
+                    assert not buf[:at].any() and not buf[at + size :].any(), (size, delta)
+                    # and back into the tensor from a source delta bytes before it
+                    src = buf.copy()
+                    at = pad + (tensor_at + src_off - delta - base) % 4096
+                    piece = random_bytes(size)
+                    src[at : at + size] = piece
+                    view = src[at : at + size]
+                    assert lib.pm_tensor_write(t.ptr, src_off, size, ffi.from_buffer(view)) == 0
+                    want = data.copy()
+                    want[src_off : src_off + size] = piece
+                    assert t.read_bytes() == want.tobytes(), (size, delta)
+                    t.write_bytes(data)
+
+
 def test_row_round_trip_any_order(device: str) -> None:
     with TensorStore(device, [TensorSpec("t", "q8_0", (64, 100))]) as store:
         t = store["t"]
