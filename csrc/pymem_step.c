@@ -164,19 +164,25 @@ static inline int32_t pm_step_ld32(const int32_t * p) {
 
 // q's run of positions [lo, hi] extends by p (a new run, its predecessor's bounds flushed,
 // when q is another sequence)
-static inline void pm_step_run_add(pm_step_cells * c, int64_t s, int32_t q, int32_t p, int32_t * run_id,
-                                   int64_t * run_min, int64_t * run_max) {
+static inline void pm_step_run_span(pm_step_cells * c, int64_t s, int32_t q, int64_t lo, int64_t hi, int32_t * run_id,
+                                    int64_t * run_min, int64_t * run_max) {
     if (q != *run_id) {
         if (*run_id >= 0) {
             pm_step_bounds(c, s, *run_id, *run_min, *run_max);
         }
         *run_id = q;
-        *run_min = p;
-        *run_max = p;
+        *run_min = lo;
+        *run_max = hi;
     } else {
-        *run_min = p < *run_min ? p : *run_min;
-        *run_max = p > *run_max ? p : *run_max;
+        *run_min = lo < *run_min ? lo : *run_min;
+        *run_max = hi > *run_max ? hi : *run_max;
     }
+}
+
+// (one position)
+static inline void pm_step_run_add(pm_step_cells * c, int64_t s, int32_t q, int32_t p, int32_t * run_id,
+                                   int64_t * run_min, int64_t * run_max) {
+    pm_step_run_span(c, s, q, p, p, run_id, run_min, run_max);
 }
 
 // The words of 16 fixed records (position, 1, id) of one sequence at consecutive
@@ -307,15 +313,7 @@ static int pm_step_fill_checked(pm_step_cells * c, int64_t s, const int32_t * wo
                     for (int j = 0; j < 16; j++) {
                         bits[i + j] = bit;
                     }
-                    if (q == run_id) {
-                        run_min = p0 < run_min ? p0 : run_min;
-                        run_max = p0 + 15 > run_max ? p0 + 15 : run_max;
-                    } else {
-                        if (run_id >= 0) {
-                            pm_step_bounds(c, s, run_id, run_min, run_max);
-                        }
-                        run_id = q, run_min = p0, run_max = p0 + 15;
-                    }
+                    pm_step_run_span(c, s, q, p0, p0 + 15, &run_id, &run_min, &run_max);
                     i += 16;
                     continue;
                 }
@@ -342,15 +340,7 @@ static int pm_step_fill_checked(pm_step_cells * c, int64_t s, const int32_t * wo
                         own[i + j] = q;
                         bits[i + j] = bit;
                     }
-                    if (q == run_id) {
-                        run_min = lo < run_min ? lo : run_min;
-                        run_max = hi > run_max ? hi : run_max;
-                    } else {
-                        if (run_id >= 0) {
-                            pm_step_bounds(c, s, run_id, run_min, run_max);
-                        }
-                        run_id = q, run_min = lo, run_max = hi;
-                    }
+                    pm_step_run_span(c, s, q, lo, hi, &run_id, &run_min, &run_max);
                     i += 16;
                     continue;
                 }
@@ -641,15 +631,7 @@ static int pm_step_fill_var(pm_step_cells * c, int64_t s, const int32_t * words,
                         cell_bits[j * n_words + (a >> 6)] = bit_a;
                     }
                 }
-                if (a == run_id) {
-                    run_min = p0 < run_min ? p0 : run_min;
-                    run_max = p0 + 15 > run_max ? p0 + 15 : run_max;
-                } else {
-                    if (run_id >= 0) {
-                        pm_step_bounds(c, s, run_id, run_min, run_max);
-                    }
-                    run_id = a, run_min = p0, run_max = p0 + 15;
-                }
+                pm_step_run_span(c, s, a, p0, p0 + 15, &run_id, &run_min, &run_max);
             } else {
                 const uint64_t bit_b = (uint64_t) 1 << (b & 63);
                 for (int j = 0; j < 16; j++) {
