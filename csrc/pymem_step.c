@@ -162,8 +162,8 @@ static inline int32_t pm_step_ld32(const int32_t * p) {
     return v;
 }
 
-// q's run of positions [lo, hi] extends by p (a new run, its predecessor's bounds flushed,
-// when q is another sequence)
+// q's run of positions [*run_min, *run_max] extends by [lo, hi] (a new run, its
+// predecessor's bounds flushed, when q is another sequence)
 static inline void pm_step_run_span(pm_step_cells * c, int64_t s, int32_t q, int64_t lo, int64_t hi, int32_t * run_id,
                                     int64_t * run_min, int64_t * run_max) {
     if (q != *run_id) {
