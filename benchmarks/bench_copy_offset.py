@@ -14,7 +14,10 @@ a page: sequence 0's ``state_write_buffer`` into a buffer starting there, its
 ``state_read`` from a copy of the blob starting there, and numpy's copy of the blob's
 bytes into that buffer (the same memcpy, for comparison). It prints the median over the
 offsets and the worst offset's time, per call (a ratio near 1: the call does not care
-where the buffer lies).
+where the buffer lies). Then ``Tensor.copy_rows`` of single rows a row apart, with rows
+whose size puts the destination 0, 16, 64 or 128 bytes past the source modulo 4 KiB
+(``pm_move_bytes``: the copy of rows and of tensor-to-tensor runs, such as a
+checkpoint's restore).
 
 Run: python benchmarks/bench_copy_offset.py [--quick] (--quick: every 64th offset, no
 JSON; a full run writes results/bench_copy_offset.json)
@@ -69,6 +72,24 @@ def offsets_of(mem: Any, step: int, repeats: int) -> dict[str, list[float]]:
     return times
 
 
+def row_copies(repeats: int) -> list[dict[str, Any]]:
+    """``Tensor.copy_rows`` of 128 single rows, each to the next row of one tensor, with
+    rows of 16,384 + ``extra`` bytes: the copy's destination lies ``extra`` bytes past its
+    source modulo 4 KiB (16: inside the slow window)."""
+    from pymem.backend import TensorSpec, TensorStore
+
+    rows = []
+    for extra in (0, 16, 64, 128):
+        row = 16384 + extra
+        with TensorStore("cpu", [TensorSpec("a", "i8", (row, 256))]) as store:
+            a = store["a"]
+            a.write_bytes(np.ones(a.nbytes, np.uint8))
+            src, dst = list(range(0, 256, 2)), list(range(1, 256, 2))
+            us = _median_us(lambda a=a, src=src, dst=dst: a.copy_rows(src, a, dst), repeats)
+            rows.append(dict(row_bytes=row, offset=row % 4096, us=us))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="every 64th offset, no JSON")
@@ -93,8 +114,14 @@ def main() -> None:
         [[r["v_trans"], r["call"], f"{r['median_us']:.1f}", f"{r['worst_us']:.1f}",
           r["worst_offset"], f"{r['worst_vs_median']:.2f}"] for r in rows],
     )  # fmt: skip
-    finish_run("bench_copy_offset", args.quick, load_before, rows=rows, tokens=args.tokens,
-               step=step, repeats=repeats)  # fmt: skip
+    copies = row_copies(3 * repeats)
+    print_table(
+        "Tensor.copy_rows of 128 single rows a row on (median µs)",
+        ["row bytes", "offset mod 4 KiB", "µs"],
+        [[r["row_bytes"], r["offset"], f"{r['us']:.1f}"] for r in copies],
+    )
+    finish_run("bench_copy_offset", args.quick, load_before, rows=rows, row_copies=copies,
+               tokens=args.tokens, step=step, repeats=repeats)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ pm_status pm_tensor_copy_runs(const struct ggml_tensor * src, size_t src_offset,
             }
             const size_t at = rep + (size_t) starts[i];
             if (src_host && dst_host) {
-                memmove((char *) dst->data + at, src_base + done, n);
+                pm_move_bytes((char *) dst->data + at, src_base + done, n);
             } else if (src_host) {
                 ggml_backend_tensor_set(dst, src_base + done, at, n);
             } else if (dst_host) {

@@ -277,8 +277,8 @@ pm_status pm_rows_copy(const struct ggml_tensor * src, const int64_t * src_rows,
     if (pm_is_host(src) && pm_is_host(dst)) {
         for (int64_t i = 0; i < n_rows;) {
             const int64_t run = pm_pair_run_length(src_rows, dst_rows, i, n_rows);
-            memmove((char *) dst->data + (size_t) dst_rows[i] * row,
-                    (const char *) src->data + (size_t) src_rows[i] * row, (size_t) run * row);
+            pm_move_bytes((char *) dst->data + (size_t) dst_rows[i] * row,
+                          (const char *) src->data + (size_t) src_rows[i] * row, (size_t) run * row);
             i += run;
         }
         return PM_OK;

@@ -72,6 +72,18 @@ static inline void pm_copy_bytes(void * dst, const void * src, size_t n) {
     memcpy(dst, src, n);
 }
 
+// memmove of n bytes: pm_copy_bytes where the two ranges do not overlap (a row copy
+// between cells a row apart, say, with rows of 16,400 bytes: 8x slower through memmove at
+// their 16-byte offset), memmove where they do
+static inline void pm_move_bytes(void * dst, const void * src, size_t n) {
+    const uintptr_t d = (uintptr_t) dst, s = (uintptr_t) src;
+    if (d + n <= s || s + n <= d) {
+        pm_copy_bytes(dst, src, n);
+    } else {
+        memmove(dst, src, n);
+    }
+}
+
 // The index of the lowest set bit of b (b != 0): a shared cell's bitset is walked by its
 // set bits, one per sequence that holds it
 static inline int pm_ctz64(uint64_t b) {

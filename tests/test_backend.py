@@ -155,6 +155,39 @@ def test_copies_at_every_offset_of_a_page_are_exact() -> None:
                     t.write_bytes(data)
 
 
+def test_row_and_run_copies_at_aliased_offsets_are_exact() -> None:
+    """Row copies (copy_rows) and tensor-to-tensor runs (copy_runs_from) whose
+    destination lies 16 bytes past the source modulo 4 KiB take pm_copy_bytes' backward
+    loop where the ranges are apart and memmove where they overlap: rows of 16,400 bytes
+    copied a row on (single rows, apart) and as one overlapping run of two rows, and a
+    run between two tensors at that offset, all equal numpy's result."""
+    row = 16384 + 16
+    with TensorStore(
+        "cpu", [TensorSpec("a", "i8", (row, 12)), TensorSpec("b", "i8", (row, 12))]
+    ) as store:
+        a, b = store["a"], store["b"]
+        data = random_bytes(a.nbytes).reshape(12, row)
+        a.write_bytes(data)
+        want = data.copy()
+        a.copy_rows([0, 2, 4], a, [1, 3, 5])  # each row to the next: apart, 16 bytes on
+        want[[1, 3, 5]] = want[[0, 2, 4]]
+        assert np.array_equal(a.read_rows(range(12)), want)
+        a.copy_rows([6, 7], a, [7, 8])  # one run overlapping itself, each way
+        want[[7, 8]] = want[[6, 7]]
+        a.copy_rows([10, 11], a, [9, 10])
+        want[[9, 10]] = want[[10, 11]]
+        assert np.array_equal(a.read_rows(range(12)), want)
+        b.write_bytes(np.zeros(b.nbytes, np.uint8))
+        # b's bytes from 16 + k * 4096 on: 16 bytes past a's source modulo 4 KiB, when the
+        # two buffers are a page apart (the run's own offset makes the delta either way)
+        b.copy_runs_from(a, 100, 116, 1, 0, [0, 5000], [3000, 20000])
+        got = np.frombuffer(b.read_bytes(), np.uint8)
+        flat = want.reshape(-1)
+        assert np.array_equal(got[116:3116], flat[100:3100])
+        assert np.array_equal(got[5116:25116], flat[3100:23100])
+        assert not got[:116].any() and not got[3116:5116].any() and not got[25116:].any()
+
+
 def test_row_round_trip_any_order(device: str) -> None:
     with TensorStore(device, [TensorSpec("t", "q8_0", (64, 100))]) as store:
         t = store["t"]
