@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="every 64th offset, no JSON")
     ap.add_argument("--tokens", type=int, default=2048, help="tokens per sequence")
     args = ap.parse_args()
+    if args.tokens < bvl.STATE_CHUNK or args.tokens % bvl.STATE_CHUNK:
+        ap.error(f"--tokens {args.tokens}: must be a positive multiple of {bvl.STATE_CHUNK}")
     step, repeats = (64, 9) if args.quick else (16, 15)
     load_before = os.getloadavg()
     rows: list[dict[str, Any]] = []

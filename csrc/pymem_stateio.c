@@ -1,10 +1,6 @@
 #include "pymem_stateio.h"
 #include "pymem_step.h"
 
-#if defined(__SSE2__) || defined(_M_X64)
-#include <emmintrin.h>
-#endif
-
 #include <stdlib.h>
 #include <string.h>
 

@@ -732,9 +732,6 @@ static int pm_step_fill_var(pm_step_cells * c, int64_t s, const int32_t * words,
     return ok;
 }
 
-// Stream s's records into cells [0, n) (checked already: pm_step_fill_checked's check
-// passes, or pm_kv_records_var's for variable ones), the cells [n, bound) emptied, and
-// the bounds from the records
 // whether a cell of stream s may have a nonzero shift (else they all are 0 already)
 static inline int pm_step_may_shift(const pm_step_cells * c, int64_t s) {
     return c->has_shift == NULL || c->has_shift[s];
@@ -772,6 +769,9 @@ static int64_t pm_step_fill_prepare(pm_step_cells * c, int64_t s, int64_t n, int
     return bound;
 }
 
+// Stream s's records into cells [0, n) (checked already: pm_step_fill_checked's check
+// passes, or pm_kv_records_var's for variable ones), the cells [n, bound) emptied, and
+// the bounds from the records
 static void pm_step_fill(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t rec,
                          int32_t n_seq_max, int var, int64_t span) {
     const int64_t bound = pm_step_fill_prepare(c, s, n, !var && c->n_words == 1);

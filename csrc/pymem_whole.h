@@ -59,9 +59,10 @@ typedef struct pm_whole_part {
     int64_t taken;                    // out: the part's bytes
     int64_t n_cells;                  // out: a recurrent part's cell count
     int32_t same;                     // out: a KV part's cells already were the blob's
-    int32_t deferred;                 // out: a whole read's first part, a KV part whose cells
-                                      //   were all empty: its records checked by its refill
-                                      //   alone (pm_kv_read_whole_blob mode 3)
+    int32_t deferred;                 // in/out (pm_whole_read sets it before the checks): a
+                                      //   whole read's first part, a KV part whose cells were
+                                      //   all empty; kept when its check (pm_kv_read_whole_blob
+                                      //   mode 3) leaves its records to its refill alone
 } pm_whole_part;
 
 // A whole restore of n_parts parts from blob (avail bytes; each part's section follows

@@ -78,8 +78,8 @@ class RecurrentCells:
         arrays: Sequence[np.ndarray], scalars: Sequence[int], steady: _Steady | None
     ) -> RecurrentCells:
         """Cells holding copies of ``arrays`` (pos, src, src0, tail, rs_idx, n_last) and
-        ``scalars`` (head, used, n, rs_z): a copy, or the cells a native restore left in
-        its scratch."""
+        ``scalars`` (head, used, n, rs_z): :meth:`copy`'s (a native one-sequence restore
+        copies its scratch into the live cells' arrays instead)."""
         c = RecurrentCells.__new__(RecurrentCells)
         c.pos, c.src, c.src0, c.tail, c.rs_idx, c.n_last = (a.copy() for a in arrays)
         c.size = c.pos.size
