@@ -834,6 +834,30 @@ static void pm_step_empty_all(pm_step_cells * c) {
     }
 }
 
+pm_status pm_step_kv_clear(pm_step_cells * c, int64_t * heads) {
+    if (c == NULL || c->pos == NULL || c->owner == NULL || c->seq == NULL || c->used == NULL ||
+        c->used_max_p1 == NULL || c->used_max_dirty == NULL || c->n_multi == NULL || c->pmin == NULL ||
+        c->pmax == NULL || c->pdirty == NULL || c->shift == NULL || c->n_words < 1 || c->n_words > 4 ||
+        c->n_stream < 0 || c->size < 0) {
+        return PM_ERR_ARG;
+    }
+    for (int64_t s = 0; s < c->n_stream; s++) {
+        const int64_t bound = c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size;
+        pm_step_empty_range(c, s, 0, bound);  // (shifts only where one may be pending)
+        pm_step_reset_bounds(c, s);
+        c->used[s] = 0;
+        c->used_max_p1[s] = 0;
+        c->used_max_dirty[s] = 0;
+        if (c->has_shift != NULL) {
+            c->has_shift[s] = 0;
+        }
+        if (heads != NULL) {
+            heads[s] = 0;
+        }
+    }
+    return PM_OK;
+}
+
 pm_status pm_step_kv_refill_trusted(pm_step_cells * c, const int32_t * const * words, const int64_t * counts,
                                     const int64_t * spans, int64_t rec, int32_t n_seq_max) {
     if (c == NULL || words == NULL || counts == NULL || spans == NULL || rec < 3 || n_seq_max < 1 ||

@@ -34,7 +34,7 @@ typedef struct pm_step_cells {
     int64_t * pmin;         // [n_stream * 256]
     int64_t * pmax;         // [n_stream * 256]
     uint8_t * pdirty;       // [n_stream * 256]: bit 2 = pmax may be stale
-    const uint8_t * has_shift;  // [n_stream] bool: a shift may be pending; when 0, every
+    uint8_t * has_shift;        // [n_stream] bool: a shift may be pending; when 0, every
                                 // shift of the stream is 0 (NULL: any may be nonzero)
 } pm_step_cells;
 
@@ -84,6 +84,14 @@ pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_bl
 // puts the bounds back (PM_ERR_ALLOC, nothing changed, when their copy cannot be made).
 pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, const int64_t * counts,
                             const int64_t * spans, int64_t rec, int32_t n_seq_max, int32_t * placed);
+
+// KVCache.clear's cells in one call: every stream emptied as StackedCells.reset leaves it
+// (positions -1, owners -1, bitsets and shifts 0, bounds clean and empty, used,
+// used_max_p1, n_multi 0, has_shift 0; only cells below used_max_p1 are written: the rest
+// are empty already) and, unless heads is NULL, heads[s] = 0. A clear costs one call, not
+// a refill with no records plus the numpy writes around it (each several microseconds once
+// a decode step has evicted the caches). PM_ERR_ARG for a null pointer.
+pm_status pm_step_kv_clear(pm_step_cells * c, int64_t * heads);
 
 // A whole blob's n variable meta records at words (int32 words at any alignment, span of
 // them readable): each is fixed words (position, n_seq_id, fixed - 2 ext words), then its
@@ -284,7 +292,7 @@ pm_status pm_kv_read_seq_placed(const pm_kv_seq_blob * b, pm_step_cells * c, int
 // pm_step_kv_refill of every stream's records, fixed or variable, then the heads to 0), every stream's bytes
 // stored (mode 1) and every row past each stream's cells zeroed (every channel of a
 // transposed V, as the reference's clear(true) leaves them; on pm_set_copy_threads'
-// threads), what WholeBlobPlan.commit does in several calls. The caller resets has_shift.
+// threads), what WholeBlobPlan.commit does in several calls; has_shift then 0 in c.
 // No ext (b->n_ext 0). *done = 0 with nothing changed where the refill declines a record
 // (the blob changed since the parse) or a tensor fails the checks of the bytes' store or
 // the zeroing (not in host memory; checked before the refill); *done = 1 when all of it

@@ -331,29 +331,71 @@ def test_sized_whole_writer_equals_the_numpy_writer(monkeypatch, name: str) -> N
 
 @pytest.mark.parametrize("name", NAMES)
 def test_native_clear_equals_reset(monkeypatch, name: str) -> None:
-    """``clear`` empties every stream with one native refill of no cells: the cache it
-    leaves (cells, counters, bounds, heads; with ``data`` the bytes) is the one
-    ``StackedCells.reset`` leaves, and it restores as before."""
-    refills: list[bool] = []
-    real = KVCache._refill
+    """``clear`` empties every stream, its pending shifts and its head with one native
+    call (``pm_step_kv_clear``): the cache it leaves (cells, counters, bounds, heads,
+    n_multi, used_max_p1; with ``data`` the bytes) is the one ``StackedCells.reset``
+    leaves, with shared cells, pending shifts and bitsets of one or two words, and it
+    restores as before."""
+    cleared: list[bool] = []
+    real = KVCache._clear_native
 
-    def counted(self, records):
-        done = real(self, records)
-        refills.append(done)
+    def counted(self):
+        done = real(self)
+        cleared.append(done)
         return done
 
-    monkeypatch.setattr(KVCache, "_refill", counted)
-    for seed in range(4):
+    monkeypatch.setattr(KVCache, "_clear_native", counted)
+    wide = "streams" not in name  # (70 sequences: 70 streams otherwise)
+    for seed in range(6):
         for data in (False, True):
-            native, ref = _scenario(name, seed), _scenario(name, seed)
-            refills.clear()
+            n_seq = 70 if wide and seed >= 4 else 3  # ids past 63: two-word bitsets
+            n_cells = 512 if n_seq == 70 else 64
+            native, ref = (_scenario(name, seed, n_cells, n_seq) for _ in range(2))
+            for kv in (native, ref):
+                if seed % 2:
+                    kv.seq_cp(0, n_seq - 1)  # shared cells (a copy across streams)
+                if seed % 3 == 0 and kv.n_pos_per_embd == 1:
+                    kv.seq_add(1, 0, -1, 2)  # a pending shift
+            assert native.cells.n_words == (2 if n_seq == 70 else 1)
+            used_before = [int(c.used) for c in native.v_cells]
+            cleared.clear()
             native.clear(data)
-            assert refills == [True]  # the one native refill emptied it
+            assert cleared == [True]  # the one native call emptied it
             with monkeypatch.context() as m:
                 m.setattr(state_io, "NATIVE_PLACE", False)
                 ref.clear(data)
+            assert cleared == [True, False]  # (the reference's reset)
             assert _state(native) == _state(ref), (seed, data)
+            st = native.cells
+            assert st.n_multi.tolist() == [0] * native.n_stream
+            assert st.used_max_p1.tolist() == [0] * native.n_stream
+            assert not st.has_shift.any() and not st.shift.any() and not st.seq.any()
+            assert list(native.v_heads) == [0] * native.n_stream
+            assert any(used_before), seed
             check_invariants(native)
+            blob = bytes(ref.state_write())
+            native.state_read(blob)
+            assert bytes(native.state_write()) == blob
+
+
+def test_native_clear_refuses_bad_views() -> None:
+    """``pm_step_kv_clear`` names a view it cannot clear (null pointers, bitsets of no or
+    five words) with PM_ERR_ARG and writes nothing."""
+    kv = make_kv(16, 2)
+    decode(kv, [[1, 0, [0], False], [2, 1, [0], False]], n_ubatch=2)
+    c = kv.cells.native()
+    before = _state(kv)
+    assert lib.pm_step_kv_clear(ffi.NULL, ffi.NULL) == lib.PM_ERR_ARG
+    for n_words in (0, 5):
+        saved, c.n_words = c.n_words, n_words
+        assert lib.pm_step_kv_clear(c, ffi.NULL) == lib.PM_ERR_ARG
+        c.n_words = saved
+    saved, c.pos = c.pos, ffi.NULL
+    assert lib.pm_step_kv_clear(c, ffi.NULL) == lib.PM_ERR_ARG
+    c.pos = saved
+    assert _state(kv) == before
+    assert lib.pm_step_kv_clear(c, ffi.NULL) == lib.PM_OK  # (heads NULL: left as they are)
+    assert int(kv.cells.used[0]) == 0 and kv.v_heads[0] != 0
 
 
 def test_a_record_at_position_minus_one_never_matches_an_empty_cell() -> None:

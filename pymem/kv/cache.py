@@ -415,7 +415,6 @@ class KVCache(Memory):
         self._blob: state_io.SeqBlob | Literal[False] | None = False  # False: not built yet
         self._hooks: state_io.KVStateHooks | None = None  # a restore's cache operations
         self._step_cells: Any = None  # pm_step_cells * over self.cells, built on first use
-        self._clear_args: tuple | None = None  # _refill's arguments for a clear (no record)
         self._no_update: KVCacheContext | None = None  # init_update's answer with nothing to do
         # (slot, version, top) of the last native placement: get_n_kv's bound, while valid
         self._placed_top: tuple[SlotInfo, int, int] | None = None
@@ -523,8 +522,8 @@ class KVCache(Memory):
         self.check_open()
         if data:
             self.check_devices()
-        # every stream emptied by one native call (a refill with no cells) where it may
-        if not self._refill(None):
+        # every stream, its shifts and its head emptied by one native call where it may
+        if not self._clear_native():
             self.cells.reset()
             self.v_heads[:] = 0
         if data:
@@ -1716,50 +1715,54 @@ class KVCache(Memory):
             self._memo = step_memo
         return sinfo
 
-    def _refill(self, records: Sequence[state_io.StreamRecords | None] | None) -> bool:
+    def _clear_native(self) -> bool:
+        """``clear``'s cells, pending shifts and heads emptied in one native call
+        (``pm_step_kv_clear``; ``StackedCells.reset`` is the reference it is tested
+        against): a clear after a decode step pays one call, not the several numpy writes
+        of the reset, each microseconds once the step has evicted the caches. False,
+        nothing changed, under an undo journal or with ``state_io.NATIVE_PLACE`` off."""
+        if not state_io.NATIVE_PLACE or self.cells.journaling:
+            return False
+        c, heads, _, _ = self._native_cells()
+        check(lib.pm_step_kv_clear(c, heads), "pm_step_kv_clear")
+        if self.cells.ext is not None:
+            self.cells.ext[:] = EXT_DEFAULT
+        return True
+
+    def _refill(self, records: Sequence[state_io.StreamRecords | None]) -> bool:
         """A whole restore's ``clear(False)`` and the placement of every stream's meta
-        records (None for a stream without cells; ``records`` None: no stream has any, a
-        ``clear``) into its cells ``[0, n)`` in one native call (``pm_step_kv_refill``;
-        ``clear`` + ``set_new`` are the reference it is tested against). Variable records
-        (cells of several sequences) are taken without ext only. False, nothing changed,
-        under an undo journal (a plan being simulated) or with ``state_io.NATIVE_PLACE``
-        off; StateError, nothing changed, for a record that is not a valid one (the blob
-        changed after the parse that found it so)."""
+        records (None for a stream without cells) into its cells ``[0, n)`` in one native
+        call (``pm_step_kv_refill``; ``clear`` + ``set_new`` are the reference it is tested
+        against). Variable records (cells of several sequences) are taken without ext
+        only. False, nothing changed, under an undo journal (a plan being simulated) or
+        with ``state_io.NATIVE_PLACE`` off; StateError, nothing changed, for a record that
+        is not a valid one (the blob changed after the parse that found it so)."""
         if not state_io.NATIVE_PLACE or self.cells.journaling:
             return False
         c, _, _, placed = self._native_cells()
         spans_c = ffi.NULL  # fixed records only
-        if records is None:  # a clear: no record, the arguments built once
-            if self._clear_args is None:
-                self._clear_args = (
-                    ffi.new("int32_t *[]", self.n_stream),  # NULL each
-                    ffi.new("int64_t[]", self.n_stream),  # 0 each
-                )
-            words, counts_c = self._clear_args
-        else:
-            counts = np.array([0 if r is None else r.n for r in records], dtype=np.int64)
-            words = ffi.new(
-                "int32_t *[]",
-                [ffi.NULL if r is None else ffi.from_buffer("int32_t[]", r.words) for r in records],
-            )
-            counts_c = ffi.from_buffer("int64_t[]", counts)
-            if self.cells.ext is None:  # (ext is copied below from fixed records only)
-                spans = np.array([0 if r is None else r.words.size for r in records], np.int64)
-                spans_c = ffi.from_buffer("int64_t[]", spans)
+        counts = np.array([0 if r is None else r.n for r in records], dtype=np.int64)
+        words = ffi.new(
+            "int32_t *[]",
+            [ffi.NULL if r is None else ffi.from_buffer("int32_t[]", r.words) for r in records],
+        )
+        counts_c = ffi.from_buffer("int64_t[]", counts)
+        if self.cells.ext is None:  # (ext is copied below from fixed records only)
+            spans = np.array([0 if r is None else r.words.size for r in records], np.int64)
+            spans_c = ffi.from_buffer("int64_t[]", spans)
         rec = self.layout.record_words
         status = lib.pm_step_kv_refill(
             c, words, counts_c, spans_c, rec, self.layout.n_seq_max, placed
         )
         if status != lib.PM_OK:
-            n = 0 if records is None else sum(0 if r is None else r.n for r in records)
-            check(status, f"pm_step_kv_refill ({n} cells)")
-        if not placed[0]:  # (a clear passes no record: it is never declined)
+            check(status, f"pm_step_kv_refill ({int(counts.sum())} cells)")
+        if not placed[0]:
             raise StateError(BLOB_CHANGED)
         st = self.cells
         st.has_shift[:] = False
         if st.ext is not None:
             st.ext[:] = EXT_DEFAULT
-            for strm, r in enumerate(records or ()):
+            for strm, r in enumerate(records):
                 if r is not None:
                     st.ext[strm, : r.n] = r.words[: r.n * rec].reshape(r.n, rec)[:, 2:5]
         self.v_heads[:] = 0

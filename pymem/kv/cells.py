@@ -404,7 +404,7 @@ class StackedCells:
                 ffi.from_buffer("int64_t[]", self.pmin_f, require_writable=True),
                 ffi.from_buffer("int64_t[]", self.pmax_f, require_writable=True),
                 ffi.from_buffer("uint8_t[]", self.pdirty_f, require_writable=True),
-                ffi.from_buffer("uint8_t[]", self.has_shift.view(np.uint8)),
+                ffi.from_buffer("uint8_t[]", self.has_shift.view(np.uint8), require_writable=True),
             ]
             c.n_stream, c.size, c.n_words = self.n_stream, self.size, self.n_words
             (c.pos, c.shift, c.seq, c.owner, c.used, c.used_max_p1, c.used_max_dirty, c.n_multi,
