@@ -1869,6 +1869,9 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
     if (st == PM_OK && placed) {
         for (int64_t s = 0; s < n_stream; ++s) {
             b->heads[s] = 0;
+            if (c->has_shift != NULL) {
+                c->has_shift[s] = 0;  // (every shift is 0: refilled, or the same cells had none)
+            }
         }
         int64_t consumed = 0;
         int32_t same_again = 0, stored = 0;

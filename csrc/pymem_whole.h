@@ -73,7 +73,8 @@ typedef struct pm_whole_part {
 // road then reads it, or names what is wrong). PM_ERR_RANGE when a store fails after an
 // earlier one ran (the blob changed while it was restored); PM_ERR_ARG for a null pointer
 // or a part that is neither kind. The caller completes what Python keeps: a KV part's
-// has_shift and version, a recurrent part's cells (from rs_pos / rs_tail, n_cells).
+// version (its has_shift is 0 here), a recurrent part's cells (from rs_pos / rs_tail,
+// n_cells).
 pm_status pm_whole_read(pm_whole_part * parts, int64_t n_parts, const void * blob, int64_t avail,
                         int64_t * consumed, int32_t * done);
 

@@ -259,6 +259,49 @@ def test_a_one_call_read_commits_the_recurrent_cells_in_place(monkeypatch, seed:
     ref.close()
 
 
+@pytest.mark.parametrize("seed", [0, 1])  # unified, and streams with rollback planes
+def test_a_whole_one_call_read_commits_in_place_and_clears_pending_shifts(
+    monkeypatch, seed: int
+) -> None:
+    """The one-call whole read commits the recurrent cells into the memory's own cells
+    object (same object and arrays, version bumped) and leaves the attention part with no
+    pending shift (``has_shift`` reset by the native commit): every field the two-phase
+    read's, for a blob of fewer cells than the memory holds (the cells past it emptied),
+    read over a memory with a pending shift and rollback planes in use."""
+    donor = _memory("hybrid", seed + 2)
+    donor.seq_rm(1, -1, -1)  # fewer recurrent cells than the memories below hold
+    blob = bytes(donor.state_write())
+    fast, ref = _memory("hybrid", seed), _memory("hybrid", seed)
+    for mem in (fast, ref):
+        # a pending rollback (with planes: rs_idx set) and a pending K-shift
+        assert mem.seq_rm(2, mem.seq_pos_max(2), -1) == bool(seed)
+        assert mem.mem_recr.cells.rs_idx.any() == bool(seed)
+        mem.seq_add(0, 0, -1, 3)
+        assert mem.mem_attn.cells.has_shift.any()
+    recr = fast.mem_recr
+    cells, arrays = recr.cells, [recr.cells.tail, recr.cells.pos, recr.cells.src]
+    assert cells.used > donor.mem_recr.cells.used
+    version = recr._version
+    assert fast._native_read(blob, -1, 0) == len(blob)
+    with monkeypatch.context() as m:  # the two-phase read
+        m.setattr(CompositeMemory, "_native_read", lambda self, data, seq_id, flags: None)
+        assert ref.state_read(blob) == len(blob)
+    assert recr.cells is cells and all(
+        a is b for a, b in zip(arrays, [cells.tail, cells.pos, cells.src])
+    )
+    assert recr._version > version and cells.steady is None
+    ref_cells = ref.mem_recr.cells
+    for name in ("pos", "src", "src0", "tail", "rs_idx", "n_last"):
+        assert np.array_equal(getattr(cells, name), getattr(ref_cells, name)), name
+    for name in ("head", "used", "n", "rs_z"):
+        assert getattr(cells, name) == getattr(ref_cells, name), name
+    assert not fast.mem_attn.cells.has_shift.any()
+    assert _snapshot(fast) == _snapshot(ref)
+    assert bytes(fast.state_write()) == blob
+    for mem in (fast, ref, donor):
+        mem.close()
+
+
 def test_a_read_into_the_same_cells_marks_the_cache_changed() -> None:
     """The attention part's same-cells store (no cell moves, the bytes do) bumps the
     cache's version as the two-phase commit does."""

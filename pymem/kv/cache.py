@@ -1617,9 +1617,8 @@ class KVCache(Memory):
         return check
 
     def _whole_committed(self) -> None:
-        """What Python keeps after a whole restore committed in one native call (no cell
-        has a pending shift; a new version)."""
-        self.cells.has_shift[:] = False
+        """What Python keeps after a whole restore committed in one native call: a new
+        version (the call left no pending shift and ``has_shift`` 0 itself)."""
         self._mutated()
 
     def _native_seq_plan(

@@ -917,6 +917,7 @@ class _RecurrentWholePart:
         self._native = native
         self._pos = np.empty(memory.size, dtype=np.int32)
         self._tail = np.empty(memory.size, dtype=np.int32)
+        self._iota = np.arange(memory.size, dtype=np.int32)
         self._keep: list[object] = []
         self._cells: RecurrentCells | None = None  # whose arrays rs_cell_* point into
         self._cell_ptrs: list[object] = []
@@ -954,7 +955,7 @@ class _RecurrentWholePart:
         if memory._closed:
             return False
         cells = memory.cells
-        if cells is not self._cells:  # (each commit makes a new cells object)
+        if cells is not self._cells:  # (a placement or a two-phase restore makes new cells)
             ptrs = [
                 ffi.from_buffer("int32_t[]", cells.tail), ffi.from_buffer("int32_t[]", cells.pos),
                 ffi.from_buffer("int32_t[]", cells.src), ffi.from_buffer("uint32_t[]", cells.rs_idx),
@@ -967,9 +968,23 @@ class _RecurrentWholePart:
         return True
 
     def commit(self, part: Any) -> None:
+        """The restored cells (``whole_cells`` of the scratch, the reference) written into
+        the memory's own cells object, as :meth:`sequence_read` does: the same object and
+        arrays, version bumped, so the next call's :meth:`ready` keeps its six pointers
+        (new cells cost six arrays, six pointers and their numpy calls: microseconds of
+        a whole read once a decode step has evicted the caches)."""
         memory = self._memory
         k = int(part.n_cells)
-        memory.commit_cells(whole_cells(memory.cells, self._pos[:k], self._tail))
+        cells = memory.cells
+        cells.pos[:k] = self._pos[:k]
+        cells.pos[k:] = -1
+        cells.src[:k] = self._iota[:k]  # each cell its own source
+        cells.src[k:] = -1
+        cells.tail[:] = self._tail
+        cells.rs_idx.fill(0)
+        cells.n_last.fill(0)
+        cells.head, cells.used, cells.steady = 0, k, None  # (src0, n, rs_z kept)
+        memory.commit_cells(cells)
 
     def for_sequence(self, part: Any, seq_id: int) -> None:
         pass
