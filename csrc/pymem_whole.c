@@ -8,6 +8,7 @@ enum {
     PM_PART_KV_FOUND = 2,  // a KV part's parse scratch (a whole read)
     PM_PART_RS_LIVE = 4,   // a recurrent part's live cells (a write; a one-sequence read)
     PM_PART_RS_OUT = 8,    // a recurrent part's out arrays (a whole read)
+    PM_PART_RS_COMMIT = 16,  // the live cells a read's commit writes (both reads)
 };
 
 // whether part p is a KV or a recurrent part with every pointer `needs` names
@@ -19,7 +20,10 @@ static int pm_part_ok(const pm_whole_part * p, int needs) {
     return p->rs_tensors != NULL && p->rs_spec != NULL && p->rs_size > 0 &&
            (!(needs & PM_PART_RS_LIVE) || (p->rs_cell_tail != NULL && p->rs_cell_pos != NULL &&
                                            p->rs_cell_src != NULL && p->rs_cell_rs_idx != NULL)) &&
-           (!(needs & PM_PART_RS_OUT) || (p->rs_pos != NULL && p->rs_tail != NULL));
+           (!(needs & PM_PART_RS_OUT) || (p->rs_pos != NULL && p->rs_tail != NULL)) &&
+           (!(needs & PM_PART_RS_COMMIT) || (p->rs_cell_tail != NULL && p->rs_cell_pos != NULL &&
+                                             p->rs_cell_src != NULL && p->rs_cell_rs_idx != NULL &&
+                                             p->rs_cell_n_last != NULL && p->rs_n_seq_arrays >= 0));
 }
 
 // a part's check at d (avail bytes) for sequence seq_id (-1: the whole part): its bytes
@@ -122,7 +126,21 @@ static int pm_whole_store(pm_whole_part * p, int32_t seq_id, const char * d, int
     if (st != PM_OK || out[1] < 0) {
         return 0;  // (checked before storing: nothing stored)
     }
-    return out[1] == p->taken && out[0] == p->n_cells ? 1 : -1;
+    if (out[1] != p->taken || out[0] != p->n_cells || out[0] < 0 || out[0] > p->rs_size) {
+        return -1;
+    }
+    // the cells found become the live ones (what whole_cells builds in Python)
+    const int64_t size = p->rs_size, k = out[0];
+    memcpy(p->rs_cell_pos, p->rs_pos, (size_t) k * sizeof(int32_t));
+    memset(p->rs_cell_pos + k, 0xff, (size_t) (size - k) * sizeof(int32_t));
+    for (int64_t c = 0; c < k; ++c) {
+        p->rs_cell_src[c] = (int32_t) c;
+    }
+    memset(p->rs_cell_src + k, 0xff, (size_t) (size - k) * sizeof(int32_t));
+    memcpy(p->rs_cell_tail, p->rs_tail, (size_t) size * sizeof(int32_t));
+    memset(p->rs_cell_rs_idx, 0, (size_t) p->rs_n_seq_arrays * sizeof(uint32_t));
+    memset(p->rs_cell_n_last, 0, (size_t) p->rs_n_seq_arrays * sizeof(uint32_t));
+    return 1;
 }
 
 // whether every stream of KV part p holds no cell (a cleared memory's)
@@ -143,8 +161,8 @@ pm_status pm_whole_read(pm_whole_part * parts, int64_t n_parts, const void * blo
         parts[i].deferred = i == 0 && pm_part_ok(&parts[i], PM_PART_KV_READ) && parts[i].kv != NULL &&
                             pm_part_empty(&parts[i]);
     }
-    return pm_parts_read(parts, n_parts, -1, PM_PART_KV_READ | PM_PART_KV_FOUND | PM_PART_RS_OUT, pm_whole_check,
-                         pm_whole_store, blob, avail, consumed, done);
+    return pm_parts_read(parts, n_parts, -1, PM_PART_KV_READ | PM_PART_KV_FOUND | PM_PART_RS_OUT | PM_PART_RS_COMMIT,
+                         pm_whole_check, pm_whole_store, blob, avail, consumed, done);
 }
 
 // the part's bytes (a size query; reuse: the write right after it), or -1: it declines;
@@ -383,7 +401,18 @@ static int pm_seq_store(pm_whole_part * p, int32_t seq_id, const char * d, int64
     int64_t stored = -1;
     const pm_status st = pm_rows_store(p->rs_tensors, p->rs_spec, p->rs_n_tensors, p->rs_cell >= 0 ? 1 : 0,
                                        p->rs_scalars[0], d + rows_at, p->taken - rows_at, 1, &stored);
-    return st == PM_OK && stored == p->taken - rows_at ? 1 : -1;
+    if (st != PM_OK || stored != p->taken - rows_at) {
+        return -1;
+    }
+    // the restored copy becomes the live cells (the check copied them out of there)
+    const int64_t size = p->rs_size, m = p->rs_n_seq_arrays;
+    memcpy(p->rs_cell_pos, p->rs_scr_pos, (size_t) size * sizeof(int32_t));
+    memcpy(p->rs_cell_src, p->rs_scr_src, (size_t) size * sizeof(int32_t));
+    memcpy(p->rs_cell_src0, p->rs_scr_src0, (size_t) size * sizeof(int32_t));
+    memcpy(p->rs_cell_tail, p->rs_scr_tail, (size_t) size * sizeof(int32_t));
+    memcpy(p->rs_cell_rs_idx, p->rs_scr_rs_idx, (size_t) m * sizeof(uint32_t));
+    memcpy(p->rs_cell_n_last, p->rs_scr_n_last, (size_t) m * sizeof(uint32_t));
+    return 1;
 }
 
 pm_status pm_seq_read(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, const void * blob, int64_t avail,
@@ -391,6 +420,6 @@ pm_status pm_seq_read(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, co
     if (seq_id < 0) {
         return PM_ERR_ARG;
     }
-    return pm_parts_read(parts, n_parts, seq_id, PM_PART_KV_READ | PM_PART_RS_LIVE, pm_seq_check, pm_seq_store, blob,
-                         avail, consumed, done);
+    return pm_parts_read(parts, n_parts, seq_id, PM_PART_KV_READ | PM_PART_RS_LIVE | PM_PART_RS_COMMIT, pm_seq_check,
+                         pm_seq_store, blob, avail, consumed, done);
 }

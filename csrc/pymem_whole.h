@@ -30,10 +30,10 @@ typedef struct pm_whole_part {
     int64_t rs_n_tensors;
     int32_t * rs_pos;                 //   out [rs_size]: the cells' positions
     int32_t * rs_tail;                //   out [rs_size]: per sequence its cell
-    const int32_t * rs_cell_tail;     //   a write: the memory's cells (pm_rs_write_whole)
-    const int32_t * rs_cell_pos;
-    const int32_t * rs_cell_src;
-    const uint32_t * rs_cell_rs_idx;
+    int32_t * rs_cell_tail;           //   the memory's live cells: read by a write
+    int32_t * rs_cell_pos;            //   (pm_rs_write_whole), written by a read's commit
+    int32_t * rs_cell_src;
+    uint32_t * rs_cell_rs_idx;
     int64_t rs_n_rs_seq;
     int64_t kv_p_lo;                  // a KV part's one-sequence write: the positions its
     int64_t kv_p_hi;                  //   blob holds (a window's; else INT32_MIN, INT32_MAX)
@@ -45,8 +45,8 @@ typedef struct pm_whole_part {
     int32_t * kv_pos;                 //   scratch [kv_cap] each (a placement's)
     int32_t * kv_idx;
     int64_t kv_cap;
-    const int32_t * rs_cell_src0;     // a recurrent part's one-sequence read: the live cells'
-    const uint32_t * rs_cell_n_last;  //   other arrays, copied into the scratch below
+    int32_t * rs_cell_src0;           // the live cells' other arrays (a one-sequence read
+    uint32_t * rs_cell_n_last;        //   copies them into the scratch below, and back)
     int64_t rs_n_seq_arrays;          //   rs_idx / n_last entries
     int32_t * rs_scr_pos;             //   scratch [rs_size] (the cells after the restore)
     int32_t * rs_scr_src;
@@ -68,13 +68,15 @@ typedef struct pm_whole_part {
 // A whole restore of n_parts parts from blob (avail bytes; each part's section follows
 // the one before): every part checked (pm_kv_read_whole_blob mode 0; pm_rs_read_whole
 // without store), then, when all apply, every part stored (pm_kv_read_whole_commit;
-// pm_rs_read_whole with store). *done = 1 and *consumed = the parts' bytes after the
-// stores; *done = 0 with nothing changed when any check declines (the caller's per-part
-// road then reads it, or names what is wrong). PM_ERR_RANGE when a store fails after an
-// earlier one ran (the blob changed while it was restored); PM_ERR_ARG for a null pointer
-// or a part that is neither kind. The caller completes what Python keeps: a KV part's
-// version (its has_shift is 0 here), a recurrent part's cells (from rs_pos / rs_tail,
-// n_cells).
+// pm_rs_read_whole with store, then the cells it found written into the live ones: the
+// positions rs_pos of cells [0, n_cells) and -1 after, each of those cells its own source
+// and -1 after, the sequences' cells rs_tail, rs_idx and n_last (rs_n_seq_arrays) 0, src0
+// kept). *done = 1 and *consumed = the parts' bytes after the stores; *done = 0 with
+// nothing changed when any check declines (the caller's per-part road then reads it, or
+// names what is wrong). PM_ERR_RANGE when a store fails after an earlier one ran (the blob
+// changed while it was restored); PM_ERR_ARG for a null pointer or a part that is neither
+// kind. The caller completes what Python keeps: a KV part's version (its has_shift is 0
+// here), a recurrent part's head 0, used n_cells and version.
 pm_status pm_whole_read(pm_whole_part * parts, int64_t n_parts, const void * blob, int64_t avail,
                         int64_t * consumed, int32_t * done);
 
@@ -111,9 +113,10 @@ pm_status pm_seq_write(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, v
 // live cells in the rs_scr arrays), then, when all apply, every part stored
 // (pm_kv_read_seq_blob's store into the runs found; the one-call placed read,
 // pm_kv_read_seq_placed, after the seq_rm of a held sequence; the recurrent rows at the
-// copy's head). No KV part may have ext (the caller's Python writes those). *done,
-// *consumed, PM_ERR_RANGE and PM_ERR_ARG as pm_whole_read; the caller then bumps the KV
-// parts' versions and makes each recurrent part's copy its cells (rs_scalars, rs_cell).
+// copy's head, then the copy's six arrays written into the live ones). No KV part may have
+// ext (the caller's Python writes those). *done, *consumed, PM_ERR_RANGE and PM_ERR_ARG as
+// pm_whole_read; the caller then bumps the KV parts' versions and takes each recurrent
+// part's scalars after the restore (rs_scalars, rs_cell).
 pm_status pm_seq_read(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, const void * blob, int64_t avail,
                       int64_t * consumed, int32_t * done);
 

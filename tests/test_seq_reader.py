@@ -238,9 +238,15 @@ def test_a_one_call_read_commits_the_recurrent_cells_in_place(monkeypatch, seed:
     recr = fast.mem_recr
     blobs = [bytes(fast.state_write(s)) for s in range(3)]
     cells, arrays = recr.cells, [recr.cells.tail, recr.cells.pos, recr.cells.n_last]
-    for seq_id in (1, 0, 2, 1):
-        fast.seq_rm(seq_id, -1, -1)
-        ref.seq_rm(seq_id, -1, -1)
+    # read over a pending rollback (with planes: the tail cut, rs_idx set, which the
+    # restore clears), then swapped in (removed first)
+    for seq_id, whole in ((1, False), (2, False), (1, True), (0, True), (2, True), (1, True)):
+        for mem in (fast, ref):
+            if whole:
+                mem.seq_rm(seq_id, -1, -1)
+            else:
+                assert mem.seq_rm(seq_id, mem.seq_pos_max(seq_id), -1) == bool(seed)
+                assert bool(mem.mem_recr.cells.rs_idx[seq_id]) == bool(seed)
         version = recr._version
         assert fast._native_read(blobs[seq_id], seq_id, 0) == len(blobs[seq_id])
         with monkeypatch.context() as m:  # the two-phase read
@@ -536,8 +542,8 @@ def test_the_whole_read_kernel_refuses_bad_arguments() -> None:
 def test_each_one_call_refuses_a_part_without_a_pointer_it_needs() -> None:
     """The three calls share one check of their parts (``pm_part_ok``), each asking for
     what it uses: a KV part's cells (reads), its parse scratch (the whole read), a
-    recurrent part's live cells (writes and the one-sequence read) and out arrays (the
-    whole read). Each pointer taken away from a copy of a real part: PM_ERR_ARG from the
+    recurrent part's live cells (writes read them, reads commit into them) and out arrays
+    (the whole read). Each pointer taken away from a copy of a real part: PM_ERR_ARG from the
     calls that need it, nothing read or written; the others take the part."""
     from pymem._native import ffi, lib
 
@@ -563,8 +569,11 @@ def test_each_one_call_refuses_a_part_without_a_pointer_it_needs() -> None:
     needs = {  # pointer -> the calls that refuse a part without it
         ("kv", "cells"): {"whole read", "seq read"},
         ("kv", "kv_found"): {"whole read"},
-        ("rs", "rs_cell_tail"): {"seq read", "whole write", "seq write"},
-        ("rs", "rs_cell_rs_idx"): {"seq read", "whole write", "seq write"},
+        ("rs", "rs_cell_tail"): {"whole read", "seq read", "whole write", "seq write"},
+        ("rs", "rs_cell_rs_idx"): {"whole read", "seq read", "whole write", "seq write"},
+        ("rs", "rs_cell_pos"): {"whole read", "seq read", "whole write", "seq write"},
+        ("rs", "rs_cell_src"): {"whole read", "seq read", "whole write", "seq write"},
+        ("rs", "rs_cell_n_last"): {"whole read", "seq read"},  # (what a read's commit writes)
         ("rs", "rs_pos"): {"whole read"},
         ("rs", "rs_tail"): {"whole read"},
         ("rs", "rs_tensors"): {"whole read", "seq read", "whole write", "seq write"},

@@ -917,7 +917,6 @@ class _RecurrentWholePart:
         self._native = native
         self._pos = np.empty(memory.size, dtype=np.int32)
         self._tail = np.empty(memory.size, dtype=np.int32)
-        self._iota = np.arange(memory.size, dtype=np.int32)
         self._keep: list[object] = []
         self._cells: RecurrentCells | None = None  # whose arrays rs_cell_* point into
         self._cell_ptrs: list[object] = []
@@ -956,11 +955,13 @@ class _RecurrentWholePart:
             return False
         cells = memory.cells
         if cells is not self._cells:  # (a placement or a two-phase restore makes new cells)
-            ptrs = [
-                ffi.from_buffer("int32_t[]", cells.tail), ffi.from_buffer("int32_t[]", cells.pos),
-                ffi.from_buffer("int32_t[]", cells.src), ffi.from_buffer("uint32_t[]", cells.rs_idx),
-                ffi.from_buffer("int32_t[]", cells.src0),
-                ffi.from_buffer("uint32_t[]", cells.n_last),
+            ptrs = [  # (a read's commit writes them)
+                ffi.from_buffer(kind, a, require_writable=True)
+                for kind, a in (
+                    ("int32_t[]", cells.tail), ("int32_t[]", cells.pos), ("int32_t[]", cells.src),
+                    ("uint32_t[]", cells.rs_idx), ("int32_t[]", cells.src0),
+                    ("uint32_t[]", cells.n_last),
+                )
             ]  # fmt: skip
             (part.rs_cell_tail, part.rs_cell_pos, part.rs_cell_src, part.rs_cell_rs_idx,
              part.rs_cell_src0, part.rs_cell_n_last) = ptrs  # fmt: skip
@@ -968,22 +969,14 @@ class _RecurrentWholePart:
         return True
 
     def commit(self, part: Any) -> None:
-        """The restored cells (``whole_cells`` of the scratch, the reference) written into
-        the memory's own cells object, as :meth:`sequence_read` does: the same object and
-        arrays, version bumped, so the next call's :meth:`ready` keeps its six pointers
-        (new cells cost six arrays, six pointers and their numpy calls: microseconds of
-        a whole read once a decode step has evicted the caches)."""
+        """The native read wrote the restored cells (``whole_cells`` of the scratch is the
+        reference) into the memory's own arrays: the same object, its scalars set here and
+        its version bumped, so the next call's :meth:`ready` keeps its six pointers (new
+        cells cost six arrays, six pointers and their numpy calls: microseconds of a whole
+        read once a decode step has evicted the caches)."""
         memory = self._memory
-        k = int(part.n_cells)
         cells = memory.cells
-        cells.pos[:k] = self._pos[:k]
-        cells.pos[k:] = -1
-        cells.src[:k] = self._iota[:k]  # each cell its own source
-        cells.src[k:] = -1
-        cells.tail[:] = self._tail
-        cells.rs_idx.fill(0)
-        cells.n_last.fill(0)
-        cells.head, cells.used, cells.steady = 0, k, None  # (src0, n, rs_z kept)
+        cells.head, cells.used, cells.steady = 0, int(part.n_cells), None  # (n, rs_z kept)
         memory.commit_cells(cells)
 
     def for_sequence(self, part: Any, seq_id: int) -> None:
@@ -995,23 +988,15 @@ class _RecurrentWholePart:
         return True
 
     def sequence_read(self, part: Any) -> None:
-        """The copy the native restore left in the scratch becomes the memory's cells:
-        copied into the cells' own arrays (the same object, its version bumped, as a
-        sequence op leaves it), so the next call's :meth:`ready` keeps its pointers. A new
-        cells object would cost its six arrays and six new pointers, about 3 µs of a
-        one-sequence read."""
+        """The native restore copied its restored copy into the memory's own cells (the
+        same object and arrays, as a sequence op leaves them): its scalars set here, its
+        version bumped, so the next call's :meth:`ready` keeps its pointers."""
         memory = self._memory
         cells = memory.cells
         if part.rs_cell >= 0:
             cells.steady = None
-        pos, src, src0, tail, rs_idx, n_last = self._scratch
-        cells.pos[:] = pos
-        cells.src[:] = src
-        cells.src0[:] = src0
-        cells.tail[:] = tail
-        cells.rs_idx[:] = rs_idx
-        cells.n_last[:] = n_last
-        cells.head, cells.used, cells.n, cells.rs_z = (int(v) for v in part.rs_scalars)
+        s = part.rs_scalars
+        cells.head, cells.used, cells.n, cells.rs_z = int(s[0]), int(s[1]), int(s[2]), int(s[3])
         memory.commit_cells(cells)
 
     def written(self) -> None:
