@@ -1919,3 +1919,38 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
     *done = 1;
     return PM_OK;
 }
+
+pm_status pm_step_kv_seq_rm(pm_step_cells * c, int64_t * heads, int64_t strm, int32_t seq_id, int64_t p0,
+                            int64_t p1, int64_t * n_freed, int64_t * first_freed, int32_t * done) {
+    if (c == NULL || n_freed == NULL || first_freed == NULL || done == NULL || p0 < 0) {
+        return PM_ERR_ARG;
+    }
+    if (strm < 0 || strm >= c->n_stream || seq_id < 0 || seq_id >= PM_STEP_MAX_SEQ) {
+        return PM_ERR_RANGE;
+    }
+    const int64_t key = strm * PM_STEP_MAX_SEQ + seq_id;
+    int32_t whole = 0;
+    if (p1 > p0 && c->pdirty[key] == 0) {
+        const int64_t lo = c->pmin[key], hi = c->pmax[key];
+        if (hi < p0 || lo >= p1) {
+            p1 = p0;  // clean bounds outside the range (a sequence without cells too)
+        } else {
+            whole = p0 <= lo && hi < p1;
+        }
+    }
+    if (p1 <= p0) {
+        if (pm_step_ids(c) == 0) {
+            return PM_ERR_ARG;  // (as pm_step_kv_rm_seq refuses such a view)
+        }
+        *n_freed = 0;
+        *first_freed = -1;
+        *done = 1;
+        return PM_OK;
+    }
+    const int64_t n_scan = c->used_max_p1[strm] < c->size ? c->used_max_p1[strm] : c->size;
+    const pm_status st = pm_step_kv_rm_seq(c, strm, seq_id, p0, p1, whole, n_scan, n_freed, first_freed, done);
+    if (st == PM_OK && *done && heads != NULL && *first_freed >= 0 && *first_freed < heads[strm]) {
+        heads[strm] = *first_freed;
+    }
+    return st;
+}

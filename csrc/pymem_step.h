@@ -248,6 +248,18 @@ pm_status pm_kv_seq_cells_range(const int32_t * pos, const int32_t * owner, int6
 pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int64_t p0, int64_t p1, int32_t whole,
                             int64_t n_scan, int64_t * n_freed, int64_t * first_freed, int32_t * done);
 
+// KVCache.seq_rm of one sequence (seq_id in [0, 256), p0 >= 0) in one call: what the
+// sequence's cached bounds say decides first, as KVCells.range_cover does (p1 <= p0, or
+// clean bounds outside [p0, p1): nothing to remove; clean bounds inside it: the whole
+// sequence), then pm_step_kv_rm_seq of the stream's cells below used_max_p1, and, unless
+// heads is NULL, heads[strm] moves back to the first emptied cell when that is before it.
+// *n_freed, *first_freed (-1: none) and *done as pm_step_kv_rm_seq's (*done = 1 when
+// nothing was to be removed). The Python it replaces read five numpy scalars (several
+// microseconds once a decode step has evicted the caches). Errors and the caller's duties
+// (no ext, no undo journal) as pm_step_kv_rm_seq's.
+pm_status pm_step_kv_seq_rm(pm_step_cells * c, int64_t * heads, int64_t strm, int32_t seq_id, int64_t p0,
+                            int64_t p1, int64_t * n_freed, int64_t * first_freed, int32_t * done);
+
 // Whether sequence q holds a cell of stream s together with another sequence (a shared
 // cell: owner -2 with q's bit set), which a restore into the cells q holds cannot keep. 0
 // at once when s holds no shared cell (n_multi 0), q is outside the bitsets or holds no

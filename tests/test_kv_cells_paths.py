@@ -407,9 +407,9 @@ def test_native_seq_rm_equals_reference(
     real = cache_mod.KVCache._seq_rm_native
 
     def counted(self, *a):
-        first = real(self, *a)
-        taken.append(first is not None)
-        return first
+        done = real(self, *a)
+        taken.append(done)
+        return done
 
     monkeypatch.setattr(cache_mod.KVCache, "_seq_rm_native", counted)
     for step in range(40):
@@ -432,6 +432,42 @@ def test_native_seq_rm_equals_reference(
         check_invariants(fast)
         check_invariants(ref)
     assert any(taken)
+
+
+def test_native_seq_rm_refuses_bad_arguments_and_leaves_the_cells() -> None:
+    """``pm_step_kv_seq_rm`` names what it cannot take (null pointers, p0 < 0: PM_ERR_ARG;
+    a stream or an id outside the stack: PM_ERR_RANGE) and changes nothing; a range its
+    clean bounds miss removes nothing, without a scan, and keeps the heads (NULL heads:
+    no head moves)."""
+    kv = make_kv(16, 2)
+    decode(kv, [[1, p, [0], False] for p in range(4)], n_ubatch=4)
+    c = kv.cells.native()
+    out, done = ffi.new("int64_t[2]"), ffi.new("int32_t *")
+    snap = [x.copy() for x in (kv.cells.pos, kv.cells.owner, kv.cells.seq, kv.cells.pmin)]
+    heads = ffi.from_buffer("int64_t[]", kv.v_heads.a, require_writable=True)
+    bad = [
+        (ffi.NULL, heads, 0, 0, 0, 9, out, out + 1, done, lib.PM_ERR_ARG),
+        (c, heads, 0, 0, -1, 9, out, out + 1, done, lib.PM_ERR_ARG),
+        (c, heads, 0, 0, 0, 9, ffi.NULL, out + 1, done, lib.PM_ERR_ARG),
+        (c, heads, 0, 0, 0, 9, out, out + 1, ffi.NULL, lib.PM_ERR_ARG),
+        (c, heads, 1, 0, 0, 9, out, out + 1, done, lib.PM_ERR_RANGE),
+        (c, heads, -1, 0, 0, 9, out, out + 1, done, lib.PM_ERR_RANGE),
+        (c, heads, 0, 256, 0, 9, out, out + 1, done, lib.PM_ERR_RANGE),
+        (c, heads, 0, -1, 0, 9, out, out + 1, done, lib.PM_ERR_RANGE),
+    ]
+    for *args, want in bad:
+        assert lib.pm_step_kv_seq_rm(*args) == want, args
+    for a, b in zip(snap, (kv.cells.pos, kv.cells.owner, kv.cells.seq, kv.cells.pmin)):
+        assert np.array_equal(a, b)
+    head = int(kv.v_heads.a[0])
+    assert lib.pm_step_kv_seq_rm(c, heads, 0, 0, 10, 20, out, out + 1, done) == lib.PM_OK
+    assert done[0] == 1 and out[0] == 0 and out[1] == -1  # clean bounds [0, 3] missed
+    assert lib.pm_step_kv_seq_rm(c, ffi.NULL, 0, 0, 1, 3, out, out + 1, done) == lib.PM_OK
+    assert (done[0], out[0], out[1]) == (1, 2, 1) and int(kv.v_heads.a[0]) == head
+    assert lib.pm_step_kv_seq_rm(c, heads, 0, 0, 0, 1, out, out + 1, done) == lib.PM_OK
+    assert (out[0], out[1]) == (1, 0) and int(kv.v_heads.a[0]) == 0  # back to cell 0
+    assert kv.v_cells[0].pos.tolist()[:4] == [-1, -1, -1, 3]
+    check_invariants(kv)
 
 
 def test_new_rows_of_says_distinct_exactly_when_no_key_repeats() -> None:

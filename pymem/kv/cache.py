@@ -88,7 +88,6 @@ from pymem.kv.cells import (
     CellViews,
     KVCells,
     NewRows,
-    RangeCover,
     StackedCells,
 )
 from pymem.kv.inputs import build_k_idxs, build_kq_mask, build_v_idxs
@@ -384,6 +383,8 @@ class KVCache(Memory):
             len(self.seq_to_stream)
         )
         self._seq_key: list[int] = keys.tolist()
+        self._stream_of: list[int] = self.seq_to_stream.tolist()  # (plain ints)
+        self._rm_out = ffi.new("int64_t[2]")  # seq_rm's native outputs (freed, first)
         # ids the checks' fast path takes without naming anything: all of them while open,
         # none once closed (so that path needs no closed test of its own)
         self._n_fast_ids = len(self._seq_key)
@@ -542,14 +543,10 @@ class KVCache(Memory):
         p0, p1 = clamp_range(p0, p1)
         self._mutated()
         if seq_id >= 0:
-            strm = int(self.seq_to_stream[seq_id])
-            cells = self.v_cells[strm]
-            first = self._seq_rm_native(cells, strm, seq_id, p0, p1) if USE_NATIVE_RM else None
-            if first is not None:
-                heads = self.v_heads.a
-                if 0 <= first < heads[strm]:
-                    heads[strm] = first
+            strm = self._stream_of[seq_id]
+            if USE_NATIVE_RM and self._seq_rm_native(strm, seq_id, p0, p1):
                 return True
+            cells = self.v_cells[strm]
             idx, whole = cells.seq_cells_in_all(seq_id, p0, p1)  # whole: no cells left after
             freed = cells.seq_rm_bit(idx, seq_id, whole)
             heads = self.v_heads.a  # the array itself: one scalar read, no wrapper call
@@ -561,31 +558,19 @@ class KVCache(Memory):
         self._heads_back_to(gid)
         return True
 
-    def _seq_rm_native(
-        self, cells: KVCells, strm: int, seq_id: int, p0: int, p1: int
-    ) -> int | None:
-        """``seq_rm`` of one sequence in one native pass (pm_step_kv_rm_seq): the same
-        cells and bookkeeping as ``seq_cells_in_all`` + ``seq_rm_bit``, which stay the
-        reference (cells ``seq_id`` shares with other sequences lose its bit and keep their
-        position). Returns the first emptied cell (-1: none), or None where the kernel does
-        not apply (cells with ext, an undo journal)."""
-        if cells.ext is not None or self.cells.journaling:
-            return None
-        cover = cells.range_cover(seq_id, p0, p1)
-        if cover == RangeCover.NONE:
-            return -1
-        whole = cover == RangeCover.WHOLE
-        c = self._native_cells()[0]
-        out = ffi.new("int64_t[2]")
-        done = ffi.new("int32_t *")
-        check(
-            lib.pm_step_kv_rm_seq(
-                c, strm, seq_id, p0, p1, int(whole), int(self.cells.used_max_p1[strm]),
-                out, out + 1, done,
-            ),
-            "seq_rm",
-        )  # fmt: skip
-        return int(out[1]) if done[0] else None
+    def _seq_rm_native(self, strm: int, seq_id: int, p0: int, p1: int) -> bool:
+        """``seq_rm`` of one sequence in one native call (``pm_step_kv_seq_rm``: the
+        cached bounds' verdict, the removal in one pass, the head's move back): the same
+        cells and bookkeeping as ``range_cover`` + ``seq_cells_in_all`` + ``seq_rm_bit``,
+        which stay the reference (cells ``seq_id`` shares with other sequences lose its bit
+        and keep their position). False where the kernel does not apply (cells with ext,
+        an undo journal)."""
+        if self.cells.ext is not None or self.cells.journaling:
+            return False
+        c, heads, _, done = self._native_cells()
+        out = self._rm_out
+        check(lib.pm_step_kv_seq_rm(c, heads, strm, seq_id, p0, p1, out, out + 1, done), "seq_rm")
+        return bool(done[0])
 
     def _heads_back_to(self, gid: np.ndarray) -> None:
         """Move each stream's head back to its first cell among ``gid`` (freed cells by
