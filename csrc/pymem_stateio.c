@@ -749,6 +749,39 @@ static void pm_meta_seq_run(const int32_t * pos, int64_t c0, int64_t c1, int32_t
     }
 }
 
+// The records (position, 1, owner) of cells [c0, c1) from w on (any alignment): a whole
+// stream's usual records, each cell's id its owner. With SSE2, four cells' positions P and
+// owners O make the three vectors [p0 1 o0 p1] [1 o1 p2 1] [o2 p3 1 o3] from their two
+// interleavings; the scalar loop stored a word at a time
+static void pm_meta_owner_run(const int32_t * pos, const int32_t * owner, int64_t c0, int64_t c1, int32_t * w) {
+    int64_t c = c0;
+#if defined(__SSE2__) || defined(_M_X64)
+    const __m128i keep0 = _mm_setr_epi32(-1, 0, -1, -1), one0 = _mm_setr_epi32(0, 1, 0, 0);
+    const __m128i lane1 = _mm_setr_epi32(0, -1, 0, 0), lane2 = _mm_setr_epi32(0, 0, -1, 0);
+    const __m128i one1 = _mm_setr_epi32(1, 0, 0, 1);
+    const __m128i keep2 = _mm_setr_epi32(-1, -1, 0, -1), one2 = _mm_setr_epi32(0, 0, 1, 0);
+    for (; c + 4 <= c1; c += 4, w += 12) {
+        const __m128i p = _mm_loadu_si128((const __m128i *) (const void *) (pos + c));
+        const __m128i o = _mm_loadu_si128((const __m128i *) (const void *) (owner + c));
+        const __m128i lo = _mm_unpacklo_epi32(p, o);  // p0 o0 p1 o1
+        const __m128i hi = _mm_unpackhi_epi32(p, o);  // p2 o2 p3 o3
+        const __m128i v0 = _mm_or_si128(_mm_and_si128(_mm_shuffle_epi32(lo, _MM_SHUFFLE(2, 1, 0, 0)), keep0), one0);
+        const __m128i v1 = _mm_or_si128(_mm_or_si128(_mm_and_si128(_mm_shuffle_epi32(lo, _MM_SHUFFLE(3, 3, 3, 3)), lane1),
+                                                     _mm_and_si128(_mm_shuffle_epi32(hi, _MM_SHUFFLE(0, 0, 0, 0)), lane2)),
+                                        one1);
+        const __m128i v2 = _mm_or_si128(_mm_and_si128(_mm_shuffle_epi32(hi, _MM_SHUFFLE(3, 2, 2, 1)), keep2), one2);
+        _mm_storeu_si128((__m128i *) (void *) w, v0);
+        _mm_storeu_si128((__m128i *) (void *) (w + 4), v1);
+        _mm_storeu_si128((__m128i *) (void *) (w + 8), v2);
+    }
+#endif
+    for (; c < c1; ++c, w += 3) {
+        pm_st32(w, pos[c]);
+        pm_st32(w + 1, 1);
+        pm_st32(w + 2, owner[c]);
+    }
+}
+
 pm_status pm_kv_meta_words(const int32_t * pos, const int32_t * owner, const int32_t * ext, int64_t n_ext,
                            const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs, int32_t seq_id,
                            int32_t with_id, int32_t * out, int64_t cap_words) {
@@ -768,9 +801,13 @@ pm_status pm_kv_meta_words(const int32_t * pos, const int32_t * owner, const int
         return PM_ERR_RANGE;
     }
     int32_t * w = out;
-    if (n_ext == 0 && with_id && seq_id >= 0) {
+    if (n_ext == 0 && with_id) {
         for (int64_t i = 0; i < n_runs; ++i) {
-            pm_meta_seq_run(pos, run_starts[i], run_ends[i], seq_id, w);
+            if (seq_id >= 0) {
+                pm_meta_seq_run(pos, run_starts[i], run_ends[i], seq_id, w);
+            } else {
+                pm_meta_owner_run(pos, owner, run_starts[i], run_ends[i], w);
+            }
             w += 3 * (run_ends[i] - run_starts[i]);
         }
         return PM_OK;
@@ -848,22 +885,33 @@ static int64_t pm_kv_n_pieces(const int64_t * spec) {
     return n;
 }
 
-// the ids a whole-cache record of cell c lists (those below n_seq_max): its owner's, or a
-// shared cell's (owner -2) from its bitset (bits: the stream's, n_words a cell)
 // Whether any of the PM_ID_BLOCK cells from c has an owner outside [0, n_seq_max) (shared,
-// -2, or a sequence past n_seq_max): without one, each of their records lists one id, its
-// owner. Branch-free: the compiler vectorises it (a forked blob's cells are mostly blocks
-// of one-id cells between the shared ones)
+// -2, or a sequence past n_seq_max; n_seq_max >= 1): without one, each of their records
+// lists one id, its owner. An owner q is outside exactly when q or n_seq_max - 1 - q has
+// its sign bit set: one OR a word, four words a step with SSE2 (every x86-64). GCC left
+// the two compares it replaced as a scalar min / max chain once inlined into the forked
+// whole writer's loops (38% of that write).
 #define PM_ID_BLOCK 16
 static inline int pm_block_odd(const int32_t * owner, int64_t c, int32_t n_seq_max) {
-    int32_t odd = 0;
-    for (int j = 0; j < PM_ID_BLOCK; ++j) {
-        odd |= (owner[c + j] < 0) | (owner[c + j] >= n_seq_max);
+#if defined(__SSE2__) || defined(_M_X64)
+    const __m128i last = _mm_set1_epi32(n_seq_max - 1);
+    __m128i acc = _mm_setzero_si128();
+    for (int j = 0; j < PM_ID_BLOCK; j += 4) {
+        const __m128i q = _mm_loadu_si128((const __m128i *) (owner + c + j));
+        acc = _mm_or_si128(acc, _mm_or_si128(q, _mm_sub_epi32(last, q)));
     }
-    return odd != 0;
+    return _mm_movemask_ps(_mm_castsi128_ps(acc)) != 0;
+#else
+    uint32_t odd = 0;
+    const uint32_t last = (uint32_t) n_seq_max - 1u;
+    for (int j = 0; j < PM_ID_BLOCK; ++j) {
+        const uint32_t q = (uint32_t) owner[c + j];
+        odd |= q | (last - q);
+    }
+    return (odd >> 31) != 0;
+#endif
 }
 
-// The set bits of b (SWAR: no popcount instruction assumed)
 static inline int64_t pm_bits_set(uint64_t b) {
     b = b - ((b >> 1) & 0x5555555555555555ULL);
     b = (b & 0x3333333333333333ULL) + ((b >> 2) & 0x3333333333333333ULL);
@@ -871,6 +919,8 @@ static inline int64_t pm_bits_set(uint64_t b) {
     return (int64_t) ((b * 0x0101010101010101ULL) >> 56);
 }
 
+// the ids a whole-cache record of cell c lists (those below n_seq_max): its owner's, or a
+// shared cell's (owner -2) from its bitset (bits: the stream's, n_words a cell)
 static inline int64_t pm_record_n_ids(const int32_t * owner, int64_t c, const uint64_t * bits, int64_t n_words,
                                       int32_t n_seq_max) {
     const int32_t q = owner[c];
@@ -956,11 +1006,8 @@ static void pm_kv_meta_words_var(const int32_t * pos, const int32_t * owner, con
             if (n_ext == 0 && c % PM_ID_BLOCK == 0 && c + PM_ID_BLOCK <= run_ends[i] &&
                 !pm_block_odd(owner, c, n_seq_max)) {
                 // a block of one-id cells: fixed records [pos, 1, owner]
-                for (int64_t j = c; j < c + PM_ID_BLOCK; ++j, w += 3) {
-                    pm_st32(w, pos[j]);
-                    pm_st32(w + 1, 1);
-                    pm_st32(w + 2, owner[j]);
-                }
+                pm_meta_owner_run(pos, owner, c, c + PM_ID_BLOCK, w);
+                w += 3 * PM_ID_BLOCK;
                 c += PM_ID_BLOCK - 1;
                 continue;
             }
@@ -973,7 +1020,17 @@ static void pm_kv_meta_words_var(const int32_t * pos, const int32_t * owner, con
                 const int32_t k = pm_set_ids(bits + c, 1, n_seq_max, w + 2);
                 pm_st32(w + 1, k);
                 w += 2 + k;
-                for (int64_t j = c + 1; j < c + PM_ID_BLOCK; ++j, w += 2 + k) {
+                if (k == 2) {  // (a sequence and its fork: two stores, not a memcpy call)
+                    int32_t ab[2];
+                    memcpy(ab, first + 2, sizeof ab);
+                    for (int64_t j = c + 1; j < c + PM_ID_BLOCK; ++j, w += 4) {
+                        pm_st32(w, pos[j]);
+                        pm_st32(w + 1, 2);
+                        pm_st32(w + 2, ab[0]);
+                        pm_st32(w + 3, ab[1]);
+                    }
+                }
+                for (int64_t j = c + 1; k != 2 && j < c + PM_ID_BLOCK; ++j, w += 2 + k) {
                     pm_st32(w, pos[j]);
                     pm_st32(w + 1, k);
                     memcpy(w + 2, first + 2, (size_t) k * sizeof(int32_t));
