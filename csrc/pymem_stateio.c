@@ -952,13 +952,29 @@ static inline int32_t pm_set_ids(const uint64_t * b, int64_t n_words, int32_t n_
 }
 
 // Whether the PM_ID_BLOCK cells from c are all shared (owner -2) with the bitset of cell
-// c (one-word bitsets): a fork's cells, whose records list the same ids
+// c (one-word bitsets): a fork's cells, whose records list the same ids. With SSE2, four
+// owners and two bitsets a step (64-bit equality as both 32-bit halves equal: SSE2 has no
+// 64-bit compare); GCC left the scalar loop unvectorised in the writer's loops
 static inline int pm_block_one_set(const int32_t * owner, const uint64_t * bits, int64_t c) {
+#if defined(__SSE2__) || defined(_M_X64)
+    const __m128i shared = _mm_set1_epi32(-2);
+    const __m128i first = _mm_set1_epi64x((long long) bits[c]);
+    __m128i same = _mm_set1_epi32(-1);
+    for (int j = 0; j < PM_ID_BLOCK; j += 4) {
+        const __m128i o = _mm_loadu_si128((const __m128i *) (const void *) (owner + c + j));
+        const __m128i b0 = _mm_loadu_si128((const __m128i *) (const void *) (bits + c + j));
+        const __m128i b1 = _mm_loadu_si128((const __m128i *) (const void *) (bits + c + j + 2));
+        same = _mm_and_si128(same, _mm_cmpeq_epi32(o, shared));
+        same = _mm_and_si128(same, _mm_and_si128(_mm_cmpeq_epi32(b0, first), _mm_cmpeq_epi32(b1, first)));
+    }
+    return _mm_movemask_epi8(same) == 0xFFFF;
+#else
     int32_t other = 0;
     for (int j = 0; j < PM_ID_BLOCK; ++j) {
         other |= (owner[c + j] != -2) | (bits[c + j] != bits[c]);
     }
     return other == 0;
+#endif
 }
 
 pm_status pm_kv_record_ids(const int32_t * owner, int64_t size, const uint64_t * bits, int64_t n_words,

@@ -356,6 +356,30 @@ def test_whole_writer_takes_cells_of_ids_past_n_seq_max(monkeypatch, past: int) 
     assert bytes(kv.state_write()) == want
 
 
+@pytest.mark.parametrize("run", [1, 2, 3, 8, 12])
+def test_whole_writer_tells_shared_cells_of_two_sets_apart(monkeypatch, run: int) -> None:
+    """Every cell shared, by two sets of sequences ({0, 2} and {1, 3}) alternating in runs
+    of ``run`` cells: a block of sixteen is one set only when all its cells are
+    (``pm_block_one_set``, which compares four owners and two bitsets a step): the native
+    whole writer gives the numpy writer's bytes."""
+    from state_files import check_seq_writer
+
+    kv = make_kv(96, 4)
+    at = [0, 0]
+    for k in range(64 // run):
+        q = k % 2
+        assert decode(kv, [[1, at[q] + i, [q], False] for i in range(run)], n_ubatch=run).code == 0
+        at[q] += run
+    kv.seq_cp(0, 2)
+    kv.seq_cp(1, 3)
+    assert (kv.v_cells[0].owner[: 64 // run * run] == -2).all()
+    with monkeypatch.context() as m:
+        m.setattr(state_io, "NATIVE_RUNS", False)
+        want = bytes(kv.state_write())
+    assert check_seq_writer(kv, -1)
+    assert bytes(kv.state_write()) == want
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_native_clear_equals_reset(monkeypatch, name: str) -> None:
     """``clear`` empties every stream, its pending shifts and its head with one native
