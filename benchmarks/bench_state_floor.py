@@ -62,7 +62,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_vs_llama_cpp as bvl
-from _util import evict, finish_run, print_table, threads_label
+from _util import copy_target, evict, finish_run, print_table, threads_label
 
 import pymem.kv.state_io as sio
 from pymem.batch import Batch, BatchAllocator
@@ -137,7 +137,7 @@ def bench(mem: Any, model: str, fa: bool, repeats: int) -> list[dict[str, Any]]:
     for what, seq_id in (("one sequence", 0), ("whole cache", -1)):
         blob = bytes(mem.state_write(seq_id))
         src = np.frombuffer(blob, np.uint8)
-        dst = np.empty_like(src)
+        dst = copy_target(src)
         fns: dict[str, Any] = {
             "numpy_copy": lambda src=src, dst=dst: np.copyto(dst, src),
             "read": lambda blob=blob, seq_id=seq_id: mem.state_read(blob, seq_id),
@@ -243,7 +243,7 @@ def bench_composite(mem: Any, model: str, fa: bool, repeats: int) -> list[dict[s
         blob = bytes(mem.state_write(seq_id))
         out = bytearray(len(blob))
         src = np.frombuffer(blob, np.uint8)
-        dst = np.empty_like(src)
+        dst = copy_target(src)
         copies = []
         for _ in range(repeats):
             mem.state_read(blob, seq_id)
@@ -345,7 +345,7 @@ def _cold_rows(mem: Any, model: str, repeats: int) -> list[dict[str, Any]]:
         blob = bytes(mem.state_write(seq_id))
         out = bytearray(len(blob))
         src = np.frombuffer(blob, np.uint8)
-        dst = np.empty_like(src)
+        dst = copy_target(src)
 
         def setup(prep: str | None = prep, blob: bytes = blob, seq_id: int = seq_id) -> None:
             mem.state_read(blob, seq_id)  # the state the blob holds

@@ -70,7 +70,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_vs_llama_cpp as bvl
 import llama_cpp.llama_cpp as lc
-from _util import cold_each, finish_run, print_table, threads_label
+from _util import cold_each, copy_target, finish_run, print_table, threads_label
 from bench_vs_llama_cpp import (
     MODELS,
     STATE_N_CTX,
@@ -253,7 +253,7 @@ def bench_pair(pair: Pair, model: str, repeats: int) -> list[dict[str, Any]]:
 
         ref_get()
         src = np.frombuffer(blob, np.uint8)
-        dst = np.empty_like(src)
+        dst = copy_target(src)
         gather, scatter = numpy_bounds(mem, seq_id)
         devnull = open(os.devnull, "wb")  # noqa: SIM115 (closed below)
         out = bytearray(n_mem)

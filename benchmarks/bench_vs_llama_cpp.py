@@ -67,6 +67,7 @@ import dataclasses
 import gc
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -80,7 +81,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_cpp
 import llama_cpp.llama_cpp as lc
-from _util import RESULTS, print_table, write_results
+from _util import RESULTS, copy_target, print_table, write_results
 
 from pymem import state_threads
 from pymem.batch import Batch, BatchAllocator
@@ -580,11 +581,19 @@ def tensors_of(mem: Memory) -> list[Any]:
 
 
 def interleaved(fns: dict[str, Any], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, called in turn (order rotated each round)."""
+    """Median seconds of each function, called in turn, in a new order each round (a
+    seeded shuffle). Rotating one order kept every function after the same one: the numpy
+    copy always ran right after pymem's read of the same blob (its source warm), pymem's
+    read right after llama.cpp's (which evicts the caches), pymem's write into a buffer
+    right after its bytes write; a shuffle gives each function the same mix of
+    predecessors, so the ratios compare calls in like cache states."""
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
+    rng = random.Random(1234)
+    for _ in range(repeats):
+        order = names[:]
+        rng.shuffle(order)
+        for n in order:
             t0 = time.perf_counter()
             fns[n]()
             times[n].append(time.perf_counter() - t0)
@@ -684,10 +693,11 @@ def bench_state(pair: Pair, repeats: int) -> list[dict[str, Any]]:
                 mem.state_read(blob, seq_id)
 
         src = np.frombuffer(blob, np.uint8)
-        dst = np.empty_like(src)
+        dst = copy_target(src)
         copies = [(src, dst)]
         if prep == "another":
-            copies.append((np.frombuffer(other, np.uint8), np.empty(len(other), np.uint8)))
+            other_src = np.frombuffer(other, np.uint8)
+            copies.append((other_src, copy_target(other_src)))
         n_copy = [0]
 
         def numpy_copy(copies: list[Any] = copies, n_copy: list[int] = n_copy) -> None:
@@ -852,6 +862,9 @@ def bench_filled(
     models = LlamaModels()
     n_tokens = 2048 if quick else STATE_TOKENS
     repeats = 5 if quick else 15
+    # state rows: 45 rounds (a median of 15 moved rows by up to 0.2 of a copy between two
+    # runs of the same code on this shared machine; the rounds cost seconds, the fills most)
+    state_repeats = 5 if quick else 45
     state_rows: list[dict[str, Any]] = []
     op_rows: list[dict[str, Any]] = []
     try:
@@ -864,7 +877,7 @@ def bench_filled(
             print(f"  filled {name} fa {int(fa)}: {time.perf_counter() - t0:.1f} s", flush=True)
             try:
                 if only in (None, "state"):
-                    state_rows += [dict(model=name, **r) for r in bench_state(pair, repeats)]
+                    state_rows += [dict(model=name, **r) for r in bench_state(pair, state_repeats)]
                 if only in (None, "ops") and not fa:
                     op_rows += bench_ops(pair, 3 * repeats, n_tokens, name)
             finally:
