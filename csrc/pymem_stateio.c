@@ -1268,6 +1268,10 @@ static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int
     int64_t count = 0, runs = 0;
     int prev = 0;  // whether the cell before is selected
     const int32_t * sel_of = seq_id < 0 ? pos : owner;  // the word that selects a cell
+    // (seq_id < 0) a used cell whose owner is outside [0, n_seq_max) sets the sign bit:
+    // ~pos has it for pos >= 0, owner | (n_seq_max - 1 - owner) for an owner outside
+    uint32_t odd_bits = 0;
+    const uint32_t last = (uint32_t) n_seq_max - 1u;
     for (int64_t c0 = 0; c0 < size; c0 += PM_SELECT_BLOCK) {
         const int64_t c1 = c0 + PM_SELECT_BLOCK < size ? c0 + PM_SELECT_BLOCK : size;
         int32_t hits = 0;
@@ -1276,9 +1280,11 @@ static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int
             // 2 KiB ahead are asked for now (a cold stream's scan is latency-bound otherwise)
             PM_PREFETCH(sel_of + c0 + 512);
             PM_PREFETCH(sel_of + c0 + 528);
-            if (seq_id < 0) {
+            if (seq_id < 0) {  // (with the odd cells' test: one pass, not two)
                 for (int j = 0; j < PM_SELECT_BLOCK; ++j) {
                     hits += sel_of[c0 + j] >= 0;
+                    const uint32_t q = (uint32_t) owner[c0 + j];
+                    odd_bits |= ~(uint32_t) pos[c0 + j] & (q | (last - q));
                 }
             } else if (bits == NULL) {
                 for (int j = 0; j < PM_SELECT_BLOCK; ++j) {
@@ -1308,6 +1314,10 @@ static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int
             continue;
         } else {
             hits = (int32_t) pm_stateio_hits(pos, owner, c0, c1, seq_id);
+            for (int64_t c = c0; seq_id < 0 && c < c1; ++c) {  // (the last, partial block)
+                const uint32_t q = (uint32_t) owner[c];
+                odd_bits |= ~(uint32_t) pos[c] & (q | (last - q));
+            }
         }
         count += hits;
         // a block of cells all like the one before it (runs are long) holds no run edge
@@ -1324,15 +1334,9 @@ static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int
     if (prev) {
         run_ends[runs++] = size;
     }
-    int32_t odd = 0;
-    if (seq_id < 0) {
-        for (int64_t c = 0; c < size; ++c) {
-            odd |= (pos[c] >= 0) & ((uint32_t) owner[c] >= (uint32_t) n_seq_max);
-        }
-    }
     *n = count;
     *n_runs = runs;
-    *shared |= odd;
+    *shared |= seq_id < 0 && (odd_bits >> 31) != 0;
     return PM_OK;
 }
 
