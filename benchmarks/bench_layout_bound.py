@@ -44,7 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_state_floor as bsf
 import bench_vs_llama_cpp as bvl
-from _util import finish_run, print_table
+from _util import copy_target, finish_run, print_table
 
 from pymem.kv import KVCache
 
@@ -147,7 +147,7 @@ def _least(
         return statistics.median(times[i] for i in range(n))
 
     blob = np.ones(blob_bytes, np.uint8)
-    copy = run(0, np.zeros(blob_bytes, np.uint8), blob, None)
+    copy = run(0, copy_target(blob), blob, None)
     total = 0.0
     for p in pieces:
         written = np.zeros(max(p.bytes, 1), np.uint8)
@@ -158,7 +158,8 @@ def _least(
             total += run(2 if kind == "read" else 3, none, written, p)
     rest = blob_bytes - sum(p.bytes for p in pieces)
     if rest > 0:  # the recurrent rows and the headers: one copy
-        total += run(0, np.zeros(rest, np.uint8), np.ones(rest, np.uint8), None)
+        rest_src = np.ones(rest, np.uint8)
+        total += run(0, copy_target(rest_src), rest_src, None)
     return copy, total
 
 
@@ -168,7 +169,7 @@ def _pymem_ratio(mem: Any, seq_id: int, kind: str, repeats: int) -> float:
     blob = bytes(mem.state_write(seq_id))
     out = bytearray(len(blob))
     src = np.frombuffer(blob, np.uint8)
-    dst = np.empty_like(src)
+    dst = copy_target(src)
 
     def setup() -> None:
         mem.state_read(blob, seq_id)
