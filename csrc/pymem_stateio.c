@@ -1072,11 +1072,30 @@ static void pm_kv_meta_words_var(const int32_t * pos, const int32_t * owner, con
     }
 }
 
+// pm_kv_write_section with, for bits, the ids the records list when the caller counted
+// them already (its selection: pm_kv_select_in's ids); known_ids < 0: counted here
+static pm_status pm_kv_write_section_in(const int32_t * pos, const int32_t * owner, const int32_t * ext,
+                                        int64_t n_ext, int64_t size, int32_t seq_id, int32_t with_id,
+                                        const int64_t * spec, struct ggml_tensor * const * tensors, int64_t n,
+                                        int64_t n_runs, const int64_t * run_starts, const int64_t * run_ends,
+                                        const uint64_t * bits, int64_t n_words, int32_t n_seq_max, int64_t known_ids,
+                                        void * out, int64_t cap, int64_t * written);
+
 pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const int32_t * ext, int64_t n_ext,
                               int64_t size, int32_t seq_id, int32_t with_id, const int64_t * spec,
                               struct ggml_tensor * const * tensors, int64_t n, int64_t n_runs,
                               const int64_t * run_starts, const int64_t * run_ends, const uint64_t * bits,
                               int64_t n_words, int32_t n_seq_max, void * out, int64_t cap, int64_t * written) {
+    return pm_kv_write_section_in(pos, owner, ext, n_ext, size, seq_id, with_id, spec, tensors, n, n_runs, run_starts,
+                                  run_ends, bits, n_words, n_seq_max, -1, out, cap, written);
+}
+
+static pm_status pm_kv_write_section_in(const int32_t * pos, const int32_t * owner, const int32_t * ext,
+                                        int64_t n_ext, int64_t size, int32_t seq_id, int32_t with_id,
+                                        const int64_t * spec, struct ggml_tensor * const * tensors, int64_t n,
+                                        int64_t n_runs, const int64_t * run_starts, const int64_t * run_ends,
+                                        const uint64_t * bits, int64_t n_words, int32_t n_seq_max, int64_t known_ids,
+                                        void * out, int64_t cap, int64_t * written) {
     if (pos == NULL || owner == NULL || spec == NULL || tensors == NULL || out == NULL || written == NULL ||
         (n_runs > 0 && (run_starts == NULL || run_ends == NULL)) || n < 0 || n_runs < 0 || n_runs > n ||
         (n > 0) != (n_runs > 0) || size < 0 || cap < 0 || (n_ext != 0 && n_ext != 3) ||
@@ -1092,8 +1111,10 @@ pm_status pm_kv_write_section(const int32_t * pos, const int32_t * owner, const 
         if (pm_runs_ascending(run_starts, run_ends, n_runs, size) != n) {
             return PM_ERR_ARG;
         }
-        int64_t ids = 0;
-        pm_kv_record_ids(owner, size, bits, n_words, n_seq_max, run_starts, run_ends, n_runs, &ids);
+        int64_t ids = known_ids;
+        if (ids < 0) {
+            pm_kv_record_ids(owner, size, bits, n_words, n_seq_max, run_starts, run_ends, n_runs, &ids);
+        }
         extra = ids - n;
     }
     const int64_t bytes = pm_kv_section_bytes(spec, n, rec);
@@ -1238,25 +1259,44 @@ static int64_t pm_select_holding(const int32_t * owner, int64_t c0, int64_t c1, 
     return hits;
 }
 
+// The ids the whole records of the used cells (pos >= 0) in [c0, c1) list: blocks of
+// sixteen shared by one set (one-word bitsets) at once, else each cell's (pm_record_n_ids)
+static int64_t pm_block_ids(const int32_t * pos, const int32_t * owner, int64_t c0, int64_t c1,
+                            const uint64_t * bits, int64_t n_words, int32_t n_seq_max) {
+    int64_t k = 0, c = c0;
+    for (; n_words == 1 && c + PM_ID_BLOCK <= c1; c += PM_ID_BLOCK) {
+        if (!pm_block_one_set(owner, bits, c)) {  // (shared cells are used ones)
+            break;
+        }
+        k += PM_ID_BLOCK * pm_record_n_ids(owner, c, bits, n_words, n_seq_max);
+    }
+    for (; c < c1; ++c) {
+        k += pos[c] >= 0 ? pm_record_n_ids(owner, c, bits, n_words, n_seq_max) : 0;
+    }
+    return k;
+}
+
 // pm_kv_select, and for seq_id >= 0 with `bits` (see pm_cell_holds) the cells seq_id shares
 // with other sequences selected too, found in the same pass (*shared = 1 when there is
-// one: a blob of seq_id holds them as any of its cells)
+// one: a blob of seq_id holds them as any of its cells). For seq_id < 0 with ids: *ids =
+// the ids the selected cells' whole records list (pm_kv_record_ids' count, all_bits the
+// stream's bitsets of n_words words a cell), found in the same pass over the owners
 static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id,
                                  int32_t n_seq_max, const uint64_t * bits, int64_t stride, uint64_t bit,
                                  int64_t * run_starts, int64_t * run_ends, int64_t cap, int64_t * n, int64_t * n_runs,
-                                 int32_t * shared);
+                                 int32_t * shared, const uint64_t * all_bits, int64_t n_words, int64_t * ids);
 
 pm_status pm_kv_select(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id, int32_t n_seq_max,
                        int64_t * run_starts, int64_t * run_ends, int64_t cap, int64_t * n, int64_t * n_runs,
                        int32_t * shared) {
     return pm_kv_select_in(pos, owner, size, seq_id, n_seq_max, NULL, 0, 0, run_starts, run_ends, cap, n, n_runs,
-                           shared);
+                           shared, NULL, 0, NULL);
 }
 
 static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id,
                                  int32_t n_seq_max, const uint64_t * bits, int64_t stride, uint64_t bit,
                                  int64_t * run_starts, int64_t * run_ends, int64_t cap, int64_t * n, int64_t * n_runs,
-                                 int32_t * shared) {
+                                 int32_t * shared, const uint64_t * all_bits, int64_t n_words, int64_t * ids) {
     if (pos == NULL || owner == NULL || n == NULL || n_runs == NULL || shared == NULL || size < 0 || cap < 0 ||
         (cap > 0 && (run_starts == NULL || run_ends == NULL))) {
         return PM_ERR_ARG;
@@ -1264,8 +1304,13 @@ static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int
     *shared = 0;
     if (seq_id < 0) {
         bits = NULL;
+    } else {
+        ids = NULL;
     }
-    int64_t count = 0, runs = 0;
+    if (ids != NULL && (all_bits == NULL || n_words < 1 || n_words > 4)) {
+        return PM_ERR_ARG;
+    }
+    int64_t count = 0, runs = 0, id_count = 0;
     int prev = 0;  // whether the cell before is selected
     const int32_t * sel_of = seq_id < 0 ? pos : owner;  // the word that selects a cell
     // (seq_id < 0) a used cell whose owner is outside [0, n_seq_max) sets the sign bit:
@@ -1281,10 +1326,16 @@ static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int
             PM_PREFETCH(sel_of + c0 + 512);
             PM_PREFETCH(sel_of + c0 + 528);
             if (seq_id < 0) {  // (with the odd cells' test: one pass, not two)
+                uint32_t block_odd = 0;
                 for (int j = 0; j < PM_SELECT_BLOCK; ++j) {
                     hits += sel_of[c0 + j] >= 0;
                     const uint32_t q = (uint32_t) owner[c0 + j];
-                    odd_bits |= ~(uint32_t) pos[c0 + j] & (q | (last - q));
+                    block_odd |= ~(uint32_t) pos[c0 + j] & (q | (last - q));
+                }
+                odd_bits |= block_odd;
+                if (ids != NULL) {  // one id a cell, unless a cell is odd (its bits count)
+                    id_count += (block_odd >> 31) ? pm_block_ids(pos, owner, c0, c1, all_bits, n_words, n_seq_max)
+                                                  : hits;
                 }
             } else if (bits == NULL) {
                 for (int j = 0; j < PM_SELECT_BLOCK; ++j) {
@@ -1318,6 +1369,9 @@ static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int
                 const uint32_t q = (uint32_t) owner[c];
                 odd_bits |= ~(uint32_t) pos[c] & (q | (last - q));
             }
+            if (ids != NULL) {
+                id_count += pm_block_ids(pos, owner, c0, c1, all_bits, n_words, n_seq_max);
+            }
         }
         count += hits;
         // a block of cells all like the one before it (runs are long) holds no run edge
@@ -1337,6 +1391,9 @@ static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int
     *n = count;
     *n_runs = runs;
     *shared |= seq_id < 0 && (odd_bits >> 31) != 0;
+    if (ids != NULL) {
+        *ids = id_count;
+    }
     return PM_OK;
 }
 
@@ -1572,7 +1629,7 @@ pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t
         const pm_status st =
             p_lo <= INT32_MIN && p_hi >= INT32_MAX
                 ? pm_kv_select_in(b->pos[s], b->owner[s], b->size, seq_id, 0, bits, stride, bit, b->run_starts[s],
-                                  b->run_ends[s], b->runs_cap, sel, sel + 1, &shared)
+                                  b->run_ends[s], b->runs_cap, sel, sel + 1, &shared, NULL, 0, NULL)
                 : pm_kv_select_window(b->pos[s], b->owner[s], b->size, seq_id, p_lo, p_hi, bits, stride, bit,
                                       b->run_starts[s], b->run_ends[s], b->runs_cap, sel, sel + 1, &shared);
         if (st != PM_OK) {
@@ -1624,12 +1681,28 @@ pm_status pm_kv_write_whole_blob(const pm_kv_seq_blob * b, int32_t reuse, void *
     for (int64_t s = 0; s < n_stream; ++s) {
         int64_t * sel = b->selected + 2 * s;  // n, n_runs
         int64_t * odd = b->selected + 2 * n_stream + s;  // records not of one id (pm_whole_bits)
+        int64_t * n_ids = b->selected + 3 * n_stream + s;  // the ids the records list
         if (!reuse) {
             int32_t shared = 0;
-            const pm_status st = pm_kv_select(b->pos[s], b->owner[s], b->size, -1, b->n_seq_max, b->run_starts[s],
-                                              b->run_ends[s], b->runs_cap, sel, sel + 1, &shared);
+            // with shared cells (and the bitsets), the records' ids counted in the same pass
+            // over the owners; else each record lists one id unless a cell's owner is past
+            // n_seq_max (rare: counted after, if the pass finds one)
+            const int count = c != NULL && b->n_multi[s] != 0;
+            *n_ids = -1;
+            const pm_status st = pm_kv_select_in(b->pos[s], b->owner[s], b->size, -1, b->n_seq_max, NULL, 0, 0,
+                                                 b->run_starts[s], b->run_ends[s], b->runs_cap, sel, sel + 1, &shared,
+                                                 count ? c->seq + s * c->size * c->n_words : NULL,
+                                                 count ? c->n_words : 0, count ? n_ids : NULL);
             if (st != PM_OK) {
                 return st;
+            }
+            if (shared && c != NULL && !count) {
+                const pm_status st_ids =
+                    pm_kv_record_ids(b->owner[s], b->size, c->seq + s * c->size * c->n_words, c->n_words,
+                                     b->n_seq_max, b->run_starts[s], b->run_ends[s], sel[1], n_ids);
+                if (st_ids != PM_OK) {
+                    return st_ids;
+                }
             }
             *odd = shared != 0;
             if (shared && c == NULL) {  // (records of several ids, or none: the bitsets tell)
@@ -1637,22 +1710,16 @@ pm_status pm_kv_write_whole_blob(const pm_kv_seq_blob * b, int32_t reuse, void *
                 *declined = 1;
                 return PM_OK;
             }
-        } else if (sel[0] < 0 || sel[1] < 0 || sel[1] > b->runs_cap || *odd < 0 || *odd > 1) {
+        } else if (sel[0] < 0 || sel[1] < 0 || sel[1] > b->runs_cap || *odd < 0 || *odd > 1 ||
+                   (*odd && *n_ids < 0)) {
             return PM_ERR_ARG;
         }
         const int64_t part = pm_kv_section_bytes(b->spec[s], sel[0], rec);
         if (part < 0) {
             return PM_ERR_ARG;
         }
-        int64_t ids = sel[0];
-        const uint64_t * bits = pm_whole_bits(b, s);
-        if (bits != NULL && sel[0] > 0) {  // each record's ids, where one is not one id
-            const pm_status st = pm_kv_record_ids(b->owner[s], b->size, bits, c->n_words, b->n_seq_max,
-                                                  b->run_starts[s], b->run_ends[s], sel[1], &ids);
-            if (st != PM_OK) {
-                return st;  // (runs a reuse found no longer in the stream)
-            }
-        }
+        // each record's ids, where one is not one id (the selection counted them)
+        const int64_t ids = pm_whole_bits(b, s) != NULL ? *n_ids : sel[0];
         total += part + 4 * (ids - sel[0]);
     }
     *written = total;
@@ -1664,10 +1731,11 @@ pm_status pm_kv_write_whole_blob(const pm_kv_seq_blob * b, int32_t reuse, void *
     for (int64_t s = 0; s < n_stream; ++s) {
         const int64_t * sel = b->selected + 2 * s;
         int64_t part = 0;
-        const pm_status st = pm_kv_write_section(
+        const uint64_t * bits = pm_whole_bits(b, s);
+        const pm_status st = pm_kv_write_section_in(
             b->pos[s], b->owner[s], b->n_ext ? b->ext[s] : NULL, b->n_ext, b->size, -1, 1, b->spec[s], b->tensors,
-            sel[0], sel[1], b->run_starts[s], b->run_ends[s], pm_whole_bits(b, s), c != NULL ? c->n_words : 0,
-            b->n_seq_max, w, cap - (w - (char *) out), &part);
+            sel[0], sel[1], b->run_starts[s], b->run_ends[s], bits, c != NULL ? c->n_words : 0, b->n_seq_max,
+            bits != NULL ? b->selected[3 * n_stream + s] : -1, w, cap - (w - (char *) out), &part);
         if (st != PM_OK) {
             return st;
         }

@@ -134,8 +134,9 @@ pm_status pm_kv_record_ids(const int32_t * owner, int64_t size, const uint64_t *
 // when n_ext == 0), spec[s] (pm_kv_write_section's words), run scratch run_starts[s] /
 // run_ends[s] (int64[runs_cap], runs_cap >= size / 2 + 1) and selected[2 s], [2 s + 1]
 // (the cell and run counts the last search of stream s left there; selected has
-// 3 n_stream words: selected[2 n_stream + s] says whether the last whole selection of
-// stream s found a cell not of one id below n_seq_max); the stream counters
+// 4 n_stream words: selected[2 n_stream + s] says whether the last whole selection of
+// stream s found a cell not of one id below n_seq_max, selected[3 n_stream + s] how many
+// ids its records list); the stream counters
 // n_multi, used, heads (int64[n_stream]) and has_shift (uint8[n_stream]); seq_to_stream
 // (int32[n_seq]); tensors as for pm_kv_write_section; cells: the cache's
 // pm_step_cells over the same arrays (its bitsets say which sequences a shared cell

@@ -640,6 +640,54 @@ def test_the_one_call_write_writes_what_the_parts_write(
     assert sum(taken) >= 20, (sum(taken), len(taken))  # (forks: the parts write)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        "two sets, run 2",
+        "two sets, run 12",
+        "one set, run 32",
+        "past n_seq_max",
+        "past, beside a fork",
+    ],
+)
+def test_the_one_call_whole_write_counts_the_ids_of_odd_cells(monkeypatch, case: str) -> None:
+    """The one-call whole write (``pm_kv_write_whole_blob`` for each KV part) counts the
+    ids its records list in the selection's pass where a part has shared cells, after it
+    where the only odd cells are of ids past n_seq_max (a unified cache keeps ids up to
+    255): every cell shared by two sets of sequences alternating in runs of 2 or 12
+    cells, whole blocks of one shared set (a fork of runs of 32), or a sequence past
+    n_seq_max holding cells alone (with and without a fork beside them). Bytes and sizes
+    equal the parts' writers'."""
+    mem = make_iswa(n_seq_max=N_SEQ, kv_size=128, spec=iswa_spec(n_swa=64))
+    run = 12 if "12" in case else 32 if "32" in case else 2
+    at = [0, 0]
+    for k in range(96 // run):
+        q = k % 2
+        assert decode(mem, [[1, at[q] + i, [q], False] for i in range(run)], n_ubatch=run) == 0
+        at[q] += run
+    randomize(mem, 3)
+    if case.startswith("two sets"):
+        mem.seq_cp(0, 2)
+        mem.seq_cp(1, 3)
+    elif case.startswith("one set"):
+        mem.seq_cp(1, 2)
+    else:
+        mem.seq_cp(0, N_SEQ + 1)
+        if "fork" in case:
+            mem.seq_cp(1, 2)
+        mem.seq_rm(0, -1, -1)
+    with monkeypatch.context() as m:
+        m.setattr(
+            CompositeMemory, "_native_write", lambda self, out, seq_id, flags, sized=False: None
+        )
+        want = bytes(mem.state_write())
+    assert mem._native_write(None, -1, 0) == len(want)  # (the one call takes it)
+    assert bytes(mem.state_write()) == want
+    out = bytearray(len(want))
+    assert mem.state_write_buffer(out) == len(want) and bytes(out) == want
+    mem.close()
+
+
 def test_a_whole_write_leaves_no_runs_for_a_sequence_writer_to_reuse() -> None:
     """A sequence's writer sized before a whole write (which fills every stream's run
     scratch) still writes that sequence's blob: the whole write told the blob view that
