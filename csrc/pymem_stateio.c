@@ -722,6 +722,26 @@ static inline int64_t pm_stateio_hits(const int32_t * pos, const int32_t * owner
     return hits;
 }
 
+#if defined(__SSE2__) || defined(_M_X64)
+// four cells' records (twelve words) from w on, any alignment
+static inline void pm_store_records4(int32_t * w, __m128i v0, __m128i v1, __m128i v2) {
+    _mm_storeu_si128((__m128i *) (void *) w, v0);
+    _mm_storeu_si128((__m128i *) (void *) (w + 4), v1);
+    _mm_storeu_si128((__m128i *) (void *) (w + 8), v2);
+}
+#endif
+
+// The records (position, 1, id) of cells [c, c1) one word at a time: the id owner[c], or
+// seq_id where owner is NULL (the vector loops' tails)
+static inline void pm_meta_tail(const int32_t * pos, const int32_t * owner, int32_t seq_id, int64_t c, int64_t c1,
+                                int32_t * w) {
+    for (; c < c1; ++c, w += 3) {
+        pm_st32(w, pos[c]);
+        pm_st32(w + 1, 1);
+        pm_st32(w + 2, owner != NULL ? owner[c] : seq_id);
+    }
+}
+
 // The records (position, 1, seq_id) of cells [c0, c1) from w on (any alignment): one
 // sequence's usual records. With SSE2 (every x86-64), four cells' positions make three
 // vectors of records ([p0 1 s p1] [1 s p2 1] [s p3 1 s]); the scalar loop stored a word at a
@@ -737,16 +757,10 @@ static void pm_meta_seq_run(const int32_t * pos, int64_t c0, int64_t c1, int32_t
         const __m128i v0 = _mm_or_si128(_mm_and_si128(_mm_shuffle_epi32(p, _MM_SHUFFLE(1, 0, 0, 0)), keep0), add0);
         const __m128i v1 = _mm_or_si128(_mm_and_si128(_mm_shuffle_epi32(p, _MM_SHUFFLE(2, 2, 2, 2)), keep1), add1);
         const __m128i v2 = _mm_or_si128(_mm_and_si128(_mm_shuffle_epi32(p, _MM_SHUFFLE(3, 3, 3, 3)), keep2), add2);
-        _mm_storeu_si128((__m128i *) (void *) w, v0);
-        _mm_storeu_si128((__m128i *) (void *) (w + 4), v1);
-        _mm_storeu_si128((__m128i *) (void *) (w + 8), v2);
+        pm_store_records4(w, v0, v1, v2);
     }
 #endif
-    for (; c < c1; ++c, w += 3) {
-        pm_st32(w, pos[c]);
-        pm_st32(w + 1, 1);
-        pm_st32(w + 2, seq_id);
-    }
+    pm_meta_tail(pos, NULL, seq_id, c, c1, w);
 }
 
 // The records (position, 1, owner) of cells [c0, c1) from w on (any alignment): a whole
@@ -770,16 +784,10 @@ static void pm_meta_owner_run(const int32_t * pos, const int32_t * owner, int64_
                                                      _mm_and_si128(_mm_shuffle_epi32(hi, _MM_SHUFFLE(0, 0, 0, 0)), lane2)),
                                         one1);
         const __m128i v2 = _mm_or_si128(_mm_and_si128(_mm_shuffle_epi32(hi, _MM_SHUFFLE(3, 2, 2, 1)), keep2), one2);
-        _mm_storeu_si128((__m128i *) (void *) w, v0);
-        _mm_storeu_si128((__m128i *) (void *) (w + 4), v1);
-        _mm_storeu_si128((__m128i *) (void *) (w + 8), v2);
+        pm_store_records4(w, v0, v1, v2);
     }
 #endif
-    for (; c < c1; ++c, w += 3) {
-        pm_st32(w, pos[c]);
-        pm_st32(w + 1, 1);
-        pm_st32(w + 2, owner[c]);
-    }
+    pm_meta_tail(pos, owner, 0, c, c1, w);
 }
 
 pm_status pm_kv_meta_words(const int32_t * pos, const int32_t * owner, const int32_t * ext, int64_t n_ext,

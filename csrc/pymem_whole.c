@@ -325,6 +325,23 @@ pm_status pm_seq_write(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, v
     return pm_parts_write(parts, n_parts, seq_id, pm_seq_write_part, out, cap, sized, written, done);
 }
 
+// The six cell arrays of recurrent part p (rs_size and rs_n_seq_arrays entries) copied
+// between its live cells and its scratch: live -> scratch for a one-sequence check (the
+// restore runs on the copy), scratch -> live (to_live) for its commit
+static void pm_rs_cells_copy(pm_whole_part * p, int to_live) {
+    const size_t n = (size_t) p->rs_size * sizeof(int32_t), m = (size_t) p->rs_n_seq_arrays * sizeof(uint32_t);
+    int32_t * const live[4] = { p->rs_cell_pos, p->rs_cell_src, p->rs_cell_src0, p->rs_cell_tail };
+    int32_t * const scratch[4] = { p->rs_scr_pos, p->rs_scr_src, p->rs_scr_src0, p->rs_scr_tail };
+    for (int i = 0; i < 4; ++i) {
+        memcpy(to_live ? live[i] : scratch[i], to_live ? scratch[i] : live[i], n);
+    }
+    uint32_t * const live_seq[2] = { p->rs_cell_rs_idx, p->rs_cell_n_last };
+    uint32_t * const scratch_seq[2] = { p->rs_scr_rs_idx, p->rs_scr_n_last };
+    for (int i = 0; i < 2; ++i) {
+        memcpy(to_live ? live_seq[i] : scratch_seq[i], to_live ? scratch_seq[i] : live_seq[i], m);
+    }
+}
+
 // a part's one-sequence check at d: its bytes, or -1 when it declines
 static int64_t pm_seq_check(pm_whole_part * p, int32_t seq_id, const char * d, int64_t avail) {
     if (p->kv != NULL) {
@@ -357,12 +374,7 @@ static int64_t pm_seq_check(pm_whole_part * p, int32_t seq_id, const char * d, i
         seq_id >= size || m < 0) {
         return -1;
     }
-    memcpy(p->rs_scr_pos, p->rs_cell_pos, (size_t) size * sizeof(int32_t));
-    memcpy(p->rs_scr_src, p->rs_cell_src, (size_t) size * sizeof(int32_t));
-    memcpy(p->rs_scr_src0, p->rs_cell_src0, (size_t) size * sizeof(int32_t));
-    memcpy(p->rs_scr_tail, p->rs_cell_tail, (size_t) size * sizeof(int32_t));
-    memcpy(p->rs_scr_rs_idx, p->rs_cell_rs_idx, (size_t) m * sizeof(uint32_t));
-    memcpy(p->rs_scr_n_last, p->rs_cell_n_last, (size_t) m * sizeof(uint32_t));
+    pm_rs_cells_copy(p, 0);
     int64_t taken = -1, cell = -1;
     if (pm_rs_restore_seq(p->rs_scr_pos, p->rs_scr_src, p->rs_scr_src0, p->rs_scr_tail, p->rs_scr_rs_idx,
                           p->rs_scr_n_last, p->rs_scalars, size, seq_id, d, avail, p->rs_n_layer, p->rs_tensors,
@@ -404,14 +416,7 @@ static int pm_seq_store(pm_whole_part * p, int32_t seq_id, const char * d, int64
     if (st != PM_OK || stored != p->taken - rows_at) {
         return -1;
     }
-    // the restored copy becomes the live cells (the check copied them out of there)
-    const int64_t size = p->rs_size, m = p->rs_n_seq_arrays;
-    memcpy(p->rs_cell_pos, p->rs_scr_pos, (size_t) size * sizeof(int32_t));
-    memcpy(p->rs_cell_src, p->rs_scr_src, (size_t) size * sizeof(int32_t));
-    memcpy(p->rs_cell_src0, p->rs_scr_src0, (size_t) size * sizeof(int32_t));
-    memcpy(p->rs_cell_tail, p->rs_scr_tail, (size_t) size * sizeof(int32_t));
-    memcpy(p->rs_cell_rs_idx, p->rs_scr_rs_idx, (size_t) m * sizeof(uint32_t));
-    memcpy(p->rs_cell_n_last, p->rs_scr_n_last, (size_t) m * sizeof(uint32_t));
+    pm_rs_cells_copy(p, 1);  // the restored copy becomes the live cells
     return 1;
 }
 
