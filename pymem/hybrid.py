@@ -209,17 +209,17 @@ class HybridMemory(CompositeMemory):
     # seq_pos_min, inlined): a runtime asks them every step, and a second part call was
     # ~0.1 µs of the hybrid's 0.43 µs against llama.cpp's ~0.3 µs through ctypes
     # (bench_vs_llama_cpp's seq ops). tests/test_hybrid.py checks them against the parts.
-    # (Memoryviews of the recurrent cells would read faster, but every decode step
-    # commits new cells: ~0.27 µs of views a step, more than a query or two saves.)
+    # (The recurrent cells' memoryviews are made on a cells object's first query: a
+    # decode step commits new cells, so a step pays them once if anything asks.)
     def seq_pos_min(self, seq_id: int) -> int:
         """``max(attention, recurrent)``, as the reference (see :meth:`seq_pos_ranges`)."""
         attn = self._attn_pos_min(seq_id)  # checks the id: raises on a bad one
         recr_mem = self.mem_recr
         if seq_id >= recr_mem.size:  # the attention part takes ids up to LLAMA_MAX_SEQ
             return attn
-        cells = recr_mem.cells
-        t: int = cells.tail.item(seq_id)
-        recr: int = cells.pos.item(t) if t >= 0 else -1
+        tail, pos = recr_mem.cells.views()
+        t: int = tail[seq_id]
+        recr: int = pos[t] if t >= 0 else -1
         return attn if attn > recr else recr  # not max(): a builtin call costs here
 
     def seq_pos_max(self, seq_id: int) -> int:
@@ -229,11 +229,11 @@ class HybridMemory(CompositeMemory):
         recr_mem = self.mem_recr
         if seq_id >= recr_mem.size:
             return -1  # attn >= -1: an attention cell's position is never negative
-        cells = recr_mem.cells
-        t: int = cells.tail.item(seq_id)
+        tail, pos = recr_mem.cells.views()
+        t: int = tail[seq_id]
         if t < 0:
             return -1
-        recr: int = cells.pos.item(t)
+        recr: int = pos[t]
         return attn if attn < recr else (recr if recr > -1 else -1)
 
     def seq_pos_min_of(self, seq_ids: np.ndarray) -> np.ndarray:

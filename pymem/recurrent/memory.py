@@ -647,9 +647,9 @@ class RecurrentMemory(Memory):
         if not 0 <= seq_id < self._n_fast_ids:
             self.check_open()  # a closed memory raises; an id outside the cells has none
             return -1
-        cells = self.cells
-        t: int = cells.tail.item(seq_id)  # .item: no numpy scalars on this hot query
-        return cells.pos.item(t) if t >= 0 else -1
+        tail, pos = self.cells.views()  # (plain ints, no numpy scalars: a hot query)
+        t: int = tail[seq_id]
+        return pos[t] if t >= 0 else -1
 
     def seq_pos_max(self, seq_id: int) -> int:
         """The position of ``seq_id``'s state, never below -1.
