@@ -985,6 +985,24 @@ static inline int pm_block_one_set(const int32_t * owner, const uint64_t * bits,
 #endif
 }
 
+// The ids the whole records of the used cells in [c0, c1) list (pos >= 0; pos NULL: every
+// cell is a used one): blocks of sixteen shared by one set (one-word bitsets) at once,
+// else each cell's (pm_record_n_ids)
+static int64_t pm_block_ids(const int32_t * pos, const int32_t * owner, int64_t c0, int64_t c1,
+                            const uint64_t * bits, int64_t n_words, int32_t n_seq_max) {
+    int64_t k = 0, c = c0;
+    for (; n_words == 1 && c + PM_ID_BLOCK <= c1; c += PM_ID_BLOCK) {
+        if (!pm_block_one_set(owner, bits, c)) {  // (shared cells are used ones)
+            break;
+        }
+        k += PM_ID_BLOCK * pm_record_n_ids(owner, c, bits, n_words, n_seq_max);
+    }
+    for (; c < c1; ++c) {
+        k += pos == NULL || pos[c] >= 0 ? pm_record_n_ids(owner, c, bits, n_words, n_seq_max) : 0;
+    }
+    return k;
+}
+
 pm_status pm_kv_record_ids(const int32_t * owner, int64_t size, const uint64_t * bits, int64_t n_words,
                            int32_t n_seq_max, const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs,
                            int64_t * ids) {
@@ -997,22 +1015,12 @@ pm_status pm_kv_record_ids(const int32_t * owner, int64_t size, const uint64_t *
     for (int64_t i = 0; i < n_runs; ++i) {
         int64_t c = run_starts[i];
         const int64_t e = run_ends[i];
-        for (; c + PM_ID_BLOCK <= e; c += PM_ID_BLOCK) {
-            if (!pm_block_odd(owner, c, n_seq_max)) {
-                k += PM_ID_BLOCK;  // one id each
-                continue;
-            }
-            if (n_words == 1 && pm_block_one_set(owner, bits, c)) {
-                k += PM_ID_BLOCK * pm_record_n_ids(owner, c, bits, n_words, n_seq_max);
-                continue;
-            }
-            for (int64_t j = c; j < c + PM_ID_BLOCK; ++j) {
-                k += pm_record_n_ids(owner, j, bits, n_words, n_seq_max);
-            }
+        for (; c + PM_ID_BLOCK <= e; c += PM_ID_BLOCK) {  // (a block of one-id cells: one each)
+            k += pm_block_odd(owner, c, n_seq_max)
+                     ? pm_block_ids(NULL, owner, c, c + PM_ID_BLOCK, bits, n_words, n_seq_max)
+                     : PM_ID_BLOCK;
         }
-        for (; c < e; ++c) {
-            k += pm_record_n_ids(owner, c, bits, n_words, n_seq_max);
-        }
+        k += pm_block_ids(NULL, owner, c, e, bits, n_words, n_seq_max);
     }
     *ids = k;
     return PM_OK;
@@ -1267,22 +1275,6 @@ static int64_t pm_select_holding(const int32_t * owner, int64_t c0, int64_t c1, 
     return hits;
 }
 
-// The ids the whole records of the used cells (pos >= 0) in [c0, c1) list: blocks of
-// sixteen shared by one set (one-word bitsets) at once, else each cell's (pm_record_n_ids)
-static int64_t pm_block_ids(const int32_t * pos, const int32_t * owner, int64_t c0, int64_t c1,
-                            const uint64_t * bits, int64_t n_words, int32_t n_seq_max) {
-    int64_t k = 0, c = c0;
-    for (; n_words == 1 && c + PM_ID_BLOCK <= c1; c += PM_ID_BLOCK) {
-        if (!pm_block_one_set(owner, bits, c)) {  // (shared cells are used ones)
-            break;
-        }
-        k += PM_ID_BLOCK * pm_record_n_ids(owner, c, bits, n_words, n_seq_max);
-    }
-    for (; c < c1; ++c) {
-        k += pos[c] >= 0 ? pm_record_n_ids(owner, c, bits, n_words, n_seq_max) : 0;
-    }
-    return k;
-}
 
 // pm_kv_select, and for seq_id >= 0 with `bits` (see pm_cell_holds) the cells seq_id shares
 // with other sequences selected too, found in the same pass (*shared = 1 when there is
@@ -2021,10 +2013,7 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
     }
     if (st == PM_OK && placed) {
         for (int64_t s = 0; s < n_stream; ++s) {
-            b->heads[s] = 0;
-            if (c->has_shift != NULL) {
-                c->has_shift[s] = 0;  // (every shift is 0: refilled, or the same cells had none)
-            }
+            b->heads[s] = 0;  // (has_shift is 0: the refill cleared it, or same cells had none)
         }
         int64_t consumed = 0;
         int32_t same_again = 0, stored = 0;

@@ -823,14 +823,30 @@ static void pm_step_reset_bounds(pm_step_cells * c, int64_t s) {
     c->n_multi[s] = 0;
 }
 
-// every stream emptied, as a clear leaves it (a trusted refill that failed part way)
+// stream s's cells n and counters as a refill of n records leaves them: used and
+// used_max_p1 n, nothing dirty, no shift pending (a refill's cells have none)
+static void pm_step_stream_counts(pm_step_cells * c, int64_t s, int64_t n) {
+    c->used[s] = n;
+    c->used_max_p1[s] = n;
+    c->used_max_dirty[s] = 0;
+    if (c->has_shift != NULL) {
+        c->has_shift[s] = 0;
+    }
+}
+
+// stream s emptied as a clear leaves it, its cells below `bound` written (the rest must be
+// empty already): no position, owner, bit or shift, bounds reset, counters 0
+static void pm_step_empty_stream(pm_step_cells * c, int64_t s, int64_t bound) {
+    pm_step_empty_range(c, s, 0, bound);  // (shifts only where one may be pending)
+    pm_step_reset_bounds(c, s);
+    pm_step_stream_counts(c, s, 0);
+}
+
+// every stream emptied, as a clear leaves it (a trusted refill that failed part way: any
+// cell may have been written)
 static void pm_step_empty_all(pm_step_cells * c) {
     for (int64_t s = 0; s < c->n_stream; s++) {
-        pm_step_empty_range(c, s, 0, c->size);
-        pm_step_reset_bounds(c, s);
-        c->used[s] = 0;
-        c->used_max_p1[s] = 0;
-        c->used_max_dirty[s] = 0;
+        pm_step_empty_stream(c, s, c->size);
     }
 }
 
@@ -842,15 +858,7 @@ pm_status pm_step_kv_clear(pm_step_cells * c, int64_t * heads) {
         return PM_ERR_ARG;
     }
     for (int64_t s = 0; s < c->n_stream; s++) {
-        const int64_t bound = c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size;
-        pm_step_empty_range(c, s, 0, bound);  // (shifts only where one may be pending)
-        pm_step_reset_bounds(c, s);
-        c->used[s] = 0;
-        c->used_max_p1[s] = 0;
-        c->used_max_dirty[s] = 0;
-        if (c->has_shift != NULL) {
-            c->has_shift[s] = 0;
-        }
+        pm_step_empty_stream(c, s, c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size);
         if (heads != NULL) {
             heads[s] = 0;
         }
@@ -877,9 +885,7 @@ pm_status pm_step_kv_refill_trusted(pm_step_cells * c, const int32_t * const * w
         }
     }
     for (int64_t s = 0; s < c->n_stream; s++) {
-        c->used[s] = counts[s];
-        c->used_max_p1[s] = counts[s];
-        c->used_max_dirty[s] = 0;
+        pm_step_stream_counts(c, s, counts[s]);
     }
     return PM_OK;
 }
@@ -976,9 +982,7 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
     free(saved);
     free(var);
     for (int64_t s = 0; s < c->n_stream; s++) {
-        c->used[s] = counts[s];
-        c->used_max_p1[s] = counts[s];
-        c->used_max_dirty[s] = 0;
+        pm_step_stream_counts(c, s, counts[s]);
     }
     *placed = 1;
     return PM_OK;

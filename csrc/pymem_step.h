@@ -69,7 +69,7 @@ pm_status pm_step_kv_place(pm_step_cells * c, const int64_t * strm, int64_t n_bl
 // the counts[s] meta records at words[s] (int32 words at any alignment; NULL when
 // counts[s] is 0) in cells [0, counts[s]), and every other cell is emptied, as
 // StackedCells.reset then set_new leave them: no shift, used = used_max_p1 = counts[s],
-// nothing dirty, bounds from the records alone (ext and has_shift are the caller's). With
+// nothing dirty, has_shift 0, bounds from the records alone (ext is the caller's). With
 // spans NULL every record is a fixed one of rec words (position word 0 >= 0, n_seq_id
 // word 1 == 1, its one sequence word rec - 1 in [0, n_seq_max)). With spans, spans[s]
 // words are readable at words[s] and records may be variable ones (pm_kv_records_var,

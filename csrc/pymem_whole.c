@@ -8,7 +8,7 @@ enum {
     PM_PART_KV_FOUND = 2,  // a KV part's parse scratch (a whole read)
     PM_PART_RS_LIVE = 4,   // a recurrent part's live cells (a write; a one-sequence read)
     PM_PART_RS_OUT = 8,    // a recurrent part's out arrays (a whole read)
-    PM_PART_RS_COMMIT = 16,  // the live cells a read's commit writes (both reads)
+    PM_PART_RS_COMMIT = 16,  // with RS_LIVE: the rest of what a read's commit writes
 };
 
 // whether part p is a KV or a recurrent part with every pointer `needs` names
@@ -21,9 +21,7 @@ static int pm_part_ok(const pm_whole_part * p, int needs) {
            (!(needs & PM_PART_RS_LIVE) || (p->rs_cell_tail != NULL && p->rs_cell_pos != NULL &&
                                            p->rs_cell_src != NULL && p->rs_cell_rs_idx != NULL)) &&
            (!(needs & PM_PART_RS_OUT) || (p->rs_pos != NULL && p->rs_tail != NULL)) &&
-           (!(needs & PM_PART_RS_COMMIT) || (p->rs_cell_tail != NULL && p->rs_cell_pos != NULL &&
-                                             p->rs_cell_src != NULL && p->rs_cell_rs_idx != NULL &&
-                                             p->rs_cell_n_last != NULL && p->rs_n_seq_arrays >= 0));
+           (!(needs & PM_PART_RS_COMMIT) || (p->rs_cell_n_last != NULL && p->rs_n_seq_arrays >= 0));
 }
 
 // a part's check at d (avail bytes) for sequence seq_id (-1: the whole part): its bytes
@@ -161,7 +159,8 @@ pm_status pm_whole_read(pm_whole_part * parts, int64_t n_parts, const void * blo
         parts[i].deferred = i == 0 && pm_part_ok(&parts[i], PM_PART_KV_READ) && parts[i].kv != NULL &&
                             pm_part_empty(&parts[i]);
     }
-    return pm_parts_read(parts, n_parts, -1, PM_PART_KV_READ | PM_PART_KV_FOUND | PM_PART_RS_OUT | PM_PART_RS_COMMIT,
+    return pm_parts_read(parts, n_parts, -1,
+                         PM_PART_KV_READ | PM_PART_KV_FOUND | PM_PART_RS_OUT | PM_PART_RS_LIVE | PM_PART_RS_COMMIT,
                          pm_whole_check, pm_whole_store, blob, avail, consumed, done);
 }
 

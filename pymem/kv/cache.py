@@ -1742,8 +1742,7 @@ class KVCache(Memory):
             check(status, f"pm_step_kv_refill ({int(counts.sum())} cells)")
         if not placed[0]:
             raise StateError(BLOB_CHANGED)
-        st = self.cells
-        st.has_shift[:] = False
+        st = self.cells  # (the refill left has_shift 0)
         if st.ext is not None:
             st.ext[:] = EXT_DEFAULT
             for strm, r in enumerate(records):

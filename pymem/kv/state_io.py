@@ -275,7 +275,8 @@ class SeqBlob:
         v.run_starts = ptrs("int64_t", starts)
         v.run_ends = ptrs("int64_t", [p + a.shape[1] for p, a in zip(starts, scratch)])
         # per stream: the cells and runs a search found, then (after all streams) whether
-        # a whole one found cells not of one id below n_seq_max
+        # a whole one found cells not of one id below n_seq_max, then the ids its records
+        # list (pm_kv_write_whole_blob's count, for the sized write)
         v.selected = array("int64_t", np.full(4 * n_stream, -1, dtype=np.int64), writable=True)
         v.n_multi = array("int64_t", store.n_multi)
         v.used = array("int64_t", store.used)
