@@ -46,6 +46,7 @@ from pymem._native import check, ffi, lib
 from pymem.composite import CompositeMemory, PairContext
 from pymem.errors import ConfigError
 from pymem.kv import KVCache, KVCacheContext, KVCacheISWA, KVCacheISWAContext
+from pymem.kv.cells import EMPTY_MIN, STALE_MAX, STALE_MIN
 from pymem.memory import PARTIAL_ONLY_BIT, Memory, Split
 from pymem.recurrent import RecurrentMemory, RecurrentMemoryContext
 from pymem.spec import ModelSpec, SWAType
@@ -93,10 +94,12 @@ class HybridMemory(CompositeMemory):
         self.spec: ModelSpec = recr.spec
         self.n_seq_max = recr.n_seq_max
         self.is_iswa = isinstance(attn, KVCacheISWA)
-        # the attention part's position queries, bound once: a runtime asks them every
-        # step, and the attribute lookups are a third of these sub-microsecond calls
+        # the attention part's position queries, bound once, and its cached bounds: a
+        # runtime asks them every step, and the attention part's call is a third of these
+        # sub-microsecond queries (an open id's clean bound is read here, without it)
         self._attn_pos_min = attn.seq_pos_min
         self._attn_pos_max = attn.seq_pos_max
+        self._attn_bounds = attn.bounds
 
     @classmethod
     def build(
@@ -213,11 +216,21 @@ class HybridMemory(CompositeMemory):
     # decode step commits new cells, so a step pays them once if anything asks.)
     def seq_pos_min(self, seq_id: int) -> int:
         """``max(attention, recurrent)``, as the reference (see :meth:`seq_pos_ranges`)."""
-        attn = self._attn_pos_min(seq_id)  # checks the id: raises on a bad one
+        b = self._attn_bounds
+        if type(seq_id) is int and 0 <= seq_id < b.n_open:
+            key = b.keys[seq_id]
+            if b.stale[key] & STALE_MIN:
+                attn = self._attn_pos_min(seq_id)  # recomputes the bound
+            else:
+                attn = b.pos_min[key]
+                if attn == EMPTY_MIN:
+                    attn = -1
+        else:
+            attn = self._attn_pos_min(seq_id)  # checks the id: raises on a bad one
         recr_mem = self.mem_recr
         if seq_id >= recr_mem.size:  # the attention part takes ids up to LLAMA_MAX_SEQ
             return attn
-        tail, pos = recr_mem.cells.views()
+        tail, pos = recr_mem.position_views
         t: int = tail[seq_id]
         recr: int = pos[t] if t >= 0 else -1
         return attn if attn > recr else recr  # not max(): a builtin call costs here
@@ -225,11 +238,16 @@ class HybridMemory(CompositeMemory):
     def seq_pos_max(self, seq_id: int) -> int:
         """``min(attention, recurrent)``, as the reference; the recurrent part's maximum
         never reads below -1 (see :meth:`RecurrentMemory.seq_pos_max`)."""
-        attn = self._attn_pos_max(seq_id)
+        b = self._attn_bounds
+        if type(seq_id) is int and 0 <= seq_id < b.n_open:
+            key = b.keys[seq_id]
+            attn = self._attn_pos_max(seq_id) if b.stale[key] & STALE_MAX else b.pos_max[key]
+        else:
+            attn = self._attn_pos_max(seq_id)  # checks the id: raises on a bad one
         recr_mem = self.mem_recr
         if seq_id >= recr_mem.size:
             return -1  # attn >= -1: an attention cell's position is never negative
-        tail, pos = recr_mem.cells.views()
+        tail, pos = recr_mem.position_views
         t: int = tail[seq_id]
         if t < 0:
             return -1

@@ -32,6 +32,7 @@ from pymem.factory import ContextParams, create_memory, plan_memory
 from pymem.gguf_spec import spec_from_gguf
 from pymem.hybrid import HybridContext, HybridISWAMemory, HybridMemory
 from pymem.kv import KVCache
+from pymem.kv.cells import STALE_MAX, STALE_MIN
 from pymem.kv.iswa import KVCacheISWA
 from pymem.memory import MemoryStatus, StateFlags
 from pymem.spec import LayerSpec, ModelSpec, SWAType
@@ -671,6 +672,57 @@ def test_position_queries_equal_the_parts_for_every_id(pattern: str, seed: int) 
                 getattr(attn, query)(bad)
             with pytest.raises(type(want.value), match=re_escape(str(want.value))):
                 getattr(mem, query)(bad)
+
+
+@pytest.mark.parametrize("pattern", ["RAR", "RSAR"])
+@pytest.mark.parametrize("seed", range(3))
+def test_position_queries_asked_first_read_stale_bounds_through_the_part(
+    pattern: str, seed: int
+) -> None:
+    """The hybrid reads an open id's clean bound from the attention part's
+    ``PositionBounds`` without calling it; a bound the part's seq_rm left stale must be
+    recomputed (the part's query), never read as cached. The cuts here make the
+    attention part's bound the deciding one (its maximum below the recurrent position,
+    or, shifted up, its minimum above it), and the hybrid is asked first after every op
+    (the parts' own queries would refresh the bounds first)."""
+    rng = np.random.default_rng(seed)
+    n_seq = 4
+    mem: Any = make_hybrid(pattern, n_seq_max=n_seq)
+    attn, recr = mem.mem_attn, mem.mem_recr
+    bounds = attn.bounds
+    touched: set[int] = set()  # sequences whose parts disagree: not decoded again
+    met = {"min": 0, "max": 0}
+    for p0 in (0, 6):  # two ubatches a sequence: an SWA cache's window then starts past 0
+        assert decode(mem, [t for q in range(n_seq) for t in prompt(q, 6, p0)]) == 0
+    for i in range(24):
+        s = int(rng.integers(0, n_seq))
+        top = mem.seq_pos_max(s)
+        if s not in touched and (top < 2 or rng.random() < 0.3):
+            assert decode(mem, prompt(s, int(rng.integers(2, 9)), top + 1)) == 0
+        elif i % 2 and attn.seq_pos_min(s) < min(attn.seq_pos_max(s), recr.seq_pos_max(s)):
+            # the part's tail cut inside its cells, below the recurrent position: its
+            # maximum stale (a cut of all of them would leave exact bounds)
+            hi = min(attn.seq_pos_max(s), recr.seq_pos_max(s))
+            attn.seq_rm(s, int(rng.integers(attn.seq_pos_min(s), hi)) + 1, -1)
+            touched.add(s)
+        elif attn.seq_pos_max(s) > attn.seq_pos_min(s):  # shifted up past the recurrent
+            attn.seq_add(s, -1, -1, 50)  # position, then a head cut of at least one cell
+            if i % 3:  # (or none: an iSWA part's SWA minimum then differs from its base's)
+                attn.seq_rm(s, 0, int(rng.integers(attn.seq_pos_min(s), attn.seq_pos_max(s))) + 1)
+            touched.add(s)
+        for q in range(n_seq):
+            stale = bounds.stale[bounds.keys[q]]
+            got = (mem.seq_pos_min(q), mem.seq_pos_max(q))  # first: the bounds may be stale
+            a_min, a_max = attn.seq_pos_min(q), attn.seq_pos_max(q)
+            r_min, r_max = recr.seq_pos_min(q), recr.seq_pos_max(q)
+            assert got == (max(a_min, r_min), min(a_max, r_max)), f"seq {q}"
+            met["min"] += bool(stale & STALE_MIN) and a_min > r_min  # it decided
+            met["max"] += bool(stale & STALE_MAX) and a_max < r_max
+    assert met["min"] > 0 and met["max"] > 0, met  # a stale deciding bound met, each side
+    attn.close()  # a closed attention part: every id takes its checked road
+    for query in (mem.seq_pos_min, mem.seq_pos_max):
+        with pytest.raises(Exception, match="closed"):
+            query(0)
 
 
 @pytest.mark.parametrize("seq_id", [-1, 0])

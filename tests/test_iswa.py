@@ -382,3 +382,23 @@ def test_failed_restore_changes_nothing() -> None:
     assert mem.state_write() == after
     check_iswa(mem)
     mem.close()
+
+
+def test_position_bounds_read_as_the_queries_answer() -> None:
+    """``KVCacheISWA.bounds`` (what a hybrid reads an open id's bound from) are the SWA
+    cache's, as ``seq_pos_min`` / ``seq_pos_max`` answer: here the SWA cache has
+    overwritten a sequence's oldest cells, so its minimum differs from the base's. Once
+    closed, no id may be read from them."""
+    mem = make_iswa(1024, 2, n_ubatch=32, unified=False)
+    for p0 in range(0, 320, 32):
+        assert decode(mem, [t for q in range(2) for t in prompt(q, 32, p0)], n_ubatch=32) == 0
+    bounds = mem.bounds
+    assert bounds.n_open == 2  # one stream a sequence: the ids below n_seq_max
+    for q in range(2):
+        key = bounds.keys[q]
+        want = (mem.seq_pos_min(q), mem.seq_pos_max(q))  # (recomputes what overwrites left stale)
+        assert not bounds.stale[key]
+        assert (bounds.pos_min[key], bounds.pos_max[key]) == want
+        assert bounds.pos_min[key] > mem.kv_base.seq_pos_min(q) == 0  # the window's start
+    mem.close()
+    assert bounds.n_open == 0

@@ -88,6 +88,7 @@ from pymem.kv.cells import (
     CellViews,
     KVCells,
     NewRows,
+    PositionBounds,
     StackedCells,
 )
 from pymem.kv.inputs import build_k_idxs, build_kq_mask, build_v_idxs
@@ -388,6 +389,8 @@ class KVCache(Memory):
         # ids the checks' fast path takes without naming anything: all of them while open,
         # none once closed (so that path needs no closed test of its own)
         self._n_fast_ids = len(self._seq_key)
+        # the same bounds for a composite's queries (its n_open zeroed with the above)
+        self.bounds = PositionBounds(self._seq_key, self.cells)
         # the same facts, frozen, for the helper modules
         self.layout = KVLayout(
             kv_size=self.kv_size,
@@ -487,6 +490,7 @@ class KVCache(Memory):
             st.close()
         self._closed = True
         self._n_fast_ids = 0
+        self.bounds.n_open = 0
 
     def _runner(self, device: str) -> GraphRunner:
         """The graph runner of ``device`` (K-shift), created on first use."""

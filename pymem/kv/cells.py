@@ -280,6 +280,31 @@ class NewRows:
         return cls(rows, True, primary >> 6, bit, key, distinct, hi)
 
 
+class PositionBounds:
+    """A cache's cached position bounds, readable without a call into the cache.
+
+    Why: a composite's ``seq_pos_max`` / ``seq_pos_min`` sit at llama.cpp's
+    sub-microsecond times, and calling the KV part's query from the composite's costs a
+    third of that. A composite holds this object and reads an open id's bound itself:
+    ``key = keys[seq_id]``; the bound is ``pos_max[key]`` (``pos_min[key]``, ``EMPTY_MIN``
+    meaning none) unless ``stale[key] & STALE_MAX`` (``STALE_MIN``) says to ask the cache,
+    which recomputes it. Only ids in ``[0, n_open)`` may be read this way (every id
+    below 256 in a unified cache, ``n_seq_max`` ids with one stream a sequence): ``n_open``
+    is 0 once the cache is closed, so every id then takes the cache's checked path (which
+    raises). The views stay valid for the life of the cells (the bound arrays are never
+    reallocated; a widening of the bitsets rebinds other arrays).
+    """
+
+    __slots__ = ("keys", "n_open", "pos_max", "pos_min", "stale")
+
+    def __init__(self, keys: list[int], cells: StackedCells) -> None:
+        self.keys = keys  # per sequence id, its (stream, sequence) key s * 256 + id
+        self.n_open = len(keys)
+        self.pos_min: memoryview = cells.pmin_m
+        self.pos_max: memoryview = cells.pmax_m
+        self.stale: memoryview = cells.pdirty_m
+
+
 class StackedCells:
     """The cell metadata of every stream of one cache; tensor data lives elsewhere.
 

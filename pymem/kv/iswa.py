@@ -179,6 +179,8 @@ class KVCacheISWA(CompositeMemory):
     def _init_parts(self, base: KVCache, swa: KVCache) -> None:
         self.kv_base = base
         self.kv_swa = swa
+        # the position queries answer from the SWA cache (see seq_pos_min): its bounds
+        self.bounds = swa.bounds
         self.spec = base.spec
         # the constructor flag, not n_stream == 1: a one-sequence cache built with
         # unified=False still splits with split_equal(sequential=True), as the reference

@@ -294,6 +294,9 @@ class RecurrentMemory(Memory):
 
         # seq ids stored in cells are < size; rs_idx is indexed by any id < n_seq_max too
         self.cells = RecurrentCells(self.size, max(self.size, self.n_seq_max))
+        # memoryviews of the cells' tail and pos, rebound with the cells (commit_cells):
+        # the position queries, here and in a hybrid, read a word of each
+        self.position_views: tuple[memoryview, memoryview] = self.cells.views()
         self._version = 0  # bumped on every mutation: a stale read plan refuses to commit
         # frozen ids seq_pos_min_of checked, and their int64 copy
         # (frozen ids, their int64 copy, its cffi buffer): the allocator's layout ids
@@ -386,6 +389,7 @@ class RecurrentMemory(Memory):
     def commit_cells(self, cells: RecurrentCells) -> None:
         """Make ``cells`` (a validated placement or restore) the memory's cells."""
         self.cells = cells
+        self.position_views = cells.views()
         self._version += 1
 
     # -- planning ----------------------------------------------------------------------
@@ -647,7 +651,7 @@ class RecurrentMemory(Memory):
         if not 0 <= seq_id < self._n_fast_ids:
             self.check_open()  # a closed memory raises; an id outside the cells has none
             return -1
-        tail, pos = self.cells.views()  # (plain ints, no numpy scalars: a hot query)
+        tail, pos = self.position_views  # (plain ints, no numpy scalars: a hot query)
         t: int = tail[seq_id]
         return pos[t] if t >= 0 else -1
 
