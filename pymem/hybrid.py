@@ -208,12 +208,13 @@ class HybridMemory(CompositeMemory):
             return False
         return self.mem_attn.seq_rm(seq_id, p0, p1)
 
-    # The two position queries read the recurrent part's cells themselves (its
-    # seq_pos_min, inlined): a runtime asks them every step, and a second part call was
-    # ~0.1 µs of the hybrid's 0.43 µs against llama.cpp's ~0.3 µs through ctypes
-    # (bench_vs_llama_cpp's seq ops). tests/test_hybrid.py checks them against the parts.
-    # (The recurrent cells' memoryviews are made on a cells object's first query: a
-    # decode step commits new cells, so a step pays them once if anything asks.)
+    # The two position queries read both parts' bounds themselves, with no call into
+    # either (the attention part's only for a stale bound or an id off its fast path): a
+    # runtime asks them every step, and each part call was ~0.15 µs of the hybrid's 0.47
+    # µs against llama.cpp's 0.42-0.49 through ctypes (bench_vs_llama_cpp's seq ops).
+    # tests/test_hybrid.py checks them against the parts, stale bounds included. (The
+    # recurrent part's memoryviews are made when its cells are committed: two per
+    # decode step.)
     def seq_pos_min(self, seq_id: int) -> int:
         """``max(attention, recurrent)``, as the reference (see :meth:`seq_pos_ranges`)."""
         b = self._attn_bounds
