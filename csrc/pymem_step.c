@@ -1514,7 +1514,7 @@ pm_status pm_step_batch_check_runs(const int32_t * token, const int32_t * pos, i
 pm_status pm_step_rs_steady(int64_t size, const int32_t * tail, const int32_t * tail_snap, const int32_t * ids,
                             const int32_t * ids_snap, int64_t n, int64_t lo, int32_t * pos, const int32_t * src,
                             int32_t * src0, uint32_t * n_last, int64_t n_last_size, const int32_t * last_pos,
-                            int32_t n_seq_tokens, int32_t * done) {
+                            int32_t n_seq_tokens, int32_t dry, int32_t * done) {
     if (tail == NULL || tail_snap == NULL || ids == NULL || ids_snap == NULL || pos == NULL || src == NULL ||
         src0 == NULL || n_last == NULL || last_pos == NULL || done == NULL || size < 0 || n < 0) {
         return PM_ERR_ARG;
@@ -1536,6 +1536,10 @@ pm_status pm_step_rs_steady(int64_t size, const int32_t * tail, const int32_t * 
         if ((int64_t) last_pos[s] - pos[lo + s] != n_seq_tokens || src[lo + s] != lo + s) {
             return PM_OK;
         }
+    }
+    if (dry) {
+        *done = 1;
+        return PM_OK;
     }
     for (int64_t s = 0; s < n; s++) {
         pos[lo + s] = last_pos[s];

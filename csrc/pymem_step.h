@@ -204,11 +204,13 @@ pm_status pm_step_kq_mask(const pm_step_cells * c, const int64_t * strm, int64_t
 // s), then pos[lo + s] = last_pos[s], src0[lo + s] = lo + s, n_last[ids[s]] =
 // n_seq_tokens and *done = 1 (the caller sets rs_z = -1, head = lo, n and used). Else
 // *done = 0 and nothing is written (also for a window or id outside the cells / n_last):
-// the numpy path decides, logs any jump and raises what it raises.
+// the numpy path decides, logs any jump and raises what it raises. With dry != 0 only
+// *done is written (whether the step holds): a plan asks it of the live cells, and the
+// apply that follows, the memory unchanged, places the step in them.
 pm_status pm_step_rs_steady(int64_t size, const int32_t * tail, const int32_t * tail_snap, const int32_t * ids,
                             const int32_t * ids_snap, int64_t n, int64_t lo, int32_t * pos, const int32_t * src,
                             int32_t * src0, uint32_t * n_last, int64_t n_last_size, const int32_t * last_pos,
-                            int32_t n_seq_tokens, int32_t * done);
+                            int32_t n_seq_tokens, int32_t dry, int32_t * done);
 
 // RecurrentMemory.seq_pos_min_of of ids all in [0, size): out[i] = pos[tail[ids[i]]], -1
 // when the sequence holds no cell (tail -1). PM_ERR_RANGE for an id or tail outside.

@@ -284,9 +284,10 @@ class HybridMemory(CompositeMemory):
         out = np.empty(n, dtype=np.int64)
         c, ok = attn.step_cells()
         cells = self.mem_recr.cells
+        tail, pos = cells.c_buffers()[:2]
         status = lib.pm_step_hybrid_pos_max(
-            c, keys_c, ffi.from_buffer("int32_t[]", cells.tail), ffi.from_buffer("int32_t[]", cells.pos),
-            cells.size, ids_c, n, ffi.from_buffer("int64_t[]", out, require_writable=True), ok,
+            c, keys_c, tail, pos, cells.size, ids_c, n,
+            ffi.from_buffer("int64_t[]", out, require_writable=True), ok,
         )  # fmt: skip
         if status != lib.PM_OK:
             check(status, f"pm_step_hybrid_pos_max ({n} ids)")

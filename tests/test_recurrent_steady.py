@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 from test_recurrent import make_rec, ub
 
+from pymem.errors import StateError
 from pymem.recurrent import RecurrentMemory
 from pymem.recurrent import cells as rc
+from pymem.state import StateReader
 
 
 def _snap(mem: RecurrentMemory) -> tuple:
@@ -215,3 +217,106 @@ def test_steady_path_equals_general_path_across_restores(
     for i, (a, b) in enumerate(zip(fast, general, strict=True)):
         assert a == b, f"step {i}: {a[0]}"
     assert n_taken > 0
+
+
+def _plan_and_apply(mem: RecurrentMemory, ubatch) -> tuple[bool, list[int] | None]:
+    """A batch's road for one ubatch: ``prepare`` (which must change nothing), then the
+    apply of its plan; (fits, s_copy rows) as a context would see them."""
+    before = _snap(mem)
+    plan = mem.prepare([ubatch])
+    assert _snap(mem) == before  # planning changed nothing (a steady one asked in place)
+    if plan is None:
+        return False, None
+    return True, mem.apply_ubatch(plan.requests[0], plan, 0).tolist()
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_a_steady_decode_step_is_planned_without_a_copy_and_placed_in_place(
+    seed: int, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # prepare asks the steady step of the live cells (pm_step_rs_steady, dry) and plans
+    # no copy; the apply places it in those cells. Every step (cells, scalars, s_copy,
+    # warnings) must equal the copy-planning road of the numpy reference, and the in-place
+    # road must have been taken, keeping the cells object and copying nothing
+    caplog.set_level(logging.WARNING, logger="pymem.recurrent.cells")
+    n_seq = [3, 5, 8][seed % 3]
+    n_rs_seq = [0, 2][seed % 2]
+    ops = _program(seed, n_seq, n_seq, n_rs_seq)
+
+    def run(native: bool) -> tuple[list, int]:
+        monkeypatch.setattr(rc, "USE_NATIVE", native)
+        copies = [0]
+        real_copy = rc.RecurrentCells.copy
+
+        def counted(self: rc.RecurrentCells) -> rc.RecurrentCells:
+            copies[0] += 1
+            return real_copy(self)
+
+        monkeypatch.setattr(rc.RecurrentCells, "copy", counted)
+        mem = make_rec(n_seq=n_seq, n_rs_seq=n_rs_seq)
+        trace, in_place = [], 0
+        for op in ops:
+            caplog.clear()
+            if op[0] == "ub":
+                sets, last, nst = op[1:]
+                ubatch = ub(*zip([s if len(s) > 1 else s[0] for s in sets], last), n_seq_tokens=nst)
+                cells, n_copies = mem.cells, copies[0]
+                result = _plan_and_apply(mem, ubatch)
+                in_place += mem.cells is cells and copies[0] == n_copies and result[0]
+            else:
+                result = getattr(mem, op[0])(*op[1:])
+            trace.append((op, result, _snap(mem), [r.getMessage() for r in caplog.records]))
+        monkeypatch.setattr(rc.RecurrentCells, "copy", real_copy)
+        return trace, in_place
+
+    fast, n_in_place = run(True)
+    reference, n_ref_in_place = run(False)
+    for i, (a, b) in enumerate(zip(fast, reference, strict=True)):
+        assert a == b, f"step {i}: {a[0]}"
+    assert n_in_place > 0 and n_ref_in_place == 0
+
+
+def _decode_three(mem: RecurrentMemory) -> None:
+    for p in range(3):
+        assert _plan_and_apply(mem, ub((0, p), (1, p), (2, p)))[0]
+
+
+def test_a_steady_step_in_place_is_a_change_of_the_memory() -> None:
+    # the cells object stays, so only the version tells that the step changed it: plans
+    # made before it (a state read's, a batch's) must be refused or placed anew after it
+    mem = make_rec(n_seq=4)
+    _decode_three(mem)
+    for seq_id in (0, -1):
+        read = mem.state_read_parse(StateReader(mem.state_write(seq_id)), seq_id)
+        batch = mem.prepare([ub((0, 3), (1, 3), (2, 3))])
+        assert batch is not None and batch.states == [None]
+        cells = mem.cells
+        assert _plan_and_apply(mem, ub((0, 3), (1, 3), (2, 3)))[0]
+        assert mem.cells is cells  # (in place)
+        with pytest.raises(StateError, match="changed after"):
+            read.commit()
+        # the batch plan's step was taken: applied now, it is placed anew from the cells
+        # as they are (positions 3 again after 3: a jump the general road logs and takes)
+        mem.apply_ubatch(batch.requests[0], batch, 0)
+        assert mem.cells is not cells
+        mem = make_rec(n_seq=4)
+        _decode_three(mem)
+
+
+def test_a_steady_plan_applied_after_a_change_places_the_step_anew() -> None:
+    # a plan made steady, then the memory changed before the apply (the version moved):
+    # the apply must not trust the plan's check; it places the ubatch from the current
+    # cells, as a plan made after the change would
+    decode_three = _decode_three
+    for change in (("seq_cp", 0, 3), ("seq_rm", 1, -1, -1), ("seq_add", 2, -1, -1, 5)):
+        late, fresh = make_rec(n_seq=4), make_rec(n_seq=4)
+        decode_three(late)
+        decode_three(fresh)
+        step = ub((0, 3), (1, 3), (2, 3))
+        plan = late.prepare([step])
+        assert plan is not None and plan.states == [None]  # planned in place: steady
+        getattr(late, change[0])(*change[1:])
+        getattr(fresh, change[0])(*change[1:])
+        s_copy = late.apply_ubatch(plan.requests[0], plan, 0).tolist()
+        assert (True, s_copy) == _plan_and_apply(fresh, step), change
+        assert _snap(late) == _snap(fresh), change

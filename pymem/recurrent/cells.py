@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -40,12 +41,13 @@ class RecurrentCells:
     back exactly ``n_last - 1`` tokens, so a longer rollback is refused (see seq_rm_cells).
     Sequence ops validate first and then change the live object in place. Plans
     (``prepare``, ``find_slot``, a state-read plan) run on a :meth:`copy`, which a commit
-    swaps in only once the whole plan succeeded.
+    swaps in only once the whole plan succeeded; the steady decode step alone is planned
+    by a check of the live cells and placed in them (:func:`steady_step`).
     """
 
     __slots__ = (
-        "_views", "head", "n", "n_last", "pos", "rs_idx", "rs_z", "size", "src", "src0", "steady",
-        "tail", "used",
+        "_c_buffers", "_views", "head", "n", "n_last", "pos", "rs_idx", "rs_z", "size", "src",
+        "src0", "steady", "tail", "used",
     )  # fmt: skip
 
     def __init__(self, size: int, n_rs_idx: int) -> None:
@@ -66,6 +68,7 @@ class RecurrentCells:
         # what the last uncoupled find_slot left (see _Steady); content-checked before use
         self.steady: _Steady | None = None
         self._views: tuple[memoryview, memoryview] | None = None
+        self._c_buffers: tuple[Any, ...] | None = None  # (see c_buffers)
 
     def views(self) -> tuple[memoryview, memoryview]:
         """Memoryviews of ``tail`` and ``pos``, made on first use: a position query or a
@@ -97,7 +100,25 @@ class RecurrentCells:
         c.head, c.used, c.n, c.rs_z = (int(v) for v in scalars)
         c.steady = steady
         c._views = None
+        c._c_buffers = None
         return c
+
+    def c_buffers(self) -> tuple[Any, ...]:
+        """C buffers of ``tail``, ``pos``, ``src``, ``src0`` and ``n_last`` and an out
+        word (:c:func:`pm_step_rs_steady`'s arguments; the first two are also a hybrid's
+        position kernel's), made on first use: the live cells of a steady decode take
+        every step in place, so a step makes none (the arrays are never rebound)."""
+        b = self._c_buffers
+        if b is None:
+            b = self._c_buffers = (
+                ffi.from_buffer("int32_t[]", self.tail),
+                ffi.from_buffer("int32_t[]", self.pos, require_writable=True),
+                ffi.from_buffer("int32_t[]", self.src),
+                ffi.from_buffer("int32_t[]", self.src0, require_writable=True),
+                ffi.from_buffer("uint32_t[]", self.n_last, require_writable=True),
+                ffi.new("int32_t *"),
+            )
+        return b
 
     def seq_counts(self) -> np.ndarray:
         """Number of sequences in each cell. E.g. tail [2, -1, 2, 0] -> [1, 0, 2, 0]."""
@@ -143,6 +164,8 @@ class _Steady:
     used: int
     rng: np.ndarray  # int32 [lo, lo + n_seqs): E.g. lo 4, 3 sets -> [4, 5, 6]
     rng_bytes: bytes  # rng.tobytes(): a cell range whose src is this sources itself
+    # C buffers of tail and ids (int32 ones), made by the first native steady step
+    snaps_c: list[Any] = field(default_factory=list, compare=False, repr=False)
 
 
 @dataclass
@@ -238,15 +261,9 @@ def find_slot(c: RecurrentCells, req: SlotRequest) -> bool:
         c.head = 0
 
     coupled_sets, all_ids = req.coupled, req.all_ids
-    st = c.steady
-    if (
-        USE_NATIVE
-        and st is not None
-        and not coupled_sets
-        and st.ids_dtype == all_ids.dtype.str == "<i4"
-        and _find_slot_steady_native(c, req, st)
-    ):
+    if steady_step(c, req, dry=False):
         return True
+    st = c.steady
     if (
         st is not None
         and not coupled_sets
@@ -477,30 +494,52 @@ def _find_slot_steady(c: RecurrentCells, req: SlotRequest, st: _Steady) -> bool:
     return True
 
 
-def _find_slot_steady_native(c: RecurrentCells, req: SlotRequest, st: _Steady) -> bool:
+def steady_step(c: RecurrentCells, req: SlotRequest, *, dry: bool) -> bool:
+    """:func:`find_slot`'s first road on ``c`` itself: the steady step of ``req`` (its
+    :class:`_Steady` record holds) in one native call. ``dry``: whether it holds, nothing
+    written (a plan asks the live cells, and the apply that follows, the memory
+    unchanged, places it in them); else placed (True) or nothing changed (False). False
+    without the native kernels, a record, uncoupled sets or int32 ids on both sides."""
+    st = c.steady
+    if st is None or req.coupled or not USE_NATIVE:
+        return False
+    return _find_slot_steady_native(c, req, st, dry)
+
+
+_INT32 = np.dtype(np.int32)  # (a native int32 array's dtype is this very object)
+
+
+def _find_slot_steady_native(
+    c: RecurrentCells, req: SlotRequest, st: _Steady, dry: bool = False
+) -> bool:
     """:func:`_find_slot_steady` with the steadiness checks (``tail`` and the ids as
     :class:`_Steady` recorded them) in one native call; False, nothing changed, when it
-    does not hold or a set jumps (the numpy path then decides and logs)."""
-    n = st.rng.size
+    does not hold or a set jumps (the numpy path then decides and logs). ``dry``: only
+    whether it holds, nothing written. A decode step asks it twice (plan, apply), hence
+    the plain checks: no ``flags`` object, no dtype string."""
     ids, last_pos = req.all_ids, req.last_pos
-    if ids.size != n or last_pos.size != n or not ids.flags.c_contiguous:
-        return False  # another set count (the numpy checks see it), or a strided id column
-    if last_pos.dtype != np.int32 or not last_pos.flags.c_contiguous:
+    if ids.dtype is not _INT32 or last_pos.dtype is not _INT32 or st.ids_dtype != "<i4":
         return False
-    done = ffi.new("int32_t *")
+    n = st.rng.size
+    if ids.size != n or last_pos.size != n:
+        return False  # another set count: the numpy checks see it
+    try:
+        ids_c = ffi.from_buffer("int32_t[]", ids)
+        last_c = ffi.from_buffer("int32_t[]", last_pos)
+    except ValueError:  # a strided id column: numpy's road
+        return False
+    snaps = st.snaps_c
+    if not snaps:
+        snaps += [ffi.from_buffer("int32_t[]", st.tail), ffi.from_buffer("int32_t[]", st.ids)]
+    tail, pos, src, src0, n_last, done = c.c_buffers()
     status = lib.pm_step_rs_steady(
-        c.size, ffi.from_buffer("int32_t[]", c.tail), ffi.from_buffer("int32_t[]", st.tail),
-        ffi.from_buffer("int32_t[]", ids), ffi.from_buffer("int32_t[]", st.ids), n, st.lo,
-        ffi.from_buffer("int32_t[]", c.pos, require_writable=True),
-        ffi.from_buffer("int32_t[]", c.src),
-        ffi.from_buffer("int32_t[]", c.src0, require_writable=True),
-        ffi.from_buffer("uint32_t[]", c.n_last, require_writable=True), c.n_last.size,
-        ffi.from_buffer("int32_t[]", last_pos), req.n_seq_tokens, done,
+        c.size, tail, snaps[0], ids_c, snaps[1], n, st.lo, pos, src, src0, n_last,
+        c.n_last.size, last_c, req.n_seq_tokens, dry, done,
     )  # fmt: skip
     if status != lib.PM_OK:
         check(status, f"pm_step_rs_steady ({n} sets from cell {st.lo} of {c.size})")
-    if not done[0]:
-        return False
+    if not done[0] or dry:
+        return bool(done[0])
     c.rs_z = -1
     c.head = st.lo
     c.n = n
