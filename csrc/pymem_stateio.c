@@ -1888,8 +1888,9 @@ pm_status pm_kv_read_seq_placed(const pm_kv_seq_blob * b, pm_step_cells * c, int
     }
     int64_t n_runs = 0;
     int32_t placed = 0;
-    st = pm_step_kv_restore_seq(c, s, seq_id, pos, n, swa_type, n_swa, b->heads, idx, b->run_starts[s],
-                                b->run_ends[s], &n_runs, &placed);
+    // (without a window only the runs are needed: no cell list)
+    st = pm_step_kv_restore_seq(c, s, seq_id, pos, n, swa_type, n_swa, b->heads, swa_type != 0 ? idx : NULL,
+                                b->run_starts[s], b->run_ends[s], &n_runs, &placed);
     if (st != PM_OK || !placed) {
         // (place_sure ruled a decline out; after a seq_rm it would not be "nothing changed")
         return st != PM_OK ? st : held ? PM_ERR_RANGE : PM_OK;

@@ -1071,6 +1071,60 @@ static int64_t pm_step_find_empty(const int32_t * pos, int64_t size, int64_t h, 
     return found;
 }
 
+// [cell, cell + len) appended to the runs [run_starts[r], run_ends[r]) of *runs, extending
+// the last one when it ends at cell
+static inline void pm_run_append(int64_t * run_starts, int64_t * run_ends, int64_t * runs, int64_t cell,
+                                 int64_t len) {
+    if (*runs > 0 && run_ends[*runs - 1] == cell) {
+        run_ends[*runs - 1] = cell + len;
+    } else {
+        run_starts[*runs] = cell;
+        run_ends[*runs] = cell + len;
+        ++*runs;
+    }
+}
+
+// pm_step_find_empty's cells as their maximal runs of consecutive cells, in that order,
+// with no cell list: [run_starts[r], run_ends[r]) (n capacity each), *n_runs of them; the
+// cells' count (below n when the stream lacks room: the runs then hold what was found).
+// A block taken whole extends the run it continues: a stream's empty stretches cost a
+// count per block and no per-cell write.
+static int64_t pm_step_find_empty_runs(const int32_t * pos, int64_t size, int64_t h, int64_t n,
+                                       int64_t * run_starts, int64_t * run_ends, int64_t * n_runs) {
+    int64_t found = 0, runs = 0;
+    for (int pass = 0; pass < 2 && found < n; pass++) {
+        int64_t cell = pass == 0 ? h : 0;
+        const int64_t end = pass == 0 ? size : h;
+        while (cell < end && found < n) {
+            if (end - cell >= PM_STEP_BLOCK) {
+                int32_t empty = 0;
+                for (int j = 0; j < PM_STEP_BLOCK; j++) {
+                    empty += pos[cell + j] < 0;
+                }
+                if (empty == 0) {
+                    cell += PM_STEP_BLOCK;
+                    continue;
+                }
+                if (empty == PM_STEP_BLOCK && n - found >= PM_STEP_BLOCK) {
+                    pm_run_append(run_starts, run_ends, &runs, cell, PM_STEP_BLOCK);
+                    found += PM_STEP_BLOCK;
+                    cell += PM_STEP_BLOCK;
+                    continue;
+                }
+            }
+            const int64_t stop = end - cell > PM_STEP_BLOCK ? cell + PM_STEP_BLOCK : end;
+            for (; cell < stop && found < n; cell++) {
+                if (pos[cell] < 0) {
+                    pm_run_append(run_starts, run_ends, &runs, cell, 1);
+                    found++;
+                }
+            }
+        }
+    }
+    *n_runs = runs;
+    return found;
+}
+
 // empty cell g (global: s * size + i; StackedCells._empty); the caller keeps used / used_max_dirty
 static void pm_step_empty(pm_step_cells * c, int64_t g) {
     c->owner[g] = -1;
@@ -1264,8 +1318,8 @@ static void pm_step_refresh_stale(pm_step_cells * c, int64_t s) {
 pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, const int32_t * pos, int64_t n,
                                  int32_t swa_type, int64_t n_swa, int64_t * heads, int32_t * idx,
                                  int64_t * run_starts, int64_t * run_ends, int64_t * n_runs, int32_t * placed) {
-    if (c == NULL || pos == NULL || heads == NULL || idx == NULL || run_starts == NULL || run_ends == NULL ||
-        n_runs == NULL || placed == NULL || n < 1) {
+    if (c == NULL || pos == NULL || heads == NULL || (idx == NULL && swa_type != 0) || run_starts == NULL ||
+        run_ends == NULL || n_runs == NULL || placed == NULL || n < 1) {
         return PM_ERR_ARG;
     }
     *placed = 0;
@@ -1297,6 +1351,19 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
         h = 0;  // (a head past the end is not left by any placement; start at 0 then)
     }
     int64_t found = 0, taken = 0;
+    if (swa_type == 0 && idx == NULL) {  // the runs alone: no cell list, no second pass
+        int64_t runs = 0;
+        found = pm_step_find_empty_runs(c->pos + g0, c->size, h, n, run_starts, run_ends, &runs);
+        if (found < n) {
+            return PM_OK;
+        }
+        pm_step_take_runs(c, s, run_starts, run_ends, runs, pos, seq_id);
+        c->used[s] += n;
+        heads[s] = run_ends[runs - 1];
+        *n_runs = runs;
+        *placed = 1;
+        return PM_OK;
+    }
     if (swa_type == 0) {
         found = pm_step_find_empty(c->pos + g0, c->size, h, n, idx);
     }

@@ -123,7 +123,7 @@ pm_status pm_step_kv_cells_equal_var(const pm_step_cells * c, int64_t s, const i
 // as pm_step_kv_overwrite does, in stream s) and the head's move past the last
 // one. idx (int32[n]) gets the cells in scan order, run_starts / run_ends (int64[n]
 // capacity) their maximal runs of consecutive cells in that order (ends exclusive),
-// *n_runs their count. With a window, the stream's stale cached bounds are recomputed
+// *n_runs their count. Without a window idx may be NULL: the runs alone are written. With a window, the stream's stale cached bounds are recomputed
 // from its cells first (the search reads other sequences' largest positions; a cache
 // refresh, as a position query makes, not a change of state). *placed = 0, nothing
 // written, when fewer than n cells are usable (a cell shared by several sequences never
@@ -131,7 +131,7 @@ pm_status pm_step_kv_cells_equal_var(const pm_step_cells * c, int64_t s, const i
 // array to clear, seq_id is outside [0, 64 n_words), a
 // position is negative or the window is not one (swa_type outside [0, 3], n_swa < 1 with
 // a window): the numpy search decides then. PM_ERR_RANGE for s outside
-// [0, n_stream); PM_ERR_ARG for a null pointer or n < 1.
+// [0, n_stream); PM_ERR_ARG for a null pointer (idx with a window) or n < 1.
 pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, const int32_t * pos, int64_t n,
                                  int32_t swa_type, int64_t n_swa, int64_t * heads, int32_t * idx,
                                  int64_t * run_starts, int64_t * run_ends, int64_t * n_runs, int32_t * placed);

@@ -252,3 +252,56 @@ def test_native_restore_placement_long_runs(monkeypatch, chunk: int) -> None:
             kv.close()
         assert states[0] == states[1], (chunk, head)
     assert len(took) == 36 and all(took), took  # (every swap-in: one call)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 32, 45])
+def test_restore_kernel_runs_road_equals_its_cell_list_road(chunk: int) -> None:
+    """Without a window the kernel may be given no cell list (``idx`` NULL: the one-call
+    swap-in's road), and its search then builds the runs itself: the same runs, count,
+    head and cells as the road through the list, from every head (wrapped searches,
+    blocks taken whole or cell by cell, a block whole but more than the cells left).
+    With a window the list is required."""
+    from test_kv_state_same import CFGS, build
+
+    def filled() -> KVCache:
+        kv = build(CFGS["f16-trans"], n_cells=320, n_seq=3)
+        for p0 in range(0, 90, chunk):
+            for s in range(3):
+                n = min(chunk, 90 - p0)
+                decode(kv, [[1 + s, p0 + j, [s], False] for j in range(n)], n_ubatch=n)
+        kv.seq_rm(2, 60, -1)
+        kv.seq_rm(1, -1, -1)
+        return kv
+
+    def place(kv: KVCache, head: int, n: int, with_list: bool) -> tuple:
+        c, heads, _, placed = kv._native_cells()
+        kv.v_heads[0] = head
+        pos = np.arange(100, 100 + n, dtype=np.int32)
+        idx = np.empty(n, dtype=np.int32)
+        runs = np.full((2, n), -7, dtype=np.int64)
+        n_runs = ffi.new("int64_t *")
+        rp = ffi.from_buffer("int64_t[]", runs, require_writable=True)
+        ip = ffi.from_buffer("int32_t[]", idx, require_writable=True) if with_list else ffi.NULL
+        status = lib.pm_step_kv_restore_seq(
+            c, 0, 1, ffi.from_buffer("int32_t[]", pos), n, 0, 0, heads, ip, rp, rp + n, n_runs,
+            placed,
+        )  # fmt: skip
+        assert status == lib.PM_OK
+        k = int(n_runs[0])
+        return placed[0], runs[:, :k].tolist(), int(kv.v_heads[0]), _state(kv)
+
+    free = 320 - int(filled().v_cells[0].used)
+    for n in (1, 31, 33, 90, free, free + 1):
+        for head in range(0, 321, 23):
+            got = [place(filled(), head, n, with_list) for with_list in (True, False)]
+            assert got[0] == got[1], (chunk, n, head)
+            assert got[0][0] == (n <= free)
+    kv = filled()
+    c, heads, _, placed = kv._native_cells()
+    runs = np.empty((2, 4), dtype=np.int64)
+    rp = ffi.from_buffer("int64_t[]", runs, require_writable=True)
+    pos = np.arange(2, dtype=np.int32)
+    assert lib.pm_step_kv_restore_seq(
+        c, 0, 1, ffi.from_buffer("int32_t[]", pos), 2, 1, 4, heads, ffi.NULL, rp, rp + 2,
+        ffi.new("int64_t *"), placed,
+    ) == lib.PM_ERR_ARG  # fmt: skip
