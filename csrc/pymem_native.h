@@ -39,6 +39,20 @@
 #define PM_CLONES_AVX2
 #endif
 
+// n bytes (a multiple of 16) zeroed by vector stores: for the short spans of a block of
+// cells (128 or 256 bytes), where GCC turns a zeroing loop into `rep stos`, whose start-up
+// costs more than the stores on this project's AMD EPYC (a quarter of a removal's time)
+static inline void pm_zero16(void * p, size_t n) {
+#if defined(__SSE2__) || defined(_M_X64)
+    const __m128i z = _mm_setzero_si128();
+    for (size_t i = 0; i < n; i += 16) {
+        _mm_storeu_si128((__m128i *) (void *) ((char *) p + i), z);
+    }
+#else
+    memset(p, 0, n);
+#endif
+}
+
 // memcpy of n bytes between buffers that do not overlap, except for a long copy whose
 // destination lies less than 64 bytes past the source modulo 4 KiB. There glibc's x86
 // memcpy takes `rep movsb`, which this project's AMD EPYC runs several times slower (8 KiB

@@ -1941,11 +1941,15 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
                     pos[c0 + j] = -1;
                     owner[c0 + j] = -1;
                 }
-                for (int j = 0; may_shift && j < 32; ++j) {
-                    shift[c0 + j] = 0;
+                if (may_shift) {
+                    pm_zero16(shift + c0, 32 * sizeof(int32_t));
                 }
-                for (int j = 0; j < 32; ++j) {
-                    seq[n_words * (c0 + j)] = 0;
+                if (n_words == 1) {
+                    pm_zero16(seq + c0, 32 * sizeof(uint64_t));
+                } else {
+                    for (int j = 0; j < 32; ++j) {
+                        seq[n_words * (c0 + j)] = 0;
+                    }
                 }
                 first = first < 0 ? c0 : first;
                 last = c0 + 31;

@@ -385,23 +385,30 @@ def test_native_range_scan_equals_numpy_scan(monkeypatch, seed: int, first: int)
     check_invariants(kv)
 
 
-@pytest.mark.parametrize("long_runs", [False, True], ids=["short-runs", "long-runs"])
+@pytest.mark.parametrize(
+    "long_runs, wide", [(False, False), (True, False), (True, True)],
+    ids=["short-runs", "long-runs", "long-runs-two-words"],
+)  # fmt: skip
 @pytest.mark.parametrize("unified", [True, False], ids=["unified", "streams"])
 @pytest.mark.parametrize("seed", range(6))
 def test_native_seq_rm_equals_reference(
-    monkeypatch, seed: int, unified: bool, long_runs: bool
+    monkeypatch, seed: int, unified: bool, long_runs: bool, wide: bool
 ) -> None:
     # KVCache.seq_rm of one sequence through one native pass (pm_step_kv_rm_seq) and
     # through seq_cells_in_all + seq_rm_bit leave the same cells, bounds (clean or stale),
     # used counts, heads; random removals: tails, middles, whole sequences, empty and
     # reversed ranges, ranges past the positions, forks (shared cells: the kernel declines).
     # Long runs: sequences decoded 24-63 tokens a step, so whole 32-cell blocks of one
-    # sequence (the kernel's block stores) meet blocks it shares with another
+    # sequence (the kernel's block stores) meet blocks it shares with another; two words:
+    # the bitsets widened first (the block's bitset stores are strided then)
     shape = (2048, 8, (24, 64)) if long_runs else (256, 30, (1, 6))
     fast, ref = (
         _lockstep_cache(seed, shape[0], shape[1], hole=False, run=shape[2], unified=unified)
         for _ in range(2)
     )
+    for kv in (fast, ref) if wide else ():
+        kv.cells.fit(100)
+        assert kv.cells.n_words == 2
     rng = np.random.default_rng(100 + seed)
     taken = []
     real = cache_mod.KVCache._seq_rm_native
