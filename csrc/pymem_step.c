@@ -1617,6 +1617,32 @@ pm_status pm_step_rs_steady(int64_t size, const int32_t * tail, const int32_t * 
     return PM_OK;
 }
 
+pm_status pm_rs_drop_seq(int32_t * tail, int32_t * pos, int32_t * src, int64_t n_tail, int64_t size,
+                         int32_t seq_id, int32_t * emptied) {
+    if (tail == NULL || pos == NULL || src == NULL || emptied == NULL || n_tail < 0 || size < 0) {
+        return PM_ERR_ARG;
+    }
+    if (seq_id < 0 || seq_id >= n_tail || tail[seq_id] >= size) {
+        return PM_ERR_RANGE;
+    }
+    const int32_t t = tail[seq_id];
+    tail[seq_id] = -1;
+    *emptied = -1;
+    if (t < 0) {
+        return PM_OK;
+    }
+    int32_t held = 0;  // (one branch-free pass: the tails are few)
+    for (int64_t i = 0; i < n_tail; i++) {
+        held |= tail[i] == t;
+    }
+    if (!held) {
+        pos[t] = -1;
+        src[t] = -1;
+        *emptied = t;
+    }
+    return PM_OK;
+}
+
 pm_status pm_step_kv_overwrite(pm_step_cells * c, int64_t n, const int32_t * idx, const int32_t * pos,
                                const int32_t * seq, int64_t * heads, int64_t * top, int32_t * placed) {
     if (c == NULL || idx == NULL || pos == NULL || seq == NULL || heads == NULL || top == NULL ||

@@ -212,6 +212,13 @@ pm_status pm_step_rs_steady(int64_t size, const int32_t * tail, const int32_t * 
                             int32_t * src0, uint32_t * n_last, int64_t n_last_size, const int32_t * last_pos,
                             int32_t n_seq_tokens, int32_t dry, int32_t * done);
 
+// RecurrentCells.drop_seq: seq_id (in [0, n_tail)) leaves its tail cell (tail[seq_id] =
+// -1); when no other sequence's tail names that cell, it is emptied (pos and src -1) and
+// *emptied is it, else -1 (also for a sequence without a cell). The caller keeps used and
+// head. PM_ERR_RANGE, nothing written, for seq_id outside or a tail cell past size.
+pm_status pm_rs_drop_seq(int32_t * tail, int32_t * pos, int32_t * src, int64_t n_tail, int64_t size,
+                         int32_t seq_id, int32_t * emptied);
+
 // RecurrentMemory.seq_pos_min_of of ids all in [0, size): out[i] = pos[tail[ids[i]]], -1
 // when the sequence holds no cell (tail -1). PM_ERR_RANGE for an id or tail outside.
 pm_status pm_step_rs_pos(const int32_t * tail, const int32_t * pos, int64_t size, const int64_t * ids, int64_t n,

@@ -320,3 +320,34 @@ def test_a_steady_plan_applied_after_a_change_places_the_step_anew() -> None:
         s_copy = late.apply_ubatch(plan.requests[0], plan, 0).tolist()
         assert (True, s_copy) == _plan_and_apply(fresh, step), change
         assert _snap(late) == _snap(fresh), change
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_native_drop_seq_equals_numpy(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # RecurrentCells.drop_seq in one native call (pm_rs_drop_seq) and in numpy (the
+    # reference): the same tails, positions, sources and emptied cell for every id of
+    # random cells with shared ones (seq_cp) and sequences without a cell; an id or a
+    # tail outside the cells is refused with nothing written
+    rng = np.random.default_rng(seed)
+    size = n_tail = 7  # (a sequence id names a tail entry: one per cell)
+    for _ in range(20):
+        base = rc.RecurrentCells(size, 9)
+        base.tail[:] = rng.integers(-1, size, n_tail)
+        base.pos[:] = rng.integers(-1, 50, size)
+        base.src[:] = rng.integers(-1, size, size)
+        for seq_id in range(n_tail):
+            got = []
+            for native in (True, False):
+                monkeypatch.setattr(rc, "USE_NATIVE", native)
+                c = base.copy()
+                emptied = c.drop_seq(seq_id)
+                got.append((emptied, c.tail.tolist(), c.pos.tolist(), c.src.tolist()))
+            assert got[0] == got[1], (seed, seq_id)
+    monkeypatch.setattr(rc, "USE_NATIVE", True)
+    c = base.copy()
+    c.tail[2] = size  # a tail past the cells
+    before = (c.tail.tolist(), c.pos.tolist(), c.src.tolist())
+    for bad in (2, n_tail, -1):
+        with pytest.raises(Exception, match="pm_rs_drop_seq"):
+            c.drop_seq(bad)
+        assert (c.tail.tolist(), c.pos.tolist(), c.src.tolist()) == before

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 # the steady decode step of find_slot runs as one native call (pm_step_rs_steady); tests
 # turn it off to compare with _find_slot_steady, which stays the reference (False with an
 # older extension that lacks the kernels)
-USE_NATIVE = hasattr(lib, "pm_step_rs_steady") and hasattr(lib, "pm_step_rs_pos")
+USE_NATIVE = all(hasattr(lib, f) for f in ("pm_step_rs_steady", "pm_step_rs_pos", "pm_rs_drop_seq"))
 
 
 class RecurrentCells:
@@ -105,15 +105,16 @@ class RecurrentCells:
 
     def c_buffers(self) -> tuple[Any, ...]:
         """C buffers of ``tail``, ``pos``, ``src``, ``src0`` and ``n_last`` and an out
-        word (:c:func:`pm_step_rs_steady`'s arguments; the first two are also a hybrid's
-        position kernel's), made on first use: the live cells of a steady decode take
+        word (:c:func:`pm_step_rs_steady`'s arguments; the first three are also
+        :c:func:`pm_rs_drop_seq`'s, the first two a hybrid's position kernel's), made on
+        first use: the live cells of a steady decode take
         every step in place, so a step makes none (the arrays are never rebound)."""
         b = self._c_buffers
         if b is None:
             b = self._c_buffers = (
-                ffi.from_buffer("int32_t[]", self.tail),
+                ffi.from_buffer("int32_t[]", self.tail, require_writable=True),
                 ffi.from_buffer("int32_t[]", self.pos, require_writable=True),
-                ffi.from_buffer("int32_t[]", self.src),
+                ffi.from_buffer("int32_t[]", self.src, require_writable=True),
                 ffi.from_buffer("int32_t[]", self.src0, require_writable=True),
                 ffi.from_buffer("uint32_t[]", self.n_last, require_writable=True),
                 ffi.new("int32_t *"),
@@ -134,8 +135,17 @@ class RecurrentCells:
         """Remove ``seq_id`` from its tail cell; empty the cell if it was the last one.
 
         Returns the emptied cell or -1. Does not touch ``used`` (callers follow their
-        reference counterpart, which differ).
+        reference counterpart, which differ). One native call (:c:func:`pm_rs_drop_seq`,
+        4.6 -> ~1 µs: a whole sequence's removal from a hybrid); this numpy code is its
+        reference.
         """
+        if USE_NATIVE:
+            tail, pos, src, _, _, out = self.c_buffers()
+            status = lib.pm_rs_drop_seq(tail, pos, src, self.tail.size, self.size, seq_id, out)
+            if status != lib.PM_OK:
+                check(status, f"pm_rs_drop_seq (sequence {seq_id} of {self.tail.size})")
+            emptied: int = out[0]
+            return emptied
         t = int(self.tail[seq_id])
         self.tail[seq_id] = -1
         if t >= 0 and not (self.tail == t).any():
