@@ -1033,44 +1033,6 @@ static void pm_step_take_runs(pm_step_cells * c, int64_t s, const int64_t * run_
 
 #define PM_STEP_BLOCK 32
 
-// The first n empty cells (pos < 0) of a stream's pos[0..size) from h, wrapping once, into
-// idx in that order; their count. Blocks of cells are counted first (a branch-free loop
-// the compiler vectorises): a block with none is skipped, a full one taken whole.
-static int64_t pm_step_find_empty(const int32_t * pos, int64_t size, int64_t h, int64_t n, int32_t * idx) {
-    int64_t found = 0;
-    for (int pass = 0; pass < 2 && found < n; pass++) {
-        int64_t cell = pass == 0 ? h : 0;
-        const int64_t end = pass == 0 ? size : h;
-        while (cell < end && found < n) {
-            if (end - cell >= PM_STEP_BLOCK) {
-                int32_t empty = 0;
-                for (int j = 0; j < PM_STEP_BLOCK; j++) {
-                    empty += pos[cell + j] < 0;
-                }
-                if (empty == 0) {
-                    cell += PM_STEP_BLOCK;
-                    continue;
-                }
-                if (empty == PM_STEP_BLOCK && n - found >= PM_STEP_BLOCK) {
-                    for (int j = 0; j < PM_STEP_BLOCK; j++) {
-                        idx[found + j] = (int32_t) (cell + j);
-                    }
-                    found += PM_STEP_BLOCK;
-                    cell += PM_STEP_BLOCK;
-                    continue;
-                }
-            }
-            const int64_t stop = end - cell > PM_STEP_BLOCK ? cell + PM_STEP_BLOCK : end;
-            for (; cell < stop && found < n; cell++) {
-                if (pos[cell] < 0) {
-                    idx[found++] = (int32_t) cell;
-                }
-            }
-        }
-    }
-    return found;
-}
-
 // [cell, cell + len) appended to the runs [run_starts[r], run_ends[r]) of *runs, extending
 // the last one when it ends at cell
 static inline void pm_run_append(int64_t * run_starts, int64_t * run_ends, int64_t * runs, int64_t cell,
@@ -1084,13 +1046,14 @@ static inline void pm_run_append(int64_t * run_starts, int64_t * run_ends, int64
     }
 }
 
-// pm_step_find_empty's cells as their maximal runs of consecutive cells, in that order,
-// with no cell list: [run_starts[r], run_ends[r]) (n capacity each), *n_runs of them; the
-// cells' count (below n when the stream lacks room: the runs then hold what was found).
-// A block taken whole extends the run it continues: a stream's empty stretches cost a
-// count per block and no per-cell write.
-static int64_t pm_step_find_empty_runs(const int32_t * pos, int64_t size, int64_t h, int64_t n,
-                                       int64_t * run_starts, int64_t * run_ends, int64_t * n_runs) {
+// The first n empty cells (pos < 0) of a stream's pos[0..size) from h, wrapping once, in
+// that order: into idx unless it is NULL, and unless run_starts is NULL as their maximal
+// runs [run_starts[r], run_ends[r]) (n capacity each), *n_runs of them; their count (below
+// n when the stream lacks room). Blocks of cells are counted first (a branch-free loop the
+// compiler vectorises): a block with none is skipped, a full one taken whole (in the runs,
+// extending the run it continues: a stream's empty stretches cost no per-cell write).
+static int64_t pm_step_find_empty(const int32_t * pos, int64_t size, int64_t h, int64_t n, int32_t * idx,
+                                  int64_t * run_starts, int64_t * run_ends, int64_t * n_runs) {
     int64_t found = 0, runs = 0;
     for (int pass = 0; pass < 2 && found < n; pass++) {
         int64_t cell = pass == 0 ? h : 0;
@@ -1106,7 +1069,12 @@ static int64_t pm_step_find_empty_runs(const int32_t * pos, int64_t size, int64_
                     continue;
                 }
                 if (empty == PM_STEP_BLOCK && n - found >= PM_STEP_BLOCK) {
-                    pm_run_append(run_starts, run_ends, &runs, cell, PM_STEP_BLOCK);
+                    for (int j = 0; idx != NULL && j < PM_STEP_BLOCK; j++) {
+                        idx[found + j] = (int32_t) (cell + j);
+                    }
+                    if (run_starts != NULL) {
+                        pm_run_append(run_starts, run_ends, &runs, cell, PM_STEP_BLOCK);
+                    }
                     found += PM_STEP_BLOCK;
                     cell += PM_STEP_BLOCK;
                     continue;
@@ -1115,13 +1083,20 @@ static int64_t pm_step_find_empty_runs(const int32_t * pos, int64_t size, int64_
             const int64_t stop = end - cell > PM_STEP_BLOCK ? cell + PM_STEP_BLOCK : end;
             for (; cell < stop && found < n; cell++) {
                 if (pos[cell] < 0) {
-                    pm_run_append(run_starts, run_ends, &runs, cell, 1);
+                    if (idx != NULL) {
+                        idx[found] = (int32_t) cell;
+                    }
+                    if (run_starts != NULL) {
+                        pm_run_append(run_starts, run_ends, &runs, cell, 1);
+                    }
                     found++;
                 }
             }
         }
     }
-    *n_runs = runs;
+    if (run_starts != NULL) {
+        *n_runs = runs;
+    }
     return found;
 }
 
@@ -1353,7 +1328,7 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
     int64_t found = 0, taken = 0;
     if (swa_type == 0 && idx == NULL) {  // the runs alone: no cell list, no second pass
         int64_t runs = 0;
-        found = pm_step_find_empty_runs(c->pos + g0, c->size, h, n, run_starts, run_ends, &runs);
+        found = pm_step_find_empty(c->pos + g0, c->size, h, n, NULL, run_starts, run_ends, &runs);
         if (found < n) {
             return PM_OK;
         }
@@ -1365,7 +1340,7 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
         return PM_OK;
     }
     if (swa_type == 0) {
-        found = pm_step_find_empty(c->pos + g0, c->size, h, n, idx);
+        found = pm_step_find_empty(c->pos + g0, c->size, h, n, idx, NULL, NULL, NULL);
     }
     for (int64_t k = 0; swa_type != 0 && k < c->size && found < n; k++) {
         int64_t cell = h + k;

@@ -217,6 +217,20 @@ def test_native_window_restore_equals_numpy(monkeypatch, swa_type: SWAType) -> N
     assert overwrote >= 3, overwrote
 
 
+def _long_runs_cache(chunk: int) -> KVCache:
+    """Three sequences of 90 tokens decoded in interleaved chunks of ``chunk`` into 320
+    cells, then a hole cut inside the filled cells (sequence 2 from position 60)."""
+    from test_kv_state_same import CFGS, build
+
+    kv = build(CFGS["f16-trans"], n_cells=320, n_seq=3)
+    for p0 in range(0, 90, chunk):
+        for s in range(3):
+            n = min(chunk, 90 - p0)
+            decode(kv, [[1 + s, p0 + j, [s], False] for j in range(n)], n_ubatch=n)
+    kv.seq_rm(2, 60, -1)
+    return kv
+
+
 @pytest.mark.parametrize("chunk", [5, 32, 45, 64])
 def test_native_restore_placement_long_runs(monkeypatch, chunk: int) -> None:
     """Sequences of long runs (chunks of ``chunk`` tokens, three sequences interleaved) in a
@@ -224,18 +238,10 @@ def test_native_restore_placement_long_runs(monkeypatch, chunk: int) -> None:
     those with no empty cell and takes the all-empty ones whole. A sequence swapped back in
     from heads all over the stream (its own cells free again, plus a free tail), native and
     numpy placement leave the same cache, and the native road is taken."""
-    from test_kv_state_same import CFGS, build
-
     took = _count_native_placements(monkeypatch)
 
     def filled() -> KVCache:
-        kv = build(CFGS["f16-trans"], n_cells=320, n_seq=3)
-        for p0 in range(0, 90, chunk):
-            for s in range(3):
-                n = min(chunk, 90 - p0)
-                decode(kv, [[1 + s, p0 + j, [s], False] for j in range(n)], n_ubatch=n)
-        kv.seq_rm(2, 60, -1)  # a hole inside the filled cells as well
-        return kv
+        return _long_runs_cache(chunk)
 
     blob = bytes(filled().state_write(1))
     for head in range(0, 321, 9):
@@ -261,15 +267,9 @@ def test_restore_kernel_runs_road_equals_its_cell_list_road(chunk: int) -> None:
     head and cells as the road through the list, from every head (wrapped searches,
     blocks taken whole or cell by cell, a block whole but more than the cells left).
     With a window the list is required."""
-    from test_kv_state_same import CFGS, build
 
     def filled() -> KVCache:
-        kv = build(CFGS["f16-trans"], n_cells=320, n_seq=3)
-        for p0 in range(0, 90, chunk):
-            for s in range(3):
-                n = min(chunk, 90 - p0)
-                decode(kv, [[1 + s, p0 + j, [s], False] for j in range(n)], n_ubatch=n)
-        kv.seq_rm(2, 60, -1)
+        kv = _long_runs_cache(chunk)
         kv.seq_rm(1, -1, -1)
         return kv
 
