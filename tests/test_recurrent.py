@@ -328,6 +328,23 @@ def test_seq_rm_results() -> None:
     assert mem.seq_rm(2) is True
 
 
+@pytest.mark.parametrize("kind", [np.int32, np.int64, bool])
+def test_seq_rm_takes_numpy_ints_as_plain_ones(kind: type) -> None:
+    # seq_rm converts only what is not a plain int (a speed path for the common call):
+    # numpy ints (and a bool, an int subclass) give what the plain ints give, every case
+    # of test_seq_rm_results
+    cases = [(0, 5, -1), (0, 9, 10), (0, 2, 5), (0, 10, -1), (-1, -1, -1), (4, -1, -1),
+             (1, 0, 4), (1, 0, 10), (0, 0, 9), (0, 0, 10), (2, -1, -1)]  # fmt: skip
+    plain, typed = make_rec(), make_rec()
+    for mem in (plain, typed):
+        place(mem, (0, 9), (1, 4))
+    for args in cases:
+        conv = [kind(a) if kind is not bool or a in (0, 1) else a for a in args]
+        assert typed.seq_rm(*conv) is plain.seq_rm(*args), args
+        assert cells(typed) == cells(plain) and typed.used == plain.used, args
+        assert all(type(v) is int for v in (typed.head, typed.used))
+
+
 def test_seq_rm_shared_cell_keeps_other_sequence() -> None:
     mem = make_rec()
     place(mem, (0, 5))

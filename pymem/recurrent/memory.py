@@ -547,10 +547,19 @@ class RecurrentMemory(Memory):
             self.check_open()  # raises
         self._version += 1
         # clamp_range and check_open's call inlined: 0.64 -> 0.47 us a call, measured, and a
-        # hybrid's refused tail cut (its recurrent part first) is held to llama.cpp's time
-        p0 = 0 if p0 < 0 else int(p0)
-        p1 = POS_MAX if p1 < 0 else int(p1)
-        return seq_rm_cells(self.cells, self.n_seq_max, self.n_rs_seq, int(seq_id), p0, p1)
+        # hybrid's refused tail cut (its recurrent part first) is held to llama.cpp's time;
+        # plain ints skip int() (another 0.05 us)
+        if type(seq_id) is not int:
+            seq_id = int(seq_id)
+        if p0 < 0:
+            p0 = 0
+        elif type(p0) is not int:
+            p0 = int(p0)
+        if p1 < 0:
+            p1 = POS_MAX
+        elif type(p1) is not int:
+            p1 = int(p1)
+        return seq_rm_cells(self.cells, self.n_seq_max, self.n_rs_seq, seq_id, p0, p1)
 
     def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
         """Make ``dst`` share ``src``'s cell (copy on write at its next ubatch).
