@@ -713,10 +713,11 @@ class RecurrentMemory(Memory):
             ids, inside = memo[1], True  # the allocator's frozen layout ids: checked once
             if rcells.USE_NATIVE:  # one native gather (pm_step_rs_pos), same values
                 c = self.cells
+                tail, pos = c.c_buffers()[:2]
                 out = np.empty(ids.size, dtype=np.int64)
                 status = lib.pm_step_rs_pos(
-                    ffi.from_buffer("int32_t[]", c.tail), ffi.from_buffer("int32_t[]", c.pos),
-                    c.size, memo[2], ids.size, ffi.from_buffer("int64_t[]", out, require_writable=True),
+                    tail, pos, c.size, memo[2], ids.size,
+                    ffi.from_buffer("int64_t[]", out, require_writable=True),
                 )  # fmt: skip
                 if status != lib.PM_OK:
                     check(status, f"pm_step_rs_pos ({ids.size} ids, {c.size} cells)")
