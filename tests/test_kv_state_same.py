@@ -104,10 +104,14 @@ def test_native_same_cells_test_equals_numpy_reference(name: str) -> None:
             if words.shape[0] == 0:
                 continue
             variants = [words]
+            n = words.shape[0]
+            # a record changed at each place of a group of four (the native compare takes
+            # four records a step) and in the middle and at the end
             for col, delta in ((0, 1), (1, 1)) + (((2, 1), (4, 1)) if n_ext else ()):
-                w = words.copy()
-                w[-1, col] += delta
-                variants.append(w)
+                for i in sorted({0, 1, 2, 3, n // 2, n - 1} & set(range(n))):
+                    w = words.copy()
+                    w[i, col] += delta
+                    variants.append(w)
             variants.append(words[:-1])
             for w in variants:
                 if w.shape[0] == 0:
