@@ -19,6 +19,7 @@ from kv_helpers import check_invariants as check_kv
 
 from pymem.batch import Batch, BatchAllocator
 from pymem.errors import BatchError, ConfigError, StateError
+from pymem.kv import PositionBounds
 from pymem.kv.iswa import KVCacheISWA
 from pymem.memory import Memory, MemoryStatus, StateFlags
 from pymem.spec import LayerSpec, ModelSpec, RopeSpec, RopeType, SWAType
@@ -393,6 +394,7 @@ def test_position_bounds_read_as_the_queries_answer() -> None:
     for p0 in range(0, 320, 32):
         assert decode(mem, [t for q in range(2) for t in prompt(q, 32, p0)], n_ubatch=32) == 0
     bounds = mem.bounds
+    assert isinstance(bounds, PositionBounds) and bounds is mem.kv_swa.bounds
     assert bounds.n_open == 2  # one stream a sequence: the ids below n_seq_max
     for q in range(2):
         key = bounds.keys[q]

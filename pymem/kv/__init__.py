@@ -9,7 +9,7 @@ and never import ``cache``.
 from __future__ import annotations
 
 from pymem.kv.cache import KVCache, KVCacheContext
-from pymem.kv.cells import KVCells
+from pymem.kv.cells import KVCells, PositionBounds
 from pymem.kv.iswa import KVCacheISWA, KVCacheISWAContext, swa_cache_size
 from pymem.kv.layout import KVLayer, KVLayout, SlotInfo
 from pymem.spec import NonCausalType  # re-exported: the KQ mask option
@@ -23,6 +23,7 @@ __all__ = [
     "KVLayer",
     "KVLayout",
     "NonCausalType",
+    "PositionBounds",
     "SlotInfo",
     "swa_cache_size",
 ]
