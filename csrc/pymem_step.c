@@ -1325,22 +1325,11 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
     if (h > c->used[s] + 2 * n || h < 0 || h > c->size) {
         h = 0;  // (a head past the end is not left by any placement; start at 0 then)
     }
-    int64_t found = 0, taken = 0;
-    if (swa_type == 0 && idx == NULL) {  // the runs alone: no cell list, no second pass
-        int64_t runs = 0;
-        found = pm_step_find_empty(c->pos + g0, c->size, h, n, NULL, run_starts, run_ends, &runs);
-        if (found < n) {
-            return PM_OK;
-        }
-        pm_step_take_runs(c, s, run_starts, run_ends, runs, pos, seq_id);
-        c->used[s] += n;
-        heads[s] = run_ends[runs - 1];
-        *n_runs = runs;
-        *placed = 1;
-        return PM_OK;
-    }
+    // without a window the search writes the runs itself (and idx where given); the
+    // window's search walks cells one by one into idx, whose runs are found after
+    int64_t found = 0, taken = 0, runs = 0;
     if (swa_type == 0) {
-        found = pm_step_find_empty(c->pos + g0, c->size, h, n, idx, NULL, NULL, NULL);
+        found = pm_step_find_empty(c->pos + g0, c->size, h, n, idx, run_starts, run_ends, &runs);
     }
     for (int64_t k = 0; swa_type != 0 && k < c->size && found < n; k++) {
         int64_t cell = h + k;
@@ -1375,25 +1364,27 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
         pm_step_overwrite_in(c, s, n, idx, pos, NULL, seq_id, heads, &top);
         *placed = 1;
     }
-    // the cells' runs, in scan order (the caller's store moves the bytes by them; the
-    // current run kept in registers, not read back from the arrays)
-    int64_t runs = 0, start = idx[0], end = (int64_t) idx[0] + 1;
-    for (int64_t i = 1; i < n; i++) {
-        if (idx[i] != end) {
-            run_starts[runs] = start;
-            run_ends[runs] = end;
-            runs++;
-            start = idx[i];
+    if (swa_type != 0) {
+        // the cells' runs, in scan order (the caller's store moves the bytes by them; the
+        // current run kept in registers, not read back from the arrays)
+        int64_t start = idx[0], end = (int64_t) idx[0] + 1;
+        for (int64_t i = 1; i < n; i++) {
+            if (idx[i] != end) {
+                run_starts[runs] = start;
+                run_ends[runs] = end;
+                runs++;
+                start = idx[i];
+            }
+            end = (int64_t) idx[i] + 1;
         }
-        end = (int64_t) idx[i] + 1;
+        run_starts[runs] = start;
+        run_ends[runs] = end;
+        runs++;
     }
-    run_starts[runs] = start;
-    run_ends[runs] = end;
-    runs++;
     if (taken == 0) {
         pm_step_take_runs(c, s, run_starts, run_ends, runs, pos, seq_id);
         c->used[s] += n;
-        heads[s] = (int64_t) idx[n - 1] + 1;
+        heads[s] = run_ends[runs - 1];  // (past the last cell in scan order)
         *placed = 1;
     }
     *n_runs = runs;

@@ -263,9 +263,10 @@ def test_native_restore_placement_long_runs(monkeypatch, chunk: int) -> None:
 @pytest.mark.parametrize("chunk", [1, 5, 32, 45])
 def test_restore_kernel_runs_road_equals_its_cell_list_road(chunk: int) -> None:
     """Without a window the kernel may be given no cell list (``idx`` NULL: the one-call
-    swap-in's road), and its search then builds the runs itself: the same runs, count,
-    head and cells as the road through the list, from every head (wrapped searches,
-    blocks taken whole or cell by cell, a block whole but more than the cells left).
+    swap-in's road): the same runs, count, head and cells as with the list, from every
+    head (wrapped searches, blocks taken whole or cell by cell, a block whole but more
+    than the cells left), and the runs are the maximal runs of the list's cells, the head
+    one past its last (the search writes the runs itself, the list's walk is not run).
     With a window the list is required."""
 
     def filled() -> KVCache:
@@ -288,14 +289,26 @@ def test_restore_kernel_runs_road_equals_its_cell_list_road(chunk: int) -> None:
         )  # fmt: skip
         assert status == lib.PM_OK
         k = int(n_runs[0])
-        return placed[0], runs[:, :k].tolist(), int(kv.v_heads[0]), _state(kv)
+        cells = idx.tolist() if with_list and placed[0] else None
+        return (placed[0], runs[:, :k].tolist(), int(kv.v_heads[0]), _state(kv)), cells
+
+    def maximal_runs(cells: list[int]) -> list[list[int]]:
+        """E.g. [4, 5, 6, 9, 0, 1] -> [[4, 9, 0], [7, 10, 2]]."""
+        starts, ends = [cells[0]], []
+        for a, b in zip(cells, cells[1:], strict=False):
+            if b != a + 1:
+                ends.append(a + 1)
+                starts.append(b)
+        return [starts, [*ends, cells[-1] + 1]]
 
     free = 320 - int(filled().v_cells[0].used)
     for n in (1, 31, 33, 90, free, free + 1):
         for head in range(0, 321, 23):
-            got = [place(filled(), head, n, with_list) for with_list in (True, False)]
-            assert got[0] == got[1], (chunk, n, head)
-            assert got[0][0] == (n <= free)
+            (listed, cells), (bare, _) = (place(filled(), head, n, w) for w in (True, False))
+            assert listed == bare, (chunk, n, head)
+            assert listed[0] == (n <= free)
+            if cells is not None:
+                assert listed[1] == maximal_runs(cells) and listed[2] == cells[-1] + 1
     kv = filled()
     c, heads, _, placed = kv._native_cells()
     runs = np.empty((2, 4), dtype=np.int64)
