@@ -7,6 +7,8 @@ type, and the kernel's refusals."""
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 from kv_helpers import check_invariants, decode
@@ -295,7 +297,7 @@ def test_restore_kernel_runs_road_equals_its_cell_list_road(chunk: int) -> None:
     def maximal_runs(cells: list[int]) -> list[list[int]]:
         """E.g. [4, 5, 6, 9, 0, 1] -> [[4, 9, 0], [7, 10, 2]]."""
         starts, ends = [cells[0]], []
-        for a, b in zip(cells, cells[1:], strict=False):
+        for a, b in pairwise(cells):
             if b != a + 1:
                 ends.append(a + 1)
                 starts.append(b)

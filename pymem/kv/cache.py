@@ -386,10 +386,9 @@ class KVCache(Memory):
         self._seq_key: list[int] = keys.tolist()
         self._stream_of: list[int] = self.seq_to_stream.tolist()  # (plain ints)
         self._rm_out = ffi.new("int64_t[2]")  # seq_rm's native outputs (freed, first)
-        # ids the checks' fast path takes without naming anything: all of them while open,
-        # none once closed (so that path needs no closed test of its own)
-        self._n_fast_ids = len(self._seq_key)
-        # the same bounds for a composite's queries (its n_open zeroed with the above)
+        # the cached position bounds, read by the queries here and by a composite's; its
+        # n_open is the ids the checks' fast path takes without naming anything: all of
+        # them while open, none once closed (so that path needs no closed test of its own)
         self.bounds = PositionBounds(self._seq_key, self.cells)
         # the same facts, frozen, for the helper modules
         self.layout = KVLayout(
@@ -489,7 +488,6 @@ class KVCache(Memory):
         for st in self.stores.values():
             st.close()
         self._closed = True
-        self._n_fast_ids = 0
         self.bounds.n_open = 0
 
     def _runner(self, device: str) -> GraphRunner:
@@ -505,7 +503,7 @@ class KVCache(Memory):
             raise ClosedError("KVCache: already closed (its buffers were freed)")
 
     def _check_seq(self, seq_id: Any, what: str, allow_all: bool = False) -> int:
-        if type(seq_id) is int and 0 <= seq_id < self._n_fast_ids:
+        if type(seq_id) is int and 0 <= seq_id < self.bounds.n_open:
             return seq_id  # the common call, without the checks that name what is wrong
         self.check_open()
         if isinstance(seq_id, bool) or not isinstance(seq_id, (int, np.integer)):
@@ -716,7 +714,7 @@ class KVCache(Memory):
         cells.pos_div(idx, d)
 
     def seq_pos_min(self, seq_id: int) -> int:
-        if type(seq_id) is not int or not 0 <= seq_id < self._n_fast_ids:
+        if type(seq_id) is not int or not 0 <= seq_id < self.bounds.n_open:
             seq_id = self._check_seq(seq_id, "seq_id")  # raises, or an np.integer id
         key = self._seq_key[seq_id]
         c = self.cells
@@ -727,7 +725,7 @@ class KVCache(Memory):
 
     def seq_pos_max(self, seq_id: int) -> int:
         # the common call (an open cache, a plain int in range) skips _check_seq's checks
-        if type(seq_id) is not int or not 0 <= seq_id < self._n_fast_ids:
+        if type(seq_id) is not int or not 0 <= seq_id < self.bounds.n_open:
             seq_id = self._check_seq(seq_id, "seq_id")  # raises, or an np.integer id
         key = self._seq_key[seq_id]
         c = self.cells
