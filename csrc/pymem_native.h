@@ -112,6 +112,61 @@ static inline int pm_ctz64(uint64_t b) {
 #endif
 }
 
+// The block scans (32 cells a block): a block's test as one 32-bit mask, bit j for cell j,
+// whose count and run edges bit tricks find (the per-cell loop over a block with an edge
+// and the horizontal sum of a vector count took most of a selection's time).
+// Bit j: a[j] == v, for the 32 words from a on (any alignment)
+static inline uint32_t pm_eq_mask32(const int32_t * a, int32_t v) {
+#if defined(__SSE2__) || defined(_M_X64)
+    const __m128i k = _mm_set1_epi32(v);
+    uint32_t      m = 0;
+    for (int h = 0; h < 2; ++h) {  // 16 cells: four compares packed to 16 sign bytes
+        const __m128i * p  = (const __m128i *) (const void *) (a + 16 * h);
+        const __m128i   e0 = _mm_cmpeq_epi32(_mm_loadu_si128(p), k);
+        const __m128i   e1 = _mm_cmpeq_epi32(_mm_loadu_si128(p + 1), k);
+        const __m128i   e2 = _mm_cmpeq_epi32(_mm_loadu_si128(p + 2), k);
+        const __m128i   e3 = _mm_cmpeq_epi32(_mm_loadu_si128(p + 3), k);
+        const __m128i   b  = _mm_packs_epi16(_mm_packs_epi32(e0, e1), _mm_packs_epi32(e2, e3));
+        m |= (uint32_t) _mm_movemask_epi8(b) << (16 * h);
+    }
+    return m;
+#else
+    uint32_t m = 0;
+    for (int j = 0; j < 32; ++j) {
+        m |= (uint32_t) (a[j] == v) << j;
+    }
+    return m;
+#endif
+}
+
+// Bit j: a[j] < 0, for the 32 words from a on (the saturating packs keep each sign)
+static inline uint32_t pm_neg_mask32(const int32_t * a) {
+#if defined(__SSE2__) || defined(_M_X64)
+    uint32_t m = 0;
+    for (int h = 0; h < 2; ++h) {
+        const __m128i * p = (const __m128i *) (const void *) (a + 16 * h);
+        const __m128i   b = _mm_packs_epi16(_mm_packs_epi32(_mm_loadu_si128(p), _mm_loadu_si128(p + 1)),
+                                            _mm_packs_epi32(_mm_loadu_si128(p + 2), _mm_loadu_si128(p + 3)));
+        m |= (uint32_t) _mm_movemask_epi8(b) << (16 * h);
+    }
+    return m;
+#else
+    uint32_t m = 0;
+    for (int j = 0; j < 32; ++j) {
+        m |= (uint32_t) (a[j] < 0) << j;
+    }
+    return m;
+#endif
+}
+
+// The set bits of m (no popcnt instruction assumed: the portable build's baseline)
+static inline int32_t pm_popcount32(uint32_t m) {
+    m = m - ((m >> 1) & 0x55555555u);
+    m = (m & 0x33333333u) + ((m >> 2) & 0x33333333u);
+    m = (m + (m >> 4)) & 0x0f0f0f0fu;
+    return (int32_t) ((m * 0x01010101u) >> 24);
+}
+
 // Whether one meta record's words are not a fixed record's: a position below 0, an
 // n_seq_id other than 1, an id outside [0, n_seq_max) (branch-free: 0 or 1)
 static inline uint32_t pm_record_bad(int32_t pos, int32_t n_seq_id, int32_t id, int32_t n_seq_max) {

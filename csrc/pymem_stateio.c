@@ -706,22 +706,6 @@ static inline int pm_stateio_selected(const int32_t * pos, const int32_t * owner
     return seq_id < 0 ? pos[c] >= 0 : owner[c] == seq_id;
 }
 
-// selected cells of [c0, c1): a branch-free loop the compiler vectorises
-static inline int64_t pm_stateio_hits(const int32_t * pos, const int32_t * owner, int64_t c0, int64_t c1,
-                                      int32_t seq_id) {
-    int32_t hits = 0;
-    if (seq_id >= 0) {
-        for (int64_t c = c0; c < c1; ++c) {
-            hits += owner[c] == seq_id;
-        }
-    } else {
-        for (int64_t c = c0; c < c1; ++c) {
-            hits += pos[c] >= 0;
-        }
-    }
-    return hits;
-}
-
 #if defined(__SSE2__) || defined(_M_X64)
 // four cells' records (twelve words) from w on, any alignment
 static inline void pm_store_records4(int32_t * w, __m128i v0, __m128i v1, __m128i v2) {
@@ -1246,7 +1230,21 @@ static inline pm_status pm_run_edge(int64_t c, int sel, int * prev, int64_t * ru
     return PM_OK;
 }
 
-#define PM_SELECT_BLOCK 32
+// The run edges of the 32 cells from c0 whose selected ones are the set bits of m, after
+// a cell that was selected or not (*prev): pm_run_edge at each cell that differs from the
+// one before it, found by its bit (cell j differs where bit j of m ^ (m << 1 | prev) is set)
+static inline pm_status pm_mask_edges(uint32_t m, int64_t c0, int * prev, int64_t * run_starts, int64_t * run_ends,
+                                      int64_t * runs, int64_t cap) {
+    for (uint32_t x = m ^ ((m << 1) | (uint32_t) *prev); x != 0; x &= x - 1) {
+        const int64_t c = c0 + pm_ctz64(x);
+        if (pm_run_edge(c, (int) ((m >> (c - c0)) & 1u), prev, run_starts, run_ends, runs, cap) != PM_OK) {
+            return PM_ERR_RANGE;
+        }
+    }
+    return PM_OK;
+}
+
+#define PM_SELECT_BLOCK 32  // (the masks' width: pm_eq_mask32)
 
 // Whether cell c holds seq_id (>= 0): its owner, or a shared cell (owner -2) with seq_id's
 // bit (`bits`: the word of seq_id's bit of cell 0, `stride` words a cell; `bit`: its mask;
@@ -1310,7 +1308,7 @@ static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int
     if (ids != NULL && (all_bits == NULL || n_words < 1 || n_words > 4)) {
         return PM_ERR_ARG;
     }
-    int64_t count = 0, runs = 0, id_count = 0;
+    int64_t runs = 0, id_count = 0;  // (the cells are counted from the runs at the end)
     int prev = 0;  // whether the cell before is selected
     const int32_t * sel_of = seq_id < 0 ? pos : owner;  // the word that selects a cell
     // (seq_id < 0) a used cell whose owner is outside [0, n_seq_max) sets the sign bit:
@@ -1319,64 +1317,56 @@ static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int
     const uint32_t last = (uint32_t) n_seq_max - 1u;
     for (int64_t c0 = 0; c0 < size; c0 += PM_SELECT_BLOCK) {
         const int64_t c1 = c0 + PM_SELECT_BLOCK < size ? c0 + PM_SELECT_BLOCK : size;
-        int32_t hits = 0;
         if (c1 - c0 == PM_SELECT_BLOCK) {
-            // a fixed trip count the compiler unrolls and vectorises; both lines of the block
-            // 2 KiB ahead are asked for now (a cold stream's scan is latency-bound otherwise)
+            // the block's cells as one mask (its count and edges by bit tricks); both lines of
+            // the block 2 KiB ahead are asked for now (a cold stream's scan is latency-bound)
             PM_PREFETCH(sel_of + c0 + 512);
             PM_PREFETCH(sel_of + c0 + 528);
-            if (seq_id < 0) {  // (with the odd cells' test: one pass, not two)
-                uint32_t block_odd = 0;
+            uint32_t m;
+            if (seq_id < 0) {
+                m = ~pm_neg_mask32(pos + c0);
+                uint32_t block_odd = 0;  // (a loop the compiler vectorises)
                 for (int j = 0; j < PM_SELECT_BLOCK; ++j) {
-                    hits += sel_of[c0 + j] >= 0;
                     const uint32_t q = (uint32_t) owner[c0 + j];
                     block_odd |= ~(uint32_t) pos[c0 + j] & (q | (last - q));
                 }
                 odd_bits |= block_odd;
                 if (ids != NULL) {  // one id a cell, unless a cell is odd (its bits count)
                     id_count += (block_odd >> 31) ? pm_block_ids(pos, owner, c0, c1, all_bits, n_words, n_seq_max)
-                                                  : hits;
-                }
-            } else if (bits == NULL) {
-                for (int j = 0; j < PM_SELECT_BLOCK; ++j) {
-                    hits += sel_of[c0 + j] == seq_id;
+                                                  : pm_popcount32(m);
                 }
             } else {
-                int32_t multi = 0;  // (counted beside the hits: the same loads)
-                for (int j = 0; j < PM_SELECT_BLOCK; ++j) {
-                    hits += sel_of[c0 + j] == seq_id;
-                    multi += sel_of[c0 + j] == -2;
-                }
-                if (multi != 0) {  // shared cells: each one's bit decides
-                    count += pm_select_holding(owner, c0, c1, seq_id, bits, stride, bit, &prev, run_starts,
-                                               run_ends, &runs, cap, shared);
+                m = pm_eq_mask32(owner + c0, seq_id);
+                if (bits != NULL && pm_eq_mask32(owner + c0, -2) != 0) {  // shared cells: each one's bit decides
+                    pm_select_holding(owner, c0, c1, seq_id, bits, stride, bit, &prev, run_starts, run_ends,
+                                      &runs, cap, shared);
                     if (runs > cap) {
                         return PM_ERR_RANGE;
                     }
                     continue;
                 }
             }
+            // a block of cells all like the one before it (runs are long) holds no run edge
+            if (m != (prev ? UINT32_MAX : 0u) &&
+                pm_mask_edges(m, c0, &prev, run_starts, run_ends, &runs, cap) != PM_OK) {
+                return PM_ERR_RANGE;
+            }
+            continue;
         } else if (bits != NULL) {
-            count += pm_select_holding(owner, c0, c1, seq_id, bits, stride, bit, &prev, run_starts, run_ends, &runs,
-                                       cap, shared);
+            pm_select_holding(owner, c0, c1, seq_id, bits, stride, bit, &prev, run_starts, run_ends, &runs, cap,
+                              shared);
             if (runs > cap) {
                 return PM_ERR_RANGE;
             }
             continue;
-        } else {
-            hits = (int32_t) pm_stateio_hits(pos, owner, c0, c1, seq_id);
-            for (int64_t c = c0; seq_id < 0 && c < c1; ++c) {  // (the last, partial block)
-                const uint32_t q = (uint32_t) owner[c];
-                odd_bits |= ~(uint32_t) pos[c] & (q | (last - q));
-            }
-            if (ids != NULL) {
-                id_count += pm_block_ids(pos, owner, c0, c1, all_bits, n_words, n_seq_max);
-            }
         }
-        count += hits;
-        // a block of cells all like the one before it (runs are long) holds no run edge
-        if (hits == (prev ? c1 - c0 : 0)) {
-            continue;
+        // the last, partial block: cell by cell
+        for (int64_t c = c0; seq_id < 0 && c < c1; ++c) {
+            const uint32_t q = (uint32_t) owner[c];
+            odd_bits |= ~(uint32_t) pos[c] & (q | (last - q));
+        }
+        if (ids != NULL) {
+            id_count += pm_block_ids(pos, owner, c0, c1, all_bits, n_words, n_seq_max);
         }
         for (int64_t c = c0; c < c1; ++c) {
             if (pm_run_edge(c, pm_stateio_selected(pos, owner, c, seq_id), &prev, run_starts, run_ends, &runs,
@@ -1387,6 +1377,10 @@ static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int
     }
     if (prev) {
         run_ends[runs++] = size;
+    }
+    int64_t count = 0;
+    for (int64_t r = 0; r < runs; ++r) {
+        count += run_ends[r] - run_starts[r];
     }
     *n = count;
     *n_runs = runs;

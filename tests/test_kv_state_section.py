@@ -115,6 +115,49 @@ def test_select_matches_the_numpy_selection() -> None:
                             shared) == lib.PM_ERR_RANGE  # fmt: skip
 
 
+def _raw_select(pos: np.ndarray, owner: np.ndarray, seq_id: int, cap: int) -> tuple:
+    """pm_kv_select over bare cell arrays: (status, n, runs [2, n_runs], shared)."""
+    room = np.full((2, max(cap, 1)), -7, dtype=np.int64)
+    found = ffi.from_buffer("int64_t[]", room, require_writable=True)
+    counts = ffi.new("int64_t[2]")
+    shared = ffi.new("int32_t *")
+    status = lib.pm_kv_select(
+        ffi.from_buffer("int32_t[]", pos), ffi.from_buffer("int32_t[]", owner), pos.size, seq_id, 4,
+        found, found + room.shape[1], cap, counts, counts + 1, shared,
+    )  # fmt: skip
+    return int(status), int(counts[0]), room[:, : int(counts[1])], bool(shared[0])
+
+
+def test_select_finds_the_runs_a_cell_by_cell_pass_finds() -> None:
+    # the block masks (32 cells a block, edges by bit) against numpy on patterns that put
+    # edges at every place in a block: runs of 1-70 cells, whole blocks, alternate cells,
+    # a last partial block; the run count exactly at the room and one past it
+    rng = np.random.default_rng(14)
+    for size in (31, 32, 64, 100, 1000, 1024):
+        for trial in range(12):
+            owner = np.full(size, -1, dtype=np.int32)
+            c = 0
+            while c < size:
+                length = int(rng.choice([1, 2, 31, 32, 33, int(rng.integers(1, 70))]))
+                owner[c : c + length] = rng.choice([-1, 0, 1, 2, 3, -2] if trial % 3 else [0, 1])
+                c += length
+            if trial == 5:
+                owner[::2] = 0
+            pos = np.where(owner == -1, -1, rng.integers(0, 1000, size)).astype(np.int32)
+            for seq_id in (-1, 0, 1):
+                sel = pos >= 0 if seq_id < 0 else owner == seq_id
+                edges = np.flatnonzero(np.diff(np.concatenate(([0], sel.astype(np.int8), [0]))))
+                want = edges.reshape(-1, 2).T
+                n_runs = want.shape[1]
+                status, n, runs, shared = _raw_select(pos, owner, seq_id, n_runs)
+                assert status == lib.PM_OK and n == int(sel.sum()), (size, trial, seq_id)
+                assert runs.tolist() == want.tolist(), (size, trial, seq_id)
+                odd = (owner[sel] < 0) | (owner[sel] >= 4)
+                assert shared == (seq_id < 0 and bool(odd.any()))
+                if n_runs > 0:  # one run more than the room: refused
+                    assert _raw_select(pos, owner, seq_id, n_runs - 1)[0] == lib.PM_ERR_RANGE
+
+
 def test_section_writer_refusals_write_nothing() -> None:
     kv = _fragmented("f16-trans", 5)
     blob = bytes(kv.state_write(1))
