@@ -314,6 +314,50 @@ def test_same_cells_rule_on_a_hand_built_stream() -> None:
         assert _runs_equal(got, state_io.seq_same_cells_reference(cells, head, 0, words, 0))
 
 
+def test_same_cells_finds_runs_with_edges_anywhere_in_a_block() -> None:
+    """The same-cells pass's run search (32-cell masks) on bare arrays of full streams
+    (no empty cell: the slot rule has nothing to take): runs of 1-70 cells of the
+    sequence among others', whole blocks, alternate cells, a partial last block. Its
+    own records: the runs numpy finds; one position changed anywhere: not the same."""
+    rng = np.random.default_rng(37)
+    for size in (31, 32, 33, 100, 1000, 1024):
+        for trial in range(10):
+            owner = np.empty(size, dtype=np.int32)
+            c = 0
+            while c < size:
+                length = int(rng.choice([1, 2, 31, 32, 33, int(rng.integers(1, 70))]))
+                owner[c : c + length] = rng.integers(0, 3)
+                c += length
+            if trial == 3:
+                owner[:] = np.arange(size) % 2
+            pos = rng.integers(0, 1 << 20, size).astype(np.int32)
+            mine = np.flatnonzero(owner == 0)
+            if mine.size == 0:
+                continue
+            words = np.stack([pos[mine], np.ones_like(mine), np.zeros_like(mine)], 1).astype(np.int32)
+            edges = np.flatnonzero(np.diff(np.concatenate(([0], (owner == 0).astype(np.int8), [0]))))
+            want = edges.reshape(-1, 2).T
+            for changed in (None, 0, int(rng.integers(mine.size)), mine.size - 1):
+                w = words.copy()
+                if changed is not None:
+                    w[changed, 0] += 1
+                starts = np.empty(mine.size, dtype=np.int64)
+                ends = np.empty(mine.size, dtype=np.int64)
+                n_runs = ffi.new("int64_t *")
+                same = ffi.new("int32_t *")
+                status = lib.pm_kv_seq_same_cells(
+                    ffi.from_buffer("int32_t[]", pos), ffi.NULL, ffi.from_buffer("int32_t[]", owner),
+                    ffi.NULL, size, 0, size, size, ffi.from_buffer("int32_t[]", w), mine.size, 3, 0,
+                    ffi.NULL, ffi.from_buffer("int64_t[]", starts, require_writable=True),
+                    ffi.from_buffer("int64_t[]", ends, require_writable=True), n_runs, same,
+                )  # fmt: skip
+                assert status == lib.PM_OK
+                assert same[0] == (changed is None), (size, trial, changed)
+                if changed is None:
+                    k = int(n_runs[0])
+                    assert [starts[:k].tolist(), ends[:k].tolist()] == want.tolist(), (size, trial)
+
+
 def test_cells_of_runs_and_put_cells_refusals() -> None:
     """cells_of_runs inverts cell_runs; pm_stateio_put_cells takes runs in source order
     (a wrapped slot), refuses an empty run, bytes past the tensor and overlapping
