@@ -334,8 +334,12 @@ def test_same_cells_finds_runs_with_edges_anywhere_in_a_block() -> None:
             mine = np.flatnonzero(owner == 0)
             if mine.size == 0:
                 continue
-            words = np.stack([pos[mine], np.ones_like(mine), np.zeros_like(mine)], 1).astype(np.int32)
-            edges = np.flatnonzero(np.diff(np.concatenate(([0], (owner == 0).astype(np.int8), [0]))))
+            words = np.stack([pos[mine], np.ones_like(mine), np.zeros_like(mine)], 1).astype(
+                np.int32
+            )
+            edges = np.flatnonzero(
+                np.diff(np.concatenate(([0], (owner == 0).astype(np.int8), [0])))
+            )
             want = edges.reshape(-1, 2).T
             for changed in (None, 0, int(rng.integers(mine.size)), mine.size - 1):
                 w = words.copy()
