@@ -1860,6 +1860,22 @@ static int64_t pm_step_rm_shared(pm_step_cells * c, int64_t strm, int32_t seq_id
     return n;
 }
 
+// Empty cell i of a removal (pm_step_kv_rm_seq): its position joins [*lo_pos, *hi_pos], it
+// is the first (if none was) and last cell freed, one more of *k
+static inline void pm_rm_one(int32_t * pos, int32_t * shift, int32_t * owner, uint64_t * seq, int64_t n_words,
+                             int64_t i, int32_t * lo_pos, int32_t * hi_pos, int64_t * first, int64_t * last,
+                             int64_t * k) {
+    *lo_pos = pos[i] < *lo_pos ? pos[i] : *lo_pos;
+    *hi_pos = pos[i] > *hi_pos ? pos[i] : *hi_pos;
+    pos[i]   = -1;
+    shift[i] = 0;
+    owner[i] = -1;
+    seq[n_words * i] = 0;
+    *first = *first < 0 ? i : *first;
+    *last  = i;
+    ++*k;
+}
+
 pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int64_t p0, int64_t p1, int32_t whole,
                             int64_t n_scan, int64_t * n_freed, int64_t * first_freed, int32_t * done) {
     if (c == NULL || n_freed == NULL || first_freed == NULL || done == NULL || p0 < 0) {
@@ -1902,29 +1918,27 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
             if (!any_pos && !pm_block_has_pos(pos, c0, base, width)) {
                 continue;
             }
-            // the block's cells to remove, counted without a branch: none (skipped) or all
+            // the block's cells to remove as a mask (pm_eq_mask32): none (skipped) or all
             // (a run of the sequence's cells: emptied with whole-block stores) are usual.
-            // Every position in range: the owners alone count them (a cell of seq_id is
-            // not empty, so its position is >= 0; the one position past the range,
-            // INT32_MAX, is ruled out below for a block taken whole)
-            int32_t m = 0;
-            if (any_pos) {
+            // Every position in range: the owners alone tell them (a cell of seq_id is not
+            // empty, so its position is >= 0; the one position past the range, INT32_MAX,
+            // is ruled out below for a block taken whole)
+            uint32_t m = pm_eq_mask32(owner + c0, seq_id);
+            if (m != 0 && !any_pos) {
+                uint32_t in = 0;
                 for (int j = 0; j < 32; ++j) {
-                    m += owner[c0 + j] == seq_id;
+                    in |= (uint32_t) ((uint32_t) pos[c0 + j] - base < width) << j;
                 }
-            } else {
-                for (int j = 0; j < 32; ++j) {
-                    m += ((uint32_t) pos[c0 + j] - base < width) & (owner[c0 + j] == seq_id);
-                }
+                m &= in;
             }
             if (m == 0) {
                 continue;
             }
             int32_t at_max = 0;
-            for (int j = 0; any_pos && m == 32 && j < 32; ++j) {
+            for (int j = 0; any_pos && m == UINT32_MAX && j < 32; ++j) {
                 at_max |= pos[c0 + j] == INT32_MAX;
             }
-            if (m == 32 && !at_max) {
+            if (m == UINT32_MAX && !at_max) {
                 for (int j = 0; !whole && j < 32; ++j) {  // (a whole removal resets the bounds)
                     lo_pos = pos[c0 + j] < lo_pos ? pos[c0 + j] : lo_pos;
                     hi_pos = pos[c0 + j] > hi_pos ? pos[c0 + j] : hi_pos;
@@ -1948,20 +1962,18 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
                 k += 32;
                 continue;
             }
-        }
-        for (int64_t i = c0; i < c1; ++i) {
-            if ((uint32_t) pos[i] - base >= width || owner[i] != seq_id) {
-                continue;
+            for (uint32_t x = m; x != 0; x &= x - 1) {  // the block's cells to remove, one by one
+                const int64_t i = c0 + pm_ctz64(x);
+                if ((uint32_t) pos[i] - base < width) {  // (rules out INT32_MAX where any_pos)
+                    pm_rm_one(pos, shift, owner, seq, n_words, i, &lo_pos, &hi_pos, &first, &last, &k);
+                }
             }
-            lo_pos = pos[i] < lo_pos ? pos[i] : lo_pos;
-            hi_pos = pos[i] > hi_pos ? pos[i] : hi_pos;
-            pos[i] = -1;
-            shift[i] = 0;
-            owner[i] = -1;
-            seq[n_words * i] = 0;
-            first = first < 0 ? i : first;
-            last = i;
-            ++k;
+            continue;
+        }
+        for (int64_t i = c0; i < c1; ++i) {  // the last, partial block
+            if ((uint32_t) pos[i] - base < width && owner[i] == seq_id) {
+                pm_rm_one(pos, shift, owner, seq, n_words, i, &lo_pos, &hi_pos, &first, &last, &k);
+            }
         }
     }
     // the cells seq_id shares with others lose its bit, keep their position (seq_rm_bit)
