@@ -16,7 +16,10 @@ call's exact geometry, taken from the real memory):
   read into a cleared memory written into the cells as a position and an owner, the
   least cell metadata a placement writes), and every K/V piece's runs of cells (a K
   or V row tensor's rows, or each channel of a transposed V: runs of 2-byte elements at
-  the cache's stride), plus the recurrent rows as one copy. One call after another, warm.
+  the cache's stride), plus the recurrent rows as one copy. A swap-in first empties the
+  sequence's cells and a read into a cleared memory every cell (a position and an owner
+  word each: the least of the seq_rm or clear the call includes, as bench_vs_llama_cpp's
+  rows time it). One call after another, warm.
 
 ``least / copy`` (throughput) is the most that call can reach against a copy on this
 machine. Where it is below 0.8, the layout and the format bound the call; pymem's own
@@ -65,7 +68,7 @@ def _kernels() -> tuple[Any, Any]:
         "int64_t lb_time(int32_t kind, int32_t reps, double * times, char * out, const char * blob,"
         " int64_t bytes, int32_t * pos, int32_t * owner, int32_t seq, const int64_t * starts,"
         " const int64_t * ends, int64_t n_runs, char * const * bases, const int64_t * rows,"
-        " int64_t n_pieces, char * extra, int64_t n_extra);"
+        " int64_t n_pieces, char * extra, int64_t n_extra, int64_t size);"
     )
     source = (Path(__file__).resolve().parent / "layout_bound.c").read_text()
     ffi.set_source("_layout_bound", source, extra_compile_args=["-O2"])
@@ -143,7 +146,7 @@ def _least(
                     ffi.from_buffer("int64_t[]", rows), len(p.bases))  # fmt: skip
         nbytes = src.size if p is None else 0
         lib.lb_time(kind_id, n, times, ffi.from_buffer(out), ffi.from_buffer(src), nbytes, *args,
-                    ffi.from_buffer(none), 0)  # fmt: skip
+                    ffi.from_buffer(none), 0, 0 if p is None else p.pos.size)  # fmt: skip
         return statistics.median(times[i] for i in range(n))
 
     blob = np.ones(blob_bytes, np.uint8)
@@ -155,7 +158,7 @@ def _least(
             total += run(1, written, none, p)
         else:
             run(1, written, none, p, 1)  # a blob of this cache's cells, then read back
-            total += run(2 if kind == "read" else 3, none, written, p)
+            total += run({"read": 2, "swap_in": 3, "clear": 4}[kind], none, written, p)
     rest = blob_bytes - sum(p.bytes for p in pieces)
     if rest > 0:  # the recurrent rows and the headers: one copy
         rest_src = np.ones(rest, np.uint8)
@@ -165,7 +168,9 @@ def _least(
 
 def _pymem_ratio(mem: Any, seq_id: int, kind: str, repeats: int) -> float:
     """pymem's call against ``np.copyto`` of its blob (throughput ratio), each timed right
-    after a restore of the blob (and for a swap-in, the sequence's seq_rm)."""
+    after a restore of the blob. A swap-in's call is the sequence's seq_rm and the read, a
+    read into a cleared memory the clear and the read (as bench_vs_llama_cpp times them,
+    and as the least counts them)."""
     blob = bytes(mem.state_write(seq_id))
     out = bytearray(len(blob))
     src = np.frombuffer(blob, np.uint8)
@@ -173,16 +178,16 @@ def _pymem_ratio(mem: Any, seq_id: int, kind: str, repeats: int) -> float:
 
     def setup() -> None:
         mem.state_read(blob, seq_id)
-        if kind == "swap_in":
-            mem.seq_rm(seq_id, -1, -1)
-        elif kind == "clear":
-            mem.clear(False)
 
     def call() -> None:
         if kind == "write":
             mem.state_write_buffer(out, seq_id)
-        else:
-            mem.state_read(blob, seq_id)
+            return
+        if kind == "swap_in":
+            mem.seq_rm(seq_id, -1, -1)
+        elif kind == "clear":
+            mem.clear(False)
+        mem.state_read(blob, seq_id)
 
     copies, calls = [], []
     for _ in range(repeats):

@@ -45,12 +45,24 @@ static void lb_write(char * out, const int32_t * pos, int32_t seq, const int64_t
 // the read: each record's position compared with its cell's (a blob that puts the
 // sequence back into its own cells, the check a restore needs), with `place` the
 // positions and an owner word written into the cells instead (a placement's least), then
-// each piece's runs stored, then the extra
+// each piece's runs stored, then the extra. Before a placement, `vacate` 1 empties the
+// runs' cells (a position and an owner word each: the least of the seq_rm a swap-in
+// times with its read), 2 every one of the `size` cells (the least of a clear)
 static int64_t lb_read(const char * blob, int32_t * pos, int32_t * owner, int32_t seq, const int64_t * starts,
                        const int64_t * ends, int64_t n_runs, char * const * bases, const int64_t * rows,
-                       int64_t n_pieces, char * extra, int64_t n_extra, int place) {
+                       int64_t n_pieces, char * extra, int64_t n_extra, int place, int vacate, int64_t size) {
     const int32_t * w = (const int32_t *) (const void *) blob;
     int64_t bad = 0;
+    if (vacate == 2) {
+        memset(pos, 0xff, (size_t) size * sizeof(int32_t));
+        memset(owner, 0xff, (size_t) size * sizeof(int32_t));
+    }
+    for (int64_t r = 0; vacate == 1 && r < n_runs; ++r) {
+        for (int64_t c = starts[r]; c < ends[r]; ++c) {
+            pos[c] = -1;
+            owner[c] = -1;
+        }
+    }
     for (int64_t r = 0; r < n_runs; ++r) {
         for (int64_t c = starts[r]; c < ends[r]; ++c) {
             if (place) {
@@ -75,12 +87,13 @@ static int64_t lb_read(const char * blob, int32_t * pos, int32_t * owner, int32_
 }
 
 // `reps` timings (ns) of one kind of call: 0 memcpy(out, blob, bytes); 1 the write into
-// out; 2 the read of blob in place; 3 the read placing the cells anew. Each call follows
+// out; 2 the read of blob in place; 3 the read placing the cells anew after emptying the
+// sequence's cells (a swap-in); 4 the same after emptying all `size` cells (a clear). Each call follows
 // the one before at once (what a loop of state calls with nothing between them sees).
 int64_t lb_time(int32_t kind, int32_t reps, double * times, char * out, const char * blob, int64_t bytes,
                 int32_t * pos, int32_t * owner, int32_t seq, const int64_t * starts, const int64_t * ends,
                 int64_t n_runs, char * const * bases, const int64_t * rows, int64_t n_pieces, char * extra,
-                int64_t n_extra) {
+                int64_t n_extra, int64_t size) {
     int64_t sink = 0;
     for (int32_t i = 0; i < reps; ++i) {
         const double t0 = lb_now();
@@ -90,7 +103,7 @@ int64_t lb_time(int32_t kind, int32_t reps, double * times, char * out, const ch
             lb_write(out, pos, seq, starts, ends, n_runs, bases, rows, n_pieces, extra, n_extra);
         } else {
             sink += lb_read(blob, pos, owner, seq, starts, ends, n_runs, bases, rows, n_pieces, extra, n_extra,
-                            kind == 3);
+                            kind >= 3, kind - 2, size);
         }
         times[i] = lb_now() - t0;
     }
