@@ -1049,9 +1049,9 @@ static inline void pm_run_append(int64_t * run_starts, int64_t * run_ends, int64
 // The first n empty cells (pos < 0) of a stream's pos[0..size) from h, wrapping once, in
 // that order: into idx unless it is NULL, and unless run_starts is NULL as their maximal
 // runs [run_starts[r], run_ends[r]) (n capacity each), *n_runs of them; their count (below
-// n when the stream lacks room). Blocks of cells are counted first (a branch-free loop the
-// compiler vectorises): a block with none is skipped, a full one taken whole (in the runs,
-// extending the run it continues: a stream's empty stretches cost no per-cell write).
+// n when the stream lacks room). A block of 32 cells is one mask first (pm_neg_mask32): a
+// block with none is skipped, a full one taken whole (in the runs, extending the run it
+// continues: a stream's empty stretches cost no per-cell write), else its set bits walked.
 static int64_t pm_step_find_empty(const int32_t * pos, int64_t size, int64_t h, int64_t n, int32_t * idx,
                                   int64_t * run_starts, int64_t * run_ends, int64_t * n_runs) {
     int64_t found = 0, runs = 0;
@@ -1060,15 +1060,12 @@ static int64_t pm_step_find_empty(const int32_t * pos, int64_t size, int64_t h, 
         const int64_t end = pass == 0 ? size : h;
         while (cell < end && found < n) {
             if (end - cell >= PM_STEP_BLOCK) {
-                int32_t empty = 0;
-                for (int j = 0; j < PM_STEP_BLOCK; j++) {
-                    empty += pos[cell + j] < 0;
-                }
+                const uint32_t empty = pm_neg_mask32(pos + cell);
                 if (empty == 0) {
                     cell += PM_STEP_BLOCK;
                     continue;
                 }
-                if (empty == PM_STEP_BLOCK && n - found >= PM_STEP_BLOCK) {
+                if (empty == UINT32_MAX && n - found >= PM_STEP_BLOCK) {
                     for (int j = 0; idx != NULL && j < PM_STEP_BLOCK; j++) {
                         idx[found + j] = (int32_t) (cell + j);
                     }
@@ -1079,6 +1076,19 @@ static int64_t pm_step_find_empty(const int32_t * pos, int64_t size, int64_t h, 
                     cell += PM_STEP_BLOCK;
                     continue;
                 }
+                // some empty cells: taken by their bits, in order, up to n
+                for (uint32_t x = empty; x != 0 && found < n; x &= x - 1) {
+                    const int64_t e = cell + pm_ctz64(x);
+                    if (idx != NULL) {
+                        idx[found] = (int32_t) e;
+                    }
+                    if (run_starts != NULL) {
+                        pm_run_append(run_starts, run_ends, &runs, e, 1);
+                    }
+                    found++;
+                }
+                cell += PM_STEP_BLOCK;
+                continue;
             }
             const int64_t stop = end - cell > PM_STEP_BLOCK ? cell + PM_STEP_BLOCK : end;
             for (; cell < stop && found < n; cell++) {

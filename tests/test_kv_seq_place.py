@@ -279,6 +279,11 @@ def test_restore_kernel_runs_road_equals_its_cell_list_road(chunk: int) -> None:
     def place(kv: KVCache, head: int, n: int, with_list: bool) -> tuple:
         c, heads, _, placed = kv._native_cells()
         kv.v_heads[0] = head
+        # the first n empty cells from the search's start, wrapping: the head, or 0 past
+        # used + 2 n (the reference's restart), taken before the placement fills them
+        empty = np.flatnonzero(kv.v_cells[0].pos < 0)
+        h = head if head <= int(kv.v_cells[0].used) + 2 * n else 0
+        first_n = np.concatenate((empty[empty >= h], empty[empty < h]))[:n].tolist()
         pos = np.arange(100, 100 + n, dtype=np.int32)
         idx = np.empty(n, dtype=np.int32)
         runs = np.full((2, n), -7, dtype=np.int64)
@@ -292,6 +297,7 @@ def test_restore_kernel_runs_road_equals_its_cell_list_road(chunk: int) -> None:
         assert status == lib.PM_OK
         k = int(n_runs[0])
         cells = idx.tolist() if with_list and placed[0] else None
+        assert cells is None or cells == first_n
         return (placed[0], runs[:, :k].tolist(), int(kv.v_heads[0]), _state(kv)), cells
 
     def maximal_runs(cells: list[int]) -> list[list[int]]:
