@@ -22,7 +22,7 @@ from abc import abstractmethod
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Protocol, TypeAlias
 
 import numpy as np
@@ -222,26 +222,41 @@ class _Recorder(StateWriter):
             getattr(writer, name)(*args)
 
 
-def _advise_huge_pages(buf: bytearray) -> None:
-    """Ask Linux for transparent huge pages on a fresh large buffer (as numpy does for
-    its arrays): first-touch page faults otherwise cost about as much as the copy."""
+@cache
+def _libc_madvise() -> Any:
+    """libc's ``madvise`` through ctypes, looked up once (None: not Linux, or no libc)."""
     import ctypes
     import sys
 
-    huge = 1 << 21
-    if not sys.platform.startswith("linux") or len(buf) < 2 * huge:
-        return
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (AttributeError, OSError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
+
+
+def _advise_huge_pages(buf: bytearray) -> None:
+    """Ask Linux for transparent huge pages on a fresh large buffer (as numpy does for
+    its arrays): first-touch page faults otherwise cost about as much as the copy."""
+    huge = 1 << 21
+    if len(buf) < 2 * huge:
+        return
+    madvise = _libc_madvise()
+    if madvise is None:
+        return
+    import ctypes
+
+    try:
         addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-        lo = (addr + huge - 1) & ~(huge - 1)
-        hi = (addr + len(buf)) & ~(huge - 1)
-        if hi > lo:
-            madvise(lo, hi - lo, 14)  # MADV_HUGEPAGE; a failure only costs speed
-    except (AttributeError, OSError, ValueError):
-        pass
+    except (TypeError, ValueError):
+        return
+    lo = (addr + huge - 1) & ~(huge - 1)
+    hi = (addr + len(buf)) & ~(huge - 1)
+    if hi > lo:
+        madvise(lo, hi - lo, 14)  # MADV_HUGEPAGE; a failure only costs speed
 
 
 def set_state_threads(n: int, min_bytes: int | None = None) -> None:
@@ -300,19 +315,28 @@ def uninit_bytearray(size: int) -> bytearray:
     itself; CPython's ``PyByteArray_FromStringAndSize(NULL, n)`` does not.
     """
     if size >= 1 << 16:
-        try:
-            import ctypes
-
-            fn = ctypes.pythonapi.PyByteArray_FromStringAndSize
-            fn.restype = ctypes.py_object
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
-            out = fn(None, size)
+        new = _bytearray_from_null()
+        if new is not None:
+            out = new(None, size)
             if isinstance(out, bytearray) and len(out) == size:
                 _advise_huge_pages(out)
                 return out
-        except (AttributeError, OSError):  # not CPython
-            pass
     return bytearray(size)
+
+
+@cache
+def _bytearray_from_null() -> Any:
+    """CPython's ``PyByteArray_FromStringAndSize`` through ctypes, set up once (its
+    lookup and signature cost ~2 µs a call otherwise); None where there is none."""
+    try:
+        import ctypes
+
+        fn = ctypes.pythonapi.PyByteArray_FromStringAndSize
+    except (AttributeError, OSError):  # not CPython
+        return None
+    fn.restype = ctypes.py_object
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+    return fn
 
 
 class BufferWriter(StateWriter):

@@ -5,10 +5,12 @@ used to run the serialiser twice; the recorder must keep every write where it wa
 from __future__ import annotations
 
 import io
+import sys
 
 import numpy as np
 import pytest
 
+import pymem.state as state_mod
 from pymem.backend import TensorSpec, TensorStore
 from pymem.errors import RangeError
 from pymem.state import StateWriter, state_size, write_state, write_state_to
@@ -211,3 +213,31 @@ def test_pending_writes_apply_in_order_and_only_at_commit() -> None:
         pending.commit()
         assert order == [b"\x01\x02"] and t.read_bytes(0, 2) == b"\x03\x02"
         assert len(pending) == 0
+
+
+def test_uninit_bytearray_gives_the_size_asked_and_sets_up_ctypes_once(monkeypatch) -> None:
+    """Small sizes are plain bytearrays; from 64 KiB on CPython's uninitialised one (its
+    ctypes function set up once, not per call), from 4 MiB with transparent huge pages
+    asked for the whole 2 MiB pages inside it (madvise looked up once). Every result is a
+    writable bytearray of the size asked."""
+    state_mod._bytearray_from_null.cache_clear()
+    advice = []
+    monkeypatch.setattr(state_mod, "_libc_madvise", lambda: lambda *a: advice.append(a))
+    sizes = (0, 100, (1 << 16) - 1, 1 << 16, 700_001, (5 << 20) + 3)
+    huge = 1 << 21
+    for _ in range(3):
+        for n in sizes:
+            out = state_mod.uninit_bytearray(n)
+            assert type(out) is bytearray and len(out) == n
+            if n:
+                out[n - 1] = 7  # writable
+            if n >= 2 * huge:
+                lo, length, flag = advice.pop()
+                assert flag == 14 and lo % huge == 0 and length % huge == 0 and length >= huge
+    assert advice == []  # none for a buffer below 4 MiB
+    assert state_mod._bytearray_from_null.cache_info().misses == 1
+    monkeypatch.undo()
+    if sys.platform.startswith("linux"):
+        state_mod._libc_madvise.cache_clear()
+        assert state_mod._libc_madvise() is not None and state_mod._libc_madvise() is not None
+        assert state_mod._libc_madvise.cache_info().misses == 1
