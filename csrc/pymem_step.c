@@ -1401,17 +1401,13 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
     return PM_OK;
 }
 
-// Whether the PM_STEP_BLOCK cells from c0 hold a shared one (owner -2): a count the
-// compiler vectorises, so scans for shared cells pass most blocks without a branch per
-// cell (the block 2 KiB ahead asked for: a cold scan is latency-bound)
+// Whether the PM_STEP_BLOCK (32) cells from c0 hold a shared one (owner -2): one mask
+// (pm_eq_mask32), so scans for shared cells pass most blocks without a branch per cell
+// (the block 2 KiB ahead asked for: a cold scan is latency-bound)
 static inline int pm_block_shared(const int32_t * owner, int64_t c0) {
     PM_PREFETCH(owner + c0 + 512);
     PM_PREFETCH(owner + c0 + 528);
-    int32_t multi = 0;
-    for (int j = 0; j < PM_STEP_BLOCK; j++) {
-        multi += owner[c0 + j] == -2;
-    }
-    return multi != 0;
+    return pm_eq_mask32(owner + c0, -2) != 0;
 }
 
 int32_t pm_step_seq_shared(const pm_step_cells * c, int64_t s, int32_t q) {

@@ -523,3 +523,25 @@ def test_native_removal_of_every_position_keeps_a_cell_at_the_largest_position(
     assert st.pos[0, 37] == 2**31 - 1 and (np.delete(st.pos[0], 37) == -1).all()
     assert int(st.used[0]) == 1
     assert (np.delete(st.shift[0], 37) == 0).all() and st.shift[0, 37] == (3 if shifted else 0)
+
+
+@pytest.mark.parametrize("at", [0, 13, 31, 32, 63])
+def test_native_seq_rm_finds_a_lone_shared_cell_anywhere_in_a_block(monkeypatch, at: int) -> None:
+    # one cell shared by sequences 0 and 1 among 64 cells of sequence 0 (the block scan
+    # for shared cells tests 32 at a time: any place in a block, either block); removing
+    # sequence 1, then a range of sequence 0 around it, leaves what the reference leaves
+    def filled() -> cache_mod.KVCache:
+        kv = make_kv(64, 2)
+        decode(kv, [[1, p, [0, 1] if p == at else [0], False] for p in range(64)])
+        assert int(kv.v_cells[0].owner[at]) == -2 and int(kv.cells.n_multi[0]) == 1
+        return kv
+
+    fast, ref = filled(), filled()
+    for s, p0, p1 in ((1, -1, -1), (0, max(at - 1, 0), at + 2)):
+        fast.seq_rm(s, p0, p1)
+        with monkeypatch.context() as m:
+            m.setattr(cache_mod, "USE_NATIVE_RM", False)
+            ref.seq_rm(s, p0, p1)
+        same(state(fast.cells), state(ref.cells))
+        check_invariants(fast)
+    assert int(fast.cells.n_multi[0]) == 0 and int(fast.v_cells[0].owner[at]) == -1
