@@ -159,6 +159,32 @@ static inline uint32_t pm_neg_mask32(const int32_t * a) {
 #endif
 }
 
+// Bit j: (uint32_t) (a[j] - lo) < width, for the 32 words from a on (a position in
+// [lo, lo + width): the unsigned compare as a signed one of both sides' sign bits flipped)
+static inline uint32_t pm_range_mask32(const int32_t * a, uint32_t lo, uint32_t width) {
+#if defined(__SSE2__) || defined(_M_X64)
+    const __m128i base = _mm_set1_epi32((int32_t) lo), flip = _mm_set1_epi32(INT32_MIN);
+    const __m128i w = _mm_set1_epi32((int32_t) (width ^ 0x80000000u));
+    uint32_t      m = 0;
+    for (int h = 0; h < 2; ++h) {
+        __m128i e[4];
+        for (int q = 0; q < 4; ++q) {
+            const __m128i x = _mm_loadu_si128((const __m128i *) (const void *) (a + 16 * h + 4 * q));
+            e[q] = _mm_cmplt_epi32(_mm_xor_si128(_mm_sub_epi32(x, base), flip), w);
+        }
+        const __m128i b = _mm_packs_epi16(_mm_packs_epi32(e[0], e[1]), _mm_packs_epi32(e[2], e[3]));
+        m |= (uint32_t) _mm_movemask_epi8(b) << (16 * h);
+    }
+    return m;
+#else
+    uint32_t m = 0;
+    for (int j = 0; j < 32; ++j) {
+        m |= (uint32_t) ((uint32_t) a[j] - lo < width) << j;
+    }
+    return m;
+#endif
+}
+
 // The set bits of m (no popcnt instruction assumed: the portable build's baseline)
 static inline int32_t pm_popcount32(uint32_t m) {
     m = m - ((m >> 1) & 0x55555555u);

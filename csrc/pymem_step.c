@@ -1790,18 +1790,14 @@ pm_status pm_step_hybrid_pos_max(const pm_step_cells * c, const int64_t * keys, 
 }
 
 // Whether any of the 32 positions from pos[c0] lies in [p0, p0 + width) (as unsigned
-// pos - p0 < width: a position below p0 wraps past the width; p0 >= 0): a fixed-trip test
-// the compiler vectorises, so that blocks with no such position (most of them, for a tail
-// or middle range) are skipped without reading their owners. Both cache lines of the
+// pos - p0 < width: a position below p0 wraps past the width; p0 >= 0): one mask
+// (pm_range_mask32), so that blocks with no such position (most of them, for a tail or
+// middle range) are skipped without reading their owners. Both cache lines of the
 // block 2 KiB ahead are asked for: a scan of cold cells is latency-bound.
 static inline int pm_block_has_pos(const int32_t * pos, int64_t c0, uint32_t p0, uint32_t width) {
     PM_PREFETCH(pos + c0 + 512);
     PM_PREFETCH(pos + c0 + 528);
-    int32_t hits = 0;
-    for (int j = 0; j < 32; ++j) {
-        hits += (uint32_t) pos[c0 + j] - p0 < width;
-    }
-    return hits != 0;
+    return pm_range_mask32(pos + c0, p0, width) != 0;
 }
 
 pm_status pm_kv_seq_cells_range(const int32_t * pos, const int32_t * owner, int64_t n, int32_t seq_id, int32_t p0,
@@ -1931,11 +1927,7 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
             // is ruled out below for a block taken whole)
             uint32_t m = pm_eq_mask32(owner + c0, seq_id);
             if (m != 0 && !any_pos) {
-                uint32_t in = 0;
-                for (int j = 0; j < 32; ++j) {
-                    in |= (uint32_t) ((uint32_t) pos[c0 + j] - base < width) << j;
-                }
-                m &= in;
+                m &= pm_range_mask32(pos + c0, base, width);
             }
             if (m == 0) {
                 continue;

@@ -370,6 +370,7 @@ def main_gone(binary: str) -> None:
     proc, endpoint = start_server(binary)
     try:
         import pymem
+        from pymem.backend import get_device
         from pymem.batch import Batch, BatchAllocator
         from pymem.errors import DeviceError
         from pymem.factory import ContextParams, create_memory
@@ -394,6 +395,14 @@ def main_gone(binary: str) -> None:
         blob = bytes(mem.state_write())
         blob_seq = bytes(mem.state_write(0))
         stop(proc)
+        # the server's exit closes its end at once, but on a loaded machine the kernel may
+        # deliver that close to this process's socket a little later (the loopback's
+        # softirq work): what is tested is a server whose close has arrived, so wait for it
+        link = get_device(dev).rpc_link
+        assert link is not None
+        deadline = time.monotonic() + 10
+        while not link.is_down() and time.monotonic() < deadline:
+            time.sleep(0.01)
         errors: dict[str, str | None] = {}
 
         def attempt(name: str, call: Any) -> None:

@@ -545,3 +545,32 @@ def test_native_seq_rm_finds_a_lone_shared_cell_anywhere_in_a_block(monkeypatch,
         same(state(fast.cells), state(ref.cells))
         check_invariants(fast)
     assert int(fast.cells.n_multi[0]) == 0 and int(fast.v_cells[0].owner[at]) == -1
+
+
+def test_position_range_scan_equals_numpy_at_the_int32_edges() -> None:
+    # pm_kv_seq_cells_range's block test (pm_range_mask32: an unsigned compare done as a
+    # signed one) against numpy: positions at 0, INT32_MAX and either side of the range's
+    # ends, empty cells (-1), ranges from empty to the whole int32 span, one hit per block
+    rng = np.random.default_rng(73)
+    top = np.iinfo(np.int32).max
+    for size in (32, 100, 1024):
+        for trial in range(40):
+            p0 = int(rng.choice([0, 1, 5, 1 << 20, top - 3, top - 1]))
+            p1 = int(rng.choice([p0, p0 + 1, p0 + 7, p0 + (1 << 30), top]))
+            p1 = min(p1, top)
+            edges = [-1, 0, p0 - 1, p0, p0 + 1, p1 - 1, p1, p1 + 1, top - 1, top]
+            pos = rng.choice([e for e in edges if -1 <= e <= top], size).astype(np.int32)
+            if trial % 5 == 0:  # sparse: a single candidate per block at most
+                pos[:] = -1
+                for b in range(0, size, 32):
+                    pos[b + int(rng.integers(0, min(32, size - b)))] = p0
+            owner = rng.integers(-1, 2, size).astype(np.int32)
+            want = np.flatnonzero((pos >= p0) & (pos.astype(np.int64) < p1) & (owner == 0))
+            out = np.empty(size, dtype=np.int64)
+            count = ffi.new("int64_t *")
+            status = lib.pm_kv_seq_cells_range(
+                ffi.from_buffer("int32_t[]", pos), ffi.from_buffer("int32_t[]", owner), size, 0,
+                p0, p1, ffi.from_buffer("int64_t[]", out, require_writable=True), size, count,
+            )  # fmt: skip
+            assert status == lib.PM_OK
+            assert out[: int(count[0])].tolist() == want.tolist(), (size, trial, p0, p1)
