@@ -1549,7 +1549,24 @@ static pm_status pm_kv_select_window(const int32_t * pos, const int32_t * owner,
     int64_t count = 0, runs = 0;
     int prev = 0;
     *shared = 0;
-    for (int64_t c = 0; c < size; ++c) {
+    // [p_lo, p_hi] within int32 as an unsigned offset from its start (pm_range_mask32);
+    // a span of every int32 (2^32) only cell by cell
+    const int64_t lo64 = p_lo < INT32_MIN ? INT32_MIN : p_lo, hi64 = p_hi > INT32_MAX ? INT32_MAX : p_hi;
+    const int64_t span = hi64 >= lo64 ? hi64 - lo64 + 1 : 0;
+    const uint32_t lo = (uint32_t) lo64, width = (uint32_t) span;
+    int64_t c = 0;
+    for (; span < ((int64_t) 1 << 32) && c + 32 <= size; c += 32) {  // blocks without a shared cell as masks
+        if (bits != NULL && pm_eq_mask32(owner + c, -2) != 0) {
+            break;  // (cell by cell from here: each shared cell's bit decides)
+        }
+        const uint32_t m = pm_eq_mask32(owner + c, seq_id) & pm_range_mask32(pos + c, lo, width);
+        count += pm_popcount32(m);
+        if (m != (prev ? UINT32_MAX : 0u) &&
+            pm_mask_edges(m, c, &prev, run_starts, run_ends, &runs, cap) != PM_OK) {
+            return PM_ERR_RANGE;
+        }
+    }
+    for (; c < size; ++c) {
         const int sel = pm_cell_holds(owner, c, seq_id, bits, stride, bit) && pos[c] >= p_lo && pos[c] <= p_hi;
         *shared |= sel && owner[c] == -2;
         count += sel;

@@ -12,7 +12,7 @@ from test_kv_state_paths import _interleaved
 from test_kv_state_section import _fragmented
 
 import pymem.kv.state_io as state_io
-from pymem._native import ffi
+from pymem._native import ffi, lib
 from pymem.errors import ClosedError, RangeError, StateError
 from pymem.spec import SWAType
 
@@ -396,3 +396,35 @@ def test_a_commit_whose_runs_another_selection_overwrote_checks_in_full() -> Non
     assert list(kv.v_heads) == list(twin.v_heads)
     for c in (kv, twin):
         c.close()
+
+
+@pytest.mark.parametrize("forked", [False, True])
+def test_position_window_selects_its_cells_ends_included(forked: bool) -> None:
+    # the one-sequence writer's window [lo, hi] (pm_kv_select_window: blocks as masks, a
+    # block with a shared cell cell by cell) against numpy, both ends inclusive: windows
+    # ending exactly on a held position, empty ones, ones reaching below 0 and to INT32_MAX
+    kv = _fragmented("f32-notrans", 9)
+    if forked:
+        kv.seq_cp(0, 2, -1, -1)  # sequence 2 shares every cell of sequence 0
+    blob = kv._seq_blob(0, 0, "test")
+    assert blob is not None
+    cells = kv.v_cells[0]
+    rng = np.random.default_rng(9)
+    top = np.iinfo(np.int32).max
+    written = ffi.new("int64_t[2]")
+    declined = ffi.cast("int32_t *", written + 1)
+    for seq_id in (0, 1, 2):
+        held = cells.seq_cells(seq_id)
+        pos = cells.pos[held].astype(np.int64)
+        if pos.size == 0:
+            continue
+        picks = [int(p) for p in rng.choice(pos, 6)]
+        windows = [(a, b) for a in picks for b in picks] + [(-5, picks[0]), (picks[0], top), (3, 2)]
+        for lo, hi in windows:
+            status = lib.pm_kv_write_seq_blob(
+                blob.view, seq_id, 0, lo, hi, ffi.NULL, 0, written, declined
+            )  # fmt: skip
+            assert status in (lib.PM_OK, lib.PM_ERR_RANGE) and not declined[0]
+            want = int(np.count_nonzero((pos >= lo) & (pos <= hi)))
+            assert int(blob.view.selected[0]) == want, (seq_id, lo, hi)
+    blob.scratch_taken()
