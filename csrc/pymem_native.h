@@ -115,19 +115,27 @@ static inline int pm_ctz64(uint64_t b) {
 // The block scans (32 cells a block): a block's test as one 32-bit mask, bit j for cell j,
 // whose count and run edges bit tricks find (the per-cell loop over a block with an edge
 // and the horizontal sum of a vector count took most of a selection's time).
+#if defined(__SSE2__) || defined(_M_X64)
+// The sign bits of 16 words (four vectors, in order) as a 16-bit mask: the saturating
+// packs keep each word's sign in its byte
+static inline uint32_t pm_signs16(__m128i a, __m128i b, __m128i c, __m128i d) {
+    return (uint32_t) _mm_movemask_epi8(_mm_packs_epi16(_mm_packs_epi32(a, b), _mm_packs_epi32(c, d)));
+}
+
+// words [4 i, 4 i + 4) from p on as one vector (any alignment)
+#define PM_LOAD4(p, i) _mm_loadu_si128((const __m128i *) (const void *) ((p) + 4 * (i)))
+#endif
+
 // Bit j: a[j] == v, for the 32 words from a on (any alignment)
 static inline uint32_t pm_eq_mask32(const int32_t * a, int32_t v) {
 #if defined(__SSE2__) || defined(_M_X64)
     const __m128i k = _mm_set1_epi32(v);
     uint32_t      m = 0;
-    for (int h = 0; h < 2; ++h) {  // 16 cells: four compares packed to 16 sign bytes
-        const __m128i * p  = (const __m128i *) (const void *) (a + 16 * h);
-        const __m128i   e0 = _mm_cmpeq_epi32(_mm_loadu_si128(p), k);
-        const __m128i   e1 = _mm_cmpeq_epi32(_mm_loadu_si128(p + 1), k);
-        const __m128i   e2 = _mm_cmpeq_epi32(_mm_loadu_si128(p + 2), k);
-        const __m128i   e3 = _mm_cmpeq_epi32(_mm_loadu_si128(p + 3), k);
-        const __m128i   b  = _mm_packs_epi16(_mm_packs_epi32(e0, e1), _mm_packs_epi32(e2, e3));
-        m |= (uint32_t) _mm_movemask_epi8(b) << (16 * h);
+    for (int h = 0; h < 2; ++h) {
+        const int32_t * p = a + 16 * h;
+        m |= pm_signs16(_mm_cmpeq_epi32(PM_LOAD4(p, 0), k), _mm_cmpeq_epi32(PM_LOAD4(p, 1), k),
+                        _mm_cmpeq_epi32(PM_LOAD4(p, 2), k), _mm_cmpeq_epi32(PM_LOAD4(p, 3), k))
+             << (16 * h);
     }
     return m;
 #else
@@ -144,10 +152,8 @@ static inline uint32_t pm_neg_mask32(const int32_t * a) {
 #if defined(__SSE2__) || defined(_M_X64)
     uint32_t m = 0;
     for (int h = 0; h < 2; ++h) {
-        const __m128i * p = (const __m128i *) (const void *) (a + 16 * h);
-        const __m128i   b = _mm_packs_epi16(_mm_packs_epi32(_mm_loadu_si128(p), _mm_loadu_si128(p + 1)),
-                                            _mm_packs_epi32(_mm_loadu_si128(p + 2), _mm_loadu_si128(p + 3)));
-        m |= (uint32_t) _mm_movemask_epi8(b) << (16 * h);
+        const int32_t * p = a + 16 * h;
+        m |= pm_signs16(PM_LOAD4(p, 0), PM_LOAD4(p, 1), PM_LOAD4(p, 2), PM_LOAD4(p, 3)) << (16 * h);
     }
     return m;
 #else
@@ -169,11 +175,9 @@ static inline uint32_t pm_range_mask32(const int32_t * a, uint32_t lo, uint32_t 
     for (int h = 0; h < 2; ++h) {
         __m128i e[4];
         for (int q = 0; q < 4; ++q) {
-            const __m128i x = _mm_loadu_si128((const __m128i *) (const void *) (a + 16 * h + 4 * q));
-            e[q] = _mm_cmplt_epi32(_mm_xor_si128(_mm_sub_epi32(x, base), flip), w);
+            e[q] = _mm_cmplt_epi32(_mm_xor_si128(_mm_sub_epi32(PM_LOAD4(a + 16 * h, q), base), flip), w);
         }
-        const __m128i b = _mm_packs_epi16(_mm_packs_epi32(e[0], e[1]), _mm_packs_epi32(e[2], e[3]));
-        m |= (uint32_t) _mm_movemask_epi8(b) << (16 * h);
+        m |= pm_signs16(e[0], e[1], e[2], e[3]) << (16 * h);
     }
     return m;
 #else

@@ -424,28 +424,36 @@ pm_status pm_kv_seq_same_cells(const int32_t * pos, const int32_t * shift, const
     int64_t runs = 0;  // runs found
     int64_t c = 0;
     while (c < size) {
-        // blocks of 32 cells as masks (pm_eq_mask32): one held by others is skipped whole,
-        // else the run starts at the block's first cell of seq_id
+        // skip blocks of 32 cells held by others without a branch per cell
         if (c + 32 <= size) {
-            const uint32_t mine = pm_eq_mask32(owner + c, seq_id);
-            if (mine == 0) {
+            int32_t hits = 0;
+            for (int j = 0; j < 32; ++j) {
+                hits += owner[c + j] == seq_id;
+            }
+            if (hits == 0) {
                 c += 32;
                 continue;
             }
-            c += pm_ctz64(mine);
+            while (owner[c] != seq_id) {
+                ++c;  // to the block's first cell of seq_id (there is one)
+            }
         } else if (owner[c] != seq_id) {
             ++c;
             continue;
         }
-        // a run of cells of seq_id: [c, e), a block of 32 at a time up to its first other cell
+        // a run of cells of seq_id: [c, e), whole blocks of 32 first
         int64_t e = c + 1;
-        int     open = 1;  // whether the run may go on past e
-        while (open && e + 32 <= size) {
-            const uint32_t mine = pm_eq_mask32(owner + e, seq_id);
-            open = mine == UINT32_MAX;
-            e += open ? 32 : pm_ctz64(~mine);
+        while (e + 32 <= size) {
+            int32_t hits = 0;
+            for (int j = 0; j < 32; ++j) {
+                hits += owner[e + j] == seq_id;
+            }
+            if (hits != 32) {
+                break;
+            }
+            e += 32;
         }
-        while (e < size && owner[e] == seq_id) {  // (the last, partial block)
+        while (e < size && owner[e] == seq_id) {
             ++e;
         }
         if (e - c > n - m) {

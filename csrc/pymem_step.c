@@ -1401,13 +1401,17 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
     return PM_OK;
 }
 
-// Whether the PM_STEP_BLOCK (32) cells from c0 hold a shared one (owner -2): one mask
-// (pm_eq_mask32), so scans for shared cells pass most blocks without a branch per cell
+// Whether the PM_STEP_BLOCK cells from c0 hold a shared one (owner -2): a count the
+// compiler vectorises, so scans for shared cells pass most blocks without a branch per cell
 // (the block 2 KiB ahead asked for: a cold scan is latency-bound)
 static inline int pm_block_shared(const int32_t * owner, int64_t c0) {
     PM_PREFETCH(owner + c0 + 512);
     PM_PREFETCH(owner + c0 + 528);
-    return pm_eq_mask32(owner + c0, -2) != 0;
+    int32_t multi = 0;
+    for (int j = 0; j < PM_STEP_BLOCK; j++) {
+        multi += owner[c0 + j] == -2;
+    }
+    return multi != 0;
 }
 
 int32_t pm_step_seq_shared(const pm_step_cells * c, int64_t s, int32_t q) {
@@ -1790,14 +1794,19 @@ pm_status pm_step_hybrid_pos_max(const pm_step_cells * c, const int64_t * keys, 
 }
 
 // Whether any of the 32 positions from pos[c0] lies in [p0, p0 + width) (as unsigned
-// pos - p0 < width: a position below p0 wraps past the width; p0 >= 0): one mask
-// (pm_range_mask32), so that blocks with no such position (most of them, for a tail or
-// middle range) are skipped without reading their owners. Both cache lines of the
+// pos - p0 < width: a position below p0 wraps past the width; p0 >= 0): a fixed-trip test
+// the compiler vectorises, so that blocks with no such position (most of them, for a tail
+// or middle range) are skipped without reading their owners (a count measured a little
+// faster here than pm_range_mask32's packs or an or-ed compare). Both cache lines of the
 // block 2 KiB ahead are asked for: a scan of cold cells is latency-bound.
 static inline int pm_block_has_pos(const int32_t * pos, int64_t c0, uint32_t p0, uint32_t width) {
     PM_PREFETCH(pos + c0 + 512);
     PM_PREFETCH(pos + c0 + 528);
-    return pm_range_mask32(pos + c0, p0, width) != 0;
+    int32_t hits = 0;
+    for (int j = 0; j < 32; ++j) {
+        hits += (uint32_t) pos[c0 + j] - p0 < width;
+    }
+    return hits != 0;
 }
 
 pm_status pm_kv_seq_cells_range(const int32_t * pos, const int32_t * owner, int64_t n, int32_t seq_id, int32_t p0,
