@@ -1337,13 +1337,13 @@ static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int
                 }
             } else {
                 m = pm_eq_mask32(owner + c0, seq_id);
-                if (bits != NULL && pm_eq_mask32(owner + c0, -2) != 0) {  // shared cells: each one's bit decides
-                    pm_select_holding(owner, c0, c1, seq_id, bits, stride, bit, &prev, run_starts, run_ends,
-                                      &runs, cap, shared);
-                    if (runs > cap) {
-                        return PM_ERR_RANGE;
+                // shared cells (owner -2): each one's bit decides, walked by the mask's bits
+                for (uint32_t x = bits != NULL ? pm_eq_mask32(owner + c0, -2) : 0; x != 0; x &= x - 1) {
+                    const int j = pm_ctz64(x);
+                    if (bits[(c0 + j) * stride] & bit) {
+                        m |= (uint32_t) 1 << j;
+                        *shared = 1;
                     }
-                    continue;
                 }
             }
             // a block of cells all like the one before it (runs are long) holds no run edge
