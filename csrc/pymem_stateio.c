@@ -701,11 +701,6 @@ pm_status pm_kv_cells_equal(const int32_t * pos, const int32_t * owner, const in
     return PM_OK;
 }
 
-// whether cell c is one a blob of seq_id (-1: every non-empty cell) holds
-static inline int pm_stateio_selected(const int32_t * pos, const int32_t * owner, int64_t c, int32_t seq_id) {
-    return seq_id < 0 ? pos[c] >= 0 : owner[c] == seq_id;
-}
-
 #if defined(__SSE2__) || defined(_M_X64)
 // four cells' records (twelve words) from w on, any alignment
 static inline void pm_store_records4(int32_t * w, __m128i v0, __m128i v1, __m128i v2) {
@@ -1254,29 +1249,33 @@ static inline int pm_cell_holds(const int32_t * owner, int64_t c, int32_t seq_id
     return owner[c] == seq_id || (bits != NULL && owner[c] == -2 && (bits[c * stride] & bit) != 0);
 }
 
-// The run edges of cells [c0, c1) selected by pm_cell_holds; their count. *shared = 1 when
-// one of them is shared. More than cap runs: runs is left past cap (the caller refuses).
-static int64_t pm_select_holding(const int32_t * owner, int64_t c0, int64_t c1, int32_t seq_id,
-                                 const uint64_t * bits, int64_t stride, uint64_t bit, int * prev,
-                                 int64_t * run_starts, int64_t * run_ends, int64_t * runs, int64_t cap,
-                                 int32_t * shared) {
-    int64_t hits = 0;
-    for (int64_t c = c0; c < c1; ++c) {
-        const int sel = pm_cell_holds(owner, c, seq_id, bits, stride, bit);
-        hits += sel;
-        *shared |= sel && owner[c] == -2;
-        if (pm_run_edge(c, sel, prev, run_starts, run_ends, runs, cap) != PM_OK) {
-            *runs = cap + 1;
-            return hits;
+// The cells of the 32 from c0 that seq_id holds (pm_cell_holds) as a mask: its owner's,
+// and with `bits` the shared cells (owner -2) whose bit names it, walked by the shared
+// cells' mask
+static inline uint32_t pm_holds_mask32(const int32_t * owner, int64_t c0, int32_t seq_id, const uint64_t * bits,
+                                       int64_t stride, uint64_t bit) {
+    uint32_t m = pm_eq_mask32(owner + c0, seq_id);
+    for (uint32_t x = bits != NULL ? pm_eq_mask32(owner + c0, -2) : 0; x != 0; x &= x - 1) {
+        const int j = pm_ctz64(x);
+        if (bits[(c0 + j) * stride] & bit) {
+            m |= (uint32_t) 1 << j;
         }
     }
-    return hits;
+    return m;
 }
 
+// The cells of n_runs runs [run_starts[r], run_ends[r]) (a selection's count)
+static int64_t pm_runs_cells(const int64_t * run_starts, const int64_t * run_ends, int64_t n_runs) {
+    int64_t n = 0;
+    for (int64_t r = 0; r < n_runs; ++r) {
+        n += run_ends[r] - run_starts[r];
+    }
+    return n;
+}
 
 // pm_kv_select, and for seq_id >= 0 with `bits` (see pm_cell_holds) the cells seq_id shares
-// with other sequences selected too, found in the same pass (*shared = 1 when there is
-// one: a blob of seq_id holds them as any of its cells). For seq_id < 0 with ids: *ids =
+// with other sequences selected too, found in the same pass (*shared stays 0 for seq_id >=
+// 0: a blob of seq_id holds such cells as any of its own). For seq_id < 0 with ids: *ids =
 // the ids the selected cells' whole records list (pm_kv_record_ids' count, all_bits the
 // stream's bitsets of n_words words a cell), found in the same pass over the owners
 static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id,
@@ -1336,26 +1335,11 @@ static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int
                                                   : pm_popcount32(m);
                 }
             } else {
-                m = pm_eq_mask32(owner + c0, seq_id);
-                // shared cells (owner -2): each one's bit decides, walked by the mask's bits
-                for (uint32_t x = bits != NULL ? pm_eq_mask32(owner + c0, -2) : 0; x != 0; x &= x - 1) {
-                    const int j = pm_ctz64(x);
-                    if (bits[(c0 + j) * stride] & bit) {
-                        m |= (uint32_t) 1 << j;
-                        *shared = 1;
-                    }
-                }
+                m = pm_holds_mask32(owner, c0, seq_id, bits, stride, bit);
             }
             // a block of cells all like the one before it (runs are long) holds no run edge
             if (m != (prev ? UINT32_MAX : 0u) &&
                 pm_mask_edges(m, c0, &prev, run_starts, run_ends, &runs, cap) != PM_OK) {
-                return PM_ERR_RANGE;
-            }
-            continue;
-        } else if (bits != NULL) {
-            pm_select_holding(owner, c0, c1, seq_id, bits, stride, bit, &prev, run_starts, run_ends, &runs, cap,
-                              shared);
-            if (runs > cap) {
                 return PM_ERR_RANGE;
             }
             continue;
@@ -1369,8 +1353,8 @@ static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int
             id_count += pm_block_ids(pos, owner, c0, c1, all_bits, n_words, n_seq_max);
         }
         for (int64_t c = c0; c < c1; ++c) {
-            if (pm_run_edge(c, pm_stateio_selected(pos, owner, c, seq_id), &prev, run_starts, run_ends, &runs,
-                            cap) != PM_OK) {
+            const int sel = seq_id < 0 ? pos[c] >= 0 : pm_cell_holds(owner, c, seq_id, bits, stride, bit);
+            if (pm_run_edge(c, sel, &prev, run_starts, run_ends, &runs, cap) != PM_OK) {
                 return PM_ERR_RANGE;
             }
         }
@@ -1378,11 +1362,7 @@ static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int
     if (prev) {
         run_ends[runs++] = size;
     }
-    int64_t count = 0;
-    for (int64_t r = 0; r < runs; ++r) {
-        count += run_ends[r] - run_starts[r];
-    }
-    *n = count;
+    *n = pm_runs_cells(run_starts, run_ends, runs);
     *n_runs = runs;
     *shared |= seq_id < 0 && (odd_bits >> 31) != 0;
     if (ids != NULL) {
@@ -1549,35 +1529,29 @@ static int32_t pm_seq_blob_stream(const pm_kv_seq_blob * b, int32_t seq_id) {
 }
 
 // pm_kv_select for one sequence whose cells must also have a position in [p_lo, p_hi] (a
-// sliding window): a plain per-cell pass; with bits, shared cells as pm_kv_select_in
+// sliding window): blocks of 32 as the held cells' mask (pm_holds_mask32: with bits,
+// shared cells as pm_kv_select_in) and the range's
 static pm_status pm_kv_select_window(const int32_t * pos, const int32_t * owner, int64_t size, int32_t seq_id,
                                      int64_t p_lo, int64_t p_hi, const uint64_t * bits, int64_t stride, uint64_t bit,
                                      int64_t * run_starts, int64_t * run_ends, int64_t cap, int64_t * n,
-                                     int64_t * n_runs, int32_t * shared) {
-    int64_t count = 0, runs = 0;
+                                     int64_t * n_runs) {
+    int64_t runs = 0;
     int prev = 0;
-    *shared = 0;
     // [p_lo, p_hi] within int32 as an unsigned offset from its start (pm_range_mask32);
     // a span of every int32 (2^32) only cell by cell
     const int64_t lo64 = p_lo < INT32_MIN ? INT32_MIN : p_lo, hi64 = p_hi > INT32_MAX ? INT32_MAX : p_hi;
     const int64_t span = hi64 >= lo64 ? hi64 - lo64 + 1 : 0;
     const uint32_t lo = (uint32_t) lo64, width = (uint32_t) span;
     int64_t c = 0;
-    for (; span < ((int64_t) 1 << 32) && c + 32 <= size; c += 32) {  // blocks without a shared cell as masks
-        if (bits != NULL && pm_eq_mask32(owner + c, -2) != 0) {
-            break;  // (cell by cell from here: each shared cell's bit decides)
-        }
-        const uint32_t m = pm_eq_mask32(owner + c, seq_id) & pm_range_mask32(pos + c, lo, width);
-        count += pm_popcount32(m);
+    for (; span < ((int64_t) 1 << 32) && c + 32 <= size; c += 32) {  // blocks as masks
+        const uint32_t m = pm_holds_mask32(owner, c, seq_id, bits, stride, bit) & pm_range_mask32(pos + c, lo, width);
         if (m != (prev ? UINT32_MAX : 0u) &&
             pm_mask_edges(m, c, &prev, run_starts, run_ends, &runs, cap) != PM_OK) {
             return PM_ERR_RANGE;
         }
     }
-    for (; c < size; ++c) {
+    for (; c < size; ++c) {  // the last, partial block
         const int sel = pm_cell_holds(owner, c, seq_id, bits, stride, bit) && pos[c] >= p_lo && pos[c] <= p_hi;
-        *shared |= sel && owner[c] == -2;
-        count += sel;
         if (pm_run_edge(c, sel, &prev, run_starts, run_ends, &runs, cap) != PM_OK) {
             return PM_ERR_RANGE;
         }
@@ -1585,7 +1559,7 @@ static pm_status pm_kv_select_window(const int32_t * pos, const int32_t * owner,
     if (prev) {
         run_ends[runs++] = size;
     }
-    *n = count;
+    *n = pm_runs_cells(run_starts, run_ends, runs);
     *n_runs = runs;
     return PM_OK;
 }
@@ -1636,13 +1610,13 @@ pm_status pm_kv_write_seq_blob(const pm_kv_seq_blob * b, int32_t seq_id, int32_t
     const int64_t stride = check ? c->n_words : 0;
     int64_t * sel = b->selected + 2 * s;  // n, n_runs
     if (!reuse) {
-        int32_t shared = 0;
+        int32_t shared = 0;  // (set by a whole selection only; a sequence's leaves it 0)
         const pm_status st =
             p_lo <= INT32_MIN && p_hi >= INT32_MAX
                 ? pm_kv_select_in(b->pos[s], b->owner[s], b->size, seq_id, 0, bits, stride, bit, b->run_starts[s],
                                   b->run_ends[s], b->runs_cap, sel, sel + 1, &shared, NULL, 0, NULL)
                 : pm_kv_select_window(b->pos[s], b->owner[s], b->size, seq_id, p_lo, p_hi, bits, stride, bit,
-                                      b->run_starts[s], b->run_ends[s], b->runs_cap, sel, sel + 1, &shared);
+                                      b->run_starts[s], b->run_ends[s], b->runs_cap, sel, sel + 1);
         if (st != PM_OK) {
             return st;
         }

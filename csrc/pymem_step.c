@@ -1046,6 +1046,18 @@ static inline void pm_run_append(int64_t * run_starts, int64_t * run_ends, int64
     }
 }
 
+// One empty cell a search takes, the *found-th: into idx and / or the runs (NULL: not kept)
+static inline void pm_take_empty(int64_t cell, int32_t * idx, int64_t * run_starts, int64_t * run_ends,
+                                 int64_t * runs, int64_t * found) {
+    if (idx != NULL) {
+        idx[*found] = (int32_t) cell;
+    }
+    if (run_starts != NULL) {
+        pm_run_append(run_starts, run_ends, runs, cell, 1);
+    }
+    ++*found;
+}
+
 // The first n empty cells (pos < 0) of a stream's pos[0..size) from h, wrapping once, in
 // that order: into idx unless it is NULL, and unless run_starts is NULL as their maximal
 // runs [run_starts[r], run_ends[r]) (n capacity each), *n_runs of them; their count (below
@@ -1078,28 +1090,15 @@ static int64_t pm_step_find_empty(const int32_t * pos, int64_t size, int64_t h, 
                 }
                 // some empty cells: taken by their bits, in order, up to n
                 for (uint32_t x = empty; x != 0 && found < n; x &= x - 1) {
-                    const int64_t e = cell + pm_ctz64(x);
-                    if (idx != NULL) {
-                        idx[found] = (int32_t) e;
-                    }
-                    if (run_starts != NULL) {
-                        pm_run_append(run_starts, run_ends, &runs, e, 1);
-                    }
-                    found++;
+                    pm_take_empty(cell + pm_ctz64(x), idx, run_starts, run_ends, &runs, &found);
                 }
                 cell += PM_STEP_BLOCK;
                 continue;
             }
             const int64_t stop = end - cell > PM_STEP_BLOCK ? cell + PM_STEP_BLOCK : end;
-            for (; cell < stop && found < n; cell++) {
+            for (; cell < stop && found < n; cell++) {  // (the stream's last, partial block)
                 if (pos[cell] < 0) {
-                    if (idx != NULL) {
-                        idx[found] = (int32_t) cell;
-                    }
-                    if (run_starts != NULL) {
-                        pm_run_append(run_starts, run_ends, &runs, cell, 1);
-                    }
-                    found++;
+                    pm_take_empty(cell, idx, run_starts, run_ends, &runs, &found);
                 }
             }
         }
@@ -1402,8 +1401,8 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
 }
 
 // Whether the PM_STEP_BLOCK cells from c0 hold a shared one (owner -2): a count the
-// compiler vectorises, so scans for shared cells pass most blocks without a branch per cell
-// (the block 2 KiB ahead asked for: a cold scan is latency-bound)
+// compiler vectorises, so scans for shared cells pass most blocks without a branch per
+// cell (the block 2 KiB ahead asked for: a cold scan is latency-bound)
 static inline int pm_block_shared(const int32_t * owner, int64_t c0) {
     PM_PREFETCH(owner + c0 + 512);
     PM_PREFETCH(owner + c0 + 528);

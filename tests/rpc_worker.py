@@ -403,6 +403,7 @@ def main_gone(binary: str) -> None:
         deadline = time.monotonic() + 10
         while not link.is_down() and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert link.is_down(), "the killed rpc-server's close did not reach this process in 10 s"
         errors: dict[str, str | None] = {}
 
         def attempt(name: str, call: Any) -> None:

@@ -398,12 +398,17 @@ def test_a_commit_whose_runs_another_selection_overwrote_checks_in_full() -> Non
         c.close()
 
 
+@pytest.mark.parametrize("n_cells", [512, 500])
 @pytest.mark.parametrize("forked", [False, True])
-def test_position_window_selects_its_cells_ends_included(forked: bool) -> None:
-    # the one-sequence writer's window [lo, hi] (pm_kv_select_window: blocks as masks, a
-    # block with a shared cell cell by cell) against numpy, both ends inclusive: windows
-    # ending exactly on a held position, empty ones, ones reaching below 0 and to INT32_MAX
-    kv = _fragmented("f32-notrans", 9)
+def test_position_window_selects_its_cells_ends_included(forked: bool, n_cells: int) -> None:
+    # the one-sequence writer's window [lo, hi] (pm_kv_select_window: blocks as the held
+    # cells' and the range's masks, shared cells by their bits; 500 cells: a last, partial
+    # block of 20, cell by cell) against numpy, both ends inclusive: windows ending exactly
+    # on a held position, empty ones, ones reaching below 0 and to INT32_MAX
+    kv = build(CFGS["f32-notrans"], n_cells=n_cells, n_seq=3)
+    _interleaved(kv, np.random.default_rng(9), 2, 245, 7)  # 490 cells: into the last block
+    randomize(kv, 9)
+    assert int(kv.v_cells[0].used) == 490 and int(kv.v_cells[0].pos[480:490].min()) >= 0
     if forked:
         kv.seq_cp(0, 2, -1, -1)  # sequence 2 shares every cell of sequence 0
     blob = kv._seq_blob(0, 0, "test")
@@ -418,7 +423,12 @@ def test_position_window_selects_its_cells_ends_included(forked: bool) -> None:
         pos = cells.pos[held].astype(np.int64)
         if pos.size == 0:
             continue
-        picks = [int(p) for p in rng.choice(pos, 6)]
+        tail = cells.pos[held[held >= cells.size // 32 * 32]]  # (the partial block's)
+        picks = (
+            [int(p) for p in rng.choice(pos, 6)]
+            + [int(p) for p in tail[:1]]
+            + [int(p) for p in tail[-1:]]
+        )
         windows = [(a, b) for a in picks for b in picks] + [(-5, picks[0]), (picks[0], top), (3, 2)]
         for lo, hi in windows:
             status = lib.pm_kv_write_seq_blob(
