@@ -189,14 +189,6 @@ static inline uint32_t pm_range_mask32(const int32_t * a, uint32_t lo, uint32_t 
 #endif
 }
 
-// The set bits of m (no popcnt instruction assumed: the portable build's baseline)
-static inline int32_t pm_popcount32(uint32_t m) {
-    m = m - ((m >> 1) & 0x55555555u);
-    m = (m & 0x33333333u) + ((m >> 2) & 0x33333333u);
-    m = (m + (m >> 4)) & 0x0f0f0f0fu;
-    return (int32_t) ((m * 0x01010101u) >> 24);
-}
-
 // Whether one meta record's words are not a fixed record's: a position below 0, an
 // n_seq_id other than 1, an id outside [0, n_seq_max) (branch-free: 0 or 1)
 static inline uint32_t pm_record_bad(int32_t pos, int32_t n_seq_id, int32_t id, int32_t n_seq_max) {

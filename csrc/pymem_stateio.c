@@ -1332,7 +1332,7 @@ static pm_status pm_kv_select_in(const int32_t * pos, const int32_t * owner, int
                 odd_bits |= block_odd;
                 if (ids != NULL) {  // one id a cell, unless a cell is odd (its bits count)
                     id_count += (block_odd >> 31) ? pm_block_ids(pos, owner, c0, c1, all_bits, n_words, n_seq_max)
-                                                  : pm_popcount32(m);
+                                                  : pm_bits_set(m);
                 }
             } else {
                 m = pm_holds_mask32(owner, c0, seq_id, bits, stride, bit);
