@@ -19,7 +19,13 @@ call's exact geometry, taken from the real memory):
   the cache's stride), plus the recurrent rows as one copy. A swap-in first empties the
   sequence's cells and a read into a cleared memory every cell (a position and an owner
   word each: the least of the seq_rm or clear the call includes, as bench_vs_llama_cpp's
-  rows time it). One call after another, warm.
+  rows time it). One call after another, warm. A forked whole blob's second id of a
+  shared cell (4 bytes) is counted with the recurrent rows and headers, as a copy.
+
+Each call is measured in the geometry of a bench_vs_llama_cpp state row: the filled
+memory, "beside a fork" (sequence 1 copied to 5: cells two sequences share) and "written
+after a swap-in" beside that fork (sequence 0 removed and read back first, the layout the
+state run's swapped-in write sees; the runs are taken from the memory after the swap-in).
 
 ``least / copy`` (throughput) is the most that call can reach against a copy on this
 machine. Where it is below 0.8, the layout and the format bound the call; pymem's own
@@ -56,9 +62,25 @@ from _util import copy_target, finish_run, print_table
 from pymem.kv import KVCache
 
 TARGET = 0.8
-CALLS = (("one sequence, write", 0, "write"), ("one sequence, read", 0, "read"),
-         ("one sequence, swapped in", 0, "swap_in"), ("whole, write", -1, "write"),
-         ("whole, read", -1, "read"), ("whole, read into a cleared memory", -1, "clear"))  # fmt: skip
+# (row, sequence (-1: whole), kind, the geometry the call sees): "plain" the filled memory;
+# "fork" sequence 1 copied to 5 first (bench_vs_llama_cpp's "beside a fork" and "forked"
+# rows: cells two sequences share, the whole blob's records of two ids); "fork, swapped"
+# that, and then sequence 0 swapped out and back in (seq_rm and a read of its blob), the
+# layout the state run's "beside a fork, swapped in" write sees
+CALLS = (("one sequence, write", 0, "write", "plain"),
+         ("one sequence, read", 0, "read", "plain"),
+         ("one sequence, swapped in", 0, "swap_in", "plain"),
+         ("whole, write", -1, "write", "plain"),
+         ("whole, read", -1, "read", "plain"),
+         ("whole, read into a cleared memory", -1, "clear", "plain"),
+         ("one sequence beside a fork, write", 0, "write", "fork"),
+         ("one sequence beside a fork, read", 0, "read", "fork"),
+         ("one sequence beside a fork, swapped in", 0, "swap_in", "fork"),
+         ("one sequence beside a fork, written after a swap-in", 0, "write", "fork, swapped"),
+         ("whole forked, write", -1, "write", "fork"),
+         ("whole forked, read", -1, "read", "fork"),
+         ("whole forked, read into a cleared memory", -1, "clear", "fork"))  # fmt: skip
+FORK_SRC, FORK_DST = 1, 5
 
 
 def _kernels() -> tuple[Any, Any]:
@@ -220,7 +242,8 @@ def main() -> None:
             mem = bsf.filled(bvl.MODELS[name], fa, n_tokens)
             try:
                 leaves = [p for p in mem.parts().values() if isinstance(p, KVCache)]
-                for what, seq_id, kind in CALLS:
+                for what, seq_id, kind, geometry in CALLS:
+                    _set_geometry(mem, geometry)
                     blob_bytes = len(mem.state_write(seq_id))
                     pieces = [_Piece(kv, seq_id) for kv in leaves]
                     runs = []  # (copy ns, least ns, pymem / numpy copy) per repetition
@@ -231,7 +254,7 @@ def main() -> None:
                     pymem_ratios = sorted(r for _, _, r in runs)
                     least_vs_copy = statistics.median(bound_ratios)
                     rows.append(dict(model=f"tiny-{name}", v_trans=not fa, call=what,
-                                     bytes=blob_bytes,
+                                     geometry=geometry, bytes=blob_bytes,
                                      copy_us=statistics.median(c for c, _, _ in runs) / 1e3,
                                      least_us=statistics.median(le for _, le, _ in runs) / 1e3,
                                      least_vs_copy=least_vs_copy,
@@ -257,6 +280,25 @@ def main() -> None:
     name = "bench_layout_bound" if repeat == 1 else "bench_layout_bound_repeat"
     finish_run(name, quick, load_before, rows=rows, n_tokens=n_tokens,
                repeats=repeats, runs=repeat, target=TARGET)  # fmt: skip
+
+
+def _set_geometry(mem: Any, geometry: str) -> None:
+    """Bring ``mem`` (the filled memory, or one a previous call left forked) to the layout
+    a row of CALLS names. The fork is undone by ``seq_rm`` of its copy; the swap is a
+    ``seq_rm`` of sequence 0 and a read of the blob written just before it."""
+    forked = mem.seq_pos_max(FORK_DST) >= 0
+    if geometry == "plain":
+        if forked:
+            mem.seq_rm(FORK_DST, -1, -1)
+        return
+    if geometry not in ("fork", "fork, swapped"):
+        raise ValueError(f"bench_layout_bound: unknown geometry {geometry!r}")
+    if not forked:
+        mem.seq_cp(FORK_SRC, FORK_DST, -1, -1)
+    if geometry == "fork, swapped":
+        blob = bytes(mem.state_write(0))
+        mem.seq_rm(0, -1, -1)
+        mem.state_read(blob, 0)
 
 
 def _repeat_arg(argv: list[str]) -> int:

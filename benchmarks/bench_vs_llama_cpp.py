@@ -55,7 +55,8 @@ docs/perf_decode_vs_nseq.png and docs/perf_decode_vs_nctx.png.
 Run: python benchmarks/bench_vs_llama_cpp.py [--quick] [--only decode|state|ops]
 (the full run takes a few minutes; ``--quick``: a handful of configurations, seconds);
 ``--help`` lists the filters of the decode matrix (``--models``, ``--layouts``,
-``--n-seq``, ``--n-ctx``, ``--fa``) and ``--rounds`` (repeat the selection, keep medians).
+``--n-seq``, ``--n-ctx``, ``--fa``) and ``--rounds`` (repeat the decode selection, or
+each state row on its filled memory, and keep medians).
 ``python benchmarks/bench_vs_llama_cpp.py --plot`` redraws the plots from the JSON.
 """
 
@@ -856,9 +857,29 @@ FILLED = (("llama", False), ("llama", True), ("jamba", False), ("gemma2", False)
 hybrid and the iSWA model in the reference's default layout (V transposed)."""
 
 
+def median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Rows of several runs of the same cases, merged: every ``*_gbs`` figure the median
+    over the runs (the rounds of a state run; each row's copy moves by up to 0.2 of itself
+    between runs on a shared machine, enough to flip a row near the 0.8 line), the rest
+    taken from the first run, and ``rounds``: how many runs were merged."""
+    if len(runs) == 1:
+        return runs[0]
+    merged = []
+    for rows in zip(*runs, strict=True):
+        row = dict(rows[0])
+        for key in row:
+            if key.endswith("_gbs"):
+                row[key] = statistics.median(r[key] for r in rows)
+        row["rounds"] = len(rows)
+        merged.append(row)
+    return merged
+
+
 def bench_filled(
-    quick: bool, only: str | None
+    quick: bool, only: str | None, rounds: int = 1
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The state rows (``rounds`` times on each filled pair, each figure the median over
+    the rounds) and the sequence ops of every filled memory."""
     models = LlamaModels()
     n_tokens = 2048 if quick else STATE_TOKENS
     repeats = 5 if quick else 15
@@ -877,7 +898,8 @@ def bench_filled(
             print(f"  filled {name} fa {int(fa)}: {time.perf_counter() - t0:.1f} s", flush=True)
             try:
                 if only in (None, "state"):
-                    state_rows += [dict(model=name, **r) for r in bench_state(pair, state_repeats)]
+                    runs = [bench_state(pair, state_repeats) for _ in range(rounds)]
+                    state_rows += [dict(model=name, **r) for r in median_rows(runs)]
                 if only in (None, "ops") and not fa:
                     op_rows += bench_ops(pair, 3 * repeats, n_tokens, name)
             finally:
@@ -997,7 +1019,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=1,
-        help="decode: run the selection this many times, keep medians (default 1)",
+        help="decode: run the selection this many times, keep medians; state: run every "
+        "row this many times on its filled memory, keep each figure's median (default 1)",
     )
     ap.add_argument(
         "--fork",
@@ -1041,7 +1064,7 @@ def main() -> None:
     if only in (None, "decode"):
         results["decode"] = bench_decode(quick, sel, args.rounds, args.fork, args.tokens)
     if only in (None, "state", "ops") and sel.is_all:
-        results["state"], results["seq_ops"] = bench_filled(quick, only)
+        results["state"], results["seq_ops"] = bench_filled(quick, only, args.rounds)
     wall = time.perf_counter() - t_start
     load_after = os.getloadavg()
     results["load_average_before"] = load_before
