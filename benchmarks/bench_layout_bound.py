@@ -28,10 +28,12 @@ after a swap-in" beside that fork (sequence 0 removed and read back first, the l
 state run's swapped-in write sees; the runs are taken from the memory after the swap-in).
 
 ``least / copy`` (throughput) is the most that call can reach against a copy on this
-machine. Where it is below 0.8, the layout and the format bound the call; pymem's own
-ratio (its call against ``np.copyto`` of the blob, each after a restore of the blob, as
-bench_state_floor measures it) is printed beside it, and how far pymem's time is above
-the least.
+machine. Where it is below 0.8, the layout and the format bound the call. pymem's own
+ratio (its call against ``np.copyto`` of the blob) is printed beside it, and how far
+pymem's time is above the least. The four (the C copy, the least, ``np.copyto`` and
+pymem's call) are timed in turn within one loop, warm, so that each sees what the others
+leave in the caches: timed each in a loop of its own, one copy of a blob ran at up to
+twice the speed of another's of the same bytes, enough to flip a verdict.
 
 Run: python benchmarks/bench_layout_bound.py [--quick] [--repeat N] (--quick: 2,048
 tokens a sequence, no JSON; a full run writes results/bench_layout_bound.json, with
@@ -144,66 +146,78 @@ class _Piece:
         self.bytes = 12 * self.n + self.n * sum(row for _, _, row in self.bases)
 
 
-def _least(
-    ffi: Any, lib: Any, pieces: list[_Piece], blob_bytes: int, kind: str, reps: int
-) -> tuple[float, float]:
-    """Median ns of a memcpy of the blob and of the least work of ``kind`` (summed over
-    the KV caches; the recurrent rows and headers as one copy of what is left)."""
-    times = ffi.new("double[]", reps)
-    none = np.zeros(1, np.uint8)
+class _Least:
+    """The C side of a call: a memcpy of the blob, and the least work of ``kind`` (summed
+    over the KV caches; the recurrent rows and headers as one copy of what is left), each
+    timed once per ``time_*`` call (ns, timed inside C)."""
 
-    def run(
-        kind_id: int, out: np.ndarray, src: np.ndarray, p: _Piece | None, n: int = reps
-    ) -> float:
+    def __init__(self, ffi: Any, lib: Any, pieces: list[_Piece], blob_bytes: int, kind: str):
+        self.ffi, self.lib = ffi, lib
+        self.times = ffi.new("double[]", 1)
+        self.keep: list[Any] = []
+        none = np.zeros(1, np.uint8)
+        self.none = ffi.from_buffer(none)
+        self.keep.append(none)
+        blob = np.ones(blob_bytes, np.uint8)
+        self.copy_call = self._call(0, copy_target(blob), blob, None)
+        self.least_calls = []
+        for piece in pieces:
+            written = np.zeros(max(piece.bytes, 1), np.uint8)
+            write = self._call(1, written, none, piece)
+            if kind == "write":
+                self.least_calls.append(write)
+            else:
+                self._time(write)  # a blob of this cache's cells, then read back
+                kind_id = {"read": 2, "swap_in": 3, "clear": 4}[kind]
+                self.least_calls.append(self._call(kind_id, none, written, piece))
+        rest = blob_bytes - sum(piece.bytes for piece in pieces)
+        if rest > 0:  # the recurrent rows and the headers: one copy
+            rest_src = np.ones(rest, np.uint8)
+            self.least_calls.append(self._call(0, copy_target(rest_src), rest_src, None))
+
+    def _call(self, kind_id: int, out: np.ndarray, src: np.ndarray, p: _Piece | None) -> tuple:
+        """lb_time's arguments for one timing of ``kind_id`` (the buffers kept alive)."""
+        ffi = self.ffi
+        self.keep += [out, src]
         if p is None:
-            keep: list[Any] = []
             args: tuple[Any, ...] = (ffi.NULL, ffi.NULL, 0, ffi.NULL, ffi.NULL, 0, ffi.NULL,
                                      ffi.NULL, 0)  # fmt: skip
         else:
-            keep = [ffi.from_buffer(t) for t in p.tensors]
+            tensors = [ffi.from_buffer(t) for t in p.tensors]
             bases = ffi.new(
-                "char *[]", [ffi.cast("char *", keep[t]) + off for t, off, _ in p.bases]
+                "char *[]", [ffi.cast("char *", tensors[t]) + off for t, off, _ in p.bases]
             )
             rows = np.array([row for _, _, row in p.bases], dtype=np.int64)
-            keep += [bases, rows]
+            self.keep += [p, tensors, bases, rows]
             args = (ffi.from_buffer("int32_t[]", p.pos), ffi.from_buffer("int32_t[]", p.owner),
                     p.seq, ffi.from_buffer("int64_t[]", p.starts),
                     ffi.from_buffer("int64_t[]", p.ends), p.starts.size, bases,
                     ffi.from_buffer("int64_t[]", rows), len(p.bases))  # fmt: skip
         nbytes = src.size if p is None else 0
-        lib.lb_time(kind_id, n, times, ffi.from_buffer(out), ffi.from_buffer(src), nbytes, *args,
-                    ffi.from_buffer(none), 0, 0 if p is None else p.pos.size)  # fmt: skip
-        return statistics.median(times[i] for i in range(n))
+        return (kind_id, 1, self.times, ffi.from_buffer(out), ffi.from_buffer(src), nbytes,
+                *args, self.none, 0, 0 if p is None else p.pos.size)  # fmt: skip
 
-    blob = np.ones(blob_bytes, np.uint8)
-    copy = run(0, copy_target(blob), blob, None)
-    total = 0.0
-    for p in pieces:
-        written = np.zeros(max(p.bytes, 1), np.uint8)
-        if kind == "write":
-            total += run(1, written, none, p)
-        else:
-            run(1, written, none, p, 1)  # a blob of this cache's cells, then read back
-            total += run({"read": 2, "swap_in": 3, "clear": 4}[kind], none, written, p)
-    rest = blob_bytes - sum(p.bytes for p in pieces)
-    if rest > 0:  # the recurrent rows and the headers: one copy
-        rest_src = np.ones(rest, np.uint8)
-        total += run(0, copy_target(rest_src), rest_src, None)
-    return copy, total
+    def _time(self, call: tuple) -> float:
+        self.lib.lb_time(*call)
+        return float(self.times[0])
+
+    def time_copy(self) -> float:
+        return self._time(self.copy_call)
+
+    def time_least(self) -> float:
+        return sum(self._time(call) for call in self.least_calls)
 
 
-def _pymem_ratio(mem: Any, seq_id: int, kind: str, repeats: int) -> float:
-    """pymem's call against ``np.copyto`` of its blob (throughput ratio), each timed right
-    after a restore of the blob. A swap-in's call is the sequence's seq_rm and the read, a
-    read into a cleared memory the clear and the read (as bench_vs_llama_cpp times them,
-    and as the least counts them)."""
+def _measure(least: _Least, mem: Any, seq_id: int, kind: str, repeats: int) -> dict[str, float]:
+    """Medians (ns) of the C memcpy and least, ``np.copyto`` of pymem's blob and pymem's
+    call, taken in turn within one loop, so that all four see the same machine (a loop of
+    each alone let one's copy run at twice another's on this shared machine). pymem's call
+    is what bench_vs_llama_cpp's state rows time: a swap-in's ``seq_rm`` with the read, a
+    read into a cleared memory the ``clear`` with it."""
     blob = bytes(mem.state_write(seq_id))
     out = bytearray(len(blob))
     src = np.frombuffer(blob, np.uint8)
     dst = copy_target(src)
-
-    def setup() -> None:
-        mem.state_read(blob, seq_id)
 
     def call() -> None:
         if kind == "write":
@@ -215,18 +229,18 @@ def _pymem_ratio(mem: Any, seq_id: int, kind: str, repeats: int) -> float:
             mem.clear(False)
         mem.state_read(blob, seq_id)
 
-    copies, calls = [], []
+    times: dict[str, list[float]] = {"copy": [], "least": [], "numpy": [], "pymem": []}
     for _ in range(repeats):
-        setup()
-        t0 = time.perf_counter()
+        times["copy"].append(least.time_copy())
+        times["least"].append(least.time_least())
+        t0 = time.perf_counter_ns()
         np.copyto(dst, src)
-        copies.append(time.perf_counter() - t0)
-        setup()
-        t0 = time.perf_counter()
+        times["numpy"].append(time.perf_counter_ns() - t0)
+        t0 = time.perf_counter_ns()
         call()
-        calls.append(time.perf_counter() - t0)
+        times["pymem"].append(time.perf_counter_ns() - t0)
     mem.state_read(blob, seq_id)
-    return statistics.median(copies) / statistics.median(calls)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -246,40 +260,48 @@ def main() -> None:
                     _set_geometry(mem, geometry)
                     blob_bytes = len(mem.state_write(seq_id))
                     pieces = [_Piece(kv, seq_id) for kv in leaves]
-                    runs = []  # (copy ns, least ns, pymem / numpy copy) per repetition
-                    for _ in range(repeat):
-                        copy, least = _least(ffi, lib, pieces, blob_bytes, kind, repeats)
-                        runs.append((copy, least, _pymem_ratio(mem, seq_id, kind, repeats)))
-                    bound_ratios = sorted(c / le for c, le, _ in runs)
-                    pymem_ratios = sorted(r for _, _, r in runs)
-                    least_vs_copy = statistics.median(bound_ratios)
-                    rows.append(dict(model=f"tiny-{name}", v_trans=not fa, call=what,
-                                     geometry=geometry, bytes=blob_bytes,
-                                     copy_us=statistics.median(c for c, _, _ in runs) / 1e3,
-                                     least_us=statistics.median(le for _, le, _ in runs) / 1e3,
-                                     least_vs_copy=least_vs_copy,
-                                     least_vs_copy_range=[bound_ratios[0], bound_ratios[-1]],
-                                     pymem_vs_numpy=statistics.median(pymem_ratios),
-                                     pymem_vs_numpy_range=[pymem_ratios[0], pymem_ratios[-1]],
-                                     bound=least_vs_copy < TARGET))  # fmt: skip
+                    least = _Least(ffi, lib, pieces, blob_bytes, kind)
+                    runs = [_measure(least, mem, seq_id, kind, repeats) for _ in range(repeat)]
+                    rows.append(_row(runs, model=f"tiny-{name}", v_trans=not fa, call=what,
+                                     geometry=geometry, bytes=blob_bytes))  # fmt: skip
             finally:
                 mem.close()
     print_table(
         f"The least work of each state call against a memcpy of its blob (C, warm, median of "
         f"{repeats}{f'; {repeat} runs: median (range)' if repeat > 1 else ''}; f16, "
         f"{bvl.STATE_N_SEQ} x {n_tokens} tokens, unified {bvl.STATE_N_CTX} cells); pymem's "
-        f"ratio to np.copyto beside it",
+        f"call against np.copyto of its blob and against the least, in the same loop",
         ["model", "V", "call", "bytes", "copy µs", "least µs", "least / copy",
-         "bound (< 0.8)", "pymem / numpy copy"],
+         "bound (< 0.8)", "pymem µs", "pymem / numpy copy", "pymem time / least"],
         [[r["model"], "transposed" if r["v_trans"] else "rows", r["call"], r["bytes"],
           f"{r['copy_us']:.1f}", f"{r['least_us']:.1f}",
           _with_range(r["least_vs_copy"], r["least_vs_copy_range"], repeat),
-          "yes" if r["bound"] else "no",
-          _with_range(r["pymem_vs_numpy"], r["pymem_vs_numpy_range"], repeat)] for r in rows],
+          "yes" if r["bound"] else "no", f"{r['pymem_us']:.1f}",
+          _with_range(r["pymem_vs_numpy"], r["pymem_vs_numpy_range"], repeat),
+          f"{r['pymem_over_least']:.2f}"] for r in rows],
     )  # fmt: skip
     name = "bench_layout_bound" if repeat == 1 else "bench_layout_bound_repeat"
     finish_run(name, quick, load_before, rows=rows, n_tokens=n_tokens,
                repeats=repeats, runs=repeat, target=TARGET)  # fmt: skip
+
+
+def _row(runs: list[dict[str, float]], **what: Any) -> dict[str, Any]:
+    """One call's row from its runs (each ``_measure``'s medians): the least and pymem
+    against their copies (throughput, the median over runs with the range) and pymem's
+    time over the least's; bound when the least's median is below TARGET."""
+    bound_ratios = sorted(r["copy"] / r["least"] for r in runs)
+    pymem_ratios = sorted(r["numpy"] / r["pymem"] for r in runs)
+    least_vs_copy = statistics.median(bound_ratios)
+    return dict(what,
+                copy_us=statistics.median(r["copy"] for r in runs) / 1e3,
+                least_us=statistics.median(r["least"] for r in runs) / 1e3,
+                pymem_us=statistics.median(r["pymem"] for r in runs) / 1e3,
+                least_vs_copy=least_vs_copy,
+                least_vs_copy_range=[bound_ratios[0], bound_ratios[-1]],
+                pymem_vs_numpy=statistics.median(pymem_ratios),
+                pymem_vs_numpy_range=[pymem_ratios[0], pymem_ratios[-1]],
+                pymem_over_least=statistics.median(r["pymem"] / r["least"] for r in runs),
+                bound=least_vs_copy < TARGET)  # fmt: skip
 
 
 def _set_geometry(mem: Any, geometry: str) -> None:
