@@ -98,6 +98,14 @@ static inline void pm_move_bytes(void * dst, const void * src, size_t n) {
     }
 }
 
+// The number of set bits of b (a bitset's sequences, a mask's cells)
+static inline int64_t pm_bits_set(uint64_t b) {
+    b = b - ((b >> 1) & 0x5555555555555555ULL);
+    b = (b & 0x3333333333333333ULL) + ((b >> 2) & 0x3333333333333333ULL);
+    b = (b + (b >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
+    return (int64_t) ((b * 0x0101010101010101ULL) >> 56);
+}
+
 // The index of the lowest set bit of b (b != 0): a shared cell's bitset is walked by its
 // set bits, one per sequence that holds it
 static inline int pm_ctz64(uint64_t b) {
@@ -184,6 +192,34 @@ static inline uint32_t pm_range_mask32(const int32_t * a, uint32_t lo, uint32_t 
     uint32_t m = 0;
     for (int j = 0; j < 32; ++j) {
         m |= (uint32_t) ((uint32_t) a[j] - lo < width) << j;
+    }
+    return m;
+#endif
+}
+
+// Bit j: words[j] & bit != 0, for the 32 one-word bitsets from words on (a cell's
+// sequences, one word a cell): the cells whose bitset names a sequence. Each 64-bit word
+// is zero only where both its halves are, so each half's compare is ANDed with its
+// partner's; then the low halves of four vectors' cells go to one vector for the packs.
+static inline uint32_t pm_bit_mask32(const uint64_t * words, uint64_t bit) {
+#if defined(__SSE2__) || defined(_M_X64)
+    const __m128i b = _mm_set1_epi64x((long long) bit), z = _mm_setzero_si128();
+    __m128i       q[8];  // q[k]: cells 4 k .. 4 k + 3, all ones where the word is zero
+    for (int k = 0; k < 8; ++k) {
+        __m128i e[2];
+        for (int h = 0; h < 2; ++h) {
+            const __m128i v = _mm_loadu_si128((const __m128i *) (const void *) (words + 4 * k + 2 * h));
+            const __m128i c = _mm_cmpeq_epi32(_mm_and_si128(v, b), z);
+            e[h]            = _mm_and_si128(c, _mm_shuffle_epi32(c, _MM_SHUFFLE(2, 3, 0, 1)));
+        }
+        q[k] = _mm_castps_si128(
+            _mm_shuffle_ps(_mm_castsi128_ps(e[0]), _mm_castsi128_ps(e[1]), _MM_SHUFFLE(2, 0, 2, 0)));
+    }
+    return ~(pm_signs16(q[0], q[1], q[2], q[3]) | pm_signs16(q[4], q[5], q[6], q[7]) << 16);
+#else
+    uint32_t m = 0;
+    for (int j = 0; j < 32; ++j) {
+        m |= (uint32_t) ((words[j] & bit) != 0) << j;
     }
     return m;
 #endif

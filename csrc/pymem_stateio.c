@@ -899,13 +899,6 @@ static inline int pm_block_odd(const int32_t * owner, int64_t c, int32_t n_seq_m
 #endif
 }
 
-static inline int64_t pm_bits_set(uint64_t b) {
-    b = b - ((b >> 1) & 0x5555555555555555ULL);
-    b = (b & 0x3333333333333333ULL) + ((b >> 2) & 0x3333333333333333ULL);
-    b = (b + (b >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
-    return (int64_t) ((b * 0x0101010101010101ULL) >> 56);
-}
-
 // the ids a whole-cache record of cell c lists (those below n_seq_max): its owner's, or a
 // shared cell's (owner -2) from its bitset (bits: the stream's, n_words a cell)
 static inline int64_t pm_record_n_ids(const int32_t * owner, int64_t c, const uint64_t * bits, int64_t n_words,
@@ -1250,12 +1243,16 @@ static inline int pm_cell_holds(const int32_t * owner, int64_t c, int32_t seq_id
 }
 
 // The cells of the 32 from c0 that seq_id holds (pm_cell_holds) as a mask: its owner's,
-// and with `bits` the shared cells (owner -2) whose bit names it, walked by the shared
-// cells' mask
+// and with `bits` the shared cells (owner -2) whose bit names it: with one word a cell the
+// block's bit mask (pm_bit_mask32), else walked by the shared cells' mask
 static inline uint32_t pm_holds_mask32(const int32_t * owner, int64_t c0, int32_t seq_id, const uint64_t * bits,
                                        int64_t stride, uint64_t bit) {
     uint32_t m = pm_eq_mask32(owner + c0, seq_id);
-    for (uint32_t x = bits != NULL ? pm_eq_mask32(owner + c0, -2) : 0; x != 0; x &= x - 1) {
+    const uint32_t shared = bits != NULL ? pm_eq_mask32(owner + c0, -2) : 0;
+    if (shared != 0 && stride == 1) {
+        return m | (shared & pm_bit_mask32(bits + c0, bit));
+    }
+    for (uint32_t x = shared; x != 0; x &= x - 1) {
         const int j = pm_ctz64(x);
         if (bits[(c0 + j) * stride] & bit) {
             m |= (uint32_t) 1 << j;

@@ -1432,6 +1432,14 @@ int32_t pm_step_seq_shared(const pm_step_cells * c, int64_t s, int32_t q) {
         if (c1 - c0 == PM_STEP_BLOCK && !pm_block_shared(own, c0)) {
             continue;
         }
+        if (c1 - c0 == PM_STEP_BLOCK && c->n_words == 1) {  // the shared cells and the bits as masks
+            const uint32_t shared = pm_eq_mask32(own + c0, -2);
+            if (shared & pm_bit_mask32(bits + c0, bit)) {
+                return 1;
+            }
+            left -= pm_bits_set(shared);
+            continue;
+        }
         for (int64_t i = c0; i < c1; i++) {
             if (own[i] == -2) {
                 if (bits[i * c->n_words] & bit) {
@@ -1834,37 +1842,54 @@ pm_status pm_kv_seq_cells_range(const int32_t * pos, const int32_t * owner, int6
     return k <= cap ? PM_OK : PM_ERR_RANGE;
 }
 
+// Shared cell i (global index gi) of a removal loses seq_id's bit (in *b, its bitset's word
+// of that bit): its position joins [*lo_pos, *hi_pos], its owner is recounted
+static inline void pm_unshare_one(pm_step_cells * c, int64_t strm, int64_t gi, uint64_t * b, uint64_t bit,
+                                  int32_t p, int32_t * lo_pos, int32_t * hi_pos) {
+    *b &= ~bit;
+    *lo_pos = p < *lo_pos ? p : *lo_pos;
+    *hi_pos = p > *hi_pos ? p : *hi_pos;
+    pm_step_reown(c, strm, gi);
+}
+
 // pm_step_kv_rm_seq's part in the cells of stream strm below n_scan that seq_id shares
 // with other sequences, at positions p with p - base < width (unsigned): its bit cleared,
 // the owner recounted (pm_step_reown: a shared cell holds two or more, so none is
 // emptied), [*lo_pos, *hi_pos] widened to their positions. Blocks of 32 cells without a
-// shared one are passed by their count. Returns how many cells lost the bit.
+// shared one are passed by their count; in a whole one with one word a cell, the cells
+// to take are masks (shared, bit set, position in range) walked by their bits. Returns
+// how many cells lost the bit.
 static int64_t pm_step_rm_shared(pm_step_cells * c, int64_t strm, int32_t seq_id, uint32_t base, uint32_t width,
                                  int64_t n_scan, int32_t * lo_pos, int32_t * hi_pos) {
     if (c->n_multi[strm] == 0 || seq_id >= pm_step_ids(c)) {
         return 0;
     }
-    const int64_t n_words = c->n_words, word = seq_id >> 6;
+    const int64_t n_words = c->n_words, word = seq_id >> 6, g0 = strm * c->size;
     const uint64_t bit = (uint64_t) 1 << (seq_id & 63);
-    const int32_t * pos = c->pos + strm * c->size;
-    int32_t * owner = c->owner + strm * c->size;
-    uint64_t * bits = c->seq + strm * c->size * n_words;
+    const int32_t * pos = c->pos + g0;
+    const int32_t * owner = c->owner + g0;
+    uint64_t * bits = c->seq + g0 * n_words;
     int64_t n = 0;
     for (int64_t c0 = 0; c0 < n_scan; c0 += PM_STEP_BLOCK) {
         const int64_t c1 = c0 + PM_STEP_BLOCK < n_scan ? c0 + PM_STEP_BLOCK : n_scan;
         if (c1 - c0 == PM_STEP_BLOCK && !pm_block_shared(owner, c0)) {
             continue;
         }
-        for (int64_t i = c0; i < c1; i++) {
-            uint64_t * b = bits + i * n_words;
-            if (owner[i] != -2 || (uint32_t) pos[i] - base >= width || !(b[word] & bit)) {
-                continue;
+        if (c1 - c0 == PM_STEP_BLOCK && n_words == 1) {
+            uint32_t take = pm_eq_mask32(owner + c0, -2) & pm_bit_mask32(bits + c0, bit) &
+                            pm_range_mask32(pos + c0, base, width);
+            for (; take != 0; take &= take - 1, n++) {
+                const int64_t i = c0 + pm_ctz64(take);
+                pm_unshare_one(c, strm, g0 + i, bits + i, bit, pos[i], lo_pos, hi_pos);
             }
-            b[word] &= ~bit;
-            *lo_pos = pos[i] < *lo_pos ? pos[i] : *lo_pos;
-            *hi_pos = pos[i] > *hi_pos ? pos[i] : *hi_pos;
-            n++;
-            pm_step_reown(c, strm, strm * c->size + i);
+            continue;
+        }
+        for (int64_t i = c0; i < c1; i++) {
+            uint64_t * b = bits + i * n_words + word;
+            if (owner[i] == -2 && (uint32_t) pos[i] - base < width && (*b & bit)) {
+                pm_unshare_one(c, strm, g0 + i, b, bit, pos[i], lo_pos, hi_pos);
+                n++;
+            }
         }
     }
     return n;
