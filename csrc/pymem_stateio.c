@@ -1944,6 +1944,12 @@ static pm_status pm_kv_zero_past(const pm_kv_seq_blob * b, const int64_t * count
     return st;
 }
 
+// pm_kv_read_whole_blob, where mode 1 may be given each stream's records span in words
+// (known_spans[s]; NULL: walked again): the refill that placed them found where they end
+static pm_status pm_kv_read_whole_in(const pm_kv_seq_blob * b, const void * blob, int64_t avail, int32_t mode,
+                                     const int64_t * known_spans, int64_t * counts, int64_t * offsets,
+                                     int32_t * same, int64_t * consumed, int32_t * done);
+
 pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, const void * blob, int64_t avail,
                                   const int64_t * counts, const int64_t * offsets, int32_t same, int32_t records,
                                   int32_t * done) {
@@ -1988,8 +1994,10 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
         return PM_OK;
     }
     int32_t placed = 1;
+    const int64_t * spans = NULL;  // each stream's records span, where the refill found it
     if (st == PM_OK && !same && records == PM_RECORDS_PARSED_HERE) {
         st = pm_step_kv_refill_trusted(c, words, counts, scratch + 2 * n_stream, 3, b->n_seq_max);
+        spans = scratch + 2 * n_stream;
     } else if (st == PM_OK && !same) {
         st = pm_step_kv_refill(c, words, counts, fixed_only ? NULL : scratch + 2 * n_stream, 3, b->n_seq_max,
                                &placed);
@@ -2000,7 +2008,8 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
         }
         int64_t consumed = 0;
         int32_t same_again = 0, stored = 0;
-        st = pm_kv_read_whole_blob(b, blob, avail, 1, scratch, scratch + n_stream, &same_again, &consumed, &stored);
+        st = pm_kv_read_whole_in(b, blob, avail, 1, spans, scratch, scratch + n_stream, &same_again, &consumed,
+                                 &stored);
         if (st == PM_OK && !stored) {
             st = PM_ERR_RANGE;
         }
@@ -2134,6 +2143,12 @@ static int64_t pm_whole_records_span(const pm_kv_seq_blob * b, int64_t s, const 
 pm_status pm_kv_read_whole_blob(const pm_kv_seq_blob * b, const void * blob, int64_t avail, int32_t mode,
                                 int64_t * counts, int64_t * offsets, int32_t * same, int64_t * consumed,
                                 int32_t * done) {
+    return pm_kv_read_whole_in(b, blob, avail, mode, NULL, counts, offsets, same, consumed, done);
+}
+
+static pm_status pm_kv_read_whole_in(const pm_kv_seq_blob * b, const void * blob, int64_t avail, int32_t mode,
+                                     const int64_t * known_spans, int64_t * counts, int64_t * offsets,
+                                     int32_t * same, int64_t * consumed, int32_t * done) {
     if (pm_seq_blob_stream(b, 0) < 0 || blob == NULL || counts == NULL || offsets == NULL || same == NULL ||
         consumed == NULL || done == NULL || avail < 0 || mode < 0 || mode > 3) {
         return PM_ERR_ARG;
@@ -2185,6 +2200,10 @@ pm_status pm_kv_read_whole_blob(const pm_kv_seq_blob * b, const void * blob, int
                 eq = 0;
             }
             all_same = eq;
+        }
+        if (span < 0 && mode == 1 && known_spans != NULL && known_spans[s] >= 0 &&
+            known_spans[s] <= (avail - at) / 4) {
+            span = known_spans[s];
         }
         if (span < 0) {
             span = pm_whole_records_span(b, s, words, n, (avail - at) / 4, rec, mode, all_same);

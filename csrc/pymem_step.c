@@ -594,10 +594,11 @@ pm_status pm_step_kv_cells_equal_var(const pm_step_cells * c, int64_t s, const i
 // written (pm_kv_records_var's rule): each cell's position, its ids' bits, its owner
 // (the id, or -2 for several: n_multi counted) and the bounds. 1 when all are valid; 0 at
 // the first that is not, having written the cells before it (*written of them: the
-// caller empties those cells again; n_multi then counts theirs)
+// caller empties those cells again; n_multi then counts theirs). *used: the words the
+// records took (when all are valid)
 PM_CLONES_AVX2
 static int pm_step_fill_var(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t span,
-                            int64_t fixed, int32_t n_seq_max, int64_t * written) {
+                            int64_t fixed, int32_t n_seq_max, int64_t * written, int64_t * used) {
     const int64_t n_words = c->n_words, g0 = s * c->size, rec = fixed + 1;
     int32_t * restrict pos = c->pos + g0;
     int32_t * restrict own = c->owner + g0;
@@ -729,6 +730,7 @@ static int pm_step_fill_var(pm_step_cells * c, int64_t s, const int32_t * words,
     }
     c->n_multi[s] = n_multi;
     *written = i;
+    *used = o;
     return ok;
 }
 
@@ -775,9 +777,9 @@ static int64_t pm_step_fill_prepare(pm_step_cells * c, int64_t s, int64_t n, int
 static void pm_step_fill(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t rec,
                          int32_t n_seq_max, int var, int64_t span) {
     const int64_t bound = pm_step_fill_prepare(c, s, n, !var && c->n_words == 1);
-    int64_t written = 0;
+    int64_t written = 0, used = 0;
     if (var) {
-        pm_step_fill_var(c, s, words, n, span, rec - 1, n_seq_max, &written);
+        pm_step_fill_var(c, s, words, n, span, rec - 1, n_seq_max, &written, &used);
     } else {
         pm_step_fill_checked(c, s, words, n, rec, n_seq_max, &written);
     }
@@ -789,11 +791,12 @@ static void pm_step_fill(pm_step_cells * c, int64_t s, const int32_t * words, in
 // before the first write, each record checked as it is written (fixed ones; from the
 // first that is not, with span > 0, every record again as variable ones). 0 when one
 // fails after all (the blob changed during the call): the stream is then left part
-// written, for the caller to empty.
+// written, for the caller to empty. *used: the words the records took.
 static int pm_step_fill_trusted(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t rec,
-                                int32_t n_seq_max, int64_t span) {
+                                int32_t n_seq_max, int64_t span, int64_t * used) {
     const int64_t bound = pm_step_fill_prepare(c, s, n, c->n_words == 1);
     int64_t k = 0;
+    *used = n * rec;
     if (!pm_step_fill_checked(c, s, words, n, rec, n_seq_max, &k)) {
         if (span <= 0) {
             return 0;
@@ -805,7 +808,7 @@ static int pm_step_fill_trusted(pm_step_cells * c, int64_t s, const int32_t * wo
         const int64_t dirty = n < bound ? n : bound, stale = k > dirty ? k : dirty;
         memset(c->seq + s * c->size * c->n_words, 0, (size_t) stale * c->n_words * sizeof(uint64_t));
         int64_t k_var = 0;
-        if (!pm_step_fill_var(c, s, words, n, span, rec - 1, n_seq_max, &k_var)) {
+        if (!pm_step_fill_var(c, s, words, n, span, rec - 1, n_seq_max, &k_var, used)) {
             return 0;
         }
     }
@@ -867,7 +870,7 @@ pm_status pm_step_kv_clear(pm_step_cells * c, int64_t * heads) {
 }
 
 pm_status pm_step_kv_refill_trusted(pm_step_cells * c, const int32_t * const * words, const int64_t * counts,
-                                    const int64_t * spans, int64_t rec, int32_t n_seq_max) {
+                                    int64_t * spans, int64_t rec, int32_t n_seq_max) {
     if (c == NULL || words == NULL || counts == NULL || spans == NULL || rec < 3 || n_seq_max < 1 ||
         n_seq_max > pm_step_ids(c)) {
         return PM_ERR_ARG;
@@ -879,10 +882,12 @@ pm_status pm_step_kv_refill_trusted(pm_step_cells * c, const int32_t * const * w
     }
     for (int64_t s = 0; s < c->n_stream; s++) {
         pm_step_reset_bounds(c, s);
-        if (!pm_step_fill_trusted(c, s, words[s], counts[s], rec, n_seq_max, spans[s])) {
+        int64_t used = 0;
+        if (!pm_step_fill_trusted(c, s, words[s], counts[s], rec, n_seq_max, spans[s], &used)) {
             pm_step_empty_all(c);
             return PM_ERR_RANGE;
         }
+        spans[s] = used;
     }
     for (int64_t s = 0; s < c->n_stream; s++) {
         pm_step_stream_counts(c, s, counts[s]);
@@ -962,8 +967,8 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
         // checked as they are written too
         if (spans != NULL) {
             memset(c->seq + s * c->size * c->n_words, 0, (size_t) k * c->n_words * sizeof(uint64_t));
-            int64_t k_var = 0;
-            if (pm_step_fill_var(c, s, words[s], counts[s], spans[s], rec - 1, n_seq_max, &k_var)) {
+            int64_t k_var = 0, used = 0;
+            if (pm_step_fill_var(c, s, words[s], counts[s], spans[s], rec - 1, n_seq_max, &k_var, &used)) {
                 continue;
             }
             k = k > k_var ? k : k_var;

@@ -344,9 +344,11 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
 // call has just checked (pm_kv_read_whole_commit's PM_RECORDS_PARSED_HERE; spans as pm_step_kv_refill's,
 // required). No check before the first write: each record is checked as it is written,
 // and one that fails after all (the blob changed during the call) leaves every stream
-// emptied, as a clear leaves it, with PM_ERR_RANGE. PM_ERR_ARG as pm_step_kv_refill.
+// emptied, as a clear leaves it, with PM_ERR_RANGE. PM_ERR_ARG as pm_step_kv_refill. On
+// PM_OK, spans[s] = the words stream s's records took (where its data starts: the
+// store's parse need not walk variable records again).
 pm_status pm_step_kv_refill_trusted(pm_step_cells * c, const int32_t * const * words, const int64_t * counts,
-                                    const int64_t * spans, int64_t rec, int32_t n_seq_max);
+                                    int64_t * spans, int64_t rec, int32_t n_seq_max);
 
 #ifdef __cplusplus
 }
