@@ -151,7 +151,9 @@ class _Least:
     over the KV caches; the recurrent rows and headers as one copy of what is left), each
     timed once per ``time_*`` call (ns, timed inside C)."""
 
-    def __init__(self, ffi: Any, lib: Any, pieces: list[_Piece], blob_bytes: int, kind: str):
+    def __init__(
+        self, ffi: Any, lib: Any, pieces: list[_Piece], blob_bytes: int, kind: str
+    ) -> None:
         self.ffi, self.lib = ffi, lib
         self.times = ffi.new("double[]", 1)
         self.keep: list[Any] = []

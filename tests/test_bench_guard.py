@@ -5,7 +5,6 @@ should."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -15,16 +14,13 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from bench_modules import load_benchmark
 
 GUARD = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_guard.py"
 
 
 def _guard() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_guard", GUARD)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_guard")
 
 
 def test_child_run_times_every_case() -> None:

@@ -4,22 +4,18 @@ pymem is 2x llama.cpp or more; each shortfall is named."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from bench_modules import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "state_verdict.py"
 
 
 def _module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("state_verdict", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("state_verdict")
 
 
 def _state(blob: str, write: float, read: float, llama: float = 1.0) -> dict:
