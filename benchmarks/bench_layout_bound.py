@@ -20,7 +20,11 @@ call's exact geometry, taken from the real memory):
   sequence's cells and a read into a cleared memory every cell (a position and an owner
   word each: the least of the seq_rm or clear the call includes, as bench_vs_llama_cpp's
   rows time it). One call after another, warm. A forked whole blob's second id of a
-  shared cell (4 bytes) is counted with the recurrent rows and headers, as a copy.
+  shared cell (4 bytes) is counted with the recurrent rows and headers, as a copy. "A read
+  of another state" (bench_vs_llama_cpp's "whole state, another one": a restore that
+  changes cells, alternating with the state without its last sequence) places the blob's
+  cells over what they hold, nothing emptied first; its least is this blob's alone,
+  while pymem's call and its copy alternate between the two blobs, as the state row's.
 
 Each call is measured in the geometry of a bench_vs_llama_cpp state row: the filled
 memory, "beside a fork" (sequence 1 copied to 5: cells two sequences share) and "written
@@ -75,6 +79,7 @@ CALLS = (("one sequence, write", 0, "write", "plain"),
          ("whole, write", -1, "write", "plain"),
          ("whole, read", -1, "read", "plain"),
          ("whole, read into a cleared memory", -1, "clear", "plain"),
+         ("whole, read of another state", -1, "another", "plain"),
          ("one sequence beside a fork, write", 0, "write", "fork"),
          ("one sequence beside a fork, read", 0, "read", "fork"),
          ("one sequence beside a fork, swapped in", 0, "swap_in", "fork"),
@@ -170,7 +175,7 @@ class _Least:
                 self.least_calls.append(write)
             else:
                 self._time(write)  # a blob of this cache's cells, then read back
-                kind_id = {"read": 2, "swap_in": 3, "clear": 4}[kind]
+                kind_id = {"read": 2, "swap_in": 3, "clear": 4, "another": 5}[kind]
                 self.least_calls.append(self._call(kind_id, none, written, piece))
         rest = blob_bytes - sum(piece.bytes for piece in pieces)
         if rest > 0:  # the recurrent rows and the headers: one copy
@@ -218,8 +223,13 @@ def _measure(least: _Least, mem: Any, seq_id: int, kind: str, repeats: int) -> d
     read into a cleared memory the ``clear`` with it."""
     blob = bytes(mem.state_write(seq_id))
     out = bytearray(len(blob))
-    src = np.frombuffer(blob, np.uint8)
-    dst = copy_target(src)
+    blobs = [blob]
+    if kind == "another":  # the state without its last sequence, read in turn with this one
+        mem.seq_rm(bvl.STATE_N_SEQ - 1, -1, -1)
+        blobs.insert(0, bytes(mem.state_write(-1)))
+        mem.state_read(blob)
+    pairs = [(src, copy_target(src)) for src in (np.frombuffer(b, np.uint8) for b in blobs)]
+    turn = [0]
 
     def call() -> None:
         if kind == "write":
@@ -229,18 +239,20 @@ def _measure(least: _Least, mem: Any, seq_id: int, kind: str, repeats: int) -> d
             mem.seq_rm(seq_id, -1, -1)
         elif kind == "clear":
             mem.clear(False)
-        mem.state_read(blob, seq_id)
+        mem.state_read(blobs[turn[0] % len(blobs)], seq_id)
 
     times: dict[str, list[float]] = {"copy": [], "least": [], "numpy": [], "pymem": []}
     for _ in range(repeats):
         times["copy"].append(least.time_copy())
         times["least"].append(least.time_least())
+        src, dst = pairs[turn[0] % len(pairs)]
         t0 = time.perf_counter_ns()
         np.copyto(dst, src)
         times["numpy"].append(time.perf_counter_ns() - t0)
         t0 = time.perf_counter_ns()
         call()
         times["pymem"].append(time.perf_counter_ns() - t0)
+        turn[0] += 1
     mem.state_read(blob, seq_id)
     return {k: statistics.median(v) for k, v in times.items()}
 

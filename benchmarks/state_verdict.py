@@ -8,8 +8,9 @@ a call, >= 2x llama.cpp's same call, with a microbenchmark that shows the bound
 (``bench_layout_bound --repeat N``: the least work of the call on the row's own geometry
 below 0.8 of a copy). A state row's write is the write into a buffer; a row's read is
 judged by the layout-bound call of its geometry (a swap-in's read by the swap-in, a read
-into a cleared memory by that read); a row with no measured bound (``whole state,
-another one``, whose restore changes cells) can only be met by the 0.8 line.
+into a cleared memory by that read; a restore that changes cells, ``whole state, another
+one``, by the read of another state); a row whose bound call is missing from the
+layout-bound run can only be met by the 0.8 line.
 
 Defaults: ``results/state_s38.json`` and ``results/bench_layout_bound_repeat.json``.
 Several state runs are judged one by one, then summed up (the rows met in every run),
@@ -50,7 +51,7 @@ BOUND_CALLS: dict[str, tuple[str, str | None]] = {
         "whole forked, write",
         "whole forked, read into a cleared memory",
     ),
-    "whole state, another one": ("whole, write", None),
+    "whole state, another one": ("whole, write", "whole, read of another state"),
 }
 
 

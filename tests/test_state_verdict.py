@@ -47,7 +47,7 @@ def test_met_bound_and_each_shortfall_named() -> None:
     ] == ("bound", "least 0.70")
     slow = _by_side(mod.verdicts([_state("one sequence, swapped in", 7.5, 9.0, llama=5.0)], bounds))
     assert slow["write"] == ("not met", "bound, but 1.5x llama.cpp")
-    # a geometry without a bound call (a restore that changes cells), or none measured
+    # a row whose bound call the layout-bound run lacks (a restore that changes cells, here)
     other = _by_side(mod.verdicts([_state("whole state, another one", 9.0, 7.9)], bounds))
     assert other["read"] == ("not met", "no bound measured for its geometry")
     assert _by_side(mod.verdicts([_state("whole state", 7.0, 9.0)], bounds))["write"] == (
