@@ -1881,8 +1881,11 @@ static int64_t pm_step_rm_shared(pm_step_cells * c, int64_t strm, int32_t seq_id
             continue;
         }
         if (c1 - c0 == PM_STEP_BLOCK && n_words == 1) {
-            uint32_t take = pm_eq_mask32(owner + c0, -2) & pm_bit_mask32(bits + c0, bit) &
-                            pm_range_mask32(pos + c0, base, width);
+            // the bit's mask first: in most blocks with shared cells seq_id holds none
+            uint32_t take = pm_bit_mask32(bits + c0, bit);
+            if (take != 0) {
+                take &= pm_eq_mask32(owner + c0, -2) & pm_range_mask32(pos + c0, base, width);
+            }
             for (; take != 0; take &= take - 1, n++) {
                 const int64_t i = c0 + pm_ctz64(take);
                 pm_unshare_one(c, strm, g0 + i, bits + i, bit, pos[i], lo_pos, hi_pos);
