@@ -281,7 +281,7 @@ def main() -> None:
             finally:
                 mem.close()
     print_table(
-        f"The least work of each state call against a memcpy of its blob (C, warm, median of "
+        f"The least work of each state call against a memcpy of its blob (C, median of "
         f"{repeats}{f'; {repeat} runs: median (range)' if repeat > 1 else ''}; f16, "
         f"{bvl.STATE_N_SEQ} x {n_tokens} tokens, unified {bvl.STATE_N_CTX} cells); pymem's "
         f"call against np.copyto of its blob and against the least, in the same loop",

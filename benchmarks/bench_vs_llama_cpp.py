@@ -864,10 +864,10 @@ def median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     over the runs (the rounds of a state run; each row's copy moves by up to 0.2 of itself
     between runs on a shared machine, enough to flip a row near the 0.8 line), the rest
     taken from the first run, and ``rounds``: how many runs were merged."""
-    if len(runs) == 1:
-        return runs[0]
     merged = []
     for rows in zip(*runs, strict=True):
+        if len({(r["blob"], r["v_trans"]) for r in rows}) != 1:
+            raise ValueError(f"median_rows: the runs' rows differ: {[r['blob'] for r in rows]}")
         row = dict(rows[0])
         for key in row:
             if key.endswith("_gbs"):
@@ -1001,6 +1001,13 @@ def plot(results: dict[str, Any]) -> list[Path]:
 # --------------------------------------------------------------------------------------
 
 
+def _rounds(text: str) -> int:
+    """``--rounds``: a count >= 1 (none would leave the state part without a row)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--rounds takes a count >= 1, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description="pymem against llama.cpp (llama-cpp-python 0.3.36, 1 thread) on tiny GGUF "
@@ -1019,7 +1026,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fa", nargs="+", type=int, choices=(0, 1), help="decode: flash attention")
     ap.add_argument(
         "--rounds",
-        type=int,
+        type=_rounds,
         default=1,
         help="decode: run the selection this many times, keep medians; state: run every "
         "row this many times on its filled memory, keep each figure's median (default 1)",

@@ -594,8 +594,8 @@ pm_status pm_step_kv_cells_equal_var(const pm_step_cells * c, int64_t s, const i
 // written (pm_kv_records_var's rule): each cell's position, its ids' bits, its owner
 // (the id, or -2 for several: n_multi counted) and the bounds. 1 when all are valid; 0 at
 // the first that is not, having written the cells before it (*written of them: the
-// caller empties those cells again; n_multi then counts theirs). *used: the words the
-// records took (when all are valid)
+// caller empties those cells again; n_multi then counts theirs). *used (unless NULL):
+// the words the records took (when all are valid)
 PM_CLONES_AVX2
 static int pm_step_fill_var(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t span,
                             int64_t fixed, int32_t n_seq_max, int64_t * written, int64_t * used) {
@@ -730,7 +730,9 @@ static int pm_step_fill_var(pm_step_cells * c, int64_t s, const int32_t * words,
     }
     c->n_multi[s] = n_multi;
     *written = i;
-    *used = o;
+    if (used != NULL) {
+        *used = o;
+    }
     return ok;
 }
 
@@ -777,9 +779,9 @@ static int64_t pm_step_fill_prepare(pm_step_cells * c, int64_t s, int64_t n, int
 static void pm_step_fill(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t rec,
                          int32_t n_seq_max, int var, int64_t span) {
     const int64_t bound = pm_step_fill_prepare(c, s, n, !var && c->n_words == 1);
-    int64_t written = 0, used = 0;
+    int64_t written = 0;
     if (var) {
-        pm_step_fill_var(c, s, words, n, span, rec - 1, n_seq_max, &written, &used);
+        pm_step_fill_var(c, s, words, n, span, rec - 1, n_seq_max, &written, NULL);
     } else {
         pm_step_fill_checked(c, s, words, n, rec, n_seq_max, &written);
     }
@@ -967,8 +969,8 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
         // checked as they are written too
         if (spans != NULL) {
             memset(c->seq + s * c->size * c->n_words, 0, (size_t) k * c->n_words * sizeof(uint64_t));
-            int64_t k_var = 0, used = 0;
-            if (pm_step_fill_var(c, s, words[s], counts[s], spans[s], rec - 1, n_seq_max, &k_var, &used)) {
+            int64_t k_var = 0;
+            if (pm_step_fill_var(c, s, words[s], counts[s], spans[s], rec - 1, n_seq_max, &k_var, NULL)) {
                 continue;
             }
             k = k > k_var ? k : k_var;
