@@ -1953,13 +1953,13 @@ static pm_status pm_kv_read_whole_in(const pm_kv_seq_blob * b, const void * blob
 pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, const void * blob, int64_t avail,
                                   const int64_t * counts, const int64_t * offsets, int32_t same, int32_t records,
                                   int32_t * done) {
-    const int32_t fixed_only = records == PM_RECORDS_UNCHECKED;
+    const int32_t unchecked = records == PM_RECORDS_UNCHECKED;
     if (pm_seq_blob_stream(b, 0) < 0 || c == NULL || blob == NULL || counts == NULL || offsets == NULL ||
         done == NULL || avail < 0 || b->n_ext != 0 || c->n_stream != b->n_stream || c->size != b->size ||
-        records < PM_RECORDS_PARSED || records > PM_RECORDS_PARSED_HERE || (fixed_only && same)) {
+        records < PM_RECORDS_PARSED || records > PM_RECORDS_PARSED_HERE || (unchecked && same)) {
         return PM_ERR_ARG;
     }
-    for (int64_t s = 0; fixed_only && s < c->n_stream; ++s) {
+    for (int64_t s = 0; unchecked && s < c->n_stream; ++s) {
         if (c->used_max_p1[s] != 0) {
             return PM_ERR_ARG;  // (the refill checks as it writes only into empty cells)
         }
@@ -1968,7 +1968,8 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
     const int64_t n_stream = b->n_stream;
     const char * d = (const char *) blob;
     const int32_t ** words = (const int32_t **) malloc((size_t) n_stream * sizeof *words);
-    int64_t * scratch = (int64_t *) malloc((size_t) n_stream * 3 * sizeof *scratch);
+    // scratch: the parse's counts and offsets, each stream's readable words, their spans
+    int64_t * scratch = (int64_t *) malloc((size_t) n_stream * 4 * sizeof *scratch);
     pm_zero_scratch zero;
     const int zero_ok = pm_zero_scratch_new(&zero, b->spec[0][0]);
     if (words == NULL || scratch == NULL || !zero_ok) {  // (before anything changes)
@@ -1999,8 +2000,10 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
         st = pm_step_kv_refill_trusted(c, words, counts, scratch + 2 * n_stream, 3, b->n_seq_max);
         spans = scratch + 2 * n_stream;
     } else if (st == PM_OK && !same) {
-        st = pm_step_kv_refill(c, words, counts, fixed_only ? NULL : scratch + 2 * n_stream, 3, b->n_seq_max,
-                               &placed);
+        // (unchecked records, into empty cells: each checked as the refill writes it)
+        st = pm_step_kv_refill_used(c, words, counts, scratch + 2 * n_stream, 3, b->n_seq_max, &placed,
+                                    scratch + 3 * n_stream);
+        spans = scratch + 3 * n_stream;
     }
     if (st == PM_OK && placed) {
         for (int64_t s = 0; s < n_stream; ++s) {
@@ -2211,15 +2214,28 @@ static pm_status pm_kv_read_whole_in(const pm_kv_seq_blob * b, const void * blob
         if (span < 0) {
             goto out;
         }
-        at += 4 * span;
-        data_at[s] = at;
         if (n == 0) {
+            at += 4 * span;
+            data_at[s] = at;
             continue;
         }
-        const int64_t data = pm_kv_data_walk(d + at, avail - at, b->spec[s], b->tensors, n, &zero, &n, 1, 0);
+        int64_t data = pm_kv_data_walk(d + at + 4 * span, avail - at - 4 * span, b->spec[s], b->tensors, n, &zero,
+                                       &n, 1, 0);
+        if (data < 0 && mode == 3 && b->n_ext == 0) {
+            // not fixed records after all: variable ones (a forked cache's), whose lengths
+            // alone find the data; the refill checks each record as it writes it
+            const int64_t var_span = pm_records_end(words, (avail - at) / 4, n, rec - 1);
+            if (var_span >= 0 && var_span != span) {
+                span = var_span;
+                data = pm_kv_data_walk(d + at + 4 * span, avail - at - 4 * span, b->spec[s], b->tensors, n, &zero,
+                                       &n, 1, 0);
+            }
+        }
         if (data < 0) {
             goto out;
         }
+        at += 4 * span;
+        data_at[s] = at;
         at += data;
     }
     if (mode == 1) {

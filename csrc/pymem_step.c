@@ -899,6 +899,12 @@ pm_status pm_step_kv_refill_trusted(pm_step_cells * c, const int32_t * const * w
 
 pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, const int64_t * counts,
                             const int64_t * spans, int64_t rec, int32_t n_seq_max, int32_t * placed) {
+    return pm_step_kv_refill_used(c, words, counts, spans, rec, n_seq_max, placed, NULL);
+}
+
+pm_status pm_step_kv_refill_used(pm_step_cells * c, const int32_t * const * words, const int64_t * counts,
+                                 const int64_t * spans, int64_t rec, int32_t n_seq_max, int32_t * placed,
+                                 int64_t * used) {
     if (c == NULL || words == NULL || counts == NULL || placed == NULL || rec < 3 || n_seq_max < 1 ||
         n_seq_max > pm_step_ids(c)) {
         return PM_ERR_ARG;
@@ -941,6 +947,9 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
         // every check before the first write: a refusal changes nothing
         for (int64_t s = 0; s < c->n_stream; s++) {
             if (!pm_records_not_fixed(words[s], counts[s], rec, n_seq_max)) {
+                if (used != NULL) {
+                    used[s] = counts[s] * rec;
+                }
                 continue;
             }
             int64_t end = -1, multi = 0;
@@ -952,6 +961,9 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
                 return PM_OK;
             }
             var[s] = 1;
+            if (used != NULL) {
+                used[s] = end;
+            }
         }
     }
     for (int64_t s = 0; s < c->n_stream; s++) {
@@ -962,6 +974,9 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
         }
         int64_t k = 0;
         if (pm_step_fill_checked(c, s, words[s], counts[s], rec, n_seq_max, &k)) {
+            if (used != NULL) {
+                used[s] = counts[s] * rec;
+            }
             continue;
         }
         // not every record is a fixed one: variable ones (spans given) go in over the k
@@ -970,7 +985,8 @@ pm_status pm_step_kv_refill(pm_step_cells * c, const int32_t * const * words, co
         if (spans != NULL) {
             memset(c->seq + s * c->size * c->n_words, 0, (size_t) k * c->n_words * sizeof(uint64_t));
             int64_t k_var = 0;
-            if (pm_step_fill_var(c, s, words[s], counts[s], spans[s], rec - 1, n_seq_max, &k_var, NULL)) {
+            if (pm_step_fill_var(c, s, words[s], counts[s], spans[s], rec - 1, n_seq_max, &k_var,
+                                 used != NULL ? used + s : NULL)) {
                 continue;
             }
             k = k > k_var ? k : k_var;

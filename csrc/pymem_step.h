@@ -320,8 +320,8 @@ pm_status pm_kv_read_seq_placed(const pm_kv_seq_blob * b, pm_step_cells * c, int
 // ran. `records` (pm_records) says who checked the records: PM_RECORDS_PARSED the
 // caller's parse, in an earlier call (the refill checks them all again before its first
 // write); PM_RECORDS_UNCHECKED nobody (a mode 3 parse left them to this call, every
-// stream's cells empty): the refill places fixed records only, each checked as it is
-// written, and any other record declines it, nothing changed; PM_RECORDS_PARSED_HERE a
+// stream's cells empty): the refill places them, fixed or variable, each checked as it is
+// written, and a record that is neither declines it, nothing changed; PM_RECORDS_PARSED_HERE a
 // parse in the same native call (pm_whole_read's): no check before the first write, each
 // record checked as it is written, and one that fails after all (the blob changed during
 // the call) leaves the cells emptied with PM_ERR_RANGE. PM_ERR_ARG for a null pointer,
@@ -339,6 +339,13 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
                                   int32_t * done);
 
 // PYMEM_CDEF_END
+
+// C only: pm_step_kv_refill that also says, where used is not NULL and it places them,
+// the words each stream's records took (used[s]: where its data starts, so the store's
+// parse need not walk variable records again).
+pm_status pm_step_kv_refill_used(pm_step_cells * c, const int32_t * const * words, const int64_t * counts,
+                                 const int64_t * spans, int64_t rec, int32_t n_seq_max, int32_t * placed,
+                                 int64_t * used);
 
 // C only (not bound to Python): pm_step_kv_refill for records a parse in the same native
 // call has just checked (pm_kv_read_whole_commit's PM_RECORDS_PARSED_HERE; spans as pm_step_kv_refill's,

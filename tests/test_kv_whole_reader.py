@@ -161,13 +161,33 @@ def test_the_commit_kernel_refuses_and_declines_without_change() -> None:
         view.commit_whole(memoryview(blob), found)
 
 
+def _spoiled(blob: bytes) -> tuple[bytes, bytes]:
+    """A one-stream forked blob with its first record of two ids spoiled: the second id
+    made the first's (a record the refill must refuse, of the same length), and that
+    record's id count made huge (its length runs past the blob)."""
+    words = np.frombuffer(blob, dtype="<i4", count=len(blob) // 4).copy()
+    assert words[0] == 1  # (one stream)
+    o = 2
+    for _ in range(int(words[1])):
+        if words[o + 1] == 2:
+            break
+        o += 2 + int(words[o + 1])
+    assert words[o + 1] == 2
+    same_ids, huge = words.copy(), words.copy()
+    same_ids[o + 3] = same_ids[o + 2]
+    huge[o + 1] = 1 << 30
+    tail = blob[4 * len(words) :]
+    return same_ids.tobytes() + tail, huge.tobytes() + tail
+
+
 def test_a_parse_that_leaves_the_records_to_the_refill() -> None:
-    """pm_kv_read_whole_blob mode 3 (cells all empty) takes the records to be fixed ones
-    and checks the rest; the commit with ``fixed_only`` places fixed records alone,
-    checking each as it writes it. A forked blob (variable records) into a cleared cache:
-    mode 3 declines (its data is not where fixed records would end), mode 0 parses it, and
-    the commit with ``fixed_only`` declines it with nothing changed where the one without
-    places it. A cache with cells is refused mode 3 and ``fixed_only``."""
+    """pm_kv_read_whole_blob mode 3 (cells all empty) leaves the records' check to the
+    refill and checks the rest: fixed records, or variable ones (a forked blob) whose
+    lengths alone find the data. The commit with ``PM_RECORDS_UNCHECKED`` places either,
+    checking each record as it writes it: a bad id of the right length passes the parse
+    and is declined there with nothing changed; a bad length is declined by the parse.
+    Both roads place a forked blob as the general reader does. A cache with cells is
+    refused mode 3 and the unchecked commit."""
     donor = _scenario("f16-trans", 35)
     donor.seq_cp(0, 2)  # cells shared by two sequences: records of two ids
     forked = bytes(donor.state_write())
@@ -199,16 +219,26 @@ def test_a_parse_that_leaves_the_records_to_the_refill() -> None:
     assert view is not None
     empty = _state(kv)
     assert parse(plain, 3) == lib.PM_OK and done[0] == 1 and consumed[0] == len(plain)
-    assert parse(forked, 3) == lib.PM_OK and done[0] == 0
-    assert parse(forked, 0) == lib.PM_OK and done[0] == 1
-    assert commit(forked, lib.PM_RECORDS_UNCHECKED) == lib.PM_OK and done[0] == 0
+    same_ids, huge = _spoiled(forked)
+    assert parse(huge, 3) == lib.PM_OK and done[0] == 0
+    assert parse(same_ids, 3) == lib.PM_OK and done[0] == 1 and consumed[0] == len(same_ids)
+    assert commit(same_ids, lib.PM_RECORDS_UNCHECKED) == lib.PM_OK and done[0] == 0
     assert _state(kv) == empty
-    assert commit(forked, lib.PM_RECORDS_PARSED) == lib.PM_OK and done[0] == 1
+    assert parse(forked, 3) == lib.PM_OK and done[0] == 1 and consumed[0] == len(forked)
+    assert commit(forked, lib.PM_RECORDS_UNCHECKED) == lib.PM_OK and done[0] == 1
     kv._whole_committed()
     placed = _state(kv)
+    check_invariants(kv)
     again = _scenario("f16-trans", 5)
     assert again.state_read(forked) == len(forked)
     assert _state(again) == placed  # the same as the reader's own road
+    kv.clear(False)
+    view = kv._blob_view()
+    assert view is not None
+    assert parse(forked, 0) == lib.PM_OK and done[0] == 1
+    assert commit(forked, lib.PM_RECORDS_PARSED) == lib.PM_OK and done[0] == 1
+    kv._whole_committed()
+    assert _state(kv) == placed
     check_invariants(kv)
     for mem in (kv, again, donor):
         mem.close()
