@@ -1881,8 +1881,8 @@ static inline void pm_unshare_one(pm_step_cells * c, int64_t strm, int64_t gi, u
 // emptied), [*lo_pos, *hi_pos] widened to their positions. Blocks of 32 cells without a
 // shared one are passed by their count; in a whole one with one word a cell, the cells
 // to take are masks (shared, bit set, position in range) walked by their bits. Returns
-// how many cells lost the bit.
-static int64_t pm_step_rm_shared(pm_step_cells * c, int64_t strm, int32_t seq_id, uint32_t base, uint32_t width,
+// whether any cell lost the bit (the caller's bounds then may be stale).
+static int pm_step_rm_shared(pm_step_cells * c, int64_t strm, int32_t seq_id, uint32_t base, uint32_t width,
                                  int64_t n_scan, int32_t * lo_pos, int32_t * hi_pos) {
     if (c->n_multi[strm] == 0 || seq_id >= pm_step_ids(c)) {
         return 0;
@@ -1892,7 +1892,7 @@ static int64_t pm_step_rm_shared(pm_step_cells * c, int64_t strm, int32_t seq_id
     const int32_t * pos = c->pos + g0;
     const int32_t * owner = c->owner + g0;
     uint64_t * bits = c->seq + g0 * n_words;
-    int64_t n = 0;
+    int any = 0;
     for (int64_t c0 = 0; c0 < n_scan; c0 += PM_STEP_BLOCK) {
         const int64_t c1 = c0 + PM_STEP_BLOCK < n_scan ? c0 + PM_STEP_BLOCK : n_scan;
         if (c1 - c0 == PM_STEP_BLOCK && !pm_block_shared(owner, c0)) {
@@ -1904,7 +1904,8 @@ static int64_t pm_step_rm_shared(pm_step_cells * c, int64_t strm, int32_t seq_id
             if (take != 0) {
                 take &= pm_eq_mask32(owner + c0, -2) & pm_range_mask32(pos + c0, base, width);
             }
-            for (; take != 0; take &= take - 1, n++) {
+            any |= take != 0;
+            for (; take != 0; take &= take - 1) {
                 const int64_t i = c0 + pm_ctz64(take);
                 pm_unshare_one(c, strm, g0 + i, bits + i, bit, pos[i], lo_pos, hi_pos);
             }
@@ -1914,11 +1915,11 @@ static int64_t pm_step_rm_shared(pm_step_cells * c, int64_t strm, int32_t seq_id
             uint64_t * b = bits + i * n_words + word;
             if (owner[i] == -2 && (uint32_t) pos[i] - base < width && (*b & bit)) {
                 pm_unshare_one(c, strm, g0 + i, b, bit, pos[i], lo_pos, hi_pos);
-                n++;
+                any = 1;
             }
         }
     }
-    return n;
+    return any;
 }
 
 // Empty cell i of a removal (pm_step_kv_rm_seq): its position joins [*lo_pos, *hi_pos], it
@@ -2034,13 +2035,13 @@ pm_status pm_step_kv_rm_seq(pm_step_cells * c, int64_t strm, int32_t seq_id, int
         }
     }
     // the cells seq_id shares with others lose its bit, keep their position (seq_rm_bit)
-    const int64_t n_unshared = pm_step_rm_shared(c, strm, seq_id, base, width, n_scan, &lo_pos, &hi_pos);
+    const int unshared = pm_step_rm_shared(c, strm, seq_id, base, width, n_scan, &lo_pos, &hi_pos);
     const int64_t key = strm * 256 + seq_id;
     if (whole) {
         c->pmin[key] = INT64_MAX;
         c->pmax[key] = -1;
         c->pdirty[key] = 0;
-    } else if (k > 0 || n_unshared > 0) {
+    } else if (k > 0 || unshared) {
         if (lo_pos <= c->pmin[key]) {
             c->pdirty[key] |= 1;
         }
