@@ -1909,11 +1909,11 @@ static void pm_zero_scratch_free(pm_zero_scratch * z) {
     free(z->params);
 }
 
-// zero cells [counts[s], kv_size) of every stream's rows, every layer (zero_range_native);
-// check_only: the checks alone, over all cells of every stream (every tensor in host
-// memory, every byte inside it), before a commit changes anything
-static pm_status pm_kv_zero_past(const pm_kv_seq_blob * b, const int64_t * counts, const pm_zero_scratch * z,
-                                 int check_only) {
+// zero cells [counts[s], ends[s]) of every stream's rows, every layer (zero_range_native;
+// ends NULL: kv_size); check_only: the checks alone, over all cells of every stream (every
+// tensor in host memory, every byte inside it), before a commit changes anything
+static pm_status pm_kv_zero_past(const pm_kv_seq_blob * b, const int64_t * counts, const int64_t * ends,
+                                 const pm_zero_scratch * z, int check_only) {
     const int64_t n_layer = b->spec[0][0];
     pm_status st = PM_OK;
     for (int64_t s = 0; st == PM_OK && s < b->n_stream; ++s) {
@@ -1934,9 +1934,9 @@ static pm_status pm_kv_zero_past(const pm_kv_seq_blob * b, const int64_t * count
             }
             z->tensors[n++] = t;
         }
-        const int64_t a = counts[s], e = kv_size;
-        if (check_only && n > 0 && e > 0) {  // (every tensor, the cells' bytes stored too)
-            st = pm_cells_params_check(z->tensors, z->params, n, e);
+        const int64_t a = counts[s], e = ends != NULL && ends[s] < kv_size ? ends[s] : kv_size;
+        if (check_only && n > 0 && kv_size > 0) {  // (every tensor, the cells' bytes stored too)
+            st = pm_cells_params_check(z->tensors, z->params, n, kv_size);
         } else if (!check_only && a < e && n > 0) {
             st = pm_stateio_put_cells(z->tensors, z->src, z->params, n, &a, &e, 1);
         }
@@ -1968,8 +1968,9 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
     const int64_t n_stream = b->n_stream;
     const char * d = (const char *) blob;
     const int32_t ** words = (const int32_t **) malloc((size_t) n_stream * sizeof *words);
-    // scratch: the parse's counts and offsets, each stream's readable words, their spans
-    int64_t * scratch = (int64_t *) malloc((size_t) n_stream * 4 * sizeof *scratch);
+    // scratch: the parse's counts and offsets, each stream's readable words, their spans,
+    // the cells past which its rows are zero already
+    int64_t * scratch = (int64_t *) malloc((size_t) n_stream * 5 * sizeof *scratch);
     pm_zero_scratch zero;
     const int zero_ok = pm_zero_scratch_new(&zero, b->spec[0][0]);
     if (words == NULL || scratch == NULL || !zero_ok) {  // (before anything changes)
@@ -1987,8 +1988,16 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
         words[s] = counts[s] > 0 ? (const int32_t *) (const void *) (d + offsets[s]) : NULL;
         scratch[2 * n_stream + s] = st == PM_OK ? (avail - offsets[s]) / 4 : 0;  // the words readable
     }
+    // rows past the cells any cell held since they were last zeroed are zero: only those
+    // below are zeroed (rows_hi, taken before the refill lowers used_max_p1)
+    int64_t * zero_to = scratch + 4 * n_stream;
+    for (int64_t s = 0; s < n_stream; ++s) {
+        const int64_t hi = c->rows_hi != NULL && c->rows_hi[s] > c->used_max_p1[s] ? c->rows_hi[s]
+                                                                                 : c->used_max_p1[s];
+        zero_to[s] = c->rows_hi != NULL ? hi : b->size;
+    }
     // the zeroing's parameters checked before anything changes: a refusal declines
-    if (st == PM_OK && pm_kv_zero_past(b, counts, &zero, 1) != PM_OK) {
+    if (st == PM_OK && pm_kv_zero_past(b, counts, NULL, &zero, 1) != PM_OK) {
         free((void *) words);
         free(scratch);
         pm_zero_scratch_free(&zero);
@@ -2017,7 +2026,10 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
             st = PM_ERR_RANGE;
         }
         if (st == PM_OK) {
-            st = pm_kv_zero_past(b, counts, &zero, 0);
+            st = pm_kv_zero_past(b, counts, zero_to, &zero, 0);
+        }
+        for (int64_t s = 0; st == PM_OK && c->rows_hi != NULL && s < n_stream; ++s) {
+            c->rows_hi[s] = counts[s];  // (every row past the cells is zero now)
         }
         *done = st == PM_OK;
     }

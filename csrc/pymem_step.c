@@ -832,6 +832,9 @@ static void pm_step_reset_bounds(pm_step_cells * c, int64_t s) {
 // used_max_p1 n, nothing dirty, no shift pending (a refill's cells have none)
 static void pm_step_stream_counts(pm_step_cells * c, int64_t s, int64_t n) {
     c->used[s] = n;
+    if (c->rows_hi != NULL && c->rows_hi[s] < c->used_max_p1[s]) {
+        c->rows_hi[s] = c->used_max_p1[s];  // (the rows of the cells emptied keep their bytes)
+    }
     c->used_max_p1[s] = n;
     c->used_max_dirty[s] = 0;
     if (c->has_shift != NULL) {

@@ -36,6 +36,9 @@ typedef struct pm_step_cells {
     uint8_t * pdirty;       // [n_stream * 256]: bit 2 = pmax may be stale
     uint8_t * has_shift;        // [n_stream] bool: a shift may be pending; when 0, every
                                 // shift of the stream is 0 (NULL: any may be nonzero)
+    int64_t * rows_hi;          // [n_stream]: every K/V row from max(rows_hi, used_max_p1)
+                                // on is zero, raised to used_max_p1 before a kernel lowers
+                                // it (NULL: not kept, a whole restore zeroes every row)
 } pm_step_cells;
 
 // The slot of a ubatch of n_blocks token blocks of n_per tokens, block r in stream

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -291,6 +291,11 @@ class Tensor:
         self.nbytes = int(lib.ggml_nbytes(ptr))
         self.row_size = self.nb[1]
         self.n_rows = self.shape[1] * self.shape[2] * self.shape[3]
+        # called before each write through this API that may put nonzero bytes anywhere
+        # (and by numpy(), whose view is writable): a KV cache keeps the rows past its
+        # cells zero and is told its bound no longer holds. Graph writes through the
+        # ggml tensor are the cells' rows, not reported
+        self.on_write: Callable[[], None] | None = None
 
     @property
     def device(self) -> Device:
@@ -303,6 +308,10 @@ class Tensor:
         if store.link is not None:
             store.link.check(store.device.name)
         return self.ptr
+
+    def _writing(self) -> None:
+        if self.on_write is not None:
+            self.on_write()
 
     def _check_region(self, offset: int, size: int, what: str) -> None:
         if offset < 0 or size < 0 or offset + size > self.nbytes:
@@ -331,6 +340,7 @@ class Tensor:
     def write_bytes(self, data: Any, offset: int = 0) -> None:
         size = data.nbytes if isinstance(data, np.ndarray) else memoryview(data).nbytes
         self._check_region(offset, size, "write")
+        self._writing()
         check(
             lib.pm_tensor_write(self._live(), offset, size, _as_bytes(data, size, "write")),
             f"write {self.name}",
@@ -382,6 +392,7 @@ class Tensor:
     def write_strided(self, data: Any, offset: int, chunk: int, stride: int, n_chunks: int) -> None:
         self._check_strided(offset, chunk, stride, n_chunks, "strided write")
         buf = _as_bytes(data, chunk * n_chunks, f"strided write {self.name}")
+        self._writing()
         check(
             lib.pm_tensor_write_strided(self._live(), offset, chunk, stride, n_chunks, buf),
             f"strided write {self.name}",
@@ -429,6 +440,7 @@ class Tensor:
         """Scatter the packed bytes of ``data`` to the ranges (inverse of read_ranges_into)."""
         off, size, total = self._as_ranges(offsets, sizes, "write_ranges")
         buf = _as_bytes(data, total, f"write_ranges {self.name}")
+        self._writing()
         status = lib.pm_tensor_write_ranges(
             self._live(), ffi.from_buffer("uint64_t[]", off), ffi.from_buffer("uint64_t[]", size),
             off.size, buf,
@@ -514,6 +526,7 @@ class Tensor:
         size = data.nbytes if isinstance(data, np.ndarray) else memoryview(data).nbytes
         st, sz = self._runs_args(offset, n_rep, rep_stride, starts, sizes, skip, size, "write_runs")
         buf = _as_bytes(data, size, f"write_runs {self.name}")
+        self._writing()
         status = lib.pm_tensor_write_runs(
             self._live(), offset, n_rep, rep_stride, ffi.from_buffer("uint64_t[]", st),
             ffi.from_buffer("uint64_t[]", sz), st.size, skip, size, buf,
@@ -542,6 +555,7 @@ class Tensor:
                 f"copy_runs {src.name!r} -> {self.name!r}: source bytes [{src_offset}, "
                 f"{src_offset + total}) outside [0, {src.nbytes})"
             )
+        self._writing()
         status = lib.pm_tensor_copy_runs(
             src._live(), src_offset, self._live(), offset, n_rep, rep_stride,
             ffi.from_buffer("uint64_t[]", st), ffi.from_buffer("uint64_t[]", sz), st.size,
@@ -570,6 +584,7 @@ class Tensor:
     def write_rows(self, rows: Any, data: Any) -> None:
         idx = _as_rows(rows, self.n_rows, f"write_rows {self.name}")
         buf = _as_bytes(data, idx.size * self.row_size, f"write_rows {self.name}")
+        self._writing()
         check(
             lib.pm_rows_write(self._live(), ffi.from_buffer("int64_t[]", idx), idx.size, buf),
             f"write_rows {self.name}",
@@ -579,6 +594,8 @@ class Tensor:
         if not 0 <= value <= 255:
             raise RangeError(f"fill_rows {self.name}: value {value} outside [0, 255]")
         idx = _as_rows(rows, self.n_rows, f"fill_rows {self.name}")
+        if value:
+            self._writing()
         check(
             lib.pm_rows_fill(self._live(), ffi.from_buffer("int64_t[]", idx), idx.size, value),
             f"fill_rows {self.name}",
@@ -594,6 +611,8 @@ class Tensor:
                 f"fill_row_range {self.name}: rows [{first}, {first + count}) outside "
                 f"[0, {self.n_rows})"
             )
+        if count and value:
+            self._writing()
         if count:
             lib.ggml_backend_tensor_memset(
                 self._live(), value, first * self.row_size, count * self.row_size
@@ -612,6 +631,7 @@ class Tensor:
             raise RangeError(
                 f"copy_rows {self.name}: {s.size} source rows but {d.size} destination rows"
             )
+        dst._writing()
         check(
             lib.pm_rows_copy(
                 self._live(),
@@ -627,8 +647,15 @@ class Tensor:
     def numpy(self) -> np.ndarray:
         """Zero-copy numpy view (host buffers only), shape ``ne`` reversed.
 
-        Block-quantised types are viewed as ``uint8[..., row_size]``.
+        Block-quantised types are viewed as ``uint8[..., row_size]``. The view is writable,
+        so the tensor's owner is told of a write (``on_write``).
         """
+        self._writing()
+        return self.host_view()
+
+    def host_view(self) -> np.ndarray:
+        """:meth:`numpy` for pymem's own reads and its writes of rows it owns (a KV cache's
+        cells): its owner is not told of a write."""
         if not self.device.is_host:
             raise DeviceError(
                 f"tensor {self.name!r} lives on {self.device.name} (not host memory); use read_bytes/read_rows"

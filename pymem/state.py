@@ -447,7 +447,7 @@ class FileWriter(StateWriter):
             and offset >= 0
             and offset + (n_rep - 1) * rep_stride + int((starts + sizes).max()) <= tensor.nbytes
         ):
-            raw = tensor.numpy().reshape(-1).view(np.uint8).data
+            raw = tensor.host_view().reshape(-1).view(np.uint8).data
             runs = list(zip(starts.tolist(), sizes.tolist()))
             for r in range(n_rep):
                 at = offset + r * rep_stride

@@ -12,6 +12,7 @@ from pymem.batch import Batch, BatchAllocator
 from pymem.errors import BatchError
 from pymem.kv import KVCache
 from pymem.kv.cells import OWNER_MULTI, OWNER_NONE
+from pymem.kv.state_rows import rows_view, v_trans_view
 from pymem.memory import MemoryStatus
 from pymem.spec import LayerSpec, ModelSpec, RopeSpec, RopeType
 from pymem.ubatch import LLAMA_MAX_SEQ
@@ -87,6 +88,23 @@ def check_invariants(kv: KVCache, contiguous: tuple[int, ...] | str = ()) -> Non
                 assert int(kv.seq_to_stream[seq]) == s, f"seq {seq} in stream {s}"
     for h in kv.v_heads:
         assert 0 <= h <= kv.kv_size
+    check_rows_past_zero(kv)
+
+
+def check_rows_past_zero(kv: KVCache) -> None:
+    """Every host K/V row (cell) of a stream from its ``rows_bound`` on is zero: a whole
+    restore zeroes only the rows below it."""
+    for s in range(kv.n_stream):
+        bound = kv.cells.rows_bound(s)
+        for lay in kv.layers:
+            for t, trans in ((lay.k, False), (lay.v, kv.layout.v_trans)):
+                if t is None or not t.device.is_host:
+                    continue
+                if trans:
+                    past = v_trans_view(kv.layout, lay, s)[:, bound:]  # type: ignore[index]
+                else:
+                    past = rows_view(t).reshape(kv.n_stream, kv.kv_size, -1)[s, bound:]  # type: ignore[union-attr]
+                assert not past.any(), f"stream {s}: {t.name} holds bytes past cell {bound}"
 
 
 # ---------------------------------------------------------------------------------------

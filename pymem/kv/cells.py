@@ -338,6 +338,11 @@ class StackedCells:
         self.pmin = np.full((self.n_stream, LLAMA_MAX_SEQ), EMPTY_MIN, dtype=np.int64)
         self.pmax = np.full((self.n_stream, LLAMA_MAX_SEQ), -1, dtype=np.int64)
         self.pdirty = np.zeros((self.n_stream, LLAMA_MAX_SEQ), dtype=np.uint8)  # STALE_* bits
+        # per stream: every K/V row (cell) from max(rows_hi, used_max_p1) on is zero, so a
+        # whole restore zeroes only below it (a fresh buffer is zero: 0). Raised to
+        # used_max_p1 before anything lowers that (no journal: a higher bound only zeroes
+        # more); the owner's tensor writes outside the cells raise it to size
+        self.rows_hi = np.zeros(self.n_stream, dtype=np.int64)
         self._flat_views()
         self._journal: list[tuple] | None = None
         self._saved: dict[str, np.ndarray] | None = None
@@ -430,10 +435,11 @@ class StackedCells:
                 ffi.from_buffer("int64_t[]", self.pmax_f, require_writable=True),
                 ffi.from_buffer("uint8_t[]", self.pdirty_f, require_writable=True),
                 ffi.from_buffer("uint8_t[]", self.has_shift.view(np.uint8), require_writable=True),
+                ffi.from_buffer("int64_t[]", self.rows_hi, require_writable=True),
             ]
             c.n_stream, c.size, c.n_words = self.n_stream, self.size, self.n_words
             (c.pos, c.shift, c.seq, c.owner, c.used, c.used_max_p1, c.used_max_dirty, c.n_multi,
-             c.pmin, c.pmax, c.pdirty, c.has_shift) = bufs  # fmt: skip
+             c.pmin, c.pmax, c.pdirty, c.has_shift, c.rows_hi) = bufs  # fmt: skip
             self._native = (c, bufs)
         return self._native[0]
 
@@ -553,6 +559,7 @@ class StackedCells:
             filled = self.pos[dirty, :hi] >= 0
             # the last filled cell + 1: E.g. [T, F, T, F, F] -> 5 - argmax([F, F, T, F, T]) = 3
             last = hi - np.argmax(filled[:, ::-1], axis=1)
+            self.keep_rows(dirty)
             self.used_max_p1[dirty] = np.where(filled.any(axis=1), last, 0)
             self.used_max_dirty[dirty] = False
         return self.used_max_p1[strm]
@@ -671,6 +678,17 @@ class StackedCells:
         else:
             np.add.at(self.n_multi, rows, delta)
 
+    def keep_rows(self, rows: Rows | slice) -> None:
+        """Raise ``rows_hi`` of streams ``rows`` to their ``used_max_p1`` (call before
+        lowering that: the rows its cells held may still hold their bytes). A journal's
+        rollback and redo need none: a plan writes no row, and ``rows_hi`` is not
+        journaled, so what a recount or reset inside the plan raised stays raised."""
+        self.rows_hi[rows] = np.maximum(self.rows_hi[rows], self.used_max_p1[rows])
+
+    def rows_bound(self, strm: int) -> int:
+        """Stream ``strm``'s cells from which on every K/V row is zero (see ``rows_hi``)."""
+        return max(int(self.rows_hi[strm]), int(self.used_max_p1[strm]))
+
     def reset(self) -> None:
         """Empty every cell of every stream and forget pending shifts."""
         if self._journal is not None:  # the index arrays cost ~50 us at 32,768 cells
@@ -684,6 +702,7 @@ class StackedCells:
         self.has_shift[:] = False
         self.n_multi[:] = 0
         self.used[:] = 0
+        self.keep_rows(slice(None))
         self.used_max_p1[:] = 0
         self.used_max_dirty[:] = False
         self.pmin[:] = EMPTY_MIN
@@ -1116,6 +1135,7 @@ class KVCells:
         self.owner[:] = other.owner
         if self.ext is not None and other.ext is not None:
             self.ext[:] = other.ext
+        st.keep_rows(s)
         for name in _SUMMARY:
             getattr(st, name)[s] = getattr(other.store, name)[other.strm]
 
@@ -1323,6 +1343,7 @@ class KVCells:
         st.has_shift[s] = False
         st.n_multi[s] = 0
         st.used[s] = 0
+        st.keep_rows(s)
         st.used_max_p1[s] = 0
         st.used_max_dirty[s] = False
         self._pmin[:] = EMPTY_MIN
@@ -1519,7 +1540,7 @@ class KVCells:
             self._pmax[seq_id],
             self._pdirty[seq_id],
         ) = bounds
-        st.used[s] = stay.size
+        st.used[s] = stay.size  # (the reset above kept the rows the cells covered)
         st.used_max_p1[s] = int(stay[-1]) + 1 if stay.size else 0
 
     def pos_add(self, idx: np.ndarray, d: int) -> np.ndarray:

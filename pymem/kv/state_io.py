@@ -49,7 +49,7 @@ import numpy as np
 from pymem._native import check, ffi, lib
 from pymem.backend import Tensor, check_reachable
 from pymem.errors import RangeError, StateError
-from pymem.kv.cells import OWNER_MULTI, KVCells
+from pymem.kv.cells import OWNER_MULTI, KVCells, StackedCells
 from pymem.kv.layout import KVLayer, KVLayout, SlotInfo, StreamHeads
 from pymem.kv.state_rows import (
     RangeMemo,
@@ -854,7 +854,7 @@ class WholeBlobPlan(_BlobPlan):
         self.committed = True
         if self.blob.read_whole(self.data, 1) is None:  # checked just before: cannot fail
             raise StateError("state plan: the blob changed while it was restored")
-        _zero_past(layout, self.layers, [int(n) for n in counts])
+        _zero_past(layout, self.layers, [int(n) for n in counts], self.v_cells[0].store)
 
 
 def _place_whole(
@@ -876,13 +876,18 @@ def _place_whole(
     return False
 
 
-def _zero_past(layout: KVLayout, layers: Sequence[KVLayer], counts: Sequence[int]) -> None:
+def _zero_past(
+    layout: KVLayout, layers: Sequence[KVLayer], counts: Sequence[int], cells: StackedCells
+) -> None:
     """Zero every stream's rows past its restored cells, as the reference's clear(true)
-    leaves them."""
+    leaves them: those below the cells any cell held since they were last zeroed (the
+    cells' ``rows_bound``; the rows above it are zero already)."""
     for strm in range(layout.n_stream):
         a = counts[strm] if strm < len(counts) else 0
-        if not zero_range_native(layout, layers, strm, a, layout.kv_size):
-            zero_range(layout, layers, strm, a, layout.kv_size)
+        b = min(cells.rows_bound(strm), layout.kv_size)
+        if a < b and not zero_range_native(layout, layers, strm, a, b):
+            zero_range(layout, layers, strm, a, b)
+        cells.rows_hi[strm] = a
 
 
 def _set_new_records(cells: KVCells, recs: StreamRecords, layout: KVLayout) -> None:
@@ -1102,7 +1107,7 @@ def _write_stream_native(
         base = strm * layout.kv_size * row
         if n_runs == 1:
             a = base + int(starts[0]) * row
-            writer.write(t.numpy().reshape(-1).view(np.uint8)[a : a + n * row].data)
+            writer.write(t.host_view().reshape(-1).view(np.uint8)[a : a + n * row].data)
             return
         if row not in memo:
             memo[row] = ((starts * row).astype(np.uint64), (lengths * row).astype(np.uint64))
@@ -1488,7 +1493,7 @@ class KVStatePlan(_CachePlan):
                 fixed = [None if w is None else StreamRecords.of_fixed(w) for w in self.whole_fixed]
                 self.cells_placed = _place_whole(self.hooks, self.v_heads, fixed)
             counts = [self.whole_counts.get(s, 0) for s in range(layout.n_stream)]
-            _zero_past(layout, self.layers, counts)
+            _zero_past(layout, self.layers, counts, self.v_cells[0].store)
         if self.place is not None:
             pos, cell_ext, slot, same = self.place
             strm = int(layout.seq_to_stream[self.seq_id])

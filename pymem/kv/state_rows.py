@@ -41,7 +41,7 @@ def rows_view(t: Tensor) -> np.ndarray | None:
     """``uint8[n_rows, row_size]`` zero-copy view of a host tensor, else None."""
     if not t.device.is_host:
         return None
-    return t.numpy().view(np.uint8).reshape(t.n_rows, t.row_size)
+    return t.host_view().view(np.uint8).reshape(t.n_rows, t.row_size)
 
 
 def v_trans_view(layout: KVLayout, layer: KVLayer, strm: int) -> np.ndarray | None:
@@ -50,7 +50,7 @@ def v_trans_view(layout: KVLayout, layer: KVLayer, strm: int) -> np.ndarray | No
     if v is None or not v.device.is_host:
         return None
     el = uint_dtype(layout.v_el_size)
-    raw = v.numpy().view(np.uint8).reshape(layout.n_stream, -1)
+    raw = v.host_view().view(np.uint8).reshape(layout.n_stream, -1)
     return raw[strm].view(el).reshape(v.shape[0], layout.kv_size)
 
 

@@ -240,7 +240,7 @@ class Checkpoint:
             return None
         tensor, off = held
         if ZERO_COPY_HOST and tensor.device.is_host:
-            raw = tensor.numpy().reshape(-1).view(np.uint8)
+            raw = tensor.host_view().reshape(-1).view(np.uint8)
             return StateReader(raw[off : off + self._nbytes].data)
         split = self._split
         if split is None or split.nbytes != self._nbytes:
