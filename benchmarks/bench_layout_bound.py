@@ -10,7 +10,8 @@ transposed and V in rows).
 For each call it times ``layout_bound.c`` (compiled here with cffi: plain C loops over the
 call's exact geometry, taken from the real memory):
 
-* ``copy``: one memcpy of the blob's bytes (the unit, in C as well);
+* ``copy``: one copy of the blob's bytes (the unit, in C as well: pymem's pm_copy_bytes,
+  as every copy of the least, so that none meets glibc memcpy's slow buffer offsets);
 * ``least``: what any implementation of the call must do: the blob's meta records (12
   bytes a cell: written, or compared with the cells' positions, or for a swap-in or a
   read into a cleared memory written into the cells as a position and an owner, the
@@ -104,7 +105,8 @@ def _kernels() -> tuple[Any, Any]:
         " int64_t n_pieces, char * extra, int64_t n_extra, int64_t size);"
     )
     source = (Path(__file__).resolve().parent / "layout_bound.c").read_text()
-    ffi.set_source("_layout_bound", source, extra_compile_args=["-O2"])
+    csrc = Path(__file__).resolve().parent.parent / "csrc"  # (pm_copy.h)
+    ffi.set_source("_layout_bound", source, include_dirs=[str(csrc)], extra_compile_args=["-O2"])
     build = tempfile.mkdtemp(prefix="pymem_layout_bound_")
     so = ffi.compile(tmpdir=build, verbose=False)
     spec = importlib.util.spec_from_file_location("_layout_bound", so)
@@ -152,7 +154,7 @@ class _Piece:
 
 
 class _Least:
-    """The C side of a call: a memcpy of the blob, and the least work of ``kind`` (summed
+    """The C side of a call: a copy of the blob, and the least work of ``kind`` (summed
     over the KV caches; the recurrent rows and headers as one copy of what is left), each
     timed once per ``time_*`` call (ns, timed inside C)."""
 
@@ -281,7 +283,7 @@ def main() -> None:
             finally:
                 mem.close()
     print_table(
-        f"The least work of each state call against a memcpy of its blob (C, median of "
+        f"The least work of each state call against a copy of its blob (C, median of "
         f"{repeats}{f'; {repeat} runs: median (range)' if repeat > 1 else ''}; f16, "
         f"{bvl.STATE_N_SEQ} x {n_tokens} tokens, unified {bvl.STATE_N_CTX} cells); pymem's "
         f"call against np.copyto of its blob and against the least, in the same loop",

@@ -1,7 +1,10 @@
 // The least work a state call of a given cache layout must do, as plain C loops with no
-// checks, no Python and no pymem code: bench_layout_bound.py compiles it (cffi) and times
-// it against a memcpy of the same blob. Where even this is slower than 0.8 of the copy,
-// the layout and the format bound the call, not its implementation.
+// checks, no Python and no pymem code but its copy: bench_layout_bound.py compiles it
+// (cffi) and times it against a copy of the same blob. Where even this is slower than 0.8
+// of the copy, the layout and the format bound the call, not its implementation. Every
+// copy here is pm_copy_bytes (csrc/pm_copy.h): glibc's memcpy runs several times slower
+// at some offsets between its buffers, and a least that met one called a layout bound
+// (0.28 of a copy) where pymem itself ran at 0.68.
 //
 // A layout is a list of pieces (a K tensor's rows, a V tensor's rows, or one channel of a
 // transposed V: every piece holds `row` bytes per cell, cells contiguous) and the runs of
@@ -11,6 +14,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
+
+#include "pm_copy.h"
 
 static double lb_now(void) {
     struct timespec t;
@@ -35,11 +40,11 @@ static void lb_write(char * out, const int32_t * pos, int32_t seq, const int64_t
     for (int64_t k = 0; k < n_pieces; ++k) {
         for (int64_t r = 0; r < n_runs; ++r) {
             const int64_t n = (ends[r] - starts[r]) * rows[k];
-            memcpy(d, bases[k] + starts[r] * rows[k], (size_t) n);
+            pm_copy_bytes(d, bases[k] + starts[r] * rows[k], (size_t) n);
             d += n;
         }
     }
-    memcpy(d, extra, (size_t) n_extra);
+    pm_copy_bytes(d, extra, (size_t) n_extra);
 }
 
 // the read: each record's position compared with its cell's (a blob that puts the
@@ -78,15 +83,15 @@ static int64_t lb_read(const char * blob, int32_t * pos, int32_t * owner, int32_
     for (int64_t k = 0; k < n_pieces; ++k) {
         for (int64_t r = 0; r < n_runs; ++r) {
             const int64_t n = (ends[r] - starts[r]) * rows[k];
-            memcpy(bases[k] + starts[r] * rows[k], d, (size_t) n);
+            pm_copy_bytes(bases[k] + starts[r] * rows[k], d, (size_t) n);
             d += n;
         }
     }
-    memcpy(extra, d, (size_t) n_extra);
+    pm_copy_bytes(extra, d, (size_t) n_extra);
     return bad;
 }
 
-// `reps` timings (ns) of one kind of call: 0 memcpy(out, blob, bytes); 1 the write into
+// `reps` timings (ns) of one kind of call: 0 the copy of the blob (pm_copy_bytes); 1 the write into
 // out; 2 the read of blob in place; 3 the read placing the cells anew after emptying the
 // sequence's cells (a swap-in); 4 the same after emptying all `size` cells (a clear); 5
 // the read placing the cells anew over what they hold (another state's restore: nothing
@@ -100,7 +105,7 @@ int64_t lb_time(int32_t kind, int32_t reps, double * times, char * out, const ch
     for (int32_t i = 0; i < reps; ++i) {
         const double t0 = lb_now();
         if (kind == 0) {
-            memcpy(out, blob, (size_t) bytes);
+            pm_copy_bytes(out, blob, (size_t) bytes);
         } else if (kind == 1) {
             lb_write(out, pos, seq, starts, ends, n_runs, bases, rows, n_pieces, extra, n_extra);
         } else {
