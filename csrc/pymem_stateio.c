@@ -2435,8 +2435,8 @@ done:
 
 pm_status pm_rs_read_whole(const void * blob, int64_t avail, int64_t size, int64_t limit, int64_t n_layer,
                            struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n_tensors,
-                           int32_t store, int32_t * pos_out, int32_t * tail_out, int64_t * cell_count,
-                           int64_t * consumed) {
+                           int32_t store, int64_t * rows_hi, int32_t * pos_out, int32_t * tail_out,
+                           int64_t * cell_count, int64_t * consumed) {
     if (blob == NULL || tensors == NULL || spec == NULL || pos_out == NULL || tail_out == NULL ||
         cell_count == NULL || consumed == NULL || avail < 0 || size < 1 || limit < 0 || limit > size ||
         n_tensors < 0) {
@@ -2494,12 +2494,24 @@ pm_status pm_rs_read_whole(const void * blob, int64_t avail, int64_t size, int64
     }
     if (store) {
         pm_rows_store(tensors, spec, n_tensors, k, 0, d + at, avail - at, 1, &rows);
+        // every plane's rows of the cells below the bound (all without one), past k in plane 0
+        const int64_t hi = rows_hi == NULL || *rows_hi > size ? size : *rows_hi;
         for (int64_t i = 0; i < n_tensors; ++i) {
             const int64_t row_size = spec[2 * i + 1];
-            const uint64_t bytes = row_size > 0 ? ggml_nbytes(tensors[i]) : 0;
-            if (bytes > (uint64_t) (k * row_size)) {  // pm_rows_store checked the tensor
-                memset((char *) tensors[i]->data + k * row_size, 0, (size_t) (bytes - (uint64_t) (k * row_size)));
+            if (row_size <= 0) {
+                continue;
             }
+            char * data = (char *) tensors[i]->data;  // (pm_rows_store checked the tensor)
+            const int64_t n_rows = (int64_t) (ggml_nbytes(tensors[i]) / (uint64_t) row_size);
+            for (int64_t p0 = 0; p0 < n_rows; p0 += size) {
+                const int64_t a = p0 + (p0 == 0 ? k : 0), e = p0 + hi < n_rows ? p0 + hi : n_rows;
+                if (a < e) {
+                    memset(data + a * row_size, 0, (size_t) ((e - a) * row_size));
+                }
+            }
+        }
+        if (rows_hi != NULL) {
+            *rows_hi = k;
         }
     }
     *cell_count = k;

@@ -337,13 +337,17 @@ pm_status pm_rs_write_whole(const int32_t * tail, const int32_t * pos, const int
 // [0, k) (headers as spec: pm_rows_store's). pos_out[k] gets the records' positions and
 // tail_out[size] per sequence its cell (-1: none). With `store` the rows [0, k) of every
 // tensor are stored from the blob and every row after them zeroed (the bytes the
-// reference's clear(true) then read leave). *consumed = the section's bytes; -1, nothing
-// stored, when anything differs from that (the general parse then names what). PM_ERR_ARG
-// for a null pointer, size < 1, limit outside [0, size] or a tensor pm_rows_store refuses.
+// reference's clear(true) then read leave): a tensor of several planes of `size` rows
+// (rollback snapshots) has cell c's row at p * size + c in plane p. rows_hi (NULL: not
+// kept, every such row zeroed): in, the cells from which on every plane's rows are zero
+// already (those are not zeroed again); out after a store, k. *consumed = the section's
+// bytes; -1, nothing stored, when anything differs from that (the general parse then
+// names what). PM_ERR_ARG for a null pointer, size < 1, limit outside [0, size] or a
+// tensor pm_rows_store refuses.
 pm_status pm_rs_read_whole(const void * blob, int64_t avail, int64_t size, int64_t limit, int64_t n_layer,
                            struct ggml_tensor * const * tensors, const int64_t * spec, int64_t n_tensors,
-                           int32_t store, int32_t * pos_out, int32_t * tail_out, int64_t * cell_count,
-                           int64_t * consumed);
+                           int32_t store, int64_t * rows_hi, int32_t * pos_out, int32_t * tail_out,
+                           int64_t * cell_count, int64_t * consumed);
 
 // A recurrent memory's per-sequence restore of sequence dest (0 <= dest < size; the
 // caller checks dest < n_seq_max too) in one call, on the caller's copy of the cells

@@ -92,7 +92,7 @@ static int64_t pm_whole_check(pm_whole_part * p, int32_t seq_id, const char * d,
     } else {
         int64_t out[2] = { -1, -1 };  // cell count, consumed
         if (pm_rs_read_whole(d, avail, p->rs_size, p->rs_limit, p->rs_n_layer, p->rs_tensors, p->rs_spec,
-                             p->rs_n_tensors, 0, p->rs_pos, p->rs_tail, out, out + 1) != PM_OK ||
+                             p->rs_n_tensors, 0, NULL, p->rs_pos, p->rs_tail, out, out + 1) != PM_OK ||
             out[1] < 0) {
             return -1;
         }
@@ -120,7 +120,8 @@ static int pm_whole_store(pm_whole_part * p, int32_t seq_id, const char * d, int
     }
     int64_t out[2] = { -1, -1 };
     const pm_status st = pm_rs_read_whole(d, avail, p->rs_size, p->rs_limit, p->rs_n_layer, p->rs_tensors,
-                                          p->rs_spec, p->rs_n_tensors, 1, p->rs_pos, p->rs_tail, out, out + 1);
+                                          p->rs_spec, p->rs_n_tensors, 1, p->rs_rows_hi, p->rs_pos, p->rs_tail, out,
+                                          out + 1);
     if (st != PM_OK || out[1] < 0) {
         return 0;  // (checked before storing: nothing stored)
     }

@@ -31,3 +31,15 @@ def check_invariants(mem: RecurrentMemory) -> None:
         expected = int(c.pos[c.tail[s]]) if c.tail[s] >= 0 else -1
         assert mem.seq_pos_min(s) == expected, f"seq {s}: pos_min"
         assert mem.seq_pos_max(s) == max(-1, expected), f"seq {s}: pos_max"
+    check_rows_past_zero(mem)
+
+
+def check_rows_past_zero(mem: RecurrentMemory) -> None:
+    """Every plane's host R/S rows of the cells from ``rows_hi`` on are zero: a whole
+    restore zeroes only the cells below it."""
+    hi = int(mem.rows_hi[0])
+    for il in mem.layers:
+        for t in (mem.get_r_l(il), mem.get_s_l(il)):
+            if t.device.is_host and t.row_size > 0:
+                planes = t.host_view().view(np.uint8).reshape(-1, mem.size, t.row_size)
+                assert not planes[:, hi:].any(), f"{t.name}: bytes past cell {hi}"

@@ -105,6 +105,7 @@ class RecurrentMemoryContext(MemoryContext):
         c = mem.cells
         # what get_head / get_n_rs / get_rs_z give, read once (once per ubatch of a step)
         head, n_rs, rs_z = (0, mem.size, 0) if self.is_full else (c.head, c.n, c.rs_z)
+        mem.rows_touched(head + n_rs)  # (the rows its graph writes, in any plane)
         return GraphInputs(
             recr=RSInputs(
                 head=head,
@@ -155,14 +156,18 @@ class RecurrentMemoryContext(MemoryContext):
         return self._mem().get_s_l(il)
 
     def r_view(self, il: int) -> np.ndarray:
-        """Host numpy view of layer ``il``'s R rows ``[head, head + n_rs)`` of plane 0."""
-        h = self.get_head()
-        return self.get_r_l(il).numpy()[h : h + self.get_n_rs()]
+        """Host numpy view of layer ``il``'s R rows ``[head, head + n_rs)`` of plane 0 (the
+        rows a graph of this context writes: the memory's ``rows_hi`` covers them)."""
+        h, n = self.get_head(), self.get_n_rs()
+        self._mem().rows_touched(h + n)
+        return self.get_r_l(il).host_view()[h : h + n]
 
     def s_view(self, il: int) -> np.ndarray:
-        """Host numpy view of layer ``il``'s S rows ``[head, head + n_rs)`` of plane 0."""
-        h = self.get_head()
-        return self.get_s_l(il).numpy()[h : h + self.get_n_rs()]
+        """Host numpy view of layer ``il``'s S rows ``[head, head + n_rs)`` of plane 0 (as
+        :meth:`r_view`)."""
+        h, n = self.get_head(), self.get_n_rs()
+        self._mem().rows_touched(h + n)
+        return self.get_s_l(il).host_view()[h : h + n]
 
     def _mem(self) -> RecurrentMemory:
         if self.mem is None:

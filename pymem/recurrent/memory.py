@@ -89,6 +89,7 @@ ggml graph helpers in :mod:`pymem.recurrent.graph`; this module holds the memory
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -147,6 +148,13 @@ def _c_div(a: int, d: int) -> int:
     """
     q = abs(a) // abs(d)
     return q if (a >= 0) == (d > 0) else -q
+
+
+def _rows_written(owner: weakref.ref[RecurrentMemory]) -> None:
+    """An R/S tensor of ``owner`` was written through its own API: any row may hold bytes."""
+    memory = owner()
+    if memory is not None:
+        memory.rows_hi[0] = memory.size
 
 
 def _resolve_devices(device: Any, layers: Sequence[int]) -> dict[int, Any]:
@@ -292,11 +300,19 @@ class RecurrentMemory(Memory):
         except Exception:
             self.close()
             raise
+        # the cells from which on every plane's R/S rows are zero (a fresh buffer is
+        # zero: 0): a whole restore zeroes only below it. A graph's rows (apply_ubatch) and
+        # a store's raise it; a write through the tensors' own API lifts it to every cell
+        self.rows_hi = np.zeros(1, dtype=np.int64)
+        owner = weakref.ref(self)
+        for t in (*self._r.values(), *self._s.values()):
+            t.on_write = partial(_rows_written, owner)
         self._state_layers = StateLayers(
             self.n_layer_trunk,
             self.layers,
             tuple(self._r[il] for il in self.layers),
             tuple(self._s[il] for il in self.layers),
+            self.rows_hi,
         )
         # one sequence's section in one native call (host tensors; built on first use)
         self._seq_rows: SeqRows | Literal[False] | None = False
@@ -382,18 +398,33 @@ class RecurrentMemory(Memory):
         """Bumped by every mutation: a plan made at another version is stale."""
         return self._version
 
+    def rows_touched(self, hi: int) -> None:
+        """Rows of the cells below ``hi`` may be written (in any plane): ``rows_hi`` covers
+        them."""
+        if hi > self.rows_hi[0]:
+            self.rows_hi[0] = hi
+
     def zero_rows(self, from_row: int = 0) -> None:
         """Zero R/S rows ``[from_row, n_rows)`` of every layer, every plane (0: every byte,
         the data half of ``clear(True)``). A whole restore passes the rows it is about to
-        overwrite: the same bytes after it, without zeroing them first."""
+        overwrite: the same bytes after it, without zeroing them first. Only the cells
+        below ``rows_hi`` are zeroed (every plane's rows of the cells past it are zero);
+        ``rows_hi`` is then ``from_row``."""
         if from_row <= 0:
             for store in self._stores:
                 store.clear(0)
+            self.rows_hi[0] = 0
             return
+        hi = min(int(self.rows_hi[0]), self.size)
         for il in self.layers:
             for t in (self._r[il], self._s[il]):
-                if from_row < t.n_rows and t.row_size > 0:
-                    t.fill_row_range(from_row, t.n_rows - from_row, 0)
+                if t.row_size <= 0:
+                    continue
+                for p0 in range(0, t.n_rows, self.size):  # plane by plane
+                    a, e = p0 + (from_row if p0 == 0 else 0), min(p0 + hi, t.n_rows)
+                    if a < e:
+                        t.fill_row_range(a, e - a, 0)
+        self.rows_hi[0] = from_row
 
     def commit_cells(self, cells: RecurrentCells) -> None:
         """Make ``cells`` (a validated placement or restore) the memory's cells."""
@@ -479,7 +510,10 @@ class RecurrentMemory(Memory):
     def find_slot(self, ubatch: UBatch) -> bool:
         """Place ``ubatch`` now (what ``apply`` does). On False nothing changes."""
         self.check_open()
-        return self._place(SlotRequest.from_ubatch(ubatch))
+        if not self._place(SlotRequest.from_ubatch(ubatch)):
+            return False
+        self.rows_touched(self.head + self.n)  # (what its graph writes, as apply's)
+        return True
 
     def apply_ubatch(self, req: SlotRequest, plan: RecurrentPlan | None, i: int) -> np.ndarray:
         """Place ubatch ``i`` of a batch now (a context's ``apply``); returns its ``s_copy``.
@@ -508,7 +542,9 @@ class RecurrentMemory(Memory):
             raise BatchError(
                 "apply: the planned ubatch no longer fits (memory changed after init_batch)"
             )
-        return s_copy_rows(self.cells, self.head, self.n, self.n_rs_seq, consume=True)
+        head, n = self.head, self.n
+        self.rows_touched(head + n)  # (the graph writes cells [head, head + n), any plane)
+        return s_copy_rows(self.cells, head, n, self.n_rs_seq, consume=True)
 
     def _place(self, req: SlotRequest) -> bool:
         cells = self.cells.copy()
@@ -1027,6 +1063,7 @@ class _RecurrentWholePart:
         cells = memory.cells
         if part.rs_cell >= 0:
             cells.steady = None
+            memory.rows_touched(int(part.rs_cell) + 1)  # (the store wrote its rows)
         s = part.rs_scalars
         cells.head, cells.used, cells.n, cells.rs_z = int(s[0]), int(s[1]), int(s[2]), int(s[3])
         memory.commit_cells(cells)

@@ -61,6 +61,10 @@ class StateLayers:
     layers: tuple[int, ...]
     r: tuple[Tensor, ...]
     s: tuple[Tensor, ...]
+    # int64[1], the memory's: the cells from which on every plane's R/S rows are zero (a
+    # whole restore zeroes only below it; a store raises it to the rows it writes). None:
+    # not kept, a whole restore zeroes every row past its cells
+    rows_hi: np.ndarray | None = None
 
     @cached_property
     def cell_bytes(self) -> int:
@@ -179,11 +183,17 @@ class SeqRows:
         self._spec_c = ffi.from_buffer("int64_t[]", self._spec)
         self._n = len(tensors)
         self._n_layer = layers.n_layer
+        self._rows_hi = layers.rows_hi
+        self._rows_hi_c = (
+            ffi.NULL if layers.rows_hi is None else ffi.from_buffer("int64_t[]", layers.rows_hi)
+        )
 
     def walk(self, data: memoryview, n_rows: int, dst_row: int, store: bool) -> int | None:
         """:c:func:`pm_rows_store` over the tensor sections at the start of ``data``:
         their bytes when every header is this memory's and the rows are all there, None
         when not; with ``store`` (after such a check) the rows stored at ``dst_row``."""
+        if store and self._rows_hi is not None and n_rows > 0:
+            self._rows_hi[0] = max(int(self._rows_hi[0]), dst_row + n_rows)
         consumed = ffi.new("int64_t *")
         check(
             lib.pm_rows_store(
@@ -204,6 +214,7 @@ class SeqRows:
         part.rs_tensors = self._tensors
         part.rs_spec = self._spec_c
         part.rs_n_tensors = self._n
+        part.rs_rows_hi = self._rows_hi_c
 
     def sections(self, out: memoryview, starts: np.ndarray, ends: np.ndarray) -> None:
         """Every tensor section (header, then the rows of runs ``[starts[k], ends[k])``)
@@ -294,14 +305,16 @@ class SeqRows:
         """The whole-memory section at the start of ``data`` checked in one native call
         (:c:func:`pm_rs_read_whole`): (its bytes, the cells' positions, per sequence its
         cell), or None where anything differs (the general parse names it). With ``store``
-        (after such a check) the rows are stored and every row after them zeroed."""
+        (after such a check) the rows are stored and every row after them zeroed (below
+        the memory's ``rows_hi``, where it keeps one; it is then the section's cells)."""
         pos = np.empty(size, dtype=np.int32)
         tail = np.empty(size, dtype=np.int32)
         out = ffi.new("int64_t[2]")  # cell count, consumed
         check(
             lib.pm_rs_read_whole(
                 ffi.from_buffer(data), len(data), size, limit, self._n_layer, self._tensors,
-                self._spec_c, self._n, int(store), ffi.from_buffer("int32_t[]", pos, require_writable=True),
+                self._spec_c, self._n, int(store), self._rows_hi_c,
+                ffi.from_buffer("int32_t[]", pos, require_writable=True),
                 ffi.from_buffer("int32_t[]", tail, require_writable=True), out, out + 1,
             ),
             "state_read: recurrent section",
