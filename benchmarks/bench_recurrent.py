@@ -15,6 +15,8 @@ on the widths; state I/O moves exactly those bytes.
 * sequence ops at 256 cells; state I/O of one sequence and of the whole memory against a
   numpy copy of the same number of bytes (into a reused buffer, and into a new one, which
   is what producing a blob costs).
+* a whole memory of one sequence read into a memory of 16 cells, without and with two
+  rollback planes (what zeroing the other cells' rows costs on top of the copy).
 """
 
 from __future__ import annotations
@@ -183,11 +185,42 @@ def bench_state_io(data: dict) -> None:
     )
 
 
+def bench_restore_into_larger(data: dict) -> None:
+    """A whole memory of one sequence restored into a memory of 16 cells (a session loaded
+    into a server's memory): the cells past the blob's, in every rollback plane, must be
+    zero after it, as the reference's clear(true) leaves them; pymem zeroes only those a
+    placement, graph or store wrote since they were last zeroed (``rows_hi``)."""
+    rows = []
+    for planes in (0, 2):
+        mem = RecurrentMemory(SPEC, n_seq_max=16, n_rs_seq=planes)
+        assert mem.find_slot(one_token_ubatch([0], [5]))
+        blob = mem.state_write()
+        t_r = best_of(lambda mem=mem, blob=blob: mem.state_read(blob), repeat=5)
+        src = np.frombuffer(blob, dtype=np.uint8)
+        dst = np.empty_like(src)
+        t_np = best_of(lambda src=src, dst=dst: np.copyto(dst, src), repeat=5)
+        rows.append(
+            [planes, f"{len(blob) / 2**20:.2f} MiB", f"{t_r * 1e6:.0f}", f"{t_np / t_r:.2f}"]
+        )
+        data[f"whole read into 16 cells, {planes} rollback planes"] = {
+            "bytes": len(blob),
+            "read_us": t_r * 1e6,
+            "read_vs_numpy_copy": t_np / t_r,
+        }
+        mem.close()
+    print_table(
+        "whole read of one sequence into a 16-cell memory",
+        ["rollback planes", "blob", "state_read µs", "numpy copy / read"],
+        rows,
+    )
+
+
 def main() -> None:
     data: dict = {}
     bench_steps(data)
     bench_seq_ops(data)
     bench_state_io(data)
+    bench_restore_into_larger(data)
     data["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nload average {data['load_average']:.1f}, {os.cpu_count()} CPUs")
     path = write_results("bench_recurrent", data)
