@@ -620,6 +620,12 @@ class Tensor:
 
     def copy_rows(self, src_rows: Any, dst: Tensor, dst_rows: Any) -> None:
         """``dst[dst_rows[i]] = self[src_rows[i]]`` on the device (overlap-safe per run)."""
+        dst._writing()
+        self.copy_rows_owned(src_rows, dst, dst_rows)
+
+    def copy_rows_owned(self, src_rows: Any, dst: Tensor, dst_rows: Any) -> None:
+        """:meth:`copy_rows` for pymem's copies into rows whose owner keeps their bound
+        itself (a KV cache's stream copy): ``dst``'s owner is not told of a write."""
         if dst.type != self.type or dst.row_size != self.row_size:
             raise TypeSpecError(
                 f"copy_rows {self.name} -> {dst.name}: type/row size {self.type.name}/{self.row_size} "
@@ -631,7 +637,6 @@ class Tensor:
             raise RangeError(
                 f"copy_rows {self.name}: {s.size} source rows but {d.size} destination rows"
             )
-        dst._writing()
         check(
             lib.pm_rows_copy(
                 self._live(),

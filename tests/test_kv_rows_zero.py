@@ -207,3 +207,22 @@ def test_a_composite_whole_read_zeroes_below_the_bound(kind: str) -> None:
                 assert kv.cells.rows_bound(s) == int(kv.v_cells[s].used)
         for m in (mem, donor, small):
             m.close()
+
+
+def test_a_stream_copy_keeps_the_bound_exact() -> None:
+    """seq_cp across streams copies the source stream's cells now and its rows at the next
+    update: the destination's bound becomes the source's (not the whole cache), and its
+    rows are the source's."""
+    kv = _filled("f16-trans-streams", 6)
+    top = kv.cells.rows_bound(0)
+    kv.seq_rm(0, 3, -1)  # (the source's bound stays above its cells: rows they held)
+    assert int(kv.cells.used_max_p1_of(np.array([0]))[0]) < top < N_CELLS
+    assert kv.cells.rows_bound(1) < N_CELLS
+    kv.seq_cp(0, 1)
+    kv.update(False)
+    assert kv.cells.rows_bound(1) == top
+    check_invariants(kv)
+    for lay in kv.layers:
+        for t in (lay.k, lay.v):
+            rows = rows_view(t).reshape(kv.n_stream, kv.kv_size, -1)  # type: ignore[union-attr]
+            assert (rows[1] == rows[0]).all()

@@ -1356,9 +1356,11 @@ class KVCache(Memory):
             src_rows = np.arange(ssrc * self.kv_size, (ssrc + 1) * self.kv_size, dtype=np.int64)
             dst_rows = np.arange(sdst * self.kv_size, (sdst + 1) * self.kv_size, dtype=np.int64)
             for layer in self.layers:
-                layer.k.copy_rows(src_rows, layer.k, dst_rows)
+                layer.k.copy_rows_owned(src_rows, layer.k, dst_rows)
                 if layer.v is not None:
-                    layer.v.copy_rows(src_rows, layer.v, dst_rows)
+                    layer.v.copy_rows_owned(src_rows, layer.v, dst_rows)
+            # the destination's rows are the source's now: zero from the source's bound on
+            self.cells.rows_hi[sdst] = self.cells.rows_bound(ssrc)
         updated = False
         if do_shift:
             rope_layers = [lay for lay in self.layers if has_rope(self.spec.layers[lay.il])]
