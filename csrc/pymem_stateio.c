@@ -2494,8 +2494,9 @@ pm_status pm_rs_read_whole(const void * blob, int64_t avail, int64_t size, int64
     }
     if (store) {
         pm_rows_store(tensors, spec, n_tensors, k, 0, d + at, avail - at, 1, &rows);
-        // every plane's rows of the cells below the bound (all without one), past k in plane 0
-        const int64_t hi = rows_hi == NULL || *rows_hi > size ? size : *rows_hi;
+        // each plane's rows of the cells below its bound (all without one), past k in plane 0
+        const int64_t hi0 = rows_hi == NULL || rows_hi[0] > size ? size : rows_hi[0];
+        const int64_t hi_planes = rows_hi == NULL || rows_hi[1] > size ? size : rows_hi[1];
         for (int64_t i = 0; i < n_tensors; ++i) {
             const int64_t row_size = spec[2 * i + 1];
             if (row_size <= 0) {
@@ -2504,6 +2505,7 @@ pm_status pm_rs_read_whole(const void * blob, int64_t avail, int64_t size, int64
             char * data = (char *) tensors[i]->data;  // (pm_rows_store checked the tensor)
             const int64_t n_rows = (int64_t) (ggml_nbytes(tensors[i]) / (uint64_t) row_size);
             for (int64_t p0 = 0; p0 < n_rows; p0 += size) {
+                const int64_t hi = p0 == 0 ? hi0 : hi_planes;
                 const int64_t a = p0 + (p0 == 0 ? k : 0), e = p0 + hi < n_rows ? p0 + hi : n_rows;
                 if (a < e) {
                     memset(data + a * row_size, 0, (size_t) ((e - a) * row_size));
@@ -2511,7 +2513,8 @@ pm_status pm_rs_read_whole(const void * blob, int64_t avail, int64_t size, int64
             }
         }
         if (rows_hi != NULL) {
-            *rows_hi = k;
+            rows_hi[0] = k;
+            rows_hi[1] = 0;
         }
     }
     *cell_count = k;

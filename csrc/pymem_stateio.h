@@ -339,8 +339,9 @@ pm_status pm_rs_write_whole(const int32_t * tail, const int32_t * pos, const int
 // tensor are stored from the blob and every row after them zeroed (the bytes the
 // reference's clear(true) then read leave): a tensor of several planes of `size` rows
 // (rollback snapshots) has cell c's row at p * size + c in plane p. rows_hi (NULL: not
-// kept, every such row zeroed): in, the cells from which on every plane's rows are zero
-// already (those are not zeroed again); out after a store, k. *consumed = the section's
+// kept, every such row zeroed): int64[2], in: the cells from which on plane 0's rows,
+// and the other planes' rows, are zero already (those are not zeroed again); out after a
+// store: k and 0 (a store writes plane 0 alone). *consumed = the section's
 // bytes; -1, nothing stored, when anything differs from that (the general parse then
 // names what). PM_ERR_ARG for a null pointer, size < 1, limit outside [0, size] or a
 // tensor pm_rows_store refuses.

@@ -28,7 +28,7 @@ typedef struct pm_whole_part {
     struct ggml_tensor * const * rs_tensors;
     const int64_t * rs_spec;
     int64_t rs_n_tensors;
-    int64_t * rs_rows_hi;             //   pm_rs_read_whole's rows_hi (NULL: not kept)
+    int64_t * rs_rows_hi;             //   pm_rs_read_whole's rows_hi [2] (NULL: not kept)
     int32_t * rs_pos;                 //   out [rs_size]: the cells' positions
     int32_t * rs_tail;                //   out [rs_size]: per sequence its cell
     int32_t * rs_cell_tail;           //   the memory's live cells: read by a write

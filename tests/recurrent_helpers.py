@@ -35,11 +35,14 @@ def check_invariants(mem: RecurrentMemory) -> None:
 
 
 def check_rows_past_zero(mem: RecurrentMemory) -> None:
-    """Every plane's host R/S rows of the cells from ``rows_hi`` on are zero: a whole
-    restore zeroes only the cells below it."""
-    hi = int(mem.rows_hi[0])
+    """Plane 0's host R/S rows of the cells from ``rows_hi[0]`` on, and the rollback
+    planes' from ``rows_hi[1]`` on, are zero: a whole restore zeroes only below them."""
+    hi0, hi_planes = (int(h) for h in mem.rows_hi)
     for il in mem.layers:
         for t in (mem.get_r_l(il), mem.get_s_l(il)):
             if t.device.is_host and t.row_size > 0:
                 planes = t.host_view().view(np.uint8).reshape(-1, mem.size, t.row_size)
-                assert not planes[:, hi:].any(), f"{t.name}: bytes past cell {hi}"
+                assert not planes[0, hi0:].any(), f"{t.name}: bytes past cell {hi0}"
+                assert not planes[1:, hi_planes:].any(), (
+                    f"{t.name}: plane bytes past cell {hi_planes}"
+                )

@@ -1,6 +1,7 @@
 """A recurrent memory's whole restore zeroes every plane's R/S rows of the cells past its
-own, as the reference's clear(true) leaves them, but only below ``RecurrentMemory.rows_hi``:
-every plane's rows of the cells from it on are zero already. Pins the bound on the three
+own, as the reference's clear(true) leaves them, but only below ``RecurrentMemory.rows_hi``
+(plane 0's bound, the rollback planes' bound): the rows of the cells from them on are zero
+already. Pins the bound on the three
 roads (the native reader, the plan's, a composite's pm_whole_read): rows a graph may have
 written below it are zeroed and the tensors end as a restore into a zeroed memory leaves
 them; the zeroing stops at the bound; what may write rows raises it (a placement, a
@@ -28,11 +29,12 @@ def _planes(rec: RecurrentMemory, t: Any) -> np.ndarray:
 
 
 def _graph_rows(rec: RecurrentMemory, value: int) -> None:
-    """Bytes ``value`` in every plane's rows of the cells below the bound: whatever a graph
+    """Bytes ``value`` in each plane's rows of the cells below its bound: whatever a graph
     may have written there (through the tensors' memory, not their API)."""
-    hi = int(rec.rows_hi[0])
+    hi0, hi_planes = (int(h) for h in rec.rows_hi)
     for t in tensors(rec):
-        _planes(rec, t)[:, :hi] = value
+        _planes(rec, t)[0, :hi0] = value
+        _planes(rec, t)[1:, :hi_planes] = value
 
 
 def _decoded(mem: Any, per_seq: list[int]) -> None:
@@ -65,7 +67,7 @@ def test_a_whole_read_zeroes_the_rows_below_the_bound(
     mem = _make(kind, n_rs_seq)
     _decoded(mem, [3, 2, 4, 1])
     rec = _recurrent(mem)
-    assert int(rec.rows_hi[0]) == 4
+    assert rec.rows_hi.tolist() == [4] * 2
     _graph_rows(rec, 0x5A)
     for s in range(1, 4):
         mem.seq_rm(s, -1, -1)
@@ -85,7 +87,7 @@ def test_a_whole_read_zeroes_the_rows_below_the_bound(
     want = [_planes(_recurrent(ref), t).tobytes() for t in tensors(_recurrent(ref))]
     assert got == want
     if road != "plan":  # (the plan's rows go through the tensors' API: the whole cache)
-        assert int(rec.rows_hi[0]) == 1
+        assert rec.rows_hi.tolist() == [1, 0]
     for m_ in (mem, donor, ref):
         m_.close()
 
@@ -93,12 +95,13 @@ def test_a_whole_read_zeroes_the_rows_below_the_bound(
 @pytest.mark.parametrize("road", ["native", "composite"])
 def test_the_zeroing_stops_at_the_bound(road: str) -> None:
     """A byte put past the bound behind the memory's back survives a whole restore; one
-    below it (past the blob's cells) does not."""
+    below it (past the blob's cells) does not. After it the rollback planes' bound is 0:
+    the next whole restore leaves them alone."""
     kind = "hybrid" if road == "composite" else "recurrent"
     mem = _make(kind, 1)
     _decoded(mem, [2, 2, 2])
     rec = _recurrent(mem)
-    assert int(rec.rows_hi[0]) == 3
+    assert rec.rows_hi.tolist() == [3] * 2
     donor = _make(kind, 1)
     _decoded(donor, [1])
     blob = bytes(donor.state_write())
@@ -109,7 +112,10 @@ def test_the_zeroing_stops_at_the_bound(road: str) -> None:
     assert mem.state_read(blob) == len(blob)
     assert (_planes(rec, t)[1, 5] == 9).all()
     assert not _planes(rec, t)[1, 2].any() and not _planes(rec, t)[0, 2].any()
-    assert int(rec.rows_hi[0]) == 1
+    assert rec.rows_hi.tolist() == [1, 0]
+    _planes(rec, t)[1, 0] = 7  # plane 1, cell 0: past the planes' bound now
+    assert mem.state_read(blob) == len(blob)
+    assert (_planes(rec, t)[1, 0] == 7).all()
     mem.close()
     donor.close()
 
@@ -119,25 +125,25 @@ def test_what_may_write_rows_raises_the_bound() -> None:
     one-sequence store raise the bound to the cells they write; a write through an R/S
     tensor's API lifts it to every cell, zeros aside; clear(True) and zero_rows set it."""
     rec = make_rec(n_seq=6, n_rs_seq=1)
-    assert int(rec.rows_hi[0]) == 0
+    assert rec.rows_hi.tolist() == [0] * 2
     _decoded(rec, [1, 1])  # (context apply)
-    assert int(rec.rows_hi[0]) == 2
+    assert rec.rows_hi.tolist() == [2] * 2
     ctx = rec.init_full()
     ctx.graph_inputs()
-    assert int(rec.rows_hi[0]) == rec.size
+    assert rec.rows_hi.tolist() == [rec.size] * 2
     rec.clear(True)
-    assert int(rec.rows_hi[0]) == 0
+    assert rec.rows_hi.tolist() == [0] * 2
     rec.init_full().s_view(rec.layers[0])  # (a view of the rows its graph writes)
-    assert int(rec.rows_hi[0]) == rec.size
+    assert rec.rows_hi.tolist() == [rec.size] * 2
     rec.clear(True)
     assert rec.find_slot(ub((0, 0), (1, 0), (2, 0)))
-    assert int(rec.rows_hi[0]) == 3
+    assert rec.rows_hi.tolist() == [3] * 2
     rec.clear(True)
     donor = make_rec(n_seq=6, n_rs_seq=1)
     _decoded(donor, [1, 1, 1, 1])
     blob = bytes(donor.state_write(3))
     assert rec.state_read(blob, 3) == len(blob)  # (the native one-sequence store)
-    assert int(rec.rows_hi[0]) == int(rec.cells.tail[3]) + 1
+    assert rec.rows_hi.tolist() == [int(rec.cells.tail[3]) + 1, 0]  # (plane 0 alone)
     check_rows_past_zero(rec)
     t = rec.get_r_l(rec.layers[0])
     for write, lifts in (
@@ -148,10 +154,15 @@ def test_what_may_write_rows_raises_the_bound() -> None:
     ):
         rec.clear(True)
         write()
-        assert int(rec.rows_hi[0]) == (rec.size if lifts else 0)
-    rec.rows_hi[0] = 4
+        assert rec.rows_hi.tolist() == [rec.size if lifts else 0] * 2
+    rec.rows_hi[:] = (4, 1)  # (plane 0's rows of cells 0-3, the planes' of cell 0 may hold bytes)
+    planes = _planes(rec, rec.get_r_l(rec.layers[0]))
+    planes[1, 2] = 7  # (past the planes' bound: left alone)
+    planes[0, 3] = 7  # (below plane 0's: zeroed)
     rec.zero_rows(2)
-    assert int(rec.rows_hi[0]) == 2
+    assert rec.rows_hi.tolist() == [2, 0]
+    assert (planes[1, 2] == 7).all() and not planes[0, 3].any()
+    planes[1, 2] = 0
     check_rows_past_zero(rec)
     rec.close()
     donor.close()
@@ -166,7 +177,7 @@ def test_a_hybrid_one_sequence_read_raises_the_bound() -> None:
     mem.clear(True)
     assert mem.state_read(blob, 3) == len(blob)
     cell = int(rec.cells.tail[3])
-    assert cell >= 0 and int(rec.rows_hi[0]) == cell + 1
+    assert cell >= 0 and rec.rows_hi.tolist() == [cell + 1, 0]
     check_rows_past_zero(rec)
     mem.close()
     donor.close()

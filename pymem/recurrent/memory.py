@@ -154,7 +154,7 @@ def _rows_written(owner: weakref.ref[RecurrentMemory]) -> None:
     """An R/S tensor of ``owner`` was written through its own API: any row may hold bytes."""
     memory = owner()
     if memory is not None:
-        memory.rows_hi[0] = memory.size
+        memory.rows_hi[:] = memory.size
 
 
 def _resolve_devices(device: Any, layers: Sequence[int]) -> dict[int, Any]:
@@ -300,10 +300,11 @@ class RecurrentMemory(Memory):
         except Exception:
             self.close()
             raise
-        # the cells from which on every plane's R/S rows are zero (a fresh buffer is
-        # zero: 0): a whole restore zeroes only below it. A graph's rows (apply_ubatch) and
-        # a store's raise it; a write through the tensors' own API lifts it to every cell
-        self.rows_hi = np.zeros(1, dtype=np.int64)
+        # the cells from which on plane 0's R/S rows ([0]) and the rollback planes' ([1])
+        # are zero (a fresh buffer is zero: 0, 0): a whole restore zeroes only below them.
+        # A graph's rows (apply_ubatch) raise both, a store's plane 0's; a write through
+        # the tensors' own API lifts both to every cell
+        self.rows_hi = np.zeros(2, dtype=np.int64)
         owner = weakref.ref(self)
         for t in (*self._r.values(), *self._s.values()):
             t.on_write = partial(_rows_written, owner)
@@ -398,33 +399,37 @@ class RecurrentMemory(Memory):
         """Bumped by every mutation: a plan made at another version is stale."""
         return self._version
 
-    def rows_touched(self, hi: int) -> None:
-        """Rows of the cells below ``hi`` may be written (in any plane): ``rows_hi`` covers
-        them."""
-        if hi > self.rows_hi[0]:
-            self.rows_hi[0] = hi
+    def rows_touched(self, hi: int, planes: bool = True) -> None:
+        """Rows of the cells below ``hi`` may be written, in plane 0 and (``planes``: a
+        graph's snapshots) in the rollback planes: ``rows_hi`` covers them."""
+        rows = self.rows_hi
+        if hi > rows[0]:
+            rows[0] = hi
+        if planes and hi > rows[1]:
+            rows[1] = hi
 
     def zero_rows(self, from_row: int = 0) -> None:
         """Zero R/S rows ``[from_row, n_rows)`` of every layer, every plane (0: every byte,
         the data half of ``clear(True)``). A whole restore passes the rows it is about to
-        overwrite: the same bytes after it, without zeroing them first. Only the cells
-        below ``rows_hi`` are zeroed (every plane's rows of the cells past it are zero);
-        ``rows_hi`` is then ``from_row``."""
+        overwrite: the same bytes after it, without zeroing them first. Only each plane's
+        cells below its ``rows_hi`` are zeroed (the rows of the cells past it are zero);
+        ``rows_hi`` is then ``from_row`` for plane 0 and 0 for the rollback planes."""
         if from_row <= 0:
             for store in self._stores:
                 store.clear(0)
-            self.rows_hi[0] = 0
+            self.rows_hi[:] = 0
             return
-        hi = min(int(self.rows_hi[0]), self.size)
+        hi0, hi_planes = (min(int(h), self.size) for h in self.rows_hi)
         for il in self.layers:
             for t in (self._r[il], self._s[il]):
                 if t.row_size <= 0:
                     continue
                 for p0 in range(0, t.n_rows, self.size):  # plane by plane
-                    a, e = p0 + (from_row if p0 == 0 else 0), min(p0 + hi, t.n_rows)
+                    a = p0 + (from_row if p0 == 0 else 0)
+                    e = min(p0 + (hi0 if p0 == 0 else hi_planes), t.n_rows)
                     if a < e:
                         t.fill_row_range(a, e - a, 0)
-        self.rows_hi[0] = from_row
+        self.rows_hi[:] = (from_row, 0)
 
     def commit_cells(self, cells: RecurrentCells) -> None:
         """Make ``cells`` (a validated placement or restore) the memory's cells."""
@@ -1063,7 +1068,7 @@ class _RecurrentWholePart:
         cells = memory.cells
         if part.rs_cell >= 0:
             cells.steady = None
-            memory.rows_touched(int(part.rs_cell) + 1)  # (the store wrote its rows)
+            memory.rows_touched(int(part.rs_cell) + 1, planes=False)  # (its rows: plane 0)
         s = part.rs_scalars
         cells.head, cells.used, cells.n, cells.rs_z = int(s[0]), int(s[1]), int(s[2]), int(s[3])
         memory.commit_cells(cells)

@@ -61,9 +61,10 @@ class StateLayers:
     layers: tuple[int, ...]
     r: tuple[Tensor, ...]
     s: tuple[Tensor, ...]
-    # int64[1], the memory's: the cells from which on every plane's R/S rows are zero (a
-    # whole restore zeroes only below it; a store raises it to the rows it writes). None:
-    # not kept, a whole restore zeroes every row past its cells
+    # int64[2], the memory's: the cells from which on plane 0's R/S rows and the rollback
+    # planes' are zero (a whole restore zeroes only below them; a store, which writes
+    # plane 0, raises the first). None: not kept, a whole restore zeroes every row past
+    # its cells
     rows_hi: np.ndarray | None = None
 
     @cached_property
@@ -306,7 +307,8 @@ class SeqRows:
         (:c:func:`pm_rs_read_whole`): (its bytes, the cells' positions, per sequence its
         cell), or None where anything differs (the general parse names it). With ``store``
         (after such a check) the rows are stored and every row after them zeroed (below
-        the memory's ``rows_hi``, where it keeps one; it is then the section's cells)."""
+        the memory's ``rows_hi``, where it keeps one; it is then the section's cells for
+        plane 0 and none for the rollback planes)."""
         pos = np.empty(size, dtype=np.int32)
         tail = np.empty(size, dtype=np.int32)
         out = ffi.new("int64_t[2]")  # cell count, consumed
