@@ -1992,9 +1992,10 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
     // below are zeroed (rows_hi, taken before the refill lowers used_max_p1)
     int64_t * zero_to = scratch + 4 * n_stream;
     for (int64_t s = 0; s < n_stream; ++s) {
-        const int64_t hi = c->rows_hi != NULL && c->rows_hi[s] > c->used_max_p1[s] ? c->rows_hi[s]
-                                                                                 : c->used_max_p1[s];
-        zero_to[s] = c->rows_hi != NULL ? hi : b->size;
+        zero_to[s] = c->rows_hi == NULL ? b->size : c->used_max_p1[s];
+        if (c->rows_hi != NULL && c->rows_hi[s] > zero_to[s]) {
+            zero_to[s] = c->rows_hi[s];
+        }
     }
     // the zeroing's parameters checked before anything changes: a refusal declines
     if (st == PM_OK && pm_kv_zero_past(b, counts, NULL, &zero, 1) != PM_OK) {

@@ -1886,7 +1886,7 @@ static inline void pm_unshare_one(pm_step_cells * c, int64_t strm, int64_t gi, u
 // to take are masks (shared, bit set, position in range) walked by their bits. Returns
 // whether any cell lost the bit (the caller's bounds then may be stale).
 static int pm_step_rm_shared(pm_step_cells * c, int64_t strm, int32_t seq_id, uint32_t base, uint32_t width,
-                                 int64_t n_scan, int32_t * lo_pos, int32_t * hi_pos) {
+                             int64_t n_scan, int32_t * lo_pos, int32_t * hi_pos) {
     if (c->n_multi[strm] == 0 || seq_id >= pm_step_ids(c)) {
         return 0;
     }

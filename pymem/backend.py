@@ -13,6 +13,7 @@ import socket
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -620,12 +621,14 @@ class Tensor:
 
     def copy_rows(self, src_rows: Any, dst: Tensor, dst_rows: Any) -> None:
         """``dst[dst_rows[i]] = self[src_rows[i]]`` on the device (overlap-safe per run)."""
-        dst._writing()
-        self.copy_rows_owned(src_rows, dst, dst_rows)
+        self._copy_rows(src_rows, dst, dst_rows, report=True)
 
     def copy_rows_owned(self, src_rows: Any, dst: Tensor, dst_rows: Any) -> None:
         """:meth:`copy_rows` for pymem's copies into rows whose owner keeps their bound
         itself (a KV cache's stream copy): ``dst``'s owner is not told of a write."""
+        self._copy_rows(src_rows, dst, dst_rows, report=False)
+
+    def _copy_rows(self, src_rows: Any, dst: Tensor, dst_rows: Any, report: bool) -> None:
         if dst.type != self.type or dst.row_size != self.row_size:
             raise TypeSpecError(
                 f"copy_rows {self.name} -> {dst.name}: type/row size {self.type.name}/{self.row_size} "
@@ -637,6 +640,8 @@ class Tensor:
             raise RangeError(
                 f"copy_rows {self.name}: {s.size} source rows but {d.size} destination rows"
             )
+        if report:
+            dst._writing()
         check(
             lib.pm_rows_copy(
                 self._live(),
@@ -677,6 +682,21 @@ class Tensor:
             f"Tensor({self.name!r}, type={self.type.name}, shape={self.shape}, nb={self.nb}, "
             f"nbytes={self.nbytes}, device={self._store.device.name!r})"
         )
+
+
+def report_writes(owner: Any, tensors: Iterable[Tensor], lift: Callable[[Any], None]) -> None:
+    """Make each write through ``tensors``' own API (:attr:`Tensor.on_write`) call
+    ``lift(owner)``: a memory that keeps the rows past its cells zero is told its bound no
+    longer holds. The owner is held weakly (its tensors do not keep it alive)."""
+    ref = weakref.ref(owner)
+    for t in tensors:
+        t.on_write = partial(_owner_wrote, ref, lift)
+
+
+def _owner_wrote(ref: weakref.ref[Any], lift: Callable[[Any], None]) -> None:
+    owner = ref()
+    if owner is not None:
+        lift(owner)
 
 
 def _free_native(ctx: Any, buf: Any, link: ServerLink | None = None) -> None:

@@ -18,6 +18,7 @@ from test_kv_state import CFGS, build
 from test_kv_state_same import NAMES, _state
 from test_seq_reader import _memory
 
+from pymem.errors import RangeError
 from pymem.kv import KVCache
 from pymem.kv.state_rows import rows_view, v_trans_view
 
@@ -135,6 +136,9 @@ def test_tensor_writes_lift_the_bound_and_zeros_do_not() -> None:
     may put bytes anywhere lifts every stream's bound to the cache's size, and clear(True)
     puts it back to 0; zeros and pymem's own views leave it."""
     kv = build(CFGS["f16-trans-streams"], n_cells=N_CELLS, n_seq=3)
+    k = kv.layers[0].k
+    with pytest.raises(RangeError, match="2 source rows but 1 destination rows"):
+        k.copy_rows([1, 2], k, [40])  # (refused before the owner is told of a write)
     for what, write, lifts in _writes(kv):
         assert [kv.cells.rows_bound(s) for s in range(kv.n_stream)] == [0] * kv.n_stream, what
         write()

@@ -58,7 +58,6 @@ journal. The work on tensors and graph inputs lives in helper modules that take 
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,7 +67,7 @@ from typing import Any, Literal
 import numpy as np
 
 from pymem._native import check, ffi, lib
-from pymem.backend import TensorSpec, TensorStore, check_reachable, get_device
+from pymem.backend import TensorSpec, TensorStore, check_reachable, get_device, report_writes
 from pymem.batch import BatchAllocator
 from pymem.errors import (
     BatchError,
@@ -150,13 +149,6 @@ def _int_arg(name: str, value: Any, lo: int, hi: int | None = None) -> int:
         bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ConfigError(f"{name} = {value}: must be {bound}")
     return value
-
-
-def _rows_written(owner: weakref.ref[KVCache]) -> None:
-    """A K/V tensor of ``owner`` was written through its own API: any row may hold bytes."""
-    cache = owner()
-    if cache is not None:
-        cache.cells.rows_hi[:] = cache.kv_size
 
 
 def _pos_in(pos: np.ndarray, p0: int, p1: int) -> np.ndarray:
@@ -380,12 +372,12 @@ class KVCache(Memory):
 
         self.cells = StackedCells(self.n_stream, self.kv_size, self.with_ext, self.n_seq_max)
         # the rows past the cells stay zero (StackedCells.rows_hi) until a write through a
-        # K/V tensor's own API, which may put bytes anywhere
-        owner = weakref.ref(self)
-        for kv_layer in self.layers:
-            for t in (kv_layer.k, kv_layer.v):
-                if t is not None:
-                    t.on_write = partial(_rows_written, owner)
+        # K/V tensor's own API, which may put bytes anywhere: then any row may hold bytes
+        report_writes(
+            self,
+            [t for lay in self.layers for t in (lay.k, lay.v) if t is not None],
+            lambda cache: cache.cells.rows_hi.fill(cache.kv_size),
+        )
         self.v_cells = CellViews(KVCells.view(self.cells, s) for s in range(self.n_stream))
         self.v_heads = StreamHeads(self.n_stream)
         if self.n_stream > 1:

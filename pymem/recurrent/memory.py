@@ -89,7 +89,6 @@ ggml graph helpers in :mod:`pymem.recurrent.graph`; this module holds the memory
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -98,7 +97,14 @@ from typing import Any, Literal
 import numpy as np
 
 from pymem._native import check, ffi, lib
-from pymem.backend import Tensor, TensorSpec, TensorStore, check_reachable, get_device
+from pymem.backend import (
+    Tensor,
+    TensorSpec,
+    TensorStore,
+    check_reachable,
+    get_device,
+    report_writes,
+)
 from pymem.batch import BatchAllocator
 from pymem.errors import BatchError, ClosedError, ConfigError, RangeError, StateError
 from pymem.memory import POS_MAX, Memory, MemoryStatus, Split, clamp_range
@@ -120,6 +126,7 @@ from pymem.recurrent.state_io import (
     seq_cell_row,
     seq_rows,
     seq_section_size,
+    touch_rows,
     whole_cells,
     write_state,
 )
@@ -148,13 +155,6 @@ def _c_div(a: int, d: int) -> int:
     """
     q = abs(a) // abs(d)
     return q if (a >= 0) == (d > 0) else -q
-
-
-def _rows_written(owner: weakref.ref[RecurrentMemory]) -> None:
-    """An R/S tensor of ``owner`` was written through its own API: any row may hold bytes."""
-    memory = owner()
-    if memory is not None:
-        memory.rows_hi[:] = memory.size
 
 
 def _resolve_devices(device: Any, layers: Sequence[int]) -> dict[int, Any]:
@@ -305,9 +305,9 @@ class RecurrentMemory(Memory):
         # A graph's rows (apply_ubatch) raise both, a store's plane 0's; a write through
         # the tensors' own API lifts both to every cell
         self.rows_hi = np.zeros(2, dtype=np.int64)
-        owner = weakref.ref(self)
-        for t in (*self._r.values(), *self._s.values()):
-            t.on_write = partial(_rows_written, owner)
+        report_writes(
+            self, (*self._r.values(), *self._s.values()), lambda m: m.rows_hi.fill(m.size)
+        )
         self._state_layers = StateLayers(
             self.n_layer_trunk,
             self.layers,
@@ -402,11 +402,7 @@ class RecurrentMemory(Memory):
     def rows_touched(self, hi: int, planes: bool = True) -> None:
         """Rows of the cells below ``hi`` may be written, in plane 0 and (``planes``: a
         graph's snapshots) in the rollback planes: ``rows_hi`` covers them."""
-        rows = self.rows_hi
-        if hi > rows[0]:
-            rows[0] = hi
-        if planes and hi > rows[1]:
-            rows[1] = hi
+        touch_rows(self.rows_hi, hi, planes)
 
     def zero_rows(self, from_row: int = 0) -> None:
         """Zero R/S rows ``[from_row, n_rows)`` of every layer, every plane (0: every byte,

@@ -173,6 +173,16 @@ def seq_section_size(layers: StateLayers, has_cell: bool) -> int:
     return 4 + 8 * n + 8 + 12 * (len(layers.r) + len(layers.s)) + n * layers.cell_bytes
 
 
+def touch_rows(rows_hi: np.ndarray, hi: int, planes: bool) -> None:
+    """Raise a memory's ``rows_hi`` (StateLayers.rows_hi) to cover the rows of the cells
+    below ``hi`` in plane 0 and, with ``planes`` (a graph's snapshots), the rollback
+    planes."""
+    if hi > rows_hi[0]:
+        rows_hi[0] = hi
+    if planes and hi > rows_hi[1]:
+        rows_hi[1] = hi
+
+
 class SeqRows:
     """One sequence's section in one native call (:c:func:`pm_rows_section` after a
     few header words), for a memory whose R and S tensors are all in host memory."""
@@ -194,7 +204,7 @@ class SeqRows:
         their bytes when every header is this memory's and the rows are all there, None
         when not; with ``store`` (after such a check) the rows stored at ``dst_row``."""
         if store and self._rows_hi is not None and n_rows > 0:
-            self._rows_hi[0] = max(int(self._rows_hi[0]), dst_row + n_rows)
+            touch_rows(self._rows_hi, dst_row + n_rows, planes=False)  # (a store: plane 0)
         consumed = ffi.new("int64_t *")
         check(
             lib.pm_rows_store(
