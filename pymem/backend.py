@@ -12,6 +12,7 @@ import logging
 import socket
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -691,6 +692,22 @@ def report_writes(owner: Any, tensors: Iterable[Tensor], lift: Callable[[Any], N
     ref = weakref.ref(owner)
     for t in tensors:
         t.on_write = partial(_owner_wrote, ref, lift)
+
+
+@contextmanager
+def unreported(tensors: Iterable[Tensor]) -> Iterator[None]:
+    """Writes through ``tensors``' own API inside the block do not call their
+    :attr:`Tensor.on_write`: pymem's writes of rows whose owner raised its bound over them
+    first (a restore's rows on the numpy and device roads, zeros), which would otherwise
+    lift that bound to every row."""
+    saved = [(t, t.on_write) for t in tensors]
+    for t, _ in saved:
+        t.on_write = None
+    try:
+        yield
+    finally:
+        for t, hook in saved:
+            t.on_write = hook
 
 
 def _owner_wrote(ref: weakref.ref[Any], lift: Callable[[Any], None]) -> None:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Protocol, TypeAlias
 
 import numpy as np
 
+from pymem.backend import unreported
 from pymem.errors import ConfigError, RangeError, StateError
 
 if TYPE_CHECKING:
@@ -687,6 +688,14 @@ class PendingWrites:
         """``data`` (host bytes or a device payload) into ``tensor`` at byte ``offset``."""
         self._ops.append(partial(_write_payload, tensor, offset, data))
 
+    def add_owned(
+        self, tensor: Tensor, offset: int, data: Payload, raise_bound: Callable[[], None]
+    ) -> None:
+        """:meth:`add` for rows whose owner keeps the bound of its written rows itself (a
+        recurrent memory's ``rows_hi``): ``raise_bound()`` first, then the write, not
+        reported to the owner (whose ``on_write`` would lift the bound to every row)."""
+        self._ops.append(partial(_write_owned, tensor, offset, data, raise_bound))
+
     def add_call(self, store: Callable[[], None], check: Callable[[], bool] | None = None) -> None:
         """A store a native parser validated already (many tensors' rows in one call);
         ``check()`` (None: nothing to check) says whether the blob still holds what the
@@ -715,6 +724,14 @@ def _write_payload(tensor: Tensor, offset: int, data: Payload) -> None:
         data.copy_to(tensor, offset, 1, 0, _ONE_RUN_START, np.array([data.nbytes], np.uint64))
     else:
         tensor.write_bytes(data, offset)
+
+
+def _write_owned(
+    tensor: Tensor, offset: int, data: Payload, raise_bound: Callable[[], None]
+) -> None:
+    raise_bound()
+    with unreported((tensor,)):
+        _write_payload(tensor, offset, data)
 
 
 _ONE_RUN_START = np.zeros(1, dtype=np.uint64)

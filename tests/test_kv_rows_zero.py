@@ -19,7 +19,7 @@ from test_kv_state_same import NAMES, _state
 from test_seq_reader import _memory
 
 from pymem.errors import RangeError
-from pymem.kv import KVCache
+from pymem.kv import KVCache, state_io, state_rows
 from pymem.kv.state_rows import rows_view, v_trans_view
 
 N_CELLS = 64
@@ -230,3 +230,44 @@ def test_a_stream_copy_keeps_the_bound_exact() -> None:
         for t in (lay.k, lay.v):
             rows = rows_view(t).reshape(kv.n_stream, kv.kv_size, -1)  # type: ignore[union-attr]
             assert (rows[1] == rows[0]).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_numpy_and_device_roads_keep_the_bound(monkeypatch, name: str) -> None:
+    """A one-sequence restore through the tensors' API (the numpy reference road, which a
+    device cache takes) writes rows of cells it placed already: the bound stays at the
+    cells, not lifted to the whole cache, and the rows are the native road's."""
+    kvs = []
+    for native in (True, False):
+        kv = _filled(name, 6)
+        blob = bytes(kv.state_write(1))
+        kv.seq_rm(1, -1, -1)
+        with monkeypatch.context() as m:
+            m.setattr(state_io, "NATIVE_RUNS", native)
+            assert kv.state_read(blob, 1) == len(blob)
+        check_invariants(kv)
+        for s in range(kv.n_stream):
+            assert (
+                kv.cells.rows_bound(s) == int(kv.cells.used_max_p1_of(np.array([s]))[0]) < N_CELLS
+            )
+        kvs.append(kv)
+    assert _state(kvs[0]) == _state(kvs[1])
+    k = kvs[1].layers[0].k
+    k.write_rows([0], b"\x01" * k.row_size)  # (the tensors report again after the restore)
+    assert kvs[1].cells.rows_bound(0) == N_CELLS
+
+
+def test_zeroing_a_failed_restore_off_host_keeps_the_bound(monkeypatch) -> None:
+    """state_clear of one sequence (a composite's undo) zeroes its transposed-V columns
+    through the tensor's API where no host view exists (a device): zeros, not reported, so
+    the bound stays."""
+    kv = _filled("f16-trans", 6)
+    bound = kv.cells.rows_bound(0)
+    assert bound < N_CELLS
+    monkeypatch.setattr(state_rows, "v_trans_view", lambda layout, layer, strm: None)
+    kv.state_clear(1)
+    monkeypatch.undo()
+    assert kv.cells.rows_bound(0) == bound
+    v = v_trans_view(kv.layout, kv.layers[0], 0)
+    assert v is not None and not v[:, np.flatnonzero(kv.v_cells[0].pos < 0)].any()
+    check_invariants(kv)

@@ -86,8 +86,7 @@ def test_a_whole_read_zeroes_the_rows_below_the_bound(
     got = [_planes(rec, t).tobytes() for t in tensors(rec)]
     want = [_planes(_recurrent(ref), t).tobytes() for t in tensors(_recurrent(ref))]
     assert got == want
-    if road != "plan":  # (the plan's rows go through the tensors' API: the whole cache)
-        assert rec.rows_hi.tolist() == [1, 0]
+    assert rec.rows_hi.tolist() == [1, 0]  # (the plan's rows too: written unreported)
     for m_ in (mem, donor, ref):
         m_.close()
 
@@ -163,6 +162,25 @@ def test_what_may_write_rows_raises_the_bound() -> None:
     assert rec.rows_hi.tolist() == [2, 0]
     assert (planes[1, 2] == 7).all() and not planes[0, 3].any()
     planes[1, 2] = 0
+    check_rows_past_zero(rec)
+    rec.close()
+    donor.close()
+
+
+def test_the_plan_roads_one_sequence_store_raises_plane_0s_bound(monkeypatch) -> None:
+    """Without the native rows (a device memory's road) a one-sequence store writes its
+    cell's rows through the tensors' API: it raises plane 0's bound to that cell, as the
+    native store does, instead of lifting both to every cell."""
+    rec, donor = make_rec(n_seq=6, n_rs_seq=1), make_rec(n_seq=6, n_rs_seq=1)
+    _decoded(donor, [1, 1, 1, 1])
+    _graph_rows(donor, 0x33)
+    blob = bytes(donor.state_write(3))
+    rec.clear(True)
+    monkeypatch.setattr(RecurrentMemory, "_native_rows", lambda self: None)
+    assert rec.state_read(blob, 3) == len(blob)
+    cell = int(rec.cells.tail[3])
+    assert cell >= 0 and rec.rows_hi.tolist() == [cell + 1, 0]
+    assert _planes(rec, rec.get_s_l(rec.layers[0]))[0, cell].any()
     check_rows_past_zero(rec)
     rec.close()
     donor.close()

@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from pymem._native import check, ffi, lib
-from pymem.backend import Tensor, check_reachable
+from pymem.backend import Tensor, check_reachable, unreported
 from pymem.errors import RangeError, StateError
 from pymem.kv.cells import OWNER_MULTI, KVCells, StackedCells
 from pymem.kv.layout import KVLayer, KVLayout, SlotInfo, StreamHeads
@@ -1378,7 +1378,10 @@ def _store_payloads(
     payloads: list[tuple[KVLayer, str, Payload]],
 ) -> None:
     """Write parsed K/V bytes into ``n`` cells of stream ``strm``, given as ``idx``
-    (ascending) or ``runs`` or both, natively for host tensors."""
+    (ascending) or ``runs`` or both, natively for host tensors. Elsewhere (a device, the
+    numpy reference) through the tensors' API, not reported to the cache: the cells are
+    placed already, so below ``used_max_p1``, and the rows bound (StackedCells.rows_hi)
+    holds without lifting it to the whole cache."""
 
     def the_runs() -> Runs:
         if runs is not None:
@@ -1386,8 +1389,13 @@ def _store_payloads(
         assert idx is not None, "cells given neither as indices nor as runs"
         return cell_runs(idx)
 
-    if not put_payloads(layout, strm, n, the_runs, payloads):
-        write_payloads(layout, strm, cells_of_runs(the_runs()) if idx is None else idx, payloads)
+    if put_payloads(layout, strm, n, the_runs, payloads):
+        return
+    if idx is None:
+        idx = cells_of_runs(the_runs())
+    tensors = [layer.k if kind == "k" else layer.v for layer, kind, _ in payloads]
+    with unreported(t for t in tensors if t is not None):
+        write_payloads(layout, strm, idx, payloads)
 
 
 @dataclass(frozen=True)

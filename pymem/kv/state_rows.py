@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pymem.backend import Tensor
+from pymem.backend import Tensor, unreported
 from pymem.kv.layout import KVLayer, KVLayout
 from pymem.state import DevicePayload, Payload, StateWriter
 from pymem.state import index_runs as cell_runs  # the runs of a stream's cells
@@ -332,14 +332,15 @@ def zero_cols(layout: KVLayout, layer: KVLayer, strm: int, idx: np.ndarray) -> N
     base, stride = strm * v.nb[2], layout.kv_size * el
     idx = np.sort(idx)
     runs = cell_runs(idx)
-    if cols_method(False, runs, el, _RANGES_MIN_SCATTER) == "staged":
-        lo, span = _span(v, base, stride, n_ch, runs, el)
-        zeros = np.zeros((n_ch, idx.size), dtype=span.dtype)
-        scatter_cols(span, idx - lo, zeros, (runs[0] - lo, runs[1] - lo))
-        v.write_strided(span, base + lo * el, span.shape[1] * el, stride, n_ch)
-        return
-    offsets, sizes = col_ranges(base, stride, n_ch, runs, el)
-    v.write_ranges(bytes(int(sizes.sum())), offsets, sizes)
+    with unreported((v,)):  # (zeros, and the span's own bytes: no bound to lift)
+        if cols_method(False, runs, el, _RANGES_MIN_SCATTER) == "staged":
+            lo, span = _span(v, base, stride, n_ch, runs, el)
+            zeros = np.zeros((n_ch, idx.size), dtype=span.dtype)
+            scatter_cols(span, idx - lo, zeros, (runs[0] - lo, runs[1] - lo))
+            v.write_strided(span, base + lo * el, span.shape[1] * el, stride, n_ch)
+            return
+        offsets, sizes = col_ranges(base, stride, n_ch, runs, el)
+        v.write_ranges(bytes(int(sizes.sum())), offsets, sizes)
 
 
 def zero_range(layout: KVLayout, layers: Sequence[KVLayer], strm: int, a: int, b: int) -> None:

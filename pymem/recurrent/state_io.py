@@ -21,7 +21,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -648,7 +648,11 @@ def _parse_data(
                 raise StateError(f"mismatched {kind} row size ({t.row_size} != {row}, layer {il})")
             if cell_count:
                 data = reader.read_payload(cell_count * t.row_size, f"{kind} rows of layer {il}")
-                writes.add(t, head * t.row_size, data)
+                if layers.rows_hi is None:
+                    writes.add(t, head * t.row_size, data)
+                else:  # (plane 0's rows of cells [head, head + cell_count): a store's)
+                    touch = partial(touch_rows, layers.rows_hi, head + cell_count, False)
+                    writes.add_owned(t, head * t.row_size, data, touch)
     return writes
 
 
