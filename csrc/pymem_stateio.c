@@ -1950,18 +1950,39 @@ static pm_status pm_kv_read_whole_in(const pm_kv_seq_blob * b, const void * blob
                                      const int64_t * known_spans, int64_t * counts, int64_t * offsets,
                                      int32_t * same, int64_t * consumed, int32_t * done);
 
+// pm_kv_read_whole_commit, or (placed_spans not NULL) the commit of the records
+// pm_kv_place_whole_empty placed: no refill, the counters set instead, the data stored
+// from the spans it found
+static pm_status pm_kv_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, const void * blob, int64_t avail,
+                                    const int64_t * counts, const int64_t * offsets, const int64_t * placed_spans,
+                                    int32_t same, int32_t records, int32_t * done);
+
 pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, const void * blob, int64_t avail,
                                   const int64_t * counts, const int64_t * offsets, int32_t same, int32_t records,
                                   int32_t * done) {
-    const int32_t unchecked = records == PM_RECORDS_UNCHECKED;
-    if (pm_seq_blob_stream(b, 0) < 0 || c == NULL || blob == NULL || counts == NULL || offsets == NULL ||
-        done == NULL || avail < 0 || b->n_ext != 0 || c->n_stream != b->n_stream || c->size != b->size ||
-        records < PM_RECORDS_PARSED || records > PM_RECORDS_PARSED_HERE || (unchecked && same)) {
+    return pm_kv_whole_commit(b, c, blob, avail, counts, offsets, NULL, same, records, done);
+}
+
+pm_status pm_kv_read_whole_commit_placed(const pm_kv_seq_blob * b, pm_step_cells * c, const void * blob,
+                                         int64_t avail, const int64_t * found, int32_t * done) {
+    if (b == NULL || found == NULL) {
         return PM_ERR_ARG;
     }
-    for (int64_t s = 0; unchecked && s < c->n_stream; ++s) {
+    const int64_t n = b->n_stream;
+    return pm_kv_whole_commit(b, c, blob, avail, found, found + n, found + 2 * n, 0, PM_RECORDS_PARSED, done);
+}
+
+static pm_status pm_kv_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, const void * blob, int64_t avail,
+                                    const int64_t * counts, const int64_t * offsets, const int64_t * placed_spans,
+                                    int32_t same, int32_t records, int32_t * done) {
+    if (pm_seq_blob_stream(b, 0) < 0 || c == NULL || blob == NULL || counts == NULL || offsets == NULL ||
+        done == NULL || avail < 0 || b->n_ext != 0 || c->n_stream != b->n_stream || c->size != b->size ||
+        records < PM_RECORDS_PARSED || records > PM_RECORDS_PARSED_HERE) {
+        return PM_ERR_ARG;
+    }
+    for (int64_t s = 0; placed_spans != NULL && s < c->n_stream; ++s) {
         if (c->used_max_p1[s] != 0) {
-            return PM_ERR_ARG;  // (the refill checks as it writes only into empty cells)
+            return PM_ERR_ARG;  // (records placed early only into empty cells)
         }
     }
     *done = 0;
@@ -2004,18 +2025,22 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
         pm_zero_scratch_free(&zero);
         return PM_OK;
     }
-    int32_t placed = 1;
+    int32_t filled = 1;
     const int64_t * spans = NULL;  // each stream's records span, where the refill found it
-    if (st == PM_OK && !same && records == PM_RECORDS_PARSED_HERE) {
+    if (st == PM_OK && placed_spans != NULL) {
+        for (int64_t s = 0; s < n_stream; ++s) {
+            pm_step_kv_filled(c, s, counts[s]);  // (the cells are the memory's from here on)
+        }
+        spans = placed_spans;
+    } else if (st == PM_OK && !same && records == PM_RECORDS_PARSED_HERE) {
         st = pm_step_kv_refill_trusted(c, words, counts, scratch + 2 * n_stream, 3, b->n_seq_max);
         spans = scratch + 2 * n_stream;
     } else if (st == PM_OK && !same) {
-        // (unchecked records, into empty cells: each checked as the refill writes it)
-        st = pm_step_kv_refill_used(c, words, counts, scratch + 2 * n_stream, 3, b->n_seq_max, &placed,
+        st = pm_step_kv_refill_used(c, words, counts, scratch + 2 * n_stream, 3, b->n_seq_max, &filled,
                                     scratch + 3 * n_stream);
         spans = scratch + 3 * n_stream;
     }
-    if (st == PM_OK && placed) {
+    if (st == PM_OK && filled) {
         for (int64_t s = 0; s < n_stream; ++s) {
             b->heads[s] = 0;  // (has_shift is 0: the refill cleared it, or same cells had none)
         }
@@ -2126,9 +2151,6 @@ static int64_t pm_records_end(const int32_t * words, int64_t span, int64_t n, in
 // placed already, or a check finds them not fixed. -1 where they are neither.
 static int64_t pm_whole_records_span(const pm_kv_seq_blob * b, int64_t s, const int32_t * words, int64_t n,
                                      int64_t span, int64_t rec, int32_t mode, int32_t checked_same) {
-    if (mode == 3) {
-        return n * rec;  // (taken to be fixed ones: the refill checks them)
-    }
     int var = mode == 1 && b->n_multi[s] > 0;
     int64_t first = 0;  // the records before it are fixed ones
     if (mode != 1 && !checked_same && n > 0) {
@@ -2156,6 +2178,68 @@ static int64_t pm_whole_records_span(const pm_kv_seq_blob * b, int64_t s, const 
     return end < 0 ? -1 : first * rec + end;
 }
 
+pm_status pm_kv_place_whole_empty(const pm_kv_seq_blob * b, pm_step_cells * c, const void * blob, int64_t avail,
+                                  int64_t * found, int64_t * consumed, int32_t * done) {
+    if (pm_seq_blob_stream(b, 0) < 0 || c == NULL || blob == NULL || found == NULL || consumed == NULL ||
+        done == NULL || avail < 0 || b->n_ext != 0 || c->n_stream != b->n_stream || c->size != b->size) {
+        return PM_ERR_ARG;
+    }
+    const int64_t n_stream = b->n_stream;
+    for (int64_t s = 0; s < n_stream; ++s) {
+        if (c->used_max_p1[s] != 0 || b->used[s] != 0) {
+            return PM_ERR_ARG;  // (placed as checked only into empty cells)
+        }
+    }
+    *done = 0;
+    const char * d = (const char *) blob;
+    if (avail < 4 || pm_get_u32(d) != (uint32_t) n_stream) {
+        return PM_OK;
+    }
+    int64_t * counts = found;
+    int64_t * offsets = found + n_stream;
+    int64_t * spans = found + 2 * n_stream;
+    const int64_t zero = 0;
+    int64_t at = 4, s = 0;
+    for (; s < n_stream; ++s) {
+        counts[s] = 0;  // (what a refusal empties again: the streams placed so far)
+        if (avail - at < 4) {
+            break;
+        }
+        const int64_t n = pm_get_u32(d + at);
+        at += 4;
+        if (n > b->size || (avail - at) / 12 < n) {  // (a record takes three words at least)
+            break;
+        }
+        offsets[s] = at;
+        spans[s] = 0;
+        if (n == 0) {
+            continue;  // (no data section after a zero count)
+        }
+        int64_t span = 0;
+        if (!pm_step_fill_empty(c, s, (const int32_t *) (const void *) (d + at), n, (avail - at) / 4, 3,
+                                (int32_t) b->n_seq_max, &span)) {
+            break;  // (the stream emptied itself)
+        }
+        counts[s] = n;
+        spans[s] = span;
+        const int64_t data =
+            pm_kv_data_walk(d + at + 4 * span, avail - at - 4 * span, b->spec[s], b->tensors, n, &zero, &n, 1, 0);
+        if (data < 0) {
+            break;
+        }
+        at += 4 * span + data;
+    }
+    if (s < n_stream) {
+        for (int64_t t = 0; t <= s; ++t) {
+            pm_step_unfill(c, t, counts[t]);
+        }
+        return PM_OK;
+    }
+    *consumed = at;
+    *done = 1;
+    return PM_OK;
+}
+
 pm_status pm_kv_read_whole_blob(const pm_kv_seq_blob * b, const void * blob, int64_t avail, int32_t mode,
                                 int64_t * counts, int64_t * offsets, int32_t * same, int64_t * consumed,
                                 int32_t * done) {
@@ -2166,13 +2250,8 @@ static pm_status pm_kv_read_whole_in(const pm_kv_seq_blob * b, const void * blob
                                      const int64_t * known_spans, int64_t * counts, int64_t * offsets,
                                      int32_t * same, int64_t * consumed, int32_t * done) {
     if (pm_seq_blob_stream(b, 0) < 0 || blob == NULL || counts == NULL || offsets == NULL || same == NULL ||
-        consumed == NULL || done == NULL || avail < 0 || mode < 0 || mode > 3) {
+        consumed == NULL || done == NULL || avail < 0 || mode < 0 || mode > 2) {
         return PM_ERR_ARG;
-    }
-    for (int64_t s = 0; mode == 3 && s < b->n_stream; ++s) {
-        if (b->used[s] != 0) {
-            return PM_ERR_ARG;  // (records left unchecked only for a refill into empty cells)
-        }
     }
     *done = 0;
     const char * d = (const char *) blob;
@@ -2232,18 +2311,8 @@ static pm_status pm_kv_read_whole_in(const pm_kv_seq_blob * b, const void * blob
             data_at[s] = at;
             continue;
         }
-        int64_t data = pm_kv_data_walk(d + at + 4 * span, avail - at - 4 * span, b->spec[s], b->tensors, n, &zero,
-                                       &n, 1, 0);
-        if (data < 0 && mode == 3 && b->n_ext == 0) {
-            // not fixed records after all: variable ones (a forked cache's), whose lengths
-            // alone find the data; the refill checks each record as it writes it
-            const int64_t var_span = pm_records_end(words, (avail - at) / 4, n, rec - 1);
-            if (var_span >= 0 && var_span != span) {
-                span = var_span;
-                data = pm_kv_data_walk(d + at + 4 * span, avail - at - 4 * span, b->spec[s], b->tensors, n, &zero,
-                                       &n, 1, 0);
-            }
-        }
+        const int64_t data = pm_kv_data_walk(d + at + 4 * span, avail - at - 4 * span, b->spec[s], b->tensors, n,
+                                             &zero, &n, 1, 0);
         if (data < 0) {
             goto out;
         }

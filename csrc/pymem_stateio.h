@@ -269,18 +269,10 @@ pm_status pm_kv_records_fixed(const int32_t * words, int64_t n, int64_t rec, int
 //     walked as variable records.
 //  2: mode 0's checks again, nothing stored (a composite's last look before any part
 //     commits: the caller compares counts, offsets and *same with the parse's).
-//  3: mode 0 for cells that are all empty (a restore into a cleared memory), the
-//     records' check left to the refill that places them (pm_kv_read_whole_commit with
-//     PM_RECORDS_UNCHECKED, which checks each as it writes it: one pass over them, not
-//     two): every stream's records are taken to be fixed ones (n_s * rec words) and,
-//     without ext, where the headers after those do not fit, variable ones whose lengths
-//     alone (word 1, unchecked) say where they end; the headers and byte ranges after
-//     them are checked. *done = 0 where they do not fit (mode 0 then parses the blob).
-//     PM_ERR_ARG where a stream holds a cell.
 // *done = 1 with *consumed = the blob's bytes when all of it applies; *done = 0 with
 // nothing stored otherwise (the general parse then names what differs). The cells and
 // heads are the caller's (pm_step_kv_refill). PM_ERR_ARG for a null pointer, a bad view or
-// a mode outside [0, 3]; PM_ERR_ALLOC.
+// a mode outside [0, 2]; PM_ERR_ALLOC.
 pm_status pm_kv_read_whole_blob(const pm_kv_seq_blob * b, const void * blob, int64_t avail, int32_t mode,
                                 int64_t * counts, int64_t * offsets, int32_t * same, int64_t * consumed,
                                 int32_t * done);

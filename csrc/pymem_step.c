@@ -858,6 +858,37 @@ static void pm_step_empty_all(pm_step_cells * c) {
     }
 }
 
+void pm_step_unfill(pm_step_cells * c, int64_t s, int64_t n) {
+    pm_step_empty_range(c, s, 0, n);
+    pm_step_reset_bounds(c, s);
+}
+
+int pm_step_fill_empty(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t span, int64_t rec,
+                       int32_t n_seq_max, int64_t * used) {
+    pm_step_reset_bounds(c, s);
+    int64_t k = 0;
+    if (pm_step_fill_checked(c, s, words, n, rec, n_seq_max, &k)) {
+        *used = n * rec;
+        return 1;
+    }
+    // not every record is a fixed one: variable ones go in over the k cells written (their
+    // bits cleared: the variable fill sets bits, never clears them), each checked as it
+    // is written too
+    int64_t k_var = 0;
+    if (span > 0) {
+        memset(c->seq + s * c->size * c->n_words, 0, (size_t) k * c->n_words * sizeof(uint64_t));
+        if (pm_step_fill_var(c, s, words, n, span, rec - 1, n_seq_max, &k_var, used)) {
+            return 1;
+        }
+    }
+    pm_step_unfill(c, s, k > k_var ? k : k_var);
+    return 0;
+}
+
+void pm_step_kv_filled(pm_step_cells * c, int64_t s, int64_t n) {
+    pm_step_stream_counts(c, s, n);
+}
+
 pm_status pm_step_kv_clear(pm_step_cells * c, int64_t * heads) {
     if (c == NULL || c->pos == NULL || c->owner == NULL || c->seq == NULL || c->used == NULL ||
         c->used_max_p1 == NULL || c->used_max_dirty == NULL || c->n_multi == NULL || c->pmin == NULL ||
@@ -975,28 +1006,15 @@ pm_status pm_step_kv_refill_used(pm_step_cells * c, const int32_t * const * word
             pm_step_fill(c, s, words[s], counts[s], rec, n_seq_max, var[s], var[s] ? spans[s] : 0);
             continue;
         }
-        int64_t k = 0;
-        if (pm_step_fill_checked(c, s, words[s], counts[s], rec, n_seq_max, &k)) {
+        int64_t took = 0;
+        if (pm_step_fill_empty(c, s, words[s], counts[s], spans != NULL ? spans[s] : 0, rec, n_seq_max, &took)) {
             if (used != NULL) {
-                used[s] = counts[s] * rec;
+                used[s] = took;
             }
             continue;
         }
-        // not every record is a fixed one: variable ones (spans given) go in over the k
-        // cells written (their bits cleared: the variable fill sets bits, never clears),
-        // checked as they are written too
-        if (spans != NULL) {
-            memset(c->seq + s * c->size * c->n_words, 0, (size_t) k * c->n_words * sizeof(uint64_t));
-            int64_t k_var = 0;
-            if (pm_step_fill_var(c, s, words[s], counts[s], spans[s], rec - 1, n_seq_max, &k_var,
-                                 used != NULL ? used + s : NULL)) {
-                continue;
-            }
-            k = k > k_var ? k : k_var;
-        }
-        for (int64_t t = 0; t <= s; t++) {
-            c->n_multi[t] = 0;
-            pm_step_empty_range(c, t, 0, t < s ? counts[t] : k);
+        for (int64_t t = 0; t < s; t++) {  // (stream s emptied itself)
+            pm_step_unfill(c, t, counts[t]);
         }
         memcpy(c->pmin, saved, (size_t) n_keys * sizeof(int64_t));
         memcpy(c->pmax, saved + n_keys * sizeof(int64_t), (size_t) n_keys * sizeof(int64_t));

@@ -322,10 +322,8 @@ pm_status pm_kv_read_seq_placed(const pm_kv_seq_blob * b, pm_step_cells * c, int
 // the zeroing (not in host memory; checked before the refill); *done = 1 when all of it
 // ran. `records` (pm_records) says who checked the records: PM_RECORDS_PARSED the
 // caller's parse, in an earlier call (the refill checks them all again before its first
-// write); PM_RECORDS_UNCHECKED nobody (a mode 3 parse left them to this call, every
-// stream's cells empty): the refill places them, fixed or variable, each checked as it is
-// written, and a record that is neither declines it, nothing changed; PM_RECORDS_PARSED_HERE a
-// parse in the same native call (pm_whole_read's): no check before the first write, each
+// write, or as it writes into a stack whose every stream is empty);
+// PM_RECORDS_PARSED_HERE a parse in the same native call (pm_whole_read's): no check before the first write, each
 // record checked as it is written, and one that fails after all (the blob changed during
 // the call) leaves the cells emptied with PM_ERR_RANGE. PM_ERR_ARG for a null pointer,
 // views of other cells, an offset past the blob or another `records`;
@@ -333,8 +331,7 @@ pm_status pm_kv_read_seq_placed(const pm_kv_seq_blob * b, pm_step_cells * c, int
 // it was restored).
 typedef enum {
     PM_RECORDS_PARSED = 0,       // by the caller's parse, in an earlier call
-    PM_RECORDS_UNCHECKED = 1,    // by nobody yet: a mode 3 parse left them to the refill
-    PM_RECORDS_PARSED_HERE = 2,  // by a parse in the same native call
+    PM_RECORDS_PARSED_HERE = 1,  // by a parse in the same native call
 } pm_records;
 
 pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, const void * blob, int64_t avail,
@@ -342,6 +339,7 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
                                   int32_t * done);
 
 // PYMEM_CDEF_END
+
 
 // C only: pm_step_kv_refill that also says, where used is not NULL and it places them,
 // the words each stream's records took (used[s]: where its data starts, so the store's
@@ -359,6 +357,46 @@ pm_status pm_step_kv_refill_used(pm_step_cells * c, const int32_t * const * word
 // store's parse need not walk variable records again).
 pm_status pm_step_kv_refill_trusted(pm_step_cells * c, const int32_t * const * words, const int64_t * counts,
                                     int64_t * spans, int64_t rec, int32_t n_seq_max);
+
+// C only: stream s of a stack, empty (no cell below its used_max_p1 of 0), gets its n
+// records at words (span words readable; 0: fixed ones only), fixed or variable, each
+// checked as it is written (one pass over them): positions, owners, bits, n_multi and the
+// bounds, as a refill leaves them, but not the counters (used, used_max_p1: 0 still, for
+// pm_step_kv_filled to set once the rest of the blob is checked). 1 and *used = the words
+// the records took; 0 at the first record that is neither, the stream then empty again
+// (pm_step_unfill).
+int pm_step_fill_empty(pm_step_cells * c, int64_t s, const int32_t * words, int64_t n, int64_t span, int64_t rec,
+                       int32_t n_seq_max, int64_t * used);
+
+// C only: pm_kv_read_whole_blob's parse (mode 0) of a whole blob into cells c, every
+// stream of which is empty (a cleared memory's), placing each stream's records as it
+// checks them (pm_step_fill_empty: one pass over them where the parse and the refill took
+// two), then checking its data section's headers and ranges. found [3 * n_stream]: the
+// counts, the records' byte offsets and their spans in words. *done = 1 and *consumed =
+// the blob's bytes with the records placed but the counters not set (the cells are not
+// the memory's yet: pm_kv_read_whole_commit_placed stores the rest, pm_step_unfill of
+// each stream's count undoes them); *done = 0 with every stream empty again where
+// anything is refused (the general parse names it). No ext. PM_ERR_ARG for a null
+// pointer, views of other cells or a stream that holds a cell.
+pm_status pm_kv_place_whole_empty(const pm_kv_seq_blob * b, pm_step_cells * c, const void * blob, int64_t avail,
+                                  int64_t * found, int64_t * consumed, int32_t * done);
+
+// C only: pm_kv_read_whole_commit of the blob pm_kv_place_whole_empty placed (found, as it
+// left it): the counters set (the cells are the memory's from then on: used_max_p1 > 0 in
+// every stream with cells), the heads to 0, the bytes stored and the rows past the cells
+// zeroed. *done = 0 with the counters not set (the caller undoes the placement) where a
+// tensor fails the checks of the store or the zeroing, PM_ERR_ALLOC likewise;
+// PM_ERR_RANGE when the store's checks fail after the counters were set (the blob
+// changed since the placement).
+pm_status pm_kv_read_whole_commit_placed(const pm_kv_seq_blob * b, pm_step_cells * c, const void * blob,
+                                         int64_t avail, const int64_t * found, int32_t * done);
+
+// C only: pm_step_fill_empty undone: stream s's cells [0, n) emptied, its bounds reset
+// (as for no cell) and no shared cell counted.
+void pm_step_unfill(pm_step_cells * c, int64_t s, int64_t n);
+
+// C only: the counters of stream s after pm_step_fill_empty of n records (a refill's).
+void pm_step_kv_filled(pm_step_cells * c, int64_t s, int64_t n);
 
 #ifdef __cplusplus
 }

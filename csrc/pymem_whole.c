@@ -32,11 +32,23 @@ typedef int64_t (*pm_part_check)(pm_whole_part * p, int32_t seq_id, const char *
 // changing something (the blob changed since the check)
 typedef int (*pm_part_store)(pm_whole_part * p, int32_t seq_id, const char * d, int64_t avail);
 
+// a part's check undone where the read stops before its store ran (a KV part whose check
+// placed its records into empty cells); nothing for any other part
+typedef void (*pm_part_undo)(pm_whole_part * p);
+
+// every part's check undone from part `from` on
+static void pm_parts_undo(pm_whole_part * parts, int64_t n_parts, int64_t from, pm_part_undo undo) {
+    for (int64_t i = from; undo != NULL && i < n_parts; ++i) {
+        undo(&parts[i]);
+    }
+}
+
 // pm_whole_read and pm_seq_read: every part checked before the first store, then every
-// part stored (each part's section follows the one before)
+// part stored (each part's section follows the one before); where it stops, the checks
+// of the parts not stored are undone (`undo`, NULL: checks change nothing)
 static pm_status pm_parts_read(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, int needs,
-                               pm_part_check check, pm_part_store store, const void * blob, int64_t avail,
-                               int64_t * consumed, int32_t * done) {
+                               pm_part_check check, pm_part_store store, pm_part_undo undo, const void * blob,
+                               int64_t avail, int64_t * consumed, int32_t * done) {
     if (parts == NULL || blob == NULL || consumed == NULL || done == NULL || n_parts < 1 || avail < 0) {
         return PM_ERR_ARG;
     }
@@ -51,6 +63,7 @@ static pm_status pm_parts_read(pm_whole_part * parts, int64_t n_parts, int32_t s
     for (int64_t i = 0; i < n_parts; ++i) {
         const int64_t taken = check(&parts[i], seq_id, d + at, avail - at);
         if (taken < 0) {
+            pm_parts_undo(parts, i, 0, undo);  // (a check that declines undid itself)
             return PM_OK;
         }
         at += taken;
@@ -59,6 +72,7 @@ static pm_status pm_parts_read(pm_whole_part * parts, int64_t n_parts, int32_t s
     for (int64_t i = 0; i < n_parts; ++i) {
         const int stored = store(&parts[i], seq_id, d + at, avail - at);
         if (stored != 1) {
+            pm_parts_undo(parts, n_parts, i, undo);  // (a store that ran took its part over)
             return stored == 0 && i == 0 ? PM_OK : PM_ERR_RANGE;
         }
         at += parts[i].taken;
@@ -75,14 +89,14 @@ static int64_t pm_whole_check(pm_whole_part * p, int32_t seq_id, const char * d,
     int32_t ok = 0;
     if (p->kv != NULL) {
         const int64_t n_stream = p->kv->n_stream;
-        if (p->deferred) {  // (cells all empty, the part stored first: see pm_whole_read)
-            if (pm_kv_read_whole_blob(p->kv, d, avail, 3, p->kv_found, p->kv_found + n_stream, &p->same, &taken,
-                                      &ok) != PM_OK) {
+        if (p->deferred) {  // (cells all empty: see pm_whole_read)
+            if (pm_kv_place_whole_empty(p->kv, p->cells, d, avail, p->kv_found, &taken, &ok) != PM_OK) {
                 return -1;
             }
-            // (not ok: variable records, say: the full parse below; same: no cell in the
-            // blob either, so no refill to leave a check to)
-            p->deferred = ok && !p->same;
+            // (placed: its store sets the counters; not ok: nothing placed, the full parse
+            // below declines or finds what it does not)
+            p->deferred = ok;
+            p->same = 0;
         }
         if (!ok && (pm_kv_read_whole_blob(p->kv, d, avail, 0, p->kv_found, p->kv_found + n_stream, &p->same,
                                           &taken, &ok) != PM_OK ||
@@ -109,10 +123,11 @@ static int pm_whole_store(pm_whole_part * p, int32_t seq_id, const char * d, int
     if (p->kv != NULL) {
         const int64_t n_stream = p->kv->n_stream;
         int32_t done = 0;
-        // the records: left to the refill (deferred), or checked by this call's parse
-        const pm_status st = pm_kv_read_whole_commit(p->kv, p->cells, d, avail, p->kv_found, p->kv_found + n_stream,
-                                                     p->same,
-                                                     p->deferred ? PM_RECORDS_UNCHECKED : PM_RECORDS_PARSED_HERE, &done);
+        // the records: placed by the check (deferred), or checked by this call's parse
+        const pm_status st =
+            p->deferred ? pm_kv_read_whole_commit_placed(p->kv, p->cells, d, avail, p->kv_found, &done)
+                        : pm_kv_read_whole_commit(p->kv, p->cells, d, avail, p->kv_found, p->kv_found + n_stream,
+                                                  p->same, PM_RECORDS_PARSED_HERE, &done);
         if (st == PM_ERR_ALLOC) {
             return 0;  // (its scratch is allocated before anything changes)
         }
@@ -142,6 +157,19 @@ static int pm_whole_store(pm_whole_part * p, int32_t seq_id, const char * d, int
     return 1;
 }
 
+// pm_part_undo of a whole read: a KV part's records its check placed (deferred), emptied
+// again in each stream whose counters its store did not set (used_max_p1 still 0)
+static void pm_whole_undo(pm_whole_part * p) {
+    if (p->kv == NULL || !p->deferred) {
+        return;
+    }
+    for (int64_t s = 0; s < p->cells->n_stream; ++s) {
+        if (p->cells->used_max_p1[s] == 0) {
+            pm_step_unfill(p->cells, s, p->kv_found[s]);
+        }
+    }
+}
+
 // whether every stream of KV part p holds no cell (a cleared memory's)
 static int pm_part_empty(const pm_whole_part * p) {
     for (int64_t s = 0; s < p->cells->n_stream; ++s) {
@@ -154,15 +182,14 @@ static int pm_part_empty(const pm_whole_part * p) {
 
 pm_status pm_whole_read(pm_whole_part * parts, int64_t n_parts, const void * blob, int64_t avail,
                         int64_t * consumed, int32_t * done) {
-    // a first KV part without cells leaves its records' check to its refill (one pass over
-    // them, not two): stored first, a refused record declines the call with nothing changed
+    // a KV part without cells places its records as its check checks them (one pass over
+    // them, not two); a later refusal empties them again, so it still changes nothing
     for (int64_t i = 0; parts != NULL && i < n_parts; ++i) {
-        parts[i].deferred = i == 0 && pm_part_ok(&parts[i], PM_PART_KV_READ) && parts[i].kv != NULL &&
-                            pm_part_empty(&parts[i]);
+        parts[i].deferred = pm_part_ok(&parts[i], PM_PART_KV_READ) && parts[i].kv != NULL && pm_part_empty(&parts[i]);
     }
     return pm_parts_read(parts, n_parts, -1,
                          PM_PART_KV_READ | PM_PART_KV_FOUND | PM_PART_RS_OUT | PM_PART_RS_LIVE | PM_PART_RS_COMMIT,
-                         pm_whole_check, pm_whole_store, blob, avail, consumed, done);
+                         pm_whole_check, pm_whole_store, pm_whole_undo, blob, avail, consumed, done);
 }
 
 // the part's bytes (a size query; reuse: the write right after it), or -1: it declines;
@@ -426,5 +453,5 @@ pm_status pm_seq_read(pm_whole_part * parts, int64_t n_parts, int32_t seq_id, co
         return PM_ERR_ARG;
     }
     return pm_parts_read(parts, n_parts, seq_id, PM_PART_KV_READ | PM_PART_RS_LIVE | PM_PART_RS_COMMIT, pm_seq_check,
-                         pm_seq_store, blob, avail, consumed, done);
+                         pm_seq_store, NULL, blob, avail, consumed, done);
 }

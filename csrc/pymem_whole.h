@@ -21,7 +21,7 @@ extern "C" {
 typedef struct pm_whole_part {
     const pm_kv_seq_blob * kv;        // a KV part: its blob view (no ext)
     pm_step_cells * cells;            //   and its cells (the same cells)
-    int64_t * kv_found;               //   scratch [2 * n_stream]: counts, offsets
+    int64_t * kv_found;               //   scratch [3 * n_stream]: counts, offsets, spans
     int64_t rs_size;                  // a recurrent part: mem_size
     int64_t rs_limit;                 //   ids below min(n_seq_max, mem_size)
     int64_t rs_n_layer;
@@ -61,9 +61,9 @@ typedef struct pm_whole_part {
     int64_t n_cells;                  // out: a recurrent part's cell count
     int32_t same;                     // out: a KV part's cells already were the blob's
     int32_t deferred;                 // in/out (pm_whole_read sets it before the checks): a
-                                      //   whole read's first part, a KV part whose cells were
-                                      //   all empty; kept when its check (pm_kv_read_whole_blob
-                                      //   mode 3) leaves its records to its refill alone
+                                      //   KV part whose cells were all empty; kept when its
+                                      //   check placed the records (pm_kv_place_whole_empty),
+                                      //   which its store then makes the memory's
 } pm_whole_part;
 
 // A whole restore of n_parts parts from blob (avail bytes; each part's section follows

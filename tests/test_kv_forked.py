@@ -726,11 +726,17 @@ def test_whole_blob_of_long_one_id_runs_beside_shared_cells(monkeypatch, kind) -
     blob = bytes(mem.state_write())
     taken: list[bool] = []  # whether each whole parse of the one-call roads took the blob
     real_whole, real_one_call = kv_state_io.SeqBlob.read_whole, CompositeMemory._native_read
+    real_empty = KVCache._read_whole_into_empty
 
     def whole(self, data, mode):  # type: ignore[no-untyped-def]
         found = real_whole(self, data, mode)
         taken.append(found is not None)
         return found
+
+    def into_empty(self, data):  # type: ignore[no-untyped-def]
+        done = real_empty(self, data)
+        taken.append(done is not None)
+        return done
 
     def one_call(self, data, seq_id, flags):  # type: ignore[no-untyped-def]
         done = real_one_call(self, data, seq_id, flags)
@@ -742,6 +748,7 @@ def test_whole_blob_of_long_one_id_runs_beside_shared_cells(monkeypatch, kind) -
         with monkeypatch.context() as m:
             if native:
                 m.setattr(kv_state_io.SeqBlob, "read_whole", whole)
+                m.setattr(KVCache, "_read_whole_into_empty", into_empty)
                 m.setattr(CompositeMemory, "_native_read", one_call)
             else:
                 m.setattr(kv_state_io, "NATIVE_RUNS", False)

@@ -11,10 +11,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from kv_helpers import check_invariants
+from state_files import decode
+from test_hybrid import make_hybrid
 from test_kv_state_same import NAMES, _scenario, _state
 
 import pymem.kv.state_io as state_io
 from pymem._native import ffi, lib
+from pymem.composite import CompositeMemory
 from pymem.errors import StateError
 from pymem.kv import KVCache
 from pymem.kv.cells import StackedCells
@@ -180,77 +183,116 @@ def _spoiled(blob: bytes) -> tuple[bytes, bytes]:
     return same_ids.tobytes() + tail, huge.tobytes() + tail
 
 
-def test_a_parse_that_leaves_the_records_to_the_refill() -> None:
-    """pm_kv_read_whole_blob mode 3 (cells all empty) leaves the records' check to the
-    refill and checks the rest: fixed records, or variable ones (a forked blob) whose
-    lengths alone find the data. The commit with ``PM_RECORDS_UNCHECKED`` places either,
-    checking each record as it writes it: a bad id of the right length passes the parse
-    and is declined there with nothing changed; a bad length is declined by the parse.
-    Both roads place a forked blob as the general reader does. A cache with cells is
-    refused mode 3 and the unchecked commit."""
-    donor = _scenario("f16-trans", 35)
+def _general(monkeypatch: pytest.MonkeyPatch, name: str, seed: int, blob: bytes) -> object:
+    """What the general parse leaves after ``clear(False)`` then a whole read of ``blob``
+    (the native roads off): the state, or the error it names."""
+    kv = _scenario(name, seed)
+    kv.clear(False)
+    with monkeypatch.context() as m:
+        m.setattr(state_io, "NATIVE_RUNS", False)
+        m.setattr(state_io, "NATIVE_PLACE", False)
+        try:
+            kv.state_read(blob)
+        except StateError as exc:
+            kv.close()
+            return str(exc)
+    out = _state(kv)
+    kv.close()
+    return out
+
+
+@pytest.mark.parametrize("name", ["f16-trans", "f32-notrans", "f16-trans-streams"])
+def test_a_whole_read_into_empty_cells_places_each_record_as_it_checks_it(
+    monkeypatch, name: str
+) -> None:
+    """Into a cache whose every stream is empty (a cleared one's) a whole read places each
+    record as it checks it (pm_kv_place_whole_empty, then pm_whole_read's store): fixed
+    records and a fork's variable ones end as the general parse leaves them, and the road
+    is taken (it answers, not None). A record it refuses (two equal ids: the same length;
+    an id count past the blob) or a data section it refuses (a layer count) after the
+    records were placed leaves every stream empty again, with nothing else changed; the
+    general parse then names the fault. A cache with a cell is not this road's."""
+    donor = _scenario(name, 35)
+    plain = bytes(donor.state_write())
     donor.seq_cp(0, 2)  # cells shared by two sequences: records of two ids
     forked = bytes(donor.state_write())
-    plain = bytes(_scenario("f16-trans", 37).state_write())
-    kv = _scenario("f16-trans", 5)
+    for blob in (plain, forked):
+        kv = _scenario(name, 5)
+        assert kv._read_whole_into_empty(blob) is None  # (cells in use: not its road)
+        kv.clear(False)
+        assert kv._read_whole_into_empty(blob) == len(blob)
+        check_invariants(kv)
+        assert _state(kv) == _general(monkeypatch, name, 5, blob)
+        kv.close()
+    spoiled = []
+    if kv.n_stream == 1:
+        spoiled += list(_spoiled(forked))
+    words = np.frombuffer(forked, dtype="<i4").copy()
+    # the last stream's data: its layer count, past its records (the records placed first)
+    kv = _scenario(name, 5)
     view = kv._blob_view()
     assert view is not None
-    counts, offsets = (np.zeros(kv.n_stream, np.int64) for _ in range(2))
-    same, done, consumed = ffi.new("int32_t *"), ffi.new("int32_t *"), ffi.new("int64_t *")
-
-    def parse(blob: bytes, mode: int) -> int:
-        return lib.pm_kv_read_whole_blob(
-            view._view, blob, len(blob), mode, ffi.from_buffer("int64_t[]", counts),
-            ffi.from_buffer("int64_t[]", offsets), same, consumed, done,
-        )  # fmt: skip
-
-    def commit(blob: bytes, records: int) -> int:
-        return lib.pm_kv_read_whole_commit(
-            view._view, kv._native_cells()[0], blob, len(blob), ffi.from_buffer("int64_t[]", counts),
-            ffi.from_buffer("int64_t[]", offsets), 0, records, done,
-        )  # fmt: skip
-
-    assert parse(plain, 3) == lib.PM_ERR_ARG  # (a cache with cells)
-    assert parse(plain, 4) == lib.PM_ERR_ARG
-    assert parse(plain, 0) == lib.PM_OK and done[0] == 1
-    assert commit(plain, lib.PM_RECORDS_UNCHECKED) == lib.PM_ERR_ARG
     kv.clear(False)
-    view = kv._blob_view()
-    assert view is not None
-    empty = _state(kv)
-    assert parse(plain, 3) == lib.PM_OK and done[0] == 1 and consumed[0] == len(plain)
-    same_ids, huge = _spoiled(forked)
-    assert parse(huge, 3) == lib.PM_OK and done[0] == 0
-    assert parse(same_ids, 3) == lib.PM_OK and done[0] == 1 and consumed[0] == len(same_ids)
-    assert commit(same_ids, lib.PM_RECORDS_UNCHECKED) == lib.PM_OK and done[0] == 0
-    assert _state(kv) == empty
-    assert parse(forked, 3) == lib.PM_OK and done[0] == 1 and consumed[0] == len(forked)
-    assert commit(forked, lib.PM_RECORDS_UNCHECKED) == lib.PM_OK and done[0] == 1
-    kv._whole_committed()
-    placed = _state(kv)
+    found = view.read_whole(memoryview(forked), 0)
+    assert found is not None
+    s = kv.n_stream - 1
+    at = int(found.offsets[s]) // 4
+    o = at
+    for _ in range(int(found.counts[s])):
+        o += 2 + int(words[o + 1])
+    words[o + 1] = 99  # (v_trans, then n_layer)
+    spoiled.append(words.tobytes())
+    for bad in spoiled:
+        kv.clear(False)
+        empty = _state(kv)
+        assert kv._read_whole_into_empty(bad) is None
+        assert _state(kv) == empty
+        assert kv.cells.rows_hi.tolist() == [kv.cells.rows_bound(t) for t in range(kv.n_stream)]
+        check_invariants(kv)
+        want = _general(monkeypatch, name, 5, bad)
+        assert isinstance(want, str)
+        with pytest.raises(StateError) as exc:
+            kv.state_read(bad)
+        assert str(exc.value) == want
+        assert _state(kv) == empty
+    kv.close()
+    donor.close()
+
+
+def test_a_composites_later_refusal_empties_the_placed_records_again() -> None:
+    """pm_whole_read of a cleared hybrid: its KV part's check places the records, and its
+    recurrent part's check then refuses the blob (a cell count past the memory): the KV
+    records are emptied again, the memory as the clear left it; the same blob unspoiled
+    then reads in one call."""
+    donor, mem = make_hybrid("RAR", n_seq_max=4), make_hybrid("RAR", n_seq_max=4)
+    for step in range(6):
+        items = [[1 + q, step, [q], False] for q in range(3)]
+        decode(donor, items)
+    donor.seq_cp(0, 3)
+    blob = bytes(donor.state_write())
+    kv = mem.parts()["attention"]
+    rec = mem.parts()["recurrent"]
+    n_kv = len(bytes(donor.parts()["attention"].state_write()))
+    bad = bytearray(blob)
+    bad[n_kv : n_kv + 4] = (rec.size + 1).to_bytes(4, "little")  # (the recurrent cell count)
+    mem.clear(False)
+    empty = (_state(kv), bytes(rec.state_write()))
+    assert CompositeMemory._native_read(mem, bytes(bad), -1, 0) is None
+    assert (_state(kv), bytes(rec.state_write())) == empty
     check_invariants(kv)
-    again = _scenario("f16-trans", 5)
-    assert again.state_read(forked) == len(forked)
-    assert _state(again) == placed  # the same as the reader's own road
-    kv.clear(False)
-    view = kv._blob_view()
-    assert view is not None
-    assert parse(forked, 0) == lib.PM_OK and done[0] == 1
-    assert commit(forked, lib.PM_RECORDS_PARSED) == lib.PM_OK and done[0] == 1
-    kv._whole_committed()
-    assert _state(kv) == placed
-    check_invariants(kv)
-    for mem in (kv, again, donor):
-        mem.close()
+    assert CompositeMemory._native_read(mem, blob, -1, 0) == len(blob)
+    assert bytes(mem.state_write()) == blob
+    donor.close()
+    mem.close()
 
 
 @pytest.mark.parametrize("seed, fork", [(41, False), (43, True)])
 def test_a_commit_after_a_parse_in_the_same_call_checks_as_it_writes(seed: int, fork: bool) -> None:
-    """``records`` 2 (pm_whole_read's: its parse ran in the same call): the refill writes
+    """``records`` 1 (pm_whole_read's: its parse ran in the same call): the refill writes
     without checking every record first. Its result equals the two-phase restore's, fixed
     and variable records alike; a record that fails after all (the blob changed since the
     parse) leaves every cell emptied, the cache consistent, and answers PM_ERR_RANGE;
-    ``records`` outside [0, 2] is refused."""
+    ``records`` outside [0, 1] is refused."""
     donor = _scenario("f16-trans", seed)
     if fork:
         donor.seq_cp(0, 2)  # records of two ids: the variable fill
@@ -270,7 +312,7 @@ def test_a_commit_after_a_parse_in_the_same_call_checks_as_it_writes(seed: int, 
             ffi.from_buffer("int64_t[]", found.offsets), 0, records, done,
         )  # fmt: skip
 
-    assert commit(3) == lib.PM_ERR_ARG and commit(-1) == lib.PM_ERR_ARG
+    assert commit(2) == lib.PM_ERR_ARG and commit(-1) == lib.PM_ERR_ARG
     assert commit(lib.PM_RECORDS_PARSED_HERE) == lib.PM_OK and done[0] == 1
     kv._whole_committed()
     assert twin.state_read(bytes(blob)) == len(blob)

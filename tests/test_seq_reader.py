@@ -433,12 +433,12 @@ def _record_faults(blob: bytes) -> list[tuple[str, bytes]]:
 
 @pytest.mark.parametrize("kind", ["hybrid", "iswa", "hybrid_iswa"])
 def test_a_whole_read_into_a_cleared_memory_checks_the_records_once(monkeypatch, kind: str) -> None:
-    """Into a memory without cells (a session loaded into a fresh context) the one call
-    leaves the first (KV) part's records to the refill that places them, which checks
-    each as it writes it (pm_kv_read_whole_blob mode 3: one pass over them, not two).
-    Good blobs leave what the two-phase read leaves (a forked one's variable records too:
-    their lengths alone find the data); each broken record gives the two-phase read's
-    answer, and a refused blob changes nothing."""
+    """Into a memory without cells (a session loaded into a fresh context) the one call's
+    check places each KV part's records as it checks them (pm_kv_place_whole_empty: one
+    pass over them, not two), and a refusal anywhere empties them again. Good blobs (an
+    empty one too) leave what the two-phase read leaves (a forked one's variable records
+    too); each broken record gives the two-phase read's answer, and a refused blob
+    changes nothing."""
     deferred, forks = [], 0
     for seed in range(6):
         donor = _memory(kind, seed)
@@ -462,12 +462,12 @@ def test_a_whole_read_into_a_cleared_memory_checks_the_records_once(monkeypatch,
             assert program is not None
             if what == "good":
                 assert got == len(blob)
-                # the road: records left to the refill, fixed and variable ones alike
+                # the road: records placed by the check, fixed and variable ones alike
                 assert program[0][0].deferred == 1, seed
                 deferred.append(bool(program[0][0].deferred))
                 forks += forked
             if what == "empty":
-                assert got == len(empty) and program[0][0].deferred == 0
+                assert got == len(empty) and program[0][0].deferred == 1
             fast.close()
             ref.close()
     assert sum(deferred) == 6 and forks >= 1

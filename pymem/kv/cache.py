@@ -424,6 +424,8 @@ class KVCache(Memory):
         self._section: state_io.NativeSection | bool | None = False  # False: not built yet
         self._blob: state_io.SeqBlob | Literal[False] | None = False  # False: not built yet
         self._hooks: state_io.KVStateHooks | None = None  # a restore's cache operations
+        # a whole read into empty cells: a one-part pm_whole_read (array, part), or None
+        self._whole_one: tuple[Any, _KVWholePart] | None = None
         self._step_cells: Any = None  # pm_step_cells * over self.cells, built on first use
         self._no_update: KVCacheContext | None = None  # init_update's answer with nothing to do
         # (slot, version, top) of the last native placement: get_n_kv's bound, while valid
@@ -1482,6 +1484,10 @@ class KVCache(Memory):
         sequence placed anew, a native parse, placement and store:
         :class:`state_io.PlacedSeqPlan`).
         """
+        if seq_id == -1 and flags == 0 and type(seq_id) is int and type(flags) is int:
+            done = self._read_whole_into_empty(data)
+            if done is not None:
+                return done
         blob = self._seq_blob(seq_id, flags, "state_read")
         if blob is None:  # the whole cache (its reader), or no one-call road: the base's
             return super().state_read(data, seq_id, flags)
@@ -1580,6 +1586,42 @@ class KVCache(Memory):
         if blob is None or self.layout.n_ext:
             return None
         return _KVWholePart(self, blob)
+
+    def _read_whole_into_empty(self, data: object) -> int | None:
+        """A whole restore into a cache whose every stream is empty (a cleared one's) in
+        one native call that places each record as it checks it (a one-part
+        :c:func:`pm_whole_read`; :meth:`_whole_reader` checks them all, then places
+        them): the bytes consumed, or None with nothing changed where it does not apply
+        (a cell in use, no native road, ext records, a blob it declines: the reader and
+        the two-phase parse then decide, and name what is wrong)."""
+        if self.cells.used_max_p1.any() or self.cells.used.any():
+            return None
+        one = self._whole_one
+        if one is None:
+            part = self.whole_part()
+            if part is None:
+                return None
+            array = ffi.new("pm_whole_part[]", 1)
+            part.fill(array[0])
+            one = self._whole_one = (array, part)
+        array, part = one
+        if not part.ready(array[0]):
+            return None
+        try:
+            src = ffi.from_buffer(data)
+        except (TypeError, ValueError, BufferError):
+            return None
+        consumed = ffi.new("int64_t *")
+        done = ffi.new("int32_t *")
+        status = lib.pm_whole_read(array, 1, src, len(src), consumed, done)
+        part.written()
+        if status == lib.PM_ERR_RANGE:
+            raise StateError("state plan: the blob changed while it was restored")
+        check(status, "state read: whole cache")
+        if not done[0]:
+            return None
+        part.commit(array[0])
+        return int(consumed[0])
 
     def _whole_reader(self) -> SeqReader | None:
         """The whole cache's restore as a native check and store (:meth:`seq_reader` for
@@ -1987,12 +2029,12 @@ class KVCacheContext(MemoryContext):
 
 class _KVWholePart:
     """A KV cache's :class:`~pymem.state.WholePart`: its blob view, its cells and a scratch
-    for the parse's counts and offsets."""
+    for the parse's counts, offsets and records spans."""
 
     def __init__(self, cache: KVCache, blob: state_io.SeqBlob) -> None:
         self._cache = cache
         self._blob = blob
-        self._found = np.zeros(2 * cache.n_stream, dtype=np.int64)
+        self._found = np.zeros(3 * cache.n_stream, dtype=np.int64)
         self._keep: list[object] = []
 
     def fill(self, part: Any) -> None:
