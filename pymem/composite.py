@@ -47,6 +47,7 @@ from pymem.state import (
     StateReader,
     StateWriter,
     WholePart,
+    native_parts_read,
     uninit_bytearray,
 )
 
@@ -333,29 +334,7 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
             for i, part in enumerate(parts):
                 if not part.read_sequence(array[i], seq_id):
                     return None
-        try:
-            src = ffi.from_buffer(data)
-        except (TypeError, ValueError, BufferError):
-            return None
-        consumed = ffi.new("int64_t *")
-        done = ffi.new("int32_t *")
-        if whole:
-            status = lib.pm_whole_read(array, len(parts), src, len(src), consumed, done)
-        else:
-            status = lib.pm_seq_read(array, len(parts), seq_id, src, len(src), consumed, done)
-        for part in parts:  # (every check may have filled the scratch, declined or not)
-            part.written()
-        if status == lib.PM_ERR_RANGE:
-            raise StateError("state plan: the blob changed while it was restored")
-        check(status, "state read: whole memory" if whole else "state read: one sequence")
-        if not done[0]:
-            return None
-        for i, part in enumerate(parts):
-            if whole:
-                part.commit(array[i])
-            else:
-                part.sequence_read(array[i])
-        return int(consumed[0])
+        return native_parts_read(array, parts, data, seq_id)
 
     def _native_write(self, out: Any, seq_id: Any, flags: Any, sized: bool = False) -> int | None:
         """The whole blob (``seq_id`` -1: :c:func:`pm_whole_write`) or one sequence's

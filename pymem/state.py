@@ -20,13 +20,14 @@ from __future__ import annotations
 import struct
 from abc import abstractmethod
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache, partial
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Protocol, TypeAlias
 
 import numpy as np
 
+from pymem._native import check, ffi, lib
 from pymem.backend import unreported
 from pymem.errors import ConfigError, RangeError, StateError
 
@@ -1063,6 +1064,41 @@ class WholePart(Protocol):
     def written(self) -> None:
         """What Python keeps after a native write (a KV cache's run scratch now holds what
         that write selected: the other calls must search again)."""
+
+
+def native_parts_read(
+    array: Any, parts: Sequence[WholePart], data: object, seq_id: int
+) -> int | None:
+    """One native read of ``parts`` (``array``: their filled ``pm_whole_part`` structs):
+    the whole blob (``seq_id`` -1, :c:func:`pm_whole_read`) or one sequence's
+    (:c:func:`pm_seq_read`), then what Python keeps (:meth:`WholePart.commit` /
+    :meth:`WholePart.sequence_read`). The bytes consumed, or None with nothing changed
+    where the call declines or ``data`` is not one buffer; StateError when the blob
+    changed while it was restored."""
+    try:
+        src = ffi.from_buffer(data)
+    except (TypeError, ValueError, BufferError):
+        return None
+    consumed = ffi.new("int64_t *")
+    done = ffi.new("int32_t *")
+    whole = seq_id == -1
+    if whole:
+        status = lib.pm_whole_read(array, len(parts), src, len(src), consumed, done)
+    else:
+        status = lib.pm_seq_read(array, len(parts), seq_id, src, len(src), consumed, done)
+    for part in parts:  # (every check may have filled the scratch, declined or not)
+        part.written()
+    if status == lib.PM_ERR_RANGE:
+        raise StateError("state plan: the blob changed while it was restored")
+    check(status, "state read: whole memory" if whole else "state read: one sequence")
+    if not done[0]:
+        return None
+    for i, part in enumerate(parts):
+        if whole:
+            part.commit(array[i])
+        else:
+            part.sequence_read(array[i])
+    return int(consumed[0])
 
 
 class TwoPhaseStateIO:

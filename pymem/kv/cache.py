@@ -112,6 +112,7 @@ from pymem.state import (
     StateReader,
     StateWriter,
     check_state_flags,
+    native_parts_read,
     stamped_store,
 )
 from pymem.types import GGMLType, ggml_type
@@ -1607,21 +1608,7 @@ class KVCache(Memory):
         array, part = one
         if not part.ready(array[0]):
             return None
-        try:
-            src = ffi.from_buffer(data)
-        except (TypeError, ValueError, BufferError):
-            return None
-        consumed = ffi.new("int64_t *")
-        done = ffi.new("int32_t *")
-        status = lib.pm_whole_read(array, 1, src, len(src), consumed, done)
-        part.written()
-        if status == lib.PM_ERR_RANGE:
-            raise StateError("state plan: the blob changed while it was restored")
-        check(status, "state read: whole cache")
-        if not done[0]:
-            return None
-        part.commit(array[0])
-        return int(consumed[0])
+        return native_parts_read(array, (part,), data, -1)
 
     def _whole_reader(self) -> SeqReader | None:
         """The whole cache's restore as a native check and store (:meth:`seq_reader` for
