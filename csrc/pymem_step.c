@@ -1444,17 +1444,18 @@ pm_status pm_step_kv_restore_seq(pm_step_cells * c, int64_t s, int32_t seq_id, c
     return PM_OK;
 }
 
-// Whether the PM_STEP_BLOCK cells from c0 hold a shared one (owner -2): a count the
+// How many of the PM_STEP_BLOCK cells from c0 are shared (owner -2): a count the
 // compiler vectorises, so scans for shared cells pass most blocks without a branch per
-// cell (the block 2 KiB ahead asked for: a cold scan is latency-bound)
-static inline int pm_block_shared(const int32_t * owner, int64_t c0) {
+// cell, and stop once they have seen every one (the block 2 KiB ahead asked for: a cold
+// scan is latency-bound)
+static inline int32_t pm_block_shared(const int32_t * owner, int64_t c0) {
     PM_PREFETCH(owner + c0 + 512);
     PM_PREFETCH(owner + c0 + 528);
     int32_t multi = 0;
     for (int j = 0; j < PM_STEP_BLOCK; j++) {
         multi += owner[c0 + j] == -2;
     }
-    return multi != 0;
+    return multi;
 }
 
 int32_t pm_step_seq_shared(const pm_step_cells * c, int64_t s, int32_t q) {
@@ -1900,9 +1901,11 @@ static inline void pm_unshare_one(pm_step_cells * c, int64_t strm, int64_t gi, u
 // with other sequences, at positions p with p - base < width (unsigned): its bit cleared,
 // the owner recounted (pm_step_reown: a shared cell holds two or more, so none is
 // emptied), [*lo_pos, *hi_pos] widened to their positions. Blocks of 32 cells without a
-// shared one are passed by their count; in a whole one with one word a cell, the cells
-// to take are masks (shared, bit set, position in range) walked by their bits. Returns
-// whether any cell lost the bit (the caller's bounds then may be stale).
+// shared one are passed by their count, and the scan stops past the stream's last shared
+// cell (n_multi of them seen: a forked prompt's lie at the start); in a whole block with
+// one word a cell, the cells to take are masks (shared, bit set, position in range)
+// walked by their bits. Returns whether any cell lost the bit (the caller's bounds then
+// may be stale).
 static int pm_step_rm_shared(pm_step_cells * c, int64_t strm, int32_t seq_id, uint32_t base, uint32_t width,
                              int64_t n_scan, int32_t * lo_pos, int32_t * hi_pos) {
     if (c->n_multi[strm] == 0 || seq_id >= pm_step_ids(c)) {
@@ -1914,10 +1917,15 @@ static int pm_step_rm_shared(pm_step_cells * c, int64_t strm, int32_t seq_id, ui
     const int32_t * owner = c->owner + g0;
     uint64_t * bits = c->seq + g0 * n_words;
     int any = 0;
-    for (int64_t c0 = 0; c0 < n_scan; c0 += PM_STEP_BLOCK) {
+    int64_t left = c->n_multi[strm];  // shared cells not seen yet (counted before any loses a bit)
+    for (int64_t c0 = 0; c0 < n_scan && left > 0; c0 += PM_STEP_BLOCK) {
         const int64_t c1 = c0 + PM_STEP_BLOCK < n_scan ? c0 + PM_STEP_BLOCK : n_scan;
-        if (c1 - c0 == PM_STEP_BLOCK && !pm_block_shared(owner, c0)) {
-            continue;
+        if (c1 - c0 == PM_STEP_BLOCK) {
+            const int32_t k = pm_block_shared(owner, c0);
+            if (k == 0) {
+                continue;
+            }
+            left -= k;
         }
         if (c1 - c0 == PM_STEP_BLOCK && n_words == 1) {
             // the bit's mask first: in most blocks with shared cells seq_id holds none
