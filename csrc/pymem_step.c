@@ -1861,13 +1861,19 @@ static inline int pm_block_has_pos(const int32_t * pos, int64_t c0, uint32_t p0,
     return hits != 0;
 }
 
-pm_status pm_kv_seq_cells_range(const int32_t * pos, const int32_t * owner, int64_t n, int32_t seq_id, int32_t p0,
-                                int32_t p1, int64_t * out, int64_t cap, int64_t * count) {
-    if (pos == NULL || owner == NULL || count == NULL || n < 0 || cap < 0 || (cap > 0 && out == NULL) || p0 < 0) {
+pm_status pm_kv_seq_cells_range(const int32_t * pos, const int32_t * owner, const uint64_t * bits, int64_t n_words,
+                                int64_t n, int32_t seq_id, int32_t p0, int32_t p1, int64_t * out, int64_t cap,
+                                int64_t * count) {
+    if (pos == NULL || owner == NULL || count == NULL || n < 0 || cap < 0 || (cap > 0 && out == NULL) || p0 < 0 ||
+        (bits != NULL && (n_words < 1 || n_words > 4))) {
         return PM_ERR_ARG;
     }
     // owners are read only in blocks with a position in range (pm_block_has_pos)
     const uint32_t width = p1 > p0 ? (uint32_t) ((int64_t) p1 - p0) : 0;
+    // a shared cell (owner -2) is taken by its bit; an id past the bitsets is in none
+    const int shared = bits != NULL && seq_id >= 0 && seq_id < 64 * n_words;
+    const uint64_t * word = shared ? bits + (seq_id >> 6) : NULL;
+    const uint64_t bit = (uint64_t) 1 << (seq_id & 63);
     int64_t k = 0;
     for (int64_t c0 = 0; c0 < n; c0 += 32) {
         const int64_t c1 = c0 + 32 < n ? c0 + 32 : n;
@@ -1875,7 +1881,8 @@ pm_status pm_kv_seq_cells_range(const int32_t * pos, const int32_t * owner, int6
             continue;
         }
         for (int64_t c = c0; c < c1; ++c) {
-            if ((uint32_t) pos[c] - (uint32_t) p0 < width && owner[c] == seq_id) {
+            if ((uint32_t) pos[c] - (uint32_t) p0 < width &&
+                (owner[c] == seq_id || (shared && owner[c] == -2 && (word[c * n_words] & bit)))) {
                 if (k < cap) {
                     out[k] = c;
                 }

@@ -385,6 +385,49 @@ def test_native_range_scan_equals_numpy_scan(monkeypatch, seed: int, first: int)
     check_invariants(kv)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_native_range_scan_takes_shared_cells_by_their_bits(monkeypatch, seed: int) -> None:
+    # with forks (cells shared by several sequences, owner -2) the native scan takes a
+    # shared cell by the sequence's bit: the same cells as the numpy scan for every
+    # sequence and range, the whole-sequence cover too, and seq_cp / seq_rm through either
+    # leave the same cache
+    monkeypatch.setattr(cache_mod, "USE_NATIVE_RM", False)  # seq_rm through the scan
+    kv, twin = _lockstep_cache(seed), _lockstep_cache(seed)
+
+    def forks(c) -> None:  # type: ignore[no-untyped-def]
+        c.seq_cp(0, 3, 2, 9)
+        c.seq_cp(2, 1, 0, 5)
+        c.seq_cp(3, 2, -1, -1)
+
+    forks(kv)
+    with monkeypatch.context() as m:
+        m.setattr(cells_mod, "USE_NATIVE_RANGE", False)
+        forks(twin)
+    same(state(kv.cells), state(twin.cells))
+    cells = kv.v_cells[0]
+    assert cells.n_multi
+    ranges = [(0, 5), (3, 9), (7, 1 << 31), (40, 41), (0, 1 << 40), (1000, 2000), (5, 5)]
+    for q in range(4):
+        bit = (cells.seq[:, 0] >> np.uint64(q)) & np.uint64(1)
+        for p0, p1 in [*ranges, (0, -1)]:
+            lo, hi = (0, 1 << 40) if p1 < 0 else (p0, p1)
+            got, whole = cells.seq_cells_in_all(q, lo, hi)
+            with monkeypatch.context() as m:
+                m.setattr(cells_mod, "USE_NATIVE_RANGE", False)
+                want, whole_want = cells.seq_cells_in_all(q, lo, hi)
+            assert got.tolist() == want.tolist() and whole == whole_want, (q, p0, p1)
+            mask = (bit != 0) & (cells.pos >= lo) & (cells.pos < hi)
+            assert got.tolist() == np.flatnonzero(mask).tolist(), (q, p0, p1)
+    with monkeypatch.context() as m:
+        m.setattr(cells_mod, "USE_NATIVE_RANGE", False)
+        twin.seq_rm(2, 1, 6)
+        twin.seq_rm(3, -1, -1)
+    kv.seq_rm(2, 1, 6)
+    kv.seq_rm(3, -1, -1)
+    same(state(kv.cells), state(twin.cells))
+    check_invariants(kv)
+
+
 @pytest.mark.parametrize(
     "long_runs, wide", [(False, False), (True, False), (True, True)],
     ids=["short-runs", "long-runs", "long-runs-two-words"],
@@ -564,13 +607,29 @@ def test_position_range_scan_equals_numpy_at_the_int32_edges() -> None:
                 pos[:] = -1
                 for b in range(0, size, 32):
                     pos[b + int(rng.integers(0, min(32, size - b)))] = p0
-            owner = rng.integers(-1, 2, size).astype(np.int32)
-            want = np.flatnonzero((pos >= p0) & (pos.astype(np.int64) < p1) & (owner == 0))
-            out = np.empty(size, dtype=np.int64)
-            count = ffi.new("int64_t *")
-            status = lib.pm_kv_seq_cells_range(
-                ffi.from_buffer("int32_t[]", pos), ffi.from_buffer("int32_t[]", owner), size, 0,
-                p0, p1, ffi.from_buffer("int64_t[]", out, require_writable=True), size, count,
-            )  # fmt: skip
-            assert status == lib.PM_OK
-            assert out[: int(count[0])].tolist() == want.tolist(), (size, trial, p0, p1)
+            owner = rng.integers(-2, 2, size).astype(np.int32)
+            # (two words a cell: sequence 64 is word 1's bit 0, sequence 0 word 0's)
+            bits = rng.integers(0, 4, (size, 2)).astype(np.uint64)
+            in_range = (pos >= p0) & (pos.astype(np.int64) < p1)
+            for q, with_bits in ((0, False), (0, True), (64, True)):
+                held = bits[:, q >> 6] & np.uint64(1 << (q & 63)) != 0
+                want = np.flatnonzero(
+                    in_range & ((owner == q) | (with_bits & (owner == -2) & held))
+                )
+                out = np.empty(size, dtype=np.int64)
+                count = ffi.new("int64_t *")
+                status = lib.pm_kv_seq_cells_range(
+                    ffi.from_buffer("int32_t[]", pos), ffi.from_buffer("int32_t[]", owner),
+                    ffi.from_buffer("uint64_t[]", bits) if with_bits else ffi.NULL, 2, size, q,
+                    p0, p1, ffi.from_buffer("int64_t[]", out, require_writable=True), size, count,
+                )  # fmt: skip
+                assert status == lib.PM_OK
+                assert out[: int(count[0])].tolist() == want.tolist(), (size, trial, p0, p1, q)
+    bad = np.zeros(4, dtype=np.int32)
+    count = ffi.new("int64_t *")
+    for n_words in (0, 5):  # (with bitsets: one to four words a cell)
+        assert lib.pm_kv_seq_cells_range(
+            ffi.from_buffer("int32_t[]", bad), ffi.from_buffer("int32_t[]", bad),
+            ffi.from_buffer("uint64_t[]", np.zeros(4, np.uint64)), n_words, 4, 0, 0, 1, ffi.NULL, 0,
+            count,
+        ) == lib.PM_ERR_ARG  # fmt: skip
