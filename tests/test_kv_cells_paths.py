@@ -359,6 +359,7 @@ def test_native_range_scan_equals_numpy_scan(monkeypatch, seed: int, first: int)
     # the same cache. first 3: most ranges find more cells than the first array holds and
     # take the second pass
     monkeypatch.setattr(cells_mod, "_RANGE_FIRST", first)
+    monkeypatch.setattr(cells_mod, "_RANGE_FIRST_MAX", first)  # (3: no room by the range)
     monkeypatch.setattr(cache_mod, "USE_NATIVE_RM", False)  # seq_rm through the scan
     kv = _lockstep_cache(seed)
     cells = kv.v_cells[0]

@@ -67,7 +67,11 @@ _NO_BOUND.flags.writeable = False
 # KVCells.seq_cells_in_all's position-range scan in C (pm_kv_seq_cells_range; shared cells
 # by their bits); the numpy scan below stays the reference it is tested against
 USE_NATIVE_RANGE = hasattr(lib, "pm_kv_seq_cells_range")
-_RANGE_FIRST = 1024  # cells the first pass has room for (a tail's, usually)
+_RANGE_FIRST = 1024  # cells the first pass has room for at least (a tail's, usually)
+# ... and at most, where the range is wider: room for one cell a position, so a range of a
+# few thousand positions takes one pass, not two (64 KiB: a larger fresh array's page
+# faults cost more than the second pass)
+_RANGE_FIRST_MAX = 8192
 # per-stream state a journal saves when it first touches a stream (StackedCells attributes)
 _SUMMARY = (
     "used",
@@ -1211,7 +1215,7 @@ class KVCells:
         bits = ffi.from_buffer("uint64_t[]", self.seq) if self.n_multi else ffi.NULL
         n_words = self.store.n_words
         count = ffi.new("int64_t *")
-        out = np.empty(min(n, _RANGE_FIRST), dtype=np.int64)
+        out = np.empty(min(n, max(_RANGE_FIRST, min(p1 - p0, _RANGE_FIRST_MAX))), dtype=np.int64)
         status = lib.pm_kv_seq_cells_range(
             pos, owner, bits, n_words, n, seq_id, p0, p1,
             ffi.from_buffer("int64_t[]", out, require_writable=True), out.size, count,
