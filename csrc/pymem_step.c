@@ -1001,12 +1001,12 @@ pm_status pm_step_kv_refill_used(pm_step_cells * c, const int32_t * const * word
         }
     }
     for (int64_t s = 0; s < c->n_stream; s++) {
-        pm_step_reset_bounds(c, s);
         if (!all_empty) {
+            pm_step_reset_bounds(c, s);
             pm_step_fill(c, s, words[s], counts[s], rec, n_seq_max, var[s], var[s] ? spans[s] : 0);
             continue;
         }
-        int64_t took = 0;
+        int64_t took = 0;  // (pm_step_fill_empty resets the stream's bounds itself)
         if (pm_step_fill_empty(c, s, words[s], counts[s], spans != NULL ? spans[s] : 0, rec, n_seq_max, &took)) {
             if (used != NULL) {
                 used[s] = took;
@@ -1474,23 +1474,22 @@ int32_t pm_step_seq_shared(const pm_step_cells * c, int64_t s, int32_t q) {
     const int64_t end = c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size;  // (an upper bound)
     for (int64_t c0 = 0; c0 < end && left > 0; c0 += PM_STEP_BLOCK) {
         const int64_t c1 = c0 + PM_STEP_BLOCK < end ? c0 + PM_STEP_BLOCK : end;
-        if (c1 - c0 == PM_STEP_BLOCK && !pm_block_shared(own, c0)) {
-            continue;
+        if (c1 - c0 == PM_STEP_BLOCK) {
+            const int32_t k = pm_block_shared(own, c0);
+            if (k == 0) {
+                continue;
+            }
+            left -= k;
         }
         if (c1 - c0 == PM_STEP_BLOCK && c->n_words == 1) {  // the shared cells and the bits as masks
-            const uint32_t shared = pm_eq_mask32(own + c0, -2);
-            if (shared & pm_bit_mask32(bits + c0, bit)) {
+            if (pm_eq_mask32(own + c0, -2) & pm_bit_mask32(bits + c0, bit)) {
                 return 1;
             }
-            left -= pm_bits_set(shared);
             continue;
         }
-        for (int64_t i = c0; i < c1; i++) {
-            if (own[i] == -2) {
-                if (bits[i * c->n_words] & bit) {
-                    return 1;
-                }
-                left--;
+        for (int64_t i = c0; i < c1; i++) {  // (a block of wider bitsets, or the last part one)
+            if (own[i] == -2 && (bits[i * c->n_words] & bit)) {
+                return 1;
             }
         }
     }
@@ -1865,13 +1864,13 @@ pm_status pm_kv_seq_cells_range(const int32_t * pos, const int32_t * owner, cons
                                 int64_t n, int32_t seq_id, int32_t p0, int32_t p1, int64_t * out, int64_t cap,
                                 int64_t * count) {
     if (pos == NULL || owner == NULL || count == NULL || n < 0 || cap < 0 || (cap > 0 && out == NULL) || p0 < 0 ||
-        (bits != NULL && (n_words < 1 || n_words > 4))) {
-        return PM_ERR_ARG;
+        seq_id < 0 || (bits != NULL && (n_words < 1 || n_words > 4))) {
+        return PM_ERR_ARG;  // (a negative id would match the owners' -1 and -2 markers)
     }
     // owners are read only in blocks with a position in range (pm_block_has_pos)
     const uint32_t width = p1 > p0 ? (uint32_t) ((int64_t) p1 - p0) : 0;
     // a shared cell (owner -2) is taken by its bit; an id past the bitsets is in none
-    const int shared = bits != NULL && seq_id >= 0 && seq_id < 64 * n_words;
+    const int shared = bits != NULL && seq_id < 64 * n_words;
     const uint64_t * word = shared ? bits + (seq_id >> 6) : NULL;
     const uint64_t bit = (uint64_t) 1 << (seq_id & 63);
     int64_t k = 0;

@@ -240,8 +240,8 @@ pm_status pm_step_hybrid_pos_max(const pm_step_cells * c, const int64_t * keys, 
 // sequence seq_id holds with p0 <= pos < p1, ascending: those it holds alone (owner ==
 // seq_id) and, unless bits is NULL, the shared ones (owner -2) with its bit; *count of
 // them, and the first cap of their indices into out. PM_ERR_RANGE (with *count the whole
-// count) when there are more than cap; PM_ERR_ARG for a null pointer, n < 0, p0 < 0 or,
-// with bits, n_words outside [1, 4].
+// count) when there are more than cap; PM_ERR_ARG for a null pointer, n < 0, p0 < 0,
+// seq_id < 0 or, with bits, n_words outside [1, 4].
 pm_status pm_kv_seq_cells_range(const int32_t * pos, const int32_t * owner, const uint64_t * bits, int64_t n_words,
                                 int64_t n, int32_t seq_id, int32_t p0, int32_t p1, int64_t * out, int64_t cap,
                                 int64_t * count);

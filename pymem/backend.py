@@ -622,14 +622,6 @@ class Tensor:
 
     def copy_rows(self, src_rows: Any, dst: Tensor, dst_rows: Any) -> None:
         """``dst[dst_rows[i]] = self[src_rows[i]]`` on the device (overlap-safe per run)."""
-        self._copy_rows(src_rows, dst, dst_rows, report=True)
-
-    def copy_rows_owned(self, src_rows: Any, dst: Tensor, dst_rows: Any) -> None:
-        """:meth:`copy_rows` for pymem's copies into rows whose owner keeps their bound
-        itself (a KV cache's stream copy): ``dst``'s owner is not told of a write."""
-        self._copy_rows(src_rows, dst, dst_rows, report=False)
-
-    def _copy_rows(self, src_rows: Any, dst: Tensor, dst_rows: Any, report: bool) -> None:
         if dst.type != self.type or dst.row_size != self.row_size:
             raise TypeSpecError(
                 f"copy_rows {self.name} -> {dst.name}: type/row size {self.type.name}/{self.row_size} "
@@ -641,8 +633,7 @@ class Tensor:
             raise RangeError(
                 f"copy_rows {self.name}: {s.size} source rows but {d.size} destination rows"
             )
-        if report:
-            dst._writing()
+        dst._writing()
         check(
             lib.pm_rows_copy(
                 self._live(),

@@ -685,17 +685,18 @@ class PendingWrites:
         self._ops: list[Callable[[], None]] = []
         self._checks: list[Callable[[], bool]] = []
 
-    def add(self, tensor: Tensor, offset: int, data: Payload) -> None:
-        """``data`` (host bytes or a device payload) into ``tensor`` at byte ``offset``."""
-        self._ops.append(partial(_write_payload, tensor, offset, data))
-
-    def add_owned(
-        self, tensor: Tensor, offset: int, data: Payload, raise_bound: Callable[[], None]
+    def add(
+        self,
+        tensor: Tensor,
+        offset: int,
+        data: Payload,
+        raise_bound: Callable[[], None] | None = None,
     ) -> None:
-        """:meth:`add` for rows whose owner keeps the bound of its written rows itself (a
-        recurrent memory's ``rows_hi``): ``raise_bound()`` first, then the write, not
+        """``data`` (host bytes or a device payload) into ``tensor`` at byte ``offset``.
+        With ``raise_bound`` (rows whose owner keeps the bound of its written rows itself:
+        a recurrent memory's ``rows_hi``) that is called first and the write is not
         reported to the owner (whose ``on_write`` would lift the bound to every row)."""
-        self._ops.append(partial(_write_owned, tensor, offset, data, raise_bound))
+        self._ops.append(partial(_write_payload, tensor, offset, data, raise_bound))
 
     def add_call(self, store: Callable[[], None], check: Callable[[], bool] | None = None) -> None:
         """A store a native parser validated already (many tensors' rows in one call);
@@ -720,19 +721,16 @@ class PendingWrites:
         self._ops.clear()
 
 
-def _write_payload(tensor: Tensor, offset: int, data: Payload) -> None:
-    if isinstance(data, DevicePayload):
-        data.copy_to(tensor, offset, 1, 0, _ONE_RUN_START, np.array([data.nbytes], np.uint64))
-    else:
-        tensor.write_bytes(data, offset)
-
-
-def _write_owned(
-    tensor: Tensor, offset: int, data: Payload, raise_bound: Callable[[], None]
+def _write_payload(
+    tensor: Tensor, offset: int, data: Payload, raise_bound: Callable[[], None] | None
 ) -> None:
-    raise_bound()
-    with unreported((tensor,)):
-        _write_payload(tensor, offset, data)
+    if raise_bound is not None:
+        raise_bound()
+    with unreported((tensor,) if raise_bound is not None else ()):
+        if isinstance(data, DevicePayload):
+            data.copy_to(tensor, offset, 1, 0, _ONE_RUN_START, np.array([data.nbytes], np.uint64))
+        else:
+            tensor.write_bytes(data, offset)
 
 
 _ONE_RUN_START = np.zeros(1, dtype=np.uint64)

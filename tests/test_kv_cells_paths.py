@@ -628,9 +628,10 @@ def test_position_range_scan_equals_numpy_at_the_int32_edges() -> None:
                 assert out[: int(count[0])].tolist() == want.tolist(), (size, trial, p0, p1, q)
     bad = np.zeros(4, dtype=np.int32)
     count = ffi.new("int64_t *")
-    for n_words in (0, 5):  # (with bitsets: one to four words a cell)
+    # with bitsets one to four words a cell; a negative id (the owners' markers) refused
+    for n_words, q in ((0, 0), (5, 0), (1, -2), (1, -1)):
         assert lib.pm_kv_seq_cells_range(
             ffi.from_buffer("int32_t[]", bad), ffi.from_buffer("int32_t[]", bad),
-            ffi.from_buffer("uint64_t[]", np.zeros(4, np.uint64)), n_words, 4, 0, 0, 1, ffi.NULL, 0,
+            ffi.from_buffer("uint64_t[]", np.zeros(4, np.uint64)), n_words, 4, q, 0, 1, ffi.NULL, 0,
             count,
         ) == lib.PM_ERR_ARG  # fmt: skip

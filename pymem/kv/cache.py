@@ -67,7 +67,14 @@ from typing import Any, Literal
 import numpy as np
 
 from pymem._native import check, ffi, lib
-from pymem.backend import TensorSpec, TensorStore, check_reachable, get_device, report_writes
+from pymem.backend import (
+    TensorSpec,
+    TensorStore,
+    check_reachable,
+    get_device,
+    report_writes,
+    unreported,
+)
 from pymem.batch import BatchAllocator
 from pymem.errors import (
     BatchError,
@@ -1351,10 +1358,10 @@ class KVCache(Memory):
         for ssrc, sdst in copies:
             src_rows = np.arange(ssrc * self.kv_size, (ssrc + 1) * self.kv_size, dtype=np.int64)
             dst_rows = np.arange(sdst * self.kv_size, (sdst + 1) * self.kv_size, dtype=np.int64)
-            for layer in self.layers:
-                layer.k.copy_rows_owned(src_rows, layer.k, dst_rows)
-                if layer.v is not None:
-                    layer.v.copy_rows_owned(src_rows, layer.v, dst_rows)
+            tensors = [t for lay in self.layers for t in (lay.k, lay.v) if t is not None]
+            with unreported(tensors):  # (the cache sets the destination's bound itself)
+                for t in tensors:
+                    t.copy_rows(src_rows, t, dst_rows)
             # the destination's rows are the source's now: zero from the source's bound on
             self.cells.rows_hi[sdst] = self.cells.rows_bound(ssrc)
         updated = False
@@ -1486,7 +1493,7 @@ class KVCache(Memory):
         sequence placed anew, a native parse, placement and store:
         :class:`state_io.PlacedSeqPlan`).
         """
-        if seq_id == -1 and flags == 0 and type(seq_id) is int and type(flags) is int:
+        if type(seq_id) is int and seq_id == -1 and type(flags) is int and flags == 0:
             done = self._read_whole_into_empty(data)
             if done is not None:
                 return done

@@ -63,9 +63,8 @@ class StateLayers:
     s: tuple[Tensor, ...]
     # int64[2], the memory's: the cells from which on plane 0's R/S rows and the rollback
     # planes' are zero (a whole restore zeroes only below them; a store, which writes
-    # plane 0, raises the first). None: not kept, a whole restore zeroes every row past
-    # its cells
-    rows_hi: np.ndarray | None = None
+    # plane 0, raises the first)
+    rows_hi: np.ndarray
 
     @cached_property
     def cell_bytes(self) -> int:
@@ -195,15 +194,13 @@ class SeqRows:
         self._n = len(tensors)
         self._n_layer = layers.n_layer
         self._rows_hi = layers.rows_hi
-        self._rows_hi_c = (
-            ffi.NULL if layers.rows_hi is None else ffi.from_buffer("int64_t[]", layers.rows_hi)
-        )
+        self._rows_hi_c = ffi.from_buffer("int64_t[]", layers.rows_hi)
 
     def walk(self, data: memoryview, n_rows: int, dst_row: int, store: bool) -> int | None:
         """:c:func:`pm_rows_store` over the tensor sections at the start of ``data``:
         their bytes when every header is this memory's and the rows are all there, None
         when not; with ``store`` (after such a check) the rows stored at ``dst_row``."""
-        if store and self._rows_hi is not None and n_rows > 0:
+        if store and n_rows > 0:
             touch_rows(self._rows_hi, dst_row + n_rows, planes=False)  # (a store: plane 0)
         consumed = ffi.new("int64_t *")
         check(
@@ -648,11 +645,9 @@ def _parse_data(
                 raise StateError(f"mismatched {kind} row size ({t.row_size} != {row}, layer {il})")
             if cell_count:
                 data = reader.read_payload(cell_count * t.row_size, f"{kind} rows of layer {il}")
-                if layers.rows_hi is None:
-                    writes.add(t, head * t.row_size, data)
-                else:  # (plane 0's rows of cells [head, head + cell_count): a store's)
-                    touch = partial(touch_rows, layers.rows_hi, head + cell_count, False)
-                    writes.add_owned(t, head * t.row_size, data, touch)
+                # (plane 0's rows of cells [head, head + cell_count): a store's)
+                touch = partial(touch_rows, layers.rows_hi, head + cell_count, False)
+                writes.add(t, head * t.row_size, data, touch)
     return writes
 
 
