@@ -106,7 +106,7 @@ def cold_each(fns: dict[str, Any], repeats: int, seed: int = 0) -> dict[str, flo
 
 
 def threads_label() -> str:
-    """pymem's state-copy threads, as the tables say it: E.g. "2 threads from 4 MiB"."""
+    """pymem's state-copy threads, as the tables say it: E.g. "2 threads from 1 MiB"."""
     from pymem import state_threads
 
     n, min_bytes = state_threads()

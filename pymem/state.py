@@ -264,18 +264,18 @@ def _advise_huge_pages(buf: bytearray) -> None:
 def set_state_threads(n: int, min_bytes: int | None = None) -> None:
     """How many threads move the tensor bytes of a large native state write or restore.
 
-    A call whose tensor bytes reach ``min_bytes`` (default 4 MiB) is copied by the
+    A call whose tensor bytes reach ``min_bytes`` (default 1 MiB) is copied by the
     calling thread and ``n - 1`` copy workers (started at the first such call and kept;
     a forked child starts its own), which claim its shares of about equal bytes in order:
     the caller never waits for a worker still waking, only for shares one is copying. A
     call made while another thread's call holds the workers copies alone. ``1`` copies
     on the calling thread alone, as llama.cpp
     does; ``0`` restores the default: the environment's ``PYMEM_STATE_THREADS`` (a count
-    in [1, 64], read once, at the first use), else min(4, online CPUs), from 4 MiB on.
+    in [1, 64], read once, at the first use), else min(4, online CPUs), from 1 MiB on.
 
     Why: a gather of scattered runs (one sequence of an interleaved cache, a transposed V)
     is bound by the misses one core keeps in flight, not by memory bandwidth, so a second
-    core nearly doubles it (docs/performance.md); below a few MiB waking a worker costs
+    core nearly doubles it (docs/performance.md); below about 1 MB waking a worker costs
     what it saves. The bytes moved are the same either way. Process-wide; set it while no
     state write runs. ConfigError (nothing changed) for ``n`` outside [0, 64], a
     ``min_bytes`` outside [0, 2**62], or a ``min_bytes`` with ``n == 0``.

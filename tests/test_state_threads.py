@@ -2,7 +2,7 @@
 moves the same bytes as one thread, for one sequence and the whole cache, V in rows and
 transposed, unified and with streams, at every thread count (shares of whole pieces: more
 threads than pieces, pieces of unequal size); the default resolves to min(4, CPUs) from
-4 MiB on; bad settings are refused with nothing changed."""
+1 MiB on; bad settings are refused with nothing changed."""
 
 from __future__ import annotations
 
@@ -94,17 +94,17 @@ def _default_threads() -> int:
 
 @pytest.mark.skipif("PYMEM_STATE_THREADS" in os.environ, reason="the default comes from it")
 def test_set_state_threads_sets_reports_and_refuses_with_the_field() -> None:
-    set_state_threads(0)  # the default: min(4, online CPUs) from 4 MiB on
-    assert state_threads() == (_default_threads(), 4 << 20)
-    set_state_threads(2)  # a count alone keeps the default's 4 MiB
-    assert state_threads() == (2, 4 << 20)
-    set_state_threads(3, 1 << 20)
-    assert state_threads() == (3, 1 << 20)
+    set_state_threads(0)  # the default: min(4, online CPUs) from 1 MiB on
+    assert state_threads() == (_default_threads(), 1 << 20)
+    set_state_threads(2)  # a count alone keeps the default's 1 MiB
+    assert state_threads() == (2, 1 << 20)
+    set_state_threads(3, 3 << 20)
+    assert state_threads() == (3, 3 << 20)
     for n, min_bytes in ((-1, 0), (65, 0), (True, 0), (2.0, 0), (2, -1), (0, 1 << 20)):
         with pytest.raises(ConfigError, match=r"set_state_threads: (n|min_bytes) = "):
             set_state_threads(n, min_bytes)  # type: ignore[arg-type]
-    assert state_threads() == (3, 1 << 20)
-    assert pymem.set_state_threads is set_state_threads and pymem.state_threads() == (3, 1 << 20)
+    assert state_threads() == (3, 3 << 20)
+    assert pymem.set_state_threads is set_state_threads and pymem.state_threads() == (3, 3 << 20)
 
 
 @pytest.mark.parametrize("n", [1, 2])
@@ -212,6 +212,30 @@ def test_the_split_follows_the_setting() -> None:
     rows.state_write()
     assert lib.pm_copy_last_shares() == pieces
     rows.close()
+    kv.close()
+
+
+def test_the_default_splits_from_one_mib_of_tensor_bytes() -> None:
+    """A count alone keeps the default's min_bytes: one sequence's section of 1.25 MiB of
+    K/V bytes is split, the same sequence cut to 0.75 MiB moves on the calling thread
+    (a 2.2 MB sequence of an 8,192-token tiny-llama gains a third from the second thread;
+    below about 0.8 MB the wake costs what it saves: docs/performance.md)."""
+    from pymem._native import lib
+
+    kv = build(CFGS["f32-notrans"], n_cells=4096, n_seq=1)
+    per_cell = sum(t.nbytes // kv.kv_size for layer in kv.layers for t in (layer.k, layer.v))
+    big, small = (5 << 18) // per_cell, (3 << 18) // per_cell  # 1.25 and 0.75 MiB of cells
+    _interleaved(kv, np.random.default_rng(2), 1, big, 64)
+    set_state_threads(2)
+    blob = bytes(kv.state_write(0))
+    assert lib.pm_copy_last_shares() == 2
+    kv.state_read(blob, 0)
+    assert lib.pm_copy_last_shares() == 2
+    kv.seq_rm(0, small, -1)
+    blob = bytes(kv.state_write(0))
+    assert lib.pm_copy_last_shares() == 1
+    kv.state_read(blob, 0)
+    assert lib.pm_copy_last_shares() == 1
     kv.close()
 
 

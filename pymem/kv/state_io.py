@@ -1345,7 +1345,7 @@ def zero_range_native(
 ) -> bool:
     """:func:`~pymem.kv.state_rows.zero_range` (cells ``[a, b)`` of stream ``strm``, every
     layer) in one native call on host tensors, on ``set_state_threads``' threads from
-    4 MiB on (:c:func:`pm_stateio_put_cells` without sources); False, nothing zeroed,
+    1 MiB on (:c:func:`pm_stateio_put_cells` without sources); False, nothing zeroed,
     where a tensor is not in host memory."""
     if not NATIVE_RUNS:
         return False
