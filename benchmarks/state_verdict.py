@@ -12,7 +12,7 @@ into a cleared memory by that read; a restore that changes cells, ``whole state,
 one``, by the read of another state); a row whose bound call is missing from the
 layout-bound run can only be met by the 0.8 line.
 
-Defaults: ``results/state_s40.json`` and ``results/bench_layout_bound_repeat.json``.
+Defaults: ``results/state_s41.json`` and ``results/bench_layout_bound_repeat.json``.
 Several state runs are judged one by one, then summed up (the rows met in every run),
 since the line is within one run's spread for some rows. Writes nothing; prints a table
 per run and the rows not met.
@@ -88,7 +88,7 @@ def verdicts(state_rows: list[dict[str, Any]], bound_rows: list[dict[str, Any]])
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("state", nargs="*", default=[str(RESULTS / "state_s40.json")])
+    ap.add_argument("state", nargs="*", default=[str(RESULTS / "state_s41.json")])
     ap.add_argument("--bound", default=str(RESULTS / "bench_layout_bound_repeat.json"))
     args = ap.parse_args(argv)
     bound_rows = json.loads(Path(args.bound).read_text())["rows"]
