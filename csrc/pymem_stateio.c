@@ -50,25 +50,43 @@ static void pm_gather_runs(char * w, const char * base, int64_t row, const int64
 #    define PM_LOAD(x)     (x)
 #    define PM_STORE(x, v) ((x) = (v))
 #endif
-static int32_t pm_copy_threads   = 0;  // 0: the default (pm_default_copy_threads)
-static int64_t pm_copy_min_bytes = PM_COPY_MIN_BYTES_DEFAULT;
-static int32_t pm_copy_last      = 0;  // shares of the last section's data phase (a test hook)
+static int32_t pm_copy_threads   = 0;   // 0: the default (pm_default_copy_threads)
+static int64_t pm_copy_min_bytes = -1;  // -1: the default (pm_min_bytes)
+static int32_t pm_copy_last      = 0;   // shares of the last section's data phase (a test hook)
 
-// the default: PYMEM_STATE_THREADS when it holds a count in [1, 64], else min(4, online
-// CPUs); found once (sysconf reads a file: not once per state write)
+// the defaults, found once (sysconf reads a file: not once per state write): the thread
+// count from PYMEM_STATE_THREADS when it holds a count in [1, 64], else min(4, online
+// CPUs); min_bytes from PYMEM_STATE_MIN_BYTES when it holds a byte count in [0, 2^62],
+// else PM_COPY_MIN_BYTES_DEFAULT
 #if PM_HAVE_THREADS
 static int32_t        pm_default_threads = 1;
+static int64_t        pm_default_min     = PM_COPY_MIN_BYTES_DEFAULT;
 static pthread_once_t pm_default_once    = PTHREAD_ONCE_INIT;
 
-static void pm_find_default_threads(void) {
-    const char * env = getenv("PYMEM_STATE_THREADS");
-    if (env != NULL && *env != '\0') {
-        char *     end = NULL;
-        const long n   = strtol(env, &end, 10);
-        if (*end == '\0' && n >= 1 && n <= 64) {
-            pm_default_threads = (int32_t) n;
-            return;
-        }
+// the decimal digits env holds, as an integer in [lo, hi], into *out; 0, *out unchanged,
+// for anything else (unset, empty, a sign or space, other characters, out of range)
+static int pm_env_int(const char * name, long long lo, long long hi, long long * out) {
+    const char * env = getenv(name);
+    if (env == NULL || *env < '0' || *env > '9') {
+        return 0;
+    }
+    char *          end = NULL;
+    const long long v   = strtoll(env, &end, 10);
+    if (*end != '\0' || v < lo || v > hi) {
+        return 0;  // (strtoll's overflow clamps to LLONG_MAX: past hi)
+    }
+    *out = v;
+    return 1;
+}
+
+static void pm_find_defaults(void) {
+    long long v = 0;
+    if (pm_env_int("PYMEM_STATE_MIN_BYTES", 0, (long long) 1 << 62, &v)) {
+        pm_default_min = (int64_t) v;
+    }
+    if (pm_env_int("PYMEM_STATE_THREADS", 1, 64, &v)) {
+        pm_default_threads = (int32_t) v;
+        return;
     }
     const long cpus    = sysconf(_SC_NPROCESSORS_ONLN);
     pm_default_threads = cpus < 1 ? 1 : (cpus > 4 ? 4 : (int32_t) cpus);
@@ -77,19 +95,33 @@ static void pm_find_default_threads(void) {
 
 static int32_t pm_default_copy_threads(void) {
 #if PM_HAVE_THREADS
-    pthread_once(&pm_default_once, pm_find_default_threads);
+    pthread_once(&pm_default_once, pm_find_defaults);
     return pm_default_threads;
 #else
     return 1;
 #endif
 }
 
+// the min_bytes in effect: the one set, else the default's
+static int64_t pm_min_bytes(void) {
+    const int64_t set = PM_LOAD(pm_copy_min_bytes);
+    if (set >= 0) {
+        return set;
+    }
+#if PM_HAVE_THREADS
+    pthread_once(&pm_default_once, pm_find_defaults);
+    return pm_default_min;
+#else
+    return PM_COPY_MIN_BYTES_DEFAULT;
+#endif
+}
+
 pm_status pm_set_copy_threads(int32_t n, int64_t min_bytes) {
-    if (n < 0 || n > 64 || min_bytes < 0) {
+    if (n < 0 || n > 64 || min_bytes < -1) {
         return PM_ERR_ARG;
     }
     PM_STORE(pm_copy_threads, n);
-    PM_STORE(pm_copy_min_bytes, n == 0 ? (int64_t) PM_COPY_MIN_BYTES_DEFAULT : min_bytes);
+    PM_STORE(pm_copy_min_bytes, n == 0 ? (int64_t) -1 : min_bytes);
     return PM_OK;
 }
 
@@ -120,7 +152,7 @@ int32_t pm_copy_last_helpers(void) {
 
 int32_t pm_get_copy_threads(int64_t * min_bytes) {
     if (min_bytes != NULL) {
-        *min_bytes = PM_LOAD(pm_copy_min_bytes);
+        *min_bytes = pm_min_bytes();
     }
     if (!PM_HAVE_THREADS) {
         return 1;  // whatever was set: copies run on the calling thread
@@ -337,7 +369,7 @@ static void pm_copy_all(const pm_piece * pieces, int64_t n_pieces, int64_t n, co
         bytes += pieces[p].bytes * n;
     }
     int64_t n_thr = 1;
-    if (PM_HAVE_THREADS && bytes >= PM_LOAD(pm_copy_min_bytes) && n_pieces > 1) {
+    if (PM_HAVE_THREADS && bytes >= pm_min_bytes() && n_pieces > 1) {
         n_thr = pm_get_copy_threads(NULL);
     }
     if (n_thr > n_pieces) {

@@ -367,13 +367,15 @@ pm_status pm_rs_restore_seq(int32_t * pos, int32_t * src, int32_t * src0, int32_
 // pm_rows_section and pm_rows_store: every native state write and restore):
 // n for a call that moves at least min_bytes in all (1: the calling thread alone; 0: the
 // default, the environment's PYMEM_STATE_THREADS when it is a count in [1, 64], else
-// min(4, online CPUs), found once, from 1 MiB on, min_bytes ignored). The threads are the
+// min(4, online CPUs), found once, with the default's min_bytes). min_bytes -1 is the
+// default's: the environment's PYMEM_STATE_MIN_BYTES when it is a byte count in
+// [0, 2^62], else PM_COPY_MIN_BYTES_DEFAULT. The threads are the
 // calling thread and n - 1 copy workers, started at the first such call and kept (a fork's
 // child starts its own); they claim the call's shares (4 a thread, of about equal bytes) in
 // order, so the caller waits only for shares a worker is copying, and copies alone where
 // no worker could be started or another thread's call holds them. The bytes are the same
 // either way.
-// PM_ERR_ARG, nothing changed, for n outside [0, 64] or min_bytes < 0. Set it while no
+// PM_ERR_ARG, nothing changed, for n outside [0, 64] or min_bytes < -1. Set it while no
 // state write runs.
 pm_status pm_set_copy_threads(int32_t n, int64_t min_bytes);
 
@@ -381,7 +383,7 @@ pm_status pm_set_copy_threads(int32_t n, int64_t min_bytes);
 // second thread's wake costs what it saves below about 0.8 MB; docs/performance.md)
 enum { PM_COPY_MIN_BYTES_DEFAULT = 1048576 };
 
-// The thread count in effect (the default resolved) and its *min_bytes (unless NULL).
+// The thread count in effect and its *min_bytes (unless NULL), the defaults resolved.
 int32_t pm_get_copy_threads(int64_t * min_bytes);
 
 // How many threads the last native section's data phase split its bytes over (1: the

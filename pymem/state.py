@@ -264,20 +264,25 @@ def _advise_huge_pages(buf: bytearray) -> None:
 def set_state_threads(n: int, min_bytes: int | None = None) -> None:
     """How many threads move the tensor bytes of a large native state write or restore.
 
-    A call whose tensor bytes reach ``min_bytes`` (default 1 MiB) is copied by the
-    calling thread and ``n - 1`` copy workers (started at the first such call and kept;
-    a forked child starts its own), which claim its shares of about equal bytes in order:
-    the caller never waits for a worker still waking, only for shares one is copying. A
-    call made while another thread's call holds the workers copies alone. ``1`` copies
-    on the calling thread alone, as llama.cpp
-    does; ``0`` restores the default: the environment's ``PYMEM_STATE_THREADS`` (a count
-    in [1, 64], read once, at the first use), else min(4, online CPUs), from 1 MiB on.
+    A call whose tensor bytes reach ``min_bytes`` is copied by the calling thread and
+    ``n - 1`` copy workers (started at the first such call and kept; a forked child starts
+    its own), which claim its shares of about equal bytes in order: the caller never waits
+    for a worker still waking, only for shares one is copying. A call made while another
+    thread's call holds the workers copies alone. ``1`` copies on the calling thread
+    alone, as llama.cpp does; ``0`` restores the defaults. ``min_bytes`` None keeps the
+    default's.
+
+    The defaults, read once from the environment at the first use: the count from
+    ``PYMEM_STATE_THREADS`` (a count in [1, 64]), else min(4, online CPUs); ``min_bytes``
+    from ``PYMEM_STATE_MIN_BYTES`` (a byte count in [0, 2**62]), else 1 MiB. A value
+    outside its range, or not a decimal integer, is ignored.
 
     Why: a gather of scattered runs (one sequence of an interleaved cache, a transposed V)
     is bound by the misses one core keeps in flight, not by memory bandwidth, so a second
     core nearly doubles it (docs/performance.md); below about 1 MB waking a worker costs
-    what it saves. The bytes moved are the same either way. Process-wide; set it while no
-    state write runs. ConfigError (nothing changed) for ``n`` outside [0, 64], a
+    what it saves on the 2-core machine that measured it, and a machine whose cores are
+    busy may want more. The bytes moved are the same either way. Process-wide; set it
+    while no state write runs. ConfigError (nothing changed) for ``n`` outside [0, 64], a
     ``min_bytes`` outside [0, 2**62], or a ``min_bytes`` with ``n == 0``.
     """
     from pymem._native import check, lib  # binds ggml: not at import time
@@ -291,18 +296,16 @@ def set_state_threads(n: int, min_bytes: int | None = None) -> None:
             )
     if n == 0 and min_bytes is not None:
         raise ConfigError(
-            f"set_state_threads: min_bytes = {min_bytes} with n = 0 (the default, which "
-            f"copies from {lib.PM_COPY_MIN_BYTES_DEFAULT} bytes on): give n >= 1 to set it"
+            f"set_state_threads: min_bytes = {min_bytes} with n = 0 (the defaults, whose "
+            f"min_bytes is PYMEM_STATE_MIN_BYTES or {lib.PM_COPY_MIN_BYTES_DEFAULT}): give "
+            f"n >= 1 to set it"
         )
-    default = int(lib.PM_COPY_MIN_BYTES_DEFAULT)
-    check(
-        lib.pm_set_copy_threads(n, default if min_bytes is None else min_bytes), "set_state_threads"
-    )
+    check(lib.pm_set_copy_threads(n, -1 if min_bytes is None else min_bytes), "set_state_threads")
 
 
 def state_threads() -> tuple[int, int]:
     """``(n, min_bytes)`` in effect for state writes and restores (see
-    :func:`set_state_threads`; the default resolved to its thread count)."""
+    :func:`set_state_threads`; the defaults resolved)."""
     from pymem._native import ffi, lib
 
     min_bytes = ffi.new("int64_t *")

@@ -77,14 +77,60 @@ def test_threaded_restores_equal_one_thread(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("env", "want"), [("3", 3), ("1", 1), ("64", 64), ("0", None), ("x", None), ("", None)]
-)
+    ("env", "want"),
+    [("3", 3), ("1", 1), ("64", 64), ("0", None), ("x", None), (" 3", None), ("3 ", None),
+     ("", None)],
+)  # fmt: skip
 def test_the_default_follows_pymem_state_threads(env: str, want: int | None) -> None:
     # a count in [1, 64] sets the default thread count; anything else leaves min(4, CPUs)
     code = "import pymem; print(pymem.state_threads()[0])"
     run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYMEM_STATE_THREADS": env},
                          capture_output=True, text=True, check=True)  # fmt: skip
     assert int(run.stdout) == (want if want is not None else _default_threads())
+
+
+@pytest.mark.parametrize(
+    ("env", "want"),
+    [("3145728", 3 << 20), ("0", 0), ("4611686018427387904", 1 << 62),
+     ("4611686018427387905", None), ("99999999999999999999", None), ("-1", None),
+     ("+5", None), (" 5", None), ("1M", None), ("", None)],
+)  # fmt: skip
+def test_the_default_min_bytes_follows_pymem_state_min_bytes(env: str, want: int | None) -> None:
+    # a byte count in [0, 2**62] sets the defaults' min_bytes, which a count alone keeps
+    # and the split follows; anything else leaves 1 MiB
+    code = (
+        "import pymem, sys\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from test_state_threads import _split_shares\n"
+        "a = pymem.state_threads()[1]\n"
+        "pymem.set_state_threads(2)\n"
+        "print(a, pymem.state_threads()[1], *_split_shares())\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)],
+                         env={**os.environ, "PYMEM_STATE_MIN_BYTES": env},
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    default, kept, big, small = (int(x) for x in run.stdout.split())
+    want = 1 << 20 if want is None else want
+    assert default == kept == want
+    # the 1.25 MiB and 0.75 MiB sections of _split_shares: split from the setting on
+    assert (big, small) == (2 if want <= 5 << 18 else 1, 2 if want <= 3 << 18 else 1)
+
+
+def _split_shares() -> tuple[int, int]:
+    """The shares of a one-sequence write of 1.25 MiB of K/V bytes, then of the same
+    sequence cut to 0.75 MiB, under the setting in effect."""
+    from pymem._native import lib
+
+    kv = build(CFGS["f32-notrans"], n_cells=4096, n_seq=1)
+    per_cell = sum(t.nbytes // kv.kv_size for layer in kv.layers for t in (layer.k, layer.v))
+    _interleaved(kv, np.random.default_rng(2), 1, (5 << 18) // per_cell, 64)
+    kv.state_write(0)
+    big = int(lib.pm_copy_last_shares())
+    kv.seq_rm(0, (3 << 18) // per_cell, -1)
+    kv.state_write(0)
+    small = int(lib.pm_copy_last_shares())
+    kv.close()
+    return big, small
 
 
 def _default_threads() -> int:
