@@ -48,7 +48,9 @@ from pymem.state import (
     StateWriter,
     WholePart,
     native_parts_read,
+    program_ready,
     uninit_bytearray,
+    whole_program,
 )
 
 if TYPE_CHECKING:
@@ -296,26 +298,16 @@ class CompositeMemory(Memory[tuple[Any, ...]]):
         if programs is None:
             programs = self._whole_programs = {}
         if flags not in programs:
-            parts = [leaf.whole_part() for leaf in self._whole_leaves(flags)]
-            if any(p is None for p in parts):
+            program = whole_program([leaf.whole_part() for leaf in self._whole_leaves(flags)])
+            if program is None:
                 return None  # (not kept: a native road switched off may come back)
-            found = [p for p in parts if p is not None]
-            array = ffi.new("pm_whole_part[]", len(found))
-            for i, part in enumerate(found):
-                part.fill(array[i])
-            programs[flags] = (array, found)
+            programs[flags] = program
         return programs[flags]
 
     def _ready_program(self, flags: int) -> tuple[Any, list[WholePart]] | None:
         """:meth:`_whole_program` when every part is ready for a native call now."""
         program = self._whole_program(flags)
-        if program is None:
-            return None
-        array, parts = program
-        for i, part in enumerate(parts):
-            if not part.ready(array[i]):
-                return None
-        return program
+        return program if program is not None and program_ready(program) else None
 
     def _native_read(self, data: object, seq_id: int, flags: int) -> int | None:
         """The whole memory's restore (``seq_id`` -1: :c:func:`pm_whole_read`) or one

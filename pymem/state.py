@@ -1067,6 +1067,30 @@ class WholePart(Protocol):
         that write selected: the other calls must search again)."""
 
 
+def whole_program(parts: Sequence[WholePart | None]) -> tuple[Any, list[WholePart]] | None:
+    """The ``pm_whole_part`` array of a native whole or one-sequence read of ``parts``,
+    each filled once (every pointer in it stays valid while the parts are open, so a
+    caller keeps it and asks :func:`program_ready` before each call); None where a part
+    offers none."""
+    found = [p for p in parts if p is not None]
+    if len(found) != len(parts):
+        return None
+    array = ffi.new("pm_whole_part[]", len(found))
+    for i, part in enumerate(found):
+        part.fill(array[i])
+    return array, found
+
+
+def program_ready(program: tuple[Any, Sequence[WholePart]]) -> bool:
+    """Whether every part of a :func:`whole_program` may take a native call now
+    (:meth:`WholePart.ready`, which also refreshes the fields that follow the memory)."""
+    array, parts = program
+    for i, part in enumerate(parts):  # noqa: SIM110 (all() over a generator: +0.1 µs a call)
+        if not part.ready(array[i]):
+            return False
+    return True
+
+
 def native_parts_read(
     array: Any, parts: Sequence[WholePart], data: object, seq_id: int
 ) -> int | None:

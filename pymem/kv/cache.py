@@ -118,9 +118,12 @@ from pymem.state import (
     SeqWriter,
     StateReader,
     StateWriter,
+    WholePart,
     check_state_flags,
     native_parts_read,
+    program_ready,
     stamped_store,
+    whole_program,
 )
 from pymem.types import GGMLType, ggml_type
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
@@ -433,7 +436,7 @@ class KVCache(Memory):
         self._blob: state_io.SeqBlob | Literal[False] | None = False  # False: not built yet
         self._hooks: state_io.KVStateHooks | None = None  # a restore's cache operations
         # a whole read into empty cells: a one-part pm_whole_read (array, part), or None
-        self._whole_one: tuple[Any, _KVWholePart] | None = None
+        self._whole_one: tuple[Any, list[WholePart]] | None = None
         self._no_cells = bytes(8 * self.n_stream)  # the int64 counters of a stack without cells
         self._step_cells: Any = None  # pm_step_cells * over self.cells, built on first use
         self._no_update: KVCacheContext | None = None  # init_update's answer with nothing to do
@@ -1607,18 +1610,14 @@ class KVCache(Memory):
         # (bytes compared: numpy's any() costs microseconds a call on this path)
         if cells.used_max_p1.tobytes() != none or cells.used.tobytes() != none:
             return None
-        one = self._whole_one
-        if one is None:
-            part = self.whole_part()
-            if part is None:
-                return None
-            array = ffi.new("pm_whole_part[]", 1)
-            part.fill(array[0])
-            one = self._whole_one = (array, part)
-        array, part = one
-        if not part.ready(array[0]):
+        program = self._whole_one
+        if program is None:
+            program = self._whole_one = whole_program([self.whole_part()])
+            if program is None:
+                return None  # (not kept: a native road switched off may come back)
+        if not program_ready(program):
             return None
-        return native_parts_read(array, (part,), data, -1)
+        return native_parts_read(*program, data, -1)
 
     def _whole_reader(self) -> SeqReader | None:
         """The whole cache's restore as a native check and store (:meth:`seq_reader` for
