@@ -37,6 +37,7 @@ import numpy as np
 from pymem._native import check, ffi, lib
 from pymem.errors import BatchError, RangeError, StateError
 from pymem.memory import GraphInputs, Memory, MemoryContext, MemoryStatus, status_combine
+from pymem.native_read import native_parts_read, program_ready, whole_program
 from pymem.state import (
     STATE_FLAGS_KNOWN,
     STORE_TOO_LATE,
@@ -47,10 +48,7 @@ from pymem.state import (
     StateReader,
     StateWriter,
     WholePart,
-    native_parts_read,
-    program_ready,
     uninit_bytearray,
-    whole_program,
 )
 
 if TYPE_CHECKING:

@@ -20,15 +20,13 @@ from __future__ import annotations
 import struct
 from abc import abstractmethod
 from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, partial
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Protocol, TypeAlias
 
 import numpy as np
 
-from pymem._native import check, ffi, lib
-from pymem.backend import unreported
 from pymem.errors import ConfigError, RangeError, StateError
 
 if TYPE_CHECKING:
@@ -275,7 +273,7 @@ def set_state_threads(n: int, min_bytes: int | None = None) -> None:
     The defaults, read once from the environment at the first use: the count from
     ``PYMEM_STATE_THREADS`` (a count in [1, 64]), else min(4, online CPUs); ``min_bytes``
     from ``PYMEM_STATE_MIN_BYTES`` (a byte count in [0, 2**62]), else 1 MiB. A value
-    outside its range, or not a decimal integer, is ignored.
+    outside its range, or anything but decimal digits, is ignored.
 
     Why: a gather of scattered runs (one sequence of an interleaved cache, a transposed V)
     is bound by the misses one core keeps in flight, not by memory bandwidth, so a second
@@ -727,13 +725,21 @@ class PendingWrites:
 def _write_payload(
     tensor: Tensor, offset: int, data: Payload, raise_bound: Callable[[], None] | None
 ) -> None:
-    if raise_bound is not None:
-        raise_bound()
-    with unreported((tensor,) if raise_bound is not None else ()):
-        if isinstance(data, DevicePayload):
-            data.copy_to(tensor, offset, 1, 0, _ONE_RUN_START, np.array([data.nbytes], np.uint64))
-        else:
-            tensor.write_bytes(data, offset)
+    if raise_bound is None:
+        _copy_payload(tensor, offset, data)
+        return
+    from pymem.backend import unreported  # binds ggml: not at import time
+
+    raise_bound()
+    with unreported((tensor,)):
+        _copy_payload(tensor, offset, data)
+
+
+def _copy_payload(tensor: Tensor, offset: int, data: Payload) -> None:
+    if isinstance(data, DevicePayload):
+        data.copy_to(tensor, offset, 1, 0, _ONE_RUN_START, np.array([data.nbytes], np.uint64))
+    else:
+        tensor.write_bytes(data, offset)
 
 
 _ONE_RUN_START = np.zeros(1, dtype=np.uint64)
@@ -1065,65 +1071,6 @@ class WholePart(Protocol):
     def written(self) -> None:
         """What Python keeps after a native write (a KV cache's run scratch now holds what
         that write selected: the other calls must search again)."""
-
-
-def whole_program(parts: Sequence[WholePart | None]) -> tuple[Any, list[WholePart]] | None:
-    """The ``pm_whole_part`` array of a native whole or one-sequence read of ``parts``,
-    each filled once (every pointer in it stays valid while the parts are open, so a
-    caller keeps it and asks :func:`program_ready` before each call); None where a part
-    offers none."""
-    found = [p for p in parts if p is not None]
-    if len(found) != len(parts):
-        return None
-    array = ffi.new("pm_whole_part[]", len(found))
-    for i, part in enumerate(found):
-        part.fill(array[i])
-    return array, found
-
-
-def program_ready(program: tuple[Any, Sequence[WholePart]]) -> bool:
-    """Whether every part of a :func:`whole_program` may take a native call now
-    (:meth:`WholePart.ready`, which also refreshes the fields that follow the memory)."""
-    array, parts = program
-    for i, part in enumerate(parts):  # noqa: SIM110 (all() over a generator: +0.1 µs a call)
-        if not part.ready(array[i]):
-            return False
-    return True
-
-
-def native_parts_read(
-    array: Any, parts: Sequence[WholePart], data: object, seq_id: int
-) -> int | None:
-    """One native read of ``parts`` (``array``: their filled ``pm_whole_part`` structs):
-    the whole blob (``seq_id`` -1, :c:func:`pm_whole_read`) or one sequence's
-    (:c:func:`pm_seq_read`), then what Python keeps (:meth:`WholePart.commit` /
-    :meth:`WholePart.sequence_read`). The bytes consumed, or None with nothing changed
-    where the call declines or ``data`` is not one buffer; StateError when the blob
-    changed while it was restored."""
-    try:
-        src = ffi.from_buffer(data)
-    except (TypeError, ValueError, BufferError):
-        return None
-    consumed = ffi.new("int64_t *")
-    done = ffi.new("int32_t *")
-    whole = seq_id == -1
-    if whole:
-        status = lib.pm_whole_read(array, len(parts), src, len(src), consumed, done)
-    else:
-        status = lib.pm_seq_read(array, len(parts), seq_id, src, len(src), consumed, done)
-    for part in parts:  # (every check may have filled the scratch, declined or not)
-        part.written()
-    if status == lib.PM_ERR_RANGE:
-        raise StateError("state plan: the blob changed while it was restored")
-    check(status, "state read: whole memory" if whole else "state read: one sequence")
-    if not done[0]:
-        return None
-    for i, part in enumerate(parts):
-        if whole:
-            part.commit(array[i])
-        else:
-            part.sequence_read(array[i])
-    return int(consumed[0])
 
 
 class TwoPhaseStateIO:

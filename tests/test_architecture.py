@@ -81,3 +81,13 @@ def test_an_upward_import_breaks_the_contract(tmp_path: Path, module: str, upwar
     assert "BROKEN" in res.stdout
     importer = "pymem." + module.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
     assert f"{importer} -> {upward}" in res.stdout, res.stdout
+
+
+# the modules a runtime may import before it has loaded its ggml (a session file's format,
+# the state layer's readers and plans): ggml is bound on first native use, not by them
+# (pymem/__init__.py; the binding picks the process's ggml, reference/packaging.md)
+@pytest.mark.parametrize("module", ["pymem", "pymem.state", "pymem.sessions"])
+def test_importing_the_format_layers_binds_no_ggml(module: str) -> None:
+    code = f"import sys, {module}; print('pymem._native' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "False", f"importing {module} loaded pymem._native"

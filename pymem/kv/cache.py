@@ -111,6 +111,7 @@ from pymem.memory import (
     Split,
     clamp_range,
 )
+from pymem.native_read import native_parts_read, program_ready, whole_program
 from pymem.spec import ModelSpec, NonCausalType, SWAType, masked_swa
 from pymem.state import (
     BLOB_CHANGED,
@@ -120,10 +121,7 @@ from pymem.state import (
     StateWriter,
     WholePart,
     check_state_flags,
-    native_parts_read,
-    program_ready,
     stamped_store,
-    whole_program,
 )
 from pymem.types import GGMLType, ggml_type
 from pymem.ubatch import LLAMA_MAX_SEQ, UBatch
