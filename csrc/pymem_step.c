@@ -1458,6 +1458,25 @@ static inline int32_t pm_block_shared(const int32_t * owner, int64_t c0) {
     return multi;
 }
 
+// The start of the next block from c0 (a multiple of PM_STEP_BLOCK) below end that a
+// scan for shared cells looks into, or -1 when none is left: a whole block holding a
+// shared cell (its count taken off *left, the shared cells not seen yet) or the last,
+// partial block (its cells tested one by one). Whole blocks without one are passed, and
+// the walk stops once *left is 0 (past the stream's last shared cell).
+static inline int64_t pm_next_shared_block(const int32_t * owner, int64_t c0, int64_t end, int64_t * left) {
+    for (; c0 < end && *left > 0; c0 += PM_STEP_BLOCK) {
+        if (end - c0 < PM_STEP_BLOCK) {
+            return c0;
+        }
+        const int32_t k = pm_block_shared(owner, c0);
+        if (k != 0) {
+            *left -= k;
+            return c0;
+        }
+    }
+    return -1;
+}
+
 int32_t pm_step_seq_shared(const pm_step_cells * c, int64_t s, int32_t q) {
     if (s < 0 || s >= c->n_stream || c->n_multi[s] == 0 || q < 0 || q >= pm_step_ids(c)) {
         return 0;
@@ -1472,15 +1491,9 @@ int32_t pm_step_seq_shared(const pm_step_cells * c, int64_t s, int32_t q) {
     int64_t left = c->n_multi[s];  // shared cells not seen yet
     // blocks of cells without a shared one, most of a stream, are passed by their count
     const int64_t end = c->used_max_p1[s] < c->size ? c->used_max_p1[s] : c->size;  // (an upper bound)
-    for (int64_t c0 = 0; c0 < end && left > 0; c0 += PM_STEP_BLOCK) {
+    for (int64_t c0 = pm_next_shared_block(own, 0, end, &left); c0 >= 0;
+         c0 = pm_next_shared_block(own, c0 + PM_STEP_BLOCK, end, &left)) {
         const int64_t c1 = c0 + PM_STEP_BLOCK < end ? c0 + PM_STEP_BLOCK : end;
-        if (c1 - c0 == PM_STEP_BLOCK) {
-            const int32_t k = pm_block_shared(own, c0);
-            if (k == 0) {
-                continue;
-            }
-            left -= k;
-        }
         if (c1 - c0 == PM_STEP_BLOCK && c->n_words == 1) {  // the shared cells and the bits as masks
             if (pm_eq_mask32(own + c0, -2) & pm_bit_mask32(bits + c0, bit)) {
                 return 1;
@@ -1924,15 +1937,9 @@ static int pm_step_rm_shared(pm_step_cells * c, int64_t strm, int32_t seq_id, ui
     uint64_t * bits = c->seq + g0 * n_words;
     int any = 0;
     int64_t left = c->n_multi[strm];  // shared cells not seen yet (counted before any loses a bit)
-    for (int64_t c0 = 0; c0 < n_scan && left > 0; c0 += PM_STEP_BLOCK) {
+    for (int64_t c0 = pm_next_shared_block(owner, 0, n_scan, &left); c0 >= 0;
+         c0 = pm_next_shared_block(owner, c0 + PM_STEP_BLOCK, n_scan, &left)) {
         const int64_t c1 = c0 + PM_STEP_BLOCK < n_scan ? c0 + PM_STEP_BLOCK : n_scan;
-        if (c1 - c0 == PM_STEP_BLOCK) {
-            const int32_t k = pm_block_shared(owner, c0);
-            if (k == 0) {
-                continue;
-            }
-            left -= k;
-        }
         if (c1 - c0 == PM_STEP_BLOCK && n_words == 1) {
             // the bit's mask first: in most blocks with shared cells seq_id holds none
             uint32_t take = pm_bit_mask32(bits + c0, bit);

@@ -325,10 +325,11 @@ pm_status pm_kv_read_seq_placed(const pm_kv_seq_blob * b, pm_step_cells * c, int
 // ran. `records` (pm_records) says who checked the records: PM_RECORDS_PARSED the
 // caller's parse, in an earlier call (the refill checks them all again before its first
 // write, or as it writes into a stack whose every stream is empty);
-// PM_RECORDS_PARSED_HERE a parse in the same native call (pm_whole_read's): no check before the first write, each
-// record checked as it is written, and one that fails after all (the blob changed during
-// the call) leaves the cells emptied with PM_ERR_RANGE. PM_ERR_ARG for a null pointer,
-// views of other cells, an offset past the blob or another `records`;
+// PM_RECORDS_PARSED_HERE a parse in the same native call (pm_whole_read's): no check
+// before the first write, each record checked as it is written, and one that fails after
+// all (the blob changed during the call) leaves the cells emptied with PM_ERR_RANGE.
+// PM_ERR_ARG for a null pointer, views of other cells, an offset past the blob or another
+// `records`;
 // PM_ERR_RANGE when the store's checks fail after the placement (the blob changed while
 // it was restored).
 typedef enum {
@@ -341,7 +342,6 @@ pm_status pm_kv_read_whole_commit(const pm_kv_seq_blob * b, pm_step_cells * c, c
                                   int32_t * done);
 
 // PYMEM_CDEF_END
-
 
 // C only: pm_step_kv_refill that also says, where used is not NULL and it places them,
 // the words each stream's records took (used[s]: where its data starts, so the store's
